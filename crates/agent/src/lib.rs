@@ -1,0 +1,1 @@
+//! hearth-agent (to be filled)

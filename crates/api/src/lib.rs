@@ -1,0 +1,1 @@
+//! hearth-api (to be filled)

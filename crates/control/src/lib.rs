@@ -1,0 +1,1 @@
+//! hearth-control (to be filled)

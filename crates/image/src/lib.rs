@@ -1,0 +1,1 @@
+//! hearth-image (to be filled)

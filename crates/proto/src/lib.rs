@@ -1,0 +1,381 @@
+//! The host↔guest protocol spoken between a node agent and `hearth-guest`.
+//!
+//! One byte stream (virtio-serial on QEMU, vsock on Firecracker) carries many
+//! sessions. Every frame is
+//!
+//! ```text
+//! u32 LE  length of what follows (kind + id + payload), at most MAX_FRAME + 5
+//! u8      kind   (see [`Kind`])
+//! u32 LE  session id (0 = the connection itself: Hello, Shutdown, Ping/Pong)
+//! bytes   payload: raw bytes for Stdout/Stderr/Stdin, JSON for everything else
+//! ```
+//!
+//! Flow control: a sender of stream data (the guest for Stdout/Stderr, the host
+//! for Stdin) may have at most [`INITIAL_WINDOW`] unacknowledged bytes in flight
+//! per session; the receiver returns [`Kind::Credit`] frames as it consumes data.
+//! So a guest printing 50 MB never makes the host buffer more than a window.
+
+use std::io::{self, Read, Write};
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+/// Protocol version carried in [`Hello`]; bumped on any incompatible change.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Largest payload in one frame.
+pub const MAX_FRAME: usize = 256 * 1024;
+/// Bytes of stream data a sender may have unacknowledged per session.
+pub const INITIAL_WINDOW: u32 = 1024 * 1024;
+/// Session id of connection-level messages.
+pub const CONTROL_ID: u32 = 0;
+
+const HEADER_LEN: usize = 5;
+
+/// Frame kinds. Unknown kinds are a protocol error (the peer is newer or hostile).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    /// guest → host, id 0, [`Hello`]: the agent is up and ready for work.
+    Hello = 1,
+    /// host → guest, [`ExecRequest`]: start a process as session `id`.
+    Exec = 2,
+    /// guest → host, [`Started`]: the process of session `id` runs.
+    Started = 3,
+    /// guest → host, raw bytes the process wrote to stdout.
+    Stdout = 4,
+    /// guest → host, raw bytes the process wrote to stderr.
+    Stderr = 5,
+    /// host → guest, raw bytes for the process's stdin; empty payload = EOF.
+    Stdin = 6,
+    /// guest → host, [`ExitStatus`]: the process ended and all its output was sent.
+    Exit = 7,
+    /// host → guest, [`SignalRequest`]: deliver a signal to the session's process.
+    Signal = 8,
+    /// either way, [`Credit`]: the receiver consumed that many stream bytes.
+    Credit = 9,
+    /// guest → host, [`ErrorMsg`]: a request for session `id` failed.
+    Error = 10,
+    /// host → guest, id 0, [`Empty`]: sync filesystems and power off.
+    Shutdown = 11,
+    /// host → guest, id 0, [`Empty`]: liveness probe.
+    Ping = 12,
+    /// guest → host, id 0, [`Empty`]: answer to Ping.
+    Pong = 13,
+}
+
+impl Kind {
+    fn from_u8(v: u8) -> Option<Kind> {
+        use Kind::*;
+        Some(match v {
+            1 => Hello,
+            2 => Exec,
+            3 => Started,
+            4 => Stdout,
+            5 => Stderr,
+            6 => Stdin,
+            7 => Exit,
+            8 => Signal,
+            9 => Credit,
+            10 => Error,
+            11 => Shutdown,
+            12 => Ping,
+            13 => Pong,
+            _ => return None,
+        })
+    }
+}
+
+/// Errors of framing and decoding.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtoError {
+    /// The channel failed or closed.
+    #[error("guest channel I/O: {0}")]
+    Io(#[from] io::Error),
+    /// A frame announced more bytes than the protocol allows.
+    #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME} bytes")]
+    TooLarge(usize),
+    /// A frame shorter than its header.
+    #[error("frame of {0} bytes is shorter than its header")]
+    TooShort(usize),
+    /// A frame kind this side does not know.
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u8),
+    /// A control payload that is not the expected JSON.
+    #[error("malformed {kind:?} payload: {source}")]
+    BadPayload {
+        kind: Kind,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// One protocol frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub kind: Kind,
+    pub id: u32,
+    pub payload: Vec<u8>,
+}
+
+impl Frame {
+    /// A frame with raw payload bytes.
+    pub fn data(kind: Kind, id: u32, payload: Vec<u8>) -> Frame {
+        Frame { kind, id, payload }
+    }
+
+    /// A frame whose payload is `msg` as JSON.
+    pub fn json<T: Serialize>(kind: Kind, id: u32, msg: &T) -> Frame {
+        // why: serializing our own plain structs cannot fail.
+        let payload = serde_json::to_vec(msg).unwrap_or_default();
+        Frame { kind, id, payload }
+    }
+
+    /// Decodes the JSON payload.
+    pub fn parse<T: DeserializeOwned>(&self) -> Result<T, ProtoError> {
+        serde_json::from_slice(&self.payload).map_err(|source| ProtoError::BadPayload {
+            kind: self.kind,
+            source,
+        })
+    }
+
+    /// The frame as bytes on the wire.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(4 + HEADER_LEN + self.payload.len());
+        out.extend_from_slice(&((HEADER_LEN + self.payload.len()) as u32).to_le_bytes());
+        out.push(self.kind as u8);
+        out.extend_from_slice(&self.id.to_le_bytes());
+        out.extend_from_slice(&self.payload);
+        out
+    }
+
+    fn decode_body(len: usize, body: Vec<u8>) -> Result<Frame, ProtoError> {
+        debug_assert_eq!(len, body.len());
+        let kind = Kind::from_u8(body[0]).ok_or(ProtoError::UnknownKind(body[0]))?;
+        let id = u32::from_le_bytes([body[1], body[2], body[3], body[4]]);
+        let payload = body[HEADER_LEN..].to_vec();
+        Ok(Frame { kind, id, payload })
+    }
+}
+
+fn check_len(len: usize) -> Result<(), ProtoError> {
+    if len < HEADER_LEN {
+        return Err(ProtoError::TooShort(len));
+    }
+    if len > HEADER_LEN + MAX_FRAME {
+        return Err(ProtoError::TooLarge(len));
+    }
+    Ok(())
+}
+
+/// Reads one frame; `Ok(None)` on a clean end of stream between frames.
+pub fn read_frame<R: Read>(r: &mut R) -> Result<Option<Frame>, ProtoError> {
+    let mut len_buf = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        match r.read(&mut len_buf[got..]) {
+            Ok(0) if got == 0 => return Ok(None),
+            Ok(0) => return Err(ProtoError::Io(io::ErrorKind::UnexpectedEof.into())),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let len = u32::from_le_bytes(len_buf) as usize;
+    check_len(len)?;
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
+    Frame::decode_body(len, body).map(Some)
+}
+
+/// Writes one frame with a single `write_all`, so concurrent writers that
+/// share a lock never interleave frames.
+pub fn write_frame<W: Write>(w: &mut W, frame: &Frame) -> Result<(), ProtoError> {
+    w.write_all(&frame.encode())?;
+    Ok(())
+}
+
+/// Async reading for the host side.
+#[cfg(feature = "tokio")]
+pub async fn read_frame_async<R: tokio::io::AsyncRead + Unpin>(
+    r: &mut R,
+) -> Result<Option<Frame>, ProtoError> {
+    use tokio::io::AsyncReadExt;
+    let mut len_buf = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        let n = r.read(&mut len_buf[got..]).await?;
+        if n == 0 {
+            if got == 0 {
+                return Ok(None);
+            }
+            return Err(ProtoError::Io(io::ErrorKind::UnexpectedEof.into()));
+        }
+        got += n;
+    }
+    let len = u32::from_le_bytes(len_buf) as usize;
+    check_len(len)?;
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).await?;
+    Frame::decode_body(len, body).map(Some)
+}
+
+/// Async writing for the host side.
+#[cfg(feature = "tokio")]
+pub async fn write_frame_async<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut W,
+    frame: &Frame,
+) -> Result<(), ProtoError> {
+    use tokio::io::AsyncWriteExt;
+    w.write_all(&frame.encode()).await?;
+    Ok(())
+}
+
+/// guest → host: the agent is ready.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Hello {
+    pub protocol_version: u32,
+    pub agent_version: String,
+    /// `uname -r` of the guest kernel.
+    pub kernel_release: String,
+}
+
+/// host → guest: run a process.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct ExecRequest {
+    /// Program and arguments; the program is looked up in `PATH` of `env`.
+    pub argv: Vec<String>,
+    /// `KEY=VALUE` entries, the complete environment.
+    pub env: Vec<String>,
+    /// Working directory inside the root filesystem ("" = "/").
+    pub workdir: String,
+    /// `user`, `uid`, `user:group` or `uid:gid`; empty = root.
+    pub user: String,
+    /// Keep stdin open for [`Kind::Stdin`] frames; otherwise stdin is /dev/null.
+    pub stdin: bool,
+}
+
+/// guest → host: the process runs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Started {
+    pub pid: u32,
+}
+
+/// guest → host: how the process ended.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ExitStatus {
+    /// Exit code when it exited normally.
+    pub code: Option<i32>,
+    /// Signal number when a signal killed it.
+    pub signal: Option<i32>,
+}
+
+impl ExitStatus {
+    /// The status a shell reports: the code, or 128 + signal.
+    pub fn shell_code(&self) -> i32 {
+        match (self.code, self.signal) {
+            (Some(c), _) => c,
+            (None, Some(s)) => 128 + s,
+            (None, None) => 255,
+        }
+    }
+}
+
+/// host → guest: send a signal to the session's process.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SignalRequest {
+    pub signal: i32,
+}
+
+/// Either way: `bytes` more stream bytes may be sent for the session.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Credit {
+    pub bytes: u32,
+}
+
+/// guest → host: a request failed before a process existed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorMsg {
+    pub message: String,
+}
+
+/// An empty JSON object, for messages without fields.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct Empty {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_through_a_byte_stream() {
+        let frames = vec![
+            Frame::json(
+                Kind::Hello,
+                0,
+                &Hello {
+                    protocol_version: PROTOCOL_VERSION,
+                    agent_version: "x".into(),
+                    kernel_release: "6.1".into(),
+                },
+            ),
+            Frame::data(Kind::Stdout, 7, b"hello\n".to_vec()),
+            Frame::data(Kind::Stdin, 7, Vec::new()),
+            Frame::json(Kind::Credit, 7, &Credit { bytes: 5 }),
+        ];
+        let mut wire = Vec::new();
+        for f in &frames {
+            write_frame(&mut wire, f).unwrap();
+        }
+        let mut r = &wire[..];
+        for f in &frames {
+            assert_eq!(read_frame(&mut r).unwrap().as_ref(), Some(f));
+        }
+        assert!(read_frame(&mut r).unwrap().is_none());
+    }
+
+    #[test]
+    fn oversized_frame_is_rejected_before_allocation() {
+        let mut wire = ((MAX_FRAME + HEADER_LEN + 1) as u32).to_le_bytes().to_vec();
+        wire.extend_from_slice(&[4, 0, 0, 0, 0]);
+        assert!(matches!(
+            read_frame(&mut &wire[..]),
+            Err(ProtoError::TooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn unknown_kind_and_short_frames_are_errors() {
+        let wire = [5u8, 0, 0, 0, 99, 0, 0, 0, 0];
+        assert!(matches!(
+            read_frame(&mut &wire[..]),
+            Err(ProtoError::UnknownKind(99))
+        ));
+        let wire = [2u8, 0, 0, 0, 4, 0];
+        assert!(matches!(
+            read_frame(&mut &wire[..]),
+            Err(ProtoError::TooShort(2))
+        ));
+    }
+
+    #[test]
+    fn truncated_frame_is_an_error_not_a_clean_end() {
+        let mut wire = Frame::data(Kind::Stdout, 1, vec![1, 2, 3]).encode();
+        wire.truncate(wire.len() - 1);
+        assert!(read_frame(&mut &wire[..]).is_err());
+    }
+
+    #[test]
+    fn shell_code_follows_shell_conventions() {
+        let st = |code, signal| ExitStatus { code, signal };
+        assert_eq!(st(Some(3), None).shell_code(), 3);
+        assert_eq!(st(None, Some(9)).shell_code(), 137);
+    }
+
+    #[cfg(feature = "tokio")]
+    #[tokio::test]
+    async fn async_and_sync_codecs_agree() {
+        let f = Frame::data(Kind::Stderr, 42, vec![0xff; 1000]);
+        let wire = f.encode();
+        let mut r = &wire[..];
+        assert_eq!(read_frame_async(&mut r).await.unwrap(), Some(f));
+    }
+}

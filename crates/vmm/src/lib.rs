@@ -1,0 +1,1 @@
+//! hearth-vmm (to be filled)
