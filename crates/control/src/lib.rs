@@ -1,1 +1,374 @@
-//! hearth-control (to be filled)
+//! The public HTTP API (`/v1/...`) over a node agent.
+//!
+//! Requests are JSON; errors are JSON [`ApiError`]s with a stable code. Output
+//! streams use `hearth_api::stream` records. In the embedded default the API
+//! server drives the agent in-process.
+
+mod openapi;
+
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, Path, Query, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use futures::StreamExt;
+use hearth_agent::{Agent, AgentError, SessionEvent, SessionInput};
+use hearth_api::stream::{Record, CONTENT_TYPE};
+use hearth_api::{ApiError, CreateSandbox, ErrorCode, ExecRequest, ExitInfo, ImportImage};
+use serde::Deserialize;
+
+/// Largest JSON request body.
+const MAX_JSON_BODY: usize = 1024 * 1024;
+
+/// An error response.
+pub struct HttpError(ApiError);
+
+impl From<AgentError> for HttpError {
+    fn from(e: AgentError) -> Self {
+        HttpError(ApiError::new(e.code(), e.to_string()))
+    }
+}
+
+impl From<ApiError> for HttpError {
+    fn from(e: ApiError) -> Self {
+        HttpError(e)
+    }
+}
+
+impl IntoResponse for HttpError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.0.code.http_status())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, axum::Json(self.0)).into_response()
+    }
+}
+
+/// `axum::Json` whose rejections are JSON [`ApiError`]s (400), never plain text.
+pub struct Json<T>(pub T);
+
+impl<S, T> FromRequest<S> for Json<T>
+where
+    axum::Json<T>: FromRequest<S, Rejection = JsonRejection>,
+    S: Send + Sync,
+{
+    type Rejection = HttpError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(Json(v)),
+            Err(rej) => Err(HttpError(ApiError::new(
+                ErrorCode::BadRequest,
+                format!("invalid request body: {}", rej.body_text()),
+            ))),
+        }
+    }
+}
+
+impl<T: serde::Serialize> IntoResponse for Json<T> {
+    fn into_response(self) -> Response {
+        axum::Json(self.0).into_response()
+    }
+}
+
+type ApiResult<T> = Result<T, HttpError>;
+
+/// The API router.
+pub fn router(agent: Agent) -> Router {
+    Router::new()
+        .route("/openapi.json", get(openapi::serve))
+        .route("/metrics", get(metrics))
+        .route("/v1/info", get(info))
+        .route("/v1/sandboxes", get(list_sandboxes).post(create_sandbox))
+        .route(
+            "/v1/sandboxes/{id}",
+            get(get_sandbox).delete(delete_sandbox),
+        )
+        .route("/v1/sandboxes/{id}/stop", post(stop_sandbox))
+        .route("/v1/sandboxes/{id}/wait", post(wait_sandbox))
+        .route("/v1/sandboxes/{id}/output", get(output))
+        .route("/v1/sandboxes/{id}/stdin", post(main_stdin))
+        .route("/v1/sandboxes/{id}/exec", post(exec))
+        .route("/v1/sandboxes/{id}/execs/{exec_id}/stdin", post(exec_stdin))
+        .route("/v1/images", get(list_images))
+        .route("/v1/images/import", post(import_image))
+        .route("/v1/images/{reference}", axum::routing::delete(delete_image))
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn(json_errors))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_JSON_BODY))
+        .with_state(agent)
+}
+
+async fn not_found(uri: axum::http::Uri) -> HttpError {
+    HttpError(ApiError::new(
+        ErrorCode::NotFound,
+        format!("no API route {uri}; see /openapi.json"),
+    ))
+}
+
+async fn info(State(agent): State<Agent>) -> Json<hearth_api::Info> {
+    Json(agent.info())
+}
+
+async fn metrics(State(agent): State<Agent>) -> impl IntoResponse {
+    let mut out = String::from(
+        "# HELP hearth_sandboxes Sandboxes known to this node by status.\n# TYPE hearth_sandboxes gauge\n",
+    );
+    for (status, n) in agent.status_counts() {
+        let s = serde_json::to_value(status)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        out.push_str(&format!("hearth_sandboxes{{status=\"{s}\"}} {n}\n"));
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+}
+
+async fn list_sandboxes(State(agent): State<Agent>) -> Json<Vec<hearth_api::Sandbox>> {
+    Json(agent.list())
+}
+
+async fn create_sandbox(
+    State(agent): State<Agent>,
+    Json(req): Json<CreateSandbox>,
+) -> ApiResult<(StatusCode, Json<hearth_api::Sandbox>)> {
+    Ok((StatusCode::CREATED, Json(agent.create(req).await?)))
+}
+
+async fn get_sandbox(
+    State(agent): State<Agent>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<hearth_api::Sandbox>> {
+    Ok(Json(agent.get(&id)?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeleteParams {
+    #[serde(default)]
+    force: bool,
+}
+
+async fn delete_sandbox(
+    State(agent): State<Agent>,
+    Path(id): Path<String>,
+    Query(p): Query<DeleteParams>,
+) -> ApiResult<StatusCode> {
+    agent.remove(&id, p.force).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StopParams {
+    /// Seconds between SIGTERM and power-off (default 10; 0 = at once).
+    timeout: Option<u64>,
+}
+
+async fn stop_sandbox(
+    State(agent): State<Agent>,
+    Path(id): Path<String>,
+    Query(p): Query<StopParams>,
+) -> ApiResult<Json<hearth_api::Sandbox>> {
+    let grace = Duration::from_secs(p.timeout.unwrap_or(10).min(3600));
+    Ok(Json(agent.stop(&id, grace).await?))
+}
+
+async fn wait_sandbox(
+    State(agent): State<Agent>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<hearth_api::Sandbox>> {
+    Ok(Json(agent.wait(&id).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OutputParams {
+    #[serde(default)]
+    follow: bool,
+}
+
+fn stream_response(body: Body) -> Response {
+    let mut resp = Response::new(body);
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE));
+    resp
+}
+
+/// The final record of a sandbox's stream: how it ended.
+fn final_record(sb: &hearth_api::Sandbox) -> Option<Record> {
+    use hearth_api::SandboxStatus::*;
+    match (sb.status, sb.exit) {
+        (_, Some(exit)) => Some(Record::Exit(exit)),
+        (Failed | Lost, None) => Some(Record::Error(
+            sb.error
+                .clone()
+                .unwrap_or_else(|| format!("sandbox {} failed", sb.id)),
+        )),
+        (Stopped, None) => Some(Record::Exit(ExitInfo {
+            code: 128 + libc::SIGKILL,
+            signal: Some(libc::SIGKILL),
+        })),
+        _ => None,
+    }
+}
+
+async fn output(
+    State(agent): State<Agent>,
+    Path(id): Path<String>,
+    Query(p): Query<OutputParams>,
+) -> ApiResult<Response> {
+    let (sb, follower) = agent.follow_output(&id)?;
+    let follow = p.follow;
+    let id = sb.id.clone();
+    let stream = futures::stream::unfold(
+        (Some(follower), agent, id),
+        move |(follower, agent, id)| async move {
+            let mut f = follower?;
+            match f.next_chunk(follow).await {
+                Ok(Some(chunk)) => Some((Ok::<_, std::io::Error>(Bytes::from(chunk)), (Some(f), agent, id))),
+                Ok(None) => {
+                    let sb = agent.get(&id).ok()?;
+                    let last = final_record(&sb)?;
+                    Some((Ok(Bytes::from(last.encode())), (None, agent, id)))
+                }
+                Err(e) => Some((Err(e), (None, agent, id))),
+            }
+        },
+    );
+    Ok(stream_response(Body::from_stream(stream)))
+}
+
+/// Copies a streaming request body into a session's stdin; closes it at the end.
+async fn pump_stdin(input: SessionInput, body: Body) -> ApiResult<StatusCode> {
+    let mut s = body.into_data_stream();
+    while let Some(chunk) = s.next().await {
+        let chunk = chunk.map_err(|e| {
+            HttpError(ApiError::new(
+                ErrorCode::BadRequest,
+                format!("reading stdin body: {e}"),
+            ))
+        })?;
+        if input.write(&chunk).await.is_err() {
+            // The process ended or closed stdin; what it did not read is dropped, like a pipe.
+            return Ok(StatusCode::NO_CONTENT);
+        }
+    }
+    let _ = input.close().await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn main_stdin(
+    State(agent): State<Agent>,
+    Path(id): Path<String>,
+    body: Body,
+) -> ApiResult<StatusCode> {
+    let input = agent.main_stdin(&id).await?;
+    pump_stdin(input, body).await
+}
+
+async fn exec_stdin(
+    State(agent): State<Agent>,
+    Path((id, exec_id)): Path<(String, u32)>,
+    body: Body,
+) -> ApiResult<StatusCode> {
+    let input = agent.exec_stdin(&id, exec_id)?;
+    pump_stdin(input, body).await
+}
+
+async fn exec(
+    State(agent): State<Agent>,
+    Path(id): Path<String>,
+    Json(req): Json<ExecRequest>,
+) -> ApiResult<Response> {
+    let (exec_id, session) = agent.exec(&id, req).await?;
+    let stream = futures::stream::unfold(
+        (Some(session), agent, id, exec_id),
+        |(session, agent, id, exec_id)| async move {
+            let mut s = session?;
+            let rec = loop {
+                match s.next().await {
+                    Some(SessionEvent::Started(_)) => continue,
+                    Some(SessionEvent::Stdout(b)) => break Some(Record::Stdout(b)),
+                    Some(SessionEvent::Stderr(b)) => break Some(Record::Stderr(b)),
+                    Some(SessionEvent::Exit(st)) => {
+                        break Some(Record::Exit(ExitInfo {
+                            code: st.shell_code(),
+                            signal: st.signal,
+                        }))
+                    }
+                    Some(SessionEvent::Failed(m)) => break Some(Record::Error(m)),
+                    None => break None,
+                }
+            };
+            match rec {
+                Some(r @ (Record::Exit(_) | Record::Error(_))) => {
+                    agent.exec_done(&id, exec_id);
+                    Some((Ok::<_, std::io::Error>(Bytes::from(r.encode())), (None, agent, id, exec_id)))
+                }
+                Some(r) => Some((Ok(Bytes::from(r.encode())), (Some(s), agent, id, exec_id))),
+                None => {
+                    agent.exec_done(&id, exec_id);
+                    None
+                }
+            }
+        },
+    );
+    let mut resp = stream_response(Body::from_stream(stream));
+    resp.headers_mut().insert(
+        "x-hearth-exec-id",
+        HeaderValue::from_str(&exec_id.to_string()).unwrap_or(HeaderValue::from_static("0")),
+    );
+    Ok(resp)
+}
+
+async fn list_images(State(agent): State<Agent>) -> ApiResult<Json<Vec<hearth_api::Image>>> {
+    Ok(Json(agent.list_images().await?))
+}
+
+async fn import_image(
+    State(agent): State<Agent>,
+    Json(req): Json<ImportImage>,
+) -> ApiResult<(StatusCode, Json<hearth_api::Image>)> {
+    let img = agent
+        .import_image(&req.name, std::path::Path::new(&req.path))
+        .await?;
+    Ok((StatusCode::CREATED, Json(img)))
+}
+
+async fn delete_image(
+    State(agent): State<Agent>,
+    Path(reference): Path<String>,
+) -> ApiResult<StatusCode> {
+    agent.remove_image(&reference).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Query-string rejections are JSON too.
+pub async fn json_errors(req: Request, next: axum::middleware::Next) -> Response {
+    let resp = next.run(req).await;
+    let ct_is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    let status = resp.status();
+    if (status.is_client_error() || status.is_server_error()) && !ct_is_json {
+        let (_, body) = resp.into_parts();
+        let text = axum::body::to_bytes(body, 64 * 1024)
+            .await
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        let code = if status.is_client_error() {
+            ErrorCode::BadRequest
+        } else {
+            ErrorCode::Internal
+        };
+        let mut r = (status, axum::Json(ApiError::new(code, text))).into_response();
+        *r.status_mut() = status;
+        return r;
+    }
+    resp
+}

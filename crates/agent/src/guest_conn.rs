@@ -1,0 +1,319 @@
+//! One connection to a guest agent: a reader task routes incoming frames to
+//! sessions by id, a writer task serializes outgoing frames.
+//!
+//! Flow control (see `hearth_proto`): output credit is returned to the guest
+//! when a session's consumer takes a chunk out, so a slow consumer stalls the
+//! guest process instead of growing host memory. Stdin is sent only against
+//! credit the guest returned.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hearth_proto::{
+    read_frame_async, write_frame_async, Credit, Empty, ErrorMsg, ExecRequest, ExitStatus, Frame,
+    Hello, Kind, SignalRequest, Started, CONTROL_ID, INITIAL_WINDOW, MAX_FRAME, PROTOCOL_VERSION,
+};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+/// Errors of the guest channel.
+#[derive(Debug, thiserror::Error)]
+pub enum GuestError {
+    /// The guest did not say hello in time.
+    #[error("guest agent did not become ready within {0:?} (see the VM's console.log)")]
+    HelloTimeout(Duration),
+    /// The guest closed the channel.
+    #[error("guest channel closed")]
+    Closed,
+    /// Framing or decoding failed; the guest is broken or hostile.
+    #[error(transparent)]
+    Proto(#[from] hearth_proto::ProtoError),
+    /// The guest speaks another protocol version.
+    #[error("guest agent speaks protocol {got}, this host speaks {PROTOCOL_VERSION}; rebuild the initramfs with scripts/setup")]
+    Version { got: u32 },
+    /// The first frame was not a hello.
+    #[error("guest sent {0:?} before Hello")]
+    NoHello(Kind),
+    /// The guest refused the request.
+    #[error("guest refused the request: {0}")]
+    Refused(String),
+}
+
+/// What a session's consumer sees.
+#[derive(Debug)]
+pub enum SessionEvent {
+    Started(u32),
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+    Exit(ExitStatus),
+    /// The request failed in the guest, or the channel died.
+    Failed(String),
+}
+
+struct SessionSink {
+    events: mpsc::UnboundedSender<SessionEvent>,
+    stdin_credit: Arc<Semaphore>,
+}
+
+type Sessions = Arc<Mutex<HashMap<u32, SessionSink>>>;
+
+/// A live connection to one guest agent.
+pub struct GuestConn {
+    tx: mpsc::Sender<Frame>,
+    sessions: Sessions,
+    next_id: AtomicU32,
+    hello: Hello,
+    pong: Mutex<Option<oneshot::Sender<()>>>,
+    closed: tokio::sync::watch::Receiver<bool>,
+}
+
+impl GuestConn {
+    /// Waits for the guest's Hello on `stream`, then starts routing frames.
+    pub async fn handshake<S>(stream: S, timeout: Duration) -> Result<Arc<GuestConn>, GuestError>
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (mut rd, mut wr) = tokio::io::split(stream);
+        let first = tokio::time::timeout(timeout, read_frame_async(&mut rd))
+            .await
+            .map_err(|_| GuestError::HelloTimeout(timeout))??
+            .ok_or(GuestError::Closed)?;
+        if first.kind != Kind::Hello {
+            return Err(GuestError::NoHello(first.kind));
+        }
+        let hello: Hello = first.parse()?;
+        if hello.protocol_version != PROTOCOL_VERSION {
+            return Err(GuestError::Version {
+                got: hello.protocol_version,
+            });
+        }
+
+        let (tx, mut rx) = mpsc::channel::<Frame>(64);
+        tokio::spawn(async move {
+            while let Some(f) = rx.recv().await {
+                if write_frame_async(&mut wr, &f).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let (closed_tx, closed) = tokio::sync::watch::channel(false);
+        let conn = Arc::new(GuestConn {
+            tx,
+            sessions: Arc::default(),
+            next_id: AtomicU32::new(1),
+            hello,
+            pong: Mutex::new(None),
+            closed,
+        });
+        let weak = Arc::downgrade(&conn);
+        let sessions = conn.sessions.clone();
+        tokio::spawn(async move {
+            let reason = loop {
+                match read_frame_async(&mut rd).await {
+                    Ok(Some(f)) => {
+                        let Some(conn) = weak.upgrade() else {
+                            break "connection dropped".to_string();
+                        };
+                        if let Err(e) = conn.route(f) {
+                            break format!("guest sent a bad frame: {e}");
+                        }
+                    }
+                    Ok(None) => break "guest channel closed".to_string(),
+                    Err(e) => break format!("guest channel failed: {e}"),
+                }
+            };
+            let _ = closed_tx.send(true);
+            let mut map = sessions.lock().unwrap_or_else(|e| e.into_inner());
+            for (_, sink) in map.drain() {
+                let _ = sink.events.send(SessionEvent::Failed(reason.clone()));
+                sink.stdin_credit.close();
+            }
+        });
+        Ok(conn)
+    }
+
+    pub fn hello(&self) -> &Hello {
+        &self.hello
+    }
+
+    /// Resolves when the channel is gone.
+    pub async fn closed(&self) {
+        let mut c = self.closed.clone();
+        let _ = c.wait_for(|v| *v).await;
+    }
+
+    fn route(&self, f: Frame) -> Result<(), hearth_proto::ProtoError> {
+        let mut map = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        if f.id == CONTROL_ID {
+            if f.kind == Kind::Pong {
+                if let Some(tx) = self.pong.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                    let _ = tx.send(());
+                }
+            }
+            return Ok(());
+        }
+        // why: frames for unknown sessions are ignored; a hostile guest gains nothing.
+        let Some(sink) = map.get(&f.id) else {
+            return Ok(());
+        };
+        let ev = match f.kind {
+            Kind::Started => SessionEvent::Started(f.parse::<Started>()?.pid),
+            Kind::Stdout => SessionEvent::Stdout(f.payload),
+            Kind::Stderr => SessionEvent::Stderr(f.payload),
+            Kind::Credit => {
+                let c: Credit = f.parse()?;
+                let room = INITIAL_WINDOW as usize - sink.stdin_credit.available_permits();
+                sink.stdin_credit.add_permits((c.bytes as usize).min(room));
+                return Ok(());
+            }
+            Kind::Exit => {
+                let st: ExitStatus = f.parse()?;
+                let sink = map.remove(&f.id);
+                if let Some(s) = sink {
+                    let _ = s.events.send(SessionEvent::Exit(st));
+                    s.stdin_credit.close();
+                }
+                return Ok(());
+            }
+            Kind::Error => {
+                let m: ErrorMsg = f.parse()?;
+                if let Some(s) = map.remove(&f.id) {
+                    let _ = s.events.send(SessionEvent::Failed(m.message));
+                    s.stdin_credit.close();
+                }
+                return Ok(());
+            }
+            _ => return Ok(()),
+        };
+        let _ = sink.events.send(ev);
+        Ok(())
+    }
+
+    async fn send(&self, f: Frame) -> Result<(), GuestError> {
+        self.tx.send(f).await.map_err(|_| GuestError::Closed)
+    }
+
+    /// Starts a process in the guest.
+    pub async fn exec(self: &Arc<Self>, req: &ExecRequest) -> Result<Session, GuestError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let stdin_credit = Arc::new(Semaphore::new(INITIAL_WINDOW as usize));
+        self.sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                id,
+                SessionSink {
+                    events: events_tx,
+                    stdin_credit: stdin_credit.clone(),
+                },
+            );
+        if let Err(e) = self.send(Frame::json(Kind::Exec, id, req)).await {
+            self.sessions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
+            return Err(e);
+        }
+        Ok(Session {
+            id,
+            conn: self.clone(),
+            events,
+            stdin_credit,
+        })
+    }
+
+    /// Asks the guest to sync and power off.
+    pub async fn shutdown(&self) -> Result<(), GuestError> {
+        self.send(Frame::json(Kind::Shutdown, CONTROL_ID, &Empty {}))
+            .await
+    }
+
+    /// Round trip to the guest agent.
+    pub async fn ping(&self, timeout: Duration) -> Result<(), GuestError> {
+        let (tx, rx) = oneshot::channel();
+        *self.pong.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+        self.send(Frame::json(Kind::Ping, CONTROL_ID, &Empty {}))
+            .await?;
+        tokio::time::timeout(timeout, rx)
+            .await
+            .map_err(|_| GuestError::Closed)?
+            .map_err(|_| GuestError::Closed)
+    }
+}
+
+/// One process in the guest.
+pub struct Session {
+    id: u32,
+    conn: Arc<GuestConn>,
+    events: mpsc::UnboundedReceiver<SessionEvent>,
+    stdin_credit: Arc<Semaphore>,
+}
+
+impl Session {
+    /// The next event; output credit is returned as chunks are taken.
+    pub async fn next(&mut self) -> Option<SessionEvent> {
+        let ev = self.events.recv().await?;
+        if let SessionEvent::Stdout(b) | SessionEvent::Stderr(b) = &ev {
+            let bytes = b.len() as u32;
+            let _ = self
+                .conn
+                .send(Frame::json(Kind::Credit, self.id, &Credit { bytes }))
+                .await;
+        }
+        Some(ev)
+    }
+
+    /// A handle for writing stdin and sending signals from another task.
+    pub fn input(&self) -> SessionInput {
+        SessionInput {
+            id: self.id,
+            conn: self.conn.clone(),
+            stdin_credit: self.stdin_credit.clone(),
+        }
+    }
+}
+
+/// Writes to a session's stdin and signals its process.
+#[derive(Clone)]
+pub struct SessionInput {
+    id: u32,
+    conn: Arc<GuestConn>,
+    stdin_credit: Arc<Semaphore>,
+}
+
+impl SessionInput {
+    /// Sends stdin bytes, waiting for guest credit; an empty slice is ignored.
+    pub async fn write(&self, mut data: &[u8]) -> Result<(), GuestError> {
+        while !data.is_empty() {
+            let n = data.len().min(MAX_FRAME).min(INITIAL_WINDOW as usize / 4);
+            let permit = self
+                .stdin_credit
+                .acquire_many(n as u32)
+                .await
+                .map_err(|_| GuestError::Closed)?;
+            permit.forget();
+            self.conn
+                .send(Frame::data(Kind::Stdin, self.id, data[..n].to_vec()))
+                .await?;
+            data = &data[n..];
+        }
+        Ok(())
+    }
+
+    /// Closes the process's stdin.
+    pub async fn close(&self) -> Result<(), GuestError> {
+        self.conn
+            .send(Frame::data(Kind::Stdin, self.id, Vec::new()))
+            .await
+    }
+
+    /// Delivers a signal to the process.
+    pub async fn signal(&self, signal: i32) -> Result<(), GuestError> {
+        self.conn
+            .send(Frame::json(Kind::Signal, self.id, &SignalRequest { signal }))
+            .await
+    }
+}

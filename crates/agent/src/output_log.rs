@@ -1,0 +1,124 @@
+//! A sandbox's main-workload output on disk, in the API's stream record format
+//! (`hearth_api::stream`), so `logs` replays it byte-exact and followers stream
+//! the file as it grows. Writing goes to disk at guest speed; readers never hold
+//! the guest back and never make the host buffer output in memory.
+
+use std::path::{Path, PathBuf};
+
+use hearth_api::stream::Record;
+use tokio::fs::{File, OpenOptions};
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::sync::watch;
+
+/// The writing end; one per sandbox.
+pub struct OutputLog {
+    file: File,
+    written: u64,
+    notify: watch::Sender<u64>,
+}
+
+impl OutputLog {
+    /// Creates (truncating) the log at `path`.
+    pub async fn create(path: &Path, notify: watch::Sender<u64>) -> std::io::Result<OutputLog> {
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(path)
+            .await?;
+        Ok(OutputLog {
+            file,
+            written: 0,
+            notify,
+        })
+    }
+
+    /// Appends one record and wakes followers.
+    pub async fn append(&mut self, rec: &Record) -> std::io::Result<()> {
+        let bytes = rec.encode();
+        self.file.write_all(&bytes).await?;
+        self.written += bytes.len() as u64;
+        self.notify.send_replace(self.written);
+        Ok(())
+    }
+
+    pub async fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush().await?;
+        self.file.sync_data().await
+    }
+}
+
+/// A reader that follows the log: yields chunks of raw record bytes.
+pub struct LogFollower {
+    path: PathBuf,
+    file: Option<File>,
+    offset: u64,
+    written: watch::Receiver<u64>,
+    finished: watch::Receiver<bool>,
+}
+
+impl LogFollower {
+    /// `written` counts bytes appended; `finished` turns true once nothing more
+    /// will be appended.
+    pub fn new(
+        path: PathBuf,
+        written: watch::Receiver<u64>,
+        finished: watch::Receiver<bool>,
+    ) -> LogFollower {
+        LogFollower {
+            path,
+            file: None,
+            offset: 0,
+            written,
+            finished,
+        }
+    }
+
+    /// The next chunk of bytes; `None` at the end (when not following: at the
+    /// current end of the file; when following: once the writer has finished
+    /// and everything was read).
+    pub async fn next_chunk(&mut self, follow: bool) -> std::io::Result<Option<Vec<u8>>> {
+        loop {
+            // why: read `finished` before the file, so output written before the
+            // workload ended is never missed.
+            let finished = *self.finished.borrow_and_update();
+            let seen = *self.written.borrow_and_update();
+            if self.file.is_none() {
+                match File::open(&self.path).await {
+                    Ok(f) => self.file = Some(f),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            if let Some(f) = self.file.as_mut() {
+                f.seek(std::io::SeekFrom::Start(self.offset)).await?;
+                let mut buf = vec![0u8; 256 * 1024];
+                let n = f.read(&mut buf).await?;
+                if n > 0 {
+                    buf.truncate(n);
+                    self.offset += n as u64;
+                    return Ok(Some(buf));
+                }
+            }
+            if finished || !follow {
+                return Ok(None);
+            }
+            if seen > self.offset {
+                continue;
+            }
+            if self.written.has_changed().is_err() {
+                // The writer is gone; only `finished` can still change.
+                if self.finished.changed().await.is_err() {
+                    return Ok(None);
+                }
+                continue;
+            }
+            tokio::select! {
+                _ = self.written.changed() => {},
+                r = self.finished.changed() => if r.is_err() {
+                    return Ok(None);
+                },
+            }
+        }
+    }
+}

@@ -1,0 +1,881 @@
+//! Sandbox records and their lifecycle.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use hearth_api::stream::Record;
+use hearth_api::{
+    CreateSandbox, ErrorCode, ExitInfo, Image, Info, Sandbox, SandboxStatus, DEFAULT_CPUS,
+    DEFAULT_MEMORY_MIB, MIN_MEMORY_MIB,
+};
+use hearth_image::{ImageError, ImageRecord, ImageStore, Limits};
+use hearth_proto::ExecRequest as GuestExec;
+use hearth_vmm::{Accel, AccelMode, AccelReport, QemuVmm, Vm, VmConfig};
+use tokio::sync::{mpsc, watch};
+
+use crate::guest_conn::{GuestConn, Session, SessionEvent, SessionInput};
+use crate::output_log::{LogFollower, OutputLog};
+
+/// Guest kernels are built with NR_CPUS=8.
+pub const MAX_CPUS: u32 = 8;
+/// How long a guest may take from VM start to the agent's hello (TCG is slow).
+const HELLO_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a stopped guest gets to power off before its VMM is killed.
+const POWEROFF_GRACE: Duration = Duration::from_secs(5);
+
+/// Errors the agent reports; each maps to a stable API error code.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("sandbox '{0}' not found; list sandboxes with `hearth ps`")]
+    SandboxNotFound(String),
+    #[error("exec session {exec} of sandbox '{sandbox}' not found (it may have ended)")]
+    ExecNotFound { sandbox: String, exec: u32 },
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error("image '{0}' has neither Entrypoint nor Cmd; give a command: hearth run {0} -- CMD [ARGS...]")]
+    NoCommand(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("sandbox '{id}': {message}")]
+    VmFailed { id: String, message: String },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Config(String),
+}
+
+impl AgentError {
+    /// The API error code for this error.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            AgentError::SandboxNotFound(_) | AgentError::ExecNotFound { .. } => ErrorCode::NotFound,
+            AgentError::Image(e) if e.is_not_found() => ErrorCode::ImageNotFound,
+            AgentError::Image(e) if e.is_bad_input() => ErrorCode::InvalidArgument,
+            AgentError::Image(_) => ErrorCode::Internal,
+            AgentError::NoCommand(_) => ErrorCode::NoCommand,
+            AgentError::InvalidArgument(_) => ErrorCode::InvalidArgument,
+            AgentError::Conflict(_) => ErrorCode::Conflict,
+            AgentError::VmFailed { .. } => ErrorCode::VmFailed,
+            AgentError::Io { .. } | AgentError::Config(_) => ErrorCode::Internal,
+        }
+    }
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> AgentError {
+    let what = what.into();
+    move |source| AgentError::Io { what, source }
+}
+
+/// How the agent is set up.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub data_dir: PathBuf,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub qemu: PathBuf,
+    pub accel: AccelMode,
+    pub node: String,
+}
+
+/// Requests to a sandbox's lifecycle task.
+enum Control {
+    /// SIGTERM the workload, then power off after `grace`.
+    Stop { grace: Duration },
+    /// Power off now.
+    Kill,
+}
+
+struct Entry {
+    dir: PathBuf,
+    record: Mutex<Sandbox>,
+    status: watch::Sender<SandboxStatus>,
+    /// Bytes in the output log so far.
+    written: watch::Sender<u64>,
+    /// True once the output log is complete.
+    finished: watch::Sender<bool>,
+    control: Mutex<Option<mpsc::Sender<Control>>>,
+    conn: Mutex<Option<Arc<GuestConn>>>,
+    main_input: Mutex<Option<SessionInput>>,
+    execs: Mutex<HashMap<u32, SessionInput>>,
+    next_exec: std::sync::atomic::AtomicU32,
+}
+
+impl Entry {
+    fn new(dir: PathBuf, record: Sandbox) -> Entry {
+        let terminal = record.status.is_terminal();
+        Entry {
+            dir,
+            status: watch::channel(record.status).0,
+            record: Mutex::new(record),
+            written: watch::channel(0).0,
+            finished: watch::channel(terminal).0,
+            control: Mutex::new(None),
+            conn: Mutex::new(None),
+            main_input: Mutex::new(None),
+            execs: Mutex::new(HashMap::new()),
+            next_exec: std::sync::atomic::AtomicU32::new(1),
+        }
+    }
+
+    fn snapshot(&self) -> Sandbox {
+        lock(&self.record).clone()
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Sandbox)) {
+        let rec = {
+            let mut r = lock(&self.record);
+            f(&mut r);
+            r.clone()
+        };
+        if let Err(e) = persist(&self.dir, &rec) {
+            tracing::error!(sandbox = %rec.id, "cannot save sandbox record: {e}");
+        }
+        self.status.send_replace(rec.status);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn persist(dir: &Path, rec: &Sandbox) -> std::io::Result<()> {
+    let tmp = dir.join("sandbox.json.tmp");
+    let data = serde_json::to_vec_pretty(rec).map_err(std::io::Error::other)?;
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&data)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, dir.join("sandbox.json"))
+}
+
+fn new_id() -> String {
+    let mut b = [0u8; 6];
+    // why: an id collision is checked for anyway; fall back to time if the RNG fails.
+    if getrandom::fill(&mut b).is_err() {
+        b.copy_from_slice(&now_ms().to_le_bytes()[..6]);
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn valid_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 63
+        && n.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        && n.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+}
+
+struct Inner {
+    cfg: AgentConfig,
+    images: ImageStore,
+    vmm: QemuVmm,
+    accel: AccelReport,
+    host_cpus: u32,
+    host_memory_mib: u64,
+    sandboxes: Mutex<HashMap<String, Arc<Entry>>>,
+}
+
+/// The node agent. Cheap to clone.
+#[derive(Clone)]
+pub struct Agent {
+    inner: Arc<Inner>,
+}
+
+fn host_memory_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .map(|kib| kib / 1024)
+        .unwrap_or(0)
+}
+
+impl Agent {
+    /// Opens the data dir, probes the accelerator and recovers sandboxes left by
+    /// a previous run: any that were still running are reported lost and their
+    /// VMs are stopped, so no VMM is orphaned.
+    pub async fn start(cfg: AgentConfig) -> Result<Agent, AgentError> {
+        for (what, p) in [("guest kernel", &cfg.kernel), ("initramfs", &cfg.initrd)] {
+            if !p.is_file() {
+                return Err(AgentError::Config(format!(
+                    "{what} not found at {}; build it with scripts/setup or pass its path",
+                    p.display()
+                )));
+            }
+        }
+        std::fs::create_dir_all(cfg.data_dir.join("sandboxes"))
+            .map_err(io_err(format!("create {}", cfg.data_dir.display())))?;
+        let images = ImageStore::open(cfg.data_dir.join("images"), Limits::default())?;
+        let vmm = QemuVmm::new(cfg.qemu.clone());
+        let accel = hearth_vmm::probe_accel(&cfg.qemu, &cfg.kernel, &cfg.initrd, cfg.accel).await;
+        if accel.accel == Accel::Tcg {
+            tracing::warn!("accelerator: tcg ({}) — NOT hardware isolation", accel.reason);
+        } else {
+            tracing::info!("accelerator: {} ({})", accel.accel, accel.reason);
+        }
+        let inner = Arc::new(Inner {
+            host_cpus: std::thread::available_parallelism()
+                .map(|n| n.get() as u32)
+                .unwrap_or(1),
+            host_memory_mib: host_memory_mib(),
+            cfg,
+            images,
+            vmm,
+            accel,
+            sandboxes: Mutex::new(HashMap::new()),
+        });
+        let agent = Agent { inner };
+        agent.recover().await;
+        Ok(agent)
+    }
+
+    async fn recover(&self) {
+        let dir = self.inner.cfg.data_dir.join("sandboxes");
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            return;
+        };
+        for ent in rd.flatten() {
+            let sdir = ent.path();
+            let rec: Sandbox = match std::fs::read(sdir.join("sandbox.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+            {
+                Some(r) => r,
+                None => {
+                    tracing::warn!("ignoring {}: no readable sandbox.json", sdir.display());
+                    continue;
+                }
+            };
+            let entry = Arc::new(Entry::new(sdir.clone(), rec.clone()));
+            if !rec.status.is_terminal() {
+                let vm_dir = sdir.join("vm");
+                if let Ok(vm) = hearth_vmm::adopt(&vm_dir).await {
+                    tracing::warn!(sandbox = %rec.id, "stopping VM of a sandbox left running by a previous hearthd");
+                    let _ = vm.kill().await;
+                    let _ = vm.wait().await;
+                }
+                let _ = hearth_vmm::destroy(&vm_dir);
+                entry.update(|r| {
+                    r.status = SandboxStatus::Lost;
+                    r.finished_ms = Some(now_ms());
+                    r.error = Some(
+                        "hearthd stopped while the sandbox was running; its VM was stopped"
+                            .into(),
+                    );
+                });
+                entry.finished.send_replace(true);
+            }
+            lock(&self.inner.sandboxes).insert(rec.id.clone(), entry);
+        }
+    }
+
+    /// What this node is and runs on.
+    pub fn info(&self) -> Info {
+        let i = &self.inner;
+        Info {
+            version: env!("CARGO_PKG_VERSION").into(),
+            backend: i.vmm.name().into(),
+            backend_version: i.vmm.version(),
+            accel: i.accel.accel.to_string(),
+            accel_reason: i.accel.reason.clone(),
+            hardware_isolation: i.accel.accel == Accel::Kvm,
+            kernel: i.cfg.kernel.display().to_string(),
+            initrd: i.cfg.initrd.display().to_string(),
+            data_dir: i.cfg.data_dir.display().to_string(),
+            node: i.cfg.node.clone(),
+            host_cpus: i.host_cpus,
+            host_memory_mib: i.host_memory_mib,
+        }
+    }
+
+    fn entry(&self, id_or_name: &str) -> Result<Arc<Entry>, AgentError> {
+        let map = lock(&self.inner.sandboxes);
+        if let Some(e) = map.get(id_or_name) {
+            return Ok(e.clone());
+        }
+        map.values()
+            .find(|e| lock(&e.record).name.as_deref() == Some(id_or_name))
+            .cloned()
+            .ok_or_else(|| AgentError::SandboxNotFound(id_or_name.into()))
+    }
+
+    pub fn get(&self, id_or_name: &str) -> Result<Sandbox, AgentError> {
+        Ok(self.entry(id_or_name)?.snapshot())
+    }
+
+    pub fn list(&self) -> Vec<Sandbox> {
+        let mut v: Vec<Sandbox> = lock(&self.inner.sandboxes)
+            .values()
+            .map(|e| e.snapshot())
+            .collect();
+        v.sort_by_key(|s| s.created_ms);
+        v
+    }
+
+    fn validate(&self, req: &CreateSandbox) -> Result<(u32, u32), AgentError> {
+        let cpus = req.cpus.unwrap_or(DEFAULT_CPUS);
+        if cpus == 0 || cpus > MAX_CPUS {
+            return Err(AgentError::InvalidArgument(format!(
+                "cpus {cpus} is out of range: give 1..={MAX_CPUS}"
+            )));
+        }
+        let mem = req.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB);
+        let host = self.inner.host_memory_mib;
+        if mem < MIN_MEMORY_MIB || (host > 0 && u64::from(mem) > host) {
+            return Err(AgentError::InvalidArgument(format!(
+                "memory {mem} MiB is out of range: give {MIN_MEMORY_MIB}..={host} MiB (this host has {host} MiB)"
+            )));
+        }
+        if let Some(n) = &req.name {
+            if !valid_name(n) {
+                return Err(AgentError::InvalidArgument(format!(
+                    "name '{n}' is invalid: use 1-63 letters, digits, '-', '_' or '.', starting with a letter or digit"
+                )));
+            }
+        }
+        for kv in &req.env {
+            if !kv.contains('=') || kv.starts_with('=') {
+                return Err(AgentError::InvalidArgument(format!(
+                    "environment entry '{kv}' is not KEY=VALUE"
+                )));
+            }
+        }
+        Ok((cpus, mem))
+    }
+
+    /// Creates a sandbox and starts booting it; returns at once (status `creating`).
+    pub async fn create(&self, req: CreateSandbox) -> Result<Sandbox, AgentError> {
+        let (cpus, memory_mib) = self.validate(&req)?;
+        let images = self.inner.images.clone();
+        let reference = req.image.clone();
+        let image = tokio::task::spawn_blocking(move || images.resolve(&reference))
+            .await
+            .map_err(|e| AgentError::Config(format!("image lookup panicked: {e}")))??;
+        let exec = plan_exec(&req, &image)?;
+
+        let entry = {
+            let mut map = lock(&self.inner.sandboxes);
+            if let Some(n) = &req.name {
+                if map.values().any(|e| lock(&e.record).name.as_deref() == Some(n)) {
+                    return Err(AgentError::Conflict(format!(
+                        "a sandbox named '{n}' already exists; remove it with `hearth rm {n}` or choose another name"
+                    )));
+                }
+            }
+            let mut id = new_id();
+            while map.contains_key(&id) {
+                id = new_id();
+            }
+            let dir = self.inner.cfg.data_dir.join("sandboxes").join(&id);
+            std::fs::create_dir_all(&dir).map_err(io_err(format!("create {}", dir.display())))?;
+            let rec = Sandbox {
+                id: id.clone(),
+                name: req.name.clone(),
+                image: req.image.clone(),
+                image_digest: image.digest.clone(),
+                status: SandboxStatus::Creating,
+                exit: None,
+                error: None,
+                cpus,
+                memory_mib,
+                argv: exec.argv.clone(),
+                node: self.inner.cfg.node.clone(),
+                accel: self.inner.accel.accel.to_string(),
+                created_ms: now_ms(),
+                started_ms: None,
+                finished_ms: None,
+                boot_ms: None,
+            };
+            persist(&dir, &rec).map_err(io_err(format!("save {}", dir.display())))?;
+            let entry = Arc::new(Entry::new(dir, rec));
+            map.insert(id, entry.clone());
+            entry
+        };
+        let (ctl_tx, ctl_rx) = mpsc::channel(4);
+        *lock(&entry.control) = Some(ctl_tx);
+        let vm_cfg = VmConfig {
+            id: entry.snapshot().id,
+            dir: entry.dir.join("vm"),
+            kernel: self.inner.cfg.kernel.clone(),
+            initrd: self.inner.cfg.initrd.clone(),
+            rootfs: image.rootfs.clone(),
+            cpus,
+            memory_mib,
+            hostname: req.name.clone().unwrap_or_else(|| entry.snapshot().id),
+            extra_cmdline: Vec::new(),
+            accel: self.inner.accel.accel,
+        };
+        let agent = self.clone();
+        let e2 = entry.clone();
+        tokio::spawn(async move { agent.lifecycle(e2, vm_cfg, exec, ctl_rx).await });
+        Ok(entry.snapshot())
+    }
+
+    async fn lifecycle(
+        &self,
+        entry: Arc<Entry>,
+        vm_cfg: VmConfig,
+        exec: GuestExec,
+        mut ctl: mpsc::Receiver<Control>,
+    ) {
+        let started = Instant::now();
+        let id = vm_cfg.id.clone();
+        let vm = match self.inner.vmm.create(&vm_cfg).await {
+            Ok(vm) => vm,
+            Err(e) => {
+                self.finish(&entry, SandboxStatus::Failed, None, Some(format!("cannot start VM: {e}")));
+                return;
+            }
+        };
+        let outcome = self.drive(&entry, &vm, exec, &mut ctl, started).await;
+        // Tear down: ask the guest to power off, then make sure the VMM is gone.
+        if let Some(conn) = lock(&entry.conn).take() {
+            let _ = conn.shutdown().await;
+        }
+        if tokio::time::timeout(POWEROFF_GRACE, vm.wait()).await.is_err() {
+            let _ = vm.shutdown(Duration::from_secs(2)).await;
+            let _ = vm.wait().await;
+        }
+        lock(&entry.execs).clear();
+        *lock(&entry.main_input) = None;
+        *lock(&entry.control) = None;
+        let (status, exit, error) = outcome;
+        if status == SandboxStatus::Failed {
+            tracing::warn!(sandbox = %id, "failed: {}", error.as_deref().unwrap_or(""));
+        }
+        self.finish(&entry, status, exit, error);
+    }
+
+    fn finish(
+        &self,
+        entry: &Entry,
+        status: SandboxStatus,
+        exit: Option<ExitInfo>,
+        error: Option<String>,
+    ) {
+        entry.update(|r| {
+            r.status = status;
+            r.exit = exit;
+            r.error = error;
+            r.finished_ms = Some(now_ms());
+        });
+        entry.finished.send_replace(true);
+    }
+
+    /// Boots the guest, runs the workload and returns how it ended.
+    async fn drive(
+        &self,
+        entry: &Arc<Entry>,
+        vm: &Vm,
+        exec: GuestExec,
+        ctl: &mut mpsc::Receiver<Control>,
+        started: Instant,
+    ) -> (SandboxStatus, Option<ExitInfo>, Option<String>) {
+        let failed = |m: String| (SandboxStatus::Failed, None, Some(m));
+        let console = |vm: &Vm| console_tail(&vm.console_log());
+        let vm_exit = vm.wait();
+        tokio::pin!(vm_exit);
+
+        let boot = async {
+            let stream = vm.connect_agent().await.map_err(|e| e.to_string())?;
+            vm.start().await.map_err(|e| e.to_string())?;
+            GuestConn::handshake(stream, HELLO_TIMEOUT)
+                .await
+                .map_err(|e| e.to_string())
+        };
+        let conn = tokio::select! {
+            r = boot => match r {
+                Ok(c) => c,
+                Err(e) => return failed(format!("guest did not start: {e}{}", console(vm))),
+            },
+            x = &mut vm_exit => return failed(format!("VM exited during boot ({}){}", describe_exit(x), console(vm))),
+            c = ctl.recv() => {
+                let _ = vm.kill().await;
+                return match c {
+                    Some(_) => (SandboxStatus::Stopped, None, None),
+                    None => failed("agent shut down during boot".into()),
+                };
+            }
+        };
+        let boot_ms = started.elapsed().as_millis() as u64;
+        let mut session = match conn.exec(&exec).await {
+            Ok(s) => s,
+            Err(e) => return failed(format!("cannot start the workload: {e}")),
+        };
+        *lock(&entry.conn) = Some(conn.clone());
+        if exec.stdin {
+            *lock(&entry.main_input) = Some(session.input());
+        }
+        let log_path = entry.dir.join("output.log");
+        let mut log = match OutputLog::create(&log_path, entry.written.clone()).await {
+            Ok(l) => l,
+            Err(e) => return failed(format!("cannot create {}: {e}", log_path.display())),
+        };
+        entry.update(|r| {
+            r.status = SandboxStatus::Running;
+            r.started_ms = Some(now_ms());
+            r.boot_ms = Some(boot_ms);
+        });
+        let input = session.input();
+        let mut stop_deadline: Option<tokio::time::Instant> = None;
+        let outcome = loop {
+            let deadline = async {
+                match stop_deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                ev = session.next() => {
+                    let rec = match ev {
+                        Some(SessionEvent::Stdout(b)) => Record::Stdout(b),
+                        Some(SessionEvent::Stderr(b)) => Record::Stderr(b),
+                        Some(SessionEvent::Started(_)) => continue,
+                        Some(SessionEvent::Exit(st)) => {
+                            let exit = ExitInfo { code: st.shell_code(), signal: st.signal };
+                            let status = if stop_deadline.is_some() { SandboxStatus::Stopped } else { SandboxStatus::Exited };
+                            break (status, Some(exit), None);
+                        }
+                        Some(SessionEvent::Failed(m)) => break failed(format!("workload failed: {m}{}", console(vm))),
+                        None => break failed(format!("guest channel closed{}", console(vm))),
+                    };
+                    if let Err(e) = log.append(&rec).await {
+                        break failed(format!("cannot write output log {}: {e}", log_path.display()));
+                    }
+                }
+                x = &mut vm_exit => break failed(format!("VM exited unexpectedly ({}){}", describe_exit(x), console(vm))),
+                c = ctl.recv() => match c {
+                    Some(Control::Stop { grace }) => {
+                        let _ = input.signal(libc::SIGTERM).await;
+                        stop_deadline = Some(tokio::time::Instant::now() + grace);
+                    }
+                    Some(Control::Kill) | None => break (SandboxStatus::Stopped, None, None),
+                },
+                _ = deadline => break (SandboxStatus::Stopped, None, None),
+            }
+        };
+        let _ = log.flush().await;
+        outcome
+    }
+
+    /// Streams the main workload's output log. With `follow`, waits for more
+    /// until the sandbox ends.
+    pub fn follow_output(&self, id_or_name: &str) -> Result<(Sandbox, LogFollower), AgentError> {
+        let e = self.entry(id_or_name)?;
+        let f = LogFollower::new(
+            e.dir.join("output.log"),
+            e.written.subscribe(),
+            e.finished.subscribe(),
+        );
+        Ok((e.snapshot(), f))
+    }
+
+    /// Waits until the sandbox reaches a terminal status.
+    pub async fn wait(&self, id_or_name: &str) -> Result<Sandbox, AgentError> {
+        let e = self.entry(id_or_name)?;
+        let mut fin = e.finished.subscribe();
+        let _ = fin.wait_for(|f| *f).await;
+        Ok(e.snapshot())
+    }
+
+    /// Waits until the sandbox is running (or ended), then returns its stdin.
+    pub async fn main_stdin(&self, id_or_name: &str) -> Result<SessionInput, AgentError> {
+        let e = self.entry(id_or_name)?;
+        let mut st = e.status.subscribe();
+        let _ = st.wait_for(|s| *s != SandboxStatus::Creating).await;
+        let rec = e.snapshot();
+        lock(&e.main_input).clone().ok_or_else(|| {
+            AgentError::Conflict(if rec.status.is_terminal() {
+                format!("sandbox '{}' is {:?}; its stdin is closed", rec.id, rec.status)
+            } else {
+                format!(
+                    "sandbox '{}' was created without stdin; create it with stdin (hearth run -i)",
+                    rec.id
+                )
+            })
+        })
+    }
+
+    /// Stops a running sandbox: SIGTERM, then power off after `grace`.
+    pub async fn stop(&self, id_or_name: &str, grace: Duration) -> Result<Sandbox, AgentError> {
+        let e = self.entry(id_or_name)?;
+        let ctl = lock(&e.control).clone();
+        if let Some(ctl) = ctl {
+            let msg = if grace.is_zero() {
+                Control::Kill
+            } else {
+                Control::Stop { grace }
+            };
+            let _ = ctl.send(msg).await;
+            let mut fin = e.finished.subscribe();
+            let _ = fin.wait_for(|f| *f).await;
+        }
+        Ok(e.snapshot())
+    }
+
+    /// Removes a sandbox and everything it left on disk. A running one is
+    /// refused unless `force`, which kills it first.
+    pub async fn remove(&self, id_or_name: &str, force: bool) -> Result<(), AgentError> {
+        let e = self.entry(id_or_name)?;
+        let rec = e.snapshot();
+        if !rec.status.is_terminal() {
+            if !force {
+                return Err(AgentError::Conflict(format!(
+                    "sandbox '{}' is {:?}; stop it first (`hearth stop {}`) or force removal with `hearth rm -f`",
+                    rec.id, rec.status, rec.id
+                )));
+            }
+            self.stop(&rec.id, Duration::ZERO).await?;
+        }
+        let _ = hearth_vmm::destroy(&e.dir.join("vm"));
+        std::fs::remove_dir_all(&e.dir)
+            .or_else(|err| {
+                if err.kind() == std::io::ErrorKind::NotFound {
+                    Ok(())
+                } else {
+                    Err(err)
+                }
+            })
+            .map_err(io_err(format!("remove {}", e.dir.display())))?;
+        lock(&self.inner.sandboxes).remove(&rec.id);
+        Ok(())
+    }
+
+    /// Starts another process in a running sandbox. Returns its exec id and
+    /// session; stdin (when asked for) is reachable with [`Agent::exec_stdin`].
+    pub async fn exec(
+        &self,
+        id_or_name: &str,
+        req: hearth_api::ExecRequest,
+    ) -> Result<(u32, Session), AgentError> {
+        let e = self.entry(id_or_name)?;
+        let rec = e.snapshot();
+        let conn = lock(&e.conn).clone();
+        let Some(conn) = conn.filter(|_| rec.status == SandboxStatus::Running) else {
+            return Err(AgentError::Conflict(format!(
+                "sandbox '{}' is {:?}, not running; exec needs a running sandbox",
+                rec.id, rec.status
+            )));
+        };
+        if req.cmd.is_empty() {
+            return Err(AgentError::InvalidArgument(
+                "exec needs a command: hearth exec SANDBOX -- CMD [ARGS...]".into(),
+            ));
+        }
+        let images = self.inner.images.clone();
+        let digest = rec.image_digest.clone();
+        let image = tokio::task::spawn_blocking(move || images.resolve(&digest))
+            .await
+            .map_err(|e| AgentError::Config(format!("image lookup panicked: {e}")))??;
+        let guest = GuestExec {
+            argv: req.cmd.clone(),
+            env: merge_env(&image.config.env, &req.env),
+            workdir: req
+                .workdir
+                .clone()
+                .unwrap_or_else(|| default_workdir(&image.config.working_dir)),
+            user: req.user.clone().unwrap_or_else(|| image.config.user.clone()),
+            stdin: req.stdin,
+        };
+        let session = conn.exec(&guest).await.map_err(|err| AgentError::VmFailed {
+            id: rec.id.clone(),
+            message: format!("exec failed: {err}"),
+        })?;
+        let exec_id = e.next_exec.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if req.stdin {
+            lock(&e.execs).insert(exec_id, session.input());
+        }
+        Ok((exec_id, session))
+    }
+
+    /// The stdin of an exec session.
+    pub fn exec_stdin(&self, id_or_name: &str, exec: u32) -> Result<SessionInput, AgentError> {
+        let e = self.entry(id_or_name)?;
+        lock(&e.execs)
+            .get(&exec)
+            .cloned()
+            .ok_or_else(|| AgentError::ExecNotFound {
+                sandbox: id_or_name.into(),
+                exec,
+            })
+    }
+
+    /// Forgets an exec session once its stream ended.
+    pub fn exec_done(&self, id_or_name: &str, exec: u32) {
+        if let Ok(e) = self.entry(id_or_name) {
+            lock(&e.execs).remove(&exec);
+        }
+    }
+
+    /// Imports an image from a path on this host.
+    pub async fn import_image(&self, name: &str, path: &Path) -> Result<Image, AgentError> {
+        let images = self.inner.images.clone();
+        let (name, path) = (name.to_string(), path.to_path_buf());
+        let rec = tokio::task::spawn_blocking(move || images.import(&name, &path, &|_| {}))
+            .await
+            .map_err(|e| AgentError::Config(format!("image import panicked: {e}")))??;
+        Ok(to_api_image(rec))
+    }
+
+    pub async fn list_images(&self) -> Result<Vec<Image>, AgentError> {
+        let images = self.inner.images.clone();
+        let v = tokio::task::spawn_blocking(move || images.list())
+            .await
+            .map_err(|e| AgentError::Config(format!("image list panicked: {e}")))??;
+        Ok(v.into_iter().map(to_api_image).collect())
+    }
+
+    pub async fn remove_image(&self, reference: &str) -> Result<(), AgentError> {
+        let images = self.inner.images.clone();
+        let r = reference.to_string();
+        tokio::task::spawn_blocking(move || images.remove(&r))
+            .await
+            .map_err(|e| AgentError::Config(format!("image remove panicked: {e}")))??;
+        Ok(())
+    }
+
+    /// Counts of sandboxes per status, for metrics.
+    pub fn status_counts(&self) -> Vec<(SandboxStatus, usize)> {
+        let mut m: HashMap<SandboxStatus, usize> = HashMap::new();
+        for e in lock(&self.inner.sandboxes).values() {
+            *m.entry(lock(&e.record).status).or_default() += 1;
+        }
+        m.into_iter().collect()
+    }
+}
+
+fn to_api_image(r: ImageRecord) -> Image {
+    Image {
+        name: r.name,
+        digest: r.digest,
+        size_bytes: r.size_bytes,
+        created_unix: r.created_unix,
+        config: hearth_api::ImageConfig {
+            entrypoint: r.config.entrypoint,
+            cmd: r.config.cmd,
+            env: r.config.env,
+            working_dir: r.config.working_dir,
+            user: r.config.user,
+        },
+    }
+}
+
+fn default_workdir(w: &str) -> String {
+    if w.is_empty() {
+        "/".into()
+    } else {
+        w.into()
+    }
+}
+
+/// Image env, then request env; a later KEY replaces an earlier one in place.
+fn merge_env(base: &[String], over: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = base.to_vec();
+    for kv in over {
+        let key = kv.split('=').next().unwrap_or("");
+        match out
+            .iter_mut()
+            .find(|e| e.split('=').next().unwrap_or("") == key)
+        {
+            Some(slot) => *slot = kv.clone(),
+            None => out.push(kv.clone()),
+        }
+    }
+    out
+}
+
+/// Docker's rules: an entrypoint given in the request drops the image's Cmd.
+fn plan_exec(req: &CreateSandbox, image: &ImageRecord) -> Result<GuestExec, AgentError> {
+    let entrypoint = req
+        .entrypoint
+        .clone()
+        .unwrap_or_else(|| image.config.entrypoint.clone());
+    let cmd = match (&req.cmd, &req.entrypoint) {
+        (Some(c), _) => c.clone(),
+        (None, Some(_)) => Vec::new(),
+        (None, None) => image.config.cmd.clone(),
+    };
+    let argv: Vec<String> = entrypoint.into_iter().chain(cmd).collect();
+    if argv.is_empty() {
+        return Err(AgentError::NoCommand(req.image.clone()));
+    }
+    Ok(GuestExec {
+        argv,
+        env: merge_env(&image.config.env, &req.env),
+        workdir: req
+            .workdir
+            .clone()
+            .unwrap_or_else(|| default_workdir(&image.config.working_dir)),
+        user: req
+            .user
+            .clone()
+            .unwrap_or_else(|| image.config.user.clone()),
+        stdin: req.stdin,
+    })
+}
+
+fn describe_exit<E: std::fmt::Display, T: std::fmt::Debug>(x: Result<T, E>) -> String {
+    match x {
+        Ok(v) => format!("{v:?}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// The last lines of the guest console, to explain a crash.
+fn console_tail(path: &Path) -> String {
+    let Ok(data) = std::fs::read(path) else {
+        return String::new();
+    };
+    let text = String::from_utf8_lossy(&data);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    if lines.is_empty() {
+        return String::new();
+    }
+    let tail = &lines[lines.len().saturating_sub(15)..];
+    format!(
+        "; guest console ({}):\n{}",
+        path.display(),
+        tail.join("\n")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_env_overrides_image_env_in_place() {
+        let base = vec!["PATH=/bin".to_string(), "A=1".to_string()];
+        let over = vec!["A=2".to_string(), "B=3".to_string()];
+        assert_eq!(merge_env(&base, &over), vec!["PATH=/bin", "A=2", "B=3"]);
+    }
+
+    #[test]
+    fn names_are_restricted_to_dns_like_labels() {
+        assert!(valid_name("web-1"));
+        assert!(!valid_name("-web"));
+        assert!(!valid_name("a/b"));
+        assert!(!valid_name(""));
+    }
+}

@@ -1,0 +1,139 @@
+//! A small client for the Hearth HTTP API.
+
+use hearth_api::ApiError;
+use serde::{de::DeserializeOwned, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("cannot reach hearthd at {api}: {source}; is it running? (start it with `hearthd dev`)")]
+    Unreachable {
+        api: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("{0}")]
+    Api(ApiError),
+    #[error("hearthd answered {status} to {what}: {body}")]
+    Unexpected {
+        status: u16,
+        what: String,
+        body: String,
+    },
+    #[error("the output stream ended before the workload's exit status arrived (hearthd stopped?)")]
+    StreamEnded,
+}
+
+#[derive(Clone)]
+pub struct Client {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Client {
+    pub fn new(base: &str) -> Client {
+        Client {
+            base: base.trim_end_matches('/').to_string(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    fn unreachable(&self, e: reqwest::Error) -> CliError {
+        CliError::Unreachable {
+            api: self.base.clone(),
+            source: e,
+        }
+    }
+
+    async fn check(resp: reqwest::Response, what: &str) -> Result<reqwest::Response, CliError> {
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status().as_u16();
+        let body = resp.text().await.unwrap_or_default();
+        match serde_json::from_str::<ApiError>(&body) {
+            Ok(e) => Err(CliError::Api(e)),
+            Err(_) => Err(CliError::Unexpected {
+                status,
+                what: what.to_string(),
+                body,
+            }),
+        }
+    }
+
+    pub async fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, CliError> {
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        let resp = Self::check(resp, path).await?;
+        resp.json().await.map_err(|e| self.unreachable(e))
+    }
+
+    pub async fn post_json<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, CliError> {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        let resp = Self::check(resp, path).await?;
+        resp.json().await.map_err(|e| self.unreachable(e))
+    }
+
+    pub async fn delete(&self, path: &str) -> Result<(), CliError> {
+        let resp = self
+            .http
+            .delete(format!("{}{path}", self.base))
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        Self::check(resp, path).await?;
+        Ok(())
+    }
+
+    pub async fn get_stream(&self, path: &str) -> Result<reqwest::Response, CliError> {
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        Self::check(resp, path).await
+    }
+
+    pub async fn post_stream<B: Serialize>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<reqwest::Response, CliError> {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        Self::check(resp, path).await
+    }
+
+    /// Streams this process's stdin as the request body.
+    pub async fn post_stdin(&self, path: &str) -> Result<(), CliError> {
+        let stream = tokio_util::io::ReaderStream::new(tokio::io::stdin());
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .body(reqwest::Body::wrap_stream(stream))
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        Self::check(resp, path).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,60 @@
+//! The OpenAPI document served at `/openapi.json`.
+
+use axum::response::IntoResponse;
+use utoipa::OpenApi;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Hearth API", description = "Run OCI images in microVMs."),
+    components(schemas(
+        hearth_api::CreateSandbox,
+        hearth_api::Sandbox,
+        hearth_api::SandboxStatus,
+        hearth_api::ExitInfo,
+        hearth_api::ExecRequest,
+        hearth_api::ImportImage,
+        hearth_api::Image,
+        hearth_api::ImageConfig,
+        hearth_api::Info,
+        hearth_api::ApiError,
+        hearth_api::ErrorCode,
+    ))
+)]
+struct ApiDoc;
+
+/// The document, with the routes described by hand (they are few and stable).
+pub fn document() -> serde_json::Value {
+    let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
+    let ct = hearth_api::stream::CONTENT_TYPE;
+    let json = |schema: &str| {
+        serde_json::json!({"content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{schema}")}}}})
+    };
+    let err = json("ApiError");
+    let id = serde_json::json!([{"name": "id", "in": "path", "required": true, "description": "sandbox id or name", "schema": {"type": "string"}}]);
+    let stream = serde_json::json!({"description": format!("records: u8 tag (1 stdout, 2 stderr, 3 exit JSON ExitInfo, 4 error JSON ApiError) | u32 LE length | payload"), "content": {ct: {"schema": {"type": "string", "format": "binary"}}}});
+    doc["paths"] = serde_json::json!({
+        "/v1/info": {"get": {"summary": "Node, backend and accelerator", "responses": {"200": json("Info")}}},
+        "/v1/sandboxes": {
+            "get": {"summary": "List sandboxes", "responses": {"200": {"content": {"application/json": {"schema": {"type": "array", "items": {"$ref": "#/components/schemas/Sandbox"}}}}}}},
+            "post": {"summary": "Create and start a sandbox", "requestBody": json("CreateSandbox"), "responses": {"201": json("Sandbox"), "400": err, "404": err, "409": err}}
+        },
+        "/v1/sandboxes/{id}": {
+            "get": {"parameters": id, "responses": {"200": json("Sandbox"), "404": err}},
+            "delete": {"parameters": id, "summary": "Remove (force=true kills a running one)", "responses": {"204": {"description": "removed"}, "404": err, "409": err}}
+        },
+        "/v1/sandboxes/{id}/stop": {"post": {"parameters": id, "summary": "SIGTERM, then power off after `timeout` seconds", "responses": {"200": json("Sandbox"), "404": err}}},
+        "/v1/sandboxes/{id}/wait": {"post": {"parameters": id, "summary": "Wait until the sandbox ends", "responses": {"200": json("Sandbox"), "404": err}}},
+        "/v1/sandboxes/{id}/output": {"get": {"parameters": id, "summary": "Main workload output (follow=true streams until the end)", "responses": {"200": stream, "404": err}}},
+        "/v1/sandboxes/{id}/stdin": {"post": {"parameters": id, "summary": "Stream the request body into the workload's stdin", "responses": {"204": {"description": "stdin closed"}, "409": err}}},
+        "/v1/sandboxes/{id}/exec": {"post": {"parameters": id, "summary": "Run a process in a running sandbox; the response streams its output; header x-hearth-exec-id names it", "requestBody": json("ExecRequest"), "responses": {"200": stream, "409": err}}},
+        "/v1/sandboxes/{id}/execs/{exec_id}/stdin": {"post": {"summary": "Stream into an exec session's stdin", "responses": {"204": {"description": "stdin closed"}, "404": err}}},
+        "/v1/images": {"get": {"summary": "List images", "responses": {"200": {"content": {"application/json": {"schema": {"type": "array", "items": {"$ref": "#/components/schemas/Image"}}}}}}}},
+        "/v1/images/import": {"post": {"summary": "Import an image from a path on the daemon's host", "requestBody": json("ImportImage"), "responses": {"201": json("Image"), "400": err, "404": err}}},
+        "/v1/images/{reference}": {"delete": {"summary": "Remove an image", "responses": {"204": {"description": "removed"}, "404": err}}}
+    });
+    doc
+}
+
+pub async fn serve() -> impl IntoResponse {
+    axum::Json(document())
+}
