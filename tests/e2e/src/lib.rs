@@ -1,1 +1,310 @@
-//! Shared helpers for the black-box tests.
+//! Shared harness of the black-box tests: starts the real `hearthd dev` on a free
+//! port with its own data dir, drives it with the real `hearth` CLI or raw HTTP,
+//! and builds test images (a busybox root filesystem directory, OCI layouts and
+//! docker archives written by hand).
+//!
+//! The binaries are taken from `HEARTH_BIN_DIR`, else from the cargo target
+//! directory of this test executable (`scripts/test` builds them first).
+
+pub mod images;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Directory holding `hearth` and `hearthd`.
+pub fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("HEARTH_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    // target/<profile>/deps/<test-exe> -> target/<profile>
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf();
+    for b in ["hearth", "hearthd"] {
+        assert!(
+            dir.join(b).is_file(),
+            "{} not found in {}: build the binaries first (cargo build --release --bins) or set HEARTH_BIN_DIR",
+            b,
+            dir.display()
+        );
+    }
+    dir
+}
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("repo root")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Options for [`Daemon::start_with`].
+#[derive(Clone)]
+pub struct DaemonOptions {
+    /// `auto`, `kvm` or `tcg`.
+    pub accel: String,
+    /// Import the busybox image as `busybox`.
+    pub busybox: bool,
+}
+
+impl Default for DaemonOptions {
+    fn default() -> Self {
+        DaemonOptions {
+            accel: "tcg".into(),
+            busybox: true,
+        }
+    }
+}
+
+/// A running `hearthd dev`, killed (and its VMs with it) on drop.
+pub struct Daemon {
+    pub child: Option<Child>,
+    pub api: String,
+    pub port: u16,
+    pub data: tempfile::TempDir,
+    pub log: PathBuf,
+    opts: DaemonOptions,
+}
+
+impl Daemon {
+    pub fn start() -> Daemon {
+        Daemon::start_with(DaemonOptions::default())
+    }
+
+    pub fn start_with(opts: DaemonOptions) -> Daemon {
+        let data = tempfile::Builder::new()
+            .prefix("hearth-e2e-")
+            .tempdir()
+            .expect("tempdir");
+        let port = free_port();
+        let mut d = Daemon {
+            child: None,
+            api: format!("http://127.0.0.1:{port}"),
+            port,
+            log: data.path().join("hearthd.log"),
+            data,
+            opts: opts.clone(),
+        };
+        d.spawn();
+        if opts.busybox {
+            let rootfs = d.data.path().join("busybox-rootfs");
+            images::busybox_rootfs(&rootfs);
+            let out = d.hearth(&["image", "import", "--name", "busybox", rootfs.to_str().unwrap()]);
+            assert!(out.status.success(), "import busybox: {}", show(&out));
+        }
+        d
+    }
+
+    /// Starts (or restarts) the daemon process on the same port and data dir.
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log");
+        let child = Command::new(bin_dir().join("hearthd"))
+            .args(["dev", "--data-dir"])
+            .arg(self.data.path().join("data"))
+            .args(["--listen", &format!("127.0.0.1:{}", self.port)])
+            .args(["--accel", &self.opts.accel])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn hearthd");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok((200, _)) = self.http("GET", "/v1/info", None) {
+                return;
+            }
+            if let Some(st) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("hearthd exited with {st}: {}", self.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "hearthd did not answer on {} within 60s: {}",
+                self.api,
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.data.path().join("data")
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILLs the daemon (its VMs, in their own sessions, survive it).
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// A `hearth` command pointed at this daemon.
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(bin_dir().join("hearth"));
+        c.env("HEARTH_API", &self.api).args(args);
+        c
+    }
+
+    /// Runs `hearth ARGS` with stdin from /dev/null.
+    pub fn hearth(&self, args: &[&str]) -> Output {
+        self.cmd(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run hearth")
+    }
+
+    /// Runs `hearth ARGS` feeding `input` on stdin.
+    pub fn hearth_stdin(&self, args: &[&str], input: &[u8]) -> Output {
+        let mut child = self
+            .cmd(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run hearth");
+        let mut stdin = child.stdin.take().expect("stdin");
+        let input = input.to_vec();
+        let writer = std::thread::spawn(move || {
+            let _ = stdin.write_all(&input);
+        });
+        let out = child.wait_with_output().expect("wait hearth");
+        let _ = writer.join();
+        out
+    }
+
+    /// A minimal HTTP/1.1 request; returns (status, body).
+    pub fn http(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> std::io::Result<(u16, String)> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let body = body.unwrap_or("");
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )?;
+        let mut resp = Vec::new();
+        s.read_to_end(&mut resp)?;
+        let text = String::from_utf8_lossy(&resp).into_owned();
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        Ok((status, body))
+    }
+
+    /// `hearth inspect` as JSON.
+    pub fn inspect(&self, id: &str) -> serde_json::Value {
+        let out = self.hearth(&["inspect", id]);
+        assert!(out.status.success(), "inspect {id}: {}", show(&out));
+        serde_json::from_slice(&out.stdout).expect("inspect json")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // Remove every sandbox so no VM outlives the test, then stop the daemon.
+        if self.child.is_some() {
+            if let Ok((200, body)) = self.http("GET", "/v1/sandboxes", None) {
+                if let Ok(serde_json::Value::Array(list)) = serde_json::from_str(&body) {
+                    for s in list {
+                        if let Some(id) = s["id"].as_str() {
+                            let _ = self.http("DELETE", &format!("/v1/sandboxes/{id}?force=true"), None);
+                        }
+                    }
+                }
+            }
+        }
+        self.kill9();
+        kill_vmms_under(self.data.path());
+    }
+}
+
+/// PIDs of QEMU processes whose command line mentions `dir`.
+pub fn vmm_pids_under(dir: &Path) -> Vec<i32> {
+    let needle = dir.to_string_lossy().into_owned();
+    let mut pids = Vec::new();
+    if let Ok(rd) = std::fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+                continue;
+            };
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains("qemu-system") && cmd.contains(&needle) {
+                pids.push(pid);
+            }
+        }
+    }
+    pids
+}
+
+fn kill_vmms_under(dir: &Path) {
+    for pid in vmm_pids_under(dir) {
+        // SAFETY: kill(2) on a pid we just read from /proc; at worst ESRCH.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+    }
+}
+
+/// Waits until `f` holds, or panics naming `what`.
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Formats a command's output for assertion messages.
+pub fn show(o: &Output) -> String {
+    format!(
+        "status {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
