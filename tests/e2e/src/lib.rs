@@ -19,13 +19,14 @@ pub fn bin_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("HEARTH_BIN_DIR") {
         return PathBuf::from(d);
     }
-    // target/<profile>/deps/<test-exe> -> target/<profile>
+    // target/<profile>/deps/<test-exe> or target/<profile>/<bench-exe> -> target/<profile>
     let exe = std::env::current_exe().expect("current exe");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .to_path_buf();
+    let parent = exe.parent().expect("exe dir");
+    let dir = if parent.join("hearthd").is_file() {
+        parent.to_path_buf()
+    } else {
+        parent.parent().expect("target dir").to_path_buf()
+    };
     for b in ["hearth", "hearthd"] {
         assert!(
             dir.join(b).is_file(),
@@ -223,6 +224,13 @@ impl Daemon {
             .map(|(_, b)| b.to_string())
             .unwrap_or_default();
         Ok((status, body))
+    }
+
+    /// `GET /v1/info` as JSON.
+    pub fn inspect_info(&self) -> serde_json::Value {
+        let (status, body) = self.http("GET", "/v1/info", None).expect("info");
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).expect("info json")
     }
 
     /// `hearth inspect` as JSON.
