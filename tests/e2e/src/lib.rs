@@ -117,7 +117,17 @@ impl Daemon {
             .append(true)
             .open(&self.log)
             .expect("log");
-        let child = Command::new(bin_dir().join("hearthd"))
+        let mut cmd = Command::new(bin_dir().join("hearthd"));
+        // SAFETY: prctl in the forked child before exec; async-signal-safe. It
+        // makes hearthd die with the test thread that started it, so a crashed
+        // test run leaves no daemon behind.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = cmd
             .args(["dev", "--data-dir"])
             .arg(self.data.path().join("data"))
             .args(["--listen", &format!("127.0.0.1:{}", self.port)])
