@@ -12,7 +12,10 @@ pub(crate) enum Compression {
 }
 
 impl Compression {
-    pub(crate) fn from_media_type(digest: &str, media_type: &str) -> Result<Compression, ImageError> {
+    pub(crate) fn from_media_type(
+        digest: &str,
+        media_type: &str,
+    ) -> Result<Compression, ImageError> {
         let mt = media_type.trim();
         if mt.ends_with("tar+gzip") || mt.ends_with("tar.gzip") || mt.ends_with("tar+gz") {
             Ok(Compression::Gzip)
@@ -21,7 +24,10 @@ impl Compression {
         } else if mt.ends_with(".tar") || mt.ends_with(".diff.tar") {
             Ok(Compression::None)
         } else {
-            Err(ImageError::UnsupportedMediaType { digest: digest.to_string(), media_type: media_type.to_string() })
+            Err(ImageError::UnsupportedMediaType {
+                digest: digest.to_string(),
+                media_type: media_type.to_string(),
+            })
         }
     }
 

@@ -15,11 +15,15 @@ pub struct ImageConfig {
 }
 
 /// PATH of a directory import, which has no config of its own.
-pub(crate) const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub(crate) const DEFAULT_PATH: &str =
+    "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 impl ImageConfig {
     pub(crate) fn for_directory() -> ImageConfig {
-        ImageConfig { env: vec![DEFAULT_PATH.to_string()], ..ImageConfig::default() }
+        ImageConfig {
+            env: vec![DEFAULT_PATH.to_string()],
+            ..ImageConfig::default()
+        }
     }
 }
 
@@ -53,7 +57,10 @@ struct RunConfig {
 
 impl OciConfig {
     pub(crate) fn parse(object: &str, bytes: &[u8]) -> Result<OciConfig, ImageError> {
-        serde_json::from_slice(bytes).map_err(|source| ImageError::BadJson { object: object.to_string(), source })
+        serde_json::from_slice(bytes).map_err(|source| ImageError::BadJson {
+            object: object.to_string(),
+            source,
+        })
     }
 
     pub(crate) fn image_config(&self) -> ImageConfig {

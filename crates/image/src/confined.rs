@@ -20,12 +20,17 @@ pub(crate) struct Confined {
     path: PathBuf,
 }
 
-const DIR_FLAGS: OFlags = OFlags::RDONLY.union(OFlags::DIRECTORY).union(OFlags::CLOEXEC);
+const DIR_FLAGS: OFlags = OFlags::RDONLY
+    .union(OFlags::DIRECTORY)
+    .union(OFlags::CLOEXEC);
 
 impl Confined {
     pub(crate) fn open(path: &Path) -> io::Result<Confined> {
         let fd = rfs::open(path, DIR_FLAGS, Mode::empty())?;
-        Ok(Confined { fd, path: path.to_path_buf() })
+        Ok(Confined {
+            fd,
+            path: path.to_path_buf(),
+        })
     }
 
     pub(crate) fn path(&self) -> &Path {
@@ -62,10 +67,13 @@ impl Confined {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
                     // why: `dir` was itself opened inside the root, and mkdirat never
                     // follows its final component, so the new directory is inside too.
-                    match rfs::mkdirat(&dir, components[i].as_os_str(), Mode::from_raw_mode(0o755)) {
+                    match rfs::mkdirat(&dir, components[i].as_os_str(), Mode::from_raw_mode(0o755))
+                    {
                         Ok(()) => {}
                         // A dangling symlink in the way: refuse rather than guess.
-                        Err(e) if e == rustix::io::Errno::EXIST => return Err(io::Error::from(rustix::io::Errno::NOTDIR)),
+                        Err(e) if e == rustix::io::Errno::EXIST => {
+                            return Err(io::Error::from(rustix::io::Errno::NOTDIR))
+                        }
                         Err(e) => return Err(e.into()),
                     }
                     dir = self.open_dir(&components[..=i])?;
@@ -78,14 +86,26 @@ impl Confined {
 
     fn open_in_root(&self, rel: &Path, flags: OFlags) -> io::Result<OwnedFd> {
         let resolve = ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS;
-        let rel: &Path = if rel.as_os_str().is_empty() { Path::new(".") } else { rel };
+        let rel: &Path = if rel.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            rel
+        };
         // why: openat2 returns EAGAIN when a concurrent rename races the lookup.
         let mut tries = 0;
         loop {
             match rfs::openat2(&self.fd, rel, flags, Mode::empty(), resolve) {
-                Err(e) if (e == rustix::io::Errno::AGAIN || e == rustix::io::Errno::INTR) && tries < 32 => tries += 1,
+                Err(e)
+                    if (e == rustix::io::Errno::AGAIN || e == rustix::io::Errno::INTR)
+                        && tries < 32 =>
+                {
+                    tries += 1
+                }
                 Err(e) if e == rustix::io::Errno::NOSYS => {
-                    return Err(io::Error::new(io::ErrorKind::Unsupported, "openat2(2) is not available: Linux 5.6 or newer is required"))
+                    return Err(io::Error::new(
+                        io::ErrorKind::Unsupported,
+                        "openat2(2) is not available: Linux 5.6 or newer is required",
+                    ))
                 }
                 other => return other.map_err(Into::into),
             }
@@ -101,11 +121,19 @@ pub(crate) fn open_dir_beneath(root: BorrowedFd<'_>, rel: &Path) -> io::Result<O
 
 /// Opens a regular file below `root` without following any symlink.
 pub(crate) fn open_file_beneath(root: BorrowedFd<'_>, rel: &Path) -> io::Result<File> {
-    Ok(File::from(open_beneath(root, rel, OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW)?))
+    Ok(File::from(open_beneath(
+        root,
+        rel,
+        OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+    )?))
 }
 
 fn open_beneath(root: BorrowedFd<'_>, rel: &Path, flags: OFlags) -> io::Result<OwnedFd> {
-    let rel: &Path = if rel.as_os_str().is_empty() { Path::new(".") } else { rel };
+    let rel: &Path = if rel.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        rel
+    };
     let resolve = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
     Ok(rfs::openat2(root, rel, flags, Mode::empty(), resolve)?)
 }

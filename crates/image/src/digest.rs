@@ -9,15 +9,24 @@ use crate::ImageError;
 /// Checks `digest` is `sha256:<64 lowercase hex>` and returns the hex part.
 pub(crate) fn hex_of<'d>(digest: &'d str, context: &str) -> Result<&'d str, ImageError> {
     let hex = digest.strip_prefix("sha256:").unwrap_or("");
-    if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if hex.len() == 64
+        && hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         Ok(hex)
     } else {
-        Err(ImageError::InvalidDigest { digest: digest.to_string(), context: context.to_string() })
+        Err(ImageError::InvalidDigest {
+            digest: digest.to_string(),
+            context: context.to_string(),
+        })
     }
 }
 
 pub(crate) fn is_hex64(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 pub(crate) fn of_bytes(bytes: &[u8]) -> String {
@@ -41,14 +50,26 @@ pub(crate) fn of_reader(mut r: impl Read) -> io::Result<(String, u64)> {
 }
 
 /// Fails unless `actual`/`actual_size` match the descriptor's digest and size.
-pub(crate) fn verify(expected: &str, expected_size: Option<u64>, actual: &str, actual_size: u64) -> Result<(), ImageError> {
+pub(crate) fn verify(
+    expected: &str,
+    expected_size: Option<u64>,
+    actual: &str,
+    actual_size: u64,
+) -> Result<(), ImageError> {
     if let Some(size) = expected_size {
         if size != actual_size {
-            return Err(ImageError::BlobSizeMismatch { digest: expected.to_string(), expected: size, actual: actual_size });
+            return Err(ImageError::BlobSizeMismatch {
+                digest: expected.to_string(),
+                expected: size,
+                actual: actual_size,
+            });
         }
     }
     if expected != actual {
-        return Err(ImageError::BlobDigestMismatch { digest: expected.to_string(), actual: actual.to_string() });
+        return Err(ImageError::BlobDigestMismatch {
+            digest: expected.to_string(),
+            actual: actual.to_string(),
+        });
     }
     Ok(())
 }

@@ -46,29 +46,61 @@ pub(crate) struct Locked {
 
 pub(crate) fn lock(root: &Path) -> Result<Locked, ImageError> {
     let lock_path = root.join("lock");
-    let lock = File::options().create(true).truncate(false).write(true).open(&lock_path).map_err(ImageError::store(&lock_path))?;
-    rustix::fs::flock(&lock, FlockOperation::LockExclusive).map_err(|e| ImageError::Store { path: lock_path, source: e.into() })?;
+    let lock = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(ImageError::store(&lock_path))?;
+    rustix::fs::flock(&lock, FlockOperation::LockExclusive).map_err(|e| ImageError::Store {
+        path: lock_path,
+        source: e.into(),
+    })?;
     let path = root.join("index.json");
     let index = match fs::read(&path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| ImageError::CorruptIndex { path: path.clone(), source })?,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Index { version: VERSION, ..Index::default() },
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| ImageError::CorruptIndex {
+            path: path.clone(),
+            source,
+        })?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Index {
+            version: VERSION,
+            ..Index::default()
+        },
         Err(e) => return Err(ImageError::Store { path, source: e }),
     };
-    Ok(Locked { _lock: lock, path, index })
+    Ok(Locked {
+        _lock: lock,
+        path,
+        index,
+    })
 }
 
 impl Locked {
     pub(crate) fn save(&self) -> Result<(), ImageError> {
         let dir = self.path.parent().unwrap_or(Path::new("."));
-        let bytes = serde_json::to_vec_pretty(&self.index).map_err(|e| ImageError::Store { path: self.path.clone(), source: e.into() })?;
-        let mut tmp = tempfile::Builder::new().prefix(".index-").tempfile_in(dir).map_err(ImageError::store(dir))?;
-        tmp.write_all(&bytes).map_err(ImageError::store(tmp.path()))?;
-        tmp.as_file().sync_all().map_err(ImageError::store(tmp.path()))?;
-        tmp.persist(&self.path).map_err(|e| ImageError::Store { path: self.path.clone(), source: e.error })?;
+        let bytes = serde_json::to_vec_pretty(&self.index).map_err(|e| ImageError::Store {
+            path: self.path.clone(),
+            source: e.into(),
+        })?;
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".index-")
+            .tempfile_in(dir)
+            .map_err(ImageError::store(dir))?;
+        tmp.write_all(&bytes)
+            .map_err(ImageError::store(tmp.path()))?;
+        tmp.as_file()
+            .sync_all()
+            .map_err(ImageError::store(tmp.path()))?;
+        tmp.persist(&self.path).map_err(|e| ImageError::Store {
+            path: self.path.clone(),
+            source: e.error,
+        })?;
         sync_dir(dir)
     }
 }
 
 pub(crate) fn sync_dir(dir: &Path) -> Result<(), ImageError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(ImageError::store(dir))
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(ImageError::store(dir))
 }

@@ -69,7 +69,11 @@ pub struct ImageRecord {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Progress {
     /// Layer `index` (1-based) of `total` was unpacked; `bytes` uncompressed.
-    Layer { index: usize, total: usize, bytes: u64 },
+    Layer {
+        index: usize,
+        total: usize,
+        bytes: u64,
+    },
     /// mkfs.ext4 is building the root filesystem.
     BuildingFs,
     /// A root filesystem for this digest already existed and is reused.
@@ -91,15 +95,28 @@ impl ImageStore {
     /// The source kind is detected: a directory holding a root filesystem, an OCI image
     /// layout directory (`oci-layout` + `index.json`), or a `docker save` tarball.
     /// Importing a name again points it at the new image.
-    pub fn import(&self, name: &str, source: &Path, progress: &dyn Fn(Progress)) -> Result<ImageRecord, ImageError> {
+    pub fn import(
+        &self,
+        name: &str,
+        source: &Path,
+        progress: &dyn Fn(Progress),
+    ) -> Result<ImageRecord, ImageError> {
         let name = reference::normalize_name(name)?;
         let tmp = self.root.join("tmp");
         // Dropped (removed, with everything in it) on every path out of this function.
-        let work = tempfile::Builder::new().prefix("import-").tempdir_in(&tmp).map_err(ImageError::store(&tmp))?;
+        let work = tempfile::Builder::new()
+            .prefix("import-")
+            .tempdir_in(&tmp)
+            .map_err(ImageError::store(&tmp))?;
         let mut prepared = source::prepare(source, work.path(), &self.limits)?;
         let rootfs = self.rootfs_path(&prepared.digest);
 
-        let existing = index::lock(&self.root)?.index.rootfs.get(&prepared.digest).cloned().filter(|_| rootfs.is_file());
+        let existing = index::lock(&self.root)?
+            .index
+            .rootfs
+            .get(&prepared.digest)
+            .cloned()
+            .filter(|_| rootfs.is_file());
         let built = match existing {
             Some(_) => {
                 progress(Progress::Reused);
@@ -109,20 +126,45 @@ impl ImageStore {
         };
 
         let mut locked = index::lock(&self.root)?;
-        let size_bytes = match (built, locked.index.rootfs.get(&prepared.digest).cloned().filter(|_| rootfs.is_file())) {
+        let size_bytes = match (
+            built,
+            locked
+                .index
+                .rootfs
+                .get(&prepared.digest)
+                .cloned()
+                .filter(|_| rootfs.is_file()),
+        ) {
             // Someone else registered the same digest meanwhile: theirs wins, ours is dropped.
             (_, Some(present)) => present.size_bytes,
             (Some((file, size_bytes)), None) => {
-                file.persist(&rootfs).map_err(|e| ImageError::Store { path: rootfs.clone(), source: e.error })?;
+                file.persist(&rootfs).map_err(|e| ImageError::Store {
+                    path: rootfs.clone(),
+                    source: e.error,
+                })?;
                 index::sync_dir(rootfs.parent().unwrap_or(&self.root))?;
-                locked.index.rootfs.insert(prepared.digest.clone(), index::Rootfs { size_bytes });
+                locked
+                    .index
+                    .rootfs
+                    .insert(prepared.digest.clone(), index::Rootfs { size_bytes });
                 size_bytes
             }
-            (None, None) => return Err(ImageError::Store { path: rootfs, source: std::io::Error::other("root filesystem vanished during import; retry") }),
+            (None, None) => {
+                return Err(ImageError::Store {
+                    path: rootfs,
+                    source: std::io::Error::other("root filesystem vanished during import; retry"),
+                })
+            }
         };
-        let entry = index::Entry { digest: prepared.digest.clone(), config: prepared.config.clone(), created_unix: now() };
+        let entry = index::Entry {
+            digest: prepared.digest.clone(),
+            config: prepared.config.clone(),
+            created_unix: now(),
+        };
         let previous = locked.index.images.insert(name.clone(), entry.clone());
-        let orphan = previous.map(|p| p.digest).filter(|d| *d != prepared.digest && !locked.index.images.values().any(|e| e.digest == *d));
+        let orphan = previous.map(|p| p.digest).filter(|d| {
+            *d != prepared.digest && !locked.index.images.values().any(|e| e.digest == *d)
+        });
         if let Some(d) = &orphan {
             locked.index.rootfs.remove(d);
         }
@@ -138,27 +180,49 @@ impl ImageStore {
     /// Finds an image by `NAME[:TAG]` or by `sha256:` digest (a unique prefix is enough).
     pub fn resolve(&self, reference: &str) -> Result<ImageRecord, ImageError> {
         let locked = index::lock(&self.root)?;
-        let not_found = || ImageError::NotFound { reference: reference.to_string() };
+        let not_found = || ImageError::NotFound {
+            reference: reference.to_string(),
+        };
         let (name, entry) = match reference::parse(reference)? {
             Reference::Name(name) => {
                 let entry = locked.index.images.get(&name).ok_or_else(not_found)?;
                 (name, entry)
             }
             Reference::DigestPrefix(prefix) => {
-                let mut digests: Vec<&String> = locked.index.images.values().map(|e| &e.digest).filter(|d| d.starts_with(&prefix)).collect();
+                let mut digests: Vec<&String> = locked
+                    .index
+                    .images
+                    .values()
+                    .map(|e| &e.digest)
+                    .filter(|d| d.starts_with(&prefix))
+                    .collect();
                 digests.sort();
                 digests.dedup();
                 match digests.as_slice() {
                     [] => return Err(not_found()),
                     [one] => {
-                        let (name, entry) = locked.index.images.iter().find(|(_, e)| e.digest == **one).ok_or_else(not_found)?;
+                        let (name, entry) = locked
+                            .index
+                            .images
+                            .iter()
+                            .find(|(_, e)| e.digest == **one)
+                            .ok_or_else(not_found)?;
                         (name.clone(), entry)
                     }
-                    many => return Err(ImageError::Ambiguous { reference: reference.to_string(), matches: many.iter().map(|d| d.to_string()).collect() }),
+                    many => {
+                        return Err(ImageError::Ambiguous {
+                            reference: reference.to_string(),
+                            matches: many.iter().map(|d| d.to_string()).collect(),
+                        })
+                    }
                 }
             }
         };
-        let size = locked.index.rootfs.get(&entry.digest).map_or(0, |r| r.size_bytes);
+        let size = locked
+            .index
+            .rootfs
+            .get(&entry.digest)
+            .map_or(0, |r| r.size_bytes);
         Ok(self.record(name, entry, size))
     }
 
@@ -169,7 +233,17 @@ impl ImageStore {
             .index
             .images
             .iter()
-            .map(|(name, e)| self.record(name.clone(), e, locked.index.rootfs.get(&e.digest).map_or(0, |r| r.size_bytes)))
+            .map(|(name, e)| {
+                self.record(
+                    name.clone(),
+                    e,
+                    locked
+                        .index
+                        .rootfs
+                        .get(&e.digest)
+                        .map_or(0, |r| r.size_bytes),
+                )
+            })
             .collect())
     }
 
@@ -182,9 +256,15 @@ impl ImageStore {
             Reference::Name(name) => {
                 locked.index.images.remove(&name);
             }
-            Reference::DigestPrefix(_) => locked.index.images.retain(|_, e| e.digest != record.digest),
+            Reference::DigestPrefix(_) => {
+                locked.index.images.retain(|_, e| e.digest != record.digest)
+            }
         }
-        let orphan = !locked.index.images.values().any(|e| e.digest == record.digest);
+        let orphan = !locked
+            .index
+            .images
+            .values()
+            .any(|e| e.digest == record.digest);
         if orphan {
             locked.index.rootfs.remove(&record.digest);
         }
@@ -196,7 +276,12 @@ impl ImageStore {
     }
 
     /// Verifies and unpacks the layers, then builds the ext4 under a temporary name.
-    fn build(&self, prepared: &mut Prepared, work: &Path, progress: &dyn Fn(Progress)) -> Result<(tempfile::NamedTempFile, u64), ImageError> {
+    fn build(
+        &self,
+        prepared: &mut Prepared,
+        work: &Path,
+        progress: &dyn Fn(Progress),
+    ) -> Result<(tempfile::NamedTempFile, u64), ImageError> {
         let staging = work.join("rootfs");
         fs::create_dir(&staging).map_err(ImageError::store(&staging))?;
         let root = Confined::open(&staging).map_err(ImageError::store(&staging))?;
@@ -206,24 +291,54 @@ impl ImageStore {
             let compression = layer.compression;
             let digest = layer.digest.clone();
             let file = layer.open_verified()?;
-            let stream = compression.decoder(BufReader::new(file)).map_err(|source| ImageError::LayerRead { blob: digest.clone(), source })?;
+            let stream = compression
+                .decoder(BufReader::new(file))
+                .map_err(|source| ImageError::LayerRead {
+                    blob: digest.clone(),
+                    source,
+                })?;
             let bytes = unpacker.apply_layer(&digest, stream)?;
-            progress(Progress::Layer { index: i + 1, total, bytes });
+            progress(Progress::Layer {
+                index: i + 1,
+                total,
+                bytes,
+            });
         }
 
         progress(Progress::BuildingFs);
         let usage = ext4::measure(&staging).map_err(ImageError::store(&staging))?;
         let blobs = self.root.join("blobs/sha256");
-        let file = tempfile::Builder::new().prefix(".building-").suffix(".ext4").tempfile_in(&blobs).map_err(ImageError::store(&blobs))?;
+        let file = tempfile::Builder::new()
+            .prefix(".building-")
+            .suffix(".ext4")
+            .tempfile_in(&blobs)
+            .map_err(ImageError::store(&blobs))?;
         let hex = prepared.digest.trim_start_matches("sha256:");
-        let uuid = format!("{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32]);
-        ext4::build(&staging, file.path(), &usage, self.limits.rootfs_free_bytes, &uuid)?;
-        file.as_file().sync_all().map_err(ImageError::store(file.path()))?;
+        let uuid = format!(
+            "{}-{}-{}-{}-{}",
+            &hex[0..8],
+            &hex[8..12],
+            &hex[12..16],
+            &hex[16..20],
+            &hex[20..32]
+        );
+        ext4::build(
+            &staging,
+            file.path(),
+            &usage,
+            self.limits.rootfs_free_bytes,
+            &uuid,
+        )?;
+        file.as_file()
+            .sync_all()
+            .map_err(ImageError::store(file.path()))?;
         Ok((file, usage.data_bytes))
     }
 
     fn rootfs_path(&self, digest: &str) -> PathBuf {
-        self.root.join("blobs/sha256").join(format!("{}.ext4", digest.trim_start_matches("sha256:")))
+        self.root
+            .join("blobs/sha256")
+            .join(format!("{}.ext4", digest.trim_start_matches("sha256:")))
     }
 
     fn delete_rootfs(&self, digest: &str) {
@@ -246,5 +361,7 @@ impl ImageStore {
 }
 
 fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }

@@ -14,7 +14,9 @@ use std::io::{self, Read};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
 
-use rustix::fs::{self as rfs, AtFlags, FileType, Gid, Mode, OFlags, Timespec, Timestamps, Uid, XattrFlags};
+use rustix::fs::{
+    self as rfs, AtFlags, FileType, Gid, Mode, OFlags, Timespec, Timestamps, Uid, XattrFlags,
+};
 use tar::EntryType;
 
 use crate::confined::{remove_all_at, Confined};
@@ -31,8 +33,14 @@ pub(crate) struct Flavor {
     pub(crate) metadata: bool,
 }
 
-pub(crate) const IMAGE_LAYER: Flavor = Flavor { whiteouts: true, metadata: true };
-pub(crate) const PLAIN_ARCHIVE: Flavor = Flavor { whiteouts: false, metadata: false };
+pub(crate) const IMAGE_LAYER: Flavor = Flavor {
+    whiteouts: true,
+    metadata: true,
+};
+pub(crate) const PLAIN_ARCHIVE: Flavor = Flavor {
+    whiteouts: false,
+    metadata: false,
+};
 
 /// Unpacks layers into one root, keeping the counts that image-wide limits need.
 pub(crate) struct Unpacker<'a> {
@@ -59,23 +67,48 @@ impl<'a> Unpacker<'a> {
         if mode.metadata && !chown {
             tracing::warn!("not running as root: file owners in the image are not preserved (everything will belong to the current user)");
         }
-        Unpacker { root, limits, mode, chown, entries: 0, image_bytes: 0 }
+        Unpacker {
+            root,
+            limits,
+            mode,
+            chown,
+            entries: 0,
+            image_bytes: 0,
+        }
     }
 
     /// Applies one uncompressed tar stream named `blob`. Returns its uncompressed size.
     pub(crate) fn apply_layer(&mut self, blob: &str, stream: impl Read) -> Result<u64, ImageError> {
-        let max = self.limits.max_layer_bytes.min(self.limits.max_image_bytes.saturating_sub(self.image_bytes));
+        let max = self
+            .limits
+            .max_layer_bytes
+            .min(self.limits.max_image_bytes.saturating_sub(self.image_bytes));
         let read = Cell::new(0u64);
-        let mut archive = tar::Archive::new(CountingReader { inner: stream, count: &read, max });
-        let mut layer = Layer { blob, this_layer: HashSet::new(), dir_times: Vec::new(), written: 0 };
+        let mut archive = tar::Archive::new(CountingReader {
+            inner: stream,
+            count: &read,
+            max,
+        });
+        let mut layer = Layer {
+            blob,
+            this_layer: HashSet::new(),
+            dir_times: Vec::new(),
+            written: 0,
+        };
 
         let result = (|| {
-            let entries = archive.entries().map_err(|e| self.read_error(blob, &read, max, e))?;
+            let entries = archive
+                .entries()
+                .map_err(|e| self.read_error(blob, &read, max, e))?;
             for entry in entries {
                 let entry = entry.map_err(|e| self.read_error(blob, &read, max, e))?;
                 self.entries += 1;
                 if self.entries > self.limits.max_entries {
-                    return Err(ImageError::LimitExceeded { object: "image (entry count)".into(), limit: "max_entries", max: self.limits.max_entries });
+                    return Err(ImageError::LimitExceeded {
+                        object: "image (entry count)".into(),
+                        limit: "max_entries",
+                        max: self.limits.max_entries,
+                    });
                 }
                 self.apply_entry(&mut layer, entry, &read, max)?;
             }
@@ -104,38 +137,70 @@ impl<'a> Unpacker<'a> {
         if read.get() > max || e.to_string() == LIMIT_HIT {
             self.limit_error(blob, max)
         } else {
-            ImageError::LayerRead { blob: blob.to_string(), source: e }
+            ImageError::LayerRead {
+                blob: blob.to_string(),
+                source: e,
+            }
         }
     }
 
     fn limit_error(&self, blob: &str, max: u64) -> ImageError {
         if max == self.limits.max_layer_bytes {
-            ImageError::LimitExceeded { object: format!("layer {blob} (uncompressed)"), limit: "max_layer_bytes", max }
+            ImageError::LimitExceeded {
+                object: format!("layer {blob} (uncompressed)"),
+                limit: "max_layer_bytes",
+                max,
+            }
         } else {
-            ImageError::LimitExceeded { object: format!("image (uncompressed, at layer {blob})"), limit: "max_image_bytes", max: self.limits.max_image_bytes }
+            ImageError::LimitExceeded {
+                object: format!("image (uncompressed, at layer {blob})"),
+                limit: "max_image_bytes",
+                max: self.limits.max_image_bytes,
+            }
         }
     }
 
-    fn apply_entry<R: Read>(&mut self, layer: &mut Layer<'_>, mut entry: tar::Entry<'_, R>, read: &Cell<u64>, max: u64) -> Result<(), ImageError> {
+    fn apply_entry<R: Read>(
+        &mut self,
+        layer: &mut Layer<'_>,
+        mut entry: tar::Entry<'_, R>,
+        read: &Cell<u64>,
+        max: u64,
+    ) -> Result<(), ImageError> {
         let blob = layer.blob;
         let raw = entry.path_bytes().into_owned();
         let shown = String::from_utf8_lossy(&raw).into_owned();
-        let unsafe_entry = |reason: &str| ImageError::UnsafeEntry { blob: blob.to_string(), entry: shown.clone(), reason: reason.to_string() };
+        let unsafe_entry = |reason: &str| ImageError::UnsafeEntry {
+            blob: blob.to_string(),
+            entry: shown.clone(),
+            reason: reason.to_string(),
+        };
         let path = normalize(&raw).map_err(unsafe_entry)?;
         let kind = entry.header().entry_type();
-        if matches!(kind, EntryType::XGlobalHeader | EntryType::XHeader | EntryType::GNULongName | EntryType::GNULongLink) {
+        if matches!(
+            kind,
+            EntryType::XGlobalHeader
+                | EntryType::XHeader
+                | EntryType::GNULongName
+                | EntryType::GNULongLink
+        ) {
             return Ok(());
         }
         let meta = read_meta(&mut entry).map_err(|e| self.read_error(blob, read, max, e))?;
         let fail = |op: &'static str| {
             let shown = shown.clone();
-            move |source: io::Error| ImageError::Unpack { blob: blob.to_string(), entry: shown, op, source }
+            move |source: io::Error| ImageError::Unpack {
+                blob: blob.to_string(),
+                entry: shown,
+                op,
+                source,
+            }
         };
 
         let Some((name, parent)) = path.split_last() else {
             // The root itself ("./"): only its metadata can change.
             if kind == EntryType::Directory {
-                self.set_dir_meta(self.root.fd(), &meta, &shown);
+                self.set_file_meta(self.root.fd(), &meta, &shown);
                 layer.dir_times.push((Vec::new(), meta.mtime));
             }
             return Ok(());
@@ -143,34 +208,56 @@ impl<'a> Unpacker<'a> {
         if self.mode.whiteouts {
             if let Some(whiteout) = whiteout::classify(name) {
                 let whiteout = whiteout.map_err(unsafe_entry)?;
-                return whiteout::apply(self.root, parent, whiteout, &layer.this_layer).map_err(fail("apply whiteout"));
+                return whiteout::apply(self.root, parent, whiteout, &layer.this_layer)
+                    .map_err(fail("apply whiteout"));
             }
         }
-        let parent_fd = self.root.ensure_dir(parent).map_err(fail("create parent directory of"))?;
+        let parent_fd = self
+            .root
+            .ensure_dir(parent)
+            .map_err(fail("create parent directory of"))?;
         let dir = parent_fd.as_fd();
 
         match kind {
             EntryType::Directory => {
-                let existing = rfs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW).ok().map(|s| FileType::from_raw_mode(s.st_mode));
+                let existing = rfs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
+                    .ok()
+                    .map(|s| FileType::from_raw_mode(s.st_mode));
                 match existing {
                     Some(FileType::Directory) => {}
                     Some(_) => {
-                        rfs::unlinkat(dir, name, AtFlags::empty()).map_err(|e| fail("replace")(e.into()))?;
+                        rfs::unlinkat(dir, name, AtFlags::empty())
+                            .map_err(|e| fail("replace")(e.into()))?;
                         mkdir(dir, name).map_err(fail("create directory"))?;
                     }
                     None => mkdir(dir, name).map_err(fail("create directory"))?,
                 }
-                let fd = rfs::openat(dir, name, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
-                    .map_err(|e| fail("open directory")(e.into()))?;
-                self.set_dir_meta(fd.as_fd(), &meta, &shown);
+                let fd = rfs::openat(
+                    dir,
+                    name,
+                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(|e| fail("open directory")(e.into()))?;
+                self.set_file_meta(fd.as_fd(), &meta, &shown);
                 layer.dir_times.push((path.clone(), meta.mtime));
             }
             EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
                 remove_all_at(dir, name).map_err(fail("replace"))?;
-                let fd = rfs::openat(dir, name, OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::from_raw_mode(0o600))
-                    .map_err(|e| fail("create file")(e.into()))?;
+                let fd = rfs::openat(
+                    dir,
+                    name,
+                    OFlags::WRONLY
+                        | OFlags::CREATE
+                        | OFlags::EXCL
+                        | OFlags::NOFOLLOW
+                        | OFlags::CLOEXEC,
+                    Mode::from_raw_mode(0o600),
+                )
+                .map_err(|e| fail("create file")(e.into()))?;
                 let mut file = File::from(fd);
-                let written = copy_limited(&mut entry, &mut file, max.saturating_sub(layer.written));
+                let written =
+                    copy_limited(&mut entry, &mut file, max.saturating_sub(layer.written));
                 let written = match written {
                     Ok(n) => n,
                     Err(CopyError::Limit) => return Err(self.limit_error(blob, max)),
@@ -182,40 +269,65 @@ impl<'a> Unpacker<'a> {
                 set_times(file.as_fd(), None, meta.mtime).map_err(fail("set times of"))?;
             }
             EntryType::Symlink => {
-                let target = entry.link_name_bytes().ok_or_else(|| unsafe_entry("symlink without a target"))?.into_owned();
+                let target = entry
+                    .link_name_bytes()
+                    .ok_or_else(|| unsafe_entry("symlink without a target"))?
+                    .into_owned();
                 if target.is_empty() {
                     return Err(unsafe_entry("symlink without a target"));
                 }
                 remove_all_at(dir, name).map_err(fail("replace"))?;
                 // why: the target is stored verbatim; it is only ever resolved inside the
                 // root (here, via Confined) or inside the guest.
-                rfs::symlinkat(OsStr::from_bytes(&target), dir, name).map_err(|e| fail("create symlink")(e.into()))?;
+                rfs::symlinkat(OsStr::from_bytes(&target), dir, name)
+                    .map_err(|e| fail("create symlink")(e.into()))?;
                 if self.chown {
-                    rfs::chownat(dir, name, Some(uid(meta.uid)), Some(gid(meta.gid)), AtFlags::SYMLINK_NOFOLLOW)
-                        .map_err(|e| fail("set owner of")(e.into()))?;
+                    rfs::chownat(
+                        dir,
+                        name,
+                        Some(uid(meta.uid)),
+                        Some(gid(meta.gid)),
+                        AtFlags::SYMLINK_NOFOLLOW,
+                    )
+                    .map_err(|e| fail("set owner of")(e.into()))?;
                 }
                 set_times(dir, Some(name), meta.mtime).map_err(fail("set times of"))?;
             }
             EntryType::Link => {
-                let target = entry.link_name_bytes().ok_or_else(|| unsafe_entry("hardlink without a target"))?.into_owned();
-                let target_path = normalize(&target).map_err(|r| unsafe_entry(&format!("hardlink target {:?} {r}", String::from_utf8_lossy(&target))))?;
+                let target = entry
+                    .link_name_bytes()
+                    .ok_or_else(|| unsafe_entry("hardlink without a target"))?
+                    .into_owned();
+                let target_path = normalize(&target).map_err(|r| {
+                    unsafe_entry(&format!(
+                        "hardlink target {:?} {r}",
+                        String::from_utf8_lossy(&target)
+                    ))
+                })?;
                 let Some((target_name, target_parent)) = target_path.split_last() else {
                     return Err(unsafe_entry("hardlink to the root directory"));
                 };
                 if target_path == path {
                     return Ok(());
                 }
-                let target_dir = self.root.open_dir(target_parent).map_err(fail("find hardlink target of"))?;
-                let target_stat = rfs::statat(&target_dir, target_name, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| fail("find hardlink target of")(e.into()))?;
+                let target_dir = self
+                    .root
+                    .open_dir(target_parent)
+                    .map_err(fail("find hardlink target of"))?;
+                let target_stat = rfs::statat(&target_dir, target_name, AtFlags::SYMLINK_NOFOLLOW)
+                    .map_err(|e| fail("find hardlink target of")(e.into()))?;
                 if let Ok(existing) = rfs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
-                    if existing.st_dev == target_stat.st_dev && existing.st_ino == target_stat.st_ino {
+                    if existing.st_dev == target_stat.st_dev
+                        && existing.st_ino == target_stat.st_ino
+                    {
                         return Ok(());
                     }
                 }
                 remove_all_at(dir, name).map_err(fail("replace"))?;
                 // why: flags 0 = never follow a symlink target; the link is made to the
                 // entry itself, which was found inside the root.
-                rfs::linkat(&target_dir, target_name, dir, name, AtFlags::empty()).map_err(|e| fail("create hardlink")(e.into()))?;
+                rfs::linkat(&target_dir, target_name, dir, name, AtFlags::empty())
+                    .map_err(|e| fail("create hardlink")(e.into()))?;
             }
             EntryType::Char | EntryType::Block | EntryType::Fifo => {
                 tracing::warn!(layer = blob, entry = %shown, "skipping device node or fifo: devices come from the guest's devtmpfs");
@@ -228,10 +340,6 @@ impl<'a> Unpacker<'a> {
         }
         layer.this_layer.insert(path);
         Ok(())
-    }
-
-    fn set_dir_meta(&self, fd: BorrowedFd<'_>, meta: &Meta, entry: &str) {
-        self.set_file_meta(fd, meta, entry)
     }
 
     /// Owner, then mode (chown clears set-id bits), then xattrs. Best effort for xattrs only.
@@ -303,8 +411,14 @@ fn gid(raw: u64) -> Gid {
 }
 
 fn set_times(dir: BorrowedFd<'_>, name: Option<&OsStr>, mtime: i64) -> io::Result<()> {
-    let t = Timespec { tv_sec: mtime, tv_nsec: 0 };
-    let times = Timestamps { last_access: t, last_modification: t };
+    let t = Timespec {
+        tv_sec: mtime,
+        tv_nsec: 0,
+    };
+    let times = Timestamps {
+        last_access: t,
+        last_modification: t,
+    };
     match name {
         None => rfs::futimens(dir, &times)?,
         Some(name) => rfs::utimensat(dir, name, &times, AtFlags::SYMLINK_NOFOLLOW)?,
@@ -326,7 +440,11 @@ fn read_meta<R: Read>(entry: &mut tar::Entry<'_, R>) -> io::Result<Meta> {
             let ext = ext?;
             let Ok(key) = ext.key() else { continue };
             let value = ext.value_bytes();
-            let number = || std::str::from_utf8(value).ok().and_then(|v| v.split('.').next()?.parse::<i64>().ok());
+            let number = || {
+                std::str::from_utf8(value)
+                    .ok()
+                    .and_then(|v| v.split('.').next()?.parse::<i64>().ok())
+            };
             match key {
                 "uid" => meta.uid = number().map(|n| n as u64).unwrap_or(meta.uid),
                 "gid" => meta.gid = number().map(|n| n as u64).unwrap_or(meta.gid),

@@ -33,12 +33,19 @@ pub(crate) fn classify(name: &OsStr) -> Option<Result<Whiteout, &'static str>> {
     if target.is_empty() || target == b"." || target == b".." || target.starts_with(PREFIX) {
         return Some(Err("malformed whiteout name"));
     }
-    Some(Ok(Whiteout::Remove(OsStr::from_bytes(target).to_os_string())))
+    Some(Ok(Whiteout::Remove(
+        OsStr::from_bytes(target).to_os_string(),
+    )))
 }
 
 /// Applies `whiteout` found in directory `parent`; `this_layer` holds the paths the
 /// current layer created, which are kept.
-pub(crate) fn apply(root: &Confined, parent: &[OsString], whiteout: Whiteout, this_layer: &HashSet<Vec<OsString>>) -> io::Result<()> {
+pub(crate) fn apply(
+    root: &Confined,
+    parent: &[OsString],
+    whiteout: Whiteout,
+    this_layer: &HashSet<Vec<OsString>>,
+) -> io::Result<()> {
     match whiteout {
         Whiteout::Remove(name) => {
             let mut path = parent.to_vec();
@@ -64,12 +71,21 @@ pub(crate) fn apply(root: &Confined, parent: &[OsString], whiteout: Whiteout, th
 /// Removes everything under `dir` that the current layer did not create. A directory
 /// the current layer re-created is kept but cleared the same way, since a directory
 /// entry merges onto the lower one.
-fn clear_lower(dir: BorrowedFd<'_>, path: &mut Vec<OsString>, this_layer: &HashSet<Vec<OsString>>) -> io::Result<()> {
+fn clear_lower(
+    dir: BorrowedFd<'_>,
+    path: &mut Vec<OsString>,
+    this_layer: &HashSet<Vec<OsString>>,
+) -> io::Result<()> {
     for name in list_dir(dir)? {
         path.push(name.clone());
         if !this_layer.contains(path) {
             remove_all_at(dir, &name)?;
-        } else if let Ok(sub) = rfs::openat(dir, &name, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty()) {
+        } else if let Ok(sub) = rfs::openat(
+            dir,
+            &name,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) {
             clear_lower(sub.as_fd(), path, this_layer)?;
         }
         path.pop();

@@ -16,8 +16,8 @@ use tar::{EntryType, Header};
 
 use super::{synthesized_digest, LayerBlob, Prepared};
 use crate::compression::Compression;
-use crate::confined::{list_dir, open_dir_beneath, open_file_beneath, Confined};
 use crate::config::{ImageConfig, DEFAULT_PATH};
+use crate::confined::{list_dir, open_dir_beneath, open_file_beneath, Confined};
 use crate::{digest, ImageError, Limits};
 
 struct Walk<'a> {
@@ -31,12 +31,27 @@ struct Walk<'a> {
 }
 
 pub(crate) fn prepare(dir: &Path, work: &Path, limits: &Limits) -> Result<Prepared, ImageError> {
-    let src = Confined::open(dir).map_err(|source| ImageError::SourceRead { source_path: dir.to_path_buf(), path: dir.to_path_buf(), source })?;
+    let src = Confined::open(dir).map_err(|source| ImageError::SourceRead {
+        source_path: dir.to_path_buf(),
+        path: dir.to_path_buf(),
+        source,
+    })?;
     let layer_path = work.join("layer.tar");
     let file = File::create(&layer_path).map_err(ImageError::store(&layer_path))?;
-    let mut walk = Walk { src: &src, builder: tar::Builder::new(BufWriter::new(file)), limits, entries: 0, bytes: 0, links: HashMap::new() };
+    let mut walk = Walk {
+        src: &src,
+        builder: tar::Builder::new(BufWriter::new(file)),
+        limits,
+        entries: 0,
+        bytes: 0,
+        links: HashMap::new(),
+    };
     walk.dir(PathBuf::new())?;
-    let out = walk.builder.into_inner().and_then(|w| w.into_inner().map_err(|e| e.into_error())).map_err(ImageError::store(&layer_path))?;
+    let out = walk
+        .builder
+        .into_inner()
+        .and_then(|w| w.into_inner().map_err(|e| e.into_error()))
+        .map_err(ImageError::store(&layer_path))?;
     out.sync_all().map_err(ImageError::store(&layer_path))?;
     drop(out);
 
@@ -49,11 +64,20 @@ pub(crate) fn prepare(dir: &Path, work: &Path, limits: &Limits) -> Result<Prepar
         "rootfs": { "type": "layers", "diff_ids": [layer_digest] },
     }))
     .unwrap_or_default();
-    let digest = synthesized_digest(&config_bytes, &[(layer_digest.clone(), size, Compression::None)]);
+    let digest = synthesized_digest(
+        &config_bytes,
+        &[(layer_digest.clone(), size, Compression::None)],
+    );
     Ok(Prepared {
         digest,
         config: ImageConfig::for_directory(),
-        layers: vec![LayerBlob { digest: layer_digest, size: Some(size), compression: Compression::None, file, verified: true }],
+        layers: vec![LayerBlob {
+            digest: layer_digest,
+            size: Some(size),
+            compression: Compression::None,
+            file,
+            verified: true,
+        }],
     })
 }
 
@@ -66,9 +90,14 @@ impl Walk<'_> {
             let path = rel.join(&name);
             self.entries += 1;
             if self.entries > self.limits.max_entries {
-                return Err(ImageError::LimitExceeded { object: format!("directory {}", self.src.path().display()), limit: "max_entries", max: self.limits.max_entries });
+                return Err(ImageError::LimitExceeded {
+                    object: format!("directory {}", self.src.path().display()),
+                    limit: "max_entries",
+                    max: self.limits.max_entries,
+                });
             }
-            let st = rfs::statat(&fd, &name, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| self.read_err(&path, e.into()))?;
+            let st = rfs::statat(&fd, &name, AtFlags::SYMLINK_NOFOLLOW)
+                .map_err(|e| self.read_err(&path, e.into()))?;
             let mut header = Header::new_gnu();
             header.set_mode(st.st_mode & 0o7777);
             header.set_uid(st.st_uid.into());
@@ -86,41 +115,67 @@ impl Walk<'_> {
                     if st.st_nlink > 1 {
                         if let Some(first) = self.links.get(&key).cloned() {
                             header.set_entry_type(EntryType::Link);
-                            self.builder.append_link(&mut header, &path, &first).map_err(|e| self.read_err(&path, e))?;
+                            self.builder
+                                .append_link(&mut header, &path, &first)
+                                .map_err(|e| self.read_err(&path, e))?;
                             continue;
                         }
                         self.links.insert(key, path.clone());
                     }
-                    let file = open_file_beneath(self.src.fd(), &path).map_err(|e| self.read_err(&path, e))?;
+                    let file = open_file_beneath(self.src.fd(), &path)
+                        .map_err(|e| self.read_err(&path, e))?;
                     let size = file.metadata().map_err(|e| self.read_err(&path, e))?.len();
                     self.bytes += size;
                     if self.bytes > self.limits.max_layer_bytes {
-                        return Err(ImageError::LimitExceeded { object: format!("directory {}", self.src.path().display()), limit: "max_layer_bytes", max: self.limits.max_layer_bytes });
+                        return Err(ImageError::LimitExceeded {
+                            object: format!("directory {}", self.src.path().display()),
+                            limit: "max_layer_bytes",
+                            max: self.limits.max_layer_bytes,
+                        });
                     }
                     header.set_entry_type(EntryType::Regular);
                     header.set_size(size);
                     // why: a file that shrinks while being read would corrupt the tar; fail instead.
-                    let exact = ExactReader { inner: file.take(size), left: size };
+                    let exact = ExactReader {
+                        inner: file.take(size),
+                        left: size,
+                    };
                     self.append(&mut header, &path, exact)?;
                 }
                 FileType::Symlink => {
-                    let target = rfs::readlinkat(&fd, &name, Vec::new()).map_err(|e| self.read_err(&path, e.into()))?;
+                    let target = rfs::readlinkat(&fd, &name, Vec::new())
+                        .map_err(|e| self.read_err(&path, e.into()))?;
                     header.set_entry_type(EntryType::Symlink);
                     let target = PathBuf::from(std::ffi::OsStr::from_bytes(target.as_bytes()));
-                    self.builder.append_link(&mut header, &path, &target).map_err(|e| self.read_err(&path, e))?;
+                    self.builder
+                        .append_link(&mut header, &path, &target)
+                        .map_err(|e| self.read_err(&path, e))?;
                 }
-                other => tracing::warn!(path = %path.display(), kind = ?other, "skipping device node, fifo or socket in directory import"),
+                other => {
+                    tracing::warn!(path = %path.display(), kind = ?other, "skipping device node, fifo or socket in directory import")
+                }
             }
         }
         Ok(())
     }
 
-    fn append(&mut self, header: &mut Header, path: &Path, data: impl Read) -> Result<(), ImageError> {
-        self.builder.append_data(header, path, data).map_err(|e| self.read_err(path, e))
+    fn append(
+        &mut self,
+        header: &mut Header,
+        path: &Path,
+        data: impl Read,
+    ) -> Result<(), ImageError> {
+        self.builder
+            .append_data(header, path, data)
+            .map_err(|e| self.read_err(path, e))
     }
 
     fn read_err(&self, path: &Path, source: io::Error) -> ImageError {
-        ImageError::SourceRead { source_path: self.src.path().to_path_buf(), path: path.to_path_buf(), source }
+        ImageError::SourceRead {
+            source_path: self.src.path().to_path_buf(),
+            path: path.to_path_buf(),
+            source,
+        }
     }
 }
 
@@ -133,10 +188,12 @@ impl<R: Read> Read for ExactReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
         if n == 0 && self.left > 0 && !buf.is_empty() {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "file shrank while being read"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "file shrank while being read",
+            ));
         }
         self.left -= n as u64;
         Ok(n)
     }
 }
-

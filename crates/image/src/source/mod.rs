@@ -41,21 +41,32 @@ impl LayerBlob {
     pub(crate) fn open_verified(&mut self) -> Result<&mut File, ImageError> {
         let io_err = |digest: &str| {
             let digest = digest.to_string();
-            move |source| ImageError::LayerRead { blob: digest, source }
+            move |source| ImageError::LayerRead {
+                blob: digest,
+                source,
+            }
         };
         if !self.verified {
-            self.file.seek(SeekFrom::Start(0)).map_err(io_err(&self.digest))?;
+            self.file
+                .seek(SeekFrom::Start(0))
+                .map_err(io_err(&self.digest))?;
             let (actual, size) = digest::of_reader(&mut self.file).map_err(io_err(&self.digest))?;
             digest::verify(&self.digest, self.size, &actual, size)?;
             self.verified = true;
         }
-        self.file.seek(SeekFrom::Start(0)).map_err(io_err(&self.digest))?;
+        self.file
+            .seek(SeekFrom::Start(0))
+            .map_err(io_err(&self.digest))?;
         Ok(&mut self.file)
     }
 }
 
 pub(crate) fn prepare(source: &Path, work: &Path, limits: &Limits) -> Result<Prepared, ImageError> {
-    let read_err = |source_err| ImageError::SourceRead { source_path: source.to_path_buf(), path: source.to_path_buf(), source: source_err };
+    let read_err = |source_err| ImageError::SourceRead {
+        source_path: source.to_path_buf(),
+        path: source.to_path_buf(),
+        source: source_err,
+    };
     let meta = fs::metadata(source).map_err(read_err)?;
     if meta.is_dir() {
         if source.join("oci-layout").is_file() && source.join("index.json").is_file() {
@@ -66,18 +77,30 @@ pub(crate) fn prepare(source: &Path, work: &Path, limits: &Limits) -> Result<Pre
     } else if meta.is_file() {
         docker_archive::prepare(source, work, limits)
     } else {
-        Err(ImageError::UnknownSource { path: source.to_path_buf() })
+        Err(ImageError::UnknownSource {
+            path: source.to_path_buf(),
+        })
     }
 }
 
 /// Reads a small file inside a confined source root (a JSON document).
 pub(crate) fn read_small(root: &Confined, rel: &Path) -> Result<Vec<u8>, ImageError> {
-    let err = |source| ImageError::SourceRead { source_path: root.path().to_path_buf(), path: rel.to_path_buf(), source };
+    let err = |source| ImageError::SourceRead {
+        source_path: root.path().to_path_buf(),
+        path: rel.to_path_buf(),
+        source,
+    };
     let file = root.open_file(rel).map_err(err)?;
     let mut bytes = Vec::new();
-    file.take(MAX_JSON_BYTES + 1).read_to_end(&mut bytes).map_err(err)?;
+    file.take(MAX_JSON_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(err)?;
     if bytes.len() as u64 > MAX_JSON_BYTES {
-        return Err(ImageError::LimitExceeded { object: format!("{} in {}", rel.display(), root.path().display()), limit: "MAX_JSON_BYTES", max: MAX_JSON_BYTES });
+        return Err(ImageError::LimitExceeded {
+            object: format!("{} in {}", rel.display(), root.path().display()),
+            limit: "MAX_JSON_BYTES",
+            max: MAX_JSON_BYTES,
+        });
     }
     Ok(bytes)
 }
@@ -116,7 +139,10 @@ pub(crate) struct Manifest {
 
 /// The digest of a manifest synthesized for a source that has none (a directory or a
 /// docker archive): canonical JSON of the config and layer descriptors.
-pub(crate) fn synthesized_digest(config_bytes: &[u8], layers: &[(String, u64, Compression)]) -> String {
+pub(crate) fn synthesized_digest(
+    config_bytes: &[u8],
+    layers: &[(String, u64, Compression)],
+) -> String {
     let manifest = Manifest {
         schema_version: 2,
         media_type: "application/vnd.oci.image.manifest.v1+json".into(),
@@ -128,7 +154,12 @@ pub(crate) fn synthesized_digest(config_bytes: &[u8], layers: &[(String, u64, Co
         },
         layers: layers
             .iter()
-            .map(|(d, size, c)| Descriptor { media_type: c.media_type().into(), digest: d.clone(), size: *size, platform: None })
+            .map(|(d, size, c)| Descriptor {
+                media_type: c.media_type().into(),
+                digest: d.clone(),
+                size: *size,
+                platform: None,
+            })
             .collect(),
     };
     // Serializing plain structs and strings cannot fail.
