@@ -329,6 +329,12 @@ impl ImageStore {
             self.limits.rootfs_free_bytes,
             &uuid,
         )?;
+        // why: the base image is never written again; read-only for everyone (e.g. a QEMU
+        // running as another user opens it as a qcow2 backing file).
+        use std::os::unix::fs::PermissionsExt;
+        file.as_file()
+            .set_permissions(fs::Permissions::from_mode(0o444))
+            .map_err(ImageError::store(file.path()))?;
         file.as_file()
             .sync_all()
             .map_err(ImageError::store(file.path()))?;
