@@ -157,3 +157,24 @@ impl ImageError {
         move |source| ImageError::Store { path, source }
     }
 }
+
+impl ImageError {
+    /// True when the reference names no image.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, ImageError::NotFound { .. })
+    }
+
+    /// True when the caller's input (a name, a reference or the image source)
+    /// is at fault rather than this host.
+    pub fn is_bad_input(&self) -> bool {
+        !matches!(
+            self,
+            ImageError::Store { .. }
+                | ImageError::CorruptIndex { .. }
+                | ImageError::MkfsSpawn { .. }
+                | ImageError::Mkfs { .. }
+                | ImageError::NotFound { .. }
+        )
+    }
+}
+

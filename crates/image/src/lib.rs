@@ -44,7 +44,7 @@ use unpack::{Unpacker, IMAGE_LAYER};
 
 /// A directory of images: `<root>/index.json`, `<root>/blobs/sha256/<hex>.ext4`,
 /// and `<root>/tmp/` for imports in progress.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ImageStore {
     root: PathBuf,
     limits: Limits,
