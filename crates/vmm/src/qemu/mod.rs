@@ -38,6 +38,8 @@ pub const RUN_STATE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Bound on the process disappearing after SIGKILL.
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 const LOG_TAIL_BYTES: usize = 2000;
+/// How long a closed QMP socket may precede the process exit it signals.
+const EXIT_AFTER_CLOSE: Duration = Duration::from_secs(2);
 
 /// Creates and adopts QEMU microvm VMs.
 #[derive(Debug, Clone)]
@@ -300,12 +302,22 @@ async fn connect_qmp(id: &str, layout: &Layout, exit: &ExitWatch) -> Result<Qmp,
                 log_tail: log_tail(&layout.qemu_log, LOG_TAIL_BYTES),
             },
         })?;
-    Qmp::handshake(id, &layout.qmp_socket, stream, QMP_READY_TIMEOUT)
+    match Qmp::handshake(id, &layout.qmp_socket, stream, QMP_READY_TIMEOUT).await {
+        Ok(qmp) => Ok(qmp),
+        Err(e @ VmmError::QmpClosed { .. }) => match exit_soon(exit).await {
+            // why: QEMU listens before it loads the kernel, so a bad kernel shows up here.
+            Some(x) => Err(exited(x, "the QMP handshake".to_string())),
+            None => Err(e),
+        },
+        Err(e) => Err(e),
+    }
+}
+
+/// After a closed QMP connection: the exit, if the process ends within a moment.
+async fn exit_soon(exit: &ExitWatch) -> Option<VmExit> {
+    tokio::time::timeout(EXIT_AFTER_CLOSE, exit.wait())
         .await
-        .map_err(|e| match exit.exited() {
-            Some(x) => exited(x, "the QMP handshake".to_string()),
-            None => e,
-        })
+        .ok()
 }
 
 /// How long the parts of `create` took.
@@ -346,8 +358,14 @@ impl QemuVm {
     /// Brings the VM to running (`cont`, RESUME) or not running (`stop`, STOP);
     /// a VM already in that state is left alone (QEMU sends no event then).
     async fn set_running(&self, running: bool) -> Result<(), VmmError> {
-        let status = self.qmp.execute("query-status", Value::Null).await;
-        let status = status.map_err(|e| self.explain(e))?;
+        match self.try_set_running(running).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.explain(e).await),
+        }
+    }
+
+    async fn try_set_running(&self, running: bool) -> Result<(), VmmError> {
+        let status = self.qmp.execute("query-status", Value::Null).await?;
         if status["running"].as_bool() == Some(running) {
             return Ok(());
         }
@@ -357,27 +375,26 @@ impl QemuVm {
             ("stop", "STOP")
         };
         let mut events = self.qmp.subscribe();
-        self.qmp
-            .execute(command, Value::Null)
-            .await
-            .map_err(|e| self.explain(e))?;
+        self.qmp.execute(command, Value::Null).await?;
         self.qmp
             .wait_event(&mut events, event, RUN_STATE_TIMEOUT)
-            .await
-            .map_err(|e| self.explain(e))?;
+            .await?;
         Ok(())
     }
 
     /// A closed QMP connection after QEMU exited is reported as that exit, with qemu.log.
-    fn explain(&self, e: VmmError) -> VmmError {
-        match (&e, self.exit.exited()) {
-            (VmmError::QmpClosed { awaited, .. }, Some(x)) => VmmError::QemuExited {
+    async fn explain(&self, e: VmmError) -> VmmError {
+        let VmmError::QmpClosed { awaited, .. } = &e else {
+            return e;
+        };
+        match exit_soon(&self.exit).await {
+            Some(x) => VmmError::QemuExited {
                 id: self.id.clone(),
                 exit: x.to_string(),
                 awaited: awaited.clone(),
                 log_tail: log_tail(&self.layout.qemu_log, LOG_TAIL_BYTES),
             },
-            _ => e,
+            None => e,
         }
     }
 }
