@@ -472,8 +472,9 @@ async fn real_guest_boots_to_hello() {
         }
     };
     println!(
-        "boot: spawn -> QMP ready {:?}, spawn -> Hello {:?} (guest {} on kernel {})",
+        "boot: create() -> QMP ready {:?} (QEMU spawn -> QMP {:?}), create() -> Hello {:?} (guest {} on kernel {})",
         qmp_ready,
+        vm.timings().map(|t| t.spawn_to_qmp).unwrap_or_default(),
         t0.elapsed(),
         hello.agent_version,
         hello.kernel_release

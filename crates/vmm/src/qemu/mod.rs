@@ -94,20 +94,20 @@ impl QemuVmm {
     pub async fn create_qemu(&self, cfg: &VmConfig) -> Result<QemuVm, VmmError> {
         cfg.validate(&self.host)?;
         cfg.check_artifacts()?;
-        let layout = Layout::new(&cfg.dir);
+        let layout = Layout::new(&absolute(&cfg.id, &cfg.dir)?);
         layout.check_socket_paths(&cfg.id)?;
         let args = argv::qemu_args(cfg, &layout)?;
 
-        let created_dir = !cfg.dir.exists();
-        std::fs::create_dir_all(&cfg.dir).map_err(|source| VmmError::Io {
+        let created_dir = !layout.dir.exists();
+        std::fs::create_dir_all(&layout.dir).map_err(|source| VmmError::Io {
             op: "create VM directory",
-            path: cfg.dir.clone(),
+            path: layout.dir.clone(),
             source,
         })?;
-        if VmRecord::path(&cfg.dir).exists() {
+        if VmRecord::path(&layout.dir).exists() {
             return Err(VmmError::DirInUse {
                 id: cfg.id.clone(),
-                dir: cfg.dir.clone(),
+                dir: layout.dir.clone(),
             });
         }
         let result = self.spawn(cfg, &layout, args).await;
@@ -116,9 +116,9 @@ impl QemuVmm {
             for f in layout.files() {
                 let _ = remove_file_if_exists(&f);
             }
-            let _ = remove_file_if_exists(&VmRecord::path(&cfg.dir));
+            let _ = remove_file_if_exists(&VmRecord::path(&layout.dir));
             if created_dir {
-                let _ = std::fs::remove_dir(&cfg.dir);
+                let _ = std::fs::remove_dir(&layout.dir);
             }
         }
         result
@@ -253,7 +253,7 @@ impl QemuVmm {
             path: dir.to_path_buf(),
             source,
         })?;
-        let layout = Layout::new(dir);
+        let layout = Layout::new(&absolute(&rec.id, dir)?);
         let qmp = connect_qmp(&rec.id, &layout, &exit).await?;
         tracing::info!(vm = %rec.id, pid = rec.pid, "adopted running QEMU");
         Ok(QemuVm {
@@ -266,6 +266,15 @@ impl QemuVmm {
             timings: None,
         })
     }
+}
+
+/// `dir` made absolute, so vm.json's paths do not depend on the daemon's cwd.
+fn absolute(id: &str, dir: &Path) -> Result<PathBuf, VmmError> {
+    std::path::absolute(dir).map_err(|_| VmmError::InvalidPath {
+        id: id.to_string(),
+        path: dir.to_path_buf(),
+        reason: "cannot be made absolute",
+    })
 }
 
 fn process_handle(pid: u32) -> io::Result<(ProcessHandle, u64)> {
