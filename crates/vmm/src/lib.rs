@@ -1,1 +1,93 @@
-//! hearth-vmm (to be filled)
+//! VMM backends of Hearth behind one trait.
+//!
+//! A [`Vmm`] backend turns a [`VmConfig`] into a running-but-paused [`Vm`]:
+//! it prepares the VM directory (copy-on-write root overlay, sockets, logs),
+//! starts the VMM process in its own session so it outlives the daemon, and
+//! records `vm.json` so a restarted daemon can [`Vmm::adopt`] it. The caller
+//! (the node agent) then connects the guest agent channel and calls
+//! [`Vm::start`], so the guest's first message cannot be lost.
+//!
+//! Backends: [`qemu::QemuVmm`] (QEMU `microvm`, driven over [`qmp`]).
+//! Firecracker slots in behind the same traits later.
+
+pub mod config;
+mod connect;
+pub mod error;
+pub mod probe;
+pub mod process;
+pub mod qemu;
+pub mod qmp;
+pub mod record;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::net::UnixStream;
+
+pub use config::{Accel, AccelChoice, HostLimits, VmConfig};
+pub use error::VmmError;
+pub use probe::{choose_accel, probe_accel, AccelReport, PROBE_TIMEOUT};
+pub use process::VmExit;
+pub use qemu::{QemuVm, QemuVmm};
+pub use record::{destroy, is_alive, VmRecord};
+
+/// A VMM backend.
+#[async_trait::async_trait]
+pub trait Vmm: Send + Sync {
+    /// Prepares `cfg.dir`, starts the VMM paused and returns once its control
+    /// socket answers. On failure nothing is left running and the files it made are removed.
+    async fn create(&self, cfg: &VmConfig) -> Result<Box<dyn Vm>, VmmError>;
+
+    /// Re-opens the VM recorded in `dir/vm.json` (after a daemon restart).
+    /// [`VmmError::VmGone`] when its process is gone or the pid was recycled.
+    async fn adopt(&self, dir: &Path) -> Result<Box<dyn Vm>, VmmError>;
+
+    /// Short backend name, as recorded in vm.json (`qemu`).
+    fn name(&self) -> &'static str;
+
+    /// The VMM's version string.
+    fn version(&self) -> String;
+}
+
+/// A running (or paused) VM owned by a backend.
+///
+/// Dropping the handle leaves the VM running: only [`Vm::shutdown`] and
+/// [`Vm::kill`] end it.
+#[async_trait::async_trait]
+pub trait Vm: Send + Sync {
+    fn id(&self) -> &str;
+    /// Pid of the VMM process.
+    fn pid(&self) -> u32;
+    fn dir(&self) -> &Path;
+    fn accel(&self) -> Accel;
+    /// The host end of the guest agent channel.
+    fn agent_socket(&self) -> &Path;
+    /// The guest serial console (`DIR/console.log`), for explaining crashes.
+    fn console_log(&self) -> PathBuf;
+
+    /// Connects to the guest agent channel (one connection at a time).
+    async fn connect_agent(&self) -> Result<UnixStream, VmmError>;
+    /// Starts the vCPUs of a VM created paused; waits for the RESUME event.
+    async fn start(&self) -> Result<(), VmmError>;
+    /// Pauses the vCPUs; waits for the STOP event. A VM that is not running is left as is.
+    async fn pause(&self) -> Result<(), VmmError>;
+    /// Resumes paused vCPUs; waits for the RESUME event. A running VM is left as is.
+    async fn resume(&self) -> Result<(), VmmError>;
+    /// Asks the VMM to quit, SIGKILLs it after `grace`, and waits until it is gone.
+    async fn shutdown(&self, grace: Duration) -> Result<VmExit, VmmError>;
+    /// SIGKILLs the VMM process (does not wait; see [`Vm::wait`]).
+    async fn kill(&self) -> Result<(), VmmError>;
+    /// Resolves when the VMM process is gone.
+    async fn wait(&self) -> Result<VmExit, VmmError>;
+}
+
+/// The last `max_bytes` of a log file, lossily decoded; empty if unreadable.
+pub fn log_tail(path: &Path, max_bytes: usize) -> String {
+    let Ok(bytes) = std::fs::read(path) else {
+        return String::new();
+    };
+    let start = bytes.len().saturating_sub(max_bytes);
+    String::from_utf8_lossy(&bytes[start..])
+        .trim_end()
+        .to_string()
+}

@@ -1,0 +1,196 @@
+//! The QEMU command line of docs/boot-and-run.md, built from a config and the
+//! VM directory's layout. Pure: the contract is checked by unit tests here.
+
+use std::path::{Path, PathBuf};
+
+use crate::config::{option_path, Accel, VmConfig};
+use crate::error::VmmError;
+
+/// Longest unix socket path (sun_path is 108 bytes including the NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// Where a QEMU VM's files live inside its directory.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub dir: PathBuf,
+    pub overlay: PathBuf,
+    pub console_log: PathBuf,
+    pub qemu_log: PathBuf,
+    pub qmp_socket: PathBuf,
+    pub agent_socket: PathBuf,
+}
+
+impl Layout {
+    pub fn new(dir: &Path) -> Layout {
+        Layout {
+            dir: dir.to_path_buf(),
+            overlay: dir.join("root.qcow2"),
+            console_log: dir.join("console.log"),
+            qemu_log: dir.join("qemu.log"),
+            qmp_socket: dir.join("qmp.sock"),
+            agent_socket: dir.join("agent.sock"),
+        }
+    }
+
+    /// Every file this backend creates in the directory (vm.json aside).
+    pub fn files(&self) -> Vec<PathBuf> {
+        vec![
+            self.overlay.clone(),
+            self.console_log.clone(),
+            self.qemu_log.clone(),
+            self.qmp_socket.clone(),
+            self.agent_socket.clone(),
+        ]
+    }
+
+    /// Rejects directories whose socket paths would not fit in `sun_path`.
+    pub fn check_socket_paths(&self, id: &str) -> Result<(), VmmError> {
+        for p in [&self.qmp_socket, &self.agent_socket] {
+            if p.as_os_str().len() > MAX_SOCKET_PATH {
+                return Err(VmmError::InvalidPath {
+                    id: id.to_string(),
+                    path: p.clone(),
+                    reason: "longer than the 107 bytes a unix socket path may have; use a shorter VM directory",
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The kernel command line: the contract's part, then `extra`.
+pub fn kernel_cmdline(hostname: &str, probe: bool, extra: &[String]) -> String {
+    let mut c = format!("console=ttyS0 quiet reboot=t panic=-1 hearth.hostname={hostname}");
+    if probe {
+        c.push_str(" hearth.probe=1");
+    }
+    for e in extra {
+        c.push(' ');
+        c.push_str(e);
+    }
+    c
+}
+
+/// The `-M` value shared by VMs and the accelerator probe.
+pub const MACHINE: &str = "microvm,x-option-roms=off,rtc=off,acpi=off";
+
+pub fn cpu_model(accel: Accel) -> &'static str {
+    match accel {
+        Accel::Kvm => "host",
+        Accel::Tcg => "max",
+    }
+}
+
+/// Arguments after the binary name, exactly as in the contract.
+pub fn qemu_args(cfg: &VmConfig, layout: &Layout) -> Result<Vec<String>, VmmError> {
+    let id = cfg.id.as_str();
+    let p = |path| option_path(id, path);
+    let args = [
+        "-M",
+        MACHINE,
+        "-accel",
+        match cfg.accel {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        },
+        "-cpu",
+        cpu_model(cfg.accel),
+        "-m",
+        &cfg.memory_mib.to_string(),
+        "-smp",
+        &cfg.cpus.to_string(),
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-no-reboot",
+        "-S",
+        "-kernel",
+        p(&cfg.kernel)?,
+        "-initrd",
+        p(&cfg.initrd)?,
+        "-append",
+        &kernel_cmdline(&cfg.hostname, false, &cfg.extra_cmdline),
+        "-serial",
+        &format!("file:{}", p(&layout.console_log)?),
+        "-drive",
+        &format!("id=root,file={},format=qcow2,if=none", p(&layout.overlay)?),
+        "-device",
+        "virtio-blk-device,drive=root",
+        "-device",
+        "virtio-serial-device,max_ports=2",
+        "-chardev",
+        &format!(
+            "socket,id=agent,path={},server=on,wait=off",
+            p(&layout.agent_socket)?
+        ),
+        "-device",
+        "virtserialport,chardev=agent,name=hearth.agent",
+        "-qmp",
+        &format!("unix:{},server=on,wait=off", p(&layout.qmp_socket)?),
+    ];
+    Ok(args.iter().map(|s| s.to_string()).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_line_matches_the_boot_contract() {
+        let cfg = VmConfig {
+            id: "sb".into(),
+            dir: "/v/sb".into(),
+            kernel: "/c/vmlinux".into(),
+            initrd: "/c/initramfs.cpio.gz".into(),
+            rootfs: "/img/base.ext4".into(),
+            cpus: 2,
+            memory_mib: 256,
+            hostname: "web".into(),
+            extra_cmdline: vec!["foo=bar".into()],
+            accel: Accel::Tcg,
+        };
+        let got = qemu_args(&cfg, &Layout::new(Path::new("/v/sb")))
+            .unwrap()
+            .join(" ");
+        let want = "-M microvm,x-option-roms=off,rtc=off,acpi=off -accel tcg -cpu max \
+            -m 256 -smp 2 -nodefaults -no-user-config -nographic -no-reboot -S \
+            -kernel /c/vmlinux -initrd /c/initramfs.cpio.gz \
+            -append console=ttyS0 quiet reboot=t panic=-1 hearth.hostname=web foo=bar \
+            -serial file:/v/sb/console.log \
+            -drive id=root,file=/v/sb/root.qcow2,format=qcow2,if=none -device virtio-blk-device,drive=root \
+            -device virtio-serial-device,max_ports=2 \
+            -chardev socket,id=agent,path=/v/sb/agent.sock,server=on,wait=off \
+            -device virtserialport,chardev=agent,name=hearth.agent \
+            -qmp unix:/v/sb/qmp.sock,server=on,wait=off";
+        assert_eq!(got, want);
+
+        let kvm = VmConfig {
+            accel: Accel::Kvm,
+            ..cfg
+        };
+        let got = qemu_args(&kvm, &Layout::new(Path::new("/v/sb")))
+            .unwrap()
+            .join(" ");
+        assert!(got.contains("-accel kvm -cpu host"), "{got}");
+    }
+
+    #[test]
+    fn probe_cmdline_carries_the_probe_flag() {
+        assert_eq!(
+            kernel_cmdline("h", true, &[]),
+            "console=ttyS0 quiet reboot=t panic=-1 hearth.hostname=h hearth.probe=1"
+        );
+    }
+
+    #[test]
+    fn directory_too_long_for_a_socket_path_is_rejected() {
+        let long = format!("/tmp/{}", "d".repeat(100));
+        let err = Layout::new(Path::new(&long))
+            .check_socket_paths("x")
+            .unwrap_err();
+        assert!(matches!(err, VmmError::InvalidPath { .. }), "{err}");
+        Layout::new(Path::new("/tmp/ok"))
+            .check_socket_paths("x")
+            .unwrap();
+    }
+}

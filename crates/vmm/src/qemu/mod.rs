@@ -1,0 +1,530 @@
+//! The QEMU `microvm` backend.
+//!
+//! `create`: validate → make DIR → `qemu-img` overlay → spawn QEMU paused (`-S`)
+//! in its own session → record vm.json → connect QMP. `adopt`: vm.json → verify
+//! pid + start time → reconnect QMP. Run-state changes go through QMP and wait
+//! for QEMU's STOP/RESUME events.
+
+pub mod argv;
+mod overlay;
+
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::net::UnixStream;
+use tokio::process::Command;
+
+use crate::config::{Accel, HostLimits, VmConfig};
+use crate::connect::{connect_when_listening, ConnectFailure};
+use crate::error::VmmError;
+use crate::process::{watch_child, ExitWatch, ProcessHandle, VmExit};
+use crate::qmp::Qmp;
+use crate::record::{check_alive, remove_file_if_exists, VmRecord, RECORD_VERSION};
+use crate::{log_tail, Vm, Vmm};
+pub use argv::Layout;
+
+/// Backend name recorded in vm.json.
+pub const BACKEND: &str = "qemu";
+/// Bound on QEMU creating and serving its QMP socket.
+pub const QMP_READY_TIMEOUT: Duration = Duration::from_secs(15);
+/// Bound on QEMU accepting on the agent chardev socket.
+pub const AGENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// Bound on a STOP/RESUME event after `stop`/`cont`.
+pub const RUN_STATE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Bound on the process disappearing after SIGKILL.
+const KILL_TIMEOUT: Duration = Duration::from_secs(10);
+const LOG_TAIL_BYTES: usize = 2000;
+/// How long a closed QMP socket may precede the process exit it signals.
+const EXIT_AFTER_CLOSE: Duration = Duration::from_secs(2);
+
+/// Creates and adopts QEMU microvm VMs.
+#[derive(Debug, Clone)]
+pub struct QemuVmm {
+    qemu: PathBuf,
+    qemu_img: PathBuf,
+    version: String,
+    host: HostLimits,
+}
+
+impl QemuVmm {
+    /// Uses `qemu-system-x86_64` and `qemu-img` from PATH.
+    pub fn new() -> Result<QemuVmm, VmmError> {
+        Self::with_binaries(Path::new("qemu-system-x86_64"), Path::new("qemu-img"))
+    }
+
+    /// Uses the given binaries (a bare name is looked up on PATH).
+    pub fn with_binaries(qemu: &Path, qemu_img: &Path) -> Result<QemuVmm, VmmError> {
+        let qemu_path = find_binary(qemu).ok_or_else(|| VmmError::QemuNotFound {
+            binary: qemu.to_path_buf(),
+        })?;
+        let qemu_img = find_binary(qemu_img).ok_or_else(|| VmmError::QemuImgNotFound {
+            binary: qemu_img.to_path_buf(),
+        })?;
+        let out = std::process::Command::new(&qemu_path)
+            .arg("--version")
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|_| VmmError::QemuNotFound {
+                binary: qemu_path.clone(),
+            })?;
+        let version = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_string();
+        Ok(QemuVmm {
+            qemu: qemu_path,
+            qemu_img,
+            version,
+            host: HostLimits::detect(),
+        })
+    }
+
+    /// The resolved `qemu-system-x86_64` (also what the accelerator probe runs).
+    pub fn qemu_binary(&self) -> &Path {
+        &self.qemu
+    }
+
+    /// Like [`Vmm::create`], returning the concrete type.
+    pub async fn create_qemu(&self, cfg: &VmConfig) -> Result<QemuVm, VmmError> {
+        cfg.validate(&self.host)?;
+        cfg.check_artifacts()?;
+        let layout = Layout::new(&absolute(&cfg.id, &cfg.dir)?);
+        layout.check_socket_paths(&cfg.id)?;
+        let args = argv::qemu_args(cfg, &layout)?;
+
+        let created_dir = !layout.dir.exists();
+        std::fs::create_dir_all(&layout.dir).map_err(|source| VmmError::Io {
+            op: "create VM directory",
+            path: layout.dir.clone(),
+            source,
+        })?;
+        if VmRecord::path(&layout.dir).exists() {
+            return Err(VmmError::DirInUse {
+                id: cfg.id.clone(),
+                dir: layout.dir.clone(),
+            });
+        }
+        let result = self.spawn(cfg, &layout, args).await;
+        if result.is_err() {
+            // why: a failed create leaves nothing behind; the error carries qemu.log's tail.
+            for f in layout.files() {
+                let _ = remove_file_if_exists(&f);
+            }
+            let _ = remove_file_if_exists(&VmRecord::path(&layout.dir));
+            if created_dir {
+                let _ = std::fs::remove_dir(&layout.dir);
+            }
+        }
+        result
+    }
+
+    async fn spawn(
+        &self,
+        cfg: &VmConfig,
+        layout: &Layout,
+        args: Vec<String>,
+    ) -> Result<QemuVm, VmmError> {
+        let t0 = Instant::now();
+        overlay::create_overlay(&self.qemu_img, &cfg.id, &cfg.rootfs, &layout.overlay).await?;
+        let overlay_time = t0.elapsed();
+
+        let io_err = |op, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| VmmError::Io { op, path, source }
+        };
+        let log = File::create(&layout.qemu_log).map_err(io_err("create", &layout.qemu_log))?;
+        let log2 = log.try_clone().map_err(io_err("open", &layout.qemu_log))?;
+        let mut cmd = Command::new(&self.qemu);
+        cmd.args(&args)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .kill_on_drop(false);
+        // SAFETY: setsid(2) is async-signal-safe and touches no memory of the parent;
+        // it puts QEMU in its own session so it outlives the daemon and its signals.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setsid() < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let spawned = Instant::now();
+        let child = cmd.spawn().map_err(|source| {
+            if source.kind() == io::ErrorKind::NotFound {
+                VmmError::QemuNotFound {
+                    binary: self.qemu.clone(),
+                }
+            } else {
+                VmmError::Spawn {
+                    id: cfg.id.clone(),
+                    binary: self.qemu.clone(),
+                    source,
+                }
+            }
+        })?;
+        let pid = child.id().unwrap_or(0);
+        let exit = watch_child(child);
+        let handle = process_handle(pid).map_err(|source| VmmError::Spawn {
+            id: cfg.id.clone(),
+            binary: self.qemu.clone(),
+            source,
+        });
+        let handle = match handle {
+            Ok(h) => h,
+            Err(e) => {
+                exit.wait().await;
+                return Err(e);
+            }
+        };
+        let (handle, start_time) = handle;
+
+        let abort = |e: VmmError| async {
+            let _ = handle.signal(libc::SIGKILL);
+            exit.wait().await;
+            Err(e)
+        };
+
+        let mut argv = vec![self.qemu.display().to_string()];
+        argv.extend(args);
+        let record = VmRecord {
+            version: RECORD_VERSION,
+            backend: BACKEND.to_string(),
+            id: cfg.id.clone(),
+            pid,
+            pid_start_time: start_time,
+            control_socket: layout.qmp_socket.clone(),
+            agent_socket: layout.agent_socket.clone(),
+            console_log: layout.console_log.clone(),
+            accel: cfg.accel,
+            argv,
+            files: layout.files(),
+        };
+        if let Err(e) = record.store(&layout.dir) {
+            return abort(e).await;
+        }
+        let qmp = match connect_qmp(&cfg.id, layout, &exit).await {
+            Ok(q) => q,
+            Err(e) => return abort(e).await,
+        };
+        let spawn_to_qmp = spawned.elapsed();
+        tracing::info!(vm = %cfg.id, pid, ?overlay_time, ?spawn_to_qmp, accel = %cfg.accel, "QEMU started paused");
+        Ok(QemuVm {
+            id: cfg.id.clone(),
+            layout: layout.clone(),
+            accel: cfg.accel,
+            process: handle,
+            exit,
+            qmp,
+            timings: Some(CreateTimings {
+                overlay: overlay_time,
+                spawn_to_qmp,
+            }),
+        })
+    }
+
+    /// Like [`Vmm::adopt`], returning the concrete type.
+    pub async fn adopt_qemu(&self, dir: &Path) -> Result<QemuVm, VmmError> {
+        let rec = VmRecord::load(dir)?;
+        if rec.backend != BACKEND {
+            return Err(VmmError::WrongBackend {
+                dir: dir.to_path_buf(),
+                backend: rec.backend,
+                expected: BACKEND,
+            });
+        }
+        check_alive(dir, &rec)?;
+        let gone = |reason: String| VmmError::VmGone {
+            dir: dir.to_path_buf(),
+            pid: rec.pid,
+            reason,
+        };
+        let process = ProcessHandle::open(rec.pid, rec.pid_start_time)
+            .map_err(|e| gone(format!("exited while being adopted: {e}")))?;
+        let exit = process.watch_adopted().map_err(|source| VmmError::Io {
+            op: "watch pidfd of",
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let layout = Layout::new(&absolute(&rec.id, dir)?);
+        let qmp = connect_qmp(&rec.id, &layout, &exit).await?;
+        tracing::info!(vm = %rec.id, pid = rec.pid, "adopted running QEMU");
+        Ok(QemuVm {
+            id: rec.id,
+            layout,
+            accel: rec.accel,
+            process,
+            exit,
+            qmp,
+            timings: None,
+        })
+    }
+}
+
+/// `dir` made absolute, so vm.json's paths do not depend on the daemon's cwd.
+fn absolute(id: &str, dir: &Path) -> Result<PathBuf, VmmError> {
+    std::path::absolute(dir).map_err(|_| VmmError::InvalidPath {
+        id: id.to_string(),
+        path: dir.to_path_buf(),
+        reason: "cannot be made absolute",
+    })
+}
+
+fn process_handle(pid: u32) -> io::Result<(ProcessHandle, u64)> {
+    let start_time = crate::process::start_time(pid)?;
+    Ok((ProcessHandle::open(pid, start_time)?, start_time))
+}
+
+fn find_binary(name: &Path) -> Option<PathBuf> {
+    if name.components().count() > 1 {
+        return name.is_file().then(|| name.to_path_buf());
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+async fn connect_qmp(id: &str, layout: &Layout, exit: &ExitWatch) -> Result<Qmp, VmmError> {
+    let awaited = format!("QMP socket {} to accept", layout.qmp_socket.display());
+    let exited = |x: VmExit, awaited: String| VmmError::QemuExited {
+        id: id.to_string(),
+        exit: x.to_string(),
+        awaited,
+        log_tail: log_tail(&layout.qemu_log, LOG_TAIL_BYTES),
+    };
+    let stream = connect_when_listening(&layout.qmp_socket, QMP_READY_TIMEOUT, || exit.exited())
+        .await
+        .map_err(|f| match f {
+            ConnectFailure::Exited(x) => exited(x, awaited.clone()),
+            ConnectFailure::Timeout(e) => VmmError::Timeout {
+                id: id.to_string(),
+                awaited: format!("{awaited} (last error: {e})"),
+                after: QMP_READY_TIMEOUT,
+                log_tail: log_tail(&layout.qemu_log, LOG_TAIL_BYTES),
+            },
+        })?;
+    match Qmp::handshake(id, &layout.qmp_socket, stream, QMP_READY_TIMEOUT).await {
+        Ok(qmp) => Ok(qmp),
+        Err(e @ VmmError::QmpClosed { .. }) => match exit_soon(exit).await {
+            // why: QEMU listens before it loads the kernel, so a bad kernel shows up here.
+            Some(x) => Err(exited(x, "the QMP handshake".to_string())),
+            None => Err(e),
+        },
+        Err(e) => Err(e),
+    }
+}
+
+/// After a closed QMP connection: the exit, if the process ends within a moment.
+async fn exit_soon(exit: &ExitWatch) -> Option<VmExit> {
+    tokio::time::timeout(EXIT_AFTER_CLOSE, exit.wait())
+        .await
+        .ok()
+}
+
+/// How long the parts of `create` took.
+#[derive(Debug, Clone, Copy)]
+pub struct CreateTimings {
+    /// `qemu-img create` of the overlay.
+    pub overlay: Duration,
+    /// From spawning QEMU to QMP capabilities negotiated.
+    pub spawn_to_qmp: Duration,
+}
+
+/// A QEMU microvm process and its QMP connection.
+pub struct QemuVm {
+    id: String,
+    layout: Layout,
+    accel: Accel,
+    process: ProcessHandle,
+    exit: ExitWatch,
+    qmp: Qmp,
+    timings: Option<CreateTimings>,
+}
+
+impl QemuVm {
+    /// The QMP connection, for QEMU-specific operations (snapshots, migration).
+    pub fn qmp(&self) -> &Qmp {
+        &self.qmp
+    }
+
+    /// Timings of `create`; None for an adopted VM.
+    pub fn timings(&self) -> Option<CreateTimings> {
+        self.timings
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// Brings the VM to running (`cont`, RESUME) or not running (`stop`, STOP);
+    /// a VM already in that state is left alone (QEMU sends no event then).
+    async fn set_running(&self, running: bool) -> Result<(), VmmError> {
+        match self.try_set_running(running).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.explain(e).await),
+        }
+    }
+
+    async fn try_set_running(&self, running: bool) -> Result<(), VmmError> {
+        let status = self.qmp.execute("query-status", Value::Null).await?;
+        if status["running"].as_bool() == Some(running) {
+            return Ok(());
+        }
+        let (command, event) = if running {
+            ("cont", "RESUME")
+        } else {
+            ("stop", "STOP")
+        };
+        let mut events = self.qmp.subscribe();
+        self.qmp.execute(command, Value::Null).await?;
+        self.qmp
+            .wait_event(&mut events, event, RUN_STATE_TIMEOUT)
+            .await?;
+        Ok(())
+    }
+
+    /// A closed QMP connection after QEMU exited is reported as that exit, with qemu.log.
+    async fn explain(&self, e: VmmError) -> VmmError {
+        let VmmError::QmpClosed { awaited, .. } = &e else {
+            return e;
+        };
+        match exit_soon(&self.exit).await {
+            Some(x) => VmmError::QemuExited {
+                id: self.id.clone(),
+                exit: x.to_string(),
+                awaited: awaited.clone(),
+                log_tail: log_tail(&self.layout.qemu_log, LOG_TAIL_BYTES),
+            },
+            None => e,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Vm for QemuVm {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    fn dir(&self) -> &Path {
+        &self.layout.dir
+    }
+
+    fn accel(&self) -> Accel {
+        self.accel
+    }
+
+    fn agent_socket(&self) -> &Path {
+        &self.layout.agent_socket
+    }
+
+    fn console_log(&self) -> PathBuf {
+        self.layout.console_log.clone()
+    }
+
+    async fn connect_agent(&self) -> Result<UnixStream, VmmError> {
+        let path = &self.layout.agent_socket;
+        let awaited = format!("agent socket {} to accept", path.display());
+        connect_when_listening(path, AGENT_CONNECT_TIMEOUT, || self.exit.exited())
+            .await
+            .map_err(|f| match f {
+                ConnectFailure::Exited(x) => VmmError::QemuExited {
+                    id: self.id.clone(),
+                    exit: x.to_string(),
+                    awaited,
+                    log_tail: log_tail(&self.layout.qemu_log, LOG_TAIL_BYTES),
+                },
+                ConnectFailure::Timeout(e) => VmmError::Timeout {
+                    id: self.id.clone(),
+                    awaited: format!("{awaited} (last error: {e})"),
+                    after: AGENT_CONNECT_TIMEOUT,
+                    log_tail: log_tail(&self.layout.qemu_log, LOG_TAIL_BYTES),
+                },
+            })
+    }
+
+    async fn start(&self) -> Result<(), VmmError> {
+        self.set_running(true).await
+    }
+
+    async fn pause(&self) -> Result<(), VmmError> {
+        self.set_running(false).await
+    }
+
+    async fn resume(&self) -> Result<(), VmmError> {
+        self.set_running(true).await
+    }
+
+    async fn shutdown(&self, grace: Duration) -> Result<VmExit, VmmError> {
+        match self.qmp.execute("quit", Value::Null).await {
+            // why: QEMU may close the socket before its reply to `quit` is read.
+            Ok(_) | Err(VmmError::QmpClosed { .. }) => {}
+            Err(e) => tracing::warn!(vm = %self.id, error = %e, "QMP quit failed; killing"),
+        }
+        if let Ok(exit) = tokio::time::timeout(grace, self.exit.wait()).await {
+            return Ok(exit);
+        }
+        self.kill().await?;
+        self.wait_timeout(KILL_TIMEOUT).await
+    }
+
+    async fn kill(&self) -> Result<(), VmmError> {
+        self.process
+            .signal(libc::SIGKILL)
+            .map_err(|source| VmmError::Signal {
+                id: self.id.clone(),
+                pid: self.process.pid(),
+                source,
+            })
+    }
+
+    async fn wait(&self) -> Result<VmExit, VmmError> {
+        // why: unbounded on purpose: a supervisor waits for as long as the VM runs.
+        Ok(self.exit.wait().await)
+    }
+}
+
+impl QemuVm {
+    /// Waits for the process to be gone, at most `timeout`.
+    pub async fn wait_timeout(&self, timeout: Duration) -> Result<VmExit, VmmError> {
+        tokio::time::timeout(timeout, self.exit.wait())
+            .await
+            .map_err(|_| VmmError::Timeout {
+                id: self.id.clone(),
+                awaited: format!("QEMU pid {} to exit", self.process.pid()),
+                after: timeout,
+                log_tail: String::new(),
+            })
+    }
+}
+
+#[async_trait::async_trait]
+impl Vmm for QemuVmm {
+    async fn create(&self, cfg: &VmConfig) -> Result<Box<dyn Vm>, VmmError> {
+        Ok(Box::new(self.create_qemu(cfg).await?))
+    }
+
+    async fn adopt(&self, dir: &Path) -> Result<Box<dyn Vm>, VmmError> {
+        Ok(Box::new(self.adopt_qemu(dir).await?))
+    }
+
+    fn name(&self) -> &'static str {
+        BACKEND
+    }
+
+    fn version(&self) -> String {
+        self.version.clone()
+    }
+}
