@@ -15,7 +15,9 @@ use hearth_e2e::{vmm_pids_under, Daemon};
 
 fn cache_current(file: &str) -> std::path::PathBuf {
     let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
-    std::path::PathBuf::from(home).join(".cache/hearth/current").join(file)
+    std::path::PathBuf::from(home)
+        .join(".cache/hearth/current")
+        .join(file)
 }
 
 /// POST a sandbox, then time until the first output byte arrives.
@@ -64,14 +66,31 @@ fn hearth_cold_start(d: &Daemon) -> Duration {
 fn bare_qemu_boot(accel: &str) -> Duration {
     let t0 = Instant::now();
     let mut child = Command::new("qemu-system-x86_64")
-        .args(["-M", "microvm,x-option-roms=off,rtc=off,acpi=off", "-accel", accel])
+        .args([
+            "-M",
+            "microvm,x-option-roms=off,rtc=off,acpi=off",
+            "-accel",
+            accel,
+        ])
         .args(["-cpu", if accel == "kvm" { "host" } else { "max" }])
-        .args(["-m", "256", "-smp", "1", "-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
+        .args([
+            "-m",
+            "256",
+            "-smp",
+            "1",
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+            "-no-reboot",
+        ])
         .args(["-serial", "stdio", "-kernel"])
         .arg(cache_current("vmlinux"))
         .arg("-initrd")
         .arg(cache_current("initramfs.cpio.gz"))
-        .args(["-append", "console=ttyS0 quiet reboot=t panic=-1 hearth.probe=1"])
+        .args([
+            "-append",
+            "console=ttyS0 quiet reboot=t panic=-1 hearth.probe=1",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -146,5 +165,8 @@ fn main() {
         ms(p50(&hearth).saturating_sub(p50(&bare))),
         p50(&hearth).as_secs_f64() / p50(&bare).as_secs_f64()
     );
-    println!("VMM (QEMU) RSS of an idle 256 MiB sandbox: {} MiB", rss / 1024);
+    println!(
+        "VMM (QEMU) RSS of an idle 256 MiB sandbox: {} MiB",
+        rss / 1024
+    );
 }

@@ -313,7 +313,11 @@ impl SessionInput {
     /// Delivers a signal to the process.
     pub async fn signal(&self, signal: i32) -> Result<(), GuestError> {
         self.conn
-            .send(Frame::json(Kind::Signal, self.id, &SignalRequest { signal }))
+            .send(Frame::json(
+                Kind::Signal,
+                self.id,
+                &SignalRequest { signal },
+            ))
             .await
     }
 }

@@ -12,7 +12,7 @@ use hearth_api::{
 };
 use hearth_image::{ImageError, ImageRecord, ImageStore, Limits};
 use hearth_proto::ExecRequest as GuestExec;
-use hearth_vmm::{Accel, AccelMode, AccelReport, QemuVmm, Vm, VmConfig};
+use hearth_vmm::{Accel, AccelChoice, AccelReport, QemuVmm, Vm, VmConfig, Vmm};
 use tokio::sync::{mpsc, watch};
 
 use crate::guest_conn::{GuestConn, Session, SessionEvent, SessionInput};
@@ -81,7 +81,8 @@ pub struct AgentConfig {
     pub kernel: PathBuf,
     pub initrd: PathBuf,
     pub qemu: PathBuf,
-    pub accel: AccelMode,
+    pub qemu_img: PathBuf,
+    pub accel: AccelChoice,
     pub node: String,
 }
 
@@ -227,10 +228,22 @@ impl Agent {
         std::fs::create_dir_all(cfg.data_dir.join("sandboxes"))
             .map_err(io_err(format!("create {}", cfg.data_dir.display())))?;
         let images = ImageStore::open(cfg.data_dir.join("images"), Limits::default())?;
-        let vmm = QemuVmm::new(cfg.qemu.clone());
-        let accel = hearth_vmm::probe_accel(&cfg.qemu, &cfg.kernel, &cfg.initrd, cfg.accel).await;
+        let vmm = QemuVmm::with_binaries(&cfg.qemu, &cfg.qemu_img)
+            .map_err(|e| AgentError::Config(e.to_string()))?;
+        let accel = hearth_vmm::choose_accel(
+            cfg.accel,
+            vmm.qemu_binary(),
+            &cfg.kernel,
+            &cfg.initrd,
+            hearth_vmm::PROBE_TIMEOUT,
+        )
+        .await
+        .map_err(|e| AgentError::Config(e.to_string()))?;
         if accel.accel == Accel::Tcg {
-            tracing::warn!("accelerator: tcg ({}) — NOT hardware isolation", accel.reason);
+            tracing::warn!(
+                "accelerator: tcg ({}) — NOT hardware isolation",
+                accel.reason
+            );
         } else {
             tracing::info!("accelerator: {} ({})", accel.accel, accel.reason);
         }
@@ -270,7 +283,7 @@ impl Agent {
             let entry = Arc::new(Entry::new(sdir.clone(), rec.clone()));
             if !rec.status.is_terminal() {
                 let vm_dir = sdir.join("vm");
-                if let Ok(vm) = hearth_vmm::adopt(&vm_dir).await {
+                if let Ok(vm) = self.inner.vmm.adopt(&vm_dir).await {
                     tracing::warn!(sandbox = %rec.id, "stopping VM of a sandbox left running by a previous hearthd");
                     let _ = vm.kill().await;
                     let _ = vm.wait().await;
@@ -280,8 +293,7 @@ impl Agent {
                     r.status = SandboxStatus::Lost;
                     r.finished_ms = Some(now_ms());
                     r.error = Some(
-                        "hearthd stopped while the sandbox was running; its VM was stopped"
-                            .into(),
+                        "hearthd stopped while the sandbox was running; its VM was stopped".into(),
                     );
                 });
                 entry.finished.send_replace(true);
@@ -377,7 +389,10 @@ impl Agent {
         let entry = {
             let mut map = lock(&self.inner.sandboxes);
             if let Some(n) = &req.name {
-                if map.values().any(|e| lock(&e.record).name.as_deref() == Some(n)) {
+                if map
+                    .values()
+                    .any(|e| lock(&e.record).name.as_deref() == Some(n))
+                {
                     return Err(AgentError::Conflict(format!(
                         "a sandbox named '{n}' already exists; remove it with `hearth rm {n}` or choose another name"
                     )));
@@ -422,7 +437,11 @@ impl Agent {
             rootfs: image.rootfs.clone(),
             cpus,
             memory_mib,
-            hostname: req.name.clone().unwrap_or_else(|| entry.snapshot().id),
+            hostname: req
+                .name
+                .clone()
+                .unwrap_or_else(|| entry.snapshot().id)
+                .replace('_', "-"),
             extra_cmdline: Vec::new(),
             accel: self.inner.accel.accel,
         };
@@ -444,16 +463,27 @@ impl Agent {
         let vm = match self.inner.vmm.create(&vm_cfg).await {
             Ok(vm) => vm,
             Err(e) => {
-                self.finish(&entry, SandboxStatus::Failed, None, Some(format!("cannot start VM: {e}")));
+                self.finish(
+                    &entry,
+                    SandboxStatus::Failed,
+                    None,
+                    Some(format!("cannot start VM: {e}")),
+                );
                 return;
             }
         };
-        let outcome = self.drive(&entry, &vm, exec, &mut ctl, started).await;
+        let outcome = self
+            .drive(&entry, vm.as_ref(), exec, &mut ctl, started)
+            .await;
         // Tear down: ask the guest to power off, then make sure the VMM is gone.
-        if let Some(conn) = lock(&entry.conn).take() {
+        let conn = lock(&entry.conn).take();
+        if let Some(conn) = conn {
             let _ = conn.shutdown().await;
         }
-        if tokio::time::timeout(POWEROFF_GRACE, vm.wait()).await.is_err() {
+        if tokio::time::timeout(POWEROFF_GRACE, vm.wait())
+            .await
+            .is_err()
+        {
             let _ = vm.shutdown(Duration::from_secs(2)).await;
             let _ = vm.wait().await;
         }
@@ -487,13 +517,13 @@ impl Agent {
     async fn drive(
         &self,
         entry: &Arc<Entry>,
-        vm: &Vm,
+        vm: &dyn Vm,
         exec: GuestExec,
         ctl: &mut mpsc::Receiver<Control>,
         started: Instant,
     ) -> (SandboxStatus, Option<ExitInfo>, Option<String>) {
         let failed = |m: String| (SandboxStatus::Failed, None, Some(m));
-        let console = |vm: &Vm| console_tail(&vm.console_log());
+        let console = |vm: &dyn Vm| console_tail(&vm.console_log());
         let vm_exit = vm.wait();
         tokio::pin!(vm_exit);
 
@@ -557,8 +587,10 @@ impl Agent {
                             let status = if stop_deadline.is_some() { SandboxStatus::Stopped } else { SandboxStatus::Exited };
                             break (status, Some(exit), None);
                         }
-                        Some(SessionEvent::Failed(m)) => break failed(format!("workload failed: {m}{}", console(vm))),
-                        None => break failed(format!("guest channel closed{}", console(vm))),
+                        Some(SessionEvent::Failed(m)) => {
+                            break exit_or(&mut vm_exit, format!("workload failed: {m}"), vm).await
+                        }
+                        None => break exit_or(&mut vm_exit, "guest channel closed".into(), vm).await,
                     };
                     if let Err(e) = log.append(&rec).await {
                         break failed(format!("cannot write output log {}: {e}", log_path.display()));
@@ -605,9 +637,13 @@ impl Agent {
         let mut st = e.status.subscribe();
         let _ = st.wait_for(|s| *s != SandboxStatus::Creating).await;
         let rec = e.snapshot();
-        lock(&e.main_input).clone().ok_or_else(|| {
+        let input = lock(&e.main_input).clone();
+        input.ok_or_else(|| {
             AgentError::Conflict(if rec.status.is_terminal() {
-                format!("sandbox '{}' is {:?}; its stdin is closed", rec.id, rec.status)
+                format!(
+                    "sandbox '{}' is {:?}; its stdin is closed",
+                    rec.id, rec.status
+                )
             } else {
                 format!(
                     "sandbox '{}' was created without stdin; create it with stdin (hearth run -i)",
@@ -695,14 +731,22 @@ impl Agent {
                 .workdir
                 .clone()
                 .unwrap_or_else(|| default_workdir(&image.config.working_dir)),
-            user: req.user.clone().unwrap_or_else(|| image.config.user.clone()),
+            user: req
+                .user
+                .clone()
+                .unwrap_or_else(|| image.config.user.clone()),
             stdin: req.stdin,
         };
-        let session = conn.exec(&guest).await.map_err(|err| AgentError::VmFailed {
-            id: rec.id.clone(),
-            message: format!("exec failed: {err}"),
-        })?;
-        let exec_id = e.next_exec.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let session = conn
+            .exec(&guest)
+            .await
+            .map_err(|err| AgentError::VmFailed {
+                id: rec.id.clone(),
+                message: format!("exec failed: {err}"),
+            })?;
+        let exec_id = e
+            .next_exec
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if req.stdin {
             lock(&e.execs).insert(exec_id, session.input());
         }
@@ -712,13 +756,11 @@ impl Agent {
     /// The stdin of an exec session.
     pub fn exec_stdin(&self, id_or_name: &str, exec: u32) -> Result<SessionInput, AgentError> {
         let e = self.entry(id_or_name)?;
-        lock(&e.execs)
-            .get(&exec)
-            .cloned()
-            .ok_or_else(|| AgentError::ExecNotFound {
-                sandbox: id_or_name.into(),
-                exec,
-            })
+        let input = lock(&e.execs).get(&exec).cloned();
+        input.ok_or_else(|| AgentError::ExecNotFound {
+            sandbox: id_or_name.into(),
+            exec,
+        })
     }
 
     /// Forgets an exec session once its stream ended.
@@ -835,6 +877,28 @@ fn plan_exec(req: &CreateSandbox, image: &ImageRecord) -> Result<GuestExec, Agen
     })
 }
 
+/// When the guest channel fails, the VM has usually just died: prefer saying so.
+async fn exit_or<F, T, E>(
+    vm_exit: &mut std::pin::Pin<&mut F>,
+    otherwise: String,
+    vm: &dyn Vm,
+) -> (SandboxStatus, Option<ExitInfo>, Option<String>)
+where
+    F: std::future::Future<Output = Result<T, E>>,
+    T: std::fmt::Debug,
+    E: std::fmt::Display,
+{
+    let msg = match tokio::time::timeout(Duration::from_secs(2), vm_exit.as_mut()).await {
+        Ok(x) => format!("VM exited unexpectedly ({})", describe_exit(x)),
+        Err(_) => otherwise,
+    };
+    (
+        SandboxStatus::Failed,
+        None,
+        Some(format!("{msg}{}", console_tail(&vm.console_log()))),
+    )
+}
+
 fn describe_exit<E: std::fmt::Display, T: std::fmt::Debug>(x: Result<T, E>) -> String {
     match x {
         Ok(v) => format!("{v:?}"),
@@ -853,11 +917,7 @@ fn console_tail(path: &Path) -> String {
         return String::new();
     }
     let tail = &lines[lines.len().saturating_sub(15)..];
-    format!(
-        "; guest console ({}):\n{}",
-        path.display(),
-        tail.join("\n")
-    )
+    format!("; guest console ({}):\n{}", path.display(), tail.join("\n"))
 }
 
 #[cfg(test)]

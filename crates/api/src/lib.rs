@@ -53,7 +53,7 @@ pub struct CreateSandbox {
 }
 
 /// Lifecycle of a sandbox.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum SandboxStatus {
     /// The VM is booting.

@@ -38,9 +38,11 @@ impl Record {
         match self {
             Record::Stdout(b) => encode_into(&mut out, TAG_STDOUT, b),
             Record::Stderr(b) => encode_into(&mut out, TAG_STDERR, b),
-            Record::Exit(e) => {
-                encode_into(&mut out, TAG_EXIT, &serde_json::to_vec(e).unwrap_or_default())
-            }
+            Record::Exit(e) => encode_into(
+                &mut out,
+                TAG_EXIT,
+                &serde_json::to_vec(e).unwrap_or_default(),
+            ),
             Record::Error(m) => encode_into(
                 &mut out,
                 TAG_ERROR,

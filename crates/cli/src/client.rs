@@ -5,7 +5,9 @@ use serde::{de::DeserializeOwned, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
-    #[error("cannot reach hearthd at {api}: {source}; is it running? (start it with `hearthd dev`)")]
+    #[error(
+        "cannot reach hearthd at {api}: {source}; is it running? (start it with `hearthd dev`)"
+    )]
     Unreachable {
         api: String,
         #[source]
@@ -19,7 +21,9 @@ pub enum CliError {
         what: String,
         body: String,
     },
-    #[error("the output stream ended before the workload's exit status arrived (hearthd stopped?)")]
+    #[error(
+        "the output stream ended before the workload's exit status arrived (hearthd stopped?)"
+    )]
     StreamEnded,
 }
 

@@ -12,7 +12,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use client::{Client, CliError};
+use client::{CliError, Client};
 use hearth_api::stream::{Decoder, Record};
 use hearth_api::{CreateSandbox, ExecRequest, ImportImage, Sandbox};
 
@@ -23,7 +23,12 @@ const EXIT_HEARTH_FAILED: u8 = 125;
 #[command(name = "hearth", version, about = "Run OCI images in microVMs")]
 struct Cli {
     /// URL of the Hearth API.
-    #[arg(long, global = true, env = "HEARTH_API", default_value = "http://127.0.0.1:7070")]
+    #[arg(
+        long,
+        global = true,
+        env = "HEARTH_API",
+        default_value = "http://127.0.0.1:7070"
+    )]
     api: String,
     #[command(subcommand)]
     cmd: Cmd,
@@ -202,7 +207,9 @@ async fn run(cli: Cli) -> Result<u8> {
                         s.name.as_deref().unwrap_or("-"),
                         s.image,
                         status_word(&s),
-                        s.exit.map(|e| e.code.to_string()).unwrap_or_else(|| "-".into()),
+                        s.exit
+                            .map(|e| e.code.to_string())
+                            .unwrap_or_else(|| "-".into()),
                         s.argv.join(" ")
                     );
                 }
@@ -375,7 +382,10 @@ async fn cmd_run(c: &Client, a: RunArgs) -> Result<u8> {
         .await?;
     let (code, _) = print_stream(resp, false).await?;
     if a.rm {
-        if let Err(e) = c.delete(&format!("/v1/sandboxes/{}?force=true", sb.id)).await {
+        if let Err(e) = c
+            .delete(&format!("/v1/sandboxes/{}?force=true", sb.id))
+            .await
+        {
             eprintln!("hearth: removing sandbox {}: {e:#}", sb.id);
         }
     }

@@ -95,7 +95,10 @@ pub fn router(agent: Agent) -> Router {
         .route("/v1/sandboxes/{id}/execs/{exec_id}/stdin", post(exec_stdin))
         .route("/v1/images", get(list_images))
         .route("/v1/images/import", post(import_image))
-        .route("/v1/images/{reference}", axum::routing::delete(delete_image))
+        .route(
+            "/v1/images/{reference}",
+            axum::routing::delete(delete_image),
+        )
         .fallback(not_found)
         .layer(axum::middleware::from_fn(json_errors))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_JSON_BODY))
@@ -229,7 +232,10 @@ async fn output(
         move |(follower, agent, id)| async move {
             let mut f = follower?;
             match f.next_chunk(follow).await {
-                Ok(Some(chunk)) => Some((Ok::<_, std::io::Error>(Bytes::from(chunk)), (Some(f), agent, id))),
+                Ok(Some(chunk)) => Some((
+                    Ok::<_, std::io::Error>(Bytes::from(chunk)),
+                    (Some(f), agent, id),
+                )),
                 Ok(None) => {
                     let sb = agent.get(&id).ok()?;
                     let last = final_record(&sb)?;
@@ -307,7 +313,10 @@ async fn exec(
             match rec {
                 Some(r @ (Record::Exit(_) | Record::Error(_))) => {
                     agent.exec_done(&id, exec_id);
-                    Some((Ok::<_, std::io::Error>(Bytes::from(r.encode())), (None, agent, id, exec_id)))
+                    Some((
+                        Ok::<_, std::io::Error>(Bytes::from(r.encode())),
+                        (None, agent, id, exec_id),
+                    ))
                 }
                 Some(r) => Some((Ok(Bytes::from(r.encode())), (Some(s), agent, id, exec_id))),
                 None => {

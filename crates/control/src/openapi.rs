@@ -26,9 +26,7 @@ struct ApiDoc;
 pub fn document() -> serde_json::Value {
     let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
     let ct = hearth_api::stream::CONTENT_TYPE;
-    let json = |schema: &str| {
-        serde_json::json!({"content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{schema}")}}}})
-    };
+    let json = |schema: &str| serde_json::json!({"content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{schema}")}}}});
     let err = json("ApiError");
     let id = serde_json::json!([{"name": "id", "in": "path", "required": true, "description": "sandbox id or name", "schema": {"type": "string"}}]);
     let stream = serde_json::json!({"description": format!("records: u8 tag (1 stdout, 2 stderr, 3 exit JSON ExitInfo, 4 error JSON ApiError) | u32 LE length | payload"), "content": {ct: {"schema": {"type": "string", "format": "binary"}}}});

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use hearth_agent::{Agent, AgentConfig};
-use hearth_vmm::AccelMode;
+use hearth_vmm::AccelChoice;
 
 #[derive(Parser)]
 #[command(name = "hearthd", version, about = "Hearth daemon")]
@@ -39,9 +39,12 @@ struct DevArgs {
     /// QEMU binary.
     #[arg(long, env = "HEARTH_QEMU", default_value = "qemu-system-x86_64")]
     qemu: PathBuf,
+    /// qemu-img binary.
+    #[arg(long, env = "HEARTH_QEMU_IMG", default_value = "qemu-img")]
+    qemu_img: PathBuf,
     /// Accelerator: auto (probe KVM, fall back to TCG), kvm or tcg.
     #[arg(long, env = "HEARTH_ACCEL", default_value = "auto")]
-    accel: AccelMode,
+    accel: AccelChoice,
     /// This node's name.
     #[arg(long, env = "HEARTH_NODE", default_value = "local")]
     node: String,
@@ -58,8 +61,7 @@ fn cache_dir() -> PathBuf {
 async fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -74,17 +76,23 @@ async fn dev(a: DevArgs) -> Result<()> {
     let cfg = AgentConfig {
         data_dir: a.data_dir.clone(),
         kernel: a.kernel.unwrap_or_else(|| current.join("vmlinux")),
-        initrd: a.initrd.unwrap_or_else(|| current.join("initramfs.cpio.gz")),
+        initrd: a
+            .initrd
+            .unwrap_or_else(|| current.join("initramfs.cpio.gz")),
         qemu: a.qemu,
+        qemu_img: a.qemu_img,
         accel: a.accel,
         node: a.node,
     };
-    let agent = Agent::start(cfg)
-        .await
-        .context("starting the node agent")?;
+    let agent = Agent::start(cfg).await.context("starting the node agent")?;
     let listener = tokio::net::TcpListener::bind(a.listen)
         .await
-        .with_context(|| format!("binding the API to {}; is another hearthd running?", a.listen))?;
+        .with_context(|| {
+            format!(
+                "binding the API to {}; is another hearthd running?",
+                a.listen
+            )
+        })?;
     let info = agent.info();
     tracing::info!(
         "hearthd dev: API on http://{} (data {}, backend {}, accel {})",

@@ -110,7 +110,8 @@ pub fn oci_layout(dir: &Path, cfg: &Config, layers: &[Vec<u8>]) {
     }))
     .expect("json");
     let (m_digest, m_size) = put(&manifest);
-    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).expect("oci-layout");
+    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)
+        .expect("oci-layout");
     std::fs::write(
         dir.join("index.json"),
         serde_json::to_vec(&serde_json::json!({

@@ -104,7 +104,13 @@ impl Daemon {
         if opts.busybox {
             let rootfs = d.data.path().join("busybox-rootfs");
             images::busybox_rootfs(&rootfs);
-            let out = d.hearth(&["image", "import", "--name", "busybox", rootfs.to_str().unwrap()]);
+            let out = d.hearth(&[
+                "image",
+                "import",
+                "--name",
+                "busybox",
+                rootfs.to_str().unwrap(),
+            ]);
             assert!(out.status.success(), "import busybox: {}", show(&out));
         }
         d
@@ -143,7 +149,11 @@ impl Daemon {
             if let Ok((200, _)) = self.http("GET", "/v1/info", None) {
                 return;
             }
-            if let Some(st) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(st) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 panic!("hearthd exited with {st}: {}", self.log_text());
             }
             assert!(
@@ -259,7 +269,11 @@ impl Drop for Daemon {
                 if let Ok(serde_json::Value::Array(list)) = serde_json::from_str(&body) {
                     for s in list {
                         if let Some(id) = s["id"].as_str() {
-                            let _ = self.http("DELETE", &format!("/v1/sandboxes/{id}?force=true"), None);
+                            let _ = self.http(
+                                "DELETE",
+                                &format!("/v1/sandboxes/{id}?force=true"),
+                                None,
+                            );
                         }
                     }
                 }
@@ -304,7 +318,10 @@ fn kill_vmms_under(dir: &Path) {
 pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !f() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
