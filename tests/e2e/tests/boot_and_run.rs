@@ -324,7 +324,7 @@ fn kill_9_of_hearthd_reports_the_sandbox_lost_and_orphans_no_qemu() {
 #[test]
 fn vm_killed_from_outside_is_reported_and_the_cli_does_not_hang() {
     let d = Daemon::start();
-    let mut child = d
+    let child = d
         .cmd(&[
             "run",
             "busybox",
