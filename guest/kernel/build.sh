@@ -55,7 +55,13 @@ fail() {
 run() { # phase, command...
     local phase="$1"; shift
     log "phase: $phase"
-    "$@" >>"$build_log" 2>&1 || fail "$phase"
+    # A heartbeat with the newest log line, so a 10-minute compile is visibly alive.
+    ( while sleep 60; do log "  ... $phase: $(tail -n1 "$build_log")"; done ) &
+    local heartbeat=$!
+    local rc=0
+    "$@" >>"$build_log" 2>&1 || rc=$?
+    kill "$heartbeat" 2>/dev/null; wait "$heartbeat" 2>/dev/null || true
+    [[ $rc -eq 0 ]] || fail "$phase"
 }
 
 log "building kernel $src_version, config hash $hash, $jobs jobs, in $work"

@@ -101,19 +101,31 @@ pub fn early_mounts() -> Result<BootParams, BootError> {
     Ok(BootParams::parse(&cmdline))
 }
 
-/// Waits (polling) until `path` exists; devtmpfs creates nodes asynchronously.
-pub fn wait_for_device(path: &str, timeout: Duration) -> Result<(), BootError> {
+/// Waits (polling) until `find` returns a device; devtmpfs creates nodes
+/// asynchronously. `what` names the device in the error.
+pub fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut find: impl FnMut() -> Option<T>,
+) -> Result<T, BootError> {
     let start = Instant::now();
-    while !Path::new(path).exists() {
+    loop {
+        if let Some(found) = find() {
+            return Ok(found);
+        }
         if start.elapsed() > timeout {
             return Err(BootError::DeviceMissing {
-                path: path.to_string(),
+                path: what.to_string(),
                 waited: timeout,
             });
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    Ok(())
+}
+
+/// Waits until the device node `path` exists.
+pub fn wait_for_device(path: &str, timeout: Duration) -> Result<(), BootError> {
+    wait_for(path, timeout, || Path::new(path).exists().then_some(()))
 }
 
 /// Mounts the root filesystem read-write at /sysroot, with proc, sys, dev,

@@ -7,8 +7,29 @@ use std::sync::Mutex;
 
 use hearth_proto::{write_frame, Frame, ProtoError};
 
-/// The virtio-serial port named `hearth.agent` by the host.
-pub const PORT: &str = "/dev/vport0p1";
+/// The name the host gives the port (`virtserialport,name=hearth.agent`).
+pub const PORT_NAME: &str = "hearth.agent";
+/// Where the kernel lists virtio-serial ports and their names.
+const PORTS_DIR: &str = "/sys/class/virtio-ports";
+
+/// The device node of the port named [`PORT_NAME`], if it exists yet.
+///
+/// why: the node is `/dev/vport<N>p<M>` with N the virtio device index, which
+/// depends on how many virtio devices come before the serial device (with one
+/// disk it is `vport1p1`). Without udev the name in sysfs is the stable handle.
+pub fn find_port() -> Option<String> {
+    let entries = std::fs::read_dir(PORTS_DIR).ok()?;
+    for entry in entries.flatten() {
+        let name = std::fs::read_to_string(entry.path().join("name")).unwrap_or_default();
+        if name.trim() == PORT_NAME {
+            let dev = format!("/dev/{}", entry.file_name().to_string_lossy());
+            if std::path::Path::new(&dev).exists() {
+                return Some(dev);
+            }
+        }
+    }
+    None
+}
 
 /// The sending half of the channel, shared by all threads.
 pub struct Writer {

@@ -58,7 +58,11 @@ fn run() -> Result<std::convert::Infallible, InitError> {
         power::reboot();
     }
     boot::wait_for_device(&params.root, DEVICE_TIMEOUT)?;
-    boot::wait_for_device(channel::PORT, DEVICE_TIMEOUT)?;
+    let port = boot::wait_for(
+        &format!("virtio-serial port {}", channel::PORT_NAME),
+        DEVICE_TIMEOUT,
+        channel::find_port,
+    )?;
     boot::mount_sysroot(&params)?;
     if let Some(name) = &params.hostname {
         boot::set_hostname(name)?;
@@ -67,5 +71,5 @@ fn run() -> Result<std::convert::Infallible, InitError> {
         log!("loopback not up: {e}");
     }
     log!("ready in {} ms", start.elapsed().as_millis());
-    Ok(server::serve(channel::PORT)?)
+    Ok(server::serve(&port)?)
 }
