@@ -56,7 +56,8 @@ run() { # phase, command...
     local phase="$1"; shift
     log "phase: $phase"
     # A heartbeat with the newest log line, so a 10-minute compile is visibly alive.
-    ( while sleep 60; do log "  ... $phase: $(tail -n1 "$build_log")"; done ) &
+    # why: stdout to /dev/null so its lingering `sleep` cannot hold a `| tail -n1` open.
+    ( while sleep 60; do log "  ... $phase: $(tail -n1 "$build_log")"; done ) >/dev/null &
     local heartbeat=$!
     local rc=0
     "$@" >>"$build_log" 2>&1 || rc=$?
@@ -95,9 +96,10 @@ done <"$fragment"
 run "vmlinux (make -j$jobs, the long part)" kmake -j"$jobs" vmlinux
 run strip strip -o "$work/vmlinux" "$ksrc/vmlinux"
 cp "$ksrc/.config" "$work/config"
+cp "$build_log" "$work/vmlinux.build.log"
 
 mkdir -p "$out_dir.tmp.$$"
-mv "$work/vmlinux" "$work/config" "$out_dir.tmp.$$/"
+mv "$work/vmlinux" "$work/config" "$work/vmlinux.build.log" "$out_dir.tmp.$$/"
 # why: rename of a directory is atomic, so a concurrent reader sees all or nothing.
 mv -T "$out_dir.tmp.$$" "$out_dir" 2>/dev/null || { rm -rf "$out_dir.tmp.$$"; [[ -s "$out" ]] || die "could not move build to $out_dir"; }
 link_current
