@@ -37,13 +37,14 @@ fn reap_once(sessions: &Sessions, writer: &Writer) {
     // why: wait *without reaping* first (WNOWAIT), then reap under the table lock,
     // so a process being spawned (table locked) is registered before it can be
     // reaped, and std's own wait() after a failed exec still finds its child.
+    let seen = sessions.spawn_count();
     // SAFETY: siginfo_t is plain data; zeroed is a valid value for waitid to fill.
     let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
     // SAFETY: `info` is a valid siginfo_t that lives across the call.
     let rc = unsafe { libc::waitid(libc::P_ALL, 0, &mut info, libc::WEXITED | libc::WNOWAIT) };
     if rc < 0 {
         if std::io::Error::last_os_error().raw_os_error() == Some(libc::ECHILD) {
-            sessions.wait_for_children(Duration::from_secs(1));
+            sessions.wait_for_children(seen, Duration::from_secs(1));
         }
         return;
     }

@@ -160,6 +160,9 @@ pub struct Sessions {
 pub struct Table {
     by_id: HashMap<u32, Arc<Session>>,
     by_pid: HashMap<u32, Arc<Session>>,
+    /// Processes spawned so far; lets the reaper wait for "a new child" without
+    /// missing one spawned just before it started waiting.
+    spawned: u64,
 }
 
 impl Table {
@@ -168,6 +171,7 @@ impl Table {
     }
 
     pub fn insert(&mut self, session: Arc<Session>) {
+        self.spawned += 1;
         self.by_pid.insert(session.pid, Arc::clone(&session));
         self.by_id.insert(session.id, session);
     }
@@ -199,10 +203,18 @@ impl Sessions {
         self.children.notify_all();
     }
 
-    /// Blocks the reaper while there are no children (or until `timeout`).
-    pub fn wait_for_children(&self, timeout: Duration) {
+    /// How many processes were spawned so far.
+    pub fn spawn_count(&self) -> u64 {
+        self.lock().spawned
+    }
+
+    /// Blocks the reaper until a process is spawned after `seen` was read (or
+    /// until `timeout`, which covers children we did not spawn ourselves).
+    pub fn wait_for_children(&self, seen: u64, timeout: Duration) {
         let table = self.lock();
-        let _ = self.children.wait_timeout(table, timeout);
+        let _ = self
+            .children
+            .wait_timeout_while(table, timeout, |t| t.spawned == seen);
     }
 
     /// Sends `Exit` for a complete session and forgets it.
