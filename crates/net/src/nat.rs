@@ -1,0 +1,90 @@
+//! Egress NAT with nftables: one `ip hearth` table whose postrouting chain
+//! masquerades sources in the `sandboxes` set when they leave through anything
+//! but a sandbox tap. A sandbox is NATed exactly while its address is in the set.
+
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::process::{Command, Stdio};
+
+/// An nft invocation failed.
+#[derive(Debug, thiserror::Error)]
+#[error("nft {what}: {reason}")]
+pub struct NatError {
+    pub what: String,
+    pub reason: String,
+}
+
+fn nft(what: &str, script: &str) -> Result<String, NatError> {
+    let err = |reason: String| NatError {
+        what: what.into(),
+        reason,
+    };
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| err(format!("cannot run nft ({e}); install nftables")))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(script.as_bytes())
+            .map_err(|e| err(e.to_string()))?;
+    }
+    let out = child.wait_with_output().map_err(|e| err(e.to_string()))?;
+    if !out.status.success() {
+        return Err(err(String::from_utf8_lossy(&out.stderr).trim().to_string()));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Creates the table, set and masquerade rule unless they exist.
+pub fn ensure(tap_prefix: &str) -> Result<(), NatError> {
+    if nft("list", "list chain ip hearth postrouting").is_ok() {
+        return Ok(());
+    }
+    nft(
+        "create table",
+        &format!(
+            "table ip hearth {{
+  set sandboxes {{ type ipv4_addr; }}
+  chain postrouting {{
+    type nat hook postrouting priority srcnat; policy accept;
+    ip saddr @sandboxes oifname != \"{tap_prefix}*\" masquerade
+  }}
+}}
+"
+        ),
+    )
+    .map(|_| ())
+}
+
+pub fn add(ip: Ipv4Addr) -> Result<(), NatError> {
+    nft("add element", &format!("add element ip hearth sandboxes {{ {ip} }}\n")).map(|_| ())
+}
+
+/// Removes the address from the set; absent is fine.
+pub fn remove(ip: Ipv4Addr) -> Result<(), NatError> {
+    match nft(
+        "delete element",
+        &format!("delete element ip hearth sandboxes {{ {ip} }}\n"),
+    ) {
+        Ok(_) => Ok(()),
+        Err(e) if e.reason.contains("No such file") || e.reason.contains("does not exist") => {
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Addresses currently in the set.
+pub fn members() -> Result<Vec<Ipv4Addr>, NatError> {
+    let out = nft("list set", "list set ip hearth sandboxes")?;
+    let mut v = Vec::new();
+    if let Some(start) = out.find("elements = {") {
+        let rest = &out[start + "elements = {".len()..];
+        let body = rest.split('}').next().unwrap_or("");
+        v.extend(body.split(',').filter_map(|s| s.trim().parse::<Ipv4Addr>().ok()));
+    }
+    Ok(v)
+}
