@@ -18,6 +18,12 @@ use utoipa::OpenApi;
         hearth_api::Info,
         hearth_api::ApiError,
         hearth_api::ErrorCode,
+        hearth_api::network::NetworkSpec,
+        hearth_api::network::NetworkMode,
+        hearth_api::network::EgressPolicy,
+        hearth_api::network::SandboxNetwork,
+        hearth_api::network::PolicyStats,
+        hearth_api::network::PolicyCounter,
     ))
 )]
 struct ApiDoc;
@@ -50,6 +56,12 @@ pub fn document() -> serde_json::Value {
         "/v1/images/import": {"post": {"summary": "Import an image from a path on the daemon's host", "requestBody": json("ImportImage"), "responses": {"201": json("Image"), "400": err, "404": err}}},
         "/v1/images/{reference}": {"delete": {"summary": "Remove an image", "responses": {"204": {"description": "removed"}, "404": err}}}
     });
+    if let (Some(paths), serde_json::Value::Object(more)) = (
+        doc["paths"].as_object_mut(),
+        crate::policy::openapi_paths(json, &err),
+    ) {
+        paths.extend(more);
+    }
     doc
 }
 

@@ -48,6 +48,52 @@ struct DevArgs {
     /// This node's name.
     #[arg(long, env = "HEARTH_NODE", default_value = "local")]
     node: String,
+    #[command(flatten)]
+    net: NetArgs,
+}
+
+/// Sandbox networking of this node.
+#[derive(clap::Args)]
+struct NetArgs {
+    /// This node's slice of the cluster CIDR; sandboxes get /32s from it.
+    #[arg(long, env = "HEARTH_NET_POOL", default_value = "10.88.0.0/24")]
+    net_pool: hearth_net::Cidr,
+    /// Run every sandbox without a network (no taps, NAT or BPF).
+    #[arg(long, env = "HEARTH_NO_NETWORK")]
+    no_network: bool,
+    /// Nameservers for sandboxes (default: the host's non-loopback ones).
+    #[arg(long = "dns", env = "HEARTH_DNS", value_delimiter = ',')]
+    dns: Vec<std::net::Ipv4Addr>,
+}
+
+impl NetArgs {
+    fn config(&self, data_dir: &std::path::Path) -> Option<hearth_net::NetConfig> {
+        if self.no_network {
+            return None;
+        }
+        let dns = if self.dns.is_empty() {
+            host_nameservers()
+        } else {
+            self.dns.clone()
+        };
+        Some(hearth_net::NetConfig {
+            pool: self.net_pool,
+            state_dir: data_dir.join("net"),
+            dns,
+        })
+    }
+}
+
+/// IPv4 nameservers of the host's /etc/resolv.conf, loopback ones left out
+/// (a guest cannot reach the host's 127.0.0.53).
+fn host_nameservers() -> Vec<std::net::Ipv4Addr> {
+    std::fs::read_to_string("/etc/resolv.conf")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.strip_prefix("nameserver"))
+        .filter_map(|a| a.trim().parse::<std::net::Ipv4Addr>().ok())
+        .filter(|a| !a.is_loopback())
+        .collect()
 }
 
 fn cache_dir() -> PathBuf {
@@ -83,6 +129,7 @@ async fn dev(a: DevArgs) -> Result<()> {
         qemu_img: a.qemu_img,
         accel: a.accel,
         node: a.node,
+        net: a.net.config(&a.data_dir),
     };
     let agent = Agent::start(cfg).await.context("starting the node agent")?;
     let listener = tokio::net::TcpListener::bind(a.listen)

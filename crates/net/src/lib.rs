@@ -320,8 +320,10 @@ impl NodeNet {
         errs
     }
 
-    /// Removes the network of every sandbox not in `keep`: leases, records,
-    /// taps, pins and NAT entries left by a previous run.
+    /// Removes the network of every sandbox this node's state knows (leases,
+    /// records) that is not in `keep`: taps, pins, NAT entries, records and leases
+    /// left by a previous run. Taps of other agents on the same host (other
+    /// state dirs) are never touched.
     pub fn remove_orphans(&self, keep: &HashSet<String>) {
         let mut ids: HashSet<String> = self.ipam.all().into_keys().collect();
         if let Ok(rd) = std::fs::read_dir(self.cfg.state_dir.join("sandboxes")) {
@@ -332,22 +334,11 @@ impl NodeNet {
                     .map(str::to_string)
             }));
         }
-        for t in tap::list(TAP_PREFIX).into_iter().chain(policy::maps::pinned_taps()) {
-            if let Some(id) = t.strip_prefix(TAP_PREFIX) {
-                ids.insert(id.to_string());
-            }
-        }
         for id in ids.difference(keep) {
             tracing::info!(sandbox = %id, "removing orphaned sandbox network");
             let l = self.sandbox_lock(id);
             let _g = lock(&l);
             self.teardown_locked(id);
-        }
-        let leased: HashSet<Ipv4Addr> = self.ipam.all().into_values().collect();
-        if let Ok(members) = nat::members() {
-            for ip in members.into_iter().filter(|ip| !leased.contains(ip)) {
-                let _ = nat::remove(ip);
-            }
         }
     }
 }

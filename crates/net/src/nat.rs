@@ -76,15 +76,3 @@ pub fn remove(ip: Ipv4Addr) -> Result<(), NatError> {
         Err(e) => Err(e),
     }
 }
-
-/// Addresses currently in the set.
-pub fn members() -> Result<Vec<Ipv4Addr>, NatError> {
-    let out = nft("list set", "list set ip hearth sandboxes")?;
-    let mut v = Vec::new();
-    if let Some(start) = out.find("elements = {") {
-        let rest = &out[start + "elements = {".len()..];
-        let body = rest.split('}').next().unwrap_or("");
-        v.extend(body.split(',').filter_map(|s| s.trim().parse::<Ipv4Addr>().ok()));
-    }
-    Ok(v)
-}

@@ -120,9 +120,15 @@ fn add_route(tap: &str, ip: Ipv4Addr) -> io::Result<()> {
     // SAFETY: rt and the device name it points to outlive the call.
     if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCADDRT as _, &rt) } < 0 {
         let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EEXIST) {
-            return Err(e);
+        if e.raw_os_error() == Some(libc::EEXIST) {
+            // why: our own tap was just (re)created, so an existing route belongs
+            // to someone else: another agent's pool overlaps ours.
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{ip}/32 is already routed on this host; another agent's address pool overlaps this one"),
+            ));
         }
+        return Err(e);
     }
     Ok(())
 }
@@ -140,6 +146,8 @@ pub fn enable_forwarding() -> io::Result<()> {
 /// Creates the tap (or takes over a leftover one), brings it up, answers ARP for
 /// the guest's gateway (proxy ARP) and routes `ip/32` to it.
 pub fn create(tap: &str, ip: Ipv4Addr) -> io::Result<()> {
+    // why: a leftover tap of the same sandbox may still carry an old route.
+    delete(tap)?;
     set_persist(tap, true)?;
     let conf = format!("/proc/sys/net/ipv4/conf/{tap}");
     sysctl(&format!("{conf}/proxy_arp"), "1")?;
@@ -156,18 +164,6 @@ pub fn delete(tap: &str) -> io::Result<()> {
         return Ok(());
     }
     set_persist(tap, false)
-}
-
-/// Hearth's taps present on this host.
-pub fn list(prefix: &str) -> Vec<String> {
-    std::fs::read_dir("/sys/class/net")
-        .map(|rd| {
-            rd.flatten()
-                .filter_map(|e| e.file_name().into_string().ok())
-                .filter(|n| n.starts_with(prefix))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// The host's own IPv4 addresses (all interfaces).

@@ -53,6 +53,11 @@ fn free_port() -> u16 {
         .expect("free port")
 }
 
+/// A /24 for the daemon on `port`, distinct for distinct ports in a run.
+pub fn net_pool(port: u16) -> String {
+    format!("10.{}.{}.0/24", 100 + (port / 256) % 150, port % 256)
+}
+
 /// Options for [`Daemon::start_with`].
 #[derive(Clone)]
 pub struct DaemonOptions {
@@ -138,6 +143,9 @@ impl Daemon {
             .arg(self.data.path().join("data"))
             .args(["--listen", &format!("127.0.0.1:{}", self.port)])
             .args(["--accel", &self.opts.accel])
+            // why: daemons of concurrent tests share the host's routing table;
+            // each gets its own address pool, derived from its unique port.
+            .env("HEARTH_NET_POOL", net_pool(self.port))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
