@@ -34,7 +34,11 @@ pub fn policy_to_api(p: &Policy) -> EgressPolicy {
     for r in &p.rules {
         // Display is "allow CIDR..." / "deny CIDR..."; the API lists hold the rest.
         let text = r.to_string();
-        let body = text.split_once(' ').map(|x| x.1).unwrap_or(&text).to_string();
+        let body = text
+            .split_once(' ')
+            .map(|x| x.1)
+            .unwrap_or(&text)
+            .to_string();
         match r.action {
             Action::Allow => out.allow.push(body),
             Action::Deny => out.deny.push(body),

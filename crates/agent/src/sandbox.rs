@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use hearth_api::network::NetworkMode;
 use hearth_api::stream::Record;
 use hearth_api::{
     CreateSandbox, ErrorCode, ExitInfo, Image, Info, Sandbox, SandboxStatus, DEFAULT_CPUS,
@@ -12,7 +13,6 @@ use hearth_api::{
 };
 use hearth_image::{ImageError, ImageRecord, ImageStore, Limits};
 use hearth_proto::ExecRequest as GuestExec;
-use hearth_api::network::NetworkMode;
 use hearth_vmm::{Accel, AccelChoice, AccelReport, NetDevice, QemuVmm, Vm, VmConfig, Vmm};
 use tokio::sync::{mpsc, watch};
 

@@ -32,7 +32,10 @@ async fn stats(State(agent): State<Agent>, Path(id): Path<String>) -> ApiResult<
 }
 
 /// OpenAPI paths of these routes.
-pub fn openapi_paths(json: impl Fn(&str) -> serde_json::Value, err: &serde_json::Value) -> serde_json::Value {
+pub fn openapi_paths(
+    json: impl Fn(&str) -> serde_json::Value,
+    err: &serde_json::Value,
+) -> serde_json::Value {
     let id = serde_json::json!([{"name": "id", "in": "path", "required": true, "description": "sandbox id or name", "schema": {"type": "string"}}]);
     serde_json::json!({
         "/v1/sandboxes/{id}/policy": {

@@ -81,7 +81,9 @@ mod tests {
 
     #[test]
     fn network_parameters_are_understood() {
-        let p = BootParams::parse("hearth.ip=10.88.0.2 hearth.gw=169.254.1.1 hearth.dns=1.1.1.1,9.9.9.9");
+        let p = BootParams::parse(
+            "hearth.ip=10.88.0.2 hearth.gw=169.254.1.1 hearth.dns=1.1.1.1,9.9.9.9",
+        );
         let n = p.net.unwrap();
         assert_eq!(n.ip.to_string(), "10.88.0.2");
         assert_eq!(n.gateway.to_string(), "169.254.1.1");

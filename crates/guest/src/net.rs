@@ -73,7 +73,12 @@ fn route(fd: &OwnedFd, dst: Ipv4Addr, mask: Ipv4Addr, gw: Option<Ipv4Addr>) -> i
         None => rt.rt_flags |= libc::RTF_HOST,
     }
     rt.rt_dev = dev.as_ptr() as *mut libc::c_char;
-    ioctl(fd, libc::SIOCADDRT as _, &mut rt, &format!("route to {dst}"))
+    ioctl(
+        fd,
+        libc::SIOCADDRT as _,
+        &mut rt,
+        &format!("route to {dst}"),
+    )
 }
 
 /// Configures eth0 and the routes, then writes resolv.conf under `sysroot`.
@@ -102,7 +107,12 @@ pub fn configure(p: &NetParams, sysroot: &str) -> io::Result<()> {
     f.flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
     ioctl(&fd, libc::SIOCSIFFLAGS as _, &mut f, "bring eth0 up")?;
     route(&fd, p.gateway, Ipv4Addr::BROADCAST, None)?;
-    route(&fd, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, Some(p.gateway))?;
+    route(
+        &fd,
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::UNSPECIFIED,
+        Some(p.gateway),
+    )?;
     if !p.dns.is_empty() {
         let body: String = p.dns.iter().map(|d| format!("nameserver {d}\n")).collect();
         let etc = format!("{sysroot}/etc");

@@ -59,7 +59,9 @@ pub enum NetError {
     },
     #[error(transparent)]
     Nat(#[from] nat::NatError),
-    #[error("sandbox '{0}' has no network (it was started with --network none or has been removed)")]
+    #[error(
+        "sandbox '{0}' has no network (it was started with --network none or has been removed)"
+    )]
     NoNetwork(String),
     #[error("network record {path}: {source}")]
     Record {
@@ -182,7 +184,10 @@ impl NodeNet {
     }
 
     fn record_path(&self, id: &str) -> PathBuf {
-        self.cfg.state_dir.join("sandboxes").join(format!("{id}.json"))
+        self.cfg
+            .state_dir
+            .join("sandboxes")
+            .join(format!("{id}.json"))
     }
 
     fn save(&self, rec: &SandboxNet) -> Result<(), NetError> {

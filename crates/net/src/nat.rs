@@ -60,7 +60,11 @@ pub fn ensure(tap_prefix: &str) -> Result<(), NatError> {
 }
 
 pub fn add(ip: Ipv4Addr) -> Result<(), NatError> {
-    nft("add element", &format!("add element ip hearth sandboxes {{ {ip} }}\n")).map(|_| ())
+    nft(
+        "add element",
+        &format!("add element ip hearth sandboxes {{ {ip} }}\n"),
+    )
+    .map(|_| ())
 }
 
 /// Removes the address from the set; absent is fine.

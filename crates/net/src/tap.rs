@@ -57,7 +57,13 @@ fn set_persist(name: &str, persist: bool) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: TUNSETPERSIST takes an integer argument.
-    if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETPERSIST as _, libc::c_ulong::from(persist)) } < 0
+    if unsafe {
+        libc::ioctl(
+            tun.as_raw_fd(),
+            TUNSETPERSIST as _,
+            libc::c_ulong::from(persist),
+        )
+    } < 0
     {
         return Err(io::Error::last_os_error());
     }

@@ -27,7 +27,10 @@ fn sandbox_network_is_built_updated_and_removed_without_leftovers() {
     assert!(sh("ip route show").contains(&format!("10.251.7.1 dev {}", rec.tap)));
     assert!(sh("nft list set ip hearth sandboxes").contains("10.251.7.1"));
     let progs = sh("bpftool prog show");
-    assert!(progs.contains("guest_out") && progs.contains("guest_in"), "{progs}");
+    assert!(
+        progs.contains("guest_out") && progs.contains("guest_in"),
+        "{progs}"
+    );
 
     let p = Policy {
         default: Action::Deny,
@@ -40,7 +43,8 @@ fn sandbox_network_is_built_updated_and_removed_without_leftovers() {
 
     // Pool of /29 = 6 addresses.
     for i in 2..=6 {
-        net.setup(&format!("nettest0000{i}"), Policy::default()).unwrap();
+        net.setup(&format!("nettest0000{i}"), Policy::default())
+            .unwrap();
     }
     let e = net.setup("nettest00007", Policy::default()).unwrap_err();
     assert!(e.is_exhausted(), "{e}");

@@ -65,6 +65,8 @@ pub struct DaemonOptions {
     pub accel: String,
     /// Import the busybox image as `busybox`.
     pub busybox: bool,
+    /// Extra environment for hearthd (e.g. `HEARTH_NET_POOL`).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for DaemonOptions {
@@ -72,6 +74,7 @@ impl Default for DaemonOptions {
         DaemonOptions {
             accel: "tcg".into(),
             busybox: true,
+            env: Vec::new(),
         }
     }
 }
@@ -89,6 +92,17 @@ pub struct Daemon {
 impl Daemon {
     pub fn start() -> Daemon {
         Daemon::start_with(DaemonOptions::default())
+    }
+
+    /// A default daemon with extra environment.
+    pub fn start_with_env(env: &[(&str, &str)]) -> Daemon {
+        Daemon::start_with(DaemonOptions {
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..DaemonOptions::default()
+        })
     }
 
     pub fn start_with(opts: DaemonOptions) -> Daemon {
@@ -146,6 +160,7 @@ impl Daemon {
             // why: daemons of concurrent tests share the host's routing table;
             // each gets its own address pool, derived from its unique port.
             .env("HEARTH_NET_POOL", net_pool(self.port))
+            .envs(self.opts.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)

@@ -100,9 +100,8 @@ fn ensure_bpffs() -> Result<(), BpfError> {
         std::fs::create_dir_all("/sys/fs/bpf").map_err(fs_err)?;
         let (src, dst, ty) = (c"bpffs", c"/sys/fs/bpf", c"bpf");
         // SAFETY: all pointers are valid NUL-terminated strings; data is null.
-        let rc = unsafe {
-            libc::mount(src.as_ptr(), dst.as_ptr(), ty.as_ptr(), 0, std::ptr::null())
-        };
+        let rc =
+            unsafe { libc::mount(src.as_ptr(), dst.as_ptr(), ty.as_ptr(), 0, std::ptr::null()) };
         if rc != 0 {
             return Err(fs_err(std::io::Error::last_os_error()));
         }
@@ -197,7 +196,12 @@ fn open_map(tap: &str, name: &str) -> Result<Map, BpfError> {
     })
 }
 
-fn write_config(tap: &str, ip: Ipv4Addr, mac: [u8; 6], default_allow: bool) -> Result<(), BpfError> {
+fn write_config(
+    tap: &str,
+    ip: Ipv4Addr,
+    mac: [u8; 6],
+    default_allow: bool,
+) -> Result<(), BpfError> {
     let err = |e: aya::maps::MapError| BpfError::Map {
         tap: tap.into(),
         reason: format!("CONFIG: {e}"),

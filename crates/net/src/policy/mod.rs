@@ -107,7 +107,11 @@ pub enum PolicyError {
     #[error("too many rules: {given} given, at most {max} per sandbox")]
     TooManyRules { given: usize, max: usize },
     #[error("too many rules for {cidr}: {given} entries including inherited and implicit ones, the map holds {max}")]
-    TooManyForPrefix { cidr: Cidr, given: usize, max: usize },
+    TooManyForPrefix {
+        cidr: Cidr,
+        given: usize,
+        max: usize,
+    },
     #[error("too many distinct CIDRs: {given}, the map holds {max}")]
     TooManyPrefixes { given: usize, max: usize },
     #[error("default must be allow or deny, not '{0}'")]
@@ -287,7 +291,10 @@ fn entries_for(r: &Rule, counter: u16) -> Vec<Entry> {
 /// own addresses.
 pub fn implicit_denies(host_addrs: &[Ipv4Addr]) -> Vec<(Cidr, &'static str)> {
     let mut v = vec![
-        (Cidr::new(Ipv4Addr::new(169, 254, 0, 0), 16), "link-local and metadata"),
+        (
+            Cidr::new(Ipv4Addr::new(169, 254, 0, 0), 16),
+            "link-local and metadata",
+        ),
         (Cidr::new(Ipv4Addr::new(127, 0, 0, 0), 8), "loopback"),
     ];
     for a in host_addrs {
@@ -430,7 +437,11 @@ mod tests {
     fn overlapping_rules_are_rejected_nested_cidrs_are_not() {
         let p = rules(&["10.0.0.0/8:80-90"], &["10.0.0.0/8:85"], Action::Allow);
         assert!(matches!(validate(&p), Err(PolicyError::Overlap { .. })));
-        let p = rules(&["10.0.0.0/8:80:tcp"], &["10.0.0.0/8:80:udp"], Action::Allow);
+        let p = rules(
+            &["10.0.0.0/8:80:tcp"],
+            &["10.0.0.0/8:80:udp"],
+            Action::Allow,
+        );
         assert!(validate(&p).is_ok());
         let p = rules(&["10.1.0.0/16"], &["10.0.0.0/8"], Action::Allow);
         assert!(validate(&p).is_ok());
@@ -441,7 +452,10 @@ mod tests {
         let p = rules(&["10.1.0.0/16:80"], &["10.0.0.0/8"], Action::Allow);
         let c = compile(&p, &[]).unwrap();
         assert!(decide(&c, ip("10.1.2.3"), TCP, 80).1);
-        assert!(!decide(&c, ip("10.1.2.3"), TCP, 22).1, "inherits the /8 deny");
+        assert!(
+            !decide(&c, ip("10.1.2.3"), TCP, 22).1,
+            "inherits the /8 deny"
+        );
         assert!(!decide(&c, ip("10.9.2.3"), TCP, 80).1);
         assert!(decide(&c, ip("192.168.1.1"), UDP, 53).1, "default allow");
     }
@@ -484,6 +498,9 @@ mod tests {
         let (a, _) = decide(&c, ip("10.0.0.1"), TCP, 80);
         let (b, _) = decide(&c, ip("10.0.0.1"), UDP, 81);
         assert_ne!(a, b);
-        assert!(c.counters.iter().any(|l| l.slot == a && l.label.contains(":80")));
+        assert!(c
+            .counters
+            .iter()
+            .any(|l| l.slot == a && l.label.contains(":80")));
     }
 }

@@ -210,10 +210,13 @@ mod tests {
         let got = qemu_args(&cfg, &Layout::new(Path::new("/v/sb")))
             .unwrap()
             .join(" ");
-        assert!(got.ends_with(
-            "-netdev tap,id=net0,ifname=hthabc,script=no,downscript=no \
+        assert!(
+            got.ends_with(
+                "-netdev tap,id=net0,ifname=hthabc,script=no,downscript=no \
              -device virtio-net-device,netdev=net0,mac=02:68:0a:58:00:02"
-        ), "{got}");
+            ),
+            "{got}"
+        );
     }
 
     #[test]
