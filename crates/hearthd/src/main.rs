@@ -9,6 +9,8 @@ use clap::{Parser, Subcommand};
 use hearth_agent::{Agent, AgentConfig};
 use hearth_vmm::AccelChoice;
 
+mod ingress;
+
 #[derive(Parser)]
 #[command(name = "hearthd", version, about = "Hearth daemon")]
 struct Cli {
@@ -50,6 +52,13 @@ struct DevArgs {
     node: String,
     #[command(flatten)]
     net: NetArgs,
+    /// Serve the ingress proxy (`<port>-<sandbox>.<domain>` and
+    /// `/sandboxes/<sandbox>/ports/<port>/...`) on this address.
+    #[arg(long, env = "HEARTH_INGRESS_LISTEN")]
+    ingress_listen: Option<SocketAddr>,
+    /// Domain of ingress host names.
+    #[arg(long, env = "HEARTH_INGRESS_DOMAIN", default_value = "hearth.localhost")]
+    ingress_domain: String,
 }
 
 /// Sandbox networking of this node.
@@ -148,6 +157,22 @@ async fn dev(a: DevArgs) -> Result<()> {
         info.backend,
         info.accel
     );
+    if let Some(addr) = a.ingress_listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the ingress proxy to {addr}"))?;
+        tracing::info!(
+            "ingress on http://{} (<port>-<sandbox>.{})",
+            l.local_addr()?,
+            a.ingress_domain
+        );
+        let app = hearth_ingress::router(&a.ingress_domain, ingress::AgentResolver(agent.clone()));
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(l, app).await {
+                tracing::error!("ingress stopped: {e}");
+            }
+        });
+    }
     axum_serve(listener, hearth_control::router(agent)).await
 }
 

@@ -322,3 +322,53 @@ fn bad_rules_pool_exhaustion_and_network_none_give_clear_answers() {
     assert_eq!(ips.len(), 2);
     assert_ne!(ips[0], ips[1]);
 }
+
+#[test]
+fn ingress_reaches_httpd_in_the_sandbox_from_another_namespace() {
+    let ns = ServerNs::start(243, &[]);
+    let port = std::net::TcpListener::bind("192.168.243.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let listen = format!("192.168.243.1:{port}");
+    let d = Daemon::start_with_env(&[("HEARTH_INGRESS_LISTEN", &listen)]);
+    let out = d.hearth(&[
+        "run", "--detach", "busybox", "--", "sh", "-c",
+        "mkdir -p /www && echo hello-from-sandbox > /www/index.html && exec httpd -f -p 8080 -h /www",
+    ]);
+    assert!(out.status.success(), "{}", show(&out));
+    let id = stdout(&out).trim().to_string();
+    wait_until("sandbox running", Duration::from_secs(120), || {
+        d.inspect(&id)["status"] == "running"
+    });
+    let token = d.inspect(&id)["network"]["ingress_token"]
+        .as_str()
+        .expect("token")
+        .to_string();
+    // curl from the other namespace; prints the body then the status.
+    let curl = |host: &str, path: &str, token: Option<&str>| {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &ns.name, "curl", "-s", "-m", "10", "-w", "\n%{http_code}"]);
+        c.args(["-H", &format!("Host: {host}")]);
+        if let Some(t) = token {
+            c.args(["-H", &format!("X-Hearth-Token: {t}")]);
+        }
+        c.arg(format!("http://{listen}{path}"));
+        let o = c.output().expect("curl");
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let path = format!("/sandboxes/{id}/ports/8080/index.html");
+    wait_until("httpd in the sandbox answers", Duration::from_secs(60), || {
+        curl("x", &path, Some(&token)).ends_with("\n200")
+    });
+    assert_eq!(curl("x", &path, Some(&token)), "hello-from-sandbox\n\n200");
+    let host = format!("8080-{id}.hearth.localhost");
+    assert_eq!(curl(&host, "/", Some(&token)), "hello-from-sandbox\n\n200");
+    assert!(curl(&host, "/", None).ends_with("401"));
+    assert!(curl(&host, "/", Some("wrong")).ends_with("403"));
+
+    let out = d.hearth(&["stop", "--timeout", "1", &id]);
+    assert!(out.status.success(), "{}", show(&out));
+    let r = curl(&host, "/", Some(&token));
+    assert!(r.ends_with("502") && r.contains("not running"), "{r}");
+}
