@@ -22,13 +22,18 @@ struct Sb {
 }
 
 fn start(d: &Daemon, name: &'static str) -> Sb {
-    let out = d.hearth(&["run", "--detach", "--name", name, "busybox", "--", "sh", "-c", GUEST]);
+    let out = d.hearth(&[
+        "run", "--detach", "--name", name, "busybox", "--", "sh", "-c", GUEST,
+    ]);
     assert!(out.status.success(), "{}", show(&out));
     let id = stdout(&out).trim().to_string();
     wait_until("sandbox running", Duration::from_secs(120), || {
         d.inspect(&id)["status"] == "running"
     });
-    let ip = d.inspect(&id)["network"]["ip"].as_str().unwrap().to_string();
+    let ip = d.inspect(&id)["network"]["ip"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let addr: SocketAddr = format!("{ip}:8080").parse().unwrap();
     wait_until("guest httpd", Duration::from_secs(60), || {
         TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok()
@@ -96,15 +101,27 @@ fn main() {
     let d = Daemon::start();
     let a = start(&d, "with-policy");
     let b = start(&d, "without-policy");
-    let tap_b = d.inspect(b.name)["network"]["tap"].as_str().unwrap().to_string();
+    let tap_b = d.inspect(b.name)["network"]["tap"]
+        .as_str()
+        .unwrap()
+        .to_string();
     for l in ["link_guest_out", "link_guest_in"] {
         std::fs::remove_file(format!("/sys/fs/bpf/hearth/{tap_b}/{l}")).expect("unpin link");
     }
-    let links = String::from_utf8_lossy(&Command::new("bpftool").args(["link", "show"]).output().unwrap().stdout).into_owned();
+    let links = String::from_utf8_lossy(
+        &Command::new("bpftool")
+            .args(["link", "show"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .into_owned();
     eprintln!("links after detaching B:\n{links}");
 
-    let mut res: Vec<(&str, Vec<f64>, Vec<f64>, Vec<f64>)> =
-        vec![(a.name, vec![], vec![], vec![]), (b.name, vec![], vec![], vec![])];
+    let mut res: Vec<(&str, Vec<f64>, Vec<f64>, Vec<f64>)> = vec![
+        (a.name, vec![], vec![], vec![]),
+        (b.name, vec![], vec![], vec![]),
+    ];
     for r in 0..rounds {
         for (i, sb) in [&a, &b].iter().enumerate() {
             res[i].1.push(upload(&sb.ip, mib));
@@ -115,7 +132,9 @@ fn main() {
     }
     let st = d.hearth(&["policy", "stats", a.name]);
     eprintln!("{}", stdout(&st));
-    println!("| sandbox | host→guest MiB/s | guest→host MiB/s | connections/s (HTTP/1.0, sequential) |");
+    println!(
+        "| sandbox | host→guest MiB/s | guest→host MiB/s | connections/s (HTTP/1.0, sequential) |"
+    );
     println!("|---|---|---|---|");
     for (name, up, down, conns) in res {
         println!(
@@ -125,7 +144,9 @@ fn main() {
             median(conns)
         );
     }
-    println!("\n(median of {rounds} rounds; {mib} MiB per transfer; {conns} connections per round)");
+    println!(
+        "\n(median of {rounds} rounds; {mib} MiB per transfer; {conns} connections per round)"
+    );
     for n in [a.name, b.name] {
         let _ = d.hearth(&["rm", "-f", n]);
     }

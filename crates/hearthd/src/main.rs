@@ -57,7 +57,11 @@ struct DevArgs {
     #[arg(long, env = "HEARTH_INGRESS_LISTEN")]
     ingress_listen: Option<SocketAddr>,
     /// Domain of ingress host names.
-    #[arg(long, env = "HEARTH_INGRESS_DOMAIN", default_value = "hearth.localhost")]
+    #[arg(
+        long,
+        env = "HEARTH_INGRESS_DOMAIN",
+        default_value = "hearth.localhost"
+    )]
     ingress_domain: String,
 }
 

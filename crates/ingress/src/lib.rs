@@ -67,19 +67,30 @@ fn reply(status: StatusCode, msg: impl std::fmt::Display) -> Response {
 }
 
 fn presented_token(req: &Request) -> Option<String> {
-    if let Some(v) = req.headers().get(TOKEN_HEADER).and_then(|v| v.to_str().ok()) {
+    if let Some(v) = req
+        .headers()
+        .get(TOKEN_HEADER)
+        .and_then(|v| v.to_str().ok())
+    {
         return Some(v.to_string());
     }
     if let Some(q) = req.uri().query() {
         for kv in q.split('&') {
-            if let Some(v) = kv.strip_prefix(TOKEN_PARAM).and_then(|r| r.strip_prefix('=')) {
+            if let Some(v) = kv
+                .strip_prefix(TOKEN_PARAM)
+                .and_then(|r| r.strip_prefix('='))
+            {
                 return Some(v.to_string());
             }
         }
     }
     for c in req.headers().get_all(header::COOKIE) {
         for kv in c.to_str().unwrap_or("").split(';') {
-            if let Some(v) = kv.trim().strip_prefix(TOKEN_PARAM).and_then(|r| r.strip_prefix('=')) {
+            if let Some(v) = kv
+                .trim()
+                .strip_prefix(TOKEN_PARAM)
+                .and_then(|r| r.strip_prefix('='))
+            {
                 return Some(v.to_string());
             }
         }
@@ -89,7 +100,11 @@ fn presented_token(req: &Request) -> Option<String> {
 
 /// Compares without an early exit, so timing does not reveal a prefix.
 fn same(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 fn is_upgrade(req: &Request) -> bool {
@@ -128,24 +143,37 @@ async fn proxy(State(ing): State<Arc<Ingress>>, mut req: Request) -> Response {
         }
     }
     let addr = SocketAddr::from((backend.ip, r.port));
-    let stream = match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            return reply(
-                StatusCode::BAD_GATEWAY,
-                format!("cannot connect to sandbox '{}' port {}: {e}", r.sandbox, r.port),
-            )
-        }
-        Err(_) => {
-            return reply(
-                StatusCode::BAD_GATEWAY,
-                format!("sandbox '{}' port {} did not accept within {CONNECT_TIMEOUT:?}", r.sandbox, r.port),
-            )
-        }
-    };
-    let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
+    let stream =
+        match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                return reply(
+                    StatusCode::BAD_GATEWAY,
+                    format!(
+                        "cannot connect to sandbox '{}' port {}: {e}",
+                        r.sandbox, r.port
+                    ),
+                )
+            }
+            Err(_) => {
+                return reply(
+                    StatusCode::BAD_GATEWAY,
+                    format!(
+                        "sandbox '{}' port {} did not accept within {CONNECT_TIMEOUT:?}",
+                        r.sandbox, r.port
+                    ),
+                )
+            }
+        };
+    let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
+    {
         Ok(x) => x,
-        Err(e) => return reply(StatusCode::BAD_GATEWAY, format!("sandbox '{}': {e}", r.sandbox)),
+        Err(e) => {
+            return reply(
+                StatusCode::BAD_GATEWAY,
+                format!("sandbox '{}': {e}", r.sandbox),
+            )
+        }
     };
     tokio::spawn(async move {
         if let Err(e) = conn.with_upgrades().await {
@@ -165,7 +193,12 @@ async fn proxy(State(ing): State<Arc<Ingress>>, mut req: Request) -> Response {
     }
     let mut resp = match sender.send_request(req).await {
         Ok(r) => r,
-        Err(e) => return reply(StatusCode::BAD_GATEWAY, format!("sandbox '{}' port {}: {e}", r.sandbox, r.port)),
+        Err(e) => {
+            return reply(
+                StatusCode::BAD_GATEWAY,
+                format!("sandbox '{}' port {}: {e}", r.sandbox, r.port),
+            )
+        }
     };
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client_upgrade) = client_upgrade {
@@ -193,12 +226,22 @@ mod tests {
 
     #[test]
     fn tokens_are_found_in_header_query_or_cookie() {
-        let mk = |f: fn(axum::http::request::Builder) -> axum::http::request::Builder, uri: &str| {
+        let mk = |f: fn(axum::http::request::Builder) -> axum::http::request::Builder,
+                  uri: &str| {
             f(Request::builder().uri(uri)).body(Body::empty()).unwrap()
         };
-        assert_eq!(presented_token(&mk(|b| b.header(TOKEN_HEADER, "t1"), "/")).as_deref(), Some("t1"));
-        assert_eq!(presented_token(&mk(|b| b, "/x?a=1&hearth_token=t2")).as_deref(), Some("t2"));
-        assert_eq!(presented_token(&mk(|b| b.header("cookie", "a=b; hearth_token=t3"), "/")).as_deref(), Some("t3"));
+        assert_eq!(
+            presented_token(&mk(|b| b.header(TOKEN_HEADER, "t1"), "/")).as_deref(),
+            Some("t1")
+        );
+        assert_eq!(
+            presented_token(&mk(|b| b, "/x?a=1&hearth_token=t2")).as_deref(),
+            Some("t2")
+        );
+        assert_eq!(
+            presented_token(&mk(|b| b.header("cookie", "a=b; hearth_token=t3"), "/")).as_deref(),
+            Some("t3")
+        );
         assert_eq!(presented_token(&mk(|b| b, "/")), None);
         assert!(same("abc", "abc") && !same("abc", "abd") && !same("abc", "ab"));
     }

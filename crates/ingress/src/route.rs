@@ -90,25 +90,61 @@ mod tests {
 
     #[test]
     fn host_form_forwards_the_whole_path() {
-        let r = route(Some("8080-web.hearth.localhost:7080"), "/a?b=1", "hearth.localhost").unwrap();
-        assert_eq!((r.sandbox.as_str(), r.port, r.path.as_str()), ("web", 8080, "/a?b=1"));
-        let r = route(Some("3000-a1b2c3.HEARTH.localhost"), "/", "hearth.localhost").unwrap();
+        let r = route(
+            Some("8080-web.hearth.localhost:7080"),
+            "/a?b=1",
+            "hearth.localhost",
+        )
+        .unwrap();
+        assert_eq!(
+            (r.sandbox.as_str(), r.port, r.path.as_str()),
+            ("web", 8080, "/a?b=1")
+        );
+        let r = route(
+            Some("3000-a1b2c3.HEARTH.localhost"),
+            "/",
+            "hearth.localhost",
+        )
+        .unwrap();
         assert_eq!(r.sandbox, "a1b2c3");
     }
 
     #[test]
     fn path_form_strips_the_prefix() {
         let r = route(Some("localhost"), "/sandboxes/web/ports/80/x/y?z", "d").unwrap();
-        assert_eq!((r.sandbox.as_str(), r.port, r.path.as_str()), ("web", 80, "/x/y?z"));
-        assert_eq!(route(None, "/sandboxes/web/ports/80", "d").unwrap().path, "/");
-        assert_eq!(route(None, "/sandboxes/web/ports/80?q=1", "d").unwrap().path, "/?q=1");
+        assert_eq!(
+            (r.sandbox.as_str(), r.port, r.path.as_str()),
+            ("web", 80, "/x/y?z")
+        );
+        assert_eq!(
+            route(None, "/sandboxes/web/ports/80", "d").unwrap().path,
+            "/"
+        );
+        assert_eq!(
+            route(None, "/sandboxes/web/ports/80?q=1", "d")
+                .unwrap()
+                .path,
+            "/?q=1"
+        );
     }
 
     #[test]
     fn bad_ports_and_missing_routes_are_errors() {
-        assert_eq!(route(None, "/sandboxes/web/ports/0/", "d"), Err(RouteError::BadPort("0".into())));
-        assert!(matches!(route(None, "/sandboxes/web/ports/99999/", "d"), Err(RouteError::BadPort(_))));
-        assert!(matches!(route(Some("example.com"), "/", "d"), Err(RouteError::NoRoute { .. })));
-        assert!(matches!(route(None, "/sandboxes/../ports/80/", "d"), Err(RouteError::NoRoute { .. })));
+        assert_eq!(
+            route(None, "/sandboxes/web/ports/0/", "d"),
+            Err(RouteError::BadPort("0".into()))
+        );
+        assert!(matches!(
+            route(None, "/sandboxes/web/ports/99999/", "d"),
+            Err(RouteError::BadPort(_))
+        ));
+        assert!(matches!(
+            route(Some("example.com"), "/", "d"),
+            Err(RouteError::NoRoute { .. })
+        ));
+        assert!(matches!(
+            route(None, "/sandboxes/../ports/80/", "d"),
+            Err(RouteError::NoRoute { .. })
+        ));
     }
 }

@@ -45,40 +45,44 @@ async fn backend(gate: Gate) -> u16 {
             let (s, _) = l.accept().await.unwrap();
             let gate = gate.clone();
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
-                    let gate = gate.clone();
-                    async move {
-                        let path = req.uri().path().to_string();
-                        if path == "/ws" {
-                            let up = hyper::upgrade::on(&mut req);
-                            tokio::spawn(async move {
-                                let mut io = TokioIo::new(up.await.unwrap());
-                                let mut buf = [0u8; 64];
-                                while let Ok(n) = io.read(&mut buf).await {
-                                    if n == 0 || io.write_all(&buf[..n]).await.is_err() {
-                                        break;
+                let svc =
+                    hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
+                        let gate = gate.clone();
+                        async move {
+                            let path = req.uri().path().to_string();
+                            if path == "/ws" {
+                                let up = hyper::upgrade::on(&mut req);
+                                tokio::spawn(async move {
+                                    let mut io = TokioIo::new(up.await.unwrap());
+                                    let mut buf = [0u8; 64];
+                                    while let Ok(n) = io.read(&mut buf).await {
+                                        if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                                            break;
+                                        }
                                     }
-                                }
-                            });
-                            let r = Response::builder()
-                                .status(101)
-                                .header("connection", "upgrade")
-                                .header("upgrade", "websocket")
-                                .body(http_body_util::Full::new(Bytes::new()).boxed())
-                                .unwrap();
-                            return Ok::<_, Infallible>(r);
-                        }
-                        if path == "/stream" {
-                            let rx = gate.lock().unwrap().take().unwrap();
-                            let s = futures_stream(rx);
-                            return Ok(Response::new(StreamBody::new(s).boxed()));
-                        }
-                        Ok(Response::new(
-                            http_body_util::Full::new(Bytes::from(format!("path={}", req.uri())))
+                                });
+                                let r = Response::builder()
+                                    .status(101)
+                                    .header("connection", "upgrade")
+                                    .header("upgrade", "websocket")
+                                    .body(http_body_util::Full::new(Bytes::new()).boxed())
+                                    .unwrap();
+                                return Ok::<_, Infallible>(r);
+                            }
+                            if path == "/stream" {
+                                let rx = gate.lock().unwrap().take().unwrap();
+                                let s = futures_stream(rx);
+                                return Ok(Response::new(StreamBody::new(s).boxed()));
+                            }
+                            Ok(Response::new(
+                                http_body_util::Full::new(Bytes::from(format!(
+                                    "path={}",
+                                    req.uri()
+                                )))
                                 .boxed(),
-                        ))
-                    }
-                });
+                            ))
+                        }
+                    });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(s), svc)
                     .with_upgrades()
@@ -139,20 +143,61 @@ async fn tokens_routes_and_stopped_sandboxes() {
     };
     let r = raw(ing, &get(format!("{port}-web.hearth.test"), "/x?y=1", "")).await;
     assert!(r.starts_with("HTTP/1.1 401"), "{r}");
-    let r = raw(ing, &get(format!("{port}-web.hearth.test"), "/x", "x-hearth-token: nope\r\n")).await;
+    let r = raw(
+        ing,
+        &get(
+            format!("{port}-web.hearth.test"),
+            "/x",
+            "x-hearth-token: nope\r\n",
+        ),
+    )
+    .await;
     assert!(r.starts_with("HTTP/1.1 403"), "{r}");
-    let r = raw(ing, &get(format!("{port}-web.hearth.test"), "/x?y=1", "x-hearth-token: tok\r\n")).await;
-    assert!(r.starts_with("HTTP/1.1 200") && r.ends_with("path=/x?y=1"), "{r}");
+    let r = raw(
+        ing,
+        &get(
+            format!("{port}-web.hearth.test"),
+            "/x?y=1",
+            "x-hearth-token: tok\r\n",
+        ),
+    )
+    .await;
+    assert!(
+        r.starts_with("HTTP/1.1 200") && r.ends_with("path=/x?y=1"),
+        "{r}"
+    );
     let path = format!("/sandboxes/web/ports/{port}/a/b?hearth_token=tok");
     let r = raw(ing, &get("localhost".into(), &path, "")).await;
     assert!(r.contains("path=/a/b?hearth_token=tok"), "{r}");
-    let r = raw(ing, &get("localhost".into(), &format!("/sandboxes/gone/ports/{port}/"), "")).await;
-    assert!(r.starts_with("HTTP/1.1 502") && r.contains("stopped, not running"), "{r}");
-    let r = raw(ing, &get("localhost".into(), "/sandboxes/nope/ports/80/", "")).await;
+    let r = raw(
+        ing,
+        &get(
+            "localhost".into(),
+            &format!("/sandboxes/gone/ports/{port}/"),
+            "",
+        ),
+    )
+    .await;
+    assert!(
+        r.starts_with("HTTP/1.1 502") && r.contains("stopped, not running"),
+        "{r}"
+    );
+    let r = raw(
+        ing,
+        &get("localhost".into(), "/sandboxes/nope/ports/80/", ""),
+    )
+    .await;
     assert!(r.starts_with("HTTP/1.1 404"), "{r}");
     // Nothing listens on port 1 of the sandbox.
-    let r = raw(ing, &get("1-web.hearth.test".into(), "/", "x-hearth-token: tok\r\n")).await;
-    assert!(r.starts_with("HTTP/1.1 502") && r.contains("cannot connect"), "{r}");
+    let r = raw(
+        ing,
+        &get("1-web.hearth.test".into(), "/", "x-hearth-token: tok\r\n"),
+    )
+    .await;
+    assert!(
+        r.starts_with("HTTP/1.1 502") && r.contains("cannot connect"),
+        "{r}"
+    );
 }
 
 #[tokio::test]
@@ -201,7 +246,11 @@ async fn upgrades_are_spliced_end_to_end() {
             .unwrap();
         head.push(b[0]);
     }
-    assert!(String::from_utf8_lossy(&head).starts_with("HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    assert!(
+        String::from_utf8_lossy(&head).starts_with("HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
     s.write_all(b"ping over the upgraded stream").await.unwrap();
     let mut echo = [0u8; 29];
     tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut echo))

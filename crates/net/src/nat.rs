@@ -1,6 +1,7 @@
 //! Egress NAT with nftables: one `ip hearth` table whose postrouting chain
 //! masquerades sources in the `sandboxes` set when they leave through anything
 //! but a sandbox tap. A sandbox is NATed exactly while its address is in the set.
+//! A forward rule drops new TCP flows from taps that do not start with a SYN.
 
 use std::io::Write;
 use std::net::Ipv4Addr;
@@ -38,25 +39,35 @@ fn nft(what: &str, script: &str) -> Result<String, NatError> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Creates the table, set and masquerade rule unless they exist.
+/// Creates the table, the set, the masquerade rule and the forward guard,
+/// each unless it exists (other agents on the host may share the table).
 pub fn ensure(tap_prefix: &str) -> Result<(), NatError> {
-    if nft("list", "list chain ip hearth postrouting").is_ok() {
-        return Ok(());
-    }
-    nft(
-        "create table",
-        &format!(
-            "table ip hearth {{
-  set sandboxes {{ type ipv4_addr; }}
-  chain postrouting {{
-    type nat hook postrouting priority srcnat; policy accept;
-    ip saddr @sandboxes oifname != \"{tap_prefix}*\" masquerade
-  }}
-}}
-"
+    let base = "add table ip hearth\nadd set ip hearth sandboxes { type ipv4_addr; }\n";
+    let chains = [
+        (
+            "postrouting",
+            format!(
+                "add chain ip hearth postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}\n\
+                 add rule ip hearth postrouting ip saddr @sandboxes oifname != \"{tap_prefix}*\" masquerade\n"
+            ),
         ),
-    )
-    .map(|_| ())
+        (
+            // why: the policy program checks only SYNs; conntrack would otherwise
+            // pick up (and NAT) a flow a guest starts with a bare ACK.
+            "forward",
+            format!(
+                "add chain ip hearth forward {{ type filter hook forward priority filter; policy accept; }}\n\
+                 add rule ip hearth forward iifname \"{tap_prefix}*\" ct state new tcp flags & (syn | ack) != syn drop\n"
+            ),
+        ),
+    ];
+    for (chain, script) in chains {
+        if nft("list", &format!("list chain ip hearth {chain}\n")).is_ok() {
+            continue;
+        }
+        nft(&format!("create {chain}"), &format!("{base}{script}"))?;
+    }
+    Ok(())
 }
 
 pub fn add(ip: Ipv4Addr) -> Result<(), NatError> {

@@ -348,7 +348,17 @@ fn ingress_reaches_httpd_in_the_sandbox_from_another_namespace() {
     // curl from the other namespace; prints the body then the status.
     let curl = |host: &str, path: &str, token: Option<&str>| {
         let mut c = Command::new("ip");
-        c.args(["netns", "exec", &ns.name, "curl", "-s", "-m", "10", "-w", "\n%{http_code}"]);
+        c.args([
+            "netns",
+            "exec",
+            &ns.name,
+            "curl",
+            "-s",
+            "-m",
+            "10",
+            "-w",
+            "\n%{http_code}",
+        ]);
         c.args(["-H", &format!("Host: {host}")]);
         if let Some(t) = token {
             c.args(["-H", &format!("X-Hearth-Token: {t}")]);
@@ -358,9 +368,11 @@ fn ingress_reaches_httpd_in_the_sandbox_from_another_namespace() {
         String::from_utf8_lossy(&o.stdout).into_owned()
     };
     let path = format!("/sandboxes/{id}/ports/8080/index.html");
-    wait_until("httpd in the sandbox answers", Duration::from_secs(60), || {
-        curl("x", &path, Some(&token)).ends_with("\n200")
-    });
+    wait_until(
+        "httpd in the sandbox answers",
+        Duration::from_secs(60),
+        || curl("x", &path, Some(&token)).ends_with("\n200"),
+    );
     assert_eq!(curl("x", &path, Some(&token)), "hello-from-sandbox\n\n200");
     let host = format!("8080-{id}.hearth.localhost");
     assert_eq!(curl(&host, "/", Some(&token)), "hello-from-sandbox\n\n200");
@@ -371,4 +383,53 @@ fn ingress_reaches_httpd_in_the_sandbox_from_another_namespace() {
     assert!(out.status.success(), "{}", show(&out));
     let r = curl(&host, "/", Some(&token));
     assert!(r.ends_with("502") && r.contains("not running"), "{r}");
+}
+
+#[test]
+fn agent_restart_keeps_known_networks_and_removes_orphans() {
+    let mut d = Daemon::start();
+    let (a, _) = start_detached(&d, &["--egress-deny", "10.0.0.0/8"]);
+    let (b, ip_b) = start_detached(&d, &[]);
+    let tap = |id: &str| {
+        d.inspect(id)["network"]["tap"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let (tap_a, tap_b) = (tap(&a), tap(&b));
+    d.kill9();
+    // While hearthd is down, b's VM ends and its record disappears: its network
+    // (tap, pins, NAT entry, lease) is an orphan now.
+    let dir_b = d.data_dir().join("sandboxes").join(&b);
+    for pid in hearth_e2e::vmm_pids_under(&dir_b) {
+        // SAFETY: kill(2) on a QEMU this test's daemon started.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    wait_until("b's VM gone", Duration::from_secs(10), || {
+        hearth_e2e::vmm_pids_under(&dir_b).is_empty()
+    });
+    std::fs::remove_dir_all(&dir_b).unwrap();
+    d.spawn();
+
+    let state = host_state();
+    assert!(!state.contains(&tap_b), "orphan tap or pins left: {state}");
+    assert!(
+        !state.contains(&format!("{ip_b} ")),
+        "orphan route or NAT entry: {state}"
+    );
+    let leases = std::fs::read_to_string(d.data_dir().join("net/leases.json")).unwrap();
+    assert!(!leases.contains(&b), "orphan lease left: {leases}");
+
+    // a is still known: its network, policy and counters survived the restart.
+    assert!(state.contains(&tap_a), "{state}");
+    let shown = d.hearth(&["policy", "show", &a]);
+    assert!(
+        stdout(&shown).contains("deny    10.0.0.0/8"),
+        "{}",
+        show(&shown)
+    );
+    assert!(d.hearth(&["policy", "stats", &a]).status.success());
+    let out = d.hearth(&["rm", "-f", &a]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(!host_state().contains(&tap_a));
 }
