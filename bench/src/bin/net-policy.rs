@@ -88,6 +88,14 @@ fn conn_rate(ip: &str, n: usize) -> f64 {
     n as f64 / t.elapsed().as_secs_f64()
 }
 
+/// One sandbox's samples: upload, download, connection rate.
+#[derive(Default)]
+struct Samples {
+    up: Vec<f64>,
+    down: Vec<f64>,
+    conns: Vec<f64>,
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
@@ -118,15 +126,12 @@ fn main() {
     .into_owned();
     eprintln!("links after detaching B:\n{links}");
 
-    let mut res: Vec<(&str, Vec<f64>, Vec<f64>, Vec<f64>)> = vec![
-        (a.name, vec![], vec![], vec![]),
-        (b.name, vec![], vec![], vec![]),
-    ];
+    let mut res = [(a.name, Samples::default()), (b.name, Samples::default())];
     for r in 0..rounds {
         for (i, sb) in [&a, &b].iter().enumerate() {
-            res[i].1.push(upload(&sb.ip, mib));
-            res[i].2.push(download(&sb.ip, mib));
-            res[i].3.push(conn_rate(&sb.ip, conns));
+            res[i].1.up.push(upload(&sb.ip, mib));
+            res[i].1.down.push(download(&sb.ip, mib));
+            res[i].1.conns.push(conn_rate(&sb.ip, conns));
         }
         eprintln!("round {} done", r + 1);
     }
@@ -136,12 +141,12 @@ fn main() {
         "| sandbox | host→guest MiB/s | guest→host MiB/s | connections/s (HTTP/1.0, sequential) |"
     );
     println!("|---|---|---|---|");
-    for (name, up, down, conns) in res {
+    for (name, s) in res {
         println!(
             "| {name} | {:.1} | {:.1} | {:.1} |",
-            median(up),
-            median(down),
-            median(conns)
+            median(s.up),
+            median(s.down),
+            median(s.conns)
         );
     }
     println!(

@@ -52,7 +52,7 @@ impl Cidr {
         self.addr
     }
 
-    pub fn len(&self) -> u8 {
+    pub fn prefix_len(&self) -> u8 {
         self.len
     }
 
@@ -133,7 +133,7 @@ mod tests {
         let c: Cidr = "10.1.0.0/16".parse().unwrap();
         assert!(c.contains("10.1.255.3".parse().unwrap()));
         assert!(!c.contains("10.2.0.0".parse().unwrap()));
-        assert_eq!("1.2.3.4".parse::<Cidr>().unwrap().len(), 32);
+        assert_eq!("1.2.3.4".parse::<Cidr>().unwrap().prefix_len(), 32);
         assert!(matches!(
             "10.1.0.1/16".parse::<Cidr>(),
             Err(CidrError::HostBits { .. })

@@ -89,7 +89,7 @@ impl LeaseStore for FileLeaseStore {
 /// Picks a free address: the lowest unleased host address of `pool`, skipping
 /// the network and broadcast addresses. Pure.
 pub fn pick(pool: Cidr, leases: &Leases) -> Result<Ipv4Addr, IpamError> {
-    if pool.len() > 30 {
+    if pool.prefix_len() > 30 {
         return Err(IpamError::PoolTooSmall(pool));
     }
     let used: std::collections::HashSet<Ipv4Addr> = leases.leases.values().copied().collect();

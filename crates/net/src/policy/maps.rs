@@ -242,9 +242,9 @@ fn write_rules(tap: &str, policy: &Compiled) -> Result<(), BpfError> {
                 counter: e.counter,
             };
         }
-        let key = Key::new(u32::from(cidr.len()), nbo(cidr.addr()));
+        let key = Key::new(u32::from(cidr.prefix_len()), nbo(cidr.addr()));
         trie.insert(&key, list, 0).map_err(err)?;
-        wanted.insert((cidr.len() as u32, nbo(cidr.addr())));
+        wanted.insert((cidr.prefix_len() as u32, nbo(cidr.addr())));
     }
     let stale: Vec<Key<u32>> = trie
         .keys()

@@ -352,7 +352,7 @@ pub fn compile(p: &Policy, host_addrs: &[Ipv4Addr]) -> Result<Compiled, PolicyEr
     let mut prefixes = BTreeMap::new();
     for c in own.keys() {
         let mut parents: Vec<&Cidr> = own.keys().filter(|o| *o != c && o.covers(c)).collect();
-        parents.sort_by_key(|o| std::cmp::Reverse(o.len()));
+        parents.sort_by_key(|o| std::cmp::Reverse(o.prefix_len()));
         let mut list = own[c].clone();
         for par in parents {
             list.extend(own[par].iter().copied());
@@ -380,7 +380,7 @@ pub fn decide(c: &Compiled, dst: Ipv4Addr, proto: u8, port: u16) -> (u16, bool) 
         .prefixes
         .iter()
         .filter(|(k, _)| k.contains(dst))
-        .max_by_key(|(k, _)| k.len());
+        .max_by_key(|(k, _)| k.prefix_len());
     if let Some((_, list)) = best {
         for e in list {
             if (e.proto == 0 || e.proto == proto) && port >= e.port_lo && port <= e.port_hi {
