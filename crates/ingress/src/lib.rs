@@ -98,6 +98,23 @@ fn presented_token(req: &Request) -> Option<String> {
     None
 }
 
+/// The path with the `hearth_token` query parameter removed (the sandbox never
+/// sees its own access token).
+fn without_token_param(path: &str) -> String {
+    let Some((p, q)) = path.split_once('?') else {
+        return path.to_string();
+    };
+    let kept: Vec<&str> = q
+        .split('&')
+        .filter(|kv| kv.split('=').next() != Some(TOKEN_PARAM))
+        .collect();
+    if kept.is_empty() {
+        p.to_string()
+    } else {
+        format!("{p}?{}", kept.join("&"))
+    }
+}
+
 /// Compares without an early exit, so timing does not reveal a prefix.
 fn same(a: &str, b: &str) -> bool {
     a.len() == b.len()
@@ -183,7 +200,7 @@ async fn proxy(State(ing): State<Arc<Ingress>>, mut req: Request) -> Response {
 
     let upgrade = is_upgrade(&req);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    *req.uri_mut() = match r.path.parse() {
+    *req.uri_mut() = match without_token_param(&r.path).parse() {
         Ok(u) => u,
         Err(e) => return reply(StatusCode::BAD_REQUEST, format!("bad path: {e}")),
     };
@@ -244,5 +261,8 @@ mod tests {
         );
         assert_eq!(presented_token(&mk(|b| b, "/")), None);
         assert!(same("abc", "abc") && !same("abc", "abd") && !same("abc", "ab"));
+        assert_eq!(without_token_param("/a?hearth_token=x&b=1"), "/a?b=1");
+        assert_eq!(without_token_param("/a?hearth_token=x"), "/a");
+        assert_eq!(without_token_param("/a?b=1"), "/a?b=1");
     }
 }

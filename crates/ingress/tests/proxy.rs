@@ -168,7 +168,7 @@ async fn tokens_routes_and_stopped_sandboxes() {
     );
     let path = format!("/sandboxes/web/ports/{port}/a/b?hearth_token=tok");
     let r = raw(ing, &get("localhost".into(), &path, "")).await;
-    assert!(r.contains("path=/a/b?hearth_token=tok"), "{r}");
+    assert!(r.ends_with("path=/a/b"), "the token is not forwarded: {r}");
     let r = raw(
         ing,
         &get(

@@ -302,10 +302,14 @@ impl NodeNet {
         let mut errs = Vec::new();
         let tap_name = tap_name(id);
         if let Err(source) = tap::delete(&tap_name) {
-            errs.push(NetError::Tap {
+            // why: while the tap (and its route) exist, the address is in use;
+            // keep the lease and record so a retry can finish the job.
+            let e = NetError::Tap {
                 tap: tap_name.clone(),
                 source,
-            });
+            };
+            tracing::warn!(sandbox = id, "network teardown: {e}");
+            return vec![e];
         }
         if let Err(e) = policy::maps::detach(&tap_name) {
             errs.push(e.into());

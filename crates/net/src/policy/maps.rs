@@ -4,6 +4,8 @@
 //! links are pinned under `/sys/fs/bpf/hearth/<tap>/`, so the programs stay
 //! attached when hearthd exits and a restarted agent can update the rules;
 //! deleting the tap detaches the links, removing the pin directory frees the rest.
+//! Kernels before 6.6 have no TCX: there the programs are cls_bpf filters on a
+//! clsact qdisc, which need no pin and go away with the tap.
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -11,7 +13,7 @@ use std::path::{Path, PathBuf};
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, Map, MapData};
 use aya::programs::links::FdLink;
-use aya::programs::tc::TcAttachOptions;
+use aya::programs::tc::{NlOptions, TcAttachOptions};
 use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
 use aya::Ebpf;
 
@@ -154,6 +156,19 @@ fn attach_inner(
     }
     write_config(tap, ip, mac, policy.default_allow)?;
     write_rules(tap, policy)?;
+    // why: TCX links (pinnable) need Linux 6.6; older kernels (Debian 12's 6.1)
+    // get cls_bpf filters on a clsact qdisc, which live as long as the tap.
+    // HEARTH_TC_ATTACH=netlink forces the old path (to test it on new kernels).
+    let tcx = std::env::var("HEARTH_TC_ATTACH").as_deref() != Ok("netlink")
+        && aya::util::KernelVersion::current()
+            .map(|v| v >= aya::util::KernelVersion::new(6, 6, 0))
+            .unwrap_or(false);
+    if !tcx {
+        aya::programs::tc::qdisc_add_clsact(tap).map_err(|e| BpfError::Attach {
+            tap: tap.into(),
+            reason: format!("add clsact qdisc: {e}"),
+        })?;
+    }
     for (prog, hook, link) in [
         ("guest_out", TcAttachType::Ingress, "link_guest_out"),
         ("guest_in", TcAttachType::Egress, "link_guest_in"),
@@ -169,17 +184,29 @@ fn attach_inner(
             .map_err(|e: aya::programs::ProgramError| attach_err(e.to_string()))?;
         p.load()
             .map_err(|e| attach_err(format!("verifier rejected {prog}: {e:?}")))?;
-        let id = p
-            .attach_with_options(tap, hook, TcAttachOptions::TcxOrder(LinkOrder::default()))
-            .map_err(|e| attach_err(format!("{prog}: {e}")))?;
-        let l = p
-            .take_link(id)
-            .map_err(|e| attach_err(format!("{prog}: {e}")))?;
-        let fd: FdLink = l
-            .try_into()
-            .map_err(|e: aya::programs::links::LinkError| attach_err(e.to_string()))?;
-        fd.pin(dir.join(link))
-            .map_err(|e| attach_err(format!("pin {link}: {e}")))?;
+        if tcx {
+            let id = p
+                .attach_with_options(tap, hook, TcAttachOptions::TcxOrder(LinkOrder::default()))
+                .map_err(|e| attach_err(format!("{prog}: {e}")))?;
+            let l = p
+                .take_link(id)
+                .map_err(|e| attach_err(format!("{prog}: {e}")))?;
+            let fd: FdLink = l
+                .try_into()
+                .map_err(|e: aya::programs::links::LinkError| attach_err(e.to_string()))?;
+            fd.pin(dir.join(link))
+                .map_err(|e| attach_err(format!("pin {link}: {e}")))?;
+        } else {
+            let id = p
+                .attach_with_options(tap, hook, TcAttachOptions::Netlink(NlOptions::default()))
+                .map_err(|e| attach_err(format!("{prog}: {e}")))?;
+            let l = p
+                .take_link(id)
+                .map_err(|e| attach_err(format!("{prog}: {e}")))?;
+            // why: a cls_bpf filter lives as long as the tap; dropping the link
+            // would remove it when this process exits.
+            std::mem::forget(l);
+        }
     }
     Ok(())
 }
