@@ -187,19 +187,41 @@ fn policy_blocks_denied_port_allows_others_and_changes_live() {
     assert!(counter(&s, "implicit deny 169.254.0.0/16") >= 1, "{s}");
 
     // rm leaves nothing behind.
-    let prog_ids: Vec<String> = ["link_guest_out", "link_guest_in"]
-        .iter()
-        .map(|l| {
-            let info = sh(&format!(
-                "bpftool link show pinned /sys/fs/bpf/hearth/{tap}/{l}"
-            ));
-            info.split_whitespace()
-                .skip_while(|w| *w != "prog")
-                .nth(1)
-                .unwrap_or_else(|| panic!("no program behind {l}: {info}"))
-                .to_string()
-        })
-        .collect();
+    // The sandbox's programs: those using its pinned COUNTERS map.
+    let map = sh(&format!(
+        "bpftool map show pinned /sys/fs/bpf/hearth/{tap}/COUNTERS"
+    ));
+    let map_id = map.split(':').next().unwrap_or("").trim().to_string();
+    assert!(
+        !map_id.is_empty() && map_id.bytes().all(|b| b.is_ascii_digit()),
+        "{map}"
+    );
+    let progs = sh("bpftool prog show");
+    let mut prog_ids = Vec::new();
+    let mut current = String::new();
+    for line in progs.lines() {
+        if let Some((id, rest)) = line.split_once(':') {
+            if rest.contains("sched_cls") {
+                current = id.trim().to_string();
+            }
+        }
+        if let Some(ids) = line.split("map_ids ").nth(1) {
+            if ids
+                .split_whitespace()
+                .next()
+                .unwrap_or("")
+                .split(',')
+                .any(|m| m == map_id)
+            {
+                prog_ids.push(current.clone());
+            }
+        }
+    }
+    assert_eq!(
+        prog_ids.len(),
+        2,
+        "guest_out and guest_in use the maps: {progs}"
+    );
     let out = d.hearth(&["rm", "-f", &id]);
     assert!(out.status.success(), "{}", show(&out));
     let state = host_state();
