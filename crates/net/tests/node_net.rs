@@ -66,3 +66,48 @@ fn sandbox_network_is_built_updated_and_removed_without_leftovers() {
     let leases: serde_json::Value = serde_json::from_str(&leases).unwrap();
     assert_eq!(leases["leases"], serde_json::json!({}), "{leases}");
 }
+
+#[test]
+fn policy_update_racing_with_teardown_either_applies_or_finds_no_network() {
+    let d = tempfile::tempdir().unwrap();
+    let net = std::sync::Arc::new(
+        NodeNet::open(NetConfig {
+            pool: "10.251.8.0/29".parse().unwrap(),
+            state_dir: d.path().to_path_buf(),
+            dns: vec![],
+        })
+        .unwrap(),
+    );
+    let id = "netrace00001";
+    let rec = net.setup(id, Policy::default()).unwrap();
+    let n2 = net.clone();
+    let applied_so_far = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = applied_so_far.clone();
+    let updater = std::thread::spawn(move || {
+        let p = Policy {
+            default: Action::Deny,
+            rules: vec![Rule::parse(Action::Allow, "10.0.0.0/8:443").unwrap()],
+        };
+        let mut applied = 0;
+        loop {
+            match n2.set_policy(id, p.clone()) {
+                Ok(_) => {
+                    applied += 1;
+                    seen.store(applied, std::sync::atomic::Ordering::SeqCst);
+                }
+                Err(e) if e.is_not_found() => return applied,
+                Err(e) => panic!("unexpected error racing teardown: {e}"),
+            }
+        }
+    });
+    // Tear down while updates are in flight.
+    while applied_so_far.load(std::sync::atomic::Ordering::SeqCst) < 3 {
+        std::thread::yield_now();
+    }
+    net.teardown(id).unwrap();
+    let applied = updater.join().unwrap();
+    assert!(applied > 0);
+    assert!(!sh("ip -o link show").contains(&rec.tap));
+    assert!(!sh("ls /sys/fs/bpf/hearth").contains(&rec.tap));
+    assert!(net.get(id).is_err());
+}
