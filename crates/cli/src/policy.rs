@@ -55,7 +55,7 @@ impl NetArgs {
 
 #[derive(clap::Subcommand)]
 pub enum PolicyCmd {
-    /// Replace a sandbox's egress policy (takes effect at once, no restart).
+    /// Replace a sandbox's whole egress policy (takes effect at once, no restart).
     Set {
         sandbox: String,
         #[command(flatten)]
