@@ -105,6 +105,8 @@ struct Entry {
     control: Mutex<Option<mpsc::Sender<Control>>>,
     conn: Mutex<Option<Arc<GuestConn>>>,
     main_input: Mutex<Option<SessionInput>>,
+    /// The main workload was started with stdin open.
+    stdin_open: std::sync::atomic::AtomicBool,
     execs: Mutex<HashMap<u32, SessionInput>>,
     next_exec: std::sync::atomic::AtomicU32,
 }
@@ -121,6 +123,7 @@ impl Entry {
             control: Mutex::new(None),
             conn: Mutex::new(None),
             main_input: Mutex::new(None),
+            stdin_open: std::sync::atomic::AtomicBool::new(false),
             execs: Mutex::new(HashMap::new()),
             next_exec: std::sync::atomic::AtomicU32::new(1),
         }
@@ -554,9 +557,10 @@ impl Agent {
             Err(e) => return failed(format!("cannot start the workload: {e}")),
         };
         *lock(&entry.conn) = Some(conn.clone());
-        if exec.stdin {
-            *lock(&entry.main_input) = Some(session.input());
-        }
+        entry
+            .stdin_open
+            .store(exec.stdin, std::sync::atomic::Ordering::Relaxed);
+        *lock(&entry.main_input) = Some(session.input());
         let log_path = entry.dir.join("output.log");
         let mut log = match OutputLog::create(&log_path, entry.written.clone()).await {
             Ok(l) => l,
@@ -637,7 +641,9 @@ impl Agent {
         let mut st = e.status.subscribe();
         let _ = st.wait_for(|s| *s != SandboxStatus::Creating).await;
         let rec = e.snapshot();
-        let input = lock(&e.main_input).clone();
+        let input = lock(&e.main_input)
+            .clone()
+            .filter(|_| e.stdin_open.load(std::sync::atomic::Ordering::Relaxed));
         input.ok_or_else(|| {
             AgentError::Conflict(if rec.status.is_terminal() {
                 format!(
@@ -651,6 +657,30 @@ impl Agent {
                 )
             })
         })
+    }
+
+    /// Sends a signal to the main workload (its process group).
+    pub async fn signal(&self, id_or_name: &str, signal: i32) -> Result<(), AgentError> {
+        if !(1..=64).contains(&signal) {
+            return Err(AgentError::InvalidArgument(format!(
+                "signal {signal} is out of range: give 1..=64"
+            )));
+        }
+        let e = self.entry(id_or_name)?;
+        let input = lock(&e.main_input).clone();
+        let rec = e.snapshot();
+        match input {
+            Some(i) if rec.status == SandboxStatus::Running => {
+                i.signal(signal).await.map_err(|err| AgentError::VmFailed {
+                    id: rec.id.clone(),
+                    message: format!("cannot deliver signal {signal}: {err}"),
+                })
+            }
+            _ => Err(AgentError::Conflict(format!(
+                "sandbox '{}' is {:?}, not running; nothing to signal",
+                rec.id, rec.status
+            ))),
+        }
     }
 
     /// Stops a running sandbox: SIGTERM, then power off after `grace`.

@@ -91,6 +91,18 @@ impl Client {
         resp.json().await.map_err(|e| self.unreachable(e))
     }
 
+    /// POST without a body, expecting no content back.
+    pub async fn post_empty(&self, path: &str) -> Result<(), CliError> {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        Self::check(resp, path).await?;
+        Ok(())
+    }
+
     pub async fn delete(&self, path: &str) -> Result<(), CliError> {
         let resp = self
             .http

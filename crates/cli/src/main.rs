@@ -377,6 +377,7 @@ async fn cmd_run(c: &Client, a: RunArgs) -> Result<u8> {
             }
         });
     }
+    forward_signals(c.clone(), sb.id.clone());
     let resp = c
         .get_stream(&format!("/v1/sandboxes/{}/output?follow=true", sb.id))
         .await?;
@@ -422,6 +423,31 @@ async fn cmd_exec(c: &Client, a: ExecArgs) -> Result<u8> {
     }
     let (code, _) = print_stream(resp, false).await?;
     Ok(code)
+}
+
+/// Forwards SIGINT, SIGTERM and SIGHUP received by the CLI to the workload, so
+/// Ctrl-C reaches it as it would a local process; its exit status still comes
+/// back through the output stream.
+fn forward_signals(c: Client, id: String) {
+    use tokio::signal::unix::{signal, SignalKind};
+    for (kind, num) in [
+        (SignalKind::interrupt(), libc::SIGINT),
+        (SignalKind::terminate(), libc::SIGTERM),
+        (SignalKind::hangup(), libc::SIGHUP),
+    ] {
+        let Ok(mut sig) = signal(kind) else {
+            continue;
+        };
+        let (c, id) = (c.clone(), id.clone());
+        tokio::spawn(async move {
+            while sig.recv().await.is_some() {
+                let url = format!("/v1/sandboxes/{id}/kill?signal={num}");
+                if let Err(e) = c.post_empty(&url).await {
+                    eprintln!("hearth: forwarding signal {num} to sandbox {id}: {e}");
+                }
+            }
+        });
+    }
 }
 
 /// Writes a record stream to stdout/stderr. Returns the exit code it ended

@@ -88,6 +88,7 @@ pub fn router(agent: Agent) -> Router {
             get(get_sandbox).delete(delete_sandbox),
         )
         .route("/v1/sandboxes/{id}/stop", post(stop_sandbox))
+        .route("/v1/sandboxes/{id}/kill", post(kill_sandbox))
         .route("/v1/sandboxes/{id}/wait", post(wait_sandbox))
         .route("/v1/sandboxes/{id}/output", get(output))
         .route("/v1/sandboxes/{id}/stdin", post(main_stdin))
@@ -178,6 +179,22 @@ async fn stop_sandbox(
 ) -> ApiResult<Json<hearth_api::Sandbox>> {
     let grace = Duration::from_secs(p.timeout.unwrap_or(10).min(3600));
     Ok(Json(agent.stop(&id, grace).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KillParams {
+    /// Signal number (default 9).
+    signal: Option<i32>,
+}
+
+async fn kill_sandbox(
+    State(agent): State<Agent>,
+    Path(id): Path<String>,
+    Query(p): Query<KillParams>,
+) -> ApiResult<StatusCode> {
+    agent.signal(&id, p.signal.unwrap_or(libc::SIGKILL)).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn wait_sandbox(

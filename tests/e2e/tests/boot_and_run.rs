@@ -459,3 +459,34 @@ fn info_and_openapi_describe_the_node() {
     }
     assert!(doc["components"]["schemas"]["CreateSandbox"].is_object());
 }
+
+#[test]
+fn ctrl_c_on_run_reaches_the_workload() {
+    let d = Daemon::start();
+    let child = d
+        .cmd(&[
+            "run",
+            "busybox",
+            "--",
+            "sh",
+            "-c",
+            "trap 'echo got INT; exit 42' INT; echo waiting; while true; do sleep 1; done",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("the workload to start", Duration::from_secs(120), || {
+        let out = d.hearth(&["ps", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v[0]["id"]
+            .as_str()
+            .is_some_and(|id| stdout(&d.hearth(&["logs", id])) == "waiting\n")
+    });
+    // SAFETY: kill(2) on our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(42), "{}", show(&out));
+    assert_eq!(stdout(&out), "waiting\ngot INT\n");
+}
