@@ -84,6 +84,9 @@ pub struct AgentConfig {
     pub qemu_img: PathBuf,
     pub accel: AccelChoice,
     pub node: String,
+    /// A running guest that does not answer a ping within this time is
+    /// reported hung and stopped; zero disables the watchdog.
+    pub guest_watchdog: Duration,
 }
 
 /// Requests to a sandbox's lifecycle task.
@@ -573,6 +576,25 @@ impl Agent {
         });
         let input = session.input();
         let mut stop_deadline: Option<tokio::time::Instant> = None;
+        let wd = self.inner.cfg.guest_watchdog;
+        let watchdog = async {
+            if wd.is_zero() {
+                return std::future::pending::<String>().await;
+            }
+            loop {
+                tokio::time::sleep(wd / 3).await;
+                match tokio::time::timeout(wd, conn.ping(wd)).await {
+                    Ok(Ok(())) => continue,
+                    _ => {
+                        return format!(
+                            "guest agent did not answer a ping within {}s; the guest is hung",
+                            wd.as_secs_f32()
+                        )
+                    }
+                }
+            }
+        };
+        tokio::pin!(watchdog);
         let outcome = loop {
             let deadline = async {
                 match stop_deadline {
@@ -609,6 +631,10 @@ impl Agent {
                     Some(Control::Kill) | None => break (SandboxStatus::Stopped, None, None),
                 },
                 _ = deadline => break (SandboxStatus::Stopped, None, None),
+                msg = &mut watchdog => {
+                    let _ = vm.kill().await;
+                    break failed(format!("{msg}{}", console(vm)));
+                }
             }
         };
         let _ = log.flush().await;

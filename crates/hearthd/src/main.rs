@@ -45,6 +45,10 @@ struct DevArgs {
     /// Accelerator: auto (probe KVM, fall back to TCG), kvm or tcg.
     #[arg(long, env = "HEARTH_ACCEL", default_value = "auto")]
     accel: AccelChoice,
+    /// Seconds a running guest may take to answer a ping before it is
+    /// reported hung and stopped (0 disables the watchdog).
+    #[arg(long, env = "HEARTH_GUEST_WATCHDOG_SECS", default_value_t = 30)]
+    guest_watchdog_secs: u64,
     /// This node's name.
     #[arg(long, env = "HEARTH_NODE", default_value = "local")]
     node: String,
@@ -83,6 +87,7 @@ async fn dev(a: DevArgs) -> Result<()> {
         qemu_img: a.qemu_img,
         accel: a.accel,
         node: a.node,
+        guest_watchdog: std::time::Duration::from_secs(a.guest_watchdog_secs),
     };
     let agent = Agent::start(cfg).await.context("starting the node agent")?;
     let listener = tokio::net::TcpListener::bind(a.listen)

@@ -60,6 +60,8 @@ pub struct DaemonOptions {
     pub accel: String,
     /// Import the busybox image as `busybox`.
     pub busybox: bool,
+    /// More `hearthd dev` arguments.
+    pub extra_args: Vec<String>,
 }
 
 impl Default for DaemonOptions {
@@ -67,6 +69,7 @@ impl Default for DaemonOptions {
         DaemonOptions {
             accel: "tcg".into(),
             busybox: true,
+            extra_args: Vec::new(),
         }
     }
 }
@@ -138,6 +141,7 @@ impl Daemon {
             .arg(self.data.path().join("data"))
             .args(["--listen", &format!("127.0.0.1:{}", self.port)])
             .args(["--accel", &self.opts.accel])
+            .args(&self.opts.extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)

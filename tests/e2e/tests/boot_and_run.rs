@@ -430,6 +430,7 @@ fn info_and_openapi_describe_the_node() {
     let d = Daemon::start_with(DaemonOptions {
         accel: "auto".into(),
         busybox: false,
+        ..Default::default()
     });
     let out = d.hearth(&["info", "--json"]);
     assert!(out.status.success(), "{}", show(&out));
@@ -489,4 +490,33 @@ fn ctrl_c_on_run_reaches_the_workload() {
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(42), "{}", show(&out));
     assert_eq!(stdout(&out), "waiting\ngot INT\n");
+}
+
+#[test]
+fn hung_guest_is_detected_and_reported() {
+    let d = Daemon::start_with(DaemonOptions {
+        extra_args: vec!["--guest-watchdog-secs".into(), "3".into()],
+        ..Default::default()
+    });
+    let out = d.hearth(&[
+        "run", "-d", "--name", "frozen", "busybox", "--", "sleep", "1000000",
+    ]);
+    assert!(out.status.success(), "{}", show(&out));
+    wait_until("sandbox running", Duration::from_secs(120), || {
+        d.inspect("frozen")["status"] == "running"
+    });
+    let pids = vmm_pids_under(&d.data_dir().join("sandboxes"));
+    assert_eq!(pids.len(), 1);
+    // Freeze the whole VM: to the host the guest is hung.
+    // SAFETY: kill(2) on the QEMU pid found above.
+    unsafe { libc::kill(pids[0], libc::SIGSTOP) };
+    wait_until("the hang to be reported", Duration::from_secs(60), || {
+        d.inspect("frozen")["status"] == "failed"
+    });
+    let s = d.inspect("frozen");
+    assert!(s["error"].as_str().unwrap_or("").contains("hung"), "{s}");
+    assert!(
+        vmm_pids_under(&d.data_dir().join("sandboxes")).is_empty(),
+        "the hung VM was killed"
+    );
 }
