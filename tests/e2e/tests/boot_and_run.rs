@@ -173,22 +173,37 @@ fn four_sandboxes_run_at_once() {
             "--",
             "sh",
             "-c",
-            &format!("echo sandbox {i}; sleep 3; echo bye {i}"),
+            &format!("echo sandbox {i}; sleep 10; echo bye {i}"),
         ]);
         assert!(out.status.success(), "{}", show(&out));
         ids.push(stdout(&out).trim().to_string());
     }
-    // All four are running at the same time.
-    wait_until("4 running sandboxes", Duration::from_secs(120), || {
-        ids.iter()
-            .all(|id| d.inspect(id)["status"] == "running" || d.inspect(id)["status"] == "exited")
-    });
+    // `logs -f` streams until the sandbox ends.
+    let out = d.hearth(&["logs", "-f", "par0"]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert_eq!(stdout(&out), "sandbox 0\nbye 0\n");
     for (i, id) in ids.iter().enumerate() {
         let out = d.hearth(&["wait", id]);
         assert_eq!(out.status.code(), Some(0), "{}", show(&out));
         let out = d.hearth(&["logs", &format!("par{i}")]);
         assert_eq!(stdout(&out), format!("sandbox {i}\nbye {i}\n"));
     }
+    // All four ran at the same time: each started before any finished.
+    let recs: Vec<serde_json::Value> = ids.iter().map(|id| d.inspect(id)).collect();
+    let last_start = recs
+        .iter()
+        .map(|r| r["started_ms"].as_u64().unwrap())
+        .max()
+        .unwrap();
+    let first_end = recs
+        .iter()
+        .map(|r| r["finished_ms"].as_u64().unwrap())
+        .min()
+        .unwrap();
+    assert!(
+        last_start < first_end,
+        "sandboxes did not overlap: {recs:?}"
+    );
 }
 
 #[test]
