@@ -34,10 +34,21 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(base: &str) -> Client {
+    /// A client for the API at `base`, sending `token` as a bearer token.
+    pub fn new(base: &str, token: Option<String>) -> Client {
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(v) =
+            token.and_then(|t| reqwest::header::HeaderValue::from_str(&format!("Bearer {t}")).ok())
+        {
+            headers.insert(reqwest::header::AUTHORIZATION, v);
+        }
+        let http = reqwest::Client::builder()
+            .default_headers(headers)
+            .build()
+            .unwrap_or_default();
         Client {
             base: base.trim_end_matches('/').to_string(),
-            http: reqwest::Client::new(),
+            http,
         }
     }
 

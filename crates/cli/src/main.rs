@@ -30,6 +30,17 @@ struct Cli {
         default_value = "http://127.0.0.1:7070"
     )]
     api: String,
+    /// API token (default: read from --token-file).
+    #[arg(long, global = true, env = "HEARTH_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// File holding the API token (hearthd writes DATA_DIR/api-token).
+    #[arg(
+        long,
+        global = true,
+        env = "HEARTH_TOKEN_FILE",
+        default_value = "/var/lib/hearth/api-token"
+    )]
+    token_file: std::path::PathBuf,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -188,7 +199,12 @@ fn want_stdin(flag: bool) -> bool {
 }
 
 async fn run(cli: Cli) -> Result<u8> {
-    let c = Client::new(&cli.api);
+    let token = cli.token.clone().or_else(|| {
+        std::fs::read_to_string(&cli.token_file)
+            .ok()
+            .map(|t| t.trim().to_string())
+    });
+    let c = Client::new(&cli.api, token);
     match cli.cmd {
         Cmd::Run(a) => cmd_run(&c, a).await,
         Cmd::Ps { json } => {

@@ -76,11 +76,14 @@ impl<T: serde::Serialize> IntoResponse for Json<T> {
 
 type ApiResult<T> = Result<T, HttpError>;
 
-/// The API router.
-pub fn router(agent: Agent) -> Router {
-    Router::new()
+/// The API router. Every route but `/openapi.json` and `/metrics` requires
+/// `Authorization: Bearer TOKEN`.
+pub fn router(agent: Agent, token: ApiToken) -> Router {
+    let open = Router::new()
         .route("/openapi.json", get(openapi::serve))
         .route("/metrics", get(metrics))
+        .with_state(agent.clone());
+    Router::new()
         .route("/v1/info", get(info))
         .route("/v1/sandboxes", get(list_sandboxes).post(create_sandbox))
         .route(
@@ -101,9 +104,56 @@ pub fn router(agent: Agent) -> Router {
             axum::routing::delete(delete_image),
         )
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(token, require_token))
+        .with_state(agent)
+        .merge(open)
         .layer(axum::middleware::from_fn(json_errors))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_JSON_BODY))
-        .with_state(agent)
+}
+
+/// The API's bearer token.
+#[derive(Clone)]
+pub struct ApiToken(std::sync::Arc<String>);
+
+impl ApiToken {
+    /// Wraps a token; it must be at least 16 characters.
+    pub fn new(token: String) -> Result<ApiToken, String> {
+        if token.len() < 16 {
+            return Err("the API token must be at least 16 characters".into());
+        }
+        Ok(ApiToken(std::sync::Arc::new(token)))
+    }
+
+    /// Compares in constant time (the length is not secret).
+    fn matches(&self, presented: &[u8]) -> bool {
+        let want = self.0.as_bytes();
+        want.len() == presented.len()
+            && want
+                .iter()
+                .zip(presented)
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    }
+}
+
+async fn require_token(
+    State(token): State<ApiToken>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let ok = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        .is_some_and(|t| token.matches(t));
+    if !ok {
+        return HttpError(ApiError::new(
+            ErrorCode::Unauthorized,
+            "missing or wrong API token: send `Authorization: Bearer TOKEN`; hearthd keeps it in DATA_DIR/api-token (the CLI reads it from there, or from HEARTH_TOKEN)",
+        ))
+        .into_response();
+    }
+    next.run(req).await
 }
 
 async fn not_found(uri: axum::http::Uri) -> HttpError {

@@ -462,7 +462,27 @@ fn info_and_openapi_describe_the_node() {
     let out = d.hearth(&["info"]);
     assert!(stdout(&out).contains("accelerator:"), "{}", show(&out));
 
-    let (status, body) = d.http("GET", "/openapi.json", None).unwrap();
+    // The API wants its token; the OpenAPI document is public.
+    for token in [None, Some("not-the-token-at-all")] {
+        let (status, body) = d.http_as(token, "GET", "/v1/sandboxes", None).unwrap();
+        assert_eq!(status, 401, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["code"], "unauthorized");
+    }
+    let out = d
+        .cmd(&["ps"])
+        .env("HEARTH_TOKEN", "wrong-token-wrong-token")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    assert!(stderr(&out).contains("API token"), "{}", show(&out));
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(d.data_dir().join("api-token"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o077, 0, "api-token is private");
+    let (status, body) = d.http_as(None, "GET", "/openapi.json", None).unwrap();
     assert_eq!(status, 200);
     let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
@@ -534,4 +554,102 @@ fn hung_guest_is_detected_and_reported() {
         vmm_pids_under(&d.data_dir().join("sandboxes")).is_empty(),
         "the hung VM was killed"
     );
+}
+
+#[test]
+fn a_second_daemon_on_the_same_data_dir_is_refused_and_harms_nothing() {
+    let d = Daemon::start();
+    let out = d.hearth(&[
+        "run", "-d", "--name", "keep", "busybox", "--", "sleep", "1000000",
+    ]);
+    assert!(out.status.success(), "{}", show(&out));
+    wait_until("sandbox running", Duration::from_secs(120), || {
+        d.inspect("keep")["status"] == "running"
+    });
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = std::process::Command::new(hearth_e2e::bin_dir().join("hearthd"))
+        .args(["dev", "--accel", "tcg", "--data-dir"])
+        .arg(d.data_dir())
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("in use by another hearthd"),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(
+        d.inspect("keep")["status"],
+        "running",
+        "the first daemon's sandbox is untouched"
+    );
+    let out = d.hearth(&["exec", "keep", "--", "true"]);
+    assert!(out.status.success(), "{}", show(&out));
+}
+
+#[test]
+fn sigterm_stops_hearthd_promptly_even_with_attached_clients() {
+    let mut d = Daemon::start();
+    let client = d
+        .cmd(&[
+            "run",
+            "--name",
+            "chatty",
+            "busybox",
+            "--",
+            "sh",
+            "-c",
+            "while true; do echo tick; sleep 1; done",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("output to flow", Duration::from_secs(120), || {
+        stdout(&d.hearth(&["logs", "chatty"])).starts_with("tick")
+    });
+    let mut daemon = d.child.take().unwrap();
+    // SAFETY: kill(2) on the hearthd child we started.
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = daemon.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "hearthd still running 5s after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+    let out = client.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(125),
+        "the CLI reports the lost connection: {}",
+        show(&out)
+    );
+    // Restarted, it reports the sandbox lost and stops its VM.
+    d.spawn();
+    assert_eq!(d.inspect("chatty")["status"], "lost");
+    assert!(vmm_pids_under(d.data.path()).is_empty());
+}
+
+#[test]
+fn a_name_cannot_shadow_another_sandboxes_id() {
+    let d = Daemon::start();
+    let out = d.hearth(&["run", "-d", "busybox", "--", "sleep", "1000000"]);
+    let id = stdout(&out).trim().to_string();
+    let out = d.hearth(&["run", "-d", "--name", &id, "busybox", "--", "true"]);
+    assert_eq!(out.status.code(), Some(125), "{}", show(&out));
+    assert!(stderr(&out).contains("already exists"), "{}", show(&out));
+    let out = d.hearth(&["rm", "-f", &id]);
+    assert!(out.status.success(), "{}", show(&out));
 }
