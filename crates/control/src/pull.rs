@@ -18,10 +18,7 @@ fn line(ev: &PullEvent) -> Bytes {
     Bytes::from(v)
 }
 
-pub(crate) async fn pull_image(
-    State(agent): State<Agent>,
-    Json(req): Json<PullImage>,
-) -> Response {
+pub(crate) async fn pull_image(State(agent): State<Agent>, Json(req): Json<PullImage>) -> Response {
     // why: unbounded is fine, the puller throttles its progress events (one per
     // 256 KiB per layer); the pull goes on even if the client disconnects.
     let (tx, mut rx) = mpsc::unbounded_channel::<PullEvent>();

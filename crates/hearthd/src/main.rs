@@ -50,7 +50,11 @@ struct DevArgs {
     node: String,
     /// A registry (HOST[:PORT]) to pull from over plain HTTP (repeatable). Loopback
     /// registries always are; every other one must speak HTTPS unless listed here.
-    #[arg(long = "insecure-registry", env = "HEARTH_INSECURE_REGISTRIES", value_delimiter = ',')]
+    #[arg(
+        long = "insecure-registry",
+        env = "HEARTH_INSECURE_REGISTRIES",
+        value_delimiter = ','
+    )]
     insecure_registries: Vec<String>,
     /// Seconds to wait for a registry's answer (or the next bytes of a blob) before failing.
     #[arg(long, env = "HEARTH_REGISTRY_TIMEOUT", default_value_t = 30)]

@@ -209,7 +209,10 @@ impl ImageError {
         match self {
             ImageError::Pull { source, .. } => source.is_not_found(),
             ImageError::Shared(e) => e.is_not_found(),
-            e => matches!(e, ImageError::NotFound { .. } | ImageError::RegistryNotFound { .. }),
+            e => matches!(
+                e,
+                ImageError::NotFound { .. } | ImageError::RegistryNotFound { .. }
+            ),
         }
     }
 

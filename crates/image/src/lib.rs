@@ -348,13 +348,21 @@ impl ImageStore {
     /// The caller must not prune while a sandbox runs on an image it removed by name.
     pub fn prune(&self) -> Result<PruneReport, ImageError> {
         let mut locked = index::lock(&self.root)?;
-        let used_rootfs: std::collections::HashSet<String> =
-            locked.index.images.values().map(|e| e.digest.clone()).collect();
+        let used_rootfs: std::collections::HashSet<String> = locked
+            .index
+            .images
+            .values()
+            .map(|e| e.digest.clone())
+            .collect();
         let used_blobs: std::collections::HashSet<String> = locked
             .index
             .images
             .values()
-            .flat_map(|e| e.blobs.iter().map(|d| d.trim_start_matches("sha256:").to_string()))
+            .flat_map(|e| {
+                e.blobs
+                    .iter()
+                    .map(|d| d.trim_start_matches("sha256:").to_string())
+            })
             .collect();
         locked.index.rootfs.retain(|d, _| used_rootfs.contains(d));
         locked.save()?;
@@ -366,7 +374,11 @@ impl ImageStore {
             .collect();
         let mut report = PruneReport::default();
         // why: names starting with '.' are builds in progress (`.building-*`); they are not ours to delete.
-        let sweep = |dir: PathBuf, keep: &dyn Fn(&str) -> bool, removed: &mut u64, report_bytes: &mut u64| -> Result<(), ImageError> {
+        let sweep = |dir: PathBuf,
+                     keep: &dyn Fn(&str) -> bool,
+                     removed: &mut u64,
+                     report_bytes: &mut u64|
+         -> Result<(), ImageError> {
             for entry in fs::read_dir(&dir).map_err(ImageError::store(&dir))? {
                 let entry = entry.map_err(ImageError::store(&dir))?;
                 let name = entry.file_name().to_string_lossy().into_owned();
@@ -379,14 +391,26 @@ impl ImageStore {
                         *removed += 1;
                         *report_bytes += size;
                     }
-                    Err(e) => tracing::warn!(path = %entry.path().display(), error = %e, "prune: cannot delete"),
+                    Err(e) => {
+                        tracing::warn!(path = %entry.path().display(), error = %e, "prune: cannot delete")
+                    }
                 }
             }
             Ok(())
         };
         let (mut rootfs, mut blobs, mut bytes) = (0, 0, 0);
-        sweep(self.root.join("blobs/sha256"), &|n| keep_rootfs.contains(n), &mut rootfs, &mut bytes)?;
-        sweep(self.root.join("blob-cache/sha256"), &|n| used_blobs.contains(n), &mut blobs, &mut bytes)?;
+        sweep(
+            self.root.join("blobs/sha256"),
+            &|n| keep_rootfs.contains(n),
+            &mut rootfs,
+            &mut bytes,
+        )?;
+        sweep(
+            self.root.join("blob-cache/sha256"),
+            &|n| used_blobs.contains(n),
+            &mut blobs,
+            &mut bytes,
+        )?;
         drop(locked);
         report.rootfs_removed = rootfs;
         report.blobs_removed = blobs;

@@ -84,10 +84,13 @@ impl Writer {
             .as_file()
             .sync_all()
             .map_err(ImageError::store(&path))?;
-        let mut file = self.file.persist(&self.dest).map_err(|e| ImageError::Store {
-            path: self.dest.clone(),
-            source: e.error,
-        })?;
+        let mut file = self
+            .file
+            .persist(&self.dest)
+            .map_err(|e| ImageError::Store {
+                path: self.dest.clone(),
+                source: e.error,
+            })?;
         sync_parent(&self.dest)?;
         file.seek(SeekFrom::Start(0))
             .map_err(ImageError::store(&self.dest))?;

@@ -85,7 +85,8 @@ impl Credentials {
             });
         }
         let mut cfg = read(&self.file)?.unwrap_or_default();
-        let auth = base64::engine::general_purpose::STANDARD.encode(format!("{username}:{password}"));
+        let auth =
+            base64::engine::general_purpose::STANDARD.encode(format!("{username}:{password}"));
         cfg.auths.insert(
             registry.to_string(),
             AuthEntry {
@@ -172,12 +173,14 @@ fn decode(entry: &AuthEntry, path: &Path) -> Result<Option<RegistryAuth>, ImageE
 
 fn read(path: &Path) -> Result<Option<ConfigFile>, ImageError> {
     match fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| ImageError::Credentials {
-                path: path.to_path_buf(),
-                reason: format!("not a docker-style config.json: {e}"),
-            }),
+        Ok(bytes) => {
+            serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| ImageError::Credentials {
+                    path: path.to_path_buf(),
+                    reason: format!("not a docker-style config.json: {e}"),
+                })
+        }
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(ImageError::Credentials {
             path: path.to_path_buf(),

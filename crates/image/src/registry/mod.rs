@@ -173,7 +173,10 @@ impl Puller {
                 max: limits.max_entries,
             });
         }
-        let cache = BlobCache::new(self.store.root.join("blob-cache/sha256"), self.store.root.join("tmp"));
+        let cache = BlobCache::new(
+            self.store.root.join("blob-cache/sha256"),
+            self.store.root.join("tmp"),
+        );
 
         if manifest.config.size > MAX_JSON_BYTES {
             return Err(ImageError::LimitExceeded {
@@ -188,7 +191,8 @@ impl Puller {
         let mut config_bytes = Vec::new();
         std::io::Read::read_to_end(&mut config_file, &mut config_bytes)
             .map_err(ImageError::store(cache.path(&manifest.config.digest)?))?;
-        let config = OciConfig::parse(&format!("config {}", manifest.config.digest), &config_bytes)?;
+        let config =
+            OciConfig::parse(&format!("config {}", manifest.config.digest), &config_bytes)?;
         config.check_platform()?;
 
         let mut blobs = vec![manifest.config.digest.clone()];

@@ -23,7 +23,12 @@ use crate::ImageError;
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-const ACCEPT: [&str; 4] = [OCI_MANIFEST, DOCKER_MANIFEST, INDEX_TYPES[0], INDEX_TYPES[1]];
+const ACCEPT: [&str; 4] = [
+    OCI_MANIFEST,
+    DOCKER_MANIFEST,
+    INDEX_TYPES[0],
+    INDEX_TYPES[1],
+];
 
 /// Progress callbacks are throttled to one per this many bytes.
 const PROGRESS_STEP: u64 = 256 * 1024;
@@ -142,7 +147,10 @@ impl Remote {
             annotations: None,
         };
         let mut stream = self
-            .timed(what, self.client.pull_blob_stream(&self.reference, &oci_desc))
+            .timed(
+                what,
+                self.client.pull_blob_stream(&self.reference, &oci_desc),
+            )
             .await?
             .stream;
         let mut reported = 0u64;
@@ -216,9 +224,13 @@ impl Remote {
                 registry: self.registry.clone(),
                 status: 401,
             },
-            OciDistributionError::AuthenticationFailure(reason) => {
-                self.failed(what, format!("the token service refused the credentials: {}", clip(&reason)))
-            }
+            OciDistributionError::AuthenticationFailure(reason) => self.failed(
+                what,
+                format!(
+                    "the token service refused the credentials: {}",
+                    clip(&reason)
+                ),
+            ),
             OciDistributionError::RegistryError { envelope, .. } => {
                 let codes: Vec<&OciErrorCode> = envelope.errors.iter().map(|e| &e.code).collect();
                 if codes.iter().any(|c| {
@@ -248,10 +260,9 @@ impl Remote {
             OciDistributionError::ServerError { code, message, .. } => {
                 self.by_status(what, code, message)
             }
-            OciDistributionError::DigestError(oci_client::errors::DigestError::VerificationError {
-                expected,
-                actual,
-            }) => ImageError::BlobDigestMismatch {
+            OciDistributionError::DigestError(
+                oci_client::errors::DigestError::VerificationError { expected, actual },
+            ) => ImageError::BlobDigestMismatch {
                 digest: expected,
                 actual,
             },
@@ -274,7 +285,9 @@ impl Remote {
             reason.push_str(&s.to_string());
             src = s.source();
         }
-        if !is_loopback(&self.registry) && (reason.contains("tls") || reason.contains("TLS") || reason.contains("certificate")) {
+        if !is_loopback(&self.registry)
+            && (reason.contains("tls") || reason.contains("TLS") || reason.contains("certificate"))
+        {
             reason.push_str(&format!(
                 "; if {} speaks plain HTTP, start hearthd with --insecure-registry {}",
                 self.registry, self.registry
@@ -334,10 +347,21 @@ mod tests {
 
     #[test]
     fn loopback_registries_are_recognized() {
-        for r in ["localhost:5000", "127.0.0.1:5000", "127.1.2.3", "[::1]:5000", "localhost"] {
+        for r in [
+            "localhost:5000",
+            "127.0.0.1:5000",
+            "127.1.2.3",
+            "[::1]:5000",
+            "localhost",
+        ] {
             assert!(is_loopback(r), "{r}");
         }
-        for r in ["10.0.0.1:5000", "registry.example:5000", "docker.io", "[fe80::1]:5000"] {
+        for r in [
+            "10.0.0.1:5000",
+            "registry.example:5000",
+            "docker.io",
+            "[fe80::1]:5000",
+        ] {
             assert!(!is_loopback(r), "{r}");
         }
     }

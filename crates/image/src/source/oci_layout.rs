@@ -9,7 +9,6 @@ use crate::config::OciConfig;
 use crate::confined::Confined;
 use crate::{digest, ImageError};
 
-
 pub(crate) fn prepare(dir: &Path) -> Result<Prepared, ImageError> {
     let root = Confined::open(dir).map_err(|source| ImageError::SourceRead {
         source_path: dir.to_path_buf(),
