@@ -7,6 +7,7 @@
 //! directory of this test executable (`scripts/test` builds them first).
 
 pub mod images;
+pub mod registry;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -46,7 +47,7 @@ pub fn repo_root() -> PathBuf {
         .expect("repo root")
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -60,6 +61,10 @@ pub struct DaemonOptions {
     pub accel: String,
     /// Import the busybox image as `busybox`.
     pub busybox: bool,
+    /// More `hearthd dev` arguments.
+    pub extra_args: Vec<String>,
+    /// Called with the data dir (not yet created) before the first start, e.g. to mount it.
+    pub before_start: Option<fn(&Path)>,
 }
 
 impl Default for DaemonOptions {
@@ -67,6 +72,8 @@ impl Default for DaemonOptions {
         DaemonOptions {
             accel: "tcg".into(),
             busybox: true,
+            extra_args: Vec::new(),
+            before_start: None,
         }
     }
 }
@@ -100,6 +107,9 @@ impl Daemon {
             data,
             opts: opts.clone(),
         };
+        if let Some(f) = opts.before_start {
+            f(&d.data_dir());
+        }
         d.spawn();
         if opts.busybox {
             let rootfs = d.data.path().join("busybox-rootfs");
@@ -138,6 +148,7 @@ impl Daemon {
             .arg(self.data.path().join("data"))
             .args(["--listen", &format!("127.0.0.1:{}", self.port)])
             .args(["--accel", &self.opts.accel])
+            .args(&self.opts.extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)

@@ -430,6 +430,7 @@ fn info_and_openapi_describe_the_node() {
     let d = Daemon::start_with(DaemonOptions {
         accel: "auto".into(),
         busybox: false,
+        ..DaemonOptions::default()
     });
     let out = d.hearth(&["info", "--json"]);
     assert!(out.status.success(), "{}", show(&out));
