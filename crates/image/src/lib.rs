@@ -21,6 +21,8 @@ mod confined;
 mod digest;
 mod error;
 mod ext4;
+#[doc(hidden)]
+pub mod fuzzing;
 mod index;
 mod limits;
 mod reference;
