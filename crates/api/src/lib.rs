@@ -20,7 +20,8 @@ pub const DEFAULT_CPUS: u32 = 1;
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateSandbox {
-    /// Image reference (name[:tag] or sha256:digest) of an imported image.
+    /// Image reference (name[:tag] or sha256:digest) of an imported or pulled image
+    /// (`hearth run` pulls a REGISTRY/… reference first when it is missing).
     pub image: String,
     /// Replaces the image's Cmd; the image's Entrypoint, if any, is kept in front.
     #[serde(default)]

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
 use sha2::{Digest, Sha256};
 
 use crate::free_port;
@@ -27,29 +28,54 @@ pub struct Registry {
     /// `127.0.0.1:PORT`.
     pub addr: String,
     dir: tempfile::TempDir,
-    /// Basic-auth user and password, when the registry requires them.
+    /// User and password, when the registry requires them.
     pub creds: Option<(String, String)>,
+    /// The token service of a bearer-auth registry.
+    pub token_server: Option<TokenServer>,
+}
+
+enum Auth {
+    None,
+    Basic,
+    Token,
 }
 
 impl Registry {
     /// An open registry (no auth).
     pub fn start() -> Registry {
-        Registry::start_inner(None)
+        Registry::start_inner(None, Auth::None)
     }
 
     /// A registry that demands HTTP basic auth (htpasswd, bcrypt) for everything.
     pub fn start_with_basic_auth(user: &str, password: &str) -> Registry {
-        Registry::start_inner(Some((user.to_string(), password.to_string())))
+        Registry::start_inner(Some((user.to_string(), password.to_string())), Auth::Basic)
     }
 
-    fn start_inner(creds: Option<(String, String)>) -> Registry {
+    /// A registry that demands bearer tokens (the Distribution token flow) from a
+    /// [`TokenServer`] that grants them for `user`/`password` only.
+    pub fn start_with_token_auth(user: &str, password: &str) -> Registry {
+        Registry::start_inner(Some((user.to_string(), password.to_string())), Auth::Token)
+    }
+
+    fn start_inner(creds: Option<(String, String)>, kind: Auth) -> Registry {
         let dir = tempfile::Builder::new()
             .prefix("hearth-registry-")
             .tempdir()
             .expect("tempdir");
         let port = free_port();
         let mut auth = String::new();
-        if let Some((u, p)) = &creds {
+        let mut token_server = None;
+        if let (Auth::Token, Some((u, p))) = (&kind, &creds) {
+            let ts = TokenServer::start(dir.path(), u, p);
+            auth = format!(
+                "auth:\n  token:\n    realm: {}\n    service: {}\n    issuer: {}\n    rootcertbundle: {}\n",
+                ts.realm,
+                TokenServer::SERVICE,
+                TokenServer::ISSUER,
+                dir.path().join("token-cert.pem").display()
+            );
+            token_server = Some(ts);
+        } else if let (Auth::Basic, Some((u, p))) = (&kind, &creds) {
             let out = Command::new("htpasswd")
                 .args(["-Bbn", u, p])
                 .output()
@@ -72,6 +98,7 @@ impl Registry {
             addr: format!("127.0.0.1:{port}"),
             dir,
             creds,
+            token_server,
         };
         r.spawn();
         r
@@ -421,4 +448,183 @@ impl Drop for FakeRegistry {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
     }
+}
+
+/// A Distribution token service on 127.0.0.1: `GET /token?service=…&scope=…`
+/// with basic auth answers a JWT (RS256, signed with `openssl`, its certificate in
+/// the `x5c` header and in the registry's `rootcertbundle`) granting the asked
+/// scopes to the one known user; anonymous requests get a token granting nothing,
+/// wrong credentials a 401. Stops with the value.
+pub struct TokenServer {
+    /// `http://127.0.0.1:PORT/token`.
+    pub realm: String,
+    stop: Arc<AtomicBool>,
+}
+
+impl TokenServer {
+    pub const SERVICE: &'static str = "hearth-test-registry";
+    pub const ISSUER: &'static str = "hearth-test-issuer";
+
+    fn start(dir: &Path, user: &str, password: &str) -> TokenServer {
+        let key = dir.join("token-key.pem");
+        let cert = dir.join("token-cert.pem");
+        let st = Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=hearth-test-token",
+                "-keyout",
+            ])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .stderr(Stdio::null())
+            .status()
+            .expect("openssl");
+        assert!(st.success(), "openssl req");
+        let der = Command::new("openssl")
+            .args(["x509", "-outform", "DER", "-in"])
+            .arg(&cert)
+            .output()
+            .expect("openssl x509");
+        assert!(der.status.success());
+        let x5c = base64::engine::general_purpose::STANDARD.encode(&der.stdout);
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let realm = format!("http://{}/token", listener.local_addr().expect("addr"));
+        listener.set_nonblocking(true).expect("nonblocking");
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let expected = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+        );
+        let user = user.to_string();
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(600);
+            while !stop2.load(Ordering::Relaxed) && Instant::now() < deadline {
+                let Ok((mut s, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                };
+                let _ = s.set_nonblocking(false);
+                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && head.len() < 16384 {
+                    match s.read(&mut b) {
+                        Ok(1) => head.push(b[0]),
+                        _ => break,
+                    }
+                }
+                let head = String::from_utf8_lossy(&head).into_owned();
+                let target = head.split_whitespace().nth(1).unwrap_or("").to_string();
+                let authz = head.lines().find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("authorization")
+                        .then(|| v.trim().to_string())
+                });
+                let (status, body) = match authz {
+                    Some(a) if a != expected => (
+                        "401 Unauthorized",
+                        "{\"details\":\"bad credentials\"}".to_string(),
+                    ),
+                    a => {
+                        let scopes: Vec<String> = target
+                            .split_once('?')
+                            .map(|(_, q)| q)
+                            .unwrap_or("")
+                            .split('&')
+                            .filter_map(|kv| kv.strip_prefix("scope="))
+                            .map(percent_decode)
+                            .collect();
+                        let granted = if a.is_some() { scopes } else { Vec::new() };
+                        let jwt =
+                            sign_token(&key, &x5c, if a.is_some() { &user } else { "" }, &granted);
+                        ("200 OK", format!("{{\"token\":\"{jwt}\",\"access_token\":\"{jwt}\",\"expires_in\":300}}"))
+                    }
+                };
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        TokenServer { realm, stop }
+    }
+}
+
+impl Drop for TokenServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(if b[i] == b'+' { b' ' } else { b[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// An RS256 JWT granting `scopes` (`repository:NAME:ACTIONS`).
+fn sign_token(key: &Path, x5c: &str, sub: &str, scopes: &[String]) -> String {
+    use base64::Engine as _;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let access: Vec<serde_json::Value> = scopes
+        .iter()
+        .filter_map(|s| {
+            let mut parts = s.splitn(3, ':');
+            let (kind, name, actions) = (parts.next()?, parts.next()?, parts.next()?);
+            Some(serde_json::json!({"type": kind, "name": name, "actions": actions.split(',').collect::<Vec<_>>()}))
+        })
+        .collect();
+    let header = serde_json::json!({"typ": "JWT", "alg": "RS256", "x5c": [x5c]});
+    let claims = serde_json::json!({
+        "iss": TokenServer::ISSUER, "sub": sub, "aud": TokenServer::SERVICE,
+        "exp": now + 300, "nbf": now - 10, "iat": now, "jti": format!("{now}-{}", scopes.len()),
+        "access": access,
+    });
+    let signing_input = format!(
+        "{}.{}",
+        b64(header.to_string().as_bytes()),
+        b64(claims.to_string().as_bytes())
+    );
+    let mut child = Command::new("openssl")
+        .args(["dgst", "-sha256", "-sign"])
+        .arg(key)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("openssl dgst");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(signing_input.as_bytes())
+        .expect("sign input");
+    let out = child.wait_with_output().expect("openssl dgst");
+    assert!(out.status.success(), "openssl dgst -sign");
+    format!("{signing_input}.{}", b64(&out.stdout))
 }

@@ -426,6 +426,29 @@ fn basic_auth_registry_needs_hearth_login() {
 }
 
 #[test]
+fn bearer_token_registry_works_after_hearth_login() {
+    let reg = Registry::start_with_token_auth("bob", "t0ken-pw");
+    let image = Layout::new(&["true"]).layer(
+        &images::layer(&[("etc/marker", b"token\n", 0o644)]),
+        Compress::Gzip,
+    );
+    let reference = push(&reg, &image, "team/tok:1");
+    let d = daemon(&[]);
+    // Anonymous: the token service grants nothing, the registry says 401.
+    BadPull::new(&d).fails(&reference, &["refused access", "hearth login"]);
+    let out = d.hearth(&["login", &reg.addr, "-u", "bob", "-p", "wrong"]);
+    assert!(out.status.success(), "{}", show(&out));
+    BadPull::new(&d).fails(&reference, &["refused"]);
+    let out = d.hearth(&["login", &reg.addr, "-u", "bob", "-p", "t0ken-pw"]);
+    assert!(out.status.success(), "{}", show(&out));
+    let (_, digest) = pull_ok(&d, &reference);
+    assert_eq!(
+        read_in_image(&d, &digest, "/etc/marker").as_deref(),
+        Some("token\n")
+    );
+}
+
+#[test]
 fn prune_removes_what_no_image_uses() {
     let reg = Registry::start();
     let image = Layout::new(&["true"]).layer(
@@ -454,6 +477,32 @@ fn prune_removes_what_no_image_uses() {
     );
     assert_eq!(count("images/blob-cache/sha256"), 0);
     assert_eq!(count("images/blobs/sha256"), 0);
+}
+
+#[test]
+fn openapi_documents_the_registry_routes() {
+    let d = daemon(&[]);
+    let (status, body) = d.http("GET", "/openapi.json", None).unwrap();
+    assert_eq!(status, 200);
+    let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+    for p in [
+        "/v1/images/pull",
+        "/v1/images/prune",
+        "/v1/registries/login",
+    ] {
+        assert!(doc["paths"][p]["post"].is_object(), "openapi lacks {p}");
+    }
+    for s in ["PullImage", "PullEvent", "RegistryLogin", "PruneReport"] {
+        assert!(
+            doc["components"]["schemas"][s].is_object(),
+            "openapi lacks {s}"
+        );
+    }
+    // A malformed pull request is a 400 JSON error, not a stream.
+    let (status, body) = d
+        .http("POST", "/v1/images/pull", Some("{\"ref\": 1}"))
+        .unwrap();
+    assert_eq!(status, 400, "{body}");
 }
 
 // ---- bad input: each one its own test -------------------------------------------

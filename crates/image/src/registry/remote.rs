@@ -51,16 +51,24 @@ fn is_loopback(registry: &str) -> bool {
     host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
+/// The registries of `opts` and `resolved` that are reached over plain HTTP:
+/// the ones marked insecure, and `resolved` itself when it is loopback.
+fn plain_http(insecure: &[String], resolved: &str) -> Vec<String> {
+    let mut list = insecure.to_vec();
+    if is_loopback(resolved) {
+        list.push(resolved.to_string());
+    }
+    list
+}
+
 impl Remote {
     pub(super) fn new(reference: Reference, opts: &RegistryOptions) -> Result<Remote, ImageError> {
         let registry = reference.registry().to_string();
-        let resolved = reference.resolve_registry().to_string();
-        let mut plain_http: Vec<String> = opts.insecure.clone();
-        if is_loopback(&resolved) {
-            plain_http.push(resolved.clone());
-        }
         let client = Client::new(ClientConfig {
-            protocol: ClientProtocol::HttpsExcept(plain_http),
+            protocol: ClientProtocol::HttpsExcept(plain_http(
+                &opts.insecure,
+                reference.resolve_registry(),
+            )),
             // why: we choose the platform ourselves, to name the ones present when amd64 is not.
             platform_resolver: None,
             connect_timeout: Some(opts.timeout),
@@ -344,6 +352,20 @@ fn clip(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plain_http_only_for_insecure_or_loopback_registries() {
+        let insecure = vec!["build.internal:5000".to_string()];
+        assert_eq!(
+            plain_http(&insecure, "127.0.0.1:5000"),
+            ["build.internal:5000", "127.0.0.1:5000"]
+        );
+        assert_eq!(
+            plain_http(&insecure, "registry.example"),
+            ["build.internal:5000"]
+        );
+        assert!(plain_http(&[], "index.docker.io").is_empty());
+    }
 
     #[test]
     fn loopback_registries_are_recognized() {
