@@ -26,6 +26,7 @@ pub mod fuzzing;
 mod index;
 mod limits;
 mod reference;
+#[cfg(feature = "registry")]
 mod registry;
 mod source;
 mod unpack;
@@ -39,6 +40,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 pub use config::ImageConfig;
 pub use error::ImageError;
 pub use limits::Limits;
+#[cfg(feature = "registry")]
 pub use registry::{Credentials, Puller, RegistryOptions};
 
 use confined::Confined;
@@ -158,6 +160,7 @@ impl ImageStore {
     }
 
     /// True when a root filesystem for `digest` is built and registered.
+    #[cfg_attr(not(feature = "registry"), allow(dead_code))]
     pub(crate) fn has_rootfs(&self, digest: &str) -> Result<bool, ImageError> {
         Ok(index::lock(&self.root)?.index.rootfs.contains_key(digest)
             && self.rootfs_path(digest).is_file())
