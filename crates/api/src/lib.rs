@@ -276,6 +276,8 @@ pub struct Info {
 pub enum ErrorCode {
     /// The request body or parameters are malformed.
     BadRequest,
+    /// The request carries no valid API token.
+    Unauthorized,
     /// A field has a value outside what is allowed.
     InvalidArgument,
     /// The sandbox, exec session or image does not exist.
@@ -297,6 +299,7 @@ impl ErrorCode {
     pub fn http_status(self) -> u16 {
         match self {
             ErrorCode::BadRequest | ErrorCode::InvalidArgument | ErrorCode::NoCommand => 400,
+            ErrorCode::Unauthorized => 401,
             ErrorCode::NotFound | ErrorCode::ImageNotFound => 404,
             ErrorCode::Conflict => 409,
             ErrorCode::VmFailed | ErrorCode::Internal => 500,

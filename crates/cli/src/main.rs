@@ -31,6 +31,17 @@ struct Cli {
         default_value = "http://127.0.0.1:7070"
     )]
     api: String,
+    /// API token (default: read from --token-file).
+    #[arg(long, global = true, env = "HEARTH_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// File holding the API token (hearthd writes DATA_DIR/api-token).
+    #[arg(
+        long,
+        global = true,
+        env = "HEARTH_TOKEN_FILE",
+        default_value = "/var/lib/hearth/api-token"
+    )]
+    token_file: std::path::PathBuf,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -203,7 +214,12 @@ fn want_stdin(flag: bool) -> bool {
 }
 
 async fn run(cli: Cli) -> Result<u8> {
-    let c = Client::new(&cli.api);
+    let token = cli.token.clone().or_else(|| {
+        std::fs::read_to_string(&cli.token_file)
+            .ok()
+            .map(|t| t.trim().to_string())
+    });
+    let c = Client::new(&cli.api, token);
     match cli.cmd {
         Cmd::Run(a) => cmd_run(&c, a).await,
         Cmd::Ps { json } => {
@@ -366,7 +382,7 @@ async fn run(cli: Cli) -> Result<u8> {
                     line.trim_end_matches(['\n', '\r']).to_string()
                 }
             };
-            c.post_empty(
+            c.post_json_no_content(
                 "/v1/registries/login",
                 &hearth_api::RegistryLogin {
                     registry: registry.clone(),
@@ -448,6 +464,7 @@ async fn cmd_run(c: &Client, a: RunArgs) -> Result<u8> {
             }
         });
     }
+    forward_signals(c.clone(), sb.id.clone());
     let resp = c
         .get_stream(&format!("/v1/sandboxes/{}/output?follow=true", sb.id))
         .await?;
@@ -493,6 +510,31 @@ async fn cmd_exec(c: &Client, a: ExecArgs) -> Result<u8> {
     }
     let (code, _) = print_stream(resp, false).await?;
     Ok(code)
+}
+
+/// Forwards SIGINT, SIGTERM and SIGHUP received by the CLI to the workload, so
+/// Ctrl-C reaches it as it would a local process; its exit status still comes
+/// back through the output stream.
+fn forward_signals(c: Client, id: String) {
+    use tokio::signal::unix::{signal, SignalKind};
+    for (kind, num) in [
+        (SignalKind::interrupt(), libc::SIGINT),
+        (SignalKind::terminate(), libc::SIGTERM),
+        (SignalKind::hangup(), libc::SIGHUP),
+    ] {
+        let Ok(mut sig) = signal(kind) else {
+            continue;
+        };
+        let (c, id) = (c.clone(), id.clone());
+        tokio::spawn(async move {
+            while sig.recv().await.is_some() {
+                let url = format!("/v1/sandboxes/{id}/kill?signal={num}");
+                if let Err(e) = c.post_empty(&url).await {
+                    eprintln!("hearth: forwarding signal {num} to sandbox {id}: {e}");
+                }
+            }
+        });
+    }
 }
 
 /// Writes a record stream to stdout/stderr. Returns the exit code it ended

@@ -45,6 +45,7 @@ pub fn document() -> serde_json::Value {
             "delete": {"parameters": id, "summary": "Remove (force=true kills a running one)", "responses": {"204": {"description": "removed"}, "404": err, "409": err}}
         },
         "/v1/sandboxes/{id}/stop": {"post": {"parameters": id, "summary": "SIGTERM, then power off after `timeout` seconds", "responses": {"200": json("Sandbox"), "404": err}}},
+        "/v1/sandboxes/{id}/kill": {"post": {"parameters": id, "summary": "Send `signal` (default 9) to the main workload's process group", "responses": {"204": {"description": "delivered"}, "400": err, "409": err}}},
         "/v1/sandboxes/{id}/wait": {"post": {"parameters": id, "summary": "Wait until the sandbox ends", "responses": {"200": json("Sandbox"), "404": err}}},
         "/v1/sandboxes/{id}/output": {"get": {"parameters": id, "summary": "Main workload output (follow=true streams until the end)", "responses": {"200": stream, "404": err}}},
         "/v1/sandboxes/{id}/stdin": {"post": {"parameters": id, "summary": "Stream the request body into the workload's stdin", "responses": {"204": {"description": "stdin closed"}, "409": err}}},

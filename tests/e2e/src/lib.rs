@@ -193,10 +193,19 @@ impl Daemon {
         }
     }
 
+    /// The daemon's API token (created by hearthd in its data dir).
+    pub fn token(&self) -> String {
+        std::fs::read_to_string(self.data_dir().join("api-token"))
+            .map(|t| t.trim().to_string())
+            .unwrap_or_default()
+    }
+
     /// A `hearth` command pointed at this daemon.
     pub fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(bin_dir().join("hearth"));
-        c.env("HEARTH_API", &self.api).args(args);
+        c.env("HEARTH_API", &self.api)
+            .env("HEARTH_TOKEN", self.token())
+            .args(args);
         c
     }
 
@@ -227,19 +236,33 @@ impl Daemon {
         out
     }
 
-    /// A minimal HTTP/1.1 request; returns (status, body).
+    /// A minimal authenticated HTTP/1.1 request; returns (status, body).
     pub fn http(
         &self,
         method: &str,
         path: &str,
         body: Option<&str>,
     ) -> std::io::Result<(u16, String)> {
+        self.http_as(Some(&self.token()), method, path, body)
+    }
+
+    /// An HTTP/1.1 request with the given token (or none); returns (status, body).
+    pub fn http_as(
+        &self,
+        token: Option<&str>,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> std::io::Result<(u16, String)> {
+        let auth = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
         let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
         s.set_read_timeout(Some(Duration::from_secs(30)))?;
         let body = body.unwrap_or("");
         write!(
             s,
-            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
         )?;
         let mut resp = Vec::new();
@@ -291,7 +314,11 @@ impl Drop for Daemon {
             }
         }
         self.kill9();
+        let leaked = vmm_pids_under(self.data.path());
         kill_vmms_under(self.data.path());
+        if !leaked.is_empty() && !std::thread::panicking() {
+            panic!("QEMU processes outlived the removal of every sandbox: {leaked:?}");
+        }
     }
 }
 
