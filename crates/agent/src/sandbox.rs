@@ -10,7 +10,9 @@ use hearth_api::{
     CreateSandbox, ErrorCode, ExitInfo, Image, Info, Sandbox, SandboxStatus, DEFAULT_CPUS,
     DEFAULT_MEMORY_MIB, MIN_MEMORY_MIB,
 };
-use hearth_image::{ImageError, ImageRecord, ImageStore, Limits};
+use hearth_image::{
+    Credentials, ImageError, ImageRecord, ImageStore, Limits, Puller, RegistryOptions,
+};
 use hearth_proto::ExecRequest as GuestExec;
 use hearth_vmm::{Accel, AccelChoice, AccelReport, QemuVmm, Vm, VmConfig, Vmm};
 use tokio::sync::{mpsc, watch};
@@ -84,6 +86,12 @@ pub struct AgentConfig {
     pub qemu_img: PathBuf,
     pub accel: AccelChoice,
     pub node: String,
+    /// Bounds on what one image import or pull may consume.
+    pub image_limits: Limits,
+    /// Registries (`HOST[:PORT]`) pulled over plain HTTP; loopback ones always are.
+    pub insecure_registries: Vec<String>,
+    /// Longest wait for a registry's answer or next bytes.
+    pub registry_timeout: Duration,
     /// A running guest that does not answer a ping within this time is
     /// reported hung and stopped; zero disables the watchdog.
     pub guest_watchdog: Duration,
@@ -194,11 +202,12 @@ fn valid_name(n: &str) -> bool {
         && n.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
 }
 
-struct Inner {
+pub(crate) struct Inner {
     /// Held for the daemon's lifetime: one hearthd per data dir.
     _lock: std::fs::File,
     cfg: AgentConfig,
-    images: ImageStore,
+    pub(crate) images: ImageStore,
+    pub(crate) puller: Puller,
     vmm: QemuVmm,
     accel: AccelReport,
     host_cpus: u32,
@@ -209,7 +218,7 @@ struct Inner {
 /// The node agent. Cheap to clone.
 #[derive(Clone)]
 pub struct Agent {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
 /// Takes the data dir's exclusive lock, so two daemons never manage the same
@@ -263,6 +272,18 @@ impl Agent {
         }
         std::fs::create_dir_all(cfg.data_dir.join("sandboxes"))
             .map_err(io_err(format!("create {}", cfg.data_dir.display())))?;
+        let images = ImageStore::open(cfg.data_dir.join("images"), cfg.image_limits.clone())?;
+        let puller = Puller::new(
+            images.clone(),
+            RegistryOptions {
+                insecure: cfg.insecure_registries.clone(),
+                timeout: cfg.registry_timeout,
+                credentials: Credentials::new(
+                    cfg.data_dir.join("registry-auth.json"),
+                    Credentials::default_docker_config(),
+                ),
+            },
+        );
         // why: the data dir holds sandbox records, logs, images and possibly
         // secrets of workloads (argv, env); only the daemon's user may read it.
         {
@@ -299,6 +320,7 @@ impl Agent {
             host_memory_mib: host_memory_mib(),
             cfg,
             images,
+            puller,
             vmm,
             accel,
             sandboxes: Mutex::new(HashMap::new()),
@@ -962,7 +984,7 @@ impl Agent {
     }
 }
 
-fn to_api_image(r: ImageRecord) -> Image {
+pub(crate) fn to_api_image(r: ImageRecord) -> Image {
     Image {
         name: r.name,
         digest: r.digest,

@@ -114,6 +114,23 @@ impl Client {
         Ok(())
     }
 
+    /// POSTs JSON to a route that answers with no body (204).
+    pub async fn post_json_no_content<B: Serialize>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<(), CliError> {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        Self::check(resp, path).await?;
+        Ok(())
+    }
+
     pub async fn delete(&self, path: &str) -> Result<(), CliError> {
         let resp = self
             .http

@@ -6,6 +6,7 @@
 //! failure); 2 for a command-line usage error.
 
 mod client;
+mod pull;
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
@@ -93,6 +94,16 @@ enum Cmd {
     /// Manage images.
     #[command(subcommand)]
     Image(ImageCmd),
+    /// Store credentials for a registry on the daemon's host (used by later pulls).
+    Login {
+        /// HOST[:PORT] of the registry, e.g. registry.example:5000 or docker.io.
+        registry: String,
+        #[arg(short, long)]
+        username: String,
+        /// The password; without it, it is read from stdin (first line).
+        #[arg(short, long)]
+        password: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -111,6 +122,10 @@ enum ImageCmd {
     },
     /// Remove an image.
     Rm { reference: String },
+    /// Pull an image from a registry (REGISTRY/REPOSITORY[:TAG] or ...@sha256:DIGEST).
+    Pull { reference: String },
+    /// Delete root filesystems and cached registry blobs that no image uses.
+    Prune,
 }
 
 #[derive(clap::Args)]
@@ -337,6 +352,48 @@ async fn run(cli: Cli) -> Result<u8> {
             }
             Ok(0)
         }
+        Cmd::Image(ImageCmd::Pull { reference }) => {
+            let img = pull::pull(&c, &reference).await?;
+            println!("{} {}", img.name, img.digest);
+            Ok(0)
+        }
+        Cmd::Image(ImageCmd::Prune) => {
+            let r: hearth_api::PruneReport = c
+                .post_json("/v1/images/prune", &serde_json::json!({}))
+                .await?;
+            println!(
+                "removed {} root filesystems and {} cached blobs ({:.1} MB)",
+                r.rootfs_removed,
+                r.blobs_removed,
+                r.bytes_freed as f64 / 1e6
+            );
+            Ok(0)
+        }
+        Cmd::Login {
+            registry,
+            username,
+            password,
+        } => {
+            let password = match password {
+                Some(p) => p,
+                None => {
+                    let mut line = String::new();
+                    std::io::stdin().read_line(&mut line)?;
+                    line.trim_end_matches(['\n', '\r']).to_string()
+                }
+            };
+            c.post_json_no_content(
+                "/v1/registries/login",
+                &hearth_api::RegistryLogin {
+                    registry: registry.clone(),
+                    username,
+                    password,
+                },
+            )
+            .await?;
+            println!("login stored for {registry}");
+            Ok(0)
+        }
         Cmd::Image(ImageCmd::Rm { reference }) => {
             c.delete(&format!("/v1/images/{}", enc(&reference))).await?;
             println!("{reference}");
@@ -379,7 +436,21 @@ async fn cmd_run(c: &Client, a: RunArgs) -> Result<u8> {
         name: a.name,
         stdin: stdin || (a.detach && a.interactive),
     };
-    let sb: Sandbox = c.post_json("/v1/sandboxes", &req).await?;
+    let sb: Sandbox = match c.post_json("/v1/sandboxes", &req).await {
+        // Like docker: a registry reference that is not here yet is pulled, then run.
+        Err(CliError::Api(e))
+            if e.code == hearth_api::ErrorCode::ImageNotFound
+                && hearth_api::names_registry(&req.image) =>
+        {
+            let img = pull::pull(c, &req.image).await?;
+            let req = CreateSandbox {
+                image: img.name,
+                ..req
+            };
+            c.post_json("/v1/sandboxes", &req).await?
+        }
+        other => other?,
+    };
     if a.detach {
         println!("{}", sb.id);
         return Ok(0);

@@ -5,6 +5,7 @@
 //! server drives the agent in-process.
 
 mod openapi;
+mod pull;
 
 use std::time::Duration;
 
@@ -99,6 +100,9 @@ pub fn router(agent: Agent, token: ApiToken) -> Router {
         .route("/v1/sandboxes/{id}/execs/{exec_id}/stdin", post(exec_stdin))
         .route("/v1/images", get(list_images))
         .route("/v1/images/import", post(import_image))
+        .route("/v1/images/pull", post(pull::pull_image))
+        .route("/v1/images/prune", post(pull::prune_images))
+        .route("/v1/registries/login", post(pull::registry_login))
         .route(
             "/v1/images/{reference}",
             axum::routing::delete(delete_image),

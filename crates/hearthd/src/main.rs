@@ -55,6 +55,23 @@ struct DevArgs {
     /// This node's name.
     #[arg(long, env = "HEARTH_NODE", default_value = "local")]
     node: String,
+    /// A registry (HOST[:PORT]) to pull from over plain HTTP (repeatable). Loopback
+    /// registries always are; every other one must speak HTTPS unless listed here.
+    #[arg(
+        long = "insecure-registry",
+        env = "HEARTH_INSECURE_REGISTRIES",
+        value_delimiter = ','
+    )]
+    insecure_registries: Vec<String>,
+    /// Seconds to wait for a registry's answer (or the next bytes of a blob) before failing.
+    #[arg(long, env = "HEARTH_REGISTRY_TIMEOUT", default_value_t = 30)]
+    registry_timeout: u64,
+    /// Largest uncompressed layer an image may have, in bytes.
+    #[arg(long, env = "HEARTH_MAX_LAYER_BYTES")]
+    max_layer_bytes: Option<u64>,
+    /// Most tar entries an image may have across its layers.
+    #[arg(long, env = "HEARTH_MAX_IMAGE_ENTRIES")]
+    max_image_entries: Option<u64>,
 }
 
 fn cache_dir() -> PathBuf {
@@ -90,6 +107,18 @@ async fn dev(a: DevArgs) -> Result<()> {
         qemu_img: a.qemu_img,
         accel: a.accel,
         node: a.node,
+        image_limits: {
+            let mut l = hearth_image::Limits::default();
+            if let Some(b) = a.max_layer_bytes {
+                l.max_layer_bytes = b;
+            }
+            if let Some(n) = a.max_image_entries {
+                l.max_entries = n;
+            }
+            l
+        },
+        insecure_registries: a.insecure_registries,
+        registry_timeout: std::time::Duration::from_secs(a.registry_timeout.max(1)),
         guest_watchdog: std::time::Duration::from_secs(a.guest_watchdog_secs),
         max_log_bytes: a.max_log_mib.saturating_mul(1024 * 1024),
     };

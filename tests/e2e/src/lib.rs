@@ -7,6 +7,7 @@
 //! directory of this test executable (`scripts/test` builds them first).
 
 pub mod images;
+pub mod registry;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -46,7 +47,7 @@ pub fn repo_root() -> PathBuf {
         .expect("repo root")
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -62,6 +63,8 @@ pub struct DaemonOptions {
     pub busybox: bool,
     /// More `hearthd dev` arguments.
     pub extra_args: Vec<String>,
+    /// Called with the data dir (not yet created) before the first start, e.g. to mount it.
+    pub before_start: Option<fn(&Path)>,
 }
 
 impl Default for DaemonOptions {
@@ -70,6 +73,7 @@ impl Default for DaemonOptions {
             accel: "tcg".into(),
             busybox: true,
             extra_args: Vec::new(),
+            before_start: None,
         }
     }
 }
@@ -103,6 +107,9 @@ impl Daemon {
             data,
             opts: opts.clone(),
         };
+        if let Some(f) = opts.before_start {
+            f(&d.data_dir());
+        }
         d.spawn();
         if opts.busybox {
             let rootfs = d.data.path().join("busybox-rootfs");
