@@ -1,7 +1,7 @@
 //! Sandbox networking with real VMs: egress policy enforced by the eBPF program
 //! on the sandbox's tap, live policy changes, anti-spoofing, limits, and a clean
 //! host after `rm`. Test servers run in network namespaces these tests create
-//! (192.168.24x.0/24); no traffic leaves the machine.
+//! (192.168.x.0/24, x from the test process id); no traffic leaves the machine.
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -11,6 +11,12 @@ use hearth_e2e::{show, stderr, stdout, wait_until, Daemon};
 fn sh(cmd: &str) -> String {
     let o = Command::new("sh").args(["-c", cmd]).output().expect("sh");
     String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
+}
+
+/// The `k`th test subnet of this process (0..3): concurrent runs of the suite
+/// (different pids) get different subnets.
+fn subnet(k: u32) -> u8 {
+    (100 + (std::process::id() % 50) * 3 + k) as u8
 }
 
 /// A network namespace with a veth to the host and busybox httpd servers.
@@ -146,7 +152,7 @@ fn host_state() -> String {
 
 #[test]
 fn policy_blocks_denied_port_allows_others_and_changes_live() {
-    let ns = ServerNs::start(241, &[8080, 8081]);
+    let ns = ServerNs::start(subnet(0), &[8080, 8081]);
     let d = Daemon::start();
     let deny = format!("{}/32:8081", ns.server_ip);
     let (id, ip) = start_detached(&d, &["--egress-deny", &deny]);
@@ -250,7 +256,7 @@ fn policy_blocks_denied_port_allows_others_and_changes_live() {
 
 #[test]
 fn spoofed_source_ip_and_mac_are_dropped_and_counted() {
-    let ns = ServerNs::start(242, &[8080]);
+    let ns = ServerNs::start(subnet(1), &[8080]);
     let d = Daemon::start();
     let (id, _ip) = start_detached(&d, &[]);
     assert_eq!(exec(&d, &id, &probe(&ns.server_ip, &[8080])), "8080=ok\n");
@@ -347,12 +353,13 @@ fn bad_rules_pool_exhaustion_and_network_none_give_clear_answers() {
 
 #[test]
 fn ingress_reaches_httpd_in_the_sandbox_from_another_namespace() {
-    let ns = ServerNs::start(243, &[]);
-    let port = std::net::TcpListener::bind("192.168.243.1:0")
+    let ns = ServerNs::start(subnet(2), &[]);
+    let host_ip = format!("192.168.{}.1", subnet(2));
+    let port = std::net::TcpListener::bind((host_ip.as_str(), 0))
         .and_then(|l| l.local_addr())
         .expect("free port")
         .port();
-    let listen = format!("192.168.243.1:{port}");
+    let listen = format!("{host_ip}:{port}");
     let d = Daemon::start_with_env(&[("HEARTH_INGRESS_LISTEN", &listen)]);
     let out = d.hearth(&[
         "run", "--detach", "busybox", "--", "sh", "-c",
