@@ -44,7 +44,11 @@ fn content_layer(rng: &mut Rng, dir: &str, files: usize, bytes: usize) -> Vec<u8
         } else {
             while data.len() < per {
                 data.extend_from_slice(WORDS[(rng.next() % 16) as usize].as_bytes());
-                data.push(if rng.next().is_multiple_of(12) { b'\n' } else { b' ' });
+                data.push(if rng.next().is_multiple_of(12) {
+                    b'\n'
+                } else {
+                    b' '
+                });
             }
         }
         data.truncate(per);
