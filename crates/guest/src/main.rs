@@ -14,6 +14,7 @@ mod lookup;
 mod output;
 mod power;
 mod reaper;
+mod restore;
 mod server;
 mod session;
 mod stdin;

@@ -33,6 +33,20 @@ pub struct VmConfig {
     /// Appended to the kernel command line after the contract's arguments.
     pub extra_cmdline: Vec<String>,
     pub accel: Accel,
+    /// How guest RAM is backed; [`GuestMemory::SharedFile`] makes snapshots cheap.
+    pub memory: GuestMemory,
+}
+
+/// How a created VM's RAM is backed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GuestMemory {
+    /// Anonymous memory: a snapshot carries the RAM inside its state stream.
+    #[default]
+    Anonymous,
+    /// A file in the VM directory (`DIR/ram`), mapped shared: a snapshot takes
+    /// (or copies) the file and the state stream holds only device state.
+    SharedFile,
 }
 
 /// The accelerator a VM runs under.
@@ -208,6 +222,7 @@ mod tests {
             hostname: "sb-1".into(),
             extra_cmdline: vec![],
             accel: Accel::Tcg,
+            memory: GuestMemory::Anonymous,
         }
     }
 
