@@ -6,11 +6,21 @@
 //! sandbox has one lifecycle task that boots the VM, runs the workload, records
 //! how it ended and tears the VM down; everything else talks to that task.
 //!
-//! Disk layout under the data dir: `sandboxes/<id>/{sandbox.json, output.log, vm/}`.
+//! A VM comes from a cold boot or a restore (`restore`): from a template
+//! (`template`, an image booted once and snapshotted), from its warm pool
+//! (`warm_pool`, restored-and-paused VMs) or from a snapshot of a running
+//! sandbox (`snapshot`, also fork).
+//!
+//! Disk layout under the data dir: `sandboxes/<id>/{sandbox.json, output.log, vm/}`,
+//! `templates/<name>/`, `snapshots/<name>/`.
 
 pub mod guest_conn;
 pub mod output_log;
+mod restore;
 mod sandbox;
+mod snapshot;
+mod template;
+mod warm_pool;
 
 pub use guest_conn::{GuestError, Session, SessionEvent, SessionInput};
 pub use output_log::LogFollower;

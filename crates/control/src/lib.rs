@@ -5,6 +5,7 @@
 //! server drives the agent in-process.
 
 mod openapi;
+mod warm;
 
 use std::time::Duration;
 
@@ -99,6 +100,7 @@ pub fn router(agent: Agent) -> Router {
             "/v1/images/{reference}",
             axum::routing::delete(delete_image),
         )
+        .merge(warm::routes())
         .fallback(not_found)
         .layer(axum::middleware::from_fn(json_errors))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_JSON_BODY))

@@ -18,6 +18,13 @@ use utoipa::OpenApi;
         hearth_api::Info,
         hearth_api::ApiError,
         hearth_api::ErrorCode,
+        hearth_api::StartPath,
+        hearth_api::CreateTemplate,
+        hearth_api::Template,
+        hearth_api::SetPool,
+        hearth_api::CreateSnapshot,
+        hearth_api::Snapshot,
+        hearth_api::ForkSandbox,
     ))
 )]
 struct ApiDoc;
@@ -50,6 +57,12 @@ pub fn document() -> serde_json::Value {
         "/v1/images/import": {"post": {"summary": "Import an image from a path on the daemon's host", "requestBody": json("ImportImage"), "responses": {"201": json("Image"), "400": err, "404": err}}},
         "/v1/images/{reference}": {"delete": {"summary": "Remove an image", "responses": {"204": {"description": "removed"}, "404": err}}}
     });
+    if let (Some(paths), Some(more)) = (
+        doc["paths"].as_object_mut(),
+        crate::warm::paths(&json, &err).as_object().cloned(),
+    ) {
+        paths.extend(more);
+    }
     doc
 }
 
