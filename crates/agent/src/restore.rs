@@ -29,9 +29,10 @@ pub(crate) struct WarmState {
     pub(crate) host: HostIdentity,
     /// Running sandboxes per `template:NAME` / `snapshot:NAME`.
     refs: Mutex<HashMap<String, u32>>,
-    /// Snapshot directories whose every file was checksummed in this run
-    /// (keyed by directory and manifest creation time).
-    verified: Mutex<HashSet<(PathBuf, u64)>>,
+    /// Snapshot directories whose every file was checksummed in this run, keyed
+    /// by directory, manifest and each file's size and mtime: a file changed since
+    /// is checksummed again.
+    verified: Mutex<HashSet<VerifiedKey>>,
     pub(crate) pools: Pools,
 }
 
@@ -85,8 +86,24 @@ impl WarmState {
 
     /// Remembers that `dir` was fully checksummed (it was just written).
     pub(crate) fn mark_verified(&self, dir: &Path, m: &SnapshotManifest) {
-        lock(&self.verified).insert((dir.to_path_buf(), m.created_unix_ms));
+        lock(&self.verified).insert(verified_key(dir, m));
     }
+}
+
+type VerifiedKey = (PathBuf, u64, Vec<(u64, i64, i64)>);
+
+fn verified_key(dir: &Path, m: &SnapshotManifest) -> VerifiedKey {
+    use std::os::unix::fs::MetadataExt;
+    let stamps = m
+        .files
+        .iter()
+        .map(|f| {
+            std::fs::metadata(dir.join(&f.name))
+                .map(|md| (md.len(), md.mtime(), md.mtime_nsec()))
+                .unwrap_or((u64::MAX, 0, 0))
+        })
+        .collect();
+    (dir.to_path_buf(), m.created_unix_ms, stamps)
 }
 
 /// Reference key of a template.
@@ -287,7 +304,7 @@ impl Agent {
     pub(crate) async fn checked_manifest(&self, dir: &Path) -> Result<SnapshotManifest, VmmError> {
         let warm = &self.inner.warm;
         let m = SnapshotManifest::load(dir)?;
-        let key = (dir.to_path_buf(), m.created_unix_ms);
+        let key = verified_key(dir, &m);
         let depth = if lock(&warm.verified).contains(&key) {
             Verify::Quick
         } else {
