@@ -121,6 +121,16 @@ impl GuestConn {
         Ok((conn, PendingAck(rx)))
     }
 
+    /// Sends [`Restored`] again on a live connection (a warm-pool VM, woken up
+    /// at fill time, gets its final identity and fresh entropy when taken).
+    pub async fn restored_again(&self, msg: &Restored) -> Result<PendingAck, GuestError> {
+        let (tx, rx) = oneshot::channel();
+        *self.restored_ack.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+        self.send(Frame::json(Kind::Restored, CONTROL_ID, msg))
+            .await?;
+        Ok(PendingAck(rx))
+    }
+
     fn serve<R, W>(mut rd: R, mut wr: W, hello: Option<Hello>, first_id: u32) -> Arc<GuestConn>
     where
         R: AsyncRead + Unpin + Send + 'static,

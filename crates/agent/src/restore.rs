@@ -159,11 +159,19 @@ impl Launch {
 
 /// The guest channel of a restored VM, connected before its state was loaded.
 pub(crate) struct RestoredChannel {
-    pub(crate) stream: UnixStream,
+    pub(crate) link: GuestLink,
     pub(crate) attach: Option<u32>,
     pub(crate) next_session: u32,
     pub(crate) hostname: String,
     pub(crate) sandbox_id: String,
+}
+
+/// How the host reaches a restored guest.
+pub(crate) enum GuestLink {
+    /// The raw channel; the guest has not heard from this host yet.
+    Stream(UnixStream),
+    /// A connection already serving (a pooled VM that was warmed up).
+    Conn(Arc<GuestConn>),
 }
 
 /// A launched VM, its restored channel (None after a cold boot) and the reference to release.
@@ -236,8 +244,8 @@ impl Agent {
         launch: Launch,
     ) -> Result<Launched, (String, Option<String>)> {
         let mut key = launch.ref_key();
-        let channel = |stream, attach, next_session| RestoredChannel {
-            stream,
+        let channel = |link, attach, next_session| RestoredChannel {
+            link,
             attach,
             next_session,
             hostname: cfg.hostname.clone(),
@@ -254,8 +262,9 @@ impl Agent {
             Launch::Cold { note } => note,
             Launch::Pooled { template, vm } => {
                 record(StartPath::Pool, Some(&template), None);
-                let PooledVm { vm, agent, .. } = vm;
-                return Ok((vm, Some(channel(agent, None, 1)), key));
+                let PooledVm { vm, conn, .. } = vm;
+                let next = conn.next_session_id();
+                return Ok((vm, Some(channel(GuestLink::Conn(conn), None, next)), key));
             }
             Launch::Restore {
                 path,
@@ -267,7 +276,8 @@ impl Agent {
             } => match self.restore_from(&dir, cfg).await {
                 Ok(r) => {
                     record(path, Some(&name), note);
-                    return Ok((r.vm, Some(channel(r.agent, attach, next_session)), key));
+                    let link = GuestLink::Stream(r.agent);
+                    return Ok((r.vm, Some(channel(link, attach, next_session)), key));
                 }
                 Err(e) if path == StartPath::Template => {
                     self.release(key.take());
@@ -329,22 +339,36 @@ impl Agent {
         vm: &dyn Vm,
         ch: RestoredChannel,
     ) -> Result<Arc<GuestConn>, String> {
-        let mut seed = vec![0u8; 64];
-        getrandom::fill(&mut seed).map_err(|e| format!("no host randomness for the guest: {e}"))?;
-        let msg = Restored {
-            seed,
-            unix_ms: now_ms(),
-            hostname: ch.hostname,
-            sandbox_id: ch.sandbox_id,
+        let msg = restored_message(ch.hostname, ch.sandbox_id)?;
+        let (conn, ack) = match ch.link {
+            GuestLink::Stream(stream) => GuestConn::after_restore(stream, &msg, ch.next_session)
+                .await
+                .map_err(|e| e.to_string())?,
+            GuestLink::Conn(conn) => {
+                let ack = conn.restored_again(&msg).await.map_err(|e| e.to_string())?;
+                (conn, ack)
+            }
         };
-        let (conn, ack) = GuestConn::after_restore(ch.stream, &msg, ch.next_session)
-            .await
-            .map_err(|e| e.to_string())?;
+        let t0 = std::time::Instant::now();
         vm.start().await.map_err(|e| e.to_string())?;
+        let resumed = t0.elapsed();
         let ack = ack.wait(HELLO_TIMEOUT).await.map_err(|e| e.to_string())?;
+        tracing::info!(vm = %vm.id(), ?resumed, acked = ?t0.elapsed(), "restored guest took its identity");
         for w in ack.warnings {
             tracing::warn!(vm = %vm.id(), "restored guest: {w}");
         }
         Ok(conn)
     }
+}
+
+/// A [`Restored`] message with fresh entropy and the host's clock.
+pub(crate) fn restored_message(hostname: String, sandbox_id: String) -> Result<Restored, String> {
+    let mut seed = vec![0u8; 64];
+    getrandom::fill(&mut seed).map_err(|e| format!("no host randomness for the guest: {e}"))?;
+    Ok(Restored {
+        seed,
+        unix_ms: now_ms(),
+        hostname,
+        sandbox_id,
+    })
 }

@@ -663,6 +663,8 @@ impl Agent {
             r.boot_ms = Some(boot_ms);
         });
         let input = session.input();
+        tracing::info!(sandbox = %entry.snapshot().id, boot_ms, "workload started");
+        let mut first_output = true;
         let mut stop_deadline: Option<tokio::time::Instant> = None;
         let outcome = loop {
             let deadline = async {
@@ -687,6 +689,9 @@ impl Agent {
                         }
                         None => break exit_or(&mut vm_exit, "guest channel closed".into(), vm).await,
                     };
+                    if std::mem::take(&mut first_output) {
+                        tracing::info!(sandbox = %entry.snapshot().id, ms = started.elapsed().as_millis() as u64, "first output");
+                    }
                     if let Err(e) = log.append(&rec).await {
                         break failed(format!("cannot write output log {}: {e}", log_path.display()));
                     }

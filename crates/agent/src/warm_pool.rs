@@ -2,7 +2,11 @@
 //! request pays only resume + dispatch.
 //!
 //! One filler task per template keeps `ready` at the target size, restoring one
-//! VM at a time (a restore storm would starve the VMs that serve requests). A
+//! VM at a time (a restore storm would starve the VMs that serve requests). Each
+//! VM is warmed up before it is parked: resumed, told `Restored` once, made to
+//! run one process, paused again. So the guest's exec path is already faulted in
+//! (and, under TCG, translated) when a request takes it; the request still sends
+//! a fresh `Restored` (new entropy, clock, hostname) before its workload. A
 //! pooled VM is restored under the sandbox id it will get when taken, in
 //! `sandboxes/<id>/vm`, with no `sandbox.json` until then; a daemon that
 //! restarts kills such unclaimed VMs ([`Agent::reap_unclaimed_pool_vms`]).
@@ -12,22 +16,26 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use hearth_proto::ExecRequest as GuestExec;
 use hearth_vmm::Vm;
-use tokio::net::UnixStream;
 use tokio::sync::Notify;
 
-use crate::sandbox::{lock, new_id, Agent};
+use crate::guest_conn::{GuestConn, SessionEvent};
+use crate::restore::restored_message;
+use crate::sandbox::{lock, new_id, Agent, HELLO_TIMEOUT};
 use crate::template::TemplateMeta;
 
+/// Bound on the warm-up process of a pooled VM.
+const WARM_UP_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a filler waits after a failed restore before trying again.
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(5);
 
-/// A VM restored from a template, paused, its agent channel connected.
+/// A VM restored from a template, warmed up and paused, its guest connection live.
 pub(crate) struct PooledVm {
     /// The sandbox id it was restored under.
     pub(crate) id: String,
     pub(crate) vm: Box<dyn Vm>,
-    pub(crate) agent: UnixStream,
+    pub(crate) conn: Arc<GuestConn>,
 }
 
 impl PooledVm {
@@ -61,6 +69,17 @@ impl Agent {
     /// Starts the pools of every template on disk (at daemon start).
     pub(crate) fn start_pools(&self) {
         for t in self.template_metas() {
+            if t.pool_size == 0 {
+                // why: the first restore checksums every byte of the template once per
+                // run; do it now rather than on a request (a filler does it anyway).
+                let agent = self.clone();
+                let dir = self.template_dir(&t.name);
+                tokio::spawn(async move {
+                    if let Err(e) = agent.checked_manifest(&dir).await {
+                        tracing::warn!("template {}: {e}", dir.display());
+                    }
+                });
+            }
             self.ensure_pool(&t);
         }
     }
@@ -145,13 +164,24 @@ impl Agent {
                 id = new_id();
             }
             let cfg = self.vm_config(&id, None, Default::default(), meta.cpus, meta.memory_mib);
-            match self.restore_from(&dir, &cfg).await {
-                Ok(r) => {
-                    let vm = PooledVm {
-                        id,
+            let made = match self.restore_from(&dir, &cfg).await {
+                Ok(r) => match warm_up(r.vm.as_ref(), r.agent, &id).await {
+                    Ok(conn) => Ok(PooledVm {
+                        id: id.clone(),
                         vm: r.vm,
-                        agent: r.agent,
-                    };
+                        conn,
+                    }),
+                    Err(e) => {
+                        let _ = r.vm.kill().await;
+                        let _ = r.vm.wait().await;
+                        let _ = hearth_vmm::destroy(&cfg.dir);
+                        Err(e)
+                    }
+                },
+                Err(e) => Err(e.to_string()),
+            };
+            match made {
+                Ok(vm) => {
                     if pool.closed.load(Ordering::Relaxed) {
                         vm.discard().await;
                     } else {
@@ -187,4 +217,39 @@ impl Agent {
             tracing::info!("removed unclaimed pool VM {}", dir.display());
         }
     }
+}
+
+/// Wakes a freshly restored VM, runs one short process in it, and pauses it again.
+async fn warm_up(
+    vm: &dyn Vm,
+    agent: tokio::net::UnixStream,
+    id: &str,
+) -> Result<Arc<GuestConn>, String> {
+    let msg = restored_message(id.to_string(), id.to_string())?;
+    let (conn, ack) = GuestConn::after_restore(agent, &msg, 1)
+        .await
+        .map_err(|e| e.to_string())?;
+    vm.start().await.map_err(|e| e.to_string())?;
+    ack.wait(HELLO_TIMEOUT).await.map_err(|e| e.to_string())?;
+    // why: any image will do: a missing `true` still exercises fork and exec (127).
+    let req = GuestExec {
+        argv: vec!["true".into()],
+        ..Default::default()
+    };
+    let mut session = conn.exec(&req).await.map_err(|e| e.to_string())?;
+    let done = async {
+        loop {
+            match session.next().await {
+                Some(SessionEvent::Exit(_)) => return Ok(()),
+                Some(SessionEvent::Failed(m)) => return Err(m),
+                None => return Err("guest channel closed".to_string()),
+                Some(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(WARM_UP_TIMEOUT, done)
+        .await
+        .map_err(|_| format!("warm-up process did not end within {WARM_UP_TIMEOUT:?}"))??;
+    vm.pause().await.map_err(|e| e.to_string())?;
+    Ok(conn)
 }
