@@ -19,7 +19,7 @@ use hearth_vmm::{
 };
 use tokio::net::UnixStream;
 
-use crate::guest_conn::GuestConn;
+use crate::guest_conn::{GuestConn, Session};
 use crate::sandbox::{lock, now_ms, Agent, AgentConfig, AgentError, Entry, HELLO_TIMEOUT};
 use crate::warm_pool::{PooledVm, Pools};
 
@@ -334,11 +334,13 @@ impl Agent {
     }
 
     /// Tells a restored guest who it is now, resumes it and waits for its ack.
+    /// The session to continue (`ch.attach`) is taken over before the guest runs,
+    /// so none of its output is dropped.
     pub(crate) async fn wake_restored(
         &self,
         vm: &dyn Vm,
         ch: RestoredChannel,
-    ) -> Result<Arc<GuestConn>, String> {
+    ) -> Result<(Arc<GuestConn>, Option<Session>), String> {
         let msg = restored_message(ch.hostname, ch.sandbox_id)?;
         let (conn, ack) = match ch.link {
             GuestLink::Stream(stream) => GuestConn::after_restore(stream, &msg, ch.next_session)
@@ -349,6 +351,7 @@ impl Agent {
                 (conn, ack)
             }
         };
+        let attached = ch.attach.map(|id| conn.attach(id));
         let t0 = std::time::Instant::now();
         vm.start().await.map_err(|e| e.to_string())?;
         let resumed = t0.elapsed();
@@ -357,7 +360,7 @@ impl Agent {
         for w in ack.warnings {
             tracing::warn!(vm = %vm.id(), "restored guest: {w}");
         }
-        Ok(conn)
+        Ok((conn, attached))
     }
 }
 

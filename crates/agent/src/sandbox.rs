@@ -117,6 +117,8 @@ pub(crate) struct Entry {
     pub(crate) vm: Mutex<Option<Arc<dyn Vm>>>,
     /// Guest session id of the main workload, for snapshots.
     pub(crate) main_session: Mutex<Option<u32>>,
+    /// Held while a snapshot of this sandbox is being saved (one at a time).
+    pub(crate) saving: tokio::sync::Mutex<()>,
 }
 
 impl Entry {
@@ -135,6 +137,7 @@ impl Entry {
             next_exec: std::sync::atomic::AtomicU32::new(1),
             vm: Mutex::new(None),
             main_session: Mutex::new(None),
+            saving: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -614,7 +617,6 @@ impl Agent {
         let vm_exit = vm.wait();
         tokio::pin!(vm_exit);
 
-        let attach = channel.as_ref().and_then(|c| c.attach);
         let boot = async {
             if let Some(ch) = channel {
                 return self.wake_restored(vm, ch).await;
@@ -623,9 +625,10 @@ impl Agent {
             vm.start().await.map_err(|e| e.to_string())?;
             GuestConn::handshake(stream, HELLO_TIMEOUT)
                 .await
+                .map(|c| (c, None))
                 .map_err(|e| e.to_string())
         };
-        let conn = tokio::select! {
+        let (conn, attached) = tokio::select! {
             r = boot => match r {
                 Ok(c) => c,
                 Err(e) => return failed(format!("guest did not start: {e}{}", console(vm))),
@@ -640,8 +643,8 @@ impl Agent {
             }
         };
         let boot_ms = started.elapsed().as_millis() as u64;
-        let mut session = match attach {
-            Some(id) => conn.attach(id),
+        let mut session = match attached {
+            Some(s) => s,
             None => match conn.exec(&exec).await {
                 Ok(s) => s,
                 Err(e) => return failed(format!("cannot start the workload: {e}")),

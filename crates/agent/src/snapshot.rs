@@ -99,6 +99,7 @@ impl Agent {
             )));
         }
         let e = self.entry(id_or_name)?;
+        let _saving = e.saving.lock().await;
         let rec = e.snapshot();
         let vm = lock(&e.vm).clone();
         let conn = lock(&e.conn).clone();

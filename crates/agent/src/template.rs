@@ -2,7 +2,7 @@
 //! sandboxes of that image start by restore instead of boot.
 //!
 //! On disk: `templates/<name>/` = a snapshot directory (see `hearth_vmm::snapshot`)
-//! plus `template.json` ([`TemplateMeta`]). It is built in `templates/.build-<name>/`
+//! plus `template.json` ([`TemplateMeta`]). It is built in `templates/.build-<random>/`
 //! and renamed into place, so a half-made template is never used.
 
 use std::path::PathBuf;
@@ -154,9 +154,8 @@ impl Agent {
                 "template '{name}' already exists; remove it with `hearth template rm {name}` first"
             )));
         }
-        let build = self
-            .templates_root()
-            .join(format!(".build-{name}-{}", new_id()));
+        // why: not named after the template: a long name would overflow the VM's socket paths.
+        let build = self.templates_root().join(format!(".build-{}", new_id()));
         std::fs::create_dir_all(&build).map_err(io_err(format!("create {}", build.display())))?;
         let result = self
             .build_template(&name, &build, image.rootfs.clone(), cpus, memory_mib)
