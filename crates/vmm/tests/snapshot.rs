@@ -1,6 +1,6 @@
 //! Snapshots against real QEMU and the real guest: save, restore twice from one
-//! snapshot, snapshot a restored VM again. Needs ~/.cache/hearth/current/* and
-//! skips with a notice when they are absent.
+//! snapshot, snapshot a restored VM again. Needs the guest artifacts (a guest that
+//! speaks `Restored`) and skips with a notice when they are absent.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -13,10 +13,20 @@ use hearth_vmm::{
 };
 use tokio::net::UnixStream;
 
+/// The guest artifacts: HEARTH_KERNEL / HEARTH_INITRD (as hearthd reads them),
+/// else ~/.cache/hearth/current/*.
 fn real_artifacts() -> Option<(PathBuf, PathBuf)> {
     let home = std::env::var_os("HOME")?;
     let cur = Path::new(&home).join(".cache/hearth/current");
-    let (k, i) = (cur.join("vmlinux"), cur.join("initramfs.cpio.gz"));
+    let pick = |var: &str, file: &str| {
+        std::env::var_os(var)
+            .map(PathBuf::from)
+            .unwrap_or_else(|| cur.join(file))
+    };
+    let (k, i) = (
+        pick("HEARTH_KERNEL", "vmlinux"),
+        pick("HEARTH_INITRD", "initramfs.cpio.gz"),
+    );
     (k.is_file() && i.is_file()).then_some((k, i))
 }
 
