@@ -214,7 +214,7 @@ impl Agent {
             name: t.name.clone(),
             dir: self.template_dir(&t.name),
             attach: None,
-            next_session: 1,
+            next_session: crate::template::TEMPLATE_NEXT_SESSION,
             note,
         };
         (launch, t.cpus, t.memory_mib)

@@ -8,17 +8,20 @@
 use std::path::PathBuf;
 
 use hearth_api::{CreateTemplate, Template, DEFAULT_CPUS};
-use hearth_proto::{read_frame_async, Kind};
 use hearth_vmm::{AfterSave, SaveOptions, Vmm};
 use serde::{Deserialize, Serialize};
 
+use crate::guest_conn::GuestConn;
 use crate::restore::template_key;
 use crate::sandbox::{io_err, new_id, now_ms, valid_name, Agent, AgentError, HELLO_TIMEOUT};
+use crate::warm_pool::run_warm_up;
 
 /// Format of `template.json`.
 const TEMPLATE_META_VERSION: u32 = 1;
 /// Memory of a template's VMs unless asked otherwise: small, so many fit.
 pub const DEFAULT_TEMPLATE_MEMORY_MIB: u32 = 128;
+/// First guest session id free in a template's guest (1 was its warm-up process).
+pub(crate) const TEMPLATE_NEXT_SESSION: u32 = 2;
 /// Largest warm pool per template.
 pub const MAX_POOL: u32 = 64;
 
@@ -213,16 +216,14 @@ impl Agent {
             .await
             .map_err(|e| failed(format!("cannot start VM: {e}")))?;
         let saved = async {
-            let mut stream = vm.connect_agent().await.map_err(|e| e.to_string())?;
+            let stream = vm.connect_agent().await.map_err(|e| e.to_string())?;
             vm.start().await.map_err(|e| e.to_string())?;
-            let hello = tokio::time::timeout(HELLO_TIMEOUT, read_frame_async(&mut stream))
+            let conn = GuestConn::handshake(stream, HELLO_TIMEOUT)
                 .await
-                .map_err(|_| format!("no Hello from the guest within {HELLO_TIMEOUT:?}"))?
                 .map_err(|e| e.to_string())?;
-            match hello {
-                Some(f) if f.kind == Kind::Hello => {}
-                other => return Err(format!("expected Hello from the guest, got {other:?}")),
-            }
+            // why: one process before the save leaves the exec path (busybox or the
+            // image's `true`, libc, dentries) in the snapshot's page cache.
+            run_warm_up(&conn).await?;
             let opts = SaveOptions {
                 kernel_sha256: self.inner.warm.host.kernel_sha256.clone(),
                 cpus,
@@ -236,7 +237,7 @@ impl Agent {
                 .save_snapshot(&build.join("snapshot"), &opts)
                 .await
                 .map_err(|e| e.to_string());
-            drop(stream);
+            drop(conn);
             m
         }
         .await;

@@ -24,6 +24,7 @@ use crate::guest_conn::{GuestConn, SessionEvent};
 use crate::restore::restored_message;
 use crate::sandbox::{lock, new_id, Agent, HELLO_TIMEOUT};
 use crate::template::TemplateMeta;
+use crate::template::TEMPLATE_NEXT_SESSION;
 
 /// Bound on the warm-up process of a pooled VM.
 const WARM_UP_TIMEOUT: Duration = Duration::from_secs(60);
@@ -226,11 +227,18 @@ async fn warm_up(
     id: &str,
 ) -> Result<Arc<GuestConn>, String> {
     let msg = restored_message(id.to_string(), id.to_string())?;
-    let (conn, ack) = GuestConn::after_restore(agent, &msg, 1)
+    let (conn, ack) = GuestConn::after_restore(agent, &msg, TEMPLATE_NEXT_SESSION)
         .await
         .map_err(|e| e.to_string())?;
     vm.start().await.map_err(|e| e.to_string())?;
     ack.wait(HELLO_TIMEOUT).await.map_err(|e| e.to_string())?;
+    run_warm_up(&conn).await?;
+    vm.pause().await.map_err(|e| e.to_string())?;
+    Ok(conn)
+}
+
+/// Runs `true` in the guest and waits for it to end.
+pub(crate) async fn run_warm_up(conn: &Arc<GuestConn>) -> Result<(), String> {
     // why: any image will do: a missing `true` still exercises fork and exec (127).
     let req = GuestExec {
         argv: vec!["true".into()],
@@ -249,7 +257,5 @@ async fn warm_up(
     };
     tokio::time::timeout(WARM_UP_TIMEOUT, done)
         .await
-        .map_err(|_| format!("warm-up process did not end within {WARM_UP_TIMEOUT:?}"))??;
-    vm.pause().await.map_err(|e| e.to_string())?;
-    Ok(conn)
+        .map_err(|_| format!("warm-up process did not end within {WARM_UP_TIMEOUT:?}"))?
 }
