@@ -621,3 +621,37 @@ impl Vmm for QemuVmm {
         self.version.clone()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adopted_vm_knows_how_its_ram_is_backed_from_its_argv() {
+        let layout = Layout::new(Path::new("/v/sb"));
+        let argv = |object: &str| -> Vec<String> {
+            ["qemu", "-object", object, "-machine", "memory-backend=ram"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
+        };
+        assert_eq!(
+            RamBacking::from_argv(
+                &argv("memory-backend-file,id=ram,size=128M,mem-path=/v/sb/ram,share=on"),
+                &layout
+            ),
+            RamBacking::Shared(PathBuf::from("/v/sb/ram"))
+        );
+        assert_eq!(
+            RamBacking::from_argv(
+                &argv("memory-backend-file,id=ram,size=128M,mem-path=/t/ram,share=off"),
+                &layout
+            ),
+            RamBacking::Private
+        );
+        assert_eq!(
+            RamBacking::from_argv(&["qemu".into(), "-m".into(), "128".into()], &layout),
+            RamBacking::Anonymous
+        );
+    }
+}
