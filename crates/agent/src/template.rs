@@ -63,6 +63,10 @@ impl Agent {
     }
 
     pub(crate) fn template_meta(&self, name: &str) -> Option<TemplateMeta> {
+        // why: names come from API paths; only plain names may reach the filesystem.
+        if !valid_name(name) {
+            return None;
+        }
         let bytes = std::fs::read(self.template_dir(name).join("template.json")).ok()?;
         serde_json::from_slice::<TemplateMeta>(&bytes)
             .ok()
