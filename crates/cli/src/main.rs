@@ -8,6 +8,7 @@
 mod client;
 mod policy;
 mod pull;
+mod warm;
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
@@ -108,6 +109,18 @@ enum Cmd {
         #[arg(short, long)]
         password: Option<String>,
     },
+    /// Manage templates (images booted once and snapshotted) and their warm pools.
+    #[command(subcommand)]
+    Template(warm::TemplateCmd),
+    /// Snapshot a running sandbox (`hearth snapshot SANDBOX --name S`), or `ls` / `rm`.
+    Snapshot(warm::SnapshotArgs),
+    /// Start copies of a running sandbox from this instant.
+    Fork {
+        sandbox: String,
+        /// How many copies.
+        #[arg(short = 'n', long = "count", default_value_t = 1)]
+        count: u32,
+    },
 }
 
 #[derive(Subcommand)]
@@ -166,7 +179,15 @@ struct RunArgs {
     rm: bool,
     #[command(flatten)]
     net: policy::NetArgs,
-    image: String,
+    /// Boot even when a template for the image exists.
+    #[arg(long)]
+    cold: bool,
+    /// Start from a snapshot instead of an image; without a command, the
+    /// snapshot's workload continues.
+    #[arg(long, conflicts_with = "cold")]
+    from_snapshot: Option<String>,
+    #[arg(required_unless_present = "from_snapshot")]
+    image: Option<String>,
     /// The command and its arguments (default: the image's).
     #[arg(last = true)]
     cmd: Vec<String>,
@@ -234,12 +255,17 @@ async fn run(cli: Cli) -> Result<u8> {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
                 println!(
-                    "{:<14} {:<16} {:<24} {:<10} {:<6} COMMAND",
-                    "ID", "NAME", "IMAGE", "STATUS", "EXIT"
+                    "{:<14} {:<16} {:<24} {:<10} {:<6} {:<9} COMMAND",
+                    "ID", "NAME", "IMAGE", "STATUS", "EXIT", "START"
                 );
                 for s in list {
+                    let start = s
+                        .start_path
+                        .and_then(|p| serde_json::to_value(p).ok())
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_else(|| "-".into());
                     println!(
-                        "{:<14} {:<16} {:<24} {:<10} {:<6} {}",
+                        "{:<14} {:<16} {:<24} {:<10} {:<6} {:<9} {}",
                         s.id,
                         s.name.as_deref().unwrap_or("-"),
                         s.image,
@@ -247,6 +273,7 @@ async fn run(cli: Cli) -> Result<u8> {
                         s.exit
                             .map(|e| e.code.to_string())
                             .unwrap_or_else(|| "-".into()),
+                        start,
                         s.argv.join(" ")
                     );
                 }
@@ -401,6 +428,9 @@ async fn run(cli: Cli) -> Result<u8> {
             println!("login stored for {registry}");
             Ok(0)
         }
+        Cmd::Template(t) => warm::template(&c, t).await,
+        Cmd::Snapshot(a) => warm::snapshot(&c, a).await,
+        Cmd::Fork { sandbox, count } => warm::fork(&c, &sandbox, count).await,
         Cmd::Image(ImageCmd::Rm { reference }) => {
             c.delete(&format!("/v1/images/{}", enc(&reference))).await?;
             println!("{reference}");
@@ -432,7 +462,7 @@ fn enc(s: &str) -> String {
 async fn cmd_run(c: &Client, a: RunArgs) -> Result<u8> {
     let stdin = !a.detach && want_stdin(a.interactive);
     let req = CreateSandbox {
-        image: a.image,
+        image: a.image.unwrap_or_default(),
         cmd: if a.cmd.is_empty() { None } else { Some(a.cmd) },
         entrypoint: a.entrypoint.map(|e| vec![e]),
         env: a.env,
@@ -442,6 +472,8 @@ async fn cmd_run(c: &Client, a: RunArgs) -> Result<u8> {
         memory_mib: a.memory,
         name: a.name,
         stdin: stdin || (a.detach && a.interactive),
+        cold: a.cold,
+        from_snapshot: a.from_snapshot,
         network: a.net.spec(),
     };
     let sb: Sandbox = match c.post_json("/v1/sandboxes", &req).await {

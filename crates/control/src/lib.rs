@@ -7,6 +7,7 @@
 mod openapi;
 mod policy;
 mod pull;
+mod warm;
 
 use std::time::Duration;
 
@@ -109,6 +110,7 @@ pub fn router(agent: Agent, token: ApiToken) -> Router {
             axum::routing::delete(delete_image),
         )
         .merge(policy::routes())
+        .merge(warm::routes())
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(token, require_token))
         .with_state(agent)

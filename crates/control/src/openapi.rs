@@ -28,6 +28,13 @@ use utoipa::OpenApi;
         hearth_api::network::SandboxNetwork,
         hearth_api::network::PolicyStats,
         hearth_api::network::PolicyCounter,
+        hearth_api::StartPath,
+        hearth_api::CreateTemplate,
+        hearth_api::Template,
+        hearth_api::SetPool,
+        hearth_api::CreateSnapshot,
+        hearth_api::Snapshot,
+        hearth_api::ForkSandbox,
     ))
 )]
 struct ApiDoc;
@@ -67,6 +74,12 @@ pub fn document() -> serde_json::Value {
     if let (Some(paths), serde_json::Value::Object(more)) = (
         doc["paths"].as_object_mut(),
         crate::policy::openapi_paths(json, &err),
+    ) {
+        paths.extend(more);
+    }
+    if let (Some(paths), Some(more)) = (
+        doc["paths"].as_object_mut(),
+        crate::warm::paths(&json, &err).as_object().cloned(),
     ) {
         paths.extend(more);
     }

@@ -15,6 +15,7 @@ mod net;
 mod output;
 mod power;
 mod reaper;
+mod restore;
 mod server;
 mod session;
 mod stdin;

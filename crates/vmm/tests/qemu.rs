@@ -59,6 +59,7 @@ impl Fixture {
             extra_cmdline: vec![],
             accel: Accel::Tcg,
             net: None,
+            memory: hearth_vmm::GuestMemory::Anonymous,
         }
     }
 }
