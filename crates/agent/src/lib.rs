@@ -2,7 +2,8 @@
 //!
 //! A sandbox is made of an image (read-only ext4 from `hearth-image`), a VM
 //! (`hearth-vmm`, with a copy-on-write layer over that image), a guest agent
-//! connection (`guest_conn`) and an output log on disk (`output_log`). Each
+//! connection (`guest_conn`), an output log on disk (`output_log`) and, unless
+//! disabled, a network from `hearth-net` (`network`). Each
 //! sandbox has one lifecycle task that boots the VM, runs the workload, records
 //! how it ended and tears the VM down; everything else talks to that task.
 //!
@@ -11,6 +12,7 @@
 
 pub mod guest_conn;
 mod images;
+mod network;
 pub mod output_log;
 mod sandbox;
 

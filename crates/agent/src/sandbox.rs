@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use hearth_api::network::NetworkMode;
 use hearth_api::stream::Record;
 use hearth_api::{
     CreateSandbox, ErrorCode, ExitInfo, Image, Info, Sandbox, SandboxStatus, DEFAULT_CPUS,
@@ -14,7 +15,7 @@ use hearth_image::{
     Credentials, ImageError, ImageRecord, ImageStore, Limits, Puller, RegistryOptions,
 };
 use hearth_proto::ExecRequest as GuestExec;
-use hearth_vmm::{Accel, AccelChoice, AccelReport, QemuVmm, Vm, VmConfig, Vmm};
+use hearth_vmm::{Accel, AccelChoice, AccelReport, NetDevice, QemuVmm, Vm, VmConfig, Vmm};
 use tokio::sync::{mpsc, watch};
 
 use crate::guest_conn::{GuestConn, Session, SessionEvent, SessionInput};
@@ -52,6 +53,8 @@ pub enum AgentError {
     },
     #[error("{0}")]
     Config(String),
+    #[error(transparent)]
+    Net(#[from] hearth_net::NetError),
 }
 
 impl AgentError {
@@ -67,6 +70,10 @@ impl AgentError {
             AgentError::Conflict(_) => ErrorCode::Conflict,
             AgentError::VmFailed { .. } => ErrorCode::VmFailed,
             AgentError::Io { .. } | AgentError::Config(_) => ErrorCode::Internal,
+            AgentError::Net(e) if e.is_bad_input() => ErrorCode::InvalidArgument,
+            AgentError::Net(e) if e.is_exhausted() => ErrorCode::Exhausted,
+            AgentError::Net(e) if e.is_not_found() => ErrorCode::NotFound,
+            AgentError::Net(_) => ErrorCode::Internal,
         }
     }
 }
@@ -97,6 +104,8 @@ pub struct AgentConfig {
     pub guest_watchdog: Duration,
     /// Largest output log of one sandbox; later output is discarded.
     pub max_log_bytes: u64,
+    /// Sandbox networking; `None` runs every sandbox without a network.
+    pub net: Option<hearth_net::NetConfig>,
 }
 
 /// How a workload ended: status, exit, error message.
@@ -213,6 +222,7 @@ pub(crate) struct Inner {
     host_cpus: u32,
     host_memory_mib: u64,
     sandboxes: Mutex<HashMap<String, Arc<Entry>>>,
+    net: Option<Arc<hearth_net::NodeNet>>,
 }
 
 /// The node agent. Cheap to clone.
@@ -312,7 +322,14 @@ impl Agent {
         } else {
             tracing::info!("accelerator: {} ({})", accel.accel, accel.reason);
         }
+        let net = match &cfg.net {
+            Some(n) => Some(Arc::new(
+                hearth_net::NodeNet::open(n.clone()).map_err(AgentError::Net)?,
+            )),
+            None => None,
+        };
         let inner = Arc::new(Inner {
+            net,
             _lock: lock,
             host_cpus: std::thread::available_parallelism()
                 .map(|n| n.get() as u32)
@@ -381,6 +398,15 @@ impl Agent {
             }
             lock(&self.inner.sandboxes).insert(rec.id.clone(), entry);
         }
+        if let Some(net) = &self.inner.net {
+            let keep = lock(&self.inner.sandboxes).keys().cloned().collect();
+            net.remove_orphans(&keep);
+        }
+    }
+
+    /// The node's sandbox networking, if enabled.
+    pub(crate) fn net(&self) -> Option<Arc<hearth_net::NodeNet>> {
+        self.inner.net.clone()
     }
 
     /// What this node is and runs on.
@@ -466,6 +492,10 @@ impl Agent {
             .await
             .map_err(|e| AgentError::Config(format!("image lookup panicked: {e}")))??;
         let exec = plan_exec(&req, &image)?;
+        let policy = match req.network.mode {
+            NetworkMode::None => None,
+            NetworkMode::Default => Some(crate::network::parse_policy(&req.network.egress)?),
+        };
 
         let entry = {
             let mut map = lock(&self.inner.sandboxes);
@@ -507,12 +537,35 @@ impl Agent {
                 started_ms: None,
                 finished_ms: None,
                 boot_ms: None,
+                network: None,
             };
             persist(&dir, &rec).map_err(io_err(format!("save {}", dir.display())))?;
             let entry = Arc::new(Entry::new(dir, rec));
             map.insert(id, entry.clone());
             entry
         };
+        let id = entry.snapshot().id;
+        let net = match (policy, &self.inner.net) {
+            (Some(policy), Some(node)) => {
+                let (node, id2) = (node.clone(), id.clone());
+                let built = tokio::task::spawn_blocking(move || node.setup(&id2, policy))
+                    .await
+                    .map_err(|e| AgentError::Config(format!("network setup panicked: {e}")))?;
+                match built {
+                    Ok(n) => Some(n),
+                    Err(e) => {
+                        lock(&self.inner.sandboxes).remove(&id);
+                        let _ = std::fs::remove_dir_all(&entry.dir);
+                        return Err(e.into());
+                    }
+                }
+            }
+            _ => None,
+        };
+        if let Some(n) = &net {
+            let token = new_id() + &new_id();
+            entry.update(|r| r.network = Some(crate::network::network_to_api(n, token)));
+        }
         let (ctl_tx, ctl_rx) = mpsc::channel(4);
         *lock(&entry.control) = Some(ctl_tx);
         let vm_cfg = VmConfig {
@@ -528,8 +581,12 @@ impl Agent {
                 .clone()
                 .unwrap_or_else(|| entry.snapshot().id)
                 .replace('_', "-"),
-            extra_cmdline: Vec::new(),
+            extra_cmdline: net.as_ref().map(|n| n.kernel_params()).unwrap_or_default(),
             accel: self.inner.accel.accel,
+            net: net.as_ref().map(|n| NetDevice {
+                tap: n.tap.clone(),
+                mac: n.mac_string(),
+            }),
         };
         let agent = self.clone();
         let e2 = entry.clone();
@@ -861,6 +918,12 @@ impl Agent {
         }
         if let Err(err) = hearth_vmm::destroy(&vm_dir) {
             tracing::warn!(sandbox = %rec.id, "cleaning up the VM dir: {err}");
+        }
+        if let Some(net) = self.inner.net.clone() {
+            let id = rec.id.clone();
+            tokio::task::spawn_blocking(move || net.teardown(&id))
+                .await
+                .map_err(|e| AgentError::Config(format!("network teardown panicked: {e}")))??;
         }
         std::fs::remove_dir_all(&e.dir)
             .or_else(|err| {

@@ -4,6 +4,7 @@
 //! same. Request types reject unknown fields: a typo in a field name is a 400, not
 //! a silently ignored option. The OpenAPI document is generated from these types.
 
+pub mod network;
 pub mod stream;
 
 use serde::{Deserialize, Serialize};
@@ -51,6 +52,9 @@ pub struct CreateSandbox {
     /// otherwise it reads from /dev/null.
     #[serde(default)]
     pub stdin: bool,
+    /// The sandbox's network and egress policy (default: networked, allow all).
+    #[serde(default)]
+    pub network: network::NetworkSpec,
 }
 
 /// Lifecycle of a sandbox.
@@ -115,6 +119,9 @@ pub struct Sandbox {
     pub finished_ms: Option<u64>,
     /// Milliseconds from the request to the guest agent being ready.
     pub boot_ms: Option<u64>,
+    /// Its network; absent with `--network none`.
+    #[serde(default)]
+    pub network: Option<network::SandboxNetwork>,
 }
 
 /// `POST /v1/sandboxes/{id}/exec`: run another process in a running sandbox.
@@ -290,6 +297,8 @@ pub enum ErrorCode {
     Conflict,
     /// The VM failed to boot or run.
     VmFailed,
+    /// A limited resource (e.g. the node's address pool) is used up.
+    Exhausted,
     /// Anything else; a bug or a host problem.
     Internal,
 }
@@ -302,6 +311,7 @@ impl ErrorCode {
             ErrorCode::Unauthorized => 401,
             ErrorCode::NotFound | ErrorCode::ImageNotFound => 404,
             ErrorCode::Conflict => 409,
+            ErrorCode::Exhausted => 503,
             ErrorCode::VmFailed | ErrorCode::Internal => 500,
         }
     }

@@ -6,6 +6,7 @@
 //! failure); 2 for a command-line usage error.
 
 mod client;
+mod policy;
 mod pull;
 
 use std::io::{IsTerminal, Write};
@@ -94,6 +95,9 @@ enum Cmd {
     /// Manage images.
     #[command(subcommand)]
     Image(ImageCmd),
+    /// Show or change a sandbox's egress policy.
+    #[command(subcommand)]
+    Policy(policy::PolicyCmd),
     /// Store credentials for a registry on the daemon's host (used by later pulls).
     Login {
         /// HOST[:PORT] of the registry, e.g. registry.example:5000 or docker.io.
@@ -160,6 +164,8 @@ struct RunArgs {
     /// Remove the sandbox when it ends.
     #[arg(long)]
     rm: bool,
+    #[command(flatten)]
+    net: policy::NetArgs,
     image: String,
     /// The command and its arguments (default: the image's).
     #[arg(last = true)]
@@ -284,6 +290,7 @@ async fn run(cli: Cli) -> Result<u8> {
             println!("{}", status_word(&s));
             Ok(s.exit.map(|e| e.code as u8).unwrap_or(EXIT_HEARTH_FAILED))
         }
+        Cmd::Policy(cmd) => policy::run(&c, cmd).await,
         Cmd::Inspect { sandbox } => {
             let s: Sandbox = c
                 .get_json(&format!("/v1/sandboxes/{}", enc(&sandbox)))
@@ -435,6 +442,7 @@ async fn cmd_run(c: &Client, a: RunArgs) -> Result<u8> {
         memory_mib: a.memory,
         name: a.name,
         stdin: stdin || (a.detach && a.interactive),
+        network: a.net.spec(),
     };
     let sb: Sandbox = match c.post_json("/v1/sandboxes", &req).await {
         // Like docker: a registry reference that is not here yet is pulled, then run.

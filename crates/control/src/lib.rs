@@ -5,6 +5,7 @@
 //! server drives the agent in-process.
 
 mod openapi;
+mod policy;
 mod pull;
 
 use std::time::Duration;
@@ -107,6 +108,7 @@ pub fn router(agent: Agent, token: ApiToken) -> Router {
             "/v1/images/{reference}",
             axum::routing::delete(delete_image),
         )
+        .merge(policy::routes())
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(token, require_token))
         .with_state(agent)

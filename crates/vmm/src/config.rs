@@ -33,6 +33,17 @@ pub struct VmConfig {
     /// Appended to the kernel command line after the contract's arguments.
     pub extra_cmdline: Vec<String>,
     pub accel: Accel,
+    /// A virtio-net device on an existing tap; `None`: no network device.
+    pub net: Option<NetDevice>,
+}
+
+/// The guest's network device: a tap the host prepared, and the guest's MAC.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetDevice {
+    /// Host tap interface name (created and owned by the caller).
+    pub tap: String,
+    /// `aa:bb:cc:dd:ee:ff`.
+    pub mac: String,
 }
 
 /// The accelerator a VM runs under.
@@ -208,6 +219,7 @@ mod tests {
             hostname: "sb-1".into(),
             extra_cmdline: vec![],
             accel: Accel::Tcg,
+            net: None,
         }
     }
 

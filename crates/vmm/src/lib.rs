@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use tokio::net::UnixStream;
 
-pub use config::{Accel, AccelChoice, HostLimits, VmConfig};
+pub use config::{Accel, AccelChoice, HostLimits, NetDevice, VmConfig};
 pub use error::VmmError;
 pub use probe::{choose_accel, probe_accel, AccelReport, PROBE_TIMEOUT};
 pub use process::VmExit;

@@ -58,6 +58,7 @@ impl Fixture {
             hostname: id.to_string(),
             extra_cmdline: vec![],
             accel: Accel::Tcg,
+            net: None,
         }
     }
 }

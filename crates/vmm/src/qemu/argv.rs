@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::config::{option_path, Accel, VmConfig};
+use crate::config::{option_path, Accel, NetDevice, VmConfig};
 use crate::error::VmmError;
 
 /// Longest unix socket path (sun_path is 108 bytes including the NUL).
@@ -128,7 +128,21 @@ pub fn qemu_args(cfg: &VmConfig, layout: &Layout) -> Result<Vec<String>, VmmErro
         "-qmp",
         &format!("unix:{},server=on,wait=off", p(&layout.qmp_socket)?),
     ];
-    Ok(args.iter().map(|s| s.to_string()).collect())
+    let mut args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    if let Some(net) = &cfg.net {
+        args.extend(net_args(net));
+    }
+    Ok(args)
+}
+
+/// virtio-net on a tap the host created (no helper scripts, no vhost here).
+fn net_args(net: &NetDevice) -> [String; 4] {
+    [
+        "-netdev".into(),
+        format!("tap,id=net0,ifname={},script=no,downscript=no", net.tap),
+        "-device".into(),
+        format!("virtio-net-device,netdev=net0,mac={}", net.mac),
+    ]
 }
 
 #[cfg(test)]
@@ -148,6 +162,7 @@ mod tests {
             hostname: "web".into(),
             extra_cmdline: vec!["foo=bar".into()],
             accel: Accel::Tcg,
+            net: None,
         };
         let got = qemu_args(&cfg, &Layout::new(Path::new("/v/sb")))
             .unwrap()
@@ -172,6 +187,36 @@ mod tests {
             .unwrap()
             .join(" ");
         assert!(got.contains("-accel kvm -cpu host"), "{got}");
+    }
+
+    #[test]
+    fn network_device_goes_on_the_given_tap() {
+        let cfg = VmConfig {
+            id: "sb".into(),
+            dir: "/v/sb".into(),
+            kernel: "/c/vmlinux".into(),
+            initrd: "/c/i".into(),
+            rootfs: "/img/base.ext4".into(),
+            cpus: 1,
+            memory_mib: 128,
+            hostname: "web".into(),
+            extra_cmdline: vec![],
+            accel: Accel::Tcg,
+            net: Some(NetDevice {
+                tap: "hthabc".into(),
+                mac: "02:68:0a:58:00:02".into(),
+            }),
+        };
+        let got = qemu_args(&cfg, &Layout::new(Path::new("/v/sb")))
+            .unwrap()
+            .join(" ");
+        assert!(
+            got.ends_with(
+                "-netdev tap,id=net0,ifname=hthabc,script=no,downscript=no \
+             -device virtio-net-device,netdev=net0,mac=02:68:0a:58:00:02"
+            ),
+            "{got}"
+        );
     }
 
     #[test]
