@@ -357,8 +357,21 @@ impl Agent {
         let resumed = t0.elapsed();
         let ack = ack.wait(HELLO_TIMEOUT).await.map_err(|e| e.to_string())?;
         tracing::info!(vm = %vm.id(), ?resumed, acked = ?t0.elapsed(), "restored guest took its identity");
-        for w in ack.warnings {
-            tracing::warn!(vm = %vm.id(), "restored guest: {w}");
+        // why: guest-supplied text; bounded and quoted so it cannot flood or forge logs.
+        for w in ack.warnings.iter().take(8) {
+            let w: String = w.chars().take(200).collect();
+            tracing::warn!(vm = %vm.id(), "restored guest: {w:?}");
+        }
+        // Two restores of one snapshot must never share random state.
+        if let Some(w) = ack
+            .warnings
+            .iter()
+            .find(|w| w.starts_with("reseeding the RNG"))
+        {
+            let w: String = w.chars().take(200).collect();
+            return Err(format!(
+                "restored guest could not reseed its RNG ({w:?}); not handing it out"
+            ));
         }
         Ok((conn, attached))
     }

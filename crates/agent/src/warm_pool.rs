@@ -215,15 +215,50 @@ impl Agent {
             if dir.join("sandbox.json").exists() || !dir.join("vm").exists() {
                 continue;
             }
-            let vm_dir = dir.join("vm");
-            if let Ok(vm) = hearth_vmm::Vmm::adopt(&self.inner.vmm, &vm_dir).await {
+            self.reap_dir(&dir).await;
+            tracing::info!("removed unclaimed pool VM {}", dir.display());
+        }
+        // Template builds and snapshot saves a previous daemon did not finish.
+        for (root, prefix) in [
+            (self.inner.cfg.data_dir.join("templates"), ".build-"),
+            (self.inner.cfg.data_dir.join("snapshots"), ".tmp-"),
+        ] {
+            let Ok(rd) = std::fs::read_dir(&root) else {
+                continue;
+            };
+            for ent in rd.flatten() {
+                if ent.file_name().to_string_lossy().starts_with(prefix) {
+                    self.reap_dir(&ent.path()).await;
+                    tracing::info!("removed unfinished {}", ent.path().display());
+                }
+            }
+        }
+    }
+
+    /// Stops the VM recorded in `dir/vm` (adopting it, or by its recorded pid)
+    /// and removes `dir`.
+    async fn reap_dir(&self, dir: &std::path::Path) {
+        let vm_dir = dir.join("vm");
+        match hearth_vmm::Vmm::adopt(&self.inner.vmm, &vm_dir).await {
+            Ok(vm) => {
                 let _ = vm.kill().await;
                 let _ = vm.wait().await;
             }
-            let _ = hearth_vmm::destroy(&vm_dir);
-            let _ = std::fs::remove_dir_all(&dir);
-            tracing::info!("removed unclaimed pool VM {}", dir.display());
+            Err(_) => {
+                if let Err(e) =
+                    hearth_vmm::kill_recorded(&vm_dir, std::time::Duration::from_secs(10))
+                {
+                    // why: never delete the record of a VM that may still run.
+                    tracing::error!(
+                        "cannot stop the VM in {}: {e}; left in place",
+                        vm_dir.display()
+                    );
+                    return;
+                }
+            }
         }
+        let _ = hearth_vmm::destroy(&vm_dir);
+        let _ = std::fs::remove_dir_all(dir);
     }
 }
 

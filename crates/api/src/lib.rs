@@ -307,13 +307,24 @@ pub enum PullEvent {
 }
 
 /// `POST /v1/registries/login`: store credentials for a registry on the daemon's host.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+/// Its `Debug` output hides the password.
+#[derive(Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegistryLogin {
     /// `HOST[:PORT]`, e.g. `registry.example:5000` or `docker.io`.
     pub registry: String,
     pub username: String,
     pub password: String,
+}
+
+impl std::fmt::Debug for RegistryLogin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryLogin")
+            .field("registry", &self.registry)
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
 }
 
 /// `POST /v1/images/prune`: what was deleted.

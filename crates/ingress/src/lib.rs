@@ -98,6 +98,26 @@ fn presented_token(req: &Request) -> Option<String> {
     None
 }
 
+/// Removes the `hearth_token` cookie, keeping the others: the sandbox never
+/// sees its access token.
+fn strip_token_cookie(headers: &mut hyper::HeaderMap) {
+    let kept: Vec<String> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .map(str::trim)
+        .filter(|c| !c.is_empty() && !c.starts_with(&format!("{TOKEN_PARAM}=")))
+        .map(str::to_string)
+        .collect();
+    headers.remove(header::COOKIE);
+    if !kept.is_empty() {
+        if let Ok(v) = kept.join("; ").parse() {
+            headers.insert(header::COOKIE, v);
+        }
+    }
+}
+
 /// The path with the `hearth_token` query parameter removed (the sandbox never
 /// sees its own access token).
 fn without_token_param(path: &str) -> String {
@@ -205,6 +225,7 @@ async fn proxy(State(ing): State<Arc<Ingress>>, mut req: Request) -> Response {
         Err(e) => return reply(StatusCode::BAD_REQUEST, format!("bad path: {e}")),
     };
     req.headers_mut().remove(TOKEN_HEADER);
+    strip_token_cookie(req.headers_mut());
     if let Some(h) = req.headers().get(header::HOST).cloned() {
         req.headers_mut().insert("x-forwarded-host", h);
     }
@@ -262,6 +283,14 @@ mod tests {
         assert_eq!(presented_token(&mk(|b| b, "/")), None);
         assert!(same("abc", "abc") && !same("abc", "abd") && !same("abc", "ab"));
         assert_eq!(without_token_param("/a?hearth_token=x&b=1"), "/a?b=1");
+        let mut h = hyper::HeaderMap::new();
+        h.insert(header::COOKIE, "a=b; hearth_token=t3; c=d".parse().unwrap());
+        strip_token_cookie(&mut h);
+        assert_eq!(h.get(header::COOKIE).unwrap(), "a=b; c=d");
+        let mut h = hyper::HeaderMap::new();
+        h.insert(header::COOKIE, "hearth_token=t3".parse().unwrap());
+        strip_token_cookie(&mut h);
+        assert!(h.get(header::COOKIE).is_none());
         assert_eq!(without_token_param("/a?hearth_token=x"), "/a");
         assert_eq!(without_token_param("/a?b=1"), "/a?b=1");
     }

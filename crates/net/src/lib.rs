@@ -214,7 +214,11 @@ impl NodeNet {
 
     /// Checks and compiles a policy against this node's addresses.
     pub fn compile(&self, p: &Policy) -> Result<policy::Compiled, NetError> {
-        Ok(policy::compile(p, &tap::host_addresses())?)
+        Ok(policy::compile_with_pools(
+            p,
+            &tap::host_addresses(),
+            &[self.cfg.pool],
+        )?)
     }
 
     /// Leases an address and builds the sandbox's link, NAT and policy. On any

@@ -287,9 +287,10 @@ fn entries_for(r: &Rule, counter: u16) -> Vec<Entry> {
         .collect()
 }
 
-/// The implicit deny rules: link-local (metadata), loopback and the host's
-/// own addresses.
-pub fn implicit_denies(host_addrs: &[Ipv4Addr]) -> Vec<(Cidr, &'static str)> {
+/// The implicit deny rules: link-local (metadata), loopback, the host's own
+/// addresses and the sandbox address pools (sandboxes do not reach each other
+/// unless a rule allows it).
+pub fn implicit_denies(host_addrs: &[Ipv4Addr], pools: &[Cidr]) -> Vec<(Cidr, &'static str)> {
     let mut v = vec![
         (
             Cidr::new(Ipv4Addr::new(169, 254, 0, 0), 16),
@@ -303,11 +304,25 @@ pub fn implicit_denies(host_addrs: &[Ipv4Addr]) -> Vec<(Cidr, &'static str)> {
             v.push((c, "host address"));
         }
     }
+    for c in pools {
+        if !v.iter().any(|(x, _)| x == c) {
+            v.push((*c, "other sandboxes"));
+        }
+    }
     v
 }
 
 /// Compiles a validated policy for a node whose own addresses are `host_addrs`.
 pub fn compile(p: &Policy, host_addrs: &[Ipv4Addr]) -> Result<Compiled, PolicyError> {
+    compile_with_pools(p, host_addrs, &[])
+}
+
+/// Like [`compile`], also denying the sandbox address `pools` by default.
+pub fn compile_with_pools(
+    p: &Policy,
+    host_addrs: &[Ipv4Addr],
+    pools: &[Cidr],
+) -> Result<Compiled, PolicyError> {
     validate(p)?;
     let mut counters: Vec<CounterLabel> = FIXED_COUNTERS
         .iter()
@@ -327,7 +342,7 @@ pub fn compile(p: &Policy, host_addrs: &[Ipv4Addr]) -> Result<Compiled, PolicyEr
         });
         slot += 1;
     }
-    for (c, why) in implicit_denies(host_addrs) {
+    for (c, why) in implicit_denies(host_addrs, pools) {
         let rule = Rule {
             action: Action::Deny,
             cidr: c,
@@ -473,6 +488,22 @@ mod tests {
         let c = compile(&p, &host).unwrap();
         assert!(decide(&c, ip("169.254.169.254"), TCP, 80).1);
         assert!(!decide(&c, ip("169.254.169.254"), TCP, 81).1);
+    }
+
+    #[test]
+    fn other_sandboxes_are_unreachable_unless_allowed_specifically() {
+        let pool = [Cidr::new(ip("10.88.0.0"), 24)];
+        let p = rules(&[], &[], Action::Allow);
+        let c = compile_with_pools(&p, &[], &pool).unwrap();
+        assert!(
+            !decide(&c, ip("10.88.0.7"), TCP, 8000).1,
+            "pool denied under default allow"
+        );
+        assert!(decide(&c, ip("10.89.0.7"), TCP, 8000).1);
+        let p = rules(&["10.88.0.7/32:8000"], &[], Action::Allow);
+        let c = compile_with_pools(&p, &[], &pool).unwrap();
+        assert!(decide(&c, ip("10.88.0.7"), TCP, 8000).1, "a /32 allow wins");
+        assert!(!decide(&c, ip("10.88.0.8"), TCP, 8000).1);
     }
 
     #[test]
