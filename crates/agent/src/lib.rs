@@ -8,6 +8,7 @@
 //!
 //! Disk layout under the data dir: `sandboxes/<id>/{sandbox.json, output.log, vm/}`.
 
+pub mod control_link;
 pub mod guest_conn;
 pub mod output_log;
 mod sandbox;

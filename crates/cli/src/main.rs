@@ -6,6 +6,7 @@
 //! failure); 2 for a command-line usage error.
 
 mod client;
+mod cluster;
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
@@ -82,6 +83,12 @@ enum Cmd {
     /// Manage images.
     #[command(subcommand)]
     Image(ImageCmd),
+    /// Cluster nodes: list, cordon, uncordon, drain, remove.
+    #[command(subcommand)]
+    Node(cluster::NodeCmd),
+    /// The control-plane group: status and membership.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCmd),
 }
 
 #[derive(Subcommand)]
@@ -190,6 +197,8 @@ fn want_stdin(flag: bool) -> bool {
 async fn run(cli: Cli) -> Result<u8> {
     let c = Client::new(&cli.api);
     match cli.cmd {
+        Cmd::Node(n) => cluster::node(&c, n).await,
+        Cmd::Cluster(n) => cluster::cluster(&c, n).await,
         Cmd::Run(a) => cmd_run(&c, a).await,
         Cmd::Ps { json } => {
             let list: Vec<Sandbox> = c.get_json("/v1/sandboxes").await?;

@@ -4,6 +4,7 @@
 //! streams use `hearth_api::stream` records. In the embedded default the API
 //! server drives the agent in-process.
 
+pub mod cluster;
 mod openapi;
 
 use std::time::Duration;

@@ -1,5 +1,10 @@
-//! `hearthd`: the Hearth daemon. `hearthd dev` is the embedded default: the API
-//! server and a node agent in one process, for a laptop or a CI box.
+//! `hearthd`: the Hearth daemon, one binary with roles.
+//!
+//! - `hearthd dev`: the embedded default for a laptop or a CI box: the API, a
+//!   node agent and a one-member control plane (Raft group) in one process.
+//! - `hearthd control --id N --peers ID=ADDR,...`: a control-plane member.
+//! - `hearthd agent --control ADDR,...`: a node agent that registers with the
+//!   control plane and serves its node-local API.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -8,6 +13,8 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use hearth_agent::{Agent, AgentConfig};
 use hearth_vmm::AccelChoice;
+
+mod roles;
 
 #[derive(Parser)]
 #[command(name = "hearthd", version, about = "Hearth daemon")]
@@ -20,6 +27,10 @@ struct Cli {
 enum Cmd {
     /// Run the API server and a node agent in one process (single-node cluster).
     Dev(DevArgs),
+    /// Run a control-plane member: Raft-replicated state, scheduler, public API.
+    Control(roles::ControlArgs),
+    /// Run a node agent that joins a control plane.
+    Agent(roles::AgentArgs),
 }
 
 #[derive(clap::Args)]
@@ -68,6 +79,8 @@ async fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Dev(a) => dev(a).await,
+        Cmd::Control(a) => roles::control(a).await,
+        Cmd::Agent(a) => roles::agent(a).await,
     }
 }
 
@@ -93,6 +106,11 @@ async fn dev(a: DevArgs) -> Result<()> {
                 a.listen
             )
         })?;
+    let local = listener.local_addr()?;
+    let cp = roles::embedded_control_plane(&a.data_dir, local).await?;
+    roles::spawn_link(agent.clone(), roles::dev_link(&agent, local));
+    let app =
+        hearth_control::router(agent.clone()).merge(hearth_control::cluster::cluster_routes(cp));
     let info = agent.info();
     tracing::info!(
         "hearthd dev: API on http://{} (data {}, backend {}, accel {})",
@@ -101,10 +119,10 @@ async fn dev(a: DevArgs) -> Result<()> {
         info.backend,
         info.accel
     );
-    axum_serve(listener, hearth_control::router(agent)).await
+    axum_serve(listener, app).await
 }
 
-async fn axum_serve(listener: tokio::net::TcpListener, app: axum::Router) -> Result<()> {
+pub(crate) async fn axum_serve(listener: tokio::net::TcpListener, app: axum::Router) -> Result<()> {
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("install SIGTERM handler");

@@ -221,9 +221,24 @@ pub fn filter(node: &NodeView, req: &Request, ctx: &Context) -> Result<(), Rejec
     let free = node.free();
     let want = req.resources;
     let checks = [
-        ("cpus", want.cpus as u64, free.cpus as u64, node.capacity.cpus as u64),
-        ("memory_mib", want.memory_mib, free.memory_mib, node.capacity.memory_mib),
-        ("disk_mib", want.disk_mib, free.disk_mib, node.capacity.disk_mib),
+        (
+            "cpus",
+            want.cpus as u64,
+            free.cpus as u64,
+            node.capacity.cpus as u64,
+        ),
+        (
+            "memory_mib",
+            want.memory_mib,
+            free.memory_mib,
+            node.capacity.memory_mib,
+        ),
+        (
+            "disk_mib",
+            want.disk_mib,
+            free.disk_mib,
+            node.capacity.disk_mib,
+        ),
     ];
     for (resource, wanted, free, capacity) in checks {
         if wanted > free {
@@ -336,18 +351,29 @@ mod tests {
         nodes[2].cordoned = true;
         let err = place(&nodes, &req(16, 512), Strategy::BinPack).unwrap_err();
         assert_eq!(err.rejections.len(), 3);
-        assert!(matches!(err.rejections[0].1, Rejection::Insufficient { ref resource, .. } if resource == "cpus"));
+        assert!(
+            matches!(err.rejections[0].1, Rejection::Insufficient { ref resource, .. } if resource == "cpus")
+        );
         assert_eq!(err.rejections[2].1, Rejection::Cordoned);
         let msg = err.to_string();
-        assert!(msg.contains("a: not enough cpus: wants 16, 2 free of 2"), "{msg}");
+        assert!(
+            msg.contains("a: not enough cpus: wants 16, 2 free of 2"),
+            "{msg}"
+        );
     }
 
     #[test]
     fn bin_pack_fills_the_fullest_node_and_spread_the_emptiest() {
         let mut nodes = vec![node("a", 8, 8192), node("b", 8, 8192)];
         nodes[1].allocated = Resources::new(4, 4096, 0);
-        assert_eq!(place(&nodes, &req(1, 256), Strategy::BinPack).unwrap().id, "b");
-        assert_eq!(place(&nodes, &req(1, 256), Strategy::Spread).unwrap().id, "a");
+        assert_eq!(
+            place(&nodes, &req(1, 256), Strategy::BinPack).unwrap().id,
+            "b"
+        );
+        assert_eq!(
+            place(&nodes, &req(1, 256), Strategy::Spread).unwrap().id,
+            "a"
+        );
     }
 
     #[test]

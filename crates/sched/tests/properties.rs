@@ -39,7 +39,10 @@ fn run(mut nodes: Vec<NodeView>, reqs: &[Request], strategy: Pack) -> (Vec<NodeV
             Ok(n) => n.id.clone(),
             Err(_) => continue,
         };
-        let n = nodes.iter_mut().find(|n| n.id == id).expect("placed on a known node");
+        let n = nodes
+            .iter_mut()
+            .find(|n| n.id == id)
+            .expect("placed on a known node");
         n.allocated = n.allocated.plus(r.resources);
         placed += 1;
     }
@@ -50,7 +53,8 @@ fn run(mut nodes: Vec<NodeView>, reqs: &[Request], strategy: Pack) -> (Vec<NodeV
 fn first_fit_nodes_used(nodes: &[NodeView], reqs: &[Request]) -> Option<usize> {
     let mut alloc = vec![Resources::default(); nodes.len()];
     for r in reqs {
-        let i = (0..nodes.len()).find(|&i| alloc[i].plus(r.resources).fits_in(nodes[i].capacity))?;
+        let i =
+            (0..nodes.len()).find(|&i| alloc[i].plus(r.resources).fits_in(nodes[i].capacity))?;
         alloc[i] = alloc[i].plus(r.resources);
     }
     Some(alloc.iter().filter(|a| **a != Resources::default()).count())
@@ -100,17 +104,32 @@ fn bin_packing_uses_no_more_nodes_than_first_fit() {
         let (cpus, mem_gib, reqs) = shape.new_tree(&mut runner).expect("generate").current();
         // A pool large enough that nothing is refused: only packing differs.
         let nodes: Vec<NodeView> = (0..reqs.len())
-            .map(|i| NodeView::new(format!("n{i}"), Resources::new(cpus, mem_gib * 1024, 100_000), Accel::Tcg))
+            .map(|i| {
+                NodeView::new(
+                    format!("n{i}"),
+                    Resources::new(cpus, mem_gib * 1024, 100_000),
+                    Accel::Tcg,
+                )
+            })
             .collect();
         let ff = first_fit_nodes_used(&nodes, &reqs).expect("pool fits every request");
         let (after, placed) = run(nodes, &reqs, Pack::BinPack);
         assert_eq!(placed, reqs.len());
-        let bp = after.iter().filter(|n| n.allocated != Resources::default()).count();
+        let bp = after
+            .iter()
+            .filter(|n| n.allocated != Resources::default())
+            .count();
         bp_total += bp;
         ff_total += ff;
         worse += usize::from(bp > ff);
     }
-    assert!(bp_total <= ff_total, "bin-pack used {bp_total} nodes, first-fit {ff_total}");
-    assert!(worse * 10 < trials, "bin-pack used more nodes than first-fit on {worse} of {trials}");
+    assert!(
+        bp_total <= ff_total,
+        "bin-pack used {bp_total} nodes, first-fit {ff_total}"
+    );
+    assert!(
+        worse * 10 < trials,
+        "bin-pack used more nodes than first-fit on {worse} of {trials}"
+    );
     eprintln!("nodes used over {trials} random workloads: bin-pack {bp_total}, first-fit {ff_total}; bin-pack worse on {worse}");
 }

@@ -330,7 +330,10 @@ impl Store {
             let _ = self
                 .raft
                 .wait(Some(Duration::from_millis(100)))
-                .metrics(|m| m.current_leader.is_some() && m.current_leader != leader, "new leader")
+                .metrics(
+                    |m| m.current_leader.is_some() && m.current_leader != leader,
+                    "new leader",
+                )
                 .await;
         }
     }

@@ -75,10 +75,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
         let mut out = Vec::new();
         for row in t.range(range).map_err(rerr)? {
             let (_, v) = row.map_err(rerr)?;
-            out.push(
-                serde_json::from_slice(v.value())
-                    .map_err(|e| StorageIOError::read_logs(&e))?,
-            );
+            out.push(serde_json::from_slice(v.value()).map_err(|e| StorageIOError::read_logs(&e))?);
         }
         Ok(out)
     }
@@ -93,8 +90,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let t = tx.open_table(LOG).map_err(rerr)?;
         let last = match t.last().map_err(rerr)? {
             Some((_, v)) => {
-                let e: Entry = serde_json::from_slice(v.value())
-                    .map_err(|e| StorageIOError::read_logs(&e))?;
+                let e: Entry =
+                    serde_json::from_slice(v.value()).map_err(|e| StorageIOError::read_logs(&e))?;
                 Some(e.log_id)
             }
             None => last_purged,
@@ -122,7 +119,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, SErr> {
-        Ok(self.get_meta::<Option<LogId<NodeId>>>("committed")?.flatten())
+        Ok(self
+            .get_meta::<Option<LogId<NodeId>>>("committed")?
+            .flatten())
     }
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), SErr>
@@ -138,7 +137,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 t.insert(e.log_id.index, bytes.as_slice()).map_err(werr)?;
             }
         }
-        let res = tx.commit().map_err(|e| std::io::Error::other(e.to_string()));
+        let res = tx
+            .commit()
+            .map_err(|e| std::io::Error::other(e.to_string()));
         let failed = res.as_ref().err().map(|e| e.to_string());
         callback.log_io_completed(res);
         match failed {

@@ -170,18 +170,35 @@ pub enum Command {
 #[serde(rename_all = "snake_case", tag = "result")]
 pub enum Reply {
     Ok,
-    Node { node: NodeRecord },
-    Sandbox { sandbox: SandboxRecord },
+    Node {
+        node: NodeRecord,
+    },
+    Sandbox {
+        sandbox: SandboxRecord,
+    },
     /// Sandboxes moved to other nodes, and those that could not be moved.
-    Moved { moved: Vec<String>, lost: Vec<String> },
-    NotFound { what: String },
+    Moved {
+        moved: Vec<String>,
+        lost: Vec<String>,
+    },
+    NotFound {
+        what: String,
+    },
     /// The node id is held by another agent instance.
-    DuplicateNode { id: String, holder: String },
+    DuplicateNode {
+        id: String,
+        holder: String,
+    },
     /// The name or key is taken.
-    Conflict { message: String },
+    Conflict {
+        message: String,
+    },
     /// The chosen node cannot take the sandbox any more (a concurrent
     /// placement got there first, or it went away): schedule again.
-    Rejected { node: String, reason: String },
+    Rejected {
+        node: String,
+        reason: String,
+    },
 }
 
 /// First address handed out to sandboxes (10.88.0.0/16; .0.0 and .0.1 reserved).
@@ -228,7 +245,11 @@ impl State {
             if let Some(k) = &sb.idempotency_key {
                 ix.by_key.insert(k.clone(), sb.id.clone());
             }
-            if let Some(ip) = sb.ip.as_deref().and_then(|s| s.parse::<std::net::Ipv4Addr>().ok()) {
+            if let Some(ip) = sb
+                .ip
+                .as_deref()
+                .and_then(|s| s.parse::<std::net::Ipv4Addr>().ok())
+            {
                 ix.leases.insert(u32::from(ip), sb.id.clone());
             }
         }
@@ -266,7 +287,10 @@ impl State {
         let mut groups: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
         for sb in self.sandboxes.values().filter(|s| s.reserves()) {
             if let Some(g) = &sb.request.group {
-                groups.entry(sb.node.as_str()).or_default().insert(g.clone());
+                groups
+                    .entry(sb.node.as_str())
+                    .or_default()
+                    .insert(g.clone());
             }
         }
         self.nodes
@@ -435,7 +459,12 @@ impl State {
 
     fn create(&mut self, sandbox: &SandboxRecord) -> Reply {
         if let Some(k) = &sandbox.idempotency_key {
-            if let Some(existing) = self.index.by_key.get(k).and_then(|id| self.sandboxes.get(id)) {
+            if let Some(existing) = self
+                .index
+                .by_key
+                .get(k)
+                .and_then(|id| self.sandboxes.get(id))
+            {
                 return Reply::Sandbox {
                     sandbox: existing.clone(),
                 };

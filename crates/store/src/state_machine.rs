@@ -11,8 +11,8 @@ use std::sync::{Arc, RwLock};
 
 use openraft::storage::RaftStateMachine;
 use openraft::{
-    EntryPayload, LogId, RaftSnapshotBuilder, Snapshot, SnapshotMeta, StorageError,
-    StorageIOError, StoredMembership,
+    EntryPayload, LogId, RaftSnapshotBuilder, Snapshot, SnapshotMeta, StorageError, StorageIOError,
+    StoredMembership,
 };
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -82,7 +82,10 @@ impl StateMachine {
             let mut out = Vec::new();
             for row in t.iter().map_err(rerr)? {
                 let (k, v) = row.map_err(rerr)?;
-                out.push((k.value().to_string(), serde_json::from_slice(v.value()).map_err(jerr)?));
+                out.push((
+                    k.value().to_string(),
+                    serde_json::from_slice(v.value()).map_err(jerr)?,
+                ));
             }
             Ok(out)
         }
@@ -122,7 +125,10 @@ impl StateMachine {
             let mut nodes = tx.open_table(NODES).map_err(werr)?;
             let mut sbs = tx.open_table(SANDBOXES).map_err(werr)?;
             let mut imgs = tx.open_table(IMAGES).map_err(werr)?;
-            let put = |t: &mut redb::Table<&str, &[u8]>, k: &str, v: Option<Vec<u8>>| -> Result<(), SErr> {
+            let put = |t: &mut redb::Table<&str, &[u8]>,
+                       k: &str,
+                       v: Option<Vec<u8>>|
+             -> Result<(), SErr> {
                 match v {
                     Some(b) => t.insert(k, b.as_slice()).map(|_| ()).map_err(werr),
                     None => t.remove(k).map(|_| ()).map_err(werr),
@@ -267,9 +273,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), SErr> {
         let data = snapshot.into_inner();
-        let body: SnapshotBody = serde_json::from_slice(&data).map_err(|e| {
-            StorageIOError::read_snapshot(Some(meta.signature()), &e)
-        })?;
+        let body: SnapshotBody = serde_json::from_slice(&data)
+            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
         let mut st = body.state;
         st.reindex();
         self.last_applied = meta.last_log_id;

@@ -20,7 +20,13 @@ impl Member {
     }
 }
 
-async fn start(id: u64, dir: &Path, listener: tokio::net::TcpListener, peers: BTreeMap<u64, String>, snapshot_every: u64) -> Member {
+async fn start(
+    id: u64,
+    dir: &Path,
+    listener: tokio::net::TcpListener,
+    peers: BTreeMap<u64, String>,
+    snapshot_every: u64,
+) -> Member {
     let addr = listener.local_addr().unwrap().to_string();
     let mut cfg = StoreConfig::new(id, dir.join(format!("m{id}")), peers);
     cfg.snapshot_every = snapshot_every;
@@ -29,7 +35,11 @@ async fn start(id: u64, dir: &Path, listener: tokio::net::TcpListener, peers: BT
     let server = tokio::spawn(async move {
         axum::serve(listener, app).await.ok();
     });
-    Member { store, server, addr }
+    Member {
+        store,
+        server,
+        addr,
+    }
 }
 
 async fn group(dir: &Path, n: u64, snapshot_every: u64) -> Vec<Member> {
@@ -76,7 +86,10 @@ async fn leader(members: &[Member]) -> u64 {
                 }
             }
         }
-        assert!(start.elapsed() < Duration::from_secs(10), "no leader within 10 s");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no leader within 10 s"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -92,8 +105,17 @@ async fn writes_through_any_member_are_read_linearizably_from_every_member() {
         assert!(matches!(r, Reply::Node { .. }), "{r:?}");
     }
     for m in &members {
-        let ids = m.store.read(|s| s.nodes.keys().cloned().collect::<Vec<_>>()).await.unwrap();
-        assert_eq!(ids, ["n0", "n1", "n2"], "member {} (leader {l})", m.store.id());
+        let ids = m
+            .store
+            .read(|s| s.nodes.keys().cloned().collect::<Vec<_>>())
+            .await
+            .unwrap();
+        assert_eq!(
+            ids,
+            ["n0", "n1", "n2"],
+            "member {} (leader {l})",
+            m.store.id()
+        );
     }
     for m in members {
         m.stop().await;
@@ -106,7 +128,11 @@ async fn a_new_leader_serves_after_the_leader_stops_and_no_acknowledged_write_is
     let mut members = group(dir.path(), 3, 1000).await;
     let l = leader(&members).await;
     for i in 0..20 {
-        members[0].store.write(node(&format!("a{i}"))).await.unwrap();
+        members[0]
+            .store
+            .write(node(&format!("a{i}")))
+            .await
+            .unwrap();
     }
     let old = members.remove(members.iter().position(|m| m.store.id() == l).unwrap());
     old.stop().await;
@@ -115,7 +141,10 @@ async fn a_new_leader_serves_after_the_leader_stops_and_no_acknowledged_write_is
     assert_ne!(l2, l);
     members[0].store.write(node("after")).await.unwrap();
     let elapsed = t.elapsed();
-    assert!(elapsed < Duration::from_secs(5), "new leader took {elapsed:?}");
+    assert!(
+        elapsed < Duration::from_secs(5),
+        "new leader took {elapsed:?}"
+    );
     for m in &members {
         let n = m.store.read(|s| s.nodes.len()).await.unwrap();
         assert_eq!(n, 21);
@@ -137,15 +166,25 @@ async fn follower_restarted_after_compaction_catches_up_from_a_snapshot() {
     follower.stop().await;
 
     for i in 0..120 {
-        members[0].store.write(node(&format!("n{i}"))).await.unwrap();
+        members[0]
+            .store
+            .write(node(&format!("n{i}")))
+            .await
+            .unwrap();
     }
     let li = members.iter().position(|m| m.store.id() == l).unwrap();
-    let purged = wait_for(&members[li].store, |s| s.purged_index.is_some()).await.purged_index.unwrap();
+    let purged = wait_for(&members[li].store, |s| s.purged_index.is_some())
+        .await
+        .purged_index
+        .unwrap();
     assert!(purged > 20, "leader compacted its log up to {purged}");
 
     let listener = rebind(&faddr).await;
     let back = start(fid, dir.path(), listener, peers, 20).await;
-    let st = wait_for(&back.store, |s| s.applied_index >= Some(purged) && s.snapshot_index.is_some()).await;
+    let st = wait_for(&back.store, |s| {
+        s.applied_index >= Some(purged) && s.snapshot_index.is_some()
+    })
+    .await;
     assert!(st.snapshot_index.unwrap() >= purged, "{st:?}");
     assert_eq!(back.store.read(|s| s.nodes.len()).await.unwrap(), 120);
     back.stop().await;
@@ -163,7 +202,11 @@ async fn members_are_added_and_removed_online() {
     let l4 = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     // A joining member starts with no peers: it never bootstraps a group of its own.
     let m4 = start(4, dir.path(), l4, BTreeMap::new(), 1000).await;
-    members[2].store.add_member(4, m4.addr.clone()).await.unwrap();
+    members[2]
+        .store
+        .add_member(4, m4.addr.clone())
+        .await
+        .unwrap();
     let st = members[0].store.member_status();
     assert_eq!(st.voters, [1, 2, 3, 4]);
     assert_eq!(m4.store.read(|s| s.nodes.len()).await.unwrap(), 1);
@@ -194,18 +237,31 @@ async fn a_corrupted_database_refuses_to_start_and_is_left_untouched() {
     };
     assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
     let msg = err.to_string();
-    assert!(msg.contains("refusing to start") && msg.contains("left untouched"), "{msg}");
-    assert_eq!(std::fs::read(&db).unwrap(), garbage, "the file was modified");
+    assert!(
+        msg.contains("refusing to start") && msg.contains("left untouched"),
+        "{msg}"
+    );
+    assert_eq!(
+        std::fs::read(&db).unwrap(),
+        garbage,
+        "the file was modified"
+    );
 }
 
-async fn wait_for(s: &Store, f: impl Fn(&hearth_store::MemberStatus) -> bool) -> hearth_store::MemberStatus {
+async fn wait_for(
+    s: &Store,
+    f: impl Fn(&hearth_store::MemberStatus) -> bool,
+) -> hearth_store::MemberStatus {
     let start = Instant::now();
     loop {
         let st = s.member_status();
         if f(&st) {
             return st;
         }
-        assert!(start.elapsed() < Duration::from_secs(20), "timed out; last status {st:?}");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "timed out; last status {st:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -223,4 +279,3 @@ async fn rebind(addr: &str) -> tokio::net::TcpListener {
         }
     }
 }
-

@@ -12,8 +12,15 @@ fn node_id() -> impl Strategy<Value = String> {
 
 fn command() -> impl Strategy<Value = Command> {
     prop_oneof![
-        (node_id(), 0u8..2, 1u32..16, 1u64..32, any::<bool>(), 0u64..1000).prop_map(
-            |(id, inst, cpus, gib, kvm, at)| Command::RegisterNode {
+        (
+            node_id(),
+            0u8..2,
+            1u32..16,
+            1u64..32,
+            any::<bool>(),
+            0u64..1000
+        )
+            .prop_map(|(id, inst, cpus, gib, kvm, at)| Command::RegisterNode {
                 node: NodeRecord {
                     id,
                     instance: format!("i{inst}"),
@@ -28,43 +35,75 @@ fn command() -> impl Strategy<Value = Command> {
                     warm_templates: Default::default(),
                     volumes: Default::default(),
                 }
-            }
-        ),
-        (node_id(), 0u8..2, 0u64..10_000, 0u8..20, prop::option::of("running|exited|lost")).prop_map(
-            |(node, inst, at, sb, status)| Command::Heartbeat {
+            }),
+        (
+            node_id(),
+            0u8..2,
+            0u64..10_000,
+            0u8..20,
+            prop::option::of("running|exited|lost")
+        )
+            .prop_map(|(node, inst, at, sb, status)| Command::Heartbeat {
                 node,
                 instance: format!("i{inst}"),
                 at_ms: at,
                 observed: status
                     .map(|s| {
-                        [(format!("sb{sb}"), Observed { status: s, agent_id: None, error: None, updated_ms: at })]
-                            .into()
+                        [(
+                            format!("sb{sb}"),
+                            Observed {
+                                status: s,
+                                agent_id: None,
+                                error: None,
+                                updated_ms: at,
+                            },
+                        )]
+                        .into()
                     })
                     .unwrap_or_default(),
-            }
-        ),
+            }),
         (node_id(), 0u64..10_000).prop_map(|(node, at_ms)| Command::MarkNotReady { node, at_ms }),
-        (node_id(), any::<bool>()).prop_map(|(node, cordoned)| Command::SetCordon { node, cordoned }),
+        (node_id(), any::<bool>())
+            .prop_map(|(node, cordoned)| Command::SetCordon { node, cordoned }),
         (node_id(), 0u64..10_000).prop_map(|(node, at_ms)| Command::Drain { node, at_ms }),
         (node_id(), 0u64..10_000).prop_map(|(id, at_ms)| Command::RemoveNode { id, at_ms }),
-        (0u8..20, node_id(), 1u32..8, 64u64..8192, any::<bool>(), prop::option::of(0u8..10), prop::option::of(0u8..5))
-            .prop_map(|(i, node, cpus, mem, always, key, name)| Command::CreateSandbox {
-                sandbox: SandboxRecord {
-                    id: format!("sb{i}"),
-                    name: name.map(|n| format!("name{n}")),
-                    spec: serde_json::json!({"image": "alpine"}),
-                    request: Request { resources: Resources::new(cpus, mem, 100), ..Default::default() },
-                    node,
-                    restart: if always { RestartPolicy::Always } else { RestartPolicy::Never },
-                    record_only: true,
-                    idempotency_key: key.map(|k| format!("k{k}")),
-                    ip: None,
-                    created_ms: 1,
-                    reschedules: 0,
-                    observed: None,
+        (
+            0u8..20,
+            node_id(),
+            1u32..8,
+            64u64..8192,
+            any::<bool>(),
+            prop::option::of(0u8..10),
+            prop::option::of(0u8..5)
+        )
+            .prop_map(
+                |(i, node, cpus, mem, always, key, name)| Command::CreateSandbox {
+                    sandbox: SandboxRecord {
+                        id: format!("sb{i}"),
+                        name: name.map(|n| format!("name{n}")),
+                        spec: serde_json::json!({"image": "alpine"}),
+                        request: Request {
+                            resources: Resources::new(cpus, mem, 100),
+                            ..Default::default()
+                        },
+                        node,
+                        restart: if always {
+                            RestartPolicy::Always
+                        } else {
+                            RestartPolicy::Never
+                        },
+                        record_only: true,
+                        idempotency_key: key.map(|k| format!("k{k}")),
+                        ip: None,
+                        created_ms: 1,
+                        reschedules: 0,
+                        observed: None,
+                    }
                 }
-            }),
-        (0u8..20).prop_map(|i| Command::DeleteSandbox { id: format!("sb{i}") }),
+            ),
+        (0u8..20).prop_map(|i| Command::DeleteSandbox {
+            id: format!("sb{i}")
+        }),
     ]
 }
 
