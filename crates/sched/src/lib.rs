@@ -286,11 +286,7 @@ pub const WARM_TEMPLATE_BONUS: i64 = 150;
 pub fn score(node: &NodeView, req: &Request, strategy: Strategy) -> i64 {
     let after = node.allocated.plus(req.resources);
     let frac = |used: u64, cap: u64| -> i64 {
-        if cap == 0 {
-            1000
-        } else {
-            (used.saturating_mul(1000) / cap) as i64
-        }
+        used.saturating_mul(1000).checked_div(cap).unwrap_or(1000) as i64
     };
     let util = frac(after.cpus as u64, node.capacity.cpus as u64)
         .max(frac(after.memory_mib, node.capacity.memory_mib));

@@ -8,6 +8,10 @@
 //! leader), reads are linearizable (the leader confirms its leadership with a
 //! quorum; a follower asks the leader for a read index and waits to apply it).
 
+// why: openraft's StorageError (the storage traits' error type) and redb's
+// errors are large; they travel on cold paths only.
+#![allow(clippy::result_large_err)]
+
 pub mod log_store;
 pub mod network;
 pub mod state;
@@ -100,7 +104,7 @@ impl StoreConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Forward {
-    Write(Command),
+    Write(Box<Command>),
     ReadIndex,
     AddMember { id: NodeId, addr: String },
     RemoveMember { id: NodeId },
@@ -110,7 +114,7 @@ pub enum Forward {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ForwardReply {
-    Written(Reply),
+    Written(Box<Reply>),
     ReadIndex(Option<u64>),
     Done,
     NotLeader,
@@ -263,8 +267,8 @@ impl Store {
 
     /// Commits `cmd` through Raft and returns the state machine's reply.
     pub async fn write(&self, cmd: Command) -> Result<Reply, StoreError> {
-        self.with_leader(Forward::Write(cmd), |r| match r {
-            ForwardReply::Written(r) => Some(r),
+        self.with_leader(Forward::Write(Box::new(cmd)), |r| match r {
+            ForwardReply::Written(r) => Some(*r),
             _ => None,
         })
         .await
@@ -353,8 +357,8 @@ impl Store {
             matches!(e, RaftError::APIError(api) if api.is_forward())
         }
         match req {
-            Forward::Write(cmd) => match self.raft.client_write(cmd).await {
-                Ok(r) => ForwardReply::Written(r.data),
+            Forward::Write(cmd) => match self.raft.client_write(*cmd).await {
+                Ok(r) => ForwardReply::Written(Box::new(r.data)),
                 Err(e) if not_leader(&e) => ForwardReply::NotLeader,
                 Err(e) => ForwardReply::Failed(e.to_string()),
             },

@@ -369,3 +369,48 @@ fn a_member_with_a_corrupted_database_refuses_to_start_and_leaves_it_untouched()
     let r = c.get("/v1/cluster");
     assert_eq!(r.status, 200);
 }
+
+#[test]
+fn a_sandbox_run_through_the_control_plane_boots_on_its_node_and_streams_output() {
+    let mut c = Cluster::start(1, &[]);
+    c.add_agent("n1", &["--cpus", "2", "--memory-mib", "2048"]);
+    let api = format!("http://127.0.0.1:{}", c.any_port());
+    let hearth = |args: &[&str]| {
+        std::process::Command::new(hearth_e2e::bin_dir().join("hearth"))
+            .env("HEARTH_API", &api)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run hearth")
+    };
+    let rootfs = c.dir.path().join("busybox-rootfs");
+    hearth_e2e::images::busybox_rootfs(&rootfs);
+    let out = hearth(&[
+        "image",
+        "import",
+        "--name",
+        "busybox",
+        rootfs.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", hearth_e2e::show(&out));
+
+    let out = hearth(&[
+        "run",
+        "--name",
+        "hello",
+        "busybox",
+        "--",
+        "sh",
+        "-c",
+        "echo out; echo err >&2; exit 3",
+    ]);
+    assert_eq!(out.status.code(), Some(3), "{}", hearth_e2e::show(&out));
+    assert_eq!(hearth_e2e::stdout(&out), "out\n");
+    assert_eq!(hearth_e2e::stderr(&out).trim_end(), "err");
+    let s = c.get("/v1/sandboxes/hello").json();
+    assert_eq!(s["node"], "n1", "{s}");
+    assert_eq!(s["status"], "exited", "{s}");
+    let out = hearth(&["rm", "hello"]);
+    assert!(out.status.success(), "{}", hearth_e2e::show(&out));
+    assert_eq!(c.get("/v1/sandboxes/hello").status, 404);
+}
