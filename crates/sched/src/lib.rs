@@ -185,72 +185,103 @@ fn describe(r: &[(String, Rejection)]) -> String {
 
 /// Why `node` cannot take `req`, or `Ok` when it can.
 pub fn filter(node: &NodeView, req: &Request, ctx: &Context) -> Result<(), Rejection> {
+    match check(node, req, ctx) {
+        None => Ok(()),
+        Some(f) => Err(explain(f, node, req)),
+    }
+}
+
+/// A filter failure without allocation: [`place`] checks every node with
+/// this on the hot path and only spells out reasons when nothing fits.
+#[derive(Debug, Clone, Copy)]
+enum Fail {
+    NotReady,
+    Cordoned,
+    NoKvm,
+    Label(usize),
+    Volume(usize),
+    Group,
+    Insufficient(usize),
+}
+
+fn check(node: &NodeView, req: &Request, ctx: &Context) -> Option<Fail> {
     if !node.ready {
-        return Err(Rejection::NotReady);
+        return Some(Fail::NotReady);
     }
     if node.cordoned {
-        return Err(Rejection::Cordoned);
+        return Some(Fail::Cordoned);
     }
     if req.require_kvm && node.accel != Accel::Kvm {
-        return Err(Rejection::NoKvm);
+        return Some(Fail::NoKvm);
     }
-    for (k, v) in &req.selector {
-        match node.labels.get(k) {
-            Some(have) if have == v => {}
-            other => {
-                return Err(Rejection::Label {
-                    key: k.clone(),
-                    want: v.clone(),
-                    have: other.cloned().unwrap_or_else(|| "none".into()),
-                })
-            }
+    for (i, (k, v)) in req.selector.iter().enumerate() {
+        if node.labels.get(k) != Some(v) {
+            return Some(Fail::Label(i));
         }
     }
-    for vol in &req.volumes {
+    for (i, vol) in req.volumes.iter().enumerate() {
         if ctx.volume_nodes.contains_key(vol.as_str()) && !node.volumes.contains(vol) {
-            return Err(Rejection::VolumeElsewhere {
-                volume: vol.clone(),
-            });
+            return Some(Fail::Volume(i));
         }
     }
     if let Some(g) = &req.group {
         if ctx.group_nodes.contains(g.as_str()) && !node.groups.contains(g) {
-            return Err(Rejection::GroupElsewhere { group: g.clone() });
+            return Some(Fail::Group);
         }
     }
     let free = node.free();
     let want = req.resources;
-    let checks = [
-        (
-            "cpus",
-            want.cpus as u64,
-            free.cpus as u64,
-            node.capacity.cpus as u64,
-        ),
-        (
-            "memory_mib",
-            want.memory_mib,
-            free.memory_mib,
-            node.capacity.memory_mib,
-        ),
-        (
-            "disk_mib",
-            want.disk_mib,
-            free.disk_mib,
-            node.capacity.disk_mib,
-        ),
-    ];
-    for (resource, wanted, free, capacity) in checks {
-        if wanted > free {
-            return Err(Rejection::Insufficient {
+    if want.cpus > free.cpus {
+        return Some(Fail::Insufficient(0));
+    }
+    if want.memory_mib > free.memory_mib {
+        return Some(Fail::Insufficient(1));
+    }
+    if want.disk_mib > free.disk_mib {
+        return Some(Fail::Insufficient(2));
+    }
+    None
+}
+
+fn explain(f: Fail, node: &NodeView, req: &Request) -> Rejection {
+    match f {
+        Fail::NotReady => Rejection::NotReady,
+        Fail::Cordoned => Rejection::Cordoned,
+        Fail::NoKvm => Rejection::NoKvm,
+        Fail::Label(i) => {
+            let (k, v) = req.selector.iter().nth(i).expect("selector index");
+            Rejection::Label {
+                key: k.clone(),
+                want: v.clone(),
+                have: node.labels.get(k).cloned().unwrap_or_else(|| "none".into()),
+            }
+        }
+        Fail::Volume(i) => Rejection::VolumeElsewhere {
+            volume: req.volumes[i].clone(),
+        },
+        Fail::Group => Rejection::GroupElsewhere {
+            group: req.group.clone().unwrap_or_default(),
+        },
+        Fail::Insufficient(i) => {
+            let (free, want, cap) = (node.free(), req.resources, node.capacity);
+            let (resource, wanted, free, capacity) = match i {
+                0 => ("cpus", want.cpus as u64, free.cpus as u64, cap.cpus as u64),
+                1 => (
+                    "memory_mib",
+                    want.memory_mib,
+                    free.memory_mib,
+                    cap.memory_mib,
+                ),
+                _ => ("disk_mib", want.disk_mib, free.disk_mib, cap.disk_mib),
+            };
+            Rejection::Insufficient {
                 resource: resource.into(),
                 wanted,
                 free,
                 capacity,
-            });
+            }
         }
     }
-    Ok(())
 }
 
 /// Facts about the whole cluster that filtering needs (which volumes and
@@ -311,19 +342,22 @@ pub fn place<'a>(
 ) -> Result<&'a NodeView, Unschedulable> {
     let ctx = Context::of(nodes);
     let mut best: Option<(i64, &NodeView)> = None;
-    let mut rejections = Vec::new();
     for n in nodes {
-        match filter(n, req, &ctx) {
-            Ok(()) => {
-                let s = score(n, req, strategy);
-                if best.is_none_or(|(b, _)| s > b) {
-                    best = Some((s, n));
-                }
+        if check(n, req, &ctx).is_none() {
+            let s = score(n, req, strategy);
+            if best.is_none_or(|(b, _)| s > b) {
+                best = Some((s, n));
             }
-            Err(why) => rejections.push((n.id.clone(), why)),
         }
     }
-    best.map(|(_, n)| n).ok_or(Unschedulable { rejections })
+    if let Some((_, n)) = best {
+        return Ok(n);
+    }
+    let rejections = nodes
+        .iter()
+        .filter_map(|n| check(n, req, &ctx).map(|f| (n.id.clone(), explain(f, n, req))))
+        .collect();
+    Err(Unschedulable { rejections })
 }
 
 #[cfg(test)]
