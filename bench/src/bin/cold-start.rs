@@ -36,7 +36,8 @@ fn hearth_cold_start(d: &Daemon) -> Duration {
     let mut s = TcpStream::connect(("127.0.0.1", d.port)).expect("connect");
     write!(
         s,
-        "GET /v1/sandboxes/{id}/output?follow=true HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        "GET /v1/sandboxes/{id}/output?follow=true HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+        d.token()
     )
     .expect("write");
     let mut r = BufReader::new(s);

@@ -45,7 +45,10 @@ async fn drive(make: Arc<dyn Fn(usize) -> reqwest::RequestBuilder + Send + Sync>
                     let r = make(i).send().await.expect("write");
                     assert!(r.status().is_success(), "write failed: {}", r.status());
                     let body = r.text().await.expect("body");
-                    assert!(!body.contains("not_leader") && !body.contains("failed"), "{body}");
+                    assert!(
+                        !body.contains("not_leader") && !body.contains("failed"),
+                        "{body}"
+                    );
                     lat.push(t.elapsed());
                 }
                 lat
@@ -99,7 +102,10 @@ impl Drop for Etcd {
 }
 
 async fn etcd(members: usize) -> Result {
-    let dir = tempfile::Builder::new().prefix("hearth-bench-etcd-").tempdir().expect("tempdir");
+    let dir = tempfile::Builder::new()
+        .prefix("hearth-bench-etcd-")
+        .tempdir()
+        .expect("tempdir");
     let ports: Vec<(u16, u16)> = (0..members).map(|_| (free_port(), free_port())).collect();
     let cluster: Vec<String> = ports
         .iter()
@@ -115,7 +121,10 @@ async fn etcd(members: usize) -> Result {
             .args(["--listen-client-urls", &format!("http://127.0.0.1:{cp}")])
             .args(["--advertise-client-urls", &format!("http://127.0.0.1:{cp}")])
             .args(["--listen-peer-urls", &format!("http://127.0.0.1:{pp}")])
-            .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{pp}")])
+            .args([
+                "--initial-advertise-peer-urls",
+                &format!("http://127.0.0.1:{pp}"),
+            ])
             .args(["--initial-cluster", &cluster.join(",")])
             .args(["--initial-cluster-state", "new"])
             .stdout(Stdio::null())
@@ -124,7 +133,10 @@ async fn etcd(members: usize) -> Result {
             .expect("start etcd (apt-get install etcd-server)");
         children.push(child);
     }
-    let guard = Etcd { children, _dir: dir };
+    let guard = Etcd {
+        children,
+        _dir: dir,
+    };
     let http = reqwest::Client::new();
     // Find the leader: the member whose id is the leader it reports.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -165,17 +177,33 @@ async fn etcd(members: usize) -> Result {
 
 #[tokio::main]
 async fn main() {
-    println!("{WRITES} writes of {VALUE_BYTES}-byte values, {CLIENTS} concurrent clients, fsync on\n");
+    println!(
+        "{WRITES} writes of {VALUE_BYTES}-byte values, {CLIENTS} concurrent clients, fsync on\n"
+    );
     println!("| system          | members | writes/s | p50 (ms) | p99 (ms) |");
     println!("|-----------------|---------|----------|----------|----------|");
     let ms = |d: Duration| format!("{:.1}", d.as_secs_f64() * 1000.0);
     let mut ratios = Vec::new();
     for members in [1usize, 3] {
         let h = hearth(members as u64).await;
-        println!("| hearth (redb)   | {members:>7} | {:>8.0} | {:>8} | {:>8} |", h.rate, ms(h.p50), ms(h.p99));
+        println!(
+            "| hearth (redb)   | {members:>7} | {:>8.0} | {:>8} | {:>8} |",
+            h.rate,
+            ms(h.p50),
+            ms(h.p99)
+        );
         let e = etcd(members).await;
-        println!("| etcd 3.4        | {members:>7} | {:>8.0} | {:>8} | {:>8} |", e.rate, ms(e.p50), ms(e.p99));
-        ratios.push((members, h.rate / e.rate, h.p99.as_secs_f64() / e.p99.as_secs_f64()));
+        println!(
+            "| etcd 3.4        | {members:>7} | {:>8.0} | {:>8} | {:>8} |",
+            e.rate,
+            ms(e.p50),
+            ms(e.p99)
+        );
+        ratios.push((
+            members,
+            h.rate / e.rate,
+            h.p99.as_secs_f64() / e.p99.as_secs_f64(),
+        ));
     }
     println!();
     for (m, rate, p99) in ratios {

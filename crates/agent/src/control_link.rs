@@ -29,6 +29,8 @@ pub struct LinkConfig {
     pub memory_mib: Option<u64>,
     pub disk_mib: Option<u64>,
     pub heartbeat: Duration,
+    /// The cluster's API token, presented to the control plane.
+    pub token: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -149,7 +151,16 @@ pub async fn run(agent: Agent, cfg: LinkConfig) -> Result<(), LinkError> {
         accel: info.accel.clone(),
         labels: cfg.labels.clone(),
     };
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(v) = cfg
+        .token
+        .as_ref()
+        .and_then(|t| reqwest::header::HeaderValue::from_str(&format!("Bearer {t}")).ok())
+    {
+        headers.insert(reqwest::header::AUTHORIZATION, v);
+    }
     let http = reqwest::Client::builder()
+        .default_headers(headers)
         .connect_timeout(Duration::from_secs(2))
         .timeout(Duration::from_secs(5))
         .build()

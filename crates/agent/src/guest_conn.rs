@@ -7,7 +7,7 @@
 //! credit the guest returned.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -39,7 +39,16 @@ pub enum GuestError {
     /// The guest refused the request.
     #[error("guest refused the request: {0}")]
     Refused(String),
+    /// The guest sent more output than its flow-control window allows.
+    #[error("guest broke flow control: session {session} has {in_flight} unacknowledged bytes (window {INITIAL_WINDOW})")]
+    WindowExceeded { session: u32, in_flight: u64 },
+    /// The guest stopped reading its channel.
+    #[error("guest is not reading its channel (a send waited {0:?})")]
+    Stalled(Duration),
 }
+
+/// How long a frame to the guest may wait for room before the guest counts as stalled.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a session's consumer sees.
 #[derive(Debug)]
@@ -55,6 +64,9 @@ pub enum SessionEvent {
 struct SessionSink {
     events: mpsc::UnboundedSender<SessionEvent>,
     stdin_credit: Arc<Semaphore>,
+    /// Output bytes received and not yet credited back; a compliant guest keeps
+    /// this within [`INITIAL_WINDOW`], so the unbounded `events` channel is bounded.
+    in_flight: Arc<AtomicU64>,
 }
 
 type Sessions = Arc<Mutex<HashMap<u32, SessionSink>>>;
@@ -144,7 +156,7 @@ impl GuestConn {
         let _ = c.wait_for(|v| *v).await;
     }
 
-    fn route(&self, f: Frame) -> Result<(), hearth_proto::ProtoError> {
+    fn route(&self, f: Frame) -> Result<(), GuestError> {
         let mut map = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
         if f.id == CONTROL_ID {
             if f.kind == Kind::Pong {
@@ -160,8 +172,21 @@ impl GuestConn {
         };
         let ev = match f.kind {
             Kind::Started => SessionEvent::Started(f.parse::<Started>()?.pid),
-            Kind::Stdout => SessionEvent::Stdout(f.payload),
-            Kind::Stderr => SessionEvent::Stderr(f.payload),
+            Kind::Stdout | Kind::Stderr => {
+                let n = f.payload.len() as u64;
+                let in_flight = sink.in_flight.fetch_add(n, Ordering::AcqRel) + n;
+                if in_flight > u64::from(INITIAL_WINDOW) {
+                    return Err(GuestError::WindowExceeded {
+                        session: f.id,
+                        in_flight,
+                    });
+                }
+                if f.kind == Kind::Stdout {
+                    SessionEvent::Stdout(f.payload)
+                } else {
+                    SessionEvent::Stderr(f.payload)
+                }
+            }
             Kind::Credit => {
                 let c: Credit = f.parse()?;
                 let room = INITIAL_WINDOW as usize - sink.stdin_credit.available_permits();
@@ -192,7 +217,10 @@ impl GuestConn {
     }
 
     async fn send(&self, f: Frame) -> Result<(), GuestError> {
-        self.tx.send(f).await.map_err(|_| GuestError::Closed)
+        match tokio::time::timeout(SEND_TIMEOUT, self.tx.send(f)).await {
+            Ok(r) => r.map_err(|_| GuestError::Closed),
+            Err(_) => Err(GuestError::Stalled(SEND_TIMEOUT)),
+        }
     }
 
     /// Starts a process in the guest.
@@ -200,6 +228,7 @@ impl GuestConn {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (events_tx, events) = mpsc::unbounded_channel();
         let stdin_credit = Arc::new(Semaphore::new(INITIAL_WINDOW as usize));
+        let in_flight = Arc::new(AtomicU64::new(0));
         self.sessions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -208,6 +237,7 @@ impl GuestConn {
                 SessionSink {
                     events: events_tx,
                     stdin_credit: stdin_credit.clone(),
+                    in_flight: in_flight.clone(),
                 },
             );
         if let Err(e) = self.send(Frame::json(Kind::Exec, id, req)).await {
@@ -222,6 +252,9 @@ impl GuestConn {
             conn: self.clone(),
             events,
             stdin_credit,
+            in_flight,
+            pending_credit: 0,
+            ended: false,
         })
     }
 
@@ -244,24 +277,46 @@ impl GuestConn {
     }
 }
 
-/// One process in the guest.
+/// One process in the guest. Dropping a session whose process still runs
+/// kills that process (its client went away).
 pub struct Session {
     id: u32,
     conn: Arc<GuestConn>,
     events: mpsc::UnboundedReceiver<SessionEvent>,
     stdin_credit: Arc<Semaphore>,
+    in_flight: Arc<AtomicU64>,
+    /// Output bytes handed to the consumer and not yet credited to the guest.
+    pending_credit: u32,
+    ended: bool,
 }
 
 impl Session {
-    /// The next event; output credit is returned as chunks are taken.
+    /// The next event. Credit for the previous chunk goes back to the guest
+    /// first, so the guest runs ahead of the consumer by at most one window.
+    /// Cancel-safe: dropping the future loses neither events nor credit.
     pub async fn next(&mut self) -> Option<SessionEvent> {
-        let ev = self.events.recv().await?;
-        if let SessionEvent::Stdout(b) | SessionEvent::Stderr(b) = &ev {
-            let bytes = b.len() as u32;
-            let _ = self
+        if self.pending_credit > 0 && !self.ended {
+            let bytes = self.pending_credit;
+            self.in_flight.fetch_sub(u64::from(bytes), Ordering::AcqRel);
+            if self
                 .conn
                 .send(Frame::json(Kind::Credit, self.id, &Credit { bytes }))
-                .await;
+                .await
+                .is_err()
+            {
+                // The channel is gone or stalled; the events say what happened.
+                self.in_flight.fetch_add(u64::from(bytes), Ordering::AcqRel);
+            } else {
+                self.pending_credit = 0;
+            }
+        }
+        let ev = self.events.recv().await?;
+        match &ev {
+            SessionEvent::Stdout(b) | SessionEvent::Stderr(b) => {
+                self.pending_credit = self.pending_credit.saturating_add(b.len() as u32);
+            }
+            SessionEvent::Exit(_) | SessionEvent::Failed(_) => self.ended = true,
+            SessionEvent::Started(_) => {}
         }
         Some(ev)
     }
@@ -272,6 +327,42 @@ impl Session {
             id: self.id,
             conn: self.conn.clone(),
             stdin_credit: self.stdin_credit.clone(),
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if self.ended {
+            return;
+        }
+        let still_there = self
+            .conn
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id)
+            .is_some();
+        if still_there {
+            // Best effort without blocking: the guest reaps the process and its
+            // Exit frame is ignored as a frame for an unknown session.
+            let _ = self.conn.tx.try_send(Frame::json(
+                Kind::Signal,
+                self.id,
+                &SignalRequest {
+                    signal: libc::SIGKILL,
+                },
+            ));
+            // Let the guest drain what the process left in its pipes.
+            for _ in 0..2 {
+                let _ = self.conn.tx.try_send(Frame::json(
+                    Kind::Credit,
+                    self.id,
+                    &Credit {
+                        bytes: INITIAL_WINDOW,
+                    },
+                ));
+            }
         }
     }
 }
@@ -319,5 +410,101 @@ impl SessionInput {
                 &SignalRequest { signal },
             ))
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The host's side of the protocol against a scripted guest: these cases
+    //! (a guest that breaks flow control, a client that goes away) cannot be
+    //! produced by the real hearth-guest, which behaves.
+    use super::*;
+    use hearth_proto::{read_frame_async, write_frame_async};
+    use tokio::io::DuplexStream;
+
+    async fn connected() -> (Arc<GuestConn>, DuplexStream) {
+        let (host, mut guest) = tokio::io::duplex(8 << 20);
+        let hello = Hello {
+            protocol_version: PROTOCOL_VERSION,
+            agent_version: "test".into(),
+            kernel_release: "6.1".into(),
+        };
+        write_frame_async(&mut guest, &Frame::json(Kind::Hello, 0, &hello))
+            .await
+            .unwrap();
+        let conn = GuestConn::handshake(host, Duration::from_secs(5))
+            .await
+            .unwrap();
+        (conn, guest)
+    }
+
+    async fn next_frame(guest: &mut DuplexStream) -> Frame {
+        tokio::time::timeout(Duration::from_secs(5), read_frame_async(guest))
+            .await
+            .expect("a frame within 5s")
+            .unwrap()
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn guest_exceeding_its_output_window_is_cut_off() {
+        let (conn, mut guest) = connected().await;
+        let mut s = conn.exec(&ExecRequest::default()).await.unwrap();
+        let exec = next_frame(&mut guest).await;
+        assert_eq!(exec.kind, Kind::Exec);
+        let chunk = vec![b'x'; MAX_FRAME];
+        let frames = INITIAL_WINDOW as usize / MAX_FRAME + 2;
+        for _ in 0..frames {
+            let _ = write_frame_async(
+                &mut guest,
+                &Frame::data(Kind::Stdout, exec.id, chunk.clone()),
+            )
+            .await;
+        }
+        let mut got = 0usize;
+        let failure = loop {
+            match s.next().await {
+                Some(SessionEvent::Stdout(b)) => got += b.len(),
+                Some(SessionEvent::Failed(m)) => break m,
+                other => panic!("unexpected {other:?}"),
+            }
+        };
+        assert!(failure.contains("flow control"), "{failure}");
+        assert!(got <= INITIAL_WINDOW as usize, "host accepted {got} bytes");
+        tokio::time::timeout(Duration::from_secs(5), conn.closed())
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn credit_is_returned_only_as_output_is_consumed() {
+        let (conn, mut guest) = connected().await;
+        let mut s = conn.exec(&ExecRequest::default()).await.unwrap();
+        let exec = next_frame(&mut guest).await;
+        for _ in 0..2 {
+            write_frame_async(
+                &mut guest,
+                &Frame::data(Kind::Stdout, exec.id, vec![1; 1000]),
+            )
+            .await
+            .unwrap();
+        }
+        assert!(matches!(s.next().await, Some(SessionEvent::Stdout(_))));
+        // Taking the second chunk returns credit for the first one only.
+        assert!(matches!(s.next().await, Some(SessionEvent::Stdout(_))));
+        let credit = next_frame(&mut guest).await;
+        assert_eq!(credit.kind, Kind::Credit);
+        assert_eq!(credit.parse::<Credit>().unwrap().bytes, 1000);
+    }
+
+    #[tokio::test]
+    async fn dropping_a_live_session_kills_its_process() {
+        let (conn, mut guest) = connected().await;
+        let s = conn.exec(&ExecRequest::default()).await.unwrap();
+        let exec = next_frame(&mut guest).await;
+        drop(s);
+        let sig = next_frame(&mut guest).await;
+        assert_eq!((sig.kind, sig.id), (Kind::Signal, exec.id));
+        assert_eq!(sig.parse::<SignalRequest>().unwrap().signal, libc::SIGKILL);
     }
 }

@@ -6,10 +6,12 @@
 //! sandbox has one lifecycle task that boots the VM, runs the workload, records
 //! how it ended and tears the VM down; everything else talks to that task.
 //!
-//! Disk layout under the data dir: `sandboxes/<id>/{sandbox.json, output.log, vm/}`.
+//! Disk layout under the data dir: `sandboxes/<id>/{sandbox.json, output.log, vm/}`,
+//! `images/` (the image store) and `registry-auth.json` (registry logins, 0600).
 
 pub mod control_link;
 pub mod guest_conn;
+mod images;
 pub mod output_log;
 mod sandbox;
 

@@ -15,11 +15,18 @@ pub struct OutputLog {
     file: File,
     written: u64,
     notify: watch::Sender<u64>,
+    /// Output beyond this many bytes is discarded (after one notice).
+    limit: u64,
+    truncated: bool,
 }
 
 impl OutputLog {
     /// Creates (truncating) the log at `path`.
-    pub async fn create(path: &Path, notify: watch::Sender<u64>) -> std::io::Result<OutputLog> {
+    pub async fn create(
+        path: &Path,
+        notify: watch::Sender<u64>,
+        limit: u64,
+    ) -> std::io::Result<OutputLog> {
         let file = OpenOptions::new()
             .create(true)
             .truncate(true)
@@ -30,12 +37,30 @@ impl OutputLog {
             file,
             written: 0,
             notify,
+            limit,
+            truncated: false,
         })
     }
 
-    /// Appends one record and wakes followers.
+    /// Appends one record and wakes followers. Past the size limit, output is
+    /// dropped and a single notice on stderr says so: a guest cannot fill the
+    /// host's disk.
     pub async fn append(&mut self, rec: &Record) -> std::io::Result<()> {
-        let bytes = rec.encode();
+        if self.truncated {
+            return Ok(());
+        }
+        let mut bytes = rec.encode();
+        if self.written + bytes.len() as u64 > self.limit {
+            self.truncated = true;
+            bytes = Record::Stderr(
+                format!(
+                    "\nhearth: output log limit of {} bytes reached; further output of this sandbox is discarded\n",
+                    self.limit
+                )
+                .into_bytes(),
+            )
+            .encode();
+        }
         self.file.write_all(&bytes).await?;
         self.written += bytes.len() as u64;
         self.notify.send_replace(self.written);

@@ -10,7 +10,9 @@ use hearth_api::{
     CreateSandbox, ErrorCode, ExitInfo, Image, Info, Sandbox, SandboxStatus, DEFAULT_CPUS,
     DEFAULT_MEMORY_MIB, MIN_MEMORY_MIB,
 };
-use hearth_image::{ImageError, ImageRecord, ImageStore, Limits};
+use hearth_image::{
+    Credentials, ImageError, ImageRecord, ImageStore, Limits, Puller, RegistryOptions,
+};
 use hearth_proto::ExecRequest as GuestExec;
 use hearth_vmm::{Accel, AccelChoice, AccelReport, QemuVmm, Vm, VmConfig, Vmm};
 use tokio::sync::{mpsc, watch};
@@ -84,7 +86,21 @@ pub struct AgentConfig {
     pub qemu_img: PathBuf,
     pub accel: AccelChoice,
     pub node: String,
+    /// Bounds on what one image import or pull may consume.
+    pub image_limits: Limits,
+    /// Registries (`HOST[:PORT]`) pulled over plain HTTP; loopback ones always are.
+    pub insecure_registries: Vec<String>,
+    /// Longest wait for a registry's answer or next bytes.
+    pub registry_timeout: Duration,
+    /// A running guest that does not answer a ping within this time is
+    /// reported hung and stopped; zero disables the watchdog.
+    pub guest_watchdog: Duration,
+    /// Largest output log of one sandbox; later output is discarded.
+    pub max_log_bytes: u64,
 }
+
+/// How a workload ended: status, exit, error message.
+type Outcome = (SandboxStatus, Option<ExitInfo>, Option<String>);
 
 /// Requests to a sandbox's lifecycle task.
 enum Control {
@@ -105,6 +121,8 @@ struct Entry {
     control: Mutex<Option<mpsc::Sender<Control>>>,
     conn: Mutex<Option<Arc<GuestConn>>>,
     main_input: Mutex<Option<SessionInput>>,
+    /// The main workload was started with stdin open.
+    stdin_open: std::sync::atomic::AtomicBool,
     execs: Mutex<HashMap<u32, SessionInput>>,
     next_exec: std::sync::atomic::AtomicU32,
 }
@@ -121,6 +139,7 @@ impl Entry {
             control: Mutex::new(None),
             conn: Mutex::new(None),
             main_input: Mutex::new(None),
+            stdin_open: std::sync::atomic::AtomicBool::new(false),
             execs: Mutex::new(HashMap::new()),
             next_exec: std::sync::atomic::AtomicU32::new(1),
         }
@@ -183,9 +202,12 @@ fn valid_name(n: &str) -> bool {
         && n.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
 }
 
-struct Inner {
+pub(crate) struct Inner {
+    /// Held for the daemon's lifetime: one hearthd per data dir.
+    _lock: std::fs::File,
     cfg: AgentConfig,
-    images: ImageStore,
+    pub(crate) images: ImageStore,
+    pub(crate) puller: Puller,
     vmm: QemuVmm,
     accel: AccelReport,
     host_cpus: u32,
@@ -196,7 +218,30 @@ struct Inner {
 /// The node agent. Cheap to clone.
 #[derive(Clone)]
 pub struct Agent {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
+}
+
+/// Takes the data dir's exclusive lock, so two daemons never manage the same
+/// sandboxes (the second would declare the first one's VMs lost).
+fn lock_data_dir(dir: &Path) -> Result<std::fs::File, AgentError> {
+    use std::os::fd::AsRawFd;
+    let path = dir.join("hearthd.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io_err(format!("open {}", path.display())))?;
+    // SAFETY: flock(2) on a file descriptor we own for the duration of the call.
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r != 0 {
+        return Err(AgentError::Config(format!(
+            "data dir {} is in use by another hearthd (lock {}); stop it, or give this one another --data-dir",
+            dir.display(),
+            path.display()
+        )));
+    }
+    Ok(f)
 }
 
 fn host_memory_mib() -> u64 {
@@ -227,6 +272,26 @@ impl Agent {
         }
         std::fs::create_dir_all(cfg.data_dir.join("sandboxes"))
             .map_err(io_err(format!("create {}", cfg.data_dir.display())))?;
+        let images = ImageStore::open(cfg.data_dir.join("images"), cfg.image_limits.clone())?;
+        let puller = Puller::new(
+            images.clone(),
+            RegistryOptions {
+                insecure: cfg.insecure_registries.clone(),
+                timeout: cfg.registry_timeout,
+                credentials: Credentials::new(
+                    cfg.data_dir.join("registry-auth.json"),
+                    Credentials::default_docker_config(),
+                ),
+            },
+        );
+        // why: the data dir holds sandbox records, logs, images and possibly
+        // secrets of workloads (argv, env); only the daemon's user may read it.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(io_err(format!("chmod 700 {}", cfg.data_dir.display())))?;
+        }
+        let lock = lock_data_dir(&cfg.data_dir)?;
         let images = ImageStore::open(cfg.data_dir.join("images"), Limits::default())?;
         let vmm = QemuVmm::with_binaries(&cfg.qemu, &cfg.qemu_img)
             .map_err(|e| AgentError::Config(e.to_string()))?;
@@ -248,12 +313,14 @@ impl Agent {
             tracing::info!("accelerator: {} ({})", accel.accel, accel.reason);
         }
         let inner = Arc::new(Inner {
+            _lock: lock,
             host_cpus: std::thread::available_parallelism()
                 .map(|n| n.get() as u32)
                 .unwrap_or(1),
             host_memory_mib: host_memory_mib(),
             cfg,
             images,
+            puller,
             vmm,
             accel,
             sandboxes: Mutex::new(HashMap::new()),
@@ -283,10 +350,24 @@ impl Agent {
             let entry = Arc::new(Entry::new(sdir.clone(), rec.clone()));
             if !rec.status.is_terminal() {
                 let vm_dir = sdir.join("vm");
-                if let Ok(vm) = self.inner.vmm.adopt(&vm_dir).await {
-                    tracing::warn!(sandbox = %rec.id, "stopping VM of a sandbox left running by a previous hearthd");
-                    let _ = vm.kill().await;
-                    let _ = vm.wait().await;
+                match self.inner.vmm.adopt(&vm_dir).await {
+                    Ok(vm) => {
+                        tracing::warn!(sandbox = %rec.id, "stopping VM of a sandbox left running by a previous hearthd");
+                        let _ = vm.kill().await;
+                        let _ = vm.wait().await;
+                    }
+                    Err(e) => {
+                        // Not adoptable (broken socket?) but maybe alive: kill it by its recorded pid.
+                        match hearth_vmm::kill_recorded(&vm_dir, Duration::from_secs(10)) {
+                            Ok(true) => {
+                                tracing::warn!(sandbox = %rec.id, "killed an unadoptable VM ({e})")
+                            }
+                            Ok(false) => {}
+                            Err(k) => {
+                                tracing::error!(sandbox = %rec.id, "cannot stop the VM in {}: {k}", vm_dir.display())
+                            }
+                        }
+                    }
                 }
                 let _ = hearth_vmm::destroy(&vm_dir);
                 entry.update(|r| {
@@ -389,9 +470,10 @@ impl Agent {
         let entry = {
             let mut map = lock(&self.inner.sandboxes);
             if let Some(n) = &req.name {
-                if map
-                    .values()
-                    .any(|e| lock(&e.record).name.as_deref() == Some(n))
+                if map.contains_key(n)
+                    || map
+                        .values()
+                        .any(|e| lock(&e.record).name.as_deref() == Some(n))
                 {
                     return Err(AgentError::Conflict(format!(
                         "a sandbox named '{n}' already exists; remove it with `hearth rm {n}` or choose another name"
@@ -399,7 +481,11 @@ impl Agent {
                 }
             }
             let mut id = new_id();
-            while map.contains_key(&id) {
+            while map.contains_key(&id)
+                || map
+                    .values()
+                    .any(|e| lock(&e.record).name.as_deref() == Some(&id))
+            {
                 id = new_id();
             }
             let dir = self.inner.cfg.data_dir.join("sandboxes").join(&id);
@@ -472,19 +558,21 @@ impl Agent {
                 return;
             }
         };
-        let outcome = self
+        let (outcome, polite) = self
             .drive(&entry, vm.as_ref(), exec, &mut ctl, started)
             .await;
-        // Tear down: ask the guest to power off, then make sure the VMM is gone.
+        // Tear down: ask the guest to power off (unless told to kill, or it is
+        // unresponsive), then make sure the VMM is gone.
         let conn = lock(&entry.conn).take();
-        if let Some(conn) = conn {
-            let _ = conn.shutdown().await;
+        let mut gone = false;
+        if let (Some(conn), true) = (conn, polite) {
+            let _ = tokio::time::timeout(Duration::from_secs(1), conn.shutdown()).await;
+            gone = tokio::time::timeout(POWEROFF_GRACE, vm.wait())
+                .await
+                .is_ok();
         }
-        if tokio::time::timeout(POWEROFF_GRACE, vm.wait())
-            .await
-            .is_err()
-        {
-            let _ = vm.shutdown(Duration::from_secs(2)).await;
+        if !gone {
+            let _ = vm.kill().await;
             let _ = vm.wait().await;
         }
         lock(&entry.execs).clear();
@@ -513,7 +601,8 @@ impl Agent {
         entry.finished.send_replace(true);
     }
 
-    /// Boots the guest, runs the workload and returns how it ended.
+    /// Boots the guest, runs the workload and returns how it ended, and
+    /// whether the guest may be asked to power off (false: kill it).
     async fn drive(
         &self,
         entry: &Arc<Entry>,
@@ -521,7 +610,23 @@ impl Agent {
         exec: GuestExec,
         ctl: &mut mpsc::Receiver<Control>,
         started: Instant,
-    ) -> (SandboxStatus, Option<ExitInfo>, Option<String>) {
+    ) -> (Outcome, bool) {
+        let mut polite = true;
+        let outcome = self
+            .drive_inner(entry, vm, exec, ctl, started, &mut polite)
+            .await;
+        (outcome, polite)
+    }
+
+    async fn drive_inner(
+        &self,
+        entry: &Arc<Entry>,
+        vm: &dyn Vm,
+        exec: GuestExec,
+        ctl: &mut mpsc::Receiver<Control>,
+        started: Instant,
+        polite: &mut bool,
+    ) -> Outcome {
         let failed = |m: String| (SandboxStatus::Failed, None, Some(m));
         let console = |vm: &dyn Vm| console_tail(&vm.console_log());
         let vm_exit = vm.wait();
@@ -554,11 +659,18 @@ impl Agent {
             Err(e) => return failed(format!("cannot start the workload: {e}")),
         };
         *lock(&entry.conn) = Some(conn.clone());
-        if exec.stdin {
-            *lock(&entry.main_input) = Some(session.input());
-        }
+        entry
+            .stdin_open
+            .store(exec.stdin, std::sync::atomic::Ordering::Relaxed);
+        *lock(&entry.main_input) = Some(session.input());
         let log_path = entry.dir.join("output.log");
-        let mut log = match OutputLog::create(&log_path, entry.written.clone()).await {
+        let mut log = match OutputLog::create(
+            &log_path,
+            entry.written.clone(),
+            self.inner.cfg.max_log_bytes,
+        )
+        .await
+        {
             Ok(l) => l,
             Err(e) => return failed(format!("cannot create {}: {e}", log_path.display())),
         };
@@ -569,6 +681,25 @@ impl Agent {
         });
         let input = session.input();
         let mut stop_deadline: Option<tokio::time::Instant> = None;
+        let wd = self.inner.cfg.guest_watchdog;
+        let watchdog = async {
+            if wd.is_zero() {
+                return std::future::pending::<String>().await;
+            }
+            loop {
+                tokio::time::sleep(wd / 3).await;
+                match tokio::time::timeout(wd, conn.ping(wd)).await {
+                    Ok(Ok(())) => continue,
+                    _ => {
+                        return format!(
+                            "guest agent did not answer a ping within {}s; the guest is hung",
+                            wd.as_secs_f32()
+                        )
+                    }
+                }
+            }
+        };
+        tokio::pin!(watchdog);
         let outcome = loop {
             let deadline = async {
                 match stop_deadline {
@@ -599,12 +730,20 @@ impl Agent {
                 x = &mut vm_exit => break failed(format!("VM exited unexpectedly ({}){}", describe_exit(x), console(vm))),
                 c = ctl.recv() => match c {
                     Some(Control::Stop { grace }) => {
-                        let _ = input.signal(libc::SIGTERM).await;
+                        let _ = tokio::time::timeout(Duration::from_secs(1), input.signal(libc::SIGTERM)).await;
                         stop_deadline = Some(tokio::time::Instant::now() + grace);
                     }
-                    Some(Control::Kill) | None => break (SandboxStatus::Stopped, None, None),
+                    Some(Control::Kill) | None => {
+                        *polite = false;
+                        break (SandboxStatus::Stopped, None, None);
+                    }
                 },
                 _ = deadline => break (SandboxStatus::Stopped, None, None),
+                msg = &mut watchdog => {
+                    *polite = false;
+                    let _ = vm.kill().await;
+                    break failed(format!("{msg}{}", console(vm)));
+                }
             }
         };
         let _ = log.flush().await;
@@ -637,7 +776,9 @@ impl Agent {
         let mut st = e.status.subscribe();
         let _ = st.wait_for(|s| *s != SandboxStatus::Creating).await;
         let rec = e.snapshot();
-        let input = lock(&e.main_input).clone();
+        let input = lock(&e.main_input)
+            .clone()
+            .filter(|_| e.stdin_open.load(std::sync::atomic::Ordering::Relaxed));
         input.ok_or_else(|| {
             AgentError::Conflict(if rec.status.is_terminal() {
                 format!(
@@ -651,6 +792,30 @@ impl Agent {
                 )
             })
         })
+    }
+
+    /// Sends a signal to the main workload (its process group).
+    pub async fn signal(&self, id_or_name: &str, signal: i32) -> Result<(), AgentError> {
+        if !(1..=64).contains(&signal) {
+            return Err(AgentError::InvalidArgument(format!(
+                "signal {signal} is out of range: give 1..=64"
+            )));
+        }
+        let e = self.entry(id_or_name)?;
+        let input = lock(&e.main_input).clone();
+        let rec = e.snapshot();
+        match input {
+            Some(i) if rec.status == SandboxStatus::Running => {
+                i.signal(signal).await.map_err(|err| AgentError::VmFailed {
+                    id: rec.id.clone(),
+                    message: format!("cannot deliver signal {signal}: {err}"),
+                })
+            }
+            _ => Err(AgentError::Conflict(format!(
+                "sandbox '{}' is {:?}, not running; nothing to signal",
+                rec.id, rec.status
+            ))),
+        }
     }
 
     /// Stops a running sandbox: SIGTERM, then power off after `grace`.
@@ -684,7 +849,19 @@ impl Agent {
             }
             self.stop(&rec.id, Duration::ZERO).await?;
         }
-        let _ = hearth_vmm::destroy(&e.dir.join("vm"));
+        // Never forget a VM that still runs: kill it, or refuse to remove.
+        let vm_dir = e.dir.join("vm");
+        if hearth_vmm::is_alive(&vm_dir) {
+            hearth_vmm::kill_recorded(&vm_dir, Duration::from_secs(10)).map_err(|err| {
+                AgentError::Conflict(format!(
+                    "sandbox '{}': its VM is still running and could not be stopped ({err}); retry `hearth rm -f {}`",
+                    rec.id, rec.id
+                ))
+            })?;
+        }
+        if let Err(err) = hearth_vmm::destroy(&vm_dir) {
+            tracing::warn!(sandbox = %rec.id, "cleaning up the VM dir: {err}");
+        }
         std::fs::remove_dir_all(&e.dir)
             .or_else(|err| {
                 if err.kind() == std::io::ErrorKind::NotFound {
@@ -807,7 +984,7 @@ impl Agent {
     }
 }
 
-fn to_api_image(r: ImageRecord) -> Image {
+pub(crate) fn to_api_image(r: ImageRecord) -> Image {
     Image {
         name: r.name,
         digest: r.digest,
@@ -882,7 +1059,7 @@ async fn exit_or<F, T, E>(
     vm_exit: &mut std::pin::Pin<&mut F>,
     otherwise: String,
     vm: &dyn Vm,
-) -> (SandboxStatus, Option<ExitInfo>, Option<String>)
+) -> Outcome
 where
     F: std::future::Future<Output = Result<T, E>>,
     T: std::fmt::Debug,
@@ -906,11 +1083,18 @@ fn describe_exit<E: std::fmt::Display, T: std::fmt::Debug>(x: Result<T, E>) -> S
     }
 }
 
-/// The last lines of the guest console, to explain a crash.
+/// The last lines of the guest console, to explain a crash (reads only the
+/// file's tail: the console is guest-controlled and may be huge).
 fn console_tail(path: &Path) -> String {
-    let Ok(data) = std::fs::read(path) else {
+    use std::io::{Read, Seek, SeekFrom};
+    const MAX: u64 = 8 * 1024;
+    let Ok(mut f) = std::fs::File::open(path) else {
         return String::new();
     };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(MAX)));
+    let mut data = Vec::new();
+    let _ = f.take(MAX).read_to_end(&mut data);
     let text = String::from_utf8_lossy(&data);
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     if lines.is_empty() {

@@ -21,7 +21,8 @@ pub const DEFAULT_CPUS: u32 = 1;
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateSandbox {
-    /// Image reference (name[:tag] or sha256:digest) of an imported image.
+    /// Image reference (name[:tag] or sha256:digest) of an imported or pulled image
+    /// (`hearth run` pulls a REGISTRY/… reference first when it is missing).
     pub image: String,
     /// Replaces the image's Cmd; the image's Entrypoint, if any, is kept in front.
     #[serde(default)]
@@ -143,6 +144,92 @@ pub struct ImportImage {
     pub path: String,
 }
 
+/// `POST /v1/images/pull`: pull an image from a registry (answered with an NDJSON stream of [`PullEvent`]s).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PullImage {
+    /// `REGISTRY/REPOSITORY[:TAG]` or `REGISTRY/REPOSITORY@sha256:…`
+    /// (no registry means docker.io).
+    pub reference: String,
+}
+
+/// Content type of the `POST /v1/images/pull` response: one JSON [`PullEvent`] per line.
+pub const NDJSON: &str = "application/x-ndjson";
+
+/// One line of the `POST /v1/images/pull` stream. The last line is `done` or `error`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum PullEvent {
+    /// The manifest is resolved: image digest, layer count, compressed bytes.
+    Resolved {
+        digest: String,
+        layers: usize,
+        bytes: u64,
+    },
+    /// `done` of `size` bytes of layer `layer` (1-based, of `layers`) have arrived.
+    Fetching {
+        layer: usize,
+        layers: usize,
+        digest: String,
+        done: u64,
+        size: u64,
+    },
+    /// A layer is in the blob cache; `cached` when it already was (nothing fetched).
+    Fetched {
+        layer: usize,
+        layers: usize,
+        digest: String,
+        size: u64,
+        cached: bool,
+    },
+    /// A layer was unpacked; `bytes` uncompressed.
+    Unpacked {
+        layer: usize,
+        layers: usize,
+        bytes: u64,
+    },
+    /// The root filesystem (ext4) is being built.
+    BuildingFs,
+    /// The image's root filesystem was already built and is reused.
+    Reused,
+    /// The image is ready.
+    Done { image: Image },
+    /// The pull failed.
+    Error { error: ApiError },
+}
+
+/// `POST /v1/registries/login`: store credentials for a registry on the daemon's host.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryLogin {
+    /// `HOST[:PORT]`, e.g. `registry.example:5000` or `docker.io`.
+    pub registry: String,
+    pub username: String,
+    pub password: String,
+}
+
+/// `POST /v1/images/prune`: what was deleted.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct PruneReport {
+    /// Root filesystems no image name used.
+    pub rootfs_removed: u64,
+    /// Cached registry blobs no image used.
+    pub blobs_removed: u64,
+    pub bytes_freed: u64,
+}
+
+/// True when `reference` names its registry explicitly (`HOST.DOMAIN/…`,
+/// `HOST:PORT/…`, `localhost/…`). Clients pull such references implicitly when
+/// they are not in the store; short names (`busybox`) are never pulled implicitly.
+pub fn names_registry(reference: &str) -> bool {
+    match reference.split_once('/') {
+        Some((host, rest)) => {
+            !rest.is_empty() && (host.contains('.') || host.contains(':') || host == "localhost")
+        }
+        None => false,
+    }
+}
+
 /// The parts of an image's config that shape how its workload runs.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 pub struct ImageConfig {
@@ -190,6 +277,8 @@ pub struct Info {
 pub enum ErrorCode {
     /// The request body or parameters are malformed.
     BadRequest,
+    /// The request carries no valid API token.
+    Unauthorized,
     /// A field has a value outside what is allowed.
     InvalidArgument,
     /// The sandbox, exec session or image does not exist.
@@ -215,6 +304,7 @@ impl ErrorCode {
     pub fn http_status(self) -> u16 {
         match self {
             ErrorCode::BadRequest | ErrorCode::InvalidArgument | ErrorCode::NoCommand => 400,
+            ErrorCode::Unauthorized => 401,
             ErrorCode::NotFound | ErrorCode::ImageNotFound => 404,
             ErrorCode::Conflict | ErrorCode::Unschedulable => 409,
             ErrorCode::Unavailable => 503,
@@ -238,5 +328,21 @@ impl ApiError {
             code,
             message: message.into(),
         }
+    }
+}
+
+#[cfg(test)]
+mod registry_reference_tests {
+    use super::names_registry;
+
+    #[test]
+    fn only_references_with_a_registry_host_are_pulled_implicitly() {
+        assert!(names_registry("127.0.0.1:5000/x:tag"));
+        assert!(names_registry("localhost/team/app"));
+        assert!(names_registry("docker.io/library/alpine:3.20"));
+        assert!(names_registry("reg.example/app@sha256:00"));
+        assert!(!names_registry("busybox"));
+        assert!(!names_registry("team/app:1"));
+        assert!(!names_registry("sha256:abcd"));
     }
 }

@@ -34,10 +34,21 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(base: &str) -> Client {
+    /// A client for the API at `base`, sending `token` as a bearer token.
+    pub fn new(base: &str, token: Option<String>) -> Client {
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(v) =
+            token.and_then(|t| reqwest::header::HeaderValue::from_str(&format!("Bearer {t}")).ok())
+        {
+            headers.insert(reqwest::header::AUTHORIZATION, v);
+        }
+        let http = reqwest::Client::builder()
+            .default_headers(headers)
+            .build()
+            .unwrap_or_default();
         Client {
             base: base.trim_end_matches('/').to_string(),
-            http: reqwest::Client::new(),
+            http,
         }
     }
 
@@ -89,6 +100,35 @@ impl Client {
             .map_err(|e| self.unreachable(e))?;
         let resp = Self::check(resp, path).await?;
         resp.json().await.map_err(|e| self.unreachable(e))
+    }
+
+    /// POST without a body, expecting no content back.
+    pub async fn post_empty(&self, path: &str) -> Result<(), CliError> {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        Self::check(resp, path).await?;
+        Ok(())
+    }
+
+    /// POSTs JSON to a route that answers with no body (204).
+    pub async fn post_json_no_content<B: Serialize>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<(), CliError> {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        Self::check(resp, path).await?;
+        Ok(())
     }
 
     pub async fn delete(&self, path: &str) -> Result<(), CliError> {

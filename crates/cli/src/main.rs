@@ -7,6 +7,7 @@
 
 mod client;
 mod cluster;
+mod pull;
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
@@ -31,6 +32,17 @@ struct Cli {
         default_value = "http://127.0.0.1:7070"
     )]
     api: String,
+    /// API token (default: read from --token-file).
+    #[arg(long, global = true, env = "HEARTH_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// File holding the API token (hearthd writes DATA_DIR/api-token).
+    #[arg(
+        long,
+        global = true,
+        env = "HEARTH_TOKEN_FILE",
+        default_value = "/var/lib/hearth/api-token"
+    )]
+    token_file: std::path::PathBuf,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -89,6 +101,16 @@ enum Cmd {
     /// The control-plane group: status and membership.
     #[command(subcommand)]
     Cluster(cluster::ClusterCmd),
+    /// Store credentials for a registry on the daemon's host (used by later pulls).
+    Login {
+        /// HOST[:PORT] of the registry, e.g. registry.example:5000 or docker.io.
+        registry: String,
+        #[arg(short, long)]
+        username: String,
+        /// The password; without it, it is read from stdin (first line).
+        #[arg(short, long)]
+        password: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -107,6 +129,10 @@ enum ImageCmd {
     },
     /// Remove an image.
     Rm { reference: String },
+    /// Pull an image from a registry (REGISTRY/REPOSITORY[:TAG] or ...@sha256:DIGEST).
+    Pull { reference: String },
+    /// Delete root filesystems and cached registry blobs that no image uses.
+    Prune,
 }
 
 #[derive(clap::Args)]
@@ -195,7 +221,12 @@ fn want_stdin(flag: bool) -> bool {
 }
 
 async fn run(cli: Cli) -> Result<u8> {
-    let c = Client::new(&cli.api);
+    let token = cli.token.clone().or_else(|| {
+        std::fs::read_to_string(&cli.token_file)
+            .ok()
+            .map(|t| t.trim().to_string())
+    });
+    let c = Client::new(&cli.api, token);
     match cli.cmd {
         Cmd::Node(n) => cluster::node(&c, n).await,
         Cmd::Cluster(n) => cluster::cluster(&c, n).await,
@@ -330,6 +361,48 @@ async fn run(cli: Cli) -> Result<u8> {
             }
             Ok(0)
         }
+        Cmd::Image(ImageCmd::Pull { reference }) => {
+            let img = pull::pull(&c, &reference).await?;
+            println!("{} {}", img.name, img.digest);
+            Ok(0)
+        }
+        Cmd::Image(ImageCmd::Prune) => {
+            let r: hearth_api::PruneReport = c
+                .post_json("/v1/images/prune", &serde_json::json!({}))
+                .await?;
+            println!(
+                "removed {} root filesystems and {} cached blobs ({:.1} MB)",
+                r.rootfs_removed,
+                r.blobs_removed,
+                r.bytes_freed as f64 / 1e6
+            );
+            Ok(0)
+        }
+        Cmd::Login {
+            registry,
+            username,
+            password,
+        } => {
+            let password = match password {
+                Some(p) => p,
+                None => {
+                    let mut line = String::new();
+                    std::io::stdin().read_line(&mut line)?;
+                    line.trim_end_matches(['\n', '\r']).to_string()
+                }
+            };
+            c.post_json_no_content(
+                "/v1/registries/login",
+                &hearth_api::RegistryLogin {
+                    registry: registry.clone(),
+                    username,
+                    password,
+                },
+            )
+            .await?;
+            println!("login stored for {registry}");
+            Ok(0)
+        }
         Cmd::Image(ImageCmd::Rm { reference }) => {
             c.delete(&format!("/v1/images/{}", enc(&reference))).await?;
             println!("{reference}");
@@ -372,7 +445,21 @@ async fn cmd_run(c: &Client, a: RunArgs) -> Result<u8> {
         name: a.name,
         stdin: stdin || (a.detach && a.interactive),
     };
-    let sb: Sandbox = c.post_json("/v1/sandboxes", &req).await?;
+    let sb: Sandbox = match c.post_json("/v1/sandboxes", &req).await {
+        // Like docker: a registry reference that is not here yet is pulled, then run.
+        Err(CliError::Api(e))
+            if e.code == hearth_api::ErrorCode::ImageNotFound
+                && hearth_api::names_registry(&req.image) =>
+        {
+            let img = pull::pull(c, &req.image).await?;
+            let req = CreateSandbox {
+                image: img.name,
+                ..req
+            };
+            c.post_json("/v1/sandboxes", &req).await?
+        }
+        other => other?,
+    };
     if a.detach {
         println!("{}", sb.id);
         return Ok(0);
@@ -386,6 +473,7 @@ async fn cmd_run(c: &Client, a: RunArgs) -> Result<u8> {
             }
         });
     }
+    forward_signals(c.clone(), sb.id.clone());
     let resp = c
         .get_stream(&format!("/v1/sandboxes/{}/output?follow=true", sb.id))
         .await?;
@@ -431,6 +519,31 @@ async fn cmd_exec(c: &Client, a: ExecArgs) -> Result<u8> {
     }
     let (code, _) = print_stream(resp, false).await?;
     Ok(code)
+}
+
+/// Forwards SIGINT, SIGTERM and SIGHUP received by the CLI to the workload, so
+/// Ctrl-C reaches it as it would a local process; its exit status still comes
+/// back through the output stream.
+fn forward_signals(c: Client, id: String) {
+    use tokio::signal::unix::{signal, SignalKind};
+    for (kind, num) in [
+        (SignalKind::interrupt(), libc::SIGINT),
+        (SignalKind::terminate(), libc::SIGTERM),
+        (SignalKind::hangup(), libc::SIGHUP),
+    ] {
+        let Ok(mut sig) = signal(kind) else {
+            continue;
+        };
+        let (c, id) = (c.clone(), id.clone());
+        tokio::spawn(async move {
+            while sig.recv().await.is_some() {
+                let url = format!("/v1/sandboxes/{id}/kill?signal={num}");
+                if let Err(e) = c.post_empty(&url).await {
+                    eprintln!("hearth: forwarding signal {num} to sandbox {id}: {e}");
+                }
+            }
+        });
+    }
 }
 
 /// Writes a record stream to stdout/stderr. Returns the exit code it ended

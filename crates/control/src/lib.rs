@@ -6,6 +6,7 @@
 
 pub mod cluster;
 mod openapi;
+mod pull;
 
 use std::time::Duration;
 
@@ -77,11 +78,14 @@ impl<T: serde::Serialize> IntoResponse for Json<T> {
 
 type ApiResult<T> = Result<T, HttpError>;
 
-/// The API router.
-pub fn router(agent: Agent) -> Router {
-    Router::new()
+/// The API router. Every route but `/openapi.json` and `/metrics` requires
+/// `Authorization: Bearer TOKEN`.
+pub fn router(agent: Agent, token: ApiToken) -> Router {
+    let open = Router::new()
         .route("/openapi.json", get(openapi::serve))
         .route("/metrics", get(metrics))
+        .with_state(agent.clone());
+    Router::new()
         .route("/v1/info", get(info))
         .route("/v1/sandboxes", get(list_sandboxes).post(create_sandbox))
         .route(
@@ -89,6 +93,7 @@ pub fn router(agent: Agent) -> Router {
             get(get_sandbox).delete(delete_sandbox),
         )
         .route("/v1/sandboxes/{id}/stop", post(stop_sandbox))
+        .route("/v1/sandboxes/{id}/kill", post(kill_sandbox))
         .route("/v1/sandboxes/{id}/wait", post(wait_sandbox))
         .route("/v1/sandboxes/{id}/output", get(output))
         .route("/v1/sandboxes/{id}/stdin", post(main_stdin))
@@ -96,14 +101,70 @@ pub fn router(agent: Agent) -> Router {
         .route("/v1/sandboxes/{id}/execs/{exec_id}/stdin", post(exec_stdin))
         .route("/v1/images", get(list_images))
         .route("/v1/images/import", post(import_image))
+        .route("/v1/images/pull", post(pull::pull_image))
+        .route("/v1/images/prune", post(pull::prune_images))
+        .route("/v1/registries/login", post(pull::registry_login))
         .route(
             "/v1/images/{reference}",
             axum::routing::delete(delete_image),
         )
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(token, require_token))
+        .with_state(agent)
+        .merge(open)
         .layer(axum::middleware::from_fn(json_errors))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_JSON_BODY))
-        .with_state(agent)
+}
+
+/// The API's bearer token.
+#[derive(Clone)]
+pub struct ApiToken(std::sync::Arc<String>);
+
+impl ApiToken {
+    /// Wraps a token; it must be at least 16 characters.
+    pub fn new(token: String) -> Result<ApiToken, String> {
+        if token.len() < 16 {
+            return Err("the API token must be at least 16 characters".into());
+        }
+        Ok(ApiToken(std::sync::Arc::new(token)))
+    }
+
+    /// The token itself, for a client that must present it (a control-plane
+    /// member calling an agent, an agent registering).
+    pub fn secret(&self) -> &str {
+        &self.0
+    }
+
+    /// Compares in constant time (the length is not secret).
+    fn matches(&self, presented: &[u8]) -> bool {
+        let want = self.0.as_bytes();
+        want.len() == presented.len()
+            && want
+                .iter()
+                .zip(presented)
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    }
+}
+
+async fn require_token(
+    State(token): State<ApiToken>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let ok = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        .is_some_and(|t| token.matches(t));
+    if !ok {
+        return HttpError(ApiError::new(
+            ErrorCode::Unauthorized,
+            "missing or wrong API token: send `Authorization: Bearer TOKEN`; hearthd keeps it in DATA_DIR/api-token (the CLI reads it from there, or from HEARTH_TOKEN)",
+        ))
+        .into_response();
+    }
+    next.run(req).await
 }
 
 async fn not_found(uri: axum::http::Uri) -> HttpError {
@@ -179,6 +240,22 @@ async fn stop_sandbox(
 ) -> ApiResult<Json<hearth_api::Sandbox>> {
     let grace = Duration::from_secs(p.timeout.unwrap_or(10).min(3600));
     Ok(Json(agent.stop(&id, grace).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KillParams {
+    /// Signal number (default 9).
+    signal: Option<i32>,
+}
+
+async fn kill_sandbox(
+    State(agent): State<Agent>,
+    Path(id): Path<String>,
+    Query(p): Query<KillParams>,
+) -> ApiResult<StatusCode> {
+    agent.signal(&id, p.signal.unwrap_or(libc::SIGKILL)).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn wait_sandbox(

@@ -15,6 +15,10 @@ use utoipa::OpenApi;
         hearth_api::ImportImage,
         hearth_api::Image,
         hearth_api::ImageConfig,
+        hearth_api::PullImage,
+        hearth_api::PullEvent,
+        hearth_api::RegistryLogin,
+        hearth_api::PruneReport,
         hearth_api::Info,
         hearth_api::ApiError,
         hearth_api::ErrorCode,
@@ -41,6 +45,7 @@ pub fn document() -> serde_json::Value {
             "delete": {"parameters": id, "summary": "Remove (force=true kills a running one)", "responses": {"204": {"description": "removed"}, "404": err, "409": err}}
         },
         "/v1/sandboxes/{id}/stop": {"post": {"parameters": id, "summary": "SIGTERM, then power off after `timeout` seconds", "responses": {"200": json("Sandbox"), "404": err}}},
+        "/v1/sandboxes/{id}/kill": {"post": {"parameters": id, "summary": "Send `signal` (default 9) to the main workload's process group", "responses": {"204": {"description": "delivered"}, "400": err, "409": err}}},
         "/v1/sandboxes/{id}/wait": {"post": {"parameters": id, "summary": "Wait until the sandbox ends", "responses": {"200": json("Sandbox"), "404": err}}},
         "/v1/sandboxes/{id}/output": {"get": {"parameters": id, "summary": "Main workload output (follow=true streams until the end)", "responses": {"200": stream, "404": err}}},
         "/v1/sandboxes/{id}/stdin": {"post": {"parameters": id, "summary": "Stream the request body into the workload's stdin", "responses": {"204": {"description": "stdin closed"}, "409": err}}},
@@ -48,7 +53,10 @@ pub fn document() -> serde_json::Value {
         "/v1/sandboxes/{id}/execs/{exec_id}/stdin": {"post": {"summary": "Stream into an exec session's stdin", "responses": {"204": {"description": "stdin closed"}, "404": err}}},
         "/v1/images": {"get": {"summary": "List images", "responses": {"200": {"content": {"application/json": {"schema": {"type": "array", "items": {"$ref": "#/components/schemas/Image"}}}}}}}},
         "/v1/images/import": {"post": {"summary": "Import an image from a path on the daemon's host", "requestBody": json("ImportImage"), "responses": {"201": json("Image"), "400": err, "404": err}}},
-        "/v1/images/{reference}": {"delete": {"summary": "Remove an image", "responses": {"204": {"description": "removed"}, "404": err}}}
+        "/v1/images/{reference}": {"delete": {"summary": "Remove an image", "responses": {"204": {"description": "removed"}, "404": err}}},
+        "/v1/images/pull": {"post": {"summary": "Pull an image from a registry (linux/amd64). The response streams one JSON PullEvent per line (application/x-ndjson): progress, then `done` with the Image or `error` with an ApiError. Concurrent pulls of one reference share the work.", "requestBody": json("PullImage"), "responses": {"200": {"content": {hearth_api::NDJSON: {"schema": {"$ref": "#/components/schemas/PullEvent"}}}}, "400": err}}},
+        "/v1/images/prune": {"post": {"summary": "Delete root filesystems and cached registry blobs that no image uses", "responses": {"200": json("PruneReport")}}},
+        "/v1/registries/login": {"post": {"summary": "Store credentials for a registry on the daemon's host (0600 file in the data dir); used by later pulls", "requestBody": json("RegistryLogin"), "responses": {"204": {"description": "stored"}, "400": err}}}
     });
     doc
 }

@@ -56,9 +56,33 @@ struct DevArgs {
     /// Accelerator: auto (probe KVM, fall back to TCG), kvm or tcg.
     #[arg(long, env = "HEARTH_ACCEL", default_value = "auto")]
     accel: AccelChoice,
+    /// Seconds a running guest may take to answer a ping before it is
+    /// reported hung and stopped (0 disables the watchdog).
+    #[arg(long, env = "HEARTH_GUEST_WATCHDOG_SECS", default_value_t = 30)]
+    guest_watchdog_secs: u64,
+    /// Largest output log kept per sandbox, in MiB; later output is discarded.
+    #[arg(long, env = "HEARTH_MAX_LOG_MIB", default_value_t = 256)]
+    max_log_mib: u64,
     /// This node's name.
     #[arg(long, env = "HEARTH_NODE", default_value = "local")]
     node: String,
+    /// A registry (HOST[:PORT]) to pull from over plain HTTP (repeatable). Loopback
+    /// registries always are; every other one must speak HTTPS unless listed here.
+    #[arg(
+        long = "insecure-registry",
+        env = "HEARTH_INSECURE_REGISTRIES",
+        value_delimiter = ','
+    )]
+    insecure_registries: Vec<String>,
+    /// Seconds to wait for a registry's answer (or the next bytes of a blob) before failing.
+    #[arg(long, env = "HEARTH_REGISTRY_TIMEOUT", default_value_t = 30)]
+    registry_timeout: u64,
+    /// Largest uncompressed layer an image may have, in bytes.
+    #[arg(long, env = "HEARTH_MAX_LAYER_BYTES")]
+    max_layer_bytes: Option<u64>,
+    /// Most tar entries an image may have across its layers.
+    #[arg(long, env = "HEARTH_MAX_IMAGE_ENTRIES")]
+    max_image_entries: Option<u64>,
 }
 
 fn cache_dir() -> PathBuf {
@@ -97,8 +121,23 @@ async fn dev(a: DevArgs) -> Result<()> {
         qemu_img: a.qemu_img,
         accel: a.accel,
         node: a.node,
+        image_limits: {
+            let mut l = hearth_image::Limits::default();
+            if let Some(b) = a.max_layer_bytes {
+                l.max_layer_bytes = b;
+            }
+            if let Some(n) = a.max_image_entries {
+                l.max_entries = n;
+            }
+            l
+        },
+        insecure_registries: a.insecure_registries,
+        registry_timeout: std::time::Duration::from_secs(a.registry_timeout.max(1)),
+        guest_watchdog: std::time::Duration::from_secs(a.guest_watchdog_secs),
+        max_log_bytes: a.max_log_mib.saturating_mul(1024 * 1024),
     };
-    let agent = Agent::start(cfg).await.context("starting the node agent")?;
+    // why: bind first, so a second daemon on the same port fails before it
+    // touches the data dir.
     let listener = tokio::net::TcpListener::bind(a.listen)
         .await
         .with_context(|| {
@@ -107,11 +146,13 @@ async fn dev(a: DevArgs) -> Result<()> {
                 a.listen
             )
         })?;
+    let agent = Agent::start(cfg).await.context("starting the node agent")?;
     let local = listener.local_addr()?;
-    let cp = roles::embedded_control_plane(&a.data_dir, local).await?;
-    roles::spawn_link(agent.clone(), roles::dev_link(&agent, local));
-    let app =
-        hearth_control::router(agent.clone()).merge(hearth_control::cluster::cluster_routes(cp));
+    let token = load_or_create_token(&a.data_dir)?;
+    let cp = roles::embedded_control_plane(&a.data_dir, local, &token).await?;
+    roles::spawn_link(agent.clone(), roles::dev_link(&agent, local, &token));
+    let app = hearth_control::router(agent.clone(), token.clone())
+        .merge(hearth_control::cluster::cluster_routes(cp, token));
     let info = agent.info();
     tracing::info!(
         "hearthd dev: API on http://{} (data {}, backend {}, accel {})",
@@ -123,18 +164,56 @@ async fn dev(a: DevArgs) -> Result<()> {
     axum_serve(listener, app).await
 }
 
-pub(crate) async fn axum_serve(listener: tokio::net::TcpListener, app: axum::Router) -> Result<()> {
-    let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("install SIGTERM handler");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {},
-            _ = term.recv() => {},
+/// The API token: `HEARTH_TOKEN`, else DATA/api-token, created (0600) on first start.
+pub(crate) fn load_or_create_token(data_dir: &std::path::Path) -> Result<hearth_control::ApiToken> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Ok(t) = std::env::var("HEARTH_TOKEN") {
+        return hearth_control::ApiToken::new(t).map_err(anyhow::Error::msg);
+    }
+    let path = data_dir.join("api-token");
+    match std::fs::read_to_string(&path) {
+        Ok(t) => {
+            return hearth_control::ApiToken::new(t.trim().to_string())
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
         }
-        tracing::info!("shutting down");
-    };
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-        .context("serving the API")
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+    let mut raw = [0u8; 24];
+    getrandom::fill(&mut raw)
+        .map_err(|e| anyhow::anyhow!("no randomness for the API token: {e}"))?;
+    let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    let tmp = data_dir.join("api-token.tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(token.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("creating {}", path.display()))?;
+    tracing::info!("created the API token in {}", path.display());
+    hearth_control::ApiToken::new(token).map_err(anyhow::Error::msg)
+}
+
+/// Serves until SIGINT/SIGTERM, then exits promptly: streaming clients are cut
+/// off, and VMs keep running in their own sessions (the next start of hearthd
+/// finds them).
+pub(crate) async fn axum_serve(listener: tokio::net::TcpListener, app: axum::Router) -> Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        r = axum::serve(listener, app) => r.context("serving the API"),
+        _ = tokio::signal::ctrl_c() => {
+            tracing::info!("SIGINT: shutting down");
+            Ok(())
+        }
+        _ = term.recv() => {
+            tracing::info!("SIGTERM: shutting down");
+            Ok(())
+        }
+    }
 }

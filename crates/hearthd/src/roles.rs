@@ -9,10 +9,11 @@ use anyhow::{bail, Context, Result};
 use hearth_agent::control_link::{self, LinkConfig};
 use hearth_agent::{Agent, AgentConfig};
 use hearth_control::cluster::{ControlConfig, ControlPlane};
+use hearth_control::ApiToken;
 use hearth_store::{Store, StoreConfig};
 use hearth_vmm::AccelChoice;
 
-use crate::{axum_serve, cache_dir};
+use crate::{axum_serve, cache_dir, load_or_create_token};
 
 #[derive(clap::Args)]
 pub struct ControlArgs {
@@ -129,8 +130,13 @@ pub async fn control(a: ControlArgs) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding the control API to {listen}"))?;
+    std::fs::create_dir_all(&a.data_dir)
+        .with_context(|| format!("creating {}", a.data_dir.display()))?;
+    // why: every member and agent of a cluster shares one token (HEARTH_TOKEN).
+    let token = load_or_create_token(&a.data_dir)?;
     let mut cfg = StoreConfig::new(a.id, a.data_dir.clone(), peers);
     cfg.snapshot_every = a.snapshot_every;
+    cfg.token = Some(token.secret().to_string());
     let store = Store::open(cfg)
         .await
         .with_context(|| format!("starting control-plane member {}", a.id))?;
@@ -140,6 +146,7 @@ pub async fn control(a: ControlArgs) -> Result<()> {
             node_timeout: Duration::from_millis(a.node_timeout_ms),
             ..Default::default()
         },
+        &token,
     );
     cp.spawn_background();
     tracing::info!(
@@ -148,7 +155,7 @@ pub async fn control(a: ControlArgs) -> Result<()> {
         listener.local_addr()?,
         a.data_dir.display()
     );
-    axum_serve(listener, hearth_control::cluster::router(cp)).await
+    axum_serve(listener, hearth_control::cluster::router(cp, token)).await
 }
 
 pub async fn agent(a: AgentArgs) -> Result<()> {
@@ -164,8 +171,14 @@ pub async fn agent(a: AgentArgs) -> Result<()> {
         qemu_img: a.qemu_img,
         accel: a.accel,
         node: a.node.clone(),
+        image_limits: hearth_image::Limits::default(),
+        insecure_registries: Vec::new(),
+        registry_timeout: Duration::from_secs(30),
+        guest_watchdog: Duration::from_secs(30),
+        max_log_bytes: 256 * 1024 * 1024,
     };
     let agent = Agent::start(cfg).await.context("starting the node agent")?;
+    let token = load_or_create_token(&a.data_dir)?;
     let listener = tokio::net::TcpListener::bind(a.listen)
         .await
         .with_context(|| format!("binding the node API to {}", a.listen))?;
@@ -179,9 +192,10 @@ pub async fn agent(a: AgentArgs) -> Result<()> {
         memory_mib: a.memory_mib,
         disk_mib: a.disk_mib,
         heartbeat: Duration::from_millis(a.heartbeat_ms),
+        token: Some(token.secret().to_string()),
     };
     tracing::info!("hearthd agent: node {} API on http://{local}", a.node);
-    let serve = axum_serve(listener, hearth_control::router(agent.clone()));
+    let serve = axum_serve(listener, hearth_control::router(agent.clone(), token));
     tokio::select! {
         r = serve => r,
         r = control_link::run(agent, link) => {
@@ -192,18 +206,23 @@ pub async fn agent(a: AgentArgs) -> Result<()> {
 }
 
 /// The one-member control plane of `hearthd dev`, under `DATA/control`.
-pub async fn embedded_control_plane(data_dir: &Path, local: SocketAddr) -> Result<ControlPlane> {
-    let cfg = StoreConfig::new(1, data_dir.join("control"), [(1, local.to_string())].into());
+pub async fn embedded_control_plane(
+    data_dir: &Path,
+    local: SocketAddr,
+    token: &ApiToken,
+) -> Result<ControlPlane> {
+    let mut cfg = StoreConfig::new(1, data_dir.join("control"), [(1, local.to_string())].into());
+    cfg.token = Some(token.secret().to_string());
     let store = Store::open(cfg)
         .await
         .context("starting the embedded control plane")?;
-    let cp = ControlPlane::new(store, ControlConfig::default());
+    let cp = ControlPlane::new(store, ControlConfig::default(), token);
     cp.spawn_background();
     Ok(cp)
 }
 
 /// The dev agent registers with its own process's control plane.
-pub fn dev_link(agent: &Agent, local: SocketAddr) -> LinkConfig {
+pub fn dev_link(agent: &Agent, local: SocketAddr, token: &ApiToken) -> LinkConfig {
     LinkConfig {
         controls: vec![local.to_string()],
         node: agent.info().node,
@@ -213,6 +232,7 @@ pub fn dev_link(agent: &Agent, local: SocketAddr) -> LinkConfig {
         memory_mib: None,
         disk_mib: None,
         heartbeat: Duration::from_secs(1),
+        token: Some(token.secret().to_string()),
     }
 }
 

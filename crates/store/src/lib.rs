@@ -85,6 +85,8 @@ pub struct StoreConfig {
     pub snapshot_every: u64,
     pub heartbeat_ms: u64,
     pub election_timeout_ms: (u64, u64),
+    /// Bearer token presented to peers (the cluster's API token), if any.
+    pub token: Option<String>,
 }
 
 impl StoreConfig {
@@ -96,6 +98,7 @@ impl StoreConfig {
             snapshot_every: 1000,
             heartbeat_ms: 100,
             election_timeout_ms: (400, 800),
+            token: None,
         }
     }
 }
@@ -203,7 +206,16 @@ impl Store {
         }
         .validate()
         .map_err(|e| StoreError::Raft(e.to_string()))?;
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(v) = cfg
+            .token
+            .as_ref()
+            .and_then(|t| reqwest::header::HeaderValue::from_str(&format!("Bearer {t}")).ok())
+        {
+            headers.insert(reqwest::header::AUTHORIZATION, v);
+        }
         let http = reqwest::Client::builder()
+            .default_headers(headers)
             .pool_idle_timeout(Duration::from_secs(30))
             .build()
             .map_err(|e| StoreError::Raft(e.to_string()))?;

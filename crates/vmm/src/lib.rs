@@ -29,7 +29,7 @@ pub use error::VmmError;
 pub use probe::{choose_accel, probe_accel, AccelReport, PROBE_TIMEOUT};
 pub use process::VmExit;
 pub use qemu::{QemuVm, QemuVmm};
-pub use record::{destroy, is_alive, VmRecord};
+pub use record::{destroy, is_alive, kill_recorded, VmRecord};
 
 /// A VMM backend.
 #[async_trait::async_trait]
@@ -83,11 +83,18 @@ pub trait Vm: Send + Sync {
 
 /// The last `max_bytes` of a log file, lossily decoded; empty if unreadable.
 pub fn log_tail(path: &Path, max_bytes: usize) -> String {
-    let Ok(bytes) = std::fs::read(path) else {
+    use std::io::{Read, Seek, SeekFrom};
+    // why: logs may be guest-controlled and huge; read only the tail.
+    let Ok(mut f) = std::fs::File::open(path) else {
         return String::new();
     };
-    let start = bytes.len().saturating_sub(max_bytes);
-    String::from_utf8_lossy(&bytes[start..])
-        .trim_end()
-        .to_string()
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    if f.seek(SeekFrom::Start(len.saturating_sub(max_bytes as u64)))
+        .is_err()
+    {
+        return String::new();
+    }
+    let mut bytes = Vec::new();
+    let _ = f.take(max_bytes as u64).read_to_end(&mut bytes);
+    String::from_utf8_lossy(&bytes).trim_end().to_string()
 }

@@ -115,6 +115,40 @@ pub(crate) fn check_alive(dir: &Path, rec: &VmRecord) -> Result<(), VmmError> {
     })
 }
 
+/// SIGKILLs the VMM recorded in DIR/vm.json if it still runs (pid and start
+/// time must match, so a recycled pid is never hit) and waits up to `timeout`
+/// for it to be gone. Used when a VM cannot be adopted (e.g. its control socket
+/// is broken). Returns whether a process was killed.
+pub fn kill_recorded(dir: &Path, timeout: std::time::Duration) -> Result<bool, VmmError> {
+    let rec = match VmRecord::load(dir) {
+        Ok(r) => r,
+        Err(_) if !VmRecord::path(dir).exists() => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    if rec.liveness() != Liveness::Alive {
+        return Ok(false);
+    }
+    let handle = crate::process::ProcessHandle::open(rec.pid, rec.pid_start_time).map_err(|e| {
+        VmmError::VmGone {
+            dir: dir.to_path_buf(),
+            pid: rec.pid,
+            reason: e.to_string(),
+        }
+    })?;
+    let _ = handle.signal(libc::SIGKILL);
+    let deadline = std::time::Instant::now() + timeout;
+    while rec.liveness() == Liveness::Alive {
+        if std::time::Instant::now() >= deadline {
+            return Err(VmmError::StillRunning {
+                id: rec.id.clone(),
+                pid: rec.pid,
+            });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    Ok(true)
+}
+
 /// Removes a dead VM's sockets, overlay, logs and record, then its directory.
 ///
 /// Refuses while the process lives. Files the VMM did not create are left, and

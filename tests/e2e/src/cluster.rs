@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 
 use crate::bin_dir;
 
+/// The cluster's API token: every member and agent of a test cluster shares it.
+pub const TOKEN: &str = "hearth-e2e-cluster-token-0123456789";
+
 /// Picks a free loopback port.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -45,6 +48,7 @@ impl Proc {
         let child = cmd
             .args(&self.args)
             .env("RUST_LOG", "info,openraft=warn")
+            .env("HEARTH_TOKEN", TOKEN)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -134,7 +138,7 @@ pub fn http(
         .collect();
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )?;
     let mut resp = Vec::new();

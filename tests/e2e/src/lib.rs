@@ -8,6 +8,7 @@
 
 pub mod cluster;
 pub mod images;
+pub mod registry;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -47,7 +48,7 @@ pub fn repo_root() -> PathBuf {
         .expect("repo root")
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -61,6 +62,10 @@ pub struct DaemonOptions {
     pub accel: String,
     /// Import the busybox image as `busybox`.
     pub busybox: bool,
+    /// More `hearthd dev` arguments.
+    pub extra_args: Vec<String>,
+    /// Called with the data dir (not yet created) before the first start, e.g. to mount it.
+    pub before_start: Option<fn(&Path)>,
 }
 
 impl Default for DaemonOptions {
@@ -68,6 +73,8 @@ impl Default for DaemonOptions {
         DaemonOptions {
             accel: "tcg".into(),
             busybox: true,
+            extra_args: Vec::new(),
+            before_start: None,
         }
     }
 }
@@ -101,6 +108,9 @@ impl Daemon {
             data,
             opts: opts.clone(),
         };
+        if let Some(f) = opts.before_start {
+            f(&d.data_dir());
+        }
         d.spawn();
         if opts.busybox {
             let rootfs = d.data.path().join("busybox-rootfs");
@@ -139,6 +149,7 @@ impl Daemon {
             .arg(self.data.path().join("data"))
             .args(["--listen", &format!("127.0.0.1:{}", self.port)])
             .args(["--accel", &self.opts.accel])
+            .args(&self.opts.extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -183,10 +194,19 @@ impl Daemon {
         }
     }
 
+    /// The daemon's API token (created by hearthd in its data dir).
+    pub fn token(&self) -> String {
+        std::fs::read_to_string(self.data_dir().join("api-token"))
+            .map(|t| t.trim().to_string())
+            .unwrap_or_default()
+    }
+
     /// A `hearth` command pointed at this daemon.
     pub fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(bin_dir().join("hearth"));
-        c.env("HEARTH_API", &self.api).args(args);
+        c.env("HEARTH_API", &self.api)
+            .env("HEARTH_TOKEN", self.token())
+            .args(args);
         c
     }
 
@@ -217,19 +237,33 @@ impl Daemon {
         out
     }
 
-    /// A minimal HTTP/1.1 request; returns (status, body).
+    /// A minimal authenticated HTTP/1.1 request; returns (status, body).
     pub fn http(
         &self,
         method: &str,
         path: &str,
         body: Option<&str>,
     ) -> std::io::Result<(u16, String)> {
+        self.http_as(Some(&self.token()), method, path, body)
+    }
+
+    /// An HTTP/1.1 request with the given token (or none); returns (status, body).
+    pub fn http_as(
+        &self,
+        token: Option<&str>,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> std::io::Result<(u16, String)> {
+        let auth = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
         let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
         s.set_read_timeout(Some(Duration::from_secs(30)))?;
         let body = body.unwrap_or("");
         write!(
             s,
-            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
         )?;
         let mut resp = Vec::new();
@@ -281,7 +315,11 @@ impl Drop for Daemon {
             }
         }
         self.kill9();
+        let leaked = vmm_pids_under(self.data.path());
         kill_vmms_under(self.data.path());
+        if !leaked.is_empty() && !std::thread::panicking() {
+            panic!("QEMU processes outlived the removal of every sandbox: {leaked:?}");
+        }
     }
 }
 

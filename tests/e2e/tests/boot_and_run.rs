@@ -173,22 +173,37 @@ fn four_sandboxes_run_at_once() {
             "--",
             "sh",
             "-c",
-            &format!("echo sandbox {i}; sleep 3; echo bye {i}"),
+            &format!("echo sandbox {i}; sleep 10; echo bye {i}"),
         ]);
         assert!(out.status.success(), "{}", show(&out));
         ids.push(stdout(&out).trim().to_string());
     }
-    // All four are running at the same time.
-    wait_until("4 running sandboxes", Duration::from_secs(120), || {
-        ids.iter()
-            .all(|id| d.inspect(id)["status"] == "running" || d.inspect(id)["status"] == "exited")
-    });
+    // `logs -f` streams until the sandbox ends.
+    let out = d.hearth(&["logs", "-f", "par0"]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert_eq!(stdout(&out), "sandbox 0\nbye 0\n");
     for (i, id) in ids.iter().enumerate() {
         let out = d.hearth(&["wait", id]);
         assert_eq!(out.status.code(), Some(0), "{}", show(&out));
         let out = d.hearth(&["logs", &format!("par{i}")]);
         assert_eq!(stdout(&out), format!("sandbox {i}\nbye {i}\n"));
     }
+    // All four ran at the same time: each started before any finished.
+    let recs: Vec<serde_json::Value> = ids.iter().map(|id| d.inspect(id)).collect();
+    let last_start = recs
+        .iter()
+        .map(|r| r["started_ms"].as_u64().unwrap())
+        .max()
+        .unwrap();
+    let first_end = recs
+        .iter()
+        .map(|r| r["finished_ms"].as_u64().unwrap())
+        .min()
+        .unwrap();
+    assert!(
+        last_start < first_end,
+        "sandboxes did not overlap: {recs:?}"
+    );
 }
 
 #[test]
@@ -430,6 +445,7 @@ fn info_and_openapi_describe_the_node() {
     let d = Daemon::start_with(DaemonOptions {
         accel: "auto".into(),
         busybox: false,
+        ..Default::default()
     });
     let out = d.hearth(&["info", "--json"]);
     assert!(out.status.success(), "{}", show(&out));
@@ -446,7 +462,27 @@ fn info_and_openapi_describe_the_node() {
     let out = d.hearth(&["info"]);
     assert!(stdout(&out).contains("accelerator:"), "{}", show(&out));
 
-    let (status, body) = d.http("GET", "/openapi.json", None).unwrap();
+    // The API wants its token; the OpenAPI document is public.
+    for token in [None, Some("not-the-token-at-all")] {
+        let (status, body) = d.http_as(token, "GET", "/v1/sandboxes", None).unwrap();
+        assert_eq!(status, 401, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["code"], "unauthorized");
+    }
+    let out = d
+        .cmd(&["ps"])
+        .env("HEARTH_TOKEN", "wrong-token-wrong-token")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    assert!(stderr(&out).contains("API token"), "{}", show(&out));
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(d.data_dir().join("api-token"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o077, 0, "api-token is private");
+    let (status, body) = d.http_as(None, "GET", "/openapi.json", None).unwrap();
     assert_eq!(status, 200);
     let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
@@ -458,4 +494,162 @@ fn info_and_openapi_describe_the_node() {
         assert!(doc["paths"][p].is_object(), "openapi lacks {p}");
     }
     assert!(doc["components"]["schemas"]["CreateSandbox"].is_object());
+}
+
+#[test]
+fn ctrl_c_on_run_reaches_the_workload() {
+    let d = Daemon::start();
+    let child = d
+        .cmd(&[
+            "run",
+            "busybox",
+            "--",
+            "sh",
+            "-c",
+            "trap 'echo got INT; exit 42' INT; echo waiting; while true; do sleep 1; done",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("the workload to start", Duration::from_secs(120), || {
+        let out = d.hearth(&["ps", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v[0]["id"]
+            .as_str()
+            .is_some_and(|id| stdout(&d.hearth(&["logs", id])) == "waiting\n")
+    });
+    // SAFETY: kill(2) on our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(42), "{}", show(&out));
+    assert_eq!(stdout(&out), "waiting\ngot INT\n");
+}
+
+#[test]
+fn hung_guest_is_detected_and_reported() {
+    let d = Daemon::start_with(DaemonOptions {
+        extra_args: vec!["--guest-watchdog-secs".into(), "3".into()],
+        ..Default::default()
+    });
+    let out = d.hearth(&[
+        "run", "-d", "--name", "frozen", "busybox", "--", "sleep", "1000000",
+    ]);
+    assert!(out.status.success(), "{}", show(&out));
+    wait_until("sandbox running", Duration::from_secs(120), || {
+        d.inspect("frozen")["status"] == "running"
+    });
+    let pids = vmm_pids_under(&d.data_dir().join("sandboxes"));
+    assert_eq!(pids.len(), 1);
+    // Freeze the whole VM: to the host the guest is hung.
+    // SAFETY: kill(2) on the QEMU pid found above.
+    unsafe { libc::kill(pids[0], libc::SIGSTOP) };
+    wait_until("the hang to be reported", Duration::from_secs(60), || {
+        d.inspect("frozen")["status"] == "failed"
+    });
+    let s = d.inspect("frozen");
+    assert!(s["error"].as_str().unwrap_or("").contains("hung"), "{s}");
+    assert!(
+        vmm_pids_under(&d.data_dir().join("sandboxes")).is_empty(),
+        "the hung VM was killed"
+    );
+}
+
+#[test]
+fn a_second_daemon_on_the_same_data_dir_is_refused_and_harms_nothing() {
+    let d = Daemon::start();
+    let out = d.hearth(&[
+        "run", "-d", "--name", "keep", "busybox", "--", "sleep", "1000000",
+    ]);
+    assert!(out.status.success(), "{}", show(&out));
+    wait_until("sandbox running", Duration::from_secs(120), || {
+        d.inspect("keep")["status"] == "running"
+    });
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = std::process::Command::new(hearth_e2e::bin_dir().join("hearthd"))
+        .args(["dev", "--accel", "tcg", "--data-dir"])
+        .arg(d.data_dir())
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("in use by another hearthd"),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(
+        d.inspect("keep")["status"],
+        "running",
+        "the first daemon's sandbox is untouched"
+    );
+    let out = d.hearth(&["exec", "keep", "--", "true"]);
+    assert!(out.status.success(), "{}", show(&out));
+}
+
+#[test]
+fn sigterm_stops_hearthd_promptly_even_with_attached_clients() {
+    let mut d = Daemon::start();
+    let client = d
+        .cmd(&[
+            "run",
+            "--name",
+            "chatty",
+            "busybox",
+            "--",
+            "sh",
+            "-c",
+            "while true; do echo tick; sleep 1; done",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("output to flow", Duration::from_secs(120), || {
+        stdout(&d.hearth(&["logs", "chatty"])).starts_with("tick")
+    });
+    let mut daemon = d.child.take().unwrap();
+    // SAFETY: kill(2) on the hearthd child we started.
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = daemon.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "hearthd still running 5s after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+    let out = client.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(125),
+        "the CLI reports the lost connection: {}",
+        show(&out)
+    );
+    // Restarted, it reports the sandbox lost and stops its VM.
+    d.spawn();
+    assert_eq!(d.inspect("chatty")["status"], "lost");
+    assert!(vmm_pids_under(d.data.path()).is_empty());
+}
+
+#[test]
+fn a_name_cannot_shadow_another_sandboxes_id() {
+    let d = Daemon::start();
+    let out = d.hearth(&["run", "-d", "busybox", "--", "sleep", "1000000"]);
+    let id = stdout(&out).trim().to_string();
+    let out = d.hearth(&["run", "-d", "--name", &id, "busybox", "--", "true"]);
+    assert_eq!(out.status.code(), Some(125), "{}", show(&out));
+    assert!(stderr(&out).contains("already exists"), "{}", show(&out));
+    let out = d.hearth(&["rm", "-f", &id]);
+    assert!(out.status.success(), "{}", show(&out));
 }

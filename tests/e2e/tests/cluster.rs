@@ -295,6 +295,7 @@ fn nodes_register_heartbeat_go_not_ready_and_recover_and_bad_requests_are_refuse
 
     // Cordon keeps new sandboxes off a node; uncordon lets them back.
     let out = std::process::Command::new(hearth_e2e::bin_dir().join("hearth"))
+        .env("HEARTH_TOKEN", hearth_e2e::cluster::TOKEN)
         .args([
             "--api",
             &format!("http://127.0.0.1:{port}"),
@@ -316,6 +317,7 @@ fn nodes_register_heartbeat_go_not_ready_and_recover_and_bad_requests_are_refuse
     assert_eq!(r.status, 409);
     assert!(r.body.contains("n1: node is cordoned"), "{}", r.body);
     let out = std::process::Command::new(hearth_e2e::bin_dir().join("hearth"))
+        .env("HEARTH_TOKEN", hearth_e2e::cluster::TOKEN)
         .args(["--api", &format!("http://127.0.0.1:{port}"), "node", "ls"])
         .output()
         .unwrap();
@@ -325,6 +327,7 @@ fn nodes_register_heartbeat_go_not_ready_and_recover_and_bad_requests_are_refuse
         "{table}"
     );
     let out = std::process::Command::new(hearth_e2e::bin_dir().join("hearth"))
+        .env("HEARTH_TOKEN", hearth_e2e::cluster::TOKEN)
         .args([
             "--api",
             &format!("http://127.0.0.1:{port}"),
@@ -377,6 +380,7 @@ fn a_sandbox_run_through_the_control_plane_boots_on_its_node_and_streams_output(
     let api = format!("http://127.0.0.1:{}", c.any_port());
     let hearth = |args: &[&str]| {
         std::process::Command::new(hearth_e2e::bin_dir().join("hearth"))
+            .env("HEARTH_TOKEN", hearth_e2e::cluster::TOKEN)
             .env("HEARTH_API", &api)
             .args(args)
             .stdin(std::process::Stdio::null())

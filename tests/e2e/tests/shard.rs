@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 const NAME: &str = "hse";
 const NET: &str = "10.77.200";
+const TOKEN: &str = "hearth-e2e-shard-token-0123456789";
 
 fn shard(args: &[&str]) -> std::process::Output {
     Command::new(hearth_e2e::repo_root().join("scripts/shard"))
@@ -15,6 +16,7 @@ fn shard(args: &[&str]) -> std::process::Output {
         .env("HEARTH_SHARD_NET", NET)
         .env("HEARTH_BIN_DIR", hearth_e2e::bin_dir())
         .env("HEARTH_SHARD_NODE_TIMEOUT_MS", "2000")
+        .env("HEARTH_TOKEN", TOKEN)
         .output()
         .expect("run scripts/shard")
 }
@@ -46,6 +48,8 @@ fn api(path: &str, method: &str, body: Option<&str>) -> (u16, serde_json::Value)
         method,
         "-H",
         "content-type: application/json",
+        "-H",
+        &format!("Authorization: Bearer {TOKEN}"),
         "-w",
         "\n%{http_code}",
     ]);

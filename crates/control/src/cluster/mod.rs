@@ -24,7 +24,7 @@ use axum::Router;
 use hearth_api::{ApiError, ErrorCode};
 use hearth_store::{Store, StoreError};
 
-use crate::HttpError;
+use crate::{ApiToken, HttpError};
 
 /// Settings of the control plane.
 #[derive(Debug, Clone)]
@@ -57,17 +57,29 @@ pub struct ControlPlane {
     starting: Arc<Mutex<HashSet<String>>>,
 }
 
+/// Default headers that carry the cluster token to agents.
+fn auth_headers(token: &ApiToken) -> reqwest::header::HeaderMap {
+    let mut h = reqwest::header::HeaderMap::new();
+    if let Ok(v) = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", token.secret())) {
+        h.insert(reqwest::header::AUTHORIZATION, v);
+    }
+    h
+}
+
 impl ControlPlane {
-    pub fn new(store: Store, cfg: ControlConfig) -> ControlPlane {
+    /// `token` is the cluster's: agents and members present it to each other.
+    pub fn new(store: Store, cfg: ControlConfig, token: &ApiToken) -> ControlPlane {
         ControlPlane {
             store,
             cfg: Arc::new(cfg),
             http: reqwest::Client::builder()
+                .default_headers(auth_headers(token))
                 .connect_timeout(Duration::from_secs(3))
                 .timeout(Duration::from_secs(600))
                 .build()
                 .unwrap_or_default(),
             stream_http: reqwest::Client::builder()
+                .default_headers(auth_headers(token))
                 .connect_timeout(Duration::from_secs(3))
                 .build()
                 .unwrap_or_default(),
@@ -104,8 +116,9 @@ fn now_ms() -> u64 {
 }
 
 /// Routes every member serves, in every role that has a store: nodes, the
-/// control-plane group, the agent protocol and Raft's own RPCs.
-pub fn cluster_routes(cp: ControlPlane) -> Router {
+/// control-plane group, the agent protocol and Raft's own RPCs. All of them
+/// require the cluster's bearer token.
+pub fn cluster_routes(cp: ControlPlane, token: ApiToken) -> Router {
     let raft = hearth_store::network::routes(cp.store.clone());
     Router::new()
         .route("/v1/nodes", get(nodes::list))
@@ -123,11 +136,15 @@ pub fn cluster_routes(cp: ControlPlane) -> Router {
         .route("/v1/agents/{node}/heartbeat", post(nodes::heartbeat))
         .with_state(cp)
         .merge(raft)
+        .layer(axum::middleware::from_fn_with_state(
+            token,
+            crate::require_token,
+        ))
 }
 
 /// The public API of a control-plane member (`hearthd control`): sandboxes
 /// are scheduled and recorded through Raft, then run by node agents.
-pub fn router(cp: ControlPlane) -> Router {
+pub fn router(cp: ControlPlane, token: ApiToken) -> Router {
     let sandboxes = Router::new()
         .route(
             "/v1/sandboxes",
@@ -148,8 +165,12 @@ pub fn router(cp: ControlPlane) -> Router {
             axum::routing::delete(proxy::delete_image),
         )
         .route("/v1/info", get(proxy::info))
-        .with_state(cp.clone());
-    cluster_routes(cp)
+        .with_state(cp.clone())
+        .layer(axum::middleware::from_fn_with_state(
+            token.clone(),
+            crate::require_token,
+        ));
+    cluster_routes(cp, token)
         .merge(sandboxes)
         .fallback(crate::not_found)
         .layer(axum::middleware::from_fn(crate::json_errors))
