@@ -80,7 +80,7 @@ async fn hearth(members: u64) -> Result {
     let url = format!("http://127.0.0.1:{port}/raft/forward");
     let r = drive(Arc::new(move |i| {
         let body = serde_json::json!({"write": {"op": "put_image", "image": {"name": format!("key{i:08}"), "digest": value(i), "nodes": []}}});
-        http.post(&url).json(&body)
+        http.post(&url).bearer_auth(hearth_e2e::cluster::TOKEN).json(&body)
     }))
     .await;
     drop(c);

@@ -120,7 +120,16 @@ impl StateMachine {
     /// Writes the touched rows (or, with `all`, every row, replacing the
     /// tables) and the applied log id, in one transaction.
     fn persist(&self, state: &State, dirty: Vec<Row>, all: bool) -> Result<(), SErr> {
-        let tx = self.db.begin_write().map_err(werr)?;
+        let mut tx = self.db.begin_write().map_err(werr)?;
+        if !all {
+            // why: the Raft log (fsynced on every append) is the source of truth.
+            // A crash may lose the last applies; the state machine then reports an
+            // older last-applied id and openraft re-applies those entries from the
+            // log (apply is deterministic). Nothing is purged from the log before a
+            // snapshot is saved with an fsyncing commit, which also makes every
+            // earlier commit durable. So one fsync per write, not two.
+            tx.set_durability(redb::Durability::Eventual);
+        }
         {
             let mut nodes = tx.open_table(NODES).map_err(werr)?;
             let mut sbs = tx.open_table(SANDBOXES).map_err(werr)?;
