@@ -185,14 +185,14 @@ fn main() {
 
     println!();
     header();
-    row("hearth image pull, cold", &cold);
-    row("hearth image pull, rootfs cached", &cached);
-    row("hearth image pull, blobs cached, rootfs rebuilt", &rebuild);
-    row("skopeo copy + umoci unpack + mkfs.ext4 -d, cold", &b_cold);
+    row("hearth pull, cold", &cold);
+    row("hearth pull, rootfs cached", &cached);
+    row("hearth pull, blobs cached, rootfs rebuilt", &rebuild);
+    row("skopeo copy+umoci unpack+mkfs.ext4 -d, cold", &b_cold);
     row("  of which skopeo copy", &b_copy);
     row("  of which umoci raw unpack", &b_unpack);
     row("  of which mkfs.ext4 -d", &b_mkfs);
-    row("umoci unpack + mkfs.ext4 -d (blobs local)", &b_rebuild);
+    row("umoci unpack+mkfs.ext4 -d (blobs local)", &b_rebuild);
     let p50 = |v: &[Duration]| hearth_bench::percentile(v, 50.0).as_secs_f64();
     println!();
     println!(

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use hearth_api::network::NetworkMode;
 use hearth_api::stream::Record;
 use hearth_api::{
     CreateSandbox, ErrorCode, ExitInfo, Image, Info, Sandbox, SandboxStatus, DEFAULT_CPUS,
@@ -14,16 +15,19 @@ use hearth_image::{
     Credentials, ImageError, ImageRecord, ImageStore, Limits, Puller, RegistryOptions,
 };
 use hearth_proto::ExecRequest as GuestExec;
-use hearth_vmm::{Accel, AccelChoice, AccelReport, QemuVmm, Vm, VmConfig, Vmm};
+use hearth_vmm::{
+    Accel, AccelChoice, AccelReport, GuestMemory, NetDevice, QemuVmm, Vm, VmConfig, Vmm,
+};
 use tokio::sync::{mpsc, watch};
 
 use crate::guest_conn::{GuestConn, Session, SessionEvent, SessionInput};
 use crate::output_log::{LogFollower, OutputLog};
+use crate::restore::{Launch, RestoredChannel, WarmState};
 
 /// Guest kernels are built with NR_CPUS=8.
 pub const MAX_CPUS: u32 = 8;
 /// How long a guest may take from VM start to the agent's hello (TCG is slow).
-const HELLO_TIMEOUT: Duration = Duration::from_secs(120);
+pub(crate) const HELLO_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a stopped guest gets to power off before its VMM is killed.
 const POWEROFF_GRACE: Duration = Duration::from_secs(5);
 
@@ -52,13 +56,20 @@ pub enum AgentError {
     },
     #[error("{0}")]
     Config(String),
+    #[error(transparent)]
+    Net(#[from] hearth_net::NetError),
+    /// A template or snapshot that does not exist.
+    #[error("{0}")]
+    NotFound(String),
 }
 
 impl AgentError {
     /// The API error code for this error.
     pub fn code(&self) -> ErrorCode {
         match self {
-            AgentError::SandboxNotFound(_) | AgentError::ExecNotFound { .. } => ErrorCode::NotFound,
+            AgentError::SandboxNotFound(_)
+            | AgentError::ExecNotFound { .. }
+            | AgentError::NotFound(_) => ErrorCode::NotFound,
             AgentError::Image(e) if e.is_not_found() => ErrorCode::ImageNotFound,
             AgentError::Image(e) if e.is_bad_input() => ErrorCode::InvalidArgument,
             AgentError::Image(_) => ErrorCode::Internal,
@@ -67,11 +78,15 @@ impl AgentError {
             AgentError::Conflict(_) => ErrorCode::Conflict,
             AgentError::VmFailed { .. } => ErrorCode::VmFailed,
             AgentError::Io { .. } | AgentError::Config(_) => ErrorCode::Internal,
+            AgentError::Net(e) if e.is_bad_input() => ErrorCode::InvalidArgument,
+            AgentError::Net(e) if e.is_exhausted() => ErrorCode::Exhausted,
+            AgentError::Net(e) if e.is_not_found() => ErrorCode::NotFound,
+            AgentError::Net(_) => ErrorCode::Internal,
         }
     }
 }
 
-fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> AgentError {
+pub(crate) fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> AgentError {
     let what = what.into();
     move |source| AgentError::Io { what, source }
 }
@@ -97,6 +112,8 @@ pub struct AgentConfig {
     pub guest_watchdog: Duration,
     /// Largest output log of one sandbox; later output is discarded.
     pub max_log_bytes: u64,
+    /// Sandbox networking; `None` runs every sandbox without a network.
+    pub net: Option<hearth_net::NetConfig>,
 }
 
 /// How a workload ended: status, exit, error message.
@@ -110,8 +127,8 @@ enum Control {
     Kill,
 }
 
-struct Entry {
-    dir: PathBuf,
+pub(crate) struct Entry {
+    pub(crate) dir: PathBuf,
     record: Mutex<Sandbox>,
     status: watch::Sender<SandboxStatus>,
     /// Bytes in the output log so far.
@@ -119,12 +136,18 @@ struct Entry {
     /// True once the output log is complete.
     finished: watch::Sender<bool>,
     control: Mutex<Option<mpsc::Sender<Control>>>,
-    conn: Mutex<Option<Arc<GuestConn>>>,
+    pub(crate) conn: Mutex<Option<Arc<GuestConn>>>,
     main_input: Mutex<Option<SessionInput>>,
     /// The main workload was started with stdin open.
     stdin_open: std::sync::atomic::AtomicBool,
     execs: Mutex<HashMap<u32, SessionInput>>,
     next_exec: std::sync::atomic::AtomicU32,
+    /// The running VM, for snapshots.
+    pub(crate) vm: Mutex<Option<Arc<dyn Vm>>>,
+    /// Guest session id of the main workload, for snapshots.
+    pub(crate) main_session: Mutex<Option<u32>>,
+    /// Held while a snapshot of this sandbox is being saved (one at a time).
+    pub(crate) saving: tokio::sync::Mutex<()>,
 }
 
 impl Entry {
@@ -142,14 +165,17 @@ impl Entry {
             stdin_open: std::sync::atomic::AtomicBool::new(false),
             execs: Mutex::new(HashMap::new()),
             next_exec: std::sync::atomic::AtomicU32::new(1),
+            vm: Mutex::new(None),
+            main_session: Mutex::new(None),
+            saving: tokio::sync::Mutex::new(()),
         }
     }
 
-    fn snapshot(&self) -> Sandbox {
+    pub(crate) fn snapshot(&self) -> Sandbox {
         lock(&self.record).clone()
     }
 
-    fn update(&self, f: impl FnOnce(&mut Sandbox)) {
+    pub(crate) fn update(&self, f: impl FnOnce(&mut Sandbox)) {
         let rec = {
             let mut r = lock(&self.record);
             f(&mut r);
@@ -162,11 +188,11 @@ impl Entry {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -185,7 +211,7 @@ fn persist(dir: &Path, rec: &Sandbox) -> std::io::Result<()> {
     std::fs::rename(&tmp, dir.join("sandbox.json"))
 }
 
-fn new_id() -> String {
+pub(crate) fn new_id() -> String {
     let mut b = [0u8; 6];
     // why: an id collision is checked for anyway; fall back to time if the RNG fails.
     if getrandom::fill(&mut b).is_err() {
@@ -194,7 +220,7 @@ fn new_id() -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-fn valid_name(n: &str) -> bool {
+pub(crate) fn valid_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= 63
         && n.chars()
@@ -205,14 +231,17 @@ fn valid_name(n: &str) -> bool {
 pub(crate) struct Inner {
     /// Held for the daemon's lifetime: one hearthd per data dir.
     _lock: std::fs::File,
-    cfg: AgentConfig,
+    pub(crate) cfg: AgentConfig,
     pub(crate) images: ImageStore,
     pub(crate) puller: Puller,
-    vmm: QemuVmm,
-    accel: AccelReport,
+    pub(crate) vmm: QemuVmm,
+    pub(crate) accel: AccelReport,
     host_cpus: u32,
     host_memory_mib: u64,
     sandboxes: Mutex<HashMap<String, Arc<Entry>>>,
+    net: Option<Arc<hearth_net::NodeNet>>,
+    /// Templates, warm pools, snapshot references.
+    pub(crate) warm: WarmState,
 }
 
 /// The node agent. Cheap to clone.
@@ -312,7 +341,15 @@ impl Agent {
         } else {
             tracing::info!("accelerator: {} ({})", accel.accel, accel.reason);
         }
+        let net = match &cfg.net {
+            Some(n) => Some(Arc::new(
+                hearth_net::NodeNet::open(n.clone()).map_err(AgentError::Net)?,
+            )),
+            None => None,
+        };
+        let warm = WarmState::new(&cfg, &vmm, accel.accel).await?;
         let inner = Arc::new(Inner {
+            net,
             _lock: lock,
             host_cpus: std::thread::available_parallelism()
                 .map(|n| n.get() as u32)
@@ -324,9 +361,12 @@ impl Agent {
             vmm,
             accel,
             sandboxes: Mutex::new(HashMap::new()),
+            warm,
         });
         let agent = Agent { inner };
+        agent.reap_unclaimed_pool_vms().await;
         agent.recover().await;
+        agent.start_pools();
         Ok(agent)
     }
 
@@ -381,6 +421,15 @@ impl Agent {
             }
             lock(&self.inner.sandboxes).insert(rec.id.clone(), entry);
         }
+        if let Some(net) = &self.inner.net {
+            let keep = lock(&self.inner.sandboxes).keys().cloned().collect();
+            net.remove_orphans(&keep);
+        }
+    }
+
+    /// The node's sandbox networking, if enabled.
+    pub(crate) fn net(&self) -> Option<Arc<hearth_net::NodeNet>> {
+        self.inner.net.clone()
     }
 
     /// What this node is and runs on.
@@ -402,7 +451,7 @@ impl Agent {
         }
     }
 
-    fn entry(&self, id_or_name: &str) -> Result<Arc<Entry>, AgentError> {
+    pub(crate) fn entry(&self, id_or_name: &str) -> Result<Arc<Entry>, AgentError> {
         let map = lock(&self.inner.sandboxes);
         if let Some(e) = map.get(id_or_name) {
             return Ok(e.clone());
@@ -426,7 +475,7 @@ impl Agent {
         v
     }
 
-    fn validate(&self, req: &CreateSandbox) -> Result<(u32, u32), AgentError> {
+    pub(crate) fn validate(&self, req: &CreateSandbox) -> Result<(u32, u32), AgentError> {
         let cpus = req.cpus.unwrap_or(DEFAULT_CPUS);
         if cpus == 0 || cpus > MAX_CPUS {
             return Err(AgentError::InvalidArgument(format!(
@@ -458,7 +507,11 @@ impl Agent {
     }
 
     /// Creates a sandbox and starts booting it; returns at once (status `creating`).
+    /// A template for the image (and no `cold`) makes it a warm start.
     pub async fn create(&self, req: CreateSandbox) -> Result<Sandbox, AgentError> {
+        if req.from_snapshot.is_some() {
+            return self.create_from_snapshot(req).await;
+        }
         let (cpus, memory_mib) = self.validate(&req)?;
         let images = self.inner.images.clone();
         let reference = req.image.clone();
@@ -466,75 +519,198 @@ impl Agent {
             .await
             .map_err(|e| AgentError::Config(format!("image lookup panicked: {e}")))??;
         let exec = plan_exec(&req, &image)?;
-
-        let entry = {
-            let mut map = lock(&self.inner.sandboxes);
-            if let Some(n) = &req.name {
-                if map.contains_key(n)
-                    || map
-                        .values()
-                        .any(|e| lock(&e.record).name.as_deref() == Some(n))
-                {
-                    return Err(AgentError::Conflict(format!(
-                        "a sandbox named '{n}' already exists; remove it with `hearth rm {n}` or choose another name"
-                    )));
-                }
-            }
-            let mut id = new_id();
-            while map.contains_key(&id)
-                || map
-                    .values()
-                    .any(|e| lock(&e.record).name.as_deref() == Some(&id))
-            {
-                id = new_id();
-            }
-            let dir = self.inner.cfg.data_dir.join("sandboxes").join(&id);
-            std::fs::create_dir_all(&dir).map_err(io_err(format!("create {}", dir.display())))?;
-            let rec = Sandbox {
-                id: id.clone(),
-                name: req.name.clone(),
-                image: req.image.clone(),
-                image_digest: image.digest.clone(),
-                status: SandboxStatus::Creating,
-                exit: None,
-                error: None,
+        let policy = match req.network.mode {
+            NetworkMode::None => None,
+            NetworkMode::Default => Some(crate::network::parse_policy(&req.network.egress)?),
+        };
+        let chosen = self.choose_launch(&req, &image.digest, cpus, memory_mib);
+        let (launch, cpus, memory_mib) = if policy.is_some()
+            && !matches!(chosen.0, Launch::Cold { .. })
+        {
+            // why: templates and pools are made without a network device (a
+            // restored VM keeps its saved device set), so a networked sandbox boots.
+            self.abandon(chosen.0).await;
+            let note = "booted cold: warm starts serve sandboxes with --network none (templates carry no network device yet)";
+            (
+                Launch::Cold {
+                    note: Some(note.into()),
+                },
                 cpus,
                 memory_mib,
-                argv: exec.argv.clone(),
-                node: self.inner.cfg.node.clone(),
-                accel: self.inner.accel.accel.to_string(),
-                created_ms: now_ms(),
-                started_ms: None,
-                finished_ms: None,
-                boot_ms: None,
-            };
-            persist(&dir, &rec).map_err(io_err(format!("save {}", dir.display())))?;
-            let entry = Arc::new(Entry::new(dir, rec));
-            map.insert(id, entry.clone());
-            entry
+            )
+        } else {
+            chosen
         };
-        let (ctl_tx, ctl_rx) = mpsc::channel(4);
-        *lock(&entry.control) = Some(ctl_tx);
-        let vm_cfg = VmConfig {
-            id: entry.snapshot().id,
-            dir: entry.dir.join("vm"),
-            kernel: self.inner.cfg.kernel.clone(),
-            initrd: self.inner.cfg.initrd.clone(),
-            rootfs: image.rootfs.clone(),
+        let entry = match self.register(
+            &req,
+            &image.digest,
+            &exec.argv,
+            (cpus, memory_mib),
+            launch.preset_id(),
+        ) {
+            Ok(e) => e,
+            Err(e) => {
+                self.abandon(launch).await;
+                return Err(e);
+            }
+        };
+        let id = entry.snapshot().id;
+        let net = match (policy, &self.inner.net) {
+            (Some(policy), Some(node)) => {
+                let (node, id2) = (node.clone(), id.clone());
+                let built = tokio::task::spawn_blocking(move || node.setup(&id2, policy))
+                    .await
+                    .map_err(|e| AgentError::Config(format!("network setup panicked: {e}")))?;
+                match built {
+                    Ok(n) => Some(n),
+                    Err(e) => {
+                        lock(&self.inner.sandboxes).remove(&id);
+                        let _ = std::fs::remove_dir_all(&entry.dir);
+                        self.abandon(launch).await;
+                        return Err(e.into());
+                    }
+                }
+            }
+            _ => None,
+        };
+        if let Some(n) = &net {
+            let token = new_id() + &new_id();
+            entry.update(|r| r.network = Some(crate::network::network_to_api(n, token)));
+        }
+        Ok(self.spawn_lifecycle(
+            entry,
+            &req,
+            image.rootfs.clone(),
+            exec,
+            launch,
+            net.as_ref(),
+        ))
+    }
+
+    /// Records a new sandbox (status `creating`); `id` when the VM already has one (pool).
+    pub(crate) fn register(
+        &self,
+        req: &CreateSandbox,
+        image_digest: &str,
+        argv: &[String],
+        (cpus, memory_mib): (u32, u32),
+        id: Option<String>,
+    ) -> Result<Arc<Entry>, AgentError> {
+        let mut map = lock(&self.inner.sandboxes);
+        if let Some(n) = &req.name {
+            if map.contains_key(n)
+                || map
+                    .values()
+                    .any(|e| lock(&e.record).name.as_deref() == Some(n))
+            {
+                return Err(AgentError::Conflict(format!(
+                    "a sandbox named '{n}' already exists; remove it with `hearth rm {n}` or choose another name"
+                )));
+            }
+        }
+        let id = match id {
+            Some(id) => id,
+            None => {
+                let mut id = new_id();
+                while map.contains_key(&id)
+                    || self.sandbox_dir(&id).exists()
+                    || map
+                        .values()
+                        .any(|e| lock(&e.record).name.as_deref() == Some(&id))
+                {
+                    id = new_id();
+                }
+                id
+            }
+        };
+        let dir = self.sandbox_dir(&id);
+        std::fs::create_dir_all(&dir).map_err(io_err(format!("create {}", dir.display())))?;
+        let rec = Sandbox {
+            id: id.clone(),
+            name: req.name.clone(),
+            image: req.image.clone(),
+            image_digest: image_digest.to_string(),
+            status: SandboxStatus::Creating,
+            exit: None,
+            error: None,
             cpus,
             memory_mib,
-            hostname: req
-                .name
-                .clone()
-                .unwrap_or_else(|| entry.snapshot().id)
-                .replace('_', "-"),
-            extra_cmdline: Vec::new(),
-            accel: self.inner.accel.accel,
+            argv: argv.to_vec(),
+            node: self.inner.cfg.node.clone(),
+            accel: self.inner.accel.accel.to_string(),
+            created_ms: now_ms(),
+            started_ms: None,
+            finished_ms: None,
+            boot_ms: None,
+            network: None,
+            start_path: None,
+            start_note: None,
+            started_from: None,
         };
+        persist(&dir, &rec).map_err(io_err(format!("save {}", dir.display())))?;
+        let entry = Arc::new(Entry::new(dir, rec));
+        map.insert(id, entry.clone());
+        Ok(entry)
+    }
+
+    pub(crate) fn sandbox_dir(&self, id: &str) -> PathBuf {
+        self.inner.cfg.data_dir.join("sandboxes").join(id)
+    }
+
+    /// The VM config of a sandbox (hostname: its name, else its id).
+    pub(crate) fn vm_config(
+        &self,
+        id: &str,
+        name: Option<&str>,
+        rootfs: PathBuf,
+        cpus: u32,
+        memory_mib: u32,
+        net: Option<&hearth_net::SandboxNet>,
+    ) -> VmConfig {
+        VmConfig {
+            id: id.to_string(),
+            dir: self.sandbox_dir(id).join("vm"),
+            kernel: self.inner.cfg.kernel.clone(),
+            initrd: self.inner.cfg.initrd.clone(),
+            rootfs,
+            cpus,
+            memory_mib,
+            hostname: name.unwrap_or(id).replace('_', "-"),
+            extra_cmdline: net.map(|n| n.kernel_params()).unwrap_or_default(),
+            accel: self.inner.accel.accel,
+            net: net.map(|n| NetDevice {
+                tap: n.tap.clone(),
+                mac: n.mac_string(),
+            }),
+            memory: GuestMemory::SharedFile,
+        }
+    }
+
+    /// Starts the lifecycle task of a registered sandbox.
+    pub(crate) fn spawn_lifecycle(
+        &self,
+        entry: Arc<Entry>,
+        req: &CreateSandbox,
+        rootfs: PathBuf,
+        exec: GuestExec,
+        launch: Launch,
+        net: Option<&hearth_net::SandboxNet>,
+    ) -> Sandbox {
+        let (ctl_tx, ctl_rx) = mpsc::channel(4);
+        *lock(&entry.control) = Some(ctl_tx);
+        let rec = entry.snapshot();
+        let vm_cfg = self.vm_config(
+            &rec.id,
+            req.name.as_deref(),
+            rootfs,
+            rec.cpus,
+            rec.memory_mib,
+            net,
+        );
         let agent = self.clone();
         let e2 = entry.clone();
-        tokio::spawn(async move { agent.lifecycle(e2, vm_cfg, exec, ctl_rx).await });
-        Ok(entry.snapshot())
+        tokio::spawn(async move { agent.lifecycle(e2, vm_cfg, exec, ctl_rx, launch).await });
+        entry.snapshot()
     }
 
     async fn lifecycle(
@@ -543,24 +719,24 @@ impl Agent {
         vm_cfg: VmConfig,
         exec: GuestExec,
         mut ctl: mpsc::Receiver<Control>,
+        launch: Launch,
     ) {
         let started = Instant::now();
         let id = vm_cfg.id.clone();
-        let vm = match self.inner.vmm.create(&vm_cfg).await {
-            Ok(vm) => vm,
-            Err(e) => {
-                self.finish(
-                    &entry,
-                    SandboxStatus::Failed,
-                    None,
-                    Some(format!("cannot start VM: {e}")),
-                );
+        let (vm, channel, release) = match self.launch_vm(&entry, &vm_cfg, launch).await {
+            Ok(l) => l,
+            Err((message, release)) => {
+                self.release(release);
+                self.finish(&entry, SandboxStatus::Failed, None, Some(message));
                 return;
             }
         };
+        let vm: Arc<dyn Vm> = Arc::from(vm);
+        *lock(&entry.vm) = Some(vm.clone());
         let (outcome, polite) = self
-            .drive(&entry, vm.as_ref(), exec, &mut ctl, started)
+            .drive(&entry, vm.as_ref(), exec, &mut ctl, started, channel)
             .await;
+        *lock(&entry.vm) = None;
         // Tear down: ask the guest to power off (unless told to kill, or it is
         // unresponsive), then make sure the VMM is gone.
         let conn = lock(&entry.conn).take();
@@ -578,6 +754,7 @@ impl Agent {
         lock(&entry.execs).clear();
         *lock(&entry.main_input) = None;
         *lock(&entry.control) = None;
+        self.release(release);
         let (status, exit, error) = outcome;
         if status == SandboxStatus::Failed {
             tracing::warn!(sandbox = %id, "failed: {}", error.as_deref().unwrap_or(""));
@@ -610,14 +787,16 @@ impl Agent {
         exec: GuestExec,
         ctl: &mut mpsc::Receiver<Control>,
         started: Instant,
+        channel: Option<RestoredChannel>,
     ) -> (Outcome, bool) {
         let mut polite = true;
         let outcome = self
-            .drive_inner(entry, vm, exec, ctl, started, &mut polite)
+            .drive_inner(entry, vm, exec, ctl, started, channel, &mut polite)
             .await;
         (outcome, polite)
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn drive_inner(
         &self,
         entry: &Arc<Entry>,
@@ -625,6 +804,7 @@ impl Agent {
         exec: GuestExec,
         ctl: &mut mpsc::Receiver<Control>,
         started: Instant,
+        channel: Option<RestoredChannel>,
         polite: &mut bool,
     ) -> Outcome {
         let failed = |m: String| (SandboxStatus::Failed, None, Some(m));
@@ -633,13 +813,17 @@ impl Agent {
         tokio::pin!(vm_exit);
 
         let boot = async {
+            if let Some(ch) = channel {
+                return self.wake_restored(vm, ch).await;
+            }
             let stream = vm.connect_agent().await.map_err(|e| e.to_string())?;
             vm.start().await.map_err(|e| e.to_string())?;
             GuestConn::handshake(stream, HELLO_TIMEOUT)
                 .await
+                .map(|c| (c, None))
                 .map_err(|e| e.to_string())
         };
-        let conn = tokio::select! {
+        let (conn, attached) = tokio::select! {
             r = boot => match r {
                 Ok(c) => c,
                 Err(e) => return failed(format!("guest did not start: {e}{}", console(vm))),
@@ -654,10 +838,14 @@ impl Agent {
             }
         };
         let boot_ms = started.elapsed().as_millis() as u64;
-        let mut session = match conn.exec(&exec).await {
-            Ok(s) => s,
-            Err(e) => return failed(format!("cannot start the workload: {e}")),
+        let mut session = match attached {
+            Some(s) => s,
+            None => match conn.exec(&exec).await {
+                Ok(s) => s,
+                Err(e) => return failed(format!("cannot start the workload: {e}")),
+            },
         };
+        *lock(&entry.main_session) = Some(session.id());
         *lock(&entry.conn) = Some(conn.clone());
         entry
             .stdin_open
@@ -680,6 +868,8 @@ impl Agent {
             r.boot_ms = Some(boot_ms);
         });
         let input = session.input();
+        tracing::info!(sandbox = %entry.snapshot().id, boot_ms, "workload started");
+        let mut first_output = true;
         let mut stop_deadline: Option<tokio::time::Instant> = None;
         let wd = self.inner.cfg.guest_watchdog;
         let watchdog = async {
@@ -723,6 +913,9 @@ impl Agent {
                         }
                         None => break exit_or(&mut vm_exit, "guest channel closed".into(), vm).await,
                     };
+                    if std::mem::take(&mut first_output) {
+                        tracing::info!(sandbox = %entry.snapshot().id, ms = started.elapsed().as_millis() as u64, "first output");
+                    }
                     if let Err(e) = log.append(&rec).await {
                         break failed(format!("cannot write output log {}: {e}", log_path.display()));
                     }
@@ -861,6 +1054,12 @@ impl Agent {
         }
         if let Err(err) = hearth_vmm::destroy(&vm_dir) {
             tracing::warn!(sandbox = %rec.id, "cleaning up the VM dir: {err}");
+        }
+        if let Some(net) = self.inner.net.clone() {
+            let id = rec.id.clone();
+            tokio::task::spawn_blocking(move || net.teardown(&id))
+                .await
+                .map_err(|e| AgentError::Config(format!("network teardown panicked: {e}")))??;
         }
         std::fs::remove_dir_all(&e.dir)
             .or_else(|err| {
@@ -1025,7 +1224,7 @@ fn merge_env(base: &[String], over: &[String]) -> Vec<String> {
 }
 
 /// Docker's rules: an entrypoint given in the request drops the image's Cmd.
-fn plan_exec(req: &CreateSandbox, image: &ImageRecord) -> Result<GuestExec, AgentError> {
+pub(crate) fn plan_exec(req: &CreateSandbox, image: &ImageRecord) -> Result<GuestExec, AgentError> {
     let entrypoint = req
         .entrypoint
         .clone()

@@ -5,6 +5,7 @@
 //! a silently ignored option. The OpenAPI document is generated from these types.
 
 pub mod cluster;
+pub mod network;
 pub mod stream;
 
 use serde::{Deserialize, Serialize};
@@ -52,6 +53,30 @@ pub struct CreateSandbox {
     /// otherwise it reads from /dev/null.
     #[serde(default)]
     pub stdin: bool,
+    /// The sandbox's network and egress policy (default: networked, allow all).
+    #[serde(default)]
+    pub network: network::NetworkSpec,
+    /// Boot the image even when a template for it exists.
+    #[serde(default)]
+    pub cold: bool,
+    /// Start from this snapshot instead of an image (`image` may be empty); without
+    /// `cmd`, the snapshot's main process continues as this sandbox's workload.
+    #[serde(default)]
+    pub from_snapshot: Option<String>,
+}
+
+/// How a sandbox's VM came to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum StartPath {
+    /// Booted the kernel.
+    Cold,
+    /// Restored from a template's snapshot on the request path.
+    Template,
+    /// Taken restored-and-paused from a template's warm pool.
+    Pool,
+    /// Restored from a user snapshot (`--from-snapshot`, fork).
+    Snapshot,
 }
 
 /// Lifecycle of a sandbox.
@@ -116,6 +141,90 @@ pub struct Sandbox {
     pub finished_ms: Option<u64>,
     /// Milliseconds from the request to the guest agent being ready.
     pub boot_ms: Option<u64>,
+    /// Its network; absent with `--network none`.
+    #[serde(default)]
+    pub network: Option<network::SandboxNetwork>,
+    /// Cold boot, template restore, warm pool or snapshot.
+    #[serde(default)]
+    pub start_path: Option<StartPath>,
+    /// Why this path: e.g. the pool was empty, or a restore failed and it booted.
+    #[serde(default)]
+    pub start_note: Option<String>,
+    /// The template or snapshot it started from.
+    #[serde(default)]
+    pub started_from: Option<String>,
+}
+
+/// `POST /v1/templates`: boot an image once to a ready guest and snapshot it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTemplate {
+    pub image: String,
+    /// Default: the image name with '/', ':' and '@' turned into '-'.
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub cpus: Option<u32>,
+    #[serde(default)]
+    pub memory_mib: Option<u32>,
+    /// Restored-and-paused VMs to keep ready (default 0).
+    #[serde(default)]
+    pub pool_size: Option<u32>,
+}
+
+/// A template: an image booted once and snapshotted, plus its warm pool.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Template {
+    pub name: String,
+    pub image: String,
+    pub image_digest: String,
+    pub cpus: u32,
+    pub memory_mib: u32,
+    /// Warm pool target size.
+    pub pool_size: u32,
+    /// VMs in the pool ready now.
+    pub pool_ready: u32,
+    /// Running sandboxes started from it.
+    pub in_use: u32,
+    pub size_bytes: u64,
+    pub created_ms: u64,
+}
+
+/// `POST /v1/templates/{name}/pool`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetPool {
+    pub size: u32,
+}
+
+/// `POST /v1/sandboxes/{id}/snapshot`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSnapshot {
+    pub name: String,
+}
+
+/// A snapshot of a running sandbox: memory, devices and writable layer.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Snapshot {
+    pub name: String,
+    /// The sandbox it was taken from.
+    pub sandbox: String,
+    pub image: String,
+    pub image_digest: String,
+    pub cpus: u32,
+    pub memory_mib: u32,
+    /// Running sandboxes started from it; it cannot be removed while > 0.
+    pub in_use: u32,
+    pub size_bytes: u64,
+    pub created_ms: u64,
+}
+
+/// `POST /v1/sandboxes/{id}/fork`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ForkSandbox {
+    pub count: u32,
 }
 
 /// `POST /v1/sandboxes/{id}/exec`: run another process in a running sandbox.
@@ -291,6 +400,8 @@ pub enum ErrorCode {
     Conflict,
     /// The VM failed to boot or run.
     VmFailed,
+    /// A limited resource (e.g. the node's address pool) is used up.
+    Exhausted,
     /// Anything else; a bug or a host problem.
     Internal,
     /// No node can take the sandbox; the message gives each node's reason.
@@ -307,7 +418,7 @@ impl ErrorCode {
             ErrorCode::Unauthorized => 401,
             ErrorCode::NotFound | ErrorCode::ImageNotFound => 404,
             ErrorCode::Conflict | ErrorCode::Unschedulable => 409,
-            ErrorCode::Unavailable => 503,
+            ErrorCode::Unavailable | ErrorCode::Exhausted => 503,
             ErrorCode::VmFailed | ErrorCode::Internal => 500,
         }
     }

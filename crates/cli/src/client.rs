@@ -131,6 +131,22 @@ impl Client {
         Ok(())
     }
 
+    pub async fn put_json<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, CliError> {
+        let resp = self
+            .http
+            .put(format!("{}{path}", self.base))
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        let resp = Self::check(resp, path).await?;
+        resp.json().await.map_err(|e| self.unreachable(e))
+    }
+
     pub async fn delete(&self, path: &str) -> Result<(), CliError> {
         let resp = self
             .http

@@ -102,6 +102,14 @@ impl View {
                         short(digest)
                     );
                 } else if let Some(pb) = self.layer_bar(*layer, *layers, digest, *size) {
+                    if *cached {
+                        // why: no bytes moved; a rate would be meaningless.
+                        if let Ok(style) =
+                            ProgressStyle::with_template("{prefix} [{bar:30}] {total_bytes} {msg}")
+                        {
+                            pb.set_style(style.progress_chars("=> "));
+                        }
+                    }
                     pb.set_position(*size);
                     pb.finish_with_message(what);
                 }

@@ -6,7 +6,9 @@
 
 pub mod cluster;
 mod openapi;
+mod policy;
 mod pull;
+mod warm;
 
 use std::time::Duration;
 
@@ -108,6 +110,8 @@ pub fn router(agent: Agent, token: ApiToken) -> Router {
             "/v1/images/{reference}",
             axum::routing::delete(delete_image),
         )
+        .merge(policy::routes())
+        .merge(warm::routes())
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(token, require_token))
         .with_state(agent)

@@ -22,6 +22,19 @@ use utoipa::OpenApi;
         hearth_api::Info,
         hearth_api::ApiError,
         hearth_api::ErrorCode,
+        hearth_api::network::NetworkSpec,
+        hearth_api::network::NetworkMode,
+        hearth_api::network::EgressPolicy,
+        hearth_api::network::SandboxNetwork,
+        hearth_api::network::PolicyStats,
+        hearth_api::network::PolicyCounter,
+        hearth_api::StartPath,
+        hearth_api::CreateTemplate,
+        hearth_api::Template,
+        hearth_api::SetPool,
+        hearth_api::CreateSnapshot,
+        hearth_api::Snapshot,
+        hearth_api::ForkSandbox,
     ))
 )]
 struct ApiDoc;
@@ -58,6 +71,18 @@ pub fn document() -> serde_json::Value {
         "/v1/images/prune": {"post": {"summary": "Delete root filesystems and cached registry blobs that no image uses", "responses": {"200": json("PruneReport")}}},
         "/v1/registries/login": {"post": {"summary": "Store credentials for a registry on the daemon's host (0600 file in the data dir); used by later pulls", "requestBody": json("RegistryLogin"), "responses": {"204": {"description": "stored"}, "400": err}}}
     });
+    if let (Some(paths), serde_json::Value::Object(more)) = (
+        doc["paths"].as_object_mut(),
+        crate::policy::openapi_paths(json, &err),
+    ) {
+        paths.extend(more);
+    }
+    if let (Some(paths), Some(more)) = (
+        doc["paths"].as_object_mut(),
+        crate::warm::paths(&json, &err).as_object().cloned(),
+    ) {
+        paths.extend(more);
+    }
     doc
 }
 

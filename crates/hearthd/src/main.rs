@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand};
 use hearth_agent::{Agent, AgentConfig};
 use hearth_vmm::AccelChoice;
 
+mod ingress;
 mod roles;
 
 #[derive(Parser)]
@@ -83,6 +84,63 @@ struct DevArgs {
     /// Most tar entries an image may have across its layers.
     #[arg(long, env = "HEARTH_MAX_IMAGE_ENTRIES")]
     max_image_entries: Option<u64>,
+    #[command(flatten)]
+    net: NetArgs,
+    /// Serve the ingress proxy (`<port>-<sandbox>.<domain>` and
+    /// `/sandboxes/<sandbox>/ports/<port>/...`) on this address.
+    #[arg(long, env = "HEARTH_INGRESS_LISTEN")]
+    ingress_listen: Option<SocketAddr>,
+    /// Domain of ingress host names.
+    #[arg(
+        long,
+        env = "HEARTH_INGRESS_DOMAIN",
+        default_value = "hearth.localhost"
+    )]
+    ingress_domain: String,
+}
+
+/// Sandbox networking of this node.
+#[derive(clap::Args)]
+struct NetArgs {
+    /// This node's slice of the cluster CIDR; sandboxes get /32s from it.
+    #[arg(long, env = "HEARTH_NET_POOL", default_value = "10.88.0.0/24")]
+    net_pool: hearth_net::Cidr,
+    /// Run every sandbox without a network (no taps, NAT or BPF).
+    #[arg(long, env = "HEARTH_NO_NETWORK")]
+    no_network: bool,
+    /// Nameservers for sandboxes (default: the host's non-loopback ones).
+    #[arg(long = "dns", env = "HEARTH_DNS", value_delimiter = ',')]
+    dns: Vec<std::net::Ipv4Addr>,
+}
+
+impl NetArgs {
+    fn config(&self, data_dir: &std::path::Path) -> Option<hearth_net::NetConfig> {
+        if self.no_network {
+            return None;
+        }
+        let dns = if self.dns.is_empty() {
+            host_nameservers()
+        } else {
+            self.dns.clone()
+        };
+        Some(hearth_net::NetConfig {
+            pool: self.net_pool,
+            state_dir: data_dir.join("net"),
+            dns,
+        })
+    }
+}
+
+/// IPv4 nameservers of the host's /etc/resolv.conf, loopback ones left out
+/// (a guest cannot reach the host's 127.0.0.53).
+fn host_nameservers() -> Vec<std::net::Ipv4Addr> {
+    std::fs::read_to_string("/etc/resolv.conf")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.strip_prefix("nameserver"))
+        .filter_map(|a| a.trim().parse::<std::net::Ipv4Addr>().ok())
+        .filter(|a| !a.is_loopback())
+        .collect()
 }
 
 fn cache_dir() -> PathBuf {
@@ -121,6 +179,7 @@ async fn dev(a: DevArgs) -> Result<()> {
         qemu_img: a.qemu_img,
         accel: a.accel,
         node: a.node,
+        net: a.net.config(&a.data_dir),
         image_limits: {
             let mut l = hearth_image::Limits::default();
             if let Some(b) = a.max_layer_bytes {
@@ -161,6 +220,22 @@ async fn dev(a: DevArgs) -> Result<()> {
         info.backend,
         info.accel
     );
+    if let Some(addr) = a.ingress_listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the ingress proxy to {addr}"))?;
+        tracing::info!(
+            "ingress on http://{} (<port>-<sandbox>.{})",
+            l.local_addr()?,
+            a.ingress_domain
+        );
+        let app = hearth_ingress::router(&a.ingress_domain, ingress::AgentResolver(agent.clone()));
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(l, app).await {
+                tracing::error!("ingress stopped: {e}");
+            }
+        });
+    }
     axum_serve(listener, app).await
 }
 

@@ -176,6 +176,7 @@ pub async fn agent(a: AgentArgs) -> Result<()> {
         registry_timeout: Duration::from_secs(30),
         guest_watchdog: Duration::from_secs(30),
         max_log_bytes: 256 * 1024 * 1024,
+        net: None,
     };
     let agent = Agent::start(cfg).await.context("starting the node agent")?;
     let token = load_or_create_token(&a.data_dir)?;

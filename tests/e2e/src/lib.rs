@@ -55,6 +55,11 @@ pub(crate) fn free_port() -> u16 {
         .expect("free port")
 }
 
+/// A /24 for the daemon on `port`, distinct for distinct ports in a run.
+pub fn net_pool(port: u16) -> String {
+    format!("10.{}.{}.0/24", 100 + (port / 256) % 150, port % 256)
+}
+
 /// Options for [`Daemon::start_with`].
 #[derive(Clone)]
 pub struct DaemonOptions {
@@ -62,6 +67,8 @@ pub struct DaemonOptions {
     pub accel: String,
     /// Import the busybox image as `busybox`.
     pub busybox: bool,
+    /// Extra environment for hearthd (e.g. `HEARTH_NET_POOL`).
+    pub env: Vec<(String, String)>,
     /// More `hearthd dev` arguments.
     pub extra_args: Vec<String>,
     /// Called with the data dir (not yet created) before the first start, e.g. to mount it.
@@ -73,6 +80,7 @@ impl Default for DaemonOptions {
         DaemonOptions {
             accel: "tcg".into(),
             busybox: true,
+            env: Vec::new(),
             extra_args: Vec::new(),
             before_start: None,
         }
@@ -92,6 +100,17 @@ pub struct Daemon {
 impl Daemon {
     pub fn start() -> Daemon {
         Daemon::start_with(DaemonOptions::default())
+    }
+
+    /// A default daemon with extra environment.
+    pub fn start_with_env(env: &[(&str, &str)]) -> Daemon {
+        Daemon::start_with(DaemonOptions {
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..DaemonOptions::default()
+        })
     }
 
     pub fn start_with(opts: DaemonOptions) -> Daemon {
@@ -149,6 +168,10 @@ impl Daemon {
             .arg(self.data.path().join("data"))
             .args(["--listen", &format!("127.0.0.1:{}", self.port)])
             .args(["--accel", &self.opts.accel])
+            // why: daemons of concurrent tests share the host's routing table;
+            // each gets its own address pool, derived from its unique port.
+            .env("HEARTH_NET_POOL", net_pool(self.port))
+            .envs(self.opts.env.iter().map(|(k, v)| (k, v)))
             .args(&self.opts.extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))

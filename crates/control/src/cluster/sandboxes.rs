@@ -87,6 +87,10 @@ pub(super) fn to_api(rec: &SandboxRecord, accel: &str) -> hearth_api::Sandbox {
         started_ms: None,
         finished_ms: None,
         boot_ms: None,
+        network: None,
+        start_path: None,
+        start_note: None,
+        started_from: None,
     }
 }
 
