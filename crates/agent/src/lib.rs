@@ -16,6 +16,7 @@
 //! `templates/<name>/`, `snapshots/<name>/`, `images/` (the image store) and
 //! `registry-auth.json` (registry logins, 0600).
 
+pub mod control_link;
 pub mod guest_conn;
 mod images;
 mod network;

@@ -4,6 +4,7 @@
 //! same. Request types reject unknown fields: a typo in a field name is a 400, not
 //! a silently ignored option. The OpenAPI document is generated from these types.
 
+pub mod cluster;
 pub mod network;
 pub mod stream;
 
@@ -414,6 +415,10 @@ pub enum ErrorCode {
     Exhausted,
     /// Anything else; a bug or a host problem.
     Internal,
+    /// No node can take the sandbox; the message gives each node's reason.
+    Unschedulable,
+    /// The control plane has no leader (no quorum) or a node is unreachable.
+    Unavailable,
 }
 
 impl ErrorCode {
@@ -423,8 +428,8 @@ impl ErrorCode {
             ErrorCode::BadRequest | ErrorCode::InvalidArgument | ErrorCode::NoCommand => 400,
             ErrorCode::Unauthorized => 401,
             ErrorCode::NotFound | ErrorCode::ImageNotFound => 404,
-            ErrorCode::Conflict => 409,
-            ErrorCode::Exhausted => 503,
+            ErrorCode::Conflict | ErrorCode::Unschedulable => 409,
+            ErrorCode::Unavailable | ErrorCode::Exhausted => 503,
             ErrorCode::VmFailed | ErrorCode::Internal => 500,
         }
     }

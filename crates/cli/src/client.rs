@@ -158,6 +158,17 @@ impl Client {
         Ok(())
     }
 
+    pub async fn delete_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, CliError> {
+        let resp = self
+            .http
+            .delete(format!("{}{path}", self.base))
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        let resp = Self::check(resp, path).await?;
+        resp.json().await.map_err(|e| self.unreachable(e))
+    }
+
     pub async fn get_stream(&self, path: &str) -> Result<reqwest::Response, CliError> {
         let resp = self
             .http

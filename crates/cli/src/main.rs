@@ -6,6 +6,7 @@
 //! failure); 2 for a command-line usage error.
 
 mod client;
+mod cluster;
 mod policy;
 mod pull;
 mod warm;
@@ -96,6 +97,12 @@ enum Cmd {
     /// Manage images.
     #[command(subcommand)]
     Image(ImageCmd),
+    /// Cluster nodes: list, cordon, uncordon, drain, remove.
+    #[command(subcommand)]
+    Node(cluster::NodeCmd),
+    /// The control-plane group: status and membership.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCmd),
     /// Show or change a sandbox's egress policy.
     #[command(subcommand)]
     Policy(policy::PolicyCmd),
@@ -248,6 +255,8 @@ async fn run(cli: Cli) -> Result<u8> {
     });
     let c = Client::new(&cli.api, token);
     match cli.cmd {
+        Cmd::Node(n) => cluster::node(&c, n).await,
+        Cmd::Cluster(n) => cluster::cluster(&c, n).await,
         Cmd::Run(a) => cmd_run(&c, a).await,
         Cmd::Ps { json } => {
             let list: Vec<Sandbox> = c.get_json("/v1/sandboxes").await?;

@@ -4,6 +4,7 @@
 //! streams use `hearth_api::stream` records. In the embedded default the API
 //! server drives the agent in-process.
 
+pub mod cluster;
 mod openapi;
 mod policy;
 mod pull;
@@ -130,6 +131,12 @@ impl ApiToken {
             return Err("the API token must be at least 16 characters".into());
         }
         Ok(ApiToken(std::sync::Arc::new(token)))
+    }
+
+    /// The token itself, for a client that must present it (a control-plane
+    /// member calling an agent, an agent registering).
+    pub fn secret(&self) -> &str {
+        &self.0
     }
 
     /// Compares in constant time (the length is not secret).

@@ -1,5 +1,10 @@
-//! `hearthd`: the Hearth daemon. `hearthd dev` is the embedded default: the API
-//! server and a node agent in one process, for a laptop or a CI box.
+//! `hearthd`: the Hearth daemon, one binary with roles.
+//!
+//! - `hearthd dev`: the embedded default for a laptop or a CI box: the API, a
+//!   node agent and a one-member control plane (Raft group) in one process.
+//! - `hearthd control --id N --peers ID=ADDR,...`: a control-plane member.
+//! - `hearthd agent --control ADDR,...`: a node agent that registers with the
+//!   control plane and serves its node-local API.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -10,6 +15,7 @@ use hearth_agent::{Agent, AgentConfig};
 use hearth_vmm::AccelChoice;
 
 mod ingress;
+mod roles;
 
 #[derive(Parser)]
 #[command(name = "hearthd", version, about = "Hearth daemon")]
@@ -22,6 +28,10 @@ struct Cli {
 enum Cmd {
     /// Run the API server and a node agent in one process (single-node cluster).
     Dev(DevArgs),
+    /// Run a control-plane member: Raft-replicated state, scheduler, public API.
+    Control(roles::ControlArgs),
+    /// Run a node agent that joins a control plane.
+    Agent(roles::AgentArgs),
 }
 
 #[derive(clap::Args)]
@@ -144,13 +154,16 @@ fn cache_dir() -> PathBuf {
 async fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,openraft=warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Dev(a) => dev(a).await,
+        Cmd::Control(a) => roles::control(a).await,
+        Cmd::Agent(a) => roles::agent(a).await,
     }
 }
 
@@ -193,6 +206,12 @@ async fn dev(a: DevArgs) -> Result<()> {
             )
         })?;
     let agent = Agent::start(cfg).await.context("starting the node agent")?;
+    let local = listener.local_addr()?;
+    let token = load_or_create_token(&a.data_dir)?;
+    let cp = roles::embedded_control_plane(&a.data_dir, local, &token).await?;
+    roles::spawn_link(agent.clone(), roles::dev_link(&agent, local, &token));
+    let app = hearth_control::router(agent.clone(), token.clone())
+        .merge(hearth_control::cluster::cluster_routes(cp, token));
     let info = agent.info();
     tracing::info!(
         "hearthd dev: API on http://{} (data {}, backend {}, accel {})",
@@ -217,12 +236,11 @@ async fn dev(a: DevArgs) -> Result<()> {
             }
         });
     }
-    let token = load_or_create_token(&a.data_dir)?;
-    axum_serve(listener, hearth_control::router(agent, token)).await
+    axum_serve(listener, app).await
 }
 
 /// The API token: `HEARTH_TOKEN`, else DATA/api-token, created (0600) on first start.
-fn load_or_create_token(data_dir: &std::path::Path) -> Result<hearth_control::ApiToken> {
+pub(crate) fn load_or_create_token(data_dir: &std::path::Path) -> Result<hearth_control::ApiToken> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     if let Ok(t) = std::env::var("HEARTH_TOKEN") {
@@ -259,7 +277,7 @@ fn load_or_create_token(data_dir: &std::path::Path) -> Result<hearth_control::Ap
 /// Serves until SIGINT/SIGTERM, then exits promptly: streaming clients are cut
 /// off, and VMs keep running in their own sessions (the next start of hearthd
 /// finds them).
-async fn axum_serve(listener: tokio::net::TcpListener, app: axum::Router) -> Result<()> {
+pub(crate) async fn axum_serve(listener: tokio::net::TcpListener, app: axum::Router) -> Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
     tokio::select! {

@@ -6,6 +6,7 @@
 //! The binaries are taken from `HEARTH_BIN_DIR`, else from the cargo target
 //! directory of this test executable (`scripts/test` builds them first).
 
+pub mod cluster;
 pub mod images;
 pub mod registry;
 
