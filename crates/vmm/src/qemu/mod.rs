@@ -6,6 +6,7 @@
 //! for QEMU's STOP/RESUME events.
 
 pub mod argv;
+pub mod migrate;
 mod overlay;
 
 use std::fs::File;
@@ -92,11 +93,17 @@ impl QemuVmm {
 
     /// Like [`Vmm::create`], returning the concrete type.
     pub async fn create_qemu(&self, cfg: &VmConfig) -> Result<QemuVm, VmmError> {
+        self.create_with_args(cfg, &[]).await
+    }
+
+    /// [`QemuVmm::create_qemu`] with `extra` appended to the contract's command line.
+    async fn create_with_args(&self, cfg: &VmConfig, extra: &[String]) -> Result<QemuVm, VmmError> {
         cfg.validate(&self.host)?;
         cfg.check_artifacts()?;
         let layout = Layout::new(&absolute(&cfg.id, &cfg.dir)?);
         layout.check_socket_paths(&cfg.id)?;
-        let args = argv::qemu_args(cfg, &layout)?;
+        let mut args = argv::qemu_args(cfg, &layout)?;
+        args.extend(extra.iter().cloned());
 
         let created_dir = !layout.dir.exists();
         std::fs::create_dir_all(&layout.dir).map_err(|source| VmmError::Io {
@@ -494,6 +501,20 @@ impl Vm for QemuVm {
         // why: unbounded on purpose: a supervisor waits for as long as the VM runs.
         Ok(self.exit.wait().await)
     }
+
+    async fn migrate_out(
+        &self,
+        dest: &Path,
+        params: &crate::MigrationParams,
+        progress: &tokio::sync::watch::Sender<crate::MigrationProgress>,
+        gate: Option<migrate::SwitchoverGate>,
+    ) -> Result<crate::MigrationProgress, VmmError> {
+        self.migrate_out_qemu(dest, params, progress, gate).await
+    }
+
+    async fn wait_incoming(&self, timeout: Duration) -> Result<(), VmmError> {
+        QemuVm::wait_incoming(self, timeout).await
+    }
 }
 
 impl QemuVm {
@@ -518,6 +539,14 @@ impl Vmm for QemuVmm {
 
     async fn adopt(&self, dir: &Path) -> Result<Box<dyn Vm>, VmmError> {
         Ok(Box::new(self.adopt_qemu(dir).await?))
+    }
+
+    async fn create_incoming(
+        &self,
+        cfg: &VmConfig,
+        incoming: &Path,
+    ) -> Result<Box<dyn Vm>, VmmError> {
+        Ok(Box::new(self.create_incoming_qemu(cfg, incoming).await?))
     }
 
     fn name(&self) -> &'static str {
