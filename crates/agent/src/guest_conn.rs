@@ -42,6 +42,9 @@ pub enum GuestError {
     /// The guest sent more output than its flow-control window allows.
     #[error("guest broke flow control: session {session} has {in_flight} unacknowledged bytes (window {INITIAL_WINDOW})")]
     WindowExceeded { session: u32, in_flight: u64 },
+    /// The channel is frozen for a migration's switch-over.
+    #[error("the guest channel is paused for a live migration")]
+    Frozen,
     /// The guest stopped reading its channel.
     #[error("guest is not reading its channel (a send waited {0:?})")]
     Stalled(Duration),
@@ -79,6 +82,11 @@ pub struct GuestConn {
     hello: Hello,
     pong: Mutex<Option<oneshot::Sender<()>>>,
     closed: tokio::sync::watch::Receiver<bool>,
+    /// Set during a migration's switch-over: nothing more goes to the guest.
+    frozen: std::sync::atomic::AtomicBool,
+    /// Frames handed to the writer task, and frames it has written.
+    queued: AtomicU64,
+    written: Arc<AtomicU64>,
 }
 
 impl GuestConn {
@@ -87,7 +95,7 @@ impl GuestConn {
     where
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
-        let (mut rd, mut wr) = tokio::io::split(stream);
+        let (mut rd, wr) = tokio::io::split(stream);
         let first = tokio::time::timeout(timeout, read_frame_async(&mut rd))
             .await
             .map_err(|_| GuestError::HelloTimeout(timeout))??
@@ -101,11 +109,34 @@ impl GuestConn {
                 got: hello.protocol_version,
             });
         }
+        Ok(Self::serve(rd, wr, hello, 1))
+    }
 
+    /// Re-attaches to a guest agent that is already serving (after a live
+    /// migration): the guest sends Hello only once per boot, so the one it sent
+    /// the previous host is passed in. New sessions get ids from `next_id` on,
+    /// so they never collide with sessions the guest still runs.
+    pub fn attach<S>(stream: S, hello: Hello, next_id: u32) -> Arc<GuestConn>
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (rd, wr) = tokio::io::split(stream);
+        Self::serve(rd, wr, hello, next_id.max(1))
+    }
+
+    fn serve<R, W>(mut rd: R, mut wr: W, hello: Hello, next_id: u32) -> Arc<GuestConn>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
         let (tx, mut rx) = mpsc::channel::<Frame>(64);
+        let written = Arc::new(AtomicU64::new(0));
+        let w2 = written.clone();
         tokio::spawn(async move {
             while let Some(f) = rx.recv().await {
-                if write_frame_async(&mut wr, &f).await.is_err() {
+                let ok = write_frame_async(&mut wr, &f).await.is_ok();
+                w2.fetch_add(1, Ordering::AcqRel);
+                if !ok {
                     break;
                 }
             }
@@ -114,10 +145,13 @@ impl GuestConn {
         let conn = Arc::new(GuestConn {
             tx,
             sessions: Arc::default(),
-            next_id: AtomicU32::new(1),
+            next_id: AtomicU32::new(next_id),
             hello,
             pong: Mutex::new(None),
             closed,
+            frozen: std::sync::atomic::AtomicBool::new(false),
+            queued: AtomicU64::new(0),
+            written,
         });
         let weak = Arc::downgrade(&conn);
         let sessions = conn.sessions.clone();
@@ -143,7 +177,89 @@ impl GuestConn {
                 sink.stdin_credit.close();
             }
         });
-        Ok(conn)
+        conn
+    }
+
+    /// Stops sending to the guest (sends fail at once, credit stays owed) and
+    /// returns once every frame queued before has been written to the stream.
+    /// Used at a migration's switch-over, so nothing is in flight to a VM
+    /// whose memory has already been copied.
+    pub async fn freeze(&self, timeout: Duration) -> Result<(), GuestError> {
+        self.frozen.store(true, Ordering::SeqCst);
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.written.load(Ordering::Acquire) < self.queued.load(Ordering::Acquire) {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(GuestError::Stalled(timeout));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        Ok(())
+    }
+
+    /// Undoes [`GuestConn::freeze`] (the migration did not happen).
+    pub fn thaw(&self) {
+        self.frozen.store(false, Ordering::SeqCst);
+    }
+
+    /// The id the next session will get.
+    pub fn next_session_id(&self) -> u32 {
+        self.next_id.load(Ordering::Relaxed)
+    }
+
+    /// Ids of the sessions still running in the guest.
+    pub fn live_sessions(&self) -> Vec<u32> {
+        let map = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        map.keys().copied().collect()
+    }
+
+    /// Takes over session `id` that a previous host started, with `unacked`
+    /// output bytes the guest still counts against its window. Those bytes were
+    /// consumed by the previous host, so their credit goes back first thing.
+    pub fn adopt_session(self: &Arc<Self>, id: u32, unacked: u64) -> Session {
+        let unacked = unacked.min(u64::from(INITIAL_WINDOW));
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let stdin_credit = Arc::new(Semaphore::new(INITIAL_WINDOW as usize));
+        let in_flight = Arc::new(AtomicU64::new(unacked));
+        self.sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                id,
+                SessionSink {
+                    events: events_tx,
+                    stdin_credit: stdin_credit.clone(),
+                    in_flight: in_flight.clone(),
+                },
+            );
+        Session {
+            id,
+            conn: self.clone(),
+            events,
+            stdin_credit,
+            in_flight,
+            pending_credit: unacked as u32,
+            ended: false,
+        }
+    }
+
+    /// SIGKILLs the process of a session this host does not serve.
+    pub async fn kill_session(&self, id: u32) -> Result<(), GuestError> {
+        self.send(Frame::json(
+            Kind::Signal,
+            id,
+            &SignalRequest {
+                signal: libc::SIGKILL,
+            },
+        ))
+        .await?;
+        self.send(Frame::json(
+            Kind::Credit,
+            id,
+            &Credit {
+                bytes: INITIAL_WINDOW,
+            },
+        ))
+        .await
     }
 
     pub fn hello(&self) -> &Hello {
@@ -217,6 +333,10 @@ impl GuestConn {
     }
 
     async fn send(&self, f: Frame) -> Result<(), GuestError> {
+        if self.frozen.load(Ordering::SeqCst) {
+            return Err(GuestError::Frozen);
+        }
+        self.queued.fetch_add(1, Ordering::AcqRel);
         match tokio::time::timeout(SEND_TIMEOUT, self.tx.send(f)).await {
             Ok(r) => r.map_err(|_| GuestError::Closed),
             Err(_) => Err(GuestError::Stalled(SEND_TIMEOUT)),
@@ -319,6 +439,36 @@ impl Session {
             SessionEvent::Started(_) => {}
         }
         Some(ev)
+    }
+
+    /// The next event if one is already here; sends no credit (the channel
+    /// may be frozen), so what it returns stays counted in [`Session::unacked`].
+    pub fn try_next(&mut self) -> Option<SessionEvent> {
+        let ev = self.events.try_recv().ok()?;
+        match &ev {
+            SessionEvent::Stdout(b) | SessionEvent::Stderr(b) => {
+                self.pending_credit = self.pending_credit.saturating_add(b.len() as u32);
+            }
+            SessionEvent::Exit(_) | SessionEvent::Failed(_) => self.ended = true,
+            SessionEvent::Started(_) => {}
+        }
+        Some(ev)
+    }
+
+    /// This session's id in the guest.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// Output bytes the guest has sent and not yet got credit for.
+    pub fn unacked(&self) -> u64 {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Gives the session up to another host: dropping it then neither kills
+    /// the guest process nor touches the channel.
+    pub fn hand_over(&mut self) {
+        self.ended = true;
     }
 
     /// A handle for writing stdin and sending signals from another task.

@@ -9,6 +9,7 @@
 //! Disk layout under the data dir: `sandboxes/<id>/{sandbox.json, output.log, vm/}`.
 
 pub mod guest_conn;
+pub mod migration;
 pub mod output_log;
 mod sandbox;
 

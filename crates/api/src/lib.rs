@@ -4,6 +4,7 @@
 //! same. Request types reject unknown fields: a typo in a field name is a 400, not
 //! a silently ignored option. The OpenAPI document is generated from these types.
 
+pub mod migration;
 pub mod stream;
 
 use serde::{Deserialize, Serialize};
@@ -181,6 +182,9 @@ pub struct Info {
     pub node: String,
     pub host_cpus: u32,
     pub host_memory_mib: u64,
+    /// Unique id of this node's data dir (a migration to the same node is refused).
+    #[serde(default)]
+    pub node_id: String,
 }
 
 /// Stable, machine-readable error codes.

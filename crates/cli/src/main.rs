@@ -6,6 +6,7 @@
 //! failure); 2 for a command-line usage error.
 
 mod client;
+mod migrate;
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
@@ -93,6 +94,8 @@ enum Cmd {
     /// Manage images.
     #[command(subcommand)]
     Image(ImageCmd),
+    /// Live-migrate a running sandbox to another node (or show its progress with --status).
+    Migrate(migrate::MigrateArgs),
 }
 
 #[derive(Subcommand)]
@@ -239,6 +242,7 @@ async fn run(cli: Cli) -> Result<u8> {
             Ok(if err { EXIT_HEARTH_FAILED } else { 0 })
         }
         Cmd::Exec(a) => cmd_exec(&c, a).await,
+        Cmd::Migrate(a) => migrate::run(&c, a).await,
         Cmd::Stop { timeout, sandboxes } => {
             for s in sandboxes {
                 let _: Sandbox = c

@@ -18,6 +18,11 @@ use utoipa::OpenApi;
         hearth_api::Info,
         hearth_api::ApiError,
         hearth_api::ErrorCode,
+        hearth_api::migration::MigrateSandbox,
+        hearth_api::migration::MigrationStatus,
+        hearth_api::migration::IncomingOffer,
+        hearth_api::migration::IncomingAccepted,
+        hearth_api::migration::IncomingCommit,
     ))
 )]
 struct ApiDoc;
@@ -49,7 +54,13 @@ pub fn document() -> serde_json::Value {
         "/v1/sandboxes/{id}/execs/{exec_id}/stdin": {"post": {"summary": "Stream into an exec session's stdin", "responses": {"204": {"description": "stdin closed"}, "404": err}}},
         "/v1/images": {"get": {"summary": "List images", "responses": {"200": {"content": {"application/json": {"schema": {"type": "array", "items": {"$ref": "#/components/schemas/Image"}}}}}}}},
         "/v1/images/import": {"post": {"summary": "Import an image from a path on the daemon's host", "requestBody": json("ImportImage"), "responses": {"201": json("Image"), "400": err, "404": err}}},
-        "/v1/images/{reference}": {"delete": {"summary": "Remove an image", "responses": {"204": {"description": "removed"}, "404": err}}}
+        "/v1/images/{reference}": {"delete": {"summary": "Remove an image", "responses": {"204": {"description": "removed"}, "404": err}}},
+        "/v1/sandboxes/{id}/migrate": {"post": {"parameters": id, "summary": "Live-migrate a running sandbox to another node; returns when the target runs it", "requestBody": json("MigrateSandbox"), "responses": {"200": json("MigrationStatus"), "404": err, "409": err, "500": err}}},
+        "/v1/sandboxes/{id}/migration": {"get": {"parameters": id, "summary": "Progress of the sandbox's current or last migration from this node", "responses": {"200": json("MigrationStatus"), "404": err}}},
+        "/v1/migrations/incoming": {"post": {"summary": "Agent to agent: prepare an incoming VM (the image must be here)", "requestBody": json("IncomingOffer"), "responses": {"201": json("IncomingAccepted"), "404": err, "409": err}}},
+        "/v1/migrations/incoming/{id}": {"delete": {"summary": "Agent to agent: remove an uncommitted incoming VM (409 if committed)", "responses": {"200": {"description": "removed"}, "409": err}}},
+        "/v1/migrations/incoming/{id}/log": {"put": {"summary": "Agent to agent: the sandbox's output log so far", "responses": {"200": {"description": "stored"}}}},
+        "/v1/migrations/incoming/{id}/commit": {"post": {"summary": "Agent to agent: start the migrated VM and take the sandbox over", "requestBody": json("IncomingCommit"), "responses": {"200": json("Sandbox"), "500": err}}}
     });
     doc
 }
