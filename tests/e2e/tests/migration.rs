@@ -380,3 +380,193 @@ fn killed_target_and_concurrent_migration_leave_one_running_copy() {
     assert_contiguous_from_zero(&counted(&a, "c"));
     let _ = Path::new("");
 }
+
+/// Two network namespaces ("hosts"), each linked to the root namespace for the
+/// test's API calls, and linked to each other by a veth pair `x0` that carries
+/// the migration. Removed (with their links) on drop.
+struct TwoHosts {
+    ns: [String; 2],
+    /// Addresses the root namespace reaches each host at.
+    api_ip: [String; 2],
+    /// Addresses on the host-to-host link.
+    link_ip: [String; 2],
+}
+
+fn sh(cmd: &str) -> bool {
+    std::process::Command::new("sh")
+        .args(["-c", cmd])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+impl TwoHosts {
+    fn create() -> Option<TwoHosts> {
+        let p = std::process::id();
+        let n = 20 + p % 200;
+        let ns = [format!("hma{p}"), format!("hmb{p}")];
+        let h = TwoHosts {
+            ns: ns.clone(),
+            api_ip: [format!("10.88.{n}.2"), format!("10.88.{n}.6")],
+            link_ip: [format!("10.88.{n}.9"), format!("10.88.{n}.10")],
+        };
+        let (a, b) = (&ns[0], &ns[1]);
+        let script = format!(
+            "set -e
+             ip netns add {a}; ip netns add {b}
+             ip -n {a} link set lo up; ip -n {b} link set lo up
+             ip link add {a} type veth peer name up0 netns {a}
+             ip addr add 10.88.{n}.1/30 dev {a}; ip link set {a} up
+             ip -n {a} addr add 10.88.{n}.2/30 dev up0; ip -n {a} link set up0 up
+             ip link add {b} type veth peer name up0 netns {b}
+             ip addr add 10.88.{n}.5/30 dev {b}; ip link set {b} up
+             ip -n {b} addr add 10.88.{n}.6/30 dev up0; ip -n {b} link set up0 up
+             ip -n {a} link add x0 type veth peer name x0 netns {b}
+             ip -n {a} addr add 10.88.{n}.9/30 dev x0; ip -n {a} link set x0 up
+             ip -n {b} addr add 10.88.{n}.10/30 dev x0; ip -n {b} link set x0 up"
+        );
+        if sh(&script) {
+            Some(h)
+        } else {
+            drop(h);
+            None
+        }
+    }
+
+    fn daemon(&self, i: usize) -> Daemon {
+        Daemon::start_with(DaemonOptions {
+            busybox: false,
+            netns: Some(self.ns[i].clone()),
+            listen_ip: Some("0.0.0.0".into()),
+            reach_ip: Some(self.api_ip[i].clone()),
+            ..Default::default()
+        })
+    }
+
+    /// Bytes sent on host `i`'s end of the host-to-host link.
+    fn link_tx_bytes(&self, i: usize) -> u64 {
+        let out = std::process::Command::new("ip")
+            .args(["-n", &self.ns[i], "-s", "-j", "link", "show", "x0"])
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v[0]["stats64"]["tx"]["bytes"].as_u64().unwrap_or(0)
+    }
+
+    fn set_link(&self, up: bool) {
+        let state = if up { "up" } else { "down" };
+        assert!(sh(&format!("ip -n {} link set x0 {state}", self.ns[0])));
+    }
+}
+
+impl Drop for TwoHosts {
+    fn drop(&mut self) {
+        for ns in &self.ns {
+            let _ = sh(&format!(
+                "ip netns del {ns} 2>/dev/null; ip link del {ns} 2>/dev/null"
+            ));
+        }
+    }
+}
+
+#[test]
+fn migration_crosses_a_veth_between_namespaces_and_survives_cutting_it() {
+    let Some(hosts) = TwoHosts::create() else {
+        println!("SKIPPED: cannot create network namespaces and veths here (needs root)");
+        return;
+    };
+    let (a, b) = (hosts.daemon(0), hosts.daemon(1));
+    let rootfs = a.data.path().join("busybox-rootfs");
+    images::busybox_rootfs(&rootfs);
+    for d in [&a, &b] {
+        let out = d.hearth(&[
+            "image",
+            "import",
+            "--name",
+            "busybox",
+            rootfs.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "import: {}", show(&out));
+    }
+    let target = format!("http://{}:{}", hosts.link_ip[1], b.port);
+    let tf = token_file(&b);
+
+    // Across the link: the stream goes over x0.
+    let id = run_counter(&a, "counter");
+    let tx0 = hosts.link_tx_bytes(0);
+    let out = a.hearth(&[
+        "migrate",
+        "counter",
+        "--to",
+        &target,
+        "--to-token-file",
+        &tf,
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}\n{}", show(&out), a.log_text());
+    let moved = hosts.link_tx_bytes(0) - tx0;
+    assert!(moved > 20 << 20, "only {moved} bytes crossed the veth");
+    assert_eq!(b.inspect("counter")["id"], id.as_str());
+    let n = counted(&b, "counter").len();
+    wait_until("counting on the target", Duration::from_secs(60), || {
+        counted(&b, "counter").len() > n + 5
+    });
+    assert_contiguous_from_zero(&counted(&b, "counter"));
+
+    // Cut the link during pre-copy: the source gives up and keeps running.
+    run_counter(&a, "c2");
+    let mut child = a
+        .cmd(&[
+            "migrate",
+            "c2",
+            "--to",
+            &target,
+            "--to-token-file",
+            &tf,
+            "--bandwidth-mib",
+            "4",
+            "--give-up-secs",
+            "8",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("pre-copy to start", Duration::from_secs(60), || {
+        let out = a.hearth(&["migrate", "--status", "--json", "c2"]);
+        out.status.success()
+            && serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                .map(|s| s["phase"] == "precopy" && s["bytes_sent"].as_u64().unwrap_or(0) > 0)
+                .unwrap_or(false)
+    });
+    hosts.set_link(false);
+    let t0 = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "migration did not give up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().unwrap();
+    println!("gave up {:?} after the cut", t0.elapsed());
+    assert!(!out.status.success(), "{}", show(&out));
+    assert!(
+        stderr(&out).contains("keeps running here"),
+        "{}",
+        show(&out)
+    );
+    hosts.set_link(true);
+    assert_eq!(a.inspect("c2")["status"], "running");
+    let n = counted(&a, "c2").len();
+    wait_until("c2 counting on the source", Duration::from_secs(30), || {
+        counted(&a, "c2").len() > n + 3
+    });
+    assert_contiguous_from_zero(&counted(&a, "c2"));
+    // The target's half-received VM goes away once the link is back.
+    wait_until(
+        "the target's incoming VM to be removed",
+        Duration::from_secs(30),
+        || vmm_pids_under(b.data.path()).len() == 1,
+    );
+    drop((a, b));
+}

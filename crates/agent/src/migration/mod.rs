@@ -329,7 +329,11 @@ pub(crate) async fn run_source(
         Ok(p) => p,
         Err(e) => {
             conn.thaw();
-            let _ = job.peer.abort(&id).await;
+            // why: the target may be unreachable (a cut link); its VM is removed
+            // by this abort when it gets through, else by its incoming TTL.
+            let peer = job.peer.clone();
+            let id2 = id.clone();
+            tokio::spawn(async move { peer.abort(&id2).await });
             let msg = format!(
                 "migration of sandbox {id} to {} failed before the switch-over; it keeps running here: {e}",
                 job.peer.base()

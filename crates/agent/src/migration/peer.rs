@@ -11,6 +11,8 @@ use serde::de::DeserializeOwned;
 
 /// Bound on one request; the commit includes starting the guest under TCG.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Bound on reaching the target at all.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A failed call to the target.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +40,7 @@ impl Peer {
             token: token.to_string(),
             http: reqwest::Client::builder()
                 .timeout(REQUEST_TIMEOUT)
+                .connect_timeout(CONNECT_TIMEOUT)
                 .build()
                 .unwrap_or_default(),
         }
