@@ -42,6 +42,9 @@ pub enum GuestError {
     /// The guest sent more output than its flow-control window allows.
     #[error("guest broke flow control: session {session} has {in_flight} unacknowledged bytes (window {INITIAL_WINDOW})")]
     WindowExceeded { session: u32, in_flight: u64 },
+    /// The guest did not answer a ping in time.
+    #[error("guest agent did not answer a ping within {0:?}")]
+    NoPong(Duration),
     /// The channel is frozen for a migration's switch-over.
     #[error("the guest channel is paused for a live migration")]
     Frozen,
@@ -337,9 +340,24 @@ impl GuestConn {
             return Err(GuestError::Frozen);
         }
         self.queued.fetch_add(1, Ordering::AcqRel);
-        match tokio::time::timeout(SEND_TIMEOUT, self.tx.send(f)).await {
+        let r = match tokio::time::timeout(SEND_TIMEOUT, self.tx.send(f)).await {
             Ok(r) => r.map_err(|_| GuestError::Closed),
             Err(_) => Err(GuestError::Stalled(SEND_TIMEOUT)),
+        };
+        if r.is_err() {
+            // why: a frame that never reached the writer must not hold up `freeze`.
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+        }
+        r
+    }
+
+    /// Queues a frame without waiting (best effort, for Drop).
+    fn try_send(&self, f: Frame) {
+        if self.frozen.load(Ordering::SeqCst) {
+            return;
+        }
+        if self.tx.try_send(f).is_ok() {
+            self.queued.fetch_add(1, Ordering::AcqRel);
         }
     }
 
@@ -392,7 +410,7 @@ impl GuestConn {
             .await?;
         tokio::time::timeout(timeout, rx)
             .await
-            .map_err(|_| GuestError::Closed)?
+            .map_err(|_| GuestError::NoPong(timeout))?
             .map_err(|_| GuestError::Closed)
     }
 }
@@ -496,7 +514,7 @@ impl Drop for Session {
         if still_there {
             // Best effort without blocking: the guest reaps the process and its
             // Exit frame is ignored as a frame for an unknown session.
-            let _ = self.conn.tx.try_send(Frame::json(
+            self.conn.try_send(Frame::json(
                 Kind::Signal,
                 self.id,
                 &SignalRequest {
@@ -505,7 +523,7 @@ impl Drop for Session {
             ));
             // Let the guest drain what the process left in its pipes.
             for _ in 0..2 {
-                let _ = self.conn.tx.try_send(Frame::json(
+                self.conn.try_send(Frame::json(
                     Kind::Credit,
                     self.id,
                     &Credit {

@@ -818,6 +818,7 @@ impl Agent {
                 )))
             }
         };
+        let t0 = Instant::now();
         let started = async {
             vm.wait_incoming(INCOMING_COMPLETE_TIMEOUT)
                 .await
@@ -854,10 +855,13 @@ impl Agent {
                 let _ = hearth_vmm::destroy(&inc.dir.join("vm"));
                 let _ = std::fs::remove_dir_all(&inc.dir);
                 lock(&self.inner.migrations.incoming).remove(id);
-                return Err(AgentError::Migration(format!(
-                    "node {} could not take over sandbox '{id}': {why}; its VM here is removed",
-                    self.inner.cfg.node
-                )));
+                let msg = format!(
+                    "node {} could not take over sandbox '{id}' ({:?} into the commit): {why}; its VM here is removed",
+                    self.inner.cfg.node,
+                    t0.elapsed()
+                );
+                tracing::warn!("{msg}");
+                return Err(AgentError::Migration(msg));
             }
         };
         let _ = std::fs::remove_file(inc.dir.join("incoming.sock"));
