@@ -85,7 +85,9 @@ impl Drop for ActiveGuard<'_> {
 }
 
 enum Slot {
-    Waiting(Box<dyn Vm>),
+    /// The incoming VM, and its guest channel, connected before the state
+    /// arrives so the guest never sees its host side close.
+    Waiting(Box<dyn Vm>, tokio::net::UnixStream),
     Committed,
     Removed,
 }
@@ -722,6 +724,22 @@ impl Agent {
                 });
             }
         };
+        // why: the source's channel was connected when its state was saved; if
+        // ours is not when that state loads, QEMU tells the guest the host went
+        // away and back, and a guest blocked writing output can miss the reopen.
+        let agent_stream = match vm.connect_agent().await {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = vm.kill().await;
+                let _ = vm.wait().await;
+                let _ = hearth_vmm::destroy(&vm_dir);
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(AgentError::VmFailed {
+                    id: sb.id.clone(),
+                    message: format!("cannot connect the incoming VM's guest channel: {e}"),
+                });
+            }
+        };
         let bind = bind.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
         let listener = match tokio::net::TcpListener::bind((bind, 0)).await {
             Ok(l) => l,
@@ -751,7 +769,7 @@ impl Agent {
         let inc = Arc::new(Incoming {
             offer: offer.clone(),
             dir,
-            slot: tokio::sync::Mutex::new(Slot::Waiting(vm)),
+            slot: tokio::sync::Mutex::new(Slot::Waiting(vm, agent_stream)),
             tunnel,
         });
         lock(&i.migrations.incoming).insert(sb.id.clone(), inc);
@@ -806,8 +824,8 @@ impl Agent {
     ) -> Result<Sandbox, AgentError> {
         let inc = self.incoming(id)?;
         let mut slot = inc.slot.lock().await;
-        let vm = match std::mem::replace(&mut *slot, Slot::Removed) {
-            Slot::Waiting(vm) => vm,
+        let (vm, stream) = match std::mem::replace(&mut *slot, Slot::Removed) {
+            Slot::Waiting(vm, stream) => (vm, stream),
             Slot::Committed => {
                 *slot = Slot::Committed;
                 return self.get(id);
@@ -823,7 +841,6 @@ impl Agent {
             vm.wait_incoming(INCOMING_COMPLETE_TIMEOUT)
                 .await
                 .map_err(|e| e.to_string())?;
-            let stream = vm.connect_agent().await.map_err(|e| e.to_string())?;
             let fd = {
                 use std::os::fd::AsFd;
                 stream.as_fd().try_clone_to_owned().ok()
@@ -848,6 +865,7 @@ impl Agent {
         let (conn, session, fd) = match started {
             Ok(x) => x,
             Err(why) => {
+                let console = hearth_vmm::log_tail(&vm.console_log(), 1500);
                 let _ = vm.kill().await;
                 let _ = vm.wait().await;
                 inc.tunnel.abort();
@@ -856,7 +874,7 @@ impl Agent {
                 let _ = std::fs::remove_dir_all(&inc.dir);
                 lock(&self.inner.migrations.incoming).remove(id);
                 let msg = format!(
-                    "node {} could not take over sandbox '{id}' ({:?} into the commit): {why}; its VM here is removed",
+                    "node {} could not take over sandbox '{id}' ({:?} into the commit): {why}; its VM here is removed; guest console ends with: {console}",
                     self.inner.cfg.node,
                     t0.elapsed()
                 );
@@ -913,7 +931,7 @@ impl Agent {
         };
         let mut slot = inc.slot.lock().await;
         match std::mem::replace(&mut *slot, Slot::Removed) {
-            Slot::Waiting(vm) => {
+            Slot::Waiting(vm, _stream) => {
                 let _ = vm.kill().await;
                 let _ = vm.wait().await;
                 inc.tunnel.abort();
