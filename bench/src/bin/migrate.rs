@@ -50,7 +50,10 @@ struct Sample {
     throttle: u64,
 }
 
-fn follow(d: &Daemon, sandbox: &str) -> (std::process::Child, Arc<Mutex<Vec<(Instant, u64)>>>) {
+/// Output lines with the time the host relayed them.
+type Lines = Arc<Mutex<Vec<(Instant, u64)>>>;
+
+fn follow(d: &Daemon, sandbox: &str) -> (std::process::Child, Lines) {
     let mut child = d
         .cmd(&["logs", "-f", sandbox])
         .stdin(Stdio::null())
@@ -72,7 +75,7 @@ fn follow(d: &Daemon, sandbox: &str) -> (std::process::Child, Arc<Mutex<Vec<(Ins
     (child, lines)
 }
 
-fn wait_lines(lines: &Arc<Mutex<Vec<(Instant, u64)>>>, n: usize) {
+fn wait_lines(lines: &Lines, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(180);
     while lines.lock().unwrap().len() < n {
         assert!(Instant::now() < deadline, "workload output did not arrive");
