@@ -56,6 +56,9 @@ pub enum AgentError {
     /// A migration failed; the message says where the sandbox runs now.
     #[error("{0}")]
     Migration(String),
+    /// No migration of that sandbox is known here.
+    #[error("{0}")]
+    NoMigration(String),
 }
 
 impl AgentError {
@@ -73,6 +76,7 @@ impl AgentError {
             AgentError::Io { .. } | AgentError::Config(_) => ErrorCode::Internal,
             AgentError::ImageMissing(_) => ErrorCode::ImageNotFound,
             AgentError::Migration(_) => ErrorCode::VmFailed,
+            AgentError::NoMigration(_) => ErrorCode::NotFound,
         }
     }
 }

@@ -186,8 +186,9 @@ fn queued(fd: &std::os::fd::OwnedFd, request: libc::c_ulong) -> usize {
     }
 }
 
-/// Waits until the VMM has taken everything we wrote into the guest channel.
-async fn outgoing_drained(entry: &Entry) -> bool {
+/// Waits until the VMM has taken everything we wrote into the guest channel;
+/// else says how many bytes it left.
+async fn outgoing_drained(entry: &Entry) -> Result<(), String> {
     let deadline = Instant::now() + QUIESCE_TIMEOUT;
     loop {
         let n = match lock(&entry.chan_fd).as_ref() {
@@ -195,10 +196,12 @@ async fn outgoing_drained(entry: &Entry) -> bool {
             None => 0,
         };
         if n == 0 {
-            return true;
+            return Ok(());
         }
         if Instant::now() >= deadline {
-            return false;
+            return Err(format!(
+                "{n} bytes for the guest were still queued in its channel after {QUIESCE_TIMEOUT:?}"
+            ));
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
@@ -284,6 +287,7 @@ pub(crate) async fn run_source(
     let mut proceed_tx = Some(proceed_tx);
     let mut paused_at: Option<Instant> = None;
     let mut stash: Option<Option<SessionEvent>> = None;
+    let mut refused: Option<String> = None;
     let result = {
         let mig = vm.migrate_out(&sock, &job.params, &ptx, Some(gate));
         tokio::pin!(mig);
@@ -295,12 +299,18 @@ pub(crate) async fn run_source(
                     if r.is_ok() {
                         paused_at = Some(Instant::now());
                         job.set_phase(entry, Phase::Switchover);
-                        let ok = conn.freeze(QUIESCE_TIMEOUT).await.is_ok() && outgoing_drained(entry).await;
-                        if !ok {
-                            tracing::warn!(sandbox = %id, "guest channel did not quiesce; cancelling the switch-over");
+                        let quiet = match conn.freeze(QUIESCE_TIMEOUT).await {
+                            Ok(()) => outgoing_drained(entry).await,
+                            Err(e) => Err(format!("the guest channel's writer did not flush: {e}")),
+                        };
+                        if let Err(why) = &quiet {
+                            tracing::warn!(sandbox = %id, "guest channel did not quiesce ({why}); cancelling the switch-over");
+                            refused = Some(why.clone());
+                        } else if stash.is_some() {
+                            refused = Some("the workload ended".into());
                         }
                         if let Some(tx) = proceed_tx.take() {
-                            let _ = tx.send(ok && stash.is_none());
+                            let _ = tx.send(refused.is_none());
                         }
                     }
                 }
@@ -336,8 +346,12 @@ pub(crate) async fn run_source(
             let peer = job.peer.clone();
             let id2 = id.clone();
             tokio::spawn(async move { peer.abort(&id2).await });
+            let why = match refused {
+                Some(r) => format!("switch-over refused: {r}"),
+                None => e.to_string(),
+            };
             let msg = format!(
-                "migration of sandbox {id} to {} failed before the switch-over; it keeps running here: {e}",
+                "migration of sandbox {id} to {} failed before the switch-over; it keeps running here: {why}",
                 job.peer.base()
             );
             job.end(entry, Phase::Aborted, Err(AgentError::Migration(msg)));
@@ -625,8 +639,8 @@ impl Agent {
         m.get(id_or_name)
             .map(|rx| rx.borrow().clone())
             .ok_or_else(|| {
-                AgentError::SandboxNotFound(format!(
-                    "{id_or_name}' has no migration recorded on this node; '{id_or_name}"
+                AgentError::NoMigration(format!(
+                    "sandbox '{id_or_name}' has no migration recorded on this node (ask the node it migrated from)"
                 ))
             })
     }
@@ -792,7 +806,7 @@ impl Agent {
             .get(id)
             .cloned()
             .ok_or_else(|| {
-                AgentError::SandboxNotFound(format!("{id}' (no incoming migration of '{id}"))
+                AgentError::NoMigration(format!("no incoming migration of sandbox '{id}' here"))
             })
     }
 
