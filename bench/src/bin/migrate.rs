@@ -48,6 +48,8 @@ struct Sample {
     stall: Option<Duration>,
     iterations: u64,
     throttle: u64,
+    /// Bare only: the guest answered a Ping on the target within 20 s.
+    alive: Option<bool>,
 }
 
 /// Output lines with the time the host relayed them.
@@ -140,6 +142,7 @@ fn hearth_run(a: &Daemon, b: &Daemon, mib: u32, dirty: bool) -> Sample {
         stall,
         iterations: st["iterations"].as_u64().unwrap_or(0),
         throttle: st["cpu_throttle_percent"].as_u64().unwrap_or(0),
+        alive: None,
     }
 }
 
@@ -203,6 +206,11 @@ async fn bare_run(rootfs: &std::path::Path, mib: u32, dirty: bool) -> Sample {
         .await
         .expect("incoming");
     drain.abort();
+    // Is the guest alive on the target? (Hearth checks this with a Ping before it commits.)
+    let stream = dst.connect_agent().await.expect("target agent socket");
+    dst.start().await.expect("start target");
+    let target = GuestConn::attach(stream, conn.hello().clone(), 1000);
+    let alive = target.ping(Duration::from_secs(20)).await.is_ok();
     for vm in [&src as &dyn Vm, &dst] {
         let _ = vm.kill().await;
         let _ = vm.wait().await;
@@ -212,6 +220,7 @@ async fn bare_run(rootfs: &std::path::Path, mib: u32, dirty: bool) -> Sample {
         downtime_ms: p.downtime_ms.unwrap_or(0),
         iterations: p.iterations,
         throttle: p.cpu_throttle_percent,
+        alive: Some(alive),
         ..Default::default()
     }
 }
@@ -241,6 +250,10 @@ fn report(guest: u32, load: &str, path: &str, s: &[Sample]) {
         f(p50(s.iter().map(|x| x.iterations).collect())),
         f(p50(s.iter().map(|x| x.throttle).collect())),
     );
+    let dead = s.iter().filter(|x| x.alive == Some(false)).count();
+    if dead > 0 {
+        println!("  ({path} {guest} MiB {load}: the guest did not answer a Ping on the target in {dead} of {} runs)", s.len());
+    }
 }
 
 fn main() {
@@ -284,7 +297,9 @@ fn main() {
             let mut hearth = Vec::new();
             for _ in 0..runs {
                 bare.push(rt.block_on(bare_run(&ext4, mib, dirty)));
-                hearth.push(hearth_run(&a, &b, mib, dirty));
+                if std::env::var_os("HEARTH_BENCH_BARE_ONLY").is_none() {
+                    hearth.push(hearth_run(&a, &b, mib, dirty));
+                }
             }
             report(mib, load, "bare", &bare);
             report(mib, load, "hearth", &hearth);
