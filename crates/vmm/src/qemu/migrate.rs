@@ -158,7 +158,10 @@ impl QemuVm {
             }
             progress.send_replace(p.clone());
             match q["status"].as_str().unwrap_or("") {
-                "completed" => return Ok(p),
+                "completed" => {
+                    self.settle_after_completion().await;
+                    return Ok(p);
+                }
                 "failed" | "cancelled" => {
                     let why = p.error.clone().unwrap_or_else(|| "cancelled".into());
                     return Err(self.after_failure(why, &p, progress).await);
@@ -189,6 +192,20 @@ impl QemuVm {
                         return Err(self.cancel(why, progress).await);
                     }
                 }
+            }
+        }
+    }
+
+    /// why: QEMU reports `completed` a moment before the run state leaves
+    /// `finish-migrate`; callers (and `cont` on a refused hand-over) want it settled.
+    async fn settle_after_completion(&self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            match self.qmp().execute("query-status", Value::Null).await {
+                Ok(s) if s["status"].as_str() == Some("finish-migrate") => {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                _ => return,
             }
         }
     }
