@@ -195,10 +195,26 @@ async fn bare_run(rootfs: &std::path::Path, mib: u32, dirty: bool) -> Sample {
         .create_incoming_qemu(&cfg("dst"), &sock)
         .await
         .expect("target VM");
+    // With HEARTH_BENCH_TUNNEL, the stream goes through Hearth's TCP tunnel.
+    let out_sock = if std::env::var_os("HEARTH_BENCH_TUNNEL").is_some() {
+        use hearth_agent::migration::tunnel;
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let ticket = tunnel::new_ticket();
+        let (t2, s2) = (ticket.clone(), sock.clone());
+        tokio::spawn(async move { tunnel::serve_target(tcp, t2, &s2).await });
+        let src_sock = tmp.path().join("out.sock");
+        let l = tokio::net::UnixListener::bind(&src_sock).unwrap();
+        let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        tokio::spawn(tunnel::serve_source(l, addr, ticket, sent));
+        src_sock
+    } else {
+        sock.clone()
+    };
     let (tx, _rx) = tokio::sync::watch::channel(MigrationProgress::default());
     let t0 = Instant::now();
     let p = src
-        .migrate_out(&sock, &MigrationParams::default(), &tx, None)
+        .migrate_out(&out_sock, &MigrationParams::default(), &tx, None)
         .await
         .expect("bare migration");
     let total = t0.elapsed();

@@ -39,6 +39,12 @@ pub struct MigrationParams {
     /// ...or after this long.
     #[serde(with = "millis")]
     pub give_up_after: Duration,
+    /// Send only the writable layer (qcow2 overlay) of the disk, reading the
+    /// rest from the target's own base image. Only correct when the target's
+    /// base is byte-identical to the source's; otherwise the whole disk as the
+    /// guest sees it is sent (zero blocks as markers).
+    #[serde(default)]
+    pub overlay_only: bool,
 }
 
 impl Default for MigrationParams {
@@ -49,6 +55,7 @@ impl Default for MigrationParams {
             auto_converge: true,
             max_iterations: DEFAULT_MAX_ITERATIONS,
             give_up_after: DEFAULT_GIVE_UP_AFTER,
+            overlay_only: false,
         }
     }
 }

@@ -477,6 +477,9 @@ fn params_from(req: &MigrateSandbox) -> Result<MigrationParams, AgentError> {
             .map(|m| m.saturating_mul(1 << 20))
             .unwrap_or(d.max_bandwidth),
         auto_converge: true,
+        // why: a base image of the same digest is not byte-identical across nodes
+        // (mkfs.ext4 -d writes times and a random hash seed), so the whole disk moves.
+        overlay_only: false,
         max_iterations: req.max_iterations.unwrap_or(d.max_iterations),
         give_up_after: req
             .give_up_after_secs

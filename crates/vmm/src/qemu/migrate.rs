@@ -1,8 +1,8 @@
 //! QEMU native live migration over a unix-socket stream.
 //!
-//! Source: capabilities `events`, `auto-converge`, `block` (+ parameter
-//! `block-incremental`: only the qcow2 overlay moves, the content-addressed base
-//! is already on the target) and `pause-before-switchover` (the caller quiesces
+//! Source: capabilities `events`, `auto-converge`, `block` + `zero-blocks` (the
+//! disk moves in the same stream; with `overlay_only`, parameter
+//! `block-incremental` sends only the qcow2 overlay) and `pause-before-switchover` (the caller quiesces
 //! its guest channel while the VM is paused, before the final pass); then
 //! `migrate unix:PATH`, polling `query-migrate` for progress and judging
 //! convergence with [`crate::migration::judge`]. Any failure before completion
@@ -121,6 +121,7 @@ impl QemuVm {
                 ("events", true),
                 ("auto-converge", params.auto_converge),
                 ("block", true),
+                ("zero-blocks", true),
                 ("pause-before-switchover", gate.is_some()),
             ],
         )
@@ -131,7 +132,7 @@ impl QemuVm {
                 json!({
                     "downtime-limit": params.downtime_limit.as_millis() as u64,
                     "max-bandwidth": params.max_bandwidth,
-                    "block-incremental": true,
+                    "block-incremental": params.overlay_only,
                     "cpu-throttle-initial": 30,
                     "cpu-throttle-increment": 15,
                 }),
@@ -141,6 +142,7 @@ impl QemuVm {
         self.qmp().execute("migrate", json!({ "uri": uri })).await?;
         let started = Instant::now();
         let mut gate = gate;
+        let mut continued = false;
         let mut tick = tokio::time::interval(POLL);
         loop {
             tokio::select! {
@@ -166,7 +168,9 @@ impl QemuVm {
                     let why = p.error.clone().unwrap_or_else(|| "cancelled".into());
                     return Err(self.after_failure(why, &p, progress).await);
                 }
-                "pre-switchover" => {
+                // why: query-migrate may still say pre-switchover just after migrate-continue.
+                "pre-switchover" if !continued => {
+                    continued = true;
                     let go = match gate.take() {
                         Some(g) => {
                             let _ = g.reached.send(());
