@@ -42,6 +42,31 @@ pub fn header() {
     );
 }
 
+/// Header of a table with p99: name, n, p50, p90, p99, max.
+pub fn header_p99() {
+    println!(
+        "| {:<48} | {:>3} | {:>8} | {:>8} | {:>8} | {:>8} |",
+        "measurement (ms)", "n", "p50", "p90", "p99", "max"
+    );
+    println!(
+        "|{}|-----|----------|----------|----------|----------|",
+        "-".repeat(50)
+    );
+}
+
+/// One row under [`header_p99`].
+pub fn row_p99(name: &str, samples: &[Duration]) {
+    let max = samples.iter().max().copied().unwrap_or_default();
+    println!(
+        "| {name:<48} | {:>3} | {:>8} | {:>8} | {:>8} | {:>8} |",
+        samples.len(),
+        ms(percentile(samples, 50.0)),
+        ms(percentile(samples, 90.0)),
+        ms(percentile(samples, 99.0)),
+        ms(max)
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -162,6 +162,8 @@ async fn bare_run(rootfs: &std::path::Path, mib: u32, dirty: bool) -> Sample {
         hostname: "bench".into(),
         extra_cmdline: vec![],
         accel: Accel::Tcg,
+        net: None,
+        memory: hearth_vmm::GuestMemory::SharedFile,
     };
     let vmm = QemuVmm::new().expect("qemu");
     let src = vmm.create_qemu(&cfg("src")).await.expect("source VM");
@@ -225,7 +227,11 @@ async fn bare_run(rootfs: &std::path::Path, mib: u32, dirty: bool) -> Sample {
     // Is the guest alive on the target? (Hearth checks this with a Ping before it commits.)
     let stream = dst.connect_agent().await.expect("target agent socket");
     dst.start().await.expect("start target");
-    let target = GuestConn::attach(stream, conn.hello().clone(), 1000);
+    let target = GuestConn::reattach(
+        stream,
+        conn.hello().cloned().expect("booted guest said hello"),
+        1000,
+    );
     let alive = target.ping(Duration::from_secs(20)).await.is_ok();
     for vm in [&src as &dyn Vm, &dst] {
         let _ = vm.kill().await;

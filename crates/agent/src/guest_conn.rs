@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use hearth_proto::{
     read_frame_async, write_frame_async, Credit, Empty, ErrorMsg, ExecRequest, ExitStatus, Frame,
-    Hello, Kind, SignalRequest, Started, CONTROL_ID, INITIAL_WINDOW, MAX_FRAME, PROTOCOL_VERSION,
+    Hello, Kind, Restored, RestoredAck, SignalRequest, Started, CONTROL_ID, INITIAL_WINDOW,
+    MAX_FRAME, PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -51,6 +52,11 @@ pub enum GuestError {
     /// The guest stopped reading its channel.
     #[error("guest is not reading its channel (a send waited {0:?})")]
     Stalled(Duration),
+    /// A restored guest did not acknowledge its new identity in time.
+    #[error(
+        "restored guest did not acknowledge the restore within {0:?} (see the VM's console.log)"
+    )]
+    RestoreTimeout(Duration),
 }
 
 /// How long a frame to the guest may wait for room before the guest counts as stalled.
@@ -82,8 +88,10 @@ pub struct GuestConn {
     tx: mpsc::Sender<Frame>,
     sessions: Sessions,
     next_id: AtomicU32,
-    hello: Hello,
+    /// None for a connection made after a restore (Hello is sent once per boot).
+    hello: Option<Hello>,
     pong: Mutex<Option<oneshot::Sender<()>>>,
+    restored_ack: Mutex<Option<oneshot::Sender<RestoredAck>>>,
     closed: tokio::sync::watch::Receiver<bool>,
     /// Set during a migration's switch-over: nothing more goes to the guest.
     frozen: std::sync::atomic::AtomicBool,
@@ -112,22 +120,53 @@ impl GuestConn {
                 got: hello.protocol_version,
             });
         }
-        Ok(Self::serve(rd, wr, hello, 1))
+        Ok(Self::serve(rd, wr, Some(hello), 1))
     }
 
     /// Re-attaches to a guest agent that is already serving (after a live
     /// migration): the guest sends Hello only once per boot, so the one it sent
     /// the previous host is passed in. New sessions get ids from `next_id` on,
     /// so they never collide with sessions the guest still runs.
-    pub fn attach<S>(stream: S, hello: Hello, next_id: u32) -> Arc<GuestConn>
+    pub fn reattach<S>(stream: S, hello: Hello, next_id: u32) -> Arc<GuestConn>
     where
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
         let (rd, wr) = tokio::io::split(stream);
-        Self::serve(rd, wr, hello, next_id.max(1))
+        Self::serve(rd, wr, Some(hello), next_id.max(1))
     }
 
-    fn serve<R, W>(mut rd: R, mut wr: W, hello: Hello, next_id: u32) -> Arc<GuestConn>
+    /// Connects to a guest restored from a snapshot, whose agent is already up,
+    /// and queues [`Restored`] (fresh RNG seed, clock, identity) as the first frame.
+    /// Session ids start at `next_session`, past any the snapshot's guest still has.
+    /// Resume the VM, then wait on the returned [`PendingAck`].
+    pub async fn after_restore<S>(
+        stream: S,
+        msg: &Restored,
+        next_session: u32,
+    ) -> Result<(Arc<GuestConn>, PendingAck), GuestError>
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (rd, wr) = tokio::io::split(stream);
+        let conn = Self::serve(rd, wr, None, next_session.max(1));
+        let (tx, rx) = oneshot::channel();
+        *conn.restored_ack.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+        conn.send(Frame::json(Kind::Restored, CONTROL_ID, msg))
+            .await?;
+        Ok((conn, PendingAck(rx)))
+    }
+
+    /// Sends [`Restored`] again on a live connection (a warm-pool VM, woken up
+    /// at fill time, gets its final identity and fresh entropy when taken).
+    pub async fn restored_again(&self, msg: &Restored) -> Result<PendingAck, GuestError> {
+        let (tx, rx) = oneshot::channel();
+        *self.restored_ack.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+        self.send(Frame::json(Kind::Restored, CONTROL_ID, msg))
+            .await?;
+        Ok(PendingAck(rx))
+    }
+
+    fn serve<R, W>(mut rd: R, mut wr: W, hello: Option<Hello>, first_id: u32) -> Arc<GuestConn>
     where
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
@@ -148,9 +187,10 @@ impl GuestConn {
         let conn = Arc::new(GuestConn {
             tx,
             sessions: Arc::default(),
-            next_id: AtomicU32::new(next_id),
+            next_id: AtomicU32::new(first_id),
             hello,
             pong: Mutex::new(None),
+            restored_ack: Mutex::new(None),
             closed,
             frozen: std::sync::atomic::AtomicBool::new(false),
             queued: AtomicU64::new(0),
@@ -204,7 +244,7 @@ impl GuestConn {
         self.frozen.store(false, Ordering::SeqCst);
     }
 
-    /// The id the next session will get.
+    /// The id the next session will get (recorded in snapshots and migrations).
     pub fn next_session_id(&self) -> u32 {
         self.next_id.load(Ordering::Relaxed)
     }
@@ -265,8 +305,37 @@ impl GuestConn {
         .await
     }
 
-    pub fn hello(&self) -> &Hello {
-        &self.hello
+    /// The guest's Hello; None when connected after a restore.
+    pub fn hello(&self) -> Option<&Hello> {
+        self.hello.as_ref()
+    }
+
+    /// Takes over session `id`, whose process already runs in a restored guest:
+    /// its further output and exit come to the returned session.
+    pub fn attach(self: &Arc<Self>, id: u32) -> Session {
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let stdin_credit = Arc::new(Semaphore::new(INITIAL_WINDOW as usize));
+        let in_flight = Arc::new(AtomicU64::new(0));
+        self.sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                id,
+                SessionSink {
+                    events: events_tx,
+                    stdin_credit: stdin_credit.clone(),
+                    in_flight: in_flight.clone(),
+                },
+            );
+        Session {
+            id,
+            conn: self.clone(),
+            events,
+            stdin_credit,
+            in_flight,
+            pending_credit: 0,
+            ended: false,
+        }
     }
 
     /// Resolves when the channel is gone.
@@ -281,6 +350,17 @@ impl GuestConn {
             if f.kind == Kind::Pong {
                 if let Some(tx) = self.pong.lock().unwrap_or_else(|e| e.into_inner()).take() {
                     let _ = tx.send(());
+                }
+            }
+            if f.kind == Kind::RestoredAck {
+                let ack: RestoredAck = f.parse()?;
+                let waiter = self
+                    .restored_ack
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take();
+                if let Some(tx) = waiter {
+                    let _ = tx.send(ack);
                 }
             }
             return Ok(());
@@ -415,6 +495,18 @@ impl GuestConn {
     }
 }
 
+/// The guest's answer to [`Kind::Restored`], still to come.
+pub struct PendingAck(oneshot::Receiver<RestoredAck>);
+
+impl PendingAck {
+    pub async fn wait(self, timeout: Duration) -> Result<RestoredAck, GuestError> {
+        tokio::time::timeout(timeout, self.0)
+            .await
+            .map_err(|_| GuestError::RestoreTimeout(timeout))?
+            .map_err(|_| GuestError::Closed)
+    }
+}
+
 /// One process in the guest. Dropping a session whose process still runs
 /// kills that process (its client went away).
 pub struct Session {
@@ -429,6 +521,11 @@ pub struct Session {
 }
 
 impl Session {
+    /// The session id (the guest's name for this process).
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
     /// The next event. Credit for the previous chunk goes back to the guest
     /// first, so the guest runs ahead of the consumer by at most one window.
     /// Cancel-safe: dropping the future loses neither events nor credit.
@@ -471,11 +568,6 @@ impl Session {
             SessionEvent::Started(_) => {}
         }
         Some(ev)
-    }
-
-    /// This session's id in the guest.
-    pub fn id(&self) -> u32 {
-        self.id
     }
 
     /// Output bytes the guest has sent and not yet got credit for.

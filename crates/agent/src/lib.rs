@@ -2,16 +2,31 @@
 //!
 //! A sandbox is made of an image (read-only ext4 from `hearth-image`), a VM
 //! (`hearth-vmm`, with a copy-on-write layer over that image), a guest agent
-//! connection (`guest_conn`) and an output log on disk (`output_log`). Each
+//! connection (`guest_conn`), an output log on disk (`output_log`) and, unless
+//! disabled, a network from `hearth-net` (`network`). Each
 //! sandbox has one lifecycle task that boots the VM, runs the workload, records
 //! how it ended and tears the VM down; everything else talks to that task.
 //!
-//! Disk layout under the data dir: `sandboxes/<id>/{sandbox.json, output.log, vm/}`.
+//! A VM comes from a cold boot or a restore (`restore`): from a template
+//! (`template`, an image booted once and snapshotted), from its warm pool
+//! (`warm_pool`, restored-and-paused VMs) or from a snapshot of a running
+//! sandbox (`snapshot`, also fork).
+//!
+//! Disk layout under the data dir: `sandboxes/<id>/{sandbox.json, output.log, vm/}`,
+//! `templates/<name>/`, `snapshots/<name>/`, `images/` (the image store) and
+//! `registry-auth.json` (registry logins, 0600).
 
+pub mod control_link;
 pub mod guest_conn;
+mod images;
 pub mod migration;
+mod network;
 pub mod output_log;
+mod restore;
 mod sandbox;
+mod snapshot;
+mod template;
+mod warm_pool;
 
 pub use guest_conn::{GuestError, Session, SessionEvent, SessionInput};
 pub use output_log::LogFollower;

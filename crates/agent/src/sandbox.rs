@@ -5,23 +5,29 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use hearth_api::network::NetworkMode;
 use hearth_api::stream::Record;
 use hearth_api::{
     CreateSandbox, ErrorCode, ExitInfo, Image, Info, Sandbox, SandboxStatus, DEFAULT_CPUS,
     DEFAULT_MEMORY_MIB, MIN_MEMORY_MIB,
 };
-use hearth_image::{ImageError, ImageRecord, ImageStore, Limits};
+use hearth_image::{
+    Credentials, ImageError, ImageRecord, ImageStore, Limits, Puller, RegistryOptions,
+};
 use hearth_proto::ExecRequest as GuestExec;
-use hearth_vmm::{Accel, AccelChoice, AccelReport, QemuVmm, Vm, VmConfig, Vmm};
+use hearth_vmm::{
+    Accel, AccelChoice, AccelReport, GuestMemory, NetDevice, QemuVmm, Vm, VmConfig, Vmm,
+};
 use tokio::sync::{mpsc, watch};
 
 use crate::guest_conn::{GuestConn, Session, SessionEvent, SessionInput};
 pub(crate) use crate::output_log::{LogFollower, OutputLog};
+use crate::restore::{GuestLink, Launch, RestoredChannel, WarmState};
 
 /// Guest kernels are built with NR_CPUS=8.
 pub const MAX_CPUS: u32 = 8;
 /// How long a guest may take from VM start to the agent's hello (TCG is slow).
-const HELLO_TIMEOUT: Duration = Duration::from_secs(120);
+pub(crate) const HELLO_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a stopped guest gets to power off before its VMM is killed.
 const POWEROFF_GRACE: Duration = Duration::from_secs(5);
 
@@ -59,13 +65,20 @@ pub enum AgentError {
     /// No migration of that sandbox is known here.
     #[error("{0}")]
     NoMigration(String),
+    #[error(transparent)]
+    Net(#[from] hearth_net::NetError),
+    /// A template or snapshot that does not exist.
+    #[error("{0}")]
+    NotFound(String),
 }
 
 impl AgentError {
     /// The API error code for this error.
     pub fn code(&self) -> ErrorCode {
         match self {
-            AgentError::SandboxNotFound(_) | AgentError::ExecNotFound { .. } => ErrorCode::NotFound,
+            AgentError::SandboxNotFound(_)
+            | AgentError::ExecNotFound { .. }
+            | AgentError::NotFound(_) => ErrorCode::NotFound,
             AgentError::Image(e) if e.is_not_found() => ErrorCode::ImageNotFound,
             AgentError::Image(e) if e.is_bad_input() => ErrorCode::InvalidArgument,
             AgentError::Image(_) => ErrorCode::Internal,
@@ -77,11 +90,15 @@ impl AgentError {
             AgentError::ImageMissing(_) => ErrorCode::ImageNotFound,
             AgentError::Migration(_) => ErrorCode::VmFailed,
             AgentError::NoMigration(_) => ErrorCode::NotFound,
+            AgentError::Net(e) if e.is_bad_input() => ErrorCode::InvalidArgument,
+            AgentError::Net(e) if e.is_exhausted() => ErrorCode::Exhausted,
+            AgentError::Net(e) if e.is_not_found() => ErrorCode::NotFound,
+            AgentError::Net(_) => ErrorCode::Internal,
         }
     }
 }
 
-fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> AgentError {
+pub(crate) fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> AgentError {
     let what = what.into();
     move |source| AgentError::Io { what, source }
 }
@@ -96,11 +113,19 @@ pub struct AgentConfig {
     pub qemu_img: PathBuf,
     pub accel: AccelChoice,
     pub node: String,
+    /// Bounds on what one image import or pull may consume.
+    pub image_limits: Limits,
+    /// Registries (`HOST[:PORT]`) pulled over plain HTTP; loopback ones always are.
+    pub insecure_registries: Vec<String>,
+    /// Longest wait for a registry's answer or next bytes.
+    pub registry_timeout: Duration,
     /// A running guest that does not answer a ping within this time is
     /// reported hung and stopped; zero disables the watchdog.
     pub guest_watchdog: Duration,
     /// Largest output log of one sandbox; later output is discarded.
     pub max_log_bytes: u64,
+    /// Sandbox networking; `None` runs every sandbox without a network.
+    pub net: Option<hearth_net::NetConfig>,
 }
 
 /// How a workload ended: status, exit, error message.
@@ -125,8 +150,8 @@ pub(crate) struct Entry {
     /// True once the output log is complete.
     pub(crate) finished: watch::Sender<bool>,
     pub(crate) control: Mutex<Option<mpsc::Sender<Control>>>,
-    conn: Mutex<Option<Arc<GuestConn>>>,
-    main_input: Mutex<Option<SessionInput>>,
+    pub(crate) conn: Mutex<Option<Arc<GuestConn>>>,
+    pub(crate) main_input: Mutex<Option<SessionInput>>,
     /// The main workload was started with stdin open.
     pub(crate) stdin_open: std::sync::atomic::AtomicBool,
     execs: Mutex<HashMap<u32, SessionInput>>,
@@ -134,6 +159,12 @@ pub(crate) struct Entry {
     /// A duplicate of the guest channel's socket, to see what is still queued
     /// in it at a migration's switch-over.
     pub(crate) chan_fd: Mutex<Option<std::os::fd::OwnedFd>>,
+    /// The running VM, for snapshots.
+    pub(crate) vm: Mutex<Option<Arc<dyn Vm>>>,
+    /// Guest session id of the main workload, for snapshots.
+    pub(crate) main_session: Mutex<Option<u32>>,
+    /// Held while a snapshot of this sandbox is being saved (one at a time).
+    pub(crate) saving: tokio::sync::Mutex<()>,
 }
 
 impl Entry {
@@ -152,6 +183,9 @@ impl Entry {
             execs: Mutex::new(HashMap::new()),
             next_exec: std::sync::atomic::AtomicU32::new(1),
             chan_fd: Mutex::new(None),
+            vm: Mutex::new(None),
+            main_session: Mutex::new(None),
+            saving: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -195,7 +229,7 @@ pub(crate) fn persist(dir: &Path, rec: &Sandbox) -> std::io::Result<()> {
     std::fs::rename(&tmp, dir.join("sandbox.json"))
 }
 
-fn new_id() -> String {
+pub(crate) fn new_id() -> String {
     let mut b = [0u8; 6];
     // why: an id collision is checked for anyway; fall back to time if the RNG fails.
     if getrandom::fill(&mut b).is_err() {
@@ -217,6 +251,7 @@ pub(crate) struct Inner {
     _lock: std::fs::File,
     pub(crate) cfg: AgentConfig,
     pub(crate) images: ImageStore,
+    pub(crate) puller: Puller,
     pub(crate) vmm: QemuVmm,
     pub(crate) accel: AccelReport,
     host_cpus: u32,
@@ -225,6 +260,9 @@ pub(crate) struct Inner {
     /// Random id of this data dir: a migration to the same node is refused.
     pub(crate) node_id: String,
     pub(crate) migrations: crate::migration::Registry,
+    net: Option<Arc<hearth_net::NodeNet>>,
+    /// Templates, warm pools, snapshot references.
+    pub(crate) warm: WarmState,
 }
 
 /// The node agent. Cheap to clone.
@@ -284,6 +322,18 @@ impl Agent {
         }
         std::fs::create_dir_all(cfg.data_dir.join("sandboxes"))
             .map_err(io_err(format!("create {}", cfg.data_dir.display())))?;
+        let images = ImageStore::open(cfg.data_dir.join("images"), cfg.image_limits.clone())?;
+        let puller = Puller::new(
+            images.clone(),
+            RegistryOptions {
+                insecure: cfg.insecure_registries.clone(),
+                timeout: cfg.registry_timeout,
+                credentials: Credentials::new(
+                    cfg.data_dir.join("registry-auth.json"),
+                    Credentials::default_docker_config(),
+                ),
+            },
+        );
         // why: the data dir holds sandbox records, logs, images and possibly
         // secrets of workloads (argv, env); only the daemon's user may read it.
         {
@@ -313,7 +363,15 @@ impl Agent {
             tracing::info!("accelerator: {} ({})", accel.accel, accel.reason);
         }
         let cfg_data_dir = cfg.data_dir.clone();
+        let net = match &cfg.net {
+            Some(n) => Some(Arc::new(
+                hearth_net::NodeNet::open(n.clone()).map_err(AgentError::Net)?,
+            )),
+            None => None,
+        };
+        let warm = WarmState::new(&cfg, &vmm, accel.accel).await?;
         let inner = Arc::new(Inner {
+            net,
             _lock: lock,
             host_cpus: std::thread::available_parallelism()
                 .map(|n| n.get() as u32)
@@ -321,14 +379,18 @@ impl Agent {
             host_memory_mib: host_memory_mib(),
             cfg,
             images,
+            puller,
             vmm,
             accel,
             sandboxes: Mutex::new(HashMap::new()),
             node_id: crate::migration::node_id(&cfg_data_dir)?,
             migrations: crate::migration::Registry::default(),
+            warm,
         });
         let agent = Agent { inner };
+        agent.reap_unclaimed_pool_vms().await;
         agent.recover().await;
+        agent.start_pools();
         Ok(agent)
     }
 
@@ -383,6 +445,15 @@ impl Agent {
             }
             lock(&self.inner.sandboxes).insert(rec.id.clone(), entry);
         }
+        if let Some(net) = &self.inner.net {
+            let keep = lock(&self.inner.sandboxes).keys().cloned().collect();
+            net.remove_orphans(&keep);
+        }
+    }
+
+    /// The node's sandbox networking, if enabled.
+    pub(crate) fn net(&self) -> Option<Arc<hearth_net::NodeNet>> {
+        self.inner.net.clone()
     }
 
     /// What this node is and runs on.
@@ -429,7 +500,7 @@ impl Agent {
         v
     }
 
-    fn validate(&self, req: &CreateSandbox) -> Result<(u32, u32), AgentError> {
+    pub(crate) fn validate(&self, req: &CreateSandbox) -> Result<(u32, u32), AgentError> {
         let cpus = req.cpus.unwrap_or(DEFAULT_CPUS);
         if cpus == 0 || cpus > MAX_CPUS {
             return Err(AgentError::InvalidArgument(format!(
@@ -461,7 +532,11 @@ impl Agent {
     }
 
     /// Creates a sandbox and starts booting it; returns at once (status `creating`).
+    /// A template for the image (and no `cold`) makes it a warm start.
     pub async fn create(&self, req: CreateSandbox) -> Result<Sandbox, AgentError> {
+        if req.from_snapshot.is_some() {
+            return self.create_from_snapshot(req).await;
+        }
         let (cpus, memory_mib) = self.validate(&req)?;
         let images = self.inner.images.clone();
         let reference = req.image.clone();
@@ -469,75 +544,198 @@ impl Agent {
             .await
             .map_err(|e| AgentError::Config(format!("image lookup panicked: {e}")))??;
         let exec = plan_exec(&req, &image)?;
-
-        let entry = {
-            let mut map = lock(&self.inner.sandboxes);
-            if let Some(n) = &req.name {
-                if map.contains_key(n)
-                    || map
-                        .values()
-                        .any(|e| lock(&e.record).name.as_deref() == Some(n))
-                {
-                    return Err(AgentError::Conflict(format!(
-                        "a sandbox named '{n}' already exists; remove it with `hearth rm {n}` or choose another name"
-                    )));
-                }
-            }
-            let mut id = new_id();
-            while map.contains_key(&id)
-                || map
-                    .values()
-                    .any(|e| lock(&e.record).name.as_deref() == Some(&id))
-            {
-                id = new_id();
-            }
-            let dir = self.inner.cfg.data_dir.join("sandboxes").join(&id);
-            std::fs::create_dir_all(&dir).map_err(io_err(format!("create {}", dir.display())))?;
-            let rec = Sandbox {
-                id: id.clone(),
-                name: req.name.clone(),
-                image: req.image.clone(),
-                image_digest: image.digest.clone(),
-                status: SandboxStatus::Creating,
-                exit: None,
-                error: None,
+        let policy = match req.network.mode {
+            NetworkMode::None => None,
+            NetworkMode::Default => Some(crate::network::parse_policy(&req.network.egress)?),
+        };
+        let chosen = self.choose_launch(&req, &image.digest, cpus, memory_mib);
+        let (launch, cpus, memory_mib) = if policy.is_some()
+            && !matches!(chosen.0, Launch::Cold { .. })
+        {
+            // why: templates and pools are made without a network device (a
+            // restored VM keeps its saved device set), so a networked sandbox boots.
+            self.abandon(chosen.0).await;
+            let note = "booted cold: warm starts serve sandboxes with --network none (templates carry no network device yet)";
+            (
+                Launch::Cold {
+                    note: Some(note.into()),
+                },
                 cpus,
                 memory_mib,
-                argv: exec.argv.clone(),
-                node: self.inner.cfg.node.clone(),
-                accel: self.inner.accel.accel.to_string(),
-                created_ms: now_ms(),
-                started_ms: None,
-                finished_ms: None,
-                boot_ms: None,
-            };
-            persist(&dir, &rec).map_err(io_err(format!("save {}", dir.display())))?;
-            let entry = Arc::new(Entry::new(dir, rec));
-            map.insert(id, entry.clone());
-            entry
+            )
+        } else {
+            chosen
         };
-        let (ctl_tx, ctl_rx) = mpsc::channel(4);
-        *lock(&entry.control) = Some(ctl_tx);
-        let vm_cfg = VmConfig {
-            id: entry.snapshot().id,
-            dir: entry.dir.join("vm"),
-            kernel: self.inner.cfg.kernel.clone(),
-            initrd: self.inner.cfg.initrd.clone(),
-            rootfs: image.rootfs.clone(),
+        let entry = match self.register(
+            &req,
+            &image.digest,
+            &exec.argv,
+            (cpus, memory_mib),
+            launch.preset_id(),
+        ) {
+            Ok(e) => e,
+            Err(e) => {
+                self.abandon(launch).await;
+                return Err(e);
+            }
+        };
+        let id = entry.snapshot().id;
+        let net = match (policy, &self.inner.net) {
+            (Some(policy), Some(node)) => {
+                let (node, id2) = (node.clone(), id.clone());
+                let built = tokio::task::spawn_blocking(move || node.setup(&id2, policy))
+                    .await
+                    .map_err(|e| AgentError::Config(format!("network setup panicked: {e}")))?;
+                match built {
+                    Ok(n) => Some(n),
+                    Err(e) => {
+                        lock(&self.inner.sandboxes).remove(&id);
+                        let _ = std::fs::remove_dir_all(&entry.dir);
+                        self.abandon(launch).await;
+                        return Err(e.into());
+                    }
+                }
+            }
+            _ => None,
+        };
+        if let Some(n) = &net {
+            let token = new_id() + &new_id();
+            entry.update(|r| r.network = Some(crate::network::network_to_api(n, token)));
+        }
+        Ok(self.spawn_lifecycle(
+            entry,
+            &req,
+            image.rootfs.clone(),
+            exec,
+            launch,
+            net.as_ref(),
+        ))
+    }
+
+    /// Records a new sandbox (status `creating`); `id` when the VM already has one (pool).
+    pub(crate) fn register(
+        &self,
+        req: &CreateSandbox,
+        image_digest: &str,
+        argv: &[String],
+        (cpus, memory_mib): (u32, u32),
+        id: Option<String>,
+    ) -> Result<Arc<Entry>, AgentError> {
+        let mut map = lock(&self.inner.sandboxes);
+        if let Some(n) = &req.name {
+            if map.contains_key(n)
+                || map
+                    .values()
+                    .any(|e| lock(&e.record).name.as_deref() == Some(n))
+            {
+                return Err(AgentError::Conflict(format!(
+                    "a sandbox named '{n}' already exists; remove it with `hearth rm {n}` or choose another name"
+                )));
+            }
+        }
+        let id = match id {
+            Some(id) => id,
+            None => {
+                let mut id = new_id();
+                while map.contains_key(&id)
+                    || self.sandbox_dir(&id).exists()
+                    || map
+                        .values()
+                        .any(|e| lock(&e.record).name.as_deref() == Some(&id))
+                {
+                    id = new_id();
+                }
+                id
+            }
+        };
+        let dir = self.sandbox_dir(&id);
+        std::fs::create_dir_all(&dir).map_err(io_err(format!("create {}", dir.display())))?;
+        let rec = Sandbox {
+            id: id.clone(),
+            name: req.name.clone(),
+            image: req.image.clone(),
+            image_digest: image_digest.to_string(),
+            status: SandboxStatus::Creating,
+            exit: None,
+            error: None,
             cpus,
             memory_mib,
-            hostname: req
-                .name
-                .clone()
-                .unwrap_or_else(|| entry.snapshot().id)
-                .replace('_', "-"),
-            extra_cmdline: Vec::new(),
-            accel: self.inner.accel.accel,
+            argv: argv.to_vec(),
+            node: self.inner.cfg.node.clone(),
+            accel: self.inner.accel.accel.to_string(),
+            created_ms: now_ms(),
+            started_ms: None,
+            finished_ms: None,
+            boot_ms: None,
+            network: None,
+            start_path: None,
+            start_note: None,
+            started_from: None,
         };
+        persist(&dir, &rec).map_err(io_err(format!("save {}", dir.display())))?;
+        let entry = Arc::new(Entry::new(dir, rec));
+        map.insert(id, entry.clone());
+        Ok(entry)
+    }
+
+    pub(crate) fn sandbox_dir(&self, id: &str) -> PathBuf {
+        self.inner.cfg.data_dir.join("sandboxes").join(id)
+    }
+
+    /// The VM config of a sandbox (hostname: its name, else its id).
+    pub(crate) fn vm_config(
+        &self,
+        id: &str,
+        name: Option<&str>,
+        rootfs: PathBuf,
+        cpus: u32,
+        memory_mib: u32,
+        net: Option<&hearth_net::SandboxNet>,
+    ) -> VmConfig {
+        VmConfig {
+            id: id.to_string(),
+            dir: self.sandbox_dir(id).join("vm"),
+            kernel: self.inner.cfg.kernel.clone(),
+            initrd: self.inner.cfg.initrd.clone(),
+            rootfs,
+            cpus,
+            memory_mib,
+            hostname: name.unwrap_or(id).replace('_', "-"),
+            extra_cmdline: net.map(|n| n.kernel_params()).unwrap_or_default(),
+            accel: self.inner.accel.accel,
+            net: net.map(|n| NetDevice {
+                tap: n.tap.clone(),
+                mac: n.mac_string(),
+            }),
+            memory: GuestMemory::SharedFile,
+        }
+    }
+
+    /// Starts the lifecycle task of a registered sandbox.
+    pub(crate) fn spawn_lifecycle(
+        &self,
+        entry: Arc<Entry>,
+        req: &CreateSandbox,
+        rootfs: PathBuf,
+        exec: GuestExec,
+        launch: Launch,
+        net: Option<&hearth_net::SandboxNet>,
+    ) -> Sandbox {
+        let (ctl_tx, ctl_rx) = mpsc::channel(4);
+        *lock(&entry.control) = Some(ctl_tx);
+        let rec = entry.snapshot();
+        let vm_cfg = self.vm_config(
+            &rec.id,
+            req.name.as_deref(),
+            rootfs,
+            rec.cpus,
+            rec.memory_mib,
+            net,
+        );
         let agent = self.clone();
         let e2 = entry.clone();
-        tokio::spawn(async move { agent.lifecycle(e2, vm_cfg, exec, ctl_rx).await });
-        Ok(entry.snapshot())
+        tokio::spawn(async move { agent.lifecycle(e2, vm_cfg, exec, ctl_rx, launch).await });
+        entry.snapshot()
     }
 
     async fn lifecycle(
@@ -546,24 +744,24 @@ impl Agent {
         vm_cfg: VmConfig,
         exec: GuestExec,
         mut ctl: mpsc::Receiver<Control>,
+        launch: Launch,
     ) {
         let started = Instant::now();
-        let vm = match self.inner.vmm.create(&vm_cfg).await {
-            Ok(vm) => vm,
-            Err(e) => {
-                self.finish(
-                    &entry,
-                    SandboxStatus::Failed,
-                    None,
-                    Some(format!("cannot start VM: {e}")),
-                );
+        let (vm, channel, release) = match self.launch_vm(&entry, &vm_cfg, launch).await {
+            Ok(l) => l,
+            Err((message, release)) => {
+                self.release(release);
+                self.finish(&entry, SandboxStatus::Failed, None, Some(message));
                 return;
             }
         };
+        let vm: Arc<dyn Vm> = Arc::from(vm);
+        *lock(&entry.vm) = Some(vm.clone());
         let (outcome, polite) = self
-            .drive(&entry, vm.as_ref(), exec, &mut ctl, started)
+            .drive(&entry, vm.as_ref(), exec, &mut ctl, started, channel)
             .await;
-        self.teardown(&entry, vm.as_ref(), outcome, polite).await;
+        self.teardown(&entry, vm.as_ref(), outcome, polite, release)
+            .await;
     }
 
     /// The lifecycle of a sandbox that migrated here: its guest already runs
@@ -571,7 +769,7 @@ impl Agent {
     pub(crate) async fn lifecycle_adopted(
         &self,
         entry: Arc<Entry>,
-        vm: Box<dyn Vm>,
+        vm: Arc<dyn Vm>,
         conn: Arc<GuestConn>,
         session: Session,
         mut ctl: mpsc::Receiver<Control>,
@@ -594,6 +792,7 @@ impl Agent {
                     log,
                     &mut ctl,
                     &mut polite,
+                    None,
                 )
                 .await
             }
@@ -603,12 +802,22 @@ impl Agent {
                 Some(format!("cannot open {}: {e}", log_path.display())),
             ),
         };
-        self.teardown(&entry, vm.as_ref(), outcome, polite).await;
+        self.teardown(&entry, vm.as_ref(), outcome, polite, None)
+            .await;
     }
 
     /// Tear down: ask the guest to power off (unless told to kill, or it is
-    /// unresponsive), then make sure the VMM is gone, and record the outcome.
-    async fn teardown(&self, entry: &Arc<Entry>, vm: &dyn Vm, outcome: Outcome, polite: bool) {
+    /// unresponsive), then make sure the VMM is gone, release what the launch
+    /// held, and record the outcome.
+    async fn teardown(
+        &self,
+        entry: &Arc<Entry>,
+        vm: &dyn Vm,
+        outcome: Outcome,
+        polite: bool,
+        release: Option<String>,
+    ) {
+        *lock(&entry.vm) = None;
         let conn = lock(&entry.conn).take();
         let mut gone = false;
         if let (Some(conn), true) = (conn, polite) {
@@ -624,6 +833,8 @@ impl Agent {
         lock(&entry.execs).clear();
         *lock(&entry.main_input) = None;
         *lock(&entry.control) = None;
+        *lock(&entry.chan_fd) = None;
+        self.release(release);
         let (status, exit, error) = outcome;
         if status == SandboxStatus::Failed {
             tracing::warn!(sandbox = %vm.id(), "failed: {}", error.as_deref().unwrap_or(""));
@@ -656,14 +867,16 @@ impl Agent {
         exec: GuestExec,
         ctl: &mut mpsc::Receiver<Control>,
         started: Instant,
+        channel: Option<RestoredChannel>,
     ) -> (Outcome, bool) {
         let mut polite = true;
         let outcome = self
-            .drive_inner(entry, vm, exec, ctl, started, &mut polite)
+            .drive_inner(entry, vm, exec, ctl, started, channel, &mut polite)
             .await;
         (outcome, polite)
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn drive_inner(
         &self,
         entry: &Arc<Entry>,
@@ -671,6 +884,7 @@ impl Agent {
         exec: GuestExec,
         ctl: &mut mpsc::Receiver<Control>,
         started: Instant,
+        channel: Option<RestoredChannel>,
         polite: &mut bool,
     ) -> Outcome {
         let failed = |m: String| (SandboxStatus::Failed, None, Some(m));
@@ -679,14 +893,21 @@ impl Agent {
         tokio::pin!(vm_exit);
 
         let boot = async {
+            if let Some(ch) = channel {
+                if let GuestLink::Stream(stream) = &ch.link {
+                    *lock(&entry.chan_fd) = stream_fd(stream);
+                }
+                return self.wake_restored(vm, ch).await;
+            }
             let stream = vm.connect_agent().await.map_err(|e| e.to_string())?;
             *lock(&entry.chan_fd) = stream_fd(&stream);
             vm.start().await.map_err(|e| e.to_string())?;
             GuestConn::handshake(stream, HELLO_TIMEOUT)
                 .await
+                .map(|c| (c, None))
                 .map_err(|e| e.to_string())
         };
-        let conn = tokio::select! {
+        let (conn, attached) = tokio::select! {
             r = boot => match r {
                 Ok(c) => c,
                 Err(e) => return failed(format!("guest did not start: {e}{}", console(vm))),
@@ -705,13 +926,19 @@ impl Agent {
             }
         };
         let boot_ms = started.elapsed().as_millis() as u64;
-        let session = match conn.exec(&exec).await {
-            Ok(s) => s,
-            Err(e) => return failed(format!("cannot start the workload: {e}")),
+        let session = match attached {
+            Some(s) => s,
+            None => match conn.exec(&exec).await {
+                Ok(s) => s,
+                Err(e) => return failed(format!("cannot start the workload: {e}")),
+            },
         };
+        *lock(&entry.main_session) = Some(session.id());
+        *lock(&entry.conn) = Some(conn.clone());
         entry
             .stdin_open
             .store(exec.stdin, std::sync::atomic::Ordering::Relaxed);
+        *lock(&entry.main_input) = Some(session.input());
         let log_path = entry.dir.join("output.log");
         let log = match OutputLog::create(
             &log_path,
@@ -728,12 +955,14 @@ impl Agent {
             r.started_ms = Some(now_ms());
             r.boot_ms = Some(boot_ms);
         });
-        self.run_workload(entry, vm, conn, session, log, ctl, polite)
+        tracing::info!(sandbox = %entry.snapshot().id, boot_ms, "workload started");
+        self.run_workload(entry, vm, conn, session, log, ctl, polite, Some(started))
             .await
     }
 
     /// Relays the main workload's output to its log until it ends, serving
-    /// stop/kill/migrate requests and the guest watchdog.
+    /// stop/kill/migrate requests and the guest watchdog. With `started`, logs
+    /// the time to the first output.
     #[allow(clippy::too_many_arguments)]
     async fn run_workload(
         &self,
@@ -744,15 +973,18 @@ impl Agent {
         mut log: OutputLog,
         ctl: &mut mpsc::Receiver<Control>,
         polite: &mut bool,
+        started: Option<Instant>,
     ) -> Outcome {
         let failed = |m: String| (SandboxStatus::Failed, None, Some(m));
         let console = |vm: &dyn Vm| console_tail(&vm.console_log());
         let log_path = entry.dir.join("output.log");
         let vm_exit = vm.wait();
         tokio::pin!(vm_exit);
+        *lock(&entry.main_session) = Some(session.id());
         *lock(&entry.conn) = Some(conn.clone());
         *lock(&entry.main_input) = Some(session.input());
         let input = session.input();
+        let mut first_output = started.is_some();
         let mut stop_deadline: Option<tokio::time::Instant> = None;
         let wd = self.inner.cfg.guest_watchdog;
         let watchdog = async {
@@ -843,6 +1075,11 @@ impl Agent {
                 }
                 None => break exit_or(&mut vm_exit, "guest channel closed".into(), vm).await,
             };
+            if std::mem::take(&mut first_output) {
+                if let Some(t0) = started {
+                    tracing::info!(sandbox = %entry.snapshot().id, ms = t0.elapsed().as_millis() as u64, "first output");
+                }
+            }
             if let Err(e) = log.append(&rec).await {
                 break failed(format!(
                     "cannot write output log {}: {e}",
@@ -966,6 +1203,12 @@ impl Agent {
         if let Err(err) = hearth_vmm::destroy(&vm_dir) {
             tracing::warn!(sandbox = %rec.id, "cleaning up the VM dir: {err}");
         }
+        if let Some(net) = self.inner.net.clone() {
+            let id = rec.id.clone();
+            tokio::task::spawn_blocking(move || net.teardown(&id))
+                .await
+                .map_err(|e| AgentError::Config(format!("network teardown panicked: {e}")))??;
+        }
         std::fs::remove_dir_all(&e.dir)
             .or_else(|err| {
                 if err.kind() == std::io::ErrorKind::NotFound {
@@ -1088,7 +1331,7 @@ impl Agent {
     }
 }
 
-fn to_api_image(r: ImageRecord) -> Image {
+pub(crate) fn to_api_image(r: ImageRecord) -> Image {
     Image {
         name: r.name,
         digest: r.digest,
@@ -1129,7 +1372,7 @@ fn merge_env(base: &[String], over: &[String]) -> Vec<String> {
 }
 
 /// Docker's rules: an entrypoint given in the request drops the image's Cmd.
-fn plan_exec(req: &CreateSandbox, image: &ImageRecord) -> Result<GuestExec, AgentError> {
+pub(crate) fn plan_exec(req: &CreateSandbox, image: &ImageRecord) -> Result<GuestExec, AgentError> {
     let entrypoint = req
         .entrypoint
         .clone()

@@ -4,7 +4,9 @@
 //! same. Request types reject unknown fields: a typo in a field name is a 400, not
 //! a silently ignored option. The OpenAPI document is generated from these types.
 
+pub mod cluster;
 pub mod migration;
+pub mod network;
 pub mod stream;
 
 use serde::{Deserialize, Serialize};
@@ -21,7 +23,8 @@ pub const DEFAULT_CPUS: u32 = 1;
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateSandbox {
-    /// Image reference (name[:tag] or sha256:digest) of an imported image.
+    /// Image reference (name[:tag] or sha256:digest) of an imported or pulled image
+    /// (`hearth run` pulls a REGISTRY/… reference first when it is missing).
     pub image: String,
     /// Replaces the image's Cmd; the image's Entrypoint, if any, is kept in front.
     #[serde(default)]
@@ -51,6 +54,30 @@ pub struct CreateSandbox {
     /// otherwise it reads from /dev/null.
     #[serde(default)]
     pub stdin: bool,
+    /// The sandbox's network and egress policy (default: networked, allow all).
+    #[serde(default)]
+    pub network: network::NetworkSpec,
+    /// Boot the image even when a template for it exists.
+    #[serde(default)]
+    pub cold: bool,
+    /// Start from this snapshot instead of an image (`image` may be empty); without
+    /// `cmd`, the snapshot's main process continues as this sandbox's workload.
+    #[serde(default)]
+    pub from_snapshot: Option<String>,
+}
+
+/// How a sandbox's VM came to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum StartPath {
+    /// Booted the kernel.
+    Cold,
+    /// Restored from a template's snapshot on the request path.
+    Template,
+    /// Taken restored-and-paused from a template's warm pool.
+    Pool,
+    /// Restored from a user snapshot (`--from-snapshot`, fork).
+    Snapshot,
 }
 
 /// Lifecycle of a sandbox.
@@ -115,6 +142,90 @@ pub struct Sandbox {
     pub finished_ms: Option<u64>,
     /// Milliseconds from the request to the guest agent being ready.
     pub boot_ms: Option<u64>,
+    /// Its network; absent with `--network none`.
+    #[serde(default)]
+    pub network: Option<network::SandboxNetwork>,
+    /// Cold boot, template restore, warm pool or snapshot.
+    #[serde(default)]
+    pub start_path: Option<StartPath>,
+    /// Why this path: e.g. the pool was empty, or a restore failed and it booted.
+    #[serde(default)]
+    pub start_note: Option<String>,
+    /// The template or snapshot it started from.
+    #[serde(default)]
+    pub started_from: Option<String>,
+}
+
+/// `POST /v1/templates`: boot an image once to a ready guest and snapshot it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTemplate {
+    pub image: String,
+    /// Default: the image name with '/', ':' and '@' turned into '-'.
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub cpus: Option<u32>,
+    #[serde(default)]
+    pub memory_mib: Option<u32>,
+    /// Restored-and-paused VMs to keep ready (default 0).
+    #[serde(default)]
+    pub pool_size: Option<u32>,
+}
+
+/// A template: an image booted once and snapshotted, plus its warm pool.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Template {
+    pub name: String,
+    pub image: String,
+    pub image_digest: String,
+    pub cpus: u32,
+    pub memory_mib: u32,
+    /// Warm pool target size.
+    pub pool_size: u32,
+    /// VMs in the pool ready now.
+    pub pool_ready: u32,
+    /// Running sandboxes started from it.
+    pub in_use: u32,
+    pub size_bytes: u64,
+    pub created_ms: u64,
+}
+
+/// `POST /v1/templates/{name}/pool`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetPool {
+    pub size: u32,
+}
+
+/// `POST /v1/sandboxes/{id}/snapshot`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSnapshot {
+    pub name: String,
+}
+
+/// A snapshot of a running sandbox: memory, devices and writable layer.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Snapshot {
+    pub name: String,
+    /// The sandbox it was taken from.
+    pub sandbox: String,
+    pub image: String,
+    pub image_digest: String,
+    pub cpus: u32,
+    pub memory_mib: u32,
+    /// Running sandboxes started from it; it cannot be removed while > 0.
+    pub in_use: u32,
+    pub size_bytes: u64,
+    pub created_ms: u64,
+}
+
+/// `POST /v1/sandboxes/{id}/fork`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ForkSandbox {
+    pub count: u32,
 }
 
 /// `POST /v1/sandboxes/{id}/exec`: run another process in a running sandbox.
@@ -141,6 +252,103 @@ pub struct ImportImage {
     pub name: String,
     /// A root-filesystem directory, an OCI image-layout directory or a docker-archive tarball.
     pub path: String,
+}
+
+/// `POST /v1/images/pull`: pull an image from a registry (answered with an NDJSON stream of [`PullEvent`]s).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PullImage {
+    /// `REGISTRY/REPOSITORY[:TAG]` or `REGISTRY/REPOSITORY@sha256:…`
+    /// (no registry means docker.io).
+    pub reference: String,
+}
+
+/// Content type of the `POST /v1/images/pull` response: one JSON [`PullEvent`] per line.
+pub const NDJSON: &str = "application/x-ndjson";
+
+/// One line of the `POST /v1/images/pull` stream. The last line is `done` or `error`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum PullEvent {
+    /// The manifest is resolved: image digest, layer count, compressed bytes.
+    Resolved {
+        digest: String,
+        layers: usize,
+        bytes: u64,
+    },
+    /// `done` of `size` bytes of layer `layer` (1-based, of `layers`) have arrived.
+    Fetching {
+        layer: usize,
+        layers: usize,
+        digest: String,
+        done: u64,
+        size: u64,
+    },
+    /// A layer is in the blob cache; `cached` when it already was (nothing fetched).
+    Fetched {
+        layer: usize,
+        layers: usize,
+        digest: String,
+        size: u64,
+        cached: bool,
+    },
+    /// A layer was unpacked; `bytes` uncompressed.
+    Unpacked {
+        layer: usize,
+        layers: usize,
+        bytes: u64,
+    },
+    /// The root filesystem (ext4) is being built.
+    BuildingFs,
+    /// The image's root filesystem was already built and is reused.
+    Reused,
+    /// The image is ready.
+    Done { image: Image },
+    /// The pull failed.
+    Error { error: ApiError },
+}
+
+/// `POST /v1/registries/login`: store credentials for a registry on the daemon's host.
+/// Its `Debug` output hides the password.
+#[derive(Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryLogin {
+    /// `HOST[:PORT]`, e.g. `registry.example:5000` or `docker.io`.
+    pub registry: String,
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for RegistryLogin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryLogin")
+            .field("registry", &self.registry)
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+/// `POST /v1/images/prune`: what was deleted.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct PruneReport {
+    /// Root filesystems no image name used.
+    pub rootfs_removed: u64,
+    /// Cached registry blobs no image used.
+    pub blobs_removed: u64,
+    pub bytes_freed: u64,
+}
+
+/// True when `reference` names its registry explicitly (`HOST.DOMAIN/…`,
+/// `HOST:PORT/…`, `localhost/…`). Clients pull such references implicitly when
+/// they are not in the store; short names (`busybox`) are never pulled implicitly.
+pub fn names_registry(reference: &str) -> bool {
+    match reference.split_once('/') {
+        Some((host, rest)) => {
+            !rest.is_empty() && (host.contains('.') || host.contains(':') || host == "localhost")
+        }
+        None => false,
+    }
 }
 
 /// The parts of an image's config that shape how its workload runs.
@@ -207,8 +415,14 @@ pub enum ErrorCode {
     Conflict,
     /// The VM failed to boot or run.
     VmFailed,
+    /// A limited resource (e.g. the node's address pool) is used up.
+    Exhausted,
     /// Anything else; a bug or a host problem.
     Internal,
+    /// No node can take the sandbox; the message gives each node's reason.
+    Unschedulable,
+    /// The control plane has no leader (no quorum) or a node is unreachable.
+    Unavailable,
 }
 
 impl ErrorCode {
@@ -218,7 +432,8 @@ impl ErrorCode {
             ErrorCode::BadRequest | ErrorCode::InvalidArgument | ErrorCode::NoCommand => 400,
             ErrorCode::Unauthorized => 401,
             ErrorCode::NotFound | ErrorCode::ImageNotFound => 404,
-            ErrorCode::Conflict => 409,
+            ErrorCode::Conflict | ErrorCode::Unschedulable => 409,
+            ErrorCode::Unavailable | ErrorCode::Exhausted => 503,
             ErrorCode::VmFailed | ErrorCode::Internal => 500,
         }
     }
@@ -239,5 +454,21 @@ impl ApiError {
             code,
             message: message.into(),
         }
+    }
+}
+
+#[cfg(test)]
+mod registry_reference_tests {
+    use super::names_registry;
+
+    #[test]
+    fn only_references_with_a_registry_host_are_pulled_implicitly() {
+        assert!(names_registry("127.0.0.1:5000/x:tag"));
+        assert!(names_registry("localhost/team/app"));
+        assert!(names_registry("docker.io/library/alpine:3.20"));
+        assert!(names_registry("reg.example/app@sha256:00"));
+        assert!(!names_registry("busybox"));
+        assert!(!names_registry("team/app:1"));
+        assert!(!names_registry("sha256:abcd"));
     }
 }

@@ -114,6 +114,39 @@ impl Client {
         Ok(())
     }
 
+    /// POSTs JSON to a route that answers with no body (204).
+    pub async fn post_json_no_content<B: Serialize>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<(), CliError> {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        Self::check(resp, path).await?;
+        Ok(())
+    }
+
+    pub async fn put_json<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, CliError> {
+        let resp = self
+            .http
+            .put(format!("{}{path}", self.base))
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        let resp = Self::check(resp, path).await?;
+        resp.json().await.map_err(|e| self.unreachable(e))
+    }
+
     pub async fn delete(&self, path: &str) -> Result<(), CliError> {
         let resp = self
             .http
@@ -123,6 +156,17 @@ impl Client {
             .map_err(|e| self.unreachable(e))?;
         Self::check(resp, path).await?;
         Ok(())
+    }
+
+    pub async fn delete_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, CliError> {
+        let resp = self
+            .http
+            .delete(format!("{}{path}", self.base))
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        let resp = Self::check(resp, path).await?;
+        resp.json().await.map_err(|e| self.unreachable(e))
     }
 
     pub async fn get_stream(&self, path: &str) -> Result<reqwest::Response, CliError> {

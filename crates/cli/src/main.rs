@@ -6,7 +6,11 @@
 //! failure); 2 for a command-line usage error.
 
 mod client;
+mod cluster;
 mod migrate;
+mod policy;
+mod pull;
+mod warm;
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
@@ -96,6 +100,37 @@ enum Cmd {
     Image(ImageCmd),
     /// Live-migrate a running sandbox to another node (or show its progress with --status).
     Migrate(migrate::MigrateArgs),
+    /// Cluster nodes: list, cordon, uncordon, drain, remove.
+    #[command(subcommand)]
+    Node(cluster::NodeCmd),
+    /// The control-plane group: status and membership.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCmd),
+    /// Show or change a sandbox's egress policy.
+    #[command(subcommand)]
+    Policy(policy::PolicyCmd),
+    /// Store credentials for a registry on the daemon's host (used by later pulls).
+    Login {
+        /// HOST[:PORT] of the registry, e.g. registry.example:5000 or docker.io.
+        registry: String,
+        #[arg(short, long)]
+        username: String,
+        /// The password; without it, it is read from stdin (first line).
+        #[arg(short, long)]
+        password: Option<String>,
+    },
+    /// Manage templates (images booted once and snapshotted) and their warm pools.
+    #[command(subcommand)]
+    Template(warm::TemplateCmd),
+    /// Snapshot a running sandbox (`hearth snapshot SANDBOX --name S`), or `ls` / `rm`.
+    Snapshot(warm::SnapshotArgs),
+    /// Start copies of a running sandbox from this instant.
+    Fork {
+        sandbox: String,
+        /// How many copies.
+        #[arg(short = 'n', long = "count", default_value_t = 1)]
+        count: u32,
+    },
 }
 
 #[derive(Subcommand)]
@@ -114,6 +149,10 @@ enum ImageCmd {
     },
     /// Remove an image.
     Rm { reference: String },
+    /// Pull an image from a registry (REGISTRY/REPOSITORY[:TAG] or ...@sha256:DIGEST).
+    Pull { reference: String },
+    /// Delete root filesystems and cached registry blobs that no image uses.
+    Prune,
 }
 
 #[derive(clap::Args)]
@@ -148,7 +187,17 @@ struct RunArgs {
     /// Remove the sandbox when it ends.
     #[arg(long)]
     rm: bool,
-    image: String,
+    #[command(flatten)]
+    net: policy::NetArgs,
+    /// Boot even when a template for the image exists.
+    #[arg(long)]
+    cold: bool,
+    /// Start from a snapshot instead of an image; without a command, the
+    /// snapshot's workload continues.
+    #[arg(long, conflicts_with = "cold")]
+    from_snapshot: Option<String>,
+    #[arg(required_unless_present = "from_snapshot")]
+    image: Option<String>,
     /// The command and its arguments (default: the image's).
     #[arg(last = true)]
     cmd: Vec<String>,
@@ -209,6 +258,8 @@ async fn run(cli: Cli) -> Result<u8> {
     });
     let c = Client::new(&cli.api, token);
     match cli.cmd {
+        Cmd::Node(n) => cluster::node(&c, n).await,
+        Cmd::Cluster(n) => cluster::cluster(&c, n).await,
         Cmd::Run(a) => cmd_run(&c, a).await,
         Cmd::Ps { json } => {
             let list: Vec<Sandbox> = c.get_json("/v1/sandboxes").await?;
@@ -216,12 +267,17 @@ async fn run(cli: Cli) -> Result<u8> {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
                 println!(
-                    "{:<14} {:<16} {:<24} {:<10} {:<6} COMMAND",
-                    "ID", "NAME", "IMAGE", "STATUS", "EXIT"
+                    "{:<14} {:<16} {:<24} {:<10} {:<6} {:<9} COMMAND",
+                    "ID", "NAME", "IMAGE", "STATUS", "EXIT", "START"
                 );
                 for s in list {
+                    let start = s
+                        .start_path
+                        .and_then(|p| serde_json::to_value(p).ok())
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_else(|| "-".into());
                     println!(
-                        "{:<14} {:<16} {:<24} {:<10} {:<6} {}",
+                        "{:<14} {:<16} {:<24} {:<10} {:<6} {:<9} {}",
                         s.id,
                         s.name.as_deref().unwrap_or("-"),
                         s.image,
@@ -229,6 +285,7 @@ async fn run(cli: Cli) -> Result<u8> {
                         s.exit
                             .map(|e| e.code.to_string())
                             .unwrap_or_else(|| "-".into()),
+                        start,
                         s.argv.join(" ")
                     );
                 }
@@ -273,6 +330,7 @@ async fn run(cli: Cli) -> Result<u8> {
             println!("{}", status_word(&s));
             Ok(s.exit.map(|e| e.code as u8).unwrap_or(EXIT_HEARTH_FAILED))
         }
+        Cmd::Policy(cmd) => policy::run(&c, cmd).await,
         Cmd::Inspect { sandbox } => {
             let s: Sandbox = c
                 .get_json(&format!("/v1/sandboxes/{}", enc(&sandbox)))
@@ -341,6 +399,51 @@ async fn run(cli: Cli) -> Result<u8> {
             }
             Ok(0)
         }
+        Cmd::Image(ImageCmd::Pull { reference }) => {
+            let img = pull::pull(&c, &reference).await?;
+            println!("{} {}", img.name, img.digest);
+            Ok(0)
+        }
+        Cmd::Image(ImageCmd::Prune) => {
+            let r: hearth_api::PruneReport = c
+                .post_json("/v1/images/prune", &serde_json::json!({}))
+                .await?;
+            println!(
+                "removed {} root filesystems and {} cached blobs ({:.1} MB)",
+                r.rootfs_removed,
+                r.blobs_removed,
+                r.bytes_freed as f64 / 1e6
+            );
+            Ok(0)
+        }
+        Cmd::Login {
+            registry,
+            username,
+            password,
+        } => {
+            let password = match password {
+                Some(p) => p,
+                None => {
+                    let mut line = String::new();
+                    std::io::stdin().read_line(&mut line)?;
+                    line.trim_end_matches(['\n', '\r']).to_string()
+                }
+            };
+            c.post_json_no_content(
+                "/v1/registries/login",
+                &hearth_api::RegistryLogin {
+                    registry: registry.clone(),
+                    username,
+                    password,
+                },
+            )
+            .await?;
+            println!("login stored for {registry}");
+            Ok(0)
+        }
+        Cmd::Template(t) => warm::template(&c, t).await,
+        Cmd::Snapshot(a) => warm::snapshot(&c, a).await,
+        Cmd::Fork { sandbox, count } => warm::fork(&c, &sandbox, count).await,
         Cmd::Image(ImageCmd::Rm { reference }) => {
             c.delete(&format!("/v1/images/{}", enc(&reference))).await?;
             println!("{reference}");
@@ -372,7 +475,7 @@ fn enc(s: &str) -> String {
 async fn cmd_run(c: &Client, a: RunArgs) -> Result<u8> {
     let stdin = !a.detach && want_stdin(a.interactive);
     let req = CreateSandbox {
-        image: a.image,
+        image: a.image.unwrap_or_default(),
         cmd: if a.cmd.is_empty() { None } else { Some(a.cmd) },
         entrypoint: a.entrypoint.map(|e| vec![e]),
         env: a.env,
@@ -382,8 +485,25 @@ async fn cmd_run(c: &Client, a: RunArgs) -> Result<u8> {
         memory_mib: a.memory,
         name: a.name,
         stdin: stdin || (a.detach && a.interactive),
+        cold: a.cold,
+        from_snapshot: a.from_snapshot,
+        network: a.net.spec(),
     };
-    let sb: Sandbox = c.post_json("/v1/sandboxes", &req).await?;
+    let sb: Sandbox = match c.post_json("/v1/sandboxes", &req).await {
+        // Like docker: a registry reference that is not here yet is pulled, then run.
+        Err(CliError::Api(e))
+            if e.code == hearth_api::ErrorCode::ImageNotFound
+                && hearth_api::names_registry(&req.image) =>
+        {
+            let img = pull::pull(c, &req.image).await?;
+            let req = CreateSandbox {
+                image: img.name,
+                ..req
+            };
+            c.post_json("/v1/sandboxes", &req).await?
+        }
+        other => other?,
+    };
     if a.detach {
         println!("{}", sb.id);
         return Ok(0);

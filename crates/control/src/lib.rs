@@ -4,8 +4,12 @@
 //! streams use `hearth_api::stream` records. In the embedded default the API
 //! server drives the agent in-process.
 
+pub mod cluster;
 mod migration;
 mod openapi;
+mod policy;
+mod pull;
+mod warm;
 
 use std::time::Duration;
 
@@ -117,10 +121,15 @@ pub fn router(agent: Agent, token: ApiToken) -> Router {
         )
         .route("/v1/images", get(list_images))
         .route("/v1/images/import", post(import_image))
+        .route("/v1/images/pull", post(pull::pull_image))
+        .route("/v1/images/prune", post(pull::prune_images))
+        .route("/v1/registries/login", post(pull::registry_login))
         .route(
             "/v1/images/{reference}",
             axum::routing::delete(delete_image),
         )
+        .merge(policy::routes())
+        .merge(warm::routes())
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(token, require_token))
         .with_state(agent)
@@ -140,6 +149,12 @@ impl ApiToken {
             return Err("the API token must be at least 16 characters".into());
         }
         Ok(ApiToken(std::sync::Arc::new(token)))
+    }
+
+    /// The token itself, for a client that must present it (a control-plane
+    /// member calling an agent, an agent registering).
+    pub fn secret(&self) -> &str {
+        &self.0
     }
 
     /// Compares in constant time (the length is not secret).

@@ -15,6 +15,10 @@ use utoipa::OpenApi;
         hearth_api::ImportImage,
         hearth_api::Image,
         hearth_api::ImageConfig,
+        hearth_api::PullImage,
+        hearth_api::PullEvent,
+        hearth_api::RegistryLogin,
+        hearth_api::PruneReport,
         hearth_api::Info,
         hearth_api::ApiError,
         hearth_api::ErrorCode,
@@ -23,6 +27,19 @@ use utoipa::OpenApi;
         hearth_api::migration::IncomingOffer,
         hearth_api::migration::IncomingAccepted,
         hearth_api::migration::IncomingCommit,
+        hearth_api::network::NetworkSpec,
+        hearth_api::network::NetworkMode,
+        hearth_api::network::EgressPolicy,
+        hearth_api::network::SandboxNetwork,
+        hearth_api::network::PolicyStats,
+        hearth_api::network::PolicyCounter,
+        hearth_api::StartPath,
+        hearth_api::CreateTemplate,
+        hearth_api::Template,
+        hearth_api::SetPool,
+        hearth_api::CreateSnapshot,
+        hearth_api::Snapshot,
+        hearth_api::ForkSandbox,
     ))
 )]
 struct ApiDoc;
@@ -60,8 +77,23 @@ pub fn document() -> serde_json::Value {
         "/v1/migrations/incoming": {"post": {"summary": "Agent to agent: prepare an incoming VM (the image must be here)", "requestBody": json("IncomingOffer"), "responses": {"201": json("IncomingAccepted"), "404": err, "409": err}}},
         "/v1/migrations/incoming/{id}": {"delete": {"summary": "Agent to agent: remove an uncommitted incoming VM (409 if committed)", "responses": {"200": {"description": "removed"}, "409": err}}},
         "/v1/migrations/incoming/{id}/log": {"put": {"summary": "Agent to agent: the sandbox's output log so far", "responses": {"200": {"description": "stored"}}}},
-        "/v1/migrations/incoming/{id}/commit": {"post": {"summary": "Agent to agent: start the migrated VM and take the sandbox over", "requestBody": json("IncomingCommit"), "responses": {"200": json("Sandbox"), "500": err}}}
+        "/v1/migrations/incoming/{id}/commit": {"post": {"summary": "Agent to agent: start the migrated VM and take the sandbox over", "requestBody": json("IncomingCommit"), "responses": {"200": json("Sandbox"), "500": err}}},
+        "/v1/images/pull": {"post": {"summary": "Pull an image from a registry (linux/amd64). The response streams one JSON PullEvent per line (application/x-ndjson): progress, then `done` with the Image or `error` with an ApiError. Concurrent pulls of one reference share the work.", "requestBody": json("PullImage"), "responses": {"200": {"content": {hearth_api::NDJSON: {"schema": {"$ref": "#/components/schemas/PullEvent"}}}}, "400": err}}},
+        "/v1/images/prune": {"post": {"summary": "Delete root filesystems and cached registry blobs that no image uses", "responses": {"200": json("PruneReport")}}},
+        "/v1/registries/login": {"post": {"summary": "Store credentials for a registry on the daemon's host (0600 file in the data dir); used by later pulls", "requestBody": json("RegistryLogin"), "responses": {"204": {"description": "stored"}, "400": err}}}
     });
+    if let (Some(paths), serde_json::Value::Object(more)) = (
+        doc["paths"].as_object_mut(),
+        crate::policy::openapi_paths(json, &err),
+    ) {
+        paths.extend(more);
+    }
+    if let (Some(paths), Some(more)) = (
+        doc["paths"].as_object_mut(),
+        crate::warm::paths(&json, &err).as_object().cloned(),
+    ) {
+        paths.extend(more);
+    }
     doc
 }
 

@@ -11,6 +11,16 @@ pub struct BootParams {
     pub root: String,
     /// `hearth.rootfstype=`: its filesystem type.
     pub rootfstype: String,
+    /// `hearth.ip=`, `hearth.gw=`, `hearth.dns=a,b`: the sandbox's network.
+    pub net: Option<NetParams>,
+}
+
+/// The guest's IPv4 setup: a /32 on eth0 and a default route via an on-link gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetParams {
+    pub ip: std::net::Ipv4Addr,
+    pub gateway: std::net::Ipv4Addr,
+    pub dns: Vec<std::net::Ipv4Addr>,
 }
 
 /// Default root device: the first virtio-blk disk.
@@ -24,7 +34,9 @@ impl BootParams {
             probe: false,
             root: DEFAULT_ROOT.to_string(),
             rootfstype: "ext4".to_string(),
+            net: None,
         };
+        let (mut ip, mut gw, mut dns) = (None, None, Vec::new());
         for word in cmdline.split_whitespace() {
             let (key, value) = word.split_once('=').unwrap_or((word, ""));
             match key {
@@ -32,8 +44,14 @@ impl BootParams {
                 "hearth.probe" => params.probe = value != "0",
                 "hearth.root" if !value.is_empty() => params.root = value.to_string(),
                 "hearth.rootfstype" if !value.is_empty() => params.rootfstype = value.to_string(),
+                "hearth.ip" => ip = value.parse().ok(),
+                "hearth.gw" => gw = value.parse().ok(),
+                "hearth.dns" => dns = value.split(',').filter_map(|d| d.parse().ok()).collect(),
                 _ => {}
             }
+        }
+        if let (Some(ip), Some(gateway)) = (ip, gw) {
+            params.net = Some(NetParams { ip, gateway, dns });
         }
         params
     }
@@ -59,6 +77,18 @@ mod tests {
         let p = BootParams::parse("console=ttyS0 hearth.probe=0 hearth.hostname=");
         assert_eq!(p.hostname, None);
         assert!(!p.probe);
+    }
+
+    #[test]
+    fn network_parameters_are_understood() {
+        let p = BootParams::parse(
+            "hearth.ip=10.88.0.2 hearth.gw=169.254.1.1 hearth.dns=1.1.1.1,9.9.9.9",
+        );
+        let n = p.net.unwrap();
+        assert_eq!(n.ip.to_string(), "10.88.0.2");
+        assert_eq!(n.gateway.to_string(), "169.254.1.1");
+        assert_eq!(n.dns.len(), 2);
+        assert_eq!(BootParams::parse("hearth.ip=10.88.0.2").net, None);
     }
 
     #[test]

@@ -11,9 +11,11 @@ mod cmdline;
 mod console;
 mod exec;
 mod lookup;
+mod net;
 mod output;
 mod power;
 mod reaper;
+mod restore;
 mod server;
 mod session;
 mod stdin;
@@ -69,6 +71,12 @@ fn run() -> Result<std::convert::Infallible, InitError> {
     }
     if let Err(e) = boot::loopback_up() {
         log!("loopback not up: {e}");
+    }
+    if let Some(n) = &params.net {
+        match net::configure(n, boot::SYSROOT) {
+            Ok(()) => log!("eth0 {}/32 via {}", n.ip, n.gateway),
+            Err(e) => log!("network not configured: {e}"),
+        }
     }
     log!("ready in {} ms", start.elapsed().as_millis());
     Ok(server::serve(&port)?)

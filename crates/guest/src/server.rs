@@ -8,13 +8,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hearth_proto::{
-    read_frame, Credit, Empty, ErrorMsg, ExecRequest, Frame, Hello, Kind, ProtoError,
+    read_frame, Credit, Empty, ErrorMsg, ExecRequest, Frame, Hello, Kind, ProtoError, Restored,
     SignalRequest, PROTOCOL_VERSION,
 };
 
 use crate::channel::Writer;
 use crate::session::Sessions;
-use crate::{exec, log, power, reaper};
+use crate::{exec, log, power, reaper, restore};
 
 /// How long to wait before reading again when the host is not connected.
 const RECONNECT_POLL: Duration = Duration::from_millis(50);
@@ -120,6 +120,15 @@ fn dispatch(frame: Frame, sessions: &Arc<Sessions>, writer: &Arc<Writer>) {
             Err(e) => error(writer, id, e.to_string()),
         },
         Kind::Ping => writer.send_or_log(&Frame::json(Kind::Pong, id, &Empty {})),
+        // why: applied on this (the only reading) thread, so nothing the host sends
+        // after it can run with the snapshot's stale RNG, clock or hostname.
+        Kind::Restored => match frame.parse::<Restored>() {
+            Ok(msg) => {
+                let ack = restore::apply(&msg);
+                writer.send_or_log(&Frame::json(Kind::RestoredAck, id, &ack));
+            }
+            Err(e) => error(writer, id, e.to_string()),
+        },
         Kind::Shutdown => power::shutdown(),
         other => error(writer, id, format!("unexpected {other:?} frame from host")),
     }

@@ -1,5 +1,10 @@
-//! `hearthd`: the Hearth daemon. `hearthd dev` is the embedded default: the API
-//! server and a node agent in one process, for a laptop or a CI box.
+//! `hearthd`: the Hearth daemon, one binary with roles.
+//!
+//! - `hearthd dev`: the embedded default for a laptop or a CI box: the API, a
+//!   node agent and a one-member control plane (Raft group) in one process.
+//! - `hearthd control --id N --peers ID=ADDR,...`: a control-plane member.
+//! - `hearthd agent --control ADDR,...`: a node agent that registers with the
+//!   control plane and serves its node-local API.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -8,6 +13,9 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use hearth_agent::{Agent, AgentConfig};
 use hearth_vmm::AccelChoice;
+
+mod ingress;
+mod roles;
 
 #[derive(Parser)]
 #[command(name = "hearthd", version, about = "Hearth daemon")]
@@ -20,6 +28,10 @@ struct Cli {
 enum Cmd {
     /// Run the API server and a node agent in one process (single-node cluster).
     Dev(DevArgs),
+    /// Run a control-plane member: Raft-replicated state, scheduler, public API.
+    Control(roles::ControlArgs),
+    /// Run a node agent that joins a control plane.
+    Agent(roles::AgentArgs),
 }
 
 #[derive(clap::Args)]
@@ -55,6 +67,80 @@ struct DevArgs {
     /// This node's name.
     #[arg(long, env = "HEARTH_NODE", default_value = "local")]
     node: String,
+    /// A registry (HOST[:PORT]) to pull from over plain HTTP (repeatable). Loopback
+    /// registries always are; every other one must speak HTTPS unless listed here.
+    #[arg(
+        long = "insecure-registry",
+        env = "HEARTH_INSECURE_REGISTRIES",
+        value_delimiter = ','
+    )]
+    insecure_registries: Vec<String>,
+    /// Seconds to wait for a registry's answer (or the next bytes of a blob) before failing.
+    #[arg(long, env = "HEARTH_REGISTRY_TIMEOUT", default_value_t = 30)]
+    registry_timeout: u64,
+    /// Largest uncompressed layer an image may have, in bytes.
+    #[arg(long, env = "HEARTH_MAX_LAYER_BYTES")]
+    max_layer_bytes: Option<u64>,
+    /// Most tar entries an image may have across its layers.
+    #[arg(long, env = "HEARTH_MAX_IMAGE_ENTRIES")]
+    max_image_entries: Option<u64>,
+    #[command(flatten)]
+    net: NetArgs,
+    /// Serve the ingress proxy (`<port>-<sandbox>.<domain>` and
+    /// `/sandboxes/<sandbox>/ports/<port>/...`) on this address.
+    #[arg(long, env = "HEARTH_INGRESS_LISTEN")]
+    ingress_listen: Option<SocketAddr>,
+    /// Domain of ingress host names.
+    #[arg(
+        long,
+        env = "HEARTH_INGRESS_DOMAIN",
+        default_value = "hearth.localhost"
+    )]
+    ingress_domain: String,
+}
+
+/// Sandbox networking of this node.
+#[derive(clap::Args)]
+struct NetArgs {
+    /// This node's slice of the cluster CIDR; sandboxes get /32s from it.
+    #[arg(long, env = "HEARTH_NET_POOL", default_value = "10.88.0.0/24")]
+    net_pool: hearth_net::Cidr,
+    /// Run every sandbox without a network (no taps, NAT or BPF).
+    #[arg(long, env = "HEARTH_NO_NETWORK")]
+    no_network: bool,
+    /// Nameservers for sandboxes (default: the host's non-loopback ones).
+    #[arg(long = "dns", env = "HEARTH_DNS", value_delimiter = ',')]
+    dns: Vec<std::net::Ipv4Addr>,
+}
+
+impl NetArgs {
+    fn config(&self, data_dir: &std::path::Path) -> Option<hearth_net::NetConfig> {
+        if self.no_network {
+            return None;
+        }
+        let dns = if self.dns.is_empty() {
+            host_nameservers()
+        } else {
+            self.dns.clone()
+        };
+        Some(hearth_net::NetConfig {
+            pool: self.net_pool,
+            state_dir: data_dir.join("net"),
+            dns,
+        })
+    }
+}
+
+/// IPv4 nameservers of the host's /etc/resolv.conf, loopback ones left out
+/// (a guest cannot reach the host's 127.0.0.53).
+fn host_nameservers() -> Vec<std::net::Ipv4Addr> {
+    std::fs::read_to_string("/etc/resolv.conf")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.strip_prefix("nameserver"))
+        .filter_map(|a| a.trim().parse::<std::net::Ipv4Addr>().ok())
+        .filter(|a| !a.is_loopback())
+        .collect()
 }
 
 fn cache_dir() -> PathBuf {
@@ -68,13 +154,16 @@ fn cache_dir() -> PathBuf {
 async fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,openraft=warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Dev(a) => dev(a).await,
+        Cmd::Control(a) => roles::control(a).await,
+        Cmd::Agent(a) => roles::agent(a).await,
     }
 }
 
@@ -90,6 +179,19 @@ async fn dev(a: DevArgs) -> Result<()> {
         qemu_img: a.qemu_img,
         accel: a.accel,
         node: a.node,
+        net: a.net.config(&a.data_dir),
+        image_limits: {
+            let mut l = hearth_image::Limits::default();
+            if let Some(b) = a.max_layer_bytes {
+                l.max_layer_bytes = b;
+            }
+            if let Some(n) = a.max_image_entries {
+                l.max_entries = n;
+            }
+            l
+        },
+        insecure_registries: a.insecure_registries,
+        registry_timeout: std::time::Duration::from_secs(a.registry_timeout.max(1)),
         guest_watchdog: std::time::Duration::from_secs(a.guest_watchdog_secs),
         max_log_bytes: a.max_log_mib.saturating_mul(1024 * 1024),
     };
@@ -104,6 +206,12 @@ async fn dev(a: DevArgs) -> Result<()> {
             )
         })?;
     let agent = Agent::start(cfg).await.context("starting the node agent")?;
+    let local = listener.local_addr()?;
+    let token = load_or_create_token(&a.data_dir)?;
+    let cp = roles::embedded_control_plane(&a.data_dir, local, &token).await?;
+    roles::spawn_link(agent.clone(), roles::dev_link(&agent, local, &token));
+    let app = hearth_control::router(agent.clone(), token.clone())
+        .merge(hearth_control::cluster::cluster_routes(cp, token));
     let info = agent.info();
     tracing::info!(
         "hearthd dev: API on http://{} (data {}, backend {}, accel {})",
@@ -112,12 +220,27 @@ async fn dev(a: DevArgs) -> Result<()> {
         info.backend,
         info.accel
     );
-    let token = load_or_create_token(&a.data_dir)?;
-    axum_serve(listener, hearth_control::router(agent, token)).await
+    if let Some(addr) = a.ingress_listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the ingress proxy to {addr}"))?;
+        tracing::info!(
+            "ingress on http://{} (<port>-<sandbox>.{})",
+            l.local_addr()?,
+            a.ingress_domain
+        );
+        let app = hearth_ingress::router(&a.ingress_domain, ingress::AgentResolver(agent.clone()));
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(l, app).await {
+                tracing::error!("ingress stopped: {e}");
+            }
+        });
+    }
+    axum_serve(listener, app).await
 }
 
 /// The API token: `HEARTH_TOKEN`, else DATA/api-token, created (0600) on first start.
-fn load_or_create_token(data_dir: &std::path::Path) -> Result<hearth_control::ApiToken> {
+pub(crate) fn load_or_create_token(data_dir: &std::path::Path) -> Result<hearth_control::ApiToken> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     if let Ok(t) = std::env::var("HEARTH_TOKEN") {
@@ -154,7 +277,7 @@ fn load_or_create_token(data_dir: &std::path::Path) -> Result<hearth_control::Ap
 /// Serves until SIGINT/SIGTERM, then exits promptly: streaming clients are cut
 /// off, and VMs keep running in their own sessions (the next start of hearthd
 /// finds them).
-async fn axum_serve(listener: tokio::net::TcpListener, app: axum::Router) -> Result<()> {
+pub(crate) async fn axum_serve(listener: tokio::net::TcpListener, app: axum::Router) -> Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
     tokio::select! {

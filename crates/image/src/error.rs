@@ -3,6 +3,7 @@
 
 use std::io;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// Why an image operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -135,6 +136,50 @@ pub enum ImageError {
         max: u64,
     },
 
+    /// A registry reference cannot be parsed.
+    #[error("invalid image reference {reference:?}: {reason}")]
+    InvalidReference { reference: String, reason: String },
+
+    /// A pull failed; `source` says how. Every pull error names the reference.
+    #[error("pulling {reference}: {source}")]
+    Pull {
+        reference: String,
+        #[source]
+        source: Box<ImageError>,
+    },
+
+    /// The registry answered 401/403: no or wrong credentials.
+    #[error("registry {registry} refused access ({status}); log in with `hearth login {registry}` (or `docker login`) and check the repository name")]
+    RegistryUnauthorized { registry: String, status: u16 },
+
+    /// The registry has no such repository, tag or digest.
+    #[error("the registry {registry} has no such image (manifest unknown)")]
+    RegistryNotFound { registry: String },
+
+    /// The registry failed (5xx, an unexpected answer, a broken connection, TLS).
+    #[error("registry {registry} failed while fetching {what}: {reason}")]
+    Registry {
+        registry: String,
+        what: String,
+        reason: String,
+    },
+
+    /// The registry sent nothing for longer than the timeout.
+    #[error("registry {registry} stalled: no answer for {secs}s while fetching {what}; raise hearthd --registry-timeout if it is just slow")]
+    RegistryTimeout {
+        registry: String,
+        what: String,
+        secs: u64,
+    },
+
+    /// The credentials file cannot be read or written.
+    #[error("registry credentials {path}: {reason}")]
+    Credentials { path: PathBuf, reason: String },
+
+    /// A concurrent pull of the same image, which this one joined, failed.
+    #[error(transparent)]
+    Shared(Arc<ImageError>),
+
     /// `mkfs.ext4` could not be started (is e2fsprogs installed?).
     #[error("cannot run mkfs.ext4: {source}; install e2fsprogs (1.43 or newer, for -d)")]
     MkfsSpawn {
@@ -161,12 +206,24 @@ impl ImageError {
 impl ImageError {
     /// True when the reference names no image.
     pub fn is_not_found(&self) -> bool {
-        matches!(self, ImageError::NotFound { .. })
+        match self {
+            ImageError::Pull { source, .. } => source.is_not_found(),
+            ImageError::Shared(e) => e.is_not_found(),
+            e => matches!(
+                e,
+                ImageError::NotFound { .. } | ImageError::RegistryNotFound { .. }
+            ),
+        }
     }
 
     /// True when the caller's input (a name, a reference or the image source)
     /// is at fault rather than this host.
     pub fn is_bad_input(&self) -> bool {
+        match self {
+            ImageError::Pull { source, .. } => return source.is_bad_input(),
+            ImageError::Shared(e) => return e.is_bad_input(),
+            _ => {}
+        }
         !matches!(
             self,
             ImageError::Store { .. }
@@ -174,6 +231,9 @@ impl ImageError {
                 | ImageError::MkfsSpawn { .. }
                 | ImageError::Mkfs { .. }
                 | ImageError::NotFound { .. }
+                | ImageError::Registry { .. }
+                | ImageError::RegistryTimeout { .. }
+                | ImageError::Credentials { .. }
         )
     }
 }

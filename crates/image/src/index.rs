@@ -29,6 +29,10 @@ pub(crate) struct Entry {
     pub(crate) digest: String,
     pub(crate) config: ImageConfig,
     pub(crate) created_unix: u64,
+    /// Blobs of `<root>/blob-cache/` this image was pulled from (config and layers);
+    /// empty for local imports. `prune` keeps exactly the blobs some image lists.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) blobs: Vec<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone)]

@@ -21,9 +21,13 @@ mod confined;
 mod digest;
 mod error;
 mod ext4;
+#[doc(hidden)]
+pub mod fuzzing;
 mod index;
 mod limits;
 mod reference;
+#[cfg(feature = "registry")]
+mod registry;
 mod source;
 mod unpack;
 mod whiteout;
@@ -36,6 +40,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 pub use config::ImageConfig;
 pub use error::ImageError;
 pub use limits::Limits;
+#[cfg(feature = "registry")]
+pub use registry::{Credentials, Puller, RegistryOptions};
 
 use confined::Confined;
 use reference::Reference;
@@ -43,7 +49,8 @@ use source::Prepared;
 use unpack::{Unpacker, IMAGE_LAYER};
 
 /// A directory of images: `<root>/index.json`, `<root>/blobs/sha256/<hex>.ext4`,
-/// and `<root>/tmp/` for imports in progress.
+/// `<root>/blob-cache/sha256/<hex>` (registry blobs as pulled, shared by every
+/// image that lists them) and `<root>/tmp/` for imports and pulls in progress.
 #[derive(Debug, Clone)]
 pub struct ImageStore {
     root: PathBuf,
@@ -65,9 +72,40 @@ pub struct ImageRecord {
     pub created_unix: u64,
 }
 
-/// Import progress, reported as it happens.
+/// What [`ImageStore::prune`] deleted.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PruneReport {
+    pub rootfs_removed: u64,
+    pub blobs_removed: u64,
+    /// Apparent bytes of the deleted files (root filesystems are sparse).
+    pub bytes_freed: u64,
+}
+
+/// Import and pull progress, reported as it happens.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Progress {
+    /// A pull resolved its manifest: the image digest, its layer count and their compressed bytes.
+    Resolved {
+        digest: String,
+        layers: usize,
+        bytes: u64,
+    },
+    /// `done` of `size` bytes of layer `index` (1-based, of `total`) have arrived.
+    Fetching {
+        index: usize,
+        total: usize,
+        digest: String,
+        done: u64,
+        size: u64,
+    },
+    /// Layer `index` is in the blob cache; `cached` when it already was (nothing fetched).
+    Fetched {
+        index: usize,
+        total: usize,
+        digest: String,
+        size: u64,
+        cached: bool,
+    },
     /// Layer `index` (1-based) of `total` was unpacked; `bytes` uncompressed.
     Layer {
         index: usize,
@@ -85,7 +123,11 @@ impl ImageStore {
     /// Opens (creating if needed) the store at `root`.
     pub fn open(root: impl Into<PathBuf>, limits: Limits) -> Result<ImageStore, ImageError> {
         let root = root.into();
-        for dir in [root.join("blobs/sha256"), root.join("tmp")] {
+        for dir in [
+            root.join("blobs/sha256"),
+            root.join("blob-cache/sha256"),
+            root.join("tmp"),
+        ] {
             fs::create_dir_all(&dir).map_err(ImageError::store(&dir))?;
         }
         Ok(ImageStore { root, limits })
@@ -102,15 +144,38 @@ impl ImageStore {
         progress: &dyn Fn(Progress),
     ) -> Result<ImageRecord, ImageError> {
         let name = reference::normalize_name(name)?;
-        let tmp = self.root.join("tmp");
         // Dropped (removed, with everything in it) on every path out of this function.
-        let work = tempfile::Builder::new()
-            .prefix("import-")
-            .tempdir_in(&tmp)
-            .map_err(ImageError::store(&tmp))?;
+        let work = self.work_dir("import-")?;
         let mut prepared = source::prepare(source, work.path(), &self.limits)?;
-        let rootfs = self.rootfs_path(&prepared.digest);
+        self.install(name, &mut prepared, work.path(), progress)
+    }
 
+    /// A fresh directory under `<root>/tmp/`, removed when dropped.
+    pub(crate) fn work_dir(&self, prefix: &str) -> Result<tempfile::TempDir, ImageError> {
+        let tmp = self.root.join("tmp");
+        tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir_in(&tmp)
+            .map_err(ImageError::store(&tmp))
+    }
+
+    /// True when a root filesystem for `digest` is built and registered.
+    #[cfg_attr(not(feature = "registry"), allow(dead_code))]
+    pub(crate) fn has_rootfs(&self, digest: &str) -> Result<bool, ImageError> {
+        Ok(index::lock(&self.root)?.index.rootfs.contains_key(digest)
+            && self.rootfs_path(digest).is_file())
+    }
+
+    /// Builds the root filesystem of `prepared` unless one exists for its digest,
+    /// then points `name` at it.
+    pub(crate) fn install(
+        &self,
+        name: String,
+        prepared: &mut Prepared,
+        work: &Path,
+        progress: &dyn Fn(Progress),
+    ) -> Result<ImageRecord, ImageError> {
+        let rootfs = self.rootfs_path(&prepared.digest);
         let existing = index::lock(&self.root)?
             .index
             .rootfs
@@ -122,9 +187,17 @@ impl ImageStore {
                 progress(Progress::Reused);
                 None
             }
-            None => Some(self.build(&mut prepared, work.path(), progress)?),
+            None if prepared.layers.is_empty() && prepared.blobs.len() > 1 => {
+                // A pull skipped fetching layers because the rootfs existed; it is gone now.
+                return Err(ImageError::Store {
+                    path: rootfs,
+                    source: std::io::Error::other(
+                        "root filesystem was removed during the pull; pull again",
+                    ),
+                });
+            }
+            None => Some(self.build(prepared, work, progress)?),
         };
-
         let mut locked = index::lock(&self.root)?;
         let size_bytes = match (
             built,
@@ -160,6 +233,7 @@ impl ImageStore {
             digest: prepared.digest.clone(),
             config: prepared.config.clone(),
             created_unix: now(),
+            blobs: prepared.blobs.clone(),
         };
         let previous = locked.index.images.insert(name.clone(), entry.clone());
         let orphan = previous.map(|p| p.digest).filter(|d| {
@@ -273,6 +347,80 @@ impl ImageStore {
             self.delete_rootfs(&record.digest);
         }
         Ok(())
+    }
+
+    /// Deletes every root filesystem and cached registry blob that no image name uses.
+    /// The caller must not prune while a sandbox runs on an image it removed by name.
+    pub fn prune(&self) -> Result<PruneReport, ImageError> {
+        let mut locked = index::lock(&self.root)?;
+        let used_rootfs: std::collections::HashSet<String> = locked
+            .index
+            .images
+            .values()
+            .map(|e| e.digest.clone())
+            .collect();
+        let used_blobs: std::collections::HashSet<String> = locked
+            .index
+            .images
+            .values()
+            .flat_map(|e| {
+                e.blobs
+                    .iter()
+                    .map(|d| d.trim_start_matches("sha256:").to_string())
+            })
+            .collect();
+        locked.index.rootfs.retain(|d, _| used_rootfs.contains(d));
+        locked.save()?;
+        let keep_rootfs: std::collections::HashSet<String> = locked
+            .index
+            .rootfs
+            .keys()
+            .map(|d| format!("{}.ext4", d.trim_start_matches("sha256:")))
+            .collect();
+        let mut report = PruneReport::default();
+        // why: names starting with '.' are builds in progress (`.building-*`); they are not ours to delete.
+        let sweep = |dir: PathBuf,
+                     keep: &dyn Fn(&str) -> bool,
+                     removed: &mut u64,
+                     report_bytes: &mut u64|
+         -> Result<(), ImageError> {
+            for entry in fs::read_dir(&dir).map_err(ImageError::store(&dir))? {
+                let entry = entry.map_err(ImageError::store(&dir))?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.starts_with('.') || keep(&name) {
+                    continue;
+                }
+                let size = entry.metadata().map(|m| m.len()).unwrap_or(0);
+                match fs::remove_file(entry.path()) {
+                    Ok(()) => {
+                        *removed += 1;
+                        *report_bytes += size;
+                    }
+                    Err(e) => {
+                        tracing::warn!(path = %entry.path().display(), error = %e, "prune: cannot delete")
+                    }
+                }
+            }
+            Ok(())
+        };
+        let (mut rootfs, mut blobs, mut bytes) = (0, 0, 0);
+        sweep(
+            self.root.join("blobs/sha256"),
+            &|n| keep_rootfs.contains(n),
+            &mut rootfs,
+            &mut bytes,
+        )?;
+        sweep(
+            self.root.join("blob-cache/sha256"),
+            &|n| used_blobs.contains(n),
+            &mut blobs,
+            &mut bytes,
+        )?;
+        drop(locked);
+        report.rootfs_removed = rootfs;
+        report.blobs_removed = blobs;
+        report.bytes_freed = bytes;
+        Ok(report)
     }
 
     /// Verifies and unpacks the layers, then builds the ext4 under a temporary name.

@@ -60,6 +60,11 @@ pub enum Kind {
     Ping = 12,
     /// guest → host, id 0, [`Empty`]: answer to Ping.
     Pong = 13,
+    /// host → guest, id 0, [`Restored`]: this VM was restored from a snapshot;
+    /// take this identity, clock and entropy before running anything else.
+    Restored = 14,
+    /// guest → host, id 0, [`RestoredAck`]: the restore message was applied.
+    RestoredAck = 15,
 }
 
 impl Kind {
@@ -79,6 +84,8 @@ impl Kind {
             11 => Shutdown,
             12 => Ping,
             13 => Pong,
+            14 => Restored,
+            15 => RestoredAck,
             _ => return None,
         })
     }
@@ -297,6 +304,24 @@ pub struct ErrorMsg {
     pub message: String,
 }
 
+/// host → guest after a snapshot restore. A restored guest's memory is a copy of
+/// another VM's, so its RNG state, clock and identity are stale until this arrives.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Restored {
+    /// Fresh randomness to mix into the guest kernel's pool (then reseed).
+    pub seed: Vec<u8>,
+    /// Wall-clock time on the host, milliseconds since the Unix epoch.
+    pub unix_ms: u64,
+    pub hostname: String,
+    pub sandbox_id: String,
+}
+
+/// guest → host: [`Restored`] was applied; `warnings` lists what could not be.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct RestoredAck {
+    pub warnings: Vec<String>,
+}
+
 /// An empty JSON object, for messages without fields.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 pub struct Empty {}
@@ -320,6 +345,17 @@ mod tests {
             Frame::data(Kind::Stdout, 7, b"hello\n".to_vec()),
             Frame::data(Kind::Stdin, 7, Vec::new()),
             Frame::json(Kind::Credit, 7, &Credit { bytes: 5 }),
+            Frame::json(
+                Kind::Restored,
+                0,
+                &Restored {
+                    seed: vec![1, 2, 3],
+                    unix_ms: 1,
+                    hostname: "h".into(),
+                    sandbox_id: "s".into(),
+                },
+            ),
+            Frame::json(Kind::RestoredAck, 0, &RestoredAck::default()),
         ];
         let mut wire = Vec::new();
         for f in &frames {

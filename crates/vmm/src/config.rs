@@ -33,6 +33,31 @@ pub struct VmConfig {
     /// Appended to the kernel command line after the contract's arguments.
     pub extra_cmdline: Vec<String>,
     pub accel: Accel,
+    /// A virtio-net device on an existing tap; `None`: no network device.
+    pub net: Option<NetDevice>,
+    /// How guest RAM is backed; [`GuestMemory::SharedFile`] makes snapshots cheap.
+    pub memory: GuestMemory,
+}
+
+/// How a created VM's RAM is backed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GuestMemory {
+    /// Anonymous memory: a snapshot carries the RAM inside its state stream.
+    #[default]
+    Anonymous,
+    /// A file in the VM directory (`DIR/ram`), mapped shared: a snapshot takes
+    /// (or copies) the file and the state stream holds only device state.
+    SharedFile,
+}
+
+/// The guest's network device: a tap the host prepared, and the guest's MAC.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetDevice {
+    /// Host tap interface name (created and owned by the caller).
+    pub tap: String,
+    /// `aa:bb:cc:dd:ee:ff`.
+    pub mac: String,
 }
 
 /// The accelerator a VM runs under.
@@ -208,6 +233,8 @@ mod tests {
             hostname: "sb-1".into(),
             extra_cmdline: vec![],
             accel: Accel::Tcg,
+            net: None,
+            memory: GuestMemory::Anonymous,
         }
     }
 

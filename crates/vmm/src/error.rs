@@ -181,6 +181,27 @@ pub enum VmmError {
     /// The backend cannot do this (yet).
     #[error("VM {id}: this backend does not support {what}")]
     Unsupported { id: String, what: &'static str },
+    /// A snapshot's files are missing, truncated or corrupted.
+    #[error("snapshot `{dir}` is unusable: {reason}")]
+    SnapshotInvalid { dir: PathBuf, reason: String },
+
+    /// A snapshot was made by another VMM, kernel or format than this host runs.
+    #[error("snapshot `{dir}` was made with {what} {snapshot}, this host has {host}; recreate the snapshot")]
+    SnapshotMismatch {
+        dir: PathBuf,
+        what: &'static str,
+        snapshot: String,
+        host: String,
+    },
+
+    /// Saving or loading VM state failed in the VMM.
+    #[error("VM {id}: {op} failed: {detail}{}", log_suffix(.log_tail))]
+    SnapshotFailed {
+        id: String,
+        op: &'static str,
+        detail: String,
+        log_tail: String,
+    },
 
     /// An accelerator setting that is none of auto, kvm, tcg.
     #[error("unknown accelerator `{0}`: use auto, kvm or tcg")]

@@ -7,6 +7,11 @@
 //! (the node agent) then connects the guest agent channel and calls
 //! [`Vm::start`], so the guest's first message cannot be lost.
 //!
+//! Snapshots: [`Vm::save_snapshot`] writes a [`snapshot`] directory (state,
+//! RAM, disk layer, manifest); [`Vmm::restore`] starts a paused VM from one with
+//! its RAM mapped copy-on-write. Firecracker's snapshot API (`/snapshot/create`,
+//! `/snapshot/load` with a file memory backend) fits the same two calls.
+//!
 //! Backends: [`qemu::QemuVmm`] (QEMU `microvm`, driven over [`qmp`]).
 //! Firecracker slots in behind the same traits later.
 
@@ -19,13 +24,14 @@ pub mod process;
 pub mod qemu;
 pub mod qmp;
 pub mod record;
+pub mod snapshot;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tokio::net::UnixStream;
 
-pub use config::{Accel, AccelChoice, HostLimits, VmConfig};
+pub use config::{Accel, AccelChoice, GuestMemory, HostLimits, NetDevice, VmConfig};
 pub use error::VmmError;
 pub use migration::{MigrationParams, MigrationProgress, MigrationState};
 pub use probe::{choose_accel, probe_accel, AccelReport, PROBE_TIMEOUT};
@@ -33,6 +39,35 @@ pub use process::VmExit;
 pub use qemu::migrate::SwitchoverGate;
 pub use qemu::{QemuVm, QemuVmm};
 pub use record::{destroy, is_alive, kill_recorded, VmRecord};
+pub use snapshot::{HostIdentity, RamStorage, SnapshotManifest, Verify};
+
+/// What happens to a VM once its snapshot is saved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterSave {
+    /// Keep running (or stay paused, if it was paused).
+    Resume,
+    /// End the VM; its RAM file becomes the snapshot's without a copy (templates).
+    Quit,
+}
+
+/// What the caller knows about a VM that the snapshot manifest records.
+#[derive(Debug, Clone)]
+pub struct SaveOptions {
+    /// SHA-256 of the guest kernel the VM booted.
+    pub kernel_sha256: String,
+    pub cpus: u32,
+    pub memory_mib: u32,
+    /// The read-only base root filesystem under the VM's disk layer.
+    pub base_rootfs: PathBuf,
+    pub after: AfterSave,
+}
+
+/// A VM started from a snapshot: paused, state loaded, agent channel connected.
+pub struct RestoredVm {
+    pub vm: Box<dyn Vm>,
+    /// Connected before the state was loaded, so the guest never saw its host leave.
+    pub agent: UnixStream,
+}
 
 /// A VMM backend.
 #[async_trait::async_trait]
@@ -59,6 +94,16 @@ pub trait Vmm: Send + Sync {
             what: "incoming live migration",
         })
     }
+    /// Starts a VM from the snapshot in `snapshot` (already checked against this
+    /// host with [`SnapshotManifest::check`]): `cfg` gives id, directory and
+    /// hostname; vCPUs and memory come from the manifest. The VM is paused with its
+    /// state loaded; [`Vm::start`] resumes it. On failure nothing is left running.
+    async fn restore(
+        &self,
+        cfg: &VmConfig,
+        snapshot: &Path,
+        manifest: &SnapshotManifest,
+    ) -> Result<RestoredVm, VmmError>;
 
     /// Short backend name, as recorded in vm.json (`qemu`).
     fn name(&self) -> &'static str;
@@ -124,6 +169,13 @@ pub trait Vm: Send + Sync {
             what: "incoming live migration",
         })
     }
+    /// Pauses the VM and writes a snapshot (state, RAM, disk layer, manifest) into
+    /// the new directory `dest`; then resumes or quits it as `opts.after` says.
+    async fn save_snapshot(
+        &self,
+        dest: &Path,
+        opts: &SaveOptions,
+    ) -> Result<SnapshotManifest, VmmError>;
 }
 
 /// The last `max_bytes` of a log file, lossily decoded; empty if unreadable.

@@ -31,6 +31,8 @@ fn config(tmp: &Path, id: &str, kernel: &Path, initrd: &Path, rootfs: &Path) -> 
         hostname: "mig".into(),
         extra_cmdline: vec![],
         accel: Accel::Tcg,
+        net: None,
+        memory: hearth_vmm::GuestMemory::SharedFile,
     }
 }
 

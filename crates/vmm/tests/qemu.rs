@@ -58,6 +58,8 @@ impl Fixture {
             hostname: id.to_string(),
             extra_cmdline: vec![],
             accel: Accel::Tcg,
+            net: None,
+            memory: hearth_vmm::GuestMemory::Anonymous,
         }
     }
 }

@@ -6,7 +6,9 @@
 //! The binaries are taken from `HEARTH_BIN_DIR`, else from the cargo target
 //! directory of this test executable (`scripts/test` builds them first).
 
+pub mod cluster;
 pub mod images;
+pub mod registry;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -46,11 +48,16 @@ pub fn repo_root() -> PathBuf {
         .expect("repo root")
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("free port")
+}
+
+/// A /24 for the daemon on `port`, distinct for distinct ports in a run.
+pub fn net_pool(port: u16) -> String {
+    format!("10.{}.{}.0/24", 100 + (port / 256) % 150, port % 256)
 }
 
 /// Options for [`Daemon::start_with`].
@@ -60,6 +67,8 @@ pub struct DaemonOptions {
     pub accel: String,
     /// Import the busybox image as `busybox`.
     pub busybox: bool,
+    /// Extra environment for hearthd (e.g. `HEARTH_NET_POOL`).
+    pub env: Vec<(String, String)>,
     /// More `hearthd dev` arguments.
     pub extra_args: Vec<String>,
     /// Run the daemon inside this network namespace (`ip netns exec`).
@@ -68,6 +77,8 @@ pub struct DaemonOptions {
     pub listen_ip: Option<String>,
     /// Address the tests reach the API at (default: `listen_ip`).
     pub reach_ip: Option<String>,
+    /// Called with the data dir (not yet created) before the first start, e.g. to mount it.
+    pub before_start: Option<fn(&Path)>,
 }
 
 impl Default for DaemonOptions {
@@ -75,10 +86,12 @@ impl Default for DaemonOptions {
         DaemonOptions {
             accel: "tcg".into(),
             busybox: true,
+            env: Vec::new(),
             extra_args: Vec::new(),
             netns: None,
             listen_ip: None,
             reach_ip: None,
+            before_start: None,
         }
     }
 }
@@ -98,6 +111,17 @@ pub struct Daemon {
 impl Daemon {
     pub fn start() -> Daemon {
         Daemon::start_with(DaemonOptions::default())
+    }
+
+    /// A default daemon with extra environment.
+    pub fn start_with_env(env: &[(&str, &str)]) -> Daemon {
+        Daemon::start_with(DaemonOptions {
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..DaemonOptions::default()
+        })
     }
 
     pub fn start_with(opts: DaemonOptions) -> Daemon {
@@ -120,6 +144,9 @@ impl Daemon {
             data,
             opts: opts.clone(),
         };
+        if let Some(f) = opts.before_start {
+            f(&d.data_dir());
+        }
         d.spawn();
         if opts.busybox {
             let rootfs = d.data.path().join("busybox-rootfs");
@@ -172,6 +199,10 @@ impl Daemon {
                 ),
             ])
             .args(["--accel", &self.opts.accel])
+            // why: daemons of concurrent tests share the host's routing table;
+            // each gets its own address pool, derived from its unique port.
+            .env("HEARTH_NET_POOL", net_pool(self.port))
+            .envs(self.opts.env.iter().map(|(k, v)| (k, v)))
             .args(&self.opts.extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))

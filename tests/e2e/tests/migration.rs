@@ -43,7 +43,19 @@ fn token_file(d: &Daemon) -> String {
 
 fn run_counter(d: &Daemon, name: &str) -> String {
     let out = d.hearth(&[
-        "run", "--detach", "--memory", "128", "--name", name, "busybox", "--", "sh", "-c", COUNTER,
+        "run",
+        "--detach",
+        "--network",
+        "none",
+        "--memory",
+        "128",
+        "--name",
+        name,
+        "busybox",
+        "--",
+        "sh",
+        "-c",
+        COUNTER,
     ]);
     assert!(out.status.success(), "{}", show(&out));
     let id = stdout(&out).trim().to_string();
@@ -227,7 +239,16 @@ fn migrated_sandbox_keeps_counting_and_keeps_its_files() {
 fn bad_migrations_are_refused_and_the_sandbox_runs_on() {
     let (a, b) = two_nodes();
     // Not running.
-    let out = a.hearth(&["run", "--name", "done", "busybox", "--", "true"]);
+    let out = a.hearth(&[
+        "run",
+        "--network",
+        "none",
+        "--name",
+        "done",
+        "busybox",
+        "--",
+        "true",
+    ]);
     assert!(out.status.success(), "{}", show(&out));
     let out = a.hearth(&[
         "migrate",
@@ -239,6 +260,25 @@ fn bad_migrations_are_refused_and_the_sandbox_runs_on() {
     ]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("not running"), "{}", show(&out));
+
+    // With a network device (refused up front, like snapshots: the target
+    // cannot take over the sandbox's tap and address yet).
+    let out = a.hearth(&[
+        "run", "--detach", "--memory", "128", "--name", "netted", "busybox", "--", "sleep", "600",
+    ]);
+    assert!(out.status.success(), "{}", show(&out));
+    let out = a.hearth(&[
+        "migrate",
+        "netted",
+        "--to",
+        &b.api,
+        "--to-token-file",
+        &token_file(&b),
+    ]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("network device"), "{}", show(&out));
+    let out = a.hearth(&["rm", "-f", "netted"]);
+    assert!(out.status.success(), "{}", show(&out));
 
     run_counter(&a, "c");
     // To the same node.

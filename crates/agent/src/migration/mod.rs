@@ -404,8 +404,8 @@ pub(crate) async fn run_source(
             .into_iter()
             .filter(|s| *s != session.id())
             .collect(),
-        guest_agent_version: hello.agent_version.clone(),
-        guest_kernel_release: hello.kernel_release.clone(),
+        guest_agent_version: hello.map(|h| h.agent_version.clone()).unwrap_or_default(),
+        guest_kernel_release: hello.map(|h| h.kernel_release.clone()).unwrap_or_default(),
         started_ms: rec.started_ms,
         boot_ms: rec.boot_ms,
     };
@@ -523,6 +523,21 @@ impl Agent {
         let params = params_from(&req)?;
         let entry = self.entry(id_or_name)?;
         let rec = entry.snapshot();
+        if rec.network.is_some() {
+            return Err(AgentError::Conflict(format!(
+                "sandbox '{}' has a network device; live migration serves sandboxes started with --network none for now (the target cannot take over its tap and address yet)",
+                rec.id
+            )));
+        }
+        if rec
+            .start_path
+            .is_some_and(|p| p != hearth_api::StartPath::Cold)
+        {
+            return Err(AgentError::Conflict(format!(
+                "sandbox '{}' was started from a template, snapshot or warm pool; live migration serves cold-booted sandboxes for now",
+                rec.id
+            )));
+        }
         if rec.status != SandboxStatus::Running {
             return Err(AgentError::Conflict(format!(
                 "sandbox '{}' is {:?}, not running; only a running sandbox can migrate",
@@ -693,10 +708,13 @@ impl Agent {
         };
         {
             let map = lock(&i.sandboxes);
+            // why: names cannot shadow ids, either way round (as in `Agent::register`).
             let clash = map.contains_key(&sb.id)
+                || sb.name.as_ref().is_some_and(|n| map.contains_key(n))
                 || map.values().any(|e| {
                     let r = lock(&e.record);
-                    sb.name.is_some() && r.name == sb.name
+                    (sb.name.is_some() && r.name == sb.name)
+                        || r.name.as_deref() == Some(sb.id.as_str())
                 });
             if clash || lock(&i.migrations.incoming).contains_key(&sb.id) {
                 return Err(AgentError::Conflict(format!(
@@ -730,6 +748,10 @@ impl Agent {
             hostname: offer.hostname.clone(),
             extra_cmdline: Vec::new(),
             accel: i.accel.accel,
+            // why: the same device set and RAM backing as the source's VM (see
+            // `Agent::vm_config`); networked sandboxes are refused before this.
+            net: None,
+            memory: hearth_vmm::GuestMemory::SharedFile,
         };
         let vm = match i.vmm.create_incoming(&cfg, &incoming_sock).await {
             Ok(vm) => vm,
@@ -868,7 +890,7 @@ impl Agent {
                 agent_version: c.guest_agent_version.clone(),
                 kernel_release: c.guest_kernel_release.clone(),
             };
-            let conn = GuestConn::attach(stream, hello, c.next_session);
+            let conn = GuestConn::reattach(stream, hello, c.next_session);
             conn.ping(TARGET_PING_TIMEOUT)
                 .await
                 .map_err(|e| format!("the guest agent did not answer a ping: {e}"))?;
@@ -914,6 +936,12 @@ impl Agent {
             .stdin_open
             .store(inc.offer.stdin_open, Ordering::Relaxed);
         *lock(&entry.chan_fd) = fd;
+        // why: what a running sandbox has before anyone sees it (snapshots, stdin).
+        let vm: Arc<dyn Vm> = Arc::from(vm);
+        *lock(&entry.vm) = Some(vm.clone());
+        *lock(&entry.conn) = Some(conn.clone());
+        *lock(&entry.main_session) = Some(session.id());
+        *lock(&entry.main_input) = Some(session.input());
         let (ctl_tx, ctl_rx) = mpsc::channel(4);
         *lock(&entry.control) = Some(ctl_tx);
         lock(&self.inner.sandboxes).insert(rec.id.clone(), entry.clone());

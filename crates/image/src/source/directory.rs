@@ -78,6 +78,7 @@ pub(crate) fn prepare(dir: &Path, work: &Path, limits: &Limits) -> Result<Prepar
             file,
             verified: true,
         }],
+        blobs: Vec::new(),
     })
 }
 

@@ -121,6 +121,7 @@ pub(crate) fn prepare(
         digest: synthesized_digest(&config_bytes, &descriptors),
         config: config.image_config(),
         layers,
+        blobs: Vec::new(),
     })
 }
 

@@ -24,6 +24,9 @@ pub(crate) struct Prepared {
     pub(crate) digest: String,
     pub(crate) config: ImageConfig,
     pub(crate) layers: Vec<LayerBlob>,
+    /// Digests of the cached registry blobs (config, then layers) the image is made of;
+    /// empty for local sources.
+    pub(crate) blobs: Vec<String>,
 }
 
 /// One layer blob, open, with what its descriptor promises about it.
@@ -124,6 +127,54 @@ pub(crate) struct Platform {
     pub(crate) os: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) variant: Option<String>,
+}
+
+/// Media types of image indexes (OCI) and manifest lists (docker).
+pub(crate) const INDEX_TYPES: [&str; 2] = [
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+];
+
+/// An image index or manifest list.
+#[derive(Deserialize)]
+pub(crate) struct Index {
+    #[serde(default)]
+    pub(crate) manifests: Vec<Descriptor>,
+}
+
+/// Picks the linux/amd64 entry of an index (else the one without a platform);
+/// the error names the platforms that are present.
+pub(crate) fn pick_linux_amd64<'l>(
+    list: &'l [Descriptor],
+    object: &str,
+) -> Result<&'l Descriptor, ImageError> {
+    let is_amd64 = |d: &Descriptor| {
+        d.platform
+            .as_ref()
+            .is_some_and(|p| p.os == "linux" && p.architecture == "amd64")
+    };
+    list.iter()
+        .find(|d| is_amd64(d))
+        .or_else(|| list.iter().find(|d| d.platform.is_none()))
+        .ok_or_else(|| {
+            if list.is_empty() {
+                return ImageError::BadSource {
+                    object: object.to_string(),
+                    reason: "lists no manifests".into(),
+                };
+            }
+            let present: Vec<String> = list
+                .iter()
+                .filter_map(|d| d.platform.as_ref())
+                .map(|p| match &p.variant {
+                    Some(v) => format!("{}/{}/{v}", p.os, p.architecture),
+                    None => format!("{}/{}", p.os, p.architecture),
+                })
+                .collect();
+            ImageError::NoMatchingPlatform {
+                present: present.join(", "),
+            }
+        })
 }
 
 /// An image manifest (OCI or docker v2 schema 2).

@@ -3,24 +3,11 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
-
-use super::{read_small, Descriptor, LayerBlob, Manifest, Prepared};
+use super::{read_small, Descriptor, Index, LayerBlob, Manifest, Prepared, INDEX_TYPES};
 use crate::compression::Compression;
 use crate::config::OciConfig;
 use crate::confined::Confined;
 use crate::{digest, ImageError};
-
-const INDEX_TYPES: [&str; 2] = [
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-];
-
-#[derive(Deserialize)]
-struct Index {
-    #[serde(default)]
-    manifests: Vec<Descriptor>,
-}
 
 pub(crate) fn prepare(dir: &Path) -> Result<Prepared, ImageError> {
     let root = Confined::open(dir).map_err(|source| ImageError::SourceRead {
@@ -62,6 +49,7 @@ pub(crate) fn prepare(dir: &Path) -> Result<Prepared, ImageError> {
         digest: manifest_desc.digest,
         config: config.image_config(),
         layers,
+        blobs: Vec::new(),
     })
 }
 
@@ -78,34 +66,7 @@ fn choose(
             reason: "image indexes nest more than 4 deep".into(),
         });
     }
-    let is_amd64 = |d: &Descriptor| {
-        d.platform
-            .as_ref()
-            .is_some_and(|p| p.os == "linux" && p.architecture == "amd64")
-    };
-    let chosen = list
-        .iter()
-        .find(|d| is_amd64(d))
-        .or_else(|| list.iter().find(|d| d.platform.is_none()))
-        .ok_or_else(|| {
-            if list.is_empty() {
-                return ImageError::BadSource {
-                    object: object.to_string(),
-                    reason: "lists no manifests".into(),
-                };
-            }
-            let present: Vec<String> = list
-                .iter()
-                .filter_map(|d| d.platform.as_ref())
-                .map(|p| match &p.variant {
-                    Some(v) => format!("{}/{}/{v}", p.os, p.architecture),
-                    None => format!("{}/{}", p.os, p.architecture),
-                })
-                .collect();
-            ImageError::NoMatchingPlatform {
-                present: present.join(", "),
-            }
-        })?;
+    let chosen = super::pick_linux_amd64(list, object)?;
     if INDEX_TYPES.contains(&chosen.media_type.as_str()) {
         let bytes = read_blob(root, chosen)?;
         let index: Index = parse(&format!("image index {}", chosen.digest), &bytes)?;

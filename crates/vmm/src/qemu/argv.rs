@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::config::{option_path, Accel, VmConfig};
+use crate::config::{option_path, Accel, GuestMemory, NetDevice, VmConfig};
 use crate::error::VmmError;
 
 /// Longest unix socket path (sun_path is 108 bytes including the NUL).
@@ -18,6 +18,8 @@ pub struct Layout {
     pub qemu_log: PathBuf,
     pub qmp_socket: PathBuf,
     pub agent_socket: PathBuf,
+    /// Guest RAM when it is file-backed ([`GuestMemory::SharedFile`]).
+    pub ram: PathBuf,
 }
 
 impl Layout {
@@ -29,6 +31,7 @@ impl Layout {
             qemu_log: dir.join("qemu.log"),
             qmp_socket: dir.join("qmp.sock"),
             agent_socket: dir.join("agent.sock"),
+            ram: dir.join("ram"),
         }
     }
 
@@ -40,6 +43,7 @@ impl Layout {
             self.qemu_log.clone(),
             self.qmp_socket.clone(),
             self.agent_socket.clone(),
+            self.ram.clone(),
         ]
     }
 
@@ -128,7 +132,37 @@ pub fn qemu_args(cfg: &VmConfig, layout: &Layout) -> Result<Vec<String>, VmmErro
         "-qmp",
         &format!("unix:{},server=on,wait=off", p(&layout.qmp_socket)?),
     ];
-    Ok(args.iter().map(|s| s.to_string()).collect())
+    let mut args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    if let Some(net) = &cfg.net {
+        args.extend(net_args(net));
+    }
+    if cfg.memory == GuestMemory::SharedFile {
+        args.extend(memory_backend_args(&format!(
+            "memory-backend-file,id=ram,size={}M,mem-path={},share=on",
+            cfg.memory_mib,
+            p(&layout.ram)?
+        )));
+    }
+    Ok(args)
+}
+
+/// virtio-net on a tap the host created (no helper scripts, no vhost here).
+fn net_args(net: &NetDevice) -> [String; 4] {
+    [
+        "-netdev".into(),
+        format!("tap,id=net0,ifname={},script=no,downscript=no", net.tap),
+        "-device".into(),
+        format!("virtio-net-device,netdev=net0,mac={}", net.mac),
+    ]
+}
+
+/// Guest RAM from the memory backend object `object` (whose id must be `ram`:
+/// the RAM block's name, which a snapshot's state stream refers to).
+pub fn memory_backend_args(object: &str) -> Vec<String> {
+    ["-object", object, "-machine", "memory-backend=ram"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
 }
 
 #[cfg(test)]
@@ -148,6 +182,8 @@ mod tests {
             hostname: "web".into(),
             extra_cmdline: vec!["foo=bar".into()],
             accel: Accel::Tcg,
+            net: None,
+            memory: GuestMemory::Anonymous,
         };
         let got = qemu_args(&cfg, &Layout::new(Path::new("/v/sb")))
             .unwrap()
@@ -172,6 +208,65 @@ mod tests {
             .unwrap()
             .join(" ");
         assert!(got.contains("-accel kvm -cpu host"), "{got}");
+    }
+
+    #[test]
+    fn network_device_goes_on_the_given_tap() {
+        let cfg = VmConfig {
+            id: "sb".into(),
+            dir: "/v/sb".into(),
+            kernel: "/c/vmlinux".into(),
+            initrd: "/c/i".into(),
+            rootfs: "/img/base.ext4".into(),
+            cpus: 1,
+            memory_mib: 128,
+            hostname: "web".into(),
+            extra_cmdline: vec![],
+            accel: Accel::Tcg,
+            net: Some(NetDevice {
+                tap: "hthabc".into(),
+                mac: "02:68:0a:58:00:02".into(),
+            }),
+            memory: GuestMemory::Anonymous,
+        };
+        let got = qemu_args(&cfg, &Layout::new(Path::new("/v/sb")))
+            .unwrap()
+            .join(" ");
+        assert!(
+            got.ends_with(
+                "-netdev tap,id=net0,ifname=hthabc,script=no,downscript=no \
+             -device virtio-net-device,netdev=net0,mac=02:68:0a:58:00:02"
+            ),
+            "{got}"
+        );
+    }
+
+    #[test]
+    fn shared_file_memory_lives_in_the_vm_directory() {
+        let cfg = VmConfig {
+            id: "sb".into(),
+            dir: "/v/sb".into(),
+            kernel: "/k".into(),
+            initrd: "/i".into(),
+            rootfs: "/r".into(),
+            cpus: 1,
+            memory_mib: 128,
+            hostname: "h".into(),
+            extra_cmdline: vec![],
+            accel: Accel::Tcg,
+            memory: GuestMemory::SharedFile,
+            net: None,
+        };
+        let got = qemu_args(&cfg, &Layout::new(Path::new("/v/sb")))
+            .unwrap()
+            .join(" ");
+        assert!(
+            got.ends_with(
+                "-object memory-backend-file,id=ram,size=128M,mem-path=/v/sb/ram,share=on \
+                 -machine memory-backend=ram"
+            ),
+            "{got}"
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@
 pub mod argv;
 pub mod migrate;
 mod overlay;
+pub mod snapshot;
 
 use std::fs::File;
 use std::io;
@@ -19,7 +20,7 @@ use serde_json::Value;
 use tokio::net::UnixStream;
 use tokio::process::Command;
 
-use crate::config::{Accel, HostLimits, VmConfig};
+use crate::config::{Accel, GuestMemory, HostLimits, VmConfig};
 use crate::connect::{connect_when_listening, ConnectFailure};
 use crate::error::VmmError;
 use crate::process::{watch_child, ExitWatch, ProcessHandle, VmExit};
@@ -93,17 +94,46 @@ impl QemuVmm {
 
     /// Like [`Vmm::create`], returning the concrete type.
     pub async fn create_qemu(&self, cfg: &VmConfig) -> Result<QemuVm, VmmError> {
-        self.create_with_args(cfg, &[]).await
+        let ram = match cfg.memory {
+            GuestMemory::Anonymous => RamBacking::Anonymous,
+            GuestMemory::SharedFile => {
+                RamBacking::Shared(Layout::new(&absolute(&cfg.id, &cfg.dir)?).ram)
+            }
+        };
+        self.launch(cfg, Disk::NewOverlay, ram, Vec::new()).await
     }
 
     /// [`QemuVmm::create_qemu`] with `extra` appended to the contract's command line.
-    async fn create_with_args(&self, cfg: &VmConfig, extra: &[String]) -> Result<QemuVm, VmmError> {
+    pub(crate) async fn create_with_args(
+        &self,
+        cfg: &VmConfig,
+        extra: &[String],
+    ) -> Result<QemuVm, VmmError> {
+        let ram = match cfg.memory {
+            GuestMemory::Anonymous => RamBacking::Anonymous,
+            GuestMemory::SharedFile => {
+                RamBacking::Shared(Layout::new(&absolute(&cfg.id, &cfg.dir)?).ram)
+            }
+        };
+        self.launch(cfg, Disk::NewOverlay, ram, extra.to_vec())
+            .await
+    }
+
+    /// Validates, prepares the directory and spawns QEMU paused with `extra` arguments.
+    /// On failure nothing is left running and the files it made are removed.
+    pub(crate) async fn launch(
+        &self,
+        cfg: &VmConfig,
+        disk: Disk,
+        ram: RamBacking,
+        extra: Vec<String>,
+    ) -> Result<QemuVm, VmmError> {
         cfg.validate(&self.host)?;
         cfg.check_artifacts()?;
         let layout = Layout::new(&absolute(&cfg.id, &cfg.dir)?);
         layout.check_socket_paths(&cfg.id)?;
         let mut args = argv::qemu_args(cfg, &layout)?;
-        args.extend(extra.iter().cloned());
+        args.extend(extra);
 
         let created_dir = !layout.dir.exists();
         std::fs::create_dir_all(&layout.dir).map_err(|source| VmmError::Io {
@@ -117,7 +147,7 @@ impl QemuVmm {
                 dir: layout.dir.clone(),
             });
         }
-        let result = self.spawn(cfg, &layout, args).await;
+        let result = self.spawn(cfg, &layout, args, disk, ram).await;
         if result.is_err() {
             // why: a failed create leaves nothing behind; the error carries qemu.log's tail.
             for f in layout.files() {
@@ -136,9 +166,23 @@ impl QemuVmm {
         cfg: &VmConfig,
         layout: &Layout,
         args: Vec<String>,
+        disk: Disk,
+        ram: RamBacking,
     ) -> Result<QemuVm, VmmError> {
         let t0 = Instant::now();
-        overlay::create_overlay(&self.qemu_img, &cfg.id, &cfg.rootfs, &layout.overlay).await?;
+        match disk {
+            Disk::NewOverlay => {
+                overlay::create_overlay(&self.qemu_img, &cfg.id, &cfg.rootfs, &layout.overlay)
+                    .await?
+            }
+            Disk::CopyOf(src) => {
+                std::fs::copy(&src, &layout.overlay).map_err(|source| VmmError::Io {
+                    op: "copy the snapshot's disk layer",
+                    path: src.clone(),
+                    source,
+                })?;
+            }
+        }
         let overlay_time = t0.elapsed();
 
         let io_err = |op, path: &Path| {
@@ -234,6 +278,8 @@ impl QemuVmm {
                 overlay: overlay_time,
                 spawn_to_qmp,
             }),
+            ram,
+            vmm_version: self.version.clone(),
         })
     }
 
@@ -263,6 +309,7 @@ impl QemuVmm {
         let layout = Layout::new(&absolute(&rec.id, dir)?);
         let qmp = connect_qmp(&rec.id, &layout, &exit).await?;
         tracing::info!(vm = %rec.id, pid = rec.pid, "adopted running QEMU");
+        let ram = RamBacking::from_argv(&rec.argv, &layout);
         Ok(QemuVm {
             id: rec.id,
             layout,
@@ -271,6 +318,8 @@ impl QemuVmm {
             exit,
             qmp,
             timings: None,
+            ram,
+            vmm_version: self.version.clone(),
         })
     }
 }
@@ -336,6 +385,36 @@ async fn exit_soon(exit: &ExitWatch) -> Option<VmExit> {
         .ok()
 }
 
+/// Where a VM's writable disk layer comes from.
+pub(crate) enum Disk {
+    /// A new empty qcow2 overlay over the read-only base.
+    NewOverlay,
+    /// A copy of a snapshot's layer (a small qcow2 over the same base).
+    CopyOf(PathBuf),
+}
+
+/// How a running VM's RAM is backed, which decides how it is snapshotted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum RamBacking {
+    /// Anonymous memory: a snapshot streams the RAM with the device state.
+    Anonymous,
+    /// This file, mapped shared: a snapshot copies (or takes) the file.
+    Shared(PathBuf),
+    /// A snapshot's RAM file mapped private (copy-on-write): its pages are the
+    /// snapshot's plus this VM's private changes, so a snapshot streams them.
+    Private,
+}
+
+impl RamBacking {
+    fn from_argv(argv: &[String], layout: &Layout) -> RamBacking {
+        match argv.iter().find(|a| a.starts_with("memory-backend-")) {
+            Some(a) if a.contains("share=on") => RamBacking::Shared(layout.ram.clone()),
+            Some(_) => RamBacking::Private,
+            None => RamBacking::Anonymous,
+        }
+    }
+}
+
 /// How long the parts of `create` took.
 #[derive(Debug, Clone, Copy)]
 pub struct CreateTimings {
@@ -354,6 +433,9 @@ pub struct QemuVm {
     exit: ExitWatch,
     qmp: Qmp,
     timings: Option<CreateTimings>,
+    ram: RamBacking,
+    /// [`Vmm::version`] of the backend that started it, recorded in its snapshots.
+    vmm_version: String,
 }
 
 impl QemuVm {
@@ -515,6 +597,14 @@ impl Vm for QemuVm {
     async fn wait_incoming(&self, timeout: Duration) -> Result<(), VmmError> {
         QemuVm::wait_incoming(self, timeout).await
     }
+
+    async fn save_snapshot(
+        &self,
+        dest: &Path,
+        opts: &crate::SaveOptions,
+    ) -> Result<crate::SnapshotManifest, VmmError> {
+        self.save_qemu(dest, opts).await
+    }
 }
 
 impl QemuVm {
@@ -549,11 +639,58 @@ impl Vmm for QemuVmm {
         Ok(Box::new(self.create_incoming_qemu(cfg, incoming).await?))
     }
 
+    async fn restore(
+        &self,
+        cfg: &VmConfig,
+        snapshot: &Path,
+        manifest: &crate::SnapshotManifest,
+    ) -> Result<crate::RestoredVm, VmmError> {
+        let (vm, agent) = self.restore_qemu(cfg, snapshot, manifest).await?;
+        Ok(crate::RestoredVm {
+            vm: Box::new(vm),
+            agent,
+        })
+    }
+
     fn name(&self) -> &'static str {
         BACKEND
     }
 
     fn version(&self) -> String {
         self.version.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adopted_vm_knows_how_its_ram_is_backed_from_its_argv() {
+        let layout = Layout::new(Path::new("/v/sb"));
+        let argv = |object: &str| -> Vec<String> {
+            ["qemu", "-object", object, "-machine", "memory-backend=ram"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
+        };
+        assert_eq!(
+            RamBacking::from_argv(
+                &argv("memory-backend-file,id=ram,size=128M,mem-path=/v/sb/ram,share=on"),
+                &layout
+            ),
+            RamBacking::Shared(PathBuf::from("/v/sb/ram"))
+        );
+        assert_eq!(
+            RamBacking::from_argv(
+                &argv("memory-backend-file,id=ram,size=128M,mem-path=/t/ram,share=off"),
+                &layout
+            ),
+            RamBacking::Private
+        );
+        assert_eq!(
+            RamBacking::from_argv(&["qemu".into(), "-m".into(), "128".into()], &layout),
+            RamBacking::Anonymous
+        );
     }
 }

@@ -1,0 +1,140 @@
+#!/usr/bin/env python3
+"""Bare QEMU restore of a Hearth snapshot directory, driven by nothing but QMP
+and the guest protocol: QEMU process start -> guest agent Pong. This is the
+floor under Hearth's warm start on this stack.
+
+Usage: bare-restore.py SNAPSHOT_DIR KERNEL INITRD RUNS   (prints a JSON list of ms)
+"""
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def connect(path, proc, timeout=15.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(path)
+            return s
+        except OSError:
+            s.close()
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{path} did not accept (qemu exit {proc.poll()})")
+            time.sleep(0.001)
+
+
+class Qmp:
+    def __init__(self, sock):
+        self.f = sock.makefile("rw")
+        json.loads(self.f.readline())  # greeting
+        self.cmd("qmp_capabilities")
+
+    def cmd(self, name, args=None):
+        msg = {"execute": name}
+        if args:
+            msg["arguments"] = args
+        self.f.write(json.dumps(msg) + "\n")
+        self.f.flush()
+        while True:
+            r = json.loads(self.f.readline())
+            if "return" in r:
+                return r["return"]
+            if "error" in r:
+                raise RuntimeError(f"{name}: {r['error']}")
+
+    def wait_migration(self):
+        while True:
+            r = json.loads(self.f.readline())
+            if r.get("event") == "MIGRATION":
+                st = r["data"]["status"]
+                if st == "completed":
+                    return
+                if st in ("failed", "cancelled"):
+                    raise RuntimeError(f"migration {st}")
+
+
+def frame(kind, payload=b"{}"):
+    return struct.pack("<IBI", 5 + len(payload), kind, 0) + payload
+
+
+def read_frame(sock):
+    def exact(n):
+        b = b""
+        while len(b) < n:
+            chunk = sock.recv(n - len(b))
+            if not chunk:
+                raise RuntimeError("agent channel closed")
+            b += chunk
+        return b
+    (length,) = struct.unpack("<I", exact(4))
+    body = exact(length)
+    return body[0], body[5:]
+
+
+def restore_once(snap, manifest, kernel, initrd):
+    work = tempfile.mkdtemp(prefix="bare-restore-")
+    try:
+        shutil.copy(os.path.join(snap, "disk.qcow2"), os.path.join(work, "root.qcow2"))
+        qmp_path, agent_path = os.path.join(work, "qmp.sock"), os.path.join(work, "agent.sock")
+        mem = manifest["memory_mib"]
+        if manifest["ram"] == "file":
+            ram = f"memory-backend-file,id=ram,size={mem}M,mem-path={snap}/ram,share=off"
+        else:
+            ram = f"memory-backend-ram,id=ram,size={mem}M"
+        accel = manifest["accel"]
+        argv = [
+            "qemu-system-x86_64", "-M", "microvm,x-option-roms=off,rtc=off,acpi=off",
+            "-accel", accel, "-cpu", "host" if accel == "kvm" else "max",
+            "-m", str(mem), "-smp", str(manifest["cpus"]),
+            "-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-S",
+            "-kernel", kernel, "-initrd", initrd,
+            "-append", "console=ttyS0 quiet reboot=t panic=-1 hearth.hostname=bare",
+            "-serial", f"file:{work}/console.log",
+            "-drive", f"id=root,file={work}/root.qcow2,format=qcow2,if=none",
+            "-device", "virtio-blk-device,drive=root",
+            "-device", "virtio-serial-device,max_ports=2",
+            "-chardev", f"socket,id=agent,path={agent_path},server=on,wait=off",
+            "-device", "virtserialport,chardev=agent,name=hearth.agent",
+            "-qmp", f"unix:{qmp_path},server=on,wait=off",
+            "-object", ram, "-machine", "memory-backend=ram",
+            "-incoming", "defer",
+        ]
+        t0 = time.monotonic()
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        try:
+            qmp = Qmp(connect(qmp_path, proc))
+            agent = connect(agent_path, proc)
+            qmp.cmd("migrate-set-capabilities", {"capabilities": [
+                {"capability": "x-ignore-shared", "state": True},
+                {"capability": "events", "state": True}]})
+            qmp.cmd("migrate-incoming", {"uri": f"exec:cat '{snap}/state'"})
+            qmp.wait_migration()
+            qmp.cmd("cont")
+            agent.sendall(frame(12))  # Ping
+            while read_frame(agent)[0] != 13:  # Pong
+                pass
+            return (time.monotonic() - t0) * 1000.0
+        finally:
+            proc.kill()
+            proc.wait()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main():
+    snap, kernel, initrd, runs = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    with open(os.path.join(snap, "manifest.json")) as f:
+        manifest = json.load(f)
+    print(json.dumps([restore_once(snap, manifest, kernel, initrd) for _ in range(runs)]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+//! Host↔guest TCP throughput and connection rate with and without the eBPF
+//! policy programs on the sandbox's tap, in the same run: two sandboxes boot
+//! alike; sandbox B's TC links are unpinned (programs detached) and the
+//! measurements alternate A, B, A, B... so drift hits both equally.
+//!
+//! Usage: net-policy [ROUNDS] [MIB] [CONNS]   (default 3, 16, 200; root, scripts/setup artifacts)
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use hearth_e2e::{show, stdout, wait_until, Daemon};
+
+const GUEST: &str = "mkdir -p /www && echo ok > /www/index.html && httpd -p 8080 -h /www && \
+    (while true; do nc -l -p 5001 > /dev/null; done) & \
+    while true; do nc -l -p 5002 < /dev/zero; done";
+
+struct Sb {
+    name: &'static str,
+    ip: String,
+}
+
+fn start(d: &Daemon, name: &'static str) -> Sb {
+    let out = d.hearth(&[
+        "run", "--detach", "--name", name, "busybox", "--", "sh", "-c", GUEST,
+    ]);
+    assert!(out.status.success(), "{}", show(&out));
+    let id = stdout(&out).trim().to_string();
+    wait_until("sandbox running", Duration::from_secs(120), || {
+        d.inspect(&id)["status"] == "running"
+    });
+    let ip = d.inspect(&id)["network"]["ip"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let addr: SocketAddr = format!("{ip}:8080").parse().unwrap();
+    wait_until("guest httpd", Duration::from_secs(60), || {
+        TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok()
+    });
+    Sb { name, ip }
+}
+
+fn connect(ip: &str, port: u16) -> TcpStream {
+    let addr: SocketAddr = format!("{ip}:{port}").parse().unwrap();
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    s
+}
+
+/// Host → guest: MiB/s until the guest has read everything and closed.
+fn upload(ip: &str, mib: usize) -> f64 {
+    let buf = vec![0u8; 1 << 20];
+    let t = Instant::now();
+    let mut s = connect(ip, 5001);
+    for _ in 0..mib {
+        s.write_all(&buf).expect("upload");
+    }
+    s.shutdown(Shutdown::Write).unwrap();
+    let _ = s.read(&mut [0u8; 1]);
+    mib as f64 / t.elapsed().as_secs_f64()
+}
+
+/// Guest → host: MiB/s.
+fn download(ip: &str, mib: usize) -> f64 {
+    let mut buf = vec![0u8; 1 << 16];
+    let t = Instant::now();
+    let mut s = connect(ip, 5002);
+    let mut left = mib << 20;
+    while left > 0 {
+        let n = s.read(&mut buf).expect("download");
+        assert!(n > 0, "guest closed early");
+        left = left.saturating_sub(n);
+    }
+    mib as f64 / t.elapsed().as_secs_f64()
+}
+
+/// Sequential HTTP/1.0 requests (a new TCP connection each) per second.
+fn conn_rate(ip: &str, n: usize) -> f64 {
+    let t = Instant::now();
+    for _ in 0..n {
+        let mut s = connect(ip, 8080);
+        s.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).unwrap();
+        assert!(out.starts_with(b"HTTP/1."), "bad reply");
+    }
+    n as f64 / t.elapsed().as_secs_f64()
+}
+
+/// One sandbox's samples: upload, download, connection rate.
+#[derive(Default)]
+struct Samples {
+    up: Vec<f64>,
+    down: Vec<f64>,
+    conns: Vec<f64>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let rounds: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(3);
+    let mib: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(16);
+    let conns: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(200);
+    let d = Daemon::start();
+    let a = start(&d, "with-policy");
+    let b = start(&d, "without-policy");
+    let tap_b = d.inspect(b.name)["network"]["tap"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for l in ["link_guest_out", "link_guest_in"] {
+        std::fs::remove_file(format!("/sys/fs/bpf/hearth/{tap_b}/{l}")).expect("unpin link");
+    }
+    let links = String::from_utf8_lossy(
+        &Command::new("bpftool")
+            .args(["link", "show"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .into_owned();
+    eprintln!("links after detaching B:\n{links}");
+
+    let mut res = [(a.name, Samples::default()), (b.name, Samples::default())];
+    for r in 0..rounds {
+        for (i, sb) in [&a, &b].iter().enumerate() {
+            res[i].1.up.push(upload(&sb.ip, mib));
+            res[i].1.down.push(download(&sb.ip, mib));
+            res[i].1.conns.push(conn_rate(&sb.ip, conns));
+        }
+        eprintln!("round {} done", r + 1);
+    }
+    let st = d.hearth(&["policy", "stats", a.name]);
+    eprintln!("{}", stdout(&st));
+    println!(
+        "| sandbox | host→guest MiB/s | guest→host MiB/s | connections/s (HTTP/1.0, sequential) |"
+    );
+    println!("|---|---|---|---|");
+    for (name, s) in res {
+        println!(
+            "| {name} | {:.1} | {:.1} | {:.1} |",
+            median(s.up),
+            median(s.down),
+            median(s.conns)
+        );
+    }
+    println!(
+        "\n(median of {rounds} rounds; {mib} MiB per transfer; {conns} connections per round)"
+    );
+    for n in [a.name, b.name] {
+        let _ = d.hearth(&["rm", "-f", n]);
+    }
+}

@@ -1,0 +1,171 @@
+//! Warm starts: API request to first byte of workload output for a cold boot,
+//! a template restore and a warm-pool start, all in one run, beside a bare QEMU
+//! restore of the same template snapshot driven by `bench/scripts/bare-restore.py`
+//! (QEMU process start -> guest agent Pong): the floor on this stack.
+//!
+//! Usage: warm-start [RUNS]   (default 50; needs scripts/setup artifacts)
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use hearth_bench::{header_p99, ms, percentile, row_p99};
+use hearth_e2e::{repo_root, wait_until, Daemon};
+
+const MEMORY_MIB: u32 = 128;
+
+/// POSTs a sandbox, times until the first output byte; returns it and the start path.
+fn first_byte(d: &Daemon, cold: bool) -> (Duration, String) {
+    let body = format!(
+        r#"{{"image":"busybox","cmd":["echo","ready"],"memory_mib":{MEMORY_MIB},"cold":{cold}}}"#
+    );
+    let t0 = Instant::now();
+    let (status, resp) = d
+        .http("POST", "/v1/sandboxes", Some(&body))
+        .expect("create");
+    assert_eq!(status, 201, "{resp}");
+    let v: serde_json::Value = serde_json::from_str(&resp).expect("json");
+    let id = v["id"].as_str().expect("id").to_string();
+    let mut s = TcpStream::connect(("127.0.0.1", d.port)).expect("connect");
+    write!(
+        s,
+        "GET /v1/sandboxes/{id}/output?follow=true HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        r.read_line(&mut line).expect("headers");
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+    }
+    let mut byte = [0u8; 1];
+    r.read_exact(&mut byte).expect("first byte");
+    let first = t0.elapsed();
+    let mut rest = Vec::new();
+    let _ = r.read_to_end(&mut rest);
+    let path = d.inspect(&id)["start_path"]
+        .as_str()
+        .unwrap_or("?")
+        .to_string();
+    let (st, _) = d
+        .http("DELETE", &format!("/v1/sandboxes/{id}?force=true"), None)
+        .expect("delete");
+    assert_eq!(st, 204);
+    (first, path)
+}
+
+fn template(d: &Daemon) -> serde_json::Value {
+    let (_, body) = d.http("GET", "/v1/templates", None).expect("templates");
+    serde_json::from_str::<serde_json::Value>(&body).expect("json")[0].clone()
+}
+
+fn set_pool(d: &Daemon, size: u32) {
+    let (st, body) = d
+        .http(
+            "POST",
+            "/v1/templates/bb/pool",
+            Some(&format!(r#"{{"size":{size}}}"#)),
+        )
+        .expect("pool");
+    assert_eq!(st, 200, "{body}");
+}
+
+fn main() {
+    let runs: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(50);
+    let d = Daemon::start();
+    let info = d.inspect_info();
+    let accel = info["accel"].as_str().unwrap_or("tcg").to_string();
+    let out = d.hearth(&[
+        "template",
+        "create",
+        "busybox",
+        "--name",
+        "bb",
+        "--memory",
+        &MEMORY_MIB.to_string(),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+
+    let measure = |name: &str, cold: bool, want: &str, wait_pool: bool| {
+        let mut v = Vec::new();
+        for i in 0..=runs {
+            if wait_pool {
+                wait_until("the pool to refill", Duration::from_secs(120), || {
+                    template(&d)["pool_ready"] == template(&d)["pool_size"]
+                });
+            }
+            eprint!("\r{name} {i}/{runs}   ");
+            let (t, path) = first_byte(&d, cold);
+            assert_eq!(path, want, "{name} run {i} took the {path} path");
+            if i > 0 {
+                v.push(t); // run 0 warms caches
+            }
+        }
+        eprintln!();
+        v
+    };
+    let cold = measure("cold", true, "cold", false);
+    let restore = measure("template", false, "template", false);
+    set_pool(&d, 2);
+    let pool = measure("pool", false, "pool", true);
+    set_pool(&d, 0);
+
+    let snap = d.data_dir().join("templates/bb");
+    let cur = |f: &str| {
+        std::path::Path::new(&std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
+            .join(".cache/hearth/current")
+            .join(f)
+    };
+    let kernel = std::env::var("HEARTH_KERNEL")
+        .map(Into::into)
+        .unwrap_or_else(|_| cur("vmlinux"));
+    let initrd = std::env::var("HEARTH_INITRD")
+        .map(Into::into)
+        .unwrap_or_else(|_| cur("initramfs.cpio.gz"));
+    eprintln!("bare restore x{} ...", runs + 1);
+    let out = Command::new(repo_root().join("bench/scripts/bare-restore.py"))
+        .arg(&snap)
+        .arg(&kernel)
+        .arg(&initrd)
+        .arg((runs + 1).to_string())
+        .output()
+        .expect("run bare-restore.py");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bare: Vec<Duration> = serde_json::from_slice::<Vec<f64>>(&out.stdout)
+        .expect("bare-restore output")
+        .into_iter()
+        .skip(1)
+        .map(|m| Duration::from_secs_f64(m / 1000.0))
+        .collect();
+
+    println!(
+        "\nWarm starts, {runs} runs each, accelerator {accel}, 1 vCPU / {MEMORY_MIB} MiB, busybox `echo ready`\n"
+    );
+    header_p99();
+    row_p99("cold boot: API request -> first output byte", &cold);
+    row_p99(
+        "template restore: API request -> first output byte",
+        &restore,
+    );
+    row_p99("warm pool: API request -> first output byte", &pool);
+    row_p99("bare QEMU restore: process start -> agent Pong", &bare);
+    let p50 = |v: &[Duration]| percentile(v, 50.0).as_secs_f64();
+    println!(
+        "\nat p50: template restore {:.2}x the bare restore floor, {:.1}x faster than cold; warm pool {} ms ({:.1}x faster than cold)",
+        p50(&restore) / p50(&bare),
+        p50(&cold) / p50(&restore),
+        ms(percentile(&pool, 50.0)),
+        p50(&cold) / p50(&pool),
+    );
+}

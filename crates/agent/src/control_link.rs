@@ -1,0 +1,225 @@
+//! The agent's side of the cluster: register with the control plane, then
+//! heartbeat with the observed state of every sandbox on this node.
+//!
+//! Any control-plane member accepts these calls (followers forward to the
+//! leader), so the link walks the list of control addresses until one
+//! answers. A node id already held by another agent is fatal: two agents
+//! must never share an identity.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use hearth_api::cluster::{Capacity, Desired, Heartbeat, ObservedSandbox, RegisterNode};
+use hearth_api::ApiError;
+
+use crate::Agent;
+
+/// How this node joins the cluster.
+#[derive(Debug, Clone)]
+pub struct LinkConfig {
+    /// Control-plane members, `host:port` or `http://host:port`.
+    pub controls: Vec<String>,
+    pub node: String,
+    /// URL where the control plane reaches this agent's node-local API.
+    pub advertise: String,
+    pub labels: BTreeMap<String, String>,
+    /// Offered capacity; `None` fields default to what the host has.
+    pub cpus: Option<u32>,
+    pub memory_mib: Option<u64>,
+    pub disk_mib: Option<u64>,
+    pub heartbeat: Duration,
+    /// The cluster's API token, presented to the control plane.
+    pub token: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("the control plane refused node {node}: {message}")]
+    Refused { node: String, message: String },
+    #[error("node identity file {path}: {source}")]
+    Identity {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+fn url(base: &str) -> String {
+    let b = base.trim_end_matches('/');
+    if b.starts_with("http://") || b.starts_with("https://") {
+        b.to_string()
+    } else {
+        format!("http://{b}")
+    }
+}
+
+/// The random identity of this agent's data dir, made on first start.
+pub fn instance_id(data_dir: &Path) -> Result<String, LinkError> {
+    let path = data_dir.join("node-instance");
+    let err = |source| LinkError::Identity {
+        path: path.display().to_string(),
+        source,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => return Ok(s.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b).map_err(|e| err(std::io::Error::other(e.to_string())))?;
+    let id: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    std::fs::create_dir_all(data_dir).map_err(err)?;
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, &id).map_err(err)?;
+    std::fs::rename(&tmp, &path).map_err(err)?;
+    Ok(id)
+}
+
+fn disk_free_mib(p: &Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(p.as_os_str().as_bytes()) else {
+        return 0;
+    };
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a zeroed out-parameter.
+    unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(c.as_ptr(), &mut st) != 0 {
+            return 0;
+        }
+        (st.f_bavail as u64).saturating_mul(st.f_frsize as u64) / (1024 * 1024)
+    }
+}
+
+enum Outcome<T> {
+    Ok(T),
+    /// 404: the control plane does not know this node (re-register).
+    Unknown,
+    /// 409: another agent holds the id.
+    Refused(String),
+    /// Unreachable or unavailable: try the next member.
+    Retry(String),
+}
+
+async fn post<B: serde::Serialize, T: serde::de::DeserializeOwned>(
+    http: &reqwest::Client,
+    base: &str,
+    path: &str,
+    body: &B,
+) -> Outcome<T> {
+    let r = match http
+        .post(format!("{}{path}", url(base)))
+        .json(body)
+        .send()
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => return Outcome::Retry(e.to_string()),
+    };
+    let status = r.status().as_u16();
+    if r.status().is_success() {
+        return match r.json().await {
+            Ok(v) => Outcome::Ok(v),
+            Err(e) => Outcome::Retry(e.to_string()),
+        };
+    }
+    let text = r.text().await.unwrap_or_default();
+    let msg = serde_json::from_str::<ApiError>(&text)
+        .map(|e| e.message)
+        .unwrap_or(text);
+    match status {
+        404 => Outcome::Unknown,
+        409 => Outcome::Refused(msg),
+        _ => Outcome::Retry(format!("{status}: {msg}")),
+    }
+}
+
+/// Registers, then heartbeats until a fatal refusal. Never returns `Ok`.
+pub async fn run(agent: Agent, cfg: LinkConfig) -> Result<(), LinkError> {
+    let info = agent.info();
+    let data_dir = std::path::PathBuf::from(&info.data_dir);
+    let instance = instance_id(&data_dir)?;
+    let reg = RegisterNode {
+        id: cfg.node.clone(),
+        instance: instance.clone(),
+        address: cfg.advertise.clone(),
+        capacity: Capacity {
+            cpus: cfg.cpus.unwrap_or(info.host_cpus),
+            memory_mib: cfg.memory_mib.unwrap_or(info.host_memory_mib),
+            disk_mib: cfg.disk_mib.unwrap_or_else(|| disk_free_mib(&data_dir)),
+        },
+        accel: info.accel.clone(),
+        labels: cfg.labels.clone(),
+    };
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(v) = cfg
+        .token
+        .as_ref()
+        .and_then(|t| reqwest::header::HeaderValue::from_str(&format!("Bearer {t}")).ok())
+    {
+        headers.insert(reqwest::header::AUTHORIZATION, v);
+    }
+    let http = reqwest::Client::builder()
+        .default_headers(headers)
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap_or_default();
+    let n = cfg.controls.len().max(1);
+    let mut at = 0usize;
+    let mut registered = false;
+    let mut tick = tokio::time::interval(cfg.heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(base) = cfg.controls.get(at % n) else {
+            return Err(LinkError::Refused {
+                node: cfg.node.clone(),
+                message: "no control-plane address given".into(),
+            });
+        };
+        if !registered {
+            match post::<_, serde_json::Value>(&http, base, "/v1/agents/register", &reg).await {
+                Outcome::Ok(_) => {
+                    tracing::info!(node = %cfg.node, control = %base, "registered with the control plane");
+                    registered = true;
+                }
+                Outcome::Refused(message) => {
+                    return Err(LinkError::Refused {
+                        node: cfg.node.clone(),
+                        message,
+                    })
+                }
+                Outcome::Unknown | Outcome::Retry(_) => at += 1,
+            }
+            continue;
+        }
+        let hb = Heartbeat {
+            instance: instance.clone(),
+            sandboxes: agent
+                .list()
+                .into_iter()
+                .map(|s| ObservedSandbox {
+                    agent_id: s.id,
+                    status: s.status,
+                    error: s.error,
+                })
+                .collect(),
+        };
+        let path = format!("/v1/agents/{}/heartbeat", cfg.node);
+        match post::<_, Desired>(&http, base, &path, &hb).await {
+            Outcome::Ok(_) => {}
+            Outcome::Unknown => registered = false,
+            Outcome::Refused(message) => {
+                return Err(LinkError::Refused {
+                    node: cfg.node.clone(),
+                    message,
+                })
+            }
+            Outcome::Retry(e) => {
+                tracing::debug!(control = %base, "heartbeat failed: {e}");
+                at += 1;
+            }
+        }
+    }
+}

@@ -1,0 +1,390 @@
+//! How a sandbox's VM comes to be: a cold boot, a restore from a template or a
+//! snapshot, or a restored-and-paused VM from a warm pool ([`Launch`]).
+//!
+//! Every restore goes through [`Agent::checked_manifest`] (version, VMM, kernel
+//! and checksums; the full RAM checksum once per daemon run) and then the
+//! backend's `restore`. A restored guest gets [`Restored`] before anything else:
+//! fresh RNG seed, clock, hostname and sandbox id. Templates and snapshots that
+//! running sandboxes depend on are reference-counted here.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use hearth_api::{CreateSandbox, StartPath};
+use hearth_proto::Restored;
+use hearth_vmm::snapshot::file_sha256;
+use hearth_vmm::{
+    Accel, HostIdentity, QemuVmm, SnapshotManifest, Verify, Vm, VmConfig, Vmm, VmmError,
+};
+use tokio::net::UnixStream;
+
+use crate::guest_conn::{GuestConn, Session};
+use crate::sandbox::{lock, now_ms, Agent, AgentConfig, AgentError, Entry, HELLO_TIMEOUT};
+use crate::warm_pool::{PooledVm, Pools};
+
+/// Node-wide state of warm starts.
+pub(crate) struct WarmState {
+    /// What a snapshot must have been made with to load here.
+    pub(crate) host: HostIdentity,
+    /// Running sandboxes per `template:NAME` / `snapshot:NAME`.
+    refs: Mutex<HashMap<String, u32>>,
+    /// Snapshot directories whose every file was checksummed in this run, keyed
+    /// by directory, manifest and each file's size and mtime: a file changed since
+    /// is checksummed again.
+    verified: Mutex<HashSet<VerifiedKey>>,
+    pub(crate) pools: Pools,
+}
+
+impl WarmState {
+    pub(crate) async fn new(
+        cfg: &AgentConfig,
+        vmm: &QemuVmm,
+        accel: Accel,
+    ) -> Result<WarmState, AgentError> {
+        let kernel = cfg.kernel.clone();
+        let kernel_sha256 = tokio::task::spawn_blocking(move || file_sha256(&kernel))
+            .await
+            .map_err(|e| AgentError::Config(format!("kernel hash panicked: {e}")))?
+            .map_err(|e| {
+                AgentError::Config(format!(
+                    "cannot read the guest kernel {}: {e}",
+                    cfg.kernel.display()
+                ))
+            })?;
+        Ok(WarmState {
+            host: HostIdentity {
+                backend: vmm.name().to_string(),
+                vmm_version: vmm.version(),
+                kernel_sha256,
+                accel,
+            },
+            refs: Mutex::new(HashMap::new()),
+            verified: Mutex::new(HashSet::new()),
+            pools: Pools::default(),
+        })
+    }
+
+    /// Sandboxes currently holding `key`.
+    pub(crate) fn refs(&self, key: &str) -> u32 {
+        lock(&self.refs).get(key).copied().unwrap_or(0)
+    }
+
+    pub(crate) fn acquire(&self, key: &str) {
+        *lock(&self.refs).entry(key.to_string()).or_default() += 1;
+    }
+
+    fn release(&self, key: &str) {
+        let mut refs = lock(&self.refs);
+        if let Some(n) = refs.get_mut(key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                refs.remove(key);
+            }
+        }
+    }
+
+    /// Remembers that `dir` was fully checksummed (it was just written).
+    pub(crate) fn mark_verified(&self, dir: &Path, m: &SnapshotManifest) {
+        lock(&self.verified).insert(verified_key(dir, m));
+    }
+}
+
+type VerifiedKey = (PathBuf, u64, Vec<(u64, i64, i64)>);
+
+fn verified_key(dir: &Path, m: &SnapshotManifest) -> VerifiedKey {
+    use std::os::unix::fs::MetadataExt;
+    let stamps = m
+        .files
+        .iter()
+        .map(|f| {
+            std::fs::metadata(dir.join(&f.name))
+                .map(|md| (md.len(), md.mtime(), md.mtime_nsec()))
+                .unwrap_or((u64::MAX, 0, 0))
+        })
+        .collect();
+    (dir.to_path_buf(), m.created_unix_ms, stamps)
+}
+
+/// Reference key of a template.
+pub(crate) fn template_key(name: &str) -> String {
+    format!("template:{name}")
+}
+
+/// Reference key of a snapshot.
+pub(crate) fn snapshot_key(name: &str) -> String {
+    format!("snapshot:{name}")
+}
+
+/// Where a new sandbox's VM comes from.
+pub(crate) enum Launch {
+    /// Boot the kernel; `note` says why when a warm start was possible.
+    Cold { note: Option<String> },
+    /// Restore from a template or snapshot directory (its reference is held).
+    Restore {
+        path: StartPath,
+        name: String,
+        dir: PathBuf,
+        /// Main session of the snapshot's guest to continue as the workload.
+        attach: Option<u32>,
+        next_session: u32,
+        note: Option<String>,
+    },
+    /// A restored-and-paused VM from the template's pool (its reference is held).
+    Pooled { template: String, vm: PooledVm },
+}
+
+impl Launch {
+    /// The sandbox id a pooled VM was restored under.
+    pub(crate) fn preset_id(&self) -> Option<String> {
+        match self {
+            Launch::Pooled { vm, .. } => Some(vm.id.clone()),
+            _ => None,
+        }
+    }
+
+    fn ref_key(&self) -> Option<String> {
+        match self {
+            Launch::Cold { .. } => None,
+            Launch::Restore {
+                path: StartPath::Snapshot,
+                name,
+                ..
+            } => Some(snapshot_key(name)),
+            Launch::Restore { name, .. } => Some(template_key(name)),
+            Launch::Pooled { template, .. } => Some(template_key(template)),
+        }
+    }
+}
+
+/// The guest channel of a restored VM, connected before its state was loaded.
+pub(crate) struct RestoredChannel {
+    pub(crate) link: GuestLink,
+    pub(crate) attach: Option<u32>,
+    pub(crate) next_session: u32,
+    pub(crate) hostname: String,
+    pub(crate) sandbox_id: String,
+}
+
+/// How the host reaches a restored guest.
+pub(crate) enum GuestLink {
+    /// The raw channel; the guest has not heard from this host yet.
+    Stream(UnixStream),
+    /// A connection already serving (a pooled VM that was warmed up).
+    Conn(Arc<GuestConn>),
+}
+
+/// A launched VM, its restored channel (None after a cold boot) and the reference to release.
+type Launched = (Box<dyn Vm>, Option<RestoredChannel>, Option<String>);
+
+impl Agent {
+    /// Picks the start path of an image sandbox: the template's pool, else the
+    /// template, else a cold boot. A template fits when the request leaves cpus
+    /// and memory unset or asks for the template's. Returns the final cpus/memory.
+    pub(crate) fn choose_launch(
+        &self,
+        req: &CreateSandbox,
+        image_digest: &str,
+        cpus: u32,
+        memory_mib: u32,
+    ) -> (Launch, u32, u32) {
+        if req.cold {
+            let note = Some("cold boot requested".to_string());
+            return (Launch::Cold { note }, cpus, memory_mib);
+        }
+        let Some(t) = self.find_template(image_digest, req.cpus, req.memory_mib) else {
+            return (Launch::Cold { note: None }, cpus, memory_mib);
+        };
+        self.inner.warm.acquire(&template_key(&t.name));
+        if let Some(vm) = self.take_pooled(&t.name) {
+            let launch = Launch::Pooled {
+                template: t.name.clone(),
+                vm,
+            };
+            return (launch, t.cpus, t.memory_mib);
+        }
+        let note = (t.pool_size > 0).then(|| {
+            format!(
+                "warm pool of template '{}' is empty; restored from the template",
+                t.name
+            )
+        });
+        let launch = Launch::Restore {
+            path: StartPath::Template,
+            name: t.name.clone(),
+            dir: self.template_dir(&t.name),
+            attach: None,
+            next_session: crate::template::TEMPLATE_NEXT_SESSION,
+            note,
+        };
+        (launch, t.cpus, t.memory_mib)
+    }
+
+    /// Undoes a launch that will not run (the sandbox could not be registered).
+    pub(crate) async fn abandon(&self, launch: Launch) {
+        let key = launch.ref_key();
+        if let Launch::Pooled { vm, .. } = launch {
+            vm.discard().await;
+        }
+        self.release(key);
+    }
+
+    pub(crate) fn release(&self, key: Option<String>) {
+        if let Some(k) = key {
+            self.inner.warm.release(&k);
+        }
+    }
+
+    /// Brings up the VM of `entry` along `launch`, recording the path taken. A
+    /// failed template restore falls back to a cold boot (and says so).
+    pub(crate) async fn launch_vm(
+        &self,
+        entry: &Entry,
+        cfg: &VmConfig,
+        launch: Launch,
+    ) -> Result<Launched, (String, Option<String>)> {
+        let mut key = launch.ref_key();
+        let channel = |link, attach, next_session| RestoredChannel {
+            link,
+            attach,
+            next_session,
+            hostname: cfg.hostname.clone(),
+            sandbox_id: cfg.id.clone(),
+        };
+        let record = |path: StartPath, from: Option<&str>, note: Option<String>| {
+            entry.update(|r| {
+                r.start_path = Some(path);
+                r.started_from = from.map(str::to_string);
+                r.start_note = note;
+            })
+        };
+        let cold_note = match launch {
+            Launch::Cold { note } => note,
+            Launch::Pooled { template, vm } => {
+                record(StartPath::Pool, Some(&template), None);
+                let PooledVm { vm, conn, .. } = vm;
+                let next = conn.next_session_id();
+                return Ok((vm, Some(channel(GuestLink::Conn(conn), None, next)), key));
+            }
+            Launch::Restore {
+                path,
+                name,
+                dir,
+                attach,
+                next_session,
+                note,
+            } => match self.restore_from(&dir, cfg).await {
+                Ok(r) => {
+                    record(path, Some(&name), note);
+                    let link = GuestLink::Stream(r.agent);
+                    return Ok((r.vm, Some(channel(link, attach, next_session)), key));
+                }
+                Err(e) if path == StartPath::Template => {
+                    self.release(key.take());
+                    tracing::warn!(sandbox = %cfg.id, "template restore failed, booting: {e}");
+                    Some(format!(
+                        "restore from template '{name}' failed ({e}); booted cold"
+                    ))
+                }
+                Err(e) => return Err((format!("cannot restore snapshot '{name}': {e}"), key)),
+            },
+        };
+        record(StartPath::Cold, None, cold_note);
+        match self.inner.vmm.create(cfg).await {
+            Ok(vm) => Ok((vm, None, key)),
+            Err(e) => Err((format!("cannot start VM: {e}"), key)),
+        }
+    }
+
+    /// Checks the snapshot in `dir` and restores a paused VM from it.
+    pub(crate) async fn restore_from(
+        &self,
+        dir: &Path,
+        cfg: &VmConfig,
+    ) -> Result<hearth_vmm::RestoredVm, VmmError> {
+        let manifest = self.checked_manifest(dir).await?;
+        let cfg = VmConfig {
+            rootfs: manifest.base_rootfs.clone(),
+            ..cfg.clone()
+        };
+        self.inner.vmm.restore(&cfg, dir, &manifest).await
+    }
+
+    /// The manifest of `dir` after the checks: quick every time, every byte once per run.
+    pub(crate) async fn checked_manifest(&self, dir: &Path) -> Result<SnapshotManifest, VmmError> {
+        let warm = &self.inner.warm;
+        let m = SnapshotManifest::load(dir)?;
+        let key = verified_key(dir, &m);
+        let depth = if lock(&warm.verified).contains(&key) {
+            Verify::Quick
+        } else {
+            Verify::Full
+        };
+        let (d, host, m2) = (dir.to_path_buf(), warm.host.clone(), m.clone());
+        tokio::task::spawn_blocking(move || m2.check(&d, &host, depth))
+            .await
+            .map_err(|e| VmmError::SnapshotInvalid {
+                dir: dir.to_path_buf(),
+                reason: format!("check panicked: {e}"),
+            })??;
+        if depth == Verify::Full {
+            lock(&warm.verified).insert(key);
+        }
+        Ok(m)
+    }
+
+    /// Tells a restored guest who it is now, resumes it and waits for its ack.
+    /// The session to continue (`ch.attach`) is taken over before the guest runs,
+    /// so none of its output is dropped.
+    pub(crate) async fn wake_restored(
+        &self,
+        vm: &dyn Vm,
+        ch: RestoredChannel,
+    ) -> Result<(Arc<GuestConn>, Option<Session>), String> {
+        let msg = restored_message(ch.hostname, ch.sandbox_id)?;
+        let (conn, ack) = match ch.link {
+            GuestLink::Stream(stream) => GuestConn::after_restore(stream, &msg, ch.next_session)
+                .await
+                .map_err(|e| e.to_string())?,
+            GuestLink::Conn(conn) => {
+                let ack = conn.restored_again(&msg).await.map_err(|e| e.to_string())?;
+                (conn, ack)
+            }
+        };
+        let attached = ch.attach.map(|id| conn.attach(id));
+        let t0 = std::time::Instant::now();
+        vm.start().await.map_err(|e| e.to_string())?;
+        let resumed = t0.elapsed();
+        let ack = ack.wait(HELLO_TIMEOUT).await.map_err(|e| e.to_string())?;
+        tracing::info!(vm = %vm.id(), ?resumed, acked = ?t0.elapsed(), "restored guest took its identity");
+        // why: guest-supplied text; bounded and quoted so it cannot flood or forge logs.
+        for w in ack.warnings.iter().take(8) {
+            let w: String = w.chars().take(200).collect();
+            tracing::warn!(vm = %vm.id(), "restored guest: {w:?}");
+        }
+        // Two restores of one snapshot must never share random state.
+        if let Some(w) = ack
+            .warnings
+            .iter()
+            .find(|w| w.starts_with("reseeding the RNG"))
+        {
+            let w: String = w.chars().take(200).collect();
+            return Err(format!(
+                "restored guest could not reseed its RNG ({w:?}); not handing it out"
+            ));
+        }
+        Ok((conn, attached))
+    }
+}
+
+/// A [`Restored`] message with fresh entropy and the host's clock.
+pub(crate) fn restored_message(hostname: String, sandbox_id: String) -> Result<Restored, String> {
+    let mut seed = vec![0u8; 64];
+    getrandom::fill(&mut seed).map_err(|e| format!("no host randomness for the guest: {e}"))?;
+    Ok(Restored {
+        seed,
+        unix_ms: now_ms(),
+        hostname,
+        sandbox_id,
+    })
+}

@@ -1,0 +1,307 @@
+//! Snapshots of running sandboxes, starting sandboxes from them, and fork.
+//!
+//! On disk: `snapshots/<name>/` = a snapshot directory (see `hearth_vmm::snapshot`)
+//! plus `snapshot.json` ([`SnapshotMeta`]: which guest session is the workload, so
+//! a restored sandbox continues it). Written in `snapshots/.tmp-*` and renamed into
+//! place. A snapshot that running sandboxes were restored from cannot be removed.
+
+use std::path::PathBuf;
+
+use hearth_api::{CreateSandbox, Sandbox, SandboxStatus, Snapshot, StartPath};
+use hearth_proto::ExecRequest as GuestExec;
+use hearth_vmm::{AfterSave, SaveOptions, SnapshotManifest};
+use serde::{Deserialize, Serialize};
+
+use crate::restore::{snapshot_key, Launch};
+use crate::sandbox::{io_err, lock, new_id, now_ms, plan_exec, valid_name, Agent, AgentError};
+
+/// Format of `snapshot.json`.
+const SNAPSHOT_META_VERSION: u32 = 1;
+/// Most copies one fork makes.
+pub const MAX_FORK: u32 = 16;
+
+/// `snapshot.json`: the agent's half of a snapshot.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct SnapshotMeta {
+    pub version: u32,
+    pub name: String,
+    /// Sandbox id it was taken from.
+    pub sandbox: String,
+    pub image: String,
+    pub image_digest: String,
+    pub argv: Vec<String>,
+    /// Guest session of the main workload, which a restore continues.
+    pub main_session: Option<u32>,
+    /// First session id not used by the snapshot's guest.
+    pub next_session: u32,
+    pub created_ms: u64,
+}
+
+impl Agent {
+    fn snapshots_root(&self) -> PathBuf {
+        self.inner.cfg.data_dir.join("snapshots")
+    }
+
+    fn snapshot_dir(&self, name: &str) -> PathBuf {
+        self.snapshots_root().join(name)
+    }
+
+    fn snapshot_meta(&self, name: &str) -> Result<SnapshotMeta, AgentError> {
+        let not_found = || {
+            AgentError::NotFound(format!(
+                "snapshot '{name}' not found; list snapshots with `hearth snapshot ls`"
+            ))
+        };
+        if !valid_name(name) {
+            return Err(not_found());
+        }
+        let bytes = std::fs::read(self.snapshot_dir(name).join("snapshot.json"))
+            .map_err(|_| not_found())?;
+        let meta: SnapshotMeta = serde_json::from_slice(&bytes).map_err(|e| {
+            AgentError::InvalidArgument(format!(
+                "snapshot '{name}': snapshot.json is unreadable: {e}"
+            ))
+        })?;
+        if meta.version != SNAPSHOT_META_VERSION {
+            return Err(AgentError::InvalidArgument(format!(
+                "snapshot '{name}' has metadata version {}, this hearthd reads {SNAPSHOT_META_VERSION}",
+                meta.version
+            )));
+        }
+        Ok(meta)
+    }
+
+    fn to_api_snapshot(&self, m: &SnapshotMeta) -> Snapshot {
+        let manifest = SnapshotManifest::load(&self.snapshot_dir(&m.name)).ok();
+        Snapshot {
+            name: m.name.clone(),
+            sandbox: m.sandbox.clone(),
+            image: m.image.clone(),
+            image_digest: m.image_digest.clone(),
+            cpus: manifest.as_ref().map(|x| x.cpus).unwrap_or(0),
+            memory_mib: manifest.as_ref().map(|x| x.memory_mib).unwrap_or(0),
+            in_use: self.inner.warm.refs(&snapshot_key(&m.name)),
+            size_bytes: manifest.map(|x| x.size_bytes()).unwrap_or(0),
+            created_ms: m.created_ms,
+        }
+    }
+
+    /// Pauses a running sandbox, saves memory, devices and writable layer as
+    /// snapshot `name`, and resumes it.
+    pub async fn snapshot_sandbox(
+        &self,
+        id_or_name: &str,
+        name: &str,
+    ) -> Result<Snapshot, AgentError> {
+        if !valid_name(name) {
+            return Err(AgentError::InvalidArgument(format!(
+                "snapshot name '{name}' is invalid: use 1-63 letters, digits, '-', '_' or '.', starting with a letter or digit"
+            )));
+        }
+        let e = self.entry(id_or_name)?;
+        let _saving = e.saving.lock().await;
+        let rec = e.snapshot();
+        if rec.network.is_some() {
+            return Err(AgentError::Conflict(format!(
+                "sandbox '{}' has a network device; snapshots and forks serve sandboxes started with --network none for now (a restore cannot move a sandbox's tap and address yet)",
+                rec.id
+            )));
+        }
+        let vm = lock(&e.vm).clone();
+        let conn = lock(&e.conn).clone();
+        let (Some(vm), Some(conn)) = (vm.filter(|_| rec.status == SandboxStatus::Running), conn)
+        else {
+            return Err(AgentError::Conflict(format!(
+                "sandbox '{}' is {:?}, not running; only a running sandbox can be snapshotted",
+                rec.id, rec.status
+            )));
+        };
+        let dir = self.snapshot_dir(name);
+        if dir.exists() {
+            return Err(AgentError::Conflict(format!(
+                "snapshot '{name}' already exists; remove it with `hearth snapshot rm {name}` or choose another name"
+            )));
+        }
+        let images = self.inner.images.clone();
+        let digest = rec.image_digest.clone();
+        let image = tokio::task::spawn_blocking(move || images.resolve(&digest))
+            .await
+            .map_err(|e| AgentError::Config(format!("image lookup panicked: {e}")))??;
+        let meta = SnapshotMeta {
+            version: SNAPSHOT_META_VERSION,
+            name: name.to_string(),
+            sandbox: rec.id.clone(),
+            image: rec.image.clone(),
+            image_digest: rec.image_digest.clone(),
+            argv: rec.argv.clone(),
+            main_session: *lock(&e.main_session),
+            next_session: conn.next_session_id(),
+            created_ms: now_ms(),
+        };
+        let tmp = self
+            .snapshots_root()
+            .join(format!(".tmp-{name}-{}", new_id()));
+        let opts = SaveOptions {
+            kernel_sha256: self.inner.warm.host.kernel_sha256.clone(),
+            cpus: rec.cpus,
+            memory_mib: rec.memory_mib,
+            base_rootfs: image.rootfs.clone(),
+            after: AfterSave::Resume,
+        };
+        let saved = vm.save_snapshot(&tmp, &opts).await;
+        let manifest = match saved {
+            Ok(m) => m,
+            Err(err) => {
+                let _ = std::fs::remove_dir_all(&tmp);
+                return Err(AgentError::VmFailed {
+                    id: rec.id,
+                    message: format!("snapshot failed: {err}"),
+                });
+            }
+        };
+        let installed = serde_json::to_vec_pretty(&meta)
+            .map_err(std::io::Error::other)
+            .and_then(|b| std::fs::write(tmp.join("snapshot.json"), b))
+            .and_then(|_| std::fs::rename(&tmp, &dir));
+        if let Err(err) = installed {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(io_err(format!("install snapshot {}", dir.display()))(err));
+        }
+        self.inner.warm.mark_verified(&dir, &manifest);
+        Ok(self.to_api_snapshot(&meta))
+    }
+
+    pub async fn list_snapshots(&self) -> Vec<Snapshot> {
+        let Ok(rd) = std::fs::read_dir(self.snapshots_root()) else {
+            return Vec::new();
+        };
+        let mut v: Vec<Snapshot> = rd
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with('.') {
+                    return None;
+                }
+                self.snapshot_meta(&name)
+                    .ok()
+                    .map(|m| self.to_api_snapshot(&m))
+            })
+            .collect();
+        v.sort_by_key(|s| s.created_ms);
+        v
+    }
+
+    /// Removes a snapshot; refused while a running sandbox was restored from it.
+    pub async fn remove_snapshot(&self, name: &str) -> Result<(), AgentError> {
+        self.snapshot_meta(name)?;
+        let in_use = self.inner.warm.refs(&snapshot_key(name));
+        if in_use > 0 {
+            return Err(AgentError::Conflict(format!(
+                "snapshot '{name}' is in use by {in_use} running sandbox(es) restored from it; stop them first"
+            )));
+        }
+        let dir = self.snapshot_dir(name);
+        std::fs::remove_dir_all(&dir).map_err(io_err(format!("remove {}", dir.display())))
+    }
+
+    /// Creates a sandbox from a snapshot. The snapshot is checked first, so a
+    /// truncated, corrupted or foreign one is refused here with a clear error.
+    pub(crate) async fn create_from_snapshot(
+        &self,
+        req: CreateSandbox,
+    ) -> Result<Sandbox, AgentError> {
+        let name = req.from_snapshot.clone().unwrap_or_default();
+        let meta = self.snapshot_meta(&name)?;
+        let dir = self.snapshot_dir(&name);
+        let manifest = self.checked_manifest(&dir).await.map_err(|e| {
+            AgentError::InvalidArgument(format!("cannot restore snapshot '{name}': {e}"))
+        })?;
+        let shape = CreateSandbox {
+            cpus: Some(manifest.cpus),
+            memory_mib: Some(manifest.memory_mib),
+            ..req.clone()
+        };
+        let (cpus, memory_mib) = self.validate(&shape)?;
+        let continue_main = req.cmd.is_none() && req.entrypoint.is_none();
+        let attach = if continue_main {
+            meta.main_session
+        } else {
+            None
+        };
+        let exec = if attach.is_some() {
+            GuestExec {
+                argv: meta.argv.clone(),
+                ..Default::default()
+            }
+        } else {
+            let images = self.inner.images.clone();
+            let digest = meta.image_digest.clone();
+            let image = tokio::task::spawn_blocking(move || images.resolve(&digest))
+                .await
+                .map_err(|e| AgentError::Config(format!("image lookup panicked: {e}")))??;
+            let r = CreateSandbox {
+                image: meta.image.clone(),
+                ..req.clone()
+            };
+            plan_exec(&r, &image)?
+        };
+        let key = snapshot_key(&name);
+        self.inner.warm.acquire(&key);
+        let launch = Launch::Restore {
+            path: StartPath::Snapshot,
+            name: name.clone(),
+            dir,
+            attach,
+            next_session: meta.next_session,
+            note: None,
+        };
+        let req = CreateSandbox {
+            image: meta.image.clone(),
+            ..req
+        };
+        let entry = match self.register(
+            &req,
+            &meta.image_digest,
+            &exec.argv,
+            (cpus, memory_mib),
+            None,
+        ) {
+            Ok(e) => e,
+            Err(e) => {
+                self.abandon(launch).await;
+                return Err(e);
+            }
+        };
+        Ok(self.spawn_lifecycle(
+            entry,
+            &req,
+            manifest.base_rootfs.clone(),
+            exec,
+            launch,
+            None,
+        ))
+    }
+
+    /// Snapshots a running sandbox and starts `count` sandboxes from that instant,
+    /// each with its own id, hostname, RNG state and writable layer. The snapshot
+    /// (`<sandbox>-fork-<random>`) stays listed until removed.
+    pub async fn fork(&self, id_or_name: &str, count: u32) -> Result<Vec<Sandbox>, AgentError> {
+        if count == 0 || count > MAX_FORK {
+            return Err(AgentError::InvalidArgument(format!(
+                "fork count {count} is out of range: give 1..={MAX_FORK}"
+            )));
+        }
+        let id = self.entry(id_or_name)?.snapshot().id;
+        let name = format!("{id}-fork-{}", &new_id()[..6]);
+        self.snapshot_sandbox(&id, &name).await?;
+        let mut out = Vec::new();
+        for _ in 0..count {
+            let req = CreateSandbox {
+                from_snapshot: Some(name.clone()),
+                ..Default::default()
+            };
+            out.push(self.create_from_snapshot(req).await?);
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,303 @@
+//! Warm pools: per template, N VMs already restored from it and paused, so a
+//! request pays only resume + dispatch.
+//!
+//! One filler task per template keeps `ready` at the target size, restoring one
+//! VM at a time (a restore storm would starve the VMs that serve requests). Each
+//! VM is warmed up before it is parked: resumed, told `Restored` once, made to
+//! run one process, paused again. So the guest's exec path is already faulted in
+//! (and, under TCG, translated) when a request takes it; the request still sends
+//! a fresh `Restored` (new entropy, clock, hostname) before its workload. A
+//! pooled VM is restored under the sandbox id it will get when taken, in
+//! `sandboxes/<id>/vm`, with no `sandbox.json` until then; a daemon that
+//! restarts kills such unclaimed VMs ([`Agent::reap_unclaimed_pool_vms`]).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hearth_proto::ExecRequest as GuestExec;
+use hearth_vmm::Vm;
+use tokio::sync::Notify;
+
+use crate::guest_conn::{GuestConn, SessionEvent};
+use crate::restore::restored_message;
+use crate::sandbox::{lock, new_id, Agent, HELLO_TIMEOUT};
+use crate::template::TemplateMeta;
+use crate::template::TEMPLATE_NEXT_SESSION;
+
+/// Bound on the warm-up process of a pooled VM.
+const WARM_UP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a filler waits after a failed restore before trying again.
+const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(5);
+
+/// A VM restored from a template, warmed up and paused, its guest connection live.
+pub(crate) struct PooledVm {
+    /// The sandbox id it was restored under.
+    pub(crate) id: String,
+    pub(crate) vm: Box<dyn Vm>,
+    pub(crate) conn: Arc<GuestConn>,
+}
+
+impl PooledVm {
+    /// Ends the VM and removes its directory.
+    pub(crate) async fn discard(self) {
+        let _ = self.vm.kill().await;
+        let _ = self.vm.wait().await;
+        let vm_dir = self.vm.dir().to_path_buf();
+        let _ = hearth_vmm::destroy(&vm_dir);
+        if let Some(sandbox_dir) = vm_dir.parent() {
+            let _ = std::fs::remove_dir(sandbox_dir);
+        }
+    }
+}
+
+#[derive(Default)]
+struct Pool {
+    target: AtomicU32,
+    ready: Mutex<VecDeque<PooledVm>>,
+    wake: Notify,
+    closed: AtomicBool,
+}
+
+/// The warm pools of this node.
+#[derive(Default)]
+pub(crate) struct Pools {
+    map: Mutex<HashMap<String, Arc<Pool>>>,
+}
+
+impl Agent {
+    /// Starts the pools of every template on disk (at daemon start).
+    pub(crate) fn start_pools(&self) {
+        for t in self.template_metas() {
+            if t.pool_size == 0 {
+                // why: the first restore checksums every byte of the template once per
+                // run; do it now rather than on a request (a filler does it anyway).
+                let agent = self.clone();
+                let dir = self.template_dir(&t.name);
+                tokio::spawn(async move {
+                    if let Err(e) = agent.checked_manifest(&dir).await {
+                        tracing::warn!("template {}: {e}", dir.display());
+                    }
+                });
+            }
+            self.ensure_pool(&t);
+        }
+    }
+
+    /// Creates or resizes the pool of `t`; its filler does the rest.
+    pub(crate) fn ensure_pool(&self, t: &TemplateMeta) {
+        let mut map = lock(&self.inner.warm.pools.map);
+        if let Some(p) = map.get(&t.name) {
+            p.target.store(t.pool_size, Ordering::Relaxed);
+            p.wake.notify_one();
+            return;
+        }
+        if t.pool_size == 0 {
+            return;
+        }
+        let pool = Arc::new(Pool::default());
+        pool.target.store(t.pool_size, Ordering::Relaxed);
+        map.insert(t.name.clone(), pool.clone());
+        let agent = self.clone();
+        let name = t.name.clone();
+        tokio::spawn(async move { agent.fill(name, pool).await });
+    }
+
+    /// VMs ready in the pool of `template`.
+    pub(crate) fn pool_ready(&self, template: &str) -> u32 {
+        lock(&self.inner.warm.pools.map)
+            .get(template)
+            .map(|p| lock(&p.ready).len() as u32)
+            .unwrap_or(0)
+    }
+
+    /// Takes a ready VM from the pool of `template`, if there is one.
+    pub(crate) fn take_pooled(&self, template: &str) -> Option<PooledVm> {
+        let pool = lock(&self.inner.warm.pools.map).get(template).cloned()?;
+        let vm = lock(&pool.ready).pop_front();
+        pool.wake.notify_one();
+        vm
+    }
+
+    /// Stops the pool of `template` and ends its VMs.
+    pub(crate) async fn close_pool(&self, template: &str) {
+        let Some(pool) = lock(&self.inner.warm.pools.map).remove(template) else {
+            return;
+        };
+        pool.closed.store(true, Ordering::Relaxed);
+        pool.wake.notify_one();
+        let vms: Vec<PooledVm> = lock(&pool.ready).drain(..).collect();
+        for vm in vms {
+            vm.discard().await;
+        }
+    }
+
+    async fn fill(self, template: String, pool: Arc<Pool>) {
+        let dir = self.template_dir(&template);
+        loop {
+            if pool.closed.load(Ordering::Relaxed) {
+                let vms: Vec<PooledVm> = lock(&pool.ready).drain(..).collect();
+                for vm in vms {
+                    vm.discard().await;
+                }
+                return;
+            }
+            let have = lock(&pool.ready).len() as u32;
+            let target = pool.target.load(Ordering::Relaxed);
+            if have > target {
+                let extra = lock(&pool.ready).pop_back();
+                if let Some(vm) = extra {
+                    vm.discard().await;
+                }
+                continue;
+            }
+            if have == target {
+                pool.wake.notified().await;
+                continue;
+            }
+            let Some(meta) = self.template_meta(&template) else {
+                tracing::warn!(template, "template gone; its pool stops");
+                return;
+            };
+            let mut id = new_id();
+            while self.sandbox_dir(&id).exists() {
+                id = new_id();
+            }
+            let cfg = self.vm_config(
+                &id,
+                None,
+                Default::default(),
+                meta.cpus,
+                meta.memory_mib,
+                None,
+            );
+            let made = match self.restore_from(&dir, &cfg).await {
+                Ok(r) => match warm_up(r.vm.as_ref(), r.agent, &id).await {
+                    Ok(conn) => Ok(PooledVm {
+                        id: id.clone(),
+                        vm: r.vm,
+                        conn,
+                    }),
+                    Err(e) => {
+                        let _ = r.vm.kill().await;
+                        let _ = r.vm.wait().await;
+                        let _ = hearth_vmm::destroy(&cfg.dir);
+                        Err(e)
+                    }
+                },
+                Err(e) => Err(e.to_string()),
+            };
+            match made {
+                Ok(vm) => {
+                    if pool.closed.load(Ordering::Relaxed) {
+                        vm.discard().await;
+                    } else {
+                        lock(&pool.ready).push_back(vm);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(template, "warm pool restore failed: {e}");
+                    let _ = std::fs::remove_dir_all(self.sandbox_dir(&id));
+                    let _ = tokio::time::timeout(RETRY_AFTER_FAILURE, pool.wake.notified()).await;
+                }
+            }
+        }
+    }
+
+    /// Kills VMs a previous daemon left in its pools (sandbox dirs without sandbox.json).
+    pub(crate) async fn reap_unclaimed_pool_vms(&self) {
+        let Ok(rd) = std::fs::read_dir(self.inner.cfg.data_dir.join("sandboxes")) else {
+            return;
+        };
+        for ent in rd.flatten() {
+            let dir = ent.path();
+            if dir.join("sandbox.json").exists() || !dir.join("vm").exists() {
+                continue;
+            }
+            self.reap_dir(&dir).await;
+            tracing::info!("removed unclaimed pool VM {}", dir.display());
+        }
+        // Template builds and snapshot saves a previous daemon did not finish.
+        for (root, prefix) in [
+            (self.inner.cfg.data_dir.join("templates"), ".build-"),
+            (self.inner.cfg.data_dir.join("snapshots"), ".tmp-"),
+        ] {
+            let Ok(rd) = std::fs::read_dir(&root) else {
+                continue;
+            };
+            for ent in rd.flatten() {
+                if ent.file_name().to_string_lossy().starts_with(prefix) {
+                    self.reap_dir(&ent.path()).await;
+                    tracing::info!("removed unfinished {}", ent.path().display());
+                }
+            }
+        }
+    }
+
+    /// Stops the VM recorded in `dir/vm` (adopting it, or by its recorded pid)
+    /// and removes `dir`.
+    async fn reap_dir(&self, dir: &std::path::Path) {
+        let vm_dir = dir.join("vm");
+        match hearth_vmm::Vmm::adopt(&self.inner.vmm, &vm_dir).await {
+            Ok(vm) => {
+                let _ = vm.kill().await;
+                let _ = vm.wait().await;
+            }
+            Err(_) => {
+                if let Err(e) =
+                    hearth_vmm::kill_recorded(&vm_dir, std::time::Duration::from_secs(10))
+                {
+                    // why: never delete the record of a VM that may still run.
+                    tracing::error!(
+                        "cannot stop the VM in {}: {e}; left in place",
+                        vm_dir.display()
+                    );
+                    return;
+                }
+            }
+        }
+        let _ = hearth_vmm::destroy(&vm_dir);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// Wakes a freshly restored VM, runs one short process in it, and pauses it again.
+async fn warm_up(
+    vm: &dyn Vm,
+    agent: tokio::net::UnixStream,
+    id: &str,
+) -> Result<Arc<GuestConn>, String> {
+    let msg = restored_message(id.to_string(), id.to_string())?;
+    let (conn, ack) = GuestConn::after_restore(agent, &msg, TEMPLATE_NEXT_SESSION)
+        .await
+        .map_err(|e| e.to_string())?;
+    vm.start().await.map_err(|e| e.to_string())?;
+    ack.wait(HELLO_TIMEOUT).await.map_err(|e| e.to_string())?;
+    run_warm_up(&conn).await?;
+    vm.pause().await.map_err(|e| e.to_string())?;
+    Ok(conn)
+}
+
+/// Runs `true` in the guest and waits for it to end.
+pub(crate) async fn run_warm_up(conn: &Arc<GuestConn>) -> Result<(), String> {
+    // why: any image will do: a missing `true` still exercises fork and exec (127).
+    let req = GuestExec {
+        argv: vec!["true".into()],
+        ..Default::default()
+    };
+    let mut session = conn.exec(&req).await.map_err(|e| e.to_string())?;
+    let done = async {
+        loop {
+            match session.next().await {
+                Some(SessionEvent::Exit(_)) => return Ok(()),
+                Some(SessionEvent::Failed(m)) => return Err(m),
+                None => return Err("guest channel closed".to_string()),
+                Some(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(WARM_UP_TIMEOUT, done)
+        .await
+        .map_err(|_| format!("warm-up process did not end within {WARM_UP_TIMEOUT:?}"))?
+}

@@ -1,0 +1,119 @@
+//! Wire types of the cluster API: nodes, the control-plane group, and the
+//! agent ↔ control-plane protocol (registration and heartbeats).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::SandboxStatus;
+
+/// Resource amounts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Capacity {
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub disk_mib: u64,
+}
+
+/// A node agent as the control plane knows it (`GET /v1/nodes`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Node {
+    pub id: String,
+    /// Base URL of the agent's node-local API.
+    pub address: String,
+    /// `ready` or `not_ready` (missed heartbeats).
+    pub status: String,
+    pub cordoned: bool,
+    /// `kvm` or `tcg`.
+    pub accel: String,
+    pub capacity: Capacity,
+    /// Reserved by the sandboxes placed on it.
+    pub allocated: Capacity,
+    pub labels: BTreeMap<String, String>,
+    /// Live sandboxes placed on it.
+    pub sandboxes: u32,
+    /// Milliseconds since the Unix epoch.
+    pub last_heartbeat_ms: u64,
+}
+
+/// `POST /v1/agents/register`: an agent announces itself.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterNode {
+    pub id: String,
+    /// Random identity kept in the agent's data dir; a different agent
+    /// claiming the same id is refused.
+    pub instance: String,
+    pub address: String,
+    pub capacity: Capacity,
+    pub accel: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A sandbox as an agent reports it in a heartbeat.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ObservedSandbox {
+    /// The agent's id for it.
+    pub agent_id: String,
+    pub status: SandboxStatus,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// `POST /v1/agents/{node}/heartbeat`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Heartbeat {
+    pub instance: String,
+    #[serde(default)]
+    pub sandboxes: Vec<ObservedSandbox>,
+}
+
+/// What the control plane wants of a node, returned to its heartbeat.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct Desired {
+    /// Agent ids of the sandboxes the control plane still wants on this node;
+    /// an agent re-adopts these after a restart.
+    pub keep: Vec<String>,
+}
+
+/// One control-plane member in `GET /v1/cluster`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Member {
+    pub id: u64,
+    pub address: String,
+    /// True when it answered its status request.
+    pub healthy: bool,
+    /// `leader`, `follower`, `candidate`, `learner`, or `unreachable`.
+    pub state: String,
+    pub term: Option<u64>,
+    pub last_log_index: Option<u64>,
+    pub applied_index: Option<u64>,
+    pub snapshot_index: Option<u64>,
+    /// Why it is unhealthy.
+    pub error: Option<String>,
+}
+
+/// `GET /v1/cluster`: the control-plane group.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ClusterStatus {
+    /// The member that answered.
+    pub member: u64,
+    pub leader: Option<u64>,
+    pub term: u64,
+    /// Highest log index known committed (applied) by the answering member.
+    pub commit_index: Option<u64>,
+    pub members: Vec<Member>,
+}
+
+/// `POST /v1/cluster/members`: add a control-plane member (it must be running
+/// with no peers, so it joins instead of bootstrapping).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AddMember {
+    pub id: u64,
+    /// `host:port` of its control API.
+    pub address: String,
+}

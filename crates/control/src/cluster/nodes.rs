@@ -1,0 +1,367 @@
+//! Node registry (agents register and heartbeat), node operations (cordon,
+//! drain) and the control-plane group's status and membership.
+
+use std::collections::BTreeMap;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use hearth_api::cluster::{
+    AddMember, Capacity, ClusterStatus, Desired, Heartbeat, Member, Node, RegisterNode,
+};
+use hearth_api::{ApiError, ErrorCode, SandboxStatus};
+use hearth_sched::{Accel, Resources};
+use hearth_store::{Command, NodeRecord, Observed, Reply, State as St};
+
+use super::{now_ms, ControlPlane};
+use crate::{HttpError, Json};
+
+type ApiResult<T> = Result<T, HttpError>;
+
+fn cap(r: Resources) -> Capacity {
+    Capacity {
+        cpus: r.cpus,
+        memory_mib: r.memory_mib,
+        disk_mib: r.disk_mib,
+    }
+}
+
+pub(super) fn status_name(s: SandboxStatus) -> String {
+    serde_json::to_value(s)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+pub(super) fn node_view(st: &St, n: &NodeRecord) -> Node {
+    let alloc = st.allocated();
+    Node {
+        id: n.id.clone(),
+        address: n.address.clone(),
+        status: if n.ready { "ready" } else { "not_ready" }.into(),
+        cordoned: n.cordoned,
+        accel: match n.accel {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+        .into(),
+        capacity: cap(n.capacity),
+        allocated: cap(alloc.get(n.id.as_str()).copied().unwrap_or_default()),
+        labels: n.labels.clone(),
+        sandboxes: st
+            .sandboxes
+            .values()
+            .filter(|s| s.node == n.id && s.reserves())
+            .count() as u32,
+        last_heartbeat_ms: n.last_heartbeat_ms,
+    }
+}
+
+fn not_found(what: &str) -> HttpError {
+    HttpError(ApiError::new(ErrorCode::NotFound, format!("no {what}")))
+}
+
+/// Turns a store reply about a node into the API's answer.
+fn node_reply(cp: &ControlPlane, r: Reply) -> ApiResult<Json<Node>> {
+    match r {
+        Reply::Node { node } => Ok(Json(cp.store.read_local(|st| node_view(st, &node)))),
+        Reply::NotFound { what } => Err(not_found(&what)),
+        Reply::DuplicateNode { id, holder } => Err(HttpError(ApiError::new(
+            ErrorCode::Conflict,
+            format!(
+                "node id {id} is already registered by another agent (instance {holder}); \
+                 give this agent another --node, or remove the old one with `hearth node rm {id}`"
+            ),
+        ))),
+        other => Err(HttpError(ApiError::new(
+            ErrorCode::Internal,
+            format!("unexpected store reply {other:?}"),
+        ))),
+    }
+}
+
+pub(super) async fn list(State(cp): State<ControlPlane>) -> ApiResult<Json<Vec<Node>>> {
+    Ok(Json(
+        cp.store
+            .read(|st| st.nodes.values().map(|n| node_view(st, n)).collect())
+            .await?,
+    ))
+}
+
+pub(super) async fn get(
+    State(cp): State<ControlPlane>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Node>> {
+    cp.store
+        .read(|st| st.nodes.get(&id).map(|n| node_view(st, n)))
+        .await?
+        .map(Json)
+        .ok_or_else(|| not_found(&format!("node {id}")))
+}
+
+pub(super) async fn remove(
+    State(cp): State<ControlPlane>,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    match cp
+        .store
+        .write(Command::RemoveNode {
+            id: id.clone(),
+            at_ms: now_ms(),
+        })
+        .await?
+    {
+        Reply::NotFound { what } => Err(not_found(&what)),
+        _ => Ok(StatusCode::NO_CONTENT),
+    }
+}
+
+pub(super) async fn cordon(
+    State(cp): State<ControlPlane>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Node>> {
+    let r = cp
+        .store
+        .write(Command::SetCordon {
+            node: id,
+            cordoned: true,
+        })
+        .await?;
+    node_reply(&cp, r)
+}
+
+pub(super) async fn uncordon(
+    State(cp): State<ControlPlane>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Node>> {
+    let r = cp
+        .store
+        .write(Command::SetCordon {
+            node: id,
+            cordoned: false,
+        })
+        .await?;
+    node_reply(&cp, r)
+}
+
+/// Drain result: sandboxes moved elsewhere and those left on the node.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct Drained {
+    pub node: Node,
+    pub moved: Vec<String>,
+    /// Live sandboxes still on the node (they did not ask for `restart: always`
+    /// or had nowhere to go); stop them, or they end with the node.
+    pub remaining: Vec<String>,
+}
+
+pub(super) async fn drain(
+    State(cp): State<ControlPlane>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Drained>> {
+    let r = cp
+        .store
+        .write(Command::Drain {
+            node: id.clone(),
+            at_ms: now_ms(),
+        })
+        .await?;
+    let moved = match r {
+        Reply::Moved { moved, .. } => moved,
+        Reply::NotFound { what } => return Err(not_found(&what)),
+        other => {
+            return Err(HttpError(ApiError::new(
+                ErrorCode::Internal,
+                format!("unexpected store reply {other:?}"),
+            )))
+        }
+    };
+    let (node, remaining) = cp.store.read_local(|st| {
+        let n = st.nodes.get(&id).map(|n| node_view(st, n));
+        let rem = st
+            .sandboxes
+            .values()
+            .filter(|s| s.node == id && s.reserves())
+            .map(|s| s.id.clone())
+            .collect();
+        (n, rem)
+    });
+    let node = node.ok_or_else(|| not_found(&format!("node {id}")))?;
+    Ok(Json(Drained {
+        node,
+        moved,
+        remaining,
+    }))
+}
+
+pub(super) async fn register(
+    State(cp): State<ControlPlane>,
+    Json(req): Json<RegisterNode>,
+) -> ApiResult<Json<Node>> {
+    let accel = match req.accel.as_str() {
+        "kvm" => Accel::Kvm,
+        "tcg" => Accel::Tcg,
+        other => {
+            return Err(HttpError(ApiError::new(
+                ErrorCode::InvalidArgument,
+                format!("accel must be kvm or tcg, not {other}"),
+            )))
+        }
+    };
+    if req.id.is_empty() || req.instance.is_empty() {
+        return Err(HttpError(ApiError::new(
+            ErrorCode::InvalidArgument,
+            "node id and instance must not be empty",
+        )));
+    }
+    let now = now_ms();
+    let r = cp
+        .store
+        .write(Command::RegisterNode {
+            node: NodeRecord {
+                id: req.id,
+                instance: req.instance,
+                address: req.address,
+                capacity: Resources::new(
+                    req.capacity.cpus,
+                    req.capacity.memory_mib,
+                    req.capacity.disk_mib,
+                ),
+                accel,
+                labels: req.labels,
+                cordoned: false,
+                ready: true,
+                registered_ms: now,
+                last_heartbeat_ms: now,
+                warm_templates: Default::default(),
+                volumes: Default::default(),
+            },
+        })
+        .await?;
+    node_reply(&cp, r)
+}
+
+pub(super) async fn heartbeat(
+    State(cp): State<ControlPlane>,
+    Path(node): Path<String>,
+    Json(hb): Json<Heartbeat>,
+) -> ApiResult<Json<Desired>> {
+    let now = now_ms();
+    // Agent ids → control ids, for the sandboxes placed on this node.
+    let ids: BTreeMap<String, String> = cp.store.read_local(|st| {
+        st.sandboxes
+            .values()
+            .filter(|s| s.node == node)
+            .filter_map(|s| {
+                let a = s.observed.as_ref()?.agent_id.clone()?;
+                Some((a, s.id.clone()))
+            })
+            .collect()
+    });
+    let observed = hb
+        .sandboxes
+        .iter()
+        .filter_map(|o| {
+            let id = ids.get(&o.agent_id)?;
+            Some((
+                id.clone(),
+                Observed {
+                    status: status_name(o.status),
+                    agent_id: Some(o.agent_id.clone()),
+                    error: o.error.clone(),
+                    updated_ms: now,
+                },
+            ))
+        })
+        .collect();
+    // why: a report that only differs in its timestamp would rewrite the row on every beat.
+    let observed: BTreeMap<String, Observed> = cp.store.read_local(|st| {
+        let same = |id: &String, o: &Observed| {
+            st.sandboxes
+                .get(id)
+                .and_then(|s| s.observed.as_ref())
+                .is_some_and(|cur| {
+                    cur.status == o.status && cur.agent_id == o.agent_id && cur.error == o.error
+                })
+        };
+        let m: BTreeMap<String, Observed> = observed;
+        m.into_iter().filter(|(id, o)| !same(id, o)).collect()
+    });
+    let r = cp
+        .store
+        .write(Command::Heartbeat {
+            node: node.clone(),
+            instance: hb.instance,
+            at_ms: now,
+            observed,
+        })
+        .await?;
+    match r {
+        Reply::Ok => {}
+        Reply::NotFound { what } => return Err(not_found(&what)),
+        other => {
+            node_reply(&cp, other)?;
+        }
+    }
+    let keep = cp.store.read_local(|st| {
+        st.sandboxes
+            .values()
+            .filter(|s| s.node == node && s.reserves())
+            .filter_map(|s| s.observed.as_ref()?.agent_id.clone())
+            .collect()
+    });
+    Ok(Json(Desired { keep }))
+}
+
+pub(super) async fn cluster_status(State(cp): State<ControlPlane>) -> Json<ClusterStatus> {
+    let me = cp.store.member_status();
+    let all = cp.store.cluster_status().await;
+    let members = all
+        .into_iter()
+        .map(|(id, st)| match st {
+            Ok(s) => Member {
+                id,
+                address: me.members.get(&id).cloned().unwrap_or_default(),
+                healthy: true,
+                state: s.state,
+                term: Some(s.term),
+                last_log_index: s.last_log_index,
+                applied_index: s.applied_index,
+                snapshot_index: s.snapshot_index,
+                error: None,
+            },
+            Err(e) => Member {
+                id,
+                address: me.members.get(&id).cloned().unwrap_or_default(),
+                healthy: false,
+                state: "unreachable".into(),
+                term: None,
+                last_log_index: None,
+                applied_index: None,
+                snapshot_index: None,
+                error: Some(e),
+            },
+        })
+        .collect();
+    Json(ClusterStatus {
+        member: me.id,
+        leader: me.leader,
+        term: me.term,
+        commit_index: me.applied_index,
+        members,
+    })
+}
+
+pub(super) async fn add_member(
+    State(cp): State<ControlPlane>,
+    Json(req): Json<AddMember>,
+) -> ApiResult<Json<ClusterStatus>> {
+    cp.store.add_member(req.id, req.address).await?;
+    Ok(cluster_status(State(cp)).await)
+}
+
+pub(super) async fn remove_member(
+    State(cp): State<ControlPlane>,
+    Path(id): Path<u64>,
+) -> ApiResult<Json<ClusterStatus>> {
+    cp.store.remove_member(id).await?;
+    Ok(cluster_status(State(cp)).await)
+}

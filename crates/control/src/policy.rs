@@ -1,0 +1,47 @@
+//! Egress policy endpoints: `GET|PUT /v1/sandboxes/{id}/policy` and
+//! `GET /v1/sandboxes/{id}/policy/stats`. A PUT takes effect at once.
+
+use axum::extract::{Path, State};
+use axum::routing::get;
+use axum::Router;
+use hearth_agent::Agent;
+use hearth_api::network::{EgressPolicy, PolicyStats};
+
+use crate::{ApiResult, Json};
+
+pub fn routes() -> Router<Agent> {
+    Router::new()
+        .route("/v1/sandboxes/{id}/policy", get(show).put(set))
+        .route("/v1/sandboxes/{id}/policy/stats", get(stats))
+}
+
+async fn show(State(agent): State<Agent>, Path(id): Path<String>) -> ApiResult<Json<EgressPolicy>> {
+    Ok(Json(agent.policy(&id)?))
+}
+
+async fn set(
+    State(agent): State<Agent>,
+    Path(id): Path<String>,
+    Json(p): Json<EgressPolicy>,
+) -> ApiResult<Json<EgressPolicy>> {
+    Ok(Json(agent.set_policy(&id, &p).await?))
+}
+
+async fn stats(State(agent): State<Agent>, Path(id): Path<String>) -> ApiResult<Json<PolicyStats>> {
+    Ok(Json(agent.policy_stats(&id)?))
+}
+
+/// OpenAPI paths of these routes.
+pub fn openapi_paths(
+    json: impl Fn(&str) -> serde_json::Value,
+    err: &serde_json::Value,
+) -> serde_json::Value {
+    let id = serde_json::json!([{"name": "id", "in": "path", "required": true, "description": "sandbox id or name", "schema": {"type": "string"}}]);
+    serde_json::json!({
+        "/v1/sandboxes/{id}/policy": {
+            "get": {"parameters": id, "summary": "The sandbox's egress policy", "responses": {"200": json("EgressPolicy"), "404": err}},
+            "put": {"parameters": id, "summary": "Replace the egress policy (live, no restart)", "requestBody": json("EgressPolicy"), "responses": {"200": json("EgressPolicy"), "400": err, "404": err}}
+        },
+        "/v1/sandboxes/{id}/policy/stats": {"get": {"parameters": id, "summary": "Per-rule packet and byte counters from the BPF maps", "responses": {"200": json("PolicyStats"), "404": err}}}
+    })
+}

@@ -1,0 +1,92 @@
+//! After a snapshot restore: this guest's memory is a copy of another VM's, so
+//! its RNG state, clock and identity are stale. The host's [`Restored`] message
+//! carries fresh ones; they are applied before any other request is read.
+
+use std::fs::OpenOptions;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::Mutex;
+
+use hearth_proto::{Restored, RestoredAck};
+
+use crate::boot;
+
+/// `RNDADDENTROPY` = `_IOW('R', 0x03, int[2])`.
+const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+/// `RNDRESEEDCRNG` = `_IO('R', 0x07)`.
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+/// Largest seed mixed in (the kernel caps one write at a page anyway).
+const MAX_SEED: usize = 512;
+
+/// The sandbox id this VM serves, once a restore told it.
+static SANDBOX_ID: Mutex<String> = Mutex::new(String::new());
+
+/// Applies `msg`; what fails is reported in the ack, never fatal.
+pub fn apply(msg: &Restored) -> RestoredAck {
+    let mut warnings = Vec::new();
+    if let Err(e) = reseed(&msg.seed) {
+        warnings.push(format!("reseeding the RNG: {e}"));
+    }
+    if let Err(e) = set_clock(msg.unix_ms) {
+        warnings.push(format!("setting the clock: {e}"));
+    }
+    if !msg.hostname.is_empty() {
+        if let Err(e) = boot::set_hostname(&msg.hostname) {
+            warnings.push(e.to_string());
+        }
+    }
+    *SANDBOX_ID.lock().unwrap_or_else(|p| p.into_inner()) = msg.sandbox_id.clone();
+    for w in &warnings {
+        crate::log!("after restore: {w}");
+    }
+    RestoredAck { warnings }
+}
+
+/// `struct rand_pool_info` with its flexible buffer.
+#[repr(C)]
+struct RandPoolInfo {
+    entropy_count: libc::c_int,
+    buf_size: libc::c_int,
+    buf: [u8; MAX_SEED],
+}
+
+/// Mixes `seed` into the input pool (crediting it) and forces a reseed of the
+/// CRNG, so the very next read of /dev/urandom differs from a sibling restore's.
+///
+/// why: since Linux 5.18 added entropy only reaches the output CRNG at the next
+/// periodic reseed (up to a minute later); RNDRESEEDCRNG makes it immediate.
+fn reseed(seed: &[u8]) -> io::Result<()> {
+    if seed.is_empty() {
+        return Err(io::Error::other("the host sent no seed"));
+    }
+    let n = seed.len().min(MAX_SEED);
+    let mut info = RandPoolInfo {
+        entropy_count: (n * 8) as libc::c_int,
+        buf_size: n as libc::c_int,
+        buf: [0; MAX_SEED],
+    };
+    info.buf[..n].copy_from_slice(&seed[..n]);
+    let f = OpenOptions::new().write(true).open("/dev/urandom")?;
+    // SAFETY: `info` is a valid rand_pool_info whose buffer holds `buf_size` bytes
+    // and lives across the call.
+    if unsafe { libc::ioctl(f.as_raw_fd(), RNDADDENTROPY as _, &info) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: RNDRESEEDCRNG takes no argument.
+    if unsafe { libc::ioctl(f.as_raw_fd(), RNDRESEEDCRNG as _) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn set_clock(unix_ms: u64) -> io::Result<()> {
+    let ts = libc::timespec {
+        tv_sec: (unix_ms / 1000) as libc::time_t,
+        tv_nsec: ((unix_ms % 1000) * 1_000_000) as libc::c_long,
+    };
+    // SAFETY: `ts` is a valid timespec that lives across the call.
+    if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

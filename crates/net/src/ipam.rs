@@ -1,0 +1,203 @@
+//! Address management: a pure allocator of /32s from the node's slice of the
+//! cluster CIDR, and a persistence seam (`LeaseStore`) so the leases can live in
+//! a file now and in the replicated control-plane state later.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+use crate::cidr::Cidr;
+
+/// Leases: sandbox id -> address. Versioned on disk.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Leases {
+    pub version: u32,
+    pub pool: Option<Cidr>,
+    pub leases: BTreeMap<String, Ipv4Addr>,
+}
+
+/// Allocation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum IpamError {
+    /// Every usable address is leased.
+    #[error("address pool {pool} is exhausted ({leased} addresses leased); remove sandboxes or give the node a larger slice")]
+    Exhausted { pool: Cidr, leased: usize },
+    /// The pool is too small to hold any sandbox.
+    #[error("address pool {0} is too small: it needs at least a /30")]
+    PoolTooSmall(Cidr),
+    /// Reading or writing the leases failed.
+    #[error("lease store {path}: {source}")]
+    Store {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Where leases are kept between runs.
+pub trait LeaseStore: Send + Sync {
+    fn load(&self) -> Result<Leases, IpamError>;
+    /// Must be atomic: after a crash either the old or the new leases are read.
+    fn save(&self, leases: &Leases) -> Result<(), IpamError>;
+}
+
+/// Leases in one JSON file, replaced atomically (write, fsync, rename).
+pub struct FileLeaseStore {
+    path: PathBuf,
+}
+
+impl FileLeaseStore {
+    pub fn new(path: PathBuf) -> FileLeaseStore {
+        FileLeaseStore { path }
+    }
+}
+
+impl LeaseStore for FileLeaseStore {
+    fn load(&self) -> Result<Leases, IpamError> {
+        let err = |source| IpamError::Store {
+            path: self.path.display().to_string(),
+            source,
+        };
+        match std::fs::read(&self.path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| err(std::io::Error::other(e))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Leases::default()),
+            Err(e) => Err(err(e)),
+        }
+    }
+
+    fn save(&self, leases: &Leases) -> Result<(), IpamError> {
+        let err = |source| IpamError::Store {
+            path: self.path.display().to_string(),
+            source,
+        };
+        let tmp = self.path.with_extension("json.tmp");
+        let data = serde_json::to_vec_pretty(leases).map_err(|e| err(std::io::Error::other(e)))?;
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir).map_err(err)?;
+        }
+        let mut f = std::fs::File::create(&tmp).map_err(err)?;
+        f.write_all(&data).map_err(err)?;
+        f.sync_all().map_err(err)?;
+        std::fs::rename(&tmp, &self.path).map_err(err)
+    }
+}
+
+/// Picks a free address: the lowest unleased host address of `pool`, skipping
+/// the network and broadcast addresses. Pure.
+pub fn pick(pool: Cidr, leases: &Leases) -> Result<Ipv4Addr, IpamError> {
+    if pool.prefix_len() > 30 {
+        return Err(IpamError::PoolTooSmall(pool));
+    }
+    let used: std::collections::HashSet<Ipv4Addr> = leases.leases.values().copied().collect();
+    (1..pool.size() - 1)
+        .filter_map(|i| pool.nth(i))
+        .find(|ip| !used.contains(ip))
+        .ok_or(IpamError::Exhausted {
+            pool,
+            leased: used.len(),
+        })
+}
+
+/// The allocator with its store; every change is saved before it is returned.
+pub struct Ipam {
+    pool: Cidr,
+    store: Box<dyn LeaseStore>,
+    leases: Mutex<Leases>,
+}
+
+impl Ipam {
+    pub fn open(pool: Cidr, store: Box<dyn LeaseStore>) -> Result<Ipam, IpamError> {
+        let mut leases = store.load()?;
+        leases.version = 1;
+        leases.pool = Some(pool);
+        Ok(Ipam {
+            pool,
+            store,
+            leases: Mutex::new(leases),
+        })
+    }
+
+    pub fn pool(&self) -> Cidr {
+        self.pool
+    }
+
+    fn locked(&self) -> std::sync::MutexGuard<'_, Leases> {
+        self.leases.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The sandbox's address: its existing lease, or a new one.
+    pub fn lease(&self, sandbox: &str) -> Result<Ipv4Addr, IpamError> {
+        let mut l = self.locked();
+        if let Some(ip) = l.leases.get(sandbox) {
+            return Ok(*ip);
+        }
+        let ip = pick(self.pool, &l)?;
+        let mut next = l.clone();
+        next.leases.insert(sandbox.to_string(), ip);
+        self.store.save(&next)?;
+        *l = next;
+        Ok(ip)
+    }
+
+    /// Frees the sandbox's address (no-op when it has none).
+    pub fn release(&self, sandbox: &str) -> Result<(), IpamError> {
+        let mut l = self.locked();
+        if !l.leases.contains_key(sandbox) {
+            return Ok(());
+        }
+        let mut next = l.clone();
+        next.leases.remove(sandbox);
+        self.store.save(&next)?;
+        *l = next;
+        Ok(())
+    }
+
+    pub fn get(&self, sandbox: &str) -> Option<Ipv4Addr> {
+        self.locked().leases.get(sandbox).copied()
+    }
+
+    pub fn all(&self) -> BTreeMap<String, Ipv4Addr> {
+        self.locked().leases.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ipam(pool: &str, dir: &std::path::Path) -> Ipam {
+        Ipam::open(
+            pool.parse().unwrap(),
+            Box::new(FileLeaseStore::new(dir.join("leases.json"))),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn addresses_are_never_handed_out_twice_and_survive_reopen() {
+        let d = tempfile::tempdir().unwrap();
+        let a = ipam("10.77.0.0/29", d.path());
+        let ips: Vec<_> = (0..6).map(|i| a.lease(&format!("s{i}")).unwrap()).collect();
+        let set: std::collections::HashSet<_> = ips.iter().collect();
+        assert_eq!(set.len(), 6);
+        assert_eq!(ips[0], "10.77.0.1".parse::<Ipv4Addr>().unwrap());
+        assert!(matches!(a.lease("s6"), Err(IpamError::Exhausted { .. })));
+        assert_eq!(a.lease("s2").unwrap(), ips[2], "a lease is stable");
+        drop(a);
+        let b = ipam("10.77.0.0/29", d.path());
+        assert!(matches!(b.lease("s6"), Err(IpamError::Exhausted { .. })));
+        b.release("s3").unwrap();
+        assert_eq!(b.lease("s6").unwrap(), ips[3]);
+    }
+
+    #[test]
+    fn tiny_pools_are_rejected() {
+        let d = tempfile::tempdir().unwrap();
+        let a = ipam("10.77.0.0/31", d.path());
+        assert!(matches!(a.lease("x"), Err(IpamError::PoolTooSmall(_))));
+    }
+}

@@ -1,0 +1,357 @@
+//! Sandbox networking on one node.
+//!
+//! A sandbox gets a tap (`hth<id>`), a /32 from the node's pool (IPAM, leases
+//! persisted), a host route to that /32, proxy ARP for its link-local gateway,
+//! egress masquerade (nftables) and the eBPF egress policy and anti-spoof
+//! programs on the tap. The guest learns its address from `kernel_params`.
+//!
+//! `NodeNet` is the shell; `policy` (compilation) and `ipam` (allocation) are
+//! pure cores with their I/O at the edges (`policy::maps`, `ipam::LeaseStore`).
+
+pub mod cidr;
+pub mod ipam;
+mod nat;
+pub mod policy;
+mod tap;
+
+use std::collections::{HashMap, HashSet};
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+
+pub use cidr::Cidr;
+pub use ipam::{FileLeaseStore, Ipam, IpamError, LeaseStore};
+pub use policy::maps::BpfError;
+pub use policy::{Action, Policy, PolicyError, Rule};
+
+/// Taps are named this plus the sandbox id.
+pub const TAP_PREFIX: &str = "hth";
+/// The guest's default gateway: link-local, answered by the tap's proxy ARP.
+pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+
+/// How a node's sandbox network is set up.
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    /// This node's slice of the cluster CIDR.
+    pub pool: Cidr,
+    /// Where leases and per-sandbox network records live.
+    pub state_dir: PathBuf,
+    /// Nameservers written to the guest's /etc/resolv.conf.
+    pub dns: Vec<Ipv4Addr>,
+}
+
+/// A networking step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error(transparent)]
+    Ipam(#[from] IpamError),
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    #[error(transparent)]
+    Bpf(#[from] BpfError),
+    #[error("tap {tap}: {source}")]
+    Tap {
+        tap: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Nat(#[from] nat::NatError),
+    #[error(
+        "sandbox '{0}' has no network (it was started with --network none or has been removed)"
+    )]
+    NoNetwork(String),
+    #[error("network record {path}: {source}")]
+    Record {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl NetError {
+    /// True when the caller's input was at fault (bad rules, pool exhausted).
+    pub fn is_bad_input(&self) -> bool {
+        matches!(self, NetError::Policy(_))
+    }
+    pub fn is_exhausted(&self) -> bool {
+        matches!(self, NetError::Ipam(IpamError::Exhausted { .. }))
+    }
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, NetError::NoNetwork(_))
+    }
+}
+
+/// A sandbox's network, as recorded on disk (`<state_dir>/sandboxes/<id>.json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxNet {
+    pub version: u32,
+    pub sandbox: String,
+    pub tap: String,
+    pub ip: Ipv4Addr,
+    pub mac: [u8; 6],
+    pub gateway: Ipv4Addr,
+    pub dns: Vec<Ipv4Addr>,
+    pub policy: Policy,
+}
+
+impl SandboxNet {
+    pub fn mac_string(&self) -> String {
+        self.mac
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":")
+    }
+
+    /// `hearth.*` kernel parameters telling the guest its network.
+    pub fn kernel_params(&self) -> Vec<String> {
+        let mut v = vec![
+            format!("hearth.ip={}", self.ip),
+            format!("hearth.gw={}", self.gateway),
+        ];
+        if !self.dns.is_empty() {
+            let d: Vec<String> = self.dns.iter().map(|a| a.to_string()).collect();
+            v.push(format!("hearth.dns={}", d.join(",")));
+        }
+        v
+    }
+}
+
+/// A MAC derived from the address: locally administered, unique per address.
+pub fn mac_for(ip: Ipv4Addr) -> [u8; 6] {
+    let o = ip.octets();
+    [0x02, 0x68, o[0], o[1], o[2], o[3]]
+}
+
+pub fn tap_name(sandbox: &str) -> String {
+    let mut n = format!("{TAP_PREFIX}{sandbox}");
+    n.truncate(15);
+    n
+}
+
+/// One counter of `policy stats`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CounterStat {
+    pub label: String,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// The node's sandbox networking.
+pub struct NodeNet {
+    cfg: NetConfig,
+    ipam: Ipam,
+    /// Serializes setup/teardown/policy changes per sandbox.
+    locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl NodeNet {
+    /// Opens the leases, enables forwarding and installs the NAT table.
+    pub fn open(cfg: NetConfig) -> Result<NodeNet, NetError> {
+        let store = FileLeaseStore::new(cfg.state_dir.join("leases.json"));
+        let ipam = Ipam::open(cfg.pool, Box::new(store))?;
+        tap::enable_forwarding().map_err(|source| NetError::Tap {
+            tap: "ip_forward".into(),
+            source,
+        })?;
+        nat::ensure(TAP_PREFIX)?;
+        std::fs::create_dir_all(cfg.state_dir.join("sandboxes")).map_err(|source| {
+            NetError::Record {
+                path: cfg.state_dir.display().to_string(),
+                source,
+            }
+        })?;
+        Ok(NodeNet {
+            cfg,
+            ipam,
+            locks: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn pool(&self) -> Cidr {
+        self.cfg.pool
+    }
+
+    fn sandbox_lock(&self, id: &str) -> Arc<Mutex<()>> {
+        lock(&self.locks).entry(id.to_string()).or_default().clone()
+    }
+
+    fn record_path(&self, id: &str) -> PathBuf {
+        self.cfg
+            .state_dir
+            .join("sandboxes")
+            .join(format!("{id}.json"))
+    }
+
+    fn save(&self, rec: &SandboxNet) -> Result<(), NetError> {
+        let path = self.record_path(&rec.sandbox);
+        let err = |source| NetError::Record {
+            path: path.display().to_string(),
+            source,
+        };
+        let tmp = path.with_extension("json.tmp");
+        let data = serde_json::to_vec_pretty(rec).map_err(|e| err(std::io::Error::other(e)))?;
+        std::fs::write(&tmp, data).map_err(err)?;
+        std::fs::rename(&tmp, &path).map_err(err)
+    }
+
+    /// The sandbox's network record.
+    pub fn get(&self, id: &str) -> Result<SandboxNet, NetError> {
+        let path = self.record_path(id);
+        let b = std::fs::read(&path).map_err(|_| NetError::NoNetwork(id.into()))?;
+        serde_json::from_slice(&b).map_err(|e| NetError::Record {
+            path: path.display().to_string(),
+            source: std::io::Error::other(e),
+        })
+    }
+
+    /// Checks and compiles a policy against this node's addresses.
+    pub fn compile(&self, p: &Policy) -> Result<policy::Compiled, NetError> {
+        Ok(policy::compile_with_pools(
+            p,
+            &tap::host_addresses(),
+            &[self.cfg.pool],
+        )?)
+    }
+
+    /// Leases an address and builds the sandbox's link, NAT and policy. On any
+    /// failure everything done so far is undone.
+    pub fn setup(&self, id: &str, policy: Policy) -> Result<SandboxNet, NetError> {
+        let l = self.sandbox_lock(id);
+        let _g = lock(&l);
+        let compiled = self.compile(&policy)?;
+        let ip = self.ipam.lease(id)?;
+        let rec = SandboxNet {
+            version: 1,
+            sandbox: id.into(),
+            tap: tap_name(id),
+            ip,
+            mac: mac_for(ip),
+            gateway: GATEWAY,
+            dns: self.cfg.dns.clone(),
+            policy,
+        };
+        let built = (|| {
+            self.save(&rec)?;
+            tap::create(&rec.tap, ip).map_err(|source| NetError::Tap {
+                tap: rec.tap.clone(),
+                source,
+            })?;
+            policy::maps::attach(&rec.tap, ip, rec.mac, &compiled)?;
+            nat::add(ip)?;
+            Ok(())
+        })();
+        if let Err(e) = built {
+            self.teardown_locked(id);
+            return Err(e);
+        }
+        Ok(rec)
+    }
+
+    /// Replaces the sandbox's policy live.
+    pub fn set_policy(&self, id: &str, policy: Policy) -> Result<SandboxNet, NetError> {
+        let l = self.sandbox_lock(id);
+        let _g = lock(&l);
+        let mut rec = self.get(id)?;
+        let compiled = self.compile(&policy)?;
+        policy::maps::update(&rec.tap, rec.ip, rec.mac, &compiled)?;
+        rec.policy = policy;
+        self.save(&rec)?;
+        Ok(rec)
+    }
+
+    /// Per-rule and fixed counters, labelled.
+    pub fn stats(&self, id: &str) -> Result<Vec<CounterStat>, NetError> {
+        let l = self.sandbox_lock(id);
+        let _g = lock(&l);
+        let rec = self.get(id)?;
+        let compiled = self.compile(&rec.policy)?;
+        let raw = policy::maps::counters(&rec.tap)?;
+        Ok(compiled
+            .counters
+            .iter()
+            .map(|c| {
+                let v = raw.get(usize::from(c.slot)).copied().unwrap_or_default();
+                CounterStat {
+                    label: c.label.clone(),
+                    packets: v.packets,
+                    bytes: v.bytes,
+                }
+            })
+            .collect())
+    }
+
+    /// Removes the sandbox's tap, programs, route, NAT entry, record and lease.
+    pub fn teardown(&self, id: &str) -> Result<(), NetError> {
+        let l = self.sandbox_lock(id);
+        let _g = lock(&l);
+        self.teardown_locked(id)
+            .into_iter()
+            .next()
+            .map_or(Ok(()), Err)
+            .inspect(|_| {
+                lock(&self.locks).remove(id);
+            })
+    }
+
+    /// Best-effort removal of everything; returns what failed.
+    fn teardown_locked(&self, id: &str) -> Vec<NetError> {
+        let mut errs = Vec::new();
+        let tap_name = tap_name(id);
+        if let Err(source) = tap::delete(&tap_name) {
+            // why: while the tap (and its route) exist, the address is in use;
+            // keep the lease and record so a retry can finish the job.
+            let e = NetError::Tap {
+                tap: tap_name.clone(),
+                source,
+            };
+            tracing::warn!(sandbox = id, "network teardown: {e}");
+            return vec![e];
+        }
+        if let Err(e) = policy::maps::detach(&tap_name) {
+            errs.push(e.into());
+        }
+        if let Some(ip) = self.ipam.get(id) {
+            if let Err(e) = nat::remove(ip) {
+                errs.push(e.into());
+            }
+        }
+        let _ = std::fs::remove_file(self.record_path(id));
+        if let Err(e) = self.ipam.release(id) {
+            errs.push(e.into());
+        }
+        for e in &errs {
+            tracing::warn!(sandbox = id, "network teardown: {e}");
+        }
+        errs
+    }
+
+    /// Removes the network of every sandbox this node's state knows (leases,
+    /// records) that is not in `keep`: taps, pins, NAT entries, records and leases
+    /// left by a previous run. Taps of other agents on the same host (other
+    /// state dirs) are never touched.
+    pub fn remove_orphans(&self, keep: &HashSet<String>) {
+        let mut ids: HashSet<String> = self.ipam.all().into_keys().collect();
+        if let Ok(rd) = std::fs::read_dir(self.cfg.state_dir.join("sandboxes")) {
+            ids.extend(rd.flatten().filter_map(|e| {
+                e.file_name()
+                    .to_str()
+                    .and_then(|n| n.strip_suffix(".json"))
+                    .map(str::to_string)
+            }));
+        }
+        for id in ids.difference(keep) {
+            tracing::info!(sandbox = %id, "removing orphaned sandbox network");
+            let l = self.sandbox_lock(id);
+            let _g = lock(&l);
+            self.teardown_locked(id);
+        }
+    }
+}

@@ -1,0 +1,537 @@
+//! Egress policy: the user's rules, their validation, and their compilation to
+//! the BPF maps' shape (pure; `maps.rs` does the I/O).
+//!
+//! Semantics: the most specific CIDR that contains the destination decides;
+//! within it, rules are tried in order (user rules first, then the rules of every
+//! enclosing CIDR, most specific first); if none matches, the default applies.
+//! Host, loopback and link-local (incl. metadata 169.254.169.254) destinations
+//! carry implicit deny rules, so they stay blocked unless a rule for an equal or
+//! more specific CIDR allows them.
+
+pub mod maps;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::cidr::{Cidr, CidrError};
+
+/// Rules (entries) one CIDR may hold in the map, implicit ones included.
+pub const RULES_PER_PREFIX: usize = 16;
+/// Distinct CIDRs the map holds.
+pub const MAX_PREFIXES: usize = 256;
+/// User rules per sandbox.
+pub const MAX_RULES: usize = 64;
+/// Counter slots reserved before the rules' (see bpf/policy.c).
+pub const FIRST_RULE_COUNTER: u16 = 8;
+
+/// Allow or deny.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+/// Transport protocol a rule matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    Any,
+    Tcp,
+    Udp,
+    Icmp,
+}
+
+impl Proto {
+    fn number(self) -> u8 {
+        match self {
+            Proto::Any => 0,
+            Proto::Tcp => 6,
+            Proto::Udp => 17,
+            Proto::Icmp => 1,
+        }
+    }
+}
+
+/// One egress rule, as the user wrote it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rule {
+    pub action: Action,
+    pub cidr: Cidr,
+    pub proto: Proto,
+    /// Inclusive destination port range; `None` means every port.
+    pub ports: Option<(u16, u16)>,
+}
+
+/// A sandbox's egress policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Policy {
+    pub default: Action,
+    pub rules: Vec<Rule>,
+}
+
+impl Default for Policy {
+    fn default() -> Policy {
+        Policy {
+            default: Action::Allow,
+            rules: Vec::new(),
+        }
+    }
+}
+
+/// A policy could not be accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyError {
+    #[error("rule '{rule}': {source}")]
+    Cidr {
+        rule: String,
+        #[source]
+        source: CidrError,
+    },
+    /// Ports out of 1..=65535 or lo > hi.
+    #[error("rule '{0}': port range must be N or LO-HI within 1..=65535 with LO <= HI")]
+    BadPorts(String),
+    #[error("rule '{0}': protocol must be tcp, udp, icmp or any")]
+    BadProto(String),
+    #[error("rule '{0}': icmp has no ports")]
+    IcmpPorts(String),
+    #[error("rule '{0}': expected CIDR[:PORTS[:PROTO]], e.g. 10.0.0.0/8:443:tcp")]
+    Malformed(String),
+    /// Same CIDR, overlapping protocol and ports, so the order would decide.
+    #[error("rules '{a}' and '{b}' overlap (same CIDR, overlapping ports and protocol); merge or split them")]
+    Overlap { a: String, b: String },
+    #[error("too many rules: {given} given, at most {max} per sandbox")]
+    TooManyRules { given: usize, max: usize },
+    #[error("too many rules for {cidr}: {given} entries including inherited and implicit ones, the map holds {max}")]
+    TooManyForPrefix {
+        cidr: Cidr,
+        given: usize,
+        max: usize,
+    },
+    #[error("too many distinct CIDRs: {given}, the map holds {max}")]
+    TooManyPrefixes { given: usize, max: usize },
+    #[error("default must be allow or deny, not '{0}'")]
+    BadDefault(String),
+}
+
+impl FromStr for Action {
+    type Err = PolicyError;
+    fn from_str(s: &str) -> Result<Action, PolicyError> {
+        match s {
+            "allow" => Ok(Action::Allow),
+            "deny" => Ok(Action::Deny),
+            o => Err(PolicyError::BadDefault(o.into())),
+        }
+    }
+}
+
+impl Rule {
+    /// Parses `CIDR[:PORTS[:PROTO]]`; PORTS is `N`, `LO-HI` or `*`. Without a
+    /// protocol, a rule with ports matches tcp and udp, one without ports any.
+    pub fn parse(action: Action, s: &str) -> Result<Rule, PolicyError> {
+        let mut parts = s.split(':');
+        let cidr_s = parts.next().unwrap_or("");
+        let ports_s = parts.next();
+        let proto_s = parts.next();
+        if parts.next().is_some() {
+            return Err(PolicyError::Malformed(s.into()));
+        }
+        let cidr: Cidr = cidr_s.parse().map_err(|source| PolicyError::Cidr {
+            rule: s.into(),
+            source,
+        })?;
+        let ports = match ports_s {
+            None | Some("*") => None,
+            Some(p) => {
+                let (lo, hi) = p.split_once('-').unwrap_or((p, p));
+                let lo: u16 = lo.parse().map_err(|_| PolicyError::BadPorts(s.into()))?;
+                let hi: u16 = hi.parse().map_err(|_| PolicyError::BadPorts(s.into()))?;
+                if lo == 0 || lo > hi {
+                    return Err(PolicyError::BadPorts(s.into()));
+                }
+                Some((lo, hi))
+            }
+        };
+        let proto = match proto_s {
+            None | Some("any") => Proto::Any,
+            Some("tcp") => Proto::Tcp,
+            Some("udp") => Proto::Udp,
+            Some("icmp") => Proto::Icmp,
+            Some(_) => return Err(PolicyError::BadProto(s.into())),
+        };
+        if proto == Proto::Icmp && ports.is_some() {
+            return Err(PolicyError::IcmpPorts(s.into()));
+        }
+        Ok(Rule {
+            action,
+            cidr,
+            proto,
+            ports,
+        })
+    }
+}
+
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let a = match self.action {
+            Action::Allow => "allow",
+            Action::Deny => "deny",
+        };
+        write!(f, "{a} {}", self.cidr)?;
+        match self.ports {
+            Some((lo, hi)) if lo == hi => write!(f, ":{lo}")?,
+            Some((lo, hi)) => write!(f, ":{lo}-{hi}")?,
+            None if self.proto != Proto::Any => write!(f, ":*")?,
+            None => {}
+        }
+        match self.proto {
+            Proto::Any => Ok(()),
+            p => write!(f, ":{}", format!("{p:?}").to_lowercase()),
+        }
+    }
+}
+
+/// One map entry of a compiled prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    pub proto: u8,
+    pub port_lo: u16,
+    pub port_hi: u16,
+    pub allow: bool,
+    pub counter: u16,
+}
+
+/// What a counter slot counts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CounterLabel {
+    pub slot: u16,
+    pub label: String,
+}
+
+/// A policy in the maps' shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Compiled {
+    pub default_allow: bool,
+    pub prefixes: BTreeMap<Cidr, Vec<Entry>>,
+    /// Labels of every counter slot in use, fixed slots first.
+    pub counters: Vec<CounterLabel>,
+}
+
+/// Fixed counter slots (bpf/policy.c).
+pub const FIXED_COUNTERS: [(u16, &str); 6] = [
+    (0, "spoofed source dropped"),
+    (1, "default allow"),
+    (2, "default deny"),
+    (3, "non-IPv4 dropped"),
+    (4, "packets to the sandbox"),
+    (5, "established/reply packets passed"),
+];
+
+fn ranges_overlap(a: Option<(u16, u16)>, b: Option<(u16, u16)>) -> bool {
+    let (a, b) = (a.unwrap_or((0, u16::MAX)), b.unwrap_or((0, u16::MAX)));
+    a.0 <= b.1 && b.0 <= a.1
+}
+
+fn protos_overlap(a: Proto, b: Proto) -> bool {
+    a == Proto::Any || b == Proto::Any || a == b
+}
+
+/// Checks a policy; the node's own addresses are not needed for that.
+pub fn validate(p: &Policy) -> Result<(), PolicyError> {
+    if p.rules.len() > MAX_RULES {
+        return Err(PolicyError::TooManyRules {
+            given: p.rules.len(),
+            max: MAX_RULES,
+        });
+    }
+    for (i, a) in p.rules.iter().enumerate() {
+        for b in &p.rules[..i] {
+            if a.cidr == b.cidr
+                && protos_overlap(a.proto, b.proto)
+                && ranges_overlap(a.ports, b.ports)
+            {
+                return Err(PolicyError::Overlap {
+                    a: b.to_string(),
+                    b: a.to_string(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+fn entries_for(r: &Rule, counter: u16) -> Vec<Entry> {
+    let (lo, hi) = r.ports.unwrap_or((0, u16::MAX));
+    let protos: &[Proto] = match (r.proto, r.ports) {
+        (Proto::Any, Some(_)) => &[Proto::Tcp, Proto::Udp],
+        (p, _) => match p {
+            Proto::Any => &[Proto::Any],
+            Proto::Tcp => &[Proto::Tcp],
+            Proto::Udp => &[Proto::Udp],
+            Proto::Icmp => &[Proto::Icmp],
+        },
+    };
+    protos
+        .iter()
+        .map(|p| Entry {
+            proto: p.number(),
+            port_lo: lo,
+            port_hi: hi,
+            allow: r.action == Action::Allow,
+            counter,
+        })
+        .collect()
+}
+
+/// The implicit deny rules: link-local (metadata), loopback, the host's own
+/// addresses and the sandbox address pools (sandboxes do not reach each other
+/// unless a rule allows it).
+pub fn implicit_denies(host_addrs: &[Ipv4Addr], pools: &[Cidr]) -> Vec<(Cidr, &'static str)> {
+    let mut v = vec![
+        (
+            Cidr::new(Ipv4Addr::new(169, 254, 0, 0), 16),
+            "link-local and metadata",
+        ),
+        (Cidr::new(Ipv4Addr::new(127, 0, 0, 0), 8), "loopback"),
+    ];
+    for a in host_addrs {
+        let c = Cidr::host(*a);
+        if !v.iter().any(|(x, _)| *x == c) {
+            v.push((c, "host address"));
+        }
+    }
+    for c in pools {
+        if !v.iter().any(|(x, _)| x == c) {
+            v.push((*c, "other sandboxes"));
+        }
+    }
+    v
+}
+
+/// Compiles a validated policy for a node whose own addresses are `host_addrs`.
+pub fn compile(p: &Policy, host_addrs: &[Ipv4Addr]) -> Result<Compiled, PolicyError> {
+    compile_with_pools(p, host_addrs, &[])
+}
+
+/// Like [`compile`], also denying the sandbox address `pools` by default.
+pub fn compile_with_pools(
+    p: &Policy,
+    host_addrs: &[Ipv4Addr],
+    pools: &[Cidr],
+) -> Result<Compiled, PolicyError> {
+    validate(p)?;
+    let mut counters: Vec<CounterLabel> = FIXED_COUNTERS
+        .iter()
+        .map(|(slot, l)| CounterLabel {
+            slot: *slot,
+            label: l.to_string(),
+        })
+        .collect();
+    // Own entries of each CIDR, in rule order, then implicit denies.
+    let mut own: BTreeMap<Cidr, Vec<Entry>> = BTreeMap::new();
+    let mut slot = FIRST_RULE_COUNTER;
+    for r in &p.rules {
+        own.entry(r.cidr).or_default().extend(entries_for(r, slot));
+        counters.push(CounterLabel {
+            slot,
+            label: r.to_string(),
+        });
+        slot += 1;
+    }
+    for (c, why) in implicit_denies(host_addrs, pools) {
+        let rule = Rule {
+            action: Action::Deny,
+            cidr: c,
+            proto: Proto::Any,
+            ports: None,
+        };
+        own.entry(c).or_default().extend(entries_for(&rule, slot));
+        counters.push(CounterLabel {
+            slot,
+            label: format!("implicit deny {c} ({why})"),
+        });
+        slot += 1;
+    }
+    if own.len() > MAX_PREFIXES {
+        return Err(PolicyError::TooManyPrefixes {
+            given: own.len(),
+            max: MAX_PREFIXES,
+        });
+    }
+    // Each prefix inherits the entries of every enclosing prefix, nearest first,
+    // because the LPM lookup returns only the longest match.
+    let mut prefixes = BTreeMap::new();
+    for c in own.keys() {
+        let mut parents: Vec<&Cidr> = own.keys().filter(|o| *o != c && o.covers(c)).collect();
+        parents.sort_by_key(|o| std::cmp::Reverse(o.prefix_len()));
+        let mut list = own[c].clone();
+        for par in parents {
+            list.extend(own[par].iter().copied());
+        }
+        if list.len() > RULES_PER_PREFIX {
+            return Err(PolicyError::TooManyForPrefix {
+                cidr: *c,
+                given: list.len(),
+                max: RULES_PER_PREFIX,
+            });
+        }
+        prefixes.insert(*c, list);
+    }
+    Ok(Compiled {
+        default_allow: p.default == Action::Allow,
+        prefixes,
+        counters,
+    })
+}
+
+/// What the compiled maps decide for one new flow (the BPF lookup, in Rust):
+/// the counter slot hit and whether it is allowed. Used by tests.
+pub fn decide(c: &Compiled, dst: Ipv4Addr, proto: u8, port: u16) -> (u16, bool) {
+    let best = c
+        .prefixes
+        .iter()
+        .filter(|(k, _)| k.contains(dst))
+        .max_by_key(|(k, _)| k.prefix_len());
+    if let Some((_, list)) = best {
+        for e in list {
+            if (e.proto == 0 || e.proto == proto) && port >= e.port_lo && port <= e.port_hi {
+                return (e.counter, e.allow);
+            }
+        }
+    }
+    if c.default_allow {
+        (1, true)
+    } else {
+        (2, false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules(allow: &[&str], deny: &[&str], default: Action) -> Policy {
+        let mut r: Vec<Rule> = allow
+            .iter()
+            .map(|s| Rule::parse(Action::Allow, s).unwrap())
+            .collect();
+        r.extend(deny.iter().map(|s| Rule::parse(Action::Deny, s).unwrap()));
+        Policy { default, rules: r }
+    }
+    const TCP: u8 = 6;
+    const UDP: u8 = 17;
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn rule_syntax() {
+        let r = Rule::parse(Action::Allow, "10.0.0.0/8:80-443:tcp").unwrap();
+        assert_eq!((r.proto, r.ports), (Proto::Tcp, Some((80, 443))));
+        assert_eq!(r.to_string(), "allow 10.0.0.0/8:80-443:tcp");
+        for bad in [
+            "10.0.0.1/8",
+            "10.0.0.0/8:0",
+            "10.0.0.0/8:70000",
+            "10.0.0.0/8:90-80",
+            "10.0.0.0/8:80:sctp",
+            "10.0.0.0/8:80:icmp",
+            "10.0.0.0/8:80:tcp:x",
+            "",
+        ] {
+            assert!(Rule::parse(Action::Deny, bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn overlapping_rules_are_rejected_nested_cidrs_are_not() {
+        let p = rules(&["10.0.0.0/8:80-90"], &["10.0.0.0/8:85"], Action::Allow);
+        assert!(matches!(validate(&p), Err(PolicyError::Overlap { .. })));
+        let p = rules(
+            &["10.0.0.0/8:80:tcp"],
+            &["10.0.0.0/8:80:udp"],
+            Action::Allow,
+        );
+        assert!(validate(&p).is_ok());
+        let p = rules(&["10.1.0.0/16"], &["10.0.0.0/8"], Action::Allow);
+        assert!(validate(&p).is_ok());
+    }
+
+    #[test]
+    fn most_specific_cidr_decides_and_inherits_enclosing_rules() {
+        let p = rules(&["10.1.0.0/16:80"], &["10.0.0.0/8"], Action::Allow);
+        let c = compile(&p, &[]).unwrap();
+        assert!(decide(&c, ip("10.1.2.3"), TCP, 80).1);
+        assert!(
+            !decide(&c, ip("10.1.2.3"), TCP, 22).1,
+            "inherits the /8 deny"
+        );
+        assert!(!decide(&c, ip("10.9.2.3"), TCP, 80).1);
+        assert!(decide(&c, ip("192.168.1.1"), UDP, 53).1, "default allow");
+    }
+
+    #[test]
+    fn metadata_and_host_are_blocked_unless_allowed_specifically() {
+        let host = [ip("192.0.2.2")];
+        let p = rules(&["0.0.0.0/0"], &[], Action::Deny);
+        let c = compile(&p, &host).unwrap();
+        assert!(!decide(&c, ip("169.254.169.254"), TCP, 80).1);
+        assert!(!decide(&c, ip("192.0.2.2"), TCP, 22).1);
+        assert!(!decide(&c, ip("127.0.0.1"), TCP, 22).1);
+        assert!(decide(&c, ip("8.8.8.8"), UDP, 53).1);
+        let p = rules(&["169.254.169.254/32:80"], &[], Action::Deny);
+        let c = compile(&p, &host).unwrap();
+        assert!(decide(&c, ip("169.254.169.254"), TCP, 80).1);
+        assert!(!decide(&c, ip("169.254.169.254"), TCP, 81).1);
+    }
+
+    #[test]
+    fn other_sandboxes_are_unreachable_unless_allowed_specifically() {
+        let pool = [Cidr::new(ip("10.88.0.0"), 24)];
+        let p = rules(&[], &[], Action::Allow);
+        let c = compile_with_pools(&p, &[], &pool).unwrap();
+        assert!(
+            !decide(&c, ip("10.88.0.7"), TCP, 8000).1,
+            "pool denied under default allow"
+        );
+        assert!(decide(&c, ip("10.89.0.7"), TCP, 8000).1);
+        let p = rules(&["10.88.0.7/32:8000"], &[], Action::Allow);
+        let c = compile_with_pools(&p, &[], &pool).unwrap();
+        assert!(decide(&c, ip("10.88.0.7"), TCP, 8000).1, "a /32 allow wins");
+        assert!(!decide(&c, ip("10.88.0.8"), TCP, 8000).1);
+    }
+
+    #[test]
+    fn limits_give_clear_errors() {
+        let many: Vec<String> = (0..=MAX_RULES).map(|i| format!("10.{i}.0.0/16")).collect();
+        let refs: Vec<&str> = many.iter().map(|s| s.as_str()).collect();
+        let p = rules(&refs, &[], Action::Deny);
+        let e = compile(&p, &[]).unwrap_err();
+        assert!(e.to_string().contains("at most 64"), "{e}");
+        let ports: Vec<String> = (1..=9).map(|i| format!("10.0.0.0/8:{i}")).collect();
+        let refs: Vec<&str> = ports.iter().map(|s| s.as_str()).collect();
+        let p = rules(&refs, &[], Action::Deny);
+        assert!(matches!(
+            compile(&p, &[]),
+            Err(PolicyError::TooManyForPrefix { .. })
+        ));
+    }
+
+    #[test]
+    fn every_rule_has_its_own_counter() {
+        let p = rules(&["10.0.0.0/8:80", "10.0.0.0/8:81"], &[], Action::Deny);
+        let c = compile(&p, &[]).unwrap();
+        let (a, _) = decide(&c, ip("10.0.0.1"), TCP, 80);
+        let (b, _) = decide(&c, ip("10.0.0.1"), UDP, 81);
+        assert_ne!(a, b);
+        assert!(c
+            .counters
+            .iter()
+            .any(|l| l.slot == a && l.label.contains(":80")));
+    }
+}

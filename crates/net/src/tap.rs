@@ -1,0 +1,203 @@
+//! Host side of a sandbox's link: a persistent tap (created with the
+//! /dev/net/tun ioctls, so QEMU can open it by name), brought up with proxy ARP
+//! and a /32 route to the sandbox's address. Deleting the tap takes the route
+//! and any TC hooks with it.
+
+use std::ffi::CString;
+use std::io;
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
+
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
+const IFF_TAP: libc::c_short = 0x0002;
+const IFF_NO_PI: libc::c_short = 0x1000;
+const IFF_VNET_HDR: libc::c_short = 0x4000;
+
+/// `struct ifreq` with the flags member of its union (40 bytes on x86_64).
+#[repr(C)]
+struct IfreqFlags {
+    name: [u8; libc::IFNAMSIZ],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+fn ifreq(name: &str, flags: libc::c_short) -> io::Result<IfreqFlags> {
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("interface name '{name}' must be 1..=15 bytes"),
+        ));
+    }
+    let mut r = IfreqFlags {
+        name: [0; libc::IFNAMSIZ],
+        flags,
+        _pad: [0; 22],
+    };
+    r.name[..name.len()].copy_from_slice(name.as_bytes());
+    Ok(r)
+}
+
+fn open_tun() -> io::Result<OwnedFd> {
+    // SAFETY: the path is a valid NUL-terminated string; the result is checked.
+    let fd = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor we exclusively own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn set_persist(name: &str, persist: bool) -> io::Result<()> {
+    let tun = open_tun()?;
+    let mut req = ifreq(name, IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)?;
+    // SAFETY: req is a valid ifreq that outlives the call.
+    if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF as _, &mut req) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: TUNSETPERSIST takes an integer argument.
+    if unsafe {
+        libc::ioctl(
+            tun.as_raw_fd(),
+            TUNSETPERSIST as _,
+            libc::c_ulong::from(persist),
+        )
+    } < 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+pub fn exists(name: &str) -> bool {
+    Path::new("/sys/class/net").join(name).exists()
+}
+
+fn inet_socket() -> io::Result<OwnedFd> {
+    // SAFETY: socket(2) takes no pointers; the result is checked.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh socket we exclusively own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn link_up(name: &str) -> io::Result<()> {
+    let sock = inet_socket()?;
+    let mut req = ifreq(name, 0)?;
+    // SAFETY: req is a valid ifreq that outlives the call.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS as _, &mut req) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    req.flags |= libc::IFF_UP as libc::c_short;
+    // SAFETY: as above.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS as _, &req) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn sockaddr(ip: Ipv4Addr) -> libc::sockaddr {
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(ip.octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sockaddr_in and sockaddr have the same size; this is how the
+    // routing ioctls take IPv4 addresses.
+    unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+}
+
+/// Adds the host route `ip/32 dev tap`.
+fn add_route(tap: &str, ip: Ipv4Addr) -> io::Result<()> {
+    let sock = inet_socket()?;
+    let dev = CString::new(tap).map_err(io::Error::other)?;
+    // SAFETY: rtentry is a plain C struct; all-zero is a valid starting value.
+    let mut rt: libc::rtentry = unsafe { std::mem::zeroed() };
+    rt.rt_dst = sockaddr(ip);
+    rt.rt_genmask = sockaddr(Ipv4Addr::BROADCAST);
+    rt.rt_flags = libc::RTF_UP | libc::RTF_HOST;
+    rt.rt_dev = dev.as_ptr() as *mut libc::c_char;
+    // SAFETY: rt and the device name it points to outlive the call.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCADDRT as _, &rt) } < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EEXIST) {
+            // why: our own tap was just (re)created, so an existing route belongs
+            // to someone else: another agent's pool overlaps ours.
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{ip}/32 is already routed on this host; another agent's address pool overlaps this one"),
+            ));
+        }
+        return Err(e);
+    }
+    Ok(())
+}
+
+fn sysctl(path: &str, value: &str) -> io::Result<()> {
+    std::fs::write(path, value)
+        .map_err(|e| io::Error::new(e.kind(), format!("write {value} to {path}: {e}")))
+}
+
+/// Turns on IPv4 forwarding (a node running sandboxes routes for them).
+pub fn enable_forwarding() -> io::Result<()> {
+    sysctl("/proc/sys/net/ipv4/ip_forward", "1")
+}
+
+/// Creates the tap (or takes over a leftover one), brings it up, answers ARP for
+/// the guest's gateway (proxy ARP) and routes `ip/32` to it.
+pub fn create(tap: &str, ip: Ipv4Addr) -> io::Result<()> {
+    // why: a leftover tap of the same sandbox may still carry an old route.
+    delete(tap)?;
+    set_persist(tap, true)?;
+    let conf = format!("/proc/sys/net/ipv4/conf/{tap}");
+    sysctl(&format!("{conf}/proxy_arp"), "1")?;
+    // why: the guest's default gateway is a link-local address nobody owns; the
+    // tap answers for it and the host routes on.
+    sysctl(&format!("{conf}/rp_filter"), "0")?;
+    link_up(tap)?;
+    add_route(tap, ip)
+}
+
+/// Deletes the tap (and with it its route and TC hooks). Missing is fine.
+pub fn delete(tap: &str) -> io::Result<()> {
+    if !exists(tap) {
+        return Ok(());
+    }
+    set_persist(tap, false)
+}
+
+/// The host's own IPv4 addresses (all interfaces).
+pub fn host_addresses() -> Vec<Ipv4Addr> {
+    let mut out = Vec::new();
+    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills ifap with a list we free below.
+    if unsafe { libc::getifaddrs(&mut ifap) } != 0 {
+        return out;
+    }
+    let mut cur = ifap;
+    while !cur.is_null() {
+        // SAFETY: cur is a node of the list getifaddrs returned.
+        let ifa = unsafe { &*cur };
+        if !ifa.ifa_addr.is_null() {
+            // SAFETY: ifa_addr is non-null and points to a sockaddr.
+            let fam = unsafe { (*ifa.ifa_addr).sa_family };
+            if i32::from(fam) == libc::AF_INET {
+                // SAFETY: an AF_INET address is a sockaddr_in.
+                let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                out.push(Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes()));
+            }
+        }
+        cur = ifa.ifa_next;
+    }
+    // SAFETY: ifap came from getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(ifap) };
+    out.sort();
+    out.dedup();
+    out
+}

@@ -1,0 +1,608 @@
+//! The replicated control-plane state and the pure function that changes it.
+//!
+//! [`State::apply`] is the whole of the state machine's logic: a command in,
+//! a reply out, no clock and no I/O (times travel inside commands, stamped by
+//! the member that proposed them), so every member applying the same log ends
+//! in the same state. Placement capacity is checked here, at apply time, which
+//! is what makes two concurrent placements unable to overcommit a node: the
+//! second one to commit sees the first one's reservation.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use hearth_sched::{Accel, NodeView, Request, Resources, Strategy};
+use serde::{Deserialize, Serialize};
+
+/// A node agent as registered.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub id: String,
+    /// Random identity the agent keeps in its data dir: the same agent
+    /// restarting keeps it; another agent claiming the same id does not.
+    pub instance: String,
+    /// Base URL of the agent's node-local API.
+    pub address: String,
+    pub capacity: Resources,
+    pub accel: Accel,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub cordoned: bool,
+    pub ready: bool,
+    pub registered_ms: u64,
+    pub last_heartbeat_ms: u64,
+    #[serde(default)]
+    pub warm_templates: BTreeSet<String>,
+    #[serde(default)]
+    pub volumes: BTreeSet<String>,
+}
+
+/// What to do when a sandbox's node is lost.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RestartPolicy {
+    /// Mark it lost.
+    #[default]
+    Never,
+    /// Place it again on another node.
+    Always,
+}
+
+/// What an agent last reported about a sandbox (or the control plane
+/// concluded, e.g. `lost`). Statuses are the API's snake_case names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Observed {
+    pub status: String,
+    /// The id the agent knows the sandbox by.
+    #[serde(default)]
+    pub agent_id: Option<String>,
+    #[serde(default)]
+    pub error: Option<String>,
+    pub updated_ms: u64,
+}
+
+impl Observed {
+    /// Terminal sandboxes reserve nothing.
+    pub fn is_terminal(&self) -> bool {
+        matches!(
+            self.status.as_str(),
+            "exited" | "stopped" | "failed" | "lost"
+        )
+    }
+}
+
+/// A sandbox's desired state, its placement and what was observed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SandboxRecord {
+    pub id: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The create request as the API received it (opaque to the store).
+    pub spec: serde_json::Value,
+    pub request: Request,
+    /// Node it is placed on.
+    pub node: String,
+    #[serde(default)]
+    pub restart: RestartPolicy,
+    /// Recorded and placed, but never started on an agent.
+    #[serde(default)]
+    pub record_only: bool,
+    /// A client-chosen key: retrying a create with the same key returns the
+    /// first creation instead of making a second sandbox.
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+    /// Sandbox address from the cluster range.
+    #[serde(default)]
+    pub ip: Option<String>,
+    pub created_ms: u64,
+    /// How many times it was placed again after losing its node.
+    #[serde(default)]
+    pub reschedules: u32,
+    #[serde(default)]
+    pub observed: Option<Observed>,
+}
+
+impl SandboxRecord {
+    /// True while it holds resources on its node.
+    pub fn reserves(&self) -> bool {
+        !self.observed.as_ref().is_some_and(Observed::is_terminal)
+    }
+}
+
+/// An image known to the cluster and where it is cached.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRecord {
+    pub name: String,
+    pub digest: String,
+    #[serde(default)]
+    pub nodes: BTreeSet<String>,
+}
+
+/// Every change to the state is one of these, committed through Raft.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "op")]
+pub enum Command {
+    RegisterNode {
+        node: NodeRecord,
+    },
+    RemoveNode {
+        id: String,
+        at_ms: u64,
+    },
+    Heartbeat {
+        node: String,
+        instance: String,
+        at_ms: u64,
+        /// Observed state of sandboxes on this node, by sandbox id.
+        #[serde(default)]
+        observed: BTreeMap<String, Observed>,
+    },
+    /// The leader's watchdog: the node missed heartbeats.
+    MarkNotReady {
+        node: String,
+        at_ms: u64,
+    },
+    SetCordon {
+        node: String,
+        cordoned: bool,
+    },
+    /// Cordon, and move every sandbox that asked for `restart: always`.
+    Drain {
+        node: String,
+        at_ms: u64,
+    },
+    CreateSandbox {
+        sandbox: SandboxRecord,
+    },
+    SetObserved {
+        id: String,
+        observed: Observed,
+    },
+    DeleteSandbox {
+        id: String,
+    },
+    PutImage {
+        image: ImageRecord,
+    },
+}
+
+/// The outcome of applying one command.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "result")]
+pub enum Reply {
+    Ok,
+    Node {
+        node: NodeRecord,
+    },
+    Sandbox {
+        sandbox: SandboxRecord,
+    },
+    /// Sandboxes moved to other nodes, and those that could not be moved.
+    Moved {
+        moved: Vec<String>,
+        lost: Vec<String>,
+    },
+    NotFound {
+        what: String,
+    },
+    /// The node id is held by another agent instance.
+    DuplicateNode {
+        id: String,
+        holder: String,
+    },
+    /// The name or key is taken.
+    Conflict {
+        message: String,
+    },
+    /// The chosen node cannot take the sandbox any more (a concurrent
+    /// placement got there first, or it went away): schedule again.
+    Rejected {
+        node: String,
+        reason: String,
+    },
+}
+
+/// First address handed out to sandboxes (10.88.0.0/16; .0.0 and .0.1 reserved).
+const LEASE_BASE: u32 = u32::from_be_bytes([10, 88, 0, 2]);
+const LEASE_COUNT: u32 = 65_000;
+
+/// Tables a change touched, so the state machine can persist only those rows.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Row {
+    Node(String),
+    Sandbox(String),
+    Image(String),
+}
+
+/// All replicated control-plane state.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    pub nodes: BTreeMap<String, NodeRecord>,
+    pub sandboxes: BTreeMap<String, SandboxRecord>,
+    pub images: BTreeMap<String, ImageRecord>,
+    /// Derived indexes, rebuilt by [`State::reindex`]; not persisted.
+    #[serde(skip)]
+    index: Index,
+    /// Rows changed since the last [`State::take_dirty`].
+    #[serde(skip)]
+    dirty: BTreeSet<Row>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Index {
+    by_name: BTreeMap<String, String>,
+    by_key: BTreeMap<String, String>,
+    leases: BTreeMap<u32, String>,
+}
+
+impl State {
+    /// Rebuilds the derived indexes after loading rows or a snapshot.
+    pub fn reindex(&mut self) {
+        let mut ix = Index::default();
+        for sb in self.sandboxes.values() {
+            if let Some(n) = &sb.name {
+                ix.by_name.insert(n.clone(), sb.id.clone());
+            }
+            if let Some(k) = &sb.idempotency_key {
+                ix.by_key.insert(k.clone(), sb.id.clone());
+            }
+            if let Some(ip) = sb
+                .ip
+                .as_deref()
+                .and_then(|s| s.parse::<std::net::Ipv4Addr>().ok())
+            {
+                ix.leases.insert(u32::from(ip), sb.id.clone());
+            }
+        }
+        self.index = ix;
+    }
+
+    /// Rows changed since the last call.
+    pub fn take_dirty(&mut self) -> BTreeSet<Row> {
+        std::mem::take(&mut self.dirty)
+    }
+
+    /// A sandbox by id or name.
+    pub fn sandbox(&self, id_or_name: &str) -> Option<&SandboxRecord> {
+        self.sandboxes.get(id_or_name).or_else(|| {
+            self.index
+                .by_name
+                .get(id_or_name)
+                .and_then(|id| self.sandboxes.get(id))
+        })
+    }
+
+    /// What each node has reserved by the sandboxes placed on it.
+    pub fn allocated(&self) -> BTreeMap<&str, Resources> {
+        let mut m: BTreeMap<&str, Resources> = BTreeMap::new();
+        for sb in self.sandboxes.values().filter(|s| s.reserves()) {
+            let e = m.entry(sb.node.as_str()).or_default();
+            *e = e.plus(sb.request.resources);
+        }
+        m
+    }
+
+    /// The scheduler's view of every node, in id order.
+    pub fn node_views(&self) -> Vec<NodeView> {
+        let alloc = self.allocated();
+        let mut groups: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
+        for sb in self.sandboxes.values().filter(|s| s.reserves()) {
+            if let Some(g) = &sb.request.group {
+                groups
+                    .entry(sb.node.as_str())
+                    .or_default()
+                    .insert(g.clone());
+            }
+        }
+        self.nodes
+            .values()
+            .map(|n| NodeView {
+                id: n.id.clone(),
+                capacity: n.capacity,
+                allocated: alloc.get(n.id.as_str()).copied().unwrap_or_default(),
+                accel: n.accel,
+                labels: n.labels.clone(),
+                cordoned: n.cordoned,
+                ready: n.ready,
+                warm_templates: n.warm_templates.clone(),
+                volumes: n.volumes.clone(),
+                groups: groups.remove(n.id.as_str()).unwrap_or_default(),
+            })
+            .collect()
+    }
+
+    fn touch_sandbox(&mut self, id: &str) {
+        self.dirty.insert(Row::Sandbox(id.to_string()));
+    }
+
+    fn touch_node(&mut self, id: &str) {
+        self.dirty.insert(Row::Node(id.to_string()));
+    }
+
+    /// Applies one committed command. Deterministic: depends only on `self`
+    /// and `cmd`.
+    pub fn apply(&mut self, cmd: &Command) -> Reply {
+        match cmd {
+            Command::RegisterNode { node } => self.register(node),
+            Command::RemoveNode { id, at_ms } => {
+                if !self.nodes.contains_key(id) {
+                    return Reply::NotFound {
+                        what: format!("node {id}"),
+                    };
+                }
+                let moved = self.evacuate(id, *at_ms, "its node was removed");
+                self.nodes.remove(id);
+                self.touch_node(id);
+                moved
+            }
+            Command::Heartbeat {
+                node,
+                instance,
+                at_ms,
+                observed,
+            } => {
+                let Some(n) = self.nodes.get_mut(node) else {
+                    return Reply::NotFound {
+                        what: format!("node {node}"),
+                    };
+                };
+                if &n.instance != instance {
+                    return Reply::DuplicateNode {
+                        id: node.clone(),
+                        holder: n.instance.clone(),
+                    };
+                }
+                n.last_heartbeat_ms = n.last_heartbeat_ms.max(*at_ms);
+                n.ready = true;
+                self.touch_node(node);
+                for (id, obs) in observed {
+                    let Some(sb) = self.sandboxes.get_mut(id) else {
+                        continue;
+                    };
+                    // why: a rescheduled sandbox's old node may still report it.
+                    if &sb.node != node || sb.observed.as_ref() == Some(obs) {
+                        continue;
+                    }
+                    sb.observed = Some(obs.clone());
+                    self.touch_sandbox(id);
+                }
+                Reply::Ok
+            }
+            Command::MarkNotReady { node, at_ms } => {
+                let Some(n) = self.nodes.get_mut(node) else {
+                    return Reply::NotFound {
+                        what: format!("node {node}"),
+                    };
+                };
+                if !n.ready {
+                    return Reply::Ok;
+                }
+                n.ready = false;
+                self.touch_node(node);
+                self.evacuate(node, *at_ms, "its node stopped sending heartbeats")
+            }
+            Command::SetCordon { node, cordoned } => match self.nodes.get_mut(node) {
+                Some(n) => {
+                    n.cordoned = *cordoned;
+                    let n = n.clone();
+                    self.touch_node(node);
+                    Reply::Node { node: n }
+                }
+                None => Reply::NotFound {
+                    what: format!("node {node}"),
+                },
+            },
+            Command::Drain { node, at_ms } => {
+                let Some(n) = self.nodes.get_mut(node) else {
+                    return Reply::NotFound {
+                        what: format!("node {node}"),
+                    };
+                };
+                n.cordoned = true;
+                self.touch_node(node);
+                self.move_always(node, *at_ms)
+            }
+            Command::CreateSandbox { sandbox } => self.create(sandbox),
+            Command::SetObserved { id, observed } => match self.sandboxes.get_mut(id) {
+                Some(sb) => {
+                    sb.observed = Some(observed.clone());
+                    let sb = sb.clone();
+                    self.touch_sandbox(id);
+                    Reply::Sandbox { sandbox: sb }
+                }
+                None => Reply::NotFound {
+                    what: format!("sandbox {id}"),
+                },
+            },
+            Command::DeleteSandbox { id } => match self.sandboxes.remove(id) {
+                Some(sb) => {
+                    if let Some(n) = &sb.name {
+                        self.index.by_name.remove(n);
+                    }
+                    if let Some(k) = &sb.idempotency_key {
+                        self.index.by_key.remove(k);
+                    }
+                    self.index.leases.retain(|_, v| v != id);
+                    self.touch_sandbox(id);
+                    Reply::Ok
+                }
+                None => Reply::NotFound {
+                    what: format!("sandbox {id}"),
+                },
+            },
+            Command::PutImage { image } => {
+                self.images.insert(image.name.clone(), image.clone());
+                self.dirty.insert(Row::Image(image.name.clone()));
+                Reply::Ok
+            }
+        }
+    }
+
+    fn register(&mut self, node: &NodeRecord) -> Reply {
+        let mut rec = node.clone();
+        if let Some(old) = self.nodes.get(&node.id) {
+            if old.instance != node.instance {
+                return Reply::DuplicateNode {
+                    id: node.id.clone(),
+                    holder: old.instance.clone(),
+                };
+            }
+            // The same agent restarting keeps what the operator set.
+            rec.cordoned = old.cordoned;
+            rec.registered_ms = old.registered_ms;
+        }
+        rec.ready = true;
+        rec.last_heartbeat_ms = rec.last_heartbeat_ms.max(node.registered_ms);
+        self.nodes.insert(rec.id.clone(), rec.clone());
+        self.touch_node(&rec.id);
+        Reply::Node { node: rec }
+    }
+
+    fn create(&mut self, sandbox: &SandboxRecord) -> Reply {
+        if let Some(k) = &sandbox.idempotency_key {
+            if let Some(existing) = self
+                .index
+                .by_key
+                .get(k)
+                .and_then(|id| self.sandboxes.get(id))
+            {
+                return Reply::Sandbox {
+                    sandbox: existing.clone(),
+                };
+            }
+        }
+        if self.sandboxes.contains_key(&sandbox.id) {
+            return Reply::Conflict {
+                message: format!("sandbox id {} exists", sandbox.id),
+            };
+        }
+        if let Some(n) = &sandbox.name {
+            if self.index.by_name.contains_key(n) {
+                return Reply::Conflict {
+                    message: format!("the name {n} is taken"),
+                };
+            }
+        }
+        let views = self.node_views();
+        let Some(view) = views.iter().find(|v| v.id == sandbox.node) else {
+            return Reply::Rejected {
+                node: sandbox.node.clone(),
+                reason: "node is not registered".into(),
+            };
+        };
+        let ctx = hearth_sched::Context::of(&views);
+        if let Err(why) = hearth_sched::filter(view, &sandbox.request, &ctx) {
+            return Reply::Rejected {
+                node: sandbox.node.clone(),
+                reason: why.to_string(),
+            };
+        }
+        let mut rec = sandbox.clone();
+        rec.ip = self.lease(&rec.id);
+        self.insert_sandbox(rec.clone());
+        Reply::Sandbox { sandbox: rec }
+    }
+
+    fn insert_sandbox(&mut self, rec: SandboxRecord) {
+        if let Some(n) = &rec.name {
+            self.index.by_name.insert(n.clone(), rec.id.clone());
+        }
+        if let Some(k) = &rec.idempotency_key {
+            self.index.by_key.insert(k.clone(), rec.id.clone());
+        }
+        self.touch_sandbox(&rec.id);
+        self.sandboxes.insert(rec.id.clone(), rec);
+    }
+
+    /// The lowest free address in the cluster range, if any.
+    fn lease(&mut self, id: &str) -> Option<String> {
+        let mut want = LEASE_BASE;
+        for (&ip, _) in self.index.leases.range(LEASE_BASE..) {
+            if ip != want {
+                break;
+            }
+            want += 1;
+        }
+        if want >= LEASE_BASE + LEASE_COUNT {
+            return None;
+        }
+        self.index.leases.insert(want, id.to_string());
+        Some(std::net::Ipv4Addr::from(want).to_string())
+    }
+
+    /// The node is gone: sandboxes with `restart: always` move, the rest are lost.
+    fn evacuate(&mut self, node: &str, at_ms: u64, why: &str) -> Reply {
+        let Reply::Moved { moved, mut lost } = self.move_always(node, at_ms) else {
+            return Reply::Ok;
+        };
+        let stay: Vec<String> = self
+            .sandboxes
+            .values()
+            .filter(|s| s.node == node && s.reserves())
+            .map(|s| s.id.clone())
+            .collect();
+        for id in stay {
+            if let Some(sb) = self.sandboxes.get_mut(&id) {
+                sb.observed = Some(Observed {
+                    status: "lost".into(),
+                    agent_id: sb.observed.as_ref().and_then(|o| o.agent_id.clone()),
+                    error: Some(format!("lost: {why}")),
+                    updated_ms: at_ms,
+                });
+                self.touch_sandbox(&id);
+                if !lost.contains(&id) {
+                    lost.push(id);
+                }
+            }
+        }
+        Reply::Moved { moved, lost }
+    }
+
+    /// Places every live `restart: always` sandbox of `node` elsewhere
+    /// (bin-pack, excluding `node`); those with nowhere to go stay and are
+    /// listed as lost. The scheduler is pure, so this stays deterministic.
+    fn move_always(&mut self, node: &str, at_ms: u64) -> Reply {
+        let ids: Vec<String> = self
+            .sandboxes
+            .values()
+            .filter(|s| s.node == node && s.reserves() && s.restart == RestartPolicy::Always)
+            .map(|s| s.id.clone())
+            .collect();
+        let (mut moved, mut lost) = (Vec::new(), Vec::new());
+        for id in ids {
+            let req = self.sandboxes[&id].request.clone();
+            let views: Vec<NodeView> = self
+                .node_views()
+                .into_iter()
+                .filter(|v| v.id != node)
+                .collect();
+            match hearth_sched::place(&views, &req_without_group(&req), Strategy::BinPack) {
+                Ok(target) => {
+                    let target = target.id.clone();
+                    if let Some(sb) = self.sandboxes.get_mut(&id) {
+                        sb.node = target;
+                        sb.reschedules += 1;
+                        sb.observed = Some(Observed {
+                            status: "creating".into(),
+                            agent_id: None,
+                            error: None,
+                            updated_ms: at_ms,
+                        });
+                    }
+                    self.touch_sandbox(&id);
+                    moved.push(id);
+                }
+                Err(_) => lost.push(id),
+            }
+        }
+        Reply::Moved { moved, lost }
+    }
+}
+
+/// A moving sandbox leaves its group behind, so the group constraint (which
+/// would pin it to the lost node) does not apply to it.
+fn req_without_group(r: &Request) -> Request {
+    Request {
+        group: None,
+        ..r.clone()
+    }
+}

@@ -1,0 +1,262 @@
+//! Snapshots on QEMU: the migration stream written to a file.
+//!
+//! Save: `stop`, `migrate` to `exec:cat > DIR/state` with `x-ignore-shared`, so
+//! RAM that is a shared memory-backend-file stays out of the stream and is
+//! copied (or, when the VM quits, moved) as `DIR/ram`; the qcow2 layer is copied
+//! while the VM is paused. Restore: QEMU with `-incoming defer`, the snapshot's
+//! RAM file as a `share=off` memory-backend-file (a private copy-on-write
+//! mapping: pages fault in lazily and the snapshot is never written, so one
+//! snapshot serves any number of restores), the agent channel connected, then
+//! `migrate-incoming` from `exec:cat DIR/state`.
+
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Value};
+use tokio::net::UnixStream;
+use tokio::sync::broadcast;
+
+use super::argv::memory_backend_args;
+use super::{Disk, QemuVm, QemuVmm, RamBacking, LOG_TAIL_BYTES};
+use crate::config::{option_path, GuestMemory, VmConfig};
+use crate::error::VmmError;
+use crate::qmp::QmpEvent;
+use crate::snapshot::{
+    copy_sparse, describe_files, RamStorage, SnapshotManifest, DISK_FILE, RAM_FILE,
+    SNAPSHOT_FORMAT, STATE_FILE,
+};
+use crate::{log_tail, AfterSave, SaveOptions, Vm};
+
+/// Bound on writing or reading the state stream (TCG hosts are slow and busy).
+pub const STATE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `'path'` for QEMU's `exec:` migration URIs, which run through `sh -c`.
+fn shell_quoted(id: &str, path: &Path) -> Result<String, VmmError> {
+    let s = option_path(id, path)?;
+    if s.contains('\'') {
+        return Err(VmmError::InvalidPath {
+            id: id.to_string(),
+            path: path.to_path_buf(),
+            reason: "contains a single quote",
+        });
+    }
+    Ok(format!("'{s}'"))
+}
+
+impl QemuVm {
+    async fn enable_migration_caps(&self) -> Result<(), VmmError> {
+        self.qmp
+            .execute(
+                "migrate-set-capabilities",
+                json!({"capabilities": [
+                    {"capability": "x-ignore-shared", "state": true},
+                    {"capability": "events", "state": true},
+                ]}),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Waits for the MIGRATION event that ends the current save or load.
+    async fn wait_migration(
+        &self,
+        events: &mut broadcast::Receiver<QmpEvent>,
+        op: &'static str,
+    ) -> Result<(), VmmError> {
+        let failed = |detail: String| VmmError::SnapshotFailed {
+            id: self.id.clone(),
+            op,
+            detail,
+            log_tail: log_tail(&self.layout.qemu_log, LOG_TAIL_BYTES),
+        };
+        let deadline = tokio::time::Instant::now() + STATE_TIMEOUT;
+        loop {
+            let ev = tokio::select! {
+                ev = self.qmp.wait_event(events, "MIGRATION", STATE_TIMEOUT) => ev,
+                x = self.exit.wait() => return Err(failed(format!("QEMU exited ({x})"))),
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Err(failed(format!("no end of migration within {STATE_TIMEOUT:?}")))
+                }
+            };
+            let ev = match ev {
+                Ok(ev) => ev,
+                Err(e @ VmmError::QmpClosed { .. }) => {
+                    let x = super::exit_soon(&self.exit).await;
+                    return Err(failed(match x {
+                        Some(x) => format!("QEMU exited ({x})"),
+                        None => e.to_string(),
+                    }));
+                }
+                Err(e) => return Err(e),
+            };
+            match ev.data["status"].as_str().unwrap_or("") {
+                "completed" => return Ok(()),
+                s @ ("failed" | "cancelled") => return Err(failed(format!("migration {s}"))),
+                _ => continue,
+            }
+        }
+    }
+
+    /// See [`Vm::save_snapshot`].
+    pub async fn save_qemu(
+        &self,
+        dest: &Path,
+        opts: &SaveOptions,
+    ) -> Result<SnapshotManifest, VmmError> {
+        let io = |op, p: &Path| {
+            let path = p.to_path_buf();
+            move |source| VmmError::Io { op, path, source }
+        };
+        std::fs::create_dir_all(dest).map_err(io("create snapshot directory", dest))?;
+        let status = self.qmp.execute("query-status", Value::Null).await?;
+        let was_running = status["running"].as_bool() == Some(true);
+        let t0 = Instant::now();
+        let saved = self.write_state(dest, opts).await;
+        let paused_for = t0.elapsed();
+        let resumed = match opts.after {
+            AfterSave::Resume if was_running => self.set_running(true).await,
+            _ => Ok(()),
+        };
+        let ram = saved?;
+        resumed?;
+        if opts.after == AfterSave::Quit {
+            let _ = self.shutdown(Duration::from_secs(5)).await?;
+            if let RamBacking::Shared(p) = &self.ram {
+                // why: the VM is gone, so its RAM file is final: take it instead of copying.
+                std::fs::rename(p, dest.join(RAM_FILE)).map_err(io("move RAM file", p))?;
+            }
+        }
+        let mut names = vec![STATE_FILE, DISK_FILE];
+        if ram == RamStorage::File {
+            names.push(RAM_FILE);
+        }
+        let dir = dest.to_path_buf();
+        let files = tokio::task::spawn_blocking(move || describe_files(&dir, &names))
+            .await
+            .map_err(|e| io("checksum snapshot", dest)(std::io::Error::other(e)))??;
+        let manifest = SnapshotManifest {
+            format_version: SNAPSHOT_FORMAT,
+            backend: super::BACKEND.to_string(),
+            vmm_version: self.vmm_version.clone(),
+            kernel_sha256: opts.kernel_sha256.clone(),
+            accel: self.accel,
+            cpus: opts.cpus,
+            memory_mib: opts.memory_mib,
+            ram,
+            base_rootfs: opts.base_rootfs.clone(),
+            files,
+            created_unix_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+        };
+        manifest.store(dest)?;
+        tracing::info!(vm = %self.id, ?paused_for, total = ?t0.elapsed(), ram = ?ram, "snapshot saved");
+        Ok(manifest)
+    }
+
+    /// Pauses and writes state, disk layer and (when resuming) the RAM copy.
+    async fn write_state(&self, dest: &Path, opts: &SaveOptions) -> Result<RamStorage, VmmError> {
+        self.set_running(false).await?;
+        self.enable_migration_caps().await?;
+        let uri = format!(
+            "exec:cat > {}",
+            shell_quoted(&self.id, &dest.join(STATE_FILE))?
+        );
+        let mut events = self.qmp.subscribe();
+        self.qmp.execute("migrate", json!({ "uri": uri })).await?;
+        self.wait_migration(&mut events, "saving the VM state")
+            .await?;
+        // why: QEMU flushed the disk when the migration completed and nothing runs
+        // until we resume, so these copies are consistent with the state stream.
+        let disk = dest.join(DISK_FILE);
+        std::fs::copy(&self.layout.overlay, &disk).map_err(|source| VmmError::Io {
+            op: "copy the disk layer to",
+            path: disk.clone(),
+            source,
+        })?;
+        match (&self.ram, opts.after) {
+            (RamBacking::Shared(_), AfterSave::Quit) => Ok(RamStorage::File),
+            (RamBacking::Shared(p), AfterSave::Resume) => {
+                let to = dest.join(RAM_FILE);
+                copy_sparse(p, &to).map_err(|source| VmmError::Io {
+                    op: "copy guest RAM to",
+                    path: to,
+                    source,
+                })?;
+                Ok(RamStorage::File)
+            }
+            (RamBacking::Anonymous | RamBacking::Private, _) => Ok(RamStorage::InState),
+        }
+    }
+}
+
+impl QemuVmm {
+    /// See [`crate::Vmm::restore`].
+    pub async fn restore_qemu(
+        &self,
+        cfg: &VmConfig,
+        snapshot: &Path,
+        manifest: &SnapshotManifest,
+    ) -> Result<(QemuVm, UnixStream), VmmError> {
+        let object = match manifest.ram {
+            RamStorage::File => format!(
+                "memory-backend-file,id=ram,size={}M,mem-path={},share=off",
+                manifest.memory_mib,
+                option_path(&cfg.id, &snapshot.join(RAM_FILE))?
+            ),
+            RamStorage::InState => {
+                format!("memory-backend-ram,id=ram,size={}M", manifest.memory_mib)
+            }
+        };
+        let mut extra = memory_backend_args(&object);
+        extra.extend(["-incoming".to_string(), "defer".to_string()]);
+        let cfg = VmConfig {
+            cpus: manifest.cpus,
+            memory_mib: manifest.memory_mib,
+            memory: GuestMemory::Anonymous,
+            ..cfg.clone()
+        };
+        let t0 = Instant::now();
+        let vm = self
+            .launch(
+                &cfg,
+                Disk::CopyOf(snapshot.join(DISK_FILE)),
+                RamBacking::Private,
+                extra,
+            )
+            .await?;
+        match load_state(&vm, snapshot).await {
+            Ok(agent) => {
+                tracing::info!(vm = %cfg.id, took = ?t0.elapsed(), "restored from {}", snapshot.display());
+                Ok((vm, agent))
+            }
+            Err(e) => {
+                let _ = vm.kill().await;
+                let _ = vm.wait_timeout(Duration::from_secs(10)).await;
+                let _ = crate::record::destroy(vm.dir());
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Connects the agent channel, then loads the state into the waiting QEMU.
+///
+/// why: connecting first means the guest's port stays "host connected" across the
+/// restore, so its agent never sees the host vanish and never has to poll for it.
+async fn load_state(vm: &QemuVm, snapshot: &Path) -> Result<UnixStream, VmmError> {
+    let agent = vm.connect_agent().await?;
+    vm.enable_migration_caps().await?;
+    let uri = format!(
+        "exec:cat {}",
+        shell_quoted(&vm.id, &snapshot.join(STATE_FILE))?
+    );
+    let mut events = vm.qmp.subscribe();
+    vm.qmp
+        .execute("migrate-incoming", json!({ "uri": uri }))
+        .await?;
+    vm.wait_migration(&mut events, "loading the snapshot state")
+        .await?;
+    Ok(agent)
+}

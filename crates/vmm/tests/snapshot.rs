@@ -1,0 +1,193 @@
+//! Snapshots against real QEMU and the real guest: save, restore twice from one
+//! snapshot, snapshot a restored VM again. Needs the guest artifacts (a guest that
+//! speaks `Restored`) and skips with a notice when they are absent.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use hearth_proto::{read_frame_async, write_frame_async, Empty, Frame, Kind, Restored};
+use hearth_vmm::snapshot::file_sha256;
+use hearth_vmm::{
+    destroy, AfterSave, GuestMemory, HostIdentity, QemuVmm, RamStorage, SaveOptions, Verify,
+    VmConfig, Vmm,
+};
+use tokio::net::UnixStream;
+
+/// The guest artifacts: HEARTH_KERNEL / HEARTH_INITRD (as hearthd reads them),
+/// else ~/.cache/hearth/current/*.
+fn real_artifacts() -> Option<(PathBuf, PathBuf)> {
+    let home = std::env::var_os("HOME")?;
+    let cur = Path::new(&home).join(".cache/hearth/current");
+    let pick = |var: &str, file: &str| {
+        std::env::var_os(var)
+            .map(PathBuf::from)
+            .unwrap_or_else(|| cur.join(file))
+    };
+    let (k, i) = (
+        pick("HEARTH_KERNEL", "vmlinux"),
+        pick("HEARTH_INITRD", "initramfs.cpio.gz"),
+    );
+    (k.is_file() && i.is_file()).then_some((k, i))
+}
+
+fn make_ext4(path: &Path) {
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(64 << 20).unwrap();
+    let st = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(path)
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+async fn expect(agent: &mut UnixStream, kind: Kind) -> Frame {
+    loop {
+        let f = tokio::time::timeout(Duration::from_secs(60), read_frame_async(agent))
+            .await
+            .unwrap_or_else(|_| panic!("no {kind:?} within 60s"))
+            .unwrap()
+            .unwrap_or_else(|| panic!("channel closed before {kind:?}"));
+        if f.kind == kind {
+            return f;
+        }
+    }
+}
+
+/// Sends Restored + Ping; returns once both are answered.
+async fn wake(agent: &mut UnixStream, hostname: &str) {
+    let msg = Restored {
+        seed: vec![7; 32],
+        unix_ms: 1_700_000_000_000,
+        hostname: hostname.into(),
+        sandbox_id: hostname.into(),
+    };
+    write_frame_async(agent, &Frame::json(Kind::Restored, 0, &msg))
+        .await
+        .unwrap();
+    let ack = expect(agent, Kind::RestoredAck).await;
+    let ack: hearth_proto::RestoredAck = ack.parse().unwrap();
+    assert!(ack.warnings.is_empty(), "{:?}", ack.warnings);
+    write_frame_async(agent, &Frame::json(Kind::Ping, 0, &Empty {}))
+        .await
+        .unwrap();
+    expect(agent, Kind::Pong).await;
+}
+
+#[tokio::test]
+async fn one_snapshot_serves_many_restores_and_stays_pristine() {
+    let Some((kernel, initrd)) = real_artifacts() else {
+        println!("SKIPPED: guest artifacts absent (run scripts/setup)");
+        return;
+    };
+    let tmp = tempfile::Builder::new()
+        .prefix("vmmsnap")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let rootfs = tmp.path().join("base.ext4");
+    make_ext4(&rootfs);
+    let vmm = QemuVmm::new().unwrap();
+    let cfg = |id: &str| VmConfig {
+        id: id.into(),
+        dir: tmp.path().join(id),
+        kernel: kernel.clone(),
+        initrd: initrd.clone(),
+        rootfs: rootfs.clone(),
+        cpus: 1,
+        memory_mib: 128,
+        hostname: id.into(),
+        extra_cmdline: vec![],
+        accel: hearth_vmm::Accel::Tcg,
+        memory: GuestMemory::SharedFile,
+        net: None,
+    };
+    let kernel_sha256 = file_sha256(&kernel).unwrap();
+    let opts = |after| SaveOptions {
+        kernel_sha256: kernel_sha256.clone(),
+        cpus: 1,
+        memory_mib: 128,
+        base_rootfs: rootfs.clone(),
+        after,
+    };
+    let host = HostIdentity {
+        backend: "qemu".into(),
+        vmm_version: vmm.version(),
+        kernel_sha256: kernel_sha256.clone(),
+        accel: hearth_vmm::Accel::Tcg,
+    };
+
+    let base = cfg("base");
+    let vm = vmm.create(&base).await.unwrap();
+    let mut agent = vm.connect_agent().await.unwrap();
+    vm.start().await.unwrap();
+    expect(&mut agent, Kind::Hello).await;
+    let snap = tmp.path().join("snap");
+    let m = vm
+        .save_snapshot(&snap, &opts(AfterSave::Quit))
+        .await
+        .unwrap();
+    assert_eq!(m.ram, RamStorage::File);
+    destroy(&base.dir).unwrap();
+    m.check(&snap, &host, Verify::Full).unwrap();
+
+    let mut restored = Vec::new();
+    for id in ["r1", "r2"] {
+        let t0 = Instant::now();
+        let mut r = vmm.restore(&cfg(id), &snap, &m).await.unwrap();
+        r.vm.start().await.unwrap();
+        wake(&mut r.agent, id).await;
+        println!(
+            "restore {id}: process start -> RestoredAck+Pong {:?}",
+            t0.elapsed()
+        );
+        restored.push(r);
+    }
+    // The snapshot is still intact: its RAM was mapped privately.
+    m.check(&snap, &host, Verify::Full).unwrap();
+
+    // A restored VM (private RAM) can be snapshotted again, RAM in the stream.
+    let snap2 = tmp.path().join("snap2");
+    let m2 = restored[0]
+        .vm
+        .save_snapshot(&snap2, &opts(AfterSave::Resume))
+        .await
+        .unwrap();
+    assert_eq!(m2.ram, RamStorage::InState);
+    hearth_proto::write_frame_async(
+        &mut restored[0].agent,
+        &Frame::json(Kind::Ping, 0, &Empty {}),
+    )
+    .await
+    .unwrap();
+    expect(&mut restored[0].agent, Kind::Pong).await;
+    let mut r3 = vmm.restore(&cfg("r3"), &snap2, &m2).await.unwrap();
+    r3.vm.start().await.unwrap();
+    wake(&mut r3.agent, "r3").await;
+
+    // A corrupted state stream is refused by the check, before QEMU sees it.
+    let state = snap2.join("state");
+    let mut bytes = std::fs::read(&state).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&state, &bytes).unwrap();
+    let err = m2.check(&snap2, &host, Verify::Quick).unwrap_err();
+    assert!(err.to_string().contains("corrupted"), "{err}");
+    // And if it were loaded anyway, QEMU fails it and exits: never a hung VM.
+    match vmm.restore(&cfg("r4"), &snap2, &m2).await {
+        Err(e) => println!("corrupted state refused by QEMU: {e}"),
+        Ok(r) => {
+            let _ = r.vm.kill().await;
+            println!(
+                "QEMU accepted a flipped byte in the device state (the check above is what guards)"
+            );
+        }
+    }
+
+    for (r, id) in restored.iter().zip(["r1", "r2"]) {
+        r.vm.kill().await.unwrap();
+        r.vm.wait().await.unwrap();
+        destroy(&tmp.path().join(id)).unwrap();
+    }
+    r3.vm.kill().await.unwrap();
+    r3.vm.wait().await.unwrap();
+}

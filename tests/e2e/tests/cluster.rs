@@ -1,0 +1,420 @@
+//! The control plane as a real cluster: 3 `hearthd control` members and node
+//! agents as separate processes on loopback, driven through the public API.
+//! (scripts/shard runs the same roles with each agent in its own network
+//! namespace; tests/e2e/tests/shard.rs cuts a real link there.)
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hearth_e2e::cluster::{http, Cluster};
+
+const RECORD: &str = r#"{"image":"busybox","cmd":["true"],"memory_mib":64}"#;
+
+/// Creates record `i` (placement committed, nothing booted) through any
+/// member, retrying elsewhere with the same idempotency key until a member
+/// acknowledges it. Returns the sandbox id.
+fn create_record(ports: &[u16], i: usize, deadline: Instant) -> Option<String> {
+    let key = format!("rec-{i}");
+    let body = format!(r#"{{"image":"busybox","cmd":["true"],"memory_mib":64,"name":"r{i:04}"}}"#);
+    let mut at = i;
+    while Instant::now() < deadline {
+        let port = ports[at % ports.len()];
+        at += 1;
+        if let Ok(r) = http(
+            port,
+            "POST",
+            "/v1/sandboxes?record_only=true",
+            Some(&body),
+            &[("Idempotency-Key", &key)],
+        ) {
+            if r.status == 201 {
+                return r.json()["id"].as_str().map(str::to_string);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+#[test]
+fn leader_kill9_during_1000_creations_loses_and_duplicates_nothing_then_a_follower_catches_up_from_a_snapshot(
+) {
+    let mut c = Cluster::start(3, &["--snapshot-every", "150", "--node-timeout-ms", "3000"]);
+    c.add_agent(
+        "n1",
+        &[
+            "--cpus",
+            "4000",
+            "--memory-mib",
+            "1000000",
+            "--disk-mib",
+            "100000000",
+        ],
+    );
+    let ports: Vec<u16> = c.members.iter().map(|m| m.port).collect();
+
+    let acked: Arc<Mutex<BTreeMap<usize, String>>> = Arc::default();
+    let done = Arc::new(AtomicUsize::new(0));
+    let killed_at: Arc<Mutex<Option<Instant>>> = Arc::default();
+    let first_ack_after_kill: Arc<Mutex<Option<Instant>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let workers: Vec<_> = (0..4)
+        .map(|w| {
+            let (ports, acked, done) = (ports.clone(), acked.clone(), done.clone());
+            let (killed_at, first) = (killed_at.clone(), first_ack_after_kill.clone());
+            std::thread::spawn(move || {
+                for i in (w..1000).step_by(4) {
+                    let id = create_record(&ports, i, deadline)
+                        .unwrap_or_else(|| panic!("record {i} never acknowledged"));
+                    acked.lock().unwrap().insert(i, id);
+                    done.fetch_add(1, Ordering::SeqCst);
+                    if killed_at.lock().unwrap().is_some() {
+                        first.lock().unwrap().get_or_insert_with(Instant::now);
+                    }
+                }
+            })
+        })
+        .collect();
+
+    // Kill the leader a third of the way in.
+    while done.load(Ordering::SeqCst) < 330 {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let old = c.leader().expect("leader");
+    c.members[old as usize - 1].kill9();
+    *killed_at.lock().unwrap() = Some(Instant::now());
+    for w in workers {
+        w.join().expect("worker");
+    }
+    stop.store(true, Ordering::SeqCst);
+    let new = c.wait_leader(Duration::from_secs(10));
+    assert_ne!(new, old);
+    let gap = first_ack_after_kill.lock().unwrap().unwrap() - killed_at.lock().unwrap().unwrap();
+    eprintln!(
+        "killed leader {old}; member {new} leads; first acknowledged create {gap:?} after the kill"
+    );
+    assert!(
+        gap < Duration::from_secs(10),
+        "no acknowledged create for {gap:?} after the leader died"
+    );
+
+    // Every acknowledged creation is there, exactly once.
+    let list = c.get("/v1/sandboxes").json();
+    let list = list.as_array().expect("sandbox list");
+    let names: Vec<&str> = list.iter().filter_map(|s| s["name"].as_str()).collect();
+    let unique: BTreeSet<&str> = names.iter().copied().collect();
+    assert_eq!(names.len(), unique.len(), "duplicated records");
+    let acked = acked.lock().unwrap();
+    assert_eq!(acked.len(), 1000);
+    let ids: BTreeSet<&str> = list.iter().filter_map(|s| s["id"].as_str()).collect();
+    for (i, id) in acked.iter() {
+        assert!(
+            unique.contains(format!("r{i:04}").as_str()),
+            "acknowledged record {i} missing"
+        );
+        assert!(
+            ids.contains(id.as_str()),
+            "acknowledged id {id} of record {i} missing"
+        );
+    }
+    assert_eq!(list.len(), 1000, "exactly the acknowledged records exist");
+
+    // The old leader comes back as a follower and catches up.
+    c.restart_member(old);
+    // Now stop a follower, write past a compaction, restart it: the leader
+    // has purged the entries it lacks, so only a snapshot can catch it up.
+    let leader = c.wait_leader(Duration::from_secs(10));
+    let f = (1..=3u64).find(|&m| m != leader).unwrap();
+    let f_port = c.members[f as usize - 1].port;
+    let f_last = wait_json(f_port, "/raft/status", |s| {
+        s["applied_index"].as_u64().is_some_and(|a| a > 0)
+    })["last_log_index"]
+        .as_u64()
+        .unwrap();
+    c.members[f as usize - 1].kill9();
+    let live: Vec<u16> = (1..=3u64)
+        .filter(|&m| m != f)
+        .map(|m| c.members[m as usize - 1].port)
+        .collect();
+    let end = Instant::now() + Duration::from_secs(60);
+    for i in 1000..1400 {
+        create_record(&live, i, end).expect("create while a follower is down");
+    }
+    let lport = c.members[leader as usize - 1].port;
+    let purged = wait_json(lport, "/raft/status", |s| {
+        s["purged_index"].as_u64().is_some_and(|p| p > f_last)
+    })["purged_index"]
+        .as_u64()
+        .unwrap();
+    c.restart_member(f);
+    let target = http(lport, "GET", "/raft/status", None, &[])
+        .unwrap()
+        .json()["applied_index"]
+        .as_u64()
+        .unwrap();
+    let st = wait_json(f_port, "/raft/status", |s| {
+        s["applied_index"].as_u64().is_some_and(|a| a >= target)
+            && s["snapshot_index"].as_u64().is_some_and(|x| x >= purged)
+    });
+    eprintln!("follower {f} stopped at log {f_last}; leader purged to {purged}; follower now {st}");
+    let n = http(f_port, "GET", "/v1/sandboxes", None, &[])
+        .unwrap()
+        .json()
+        .as_array()
+        .map(|a| a.len());
+    assert_eq!(n, Some(1400));
+}
+
+fn wait_json(port: u16, path: &str, f: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(r) = http(port, "GET", path, None, &[]) {
+            let v = r.json();
+            if f(&v) {
+                return v;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting on {path} of :{port}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn nodes_register_heartbeat_go_not_ready_and_recover_and_bad_requests_are_refused() {
+    let mut c = Cluster::start(3, &["--node-timeout-ms", "2000"]);
+    c.add_agent(
+        "n1",
+        &["--cpus", "4", "--memory-mib", "4096", "--labels", "zone=a"],
+    );
+    c.add_agent(
+        "n2",
+        &["--cpus", "2", "--memory-mib", "2048", "--labels", "zone=b"],
+    );
+    let port = c.any_port();
+
+    // Too large for every node: unschedulable, with each node's reason.
+    let r = http(
+        port,
+        "POST",
+        "/v1/sandboxes?record_only=true",
+        Some(r#"{"image":"busybox","cpus":64}"#),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(r.status, 409, "{}", r.body);
+    let e = r.json();
+    assert_eq!(e["code"], "unschedulable");
+    let msg = e["message"].as_str().unwrap();
+    assert!(
+        msg.contains("n1: not enough cpus: wants 64, 4 free of 4"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("n2: not enough cpus: wants 64, 2 free of 2"),
+        "{msg}"
+    );
+
+    // Selectors steer placement; bin-packing fills n2 (the fuller fit) first otherwise.
+    let r = http(
+        port,
+        "POST",
+        "/v1/sandboxes?record_only=true&selector=zone=a",
+        Some(RECORD),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.json()["node"], "n1");
+    // With n1 cordoned, a restart-always sandbox with no selector lands on n2.
+    let r = http(port, "POST", "/v1/nodes/n1/cordon", None, &[]).unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = http(
+        port,
+        "POST",
+        "/v1/sandboxes?record_only=true&restart=always",
+        Some(RECORD),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(r.json()["node"], "n2", "{}", r.body);
+    let moving = r.json()["id"].as_str().unwrap().to_string();
+    let r = http(port, "POST", "/v1/nodes/n1/uncordon", None, &[]).unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = http(
+        port,
+        "POST",
+        "/v1/sandboxes?record_only=true&selector=zone=b",
+        Some(RECORD),
+        &[],
+    )
+    .unwrap();
+    let stays = r.json()["id"].as_str().unwrap().to_string();
+
+    // A second agent claiming n1 is refused and exits; n1 stays ready.
+    let dup = c.spawn_agent("n1", "n1-impostor", &[]);
+    let code = c.agents[dup].wait_exit(Duration::from_secs(60));
+    assert_eq!(
+        code,
+        Some(1),
+        "impostor agent: {}",
+        c.agents[dup].log_text()
+    );
+    assert!(
+        c.agents[dup]
+            .log_text()
+            .contains("already registered by another agent"),
+        "{}",
+        c.agents[dup].log_text()
+    );
+    c.wait_node("n1", "ready", Duration::from_secs(5));
+
+    // n2 goes silent: NotReady; its plain sandbox is lost, the restart-always one moves to n1.
+    let n2 = c
+        .agents
+        .iter()
+        .position(|a| a.name == "agent-n2-n2")
+        .unwrap();
+    c.agents[n2].signal(libc::SIGSTOP);
+    let t = Instant::now();
+    c.wait_node("n2", "not_ready", Duration::from_secs(15));
+    eprintln!("n2 NotReady {:?} after it went silent", t.elapsed());
+    let s = c.get(&format!("/v1/sandboxes/{stays}")).json();
+    assert_eq!(s["status"], "lost", "{s}");
+    let m = c.get(&format!("/v1/sandboxes/{moving}")).json();
+    assert_eq!(m["node"], "n1", "{m}");
+
+    // It comes back: Ready again.
+    c.agents[n2].signal(libc::SIGCONT);
+    c.wait_node("n2", "ready", Duration::from_secs(15));
+
+    // Cordon keeps new sandboxes off a node; uncordon lets them back.
+    let out = std::process::Command::new(hearth_e2e::bin_dir().join("hearth"))
+        .env("HEARTH_TOKEN", hearth_e2e::cluster::TOKEN)
+        .args([
+            "--api",
+            &format!("http://127.0.0.1:{port}"),
+            "node",
+            "cordon",
+            "n1",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", hearth_e2e::show(&out));
+    let r = http(
+        port,
+        "POST",
+        "/v1/sandboxes?record_only=true&selector=zone=a",
+        Some(RECORD),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(r.status, 409);
+    assert!(r.body.contains("n1: node is cordoned"), "{}", r.body);
+    let out = std::process::Command::new(hearth_e2e::bin_dir().join("hearth"))
+        .env("HEARTH_TOKEN", hearth_e2e::cluster::TOKEN)
+        .args(["--api", &format!("http://127.0.0.1:{port}"), "node", "ls"])
+        .output()
+        .unwrap();
+    let table = hearth_e2e::stdout(&out);
+    assert!(
+        table.contains("cordoned") && table.contains("n2"),
+        "{table}"
+    );
+    let out = std::process::Command::new(hearth_e2e::bin_dir().join("hearth"))
+        .env("HEARTH_TOKEN", hearth_e2e::cluster::TOKEN)
+        .args([
+            "--api",
+            &format!("http://127.0.0.1:{port}"),
+            "cluster",
+            "status",
+        ])
+        .output()
+        .unwrap();
+    let st = hearth_e2e::stdout(&out);
+    assert!(
+        st.contains("leader") && st.matches(" ok ").count() == 3,
+        "{st}"
+    );
+}
+
+#[test]
+fn a_member_with_a_corrupted_database_refuses_to_start_and_leaves_it_untouched() {
+    let mut c = Cluster::start(3, &[]);
+    let victim = 3u64;
+    c.members[victim as usize - 1].kill9();
+    let db = c.dir.path().join(format!("control{victim}/control.redb"));
+    let mut bytes = std::fs::read(&db).expect("member database");
+    // Scribble over redb's header.
+    for b in bytes.iter_mut().take(4096) {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&db, &bytes).unwrap();
+    c.restart_member(victim);
+    let code = c.members[victim as usize - 1].wait_exit(Duration::from_secs(30));
+    let log = c.members[victim as usize - 1].log_text();
+    assert_eq!(code, Some(1), "{log}");
+    assert!(
+        log.contains("refusing to start") && log.contains("left untouched"),
+        "{log}"
+    );
+    assert_eq!(
+        std::fs::read(&db).unwrap(),
+        bytes,
+        "the database file was modified"
+    );
+    // The rest of the group still serves.
+    let r = c.get("/v1/cluster");
+    assert_eq!(r.status, 200);
+}
+
+#[test]
+fn a_sandbox_run_through_the_control_plane_boots_on_its_node_and_streams_output() {
+    let mut c = Cluster::start(1, &[]);
+    c.add_agent("n1", &["--cpus", "2", "--memory-mib", "2048"]);
+    let api = format!("http://127.0.0.1:{}", c.any_port());
+    let hearth = |args: &[&str]| {
+        std::process::Command::new(hearth_e2e::bin_dir().join("hearth"))
+            .env("HEARTH_TOKEN", hearth_e2e::cluster::TOKEN)
+            .env("HEARTH_API", &api)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run hearth")
+    };
+    let rootfs = c.dir.path().join("busybox-rootfs");
+    hearth_e2e::images::busybox_rootfs(&rootfs);
+    let out = hearth(&[
+        "image",
+        "import",
+        "--name",
+        "busybox",
+        rootfs.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", hearth_e2e::show(&out));
+
+    let out = hearth(&[
+        "run",
+        "--name",
+        "hello",
+        "busybox",
+        "--",
+        "sh",
+        "-c",
+        "echo out; echo err >&2; exit 3",
+    ]);
+    assert_eq!(out.status.code(), Some(3), "{}", hearth_e2e::show(&out));
+    assert_eq!(hearth_e2e::stdout(&out), "out\n");
+    assert_eq!(hearth_e2e::stderr(&out).trim_end(), "err");
+    let s = c.get("/v1/sandboxes/hello").json();
+    assert_eq!(s["node"], "n1", "{s}");
+    assert_eq!(s["status"], "exited", "{s}");
+    let out = hearth(&["rm", "hello"]);
+    assert!(out.status.success(), "{}", hearth_e2e::show(&out));
+    assert_eq!(c.get("/v1/sandboxes/hello").status, 404);
+}

@@ -1,0 +1,340 @@
+//! Warm starts, snapshots and fork, through the CLI only: templates and their
+//! warm pools, `hearth snapshot`, `hearth run --from-snapshot`, `hearth fork`.
+//! Every test starts its own `hearthd dev`; VMs use 128 MiB so many fit.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use hearth_e2e::{show, stderr, stdout, wait_until, Daemon};
+
+const COUNTER: &str =
+    "echo before > /before; i=0; while true; do echo $i; i=$((i+1)); sleep 0.2; done";
+
+fn json(out: &std::process::Output) -> serde_json::Value {
+    assert!(out.status.success(), "{}", show(out));
+    serde_json::from_slice(&out.stdout).expect("json")
+}
+
+/// The numbers a counter sandbox printed so far.
+fn counted(d: &Daemon, sandbox: &str) -> Vec<u64> {
+    let out = d.hearth(&["logs", sandbox]);
+    stdout(&out)
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+fn run_detached(d: &Daemon, args: &[&str]) -> String {
+    // Warm starts and snapshots serve sandboxes without a network device.
+    let mut a = vec!["run", "-d", "--network", "none", "--memory", "128"];
+    a.extend_from_slice(args);
+    let out = d.hearth(&a);
+    assert!(out.status.success(), "{}", show(&out));
+    stdout(&out).trim().to_string()
+}
+
+fn run_from_snapshot(d: &Daemon, snapshot: &str) -> String {
+    let out = d.hearth(&["run", "-d", "--from-snapshot", snapshot]);
+    assert!(out.status.success(), "{}", show(&out));
+    stdout(&out).trim().to_string()
+}
+
+fn wait_running(d: &Daemon, id: &str) {
+    wait_until(&format!("{id} running"), Duration::from_secs(120), || {
+        let s = d.inspect(id);
+        assert_ne!(s["status"], "failed", "{s}");
+        s["status"] == "running"
+    });
+}
+
+#[test]
+fn restored_counter_continues_and_files_follow_the_snapshot_instant() {
+    let d = Daemon::start();
+    run_detached(&d, &["--name", "ctr", "busybox", "--", "sh", "-c", COUNTER]);
+    wait_until("the counter to count", Duration::from_secs(120), || {
+        counted(&d, "ctr").len() >= 3
+    });
+    let before = *counted(&d, "ctr").last().unwrap();
+    let out = d.hearth(&["snapshot", "ctr", "--name", "s1"]);
+    assert!(out.status.success(), "{}", show(&out));
+    let after = *counted(&d, "ctr").last().unwrap();
+    let out = d.hearth(&["exec", "ctr", "--", "touch", "/after"]);
+    assert!(out.status.success(), "{}", show(&out));
+
+    let r = run_from_snapshot(&d, "s1");
+    wait_until(
+        "the restored counter to count",
+        Duration::from_secs(120),
+        || counted(&d, &r).len() >= 3,
+    );
+    let restored = counted(&d, &r);
+    assert!(
+        restored[0] > before && restored[0] <= after + 2,
+        "restored counter starts at {}, the source was at {before}..={after} around the snapshot: {restored:?}",
+        restored[0]
+    );
+    for w in restored.windows(2) {
+        assert_eq!(
+            w[1],
+            w[0] + 1,
+            "the restored counter keeps counting: {restored:?}"
+        );
+    }
+    let out = d.hearth(&[
+        "exec",
+        &r,
+        "--",
+        "sh",
+        "-c",
+        "cat /before; test -e /after && echo after-exists || echo no-after",
+    ]);
+    assert_eq!(stdout(&out), "before\nno-after\n", "{}", show(&out));
+    let s = d.inspect(&r);
+    assert_eq!(s["start_path"], "snapshot", "{s}");
+    assert_eq!(s["started_from"], "s1", "{s}");
+
+    // In use by a running sandbox: cannot be deleted; once it is gone, it can.
+    let out = d.hearth(&["snapshot", "rm", "s1"]);
+    assert_eq!(out.status.code(), Some(125), "{}", show(&out));
+    assert!(stderr(&out).contains("in use"), "{}", show(&out));
+    let out = d.hearth(&["rm", "-f", &r]);
+    assert!(out.status.success(), "{}", show(&out));
+    let out = d.hearth(&["snapshot", "rm", "s1"]);
+    assert!(out.status.success(), "{}", show(&out));
+    let out = d.hearth(&["snapshot", "ls", "--json"]);
+    assert_eq!(json(&out), serde_json::json!([]));
+}
+
+#[test]
+fn forks_have_their_own_hostname_and_randomness() {
+    let d = Daemon::start();
+    let src = run_detached(&d, &["busybox", "--", "sh", "-c", COUNTER]);
+    wait_until("the counter to count", Duration::from_secs(120), || {
+        counted(&d, &src).len() >= 3
+    });
+    let out = d.hearth(&["fork", &src, "-n", "2"]);
+    assert!(out.status.success(), "{}", show(&out));
+    let forks: Vec<String> = stdout(&out).lines().map(str::to_string).collect();
+    assert_eq!(forks.len(), 2, "{}", show(&out));
+    let mut seen = HashSet::new();
+    for id in forks.iter().chain(std::iter::once(&src)) {
+        wait_running(&d, id);
+        let out = d.hearth(&[
+            "exec",
+            id,
+            "--",
+            "sh",
+            "-c",
+            "hostname; od -An -N16 -tx8 /dev/urandom",
+        ]);
+        assert!(out.status.success(), "{}", show(&out));
+        let text = stdout(&out);
+        let mut lines = text.lines();
+        assert_eq!(lines.next(), Some(id.as_str()), "hostname of {id}: {text}");
+        let random = lines.next().unwrap_or_default().trim().to_string();
+        assert!(!random.is_empty(), "{text}");
+        assert!(
+            seen.insert(random.clone()),
+            "{id} repeats random bytes {random}"
+        );
+    }
+    for id in &forks {
+        // Each fork continues the source's process from the fork instant.
+        wait_until("the fork to count", Duration::from_secs(60), || {
+            counted(&d, id).len() >= 2
+        });
+        assert!(counted(&d, id)[0] > 0, "{id} restarted its counter");
+        assert_eq!(d.inspect(id)["start_path"], "snapshot");
+    }
+}
+
+#[test]
+fn truncated_corrupted_or_foreign_snapshot_is_refused_with_a_clear_error() {
+    let d = Daemon::start();
+    let src = run_detached(&d, &["busybox", "--", "sleep", "1000"]);
+    wait_running(&d, &src);
+    let out = d.hearth(&["snapshot", &src, "--name", "s"]);
+    assert!(out.status.success(), "{}", show(&out));
+    let dir = d.data_dir().join("snapshots/s");
+    let refused = |what: &str| {
+        let out = d.hearth(&["run", "--from-snapshot", "s"]);
+        assert_eq!(out.status.code(), Some(125), "{}", show(&out));
+        assert!(
+            stderr(&out).contains(what),
+            "expected '{what}': {}",
+            show(&out)
+        );
+    };
+
+    let state = dir.join("state");
+    let good = std::fs::read(&state).unwrap();
+    let mut bad = good.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0x5a;
+    std::fs::write(&state, &bad).unwrap();
+    refused("corrupted");
+    std::fs::write(&state, &good[..good.len() / 2]).unwrap();
+    refused("truncated");
+    std::fs::write(&state, &good).unwrap();
+
+    let ram = dir.join("ram");
+    let ram_bytes = std::fs::read(&ram).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&ram).unwrap();
+    f.set_len(ram_bytes.len() as u64 / 2).unwrap();
+    refused("truncated");
+    // Same size, different bytes: the RAM file changed since it was verified, so
+    // it is checksummed again.
+    f.set_len(ram_bytes.len() as u64).unwrap();
+    refused("corrupted");
+    std::fs::write(&ram, &ram_bytes).unwrap();
+
+    let manifest = dir.join("manifest.json");
+    let m = std::fs::read_to_string(&manifest).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&m).unwrap();
+    v["kernel_sha256"] = "0".repeat(64).into();
+    std::fs::write(&manifest, v.to_string()).unwrap();
+    refused("guest kernel");
+    v = serde_json::from_str(&m).unwrap();
+    v["vmm_version"] = "QEMU emulator version 1.0".into();
+    std::fs::write(&manifest, v.to_string()).unwrap();
+    refused("VMM version");
+    std::fs::write(&manifest, &m).unwrap();
+
+    let out = d.hearth(&["run", "--from-snapshot", "nope"]);
+    assert_eq!(out.status.code(), Some(125), "{}", show(&out));
+    assert!(stderr(&out).contains("not found"), "{}", show(&out));
+    // Refused requests left no sandbox behind; the intact snapshot still restores.
+    assert_eq!(
+        json(&d.hearth(&["ps", "--json"])).as_array().unwrap().len(),
+        1
+    );
+    let r = run_from_snapshot(&d, "s");
+    wait_running(&d, &r);
+}
+
+#[test]
+fn twenty_concurrent_warm_starts_from_one_template_report_their_path() {
+    let d = Daemon::start();
+    let out = d.hearth(&[
+        "template", "create", "busybox", "--name", "bb", "--memory", "128", "--pool", "2",
+    ]);
+    assert!(out.status.success(), "{}", show(&out));
+    wait_until("the warm pool to fill", Duration::from_secs(120), || {
+        json(&d.hearth(&["template", "ls", "--json"]))[0]["pool_ready"] == 2
+    });
+
+    let runs: Vec<_> = (0..20)
+        .map(|i| {
+            let cmd = d.cmd(&[
+                "run",
+                "--network",
+                "none",
+                "--name",
+                &format!("w{i}"),
+                "busybox",
+                "--",
+                "sh",
+                "-c",
+                "echo ok-$(hostname)",
+            ]);
+            std::thread::spawn(move || {
+                let mut cmd = cmd;
+                cmd.output().expect("hearth run")
+            })
+        })
+        .collect();
+    for (i, h) in runs.into_iter().enumerate() {
+        let out = h.join().unwrap();
+        assert!(out.status.success(), "run w{i}: {}", show(&out));
+        assert_eq!(stdout(&out), format!("ok-w{i}\n"));
+    }
+    let list = json(&d.hearth(&["ps", "--json"]));
+    let paths: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["start_path"].as_str().unwrap_or("none"))
+        .collect();
+    let pool = paths.iter().filter(|p| **p == "pool").count();
+    let template = paths.iter().filter(|p| **p == "template").count();
+    assert!(pool >= 2 && pool + template == 20, "{paths:?}");
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["start_path"] == "template"
+                && s["start_note"].as_str().unwrap_or("").contains("pool")),
+        "an exhausted pool is reported: {list}"
+    );
+
+    let out = d.hearth(&[
+        "run",
+        "--network",
+        "none",
+        "--cold",
+        "--name",
+        "c",
+        "busybox",
+        "--",
+        "true",
+    ]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert_eq!(d.inspect("c")["start_path"], "cold");
+
+    // A template that cannot be restored falls back to a cold boot, and says so.
+    let out = d.hearth(&["template", "pool", "bb", "--size", "0"]);
+    assert!(out.status.success(), "{}", show(&out));
+    wait_until("the pool to drain", Duration::from_secs(60), || {
+        json(&d.hearth(&["template", "ls", "--json"]))[0]["pool_ready"] == 0
+    });
+    let state = d.data_dir().join("templates/bb/state");
+    let mut bytes = std::fs::read(&state).unwrap();
+    bytes[100] ^= 0xff;
+    std::fs::write(&state, &bytes).unwrap();
+    let out = d.hearth(&[
+        "run",
+        "--network",
+        "none",
+        "--name",
+        "f",
+        "busybox",
+        "--",
+        "echo",
+        "fine",
+    ]);
+    assert_eq!(stdout(&out), "fine\n", "{}", show(&out));
+    let s = d.inspect("f");
+    assert_eq!(s["start_path"], "cold", "{s}");
+    assert!(
+        s["start_note"].as_str().unwrap_or("").contains("failed"),
+        "{s}"
+    );
+}
+
+#[test]
+fn networked_sandboxes_boot_cold_and_cannot_be_snapshotted_yet() {
+    let d = Daemon::start();
+    let out = d.hearth(&[
+        "template", "create", "busybox", "--name", "bbn", "--memory", "128",
+    ]);
+    assert!(out.status.success(), "{}", show(&out));
+    let out = d.hearth(&[
+        "run", "-d", "--memory", "128", "--name", "net", "busybox", "--", "sleep", "100000",
+    ]);
+    assert!(out.status.success(), "{}", show(&out));
+    let s = d.inspect("net");
+    assert_eq!(s["start_path"], "cold", "{s}");
+    assert!(
+        s["start_note"]
+            .as_str()
+            .unwrap_or("")
+            .contains("--network none"),
+        "{s}"
+    );
+    wait_until("running", Duration::from_secs(120), || {
+        d.inspect("net")["status"] == "running"
+    });
+    let out = d.hearth(&["snapshot", "net", "--name", "sn"]);
+    assert_eq!(out.status.code(), Some(125), "{}", show(&out));
+    assert!(stderr(&out).contains("--network none"), "{}", show(&out));
+}
