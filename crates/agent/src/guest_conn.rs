@@ -43,6 +43,12 @@ pub enum GuestError {
     /// The guest sent more output than its flow-control window allows.
     #[error("guest broke flow control: session {session} has {in_flight} unacknowledged bytes (window {INITIAL_WINDOW})")]
     WindowExceeded { session: u32, in_flight: u64 },
+    /// The guest did not answer a ping in time.
+    #[error("guest agent did not answer a ping within {0:?}")]
+    NoPong(Duration),
+    /// The channel is frozen for a migration's switch-over.
+    #[error("the guest channel is paused for a live migration")]
+    Frozen,
     /// The guest stopped reading its channel.
     #[error("guest is not reading its channel (a send waited {0:?})")]
     Stalled(Duration),
@@ -87,6 +93,11 @@ pub struct GuestConn {
     pong: Mutex<Option<oneshot::Sender<()>>>,
     restored_ack: Mutex<Option<oneshot::Sender<RestoredAck>>>,
     closed: tokio::sync::watch::Receiver<bool>,
+    /// Set during a migration's switch-over: nothing more goes to the guest.
+    frozen: std::sync::atomic::AtomicBool,
+    /// Frames handed to the writer task, and frames it has written.
+    queued: AtomicU64,
+    written: Arc<AtomicU64>,
 }
 
 impl GuestConn {
@@ -110,6 +121,18 @@ impl GuestConn {
             });
         }
         Ok(Self::serve(rd, wr, Some(hello), 1))
+    }
+
+    /// Re-attaches to a guest agent that is already serving (after a live
+    /// migration): the guest sends Hello only once per boot, so the one it sent
+    /// the previous host is passed in. New sessions get ids from `next_id` on,
+    /// so they never collide with sessions the guest still runs.
+    pub fn reattach<S>(stream: S, hello: Hello, next_id: u32) -> Arc<GuestConn>
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (rd, wr) = tokio::io::split(stream);
+        Self::serve(rd, wr, Some(hello), next_id.max(1))
     }
 
     /// Connects to a guest restored from a snapshot, whose agent is already up,
@@ -149,9 +172,13 @@ impl GuestConn {
         W: AsyncWrite + Unpin + Send + 'static,
     {
         let (tx, mut rx) = mpsc::channel::<Frame>(64);
+        let written = Arc::new(AtomicU64::new(0));
+        let w2 = written.clone();
         tokio::spawn(async move {
             while let Some(f) = rx.recv().await {
-                if write_frame_async(&mut wr, &f).await.is_err() {
+                let ok = write_frame_async(&mut wr, &f).await.is_ok();
+                w2.fetch_add(1, Ordering::AcqRel);
+                if !ok {
                     break;
                 }
             }
@@ -165,6 +192,9 @@ impl GuestConn {
             pong: Mutex::new(None),
             restored_ack: Mutex::new(None),
             closed,
+            frozen: std::sync::atomic::AtomicBool::new(false),
+            queued: AtomicU64::new(0),
+            written,
         });
         let weak = Arc::downgrade(&conn);
         let sessions = conn.sessions.clone();
@@ -193,14 +223,91 @@ impl GuestConn {
         conn
     }
 
+    /// Stops sending to the guest (sends fail at once, credit stays owed) and
+    /// returns once every frame queued before has been written to the stream.
+    /// Used at a migration's switch-over, so nothing is in flight to a VM
+    /// whose memory has already been copied.
+    pub async fn freeze(&self, timeout: Duration) -> Result<(), GuestError> {
+        self.frozen.store(true, Ordering::SeqCst);
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.written.load(Ordering::Acquire) < self.queued.load(Ordering::Acquire) {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(GuestError::Stalled(timeout));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        Ok(())
+    }
+
+    /// Undoes [`GuestConn::freeze`] (the migration did not happen).
+    pub fn thaw(&self) {
+        self.frozen.store(false, Ordering::SeqCst);
+    }
+
+    /// The id the next session will get (recorded in snapshots and migrations).
+    pub fn next_session_id(&self) -> u32 {
+        self.next_id.load(Ordering::Relaxed)
+    }
+
+    /// Ids of the sessions still running in the guest.
+    pub fn live_sessions(&self) -> Vec<u32> {
+        let map = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        map.keys().copied().collect()
+    }
+
+    /// Takes over session `id` that a previous host started, with `unacked`
+    /// output bytes the guest still counts against its window. Those bytes were
+    /// consumed by the previous host, so their credit goes back first thing.
+    pub fn adopt_session(self: &Arc<Self>, id: u32, unacked: u64) -> Session {
+        let unacked = unacked.min(u64::from(INITIAL_WINDOW));
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let stdin_credit = Arc::new(Semaphore::new(INITIAL_WINDOW as usize));
+        let in_flight = Arc::new(AtomicU64::new(unacked));
+        self.sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                id,
+                SessionSink {
+                    events: events_tx,
+                    stdin_credit: stdin_credit.clone(),
+                    in_flight: in_flight.clone(),
+                },
+            );
+        Session {
+            id,
+            conn: self.clone(),
+            events,
+            stdin_credit,
+            in_flight,
+            pending_credit: unacked as u32,
+            ended: false,
+        }
+    }
+
+    /// SIGKILLs the process of a session this host does not serve.
+    pub async fn kill_session(&self, id: u32) -> Result<(), GuestError> {
+        self.send(Frame::json(
+            Kind::Signal,
+            id,
+            &SignalRequest {
+                signal: libc::SIGKILL,
+            },
+        ))
+        .await?;
+        self.send(Frame::json(
+            Kind::Credit,
+            id,
+            &Credit {
+                bytes: INITIAL_WINDOW,
+            },
+        ))
+        .await
+    }
+
     /// The guest's Hello; None when connected after a restore.
     pub fn hello(&self) -> Option<&Hello> {
         self.hello.as_ref()
-    }
-
-    /// The id the next session will get (recorded in snapshots).
-    pub fn next_session_id(&self) -> u32 {
-        self.next_id.load(Ordering::Relaxed)
     }
 
     /// Takes over session `id`, whose process already runs in a restored guest:
@@ -309,9 +416,28 @@ impl GuestConn {
     }
 
     async fn send(&self, f: Frame) -> Result<(), GuestError> {
-        match tokio::time::timeout(SEND_TIMEOUT, self.tx.send(f)).await {
+        if self.frozen.load(Ordering::SeqCst) {
+            return Err(GuestError::Frozen);
+        }
+        self.queued.fetch_add(1, Ordering::AcqRel);
+        let r = match tokio::time::timeout(SEND_TIMEOUT, self.tx.send(f)).await {
             Ok(r) => r.map_err(|_| GuestError::Closed),
             Err(_) => Err(GuestError::Stalled(SEND_TIMEOUT)),
+        };
+        if r.is_err() {
+            // why: a frame that never reached the writer must not hold up `freeze`.
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+        }
+        r
+    }
+
+    /// Queues a frame without waiting (best effort, for Drop).
+    fn try_send(&self, f: Frame) {
+        if self.frozen.load(Ordering::SeqCst) {
+            return;
+        }
+        if self.tx.try_send(f).is_ok() {
+            self.queued.fetch_add(1, Ordering::AcqRel);
         }
     }
 
@@ -364,7 +490,7 @@ impl GuestConn {
             .await?;
         tokio::time::timeout(timeout, rx)
             .await
-            .map_err(|_| GuestError::Closed)?
+            .map_err(|_| GuestError::NoPong(timeout))?
             .map_err(|_| GuestError::Closed)
     }
 }
@@ -430,6 +556,31 @@ impl Session {
         Some(ev)
     }
 
+    /// The next event if one is already here; sends no credit (the channel
+    /// may be frozen), so what it returns stays counted in [`Session::unacked`].
+    pub fn try_next(&mut self) -> Option<SessionEvent> {
+        let ev = self.events.try_recv().ok()?;
+        match &ev {
+            SessionEvent::Stdout(b) | SessionEvent::Stderr(b) => {
+                self.pending_credit = self.pending_credit.saturating_add(b.len() as u32);
+            }
+            SessionEvent::Exit(_) | SessionEvent::Failed(_) => self.ended = true,
+            SessionEvent::Started(_) => {}
+        }
+        Some(ev)
+    }
+
+    /// Output bytes the guest has sent and not yet got credit for.
+    pub fn unacked(&self) -> u64 {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Gives the session up to another host: dropping it then neither kills
+    /// the guest process nor touches the channel.
+    pub fn hand_over(&mut self) {
+        self.ended = true;
+    }
+
     /// A handle for writing stdin and sending signals from another task.
     pub fn input(&self) -> SessionInput {
         SessionInput {
@@ -455,7 +606,7 @@ impl Drop for Session {
         if still_there {
             // Best effort without blocking: the guest reaps the process and its
             // Exit frame is ignored as a frame for an unknown session.
-            let _ = self.conn.tx.try_send(Frame::json(
+            self.conn.try_send(Frame::json(
                 Kind::Signal,
                 self.id,
                 &SignalRequest {
@@ -464,7 +615,7 @@ impl Drop for Session {
             ));
             // Let the guest drain what the process left in its pipes.
             for _ in 0..2 {
-                let _ = self.conn.tx.try_send(Frame::json(
+                self.conn.try_send(Frame::json(
                     Kind::Credit,
                     self.id,
                     &Credit {

@@ -42,6 +42,29 @@ impl OutputLog {
         })
     }
 
+    /// Opens an existing log to append after what it holds (a sandbox that
+    /// migrated here brings its log along).
+    pub async fn open_append(
+        path: &Path,
+        notify: watch::Sender<u64>,
+        limit: u64,
+    ) -> std::io::Result<OutputLog> {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .await?;
+        let written = file.metadata().await?.len();
+        notify.send_replace(written);
+        Ok(OutputLog {
+            file,
+            written,
+            notify,
+            limit,
+            truncated: written >= limit,
+        })
+    }
+
     /// Appends one record and wakes followers. Past the size limit, output is
     /// dropped and a single notice on stderr says so: a guest cannot fill the
     /// host's disk.

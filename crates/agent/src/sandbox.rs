@@ -21,8 +21,8 @@ use hearth_vmm::{
 use tokio::sync::{mpsc, watch};
 
 use crate::guest_conn::{GuestConn, Session, SessionEvent, SessionInput};
-use crate::output_log::{LogFollower, OutputLog};
-use crate::restore::{Launch, RestoredChannel, WarmState};
+pub(crate) use crate::output_log::{LogFollower, OutputLog};
+use crate::restore::{GuestLink, Launch, RestoredChannel, WarmState};
 
 /// Guest kernels are built with NR_CPUS=8.
 pub const MAX_CPUS: u32 = 8;
@@ -56,6 +56,15 @@ pub enum AgentError {
     },
     #[error("{0}")]
     Config(String),
+    /// A migration target lacks the sandbox's image.
+    #[error("{0}")]
+    ImageMissing(String),
+    /// A migration failed; the message says where the sandbox runs now.
+    #[error("{0}")]
+    Migration(String),
+    /// No migration of that sandbox is known here.
+    #[error("{0}")]
+    NoMigration(String),
     #[error(transparent)]
     Net(#[from] hearth_net::NetError),
     /// A template or snapshot that does not exist.
@@ -78,6 +87,9 @@ impl AgentError {
             AgentError::Conflict(_) => ErrorCode::Conflict,
             AgentError::VmFailed { .. } => ErrorCode::VmFailed,
             AgentError::Io { .. } | AgentError::Config(_) => ErrorCode::Internal,
+            AgentError::ImageMissing(_) => ErrorCode::ImageNotFound,
+            AgentError::Migration(_) => ErrorCode::VmFailed,
+            AgentError::NoMigration(_) => ErrorCode::NotFound,
             AgentError::Net(e) if e.is_bad_input() => ErrorCode::InvalidArgument,
             AgentError::Net(e) if e.is_exhausted() => ErrorCode::Exhausted,
             AgentError::Net(e) if e.is_not_found() => ErrorCode::NotFound,
@@ -120,28 +132,33 @@ pub struct AgentConfig {
 type Outcome = (SandboxStatus, Option<ExitInfo>, Option<String>);
 
 /// Requests to a sandbox's lifecycle task.
-enum Control {
+pub(crate) enum Control {
     /// SIGTERM the workload, then power off after `grace`.
     Stop { grace: Duration },
     /// Power off now.
     Kill,
+    /// Live-migrate to another node (see `migration`).
+    Migrate(crate::migration::SourceJob),
 }
 
 pub(crate) struct Entry {
     pub(crate) dir: PathBuf,
-    record: Mutex<Sandbox>,
+    pub(crate) record: Mutex<Sandbox>,
     status: watch::Sender<SandboxStatus>,
     /// Bytes in the output log so far.
-    written: watch::Sender<u64>,
+    pub(crate) written: watch::Sender<u64>,
     /// True once the output log is complete.
-    finished: watch::Sender<bool>,
-    control: Mutex<Option<mpsc::Sender<Control>>>,
+    pub(crate) finished: watch::Sender<bool>,
+    pub(crate) control: Mutex<Option<mpsc::Sender<Control>>>,
     pub(crate) conn: Mutex<Option<Arc<GuestConn>>>,
-    main_input: Mutex<Option<SessionInput>>,
+    pub(crate) main_input: Mutex<Option<SessionInput>>,
     /// The main workload was started with stdin open.
-    stdin_open: std::sync::atomic::AtomicBool,
+    pub(crate) stdin_open: std::sync::atomic::AtomicBool,
     execs: Mutex<HashMap<u32, SessionInput>>,
     next_exec: std::sync::atomic::AtomicU32,
+    /// A duplicate of the guest channel's socket, to see what is still queued
+    /// in it at a migration's switch-over.
+    pub(crate) chan_fd: Mutex<Option<std::os::fd::OwnedFd>>,
     /// The running VM, for snapshots.
     pub(crate) vm: Mutex<Option<Arc<dyn Vm>>>,
     /// Guest session id of the main workload, for snapshots.
@@ -151,7 +168,7 @@ pub(crate) struct Entry {
 }
 
 impl Entry {
-    fn new(dir: PathBuf, record: Sandbox) -> Entry {
+    pub(crate) fn new(dir: PathBuf, record: Sandbox) -> Entry {
         let terminal = record.status.is_terminal();
         Entry {
             dir,
@@ -165,6 +182,7 @@ impl Entry {
             stdin_open: std::sync::atomic::AtomicBool::new(false),
             execs: Mutex::new(HashMap::new()),
             next_exec: std::sync::atomic::AtomicU32::new(1),
+            chan_fd: Mutex::new(None),
             vm: Mutex::new(None),
             main_session: Mutex::new(None),
             saving: tokio::sync::Mutex::new(()),
@@ -199,7 +217,7 @@ pub(crate) fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn persist(dir: &Path, rec: &Sandbox) -> std::io::Result<()> {
+pub(crate) fn persist(dir: &Path, rec: &Sandbox) -> std::io::Result<()> {
     let tmp = dir.join("sandbox.json.tmp");
     let data = serde_json::to_vec_pretty(rec).map_err(std::io::Error::other)?;
     {
@@ -238,7 +256,10 @@ pub(crate) struct Inner {
     pub(crate) accel: AccelReport,
     host_cpus: u32,
     host_memory_mib: u64,
-    sandboxes: Mutex<HashMap<String, Arc<Entry>>>,
+    pub(crate) sandboxes: Mutex<HashMap<String, Arc<Entry>>>,
+    /// Random id of this data dir: a migration to the same node is refused.
+    pub(crate) node_id: String,
+    pub(crate) migrations: crate::migration::Registry,
     net: Option<Arc<hearth_net::NodeNet>>,
     /// Templates, warm pools, snapshot references.
     pub(crate) warm: WarmState,
@@ -341,6 +362,7 @@ impl Agent {
         } else {
             tracing::info!("accelerator: {} ({})", accel.accel, accel.reason);
         }
+        let cfg_data_dir = cfg.data_dir.clone();
         let net = match &cfg.net {
             Some(n) => Some(Arc::new(
                 hearth_net::NodeNet::open(n.clone()).map_err(AgentError::Net)?,
@@ -361,6 +383,8 @@ impl Agent {
             vmm,
             accel,
             sandboxes: Mutex::new(HashMap::new()),
+            node_id: crate::migration::node_id(&cfg_data_dir)?,
+            migrations: crate::migration::Registry::default(),
             warm,
         });
         let agent = Agent { inner };
@@ -448,6 +472,7 @@ impl Agent {
             node: i.cfg.node.clone(),
             host_cpus: i.host_cpus,
             host_memory_mib: i.host_memory_mib,
+            node_id: i.node_id.clone(),
         }
     }
 
@@ -722,7 +747,6 @@ impl Agent {
         launch: Launch,
     ) {
         let started = Instant::now();
-        let id = vm_cfg.id.clone();
         let (vm, channel, release) = match self.launch_vm(&entry, &vm_cfg, launch).await {
             Ok(l) => l,
             Err((message, release)) => {
@@ -736,9 +760,64 @@ impl Agent {
         let (outcome, polite) = self
             .drive(&entry, vm.as_ref(), exec, &mut ctl, started, channel)
             .await;
+        self.teardown(&entry, vm.as_ref(), outcome, polite, release)
+            .await;
+    }
+
+    /// The lifecycle of a sandbox that migrated here: its guest already runs
+    /// `session` on `conn`; the output log continues where the source left it.
+    pub(crate) async fn lifecycle_adopted(
+        &self,
+        entry: Arc<Entry>,
+        vm: Arc<dyn Vm>,
+        conn: Arc<GuestConn>,
+        session: Session,
+        mut ctl: mpsc::Receiver<Control>,
+    ) {
+        let mut polite = true;
+        let log_path = entry.dir.join("output.log");
+        let outcome = match OutputLog::open_append(
+            &log_path,
+            entry.written.clone(),
+            self.inner.cfg.max_log_bytes,
+        )
+        .await
+        {
+            Ok(log) => {
+                self.run_workload(
+                    &entry,
+                    vm.as_ref(),
+                    conn,
+                    session,
+                    log,
+                    &mut ctl,
+                    &mut polite,
+                    None,
+                )
+                .await
+            }
+            Err(e) => (
+                SandboxStatus::Failed,
+                None,
+                Some(format!("cannot open {}: {e}", log_path.display())),
+            ),
+        };
+        self.teardown(&entry, vm.as_ref(), outcome, polite, None)
+            .await;
+    }
+
+    /// Tear down: ask the guest to power off (unless told to kill, or it is
+    /// unresponsive), then make sure the VMM is gone, release what the launch
+    /// held, and record the outcome.
+    async fn teardown(
+        &self,
+        entry: &Arc<Entry>,
+        vm: &dyn Vm,
+        outcome: Outcome,
+        polite: bool,
+        release: Option<String>,
+    ) {
         *lock(&entry.vm) = None;
-        // Tear down: ask the guest to power off (unless told to kill, or it is
-        // unresponsive), then make sure the VMM is gone.
         let conn = lock(&entry.conn).take();
         let mut gone = false;
         if let (Some(conn), true) = (conn, polite) {
@@ -754,12 +833,13 @@ impl Agent {
         lock(&entry.execs).clear();
         *lock(&entry.main_input) = None;
         *lock(&entry.control) = None;
+        *lock(&entry.chan_fd) = None;
         self.release(release);
         let (status, exit, error) = outcome;
         if status == SandboxStatus::Failed {
-            tracing::warn!(sandbox = %id, "failed: {}", error.as_deref().unwrap_or(""));
+            tracing::warn!(sandbox = %vm.id(), "failed: {}", error.as_deref().unwrap_or(""));
         }
-        self.finish(&entry, status, exit, error);
+        self.finish(entry, status, exit, error);
     }
 
     fn finish(
@@ -814,9 +894,13 @@ impl Agent {
 
         let boot = async {
             if let Some(ch) = channel {
+                if let GuestLink::Stream(stream) = &ch.link {
+                    *lock(&entry.chan_fd) = stream_fd(stream);
+                }
                 return self.wake_restored(vm, ch).await;
             }
             let stream = vm.connect_agent().await.map_err(|e| e.to_string())?;
+            *lock(&entry.chan_fd) = stream_fd(&stream);
             vm.start().await.map_err(|e| e.to_string())?;
             GuestConn::handshake(stream, HELLO_TIMEOUT)
                 .await
@@ -832,13 +916,17 @@ impl Agent {
             c = ctl.recv() => {
                 let _ = vm.kill().await;
                 return match c {
+                    Some(Control::Migrate(job)) => {
+                        job.refuse("the sandbox was still booting");
+                        (SandboxStatus::Stopped, None, None)
+                    }
                     Some(_) => (SandboxStatus::Stopped, None, None),
                     None => failed("agent shut down during boot".into()),
                 };
             }
         };
         let boot_ms = started.elapsed().as_millis() as u64;
-        let mut session = match attached {
+        let session = match attached {
             Some(s) => s,
             None => match conn.exec(&exec).await {
                 Ok(s) => s,
@@ -852,7 +940,7 @@ impl Agent {
             .store(exec.stdin, std::sync::atomic::Ordering::Relaxed);
         *lock(&entry.main_input) = Some(session.input());
         let log_path = entry.dir.join("output.log");
-        let mut log = match OutputLog::create(
+        let log = match OutputLog::create(
             &log_path,
             entry.written.clone(),
             self.inner.cfg.max_log_bytes,
@@ -867,9 +955,36 @@ impl Agent {
             r.started_ms = Some(now_ms());
             r.boot_ms = Some(boot_ms);
         });
-        let input = session.input();
         tracing::info!(sandbox = %entry.snapshot().id, boot_ms, "workload started");
-        let mut first_output = true;
+        self.run_workload(entry, vm, conn, session, log, ctl, polite, Some(started))
+            .await
+    }
+
+    /// Relays the main workload's output to its log until it ends, serving
+    /// stop/kill/migrate requests and the guest watchdog. With `started`, logs
+    /// the time to the first output.
+    #[allow(clippy::too_many_arguments)]
+    async fn run_workload(
+        &self,
+        entry: &Arc<Entry>,
+        vm: &dyn Vm,
+        conn: Arc<GuestConn>,
+        mut session: Session,
+        mut log: OutputLog,
+        ctl: &mut mpsc::Receiver<Control>,
+        polite: &mut bool,
+        started: Option<Instant>,
+    ) -> Outcome {
+        let failed = |m: String| (SandboxStatus::Failed, None, Some(m));
+        let console = |vm: &dyn Vm| console_tail(&vm.console_log());
+        let log_path = entry.dir.join("output.log");
+        let vm_exit = vm.wait();
+        tokio::pin!(vm_exit);
+        *lock(&entry.main_session) = Some(session.id());
+        *lock(&entry.conn) = Some(conn.clone());
+        *lock(&entry.main_input) = Some(session.input());
+        let input = session.input();
+        let mut first_output = started.is_some();
         let mut stop_deadline: Option<tokio::time::Instant> = None;
         let wd = self.inner.cfg.guest_watchdog;
         let watchdog = async {
@@ -880,6 +995,8 @@ impl Agent {
                 tokio::time::sleep(wd / 3).await;
                 match tokio::time::timeout(wd, conn.ping(wd)).await {
                     Ok(Ok(())) => continue,
+                    // why: pings fail while the channel is frozen for a migration's switch-over.
+                    Ok(Err(crate::GuestError::Frozen)) => continue,
                     _ => {
                         return format!(
                             "guest agent did not answer a ping within {}s; the guest is hung",
@@ -890,6 +1007,8 @@ impl Agent {
             }
         };
         tokio::pin!(watchdog);
+        // An event the migration took off the session and handed back.
+        let mut pending: Option<Option<SessionEvent>> = None;
         let outcome = loop {
             let deadline = async {
                 match stop_deadline {
@@ -897,46 +1016,75 @@ impl Agent {
                     None => std::future::pending().await,
                 }
             };
-            tokio::select! {
-                ev = session.next() => {
-                    let rec = match ev {
-                        Some(SessionEvent::Stdout(b)) => Record::Stdout(b),
-                        Some(SessionEvent::Stderr(b)) => Record::Stderr(b),
-                        Some(SessionEvent::Started(_)) => continue,
-                        Some(SessionEvent::Exit(st)) => {
-                            let exit = ExitInfo { code: st.shell_code(), signal: st.signal };
-                            let status = if stop_deadline.is_some() { SandboxStatus::Stopped } else { SandboxStatus::Exited };
-                            break (status, Some(exit), None);
+            let ev = if let Some(ev) = pending.take() {
+                Some(ev)
+            } else {
+                tokio::select! {
+                    ev = session.next() => Some(ev),
+                    x = &mut vm_exit => break failed(format!("VM exited unexpectedly ({}){}", describe_exit(x), console(vm))),
+                    c = ctl.recv() => match c {
+                        Some(Control::Stop { grace }) => {
+                            let _ = tokio::time::timeout(Duration::from_secs(1), input.signal(libc::SIGTERM)).await;
+                            stop_deadline = Some(tokio::time::Instant::now() + grace);
+                            None
                         }
-                        Some(SessionEvent::Failed(m)) => {
-                            break exit_or(&mut vm_exit, format!("workload failed: {m}"), vm).await
+                        Some(Control::Migrate(job)) => {
+                            match crate::migration::run_source(self, entry, vm, &conn, &mut session, &mut log, job).await {
+                                crate::migration::SourceEnd::StayedHere(ev) => {
+                                    pending = ev;
+                                    None
+                                }
+                                crate::migration::SourceEnd::Moved(node) => {
+                                    *polite = false;
+                                    break (SandboxStatus::Stopped, None, Some(format!("migrated to {node}")));
+                                }
+                            }
                         }
-                        None => break exit_or(&mut vm_exit, "guest channel closed".into(), vm).await,
-                    };
-                    if std::mem::take(&mut first_output) {
-                        tracing::info!(sandbox = %entry.snapshot().id, ms = started.elapsed().as_millis() as u64, "first output");
-                    }
-                    if let Err(e) = log.append(&rec).await {
-                        break failed(format!("cannot write output log {}: {e}", log_path.display()));
-                    }
-                }
-                x = &mut vm_exit => break failed(format!("VM exited unexpectedly ({}){}", describe_exit(x), console(vm))),
-                c = ctl.recv() => match c {
-                    Some(Control::Stop { grace }) => {
-                        let _ = tokio::time::timeout(Duration::from_secs(1), input.signal(libc::SIGTERM)).await;
-                        stop_deadline = Some(tokio::time::Instant::now() + grace);
-                    }
-                    Some(Control::Kill) | None => {
+                        Some(Control::Kill) | None => {
+                            *polite = false;
+                            break (SandboxStatus::Stopped, None, None);
+                        }
+                    },
+                    _ = deadline => break (SandboxStatus::Stopped, None, None),
+                    msg = &mut watchdog => {
                         *polite = false;
-                        break (SandboxStatus::Stopped, None, None);
+                        let _ = vm.kill().await;
+                        break failed(format!("{msg}{}", console(vm)));
                     }
-                },
-                _ = deadline => break (SandboxStatus::Stopped, None, None),
-                msg = &mut watchdog => {
-                    *polite = false;
-                    let _ = vm.kill().await;
-                    break failed(format!("{msg}{}", console(vm)));
                 }
+            };
+            let Some(ev) = ev else { continue };
+            let rec = match ev {
+                Some(SessionEvent::Stdout(b)) => Record::Stdout(b),
+                Some(SessionEvent::Stderr(b)) => Record::Stderr(b),
+                Some(SessionEvent::Started(_)) => continue,
+                Some(SessionEvent::Exit(st)) => {
+                    let exit = ExitInfo {
+                        code: st.shell_code(),
+                        signal: st.signal,
+                    };
+                    let status = if stop_deadline.is_some() {
+                        SandboxStatus::Stopped
+                    } else {
+                        SandboxStatus::Exited
+                    };
+                    break (status, Some(exit), None);
+                }
+                Some(SessionEvent::Failed(m)) => {
+                    break exit_or(&mut vm_exit, format!("workload failed: {m}"), vm).await
+                }
+                None => break exit_or(&mut vm_exit, "guest channel closed".into(), vm).await,
+            };
+            if std::mem::take(&mut first_output) {
+                if let Some(t0) = started {
+                    tracing::info!(sandbox = %entry.snapshot().id, ms = t0.elapsed().as_millis() as u64, "first output");
+                }
+            }
+            if let Err(e) = log.append(&rec).await {
+                break failed(format!(
+                    "cannot write output log {}: {e}",
+                    log_path.display()
+                ));
             }
         };
         let _ = log.flush().await;
@@ -1251,6 +1399,12 @@ pub(crate) fn plan_exec(req: &CreateSandbox, image: &ImageRecord) -> Result<Gues
             .unwrap_or_else(|| image.config.user.clone()),
         stdin: req.stdin,
     })
+}
+
+/// A duplicate of a stream's socket (for queue-length ioctls).
+fn stream_fd(s: &tokio::net::UnixStream) -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::AsFd;
+    s.as_fd().try_clone_to_owned().ok()
 }
 
 /// When the guest channel fails, the VM has usually just died: prefer saying so.

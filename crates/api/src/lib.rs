@@ -5,6 +5,7 @@
 //! a silently ignored option. The OpenAPI document is generated from these types.
 
 pub mod cluster;
+pub mod migration;
 pub mod network;
 pub mod stream;
 
@@ -389,6 +390,9 @@ pub struct Info {
     pub node: String,
     pub host_cpus: u32,
     pub host_memory_mib: u64,
+    /// Unique id of this node's data dir (a migration to the same node is refused).
+    #[serde(default)]
+    pub node_id: String,
 }
 
 /// Stable, machine-readable error codes.

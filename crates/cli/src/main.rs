@@ -7,6 +7,7 @@
 
 mod client;
 mod cluster;
+mod migrate;
 mod policy;
 mod pull;
 mod warm;
@@ -97,6 +98,8 @@ enum Cmd {
     /// Manage images.
     #[command(subcommand)]
     Image(ImageCmd),
+    /// Live-migrate a running sandbox to another node (or show its progress with --status).
+    Migrate(migrate::MigrateArgs),
     /// Cluster nodes: list, cordon, uncordon, drain, remove.
     #[command(subcommand)]
     Node(cluster::NodeCmd),
@@ -296,6 +299,7 @@ async fn run(cli: Cli) -> Result<u8> {
             Ok(if err { EXIT_HEARTH_FAILED } else { 0 })
         }
         Cmd::Exec(a) => cmd_exec(&c, a).await,
+        Cmd::Migrate(a) => migrate::run(&c, a).await,
         Cmd::Stop { timeout, sandboxes } => {
             for s in sandboxes {
                 let _: Sandbox = c

@@ -5,6 +5,7 @@
 //! server drives the agent in-process.
 
 pub mod cluster;
+mod migration;
 mod openapi;
 mod policy;
 mod pull;
@@ -101,6 +102,23 @@ pub fn router(agent: Agent, token: ApiToken) -> Router {
         .route("/v1/sandboxes/{id}/stdin", post(main_stdin))
         .route("/v1/sandboxes/{id}/exec", post(exec))
         .route("/v1/sandboxes/{id}/execs/{exec_id}/stdin", post(exec_stdin))
+        .route("/v1/sandboxes/{id}/migrate", post(migration::migrate))
+        .route("/v1/sandboxes/{id}/migration", get(migration::status))
+        .route("/v1/migrations/incoming", post(migration::prepare))
+        .route(
+            "/v1/migrations/incoming/{id}",
+            axum::routing::delete(migration::abort),
+        )
+        .route(
+            "/v1/migrations/incoming/{id}/log",
+            axum::routing::put(migration::log).layer(axum::extract::DefaultBodyLimit::max(
+                migration::MAX_LOG_BODY,
+            )),
+        )
+        .route(
+            "/v1/migrations/incoming/{id}/commit",
+            post(migration::commit),
+        )
         .route("/v1/images", get(list_images))
         .route("/v1/images/import", post(import_image))
         .route("/v1/images/pull", post(pull::pull_image))

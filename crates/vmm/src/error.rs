@@ -174,6 +174,13 @@ pub enum VmmError {
     #[error("accelerator kvm was forced but is unavailable: {reason}; use `auto` or `tcg`")]
     KvmUnavailable { reason: String },
 
+    /// A live migration failed or was given up; the source VM runs on.
+    #[error("VM {id}: migration failed, the VM keeps running here: {reason}")]
+    MigrationFailed { id: String, reason: String },
+
+    /// The backend cannot do this (yet).
+    #[error("VM {id}: this backend does not support {what}")]
+    Unsupported { id: String, what: &'static str },
     /// A snapshot's files are missing, truncated or corrupted.
     #[error("snapshot `{dir}` is unusable: {reason}")]
     SnapshotInvalid { dir: PathBuf, reason: String },

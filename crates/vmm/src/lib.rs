@@ -18,6 +18,7 @@
 pub mod config;
 mod connect;
 pub mod error;
+pub mod migration;
 pub mod probe;
 pub mod process;
 pub mod qemu;
@@ -32,8 +33,10 @@ use tokio::net::UnixStream;
 
 pub use config::{Accel, AccelChoice, GuestMemory, HostLimits, NetDevice, VmConfig};
 pub use error::VmmError;
+pub use migration::{MigrationParams, MigrationProgress, MigrationState};
 pub use probe::{choose_accel, probe_accel, AccelReport, PROBE_TIMEOUT};
 pub use process::VmExit;
+pub use qemu::migrate::SwitchoverGate;
 pub use qemu::{QemuVm, QemuVmm};
 pub use record::{destroy, is_alive, kill_recorded, VmRecord};
 pub use snapshot::{HostIdentity, RamStorage, SnapshotManifest, Verify};
@@ -77,6 +80,20 @@ pub trait Vmm: Send + Sync {
     /// [`VmmError::VmGone`] when its process is gone or the pid was recycled.
     async fn adopt(&self, dir: &Path) -> Result<Box<dyn Vm>, VmmError>;
 
+    /// Starts a VM of `cfg` that, instead of booting, waits for a migration
+    /// stream on the unix socket `incoming` (see [`migration`]). It stays paused
+    /// until [`Vm::start`]; [`Vm::wait_incoming`] says when the stream is complete.
+    async fn create_incoming(
+        &self,
+        cfg: &VmConfig,
+        incoming: &Path,
+    ) -> Result<Box<dyn Vm>, VmmError> {
+        let _ = incoming;
+        Err(VmmError::Unsupported {
+            id: cfg.id.clone(),
+            what: "incoming live migration",
+        })
+    }
     /// Starts a VM from the snapshot in `snapshot` (already checked against this
     /// host with [`SnapshotManifest::check`]): `cfg` gives id, directory and
     /// hostname; vCPUs and memory come from the manifest. The VM is paused with its
@@ -126,6 +143,32 @@ pub trait Vm: Send + Sync {
     /// Resolves when the VMM process is gone.
     async fn wait(&self) -> Result<VmExit, VmmError>;
 
+    /// Live-migrates the running VM into the stream on the unix socket `dest`,
+    /// publishing progress. With a `gate`, stops at the switch-over (VM paused,
+    /// final pass pending) until the caller says go. `Ok`: the VM is paused for
+    /// good and its state is on the target. `Err`: the VM runs here again.
+    async fn migrate_out(
+        &self,
+        dest: &Path,
+        params: &MigrationParams,
+        progress: &tokio::sync::watch::Sender<MigrationProgress>,
+        gate: Option<SwitchoverGate>,
+    ) -> Result<MigrationProgress, VmmError> {
+        let _ = (dest, params, progress, gate);
+        Err(VmmError::Unsupported {
+            id: self.id().to_string(),
+            what: "live migration",
+        })
+    }
+
+    /// On a VM from [`Vmm::create_incoming`]: waits until the migration stream is complete.
+    async fn wait_incoming(&self, timeout: Duration) -> Result<(), VmmError> {
+        let _ = timeout;
+        Err(VmmError::Unsupported {
+            id: self.id().to_string(),
+            what: "incoming live migration",
+        })
+    }
     /// Pauses the VM and writes a snapshot (state, RAM, disk layer, manifest) into
     /// the new directory `dest`; then resumes or quits it as `opts.after` says.
     async fn save_snapshot(

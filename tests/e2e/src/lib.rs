@@ -71,6 +71,12 @@ pub struct DaemonOptions {
     pub env: Vec<(String, String)>,
     /// More `hearthd dev` arguments.
     pub extra_args: Vec<String>,
+    /// Run the daemon inside this network namespace (`ip netns exec`).
+    pub netns: Option<String>,
+    /// Address the API listens on (default 127.0.0.1).
+    pub listen_ip: Option<String>,
+    /// Address the tests reach the API at (default: `listen_ip`).
+    pub reach_ip: Option<String>,
     /// Called with the data dir (not yet created) before the first start, e.g. to mount it.
     pub before_start: Option<fn(&Path)>,
 }
@@ -82,6 +88,9 @@ impl Default for DaemonOptions {
             busybox: true,
             env: Vec::new(),
             extra_args: Vec::new(),
+            netns: None,
+            listen_ip: None,
+            reach_ip: None,
             before_start: None,
         }
     }
@@ -91,6 +100,8 @@ impl Default for DaemonOptions {
 pub struct Daemon {
     pub child: Option<Child>,
     pub api: String,
+    /// The API's address.
+    pub host: String,
     pub port: u16,
     pub data: tempfile::TempDir,
     pub log: PathBuf,
@@ -119,9 +130,15 @@ impl Daemon {
             .tempdir()
             .expect("tempdir");
         let port = free_port();
+        let host = opts
+            .reach_ip
+            .clone()
+            .or_else(|| opts.listen_ip.clone())
+            .unwrap_or_else(|| "127.0.0.1".into());
         let mut d = Daemon {
             child: None,
-            api: format!("http://127.0.0.1:{port}"),
+            api: format!("http://{host}:{port}"),
+            host,
             port,
             log: data.path().join("hearthd.log"),
             data,
@@ -153,7 +170,14 @@ impl Daemon {
             .append(true)
             .open(&self.log)
             .expect("log");
-        let mut cmd = Command::new(bin_dir().join("hearthd"));
+        let mut cmd = match &self.opts.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin_dir().join("hearthd"));
+                c
+            }
+            None => Command::new(bin_dir().join("hearthd")),
+        };
         // SAFETY: prctl in the forked child before exec; async-signal-safe. It
         // makes hearthd die with the test thread that started it, so a crashed
         // test run leaves no daemon behind.
@@ -166,7 +190,14 @@ impl Daemon {
         let child = cmd
             .args(["dev", "--data-dir"])
             .arg(self.data.path().join("data"))
-            .args(["--listen", &format!("127.0.0.1:{}", self.port)])
+            .args([
+                "--listen",
+                &format!(
+                    "{}:{}",
+                    self.opts.listen_ip.as_deref().unwrap_or(&self.host),
+                    self.port
+                ),
+            ])
             .args(["--accel", &self.opts.accel])
             // why: daemons of concurrent tests share the host's routing table;
             // each gets its own address pool, derived from its unique port.
@@ -281,7 +312,7 @@ impl Daemon {
         let auth = token
             .map(|t| format!("Authorization: Bearer {t}\r\n"))
             .unwrap_or_default();
-        let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
+        let mut s = TcpStream::connect((self.host.as_str(), self.port))?;
         s.set_read_timeout(Some(Duration::from_secs(30)))?;
         let body = body.unwrap_or("");
         write!(

@@ -6,6 +6,7 @@
 //! for QEMU's STOP/RESUME events.
 
 pub mod argv;
+pub mod migrate;
 mod overlay;
 pub mod snapshot;
 
@@ -100,6 +101,22 @@ impl QemuVmm {
             }
         };
         self.launch(cfg, Disk::NewOverlay, ram, Vec::new()).await
+    }
+
+    /// [`QemuVmm::create_qemu`] with `extra` appended to the contract's command line.
+    pub(crate) async fn create_with_args(
+        &self,
+        cfg: &VmConfig,
+        extra: &[String],
+    ) -> Result<QemuVm, VmmError> {
+        let ram = match cfg.memory {
+            GuestMemory::Anonymous => RamBacking::Anonymous,
+            GuestMemory::SharedFile => {
+                RamBacking::Shared(Layout::new(&absolute(&cfg.id, &cfg.dir)?).ram)
+            }
+        };
+        self.launch(cfg, Disk::NewOverlay, ram, extra.to_vec())
+            .await
     }
 
     /// Validates, prepares the directory and spawns QEMU paused with `extra` arguments.
@@ -567,6 +584,20 @@ impl Vm for QemuVm {
         Ok(self.exit.wait().await)
     }
 
+    async fn migrate_out(
+        &self,
+        dest: &Path,
+        params: &crate::MigrationParams,
+        progress: &tokio::sync::watch::Sender<crate::MigrationProgress>,
+        gate: Option<migrate::SwitchoverGate>,
+    ) -> Result<crate::MigrationProgress, VmmError> {
+        self.migrate_out_qemu(dest, params, progress, gate).await
+    }
+
+    async fn wait_incoming(&self, timeout: Duration) -> Result<(), VmmError> {
+        QemuVm::wait_incoming(self, timeout).await
+    }
+
     async fn save_snapshot(
         &self,
         dest: &Path,
@@ -598,6 +629,14 @@ impl Vmm for QemuVmm {
 
     async fn adopt(&self, dir: &Path) -> Result<Box<dyn Vm>, VmmError> {
         Ok(Box::new(self.adopt_qemu(dir).await?))
+    }
+
+    async fn create_incoming(
+        &self,
+        cfg: &VmConfig,
+        incoming: &Path,
+    ) -> Result<Box<dyn Vm>, VmmError> {
+        Ok(Box::new(self.create_incoming_qemu(cfg, incoming).await?))
     }
 
     async fn restore(

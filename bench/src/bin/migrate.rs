@@ -1,0 +1,330 @@
+//! Live migration: total time and downtime of `hearth migrate` between two
+//! `hearthd dev` nodes, beside a bare QEMU-to-QEMU migration of the same guest
+//! (same kernel, initramfs, root filesystem, memory and workload, QEMU driven
+//! directly over QMP, stream on a local unix socket), in the same run.
+//!
+//! Loads: `idle` (a counter printing every 20 ms) and `dirty` (the counter
+//! plus a loop rewriting 16 MiB of guest memory continuously).
+//! Columns: total = request to target running (Hearth) / `migrate` to
+//! completed (bare); downtime = the VM pause QEMU measured; handover = source
+//! paused to target confirmed (guest channel re-attached); stall = gap in the
+//! guest's output as the host relays it (last line from the source, first new
+//! line from the target).
+//!
+//! Usage: migrate [RUNS] [MEMORY_MIB,...]   (default 3 runs, 256 and 1024 MiB)
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hearth_agent::guest_conn::GuestConn;
+use hearth_agent::SessionEvent;
+use hearth_e2e::{images, Daemon, DaemonOptions};
+use hearth_vmm::{Accel, MigrationParams, MigrationProgress, QemuVmm, Vm, VmConfig};
+
+const COUNTER: &str = "i=0; while true; do echo $i; i=$((i+1)); usleep 20000; done";
+const DIRTY: &str = "(while true; do dd if=/dev/zero of=/dev/shm/d bs=1M count=16 conv=notrunc 2>/dev/null; done) & ";
+
+fn cache_current(file: &str) -> PathBuf {
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    PathBuf::from(home).join(".cache/hearth/current").join(file)
+}
+
+fn workload(dirty: bool) -> String {
+    if dirty {
+        format!("{DIRTY}{COUNTER}")
+    } else {
+        COUNTER.to_string()
+    }
+}
+
+#[derive(Default, Clone)]
+struct Sample {
+    total: Duration,
+    downtime_ms: u64,
+    handover_ms: Option<u64>,
+    stall: Option<Duration>,
+    iterations: u64,
+    throttle: u64,
+    /// Bare only: the guest answered a Ping on the target within 20 s.
+    alive: Option<bool>,
+}
+
+/// Output lines with the time the host relayed them.
+type Lines = Arc<Mutex<Vec<(Instant, u64)>>>;
+
+fn follow(d: &Daemon, sandbox: &str) -> (std::process::Child, Lines) {
+    let mut child = d
+        .cmd(&["logs", "-f", sandbox])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("logs -f");
+    let out = child.stdout.take().expect("stdout");
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let l2 = lines.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if let Ok(v) = line.trim().parse() {
+                l2.lock().unwrap().push((Instant::now(), v));
+            }
+        }
+    });
+    (child, lines)
+}
+
+fn wait_lines(lines: &Lines, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while lines.lock().unwrap().len() < n {
+        assert!(Instant::now() < deadline, "workload output did not arrive");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn hearth_run(a: &Daemon, b: &Daemon, mib: u32, dirty: bool) -> Sample {
+    let out = a.hearth(&[
+        "run",
+        "--detach",
+        "--memory",
+        &mib.to_string(),
+        "--name",
+        "bench",
+        "busybox",
+        "--",
+        "sh",
+        "-c",
+        &workload(dirty),
+    ]);
+    assert!(out.status.success(), "{}", hearth_e2e::show(&out));
+    let (mut src_f, src_lines) = follow(a, "bench");
+    // Let the load run for a while (2 s of output) before migrating.
+    wait_lines(&src_lines, 100);
+    let tf = b.data_dir().join("api-token");
+    let t0 = Instant::now();
+    let out = a.hearth(&[
+        "migrate",
+        "bench",
+        "--to",
+        &b.api,
+        "--to-token-file",
+        tf.to_str().unwrap(),
+        "--json",
+    ]);
+    let total = t0.elapsed();
+    assert!(out.status.success(), "{}", hearth_e2e::show(&out));
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status");
+    let (mut dst_f, dst_lines) = follow(b, "bench");
+    let last = *src_lines.lock().unwrap().last().expect("source lines");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let stall = loop {
+        if let Some(first) = dst_lines.lock().unwrap().iter().find(|(_, v)| *v > last.1) {
+            break Some(first.0.duration_since(last.0));
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let _ = src_f.kill();
+    let _ = dst_f.kill();
+    let _ = src_f.wait();
+    let _ = dst_f.wait();
+    let out = b.hearth(&["rm", "-f", "bench"]);
+    assert!(out.status.success(), "{}", hearth_e2e::show(&out));
+    Sample {
+        total,
+        downtime_ms: st["downtime_ms"].as_u64().unwrap_or(0),
+        handover_ms: st["handover_ms"].as_u64(),
+        stall,
+        iterations: st["iterations"].as_u64().unwrap_or(0),
+        throttle: st["cpu_throttle_percent"].as_u64().unwrap_or(0),
+        alive: None,
+    }
+}
+
+async fn bare_run(rootfs: &std::path::Path, mib: u32, dirty: bool) -> Sample {
+    let tmp = tempfile::Builder::new()
+        .prefix("bm")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let cfg = |id: &str| VmConfig {
+        id: id.into(),
+        dir: tmp.path().join(id),
+        kernel: cache_current("vmlinux"),
+        initrd: cache_current("initramfs.cpio.gz"),
+        rootfs: rootfs.to_path_buf(),
+        cpus: 1,
+        memory_mib: mib,
+        hostname: "bench".into(),
+        extra_cmdline: vec![],
+        accel: Accel::Tcg,
+        net: None,
+        memory: hearth_vmm::GuestMemory::SharedFile,
+    };
+    let vmm = QemuVmm::new().expect("qemu");
+    let src = vmm.create_qemu(&cfg("src")).await.expect("source VM");
+    let stream = src.connect_agent().await.expect("agent socket");
+    src.start().await.expect("start");
+    let conn = GuestConn::handshake(stream, Duration::from_secs(120))
+        .await
+        .expect("hello");
+    let mut session = conn
+        .exec(&hearth_proto::ExecRequest {
+            argv: vec!["sh".into(), "-c".into(), workload(dirty)],
+            env: vec!["PATH=/usr/sbin:/usr/bin:/sbin:/bin".into()],
+            workdir: "/".into(),
+            user: String::new(),
+            stdin: false,
+        })
+        .await
+        .expect("exec");
+    // Let the load run for 2 s of output, then keep draining in the background.
+    let mut n = 0;
+    while n < 100 {
+        match session.next().await {
+            Some(SessionEvent::Stdout(b)) => n += b.iter().filter(|c| **c == b'\n').count(),
+            Some(SessionEvent::Started(_)) | Some(SessionEvent::Stderr(_)) => {}
+            other => panic!("workload ended: {other:?}"),
+        }
+    }
+    let drain = tokio::spawn(async move { while session.next().await.is_some() {} });
+    let sock = tmp.path().join("in.sock");
+    let dst = vmm
+        .create_incoming_qemu(&cfg("dst"), &sock)
+        .await
+        .expect("target VM");
+    // With HEARTH_BENCH_TUNNEL, the stream goes through Hearth's TCP tunnel.
+    let out_sock = if std::env::var_os("HEARTH_BENCH_TUNNEL").is_some() {
+        use hearth_agent::migration::tunnel;
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let ticket = tunnel::new_ticket();
+        let (t2, s2) = (ticket.clone(), sock.clone());
+        tokio::spawn(async move { tunnel::serve_target(tcp, t2, &s2).await });
+        let src_sock = tmp.path().join("out.sock");
+        let l = tokio::net::UnixListener::bind(&src_sock).unwrap();
+        let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        tokio::spawn(tunnel::serve_source(l, addr, ticket, sent));
+        src_sock
+    } else {
+        sock.clone()
+    };
+    let (tx, _rx) = tokio::sync::watch::channel(MigrationProgress::default());
+    let t0 = Instant::now();
+    let p = src
+        .migrate_out(&out_sock, &MigrationParams::default(), &tx, None)
+        .await
+        .expect("bare migration");
+    let total = t0.elapsed();
+    dst.wait_incoming(Duration::from_secs(60))
+        .await
+        .expect("incoming");
+    drain.abort();
+    // Is the guest alive on the target? (Hearth checks this with a Ping before it commits.)
+    let stream = dst.connect_agent().await.expect("target agent socket");
+    dst.start().await.expect("start target");
+    let target = GuestConn::reattach(
+        stream,
+        conn.hello().cloned().expect("booted guest said hello"),
+        1000,
+    );
+    let alive = target.ping(Duration::from_secs(20)).await.is_ok();
+    for vm in [&src as &dyn Vm, &dst] {
+        let _ = vm.kill().await;
+        let _ = vm.wait().await;
+    }
+    Sample {
+        total,
+        downtime_ms: p.downtime_ms.unwrap_or(0),
+        iterations: p.iterations,
+        throttle: p.cpu_throttle_percent,
+        alive: Some(alive),
+        ..Default::default()
+    }
+}
+
+fn p50<T: Ord + Copy>(mut v: Vec<T>) -> Option<T> {
+    v.sort();
+    v.get(v.len().saturating_sub(1) / 2).copied()
+}
+
+fn report(guest: u32, load: &str, path: &str, s: &[Sample]) {
+    let ms = |d: Duration| d.as_millis() as u64;
+    let total: Vec<u64> = s.iter().map(|x| ms(x.total)).collect();
+    let down: Vec<u64> = s.iter().map(|x| x.downtime_ms).collect();
+    let hand: Vec<u64> = s.iter().filter_map(|x| x.handover_ms).collect();
+    let stall: Vec<u64> = s.iter().filter_map(|x| x.stall.map(ms)).collect();
+    let f = |v: Option<u64>| v.map(|x| x.to_string()).unwrap_or_else(|| "-".into());
+    let max = |v: &[u64]| v.iter().max().copied();
+    println!(
+        "| {guest:>5} MiB | {load:<5} | {path:<6} | {:>2} | {:>6} | {:>6} | {:>5} | {:>5} | {:>6} | {:>6} | {:>4} | {:>4} |",
+        s.len(),
+        f(p50(total.clone())),
+        f(max(&total)),
+        f(p50(down.clone())),
+        f(max(&down)),
+        f(p50(hand)),
+        f(p50(stall)),
+        f(p50(s.iter().map(|x| x.iterations).collect())),
+        f(p50(s.iter().map(|x| x.throttle).collect())),
+    );
+    let dead = s.iter().filter(|x| x.alive == Some(false)).count();
+    if dead > 0 {
+        println!("  ({path} {guest} MiB {load}: the guest did not answer a Ping on the target in {dead} of {} runs)", s.len());
+    }
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let runs: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(3);
+    let sizes: Vec<u32> = args
+        .next()
+        .map(|a| a.split(',').filter_map(|x| x.parse().ok()).collect())
+        .unwrap_or_else(|| vec![256, 1024]);
+    let opts = DaemonOptions {
+        busybox: false,
+        ..Default::default()
+    };
+    let a = Daemon::start_with(opts.clone());
+    let b = Daemon::start_with(opts);
+    let rootfs_dir = a.data.path().join("busybox-rootfs");
+    images::busybox_rootfs(&rootfs_dir);
+    for d in [&a, &b] {
+        let out = d.hearth(&[
+            "image",
+            "import",
+            "--name",
+            "busybox",
+            rootfs_dir.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{}", hearth_e2e::show(&out));
+    }
+    let ext4 = std::fs::read_dir(a.data_dir().join("images/blobs/sha256"))
+        .expect("image blobs")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "ext4"))
+        .expect("the busybox ext4");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    println!("live migration, {runs} runs each (TCG, 1 vCPU, loopback; times in ms)\n");
+    println!("| guest     | load  | path   | n  | total  | max    | down  | max   | handov | stall  | iter | thr% |");
+    println!("|-----------|-------|--------|----|--------|--------|-------|-------|--------|--------|------|------|");
+    for &mib in &sizes {
+        for (load, dirty) in [("idle", false), ("dirty", true)] {
+            let mut bare = Vec::new();
+            let mut hearth = Vec::new();
+            for _ in 0..runs {
+                bare.push(rt.block_on(bare_run(&ext4, mib, dirty)));
+                if std::env::var_os("HEARTH_BENCH_BARE_ONLY").is_none() {
+                    hearth.push(hearth_run(&a, &b, mib, dirty));
+                }
+            }
+            report(mib, load, "bare", &bare);
+            report(mib, load, "hearth", &hearth);
+        }
+    }
+}

@@ -1,0 +1,1000 @@
+//! Live migration of a running sandbox between two node agents.
+//!
+//! Source (`Agent::migrate`): ask the target to `prepare` (it checks the image,
+//! starts an incoming VM and issues a one-time ticket), then hand the job to
+//! the sandbox's lifecycle task, which owns the VM and the guest channel
+//! ([`run_source`]): pre-copy through the [`tunnel`] while output keeps
+//! flowing; at the switch-over (VM paused) freeze the guest channel so nothing
+//! is in flight to a VM whose memory was already copied; after the final pass
+//! drain the output, send the log and `commit`. The target starts the VM,
+//! re-attaches to the guest agent (Ping), adopts the main session and takes
+//! over the record. Only then is the source VM killed. Every failure before
+//! the commit resumes the source and removes the target's VM. The phases are
+//! the pure machine in [`phase`], recorded in `DIR/migration.json`.
+
+mod peer;
+pub mod phase;
+pub mod tunnel;
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hearth_api::migration::{
+    IncomingAccepted, IncomingCommit, IncomingOffer, MigrateSandbox, MigrationStatus,
+};
+use hearth_api::stream::Record;
+use hearth_api::{ErrorCode, Sandbox, SandboxStatus};
+use hearth_proto::{Hello, PROTOCOL_VERSION};
+use hearth_vmm::{MigrationParams, MigrationProgress, SwitchoverGate, Vm, VmConfig, Vmm};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::guest_conn::{GuestConn, Session, SessionEvent};
+use crate::sandbox::{lock, now_ms, persist, Control, Entry, OutputLog};
+use crate::{Agent, AgentError};
+use peer::{Peer, PeerError};
+use phase::{MigrationRecord, Phase};
+
+/// Bound on the target receiving the whole stream once the source completed.
+const INCOMING_COMPLETE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Bound on the guest answering a Ping on the target.
+const TARGET_PING_TIMEOUT: Duration = Duration::from_secs(30);
+/// An incoming VM nobody commits is removed after this long.
+const INCOMING_TTL: Duration = Duration::from_secs(600);
+/// Bound on the switch-over quiesce (writer flush, socket drained).
+const QUIESCE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often the source asks an unreachable target after the commit.
+const ASK_TARGET_ATTEMPTS: u32 = 5;
+
+/// This data dir's node id (random, kept in DATA_DIR/node-id).
+pub(crate) fn node_id(data_dir: &std::path::Path) -> Result<String, AgentError> {
+    let path = data_dir.join("node-id");
+    if let Ok(s) = std::fs::read_to_string(&path) {
+        let s = s.trim();
+        if !s.is_empty() {
+            return Ok(s.to_string());
+        }
+    }
+    let id = tunnel::new_ticket()[..32].to_string();
+    std::fs::write(&path, &id).map_err(|source| AgentError::Io {
+        what: format!("write {}", path.display()),
+        source,
+    })?;
+    Ok(id)
+}
+
+/// Migrations this agent takes part in.
+#[derive(Default)]
+pub(crate) struct Registry {
+    /// Sandboxes with a migration in progress (source side).
+    active: Mutex<HashSet<String>>,
+    /// Last status of each migration, by sandbox id and by name.
+    status: Mutex<HashMap<String, watch::Receiver<MigrationStatus>>>,
+    /// Incoming VMs waiting for their commit (target side).
+    incoming: Mutex<HashMap<String, Arc<Incoming>>>,
+}
+
+struct ActiveGuard<'a>(&'a Registry, String);
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        lock(&self.0.active).remove(&self.1);
+    }
+}
+
+enum Slot {
+    /// The incoming VM, and its guest channel, connected before the state
+    /// arrives so the guest never sees its host side close.
+    Waiting(Box<dyn Vm>, tokio::net::UnixStream),
+    Committed,
+    Removed,
+}
+
+struct Incoming {
+    offer: IncomingOffer,
+    dir: std::path::PathBuf,
+    slot: tokio::sync::Mutex<Slot>,
+    tunnel: tokio::task::AbortHandle,
+}
+
+/// The work the lifecycle task does for a migration (see [`run_source`]).
+pub(crate) struct SourceJob {
+    peer: Peer,
+    ticket: String,
+    tunnel_addr: SocketAddr,
+    params: MigrationParams,
+    status: watch::Sender<MigrationStatus>,
+    started: Instant,
+    reply: oneshot::Sender<Result<String, AgentError>>,
+}
+
+impl SourceJob {
+    /// The lifecycle task cannot migrate now.
+    pub(crate) fn refuse(self, why: &str) {
+        let _ = self
+            .reply
+            .send(Err(AgentError::Conflict(format!("cannot migrate: {why}"))));
+    }
+
+    fn set_phase(&self, entry: &Entry, phase: Phase) {
+        let rec = MigrationRecord {
+            version: 1,
+            sandbox: entry.snapshot().id,
+            target: self.peer.base().to_string(),
+            phase,
+        };
+        if let Ok(bytes) = serde_json::to_vec_pretty(&rec) {
+            let _ = std::fs::write(entry.dir.join("migration.json"), bytes);
+        }
+        let name = serde_json::to_value(phase)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        let elapsed = self.started.elapsed().as_millis() as u64;
+        self.status.send_modify(|s| {
+            s.phase = name;
+            s.elapsed_ms = elapsed;
+        });
+    }
+
+    fn progress(&self, p: &MigrationProgress, tunnel_bytes: u64) {
+        let elapsed = self.started.elapsed().as_millis() as u64;
+        self.status.send_modify(|s| {
+            s.elapsed_ms = elapsed;
+            s.bytes_sent = p.bytes_sent.max(tunnel_bytes);
+            s.ram_total = p.ram_total;
+            s.ram_remaining = p.ram_remaining;
+            s.dirty_pages_rate = p.dirty_pages_rate;
+            s.iterations = p.iterations;
+            s.throughput_bps = p.throughput_bps;
+            s.cpu_throttle_percent = p.cpu_throttle_percent;
+            s.downtime_ms = p.downtime_ms.or(s.downtime_ms);
+            s.disk_transferred = p.disk_transferred;
+        });
+    }
+
+    fn end(self, entry: &Entry, phase: Phase, result: Result<String, AgentError>) {
+        self.set_phase(entry, phase);
+        if let Err(e) = &result {
+            self.status.send_modify(|s| s.error = Some(e.to_string()));
+        }
+        let _ = self.reply.send(result);
+    }
+}
+
+/// How [`run_source`] ended for the lifecycle task.
+pub(crate) enum SourceEnd {
+    /// The sandbox runs here (again); an output event taken off the session
+    /// during the attempt, if any, is handed back.
+    StayedHere(Option<Option<SessionEvent>>),
+    /// The target runs it (node name); release the VM.
+    Moved(String),
+}
+
+/// Bytes queued in a socket: unread (`FIONREAD`) or unsent to the peer (`TIOCOUTQ`).
+fn queued(fd: &std::os::fd::OwnedFd, request: libc::c_ulong) -> usize {
+    use std::os::fd::AsRawFd;
+    let mut n: libc::c_int = 0;
+    // SAFETY: ioctl FIONREAD/TIOCOUTQ on a socket fd we own writes one c_int to `n`.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), request, &mut n) };
+    if r < 0 {
+        0
+    } else {
+        n.max(0) as usize
+    }
+}
+
+/// Waits until the VMM has taken everything we wrote into the guest channel;
+/// else says how many bytes it left.
+async fn outgoing_drained(entry: &Entry) -> Result<(), String> {
+    let deadline = Instant::now() + QUIESCE_TIMEOUT;
+    loop {
+        let n = match lock(&entry.chan_fd).as_ref() {
+            Some(fd) => queued(fd, libc::TIOCOUTQ),
+            None => 0,
+        };
+        if n == 0 {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "{n} bytes for the guest were still queued in its channel after {QUIESCE_TIMEOUT:?}"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+async fn append(log: &mut OutputLog, ev: SessionEvent) -> Option<SessionEvent> {
+    let rec = match ev {
+        SessionEvent::Stdout(b) => Record::Stdout(b),
+        SessionEvent::Stderr(b) => Record::Stderr(b),
+        SessionEvent::Started(_) => return None,
+        other => return Some(other),
+    };
+    if let Err(e) = log.append(&rec).await {
+        tracing::warn!("output log append during migration failed: {e}");
+    }
+    None
+}
+
+/// After the final pass: take in every output frame the source VM sent.
+async fn drain(entry: &Entry, session: &mut Session, log: &mut OutputLog) -> Option<SessionEvent> {
+    let deadline = Instant::now() + QUIESCE_TIMEOUT;
+    let mut end = None;
+    let mut quiet = 0;
+    loop {
+        let mut got = false;
+        while let Some(ev) = session.try_next() {
+            got = true;
+            if let Some(e) = append(log, ev).await {
+                end.get_or_insert(e);
+            }
+        }
+        let unread = match lock(&entry.chan_fd).as_ref() {
+            Some(fd) => queued(fd, libc::FIONREAD),
+            None => 0,
+        };
+        quiet = if got || unread > 0 { 0 } else { quiet + 1 };
+        // why: the reader task may hold a frame between the socket and the session.
+        if quiet >= 3 || Instant::now() >= deadline {
+            return end;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Runs a migration inside the sandbox's lifecycle task.
+pub(crate) async fn run_source(
+    _agent: &Agent,
+    entry: &Arc<Entry>,
+    vm: &dyn Vm,
+    conn: &Arc<GuestConn>,
+    session: &mut Session,
+    log: &mut OutputLog,
+    job: SourceJob,
+) -> SourceEnd {
+    let id = entry.snapshot().id;
+    let sock = entry.dir.join("vm").join("migrate.sock");
+    let _ = std::fs::remove_file(&sock);
+    let listener = match tokio::net::UnixListener::bind(&sock) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = job.peer.abort(&id).await;
+            let msg = format!("cannot listen on {}: {e}", sock.display());
+            job.end(entry, Phase::Aborted, Err(AgentError::Migration(msg)));
+            return SourceEnd::StayedHere(None);
+        }
+    };
+    job.set_phase(entry, Phase::Precopy);
+    let sent = Arc::new(AtomicU64::new(0));
+    let tunnel = tokio::spawn(tunnel::serve_source(
+        listener,
+        job.tunnel_addr,
+        job.ticket.clone(),
+        sent.clone(),
+    ));
+    let (ptx, mut prx) = watch::channel(MigrationProgress::default());
+    let (reached_tx, reached_rx) = oneshot::channel();
+    let (proceed_tx, proceed_rx) = oneshot::channel();
+    let gate = SwitchoverGate {
+        reached: reached_tx,
+        proceed: proceed_rx,
+    };
+    let mut reached_rx = Some(reached_rx);
+    let mut proceed_tx = Some(proceed_tx);
+    let mut paused_at: Option<Instant> = None;
+    let mut stash: Option<Option<SessionEvent>> = None;
+    let mut refused: Option<String> = None;
+    let result = {
+        let mig = vm.migrate_out(&sock, &job.params, &ptx, Some(gate));
+        tokio::pin!(mig);
+        loop {
+            tokio::select! {
+                r = &mut mig => break r,
+                r = async { reached_rx.as_mut().expect("guarded").await }, if reached_rx.is_some() => {
+                    reached_rx = None;
+                    if r.is_ok() {
+                        paused_at = Some(Instant::now());
+                        job.set_phase(entry, Phase::Switchover);
+                        let quiet = match conn.freeze(QUIESCE_TIMEOUT).await {
+                            Ok(()) => outgoing_drained(entry).await,
+                            Err(e) => Err(format!("the guest channel's writer did not flush: {e}")),
+                        };
+                        if let Err(why) = &quiet {
+                            tracing::warn!(sandbox = %id, "guest channel did not quiesce ({why}); cancelling the switch-over");
+                            refused = Some(why.clone());
+                        } else if stash.is_some() {
+                            refused = Some("the workload ended".into());
+                        }
+                        if let Some(tx) = proceed_tx.take() {
+                            let _ = tx.send(refused.is_none());
+                        }
+                    }
+                }
+                r = prx.changed() => {
+                    if r.is_ok() {
+                        let p = prx.borrow_and_update().clone();
+                        job.progress(&p, sent.load(Ordering::Relaxed));
+                    }
+                }
+                ev = session.next(), if stash.is_none() => match ev {
+                    Some(ev) => {
+                        if let Some(end) = append(log, ev).await {
+                            // why: the workload ended; there is nothing left to move.
+                            stash = Some(Some(end));
+                            tunnel.abort();
+                        }
+                    }
+                    None => {
+                        stash = Some(None);
+                        tunnel.abort();
+                    }
+                },
+            }
+        }
+    };
+    let _ = std::fs::remove_file(&sock);
+    let progress = match result {
+        Ok(p) => p,
+        Err(e) => {
+            conn.thaw();
+            // why: the target may be unreachable (a cut link); its VM is removed
+            // by this abort when it gets through, else by its incoming TTL.
+            let peer = job.peer.clone();
+            let id2 = id.clone();
+            tokio::spawn(async move { peer.abort(&id2).await });
+            let why = match refused {
+                Some(r) => format!("switch-over refused: {r}"),
+                None => e.to_string(),
+            };
+            let msg = format!(
+                "migration of sandbox {id} to {} failed before the switch-over; it keeps running here: {why}",
+                job.peer.base()
+            );
+            job.end(entry, Phase::Aborted, Err(AgentError::Migration(msg)));
+            return SourceEnd::StayedHere(stash);
+        }
+    };
+    job.progress(&progress, sent.load(Ordering::Relaxed));
+    let paused_at = paused_at.unwrap_or_else(Instant::now);
+
+    // The whole state is on the target; the source VM is paused for good unless we resume it.
+    let end = drain(entry, session, log).await;
+    let _ = log.flush().await;
+    let resume_here = |why: String| async move {
+        let resumed = vm.resume().await;
+        conn.thaw();
+        match resumed {
+            Ok(()) => why,
+            Err(e) => format!("{why}; resuming the source VM failed too: {e}"),
+        }
+    };
+    if stash.is_some() || end.is_some() {
+        let _ = job.peer.abort(&id).await;
+        let msg = resume_here(format!(
+            "the workload of sandbox {id} ended during the migration; it stays here"
+        ))
+        .await;
+        job.end(entry, Phase::Aborted, Err(AgentError::Migration(msg)));
+        return SourceEnd::StayedHere(stash.or(end.map(Some)));
+    }
+    let log_bytes = tokio::fs::read(entry.dir.join("output.log"))
+        .await
+        .unwrap_or_default();
+    if let Err(e) = job.peer.put_log(&id, log_bytes).await {
+        let _ = job.peer.abort(&id).await;
+        let msg = resume_here(format!(
+            "sending the output log of sandbox {id} failed ({e}); it keeps running here"
+        ))
+        .await;
+        job.end(entry, Phase::Aborted, Err(AgentError::Migration(msg)));
+        return SourceEnd::StayedHere(None);
+    }
+    let rec = entry.snapshot();
+    let hello = conn.hello();
+    let commit = IncomingCommit {
+        main_session: session.id(),
+        unacked_bytes: session.unacked(),
+        next_session: conn.next_session_id(),
+        orphan_sessions: conn
+            .live_sessions()
+            .into_iter()
+            .filter(|s| *s != session.id())
+            .collect(),
+        guest_agent_version: hello.map(|h| h.agent_version.clone()).unwrap_or_default(),
+        guest_kernel_release: hello.map(|h| h.kernel_release.clone()).unwrap_or_default(),
+        started_ms: rec.started_ms,
+        boot_ms: rec.boot_ms,
+    };
+    job.set_phase(entry, Phase::Committing);
+    let mut outcome = job.peer.commit(&id, &commit).await.map(|sb| sb.node);
+    let mut attempts = 0;
+    loop {
+        match outcome {
+            Ok(node) => {
+                session.hand_over();
+                let handover = paused_at.elapsed().as_millis() as u64;
+                job.status.send_modify(|s| s.handover_ms = Some(handover));
+                job.end(entry, Phase::Completed, Ok(node.clone()));
+                return SourceEnd::Moved(node);
+            }
+            Err(PeerError::Refused { error, .. })
+                if attempts > 0 && error.code == ErrorCode::Conflict =>
+            {
+                // The abort found the sandbox committed: it runs there.
+                session.hand_over();
+                let there = job.peer.base().to_string();
+                job.end(entry, Phase::Completed, Ok(there.clone()));
+                return SourceEnd::Moved(there);
+            }
+            Err(PeerError::Refused { error, .. }) => {
+                let msg = resume_here(format!(
+                    "the target refused to take over sandbox {id} ({}); its VM there is removed and the sandbox keeps running here",
+                    error.message
+                ))
+                .await;
+                job.end(entry, Phase::Aborted, Err(AgentError::Migration(msg)));
+                return SourceEnd::StayedHere(None);
+            }
+            Err(e @ PeerError::Unreachable { .. }) => {
+                job.set_phase(entry, Phase::Unresolved);
+                attempts += 1;
+                if attempts > ASK_TARGET_ATTEMPTS {
+                    let msg = format!(
+                        "the target did not answer after the switch-over ({e}); sandbox {id} is paused here and may run there: resolve by retrying when the target is reachable"
+                    );
+                    job.end(entry, Phase::Unresolved, Err(AgentError::Migration(msg)));
+                    return SourceEnd::StayedHere(None);
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                outcome = match job.peer.abort(&id).await {
+                    Ok(()) => Err(PeerError::Refused {
+                        url: job.peer.base().to_string(),
+                        error: hearth_api::ApiError::new(
+                            ErrorCode::VmFailed,
+                            "the target removed its VM after an unanswered commit",
+                        ),
+                    }),
+                    Err(e) => Err(e),
+                };
+            }
+        }
+    }
+}
+
+fn params_from(req: &MigrateSandbox) -> Result<MigrationParams, AgentError> {
+    let d = MigrationParams::default();
+    let p = MigrationParams {
+        downtime_limit: req
+            .downtime_limit_ms
+            .map(Duration::from_millis)
+            .unwrap_or(d.downtime_limit),
+        max_bandwidth: req
+            .max_bandwidth_mib
+            .map(|m| m.saturating_mul(1 << 20))
+            .unwrap_or(d.max_bandwidth),
+        auto_converge: true,
+        // why: a base image of the same digest is not byte-identical across nodes
+        // (mkfs.ext4 -d writes times and a random hash seed), so the whole disk moves.
+        overlay_only: false,
+        max_iterations: req.max_iterations.unwrap_or(d.max_iterations),
+        give_up_after: req
+            .give_up_after_secs
+            .map(Duration::from_secs)
+            .unwrap_or(d.give_up_after),
+    };
+    if p.downtime_limit.is_zero() || p.max_bandwidth == 0 || p.give_up_after.is_zero() {
+        return Err(AgentError::InvalidArgument(
+            "downtime_limit_ms, max_bandwidth_mib and give_up_after_secs must be positive".into(),
+        ));
+    }
+    Ok(p)
+}
+
+fn peer_error(e: PeerError) -> AgentError {
+    match e {
+        PeerError::Refused { url, error } => {
+            let msg = format!("target {url}: {}", error.message);
+            match error.code {
+                ErrorCode::ImageNotFound => AgentError::ImageMissing(msg),
+                ErrorCode::Conflict => AgentError::Conflict(msg),
+                ErrorCode::InvalidArgument | ErrorCode::BadRequest => {
+                    AgentError::InvalidArgument(msg)
+                }
+                _ => AgentError::Migration(msg),
+            }
+        }
+        e @ PeerError::Unreachable { .. } => AgentError::Migration(e.to_string()),
+    }
+}
+
+impl Agent {
+    /// Live-migrates a running sandbox to the node whose API is `req.target`.
+    /// Returns when the target runs it (the sandbox is then gone from here),
+    /// or with an error saying where it runs.
+    pub async fn migrate(
+        &self,
+        id_or_name: &str,
+        req: MigrateSandbox,
+    ) -> Result<MigrationStatus, AgentError> {
+        let params = params_from(&req)?;
+        let entry = self.entry(id_or_name)?;
+        let rec = entry.snapshot();
+        if rec.network.is_some() {
+            return Err(AgentError::Conflict(format!(
+                "sandbox '{}' has a network device; live migration serves sandboxes started with --network none for now (the target cannot take over its tap and address yet)",
+                rec.id
+            )));
+        }
+        if rec
+            .start_path
+            .is_some_and(|p| p != hearth_api::StartPath::Cold)
+        {
+            return Err(AgentError::Conflict(format!(
+                "sandbox '{}' was started from a template, snapshot or warm pool; live migration serves cold-booted sandboxes for now",
+                rec.id
+            )));
+        }
+        if rec.status != SandboxStatus::Running {
+            return Err(AgentError::Conflict(format!(
+                "sandbox '{}' is {:?}, not running; only a running sandbox can migrate",
+                rec.id, rec.status
+            )));
+        }
+        let reg = &self.inner.migrations;
+        if !lock(&reg.active).insert(rec.id.clone()) {
+            return Err(AgentError::Conflict(format!(
+                "sandbox '{}' is already migrating; see `hearth migrate --status {}`",
+                rec.id, rec.id
+            )));
+        }
+        let _guard = ActiveGuard(reg, rec.id.clone());
+        let started = Instant::now();
+        let (status, status_rx) = watch::channel(MigrationStatus {
+            sandbox: rec.id.clone(),
+            target: req.target.clone(),
+            phase: "preparing".into(),
+            ..Default::default()
+        });
+        {
+            let mut m = lock(&reg.status);
+            m.insert(rec.id.clone(), status_rx.clone());
+            if let Some(n) = &rec.name {
+                m.insert(n.clone(), status_rx.clone());
+            }
+        }
+        let fail = |e: AgentError| {
+            status.send_modify(|s| {
+                s.phase = "aborted".into();
+                s.error = Some(e.to_string());
+            });
+            e
+        };
+        let peer = Peer::new(&req.target, &req.target_token);
+        let info = peer.info().await.map_err(|e| fail(peer_error(e)))?;
+        if info.node_id == self.inner.node_id {
+            return Err(fail(AgentError::Conflict(format!(
+                "sandbox '{}' already runs on {} (node {}); migrate it to another node",
+                rec.id, req.target, info.node
+            ))));
+        }
+        let offer = IncomingOffer {
+            sandbox: rec.clone(),
+            source_node_id: self.inner.node_id.clone(),
+            hostname: rec
+                .name
+                .clone()
+                .unwrap_or_else(|| rec.id.clone())
+                .replace('_', "-"),
+            stdin_open: entry.stdin_open.load(Ordering::Relaxed),
+        };
+        let accepted = peer.offer(&offer).await.map_err(|e| fail(peer_error(e)))?;
+        let host = peer.host().unwrap_or_else(|| "127.0.0.1".into());
+        let tunnel_addr = match tokio::net::lookup_host((host.as_str(), accepted.port))
+            .await
+            .ok()
+            .and_then(|mut a| a.next())
+        {
+            Some(a) => a,
+            None => {
+                let _ = peer.abort(&rec.id).await;
+                return Err(fail(AgentError::Migration(format!(
+                    "cannot resolve the target host {host}"
+                ))));
+            }
+        };
+        let (reply, reply_rx) = oneshot::channel();
+        let job = SourceJob {
+            peer: peer.clone(),
+            ticket: accepted.ticket.clone(),
+            tunnel_addr,
+            params,
+            status,
+            started,
+            reply,
+        };
+        let ctl = lock(&entry.control).clone();
+        let sent = match ctl {
+            Some(ctl) => ctl.send(Control::Migrate(job)).await.is_ok(),
+            None => false,
+        };
+        let result = if sent {
+            reply_rx.await.unwrap_or_else(|_| {
+                Err(AgentError::Migration(format!(
+                    "sandbox '{}' ended while migrating",
+                    rec.id
+                )))
+            })
+        } else {
+            let _ = peer.abort(&rec.id).await;
+            Err(AgentError::Conflict(format!(
+                "sandbox '{}' is not running any more",
+                rec.id
+            )))
+        };
+        match result {
+            Ok(_node) => {
+                // The target runs it: wait for the lifecycle task to kill the
+                // source VM, then forget the sandbox here.
+                let mut fin = entry.finished.subscribe();
+                let _ = fin.wait_for(|f| *f).await;
+                let _ = hearth_vmm::destroy(&entry.dir.join("vm"));
+                let _ = std::fs::remove_dir_all(&entry.dir);
+                lock(&self.inner.sandboxes).remove(&rec.id);
+                let s = status_rx.borrow().clone();
+                Ok(s)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The current or last migration of a sandbox (by id or name).
+    pub fn migration_status(&self, id_or_name: &str) -> Result<MigrationStatus, AgentError> {
+        let m = lock(&self.inner.migrations.status);
+        m.get(id_or_name)
+            .map(|rx| rx.borrow().clone())
+            .ok_or_else(|| {
+                AgentError::NoMigration(format!(
+                    "sandbox '{id_or_name}' has no migration recorded on this node (ask the node it migrated from)"
+                ))
+            })
+    }
+
+    /// Target, step 1: check the image, start an incoming VM, open the tunnel.
+    pub async fn incoming_prepare(
+        &self,
+        offer: IncomingOffer,
+        bind: Option<IpAddr>,
+    ) -> Result<IncomingAccepted, AgentError> {
+        let sb = &offer.sandbox;
+        let i = &self.inner;
+        if offer.source_node_id == i.node_id {
+            return Err(AgentError::Conflict(format!(
+                "sandbox '{}' already runs on this node ({}); migrate it to another node",
+                sb.id, i.cfg.node
+            )));
+        }
+        let id_ok = !sb.id.is_empty()
+            && sb.id.len() <= 64
+            && sb.id.bytes().all(|b| b.is_ascii_alphanumeric());
+        if !id_ok
+            || sb
+                .name
+                .as_deref()
+                .is_some_and(|n| !crate::sandbox::valid_name(n))
+        {
+            return Err(AgentError::InvalidArgument(format!(
+                "sandbox id '{}' or name {:?} is invalid",
+                sb.id, sb.name
+            )));
+        }
+        let images = i.images.clone();
+        let digest = sb.image_digest.clone();
+        let image = tokio::task::spawn_blocking(move || images.resolve(&digest))
+            .await
+            .map_err(|e| AgentError::Config(format!("image lookup panicked: {e}")))?;
+        let image = match image {
+            Ok(img) => img,
+            Err(e) if e.is_not_found() => {
+                return Err(AgentError::ImageMissing(format!(
+                    "image '{}' ({}) of sandbox '{}' is not on node {}: import it there first (`hearth image import`), then migrate again",
+                    sb.image, sb.image_digest, sb.id, i.cfg.node
+                )))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        {
+            let map = lock(&i.sandboxes);
+            // why: names cannot shadow ids, either way round (as in `Agent::register`).
+            let clash = map.contains_key(&sb.id)
+                || sb.name.as_ref().is_some_and(|n| map.contains_key(n))
+                || map.values().any(|e| {
+                    let r = lock(&e.record);
+                    (sb.name.is_some() && r.name == sb.name)
+                        || r.name.as_deref() == Some(sb.id.as_str())
+                });
+            if clash || lock(&i.migrations.incoming).contains_key(&sb.id) {
+                return Err(AgentError::Conflict(format!(
+                    "node {} already has a sandbox '{}' (or one named {:?})",
+                    i.cfg.node, sb.id, sb.name
+                )));
+            }
+        }
+        let dir = i.cfg.data_dir.join("sandboxes").join(&sb.id);
+        if dir.exists() {
+            return Err(AgentError::Conflict(format!(
+                "{} already exists on node {}",
+                dir.display(),
+                i.cfg.node
+            )));
+        }
+        std::fs::create_dir_all(&dir).map_err(|source| AgentError::Io {
+            what: format!("create {}", dir.display()),
+            source,
+        })?;
+        let vm_dir = dir.join("vm");
+        let incoming_sock = dir.join("incoming.sock");
+        let cfg = VmConfig {
+            id: sb.id.clone(),
+            dir: vm_dir.clone(),
+            kernel: i.cfg.kernel.clone(),
+            initrd: i.cfg.initrd.clone(),
+            rootfs: image.rootfs.clone(),
+            cpus: sb.cpus,
+            memory_mib: sb.memory_mib,
+            hostname: offer.hostname.clone(),
+            extra_cmdline: Vec::new(),
+            accel: i.accel.accel,
+            // why: the same device set and RAM backing as the source's VM (see
+            // `Agent::vm_config`); networked sandboxes are refused before this.
+            net: None,
+            memory: hearth_vmm::GuestMemory::SharedFile,
+        };
+        let vm = match i.vmm.create_incoming(&cfg, &incoming_sock).await {
+            Ok(vm) => vm,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(AgentError::VmFailed {
+                    id: sb.id.clone(),
+                    message: format!("cannot start the incoming VM: {e}"),
+                });
+            }
+        };
+        // why: the source's channel was connected when its state was saved; if
+        // ours is not when that state loads, QEMU tells the guest the host went
+        // away and back, and a guest blocked writing output can miss the reopen.
+        let agent_stream = match vm.connect_agent().await {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = vm.kill().await;
+                let _ = vm.wait().await;
+                let _ = hearth_vmm::destroy(&vm_dir);
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(AgentError::VmFailed {
+                    id: sb.id.clone(),
+                    message: format!("cannot connect the incoming VM's guest channel: {e}"),
+                });
+            }
+        };
+        let bind = bind.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        let listener = match tokio::net::TcpListener::bind((bind, 0)).await {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = vm.kill().await;
+                let _ = vm.wait().await;
+                let _ = hearth_vmm::destroy(&vm_dir);
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(AgentError::Io {
+                    what: format!("listen for the migration stream on {bind}"),
+                    source: e,
+                });
+            }
+        };
+        let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+        let ticket = tunnel::new_ticket();
+        let t2 = ticket.clone();
+        let sock2 = incoming_sock.clone();
+        let id2 = sb.id.clone();
+        let tunnel = tokio::spawn(async move {
+            match tunnel::serve_target(listener, t2, &sock2).await {
+                Ok(n) => tracing::info!(sandbox = %id2, bytes = n, "migration stream received"),
+                Err(e) => tracing::warn!(sandbox = %id2, "migration stream failed: {e}"),
+            }
+        })
+        .abort_handle();
+        let inc = Arc::new(Incoming {
+            offer: offer.clone(),
+            dir,
+            slot: tokio::sync::Mutex::new(Slot::Waiting(vm, agent_stream)),
+            tunnel,
+        });
+        lock(&i.migrations.incoming).insert(sb.id.clone(), inc);
+        let agent = self.clone();
+        let id = sb.id.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(INCOMING_TTL).await;
+            let _ = agent.remove_incoming(&id, true).await;
+        });
+        Ok(IncomingAccepted {
+            port,
+            ticket,
+            node: i.cfg.node.clone(),
+            node_id: i.node_id.clone(),
+        })
+    }
+
+    fn incoming(&self, id: &str) -> Result<Arc<Incoming>, AgentError> {
+        lock(&self.inner.migrations.incoming)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| {
+                AgentError::NoMigration(format!("no incoming migration of sandbox '{id}' here"))
+            })
+    }
+
+    /// Target, step 2: the sandbox's output log so far.
+    pub async fn incoming_log(&self, id: &str, log: &[u8]) -> Result<(), AgentError> {
+        let inc = self.incoming(id)?;
+        let max = self.inner.cfg.max_log_bytes.saturating_add(1 << 20);
+        if log.len() as u64 > max {
+            return Err(AgentError::InvalidArgument(format!(
+                "output log of {} bytes exceeds this node's limit",
+                log.len()
+            )));
+        }
+        let path = inc.dir.join("output.log");
+        tokio::fs::write(&path, log)
+            .await
+            .map_err(|source| AgentError::Io {
+                what: format!("write {}", path.display()),
+                source,
+            })
+    }
+
+    /// Target, step 3: start the migrated VM, re-attach to its guest agent and
+    /// take the sandbox over. An error means the VM here is removed.
+    pub async fn incoming_commit(
+        &self,
+        id: &str,
+        c: IncomingCommit,
+    ) -> Result<Sandbox, AgentError> {
+        let inc = self.incoming(id)?;
+        let mut slot = inc.slot.lock().await;
+        let (vm, stream) = match std::mem::replace(&mut *slot, Slot::Removed) {
+            Slot::Waiting(vm, stream) => (vm, stream),
+            Slot::Committed => {
+                *slot = Slot::Committed;
+                return self.get(id);
+            }
+            Slot::Removed => {
+                return Err(AgentError::Conflict(format!(
+                    "the incoming migration of '{id}' was aborted"
+                )))
+            }
+        };
+        let t0 = Instant::now();
+        let started = async {
+            vm.wait_incoming(INCOMING_COMPLETE_TIMEOUT)
+                .await
+                .map_err(|e| e.to_string())?;
+            let fd = {
+                use std::os::fd::AsFd;
+                stream.as_fd().try_clone_to_owned().ok()
+            };
+            vm.start().await.map_err(|e| e.to_string())?;
+            let hello = Hello {
+                protocol_version: PROTOCOL_VERSION,
+                agent_version: c.guest_agent_version.clone(),
+                kernel_release: c.guest_kernel_release.clone(),
+            };
+            let conn = GuestConn::reattach(stream, hello, c.next_session);
+            conn.ping(TARGET_PING_TIMEOUT)
+                .await
+                .map_err(|e| format!("the guest agent did not answer a ping: {e}"))?;
+            let session = conn.adopt_session(c.main_session, c.unacked_bytes);
+            for s in &c.orphan_sessions {
+                let _ = conn.kill_session(*s).await;
+            }
+            Ok::<_, String>((conn, session, fd))
+        }
+        .await;
+        let (conn, session, fd) = match started {
+            Ok(x) => x,
+            Err(why) => {
+                let console = hearth_vmm::log_tail(&vm.console_log(), 1500);
+                let _ = vm.kill().await;
+                let _ = vm.wait().await;
+                inc.tunnel.abort();
+                let _ = std::fs::remove_file(inc.dir.join("incoming.sock"));
+                let _ = hearth_vmm::destroy(&inc.dir.join("vm"));
+                let _ = std::fs::remove_dir_all(&inc.dir);
+                lock(&self.inner.migrations.incoming).remove(id);
+                let msg = format!(
+                    "node {} could not take over sandbox '{id}' ({:?} into the commit): {why}; its VM here is removed; guest console ends with: {console}",
+                    self.inner.cfg.node,
+                    t0.elapsed()
+                );
+                tracing::warn!("{msg}");
+                return Err(AgentError::Migration(msg));
+            }
+        };
+        let _ = std::fs::remove_file(inc.dir.join("incoming.sock"));
+        let mut rec = inc.offer.sandbox.clone();
+        rec.node = self.inner.cfg.node.clone();
+        rec.status = SandboxStatus::Running;
+        rec.accel = self.inner.accel.accel.to_string();
+        rec.started_ms = c.started_ms.or(Some(now_ms()));
+        rec.boot_ms = c.boot_ms;
+        if let Err(e) = persist(&inc.dir, &rec) {
+            tracing::error!(sandbox = %id, "cannot save sandbox record: {e}");
+        }
+        let entry = Arc::new(Entry::new(inc.dir.clone(), rec.clone()));
+        entry
+            .stdin_open
+            .store(inc.offer.stdin_open, Ordering::Relaxed);
+        *lock(&entry.chan_fd) = fd;
+        // why: what a running sandbox has before anyone sees it (snapshots, stdin).
+        let vm: Arc<dyn Vm> = Arc::from(vm);
+        *lock(&entry.vm) = Some(vm.clone());
+        *lock(&entry.conn) = Some(conn.clone());
+        *lock(&entry.main_session) = Some(session.id());
+        *lock(&entry.main_input) = Some(session.input());
+        let (ctl_tx, ctl_rx) = mpsc::channel(4);
+        *lock(&entry.control) = Some(ctl_tx);
+        lock(&self.inner.sandboxes).insert(rec.id.clone(), entry.clone());
+        *slot = Slot::Committed;
+        lock(&self.inner.migrations.incoming).remove(id);
+        let agent = self.clone();
+        tokio::spawn(async move {
+            agent
+                .lifecycle_adopted(entry, vm, conn, session, ctl_rx)
+                .await
+        });
+        tracing::info!(sandbox = %id, "took over a migrated sandbox");
+        Ok(rec)
+    }
+
+    /// Target: removes an incoming VM that was not committed. Conflict if the
+    /// sandbox was committed (it runs here); Ok if there is nothing.
+    pub async fn incoming_abort(&self, id: &str) -> Result<(), AgentError> {
+        self.remove_incoming(id, false).await
+    }
+
+    async fn remove_incoming(&self, id: &str, only_if_waiting: bool) -> Result<(), AgentError> {
+        let inc = lock(&self.inner.migrations.incoming).get(id).cloned();
+        let Some(inc) = inc else {
+            if !only_if_waiting && lock(&self.inner.sandboxes).contains_key(id) {
+                return Err(AgentError::Conflict(format!(
+                    "sandbox '{id}' was committed and runs on node {}",
+                    self.inner.cfg.node
+                )));
+            }
+            return Ok(());
+        };
+        let mut slot = inc.slot.lock().await;
+        match std::mem::replace(&mut *slot, Slot::Removed) {
+            Slot::Waiting(vm, _stream) => {
+                let _ = vm.kill().await;
+                let _ = vm.wait().await;
+                inc.tunnel.abort();
+                let _ = std::fs::remove_file(inc.dir.join("incoming.sock"));
+                let _ = hearth_vmm::destroy(&inc.dir.join("vm"));
+                let _ = std::fs::remove_dir_all(&inc.dir);
+                lock(&self.inner.migrations.incoming).remove(id);
+                tracing::info!(sandbox = %id, "removed an incoming migration VM");
+                Ok(())
+            }
+            Slot::Committed => {
+                *slot = Slot::Committed;
+                Err(AgentError::Conflict(format!(
+                    "sandbox '{id}' was committed and runs on node {}",
+                    self.inner.cfg.node
+                )))
+            }
+            Slot::Removed => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,99 @@
+//! Live migration: the public request and status (`/v1/sandboxes/{id}/migrate`,
+//! `/v1/sandboxes/{id}/migration`) and the agent-to-agent messages of the
+//! target side (`/v1/migrations/incoming...`), which carry the target's token.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::Sandbox;
+
+/// `POST /v1/sandboxes/{id}/migrate`: move a running sandbox to another node.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateSandbox {
+    /// Base URL of the target node's API, e.g. `http://10.88.0.2:7070`.
+    pub target: String,
+    /// The target's API token (sent only to the target).
+    pub target_token: String,
+    /// Largest switch-over pause in milliseconds (default 100).
+    #[serde(default)]
+    pub downtime_limit_ms: Option<u64>,
+    /// Bandwidth cap of the migration stream in MiB/s (default: uncapped, 1024).
+    #[serde(default)]
+    pub max_bandwidth_mib: Option<u64>,
+    /// Give up after this many dirty-memory passes (default 60).
+    #[serde(default)]
+    pub max_iterations: Option<u64>,
+    /// Give up after this many seconds of pre-copy (default 120).
+    #[serde(default)]
+    pub give_up_after_secs: Option<u64>,
+}
+
+/// Where a migration stands. Phases: `preparing`, `precopy`, `switchover`,
+/// `committing`, `completed` (runs on the target), `aborted` (runs here),
+/// `unresolved` (target unreachable after the switch-over; source paused).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct MigrationStatus {
+    pub sandbox: String,
+    pub target: String,
+    pub phase: String,
+    /// Milliseconds since the request.
+    pub elapsed_ms: u64,
+    /// Memory + disk bytes sent through the tunnel.
+    pub bytes_sent: u64,
+    pub ram_total: u64,
+    pub ram_remaining: u64,
+    /// Guest pages dirtied per second.
+    pub dirty_pages_rate: u64,
+    /// Dirty-memory passes.
+    pub iterations: u64,
+    pub throughput_bps: u64,
+    pub cpu_throttle_percent: u64,
+    /// The VM's switch-over pause as the VMM measured it.
+    pub downtime_ms: Option<u64>,
+    /// From the source pausing to the target confirming it runs the guest.
+    pub handover_ms: Option<u64>,
+    pub disk_transferred: u64,
+    pub error: Option<String>,
+}
+
+/// Target side, step 1: `POST /v1/migrations/incoming`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IncomingOffer {
+    /// The sandbox as the source knows it; the target keeps id and name.
+    pub sandbox: Sandbox,
+    /// So a node can refuse a migration to itself.
+    pub source_node_id: String,
+    pub hostname: String,
+    pub stdin_open: bool,
+}
+
+/// The target's answer: where to send the stream, and the one-time ticket
+/// that authenticates it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct IncomingAccepted {
+    pub port: u16,
+    pub ticket: String,
+    pub node: String,
+    pub node_id: String,
+}
+
+/// Target side, step 3 (after the stream and the output log):
+/// `POST /v1/migrations/incoming/{id}/commit`. Start the VM and take over.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IncomingCommit {
+    /// Guest session of the main workload.
+    pub main_session: u32,
+    /// Output bytes of the main session the guest still counts as unacknowledged.
+    pub unacked_bytes: u64,
+    /// First session id free for new sessions.
+    pub next_session: u32,
+    /// Other sessions still running in the guest (their clients were on the source).
+    pub orphan_sessions: Vec<u32>,
+    pub guest_agent_version: String,
+    pub guest_kernel_release: String,
+    pub started_ms: Option<u64>,
+    pub boot_ms: Option<u64>,
+}

@@ -1,0 +1,104 @@
+//! `hearth migrate SANDBOX --to URL` and `hearth migrate --status SANDBOX`.
+
+use anyhow::{bail, Context, Result};
+use hearth_api::migration::{MigrateSandbox, MigrationStatus};
+
+use crate::client::Client;
+
+#[derive(clap::Args)]
+pub struct MigrateArgs {
+    /// Show the progress of the sandbox's current or last migration instead.
+    #[arg(long)]
+    status: bool,
+    /// Target node: the base URL of its API (e.g. http://10.88.0.2:7070).
+    #[arg(long, required_unless_present = "status")]
+    to: Option<String>,
+    /// The target's API token.
+    #[arg(long, env = "HEARTH_TARGET_TOKEN", hide_env_values = true)]
+    to_token: Option<String>,
+    /// File holding the target's API token (its DATA_DIR/api-token).
+    #[arg(long, env = "HEARTH_TARGET_TOKEN_FILE")]
+    to_token_file: Option<std::path::PathBuf>,
+    /// Largest switch-over pause in milliseconds.
+    #[arg(long, default_value_t = 100)]
+    downtime_ms: u64,
+    /// Bandwidth cap of the migration stream in MiB/s.
+    #[arg(long)]
+    bandwidth_mib: Option<u64>,
+    /// Give up after this many seconds of pre-copy (the sandbox keeps running here).
+    #[arg(long)]
+    give_up_secs: Option<u64>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+    sandbox: String,
+}
+
+fn print(s: &MigrationStatus, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(s)?);
+        return Ok(());
+    }
+    let ms = |v: Option<u64>| v.map(|v| format!("{v} ms")).unwrap_or_else(|| "-".into());
+    println!("sandbox:      {}", s.sandbox);
+    println!("target:       {}", s.target);
+    println!("phase:        {}", s.phase);
+    println!("elapsed:      {} ms", s.elapsed_ms);
+    println!(
+        "sent:         {:.1} MiB (memory {:.1} MiB total, {:.1} MiB dirty; disk {:.1} MiB)",
+        s.bytes_sent as f64 / 1048576.0,
+        s.ram_total as f64 / 1048576.0,
+        s.ram_remaining as f64 / 1048576.0,
+        s.disk_transferred as f64 / 1048576.0
+    );
+    println!("dirty rate:   {} pages/s", s.dirty_pages_rate);
+    println!("iterations:   {}", s.iterations);
+    println!(
+        "throughput:   {:.1} MiB/s",
+        s.throughput_bps as f64 / 1048576.0
+    );
+    println!("cpu throttle: {}%", s.cpu_throttle_percent);
+    println!("downtime:     {}", ms(s.downtime_ms));
+    println!("handover:     {}", ms(s.handover_ms));
+    if let Some(e) = &s.error {
+        println!("error:        {e}");
+    }
+    Ok(())
+}
+
+pub async fn run(c: &Client, a: MigrateArgs) -> Result<u8> {
+    let path = crate::enc(&a.sandbox);
+    if a.status {
+        let s: MigrationStatus = c
+            .get_json(&format!("/v1/sandboxes/{path}/migration"))
+            .await?;
+        print(&s, a.json)?;
+        return Ok(0);
+    }
+    let Some(target) = a.to else {
+        bail!("give the target with --to URL");
+    };
+    let token = match (a.to_token, a.to_token_file) {
+        (Some(t), _) => t,
+        (None, Some(f)) => std::fs::read_to_string(&f)
+            .with_context(|| format!("reading the target token from {}", f.display()))?
+            .trim()
+            .to_string(),
+        (None, None) => bail!(
+            "the target's API token is needed: --to-token-file PATH (its DATA_DIR/api-token) or HEARTH_TARGET_TOKEN"
+        ),
+    };
+    let req = MigrateSandbox {
+        target,
+        target_token: token,
+        downtime_limit_ms: Some(a.downtime_ms),
+        max_bandwidth_mib: a.bandwidth_mib,
+        max_iterations: None,
+        give_up_after_secs: a.give_up_secs,
+    };
+    let s: MigrationStatus = c
+        .post_json(&format!("/v1/sandboxes/{path}/migrate"), &req)
+        .await?;
+    print(&s, a.json)?;
+    Ok(0)
+}

@@ -1,0 +1,93 @@
+//! Live-migration routes: the public `migrate` / `migration` of a sandbox, and
+//! the target-side steps another agent calls with this node's token.
+
+use std::net::IpAddr;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use hearth_agent::Agent;
+use hearth_api::migration::{
+    IncomingAccepted, IncomingCommit, IncomingOffer, MigrateSandbox, MigrationStatus,
+};
+
+use crate::{ApiResult, Json};
+
+/// Largest output log accepted with a migration.
+pub const MAX_LOG_BODY: usize = 512 << 20;
+
+pub async fn migrate(
+    State(agent): State<Agent>,
+    Path(id): Path<String>,
+    Json(req): Json<MigrateSandbox>,
+) -> ApiResult<Json<MigrationStatus>> {
+    Ok(Json(agent.migrate(&id, req).await?))
+}
+
+pub async fn status(
+    State(agent): State<Agent>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<MigrationStatus>> {
+    Ok(Json(agent.migration_status(&id)?))
+}
+
+/// The address the caller reached us on (Host header), so the tunnel listens
+/// on the same interface; any interface when it is a name.
+fn bind_ip(headers: &HeaderMap) -> Option<IpAddr> {
+    let host = headers.get(header::HOST)?.to_str().ok()?;
+    let h = match host.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    };
+    h.trim_start_matches('[').trim_end_matches(']').parse().ok()
+}
+
+pub async fn prepare(
+    State(agent): State<Agent>,
+    headers: HeaderMap,
+    Json(offer): Json<IncomingOffer>,
+) -> ApiResult<(StatusCode, Json<IncomingAccepted>)> {
+    let a = agent.incoming_prepare(offer, bind_ip(&headers)).await?;
+    Ok((StatusCode::CREATED, Json(a)))
+}
+
+pub async fn log(
+    State(agent): State<Agent>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<serde_json::Value>> {
+    agent.incoming_log(&id, &body).await?;
+    Ok(Json(serde_json::json!({ "bytes": body.len() })))
+}
+
+pub async fn commit(
+    State(agent): State<Agent>,
+    Path(id): Path<String>,
+    Json(c): Json<IncomingCommit>,
+) -> ApiResult<Json<hearth_api::Sandbox>> {
+    Ok(Json(agent.incoming_commit(&id, c).await?))
+}
+
+pub async fn abort(
+    State(agent): State<Agent>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    agent.incoming_abort(&id).await?;
+    Ok(Json(serde_json::json!({ "removed": id })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tunnel_binds_to_the_address_the_caller_used() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, "10.88.1.2:7070".parse().unwrap());
+        assert_eq!(bind_ip(&h), Some("10.88.1.2".parse().unwrap()));
+        h.insert(header::HOST, "[::1]:7070".parse().unwrap());
+        assert_eq!(bind_ip(&h), Some("::1".parse().unwrap()));
+        h.insert(header::HOST, "node-a:7070".parse().unwrap());
+        assert_eq!(bind_ip(&h), None);
+    }
+}

@@ -1,0 +1,333 @@
+//! QEMU native live migration over a unix-socket stream.
+//!
+//! Source: capabilities `events`, `auto-converge`, `block` + `zero-blocks` (the
+//! disk moves in the same stream; with `overlay_only`, parameter
+//! `block-incremental` sends only the qcow2 overlay) and `pause-before-switchover` (the caller quiesces
+//! its guest channel while the VM is paused, before the final pass); then
+//! `migrate unix:PATH`, polling `query-migrate` for progress and judging
+//! convergence with [`crate::migration::judge`]. Any failure before completion
+//! cancels, and the source VM runs again.
+//!
+//! Target: the same command line plus `-incoming defer`, then
+//! `migrate-incoming unix:PATH`; [`QemuVm::wait_incoming`] waits for the stream
+//! to complete. The VM stays paused (`-S`) until the caller starts it.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tokio::sync::{oneshot, watch};
+
+use super::{QemuVm, QemuVmm};
+use crate::config::{option_path, VmConfig};
+use crate::error::VmmError;
+use crate::migration::{judge, MigrationParams, MigrationProgress, MigrationState, Verdict};
+
+/// How often progress is sampled during pre-copy.
+const POLL: Duration = Duration::from_millis(100);
+/// Bound on the caller's work at the switch-over gate.
+const SWITCHOVER_GATE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound on QEMU finishing a cancel.
+const CANCEL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A point where the source VM is paused before the final pass: the caller is
+/// told (`reached`) and answers whether to go on (`proceed`).
+pub struct SwitchoverGate {
+    pub reached: oneshot::Sender<()>,
+    pub proceed: oneshot::Receiver<bool>,
+}
+
+impl QemuVmm {
+    /// Starts a VM that waits on `incoming` (a unix socket it creates) for a
+    /// migration stream instead of booting. Same config as the source VM.
+    pub async fn create_incoming_qemu(
+        &self,
+        cfg: &VmConfig,
+        incoming: &Path,
+    ) -> Result<QemuVm, VmmError> {
+        let uri = format!("unix:{}", option_path(&cfg.id, incoming)?);
+        let vm = self
+            .create_with_args(cfg, &["-incoming".into(), "defer".into()])
+            .await?;
+        let setup = async {
+            set_capabilities(&vm, &[("events", true)]).await?;
+            vm.qmp()
+                .execute("migrate-incoming", json!({ "uri": uri }))
+                .await
+        };
+        if let Err(e) = setup.await {
+            let _ = crate::Vm::kill(&vm).await;
+            let _ = vm.wait_timeout(Duration::from_secs(10)).await;
+            return Err(e);
+        }
+        Ok(vm)
+    }
+}
+
+async fn set_capabilities(vm: &QemuVm, caps: &[(&str, bool)]) -> Result<(), VmmError> {
+    let list: Vec<Value> = caps
+        .iter()
+        .map(|(c, on)| json!({ "capability": c, "state": on }))
+        .collect();
+    vm.qmp()
+        .execute("migrate-set-capabilities", json!({ "capabilities": list }))
+        .await
+        .map(|_| ())
+}
+
+/// `query-migrate`'s answer as a [`MigrationProgress`].
+pub fn progress_from_query(q: &Value) -> MigrationProgress {
+    let n = |v: &Value| v.as_u64().unwrap_or(0);
+    let ram = &q["ram"];
+    let disk = &q["disk"];
+    let state = match q["status"].as_str().unwrap_or("") {
+        "active" => MigrationState::Active,
+        "pre-switchover" | "device" => MigrationState::Switchover,
+        "completed" => MigrationState::Completed,
+        "failed" | "cancelling" | "cancelled" => MigrationState::Failed,
+        _ => MigrationState::Setup,
+    };
+    MigrationProgress {
+        state,
+        elapsed_ms: n(&q["total-time"]),
+        ram_total: n(&ram["total"]),
+        bytes_sent: n(&ram["transferred"]) + n(&disk["transferred"]),
+        ram_remaining: n(&ram["remaining"]),
+        dirty_pages_rate: n(&ram["dirty-pages-rate"]),
+        iterations: n(&ram["dirty-sync-count"]),
+        throughput_bps: (ram["mbps"].as_f64().unwrap_or(0.0) * 1e6 / 8.0) as u64,
+        cpu_throttle_percent: n(&q["cpu-throttle-percentage"]),
+        downtime_ms: q["downtime"].as_u64(),
+        disk_transferred: n(&disk["transferred"]),
+        disk_remaining: n(&disk["remaining"]),
+        error: q["error-desc"].as_str().map(str::to_string),
+    }
+}
+
+impl QemuVm {
+    /// Migrates this VM into the stream at `dest`. On `Ok` the VM is paused for
+    /// good and its state is on the other end; on `Err` it runs again.
+    pub async fn migrate_out_qemu(
+        &self,
+        dest: &Path,
+        params: &MigrationParams,
+        progress: &watch::Sender<MigrationProgress>,
+        gate: Option<SwitchoverGate>,
+    ) -> Result<MigrationProgress, VmmError> {
+        let uri = format!("unix:{}", option_path(&self.id, dest)?);
+        set_capabilities(
+            self,
+            &[
+                ("events", true),
+                ("auto-converge", params.auto_converge),
+                ("block", true),
+                ("zero-blocks", true),
+                ("pause-before-switchover", gate.is_some()),
+            ],
+        )
+        .await?;
+        self.qmp()
+            .execute(
+                "migrate-set-parameters",
+                json!({
+                    "downtime-limit": params.downtime_limit.as_millis() as u64,
+                    "max-bandwidth": params.max_bandwidth,
+                    "block-incremental": params.overlay_only,
+                    "cpu-throttle-initial": 30,
+                    "cpu-throttle-increment": 15,
+                }),
+            )
+            .await?;
+        let mut events = self.qmp().subscribe();
+        self.qmp().execute("migrate", json!({ "uri": uri })).await?;
+        let started = Instant::now();
+        let mut gate = gate;
+        let mut continued = false;
+        let mut tick = tokio::time::interval(POLL);
+        loop {
+            tokio::select! {
+                ev = events.recv() => {
+                    if let Err(tokio::sync::broadcast::error::RecvError::Closed) = ev {
+                        return Err(VmmError::QmpClosed { id: self.id.clone(), awaited: "migration to finish".into() });
+                    }
+                }
+                _ = tick.tick() => {}
+            }
+            let q = self.qmp().execute("query-migrate", Value::Null).await?;
+            let mut p = progress_from_query(&q);
+            if p.elapsed_ms == 0 {
+                p.elapsed_ms = started.elapsed().as_millis() as u64;
+            }
+            progress.send_replace(p.clone());
+            match q["status"].as_str().unwrap_or("") {
+                "completed" => {
+                    self.settle_after_completion().await;
+                    return Ok(p);
+                }
+                "failed" | "cancelled" => {
+                    let why = p.error.clone().unwrap_or_else(|| "cancelled".into());
+                    return Err(self.after_failure(why, &p, progress).await);
+                }
+                // why: query-migrate may still say pre-switchover just after migrate-continue.
+                "pre-switchover" if !continued => {
+                    continued = true;
+                    let go = match gate.take() {
+                        Some(g) => {
+                            let _ = g.reached.send(());
+                            matches!(
+                                tokio::time::timeout(SWITCHOVER_GATE_TIMEOUT, g.proceed).await,
+                                Ok(Ok(true))
+                            )
+                        }
+                        None => true,
+                    };
+                    if go {
+                        self.qmp()
+                            .execute("migrate-continue", json!({ "state": "pre-switchover" }))
+                            .await?;
+                    } else {
+                        return Err(self
+                            .cancel("the switch-over was refused by the caller".into(), progress)
+                            .await);
+                    }
+                }
+                _ => {
+                    if let Verdict::GiveUp(why) = judge(&p, params) {
+                        return Err(self.cancel(why, progress).await);
+                    }
+                }
+            }
+        }
+    }
+
+    /// why: QEMU reports `completed` a moment before the run state leaves
+    /// `finish-migrate`; callers (and `cont` on a refused hand-over) want it settled.
+    async fn settle_after_completion(&self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            match self.qmp().execute("query-status", Value::Null).await {
+                Ok(s) if s["status"].as_str() == Some("finish-migrate") => {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                _ => return,
+            }
+        }
+    }
+
+    /// Cancels a running migration and makes sure the VM runs again.
+    pub async fn cancel_migration_qemu(&self) -> Result<(), VmmError> {
+        let mut events = self.qmp().subscribe();
+        self.qmp().execute("migrate_cancel", Value::Null).await?;
+        let deadline = Instant::now() + CANCEL_TIMEOUT;
+        loop {
+            let q = self.qmp().execute("query-migrate", Value::Null).await?;
+            match q["status"].as_str().unwrap_or("") {
+                "cancelling" | "active" | "pre-switchover" | "device" | "setup" => {}
+                _ => break,
+            }
+            if Instant::now() >= deadline {
+                return Err(VmmError::Timeout {
+                    id: self.id.clone(),
+                    awaited: "the migration to be cancelled".into(),
+                    after: CANCEL_TIMEOUT,
+                    log_tail: String::new(),
+                });
+            }
+            let _ = tokio::time::timeout(POLL, events.recv()).await;
+        }
+        crate::Vm::resume(self).await
+    }
+
+    async fn cancel(&self, why: String, progress: &watch::Sender<MigrationProgress>) -> VmmError {
+        tracing::warn!(vm = %self.id, "cancelling migration: {why}");
+        if let Err(e) = self.cancel_migration_qemu().await {
+            return e;
+        }
+        let p = progress.borrow().clone();
+        self.after_failure(why, &p, progress).await
+    }
+
+    async fn after_failure(
+        &self,
+        why: String,
+        p: &MigrationProgress,
+        progress: &watch::Sender<MigrationProgress>,
+    ) -> VmmError {
+        // why: QEMU restarts a source that was running, but make it certain.
+        let resumed = crate::Vm::resume(self).await;
+        let mut p = p.clone();
+        p.state = MigrationState::Failed;
+        p.error = Some(why.clone());
+        progress.send_replace(p);
+        match resumed {
+            Ok(()) => VmmError::MigrationFailed {
+                id: self.id.clone(),
+                reason: why,
+            },
+            Err(e) => e,
+        }
+    }
+
+    /// On a VM made by [`QemuVmm::create_incoming_qemu`]: waits until the whole
+    /// stream has arrived (the VM is then paused, ready to start).
+    pub async fn wait_incoming(&self, timeout: Duration) -> Result<(), VmmError> {
+        let mut events = self.qmp().subscribe();
+        let deadline = Instant::now() + timeout;
+        loop {
+            let q = self.qmp().execute("query-migrate", Value::Null).await?;
+            match q["status"].as_str().unwrap_or("") {
+                "completed" => return Ok(()),
+                "failed" | "cancelled" => {
+                    return Err(VmmError::MigrationFailed {
+                        id: self.id.clone(),
+                        reason: format!(
+                            "incoming stream failed: {}",
+                            q["error-desc"].as_str().unwrap_or("see qemu.log")
+                        ),
+                    })
+                }
+                _ => {}
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(VmmError::Timeout {
+                    id: self.id.clone(),
+                    awaited: "the incoming migration stream to complete".into(),
+                    after: timeout,
+                    log_tail: crate::log_tail(&self.layout.qemu_log, 2000),
+                });
+            }
+            let _ = tokio::time::timeout(POLL.min(deadline - now), events.recv()).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_migrate_maps_to_progress() {
+        let q = json!({
+            "status": "completed", "total-time": 250, "downtime": 3,
+            "ram": {"total": 268435456u64, "transferred": 1000, "remaining": 0,
+                    "dirty-pages-rate": 12, "dirty-sync-count": 4, "mbps": 800.0},
+            "disk": {"transferred": 24, "remaining": 0, "total": 100},
+            "cpu-throttle-percentage": 30
+        });
+        let p = progress_from_query(&q);
+        assert_eq!(p.state, MigrationState::Completed);
+        assert_eq!(p.bytes_sent, 1024);
+        assert_eq!(p.iterations, 4);
+        assert_eq!(p.downtime_ms, Some(3));
+        assert_eq!(p.throughput_bps, 100_000_000);
+        assert_eq!(p.cpu_throttle_percent, 30);
+        let p = progress_from_query(&json!({"status": "pre-switchover"}));
+        assert_eq!(p.state, MigrationState::Switchover);
+        let p = progress_from_query(&json!({"status": "failed", "error-desc": "boom"}));
+        assert_eq!(
+            (p.state, p.error.as_deref()),
+            (MigrationState::Failed, Some("boom"))
+        );
+    }
+}

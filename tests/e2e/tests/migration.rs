@@ -1,0 +1,612 @@
+//! Live migration between two real `hearthd dev` daemons (two "nodes" on
+//! loopback, each with its own data dir and token), driven through the CLI.
+//! A counter in the guest keeps counting across the move; failures leave
+//! exactly one running copy.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hearth_e2e::{images, show, stderr, stdout, vmm_pids_under, wait_until, Daemon, DaemonOptions};
+
+const COUNTER: &str =
+    "echo before > /kept; sync; i=0; while true; do echo $i; i=$((i+1)); sleep 0.1; done";
+
+/// Two daemons with the same busybox image (same digest: one import source).
+fn two_nodes() -> (Daemon, Daemon) {
+    let opts = DaemonOptions {
+        busybox: false,
+        ..Default::default()
+    };
+    let a = Daemon::start_with(opts.clone());
+    let b = Daemon::start_with(opts);
+    let rootfs = a.data.path().join("busybox-rootfs");
+    images::busybox_rootfs(&rootfs);
+    for d in [&a, &b] {
+        let out = d.hearth(&[
+            "image",
+            "import",
+            "--name",
+            "busybox",
+            rootfs.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "import: {}", show(&out));
+    }
+    (a, b)
+}
+
+fn token_file(d: &Daemon) -> String {
+    d.data_dir().join("api-token").display().to_string()
+}
+
+fn run_counter(d: &Daemon, name: &str) -> String {
+    let out = d.hearth(&[
+        "run",
+        "--detach",
+        "--network",
+        "none",
+        "--memory",
+        "128",
+        "--name",
+        name,
+        "busybox",
+        "--",
+        "sh",
+        "-c",
+        COUNTER,
+    ]);
+    assert!(out.status.success(), "{}", show(&out));
+    let id = stdout(&out).trim().to_string();
+    wait_until(
+        "the counter to print 5 lines",
+        Duration::from_secs(120),
+        || counted(d, name).len() >= 5,
+    );
+    id
+}
+
+/// The counter values in the sandbox's output log.
+fn counted(d: &Daemon, sandbox: &str) -> Vec<u64> {
+    let out = d.hearth(&["logs", sandbox]);
+    stdout(&out)
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+fn assert_contiguous_from_zero(v: &[u64]) {
+    for (i, x) in v.iter().enumerate() {
+        assert_eq!(*x, i as u64, "counter reset or gap at line {i}: {v:?}");
+    }
+}
+
+/// `hearth logs -f` in the background, recording when each line arrives.
+struct Follower {
+    child: Child,
+    lines: Arc<Mutex<Vec<(Instant, u64)>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Follower {
+    fn start(d: &Daemon, sandbox: &str) -> Follower {
+        let mut child = d
+            .cmd(&["logs", "-f", sandbox])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("hearth logs -f");
+        let out = child.stdout.take().expect("stdout");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let l2 = lines.clone();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if let Ok(v) = line.trim().parse() {
+                    l2.lock().unwrap().push((Instant::now(), v));
+                }
+            }
+        });
+        Follower {
+            child,
+            lines,
+            reader: Some(reader),
+        }
+    }
+
+    fn finish(mut self) -> Vec<(Instant, u64)> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+        let v = self.lines.lock().unwrap().clone();
+        v
+    }
+}
+
+fn status_of(d: &Daemon, sandbox: &str) -> serde_json::Value {
+    let out = d.hearth(&["migrate", "--status", "--json", sandbox]);
+    assert!(out.status.success(), "{}", show(&out));
+    serde_json::from_slice(&out.stdout).expect("status json")
+}
+
+#[test]
+fn migrated_sandbox_keeps_counting_and_keeps_its_files() {
+    let (a, b) = two_nodes();
+    let id = run_counter(&a, "counter");
+    let before = Follower::start(&a, "counter");
+    wait_until(
+        "the follower to see output",
+        Duration::from_secs(30),
+        || !before.lines.lock().unwrap().is_empty(),
+    );
+
+    let t0 = Instant::now();
+    let out = a.hearth(&[
+        "migrate",
+        "counter",
+        "--to",
+        &b.api,
+        "--to-token-file",
+        &token_file(&b),
+        "--json",
+    ]);
+    let total = t0.elapsed();
+    assert!(out.status.success(), "{}\n{}", show(&out), a.log_text());
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(st["phase"], "completed", "{st}");
+    let after = Follower::start(&b, "counter");
+
+    // The source forgot it and released its VM; the target runs it, same id and name.
+    let ps = stdout(&a.hearth(&["ps"]));
+    assert!(!ps.contains(&id), "still listed on the source: {ps}");
+    assert!(
+        vmm_pids_under(a.data.path()).is_empty(),
+        "source VM still runs"
+    );
+    let moved = b.inspect("counter");
+    assert_eq!(moved["id"], id.as_str());
+    assert_eq!(moved["status"], "running");
+    // The source's status survives the move.
+    assert_eq!(status_of(&a, "counter")["phase"], "completed");
+
+    // It keeps counting on the target: the log continues, no reset, no gap.
+    let seen_before = counted(&a, "counter").len();
+    let _ = seen_before;
+    let n_at_move = before
+        .lines
+        .lock()
+        .unwrap()
+        .last()
+        .map(|l| l.1)
+        .unwrap_or(0);
+    wait_until(
+        "the counter to go on on the target",
+        Duration::from_secs(60),
+        || counted(&b, "counter").len() as u64 > n_at_move + 10,
+    );
+    let all = counted(&b, "counter");
+    assert_contiguous_from_zero(&all);
+
+    // The host-observed stall: last line relayed by the source to the first
+    // new line relayed by the target.
+    let src_lines = before.finish();
+    let dst_lines = after.finish();
+    let (last_t, last_v) = *src_lines.last().expect("source lines");
+    let first_new = dst_lines
+        .iter()
+        .find(|(_, v)| *v > last_v)
+        .expect("new lines on the target");
+    let stall = first_new.0.duration_since(last_t);
+    println!(
+        "migration: total {total:?}, VMM downtime {} ms, handover {} ms, output stall {stall:?}, {} iterations, {} bytes",
+        st["downtime_ms"], st["handover_ms"], st["iterations"], st["bytes_sent"]
+    );
+    let handover = Duration::from_millis(st["handover_ms"].as_u64().unwrap_or(0));
+    // why: the counter prints every 100 ms, and TCG on a shared 2-core box adds jitter.
+    assert!(
+        stall < handover + Duration::from_millis(1500),
+        "output stalled {stall:?} (handover {handover:?})"
+    );
+
+    // A file written before the move is there after it, read from disk.
+    let out = b.hearth(&[
+        "exec",
+        "counter",
+        "--",
+        "sh",
+        "-c",
+        "sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null; cat /kept",
+    ]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert_eq!(stdout(&out).trim(), "before");
+    // And new execs work on the target.
+    let out = b.hearth(&[
+        "exec",
+        "counter",
+        "--",
+        "sh",
+        "-c",
+        "echo hi > /new; cat /new",
+    ]);
+    assert_eq!(stdout(&out).trim(), "hi", "{}", show(&out));
+}
+
+#[test]
+fn bad_migrations_are_refused_and_the_sandbox_runs_on() {
+    let (a, b) = two_nodes();
+    // Not running.
+    let out = a.hearth(&[
+        "run",
+        "--network",
+        "none",
+        "--name",
+        "done",
+        "busybox",
+        "--",
+        "true",
+    ]);
+    assert!(out.status.success(), "{}", show(&out));
+    let out = a.hearth(&[
+        "migrate",
+        "done",
+        "--to",
+        &b.api,
+        "--to-token-file",
+        &token_file(&b),
+    ]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("not running"), "{}", show(&out));
+
+    // With a network device (refused up front, like snapshots: the target
+    // cannot take over the sandbox's tap and address yet).
+    let out = a.hearth(&[
+        "run", "--detach", "--memory", "128", "--name", "netted", "busybox", "--", "sleep", "600",
+    ]);
+    assert!(out.status.success(), "{}", show(&out));
+    let out = a.hearth(&[
+        "migrate",
+        "netted",
+        "--to",
+        &b.api,
+        "--to-token-file",
+        &token_file(&b),
+    ]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("network device"), "{}", show(&out));
+    let out = a.hearth(&["rm", "-f", "netted"]);
+    assert!(out.status.success(), "{}", show(&out));
+
+    run_counter(&a, "c");
+    // To the same node.
+    let out = a.hearth(&[
+        "migrate",
+        "c",
+        "--to",
+        &a.api,
+        "--to-token-file",
+        &token_file(&a),
+    ]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("already runs on"), "{}", show(&out));
+    // With a wrong target token.
+    let bad = a.data.path().join("bad-token");
+    std::fs::write(&bad, "x".repeat(32)).unwrap();
+    let out = a.hearth(&[
+        "migrate",
+        "c",
+        "--to",
+        &b.api,
+        "--to-token-file",
+        bad.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("token"), "{}", show(&out));
+    // To a node without the image.
+    let c = Daemon::start_with(DaemonOptions {
+        busybox: false,
+        ..Default::default()
+    });
+    let out = a.hearth(&[
+        "migrate",
+        "c",
+        "--to",
+        &c.api,
+        "--to-token-file",
+        &token_file(&c),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("is not on node") && stderr(&out).contains("image import"),
+        "{}",
+        show(&out)
+    );
+    // A guest that cannot converge in time: gives up, the source keeps running.
+    let out = a.hearth(&[
+        "migrate",
+        "c",
+        "--to",
+        &b.api,
+        "--to-token-file",
+        &token_file(&b),
+        "--bandwidth-mib",
+        "1",
+        "--give-up-secs",
+        "2",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("keeps running here"),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(status_of(&a, "c")["phase"], "aborted");
+    assert!(
+        vmm_pids_under(b.data.path()).is_empty(),
+        "target VM left behind"
+    );
+
+    // Each refusal left the sandbox running here, still counting.
+    assert_eq!(a.inspect("c")["status"], "running");
+    let n = counted(&a, "c").len();
+    wait_until("the counter to go on", Duration::from_secs(30), || {
+        counted(&a, "c").len() > n + 3
+    });
+    assert_contiguous_from_zero(&counted(&a, "c"));
+    assert!(
+        stdout(&b.hearth(&["ps"])).lines().count() <= 1,
+        "nothing on b"
+    );
+}
+
+#[test]
+fn killed_target_and_concurrent_migration_leave_one_running_copy() {
+    let (a, mut b) = two_nodes();
+    run_counter(&a, "c");
+    // A slow migration (2 MiB/s for 128 MiB) to kill the target in the middle of.
+    let api = b.api.clone();
+    let tf = token_file(&b);
+    let first = a
+        .cmd(&[
+            "migrate",
+            "c",
+            "--to",
+            &api,
+            "--to-token-file",
+            &tf,
+            "--bandwidth-mib",
+            "2",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("pre-copy to start", Duration::from_secs(60), || {
+        let out = a.hearth(&["migrate", "--status", "--json", "c"]);
+        out.status.success()
+            && serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                .map(|s| s["phase"] == "precopy" && s["bytes_sent"].as_u64().unwrap_or(0) > 0)
+                .unwrap_or(false)
+    });
+    // A second migration of the same sandbox is refused while the first runs.
+    let out = a.hearth(&["migrate", "c", "--to", &api, "--to-token-file", &tf]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("already migrating"), "{}", show(&out));
+
+    // Kill the target node and its incoming VM mid-transfer.
+    b.kill9();
+    for pid in vmm_pids_under(b.data.path()) {
+        // SAFETY: kill(2) on a QEMU pid of the target's data dir.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    let first_out = first.wait_with_output().unwrap();
+    assert!(!first_out.status.success(), "{}", show(&first_out));
+    assert!(
+        stderr(&first_out).contains("keeps running here"),
+        "{}",
+        show(&first_out)
+    );
+    assert_eq!(a.inspect("c")["status"], "running");
+    let n = counted(&a, "c").len();
+    wait_until(
+        "the counter to go on on the source",
+        Duration::from_secs(30),
+        || counted(&a, "c").len() > n + 3,
+    );
+    assert_contiguous_from_zero(&counted(&a, "c"));
+    let _ = Path::new("");
+}
+
+/// Two network namespaces ("hosts"), each linked to the root namespace for the
+/// test's API calls, and linked to each other by a veth pair `x0` that carries
+/// the migration. Removed (with their links) on drop.
+struct TwoHosts {
+    ns: [String; 2],
+    /// Addresses the root namespace reaches each host at.
+    api_ip: [String; 2],
+    /// Addresses on the host-to-host link.
+    link_ip: [String; 2],
+}
+
+fn sh(cmd: &str) -> bool {
+    std::process::Command::new("sh")
+        .args(["-c", cmd])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+impl TwoHosts {
+    fn create() -> Option<TwoHosts> {
+        let p = std::process::id();
+        let n = 20 + p % 200;
+        let ns = [format!("hma{p}"), format!("hmb{p}")];
+        let h = TwoHosts {
+            ns: ns.clone(),
+            api_ip: [format!("10.88.{n}.2"), format!("10.88.{n}.6")],
+            link_ip: [format!("10.88.{n}.9"), format!("10.88.{n}.10")],
+        };
+        let (a, b) = (&ns[0], &ns[1]);
+        let script = format!(
+            "set -e
+             ip netns add {a}; ip netns add {b}
+             ip -n {a} link set lo up; ip -n {b} link set lo up
+             ip link add {a} type veth peer name up0 netns {a}
+             ip addr add 10.88.{n}.1/30 dev {a}; ip link set {a} up
+             ip -n {a} addr add 10.88.{n}.2/30 dev up0; ip -n {a} link set up0 up
+             ip link add {b} type veth peer name up0 netns {b}
+             ip addr add 10.88.{n}.5/30 dev {b}; ip link set {b} up
+             ip -n {b} addr add 10.88.{n}.6/30 dev up0; ip -n {b} link set up0 up
+             ip -n {a} link add x0 type veth peer name x0 netns {b}
+             ip -n {a} addr add 10.88.{n}.9/30 dev x0; ip -n {a} link set x0 up
+             ip -n {b} addr add 10.88.{n}.10/30 dev x0; ip -n {b} link set x0 up"
+        );
+        if sh(&script) {
+            Some(h)
+        } else {
+            drop(h);
+            None
+        }
+    }
+
+    fn daemon(&self, i: usize) -> Daemon {
+        Daemon::start_with(DaemonOptions {
+            busybox: false,
+            netns: Some(self.ns[i].clone()),
+            listen_ip: Some("0.0.0.0".into()),
+            reach_ip: Some(self.api_ip[i].clone()),
+            ..Default::default()
+        })
+    }
+
+    /// Bytes sent on host `i`'s end of the host-to-host link.
+    fn link_tx_bytes(&self, i: usize) -> u64 {
+        let out = std::process::Command::new("ip")
+            .args(["-n", &self.ns[i], "-s", "-j", "link", "show", "x0"])
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v[0]["stats64"]["tx"]["bytes"].as_u64().unwrap_or(0)
+    }
+
+    fn set_link(&self, up: bool) {
+        let state = if up { "up" } else { "down" };
+        assert!(sh(&format!("ip -n {} link set x0 {state}", self.ns[0])));
+    }
+}
+
+impl Drop for TwoHosts {
+    fn drop(&mut self) {
+        for ns in &self.ns {
+            let _ = sh(&format!(
+                "ip netns del {ns} 2>/dev/null; ip link del {ns} 2>/dev/null"
+            ));
+        }
+    }
+}
+
+#[test]
+fn migration_crosses_a_veth_between_namespaces_and_survives_cutting_it() {
+    let Some(hosts) = TwoHosts::create() else {
+        println!("SKIPPED: cannot create network namespaces and veths here (needs root)");
+        return;
+    };
+    let (a, b) = (hosts.daemon(0), hosts.daemon(1));
+    let rootfs = a.data.path().join("busybox-rootfs");
+    images::busybox_rootfs(&rootfs);
+    for d in [&a, &b] {
+        let out = d.hearth(&[
+            "image",
+            "import",
+            "--name",
+            "busybox",
+            rootfs.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "import: {}", show(&out));
+    }
+    let target = format!("http://{}:{}", hosts.link_ip[1], b.port);
+    let tf = token_file(&b);
+
+    // Across the link: the stream goes over x0.
+    let id = run_counter(&a, "counter");
+    let tx0 = hosts.link_tx_bytes(0);
+    let out = a.hearth(&[
+        "migrate",
+        "counter",
+        "--to",
+        &target,
+        "--to-token-file",
+        &tf,
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}\n{}", show(&out), a.log_text());
+    let moved = hosts.link_tx_bytes(0) - tx0;
+    assert!(moved > 20 << 20, "only {moved} bytes crossed the veth");
+    assert_eq!(b.inspect("counter")["id"], id.as_str());
+    let n = counted(&b, "counter").len();
+    wait_until("counting on the target", Duration::from_secs(60), || {
+        counted(&b, "counter").len() > n + 5
+    });
+    assert_contiguous_from_zero(&counted(&b, "counter"));
+
+    // Cut the link during pre-copy: the source gives up and keeps running.
+    run_counter(&a, "c2");
+    let mut child = a
+        .cmd(&[
+            "migrate",
+            "c2",
+            "--to",
+            &target,
+            "--to-token-file",
+            &tf,
+            "--bandwidth-mib",
+            "4",
+            "--give-up-secs",
+            "8",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("pre-copy to start", Duration::from_secs(60), || {
+        let out = a.hearth(&["migrate", "--status", "--json", "c2"]);
+        out.status.success()
+            && serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                .map(|s| s["phase"] == "precopy" && s["bytes_sent"].as_u64().unwrap_or(0) > 0)
+                .unwrap_or(false)
+    });
+    hosts.set_link(false);
+    let t0 = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "migration did not give up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().unwrap();
+    println!("gave up {:?} after the cut", t0.elapsed());
+    assert!(!out.status.success(), "{}", show(&out));
+    assert!(
+        stderr(&out).contains("keeps running here"),
+        "{}",
+        show(&out)
+    );
+    hosts.set_link(true);
+    assert_eq!(a.inspect("c2")["status"], "running");
+    let n = counted(&a, "c2").len();
+    wait_until("c2 counting on the source", Duration::from_secs(30), || {
+        counted(&a, "c2").len() > n + 3
+    });
+    assert_contiguous_from_zero(&counted(&a, "c2"));
+    // The target's half-received VM goes away once the link is back.
+    wait_until(
+        "the target's incoming VM to be removed",
+        Duration::from_secs(30),
+        || vmm_pids_under(b.data.path()).len() == 1,
+    );
+    drop((a, b));
+}
