@@ -342,6 +342,10 @@ impl Agent {
                 .map_err(io_err(format!("chmod 700 {}", cfg.data_dir.display())))?;
         }
         let lock = lock_data_dir(&cfg.data_dir)?;
+        // why: made before anything is served, so the data dir's contents do not
+        // change later behind a client's back (the control link reads it).
+        crate::control_link::instance_id(&cfg.data_dir)
+            .map_err(|e| AgentError::Config(e.to_string()))?;
         let images = ImageStore::open(cfg.data_dir.join("images"), Limits::default())?;
         let vmm = QemuVmm::with_binaries(&cfg.qemu, &cfg.qemu_img)
             .map_err(|e| AgentError::Config(e.to_string()))?;
