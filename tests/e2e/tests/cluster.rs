@@ -418,3 +418,67 @@ fn a_sandbox_run_through_the_control_plane_boots_on_its_node_and_streams_output(
     assert!(out.status.success(), "{}", hearth_e2e::show(&out));
     assert_eq!(c.get("/v1/sandboxes/hello").status, 404);
 }
+
+#[test]
+fn a_start_the_node_never_answers_ends_failed_with_the_reason_and_its_late_copy_is_stopped() {
+    // A long node timeout keeps the stopped agent Ready, so it is placed on.
+    let mut c = Cluster::start(
+        1,
+        &["--node-timeout-ms", "600000", "--start-timeout-ms", "2000"],
+    );
+    let n1 = c.add_agent("n1", &["--cpus", "2", "--memory-mib", "2048"]);
+    let port = c.any_port();
+    let rootfs = c.dir.path().join("busybox-rootfs");
+    hearth_e2e::images::busybox_rootfs(&rootfs);
+    let body = serde_json::json!({"name": "busybox", "path": rootfs}).to_string();
+    let r = http(port, "POST", "/v1/images/import", Some(&body), &[]).unwrap();
+    assert_eq!(r.status, 201, "{}", r.body);
+
+    // The agent is alive but answers nothing (SIGSTOP): the start times out.
+    c.agents[n1].signal(libc::SIGSTOP);
+    let r = http(
+        port,
+        "POST",
+        "/v1/sandboxes",
+        Some(r#"{"name":"doomed","image":"busybox","memory_mib":128,"cmd":["sleep","100000"],"network":{"mode":"none"}}"#),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.body.contains("did not answer within 2s"), "{}", r.body);
+    let s = c.get("/v1/sandboxes/doomed").json();
+    assert_eq!(s["status"], "failed", "{s}");
+    let why = s["error"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("starting on node n1") && why.contains("did not answer"),
+        "{s}"
+    );
+
+    // Woken, the agent serves the request it had queued; its heartbeats then
+    // learn the record was given up, and it stops and removes that copy.
+    c.agents[n1].signal(libc::SIGCONT);
+    let agent_dir = c.dir.path().join("n1");
+    let agent_port = c.agents[n1].port;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let list = http(agent_port, "GET", "/v1/sandboxes", None, &[])
+            .map(|r| r.json())
+            .unwrap_or_default();
+        let empty = list.as_array().is_some_and(|a| a.is_empty());
+        if empty && hearth_e2e::vmm_pids_under(&agent_dir).is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the late copy is still on n1: {list}\n{}",
+            c.agents[n1].log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        c.agents[n1].log_text().contains("no longer assigns here"),
+        "the agent says why it stopped the copy"
+    );
+    let s = c.get("/v1/sandboxes/doomed").json();
+    assert_eq!(s["status"], "failed", "the record stays given up: {s}");
+}
