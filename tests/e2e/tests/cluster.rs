@@ -454,23 +454,46 @@ fn a_start_the_node_never_answers_ends_failed_with_the_reason_and_its_late_copy_
         "{s}"
     );
 
-    // Woken, the agent serves the request it had queued; its heartbeats then
-    // learn the record was given up, and it stops and removes that copy.
+    // A copy for that record turns up on the node anyway (a start served
+    // late): the agent's heartbeats learn the record was given up, and it
+    // stops and removes that copy. A sandbox made on the node-local API
+    // without a record is not the control plane's, and is left alone.
     c.agents[n1].signal(libc::SIGCONT);
-    let agent_dir = c.dir.path().join("n1");
     let agent_port = c.agents[n1].port;
+    let sleeper = |owner: Option<&str>| {
+        let mut b = serde_json::json!({"image": "busybox", "memory_mib": 128,
+            "cmd": ["sleep", "100000"], "network": {"mode": "none"}});
+        if let Some(o) = owner {
+            b["owner"] = o.into();
+        }
+        let r = http(
+            agent_port,
+            "POST",
+            "/v1/sandboxes",
+            Some(&b.to_string()),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(r.status, 201, "{}", r.body);
+        r.json()["id"].as_str().unwrap().to_string()
+    };
+    let late = sleeper(Some(&format!("{}@0", s["id"].as_str().unwrap())));
+    let mine = sleeper(None);
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let list = http(agent_port, "GET", "/v1/sandboxes", None, &[])
             .map(|r| r.json())
             .unwrap_or_default();
-        let empty = list.as_array().is_some_and(|a| a.is_empty());
-        if empty && hearth_e2e::vmm_pids_under(&agent_dir).is_empty() {
+        let ids: Vec<&str> = list
+            .as_array()
+            .map(|a| a.iter().filter_map(|s| s["id"].as_str()).collect())
+            .unwrap_or_default();
+        if ids == [mine.as_str()] {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "the late copy is still on n1: {list}\n{}",
+            "the late copy {late} is still on n1: {list}\n{}",
             c.agents[n1].log_text()
         );
         std::thread::sleep(Duration::from_millis(200));
@@ -481,4 +504,19 @@ fn a_start_the_node_never_answers_ends_failed_with_the_reason_and_its_late_copy_
     );
     let s = c.get("/v1/sandboxes/doomed").json();
     assert_eq!(s["status"], "failed", "the record stays given up: {s}");
+    let agent_dir = c.dir.path().join("n1");
+    assert_eq!(
+        hearth_e2e::vmm_pids_under(&agent_dir).len(),
+        1,
+        "only the untagged sandbox runs"
+    );
+    let r = http(
+        agent_port,
+        "DELETE",
+        &format!("/v1/sandboxes/{mine}?force=true"),
+        None,
+        &[],
+    )
+    .unwrap();
+    assert_eq!(r.status, 204, "{}", r.body);
 }
