@@ -128,6 +128,19 @@ pub(super) fn plan(
             p.keep.push(r.agent_id.clone());
         }
     }
+    // why: a record's copy stays wanted even when this report lacks it (an
+    // agent restarting re-adopts what `keep` lists).
+    for rec in st
+        .sandboxes
+        .values()
+        .filter(|s| s.node == node && s.reserves())
+    {
+        if let Some(a) = rec.observed.as_ref().and_then(|o| o.agent_id.as_ref()) {
+            if !p.keep.contains(a) {
+                p.keep.push(a.clone());
+            }
+        }
+    }
     let reported: BTreeSet<&str> = report.iter().map(|r| r.agent_id.as_str()).collect();
     for rec in st
         .sandboxes
@@ -151,7 +164,10 @@ mod tests {
 
     use super::*;
 
-    fn state(records: &[(&str, &str, u32, Option<(&str, Option<&str>)>)]) -> State {
+    /// A record: id, node, generation, observed (status, agent id).
+    type Rec<'a> = (&'a str, &'a str, u32, Option<(&'a str, Option<&'a str>)>);
+
+    fn state(records: &[Rec]) -> State {
         let mut st = State::default();
         for (id, node, generation, obs) in records {
             st.sandboxes.insert(
