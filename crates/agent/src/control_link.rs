@@ -294,3 +294,79 @@ fn fence(agent: &Agent, desired: Desired, fencing: &Fencing) {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// A control plane that answers every request with `status` and an API error of `code`.
+    async fn control_answering(status: u16, code: &str) -> String {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let body = format!(r#"{{"code":"{code}","message":"refused"}}"#);
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let body = body.clone();
+                tokio::spawn(async move {
+                    // Read the head and the body the head announces, then answer.
+                    let mut req = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        let Ok(n) = s.read(&mut buf).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        req.extend_from_slice(&buf[..n]);
+                        let text = String::from_utf8_lossy(&req).to_lowercase();
+                        if let Some(end) = text.find("\r\n\r\n") {
+                            let len = text
+                                .lines()
+                                .find_map(|l| l.strip_prefix("content-length:"))
+                                .and_then(|v| v.trim().parse::<usize>().ok())
+                                .unwrap_or(0);
+                            if req.len() >= end + 4 + len {
+                                break;
+                            }
+                        }
+                    }
+                    let resp = format!(
+                        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = s.write_all(resp.as_bytes()).await;
+                });
+            }
+        });
+        format!("127.0.0.1:{}", addr.port())
+    }
+
+    async fn heartbeat_to(base: &str) -> Outcome<Desired> {
+        let hb = Heartbeat {
+            instance: "i".into(),
+            sandboxes: Vec::new(),
+        };
+        post(
+            &reqwest::Client::new(),
+            base,
+            "/v1/agents/n1/heartbeat",
+            &hb,
+        )
+        .await
+    }
+
+    #[tokio::test]
+    async fn only_an_identity_conflict_is_fatal_other_refusals_register_again() {
+        let base = control_answering(409, "node_identity_conflict").await;
+        assert!(matches!(heartbeat_to(&base).await, Outcome::Refused(_)));
+        let base = control_answering(409, "conflict").await;
+        assert!(matches!(heartbeat_to(&base).await, Outcome::Reregister(_)));
+        let base = control_answering(404, "not_found").await;
+        assert!(matches!(heartbeat_to(&base).await, Outcome::Unknown));
+        let base = control_answering(503, "unavailable").await;
+        assert!(matches!(heartbeat_to(&base).await, Outcome::Retry(_)));
+    }
+}
