@@ -675,6 +675,7 @@ impl Agent {
             start_path: None,
             start_note: None,
             started_from: None,
+            owner: req.owner.clone(),
         };
         persist(&dir, &rec).map_err(io_err(format!("save {}", dir.display())))?;
         let entry = Arc::new(Entry::new(dir, rec));

@@ -60,6 +60,10 @@ pub struct ObservedSandbox {
     pub status: SandboxStatus,
     #[serde(default)]
     pub error: Option<String>,
+    /// The control-plane record it runs for (`ID@GENERATION`), when the
+    /// control plane started it.
+    #[serde(default)]
+    pub owner: Option<String>,
 }
 
 /// `POST /v1/agents/{node}/heartbeat`.
@@ -77,6 +81,20 @@ pub struct Desired {
     /// Agent ids of the sandboxes the control plane still wants on this node;
     /// an agent re-adopts these after a restart.
     pub keep: Vec<String>,
+    /// Running copies the control plane no longer assigns to this node (moved
+    /// elsewhere, deleted, superseded or given up): stop them.
+    #[serde(default)]
+    pub stop: Vec<Fenced>,
+    /// Ended copies the control plane no longer assigns to this node: remove them.
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+/// A sandbox an agent must stop, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Fenced {
+    pub agent_id: String,
+    pub reason: String,
 }
 
 /// One control-plane member in `GET /v1/cluster`.

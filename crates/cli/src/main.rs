@@ -488,6 +488,7 @@ async fn cmd_run(c: &Client, a: RunArgs) -> Result<u8> {
         cold: a.cold,
         from_snapshot: a.from_snapshot,
         network: a.net.spec(),
+        owner: None,
     };
     let sb: Sandbox = match c.post_json("/v1/sandboxes", &req).await {
         // Like docker: a registry reference that is not here yet is pulled, then run.

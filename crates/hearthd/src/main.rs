@@ -210,7 +210,7 @@ async fn dev(a: DevArgs) -> Result<()> {
     let token = load_or_create_token(&a.data_dir)?;
     let cp = roles::embedded_control_plane(&a.data_dir, local, &token).await?;
     roles::spawn_link(agent.clone(), roles::dev_link(&agent, local, &token));
-    let app = hearth_control::router(agent.clone(), token.clone())
+    let app = hearth_control::dev_router(agent.clone(), cp.clone(), token.clone())
         .merge(hearth_control::cluster::cluster_routes(cp, token));
     let info = agent.info();
     tracing::info!(

@@ -37,6 +37,11 @@ pub struct ControlArgs {
     /// Snapshot (and compact the Raft log) every this many entries.
     #[arg(long, default_value_t = 1000)]
     snapshot_every: u64,
+    /// How long a node may take to accept a sandbox start. A record still
+    /// not started after twice this is marked failed (or, with
+    /// `restart=always`, started again).
+    #[arg(long, default_value_t = 30_000)]
+    start_timeout_ms: u64,
 }
 
 #[derive(clap::Args)]
@@ -144,6 +149,7 @@ pub async fn control(a: ControlArgs) -> Result<()> {
         store,
         ControlConfig {
             node_timeout: Duration::from_millis(a.node_timeout_ms),
+            start_timeout: Duration::from_millis(a.start_timeout_ms.max(100)),
             ..Default::default()
         },
         &token,

@@ -28,7 +28,8 @@ use openraft::{BasicNode, ChangeMembers, Config, Raft, ServerState, SnapshotPoli
 use serde::{Deserialize, Serialize};
 
 pub use crate::state::{
-    Command, ImageRecord, NodeRecord, Observed, Reply, RestartPolicy, SandboxRecord, State,
+    parse_owner, Command, ImageRecord, NodeRecord, Observed, Reply, RestartPolicy, SandboxRecord,
+    State,
 };
 use crate::state_machine::SharedState;
 

@@ -94,9 +94,15 @@ pub struct SandboxRecord {
     #[serde(default)]
     pub ip: Option<String>,
     pub created_ms: u64,
-    /// How many times it was placed again after losing its node.
+    /// How many times it was placed or started again (its node was lost, its
+    /// copy vanished): the generation. The copy an agent runs is tagged with
+    /// it ([`SandboxRecord::owner`]), so a copy of an older generation is stale.
     #[serde(default)]
     pub reschedules: u32,
+    /// Placed by the node itself (`hearthd dev`, whose one node is the
+    /// process): committed without the capacity check and never moved.
+    #[serde(default)]
+    pub pinned: bool,
     #[serde(default)]
     pub observed: Option<Observed>,
 }
@@ -106,6 +112,26 @@ impl SandboxRecord {
     pub fn reserves(&self) -> bool {
         !self.observed.as_ref().is_some_and(Observed::is_terminal)
     }
+
+    /// The tag of the copy an agent runs for this record and generation
+    /// (`ID@GENERATION`).
+    pub fn owner(&self) -> String {
+        format!("{}@{}", self.id, self.reschedules)
+    }
+
+    /// The control plane gave up on it without an agent copy (its start
+    /// failed or never finished): any copy that turns up later is stale.
+    pub fn abandoned(&self) -> bool {
+        self.observed
+            .as_ref()
+            .is_some_and(|o| o.is_terminal() && o.agent_id.is_none())
+    }
+}
+
+/// Splits an owner tag (`ID@GENERATION`) into its record id and generation.
+pub fn parse_owner(tag: &str) -> Option<(&str, u32)> {
+    let (id, generation) = tag.rsplit_once('@')?;
+    Some((id, generation.parse().ok()?))
 }
 
 /// An image known to the cluster and where it is cached.
@@ -159,6 +185,19 @@ pub enum Command {
     },
     DeleteSandbox {
         id: String,
+    },
+    /// The sandbox is not running where its record says (its node no longer
+    /// has it, or its start never finished): `restart: always` starts it
+    /// again (a new generation, on the same node); the others end as
+    /// `status` (`lost` / `failed`) with `why`. Ignored when the record moved
+    /// off `node` or was started again since `generation`.
+    NotRunning {
+        id: String,
+        node: String,
+        generation: u32,
+        status: String,
+        why: String,
+        at_ms: u64,
     },
     PutImage {
         image: ImageRecord,
@@ -429,12 +468,60 @@ impl State {
                     what: format!("sandbox {id}"),
                 },
             },
+            Command::NotRunning {
+                id,
+                node,
+                generation,
+                status,
+                why,
+                at_ms,
+            } => self.not_running(id, node, *generation, status, why, *at_ms),
             Command::PutImage { image } => {
                 self.images.insert(image.name.clone(), image.clone());
                 self.dirty.insert(Row::Image(image.name.clone()));
                 Reply::Ok
             }
         }
+    }
+
+    fn not_running(
+        &mut self,
+        id: &str,
+        node: &str,
+        generation: u32,
+        status: &str,
+        why: &str,
+        at_ms: u64,
+    ) -> Reply {
+        let Some(sb) = self.sandboxes.get_mut(id) else {
+            return Reply::NotFound {
+                what: format!("sandbox {id}"),
+            };
+        };
+        if sb.node != node || sb.reschedules != generation {
+            return Reply::Sandbox {
+                sandbox: sb.clone(),
+            };
+        }
+        sb.observed = Some(if sb.restart == RestartPolicy::Always {
+            sb.reschedules += 1;
+            Observed {
+                status: "creating".into(),
+                agent_id: None,
+                error: Some(format!("starting again: {why}")),
+                updated_ms: at_ms,
+            }
+        } else {
+            Observed {
+                status: status.to_string(),
+                agent_id: sb.observed.as_ref().and_then(|o| o.agent_id.clone()),
+                error: Some(format!("{status}: {why}")),
+                updated_ms: at_ms,
+            }
+        });
+        let sb = sb.clone();
+        self.touch_sandbox(id);
+        Reply::Sandbox { sandbox: sb }
     }
 
     fn register(&mut self, node: &NodeRecord) -> Reply {
@@ -490,7 +577,12 @@ impl State {
             };
         };
         let ctx = hearth_sched::Context::of(&views);
-        if let Err(why) = hearth_sched::filter(view, &sandbox.request, &ctx) {
+        let checked = if sandbox.pinned {
+            Ok(())
+        } else {
+            hearth_sched::filter(view, &sandbox.request, &ctx)
+        };
+        if let Err(why) = checked {
             return Reply::Rejected {
                 node: sandbox.node.clone(),
                 reason: why.to_string(),
@@ -564,7 +656,9 @@ impl State {
         let ids: Vec<String> = self
             .sandboxes
             .values()
-            .filter(|s| s.node == node && s.reserves() && s.restart == RestartPolicy::Always)
+            .filter(|s| {
+                s.node == node && s.reserves() && s.restart == RestartPolicy::Always && !s.pinned
+            })
             .map(|s| s.id.clone())
             .collect();
         let (mut moved, mut lost) = (Vec::new(), Vec::new());

@@ -97,10 +97,21 @@ fn command() -> impl Strategy<Value = Command> {
                         ip: None,
                         created_ms: 1,
                         reschedules: 0,
+                        pinned: false,
                         observed: None,
                     }
                 }
             ),
+        (0u8..20, node_id(), 0u32..3, 0u64..10_000).prop_map(|(i, node, generation, at_ms)| {
+            Command::NotRunning {
+                id: format!("sb{i}"),
+                node,
+                generation,
+                status: "lost".into(),
+                why: "its node no longer runs it".into(),
+                at_ms,
+            }
+        }),
         (0u8..20).prop_map(|i| Command::DeleteSandbox {
             id: format!("sb{i}")
         }),
@@ -168,4 +179,117 @@ proptest! {
             }
         }
     }
+}
+
+fn node(id: &str, cpus: u32) -> Command {
+    Command::RegisterNode {
+        node: NodeRecord {
+            id: id.into(),
+            instance: "i0".into(),
+            address: "http://10.77.0.2:7071".into(),
+            capacity: Resources::new(cpus, 1024, 100_000),
+            accel: Accel::Tcg,
+            labels: BTreeMap::new(),
+            cordoned: false,
+            ready: true,
+            registered_ms: 1,
+            last_heartbeat_ms: 1,
+            warm_templates: Default::default(),
+            volumes: Default::default(),
+        },
+    }
+}
+
+fn sandbox(id: &str, node: &str, restart: RestartPolicy, pinned: bool) -> Command {
+    Command::CreateSandbox {
+        sandbox: SandboxRecord {
+            id: id.into(),
+            name: None,
+            spec: serde_json::json!({"image": "alpine"}),
+            request: Request {
+                resources: Resources::new(2, 256, 10),
+                ..Default::default()
+            },
+            node: node.into(),
+            restart,
+            record_only: false,
+            idempotency_key: None,
+            ip: None,
+            created_ms: 1,
+            reschedules: 0,
+            pinned,
+            observed: Some(Observed {
+                status: "running".into(),
+                agent_id: Some(format!("agent-{id}")),
+                error: None,
+                updated_ms: 1,
+            }),
+        },
+    }
+}
+
+fn not_running(id: &str, node: &str, generation: u32) -> Command {
+    Command::NotRunning {
+        id: id.into(),
+        node: node.into(),
+        generation,
+        status: "lost".into(),
+        why: "node n1 no longer runs it".into(),
+        at_ms: 5,
+    }
+}
+
+#[test]
+fn a_vanished_restart_always_sandbox_starts_again_as_a_new_generation() {
+    let mut s = State::default();
+    s.apply(&node("n1", 4));
+    s.apply(&sandbox("a", "n1", RestartPolicy::Always, false));
+    assert_eq!(s.sandboxes["a"].owner(), "a@0");
+    s.apply(&not_running("a", "n1", 0));
+    let a = &s.sandboxes["a"];
+    assert_eq!(a.owner(), "a@1");
+    let o = a.observed.as_ref().unwrap();
+    assert_eq!(
+        (o.status.as_str(), o.agent_id.as_deref()),
+        ("creating", None)
+    );
+    // A second report about the old generation changes nothing.
+    s.apply(&not_running("a", "n1", 0));
+    assert_eq!(s.sandboxes["a"].owner(), "a@1");
+}
+
+#[test]
+fn a_vanished_restart_never_sandbox_is_lost_with_the_reason() {
+    let mut s = State::default();
+    s.apply(&node("n1", 4));
+    s.apply(&sandbox("b", "n1", RestartPolicy::Never, false));
+    s.apply(&not_running("b", "n1", 0));
+    let o = s.sandboxes["b"].observed.clone().unwrap();
+    assert_eq!(o.status, "lost");
+    assert_eq!(o.error.as_deref(), Some("lost: node n1 no longer runs it"));
+    assert!(!s.sandboxes["b"].abandoned(), "it had an agent copy");
+}
+
+#[test]
+fn a_pinned_sandbox_skips_the_capacity_check_and_a_placed_one_does_not() {
+    let mut s = State::default();
+    s.apply(&node("n1", 2));
+    s.apply(&sandbox("a", "n1", RestartPolicy::Never, false));
+    let full = s.apply(&sandbox("b", "n1", RestartPolicy::Never, false));
+    assert!(
+        matches!(full, hearth_store::Reply::Rejected { .. }),
+        "{full:?}"
+    );
+    let pinned = s.apply(&sandbox("c", "n1", RestartPolicy::Never, true));
+    assert!(
+        matches!(pinned, hearth_store::Reply::Sandbox { .. }),
+        "{pinned:?}"
+    );
+}
+
+#[test]
+fn owner_tags_parse_back_to_record_and_generation() {
+    assert_eq!(hearth_store::parse_owner("ab12@3"), Some(("ab12", 3)));
+    assert_eq!(hearth_store::parse_owner("ab12"), None);
+    assert_eq!(hearth_store::parse_owner("ab12@x"), None);
 }

@@ -418,3 +418,217 @@ fn a_sandbox_run_through_the_control_plane_boots_on_its_node_and_streams_output(
     assert!(out.status.success(), "{}", hearth_e2e::show(&out));
     assert_eq!(c.get("/v1/sandboxes/hello").status, 404);
 }
+
+#[test]
+fn a_start_the_node_never_answers_ends_failed_with_the_reason_and_its_late_copy_is_stopped() {
+    // A long node timeout keeps the stopped agent Ready, so it is placed on.
+    let mut c = Cluster::start(
+        1,
+        &["--node-timeout-ms", "600000", "--start-timeout-ms", "2000"],
+    );
+    let n1 = c.add_agent("n1", &["--cpus", "2", "--memory-mib", "2048"]);
+    let port = c.any_port();
+    let rootfs = c.dir.path().join("busybox-rootfs");
+    hearth_e2e::images::busybox_rootfs(&rootfs);
+    let body = serde_json::json!({"name": "busybox", "path": rootfs}).to_string();
+    let r = http(port, "POST", "/v1/images/import", Some(&body), &[]).unwrap();
+    assert_eq!(r.status, 201, "{}", r.body);
+
+    // The agent is alive but answers nothing (SIGSTOP): the start times out.
+    c.agents[n1].signal(libc::SIGSTOP);
+    let r = http(
+        port,
+        "POST",
+        "/v1/sandboxes",
+        Some(r#"{"name":"doomed","image":"busybox","memory_mib":128,"cmd":["sleep","100000"],"network":{"mode":"none"}}"#),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.body.contains("did not answer within 2s"), "{}", r.body);
+    let s = c.get("/v1/sandboxes/doomed").json();
+    assert_eq!(s["status"], "failed", "{s}");
+    let why = s["error"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("starting on node n1") && why.contains("did not answer"),
+        "{s}"
+    );
+
+    // A copy for that record turns up on the node anyway (a start served
+    // late): the agent's heartbeats learn the record was given up, and it
+    // stops and removes that copy. A sandbox made on the node-local API
+    // without a record is not the control plane's, and is left alone.
+    c.agents[n1].signal(libc::SIGCONT);
+    let agent_port = c.agents[n1].port;
+    let sleeper = |owner: Option<&str>| {
+        let mut b = serde_json::json!({"image": "busybox", "memory_mib": 128,
+            "cmd": ["sleep", "100000"], "network": {"mode": "none"}});
+        if let Some(o) = owner {
+            b["owner"] = o.into();
+        }
+        let r = http(
+            agent_port,
+            "POST",
+            "/v1/sandboxes",
+            Some(&b.to_string()),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(r.status, 201, "{}", r.body);
+        r.json()["id"].as_str().unwrap().to_string()
+    };
+    let late = sleeper(Some(&format!("{}@0", s["id"].as_str().unwrap())));
+    let mine = sleeper(None);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let list = http(agent_port, "GET", "/v1/sandboxes", None, &[])
+            .map(|r| r.json())
+            .unwrap_or_default();
+        let ids: Vec<&str> = list
+            .as_array()
+            .map(|a| a.iter().filter_map(|s| s["id"].as_str()).collect())
+            .unwrap_or_default();
+        if ids == [mine.as_str()] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the late copy {late} is still on n1: {list}\n{}",
+            c.agents[n1].log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        c.agents[n1].log_text().contains("no longer assigns here"),
+        "the agent says why it stopped the copy"
+    );
+    let s = c.get("/v1/sandboxes/doomed").json();
+    assert_eq!(s["status"], "failed", "the record stays given up: {s}");
+    let agent_dir = c.dir.path().join("n1");
+    assert_eq!(
+        hearth_e2e::vmm_pids_under(&agent_dir).len(),
+        1,
+        "only the untagged sandbox runs"
+    );
+    let r = http(
+        agent_port,
+        "DELETE",
+        &format!("/v1/sandboxes/{mine}?force=true"),
+        None,
+        &[],
+    )
+    .unwrap();
+    assert_eq!(r.status, 204, "{}", r.body);
+}
+
+#[test]
+fn a_sandbox_its_node_no_longer_runs_is_lost_or_started_again_per_its_restart_policy() {
+    let mut c = Cluster::start(1, &["--start-timeout-ms", "2000"]);
+    let n1 = c.add_agent("n1", &["--cpus", "2", "--memory-mib", "2048"]);
+    let port = c.any_port();
+    let agent_port = c.agents[n1].port;
+    let rootfs = c.dir.path().join("busybox-rootfs");
+    hearth_e2e::images::busybox_rootfs(&rootfs);
+    let body = serde_json::json!({"name": "busybox", "path": rootfs}).to_string();
+    let r = http(port, "POST", "/v1/images/import", Some(&body), &[]).unwrap();
+    assert_eq!(r.status, 201, "{}", r.body);
+    const SLEEPER: &str = r#"{"image":"busybox","memory_mib":128,"cmd":["sleep","100000"],"network":{"mode":"none"}}"#;
+    let create = |q: &str| {
+        let r = http(
+            port,
+            "POST",
+            &format!("/v1/sandboxes{q}"),
+            Some(SLEEPER),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(r.status, 201, "{}", r.body);
+        r.json()["id"].as_str().unwrap().to_string()
+    };
+    let always = create("?restart=always");
+    let never = create("");
+    let agent_copies = || -> BTreeMap<String, (String, String)> {
+        let list = http(agent_port, "GET", "/v1/sandboxes", None, &[])
+            .unwrap()
+            .json();
+        list.as_array()
+            .into_iter()
+            .flatten()
+            .map(|s| {
+                let owner = s["owner"].as_str().unwrap_or_default().to_string();
+                let st = s["status"].as_str().unwrap_or_default().to_string();
+                (owner, (s["id"].as_str().unwrap().to_string(), st))
+            })
+            .collect()
+    };
+    wait_json(port, &format!("/v1/sandboxes/{always}"), |s| {
+        s["status"] == "running"
+    });
+    wait_json(port, &format!("/v1/sandboxes/{never}"), |s| {
+        s["status"] == "running"
+    });
+
+    // Both copies vanish from the node behind the control plane's back.
+    for (owner, (agent_id, _)) in agent_copies() {
+        let r = http(
+            agent_port,
+            "DELETE",
+            &format!("/v1/sandboxes/{agent_id}?force=true"),
+            None,
+            &[],
+        )
+        .unwrap();
+        assert_eq!(r.status, 204, "{owner}: {}", r.body);
+    }
+    let s = wait_json(port, &format!("/v1/sandboxes/{never}"), |s| {
+        s["status"] == "lost"
+    });
+    assert!(
+        s["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("node n1 no longer runs it"),
+        "{s}"
+    );
+    let next = format!("{always}@1");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while agent_copies()
+        .get(&next)
+        .is_none_or(|(_, st)| st != "running")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{next} never ran: {:?}",
+            agent_copies()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    wait_json(port, &format!("/v1/sandboxes/{always}"), |s| {
+        s["status"] == "running"
+    });
+    let copies = agent_copies();
+    assert_eq!(
+        copies.keys().cloned().collect::<Vec<_>>(),
+        vec![format!("{always}@1")],
+        "restart=always runs again as its next generation: {copies:?}"
+    );
+    let r = http(
+        port,
+        "DELETE",
+        &format!("/v1/sandboxes/{always}?force=true"),
+        None,
+        &[],
+    )
+    .unwrap();
+    assert_eq!(r.status, 204, "{}", r.body);
+    let r = http(
+        port,
+        "DELETE",
+        &format!("/v1/sandboxes/{never}?force=true"),
+        None,
+        &[],
+    )
+    .unwrap();
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert!(hearth_e2e::vmm_pids_under(&c.dir.path().join("n1")).is_empty());
+}

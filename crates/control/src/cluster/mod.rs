@@ -10,8 +10,10 @@
 //! [`watchdog`] marks silent nodes NotReady, which loses or reschedules their
 //! sandboxes.
 
+mod dev;
 mod nodes;
 mod proxy;
+mod reconcile;
 mod sandboxes;
 mod watchdog;
 
@@ -33,6 +35,11 @@ pub struct ControlConfig {
     pub node_timeout: Duration,
     /// Disk reserved per sandbox when the request does not say.
     pub default_disk_mib: u64,
+    /// How long a node may take to accept a start; a record still not
+    /// started after twice this is given up (`failed`) or, with
+    /// `restart: always`, started again. Also the grace before a copy a
+    /// node stops reporting counts as gone.
+    pub start_timeout: Duration,
 }
 
 impl Default for ControlConfig {
@@ -40,6 +47,7 @@ impl Default for ControlConfig {
         ControlConfig {
             node_timeout: Duration::from_secs(5),
             default_disk_mib: 512,
+            start_timeout: Duration::from_secs(30),
         }
     }
 }

@@ -1,8 +1,6 @@
 //! Node registry (agents register and heartbeat), node operations (cordon,
 //! drain) and the control-plane group's status and membership.
 
-use std::collections::BTreeMap;
-
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use hearth_api::cluster::{
@@ -10,7 +8,7 @@ use hearth_api::cluster::{
 };
 use hearth_api::{ApiError, ErrorCode, SandboxStatus};
 use hearth_sched::{Accel, Resources};
-use hearth_store::{Command, NodeRecord, Observed, Reply, State as St};
+use hearth_store::{Command, NodeRecord, Reply, State as St};
 
 use super::{now_ms, ControlPlane};
 use crate::{HttpError, Json};
@@ -66,7 +64,7 @@ fn node_reply(cp: &ControlPlane, r: Reply) -> ApiResult<Json<Node>> {
         Reply::Node { node } => Ok(Json(cp.store.read_local(|st| node_view(st, &node)))),
         Reply::NotFound { what } => Err(not_found(&what)),
         Reply::DuplicateNode { id, holder } => Err(HttpError(ApiError::new(
-            ErrorCode::Conflict,
+            ErrorCode::NodeIdentityConflict,
             format!(
                 "node id {id} is already registered by another agent (instance {holder}); \
                  give this agent another --node, or remove the old one with `hearth node rm {id}`"
@@ -245,53 +243,17 @@ pub(super) async fn heartbeat(
     Json(hb): Json<Heartbeat>,
 ) -> ApiResult<Json<Desired>> {
     let now = now_ms();
-    // Agent ids → control ids, for the sandboxes placed on this node.
-    let ids: BTreeMap<String, String> = cp.store.read_local(|st| {
-        st.sandboxes
-            .values()
-            .filter(|s| s.node == node)
-            .filter_map(|s| {
-                let a = s.observed.as_ref()?.agent_id.clone()?;
-                Some((a, s.id.clone()))
-            })
-            .collect()
-    });
-    let observed = hb
-        .sandboxes
-        .iter()
-        .filter_map(|o| {
-            let id = ids.get(&o.agent_id)?;
-            Some((
-                id.clone(),
-                Observed {
-                    status: status_name(o.status),
-                    agent_id: Some(o.agent_id.clone()),
-                    error: o.error.clone(),
-                    updated_ms: now,
-                },
-            ))
-        })
-        .collect();
-    // why: a report that only differs in its timestamp would rewrite the row on every beat.
-    let observed: BTreeMap<String, Observed> = cp.store.read_local(|st| {
-        let same = |id: &String, o: &Observed| {
-            st.sandboxes
-                .get(id)
-                .and_then(|s| s.observed.as_ref())
-                .is_some_and(|cur| {
-                    cur.status == o.status && cur.agent_id == o.agent_id && cur.error == o.error
-                })
-        };
-        let m: BTreeMap<String, Observed> = observed;
-        m.into_iter().filter(|(id, o)| !same(id, o)).collect()
-    });
+    let grace = cp.cfg.start_timeout.as_millis() as u64;
+    let plan = cp
+        .store
+        .read_local(|st| super::reconcile::plan(st, &node, &hb.sandboxes, now, grace));
     let r = cp
         .store
         .write(Command::Heartbeat {
             node: node.clone(),
             instance: hb.instance,
             at_ms: now,
-            observed,
+            observed: plan.observed,
         })
         .await?;
     match r {
@@ -301,14 +263,27 @@ pub(super) async fn heartbeat(
             node_reply(&cp, other)?;
         }
     }
-    let keep = cp.store.read_local(|st| {
-        st.sandboxes
-            .values()
-            .filter(|s| s.node == node && s.reserves())
-            .filter_map(|s| s.observed.as_ref()?.agent_id.clone())
-            .collect()
-    });
-    Ok(Json(Desired { keep }))
+    for (id, generation) in plan.missing {
+        tracing::warn!(sandbox = %id, %node, "node no longer runs the sandbox");
+        cp.store
+            .write(Command::NotRunning {
+                id,
+                node: node.clone(),
+                generation,
+                status: "lost".into(),
+                why: format!("node {node} no longer runs it (its agent lost or removed it)"),
+                at_ms: now,
+            })
+            .await?;
+    }
+    for f in &plan.stop {
+        tracing::warn!(%node, agent_id = %f.agent_id, "fencing a stale copy: {}", f.reason);
+    }
+    Ok(Json(Desired {
+        keep: plan.keep,
+        stop: plan.stop,
+        remove: plan.remove,
+    }))
 }
 
 pub(super) async fn cluster_status(State(cp): State<ControlPlane>) -> Json<ClusterStatus> {

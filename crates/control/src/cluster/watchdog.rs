@@ -1,6 +1,8 @@
 //! Leader-only background work: nodes that stop heartbeating become
 //! NotReady (their sandboxes are lost, or moved when they asked for
-//! `restart: always`), and moved sandboxes are started on their new node.
+//! `restart: always`), moved or restarted sandboxes are started on their
+//! node, and a record whose start never finished is given up (`failed`, with
+//! the reason) or, with `restart: always`, started again.
 
 use std::time::Duration;
 
@@ -41,7 +43,49 @@ pub(super) async fn run(cp: ControlPlane) {
                 tracing::warn!("marking node NotReady: {e}");
             }
         }
+        give_up_stuck(&cp, now).await;
         restart_moved(&cp);
+    }
+}
+
+/// Records committed but never started (the member starting it stopped, or
+/// the node never answered): after twice the start timeout no start call can
+/// still be in flight (each gives up after one), so end them.
+async fn give_up_stuck(cp: &ControlPlane, now: u64) {
+    let limit = 2 * cp.cfg.start_timeout.as_millis() as u64;
+    let stuck: Vec<(String, String, u32)> = cp.store.read_local(|st| {
+        st.sandboxes
+            .values()
+            .filter(|s| {
+                !s.record_only
+                    && !s.pinned
+                    && s.observed.is_none()
+                    && now.saturating_sub(s.created_ms) > limit
+            })
+            .map(|s| (s.id.clone(), s.node.clone(), s.reschedules))
+            .collect()
+    });
+    for (id, node, generation) in stuck {
+        if cp.starting.lock().is_ok_and(|s| s.contains(&id)) {
+            continue;
+        }
+        tracing::warn!(sandbox = %id, %node, "its start never finished; giving it up");
+        let why = format!(
+            "it was never started on node {node} within {}s (the node did not answer, or the \
+             control-plane member starting it stopped); remove it and create it again",
+            limit / 1000
+        );
+        let cmd = Command::NotRunning {
+            id,
+            node,
+            generation,
+            status: "failed".into(),
+            why,
+            at_ms: now,
+        };
+        if let Err(e) = cp.store.write(cmd).await {
+            tracing::warn!("giving up a stuck sandbox: {e}");
+        }
     }
 }
 
