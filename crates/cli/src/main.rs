@@ -632,3 +632,14 @@ fn write_or_quit(w: &mut impl Write, b: &[u8]) {
         }
     }
 }
+
+#[cfg(test)]
+mod cli_tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn flags_are_consistent() {
+        // why: flattened arg groups (egress and ingress flags) must not share ids.
+        super::Cli::command().debug_assert();
+    }
+}

@@ -32,10 +32,10 @@ fn sandbox_network_is_built_updated_and_removed_without_leftovers() {
         "{progs}"
     );
 
-    let p = Policy {
-        default: Action::Deny,
-        rules: vec![Rule::parse(Action::Allow, "192.168.0.0/16:80").unwrap()],
-    };
+    let p = Policy::egress(
+        Action::Deny,
+        vec![Rule::parse(Action::Allow, "192.168.0.0/16:80").unwrap()],
+    );
     net.set_policy(id, p.clone()).unwrap();
     assert_eq!(net.get(id).unwrap().policy, p);
     let stats = net.stats(id).unwrap();
@@ -84,10 +84,10 @@ fn policy_update_racing_with_teardown_either_applies_or_finds_no_network() {
     let applied_so_far = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let seen = applied_so_far.clone();
     let updater = std::thread::spawn(move || {
-        let p = Policy {
-            default: Action::Deny,
-            rules: vec![Rule::parse(Action::Allow, "10.0.0.0/8:443").unwrap()],
-        };
+        let p = Policy::egress(
+            Action::Deny,
+            vec![Rule::parse(Action::Allow, "10.0.0.0/8:443").unwrap()],
+        );
         let mut applied = 0;
         loop {
             match n2.set_policy(id, p.clone()) {
