@@ -36,8 +36,21 @@ fn sandbox_network_is_built_updated_and_removed_without_leftovers() {
         Action::Deny,
         vec![Rule::parse(Action::Allow, "192.168.0.0/16:80").unwrap()],
     );
+    let slot = hearth_net::policy::maps::active_slot(&rec.tap).unwrap();
     net.set_policy(id, p.clone()).unwrap();
     assert_eq!(net.get(id).unwrap().policy, p);
+    // The update went to the other slot and flipped to it.
+    assert_eq!(
+        hearth_net::policy::maps::active_slot(&rec.tap).unwrap(),
+        slot ^ 1
+    );
+    // The node's addresses are in the HOSTS map (127.0.0.1 is always one).
+    assert!(net.refresh_host_addresses() >= 1);
+    let hosts = sh(&format!(
+        "bpftool map dump pinned /sys/fs/bpf/hearth/{}/HOSTS",
+        rec.tap
+    ));
+    assert!(hosts.contains("7f 00 00 01"), "{hosts}");
     let stats = net.stats(id).unwrap();
     assert!(stats.iter().any(|s| s.label.contains("192.168.0.0/16:80")));
 

@@ -319,6 +319,54 @@ fn bad_rules_pool_exhaustion_and_network_none_give_clear_answers() {
     let out = d.hearth(&args);
     assert!(stderr(&out).contains("too many rules"), "{}", show(&out));
 
+    // The same checks for ingress rules, at create and on a live update.
+    for (flag, rule, want) in [
+        ("--ingress-allow", "10.0.0.1/8", "host bits"),
+        ("--ingress-allow", "10.0.0.0/8:0", "port range"),
+        ("--ingress-deny", "10.0.0.0/8:70000", "port range"),
+        ("--ingress-deny", "10.0.0.0/8:90-80", "port range"),
+        ("--ingress-allow", "banana", "not an IPv4 CIDR"),
+    ] {
+        let out = d.hearth(&["run", flag, rule, "busybox", "--", "true"]);
+        assert_eq!(out.status.code(), Some(125), "{}", show(&out));
+        assert!(
+            stderr(&out).contains(want) && stderr(&out).contains("ingress policy"),
+            "{rule}: {}",
+            show(&out)
+        );
+    }
+    let (id, _ip) = start_detached(&d, &[]);
+    let out = d.hearth(&[
+        "policy",
+        "set",
+        &id,
+        "--ingress-allow",
+        "10.0.0.0/8:80-90",
+        "--ingress-deny",
+        "10.0.0.0/8:85",
+    ]);
+    assert!(!out.status.success(), "{}", show(&out));
+    assert!(stderr(&out).contains("overlap"), "{}", show(&out));
+    let mut args = vec!["policy".to_string(), "set".into(), id.clone()];
+    for i in 0..65 {
+        args.extend(["--ingress-deny".into(), format!("10.{i}.0.0/16")]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = d.hearth(&args);
+    assert!(
+        stderr(&out).contains("too many rules") && stderr(&out).contains("at most 64"),
+        "{}",
+        show(&out)
+    );
+    // A rejected update leaves the policy as it was.
+    let shown = stdout(&d.hearth(&["policy", "show", &id]));
+    assert!(
+        shown.contains("ingress default allow") && !shown.contains("10.0.0.0/8"),
+        "{shown}"
+    );
+    let out = d.hearth(&["rm", "-f", &id]);
+    assert!(out.status.success(), "{}", show(&out));
+
     // --network none: no device in the guest, no network record.
     let out = d.hearth(&[
         "run",
