@@ -746,6 +746,11 @@ fn policy_updates_are_atomic_under_traffic() {
          i=$((i+1)); done; echo fail=$f",
         ns.server_ip
     );
+    let st = stats(&d, &id);
+    let denied_before = (
+        counter(&st, "egress default deny"),
+        counter(&st, "egress non-initial packets without a flow"),
+    );
     let traffic = {
         let mut c = d.cmd(&["exec", &id, "--", "sh", "-c", &script]);
         c.stdout(Stdio::piped()).stderr(Stdio::piped());
@@ -772,6 +777,16 @@ fn policy_updates_are_atomic_under_traffic() {
         "connections to X failed during updates"
     );
     assert!(sets >= 10, "only {sets} updates raced the traffic");
+    // why: a SYN dropped in a mixed state would be retransmitted and the
+    // connection still succeed, so also check that no packet was ever denied:
+    // the fixed counters are never reset, and only X is contacted.
+    let st = stats(&d, &id);
+    assert_eq!(counter(&st, "egress default deny"), denied_before.0, "{st}");
+    assert_eq!(
+        counter(&st, "egress non-initial packets without a flow"),
+        denied_before.1,
+        "{st}"
+    );
 }
 
 #[test]
