@@ -368,9 +368,7 @@ impl Agent {
         }
         let cfg_data_dir = cfg.data_dir.clone();
         let net = match &cfg.net {
-            Some(n) => Some(Arc::new(
-                hearth_net::NodeNet::open(n.clone()).map_err(AgentError::Net)?,
-            )),
+            Some(n) => Some(hearth_net::NodeNet::open_watched(n.clone()).map_err(AgentError::Net)?),
             None => None,
         };
         let warm = WarmState::new(&cfg, &vmm, accel.accel).await?;
@@ -550,7 +548,7 @@ impl Agent {
         let exec = plan_exec(&req, &image)?;
         let policy = match req.network.mode {
             NetworkMode::None => None,
-            NetworkMode::Default => Some(crate::network::parse_policy(&req.network.egress)?),
+            NetworkMode::Default => Some(crate::network::spec_policy(&req.network)?),
         };
         let chosen = self.choose_launch(&req, &image.digest, cpus, memory_mib);
         let (launch, cpus, memory_mib) = if policy.is_some()

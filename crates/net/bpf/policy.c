@@ -3,11 +3,25 @@
 //
 // `guest_out` runs on the tap's ingress hook (packets the guest sends): it drops
 // packets whose source MAC or IPv4 is not the sandbox's (anti-spoof) and checks
-// new flows (TCP SYN, UDP, ICMP echo, other IP protocols) against the egress
-// rules: an LPM trie from destination CIDR to an ordered list of (protocol, port
-// range, action) entries, compiled on the host so the longest prefix carries the
-// rules of every enclosing prefix too. `guest_in` runs on the tap's egress hook
-// (packets to the guest) and only counts. Every decision bumps a counter.
+// them against the egress rules. `guest_in` runs on the tap's egress hook
+// (packets to the guest) and checks them against the ingress rules.
+//
+// Stateful: a flow-opening packet (TCP SYN, ICMP echo, UDP, other protocols) is
+// checked against the rules of its direction; when allowed, its flow (remote
+// address and port, guest port, protocol) goes into the FLOWS LRU map with the
+// direction that opened it. A non-initial packet (TCP without a bare SYN, ICMP
+// echo reply or error) passes only if its flow is in the map; a UDP datagram
+// passes as a reply when the other direction opened its flow.
+//
+// Rules: an LPM trie keyed by (slot, direction, CIDR) to an ordered list of
+// (protocol, port range, action) entries, compiled on the host so the longest
+// prefix carries the rules of every enclosing prefix too. Two rule slots: an
+// update writes the inactive slot, then flips CONFIG.active (one byte), so a
+// packet sees either the whole old or the whole new policy.
+//
+// Host addresses (HOSTS, written by the agent from the node's live addresses)
+// are denied as egress destinations unless an entry of their own /32 allows
+// them; as ingress sources (the ingress proxy) they are allowed.
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/ip.h>
@@ -19,57 +33,93 @@
 #include <bpf/bpf_endian.h>
 
 #define RULES_PER_PREFIX 16
-#define MAX_PREFIXES 256
+#define MAX_PREFIXES 1024
 #define MAX_COUNTERS 512
+#define MAX_HOSTS 256
+#define MAX_FLOWS 8192
 
-// Counter slots below FIRST_RULE_COUNTER; keep in sync with src/policy/maps.rs.
+// Counter slots below FIRST_RULE_COUNTER; keep in sync with src/policy/mod.rs.
 #define C_SPOOF 0
-#define C_DEFAULT_ALLOW 1
-#define C_DEFAULT_DENY 2
+#define C_OUT_DEFAULT_ALLOW 1
+#define C_OUT_DEFAULT_DENY 2
 #define C_NOT_IPV4 3
 #define C_TO_GUEST 4
-#define C_ESTABLISHED 5
+#define C_OUT_REPLY 5
+#define C_OUT_NO_FLOW 6
+#define C_OUT_HOST_DENY 7
+#define C_IN_DEFAULT_ALLOW 8
+#define C_IN_DEFAULT_DENY 9
+#define C_IN_REPLY 10
+#define C_IN_NO_FLOW 11
+#define C_IN_FROM_HOST 12
+
+#define DIR_EGRESS 0
+#define DIR_INGRESS 1
 
 // why: <linux/icmp.h> pulls in libc headers that do not build for -target bpf.
+#define ICMP_ECHOREPLY 0
+#define ICMP_DEST_UNREACH 3
 #define ICMP_ECHO 8
+#define ICMP_TIME_EXCEEDED 11
+#define ICMP_PARAMETERPROB 12
 struct icmphdr {
 	__u8 type;
 	__u8 code;
 	__u16 checksum;
-	__u32 rest;
+	__u16 id;
+	__u16 seq;
 };
 
 #define ACT_END 0
 #define ACT_ALLOW 1
 #define ACT_DENY 2
+// Entry copied down from an enclosing prefix (not the prefix's own rule).
+#define ACT_INHERITED 4
 
 struct sandbox_cfg {
 	__u32 ip;	  // network byte order
 	__u8 mac[6];
-	__u8 default_allow;
+	__u8 active;	  // rule slot in use: 0 or 1
 	__u8 _pad;
+	__u8 egress_default_allow[2];	// per slot
+	__u8 ingress_default_allow[2];
 };
 
 struct rule {
 	__u16 port_lo;	  // host byte order; 0..65535 for any
 	__u16 port_hi;
 	__u8 proto;	  // 0 any, else IPPROTO_*
-	__u8 action;	  // ACT_*
+	__u8 action;	  // ACT_* (| ACT_INHERITED)
 	__u16 counter;	  // slot in `counters`
 };
 
 struct rule_list {
+	__u32 prefixlen;  // of the CIDR this list belongs to
+	__u32 _pad;
 	struct rule r[RULES_PER_PREFIX];
 };
 
 struct lpm_key {
-	__u32 prefixlen;
+	__u32 prefixlen;  // 32 (the tag) + CIDR length
+	__u32 tag;	  // htonl(slot * 2 + direction)
 	__u32 addr;	  // network byte order
 };
 
 struct counter {
 	__u64 packets;
 	__u64 bytes;
+};
+
+struct flow_key {
+	__u32 remote;	  // network byte order
+	__u16 remote_port;	// network byte order; ICMP: 0
+	__u16 guest_port;	// network byte order; ICMP echo: the id
+	__u8 proto;
+	__u8 _pad[3];
+};
+
+struct flow {
+	__u32 origin;	  // DIR_* that opened it
 };
 
 struct {
@@ -85,7 +135,7 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct lpm_key);
 	__type(value, struct rule_list);
-} EGRESS SEC(".maps");
+} RULES SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -93,6 +143,31 @@ struct {
 	__type(key, __u32);
 	__type(value, struct counter);
 } COUNTERS SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_HOSTS);
+	__type(key, __u32);
+	__type(value, __u8);
+} HOSTS SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, MAX_FLOWS);
+	__type(key, struct flow_key);
+	__type(value, struct flow);
+} FLOWS SEC(".maps");
+
+// What a parsed packet is, for the flow logic.
+#define K_NEW 0	     // opens a flow: check the rules
+#define K_REPLY 1    // needs its flow in the map
+#define K_DATAGRAM 2 // UDP: a reply if the other direction opened the flow, else new
+
+struct pkt {
+	struct flow_key key;
+	__u16 port;	  // destination port for rule matching, host byte order
+	__u8 kind;
+};
 
 static __always_inline void count(__u32 slot, __u32 len)
 {
@@ -109,32 +184,178 @@ static __always_inline int mac_eq(const __u8 *a, const __u8 *b)
 	       a[5] == b[5];
 }
 
-static __always_inline int verdict(__u8 allow)
+// Rule lookup: 1 allow, 0 deny, -1 no entry matched. `own_only` skips
+// inherited entries and requires the list to be the address's own /32.
+static __noinline int match_rules(__u32 tag, __u32 addr, __u32 proto_port, __u32 own_only,
+				  __u32 len)
 {
-	return allow ? TC_ACT_OK : TC_ACT_SHOT;
+	struct lpm_key key = { .prefixlen = 64, .tag = tag, .addr = addr };
+	struct rule_list *list = bpf_map_lookup_elem(&RULES, &key);
+	__u8 proto = proto_port >> 16;
+	__u16 port = proto_port & 0xffff;
+	if (!list)
+		return -1;
+	if (own_only && list->prefixlen != 32)
+		return -1;
+#pragma unroll
+	for (int i = 0; i < RULES_PER_PREFIX; i++) {
+		struct rule *r = &list->r[i];
+		if (r->action == ACT_END)
+			break;
+		if (own_only && (r->action & ACT_INHERITED))
+			continue;
+		if (r->proto && r->proto != proto)
+			continue;
+		if (port < r->port_lo || port > r->port_hi)
+			continue;
+		count(r->counter, len);
+		return (r->action & 3) == ACT_ALLOW;
+	}
+	return -1;
 }
 
-static __always_inline int check_flow(struct sandbox_cfg *cfg, __u32 daddr, __u8 proto,
-				      __u16 port, __u32 len)
+// Fills the flow key's ports from an ICMP error's quoted header. `quoted_from_guest`:
+// the quoted packet was sent by the guest (error arriving for the guest).
+static __always_inline int quoted_flow(struct pkt *p, struct icmphdr *icmp, void *end,
+				       int quoted_from_guest)
 {
-	struct lpm_key key = { .prefixlen = 32, .addr = daddr };
-	struct rule_list *list = bpf_map_lookup_elem(&EGRESS, &key);
-	if (list) {
-#pragma unroll
-		for (int i = 0; i < RULES_PER_PREFIX; i++) {
-			struct rule *r = &list->r[i];
-			if (r->action == ACT_END)
-				break;
-			if (r->proto && r->proto != proto)
-				continue;
-			if (port < r->port_lo || port > r->port_hi)
-				continue;
-			count(r->counter, len);
-			return verdict(r->action == ACT_ALLOW);
+	struct iphdr *in = (void *)(icmp + 1);
+	if ((void *)(in + 1) > end || in->ihl != 5)
+		return -1;
+	__u16 *ports = (void *)(in + 1);
+	if ((void *)(ports + 2) > end)
+		return -1;
+	p->key.proto = in->protocol;
+	if (in->protocol == IPPROTO_ICMP) {
+		struct icmphdr *qi = (void *)(in + 1);
+		if ((void *)(qi + 1) > end)
+			return -1;
+		p->key.remote = quoted_from_guest ? in->daddr : in->saddr;
+		p->key.guest_port = qi->id;
+		return 0;
+	}
+	if (quoted_from_guest) {
+		p->key.remote = in->daddr;
+		p->key.guest_port = ports[0];
+		p->key.remote_port = ports[1];
+	} else {
+		p->key.remote = in->saddr;
+		p->key.remote_port = ports[0];
+		p->key.guest_port = ports[1];
+	}
+	return 0;
+}
+
+// Parses the L4 header at `l4`. `to_guest`: the packet travels host -> guest.
+static __always_inline int parse_l4(struct pkt *p, struct iphdr *ip, void *l4, void *end,
+				    int to_guest)
+{
+	p->key.remote = to_guest ? ip->saddr : ip->daddr;
+	p->key.proto = ip->protocol;
+	p->kind = K_NEW;
+	switch (ip->protocol) {
+	case IPPROTO_TCP: {
+		struct tcphdr *tcp = l4;
+		if ((void *)(tcp + 1) > end)
+			return -1;
+		p->key.remote_port = to_guest ? tcp->source : tcp->dest;
+		p->key.guest_port = to_guest ? tcp->dest : tcp->source;
+		p->port = bpf_ntohs(tcp->dest);
+		if (!tcp->syn || tcp->ack)
+			p->kind = K_REPLY;
+		return 0;
+	}
+	case IPPROTO_UDP: {
+		struct udphdr *udp = l4;
+		if ((void *)(udp + 1) > end)
+			return -1;
+		p->key.remote_port = to_guest ? udp->source : udp->dest;
+		p->key.guest_port = to_guest ? udp->dest : udp->source;
+		p->port = bpf_ntohs(udp->dest);
+		p->kind = K_DATAGRAM;
+		return 0;
+	}
+	case IPPROTO_ICMP: {
+		struct icmphdr *icmp = l4;
+		if ((void *)(icmp + 1) > end)
+			return -1;
+		switch (icmp->type) {
+		case ICMP_ECHO:
+			p->key.guest_port = icmp->id;
+			return 0;
+		case ICMP_ECHOREPLY:
+			p->key.guest_port = icmp->id;
+			p->kind = K_REPLY;
+			return 0;
+		case ICMP_DEST_UNREACH:
+		case ICMP_TIME_EXCEEDED:
+		case ICMP_PARAMETERPROB:
+			p->kind = K_REPLY;
+			if (quoted_flow(p, icmp, end, to_guest))
+				p->key.proto = 255; // matches no flow
+			return 0;
+		default:
+			return 0;
 		}
 	}
-	count(cfg->default_allow ? C_DEFAULT_ALLOW : C_DEFAULT_DENY, len);
-	return verdict(cfg->default_allow);
+	default:
+		return 0;
+	}
+}
+
+// The flow decision shared by both hooks, after parsing.
+static __always_inline int decide(struct sandbox_cfg *cfg, struct pkt *p, __u32 dir, __u32 len)
+{
+	struct flow *f = bpf_map_lookup_elem(&FLOWS, &p->key);
+	__u32 c_reply = dir == DIR_EGRESS ? C_OUT_REPLY : C_IN_REPLY;
+	if (p->kind == K_REPLY) {
+		if (f) {
+			count(c_reply, len);
+			return TC_ACT_OK;
+		}
+		count(dir == DIR_EGRESS ? C_OUT_NO_FLOW : C_IN_NO_FLOW, len);
+		return TC_ACT_SHOT;
+	}
+	if (p->kind == K_DATAGRAM && f && f->origin != dir) {
+		count(c_reply, len);
+		return TC_ACT_OK;
+	}
+
+	// A new flow: the active slot decides (read once, so the whole decision
+	// uses one policy).
+	__u8 slot = *(volatile __u8 *)&cfg->active & 1;
+	__u32 tag = bpf_htonl(slot * 2 + dir);
+	__u32 proto_port = ((__u32)p->key.proto << 16) | p->port;
+	int allow;
+	if (bpf_map_lookup_elem(&HOSTS, &p->key.remote)) {
+		if (dir == DIR_INGRESS) {
+			count(C_IN_FROM_HOST, len);
+			allow = 1;
+		} else {
+			allow = match_rules(tag, p->key.remote, proto_port, 1, len);
+			if (allow < 0) {
+				count(C_OUT_HOST_DENY, len);
+				allow = 0;
+			}
+		}
+	} else {
+		allow = match_rules(tag, p->key.remote, proto_port, 0, len);
+		if (allow < 0) {
+			if (dir == DIR_EGRESS) {
+				allow = cfg->egress_default_allow[slot];
+				count(allow ? C_OUT_DEFAULT_ALLOW : C_OUT_DEFAULT_DENY, len);
+			} else {
+				allow = cfg->ingress_default_allow[slot];
+				count(allow ? C_IN_DEFAULT_ALLOW : C_IN_DEFAULT_DENY, len);
+			}
+		}
+	}
+	if (!allow)
+		return TC_ACT_SHOT;
+	struct flow nf = { .origin = dir };
+	if (!f || f->origin != dir)
+		bpf_map_update_elem(&FLOWS, &p->key, &nf, BPF_ANY);
+	return TC_ACT_OK;
 }
 
 SEC("classifier")
@@ -183,50 +404,49 @@ int guest_out(struct __sk_buff *skb)
 	__u32 ihl = ip->ihl * 4;
 	if (ihl < sizeof(*ip))
 		return TC_ACT_SHOT;
-	void *l4 = (void *)ip + ihl;
 	// why: later fragments carry no ports; their first fragment was checked.
 	if (ip->frag_off & bpf_htons(0x1fff))
 		return TC_ACT_OK;
 
-	switch (ip->protocol) {
-	case IPPROTO_TCP: {
-		struct tcphdr *tcp = l4;
-		if ((void *)(tcp + 1) > end)
-			return TC_ACT_SHOT;
-		// why: stateless; only a bare SYN opens a connection. Replies to
-		// inbound connections and later segments of allowed ones pass.
-		if (!tcp->syn || tcp->ack) {
-			count(C_ESTABLISHED, skb->len);
-			return TC_ACT_OK;
-		}
-		return check_flow(cfg, ip->daddr, IPPROTO_TCP, bpf_ntohs(tcp->dest), skb->len);
-	}
-	case IPPROTO_UDP: {
-		struct udphdr *udp = l4;
-		if ((void *)(udp + 1) > end)
-			return TC_ACT_SHOT;
-		return check_flow(cfg, ip->daddr, IPPROTO_UDP, bpf_ntohs(udp->dest), skb->len);
-	}
-	case IPPROTO_ICMP: {
-		struct icmphdr *icmp = l4;
-		if ((void *)(icmp + 1) > end)
-			return TC_ACT_SHOT;
-		if (icmp->type != ICMP_ECHO) {
-			count(C_ESTABLISHED, skb->len);
-			return TC_ACT_OK;
-		}
-		return check_flow(cfg, ip->daddr, IPPROTO_ICMP, 0, skb->len);
-	}
-	default:
-		return check_flow(cfg, ip->daddr, ip->protocol, 0, skb->len);
-	}
+	struct pkt p = {};
+	if (parse_l4(&p, ip, (void *)ip + ihl, end, 0))
+		return TC_ACT_SHOT;
+	return decide(cfg, &p, DIR_EGRESS, skb->len);
 }
 
 SEC("classifier")
 int guest_in(struct __sk_buff *skb)
 {
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	__u32 zero = 0;
 	count(C_TO_GUEST, skb->len);
-	return TC_ACT_OK;
+	struct sandbox_cfg *cfg = bpf_map_lookup_elem(&CONFIG, &zero);
+	if (!cfg)
+		return TC_ACT_SHOT;
+
+	struct ethhdr *eth = data;
+	if ((void *)(eth + 1) > end)
+		return TC_ACT_SHOT;
+	if (eth->h_proto == bpf_htons(ETH_P_ARP))
+		return TC_ACT_OK;
+	if (eth->h_proto != bpf_htons(ETH_P_IP)) {
+		count(C_NOT_IPV4, skb->len);
+		return TC_ACT_SHOT;
+	}
+	struct iphdr *ip = (void *)(eth + 1);
+	if ((void *)(ip + 1) > end)
+		return TC_ACT_SHOT;
+	__u32 ihl = ip->ihl * 4;
+	if (ihl < sizeof(*ip))
+		return TC_ACT_SHOT;
+	if (ip->frag_off & bpf_htons(0x1fff))
+		return TC_ACT_OK;
+
+	struct pkt p = {};
+	if (parse_l4(&p, ip, (void *)ip + ihl, end, 1))
+		return TC_ACT_SHOT;
+	return decide(cfg, &p, DIR_INGRESS, skb->len);
 }
 
 char LICENSE[] SEC("license") = "GPL";

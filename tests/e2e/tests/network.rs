@@ -1,7 +1,9 @@
-//! Sandbox networking with real VMs: egress policy enforced by the eBPF program
-//! on the sandbox's tap, live policy changes, anti-spoofing, limits, and a clean
-//! host after `rm`. Test servers run in network namespaces these tests create
-//! (192.168.x.0/24, x from the test process id); no traffic leaves the machine.
+//! Sandbox networking with real VMs: egress and ingress policy enforced by the
+//! eBPF program on the sandbox's tap, flow tracking against crafted packets,
+//! atomic live policy changes, live host addresses, anti-spoofing, limits, and
+//! a clean host after `rm`. Test servers run in network namespaces these tests
+//! create (192.168.x.0/24, x from the test process id); no traffic leaves the
+//! machine.
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -13,10 +15,11 @@ fn sh(cmd: &str) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
 }
 
-/// The `k`th test subnet of this process (0..3): concurrent runs of the suite
+/// The `k`th test subnet of this process (0..8): concurrent runs of the suite
 /// (different pids) get different subnets.
 fn subnet(k: u32) -> u8 {
-    (100 + (std::process::id() % 50) * 3 + k) as u8
+    assert!(k < 8);
+    (100 + (std::process::id() % 18) * 8 + k) as u8
 }
 
 /// A network namespace with a veth to the host and busybox httpd servers.
@@ -316,6 +319,54 @@ fn bad_rules_pool_exhaustion_and_network_none_give_clear_answers() {
     let out = d.hearth(&args);
     assert!(stderr(&out).contains("too many rules"), "{}", show(&out));
 
+    // The same checks for ingress rules, at create and on a live update.
+    for (flag, rule, want) in [
+        ("--ingress-allow", "10.0.0.1/8", "host bits"),
+        ("--ingress-allow", "10.0.0.0/8:0", "port range"),
+        ("--ingress-deny", "10.0.0.0/8:70000", "port range"),
+        ("--ingress-deny", "10.0.0.0/8:90-80", "port range"),
+        ("--ingress-allow", "banana", "not an IPv4 CIDR"),
+    ] {
+        let out = d.hearth(&["run", flag, rule, "busybox", "--", "true"]);
+        assert_eq!(out.status.code(), Some(125), "{}", show(&out));
+        assert!(
+            stderr(&out).contains(want) && stderr(&out).contains("ingress policy"),
+            "{rule}: {}",
+            show(&out)
+        );
+    }
+    let (id, _ip) = start_detached(&d, &[]);
+    let out = d.hearth(&[
+        "policy",
+        "set",
+        &id,
+        "--ingress-allow",
+        "10.0.0.0/8:80-90",
+        "--ingress-deny",
+        "10.0.0.0/8:85",
+    ]);
+    assert!(!out.status.success(), "{}", show(&out));
+    assert!(stderr(&out).contains("overlap"), "{}", show(&out));
+    let mut args = vec!["policy".to_string(), "set".into(), id.clone()];
+    for i in 0..65 {
+        args.extend(["--ingress-deny".into(), format!("10.{i}.0.0/16")]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = d.hearth(&args);
+    assert!(
+        stderr(&out).contains("too many rules") && stderr(&out).contains("at most 64"),
+        "{}",
+        show(&out)
+    );
+    // A rejected update leaves the policy as it was.
+    let shown = stdout(&d.hearth(&["policy", "show", &id]));
+    assert!(
+        shown.contains("ingress default allow") && !shown.contains("10.0.0.0/8"),
+        "{shown}"
+    );
+    let out = d.hearth(&["rm", "-f", &id]);
+    assert!(out.status.success(), "{}", show(&out));
+
     // --network none: no device in the guest, no network record.
     let out = d.hearth(&[
         "run",
@@ -461,4 +512,375 @@ fn agent_restart_keeps_known_networks_and_removes_orphans() {
     let out = d.hearth(&["rm", "-f", &a]);
     assert!(out.status.success(), "{}", show(&out));
     assert!(!host_state().contains(&tap_a));
+}
+
+/// `curl` from inside the namespace; prints the body then the status (000 when
+/// nothing answered).
+fn ns_curl(ns: &ServerNs, url: &str, headers: &[String]) -> String {
+    let mut c = Command::new("ip");
+    c.args([
+        "netns",
+        "exec",
+        &ns.name,
+        "curl",
+        "-s",
+        "-m",
+        "4",
+        "-w",
+        "\n%{http_code}",
+    ]);
+    for h in headers {
+        c.args(["-H", h]);
+    }
+    let o = c.arg(url).output().expect("curl");
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn ingress_rules_filter_new_inbound_flows_and_keep_replies_and_the_proxy() {
+    let s = subnet(3);
+    let ns = ServerNs::start(s, &[8080]);
+    let host_ip = format!("192.168.{s}.1");
+    let port = std::net::TcpListener::bind((host_ip.as_str(), 0))
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let listen = format!("{host_ip}:{port}");
+    let d = Daemon::start_with_env(&[("HEARTH_INGRESS_LISTEN", &listen)]);
+    let allow = format!("192.168.{s}.0/24:8080:tcp");
+    let out = d.hearth(&[
+        "run", "--detach", "--ingress-default", "deny", "--ingress-allow", &allow,
+        "busybox", "--", "sh", "-c",
+        "mkdir -p /www && echo hello-from-sandbox > /www/index.html && httpd -p 8081 -h /www && exec httpd -f -p 8080 -h /www",
+    ]);
+    assert!(out.status.success(), "{}", show(&out));
+    let id = stdout(&out).trim().to_string();
+    wait_until("sandbox running", Duration::from_secs(120), || {
+        d.inspect(&id)["status"] == "running"
+    });
+    let ip = d.inspect(&id)["network"]["ip"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let token = d.inspect(&id)["network"]["ingress_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // The namespace reaches the sandbox through the host.
+    let r = sh(&format!(
+        "ip -n {} route add {ip}/32 via {host_ip}",
+        ns.name
+    ));
+    assert!(r.trim().is_empty(), "{r}");
+
+    let direct = |p: u16| ns_curl(&ns, &format!("http://{ip}:{p}/"), &[]);
+    wait_until("allowed port answers", Duration::from_secs(60), || {
+        direct(8080).ends_with("\n200")
+    });
+    assert_eq!(direct(8080), "hello-from-sandbox\n\n200");
+    assert!(
+        direct(8081).ends_with("\n000"),
+        "8081 is not allowed inbound"
+    );
+
+    // The ingress proxy (the node itself) still gets in, to either port.
+    let proxied = ns_curl(
+        &ns,
+        &format!("http://{listen}/sandboxes/{id}/ports/8081/"),
+        &[format!("X-Hearth-Token: {token}")],
+    );
+    assert_eq!(proxied, "hello-from-sandbox\n\n200");
+
+    // Replies to the sandbox's own (allowed) connections pass under ingress deny.
+    assert_eq!(exec(&d, &id, &probe(&ns.server_ip, &[8080])), "8080=ok\n");
+
+    let st = stats(&d, &id);
+    assert!(counter(&st, &format!("ingress allow {allow}")) >= 1, "{st}");
+    assert!(counter(&st, "ingress default deny") >= 1, "{st}");
+    assert!(counter(&st, "ingress from the host") >= 1, "{st}");
+    assert!(counter(&st, "ingress replies/established") >= 1, "{st}");
+
+    // Live, both directions in one update: default allow, one /32 denied.
+    let deny = format!("{}/32:8080", ns.server_ip);
+    let out = d.hearth(&["policy", "set", &id, "--ingress-deny", &deny]);
+    assert!(out.status.success(), "{}", show(&out));
+    let shown = stdout(&d.hearth(&["policy", "show", &id]));
+    assert!(
+        shown.contains(&format!("ingress deny    {deny}"))
+            && shown.contains("ingress default allow"),
+        "{shown}"
+    );
+    assert!(
+        direct(8080).ends_with("\n000"),
+        "8080 denied from the namespace now"
+    );
+    assert_eq!(direct(8081), "hello-from-sandbox\n\n200");
+    let st = stats(&d, &id);
+    assert!(counter(&st, &format!("ingress deny {deny}")) >= 1, "{st}");
+    assert_eq!(d.inspect(&id)["status"], "running");
+}
+
+/// Counters a test namespace keeps of what arrives there (nft, prerouting).
+fn ns_counters(ns: &ServerNs, tcp_port: u16, udp_port: u16) {
+    let rules = format!(
+        "table ip hcount {{\n counter tcp_in {{}}\n counter icmp_in {{}}\n counter udp_in {{}}\n \
+         chain pre {{ type filter hook prerouting priority -300; policy accept;\n  \
+         tcp dport {tcp_port} counter name tcp_in\n  \
+         icmp type {{ echo-reply, destination-unreachable }} counter name icmp_in\n  \
+         udp dport {udp_port} counter name udp_in\n }}\n}}\n"
+    );
+    let mut c = Command::new("ip")
+        .args(["netns", "exec", &ns.name, "nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("nft");
+    use std::io::Write;
+    c.stdin.take().unwrap().write_all(rules.as_bytes()).unwrap();
+    assert!(c.wait().unwrap().success(), "nft counters in the namespace");
+}
+
+fn ns_counter(ns: &ServerNs, name: &str) -> u64 {
+    let out = sh(&format!(
+        "ip netns exec {} nft list counter ip hcount {name}",
+        ns.name
+    ));
+    out.split("packets ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("counter {name}: {out}"))
+}
+
+#[test]
+fn crafted_non_initial_packets_to_a_denied_destination_are_dropped() {
+    let s = subnet(4);
+    let ns = ServerNs::start(s, &[8080]);
+    ns_counters(&ns, 9999, 5353);
+    // An image with a static packet crafter (tests/e2e/tests/net_craft.c).
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("rootfs");
+    hearth_e2e::images::busybox_rootfs(&root);
+    let src = hearth_e2e::repo_root().join("tests/e2e/tests/net_craft.c");
+    let o = Command::new("gcc")
+        .args(["-static", "-O2", "-o"])
+        .arg(root.join("bin/hcraft"))
+        .arg(&src)
+        .output()
+        .expect("gcc (build-essential)");
+    assert!(o.status.success(), "gcc: {}", show(&o));
+    let d = Daemon::start();
+    let out = d.hearth(&["image", "import", "--name", "craft", root.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", show(&out));
+
+    // Default deny; only UDP 5353 (the control) and TCP 8080 are allowed there.
+    let udp = format!("{}/32:5353:udp", ns.server_ip);
+    let web = format!("{}/32:8080:tcp", ns.server_ip);
+    let out = d.hearth(&[
+        "run",
+        "--detach",
+        "--egress-default",
+        "deny",
+        "--egress-allow",
+        &udp,
+        "--egress-allow",
+        &web,
+        "craft",
+        "--",
+        "sleep",
+        "600",
+    ]);
+    assert!(out.status.success(), "{}", show(&out));
+    let id = stdout(&out).trim().to_string();
+    wait_until("sandbox running", Duration::from_secs(120), || {
+        d.inspect(&id)["status"] == "running"
+    });
+    let ip = d.inspect(&id)["network"]["ip"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // A real connection to an allowed port still works end to end (its
+    // non-initial packets pass because its flow is tracked).
+    assert_eq!(exec(&d, &id, &probe(&ns.server_ip, &[8080])), "8080=ok\n");
+    let before = counter(&stats(&d, &id), "egress non-initial packets without a flow");
+
+    let got = exec(
+        &d,
+        &id,
+        &format!("hcraft {ip} {} 9999 5353 5", ns.server_ip),
+    );
+    assert_eq!(got, "sent 5\n");
+    // The control datagram arrives, so the crafted ones would have too.
+    wait_until("control datagram arrives", Duration::from_secs(10), || {
+        ns_counter(&ns, "udp_in") >= 1
+    });
+    assert_eq!(ns_counter(&ns, "tcp_in"), 0, "TCP without SYN got through");
+    assert_eq!(
+        ns_counter(&ns, "icmp_in"),
+        0,
+        "unsolicited ICMP got through"
+    );
+    let after = counter(&stats(&d, &id), "egress non-initial packets without a flow");
+    assert!(after >= before + 15, "drops counted: {before} -> {after}");
+}
+
+#[test]
+fn policy_updates_are_atomic_under_traffic() {
+    let ns = ServerNs::start(subnet(5), &[8080]);
+    let d = Daemon::start();
+    let x = format!("{}/32:8080", ns.server_ip);
+    let (id, _ip) = start_detached(&d, &["--egress-default", "deny", "--egress-allow", &x]);
+    assert_eq!(exec(&d, &id, &probe(&ns.server_ip, &[8080])), "8080=ok\n");
+    // Two policies that both allow X, as different as possible: with a
+    // non-atomic update the mix (P2's prefixes, P1's default) denies X.
+    let p1: Vec<String> = ["--egress-default", "deny", "--egress-allow", &x]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let p2: Vec<String> = ["--egress-default", "allow", "--egress-deny", "10.0.0.0/8"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let script = format!(
+        "f=0; i=0; while [ $i -lt 120 ]; do \
+         printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {} 8080 | grep -q hello-from-netns || f=$((f+1)); \
+         i=$((i+1)); done; echo fail=$f",
+        ns.server_ip
+    );
+    let st = stats(&d, &id);
+    let denied_before = (
+        counter(&st, "egress default deny"),
+        counter(&st, "egress non-initial packets without a flow"),
+    );
+    let traffic = {
+        let mut c = d.cmd(&["exec", &id, "--", "sh", "-c", &script]);
+        c.stdout(Stdio::piped()).stderr(Stdio::piped());
+        c.spawn().expect("hearth exec")
+    };
+    let mut sets = 0;
+    let mut traffic = traffic;
+    loop {
+        if traffic.try_wait().expect("wait").is_some() {
+            break;
+        }
+        let p = if sets % 2 == 0 { &p2 } else { &p1 };
+        let mut args = vec!["policy", "set", id.as_str()];
+        args.extend(p.iter().map(String::as_str));
+        let out = d.hearth(&args);
+        assert!(out.status.success(), "{}", show(&out));
+        sets += 1;
+    }
+    let out = traffic.wait_with_output().expect("exec output");
+    assert!(out.status.success(), "{}", show(&out));
+    assert_eq!(
+        stdout(&out),
+        "fail=0\n",
+        "connections to X failed during updates"
+    );
+    assert!(sets >= 10, "only {sets} updates raced the traffic");
+    // why: a SYN dropped in a mixed state would be retransmitted and the
+    // connection still succeed, so also check that no packet was ever denied:
+    // the fixed counters are never reset, and only X is contacted.
+    let st = stats(&d, &id);
+    assert_eq!(counter(&st, "egress default deny"), denied_before.0, "{st}");
+    assert_eq!(
+        counter(&st, "egress non-initial packets without a flow"),
+        denied_before.1,
+        "{st}"
+    );
+}
+
+#[test]
+fn a_host_address_added_later_is_blocked_unless_allowed() {
+    let ns = ServerNs::start(subnet(6), &[]);
+    let d = Daemon::start();
+    let (id, _ip) = start_detached(&d, &[]);
+    // A new address of this host (on the test's own veth), after the sandbox
+    // and its policy exist, with a server on it.
+    let new_addr = format!("192.168.{}.77", subnet(6));
+    let r = sh(&format!("ip addr add {new_addr}/32 dev {}", ns.host_if));
+    assert!(r.trim().is_empty(), "{r}");
+    let mut httpd = Command::new("busybox")
+        .args(["httpd", "-f", "-p"])
+        .arg(format!("{new_addr}:8090"))
+        .arg("-h")
+        .arg(ns._www.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("busybox httpd");
+    wait_until("host httpd listening", Duration::from_secs(10), || {
+        sh("ss -ltn").contains(&format!("{new_addr}:8090 "))
+    });
+    wait_until(
+        "the new host address is blocked",
+        Duration::from_secs(30),
+        || exec(&d, &id, &probe(&new_addr, &[8090])) == "8090=blocked\n",
+    );
+    let st = stats(&d, &id);
+    assert!(counter(&st, "egress to a host address denied") >= 1, "{st}");
+
+    let allow = format!("{new_addr}/32:8090");
+    let out = d.hearth(&["policy", "set", &id, "--egress-allow", &allow]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert_eq!(exec(&d, &id, &probe(&new_addr, &[8090])), "8090=ok\n");
+    let _ = httpd.kill();
+    let _ = httpd.wait();
+}
+
+#[test]
+fn policy_set_racing_rm_answers_cleanly_and_leaks_nothing() {
+    let d = Daemon::start();
+    for round in 0..2 {
+        let (id, _ip) = start_detached(&d, &[]);
+        let tap = d.inspect(&id)["network"]["tap"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let setter = {
+            let mut cmd = |i: usize| {
+                let rule = format!("10.{}.0.0/16", i % 200);
+                d.cmd(&["policy", "set", &id, "--egress-deny", &rule])
+            };
+            let cmds: Vec<Command> = (0..400).map(&mut cmd).collect();
+            std::thread::spawn(move || {
+                let mut results = Vec::new();
+                for mut c in cmds {
+                    let o = c.output().expect("hearth policy set");
+                    let ok = o.status.success();
+                    if results.len() == 2 {
+                        let _ = tx.send(());
+                    }
+                    results.push(o);
+                    if !ok {
+                        break;
+                    }
+                }
+                results
+            })
+        };
+        rx.recv_timeout(Duration::from_secs(60))
+            .expect("updates started");
+        let out = d.hearth(&["rm", "-f", &id]);
+        assert!(out.status.success(), "round {round}: {}", show(&out));
+        let results = setter.join().expect("setter thread");
+        let last = results.last().expect("some updates");
+        assert!(!last.status.success(), "an update after rm succeeded");
+        let err = stderr(last);
+        assert!(
+            err.contains("not found") || err.contains("has no network"),
+            "round {round}: unclear error: {}",
+            show(last)
+        );
+        assert!(
+            results[..results.len() - 1]
+                .iter()
+                .all(|o| o.status.success()),
+            "an update before rm failed"
+        );
+        // The daemon is fine and nothing is left of the sandbox's network.
+        assert!(d.hearth(&["ps"]).status.success(), "daemon alive");
+        let state = host_state();
+        assert!(!state.contains(&tap), "round {round}: leftovers: {state}");
+    }
 }

@@ -1,5 +1,10 @@
 //! Loading `bpf/policy.c` onto a tap and reading/writing its maps.
 //!
+//! Updates are atomic: RULES holds two slots of rules (the LPM key starts with a
+//! slot/direction tag) and CONFIG names the active one. An update writes the
+//! inactive slot (rules, defaults, zeroed counters) and then flips
+//! `CONFIG.active`, one byte, so a packet sees the old or the new policy whole.
+//!
 //! Each sandbox gets its own program instance and maps. Maps and the two TCX
 //! links are pinned under `/sys/fs/bpf/hearth/<tap>/`, so the programs stay
 //! attached when hearthd exits and a restarted agent can update the rules;
@@ -11,19 +16,24 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{Array, Map, MapData};
+use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData};
 use aya::programs::links::FdLink;
 use aya::programs::tc::{NlOptions, TcAttachOptions};
 use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
 use aya::Ebpf;
 
-use super::{Compiled, RULES_PER_PREFIX};
+use super::{
+    Compiled, Direction, FIRST_RULE_COUNTER, MAX_COUNTERS, RULES_PER_PREFIX, RULE_COUNTERS_PER_SLOT,
+};
 
 static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/policy.bpf.o"));
 
 /// Root of Hearth's pins on the BPF filesystem.
 pub const BPFFS_ROOT: &str = "/sys/fs/bpf/hearth";
-const MAX_COUNTERS: u32 = 512;
+/// Distinct host addresses the HOSTS map holds (bpf/policy.c).
+const MAX_HOSTS: usize = 256;
+/// The maps every sandbox's program instance has, pinned by these names.
+const MAPS: [&str; 5] = ["CONFIG", "RULES", "COUNTERS", "HOSTS", "FLOWS"];
 
 /// A BPF operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -47,8 +57,10 @@ pub enum BpfError {
 struct SandboxCfg {
     ip: u32,
     mac: [u8; 6],
-    default_allow: u8,
+    active: u8,
     _pad: u8,
+    egress_default_allow: [u8; 2],
+    ingress_default_allow: [u8; 2],
 }
 
 #[repr(C)]
@@ -64,7 +76,17 @@ struct RuleRaw {
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
 struct RuleList {
+    prefixlen: u32,
+    _pad: u32,
     r: [RuleRaw; RULES_PER_PREFIX],
+}
+
+/// The LPM key's data: which slot and direction, then the address.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct TagAddr {
+    tag: u32,
+    addr: u32,
 }
 
 #[repr(C)]
@@ -83,6 +105,8 @@ unsafe impl aya::Pod for RuleRaw {}
 unsafe impl aya::Pod for RuleList {}
 // SAFETY: as above.
 unsafe impl aya::Pod for Counter {}
+// SAFETY: as above.
+unsafe impl aya::Pod for TagAddr {}
 
 /// The pin directory of a tap's programs and maps.
 pub fn pin_dir(tap: &str) -> PathBuf {
@@ -118,9 +142,16 @@ fn nbo(ip: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(ip.octets())
 }
 
-/// Loads a fresh instance of the program, pins its maps, writes `policy` and
-/// attaches `guest_out`/`guest_in` to the tap's ingress/egress (TCX links, pinned).
-pub fn attach(tap: &str, ip: Ipv4Addr, mac: [u8; 6], policy: &Compiled) -> Result<(), BpfError> {
+/// Loads a fresh instance of the program, pins its maps, writes `policy` and the
+/// node's addresses `hosts`, and attaches `guest_out`/`guest_in` to the tap's
+/// ingress/egress (TCX links, pinned).
+pub fn attach(
+    tap: &str,
+    ip: Ipv4Addr,
+    mac: [u8; 6],
+    policy: &Compiled,
+    hosts: &[Ipv4Addr],
+) -> Result<(), BpfError> {
     ensure_bpffs()?;
     let dir = pin_dir(tap);
     let _ = std::fs::remove_dir_all(&dir);
@@ -128,7 +159,7 @@ pub fn attach(tap: &str, ip: Ipv4Addr, mac: [u8; 6], policy: &Compiled) -> Resul
         path: dir.display().to_string(),
         source,
     })?;
-    let result = attach_inner(tap, &dir, ip, mac, policy);
+    let result = attach_inner(tap, &dir, ip, mac, policy, hosts);
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -141,21 +172,29 @@ fn attach_inner(
     ip: Ipv4Addr,
     mac: [u8; 6],
     policy: &Compiled,
+    hosts: &[Ipv4Addr],
 ) -> Result<(), BpfError> {
     let mut bpf = Ebpf::load(OBJECT).map_err(|e| BpfError::Load(e.to_string()))?;
     let map_err = |reason: String| BpfError::Map {
         tap: tap.into(),
         reason,
     };
-    for name in ["CONFIG", "EGRESS", "COUNTERS"] {
+    for name in MAPS {
         let m = bpf
             .map(name)
             .ok_or_else(|| map_err(format!("map {name} missing from the object")))?;
         m.pin(dir.join(name))
             .map_err(|e| map_err(format!("pin {name}: {e}")))?;
     }
-    write_config(tap, ip, mac, policy.default_allow)?;
-    write_rules(tap, policy)?;
+    write_slot(tap, 0, policy)?;
+    let mut cfg = SandboxCfg {
+        ip: nbo(ip),
+        mac,
+        ..SandboxCfg::default()
+    };
+    set_defaults(&mut cfg, 0, policy);
+    write_config(tap, cfg)?;
+    set_host_addresses(tap, hosts)?;
     // why: TCX links (pinnable) need Linux 6.6; older kernels (Debian 12's 6.1)
     // get cls_bpf filters on a clsact qdisc, which live as long as the tap.
     // HEARTH_TC_ATTACH=netlink forces the old path (to test it on new kernels).
@@ -223,60 +262,112 @@ fn open_map(tap: &str, name: &str) -> Result<Map, BpfError> {
     })
 }
 
-fn write_config(
-    tap: &str,
-    ip: Ipv4Addr,
-    mac: [u8; 6],
-    default_allow: bool,
-) -> Result<(), BpfError> {
-    let err = |e: aya::maps::MapError| BpfError::Map {
+fn config_map(tap: &str) -> Result<Array<MapData, SandboxCfg>, BpfError> {
+    open_map(tap, "CONFIG")?
+        .try_into()
+        .map_err(|e: aya::maps::MapError| BpfError::Map {
+            tap: tap.into(),
+            reason: format!("CONFIG: {e}"),
+        })
+}
+
+fn read_config(tap: &str) -> Result<SandboxCfg, BpfError> {
+    config_map(tap)?.get(&0, 0).map_err(|e| BpfError::Map {
         tap: tap.into(),
         reason: format!("CONFIG: {e}"),
-    };
-    let mut a: Array<MapData, SandboxCfg> = open_map(tap, "CONFIG")?.try_into().map_err(err)?;
-    let cfg = SandboxCfg {
-        ip: nbo(ip),
-        mac,
-        default_allow: u8::from(default_allow),
-        _pad: 0,
-    };
-    a.set(0, cfg, 0).map_err(err)
+    })
 }
 
-/// Replaces the rules live: new prefixes are written first, stale ones removed
-/// after, and the rule counters start again from zero.
+fn write_config(tap: &str, cfg: SandboxCfg) -> Result<(), BpfError> {
+    config_map(tap)?.set(0, cfg, 0).map_err(|e| BpfError::Map {
+        tap: tap.into(),
+        reason: format!("CONFIG: {e}"),
+    })
+}
+
+fn set_defaults(cfg: &mut SandboxCfg, slot: u8, policy: &Compiled) {
+    let s = usize::from(slot & 1);
+    cfg.egress_default_allow[s] = u8::from(policy.egress_default_allow);
+    cfg.ingress_default_allow[s] = u8::from(policy.ingress_default_allow);
+}
+
+/// Where counter `rel` (a slot of `Compiled::counters`) lives for policy `slot`.
+fn counter_index(rel: u16, slot: u8) -> u16 {
+    if rel < FIRST_RULE_COUNTER {
+        rel
+    } else {
+        rel + u16::from(slot & 1) * RULE_COUNTERS_PER_SLOT
+    }
+}
+
+fn tag(slot: u8, dir: Direction) -> u32 {
+    let d = match dir {
+        Direction::Egress => 0,
+        Direction::Ingress => 1,
+    };
+    (u32::from(slot & 1) * 2 + d).to_be()
+}
+
+/// Replaces the rules live and atomically: the inactive slot gets the new
+/// rules, defaults and zeroed rule counters, then becomes the active one.
+/// `ip` and `mac` are rewritten too (they never change for a sandbox).
 pub fn update(tap: &str, ip: Ipv4Addr, mac: [u8; 6], policy: &Compiled) -> Result<(), BpfError> {
-    write_rules(tap, policy)?;
-    write_config(tap, ip, mac, policy.default_allow)
+    let mut cfg = read_config(tap)?;
+    let next = (cfg.active & 1) ^ 1;
+    write_slot(tap, next, policy)?;
+    cfg.ip = nbo(ip);
+    cfg.mac = mac;
+    set_defaults(&mut cfg, next, policy);
+    // why: two writes; the array value is copied in place, so the defaults of
+    // the new slot must be there before the one byte that selects it changes.
+    write_config(tap, cfg)?;
+    cfg.active = next;
+    write_config(tap, cfg)
 }
 
-fn write_rules(tap: &str, policy: &Compiled) -> Result<(), BpfError> {
+/// Writes policy `slot`'s rules (both directions) and zeroes its rule counters.
+fn write_slot(tap: &str, slot: u8, policy: &Compiled) -> Result<(), BpfError> {
     let err = |e: aya::maps::MapError| BpfError::Map {
         tap: tap.into(),
-        reason: format!("EGRESS: {e}"),
+        reason: format!("RULES: {e}"),
     };
-    let mut trie: LpmTrie<MapData, u32, RuleList> =
-        open_map(tap, "EGRESS")?.try_into().map_err(err)?;
+    let mut trie: LpmTrie<MapData, TagAddr, RuleList> =
+        open_map(tap, "RULES")?.try_into().map_err(err)?;
     let mut wanted = std::collections::HashSet::new();
-    for (cidr, entries) in &policy.prefixes {
-        let mut list = RuleList::default();
-        for (slot, e) in list.r.iter_mut().zip(entries) {
-            *slot = RuleRaw {
-                port_lo: e.port_lo,
-                port_hi: e.port_hi,
-                proto: e.proto,
-                action: if e.allow { 1 } else { 2 },
-                counter: e.counter,
+    for dir in [Direction::Egress, Direction::Ingress] {
+        let t = tag(slot, dir);
+        for (cidr, entries) in policy.prefixes(dir) {
+            let mut list = RuleList {
+                prefixlen: u32::from(cidr.prefix_len()),
+                ..RuleList::default()
             };
+            for (raw, e) in list.r.iter_mut().zip(entries) {
+                *raw = RuleRaw {
+                    port_lo: e.port_lo,
+                    port_hi: e.port_hi,
+                    proto: e.proto,
+                    action: if e.allow { 1 } else { 2 } | if e.inherited { 4 } else { 0 },
+                    counter: counter_index(e.counter, slot),
+                };
+            }
+            let data = TagAddr {
+                tag: t,
+                addr: nbo(cidr.addr()),
+            };
+            let key = Key::new(32 + u32::from(cidr.prefix_len()), data);
+            trie.insert(&key, list, 0).map_err(err)?;
+            wanted.insert((key.prefix_len(), t, data.addr));
         }
-        let key = Key::new(u32::from(cidr.prefix_len()), nbo(cidr.addr()));
-        trie.insert(&key, list, 0).map_err(err)?;
-        wanted.insert((cidr.prefix_len() as u32, nbo(cidr.addr())));
     }
-    let stale: Vec<Key<u32>> = trie
+    // Stale prefixes of this slot (the other slot is the live policy).
+    let ours = [tag(slot, Direction::Egress), tag(slot, Direction::Ingress)];
+    let stale: Vec<Key<TagAddr>> = trie
         .keys()
         .filter_map(Result::ok)
-        .filter(|k| !wanted.contains(&(k.prefix_len(), k.data())))
+        .filter(|k| {
+            let d = k.data();
+            ours.contains(&d.tag) && !wanted.contains(&(k.prefix_len(), d.tag, d.addr))
+        })
         .collect();
     for k in stale {
         trie.remove(&k).map_err(err)?;
@@ -287,21 +378,70 @@ fn write_rules(tap: &str, policy: &Compiled) -> Result<(), BpfError> {
     };
     let mut counters: Array<MapData, Counter> =
         open_map(tap, "COUNTERS")?.try_into().map_err(cerr)?;
-    for slot in u32::from(super::FIRST_RULE_COUNTER)..MAX_COUNTERS {
-        counters.set(slot, Counter::default(), 0).map_err(cerr)?;
+    let first = counter_index(FIRST_RULE_COUNTER, slot);
+    for i in first..first + RULE_COUNTERS_PER_SLOT {
+        counters
+            .set(u32::from(i), Counter::default(), 0)
+            .map_err(cerr)?;
     }
     Ok(())
 }
 
-/// Reads every counter slot.
+/// Makes the tap's HOSTS map hold exactly `hosts` (the node's own addresses).
+pub fn set_host_addresses(tap: &str, hosts: &[Ipv4Addr]) -> Result<(), BpfError> {
+    let err = |e: aya::maps::MapError| BpfError::Map {
+        tap: tap.into(),
+        reason: format!("HOSTS: {e}"),
+    };
+    let mut m: BpfHashMap<MapData, u32, u8> = open_map(tap, "HOSTS")?.try_into().map_err(err)?;
+    let wanted: std::collections::HashSet<u32> =
+        hosts.iter().take(MAX_HOSTS).map(|a| nbo(*a)).collect();
+    if hosts.len() > MAX_HOSTS {
+        tracing::warn!(
+            tap,
+            "the node has {} IPv4 addresses; only the first {MAX_HOSTS} are blocked as host addresses",
+            hosts.len()
+        );
+    }
+    let stale: Vec<u32> = m
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| !wanted.contains(k))
+        .collect();
+    for k in stale {
+        m.remove(&k).map_err(err)?;
+    }
+    for k in wanted {
+        m.insert(k, 1, 0).map_err(err)?;
+    }
+    Ok(())
+}
+
+/// Every counter, in the layout of `Compiled::counters` (fixed slots, then the
+/// rule counters of the active policy slot).
 pub fn counters(tap: &str) -> Result<Vec<Counter>, BpfError> {
     let err = |e: aya::maps::MapError| BpfError::Map {
         tap: tap.into(),
         reason: format!("COUNTERS: {e}"),
     };
+    let slot = read_config(tap)?.active;
     let a: Array<MapData, Counter> = open_map(tap, "COUNTERS")?.try_into().map_err(err)?;
-    a.iter().map(|r| r.map_err(err)).collect()
+    let raw: Vec<Counter> = a.iter().map(|r| r.map_err(err)).collect::<Result<_, _>>()?;
+    Ok((0..FIRST_RULE_COUNTER + RULE_COUNTERS_PER_SLOT)
+        .map(|rel| {
+            raw.get(usize::from(counter_index(rel, slot)))
+                .copied()
+                .unwrap_or_default()
+        })
+        .collect())
 }
+
+/// The active policy slot (0 or 1); it flips on every update.
+pub fn active_slot(tap: &str) -> Result<u8, BpfError> {
+    Ok(read_config(tap)?.active & 1)
+}
+
+const _: () = assert!(FIRST_RULE_COUNTER + 2 * RULE_COUNTERS_PER_SLOT <= MAX_COUNTERS);
 
 /// Removes the pins (links detach once the tap is gone or here, when the pin
 /// was the last reference).
