@@ -19,6 +19,7 @@
 pub mod control_link;
 pub mod guest_conn;
 mod images;
+pub mod leases;
 pub mod migration;
 mod network;
 pub mod output_log;

@@ -67,6 +67,9 @@ pub enum AgentError {
     NoMigration(String),
     #[error(transparent)]
     Net(#[from] hearth_net::NetError),
+    /// The control plane did not lease an address.
+    #[error(transparent)]
+    Lease(#[from] crate::leases::LeaseError),
     /// A template or snapshot that does not exist.
     #[error("{0}")]
     NotFound(String),
@@ -94,6 +97,9 @@ impl AgentError {
             AgentError::Net(e) if e.is_exhausted() => ErrorCode::Exhausted,
             AgentError::Net(e) if e.is_not_found() => ErrorCode::NotFound,
             AgentError::Net(_) => ErrorCode::Internal,
+            AgentError::Lease(crate::leases::LeaseError::Exhausted(_)) => ErrorCode::Exhausted,
+            AgentError::Lease(crate::leases::LeaseError::Refused(_)) => ErrorCode::Conflict,
+            AgentError::Lease(crate::leases::LeaseError::Unavailable(_)) => ErrorCode::Unavailable,
         }
     }
 }
@@ -126,6 +132,9 @@ pub struct AgentConfig {
     pub max_log_bytes: u64,
     /// Sandbox networking; `None` runs every sandbox without a network.
     pub net: Option<hearth_net::NetConfig>,
+    /// Where sandbox addresses are leased (the control plane); `None`: the
+    /// node's IPAM picks them alone.
+    pub leases: Option<Arc<dyn crate::leases::LeaseAuthority>>,
 }
 
 /// How a workload ended: status, exit, error message.
@@ -394,6 +403,7 @@ impl Agent {
         let agent = Agent { inner };
         agent.reap_unclaimed_pool_vms().await;
         agent.recover().await;
+        agent.sync_leases().await;
         agent.start_pools();
         Ok(agent)
     }
@@ -452,6 +462,42 @@ impl Agent {
         if let Some(net) = &self.inner.net {
             let keep = lock(&self.inner.sandboxes).keys().cloned().collect();
             net.remove_orphans(&keep);
+        }
+    }
+
+    /// Frees the control plane's leases of sandboxes this node no longer
+    /// has a network for (e.g. removed while the agent was down).
+    async fn sync_leases(&self) {
+        let (Some(net), Some(auth)) = (&self.inner.net, &self.inner.cfg.leases) else {
+            return;
+        };
+        match auth.retain(net.leased_ids()).await {
+            Ok(freed) if !freed.is_empty() => {
+                tracing::info!(
+                    ?freed,
+                    "released the addresses of sandboxes this node no longer has"
+                )
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!("syncing address leases with the control plane: {e}"),
+        }
+    }
+
+    /// The sandbox's address from the control plane, when it hands them out.
+    async fn acquire_address(&self, id: &str) -> Result<Option<std::net::Ipv4Addr>, AgentError> {
+        match &self.inner.cfg.leases {
+            Some(auth) => Ok(Some(auth.acquire(id).await?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Gives the sandbox's address back to the control plane (after its tap is gone).
+    async fn release_address(&self, id: &str) {
+        if let Some(auth) = &self.inner.cfg.leases {
+            if let Err(e) = auth.release(id).await {
+                // why: the next agent start frees it (sync_leases); rm must not fail on it.
+                tracing::warn!(sandbox = id, "releasing the address lease: {e}");
+            }
         }
     }
 
@@ -587,16 +633,23 @@ impl Agent {
         let net = match (policy, &self.inner.net) {
             (Some(policy), Some(node)) => {
                 let (node, id2) = (node.clone(), id.clone());
-                let built = tokio::task::spawn_blocking(move || node.setup(&id2, policy))
-                    .await
-                    .map_err(|e| AgentError::Config(format!("network setup panicked: {e}")))?;
+                let built = match self.acquire_address(&id).await {
+                    Ok(ip) => {
+                        tokio::task::spawn_blocking(move || node.setup_with(&id2, ip, policy))
+                            .await
+                            .map_err(|e| AgentError::Config(format!("network setup panicked: {e}")))
+                            .and_then(|r| r.map_err(AgentError::from))
+                    }
+                    Err(e) => Err(e),
+                };
                 match built {
                     Ok(n) => Some(n),
                     Err(e) => {
+                        self.release_address(&id).await;
                         lock(&self.inner.sandboxes).remove(&id);
                         let _ = std::fs::remove_dir_all(&entry.dir);
                         self.abandon(launch).await;
-                        return Err(e.into());
+                        return Err(e);
                     }
                 }
             }
@@ -1212,6 +1265,7 @@ impl Agent {
             tokio::task::spawn_blocking(move || net.teardown(&id))
                 .await
                 .map_err(|e| AgentError::Config(format!("network teardown panicked: {e}")))??;
+            self.release_address(&rec.id).await;
         }
         std::fs::remove_dir_all(&e.dir)
             .or_else(|err| {
