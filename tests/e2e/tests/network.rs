@@ -146,6 +146,23 @@ fn start_detached(d: &Daemon, args: &[&str]) -> (String, String) {
     (id, ip)
 }
 
+/// `hearth node leases --json`: (address, sandbox) pairs.
+fn control_plane_leases(d: &Daemon) -> Vec<(String, String)> {
+    let out = d.hearth(&["node", "leases", "--json"]);
+    assert!(out.status.success(), "{}", show(&out));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("leases json");
+    v.as_array()
+        .expect("list")
+        .iter()
+        .map(|l| {
+            (
+                l["ip"].as_str().unwrap_or("").to_string(),
+                l["agent_sandbox"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
 fn host_state() -> String {
     sh("ip -o link show; ip route show; nft list table ip hearth; bpftool prog show; ls /sys/fs/bpf/hearth")
 }
@@ -228,8 +245,19 @@ fn policy_blocks_denied_port_allows_others_and_changes_live() {
         2,
         "guest_out and guest_in use the maps: {progs}"
     );
+    // The address is a lease in the control-plane state (the embedded Raft group).
+    let held = control_plane_leases(&d);
+    assert!(
+        held.contains(&(ip.clone(), id.clone())),
+        "lease of {id} ({ip}) not in the control-plane state: {held:?}"
+    );
     let out = d.hearth(&["rm", "-f", &id]);
     assert!(out.status.success(), "{}", show(&out));
+    let held = control_plane_leases(&d);
+    assert!(
+        !held.iter().any(|(a, s)| a == &ip || s == &id),
+        "lease left in the control-plane state: {held:?}"
+    );
     let state = host_state();
     assert!(!state.contains(&tap), "tap or pins left: {state}");
     assert!(

@@ -39,11 +39,17 @@ fn can_run() -> bool {
 }
 
 fn api(path: &str, method: &str, body: Option<&str>) -> (u16, serde_json::Value) {
+    api_within(path, method, body, 10)
+}
+
+/// [`api`] for calls that boot VMs or build images on every node (TCG is slow).
+fn api_within(path: &str, method: &str, body: Option<&str>, secs: u32) -> (u16, serde_json::Value) {
+    let secs = secs.to_string();
     let mut c = Command::new("curl");
     c.args([
         "-sS",
         "--max-time",
-        "10",
+        &secs,
         "-X",
         method,
         "-H",
@@ -156,4 +162,164 @@ fn partitioned_agent_goes_not_ready_and_recovers_and_shard_down_leaves_no_trace(
         !hearth_e2e::stdout(&ss).contains(&format!("{NET}.1:710")),
         "control plane still listening"
     );
+}
+
+/// `curl` from inside namespace `ns` to the shard's cluster ingress; the body
+/// then the status code.
+fn curl_in(ns: &str, host: &str, path: &str, token: Option<&str>) -> String {
+    let mut c = Command::new("ip");
+    c.args([
+        "netns",
+        "exec",
+        ns,
+        "curl",
+        "-s",
+        "-m",
+        "10",
+        "-w",
+        "\n%{http_code}",
+        "-H",
+    ])
+    .arg(format!("Host: {host}"));
+    if let Some(t) = token {
+        c.args(["-H", &format!("X-Hearth-Token: {t}")]);
+    }
+    let o = c
+        .arg(format!("http://{NET}.1:7201{path}"))
+        .output()
+        .expect("curl");
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn create_on(node: &str, cmd: &str) -> String {
+    let body = serde_json::json!({
+        "image": "busybox",
+        "cmd": ["sh", "-c", cmd],
+        "memory_mib": 64,
+    });
+    let (code, sb) = api_within(
+        &format!("/v1/sandboxes?selector=host={node}"),
+        "POST",
+        Some(&body.to_string()),
+        300,
+    );
+    assert_eq!(code, 201, "{sb}");
+    assert_eq!(sb["node"], node, "{sb}");
+    sb["id"].as_str().expect("id").to_string()
+}
+
+fn running(id: &str) -> serde_json::Value {
+    let t = Instant::now();
+    loop {
+        let (_, sb) = api(&format!("/v1/sandboxes/{id}"), "GET", None);
+        if sb["status"] == "running" && sb["network"]["ip"].is_string() {
+            return sb;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(180),
+            "sandbox {id} not running with a network: {sb}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn leases() -> Vec<serde_json::Value> {
+    let (code, v) = api("/v1/leases", "GET", None);
+    assert_eq!(code, 200, "{v}");
+    v.as_array().cloned().unwrap_or_default()
+}
+
+#[test]
+fn ingress_reaches_httpd_on_agent1_from_another_namespace_and_leases_follow_sandboxes() {
+    if !can_run() {
+        eprintln!("skipped: needs root and iproute2 for network namespaces");
+        return;
+    }
+    shard(&["down"]);
+    let _down = Down;
+    let out = shard(&["up", "--agents", "3"]);
+    assert!(out.status.success(), "shard up: {}", hearth_e2e::show(&out));
+
+    let rootfs = tempfile::tempdir().expect("tempdir");
+    hearth_e2e::images::busybox_rootfs(rootfs.path());
+    let body = serde_json::json!({"name": "busybox", "path": rootfs.path()});
+    let (code, img) = api_within("/v1/images/import", "POST", Some(&body.to_string()), 300);
+    assert!(
+        code == 200 || code == 201,
+        "import on every node: {code} {img}"
+    );
+
+    let web = create_on(
+        "agent1",
+        "mkdir -p /www && echo hello-from-agent1 > /www/index.html && exec httpd -f -p 8080 -h /www",
+    );
+    let others = [
+        create_on("agent2", "exec sleep 600"),
+        create_on("agent3", "exec sleep 600"),
+    ];
+    let sb = running(&web);
+    let token = sb["network"]["ingress_token"]
+        .as_str()
+        .expect("ingress token")
+        .to_string();
+    let mut ips = vec![sb["network"]["ip"].as_str().unwrap().to_string()];
+    for id in &others {
+        ips.push(running(id)["network"]["ip"].as_str().unwrap().to_string());
+    }
+    let distinct: std::collections::BTreeSet<_> = ips.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        3,
+        "sandboxes on three nodes share an address: {ips:?}"
+    );
+
+    // Every address is a lease in the replicated state, on the right node.
+    let held = leases();
+    for (id, ip) in [&web, &others[0], &others[1]].iter().zip(&ips) {
+        assert!(
+            held.iter()
+                .any(|l| l["ip"] == ip.as_str() && l["sandbox"] == id.as_str()),
+            "no lease {ip} for {id}: {held:?}"
+        );
+    }
+
+    // From agent2's namespace, through the cluster ingress, to agent1's sandbox.
+    let ns = format!("{NAME}-a2");
+    let host = format!("8080-{web}.hearth.localhost");
+    let t = Instant::now();
+    while !curl_in(&ns, &host, "/", Some(&token)).ends_with("\n200") {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "httpd never answered: {}",
+            curl_in(&ns, &host, "/", Some(&token))
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(
+        curl_in(&ns, &host, "/", Some(&token)),
+        "hello-from-agent1\n\n200"
+    );
+    let path = format!("/sandboxes/{web}/ports/8080/index.html");
+    assert_eq!(
+        curl_in(&format!("{NAME}-a3"), "x", &path, Some(&token)),
+        "hello-from-agent1\n\n200"
+    );
+    assert!(curl_in(&ns, &host, "/", None).ends_with("\n401"));
+    assert!(curl_in(&ns, &host, "/", Some("wrong")).ends_with("\n403"));
+
+    let (code, r) = api_within(
+        &format!("/v1/sandboxes/{web}?force=true"),
+        "DELETE",
+        None,
+        120,
+    );
+    assert_eq!(code, 204, "{r}");
+    let r = curl_in(&ns, &host, "/", Some(&token));
+    assert!(r.ends_with("\n502") && r.contains("does not exist"), "{r}");
+    let held = leases();
+    assert!(
+        !held.iter().any(|l| l["ip"] == ips[0].as_str()),
+        "the removed sandbox's lease is still held: {held:?}"
+    );
+    assert_eq!(held.len(), 2, "{held:?}");
 }

@@ -27,8 +27,8 @@ fn refused(r: Reply) -> HttpError {
         Reply::DuplicateNode { id, holder } => (
             ErrorCode::Conflict,
             format!(
-                "node id {id} is held by another agent (instance {holder}); give this agent \
-                 another --node, or remove the old one with `hearth node rm {id}`"
+                "node id {id} is already registered by another agent (instance {holder}); \
+                 give this agent another --node, or remove the old one with `hearth node rm {id}`"
             ),
         ),
         Reply::Conflict { message } => (ErrorCode::Conflict, message),
