@@ -323,3 +323,111 @@ fn ingress_reaches_httpd_on_agent1_from_another_namespace_and_leases_follow_sand
     );
     assert_eq!(held.len(), 2, "{held:?}");
 }
+
+/// The slice of `node` in the control-plane state.
+fn slice_of(node: &str) -> String {
+    let (code, v) = api("/v1/slices", "GET", None);
+    assert_eq!(code, 200, "{v}");
+    v.as_array()
+        .and_then(|a| a.iter().find(|s| s["node"] == node))
+        .and_then(|s| s["cidr"].as_str())
+        .unwrap_or_else(|| panic!("no slice for {node}: {v}"))
+        .to_string()
+}
+
+#[test]
+fn a_restarted_agent_keeps_its_slice_and_its_sandboxes_leases() {
+    if !can_run() {
+        eprintln!("skipped: needs root and iproute2 for network namespaces");
+        return;
+    }
+    shard(&["down"]);
+    let _down = Down;
+    let out = shard(&["up", "--agents", "2"]);
+    assert!(out.status.success(), "shard up: {}", hearth_e2e::show(&out));
+    let rootfs = tempfile::tempdir().expect("tempdir");
+    hearth_e2e::images::busybox_rootfs(rootfs.path());
+    let body = serde_json::json!({"name": "busybox", "path": rootfs.path()});
+    let (code, img) = api_within("/v1/images/import", "POST", Some(&body.to_string()), 300);
+    assert!(code == 200 || code == 201, "{code} {img}");
+
+    let (s1, s2) = (slice_of("agent1"), slice_of("agent2"));
+    assert_ne!(s1, s2);
+    let first = create_on("agent1", "exec sleep 600");
+    let ip1 = running(&first)["network"]["ip"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // kill -9 the agent and start it again, same command line, same namespace.
+    let state = std::fs::read_to_string(format!("/tmp/hearth-shard-{NAME}/state")).unwrap();
+    let pid: i32 = state
+        .lines()
+        .find_map(|l| l.strip_prefix("pid ")?.strip_suffix(" agent1"))
+        .expect("agent1 pid")
+        .parse()
+        .unwrap();
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("agent1 cmdline");
+    let argv: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    // SAFETY: kill(2) on the shard's own agent process.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    wait_node("agent1", "not_ready");
+    let log =
+        std::fs::File::create(format!("/tmp/hearth-shard-{NAME}/agent1-restarted.log")).unwrap();
+    let mut again = Command::new("ip")
+        .args(["netns", "exec", &format!("{NAME}-a1")])
+        .args(&argv)
+        .env("HEARTH_TOKEN", TOKEN)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("restart agent1");
+    wait_node("agent1", "ready");
+
+    assert_eq!(slice_of("agent1"), s1, "the same agent keeps its slice");
+    let held = leases();
+    assert!(
+        held.iter()
+            .any(|l| l["ip"] == ip1.as_str() && l["node"] == "agent1"),
+        "the first sandbox's lease must survive the restart: {held:?}"
+    );
+    let second = create_on("agent1", "exec sleep 600");
+    let ip2 = running(&second)["network"]["ip"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(
+        ip1, ip2,
+        "an address still leased is never handed out again"
+    );
+    let cidr: Vec<u8> = s1
+        .split(['.', '/'])
+        .take(3)
+        .map(|o| o.parse().unwrap())
+        .collect();
+    assert!(
+        ip2.starts_with(&format!("{}.{}.{}.", cidr[0], cidr[1], cidr[2])),
+        "{ip2} is not from {s1}"
+    );
+    for id in [&first, &second] {
+        let (code, r) = api_within(
+            &format!("/v1/sandboxes/{id}?force=true"),
+            "DELETE",
+            None,
+            120,
+        );
+        assert_eq!(code, 204, "{r}");
+    }
+    let held = leases();
+    assert!(
+        !held.iter().any(|l| l["node"] == "agent1"),
+        "leases left after rm: {held:?}"
+    );
+    let _ = again.kill();
+    let _ = again.wait();
+}
