@@ -31,4 +31,4 @@ mod warm_pool;
 
 pub use guest_conn::{GuestError, Session, SessionEvent, SessionInput};
 pub use output_log::LogFollower;
-pub use sandbox::{Agent, AgentConfig, AgentError};
+pub use sandbox::{ensure_data_dir_free, Agent, AgentConfig, AgentError};

@@ -303,6 +303,13 @@ fn lock_data_dir(dir: &Path) -> Result<std::fs::File, AgentError> {
     Ok(f)
 }
 
+/// Fails, as [`Agent::start`] would, when another hearthd holds the data dir;
+/// for a caller that touches the data dir before starting the agent. The
+/// lock is released again at once ([`Agent::start`] takes it for good).
+pub fn ensure_data_dir_free(dir: &Path) -> Result<(), AgentError> {
+    lock_data_dir(dir).map(drop)
+}
+
 fn host_memory_mib() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()

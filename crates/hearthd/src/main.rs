@@ -202,6 +202,9 @@ async fn dev(a: DevArgs) -> Result<()> {
     let local = listener.local_addr()?;
     std::fs::create_dir_all(&a.data_dir)
         .with_context(|| format!("creating {}", a.data_dir.display()))?;
+    // why: the embedded store opens before the agent takes the data dir's
+    // lock; a second daemon on this data dir must still get the agent's answer.
+    hearth_agent::ensure_data_dir_free(&a.data_dir)?;
     let token = load_or_create_token(&a.data_dir)?;
     // The embedded control plane comes first: it hands out the node's address
     // slice and leases, which the agent needs from its start.

@@ -201,6 +201,7 @@ pub async fn agent(a: AgentArgs) -> Result<()> {
     let labels = parse_labels(&a.labels)?;
     std::fs::create_dir_all(&a.data_dir)
         .with_context(|| format!("creating {}", a.data_dir.display()))?;
+    hearth_agent::ensure_data_dir_free(&a.data_dir)?;
     let token = load_or_create_token(&a.data_dir)?;
     // The node's address slice comes from the control plane before anything
     // runs here; every sandbox address is then leased through it.
