@@ -34,8 +34,13 @@ pub enum LeaseError {
 
 /// Where sandbox addresses are leased.
 pub trait LeaseAuthority: Send + Sync + std::fmt::Debug {
-    /// The sandbox's address (the same one when asked again).
-    fn acquire<'a>(&'a self, sandbox: &'a str) -> BoxFuture<'a, Result<Ipv4Addr, LeaseError>>;
+    /// The sandbox's address (the same one when asked again); `want`: the
+    /// address this node already uses for it, refused if another holds it.
+    fn acquire<'a>(
+        &'a self,
+        sandbox: &'a str,
+        want: Option<Ipv4Addr>,
+    ) -> BoxFuture<'a, Result<Ipv4Addr, LeaseError>>;
     /// Frees the sandbox's address; no-op when it holds none.
     fn release<'a>(&'a self, sandbox: &'a str) -> BoxFuture<'a, Result<(), LeaseError>>;
     /// Frees every address of this node except those of `keep`; the freed ids.
@@ -133,11 +138,16 @@ impl ControlLeases {
 }
 
 impl LeaseAuthority for ControlLeases {
-    fn acquire<'a>(&'a self, sandbox: &'a str) -> BoxFuture<'a, Result<Ipv4Addr, LeaseError>> {
+    fn acquire<'a>(
+        &'a self,
+        sandbox: &'a str,
+        want: Option<Ipv4Addr>,
+    ) -> BoxFuture<'a, Result<Ipv4Addr, LeaseError>> {
         Box::pin(async move {
             let req = LeaseRequest {
                 instance: self.instance.clone(),
                 sandbox: sandbox.to_string(),
+                want: want.map(|w| w.to_string()),
             };
             let l: Lease = self
                 .call(|b| {

@@ -472,13 +472,16 @@ impl Agent {
         }
     }
 
-    /// Frees the control plane's leases of sandboxes this node no longer
-    /// has a network for (e.g. removed while the agent was down).
+    /// Makes the control plane's leases match this node's: frees those of
+    /// sandboxes it no longer has a network for (e.g. removed while the agent
+    /// was down) and claims the addresses its sandboxes use (e.g. a data dir
+    /// from before leases were replicated), so none is handed out again.
     async fn sync_leases(&self) {
         let (Some(net), Some(auth)) = (&self.inner.net, &self.inner.cfg.leases) else {
             return;
         };
-        match auth.retain(net.leased_ids()).await {
+        let local = net.leases();
+        match auth.retain(local.keys().cloned().collect()).await {
             Ok(freed) if !freed.is_empty() => {
                 tracing::info!(
                     ?freed,
@@ -488,12 +491,22 @@ impl Agent {
             Ok(_) => {}
             Err(e) => tracing::warn!("syncing address leases with the control plane: {e}"),
         }
+        for (id, ip) in local {
+            match auth.acquire(&id, Some(ip)).await {
+                Ok(got) if got == ip => {}
+                Ok(got) => tracing::error!(
+                    sandbox = %id,
+                    "the control plane leases {got} to this sandbox, which uses {ip}; remove it (`hearth rm -f`)"
+                ),
+                Err(e) => tracing::error!(sandbox = %id, "claiming its address {ip}: {e}"),
+            }
+        }
     }
 
     /// The sandbox's address from the control plane, when it hands them out.
     async fn acquire_address(&self, id: &str) -> Result<Option<std::net::Ipv4Addr>, AgentError> {
         match &self.inner.cfg.leases {
-            Some(auth) => Ok(Some(auth.acquire(id).await?)),
+            Some(auth) => Ok(Some(auth.acquire(id, None).await?)),
             None => Ok(None),
         }
     }

@@ -145,6 +145,10 @@ pub struct LeaseRequest {
     pub instance: String,
     /// The agent's id of the sandbox.
     pub sandbox: String,
+    /// The address the node already uses for it (an agent re-claiming its
+    /// leases at start); refused when another sandbox holds it.
+    #[serde(default)]
+    pub want: Option<String>,
 }
 
 /// `POST /v1/agents/{node}/leases/retain`: free every lease of the node but these.

@@ -64,13 +64,18 @@ impl StoreLeases {
 }
 
 impl LeaseAuthority for StoreLeases {
-    fn acquire<'a>(&'a self, sandbox: &'a str) -> BoxFuture<'a, Result<Ipv4Addr, LeaseError>> {
+    fn acquire<'a>(
+        &'a self,
+        sandbox: &'a str,
+        want: Option<Ipv4Addr>,
+    ) -> BoxFuture<'a, Result<Ipv4Addr, LeaseError>> {
         Box::pin(async move {
             match self
                 .write(Command::Lease {
                     node: self.node.clone(),
                     instance: self.instance.clone(),
                     sandbox: sandbox.to_string(),
+                    want,
                 })
                 .await?
             {

@@ -281,9 +281,9 @@ impl NodeNet {
         Ok(rec)
     }
 
-    /// Sandboxes holding an address on this node.
-    pub fn leased_ids(&self) -> Vec<String> {
-        self.ipam.all().into_keys().collect()
+    /// Addresses held on this node, by sandbox.
+    pub fn leases(&self) -> std::collections::BTreeMap<String, Ipv4Addr> {
+        self.ipam.all()
     }
 
     /// Per-rule and fixed counters, labelled.

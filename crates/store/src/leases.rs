@@ -114,6 +114,12 @@ pub struct NodeSlice {
 }
 
 impl NodeSlice {
+    /// A host address of the slice (not its network or broadcast address).
+    pub fn usable(&self, ip: Ipv4Addr) -> bool {
+        let i = u64::from(u32::from(ip).wrapping_sub(self.cidr.base));
+        self.cidr.prefix <= 30 && self.cidr.contains(ip) && i >= 1 && i < self.cidr.size() - 1
+    }
+
     /// The lowest free host address (network and broadcast addresses are
     /// never handed out), or `None` when every one is leased.
     pub fn free_address(&self) -> Option<Ipv4Addr> {

@@ -174,12 +174,15 @@ pub enum Command {
         #[serde(default)]
         want: Option<Cidr>,
     },
-    /// Leases a sandbox address from the node's slice; the same sandbox
-    /// asking again gets the same address.
+    /// Leases a sandbox address from the node's slice (`want`, when the node
+    /// already uses that address for it, else the lowest free one); the same
+    /// sandbox asking again gets the same address.
     Lease {
         node: String,
         instance: String,
         sandbox: String,
+        #[serde(default)]
+        want: Option<std::net::Ipv4Addr>,
     },
     /// Frees a sandbox's address (no-op when it holds none).
     Release {
@@ -485,7 +488,8 @@ impl State {
                 node,
                 instance,
                 sandbox,
-            } => self.lease(node, instance, sandbox),
+                want,
+            } => self.lease(node, instance, sandbox, *want),
             Command::Release {
                 node,
                 instance,
@@ -586,7 +590,13 @@ impl State {
         Reply::Slice { slice }
     }
 
-    fn lease(&mut self, node: &str, instance: &str, sandbox: &str) -> Reply {
+    fn lease(
+        &mut self,
+        node: &str,
+        instance: &str,
+        sandbox: &str,
+        want: Option<std::net::Ipv4Addr>,
+    ) -> Reply {
         let s = match self.held_slice(node, instance) {
             Ok(s) => s,
             Err(r) => return r,
@@ -594,6 +604,25 @@ impl State {
         let cidr = s.cidr;
         if let Some(ip) = s.leases.get(sandbox) {
             return Reply::Lease { ip: *ip, cidr };
+        }
+        if let Some(w) = want {
+            if !s.usable(w) {
+                return Reply::Conflict {
+                    message: format!(
+                        "address {w} for sandbox {sandbox} is not a host address of node {node}'s slice {cidr}"
+                    ),
+                };
+            }
+            if let Some((other, _)) = s.leases.iter().find(|(_, ip)| **ip == w) {
+                return Reply::Conflict {
+                    message: format!(
+                        "address {w} for sandbox {sandbox} is leased to sandbox {other} of node {node}"
+                    ),
+                };
+            }
+            s.leases.insert(sandbox.to_string(), w);
+            self.dirty.insert(Row::Slice(node.to_string()));
+            return Reply::Lease { ip: w, cidr };
         }
         let Some(ip) = s.free_address() else {
             return Reply::Exhausted {
@@ -794,6 +823,7 @@ mod tests {
             node: node.into(),
             instance: "i1".into(),
             sandbox: sandbox.into(),
+            want: None,
         })
     }
 
@@ -865,6 +895,23 @@ mod tests {
             lease(&mut st, "nobody", "s"),
             Reply::NotFound { .. }
         ));
+        let claim = |st: &mut State, sb: &str, ip: &str| {
+            st.apply(&Command::Lease {
+                node: "a".into(),
+                instance: "i1".into(),
+                sandbox: sb.into(),
+                want: Some(ip.parse().unwrap()),
+            })
+        };
+        assert!(
+            matches!(claim(&mut st, "w", "10.9.0.1"), Reply::Conflict { .. }),
+            "held by z"
+        );
+        assert!(
+            matches!(claim(&mut st, "w", "10.9.0.3"), Reply::Conflict { .. }),
+            "broadcast"
+        );
+        assert_eq!(ip(claim(&mut st, "w", "10.9.0.2")), "10.9.0.2");
         let dirty = st.take_dirty();
         assert!(dirty.contains(&Row::Slice("a".into())), "{dirty:?}");
     }

@@ -272,6 +272,7 @@ async fn lease_some(s: &Store) -> BTreeMap<String, std::net::Ipv4Addr> {
                 node: "n0".into(),
                 instance: "a".into(),
                 sandbox: sb.into(),
+                want: None,
             })
             .await
             .unwrap();
@@ -315,6 +316,7 @@ async fn slices_and_leases_survive_a_restart_of_the_store() {
             node: "n0".into(),
             instance: "a".into(),
             sandbox: "s4".into(),
+            want: None,
         })
         .await
         .unwrap();

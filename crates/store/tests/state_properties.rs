@@ -30,11 +30,20 @@ fn lease_command() -> impl Strategy<Value = Command> {
             instance: format!("i{inst}"),
             want,
         }),
-        (node_id(), 0u8..2, 0u8..8).prop_map(|(node, inst, sb)| Command::Lease {
-            node,
-            instance: format!("i{inst}"),
-            sandbox: format!("a{sb}"),
-        }),
+        (
+            node_id(),
+            0u8..2,
+            0u8..8,
+            prop::option::of((0u8..2, 0u8..5))
+        )
+            .prop_map(|(node, inst, sb, want)| Command::Lease {
+                node,
+                instance: format!("i{inst}"),
+                sandbox: format!("a{sb}"),
+                want: want.map(|(net, host)| {
+                    std::net::Ipv4Addr::new(10, if net == 0 { 9 } else { 88 }, 0, host)
+                }),
+            }),
         (node_id(), 0u8..2, 0u8..8).prop_map(|(node, inst, sb)| Command::Release {
             node,
             instance: format!("i{inst}"),

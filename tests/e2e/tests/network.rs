@@ -445,7 +445,7 @@ fn ingress_reaches_httpd_in_the_sandbox_from_another_namespace() {
 #[test]
 fn agent_restart_keeps_known_networks_and_removes_orphans() {
     let mut d = Daemon::start();
-    let (a, _) = start_detached(&d, &["--egress-deny", "10.0.0.0/8"]);
+    let (a, ip_a) = start_detached(&d, &["--egress-deny", "10.0.0.0/8"]);
     let (b, ip_b) = start_detached(&d, &[]);
     let tap = |id: &str| {
         d.inspect(id)["network"]["tap"]
@@ -466,7 +466,16 @@ fn agent_restart_keeps_known_networks_and_removes_orphans() {
         hearth_e2e::vmm_pids_under(&dir_b).is_empty()
     });
     std::fs::remove_dir_all(&dir_b).unwrap();
+    // The control-plane state is lost too (as with a data dir from before
+    // leases were replicated): the agent claims the addresses it still uses.
+    std::fs::remove_dir_all(d.data_dir().join("control")).unwrap();
     d.spawn();
+    let held = control_plane_leases(&d);
+    assert_eq!(
+        held,
+        vec![(ip_a.clone(), a.clone())],
+        "a's address claimed again, b's orphan not"
+    );
 
     let state = host_state();
     assert!(!state.contains(&tap_b), "orphan tap or pins left: {state}");

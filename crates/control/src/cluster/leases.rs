@@ -71,12 +71,22 @@ pub(super) async fn lease(
     Path(node): Path<String>,
     Json(req): Json<LeaseRequest>,
 ) -> ApiResult<Json<Lease>> {
+    let want = match req.want.as_deref() {
+        Some(w) => Some(w.parse().map_err(|_| {
+            HttpError(ApiError::new(
+                ErrorCode::InvalidArgument,
+                format!("want: '{w}' is not an IPv4 address"),
+            ))
+        })?),
+        None => None,
+    };
     let r = cp
         .store
         .write(Command::Lease {
             node: node.clone(),
             instance: req.instance,
             sandbox: req.sandbox.clone(),
+            want,
         })
         .await?;
     match r {
