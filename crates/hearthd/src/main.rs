@@ -200,8 +200,7 @@ async fn dev(a: DevArgs) -> Result<()> {
             )
         })?;
     let local = listener.local_addr()?;
-    std::fs::create_dir_all(&a.data_dir)
-        .with_context(|| format!("creating {}", a.data_dir.display()))?;
+    create_private_dir(&a.data_dir)?;
     // why: the embedded store opens before the agent takes the data dir's
     // lock; a second daemon on this data dir must still get the agent's answer.
     hearth_agent::ensure_data_dir_free(&a.data_dir)?;
@@ -285,6 +284,17 @@ async fn dev(a: DevArgs) -> Result<()> {
         });
     }
     axum_serve(listener, app).await
+}
+
+/// Creates the data dir readable by this user only (the agent also enforces
+/// 0700 when it starts; the store and token are written before that).
+pub(crate) fn create_private_dir(dir: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))
 }
 
 /// The API token: `HEARTH_TOKEN`, else DATA/api-token, created (0600) on first start.

@@ -199,8 +199,7 @@ pub async fn control(a: ControlArgs) -> Result<()> {
 pub async fn agent(a: AgentArgs) -> Result<()> {
     let current = cache_dir().join("current");
     let labels = parse_labels(&a.labels)?;
-    std::fs::create_dir_all(&a.data_dir)
-        .with_context(|| format!("creating {}", a.data_dir.display()))?;
+    crate::create_private_dir(&a.data_dir)?;
     hearth_agent::ensure_data_dir_free(&a.data_dir)?;
     let token = load_or_create_token(&a.data_dir)?;
     // The node's address slice comes from the control plane before anything
