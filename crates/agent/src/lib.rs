@@ -19,6 +19,7 @@
 pub mod control_link;
 pub mod guest_conn;
 mod images;
+pub mod leases;
 pub mod migration;
 mod network;
 pub mod output_log;
@@ -30,4 +31,4 @@ mod warm_pool;
 
 pub use guest_conn::{GuestError, Session, SessionEvent, SessionInput};
 pub use output_log::LogFollower;
-pub use sandbox::{Agent, AgentConfig, AgentError};
+pub use sandbox::{ensure_data_dir_free, Agent, AgentConfig, AgentError};

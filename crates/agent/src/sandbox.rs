@@ -67,6 +67,9 @@ pub enum AgentError {
     NoMigration(String),
     #[error(transparent)]
     Net(#[from] hearth_net::NetError),
+    /// The control plane did not lease an address.
+    #[error(transparent)]
+    Lease(#[from] crate::leases::LeaseError),
     /// A template or snapshot that does not exist.
     #[error("{0}")]
     NotFound(String),
@@ -94,6 +97,9 @@ impl AgentError {
             AgentError::Net(e) if e.is_exhausted() => ErrorCode::Exhausted,
             AgentError::Net(e) if e.is_not_found() => ErrorCode::NotFound,
             AgentError::Net(_) => ErrorCode::Internal,
+            AgentError::Lease(crate::leases::LeaseError::Exhausted(_)) => ErrorCode::Exhausted,
+            AgentError::Lease(crate::leases::LeaseError::Refused(_)) => ErrorCode::Conflict,
+            AgentError::Lease(crate::leases::LeaseError::Unavailable(_)) => ErrorCode::Unavailable,
         }
     }
 }
@@ -126,6 +132,9 @@ pub struct AgentConfig {
     pub max_log_bytes: u64,
     /// Sandbox networking; `None` runs every sandbox without a network.
     pub net: Option<hearth_net::NetConfig>,
+    /// Where sandbox addresses are leased (the control plane); `None`: the
+    /// node's IPAM picks them alone.
+    pub leases: Option<Arc<dyn crate::leases::LeaseAuthority>>,
 }
 
 /// How a workload ended: status, exit, error message.
@@ -294,6 +303,13 @@ fn lock_data_dir(dir: &Path) -> Result<std::fs::File, AgentError> {
     Ok(f)
 }
 
+/// Fails, as [`Agent::start`] would, when another hearthd holds the data dir;
+/// for a caller that touches the data dir before starting the agent. The
+/// lock is released again at once ([`Agent::start`] takes it for good).
+pub fn ensure_data_dir_free(dir: &Path) -> Result<(), AgentError> {
+    lock_data_dir(dir).map(drop)
+}
+
 fn host_memory_mib() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
@@ -392,6 +408,7 @@ impl Agent {
         let agent = Agent { inner };
         agent.reap_unclaimed_pool_vms().await;
         agent.recover().await;
+        agent.sync_leases().await;
         agent.start_pools();
         Ok(agent)
     }
@@ -450,6 +467,55 @@ impl Agent {
         if let Some(net) = &self.inner.net {
             let keep = lock(&self.inner.sandboxes).keys().cloned().collect();
             net.remove_orphans(&keep);
+        }
+    }
+
+    /// Makes the control plane's leases match this node's: frees those of
+    /// sandboxes it no longer has a network for (e.g. removed while the agent
+    /// was down) and claims the addresses its sandboxes use (e.g. a data dir
+    /// from before leases were replicated), so none is handed out again.
+    async fn sync_leases(&self) {
+        let (Some(net), Some(auth)) = (&self.inner.net, &self.inner.cfg.leases) else {
+            return;
+        };
+        let local = net.leases();
+        match auth.retain(local.keys().cloned().collect()).await {
+            Ok(freed) if !freed.is_empty() => {
+                tracing::info!(
+                    ?freed,
+                    "released the addresses of sandboxes this node no longer has"
+                )
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!("syncing address leases with the control plane: {e}"),
+        }
+        for (id, ip) in local {
+            match auth.acquire(&id, Some(ip)).await {
+                Ok(got) if got == ip => {}
+                Ok(got) => tracing::error!(
+                    sandbox = %id,
+                    "the control plane leases {got} to this sandbox, which uses {ip}; remove it (`hearth rm -f`)"
+                ),
+                Err(e) => tracing::error!(sandbox = %id, "claiming its address {ip}: {e}"),
+            }
+        }
+    }
+
+    /// The sandbox's address from the control plane, when it hands them out.
+    async fn acquire_address(&self, id: &str) -> Result<Option<std::net::Ipv4Addr>, AgentError> {
+        match &self.inner.cfg.leases {
+            Some(auth) => Ok(Some(auth.acquire(id, None).await?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Gives the sandbox's address back to the control plane (after its tap is gone).
+    async fn release_address(&self, id: &str) {
+        if let Some(auth) = &self.inner.cfg.leases {
+            if let Err(e) = auth.release(id).await {
+                // why: the next agent start frees it (sync_leases); rm must not fail on it.
+                tracing::warn!(sandbox = id, "releasing the address lease: {e}");
+            }
         }
     }
 
@@ -585,16 +651,23 @@ impl Agent {
         let net = match (policy, &self.inner.net) {
             (Some(policy), Some(node)) => {
                 let (node, id2) = (node.clone(), id.clone());
-                let built = tokio::task::spawn_blocking(move || node.setup(&id2, policy))
-                    .await
-                    .map_err(|e| AgentError::Config(format!("network setup panicked: {e}")))?;
+                let built = match self.acquire_address(&id).await {
+                    Ok(ip) => {
+                        tokio::task::spawn_blocking(move || node.setup_with(&id2, ip, policy))
+                            .await
+                            .map_err(|e| AgentError::Config(format!("network setup panicked: {e}")))
+                            .and_then(|r| r.map_err(AgentError::from))
+                    }
+                    Err(e) => Err(e),
+                };
                 match built {
                     Ok(n) => Some(n),
                     Err(e) => {
+                        self.release_address(&id).await;
                         lock(&self.inner.sandboxes).remove(&id);
                         let _ = std::fs::remove_dir_all(&entry.dir);
                         self.abandon(launch).await;
-                        return Err(e.into());
+                        return Err(e);
                     }
                 }
             }
@@ -1211,6 +1284,7 @@ impl Agent {
             tokio::task::spawn_blocking(move || net.teardown(&id))
                 .await
                 .map_err(|e| AgentError::Config(format!("network teardown panicked: {e}")))??;
+            self.release_address(&rec.id).await;
         }
         std::fs::remove_dir_all(&e.dir)
             .or_else(|err| {

@@ -135,3 +135,64 @@ pub struct AddMember {
     /// `host:port` of its control API.
     pub address: String,
 }
+
+/// `POST /v1/agents/{node}/slice`: an agent joins the cluster network and
+/// learns its slice of the cluster CIDR (the same one on every restart).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JoinNetwork {
+    pub instance: String,
+    /// A specific slice (`a.b.c.d/n`); default: the next free /24 of the cluster range.
+    #[serde(default)]
+    pub want: Option<String>,
+}
+
+/// A node's address slice.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct NodeSlice {
+    pub node: String,
+    pub cidr: String,
+    /// Addresses leased from it.
+    pub leased: u32,
+}
+
+/// `POST /v1/agents/{node}/leases`: lease an address for one of the node's sandboxes.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseRequest {
+    pub instance: String,
+    /// The agent's id of the sandbox.
+    pub sandbox: String,
+    /// The address the node already uses for it (an agent re-claiming its
+    /// leases at start); refused when another sandbox holds it.
+    #[serde(default)]
+    pub want: Option<String>,
+}
+
+/// `POST /v1/agents/{node}/leases/retain`: free every lease of the node but these.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RetainLeases {
+    pub instance: String,
+    pub keep: Vec<String>,
+}
+
+/// Leases freed by a release or retain.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Released {
+    pub released: Vec<String>,
+}
+
+/// One sandbox address as recorded in the control-plane state (`GET /v1/leases`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Lease {
+    pub ip: String,
+    pub node: String,
+    /// The node's slice it comes from.
+    pub cidr: String,
+    /// The agent's id of the sandbox.
+    pub agent_sandbox: String,
+    /// The control plane's id of the sandbox, when it was created through it.
+    #[serde(default)]
+    pub sandbox: Option<String>,
+}

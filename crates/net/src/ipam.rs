@@ -1,6 +1,7 @@
 //! Address management: a pure allocator of /32s from the node's slice of the
-//! cluster CIDR, and a persistence seam (`LeaseStore`) so the leases can live in
-//! a file now and in the replicated control-plane state later.
+//! cluster CIDR, and a persistence seam (`LeaseStore`). In a cluster (and in
+//! `hearthd dev`) the control plane leases the addresses through Raft and this
+//! node-local record only follows it ([`Ipam::adopt`]).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -29,6 +30,13 @@ pub enum IpamError {
     /// The pool is too small to hold any sandbox.
     #[error("address pool {0} is too small: it needs at least a /30")]
     PoolTooSmall(Cidr),
+    /// The control plane granted an address this node cannot use.
+    #[error("address {ip} granted to sandbox '{sandbox}' {why}; the node's leases disagree with the control plane's")]
+    Rejected {
+        sandbox: String,
+        ip: Ipv4Addr,
+        why: String,
+    },
     /// Reading or writing the leases failed.
     #[error("lease store {path}: {source}")]
     Store {
@@ -143,6 +151,34 @@ impl Ipam {
         Ok(ip)
     }
 
+    /// Records an address leased elsewhere (the control plane) for the
+    /// sandbox. Refused when it lies outside the pool or another sandbox of
+    /// this node holds it: never a duplicate, even if the two disagree.
+    pub fn adopt(&self, sandbox: &str, ip: Ipv4Addr) -> Result<Ipv4Addr, IpamError> {
+        let mut l = self.locked();
+        let reject = |why: String| IpamError::Rejected {
+            sandbox: sandbox.to_string(),
+            ip,
+            why,
+        };
+        if !self.pool.contains(ip) {
+            return Err(reject(format!("is outside this node's pool {}", self.pool)));
+        }
+        match l.leases.get(sandbox) {
+            Some(have) if *have == ip => return Ok(ip),
+            Some(have) => return Err(reject(format!("but it holds {have} here"))),
+            None => {}
+        }
+        if let Some((other, _)) = l.leases.iter().find(|(_, v)| **v == ip) {
+            return Err(reject(format!("but sandbox '{other}' holds it here")));
+        }
+        let mut next = l.clone();
+        next.leases.insert(sandbox.to_string(), ip);
+        self.store.save(&next)?;
+        *l = next;
+        Ok(ip)
+    }
+
     /// Frees the sandbox's address (no-op when it has none).
     pub fn release(&self, sandbox: &str) -> Result<(), IpamError> {
         let mut l = self.locked();
@@ -192,6 +228,28 @@ mod tests {
         assert!(matches!(b.lease("s6"), Err(IpamError::Exhausted { .. })));
         b.release("s3").unwrap();
         assert_eq!(b.lease("s6").unwrap(), ips[3]);
+    }
+
+    #[test]
+    fn adopted_addresses_are_checked_against_the_pool_and_local_leases() {
+        let d = tempfile::tempdir().unwrap();
+        let a = ipam("10.77.0.0/29", d.path());
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        assert_eq!(a.adopt("s1", ip("10.77.0.3")).unwrap(), ip("10.77.0.3"));
+        assert_eq!(a.adopt("s1", ip("10.77.0.3")).unwrap(), ip("10.77.0.3"));
+        assert!(matches!(
+            a.adopt("s2", ip("10.77.0.3")),
+            Err(IpamError::Rejected { .. })
+        ));
+        assert!(matches!(
+            a.adopt("s2", ip("10.78.0.3")),
+            Err(IpamError::Rejected { .. })
+        ));
+        assert!(matches!(
+            a.adopt("s1", ip("10.77.0.4")),
+            Err(IpamError::Rejected { .. })
+        ));
+        assert_eq!(a.get("s1"), Some(ip("10.77.0.3")));
     }
 
     #[test]

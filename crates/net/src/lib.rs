@@ -264,10 +264,24 @@ impl NodeNet {
     /// Leases an address and builds the sandbox's link, NAT and policy. On any
     /// failure everything done so far is undone.
     pub fn setup(&self, id: &str, policy: Policy) -> Result<SandboxNet, NetError> {
+        self.setup_with(id, None, policy)
+    }
+
+    /// [`NodeNet::setup`] with the address the control plane leased (`Some`),
+    /// or one this node picks (`None`).
+    pub fn setup_with(
+        &self,
+        id: &str,
+        leased: Option<Ipv4Addr>,
+        policy: Policy,
+    ) -> Result<SandboxNet, NetError> {
         let l = self.sandbox_lock(id);
         let _g = lock(&l);
         let compiled = self.compile(&policy)?;
-        let ip = self.ipam.lease(id)?;
+        let ip = match leased {
+            Some(ip) => self.ipam.adopt(id, ip)?,
+            None => self.ipam.lease(id)?,
+        };
         let rec = SandboxNet {
             version: 1,
             sandbox: id.into(),
@@ -305,6 +319,11 @@ impl NodeNet {
         rec.policy = policy;
         self.save(&rec)?;
         Ok(rec)
+    }
+
+    /// Addresses held on this node, by sandbox.
+    pub fn leases(&self) -> std::collections::BTreeMap<String, Ipv4Addr> {
+        self.ipam.all()
     }
 
     /// Per-rule and fixed counters, labelled.

@@ -12,6 +12,7 @@
 // errors are large; they travel on cold paths only.
 #![allow(clippy::result_large_err)]
 
+pub mod leases;
 pub mod log_store;
 pub mod network;
 pub mod state;
@@ -27,6 +28,7 @@ use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{BasicNode, ChangeMembers, Config, Raft, ServerState, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
 
+pub use crate::leases::{Cidr, NodeSlice};
 pub use crate::state::{
     parse_owner, Command, ImageRecord, NodeRecord, Observed, Reply, RestartPolicy, SandboxRecord,
     State,

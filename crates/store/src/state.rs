@@ -12,6 +12,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use hearth_sched::{Accel, NodeView, Request, Resources, Strategy};
 use serde::{Deserialize, Serialize};
 
+use crate::leases::{Cidr, NodeSlice};
+
 /// A node agent as registered.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeRecord {
@@ -90,7 +92,8 @@ pub struct SandboxRecord {
     /// first creation instead of making a second sandbox.
     #[serde(default)]
     pub idempotency_key: Option<String>,
-    /// Sandbox address from the cluster range.
+    /// Not set any more: addresses are leases of the node's slice
+    /// ([`State::slices`]); kept so older records still decode.
     #[serde(default)]
     pub ip: Option<String>,
     pub created_ms: u64,
@@ -202,6 +205,37 @@ pub enum Command {
     PutImage {
         image: ImageRecord,
     },
+    /// Gives the node agent its slice of the cluster CIDR (`want`, or the
+    /// next free one); the same agent instance asking again gets the same slice.
+    AllocateSlice {
+        node: String,
+        instance: String,
+        #[serde(default)]
+        want: Option<Cidr>,
+    },
+    /// Leases a sandbox address from the node's slice (`want`, when the node
+    /// already uses that address for it, else the lowest free one); the same
+    /// sandbox asking again gets the same address.
+    Lease {
+        node: String,
+        instance: String,
+        sandbox: String,
+        #[serde(default)]
+        want: Option<std::net::Ipv4Addr>,
+    },
+    /// Frees a sandbox's address (no-op when it holds none).
+    Release {
+        node: String,
+        instance: String,
+        sandbox: String,
+    },
+    /// Frees every lease of the node except those of `keep` (an agent's
+    /// start: the sandboxes it no longer knows hold no address).
+    RetainLeases {
+        node: String,
+        instance: String,
+        keep: BTreeSet<String>,
+    },
 }
 
 /// The outcome of applying one command.
@@ -232,6 +266,23 @@ pub enum Reply {
     Conflict {
         message: String,
     },
+    /// The node's slice of the cluster CIDR.
+    Slice {
+        slice: NodeSlice,
+    },
+    /// A sandbox's address, leased from `cidr`.
+    Lease {
+        ip: std::net::Ipv4Addr,
+        cidr: Cidr,
+    },
+    /// Leases freed.
+    Released {
+        released: Vec<String>,
+    },
+    /// No address (or slice) is left.
+    Exhausted {
+        message: String,
+    },
     /// The chosen node cannot take the sandbox any more (a concurrent
     /// placement got there first, or it went away): schedule again.
     Rejected {
@@ -240,16 +291,13 @@ pub enum Reply {
     },
 }
 
-/// First address handed out to sandboxes (10.88.0.0/16; .0.0 and .0.1 reserved).
-const LEASE_BASE: u32 = u32::from_be_bytes([10, 88, 0, 2]);
-const LEASE_COUNT: u32 = 65_000;
-
 /// Tables a change touched, so the state machine can persist only those rows.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Row {
     Node(String),
     Sandbox(String),
     Image(String),
+    Slice(String),
 }
 
 /// All replicated control-plane state.
@@ -258,6 +306,9 @@ pub struct State {
     pub nodes: BTreeMap<String, NodeRecord>,
     pub sandboxes: BTreeMap<String, SandboxRecord>,
     pub images: BTreeMap<String, ImageRecord>,
+    /// Address slices and leases, by node id.
+    #[serde(default)]
+    pub slices: BTreeMap<String, NodeSlice>,
     /// Derived indexes, rebuilt by [`State::reindex`]; not persisted.
     #[serde(skip)]
     index: Index,
@@ -270,7 +321,6 @@ pub struct State {
 struct Index {
     by_name: BTreeMap<String, String>,
     by_key: BTreeMap<String, String>,
-    leases: BTreeMap<u32, String>,
 }
 
 impl State {
@@ -283,13 +333,6 @@ impl State {
             }
             if let Some(k) = &sb.idempotency_key {
                 ix.by_key.insert(k.clone(), sb.id.clone());
-            }
-            if let Some(ip) = sb
-                .ip
-                .as_deref()
-                .and_then(|s| s.parse::<std::net::Ipv4Addr>().ok())
-            {
-                ix.leases.insert(u32::from(ip), sb.id.clone());
             }
         }
         self.index = ix;
@@ -371,6 +414,9 @@ impl State {
                 let moved = self.evacuate(id, *at_ms, "its node was removed");
                 self.nodes.remove(id);
                 self.touch_node(id);
+                if self.slices.remove(id).is_some() {
+                    self.dirty.insert(Row::Slice(id.clone()));
+                }
                 moved
             }
             Command::Heartbeat {
@@ -460,7 +506,6 @@ impl State {
                     if let Some(k) = &sb.idempotency_key {
                         self.index.by_key.remove(k);
                     }
-                    self.index.leases.retain(|_, v| v != id);
                     self.touch_sandbox(id);
                     Reply::Ok
                 }
@@ -481,6 +526,27 @@ impl State {
                 self.dirty.insert(Row::Image(image.name.clone()));
                 Reply::Ok
             }
+            Command::AllocateSlice {
+                node,
+                instance,
+                want,
+            } => self.allocate_slice(node, instance, *want),
+            Command::Lease {
+                node,
+                instance,
+                sandbox,
+                want,
+            } => self.lease(node, instance, sandbox, *want),
+            Command::Release {
+                node,
+                instance,
+                sandbox,
+            } => self.release(node, instance, |id| id == sandbox),
+            Command::RetainLeases {
+                node,
+                instance,
+                keep,
+            } => self.release(node, instance, |id| !keep.contains(id)),
         }
     }
 
@@ -522,6 +588,156 @@ impl State {
         let sb = sb.clone();
         self.touch_sandbox(id);
         Reply::Sandbox { sandbox: sb }
+    }
+
+    /// The node's slice, when `instance` holds it.
+    fn held_slice(&mut self, node: &str, instance: &str) -> Result<&mut NodeSlice, Reply> {
+        match self.slices.get_mut(node) {
+            None => Err(Reply::NotFound {
+                what: format!("address slice of node {node} (the agent must join first)"),
+            }),
+            Some(s) if s.instance != instance => Err(Reply::DuplicateNode {
+                id: node.to_string(),
+                holder: s.instance.clone(),
+            }),
+            Some(s) => Ok(s),
+        }
+    }
+
+    fn allocate_slice(&mut self, node: &str, instance: &str, want: Option<Cidr>) -> Reply {
+        if let Some(held) = self.slices.get(node) {
+            if held.instance != instance {
+                return Reply::DuplicateNode {
+                    id: node.to_string(),
+                    holder: held.instance.clone(),
+                };
+            }
+            if want.is_none_or(|w| w == held.cidr) {
+                return Reply::Slice {
+                    slice: held.clone(),
+                };
+            }
+            if !held.leases.is_empty() {
+                return Reply::Conflict {
+                    message: format!(
+                        "node {node} holds the address slice {} with {} leases; \
+                         remove its sandboxes before moving it to another slice",
+                        held.cidr,
+                        held.leases.len()
+                    ),
+                };
+            }
+        }
+        let others = self
+            .slices
+            .values()
+            .filter(|s| s.node != node)
+            .map(|s| s.cidr);
+        let cidr = match want {
+            Some(w) => {
+                if let Some(o) = self
+                    .slices
+                    .values()
+                    .find(|s| s.node != node && s.cidr.overlaps(w))
+                {
+                    return Reply::Conflict {
+                        message: format!(
+                            "address slice {w} overlaps {} of node {}; give this node another --net-pool",
+                            o.cidr, o.node
+                        ),
+                    };
+                }
+                w
+            }
+            None => {
+                let taken: Vec<Cidr> = others.collect();
+                match crate::leases::free_slice(taken.iter()) {
+                    Some(c) => c,
+                    None => {
+                        return Reply::Exhausted {
+                            message: format!(
+                                "every /{} of the cluster range {} is held by a node; \
+                                 remove nodes (`hearth node rm`) to free slices",
+                                crate::leases::SLICE_PREFIX,
+                                crate::leases::CLUSTER_CIDR
+                            ),
+                        }
+                    }
+                }
+            }
+        };
+        let slice = NodeSlice {
+            node: node.to_string(),
+            instance: instance.to_string(),
+            cidr,
+            leases: BTreeMap::new(),
+        };
+        self.slices.insert(node.to_string(), slice.clone());
+        self.dirty.insert(Row::Slice(node.to_string()));
+        Reply::Slice { slice }
+    }
+
+    fn lease(
+        &mut self,
+        node: &str,
+        instance: &str,
+        sandbox: &str,
+        want: Option<std::net::Ipv4Addr>,
+    ) -> Reply {
+        let s = match self.held_slice(node, instance) {
+            Ok(s) => s,
+            Err(r) => return r,
+        };
+        let cidr = s.cidr;
+        if let Some(ip) = s.leases.get(sandbox) {
+            return Reply::Lease { ip: *ip, cidr };
+        }
+        if let Some(w) = want {
+            if !s.usable(w) {
+                return Reply::Conflict {
+                    message: format!(
+                        "address {w} for sandbox {sandbox} is not a host address of node {node}'s slice {cidr}"
+                    ),
+                };
+            }
+            if let Some((other, _)) = s.leases.iter().find(|(_, ip)| **ip == w) {
+                return Reply::Conflict {
+                    message: format!(
+                        "address {w} for sandbox {sandbox} is leased to sandbox {other} of node {node}"
+                    ),
+                };
+            }
+            s.leases.insert(sandbox.to_string(), w);
+            self.dirty.insert(Row::Slice(node.to_string()));
+            return Reply::Lease { ip: w, cidr };
+        }
+        let Some(ip) = s.free_address() else {
+            return Reply::Exhausted {
+                message: format!(
+                    "address pool {cidr} of node {node} is exhausted ({} addresses leased); \
+                     remove sandboxes or give the node a larger slice",
+                    s.leases.len()
+                ),
+            };
+        };
+        s.leases.insert(sandbox.to_string(), ip);
+        self.dirty.insert(Row::Slice(node.to_string()));
+        Reply::Lease { ip, cidr }
+    }
+
+    fn release(&mut self, node: &str, instance: &str, drop: impl Fn(&str) -> bool) -> Reply {
+        let s = match self.held_slice(node, instance) {
+            Ok(s) => s,
+            Err(r) => return r,
+        };
+        let released: Vec<String> = s.leases.keys().filter(|k| drop(k)).cloned().collect();
+        for k in &released {
+            s.leases.remove(k);
+        }
+        if !released.is_empty() {
+            self.dirty.insert(Row::Slice(node.to_string()));
+        }
+        Reply::Released { released }
     }
 
     fn register(&mut self, node: &NodeRecord) -> Reply {
@@ -588,8 +804,7 @@ impl State {
                 reason: why.to_string(),
             };
         }
-        let mut rec = sandbox.clone();
-        rec.ip = self.lease(&rec.id);
+        let rec = sandbox.clone();
         self.insert_sandbox(rec.clone());
         Reply::Sandbox { sandbox: rec }
     }
@@ -603,22 +818,6 @@ impl State {
         }
         self.touch_sandbox(&rec.id);
         self.sandboxes.insert(rec.id.clone(), rec);
-    }
-
-    /// The lowest free address in the cluster range, if any.
-    fn lease(&mut self, id: &str) -> Option<String> {
-        let mut want = LEASE_BASE;
-        for (&ip, _) in self.index.leases.range(LEASE_BASE..) {
-            if ip != want {
-                break;
-            }
-            want += 1;
-        }
-        if want >= LEASE_BASE + LEASE_COUNT {
-            return None;
-        }
-        self.index.leases.insert(want, id.to_string());
-        Some(std::net::Ipv4Addr::from(want).to_string())
     }
 
     /// The node is gone: sandboxes with `restart: always` move, the rest are lost.
@@ -698,5 +897,116 @@ fn req_without_group(r: &Request) -> Request {
     Request {
         group: None,
         ..r.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slice(st: &mut State, node: &str, instance: &str, want: Option<&str>) -> Reply {
+        st.apply(&Command::AllocateSlice {
+            node: node.into(),
+            instance: instance.into(),
+            want: want.map(|w| w.parse().unwrap()),
+        })
+    }
+
+    fn lease(st: &mut State, node: &str, sandbox: &str) -> Reply {
+        st.apply(&Command::Lease {
+            node: node.into(),
+            instance: "i1".into(),
+            sandbox: sandbox.into(),
+            want: None,
+        })
+    }
+
+    fn ip(r: Reply) -> String {
+        match r {
+            Reply::Lease { ip, .. } => ip.to_string(),
+            other => panic!("no lease: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn nodes_get_distinct_slices_that_survive_a_restart_of_the_same_agent() {
+        let mut st = State::default();
+        let Reply::Slice { slice: a } = slice(&mut st, "a", "i1", None) else {
+            panic!()
+        };
+        let Reply::Slice { slice: b } = slice(&mut st, "b", "i1", None) else {
+            panic!()
+        };
+        assert_eq!(a.cidr.to_string(), "10.88.0.0/24");
+        assert_eq!(b.cidr.to_string(), "10.88.1.0/24");
+        assert_eq!(slice(&mut st, "a", "i1", None), Reply::Slice { slice: a });
+        assert!(matches!(
+            slice(&mut st, "a", "other", None),
+            Reply::DuplicateNode { .. }
+        ));
+        assert!(matches!(
+            slice(&mut st, "c", "i1", Some("10.88.1.0/25")),
+            Reply::Conflict { .. }
+        ));
+    }
+
+    #[test]
+    fn leases_are_stable_freed_on_release_and_exhaustion_is_an_error() {
+        let mut st = State::default();
+        slice(&mut st, "a", "i1", Some("10.9.0.0/30"));
+        let x = ip(lease(&mut st, "a", "x"));
+        let y = ip(lease(&mut st, "a", "y"));
+        assert_eq!((x.as_str(), y.as_str()), ("10.9.0.1", "10.9.0.2"));
+        assert_eq!(
+            ip(lease(&mut st, "a", "x")),
+            x,
+            "asking again is idempotent"
+        );
+        match lease(&mut st, "a", "z") {
+            Reply::Exhausted { message } => {
+                assert!(message.contains("10.9.0.0/30") && message.contains("exhausted"))
+            }
+            other => panic!("{other:?}"),
+        }
+        st.apply(&Command::Release {
+            node: "a".into(),
+            instance: "i1".into(),
+            sandbox: "x".into(),
+        });
+        assert_eq!(ip(lease(&mut st, "a", "z")), x, "a freed address is reused");
+        let r = st.apply(&Command::RetainLeases {
+            node: "a".into(),
+            instance: "i1".into(),
+            keep: ["z".to_string()].into(),
+        });
+        assert_eq!(
+            r,
+            Reply::Released {
+                released: vec!["y".into()]
+            }
+        );
+        assert!(matches!(
+            lease(&mut st, "nobody", "s"),
+            Reply::NotFound { .. }
+        ));
+        let claim = |st: &mut State, sb: &str, ip: &str| {
+            st.apply(&Command::Lease {
+                node: "a".into(),
+                instance: "i1".into(),
+                sandbox: sb.into(),
+                want: Some(ip.parse().unwrap()),
+            })
+        };
+        assert!(
+            matches!(claim(&mut st, "w", "10.9.0.1"), Reply::Conflict { .. }),
+            "held by z"
+        );
+        assert!(
+            matches!(claim(&mut st, "w", "10.9.0.3"), Reply::Conflict { .. }),
+            "broadcast"
+        );
+        assert_eq!(ip(claim(&mut st, "w", "10.9.0.2")), "10.9.0.2");
+        let dirty = st.take_dirty();
+        assert!(dirty.contains(&Row::Slice("a".into())), "{dirty:?}");
     }
 }

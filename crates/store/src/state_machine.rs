@@ -23,6 +23,7 @@ use crate::{Entry, Node, NodeId, TypeConfig};
 const NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("sm_nodes");
 const SANDBOXES: TableDefinition<&str, &[u8]> = TableDefinition::new("sm_sandboxes");
 const IMAGES: TableDefinition<&str, &[u8]> = TableDefinition::new("sm_images");
+const SLICES: TableDefinition<&str, &[u8]> = TableDefinition::new("sm_slices");
 const SM_META: TableDefinition<&str, &[u8]> = TableDefinition::new("sm_meta");
 const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
 
@@ -67,7 +68,7 @@ impl StateMachine {
     /// Loads the persisted state (all rows and the applied log id).
     pub(crate) fn load(db: Arc<Database>) -> Result<StateMachine, SErr> {
         let tx = db.begin_write().map_err(werr)?;
-        for t in [NODES, SANDBOXES, IMAGES, SM_META, SNAPSHOT] {
+        for t in [NODES, SANDBOXES, IMAGES, SLICES, SM_META, SNAPSHOT] {
             tx.open_table(t).map_err(werr)?;
         }
         tx.commit().map_err(werr)?;
@@ -92,6 +93,7 @@ impl StateMachine {
         state.nodes = rows(&tx, NODES)?.into_iter().collect();
         state.sandboxes = rows(&tx, SANDBOXES)?.into_iter().collect();
         state.images = rows(&tx, IMAGES)?.into_iter().collect();
+        state.slices = rows(&tx, SLICES)?.into_iter().collect();
         state.reindex();
         let meta = tx.open_table(SM_META).map_err(rerr)?;
         let get = |k: &str| -> Result<Option<Vec<u8>>, SErr> {
@@ -134,6 +136,7 @@ impl StateMachine {
             let mut nodes = tx.open_table(NODES).map_err(werr)?;
             let mut sbs = tx.open_table(SANDBOXES).map_err(werr)?;
             let mut imgs = tx.open_table(IMAGES).map_err(werr)?;
+            let mut slices = tx.open_table(SLICES).map_err(werr)?;
             let put = |t: &mut redb::Table<&str, &[u8]>,
                        k: &str,
                        v: Option<Vec<u8>>|
@@ -148,6 +151,7 @@ impl StateMachine {
                 nodes.retain(|_, _| false).map_err(werr)?;
                 sbs.retain(|_, _| false).map_err(werr)?;
                 imgs.retain(|_, _| false).map_err(werr)?;
+                slices.retain(|_, _| false).map_err(werr)?;
                 for (k, v) in &state.nodes {
                     put(&mut nodes, k, Some(enc(v)?))?;
                 }
@@ -156,6 +160,9 @@ impl StateMachine {
                 }
                 for (k, v) in &state.images {
                     put(&mut imgs, k, Some(enc(v)?))?;
+                }
+                for (k, v) in &state.slices {
+                    put(&mut slices, k, Some(enc(v)?))?;
                 }
             }
             for row in dirty {
@@ -171,6 +178,10 @@ impl StateMachine {
                     Row::Image(k) => {
                         let v = state.images.get(&k).map(|v| enc(v)).transpose()?;
                         put(&mut imgs, &k, v)?
+                    }
+                    Row::Slice(k) => {
+                        let v = state.slices.get(&k).map(|v| enc(v)).transpose()?;
+                        put(&mut slices, &k, v)?
                     }
                 }
             }

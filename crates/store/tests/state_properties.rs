@@ -3,15 +3,66 @@
 use std::collections::BTreeMap;
 
 use hearth_sched::{Accel, Request, Resources};
-use hearth_store::{Command, NodeRecord, Observed, RestartPolicy, SandboxRecord, State};
+use hearth_store::{
+    Cidr, Command, NodeRecord, Observed, Reply, RestartPolicy, SandboxRecord, State,
+};
 use proptest::prelude::*;
 
 fn node_id() -> impl Strategy<Value = String> {
     (0u8..4).prop_map(|i| format!("node{i}"))
 }
 
+/// Slices (small ones that run out, overlapping ones, allocated ones) and
+/// leases from them.
+fn lease_command() -> impl Strategy<Value = Command> {
+    let want = prop::option::of(
+        prop_oneof![
+            Just("10.9.0.0/30"),
+            Just("10.9.0.0/29"),
+            Just("10.9.1.0/30"),
+            Just("10.88.0.0/24"),
+        ]
+        .prop_map(|c| c.parse::<Cidr>().unwrap()),
+    );
+    prop_oneof![
+        (node_id(), 0u8..2, want).prop_map(|(node, inst, want)| Command::AllocateSlice {
+            node,
+            instance: format!("i{inst}"),
+            want,
+        }),
+        (
+            node_id(),
+            0u8..2,
+            0u8..8,
+            prop::option::of((0u8..2, 0u8..5))
+        )
+            .prop_map(|(node, inst, sb, want)| Command::Lease {
+                node,
+                instance: format!("i{inst}"),
+                sandbox: format!("a{sb}"),
+                want: want.map(|(net, host)| {
+                    std::net::Ipv4Addr::new(10, if net == 0 { 9 } else { 88 }, 0, host)
+                }),
+            }),
+        (node_id(), 0u8..2, 0u8..8).prop_map(|(node, inst, sb)| Command::Release {
+            node,
+            instance: format!("i{inst}"),
+            sandbox: format!("a{sb}"),
+        }),
+        (node_id(), 0u8..2, prop::collection::btree_set(0u8..8, 0..4)).prop_map(
+            |(node, inst, keep)| Command::RetainLeases {
+                node,
+                instance: format!("i{inst}"),
+                keep: keep.into_iter().map(|k| format!("a{k}")).collect(),
+            }
+        ),
+    ]
+}
+
 fn command() -> impl Strategy<Value = Command> {
     prop_oneof![
+        lease_command(),
+        lease_command(),
         (
             node_id(),
             0u8..2,
@@ -176,6 +227,30 @@ proptest! {
                 let used = s.allocated().get(sandbox.node.as_str()).copied().unwrap_or_default();
                 let cap = s.nodes[&sandbox.node].capacity;
                 prop_assert!(used.fits_in(cap), "{} overcommitted: {:?} of {:?}", sandbox.node, used, cap);
+            }
+        }
+    }
+
+    /// Every leased address is in its node's slice, slices never overlap,
+    /// and no address is held twice, whatever the order of commands.
+    #[test]
+    fn no_address_is_ever_leased_twice(cmds in prop::collection::vec(command(), 0..150)) {
+        let mut s = State::default();
+        for c in &cmds {
+            let reply = s.apply(c);
+            if let (Command::Lease { node, sandbox, .. }, Reply::Lease { ip, .. }) = (c, &reply) {
+                prop_assert_eq!(s.slices[node].leases.get(sandbox), Some(ip));
+            }
+            let mut seen = std::collections::BTreeSet::new();
+            let slices: Vec<_> = s.slices.values().collect();
+            for (i, a) in slices.iter().enumerate() {
+                for b in &slices[i + 1..] {
+                    prop_assert!(!a.cidr.overlaps(b.cidr), "{} and {} overlap", a.cidr, b.cidr);
+                }
+                for ip in a.leases.values() {
+                    prop_assert!(a.cidr.contains(*ip), "{} outside {}", ip, a.cidr);
+                    prop_assert!(seen.insert(*ip), "{} leased twice", ip);
+                }
             }
         }
     }

@@ -231,6 +231,9 @@ impl Cluster {
             "tcg".into(),
             "--heartbeat-ms".into(),
             "300".into(),
+            // why: agents of concurrent test clusters share the root namespace.
+            "--net-pool".into(),
+            crate::net_pool(port),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut p = Proc {

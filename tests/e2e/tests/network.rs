@@ -149,6 +149,23 @@ fn start_detached(d: &Daemon, args: &[&str]) -> (String, String) {
     (id, ip)
 }
 
+/// `hearth node leases --json`: (address, sandbox) pairs.
+fn control_plane_leases(d: &Daemon) -> Vec<(String, String)> {
+    let out = d.hearth(&["node", "leases", "--json"]);
+    assert!(out.status.success(), "{}", show(&out));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("leases json");
+    v.as_array()
+        .expect("list")
+        .iter()
+        .map(|l| {
+            (
+                l["ip"].as_str().unwrap_or("").to_string(),
+                l["agent_sandbox"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
 fn host_state() -> String {
     sh("ip -o link show; ip route show; nft list table ip hearth; bpftool prog show; ls /sys/fs/bpf/hearth")
 }
@@ -231,8 +248,19 @@ fn policy_blocks_denied_port_allows_others_and_changes_live() {
         2,
         "guest_out and guest_in use the maps: {progs}"
     );
+    // The address is a lease in the control-plane state (the embedded Raft group).
+    let held = control_plane_leases(&d);
+    assert!(
+        held.contains(&(ip.clone(), id.clone())),
+        "lease of {id} ({ip}) not in the control-plane state: {held:?}"
+    );
     let out = d.hearth(&["rm", "-f", &id]);
     assert!(out.status.success(), "{}", show(&out));
+    let held = control_plane_leases(&d);
+    assert!(
+        !held.iter().any(|(a, s)| a == &ip || s == &id),
+        "lease left in the control-plane state: {held:?}"
+    );
     let state = host_state();
     assert!(!state.contains(&tap), "tap or pins left: {state}");
     assert!(
@@ -468,7 +496,7 @@ fn ingress_reaches_httpd_in_the_sandbox_from_another_namespace() {
 #[test]
 fn agent_restart_keeps_known_networks_and_removes_orphans() {
     let mut d = Daemon::start();
-    let (a, _) = start_detached(&d, &["--egress-deny", "10.0.0.0/8"]);
+    let (a, ip_a) = start_detached(&d, &["--egress-deny", "10.0.0.0/8"]);
     let (b, ip_b) = start_detached(&d, &[]);
     let tap = |id: &str| {
         d.inspect(id)["network"]["tap"]
@@ -489,7 +517,16 @@ fn agent_restart_keeps_known_networks_and_removes_orphans() {
         hearth_e2e::vmm_pids_under(&dir_b).is_empty()
     });
     std::fs::remove_dir_all(&dir_b).unwrap();
+    // The control-plane state is lost too (as with a data dir from before
+    // leases were replicated): the agent claims the addresses it still uses.
+    std::fs::remove_dir_all(d.data_dir().join("control")).unwrap();
     d.spawn();
+    let held = control_plane_leases(&d);
+    assert_eq!(
+        held,
+        vec![(ip_a.clone(), a.clone())],
+        "a's address claimed again, b's orphan not"
+    );
 
     let state = host_state();
     assert!(!state.contains(&tap_b), "orphan tap or pins left: {state}");

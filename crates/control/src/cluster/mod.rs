@@ -11,6 +11,7 @@
 //! sandboxes.
 
 mod dev;
+mod leases;
 mod nodes;
 mod proxy;
 mod reconcile;
@@ -123,6 +124,8 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+pub use leases::all_leases;
+
 /// Routes every member serves, in every role that has a store: nodes, the
 /// control-plane group, the agent protocol and Raft's own RPCs. All of them
 /// require the cluster's bearer token.
@@ -142,6 +145,15 @@ pub fn cluster_routes(cp: ControlPlane, token: ApiToken) -> Router {
         )
         .route("/v1/agents/register", post(nodes::register))
         .route("/v1/agents/{node}/heartbeat", post(nodes::heartbeat))
+        .route("/v1/agents/{node}/slice", post(leases::join))
+        .route("/v1/agents/{node}/leases", post(leases::lease))
+        .route("/v1/agents/{node}/leases/retain", post(leases::retain))
+        .route(
+            "/v1/agents/{node}/leases/{sandbox}",
+            axum::routing::delete(leases::release),
+        )
+        .route("/v1/leases", get(leases::list))
+        .route("/v1/slices", get(leases::slices))
         .with_state(cp)
         .merge(raft)
         .layer(axum::middleware::from_fn_with_state(
