@@ -25,6 +25,8 @@
 // been received by the sender of the error, and the error must go to the
 // quoted packet's source. They are capped at 576 bytes (RFC 1812).
 //
+// A later IP fragment passes only if its datagram's first fragment did (FRAGS).
+//
 // Rules: an LPM trie keyed by (slot, direction, CIDR) to an ordered list of
 // (protocol, port range, action) entries, compiled on the host so the longest
 // prefix carries the rules of every enclosing prefix too. Two rule slots: an
@@ -51,6 +53,7 @@
 #define MAX_COUNTERS 512
 #define MAX_HOSTS 256
 #define MAX_FLOWS 8192
+#define MAX_FRAGS 1024
 #define MAX_ICMP_ERROR 576
 #define NS 1000000000ULL
 #define IDLE_DATAGRAM (60 * NS)
@@ -197,6 +200,21 @@ struct {
 	__type(value, struct flow);
 } IFLOWS SEC(".maps");
 
+// IPv4 datagrams whose first fragment passed: their later fragments may too.
+struct frag_key {
+	__u32 remote;	  // network byte order
+	__u16 id;
+	__u8 proto;
+	__u8 dir;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, MAX_FRAGS);
+	__type(key, struct frag_key);
+	__type(value, __u8);
+} FRAGS SEC(".maps");
+
 // What a parsed packet is, for the flow logic.
 #define K_NEW 0	     // opens a flow: check the rules
 #define K_REPLY 1    // needs its flow in the map
@@ -228,6 +246,37 @@ static __always_inline int mac_eq(const __u8 *a, const __u8 *b)
 {
 	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3] && a[4] == b[4] &&
 	       a[5] == b[5];
+}
+
+// A later fragment (no ports): passes only if its first fragment did.
+static __always_inline int later_fragment(struct iphdr *ip, __u32 dir, __u32 len)
+{
+	struct frag_key k = {
+		.remote = dir == DIR_EGRESS ? ip->daddr : ip->saddr,
+		.id = ip->id,
+		.proto = ip->protocol,
+		.dir = dir,
+	};
+	if (bpf_map_lookup_elem(&FRAGS, &k))
+		return TC_ACT_OK;
+	count(dir == DIR_EGRESS ? C_OUT_NO_FLOW : C_IN_NO_FLOW, len);
+	return TC_ACT_SHOT;
+}
+
+// Remembers a first fragment that passed.
+static __always_inline int first_fragment(struct iphdr *ip, __u32 dir, int verdict)
+{
+	if (verdict == TC_ACT_OK && (ip->frag_off & bpf_htons(0x2000))) {
+		struct frag_key k = {
+			.remote = dir == DIR_EGRESS ? ip->daddr : ip->saddr,
+			.id = ip->id,
+			.proto = ip->protocol,
+			.dir = dir,
+		};
+		__u8 one = 1;
+		bpf_map_update_elem(&FRAGS, &k, &one, BPF_ANY);
+	}
+	return verdict;
 }
 
 // Rule lookup: 1 allow, 0 deny, -1 no entry matched. `own_only` skips
@@ -544,14 +593,14 @@ int guest_out(struct __sk_buff *skb)
 	__u32 ihl = ip->ihl * 4;
 	if (ihl < sizeof(*ip))
 		return TC_ACT_SHOT;
-	// why: later fragments carry no ports; their first fragment was checked.
+	// why: later fragments carry no ports; they follow their first fragment.
 	if (ip->frag_off & bpf_htons(0x1fff))
-		return TC_ACT_OK;
+		return later_fragment(ip, DIR_EGRESS, skb->len);
 
 	struct pkt p = {};
 	if (parse_l4(&p, ip, (void *)ip + ihl, end, 0, cfg->ip))
 		return TC_ACT_SHOT;
-	return decide(cfg, &p, DIR_EGRESS, skb->len);
+	return first_fragment(ip, DIR_EGRESS, decide(cfg, &p, DIR_EGRESS, skb->len));
 }
 
 SEC("classifier")
@@ -581,12 +630,12 @@ int guest_in(struct __sk_buff *skb)
 	if (ihl < sizeof(*ip))
 		return TC_ACT_SHOT;
 	if (ip->frag_off & bpf_htons(0x1fff))
-		return TC_ACT_OK;
+		return later_fragment(ip, DIR_INGRESS, skb->len);
 
 	struct pkt p = {};
 	if (parse_l4(&p, ip, (void *)ip + ihl, end, 1, cfg->ip))
 		return TC_ACT_SHOT;
-	return decide(cfg, &p, DIR_INGRESS, skb->len);
+	return first_fragment(ip, DIR_INGRESS, decide(cfg, &p, DIR_INGRESS, skb->len));
 }
 
 char LICENSE[] SEC("license") = "GPL";

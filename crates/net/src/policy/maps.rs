@@ -36,7 +36,9 @@ const MAX_HOSTS: usize = 256;
 #[cfg(test)]
 const MAX_FLOWS: usize = 8192;
 /// The maps every sandbox's program instance has, pinned by these names.
-const MAPS: [&str; 6] = ["CONFIG", "RULES", "COUNTERS", "HOSTS", "EFLOWS", "IFLOWS"];
+const MAPS: [&str; 7] = [
+    "CONFIG", "RULES", "COUNTERS", "HOSTS", "EFLOWS", "IFLOWS", "FRAGS",
+];
 
 /// A BPF operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -818,6 +820,57 @@ mod tests {
         }
         assert_eq!(p.inn(&udp(a, G, 53, 42000)), SHOT, "expired");
         assert!(p.counter(14) >= 1);
+    }
+
+    /// `packet` with the IPv4 fragment field set (offset in 8-byte units).
+    fn fragment(mut pkt: Vec<u8>, id: u16, more: bool, offset: u16) -> Vec<u8> {
+        pkt[18..20].copy_from_slice(&id.to_be_bytes());
+        let f = offset | if more { 0x2000 } else { 0 };
+        pkt[20..22].copy_from_slice(&f.to_be_bytes());
+        pkt
+    }
+
+    #[test]
+    fn later_fragments_pass_only_after_an_allowed_first_fragment() {
+        let ok = ip("192.0.2.10");
+        let denied = ip("192.0.2.11");
+        let c = policy(
+            set(Action::Deny, &["192.0.2.10/32:53:udp"], &[]),
+            set(Action::Deny, &[], &[]),
+        );
+        let p = Prog::load("frag", &c, &[]);
+        assert_eq!(p.out(&fragment(udp(G, ok, 40000, 53), 7, true, 0)), OK);
+        assert_eq!(
+            p.out(&fragment(packet(G, ok, 17, &[0; 16], 0), 7, true, 2)),
+            OK
+        );
+        assert_eq!(
+            p.out(&fragment(packet(G, ok, 17, &[0; 16], 0), 7, false, 4)),
+            OK
+        );
+        // No first fragment, or a denied one: the rest is dropped.
+        assert_eq!(
+            p.out(&fragment(packet(G, ok, 17, &[0; 16], 0), 8, false, 4)),
+            SHOT
+        );
+        assert_eq!(
+            p.out(&fragment(udp(G, denied, 40000, 53), 9, true, 0)),
+            SHOT
+        );
+        assert_eq!(
+            p.out(&fragment(packet(G, denied, 17, &[0; 16], 0), 9, false, 2)),
+            SHOT
+        );
+        // Inbound likewise.
+        assert_eq!(
+            p.inn(&fragment(packet(ok, G, 17, &[0; 16], 0), 7, false, 2)),
+            SHOT
+        );
+        assert_eq!(p.inn(&fragment(udp(ok, G, 53, 40000), 10, true, 0)), OK);
+        assert_eq!(
+            p.inn(&fragment(packet(ok, G, 17, &[0; 16], 0), 10, false, 2)),
+            OK
+        );
     }
 
     #[test]
