@@ -542,6 +542,14 @@ static __always_inline int decide(struct sandbox_cfg *cfg, struct pkt *p, __u32 
 	__u32 proto_port = ((__u32)p->key.proto << 16) | p->port;
 	if (!judge(cfg, epoch, p->key.remote, proto_port, dir, len))
 		return TC_ACT_SHOT;
+	// why: a repeated SYN (retransmitted, or spoofed by an allowed sender)
+	// must not reset the state of a flow opened from outside.
+	struct flow *old = bpf_map_lookup_elem(own, &p->key);
+	if (old) {
+		old->epoch = epoch;
+		old->last_seen = now;
+		return TC_ACT_OK;
+	}
 	struct flow nf = { .last_seen = now, .epoch = epoch, .tcp = T_SYN };
 	bpf_map_update_elem(own, &p->key, &nf, BPF_ANY);
 	return TC_ACT_OK;

@@ -734,9 +734,16 @@ mod tests {
             "no data before the handshake"
         );
         assert_eq!(p.out(&tcp(G, d, 8080, 5555, SYN | ACK)), OK, "the SYN-ACK");
+        assert_eq!(p.inn(&tcp(d, G, 5555, 8080, SYN)), OK, "retransmitted SYN");
         assert_eq!(p.out(&tcp(G, d, 8080, 5555, PSH_ACK)), SHOT);
         assert_eq!(p.inn(&tcp(d, G, 5555, 8080, ACK)), OK, "handshake done");
         assert_eq!(p.out(&tcp(G, d, 8080, 5555, PSH_ACK)), OK);
+        assert_eq!(p.inn(&tcp(d, G, 5555, 8080, SYN)), OK, "a stray SYN");
+        assert_eq!(
+            p.out(&tcp(G, d, 8080, 5555, PSH_ACK)),
+            OK,
+            "does not reset it"
+        );
         assert_eq!(p.out(&tcp(G, d, 8080, 5556, PSH_ACK)), SHOT, "other tuple");
         assert_eq!(p.out(&tcp(G, d, 8081, 5555, PSH_ACK)), SHOT, "other tuple");
         assert_eq!(p.out(&tcp(G, d, 8080, 5555, SYN)), SHOT, "a new flow to d");
