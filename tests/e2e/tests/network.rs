@@ -625,6 +625,29 @@ fn ingress_rules_filter_new_inbound_flows_and_keep_replies_and_the_proxy() {
     let st = stats(&d, &id);
     assert!(counter(&st, &format!("ingress deny {deny}")) >= 1, "{st}");
     assert_eq!(d.inspect(&id)["status"], "running");
+
+    // An explicit deny of the node's own address wins over the implicit
+    // allow of the node (the ingress proxy connects from that address).
+    let route = sh(&format!("ip route get {ip}"));
+    let src = route
+        .split(" src ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no source address to the sandbox: {route}"))
+        .to_string();
+    let proxy_url = format!("http://{listen}/sandboxes/{id}/ports/8081/");
+    let via_proxy = || ns_curl(&ns, &proxy_url, &[format!("X-Hearth-Token: {token}")]);
+    assert_eq!(via_proxy(), "hello-from-sandbox\n\n200");
+    let node = format!("{src}/32");
+    let out = d.hearth(&["policy", "set", &id, "--ingress-deny", &node]);
+    assert!(out.status.success(), "{}", show(&out));
+    let r = via_proxy();
+    assert!(
+        !r.ends_with("\n200"),
+        "the proxy got in despite {node}: {r}"
+    );
+    let st = stats(&d, &id);
+    assert!(counter(&st, &format!("ingress deny {node}")) >= 1, "{st}");
 }
 
 /// Counters a test namespace keeps of what arrives there (nft, prerouting).
