@@ -8,10 +8,24 @@
 //
 // Stateful: a flow-opening packet (TCP SYN, ICMP echo, UDP, other protocols) is
 // checked against the rules of its direction; when allowed, its flow (remote
-// address and port, guest port, protocol) goes into the FLOWS LRU map with the
-// direction that opened it. A non-initial packet (TCP without a bare SYN, ICMP
-// echo reply or error) passes only if its flow is in the map; a UDP datagram
-// passes as a reply when the other direction opened its flow.
+// address and port, guest port, protocol) goes into EFLOWS (opened by the
+// guest) or IFLOWS (opened from outside). Two LRU maps, so a flood of inbound
+// flows cannot evict the guest's own. A non-initial packet (TCP without a bare
+// SYN, ICMP echo reply or error) passes only if its flow is in a map; a UDP
+// datagram passes as a reply when the other direction opened its exact flow.
+// A flow opened from outside lets the guest answer on that exact 5-tuple only:
+// for TCP its SYN-ACK, then data once the remote completed the handshake.
+// Each flow records the policy epoch that allowed it and when it was last
+// seen: a flow of an older epoch is judged again by the current rules on its
+// next packet (and deleted if now denied), an idle one expires (UDP/ICMP after
+// 60 s, TCP after 2 h), and a TCP RST ends it.
+//
+// ICMP errors (types 3, 11, 12) pass only for a flow they quote, and only when
+// they travel the way the quoted packet came back: the quoted packet must have
+// been received by the sender of the error, and the error must go to the
+// quoted packet's source. They are capped at 576 bytes (RFC 1812).
+//
+// A later IP fragment passes only if its datagram's first fragment did (FRAGS).
 //
 // Rules: an LPM trie keyed by (slot, direction, CIDR) to an ordered list of
 // (protocol, port range, action) entries, compiled on the host so the longest
@@ -19,9 +33,11 @@
 // update writes the inactive slot, then flips CONFIG.active (one byte), so a
 // packet sees either the whole old or the whole new policy.
 //
-// Host addresses (HOSTS, written by the agent from the node's live addresses)
-// are denied as egress destinations unless an entry of their own /32 allows
-// them; as ingress sources (the ingress proxy) they are allowed.
+// Host addresses (HOSTS, written by the agent from the node's live addresses
+// and their directed-broadcast addresses) are denied as egress destinations
+// unless an entry of their own /32 allows them. As ingress sources (the
+// ingress proxy) they are allowed unless an explicit ingress rule matching
+// them denies them; the ingress default does not apply to them.
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/ip.h>
@@ -37,6 +53,11 @@
 #define MAX_COUNTERS 512
 #define MAX_HOSTS 256
 #define MAX_FLOWS 8192
+#define MAX_FRAGS 1024
+#define MAX_ICMP_ERROR 576
+#define NS 1000000000ULL
+#define IDLE_DATAGRAM (60 * NS)
+#define IDLE_TCP (2 * 3600 * NS)
 
 // Counter slots below FIRST_RULE_COUNTER; keep in sync with src/policy/mod.rs.
 #define C_SPOOF 0
@@ -52,6 +73,9 @@
 #define C_IN_REPLY 10
 #define C_IN_NO_FLOW 11
 #define C_IN_FROM_HOST 12
+#define C_REJUDGED_DENY 13
+#define C_EXPIRED 14
+#define C_ICMP_ERR_BAD 15
 
 #define DIR_EGRESS 0
 #define DIR_INGRESS 1
@@ -79,10 +103,11 @@ struct icmphdr {
 struct sandbox_cfg {
 	__u32 ip;	  // network byte order
 	__u8 mac[6];
-	__u8 active;	  // rule slot in use: 0 or 1
+	__u8 active;	  // rule slot in use: 0 or 1 (== epoch & 1)
 	__u8 _pad;
 	__u8 egress_default_allow[2];	// per slot
 	__u8 ingress_default_allow[2];
+	__u32 epoch;	  // bumped by every update; its low bit is the active slot
 };
 
 struct rule {
@@ -118,8 +143,16 @@ struct flow_key {
 	__u8 _pad[3];
 };
 
+// TCP state of a flow opened from outside (IFLOWS).
+#define T_SYN 0	      // the remote's SYN passed
+#define T_SYNACK 1    // the guest answered with SYN-ACK
+#define T_EST 2	      // the remote acknowledged: the guest may send data
+
 struct flow {
-	__u32 origin;	  // DIR_* that opened it
+	__u64 last_seen;  // bpf_ktime_get_ns
+	__u32 epoch;	  // policy epoch that allowed it
+	__u8 tcp;	  // T_* (IFLOWS only)
+	__u8 _pad[3];
 };
 
 struct {
@@ -151,12 +184,36 @@ struct {
 	__type(value, __u8);
 } HOSTS SEC(".maps");
 
+// Flows the guest opened.
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, MAX_FLOWS);
 	__type(key, struct flow_key);
 	__type(value, struct flow);
-} FLOWS SEC(".maps");
+} EFLOWS SEC(".maps");
+
+// Flows opened from outside (kept apart so they cannot evict EFLOWS).
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, MAX_FLOWS);
+	__type(key, struct flow_key);
+	__type(value, struct flow);
+} IFLOWS SEC(".maps");
+
+// IPv4 datagrams whose first fragment passed: their later fragments may too.
+struct frag_key {
+	__u32 remote;	  // network byte order
+	__u16 id;
+	__u8 proto;
+	__u8 dir;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, MAX_FRAGS);
+	__type(key, struct frag_key);
+	__type(value, __u8);
+} FRAGS SEC(".maps");
 
 // What a parsed packet is, for the flow logic.
 #define K_NEW 0	     // opens a flow: check the rules
@@ -167,7 +224,14 @@ struct pkt {
 	struct flow_key key;
 	__u16 port;	  // destination port for rule matching, host byte order
 	__u8 kind;
+	__u8 icmp_err;	  // an ICMP error (its key is the quoted flow's)
+	__u8 tcp_flags;	  // TCP: byte 13 of the header
 };
+
+#define TCP_FIN 0x01
+#define TCP_SYN 0x02
+#define TCP_RST 0x04
+#define TCP_ACK 0x10
 
 static __always_inline void count(__u32 slot, __u32 len)
 {
@@ -182,6 +246,37 @@ static __always_inline int mac_eq(const __u8 *a, const __u8 *b)
 {
 	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3] && a[4] == b[4] &&
 	       a[5] == b[5];
+}
+
+// A later fragment (no ports): passes only if its first fragment did.
+static __always_inline int later_fragment(struct iphdr *ip, __u32 dir, __u32 len)
+{
+	struct frag_key k = {
+		.remote = dir == DIR_EGRESS ? ip->daddr : ip->saddr,
+		.id = ip->id,
+		.proto = ip->protocol,
+		.dir = dir,
+	};
+	if (bpf_map_lookup_elem(&FRAGS, &k))
+		return TC_ACT_OK;
+	count(dir == DIR_EGRESS ? C_OUT_NO_FLOW : C_IN_NO_FLOW, len);
+	return TC_ACT_SHOT;
+}
+
+// Remembers a first fragment that passed.
+static __always_inline int first_fragment(struct iphdr *ip, __u32 dir, int verdict)
+{
+	if (verdict == TC_ACT_OK && (ip->frag_off & bpf_htons(0x2000))) {
+		struct frag_key k = {
+			.remote = dir == DIR_EGRESS ? ip->daddr : ip->saddr,
+			.id = ip->id,
+			.proto = ip->protocol,
+			.dir = dir,
+		};
+		__u8 one = 1;
+		bpf_map_update_elem(&FRAGS, &k, &one, BPF_ANY);
+	}
+	return verdict;
 }
 
 // Rule lookup: 1 allow, 0 deny, -1 no entry matched. `own_only` skips
@@ -214,10 +309,13 @@ static __noinline int match_rules(__u32 tag, __u32 addr, __u32 proto_port, __u32
 	return -1;
 }
 
-// Fills the flow key's ports from an ICMP error's quoted header. `quoted_from_guest`:
-// the quoted packet was sent by the guest (error arriving for the guest).
-static __always_inline int quoted_flow(struct pkt *p, struct icmphdr *icmp, void *end,
-				       int quoted_from_guest)
+// Fills the flow key from an ICMP error's quoted header. `to_guest`: the
+// error travels to the guest, so it quotes a packet the guest sent (quoted
+// source == guest, and the error comes from the quoted destination); else the
+// guest sends it about a packet it received (quoted destination == guest, and
+// the error goes to the quoted source). Anything else matches no flow.
+static __always_inline int quoted_flow(struct pkt *p, struct iphdr *ip, struct icmphdr *icmp,
+				       void *end, int to_guest, __u32 guest)
 {
 	struct iphdr *in = (void *)(icmp + 1);
 	if ((void *)(in + 1) > end || in->ihl != 5)
@@ -225,16 +323,23 @@ static __always_inline int quoted_flow(struct pkt *p, struct icmphdr *icmp, void
 	__u16 *ports = (void *)(in + 1);
 	if ((void *)(ports + 2) > end)
 		return -1;
+	if (to_guest) {
+		if (in->saddr != guest || in->daddr != ip->saddr)
+			return -1;
+	} else {
+		if (in->daddr != guest || in->saddr != ip->daddr)
+			return -1;
+	}
 	p->key.proto = in->protocol;
 	if (in->protocol == IPPROTO_ICMP) {
 		struct icmphdr *qi = (void *)(in + 1);
 		if ((void *)(qi + 1) > end)
 			return -1;
-		p->key.remote = quoted_from_guest ? in->daddr : in->saddr;
+		p->key.remote = to_guest ? in->daddr : in->saddr;
 		p->key.guest_port = qi->id;
 		return 0;
 	}
-	if (quoted_from_guest) {
+	if (to_guest) {
 		p->key.remote = in->daddr;
 		p->key.guest_port = ports[0];
 		p->key.remote_port = ports[1];
@@ -248,7 +353,7 @@ static __always_inline int quoted_flow(struct pkt *p, struct icmphdr *icmp, void
 
 // Parses the L4 header at `l4`. `to_guest`: the packet travels host -> guest.
 static __always_inline int parse_l4(struct pkt *p, struct iphdr *ip, void *l4, void *end,
-				    int to_guest)
+				    int to_guest, __u32 guest)
 {
 	p->key.remote = to_guest ? ip->saddr : ip->daddr;
 	p->key.proto = ip->protocol;
@@ -261,6 +366,7 @@ static __always_inline int parse_l4(struct pkt *p, struct iphdr *ip, void *l4, v
 		p->key.remote_port = to_guest ? tcp->source : tcp->dest;
 		p->key.guest_port = to_guest ? tcp->dest : tcp->source;
 		p->port = bpf_ntohs(tcp->dest);
+		p->tcp_flags = ((__u8 *)tcp)[13];
 		if (!tcp->syn || tcp->ack)
 			p->kind = K_REPLY;
 		return 0;
@@ -291,7 +397,9 @@ static __always_inline int parse_l4(struct pkt *p, struct iphdr *ip, void *l4, v
 		case ICMP_TIME_EXCEEDED:
 		case ICMP_PARAMETERPROB:
 			p->kind = K_REPLY;
-			if (quoted_flow(p, icmp, end, to_guest))
+			p->icmp_err = 1;
+			if (bpf_ntohs(ip->tot_len) > MAX_ICMP_ERROR ||
+			    quoted_flow(p, ip, icmp, end, to_guest, guest))
 				p->key.proto = 255; // matches no flow
 			return 0;
 		default:
@@ -303,58 +411,147 @@ static __always_inline int parse_l4(struct pkt *p, struct iphdr *ip, void *l4, v
 	}
 }
 
-// The flow decision shared by both hooks, after parsing.
-static __always_inline int decide(struct sandbox_cfg *cfg, struct pkt *p, __u32 dir, __u32 len)
+// Judges a flow by the rules of `dir` in policy `epoch`: 1 allow, 0 deny.
+// `port` is the rule port (the destination for egress, the guest's for ingress).
+static __always_inline int judge(struct sandbox_cfg *cfg, __u32 epoch, __u32 remote, __u32 proto_port,
+			    __u32 dir, __u32 len)
 {
-	struct flow *f = bpf_map_lookup_elem(&FLOWS, &p->key);
-	__u32 c_reply = dir == DIR_EGRESS ? C_OUT_REPLY : C_IN_REPLY;
-	if (p->kind == K_REPLY) {
-		if (f) {
-			count(c_reply, len);
-			return TC_ACT_OK;
-		}
-		count(dir == DIR_EGRESS ? C_OUT_NO_FLOW : C_IN_NO_FLOW, len);
-		return TC_ACT_SHOT;
-	}
-	if (p->kind == K_DATAGRAM && f && f->origin != dir) {
-		count(c_reply, len);
-		return TC_ACT_OK;
-	}
-
-	// A new flow: the active slot decides (read once, so the whole decision
-	// uses one policy).
-	__u8 slot = *(volatile __u8 *)&cfg->active & 1;
+	__u32 slot = epoch & 1;
 	__u32 tag = bpf_htonl(slot * 2 + dir);
-	__u32 proto_port = ((__u32)p->key.proto << 16) | p->port;
 	int allow;
-	if (bpf_map_lookup_elem(&HOSTS, &p->key.remote)) {
+	if (bpf_map_lookup_elem(&HOSTS, &remote)) {
 		if (dir == DIR_INGRESS) {
-			count(C_IN_FROM_HOST, len);
-			allow = 1;
+			// The node (ingress proxy): any explicit rule decides, else allowed.
+			allow = match_rules(tag, remote, proto_port, 0, len);
+			if (allow < 0) {
+				count(C_IN_FROM_HOST, len);
+				allow = 1;
+			}
 		} else {
-			allow = match_rules(tag, p->key.remote, proto_port, 1, len);
+			allow = match_rules(tag, remote, proto_port, 1, len);
 			if (allow < 0) {
 				count(C_OUT_HOST_DENY, len);
 				allow = 0;
 			}
 		}
+		return allow;
+	}
+	allow = match_rules(tag, remote, proto_port, 0, len);
+	if (allow >= 0)
+		return allow;
+	if (dir == DIR_EGRESS) {
+		allow = slot ? cfg->egress_default_allow[1] : cfg->egress_default_allow[0];
+		count(allow ? C_OUT_DEFAULT_ALLOW : C_OUT_DEFAULT_DENY, len);
 	} else {
-		allow = match_rules(tag, p->key.remote, proto_port, 0, len);
-		if (allow < 0) {
-			if (dir == DIR_EGRESS) {
-				allow = cfg->egress_default_allow[slot];
-				count(allow ? C_OUT_DEFAULT_ALLOW : C_OUT_DEFAULT_DENY, len);
-			} else {
-				allow = cfg->ingress_default_allow[slot];
-				count(allow ? C_IN_DEFAULT_ALLOW : C_IN_DEFAULT_DENY, len);
+		allow = slot ? cfg->ingress_default_allow[1] : cfg->ingress_default_allow[0];
+		count(allow ? C_IN_DEFAULT_ALLOW : C_IN_DEFAULT_DENY, len);
+	}
+	return allow;
+}
+
+// Checks a flow found in `map` (opened by `origin`) before a packet may use
+// it: expired -> deleted; older epoch -> judged again (deleted if denied now).
+// Returns the flow, or NULL if it is gone.
+static __always_inline struct flow *live_flow(struct sandbox_cfg *cfg, void *map, struct flow_key *key,
+					 __u32 origin, __u32 epoch, __u64 now, __u32 len)
+{
+	struct flow *f = bpf_map_lookup_elem(map, key);
+	if (!f)
+		return 0;
+	__u64 idle = key->proto == IPPROTO_TCP ? IDLE_TCP : IDLE_DATAGRAM;
+	if (now - f->last_seen > idle) {
+		count(C_EXPIRED, len);
+		bpf_map_delete_elem(map, key);
+		return 0;
+	}
+	if (f->epoch != epoch) {
+		__u16 port = origin == DIR_EGRESS ? key->remote_port : key->guest_port;
+		if (key->proto == IPPROTO_ICMP)
+			port = 0;
+		__u32 pp = ((__u32)key->proto << 16) | bpf_ntohs(port);
+		if (!judge(cfg, epoch, key->remote, pp, origin, len)) {
+			count(C_REJUDGED_DENY, len);
+			bpf_map_delete_elem(map, key);
+			return 0;
+		}
+		f->epoch = epoch;
+	}
+	// why: one write a second per flow, not one per packet.
+	if (now - f->last_seen > NS)
+		f->last_seen = now;
+	return f;
+}
+
+// The flow decision shared by both hooks, after parsing.
+static __always_inline int decide(struct sandbox_cfg *cfg, struct pkt *p, __u32 dir, __u32 len)
+{
+	// Read once, so the whole decision uses one policy.
+	__u32 epoch = *(volatile __u32 *)&cfg->epoch;
+	__u64 now = bpf_ktime_get_ns();
+	__u32 c_reply = dir == DIR_EGRESS ? C_OUT_REPLY : C_IN_REPLY;
+	void *own = dir == DIR_EGRESS ? (void *)&EFLOWS : (void *)&IFLOWS;
+	void *other = dir == DIR_EGRESS ? (void *)&IFLOWS : (void *)&EFLOWS;
+	__u32 other_dir = dir ^ 1;
+	__u8 rst = p->key.proto == IPPROTO_TCP && (p->tcp_flags & TCP_RST);
+
+	if (p->kind != K_NEW) {
+		// A flow the other side opened: this packet answers it.
+		struct flow *f = live_flow(cfg, other, &p->key, other_dir, epoch, now, len);
+		if (f) {
+			if (p->key.proto == IPPROTO_TCP && !p->icmp_err && dir == DIR_EGRESS) {
+				// Opened from outside: the guest answers the SYN, then
+				// sends data once the remote completed the handshake.
+				__u8 fl = p->tcp_flags;
+				if ((fl & (TCP_SYN | TCP_ACK)) == (TCP_SYN | TCP_ACK)) {
+					if (f->tcp == T_SYN)
+						f->tcp = T_SYNACK;
+				} else if (!rst && f->tcp != T_EST) {
+					count(C_OUT_NO_FLOW, len);
+					return TC_ACT_SHOT;
+				}
 			}
+			count(c_reply, len);
+			if (rst)
+				bpf_map_delete_elem(other, &p->key);
+			return TC_ACT_OK;
+		}
+		if (p->kind == K_REPLY) {
+			// A later packet of a flow this side opened.
+			f = live_flow(cfg, own, &p->key, dir, epoch, now, len);
+			if (f) {
+				if (p->key.proto == IPPROTO_TCP && !p->icmp_err && dir == DIR_INGRESS &&
+				    f->tcp == T_SYNACK && (p->tcp_flags & TCP_ACK) &&
+				    !(p->tcp_flags & (TCP_SYN | TCP_RST)))
+					f->tcp = T_EST;
+				count(c_reply, len);
+				if (rst)
+					bpf_map_delete_elem(own, &p->key);
+				return TC_ACT_OK;
+			}
+			count(dir == DIR_EGRESS ? C_OUT_NO_FLOW : C_IN_NO_FLOW, len);
+			return TC_ACT_SHOT;
+		}
+		// A datagram no flow of the other side explains: a new one of this side.
+		f = live_flow(cfg, own, &p->key, dir, epoch, now, len);
+		if (f) {
+			count(c_reply, len);
+			return TC_ACT_OK;
 		}
 	}
-	if (!allow)
+
+	__u32 proto_port = ((__u32)p->key.proto << 16) | p->port;
+	if (!judge(cfg, epoch, p->key.remote, proto_port, dir, len))
 		return TC_ACT_SHOT;
-	struct flow nf = { .origin = dir };
-	if (!f || f->origin != dir)
-		bpf_map_update_elem(&FLOWS, &p->key, &nf, BPF_ANY);
+	// why: a repeated SYN (retransmitted, or spoofed by an allowed sender)
+	// must not reset the state of a flow opened from outside.
+	struct flow *old = bpf_map_lookup_elem(own, &p->key);
+	if (old) {
+		old->epoch = epoch;
+		old->last_seen = now;
+		return TC_ACT_OK;
+	}
+	struct flow nf = { .last_seen = now, .epoch = epoch, .tcp = T_SYN };
+	bpf_map_update_elem(own, &p->key, &nf, BPF_ANY);
 	return TC_ACT_OK;
 }
 
@@ -404,14 +601,14 @@ int guest_out(struct __sk_buff *skb)
 	__u32 ihl = ip->ihl * 4;
 	if (ihl < sizeof(*ip))
 		return TC_ACT_SHOT;
-	// why: later fragments carry no ports; their first fragment was checked.
+	// why: later fragments carry no ports; they follow their first fragment.
 	if (ip->frag_off & bpf_htons(0x1fff))
-		return TC_ACT_OK;
+		return later_fragment(ip, DIR_EGRESS, skb->len);
 
 	struct pkt p = {};
-	if (parse_l4(&p, ip, (void *)ip + ihl, end, 0))
+	if (parse_l4(&p, ip, (void *)ip + ihl, end, 0, cfg->ip))
 		return TC_ACT_SHOT;
-	return decide(cfg, &p, DIR_EGRESS, skb->len);
+	return first_fragment(ip, DIR_EGRESS, decide(cfg, &p, DIR_EGRESS, skb->len));
 }
 
 SEC("classifier")
@@ -441,12 +638,12 @@ int guest_in(struct __sk_buff *skb)
 	if (ihl < sizeof(*ip))
 		return TC_ACT_SHOT;
 	if (ip->frag_off & bpf_htons(0x1fff))
-		return TC_ACT_OK;
+		return later_fragment(ip, DIR_INGRESS, skb->len);
 
 	struct pkt p = {};
-	if (parse_l4(&p, ip, (void *)ip + ihl, end, 1))
+	if (parse_l4(&p, ip, (void *)ip + ihl, end, 1, cfg->ip))
 		return TC_ACT_SHOT;
-	return decide(cfg, &p, DIR_INGRESS, skb->len);
+	return first_fragment(ip, DIR_INGRESS, decide(cfg, &p, DIR_INGRESS, skb->len));
 }
 
 char LICENSE[] SEC("license") = "GPL";

@@ -172,7 +172,8 @@ pub fn delete(tap: &str) -> io::Result<()> {
     set_persist(tap, false)
 }
 
-/// The host's own IPv4 addresses (all interfaces).
+/// The host's own IPv4 addresses (all interfaces) and the directed-broadcast
+/// address of each interface that has one.
 pub fn host_addresses() -> Vec<Ipv4Addr> {
     let mut out = Vec::new();
     let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
@@ -191,6 +192,13 @@ pub fn host_addresses() -> Vec<Ipv4Addr> {
                 // SAFETY: an AF_INET address is a sockaddr_in.
                 let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
                 out.push(Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes()));
+                let bcast = (ifa.ifa_flags & libc::IFF_BROADCAST as libc::c_uint) != 0;
+                if bcast && !ifa.ifa_ifu.is_null() {
+                    // SAFETY: with IFF_BROADCAST, ifa_ifu is the interface's
+                    // broadcast address, of the same family (AF_INET).
+                    let b = unsafe { &*(ifa.ifa_ifu as *const libc::sockaddr_in) };
+                    out.push(Ipv4Addr::from(b.sin_addr.s_addr.to_ne_bytes()));
+                }
             }
         }
         cur = ifa.ifa_next;

@@ -1,11 +1,16 @@
 // hcraft: sends hand-made IPv4 packets from inside a sandbox (network e2e tests).
 //
 //   hcraft SRC DST TCPPORT UDPPORT COUNT
+//   hcraft SRC DST TCPPORT UDPPORT COUNT OTHER
 //
 // Sends COUNT of each: a TCP ACK+PSH segment with data to DST:TCPPORT (no SYN:
 // no connection was ever opened), an ICMP echo reply and an ICMP port
 // unreachable (quoting a made-up UDP datagram) to DST, and one UDP datagram to
 // DST:UDPPORT (a flow-opening packet, the control). Built static by the test.
+//
+// With OTHER: sends COUNT ICMP port unreachables to OTHER quoting the datagram
+// DST:UDPPORT -> SRC:42000 (the reply direction of the control's flow), then
+// one to DST with the same quote (the control: a real error about that flow).
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <stdint.h>
@@ -71,8 +76,8 @@ static void send_pkt(int fd, const uint8_t *b, size_t len, uint32_t dst)
 
 int main(int argc, char **argv)
 {
-	if (argc != 6) {
-		fprintf(stderr, "usage: hcraft SRC DST TCPPORT UDPPORT COUNT\n");
+	if (argc != 6 && argc != 7) {
+		fprintf(stderr, "usage: hcraft SRC DST TCPPORT UDPPORT COUNT [OTHER]\n");
 		return 2;
 	}
 	uint32_t src = inet_addr(argv[1]), dst = inet_addr(argv[2]);
@@ -85,6 +90,28 @@ int main(int argc, char **argv)
 	}
 	uint8_t b[256];
 	const char data[] = "hearth-crafted";
+	if (argc == 7) {
+		uint32_t other = inet_addr(argv[6]);
+		uint8_t *m = b + 20;
+		for (int i = 0; i <= count; i++) {
+			uint32_t to = i < count ? other : dst;
+			memset(m, 0, 8 + 28);
+			m[0] = 3;
+			m[1] = 3;
+			ip_header(m + 8, dst, src, IPPROTO_UDP, 8);
+			uint8_t *q = m + 28;
+			q[0] = uport >> 8;
+			q[1] = uport & 0xff;
+			q[2] = 42000 >> 8;
+			q[3] = 42000 & 0xff;
+			q[5] = 8;
+			uint16_t c = csum(m, 8 + 28, 0);
+			memcpy(m + 2, &c, 2);
+			send_pkt(fd, b, ip_header(b, src, to, IPPROTO_ICMP, 8 + 28), to);
+		}
+		printf("sent %d\n", count);
+		return 0;
+	}
 	for (int i = 0; i < count; i++) {
 		// TCP ACK|PSH with data, never preceded by a SYN.
 		uint8_t *t = b + 20;

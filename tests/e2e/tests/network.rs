@@ -81,6 +81,13 @@ impl ServerNs {
     }
 }
 
+impl ServerNs {
+    /// The namespace's end of the veth.
+    fn ns_if(&self) -> String {
+        format!("{}n", self.host_if.trim_end_matches('h'))
+    }
+}
+
 impl Drop for ServerNs {
     fn drop(&mut self) {
         for c in &mut self.servers {
@@ -655,6 +662,29 @@ fn ingress_rules_filter_new_inbound_flows_and_keep_replies_and_the_proxy() {
     let st = stats(&d, &id);
     assert!(counter(&st, &format!("ingress deny {deny}")) >= 1, "{st}");
     assert_eq!(d.inspect(&id)["status"], "running");
+
+    // An explicit deny of the node's own address wins over the implicit
+    // allow of the node (the ingress proxy connects from that address).
+    let route = sh(&format!("ip route get {ip}"));
+    let src = route
+        .split(" src ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no source address to the sandbox: {route}"))
+        .to_string();
+    let proxy_url = format!("http://{listen}/sandboxes/{id}/ports/8081/");
+    let via_proxy = || ns_curl(&ns, &proxy_url, &[format!("X-Hearth-Token: {token}")]);
+    assert_eq!(via_proxy(), "hello-from-sandbox\n\n200");
+    let node = format!("{src}/32");
+    let out = d.hearth(&["policy", "set", &id, "--ingress-deny", &node]);
+    assert!(out.status.success(), "{}", show(&out));
+    let r = via_proxy();
+    assert!(
+        !r.ends_with("\n200"),
+        "the proxy got in despite {node}: {r}"
+    );
+    let st = stats(&d, &id);
+    assert!(counter(&st, &format!("ingress deny {node}")) >= 1, "{st}");
 }
 
 /// Counters a test namespace keeps of what arrives there (nft, prerouting).
@@ -758,6 +788,52 @@ fn crafted_non_initial_packets_to_a_denied_destination_are_dropped() {
     );
     let after = counter(&stats(&d, &id), "egress non-initial packets without a flow");
     assert!(after >= before + 15, "drops counted: {before} -> {after}");
+
+    // An ICMP error quoting the guest's allowed flow (the control's) goes
+    // only to the quoted source, never to another (denied) destination.
+    let other = format!("192.168.{s}.3");
+    let r = sh(&format!(
+        "ip -n {} addr add {other}/24 dev {}",
+        ns.name,
+        ns.ns_if()
+    ));
+    assert!(r.trim().is_empty(), "{r}");
+    let rules = format!(
+        "table ip hc1 {{\n counter to_other {{}}\n counter to_source {{}}\n \
+         chain pre {{ type filter hook prerouting priority -300; policy accept;\n  \
+         ip daddr {other} icmp type destination-unreachable counter name to_other\n  \
+         ip daddr {} icmp type destination-unreachable counter name to_source\n }}\n}}\n",
+        ns.server_ip
+    );
+    let r = sh(&format!(
+        "printf '%s' '{rules}' | ip netns exec {} nft -f -",
+        ns.name
+    ));
+    assert!(r.trim().is_empty(), "{r}");
+    let got = exec(
+        &d,
+        &id,
+        &format!("hcraft {ip} {} 9999 5353 5 {other}", ns.server_ip),
+    );
+    assert_eq!(got, "sent 5\n");
+    let c = |name: &str| {
+        let out = sh(&format!(
+            "ip netns exec {} nft list counter ip hc1 {name}",
+            ns.name
+        ));
+        out.split("packets ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("counter {name}: {out}"))
+    };
+    // The error to the quoted source arrives, so the others would have too.
+    wait_until(
+        "the real ICMP error arrives",
+        Duration::from_secs(10),
+        || c("to_source") >= 1,
+    );
+    assert_eq!(c("to_other"), 0, "an ICMP error reached a denied address");
 }
 
 #[test]
@@ -920,4 +996,69 @@ fn policy_set_racing_rm_answers_cleanly_and_leaks_nothing() {
         let state = host_state();
         assert!(!state.contains(&tap), "round {round}: leftovers: {state}");
     }
+}
+
+#[test]
+fn an_established_connection_stops_when_a_policy_change_denies_it() {
+    let s = subnet(7);
+    let ns = ServerNs::start(s, &[]);
+    let out_file = tempfile::NamedTempFile::new().expect("tmp");
+    let mut listener = Command::new("ip")
+        .args([
+            "netns", "exec", &ns.name, "busybox", "nc", "-l", "-p", "9100",
+        ])
+        // why: busybox nc quits at EOF on its stdin; a pipe we never write stays open.
+        .stdin(Stdio::piped())
+        .stdout(out_file.reopen().expect("reopen"))
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("busybox nc");
+    let name = ns.name.clone();
+    wait_until("test listener", Duration::from_secs(10), || {
+        sh(&format!("ip netns exec {name} ss -ltn")).contains(":9100 ")
+    });
+    let d = Daemon::start();
+    // One long-lived TCP connection, a line every 0.2 s.
+    let writer = format!(
+        "while true; do echo tick; sleep 0.2; done | nc {} 9100",
+        ns.server_ip
+    );
+    let out = d.hearth(&["run", "--detach", "busybox", "--", "sh", "-c", &writer]);
+    assert!(out.status.success(), "{}", show(&out));
+    let id = stdout(&out).trim().to_string();
+    let size = || {
+        std::fs::metadata(out_file.path())
+            .map(|m| m.len())
+            .unwrap_or(0)
+    };
+    wait_until(
+        "the connection carries data",
+        Duration::from_secs(120),
+        || size() > 20,
+    );
+    let out = d.hearth(&[
+        "policy",
+        "set",
+        &id,
+        "--egress-deny",
+        &format!("{}/32", ns.server_ip),
+    ]);
+    assert!(out.status.success(), "{}", show(&out));
+    wait_until(
+        "the established flow is judged again and denied",
+        Duration::from_secs(10),
+        || {
+            counter(
+                &stats(&d, &id),
+                "established flows denied after a policy change",
+            ) >= 1
+        },
+    );
+    let frozen = size();
+    // why: proving that nothing more arrives takes time; the writer sends
+    // five lines a second, so 2 s would have carried ten.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(size(), frozen, "data still flows after the deny");
+    let _ = listener.kill();
+    let _ = listener.wait();
 }

@@ -285,7 +285,7 @@ impl Compiled {
 }
 
 /// Fixed counter slots (bpf/policy.c).
-pub const FIXED_COUNTERS: [(u16, &str); 13] = [
+pub const FIXED_COUNTERS: [(u16, &str); 15] = [
     (0, "spoofed source dropped"),
     (1, "egress default allow"),
     (2, "egress default deny"),
@@ -299,6 +299,8 @@ pub const FIXED_COUNTERS: [(u16, &str); 13] = [
     (10, "ingress replies/established passed"),
     (11, "ingress non-initial packets without a flow dropped"),
     (12, "ingress from the host (ingress proxy) allowed"),
+    (13, "established flows denied after a policy change"),
+    (14, "idle flows expired"),
 ];
 
 fn ranges_overlap(a: Option<(u16, u16)>, b: Option<(u16, u16)>) -> bool {
@@ -364,9 +366,10 @@ fn entries_for(r: &Rule, counter: u16) -> Vec<Entry> {
         .collect()
 }
 
-/// The implicit egress deny rules: link-local (metadata), loopback and the
-/// sandbox address pools (sandboxes do not reach each other unless a rule
-/// allows it). The node's own addresses are handled by the program (HOSTS map).
+/// The implicit egress deny rules: link-local (metadata), loopback, 0.0.0.0/8,
+/// multicast, the limited broadcast and the sandbox address pools (sandboxes
+/// do not reach each other unless a rule allows it). The node's own addresses
+/// and their directed-broadcast addresses are handled by the program (HOSTS map).
 pub fn implicit_denies(pools: &[Cidr]) -> Vec<(Cidr, &'static str)> {
     let mut v = vec![
         (
@@ -374,6 +377,9 @@ pub fn implicit_denies(pools: &[Cidr]) -> Vec<(Cidr, &'static str)> {
             "link-local and metadata",
         ),
         (Cidr::new(Ipv4Addr::new(127, 0, 0, 0), 8), "loopback"),
+        (Cidr::new(Ipv4Addr::new(0, 0, 0, 0), 8), "this network"),
+        (Cidr::new(Ipv4Addr::new(224, 0, 0, 0), 4), "multicast"),
+        (Cidr::new(Ipv4Addr::BROADCAST, 32), "broadcast"),
     ];
     for c in pools {
         if !v.iter().any(|(x, _)| x == c) {
@@ -402,6 +408,14 @@ fn flatten(own: BTreeMap<Cidr, Vec<Entry>>) -> Result<BTreeMap<Cidr, Vec<Entry>>
                 inherited: true,
                 ..*e
             }));
+        }
+        // Entries after one that matches everything are never reached (an
+        // implicit deny-all CIDR under many 0.0.0.0/0:PORT rules stays small).
+        if let Some(i) = list
+            .iter()
+            .position(|e| e.proto == 0 && e.port_lo == 0 && e.port_hi == u16::MAX)
+        {
+            list.truncate(i + 1);
         }
         if list.len() > RULES_PER_PREFIX {
             return Err(PolicyError::TooManyForPrefix {
@@ -490,18 +504,18 @@ pub fn decide(
     hosts: &[Ipv4Addr],
 ) -> (u16, bool) {
     let is_host = hosts.contains(&remote);
-    if is_host && dir == Direction::Ingress {
-        return (12, true);
-    }
+    // The node as an ingress source: every explicit rule counts (inherited
+    // ones too), but not the default.
+    let own_only = is_host && dir == Direction::Egress;
     let best = c
         .prefixes(dir)
         .iter()
         .filter(|(k, _)| k.contains(remote))
         .max_by_key(|(k, _)| k.prefix_len());
     if let Some((k, list)) = best {
-        if !is_host || k.prefix_len() == 32 {
+        if !own_only || k.prefix_len() == 32 {
             for e in list {
-                if is_host && e.inherited {
+                if own_only && e.inherited {
                     continue;
                 }
                 if (e.proto == 0 || e.proto == proto) && port >= e.port_lo && port <= e.port_hi {
@@ -511,7 +525,8 @@ pub fn decide(
         }
     }
     match (dir, is_host) {
-        (_, true) => (7, false),
+        (Direction::Ingress, true) => (12, true),
+        (Direction::Egress, true) => (7, false),
         (Direction::Egress, _) if c.egress_default_allow => (1, true),
         (Direction::Egress, _) => (2, false),
         (Direction::Ingress, _) if c.ingress_default_allow => (8, true),
@@ -664,6 +679,42 @@ mod tests {
         let c = compile(&p, &[]).unwrap();
         assert!(!decide(&c, E, ip("192.0.2.2"), TCP, 80, &host).1);
         assert!(decide(&c, E, ip("192.0.2.3"), TCP, 80, &host).1);
+    }
+
+    #[test]
+    fn broadcast_multicast_and_this_network_are_denied_unless_allowed() {
+        let p = rules(&["0.0.0.0/0"], &[], Action::Allow);
+        let c = compile(&p, &[]).unwrap();
+        for d in ["255.255.255.255", "224.0.0.251", "239.1.2.3", "0.0.0.1"] {
+            assert!(!decide(&c, E, ip(d), UDP, 5353, &[]).1, "{d}");
+        }
+        let p = rules(&["224.0.0.251/32:5353:udp"], &[], Action::Allow);
+        let c = compile(&p, &[]).unwrap();
+        assert!(decide(&c, E, ip("224.0.0.251"), UDP, 5353, &[]).1);
+        assert!(!decide(&c, E, ip("224.0.0.252"), UDP, 5353, &[]).1);
+    }
+
+    #[test]
+    fn many_port_rules_under_a_catch_all_fit_the_implicit_denies() {
+        let allows: Vec<String> = (1..=8).map(|i| format!("0.0.0.0/0:{i}")).collect();
+        let refs: Vec<&str> = allows.iter().map(|s| s.as_str()).collect();
+        let p = rules(&refs, &[], Action::Deny);
+        let c = compile(&p, &[Cidr::new(ip("10.88.0.0"), 24)]).unwrap();
+        assert!(decide(&c, E, ip("8.8.8.8"), TCP, 3, &[]).1);
+        assert!(!decide(&c, E, ip("169.254.169.254"), TCP, 3, &[]).1);
+        assert!(!decide(&c, E, ip("10.88.0.7"), TCP, 3, &[]).1);
+    }
+
+    #[test]
+    fn host_sources_obey_explicit_ingress_rules_but_not_the_default() {
+        let host = [ip("192.0.2.2")];
+        let p = ingress(&[], &["192.0.2.2/32"], Action::Deny);
+        let c = compile(&p, &[]).unwrap();
+        assert!(!decide(&c, I, ip("192.0.2.2"), TCP, 8080, &host).1);
+        let p = ingress(&[], &["192.0.2.0/24:22"], Action::Deny);
+        let c = compile(&p, &[]).unwrap();
+        assert!(!decide(&c, I, ip("192.0.2.2"), TCP, 22, &host).1);
+        assert_eq!(decide(&c, I, ip("192.0.2.2"), TCP, 8080, &host), (12, true));
     }
 
     #[test]
