@@ -465,7 +465,15 @@ impl Agent {
             lock(&self.inner.sandboxes).insert(rec.id.clone(), entry);
         }
         if let Some(net) = &self.inner.net {
-            let keep = lock(&self.inner.sandboxes).keys().cloned().collect();
+            // why: a network is kept only for a VM that can still use it; those of
+            // sandboxes that ended (here: every one, as their VMs were stopped above)
+            // and of records that are gone are orphans: tap, programs, route, NAT
+            // and lease are removed (sync_leases then frees the leases upstream).
+            let keep = lock(&self.inner.sandboxes)
+                .iter()
+                .filter(|(_, e)| !e.snapshot().status.is_terminal())
+                .map(|(id, _)| id.clone())
+                .collect();
             net.remove_orphans(&keep);
         }
     }

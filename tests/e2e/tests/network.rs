@@ -501,7 +501,7 @@ fn ingress_reaches_httpd_in_the_sandbox_from_another_namespace() {
 }
 
 #[test]
-fn agent_restart_keeps_known_networks_and_removes_orphans() {
+fn agent_restart_removes_the_networks_of_sandboxes_that_no_longer_run() {
     let mut d = Daemon::start();
     let (a, ip_a) = start_detached(&d, &["--egress-deny", "10.0.0.0/8"]);
     let (b, ip_b) = start_detached(&d, &[]);
@@ -512,6 +512,7 @@ fn agent_restart_keeps_known_networks_and_removes_orphans() {
             .to_string()
     };
     let (tap_a, tap_b) = (tap(&a), tap(&b));
+    assert_eq!(control_plane_leases(&d).len(), 2);
     d.kill9();
     // While hearthd is down, b's VM ends and its record disappears: its network
     // (tap, pins, NAT entry, lease) is an orphan now.
@@ -524,38 +525,40 @@ fn agent_restart_keeps_known_networks_and_removes_orphans() {
         hearth_e2e::vmm_pids_under(&dir_b).is_empty()
     });
     std::fs::remove_dir_all(&dir_b).unwrap();
-    // The control-plane state is lost too (as with a data dir from before
-    // leases were replicated): the agent claims the addresses it still uses.
-    std::fs::remove_dir_all(d.data_dir().join("control")).unwrap();
     d.spawn();
-    let held = control_plane_leases(&d);
-    assert_eq!(
-        held,
-        vec![(ip_a.clone(), a.clone())],
-        "a's address claimed again, b's orphan not"
-    );
-
+    // a's VM does not survive the restart (it is reported lost), so its network
+    // is an orphan as well: nothing of either is left, and no lease is held.
+    assert_eq!(d.inspect(&a)["status"], "lost", "{}", d.inspect(&a));
     let state = host_state();
-    assert!(!state.contains(&tap_b), "orphan tap or pins left: {state}");
-    assert!(
-        !state.contains(&format!("{ip_b} ")),
-        "orphan route or NAT entry: {state}"
-    );
+    for (t, ip) in [(&tap_a, &ip_a), (&tap_b, &ip_b)] {
+        assert!(
+            !state.contains(t.as_str()),
+            "orphan tap or pins {t} left: {state}"
+        );
+        assert!(
+            !state.contains(&format!("{ip} ")),
+            "orphan route or NAT entry for {ip}: {state}"
+        );
+    }
     let leases = std::fs::read_to_string(d.data_dir().join("net/leases.json")).unwrap();
-    assert!(!leases.contains(&b), "orphan lease left: {leases}");
-
-    // a is still known: its network, policy and counters survived the restart.
-    assert!(state.contains(&tap_a), "{state}");
-    let shown = d.hearth(&["policy", "show", &a]);
     assert!(
-        stdout(&shown).contains("deny    10.0.0.0/8"),
-        "{}",
-        show(&shown)
+        !leases.contains(&a) && !leases.contains(&b),
+        "orphan lease left: {leases}"
     );
-    assert!(d.hearth(&["policy", "stats", &a]).status.success());
+    let held = control_plane_leases(&d);
+    assert!(
+        held.is_empty(),
+        "leases left in the control plane: {held:?}"
+    );
+    let shown = d.hearth(&["policy", "show", &a]);
+    assert!(!shown.status.success(), "{}", show(&shown));
+    // A new sandbox gets an address again, and rm of the lost one is clean.
+    let (c, _) = start_detached(&d, &[]);
     let out = d.hearth(&["rm", "-f", &a]);
     assert!(out.status.success(), "{}", show(&out));
-    assert!(!host_state().contains(&tap_a));
+    let out = d.hearth(&["rm", "-f", &c]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(control_plane_leases(&d).is_empty());
 }
 
 /// `curl` from inside the namespace; prints the body then the status (000 when

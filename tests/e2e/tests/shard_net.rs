@@ -94,7 +94,6 @@ fn wait_node(id: &str, status: &str) -> Duration {
 /// The tests of this file use one shard name and so run one at a time.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-
 /// `curl` from inside namespace `ns` to the shard's cluster ingress; the body
 /// then the status code.
 fn curl_in(ns: &str, host: &str, path: &str, token: Option<&str>) -> String {
