@@ -13,7 +13,6 @@
 mod dev;
 mod nodes;
 mod proxy;
-mod reconcile;
 mod sandboxes;
 mod watchdog;
 
