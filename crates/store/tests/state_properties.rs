@@ -85,10 +85,10 @@ fn command() -> impl Strategy<Value = Command> {
                         status,
                         error: None,
                         owner: Some(if generation == 2 {
-                        format!("c0/sb{sb}@{generation}")
-                    } else {
-                        format!("sb{sb}@{generation}")
-                    }),
+                            format!("c0/sb{sb}@{generation}")
+                        } else {
+                            format!("sb{sb}@{generation}")
+                        }),
                     }]),
                     grace_ms: 100,
                 }
