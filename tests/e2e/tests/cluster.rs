@@ -672,6 +672,19 @@ fn a_lagging_follower_never_fences_a_sandbox_it_has_not_applied_yet() {
     )
     .unwrap();
     assert_eq!(r.status, 201, "{}", r.body);
+    let agent_port = c.agents[n1].port;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !http(agent_port, "GET", "/v1/sandboxes", None, &[])
+        .map(|r| r.body.contains("\"running\""))
+        .unwrap_or(false)
+    {
+        assert!(Instant::now() < deadline, "the new VM never ran");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // why: a heartbeat that reports the running copy must be queued at the
+    // stopped follower: the agent's pending one times out after 5 s and the
+    // next one carries the copy. There is no signal to wait on for that.
+    std::thread::sleep(Duration::from_secs(6));
     // The follower resumes behind the log and answers the queued heartbeats.
     c.members[follower as usize - 1].signal(libc::SIGCONT);
     let s = wait_json(fport, "/v1/sandboxes/fresh", |s| s["status"] == "running");
@@ -691,7 +704,6 @@ fn a_lagging_follower_never_fences_a_sandbox_it_has_not_applied_yet() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let agent_port = c.agents[n1].port;
     let list = http(agent_port, "GET", "/v1/sandboxes", None, &[])
         .unwrap()
         .json();
