@@ -15,6 +15,7 @@
 pub mod leases;
 pub mod log_store;
 pub mod network;
+mod reconcile;
 pub mod state;
 pub mod state_machine;
 
@@ -30,8 +31,8 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::leases::{Cidr, NodeSlice};
 pub use crate::state::{
-    parse_owner, Command, ImageRecord, NodeRecord, Observed, Reply, RestartPolicy, SandboxRecord,
-    State,
+    owner_cluster, parse_owner, Command, CopyReport, Expect, Fence, ImageRecord, NodeRecord,
+    Observed, Reply, RestartPolicy, SandboxRecord, State, Tombstone, TOMBSTONES_MAX,
 };
 use crate::state_machine::SharedState;
 
@@ -257,6 +258,21 @@ impl Store {
     /// Reads this member's applied state without checking it is current.
     pub fn read_local<T>(&self, f: impl FnOnce(&State) -> T) -> T {
         f(&self.state.read().expect("state lock"))
+    }
+
+    /// Waits until `f` holds on this member's applied state (woken by each
+    /// apply, no polling); false if it still does not after `timeout`.
+    pub async fn wait_local(&self, timeout: Duration, f: impl Fn(&State) -> bool) -> bool {
+        let mut rx = self.raft.metrics();
+        let until = async {
+            while !self.read_local(&f) {
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(timeout, until).await;
+        self.read_local(&f)
     }
 
     /// Reads state that reflects every write acknowledged before the call.

@@ -131,10 +131,70 @@ impl SandboxRecord {
     }
 }
 
-/// Splits an owner tag (`ID@GENERATION`) into its record id and generation.
+/// Splits an owner tag (`[CLUSTER/]ID@GENERATION`) into its record id and
+/// generation.
 pub fn parse_owner(tag: &str) -> Option<(&str, u32)> {
+    let tag = tag.rsplit_once('/').map_or(tag, |(_, t)| t);
     let (id, generation) = tag.rsplit_once('@')?;
     Some((id, generation.parse().ok()?))
+}
+
+/// A deleted record's trace: the evidence that lets a copy of it, turning up
+/// later on a node that was cut off, be stopped. Without one, a copy whose
+/// record is unknown is left alone (a wiped or restored control plane, or
+/// another cluster, must never make agents kill what they run).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tombstone {
+    /// The record's generation when it was deleted.
+    pub generation: u32,
+    /// Order of deletion, for the bound ([`TOMBSTONES_MAX`]).
+    pub seq: u64,
+}
+
+/// How many tombstones the state keeps (the oldest go first).
+pub const TOMBSTONES_MAX: usize = 4096;
+
+/// One copy an agent reports in a heartbeat (the state machine's own shape
+/// of the API's `ObservedSandbox`; statuses are the API's snake_case names).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CopyReport {
+    pub agent_id: String,
+    pub status: String,
+    #[serde(default)]
+    pub error: Option<String>,
+    /// The owner tag the copy carries (`ID@GENERATION`), if any.
+    #[serde(default)]
+    pub owner: Option<String>,
+}
+
+impl CopyReport {
+    pub(crate) fn is_terminal(&self) -> bool {
+        !matches!(self.status.as_str(), "creating" | "running")
+    }
+}
+
+/// A copy the node must stop, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fence {
+    pub agent_id: String,
+    pub reason: String,
+}
+
+/// What a `NotRunning` command expects of the record, checked at apply time
+/// (the proposer may have looked at a state that is behind the log).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Expect {
+    /// No start result was ever recorded (a give-up of a stuck start).
+    Unstarted,
+    /// The record still names this agent copy (a copy that vanished).
+    Copy { agent_id: String },
+}
+
+/// The cluster an owner tag names (`CLUSTER/ID@GENERATION`), if it names one
+/// (tags made before the cluster had an id do not).
+pub fn owner_cluster(tag: &str) -> Option<&str> {
+    tag.rsplit_once('/').map(|(c, _)| c)
 }
 
 /// An image known to the cluster and where it is cached.
@@ -161,9 +221,20 @@ pub enum Command {
         node: String,
         instance: String,
         at_ms: u64,
-        /// Observed state of sandboxes on this node, by sandbox id.
+        /// Observed state of sandboxes on this node, by sandbox id (entries
+        /// of older logs; new heartbeats send `report`).
         #[serde(default)]
         observed: BTreeMap<String, Observed>,
+        /// Every copy the node runs, as the agent reported it. The fencing
+        /// plan is computed from it at apply time (so it is consistent with
+        /// this log position, whichever member the agent talked to) and
+        /// returned as [`Reply::Desired`].
+        #[serde(default)]
+        report: Option<Vec<CopyReport>>,
+        /// A record's copy missing from the report for longer than this
+        /// (since its observed state was last written) is not running.
+        #[serde(default)]
+        grace_ms: u64,
     },
     /// The leader's watchdog: the node missed heartbeats.
     MarkNotReady {
@@ -182,9 +253,15 @@ pub enum Command {
     CreateSandbox {
         sandbox: SandboxRecord,
     },
+    /// A start's result. Ignored when the record moved off `node` or was
+    /// started again since `generation` (a late result of an old start).
     SetObserved {
         id: String,
         observed: Observed,
+        #[serde(default)]
+        node: Option<String>,
+        #[serde(default)]
+        generation: Option<u32>,
     },
     DeleteSandbox {
         id: String,
@@ -193,7 +270,8 @@ pub enum Command {
     /// has it, or its start never finished): `restart: always` starts it
     /// again (a new generation, on the same node); the others end as
     /// `status` (`lost` / `failed`) with `why`. Ignored when the record moved
-    /// off `node` or was started again since `generation`.
+    /// off `node`, was started again since `generation`, or no longer is as
+    /// `expect` says.
     NotRunning {
         id: String,
         node: String,
@@ -201,6 +279,8 @@ pub enum Command {
         status: String,
         why: String,
         at_ms: u64,
+        #[serde(default)]
+        expect: Option<Expect>,
     },
     PutImage {
         image: ImageRecord,
@@ -235,6 +315,12 @@ pub enum Command {
         node: String,
         instance: String,
         keep: BTreeSet<String>,
+    },
+    /// Names the cluster (once: later ones are ignored). Its id goes into
+    /// every owner tag, so agents' copies of another cluster (or of a
+    /// control plane rebuilt from scratch) are never fenced by this one.
+    InitCluster {
+        id: String,
     },
 }
 
@@ -283,6 +369,15 @@ pub enum Reply {
     Exhausted {
         message: String,
     },
+    /// A heartbeat's answer: agent ids of the copies the records want on the
+    /// node, copies to stop, ended copies to remove, and the records found
+    /// not running there (lost, or started again).
+    Desired {
+        keep: Vec<String>,
+        stop: Vec<Fence>,
+        remove: Vec<String>,
+        not_running: Vec<String>,
+    },
     /// The chosen node cannot take the sandbox any more (a concurrent
     /// placement got there first, or it went away): schedule again.
     Rejected {
@@ -298,6 +393,9 @@ pub enum Row {
     Sandbox(String),
     Image(String),
     Slice(String),
+    Tombstone(String),
+    /// Cluster-wide values (the cluster id).
+    Meta,
 }
 
 /// All replicated control-plane state.
@@ -309,6 +407,12 @@ pub struct State {
     /// Address slices and leases, by node id.
     #[serde(default)]
     pub slices: BTreeMap<String, NodeSlice>,
+    /// Random id of this cluster, set once by its first leader.
+    #[serde(default)]
+    pub cluster_id: Option<String>,
+    /// Deleted records, by id (bounded to [`TOMBSTONES_MAX`]).
+    #[serde(default)]
+    pub tombstones: BTreeMap<String, Tombstone>,
     /// Derived indexes, rebuilt by [`State::reindex`]; not persisted.
     #[serde(skip)]
     index: Index,
@@ -341,6 +445,15 @@ impl State {
     /// Rows changed since the last call.
     pub fn take_dirty(&mut self) -> BTreeSet<Row> {
         std::mem::take(&mut self.dirty)
+    }
+
+    /// The tag of the copy an agent runs for `rec`: `CLUSTER/ID@GENERATION`
+    /// (`ID@GENERATION` before the cluster has an id).
+    pub fn owner_of(&self, rec: &SandboxRecord) -> String {
+        match &self.cluster_id {
+            Some(c) => format!("{c}/{}", rec.owner()),
+            None => rec.owner(),
+        }
     }
 
     /// A sandbox by id or name.
@@ -392,7 +505,7 @@ impl State {
             .collect()
     }
 
-    fn touch_sandbox(&mut self, id: &str) {
+    pub(crate) fn touch_sandbox(&mut self, id: &str) {
         self.dirty.insert(Row::Sandbox(id.to_string()));
     }
 
@@ -424,6 +537,8 @@ impl State {
                 instance,
                 at_ms,
                 observed,
+                report,
+                grace_ms,
             } => {
                 let Some(n) = self.nodes.get_mut(node) else {
                     return Reply::NotFound {
@@ -450,7 +565,10 @@ impl State {
                     sb.observed = Some(obs.clone());
                     self.touch_sandbox(id);
                 }
-                Reply::Ok
+                match report {
+                    Some(report) => self.reconcile(node, report, *at_ms, *grace_ms),
+                    None => Reply::Ok,
+                }
             }
             Command::MarkNotReady { node, at_ms } => {
                 let Some(n) = self.nodes.get_mut(node) else {
@@ -487,7 +605,22 @@ impl State {
                 self.move_always(node, *at_ms)
             }
             Command::CreateSandbox { sandbox } => self.create(sandbox),
-            Command::SetObserved { id, observed } => match self.sandboxes.get_mut(id) {
+            Command::SetObserved {
+                id,
+                observed,
+                node,
+                generation,
+            } => match self.sandboxes.get_mut(id) {
+                // why: a late result of a start for another node or an older
+                // generation must not overwrite the record's current copy.
+                Some(sb)
+                    if node.as_ref().is_some_and(|n| n != &sb.node)
+                        || generation.is_some_and(|g| g != sb.reschedules) =>
+                {
+                    Reply::Sandbox {
+                        sandbox: sb.clone(),
+                    }
+                }
                 Some(sb) => {
                     sb.observed = Some(observed.clone());
                     let sb = sb.clone();
@@ -507,6 +640,7 @@ impl State {
                         self.index.by_key.remove(k);
                     }
                     self.touch_sandbox(id);
+                    self.bury(id, sb.reschedules);
                     Reply::Ok
                 }
                 None => Reply::NotFound {
@@ -520,7 +654,29 @@ impl State {
                 status,
                 why,
                 at_ms,
-            } => self.not_running(id, node, *generation, status, why, *at_ms),
+                expect,
+            } => {
+                let holds = match (expect, self.sandboxes.get(id)) {
+                    (Some(Expect::Unstarted), Some(sb)) => sb.observed.is_none(),
+                    (Some(Expect::Copy { agent_id }), Some(sb)) => {
+                        sb.observed.as_ref().and_then(|o| o.agent_id.as_ref()) == Some(agent_id)
+                    }
+                    _ => true,
+                };
+                match self.sandboxes.get(id) {
+                    Some(sb) if !holds => Reply::Sandbox {
+                        sandbox: sb.clone(),
+                    },
+                    _ => self.not_running(id, node, *generation, status, why, *at_ms),
+                }
+            }
+            Command::InitCluster { id } => {
+                if self.cluster_id.is_none() {
+                    self.cluster_id = Some(id.clone());
+                    self.dirty.insert(Row::Meta);
+                }
+                Reply::Ok
+            }
             Command::PutImage { image } => {
                 self.images.insert(image.name.clone(), image.clone());
                 self.dirty.insert(Row::Image(image.name.clone()));
@@ -550,7 +706,7 @@ impl State {
         }
     }
 
-    fn not_running(
+    pub(crate) fn not_running(
         &mut self,
         id: &str,
         node: &str,
@@ -740,6 +896,31 @@ impl State {
         Reply::Released { released }
     }
 
+    /// Keeps a trace of a deleted record (bounded: the oldest goes first).
+    fn bury(&mut self, id: &str, generation: u32) {
+        let seq = self
+            .tombstones
+            .values()
+            .map(|t| t.seq + 1)
+            .max()
+            .unwrap_or(0);
+        self.tombstones
+            .insert(id.to_string(), Tombstone { generation, seq });
+        self.dirty.insert(Row::Tombstone(id.to_string()));
+        while self.tombstones.len() > TOMBSTONES_MAX {
+            let Some(oldest) = self
+                .tombstones
+                .iter()
+                .min_by_key(|(_, t)| t.seq)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            self.tombstones.remove(&oldest);
+            self.dirty.insert(Row::Tombstone(oldest));
+        }
+    }
+
     fn register(&mut self, node: &NodeRecord) -> Reply {
         let mut rec = node.clone();
         if let Some(old) = self.nodes.get(&node.id) {
@@ -810,6 +991,9 @@ impl State {
     }
 
     fn insert_sandbox(&mut self, rec: SandboxRecord) {
+        if self.tombstones.remove(&rec.id).is_some() {
+            self.dirty.insert(Row::Tombstone(rec.id.clone()));
+        }
         if let Some(n) = &rec.name {
             self.index.by_name.insert(n.clone(), rec.id.clone());
         }

@@ -24,6 +24,7 @@ const NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("sm_nodes");
 const SANDBOXES: TableDefinition<&str, &[u8]> = TableDefinition::new("sm_sandboxes");
 const IMAGES: TableDefinition<&str, &[u8]> = TableDefinition::new("sm_images");
 const SLICES: TableDefinition<&str, &[u8]> = TableDefinition::new("sm_slices");
+const TOMBSTONES: TableDefinition<&str, &[u8]> = TableDefinition::new("sm_tombstones");
 const SM_META: TableDefinition<&str, &[u8]> = TableDefinition::new("sm_meta");
 const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
 
@@ -68,7 +69,7 @@ impl StateMachine {
     /// Loads the persisted state (all rows and the applied log id).
     pub(crate) fn load(db: Arc<Database>) -> Result<StateMachine, SErr> {
         let tx = db.begin_write().map_err(werr)?;
-        for t in [NODES, SANDBOXES, IMAGES, SLICES, SM_META, SNAPSHOT] {
+        for t in [NODES, SANDBOXES, IMAGES, SLICES, TOMBSTONES, SM_META, SNAPSHOT] {
             tx.open_table(t).map_err(werr)?;
         }
         tx.commit().map_err(werr)?;
@@ -94,10 +95,15 @@ impl StateMachine {
         state.sandboxes = rows(&tx, SANDBOXES)?.into_iter().collect();
         state.images = rows(&tx, IMAGES)?.into_iter().collect();
         state.slices = rows(&tx, SLICES)?.into_iter().collect();
+        state.tombstones = rows(&tx, TOMBSTONES)?.into_iter().collect();
         state.reindex();
         let meta = tx.open_table(SM_META).map_err(rerr)?;
         let get = |k: &str| -> Result<Option<Vec<u8>>, SErr> {
             Ok(meta.get(k).map_err(rerr)?.map(|v| v.value().to_vec()))
+        };
+        state.cluster_id = match get("cluster_id")? {
+            Some(b) => serde_json::from_slice(&b).map_err(jerr)?,
+            None => None,
         };
         let last_applied = match get("last_applied")? {
             Some(b) => serde_json::from_slice(&b).map_err(jerr)?,
@@ -137,6 +143,7 @@ impl StateMachine {
             let mut sbs = tx.open_table(SANDBOXES).map_err(werr)?;
             let mut imgs = tx.open_table(IMAGES).map_err(werr)?;
             let mut slices = tx.open_table(SLICES).map_err(werr)?;
+            let mut tombs = tx.open_table(TOMBSTONES).map_err(werr)?;
             let put = |t: &mut redb::Table<&str, &[u8]>,
                        k: &str,
                        v: Option<Vec<u8>>|
@@ -152,6 +159,7 @@ impl StateMachine {
                 sbs.retain(|_, _| false).map_err(werr)?;
                 imgs.retain(|_, _| false).map_err(werr)?;
                 slices.retain(|_, _| false).map_err(werr)?;
+                tombs.retain(|_, _| false).map_err(werr)?;
                 for (k, v) in &state.nodes {
                     put(&mut nodes, k, Some(enc(v)?))?;
                 }
@@ -163,6 +171,9 @@ impl StateMachine {
                 }
                 for (k, v) in &state.slices {
                     put(&mut slices, k, Some(enc(v)?))?;
+                }
+                for (k, v) in &state.tombstones {
+                    put(&mut tombs, k, Some(enc(v)?))?;
                 }
             }
             for row in dirty {
@@ -183,9 +194,16 @@ impl StateMachine {
                         let v = state.slices.get(&k).map(|v| enc(v)).transpose()?;
                         put(&mut slices, &k, v)?
                     }
+                    Row::Tombstone(k) => {
+                        let v = state.tombstones.get(&k).map(|v| enc(v)).transpose()?;
+                        put(&mut tombs, &k, v)?
+                    }
+                    Row::Meta => {}
                 }
             }
             let mut meta = tx.open_table(SM_META).map_err(werr)?;
+            let cid = serde_json::to_vec(&state.cluster_id).map_err(jerr)?;
+            meta.insert("cluster_id", cid.as_slice()).map_err(werr)?;
             let la = serde_json::to_vec(&self.last_applied).map_err(jerr)?;
             meta.insert("last_applied", la.as_slice()).map_err(werr)?;
             let mb = serde_json::to_vec(&self.membership).map_err(jerr)?;

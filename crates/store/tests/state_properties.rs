@@ -4,7 +4,8 @@ use std::collections::BTreeMap;
 
 use hearth_sched::{Accel, Request, Resources};
 use hearth_store::{
-    Cidr, Command, NodeRecord, Observed, Reply, RestartPolicy, SandboxRecord, State,
+    Cidr, Command, CopyReport, NodeRecord, Observed, Reply, RestartPolicy, SandboxRecord,
+    State,
 };
 use proptest::prelude::*;
 
@@ -112,7 +113,36 @@ fn command() -> impl Strategy<Value = Command> {
                         .into()
                     })
                     .unwrap_or_default(),
+                report: None,
+                grace_ms: 0,
             }),
+        (
+            node_id(),
+            0u8..2,
+            0u64..10_000,
+            0u8..20,
+            0u32..3,
+            "creating|running|exited|lost|failed"
+        )
+            .prop_map(
+                |(node, inst, at, sb, generation, status)| Command::Heartbeat {
+                    node,
+                    instance: format!("i{inst}"),
+                    at_ms: at,
+                    observed: Default::default(),
+                    report: Some(vec![CopyReport {
+                        agent_id: format!("agent-sb{sb}-{generation}"),
+                        status,
+                        error: None,
+                        owner: Some(if generation == 2 {
+                            format!("c0/sb{sb}@{generation}")
+                        } else {
+                            format!("sb{sb}@{generation}")
+                        }),
+                    }]),
+                    grace_ms: 100,
+                }
+            ),
         (node_id(), 0u64..10_000).prop_map(|(node, at_ms)| Command::MarkNotReady { node, at_ms }),
         (node_id(), any::<bool>())
             .prop_map(|(node, cordoned)| Command::SetCordon { node, cordoned }),
@@ -161,10 +191,14 @@ fn command() -> impl Strategy<Value = Command> {
                 status: "lost".into(),
                 why: "its node no longer runs it".into(),
                 at_ms,
+                expect: None,
             }
         }),
         (0u8..20).prop_map(|i| Command::DeleteSandbox {
             id: format!("sb{i}")
+        }),
+        (0u8..3).prop_map(|i| Command::InitCluster {
+            id: format!("c{i}")
         }),
     ]
 }
@@ -311,6 +345,7 @@ fn not_running(id: &str, node: &str, generation: u32) -> Command {
         status: "lost".into(),
         why: "node n1 no longer runs it".into(),
         at_ms: 5,
+        expect: None,
     }
 }
 
@@ -367,4 +402,11 @@ fn owner_tags_parse_back_to_record_and_generation() {
     assert_eq!(hearth_store::parse_owner("ab12@3"), Some(("ab12", 3)));
     assert_eq!(hearth_store::parse_owner("ab12"), None);
     assert_eq!(hearth_store::parse_owner("ab12@x"), None);
+}
+
+#[test]
+fn owner_tags_with_a_cluster_id_parse_to_record_and_generation() {
+    assert_eq!(hearth_store::parse_owner("c1/ab12@3"), Some(("ab12", 3)));
+    assert_eq!(hearth_store::owner_cluster("c1/ab12@3"), Some("c1"));
+    assert_eq!(hearth_store::owner_cluster("ab12@3"), None);
 }

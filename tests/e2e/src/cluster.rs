@@ -216,11 +216,24 @@ impl Cluster {
 
     /// Starts an agent (not waiting for it to register).
     pub fn spawn_agent(&mut self, node: &str, data: &str, extra: &[&str]) -> usize {
+        let control = self.control_addrs();
+        self.spawn_agent_via(node, data, &control, extra)
+    }
+
+    /// Starts an agent that talks only to the members in `control`
+    /// (`HOST:PORT,...`), not waiting for it to register.
+    pub fn spawn_agent_via(
+        &mut self,
+        node: &str,
+        data: &str,
+        control: &str,
+        extra: &[&str],
+    ) -> usize {
         let port = free_port();
         let mut args: Vec<String> = vec![
             "agent".into(),
             "--control".into(),
-            self.control_addrs(),
+            control.into(),
             "--node".into(),
             node.into(),
             "--listen".into(),

@@ -555,7 +555,9 @@ fn a_sandbox_its_node_no_longer_runs_is_lost_or_started_again_per_its_restart_po
             .into_iter()
             .flatten()
             .map(|s| {
-                let owner = s["owner"].as_str().unwrap_or_default().to_string();
+                // The record's part of the tag (without the cluster id).
+                let tag = s["owner"].as_str().unwrap_or_default();
+                let owner = tag.rsplit_once('/').map_or(tag, |(_, t)| t).to_string();
                 let st = s["status"].as_str().unwrap_or_default().to_string();
                 (owner, (s["id"].as_str().unwrap().to_string(), st))
             })
@@ -631,4 +633,93 @@ fn a_sandbox_its_node_no_longer_runs_is_lost_or_started_again_per_its_restart_po
     .unwrap();
     assert_eq!(r.status, 204, "{}", r.body);
     assert!(hearth_e2e::vmm_pids_under(&c.dir.path().join("n1")).is_empty());
+}
+
+/// C2: an agent whose only control member is a follower that has not applied
+/// a create yet (it was stopped while the leader committed it and the start
+/// went to the agent) must not be told to stop the brand-new VM: the
+/// heartbeat's plan is computed by the state machine after the create.
+#[test]
+fn a_lagging_follower_never_fences_a_sandbox_it_has_not_applied_yet() {
+    let mut c = Cluster::start(3, &["--node-timeout-ms", "600000"]);
+    let leader = c.wait_leader(Duration::from_secs(10));
+    let follower = (1..=3u64).find(|m| *m != leader).unwrap();
+    let fport = c.members[follower as usize - 1].port;
+    let lport = c.members[leader as usize - 1].port;
+    let n1 = c.spawn_agent_via(
+        "n1",
+        "n1",
+        &format!("127.0.0.1:{fport}"),
+        &["--cpus", "2", "--memory-mib", "2048"],
+    );
+    c.wait_node("n1", "ready", Duration::from_secs(60));
+    let rootfs = c.dir.path().join("busybox-rootfs");
+    hearth_e2e::images::busybox_rootfs(&rootfs);
+    let body = serde_json::json!({"name": "busybox", "path": rootfs}).to_string();
+    let r = http(lport, "POST", "/v1/images/import", Some(&body), &[]).unwrap();
+    assert_eq!(r.status, 201, "{}", r.body);
+
+    // The follower stops; the leader commits the create with the other
+    // member and starts the VM on the agent, whose heartbeats queue up at
+    // the stopped follower.
+    c.members[follower as usize - 1].signal(libc::SIGSTOP);
+    let r = http(
+        lport,
+        "POST",
+        "/v1/sandboxes",
+        Some(r#"{"name":"fresh","image":"busybox","memory_mib":128,"cmd":["sleep","100000"],"network":{"mode":"none"}}"#),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(r.status, 201, "{}", r.body);
+    let agent_port = c.agents[n1].port;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !http(agent_port, "GET", "/v1/sandboxes", None, &[])
+        .map(|r| r.body.contains("\"running\""))
+        .unwrap_or(false)
+    {
+        assert!(Instant::now() < deadline, "the new VM never ran");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // why: a heartbeat that reports the running copy must be queued at the
+    // stopped follower: the agent's pending one times out after 5 s and the
+    // next one carries the copy. There is no signal to wait on for that.
+    std::thread::sleep(Duration::from_secs(6));
+    // The follower resumes behind the log and answers the queued heartbeats.
+    c.members[follower as usize - 1].signal(libc::SIGCONT);
+    let s = wait_json(fport, "/v1/sandboxes/fresh", |s| s["status"] == "running");
+    assert_eq!(s["node"], "n1", "{s}");
+    // Several more heartbeats through the follower: the VM keeps running.
+    let beat = |port| {
+        http(port, "GET", "/v1/nodes/n1", None, &[]).unwrap().json()["last_heartbeat_ms"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let since = beat(lport);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while beat(lport) < since + 1500 {
+        assert!(
+            Instant::now() < deadline,
+            "no heartbeats after the follower resumed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let list = http(agent_port, "GET", "/v1/sandboxes", None, &[])
+        .unwrap()
+        .json();
+    let copies = list.as_array().cloned().unwrap_or_default();
+    assert_eq!(copies.len(), 1, "{list}");
+    assert_eq!(copies[0]["status"], "running", "{list}");
+    assert!(
+        !c.agents[n1].log_text().contains("no longer assigns here"),
+        "the agent was told to stop the new VM:\n{}",
+        c.agents[n1].log_text()
+    );
+    assert_eq!(
+        hearth_e2e::vmm_pids_under(&c.dir.path().join("n1")).len(),
+        1,
+        "the VM still runs"
+    );
+    let r = http(lport, "DELETE", "/v1/sandboxes/fresh?force=true", None, &[]).unwrap();
+    assert_eq!(r.status, 204, "{}", r.body);
 }

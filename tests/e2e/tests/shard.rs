@@ -277,20 +277,26 @@ fn a_partitioned_agents_stale_copies_are_stopped_when_its_link_returns() {
         String::from_utf8_lossy(&cmd).contains(&format!("/{new_node}/")),
         "the QEMU left runs on {new_node}"
     );
-    // Once ended, the stale copies are removed from the old node too.
+    // Once ended, the moved record's stale copy is removed from the old node
+    // (its record says it runs elsewhere); the deleted record's copy is only
+    // stopped: absence of a record is never a reason to erase data.
     let old_api = format!(
         "http://{}.{}:7070/v1/sandboxes",
         sh.net,
         10 + i.parse::<u32>().unwrap()
     );
+    let doomed_tag = format!("/{doomed}@");
     wait_for(
-        "the old node forgets its stale copies",
+        "the old node keeps only the deleted record's stopped copy",
         Duration::from_secs(30),
         || {
-            curl(&old_api, "GET", None)
-                .1
-                .as_array()
-                .is_some_and(|a| a.is_empty())
+            curl(&old_api, "GET", None).1.as_array().is_some_and(|a| {
+                a.len() == 1
+                    && a[0]["owner"]
+                        .as_str()
+                        .is_some_and(|o| o.contains(&doomed_tag))
+                    && a[0]["status"] != "running"
+            })
         },
     );
     assert_eq!(api(&format!("/v1/sandboxes/{doomed}"), "GET", None).0, 404);

@@ -6,7 +6,7 @@
 //! answers as before (agent ids, the agent's full view), so `hearth` works
 //! unchanged against it.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hearth_agent::Agent;
 use hearth_api::{ApiError, CreateSandbox, ErrorCode};
@@ -34,22 +34,42 @@ impl ControlPlane {
     pub(crate) async fn dev_create(
         &self,
         agent: &Agent,
-        mut req: CreateSandbox,
+        req: CreateSandbox,
     ) -> Result<hearth_api::Sandbox, HttpError> {
         let node = agent.info().node;
-        let deadline = Instant::now() + REGISTER_WAIT;
-        while !self.store.read_local(|st| st.nodes.contains_key(&node)) {
-            if Instant::now() > deadline {
-                return Err(HttpError(ApiError::new(
-                    ErrorCode::Unavailable,
-                    format!(
-                        "node {node} has not registered with the embedded control plane yet; \
-                         retry, and see the daemon's log if it persists"
-                    ),
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        let registered = self
+            .store
+            .wait_local(REGISTER_WAIT, |st| st.nodes.contains_key(&node))
+            .await;
+        if !registered {
+            return Err(HttpError(ApiError::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "node {node} has not registered with the embedded control plane yet; \
+                     retry, and see the daemon's log if it persists"
+                ),
+            )));
         }
+        // why: the record and the agent's copy are made together or not at
+        // all; a cancelled request (client gone) must not stop halfway and
+        // leave a record without a copy, so the rest runs in its own task.
+        let (cp, agent) = (self.clone(), agent.clone());
+        tokio::spawn(async move { cp.dev_record_and_start(&agent, req, node).await })
+            .await
+            .map_err(|e| {
+                HttpError(ApiError::new(
+                    ErrorCode::Internal,
+                    format!("creating the sandbox: its task failed: {e}"),
+                ))
+            })?
+    }
+
+    async fn dev_record_and_start(
+        &self,
+        agent: &Agent,
+        mut req: CreateSandbox,
+        node: String,
+    ) -> Result<hearth_api::Sandbox, HttpError> {
         let rec = SandboxRecord {
             id: record_id(),
             name: req.name.clone(),
@@ -97,7 +117,7 @@ impl ControlPlane {
                 )))
             }
         };
-        req.owner = Some(rec.owner());
+        req.owner = Some(self.store.read_local(|st| st.owner_of(&rec)));
         let sb = match agent.create(req).await {
             Ok(sb) => sb,
             Err(e) => {
@@ -124,6 +144,8 @@ impl ControlPlane {
             .write(Command::SetObserved {
                 id: rec.id.clone(),
                 observed,
+                node: Some(rec.node.clone()),
+                generation: Some(rec.reschedules),
             })
             .await
         {
@@ -132,14 +154,39 @@ impl ControlPlane {
         Ok(sb)
     }
 
-    /// Removes the sandbox from `agent`, then its record.
+    /// Removes the sandbox from `agent`, then its record. A record whose
+    /// copy the agent does not have (its create was interrupted, the copy
+    /// vanished) is removed by its record id or name.
     pub(crate) async fn dev_remove(
         &self,
         agent: &Agent,
         id_or_name: &str,
         force: bool,
     ) -> Result<(), HttpError> {
-        let owner = agent.get(id_or_name)?.owner;
+        let owner = match agent.get(id_or_name) {
+            Ok(sb) => sb.owner,
+            Err(e) => {
+                let rec = self
+                    .store
+                    .read(|st| {
+                        st.sandbox(id_or_name).map(|s| {
+                            let copy = s.observed.as_ref().and_then(|o| o.agent_id.clone());
+                            (s.id.clone(), copy)
+                        })
+                    })
+                    .await?;
+                let Some((id, copy)) = rec else {
+                    return Err(e.into());
+                };
+                // why: a record still naming a copy the agent has goes the
+                // normal way (stop, remove, then the record).
+                if let Some(copy) = copy.filter(|c| agent.get(c).is_ok()) {
+                    agent.remove(&copy, force).await?;
+                }
+                self.store.write(Command::DeleteSandbox { id }).await?;
+                return Ok(());
+            }
+        };
         agent.remove(id_or_name, force).await?;
         if let Some((id, _)) = owner.as_deref().and_then(parse_owner) {
             self.store

@@ -14,7 +14,6 @@ mod dev;
 mod leases;
 mod nodes;
 mod proxy;
-mod reconcile;
 mod sandboxes;
 mod watchdog;
 

@@ -4,11 +4,11 @@
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use hearth_api::cluster::{
-    AddMember, Capacity, ClusterStatus, Desired, Heartbeat, Member, Node, RegisterNode,
+    AddMember, Capacity, ClusterStatus, Desired, Fenced, Heartbeat, Member, Node, RegisterNode,
 };
 use hearth_api::{ApiError, ErrorCode, SandboxStatus};
 use hearth_sched::{Accel, Resources};
-use hearth_store::{Command, NodeRecord, Reply, State as St};
+use hearth_store::{Command, CopyReport, NodeRecord, Reply, State as St};
 
 use super::{now_ms, ControlPlane};
 use crate::{HttpError, Json};
@@ -244,45 +244,61 @@ pub(super) async fn heartbeat(
 ) -> ApiResult<Json<Desired>> {
     let now = now_ms();
     let grace = cp.cfg.start_timeout.as_millis() as u64;
-    let plan = cp
-        .store
-        .read_local(|st| super::reconcile::plan(st, &node, &hb.sandboxes, now, grace));
+    let report = hb
+        .sandboxes
+        .iter()
+        .map(|r| CopyReport {
+            agent_id: r.agent_id.clone(),
+            status: status_name(r.status),
+            error: r.error.clone(),
+            owner: r.owner.clone(),
+        })
+        .collect();
+    // why: the plan is computed by the state machine at the heartbeat's log
+    // position, never from this member's possibly lagging local state.
     let r = cp
         .store
         .write(Command::Heartbeat {
             node: node.clone(),
             instance: hb.instance,
             at_ms: now,
-            observed: plan.observed,
+            observed: Default::default(),
+            report: Some(report),
+            grace_ms: grace,
         })
         .await?;
-    match r {
-        Reply::Ok => {}
+    let (keep, stop, remove, not_running) = match r {
+        Reply::Desired {
+            keep,
+            stop,
+            remove,
+            not_running,
+        } => (keep, stop, remove, not_running),
         Reply::NotFound { what } => return Err(not_found(&what)),
         other => {
             node_reply(&cp, other)?;
+            return Err(HttpError(ApiError::new(
+                ErrorCode::Internal,
+                format!("heartbeat of node {node}: unexpected store reply"),
+            )));
         }
-    }
-    for (id, generation) in plan.missing {
+    };
+    for id in &not_running {
         tracing::warn!(sandbox = %id, %node, "node no longer runs the sandbox");
-        cp.store
-            .write(Command::NotRunning {
-                id,
-                node: node.clone(),
-                generation,
-                status: "lost".into(),
-                why: format!("node {node} no longer runs it (its agent lost or removed it)"),
-                at_ms: now,
-            })
-            .await?;
     }
-    for f in &plan.stop {
+    for f in &stop {
         tracing::warn!(%node, agent_id = %f.agent_id, "fencing a stale copy: {}", f.reason);
     }
     Ok(Json(Desired {
-        keep: plan.keep,
-        stop: plan.stop,
-        remove: plan.remove,
+        keep,
+        stop: stop
+            .into_iter()
+            .map(|f| Fenced {
+                agent_id: f.agent_id,
+                reason: f.reason,
+            })
+            .collect(),
+        remove,
     }))
 }
 

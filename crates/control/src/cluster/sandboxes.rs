@@ -238,7 +238,7 @@ pub(super) async fn start_on_agent(
     spec.name = None;
     // why: the tag lets the agent's heartbeats match this copy to the record
     // (even before this call returns) and fence it once it is stale.
-    spec.owner = Some(rec.owner());
+    spec.owner = Some(cp.store.read_local(|st| st.owner_of(rec)));
     let res = cp
         .http
         .post(format!("{addr}/v1/sandboxes"))
@@ -289,6 +289,8 @@ pub(super) async fn start_on_agent(
         .write(Command::SetObserved {
             id: rec.id.clone(),
             observed,
+            node: Some(rec.node.clone()),
+            generation: Some(rec.reschedules),
         })
         .await?;
     match outcome {

@@ -4,9 +4,10 @@
 //! node, and a record whose start never finished is given up (`failed`, with
 //! the reason) or, with `restart: always`, started again.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
-use hearth_store::Command;
+use hearth_store::{Command, Expect};
 
 use super::{now_ms, sandboxes, ControlPlane};
 
@@ -16,12 +17,19 @@ pub(super) async fn run(cp: ControlPlane) {
     // why: a new leader has not seen heartbeats sent to the old one's term yet;
     // give every node one full timeout from the moment this member leads.
     let mut leading_since: Option<u64> = None;
+    // why: deadlines of unstarted records run on this leader's clock, from
+    // when it first saw them unstarted (not the proposing member's clock).
+    let mut unstarted: HashMap<(String, u32), u64> = HashMap::new();
     loop {
         tick.tick().await;
         let me = cp.store.member_status();
         if me.leader != Some(me.id) {
             leading_since = None;
+            unstarted.clear();
             continue;
+        }
+        if cp.store.read_local(|st| st.cluster_id.is_none()) {
+            name_cluster(&cp).await;
         }
         let now = now_ms();
         let since = *leading_since.get_or_insert(now);
@@ -43,28 +51,46 @@ pub(super) async fn run(cp: ControlPlane) {
                 tracing::warn!("marking node NotReady: {e}");
             }
         }
-        give_up_stuck(&cp, now).await;
+        give_up_stuck(&cp, now, &mut unstarted).await;
         restart_moved(&cp);
+    }
+}
+
+/// Gives the cluster its random id (the first leader does, once).
+async fn name_cluster(cp: &ControlPlane) {
+    let mut b = [0u8; 8];
+    if let Err(e) = getrandom::fill(&mut b) {
+        tracing::warn!("no randomness for the cluster id: {e}");
+        return;
+    }
+    let id: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    if let Err(e) = cp.store.write(Command::InitCluster { id }).await {
+        tracing::warn!("naming the cluster: {e}");
     }
 }
 
 /// Records committed but never started (the member starting it stopped, or
 /// the node never answered): after twice the start timeout no start call can
 /// still be in flight (each gives up after one), so end them.
-async fn give_up_stuck(cp: &ControlPlane, now: u64) {
+async fn give_up_stuck(cp: &ControlPlane, now: u64, seen: &mut HashMap<(String, u32), u64>) {
     let limit = 2 * cp.cfg.start_timeout.as_millis() as u64;
-    let stuck: Vec<(String, String, u32)> = cp.store.read_local(|st| {
+    let pending: Vec<(String, String, u32)> = cp.store.read_local(|st| {
         st.sandboxes
             .values()
-            .filter(|s| {
-                !s.record_only
-                    && !s.pinned
-                    && s.observed.is_none()
-                    && now.saturating_sub(s.created_ms) > limit
-            })
+            .filter(|s| !s.record_only && s.observed.is_none())
             .map(|s| (s.id.clone(), s.node.clone(), s.reschedules))
             .collect()
     });
+    let live: std::collections::HashSet<(String, u32)> =
+        pending.iter().map(|(id, _, g)| (id.clone(), *g)).collect();
+    seen.retain(|k, _| live.contains(k));
+    let stuck: Vec<(String, String, u32)> = pending
+        .into_iter()
+        .filter(|(id, _, g)| {
+            let first = *seen.entry((id.clone(), *g)).or_insert(now);
+            now.saturating_sub(first) > limit
+        })
+        .collect();
     for (id, node, generation) in stuck {
         if cp.starting.lock().is_ok_and(|s| s.contains(&id)) {
             continue;
@@ -82,6 +108,9 @@ async fn give_up_stuck(cp: &ControlPlane, now: u64) {
             status: "failed".into(),
             why,
             at_ms: now,
+            // why: this member's view may lag the log; the state machine
+            // gives up only if no start result was recorded meanwhile.
+            expect: Some(Expect::Unstarted),
         };
         if let Err(e) = cp.store.write(cmd).await {
             tracing::warn!("giving up a stuck sandbox: {e}");
