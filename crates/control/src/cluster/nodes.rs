@@ -65,11 +65,11 @@ fn node_reply(cp: &ControlPlane, r: Reply) -> ApiResult<Json<Node>> {
     match r {
         Reply::Node { node } => Ok(Json(cp.store.read_local(|st| node_view(st, &node)))),
         Reply::NotFound { what } => Err(not_found(&what)),
-        Reply::DuplicateNode { id, holder } => Err(HttpError(ApiError::new(
+        Reply::DuplicateNode { id } => Err(HttpError(ApiError::new(
             ErrorCode::Conflict,
             format!(
-                "node id {id} is already registered by another agent (instance {holder}); \
-                 give this agent another --node, or remove the old one with `hearth node rm {id}`"
+                "node id {id} is already registered by another agent instance; \
+                 give this agent another --node"
             ),
         ))),
         other => Err(HttpError(ApiError::new(
