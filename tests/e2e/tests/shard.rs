@@ -8,6 +8,9 @@ use std::time::{Duration, Instant};
 const NAME: &str = "hse";
 const NET: &str = "10.77.200";
 const TOKEN: &str = "hearth-e2e-shard-token-0123456789";
+/// Every test here brings up the one shard `NAME`; CI runs two tests at a
+/// time, so they take turns (held for the whole test, shard down included).
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn shard(args: &[&str]) -> std::process::Output {
     Command::new(hearth_e2e::repo_root().join("scripts/shard"))
@@ -104,6 +107,8 @@ fn partitioned_agent_goes_not_ready_and_recovers_and_shard_down_leaves_no_trace(
         eprintln!("skipped: needs root and iproute2 for network namespaces");
         return;
     }
+    // why: a failed test poisons the lock; the next one still takes its turn.
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     shard(&["down"]);
     let _down = Down;
     let out = shard(&["up", "--agents", "2"]);
@@ -235,6 +240,8 @@ fn ingress_reaches_httpd_on_agent1_from_another_namespace_and_leases_follow_sand
         eprintln!("skipped: needs root and iproute2 for network namespaces");
         return;
     }
+    // why: a failed test poisons the lock; the next one still takes its turn.
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     shard(&["down"]);
     let _down = Down;
     let out = shard(&["up", "--agents", "3"]);
@@ -341,6 +348,8 @@ fn a_restarted_agent_keeps_its_slice_and_its_sandboxes_leases() {
         eprintln!("skipped: needs root and iproute2 for network namespaces");
         return;
     }
+    // why: a failed test poisons the lock; the next one still takes its turn.
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     shard(&["down"]);
     let _down = Down;
     let out = shard(&["up", "--agents", "2"]);
