@@ -27,7 +27,8 @@ fn refused(r: Reply) -> HttpError {
         Reply::DuplicateNode { id } => (
             ErrorCode::Conflict,
             format!(
-                "node id {id} is held by another agent instance; give this agent another --node"
+                "node id {id} is already registered by another agent instance; \
+                 give this agent another --node"
             ),
         ),
         Reply::Invalid { message } => (ErrorCode::InvalidArgument, message),
