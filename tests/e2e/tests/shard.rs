@@ -440,3 +440,65 @@ fn a_restarted_agent_keeps_its_slice_and_its_sandboxes_leases() {
     let _ = again.kill();
     let _ = again.wait();
 }
+
+#[test]
+fn node_rm_of_a_running_agent_keeps_its_slice_and_leases_until_it_rejoins() {
+    if !can_run() {
+        eprintln!("skipped: needs root and iproute2 for network namespaces");
+        return;
+    }
+    // why: a failed test poisons the lock; the next one still takes its turn.
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    shard(&["down"]);
+    let _down = Down;
+    let out = shard(&["up", "--agents", "2"]);
+    assert!(out.status.success(), "shard up: {}", hearth_e2e::show(&out));
+    let rootfs = tempfile::tempdir().expect("tempdir");
+    hearth_e2e::images::busybox_rootfs(rootfs.path());
+    let body = serde_json::json!({"name": "busybox", "path": rootfs.path()});
+    let (code, img) = api_within("/v1/images/import", "POST", Some(&body.to_string()), 300);
+    assert!(code == 200 || code == 201, "{code} {img}");
+
+    let s1 = slice_of("agent1");
+    let first = create_on("agent1", "exec sleep 600");
+    let ip1 = running(&first)["network"]["ip"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // The agent still runs the sandbox: its slice and lease must stay taken.
+    let (code, r) = api("/v1/nodes/agent1", "DELETE", None);
+    assert_eq!(code, 204, "{r}");
+    assert_eq!(
+        slice_of("agent1"),
+        s1,
+        "node rm kept the slice of a running agent"
+    );
+    let held = leases();
+    assert!(
+        held.iter()
+            .any(|l| l["ip"] == ip1.as_str() && l["node"] == "agent1"),
+        "the running sandbox's lease must survive node rm: {held:?}"
+    );
+    let (code, r) = api("/v1/nodes/agent1", "DELETE", None);
+    assert!(
+        code == 409 || code == 204,
+        "a second rm: {code} {r} (409 while the slice is retired, 204 once re-registered)"
+    );
+
+    // The agent re-registers; its next sandbox makes it re-join its own slice.
+    wait_node("agent1", "ready");
+    let second = create_on("agent1", "exec sleep 600");
+    let ip2 = running(&second)["network"]["ip"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(ip1, ip2, "an address in use is never handed out again");
+    assert_eq!(slice_of("agent1"), s1);
+    let prefix: String = s1.rsplit_once('.').unwrap().0.to_string();
+    assert!(
+        ip2.starts_with(&format!("{prefix}.")),
+        "{ip2} is not from {s1}"
+    );
+    assert_ne!(slice_of("agent2"), s1);
+}

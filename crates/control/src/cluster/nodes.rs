@@ -111,6 +111,8 @@ pub(super) async fn remove(
         .await?
     {
         Reply::NotFound { what } => Err(not_found(&what)),
+        // why: a removed node's slice whose agent still holds leases stays taken.
+        Reply::Conflict { message } => Err(HttpError(ApiError::new(ErrorCode::Conflict, message))),
         _ => Ok(StatusCode::NO_CONTENT),
     }
 }
