@@ -27,6 +27,10 @@ pub enum LeaseError {
     /// The control plane answered with a refusal (wrong instance, bad slice...).
     #[error("the control plane refused the address lease: {0}")]
     Refused(String),
+    /// The control plane has no (usable) slice for this node, e.g. after
+    /// `hearth node rm`: the agent must join the cluster network again.
+    #[error("the control plane has no address slice for this node: {0}")]
+    NotJoined(String),
     /// No control-plane member answered.
     #[error("no control-plane member answered the address lease request ({0}); sandboxes with a network cannot start until one does")]
     Unavailable(String),
@@ -78,6 +82,8 @@ pub struct ControlLeases {
     controls: Vec<String>,
     node: String,
     instance: String,
+    /// The slice this agent joined with, asked for again on a re-join.
+    pool: std::sync::Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl ControlLeases {
@@ -92,7 +98,21 @@ impl ControlLeases {
             controls,
             node,
             instance,
+            pool: Default::default(),
         }
+    }
+
+    fn joined_pool(&self) -> Option<String> {
+        self.pool.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    async fn lease_once(&self, req: &LeaseRequest) -> Result<Lease, LeaseError> {
+        self.call(|b| {
+            self.http
+                .post(format!("{b}/v1/agents/{}/leases", self.node))
+                .json(req)
+        })
+        .await
     }
 
     /// Sends the request to each member in turn until one gives an answer
@@ -127,6 +147,7 @@ impl ControlLeases {
                     .unwrap_or_else(|_| ApiError::new(ErrorCode::Internal, text));
                 match err.code {
                     ErrorCode::Exhausted => return Err(LeaseError::Exhausted(err.message)),
+                    ErrorCode::NotFound => return Err(LeaseError::NotJoined(err.message)),
                     ErrorCode::Unavailable => last = format!("{c}: {}", err.message),
                     _ if status >= 500 => last = format!("{c}: {status} {}", err.message),
                     _ => return Err(LeaseError::Refused(err.message)),
@@ -149,13 +170,16 @@ impl LeaseAuthority for ControlLeases {
                 sandbox: sandbox.to_string(),
                 want: want.map(|w| w.to_string()),
             };
-            let l: Lease = self
-                .call(|b| {
-                    self.http
-                        .post(format!("{b}/v1/agents/{}/leases", self.node))
-                        .json(&req)
-                })
-                .await?;
+            let l = match self.lease_once(&req).await {
+                // why: the node was removed (`hearth node rm`) while this agent
+                // ran; joining again with the same slice keeps its leases.
+                Err(LeaseError::NotJoined(why)) => {
+                    tracing::warn!("{why}; joining the cluster network again");
+                    join_network(self, self.joined_pool(), Duration::ZERO).await?;
+                    self.lease_once(&req).await?
+                }
+                r => r?,
+            };
             l.ip.parse().map_err(|_| {
                 LeaseError::Refused(format!(
                     "the control plane leased '{}', not an IPv4 address",
@@ -167,14 +191,19 @@ impl LeaseAuthority for ControlLeases {
 
     fn release<'a>(&'a self, sandbox: &'a str) -> BoxFuture<'a, Result<(), LeaseError>> {
         Box::pin(async move {
-            let _: Released = self
+            let r: Result<Released, _> = self
                 .call(|b| {
                     self.http
                         .delete(format!("{b}/v1/agents/{}/leases/{sandbox}", self.node))
                         .query(&[("instance", &self.instance)])
                 })
-                .await?;
-            Ok(())
+                .await;
+            match r {
+                // why: no slice, no lease to free (a removed node's slice is
+                // dropped with its last lease).
+                Ok(_) | Err(LeaseError::NotJoined(_)) => Ok(()),
+                Err(e) => Err(e),
+            }
         })
     }
 
@@ -184,14 +213,18 @@ impl LeaseAuthority for ControlLeases {
                 instance: self.instance.clone(),
                 keep,
             };
-            let r: Released = self
+            let r: Result<Released, _> = self
                 .call(|b| {
                     self.http
                         .post(format!("{b}/v1/agents/{}/leases/retain", self.node))
                         .json(&req)
                 })
-                .await?;
-            Ok(r.released)
+                .await;
+            match r {
+                Ok(r) => Ok(r.released),
+                Err(LeaseError::NotJoined(_)) => Ok(Vec::new()),
+                Err(e) => Err(e),
+            }
         })
     }
 }
@@ -219,7 +252,10 @@ pub async fn join_network(
             })
             .await;
         match r {
-            Ok(s) => return Ok(s.cidr),
+            Ok(s) => {
+                *leases.pool.lock().unwrap_or_else(|e| e.into_inner()) = Some(s.cidr.clone());
+                return Ok(s.cidr);
+            }
             Err(LeaseError::Unavailable(e)) if start.elapsed() < wait => {
                 tracing::info!(
                     "waiting for the control plane to hand out this node's address slice: {e}"

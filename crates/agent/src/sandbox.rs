@@ -99,7 +99,8 @@ impl AgentError {
             AgentError::Net(_) => ErrorCode::Internal,
             AgentError::Lease(crate::leases::LeaseError::Exhausted(_)) => ErrorCode::Exhausted,
             AgentError::Lease(crate::leases::LeaseError::Refused(_)) => ErrorCode::Conflict,
-            AgentError::Lease(crate::leases::LeaseError::Unavailable(_)) => ErrorCode::Unavailable,
+            AgentError::Lease(crate::leases::LeaseError::Unavailable(_))
+            | AgentError::Lease(crate::leases::LeaseError::NotJoined(_)) => ErrorCode::Unavailable,
         }
     }
 }
@@ -272,7 +273,15 @@ pub(crate) struct Inner {
     net: Option<Arc<hearth_net::NodeNet>>,
     /// Templates, warm pools, snapshot references.
     pub(crate) warm: WarmState,
+    /// Sandboxes whose address release failed at `rm`; retried in the background.
+    pending_releases: Mutex<std::collections::BTreeSet<String>>,
 }
+
+/// How long `rm` waits for the control plane to release an address before
+/// it queues the release for a retry.
+const RELEASE_WAIT: Duration = Duration::from_secs(3);
+/// How often queued address releases are retried.
+const RELEASE_RETRY: Duration = Duration::from_secs(5);
 
 /// The node agent. Cheap to clone.
 #[derive(Clone)]
@@ -404,11 +413,13 @@ impl Agent {
             node_id: crate::migration::node_id(&cfg_data_dir)?,
             migrations: crate::migration::Registry::default(),
             warm,
+            pending_releases: Mutex::new(Default::default()),
         });
         let agent = Agent { inner };
         agent.reap_unclaimed_pool_vms().await;
         agent.recover().await;
         agent.sync_leases().await;
+        agent.start_release_retries();
         agent.start_pools();
         Ok(agent)
     }
@@ -517,14 +528,53 @@ impl Agent {
         }
     }
 
-    /// Gives the sandbox's address back to the control plane (after its tap is gone).
+    /// Gives the sandbox's address back to the control plane (after its tap
+    /// is gone). Waits at most [`RELEASE_WAIT`]; a release that fails or
+    /// times out is queued and retried every [`RELEASE_RETRY`].
     async fn release_address(&self, id: &str) {
-        if let Some(auth) = &self.inner.cfg.leases {
-            if let Err(e) = auth.release(id).await {
-                // why: the next agent start frees it (sync_leases); rm must not fail on it.
-                tracing::warn!(sandbox = id, "releasing the address lease: {e}");
+        let Some(auth) = &self.inner.cfg.leases else {
+            return;
+        };
+        let err = match tokio::time::timeout(RELEASE_WAIT, auth.release(id)).await {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer within {RELEASE_WAIT:?}"),
+        };
+        // why: rm must not fail or hang on it; the retry loop frees it later.
+        tracing::warn!(
+            sandbox = id,
+            "releasing the address lease: {err}; retrying in the background"
+        );
+        lock(&self.inner.pending_releases).insert(id.to_string());
+    }
+
+    /// Sandboxes whose address release is still queued.
+    pub fn pending_releases(&self) -> Vec<String> {
+        lock(&self.inner.pending_releases).iter().cloned().collect()
+    }
+
+    /// Retries queued address releases until the agent is dropped.
+    fn start_release_retries(&self) {
+        let Some(auth) = self.inner.cfg.leases.clone() else {
+            return;
+        };
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(RELEASE_RETRY).await;
+                let Some(inner) = weak.upgrade() else { return };
+                let queued: Vec<String> = lock(&inner.pending_releases).iter().cloned().collect();
+                drop(inner);
+                for id in queued {
+                    if let Ok(Ok(())) = tokio::time::timeout(RELEASE_WAIT, auth.release(&id)).await
+                    {
+                        let Some(inner) = weak.upgrade() else { return };
+                        lock(&inner.pending_releases).remove(&id);
+                        tracing::info!(sandbox = %id, "released the address lease after a retry");
+                    }
+                }
             }
-        }
+        });
     }
 
     /// The node's sandbox networking, if enabled.
@@ -1288,11 +1338,15 @@ impl Agent {
             tracing::warn!(sandbox = %rec.id, "cleaning up the VM dir: {err}");
         }
         if let Some(net) = self.inner.net.clone() {
+            // why: only a networked sandbox holds a lease; `--network none` costs no commit.
+            let leased = net.leases().contains_key(&rec.id);
             let id = rec.id.clone();
             tokio::task::spawn_blocking(move || net.teardown(&id))
                 .await
                 .map_err(|e| AgentError::Config(format!("network teardown panicked: {e}")))??;
-            self.release_address(&rec.id).await;
+            if leased {
+                self.release_address(&rec.id).await;
+            }
         }
         std::fs::remove_dir_all(&e.dir)
             .or_else(|err| {

@@ -47,8 +47,9 @@ impl Resolver for AgentResolver {
 /// the node that runs it.
 pub struct ClusterResolver {
     pub cp: ControlPlane,
-    /// The cluster token, which node ingresses require.
-    pub bearer: String,
+    /// The relay credential node ingresses require
+    /// ([`hearth_ingress::relay_credential`] of the cluster token).
+    pub credential: String,
 }
 
 impl Resolver for ClusterResolver {
@@ -96,7 +97,7 @@ impl Resolver for ClusterResolver {
         Ok(Target::Node(NodeRelay {
             addr,
             sandbox: agent_id,
-            bearer: self.bearer.clone(),
+            credential: self.credential.clone(),
         }))
     }
 }

@@ -26,9 +26,10 @@ fn refused(r: Reply) -> LeaseError {
     match r {
         Reply::Exhausted { message } => LeaseError::Exhausted(message),
         Reply::NotFound { what } => LeaseError::Refused(format!("no {what}")),
-        Reply::DuplicateNode { id, holder } => LeaseError::Refused(format!(
-            "node id {id} is held by another agent instance ({holder})"
-        )),
+        Reply::DuplicateNode { id } => {
+            LeaseError::Refused(format!("node id {id} is held by another agent instance"))
+        }
+        Reply::Invalid { message } => LeaseError::Refused(message),
         Reply::Conflict { message } => LeaseError::Refused(message),
         other => LeaseError::Refused(format!("unexpected store reply {other:?}")),
     }

@@ -121,9 +121,16 @@ impl NetArgs {
         !self.no_network
     }
 
-    /// The slice to ask the control plane for, if the operator chose one.
-    pub(crate) fn want(&self) -> Option<String> {
-        self.net_pool.map(|c| c.to_string())
+    /// The slice to ask the control plane for: `--net-pool`, or else the
+    /// pool this node's sandboxes still hold addresses of (recorded in
+    /// `<data>/net/leases.json`), so a control plane that lost its state
+    /// gives the node its old slice back; `None` lets the control plane pick.
+    pub(crate) fn want(&self, data_dir: &std::path::Path) -> Option<String> {
+        self.net_pool.map(|c| c.to_string()).or_else(|| {
+            hearth_net::ipam::recorded_pool(&data_dir.join("net"))
+                .filter(|(_, leased)| *leased > 0)
+                .map(|(pool, _)| pool.to_string())
+        })
     }
 
     /// The node's networking, with `pool` the slice the control plane granted.
@@ -217,7 +224,7 @@ async fn dev(a: DevArgs) -> Result<()> {
         };
         let want = a
             .net
-            .want()
+            .want(&a.data_dir)
             .map(|w| w.parse::<hearth_store::Cidr>())
             .transpose()
             .map_err(|e| anyhow::anyhow!("--net-pool: {e}"))?;
@@ -276,7 +283,8 @@ async fn dev(a: DevArgs) -> Result<()> {
             l.local_addr()?,
             a.ingress_domain
         );
-        let app = hearth_ingress::router(&a.ingress_domain, ingress::AgentResolver(agent.clone()));
+        let app = hearth_ingress::router(&a.ingress_domain, ingress::AgentResolver(agent.clone()))
+            .into_make_service_with_connect_info::<std::net::SocketAddr>();
         tokio::spawn(async move {
             if let Err(e) = axum::serve(l, app).await {
                 tracing::error!("ingress stopped: {e}");

@@ -184,10 +184,11 @@ pub async fn control(a: ControlArgs) -> Result<()> {
             &a.ingress_domain,
             crate::ingress::ClusterResolver {
                 cp: cp.clone(),
-                bearer: token.secret().to_string(),
+                credential: hearth_ingress::relay_credential(token.secret()),
             },
         );
         tokio::spawn(async move {
+            let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
             if let Err(e) = axum::serve(l, app).await {
                 tracing::error!("ingress stopped: {e}");
             }
@@ -218,7 +219,7 @@ pub async fn agent(a: AgentArgs) -> Result<()> {
             instance,
             Some(token.secret()),
         );
-        let slice = join_network(&leases, a.net.want(), Duration::from_secs(120))
+        let slice = join_network(&leases, a.net.want(&a.data_dir), Duration::from_secs(120))
             .await
             .with_context(|| format!("node {} joining the cluster network", a.node))?;
         tracing::info!("node {}: sandbox addresses from {slice}", a.node);

@@ -44,8 +44,8 @@ pub struct NodeRelay {
     pub addr: SocketAddr,
     /// The agent's id of the sandbox.
     pub sandbox: String,
-    /// The cluster's API token, which the node ingress requires.
-    pub bearer: String,
+    /// The relay credential ([`relay_credential`]) the node ingress requires.
+    pub credential: String,
 }
 
 /// Where a request for a sandbox goes.
@@ -59,9 +59,33 @@ pub enum Target {
 
 /// Path prefix of the node ingress on an agent's node-local API.
 pub const NODE_PREFIX: &str = "/v1/ingress";
-/// Header that carries the client's own `Authorization` across the relay
-/// hop (which uses `Authorization` for the cluster token).
-const CLIENT_AUTH: &str = "x-hearth-client-authorization";
+/// Header that carries the relay credential from a cluster ingress to a node
+/// ingress; never reaches a sandbox.
+pub const RELAY_HEADER: &str = "x-hearth-relay-credential";
+/// Header that carries the client's `Host` across the relay hop; the node
+/// ingress puts it back into `Host`.
+pub const ORIGINAL_HOST: &str = "x-hearth-original-host";
+/// Header an earlier version used for the client's `Authorization`; removed
+/// from every request so a client cannot inject it.
+const LEGACY_CLIENT_AUTH: &str = "x-hearth-client-authorization";
+/// Headers only ingresses set; a client's copies are dropped.
+const PRIVATE_HEADERS: [&str; 3] = [RELAY_HEADER, ORIGINAL_HOST, LEGACY_CLIENT_AUTH];
+
+/// The credential a cluster ingress relays with: HMAC-SHA256 of the label
+/// `ingress-relay` keyed with the cluster token, hex. Only a node ingress
+/// accepts it (no other API route does), and the cluster token itself never
+/// travels with a client's request.
+pub fn relay_credential(cluster_token: &str) -> String {
+    use hmac::Mac;
+    let mut m = hmac::Hmac::<sha2::Sha256>::new_from_slice(cluster_token.as_bytes())
+        .expect("HMAC takes keys of any length");
+    m.update(b"ingress-relay");
+    m.finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
 
 /// Why a sandbox cannot be reached.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -100,13 +124,15 @@ pub fn router(domain: &str, resolver: impl Resolver) -> Router {
 
 struct NodeIngress {
     resolver: Box<dyn Resolver>,
-    bearer: String,
+    credential: String,
 }
 
 /// The node ingress of an agent: `/v1/ingress/sandboxes/<id>/ports/<port>/...`
-/// for requests relayed by a cluster ingress. Requires the cluster's bearer
-/// token; the sandbox's own access token is checked as at any ingress.
-pub fn node_router(resolver: impl Resolver, bearer: &str) -> Router {
+/// for requests relayed by a cluster ingress. Requires the relay credential
+/// derived from the cluster token ([`relay_credential`]) in [`RELAY_HEADER`],
+/// not the token itself; the sandbox's own access token is checked as at any
+/// ingress.
+pub fn node_router(resolver: impl Resolver, cluster_token: &str) -> Router {
     Router::new()
         .route(
             &format!("{NODE_PREFIX}/sandboxes/{{*rest}}"),
@@ -114,7 +140,7 @@ pub fn node_router(resolver: impl Resolver, bearer: &str) -> Router {
         )
         .with_state(Arc::new(NodeIngress {
             resolver: Box::new(resolver),
-            bearer: bearer.to_string(),
+            credential: relay_credential(cluster_token),
         }))
 }
 
@@ -211,7 +237,8 @@ fn unavailable(e: Unavailable) -> Response {
     }
 }
 
-async fn proxy(State(ing): State<Arc<Ingress>>, req: Request) -> Response {
+async fn proxy(State(ing): State<Arc<Ingress>>, mut req: Request) -> Response {
+    forwarded_from_client(&mut req);
     let host = req
         .headers()
         .get(header::HOST)
@@ -234,24 +261,64 @@ async fn proxy(State(ing): State<Arc<Ingress>>, req: Request) -> Response {
     }
 }
 
+/// Drops the client's copies of the ingress-private headers and sets
+/// `X-Forwarded-Host/For/Proto` from what this ingress saw (a client's own
+/// values are not trusted).
+fn forwarded_from_client(req: &mut Request) {
+    let peer = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip().to_string());
+    let h = req.headers_mut();
+    for p in PRIVATE_HEADERS {
+        h.remove(p);
+    }
+    match h.get(header::HOST).cloned() {
+        Some(v) => {
+            h.insert("x-forwarded-host", v);
+        }
+        None => {
+            h.remove("x-forwarded-host");
+        }
+    }
+    match peer.and_then(|p| p.parse().ok()) {
+        Some(v) => {
+            h.insert("x-forwarded-for", v);
+        }
+        None => {
+            h.remove("x-forwarded-for");
+        }
+    }
+    h.insert(
+        "x-forwarded-proto",
+        header::HeaderValue::from_static("http"),
+    );
+}
+
 /// A request relayed by a cluster ingress to this node.
 async fn node_proxy(State(node): State<Arc<NodeIngress>>, mut req: Request) -> Response {
-    let bearer = req
+    let presented = req
         .headers()
-        .get(header::AUTHORIZATION)
+        .get(RELAY_HEADER)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    if !same(bearer, &node.bearer) {
+    if !same(presented, &node.credential) {
         return reply(
             StatusCode::UNAUTHORIZED,
-            "the node ingress takes only requests relayed with the cluster token",
+            format!("the node ingress takes only requests relayed by a cluster ingress ({RELAY_HEADER})"),
         );
     }
-    // why: the sandbox must never see the cluster token; give back the client's own.
-    req.headers_mut().remove(header::AUTHORIZATION);
-    if let Some(v) = req.headers_mut().remove(CLIENT_AUTH) {
-        req.headers_mut().insert(header::AUTHORIZATION, v);
+    // why: the sandbox must never see the relay credential; it gets the client's Host back.
+    let h = req.headers_mut();
+    h.remove(RELAY_HEADER);
+    h.remove(LEGACY_CLIENT_AUTH);
+    match h.remove(ORIGINAL_HOST) {
+        Some(v) => {
+            h.insert(header::HOST, v);
+        }
+        None => {
+            h.remove(header::HOST);
+        }
     }
     let pq = req
         .uri()
@@ -287,39 +354,29 @@ async fn to_sandbox(mut req: Request, r: &route::Route, backend: Backend) -> Res
     let path = without_token_param(&r.path);
     req.headers_mut().remove(TOKEN_HEADER);
     strip_token_cookie(req.headers_mut());
-    if let Some(h) = req.headers().get(header::HOST).cloned() {
-        if !req.headers().contains_key("x-forwarded-host") {
-            req.headers_mut().insert("x-forwarded-host", h);
-        }
-    }
     let what = format!("sandbox '{}' port {}", r.sandbox, r.port);
     forward(req, SocketAddr::from((backend.ip, r.port)), &path, &what).await
 }
 
-/// Sends the request, token and all, to the node ingress of the node that
-/// runs the sandbox; that node checks the token.
+/// Sends the request, the sandbox's token and the client's `Authorization`
+/// untouched, to the node ingress of the node that runs the sandbox (which
+/// checks the token), with the relay credential and the client's `Host` in
+/// private headers. The cluster token is never sent.
 async fn relay(mut req: Request, r: &route::Route, node: NodeRelay) -> Response {
     let path = format!(
         "{NODE_PREFIX}/sandboxes/{}/ports/{}{}",
         node.sandbox, r.port, r.path
     );
     let h = req.headers_mut();
-    if let Some(v) = h.remove(header::AUTHORIZATION) {
-        h.insert(CLIENT_AUTH, v);
-    }
-    match format!("Bearer {}", node.bearer).parse() {
-        Ok(v) => {
-            h.insert(header::AUTHORIZATION, v);
-        }
-        Err(_) => {
-            return reply(
-                StatusCode::BAD_GATEWAY,
-                "the cluster token is not a valid header value",
-            )
-        }
-    }
-    if let Some(host) = h.get(header::HOST).cloned() {
-        h.insert("x-forwarded-host", host);
+    let Ok(cred) = header::HeaderValue::from_str(&node.credential) else {
+        return reply(
+            StatusCode::BAD_GATEWAY,
+            "the relay credential is not a valid header value",
+        );
+    };
+    h.insert(RELAY_HEADER, cred);
+    if let Some(host) = h.remove(header::HOST) {
+        h.insert(ORIGINAL_HOST, host);
     }
     if let Ok(v) = node.addr.to_string().parse() {
         h.insert(header::HOST, v);

@@ -19,6 +19,45 @@ pub const CLUSTER_CIDR: Cidr = Cidr {
 };
 /// Size of an allocated node slice (254 sandbox addresses).
 pub const SLICE_PREFIX: u8 = 24;
+/// Where a slice an agent asks for (`--net-pool`) must lie: the private
+/// 10.0.0.0/8, which holds [`CLUSTER_CIDR`].
+pub const WANT_RANGE: Cidr = Cidr {
+    base: u32::from_be_bytes([10, 0, 0, 0]),
+    prefix: 8,
+};
+/// Smallest slice an agent may ask for (two host addresses).
+pub const MAX_WANT_PREFIX: u8 = 30;
+
+/// Why a node id or a requested slice is refused, `None` when both are fine.
+pub fn check_join(node: &str, instance: &str, want: Option<Cidr>) -> Option<String> {
+    if node.is_empty()
+        || node.len() > 64
+        || !node
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+    {
+        return Some(format!(
+            "node id '{}' must be 1 to 64 characters of a-z, 0-9, '.', '_' and '-'",
+            node.chars().take(80).collect::<String>()
+        ));
+    }
+    if instance.is_empty() {
+        return Some(format!(
+            "node {node}: the agent instance is empty; the agent sends the id from its node-instance file"
+        ));
+    }
+    if let Some(w) = want {
+        if w.prefix > MAX_WANT_PREFIX
+            || !WANT_RANGE.contains(Ipv4Addr::from(w.base))
+            || w.prefix < WANT_RANGE.prefix
+        {
+            return Some(format!(
+                "node {node}: address slice {w} must lie inside {WANT_RANGE} and be at most a /{MAX_WANT_PREFIX}; give another --net-pool"
+            ));
+        }
+    }
+    None
+}
 
 /// An IPv4 network, `a.b.c.d/n`, host bits zero.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -111,6 +150,11 @@ pub struct NodeSlice {
     /// Sandbox id (the agent's) -> address.
     #[serde(default)]
     pub leases: BTreeMap<String, Ipv4Addr>,
+    /// The node was removed (`hearth node rm`) while its agent instance still
+    /// held leases: the slice stays taken (no other node gets it) and leases
+    /// nothing new until that instance joins again or releases them all.
+    #[serde(default)]
+    pub retired: bool,
 }
 
 impl NodeSlice {
@@ -176,12 +220,31 @@ mod tests {
     }
 
     #[test]
+    fn join_requests_are_validated() {
+        let c = |s: &str| Some(s.parse::<Cidr>().unwrap());
+        assert_eq!(check_join("node-1.a_b", "i", c("10.77.0.0/24")), None);
+        assert_eq!(check_join("n", "i", None), None);
+        assert!(check_join("n", "", None).unwrap().contains("instance"));
+        assert!(check_join("N", "i", None).is_some(), "upper case");
+        assert!(check_join("a/b", "i", None).is_some());
+        assert!(check_join("", "i", None).is_some());
+        assert!(check_join(&"a".repeat(65), "i", None).is_some());
+        assert!(check_join("n", "i", c("10.9.0.0/31"))
+            .unwrap()
+            .contains("/30"));
+        assert!(check_join("n", "i", c("192.168.0.0/24")).is_some());
+        assert!(check_join("n", "i", c("0.0.0.0/0")).is_some());
+        assert!(check_join("n", "i", c("10.0.0.0/8")).is_none());
+    }
+
+    #[test]
     fn a_slice_hands_out_host_addresses_only() {
         let mut s = NodeSlice {
             node: "n".into(),
             instance: "i".into(),
             cidr: "10.9.0.0/30".parse().unwrap(),
             leases: BTreeMap::new(),
+            retired: false,
         };
         let a = s.free_address().unwrap();
         s.leases.insert("a".into(), a);

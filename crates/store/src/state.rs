@@ -343,10 +343,14 @@ pub enum Reply {
     NotFound {
         what: String,
     },
-    /// The node id is held by another agent instance.
+    /// The node id is held by another agent instance (which one is never
+    /// told: its instance id is the node's fencing token).
     DuplicateNode {
         id: String,
-        holder: String,
+    },
+    /// The command's arguments are malformed (bad node id, empty instance...).
+    Invalid {
+        message: String,
     },
     /// The name or key is taken.
     Conflict {
@@ -518,20 +522,7 @@ impl State {
     pub fn apply(&mut self, cmd: &Command) -> Reply {
         match cmd {
             Command::RegisterNode { node } => self.register(node),
-            Command::RemoveNode { id, at_ms } => {
-                if !self.nodes.contains_key(id) {
-                    return Reply::NotFound {
-                        what: format!("node {id}"),
-                    };
-                }
-                let moved = self.evacuate(id, *at_ms, "its node was removed");
-                self.nodes.remove(id);
-                self.touch_node(id);
-                if self.slices.remove(id).is_some() {
-                    self.dirty.insert(Row::Slice(id.clone()));
-                }
-                moved
-            }
+            Command::RemoveNode { id, at_ms } => self.remove_node(id, *at_ms),
             Command::Heartbeat {
                 node,
                 instance,
@@ -546,10 +537,7 @@ impl State {
                     };
                 };
                 if &n.instance != instance {
-                    return Reply::DuplicateNode {
-                        id: node.clone(),
-                        holder: n.instance.clone(),
-                    };
+                    return Reply::DuplicateNode { id: node.clone() };
                 }
                 n.last_heartbeat_ms = n.last_heartbeat_ms.max(*at_ms);
                 n.ready = true;
@@ -754,21 +742,78 @@ impl State {
             }),
             Some(s) if s.instance != instance => Err(Reply::DuplicateNode {
                 id: node.to_string(),
-                holder: s.instance.clone(),
             }),
             Some(s) => Ok(s),
         }
     }
 
+    /// Removes the node (its sandboxes are moved or lost) and its slice. A
+    /// slice whose agent instance still holds leases is kept, retired, until
+    /// that instance releases them or joins again: the agent may still run
+    /// and use the addresses, so no other node may get them.
+    fn remove_node(&mut self, id: &str, at_ms: u64) -> Reply {
+        let slice = self
+            .slices
+            .get(id)
+            .map(|s| (s.retired, s.leases.len(), s.cidr));
+        let reply = match (self.nodes.contains_key(id), slice) {
+            (false, None) => {
+                return Reply::NotFound {
+                    what: format!("node {id}"),
+                }
+            }
+            (false, Some((true, n, cidr))) => {
+                return Reply::Conflict {
+                    message: format!(
+                        "node {id} is already removed; its address slice {cidr} stays taken while its \
+                         agent still holds {n} leases: stop that agent's sandboxes (`hearth rm`) or \
+                         start it again so it releases them"
+                    ),
+                }
+            }
+            (false, Some(_)) => Reply::Moved {
+                moved: Vec::new(),
+                lost: Vec::new(),
+            },
+            (true, _) => {
+                let moved = self.evacuate(id, at_ms, "its node was removed");
+                self.nodes.remove(id);
+                self.touch_node(id);
+                moved
+            }
+        };
+        if let Some(s) = self.slices.get_mut(id) {
+            if s.leases.is_empty() {
+                self.slices.remove(id);
+            } else {
+                s.retired = true;
+            }
+            self.dirty.insert(Row::Slice(id.to_string()));
+        }
+        reply
+    }
+
     fn allocate_slice(&mut self, node: &str, instance: &str, want: Option<Cidr>) -> Reply {
-        if let Some(held) = self.slices.get(node) {
+        if let Some(message) = crate::leases::check_join(node, instance, want) {
+            return Reply::Invalid { message };
+        }
+        if self.nodes.get(node).is_some_and(|n| n.instance != instance) {
+            return Reply::DuplicateNode {
+                id: node.to_string(),
+            };
+        }
+        if let Some(held) = self.slices.get_mut(node) {
             if held.instance != instance {
                 return Reply::DuplicateNode {
                     id: node.to_string(),
-                    holder: held.instance.clone(),
                 };
             }
             if want.is_none_or(|w| w == held.cidr) {
+                // why: the instance that holds a retired slice joins again.
+                if held.retired {
+                    held.retired = false;
+                    self.dirty.insert(Row::Slice(node.to_string()));
+                }
                 return Reply::Slice {
                     slice: held.clone(),
                 };
@@ -827,6 +872,7 @@ impl State {
             instance: instance.to_string(),
             cidr,
             leases: BTreeMap::new(),
+            retired: false,
         };
         self.slices.insert(node.to_string(), slice.clone());
         self.dirty.insert(Row::Slice(node.to_string()));
@@ -845,6 +891,13 @@ impl State {
             Err(r) => return r,
         };
         let cidr = s.cidr;
+        if s.retired {
+            return Reply::NotFound {
+                what: format!(
+                    "address slice of node {node} (the node was removed; the agent must join again)"
+                ),
+            };
+        }
         if let Some(ip) = s.leases.get(sandbox) {
             return Reply::Lease { ip: *ip, cidr };
         }
@@ -890,7 +943,11 @@ impl State {
         for k in &released {
             s.leases.remove(k);
         }
-        if !released.is_empty() {
+        // why: a removed node's slice is freed once its last lease is.
+        if s.retired && s.leases.is_empty() {
+            self.slices.remove(node);
+            self.dirty.insert(Row::Slice(node.to_string()));
+        } else if !released.is_empty() {
             self.dirty.insert(Row::Slice(node.to_string()));
         }
         Reply::Released { released }
@@ -927,7 +984,6 @@ impl State {
             if old.instance != node.instance {
                 return Reply::DuplicateNode {
                     id: node.id.clone(),
-                    holder: old.instance.clone(),
                 };
             }
             // The same agent restarting keeps what the operator set.
@@ -1192,5 +1248,123 @@ mod tests {
         assert_eq!(ip(claim(&mut st, "w", "10.9.0.2")), "10.9.0.2");
         let dirty = st.take_dirty();
         assert!(dirty.contains(&Row::Slice("a".into())), "{dirty:?}");
+    }
+
+    fn register(st: &mut State, id: &str, instance: &str) -> Reply {
+        st.apply(&Command::RegisterNode {
+            node: NodeRecord {
+                id: id.into(),
+                instance: instance.into(),
+                address: "http://127.0.0.1:1".into(),
+                capacity: Resources::default(),
+                accel: Accel::Tcg,
+                labels: BTreeMap::new(),
+                cordoned: false,
+                ready: true,
+                registered_ms: 1,
+                last_heartbeat_ms: 1,
+                warm_templates: BTreeSet::new(),
+                volumes: BTreeSet::new(),
+            },
+        })
+    }
+
+    fn rm(st: &mut State, id: &str) -> Reply {
+        st.apply(&Command::RemoveNode {
+            id: id.into(),
+            at_ms: 2,
+        })
+    }
+
+    #[test]
+    fn a_removed_node_keeps_its_slice_taken_while_its_agent_holds_leases() {
+        let mut st = State::default();
+        register(&mut st, "a", "i1");
+        slice(&mut st, "a", "i1", None);
+        let x = ip(lease(&mut st, "a", "x"));
+        assert!(matches!(rm(&mut st, "a"), Reply::Moved { .. }));
+        assert!(st.slices["a"].retired, "{:?}", st.slices);
+        // Another node never gets the removed node's addresses.
+        let Reply::Slice { slice: b } = slice(&mut st, "b", "i2", None) else {
+            panic!()
+        };
+        assert_eq!(b.cidr.to_string(), "10.88.1.0/24");
+        assert!(matches!(
+            slice(&mut st, "c", "i3", Some("10.88.0.0/24")),
+            Reply::Conflict { .. }
+        ));
+        // The retired slice leases nothing new until its agent joins again.
+        assert!(matches!(lease(&mut st, "a", "y"), Reply::NotFound { .. }));
+        assert!(matches!(
+            slice(&mut st, "a", "intruder", None),
+            Reply::DuplicateNode { .. }
+        ));
+        assert!(
+            matches!(rm(&mut st, "a"), Reply::Conflict { .. }),
+            "a second rm does not free addresses still in use"
+        );
+        let Reply::Slice { slice: back } = slice(&mut st, "a", "i1", None) else {
+            panic!()
+        };
+        assert!(!back.retired);
+        assert_eq!(ip(lease(&mut st, "a", "x")), x, "the lease survived");
+        // Removed again, its agent releasing every lease frees the slice.
+        rm(&mut st, "a");
+        let r = st.apply(&Command::RetainLeases {
+            node: "a".into(),
+            instance: "i1".into(),
+            keep: BTreeSet::new(),
+        });
+        assert_eq!(
+            r,
+            Reply::Released {
+                released: vec!["x".into()]
+            }
+        );
+        assert!(!st.slices.contains_key("a"));
+        assert!(st.take_dirty().contains(&Row::Slice("a".into())));
+        let Reply::Slice { slice: c } = slice(&mut st, "c", "i3", None) else {
+            panic!()
+        };
+        assert_eq!(c.cidr.to_string(), "10.88.0.0/24", "freed for reuse");
+    }
+
+    #[test]
+    fn node_rm_frees_the_slice_of_a_node_that_never_registered() {
+        let mut st = State::default();
+        slice(&mut st, "ghost", "i1", None);
+        assert!(matches!(rm(&mut st, "ghost"), Reply::Moved { .. }));
+        assert!(st.slices.is_empty());
+        assert!(matches!(rm(&mut st, "ghost"), Reply::NotFound { .. }));
+    }
+
+    #[test]
+    fn a_slice_needs_the_node_records_instance_and_never_tells_the_holder() {
+        let mut st = State::default();
+        register(&mut st, "a", "secret-instance");
+        let r = slice(&mut st, "a", "other", None);
+        assert_eq!(r, Reply::DuplicateNode { id: "a".into() });
+        assert!(!format!("{r:?}").contains("secret-instance"));
+        assert!(st.slices.is_empty(), "no slice for a non-holder");
+        assert!(matches!(
+            slice(&mut st, "b", "", None),
+            Reply::Invalid { .. }
+        ));
+        assert!(matches!(
+            slice(&mut st, "Bad/Id", "i1", None),
+            Reply::Invalid { .. }
+        ));
+        assert!(matches!(
+            slice(&mut st, "b", "i1", Some("10.9.0.0/31")),
+            Reply::Invalid { .. }
+        ));
+        assert!(matches!(
+            slice(&mut st, "b", "i1", Some("192.168.0.0/24")),
+            Reply::Invalid { .. }
+        ));
+        assert!(matches!(
+            slice(&mut st, "a", "secret-instance", None),
+            Reply::Slice { .. }
+        ));
     }
 }

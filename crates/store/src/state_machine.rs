@@ -69,7 +69,9 @@ impl StateMachine {
     /// Loads the persisted state (all rows and the applied log id).
     pub(crate) fn load(db: Arc<Database>) -> Result<StateMachine, SErr> {
         let tx = db.begin_write().map_err(werr)?;
-        for t in [NODES, SANDBOXES, IMAGES, SLICES, TOMBSTONES, SM_META, SNAPSHOT] {
+        for t in [
+            NODES, SANDBOXES, IMAGES, SLICES, TOMBSTONES, SM_META, SNAPSHOT,
+        ] {
             tx.open_table(t).map_err(werr)?;
         }
         tx.commit().map_err(werr)?;

@@ -4,8 +4,7 @@ use std::collections::BTreeMap;
 
 use hearth_sched::{Accel, Request, Resources};
 use hearth_store::{
-    Cidr, Command, CopyReport, NodeRecord, Observed, Reply, RestartPolicy, SandboxRecord,
-    State,
+    Cidr, Command, CopyReport, NodeRecord, Observed, Reply, RestartPolicy, SandboxRecord, State,
 };
 use proptest::prelude::*;
 

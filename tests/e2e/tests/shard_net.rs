@@ -1,5 +1,5 @@
-//! Networking on the dev shard (scripts/shard): leases in the control-plane state and the
-//! cluster ingress across namespaces. The tests share one shard name, so they take turns
+//! Networking on the dev shard (scripts/shard): leases in the control-plane state and
+//! the cluster ingress across namespaces; the tests share one shard and take turns
 //! ([`SERIAL`]). Agents live in their own network namespaces,
 //! reachable only through their veth. Cutting that link is a real partition.
 //! Needs root and iproute2; skipped (with a message) otherwise.
@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 const NAME: &str = "hsn";
 const NET: &str = "10.77.202";
 const TOKEN: &str = "hearth-e2e-shard-token-0123456789";
+/// Every test here brings up the one shard `NAME`; CI runs two tests at a
+/// time, so they take turns (held for the whole test, shard down included).
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn shard(args: &[&str]) -> std::process::Output {
     Command::new(hearth_e2e::repo_root().join("scripts/shard"))
@@ -91,11 +94,6 @@ fn wait_node(id: &str, status: &str) -> Duration {
     }
 }
 
-/// The tests of this file use one shard name and so run one at a time.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-/// `curl` from inside namespace `ns` to the shard's cluster ingress; the body
-/// then the status code.
 fn curl_in(ns: &str, host: &str, path: &str, token: Option<&str>) -> String {
     let mut c = Command::new("ip");
     c.args([
@@ -161,11 +159,12 @@ fn leases() -> Vec<serde_json::Value> {
 
 #[test]
 fn ingress_reaches_httpd_on_agent1_from_another_namespace_and_leases_follow_sandboxes() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     if !can_run() {
         eprintln!("skipped: needs root and iproute2 for network namespaces");
         return;
     }
+    // why: a failed test poisons the lock; the next one still takes its turn.
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     shard(&["down"]);
     let _down = Down;
     let out = shard(&["up", "--agents", "3"]);
@@ -268,11 +267,12 @@ fn slice_of(node: &str) -> String {
 
 #[test]
 fn a_restarted_agent_keeps_its_slice_and_its_sandboxes_leases() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     if !can_run() {
         eprintln!("skipped: needs root and iproute2 for network namespaces");
         return;
     }
+    // why: a failed test poisons the lock; the next one still takes its turn.
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     shard(&["down"]);
     let _down = Down;
     let out = shard(&["up", "--agents", "2"]);
@@ -362,4 +362,66 @@ fn a_restarted_agent_keeps_its_slice_and_its_sandboxes_leases() {
     );
     let _ = again.kill();
     let _ = again.wait();
+}
+
+#[test]
+fn node_rm_of_a_running_agent_keeps_its_slice_and_leases_until_it_rejoins() {
+    if !can_run() {
+        eprintln!("skipped: needs root and iproute2 for network namespaces");
+        return;
+    }
+    // why: a failed test poisons the lock; the next one still takes its turn.
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    shard(&["down"]);
+    let _down = Down;
+    let out = shard(&["up", "--agents", "2"]);
+    assert!(out.status.success(), "shard up: {}", hearth_e2e::show(&out));
+    let rootfs = tempfile::tempdir().expect("tempdir");
+    hearth_e2e::images::busybox_rootfs(rootfs.path());
+    let body = serde_json::json!({"name": "busybox", "path": rootfs.path()});
+    let (code, img) = api_within("/v1/images/import", "POST", Some(&body.to_string()), 300);
+    assert!(code == 200 || code == 201, "{code} {img}");
+
+    let s1 = slice_of("agent1");
+    let first = create_on("agent1", "exec sleep 600");
+    let ip1 = running(&first)["network"]["ip"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // The agent still runs the sandbox: its slice and lease must stay taken.
+    let (code, r) = api("/v1/nodes/agent1", "DELETE", None);
+    assert_eq!(code, 204, "{r}");
+    assert_eq!(
+        slice_of("agent1"),
+        s1,
+        "node rm kept the slice of a running agent"
+    );
+    let held = leases();
+    assert!(
+        held.iter()
+            .any(|l| l["ip"] == ip1.as_str() && l["node"] == "agent1"),
+        "the running sandbox's lease must survive node rm: {held:?}"
+    );
+    let (code, r) = api("/v1/nodes/agent1", "DELETE", None);
+    assert!(
+        code == 409 || code == 204,
+        "a second rm: {code} {r} (409 while the slice is retired, 204 once re-registered)"
+    );
+
+    // The agent re-registers; its next sandbox makes it re-join its own slice.
+    wait_node("agent1", "ready");
+    let second = create_on("agent1", "exec sleep 600");
+    let ip2 = running(&second)["network"]["ip"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(ip1, ip2, "an address in use is never handed out again");
+    assert_eq!(slice_of("agent1"), s1);
+    let prefix: String = s1.rsplit_once('.').unwrap().0.to_string();
+    assert!(
+        ip2.starts_with(&format!("{prefix}.")),
+        "{ip2} is not from {s1}"
+    );
+    assert_ne!(slice_of("agent2"), s1);
 }

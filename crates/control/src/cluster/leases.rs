@@ -24,13 +24,14 @@ fn slice_view(s: &hearth_store::NodeSlice) -> NodeSlice {
 fn refused(r: Reply) -> HttpError {
     let (code, msg) = match r {
         Reply::NotFound { what } => (ErrorCode::NotFound, format!("no {what}")),
-        Reply::DuplicateNode { id, holder } => (
+        Reply::DuplicateNode { id } => (
             ErrorCode::Conflict,
             format!(
-                "node id {id} is already registered by another agent (instance {holder}); \
-                 give this agent another --node, or remove the old one with `hearth node rm {id}`"
+                "node id {id} is already registered by another agent instance; \
+                 give this agent another --node"
             ),
         ),
+        Reply::Invalid { message } => (ErrorCode::InvalidArgument, message),
         Reply::Conflict { message } => (ErrorCode::Conflict, message),
         Reply::Exhausted { message } => (ErrorCode::Exhausted, message),
         other => (

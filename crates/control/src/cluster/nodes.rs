@@ -63,11 +63,11 @@ fn node_reply(cp: &ControlPlane, r: Reply) -> ApiResult<Json<Node>> {
     match r {
         Reply::Node { node } => Ok(Json(cp.store.read_local(|st| node_view(st, &node)))),
         Reply::NotFound { what } => Err(not_found(&what)),
-        Reply::DuplicateNode { id, holder } => Err(HttpError(ApiError::new(
+        Reply::DuplicateNode { id } => Err(HttpError(ApiError::new(
             ErrorCode::NodeIdentityConflict,
             format!(
-                "node id {id} is already registered by another agent (instance {holder}); \
-                 give this agent another --node, or remove the old one with `hearth node rm {id}`"
+                "node id {id} is already registered by another agent instance; \
+                 give this agent another --node"
             ),
         ))),
         other => Err(HttpError(ApiError::new(
@@ -109,6 +109,8 @@ pub(super) async fn remove(
         .await?
     {
         Reply::NotFound { what } => Err(not_found(&what)),
+        // why: a removed node's slice whose agent still holds leases stays taken.
+        Reply::Conflict { message } => Err(HttpError(ApiError::new(ErrorCode::Conflict, message))),
         _ => Ok(StatusCode::NO_CONTENT),
     }
 }
