@@ -338,3 +338,97 @@ fn networked_sandboxes_boot_cold_and_cannot_be_snapshotted_yet() {
     assert_eq!(out.status.code(), Some(125), "{}", show(&out));
     assert!(stderr(&out).contains("--network none"), "{}", show(&out));
 }
+
+/// `hearth snapshot rm` of a snapshot a running sandbox was restored from: the
+/// refusal names the sandbox, before and after a daemon restart.
+#[test]
+fn removing_a_snapshot_in_use_is_refused_naming_the_sandbox_also_after_a_restart() {
+    let mut d = Daemon::start();
+    let src = run_detached(&d, &["busybox", "--", "sleep", "100000"]);
+    wait_running(&d, &src);
+    let out = d.hearth(&["snapshot", &src, "--name", "s"]);
+    assert!(out.status.success(), "{}", show(&out));
+    // The sandbox a snapshot was taken from does not depend on it.
+    let out = d.hearth(&["rm", "-f", &src]);
+    assert!(out.status.success(), "{}", show(&out));
+    let out = d.hearth(&["run", "-d", "--name", "user", "--from-snapshot", "s"]);
+    assert!(out.status.success(), "{}", show(&out));
+    wait_running(&d, "user");
+
+    let refused = |d: &Daemon| {
+        let out = d.hearth(&["snapshot", "rm", "s"]);
+        assert_eq!(out.status.code(), Some(125), "{}", show(&out));
+        let err = stderr(&out);
+        assert!(
+            err.contains("snapshot 's' is in use") && err.contains("user"),
+            "{}",
+            show(&out)
+        );
+        let ls = json(&d.hearth(&["snapshot", "ls", "--json"]));
+        assert_eq!(ls[0]["in_use"], 1, "{ls}");
+    };
+    refused(&d);
+    assert!(d.data_dir().join("snapshots/s/ram").exists());
+
+    d.kill9();
+    d.spawn();
+    let status = d.inspect("user")["status"].as_str().unwrap().to_string();
+    if status == "running" {
+        // A daemon that takes running sandboxes over still protects their snapshot.
+        refused(&d);
+        let out = d.hearth(&["rm", "-f", "user"]);
+        assert!(out.status.success(), "{}", show(&out));
+    } else {
+        // A daemon that stopped the sandbox at start frees its snapshot.
+        assert_eq!(status, "lost", "{}", d.inspect("user"));
+    }
+    let out = d.hearth(&["snapshot", "rm", "s"]);
+    assert!(out.status.success(), "{}", show(&out));
+    let out = d.hearth(&["snapshot", "ls", "--json"]);
+    assert_eq!(json(&out), serde_json::json!([]));
+    let left: Vec<_> = std::fs::read_dir(d.data_dir().join("snapshots"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "left in snapshots/: {left:?}");
+}
+
+/// `snapshot rm` racing `run --from-snapshot`: exactly one wins, and a sandbox
+/// that was accepted runs (its snapshot's files were not deleted under it).
+#[test]
+fn snapshot_rm_racing_a_restore_never_deletes_files_the_restore_uses() {
+    let d = Daemon::start();
+    let src = run_detached(&d, &["busybox", "--", "sleep", "100000"]);
+    wait_running(&d, &src);
+    for round in 0..3 {
+        let name = format!("race{round}");
+        let out = d.hearth(&["snapshot", &src, "--name", &name]);
+        assert!(out.status.success(), "{}", show(&out));
+        let (run, rm) = std::thread::scope(|s| {
+            let rm = s.spawn(|| d.hearth(&["snapshot", "rm", &name]));
+            let run = d.hearth(&["run", "-d", "--from-snapshot", &name]);
+            (run, rm.join().unwrap())
+        });
+        assert_ne!(
+            run.status.success(),
+            rm.status.success(),
+            "exactly one of run and rm wins:\nrun: {}\nrm: {}",
+            show(&run),
+            show(&rm)
+        );
+        if run.status.success() {
+            assert!(stderr(&rm).contains("in use"), "{}", show(&rm));
+            let id = stdout(&run).trim().to_string();
+            wait_running(&d, &id);
+            let out = d.hearth(&["rm", "-f", &id]);
+            assert!(out.status.success(), "{}", show(&out));
+        } else {
+            assert!(
+                stderr(&run).contains("not found") || stderr(&run).contains("removed"),
+                "{}",
+                show(&run)
+            );
+        }
+    }
+}
