@@ -806,7 +806,14 @@ impl Agent {
             started_from: None,
             owner: req.owner.clone(),
         };
-        persist(&dir, &rec).map_err(io_err(format!("save {}", dir.display())))?;
+        if let Err(e) = persist(&dir, &rec) {
+            // why: a sandbox dir without a record would be ignored, never cleaned up (disk full).
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(io_err(format!(
+                "save the record of sandbox {id} in {}",
+                dir.display()
+            ))(e));
+        }
         let entry = Arc::new(Entry::new(dir, rec));
         map.insert(id, entry.clone());
         Ok(entry)
