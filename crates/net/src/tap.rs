@@ -160,6 +160,10 @@ pub fn create(tap: &str, ip: Ipv4Addr) -> io::Result<()> {
     // why: the guest's default gateway is a link-local address nobody owns; the
     // tap answers for it and the host routes on.
     sysctl(&format!("{conf}/rp_filter"), "0")?;
+    // why: proxy ARP answers broadcast requests after a random delay of up to
+    // proxy_delay (0.8 s by default); the guest's first packet waits for it,
+    // and a slow (TCG, loaded) guest can run out of ARP retries meanwhile.
+    sysctl(&format!("/proc/sys/net/ipv4/neigh/{tap}/proxy_delay"), "0")?;
     link_up(tap)?;
     add_route(tap, ip)
 }
