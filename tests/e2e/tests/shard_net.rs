@@ -157,19 +157,20 @@ fn leases() -> Vec<serde_json::Value> {
     v.as_array().cloned().unwrap_or_default()
 }
 
-#[test]
-fn ingress_reaches_httpd_on_agent1_from_another_namespace_and_leases_follow_sandboxes() {
+/// Takes this file's turn ([`SERIAL`]), brings a shard of `agents` agents up
+/// and imports busybox on every node. `None` (the test skips) without root.
+/// Dropping the result brings the shard down, then gives up the turn.
+fn shard_with_busybox(agents: u32) -> Option<(Down, std::sync::MutexGuard<'static, ()>)> {
     if !can_run() {
         eprintln!("skipped: needs root and iproute2 for network namespaces");
-        return;
+        return None;
     }
     // why: a failed test poisons the lock; the next one still takes its turn.
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     shard(&["down"]);
-    let _down = Down;
-    let out = shard(&["up", "--agents", "3"]);
+    let down = Down;
+    let out = shard(&["up", "--agents", &agents.to_string()]);
     assert!(out.status.success(), "shard up: {}", hearth_e2e::show(&out));
-
     let rootfs = tempfile::tempdir().expect("tempdir");
     hearth_e2e::images::busybox_rootfs(rootfs.path());
     let body = serde_json::json!({"name": "busybox", "path": rootfs.path()});
@@ -178,6 +179,14 @@ fn ingress_reaches_httpd_on_agent1_from_another_namespace_and_leases_follow_sand
         code == 200 || code == 201,
         "import on every node: {code} {img}"
     );
+    Some((down, serial))
+}
+
+#[test]
+fn ingress_reaches_httpd_on_agent1_from_another_namespace_and_leases_follow_sandboxes() {
+    let Some(_shard) = shard_with_busybox(3) else {
+        return;
+    };
 
     let web = create_on(
         "agent1",
@@ -267,21 +276,9 @@ fn slice_of(node: &str) -> String {
 
 #[test]
 fn a_restarted_agent_keeps_its_slice_and_frees_the_leases_of_sandboxes_that_did_not_survive() {
-    if !can_run() {
-        eprintln!("skipped: needs root and iproute2 for network namespaces");
+    let Some(_shard) = shard_with_busybox(2) else {
         return;
-    }
-    // why: a failed test poisons the lock; the next one still takes its turn.
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    shard(&["down"]);
-    let _down = Down;
-    let out = shard(&["up", "--agents", "2"]);
-    assert!(out.status.success(), "shard up: {}", hearth_e2e::show(&out));
-    let rootfs = tempfile::tempdir().expect("tempdir");
-    hearth_e2e::images::busybox_rootfs(rootfs.path());
-    let body = serde_json::json!({"name": "busybox", "path": rootfs.path()});
-    let (code, img) = api_within("/v1/images/import", "POST", Some(&body.to_string()), 300);
-    assert!(code == 200 || code == 201, "{code} {img}");
+    };
 
     let (s1, s2) = (slice_of("agent1"), slice_of("agent2"));
     assert_ne!(s1, s2);
@@ -378,21 +375,9 @@ fn a_restarted_agent_keeps_its_slice_and_frees_the_leases_of_sandboxes_that_did_
 
 #[test]
 fn node_rm_of_a_running_agent_keeps_its_slice_and_leases_until_it_rejoins() {
-    if !can_run() {
-        eprintln!("skipped: needs root and iproute2 for network namespaces");
+    let Some(_shard) = shard_with_busybox(2) else {
         return;
-    }
-    // why: a failed test poisons the lock; the next one still takes its turn.
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    shard(&["down"]);
-    let _down = Down;
-    let out = shard(&["up", "--agents", "2"]);
-    assert!(out.status.success(), "shard up: {}", hearth_e2e::show(&out));
-    let rootfs = tempfile::tempdir().expect("tempdir");
-    hearth_e2e::images::busybox_rootfs(rootfs.path());
-    let body = serde_json::json!({"name": "busybox", "path": rootfs.path()});
-    let (code, img) = api_within("/v1/images/import", "POST", Some(&body.to_string()), 300);
-    assert!(code == 200 || code == 201, "{code} {img}");
+    };
 
     let s1 = slice_of("agent1");
     let first = create_on("agent1", "exec sleep 600");
