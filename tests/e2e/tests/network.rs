@@ -155,10 +155,17 @@ fn counter(stats: &serde_json::Value, label_part: &str) -> u64 {
         .sum()
 }
 
+/// A `busybox sleep 600` sandbox started with `args`: (id, address).
 fn start_detached(d: &Daemon, args: &[&str]) -> (String, String) {
-    let mut a = vec!["run", "--detach"];
-    a.extend_from_slice(args);
+    let mut a = args.to_vec();
     a.extend_from_slice(&["busybox", "--", "sleep", "600"]);
+    run_detached(d, &a)
+}
+
+/// `hearth run --detach ARGV`, then waits until it runs: (id, address).
+fn run_detached(d: &Daemon, argv: &[&str]) -> (String, String) {
+    let mut a = vec!["run", "--detach"];
+    a.extend_from_slice(argv);
     let out = d.hearth(&a);
     assert!(out.status.success(), "{}", show(&out));
     let id = stdout(&out).trim().to_string();
@@ -463,15 +470,10 @@ fn ingress_reaches_httpd_in_the_sandbox_from_another_namespace() {
         .port();
     let listen = format!("{host_ip}:{port}");
     let d = Daemon::start_with_env(&[("HEARTH_INGRESS_LISTEN", &listen)]);
-    let out = d.hearth(&[
-        "run", "--detach", "busybox", "--", "sh", "-c",
+    let (id, _) = run_detached(&d, &[
+        "busybox", "--", "sh", "-c",
         "mkdir -p /www && echo hello-from-sandbox > /www/index.html && exec httpd -f -p 8080 -h /www",
     ]);
-    assert!(out.status.success(), "{}", show(&out));
-    let id = stdout(&out).trim().to_string();
-    wait_until("sandbox running", Duration::from_secs(120), || {
-        d.inspect(&id)["status"] == "running"
-    });
     let token = d.inspect(&id)["network"]["ingress_token"]
         .as_str()
         .expect("token")
@@ -611,20 +613,11 @@ fn ingress_rules_filter_new_inbound_flows_and_keep_replies_and_the_proxy() {
     let listen = format!("{host_ip}:{port}");
     let d = Daemon::start_with_env(&[("HEARTH_INGRESS_LISTEN", &listen)]);
     let allow = format!("192.168.{s}.0/24:8080:tcp");
-    let out = d.hearth(&[
-        "run", "--detach", "--ingress-default", "deny", "--ingress-allow", &allow,
+    let (id, ip) = run_detached(&d, &[
+        "--ingress-default", "deny", "--ingress-allow", &allow,
         "busybox", "--", "sh", "-c",
         "mkdir -p /www && echo hello-from-sandbox > /www/index.html && httpd -p 8081 -h /www && exec httpd -f -p 8080 -h /www",
     ]);
-    assert!(out.status.success(), "{}", show(&out));
-    let id = stdout(&out).trim().to_string();
-    wait_until("sandbox running", Duration::from_secs(120), || {
-        d.inspect(&id)["status"] == "running"
-    });
-    let ip = d.inspect(&id)["network"]["ip"]
-        .as_str()
-        .unwrap()
-        .to_string();
     let token = d.inspect(&id)["network"]["ingress_token"]
         .as_str()
         .unwrap()
@@ -761,29 +754,21 @@ fn crafted_non_initial_packets_to_a_denied_destination_are_dropped() {
     // Default deny; only UDP 5353 (the control) and TCP 8080 are allowed there.
     let udp = format!("{}/32:5353:udp", ns.server_ip);
     let web = format!("{}/32:8080:tcp", ns.server_ip);
-    let out = d.hearth(&[
-        "run",
-        "--detach",
-        "--egress-default",
-        "deny",
-        "--egress-allow",
-        &udp,
-        "--egress-allow",
-        &web,
-        "craft",
-        "--",
-        "sleep",
-        "600",
-    ]);
-    assert!(out.status.success(), "{}", show(&out));
-    let id = stdout(&out).trim().to_string();
-    wait_until("sandbox running", Duration::from_secs(120), || {
-        d.inspect(&id)["status"] == "running"
-    });
-    let ip = d.inspect(&id)["network"]["ip"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (id, ip) = run_detached(
+        &d,
+        &[
+            "--egress-default",
+            "deny",
+            "--egress-allow",
+            &udp,
+            "--egress-allow",
+            &web,
+            "craft",
+            "--",
+            "sleep",
+            "600",
+        ],
+    );
     // A real connection to an allowed port still works end to end (its
     // non-initial packets pass because its flow is tracked).
     first_probe_ok(&d, &id, &ns.server_ip);
