@@ -336,6 +336,17 @@ mod tests {
     }
 
     #[test]
+    fn manifest_from_before_the_ram_pad_reads_as_unpadded() {
+        let d = tempfile::tempdir().unwrap();
+        let m = snapshot(d.path());
+        let mut j = serde_json::to_value(&m).unwrap();
+        j.as_object_mut().unwrap().remove("ram_pad_kib");
+        let old: SnapshotManifest = serde_json::from_value(j).unwrap();
+        assert_eq!(old.ram_pad_kib, 0);
+        assert_eq!(serde_json::to_value(&m).unwrap()["ram_pad_kib"], 8);
+    }
+
+    #[test]
     fn intact_snapshot_passes_both_checks() {
         let d = tempfile::tempdir().unwrap();
         let m = snapshot(d.path());

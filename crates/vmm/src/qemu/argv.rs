@@ -293,6 +293,19 @@ mod tests {
     }
 
     #[test]
+    fn tcg_ram_is_padded_off_the_256_kib_grid_and_kvm_ram_is_not() {
+        for mib in [64, 128, 256, 1024, 4096] {
+            let tcg = ram_kib(mib, Accel::Tcg);
+            assert_eq!(tcg, u64::from(mib) * 1024 + 8);
+            // QEMU 7.2 takes its lossy dirty-sync fast path on multiples of 256 KiB.
+            assert_ne!(tcg % 256, 0, "{mib} MiB");
+            // ...and rounds `-m` to 8 KiB, so the size must be one of those.
+            assert_eq!(tcg % 8, 0);
+            assert_eq!(ram_kib(mib, Accel::Kvm), u64::from(mib) * 1024);
+        }
+    }
+
+    #[test]
     fn probe_cmdline_carries_the_probe_flag() {
         assert_eq!(
             kernel_cmdline("h", true, &[]),
