@@ -26,6 +26,10 @@ fn sandbox_network_is_built_updated_and_removed_without_leftovers() {
     assert!(sh("ip -o link show").contains(&rec.tap));
     assert!(sh("ip route show").contains(&format!("10.251.7.1 dev {}", rec.tap)));
     assert!(sh("nft list set ip hearth sandboxes").contains("10.251.7.1"));
+    // The guest's gateway ARP is answered at once (a delayed proxy answer made
+    // first connections miss busybox nc's 3 s; docs/networking.md).
+    let delay = format!("/proc/sys/net/ipv4/neigh/{}/proxy_delay", rec.tap);
+    assert_eq!(std::fs::read_to_string(&delay).unwrap().trim(), "0");
     let progs = sh("bpftool prog show");
     assert!(
         progs.contains("guest_out") && progs.contains("guest_in"),
