@@ -1164,6 +1164,32 @@ fn an_oversized_net_pool_is_refused_naming_the_flag() {
             "{pool}: {err}"
         );
     }
+    // The control plane's join route (what `hearthd agent` asks) says the same.
+    let d = Daemon::start_with(hearth_e2e::DaemonOptions {
+        busybox: false,
+        ..Default::default()
+    });
+    let (code, body) = d
+        .http(
+            "POST",
+            "/v1/agents/big-node/slice",
+            Some(r#"{"instance":"i-1","want":"10.0.0.0/8"}"#),
+        )
+        .expect("join");
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body.contains("--net-pool") && body.contains("/16 to a /30"),
+        "{body}"
+    );
+    // 10.99.x is never an e2e daemon's own pool (net_pool: 10.100-249.x).
+    let (code, body) = d
+        .http(
+            "POST",
+            "/v1/agents/small-node/slice",
+            Some(r#"{"instance":"i-2","want":"10.99.7.0/24"}"#),
+        )
+        .expect("join");
+    assert_eq!(code, 200, "a sensible slice is granted: {body}");
 }
 
 /// Reproducer of the first-connection flake (docs/networking.md, not run by
