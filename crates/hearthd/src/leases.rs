@@ -45,6 +45,9 @@ impl StoreLeases {
 
     /// This node's slice: `want`, or the next free one of the cluster range.
     pub async fn join(&self, want: Option<Cidr>) -> Result<Cidr> {
+        if let Some(msg) = want.and_then(|w| hearth_store::leases::check_want(&self.node, w)) {
+            bail!("{msg}");
+        }
         let r = self
             .store
             .write(Command::AllocateSlice {
@@ -116,5 +119,16 @@ impl LeaseAuthority for StoreLeases {
                 other => Err(refused(other)),
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_network_crate_denies_the_range_the_control_plane_cuts_slices_from() {
+        assert_eq!(
+            hearth_net::CLUSTER_CIDR.to_string(),
+            hearth_store::leases::CLUSTER_CIDR.to_string()
+        );
     }
 }

@@ -33,6 +33,10 @@
 // update writes the inactive slot, then flips CONFIG.active (one byte), so a
 // packet sees either the whole old or the whole new policy.
 //
+// Sandboxes of this host (SANDBOXES, shared by every agent on the host) are
+// denied as egress destinations unless a rule of their pool or a CIDR inside
+// it allows them, so sandboxes of agents with other pools stay apart too.
+//
 // Host addresses (HOSTS, written by the agent from the node's live addresses
 // and their directed-broadcast addresses) are denied as egress destinations
 // unless an entry of their own /32 allows them. As ingress sources (the
@@ -75,7 +79,7 @@
 #define C_IN_FROM_HOST 12
 #define C_REJUDGED_DENY 13
 #define C_EXPIRED 14
-#define C_ICMP_ERR_BAD 15
+#define C_OUT_SANDBOX_DENY 15
 
 #define DIR_EGRESS 0
 #define DIR_INGRESS 1
@@ -99,6 +103,13 @@ struct icmphdr {
 #define ACT_DENY 2
 // Entry copied down from an enclosing prefix (not the prefix's own rule).
 #define ACT_INHERITED 4
+// Bits 3..7 of `action`: prefix length of the CIDR the rule was written for
+// (capped at 31), so a sandbox of another pool is opened only by rules of
+// its pool or a CIDR inside it.
+#define ACT_ORIGIN_SHIFT 3
+// match_rules mode: only the address's own /32 and no inherited entries.
+#define OWN_ONLY 64
+#define MAX_SANDBOXES 65536
 
 struct sandbox_cfg {
 	__u32 ip;	  // network byte order
@@ -114,7 +125,7 @@ struct rule {
 	__u16 port_lo;	  // host byte order; 0..65535 for any
 	__u16 port_hi;
 	__u8 proto;	  // 0 any, else IPPROTO_*
-	__u8 action;	  // ACT_* (| ACT_INHERITED)
+	__u8 action;	  // ACT_* | ACT_INHERITED | origin << ACT_ORIGIN_SHIFT
 	__u16 counter;	  // slot in `counters`
 };
 
@@ -183,6 +194,19 @@ struct {
 	__type(key, __u32);
 	__type(value, __u8);
 } HOSTS SEC(".maps");
+
+// Every sandbox address on this host, of every agent, to the prefix length of
+// its pool: one map shared by all program instances (pinned by name under
+// /sys/fs/bpf/hearth-host/). Egress to one is decided only by rules of a CIDR
+// at least as specific as its pool, else denied.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_SANDBOXES);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__type(key, __u32);
+	__type(value, __u8);
+} SANDBOXES SEC(".maps");
 
 // Flows the guest opened.
 struct {
@@ -279,9 +303,10 @@ static __always_inline int first_fragment(struct iphdr *ip, __u32 dir, int verdi
 	return verdict;
 }
 
-// Rule lookup: 1 allow, 0 deny, -1 no entry matched. `own_only` skips
-// inherited entries and requires the list to be the address's own /32.
-static __noinline int match_rules(__u32 tag, __u32 addr, __u32 proto_port, __u32 own_only,
+// Rule lookup: 1 allow, 0 deny, -1 no entry matched. `mode` OWN_ONLY skips
+// inherited entries and requires the list to be the address's own /32; else
+// it is the shortest CIDR whose rules count (0: all).
+static __noinline int match_rules(__u32 tag, __u32 addr, __u32 proto_port, __u32 mode,
 				  __u32 len)
 {
 	struct lpm_key key = { .prefixlen = 64, .tag = tag, .addr = addr };
@@ -290,14 +315,18 @@ static __noinline int match_rules(__u32 tag, __u32 addr, __u32 proto_port, __u32
 	__u16 port = proto_port & 0xffff;
 	if (!list)
 		return -1;
-	if (own_only && list->prefixlen != 32)
+	if (mode == OWN_ONLY && list->prefixlen != 32)
+		return -1;
+	if (mode != OWN_ONLY && list->prefixlen < mode)
 		return -1;
 #pragma unroll
 	for (int i = 0; i < RULES_PER_PREFIX; i++) {
 		struct rule *r = &list->r[i];
 		if (r->action == ACT_END)
 			break;
-		if (own_only && (r->action & ACT_INHERITED))
+		if (mode == OWN_ONLY && (r->action & ACT_INHERITED))
+			continue;
+		if (mode != OWN_ONLY && (r->action >> ACT_ORIGIN_SHIFT) < mode)
 			continue;
 		if (r->proto && r->proto != proto)
 			continue;
@@ -428,13 +457,29 @@ static __always_inline int judge(struct sandbox_cfg *cfg, __u32 epoch, __u32 rem
 				allow = 1;
 			}
 		} else {
-			allow = match_rules(tag, remote, proto_port, 1, len);
+			allow = match_rules(tag, remote, proto_port, OWN_ONLY, len);
 			if (allow < 0) {
 				count(C_OUT_HOST_DENY, len);
 				allow = 0;
 			}
 		}
 		return allow;
+	}
+	if (dir == DIR_EGRESS) {
+		__u8 *pool = bpf_map_lookup_elem(&SANDBOXES, &remote);
+		if (pool) {
+			__u32 min = *pool;
+			if (min > 31)
+				min = 31;
+			if (min == 0)
+				min = 1;
+			allow = match_rules(tag, remote, proto_port, min, len);
+			if (allow < 0) {
+				count(C_OUT_SANDBOX_DENY, len);
+				allow = 0;
+			}
+			return allow;
+		}
 	}
 	allow = match_rules(tag, remote, proto_port, 0, len);
 	if (allow >= 0)

@@ -11,6 +11,14 @@ pub struct Cidr {
     len: u8,
 }
 
+/// The range node slices are cut from when an agent does not ask for one
+/// (`hearth_store::leases::CLUSTER_CIDR`, which must stay equal). Sandboxes
+/// deny it as an egress destination unless a rule allows it.
+pub const CLUSTER_CIDR: Cidr = Cidr {
+    addr: Ipv4Addr::new(10, 88, 0, 0),
+    len: 16,
+};
+
 /// A CIDR string could not be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CidrError {

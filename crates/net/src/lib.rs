@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use serde::{Deserialize, Serialize};
 
-pub use cidr::Cidr;
+pub use cidr::{Cidr, CLUSTER_CIDR};
 pub use ipam::{FileLeaseStore, Ipam, IpamError, LeaseStore};
 pub use policy::maps::BpfError;
 pub use policy::{Action, Direction, Policy, PolicyError, Rule, RuleSet};
@@ -230,9 +230,17 @@ impl NodeNet {
         Ok(net)
     }
 
-    /// Checks and compiles a policy (the sandbox pool is denied implicitly).
+    /// Address ranges of sandboxes, denied implicitly as egress destinations:
+    /// the cluster CIDR and this node's pool (when it lies outside it, e.g. a
+    /// `--net-pool`). Sandboxes of other agents on this host, whatever their
+    /// pool, are denied by the program (`SANDBOXES` map).
+    pub fn sandbox_ranges(&self) -> Vec<Cidr> {
+        vec![CLUSTER_CIDR, self.cfg.pool]
+    }
+
+    /// Checks and compiles a policy (the sandbox ranges are denied implicitly).
     pub fn compile(&self, p: &Policy) -> Result<policy::Compiled, NetError> {
-        Ok(policy::compile(p, &[self.cfg.pool])?)
+        Ok(policy::compile(p, &self.sandbox_ranges())?)
     }
 
     /// Rewrites the host address list of every sandbox on this node from the
@@ -299,6 +307,7 @@ impl NodeNet {
                 source,
             })?;
             policy::maps::attach(&rec.tap, ip, rec.mac, &compiled, &tap::host_addresses())?;
+            policy::maps::add_host_sandbox(ip, self.cfg.pool.prefix_len())?;
             nat::add(ip)?;
             Ok(())
         })();
@@ -381,6 +390,9 @@ impl NodeNet {
             if let Err(e) = nat::remove(ip) {
                 errs.push(e.into());
             }
+            if let Err(e) = policy::maps::remove_host_sandbox(ip) {
+                errs.push(e.into());
+            }
         }
         let _ = std::fs::remove_file(self.record_path(id));
         if let Err(e) = self.ipam.release(id) {
@@ -411,6 +423,68 @@ impl NodeNet {
             let l = self.sandbox_lock(id);
             let _g = lock(&l);
             self.teardown_locked(id);
+        }
+        self.sync_host_sandboxes();
+        self.sync_nat();
+    }
+
+    /// Makes the NAT set hold exactly this node's sandbox addresses within its
+    /// pool: drops elements no sandbox of this node holds (a crash between
+    /// teardown steps, or state lost) and adds missing ones. Elements outside
+    /// the pool belong to other agents and are left alone.
+    pub fn sync_nat(&self) {
+        // why: read the set before the leases (see `sync_host_sandboxes`).
+        let members: HashSet<Ipv4Addr> = match nat::members() {
+            Ok(v) => v.into_iter().collect(),
+            Err(e) => {
+                tracing::warn!("NAT set: {e}");
+                return;
+            }
+        };
+        let held: HashSet<Ipv4Addr> = self.ipam.all().into_values().collect();
+        for ip in &members {
+            if self.cfg.pool.contains(*ip) && !held.contains(ip) {
+                tracing::info!(%ip, "removing a stale NAT set element");
+                if let Err(e) = nat::remove(*ip) {
+                    tracing::warn!("NAT set: {e}");
+                }
+            }
+        }
+        for ip in held.difference(&members) {
+            if let Err(e) = nat::add(*ip) {
+                tracing::warn!("NAT set: {e}");
+            }
+        }
+    }
+
+    /// Makes the host's shared sandbox map hold exactly this node's sandbox
+    /// addresses within its pool: adds missing ones (sandboxes set up before
+    /// the map existed) and drops those no sandbox of this node holds (left by
+    /// a crash between teardown steps). Other pools belong to other agents
+    /// and are left alone.
+    pub fn sync_host_sandboxes(&self) {
+        // why: read the map before the leases; a sandbox set up in between is
+        // then missing from `recorded` and never mistaken for a stale entry.
+        let recorded: HashSet<Ipv4Addr> = match policy::maps::host_sandboxes() {
+            Ok(v) => v.into_iter().collect(),
+            Err(e) => {
+                tracing::warn!("host sandbox map: {e}");
+                return;
+            }
+        };
+        let held: HashSet<Ipv4Addr> = self.ipam.all().into_values().collect();
+        for ip in &recorded {
+            if self.cfg.pool.contains(*ip) && !held.contains(ip) {
+                tracing::info!(%ip, "removing a stale address from the host sandbox map");
+                if let Err(e) = policy::maps::remove_host_sandbox(*ip) {
+                    tracing::warn!("host sandbox map: {e}");
+                }
+            }
+        }
+        for ip in held.difference(&recorded) {
+            if let Err(e) = policy::maps::add_host_sandbox(*ip, self.cfg.pool.prefix_len()) {
+                tracing::warn!("host sandbox map: {e}");
+            }
         }
     }
 }

@@ -91,3 +91,37 @@ pub fn remove(ip: Ipv4Addr) -> Result<(), NatError> {
         Err(e) => Err(e),
     }
 }
+
+/// The addresses in the set now (every agent's on this host).
+pub fn members() -> Result<Vec<Ipv4Addr>, NatError> {
+    let out = nft("list set", "list set ip hearth sandboxes\n")?;
+    Ok(parse_members(&out))
+}
+
+/// The addresses of `nft list set` output (`elements = { a, b, ... }`).
+fn parse_members(listing: &str) -> Vec<Ipv4Addr> {
+    let Some(start) = listing.find("elements = {") else {
+        return Vec::new();
+    };
+    let rest = &listing[start + "elements = {".len()..];
+    let body = rest.split('}').next().unwrap_or("");
+    body.split(|c: char| c == ',' || c.is_whitespace())
+        .filter_map(|t| t.trim().parse().ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn set_listings_are_parsed_across_lines() {
+        let l = "table ip hearth {\n\tset sandboxes {\n\t\ttype ipv4_addr\n\t\telements = { 10.1.0.2, 10.1.0.3,\n\t\t\t     10.2.0.9 }\n\t}\n}\n";
+        let v: Vec<String> = super::parse_members(l)
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        assert_eq!(v, ["10.1.0.2", "10.1.0.3", "10.2.0.9"]);
+        assert!(
+            super::parse_members("table ip hearth { set sandboxes { type ipv4_addr } }").is_empty()
+        );
+    }
+}

@@ -26,6 +26,10 @@ fn sandbox_network_is_built_updated_and_removed_without_leftovers() {
     assert!(sh("ip -o link show").contains(&rec.tap));
     assert!(sh("ip route show").contains(&format!("10.251.7.1 dev {}", rec.tap)));
     assert!(sh("nft list set ip hearth sandboxes").contains("10.251.7.1"));
+    // The guest's gateway ARP is answered at once (a delayed proxy answer made
+    // first connections miss busybox nc's 3 s; docs/networking.md).
+    let delay = format!("/proc/sys/net/ipv4/neigh/{}/proxy_delay", rec.tap);
+    assert_eq!(std::fs::read_to_string(&delay).unwrap().trim(), "0");
     let progs = sh("bpftool prog show");
     assert!(
         progs.contains("guest_out") && progs.contains("guest_in"),
@@ -145,4 +149,77 @@ fn policy_update_racing_with_teardown_either_applies_or_finds_no_network() {
     assert!(!sh("ip -o link show").contains(&rec.tap));
     assert!(!sh("ls /sys/fs/bpf/hearth").contains(&rec.tap));
     assert!(net.get(id).is_err());
+}
+
+/// Elements left in the NAT set and the host's sandbox map for addresses no
+/// sandbox of this node holds (a crash between teardown steps) are removed at
+/// start (`remove_orphans`); those of other pools (other agents) stay, and a
+/// kept sandbox's missing ones come back.
+#[test]
+fn stale_nat_and_host_map_entries_of_the_pool_are_reconciled_at_start() {
+    let d = tempfile::tempdir().unwrap();
+    let net = NodeNet::open(NetConfig {
+        pool: "10.251.9.0/29".parse().unwrap(),
+        state_dir: d.path().to_path_buf(),
+        dns: vec![],
+    })
+    .unwrap();
+    let id = "netsync00001";
+    let rec = net.setup(id, Policy::default()).unwrap();
+    let map = "/sys/fs/bpf/hearth-host/SANDBOXES";
+    // Stale: an address of this pool nobody holds; foreign: another pool's.
+    sh("nft add element ip hearth sandboxes '{ 10.251.9.5, 10.251.10.5 }'");
+    sh(&format!(
+        "bpftool map update pinned {map} key 10 251 9 5 value 29; \
+         bpftool map update pinned {map} key 10 251 10 5 value 29"
+    ));
+    // The kept sandbox lost its NAT element and host map entry.
+    sh(&format!(
+        "nft delete element ip hearth sandboxes '{{ {} }}'; bpftool map delete pinned {map} key {}",
+        rec.ip,
+        rec.ip.to_string().replace('.', " ")
+    ));
+
+    net.remove_orphans(&HashSet::from([id.to_string()]));
+    let set = sh("nft list set ip hearth sandboxes");
+    let hosts = sh(&format!("bpftool map dump pinned {map} -j"));
+    let key = |o: [u8; 4]| {
+        o.iter()
+            .map(|b| format!("\"0x{b:02x}\""))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    sh(&format!(
+        "nft delete element ip hearth sandboxes '{{ 10.251.10.5 }}'; bpftool map delete pinned {map} key 10 251 10 5"
+    ));
+    net.teardown(id).unwrap();
+    assert!(
+        !set.contains("10.251.9.5"),
+        "stale NAT element removed: {set}"
+    );
+    assert!(
+        set.contains("10.251.10.5"),
+        "another pool's element kept: {set}"
+    );
+    assert!(
+        set.contains(&rec.ip.to_string()),
+        "kept sandbox re-added: {set}"
+    );
+    assert!(
+        !hosts.contains(&key([10, 251, 9, 5])),
+        "stale map entry removed: {hosts}"
+    );
+    assert!(
+        hosts.contains(&key([10, 251, 10, 5])),
+        "another pool's entry kept: {hosts}"
+    );
+    assert!(
+        hosts.contains(&key(rec.ip.octets())),
+        "kept sandbox re-added: {hosts}"
+    );
+    let after = sh(&format!("bpftool map dump pinned {map} -j"));
+    assert!(
+        !after.contains(&key(rec.ip.octets())),
+        "teardown removes it: {after}"
+    );
 }

@@ -27,6 +27,31 @@ pub const WANT_RANGE: Cidr = Cidr {
 };
 /// Smallest slice an agent may ask for (two host addresses).
 pub const MAX_WANT_PREFIX: u8 = 30;
+/// Largest slice an agent may ask for (65,534 sandbox addresses), checked
+/// where a request comes in ([`check_want`]); the apply-time check keeps the
+/// older, wider bound so a replayed log decides as it did when written.
+pub const MIN_WANT_PREFIX: u8 = 16;
+
+/// Why a requested slice (`--net-pool`) is refused before it is proposed,
+/// `None` when it is fine: it must be a /16 to a /30 inside 10.0.0.0/8 and
+/// must not hold the whole cluster range. (Overlap with another node's slice
+/// is decided at apply time, against the committed slices.)
+pub fn check_want(node: &str, want: Cidr) -> Option<String> {
+    if want.prefix < MIN_WANT_PREFIX
+        || want.prefix > MAX_WANT_PREFIX
+        || !WANT_RANGE.contains(Ipv4Addr::from(want.base))
+    {
+        return Some(format!(
+            "node {node}: --net-pool {want} is refused: a node's address slice must be a /{MIN_WANT_PREFIX} to a /{MAX_WANT_PREFIX} inside {WANT_RANGE} (e.g. 10.77.0.0/24); give another --net-pool"
+        ));
+    }
+    if want.overlaps(CLUSTER_CIDR) && want.prefix <= CLUSTER_CIDR.prefix {
+        return Some(format!(
+            "node {node}: --net-pool {want} would take the whole cluster range {CLUSTER_CIDR} that other nodes get their slices from; give a smaller --net-pool (e.g. 10.88.200.0/24) or one outside it"
+        ));
+    }
+    None
+}
 
 /// Why a node id or a requested slice is refused, `None` when both are fine.
 pub fn check_join(node: &str, instance: &str, want: Option<Cidr>) -> Option<String> {
@@ -235,6 +260,31 @@ mod tests {
         assert!(check_join("n", "i", c("192.168.0.0/24")).is_some());
         assert!(check_join("n", "i", c("0.0.0.0/0")).is_some());
         assert!(check_join("n", "i", c("10.0.0.0/8")).is_none());
+    }
+
+    #[test]
+    fn requested_slices_are_sensible_sizes_and_never_the_whole_cluster_range() {
+        let c = |s: &str| s.parse::<Cidr>().unwrap();
+        for ok in [
+            "10.77.0.0/24",
+            "10.77.0.0/16",
+            "10.77.0.0/30",
+            "10.88.200.0/24",
+            "10.88.0.0/17",
+        ] {
+            assert_eq!(check_want("n", c(ok)), None, "{ok}");
+        }
+        for (bad, why) in [
+            ("10.0.0.0/8", "/16 to a /30"),
+            ("10.64.0.0/10", "/16 to a /30"),
+            ("10.76.0.0/15", "/16 to a /30"),
+            ("10.77.0.0/31", "/16 to a /30"),
+            ("192.168.0.0/24", "inside 10.0.0.0/8"),
+            ("10.88.0.0/16", "whole cluster range"),
+        ] {
+            let e = check_want("n", c(bad)).unwrap_or_else(|| panic!("{bad} accepted"));
+            assert!(e.contains(why) && e.contains("--net-pool"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -117,20 +117,16 @@ fn probe(ip: &str, ports: &[u16]) -> String {
         .collect()
 }
 
-/// The first connection of a fresh sandbox to an allowed port. Known gap
-/// (docs/networking.md): it has been seen to fail about once in 10–15 suite
-/// runs on this loaded 2-core TCG machine while the next one succeeded, cause
-/// not found; a failed first attempt is retried once and reported on stderr.
+/// The first connection of a fresh sandbox to an allowed port succeeds at
+/// once. (It used to fail now and then: the tap's proxy ARP delay held the
+/// guest's gateway ARP for up to 2.8 s of nc's 3; see docs/networking.md.)
 fn first_probe_ok(d: &Daemon, id: &str, ip: &str) {
-    let first = exec(d, id, &probe(ip, &[8080]));
-    if first == "8080=ok\n" {
-        return;
-    }
-    eprintln!(
-        "KNOWN FLAKE: first connection of sandbox {id} failed ({first:?}); counters: {}",
+    assert_eq!(
+        exec(d, id, &probe(ip, &[8080])),
+        "8080=ok\n",
+        "first connection of sandbox {id}; counters: {}",
         stats(d, id)
     );
-    assert_eq!(exec(d, id, &probe(ip, &[8080])), "8080=ok\n");
 }
 
 fn exec(d: &Daemon, sb: &str, script: &str) -> String {
@@ -1065,4 +1061,237 @@ fn an_established_connection_stops_when_a_policy_change_denies_it() {
     assert_eq!(size(), frozen, "data still flows after the deny");
     let _ = listener.kill();
     let _ = listener.wait();
+}
+
+/// Two `hearthd dev` on one host (different `--net-pool`s, both outside the
+/// default cluster range, as the e2e daemons get): a sandbox of one does not
+/// reach a server in a sandbox of the other under the default policy (counted
+/// as egress to another sandbox on this host), and does once its policy
+/// explicitly allows that address and port.
+#[test]
+fn sandboxes_of_two_daemons_on_one_host_are_isolated_unless_explicitly_allowed() {
+    let d1 = Daemon::start();
+    let d2 = Daemon::start();
+    let (b, b_ip) = run_detached(&d2, &[
+        "busybox", "--", "sh", "-c",
+        "mkdir -p /www && echo hello-from-netns > /www/index.html && exec httpd -f -p 8080 -h /www",
+    ]);
+    wait_until(
+        "httpd in the sandbox of daemon 2 answers the host",
+        Duration::from_secs(60),
+        || sh(&format!("curl -s -m 3 http://{b_ip}:8080/")).contains("hello-from-netns"),
+    );
+    let (a, a_ip) = start_detached(&d1, &[]);
+    assert_ne!(a_ip, b_ip);
+    assert_eq!(
+        exec(&d1, &a, &probe(&b_ip, &[8080])),
+        "8080=blocked\n",
+        "default policy: no way into another daemon's sandbox"
+    );
+    let s = stats(&d1, &a);
+    assert!(
+        counter(&s, "egress to another sandbox on this host denied") > 0,
+        "the deny counter says why: {s}"
+    );
+    assert_eq!(
+        counter(&s, "egress default allow"),
+        0,
+        "not let through by the default: {s}"
+    );
+
+    let allow = format!("{b_ip}/32:8080");
+    let out = d1.hearth(&["policy", "set", &a, "--egress-allow", &allow]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert_eq!(
+        exec(&d1, &a, &probe(&b_ip, &[8080])),
+        "8080=ok\n",
+        "an explicit allow of the other sandbox opens it"
+    );
+    assert!(counter(&stats(&d1, &a), &format!("egress allow {allow}")) > 0);
+    // Another port of the same sandbox stays closed.
+    assert_eq!(exec(&d1, &a, &probe(&b_ip, &[8081])), "8081=blocked\n");
+
+    // rm on daemon 2 takes its address out of the host's sandbox map.
+    let out = d2.hearth(&["rm", "-f", &b]);
+    assert!(out.status.success(), "{}", show(&out));
+    let map = sh("bpftool map dump pinned /sys/fs/bpf/hearth-host/SANDBOXES -j");
+    let b_key = b_ip
+        .split('.')
+        .map(|o| format!("\"0x{:02x}\"", o.parse::<u8>().unwrap()))
+        .collect::<Vec<_>>()
+        .join(",");
+    assert!(!map.contains(&b_key), "{b_ip} left in the host map: {map}");
+    let a_key = a_ip
+        .split('.')
+        .map(|o| format!("\"0x{:02x}\"", o.parse::<u8>().unwrap()))
+        .collect::<Vec<_>>()
+        .join(",");
+    assert!(
+        map.contains(&a_key),
+        "{a_ip} missing from the host map: {map}"
+    );
+}
+
+/// A node cannot take the whole cluster range or any oversized slice: the
+/// daemon does not start and says which flag to change.
+#[test]
+fn an_oversized_net_pool_is_refused_naming_the_flag() {
+    for (pool, why) in [
+        ("10.0.0.0/8", "/16 to a /30"),
+        ("10.88.0.0/16", "whole cluster range"),
+        ("192.168.0.0/24", "inside 10.0.0.0/8"),
+    ] {
+        let data = tempfile::tempdir().expect("tempdir");
+        let out = Command::new(hearth_e2e::bin_dir().join("hearthd"))
+            .args(["dev", "--data-dir"])
+            .arg(data.path())
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--accel",
+                "tcg",
+                "--net-pool",
+                pool,
+            ])
+            .env_remove("HEARTH_NET_POOL")
+            .stdin(Stdio::null())
+            .output()
+            .expect("hearthd");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{pool} accepted: {err}");
+        assert!(
+            err.contains("--net-pool") && err.contains(pool) && err.contains(why),
+            "{pool}: {err}"
+        );
+    }
+    // The control plane's join route (what `hearthd agent` asks) says the same.
+    let d = Daemon::start_with(hearth_e2e::DaemonOptions {
+        busybox: false,
+        ..Default::default()
+    });
+    let (code, body) = d
+        .http(
+            "POST",
+            "/v1/agents/big-node/slice",
+            Some(r#"{"instance":"i-1","want":"10.0.0.0/8"}"#),
+        )
+        .expect("join");
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body.contains("--net-pool") && body.contains("/16 to a /30"),
+        "{body}"
+    );
+    // 10.99.x is never an e2e daemon's own pool (net_pool: 10.100-249.x).
+    let (code, body) = d
+        .http(
+            "POST",
+            "/v1/agents/small-node/slice",
+            Some(r#"{"instance":"i-2","want":"10.99.7.0/24"}"#),
+        )
+        .expect("join");
+    assert_eq!(code, 200, "a sensible slice is granted: {body}");
+}
+
+/// Reproducer of the first-connection flake (docs/networking.md, not run by
+/// default: `cargo test … --test network -- --ignored first_connection_loop`).
+/// Starts `HEARTH_FLAKE_RUNS` (default 50) fresh sandboxes one after another;
+/// each makes one `nc -w 3` connection to an allowed host listener as its very
+/// first packet exchange, with tcpdump on its tap from before the probe. A
+/// failure prints the capture, the host's neighbour entry, the guest's ARP
+/// table and the counters; the end prints how many failed.
+#[test]
+#[ignore]
+fn first_connection_loop() {
+    let runs: usize = std::env::var("HEARTH_FLAKE_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50);
+    // HEARTH_FLAKE_FRESH=1: a new test namespace and daemon for every run, as
+    // each test of the suite has (else one of each for all runs).
+    let fresh = std::env::var_os("HEARTH_FLAKE_FRESH").is_some();
+    let mut ns = ServerNs::start(subnet(7), &[8080]);
+    let mut d = Daemon::start();
+    let mut failed = Vec::new();
+    // HEARTH_FLAKE_DENY=1: the policy of the suite's tests (default deny, the
+    // listener allowed) instead of the default policy.
+    let allow = format!("{}/32:8080", ns.server_ip);
+    let args: Vec<&str> = if std::env::var_os("HEARTH_FLAKE_DENY").is_some() {
+        vec!["--egress-default", "deny", "--egress-allow", &allow]
+    } else {
+        Vec::new()
+    };
+    for i in 0..runs {
+        if fresh && i > 0 {
+            drop(d);
+            drop(ns);
+            ns = ServerNs::start(subnet(7), &[8080]);
+            d = Daemon::start();
+        }
+        let (id, _ip) = start_detached(&d, &args);
+        let tap = d.inspect(&id)["network"]["tap"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("hth{id}").chars().take(15).collect());
+        // HEARTH_FLAKE_PROXY_DELAY=N: the tap's proxy ARP delay (jiffies) set
+        // back to N before the probe (the agent sets 0; the kernel default is 80).
+        if let Ok(delay) = std::env::var("HEARTH_FLAKE_PROXY_DELAY") {
+            std::fs::write(format!("/proc/sys/net/ipv4/neigh/{tap}/proxy_delay"), delay)
+                .expect("proxy_delay");
+        }
+        let pcap = d.data.path().join(format!("flake-{i}.txt"));
+        let mut dump = Command::new("tcpdump")
+            .args(["-i", &tap, "-n", "-e", "-l", "-tt"])
+            .stdout(std::fs::File::create(&pcap).expect("capture file"))
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("tcpdump");
+        // tcpdump says "listening on" once its socket is open.
+        let mut err = dump.stderr.take().expect("stderr");
+        let mut buf = [0u8; 256];
+        let _ = std::io::Read::read(&mut err, &mut buf);
+        let started = std::time::Instant::now();
+        let first = exec(&d, &id, &probe(&ns.server_ip, &[8080]));
+        let took = started.elapsed();
+        if first != "8080=ok\n" {
+            std::thread::sleep(Duration::from_millis(500));
+            let _ = dump.kill();
+            let _ = dump.wait();
+            eprintln!(
+                "RUN {i} FAILED after {took:?} ({first:?}) sandbox {id} tap {tap}\n\
+                 capture:\n{}\nhost neigh: {}\nguest arp/route: {}\ncounters: {}\nsecond try: {:?}",
+                std::fs::read_to_string(&pcap).unwrap_or_default(),
+                sh(&format!("ip neigh show dev {tap}; ip route show dev {tap}")),
+                exec(
+                    &d,
+                    &id,
+                    "cat /proc/net/arp; cat /proc/net/route; cat /proc/net/snmp | grep -A1 Tcp:"
+                ),
+                stats(&d, &id),
+                exec(&d, &id, &probe(&ns.server_ip, &[8080])),
+            );
+            failed.push(i);
+        } else {
+            std::thread::sleep(Duration::from_millis(200));
+            let _ = dump.kill();
+            let _ = dump.wait();
+            eprintln!("run {i} ok in {took:?}");
+            if took > Duration::from_secs(1) {
+                eprintln!(
+                    "slow run {i} capture:\n{}",
+                    std::fs::read_to_string(&pcap).unwrap_or_default()
+                );
+            }
+        }
+        let out = d.hearth(&["rm", "-f", &id]);
+        assert!(out.status.success(), "{}", show(&out));
+    }
+    eprintln!(
+        "first connections failed: {} of {runs} ({failed:?})",
+        failed.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "{} of {runs} first connections failed",
+        failed.len()
+    );
 }

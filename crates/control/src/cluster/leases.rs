@@ -53,6 +53,9 @@ pub(super) async fn join(
         .map(str::parse::<Cidr>)
         .transpose()
         .map_err(|e| HttpError(ApiError::new(ErrorCode::InvalidArgument, e.to_string())))?;
+    if let Some(msg) = want.and_then(|w| hearth_store::leases::check_want(&node, w)) {
+        return Err(HttpError(ApiError::new(ErrorCode::InvalidArgument, msg)));
+    }
     match cp
         .store
         .write(Command::AllocateSlice {

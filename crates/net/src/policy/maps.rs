@@ -30,6 +30,9 @@ static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/policy.bpf.o"))
 
 /// Root of Hearth's pins on the BPF filesystem.
 pub const BPFFS_ROOT: &str = "/sys/fs/bpf/hearth";
+/// Pins shared by every agent on the host: the `SANDBOXES` map (every sandbox
+/// address of this host to its pool's prefix length), pinned by name.
+pub const HOST_PINS: &str = "/sys/fs/bpf/hearth-host";
 /// Distinct host addresses the HOSTS map holds (bpf/policy.c).
 const MAX_HOSTS: usize = 256;
 /// Entries of each flow map (EFLOWS, IFLOWS in bpf/policy.c).
@@ -146,10 +149,89 @@ fn ensure_bpffs() -> Result<(), BpfError> {
             return Err(fs_err(std::io::Error::last_os_error()));
         }
     }
-    std::fs::create_dir_all(BPFFS_ROOT).map_err(|source| BpfError::Fs {
-        path: BPFFS_ROOT.into(),
-        source,
+    for dir in [BPFFS_ROOT, HOST_PINS] {
+        std::fs::create_dir_all(dir).map_err(|source| BpfError::Fs {
+            path: dir.into(),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// A fresh instance of the program; its `SANDBOXES` map is the host's shared
+/// one (created and pinned under [`HOST_PINS`] by the first instance).
+fn load_object() -> Result<Ebpf, BpfError> {
+    let load = || {
+        aya::EbpfLoader::new()
+            .default_map_pin_directory(HOST_PINS)
+            .load(OBJECT)
+    };
+    // why: two agents loading their first program at once may race to pin
+    // the shared map; the loser finds it pinned on a second try.
+    load()
+        .or_else(|_| load())
+        .map_err(|e| BpfError::Load(e.to_string()))
+}
+
+fn sandboxes_map() -> Result<Option<BpfHashMap<MapData, u32, u8>>, BpfError> {
+    let p = Path::new(HOST_PINS).join("SANDBOXES");
+    if !p.exists() {
+        return Ok(None);
+    }
+    let err = |reason: String| BpfError::Map {
+        tap: "(host)".into(),
+        reason: format!("{}: {reason}", p.display()),
+    };
+    let md = MapData::from_pin(&p).map_err(|e| err(e.to_string()))?;
+    let m = Map::from_map_data(md).map_err(|e| err(e.to_string()))?;
+    m.try_into()
+        .map(Some)
+        .map_err(|e: aya::maps::MapError| err(e.to_string()))
+}
+
+/// Records `ip` (of a pool with prefix `pool_len`) as a sandbox of this host:
+/// every sandbox's program denies egress to it unless a rule of its pool (or
+/// a CIDR inside it) allows it. Needs a program loaded (see [`attach`]).
+pub fn add_host_sandbox(ip: Ipv4Addr, pool_len: u8) -> Result<(), BpfError> {
+    let mut m = sandboxes_map()?.ok_or_else(|| BpfError::Map {
+        tap: "(host)".into(),
+        reason: format!("{HOST_PINS}/SANDBOXES is not pinned"),
+    })?;
+    m.insert(nbo(ip), pool_len, 0).map_err(|e| BpfError::Map {
+        tap: "(host)".into(),
+        reason: format!("SANDBOXES: add {ip}: {e}"),
     })
+}
+
+/// Forgets a sandbox address of this host (missing is fine).
+pub fn remove_host_sandbox(ip: Ipv4Addr) -> Result<(), BpfError> {
+    let Some(mut m) = sandboxes_map()? else {
+        return Ok(());
+    };
+    match m.remove(&nbo(ip)) {
+        Ok(()) => Ok(()),
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.kind() == std::io::ErrorKind::NotFound =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(BpfError::Map {
+            tap: "(host)".into(),
+            reason: format!("SANDBOXES: remove {ip}: {e}"),
+        }),
+    }
+}
+
+/// The sandbox addresses of this host recorded in the shared map.
+pub fn host_sandboxes() -> Result<Vec<Ipv4Addr>, BpfError> {
+    let Some(m) = sandboxes_map()? else {
+        return Ok(Vec::new());
+    };
+    Ok(m.keys()
+        .filter_map(Result::ok)
+        .map(|k| Ipv4Addr::from(k.to_ne_bytes()))
+        .collect())
 }
 
 fn nbo(ip: Ipv4Addr) -> u32 {
@@ -190,7 +272,7 @@ fn load_and_fill(
     policy: &Compiled,
     hosts: &[Ipv4Addr],
 ) -> Result<Ebpf, BpfError> {
-    let bpf = Ebpf::load(OBJECT).map_err(|e| BpfError::Load(e.to_string()))?;
+    let bpf = load_object()?;
     let map_err = |reason: String| BpfError::Map {
         tap: tap.into(),
         reason,
@@ -377,7 +459,9 @@ fn write_slot(tap: &str, slot: u8, policy: &Compiled) -> Result<(), BpfError> {
                     port_lo: e.port_lo,
                     port_hi: e.port_hi,
                     proto: e.proto,
-                    action: if e.allow { 1 } else { 2 } | if e.inherited { 4 } else { 0 },
+                    action: if e.allow { 1 } else { 2 }
+                        | if e.inherited { 4 } else { 0 }
+                        | (e.origin.min(31) << 3),
                     counter: counter_index(e.counter, slot),
                 };
             }
@@ -912,5 +996,46 @@ mod tests {
         assert_eq!(p.out(&tcp(G, ip("192.0.2.2"), 1000, 80, SYN)), SHOT);
         assert_eq!(p.out(&tcp(G, ip("10.0.0.1"), 1000, 80, SYN)), OK);
         let _ = &p.bpf;
+    }
+
+    #[test]
+    fn sandboxes_of_another_pool_on_the_host_open_only_through_rules_of_their_pool() {
+        // A sandbox of another agent (pool 10.250.77.0/24) in the shared map.
+        let other = Ipv4Addr::new(10, 250, 77, 9);
+        ensure_bpffs().unwrap();
+        let open_all = policy(set(Action::Allow, &["0.0.0.0/0"], &[]), RuleSet::default());
+        let p = Prog::load("sb", &open_all, &[]);
+        add_host_sandbox(other, 24).unwrap();
+        let o = other.octets();
+        let before = p.counter(crate::policy::C_OUT_SANDBOX_DENY);
+        let verdict = p.out(&tcp(G, o, 41000, 8080, SYN));
+        let after = p.counter(crate::policy::C_OUT_SANDBOX_DENY);
+        // An allow of the pool (or inside it) opens it, a wider one does not.
+        let pool = policy(
+            set(Action::Deny, &["10.250.77.0/24:8080", "10.0.0.0/8"], &[]),
+            RuleSet::default(),
+        );
+        let q = Prog::load("sb2", &pool, &[]);
+        let (to_pool, wider) = (
+            q.out(&tcp(G, o, 41001, 8080, SYN)),
+            q.out(&tcp(G, o, 41002, 22, SYN)),
+        );
+        let not_a_sandbox = p.out(&tcp(G, [10, 250, 77, 10], 41003, 8080, SYN));
+        remove_host_sandbox(other).unwrap();
+        let gone = p.out(&tcp(G, o, 41004, 8080, SYN));
+        assert_eq!(
+            verdict, SHOT,
+            "0.0.0.0/0 allow does not open another sandbox"
+        );
+        assert_eq!(after, before + 1, "counted as egress to another sandbox");
+        assert_eq!(to_pool, OK, "an allow of its pool opens it");
+        assert_eq!(wider, SHOT, "10.0.0.0/8 is wider than the pool");
+        assert_eq!(
+            not_a_sandbox, OK,
+            "an address no sandbox holds is not affected"
+        );
+        assert_eq!(gone, OK, "removed from the map: ordinary rules again");
+        assert!(!host_sandboxes().unwrap().contains(&other));
+        remove_host_sandbox(other).unwrap();
     }
 }

@@ -253,6 +253,10 @@ pub struct Entry {
     pub allow: bool,
     /// Copied down from an enclosing prefix (host addresses skip these).
     pub inherited: bool,
+    /// Prefix length of the CIDR whose rule this is (for inherited entries,
+    /// the enclosing CIDR's): a sandbox of another pool on this host is
+    /// opened only by rules of its pool or a CIDR inside it.
+    pub origin: u8,
     /// Counter slot relative to the policy slot (see `maps`).
     pub counter: u16,
 }
@@ -285,7 +289,7 @@ impl Compiled {
 }
 
 /// Fixed counter slots (bpf/policy.c).
-pub const FIXED_COUNTERS: [(u16, &str); 15] = [
+pub const FIXED_COUNTERS: [(u16, &str); 16] = [
     (0, "spoofed source dropped"),
     (1, "egress default allow"),
     (2, "egress default deny"),
@@ -301,7 +305,15 @@ pub const FIXED_COUNTERS: [(u16, &str); 15] = [
     (12, "ingress from the host (ingress proxy) allowed"),
     (13, "established flows denied after a policy change"),
     (14, "idle flows expired"),
+    (
+        C_OUT_SANDBOX_DENY,
+        "egress to another sandbox on this host denied",
+    ),
 ];
+
+/// Counter of egress to another agent's sandbox on this host that no rule of
+/// its pool (or a CIDR inside it) allows.
+pub const C_OUT_SANDBOX_DENY: u16 = 15;
 
 fn ranges_overlap(a: Option<(u16, u16)>, b: Option<(u16, u16)>) -> bool {
     let (a, b) = (a.unwrap_or((0, u16::MAX)), b.unwrap_or((0, u16::MAX)));
@@ -361,15 +373,18 @@ fn entries_for(r: &Rule, counter: u16) -> Vec<Entry> {
             port_hi: hi,
             allow: r.action == Action::Allow,
             inherited: false,
+            origin: r.cidr.prefix_len(),
             counter,
         })
         .collect()
 }
 
 /// The implicit egress deny rules: link-local (metadata), loopback, 0.0.0.0/8,
-/// multicast, the limited broadcast and the sandbox address pools (sandboxes
-/// do not reach each other unless a rule allows it). The node's own addresses
-/// and their directed-broadcast addresses are handled by the program (HOSTS map).
+/// multicast, the limited broadcast and the sandbox address ranges (the
+/// cluster CIDR and the node's pool: sandboxes do not reach each other unless
+/// a rule allows it). The node's own addresses and their directed-broadcast
+/// addresses are handled by the program (HOSTS map), as are the sandboxes of
+/// other agents on this host (SANDBOXES map).
 pub fn implicit_denies(pools: &[Cidr]) -> Vec<(Cidr, &'static str)> {
     let mut v = vec![
         (
@@ -382,7 +397,7 @@ pub fn implicit_denies(pools: &[Cidr]) -> Vec<(Cidr, &'static str)> {
         (Cidr::new(Ipv4Addr::BROADCAST, 32), "broadcast"),
     ];
     for c in pools {
-        if !v.iter().any(|(x, _)| x == c) {
+        if !v.iter().any(|(x, _)| x.covers(c)) {
             v.push((*c, "other sandboxes"));
         }
     }
@@ -503,7 +518,43 @@ pub fn decide(
     port: u16,
     hosts: &[Ipv4Addr],
 ) -> (u16, bool) {
+    decide_on_host(c, dir, remote, proto, port, hosts, &[])
+}
+
+/// [`decide`] on a host whose sandboxes (of every agent) are `sandboxes`:
+/// (address, prefix length of its pool). An egress destination among them is
+/// decided only by rules of a CIDR at least as specific as its pool; when none
+/// matches it is denied (counter [`C_OUT_SANDBOX_DENY`]).
+pub fn decide_on_host(
+    c: &Compiled,
+    dir: Direction,
+    remote: Ipv4Addr,
+    proto: u8,
+    port: u16,
+    hosts: &[Ipv4Addr],
+    sandboxes: &[(Ipv4Addr, u8)],
+) -> (u16, bool) {
     let is_host = hosts.contains(&remote);
+    let sandbox_pool = sandboxes
+        .iter()
+        .find(|(a, _)| *a == remote)
+        .map(|(_, len)| *len)
+        .filter(|_| dir == Direction::Egress && !is_host);
+    if let Some(min) = sandbox_pool {
+        let best = c
+            .prefixes(dir)
+            .iter()
+            .filter(|(k, _)| k.contains(remote))
+            .max_by_key(|(k, _)| k.prefix_len());
+        if let Some((_, list)) = best.filter(|(k, _)| k.prefix_len() >= min) {
+            for e in list.iter().filter(|e| e.origin.min(31) >= min) {
+                if (e.proto == 0 || e.proto == proto) && port >= e.port_lo && port <= e.port_hi {
+                    return (e.counter, e.allow);
+                }
+            }
+        }
+        return (C_OUT_SANDBOX_DENY, false);
+    }
     // The node as an ingress source: every explicit rule counts (inherited
     // ones too), but not the default.
     let own_only = is_host && dir == Direction::Egress;
@@ -786,5 +837,59 @@ mod tests {
         assert_eq!(p.ingress, RuleSet::default());
         let back: Policy = serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap();
         assert_eq!(back, p);
+    }
+
+    #[test]
+    fn the_cluster_range_and_other_pools_on_the_host_are_denied_unless_allowed() {
+        // This node's pool lies outside the cluster CIDR (a --net-pool).
+        let ranges = [
+            Cidr::new(ip("10.88.0.0"), 16),
+            Cidr::new(ip("10.77.0.0"), 24),
+        ];
+        let host_sandboxes = [(ip("10.78.0.2"), 24)];
+        let c = compile(&rules(&["0.0.0.0/0"], &[], Action::Allow), &ranges).unwrap();
+        assert!(!decide(&c, E, ip("10.88.5.2"), TCP, 80, &[]).1, "cluster");
+        assert!(!decide(&c, E, ip("10.77.0.3"), TCP, 80, &[]).1, "own pool");
+        assert_eq!(
+            decide_on_host(&c, E, ip("10.78.0.2"), TCP, 8080, &[], &host_sandboxes),
+            (C_OUT_SANDBOX_DENY, false),
+            "another agent's sandbox on this host"
+        );
+        assert!(decide_on_host(&c, E, ip("10.78.0.3"), TCP, 80, &[], &host_sandboxes).1);
+        assert!(
+            decide_on_host(&c, I, ip("10.78.0.2"), TCP, 80, &[], &host_sandboxes).1,
+            "ingress is judged by the ingress rules"
+        );
+        for (allow, open) in [
+            ("10.78.0.2/32:8080", true),
+            ("10.78.0.0/24", true),
+            ("10.78.0.0/25", true),
+            ("10.78.0.0/16", false),
+            ("10.0.0.0/8", false),
+        ] {
+            let c = compile(&rules(&[allow], &[], Action::Allow), &ranges).unwrap();
+            let got = decide_on_host(&c, E, ip("10.78.0.2"), TCP, 8080, &[], &host_sandboxes).1;
+            assert_eq!(got, open, "{allow}");
+        }
+        // A rule of the pool inherited by a more specific one still counts.
+        let c = compile(
+            &rules(&["10.78.0.0/24"], &["10.78.0.2/32:22"], Action::Deny),
+            &ranges,
+        )
+        .unwrap();
+        assert!(decide_on_host(&c, E, ip("10.78.0.2"), TCP, 8080, &[], &host_sandboxes).1);
+        assert!(!decide_on_host(&c, E, ip("10.78.0.2"), TCP, 22, &[], &host_sandboxes).1);
+        // A pool inside the cluster CIDR gets no second implicit deny.
+        let inside = implicit_denies(&[
+            Cidr::new(ip("10.88.0.0"), 16),
+            Cidr::new(ip("10.88.3.0"), 24),
+        ]);
+        assert_eq!(
+            inside
+                .iter()
+                .filter(|(_, w)| *w == "other sandboxes")
+                .count(),
+            1
+        );
     }
 }
