@@ -179,6 +179,7 @@ fn command() -> impl Strategy<Value = Command> {
                         reschedules: 0,
                         pinned: false,
                         observed: None,
+                        migration: None,
                     }
                 }
             ),
