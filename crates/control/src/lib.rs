@@ -180,7 +180,9 @@ pub fn migration_credential(cluster_token: &str) -> String {
 
 /// Routes a migration source calls on its target.
 fn migration_peer_route(path: &str) -> bool {
-    path == "/v1/info" || path == "/v1/migrations/incoming" || path.starts_with("/v1/migrations/incoming/")
+    path == "/v1/info"
+        || path == "/v1/migrations/incoming"
+        || path.starts_with("/v1/migrations/incoming/")
 }
 
 impl ApiToken {

@@ -7,8 +7,7 @@ use std::collections::BTreeMap;
 use hearth_sched::{Accel, Request, Resources};
 use hearth_store::{
     Command, CopyReport, Expect, Fence, Migration, NodeRecord, Observed, Reply, RestartPolicy,
-    SandboxRecord,
-    State, TOMBSTONES_MAX,
+    SandboxRecord, State, TOMBSTONES_MAX,
 };
 
 fn node(id: &str) -> Command {
@@ -503,7 +502,10 @@ fn a_migration_reserves_the_target_until_it_ends() {
     ));
     let alloc = s.allocated();
     assert_eq!(alloc["n1"].memory_mib, 64);
-    assert_eq!(alloc["n2"].memory_mib, 64, "the target holds no reservation");
+    assert_eq!(
+        alloc["n2"].memory_mib, 64,
+        "the target holds no reservation"
+    );
     phase(&mut s, "s1", "m1", "aborted");
     assert!(!s.allocated().contains_key("n2"));
     assert_eq!(s.sandboxes["s1"].node, "n1");
@@ -519,17 +521,33 @@ fn the_targets_running_copy_completes_the_move_and_the_source_copy_is_then_stale
     assert!(d.not_running.is_empty(), "{d:?}");
     assert_eq!(status(&s, "s1").0, "running");
     // The target's copy, tagged with the migration's generation, completes it.
-    let d = heartbeat(&mut s, "n2", 1001, vec![copy("a1", "running", Some("s1@1"))]);
-    assert!(d.stop.is_empty() && d.keep == vec!["a1".to_string()], "{d:?}");
+    let d = heartbeat(
+        &mut s,
+        "n2",
+        1001,
+        vec![copy("a1", "running", Some("s1@1"))],
+    );
+    assert!(
+        d.stop.is_empty() && d.keep == vec!["a1".to_string()],
+        "{d:?}"
+    );
     let r = &s.sandboxes["s1"];
     assert_eq!((r.node.as_str(), r.reschedules), ("n2", 1));
     assert_eq!(r.migration.as_ref().unwrap().phase, "completed");
     assert!(!s.allocated().contains_key("n1"));
     // A late phase write of the driver changes nothing.
     phase(&mut s, "s1", "m1", "aborted");
-    assert_eq!(s.sandboxes["s1"].migration.as_ref().unwrap().phase, "completed");
+    assert_eq!(
+        s.sandboxes["s1"].migration.as_ref().unwrap().phase,
+        "completed"
+    );
     // A copy the source still has is stopped.
-    let d = heartbeat(&mut s, "n1", 1002, vec![copy("a1", "running", Some("s1@0"))]);
+    let d = heartbeat(
+        &mut s,
+        "n1",
+        1002,
+        vec![copy("a1", "running", Some("s1@0"))],
+    );
     assert_eq!(stopped(&d), vec!["a1"]);
 }
 
@@ -548,7 +566,12 @@ fn the_driver_completes_the_move_and_an_aborted_migrations_target_copy_is_stoppe
     let mut s = migratable();
     start_migration(&mut s, "s1", "m1", "n1", "n2");
     phase(&mut s, "s1", "m1", "aborted");
-    let d = heartbeat(&mut s, "n2", 1000, vec![copy("a1", "running", Some("s1@1"))]);
+    let d = heartbeat(
+        &mut s,
+        "n2",
+        1000,
+        vec![copy("a1", "running", Some("s1@1"))],
+    );
     assert_eq!(stopped(&d), vec!["a1"]);
     assert_eq!(s.sandboxes["s1"].node, "n1");
 }

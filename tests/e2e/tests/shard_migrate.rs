@@ -62,7 +62,13 @@ fn hearth(args: &[&str]) -> Output {
 }
 
 /// A call to `base` (a control member or an agent) with the cluster token.
-fn call(base: &str, path: &str, method: &str, body: Option<&str>, secs: u32) -> (u16, serde_json::Value) {
+fn call(
+    base: &str,
+    path: &str,
+    method: &str,
+    body: Option<&str>,
+    secs: u32,
+) -> (u16, serde_json::Value) {
     let secs = secs.to_string();
     let mut c = Command::new("curl");
     c.args([
@@ -107,8 +113,13 @@ fn on_agent(i: u32) -> Vec<serde_json::Value> {
     v.as_array().cloned().unwrap_or_default()
 }
 
+/// Agent `i`'s copy of record `id` (agents know it by their own id; the owner
+/// tag `CLUSTER/ID@GENERATION` names the record).
 fn agent_has(i: u32, id: &str) -> Option<serde_json::Value> {
-    on_agent(i).into_iter().find(|s| s["id"] == id)
+    let tag = format!("/{id}@");
+    on_agent(i)
+        .into_iter()
+        .find(|s| s["owner"].as_str().is_some_and(|o| o.contains(&tag)))
 }
 
 fn sandbox(id: &str) -> serde_json::Value {
@@ -129,9 +140,18 @@ fn wait_node(id: &str, status: &str) {
     );
 }
 
-/// Starts `cmd` on `node` (its label `host`), with or without a network, and
-/// waits until it runs.
+/// Starts `cmd` on `node` of the 3 agents, with or without a network, and
+/// waits until it runs. The other nodes are cordoned meanwhile (a selector
+/// would pin it: migrations respect selectors).
 fn create_on(node: &str, name: &str, cmd: &str, network: bool) -> String {
+    let others: Vec<String> = (1..=3)
+        .map(|i| format!("agent{i}"))
+        .filter(|n| n != node)
+        .collect();
+    for n in &others {
+        let (code, v) = api(&format!("/v1/nodes/{n}/cordon"), "POST", None, 10);
+        assert_eq!(code, 200, "{v}");
+    }
     let mut body = serde_json::json!({
         "image": "busybox",
         "cmd": ["sh", "-c", cmd],
@@ -141,19 +161,23 @@ fn create_on(node: &str, name: &str, cmd: &str, network: bool) -> String {
     if !network {
         body["network"] = serde_json::json!({"mode": "none"});
     }
-    let (code, sb) = api(
-        &format!("/v1/sandboxes?selector=host={node}"),
-        "POST",
-        Some(&body.to_string()),
-        300,
-    );
+    let (code, sb) = api("/v1/sandboxes", "POST", Some(&body.to_string()), 300);
+    for n in &others {
+        let (code, v) = api(&format!("/v1/nodes/{n}/uncordon"), "POST", None, 10);
+        assert_eq!(code, 200, "{v}");
+    }
     assert_eq!(code, 201, "{sb}");
     assert_eq!(sb["node"], node, "{sb}");
     let id = sb["id"].as_str().expect("id").to_string();
+    // why: the record (what migrations are checked against) learns it from a heartbeat.
     wait_until(
-        &format!("sandbox {name} to run"),
+        &format!("the record of sandbox {name} to say running"),
         Duration::from_secs(180),
-        || sandbox(&id)["status"] == "running",
+        || {
+            let (_, all) = api("/v1/sandboxes", "GET", None, 10);
+            all.as_array()
+                .is_some_and(|a| a.iter().any(|s| s["id"] == id && s["status"] == "running"))
+        },
     );
     id
 }
@@ -200,13 +224,18 @@ fn pid_of(what: &str) -> i32 {
         .unwrap()
 }
 
-/// QEMU processes of the shard that run sandbox `id`.
+/// QEMU processes of the shard for the agent sandbox `id` (running or incoming).
 fn qemus_of(id: &str) -> usize {
     let needle = format!("/sandboxes/{id}/");
     std::fs::read_dir("/proc")
         .unwrap()
         .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
         .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
         .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
         .filter(|c| c.contains("qemu-system") && c.contains(&needle) && c.contains(NAME))
@@ -229,15 +258,26 @@ fn shard_with_busybox(agents: u32) -> Option<(Down, std::sync::MutexGuard<'stati
     hearth_e2e::images::busybox_rootfs(rootfs.path());
     let body = serde_json::json!({"name": "busybox", "path": rootfs.path()});
     let (code, img) = api("/v1/images/import", "POST", Some(&body.to_string()), 300);
-    assert!(code == 200 || code == 201, "import on every node: {code} {img}");
+    assert!(
+        code == 200 || code == 201,
+        "import on every node: {code} {img}"
+    );
     Some((down, serial))
 }
 
 fn refused(args: &[&str], needle: &str) {
     let out = hearth(args);
-    assert!(!out.status.success(), "hearth {args:?} succeeded: {}", show(&out));
+    assert!(
+        !out.status.success(),
+        "hearth {args:?} succeeded: {}",
+        show(&out)
+    );
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(needle), "hearth {args:?}: want {needle:?} in: {}", show(&out));
+    assert!(
+        err.contains(needle),
+        "hearth {args:?}: want {needle:?} in: {}",
+        show(&out)
+    );
 }
 
 #[test]
@@ -251,11 +291,17 @@ fn a_counter_migrates_to_a_named_node_then_auto_and_bad_targets_are_refused() {
     });
 
     // Refusals, each naming the sandbox or node and what to do.
-    refused(&["migrate", "counter", "--to", "agent1"], "already runs on node agent1");
+    refused(
+        &["migrate", "counter", "--to", "agent1"],
+        "already runs on node agent1",
+    );
     refused(&["migrate", "counter", "--to", "agent9"], "no node agent9");
     let out = hearth(&["node", "cordon", "agent3"]);
     assert!(out.status.success(), "{}", show(&out));
-    refused(&["migrate", "counter", "--to", "agent3"], "node agent3 is cordoned");
+    refused(
+        &["migrate", "counter", "--to", "agent3"],
+        "node agent3 is cordoned",
+    );
     let out = hearth(&["node", "uncordon", "agent3"]);
     assert!(out.status.success(), "{}", show(&out));
     let veth = format!("{NAME}a3");
@@ -268,38 +314,47 @@ fn a_counter_migrates_to_a_named_node_then_auto_and_bad_targets_are_refused() {
     };
     ip("down");
     wait_node("agent3", "not_ready");
-    refused(&["migrate", "counter", "--to", "agent3"], "node agent3 is NotReady");
+    refused(
+        &["migrate", "counter", "--to", "agent3"],
+        "node agent3 is NotReady",
+    );
     ip("up");
     wait_node("agent3", "ready");
     let done = create_on("agent1", "done", "sleep 1; exit 0", false);
-    wait_until("sandbox done to exit", Duration::from_secs(60), || {
-        sandbox(&done)["status"] == "exited"
-    });
+    // why: the record (what a migration is checked against) learns it from a heartbeat.
+    wait_until(
+        "the record of sandbox done to say exited",
+        Duration::from_secs(60),
+        || {
+            let (_, all) = api("/v1/sandboxes", "GET", None, 10);
+            all.as_array()
+                .is_some_and(|a| a.iter().any(|s| s["id"] == done && s["status"] == "exited"))
+        },
+    );
     refused(&["migrate", "done", "--to", "agent2"], "not running");
     assert_eq!(sandbox(&id)["node"], "agent1", "a refusal moved it");
 
     // To a named node; a second migration meanwhile is refused.
     let t = Instant::now();
-    let first = hearth_cmd(&[
-        "migrate",
-        "counter",
-        "--to",
-        "agent2",
-        "--bandwidth-mib",
-        "4",
-        "--json",
-    ])
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .expect("hearth migrate");
-    wait_until("the migration to be recorded", Duration::from_secs(30), || {
-        let out = hearth(&["migrate", "--status", "--json", "counter"]);
-        out.status.success()
-            && serde_json::from_slice::<serde_json::Value>(&out.stdout)
-                .is_ok_and(|s| s["target"] == "agent2")
-    });
-    refused(&["migrate", "counter", "--to", "agent3"], "already migrating");
+    let first = hearth_cmd(&["migrate", "counter", "--to", "agent2", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("hearth migrate");
+    wait_until(
+        "the migration to be recorded",
+        Duration::from_secs(30),
+        || {
+            let out = hearth(&["migrate", "--status", "--json", "counter"]);
+            out.status.success()
+                && serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                    .is_ok_and(|s| s["target"] == "agent2")
+        },
+    );
+    refused(
+        &["migrate", "counter", "--to", "agent3"],
+        "already migrating",
+    );
     let out = first.wait_with_output().expect("hearth migrate");
     assert!(out.status.success(), "{}", show(&out));
     eprintln!("migrate --to agent2 took {:?}", t.elapsed());
@@ -311,16 +366,26 @@ fn a_counter_migrates_to_a_named_node_then_auto_and_bad_targets_are_refused() {
     let sb = sandbox(&id);
     assert_eq!(sb["node"], "agent2", "{sb}");
     assert_eq!(sb["status"], "running", "{sb}");
-    assert!(agent_has(1, &id).is_none(), "agent1 still has it: {:?}", on_agent(1));
+    assert!(
+        agent_has(1, &id).is_none(),
+        "agent1 still has it: {:?}",
+        on_agent(1)
+    );
     let there = agent_has(2, &id).expect("agent2 runs it");
     assert_eq!(there["status"], "running", "{there}");
     assert!(
-        there["owner"].as_str().is_some_and(|o| o.ends_with(&format!("{id}@1"))),
+        there["owner"]
+            .as_str()
+            .is_some_and(|o| o.ends_with(&format!("{id}@1"))),
         "{there}"
     );
     let st = status_json("counter");
     assert_eq!(
-        (st["phase"].as_str(), st["from"].as_str(), st["target"].as_str()),
+        (
+            st["phase"].as_str(),
+            st["from"].as_str(),
+            st["target"].as_str()
+        ),
         (Some("completed"), Some("agent1"), Some("agent2")),
         "{st}"
     );
@@ -328,7 +393,10 @@ fn a_counter_migrates_to_a_named_node_then_auto_and_bad_targets_are_refused() {
     // Several heartbeats later nothing fenced or lost it.
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(sandbox(&id)["status"], "running");
-    assert_eq!(agent_has(2, &id).expect("still on agent2")["status"], "running");
+    assert_eq!(
+        agent_has(2, &id).expect("still on agent2")["status"],
+        "running"
+    );
 
     // auto picks another node.
     let out = hearth(&["migrate", "counter", "--to", "auto", "--json"]);
@@ -339,7 +407,8 @@ fn a_counter_migrates_to_a_named_node_then_auto_and_bad_targets_are_refused() {
     assert_eq!(sandbox(&id)["node"], to.as_str());
     assert!(agent_has(2, &id).is_none(), "agent2 still has it");
     counter_goes_on("counter");
-    assert_eq!(qemus_of(&id), 1, "copies of the counter");
+    let agent_id = there["id"].as_str().expect("agent id");
+    assert_eq!(qemus_of(agent_id), 1, "copies of the counter");
 }
 
 #[test]
@@ -356,8 +425,17 @@ fn drain_migrates_what_it_can_and_a_target_killed_mid_transfer_leaves_the_source
     // Drain: the counter moves live; the networked sandbox cannot and stays.
     let out = hearth(&["node", "drain", "agent1"]);
     let text = stdout(&out);
-    assert_eq!(out.status.code(), Some(1), "one sandbox is not moved: {}", show(&out));
-    assert!(text.contains("counter: migrated to agent"), "{}", show(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "one sandbox is not moved: {}",
+        show(&out)
+    );
+    assert!(
+        text.contains("counter: migrated to agent"),
+        "{}",
+        show(&out)
+    );
     assert!(
         text.contains("web: not moved, still running on agent1") && text.contains("network device"),
         "{}",
@@ -399,16 +477,32 @@ fn drain_migrates_what_it_can_and_a_target_killed_mid_transfer_leaves_the_source
     // SAFETY: kill(2) of a shard agent's pid this test read from the shard's state file.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
     let out = mig.wait_with_output().expect("hearth migrate");
-    assert!(!out.status.success(), "migration to a killed agent succeeded: {}", show(&out));
+    assert!(
+        !out.status.success(),
+        "migration to a killed agent succeeded: {}",
+        show(&out)
+    );
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(&format!("keeps running on node {src}")), "{}", show(&out));
+    assert!(
+        err.contains(&format!("keeps running on node {src}")),
+        "{}",
+        show(&out)
+    );
     let st = status_json("counter");
     assert_eq!(st["phase"], "aborted", "{st}");
     let sb = sandbox(&id);
-    assert_eq!((sb["node"].as_str(), sb["status"].as_str()), (Some(src), Some("running")), "{sb}");
-    assert_eq!(agent_has(src_i, &id).expect("the source runs it")["status"], "running");
-    wait_until("exactly one QEMU of the counter", Duration::from_secs(30), || {
-        qemus_of(&id) == 1
-    });
+    assert_eq!(
+        (sb["node"].as_str(), sb["status"].as_str()),
+        (Some(src), Some("running")),
+        "{sb}"
+    );
+    let copy = agent_has(src_i, &id).expect("the source runs it");
+    assert_eq!(copy["status"], "running");
+    let agent_id = copy["id"].as_str().expect("agent id").to_string();
+    wait_until(
+        "exactly one QEMU of the counter",
+        Duration::from_secs(30),
+        || qemus_of(&agent_id) == 1,
+    );
     counter_goes_on("counter");
 }

@@ -263,8 +263,9 @@ async fn drive(
         Ok(r) => {
             let status = r.status();
             let text = r.text().await.unwrap_or_default();
-            let e = serde_json::from_str::<ApiError>(&text)
-                .unwrap_or_else(|_| ApiError::new(ErrorCode::Internal, format!("{status}: {text}")));
+            let e = serde_json::from_str::<ApiError>(&text).unwrap_or_else(|_| {
+                ApiError::new(ErrorCode::Internal, format!("{status}: {text}"))
+            });
             let last = source_status(cp, &src, &agent_id).await;
             let unresolved = last.as_ref().is_some_and(|s| s.phase == "unresolved")
                 && phase != "preparing"
@@ -281,9 +282,13 @@ async fn drive(
                 "migration of sandbox {id} from node {} to node {} failed; it keeps running on node {}: {}",
                 m.from, m.to, m.from, e.message
             );
-            let ended = write_phase(cp, &rec, &m, "aborted", Some(why.clone()), last.as_ref()).await;
+            let ended =
+                write_phase(cp, &rec, &m, "aborted", Some(why.clone()), last.as_ref()).await;
             // why: the target's heartbeat may have completed the move first.
-            if let Some(done) = ended.and_then(|s| s.migration).filter(|x| x.phase == "completed") {
+            if let Some(done) = ended
+                .and_then(|s| s.migration)
+                .filter(|x| x.phase == "completed")
+            {
                 let st = status_of(&id, &done);
                 return Ok(st);
             }
@@ -366,11 +371,8 @@ pub(super) async fn status(
 /// possibly never sent to the source (whose status may be of an earlier
 /// attempt): it is ended only after [`ORPHAN_PREPARING`] and only as aborted.
 pub(super) async fn resolve_orphans(cp: &ControlPlane) {
-    let driving: std::collections::HashSet<String> = cp
-        .migrating
-        .lock()
-        .map(|s| s.clone())
-        .unwrap_or_default();
+    let driving: std::collections::HashSet<String> =
+        cp.migrating.lock().map(|s| s.clone()).unwrap_or_default();
     let orphans: Vec<(SandboxRecord, Option<String>)> = cp.store.read_local(|st| {
         st.sandboxes
             .values()

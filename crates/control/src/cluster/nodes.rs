@@ -174,7 +174,7 @@ pub struct Drained {
     pub sandboxes: Vec<DrainOutcome>,
 }
 
-/// Cordons the node, live-migrates each running sandbox off it (`auto`
+/// Cordons the node, live-migrates each live sandbox off it (`auto`
 /// targets, one at a time), then moves the `restart: always` ones whose
 /// migration failed by starting them again elsewhere (the `Drain` command).
 /// Sandboxes that could not migrate otherwise stay running where they are.
@@ -205,10 +205,9 @@ pub(super) async fn drain(
             st.sandboxes
                 .values()
                 .filter(|s| {
-                    s.node == id
-                        && !s.pinned
-                        && !s.record_only
-                        && s.observed.as_ref().is_some_and(|o| o.status == "running")
+                    // why: every live one is tried, so one that is not running
+                    // (yet) is reported with the reason instead of skipped.
+                    s.node == id && !s.pinned && !s.record_only && s.reserves()
                 })
                 .map(|s| (s.id.clone(), s.name.clone()))
                 .collect()
