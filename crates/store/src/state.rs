@@ -108,9 +108,10 @@ pub struct SandboxRecord {
     pub pinned: bool,
     #[serde(default)]
     pub observed: Option<Observed>,
-    /// The current or last live migration the control plane drove.
+    /// The current or last live migration the control plane drove (boxed:
+    /// most records never migrate).
     #[serde(default)]
-    pub migration: Option<Migration>,
+    pub migration: Option<Box<Migration>>,
 }
 
 /// A live migration of a sandbox between two nodes, driven by a control-plane
@@ -155,7 +156,7 @@ impl Migration {
 impl SandboxRecord {
     /// The migration in progress, if any.
     pub fn migrating(&self) -> Option<&Migration> {
-        self.migration.as_ref().filter(|m| m.active())
+        self.migration.as_deref().filter(|m| m.active())
     }
 
     /// True while it holds resources on its node.
@@ -907,7 +908,7 @@ impl State {
                 what: format!("sandbox {id}"),
             };
         };
-        sb.migration = Some(mig);
+        sb.migration = Some(Box::new(mig));
         let sb = sb.clone();
         self.touch_sandbox(id);
         Reply::Sandbox { sandbox: sb }

@@ -333,6 +333,7 @@ fn sandbox(id: &str, node: &str, restart: RestartPolicy, pinned: bool) -> Comman
                 error: None,
                 updated_ms: 1,
             }),
+            migration: None,
         },
     }
 }
