@@ -13,8 +13,14 @@ use crate::Sandbox;
 pub struct MigrateSandbox {
     /// Base URL of the target node's API, e.g. `http://10.88.0.2:7070`.
     pub target: String,
-    /// The target's API token (sent only to the target).
+    /// The target's API token (sent only to the target). A control plane
+    /// sends the cluster's migration credential instead.
+    #[serde(default)]
     pub target_token: String,
+    /// The owner tag the target's copy carries (set by a control plane that
+    /// drives the migration, so its reconcile recognises the copy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_owner: Option<String>,
     /// Largest switch-over pause in milliseconds (default 100).
     #[serde(default)]
     pub downtime_limit_ms: Option<u64>,
@@ -35,7 +41,11 @@ pub struct MigrateSandbox {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 pub struct MigrationStatus {
     pub sandbox: String,
+    /// The target: its API URL, or its node id when a control plane drives it.
     pub target: String,
+    /// The source node, when a control plane drives the migration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
     pub phase: String,
     /// Milliseconds since the request.
     pub elapsed_ms: u64,
@@ -67,6 +77,9 @@ pub struct IncomingOffer {
     pub source_node_id: String,
     pub hostname: String,
     pub stdin_open: bool,
+    /// The owner tag the target's copy carries after the commit (none: untagged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 /// The target's answer: where to send the stream, and the one-time ticket

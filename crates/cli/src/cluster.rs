@@ -17,7 +17,8 @@ pub enum NodeCmd {
     Cordon { node: String },
     /// Place sandboxes on a node again.
     Uncordon { node: String },
-    /// Cordon a node and move its `restart: always` sandboxes elsewhere.
+    /// Cordon a node and live-migrate its running sandboxes elsewhere
+    /// (`restart: always` ones that cannot migrate are started again elsewhere).
     Drain { node: String },
     /// Forget a node (its sandboxes are lost or moved).
     Rm { node: String },
@@ -97,22 +98,29 @@ pub async fn node(c: &Client, cmd: NodeCmd) -> anyhow::Result<u8> {
         }
         NodeCmd::Drain { node } => {
             let d: serde_json::Value = c.post_json(&format!("/v1/nodes/{node}/drain"), &()).await?;
-            let list = |k: &str| {
-                d[k].as_array()
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(|v| v.as_str())
-                            .collect::<Vec<_>>()
-                            .join(" ")
-                    })
-                    .unwrap_or_default()
-            };
-            println!(
-                "{node} cordoned; moved: [{}]; still on it: [{}]",
-                list("moved"),
-                list("remaining")
-            );
-            Ok(0)
+            println!("{node} cordoned");
+            let mut failed = 0;
+            for o in d["sandboxes"].as_array().into_iter().flatten() {
+                let sb = o["name"].as_str().or(o["sandbox"].as_str()).unwrap_or("?");
+                match o["outcome"].as_str().unwrap_or("") {
+                    "failed" => {
+                        failed += 1;
+                        println!(
+                            "{sb}: not moved, still running on {node}: {}",
+                            o["error"].as_str().unwrap_or("")
+                        );
+                    }
+                    how => println!("{sb}: {how} to {}", o["node"].as_str().unwrap_or("?")),
+                }
+            }
+            let remaining: Vec<&str> = d["remaining"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v.as_str())
+                .collect();
+            println!("still on {node}: [{}]", remaining.join(" "));
+            Ok(if failed > 0 { 1 } else { 0 })
         }
         NodeCmd::Rm { node } => {
             c.delete(&format!("/v1/nodes/{node}")).await?;

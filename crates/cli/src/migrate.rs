@@ -1,4 +1,6 @@
-//! `hearth migrate SANDBOX --to URL` and `hearth migrate --status SANDBOX`.
+//! `hearth migrate SANDBOX --to NODE|auto` (through the control plane),
+//! `hearth migrate SANDBOX --to URL` (agent to agent) and
+//! `hearth migrate --status SANDBOX`.
 
 use anyhow::{bail, Context, Result};
 use hearth_api::migration::{MigrateSandbox, MigrationStatus};
@@ -10,10 +12,12 @@ pub struct MigrateArgs {
     /// Show the progress of the sandbox's current or last migration instead.
     #[arg(long)]
     status: bool,
-    /// Target node: the base URL of its API (e.g. http://10.88.0.2:7070).
+    /// Target: a node id or `auto` (the control plane picks and drives it), or
+    /// the base URL of a node's API (e.g. http://10.88.0.2:7070) to migrate
+    /// agent to agent with --to-token-file.
     #[arg(long, required_unless_present = "status")]
     to: Option<String>,
-    /// The target's API token.
+    /// The target's API token (only with a URL --to).
     #[arg(long, env = "HEARTH_TARGET_TOKEN", hide_env_values = true)]
     to_token: Option<String>,
     /// File holding the target's API token (its DATA_DIR/api-token).
@@ -41,6 +45,9 @@ fn print(s: &MigrationStatus, json: bool) -> Result<()> {
     }
     let ms = |v: Option<u64>| v.map(|v| format!("{v} ms")).unwrap_or_else(|| "-".into());
     println!("sandbox:      {}", s.sandbox);
+    if let Some(from) = &s.from {
+        println!("from:         {from}");
+    }
     println!("target:       {}", s.target);
     println!("phase:        {}", s.phase);
     println!("elapsed:      {} ms", s.elapsed_ms);
@@ -76,9 +83,11 @@ pub async fn run(c: &Client, a: MigrateArgs) -> Result<u8> {
         return Ok(0);
     }
     let Some(target) = a.to else {
-        bail!("give the target with --to URL");
+        bail!("give the target with --to NODE, --to auto or --to URL");
     };
+    let by_url = target.starts_with("http://") || target.starts_with("https://");
     let token = match (a.to_token, a.to_token_file) {
+        _ if !by_url => String::new(),
         (Some(t), _) => t,
         (None, Some(f)) => std::fs::read_to_string(&f)
             .with_context(|| format!("reading the target token from {}", f.display()))?
@@ -91,6 +100,7 @@ pub async fn run(c: &Client, a: MigrateArgs) -> Result<u8> {
     let req = MigrateSandbox {
         target,
         target_token: token,
+        target_owner: None,
         downtime_limit_ms: Some(a.downtime_ms),
         max_bandwidth_mib: a.bandwidth_mib,
         max_iterations: None,

@@ -146,7 +146,10 @@ fn build(agent: Agent, token: ApiToken, dev: Option<cluster::ControlPlane>) -> R
         .merge(warm::routes())
         .fallback(not_found)
         .layer(axum::Extension(DevStore(dev)))
-        .layer(axum::middleware::from_fn_with_state(token, require_token))
+        .layer(axum::middleware::from_fn_with_state(
+            token,
+            require_token_or_migration_peer,
+        ))
         .with_state(agent)
         .merge(open)
         .layer(axum::middleware::from_fn(json_errors))
@@ -156,6 +159,31 @@ fn build(agent: Agent, token: ApiToken, dev: Option<cluster::ControlPlane>) -> R
 /// The API's bearer token.
 #[derive(Clone)]
 pub struct ApiToken(std::sync::Arc<String>);
+
+/// The credential agents of one cluster present to each other for the
+/// target-side steps of a migration the control plane drives: HMAC-SHA256 of
+/// the label `agent-migration` keyed with the cluster token, hex. A node
+/// accepts it only on `/v1/info` and `/v1/migrations/incoming...`
+/// ([`require_token_or_migration_peer`]), so the cluster token itself never
+/// travels in a migrate request.
+pub fn migration_credential(cluster_token: &str) -> String {
+    use hmac::Mac;
+    let mut m = hmac::Hmac::<sha2::Sha256>::new_from_slice(cluster_token.as_bytes())
+        .expect("HMAC takes keys of any length");
+    m.update(b"agent-migration");
+    m.finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Routes a migration source calls on its target.
+fn migration_peer_route(path: &str) -> bool {
+    path == "/v1/info"
+        || path == "/v1/migrations/incoming"
+        || path.starts_with("/v1/migrations/incoming/")
+}
 
 impl ApiToken {
     /// Wraps a token; it must be at least 16 characters.
@@ -182,6 +210,27 @@ impl ApiToken {
                 .fold(0u8, |acc, (a, b)| acc | (a ^ b))
                 == 0
     }
+}
+
+/// A node's API: the token, or on the migration target routes the
+/// [`migration_credential`] derived from it.
+async fn require_token_or_migration_peer(
+    State(token): State<ApiToken>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let peer = migration_peer_route(req.uri().path())
+        && req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+            .is_some_and(|t| {
+                ApiToken(std::sync::Arc::new(migration_credential(token.secret()))).matches(t)
+            });
+    if peer {
+        return next.run(req).await;
+    }
+    require_token(State(token), req, next).await
 }
 
 async fn require_token(

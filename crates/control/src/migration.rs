@@ -21,6 +21,15 @@ pub async fn migrate(
     Path(id): Path<String>,
     Json(req): Json<MigrateSandbox>,
 ) -> ApiResult<Json<MigrationStatus>> {
+    if !req.target.starts_with("http://") && !req.target.starts_with("https://") {
+        return Err(crate::HttpError(hearth_api::ApiError::new(
+            hearth_api::ErrorCode::InvalidArgument,
+            format!(
+                "migration target '{}' is not a node API URL (http://HOST:PORT): this is a node's own API; node names and `auto` need the control plane (`hearthd control`)",
+                req.target
+            ),
+        )));
+    }
     Ok(Json(agent.migrate(&id, req).await?))
 }
 

@@ -31,8 +31,9 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::leases::{Cidr, NodeSlice};
 pub use crate::state::{
-    owner_cluster, parse_owner, Command, CopyReport, Expect, Fence, ImageRecord, NodeRecord,
-    Observed, Reply, RestartPolicy, SandboxRecord, State, Tombstone, TOMBSTONES_MAX,
+    owner_cluster, parse_owner, Command, CopyReport, Expect, Fence, ImageRecord, Migration,
+    NodeRecord, Observed, Reply, RestartPolicy, SandboxRecord, State, Tombstone, MIGRATION_ENDED,
+    TOMBSTONES_MAX,
 };
 use crate::state_machine::SharedState;
 

@@ -94,6 +94,29 @@ impl State {
                         }
                         continue;
                     };
+                    // why: a running copy of the migration's generation on its
+                    // target is the evidence that the target committed.
+                    let mig = rec
+                        .migration
+                        .as_ref()
+                        .filter(|m| m.to == node && m.generation == generation);
+                    if mig.is_some_and(|m| {
+                        m.active() && r.status == "running" && rec.reschedules + 1 == generation
+                    }) {
+                        self.complete_migration(id, Some(&r.agent_id), at_ms);
+                    } else if mig.is_some_and(|m| m.phase == "aborted") && !terminal {
+                        stop.push(Fence {
+                            agent_id: r.agent_id.clone(),
+                            reason: format!(
+                                "the migration of sandbox {id} to node {node} was aborted; it runs on node {}",
+                                rec.node
+                            ),
+                        });
+                        continue;
+                    }
+                    let Some(rec) = self.sandboxes.get(id) else {
+                        continue;
+                    };
                     if generation > rec.reschedules {
                         continue;
                     }
@@ -182,7 +205,10 @@ impl State {
             if !keep.contains(a) {
                 keep.push(a.clone());
             }
+            // why: a migrating sandbox's source copy goes away once the
+            // target committed; the target's report completes the move.
             if !rec.record_only
+                && rec.migrating().is_none()
                 && !claimed.contains(&rec.id)
                 && !reported.contains(a.as_str())
                 && at_ms.saturating_sub(o.updated_ms) > grace_ms

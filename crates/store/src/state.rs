@@ -108,9 +108,57 @@ pub struct SandboxRecord {
     pub pinned: bool,
     #[serde(default)]
     pub observed: Option<Observed>,
+    /// The current or last live migration the control plane drove (boxed:
+    /// most records never migrate).
+    #[serde(default)]
+    pub migration: Option<Box<Migration>>,
+}
+
+/// A live migration of a sandbox between two nodes, driven by a control-plane
+/// member and recorded phase by phase (see docs/migration.md). While it is
+/// active the target holds a reservation of the sandbox's resources, and the
+/// source's copy may vanish without the record being marked lost: the move
+/// completes when a copy of `generation` runs on `to` (reported by the target's
+/// heartbeat or by the driver, whichever is first).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Migration {
+    /// Random id of this attempt: phase writes of another attempt are refused.
+    pub id: String,
+    pub from: String,
+    pub to: String,
+    /// `preparing`, `precopy`, `switchover`, `committing`, `unresolved`
+    /// (the source is paused and the target's answer is unknown),
+    /// `completed` (runs on `to`) or `aborted` (runs on `from`).
+    pub phase: String,
+    /// The generation the target's copy is tagged with (the record's
+    /// `reschedules` + 1 when the migration started).
+    pub generation: u32,
+    pub started_ms: u64,
+    pub updated_ms: u64,
+    #[serde(default)]
+    pub error: Option<String>,
+    /// The last progress the source reported (the API's migration status;
+    /// opaque to the store).
+    #[serde(default)]
+    pub progress: Option<serde_json::Value>,
+}
+
+/// Phases after which a migration holds nothing.
+pub const MIGRATION_ENDED: [&str; 2] = ["completed", "aborted"];
+
+impl Migration {
+    /// Still in progress (holds a reservation on the target, blocks a second one).
+    pub fn active(&self) -> bool {
+        !MIGRATION_ENDED.contains(&self.phase.as_str())
+    }
 }
 
 impl SandboxRecord {
+    /// The migration in progress, if any.
+    pub fn migrating(&self) -> Option<&Migration> {
+        self.migration.as_deref().filter(|m| m.active())
+    }
+
     /// True while it holds resources on its node.
     pub fn reserves(&self) -> bool {
         !self.observed.as_ref().is_some_and(Observed::is_terminal)
@@ -322,6 +370,26 @@ pub enum Command {
     InitCluster {
         id: String,
     },
+    /// Records a live migration of a running sandbox to `migration.to` and
+    /// reserves its resources there; refused when the sandbox is not running
+    /// on `migration.from`, already migrating, or the target cannot take it.
+    StartMigration {
+        id: String,
+        migration: Migration,
+    },
+    /// A phase of migration `migration` of sandbox `id` (ignored once that
+    /// migration ended; refused for another attempt). `completed` moves the
+    /// placement to the target in this same write.
+    MigrationPhase {
+        id: String,
+        migration: String,
+        phase: String,
+        #[serde(default)]
+        error: Option<String>,
+        #[serde(default)]
+        progress: Option<serde_json::Value>,
+        at_ms: u64,
+    },
 }
 
 /// The outcome of applying one command.
@@ -476,6 +544,11 @@ impl State {
         for sb in self.sandboxes.values().filter(|s| s.reserves()) {
             let e = m.entry(sb.node.as_str()).or_default();
             *e = e.plus(sb.request.resources);
+            // why: the target of a migration in progress holds the room it will need.
+            if let Some(mig) = sb.migrating() {
+                let e = m.entry(mig.to.as_str()).or_default();
+                *e = e.plus(sb.request.resources);
+            }
         }
         m
     }
@@ -658,6 +731,15 @@ impl State {
                     _ => self.not_running(id, node, *generation, status, why, *at_ms),
                 }
             }
+            Command::StartMigration { id, migration } => self.start_migration(id, migration),
+            Command::MigrationPhase {
+                id,
+                migration,
+                phase,
+                error,
+                progress,
+                at_ms,
+            } => self.migration_phase(id, migration, phase, error, progress, *at_ms),
             Command::InitCluster { id } => {
                 if self.cluster_id.is_none() {
                     self.cluster_id = Some(id.clone());
@@ -732,6 +814,177 @@ impl State {
         let sb = sb.clone();
         self.touch_sandbox(id);
         Reply::Sandbox { sandbox: sb }
+    }
+
+    fn start_migration(&mut self, id: &str, m: &Migration) -> Reply {
+        let Some(sb) = self.sandboxes.get(id) else {
+            return Reply::NotFound {
+                what: format!("sandbox {id}"),
+            };
+        };
+        if let Some(cur) = sb.migrating() {
+            return Reply::Conflict {
+                message: format!(
+                    "sandbox {id} is already migrating (node {} to node {}, phase {}); see `hearth migrate --status {id}`",
+                    cur.from, cur.to, cur.phase
+                ),
+            };
+        }
+        if sb.pinned || sb.record_only {
+            return Reply::Invalid {
+                message: format!(
+                    "sandbox {id} is not run by a cluster node agent (a hearthd dev or record-only sandbox); only cluster sandboxes migrate between nodes"
+                ),
+            };
+        }
+        let status = sb
+            .observed
+            .as_ref()
+            .map_or("creating", |o| o.status.as_str());
+        if status != "running" {
+            return Reply::Conflict {
+                message: format!(
+                    "sandbox {id} is {status}, not running; only a running sandbox can migrate"
+                ),
+            };
+        }
+        if sb.node != m.from {
+            return Reply::Conflict {
+                message: format!(
+                    "sandbox {id} runs on node {}, not {}; ask again",
+                    sb.node, m.from
+                ),
+            };
+        }
+        if m.to == sb.node {
+            return Reply::Invalid {
+                message: format!(
+                    "sandbox {id} already runs on node {}; migrate it to another node",
+                    m.to
+                ),
+            };
+        }
+        let Some(target) = self.nodes.get(&m.to) else {
+            return Reply::NotFound {
+                what: format!("node {}", m.to),
+            };
+        };
+        if !target.ready {
+            return Reply::Rejected {
+                node: m.to.clone(),
+                reason: format!(
+                    "node {} is NotReady (no heartbeat); pick another node or wait until it is ready",
+                    m.to
+                ),
+            };
+        }
+        if target.cordoned {
+            return Reply::Rejected {
+                node: m.to.clone(),
+                reason: format!(
+                    "node {} is cordoned; uncordon it (`hearth node uncordon {}`) or pick another node",
+                    m.to, m.to
+                ),
+            };
+        }
+        let req = req_without_group(&sb.request);
+        let views = self.node_views();
+        let ctx = hearth_sched::Context::of(&views);
+        if let Some(view) = views.iter().find(|v| v.id == m.to) {
+            if let Err(why) = hearth_sched::filter(view, &req, &ctx) {
+                return Reply::Rejected {
+                    node: m.to.clone(),
+                    reason: format!("node {} cannot take sandbox {id}: {why}", m.to),
+                };
+            }
+        }
+        let mut mig = m.clone();
+        mig.generation = sb.reschedules + 1;
+        mig.phase = "preparing".into();
+        mig.error = None;
+        mig.progress = None;
+        let Some(sb) = self.sandboxes.get_mut(id) else {
+            return Reply::NotFound {
+                what: format!("sandbox {id}"),
+            };
+        };
+        sb.migration = Some(Box::new(mig));
+        let sb = sb.clone();
+        self.touch_sandbox(id);
+        Reply::Sandbox { sandbox: sb }
+    }
+
+    fn migration_phase(
+        &mut self,
+        id: &str,
+        migration: &str,
+        phase: &str,
+        error: &Option<String>,
+        progress: &Option<serde_json::Value>,
+        at_ms: u64,
+    ) -> Reply {
+        let Some(sb) = self.sandboxes.get_mut(id) else {
+            return Reply::NotFound {
+                what: format!("sandbox {id}"),
+            };
+        };
+        let Some(m) = sb.migration.as_mut().filter(|m| m.id == migration) else {
+            return Reply::Conflict {
+                message: format!("migration {migration} of sandbox {id} is not its current one"),
+            };
+        };
+        // why: the end is decided once (by the driver or the target's heartbeat).
+        if !m.active() {
+            return Reply::Sandbox {
+                sandbox: sb.clone(),
+            };
+        }
+        if progress.is_some() {
+            m.progress = progress.clone();
+        }
+        if error.is_some() {
+            m.error = error.clone();
+        }
+        m.updated_ms = at_ms;
+        if phase == "completed" {
+            self.complete_migration(id, None, at_ms);
+        } else {
+            m.phase = phase.to_string();
+            self.touch_sandbox(id);
+        }
+        match self.sandboxes.get(id) {
+            Some(sb) => Reply::Sandbox {
+                sandbox: sb.clone(),
+            },
+            None => Reply::Ok,
+        }
+    }
+
+    /// The target runs the sandbox: move the placement there (a new
+    /// generation, the one its copy is tagged with). `agent_id` is the id the
+    /// target reported (unchanged by a migration, so the record's by default).
+    pub(crate) fn complete_migration(&mut self, id: &str, agent_id: Option<&str>, at_ms: u64) {
+        let Some(sb) = self.sandboxes.get_mut(id) else {
+            return;
+        };
+        let Some(m) = sb.migration.as_mut().filter(|m| m.active()) else {
+            return;
+        };
+        m.phase = "completed".into();
+        m.error = None;
+        m.updated_ms = at_ms;
+        sb.node = m.to.clone();
+        sb.reschedules = m.generation;
+        let agent_id = agent_id
+            .map(str::to_string)
+            .or_else(|| sb.observed.as_ref().and_then(|o| o.agent_id.clone()));
+        sb.observed = Some(Observed {
+            status: "running".into(),
+            agent_id,
+            error: None,
+            updated_ms: at_ms,
+        });
+        self.touch_sandbox(id);
     }
 
     /// The node's slice, when `instance` holds it.

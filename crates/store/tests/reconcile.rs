@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 
 use hearth_sched::{Accel, Request, Resources};
 use hearth_store::{
-    Command, CopyReport, Expect, Fence, NodeRecord, Observed, Reply, RestartPolicy, SandboxRecord,
-    State, TOMBSTONES_MAX,
+    Command, CopyReport, Expect, Fence, Migration, NodeRecord, Observed, Reply, RestartPolicy,
+    SandboxRecord, State, TOMBSTONES_MAX,
 };
 
 fn node(id: &str) -> Command {
@@ -48,6 +48,7 @@ fn create(id: &str, node: &str, restart: RestartPolicy) -> Command {
             reschedules: 0,
             pinned: false,
             observed: None,
+            migration: None,
         },
     }
 }
@@ -403,4 +404,174 @@ fn a_copy_of_another_cluster_is_never_fenced() {
         ],
     );
     assert_eq!(stopped(&d), ["a1", "a2"], "{d:?}");
+}
+
+fn start_migration(s: &mut State, id: &str, mig: &str, from: &str, to: &str) -> Reply {
+    s.apply(&Command::StartMigration {
+        id: id.into(),
+        migration: Migration {
+            id: mig.into(),
+            from: from.into(),
+            to: to.into(),
+            phase: "preparing".into(),
+            generation: 0,
+            started_ms: 10,
+            updated_ms: 10,
+            error: None,
+            progress: None,
+        },
+    })
+}
+
+fn phase(s: &mut State, id: &str, mig: &str, phase: &str) -> Reply {
+    s.apply(&Command::MigrationPhase {
+        id: id.into(),
+        migration: mig.into(),
+        phase: phase.into(),
+        error: None,
+        progress: None,
+        at_ms: 20,
+    })
+}
+
+/// A running sandbox `s1` on n1 (agent copy a1, generation 0), nodes n1..n3.
+fn migratable() -> State {
+    let mut s = State::default();
+    for n in ["n1", "n2", "n3"] {
+        s.apply(&node(n));
+    }
+    s.apply(&create("s1", "n1", RestartPolicy::Never));
+    s.apply(&set_observed("s1", "n1", 0, "running", "a1"));
+    s
+}
+
+#[test]
+fn a_migration_is_refused_unless_the_sandbox_runs_and_the_target_can_take_it() {
+    let mut s = migratable();
+    let conflict = |r: Reply| match r {
+        Reply::Conflict { message } => message,
+        other => panic!("expected a conflict, got {other:?}"),
+    };
+    assert!(matches!(
+        start_migration(&mut s, "s1", "m", "n1", "n1"),
+        Reply::Invalid { message } if message.contains("already runs on node n1")
+    ));
+    assert!(matches!(
+        start_migration(&mut s, "s1", "m", "n1", "n9"),
+        Reply::NotFound { what } if what == "node n9"
+    ));
+    s.apply(&Command::SetCordon {
+        node: "n2".into(),
+        cordoned: true,
+    });
+    assert!(matches!(
+        start_migration(&mut s, "s1", "m", "n1", "n2"),
+        Reply::Rejected { reason, .. } if reason.contains("cordoned")
+    ));
+    s.apply(&Command::MarkNotReady {
+        node: "n3".into(),
+        at_ms: 5,
+    });
+    assert!(matches!(
+        start_migration(&mut s, "s1", "m", "n1", "n3"),
+        Reply::Rejected { reason, .. } if reason.contains("NotReady")
+    ));
+    s.apply(&Command::SetCordon {
+        node: "n2".into(),
+        cordoned: false,
+    });
+    assert!(matches!(
+        start_migration(&mut s, "s1", "m1", "n1", "n2"),
+        Reply::Sandbox { sandbox } if sandbox.migration.as_ref().unwrap().generation == 1
+    ));
+    let msg = conflict(start_migration(&mut s, "s1", "m2", "n1", "n2"));
+    assert!(msg.contains("already migrating"), "{msg}");
+    // A stopped sandbox cannot migrate.
+    s.apply(&create("s2", "n1", RestartPolicy::Never));
+    s.apply(&set_observed("s2", "n1", 0, "exited", "a2"));
+    let msg = conflict(start_migration(&mut s, "s2", "m3", "n1", "n2"));
+    assert!(msg.contains("not running"), "{msg}");
+}
+
+#[test]
+fn a_migration_reserves_the_target_until_it_ends() {
+    let mut s = migratable();
+    assert!(matches!(
+        start_migration(&mut s, "s1", "m1", "n1", "n2"),
+        Reply::Sandbox { .. }
+    ));
+    let alloc = s.allocated();
+    assert_eq!(alloc["n1"].memory_mib, 64);
+    assert_eq!(
+        alloc["n2"].memory_mib, 64,
+        "the target holds no reservation"
+    );
+    phase(&mut s, "s1", "m1", "aborted");
+    assert!(!s.allocated().contains_key("n2"));
+    assert_eq!(s.sandboxes["s1"].node, "n1");
+}
+
+#[test]
+fn the_targets_running_copy_completes_the_move_and_the_source_copy_is_then_stale() {
+    let mut s = migratable();
+    start_migration(&mut s, "s1", "m1", "n1", "n2");
+    phase(&mut s, "s1", "m1", "precopy");
+    // The source released its copy: not lost while the migration is active.
+    let d = heartbeat(&mut s, "n1", 1000, vec![]);
+    assert!(d.not_running.is_empty(), "{d:?}");
+    assert_eq!(status(&s, "s1").0, "running");
+    // The target's copy, tagged with the migration's generation, completes it.
+    let d = heartbeat(
+        &mut s,
+        "n2",
+        1001,
+        vec![copy("a1", "running", Some("s1@1"))],
+    );
+    assert!(
+        d.stop.is_empty() && d.keep == vec!["a1".to_string()],
+        "{d:?}"
+    );
+    let r = &s.sandboxes["s1"];
+    assert_eq!((r.node.as_str(), r.reschedules), ("n2", 1));
+    assert_eq!(r.migration.as_ref().unwrap().phase, "completed");
+    assert!(!s.allocated().contains_key("n1"));
+    // A late phase write of the driver changes nothing.
+    phase(&mut s, "s1", "m1", "aborted");
+    assert_eq!(
+        s.sandboxes["s1"].migration.as_ref().unwrap().phase,
+        "completed"
+    );
+    // A copy the source still has is stopped.
+    let d = heartbeat(
+        &mut s,
+        "n1",
+        1002,
+        vec![copy("a1", "running", Some("s1@0"))],
+    );
+    assert_eq!(stopped(&d), vec!["a1"]);
+}
+
+#[test]
+fn the_driver_completes_the_move_and_an_aborted_migrations_target_copy_is_stopped() {
+    let mut s = migratable();
+    start_migration(&mut s, "s1", "m1", "n1", "n2");
+    assert!(matches!(
+        phase(&mut s, "s1", "other", "completed"),
+        Reply::Conflict { .. }
+    ));
+    phase(&mut s, "s1", "m1", "completed");
+    assert_eq!(status(&s, "s1"), ("running".into(), Some("a1".into()), 1));
+    assert_eq!(s.sandboxes["s1"].node, "n2");
+
+    let mut s = migratable();
+    start_migration(&mut s, "s1", "m1", "n1", "n2");
+    phase(&mut s, "s1", "m1", "aborted");
+    let d = heartbeat(
+        &mut s,
+        "n2",
+        1000,
+        vec![copy("a1", "running", Some("s1@1"))],
+    );
+    assert_eq!(stopped(&d), vec!["a1"]);
+    assert_eq!(s.sandboxes["s1"].node, "n1");
 }

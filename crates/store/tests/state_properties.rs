@@ -179,6 +179,7 @@ fn command() -> impl Strategy<Value = Command> {
                         reschedules: 0,
                         pinned: false,
                         observed: None,
+                        migration: None,
                     }
                 }
             ),
@@ -332,6 +333,7 @@ fn sandbox(id: &str, node: &str, restart: RestartPolicy, pinned: bool) -> Comman
                 error: None,
                 updated_ms: 1,
             }),
+            migration: None,
         },
     }
 }

@@ -590,6 +590,7 @@ impl Agent {
                 .unwrap_or_else(|| rec.id.clone())
                 .replace('_', "-"),
             stdin_open: entry.stdin_open.load(Ordering::Relaxed),
+            owner: req.target_owner.clone(),
         };
         let accepted = peer.offer(&offer).await.map_err(|e| fail(peer_error(e)))?;
         let host = peer.host().unwrap_or_else(|| "127.0.0.1".into());
@@ -924,9 +925,9 @@ impl Agent {
         let _ = std::fs::remove_file(inc.dir.join("incoming.sock"));
         let mut rec = inc.offer.sandbox.clone();
         rec.node = self.inner.cfg.node.clone();
-        // why: the tag names a record of the source's control plane; here it
-        // would read as a stale copy and be fenced.
-        rec.owner = None;
+        // why: the source's tag would read as a stale copy here and be fenced;
+        // a control plane driving the move names the target's generation.
+        rec.owner = inc.offer.owner.clone();
         rec.status = SandboxStatus::Running;
         rec.accel = self.inner.accel.accel.to_string();
         rec.started_ms = c.started_ms.or(Some(now_ms()));

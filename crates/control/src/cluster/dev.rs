@@ -92,6 +92,7 @@ impl ControlPlane {
             reschedules: 0,
             pinned: true,
             observed: None,
+            migration: None,
         };
         let rec = match self
             .store

@@ -12,6 +12,7 @@
 
 mod dev;
 mod leases;
+mod migrate;
 mod nodes;
 mod proxy;
 mod sandboxes;
@@ -63,6 +64,11 @@ pub struct ControlPlane {
     stream_http: reqwest::Client,
     /// Sandboxes this member is starting on an agent right now.
     starting: Arc<Mutex<HashSet<String>>>,
+    /// Migrations (by migration id) this member drives right now.
+    migrating: Arc<Mutex<HashSet<String>>>,
+    /// The credential a migration source presents to its target
+    /// ([`crate::migration_credential`] of the cluster token).
+    peer_credential: Arc<String>,
 }
 
 /// Default headers that carry the cluster token to agents.
@@ -92,6 +98,8 @@ impl ControlPlane {
                 .build()
                 .unwrap_or_default(),
             starting: Arc::new(Mutex::new(HashSet::new())),
+            migrating: Arc::new(Mutex::new(HashSet::new())),
+            peer_credential: Arc::new(crate::migration_credential(token.secret())),
         }
     }
 
@@ -173,6 +181,8 @@ pub fn router(cp: ControlPlane, token: ApiToken) -> Router {
             "/v1/sandboxes/{id}",
             get(sandboxes::get).delete(sandboxes::delete),
         )
+        .route("/v1/sandboxes/{id}/migrate", post(migrate::migrate))
+        .route("/v1/sandboxes/{id}/migration", get(migrate::status))
         .route(
             "/v1/sandboxes/{id}/{*rest}",
             axum::routing::any(proxy::sandbox),

@@ -143,20 +143,100 @@ pub(super) async fn uncordon(
     node_reply(&cp, r)
 }
 
+/// What happened to one sandbox of a drained node.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct DrainOutcome {
+    pub sandbox: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    /// `migrated` (live, to `node`), `restarted` (`restart: always`, started
+    /// again on `node` after its migration failed) or `failed` (left running
+    /// on the drained node; `error` says why).
+    pub outcome: String,
+    #[serde(default)]
+    pub node: Option<String>,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
 /// Drain result: sandboxes moved elsewhere and those left on the node.
 #[derive(serde::Serialize, serde::Deserialize)]
 pub struct Drained {
     pub node: Node,
+    /// Sandboxes that left the node (live-migrated or restarted elsewhere).
     pub moved: Vec<String>,
-    /// Live sandboxes still on the node (they did not ask for `restart: always`
-    /// or had nowhere to go); stop them, or they end with the node.
+    /// Live sandboxes still on the node (their migration failed and they did
+    /// not ask for `restart: always`, or had nowhere to go); stop them, or they
+    /// end with the node.
     pub remaining: Vec<String>,
+    /// One entry per sandbox the drain tried to move.
+    #[serde(default)]
+    pub sandboxes: Vec<DrainOutcome>,
 }
 
+/// Cordons the node, live-migrates each live sandbox off it (`auto`
+/// targets, one at a time), then moves the `restart: always` ones whose
+/// migration failed by starting them again elsewhere (the `Drain` command).
+/// Sandboxes that could not migrate otherwise stay running where they are.
 pub(super) async fn drain(
     State(cp): State<ControlPlane>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Drained>> {
+    match cp
+        .store
+        .write(Command::SetCordon {
+            node: id.clone(),
+            cordoned: true,
+        })
+        .await?
+    {
+        Reply::Node { .. } => {}
+        Reply::NotFound { what } => return Err(not_found(&what)),
+        other => {
+            return Err(HttpError(ApiError::new(
+                ErrorCode::Internal,
+                format!("unexpected store reply {other:?}"),
+            )))
+        }
+    }
+    let live: Vec<(String, Option<String>)> = cp
+        .store
+        .read(|st| {
+            st.sandboxes
+                .values()
+                .filter(|s| {
+                    // why: every live one is tried, so one that is not running
+                    // (yet) is reported with the reason instead of skipped.
+                    s.node == id && !s.pinned && !s.record_only && s.reserves()
+                })
+                .map(|s| (s.id.clone(), s.name.clone()))
+                .collect()
+        })
+        .await?;
+    let mut outcomes = Vec::new();
+    for (sb, name) in live {
+        let req = hearth_api::migration::MigrateSandbox {
+            target: "auto".into(),
+            ..Default::default()
+        };
+        let o = match super::migrate::run(&cp, &sb, &req).await {
+            Ok(st) => DrainOutcome {
+                sandbox: sb,
+                name,
+                outcome: "migrated".into(),
+                node: Some(st.target),
+                error: None,
+            },
+            Err(e) => DrainOutcome {
+                sandbox: sb,
+                name,
+                outcome: "failed".into(),
+                node: None,
+                error: Some(e.0.message),
+            },
+        };
+        outcomes.push(o);
+    }
     let r = cp
         .store
         .write(Command::Drain {
@@ -164,7 +244,7 @@ pub(super) async fn drain(
             at_ms: now_ms(),
         })
         .await?;
-    let moved = match r {
+    let restarted = match r {
         Reply::Moved { moved, .. } => moved,
         Reply::NotFound { what } => return Err(not_found(&what)),
         other => {
@@ -174,21 +254,46 @@ pub(super) async fn drain(
             )))
         }
     };
-    let (node, remaining) = cp.store.read_local(|st| {
+    let (node, remaining, placed) = cp.store.read_local(|st| {
         let n = st.nodes.get(&id).map(|n| node_view(st, n));
         let rem = st
             .sandboxes
             .values()
             .filter(|s| s.node == id && s.reserves())
             .map(|s| s.id.clone())
+            .collect::<Vec<_>>();
+        let placed: std::collections::BTreeMap<String, String> = restarted
+            .iter()
+            .filter_map(|r| st.sandboxes.get(r).map(|s| (r.clone(), s.node.clone())))
             .collect();
-        (n, rem)
+        (n, rem, placed)
     });
     let node = node.ok_or_else(|| not_found(&format!("node {id}")))?;
+    for r in &restarted {
+        match outcomes.iter_mut().find(|o| &o.sandbox == r) {
+            Some(o) => {
+                o.outcome = "restarted".into();
+                o.node = placed.get(r).cloned();
+            }
+            None => outcomes.push(DrainOutcome {
+                sandbox: r.clone(),
+                name: None,
+                outcome: "restarted".into(),
+                node: placed.get(r).cloned(),
+                error: None,
+            }),
+        }
+    }
+    let moved = outcomes
+        .iter()
+        .filter(|o| o.outcome != "failed")
+        .map(|o| o.sandbox.clone())
+        .collect();
     Ok(Json(Drained {
         node,
         moved,
         remaining,
+        sandboxes: outcomes,
     }))
 }
 

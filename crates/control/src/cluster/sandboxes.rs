@@ -178,6 +178,7 @@ pub(super) async fn create(
             reschedules: 0,
             pinned: false,
             observed: None,
+            migration: None,
         };
         match cp
             .store

@@ -2,16 +2,33 @@
 //! NotReady (their sandboxes are lost, or moved when they asked for
 //! `restart: always`), moved or restarted sandboxes are started on their
 //! node, and a record whose start never finished is given up (`failed`, with
-//! the reason) or, with `restart: always`, started again.
+//! the reason) or, with `restart: always`, started again; a live migration
+//! whose driving member went away is finished from the source's answer.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use hearth_store::{Command, Expect};
 
-use super::{now_ms, sandboxes, ControlPlane};
+use super::{migrate, now_ms, sandboxes, ControlPlane};
 
 pub(super) async fn run(cp: ControlPlane) {
+    tokio::join!(nodes(cp.clone()), migrations(cp));
+}
+
+/// Leader: finishes migrations whose driving member went away.
+async fn migrations(cp: ControlPlane) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tick.tick().await;
+        let me = cp.store.member_status();
+        if me.leader == Some(me.id) {
+            migrate::resolve_orphans(&cp).await;
+        }
+    }
+}
+
+async fn nodes(cp: ControlPlane) {
     let period = (cp.cfg.node_timeout / 5).max(Duration::from_millis(100));
     let mut tick = tokio::time::interval(period);
     // why: a new leader has not seen heartbeats sent to the old one's term yet;

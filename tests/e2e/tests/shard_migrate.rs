@@ -1,0 +1,560 @@
+//! Live migration driven by the control plane on the dev shard
+//! (scripts/shard): `hearth migrate SANDBOX --to NODE|auto`, the refusals,
+//! `hearth node drain`, and a target agent killed mid-transfer. Agents live
+//! in their own network namespaces; the CLI talks to a control-plane member.
+//! The tests share one shard and take turns ([`SERIAL`]). Needs root and
+//! iproute2; skipped (with a message) otherwise.
+
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use hearth_e2e::{show, stdout, wait_until};
+
+const NAME: &str = "hsm";
+const NET: &str = "10.77.203";
+const TOKEN: &str = "hearth-e2e-shard-migrate-token-0123";
+/// Every test here brings up the one shard `NAME`; they take turns (held for
+/// the whole test, shard down included).
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+const COUNTER: &str = "i=0; while true; do echo $i; i=$((i+1)); sleep 0.1; done";
+
+fn shard(args: &[&str]) -> Output {
+    Command::new(hearth_e2e::repo_root().join("scripts/shard"))
+        .args(args)
+        .env("HEARTH_SHARD", NAME)
+        .env("HEARTH_SHARD_NET", NET)
+        .env("HEARTH_BIN_DIR", hearth_e2e::bin_dir())
+        .env("HEARTH_SHARD_NODE_TIMEOUT_MS", "2000")
+        .env("HEARTH_TOKEN", TOKEN)
+        .output()
+        .expect("run scripts/shard")
+}
+
+struct Down;
+
+impl Drop for Down {
+    fn drop(&mut self) {
+        shard(&["down"]);
+    }
+}
+
+fn can_run() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    root && Command::new("ip")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// `hearth ARGS` against control member 1.
+fn hearth_cmd(args: &[&str]) -> Command {
+    let mut c = Command::new(hearth_e2e::bin_dir().join("hearth"));
+    c.env("HEARTH_API", format!("http://{NET}.1:7101"))
+        .env("HEARTH_TOKEN", TOKEN)
+        .args(args)
+        .stdin(Stdio::null());
+    c
+}
+
+fn hearth(args: &[&str]) -> Output {
+    hearth_cmd(args).output().expect("run hearth")
+}
+
+/// A call to `base` (a control member or an agent) with the cluster token.
+fn call(
+    base: &str,
+    path: &str,
+    method: &str,
+    body: Option<&str>,
+    secs: u32,
+) -> (u16, serde_json::Value) {
+    let secs = secs.to_string();
+    let mut c = Command::new("curl");
+    c.args([
+        "-sS",
+        "--max-time",
+        &secs,
+        "-X",
+        method,
+        "-H",
+        "content-type: application/json",
+        "-H",
+        &format!("Authorization: Bearer {TOKEN}"),
+        "-w",
+        "\n%{http_code}",
+    ]);
+    if let Some(b) = body {
+        c.args(["--data", b]);
+    }
+    let out = c.arg(format!("{base}{path}")).output().expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (
+        code.trim().parse().unwrap_or(0),
+        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+fn api(path: &str, method: &str, body: Option<&str>, secs: u32) -> (u16, serde_json::Value) {
+    call(&format!("http://{NET}.1:7101"), path, method, body, secs)
+}
+
+/// The sandboxes agent `i`'s own node API lists.
+fn on_agent(i: u32) -> Vec<serde_json::Value> {
+    let (code, v) = call(
+        &format!("http://{NET}.{}:7070", 10 + i),
+        "/v1/sandboxes",
+        "GET",
+        None,
+        5,
+    );
+    assert_eq!(code, 200, "agent{i}: {v}");
+    v.as_array().cloned().unwrap_or_default()
+}
+
+/// Agent `i`'s copy of record `id` (agents know it by their own id; the owner
+/// tag `CLUSTER/ID@GENERATION` names the record).
+fn agent_has(i: u32, id: &str) -> Option<serde_json::Value> {
+    let tag = format!("/{id}@");
+    on_agent(i)
+        .into_iter()
+        .find(|s| s["owner"].as_str().is_some_and(|o| o.contains(&tag)))
+}
+
+fn sandbox(id: &str) -> serde_json::Value {
+    let (code, sb) = api(&format!("/v1/sandboxes/{id}"), "GET", None, 10);
+    assert_eq!(code, 200, "{sb}");
+    sb
+}
+
+fn node(id: &str) -> serde_json::Value {
+    api(&format!("/v1/nodes/{id}"), "GET", None, 10).1
+}
+
+fn wait_node(id: &str, status: &str) {
+    wait_until(
+        &format!("node {id} to be {status}"),
+        Duration::from_secs(30),
+        || node(id)["status"] == status,
+    );
+}
+
+/// Starts `cmd` on `node` of the 3 agents, with or without a network, and
+/// waits until it runs. The other nodes are cordoned meanwhile (a selector
+/// would pin it: migrations respect selectors).
+fn create_on(node: &str, name: &str, cmd: &str, network: bool) -> String {
+    let others: Vec<String> = (1..=3)
+        .map(|i| format!("agent{i}"))
+        .filter(|n| n != node)
+        .collect();
+    for n in &others {
+        let (code, v) = api(&format!("/v1/nodes/{n}/cordon"), "POST", None, 10);
+        assert_eq!(code, 200, "{v}");
+    }
+    let mut body = serde_json::json!({
+        "image": "busybox",
+        "cmd": ["sh", "-c", cmd],
+        "memory_mib": 128,
+        "name": name,
+    });
+    if !network {
+        body["network"] = serde_json::json!({"mode": "none"});
+    }
+    let (code, sb) = api("/v1/sandboxes", "POST", Some(&body.to_string()), 300);
+    for n in &others {
+        let (code, v) = api(&format!("/v1/nodes/{n}/uncordon"), "POST", None, 10);
+        assert_eq!(code, 200, "{v}");
+    }
+    assert_eq!(code, 201, "{sb}");
+    assert_eq!(sb["node"], node, "{sb}");
+    let id = sb["id"].as_str().expect("id").to_string();
+    // why: the record (what migrations are checked against) learns it from a heartbeat.
+    wait_until(
+        &format!("the record of sandbox {name} to say running"),
+        Duration::from_secs(180),
+        || {
+            let (_, all) = api("/v1/sandboxes", "GET", None, 10);
+            all.as_array()
+                .is_some_and(|a| a.iter().any(|s| s["id"] == id && s["status"] == "running"))
+        },
+    );
+    id
+}
+
+/// The counter values in the sandbox's output log, read through the control plane.
+fn counted(name: &str) -> Vec<u64> {
+    stdout(&hearth(&["logs", name]))
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+fn assert_contiguous_from_zero(v: &[u64]) {
+    for (i, x) in v.iter().enumerate() {
+        assert_eq!(*x, i as u64, "counter reset or gap at line {i}: {v:?}");
+    }
+}
+
+/// Waits until the counter runs on and has never reset or skipped.
+fn counter_goes_on(name: &str) {
+    let n = counted(name).len();
+    wait_until(
+        &format!("counter {name} to go on"),
+        Duration::from_secs(60),
+        || counted(name).len() > n + 10,
+    );
+    assert_contiguous_from_zero(&counted(name));
+}
+
+fn status_json(name: &str) -> serde_json::Value {
+    let out = hearth(&["migrate", "--status", "--json", name]);
+    assert!(out.status.success(), "{}", show(&out));
+    serde_json::from_slice(&out.stdout).expect("status json")
+}
+
+/// The pid of a shard process (`control1`, `agent2`, ...).
+fn pid_of(what: &str) -> i32 {
+    let state = std::fs::read_to_string(format!("/tmp/hearth-shard-{NAME}/state")).unwrap();
+    state
+        .lines()
+        .find_map(|l| l.strip_prefix("pid ")?.strip_suffix(&format!(" {what}")))
+        .unwrap_or_else(|| panic!("no pid for {what}: {state}"))
+        .parse()
+        .unwrap()
+}
+
+/// QEMU processes of the shard for the agent sandbox `id` (running or incoming).
+fn qemus_of(id: &str) -> usize {
+    let needle = format!("/sandboxes/{id}/");
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains("qemu-system") && c.contains(&needle) && c.contains(NAME))
+        .count()
+}
+
+/// Takes this file's turn, brings up a shard of `agents` agents and imports
+/// busybox everywhere. `None` (the test skips) without root.
+fn shard_with_busybox(agents: u32) -> Option<(Down, std::sync::MutexGuard<'static, ()>)> {
+    if !can_run() {
+        eprintln!("skipped: needs root and iproute2 for network namespaces");
+        return None;
+    }
+    let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    shard(&["down"]);
+    let down = Down;
+    let out = shard(&["up", "--agents", &agents.to_string()]);
+    assert!(out.status.success(), "shard up: {}", show(&out));
+    let rootfs = tempfile::tempdir().expect("tempdir");
+    hearth_e2e::images::busybox_rootfs(rootfs.path());
+    let body = serde_json::json!({"name": "busybox", "path": rootfs.path()});
+    let (code, img) = api("/v1/images/import", "POST", Some(&body.to_string()), 300);
+    assert!(
+        code == 200 || code == 201,
+        "import on every node: {code} {img}"
+    );
+    Some((down, serial))
+}
+
+/// The open guest-hang bug of the VMM migration path (docs/migration.md, "Open
+/// bug"; being fixed on another branch): the guest on the target oopses right
+/// after it resumes, the target removes its VM and the sandbox keeps running
+/// on the source. Migrations this suite needs to succeed are retried (twice)
+/// when that, and only that, is the failure; the safety net is asserted.
+fn known_guest_hang(out: &Output) -> bool {
+    let err = String::from_utf8_lossy(&out.stderr);
+    !out.status.success()
+        && err.contains("could not take over")
+        && err.contains("did not answer a ping")
+        && err.contains("keeps running on node")
+}
+
+/// `hearth migrate ARGS` until it does not fail with [`known_guest_hang`] (3 tries).
+fn migrate_retrying(args: &[&str], id: &str) -> Output {
+    let mut tries = 0;
+    loop {
+        let from = sandbox(id)["node"].as_str().unwrap_or_default().to_string();
+        let out = hearth(args);
+        tries += 1;
+        if !known_guest_hang(&out) || tries == 3 {
+            return out;
+        }
+        eprintln!("known guest hang after the switch-over (try {tries}); retrying");
+        let sb = sandbox(id);
+        assert_eq!(
+            (sb["node"].as_str(), sb["status"].as_str()),
+            (Some(from.as_str()), Some("running")),
+            "{sb}"
+        );
+    }
+}
+
+fn refused(args: &[&str], needle: &str) {
+    let out = hearth(args);
+    assert!(
+        !out.status.success(),
+        "hearth {args:?} succeeded: {}",
+        show(&out)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(needle),
+        "hearth {args:?}: want {needle:?} in: {}",
+        show(&out)
+    );
+}
+
+#[test]
+fn a_counter_migrates_to_a_named_node_then_auto_and_bad_targets_are_refused() {
+    let Some(_shard) = shard_with_busybox(3) else {
+        return;
+    };
+    let id = create_on("agent1", "counter", COUNTER, false);
+    wait_until("the counter to count", Duration::from_secs(60), || {
+        counted("counter").len() >= 5
+    });
+
+    // Refusals, each naming the sandbox or node and what to do.
+    refused(
+        &["migrate", "counter", "--to", "agent1"],
+        "already runs on node agent1",
+    );
+    refused(&["migrate", "counter", "--to", "agent9"], "no node agent9");
+    let out = hearth(&["node", "cordon", "agent3"]);
+    assert!(out.status.success(), "{}", show(&out));
+    refused(
+        &["migrate", "counter", "--to", "agent3"],
+        "node agent3 is cordoned",
+    );
+    let out = hearth(&["node", "uncordon", "agent3"]);
+    assert!(out.status.success(), "{}", show(&out));
+    let veth = format!("{NAME}a3");
+    let ip = |state: &str| {
+        let o = Command::new("ip")
+            .args(["link", "set", &veth, state])
+            .output()
+            .expect("ip link");
+        assert!(o.status.success(), "{}", show(&o));
+    };
+    ip("down");
+    wait_node("agent3", "not_ready");
+    refused(
+        &["migrate", "counter", "--to", "agent3"],
+        "node agent3 is NotReady",
+    );
+    ip("up");
+    wait_node("agent3", "ready");
+    let done = create_on("agent1", "done", "sleep 1; exit 0", false);
+    // why: the record (what a migration is checked against) learns it from a heartbeat.
+    wait_until(
+        "the record of sandbox done to say exited",
+        Duration::from_secs(60),
+        || {
+            let (_, all) = api("/v1/sandboxes", "GET", None, 10);
+            all.as_array()
+                .is_some_and(|a| a.iter().any(|s| s["id"] == done && s["status"] == "exited"))
+        },
+    );
+    refused(&["migrate", "done", "--to", "agent2"], "not running");
+    assert_eq!(sandbox(&id)["node"], "agent1", "a refusal moved it");
+
+    // To a named node; a second migration meanwhile is refused.
+    let t = Instant::now();
+    let first = hearth_cmd(&["migrate", "counter", "--to", "agent2", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("hearth migrate");
+    wait_until(
+        "the migration to be recorded",
+        Duration::from_secs(30),
+        || {
+            let out = hearth(&["migrate", "--status", "--json", "counter"]);
+            out.status.success()
+                && serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                    .is_ok_and(|s| s["target"] == "agent2")
+        },
+    );
+    refused(
+        &["migrate", "counter", "--to", "agent3"],
+        "already migrating",
+    );
+    let mut out = first.wait_with_output().expect("hearth migrate");
+    if known_guest_hang(&out) {
+        eprintln!("known guest hang after the switch-over; retrying");
+        assert_eq!(sandbox(&id)["node"], "agent1");
+        out = migrate_retrying(&["migrate", "counter", "--to", "agent2", "--json"], &id);
+    }
+    assert!(out.status.success(), "{}", show(&out));
+    eprintln!("migrate --to agent2 took {:?}", t.elapsed());
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(st["phase"], "completed", "{st}");
+    assert_eq!(st["from"], "agent1", "{st}");
+
+    // The placement moved; agent1 no longer has it, agent2 runs it with the new tag.
+    let sb = sandbox(&id);
+    assert_eq!(sb["node"], "agent2", "{sb}");
+    assert_eq!(sb["status"], "running", "{sb}");
+    assert!(
+        agent_has(1, &id).is_none(),
+        "agent1 still has it: {:?}",
+        on_agent(1)
+    );
+    let there = agent_has(2, &id).expect("agent2 runs it");
+    assert_eq!(there["status"], "running", "{there}");
+    assert!(
+        there["owner"]
+            .as_str()
+            .is_some_and(|o| o.ends_with(&format!("{id}@1"))),
+        "{there}"
+    );
+    let st = status_json("counter");
+    assert_eq!(
+        (
+            st["phase"].as_str(),
+            st["from"].as_str(),
+            st["target"].as_str()
+        ),
+        (Some("completed"), Some("agent1"), Some("agent2")),
+        "{st}"
+    );
+    counter_goes_on("counter");
+    // Several heartbeats later nothing fenced or lost it.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(sandbox(&id)["status"], "running");
+    assert_eq!(
+        agent_has(2, &id).expect("still on agent2")["status"],
+        "running"
+    );
+
+    // auto picks another node.
+    let out = migrate_retrying(&["migrate", "counter", "--to", "auto", "--json"], &id);
+    assert!(out.status.success(), "{}", show(&out));
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let to = st["target"].as_str().expect("target").to_string();
+    assert!(to == "agent1" || to == "agent3", "auto picked {to}: {st}");
+    assert_eq!(sandbox(&id)["node"], to.as_str());
+    assert!(agent_has(2, &id).is_none(), "agent2 still has it");
+    counter_goes_on("counter");
+    let agent_id = there["id"].as_str().expect("agent id");
+    assert_eq!(qemus_of(agent_id), 1, "copies of the counter");
+}
+
+#[test]
+fn drain_migrates_what_it_can_and_a_target_killed_mid_transfer_leaves_the_source_running() {
+    let Some(_shard) = shard_with_busybox(3) else {
+        return;
+    };
+    let id = create_on("agent1", "counter", COUNTER, false);
+    let web = create_on("agent1", "web", "exec sleep 600", true);
+    wait_until("the counter to count", Duration::from_secs(60), || {
+        counted("counter").len() >= 5
+    });
+
+    // Drain: the counter moves live; the networked sandbox cannot and stays.
+    let mut out = hearth(&["node", "drain", "agent1"]);
+    for _ in 0..2 {
+        // why: see known_guest_hang; a drain again retries what is left.
+        if !stdout(&out).contains("counter: not moved") {
+            break;
+        }
+        assert!(
+            stdout(&out).contains("did not answer a ping"),
+            "{}",
+            show(&out)
+        );
+        assert_eq!(sandbox(&id)["node"], "agent1");
+        eprintln!("known guest hang after the switch-over; draining again");
+        out = hearth(&["node", "drain", "agent1"]);
+    }
+    let text = stdout(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "one sandbox is not moved: {}",
+        show(&out)
+    );
+    assert!(
+        text.contains("counter: migrated to agent"),
+        "{}",
+        show(&out)
+    );
+    assert!(
+        text.contains("web: not moved, still running on agent1") && text.contains("network device"),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(node("agent1")["cordoned"], true);
+    let to = sandbox(&id)["node"].as_str().expect("node").to_string();
+    assert_ne!(to, "agent1");
+    assert!(agent_has(1, &id).is_none(), "agent1 still has the counter");
+    assert_eq!(sandbox(&web)["node"], "agent1");
+    assert_eq!(sandbox(&web)["status"], "running");
+    counter_goes_on("counter");
+
+    // Kill the target agent mid-transfer: the source keeps the one copy.
+    let (src, dst) = if to == "agent2" {
+        ("agent2", "agent3")
+    } else {
+        ("agent3", "agent2")
+    };
+    let src_i: u32 = src[5..].parse().unwrap();
+    let mig = hearth_cmd(&[
+        "migrate",
+        "counter",
+        "--to",
+        dst,
+        "--bandwidth-mib",
+        "1",
+        "--json",
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("hearth migrate");
+    wait_until("the transfer to start", Duration::from_secs(60), || {
+        let s = status_json("counter");
+        s["target"] == dst && s["phase"] == "precopy" && s["bytes_sent"].as_u64() > Some(0)
+    });
+    let pid = pid_of(dst);
+    // SAFETY: kill(2) of a shard agent's pid this test read from the shard's state file.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    let out = mig.wait_with_output().expect("hearth migrate");
+    assert!(
+        !out.status.success(),
+        "migration to a killed agent succeeded: {}",
+        show(&out)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("keeps running on node {src}")),
+        "{}",
+        show(&out)
+    );
+    let st = status_json("counter");
+    assert_eq!(st["phase"], "aborted", "{st}");
+    let sb = sandbox(&id);
+    assert_eq!(
+        (sb["node"].as_str(), sb["status"].as_str()),
+        (Some(src), Some("running")),
+        "{sb}"
+    );
+    let copy = agent_has(src_i, &id).expect("the source runs it");
+    assert_eq!(copy["status"], "running");
+    let agent_id = copy["id"].as_str().expect("agent id").to_string();
+    wait_until(
+        "exactly one QEMU of the counter",
+        Duration::from_secs(30),
+        || qemus_of(&agent_id) == 1,
+    );
+    counter_goes_on("counter");
+}
