@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use hearth_proto::{
     read_frame_async, write_frame_async, Credit, Empty, ErrorMsg, ExecRequest, ExitStatus, Frame,
-    Hello, Kind, Restored, RestoredAck, SignalRequest, Started, CONTROL_ID, INITIAL_WINDOW,
-    MAX_FRAME, PROTOCOL_VERSION,
+    Hello, Kind, Restored, RestoredAck, Resume, ResumeSession, Resumed, SignalRequest, Started,
+    CONTROL_ID, INITIAL_WINDOW, MAX_FRAME, PROTOCOL_VERSION, RESUME_NONCE_LEN,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -57,7 +57,17 @@ pub enum GuestError {
         "restored guest did not acknowledge the restore within {0:?} (see the VM's console.log)"
     )]
     RestoreTimeout(Duration),
+    /// A running guest did not answer a resume in time.
+    #[error("guest agent did not answer the resume within {0:?} (see the VM's console.log)")]
+    ResumeTimeout(Duration),
+    /// The guest sent too much before answering a resume.
+    #[error("guest sent {0} bytes without answering the resume; its channel is broken")]
+    ResumeGarbage(usize),
 }
+
+/// Most stale bytes skipped while waiting for the answer to a resume: frames
+/// torn by the previous connection, and frames the guest had already queued.
+const MAX_RESUME_SKIP: usize = 16 << 20;
 
 /// How long a frame to the guest may wait for room before the guest counts as stalled.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
@@ -123,6 +133,88 @@ impl GuestConn {
         Ok(Self::serve(rd, wr, Some(hello), 1))
     }
 
+    /// Takes over the channel of a running guest after a host restart: sends
+    /// [`Resume`] naming the sessions this host serves and how much of their
+    /// output it has persisted, skips whatever the channel still held from the
+    /// previous connection up to the guest's answer, and starts routing. The
+    /// guest then replays each named session's output past `persisted` (and its
+    /// Exit, if it ended) to the returned sessions, one per session it still has.
+    pub async fn resume<S>(
+        stream: S,
+        sessions: &[ResumeSession],
+        timeout: Duration,
+    ) -> Result<(Arc<GuestConn>, Resumed, Vec<Session>), GuestError>
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        use tokio::io::AsyncReadExt;
+        let (rd, mut wr) = tokio::io::split(stream);
+        let mut rd = tokio::io::BufReader::new(rd);
+        let mut nonce = vec![0u8; RESUME_NONCE_LEN];
+        getrandom::fill(&mut nonce).map_err(|e| {
+            GuestError::Proto(hearth_proto::ProtoError::Io(std::io::Error::other(
+                e.to_string(),
+            )))
+        })?;
+        let msg = Resume {
+            nonce: nonce.clone(),
+            sessions: sessions.to_vec(),
+        };
+        let answer = async {
+            write_frame_async(&mut wr, &Frame::json(Kind::Resume, CONTROL_ID, &msg)).await?;
+            // why: the previous host may have died mid-frame, and frames the guest
+            // queued before it saw the resume still arrive first; the nonce marks
+            // where the resumed stream starts.
+            let mut tail: Vec<u8> = Vec::with_capacity(RESUME_NONCE_LEN);
+            let mut skipped = 0usize;
+            loop {
+                let b = rd.read_u8().await.map_err(|e| {
+                    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                        GuestError::Closed
+                    } else {
+                        GuestError::Proto(e.into())
+                    }
+                })?;
+                if tail.len() == RESUME_NONCE_LEN {
+                    tail.remove(0);
+                }
+                tail.push(b);
+                if tail == nonce {
+                    break;
+                }
+                skipped += 1;
+                if skipped > MAX_RESUME_SKIP {
+                    return Err(GuestError::ResumeGarbage(skipped));
+                }
+            }
+            let f = read_frame_async(&mut rd).await?.ok_or(GuestError::Closed)?;
+            if f.kind != Kind::Resumed {
+                return Err(GuestError::Refused(format!(
+                    "guest answered the resume with {:?}",
+                    f.kind
+                )));
+            }
+            Ok::<Resumed, GuestError>(f.parse()?)
+        };
+        let resumed = tokio::time::timeout(timeout, answer)
+            .await
+            .map_err(|_| GuestError::ResumeTimeout(timeout))??;
+        if resumed.hello.protocol_version != PROTOCOL_VERSION {
+            return Err(GuestError::Version {
+                got: resumed.hello.protocol_version,
+            });
+        }
+        let ids: Vec<u32> = resumed.sessions.iter().map(|s| s.id).collect();
+        let (conn, attached) = Self::serve_with(
+            rd,
+            wr,
+            Some(resumed.hello.clone()),
+            resumed.next_session.max(1),
+            |conn| ids.iter().map(|id| conn.attach(*id)).collect(),
+        );
+        Ok((conn, resumed, attached))
+    }
+
     /// Re-attaches to a guest agent that is already serving (after a live
     /// migration): the guest sends Hello only once per boot, so the one it sent
     /// the previous host is passed in. New sessions get ids from `next_id` on,
@@ -166,7 +258,23 @@ impl GuestConn {
         Ok(PendingAck(rx))
     }
 
-    fn serve<R, W>(mut rd: R, mut wr: W, hello: Option<Hello>, first_id: u32) -> Arc<GuestConn>
+    fn serve<R, W>(rd: R, wr: W, hello: Option<Hello>, first_id: u32) -> Arc<GuestConn>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        Self::serve_with(rd, wr, hello, first_id, |_| ()).0
+    }
+
+    /// Like `serve`; `before` runs before the first frame is routed (to attach
+    /// sessions whose frames may already be waiting in the stream).
+    fn serve_with<R, W, T>(
+        mut rd: R,
+        mut wr: W,
+        hello: Option<Hello>,
+        first_id: u32,
+        before: impl FnOnce(&Arc<GuestConn>) -> T,
+    ) -> (Arc<GuestConn>, T)
     where
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
@@ -196,6 +304,7 @@ impl GuestConn {
             queued: AtomicU64::new(0),
             written,
         });
+        let early = before(&conn);
         let weak = Arc::downgrade(&conn);
         let sessions = conn.sessions.clone();
         tokio::spawn(async move {
@@ -220,7 +329,7 @@ impl GuestConn {
                 sink.stdin_credit.close();
             }
         });
-        conn
+        (conn, early)
     }
 
     /// Stops sending to the guest (sends fail at once, credit stays owed) and
@@ -282,6 +391,7 @@ impl GuestConn {
             in_flight,
             pending_credit: unacked as u32,
             ended: false,
+            ack_exit: true,
         }
     }
 
@@ -335,6 +445,7 @@ impl GuestConn {
             in_flight,
             pending_credit: 0,
             ended: false,
+            ack_exit: true,
         }
     }
 
@@ -367,6 +478,10 @@ impl GuestConn {
         }
         // why: frames for unknown sessions are ignored; a hostile guest gains nothing.
         let Some(sink) = map.get(&f.id) else {
+            if f.kind == Kind::Exit {
+                // A session this host gave up (its client went away): let the guest forget it.
+                self.try_send(Frame::json(Kind::ExitAck, f.id, &Empty {}));
+            }
             return Ok(());
         };
         let ev = match f.kind {
@@ -473,6 +588,7 @@ impl GuestConn {
             in_flight,
             pending_credit: 0,
             ended: false,
+            ack_exit: true,
         })
     }
 
@@ -518,6 +634,8 @@ pub struct Session {
     /// Output bytes handed to the consumer and not yet credited to the guest.
     pending_credit: u32,
     ended: bool,
+    /// Acknowledge the Exit as soon as it is taken (the guest then forgets the session).
+    ack_exit: bool,
 }
 
 impl Session {
@@ -550,10 +668,28 @@ impl Session {
             SessionEvent::Stdout(b) | SessionEvent::Stderr(b) => {
                 self.pending_credit = self.pending_credit.saturating_add(b.len() as u32);
             }
-            SessionEvent::Exit(_) | SessionEvent::Failed(_) => self.ended = true,
+            SessionEvent::Exit(_) => {
+                self.ended = true;
+                if self.ack_exit {
+                    self.ack_exit();
+                }
+            }
+            SessionEvent::Failed(_) => self.ended = true,
             SessionEvent::Started(_) => {}
         }
         Some(ev)
+    }
+
+    /// Keeps the Exit unacknowledged until [`Session::ack_exit`]: the guest then
+    /// replays it to a restarted host that has not recorded it yet.
+    pub fn defer_exit_ack(&mut self) {
+        self.ack_exit = false;
+    }
+
+    /// Tells the guest the Exit is recorded, so it forgets the session (best effort).
+    pub fn ack_exit(&self) {
+        self.conn
+            .try_send(Frame::json(Kind::ExitAck, self.id, &Empty {}));
     }
 
     /// The next event if one is already here; sends no credit (the channel

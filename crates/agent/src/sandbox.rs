@@ -21,6 +21,7 @@ use hearth_vmm::{
 use tokio::sync::{mpsc, watch};
 
 use crate::guest_conn::{GuestConn, Session, SessionEvent, SessionInput};
+use crate::readopt::WorkloadRecord;
 pub(crate) use crate::output_log::{LogFollower, OutputLog};
 use crate::restore::{GuestLink, Launch, RestoredChannel, WarmState};
 
@@ -309,8 +310,9 @@ fn host_memory_mib() -> u64 {
 
 impl Agent {
     /// Opens the data dir, probes the accelerator and recovers sandboxes left by
-    /// a previous run: any that were still running are reported lost and their
-    /// VMs are stopped, so no VMM is orphaned.
+    /// a previous run: running ones whose VMs still run are re-adopted and keep
+    /// running; the others are reported lost and their VMs stopped, so no VMM
+    /// and no network is orphaned.
     pub async fn start(cfg: AgentConfig) -> Result<Agent, AgentError> {
         for (what, p) in [("guest kernel", &cfg.kernel), ("initramfs", &cfg.initrd)] {
             if !p.is_file() {
@@ -398,11 +400,15 @@ impl Agent {
         Ok(agent)
     }
 
+    /// Loads every sandbox record; re-adopts the VMs of running sandboxes that
+    /// still run (see `readopt`), settles the others, and removes the networks
+    /// of every sandbox that does not run now.
     async fn recover(&self) {
         let dir = self.inner.cfg.data_dir.join("sandboxes");
         let Ok(rd) = std::fs::read_dir(&dir) else {
             return;
         };
+        let mut running = std::collections::HashSet::new();
         for ent in rd.flatten() {
             let sdir = ent.path();
             let rec: Sandbox = match std::fs::read(sdir.join("sandbox.json"))
@@ -416,42 +422,13 @@ impl Agent {
                 }
             };
             let entry = Arc::new(Entry::new(sdir.clone(), rec.clone()));
-            if !rec.status.is_terminal() {
-                let vm_dir = sdir.join("vm");
-                match self.inner.vmm.adopt(&vm_dir).await {
-                    Ok(vm) => {
-                        tracing::warn!(sandbox = %rec.id, "stopping VM of a sandbox left running by a previous hearthd");
-                        let _ = vm.kill().await;
-                        let _ = vm.wait().await;
-                    }
-                    Err(e) => {
-                        // Not adoptable (broken socket?) but maybe alive: kill it by its recorded pid.
-                        match hearth_vmm::kill_recorded(&vm_dir, Duration::from_secs(10)) {
-                            Ok(true) => {
-                                tracing::warn!(sandbox = %rec.id, "killed an unadoptable VM ({e})")
-                            }
-                            Ok(false) => {}
-                            Err(k) => {
-                                tracing::error!(sandbox = %rec.id, "cannot stop the VM in {}: {k}", vm_dir.display())
-                            }
-                        }
-                    }
-                }
-                let _ = hearth_vmm::destroy(&vm_dir);
-                entry.update(|r| {
-                    r.status = SandboxStatus::Lost;
-                    r.finished_ms = Some(now_ms());
-                    r.error = Some(
-                        "hearthd stopped while the sandbox was running; its VM was stopped".into(),
-                    );
-                });
-                entry.finished.send_replace(true);
+            lock(&self.inner.sandboxes).insert(rec.id.clone(), entry.clone());
+            if !rec.status.is_terminal() && self.recover_sandbox(&entry).await {
+                running.insert(rec.id.clone());
             }
-            lock(&self.inner.sandboxes).insert(rec.id.clone(), entry);
         }
         if let Some(net) = &self.inner.net {
-            let keep = lock(&self.inner.sandboxes).keys().cloned().collect();
-            net.remove_orphans(&keep);
+            net.remove_orphans(&running);
         }
     }
 
@@ -988,6 +965,13 @@ impl Agent {
         *lock(&entry.conn) = Some(conn.clone());
         *lock(&entry.main_input) = Some(session.input());
         let input = session.input();
+        // why: an Exit the guest sends while no hearthd listens is replayed to the
+        // next one; it is acknowledged only by powering the guest off.
+        session.defer_exit_ack();
+        let stdin = entry.stdin_open.load(std::sync::atomic::Ordering::Relaxed);
+        if let Err(e) = WorkloadRecord::new(session.id(), stdin).store(&entry.dir) {
+            tracing::warn!(sandbox = %vm.id(), "cannot save workload.json, a hearthd restart will lose this sandbox: {e}");
+        }
         let mut first_output = started.is_some();
         let mut stop_deadline: Option<tokio::time::Instant> = None;
         let wd = self.inner.cfg.guest_watchdog;
@@ -1406,7 +1390,7 @@ pub(crate) fn plan_exec(req: &CreateSandbox, image: &ImageRecord) -> Result<Gues
 }
 
 /// A duplicate of a stream's socket (for queue-length ioctls).
-fn stream_fd(s: &tokio::net::UnixStream) -> Option<std::os::fd::OwnedFd> {
+pub(crate) fn stream_fd(s: &tokio::net::UnixStream) -> Option<std::os::fd::OwnedFd> {
     use std::os::fd::AsFd;
     s.as_fd().try_clone_to_owned().ok()
 }
@@ -1442,7 +1426,7 @@ fn describe_exit<E: std::fmt::Display, T: std::fmt::Debug>(x: Result<T, E>) -> S
 
 /// The last lines of the guest console, to explain a crash (reads only the
 /// file's tail: the console is guest-controlled and may be huge).
-fn console_tail(path: &Path) -> String {
+pub(crate) fn console_tail(path: &Path) -> String {
     use std::io::{Read, Seek, SeekFrom};
     const MAX: u64 = 8 * 1024;
     let Ok(mut f) = std::fs::File::open(path) else {

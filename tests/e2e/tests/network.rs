@@ -415,42 +415,56 @@ fn ingress_reaches_httpd_in_the_sandbox_from_another_namespace() {
 }
 
 #[test]
-fn agent_restart_keeps_known_networks_and_removes_orphans() {
+fn agent_restart_re_adopts_running_networks_and_removes_the_rest() {
+    let ns = ServerNs::start(subnet(1), &[8080]);
     let mut d = Daemon::start();
-    let (a, _) = start_detached(&d, &["--egress-deny", "10.0.0.0/8"]);
+    let (a, ip_a) = start_detached(&d, &["--egress-deny", "10.0.0.0/8"]);
     let (b, ip_b) = start_detached(&d, &[]);
+    let (c, ip_c) = start_detached(&d, &[]);
     let tap = |id: &str| {
         d.inspect(id)["network"]["tap"]
             .as_str()
             .unwrap()
             .to_string()
     };
-    let (tap_a, tap_b) = (tap(&a), tap(&b));
+    let (tap_a, tap_b, tap_c) = (tap(&a), tap(&b), tap(&c));
+    assert_eq!(exec(&d, &a, &probe(&ns.server_ip, &[8080])), "8080=ok\n");
     d.kill9();
-    // While hearthd is down, b's VM ends and its record disappears: its network
-    // (tap, pins, NAT entry, lease) is an orphan now.
-    let dir_b = d.data_dir().join("sandboxes").join(&b);
-    for pid in hearth_e2e::vmm_pids_under(&dir_b) {
-        // SAFETY: kill(2) on a QEMU this test's daemon started.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
+    // While hearthd is down, b's and c's VMs end; b's record disappears too:
+    // both networks (tap, pins, NAT entry, lease) must go.
+    let sandboxes = d.data_dir().join("sandboxes");
+    for id in [&b, &c] {
+        let dir = sandboxes.join(id);
+        for pid in hearth_e2e::vmm_pids_under(&dir) {
+            // SAFETY: kill(2) on a QEMU this test's daemon started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        wait_until("the VM gone", Duration::from_secs(10), || {
+            hearth_e2e::vmm_pids_under(&dir).is_empty()
+        });
     }
-    wait_until("b's VM gone", Duration::from_secs(10), || {
-        hearth_e2e::vmm_pids_under(&dir_b).is_empty()
-    });
-    std::fs::remove_dir_all(&dir_b).unwrap();
+    std::fs::remove_dir_all(sandboxes.join(&b)).unwrap();
     d.spawn();
 
     let state = host_state();
-    assert!(!state.contains(&tap_b), "orphan tap or pins left: {state}");
-    assert!(
-        !state.contains(&format!("{ip_b} ")),
-        "orphan route or NAT entry: {state}"
-    );
     let leases = std::fs::read_to_string(d.data_dir().join("net/leases.json")).unwrap();
-    assert!(!leases.contains(&b), "orphan lease left: {leases}");
+    for (id, tap, ip) in [(&b, &tap_b, &ip_b), (&c, &tap_c, &ip_c)] {
+        assert!(!state.contains(tap.as_str()), "tap or pins of {id} left: {state}");
+        assert!(
+            !state.contains(&format!("{ip} ")),
+            "route or NAT entry of {id} left: {state}"
+        );
+        assert!(!leases.contains(id.as_str()), "lease of {id} left: {leases}");
+    }
+    assert_eq!(d.inspect(&c)["status"], "lost");
 
-    // a is still known: its network, policy and counters survived the restart.
+    // a was re-adopted: same VM, same address, its policy and counters, and it
+    // still reaches the test server.
+    let s = d.inspect(&a);
+    assert_eq!(s["status"], "running", "{s}");
+    assert_eq!(s["network"]["ip"], ip_a.as_str(), "{s}");
     assert!(state.contains(&tap_a), "{state}");
+    assert!(leases.contains(&a), "{leases}");
     let shown = d.hearth(&["policy", "show", &a]);
     assert!(
         stdout(&shown).contains("deny    10.0.0.0/8"),
@@ -458,6 +472,7 @@ fn agent_restart_keeps_known_networks_and_removes_orphans() {
         show(&shown)
     );
     assert!(d.hearth(&["policy", "stats", &a]).status.success());
+    assert_eq!(exec(&d, &a, &probe(&ns.server_ip, &[8080])), "8080=ok\n");
     let out = d.hearth(&["rm", "-f", &a]);
     assert!(out.status.success(), "{}", show(&out));
     assert!(!host_state().contains(&tap_a));
