@@ -894,6 +894,57 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn resume_skips_stale_bytes_and_routes_the_replay_to_the_session() {
+        use hearth_proto::{ResumedSession, Resume};
+        use tokio::io::AsyncWriteExt;
+        let (host, mut guest) = tokio::io::duplex(8 << 20);
+        let want = [ResumeSession {
+            id: 4,
+            persisted: 10,
+        }];
+        let task =
+            tokio::spawn(async move { GuestConn::resume(host, &want, Duration::from_secs(5)).await });
+        let msg: Resume = next_frame(&mut guest).await.parse().unwrap();
+        assert_eq!(msg.sessions, want);
+        // A frame torn by the previous connection, then the answer and the replay.
+        let mut wire = Frame::data(Kind::Stdout, 4, b"stale".to_vec()).encode()[3..].to_vec();
+        wire.extend_from_slice(&msg.nonce);
+        let resumed = Resumed {
+            hello: Hello {
+                protocol_version: PROTOCOL_VERSION,
+                agent_version: "test".into(),
+                kernel_release: "6.1".into(),
+            },
+            next_session: 9,
+            sessions: vec![ResumedSession {
+                id: 4,
+                replay_from: 10,
+                sent: 13,
+                exited: true,
+            }],
+        };
+        wire.extend(Frame::json(Kind::Resumed, 0, &resumed).encode());
+        wire.extend(Frame::data(Kind::Stdout, 4, b"abc".to_vec()).encode());
+        let exit = ExitStatus {
+            code: Some(7),
+            signal: None,
+        };
+        wire.extend(Frame::json(Kind::Exit, 4, &exit).encode());
+        guest.write_all(&wire).await.unwrap();
+        let (conn, got, mut sessions) = task.await.unwrap().unwrap();
+        assert_eq!(got, resumed);
+        assert_eq!(conn.next_session_id(), 9);
+        let mut s = sessions.pop().unwrap();
+        assert!(matches!(s.next().await, Some(SessionEvent::Stdout(b)) if b == b"abc"));
+        assert!(matches!(s.next().await, Some(SessionEvent::Exit(st)) if st == exit));
+        // Taking the Exit acknowledges it, after crediting the output.
+        let credit = next_frame(&mut guest).await;
+        assert_eq!((credit.kind, credit.id), (Kind::Credit, 4));
+        let ack = next_frame(&mut guest).await;
+        assert_eq!((ack.kind, ack.id), (Kind::ExitAck, 4));
+    }
+
+    #[tokio::test]
     async fn dropping_a_live_session_kills_its_process() {
         let (conn, mut guest) = connected().await;
         let s = conn.exec(&ExecRequest::default()).await.unwrap();

@@ -85,6 +85,10 @@ impl OutputLog {
             .encode();
         }
         self.file.write_all(&bytes).await?;
+        // why: tokio's File finishes writes in the background; the record must be
+        // in the file before its output is credited to the guest, which then drops
+        // it from its replay buffer (a hearthd killed now must find it on restart).
+        self.file.flush().await?;
         self.written += bytes.len() as u64;
         self.notify.send_replace(self.written);
         Ok(())

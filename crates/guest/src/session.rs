@@ -111,10 +111,12 @@ impl Session {
         n as usize
     }
 
-    /// Returns reserved bytes that were not used.
+    /// Returns reserved bytes that were not used (window only: nothing was acknowledged).
     pub fn release(&self, n: usize) {
         if n > 0 {
-            self.add_credit(n as u64);
+            let mut st = lock(&self.state);
+            st.window = st.window.saturating_add(n as u64);
+            self.credit.notify_all();
         }
     }
 
@@ -364,5 +366,49 @@ impl Sessions {
         if let Err(e) = write_frame(&mut *port, &frame) {
             crate::log!("sending Exit for session {}: {e}", session.id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn payloads(frames: &[Frame]) -> Vec<(Kind, Vec<u8>)> {
+        frames.iter().map(|f| (f.kind, f.payload.clone())).collect()
+    }
+
+    #[test]
+    fn resume_replays_exactly_what_the_host_lacks_then_the_exit() {
+        let writer = Writer::new(std::fs::File::create("/dev/null").unwrap());
+        let sessions = Sessions::new();
+        let s = Session::new(1, u32::MAX, None).unwrap();
+        for chunk in [&b"ab"[..], b"cde", b"f"] {
+            // Reserving more than is read and releasing the rest acknowledges nothing.
+            let got = s.reserve(100);
+            s.release(got - chunk.len());
+            s.send_output(&writer, Frame::data(Kind::Stdout, 1, chunk.to_vec()))
+                .unwrap();
+        }
+        s.add_credit(2);
+        // The host persisted 4 bytes but credited only 2 before it died.
+        let (info, replay) = s.resume(4);
+        assert_eq!((info.replay_from, info.sent, info.exited), (4, 6, false));
+        assert_eq!(
+            payloads(&replay),
+            vec![(Kind::Stdout, b"e".to_vec()), (Kind::Stdout, b"f".to_vec())]
+        );
+        assert_eq!(lock(&s.state).window, u64::from(INITIAL_WINDOW) - 2);
+
+        assert!(s.set_exited(ExitStatus {
+            code: Some(7),
+            signal: None
+        }));
+        sessions.complete(&s, &writer);
+        let (info, replay) = s.resume(6);
+        assert!(info.exited);
+        assert_eq!(replay.len(), 1);
+        assert_eq!(replay[0].kind, Kind::Exit);
+        // A host that claims more than was sent gets nothing twice, and no gap.
+        assert_eq!(s.resume(100).0.replay_from, 6);
     }
 }
