@@ -895,7 +895,7 @@ mod tests {
 
     #[tokio::test]
     async fn resume_skips_stale_bytes_and_routes_the_replay_to_the_session() {
-        use hearth_proto::{ResumedSession, Resume};
+        use hearth_proto::{Resume, ResumedSession};
         use tokio::io::AsyncWriteExt;
         let (host, mut guest) = tokio::io::duplex(8 << 20);
         let want = [ResumeSession {
@@ -903,7 +903,9 @@ mod tests {
             persisted: 10,
         }];
         let task =
-            tokio::spawn(async move { GuestConn::resume(host, &want, Duration::from_secs(5)).await });
+            tokio::spawn(
+                async move { GuestConn::resume(host, &want, Duration::from_secs(5)).await },
+            );
         let msg: Resume = next_frame(&mut guest).await.parse().unwrap();
         assert_eq!(msg.sessions, want);
         // A frame torn by the previous connection, then the answer and the replay.

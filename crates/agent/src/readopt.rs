@@ -64,7 +64,8 @@ impl WorkloadRecord {
 
     fn load(dir: &Path) -> Result<WorkloadRecord, String> {
         let path = dir.join(WORKLOAD_FILE);
-        let bytes = std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let bytes =
+            std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         let rec: WorkloadRecord = serde_json::from_slice(&bytes)
             .map_err(|e| format!("{} is malformed: {e}", path.display()))?;
         if rec.version != WORKLOAD_VERSION {
@@ -91,7 +92,11 @@ pub(crate) struct LogEnd {
 /// says how much workload output it holds. A missing log holds nothing.
 pub(crate) fn log_end(path: &Path) -> std::io::Result<LogEnd> {
     use std::io::Read;
-    let mut f = match std::fs::OpenOptions::new().read(true).write(true).open(path) {
+    let mut f = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+    {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Ok(LogEnd {
@@ -175,7 +180,9 @@ impl Agent {
         };
         // Never leave a VM behind: kill it by its recorded pid and start time.
         match hearth_vmm::kill_recorded(&vm_dir, Duration::from_secs(10)) {
-            Ok(true) => tracing::warn!(sandbox = %rec.id, "killed a VM that could not be re-adopted"),
+            Ok(true) => {
+                tracing::warn!(sandbox = %rec.id, "killed a VM that could not be re-adopted")
+            }
             Ok(false) => {}
             Err(e) => {
                 tracing::error!(sandbox = %rec.id, "cannot stop the VM in {}: {e}", vm_dir.display())
@@ -209,7 +216,11 @@ impl Agent {
             .map_err(|e| broken(format!("cannot read {}: {e}", log_path.display())))?;
         let stream = tokio::time::timeout(CONNECT_TIMEOUT, vm.connect_agent())
             .await
-            .map_err(|_| broken(format!("its agent socket did not accept within {CONNECT_TIMEOUT:?}")))?
+            .map_err(|_| {
+                broken(format!(
+                    "its agent socket did not accept within {CONNECT_TIMEOUT:?}"
+                ))
+            })?
             .map_err(|e| broken(e.to_string()))?;
         let chan_fd = crate::sandbox::stream_fd(&stream);
         let persisted = if end.truncated {
@@ -247,7 +258,9 @@ impl Agent {
             exited = info.exited,
             "resuming the main workload's output"
         );
-        let session = sessions.pop().ok_or_else(|| broken("no session to resume".into()))?;
+        let session = sessions
+            .pop()
+            .ok_or_else(|| broken("no session to resume".into()))?;
         // why: set before the lifecycle task runs, so an exec that arrives first finds them.
         *lock(&entry.conn) = Some(conn.clone());
         *lock(&entry.main_input) = Some(session.input());

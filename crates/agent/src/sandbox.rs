@@ -21,8 +21,8 @@ use hearth_vmm::{
 use tokio::sync::{mpsc, watch};
 
 use crate::guest_conn::{GuestConn, Session, SessionEvent, SessionInput};
-use crate::readopt::WorkloadRecord;
 pub(crate) use crate::output_log::{LogFollower, OutputLog};
+use crate::readopt::WorkloadRecord;
 use crate::restore::{GuestLink, Launch, RestoredChannel, WarmState};
 
 /// Guest kernels are built with NR_CPUS=8.

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hearth_proto::{
-    read_frame, write_frame, Credit, Empty, ErrorMsg, ExecRequest, Frame, Hello, Kind,
-    ProtoError, Restored, Resume, Resumed, SignalRequest, PROTOCOL_VERSION,
+    read_frame, write_frame, Credit, Empty, ErrorMsg, ExecRequest, Frame, Hello, Kind, ProtoError,
+    Restored, Resume, Resumed, SignalRequest, PROTOCOL_VERSION,
 };
 
 use crate::channel::Writer;

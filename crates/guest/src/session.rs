@@ -12,7 +12,9 @@ use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use hearth_proto::{write_frame, ExitStatus, Frame, Kind, ProtoError, ResumedSession, INITIAL_WINDOW};
+use hearth_proto::{
+    write_frame, ExitStatus, Frame, Kind, ProtoError, ResumedSession, INITIAL_WINDOW,
+};
 
 use crate::channel::Writer;
 
@@ -399,6 +401,7 @@ mod tests {
         );
         assert_eq!(lock(&s.state).window, u64::from(INITIAL_WINDOW) - 2);
 
+        assert!(!s.pump_done() && !s.pump_done());
         assert!(s.set_exited(ExitStatus {
             code: Some(7),
             signal: None

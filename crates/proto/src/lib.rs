@@ -435,7 +435,10 @@ mod tests {
                 0,
                 &Resume {
                     nonce: vec![7; RESUME_NONCE_LEN],
-                    sessions: vec![ResumeSession { id: 1, persisted: 9 }],
+                    sessions: vec![ResumeSession {
+                        id: 1,
+                        persisted: 9,
+                    }],
                 },
             ),
             Frame::json(Kind::ExitAck, 1, &Empty {}),

@@ -318,7 +318,10 @@ fn counter_lines(d: &Daemon, sandbox: &str) -> Vec<u64> {
     let out = d.hearth(&["logs", sandbox]);
     stdout(&out)
         .lines()
-        .map(|l| l.parse::<u64>().unwrap_or_else(|_| panic!("not a counter line: {l:?}")))
+        .map(|l| {
+            l.parse::<u64>()
+                .unwrap_or_else(|_| panic!("not a counter line: {l:?}"))
+        })
         .collect()
 }
 
@@ -394,9 +397,11 @@ fn workload_that_exits_while_hearthd_is_down_reports_its_code_after_restart() {
         "echo start; sleep 3; seq 1 3000; echo bye >&2; exit 7",
     ]);
     assert!(out.status.success(), "{}", show(&out));
-    wait_until("the workload's first line", Duration::from_secs(120), || {
-        stdout(&d.hearth(&["logs", "seven"])) == "start\n"
-    });
+    wait_until(
+        "the workload's first line",
+        Duration::from_secs(120),
+        || stdout(&d.hearth(&["logs", "seven"])) == "start\n",
+    );
     d.kill9();
     let vm_log = d.data_dir().join("sandboxes");
     // why: the workload must end while no hearthd runs (it sleeps 3s first).

@@ -449,12 +449,18 @@ fn agent_restart_re_adopts_running_networks_and_removes_the_rest() {
     let state = host_state();
     let leases = std::fs::read_to_string(d.data_dir().join("net/leases.json")).unwrap();
     for (id, tap, ip) in [(&b, &tap_b, &ip_b), (&c, &tap_c, &ip_c)] {
-        assert!(!state.contains(tap.as_str()), "tap or pins of {id} left: {state}");
+        assert!(
+            !state.contains(tap.as_str()),
+            "tap or pins of {id} left: {state}"
+        );
         assert!(
             !state.contains(&format!("{ip} ")),
             "route or NAT entry of {id} left: {state}"
         );
-        assert!(!leases.contains(id.as_str()), "lease of {id} left: {leases}");
+        assert!(
+            !leases.contains(id.as_str()),
+            "lease of {id} left: {leases}"
+        );
     }
     assert_eq!(d.inspect(&c)["status"], "lost");
 
