@@ -756,9 +756,14 @@ fn sigterm_stops_hearthd_promptly_even_with_attached_clients() {
         "the CLI reports the lost connection: {}",
         show(&out)
     );
-    // Restarted, it reports the sandbox lost and stops its VM.
+    // Restarted, it re-adopts the sandbox, whose VM ran on meanwhile.
+    let qemu = vmm_pids_under(d.data.path());
+    assert_eq!(qemu.len(), 1, "the VM outlives hearthd");
     d.spawn();
-    assert_eq!(d.inspect("chatty")["status"], "lost");
+    assert_eq!(d.inspect("chatty")["status"], "running");
+    assert_eq!(vmm_pids_under(d.data.path()), qemu);
+    let out = d.hearth(&["rm", "-f", "chatty"]);
+    assert!(out.status.success(), "{}", show(&out));
     assert!(vmm_pids_under(d.data.path()).is_empty());
 }
 
