@@ -135,15 +135,16 @@ impl Session {
     /// port lock so a resume replays it exactly once. Dropped once forgotten.
     pub fn send_output(&self, writer: &Writer, frame: Frame) -> Result<(), ProtoError> {
         let mut port = writer.lock();
-        {
-            let mut st = lock(&self.state);
-            if st.forgotten {
-                return Ok(());
-            }
-            st.sent += frame.payload.len() as u64;
-            st.outbox.push_back(frame.clone());
+        if lock(&self.state).forgotten {
+            return Ok(());
         }
-        write_frame(&mut *port, &frame)
+        // why: written first, kept after, both under the port lock: a resume (which
+        // takes the port lock) sees the frame kept exactly when it was written.
+        let sent = write_frame(&mut *port, &frame);
+        let mut st = lock(&self.state);
+        st.sent += frame.payload.len() as u64;
+        st.outbox.push_back(frame);
+        sent
     }
 
     /// A host resumes this session holding `persisted` bytes: what it already
@@ -358,16 +359,13 @@ impl Sessions {
     pub fn complete(&self, session: &Session, writer: &Writer) {
         let frame = Frame::json(Kind::Exit, session.id, &session.status());
         let mut port = writer.lock();
-        {
-            let mut st = lock(&session.state);
-            if st.forgotten {
-                return;
-            }
-            st.outbox.push_back(frame.clone());
+        if lock(&session.state).forgotten {
+            return;
         }
         if let Err(e) = write_frame(&mut *port, &frame) {
             crate::log!("sending Exit for session {}: {e}", session.id);
         }
+        lock(&session.state).outbox.push_back(frame);
     }
 }
 
