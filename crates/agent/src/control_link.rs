@@ -4,14 +4,18 @@
 //! Any control-plane member accepts these calls (followers forward to the
 //! leader), so the link walks the list of control addresses until one
 //! answers. A node id already held by another agent is fatal: two agents
-//! must never share an identity.
+//! must never share an identity; any other refusal re-registers.
+//!
+//! The heartbeat's answer fences this node: copies the control plane no
+//! longer assigns here (moved elsewhere while this node was cut off,
+//! deleted, superseded) are stopped, and once ended, removed.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
 use hearth_api::cluster::{Capacity, Desired, Heartbeat, ObservedSandbox, RegisterNode};
-use hearth_api::ApiError;
+use hearth_api::{ApiError, ErrorCode};
 
 use crate::Agent;
 
@@ -95,8 +99,10 @@ enum Outcome<T> {
     Ok(T),
     /// 404: the control plane does not know this node (re-register).
     Unknown,
-    /// 409: another agent holds the id.
+    /// Another agent instance holds the id.
     Refused(String),
+    /// Any other refusal (e.g. a 409 that is not about identity): register again.
+    Reregister(String),
     /// Unreachable or unavailable: try the next member.
     Retry(String),
 }
@@ -124,12 +130,14 @@ async fn post<B: serde::Serialize, T: serde::de::DeserializeOwned>(
         };
     }
     let text = r.text().await.unwrap_or_default();
-    let msg = serde_json::from_str::<ApiError>(&text)
-        .map(|e| e.message)
-        .unwrap_or(text);
-    match status {
-        404 => Outcome::Unknown,
-        409 => Outcome::Refused(msg),
+    let (code, msg) = match serde_json::from_str::<ApiError>(&text) {
+        Ok(e) => (Some(e.code), e.message),
+        Err(_) => (None, text),
+    };
+    match (status, code) {
+        (404, _) => Outcome::Unknown,
+        (409, Some(ErrorCode::NodeIdentityConflict)) => Outcome::Refused(msg),
+        (409, _) => Outcome::Reregister(msg),
         _ => Outcome::Retry(format!("{status}: {msg}")),
     }
 }
@@ -168,6 +176,7 @@ pub async fn run(agent: Agent, cfg: LinkConfig) -> Result<(), LinkError> {
     let n = cfg.controls.len().max(1);
     let mut at = 0usize;
     let mut registered = false;
+    let fencing = Fencing::default();
     let mut tick = tokio::time::interval(cfg.heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -190,7 +199,11 @@ pub async fn run(agent: Agent, cfg: LinkConfig) -> Result<(), LinkError> {
                         message,
                     })
                 }
-                Outcome::Unknown | Outcome::Retry(_) => at += 1,
+                Outcome::Reregister(e) | Outcome::Retry(e) => {
+                    tracing::debug!(control = %base, "registering failed: {e}");
+                    at += 1;
+                }
+                Outcome::Unknown => at += 1,
             }
             continue;
         }
@@ -203,13 +216,18 @@ pub async fn run(agent: Agent, cfg: LinkConfig) -> Result<(), LinkError> {
                     agent_id: s.id,
                     status: s.status,
                     error: s.error,
+                    owner: s.owner,
                 })
                 .collect(),
         };
         let path = format!("/v1/agents/{}/heartbeat", cfg.node);
         match post::<_, Desired>(&http, base, &path, &hb).await {
-            Outcome::Ok(_) => {}
+            Outcome::Ok(desired) => fence(&agent, desired, &fencing),
             Outcome::Unknown => registered = false,
+            Outcome::Reregister(e) => {
+                tracing::warn!(node = %cfg.node, control = %base, "heartbeat refused ({e}); registering again");
+                registered = false;
+            }
             Outcome::Refused(message) => {
                 return Err(LinkError::Refused {
                     node: cfg.node.clone(),
@@ -221,5 +239,134 @@ pub async fn run(agent: Agent, cfg: LinkConfig) -> Result<(), LinkError> {
                 at += 1;
             }
         }
+    }
+}
+
+/// Agent ids being stopped or removed right now (heartbeats keep asking
+/// until the copy is gone; one task per copy is enough).
+type Fencing = std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>;
+
+/// Marks `id` as being fenced; false if it already is.
+fn claim(fencing: &Fencing, id: &str) -> bool {
+    fencing.lock().is_ok_and(|mut s| s.insert(id.to_string()))
+}
+
+fn release(fencing: &Fencing, id: &str) {
+    if let Ok(mut s) = fencing.lock() {
+        s.remove(id);
+    }
+}
+
+/// Stops the copies the control plane no longer assigns to this node (the
+/// next heartbeat reports them stopped), and removes the ended ones.
+fn fence(agent: &Agent, desired: Desired, fencing: &Fencing) {
+    for f in desired.stop {
+        if !claim(fencing, &f.agent_id) {
+            continue;
+        }
+        let (agent, fencing) = (agent.clone(), fencing.clone());
+        tokio::spawn(async move {
+            tracing::warn!(sandbox = %f.agent_id, "stopping a copy the control plane no longer assigns here: {}", f.reason);
+            match agent.stop(&f.agent_id, Duration::ZERO).await {
+                Ok(_) => {
+                    if let Ok(e) = agent.entry(&f.agent_id) {
+                        e.update(|r| {
+                            r.error = Some(format!("stopped by the control plane: {}", f.reason))
+                        });
+                    }
+                }
+                Err(e) => tracing::warn!(sandbox = %f.agent_id, "stopping a fenced copy: {e}"),
+            }
+            release(&fencing, &f.agent_id);
+        });
+    }
+    for id in desired.remove {
+        if !claim(fencing, &id) {
+            continue;
+        }
+        let (agent, fencing) = (agent.clone(), fencing.clone());
+        tokio::spawn(async move {
+            tracing::info!(sandbox = %id, "removing an ended copy the control plane no longer assigns here");
+            if let Err(e) = agent.remove(&id, true).await {
+                tracing::warn!(sandbox = %id, "removing a fenced copy: {e}");
+            }
+            release(&fencing, &id);
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// A control plane that answers every request with `status` and an API error of `code`.
+    async fn control_answering(status: u16, code: &str) -> String {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let body = format!(r#"{{"code":"{code}","message":"refused"}}"#);
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let body = body.clone();
+                tokio::spawn(async move {
+                    // Read the head and the body the head announces, then answer.
+                    let mut req = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        let Ok(n) = s.read(&mut buf).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        req.extend_from_slice(&buf[..n]);
+                        let text = String::from_utf8_lossy(&req).to_lowercase();
+                        if let Some(end) = text.find("\r\n\r\n") {
+                            let len = text
+                                .lines()
+                                .find_map(|l| l.strip_prefix("content-length:"))
+                                .and_then(|v| v.trim().parse::<usize>().ok())
+                                .unwrap_or(0);
+                            if req.len() >= end + 4 + len {
+                                break;
+                            }
+                        }
+                    }
+                    let resp = format!(
+                        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = s.write_all(resp.as_bytes()).await;
+                });
+            }
+        });
+        format!("127.0.0.1:{}", addr.port())
+    }
+
+    async fn heartbeat_to(base: &str) -> Outcome<Desired> {
+        let hb = Heartbeat {
+            instance: "i".into(),
+            sandboxes: Vec::new(),
+        };
+        post(
+            &reqwest::Client::new(),
+            base,
+            "/v1/agents/n1/heartbeat",
+            &hb,
+        )
+        .await
+    }
+
+    #[tokio::test]
+    async fn only_an_identity_conflict_is_fatal_other_refusals_register_again() {
+        let base = control_answering(409, "node_identity_conflict").await;
+        assert!(matches!(heartbeat_to(&base).await, Outcome::Refused(_)));
+        let base = control_answering(409, "conflict").await;
+        assert!(matches!(heartbeat_to(&base).await, Outcome::Reregister(_)));
+        let base = control_answering(404, "not_found").await;
+        assert!(matches!(heartbeat_to(&base).await, Outcome::Unknown));
+        let base = control_answering(503, "unavailable").await;
+        assert!(matches!(heartbeat_to(&base).await, Outcome::Retry(_)));
     }
 }

@@ -22,6 +22,7 @@
 pub mod control_link;
 pub mod guest_conn;
 mod images;
+pub mod leases;
 pub mod migration;
 mod network;
 pub mod output_log;
@@ -34,4 +35,4 @@ mod warm_pool;
 
 pub use guest_conn::{GuestError, Session, SessionEvent, SessionInput};
 pub use output_log::LogFollower;
-pub use sandbox::{Agent, AgentConfig, AgentError};
+pub use sandbox::{ensure_data_dir_free, Agent, AgentConfig, AgentError};

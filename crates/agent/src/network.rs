@@ -1,37 +1,58 @@
 //! The agent's side of sandbox networking: turning API policy into
 //! `hearth-net` rules, and the policy endpoints' operations.
 
-use hearth_api::network::{EgressPolicy, PolicyCounter, PolicyStats, SandboxNetwork};
-use hearth_net::{Action, Policy, PolicyError, Rule, SandboxNet};
+use hearth_api::network::{
+    EgressPolicy, IngressPolicy, NetworkPolicy, NetworkSpec, PolicyCounter, PolicyStats,
+    SandboxNetwork,
+};
+use hearth_net::{Action, Direction, Policy, PolicyError, Rule, RuleSet, SandboxNet};
 
 use crate::sandbox::{Agent, AgentError};
 
-/// Parses an API egress policy into rules (validated; limits checked).
-pub fn parse_policy(p: &EgressPolicy) -> Result<Policy, AgentError> {
-    let bad = |e: PolicyError| AgentError::InvalidArgument(format!("egress policy: {e}"));
-    let default: Action = p.default.parse().map_err(bad)?;
+fn parse_set(
+    dir: Direction,
+    default: &str,
+    allow: &[String],
+    deny: &[String],
+) -> Result<RuleSet, AgentError> {
+    let bad = |e: PolicyError| AgentError::InvalidArgument(format!("{} policy: {e}", dir.name()));
+    let default: Action = default.parse().map_err(bad)?;
     let mut rules = Vec::new();
-    for (action, list) in [(Action::Allow, &p.allow), (Action::Deny, &p.deny)] {
+    for (action, list) in [(Action::Allow, allow), (Action::Deny, deny)] {
         for r in list {
             rules.push(Rule::parse(action, r).map_err(bad)?);
         }
     }
-    let policy = Policy { default, rules };
-    hearth_net::policy::validate(&policy).map_err(bad)?;
-    Ok(policy)
+    hearth_net::policy::validate_rules(&rules).map_err(bad)?;
+    Ok(RuleSet { default, rules })
 }
 
-/// The API form of a policy.
-pub fn policy_to_api(p: &Policy) -> EgressPolicy {
-    let mut out = EgressPolicy {
-        default: match p.default {
-            Action::Allow => "allow".into(),
-            Action::Deny => "deny".into(),
-        },
-        allow: Vec::new(),
-        deny: Vec::new(),
+/// Parses an API policy into rules (validated; limits checked).
+pub fn parse_policy(p: &NetworkPolicy) -> Result<Policy, AgentError> {
+    let e = &p.egress;
+    let i = &p.ingress;
+    Ok(Policy {
+        egress: parse_set(Direction::Egress, &e.default, &e.allow, &e.deny)?,
+        ingress: parse_set(Direction::Ingress, &i.default, &i.allow, &i.deny)?,
+    })
+}
+
+/// The policy a create request asks for.
+pub fn spec_policy(n: &NetworkSpec) -> Result<Policy, AgentError> {
+    parse_policy(&NetworkPolicy {
+        egress: n.egress.clone(),
+        ingress: n.ingress.clone(),
+    })
+}
+
+/// `(default, allow, deny)` of one direction, in the API's text form.
+fn set_to_api(s: &RuleSet) -> (String, Vec<String>, Vec<String>) {
+    let default = match s.default {
+        Action::Allow => "allow".to_string(),
+        Action::Deny => "deny".to_string(),
     };
-    for r in &p.rules {
+    let (mut allow, mut deny) = (Vec::new(), Vec::new());
+    for r in &s.rules {
         // Display is "allow CIDR..." / "deny CIDR..."; the API lists hold the rest.
         let text = r.to_string();
         let body = text
@@ -40,11 +61,28 @@ pub fn policy_to_api(p: &Policy) -> EgressPolicy {
             .unwrap_or(&text)
             .to_string();
         match r.action {
-            Action::Allow => out.allow.push(body),
-            Action::Deny => out.deny.push(body),
+            Action::Allow => allow.push(body),
+            Action::Deny => deny.push(body),
         }
     }
-    out
+    (default, allow, deny)
+}
+
+/// The API form of a policy.
+pub fn policy_to_api(p: &Policy) -> NetworkPolicy {
+    let (default, allow, deny) = set_to_api(&p.egress);
+    let egress = EgressPolicy {
+        default,
+        allow,
+        deny,
+    };
+    let (default, allow, deny) = set_to_api(&p.ingress);
+    let ingress = IngressPolicy {
+        default,
+        allow,
+        deny,
+    };
+    NetworkPolicy { egress, ingress }
 }
 
 pub fn network_to_api(n: &SandboxNet, token: String) -> SandboxNetwork {
@@ -62,19 +100,20 @@ impl Agent {
             .ok_or_else(|| AgentError::Net(hearth_net::NetError::NoNetwork(sandbox.into())))
     }
 
-    /// The sandbox's current egress policy.
-    pub fn policy(&self, id_or_name: &str) -> Result<EgressPolicy, AgentError> {
+    /// The sandbox's current policy, both directions.
+    pub fn policy(&self, id_or_name: &str) -> Result<NetworkPolicy, AgentError> {
         let id = self.get(id_or_name)?.id;
         let rec = self.node_net(&id)?.get(&id)?;
         Ok(policy_to_api(&rec.policy))
     }
 
-    /// Replaces the sandbox's egress policy; takes effect at once, without a restart.
+    /// Replaces the sandbox's policy (both directions, atomically); takes
+    /// effect at once, without a restart.
     pub async fn set_policy(
         &self,
         id_or_name: &str,
-        p: &EgressPolicy,
-    ) -> Result<EgressPolicy, AgentError> {
+        p: &NetworkPolicy,
+    ) -> Result<NetworkPolicy, AgentError> {
         let id = self.get(id_or_name)?.id;
         let policy = parse_policy(p)?;
         let net = self.node_net(&id)?;
@@ -110,16 +149,48 @@ mod tests {
 
     #[test]
     fn api_policy_round_trips() {
-        let p = EgressPolicy {
-            default: "deny".into(),
-            allow: vec!["10.0.0.0/8:80-90".into(), "1.1.1.1/32:53:udp".into()],
-            deny: vec!["10.1.0.0/16".into()],
+        let p = NetworkPolicy {
+            egress: EgressPolicy {
+                default: "deny".into(),
+                allow: vec!["10.0.0.0/8:80-90".into(), "1.1.1.1/32:53:udp".into()],
+                deny: vec!["10.1.0.0/16".into()],
+            },
+            ingress: IngressPolicy {
+                default: "deny".into(),
+                allow: vec!["192.168.0.0/16:8080".into()],
+                deny: vec!["192.168.1.0/24".into()],
+            },
         };
         assert_eq!(policy_to_api(&parse_policy(&p).unwrap()), p);
-        let bad = EgressPolicy {
-            default: "maybe".into(),
-            ..EgressPolicy::default()
+        let bad = NetworkPolicy {
+            ingress: IngressPolicy {
+                default: "maybe".into(),
+                ..IngressPolicy::default()
+            },
+            ..NetworkPolicy::default()
         };
-        assert!(parse_policy(&bad).is_err());
+        let e = parse_policy(&bad).unwrap_err().to_string();
+        assert!(e.contains("ingress policy") && e.contains("maybe"), "{e}");
+    }
+
+    #[test]
+    fn bad_ingress_rules_are_rejected_with_the_direction_named() {
+        for (allow, deny, want) in [
+            (vec!["10.0.0.1/8"], vec![], "host bits"),
+            (vec!["10.0.0.0/8:0"], vec![], "port range"),
+            (vec!["10.0.0.0/8:70000"], vec![], "port range"),
+            (vec!["10.0.0.0/8:80-90"], vec!["10.0.0.0/8:85"], "overlap"),
+        ] {
+            let p = NetworkPolicy {
+                ingress: IngressPolicy {
+                    default: "allow".into(),
+                    allow: allow.iter().map(|s| s.to_string()).collect(),
+                    deny: deny.iter().map(|s| s.to_string()).collect(),
+                },
+                ..NetworkPolicy::default()
+            };
+            let e = parse_policy(&p).unwrap_err().to_string();
+            assert!(e.contains("ingress policy") && e.contains(want), "{e}");
+        }
     }
 }

@@ -70,8 +70,16 @@ impl WarmState {
         lock(&self.refs).get(key).copied().unwrap_or(0)
     }
 
-    pub(crate) fn acquire(&self, key: &str) {
-        *lock(&self.refs).entry(key.to_string()).or_default() += 1;
+    /// Takes a reference on `key` if `present()` still holds, both under the lock
+    /// a removal checks the references under ([`Agent::detach_unused`]); so a
+    /// removal either sees this reference or this sees the files gone.
+    pub(crate) fn try_acquire(&self, key: &str, present: impl FnOnce() -> bool) -> bool {
+        let mut refs = lock(&self.refs);
+        if !present() {
+            return false;
+        }
+        *refs.entry(key.to_string()).or_default() += 1;
+        true
     }
 
     fn release(&self, key: &str) {
@@ -114,6 +122,41 @@ pub(crate) fn template_key(name: &str) -> String {
 /// Reference key of a snapshot.
 pub(crate) fn snapshot_key(name: &str) -> String {
     format!("snapshot:{name}")
+}
+
+/// Prefix of a template or snapshot directory being removed (renamed away under
+/// the reference lock, deleted after; a restarted daemon deletes leftovers).
+pub(crate) const REMOVING_PREFIX: &str = ".rm-";
+
+/// What a template or snapshot is to [`Agent::detach_unused`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WarmSource {
+    Template,
+    Snapshot,
+}
+
+impl WarmSource {
+    fn noun(self) -> &'static str {
+        match self {
+            WarmSource::Template => "template",
+            WarmSource::Snapshot => "snapshot",
+        }
+    }
+
+    fn key(self, name: &str) -> String {
+        match self {
+            WarmSource::Template => template_key(name),
+            WarmSource::Snapshot => snapshot_key(name),
+        }
+    }
+
+    /// Whether a sandbox started along `path` depends on a source of this kind.
+    fn started_by(self, path: StartPath) -> bool {
+        match self {
+            WarmSource::Template => matches!(path, StartPath::Template | StartPath::Pool),
+            WarmSource::Snapshot => path == StartPath::Snapshot,
+        }
+    }
 }
 
 /// Where a new sandbox's VM comes from.
@@ -178,6 +221,78 @@ pub(crate) enum GuestLink {
 type Launched = (Box<dyn Vm>, Option<RestoredChannel>, Option<String>);
 
 impl Agent {
+    /// Sandboxes (id, or name when it has one) whose record says they run from
+    /// `name`: the sandboxes this daemon started and any a previous daemon left
+    /// running and this one took over, since records survive a restart.
+    fn sandboxes_started_from(&self, source: WarmSource, name: &str) -> Vec<String> {
+        let map = lock(&self.inner.sandboxes);
+        let mut v: Vec<String> = map
+            .values()
+            .filter_map(|e| {
+                let r = lock(&e.record);
+                let from_it = !r.status.is_terminal()
+                    && r.started_from.as_deref() == Some(name)
+                    && r.start_path.is_some_and(|p| source.started_by(p));
+                from_it.then(|| r.name.clone().unwrap_or_else(|| r.id.clone()))
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// How many sandboxes depend on `name`: running from it, or starting from it.
+    pub(crate) fn in_use(&self, source: WarmSource, name: &str) -> u32 {
+        let starting = self.inner.warm.refs(&source.key(name));
+        let running = self.sandboxes_started_from(source, name).len() as u32;
+        // why: sandboxes of this run are in both; ones taken over after a restart only in records.
+        starting.max(running)
+    }
+
+    /// Renames the directory `dir` of template or snapshot `name` out of the way
+    /// (to `.rm-*` beside it) unless a sandbox depends on it, and returns the new
+    /// path for the caller to delete. The check and the rename happen under the
+    /// reference lock, so no restore can take a reference in between.
+    pub(crate) fn detach_unused(
+        &self,
+        source: WarmSource,
+        name: &str,
+        dir: &Path,
+    ) -> Result<PathBuf, AgentError> {
+        let noun = source.noun();
+        let refs = lock(&self.inner.warm.refs);
+        let starting = refs.get(&source.key(name)).copied().unwrap_or(0);
+        let users = self.sandboxes_started_from(source, name);
+        if starting > 0 || !users.is_empty() {
+            // why: a reference is taken before the sandbox's record names its source.
+            let pending = (starting as usize).saturating_sub(users.len());
+            let mut what = Vec::new();
+            if !users.is_empty() {
+                what.push(format!("sandbox(es) {} started from it", users.join(", ")));
+            }
+            if pending > 0 {
+                what.push(format!("{pending} sandbox(es) starting from it"));
+            }
+            let stop = if users.is_empty() {
+                "wait for them to start and stop them".to_string()
+            } else {
+                format!("stop them first (`hearth stop {}`)", users.join(" "))
+            };
+            return Err(AgentError::Conflict(format!(
+                "{noun} '{name}' is in use by {}; {stop}",
+                what.join(" and ")
+            )));
+        }
+        let parent = dir.parent().unwrap_or(dir);
+        let away = parent.join(format!("{REMOVING_PREFIX}{}", crate::sandbox::new_id()));
+        std::fs::rename(dir, &away).map_err(crate::sandbox::io_err(format!(
+            "remove {noun} '{name}' (rename {} to {})",
+            dir.display(),
+            away.display()
+        )))?;
+        drop(refs);
+        Ok(away)
+    }
+
     /// Picks the start path of an image sandbox: the template's pool, else the
     /// template, else a cold boot. A template fits when the request leaves cpus
     /// and memory unset or asks for the template's. Returns the final cpus/memory.
@@ -195,7 +310,18 @@ impl Agent {
         let Some(t) = self.find_template(image_digest, req.cpus, req.memory_mib) else {
             return (Launch::Cold { note: None }, cpus, memory_mib);
         };
-        self.inner.warm.acquire(&template_key(&t.name));
+        let meta_file = self.template_dir(&t.name).join("template.json");
+        if !self
+            .inner
+            .warm
+            .try_acquire(&template_key(&t.name), || meta_file.exists())
+        {
+            let note = Some(format!(
+                "template '{}' was removed while this sandbox started; booted cold",
+                t.name
+            ));
+            return (Launch::Cold { note }, cpus, memory_mib);
+        }
         if let Some(vm) = self.take_pooled(&t.name) {
             let launch = Launch::Pooled {
                 template: t.name.clone(),

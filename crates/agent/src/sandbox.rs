@@ -68,6 +68,9 @@ pub enum AgentError {
     NoMigration(String),
     #[error(transparent)]
     Net(#[from] hearth_net::NetError),
+    /// The control plane did not lease an address.
+    #[error(transparent)]
+    Lease(#[from] crate::leases::LeaseError),
     /// A template or snapshot that does not exist.
     #[error("{0}")]
     NotFound(String),
@@ -95,6 +98,10 @@ impl AgentError {
             AgentError::Net(e) if e.is_exhausted() => ErrorCode::Exhausted,
             AgentError::Net(e) if e.is_not_found() => ErrorCode::NotFound,
             AgentError::Net(_) => ErrorCode::Internal,
+            AgentError::Lease(crate::leases::LeaseError::Exhausted(_)) => ErrorCode::Exhausted,
+            AgentError::Lease(crate::leases::LeaseError::Refused(_)) => ErrorCode::Conflict,
+            AgentError::Lease(crate::leases::LeaseError::Unavailable(_))
+            | AgentError::Lease(crate::leases::LeaseError::NotJoined(_)) => ErrorCode::Unavailable,
         }
     }
 }
@@ -127,6 +134,9 @@ pub struct AgentConfig {
     pub max_log_bytes: u64,
     /// Sandbox networking; `None` runs every sandbox without a network.
     pub net: Option<hearth_net::NetConfig>,
+    /// Where sandbox addresses are leased (the control plane); `None`: the
+    /// node's IPAM picks them alone.
+    pub leases: Option<Arc<dyn crate::leases::LeaseAuthority>>,
 }
 
 /// How a workload ended: status, exit, error message.
@@ -264,7 +274,15 @@ pub(crate) struct Inner {
     net: Option<Arc<hearth_net::NodeNet>>,
     /// Templates, warm pools, snapshot references.
     pub(crate) warm: WarmState,
+    /// Sandboxes whose address release failed at `rm`; retried in the background.
+    pending_releases: Mutex<std::collections::BTreeSet<String>>,
 }
+
+/// How long `rm` waits for the control plane to release an address before
+/// it queues the release for a retry.
+const RELEASE_WAIT: Duration = Duration::from_secs(3);
+/// How often queued address releases are retried.
+const RELEASE_RETRY: Duration = Duration::from_secs(5);
 
 /// The node agent. Cheap to clone.
 #[derive(Clone)]
@@ -293,6 +311,13 @@ fn lock_data_dir(dir: &Path) -> Result<std::fs::File, AgentError> {
         )));
     }
     Ok(f)
+}
+
+/// Fails, as [`Agent::start`] would, when another hearthd holds the data dir;
+/// for a caller that touches the data dir before starting the agent. The
+/// lock is released again at once ([`Agent::start`] takes it for good).
+pub fn ensure_data_dir_free(dir: &Path) -> Result<(), AgentError> {
+    lock_data_dir(dir).map(drop)
 }
 
 fn host_memory_mib() -> u64 {
@@ -370,9 +395,7 @@ impl Agent {
         }
         let cfg_data_dir = cfg.data_dir.clone();
         let net = match &cfg.net {
-            Some(n) => Some(Arc::new(
-                hearth_net::NodeNet::open(n.clone()).map_err(AgentError::Net)?,
-            )),
+            Some(n) => Some(hearth_net::NodeNet::open_watched(n.clone()).map_err(AgentError::Net)?),
             None => None,
         };
         let warm = WarmState::new(&cfg, &vmm, accel.accel).await?;
@@ -392,10 +415,13 @@ impl Agent {
             node_id: crate::migration::node_id(&cfg_data_dir)?,
             migrations: crate::migration::Registry::default(),
             warm,
+            pending_releases: Mutex::new(Default::default()),
         });
         let agent = Agent { inner };
         agent.reap_unclaimed_pool_vms().await;
         agent.recover().await;
+        agent.sync_leases().await;
+        agent.start_release_retries();
         agent.start_pools();
         Ok(agent)
     }
@@ -428,8 +454,105 @@ impl Agent {
             }
         }
         if let Some(net) = &self.inner.net {
-            net.remove_orphans(&running);
+            // why: a network is kept only for a VM that can still use it; those of
+            // sandboxes that ended (their VMs were stopped above or ended meanwhile)
+            // and of records that are gone are orphans: tap, programs, route, NAT
+            // and lease are removed (sync_leases then frees the leases upstream).
+            let keep = lock(&self.inner.sandboxes)
+                .iter()
+                .filter(|(_, e)| !e.snapshot().status.is_terminal())
+                .map(|(id, _)| id.clone())
+                .collect();
+            net.remove_orphans(&keep);
         }
+    }
+
+    /// Makes the control plane's leases match this node's: frees those of
+    /// sandboxes it no longer has a network for (e.g. removed while the agent
+    /// was down) and claims the addresses its sandboxes use (e.g. a data dir
+    /// from before leases were replicated), so none is handed out again.
+    async fn sync_leases(&self) {
+        let (Some(net), Some(auth)) = (&self.inner.net, &self.inner.cfg.leases) else {
+            return;
+        };
+        let local = net.leases();
+        match auth.retain(local.keys().cloned().collect()).await {
+            Ok(freed) if !freed.is_empty() => {
+                tracing::info!(
+                    ?freed,
+                    "released the addresses of sandboxes this node no longer has"
+                )
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!("syncing address leases with the control plane: {e}"),
+        }
+        for (id, ip) in local {
+            match auth.acquire(&id, Some(ip)).await {
+                Ok(got) if got == ip => {}
+                Ok(got) => tracing::error!(
+                    sandbox = %id,
+                    "the control plane leases {got} to this sandbox, which uses {ip}; remove it (`hearth rm -f`)"
+                ),
+                Err(e) => tracing::error!(sandbox = %id, "claiming its address {ip}: {e}"),
+            }
+        }
+    }
+
+    /// The sandbox's address from the control plane, when it hands them out.
+    async fn acquire_address(&self, id: &str) -> Result<Option<std::net::Ipv4Addr>, AgentError> {
+        match &self.inner.cfg.leases {
+            Some(auth) => Ok(Some(auth.acquire(id, None).await?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Gives the sandbox's address back to the control plane (after its tap
+    /// is gone). Waits at most [`RELEASE_WAIT`]; a release that fails or
+    /// times out is queued and retried every [`RELEASE_RETRY`].
+    async fn release_address(&self, id: &str) {
+        let Some(auth) = &self.inner.cfg.leases else {
+            return;
+        };
+        let err = match tokio::time::timeout(RELEASE_WAIT, auth.release(id)).await {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer within {RELEASE_WAIT:?}"),
+        };
+        // why: rm must not fail or hang on it; the retry loop frees it later.
+        tracing::warn!(
+            sandbox = id,
+            "releasing the address lease: {err}; retrying in the background"
+        );
+        lock(&self.inner.pending_releases).insert(id.to_string());
+    }
+
+    /// Sandboxes whose address release is still queued.
+    pub fn pending_releases(&self) -> Vec<String> {
+        lock(&self.inner.pending_releases).iter().cloned().collect()
+    }
+
+    /// Retries queued address releases until the agent is dropped.
+    fn start_release_retries(&self) {
+        let Some(auth) = self.inner.cfg.leases.clone() else {
+            return;
+        };
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(RELEASE_RETRY).await;
+                let Some(inner) = weak.upgrade() else { return };
+                let queued: Vec<String> = lock(&inner.pending_releases).iter().cloned().collect();
+                drop(inner);
+                for id in queued {
+                    if let Ok(Ok(())) = tokio::time::timeout(RELEASE_WAIT, auth.release(&id)).await
+                    {
+                        let Some(inner) = weak.upgrade() else { return };
+                        lock(&inner.pending_releases).remove(&id);
+                        tracing::info!(sandbox = %id, "released the address lease after a retry");
+                    }
+                }
+            }
+        });
     }
 
     /// The node's sandbox networking, if enabled.
@@ -527,7 +650,7 @@ impl Agent {
         let exec = plan_exec(&req, &image)?;
         let policy = match req.network.mode {
             NetworkMode::None => None,
-            NetworkMode::Default => Some(crate::network::parse_policy(&req.network.egress)?),
+            NetworkMode::Default => Some(crate::network::spec_policy(&req.network)?),
         };
         let chosen = self.choose_launch(&req, &image.digest, cpus, memory_mib);
         let (launch, cpus, memory_mib) = if policy.is_some()
@@ -564,16 +687,23 @@ impl Agent {
         let net = match (policy, &self.inner.net) {
             (Some(policy), Some(node)) => {
                 let (node, id2) = (node.clone(), id.clone());
-                let built = tokio::task::spawn_blocking(move || node.setup(&id2, policy))
-                    .await
-                    .map_err(|e| AgentError::Config(format!("network setup panicked: {e}")))?;
+                let built = match self.acquire_address(&id).await {
+                    Ok(ip) => {
+                        tokio::task::spawn_blocking(move || node.setup_with(&id2, ip, policy))
+                            .await
+                            .map_err(|e| AgentError::Config(format!("network setup panicked: {e}")))
+                            .and_then(|r| r.map_err(AgentError::from))
+                    }
+                    Err(e) => Err(e),
+                };
                 match built {
                     Ok(n) => Some(n),
                     Err(e) => {
+                        self.release_address(&id).await;
                         lock(&self.inner.sandboxes).remove(&id);
                         let _ = std::fs::remove_dir_all(&entry.dir);
                         self.abandon(launch).await;
-                        return Err(e.into());
+                        return Err(e);
                     }
                 }
             }
@@ -652,8 +782,16 @@ impl Agent {
             start_path: None,
             start_note: None,
             started_from: None,
+            owner: req.owner.clone(),
         };
-        persist(&dir, &rec).map_err(io_err(format!("save {}", dir.display())))?;
+        if let Err(e) = persist(&dir, &rec) {
+            // why: a sandbox dir without a record would be ignored, never cleaned up (disk full).
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(io_err(format!(
+                "save the record of sandbox {id} in {}",
+                dir.display()
+            ))(e));
+        }
         let entry = Arc::new(Entry::new(dir, rec));
         map.insert(id, entry.clone());
         Ok(entry)
@@ -1192,10 +1330,15 @@ impl Agent {
             tracing::warn!(sandbox = %rec.id, "cleaning up the VM dir: {err}");
         }
         if let Some(net) = self.inner.net.clone() {
+            // why: only a networked sandbox holds a lease; `--network none` costs no commit.
+            let leased = net.leases().contains_key(&rec.id);
             let id = rec.id.clone();
             tokio::task::spawn_blocking(move || net.teardown(&id))
                 .await
                 .map_err(|e| AgentError::Config(format!("network teardown panicked: {e}")))??;
+            if leased {
+                self.release_address(&rec.id).await;
+            }
         }
         std::fs::remove_dir_all(&e.dir)
             .or_else(|err| {

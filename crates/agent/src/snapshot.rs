@@ -12,7 +12,7 @@ use hearth_proto::ExecRequest as GuestExec;
 use hearth_vmm::{AfterSave, SaveOptions, SnapshotManifest};
 use serde::{Deserialize, Serialize};
 
-use crate::restore::{snapshot_key, Launch};
+use crate::restore::{snapshot_key, Launch, WarmSource};
 use crate::sandbox::{io_err, lock, new_id, now_ms, plan_exec, valid_name, Agent, AgentError};
 
 /// Format of `snapshot.json`.
@@ -80,7 +80,7 @@ impl Agent {
             image_digest: m.image_digest.clone(),
             cpus: manifest.as_ref().map(|x| x.cpus).unwrap_or(0),
             memory_mib: manifest.as_ref().map(|x| x.memory_mib).unwrap_or(0),
-            in_use: self.inner.warm.refs(&snapshot_key(&m.name)),
+            in_use: self.in_use(WarmSource::Snapshot, &m.name),
             size_bytes: manifest.map(|x| x.size_bytes()).unwrap_or(0),
             created_ms: m.created_ms,
         }
@@ -194,14 +194,8 @@ impl Agent {
     /// Removes a snapshot; refused while a running sandbox was restored from it.
     pub async fn remove_snapshot(&self, name: &str) -> Result<(), AgentError> {
         self.snapshot_meta(name)?;
-        let in_use = self.inner.warm.refs(&snapshot_key(name));
-        if in_use > 0 {
-            return Err(AgentError::Conflict(format!(
-                "snapshot '{name}' is in use by {in_use} running sandbox(es) restored from it; stop them first"
-            )));
-        }
-        let dir = self.snapshot_dir(name);
-        std::fs::remove_dir_all(&dir).map_err(io_err(format!("remove {}", dir.display())))
+        let away = self.detach_unused(WarmSource::Snapshot, name, &self.snapshot_dir(name))?;
+        std::fs::remove_dir_all(&away).map_err(io_err(format!("remove {}", away.display())))
     }
 
     /// Creates a sandbox from a snapshot. The snapshot is checked first, so a
@@ -213,40 +207,23 @@ impl Agent {
         let name = req.from_snapshot.clone().unwrap_or_default();
         let meta = self.snapshot_meta(&name)?;
         let dir = self.snapshot_dir(&name);
-        let manifest = self.checked_manifest(&dir).await.map_err(|e| {
-            AgentError::InvalidArgument(format!("cannot restore snapshot '{name}': {e}"))
-        })?;
-        let shape = CreateSandbox {
-            cpus: Some(manifest.cpus),
-            memory_mib: Some(manifest.memory_mib),
-            ..req.clone()
-        };
-        let (cpus, memory_mib) = self.validate(&shape)?;
-        let continue_main = req.cmd.is_none() && req.entrypoint.is_none();
-        let attach = if continue_main {
-            meta.main_session
-        } else {
-            None
-        };
-        let exec = if attach.is_some() {
-            GuestExec {
-                argv: meta.argv.clone(),
-                ..Default::default()
-            }
-        } else {
-            let images = self.inner.images.clone();
-            let digest = meta.image_digest.clone();
-            let image = tokio::task::spawn_blocking(move || images.resolve(&digest))
-                .await
-                .map_err(|e| AgentError::Config(format!("image lookup panicked: {e}")))??;
-            let r = CreateSandbox {
-                image: meta.image.clone(),
-                ..req.clone()
-            };
-            plan_exec(&r, &image)?
-        };
+        // why: referenced before its files are checked or used, so a concurrent
+        // `snapshot rm` is refused from here on (or went first and this fails).
         let key = snapshot_key(&name);
-        self.inner.warm.acquire(&key);
+        let meta_file = dir.join("snapshot.json");
+        if !self.inner.warm.try_acquire(&key, || meta_file.exists()) {
+            return Err(AgentError::NotFound(format!(
+                "snapshot '{name}' was removed; list snapshots with `hearth snapshot ls`"
+            )));
+        }
+        let prepared = self.prepare_snapshot_start(&req, &name, &meta, &dir).await;
+        let (manifest, cpus, memory_mib, exec, attach) = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                self.release(Some(key));
+                return Err(e);
+            }
+        };
         let launch = Launch::Restore {
             path: StartPath::Snapshot,
             name: name.clone(),
@@ -280,6 +257,50 @@ impl Agent {
             launch,
             None,
         ))
+    }
+
+    /// Checks snapshot `name` and plans the start of a sandbox from it: its
+    /// manifest, shape, what to run, and the guest session to continue.
+    async fn prepare_snapshot_start(
+        &self,
+        req: &CreateSandbox,
+        name: &str,
+        meta: &SnapshotMeta,
+        dir: &std::path::Path,
+    ) -> Result<(SnapshotManifest, u32, u32, GuestExec, Option<u32>), AgentError> {
+        let manifest = self.checked_manifest(dir).await.map_err(|e| {
+            AgentError::InvalidArgument(format!("cannot restore snapshot '{name}': {e}"))
+        })?;
+        let shape = CreateSandbox {
+            cpus: Some(manifest.cpus),
+            memory_mib: Some(manifest.memory_mib),
+            ..req.clone()
+        };
+        let (cpus, memory_mib) = self.validate(&shape)?;
+        let continue_main = req.cmd.is_none() && req.entrypoint.is_none();
+        let attach = if continue_main {
+            meta.main_session
+        } else {
+            None
+        };
+        let exec = if attach.is_some() {
+            GuestExec {
+                argv: meta.argv.clone(),
+                ..Default::default()
+            }
+        } else {
+            let images = self.inner.images.clone();
+            let digest = meta.image_digest.clone();
+            let image = tokio::task::spawn_blocking(move || images.resolve(&digest))
+                .await
+                .map_err(|e| AgentError::Config(format!("image lookup panicked: {e}")))??;
+            let r = CreateSandbox {
+                image: meta.image.clone(),
+                ..req.clone()
+            };
+            plan_exec(&r, &image)?
+        };
+        Ok((manifest, cpus, memory_mib, exec, attach))
     }
 
     /// Snapshots a running sandbox and starts `count` sandboxes from that instant,

@@ -12,7 +12,7 @@ use hearth_vmm::{AfterSave, SaveOptions, Vmm};
 use serde::{Deserialize, Serialize};
 
 use crate::guest_conn::GuestConn;
-use crate::restore::template_key;
+use crate::restore::WarmSource;
 use crate::sandbox::{io_err, new_id, now_ms, valid_name, Agent, AgentError, HELLO_TIMEOUT};
 use crate::warm_pool::run_warm_up;
 
@@ -116,7 +116,7 @@ impl Agent {
             memory_mib: t.memory_mib,
             pool_size: t.pool_size,
             pool_ready: self.pool_ready(&t.name),
-            in_use: self.inner.warm.refs(&template_key(&t.name)),
+            in_use: self.in_use(WarmSource::Template, &t.name),
             size_bytes,
             created_ms: t.created_ms,
         }
@@ -260,15 +260,10 @@ impl Agent {
                 "template '{name}' not found; list templates with `hearth template ls`"
             )));
         }
-        let in_use = self.inner.warm.refs(&template_key(name));
-        if in_use > 0 {
-            return Err(AgentError::Conflict(format!(
-                "template '{name}' is in use by {in_use} running sandbox(es); stop them first"
-            )));
-        }
+        let away = self.detach_unused(WarmSource::Template, name, &self.template_dir(name))?;
+        // why: after the rename: a refused removal leaves the pool as it was.
         self.close_pool(name).await;
-        let dir = self.template_dir(name);
-        std::fs::remove_dir_all(&dir).map_err(io_err(format!("remove {}", dir.display())))
+        std::fs::remove_dir_all(&away).map_err(io_err(format!("remove {}", away.display())))
     }
 
     /// Sets the warm pool size of a template (persisted; the pool follows in the background).

@@ -21,7 +21,7 @@ use hearth_vmm::Vm;
 use tokio::sync::Notify;
 
 use crate::guest_conn::{GuestConn, SessionEvent};
-use crate::restore::restored_message;
+use crate::restore::{restored_message, REMOVING_PREFIX};
 use crate::sandbox::{lock, new_id, Agent, HELLO_TIMEOUT};
 use crate::template::TemplateMeta;
 use crate::template::TEMPLATE_NEXT_SESSION;
@@ -218,12 +218,18 @@ impl Agent {
             self.reap_dir(&dir).await;
             tracing::info!("removed unclaimed pool VM {}", dir.display());
         }
-        // Template builds and snapshot saves a previous daemon did not finish.
+        // Template builds, snapshot saves and removals a previous daemon did not finish.
+        let (templates, snapshots) = (
+            self.inner.cfg.data_dir.join("templates"),
+            self.inner.cfg.data_dir.join("snapshots"),
+        );
         for (root, prefix) in [
-            (self.inner.cfg.data_dir.join("templates"), ".build-"),
-            (self.inner.cfg.data_dir.join("snapshots"), ".tmp-"),
+            (&templates, ".build-"),
+            (&snapshots, ".tmp-"),
+            (&templates, REMOVING_PREFIX),
+            (&snapshots, REMOVING_PREFIX),
         ] {
-            let Ok(rd) = std::fs::read_dir(&root) else {
+            let Ok(rd) = std::fs::read_dir(root) else {
                 continue;
             };
             for ent in rd.flatten() {

@@ -60,6 +60,10 @@ pub struct ObservedSandbox {
     pub status: SandboxStatus,
     #[serde(default)]
     pub error: Option<String>,
+    /// The control-plane record it runs for (`ID@GENERATION`), when the
+    /// control plane started it.
+    #[serde(default)]
+    pub owner: Option<String>,
 }
 
 /// `POST /v1/agents/{node}/heartbeat`.
@@ -77,6 +81,20 @@ pub struct Desired {
     /// Agent ids of the sandboxes the control plane still wants on this node;
     /// an agent re-adopts these after a restart.
     pub keep: Vec<String>,
+    /// Running copies the control plane no longer assigns to this node (moved
+    /// elsewhere, deleted, superseded or given up): stop them.
+    #[serde(default)]
+    pub stop: Vec<Fenced>,
+    /// Ended copies the control plane no longer assigns to this node: remove them.
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+/// A sandbox an agent must stop, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Fenced {
+    pub agent_id: String,
+    pub reason: String,
 }
 
 /// One control-plane member in `GET /v1/cluster`.
@@ -116,4 +134,65 @@ pub struct AddMember {
     pub id: u64,
     /// `host:port` of its control API.
     pub address: String,
+}
+
+/// `POST /v1/agents/{node}/slice`: an agent joins the cluster network and
+/// learns its slice of the cluster CIDR (the same one on every restart).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JoinNetwork {
+    pub instance: String,
+    /// A specific slice (`a.b.c.d/n`); default: the next free /24 of the cluster range.
+    #[serde(default)]
+    pub want: Option<String>,
+}
+
+/// A node's address slice.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct NodeSlice {
+    pub node: String,
+    pub cidr: String,
+    /// Addresses leased from it.
+    pub leased: u32,
+}
+
+/// `POST /v1/agents/{node}/leases`: lease an address for one of the node's sandboxes.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseRequest {
+    pub instance: String,
+    /// The agent's id of the sandbox.
+    pub sandbox: String,
+    /// The address the node already uses for it (an agent re-claiming its
+    /// leases at start); refused when another sandbox holds it.
+    #[serde(default)]
+    pub want: Option<String>,
+}
+
+/// `POST /v1/agents/{node}/leases/retain`: free every lease of the node but these.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RetainLeases {
+    pub instance: String,
+    pub keep: Vec<String>,
+}
+
+/// Leases freed by a release or retain.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Released {
+    pub released: Vec<String>,
+}
+
+/// One sandbox address as recorded in the control-plane state (`GET /v1/leases`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Lease {
+    pub ip: String,
+    pub node: String,
+    /// The node's slice it comes from.
+    pub cidr: String,
+    /// The agent's id of the sandbox.
+    pub agent_sandbox: String,
+    /// The control plane's id of the sandbox, when it was created through it.
+    #[serde(default)]
+    pub sandbox: Option<String>,
 }

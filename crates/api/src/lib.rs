@@ -64,6 +64,11 @@ pub struct CreateSandbox {
     /// `cmd`, the snapshot's main process continues as this sandbox's workload.
     #[serde(default)]
     pub from_snapshot: Option<String>,
+    /// Set by the control plane: the record this sandbox runs for
+    /// (`ID@GENERATION`). The node agent stops a copy whose record is gone,
+    /// moved or superseded (fencing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 /// How a sandbox's VM came to be.
@@ -154,6 +159,9 @@ pub struct Sandbox {
     /// The template or snapshot it started from.
     #[serde(default)]
     pub started_from: Option<String>,
+    /// The control-plane record it runs for (`ID@GENERATION`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 /// `POST /v1/templates`: boot an image once to a ready guest and snapshot it.
@@ -423,6 +431,8 @@ pub enum ErrorCode {
     Unschedulable,
     /// The control plane has no leader (no quorum) or a node is unreachable.
     Unavailable,
+    /// Another agent instance holds this node id.
+    NodeIdentityConflict,
 }
 
 impl ErrorCode {
@@ -432,7 +442,7 @@ impl ErrorCode {
             ErrorCode::BadRequest | ErrorCode::InvalidArgument | ErrorCode::NoCommand => 400,
             ErrorCode::Unauthorized => 401,
             ErrorCode::NotFound | ErrorCode::ImageNotFound => 404,
-            ErrorCode::Conflict | ErrorCode::Unschedulable => 409,
+            ErrorCode::Conflict | ErrorCode::Unschedulable | ErrorCode::NodeIdentityConflict => 409,
             ErrorCode::Unavailable | ErrorCode::Exhausted => 503,
             ErrorCode::VmFailed | ErrorCode::Internal => 500,
         }

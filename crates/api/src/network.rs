@@ -1,5 +1,6 @@
 //! Wire types of sandbox networking: the network a sandbox asks for, its egress
-//! policy (`/v1/sandboxes/{id}/policy`), policy counters and ingress access.
+//! and ingress policy (`/v1/sandboxes/{id}/policy`), policy counters and ingress
+//! access.
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -14,6 +15,9 @@ pub struct NetworkSpec {
     /// Egress rules enforced on the sandbox's tap.
     #[serde(default)]
     pub egress: EgressPolicy,
+    /// Ingress rules enforced on the sandbox's tap (traffic to the sandbox).
+    #[serde(default)]
+    pub ingress: IngressPolicy,
 }
 
 /// Whether a sandbox has a network.
@@ -41,6 +45,44 @@ pub struct EgressPolicy {
     pub allow: Vec<String>,
     #[serde(default)]
     pub deny: Vec<String>,
+}
+
+/// An ingress policy (traffic to the sandbox): rules are `CIDR[:PORTS[:PROTO]]`
+/// matching the *source* address and the sandbox's destination port. Replies
+/// to the sandbox's own allowed connections always pass, and so does the node
+/// itself (the ingress proxy).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IngressPolicy {
+    /// `allow` or `deny`: what happens to new inbound flows no rule matches.
+    #[serde(default = "default_allow")]
+    pub default: String,
+    #[serde(default)]
+    pub allow: Vec<String>,
+    #[serde(default)]
+    pub deny: Vec<String>,
+}
+
+impl Default for IngressPolicy {
+    fn default() -> IngressPolicy {
+        IngressPolicy {
+            default: default_allow(),
+            allow: Vec::new(),
+            deny: Vec::new(),
+        }
+    }
+}
+
+/// `GET|PUT /v1/sandboxes/{id}/policy`: both directions. A PUT replaces the
+/// whole policy atomically; a direction left out gets its defaults (allow, no
+/// rules).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkPolicy {
+    #[serde(default)]
+    pub egress: EgressPolicy,
+    #[serde(default)]
+    pub ingress: IngressPolicy,
 }
 
 fn default_allow() -> String {
@@ -84,6 +126,8 @@ pub struct PolicyCounter {
 pub struct PolicyStats {
     pub sandbox: String,
     /// Counted by the eBPF program: new flows (TCP SYN, UDP datagrams, ICMP echo)
-    /// per rule, plus the fixed counters.
+    /// per rule of either direction (labels start with `egress`/`ingress`),
+    /// plus the fixed counters (spoofed, defaults, replies, packets dropped for
+    /// having no flow, host addresses).
     pub counters: Vec<PolicyCounter>,
 }

@@ -2,7 +2,7 @@
 //! control-plane group.
 
 use clap::Subcommand;
-use hearth_api::cluster::{AddMember, ClusterStatus, Node};
+use hearth_api::cluster::{AddMember, ClusterStatus, Lease, Node};
 
 use crate::client::Client;
 
@@ -21,6 +21,13 @@ pub enum NodeCmd {
     Drain { node: String },
     /// Forget a node (its sandboxes are lost or moved).
     Rm { node: String },
+    /// Sandbox addresses leased in the control-plane state, by node.
+    Leases {
+        /// Only this node's.
+        node: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -110,6 +117,29 @@ pub async fn node(c: &Client, cmd: NodeCmd) -> anyhow::Result<u8> {
         NodeCmd::Rm { node } => {
             c.delete(&format!("/v1/nodes/{node}")).await?;
             println!("{node}");
+            Ok(0)
+        }
+        NodeCmd::Leases { node, json } => {
+            let mut leases: Vec<Lease> = c.get_json("/v1/leases").await?;
+            leases.retain(|l| node.as_ref().is_none_or(|n| &l.node == n));
+            if json {
+                println!("{}", serde_json::to_string_pretty(&leases)?);
+                return Ok(0);
+            }
+            println!(
+                "{:<16} {:<16} {:<18} {:<14} SANDBOX",
+                "IP", "NODE", "SLICE", "NODE SANDBOX"
+            );
+            for l in leases {
+                println!(
+                    "{:<16} {:<16} {:<18} {:<14} {}",
+                    l.ip,
+                    l.node,
+                    l.cidr,
+                    l.agent_sandbox,
+                    l.sandbox.as_deref().unwrap_or("-")
+                );
+            }
             Ok(0)
         }
     }

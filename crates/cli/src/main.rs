@@ -53,7 +53,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run a command in a new sandbox.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// List sandboxes.
     Ps {
         /// Print JSON.
@@ -260,7 +260,7 @@ async fn run(cli: Cli) -> Result<u8> {
     match cli.cmd {
         Cmd::Node(n) => cluster::node(&c, n).await,
         Cmd::Cluster(n) => cluster::cluster(&c, n).await,
-        Cmd::Run(a) => cmd_run(&c, a).await,
+        Cmd::Run(a) => cmd_run(&c, *a).await,
         Cmd::Ps { json } => {
             let list: Vec<Sandbox> = c.get_json("/v1/sandboxes").await?;
             if json {
@@ -488,6 +488,7 @@ async fn cmd_run(c: &Client, a: RunArgs) -> Result<u8> {
         cold: a.cold,
         from_snapshot: a.from_snapshot,
         network: a.net.spec(),
+        owner: None,
     };
     let sb: Sandbox = match c.post_json("/v1/sandboxes", &req).await {
         // Like docker: a registry reference that is not here yet is pulled, then run.
@@ -630,5 +631,16 @@ fn write_or_quit(w: &mut impl Write, b: &[u8]) {
         if e.kind() == std::io::ErrorKind::BrokenPipe {
             std::process::exit(141);
         }
+    }
+}
+
+#[cfg(test)]
+mod cli_tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn flags_are_consistent() {
+        // why: flattened arg groups (egress and ingress flags) must not share ids.
+        super::Cli::command().debug_assert();
     }
 }

@@ -1,7 +1,9 @@
 //! Network flags of `hearth run` and the `hearth policy` commands.
 
 use anyhow::Result;
-use hearth_api::network::{EgressPolicy, NetworkMode, NetworkSpec, PolicyStats};
+use hearth_api::network::{
+    EgressPolicy, IngressPolicy, NetworkMode, NetworkPolicy, NetworkSpec, PolicyStats,
+};
 
 use crate::client::Client;
 
@@ -30,6 +32,40 @@ impl EgressArgs {
     }
 }
 
+/// Ingress rules (traffic to the sandbox): `CIDR[:PORTS[:PROTO]]` matching the
+/// source address and the sandbox's port, e.g. `192.168.0.0/16:8080`.
+#[derive(clap::Args, Default)]
+pub struct IngressArgs {
+    /// Allow new inbound flows from CIDR[:PORTS[:PROTO]] (repeatable).
+    #[arg(
+        long = "ingress-allow",
+        id = "ingress_allow",
+        value_name = "CIDR[:PORTS[:PROTO]]"
+    )]
+    pub allow: Vec<String>,
+    /// Deny new inbound flows from CIDR[:PORTS[:PROTO]] (repeatable).
+    #[arg(
+        long = "ingress-deny",
+        id = "ingress_deny",
+        value_name = "CIDR[:PORTS[:PROTO]]"
+    )]
+    pub deny: Vec<String>,
+    /// What happens to new inbound flows no rule matches (replies to the
+    /// sandbox's own connections and the ingress proxy always pass).
+    #[arg(long = "ingress-default", id = "ingress_default", value_parser = ["allow", "deny"], default_value = "allow")]
+    pub default: String,
+}
+
+impl IngressArgs {
+    pub fn policy(self) -> IngressPolicy {
+        IngressPolicy {
+            default: self.default,
+            allow: self.allow,
+            deny: self.deny,
+        }
+    }
+}
+
 /// `hearth run` network flags.
 #[derive(clap::Args, Default)]
 pub struct NetArgs {
@@ -38,6 +74,8 @@ pub struct NetArgs {
     pub network: String,
     #[command(flatten)]
     pub egress: EgressArgs,
+    #[command(flatten)]
+    pub ingress: IngressArgs,
 }
 
 impl NetArgs {
@@ -49,19 +87,23 @@ impl NetArgs {
                 NetworkMode::Default
             },
             egress: self.egress.policy(),
+            ingress: self.ingress.policy(),
         }
     }
 }
 
 #[derive(clap::Subcommand)]
 pub enum PolicyCmd {
-    /// Replace a sandbox's whole egress policy (takes effect at once, no restart).
+    /// Replace a sandbox's whole policy, both directions (atomic, takes effect
+    /// at once, no restart; a direction without flags gets allow and no rules).
     Set {
         sandbox: String,
         #[command(flatten)]
         egress: EgressArgs,
+        #[command(flatten)]
+        ingress: IngressArgs,
     },
-    /// Show a sandbox's egress policy.
+    /// Show a sandbox's egress and ingress policy.
     Show {
         sandbox: String,
         #[arg(long)]
@@ -79,24 +121,39 @@ fn path(sandbox: &str, tail: &str) -> String {
     format!("/v1/sandboxes/{}/policy{tail}", crate::enc(sandbox))
 }
 
-fn print_policy(p: &EgressPolicy) {
-    println!("default {}", p.default);
-    for r in &p.allow {
-        println!("allow   {r}");
-    }
-    for r in &p.deny {
-        println!("deny    {r}");
+fn print_policy(p: &NetworkPolicy) {
+    let e = &p.egress;
+    let i = &p.ingress;
+    for (dir, default, allow, deny) in [
+        ("egress", &e.default, &e.allow, &e.deny),
+        ("ingress", &i.default, &i.allow, &i.deny),
+    ] {
+        println!("{dir:<8}default {default}");
+        for r in allow {
+            println!("{dir:<8}allow   {r}");
+        }
+        for r in deny {
+            println!("{dir:<8}deny    {r}");
+        }
     }
 }
 
 pub async fn run(c: &Client, cmd: PolicyCmd) -> Result<u8> {
     match cmd {
-        PolicyCmd::Set { sandbox, egress } => {
-            let p: EgressPolicy = c.put_json(&path(&sandbox, ""), &egress.policy()).await?;
+        PolicyCmd::Set {
+            sandbox,
+            egress,
+            ingress,
+        } => {
+            let want = NetworkPolicy {
+                egress: egress.policy(),
+                ingress: ingress.policy(),
+            };
+            let p: NetworkPolicy = c.put_json(&path(&sandbox, ""), &want).await?;
             print_policy(&p);
         }
         PolicyCmd::Show { sandbox, json } => {
-            let p: EgressPolicy = c.get_json(&path(&sandbox, "")).await?;
+            let p: NetworkPolicy = c.get_json(&path(&sandbox, "")).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&p)?);
             } else {

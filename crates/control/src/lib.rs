@@ -84,6 +84,20 @@ type ApiResult<T> = Result<T, HttpError>;
 /// The API router. Every route but `/openapi.json` and `/metrics` requires
 /// `Authorization: Bearer TOKEN`.
 pub fn router(agent: Agent, token: ApiToken) -> Router {
+    build(agent, token, None)
+}
+
+/// `hearthd dev`'s router: the node-local API, whose sandbox creates and
+/// removals also go through the embedded control plane's store.
+pub fn dev_router(agent: Agent, cp: cluster::ControlPlane, token: ApiToken) -> Router {
+    build(agent, token, Some(cp))
+}
+
+/// The embedded control plane of `hearthd dev`, if this router has one.
+#[derive(Clone)]
+struct DevStore(Option<cluster::ControlPlane>);
+
+fn build(agent: Agent, token: ApiToken, dev: Option<cluster::ControlPlane>) -> Router {
     let open = Router::new()
         .route("/openapi.json", get(openapi::serve))
         .route("/metrics", get(metrics))
@@ -131,6 +145,7 @@ pub fn router(agent: Agent, token: ApiToken) -> Router {
         .merge(policy::routes())
         .merge(warm::routes())
         .fallback(not_found)
+        .layer(axum::Extension(DevStore(dev)))
         .layer(axum::middleware::from_fn_with_state(token, require_token))
         .with_state(agent)
         .merge(open)
@@ -220,9 +235,14 @@ async fn list_sandboxes(State(agent): State<Agent>) -> Json<Vec<hearth_api::Sand
 
 async fn create_sandbox(
     State(agent): State<Agent>,
+    axum::Extension(DevStore(dev)): axum::Extension<DevStore>,
     Json(req): Json<CreateSandbox>,
 ) -> ApiResult<(StatusCode, Json<hearth_api::Sandbox>)> {
-    Ok((StatusCode::CREATED, Json(agent.create(req).await?)))
+    let sb = match dev {
+        Some(cp) => cp.dev_create(&agent, req).await?,
+        None => agent.create(req).await?,
+    };
+    Ok((StatusCode::CREATED, Json(sb)))
 }
 
 async fn get_sandbox(
@@ -241,10 +261,14 @@ struct DeleteParams {
 
 async fn delete_sandbox(
     State(agent): State<Agent>,
+    axum::Extension(DevStore(dev)): axum::Extension<DevStore>,
     Path(id): Path<String>,
     Query(p): Query<DeleteParams>,
 ) -> ApiResult<StatusCode> {
-    agent.remove(&id, p.force).await?;
+    match dev {
+        Some(cp) => cp.dev_remove(&agent, &id, p.force).await?,
+        None => agent.remove(&id, p.force).await?,
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 

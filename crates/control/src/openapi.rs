@@ -30,6 +30,8 @@ use utoipa::OpenApi;
         hearth_api::network::NetworkSpec,
         hearth_api::network::NetworkMode,
         hearth_api::network::EgressPolicy,
+        hearth_api::network::IngressPolicy,
+        hearth_api::network::NetworkPolicy,
         hearth_api::network::SandboxNetwork,
         hearth_api::network::PolicyStats,
         hearth_api::network::PolicyCounter,

@@ -1,11 +1,11 @@
-//! Egress policy endpoints: `GET|PUT /v1/sandboxes/{id}/policy` and
+//! Policy endpoints: `GET|PUT /v1/sandboxes/{id}/policy` and
 //! `GET /v1/sandboxes/{id}/policy/stats`. A PUT takes effect at once.
 
 use axum::extract::{Path, State};
 use axum::routing::get;
 use axum::Router;
 use hearth_agent::Agent;
-use hearth_api::network::{EgressPolicy, PolicyStats};
+use hearth_api::network::{NetworkPolicy, PolicyStats};
 
 use crate::{ApiResult, Json};
 
@@ -15,15 +15,18 @@ pub fn routes() -> Router<Agent> {
         .route("/v1/sandboxes/{id}/policy/stats", get(stats))
 }
 
-async fn show(State(agent): State<Agent>, Path(id): Path<String>) -> ApiResult<Json<EgressPolicy>> {
+async fn show(
+    State(agent): State<Agent>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<NetworkPolicy>> {
     Ok(Json(agent.policy(&id)?))
 }
 
 async fn set(
     State(agent): State<Agent>,
     Path(id): Path<String>,
-    Json(p): Json<EgressPolicy>,
-) -> ApiResult<Json<EgressPolicy>> {
+    Json(p): Json<NetworkPolicy>,
+) -> ApiResult<Json<NetworkPolicy>> {
     Ok(Json(agent.set_policy(&id, &p).await?))
 }
 
@@ -39,8 +42,8 @@ pub fn openapi_paths(
     let id = serde_json::json!([{"name": "id", "in": "path", "required": true, "description": "sandbox id or name", "schema": {"type": "string"}}]);
     serde_json::json!({
         "/v1/sandboxes/{id}/policy": {
-            "get": {"parameters": id, "summary": "The sandbox's egress policy", "responses": {"200": json("EgressPolicy"), "404": err}},
-            "put": {"parameters": id, "summary": "Replace the egress policy (live, no restart)", "requestBody": json("EgressPolicy"), "responses": {"200": json("EgressPolicy"), "400": err, "404": err}}
+            "get": {"parameters": id, "summary": "The sandbox's egress and ingress policy", "responses": {"200": json("NetworkPolicy"), "404": err}},
+            "put": {"parameters": id, "summary": "Replace the whole policy, both directions (live, atomic, no restart)", "requestBody": json("NetworkPolicy"), "responses": {"200": json("NetworkPolicy"), "400": err, "404": err}}
         },
         "/v1/sandboxes/{id}/policy/stats": {"get": {"parameters": id, "summary": "Per-rule packet and byte counters from the BPF maps", "responses": {"200": json("PolicyStats"), "404": err}}}
     })

@@ -15,6 +15,7 @@ use hearth_agent::{Agent, AgentConfig};
 use hearth_vmm::AccelChoice;
 
 mod ingress;
+mod leases;
 mod roles;
 
 #[derive(Parser)]
@@ -101,10 +102,12 @@ struct DevArgs {
 
 /// Sandbox networking of this node.
 #[derive(clap::Args)]
-struct NetArgs {
+pub(crate) struct NetArgs {
     /// This node's slice of the cluster CIDR; sandboxes get /32s from it.
-    #[arg(long, env = "HEARTH_NET_POOL", default_value = "10.88.0.0/24")]
-    net_pool: hearth_net::Cidr,
+    /// Default: the next free /24 of 10.88.0.0/16, handed out by the control
+    /// plane when the node first joins and kept for it afterwards.
+    #[arg(long, env = "HEARTH_NET_POOL")]
+    net_pool: Option<hearth_net::Cidr>,
     /// Run every sandbox without a network (no taps, NAT or BPF).
     #[arg(long, env = "HEARTH_NO_NETWORK")]
     no_network: bool,
@@ -114,20 +117,44 @@ struct NetArgs {
 }
 
 impl NetArgs {
-    fn config(&self, data_dir: &std::path::Path) -> Option<hearth_net::NetConfig> {
+    pub(crate) fn enabled(&self) -> bool {
+        !self.no_network
+    }
+
+    /// The slice to ask the control plane for: `--net-pool`, or else the
+    /// pool this node's sandboxes still hold addresses of (recorded in
+    /// `<data>/net/leases.json`), so a control plane that lost its state
+    /// gives the node its old slice back; `None` lets the control plane pick.
+    pub(crate) fn want(&self, data_dir: &std::path::Path) -> Option<String> {
+        self.net_pool.map(|c| c.to_string()).or_else(|| {
+            hearth_net::ipam::recorded_pool(&data_dir.join("net"))
+                .filter(|(_, leased)| *leased > 0)
+                .map(|(pool, _)| pool.to_string())
+        })
+    }
+
+    /// The node's networking, with `pool` the slice the control plane granted.
+    pub(crate) fn config(
+        &self,
+        data_dir: &std::path::Path,
+        pool: &str,
+    ) -> Result<Option<hearth_net::NetConfig>> {
         if self.no_network {
-            return None;
+            return Ok(None);
         }
+        let pool: hearth_net::Cidr = pool.parse().map_err(|e| {
+            anyhow::anyhow!("the control plane granted the address slice {pool}: {e}")
+        })?;
         let dns = if self.dns.is_empty() {
             host_nameservers()
         } else {
             self.dns.clone()
         };
-        Some(hearth_net::NetConfig {
-            pool: self.net_pool,
+        Ok(Some(hearth_net::NetConfig {
+            pool,
             state_dir: data_dir.join("net"),
             dns,
-        })
+        }))
     }
 }
 
@@ -169,6 +196,45 @@ async fn main() -> Result<()> {
 
 async fn dev(a: DevArgs) -> Result<()> {
     let current = cache_dir().join("current");
+    // why: bind first, so a second daemon on the same port fails before it
+    // touches the data dir.
+    let listener = tokio::net::TcpListener::bind(a.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "binding the API to {}; is another hearthd running?",
+                a.listen
+            )
+        })?;
+    let local = listener.local_addr()?;
+    create_private_dir(&a.data_dir)?;
+    // why: the embedded store opens before the agent takes the data dir's
+    // lock; a second daemon on this data dir must still get the agent's answer.
+    hearth_agent::ensure_data_dir_free(&a.data_dir)?;
+    let token = load_or_create_token(&a.data_dir)?;
+    // The embedded control plane comes first: it hands out the node's address
+    // slice and leases, which the agent needs from its start.
+    let cp = roles::embedded_control_plane(&a.data_dir, local, &token).await?;
+    let (net, leases) = if a.net.enabled() {
+        let instance = hearth_agent::control_link::instance_id(&a.data_dir)?;
+        let auth = leases::StoreLeases {
+            store: cp.store().clone(),
+            node: a.node.clone(),
+            instance,
+        };
+        let want = a
+            .net
+            .want(&a.data_dir)
+            .map(|w| w.parse::<hearth_store::Cidr>())
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("--net-pool: {e}"))?;
+        let slice = auth.join(want).await?;
+        let auth: std::sync::Arc<dyn hearth_agent::leases::LeaseAuthority> =
+            std::sync::Arc::new(auth);
+        (a.net.config(&a.data_dir, &slice.to_string())?, Some(auth))
+    } else {
+        (None, None)
+    };
     let cfg = AgentConfig {
         data_dir: a.data_dir.clone(),
         kernel: a.kernel.unwrap_or_else(|| current.join("vmlinux")),
@@ -179,7 +245,8 @@ async fn dev(a: DevArgs) -> Result<()> {
         qemu_img: a.qemu_img,
         accel: a.accel,
         node: a.node,
-        net: a.net.config(&a.data_dir),
+        net,
+        leases,
         image_limits: {
             let mut l = hearth_image::Limits::default();
             if let Some(b) = a.max_layer_bytes {
@@ -195,22 +262,9 @@ async fn dev(a: DevArgs) -> Result<()> {
         guest_watchdog: std::time::Duration::from_secs(a.guest_watchdog_secs),
         max_log_bytes: a.max_log_mib.saturating_mul(1024 * 1024),
     };
-    // why: bind first, so a second daemon on the same port fails before it
-    // touches the data dir.
-    let listener = tokio::net::TcpListener::bind(a.listen)
-        .await
-        .with_context(|| {
-            format!(
-                "binding the API to {}; is another hearthd running?",
-                a.listen
-            )
-        })?;
     let agent = Agent::start(cfg).await.context("starting the node agent")?;
-    let local = listener.local_addr()?;
-    let token = load_or_create_token(&a.data_dir)?;
-    let cp = roles::embedded_control_plane(&a.data_dir, local, &token).await?;
     roles::spawn_link(agent.clone(), roles::dev_link(&agent, local, &token));
-    let app = hearth_control::router(agent.clone(), token.clone())
+    let app = hearth_control::dev_router(agent.clone(), cp.clone(), token.clone())
         .merge(hearth_control::cluster::cluster_routes(cp, token));
     let info = agent.info();
     tracing::info!(
@@ -229,7 +283,8 @@ async fn dev(a: DevArgs) -> Result<()> {
             l.local_addr()?,
             a.ingress_domain
         );
-        let app = hearth_ingress::router(&a.ingress_domain, ingress::AgentResolver(agent.clone()));
+        let app = hearth_ingress::router(&a.ingress_domain, ingress::AgentResolver(agent.clone()))
+            .into_make_service_with_connect_info::<std::net::SocketAddr>();
         tokio::spawn(async move {
             if let Err(e) = axum::serve(l, app).await {
                 tracing::error!("ingress stopped: {e}");
@@ -237,6 +292,17 @@ async fn dev(a: DevArgs) -> Result<()> {
         });
     }
     axum_serve(listener, app).await
+}
+
+/// Creates the data dir readable by this user only (the agent also enforces
+/// 0700 when it starts; the store and token are written before that).
+pub(crate) fn create_private_dir(dir: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))
 }
 
 /// The API token: `HEARTH_TOKEN`, else DATA/api-token, created (0600) on first start.

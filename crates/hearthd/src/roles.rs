@@ -3,10 +3,12 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use hearth_agent::control_link::{self, LinkConfig};
+use hearth_agent::leases::{join_network, ControlLeases, LeaseAuthority};
 use hearth_agent::{Agent, AgentConfig};
 use hearth_control::cluster::{ControlConfig, ControlPlane};
 use hearth_control::ApiToken;
@@ -37,6 +39,23 @@ pub struct ControlArgs {
     /// Snapshot (and compact the Raft log) every this many entries.
     #[arg(long, default_value_t = 1000)]
     snapshot_every: u64,
+    /// How long a node may take to accept a sandbox start. A record still
+    /// not started after twice this is marked failed (or, with
+    /// `restart=always`, started again).
+    #[arg(long, default_value_t = 30_000)]
+    start_timeout_ms: u64,
+    /// Serve the cluster ingress (`<port>-<sandbox>.<domain>` and
+    /// `/sandboxes/<sandbox>/ports/<port>/...`) on this address: requests are
+    /// relayed to the node agent that runs the sandbox.
+    #[arg(long, env = "HEARTH_INGRESS_LISTEN")]
+    ingress_listen: Option<SocketAddr>,
+    /// Domain of ingress host names.
+    #[arg(
+        long,
+        env = "HEARTH_INGRESS_DOMAIN",
+        default_value = "hearth.localhost"
+    )]
+    ingress_domain: String,
 }
 
 #[derive(clap::Args)]
@@ -79,6 +98,8 @@ pub struct AgentArgs {
     qemu_img: PathBuf,
     #[arg(long, env = "HEARTH_ACCEL", default_value = "auto")]
     accel: AccelChoice,
+    #[command(flatten)]
+    net: crate::NetArgs,
 }
 
 fn parse_peers(s: &str) -> Result<BTreeMap<u64, String>> {
@@ -144,11 +165,35 @@ pub async fn control(a: ControlArgs) -> Result<()> {
         store,
         ControlConfig {
             node_timeout: Duration::from_millis(a.node_timeout_ms),
+            start_timeout: Duration::from_millis(a.start_timeout_ms.max(100)),
             ..Default::default()
         },
         &token,
     );
     cp.spawn_background();
+    if let Some(addr) = a.ingress_listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the ingress proxy to {addr}"))?;
+        tracing::info!(
+            "cluster ingress on http://{} (<port>-<sandbox>.{})",
+            l.local_addr()?,
+            a.ingress_domain
+        );
+        let app = hearth_ingress::router(
+            &a.ingress_domain,
+            crate::ingress::ClusterResolver {
+                cp: cp.clone(),
+                credential: hearth_ingress::relay_credential(token.secret()),
+            },
+        );
+        tokio::spawn(async move {
+            let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
+            if let Err(e) = axum::serve(l, app).await {
+                tracing::error!("ingress stopped: {e}");
+            }
+        });
+    }
     tracing::info!(
         "hearthd control: member {} serving on http://{} (data {})",
         a.id,
@@ -161,6 +206,28 @@ pub async fn control(a: ControlArgs) -> Result<()> {
 pub async fn agent(a: AgentArgs) -> Result<()> {
     let current = cache_dir().join("current");
     let labels = parse_labels(&a.labels)?;
+    crate::create_private_dir(&a.data_dir)?;
+    hearth_agent::ensure_data_dir_free(&a.data_dir)?;
+    let token = load_or_create_token(&a.data_dir)?;
+    // The node's address slice comes from the control plane before anything
+    // runs here; every sandbox address is then leased through it.
+    let (net, leases) = if a.net.enabled() {
+        let instance = control_link::instance_id(&a.data_dir)?;
+        let leases = ControlLeases::new(
+            a.control.clone(),
+            a.node.clone(),
+            instance,
+            Some(token.secret()),
+        );
+        let slice = join_network(&leases, a.net.want(&a.data_dir), Duration::from_secs(120))
+            .await
+            .with_context(|| format!("node {} joining the cluster network", a.node))?;
+        tracing::info!("node {}: sandbox addresses from {slice}", a.node);
+        let leases: Arc<dyn LeaseAuthority> = Arc::new(leases);
+        (a.net.config(&a.data_dir, &slice)?, Some(leases))
+    } else {
+        (None, None)
+    };
     let cfg = AgentConfig {
         data_dir: a.data_dir.clone(),
         kernel: a.kernel.unwrap_or_else(|| current.join("vmlinux")),
@@ -176,10 +243,10 @@ pub async fn agent(a: AgentArgs) -> Result<()> {
         registry_timeout: Duration::from_secs(30),
         guest_watchdog: Duration::from_secs(30),
         max_log_bytes: 256 * 1024 * 1024,
-        net: None,
+        net,
+        leases,
     };
     let agent = Agent::start(cfg).await.context("starting the node agent")?;
-    let token = load_or_create_token(&a.data_dir)?;
     let listener = tokio::net::TcpListener::bind(a.listen)
         .await
         .with_context(|| format!("binding the node API to {}", a.listen))?;
@@ -196,7 +263,13 @@ pub async fn agent(a: AgentArgs) -> Result<()> {
         token: Some(token.secret().to_string()),
     };
     tracing::info!("hearthd agent: node {} API on http://{local}", a.node);
-    let serve = axum_serve(listener, hearth_control::router(agent.clone(), token));
+    // why: a cluster ingress relays requests for this node's sandboxes here.
+    let node_ingress =
+        hearth_ingress::node_router(crate::ingress::AgentResolver(agent.clone()), token.secret());
+    let serve = axum_serve(
+        listener,
+        hearth_control::router(agent.clone(), token).merge(node_ingress),
+    );
     tokio::select! {
         r = serve => r,
         r = control_link::run(agent, link) => {

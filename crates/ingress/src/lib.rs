@@ -1,11 +1,15 @@
 //! The ingress role: an HTTP reverse proxy from `<port>-<sandbox>.<domain>` or
 //! `/sandboxes/<sandbox>/ports/<port>/...` to the sandbox's address and port.
 //!
-//! Flow: route the request (`route`), ask the `Resolver` where the sandbox is
-//! and what token it wants, check the token, open a TCP connection to the
-//! sandbox and forward the request over HTTP/1.1. Bodies stream both ways; an
-//! `Upgrade` (WebSocket) is completed end to end and then spliced. Failures are
-//! 4xx/502 responses whose body says why.
+//! Flow: route the request (`route`), ask the `Resolver` where the sandbox is.
+//! When its address is reachable from here ([`Target::Sandbox`]), check the
+//! token, open a TCP connection to the sandbox and forward the request over
+//! HTTP/1.1. When another host runs it ([`Target::Node`], a cluster), relay
+//! the request untouched to that node agent's node ingress
+//! ([`node_router`], `/v1/ingress/...`, cluster bearer token), which checks the
+//! sandbox's token and forwards it. Bodies stream both ways; an `Upgrade`
+//! (WebSocket) is completed end to end and then spliced. Failures are 4xx/502
+//! responses whose body says why.
 
 pub mod route;
 
@@ -33,6 +37,56 @@ pub struct Backend {
     pub token: String,
 }
 
+/// The node agent that runs a sandbox on another host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRelay {
+    /// The agent's node-local API.
+    pub addr: SocketAddr,
+    /// The agent's id of the sandbox.
+    pub sandbox: String,
+    /// The relay credential ([`relay_credential`]) the node ingress requires.
+    pub credential: String,
+}
+
+/// Where a request for a sandbox goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// The sandbox's own address, reachable from here.
+    Sandbox(Backend),
+    /// Relayed to the node agent that runs it.
+    Node(NodeRelay),
+}
+
+/// Path prefix of the node ingress on an agent's node-local API.
+pub const NODE_PREFIX: &str = "/v1/ingress";
+/// Header that carries the relay credential from a cluster ingress to a node
+/// ingress; never reaches a sandbox.
+pub const RELAY_HEADER: &str = "x-hearth-relay-credential";
+/// Header that carries the client's `Host` across the relay hop; the node
+/// ingress puts it back into `Host`.
+pub const ORIGINAL_HOST: &str = "x-hearth-original-host";
+/// Header an earlier version used for the client's `Authorization`; removed
+/// from every request so a client cannot inject it.
+const LEGACY_CLIENT_AUTH: &str = "x-hearth-client-authorization";
+/// Headers only ingresses set; a client's copies are dropped.
+const PRIVATE_HEADERS: [&str; 3] = [RELAY_HEADER, ORIGINAL_HOST, LEGACY_CLIENT_AUTH];
+
+/// The credential a cluster ingress relays with: HMAC-SHA256 of the label
+/// `ingress-relay` keyed with the cluster token, hex. Only a node ingress
+/// accepts it (no other API route does), and the cluster token itself never
+/// travels with a client's request.
+pub fn relay_credential(cluster_token: &str) -> String {
+    use hmac::Mac;
+    let mut m = hmac::Hmac::<sha2::Sha256>::new_from_slice(cluster_token.as_bytes())
+        .expect("HMAC takes keys of any length");
+    m.update(b"ingress-relay");
+    m.finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// Why a sandbox cannot be reached.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Unavailable {
@@ -42,11 +96,17 @@ pub enum Unavailable {
     NotRunning { sandbox: String, status: String },
     #[error("sandbox '{0}' has no network (--network none)")]
     NoNetwork(String),
+    /// The cluster has no such sandbox (any more): removed, or never created.
+    #[error("sandbox '{0}' does not exist: it was removed or never created")]
+    Gone(String),
+    /// It is placed on a node that cannot be reached or has not started it.
+    #[error("sandbox '{sandbox}': {why}")]
+    NodeUnavailable { sandbox: String, why: String },
 }
 
 /// Looks sandboxes up (the agent, or the control plane in a cluster).
 pub trait Resolver: Send + Sync + 'static {
-    fn resolve(&self, sandbox: &str) -> Result<Backend, Unavailable>;
+    fn resolve(&self, sandbox: &str) -> Result<Target, Unavailable>;
 }
 
 struct Ingress {
@@ -60,6 +120,28 @@ pub fn router(domain: &str, resolver: impl Resolver) -> Router {
         domain: domain.to_ascii_lowercase(),
         resolver: Box::new(resolver),
     }))
+}
+
+struct NodeIngress {
+    resolver: Box<dyn Resolver>,
+    credential: String,
+}
+
+/// The node ingress of an agent: `/v1/ingress/sandboxes/<id>/ports/<port>/...`
+/// for requests relayed by a cluster ingress. Requires the relay credential
+/// derived from the cluster token ([`relay_credential`]) in [`RELAY_HEADER`],
+/// not the token itself; the sandbox's own access token is checked as at any
+/// ingress.
+pub fn node_router(resolver: impl Resolver, cluster_token: &str) -> Router {
+    Router::new()
+        .route(
+            &format!("{NODE_PREFIX}/sandboxes/{{*rest}}"),
+            axum::routing::any(node_proxy),
+        )
+        .with_state(Arc::new(NodeIngress {
+            resolver: Box::new(resolver),
+            credential: relay_credential(cluster_token),
+        }))
 }
 
 fn reply(status: StatusCode, msg: impl std::fmt::Display) -> Response {
@@ -148,7 +230,15 @@ fn is_upgrade(req: &Request) -> bool {
     req.headers().contains_key(header::UPGRADE)
 }
 
+fn unavailable(e: Unavailable) -> Response {
+    match e {
+        e @ Unavailable::NotFound(_) => reply(StatusCode::NOT_FOUND, e),
+        e => reply(StatusCode::BAD_GATEWAY, e),
+    }
+}
+
 async fn proxy(State(ing): State<Arc<Ingress>>, mut req: Request) -> Response {
+    forwarded_from_client(&mut req);
     let host = req
         .headers()
         .get(header::HOST)
@@ -164,11 +254,93 @@ async fn proxy(State(ing): State<Arc<Ingress>>, mut req: Request) -> Response {
         Ok(r) => r,
         Err(e) => return reply(StatusCode::NOT_FOUND, e),
     };
-    let backend = match ing.resolver.resolve(&r.sandbox) {
-        Ok(b) => b,
-        Err(e @ Unavailable::NotFound(_)) => return reply(StatusCode::NOT_FOUND, e),
-        Err(e) => return reply(StatusCode::BAD_GATEWAY, e),
+    match ing.resolver.resolve(&r.sandbox) {
+        Ok(Target::Sandbox(b)) => to_sandbox(req, &r, b).await,
+        Ok(Target::Node(n)) => relay(req, &r, n).await,
+        Err(e) => unavailable(e),
+    }
+}
+
+/// Drops the client's copies of the ingress-private headers and sets
+/// `X-Forwarded-Host/For/Proto` from what this ingress saw (a client's own
+/// values are not trusted).
+fn forwarded_from_client(req: &mut Request) {
+    let peer = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip().to_string());
+    let h = req.headers_mut();
+    for p in PRIVATE_HEADERS {
+        h.remove(p);
+    }
+    match h.get(header::HOST).cloned() {
+        Some(v) => {
+            h.insert("x-forwarded-host", v);
+        }
+        None => {
+            h.remove("x-forwarded-host");
+        }
+    }
+    match peer.and_then(|p| p.parse().ok()) {
+        Some(v) => {
+            h.insert("x-forwarded-for", v);
+        }
+        None => {
+            h.remove("x-forwarded-for");
+        }
+    }
+    h.insert(
+        "x-forwarded-proto",
+        header::HeaderValue::from_static("http"),
+    );
+}
+
+/// A request relayed by a cluster ingress to this node.
+async fn node_proxy(State(node): State<Arc<NodeIngress>>, mut req: Request) -> Response {
+    let presented = req
+        .headers()
+        .get(RELAY_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !same(presented, &node.credential) {
+        return reply(
+            StatusCode::UNAUTHORIZED,
+            format!("the node ingress takes only requests relayed by a cluster ingress ({RELAY_HEADER})"),
+        );
+    }
+    // why: the sandbox must never see the relay credential; it gets the client's Host back.
+    let h = req.headers_mut();
+    h.remove(RELAY_HEADER);
+    h.remove(LEGACY_CLIENT_AUTH);
+    match h.remove(ORIGINAL_HOST) {
+        Some(v) => {
+            h.insert(header::HOST, v);
+        }
+        None => {
+            h.remove(header::HOST);
+        }
+    }
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    let r = match route::route(None, pq.strip_prefix(NODE_PREFIX).unwrap_or(&pq), "") {
+        Ok(r) => r,
+        Err(e) => return reply(StatusCode::NOT_FOUND, e),
     };
+    match node.resolver.resolve(&r.sandbox) {
+        Ok(Target::Sandbox(b)) => to_sandbox(req, &r, b).await,
+        Ok(Target::Node(_)) => reply(
+            StatusCode::BAD_GATEWAY,
+            format!("sandbox '{}' does not run on this node", r.sandbox),
+        ),
+        Err(e) => unavailable(e),
+    }
+}
+
+/// Checks the sandbox's access token, then forwards to its address.
+async fn to_sandbox(mut req: Request, r: &route::Route, backend: Backend) -> Response {
     match presented_token(&req) {
         Some(t) if same(&t, &backend.token) => {}
         Some(_) => return reply(StatusCode::FORBIDDEN, "wrong access token"),
@@ -179,38 +351,62 @@ async fn proxy(State(ing): State<Arc<Ingress>>, mut req: Request) -> Response {
             )
         }
     }
-    let addr = SocketAddr::from((backend.ip, r.port));
+    let path = without_token_param(&r.path);
+    req.headers_mut().remove(TOKEN_HEADER);
+    strip_token_cookie(req.headers_mut());
+    let what = format!("sandbox '{}' port {}", r.sandbox, r.port);
+    forward(req, SocketAddr::from((backend.ip, r.port)), &path, &what).await
+}
+
+/// Sends the request, the sandbox's token and the client's `Authorization`
+/// untouched, to the node ingress of the node that runs the sandbox (which
+/// checks the token), with the relay credential and the client's `Host` in
+/// private headers. The cluster token is never sent.
+async fn relay(mut req: Request, r: &route::Route, node: NodeRelay) -> Response {
+    let path = format!(
+        "{NODE_PREFIX}/sandboxes/{}/ports/{}{}",
+        node.sandbox, r.port, r.path
+    );
+    let h = req.headers_mut();
+    let Ok(cred) = header::HeaderValue::from_str(&node.credential) else {
+        return reply(
+            StatusCode::BAD_GATEWAY,
+            "the relay credential is not a valid header value",
+        );
+    };
+    h.insert(RELAY_HEADER, cred);
+    if let Some(host) = h.remove(header::HOST) {
+        h.insert(ORIGINAL_HOST, host);
+    }
+    if let Ok(v) = node.addr.to_string().parse() {
+        h.insert(header::HOST, v);
+    }
+    let what = format!("node {} running sandbox '{}'", node.addr, r.sandbox);
+    forward(req, node.addr, &path, &what).await
+}
+
+/// Forwards `req` to `addr` with `path`: HTTP/1.1, bodies streamed, upgrades spliced.
+async fn forward(mut req: Request, addr: SocketAddr, path: &str, what: &str) -> Response {
     let stream =
         match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 return reply(
                     StatusCode::BAD_GATEWAY,
-                    format!(
-                        "cannot connect to sandbox '{}' port {}: {e}",
-                        r.sandbox, r.port
-                    ),
+                    format!("cannot connect to {what}: {e}"),
                 )
             }
             Err(_) => {
                 return reply(
                     StatusCode::BAD_GATEWAY,
-                    format!(
-                        "sandbox '{}' port {} did not accept within {CONNECT_TIMEOUT:?}",
-                        r.sandbox, r.port
-                    ),
+                    format!("{what} did not accept within {CONNECT_TIMEOUT:?}"),
                 )
             }
         };
     let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
     {
         Ok(x) => x,
-        Err(e) => {
-            return reply(
-                StatusCode::BAD_GATEWAY,
-                format!("sandbox '{}': {e}", r.sandbox),
-            )
-        }
+        Err(e) => return reply(StatusCode::BAD_GATEWAY, format!("{what}: {e}")),
     };
     tokio::spawn(async move {
         if let Err(e) = conn.with_upgrades().await {
@@ -220,23 +416,13 @@ async fn proxy(State(ing): State<Arc<Ingress>>, mut req: Request) -> Response {
 
     let upgrade = is_upgrade(&req);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    *req.uri_mut() = match without_token_param(&r.path).parse() {
+    *req.uri_mut() = match path.parse() {
         Ok(u) => u,
         Err(e) => return reply(StatusCode::BAD_REQUEST, format!("bad path: {e}")),
     };
-    req.headers_mut().remove(TOKEN_HEADER);
-    strip_token_cookie(req.headers_mut());
-    if let Some(h) = req.headers().get(header::HOST).cloned() {
-        req.headers_mut().insert("x-forwarded-host", h);
-    }
     let mut resp = match sender.send_request(req).await {
         Ok(r) => r,
-        Err(e) => {
-            return reply(
-                StatusCode::BAD_GATEWAY,
-                format!("sandbox '{}' port {}: {e}", r.sandbox, r.port),
-            )
-        }
+        Err(e) => return reply(StatusCode::BAD_GATEWAY, format!("{what}: {e}")),
     };
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client_upgrade) = client_upgrade {

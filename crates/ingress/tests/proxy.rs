@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use hearth_ingress::{Backend, Resolver, Unavailable};
+use hearth_ingress::{Backend, Resolver, Target, Unavailable};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use hyper::{Request, Response};
@@ -18,12 +18,12 @@ use tokio::net::{TcpListener, TcpStream};
 struct Fixed;
 
 impl Resolver for Fixed {
-    fn resolve(&self, sandbox: &str) -> Result<Backend, Unavailable> {
+    fn resolve(&self, sandbox: &str) -> Result<Target, Unavailable> {
         match sandbox {
-            "web" => Ok(Backend {
+            "web" => Ok(Target::Sandbox(Backend {
                 ip: Ipv4Addr::LOCALHOST,
                 token: "tok".into(),
-            }),
+            })),
             "gone" => Err(Unavailable::NotRunning {
                 sandbox: "gone".into(),
                 status: "stopped".into(),

@@ -3,11 +3,41 @@
 //
 // `guest_out` runs on the tap's ingress hook (packets the guest sends): it drops
 // packets whose source MAC or IPv4 is not the sandbox's (anti-spoof) and checks
-// new flows (TCP SYN, UDP, ICMP echo, other IP protocols) against the egress
-// rules: an LPM trie from destination CIDR to an ordered list of (protocol, port
-// range, action) entries, compiled on the host so the longest prefix carries the
-// rules of every enclosing prefix too. `guest_in` runs on the tap's egress hook
-// (packets to the guest) and only counts. Every decision bumps a counter.
+// them against the egress rules. `guest_in` runs on the tap's egress hook
+// (packets to the guest) and checks them against the ingress rules.
+//
+// Stateful: a flow-opening packet (TCP SYN, ICMP echo, UDP, other protocols) is
+// checked against the rules of its direction; when allowed, its flow (remote
+// address and port, guest port, protocol) goes into EFLOWS (opened by the
+// guest) or IFLOWS (opened from outside). Two LRU maps, so a flood of inbound
+// flows cannot evict the guest's own. A non-initial packet (TCP without a bare
+// SYN, ICMP echo reply or error) passes only if its flow is in a map; a UDP
+// datagram passes as a reply when the other direction opened its exact flow.
+// A flow opened from outside lets the guest answer on that exact 5-tuple only:
+// for TCP its SYN-ACK, then data once the remote completed the handshake.
+// Each flow records the policy epoch that allowed it and when it was last
+// seen: a flow of an older epoch is judged again by the current rules on its
+// next packet (and deleted if now denied), an idle one expires (UDP/ICMP after
+// 60 s, TCP after 2 h), and a TCP RST ends it.
+//
+// ICMP errors (types 3, 11, 12) pass only for a flow they quote, and only when
+// they travel the way the quoted packet came back: the quoted packet must have
+// been received by the sender of the error, and the error must go to the
+// quoted packet's source. They are capped at 576 bytes (RFC 1812).
+//
+// A later IP fragment passes only if its datagram's first fragment did (FRAGS).
+//
+// Rules: an LPM trie keyed by (slot, direction, CIDR) to an ordered list of
+// (protocol, port range, action) entries, compiled on the host so the longest
+// prefix carries the rules of every enclosing prefix too. Two rule slots: an
+// update writes the inactive slot, then flips CONFIG.active (one byte), so a
+// packet sees either the whole old or the whole new policy.
+//
+// Host addresses (HOSTS, written by the agent from the node's live addresses
+// and their directed-broadcast addresses) are denied as egress destinations
+// unless an entry of their own /32 allows them. As ingress sources (the
+// ingress proxy) they are allowed unless an explicit ingress rule matching
+// them denies them; the ingress default does not apply to them.
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/ip.h>
@@ -19,57 +49,110 @@
 #include <bpf/bpf_endian.h>
 
 #define RULES_PER_PREFIX 16
-#define MAX_PREFIXES 256
+#define MAX_PREFIXES 1024
 #define MAX_COUNTERS 512
+#define MAX_HOSTS 256
+#define MAX_FLOWS 8192
+#define MAX_FRAGS 1024
+#define MAX_ICMP_ERROR 576
+#define NS 1000000000ULL
+#define IDLE_DATAGRAM (60 * NS)
+#define IDLE_TCP (2 * 3600 * NS)
 
-// Counter slots below FIRST_RULE_COUNTER; keep in sync with src/policy/maps.rs.
+// Counter slots below FIRST_RULE_COUNTER; keep in sync with src/policy/mod.rs.
 #define C_SPOOF 0
-#define C_DEFAULT_ALLOW 1
-#define C_DEFAULT_DENY 2
+#define C_OUT_DEFAULT_ALLOW 1
+#define C_OUT_DEFAULT_DENY 2
 #define C_NOT_IPV4 3
 #define C_TO_GUEST 4
-#define C_ESTABLISHED 5
+#define C_OUT_REPLY 5
+#define C_OUT_NO_FLOW 6
+#define C_OUT_HOST_DENY 7
+#define C_IN_DEFAULT_ALLOW 8
+#define C_IN_DEFAULT_DENY 9
+#define C_IN_REPLY 10
+#define C_IN_NO_FLOW 11
+#define C_IN_FROM_HOST 12
+#define C_REJUDGED_DENY 13
+#define C_EXPIRED 14
+#define C_ICMP_ERR_BAD 15
+
+#define DIR_EGRESS 0
+#define DIR_INGRESS 1
 
 // why: <linux/icmp.h> pulls in libc headers that do not build for -target bpf.
+#define ICMP_ECHOREPLY 0
+#define ICMP_DEST_UNREACH 3
 #define ICMP_ECHO 8
+#define ICMP_TIME_EXCEEDED 11
+#define ICMP_PARAMETERPROB 12
 struct icmphdr {
 	__u8 type;
 	__u8 code;
 	__u16 checksum;
-	__u32 rest;
+	__u16 id;
+	__u16 seq;
 };
 
 #define ACT_END 0
 #define ACT_ALLOW 1
 #define ACT_DENY 2
+// Entry copied down from an enclosing prefix (not the prefix's own rule).
+#define ACT_INHERITED 4
 
 struct sandbox_cfg {
 	__u32 ip;	  // network byte order
 	__u8 mac[6];
-	__u8 default_allow;
+	__u8 active;	  // rule slot in use: 0 or 1 (== epoch & 1)
 	__u8 _pad;
+	__u8 egress_default_allow[2];	// per slot
+	__u8 ingress_default_allow[2];
+	__u32 epoch;	  // bumped by every update; its low bit is the active slot
 };
 
 struct rule {
 	__u16 port_lo;	  // host byte order; 0..65535 for any
 	__u16 port_hi;
 	__u8 proto;	  // 0 any, else IPPROTO_*
-	__u8 action;	  // ACT_*
+	__u8 action;	  // ACT_* (| ACT_INHERITED)
 	__u16 counter;	  // slot in `counters`
 };
 
 struct rule_list {
+	__u32 prefixlen;  // of the CIDR this list belongs to
+	__u32 _pad;
 	struct rule r[RULES_PER_PREFIX];
 };
 
 struct lpm_key {
-	__u32 prefixlen;
+	__u32 prefixlen;  // 32 (the tag) + CIDR length
+	__u32 tag;	  // htonl(slot * 2 + direction)
 	__u32 addr;	  // network byte order
 };
 
 struct counter {
 	__u64 packets;
 	__u64 bytes;
+};
+
+struct flow_key {
+	__u32 remote;	  // network byte order
+	__u16 remote_port;	// network byte order; ICMP: 0
+	__u16 guest_port;	// network byte order; ICMP echo: the id
+	__u8 proto;
+	__u8 _pad[3];
+};
+
+// TCP state of a flow opened from outside (IFLOWS).
+#define T_SYN 0	      // the remote's SYN passed
+#define T_SYNACK 1    // the guest answered with SYN-ACK
+#define T_EST 2	      // the remote acknowledged: the guest may send data
+
+struct flow {
+	__u64 last_seen;  // bpf_ktime_get_ns
+	__u32 epoch;	  // policy epoch that allowed it
+	__u8 tcp;	  // T_* (IFLOWS only)
+	__u8 _pad[3];
 };
 
 struct {
@@ -85,7 +168,7 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct lpm_key);
 	__type(value, struct rule_list);
-} EGRESS SEC(".maps");
+} RULES SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -93,6 +176,62 @@ struct {
 	__type(key, __u32);
 	__type(value, struct counter);
 } COUNTERS SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_HOSTS);
+	__type(key, __u32);
+	__type(value, __u8);
+} HOSTS SEC(".maps");
+
+// Flows the guest opened.
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, MAX_FLOWS);
+	__type(key, struct flow_key);
+	__type(value, struct flow);
+} EFLOWS SEC(".maps");
+
+// Flows opened from outside (kept apart so they cannot evict EFLOWS).
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, MAX_FLOWS);
+	__type(key, struct flow_key);
+	__type(value, struct flow);
+} IFLOWS SEC(".maps");
+
+// IPv4 datagrams whose first fragment passed: their later fragments may too.
+struct frag_key {
+	__u32 remote;	  // network byte order
+	__u16 id;
+	__u8 proto;
+	__u8 dir;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, MAX_FRAGS);
+	__type(key, struct frag_key);
+	__type(value, __u8);
+} FRAGS SEC(".maps");
+
+// What a parsed packet is, for the flow logic.
+#define K_NEW 0	     // opens a flow: check the rules
+#define K_REPLY 1    // needs its flow in the map
+#define K_DATAGRAM 2 // UDP: a reply if the other direction opened the flow, else new
+
+struct pkt {
+	struct flow_key key;
+	__u16 port;	  // destination port for rule matching, host byte order
+	__u8 kind;
+	__u8 icmp_err;	  // an ICMP error (its key is the quoted flow's)
+	__u8 tcp_flags;	  // TCP: byte 13 of the header
+};
+
+#define TCP_FIN 0x01
+#define TCP_SYN 0x02
+#define TCP_RST 0x04
+#define TCP_ACK 0x10
 
 static __always_inline void count(__u32 slot, __u32 len)
 {
@@ -109,32 +248,311 @@ static __always_inline int mac_eq(const __u8 *a, const __u8 *b)
 	       a[5] == b[5];
 }
 
-static __always_inline int verdict(__u8 allow)
+// A later fragment (no ports): passes only if its first fragment did.
+static __always_inline int later_fragment(struct iphdr *ip, __u32 dir, __u32 len)
 {
-	return allow ? TC_ACT_OK : TC_ACT_SHOT;
+	struct frag_key k = {
+		.remote = dir == DIR_EGRESS ? ip->daddr : ip->saddr,
+		.id = ip->id,
+		.proto = ip->protocol,
+		.dir = dir,
+	};
+	if (bpf_map_lookup_elem(&FRAGS, &k))
+		return TC_ACT_OK;
+	count(dir == DIR_EGRESS ? C_OUT_NO_FLOW : C_IN_NO_FLOW, len);
+	return TC_ACT_SHOT;
 }
 
-static __always_inline int check_flow(struct sandbox_cfg *cfg, __u32 daddr, __u8 proto,
-				      __u16 port, __u32 len)
+// Remembers a first fragment that passed.
+static __always_inline int first_fragment(struct iphdr *ip, __u32 dir, int verdict)
 {
-	struct lpm_key key = { .prefixlen = 32, .addr = daddr };
-	struct rule_list *list = bpf_map_lookup_elem(&EGRESS, &key);
-	if (list) {
+	if (verdict == TC_ACT_OK && (ip->frag_off & bpf_htons(0x2000))) {
+		struct frag_key k = {
+			.remote = dir == DIR_EGRESS ? ip->daddr : ip->saddr,
+			.id = ip->id,
+			.proto = ip->protocol,
+			.dir = dir,
+		};
+		__u8 one = 1;
+		bpf_map_update_elem(&FRAGS, &k, &one, BPF_ANY);
+	}
+	return verdict;
+}
+
+// Rule lookup: 1 allow, 0 deny, -1 no entry matched. `own_only` skips
+// inherited entries and requires the list to be the address's own /32.
+static __noinline int match_rules(__u32 tag, __u32 addr, __u32 proto_port, __u32 own_only,
+				  __u32 len)
+{
+	struct lpm_key key = { .prefixlen = 64, .tag = tag, .addr = addr };
+	struct rule_list *list = bpf_map_lookup_elem(&RULES, &key);
+	__u8 proto = proto_port >> 16;
+	__u16 port = proto_port & 0xffff;
+	if (!list)
+		return -1;
+	if (own_only && list->prefixlen != 32)
+		return -1;
 #pragma unroll
-		for (int i = 0; i < RULES_PER_PREFIX; i++) {
-			struct rule *r = &list->r[i];
-			if (r->action == ACT_END)
-				break;
-			if (r->proto && r->proto != proto)
-				continue;
-			if (port < r->port_lo || port > r->port_hi)
-				continue;
-			count(r->counter, len);
-			return verdict(r->action == ACT_ALLOW);
+	for (int i = 0; i < RULES_PER_PREFIX; i++) {
+		struct rule *r = &list->r[i];
+		if (r->action == ACT_END)
+			break;
+		if (own_only && (r->action & ACT_INHERITED))
+			continue;
+		if (r->proto && r->proto != proto)
+			continue;
+		if (port < r->port_lo || port > r->port_hi)
+			continue;
+		count(r->counter, len);
+		return (r->action & 3) == ACT_ALLOW;
+	}
+	return -1;
+}
+
+// Fills the flow key from an ICMP error's quoted header. `to_guest`: the
+// error travels to the guest, so it quotes a packet the guest sent (quoted
+// source == guest, and the error comes from the quoted destination); else the
+// guest sends it about a packet it received (quoted destination == guest, and
+// the error goes to the quoted source). Anything else matches no flow.
+static __always_inline int quoted_flow(struct pkt *p, struct iphdr *ip, struct icmphdr *icmp,
+				       void *end, int to_guest, __u32 guest)
+{
+	struct iphdr *in = (void *)(icmp + 1);
+	if ((void *)(in + 1) > end || in->ihl != 5)
+		return -1;
+	__u16 *ports = (void *)(in + 1);
+	if ((void *)(ports + 2) > end)
+		return -1;
+	if (to_guest) {
+		if (in->saddr != guest || in->daddr != ip->saddr)
+			return -1;
+	} else {
+		if (in->daddr != guest || in->saddr != ip->daddr)
+			return -1;
+	}
+	p->key.proto = in->protocol;
+	if (in->protocol == IPPROTO_ICMP) {
+		struct icmphdr *qi = (void *)(in + 1);
+		if ((void *)(qi + 1) > end)
+			return -1;
+		p->key.remote = to_guest ? in->daddr : in->saddr;
+		p->key.guest_port = qi->id;
+		return 0;
+	}
+	if (to_guest) {
+		p->key.remote = in->daddr;
+		p->key.guest_port = ports[0];
+		p->key.remote_port = ports[1];
+	} else {
+		p->key.remote = in->saddr;
+		p->key.remote_port = ports[0];
+		p->key.guest_port = ports[1];
+	}
+	return 0;
+}
+
+// Parses the L4 header at `l4`. `to_guest`: the packet travels host -> guest.
+static __always_inline int parse_l4(struct pkt *p, struct iphdr *ip, void *l4, void *end,
+				    int to_guest, __u32 guest)
+{
+	p->key.remote = to_guest ? ip->saddr : ip->daddr;
+	p->key.proto = ip->protocol;
+	p->kind = K_NEW;
+	switch (ip->protocol) {
+	case IPPROTO_TCP: {
+		struct tcphdr *tcp = l4;
+		if ((void *)(tcp + 1) > end)
+			return -1;
+		p->key.remote_port = to_guest ? tcp->source : tcp->dest;
+		p->key.guest_port = to_guest ? tcp->dest : tcp->source;
+		p->port = bpf_ntohs(tcp->dest);
+		p->tcp_flags = ((__u8 *)tcp)[13];
+		if (!tcp->syn || tcp->ack)
+			p->kind = K_REPLY;
+		return 0;
+	}
+	case IPPROTO_UDP: {
+		struct udphdr *udp = l4;
+		if ((void *)(udp + 1) > end)
+			return -1;
+		p->key.remote_port = to_guest ? udp->source : udp->dest;
+		p->key.guest_port = to_guest ? udp->dest : udp->source;
+		p->port = bpf_ntohs(udp->dest);
+		p->kind = K_DATAGRAM;
+		return 0;
+	}
+	case IPPROTO_ICMP: {
+		struct icmphdr *icmp = l4;
+		if ((void *)(icmp + 1) > end)
+			return -1;
+		switch (icmp->type) {
+		case ICMP_ECHO:
+			p->key.guest_port = icmp->id;
+			return 0;
+		case ICMP_ECHOREPLY:
+			p->key.guest_port = icmp->id;
+			p->kind = K_REPLY;
+			return 0;
+		case ICMP_DEST_UNREACH:
+		case ICMP_TIME_EXCEEDED:
+		case ICMP_PARAMETERPROB:
+			p->kind = K_REPLY;
+			p->icmp_err = 1;
+			if (bpf_ntohs(ip->tot_len) > MAX_ICMP_ERROR ||
+			    quoted_flow(p, ip, icmp, end, to_guest, guest))
+				p->key.proto = 255; // matches no flow
+			return 0;
+		default:
+			return 0;
 		}
 	}
-	count(cfg->default_allow ? C_DEFAULT_ALLOW : C_DEFAULT_DENY, len);
-	return verdict(cfg->default_allow);
+	default:
+		return 0;
+	}
+}
+
+// Judges a flow by the rules of `dir` in policy `epoch`: 1 allow, 0 deny.
+// `port` is the rule port (the destination for egress, the guest's for ingress).
+static __always_inline int judge(struct sandbox_cfg *cfg, __u32 epoch, __u32 remote, __u32 proto_port,
+			    __u32 dir, __u32 len)
+{
+	__u32 slot = epoch & 1;
+	__u32 tag = bpf_htonl(slot * 2 + dir);
+	int allow;
+	if (bpf_map_lookup_elem(&HOSTS, &remote)) {
+		if (dir == DIR_INGRESS) {
+			// The node (ingress proxy): any explicit rule decides, else allowed.
+			allow = match_rules(tag, remote, proto_port, 0, len);
+			if (allow < 0) {
+				count(C_IN_FROM_HOST, len);
+				allow = 1;
+			}
+		} else {
+			allow = match_rules(tag, remote, proto_port, 1, len);
+			if (allow < 0) {
+				count(C_OUT_HOST_DENY, len);
+				allow = 0;
+			}
+		}
+		return allow;
+	}
+	allow = match_rules(tag, remote, proto_port, 0, len);
+	if (allow >= 0)
+		return allow;
+	if (dir == DIR_EGRESS) {
+		allow = slot ? cfg->egress_default_allow[1] : cfg->egress_default_allow[0];
+		count(allow ? C_OUT_DEFAULT_ALLOW : C_OUT_DEFAULT_DENY, len);
+	} else {
+		allow = slot ? cfg->ingress_default_allow[1] : cfg->ingress_default_allow[0];
+		count(allow ? C_IN_DEFAULT_ALLOW : C_IN_DEFAULT_DENY, len);
+	}
+	return allow;
+}
+
+// Checks a flow found in `map` (opened by `origin`) before a packet may use
+// it: expired -> deleted; older epoch -> judged again (deleted if denied now).
+// Returns the flow, or NULL if it is gone.
+static __always_inline struct flow *live_flow(struct sandbox_cfg *cfg, void *map, struct flow_key *key,
+					 __u32 origin, __u32 epoch, __u64 now, __u32 len)
+{
+	struct flow *f = bpf_map_lookup_elem(map, key);
+	if (!f)
+		return 0;
+	__u64 idle = key->proto == IPPROTO_TCP ? IDLE_TCP : IDLE_DATAGRAM;
+	if (now - f->last_seen > idle) {
+		count(C_EXPIRED, len);
+		bpf_map_delete_elem(map, key);
+		return 0;
+	}
+	if (f->epoch != epoch) {
+		__u16 port = origin == DIR_EGRESS ? key->remote_port : key->guest_port;
+		if (key->proto == IPPROTO_ICMP)
+			port = 0;
+		__u32 pp = ((__u32)key->proto << 16) | bpf_ntohs(port);
+		if (!judge(cfg, epoch, key->remote, pp, origin, len)) {
+			count(C_REJUDGED_DENY, len);
+			bpf_map_delete_elem(map, key);
+			return 0;
+		}
+		f->epoch = epoch;
+	}
+	// why: one write a second per flow, not one per packet.
+	if (now - f->last_seen > NS)
+		f->last_seen = now;
+	return f;
+}
+
+// The flow decision shared by both hooks, after parsing.
+static __always_inline int decide(struct sandbox_cfg *cfg, struct pkt *p, __u32 dir, __u32 len)
+{
+	// Read once, so the whole decision uses one policy.
+	__u32 epoch = *(volatile __u32 *)&cfg->epoch;
+	__u64 now = bpf_ktime_get_ns();
+	__u32 c_reply = dir == DIR_EGRESS ? C_OUT_REPLY : C_IN_REPLY;
+	void *own = dir == DIR_EGRESS ? (void *)&EFLOWS : (void *)&IFLOWS;
+	void *other = dir == DIR_EGRESS ? (void *)&IFLOWS : (void *)&EFLOWS;
+	__u32 other_dir = dir ^ 1;
+	__u8 rst = p->key.proto == IPPROTO_TCP && (p->tcp_flags & TCP_RST);
+
+	if (p->kind != K_NEW) {
+		// A flow the other side opened: this packet answers it.
+		struct flow *f = live_flow(cfg, other, &p->key, other_dir, epoch, now, len);
+		if (f) {
+			if (p->key.proto == IPPROTO_TCP && !p->icmp_err && dir == DIR_EGRESS) {
+				// Opened from outside: the guest answers the SYN, then
+				// sends data once the remote completed the handshake.
+				__u8 fl = p->tcp_flags;
+				if ((fl & (TCP_SYN | TCP_ACK)) == (TCP_SYN | TCP_ACK)) {
+					if (f->tcp == T_SYN)
+						f->tcp = T_SYNACK;
+				} else if (!rst && f->tcp != T_EST) {
+					count(C_OUT_NO_FLOW, len);
+					return TC_ACT_SHOT;
+				}
+			}
+			count(c_reply, len);
+			if (rst)
+				bpf_map_delete_elem(other, &p->key);
+			return TC_ACT_OK;
+		}
+		if (p->kind == K_REPLY) {
+			// A later packet of a flow this side opened.
+			f = live_flow(cfg, own, &p->key, dir, epoch, now, len);
+			if (f) {
+				if (p->key.proto == IPPROTO_TCP && !p->icmp_err && dir == DIR_INGRESS &&
+				    f->tcp == T_SYNACK && (p->tcp_flags & TCP_ACK) &&
+				    !(p->tcp_flags & (TCP_SYN | TCP_RST)))
+					f->tcp = T_EST;
+				count(c_reply, len);
+				if (rst)
+					bpf_map_delete_elem(own, &p->key);
+				return TC_ACT_OK;
+			}
+			count(dir == DIR_EGRESS ? C_OUT_NO_FLOW : C_IN_NO_FLOW, len);
+			return TC_ACT_SHOT;
+		}
+		// A datagram no flow of the other side explains: a new one of this side.
+		f = live_flow(cfg, own, &p->key, dir, epoch, now, len);
+		if (f) {
+			count(c_reply, len);
+			return TC_ACT_OK;
+		}
+	}
+
+	__u32 proto_port = ((__u32)p->key.proto << 16) | p->port;
+	if (!judge(cfg, epoch, p->key.remote, proto_port, dir, len))
+		return TC_ACT_SHOT;
+	// why: a repeated SYN (retransmitted, or spoofed by an allowed sender)
+	// must not reset the state of a flow opened from outside.
+	struct flow *old = bpf_map_lookup_elem(own, &p->key);
+	if (old) {
+		old->epoch = epoch;
+		old->last_seen = now;
+		return TC_ACT_OK;
+	}
+	struct flow nf = { .last_seen = now, .epoch = epoch, .tcp = T_SYN };
+	bpf_map_update_elem(own, &p->key, &nf, BPF_ANY);
+	return TC_ACT_OK;
 }
 
 SEC("classifier")
@@ -183,50 +601,49 @@ int guest_out(struct __sk_buff *skb)
 	__u32 ihl = ip->ihl * 4;
 	if (ihl < sizeof(*ip))
 		return TC_ACT_SHOT;
-	void *l4 = (void *)ip + ihl;
-	// why: later fragments carry no ports; their first fragment was checked.
+	// why: later fragments carry no ports; they follow their first fragment.
 	if (ip->frag_off & bpf_htons(0x1fff))
-		return TC_ACT_OK;
+		return later_fragment(ip, DIR_EGRESS, skb->len);
 
-	switch (ip->protocol) {
-	case IPPROTO_TCP: {
-		struct tcphdr *tcp = l4;
-		if ((void *)(tcp + 1) > end)
-			return TC_ACT_SHOT;
-		// why: stateless; only a bare SYN opens a connection. Replies to
-		// inbound connections and later segments of allowed ones pass.
-		if (!tcp->syn || tcp->ack) {
-			count(C_ESTABLISHED, skb->len);
-			return TC_ACT_OK;
-		}
-		return check_flow(cfg, ip->daddr, IPPROTO_TCP, bpf_ntohs(tcp->dest), skb->len);
-	}
-	case IPPROTO_UDP: {
-		struct udphdr *udp = l4;
-		if ((void *)(udp + 1) > end)
-			return TC_ACT_SHOT;
-		return check_flow(cfg, ip->daddr, IPPROTO_UDP, bpf_ntohs(udp->dest), skb->len);
-	}
-	case IPPROTO_ICMP: {
-		struct icmphdr *icmp = l4;
-		if ((void *)(icmp + 1) > end)
-			return TC_ACT_SHOT;
-		if (icmp->type != ICMP_ECHO) {
-			count(C_ESTABLISHED, skb->len);
-			return TC_ACT_OK;
-		}
-		return check_flow(cfg, ip->daddr, IPPROTO_ICMP, 0, skb->len);
-	}
-	default:
-		return check_flow(cfg, ip->daddr, ip->protocol, 0, skb->len);
-	}
+	struct pkt p = {};
+	if (parse_l4(&p, ip, (void *)ip + ihl, end, 0, cfg->ip))
+		return TC_ACT_SHOT;
+	return first_fragment(ip, DIR_EGRESS, decide(cfg, &p, DIR_EGRESS, skb->len));
 }
 
 SEC("classifier")
 int guest_in(struct __sk_buff *skb)
 {
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	__u32 zero = 0;
 	count(C_TO_GUEST, skb->len);
-	return TC_ACT_OK;
+	struct sandbox_cfg *cfg = bpf_map_lookup_elem(&CONFIG, &zero);
+	if (!cfg)
+		return TC_ACT_SHOT;
+
+	struct ethhdr *eth = data;
+	if ((void *)(eth + 1) > end)
+		return TC_ACT_SHOT;
+	if (eth->h_proto == bpf_htons(ETH_P_ARP))
+		return TC_ACT_OK;
+	if (eth->h_proto != bpf_htons(ETH_P_IP)) {
+		count(C_NOT_IPV4, skb->len);
+		return TC_ACT_SHOT;
+	}
+	struct iphdr *ip = (void *)(eth + 1);
+	if ((void *)(ip + 1) > end)
+		return TC_ACT_SHOT;
+	__u32 ihl = ip->ihl * 4;
+	if (ihl < sizeof(*ip))
+		return TC_ACT_SHOT;
+	if (ip->frag_off & bpf_htons(0x1fff))
+		return later_fragment(ip, DIR_INGRESS, skb->len);
+
+	struct pkt p = {};
+	if (parse_l4(&p, ip, (void *)ip + ihl, end, 1, cfg->ip))
+		return TC_ACT_SHOT;
+	return first_fragment(ip, DIR_INGRESS, decide(cfg, &p, DIR_INGRESS, skb->len));
 }
 
 char LICENSE[] SEC("license") = "GPL";

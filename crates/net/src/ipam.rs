@@ -1,6 +1,7 @@
 //! Address management: a pure allocator of /32s from the node's slice of the
-//! cluster CIDR, and a persistence seam (`LeaseStore`) so the leases can live in
-//! a file now and in the replicated control-plane state later.
+//! cluster CIDR, and a persistence seam (`LeaseStore`). In a cluster (and in
+//! `hearthd dev`) the control plane leases the addresses through Raft and this
+//! node-local record only follows it ([`Ipam::adopt`]).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -29,6 +30,20 @@ pub enum IpamError {
     /// The pool is too small to hold any sandbox.
     #[error("address pool {0} is too small: it needs at least a /30")]
     PoolTooSmall(Cidr),
+    /// The node's recorded leases are from another pool than the one it got.
+    #[error("this node's sandboxes hold {count} addresses of the pool {recorded}, but it was given {pool}; start it with --net-pool {recorded} (or remove its sandboxes first)")]
+    PoolChanged {
+        recorded: Cidr,
+        pool: Cidr,
+        count: usize,
+    },
+    /// The control plane granted an address this node cannot use.
+    #[error("address {ip} granted to sandbox '{sandbox}' {why}; the node's leases disagree with the control plane's")]
+    Rejected {
+        sandbox: String,
+        ip: Ipv4Addr,
+        why: String,
+    },
     /// Reading or writing the leases failed.
     #[error("lease store {path}: {source}")]
     Store {
@@ -86,6 +101,15 @@ impl LeaseStore for FileLeaseStore {
     }
 }
 
+/// The pool recorded in `<state_dir>/leases.json` and how many leases it
+/// holds; `None` when there is no readable record.
+pub fn recorded_pool(state_dir: &std::path::Path) -> Option<(Cidr, usize)> {
+    let l = FileLeaseStore::new(state_dir.join("leases.json"))
+        .load()
+        .ok()?;
+    l.pool.map(|p| (p, l.leases.len()))
+}
+
 /// Picks a free address: the lowest unleased host address of `pool`, skipping
 /// the network and broadcast addresses. Pure.
 pub fn pick(pool: Cidr, leases: &Leases) -> Result<Ipv4Addr, IpamError> {
@@ -110,8 +134,20 @@ pub struct Ipam {
 }
 
 impl Ipam {
+    /// Refused when the recorded leases are from another pool (their
+    /// addresses would be outside the new one, and may be another node's).
     pub fn open(pool: Cidr, store: Box<dyn LeaseStore>) -> Result<Ipam, IpamError> {
         let mut leases = store.load()?;
+        if let Some(recorded) = leases
+            .pool
+            .filter(|r| *r != pool && !leases.leases.is_empty())
+        {
+            return Err(IpamError::PoolChanged {
+                recorded,
+                pool,
+                count: leases.leases.len(),
+            });
+        }
         leases.version = 1;
         leases.pool = Some(pool);
         Ok(Ipam {
@@ -136,6 +172,34 @@ impl Ipam {
             return Ok(*ip);
         }
         let ip = pick(self.pool, &l)?;
+        let mut next = l.clone();
+        next.leases.insert(sandbox.to_string(), ip);
+        self.store.save(&next)?;
+        *l = next;
+        Ok(ip)
+    }
+
+    /// Records an address leased elsewhere (the control plane) for the
+    /// sandbox. Refused when it lies outside the pool or another sandbox of
+    /// this node holds it: never a duplicate, even if the two disagree.
+    pub fn adopt(&self, sandbox: &str, ip: Ipv4Addr) -> Result<Ipv4Addr, IpamError> {
+        let mut l = self.locked();
+        let reject = |why: String| IpamError::Rejected {
+            sandbox: sandbox.to_string(),
+            ip,
+            why,
+        };
+        if !self.pool.contains(ip) {
+            return Err(reject(format!("is outside this node's pool {}", self.pool)));
+        }
+        match l.leases.get(sandbox) {
+            Some(have) if *have == ip => return Ok(ip),
+            Some(have) => return Err(reject(format!("but it holds {have} here"))),
+            None => {}
+        }
+        if let Some((other, _)) = l.leases.iter().find(|(_, v)| **v == ip) {
+            return Err(reject(format!("but sandbox '{other}' holds it here")));
+        }
         let mut next = l.clone();
         next.leases.insert(sandbox.to_string(), ip);
         self.store.save(&next)?;
@@ -192,6 +256,59 @@ mod tests {
         assert!(matches!(b.lease("s6"), Err(IpamError::Exhausted { .. })));
         b.release("s3").unwrap();
         assert_eq!(b.lease("s6").unwrap(), ips[3]);
+    }
+
+    #[test]
+    fn a_pool_change_is_refused_while_leases_are_held() {
+        let d = tempfile::tempdir().unwrap();
+        let a = ipam("10.77.0.0/29", d.path());
+        a.adopt("s1", "10.77.0.3".parse().unwrap()).unwrap();
+        drop(a);
+        assert_eq!(
+            recorded_pool(d.path()).map(|(p, n)| (p.to_string(), n)),
+            Some(("10.77.0.0/29".into(), 1))
+        );
+        let open = |pool: &str| {
+            Ipam::open(
+                pool.parse().unwrap(),
+                Box::new(FileLeaseStore::new(d.path().join("leases.json"))),
+            )
+        };
+        match open("10.78.0.0/29") {
+            Err(e @ IpamError::PoolChanged { .. }) => {
+                assert!(e.to_string().contains("--net-pool 10.77.0.0/29"), "{e}")
+            }
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+        let a = open("10.77.0.0/29").unwrap();
+        a.release("s1").unwrap();
+        drop(a);
+        assert!(
+            open("10.78.0.0/29").is_ok(),
+            "no leases: the pool may change"
+        );
+    }
+
+    #[test]
+    fn adopted_addresses_are_checked_against_the_pool_and_local_leases() {
+        let d = tempfile::tempdir().unwrap();
+        let a = ipam("10.77.0.0/29", d.path());
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        assert_eq!(a.adopt("s1", ip("10.77.0.3")).unwrap(), ip("10.77.0.3"));
+        assert_eq!(a.adopt("s1", ip("10.77.0.3")).unwrap(), ip("10.77.0.3"));
+        assert!(matches!(
+            a.adopt("s2", ip("10.77.0.3")),
+            Err(IpamError::Rejected { .. })
+        ));
+        assert!(matches!(
+            a.adopt("s2", ip("10.78.0.3")),
+            Err(IpamError::Rejected { .. })
+        ));
+        assert!(matches!(
+            a.adopt("s1", ip("10.77.0.4")),
+            Err(IpamError::Rejected { .. })
+        ));
+        assert_eq!(a.get("s1"), Some(ip("10.77.0.3")));
     }
 
     #[test]

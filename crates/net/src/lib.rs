@@ -2,8 +2,10 @@
 //!
 //! A sandbox gets a tap (`hth<id>`), a /32 from the node's pool (IPAM, leases
 //! persisted), a host route to that /32, proxy ARP for its link-local gateway,
-//! egress masquerade (nftables) and the eBPF egress policy and anti-spoof
-//! programs on the tap. The guest learns its address from `kernel_params`.
+//! egress masquerade (nftables) and the eBPF policy (egress and ingress rules,
+//! flow tracking, anti-spoof) on the tap. The guest learns its address from
+//! `kernel_params`. The node's own addresses, which the policy blocks as
+//! egress destinations, are followed live (`NodeNet::open_watched`).
 //!
 //! `NodeNet` is the shell; `policy` (compilation) and `ipam` (allocation) are
 //! pure cores with their I/O at the edges (`policy::maps`, `ipam::LeaseStore`).
@@ -17,14 +19,14 @@ mod tap;
 use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use serde::{Deserialize, Serialize};
 
 pub use cidr::Cidr;
 pub use ipam::{FileLeaseStore, Ipam, IpamError, LeaseStore};
 pub use policy::maps::BpfError;
-pub use policy::{Action, Policy, PolicyError, Rule};
+pub use policy::{Action, Direction, Policy, PolicyError, Rule, RuleSet};
 
 /// Taps are named this plus the sandbox id.
 pub const TAP_PREFIX: &str = "hth";
@@ -212,22 +214,74 @@ impl NodeNet {
         })
     }
 
-    /// Checks and compiles a policy against this node's addresses.
+    /// Opens the node's networking (see [`NodeNet::open`]) and starts a thread
+    /// that keeps every sandbox's list of host addresses current: it follows
+    /// the kernel's address notifications (netlink) and also refreshes every
+    /// 30 s in case a notification was lost. The thread ends with the `NodeNet`.
+    pub fn open_watched(cfg: NetConfig) -> Result<Arc<NodeNet>, NetError> {
+        let net = Arc::new(NodeNet::open(cfg)?);
+        let weak = Arc::downgrade(&net);
+        let spawned = std::thread::Builder::new()
+            .name("hearth-host-addrs".into())
+            .spawn(move || watch_host_addresses(weak));
+        if let Err(e) = spawned {
+            tracing::warn!("cannot start the host address watcher: {e}; host addresses are read at sandbox start only");
+        }
+        Ok(net)
+    }
+
+    /// Checks and compiles a policy (the sandbox pool is denied implicitly).
     pub fn compile(&self, p: &Policy) -> Result<policy::Compiled, NetError> {
-        Ok(policy::compile_with_pools(
-            p,
-            &tap::host_addresses(),
-            &[self.cfg.pool],
-        )?)
+        Ok(policy::compile(p, &[self.cfg.pool])?)
+    }
+
+    /// Rewrites the host address list of every sandbox on this node from the
+    /// node's current addresses. Returns how many sandboxes were updated.
+    pub fn refresh_host_addresses(&self) -> usize {
+        let hosts = tap::host_addresses();
+        let mut ids: Vec<String> = Vec::new();
+        if let Ok(rd) = std::fs::read_dir(self.cfg.state_dir.join("sandboxes")) {
+            ids.extend(rd.flatten().filter_map(|e| {
+                e.file_name()
+                    .to_str()
+                    .and_then(|n| n.strip_suffix(".json"))
+                    .map(str::to_string)
+            }));
+        }
+        let mut n = 0;
+        for id in ids {
+            let l = self.sandbox_lock(&id);
+            let _g = lock(&l);
+            let Ok(rec) = self.get(&id) else { continue };
+            match policy::maps::set_host_addresses(&rec.tap, &hosts) {
+                Ok(()) => n += 1,
+                Err(e) => tracing::warn!(sandbox = %id, "host address refresh: {e}"),
+            }
+        }
+        n
     }
 
     /// Leases an address and builds the sandbox's link, NAT and policy. On any
     /// failure everything done so far is undone.
     pub fn setup(&self, id: &str, policy: Policy) -> Result<SandboxNet, NetError> {
+        self.setup_with(id, None, policy)
+    }
+
+    /// [`NodeNet::setup`] with the address the control plane leased (`Some`),
+    /// or one this node picks (`None`).
+    pub fn setup_with(
+        &self,
+        id: &str,
+        leased: Option<Ipv4Addr>,
+        policy: Policy,
+    ) -> Result<SandboxNet, NetError> {
         let l = self.sandbox_lock(id);
         let _g = lock(&l);
         let compiled = self.compile(&policy)?;
-        let ip = self.ipam.lease(id)?;
+        let ip = match leased {
+            Some(ip) => self.ipam.adopt(id, ip)?,
+            None => self.ipam.lease(id)?,
+        };
         let rec = SandboxNet {
             version: 1,
             sandbox: id.into(),
@@ -244,7 +298,7 @@ impl NodeNet {
                 tap: rec.tap.clone(),
                 source,
             })?;
-            policy::maps::attach(&rec.tap, ip, rec.mac, &compiled)?;
+            policy::maps::attach(&rec.tap, ip, rec.mac, &compiled, &tap::host_addresses())?;
             nat::add(ip)?;
             Ok(())
         })();
@@ -265,6 +319,11 @@ impl NodeNet {
         rec.policy = policy;
         self.save(&rec)?;
         Ok(rec)
+    }
+
+    /// Addresses held on this node, by sandbox.
+    pub fn leases(&self) -> std::collections::BTreeMap<String, Ipv4Addr> {
+        self.ipam.all()
     }
 
     /// Per-rule and fixed counters, labelled.
@@ -352,6 +411,29 @@ impl NodeNet {
             let l = self.sandbox_lock(id);
             let _g = lock(&l);
             self.teardown_locked(id);
+        }
+    }
+}
+
+/// Body of the host address watcher thread (see [`NodeNet::open_watched`]).
+fn watch_host_addresses(net: Weak<NodeNet>) {
+    let sock = match tap::AddrEvents::subscribe(std::time::Duration::from_secs(30)) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(
+                "cannot follow host address changes (netlink): {e}; refreshing every 30 s instead"
+            );
+            None
+        }
+    };
+    loop {
+        // why: refresh first, so sandboxes adopted at start see today's addresses.
+        let Some(strong) = net.upgrade() else { return };
+        strong.refresh_host_addresses();
+        drop(strong);
+        match &sock {
+            Some(s) => s.wait(),
+            None => std::thread::sleep(std::time::Duration::from_secs(30)),
         }
     }
 }

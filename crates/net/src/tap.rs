@@ -160,6 +160,10 @@ pub fn create(tap: &str, ip: Ipv4Addr) -> io::Result<()> {
     // why: the guest's default gateway is a link-local address nobody owns; the
     // tap answers for it and the host routes on.
     sysctl(&format!("{conf}/rp_filter"), "0")?;
+    // why: proxy ARP answers broadcast requests after a random delay of up to
+    // proxy_delay (0.8 s by default); the guest's first packet waits for it,
+    // and a slow (TCG, loaded) guest can run out of ARP retries meanwhile.
+    sysctl(&format!("/proc/sys/net/ipv4/neigh/{tap}/proxy_delay"), "0")?;
     link_up(tap)?;
     add_route(tap, ip)
 }
@@ -172,7 +176,8 @@ pub fn delete(tap: &str) -> io::Result<()> {
     set_persist(tap, false)
 }
 
-/// The host's own IPv4 addresses (all interfaces).
+/// The host's own IPv4 addresses (all interfaces) and the directed-broadcast
+/// address of each interface that has one.
 pub fn host_addresses() -> Vec<Ipv4Addr> {
     let mut out = Vec::new();
     let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
@@ -191,6 +196,13 @@ pub fn host_addresses() -> Vec<Ipv4Addr> {
                 // SAFETY: an AF_INET address is a sockaddr_in.
                 let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
                 out.push(Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes()));
+                let bcast = (ifa.ifa_flags & libc::IFF_BROADCAST as libc::c_uint) != 0;
+                if bcast && !ifa.ifa_ifu.is_null() {
+                    // SAFETY: with IFF_BROADCAST, ifa_ifu is the interface's
+                    // broadcast address, of the same family (AF_INET).
+                    let b = unsafe { &*(ifa.ifa_ifu as *const libc::sockaddr_in) };
+                    out.push(Ipv4Addr::from(b.sin_addr.s_addr.to_ne_bytes()));
+                }
             }
         }
         cur = ifa.ifa_next;
@@ -200,4 +212,90 @@ pub fn host_addresses() -> Vec<Ipv4Addr> {
     out.sort();
     out.dedup();
     out
+}
+
+/// A netlink socket subscribed to the kernel's IPv4 address notifications.
+pub struct AddrEvents {
+    fd: OwnedFd,
+}
+
+impl AddrEvents {
+    /// Subscribes; [`AddrEvents::wait`] returns at the latest after `timeout`.
+    pub fn subscribe(timeout: std::time::Duration) -> io::Result<AddrEvents> {
+        // SAFETY: socket(2) takes no pointers; the result is checked.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::NETLINK_ROUTE,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh socket we exclusively own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: sockaddr_nl is a plain C struct; all-zero is valid.
+        let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        sa.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+        sa.nl_groups = libc::RTMGRP_IPV4_IFADDR as u32;
+        // SAFETY: sa is a valid sockaddr_nl of the given length.
+        let rc = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&sa as *const libc::sockaddr_nl).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let tv = libc::timeval {
+            tv_sec: timeout.as_secs() as libc::time_t,
+            tv_usec: libc::suseconds_t::from(timeout.subsec_micros() as i32),
+        };
+        // SAFETY: tv is a valid timeval of the given length.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(AddrEvents { fd })
+    }
+
+    /// Blocks until an address changed (or the timeout passed, or the socket
+    /// overflowed: all mean "look again"), then drains what is queued.
+    pub fn wait(&self) {
+        let mut buf = [0u8; 8192];
+        // SAFETY: buf is writable for its length.
+        let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if !matches!(
+                e.raw_os_error(),
+                Some(libc::EAGAIN) | Some(libc::EINTR) | Some(libc::ENOBUFS)
+            ) {
+                // why: a broken socket would otherwise make this a busy loop.
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+            return;
+        }
+        // SAFETY: as above; MSG_DONTWAIT only drains what is already queued.
+        while unsafe {
+            libc::recv(
+                self.fd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        } > 0
+        {}
+    }
 }

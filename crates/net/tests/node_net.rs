@@ -32,12 +32,27 @@ fn sandbox_network_is_built_updated_and_removed_without_leftovers() {
         "{progs}"
     );
 
-    let p = Policy {
-        default: Action::Deny,
-        rules: vec![Rule::parse(Action::Allow, "192.168.0.0/16:80").unwrap()],
-    };
+    let p = Policy::egress(
+        Action::Deny,
+        vec![Rule::parse(Action::Allow, "192.168.0.0/16:80").unwrap()],
+    );
+    let slot = hearth_net::policy::maps::active_slot(&rec.tap).unwrap();
     net.set_policy(id, p.clone()).unwrap();
     assert_eq!(net.get(id).unwrap().policy, p);
+    // The update went to the other slot and flipped to it.
+    assert_eq!(
+        hearth_net::policy::maps::active_slot(&rec.tap).unwrap(),
+        slot ^ 1
+    );
+    // The node's addresses are in the HOSTS map (127.0.0.1 is always one; the
+    // key is the address in network byte order, dumped as a host u32).
+    assert!(net.refresh_host_addresses() >= 1);
+    let hosts = sh(&format!(
+        "bpftool map dump pinned /sys/fs/bpf/hearth/{}/HOSTS",
+        rec.tap
+    ));
+    let lo = u32::from_ne_bytes([127, 0, 0, 1]).to_string();
+    assert!(hosts.contains(&lo), "{hosts}");
     let stats = net.stats(id).unwrap();
     assert!(stats.iter().any(|s| s.label.contains("192.168.0.0/16:80")));
 
@@ -51,13 +66,33 @@ fn sandbox_network_is_built_updated_and_removed_without_leftovers() {
     assert!(!sh("ip -o link show").contains("hthnettest00007"));
 
     net.remove_orphans(&HashSet::from([id.to_string()]));
+    // This sandbox's programs are the ones using its COUNTERS map (other
+    // sandboxes on this machine have programs of the same name).
+    let map = sh(&format!(
+        "bpftool map show pinned /sys/fs/bpf/hearth/{}/COUNTERS",
+        rec.tap
+    ));
+    let map_id = map.split(':').next().unwrap_or("").trim().to_string();
+    assert!(
+        !map_id.is_empty() && map_id.bytes().all(|b| b.is_ascii_digit()),
+        "{map}"
+    );
+    let uses_map = |progs: &str| {
+        progs.lines().any(|l| {
+            l.split("map_ids ")
+                .nth(1)
+                .and_then(|ids| ids.split_whitespace().next())
+                .is_some_and(|ids| ids.split(',').any(|m| m == map_id))
+        })
+    };
+    assert!(uses_map(&sh("bpftool prog show")), "programs use the map");
     net.teardown(id).unwrap();
     assert!(!sh("ip -o link show").contains("hthnettest"));
     assert!(!sh("ip route show").contains("10.251.7."));
     assert!(!sh("nft list set ip hearth sandboxes").contains("10.251.7."));
     // why: the kernel frees a program after an RCU grace period, not at once.
     let t = std::time::Instant::now();
-    while sh("bpftool prog show").contains("guest_out") {
+    while uses_map(&sh("bpftool prog show")) {
         assert!(t.elapsed().as_secs() < 10, "policy programs still loaded");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
@@ -84,10 +119,10 @@ fn policy_update_racing_with_teardown_either_applies_or_finds_no_network() {
     let applied_so_far = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let seen = applied_so_far.clone();
     let updater = std::thread::spawn(move || {
-        let p = Policy {
-            default: Action::Deny,
-            rules: vec![Rule::parse(Action::Allow, "10.0.0.0/8:443").unwrap()],
-        };
+        let p = Policy::egress(
+            Action::Deny,
+            vec![Rule::parse(Action::Allow, "10.0.0.0/8:443").unwrap()],
+        );
         let mut applied = 0;
         loop {
             match n2.set_policy(id, p.clone()) {

@@ -12,8 +12,10 @@
 // errors are large; they travel on cold paths only.
 #![allow(clippy::result_large_err)]
 
+pub mod leases;
 pub mod log_store;
 pub mod network;
+mod reconcile;
 pub mod state;
 pub mod state_machine;
 
@@ -27,8 +29,10 @@ use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{BasicNode, ChangeMembers, Config, Raft, ServerState, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
 
+pub use crate::leases::{Cidr, NodeSlice};
 pub use crate::state::{
-    Command, ImageRecord, NodeRecord, Observed, Reply, RestartPolicy, SandboxRecord, State,
+    owner_cluster, parse_owner, Command, CopyReport, Expect, Fence, ImageRecord, NodeRecord,
+    Observed, Reply, RestartPolicy, SandboxRecord, State, Tombstone, TOMBSTONES_MAX,
 };
 use crate::state_machine::SharedState;
 
@@ -254,6 +258,21 @@ impl Store {
     /// Reads this member's applied state without checking it is current.
     pub fn read_local<T>(&self, f: impl FnOnce(&State) -> T) -> T {
         f(&self.state.read().expect("state lock"))
+    }
+
+    /// Waits until `f` holds on this member's applied state (woken by each
+    /// apply, no polling); false if it still does not after `timeout`.
+    pub async fn wait_local(&self, timeout: Duration, f: impl Fn(&State) -> bool) -> bool {
+        let mut rx = self.raft.metrics();
+        let until = async {
+            while !self.read_local(&f) {
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(timeout, until).await;
+        self.read_local(&f)
     }
 
     /// Reads state that reflects every write acknowledged before the call.

@@ -12,6 +12,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use hearth_sched::{Accel, NodeView, Request, Resources, Strategy};
 use serde::{Deserialize, Serialize};
 
+use crate::leases::{Cidr, NodeSlice};
+
 /// A node agent as registered.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeRecord {
@@ -90,13 +92,20 @@ pub struct SandboxRecord {
     /// first creation instead of making a second sandbox.
     #[serde(default)]
     pub idempotency_key: Option<String>,
-    /// Sandbox address from the cluster range.
+    /// Not set any more: addresses are leases of the node's slice
+    /// ([`State::slices`]); kept so older records still decode.
     #[serde(default)]
     pub ip: Option<String>,
     pub created_ms: u64,
-    /// How many times it was placed again after losing its node.
+    /// How many times it was placed or started again (its node was lost, its
+    /// copy vanished): the generation. The copy an agent runs is tagged with
+    /// it ([`SandboxRecord::owner`]), so a copy of an older generation is stale.
     #[serde(default)]
     pub reschedules: u32,
+    /// Placed by the node itself (`hearthd dev`, whose one node is the
+    /// process): committed without the capacity check and never moved.
+    #[serde(default)]
+    pub pinned: bool,
     #[serde(default)]
     pub observed: Option<Observed>,
 }
@@ -106,6 +115,86 @@ impl SandboxRecord {
     pub fn reserves(&self) -> bool {
         !self.observed.as_ref().is_some_and(Observed::is_terminal)
     }
+
+    /// The tag of the copy an agent runs for this record and generation
+    /// (`ID@GENERATION`).
+    pub fn owner(&self) -> String {
+        format!("{}@{}", self.id, self.reschedules)
+    }
+
+    /// The control plane gave up on it without an agent copy (its start
+    /// failed or never finished): any copy that turns up later is stale.
+    pub fn abandoned(&self) -> bool {
+        self.observed
+            .as_ref()
+            .is_some_and(|o| o.is_terminal() && o.agent_id.is_none())
+    }
+}
+
+/// Splits an owner tag (`[CLUSTER/]ID@GENERATION`) into its record id and
+/// generation.
+pub fn parse_owner(tag: &str) -> Option<(&str, u32)> {
+    let tag = tag.rsplit_once('/').map_or(tag, |(_, t)| t);
+    let (id, generation) = tag.rsplit_once('@')?;
+    Some((id, generation.parse().ok()?))
+}
+
+/// A deleted record's trace: the evidence that lets a copy of it, turning up
+/// later on a node that was cut off, be stopped. Without one, a copy whose
+/// record is unknown is left alone (a wiped or restored control plane, or
+/// another cluster, must never make agents kill what they run).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tombstone {
+    /// The record's generation when it was deleted.
+    pub generation: u32,
+    /// Order of deletion, for the bound ([`TOMBSTONES_MAX`]).
+    pub seq: u64,
+}
+
+/// How many tombstones the state keeps (the oldest go first).
+pub const TOMBSTONES_MAX: usize = 4096;
+
+/// One copy an agent reports in a heartbeat (the state machine's own shape
+/// of the API's `ObservedSandbox`; statuses are the API's snake_case names).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CopyReport {
+    pub agent_id: String,
+    pub status: String,
+    #[serde(default)]
+    pub error: Option<String>,
+    /// The owner tag the copy carries (`ID@GENERATION`), if any.
+    #[serde(default)]
+    pub owner: Option<String>,
+}
+
+impl CopyReport {
+    pub(crate) fn is_terminal(&self) -> bool {
+        !matches!(self.status.as_str(), "creating" | "running")
+    }
+}
+
+/// A copy the node must stop, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fence {
+    pub agent_id: String,
+    pub reason: String,
+}
+
+/// What a `NotRunning` command expects of the record, checked at apply time
+/// (the proposer may have looked at a state that is behind the log).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Expect {
+    /// No start result was ever recorded (a give-up of a stuck start).
+    Unstarted,
+    /// The record still names this agent copy (a copy that vanished).
+    Copy { agent_id: String },
+}
+
+/// The cluster an owner tag names (`CLUSTER/ID@GENERATION`), if it names one
+/// (tags made before the cluster had an id do not).
+pub fn owner_cluster(tag: &str) -> Option<&str> {
+    tag.rsplit_once('/').map(|(c, _)| c)
 }
 
 /// An image known to the cluster and where it is cached.
@@ -132,9 +221,20 @@ pub enum Command {
         node: String,
         instance: String,
         at_ms: u64,
-        /// Observed state of sandboxes on this node, by sandbox id.
+        /// Observed state of sandboxes on this node, by sandbox id (entries
+        /// of older logs; new heartbeats send `report`).
         #[serde(default)]
         observed: BTreeMap<String, Observed>,
+        /// Every copy the node runs, as the agent reported it. The fencing
+        /// plan is computed from it at apply time (so it is consistent with
+        /// this log position, whichever member the agent talked to) and
+        /// returned as [`Reply::Desired`].
+        #[serde(default)]
+        report: Option<Vec<CopyReport>>,
+        /// A record's copy missing from the report for longer than this
+        /// (since its observed state was last written) is not running.
+        #[serde(default)]
+        grace_ms: u64,
     },
     /// The leader's watchdog: the node missed heartbeats.
     MarkNotReady {
@@ -153,15 +253,74 @@ pub enum Command {
     CreateSandbox {
         sandbox: SandboxRecord,
     },
+    /// A start's result. Ignored when the record moved off `node` or was
+    /// started again since `generation` (a late result of an old start).
     SetObserved {
         id: String,
         observed: Observed,
+        #[serde(default)]
+        node: Option<String>,
+        #[serde(default)]
+        generation: Option<u32>,
     },
     DeleteSandbox {
         id: String,
     },
+    /// The sandbox is not running where its record says (its node no longer
+    /// has it, or its start never finished): `restart: always` starts it
+    /// again (a new generation, on the same node); the others end as
+    /// `status` (`lost` / `failed`) with `why`. Ignored when the record moved
+    /// off `node`, was started again since `generation`, or no longer is as
+    /// `expect` says.
+    NotRunning {
+        id: String,
+        node: String,
+        generation: u32,
+        status: String,
+        why: String,
+        at_ms: u64,
+        #[serde(default)]
+        expect: Option<Expect>,
+    },
     PutImage {
         image: ImageRecord,
+    },
+    /// Gives the node agent its slice of the cluster CIDR (`want`, or the
+    /// next free one); the same agent instance asking again gets the same slice.
+    AllocateSlice {
+        node: String,
+        instance: String,
+        #[serde(default)]
+        want: Option<Cidr>,
+    },
+    /// Leases a sandbox address from the node's slice (`want`, when the node
+    /// already uses that address for it, else the lowest free one); the same
+    /// sandbox asking again gets the same address.
+    Lease {
+        node: String,
+        instance: String,
+        sandbox: String,
+        #[serde(default)]
+        want: Option<std::net::Ipv4Addr>,
+    },
+    /// Frees a sandbox's address (no-op when it holds none).
+    Release {
+        node: String,
+        instance: String,
+        sandbox: String,
+    },
+    /// Frees every lease of the node except those of `keep` (an agent's
+    /// start: the sandboxes it no longer knows hold no address).
+    RetainLeases {
+        node: String,
+        instance: String,
+        keep: BTreeSet<String>,
+    },
+    /// Names the cluster (once: later ones are ignored). Its id goes into
+    /// every owner tag, so agents' copies of another cluster (or of a
+    /// control plane rebuilt from scratch) are never fenced by this one.
+    InitCluster {
+        id: String,
     },
 }
 
@@ -184,14 +343,44 @@ pub enum Reply {
     NotFound {
         what: String,
     },
-    /// The node id is held by another agent instance.
+    /// The node id is held by another agent instance (which one is never
+    /// told: its instance id is the node's fencing token).
     DuplicateNode {
         id: String,
-        holder: String,
+    },
+    /// The command's arguments are malformed (bad node id, empty instance...).
+    Invalid {
+        message: String,
     },
     /// The name or key is taken.
     Conflict {
         message: String,
+    },
+    /// The node's slice of the cluster CIDR.
+    Slice {
+        slice: NodeSlice,
+    },
+    /// A sandbox's address, leased from `cidr`.
+    Lease {
+        ip: std::net::Ipv4Addr,
+        cidr: Cidr,
+    },
+    /// Leases freed.
+    Released {
+        released: Vec<String>,
+    },
+    /// No address (or slice) is left.
+    Exhausted {
+        message: String,
+    },
+    /// A heartbeat's answer: agent ids of the copies the records want on the
+    /// node, copies to stop, ended copies to remove, and the records found
+    /// not running there (lost, or started again).
+    Desired {
+        keep: Vec<String>,
+        stop: Vec<Fence>,
+        remove: Vec<String>,
+        not_running: Vec<String>,
     },
     /// The chosen node cannot take the sandbox any more (a concurrent
     /// placement got there first, or it went away): schedule again.
@@ -201,16 +390,16 @@ pub enum Reply {
     },
 }
 
-/// First address handed out to sandboxes (10.88.0.0/16; .0.0 and .0.1 reserved).
-const LEASE_BASE: u32 = u32::from_be_bytes([10, 88, 0, 2]);
-const LEASE_COUNT: u32 = 65_000;
-
 /// Tables a change touched, so the state machine can persist only those rows.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Row {
     Node(String),
     Sandbox(String),
     Image(String),
+    Slice(String),
+    Tombstone(String),
+    /// Cluster-wide values (the cluster id).
+    Meta,
 }
 
 /// All replicated control-plane state.
@@ -219,6 +408,15 @@ pub struct State {
     pub nodes: BTreeMap<String, NodeRecord>,
     pub sandboxes: BTreeMap<String, SandboxRecord>,
     pub images: BTreeMap<String, ImageRecord>,
+    /// Address slices and leases, by node id.
+    #[serde(default)]
+    pub slices: BTreeMap<String, NodeSlice>,
+    /// Random id of this cluster, set once by its first leader.
+    #[serde(default)]
+    pub cluster_id: Option<String>,
+    /// Deleted records, by id (bounded to [`TOMBSTONES_MAX`]).
+    #[serde(default)]
+    pub tombstones: BTreeMap<String, Tombstone>,
     /// Derived indexes, rebuilt by [`State::reindex`]; not persisted.
     #[serde(skip)]
     index: Index,
@@ -231,7 +429,6 @@ pub struct State {
 struct Index {
     by_name: BTreeMap<String, String>,
     by_key: BTreeMap<String, String>,
-    leases: BTreeMap<u32, String>,
 }
 
 impl State {
@@ -245,13 +442,6 @@ impl State {
             if let Some(k) = &sb.idempotency_key {
                 ix.by_key.insert(k.clone(), sb.id.clone());
             }
-            if let Some(ip) = sb
-                .ip
-                .as_deref()
-                .and_then(|s| s.parse::<std::net::Ipv4Addr>().ok())
-            {
-                ix.leases.insert(u32::from(ip), sb.id.clone());
-            }
         }
         self.index = ix;
     }
@@ -259,6 +449,15 @@ impl State {
     /// Rows changed since the last call.
     pub fn take_dirty(&mut self) -> BTreeSet<Row> {
         std::mem::take(&mut self.dirty)
+    }
+
+    /// The tag of the copy an agent runs for `rec`: `CLUSTER/ID@GENERATION`
+    /// (`ID@GENERATION` before the cluster has an id).
+    pub fn owner_of(&self, rec: &SandboxRecord) -> String {
+        match &self.cluster_id {
+            Some(c) => format!("{c}/{}", rec.owner()),
+            None => rec.owner(),
+        }
     }
 
     /// A sandbox by id or name.
@@ -310,7 +509,7 @@ impl State {
             .collect()
     }
 
-    fn touch_sandbox(&mut self, id: &str) {
+    pub(crate) fn touch_sandbox(&mut self, id: &str) {
         self.dirty.insert(Row::Sandbox(id.to_string()));
     }
 
@@ -323,22 +522,14 @@ impl State {
     pub fn apply(&mut self, cmd: &Command) -> Reply {
         match cmd {
             Command::RegisterNode { node } => self.register(node),
-            Command::RemoveNode { id, at_ms } => {
-                if !self.nodes.contains_key(id) {
-                    return Reply::NotFound {
-                        what: format!("node {id}"),
-                    };
-                }
-                let moved = self.evacuate(id, *at_ms, "its node was removed");
-                self.nodes.remove(id);
-                self.touch_node(id);
-                moved
-            }
+            Command::RemoveNode { id, at_ms } => self.remove_node(id, *at_ms),
             Command::Heartbeat {
                 node,
                 instance,
                 at_ms,
                 observed,
+                report,
+                grace_ms,
             } => {
                 let Some(n) = self.nodes.get_mut(node) else {
                     return Reply::NotFound {
@@ -346,10 +537,7 @@ impl State {
                     };
                 };
                 if &n.instance != instance {
-                    return Reply::DuplicateNode {
-                        id: node.clone(),
-                        holder: n.instance.clone(),
-                    };
+                    return Reply::DuplicateNode { id: node.clone() };
                 }
                 n.last_heartbeat_ms = n.last_heartbeat_ms.max(*at_ms);
                 n.ready = true;
@@ -365,7 +553,10 @@ impl State {
                     sb.observed = Some(obs.clone());
                     self.touch_sandbox(id);
                 }
-                Reply::Ok
+                match report {
+                    Some(report) => self.reconcile(node, report, *at_ms, *grace_ms),
+                    None => Reply::Ok,
+                }
             }
             Command::MarkNotReady { node, at_ms } => {
                 let Some(n) = self.nodes.get_mut(node) else {
@@ -402,7 +593,22 @@ impl State {
                 self.move_always(node, *at_ms)
             }
             Command::CreateSandbox { sandbox } => self.create(sandbox),
-            Command::SetObserved { id, observed } => match self.sandboxes.get_mut(id) {
+            Command::SetObserved {
+                id,
+                observed,
+                node,
+                generation,
+            } => match self.sandboxes.get_mut(id) {
+                // why: a late result of a start for another node or an older
+                // generation must not overwrite the record's current copy.
+                Some(sb)
+                    if node.as_ref().is_some_and(|n| n != &sb.node)
+                        || generation.is_some_and(|g| g != sb.reschedules) =>
+                {
+                    Reply::Sandbox {
+                        sandbox: sb.clone(),
+                    }
+                }
                 Some(sb) => {
                     sb.observed = Some(observed.clone());
                     let sb = sb.clone();
@@ -421,19 +627,354 @@ impl State {
                     if let Some(k) = &sb.idempotency_key {
                         self.index.by_key.remove(k);
                     }
-                    self.index.leases.retain(|_, v| v != id);
                     self.touch_sandbox(id);
+                    self.bury(id, sb.reschedules);
                     Reply::Ok
                 }
                 None => Reply::NotFound {
                     what: format!("sandbox {id}"),
                 },
             },
+            Command::NotRunning {
+                id,
+                node,
+                generation,
+                status,
+                why,
+                at_ms,
+                expect,
+            } => {
+                let holds = match (expect, self.sandboxes.get(id)) {
+                    (Some(Expect::Unstarted), Some(sb)) => sb.observed.is_none(),
+                    (Some(Expect::Copy { agent_id }), Some(sb)) => {
+                        sb.observed.as_ref().and_then(|o| o.agent_id.as_ref()) == Some(agent_id)
+                    }
+                    _ => true,
+                };
+                match self.sandboxes.get(id) {
+                    Some(sb) if !holds => Reply::Sandbox {
+                        sandbox: sb.clone(),
+                    },
+                    _ => self.not_running(id, node, *generation, status, why, *at_ms),
+                }
+            }
+            Command::InitCluster { id } => {
+                if self.cluster_id.is_none() {
+                    self.cluster_id = Some(id.clone());
+                    self.dirty.insert(Row::Meta);
+                }
+                Reply::Ok
+            }
             Command::PutImage { image } => {
                 self.images.insert(image.name.clone(), image.clone());
                 self.dirty.insert(Row::Image(image.name.clone()));
                 Reply::Ok
             }
+            Command::AllocateSlice {
+                node,
+                instance,
+                want,
+            } => self.allocate_slice(node, instance, *want),
+            Command::Lease {
+                node,
+                instance,
+                sandbox,
+                want,
+            } => self.lease(node, instance, sandbox, *want),
+            Command::Release {
+                node,
+                instance,
+                sandbox,
+            } => self.release(node, instance, |id| id == sandbox),
+            Command::RetainLeases {
+                node,
+                instance,
+                keep,
+            } => self.release(node, instance, |id| !keep.contains(id)),
+        }
+    }
+
+    pub(crate) fn not_running(
+        &mut self,
+        id: &str,
+        node: &str,
+        generation: u32,
+        status: &str,
+        why: &str,
+        at_ms: u64,
+    ) -> Reply {
+        let Some(sb) = self.sandboxes.get_mut(id) else {
+            return Reply::NotFound {
+                what: format!("sandbox {id}"),
+            };
+        };
+        if sb.node != node || sb.reschedules != generation {
+            return Reply::Sandbox {
+                sandbox: sb.clone(),
+            };
+        }
+        sb.observed = Some(if sb.restart == RestartPolicy::Always {
+            sb.reschedules += 1;
+            Observed {
+                status: "creating".into(),
+                agent_id: None,
+                error: Some(format!("starting again: {why}")),
+                updated_ms: at_ms,
+            }
+        } else {
+            Observed {
+                status: status.to_string(),
+                agent_id: sb.observed.as_ref().and_then(|o| o.agent_id.clone()),
+                error: Some(format!("{status}: {why}")),
+                updated_ms: at_ms,
+            }
+        });
+        let sb = sb.clone();
+        self.touch_sandbox(id);
+        Reply::Sandbox { sandbox: sb }
+    }
+
+    /// The node's slice, when `instance` holds it.
+    fn held_slice(&mut self, node: &str, instance: &str) -> Result<&mut NodeSlice, Reply> {
+        match self.slices.get_mut(node) {
+            None => Err(Reply::NotFound {
+                what: format!("address slice of node {node} (the agent must join first)"),
+            }),
+            Some(s) if s.instance != instance => Err(Reply::DuplicateNode {
+                id: node.to_string(),
+            }),
+            Some(s) => Ok(s),
+        }
+    }
+
+    /// Removes the node (its sandboxes are moved or lost) and its slice. A
+    /// slice whose agent instance still holds leases is kept, retired, until
+    /// that instance releases them or joins again: the agent may still run
+    /// and use the addresses, so no other node may get them.
+    fn remove_node(&mut self, id: &str, at_ms: u64) -> Reply {
+        let slice = self
+            .slices
+            .get(id)
+            .map(|s| (s.retired, s.leases.len(), s.cidr));
+        let reply = match (self.nodes.contains_key(id), slice) {
+            (false, None) => {
+                return Reply::NotFound {
+                    what: format!("node {id}"),
+                }
+            }
+            (false, Some((true, n, cidr))) => {
+                return Reply::Conflict {
+                    message: format!(
+                        "node {id} is already removed; its address slice {cidr} stays taken while its \
+                         agent still holds {n} leases: stop that agent's sandboxes (`hearth rm`) or \
+                         start it again so it releases them"
+                    ),
+                }
+            }
+            (false, Some(_)) => Reply::Moved {
+                moved: Vec::new(),
+                lost: Vec::new(),
+            },
+            (true, _) => {
+                let moved = self.evacuate(id, at_ms, "its node was removed");
+                self.nodes.remove(id);
+                self.touch_node(id);
+                moved
+            }
+        };
+        if let Some(s) = self.slices.get_mut(id) {
+            if s.leases.is_empty() {
+                self.slices.remove(id);
+            } else {
+                s.retired = true;
+            }
+            self.dirty.insert(Row::Slice(id.to_string()));
+        }
+        reply
+    }
+
+    fn allocate_slice(&mut self, node: &str, instance: &str, want: Option<Cidr>) -> Reply {
+        if let Some(message) = crate::leases::check_join(node, instance, want) {
+            return Reply::Invalid { message };
+        }
+        if self.nodes.get(node).is_some_and(|n| n.instance != instance) {
+            return Reply::DuplicateNode {
+                id: node.to_string(),
+            };
+        }
+        if let Some(held) = self.slices.get_mut(node) {
+            if held.instance != instance {
+                return Reply::DuplicateNode {
+                    id: node.to_string(),
+                };
+            }
+            if want.is_none_or(|w| w == held.cidr) {
+                // why: the instance that holds a retired slice joins again.
+                if held.retired {
+                    held.retired = false;
+                    self.dirty.insert(Row::Slice(node.to_string()));
+                }
+                return Reply::Slice {
+                    slice: held.clone(),
+                };
+            }
+            if !held.leases.is_empty() {
+                return Reply::Conflict {
+                    message: format!(
+                        "node {node} holds the address slice {} with {} leases; \
+                         remove its sandboxes before moving it to another slice",
+                        held.cidr,
+                        held.leases.len()
+                    ),
+                };
+            }
+        }
+        let others = self
+            .slices
+            .values()
+            .filter(|s| s.node != node)
+            .map(|s| s.cidr);
+        let cidr = match want {
+            Some(w) => {
+                if let Some(o) = self
+                    .slices
+                    .values()
+                    .find(|s| s.node != node && s.cidr.overlaps(w))
+                {
+                    return Reply::Conflict {
+                        message: format!(
+                            "address slice {w} overlaps {} of node {}; give this node another --net-pool",
+                            o.cidr, o.node
+                        ),
+                    };
+                }
+                w
+            }
+            None => {
+                let taken: Vec<Cidr> = others.collect();
+                match crate::leases::free_slice(taken.iter()) {
+                    Some(c) => c,
+                    None => {
+                        return Reply::Exhausted {
+                            message: format!(
+                                "every /{} of the cluster range {} is held by a node; \
+                                 remove nodes (`hearth node rm`) to free slices",
+                                crate::leases::SLICE_PREFIX,
+                                crate::leases::CLUSTER_CIDR
+                            ),
+                        }
+                    }
+                }
+            }
+        };
+        let slice = NodeSlice {
+            node: node.to_string(),
+            instance: instance.to_string(),
+            cidr,
+            leases: BTreeMap::new(),
+            retired: false,
+        };
+        self.slices.insert(node.to_string(), slice.clone());
+        self.dirty.insert(Row::Slice(node.to_string()));
+        Reply::Slice { slice }
+    }
+
+    fn lease(
+        &mut self,
+        node: &str,
+        instance: &str,
+        sandbox: &str,
+        want: Option<std::net::Ipv4Addr>,
+    ) -> Reply {
+        let s = match self.held_slice(node, instance) {
+            Ok(s) => s,
+            Err(r) => return r,
+        };
+        let cidr = s.cidr;
+        if s.retired {
+            return Reply::NotFound {
+                what: format!(
+                    "address slice of node {node} (the node was removed; the agent must join again)"
+                ),
+            };
+        }
+        if let Some(ip) = s.leases.get(sandbox) {
+            return Reply::Lease { ip: *ip, cidr };
+        }
+        if let Some(w) = want {
+            if !s.usable(w) {
+                return Reply::Conflict {
+                    message: format!(
+                        "address {w} for sandbox {sandbox} is not a host address of node {node}'s slice {cidr}"
+                    ),
+                };
+            }
+            if let Some((other, _)) = s.leases.iter().find(|(_, ip)| **ip == w) {
+                return Reply::Conflict {
+                    message: format!(
+                        "address {w} for sandbox {sandbox} is leased to sandbox {other} of node {node}"
+                    ),
+                };
+            }
+            s.leases.insert(sandbox.to_string(), w);
+            self.dirty.insert(Row::Slice(node.to_string()));
+            return Reply::Lease { ip: w, cidr };
+        }
+        let Some(ip) = s.free_address() else {
+            return Reply::Exhausted {
+                message: format!(
+                    "address pool {cidr} of node {node} is exhausted ({} addresses leased); \
+                     remove sandboxes or give the node a larger slice",
+                    s.leases.len()
+                ),
+            };
+        };
+        s.leases.insert(sandbox.to_string(), ip);
+        self.dirty.insert(Row::Slice(node.to_string()));
+        Reply::Lease { ip, cidr }
+    }
+
+    fn release(&mut self, node: &str, instance: &str, drop: impl Fn(&str) -> bool) -> Reply {
+        let s = match self.held_slice(node, instance) {
+            Ok(s) => s,
+            Err(r) => return r,
+        };
+        let released: Vec<String> = s.leases.keys().filter(|k| drop(k)).cloned().collect();
+        for k in &released {
+            s.leases.remove(k);
+        }
+        // why: a removed node's slice is freed once its last lease is.
+        if s.retired && s.leases.is_empty() {
+            self.slices.remove(node);
+            self.dirty.insert(Row::Slice(node.to_string()));
+        } else if !released.is_empty() {
+            self.dirty.insert(Row::Slice(node.to_string()));
+        }
+        Reply::Released { released }
+    }
+
+    /// Keeps a trace of a deleted record (bounded: the oldest goes first).
+    fn bury(&mut self, id: &str, generation: u32) {
+        let seq = self
+            .tombstones
+            .values()
+            .map(|t| t.seq + 1)
+            .max()
+            .unwrap_or(0);
+        self.tombstones
+            .insert(id.to_string(), Tombstone { generation, seq });
+        self.dirty.insert(Row::Tombstone(id.to_string()));
+        while self.tombstones.len() > TOMBSTONES_MAX {
+            let Some(oldest) = self
+                .tombstones
+                .iter()
+                .min_by_key(|(_, t)| t.seq)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            self.tombstones.remove(&oldest);
+            self.dirty.insert(Row::Tombstone(oldest));
         }
     }
 
@@ -443,7 +984,6 @@ impl State {
             if old.instance != node.instance {
                 return Reply::DuplicateNode {
                     id: node.id.clone(),
-                    holder: old.instance.clone(),
                 };
             }
             // The same agent restarting keeps what the operator set.
@@ -490,19 +1030,26 @@ impl State {
             };
         };
         let ctx = hearth_sched::Context::of(&views);
-        if let Err(why) = hearth_sched::filter(view, &sandbox.request, &ctx) {
+        let checked = if sandbox.pinned {
+            Ok(())
+        } else {
+            hearth_sched::filter(view, &sandbox.request, &ctx)
+        };
+        if let Err(why) = checked {
             return Reply::Rejected {
                 node: sandbox.node.clone(),
                 reason: why.to_string(),
             };
         }
-        let mut rec = sandbox.clone();
-        rec.ip = self.lease(&rec.id);
+        let rec = sandbox.clone();
         self.insert_sandbox(rec.clone());
         Reply::Sandbox { sandbox: rec }
     }
 
     fn insert_sandbox(&mut self, rec: SandboxRecord) {
+        if self.tombstones.remove(&rec.id).is_some() {
+            self.dirty.insert(Row::Tombstone(rec.id.clone()));
+        }
         if let Some(n) = &rec.name {
             self.index.by_name.insert(n.clone(), rec.id.clone());
         }
@@ -511,22 +1058,6 @@ impl State {
         }
         self.touch_sandbox(&rec.id);
         self.sandboxes.insert(rec.id.clone(), rec);
-    }
-
-    /// The lowest free address in the cluster range, if any.
-    fn lease(&mut self, id: &str) -> Option<String> {
-        let mut want = LEASE_BASE;
-        for (&ip, _) in self.index.leases.range(LEASE_BASE..) {
-            if ip != want {
-                break;
-            }
-            want += 1;
-        }
-        if want >= LEASE_BASE + LEASE_COUNT {
-            return None;
-        }
-        self.index.leases.insert(want, id.to_string());
-        Some(std::net::Ipv4Addr::from(want).to_string())
     }
 
     /// The node is gone: sandboxes with `restart: always` move, the rest are lost.
@@ -564,7 +1095,9 @@ impl State {
         let ids: Vec<String> = self
             .sandboxes
             .values()
-            .filter(|s| s.node == node && s.reserves() && s.restart == RestartPolicy::Always)
+            .filter(|s| {
+                s.node == node && s.reserves() && s.restart == RestartPolicy::Always && !s.pinned
+            })
             .map(|s| s.id.clone())
             .collect();
         let (mut moved, mut lost) = (Vec::new(), Vec::new());
@@ -604,5 +1137,234 @@ fn req_without_group(r: &Request) -> Request {
     Request {
         group: None,
         ..r.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slice(st: &mut State, node: &str, instance: &str, want: Option<&str>) -> Reply {
+        st.apply(&Command::AllocateSlice {
+            node: node.into(),
+            instance: instance.into(),
+            want: want.map(|w| w.parse().unwrap()),
+        })
+    }
+
+    fn lease(st: &mut State, node: &str, sandbox: &str) -> Reply {
+        st.apply(&Command::Lease {
+            node: node.into(),
+            instance: "i1".into(),
+            sandbox: sandbox.into(),
+            want: None,
+        })
+    }
+
+    fn ip(r: Reply) -> String {
+        match r {
+            Reply::Lease { ip, .. } => ip.to_string(),
+            other => panic!("no lease: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn nodes_get_distinct_slices_that_survive_a_restart_of_the_same_agent() {
+        let mut st = State::default();
+        let Reply::Slice { slice: a } = slice(&mut st, "a", "i1", None) else {
+            panic!()
+        };
+        let Reply::Slice { slice: b } = slice(&mut st, "b", "i1", None) else {
+            panic!()
+        };
+        assert_eq!(a.cidr.to_string(), "10.88.0.0/24");
+        assert_eq!(b.cidr.to_string(), "10.88.1.0/24");
+        assert_eq!(slice(&mut st, "a", "i1", None), Reply::Slice { slice: a });
+        assert!(matches!(
+            slice(&mut st, "a", "other", None),
+            Reply::DuplicateNode { .. }
+        ));
+        assert!(matches!(
+            slice(&mut st, "c", "i1", Some("10.88.1.0/25")),
+            Reply::Conflict { .. }
+        ));
+    }
+
+    #[test]
+    fn leases_are_stable_freed_on_release_and_exhaustion_is_an_error() {
+        let mut st = State::default();
+        slice(&mut st, "a", "i1", Some("10.9.0.0/30"));
+        let x = ip(lease(&mut st, "a", "x"));
+        let y = ip(lease(&mut st, "a", "y"));
+        assert_eq!((x.as_str(), y.as_str()), ("10.9.0.1", "10.9.0.2"));
+        assert_eq!(
+            ip(lease(&mut st, "a", "x")),
+            x,
+            "asking again is idempotent"
+        );
+        match lease(&mut st, "a", "z") {
+            Reply::Exhausted { message } => {
+                assert!(message.contains("10.9.0.0/30") && message.contains("exhausted"))
+            }
+            other => panic!("{other:?}"),
+        }
+        st.apply(&Command::Release {
+            node: "a".into(),
+            instance: "i1".into(),
+            sandbox: "x".into(),
+        });
+        assert_eq!(ip(lease(&mut st, "a", "z")), x, "a freed address is reused");
+        let r = st.apply(&Command::RetainLeases {
+            node: "a".into(),
+            instance: "i1".into(),
+            keep: ["z".to_string()].into(),
+        });
+        assert_eq!(
+            r,
+            Reply::Released {
+                released: vec!["y".into()]
+            }
+        );
+        assert!(matches!(
+            lease(&mut st, "nobody", "s"),
+            Reply::NotFound { .. }
+        ));
+        let claim = |st: &mut State, sb: &str, ip: &str| {
+            st.apply(&Command::Lease {
+                node: "a".into(),
+                instance: "i1".into(),
+                sandbox: sb.into(),
+                want: Some(ip.parse().unwrap()),
+            })
+        };
+        assert!(
+            matches!(claim(&mut st, "w", "10.9.0.1"), Reply::Conflict { .. }),
+            "held by z"
+        );
+        assert!(
+            matches!(claim(&mut st, "w", "10.9.0.3"), Reply::Conflict { .. }),
+            "broadcast"
+        );
+        assert_eq!(ip(claim(&mut st, "w", "10.9.0.2")), "10.9.0.2");
+        let dirty = st.take_dirty();
+        assert!(dirty.contains(&Row::Slice("a".into())), "{dirty:?}");
+    }
+
+    fn register(st: &mut State, id: &str, instance: &str) -> Reply {
+        st.apply(&Command::RegisterNode {
+            node: NodeRecord {
+                id: id.into(),
+                instance: instance.into(),
+                address: "http://127.0.0.1:1".into(),
+                capacity: Resources::default(),
+                accel: Accel::Tcg,
+                labels: BTreeMap::new(),
+                cordoned: false,
+                ready: true,
+                registered_ms: 1,
+                last_heartbeat_ms: 1,
+                warm_templates: BTreeSet::new(),
+                volumes: BTreeSet::new(),
+            },
+        })
+    }
+
+    fn rm(st: &mut State, id: &str) -> Reply {
+        st.apply(&Command::RemoveNode {
+            id: id.into(),
+            at_ms: 2,
+        })
+    }
+
+    #[test]
+    fn a_removed_node_keeps_its_slice_taken_while_its_agent_holds_leases() {
+        let mut st = State::default();
+        register(&mut st, "a", "i1");
+        slice(&mut st, "a", "i1", None);
+        let x = ip(lease(&mut st, "a", "x"));
+        assert!(matches!(rm(&mut st, "a"), Reply::Moved { .. }));
+        assert!(st.slices["a"].retired, "{:?}", st.slices);
+        // Another node never gets the removed node's addresses.
+        let Reply::Slice { slice: b } = slice(&mut st, "b", "i2", None) else {
+            panic!()
+        };
+        assert_eq!(b.cidr.to_string(), "10.88.1.0/24");
+        assert!(matches!(
+            slice(&mut st, "c", "i3", Some("10.88.0.0/24")),
+            Reply::Conflict { .. }
+        ));
+        // The retired slice leases nothing new until its agent joins again.
+        assert!(matches!(lease(&mut st, "a", "y"), Reply::NotFound { .. }));
+        assert!(matches!(
+            slice(&mut st, "a", "intruder", None),
+            Reply::DuplicateNode { .. }
+        ));
+        assert!(
+            matches!(rm(&mut st, "a"), Reply::Conflict { .. }),
+            "a second rm does not free addresses still in use"
+        );
+        let Reply::Slice { slice: back } = slice(&mut st, "a", "i1", None) else {
+            panic!()
+        };
+        assert!(!back.retired);
+        assert_eq!(ip(lease(&mut st, "a", "x")), x, "the lease survived");
+        // Removed again, its agent releasing every lease frees the slice.
+        rm(&mut st, "a");
+        let r = st.apply(&Command::RetainLeases {
+            node: "a".into(),
+            instance: "i1".into(),
+            keep: BTreeSet::new(),
+        });
+        assert_eq!(
+            r,
+            Reply::Released {
+                released: vec!["x".into()]
+            }
+        );
+        assert!(!st.slices.contains_key("a"));
+        assert!(st.take_dirty().contains(&Row::Slice("a".into())));
+        let Reply::Slice { slice: c } = slice(&mut st, "c", "i3", None) else {
+            panic!()
+        };
+        assert_eq!(c.cidr.to_string(), "10.88.0.0/24", "freed for reuse");
+    }
+
+    #[test]
+    fn node_rm_frees_the_slice_of_a_node_that_never_registered() {
+        let mut st = State::default();
+        slice(&mut st, "ghost", "i1", None);
+        assert!(matches!(rm(&mut st, "ghost"), Reply::Moved { .. }));
+        assert!(st.slices.is_empty());
+        assert!(matches!(rm(&mut st, "ghost"), Reply::NotFound { .. }));
+    }
+
+    #[test]
+    fn a_slice_needs_the_node_records_instance_and_never_tells_the_holder() {
+        let mut st = State::default();
+        register(&mut st, "a", "secret-instance");
+        let r = slice(&mut st, "a", "other", None);
+        assert_eq!(r, Reply::DuplicateNode { id: "a".into() });
+        assert!(!format!("{r:?}").contains("secret-instance"));
+        assert!(st.slices.is_empty(), "no slice for a non-holder");
+        assert!(matches!(
+            slice(&mut st, "b", "", None),
+            Reply::Invalid { .. }
+        ));
+        assert!(matches!(
+            slice(&mut st, "Bad/Id", "i1", None),
+            Reply::Invalid { .. }
+        ));
+        assert!(matches!(
+            slice(&mut st, "b", "i1", Some("10.9.0.0/31")),
+            Reply::Invalid { .. }
+        ));
+        assert!(matches!(
+            slice(&mut st, "b", "i1", Some("192.168.0.0/24")),
+            Reply::Invalid { .. }
+        ));
+        assert!(matches!(
+            slice(&mut st, "a", "secret-instance", None),
+            Reply::Slice { .. }
+        ));
     }
 }

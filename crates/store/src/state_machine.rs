@@ -23,6 +23,8 @@ use crate::{Entry, Node, NodeId, TypeConfig};
 const NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("sm_nodes");
 const SANDBOXES: TableDefinition<&str, &[u8]> = TableDefinition::new("sm_sandboxes");
 const IMAGES: TableDefinition<&str, &[u8]> = TableDefinition::new("sm_images");
+const SLICES: TableDefinition<&str, &[u8]> = TableDefinition::new("sm_slices");
+const TOMBSTONES: TableDefinition<&str, &[u8]> = TableDefinition::new("sm_tombstones");
 const SM_META: TableDefinition<&str, &[u8]> = TableDefinition::new("sm_meta");
 const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
 
@@ -67,7 +69,9 @@ impl StateMachine {
     /// Loads the persisted state (all rows and the applied log id).
     pub(crate) fn load(db: Arc<Database>) -> Result<StateMachine, SErr> {
         let tx = db.begin_write().map_err(werr)?;
-        for t in [NODES, SANDBOXES, IMAGES, SM_META, SNAPSHOT] {
+        for t in [
+            NODES, SANDBOXES, IMAGES, SLICES, TOMBSTONES, SM_META, SNAPSHOT,
+        ] {
             tx.open_table(t).map_err(werr)?;
         }
         tx.commit().map_err(werr)?;
@@ -92,10 +96,16 @@ impl StateMachine {
         state.nodes = rows(&tx, NODES)?.into_iter().collect();
         state.sandboxes = rows(&tx, SANDBOXES)?.into_iter().collect();
         state.images = rows(&tx, IMAGES)?.into_iter().collect();
+        state.slices = rows(&tx, SLICES)?.into_iter().collect();
+        state.tombstones = rows(&tx, TOMBSTONES)?.into_iter().collect();
         state.reindex();
         let meta = tx.open_table(SM_META).map_err(rerr)?;
         let get = |k: &str| -> Result<Option<Vec<u8>>, SErr> {
             Ok(meta.get(k).map_err(rerr)?.map(|v| v.value().to_vec()))
+        };
+        state.cluster_id = match get("cluster_id")? {
+            Some(b) => serde_json::from_slice(&b).map_err(jerr)?,
+            None => None,
         };
         let last_applied = match get("last_applied")? {
             Some(b) => serde_json::from_slice(&b).map_err(jerr)?,
@@ -134,6 +144,8 @@ impl StateMachine {
             let mut nodes = tx.open_table(NODES).map_err(werr)?;
             let mut sbs = tx.open_table(SANDBOXES).map_err(werr)?;
             let mut imgs = tx.open_table(IMAGES).map_err(werr)?;
+            let mut slices = tx.open_table(SLICES).map_err(werr)?;
+            let mut tombs = tx.open_table(TOMBSTONES).map_err(werr)?;
             let put = |t: &mut redb::Table<&str, &[u8]>,
                        k: &str,
                        v: Option<Vec<u8>>|
@@ -148,6 +160,8 @@ impl StateMachine {
                 nodes.retain(|_, _| false).map_err(werr)?;
                 sbs.retain(|_, _| false).map_err(werr)?;
                 imgs.retain(|_, _| false).map_err(werr)?;
+                slices.retain(|_, _| false).map_err(werr)?;
+                tombs.retain(|_, _| false).map_err(werr)?;
                 for (k, v) in &state.nodes {
                     put(&mut nodes, k, Some(enc(v)?))?;
                 }
@@ -156,6 +170,12 @@ impl StateMachine {
                 }
                 for (k, v) in &state.images {
                     put(&mut imgs, k, Some(enc(v)?))?;
+                }
+                for (k, v) in &state.slices {
+                    put(&mut slices, k, Some(enc(v)?))?;
+                }
+                for (k, v) in &state.tombstones {
+                    put(&mut tombs, k, Some(enc(v)?))?;
                 }
             }
             for row in dirty {
@@ -172,9 +192,20 @@ impl StateMachine {
                         let v = state.images.get(&k).map(|v| enc(v)).transpose()?;
                         put(&mut imgs, &k, v)?
                     }
+                    Row::Slice(k) => {
+                        let v = state.slices.get(&k).map(|v| enc(v)).transpose()?;
+                        put(&mut slices, &k, v)?
+                    }
+                    Row::Tombstone(k) => {
+                        let v = state.tombstones.get(&k).map(|v| enc(v)).transpose()?;
+                        put(&mut tombs, &k, v)?
+                    }
+                    Row::Meta => {}
                 }
             }
             let mut meta = tx.open_table(SM_META).map_err(werr)?;
+            let cid = serde_json::to_vec(&state.cluster_id).map_err(jerr)?;
+            meta.insert("cluster_id", cid.as_slice()).map_err(werr)?;
             let la = serde_json::to_vec(&self.last_applied).map_err(jerr)?;
             meta.insert("last_applied", la.as_slice()).map_err(werr)?;
             let mb = serde_json::to_vec(&self.membership).map_err(jerr)?;

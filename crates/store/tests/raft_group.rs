@@ -165,6 +165,7 @@ async fn follower_restarted_after_compaction_catches_up_from_a_snapshot() {
     let peers: BTreeMap<u64, String> = follower.store.member_status().members;
     follower.stop().await;
 
+    let leased = lease_some(&members[0].store).await;
     for i in 0..120 {
         members[0]
             .store
@@ -187,6 +188,12 @@ async fn follower_restarted_after_compaction_catches_up_from_a_snapshot() {
     .await;
     assert!(st.snapshot_index.unwrap() >= purged, "{st:?}");
     assert_eq!(back.store.read(|s| s.nodes.len()).await.unwrap(), 120);
+    let got = back
+        .store
+        .read(|s| s.slices["n0"].leases.clone())
+        .await
+        .unwrap();
+    assert_eq!(got, leased, "leases came with the snapshot");
     back.stop().await;
     for m in members {
         m.stop().await;
@@ -246,6 +253,78 @@ async fn a_corrupted_database_refuses_to_start_and_is_left_untouched() {
         garbage,
         "the file was modified"
     );
+}
+
+/// Node n0 joins with a slice and leases two addresses, then frees one.
+async fn lease_some(s: &Store) -> BTreeMap<String, std::net::Ipv4Addr> {
+    let r = s
+        .write(Command::AllocateSlice {
+            node: "n0".into(),
+            instance: "a".into(),
+            want: None,
+        })
+        .await
+        .unwrap();
+    assert!(matches!(r, Reply::Slice { .. }), "{r:?}");
+    for sb in ["s1", "s2", "s3"] {
+        let r = s
+            .write(Command::Lease {
+                node: "n0".into(),
+                instance: "a".into(),
+                sandbox: sb.into(),
+                want: None,
+            })
+            .await
+            .unwrap();
+        assert!(matches!(r, Reply::Lease { .. }), "{r:?}");
+    }
+    s.write(Command::Release {
+        node: "n0".into(),
+        instance: "a".into(),
+        sandbox: "s2".into(),
+    })
+    .await
+    .unwrap();
+    let leases = s.read(|st| st.slices["n0"].leases.clone()).await.unwrap();
+    assert_eq!(leases.len(), 2, "{leases:?}");
+    leases
+}
+
+#[tokio::test]
+async fn slices_and_leases_survive_a_restart_of_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let peers: BTreeMap<u64, String> = [(1, addr.clone())].into();
+    let m = start(1, dir.path(), l, peers.clone(), 1000).await;
+    let leased = lease_some(&m.store).await;
+    let cidr = m.store.read(|st| st.slices["n0"].cidr).await.unwrap();
+    m.stop().await;
+
+    let m = start(1, dir.path(), rebind(&addr).await, peers, 1000).await;
+    let (c, got) = m
+        .store
+        .read(|st| (st.slices["n0"].cidr, st.slices["n0"].leases.clone()))
+        .await
+        .unwrap();
+    assert_eq!((c, got), (cidr, leased));
+    // The same agent instance joining again keeps its slice; the next lease
+    // reuses the freed address, never one still held.
+    let r = m
+        .store
+        .write(Command::Lease {
+            node: "n0".into(),
+            instance: "a".into(),
+            sandbox: "s4".into(),
+            want: None,
+        })
+        .await
+        .unwrap();
+    let Reply::Lease { ip, .. } = r else {
+        panic!("{r:?}")
+    };
+    assert_eq!(ip.to_string(), "10.88.0.2");
+    m.stop().await;
 }
 
 async fn wait_for(

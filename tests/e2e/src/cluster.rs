@@ -216,11 +216,24 @@ impl Cluster {
 
     /// Starts an agent (not waiting for it to register).
     pub fn spawn_agent(&mut self, node: &str, data: &str, extra: &[&str]) -> usize {
+        let control = self.control_addrs();
+        self.spawn_agent_via(node, data, &control, extra)
+    }
+
+    /// Starts an agent that talks only to the members in `control`
+    /// (`HOST:PORT,...`), not waiting for it to register.
+    pub fn spawn_agent_via(
+        &mut self,
+        node: &str,
+        data: &str,
+        control: &str,
+        extra: &[&str],
+    ) -> usize {
         let port = free_port();
         let mut args: Vec<String> = vec![
             "agent".into(),
             "--control".into(),
-            self.control_addrs(),
+            control.into(),
             "--node".into(),
             node.into(),
             "--listen".into(),
@@ -231,6 +244,9 @@ impl Cluster {
             "tcg".into(),
             "--heartbeat-ms".into(),
             "300".into(),
+            // why: agents of concurrent test clusters share the root namespace.
+            "--net-pool".into(),
+            crate::net_pool(port),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut p = Proc {

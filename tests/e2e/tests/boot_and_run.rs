@@ -778,3 +778,51 @@ fn a_name_cannot_shadow_another_sandboxes_id() {
     let out = d.hearth(&["rm", "-f", &id]);
     assert!(out.status.success(), "{}", show(&out));
 }
+
+/// `hearthd dev` is a one-node cluster: its sandboxes are records in its
+/// embedded control plane, placed on its node before they start, kept up to
+/// date by its agent's heartbeats, and removed with the sandbox.
+#[test]
+fn dev_sandboxes_are_records_of_the_embedded_control_plane() {
+    let d = Daemon::start();
+    let node = || {
+        let (status, body) = d.http("GET", "/v1/nodes/local", None).expect("node");
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str::<serde_json::Value>(&body).expect("node json")
+    };
+    let out = d.hearth(&[
+        "run", "-d", "--cpus", "2", "busybox", "--", "sleep", "1000000",
+    ]);
+    assert!(out.status.success(), "{}", show(&out));
+    let id = stdout(&out).trim().to_string();
+    let n = node();
+    assert_eq!(
+        n["sandboxes"], 1,
+        "placed on the node before it starts: {n}"
+    );
+    assert_eq!(n["allocated"]["cpus"], 2, "{n}");
+
+    // A create the node refuses leaves no record.
+    let out = d.hearth(&["run", "-d", "no-such-image", "--", "true"]);
+    assert_eq!(out.status.code(), Some(125), "{}", show(&out));
+    assert_eq!(node()["sandboxes"], 1);
+
+    // What the agent observes reaches the record by its heartbeats: once the
+    // workload ends, the record no longer holds the node's room.
+    let out = d.hearth(&["run", "-d", "busybox", "--", "true"]);
+    assert!(out.status.success(), "{}", show(&out));
+    let short = stdout(&out).trim().to_string();
+    wait_until(
+        "the ended sandbox's record releases its room",
+        Duration::from_secs(120),
+        || d.inspect(&short)["status"] == "exited" && node()["sandboxes"] == 1,
+    );
+
+    let out = d.hearth(&["rm", "-f", &id]);
+    assert!(out.status.success(), "{}", show(&out));
+    let out = d.hearth(&["rm", &short]);
+    assert!(out.status.success(), "{}", show(&out));
+    let n = node();
+    assert_eq!(n["sandboxes"], 0, "{n}");
+    assert_eq!(n["allocated"]["cpus"], 0, "{n}");
+}

@@ -418,3 +418,308 @@ fn a_sandbox_run_through_the_control_plane_boots_on_its_node_and_streams_output(
     assert!(out.status.success(), "{}", hearth_e2e::show(&out));
     assert_eq!(c.get("/v1/sandboxes/hello").status, 404);
 }
+
+#[test]
+fn a_start_the_node_never_answers_ends_failed_with_the_reason_and_its_late_copy_is_stopped() {
+    // A long node timeout keeps the stopped agent Ready, so it is placed on.
+    let mut c = Cluster::start(
+        1,
+        &["--node-timeout-ms", "600000", "--start-timeout-ms", "2000"],
+    );
+    let n1 = c.add_agent("n1", &["--cpus", "2", "--memory-mib", "2048"]);
+    let port = c.any_port();
+    let rootfs = c.dir.path().join("busybox-rootfs");
+    hearth_e2e::images::busybox_rootfs(&rootfs);
+    let body = serde_json::json!({"name": "busybox", "path": rootfs}).to_string();
+    let r = http(port, "POST", "/v1/images/import", Some(&body), &[]).unwrap();
+    assert_eq!(r.status, 201, "{}", r.body);
+
+    // The agent is alive but answers nothing (SIGSTOP): the start times out.
+    c.agents[n1].signal(libc::SIGSTOP);
+    let r = http(
+        port,
+        "POST",
+        "/v1/sandboxes",
+        Some(r#"{"name":"doomed","image":"busybox","memory_mib":128,"cmd":["sleep","100000"],"network":{"mode":"none"}}"#),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.body.contains("did not answer within 2s"), "{}", r.body);
+    let s = c.get("/v1/sandboxes/doomed").json();
+    assert_eq!(s["status"], "failed", "{s}");
+    let why = s["error"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("starting on node n1") && why.contains("did not answer"),
+        "{s}"
+    );
+
+    // A copy for that record turns up on the node anyway (a start served
+    // late): the agent's heartbeats learn the record was given up, and it
+    // stops and removes that copy. A sandbox made on the node-local API
+    // without a record is not the control plane's, and is left alone.
+    c.agents[n1].signal(libc::SIGCONT);
+    let agent_port = c.agents[n1].port;
+    let sleeper = |owner: Option<&str>| {
+        let mut b = serde_json::json!({"image": "busybox", "memory_mib": 128,
+            "cmd": ["sleep", "100000"], "network": {"mode": "none"}});
+        if let Some(o) = owner {
+            b["owner"] = o.into();
+        }
+        let r = http(
+            agent_port,
+            "POST",
+            "/v1/sandboxes",
+            Some(&b.to_string()),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(r.status, 201, "{}", r.body);
+        r.json()["id"].as_str().unwrap().to_string()
+    };
+    let late = sleeper(Some(&format!("{}@0", s["id"].as_str().unwrap())));
+    let mine = sleeper(None);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let list = http(agent_port, "GET", "/v1/sandboxes", None, &[])
+            .map(|r| r.json())
+            .unwrap_or_default();
+        let ids: Vec<&str> = list
+            .as_array()
+            .map(|a| a.iter().filter_map(|s| s["id"].as_str()).collect())
+            .unwrap_or_default();
+        if ids == [mine.as_str()] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the late copy {late} is still on n1: {list}\n{}",
+            c.agents[n1].log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        c.agents[n1].log_text().contains("no longer assigns here"),
+        "the agent says why it stopped the copy"
+    );
+    let s = c.get("/v1/sandboxes/doomed").json();
+    assert_eq!(s["status"], "failed", "the record stays given up: {s}");
+    let agent_dir = c.dir.path().join("n1");
+    assert_eq!(
+        hearth_e2e::vmm_pids_under(&agent_dir).len(),
+        1,
+        "only the untagged sandbox runs"
+    );
+    let r = http(
+        agent_port,
+        "DELETE",
+        &format!("/v1/sandboxes/{mine}?force=true"),
+        None,
+        &[],
+    )
+    .unwrap();
+    assert_eq!(r.status, 204, "{}", r.body);
+}
+
+#[test]
+fn a_sandbox_its_node_no_longer_runs_is_lost_or_started_again_per_its_restart_policy() {
+    let mut c = Cluster::start(1, &["--start-timeout-ms", "2000"]);
+    let n1 = c.add_agent("n1", &["--cpus", "2", "--memory-mib", "2048"]);
+    let port = c.any_port();
+    let agent_port = c.agents[n1].port;
+    let rootfs = c.dir.path().join("busybox-rootfs");
+    hearth_e2e::images::busybox_rootfs(&rootfs);
+    let body = serde_json::json!({"name": "busybox", "path": rootfs}).to_string();
+    let r = http(port, "POST", "/v1/images/import", Some(&body), &[]).unwrap();
+    assert_eq!(r.status, 201, "{}", r.body);
+    const SLEEPER: &str = r#"{"image":"busybox","memory_mib":128,"cmd":["sleep","100000"],"network":{"mode":"none"}}"#;
+    let create = |q: &str| {
+        let r = http(
+            port,
+            "POST",
+            &format!("/v1/sandboxes{q}"),
+            Some(SLEEPER),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(r.status, 201, "{}", r.body);
+        r.json()["id"].as_str().unwrap().to_string()
+    };
+    let always = create("?restart=always");
+    let never = create("");
+    let agent_copies = || -> BTreeMap<String, (String, String)> {
+        let list = http(agent_port, "GET", "/v1/sandboxes", None, &[])
+            .unwrap()
+            .json();
+        list.as_array()
+            .into_iter()
+            .flatten()
+            .map(|s| {
+                // The record's part of the tag (without the cluster id).
+                let tag = s["owner"].as_str().unwrap_or_default();
+                let owner = tag.rsplit_once('/').map_or(tag, |(_, t)| t).to_string();
+                let st = s["status"].as_str().unwrap_or_default().to_string();
+                (owner, (s["id"].as_str().unwrap().to_string(), st))
+            })
+            .collect()
+    };
+    wait_json(port, &format!("/v1/sandboxes/{always}"), |s| {
+        s["status"] == "running"
+    });
+    wait_json(port, &format!("/v1/sandboxes/{never}"), |s| {
+        s["status"] == "running"
+    });
+
+    // Both copies vanish from the node behind the control plane's back.
+    for (owner, (agent_id, _)) in agent_copies() {
+        let r = http(
+            agent_port,
+            "DELETE",
+            &format!("/v1/sandboxes/{agent_id}?force=true"),
+            None,
+            &[],
+        )
+        .unwrap();
+        assert_eq!(r.status, 204, "{owner}: {}", r.body);
+    }
+    let s = wait_json(port, &format!("/v1/sandboxes/{never}"), |s| {
+        s["status"] == "lost"
+    });
+    assert!(
+        s["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("node n1 no longer runs it"),
+        "{s}"
+    );
+    let next = format!("{always}@1");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while agent_copies()
+        .get(&next)
+        .is_none_or(|(_, st)| st != "running")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{next} never ran: {:?}",
+            agent_copies()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    wait_json(port, &format!("/v1/sandboxes/{always}"), |s| {
+        s["status"] == "running"
+    });
+    let copies = agent_copies();
+    assert_eq!(
+        copies.keys().cloned().collect::<Vec<_>>(),
+        vec![format!("{always}@1")],
+        "restart=always runs again as its next generation: {copies:?}"
+    );
+    let r = http(
+        port,
+        "DELETE",
+        &format!("/v1/sandboxes/{always}?force=true"),
+        None,
+        &[],
+    )
+    .unwrap();
+    assert_eq!(r.status, 204, "{}", r.body);
+    let r = http(
+        port,
+        "DELETE",
+        &format!("/v1/sandboxes/{never}?force=true"),
+        None,
+        &[],
+    )
+    .unwrap();
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert!(hearth_e2e::vmm_pids_under(&c.dir.path().join("n1")).is_empty());
+}
+
+/// C2: an agent whose only control member is a follower that has not applied
+/// a create yet (it was stopped while the leader committed it and the start
+/// went to the agent) must not be told to stop the brand-new VM: the
+/// heartbeat's plan is computed by the state machine after the create.
+#[test]
+fn a_lagging_follower_never_fences_a_sandbox_it_has_not_applied_yet() {
+    let mut c = Cluster::start(3, &["--node-timeout-ms", "600000"]);
+    let leader = c.wait_leader(Duration::from_secs(10));
+    let follower = (1..=3u64).find(|m| *m != leader).unwrap();
+    let fport = c.members[follower as usize - 1].port;
+    let lport = c.members[leader as usize - 1].port;
+    let n1 = c.spawn_agent_via(
+        "n1",
+        "n1",
+        &format!("127.0.0.1:{fport}"),
+        &["--cpus", "2", "--memory-mib", "2048"],
+    );
+    c.wait_node("n1", "ready", Duration::from_secs(60));
+    let rootfs = c.dir.path().join("busybox-rootfs");
+    hearth_e2e::images::busybox_rootfs(&rootfs);
+    let body = serde_json::json!({"name": "busybox", "path": rootfs}).to_string();
+    let r = http(lport, "POST", "/v1/images/import", Some(&body), &[]).unwrap();
+    assert_eq!(r.status, 201, "{}", r.body);
+
+    // The follower stops; the leader commits the create with the other
+    // member and starts the VM on the agent, whose heartbeats queue up at
+    // the stopped follower.
+    c.members[follower as usize - 1].signal(libc::SIGSTOP);
+    let r = http(
+        lport,
+        "POST",
+        "/v1/sandboxes",
+        Some(r#"{"name":"fresh","image":"busybox","memory_mib":128,"cmd":["sleep","100000"],"network":{"mode":"none"}}"#),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(r.status, 201, "{}", r.body);
+    let agent_port = c.agents[n1].port;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !http(agent_port, "GET", "/v1/sandboxes", None, &[])
+        .map(|r| r.body.contains("\"running\""))
+        .unwrap_or(false)
+    {
+        assert!(Instant::now() < deadline, "the new VM never ran");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // why: a heartbeat that reports the running copy must be queued at the
+    // stopped follower: the agent's pending one times out after 5 s and the
+    // next one carries the copy. There is no signal to wait on for that.
+    std::thread::sleep(Duration::from_secs(6));
+    // The follower resumes behind the log and answers the queued heartbeats.
+    c.members[follower as usize - 1].signal(libc::SIGCONT);
+    let s = wait_json(fport, "/v1/sandboxes/fresh", |s| s["status"] == "running");
+    assert_eq!(s["node"], "n1", "{s}");
+    // Several more heartbeats through the follower: the VM keeps running.
+    let beat = |port| {
+        http(port, "GET", "/v1/nodes/n1", None, &[]).unwrap().json()["last_heartbeat_ms"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let since = beat(lport);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while beat(lport) < since + 1500 {
+        assert!(
+            Instant::now() < deadline,
+            "no heartbeats after the follower resumed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let list = http(agent_port, "GET", "/v1/sandboxes", None, &[])
+        .unwrap()
+        .json();
+    let copies = list.as_array().cloned().unwrap_or_default();
+    assert_eq!(copies.len(), 1, "{list}");
+    assert_eq!(copies[0]["status"], "running", "{list}");
+    assert!(
+        !c.agents[n1].log_text().contains("no longer assigns here"),
+        "the agent was told to stop the new VM:\n{}",
+        c.agents[n1].log_text()
+    );
+    assert_eq!(
+        hearth_e2e::vmm_pids_under(&c.dir.path().join("n1")).len(),
+        1,
+        "the VM still runs"
+    );
+    let r = http(lport, "DELETE", "/v1/sandboxes/fresh?force=true", None, &[]).unwrap();
+    assert_eq!(r.status, 204, "{}", r.body);
+}

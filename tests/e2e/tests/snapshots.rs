@@ -3,9 +3,12 @@
 //! Every test starts its own `hearthd dev`; VMs use 128 MiB so many fit.
 
 use std::collections::HashSet;
+use std::io::Write;
+use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
-use hearth_e2e::{show, stderr, stdout, wait_until, Daemon};
+use hearth_e2e::{show, stderr, stdout, vmm_pids_under, wait_until, Daemon, DaemonOptions};
 
 const COUNTER: &str =
     "echo before > /before; i=0; while true; do echo $i; i=$((i+1)); sleep 0.2; done";
@@ -337,4 +340,236 @@ fn networked_sandboxes_boot_cold_and_cannot_be_snapshotted_yet() {
     let out = d.hearth(&["snapshot", "net", "--name", "sn"]);
     assert_eq!(out.status.code(), Some(125), "{}", show(&out));
     assert!(stderr(&out).contains("--network none"), "{}", show(&out));
+}
+
+/// `hearth snapshot rm` of a snapshot a running sandbox was restored from: the
+/// refusal names the sandbox, before and after a daemon restart.
+#[test]
+fn removing_a_snapshot_in_use_is_refused_naming_the_sandbox_also_after_a_restart() {
+    let mut d = Daemon::start();
+    let src = run_detached(&d, &["busybox", "--", "sleep", "100000"]);
+    wait_running(&d, &src);
+    let out = d.hearth(&["snapshot", &src, "--name", "s"]);
+    assert!(out.status.success(), "{}", show(&out));
+    // The sandbox a snapshot was taken from does not depend on it.
+    let out = d.hearth(&["rm", "-f", &src]);
+    assert!(out.status.success(), "{}", show(&out));
+    let out = d.hearth(&["run", "-d", "--name", "user", "--from-snapshot", "s"]);
+    assert!(out.status.success(), "{}", show(&out));
+    wait_running(&d, "user");
+
+    let refused = |d: &Daemon| {
+        let out = d.hearth(&["snapshot", "rm", "s"]);
+        assert_eq!(out.status.code(), Some(125), "{}", show(&out));
+        let err = stderr(&out);
+        assert!(
+            err.contains("snapshot 's' is in use") && err.contains("user"),
+            "{}",
+            show(&out)
+        );
+        let ls = json(&d.hearth(&["snapshot", "ls", "--json"]));
+        assert_eq!(ls[0]["in_use"], 1, "{ls}");
+    };
+    refused(&d);
+    assert!(d.data_dir().join("snapshots/s/ram").exists());
+
+    d.kill9();
+    d.spawn();
+    let status = d.inspect("user")["status"].as_str().unwrap().to_string();
+    if status == "running" {
+        // A daemon that takes running sandboxes over still protects their snapshot.
+        refused(&d);
+        let out = d.hearth(&["rm", "-f", "user"]);
+        assert!(out.status.success(), "{}", show(&out));
+    } else {
+        // A daemon that stopped the sandbox at start frees its snapshot.
+        assert_eq!(status, "lost", "{}", d.inspect("user"));
+    }
+    let out = d.hearth(&["snapshot", "rm", "s"]);
+    assert!(out.status.success(), "{}", show(&out));
+    let out = d.hearth(&["snapshot", "ls", "--json"]);
+    assert_eq!(json(&out), serde_json::json!([]));
+    let left: Vec<_> = std::fs::read_dir(d.data_dir().join("snapshots"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "left in snapshots/: {left:?}");
+}
+
+/// `snapshot rm` racing `run --from-snapshot`: exactly one wins, and a sandbox
+/// that was accepted runs (its snapshot's files were not deleted under it).
+#[test]
+fn snapshot_rm_racing_a_restore_never_deletes_files_the_restore_uses() {
+    let d = Daemon::start();
+    let src = run_detached(&d, &["busybox", "--", "sleep", "100000"]);
+    wait_running(&d, &src);
+    for round in 0..3 {
+        let name = format!("race{round}");
+        let out = d.hearth(&["snapshot", &src, "--name", &name]);
+        assert!(out.status.success(), "{}", show(&out));
+        let (run, rm) = std::thread::scope(|s| {
+            let rm = s.spawn(|| d.hearth(&["snapshot", "rm", &name]));
+            let run = d.hearth(&["run", "-d", "--from-snapshot", &name]);
+            (run, rm.join().unwrap())
+        });
+        assert_ne!(
+            run.status.success(),
+            rm.status.success(),
+            "exactly one of run and rm wins:\nrun: {}\nrm: {}",
+            show(&run),
+            show(&rm)
+        );
+        if run.status.success() {
+            assert!(stderr(&rm).contains("in use"), "{}", show(&rm));
+            let id = stdout(&run).trim().to_string();
+            wait_running(&d, &id);
+            let out = d.hearth(&["rm", "-f", &id]);
+            assert!(out.status.success(), "{}", show(&out));
+        } else {
+            assert!(
+                stderr(&run).contains("not found") || stderr(&run).contains("removed"),
+                "{}",
+                show(&run)
+            );
+        }
+    }
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Fills the file system of `path` (writing `path`) until it reports ENOSPC.
+fn fill_disk(path: &Path) {
+    let mut f = std::fs::File::create(path).unwrap();
+    let chunk = vec![0u8; 1 << 20];
+    loop {
+        if let Err(e) = f.write_all(&chunk) {
+            assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+            break;
+        }
+    }
+    // Also the last partial page.
+    while f.write_all(&[0u8; 512]).is_ok() {}
+}
+
+/// Restores on a full disk: refused with the cause, nothing half-made left
+/// (no VM, no VM directory or disk layer, no sandbox dir without a record), and
+/// the template and snapshot restore again once space is freed.
+#[test]
+fn restore_on_a_full_disk_fails_cleanly_and_works_once_space_is_freed() {
+    if !is_root() {
+        eprintln!("skipped: mounting a small tmpfs as the data dir needs root");
+        return;
+    }
+    let mut d = Daemon::start_with(DaemonOptions {
+        before_start: Some(|dir: &Path| {
+            std::fs::create_dir_all(dir).unwrap();
+            let st = Command::new("mount")
+                .args(["-t", "tmpfs", "-o", "size=512m", "hearth-e2e-full"])
+                .arg(dir)
+                .status()
+                .unwrap();
+            assert!(st.success(), "mount tmpfs");
+        }),
+        ..DaemonOptions::default()
+    });
+    let data = d.data_dir();
+    let out = d.hearth(&[
+        "template", "create", "busybox", "--name", "bb", "--memory", "128",
+    ]);
+    assert!(out.status.success(), "{}", show(&out));
+    let src = run_detached(&d, &["--name", "src", "busybox", "--", "sleep", "100000"]);
+    wait_running(&d, &src);
+    assert_eq!(d.inspect("src")["start_path"], "template");
+    let out = d.hearth(&["snapshot", "src", "--name", "s"]);
+    assert!(out.status.success(), "{}", show(&out));
+    let vms_before = vmm_pids_under(&data);
+    assert_eq!(vms_before.len(), 1, "{vms_before:?}");
+
+    let filler = data.join("filler");
+    fill_disk(&filler);
+    let full_run = d.hearth(&[
+        "run",
+        "--network",
+        "none",
+        "--memory",
+        "128",
+        "busybox",
+        "--",
+        "echo",
+        "hi",
+    ]);
+    let full_snap = d.hearth(&["run", "--from-snapshot", "s"]);
+    for out in [&full_run, &full_snap] {
+        assert!(!out.status.success(), "{}", show(out));
+        assert!(
+            stderr(out).contains("No space left on device"),
+            "{}",
+            show(out)
+        );
+    }
+    // Nothing half-made: no VM started, every sandbox dir has its record, and
+    // the failed ones have no VM directory (disk layer, sockets) left.
+    assert_eq!(vmm_pids_under(&data), vms_before);
+    let listed = json(&d.hearth(&["ps", "--json"]));
+    let listed = listed.as_array().unwrap();
+    for ent in std::fs::read_dir(data.join("sandboxes")).unwrap().flatten() {
+        let id = ent.file_name().to_string_lossy().into_owned();
+        let s = listed
+            .iter()
+            .find(|s| s["id"] == id.as_str())
+            .unwrap_or_else(|| panic!("sandbox dir {id} has no sandbox: {listed:?}"));
+        if s["status"] == "failed" {
+            assert!(
+                s["error"].as_str().unwrap_or("").contains("No space left"),
+                "{s}"
+            );
+            assert!(!ent.path().join("vm").exists(), "{id} left its VM dir");
+        } else {
+            assert_eq!(s["id"], src.as_str(), "{s}");
+        }
+    }
+    for s in listed.iter().filter(|s| s["status"] == "failed") {
+        let out = d.hearth(&["rm", s["id"].as_str().unwrap()]);
+        assert!(out.status.success(), "{}", show(&out));
+    }
+
+    std::fs::remove_file(&filler).unwrap();
+    let after = [
+        "run",
+        "--network",
+        "none",
+        "--memory",
+        "128",
+        "--name",
+        "after",
+        "busybox",
+        "--",
+        "echo",
+        "hi",
+    ];
+    let mut out = d.hearth(&after);
+    if !out.status.success() {
+        // Known gap (docs/control-plane.md): the embedded Raft group stops at a
+        // storage error (openraft treats it as fatal) and says so on every call
+        // until hearthd is restarted; nothing is lost, the restart recovers.
+        assert!(
+            stderr(&out).contains("control-plane storage failed"),
+            "{}",
+            show(&out)
+        );
+        d.kill9();
+        d.spawn();
+        out = d.hearth(&after);
+    }
+    assert_eq!(stdout(&out), "hi\n", "{}", show(&out));
+    assert_eq!(d.inspect("after")["start_path"], "template");
+    let r = run_from_snapshot(&d, "s");
+    wait_running(&d, &r);
+    // why: the daemon removes its sandboxes (and their VMs) before the unmount.
+    drop(d);
+    let _ = Command::new("umount").arg("-l").arg(&data).status();
 }

@@ -924,6 +924,9 @@ impl Agent {
         let _ = std::fs::remove_file(inc.dir.join("incoming.sock"));
         let mut rec = inc.offer.sandbox.clone();
         rec.node = self.inner.cfg.node.clone();
+        // why: the tag names a record of the source's control plane; here it
+        // would read as a stale copy and be fenced.
+        rec.owner = None;
         rec.status = SandboxStatus::Running;
         rec.accel = self.inner.accel.accel.to_string();
         rec.started_ms = c.started_ms.or(Some(now_ms()));

@@ -10,6 +10,8 @@
 //! [`watchdog`] marks silent nodes NotReady, which loses or reschedules their
 //! sandboxes.
 
+mod dev;
+mod leases;
 mod nodes;
 mod proxy;
 mod sandboxes;
@@ -33,6 +35,11 @@ pub struct ControlConfig {
     pub node_timeout: Duration,
     /// Disk reserved per sandbox when the request does not say.
     pub default_disk_mib: u64,
+    /// How long a node may take to accept a start; a record still not
+    /// started after twice this is given up (`failed`) or, with
+    /// `restart: always`, started again. Also the grace before a copy a
+    /// node stops reporting counts as gone.
+    pub start_timeout: Duration,
 }
 
 impl Default for ControlConfig {
@@ -40,6 +47,7 @@ impl Default for ControlConfig {
         ControlConfig {
             node_timeout: Duration::from_secs(5),
             default_disk_mib: 512,
+            start_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -115,6 +123,8 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+pub use leases::all_leases;
+
 /// Routes every member serves, in every role that has a store: nodes, the
 /// control-plane group, the agent protocol and Raft's own RPCs. All of them
 /// require the cluster's bearer token.
@@ -134,6 +144,15 @@ pub fn cluster_routes(cp: ControlPlane, token: ApiToken) -> Router {
         )
         .route("/v1/agents/register", post(nodes::register))
         .route("/v1/agents/{node}/heartbeat", post(nodes::heartbeat))
+        .route("/v1/agents/{node}/slice", post(leases::join))
+        .route("/v1/agents/{node}/leases", post(leases::lease))
+        .route("/v1/agents/{node}/leases/retain", post(leases::retain))
+        .route(
+            "/v1/agents/{node}/leases/{sandbox}",
+            axum::routing::delete(leases::release),
+        )
+        .route("/v1/leases", get(leases::list))
+        .route("/v1/slices", get(leases::slices))
         .with_state(cp)
         .merge(raft)
         .layer(axum::middleware::from_fn_with_state(

@@ -1,16 +1,14 @@
 //! Node registry (agents register and heartbeat), node operations (cordon,
 //! drain) and the control-plane group's status and membership.
 
-use std::collections::BTreeMap;
-
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use hearth_api::cluster::{
-    AddMember, Capacity, ClusterStatus, Desired, Heartbeat, Member, Node, RegisterNode,
+    AddMember, Capacity, ClusterStatus, Desired, Fenced, Heartbeat, Member, Node, RegisterNode,
 };
 use hearth_api::{ApiError, ErrorCode, SandboxStatus};
 use hearth_sched::{Accel, Resources};
-use hearth_store::{Command, NodeRecord, Observed, Reply, State as St};
+use hearth_store::{Command, CopyReport, NodeRecord, Reply, State as St};
 
 use super::{now_ms, ControlPlane};
 use crate::{HttpError, Json};
@@ -65,11 +63,11 @@ fn node_reply(cp: &ControlPlane, r: Reply) -> ApiResult<Json<Node>> {
     match r {
         Reply::Node { node } => Ok(Json(cp.store.read_local(|st| node_view(st, &node)))),
         Reply::NotFound { what } => Err(not_found(&what)),
-        Reply::DuplicateNode { id, holder } => Err(HttpError(ApiError::new(
-            ErrorCode::Conflict,
+        Reply::DuplicateNode { id } => Err(HttpError(ApiError::new(
+            ErrorCode::NodeIdentityConflict,
             format!(
-                "node id {id} is already registered by another agent (instance {holder}); \
-                 give this agent another --node, or remove the old one with `hearth node rm {id}`"
+                "node id {id} is already registered by another agent instance; \
+                 give this agent another --node"
             ),
         ))),
         other => Err(HttpError(ApiError::new(
@@ -111,6 +109,8 @@ pub(super) async fn remove(
         .await?
     {
         Reply::NotFound { what } => Err(not_found(&what)),
+        // why: a removed node's slice whose agent still holds leases stays taken.
+        Reply::Conflict { message } => Err(HttpError(ApiError::new(ErrorCode::Conflict, message))),
         _ => Ok(StatusCode::NO_CONTENT),
     }
 }
@@ -245,70 +245,63 @@ pub(super) async fn heartbeat(
     Json(hb): Json<Heartbeat>,
 ) -> ApiResult<Json<Desired>> {
     let now = now_ms();
-    // Agent ids → control ids, for the sandboxes placed on this node.
-    let ids: BTreeMap<String, String> = cp.store.read_local(|st| {
-        st.sandboxes
-            .values()
-            .filter(|s| s.node == node)
-            .filter_map(|s| {
-                let a = s.observed.as_ref()?.agent_id.clone()?;
-                Some((a, s.id.clone()))
-            })
-            .collect()
-    });
-    let observed = hb
+    let grace = cp.cfg.start_timeout.as_millis() as u64;
+    let report = hb
         .sandboxes
         .iter()
-        .filter_map(|o| {
-            let id = ids.get(&o.agent_id)?;
-            Some((
-                id.clone(),
-                Observed {
-                    status: status_name(o.status),
-                    agent_id: Some(o.agent_id.clone()),
-                    error: o.error.clone(),
-                    updated_ms: now,
-                },
-            ))
+        .map(|r| CopyReport {
+            agent_id: r.agent_id.clone(),
+            status: status_name(r.status),
+            error: r.error.clone(),
+            owner: r.owner.clone(),
         })
         .collect();
-    // why: a report that only differs in its timestamp would rewrite the row on every beat.
-    let observed: BTreeMap<String, Observed> = cp.store.read_local(|st| {
-        let same = |id: &String, o: &Observed| {
-            st.sandboxes
-                .get(id)
-                .and_then(|s| s.observed.as_ref())
-                .is_some_and(|cur| {
-                    cur.status == o.status && cur.agent_id == o.agent_id && cur.error == o.error
-                })
-        };
-        let m: BTreeMap<String, Observed> = observed;
-        m.into_iter().filter(|(id, o)| !same(id, o)).collect()
-    });
+    // why: the plan is computed by the state machine at the heartbeat's log
+    // position, never from this member's possibly lagging local state.
     let r = cp
         .store
         .write(Command::Heartbeat {
             node: node.clone(),
             instance: hb.instance,
             at_ms: now,
-            observed,
+            observed: Default::default(),
+            report: Some(report),
+            grace_ms: grace,
         })
         .await?;
-    match r {
-        Reply::Ok => {}
+    let (keep, stop, remove, not_running) = match r {
+        Reply::Desired {
+            keep,
+            stop,
+            remove,
+            not_running,
+        } => (keep, stop, remove, not_running),
         Reply::NotFound { what } => return Err(not_found(&what)),
         other => {
             node_reply(&cp, other)?;
+            return Err(HttpError(ApiError::new(
+                ErrorCode::Internal,
+                format!("heartbeat of node {node}: unexpected store reply"),
+            )));
         }
+    };
+    for id in &not_running {
+        tracing::warn!(sandbox = %id, %node, "node no longer runs the sandbox");
     }
-    let keep = cp.store.read_local(|st| {
-        st.sandboxes
-            .values()
-            .filter(|s| s.node == node && s.reserves())
-            .filter_map(|s| s.observed.as_ref()?.agent_id.clone())
-            .collect()
-    });
-    Ok(Json(Desired { keep }))
+    for f in &stop {
+        tracing::warn!(%node, agent_id = %f.agent_id, "fencing a stale copy: {}", f.reason);
+    }
+    Ok(Json(Desired {
+        keep,
+        stop: stop
+            .into_iter()
+            .map(|f| Fenced {
+                agent_id: f.agent_id,
+                reason: f.reason,
+            })
+            .collect(),
+        remove,
+    }))
 }
 
 pub(super) async fn cluster_status(State(cp): State<ControlPlane>) -> Json<ClusterStatus> {

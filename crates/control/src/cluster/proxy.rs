@@ -45,9 +45,20 @@ fn relay(r: reqwest::Response) -> Response {
 /// agent's id for the sandbox.
 pub(super) async fn sandbox(
     State(cp): State<ControlPlane>,
-    Path((id, rest)): Path<(String, String)>,
+    Path((id, _rest)): Path<(String, String)>,
     req: Request,
 ) -> ApiResult<Response> {
+    // why: the decoded `{*rest}` would turn `..%2F..%2Fimages` into `../../images`,
+    // which the outgoing URL then normalizes out of the sandbox's subtree.
+    let rest = sandbox_subpath(req.uri().path()).ok_or_else(|| {
+        HttpError(ApiError::new(
+            ErrorCode::InvalidArgument,
+            format!(
+                "path {} is not a sandbox sub-resource; use /v1/sandboxes/SANDBOX/(output|exec|stdin|...)",
+                req.uri().path()
+            ),
+        ))
+    })?;
     let (rec, addr) = lookup(&cp, &id).await?;
     let agent_id = rec
         .observed
@@ -80,6 +91,24 @@ pub(super) async fn sandbox(
         .await
         .map_err(|e| unavailable(format!("node {} unreachable: {e}", rec.node)))?;
     Ok(relay(r))
+}
+
+/// The still percent-encoded part of `/v1/sandboxes/{id}/REST` after the id,
+/// or `None` when a segment is empty, `.` or `..` (encoded or not), so a
+/// forwarded request never leaves the sandbox's subtree on the agent.
+fn sandbox_subpath(path: &str) -> Option<&str> {
+    let rest = path.strip_prefix("/v1/sandboxes/")?;
+    let (_, rest) = rest.split_once('/')?;
+    let ok = rest.split('/').all(|seg| {
+        let lower = seg.to_ascii_lowercase();
+        let dots = lower.replace("%2e", ".");
+        !seg.is_empty()
+            && dots != "."
+            && dots != ".."
+            && !lower.contains("%2f")
+            && !lower.contains("%5c")
+    });
+    ok.then_some(rest)
 }
 
 async fn ready_nodes(cp: &ControlPlane) -> ApiResult<Vec<(String, String)>> {
@@ -164,4 +193,30 @@ pub(super) async fn info(State(cp): State<ControlPlane>) -> ApiResult<Response> 
         .await
         .map_err(|e| unavailable(format!("node {node} unreachable: {e}")))?;
     Ok(relay(r))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sandbox_subpath;
+
+    #[test]
+    fn sandbox_subpaths_stay_inside_the_sandbox() {
+        assert_eq!(sandbox_subpath("/v1/sandboxes/a1/output"), Some("output"));
+        assert_eq!(
+            sandbox_subpath("/v1/sandboxes/a1/execs/e2/stdin"),
+            Some("execs/e2/stdin")
+        );
+        for bad in [
+            "/v1/sandboxes/a1/../../images/prune",
+            "/v1/sandboxes/a1/..%2F..%2Fimages%2Fprune",
+            "/v1/sandboxes/a1/%2e%2E/images",
+            "/v1/sandboxes/a1/execs//stdin",
+            "/v1/sandboxes/a1/./output",
+            "/v1/sandboxes/a1/x%5C..%5Cimages",
+            "/v1/images/prune",
+            "/v1/sandboxes/a1",
+        ] {
+            assert_eq!(sandbox_subpath(bad), None, "{bad}");
+        }
+    }
 }

@@ -91,6 +91,7 @@ pub(super) fn to_api(rec: &SandboxRecord, accel: &str) -> hearth_api::Sandbox {
         start_path: None,
         start_note: None,
         started_from: None,
+        owner: None,
     }
 }
 
@@ -175,6 +176,7 @@ pub(super) async fn create(
             ip: None,
             created_ms: now_ms(),
             reschedules: 0,
+            pinned: false,
             observed: None,
         };
         match cp
@@ -234,10 +236,14 @@ pub(super) async fn start_on_agent(
         serde_json::from_value(rec.spec.clone()).map_err(|e| internal(e.to_string()))?;
     // why: names are the control plane's; the agent's namespace is per node.
     spec.name = None;
+    // why: the tag lets the agent's heartbeats match this copy to the record
+    // (even before this call returns) and fence it once it is stale.
+    spec.owner = Some(cp.store.read_local(|st| st.owner_of(rec)));
     let res = cp
         .http
         .post(format!("{addr}/v1/sandboxes"))
         .json(&spec)
+        .timeout(cp.cfg.start_timeout)
         .send()
         .await;
     let outcome: Result<hearth_api::Sandbox, ApiError> = match res {
@@ -252,6 +258,14 @@ pub(super) async fn start_on_agent(
                 ApiError::new(ErrorCode::Internal, format!("{status}: {body}"))
             }))
         }
+        Err(e) if e.is_timeout() => Err(ApiError::new(
+            ErrorCode::Unavailable,
+            format!(
+                "node {} at {addr} did not answer within {}s",
+                rec.node,
+                cp.cfg.start_timeout.as_secs()
+            ),
+        )),
         Err(e) => Err(ApiError::new(
             ErrorCode::Unavailable,
             format!("node {} at {addr} unreachable: {e}", rec.node),
@@ -275,6 +289,8 @@ pub(super) async fn start_on_agent(
         .write(Command::SetObserved {
             id: rec.id.clone(),
             observed,
+            node: Some(rec.node.clone()),
+            generation: Some(rec.reschedules),
         })
         .await?;
     match outcome {

@@ -1,5 +1,10 @@
 //! Loading `bpf/policy.c` onto a tap and reading/writing its maps.
 //!
+//! Updates are atomic: RULES holds two slots of rules (the LPM key starts with a
+//! slot/direction tag) and CONFIG names the active one. An update writes the
+//! inactive slot (rules, defaults, zeroed counters) and then flips
+//! `CONFIG.active`, one byte, so a packet sees the old or the new policy whole.
+//!
 //! Each sandbox gets its own program instance and maps. Maps and the two TCX
 //! links are pinned under `/sys/fs/bpf/hearth/<tap>/`, so the programs stay
 //! attached when hearthd exits and a restarted agent can update the rules;
@@ -11,19 +16,29 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{Array, Map, MapData};
+use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData};
 use aya::programs::links::FdLink;
 use aya::programs::tc::{NlOptions, TcAttachOptions};
 use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
 use aya::Ebpf;
 
-use super::{Compiled, RULES_PER_PREFIX};
+use super::{
+    Compiled, Direction, FIRST_RULE_COUNTER, MAX_COUNTERS, RULES_PER_PREFIX, RULE_COUNTERS_PER_SLOT,
+};
 
 static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/policy.bpf.o"));
 
 /// Root of Hearth's pins on the BPF filesystem.
 pub const BPFFS_ROOT: &str = "/sys/fs/bpf/hearth";
-const MAX_COUNTERS: u32 = 512;
+/// Distinct host addresses the HOSTS map holds (bpf/policy.c).
+const MAX_HOSTS: usize = 256;
+/// Entries of each flow map (EFLOWS, IFLOWS in bpf/policy.c).
+#[cfg(test)]
+const MAX_FLOWS: usize = 8192;
+/// The maps every sandbox's program instance has, pinned by these names.
+const MAPS: [&str; 7] = [
+    "CONFIG", "RULES", "COUNTERS", "HOSTS", "EFLOWS", "IFLOWS", "FRAGS",
+];
 
 /// A BPF operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +49,12 @@ pub enum BpfError {
     Attach { tap: String, reason: String },
     #[error("policy maps of {tap}: {reason}")]
     Map { tap: String, reason: String },
+    #[error("{tap}: the node has {given} IPv4 host and broadcast addresses, the policy map holds {max}; the sandbox's network is not started rather than leave some unblocked (remove addresses from the node)")]
+    TooManyHosts {
+        tap: String,
+        given: usize,
+        max: usize,
+    },
     #[error("bpffs at {path}: {source}")]
     Fs {
         path: String,
@@ -47,8 +68,13 @@ pub enum BpfError {
 struct SandboxCfg {
     ip: u32,
     mac: [u8; 6],
-    default_allow: u8,
+    active: u8,
     _pad: u8,
+    egress_default_allow: [u8; 2],
+    ingress_default_allow: [u8; 2],
+    /// Bumped by every update; its low bit is `active`. Flows remember the
+    /// epoch that allowed them and are judged again when it changed.
+    epoch: u32,
 }
 
 #[repr(C)]
@@ -64,7 +90,17 @@ struct RuleRaw {
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
 struct RuleList {
+    prefixlen: u32,
+    _pad: u32,
     r: [RuleRaw; RULES_PER_PREFIX],
+}
+
+/// The LPM key's data: which slot and direction, then the address.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct TagAddr {
+    tag: u32,
+    addr: u32,
 }
 
 #[repr(C)]
@@ -83,6 +119,8 @@ unsafe impl aya::Pod for RuleRaw {}
 unsafe impl aya::Pod for RuleList {}
 // SAFETY: as above.
 unsafe impl aya::Pod for Counter {}
+// SAFETY: as above.
+unsafe impl aya::Pod for TagAddr {}
 
 /// The pin directory of a tap's programs and maps.
 pub fn pin_dir(tap: &str) -> PathBuf {
@@ -118,9 +156,16 @@ fn nbo(ip: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(ip.octets())
 }
 
-/// Loads a fresh instance of the program, pins its maps, writes `policy` and
-/// attaches `guest_out`/`guest_in` to the tap's ingress/egress (TCX links, pinned).
-pub fn attach(tap: &str, ip: Ipv4Addr, mac: [u8; 6], policy: &Compiled) -> Result<(), BpfError> {
+/// Loads a fresh instance of the program, pins its maps, writes `policy` and the
+/// node's addresses `hosts`, and attaches `guest_out`/`guest_in` to the tap's
+/// ingress/egress (TCX links, pinned).
+pub fn attach(
+    tap: &str,
+    ip: Ipv4Addr,
+    mac: [u8; 6],
+    policy: &Compiled,
+    hosts: &[Ipv4Addr],
+) -> Result<(), BpfError> {
     ensure_bpffs()?;
     let dir = pin_dir(tap);
     let _ = std::fs::remove_dir_all(&dir);
@@ -128,11 +173,45 @@ pub fn attach(tap: &str, ip: Ipv4Addr, mac: [u8; 6], policy: &Compiled) -> Resul
         path: dir.display().to_string(),
         source,
     })?;
-    let result = attach_inner(tap, &dir, ip, mac, policy);
+    let result = attach_inner(tap, &dir, ip, mac, policy, hosts);
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&dir);
     }
     result
+}
+
+/// Loads a fresh program instance, pins its maps under `dir` and fills them;
+/// nothing is attached yet.
+fn load_and_fill(
+    tap: &str,
+    dir: &Path,
+    ip: Ipv4Addr,
+    mac: [u8; 6],
+    policy: &Compiled,
+    hosts: &[Ipv4Addr],
+) -> Result<Ebpf, BpfError> {
+    let bpf = Ebpf::load(OBJECT).map_err(|e| BpfError::Load(e.to_string()))?;
+    let map_err = |reason: String| BpfError::Map {
+        tap: tap.into(),
+        reason,
+    };
+    for name in MAPS {
+        let m = bpf
+            .map(name)
+            .ok_or_else(|| map_err(format!("map {name} missing from the object")))?;
+        m.pin(dir.join(name))
+            .map_err(|e| map_err(format!("pin {name}: {e}")))?;
+    }
+    write_slot(tap, 0, policy)?;
+    let mut cfg = SandboxCfg {
+        ip: nbo(ip),
+        mac,
+        ..SandboxCfg::default()
+    };
+    set_defaults(&mut cfg, 0, policy);
+    write_config(tap, cfg)?;
+    set_host_addresses(tap, hosts)?;
+    Ok(bpf)
 }
 
 fn attach_inner(
@@ -141,21 +220,9 @@ fn attach_inner(
     ip: Ipv4Addr,
     mac: [u8; 6],
     policy: &Compiled,
+    hosts: &[Ipv4Addr],
 ) -> Result<(), BpfError> {
-    let mut bpf = Ebpf::load(OBJECT).map_err(|e| BpfError::Load(e.to_string()))?;
-    let map_err = |reason: String| BpfError::Map {
-        tap: tap.into(),
-        reason,
-    };
-    for name in ["CONFIG", "EGRESS", "COUNTERS"] {
-        let m = bpf
-            .map(name)
-            .ok_or_else(|| map_err(format!("map {name} missing from the object")))?;
-        m.pin(dir.join(name))
-            .map_err(|e| map_err(format!("pin {name}: {e}")))?;
-    }
-    write_config(tap, ip, mac, policy.default_allow)?;
-    write_rules(tap, policy)?;
+    let mut bpf = load_and_fill(tap, dir, ip, mac, policy, hosts)?;
     // why: TCX links (pinnable) need Linux 6.6; older kernels (Debian 12's 6.1)
     // get cls_bpf filters on a clsact qdisc, which live as long as the tap.
     // HEARTH_TC_ATTACH=netlink forces the old path (to test it on new kernels).
@@ -223,60 +290,115 @@ fn open_map(tap: &str, name: &str) -> Result<Map, BpfError> {
     })
 }
 
-fn write_config(
-    tap: &str,
-    ip: Ipv4Addr,
-    mac: [u8; 6],
-    default_allow: bool,
-) -> Result<(), BpfError> {
-    let err = |e: aya::maps::MapError| BpfError::Map {
+fn config_map(tap: &str) -> Result<Array<MapData, SandboxCfg>, BpfError> {
+    open_map(tap, "CONFIG")?
+        .try_into()
+        .map_err(|e: aya::maps::MapError| BpfError::Map {
+            tap: tap.into(),
+            reason: format!("CONFIG: {e}"),
+        })
+}
+
+fn read_config(tap: &str) -> Result<SandboxCfg, BpfError> {
+    config_map(tap)?.get(&0, 0).map_err(|e| BpfError::Map {
         tap: tap.into(),
         reason: format!("CONFIG: {e}"),
-    };
-    let mut a: Array<MapData, SandboxCfg> = open_map(tap, "CONFIG")?.try_into().map_err(err)?;
-    let cfg = SandboxCfg {
-        ip: nbo(ip),
-        mac,
-        default_allow: u8::from(default_allow),
-        _pad: 0,
-    };
-    a.set(0, cfg, 0).map_err(err)
+    })
 }
 
-/// Replaces the rules live: new prefixes are written first, stale ones removed
-/// after, and the rule counters start again from zero.
+fn write_config(tap: &str, cfg: SandboxCfg) -> Result<(), BpfError> {
+    config_map(tap)?.set(0, cfg, 0).map_err(|e| BpfError::Map {
+        tap: tap.into(),
+        reason: format!("CONFIG: {e}"),
+    })
+}
+
+fn set_defaults(cfg: &mut SandboxCfg, slot: u8, policy: &Compiled) {
+    let s = usize::from(slot & 1);
+    cfg.egress_default_allow[s] = u8::from(policy.egress_default_allow);
+    cfg.ingress_default_allow[s] = u8::from(policy.ingress_default_allow);
+}
+
+/// Where counter `rel` (a slot of `Compiled::counters`) lives for policy `slot`.
+fn counter_index(rel: u16, slot: u8) -> u16 {
+    if rel < FIRST_RULE_COUNTER {
+        rel
+    } else {
+        rel + u16::from(slot & 1) * RULE_COUNTERS_PER_SLOT
+    }
+}
+
+fn tag(slot: u8, dir: Direction) -> u32 {
+    let d = match dir {
+        Direction::Egress => 0,
+        Direction::Ingress => 1,
+    };
+    (u32::from(slot & 1) * 2 + d).to_be()
+}
+
+/// Replaces the rules live and atomically: the inactive slot gets the new
+/// rules, defaults and zeroed rule counters, then becomes the active one.
+/// `ip` and `mac` are rewritten too (they never change for a sandbox).
 pub fn update(tap: &str, ip: Ipv4Addr, mac: [u8; 6], policy: &Compiled) -> Result<(), BpfError> {
-    write_rules(tap, policy)?;
-    write_config(tap, ip, mac, policy.default_allow)
+    let mut cfg = read_config(tap)?;
+    let epoch = cfg.epoch.wrapping_add(1);
+    let next = (epoch & 1) as u8;
+    write_slot(tap, next, policy)?;
+    cfg.ip = nbo(ip);
+    cfg.mac = mac;
+    set_defaults(&mut cfg, next, policy);
+    // why: two writes; the array value is copied in place, so the defaults of
+    // the new slot must be there before the epoch (whose low bit selects the
+    // slot) changes. The program reads only the epoch; `active` mirrors it.
+    write_config(tap, cfg)?;
+    cfg.epoch = epoch;
+    cfg.active = next;
+    write_config(tap, cfg)
 }
 
-fn write_rules(tap: &str, policy: &Compiled) -> Result<(), BpfError> {
+/// Writes policy `slot`'s rules (both directions) and zeroes its rule counters.
+fn write_slot(tap: &str, slot: u8, policy: &Compiled) -> Result<(), BpfError> {
     let err = |e: aya::maps::MapError| BpfError::Map {
         tap: tap.into(),
-        reason: format!("EGRESS: {e}"),
+        reason: format!("RULES: {e}"),
     };
-    let mut trie: LpmTrie<MapData, u32, RuleList> =
-        open_map(tap, "EGRESS")?.try_into().map_err(err)?;
+    let mut trie: LpmTrie<MapData, TagAddr, RuleList> =
+        open_map(tap, "RULES")?.try_into().map_err(err)?;
     let mut wanted = std::collections::HashSet::new();
-    for (cidr, entries) in &policy.prefixes {
-        let mut list = RuleList::default();
-        for (slot, e) in list.r.iter_mut().zip(entries) {
-            *slot = RuleRaw {
-                port_lo: e.port_lo,
-                port_hi: e.port_hi,
-                proto: e.proto,
-                action: if e.allow { 1 } else { 2 },
-                counter: e.counter,
+    for dir in [Direction::Egress, Direction::Ingress] {
+        let t = tag(slot, dir);
+        for (cidr, entries) in policy.prefixes(dir) {
+            let mut list = RuleList {
+                prefixlen: u32::from(cidr.prefix_len()),
+                ..RuleList::default()
             };
+            for (raw, e) in list.r.iter_mut().zip(entries) {
+                *raw = RuleRaw {
+                    port_lo: e.port_lo,
+                    port_hi: e.port_hi,
+                    proto: e.proto,
+                    action: if e.allow { 1 } else { 2 } | if e.inherited { 4 } else { 0 },
+                    counter: counter_index(e.counter, slot),
+                };
+            }
+            let data = TagAddr {
+                tag: t,
+                addr: nbo(cidr.addr()),
+            };
+            let key = Key::new(32 + u32::from(cidr.prefix_len()), data);
+            trie.insert(&key, list, 0).map_err(err)?;
+            wanted.insert((key.prefix_len(), t, data.addr));
         }
-        let key = Key::new(u32::from(cidr.prefix_len()), nbo(cidr.addr()));
-        trie.insert(&key, list, 0).map_err(err)?;
-        wanted.insert((cidr.prefix_len() as u32, nbo(cidr.addr())));
     }
-    let stale: Vec<Key<u32>> = trie
+    // Stale prefixes of this slot (the other slot is the live policy).
+    let ours = [tag(slot, Direction::Egress), tag(slot, Direction::Ingress)];
+    let stale: Vec<Key<TagAddr>> = trie
         .keys()
         .filter_map(Result::ok)
-        .filter(|k| !wanted.contains(&(k.prefix_len(), k.data())))
+        .filter(|k| {
+            let d = k.data();
+            ours.contains(&d.tag) && !wanted.contains(&(k.prefix_len(), d.tag, d.addr))
+        })
         .collect();
     for k in stale {
         trie.remove(&k).map_err(err)?;
@@ -287,21 +409,70 @@ fn write_rules(tap: &str, policy: &Compiled) -> Result<(), BpfError> {
     };
     let mut counters: Array<MapData, Counter> =
         open_map(tap, "COUNTERS")?.try_into().map_err(cerr)?;
-    for slot in u32::from(super::FIRST_RULE_COUNTER)..MAX_COUNTERS {
-        counters.set(slot, Counter::default(), 0).map_err(cerr)?;
+    let first = counter_index(FIRST_RULE_COUNTER, slot);
+    for i in first..first + RULE_COUNTERS_PER_SLOT {
+        counters
+            .set(u32::from(i), Counter::default(), 0)
+            .map_err(cerr)?;
     }
     Ok(())
 }
 
-/// Reads every counter slot.
+/// Makes the tap's HOSTS map hold exactly `hosts` (the node's own addresses).
+pub fn set_host_addresses(tap: &str, hosts: &[Ipv4Addr]) -> Result<(), BpfError> {
+    let err = |e: aya::maps::MapError| BpfError::Map {
+        tap: tap.into(),
+        reason: format!("HOSTS: {e}"),
+    };
+    let mut m: BpfHashMap<MapData, u32, u8> = open_map(tap, "HOSTS")?.try_into().map_err(err)?;
+    let wanted: std::collections::HashSet<u32> = hosts.iter().map(|a| nbo(*a)).collect();
+    // why: fail closed; a truncated list would leave host addresses reachable.
+    if wanted.len() > MAX_HOSTS {
+        return Err(BpfError::TooManyHosts {
+            tap: tap.into(),
+            given: wanted.len(),
+            max: MAX_HOSTS,
+        });
+    }
+    let stale: Vec<u32> = m
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| !wanted.contains(k))
+        .collect();
+    for k in stale {
+        m.remove(&k).map_err(err)?;
+    }
+    for k in wanted {
+        m.insert(k, 1, 0).map_err(err)?;
+    }
+    Ok(())
+}
+
+/// Every counter, in the layout of `Compiled::counters` (fixed slots, then the
+/// rule counters of the active policy slot).
 pub fn counters(tap: &str) -> Result<Vec<Counter>, BpfError> {
     let err = |e: aya::maps::MapError| BpfError::Map {
         tap: tap.into(),
         reason: format!("COUNTERS: {e}"),
     };
+    let slot = read_config(tap)?.active;
     let a: Array<MapData, Counter> = open_map(tap, "COUNTERS")?.try_into().map_err(err)?;
-    a.iter().map(|r| r.map_err(err)).collect()
+    let raw: Vec<Counter> = a.iter().map(|r| r.map_err(err)).collect::<Result<_, _>>()?;
+    Ok((0..FIRST_RULE_COUNTER + RULE_COUNTERS_PER_SLOT)
+        .map(|rel| {
+            raw.get(usize::from(counter_index(rel, slot)))
+                .copied()
+                .unwrap_or_default()
+        })
+        .collect())
 }
+
+/// The active policy slot (0 or 1); it flips on every update.
+pub fn active_slot(tap: &str) -> Result<u8, BpfError> {
+    Ok(read_config(tap)?.active & 1)
+}
+
+const _: () = assert!(FIRST_RULE_COUNTER + 2 * RULE_COUNTERS_PER_SLOT <= MAX_COUNTERS);
 
 /// Removes the pins (links detach once the tap is gone or here, when the pin
 /// was the last reference).
@@ -326,4 +497,420 @@ pub fn pinned_taps() -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// The real program on the real kernel (needs root): packets are fed to
+/// `guest_out`/`guest_in` with BPF_PROG_TEST_RUN, maps written as in
+/// production, but nothing is attached to a device.
+#[cfg(test)]
+mod tests {
+    use std::os::fd::{AsFd, AsRawFd};
+
+    use super::*;
+    use crate::policy::{compile, Action, Policy, Rule, RuleSet};
+
+    const OK: u32 = 0; // TC_ACT_OK
+    const SHOT: u32 = 2; // TC_ACT_SHOT
+    const MAC: [u8; 6] = [0x02, 0x48, 0, 0, 0, 5];
+    const G: [u8; 4] = [10, 250, 0, 5];
+
+    struct Prog {
+        tap: String,
+        bpf: Ebpf,
+    }
+
+    #[repr(C)]
+    #[derive(Default)]
+    struct TestRun {
+        prog_fd: u32,
+        retval: u32,
+        data_size_in: u32,
+        data_size_out: u32,
+        data_in: u64,
+        data_out: u64,
+        repeat: u32,
+        duration: u32,
+        ctx_size_in: u32,
+        ctx_size_out: u32,
+        ctx_in: u64,
+        ctx_out: u64,
+        flags: u32,
+        cpu: u32,
+        batch_size: u32,
+        _pad: u32,
+    }
+
+    fn policy(egress: RuleSet, ingress: RuleSet) -> Compiled {
+        compile(&Policy { egress, ingress }, &[]).unwrap()
+    }
+
+    fn set(default: Action, allow: &[&str], deny: &[&str]) -> RuleSet {
+        let mut rules: Vec<Rule> = allow
+            .iter()
+            .map(|s| Rule::parse(Action::Allow, s).unwrap())
+            .collect();
+        rules.extend(deny.iter().map(|s| Rule::parse(Action::Deny, s).unwrap()));
+        RuleSet { default, rules }
+    }
+
+    impl Prog {
+        fn load(name: &str, c: &Compiled, hosts: &[Ipv4Addr]) -> Prog {
+            ensure_bpffs().unwrap();
+            let tap = format!("hthut{name}{}", std::process::id() % 100000);
+            let dir = pin_dir(&tap);
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            let mut bpf = load_and_fill(&tap, &dir, Ipv4Addr::from(G), MAC, c, hosts).unwrap();
+            for name in ["guest_out", "guest_in"] {
+                let p: &mut SchedClassifier = bpf.program_mut(name).unwrap().try_into().unwrap();
+                p.load().unwrap();
+            }
+            Prog { tap, bpf }
+        }
+
+        fn run(&self, prog: &str, pkt: &[u8]) -> u32 {
+            let p: &SchedClassifier = self.bpf.program(prog).unwrap().try_into().unwrap();
+            let fd = p.fd().unwrap().as_fd().as_raw_fd();
+            let mut attr = TestRun {
+                prog_fd: fd as u32,
+                data_size_in: pkt.len() as u32,
+                data_in: pkt.as_ptr() as u64,
+                repeat: 1,
+                ..TestRun::default()
+            };
+            // SAFETY: attr is a valid BPF_PROG_TEST_RUN attribute whose data_in
+            // points to `pkt`, alive for the call; no output buffers.
+            let rc = unsafe {
+                libc::syscall(
+                    libc::SYS_bpf,
+                    10, // BPF_PROG_TEST_RUN
+                    &mut attr as *mut TestRun,
+                    std::mem::size_of::<TestRun>(),
+                )
+            };
+            assert_eq!(rc, 0, "test run: {}", std::io::Error::last_os_error());
+            attr.retval
+        }
+
+        fn out(&self, pkt: &[u8]) -> u32 {
+            self.run("guest_out", pkt)
+        }
+
+        fn inn(&self, pkt: &[u8]) -> u32 {
+            self.run("guest_in", pkt)
+        }
+
+        fn counter(&self, slot: u16) -> u64 {
+            counters(&self.tap).unwrap()[usize::from(slot)].packets
+        }
+    }
+
+    impl Drop for Prog {
+        fn drop(&mut self) {
+            let _ = detach(&self.tap);
+        }
+    }
+
+    fn ip(s: &str) -> [u8; 4] {
+        s.parse::<Ipv4Addr>().unwrap().octets()
+    }
+
+    /// Ethernet + IPv4 header (+ `l4`); `len` pads the IP packet to that size.
+    fn packet(src: [u8; 4], dst: [u8; 4], proto: u8, l4: &[u8], len: usize) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(&[0x02, 0, 0, 0, 0, 1]);
+        b.extend_from_slice(&MAC);
+        b.extend_from_slice(&[0x08, 0x00]);
+        b.extend_from_slice(&ipv4(src, dst, proto, l4, len));
+        b
+    }
+
+    fn ipv4(src: [u8; 4], dst: [u8; 4], proto: u8, l4: &[u8], len: usize) -> Vec<u8> {
+        let total = (20 + l4.len()).max(len);
+        let mut b = vec![
+            0x45,
+            0,
+            (total >> 8) as u8,
+            total as u8,
+            0,
+            0,
+            0,
+            0,
+            64,
+            proto,
+            0,
+            0,
+        ];
+        b.extend_from_slice(&src);
+        b.extend_from_slice(&dst);
+        b.extend_from_slice(l4);
+        b.resize(total, 0);
+        b
+    }
+
+    fn tcp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+        let mut t = vec![0u8; 20];
+        t[0..2].copy_from_slice(&sport.to_be_bytes());
+        t[2..4].copy_from_slice(&dport.to_be_bytes());
+        t[12] = 5 << 4;
+        t[13] = flags;
+        packet(src, dst, 6, &t, 0)
+    }
+
+    fn udp_l4(sport: u16, dport: u16) -> Vec<u8> {
+        let mut u = vec![0u8; 8];
+        u[0..2].copy_from_slice(&sport.to_be_bytes());
+        u[2..4].copy_from_slice(&dport.to_be_bytes());
+        u[5] = 8;
+        u
+    }
+
+    fn udp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
+        packet(src, dst, 17, &udp_l4(sport, dport), 0)
+    }
+
+    /// An ICMP port unreachable from `src` to `dst` quoting a UDP datagram
+    /// `qsrc:qsport -> qdst:qdport`; `len` pads the whole IP packet.
+    #[allow(clippy::too_many_arguments)]
+    fn icmp_err(
+        src: [u8; 4],
+        dst: [u8; 4],
+        qsrc: [u8; 4],
+        qdst: [u8; 4],
+        qsport: u16,
+        qdport: u16,
+        len: usize,
+    ) -> Vec<u8> {
+        let mut m = vec![3, 3, 0, 0, 0, 0, 0, 0];
+        m.extend_from_slice(&ipv4(qsrc, qdst, 17, &udp_l4(qsport, qdport), 0));
+        packet(src, dst, 1, &m, len)
+    }
+
+    const SYN: u8 = 0x02;
+    const ACK: u8 = 0x10;
+    const RST: u8 = 0x04;
+    const PSH_ACK: u8 = 0x18;
+
+    #[test]
+    fn icmp_errors_pass_only_along_the_quoted_flow() {
+        let d = ip("192.0.2.10");
+        let meta = ip("169.254.169.254");
+        let other = ip("10.250.0.9");
+        let c = policy(
+            set(Action::Deny, &["192.0.2.10/32:53:udp"], &[]),
+            set(Action::Allow, &[], &[]),
+        );
+        let p = Prog::load("c1", &c, &[]);
+        assert_eq!(p.out(&udp(G, d, 40000, 53)), OK, "the allowed flow opens");
+        // The guest's error about a datagram it received from d, sent to d.
+        assert_eq!(p.out(&icmp_err(G, d, d, G, 53, 40000, 0)), OK);
+        // The same quote, sent to denied addresses: dropped.
+        for to in [meta, other, ip("192.0.2.11")] {
+            assert_eq!(p.out(&icmp_err(G, to, d, G, 53, 40000, 0)), SHOT, "{to:?}");
+        }
+        // A quote of a packet the guest sent (not received) is no reply either.
+        assert_eq!(p.out(&icmp_err(G, d, G, d, 40000, 53, 0)), SHOT);
+        // Oversized errors are dropped.
+        assert_eq!(p.out(&icmp_err(G, d, d, G, 53, 40000, 1000)), SHOT);
+        // To the guest: only from the quoted destination, quoting the guest's packet.
+        assert_eq!(p.inn(&icmp_err(d, G, G, d, 40000, 53, 0)), OK);
+        assert_eq!(p.inn(&icmp_err(meta, G, G, d, 40000, 53, 0)), SHOT);
+        assert_eq!(p.inn(&icmp_err(d, G, other, d, 40000, 53, 0)), SHOT);
+    }
+
+    #[test]
+    fn flows_opened_from_outside_allow_only_replies_on_their_tuple() {
+        let d = ip("198.51.100.7");
+        // Egress denies d; ingress allows everything.
+        let c = policy(
+            set(Action::Deny, &["203.0.113.1/32:443:tcp"], &[]),
+            set(Action::Allow, &[], &[]),
+        );
+        let p = Prog::load("m3", &c, &[]);
+        assert_eq!(p.inn(&tcp(d, G, 5555, 8080, SYN)), OK, "inbound SYN opens");
+        assert_eq!(
+            p.out(&tcp(G, d, 8080, 5555, PSH_ACK)),
+            SHOT,
+            "no data before the handshake"
+        );
+        assert_eq!(p.out(&tcp(G, d, 8080, 5555, SYN | ACK)), OK, "the SYN-ACK");
+        assert_eq!(p.inn(&tcp(d, G, 5555, 8080, SYN)), OK, "retransmitted SYN");
+        assert_eq!(p.out(&tcp(G, d, 8080, 5555, PSH_ACK)), SHOT);
+        assert_eq!(p.inn(&tcp(d, G, 5555, 8080, ACK)), OK, "handshake done");
+        assert_eq!(p.out(&tcp(G, d, 8080, 5555, PSH_ACK)), OK);
+        assert_eq!(p.inn(&tcp(d, G, 5555, 8080, SYN)), OK, "a stray SYN");
+        assert_eq!(
+            p.out(&tcp(G, d, 8080, 5555, PSH_ACK)),
+            OK,
+            "does not reset it"
+        );
+        assert_eq!(p.out(&tcp(G, d, 8080, 5556, PSH_ACK)), SHOT, "other tuple");
+        assert_eq!(p.out(&tcp(G, d, 8081, 5555, PSH_ACK)), SHOT, "other tuple");
+        assert_eq!(p.out(&tcp(G, d, 8080, 5555, SYN)), SHOT, "a new flow to d");
+        assert_eq!(p.out(&tcp(G, d, 8080, 5555, RST | ACK)), OK);
+        assert_eq!(p.out(&tcp(G, d, 8080, 5555, PSH_ACK)), SHOT, "RST ended it");
+        // A closed port answers the SYN with RST at once.
+        assert_eq!(p.inn(&tcp(d, G, 5557, 22, SYN)), OK);
+        assert_eq!(p.out(&tcp(G, d, 22, 5557, RST | ACK)), OK);
+
+        // UDP: only from the port it came to, to the exact source.
+        assert_eq!(p.inn(&udp(d, G, 7000, 9000)), OK);
+        assert_eq!(p.out(&udp(G, d, 9000, 7000)), OK, "the reply");
+        assert_eq!(p.out(&udp(G, d, 9001, 7000)), SHOT);
+        assert_eq!(p.out(&udp(G, d, 9000, 7001)), SHOT);
+
+        // The guest's own flows live in their own map: an inbound spray larger
+        // than the flow table does not evict them.
+        let a = ip("203.0.113.1");
+        assert_eq!(p.out(&tcp(G, a, 41000, 443, SYN)), OK);
+        for i in 0..(MAX_FLOWS + 1000) {
+            let src = [100, 64, (i >> 8) as u8, i as u8];
+            assert_eq!(p.inn(&udp(src, G, 1000, 2000)), OK);
+        }
+        assert_eq!(
+            p.inn(&tcp(a, G, 443, 41000, SYN | ACK)),
+            OK,
+            "still tracked"
+        );
+    }
+
+    #[test]
+    fn established_flows_are_judged_again_after_a_policy_change_and_expire() {
+        let a = ip("203.0.113.1");
+        let allow_a = policy(
+            set(Action::Deny, &["203.0.113.1/32:443:tcp"], &[]),
+            set(Action::Deny, &[], &[]),
+        );
+        let p = Prog::load("m2", &allow_a, &[]);
+        let g = Ipv4Addr::from(G);
+        assert_eq!(p.out(&tcp(G, a, 41000, 443, SYN)), OK);
+        assert_eq!(p.inn(&tcp(a, G, 443, 41000, SYN | ACK)), OK);
+        assert_eq!(p.out(&tcp(G, a, 41000, 443, PSH_ACK)), OK);
+        // Another policy that still allows a: the connection goes on.
+        let still = policy(
+            set(Action::Allow, &[], &["10.0.0.0/8"]),
+            set(Action::Deny, &[], &[]),
+        );
+        update(&p.tap, g, MAC, &still).unwrap();
+        assert_eq!(p.out(&tcp(G, a, 41000, 443, PSH_ACK)), OK);
+        assert_eq!(p.inn(&tcp(a, G, 443, 41000, PSH_ACK)), OK);
+        // Now denied: the next packet either way is dropped, the flow deleted.
+        let denied = policy(set(Action::Deny, &[], &[]), set(Action::Deny, &[], &[]));
+        update(&p.tap, g, MAC, &denied).unwrap();
+        assert_eq!(p.inn(&tcp(a, G, 443, 41000, PSH_ACK)), SHOT);
+        assert_eq!(p.counter(13), 1, "counted as denied after a change");
+        update(&p.tap, g, MAC, &allow_a).unwrap();
+        assert_eq!(
+            p.out(&tcp(G, a, 41000, 443, PSH_ACK)),
+            SHOT,
+            "the flow is gone, not just paused"
+        );
+        // RST ends a flow.
+        assert_eq!(p.out(&tcp(G, a, 41001, 443, SYN)), OK);
+        assert_eq!(p.out(&tcp(G, a, 41001, 443, RST)), OK);
+        assert_eq!(p.inn(&tcp(a, G, 443, 41001, PSH_ACK)), SHOT);
+        // An idle flow expires: age a UDP flow by rewriting its last-seen time.
+        let c = policy(
+            set(Action::Deny, &["203.0.113.1/32:53:udp"], &[]),
+            set(Action::Deny, &[], &[]),
+        );
+        update(&p.tap, g, MAC, &c).unwrap();
+        assert_eq!(p.out(&udp(G, a, 42000, 53)), OK);
+        assert_eq!(p.inn(&udp(a, G, 53, 42000)), OK);
+        let mut flows: BpfHashMap<MapData, [u8; 12], [u8; 16]> =
+            open_map(&p.tap, "EFLOWS").unwrap().try_into().unwrap();
+        let keys: Vec<[u8; 12]> = flows.keys().map(Result::unwrap).collect();
+        for k in keys {
+            let mut v = flows.get(&k, 0).unwrap();
+            v[..8].copy_from_slice(&1u64.to_ne_bytes());
+            flows.insert(k, v, 0).unwrap();
+        }
+        assert_eq!(p.inn(&udp(a, G, 53, 42000)), SHOT, "expired");
+        assert!(p.counter(14) >= 1);
+    }
+
+    /// `packet` with the IPv4 fragment field set (offset in 8-byte units).
+    fn fragment(mut pkt: Vec<u8>, id: u16, more: bool, offset: u16) -> Vec<u8> {
+        pkt[18..20].copy_from_slice(&id.to_be_bytes());
+        let f = offset | if more { 0x2000 } else { 0 };
+        pkt[20..22].copy_from_slice(&f.to_be_bytes());
+        pkt
+    }
+
+    #[test]
+    fn later_fragments_pass_only_after_an_allowed_first_fragment() {
+        let ok = ip("192.0.2.10");
+        let denied = ip("192.0.2.11");
+        let c = policy(
+            set(Action::Deny, &["192.0.2.10/32:53:udp"], &[]),
+            set(Action::Deny, &[], &[]),
+        );
+        let p = Prog::load("frag", &c, &[]);
+        assert_eq!(p.out(&fragment(udp(G, ok, 40000, 53), 7, true, 0)), OK);
+        assert_eq!(
+            p.out(&fragment(packet(G, ok, 17, &[0; 16], 0), 7, true, 2)),
+            OK
+        );
+        assert_eq!(
+            p.out(&fragment(packet(G, ok, 17, &[0; 16], 0), 7, false, 4)),
+            OK
+        );
+        // No first fragment, or a denied one: the rest is dropped.
+        assert_eq!(
+            p.out(&fragment(packet(G, ok, 17, &[0; 16], 0), 8, false, 4)),
+            SHOT
+        );
+        assert_eq!(
+            p.out(&fragment(udp(G, denied, 40000, 53), 9, true, 0)),
+            SHOT
+        );
+        assert_eq!(
+            p.out(&fragment(packet(G, denied, 17, &[0; 16], 0), 9, false, 2)),
+            SHOT
+        );
+        // Inbound likewise.
+        assert_eq!(
+            p.inn(&fragment(packet(ok, G, 17, &[0; 16], 0), 7, false, 2)),
+            SHOT
+        );
+        assert_eq!(p.inn(&fragment(udp(ok, G, 53, 40000), 10, true, 0)), OK);
+        assert_eq!(
+            p.inn(&fragment(packet(ok, G, 17, &[0; 16], 0), 10, false, 2)),
+            OK
+        );
+    }
+
+    #[test]
+    fn an_explicit_ingress_deny_of_a_host_address_wins() {
+        let h1 = ip("192.0.2.2");
+        let h2 = ip("192.0.2.3");
+        let c = policy(
+            set(Action::Allow, &[], &[]),
+            set(Action::Deny, &[], &["192.0.2.2/32"]),
+        );
+        let hosts = [Ipv4Addr::from(h1), Ipv4Addr::from(h2)];
+        let p = Prog::load("m4", &c, &hosts);
+        assert_eq!(p.inn(&tcp(h1, G, 5000, 8080, SYN)), SHOT, "explicit deny");
+        assert_eq!(p.inn(&tcp(h2, G, 5000, 8080, SYN)), OK, "the proxy");
+        assert_eq!(
+            p.inn(&tcp(ip("198.51.100.1"), G, 5000, 8080, SYN)),
+            SHOT,
+            "default deny"
+        );
+    }
+
+    #[test]
+    fn too_many_host_addresses_fail_closed() {
+        let c = policy(set(Action::Allow, &[], &[]), set(Action::Allow, &[], &[]));
+        let p = Prog::load("hosts", &c, &[Ipv4Addr::new(192, 0, 2, 2)]);
+        let many: Vec<Ipv4Addr> = (0..=MAX_HOSTS as u32)
+            .map(|i| Ipv4Addr::from(0x0a00_0000 + i))
+            .collect();
+        let e = set_host_addresses(&p.tap, &many).unwrap_err();
+        assert!(e.to_string().contains("holds 256"), "{e}");
+        // The old list is untouched.
+        assert_eq!(p.out(&tcp(G, ip("192.0.2.2"), 1000, 80, SYN)), SHOT);
+        assert_eq!(p.out(&tcp(G, ip("10.0.0.1"), 1000, 80, SYN)), OK);
+        let _ = &p.bpf;
+    }
 }

@@ -202,7 +202,7 @@ impl QemuVm {
 
     /// why: QEMU reports `completed` a moment before the run state leaves
     /// `finish-migrate`; callers (and `cont` on a refused hand-over) want it settled.
-    async fn settle_after_completion(&self) {
+    pub(crate) async fn settle_after_completion(&self) {
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
             match self.qmp().execute("query-status", Value::Null).await {

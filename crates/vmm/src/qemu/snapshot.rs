@@ -167,6 +167,9 @@ impl QemuVm {
         self.qmp.execute("migrate", json!({ "uri": uri })).await?;
         self.wait_migration(&mut events, "saving the VM state")
             .await?;
+        // why: a `cont` right after the `completed` event is refused ("Migration is
+        // not finalized yet") while the run state is still `finish-migrate`.
+        self.settle_after_completion().await;
         // why: QEMU flushed the disk when the migration completed and nothing runs
         // until we resume, so these copies are consistent with the state stream.
         let disk = dest.join(DISK_FILE);

@@ -1,0 +1,213 @@
+//! What one heartbeat means, decided inside the state machine's apply of
+//! `Command::Heartbeat`: which of the copies a node reports are the ones its
+//! records ask for, which are stale (fenced: the agent stops, then removes
+//! them), and which records have no copy on the node any more.
+//!
+//! Being part of apply, the plan is consistent with the heartbeat's log
+//! position on every member: a member that has not applied a create yet
+//! cannot answer for it, because the heartbeat is ordered after the create.
+//!
+//! Fencing needs **positive evidence**: the record placed on another node,
+//! started again as a newer generation, given up, a second copy of the same
+//! record, or a tombstone of the deleted record. A copy whose record is
+//! unknown and has no tombstone, or whose generation is newer than its
+//! record's, is left alone (a restored or rebuilt control plane must never
+//! make agents kill what they run). Ended copies are removed only when their
+//! record still exists and says they are stale; a deleted record's copy is
+//! stopped at most. A copy whose tag names another cluster id is ignored.
+
+use std::collections::BTreeSet;
+
+use crate::state::{
+    owner_cluster, parse_owner, CopyReport, Fence, Observed, Reply, RestartPolicy, SandboxRecord,
+    State,
+};
+
+/// Why a tagged copy is not (any more) its existing record's, if it is not.
+fn stale(rec: &SandboxRecord, generation: u32, node: &str, agent_id: &str) -> Option<String> {
+    let id = &rec.id;
+    if generation > rec.reschedules {
+        // why: no evidence: the record is older than the copy (a restored state).
+        return None;
+    }
+    if rec.node != node {
+        return Some(format!("sandbox {id} now runs on node {}", rec.node));
+    }
+    if generation < rec.reschedules {
+        return Some(format!(
+            "sandbox {id} was started again (generation {})",
+            rec.reschedules
+        ));
+    }
+    let o = rec.observed.as_ref();
+    if rec.abandoned() {
+        let why = o.and_then(|o| o.error.clone()).unwrap_or_default();
+        return Some(format!("the control plane gave sandbox {id} up ({why})"));
+    }
+    match o.and_then(|o| o.agent_id.as_deref()) {
+        Some(a) if a != agent_id => Some(format!("sandbox {id} already runs here as {a}")),
+        _ => None,
+    }
+}
+
+impl State {
+    /// Applies `node`'s report at `at_ms` and answers what the node must do.
+    /// A record whose copy has been known for longer than `grace_ms` and is
+    /// missing from the report is not running: lost, or with
+    /// `restart: always` started again as a new generation.
+    pub(crate) fn reconcile(
+        &mut self,
+        node: &str,
+        report: &[CopyReport],
+        at_ms: u64,
+        grace_ms: u64,
+    ) -> Reply {
+        let mut keep: Vec<String> = Vec::new();
+        let mut stop: Vec<Fence> = Vec::new();
+        let mut remove: Vec<String> = Vec::new();
+        let mut not_running: Vec<String> = Vec::new();
+        let mut claimed: BTreeSet<String> = BTreeSet::new();
+        for r in report {
+            // why: a copy tagged by another cluster (or by this control plane
+            // before it was rebuilt) is none of this state's business.
+            if let Some(c) = r.owner.as_deref().and_then(owner_cluster) {
+                if self.cluster_id.as_deref() != Some(c) {
+                    continue;
+                }
+            }
+            let terminal = r.is_terminal();
+            let id = match r.owner.as_deref().and_then(parse_owner) {
+                Some((id, generation)) => {
+                    let Some(rec) = self.sandboxes.get(id) else {
+                        // why: only a tombstone is evidence that the record is
+                        // gone, not merely unknown here; and an ended copy of
+                        // it is kept (its data stays until someone removes it).
+                        let buried = self
+                            .tombstones
+                            .get(id)
+                            .is_some_and(|t| t.generation >= generation);
+                        if buried && !terminal {
+                            stop.push(Fence {
+                                agent_id: r.agent_id.clone(),
+                                reason: format!("sandbox {id} was deleted"),
+                            });
+                        }
+                        continue;
+                    };
+                    if generation > rec.reschedules {
+                        continue;
+                    }
+                    let why = stale(rec, generation, node, &r.agent_id).or_else(|| {
+                        claimed
+                            .contains(id)
+                            .then(|| format!("another copy of sandbox {id} runs here"))
+                    });
+                    if let Some(reason) = why {
+                        if terminal {
+                            remove.push(r.agent_id.clone());
+                        } else {
+                            stop.push(Fence {
+                                agent_id: r.agent_id.clone(),
+                                reason,
+                            });
+                        }
+                        continue;
+                    }
+                    id.to_string()
+                }
+                // why: a copy without a tag was started before tags existed;
+                // match it by the agent id its record holds, never fence it.
+                None => match self.sandboxes.values().find(|s| {
+                    s.node == node
+                        && s.observed.as_ref().and_then(|o| o.agent_id.as_deref())
+                            == Some(r.agent_id.as_str())
+                }) {
+                    Some(s) => s.id.clone(),
+                    None => continue,
+                },
+            };
+            claimed.insert(id.clone());
+            // why: restart=always means a copy that died (lost, failed) is
+            // started again, not recorded as the end.
+            let died = matches!(r.status.as_str(), "lost" | "failed");
+            if let Some(rec) = self.sandboxes.get(&id).filter(|s| {
+                died && s.restart == RestartPolicy::Always && s.node == node && !s.pinned
+            }) {
+                let generation = rec.reschedules;
+                let why = format!(
+                    "its copy {} on node {node} ended {}{}",
+                    r.agent_id,
+                    r.status,
+                    r.error
+                        .as_deref()
+                        .map(|e| format!(": {e}"))
+                        .unwrap_or_default()
+                );
+                self.not_running(&id, node, generation, &r.status, &why, at_ms);
+                not_running.push(id);
+                continue;
+            }
+            let obs = Observed {
+                status: r.status.clone(),
+                agent_id: Some(r.agent_id.clone()),
+                error: r.error.clone(),
+                updated_ms: at_ms,
+            };
+            if let Some(sb) = self.sandboxes.get_mut(&id) {
+                let same = sb.observed.as_ref().is_some_and(|cur| {
+                    cur.status == obs.status
+                        && cur.agent_id == obs.agent_id
+                        && cur.error == obs.error
+                });
+                if !same {
+                    sb.observed = Some(obs);
+                    self.touch_sandbox(&id);
+                }
+            }
+            if !terminal {
+                keep.push(r.agent_id.clone());
+            }
+        }
+        let reported: BTreeSet<&str> = report.iter().map(|r| r.agent_id.as_str()).collect();
+        let mut missing: Vec<(String, u32)> = Vec::new();
+        for rec in self
+            .sandboxes
+            .values()
+            .filter(|s| s.node == node && s.reserves())
+        {
+            let Some(o) = &rec.observed else { continue };
+            let Some(a) = &o.agent_id else { continue };
+            // why: a record's copy stays wanted even when this report lacks
+            // it (an agent restarting re-adopts what `keep` lists).
+            if !keep.contains(a) {
+                keep.push(a.clone());
+            }
+            if !rec.record_only
+                && !claimed.contains(&rec.id)
+                && !reported.contains(a.as_str())
+                && at_ms.saturating_sub(o.updated_ms) > grace_ms
+            {
+                missing.push((rec.id.clone(), rec.reschedules));
+            }
+        }
+        for (id, generation) in missing {
+            let why = format!("node {node} no longer runs it (its agent lost or removed it)");
+            self.not_running(&id, node, generation, "lost", &why, at_ms);
+            if let Some(a) = self
+                .sandboxes
+                .get(&id)
+                .and_then(|s| s.observed.as_ref())
+                .and_then(|o| o.agent_id.as_ref())
+            {
+                keep.retain(|k| k != a);
+            }
+            not_running.push(id);
+        }
+        Reply::Desired {
+            keep,
+            stop,
+            remove,
+            not_running,
+        }
+    }
+}

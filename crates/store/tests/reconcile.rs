@@ -1,0 +1,406 @@
+//! Heartbeats are reconciled inside the state machine's apply: the fencing
+//! plan follows the log position, needs positive evidence, and observed-state
+//! writes and give-ups are checked against the record they were meant for.
+
+use std::collections::BTreeMap;
+
+use hearth_sched::{Accel, Request, Resources};
+use hearth_store::{
+    Command, CopyReport, Expect, Fence, NodeRecord, Observed, Reply, RestartPolicy, SandboxRecord,
+    State, TOMBSTONES_MAX,
+};
+
+fn node(id: &str) -> Command {
+    Command::RegisterNode {
+        node: NodeRecord {
+            id: id.into(),
+            instance: format!("inst-{id}"),
+            address: "http://127.0.0.1:1".into(),
+            capacity: Resources::new(64, 65536, 1_000_000),
+            accel: Accel::Tcg,
+            labels: BTreeMap::new(),
+            cordoned: false,
+            ready: true,
+            registered_ms: 1,
+            last_heartbeat_ms: 1,
+            warm_templates: Default::default(),
+            volumes: Default::default(),
+        },
+    }
+}
+
+fn create(id: &str, node: &str, restart: RestartPolicy) -> Command {
+    Command::CreateSandbox {
+        sandbox: SandboxRecord {
+            id: id.into(),
+            name: None,
+            spec: serde_json::json!({"image": "busybox"}),
+            request: Request {
+                resources: Resources::new(1, 64, 10),
+                ..Default::default()
+            },
+            node: node.into(),
+            restart,
+            record_only: false,
+            idempotency_key: None,
+            ip: None,
+            created_ms: 1,
+            reschedules: 0,
+            pinned: false,
+            observed: None,
+        },
+    }
+}
+
+fn copy(agent_id: &str, status: &str, owner: Option<&str>) -> CopyReport {
+    CopyReport {
+        agent_id: agent_id.into(),
+        status: status.into(),
+        error: None,
+        owner: owner.map(str::to_string),
+    }
+}
+
+fn heartbeat(s: &mut State, node: &str, at_ms: u64, report: Vec<CopyReport>) -> Desired {
+    match s.apply(&Command::Heartbeat {
+        node: node.into(),
+        instance: format!("inst-{node}"),
+        at_ms,
+        observed: Default::default(),
+        report: Some(report),
+        grace_ms: 5,
+    }) {
+        Reply::Desired {
+            keep,
+            stop,
+            remove,
+            not_running,
+        } => Desired {
+            keep,
+            stop,
+            remove,
+            not_running,
+        },
+        other => panic!("heartbeat answered {other:?}"),
+    }
+}
+
+#[derive(Debug)]
+struct Desired {
+    keep: Vec<String>,
+    stop: Vec<Fence>,
+    remove: Vec<String>,
+    not_running: Vec<String>,
+}
+
+fn stopped(d: &Desired) -> Vec<&str> {
+    d.stop.iter().map(|f| f.agent_id.as_str()).collect()
+}
+
+fn set_observed(id: &str, node: &str, generation: u32, status: &str, agent: &str) -> Command {
+    Command::SetObserved {
+        id: id.into(),
+        observed: Observed {
+            status: status.into(),
+            agent_id: Some(agent.into()),
+            error: None,
+            updated_ms: 2,
+        },
+        node: Some(node.into()),
+        generation: Some(generation),
+    }
+}
+
+fn not_running(id: &str, node: &str, generation: u32, expect: Option<Expect>) -> Command {
+    Command::NotRunning {
+        id: id.into(),
+        node: node.into(),
+        generation,
+        status: "failed".into(),
+        why: "it was never started".into(),
+        at_ms: 3,
+        expect,
+    }
+}
+
+fn status(s: &State, id: &str) -> (String, Option<String>, u32) {
+    let r = &s.sandboxes[id];
+    let o = r.observed.clone().unwrap_or(Observed {
+        status: "none".into(),
+        agent_id: None,
+        error: None,
+        updated_ms: 0,
+    });
+    (o.status, o.agent_id, r.reschedules)
+}
+
+/// C2: the plan is computed at the heartbeat's log position, after the
+/// create, so the brand-new copy is kept and learns its agent id.
+#[test]
+fn a_heartbeat_ordered_after_the_create_keeps_the_new_copy() {
+    let mut s = State::default();
+    s.apply(&node("n1"));
+    s.apply(&create("s1", "n1", RestartPolicy::Never));
+    let d = heartbeat(&mut s, "n1", 10, vec![copy("a1", "creating", Some("s1@0"))]);
+    assert!(d.stop.is_empty() && d.remove.is_empty(), "{d:?}");
+    assert_eq!(d.keep, ["a1"]);
+    assert_eq!(status(&s, "s1"), ("creating".into(), Some("a1".into()), 0));
+}
+
+/// C2 / M8: a copy whose record this state does not know (not applied yet, a
+/// wiped or restored control plane) is never stopped or removed.
+#[test]
+fn a_copy_of_an_unknown_record_is_left_alone_without_a_tombstone() {
+    let mut s = State::default();
+    s.apply(&node("n1"));
+    let d = heartbeat(
+        &mut s,
+        "n1",
+        10,
+        vec![
+            copy("a1", "running", Some("ghost@0")),
+            copy("a2", "exited", Some("ghost2@4")),
+        ],
+    );
+    assert!(d.stop.is_empty() && d.remove.is_empty(), "{d:?}");
+    assert!(d.keep.is_empty(), "{d:?}");
+}
+
+/// M8: a deleted record's running copy is stopped (its tombstone is the
+/// evidence); its ended copy is never removed automatically.
+#[test]
+fn a_deleted_records_running_copy_is_stopped_and_its_ended_copy_is_kept() {
+    let mut s = State::default();
+    s.apply(&node("n1"));
+    s.apply(&create("s1", "n1", RestartPolicy::Never));
+    s.apply(&Command::DeleteSandbox { id: "s1".into() });
+    assert_eq!(s.tombstones["s1"].generation, 0);
+    let d = heartbeat(&mut s, "n1", 10, vec![copy("a1", "running", Some("s1@0"))]);
+    assert_eq!(stopped(&d), ["a1"], "{d:?}");
+    assert!(d.stop[0].reason.contains("deleted"), "{d:?}");
+    let d = heartbeat(&mut s, "n1", 11, vec![copy("a1", "stopped", Some("s1@0"))]);
+    assert!(d.stop.is_empty() && d.remove.is_empty(), "{d:?}");
+}
+
+/// C2: a copy of a newer generation than its record is never fenced.
+#[test]
+fn a_copy_newer_than_its_record_is_never_fenced() {
+    let mut s = State::default();
+    s.apply(&node("n1"));
+    s.apply(&create("s1", "n1", RestartPolicy::Always));
+    s.apply(&set_observed("s1", "n1", 0, "running", "a1"));
+    let d = heartbeat(
+        &mut s,
+        "n1",
+        3,
+        vec![
+            copy("a1", "running", Some("s1@0")),
+            copy("a9", "running", Some("s1@3")),
+        ],
+    );
+    assert!(d.stop.is_empty() && d.remove.is_empty(), "{d:?}");
+    assert_eq!(status(&s, "s1"), ("running".into(), Some("a1".into()), 0));
+}
+
+#[test]
+fn a_copy_of_a_moved_record_is_stopped_then_removed() {
+    let mut s = State::default();
+    s.apply(&node("n1"));
+    s.apply(&node("n2"));
+    s.apply(&create("s1", "n1", RestartPolicy::Always));
+    s.apply(&set_observed("s1", "n1", 0, "running", "a1"));
+    s.apply(&Command::Drain {
+        node: "n1".into(),
+        at_ms: 4,
+    });
+    assert_eq!(s.sandboxes["s1"].node, "n2");
+    let d = heartbeat(&mut s, "n1", 5, vec![copy("a1", "running", Some("s1@0"))]);
+    assert_eq!(stopped(&d), ["a1"]);
+    assert!(d.stop[0].reason.contains("node n2"), "{d:?}");
+    let d = heartbeat(&mut s, "n1", 6, vec![copy("a1", "stopped", Some("s1@0"))]);
+    assert_eq!(d.remove, ["a1"]);
+    assert_eq!(s.sandboxes["s1"].node, "n2");
+}
+
+#[test]
+fn an_older_generation_a_given_up_record_and_a_second_copy_are_stopped() {
+    let mut s = State::default();
+    s.apply(&node("n1"));
+    s.apply(&create("old", "n1", RestartPolicy::Always));
+    s.apply(&Command::NotRunning {
+        id: "old".into(),
+        node: "n1".into(),
+        generation: 0,
+        status: "lost".into(),
+        why: "gone".into(),
+        at_ms: 2,
+        expect: None,
+    });
+    s.apply(&create("gaveup", "n1", RestartPolicy::Never));
+    s.apply(&not_running("gaveup", "n1", 0, Some(Expect::Unstarted)));
+    s.apply(&create("twice", "n1", RestartPolicy::Never));
+    let d = heartbeat(
+        &mut s,
+        "n1",
+        3,
+        vec![
+            copy("a1", "running", Some("old@0")),
+            copy("a2", "creating", Some("gaveup@0")),
+            copy("a3", "running", Some("twice@0")),
+            copy("a4", "running", Some("twice@0")),
+        ],
+    );
+    assert_eq!(stopped(&d), ["a1", "a2", "a4"], "{d:?}");
+    assert!(d.keep.contains(&"a3".to_string()), "{d:?}");
+}
+
+#[test]
+fn a_copy_missing_from_the_node_is_noticed_only_after_the_grace() {
+    let mut s = State::default();
+    s.apply(&node("n1"));
+    s.apply(&create("s1", "n1", RestartPolicy::Never));
+    s.apply(&set_observed("s1", "n1", 0, "running", "a1"));
+    // updated_ms 2, grace 5
+    assert!(heartbeat(&mut s, "n1", 6, vec![]).not_running.is_empty());
+    let d = heartbeat(&mut s, "n1", 8, vec![]);
+    assert_eq!(d.not_running, ["s1"]);
+    assert_eq!(status(&s, "s1").0, "lost");
+}
+
+/// M5: a late start result of an old generation or another node does not
+/// overwrite a record that was moved or started again.
+#[test]
+fn a_late_start_result_of_an_old_generation_is_ignored() {
+    let mut s = State::default();
+    s.apply(&node("n1"));
+    s.apply(&node("n2"));
+    s.apply(&create("s1", "n1", RestartPolicy::Always));
+    s.apply(&Command::Drain {
+        node: "n1".into(),
+        at_ms: 2,
+    });
+    assert_eq!(status(&s, "s1"), ("creating".into(), None, 1));
+    s.apply(&set_observed("s1", "n1", 0, "running", "late"));
+    assert_eq!(status(&s, "s1"), ("creating".into(), None, 1));
+    s.apply(&set_observed("s1", "n2", 0, "running", "late"));
+    assert_eq!(status(&s, "s1"), ("creating".into(), None, 1));
+    s.apply(&set_observed("s1", "n2", 1, "running", "b1"));
+    assert_eq!(status(&s, "s1"), ("running".into(), Some("b1".into()), 1));
+}
+
+/// M5: a heartbeat of the old node about an old generation's copy never
+/// writes into the moved record.
+#[test]
+fn a_stale_heartbeat_does_not_write_into_a_moved_record() {
+    let mut s = State::default();
+    s.apply(&node("n1"));
+    s.apply(&node("n2"));
+    s.apply(&create("s1", "n1", RestartPolicy::Always));
+    s.apply(&Command::Drain {
+        node: "n1".into(),
+        at_ms: 2,
+    });
+    heartbeat(&mut s, "n2", 3, vec![copy("b1", "running", Some("s1@1"))]);
+    heartbeat(&mut s, "n1", 4, vec![copy("a1", "exited", Some("s1@0"))]);
+    assert_eq!(status(&s, "s1"), ("running".into(), Some("b1".into()), 1));
+}
+
+/// M6: a give-up proposed from a lagging view does not overwrite a record
+/// whose start result was committed meanwhile.
+#[test]
+fn a_give_up_expecting_no_start_result_leaves_a_started_record_alone() {
+    let mut s = State::default();
+    s.apply(&node("n1"));
+    s.apply(&create("s1", "n1", RestartPolicy::Never));
+    s.apply(&set_observed("s1", "n1", 0, "running", "a1"));
+    s.apply(&not_running("s1", "n1", 0, Some(Expect::Unstarted)));
+    assert_eq!(status(&s, "s1"), ("running".into(), Some("a1".into()), 0));
+    s.apply(&not_running(
+        "s1",
+        "n1",
+        0,
+        Some(Expect::Copy {
+            agent_id: "other".into(),
+        }),
+    ));
+    assert_eq!(status(&s, "s1").0, "running");
+    s.apply(&not_running(
+        "s1",
+        "n1",
+        0,
+        Some(Expect::Copy {
+            agent_id: "a1".into(),
+        }),
+    ));
+    assert_eq!(status(&s, "s1").0, "failed");
+}
+
+/// M10: a restart=always copy that died (lost, failed) is started again as
+/// a new generation; one that exited stays exited.
+#[test]
+fn a_restart_always_copy_that_died_is_started_again() {
+    let mut s = State::default();
+    s.apply(&node("n1"));
+    s.apply(&create("s1", "n1", RestartPolicy::Always));
+    s.apply(&create("s2", "n1", RestartPolicy::Always));
+    s.apply(&set_observed("s1", "n1", 0, "running", "a1"));
+    s.apply(&set_observed("s2", "n1", 0, "running", "a2"));
+    let d = heartbeat(
+        &mut s,
+        "n1",
+        3,
+        vec![
+            copy("a1", "failed", Some("s1@0")),
+            copy("a2", "exited", Some("s2@0")),
+        ],
+    );
+    assert_eq!(d.not_running, ["s1"]);
+    assert_eq!(status(&s, "s1"), ("creating".into(), None, 1));
+    assert_eq!(status(&s, "s2"), ("exited".into(), Some("a2".into()), 0));
+    // The dead copy of the old generation is removed at the next beat.
+    let d = heartbeat(&mut s, "n1", 4, vec![copy("a1", "failed", Some("s1@0"))]);
+    assert_eq!(d.remove, ["a1"]);
+}
+
+#[test]
+fn tombstones_are_bounded_and_the_oldest_go_first() {
+    let mut s = State::default();
+    s.apply(&node("n1"));
+    for i in 0..=TOMBSTONES_MAX {
+        let id = format!("t{i}");
+        s.apply(&create(&id, "n1", RestartPolicy::Never));
+        s.apply(&Command::DeleteSandbox { id });
+    }
+    assert_eq!(s.tombstones.len(), TOMBSTONES_MAX);
+    assert!(!s.tombstones.contains_key("t0"));
+    assert!(s.tombstones.contains_key(&format!("t{TOMBSTONES_MAX}")));
+}
+
+/// M8: a copy tagged with another cluster's id (another cluster, or this
+/// control plane before it was rebuilt) is never fenced, even when a record
+/// of the same id says it is stale; copies of this cluster are.
+#[test]
+fn a_copy_of_another_cluster_is_never_fenced() {
+    let mut s = State::default();
+    s.apply(&Command::InitCluster { id: "c1".into() });
+    s.apply(&Command::InitCluster { id: "c2".into() });
+    assert_eq!(s.cluster_id.as_deref(), Some("c1"), "named once");
+    s.apply(&node("n1"));
+    s.apply(&node("n2"));
+    s.apply(&create("s1", "n2", RestartPolicy::Never));
+    assert_eq!(s.owner_of(&s.sandboxes["s1"]), "c1/s1@0");
+    s.apply(&create("gone", "n1", RestartPolicy::Never));
+    s.apply(&Command::DeleteSandbox { id: "gone".into() });
+    let d = heartbeat(
+        &mut s,
+        "n1",
+        3,
+        vec![
+            copy("x1", "running", Some("other/s1@0")),
+            copy("x2", "running", Some("other/gone@0")),
+            copy("a1", "running", Some("c1/s1@0")),
+            copy("a2", "running", Some("c1/gone@0")),
+        ],
+    );
+    assert_eq!(stopped(&d), ["a1", "a2"], "{d:?}");
+}
