@@ -89,6 +89,8 @@ struct SessionSink {
     /// Output bytes received and not yet credited back; a compliant guest keeps
     /// this within [`INITIAL_WINDOW`], so the unbounded `events` channel is bounded.
     in_flight: Arc<AtomicU64>,
+    /// Output bytes routed to this session on this connection.
+    routed: u64,
 }
 
 type Sessions = Arc<Mutex<HashMap<u32, SessionSink>>>;
@@ -381,6 +383,7 @@ impl GuestConn {
                     events: events_tx,
                     stdin_credit: stdin_credit.clone(),
                     in_flight: in_flight.clone(),
+                    routed: 0,
                 },
             );
         Session {
@@ -435,6 +438,7 @@ impl GuestConn {
                     events: events_tx,
                     stdin_credit: stdin_credit.clone(),
                     in_flight: in_flight.clone(),
+                    routed: 0,
                 },
             );
         Session {
@@ -464,7 +468,16 @@ impl GuestConn {
                 }
             }
             if f.kind == Kind::RestoredAck {
-                let ack: RestoredAck = f.parse()?;
+                let mut ack: RestoredAck = f.parse()?;
+                // why: frames are routed in order, so what a session got before
+                // the ack is exact; see `PendingAck`.
+                ack.sessions.retain_mut(|s| match map.get(&s.id) {
+                    Some(sink) => {
+                        s.sent = s.sent.saturating_sub(sink.routed);
+                        true
+                    }
+                    None => false,
+                });
                 let waiter = self
                     .restored_ack
                     .lock()
@@ -477,7 +490,7 @@ impl GuestConn {
             return Ok(());
         }
         // why: frames for unknown sessions are ignored; a hostile guest gains nothing.
-        let Some(sink) = map.get(&f.id) else {
+        let Some(sink) = map.get_mut(&f.id) else {
             if f.kind == Kind::Exit {
                 // A session this host gave up (its client went away): let the guest forget it.
                 self.try_send(Frame::json(Kind::ExitAck, f.id, &Empty {}));
@@ -488,6 +501,7 @@ impl GuestConn {
             Kind::Started => SessionEvent::Started(f.parse::<Started>()?.pid),
             Kind::Stdout | Kind::Stderr => {
                 let n = f.payload.len() as u64;
+                sink.routed += n;
                 let in_flight = sink.in_flight.fetch_add(n, Ordering::AcqRel) + n;
                 if in_flight > u64::from(INITIAL_WINDOW) {
                     return Err(GuestError::WindowExceeded {
@@ -571,6 +585,7 @@ impl GuestConn {
                     events: events_tx,
                     stdin_credit: stdin_credit.clone(),
                     in_flight: in_flight.clone(),
+                    routed: 0,
                 },
             );
         if let Err(e) = self.send(Frame::json(Kind::Exec, id, req)).await {
@@ -611,7 +626,10 @@ impl GuestConn {
     }
 }
 
-/// The guest's answer to [`Kind::Restored`], still to come.
+/// The guest's answer to [`Kind::Restored`], still to come. In the ack it
+/// yields, each of `sessions` is a session attached on this connection and its
+/// `sent` is the stream offset of the first output byte this connection
+/// delivered to it (where a new output log of that session starts).
 pub struct PendingAck(oneshot::Receiver<RestoredAck>);
 
 impl PendingAck {
@@ -840,6 +858,40 @@ mod tests {
             .expect("a frame within 5s")
             .unwrap()
             .unwrap()
+    }
+
+    #[tokio::test]
+    async fn restored_ack_offsets_are_rebased_to_where_this_connections_log_starts() {
+        use hearth_proto::SessionSent;
+        let (host, mut guest) = tokio::io::duplex(1 << 20);
+        let msg = Restored {
+            seed: vec![1; 8],
+            unix_ms: 1,
+            hostname: "h".into(),
+            sandbox_id: "s".into(),
+        };
+        let (conn, ack) = GuestConn::after_restore(host, &msg, 5).await.unwrap();
+        let mut session = conn.attach(2);
+        assert_eq!(next_frame(&mut guest).await.kind, Kind::Restored);
+        // Output of the continued session arrives before the ack (the guest
+        // ran before it read Restored); at the ack it had sent 100 bytes.
+        write_frame_async(&mut guest, &Frame::data(Kind::Stdout, 2, b"abcd".to_vec()))
+            .await
+            .unwrap();
+        let restored = RestoredAck {
+            warnings: vec![],
+            sessions: vec![
+                SessionSent { id: 2, sent: 100 },
+                SessionSent { id: 3, sent: 7 },
+            ],
+        };
+        write_frame_async(&mut guest, &Frame::json(Kind::RestoredAck, 0, &restored))
+            .await
+            .unwrap();
+        let got = ack.wait(Duration::from_secs(5)).await.unwrap();
+        // Session 3 is not attached here; session 2's log starts at 96.
+        assert_eq!(got.sessions, vec![SessionSent { id: 2, sent: 96 }]);
+        assert!(matches!(session.next().await, Some(SessionEvent::Stdout(b)) if b == b"abcd"));
     }
 
     #[tokio::test]

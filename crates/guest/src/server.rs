@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use hearth_proto::{
     read_frame, write_frame, Credit, Empty, ErrorMsg, ExecRequest, Frame, Hello, Kind, ProtoError,
-    Restored, Resume, Resumed, SignalRequest, PROTOCOL_VERSION,
+    Restored, Resume, Resumed, SessionSent, SignalRequest, PROTOCOL_VERSION,
 };
 
 use crate::channel::Writer;
@@ -169,8 +169,22 @@ fn dispatch(frame: Frame, sessions: &Arc<Sessions>, writer: &Arc<Writer>, hello:
         // after it can run with the snapshot's stale RNG, clock or hostname.
         Kind::Restored => match frame.parse::<Restored>() {
             Ok(msg) => {
-                let ack = restore::apply(&msg);
-                writer.send_or_log(&Frame::json(Kind::RestoredAck, id, &ack));
+                let mut ack = restore::apply(&msg);
+                // why: the offsets are read and the ack written under the port
+                // lock, so no output frame falls between them (see SessionSent).
+                let mut port = writer.lock();
+                ack.sessions = sessions
+                    .lock()
+                    .all()
+                    .iter()
+                    .map(|s| SessionSent {
+                        id: s.id,
+                        sent: s.sent(),
+                    })
+                    .collect();
+                if let Err(e) = write_frame(&mut *port, &Frame::json(Kind::RestoredAck, id, &ack)) {
+                    log!("sending RestoredAck: {e}");
+                }
             }
             Err(e) => error(writer, id, e.to_string()),
         },

@@ -196,6 +196,11 @@ impl Session {
         self.credit.notify_all();
     }
 
+    /// Stream bytes sent so far.
+    pub fn sent(&self) -> u64 {
+        lock(&self.state).sent
+    }
+
     /// Whether the process has ended (its pid may be reused since).
     pub fn has_exited(&self) -> bool {
         lock(&self.state).status.is_some()

@@ -340,6 +340,20 @@ pub struct Restored {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
 pub struct RestoredAck {
     pub warnings: Vec<String>,
+    /// Stream bytes each live session had sent when this ack was written (the
+    /// ack and output frames share one writer, so this is exact): a restored
+    /// host subtracts what it received before the ack to learn at which stream
+    /// offset its output log starts, for a later [`Resume`].
+    #[serde(default)]
+    pub sessions: Vec<SessionSent>,
+}
+
+/// A session's stream offset in a [`RestoredAck`].
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SessionSent {
+    pub id: u32,
+    /// Output bytes (Stdout and Stderr payloads together) sent so far.
+    pub sent: u64,
 }
 
 /// Length of the nonce of [`Resume`].

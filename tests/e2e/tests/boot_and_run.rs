@@ -358,6 +358,7 @@ fn kill_9_of_hearthd_re_adopts_the_running_sandbox_without_losing_or_doubling_ou
     // why: the point is output produced while no hearthd reads the channel.
     std::thread::sleep(Duration::from_secs(3));
     d.spawn();
+    d.wait_recovered();
 
     let s = d.inspect("counter");
     assert_eq!(s["status"], "running", "{s}");
@@ -445,6 +446,7 @@ fn vm_that_died_while_hearthd_was_down_is_reported_lost_and_leaves_nothing() {
         vmm_pids_under(&sandboxes).is_empty()
     });
     d.spawn();
+    d.wait_recovered();
     let s = d.inspect("victim");
     assert_eq!(s["status"], "lost", "{s}");
     let err = s["error"].as_str().unwrap_or("");
@@ -454,6 +456,112 @@ fn vm_that_died_while_hearthd_was_down_is_reported_lost_and_leaves_nothing() {
     assert_eq!(out.status.code(), Some(125), "{}", show(&out));
     let out = d.hearth(&["rm", "victim"]);
     assert!(out.status.success(), "{}", show(&out));
+}
+
+/// The QEMU pid of the one VM under `dir`.
+fn only_vm(dir: &std::path::Path) -> i32 {
+    let pids = vmm_pids_under(dir);
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    pids[0]
+}
+
+#[test]
+fn exit_code_is_kept_when_hearthd_dies_while_shutting_the_vm_down() {
+    let mut d = Daemon::start();
+    let out = d.hearth(&[
+        "run",
+        "-d",
+        "--name",
+        "late",
+        "busybox",
+        "--",
+        "sh",
+        "-c",
+        "echo up; sleep 4; exit 7",
+    ]);
+    assert!(out.status.success(), "{}", show(&out));
+    let id = stdout(&out).trim().to_string();
+    wait_until(
+        "the workload's first line",
+        Duration::from_secs(120),
+        || stdout(&d.hearth(&["logs", "late"])) == "up\n",
+    );
+    let dir = d.data_dir().join("sandboxes").join(&id);
+    let qemu = only_vm(&dir);
+    // The teardown saves the outcome before it asks the guest to power off;
+    // freeze the VM right then so the teardown cannot finish, and kill hearthd
+    // in the middle of it (it waits 5 s for the power-off).
+    wait_until("the teardown to begin", Duration::from_secs(60), || {
+        dir.join("outcome.json").exists()
+    });
+    // SAFETY: kill(2) on the QEMU this test's daemon started.
+    unsafe { libc::kill(qemu, libc::SIGSTOP) };
+    d.kill9();
+    let stored: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("sandbox.json")).unwrap()).unwrap();
+    assert_eq!(
+        stored["status"], "running",
+        "hearthd died before it recorded the end: {stored}"
+    );
+    // The VM goes away while no hearthd runs.
+    // SAFETY: as above.
+    unsafe { libc::kill(qemu, libc::SIGKILL) };
+    wait_until("QEMU gone", Duration::from_secs(10), || {
+        vmm_pids_under(&dir).is_empty()
+    });
+    d.spawn();
+    let out = d.hearth(&["wait", "late"]);
+    assert_eq!(out.status.code(), Some(7), "{}", show(&out));
+    let s = d.inspect("late");
+    assert_eq!(s["status"], "exited", "{s}");
+    assert_eq!(s["exit"]["code"], 7, "{s}");
+    assert_eq!(stdout(&d.hearth(&["logs", "late"])), "up\n");
+    assert!(
+        !dir.join("outcome.json").exists(),
+        "the saved outcome is consumed"
+    );
+    let out = d.hearth(&["rm", "late"]);
+    assert!(out.status.success(), "{}", show(&out));
+}
+
+#[test]
+fn the_api_serves_while_a_restarted_hearthd_recovers_a_sandbox() {
+    let mut d = Daemon::start();
+    let out = d.hearth(&[
+        "run", "-d", "--name", "slow", "busybox", "--", "sh", "-c", COUNTER,
+    ]);
+    assert!(out.status.success(), "{}", show(&out));
+    wait_until("the counter at 5", Duration::from_secs(120), || {
+        counter_lines(&d, "slow").len() > 5
+    });
+    let sandboxes = d.data_dir().join("sandboxes");
+    let qemu = only_vm(&sandboxes);
+    d.kill9();
+    // A frozen VM cannot answer the take-over, so recovering it takes as long
+    // as it stays frozen.
+    // SAFETY: kill(2) on the QEMU this test's daemon started.
+    unsafe { libc::kill(qemu, libc::SIGSTOP) };
+    d.spawn();
+    let s = d.inspect("slow");
+    assert_eq!(s["status"], "recovering", "{s}");
+    let out = d.hearth(&["ps"]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(stdout(&out).contains("recovering"), "{}", show(&out));
+    // SAFETY: as above.
+    unsafe { libc::kill(qemu, libc::SIGCONT) };
+    // An exec waits for the recovery and then runs.
+    let out = d.hearth(&["exec", "slow", "--", "echo", "after"]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert_eq!(stdout(&out), "after\n");
+    assert_eq!(d.inspect("slow")["status"], "running");
+    let before = counter_lines(&d, "slow").len();
+    wait_until("the counter to go on", Duration::from_secs(60), || {
+        counter_lines(&d, "slow").len() > before + 10
+    });
+    assert_gapless(&counter_lines(&d, "slow"));
+    let out = d.hearth(&["rm", "-f", "slow"]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(vmm_pids_under(&sandboxes).is_empty());
 }
 
 #[test]
@@ -760,6 +868,7 @@ fn sigterm_stops_hearthd_promptly_even_with_attached_clients() {
     let qemu = vmm_pids_under(d.data.path());
     assert_eq!(qemu.len(), 1, "the VM outlives hearthd");
     d.spawn();
+    d.wait_recovered();
     assert_eq!(d.inspect("chatty")["status"], "running");
     assert_eq!(vmm_pids_under(d.data.path()), qemu);
     let out = d.hearth(&["rm", "-f", "chatty"]);

@@ -550,9 +550,8 @@ fn agent_restart_re_adopts_running_networks_and_removes_the_rest() {
     }
     std::fs::remove_dir_all(sandboxes.join(&b)).unwrap();
     d.spawn();
-    wait_until("c reported lost", Duration::from_secs(60), || {
-        d.inspect(&c)["status"] == "lost"
-    });
+    d.wait_recovered();
+    assert_eq!(d.inspect(&c)["status"], "lost", "{}", d.inspect(&c));
 
     let state = host_state();
     let leases = std::fs::read_to_string(d.data_dir().join("net/leases.json")).unwrap();
