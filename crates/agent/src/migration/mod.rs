@@ -563,7 +563,7 @@ impl Agent {
         req: MigrateSandbox,
     ) -> Result<MigrationStatus, AgentError> {
         let params = params_from(&req)?;
-        let entry = self.entry(id_or_name)?;
+        let entry = self.settled_entry(id_or_name).await?;
         let rec = entry.snapshot();
         if rec.network.is_some() {
             return Err(AgentError::Conflict(format!(
