@@ -222,7 +222,10 @@ pub async fn run(agent: Agent, cfg: LinkConfig) -> Result<(), LinkError> {
         };
         let path = format!("/v1/agents/{}/heartbeat", cfg.node);
         match post::<_, Desired>(&http, base, &path, &hb).await {
-            Outcome::Ok(desired) => fence(&agent, desired, &fencing),
+            Outcome::Ok(desired) => {
+                agent.note_desired(&desired);
+                fence(&agent, desired, &fencing)
+            }
             Outcome::Unknown => registered = false,
             Outcome::Reregister(e) => {
                 tracing::warn!(node = %cfg.node, control = %base, "heartbeat refused ({e}); registering again");

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use hearth_proto::{
     read_frame_async, write_frame_async, Credit, Empty, ErrorMsg, ExecRequest, ExitStatus, Frame,
-    Hello, Kind, Restored, RestoredAck, SignalRequest, Started, CONTROL_ID, INITIAL_WINDOW,
-    MAX_FRAME, PROTOCOL_VERSION,
+    Hello, Kind, Restored, RestoredAck, Resume, ResumeSession, Resumed, SignalRequest, Started,
+    CONTROL_ID, INITIAL_WINDOW, MAX_FRAME, PROTOCOL_VERSION, RESUME_NONCE_LEN,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -57,7 +57,17 @@ pub enum GuestError {
         "restored guest did not acknowledge the restore within {0:?} (see the VM's console.log)"
     )]
     RestoreTimeout(Duration),
+    /// A running guest did not answer a resume in time.
+    #[error("guest agent did not answer the resume within {0:?} (see the VM's console.log)")]
+    ResumeTimeout(Duration),
+    /// The guest sent too much before answering a resume.
+    #[error("guest sent {0} bytes without answering the resume; its channel is broken")]
+    ResumeGarbage(usize),
 }
+
+/// Most stale bytes skipped while waiting for the answer to a resume: frames
+/// torn by the previous connection, and frames the guest had already queued.
+const MAX_RESUME_SKIP: usize = 16 << 20;
 
 /// How long a frame to the guest may wait for room before the guest counts as stalled.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
@@ -79,6 +89,8 @@ struct SessionSink {
     /// Output bytes received and not yet credited back; a compliant guest keeps
     /// this within [`INITIAL_WINDOW`], so the unbounded `events` channel is bounded.
     in_flight: Arc<AtomicU64>,
+    /// Output bytes routed to this session on this connection.
+    routed: u64,
 }
 
 type Sessions = Arc<Mutex<HashMap<u32, SessionSink>>>;
@@ -121,6 +133,88 @@ impl GuestConn {
             });
         }
         Ok(Self::serve(rd, wr, Some(hello), 1))
+    }
+
+    /// Takes over the channel of a running guest after a host restart: sends
+    /// [`Resume`] naming the sessions this host serves and how much of their
+    /// output it has persisted, skips whatever the channel still held from the
+    /// previous connection up to the guest's answer, and starts routing. The
+    /// guest then replays each named session's output past `persisted` (and its
+    /// Exit, if it ended) to the returned sessions, one per session it still has.
+    pub async fn resume<S>(
+        stream: S,
+        sessions: &[ResumeSession],
+        timeout: Duration,
+    ) -> Result<(Arc<GuestConn>, Resumed, Vec<Session>), GuestError>
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        use tokio::io::AsyncReadExt;
+        let (rd, mut wr) = tokio::io::split(stream);
+        let mut rd = tokio::io::BufReader::new(rd);
+        let mut nonce = vec![0u8; RESUME_NONCE_LEN];
+        getrandom::fill(&mut nonce).map_err(|e| {
+            GuestError::Proto(hearth_proto::ProtoError::Io(std::io::Error::other(
+                e.to_string(),
+            )))
+        })?;
+        let msg = Resume {
+            nonce: nonce.clone(),
+            sessions: sessions.to_vec(),
+        };
+        let answer = async {
+            write_frame_async(&mut wr, &Frame::json(Kind::Resume, CONTROL_ID, &msg)).await?;
+            // why: the previous host may have died mid-frame, and frames the guest
+            // queued before it saw the resume still arrive first; the nonce marks
+            // where the resumed stream starts.
+            let mut tail: Vec<u8> = Vec::with_capacity(RESUME_NONCE_LEN);
+            let mut skipped = 0usize;
+            loop {
+                let b = rd.read_u8().await.map_err(|e| {
+                    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                        GuestError::Closed
+                    } else {
+                        GuestError::Proto(e.into())
+                    }
+                })?;
+                if tail.len() == RESUME_NONCE_LEN {
+                    tail.remove(0);
+                }
+                tail.push(b);
+                if tail == nonce {
+                    break;
+                }
+                skipped += 1;
+                if skipped > MAX_RESUME_SKIP {
+                    return Err(GuestError::ResumeGarbage(skipped));
+                }
+            }
+            let f = read_frame_async(&mut rd).await?.ok_or(GuestError::Closed)?;
+            if f.kind != Kind::Resumed {
+                return Err(GuestError::Refused(format!(
+                    "guest answered the resume with {:?}",
+                    f.kind
+                )));
+            }
+            Ok::<Resumed, GuestError>(f.parse()?)
+        };
+        let resumed = tokio::time::timeout(timeout, answer)
+            .await
+            .map_err(|_| GuestError::ResumeTimeout(timeout))??;
+        if resumed.hello.protocol_version != PROTOCOL_VERSION {
+            return Err(GuestError::Version {
+                got: resumed.hello.protocol_version,
+            });
+        }
+        let ids: Vec<u32> = resumed.sessions.iter().map(|s| s.id).collect();
+        let (conn, attached) = Self::serve_with(
+            rd,
+            wr,
+            Some(resumed.hello.clone()),
+            resumed.next_session.max(1),
+            |conn| ids.iter().map(|id| conn.attach(*id)).collect(),
+        );
+        Ok((conn, resumed, attached))
     }
 
     /// Re-attaches to a guest agent that is already serving (after a live
@@ -166,7 +260,23 @@ impl GuestConn {
         Ok(PendingAck(rx))
     }
 
-    fn serve<R, W>(mut rd: R, mut wr: W, hello: Option<Hello>, first_id: u32) -> Arc<GuestConn>
+    fn serve<R, W>(rd: R, wr: W, hello: Option<Hello>, first_id: u32) -> Arc<GuestConn>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        Self::serve_with(rd, wr, hello, first_id, |_| ()).0
+    }
+
+    /// Like `serve`; `before` runs before the first frame is routed (to attach
+    /// sessions whose frames may already be waiting in the stream).
+    fn serve_with<R, W, T>(
+        mut rd: R,
+        mut wr: W,
+        hello: Option<Hello>,
+        first_id: u32,
+        before: impl FnOnce(&Arc<GuestConn>) -> T,
+    ) -> (Arc<GuestConn>, T)
     where
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
@@ -196,6 +306,7 @@ impl GuestConn {
             queued: AtomicU64::new(0),
             written,
         });
+        let early = before(&conn);
         let weak = Arc::downgrade(&conn);
         let sessions = conn.sessions.clone();
         tokio::spawn(async move {
@@ -220,7 +331,7 @@ impl GuestConn {
                 sink.stdin_credit.close();
             }
         });
-        conn
+        (conn, early)
     }
 
     /// Stops sending to the guest (sends fail at once, credit stays owed) and
@@ -272,6 +383,7 @@ impl GuestConn {
                     events: events_tx,
                     stdin_credit: stdin_credit.clone(),
                     in_flight: in_flight.clone(),
+                    routed: 0,
                 },
             );
         Session {
@@ -282,6 +394,7 @@ impl GuestConn {
             in_flight,
             pending_credit: unacked as u32,
             ended: false,
+            ack_exit: true,
         }
     }
 
@@ -325,6 +438,7 @@ impl GuestConn {
                     events: events_tx,
                     stdin_credit: stdin_credit.clone(),
                     in_flight: in_flight.clone(),
+                    routed: 0,
                 },
             );
         Session {
@@ -335,6 +449,7 @@ impl GuestConn {
             in_flight,
             pending_credit: 0,
             ended: false,
+            ack_exit: true,
         }
     }
 
@@ -353,7 +468,16 @@ impl GuestConn {
                 }
             }
             if f.kind == Kind::RestoredAck {
-                let ack: RestoredAck = f.parse()?;
+                let mut ack: RestoredAck = f.parse()?;
+                // why: frames are routed in order, so what a session got before
+                // the ack is exact; see `PendingAck`.
+                ack.sessions.retain_mut(|s| match map.get(&s.id) {
+                    Some(sink) => {
+                        s.sent = s.sent.saturating_sub(sink.routed);
+                        true
+                    }
+                    None => false,
+                });
                 let waiter = self
                     .restored_ack
                     .lock()
@@ -366,13 +490,18 @@ impl GuestConn {
             return Ok(());
         }
         // why: frames for unknown sessions are ignored; a hostile guest gains nothing.
-        let Some(sink) = map.get(&f.id) else {
+        let Some(sink) = map.get_mut(&f.id) else {
+            if f.kind == Kind::Exit {
+                // A session this host gave up (its client went away): let the guest forget it.
+                self.try_send(Frame::json(Kind::ExitAck, f.id, &Empty {}));
+            }
             return Ok(());
         };
         let ev = match f.kind {
             Kind::Started => SessionEvent::Started(f.parse::<Started>()?.pid),
             Kind::Stdout | Kind::Stderr => {
                 let n = f.payload.len() as u64;
+                sink.routed += n;
                 let in_flight = sink.in_flight.fetch_add(n, Ordering::AcqRel) + n;
                 if in_flight > u64::from(INITIAL_WINDOW) {
                     return Err(GuestError::WindowExceeded {
@@ -456,6 +585,7 @@ impl GuestConn {
                     events: events_tx,
                     stdin_credit: stdin_credit.clone(),
                     in_flight: in_flight.clone(),
+                    routed: 0,
                 },
             );
         if let Err(e) = self.send(Frame::json(Kind::Exec, id, req)).await {
@@ -473,6 +603,7 @@ impl GuestConn {
             in_flight,
             pending_credit: 0,
             ended: false,
+            ack_exit: true,
         })
     }
 
@@ -495,7 +626,10 @@ impl GuestConn {
     }
 }
 
-/// The guest's answer to [`Kind::Restored`], still to come.
+/// The guest's answer to [`Kind::Restored`], still to come. In the ack it
+/// yields, each of `sessions` is a session attached on this connection and its
+/// `sent` is the stream offset of the first output byte this connection
+/// delivered to it (where a new output log of that session starts).
 pub struct PendingAck(oneshot::Receiver<RestoredAck>);
 
 impl PendingAck {
@@ -518,6 +652,8 @@ pub struct Session {
     /// Output bytes handed to the consumer and not yet credited to the guest.
     pending_credit: u32,
     ended: bool,
+    /// Acknowledge the Exit as soon as it is taken (the guest then forgets the session).
+    ack_exit: bool,
 }
 
 impl Session {
@@ -550,10 +686,28 @@ impl Session {
             SessionEvent::Stdout(b) | SessionEvent::Stderr(b) => {
                 self.pending_credit = self.pending_credit.saturating_add(b.len() as u32);
             }
-            SessionEvent::Exit(_) | SessionEvent::Failed(_) => self.ended = true,
+            SessionEvent::Exit(_) => {
+                self.ended = true;
+                if self.ack_exit {
+                    self.ack_exit();
+                }
+            }
+            SessionEvent::Failed(_) => self.ended = true,
             SessionEvent::Started(_) => {}
         }
         Some(ev)
+    }
+
+    /// Keeps the Exit unacknowledged until [`Session::ack_exit`]: the guest then
+    /// replays it to a restarted host that has not recorded it yet.
+    pub fn defer_exit_ack(&mut self) {
+        self.ack_exit = false;
+    }
+
+    /// Tells the guest the Exit is recorded, so it forgets the session (best effort).
+    pub fn ack_exit(&self) {
+        self.conn
+            .try_send(Frame::json(Kind::ExitAck, self.id, &Empty {}));
     }
 
     /// The next event if one is already here; sends no credit (the channel
@@ -707,6 +861,40 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn restored_ack_offsets_are_rebased_to_where_this_connections_log_starts() {
+        use hearth_proto::SessionSent;
+        let (host, mut guest) = tokio::io::duplex(1 << 20);
+        let msg = Restored {
+            seed: vec![1; 8],
+            unix_ms: 1,
+            hostname: "h".into(),
+            sandbox_id: "s".into(),
+        };
+        let (conn, ack) = GuestConn::after_restore(host, &msg, 5).await.unwrap();
+        let mut session = conn.attach(2);
+        assert_eq!(next_frame(&mut guest).await.kind, Kind::Restored);
+        // Output of the continued session arrives before the ack (the guest
+        // ran before it read Restored); at the ack it had sent 100 bytes.
+        write_frame_async(&mut guest, &Frame::data(Kind::Stdout, 2, b"abcd".to_vec()))
+            .await
+            .unwrap();
+        let restored = RestoredAck {
+            warnings: vec![],
+            sessions: vec![
+                SessionSent { id: 2, sent: 100 },
+                SessionSent { id: 3, sent: 7 },
+            ],
+        };
+        write_frame_async(&mut guest, &Frame::json(Kind::RestoredAck, 0, &restored))
+            .await
+            .unwrap();
+        let got = ack.wait(Duration::from_secs(5)).await.unwrap();
+        // Session 3 is not attached here; session 2's log starts at 96.
+        assert_eq!(got.sessions, vec![SessionSent { id: 2, sent: 96 }]);
+        assert!(matches!(session.next().await, Some(SessionEvent::Stdout(b)) if b == b"abcd"));
+    }
+
+    #[tokio::test]
     async fn guest_exceeding_its_output_window_is_cut_off() {
         let (conn, mut guest) = connected().await;
         let mut s = conn.exec(&ExecRequest::default()).await.unwrap();
@@ -755,6 +943,59 @@ mod tests {
         let credit = next_frame(&mut guest).await;
         assert_eq!(credit.kind, Kind::Credit);
         assert_eq!(credit.parse::<Credit>().unwrap().bytes, 1000);
+    }
+
+    #[tokio::test]
+    async fn resume_skips_stale_bytes_and_routes_the_replay_to_the_session() {
+        use hearth_proto::{Resume, ResumedSession};
+        use tokio::io::AsyncWriteExt;
+        let (host, mut guest) = tokio::io::duplex(8 << 20);
+        let want = [ResumeSession {
+            id: 4,
+            persisted: 10,
+        }];
+        let task =
+            tokio::spawn(
+                async move { GuestConn::resume(host, &want, Duration::from_secs(5)).await },
+            );
+        let msg: Resume = next_frame(&mut guest).await.parse().unwrap();
+        assert_eq!(msg.sessions, want);
+        // A frame torn by the previous connection, then the answer and the replay.
+        let mut wire = Frame::data(Kind::Stdout, 4, b"stale".to_vec()).encode()[3..].to_vec();
+        wire.extend_from_slice(&msg.nonce);
+        let resumed = Resumed {
+            hello: Hello {
+                protocol_version: PROTOCOL_VERSION,
+                agent_version: "test".into(),
+                kernel_release: "6.1".into(),
+            },
+            next_session: 9,
+            sessions: vec![ResumedSession {
+                id: 4,
+                replay_from: 10,
+                sent: 13,
+                exited: true,
+            }],
+        };
+        wire.extend(Frame::json(Kind::Resumed, 0, &resumed).encode());
+        wire.extend(Frame::data(Kind::Stdout, 4, b"abc".to_vec()).encode());
+        let exit = ExitStatus {
+            code: Some(7),
+            signal: None,
+        };
+        wire.extend(Frame::json(Kind::Exit, 4, &exit).encode());
+        guest.write_all(&wire).await.unwrap();
+        let (conn, got, mut sessions) = task.await.unwrap().unwrap();
+        assert_eq!(got, resumed);
+        assert_eq!(conn.next_session_id(), 9);
+        let mut s = sessions.pop().unwrap();
+        assert!(matches!(s.next().await, Some(SessionEvent::Stdout(b)) if b == b"abc"));
+        assert!(matches!(s.next().await, Some(SessionEvent::Exit(st)) if st == exit));
+        // Taking the Exit acknowledges it, after crediting the output.
+        let credit = next_frame(&mut guest).await;
+        assert_eq!((credit.kind, credit.id), (Kind::Credit, 4));
+        let ack = next_frame(&mut guest).await;
+        assert_eq!((ack.kind, ack.id), (Kind::ExitAck, 4));
     }
 
     #[tokio::test]

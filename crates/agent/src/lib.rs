@@ -12,7 +12,10 @@
 //! (`warm_pool`, restored-and-paused VMs) or from a snapshot of a running
 //! sandbox (`snapshot`, also fork).
 //!
-//! Disk layout under the data dir: `sandboxes/<id>/{sandbox.json, output.log, vm/}`,
+//! After a restart the agent re-adopts the VMs that still run (`readopt`): the
+//! guest replays the output the log lacks, so nothing is lost or doubled.
+//!
+//! Disk layout under the data dir: `sandboxes/<id>/{sandbox.json, workload.json, output.log, vm/}`,
 //! `templates/<name>/`, `snapshots/<name>/`, `images/` (the image store) and
 //! `registry-auth.json` (registry logins, 0600).
 
@@ -23,6 +26,7 @@ pub mod leases;
 pub mod migration;
 mod network;
 pub mod output_log;
+mod readopt;
 mod restore;
 mod sandbox;
 mod snapshot;

@@ -5,14 +5,21 @@
 
 use std::path::{Path, PathBuf};
 
+use std::io::Write;
+
 use hearth_api::stream::Record;
-use tokio::fs::{File, OpenOptions};
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::fs::File;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::watch;
 
 /// The writing end; one per sandbox.
+///
+/// why: records are written with a plain (blocking) write(2) into the page
+/// cache, not tokio's background writes: a record must be in the file before
+/// its output is credited to the guest, which then drops it from its replay
+/// buffer, so a hearthd killed at any point finds it on restart.
 pub struct OutputLog {
-    file: File,
+    file: std::fs::File,
     written: u64,
     notify: watch::Sender<u64>,
     /// Output beyond this many bytes is discarded (after one notice).
@@ -27,12 +34,11 @@ impl OutputLog {
         notify: watch::Sender<u64>,
         limit: u64,
     ) -> std::io::Result<OutputLog> {
-        let file = OpenOptions::new()
+        let file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(true)
             .write(true)
-            .open(path)
-            .await?;
+            .open(path)?;
         Ok(OutputLog {
             file,
             written: 0,
@@ -49,12 +55,11 @@ impl OutputLog {
         notify: watch::Sender<u64>,
         limit: u64,
     ) -> std::io::Result<OutputLog> {
-        let file = OpenOptions::new()
+        let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(path)
-            .await?;
-        let written = file.metadata().await?.len();
+            .open(path)?;
+        let written = file.metadata()?.len();
         notify.send_replace(written);
         Ok(OutputLog {
             file,
@@ -84,15 +89,18 @@ impl OutputLog {
             )
             .encode();
         }
-        self.file.write_all(&bytes).await?;
+        self.file.write_all(&bytes)?;
         self.written += bytes.len() as u64;
         self.notify.send_replace(self.written);
         Ok(())
     }
 
+    /// Syncs the log to disk.
     pub async fn flush(&mut self) -> std::io::Result<()> {
-        self.file.flush().await?;
-        self.file.sync_data().await
+        let file = self.file.try_clone()?;
+        tokio::task::spawn_blocking(move || file.sync_data())
+            .await
+            .map_err(std::io::Error::other)?
     }
 }
 

@@ -82,6 +82,12 @@ impl WarmState {
         true
     }
 
+    /// Takes a reference on `key` unconditionally (a re-adopted sandbox that
+    /// already runs from it).
+    pub(crate) fn acquire(&self, key: &str) {
+        *lock(&self.refs).entry(key.to_string()).or_default() += 1;
+    }
+
     fn release(&self, key: &str) {
         let mut refs = lock(&self.refs);
         if let Some(n) = refs.get_mut(key) {
@@ -466,7 +472,7 @@ impl Agent {
         &self,
         vm: &dyn Vm,
         ch: RestoredChannel,
-    ) -> Result<(Arc<GuestConn>, Option<Session>), String> {
+    ) -> Result<(Arc<GuestConn>, Option<Session>, u64), String> {
         let msg = restored_message(ch.hostname, ch.sandbox_id)?;
         let (conn, ack) = match ch.link {
             GuestLink::Stream(stream) => GuestConn::after_restore(stream, &msg, ch.next_session)
@@ -499,7 +505,13 @@ impl Agent {
                 "restored guest could not reseed its RNG ({w:?}); not handing it out"
             ));
         }
-        Ok((conn, attached))
+        // why: the continued session's new output log starts at this offset of
+        // its stream (see `PendingAck`); a guest without offsets counts from 0.
+        let base = ch
+            .attach
+            .and_then(|id| ack.sessions.iter().find(|s| s.id == id))
+            .map_or(0, |s| s.sent);
+        Ok((conn, attached, base))
     }
 }
 

@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::guest_conn::{GuestConn, Session, SessionEvent, SessionInput};
 pub(crate) use crate::output_log::{LogFollower, OutputLog};
+use crate::readopt::{SavedOutcome, WorkloadRecord};
 use crate::restore::{GuestLink, Launch, RestoredChannel, WarmState};
 
 /// Guest kernels are built with NR_CPUS=8.
@@ -30,6 +31,10 @@ pub const MAX_CPUS: u32 = 8;
 pub(crate) const HELLO_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a stopped guest gets to power off before its VMM is killed.
 const POWEROFF_GRACE: Duration = Duration::from_secs(5);
+/// How long recovery waits for the control plane's first heartbeat answer.
+const DESIRED_WAIT: Duration = Duration::from_secs(10);
+/// How long a request waits for a sandbox that is being recovered after a restart.
+const RECOVERY_WAIT: Duration = Duration::from_secs(90);
 
 /// Errors the agent reports; each maps to a stable API error code.
 #[derive(Debug, thiserror::Error)]
@@ -175,6 +180,8 @@ pub(crate) struct Entry {
     pub(crate) main_session: Mutex<Option<u32>>,
     /// Held while a snapshot of this sandbox is being saved (one at a time).
     pub(crate) saving: tokio::sync::Mutex<()>,
+    /// True while a restarted hearthd takes this sandbox over (or settles it).
+    pub(crate) recovering: watch::Sender<bool>,
 }
 
 impl Entry {
@@ -196,11 +203,22 @@ impl Entry {
             vm: Mutex::new(None),
             main_session: Mutex::new(None),
             saving: tokio::sync::Mutex::new(()),
+            recovering: watch::channel(false).0,
         }
     }
 
     pub(crate) fn snapshot(&self) -> Sandbox {
         lock(&self.record).clone()
+    }
+
+    /// The record as clients see it: `recovering` while a restarted hearthd
+    /// takes the sandbox over (the stored record keeps its last status).
+    pub(crate) fn view(&self) -> Sandbox {
+        let mut r = self.snapshot();
+        if *self.recovering.borrow() && !r.status.is_terminal() {
+            r.status = SandboxStatus::Recovering;
+        }
+        r
     }
 
     pub(crate) fn update(&self, f: impl FnOnce(&mut Sandbox)) {
@@ -275,6 +293,9 @@ pub(crate) struct Inner {
     pub(crate) warm: WarmState,
     /// Sandboxes whose address release failed at `rm`; retried in the background.
     pending_releases: Mutex<std::collections::BTreeSet<String>>,
+    /// The control plane's first answer to this daemon's heartbeats (what it
+    /// keeps and what it fences here); recovery waits for it (bounded).
+    pub(crate) desired: watch::Sender<Option<Arc<hearth_api::cluster::Desired>>>,
 }
 
 /// How long `rm` waits for the control plane to release an address before
@@ -334,8 +355,9 @@ fn host_memory_mib() -> u64 {
 
 impl Agent {
     /// Opens the data dir, probes the accelerator and recovers sandboxes left by
-    /// a previous run: any that were still running are reported lost and their
-    /// VMs are stopped, so no VMM is orphaned.
+    /// a previous run: running ones whose VMs still run are re-adopted and keep
+    /// running; the others are reported lost and their VMs stopped, so no VMM
+    /// and no network is orphaned.
     pub async fn start(cfg: AgentConfig) -> Result<Agent, AgentError> {
         for (what, p) in [("guest kernel", &cfg.kernel), ("initramfs", &cfg.initrd)] {
             if !p.is_file() {
@@ -414,21 +436,32 @@ impl Agent {
             migrations: crate::migration::Registry::default(),
             warm,
             pending_releases: Mutex::new(Default::default()),
+            desired: watch::channel(None).0,
         });
         let agent = Agent { inner };
         agent.reap_unclaimed_pool_vms().await;
-        agent.recover().await;
+        let pending = agent.load_records();
         agent.sync_leases().await;
         agent.start_release_retries();
         agent.start_pools();
+        // why: recovering a sandbox can take up to the resume timeout; the API
+        // serves meanwhile (those sandboxes read `recovering`).
+        let a = agent.clone();
+        tokio::spawn(async move { a.recover(pending).await });
         Ok(agent)
     }
 
-    async fn recover(&self) {
+    /// Loads every sandbox record. Those a previous hearthd left non-terminal
+    /// are marked recovering and returned. Networks of sandboxes that are not
+    /// among them are removed now (records that are gone, sandboxes that had
+    /// ended): tap, programs, route, NAT entry and lease (`sync_leases` then
+    /// frees the leases upstream).
+    fn load_records(&self) -> Vec<Arc<Entry>> {
         let dir = self.inner.cfg.data_dir.join("sandboxes");
         let Ok(rd) = std::fs::read_dir(&dir) else {
-            return;
+            return Vec::new();
         };
+        let mut pending = Vec::new();
         for ent in rd.flatten() {
             let sdir = ent.path();
             let rec: Sandbox = match std::fs::read(sdir.join("sandbox.json"))
@@ -443,50 +476,125 @@ impl Agent {
             };
             let entry = Arc::new(Entry::new(sdir.clone(), rec.clone()));
             if !rec.status.is_terminal() {
-                let vm_dir = sdir.join("vm");
-                match self.inner.vmm.adopt(&vm_dir).await {
-                    Ok(vm) => {
-                        tracing::warn!(sandbox = %rec.id, "stopping VM of a sandbox left running by a previous hearthd");
-                        let _ = vm.kill().await;
-                        let _ = vm.wait().await;
-                    }
-                    Err(e) => {
-                        // Not adoptable (broken socket?) but maybe alive: kill it by its recorded pid.
-                        match hearth_vmm::kill_recorded(&vm_dir, Duration::from_secs(10)) {
-                            Ok(true) => {
-                                tracing::warn!(sandbox = %rec.id, "killed an unadoptable VM ({e})")
-                            }
-                            Ok(false) => {}
-                            Err(k) => {
-                                tracing::error!(sandbox = %rec.id, "cannot stop the VM in {}: {k}", vm_dir.display())
-                            }
-                        }
-                    }
-                }
-                let _ = hearth_vmm::destroy(&vm_dir);
-                entry.update(|r| {
-                    r.status = SandboxStatus::Lost;
-                    r.finished_ms = Some(now_ms());
-                    r.error = Some(
-                        "hearthd stopped while the sandbox was running; its VM was stopped".into(),
-                    );
-                });
-                entry.finished.send_replace(true);
+                entry.recovering.send_replace(true);
+                pending.push(entry.clone());
             }
             lock(&self.inner.sandboxes).insert(rec.id.clone(), entry);
         }
         if let Some(net) = &self.inner.net {
-            // why: a network is kept only for a VM that can still use it; those of
-            // sandboxes that ended (here: every one, as their VMs were stopped above)
-            // and of records that are gone are orphans: tap, programs, route, NAT
-            // and lease are removed (sync_leases then frees the leases upstream).
-            let keep = lock(&self.inner.sandboxes)
-                .iter()
-                .filter(|(_, e)| !e.snapshot().status.is_terminal())
-                .map(|(id, _)| id.clone())
-                .collect();
+            let keep = pending.iter().map(|e| e.snapshot().id).collect();
             net.remove_orphans(&keep);
         }
+        pending
+    }
+
+    /// Recovers `pending` (see `recover_sandbox`), at most
+    /// `RECOVER_CONCURRENCY` at once: re-adopts the VMs that still run and
+    /// settles the others (their networks are removed as they are settled).
+    async fn recover(&self, pending: Vec<Arc<Entry>>) {
+        /// Clears `recovering` however the recovery ends.
+        struct Settled(Arc<Entry>);
+        impl Drop for Settled {
+            fn drop(&mut self) {
+                self.0.recovering.send_replace(false);
+            }
+        }
+        let n = pending.len();
+        let t0 = Instant::now();
+        let desired = self.wait_desired(&pending).await;
+        let limit = Arc::new(tokio::sync::Semaphore::new(
+            crate::readopt::RECOVER_CONCURRENCY,
+        ));
+        let mut tasks = tokio::task::JoinSet::new();
+        for entry in pending {
+            let (agent, limit) = (self.clone(), limit.clone());
+            let fenced = desired.as_ref().and_then(|d| {
+                let id = entry.snapshot().id;
+                d.stop
+                    .iter()
+                    .find(|f| f.agent_id == id)
+                    .map(|f| f.reason.clone())
+            });
+            tasks.spawn(async move {
+                let _permit = limit.acquire_owned().await;
+                let settled = Settled(entry);
+                match fenced {
+                    Some(reason) => {
+                        agent.recover_fenced(&settled.0, &reason).await;
+                        false
+                    }
+                    None => agent.recover_sandbox(&settled.0).await,
+                }
+            });
+        }
+        let mut adopted = 0;
+        while let Some(r) = tasks.join_next().await {
+            match r {
+                Ok(true) => adopted += 1,
+                Ok(false) => {}
+                Err(e) => tracing::error!("recovering a sandbox panicked: {e}"),
+            }
+        }
+        if n > 0 {
+            tracing::info!(
+                sandboxes = n,
+                adopted,
+                ms = t0.elapsed().as_millis() as u64,
+                "recovery after the restart done"
+            );
+        }
+    }
+
+    /// The control plane's first heartbeat answer, when some of `pending` were
+    /// placed by it (they carry an owner tag): what it keeps is taken over,
+    /// what it fences is not resumed. Waits at most `DESIRED_WAIT`; without
+    /// an answer, recovery goes by the node's own records.
+    async fn wait_desired(
+        &self,
+        pending: &[Arc<Entry>],
+    ) -> Option<Arc<hearth_api::cluster::Desired>> {
+        if !pending.iter().any(|e| lock(&e.record).owner.is_some()) {
+            return None;
+        }
+        let mut rx = self.inner.desired.subscribe();
+        let got = match tokio::time::timeout(DESIRED_WAIT, rx.wait_for(|d| d.is_some())).await {
+            Ok(Ok(d)) => d.clone(),
+            _ => None,
+        };
+        match got {
+            Some(d) => Some(d),
+            None => {
+                tracing::warn!(
+                    "the control plane did not answer within {}s; recovering sandboxes by this node's records",
+                    DESIRED_WAIT.as_secs()
+                );
+                None
+            }
+        }
+    }
+
+    /// Notes the control plane's answer to a heartbeat (see `wait_desired`).
+    pub(crate) fn note_desired(&self, d: &hearth_api::cluster::Desired) {
+        if self.inner.desired.borrow().is_none() {
+            self.inner.desired.send_replace(Some(Arc::new(d.clone())));
+        }
+    }
+
+    /// Waits while a restarted hearthd is still taking the sandbox over, so
+    /// a request acts on the outcome (at most `RECOVERY_WAIT`).
+    pub(crate) async fn settled_entry(&self, id_or_name: &str) -> Result<Arc<Entry>, AgentError> {
+        let e = self.entry(id_or_name)?;
+        let mut rx = e.recovering.subscribe();
+        if tokio::time::timeout(RECOVERY_WAIT, rx.wait_for(|r| !*r))
+            .await
+            .is_err()
+        {
+            return Err(AgentError::Conflict(format!(
+                "sandbox '{id_or_name}' is still being recovered after a hearthd restart ({}s so far); retry shortly",
+                RECOVERY_WAIT.as_secs()
+            )));
+        }
+        Ok(e)
     }
 
     /// Makes the control plane's leases match this node's: frees those of
@@ -531,7 +639,7 @@ impl Agent {
     /// Gives the sandbox's address back to the control plane (after its tap
     /// is gone). Waits at most [`RELEASE_WAIT`]; a release that fails or
     /// times out is queued and retried every [`RELEASE_RETRY`].
-    async fn release_address(&self, id: &str) {
+    pub(crate) async fn release_address(&self, id: &str) {
         let Some(auth) = &self.inner.cfg.leases else {
             return;
         };
@@ -614,13 +722,13 @@ impl Agent {
     }
 
     pub fn get(&self, id_or_name: &str) -> Result<Sandbox, AgentError> {
-        Ok(self.entry(id_or_name)?.snapshot())
+        Ok(self.entry(id_or_name)?.view())
     }
 
     pub fn list(&self) -> Vec<Sandbox> {
         let mut v: Vec<Sandbox> = lock(&self.inner.sandboxes)
             .values()
-            .map(|e| e.snapshot())
+            .map(|e| e.view())
             .collect();
         v.sort_by_key(|s| s.created_ms);
         v
@@ -914,6 +1022,7 @@ impl Agent {
         conn: Arc<GuestConn>,
         session: Session,
         mut ctl: mpsc::Receiver<Control>,
+        release: Option<String>,
     ) {
         let mut polite = true;
         let log_path = entry.dir.join("output.log");
@@ -943,7 +1052,7 @@ impl Agent {
                 Some(format!("cannot open {}: {e}", log_path.display())),
             ),
         };
-        self.teardown(&entry, vm.as_ref(), outcome, polite, None)
+        self.teardown(&entry, vm.as_ref(), outcome, polite, release)
             .await;
     }
 
@@ -958,6 +1067,12 @@ impl Agent {
         polite: bool,
         release: Option<String>,
     ) {
+        // why: saved before the VM is shut down: a hearthd that dies from here on
+        // finds the outcome on restart instead of a VM that is gone (`lost`).
+        let saved = SavedOutcome::new(outcome.0, outcome.1, outcome.2.clone());
+        if let Err(e) = saved.store(&entry.dir) {
+            tracing::warn!(sandbox = %vm.id(), "cannot save outcome.json, a hearthd restart during the teardown would report the sandbox lost: {e}");
+        }
         *lock(&entry.vm) = None;
         let conn = lock(&entry.conn).take();
         let mut gone = false;
@@ -983,7 +1098,7 @@ impl Agent {
         self.finish(entry, status, exit, error);
     }
 
-    fn finish(
+    pub(crate) fn finish(
         &self,
         entry: &Entry,
         status: SandboxStatus,
@@ -996,6 +1111,7 @@ impl Agent {
             r.error = error;
             r.finished_ms = Some(now_ms());
         });
+        SavedOutcome::clear(&entry.dir);
         entry.finished.send_replace(true);
     }
 
@@ -1045,10 +1161,10 @@ impl Agent {
             vm.start().await.map_err(|e| e.to_string())?;
             GuestConn::handshake(stream, HELLO_TIMEOUT)
                 .await
-                .map(|c| (c, None))
+                .map(|c| (c, None, 0))
                 .map_err(|e| e.to_string())
         };
-        let (conn, attached) = tokio::select! {
+        let (conn, attached, base) = tokio::select! {
             r = boot => match r {
                 Ok(c) => c,
                 Err(e) => return failed(format!("guest did not start: {e}{}", console(vm))),
@@ -1091,6 +1207,14 @@ impl Agent {
             Ok(l) => l,
             Err(e) => return failed(format!("cannot create {}: {e}", log_path.display())),
         };
+        // why: written before the status says running, so a hearthd that dies
+        // at any point after that can take the sandbox over.
+        if let Err(e) = WorkloadRecord::new(session.id(), exec.stdin, base).store(&entry.dir) {
+            return failed(format!(
+                "cannot save {}: {e}; without it a hearthd restart could not take the sandbox over",
+                entry.dir.join("workload.json").display()
+            ));
+        }
         entry.update(|r| {
             r.status = SandboxStatus::Running;
             r.started_ms = Some(now_ms());
@@ -1125,6 +1249,9 @@ impl Agent {
         *lock(&entry.conn) = Some(conn.clone());
         *lock(&entry.main_input) = Some(session.input());
         let input = session.input();
+        // why: an Exit the guest sends while no hearthd listens is replayed to the
+        // next one; it is acknowledged only by powering the guest off.
+        session.defer_exit_ack();
         let mut first_output = started.is_some();
         let mut stop_deadline: Option<tokio::time::Instant> = None;
         let wd = self.inner.cfg.guest_watchdog;
@@ -1241,7 +1368,7 @@ impl Agent {
             e.written.subscribe(),
             e.finished.subscribe(),
         );
-        Ok((e.snapshot(), f))
+        Ok((e.view(), f))
     }
 
     /// Waits until the sandbox reaches a terminal status.
@@ -1254,7 +1381,7 @@ impl Agent {
 
     /// Waits until the sandbox is running (or ended), then returns its stdin.
     pub async fn main_stdin(&self, id_or_name: &str) -> Result<SessionInput, AgentError> {
-        let e = self.entry(id_or_name)?;
+        let e = self.settled_entry(id_or_name).await?;
         let mut st = e.status.subscribe();
         let _ = st.wait_for(|s| *s != SandboxStatus::Creating).await;
         let rec = e.snapshot();
@@ -1283,7 +1410,7 @@ impl Agent {
                 "signal {signal} is out of range: give 1..=64"
             )));
         }
-        let e = self.entry(id_or_name)?;
+        let e = self.settled_entry(id_or_name).await?;
         let input = lock(&e.main_input).clone();
         let rec = e.snapshot();
         match input {
@@ -1302,7 +1429,7 @@ impl Agent {
 
     /// Stops a running sandbox: SIGTERM, then power off after `grace`.
     pub async fn stop(&self, id_or_name: &str, grace: Duration) -> Result<Sandbox, AgentError> {
-        let e = self.entry(id_or_name)?;
+        let e = self.settled_entry(id_or_name).await?;
         let ctl = lock(&e.control).clone();
         if let Some(ctl) = ctl {
             let msg = if grace.is_zero() {
@@ -1320,7 +1447,7 @@ impl Agent {
     /// Removes a sandbox and everything it left on disk. A running one is
     /// refused unless `force`, which kills it first.
     pub async fn remove(&self, id_or_name: &str, force: bool) -> Result<(), AgentError> {
-        let e = self.entry(id_or_name)?;
+        let e = self.settled_entry(id_or_name).await?;
         let rec = e.snapshot();
         if !rec.status.is_terminal() {
             if !force {
@@ -1375,7 +1502,7 @@ impl Agent {
         id_or_name: &str,
         req: hearth_api::ExecRequest,
     ) -> Result<(u32, Session), AgentError> {
-        let e = self.entry(id_or_name)?;
+        let e = self.settled_entry(id_or_name).await?;
         let rec = e.snapshot();
         let conn = lock(&e.conn).clone();
         let Some(conn) = conn.filter(|_| rec.status == SandboxStatus::Running) else {
@@ -1548,7 +1675,7 @@ pub(crate) fn plan_exec(req: &CreateSandbox, image: &ImageRecord) -> Result<Gues
 }
 
 /// A duplicate of a stream's socket (for queue-length ioctls).
-fn stream_fd(s: &tokio::net::UnixStream) -> Option<std::os::fd::OwnedFd> {
+pub(crate) fn stream_fd(s: &tokio::net::UnixStream) -> Option<std::os::fd::OwnedFd> {
     use std::os::fd::AsFd;
     s.as_fd().try_clone_to_owned().ok()
 }
@@ -1584,7 +1711,7 @@ fn describe_exit<E: std::fmt::Display, T: std::fmt::Debug>(x: Result<T, E>) -> S
 
 /// The last lines of the guest console, to explain a crash (reads only the
 /// file's tail: the console is guest-controlled and may be huge).
-fn console_tail(path: &Path) -> String {
+pub(crate) fn console_tail(path: &Path) -> String {
     use std::io::{Read, Seek, SeekFrom};
     const MAX: u64 = 8 * 1024;
     let Ok(mut f) = std::fs::File::open(path) else {

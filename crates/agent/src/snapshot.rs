@@ -98,7 +98,7 @@ impl Agent {
                 "snapshot name '{name}' is invalid: use 1-63 letters, digits, '-', '_' or '.', starting with a letter or digit"
             )));
         }
-        let e = self.entry(id_or_name)?;
+        let e = self.settled_entry(id_or_name).await?;
         let _saving = e.saving.lock().await;
         let rec = e.snapshot();
         if rec.network.is_some() {

@@ -101,12 +101,19 @@ pub enum SandboxStatus {
     Failed,
     /// The daemon lost track of it (e.g. it restarted while the sandbox ran).
     Lost,
+    /// hearthd restarted and is taking the sandbox's running VM over (or
+    /// settling it); `running`, or `lost`/`exited` with the reason, follows.
+    /// Never stored: a sandbox is only in this state in a daemon's memory.
+    Recovering,
 }
 
 impl SandboxStatus {
     /// True once nothing will change any more.
     pub fn is_terminal(self) -> bool {
-        !matches!(self, SandboxStatus::Creating | SandboxStatus::Running)
+        !matches!(
+            self,
+            SandboxStatus::Creating | SandboxStatus::Running | SandboxStatus::Recovering
+        )
     }
 }
 

@@ -3,7 +3,7 @@
 //! frames whole.
 
 use std::fs::File;
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 
 use hearth_proto::{write_frame, Frame, ProtoError};
 
@@ -46,13 +46,17 @@ impl Writer {
     /// Sends one frame. Blocks while the host is not connected (virtio-serial
     /// holds writes until the host side opens), which is what we want.
     pub fn send(&self, frame: &Frame) -> Result<(), ProtoError> {
+        write_frame(&mut *self.lock(), frame)
+    }
+
+    /// The port itself, for callers that must record a frame (replay buffer)
+    /// and write it in one step, so a resume never sees them apart.
+    pub fn lock(&self) -> MutexGuard<'_, File> {
         // why: a thread that panicked while holding the lock wrote whole frames or
         // nothing (write_frame is one write_all); the port is still usable.
-        let mut port = self
-            .port
+        self.port
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        write_frame(&mut *port, frame)
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Sends, logging instead of failing: used where nobody could act on the error.

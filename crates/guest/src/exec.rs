@@ -46,7 +46,13 @@ impl ExecError {
 
 /// Handles one `Exec` frame for session `id`.
 pub fn start(id: u32, req: ExecRequest, sessions: &Arc<Sessions>, writer: &Arc<Writer>) {
-    if sessions.lock().contains(id) {
+    let in_use = {
+        let mut table = sessions.lock();
+        let in_use = table.contains(id);
+        table.note_id(id);
+        in_use
+    };
+    if in_use {
         let message = format!("session {id} is already in use");
         writer.send_or_log(&Frame::json(Kind::Error, id, &ErrorMsg { message }));
         return;

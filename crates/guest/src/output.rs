@@ -106,7 +106,9 @@ fn pump(kind: Kind, pipe: &OwnedFd, session: &Session, writer: &Writer) {
         let n = n as usize;
         session.release(budget - n);
         owed = owed.map(|o| o.saturating_sub(n));
-        if let Err(e) = writer.send(&Frame::data(kind, session.id, buf[..n].to_vec())) {
+        if let Err(e) =
+            session.send_output(writer, Frame::data(kind, session.id, buf[..n].to_vec()))
+        {
             crate::log!("session {}: dropping {kind:?} output: {e}", session.id);
             return;
         }

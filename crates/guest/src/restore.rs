@@ -39,7 +39,10 @@ pub fn apply(msg: &Restored) -> RestoredAck {
     for w in &warnings {
         crate::log!("after restore: {w}");
     }
-    RestoredAck { warnings }
+    RestoredAck {
+        warnings,
+        sessions: Vec::new(),
+    }
 }
 
 /// `struct rand_pool_info` with its flexible buffer.

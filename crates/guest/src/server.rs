@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hearth_proto::{
-    read_frame, Credit, Empty, ErrorMsg, ExecRequest, Frame, Hello, Kind, ProtoError, Restored,
-    SignalRequest, PROTOCOL_VERSION,
+    read_frame, write_frame, Credit, Empty, ErrorMsg, ExecRequest, Frame, Hello, Kind, ProtoError,
+    Restored, Resume, Resumed, SessionSent, SignalRequest, PROTOCOL_VERSION,
 };
 
 use crate::channel::Writer;
@@ -76,7 +76,7 @@ pub fn serve(port: &str) -> Result<std::convert::Infallible, ServeError> {
 
     loop {
         match read_frame(&mut reader) {
-            Ok(Some(frame)) => dispatch(frame, &sessions, &writer),
+            Ok(Some(frame)) => dispatch(frame, &sessions, &writer, &hello),
             // why: virtio-serial reads return EOF at once while the host side is
             // closed and there is no event for "reopened", so poll gently.
             Ok(None) | Err(ProtoError::Io(_)) => std::thread::sleep(RECONNECT_POLL),
@@ -89,7 +89,51 @@ fn error(writer: &Writer, id: u32, message: String) {
     writer.send_or_log(&Frame::json(Kind::Error, id, &ErrorMsg { message }));
 }
 
-fn dispatch(frame: Frame, sessions: &Arc<Sessions>, writer: &Arc<Writer>) {
+/// A host (re)connected: answer with its nonce and [`Resumed`], replay what it
+/// has not persisted of the sessions it names, kill the others. Holding the port
+/// lock throughout keeps every newer frame behind the replay.
+fn resume(msg: &Resume, sessions: &Sessions, writer: &Writer, hello: &Hello) {
+    let mut port = writer.lock();
+    let mut answer = Resumed {
+        hello: hello.clone(),
+        next_session: 0,
+        sessions: Vec::new(),
+    };
+    let mut replay = Vec::new();
+    {
+        let mut table = sessions.lock();
+        for session in table.all() {
+            match msg.sessions.iter().find(|s| s.id == session.id) {
+                Some(wanted) => {
+                    let (info, frames) = session.resume(wanted.persisted);
+                    answer.sessions.push(info);
+                    replay.extend(frames);
+                }
+                None => {
+                    log!("host gave up session {}; killing it", session.id);
+                    session.forget();
+                    table.remove(session.id);
+                }
+            }
+        }
+        answer.next_session = table.next_id();
+    }
+    let mut out = msg.nonce.clone();
+    out.extend_from_slice(&Frame::json(Kind::Resumed, 0, &answer).encode());
+    let sent = std::io::Write::write_all(&mut *port, &out)
+        .map_err(ProtoError::from)
+        .and_then(|()| replay.iter().try_for_each(|f| write_frame(&mut *port, f)));
+    match sent {
+        Ok(()) => log!(
+            "host resumed {} session(s), replayed {} frame(s)",
+            answer.sessions.len(),
+            replay.len()
+        ),
+        Err(e) => log!("answering the host's resume: {e}"),
+    }
+}
+
+fn dispatch(frame: Frame, sessions: &Arc<Sessions>, writer: &Arc<Writer>, hello: &Hello) {
     let id = frame.id;
     match frame.kind {
         Kind::Exec => match frame.parse::<ExecRequest>() {
@@ -111,7 +155,8 @@ fn dispatch(frame: Frame, sessions: &Arc<Sessions>, writer: &Arc<Writer>) {
         },
         Kind::Signal => match frame.parse::<SignalRequest>() {
             Ok(req) => {
-                if let Some(session) = sessions.get(id) {
+                // why: an ended session waits for its ExitAck; its pid may be reused.
+                if let Some(session) = sessions.get(id).filter(|s| !s.has_exited()) {
                     // SAFETY: kill(2) takes no pointers. The process leads its own
                     // process group (setsid), so -pid reaches its children too.
                     unsafe { libc::kill(-(session.pid as i32), req.signal) };
@@ -124,11 +169,35 @@ fn dispatch(frame: Frame, sessions: &Arc<Sessions>, writer: &Arc<Writer>) {
         // after it can run with the snapshot's stale RNG, clock or hostname.
         Kind::Restored => match frame.parse::<Restored>() {
             Ok(msg) => {
-                let ack = restore::apply(&msg);
-                writer.send_or_log(&Frame::json(Kind::RestoredAck, id, &ack));
+                let mut ack = restore::apply(&msg);
+                // why: the offsets are read and the ack written under the port
+                // lock, so no output frame falls between them (see SessionSent).
+                let mut port = writer.lock();
+                ack.sessions = sessions
+                    .lock()
+                    .all()
+                    .iter()
+                    .map(|s| SessionSent {
+                        id: s.id,
+                        sent: s.sent(),
+                    })
+                    .collect();
+                if let Err(e) = write_frame(&mut *port, &Frame::json(Kind::RestoredAck, id, &ack)) {
+                    log!("sending RestoredAck: {e}");
+                }
             }
             Err(e) => error(writer, id, e.to_string()),
         },
+        Kind::Resume => match frame.parse::<Resume>() {
+            Ok(msg) => resume(&msg, sessions, writer, hello),
+            Err(e) => error(writer, id, e.to_string()),
+        },
+        Kind::ExitAck => {
+            let mut table = sessions.lock();
+            if table.get(id).is_some_and(|s| s.has_exited()) {
+                table.remove(id);
+            }
+        }
         Kind::Shutdown => power::shutdown(),
         other => error(writer, id, format!("unexpected {other:?} frame from host")),
     }

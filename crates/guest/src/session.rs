@@ -1,14 +1,20 @@
 //! One exec session: its process, its flow-control window and the bookkeeping
 //! that decides when `Exit` may be sent (the process has ended *and* both output
 //! pumps are done). [`Sessions`] is the table of live sessions, by id and by pid.
+//!
+//! Every output frame and the Exit stay in the session's replay buffer until the
+//! host credits (persists) them, so a host that restarts can resume the stream
+//! without a gap or a duplicate (see `hearth_proto`, "Resumable output").
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use hearth_proto::{ExitStatus, Frame, Kind, INITIAL_WINDOW};
+use hearth_proto::{
+    write_frame, ExitStatus, Frame, Kind, ProtoError, ResumedSession, INITIAL_WINDOW,
+};
 
 use crate::channel::Writer;
 
@@ -26,6 +32,31 @@ struct State {
     status: Option<ExitStatus>,
     exited_at: Option<Instant>,
     exit_sent: bool,
+    /// Frames sent and not yet credited (stream data, then maybe the Exit).
+    outbox: VecDeque<Frame>,
+    /// Stream offset of the first byte kept in `outbox`.
+    kept_from: u64,
+    /// Stream bytes the host has credited (persisted).
+    acked: u64,
+    /// Stream bytes sent.
+    sent: u64,
+    /// The host gave the session up: output and Exit are dropped.
+    forgotten: bool,
+}
+
+impl State {
+    /// Drops kept frames the host has credited in full.
+    fn trim(&mut self) {
+        while let Some(f) = self.outbox.front() {
+            let len = f.payload.len() as u64;
+            let stream = matches!(f.kind, Kind::Stdout | Kind::Stderr);
+            if !stream || self.kept_from + len > self.acked {
+                break;
+            }
+            self.kept_from += len;
+            self.outbox.pop_front();
+        }
+    }
 }
 
 /// A running (or just ended) process and its streams.
@@ -55,6 +86,11 @@ impl Session {
                 status: None,
                 exited_at: None,
                 exit_sent: false,
+                outbox: VecDeque::new(),
+                kept_from: 0,
+                acked: 0,
+                sent: 0,
+                forgotten: false,
             }),
             credit: Condvar::new(),
             // SAFETY: fd is a fresh eventfd owned by nobody else.
@@ -77,10 +113,12 @@ impl Session {
         n as usize
     }
 
-    /// Returns reserved bytes that were not used.
+    /// Returns reserved bytes that were not used (window only: nothing was acknowledged).
     pub fn release(&self, n: usize) {
         if n > 0 {
-            self.add_credit(n as u64);
+            let mut st = lock(&self.state);
+            st.window = st.window.saturating_add(n as u64);
+            self.credit.notify_all();
         }
     }
 
@@ -88,7 +126,84 @@ impl Session {
     pub fn add_credit(&self, n: u64) {
         let mut st = lock(&self.state);
         st.window = st.window.saturating_add(n);
+        st.acked = st.acked.saturating_add(n).min(st.sent);
+        st.trim();
         self.credit.notify_all();
+    }
+
+    /// Records an output frame in the replay buffer and sends it, under the
+    /// port lock so a resume replays it exactly once. Dropped once forgotten.
+    pub fn send_output(&self, writer: &Writer, frame: Frame) -> Result<(), ProtoError> {
+        let mut port = writer.lock();
+        if lock(&self.state).forgotten {
+            return Ok(());
+        }
+        // why: written first, kept after, both under the port lock: a resume (which
+        // takes the port lock) sees the frame kept exactly when it was written.
+        let sent = write_frame(&mut *port, &frame);
+        let mut st = lock(&self.state);
+        st.sent += frame.payload.len() as u64;
+        st.outbox.push_back(frame);
+        sent
+    }
+
+    /// A host resumes this session holding `persisted` bytes: what it already
+    /// has is dropped (and credited), the rest (and the Exit) is returned for replay.
+    pub fn resume(&self, persisted: u64) -> (ResumedSession, Vec<Frame>) {
+        let mut st = lock(&self.state);
+        let acked = persisted.max(st.acked).min(st.sent);
+        let gained = acked - st.acked;
+        st.window = st.window.saturating_add(gained);
+        st.acked = acked;
+        st.trim();
+        let mut offset = st.kept_from;
+        let mut replay = Vec::with_capacity(st.outbox.len());
+        for f in &st.outbox {
+            if !matches!(f.kind, Kind::Stdout | Kind::Stderr) {
+                replay.push(f.clone());
+                continue;
+            }
+            let len = f.payload.len() as u64;
+            let skip = acked.saturating_sub(offset).min(len) as usize;
+            if skip < f.payload.len() {
+                replay.push(Frame::data(f.kind, f.id, f.payload[skip..].to_vec()));
+            }
+            offset += len;
+        }
+        self.credit.notify_all();
+        let info = ResumedSession {
+            id: self.id,
+            replay_from: acked,
+            sent: st.sent,
+            exited: st.status.is_some(),
+        };
+        (info, replay)
+    }
+
+    /// The host gave the session up (a restarted host does not serve it): its
+    /// process group is killed, its output and Exit are dropped from now on.
+    pub fn forget(&self) {
+        let mut st = lock(&self.state);
+        st.forgotten = true;
+        st.outbox.clear();
+        // why: pumps blocked on credit must wake up to drain and drop the pipes.
+        st.window = u64::MAX / 2;
+        if st.status.is_none() {
+            // SAFETY: kill(2) takes no pointers; the process leads its own process
+            // group and is not reaped yet (status is None), so the pgid is ours.
+            unsafe { libc::kill(-(self.pid as i32), libc::SIGKILL) };
+        }
+        self.credit.notify_all();
+    }
+
+    /// Stream bytes sent so far.
+    pub fn sent(&self) -> u64 {
+        lock(&self.state).sent
+    }
+
+    /// Whether the process has ended (its pid may be reused since).
+    pub fn has_exited(&self) -> bool {
+        lock(&self.state).status.is_some()
     }
 
     pub fn exited_at(&self) -> Option<Instant> {
@@ -163,6 +278,8 @@ pub struct Table {
     /// Processes spawned so far; lets the reaper wait for "a new child" without
     /// missing one spawned just before it started waiting.
     spawned: u64,
+    /// Highest session id the host has used.
+    max_id: u32,
 }
 
 impl Table {
@@ -170,7 +287,32 @@ impl Table {
         self.by_id.contains_key(&id)
     }
 
+    pub fn get(&self, id: u32) -> Option<&Arc<Session>> {
+        self.by_id.get(&id)
+    }
+
+    /// Notes that the host used session `id`.
+    pub fn note_id(&mut self, id: u32) {
+        self.max_id = self.max_id.max(id);
+    }
+
+    /// The id a new session must have at least.
+    pub fn next_id(&self) -> u32 {
+        self.max_id.saturating_add(1)
+    }
+
+    /// Every session still known (running, or ended with its Exit not acknowledged).
+    pub fn all(&self) -> Vec<Arc<Session>> {
+        self.by_id.values().cloned().collect()
+    }
+
+    /// Forgets session `id` (its Exit was acknowledged, or the host gave it up).
+    pub fn remove(&mut self, id: u32) -> Option<Arc<Session>> {
+        self.by_id.remove(&id)
+    }
+
     pub fn insert(&mut self, session: Arc<Session>) {
+        self.note_id(session.id);
         self.spawned += 1;
         self.by_pid.insert(session.pid, Arc::clone(&session));
         self.by_id.insert(session.id, session);
@@ -217,10 +359,62 @@ impl Sessions {
             .wait_timeout_while(table, timeout, |t| t.spawned == seen);
     }
 
-    /// Sends `Exit` for a complete session and forgets it.
+    /// Sends `Exit` for a complete session; it stays in the replay buffer (and
+    /// the session in the table) until the host acknowledges it.
     pub fn complete(&self, session: &Session, writer: &Writer) {
-        // why: remove before sending so the host may reuse the id as soon as it sees Exit.
-        self.lock().by_id.remove(&session.id);
-        writer.send_or_log(&Frame::json(Kind::Exit, session.id, &session.status()));
+        let frame = Frame::json(Kind::Exit, session.id, &session.status());
+        let mut port = writer.lock();
+        if lock(&session.state).forgotten {
+            return;
+        }
+        if let Err(e) = write_frame(&mut *port, &frame) {
+            crate::log!("sending Exit for session {}: {e}", session.id);
+        }
+        lock(&session.state).outbox.push_back(frame);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn payloads(frames: &[Frame]) -> Vec<(Kind, Vec<u8>)> {
+        frames.iter().map(|f| (f.kind, f.payload.clone())).collect()
+    }
+
+    #[test]
+    fn resume_replays_exactly_what_the_host_lacks_then_the_exit() {
+        let writer = Writer::new(std::fs::File::create("/dev/null").unwrap());
+        let sessions = Sessions::new();
+        let s = Session::new(1, u32::MAX, None).unwrap();
+        for chunk in [&b"ab"[..], b"cde", b"f"] {
+            // Reserving more than is read and releasing the rest acknowledges nothing.
+            let got = s.reserve(100);
+            s.release(got - chunk.len());
+            s.send_output(&writer, Frame::data(Kind::Stdout, 1, chunk.to_vec()))
+                .unwrap();
+        }
+        s.add_credit(2);
+        // The host persisted 4 bytes but credited only 2 before it died.
+        let (info, replay) = s.resume(4);
+        assert_eq!((info.replay_from, info.sent, info.exited), (4, 6, false));
+        assert_eq!(
+            payloads(&replay),
+            vec![(Kind::Stdout, b"e".to_vec()), (Kind::Stdout, b"f".to_vec())]
+        );
+        assert_eq!(lock(&s.state).window, u64::from(INITIAL_WINDOW) - 2);
+
+        assert!(!s.pump_done() && !s.pump_done());
+        assert!(s.set_exited(ExitStatus {
+            code: Some(7),
+            signal: None
+        }));
+        sessions.complete(&s, &writer);
+        let (info, replay) = s.resume(6);
+        assert!(info.exited);
+        assert_eq!(replay.len(), 1);
+        assert_eq!(replay[0].kind, Kind::Exit);
+        // A host that claims more than was sent gets nothing twice, and no gap.
+        assert_eq!(s.resume(100).0.replay_from, 6);
     }
 }

@@ -14,13 +14,24 @@
 //! for Stdin) may have at most [`INITIAL_WINDOW`] unacknowledged bytes in flight
 //! per session; the receiver returns [`Kind::Credit`] frames as it consumes data.
 //! So a guest printing 50 MB never makes the host buffer more than a window.
+//!
+//! Resumable output: Credit also means "persisted". The guest keeps each
+//! session's Stdout/Stderr frames (and its Exit) in a replay buffer until the
+//! host credits them (so the buffer is bounded by the window, plus one Exit).
+//! A host that restarts connects again and sends [`Kind::Resume`] with the
+//! stream offset it has persisted per session; the guest answers with the
+//! host's random nonce (raw bytes, so the host can skip whatever torn frames
+//! the previous connection left in the channel), then [`Kind::Resumed`], then
+//! replays every kept frame past the host's offset, in order, before any new
+//! one. Sessions the host does not name are killed and forgotten. The guest
+//! forgets an ended session when the host sends [`Kind::ExitAck`].
 
 use std::io::{self, Read, Write};
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// Protocol version carried in [`Hello`]; bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest payload in one frame.
 pub const MAX_FRAME: usize = 256 * 1024;
 /// Bytes of stream data a sender may have unacknowledged per session.
@@ -65,6 +76,12 @@ pub enum Kind {
     Restored = 14,
     /// guest → host, id 0, [`RestoredAck`]: the restore message was applied.
     RestoredAck = 15,
+    /// host → guest, id 0, [`Resume`]: a host (re)connected to a running agent.
+    Resume = 16,
+    /// guest → host, id 0, [`Resumed`]: sent right after the Resume nonce.
+    Resumed = 17,
+    /// host → guest, [`Empty`]: the session's Exit is recorded; forget the session.
+    ExitAck = 18,
 }
 
 impl Kind {
@@ -86,6 +103,9 @@ impl Kind {
             13 => Pong,
             14 => Restored,
             15 => RestoredAck,
+            16 => Resume,
+            17 => Resumed,
+            18 => ExitAck,
             _ => return None,
         })
     }
@@ -320,6 +340,74 @@ pub struct Restored {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
 pub struct RestoredAck {
     pub warnings: Vec<String>,
+    /// Stream bytes each live session had sent when this ack was written (the
+    /// ack and output frames share one writer, so this is exact): a restored
+    /// host subtracts what it received before the ack to learn at which stream
+    /// offset its output log starts, for a later [`Resume`].
+    #[serde(default)]
+    pub sessions: Vec<SessionSent>,
+}
+
+/// A session's stream offset in a [`RestoredAck`].
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SessionSent {
+    pub id: u32,
+    /// Output bytes (Stdout and Stderr payloads together) sent so far.
+    pub sent: u64,
+}
+
+/// Length of the nonce of [`Resume`].
+pub const RESUME_NONCE_LEN: usize = 16;
+
+/// host → guest: a host took over this guest's channel (after a restart).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Resume {
+    /// [`RESUME_NONCE_LEN`] random bytes the guest writes raw before [`Resumed`].
+    pub nonce: Vec<u8>,
+    /// Sessions the host still serves; every other session is killed.
+    pub sessions: Vec<ResumeSession>,
+}
+
+/// One session the host takes over, and how far it has persisted its output.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ResumeSession {
+    pub id: u32,
+    /// Output bytes (Stdout and Stderr payloads together) the host holds.
+    pub persisted: u64,
+}
+
+/// guest → host: the answer to [`Resume`]; the replay follows.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Resumed {
+    /// What the agent said in its Hello at boot.
+    pub hello: Hello,
+    /// Session ids below this one were used; new sessions must start here.
+    pub next_session: u32,
+    /// The named sessions the guest still has (an unknown one is missing).
+    pub sessions: Vec<ResumedSession>,
+}
+
+/// A session the guest resumes.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ResumedSession {
+    pub id: u32,
+    /// Offset of the first replayed byte (the host's `persisted`, unless the
+    /// guest had already been credited further).
+    pub replay_from: u64,
+    /// Output bytes the guest has sent in total.
+    pub sent: u64,
+    /// The process has ended; its Exit is part of the replay.
+    pub exited: bool,
+}
+
+/// Where `nonce` ends in `buf`, if it occurs.
+pub fn find_nonce(buf: &[u8], nonce: &[u8]) -> Option<usize> {
+    if nonce.is_empty() || buf.len() < nonce.len() {
+        return None;
+    }
+    buf.windows(nonce.len())
+        .position(|w| w == nonce)
+        .map(|p| p + nonce.len())
 }
 
 /// An empty JSON object, for messages without fields.
@@ -356,6 +444,18 @@ mod tests {
                 },
             ),
             Frame::json(Kind::RestoredAck, 0, &RestoredAck::default()),
+            Frame::json(
+                Kind::Resume,
+                0,
+                &Resume {
+                    nonce: vec![7; RESUME_NONCE_LEN],
+                    sessions: vec![ResumeSession {
+                        id: 1,
+                        persisted: 9,
+                    }],
+                },
+            ),
+            Frame::json(Kind::ExitAck, 1, &Empty {}),
         ];
         let mut wire = Vec::new();
         for f in &frames {
@@ -397,6 +497,16 @@ mod tests {
         let mut wire = Frame::data(Kind::Stdout, 1, vec![1, 2, 3]).encode();
         wire.truncate(wire.len() - 1);
         assert!(read_frame(&mut &wire[..]).is_err());
+    }
+
+    #[test]
+    fn nonce_is_found_after_torn_bytes() {
+        let nonce = [9u8; RESUME_NONCE_LEN];
+        let mut wire = vec![1, 2, 3];
+        wire.extend_from_slice(&nonce);
+        wire.push(42);
+        assert_eq!(find_nonce(&wire, &nonce), Some(3 + RESUME_NONCE_LEN));
+        assert_eq!(find_nonce(&wire[..10], &nonce), None);
     }
 
     #[test]

@@ -217,7 +217,7 @@ pub struct CopyReport {
 
 impl CopyReport {
     pub(crate) fn is_terminal(&self) -> bool {
-        !matches!(self.status.as_str(), "creating" | "running")
+        !matches!(self.status.as_str(), "creating" | "running" | "recovering")
     }
 }
 

@@ -342,6 +342,24 @@ impl Daemon {
         serde_json::from_str(&body).expect("info json")
     }
 
+    /// Waits until no sandbox is `recovering` (a restarted hearthd takes
+    /// running sandboxes over in the background while it serves the API).
+    pub fn wait_recovered(&self) {
+        wait_until(
+            "the restarted hearthd to recover its sandboxes",
+            Duration::from_secs(120),
+            || {
+                let out = self.hearth(&["ps", "--json"]);
+                assert!(out.status.success(), "ps: {}", show(&out));
+                let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ps json");
+                v.as_array()
+                    .expect("list")
+                    .iter()
+                    .all(|s| s["status"] != "recovering")
+            },
+        );
+    }
+
     /// `hearth inspect` as JSON.
     pub fn inspect(&self, id: &str) -> serde_json::Value {
         let out = self.hearth(&["inspect", id]);

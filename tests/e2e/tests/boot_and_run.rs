@@ -313,8 +313,120 @@ fn stop_terminates_the_workload() {
     assert!(vmm_pids_under(&d.data_dir().join("sandboxes")).is_empty());
 }
 
+/// The counter lines of a sandbox's output log, as numbers.
+fn counter_lines(d: &Daemon, sandbox: &str) -> Vec<u64> {
+    let out = d.hearth(&["logs", sandbox]);
+    stdout(&out)
+        .lines()
+        .map(|l| {
+            l.parse::<u64>()
+                .unwrap_or_else(|_| panic!("not a counter line: {l:?}"))
+        })
+        .collect()
+}
+
+/// Panics unless `lines` is exactly 0, 1, 2, ... (no gap, no duplicate).
+fn assert_gapless(lines: &[u64]) {
+    for (i, n) in lines.iter().enumerate() {
+        assert_eq!(
+            *n,
+            i as u64,
+            "counter line {i} is {n}: a gap or a duplicate around {:?}",
+            &lines[i.saturating_sub(3)..(i + 3).min(lines.len())]
+        );
+    }
+}
+
+const COUNTER: &str = "i=0; while :; do echo $i; i=$((i+1)); sleep 0.1; done";
+
 #[test]
-fn kill_9_of_hearthd_reports_the_sandbox_lost_and_orphans_no_qemu() {
+fn kill_9_of_hearthd_re_adopts_the_running_sandbox_without_losing_or_doubling_output() {
+    let mut d = Daemon::start();
+    let out = d.hearth(&[
+        "run", "-d", "--name", "counter", "busybox", "--", "sh", "-c", COUNTER,
+    ]);
+    assert!(out.status.success(), "{}", show(&out));
+    wait_until("the counter at 10", Duration::from_secs(120), || {
+        counter_lines(&d, "counter").len() > 10
+    });
+    let sandboxes = d.data_dir().join("sandboxes");
+    let qemu = vmm_pids_under(&sandboxes);
+    assert_eq!(qemu.len(), 1);
+
+    let before = counter_lines(&d, "counter").len();
+    d.kill9();
+    // why: the point is output produced while no hearthd reads the channel.
+    std::thread::sleep(Duration::from_secs(3));
+    d.spawn();
+    d.wait_recovered();
+
+    let s = d.inspect("counter");
+    assert_eq!(s["status"], "running", "{s}");
+    assert_eq!(vmm_pids_under(&sandboxes), qemu, "the same QEMU runs on");
+    wait_until(
+        "the counter to go on past the restart",
+        Duration::from_secs(60),
+        || counter_lines(&d, "counter").len() > before + 40,
+    );
+    let out = d.hearth(&["exec", "counter", "--", "sh", "-c", "echo exec-ok; exit 3"]);
+    assert_eq!(out.status.code(), Some(3), "{}", show(&out));
+    assert_eq!(stdout(&out), "exec-ok\n");
+
+    let out = d.hearth(&["stop", "counter"]);
+    assert!(out.status.success(), "{}", show(&out));
+    let s = d.inspect("counter");
+    assert_eq!(s["status"], "stopped", "{s}");
+    assert_eq!(s["exit"]["code"], 143, "SIGTERM ends the shell: {s}");
+    assert!(vmm_pids_under(&sandboxes).is_empty(), "QEMU is gone");
+    let lines = counter_lines(&d, "counter");
+    assert!(lines.len() > before + 40, "{} lines", lines.len());
+    assert_gapless(&lines);
+}
+
+#[test]
+fn workload_that_exits_while_hearthd_is_down_reports_its_code_after_restart() {
+    let mut d = Daemon::start();
+    let out = d.hearth(&[
+        "run",
+        "-d",
+        "--name",
+        "seven",
+        "busybox",
+        "--",
+        "sh",
+        "-c",
+        "echo start; sleep 3; seq 1 3000; echo bye >&2; exit 7",
+    ]);
+    assert!(out.status.success(), "{}", show(&out));
+    wait_until(
+        "the workload's first line",
+        Duration::from_secs(120),
+        || stdout(&d.hearth(&["logs", "seven"])) == "start\n",
+    );
+    d.kill9();
+    let vm_log = d.data_dir().join("sandboxes");
+    // why: the workload must end while no hearthd runs (it sleeps 3s first).
+    std::thread::sleep(Duration::from_secs(10));
+    assert_eq!(vmm_pids_under(&vm_log).len(), 1, "the VM outlives hearthd");
+    d.spawn();
+
+    let out = d.hearth(&["wait", "seven"]);
+    assert_eq!(out.status.code(), Some(7), "{}", show(&out));
+    let s = d.inspect("seven");
+    assert_eq!(s["status"], "exited", "{s}");
+    assert_eq!(s["exit"]["code"], 7, "{s}");
+    let out = d.hearth(&["logs", "seven"]);
+    let want: String = std::iter::once("start".to_string())
+        .chain((1..=3000).map(|i| i.to_string()))
+        .map(|l| l + "\n")
+        .collect();
+    assert_eq!(stdout(&out), want, "complete output, once");
+    assert_eq!(stderr(&out), "bye\n");
+    assert!(vmm_pids_under(&vm_log).is_empty(), "QEMU is gone");
+}
+
+#[test]
+fn vm_that_died_while_hearthd_was_down_is_reported_lost_and_leaves_nothing() {
     let mut d = Daemon::start();
     let out = d.hearth(&[
         "run", "-d", "--name", "victim", "busybox", "--", "sleep", "1000000",
@@ -324,16 +436,132 @@ fn kill_9_of_hearthd_reports_the_sandbox_lost_and_orphans_no_qemu() {
         d.inspect("victim")["status"] == "running"
     });
     let sandboxes = d.data_dir().join("sandboxes");
-    assert_eq!(vmm_pids_under(&sandboxes).len(), 1);
+    let pids = vmm_pids_under(&sandboxes);
+    assert_eq!(pids.len(), 1);
 
     d.kill9();
+    // SAFETY: kill(2) on the QEMU this test's daemon started.
+    unsafe { libc::kill(pids[0], libc::SIGKILL) };
+    wait_until("QEMU gone", Duration::from_secs(10), || {
+        vmm_pids_under(&sandboxes).is_empty()
+    });
     d.spawn();
+    d.wait_recovered();
     let s = d.inspect("victim");
     assert_eq!(s["status"], "lost", "{s}");
-    assert!(s["error"].as_str().unwrap_or("").contains("hearthd"), "{s}");
+    let err = s["error"].as_str().unwrap_or("");
+    assert!(err.contains("ended while hearthd was down"), "{s}");
     assert!(vmm_pids_under(&sandboxes).is_empty(), "no QEMU orphaned");
-    let out = d.hearth(&["logs", "victim"]);
+    let out = d.hearth(&["wait", "victim"]);
     assert_eq!(out.status.code(), Some(125), "{}", show(&out));
+    let out = d.hearth(&["rm", "victim"]);
+    assert!(out.status.success(), "{}", show(&out));
+}
+
+/// The QEMU pid of the one VM under `dir`.
+fn only_vm(dir: &std::path::Path) -> i32 {
+    let pids = vmm_pids_under(dir);
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    pids[0]
+}
+
+#[test]
+fn exit_code_is_kept_when_hearthd_dies_while_shutting_the_vm_down() {
+    let mut d = Daemon::start();
+    let out = d.hearth(&[
+        "run",
+        "-d",
+        "--name",
+        "late",
+        "busybox",
+        "--",
+        "sh",
+        "-c",
+        "echo up; sleep 4; exit 7",
+    ]);
+    assert!(out.status.success(), "{}", show(&out));
+    let id = stdout(&out).trim().to_string();
+    wait_until(
+        "the workload's first line",
+        Duration::from_secs(120),
+        || stdout(&d.hearth(&["logs", "late"])) == "up\n",
+    );
+    let dir = d.data_dir().join("sandboxes").join(&id);
+    let qemu = only_vm(&dir);
+    // The teardown saves the outcome before it asks the guest to power off;
+    // freeze the VM right then so the teardown cannot finish, and kill hearthd
+    // in the middle of it (it waits 5 s for the power-off).
+    wait_until("the teardown to begin", Duration::from_secs(60), || {
+        dir.join("outcome.json").exists()
+    });
+    // SAFETY: kill(2) on the QEMU this test's daemon started.
+    unsafe { libc::kill(qemu, libc::SIGSTOP) };
+    d.kill9();
+    let stored: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("sandbox.json")).unwrap()).unwrap();
+    assert_eq!(
+        stored["status"], "running",
+        "hearthd died before it recorded the end: {stored}"
+    );
+    // The VM goes away while no hearthd runs.
+    // SAFETY: as above.
+    unsafe { libc::kill(qemu, libc::SIGKILL) };
+    wait_until("QEMU gone", Duration::from_secs(10), || {
+        vmm_pids_under(&dir).is_empty()
+    });
+    d.spawn();
+    let out = d.hearth(&["wait", "late"]);
+    assert_eq!(out.status.code(), Some(7), "{}", show(&out));
+    let s = d.inspect("late");
+    assert_eq!(s["status"], "exited", "{s}");
+    assert_eq!(s["exit"]["code"], 7, "{s}");
+    assert_eq!(stdout(&d.hearth(&["logs", "late"])), "up\n");
+    assert!(
+        !dir.join("outcome.json").exists(),
+        "the saved outcome is consumed"
+    );
+    let out = d.hearth(&["rm", "late"]);
+    assert!(out.status.success(), "{}", show(&out));
+}
+
+#[test]
+fn the_api_serves_while_a_restarted_hearthd_recovers_a_sandbox() {
+    let mut d = Daemon::start();
+    let out = d.hearth(&[
+        "run", "-d", "--name", "slow", "busybox", "--", "sh", "-c", COUNTER,
+    ]);
+    assert!(out.status.success(), "{}", show(&out));
+    wait_until("the counter at 5", Duration::from_secs(120), || {
+        counter_lines(&d, "slow").len() > 5
+    });
+    let sandboxes = d.data_dir().join("sandboxes");
+    let qemu = only_vm(&sandboxes);
+    d.kill9();
+    // A frozen VM cannot answer the take-over, so recovering it takes as long
+    // as it stays frozen.
+    // SAFETY: kill(2) on the QEMU this test's daemon started.
+    unsafe { libc::kill(qemu, libc::SIGSTOP) };
+    d.spawn();
+    let s = d.inspect("slow");
+    assert_eq!(s["status"], "recovering", "{s}");
+    let out = d.hearth(&["ps"]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(stdout(&out).contains("recovering"), "{}", show(&out));
+    // SAFETY: as above.
+    unsafe { libc::kill(qemu, libc::SIGCONT) };
+    // An exec waits for the recovery and then runs.
+    let out = d.hearth(&["exec", "slow", "--", "echo", "after"]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert_eq!(stdout(&out), "after\n");
+    assert_eq!(d.inspect("slow")["status"], "running");
+    let before = counter_lines(&d, "slow").len();
+    wait_until("the counter to go on", Duration::from_secs(60), || {
+        counter_lines(&d, "slow").len() > before + 10
+    });
+    assert_gapless(&counter_lines(&d, "slow"));
+    let out = d.hearth(&["rm", "-f", "slow"]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(vmm_pids_under(&sandboxes).is_empty());
 }
 
 #[test]
@@ -636,9 +864,15 @@ fn sigterm_stops_hearthd_promptly_even_with_attached_clients() {
         "the CLI reports the lost connection: {}",
         show(&out)
     );
-    // Restarted, it reports the sandbox lost and stops its VM.
+    // Restarted, it re-adopts the sandbox, whose VM ran on meanwhile.
+    let qemu = vmm_pids_under(d.data.path());
+    assert_eq!(qemu.len(), 1, "the VM outlives hearthd");
     d.spawn();
-    assert_eq!(d.inspect("chatty")["status"], "lost");
+    d.wait_recovered();
+    assert_eq!(d.inspect("chatty")["status"], "running");
+    assert_eq!(vmm_pids_under(d.data.path()), qemu);
+    let out = d.hearth(&["rm", "-f", "chatty"]);
+    assert!(out.status.success(), "{}", show(&out));
     assert!(vmm_pids_under(d.data.path()).is_empty());
 }
 

@@ -515,63 +515,84 @@ fn ingress_reaches_httpd_in_the_sandbox_from_another_namespace() {
 }
 
 #[test]
-fn agent_restart_removes_the_networks_of_sandboxes_that_no_longer_run() {
+fn agent_restart_re_adopts_running_networks_and_removes_the_rest() {
+    let ns = ServerNs::start(subnet(1), &[8080]);
     let mut d = Daemon::start();
     let (a, ip_a) = start_detached(&d, &["--egress-deny", "10.0.0.0/8"]);
     let (b, ip_b) = start_detached(&d, &[]);
+    let (c, ip_c) = start_detached(&d, &[]);
     let tap = |id: &str| {
         d.inspect(id)["network"]["tap"]
             .as_str()
             .unwrap()
             .to_string()
     };
-    let (tap_a, tap_b) = (tap(&a), tap(&b));
-    assert_eq!(control_plane_leases(&d).len(), 2);
+    let (tap_a, tap_b, tap_c) = (tap(&a), tap(&b), tap(&c));
+    assert_eq!(control_plane_leases(&d).len(), 3);
+    first_probe_ok(&d, &a, &ns.server_ip);
     d.kill9();
-    // While hearthd is down, b's VM ends and its record disappears: its network
-    // (tap, pins, NAT entry, lease) is an orphan now.
-    let dir_b = d.data_dir().join("sandboxes").join(&b);
-    for pid in hearth_e2e::vmm_pids_under(&dir_b) {
-        // SAFETY: kill(2) on a QEMU this test's daemon started.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
+    // While hearthd is down, b's and c's VMs end; b's record disappears too:
+    // both networks (tap, pins, NAT entry, lease) must go.
+    let sandboxes = d.data_dir().join("sandboxes");
+    for id in [&b, &c] {
+        let dir = sandboxes.join(id);
+        for pid in hearth_e2e::vmm_pids_under(&dir) {
+            // SAFETY: kill(2) on a QEMU this test's daemon started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        wait_until("the VM gone", Duration::from_secs(10), || {
+            hearth_e2e::vmm_pids_under(&dir).is_empty()
+        });
     }
-    wait_until("b's VM gone", Duration::from_secs(10), || {
-        hearth_e2e::vmm_pids_under(&dir_b).is_empty()
-    });
-    std::fs::remove_dir_all(&dir_b).unwrap();
+    std::fs::remove_dir_all(sandboxes.join(&b)).unwrap();
     d.spawn();
-    // a's VM does not survive the restart (it is reported lost), so its network
-    // is an orphan as well: nothing of either is left, and no lease is held.
-    assert_eq!(d.inspect(&a)["status"], "lost", "{}", d.inspect(&a));
+    d.wait_recovered();
+    assert_eq!(d.inspect(&c)["status"], "lost", "{}", d.inspect(&c));
+
     let state = host_state();
-    for (t, ip) in [(&tap_a, &ip_a), (&tap_b, &ip_b)] {
+    let leases = std::fs::read_to_string(d.data_dir().join("net/leases.json")).unwrap();
+    for (id, tap, ip) in [(&b, &tap_b, &ip_b), (&c, &tap_c, &ip_c)] {
         assert!(
-            !state.contains(t.as_str()),
-            "orphan tap or pins {t} left: {state}"
+            !state.contains(tap.as_str()),
+            "tap or pins of {id} left: {state}"
         );
         assert!(
             !state.contains(&format!("{ip} ")),
-            "orphan route or NAT entry for {ip}: {state}"
+            "route or NAT entry of {id} left: {state}"
+        );
+        assert!(
+            !leases.contains(id.as_str()),
+            "lease of {id} left: {leases}"
         );
     }
-    let leases = std::fs::read_to_string(d.data_dir().join("net/leases.json")).unwrap();
-    assert!(
-        !leases.contains(&a) && !leases.contains(&b),
-        "orphan lease left: {leases}"
-    );
+
+    // a was re-adopted: same VM, same address, its policy and counters, its
+    // lease in the control plane, and it still reaches the test server.
+    let s = d.inspect(&a);
+    assert_eq!(s["status"], "running", "{s}");
+    assert_eq!(s["network"]["ip"], ip_a.as_str(), "{s}");
+    assert!(state.contains(&tap_a), "{state}");
+    assert!(leases.contains(&a), "{leases}");
     let held = control_plane_leases(&d);
-    assert!(
-        held.is_empty(),
-        "leases left in the control plane: {held:?}"
-    );
+    assert_eq!(held.len(), 1, "only a's lease is held: {held:?}");
+    assert_eq!(held[0].0, ip_a, "{held:?}");
     let shown = d.hearth(&["policy", "show", &a]);
-    assert!(!shown.status.success(), "{}", show(&shown));
-    // A new sandbox gets an address again, and rm of the lost one is clean.
-    let (c, _) = start_detached(&d, &[]);
+    assert!(
+        stdout(&shown).contains("deny    10.0.0.0/8"),
+        "{}",
+        show(&shown)
+    );
+    assert!(d.hearth(&["policy", "stats", &a]).status.success());
+    assert_eq!(exec(&d, &a, &probe(&ns.server_ip, &[8080])), "8080=ok\n");
     let out = d.hearth(&["rm", "-f", &a]);
     assert!(out.status.success(), "{}", show(&out));
-    let out = d.hearth(&["rm", "-f", &c]);
-    assert!(out.status.success(), "{}", show(&out));
+    assert!(!host_state().contains(&tap_a));
+    // A new sandbox gets an address again, and rm of the lost one is clean.
+    let (n, _) = start_detached(&d, &[]);
+    for id in [&c, &n] {
+        let out = d.hearth(&["rm", "-f", id]);
+        assert!(out.status.success(), "{}", show(&out));
+    }
     assert!(control_plane_leases(&d).is_empty());
 }
 

@@ -275,7 +275,7 @@ fn slice_of(node: &str) -> String {
 }
 
 #[test]
-fn a_restarted_agent_keeps_its_slice_and_frees_the_leases_of_sandboxes_that_did_not_survive() {
+fn a_restarted_agent_keeps_its_slice_and_re_adopts_its_sandboxes_with_their_leases() {
     let Some(_shard) = shard_with_busybox(2) else {
         return;
     };
@@ -319,22 +319,29 @@ fn a_restarted_agent_keeps_its_slice_and_frees_the_leases_of_sandboxes_that_did_
     wait_node("agent1", "ready");
 
     assert_eq!(slice_of("agent1"), s1, "the same agent keeps its slice");
-    // The agent does not re-adopt VMs yet: the first sandbox is reported lost,
-    // its network is removed and its address goes back to the control plane.
+    // The restarted agent re-adopts the running sandbox (the record read
+    // `lost` while the node was NotReady; the agent's heartbeats bring it
+    // back): it runs on with its address, and keeps its lease.
     let t = Instant::now();
     loop {
         let (_, sb) = api(&format!("/v1/sandboxes/{first}"), "GET", None);
-        let held = leases();
-        let freed = !held.iter().any(|l| l["ip"] == ip1.as_str());
-        if sb["status"] == "lost" && freed {
+        if sb["status"] == "running" && sb["error"].is_null() {
+            assert_eq!(sb["network"]["ip"], ip1.as_str(), "{sb}");
             break;
         }
         assert!(
             t.elapsed() < Duration::from_secs(60),
-            "the lost sandbox's lease must be freed: {sb} {held:?}"
+            "the sandbox is not running again after the agent's restart: {sb}"
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    assert!(
+        leases()
+            .iter()
+            .any(|l| l["ip"] == ip1.as_str() && l["node"] == "agent1"),
+        "the re-adopted sandbox keeps its lease: {:?}",
+        leases()
+    );
     let second = create_on("agent1", "exec sleep 600");
     let ip2 = running(&second)["network"]["ip"]
         .as_str()
@@ -355,6 +362,7 @@ fn a_restarted_agent_keeps_its_slice_and_frees_the_leases_of_sandboxes_that_did_
         ip2.starts_with(&format!("{}.{}.{}.", cidr[0], cidr[1], cidr[2])),
         "{ip2} is not from {s1}"
     );
+    assert_ne!(ip2, ip1, "an address in use is never handed out again");
     for id in [&first, &second] {
         let (code, r) = api_within(
             &format!("/v1/sandboxes/{id}?force=true"),

@@ -12,7 +12,7 @@
 //! the commit resumes the source and removes the target's VM. The phases are
 //! the pure machine in [`phase`], recorded in `DIR/migration.json`.
 
-mod peer;
+pub(crate) mod peer;
 pub mod phase;
 pub mod tunnel;
 
@@ -63,6 +63,47 @@ pub(crate) fn node_id(data_dir: &std::path::Path) -> Result<String, AgentError> 
         source,
     })?;
     Ok(id)
+}
+
+const RECORD_FILE: &str = "migration.json";
+
+/// Writes `dir/migration.json` (mode 0600: it holds the target's token, to ask
+/// it after a restart) atomically.
+fn store_record(dir: &std::path::Path, rec: &MigrationRecord) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let bytes = serde_json::to_vec_pretty(rec).map_err(std::io::Error::other)?;
+    let tmp = dir.join(format!(".{RECORD_FILE}.tmp"));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(&bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dir.join(RECORD_FILE))
+}
+
+/// The migration recorded in `dir`, if any, with the target's token.
+pub(crate) fn load_record(dir: &std::path::Path) -> Option<(MigrationRecord, String)> {
+    let path = dir.join(RECORD_FILE);
+    let bytes = std::fs::read(&path).ok()?;
+    match serde_json::from_slice::<MigrationRecord>(&bytes) {
+        Ok(r) => {
+            let token = r.token.clone();
+            Some((r, token))
+        }
+        Err(e) => {
+            tracing::warn!("ignoring {}: {e}", path.display());
+            None
+        }
+    }
+}
+
+/// Forgets the migration recorded in `dir` (it is settled).
+pub(crate) fn forget_record(dir: &std::path::Path) {
+    let _ = std::fs::remove_file(dir.join(RECORD_FILE));
 }
 
 /// Migrations this agent takes part in.
@@ -124,9 +165,10 @@ impl SourceJob {
             sandbox: entry.snapshot().id,
             target: self.peer.base().to_string(),
             phase,
+            token: self.peer.token().to_string(),
         };
-        if let Ok(bytes) = serde_json::to_vec_pretty(&rec) {
-            let _ = std::fs::write(entry.dir.join("migration.json"), bytes);
+        if let Err(e) = store_record(&entry.dir, &rec) {
+            tracing::error!(sandbox = %rec.sandbox, "cannot save the migration phase {phase:?}: {e}");
         }
         let name = serde_json::to_value(phase)
             .ok()
@@ -521,7 +563,7 @@ impl Agent {
         req: MigrateSandbox,
     ) -> Result<MigrationStatus, AgentError> {
         let params = params_from(&req)?;
-        let entry = self.entry(id_or_name)?;
+        let entry = self.settled_entry(id_or_name).await?;
         let rec = entry.snapshot();
         if rec.network.is_some() {
             return Err(AgentError::Conflict(format!(
@@ -932,6 +974,11 @@ impl Agent {
         rec.accel = self.inner.accel.accel.to_string();
         rec.started_ms = c.started_ms.or(Some(now_ms()));
         rec.boot_ms = c.boot_ms;
+        // why: before the record says running, so a restart can take it over.
+        let workload = crate::readopt::WorkloadRecord::new(session.id(), inc.offer.stdin_open, 0);
+        if let Err(e) = workload.store(&inc.dir) {
+            tracing::error!(sandbox = %id, "cannot save workload.json, a hearthd restart could not take this sandbox over: {e}");
+        }
         if let Err(e) = persist(&inc.dir, &rec) {
             tracing::error!(sandbox = %id, "cannot save sandbox record: {e}");
         }
@@ -954,7 +1001,7 @@ impl Agent {
         let agent = self.clone();
         tokio::spawn(async move {
             agent
-                .lifecycle_adopted(entry, vm, conn, session, ctl_rx)
+                .lifecycle_adopted(entry, vm, conn, session, ctl_rx, None)
                 .await
         });
         tracing::info!(sandbox = %id, "took over a migrated sandbox");

@@ -46,6 +46,10 @@ impl Peer {
         }
     }
 
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
     pub fn base(&self) -> &str {
         &self.base
     }

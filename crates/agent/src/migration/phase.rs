@@ -105,6 +105,9 @@ pub struct MigrationRecord {
     pub sandbox: String,
     pub target: String,
     pub phase: Phase,
+    /// The target's API token, to ask it how the migration ended after a restart.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub token: String,
 }
 
 #[cfg(test)]

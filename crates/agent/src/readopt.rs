@@ -1,0 +1,637 @@
+//! After a hearthd restart: take over the sandboxes whose VMs still run.
+//!
+//! A running sandbox's VM is adopted by its recorded pid and process start time
+//! (`hearth_vmm::Vmm::adopt`); the guest channel is resumed (`GuestConn::resume`)
+//! from the output offset the log on disk holds, so the guest replays exactly
+//! what the log lacks, including an Exit that happened while hearthd was down.
+//! Then the sandbox's lifecycle task runs again as if it had never stopped.
+//! A VM that is gone is reported lost with the reason; one that cannot be
+//! taken over is killed (by pid and start time) and reported lost.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hearth_api::stream::{Decoder, Record};
+use hearth_api::{ExitInfo, SandboxStatus, StartPath};
+use hearth_proto::ResumeSession;
+use hearth_vmm::{Vm, Vmm, VmmError};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::guest_conn::GuestConn;
+use crate::sandbox::{lock, now_ms, Agent, Entry};
+
+/// `workload.json` in a sandbox dir: how to find the main workload in the guest.
+const WORKLOAD_FILE: &str = "workload.json";
+const WORKLOAD_VERSION: u32 = 1;
+/// Bound on connecting to a running VM's agent socket.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound on a running guest answering a resume (TCG guests are slow).
+const RESUME_TIMEOUT: Duration = Duration::from_secs(30);
+/// What the output log's size-limit notice starts with (see `OutputLog::append`).
+const LIMIT_NOTICE: &[u8] = b"\nhearth: output log limit of ";
+
+/// `outcome.json` in a sandbox dir: how the workload ended, saved before its
+/// VM is shut down, so a hearthd that dies during the teardown loses nothing.
+const OUTCOME_FILE: &str = "outcome.json";
+const OUTCOME_VERSION: u32 = 1;
+/// Sandboxes recovered at once after a restart.
+pub(crate) const RECOVER_CONCURRENCY: usize = 4;
+
+/// Writes `dir/name` atomically (temp file, fsync, rename).
+fn write_atomic(dir: &Path, name: &str, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dir.join(name))
+}
+
+/// The main workload's guest session, saved when it starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct WorkloadRecord {
+    pub version: u32,
+    /// Guest session id of the main workload.
+    pub session: u32,
+    /// It was started with stdin open.
+    pub stdin: bool,
+    /// Stream offset (in the guest's count of the session's output) of the
+    /// output log's first byte: non-zero when the session was continued from
+    /// a snapshot, whose earlier output is not in this sandbox's log.
+    #[serde(default)]
+    pub base: u64,
+}
+
+impl WorkloadRecord {
+    pub(crate) fn new(session: u32, stdin: bool, base: u64) -> WorkloadRecord {
+        WorkloadRecord {
+            version: WORKLOAD_VERSION,
+            session,
+            stdin,
+            base,
+        }
+    }
+
+    /// Writes `dir/workload.json` atomically.
+    pub(crate) fn store(&self, dir: &Path) -> std::io::Result<()> {
+        let data = serde_json::to_vec(self).map_err(std::io::Error::other)?;
+        write_atomic(dir, WORKLOAD_FILE, &data)
+    }
+
+    fn load(dir: &Path) -> Result<WorkloadRecord, String> {
+        let path = dir.join(WORKLOAD_FILE);
+        let bytes =
+            std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let rec: WorkloadRecord = serde_json::from_slice(&bytes)
+            .map_err(|e| format!("{} is malformed: {e}", path.display()))?;
+        if rec.version != WORKLOAD_VERSION {
+            return Err(format!(
+                "{} has version {} (this build reads {WORKLOAD_VERSION})",
+                path.display(),
+                rec.version
+            ));
+        }
+        Ok(rec)
+    }
+}
+
+/// How a sandbox's workload ended, saved before its teardown (`outcome.json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct SavedOutcome {
+    pub version: u32,
+    pub status: SandboxStatus,
+    pub exit: Option<ExitInfo>,
+    pub error: Option<String>,
+}
+
+impl SavedOutcome {
+    pub(crate) fn new(
+        status: SandboxStatus,
+        exit: Option<ExitInfo>,
+        error: Option<String>,
+    ) -> SavedOutcome {
+        SavedOutcome {
+            version: OUTCOME_VERSION,
+            status,
+            exit,
+            error,
+        }
+    }
+
+    /// Writes `dir/outcome.json` atomically.
+    pub(crate) fn store(&self, dir: &Path) -> std::io::Result<()> {
+        let data = serde_json::to_vec(self).map_err(std::io::Error::other)?;
+        write_atomic(dir, OUTCOME_FILE, &data)
+    }
+
+    /// The saved outcome, if the teardown had begun.
+    pub(crate) fn load(dir: &Path) -> Result<Option<SavedOutcome>, String> {
+        let path = dir.join(OUTCOME_FILE);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+        };
+        let o: SavedOutcome = serde_json::from_slice(&bytes)
+            .map_err(|e| format!("{} is malformed: {e}", path.display()))?;
+        if o.version != OUTCOME_VERSION || !o.status.is_terminal() {
+            return Err(format!(
+                "{} has version {} and status {:?} (this build reads version {OUTCOME_VERSION}, terminal statuses)",
+                path.display(),
+                o.version,
+                o.status
+            ));
+        }
+        Ok(Some(o))
+    }
+
+    /// Forgets the saved outcome once the record holds it.
+    pub(crate) fn clear(dir: &Path) {
+        let path = dir.join(OUTCOME_FILE);
+        if let Err(e) = std::fs::remove_file(&path) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!("cannot remove {}: {e}", path.display());
+            }
+        }
+    }
+}
+
+/// Where the output log leaves off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LogEnd {
+    /// Workload output bytes (stdout and stderr payloads) the log holds.
+    pub stream_bytes: u64,
+    /// The size limit was reached: later output is discarded anyway.
+    pub truncated: bool,
+}
+
+/// Reads the output log, cuts off a record torn by a crash mid-write, and
+/// says how much workload output it holds. A missing log holds nothing.
+pub(crate) fn log_end(path: &Path) -> std::io::Result<LogEnd> {
+    use std::io::Read;
+    let mut f = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(LogEnd {
+                stream_bytes: 0,
+                truncated: false,
+            })
+        }
+        Err(e) => return Err(e),
+    };
+    let mut dec = Decoder::default();
+    let mut buf = vec![0u8; 256 * 1024];
+    let (mut total, mut stream_bytes, mut truncated) = (0u64, 0u64, false);
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+        dec.push(&buf[..n]);
+        loop {
+            match dec.next_record() {
+                Ok(Some(Record::Stdout(b))) => stream_bytes += b.len() as u64,
+                Ok(Some(Record::Stderr(b))) => {
+                    if b.starts_with(LIMIT_NOTICE) {
+                        truncated = true;
+                    } else {
+                        stream_bytes += b.len() as u64;
+                    }
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(e) => {
+                    return Err(std::io::Error::other(format!(
+                        "{} is corrupt: {e}",
+                        path.display()
+                    )))
+                }
+            }
+        }
+    }
+    let whole = total - dec.pending() as u64;
+    if whole < total {
+        tracing::warn!(log = %path.display(), torn = total - whole, "cutting a torn record off the output log");
+        f.set_len(whole)?;
+    }
+    Ok(LogEnd {
+        stream_bytes,
+        truncated,
+    })
+}
+
+/// Why a sandbox that was running is not taken over.
+enum NotAdopted {
+    /// The VM ended while hearthd was down.
+    Gone(String),
+    /// The VM runs but cannot be taken over; it must be killed.
+    Broken(String),
+    /// A migration moved it to another node (its target runs it): the VM
+    /// here is released and the sandbox ends `stopped`.
+    Moved(String),
+    /// A migration's outcome cannot be known (its target does not answer):
+    /// the VM here is left paused, never killed blindly.
+    Unresolved(String),
+}
+
+/// What a migration that was in progress when hearthd died means now.
+enum MigrationCheck {
+    /// No migration, or one that ended with the sandbox here.
+    None,
+    /// The VM here must run (the target never got, or refused, the commit).
+    ResumeHere,
+    /// The target runs the sandbox.
+    Moved(String),
+    /// The target did not answer whether it committed.
+    Unresolved(String),
+}
+
+impl Agent {
+    /// Takes over, or settles, a sandbox a previous hearthd left non-terminal.
+    /// True when it runs on under this hearthd.
+    pub(crate) async fn recover_sandbox(&self, entry: &Arc<Entry>) -> bool {
+        let rec = entry.snapshot();
+        let vm_dir = entry.dir.join("vm");
+        // why: the outcome is saved before the teardown starts, so a hearthd that
+        // died while shutting the VM down still reports how the workload ended.
+        match SavedOutcome::load(&entry.dir) {
+            Ok(Some(o)) => {
+                self.kill_leftover(&rec.id, &vm_dir);
+                let _ = hearth_vmm::destroy(&vm_dir);
+                self.drop_network(&rec.id).await;
+                self.settle_known(&rec, entry);
+                tracing::info!(sandbox = %rec.id, status = ?o.status, "hearthd had stopped during the teardown; recorded the saved outcome");
+                self.finish(entry, o.status, o.exit, o.error);
+                return false;
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(sandbox = %rec.id, "ignoring the saved outcome: {e}"),
+        }
+        let reason = if matches!(
+            rec.status,
+            SandboxStatus::Running | SandboxStatus::Recovering
+        ) {
+            match self.readopt(entry, &vm_dir).await {
+                Ok(()) => {
+                    tracing::info!(sandbox = %rec.id, "re-adopted the running VM after a restart");
+                    return true;
+                }
+                Err(NotAdopted::Gone(why)) => {
+                    format!("its VM ended while hearthd was down ({why}); the workload's exit status is unknown")
+                }
+                Err(NotAdopted::Broken(why)) => {
+                    format!("hearthd restarted and could not take its VM over ({why}); the VM was killed")
+                }
+                Err(NotAdopted::Moved(node)) => {
+                    self.kill_leftover(&rec.id, &vm_dir);
+                    let _ = hearth_vmm::destroy(&vm_dir);
+                    self.drop_network(&rec.id).await;
+                    self.settle_known(&rec, entry);
+                    self.finish(
+                        entry,
+                        SandboxStatus::Stopped,
+                        None,
+                        Some(format!("migrated to {node}")),
+                    );
+                    return false;
+                }
+                Err(NotAdopted::Unresolved(why)) => {
+                    tracing::error!(sandbox = %rec.id, "{why}");
+                    entry.update(|r| {
+                        r.status = SandboxStatus::Lost;
+                        r.finished_ms = Some(now_ms());
+                        r.error = Some(why);
+                    });
+                    entry.finished.send_replace(true);
+                    return false;
+                }
+            }
+        } else {
+            "hearthd stopped while the sandbox was being created; its VM was stopped".to_string()
+        };
+        // Never leave a VM behind: kill it by its recorded pid and start time.
+        self.kill_leftover(&rec.id, &vm_dir);
+        let tail = crate::sandbox::console_tail(&vm_dir.join("console.log"));
+        let _ = hearth_vmm::destroy(&vm_dir);
+        self.drop_network(&rec.id).await;
+        tracing::warn!(sandbox = %rec.id, "lost: {reason}");
+        entry.update(|r| {
+            r.status = SandboxStatus::Lost;
+            r.finished_ms = Some(now_ms());
+            r.error = Some(format!("{reason}{tail}"));
+        });
+        entry.finished.send_replace(true);
+        false
+    }
+
+    /// A sandbox the control plane fenced while hearthd was down (moved
+    /// elsewhere, deleted): its VM is not resumed here but stopped, and its
+    /// network removed; it ends `stopped` with the control plane's reason.
+    pub(crate) async fn recover_fenced(&self, entry: &Arc<Entry>, reason: &str) {
+        let rec = entry.snapshot();
+        let vm_dir = entry.dir.join("vm");
+        tracing::warn!(sandbox = %rec.id, "not taking over a copy the control plane no longer assigns here: {reason}");
+        self.kill_leftover(&rec.id, &vm_dir);
+        let _ = hearth_vmm::destroy(&vm_dir);
+        self.drop_network(&rec.id).await;
+        self.settle_known(&rec, entry);
+        self.finish(
+            entry,
+            SandboxStatus::Stopped,
+            None,
+            Some(format!("stopped by the control plane: {reason}")),
+        );
+    }
+
+    /// Kills the VM recorded in `vm_dir` if it still runs (pid and start time).
+    fn kill_leftover(&self, id: &str, vm_dir: &Path) {
+        match hearth_vmm::kill_recorded(vm_dir, Duration::from_secs(10)) {
+            Ok(true) => tracing::warn!(sandbox = %id, "killed a VM that is not re-adopted"),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!(sandbox = %id, "cannot stop the VM in {}: {e}", vm_dir.display())
+            }
+        }
+    }
+
+    /// A sandbox that ended during recovery: nothing of its migration is left to do.
+    fn settle_known(&self, _rec: &hearth_api::Sandbox, entry: &Entry) {
+        crate::migration::forget_record(&entry.dir);
+    }
+
+    /// Removes the network of a sandbox that does not run any more (tap,
+    /// programs, route, NAT entry) and gives its address back.
+    pub(crate) async fn drop_network(&self, id: &str) {
+        let Some(net) = self.net() else { return };
+        let leased = net.leases().contains_key(id);
+        let id2 = id.to_string();
+        match tokio::task::spawn_blocking(move || net.teardown(&id2)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(sandbox = %id, "removing its network: {e}"),
+            Err(e) => tracing::warn!(sandbox = %id, "removing its network panicked: {e}"),
+        }
+        if leased {
+            self.release_address(id).await;
+        }
+    }
+
+    /// The reference a sandbox started from a template or snapshot holds on it.
+    fn source_key(rec: &hearth_api::Sandbox) -> Option<String> {
+        let name = rec.started_from.as_deref()?;
+        match rec.start_path? {
+            StartPath::Template | StartPath::Pool => Some(crate::restore::template_key(name)),
+            StartPath::Snapshot => Some(crate::restore::snapshot_key(name)),
+            StartPath::Cold => None,
+        }
+    }
+
+    /// Settles a migration recorded in `migration.json` that had not ended
+    /// when hearthd died, by the phase machine's recovery actions: before the
+    /// commit the VM here runs on (the target's incoming VM is removed); after
+    /// it, the target is asked whether it runs the sandbox.
+    async fn check_migration(&self, entry: &Entry) -> MigrationCheck {
+        use crate::migration::phase::{recover, Action, Phase};
+        let Some((m, token)) = crate::migration::load_record(&entry.dir) else {
+            return MigrationCheck::None;
+        };
+        if m.phase == Phase::Aborted {
+            // why: it ended with the sandbox here; the VM may still be paused
+            // if hearthd died before it resumed it, so resume (idempotent).
+            return MigrationCheck::ResumeHere;
+        }
+        let peer = crate::migration::peer::Peer::new(&m.target, &token);
+        let mut resume = false;
+        for action in recover(m.phase) {
+            match action {
+                Action::DestroyTarget => {
+                    let (peer, id) = (peer.clone(), m.sandbox.clone());
+                    // why: best effort; the target's incoming VM also expires on its own.
+                    tokio::spawn(async move { peer.abort(&id).await });
+                }
+                Action::ResumeSource => resume = true,
+                Action::ReleaseSource => return MigrationCheck::Moved(m.target.clone()),
+                Action::AskTarget => match peer.abort(&m.sandbox).await {
+                    Ok(()) => resume = true,
+                    Err(crate::migration::peer::PeerError::Refused { error, .. })
+                        if error.code == hearth_api::ErrorCode::Conflict =>
+                    {
+                        return MigrationCheck::Moved(m.target.clone())
+                    }
+                    Err(crate::migration::peer::PeerError::Refused { error, .. }) => {
+                        tracing::warn!(sandbox = %m.sandbox, "the migration target refused the abort ({}); it does not run the sandbox", error.message);
+                        resume = true;
+                    }
+                    Err(e) => {
+                        return MigrationCheck::Unresolved(format!(
+                            "hearthd stopped during the commit of a migration to {} and the target does not answer ({e}); the sandbox may run there. Its VM here is kept paused: check the target, then remove this copy (`hearth rm -f {}`)",
+                            m.target, m.sandbox
+                        ))
+                    }
+                },
+            }
+        }
+        if resume {
+            MigrationCheck::ResumeHere
+        } else {
+            MigrationCheck::None
+        }
+    }
+
+    async fn readopt(&self, entry: &Arc<Entry>, vm_dir: &Path) -> Result<(), NotAdopted> {
+        let vm: Arc<dyn Vm> = match self.inner.vmm.adopt(vm_dir).await {
+            Ok(vm) => Arc::from(vm),
+            Err(VmmError::VmGone { pid, reason, .. }) => {
+                return Err(NotAdopted::Gone(format!("QEMU pid {pid}: {reason}")))
+            }
+            Err(e) if !hearth_vmm::is_alive(vm_dir) => return Err(NotAdopted::Gone(e.to_string())),
+            Err(e) => return Err(NotAdopted::Broken(e.to_string())),
+        };
+        let broken = |m: String| NotAdopted::Broken(m);
+        match self.check_migration(entry).await {
+            MigrationCheck::None => {}
+            MigrationCheck::Moved(node) => return Err(NotAdopted::Moved(node)),
+            MigrationCheck::Unresolved(why) => return Err(NotAdopted::Unresolved(why)),
+            MigrationCheck::ResumeHere => {
+                vm.resume().await.map_err(|e| {
+                    broken(format!(
+                        "resuming the VM a migration had paused failed: {e}"
+                    ))
+                })?;
+                crate::migration::forget_record(&entry.dir);
+                tracing::info!(sandbox = %entry.snapshot().id, "a migration had not committed: the VM runs on here");
+            }
+        }
+        let workload = WorkloadRecord::load(&entry.dir).map_err(broken)?;
+        let log_path: PathBuf = entry.dir.join("output.log");
+        let end = log_end(&log_path)
+            .map_err(|e| broken(format!("cannot read {}: {e}", log_path.display())))?;
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, vm.connect_agent())
+            .await
+            .map_err(|_| {
+                broken(format!(
+                    "its agent socket did not accept within {CONNECT_TIMEOUT:?}"
+                ))
+            })?
+            .map_err(|e| broken(e.to_string()))?;
+        let chan_fd = crate::sandbox::stream_fd(&stream);
+        // why: the log starts at the session's offset `base` (non-zero after a
+        // snapshot restore), so the guest's offsets are base + log bytes.
+        let held = workload.base + end.stream_bytes;
+        let persisted = if end.truncated { u64::MAX } else { held };
+        let want = [ResumeSession {
+            id: workload.session,
+            persisted,
+        }];
+        let (conn, resumed, mut sessions) = GuestConn::resume(stream, &want, RESUME_TIMEOUT)
+            .await
+            .map_err(|e| broken(format!("resuming the guest channel: {e}")))?;
+        let Some(info) = resumed.sessions.iter().find(|s| s.id == workload.session) else {
+            return Err(broken(format!(
+                "the guest no longer knows the main workload (session {})",
+                workload.session
+            )));
+        };
+        if !end.truncated && info.replay_from != held {
+            // Cannot happen with a guest that keeps the protocol: credit is only
+            // given for output already in the log.
+            tracing::error!(
+                sandbox = %entry.snapshot().id,
+                log = held,
+                guest = info.replay_from,
+                "the guest resumed the output at another offset than the log ends"
+            );
+        }
+        tracing::info!(
+            sandbox = %entry.snapshot().id,
+            from = info.replay_from,
+            replay = info.sent - info.replay_from,
+            exited = info.exited,
+            "resuming the main workload's output"
+        );
+        let session = sessions
+            .pop()
+            .ok_or_else(|| broken("no session to resume".into()))?;
+        // why: a re-adopted sandbox holds its template or snapshot as one started
+        // by this daemon does, so neither can be removed under it; released at
+        // its teardown.
+        let rec = entry.snapshot();
+        let key = Self::source_key(&rec);
+        if let Some(k) = &key {
+            self.inner.warm.acquire(k);
+        }
+        // why: set before the lifecycle task runs, so an exec that arrives first finds them.
+        *lock(&entry.conn) = Some(conn.clone());
+        *lock(&entry.main_input) = Some(session.input());
+        *lock(&entry.main_session) = Some(session.id());
+        *lock(&entry.chan_fd) = chan_fd;
+        *lock(&entry.vm) = Some(vm.clone());
+        entry
+            .stdin_open
+            .store(workload.stdin, std::sync::atomic::Ordering::Relaxed);
+        let (ctl_tx, ctl_rx) = mpsc::channel(4);
+        *lock(&entry.control) = Some(ctl_tx);
+        let agent = self.clone();
+        let entry = entry.clone();
+        tokio::spawn(async move {
+            agent
+                .lifecycle_adopted(entry, vm, conn, session, ctl_rx, key)
+                .await
+        });
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_end_counts_output_and_cuts_a_torn_record() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("output.log");
+        let mut data = Record::Stdout(b"0\n1\n".to_vec()).encode();
+        data.extend(Record::Stderr(b"err".to_vec()).encode());
+        let whole = data.len() as u64;
+        data.extend(&Record::Stdout(b"2\n3\n".to_vec()).encode()[..6]);
+        std::fs::write(&p, &data).unwrap();
+        let end = log_end(&p).unwrap();
+        assert_eq!(
+            end,
+            LogEnd {
+                stream_bytes: 7,
+                truncated: false
+            }
+        );
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), whole);
+    }
+
+    #[test]
+    fn log_end_sees_the_size_limit_notice() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("output.log");
+        let mut data = Record::Stdout(b"abc".to_vec()).encode();
+        let mut notice = LIMIT_NOTICE.to_vec();
+        notice.extend_from_slice(b"10 bytes reached");
+        data.extend(Record::Stderr(notice).encode());
+        std::fs::write(&p, &data).unwrap();
+        assert!(log_end(&p).unwrap().truncated);
+        assert_eq!(
+            log_end(&d.path().join("none")).unwrap(),
+            LogEnd {
+                stream_bytes: 0,
+                truncated: false
+            }
+        );
+    }
+
+    #[test]
+    fn saved_outcome_round_trips_is_cleared_and_must_be_terminal() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(SavedOutcome::load(d.path()).unwrap(), None);
+        let o = SavedOutcome::new(
+            SandboxStatus::Exited,
+            Some(ExitInfo {
+                code: 7,
+                signal: None,
+            }),
+            None,
+        );
+        o.store(d.path()).unwrap();
+        assert_eq!(SavedOutcome::load(d.path()).unwrap(), Some(o));
+        SavedOutcome::clear(d.path());
+        assert_eq!(SavedOutcome::load(d.path()).unwrap(), None);
+        SavedOutcome::new(SandboxStatus::Running, None, None)
+            .store(d.path())
+            .unwrap();
+        assert!(SavedOutcome::load(d.path()).is_err());
+    }
+
+    #[test]
+    fn workload_record_without_a_base_reads_as_zero() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(
+            d.path().join(WORKLOAD_FILE),
+            br#"{"version":1,"session":2,"stdin":false}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            WorkloadRecord::load(d.path()).unwrap(),
+            WorkloadRecord::new(2, false, 0)
+        );
+    }
+
+    #[test]
+    fn workload_record_round_trips() {
+        let d = tempfile::tempdir().unwrap();
+        let w = WorkloadRecord::new(3, true, 0);
+        w.store(d.path()).unwrap();
+        assert_eq!(WorkloadRecord::load(d.path()).unwrap(), w);
+    }
+}
