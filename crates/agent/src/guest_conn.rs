@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use hearth_proto::{
     read_frame_async, write_frame_async, Credit, Empty, ErrorMsg, ExecRequest, ExitStatus, Frame,
-    Hello, Kind, Restored, RestoredAck, SignalRequest, Started, CONTROL_ID, INITIAL_WINDOW,
+    Frozen, Hello, Kind, Restored, RestoredAck, SignalRequest, Started, CONTROL_ID, INITIAL_WINDOW,
     MAX_FRAME, PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -57,6 +57,9 @@ pub enum GuestError {
         "restored guest did not acknowledge the restore within {0:?} (see the VM's console.log)"
     )]
     RestoreTimeout(Duration),
+    /// The guest did not confirm it stopped its sessions for a snapshot.
+    #[error("guest did not confirm stopping its processes for the snapshot within {0:?} (a guest built before freeze support ignores the request)")]
+    FreezeTimeout(Duration),
 }
 
 /// How long a frame to the guest may wait for room before the guest counts as stalled.
@@ -92,6 +95,7 @@ pub struct GuestConn {
     hello: Option<Hello>,
     pong: Mutex<Option<oneshot::Sender<()>>>,
     restored_ack: Mutex<Option<oneshot::Sender<RestoredAck>>>,
+    frozen_ack: Mutex<Option<oneshot::Sender<Frozen>>>,
     closed: tokio::sync::watch::Receiver<bool>,
     /// Set during a migration's switch-over: nothing more goes to the guest.
     frozen: std::sync::atomic::AtomicBool,
@@ -191,6 +195,7 @@ impl GuestConn {
             hello,
             pong: Mutex::new(None),
             restored_ack: Mutex::new(None),
+            frozen_ack: Mutex::new(None),
             closed,
             frozen: std::sync::atomic::AtomicBool::new(false),
             queued: AtomicU64::new(0),
@@ -352,6 +357,17 @@ impl GuestConn {
                     let _ = tx.send(());
                 }
             }
+            if f.kind == Kind::Frozen {
+                let ack: Frozen = f.parse()?;
+                let waiter = self
+                    .frozen_ack
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take();
+                if let Some(tx) = waiter {
+                    let _ = tx.send(ack);
+                }
+            }
             if f.kind == Kind::RestoredAck {
                 let ack: RestoredAck = f.parse()?;
                 let waiter = self
@@ -492,6 +508,26 @@ impl GuestConn {
             .await
             .map_err(|_| GuestError::NoPong(timeout))?
             .map_err(|_| GuestError::Closed)
+    }
+
+    /// Asks the guest to stop every session's processes (before a snapshot is
+    /// saved) and waits for its answer: how many process groups it stopped.
+    pub async fn freeze_processes(&self, timeout: Duration) -> Result<u32, GuestError> {
+        let (tx, rx) = oneshot::channel();
+        *self.frozen_ack.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+        self.send(Frame::json(Kind::Freeze, CONTROL_ID, &Empty {}))
+            .await?;
+        let ack = tokio::time::timeout(timeout, rx)
+            .await
+            .map_err(|_| GuestError::FreezeTimeout(timeout))?
+            .map_err(|_| GuestError::Closed)?;
+        Ok(ack.sessions)
+    }
+
+    /// Lets the processes stopped by [`GuestConn::freeze_processes`] continue.
+    pub async fn thaw_processes(&self) -> Result<(), GuestError> {
+        self.send(Frame::json(Kind::Thaw, CONTROL_ID, &Empty {}))
+            .await
     }
 }
 

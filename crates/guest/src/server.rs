@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hearth_proto::{
-    read_frame, Credit, Empty, ErrorMsg, ExecRequest, Frame, Hello, Kind, ProtoError, Restored,
-    SignalRequest, PROTOCOL_VERSION,
+    read_frame, Credit, Empty, ErrorMsg, ExecRequest, Frame, Frozen, Hello, Kind, ProtoError,
+    Restored, SignalRequest, PROTOCOL_VERSION,
 };
 
 use crate::channel::Writer;
@@ -129,6 +129,11 @@ fn dispatch(frame: Frame, sessions: &Arc<Sessions>, writer: &Arc<Writer>) {
             }
             Err(e) => error(writer, id, e.to_string()),
         },
+        Kind::Freeze => {
+            let n = restore::freeze(sessions);
+            writer.send_or_log(&Frame::json(Kind::Frozen, id, &Frozen { sessions: n }));
+        }
+        Kind::Thaw => restore::thaw(),
         Kind::Shutdown => power::shutdown(),
         other => error(writer, id, format!("unexpected {other:?} frame from host")),
     }

@@ -65,6 +65,15 @@ pub enum Kind {
     Restored = 14,
     /// guest → host, id 0, [`RestoredAck`]: the restore message was applied.
     RestoredAck = 15,
+    /// host → guest, id 0, [`Empty`]: a snapshot is about to be saved; stop the
+    /// process group of every session (SIGSTOP) and answer [`Kind::Frozen`].
+    /// They continue on [`Kind::Thaw`] (the source) or once a [`Kind::Restored`]
+    /// was applied (every restore), so no snapshot process runs before the reseed.
+    Freeze = 16,
+    /// guest → host, id 0, [`Frozen`]: the sessions are stopped.
+    Frozen = 17,
+    /// host → guest, id 0, [`Empty`]: continue the sessions stopped by Freeze.
+    Thaw = 18,
 }
 
 impl Kind {
@@ -86,6 +95,9 @@ impl Kind {
             13 => Pong,
             14 => Restored,
             15 => RestoredAck,
+            16 => Freeze,
+            17 => Frozen,
+            18 => Thaw,
             _ => return None,
         })
     }
@@ -314,12 +326,47 @@ pub struct Restored {
     pub unix_ms: u64,
     pub hostname: String,
     pub sandbox_id: String,
+    /// The sandbox's network (added after protocol 1 shipped; absent from older
+    /// hosts). `Some`: eth0 takes this MAC, address and routes; `None` from a host
+    /// that sets [`Restored::net_given`]: the sandbox has no network, eth0 goes down.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<GuestNet>,
+    /// Whether this host speaks about the network at all (false from older hosts,
+    /// whose guests keep whatever eth0 had).
+    #[serde(default)]
+    pub net_given: bool,
+}
+
+/// The network identity a restored guest takes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GuestNet {
+    /// IPv4 address (dotted quad).
+    pub ip: String,
+    /// Prefix length of the address (32 for Hearth's routed /32s).
+    pub prefix: u8,
+    /// On-link gateway (dotted quad).
+    pub gateway: String,
+    /// `aa:bb:cc:dd:ee:ff`: the MAC the host's tap expects (anti-spoofing checks it).
+    pub mac: String,
+    /// Nameservers for /etc/resolv.conf (dotted quads); empty leaves it alone.
+    pub dns: Vec<String>,
 }
 
 /// guest → host: [`Restored`] was applied; `warnings` lists what could not be.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
 pub struct RestoredAck {
     pub warnings: Vec<String>,
+    /// The guest applied [`Restored::net`] (or took eth0 down for `None`). False
+    /// from a guest built before network restores: it kept the network it had.
+    #[serde(default)]
+    pub net_applied: bool,
+}
+
+/// guest → host: answer to [`Kind::Freeze`].
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct Frozen {
+    /// Process groups stopped.
+    pub sessions: u32,
 }
 
 /// An empty JSON object, for messages without fields.
@@ -353,6 +400,14 @@ mod tests {
                     unix_ms: 1,
                     hostname: "h".into(),
                     sandbox_id: "s".into(),
+                    net: Some(GuestNet {
+                        ip: "10.88.0.2".into(),
+                        prefix: 32,
+                        gateway: "169.254.1.1".into(),
+                        mac: "02:68:0a:58:00:02".into(),
+                        dns: vec!["10.0.0.53".into()],
+                    }),
+                    net_given: true,
                 },
             ),
             Frame::json(Kind::RestoredAck, 0, &RestoredAck::default()),
@@ -366,6 +421,15 @@ mod tests {
             assert_eq!(read_frame(&mut r).unwrap().as_ref(), Some(f));
         }
         assert!(read_frame(&mut r).unwrap().is_none());
+    }
+
+    #[test]
+    fn restored_from_an_older_host_carries_no_network() {
+        let old = r#"{"seed":[1],"unix_ms":1,"hostname":"h","sandbox_id":"s"}"#;
+        let r: Restored = serde_json::from_str(old).unwrap();
+        assert!(r.net.is_none() && !r.net_given);
+        let ack: RestoredAck = serde_json::from_str(r#"{"warnings":[]}"#).unwrap();
+        assert!(!ack.net_applied);
     }
 
     #[test]
