@@ -878,8 +878,7 @@ impl Agent {
         id: &str,
         name: Option<&str>,
         rootfs: PathBuf,
-        cpus: u32,
-        memory_mib: u32,
+        (cpus, memory_mib): (u32, u32),
         net: Option<&hearth_net::SandboxNet>,
         hub_nic: bool,
     ) -> VmConfig {
@@ -931,8 +930,7 @@ impl Agent {
             &rec.id,
             req.name.as_deref(),
             rootfs,
-            rec.cpus,
-            rec.memory_mib,
+            (rec.cpus, rec.memory_mib),
             net,
             launch.nic(),
         );

@@ -221,7 +221,14 @@ impl Agent {
         nic: bool,
     ) -> Result<(), AgentError> {
         let id = format!("template-{}", new_id());
-        let mut cfg = self.vm_config(&id, Some(&id), rootfs.clone(), cpus, memory_mib, None, nic);
+        let mut cfg = self.vm_config(
+            &id,
+            Some(&id),
+            rootfs.clone(),
+            (cpus, memory_mib),
+            None,
+            nic,
+        );
         cfg.dir = build.join("vm");
         let failed = |m: String| AgentError::VmFailed {
             id: format!("template {name}"),

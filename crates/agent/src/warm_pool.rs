@@ -170,8 +170,7 @@ impl Agent {
                 &id,
                 None,
                 Default::default(),
-                meta.cpus,
-                meta.memory_mib,
+                (meta.cpus, meta.memory_mib),
                 None,
                 meta.nic,
             );
