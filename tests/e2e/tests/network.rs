@@ -1159,6 +1159,10 @@ fn networked_sandboxes_start_from_a_template_and_its_pool_with_their_own_identit
         });
         let s = d.inspect(id);
         assert_eq!(s["started_from"], "bbn", "{s}");
+        eprintln!(
+            "networked warm start {id}: path {} boot_ms {}",
+            s["start_path"], s["boot_ms"]
+        );
         paths.push(s["start_path"].as_str().unwrap_or("").to_string());
         seen.push(assert_own_identity_and_policy(&d, id, &ns.server_ip));
     }
