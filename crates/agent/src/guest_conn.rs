@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use hearth_proto::{
     read_frame_async, write_frame_async, Credit, Empty, ErrorMsg, ExecRequest, ExitStatus, Frame,
-    Hello, Kind, Restored, RestoredAck, Resume, ResumeSession, Resumed, SignalRequest, Started,
-    CONTROL_ID, INITIAL_WINDOW, MAX_FRAME, PROTOCOL_VERSION, RESUME_NONCE_LEN,
+    Frozen, Hello, Kind, Restored, RestoredAck, Resume, ResumeSession, Resumed, SignalRequest,
+    Started, CONTROL_ID, INITIAL_WINDOW, MAX_FRAME, PROTOCOL_VERSION, RESUME_NONCE_LEN,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -63,6 +63,9 @@ pub enum GuestError {
     /// The guest sent too much before answering a resume.
     #[error("guest sent {0} bytes without answering the resume; its channel is broken")]
     ResumeGarbage(usize),
+    /// The guest did not confirm it stopped its sessions for a snapshot.
+    #[error("guest did not confirm stopping its processes for the snapshot within {0:?} (a guest built before freeze support ignores the request)")]
+    FreezeTimeout(Duration),
 }
 
 /// Most stale bytes skipped while waiting for the answer to a resume: frames
@@ -104,6 +107,7 @@ pub struct GuestConn {
     hello: Option<Hello>,
     pong: Mutex<Option<oneshot::Sender<()>>>,
     restored_ack: Mutex<Option<oneshot::Sender<RestoredAck>>>,
+    frozen_ack: Mutex<Option<oneshot::Sender<Frozen>>>,
     closed: tokio::sync::watch::Receiver<bool>,
     /// Set during a migration's switch-over: nothing more goes to the guest.
     frozen: std::sync::atomic::AtomicBool,
@@ -301,6 +305,7 @@ impl GuestConn {
             hello,
             pong: Mutex::new(None),
             restored_ack: Mutex::new(None),
+            frozen_ack: Mutex::new(None),
             closed,
             frozen: std::sync::atomic::AtomicBool::new(false),
             queued: AtomicU64::new(0),
@@ -467,6 +472,17 @@ impl GuestConn {
                     let _ = tx.send(());
                 }
             }
+            if f.kind == Kind::Frozen {
+                let ack: Frozen = f.parse()?;
+                let waiter = self
+                    .frozen_ack
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take();
+                if let Some(tx) = waiter {
+                    let _ = tx.send(ack);
+                }
+            }
             if f.kind == Kind::RestoredAck {
                 let mut ack: RestoredAck = f.parse()?;
                 // why: frames are routed in order, so what a session got before
@@ -623,6 +639,26 @@ impl GuestConn {
             .await
             .map_err(|_| GuestError::NoPong(timeout))?
             .map_err(|_| GuestError::Closed)
+    }
+
+    /// Asks the guest to stop every session's processes (before a snapshot is
+    /// saved) and waits for its answer: how many process groups it stopped.
+    pub async fn freeze_processes(&self, timeout: Duration) -> Result<u32, GuestError> {
+        let (tx, rx) = oneshot::channel();
+        *self.frozen_ack.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+        self.send(Frame::json(Kind::Freeze, CONTROL_ID, &Empty {}))
+            .await?;
+        let ack = tokio::time::timeout(timeout, rx)
+            .await
+            .map_err(|_| GuestError::FreezeTimeout(timeout))?
+            .map_err(|_| GuestError::Closed)?;
+        Ok(ack.sessions)
+    }
+
+    /// Lets the processes stopped by [`GuestConn::freeze_processes`] continue.
+    pub async fn thaw_processes(&self) -> Result<(), GuestError> {
+        self.send(Frame::json(Kind::Thaw, CONTROL_ID, &Empty {}))
+            .await
     }
 }
 
@@ -869,6 +905,8 @@ mod tests {
             unix_ms: 1,
             hostname: "h".into(),
             sandbox_id: "s".into(),
+            net: None,
+            net_given: false,
         };
         let (conn, ack) = GuestConn::after_restore(host, &msg, 5).await.unwrap();
         let mut session = conn.attach(2);
@@ -884,6 +922,7 @@ mod tests {
                 SessionSent { id: 2, sent: 100 },
                 SessionSent { id: 3, sent: 7 },
             ],
+            net_applied: false,
         };
         write_frame_async(&mut guest, &Frame::json(Kind::RestoredAck, 0, &restored))
             .await

@@ -62,6 +62,10 @@ pub(crate) struct WorkloadRecord {
     /// a snapshot, whose earlier output is not in this sandbox's log.
     #[serde(default)]
     pub base: u64,
+    /// The VM has a network device (with or without a network behind it), so
+    /// its snapshots must be restored with one.
+    #[serde(default)]
+    pub nic: bool,
 }
 
 impl WorkloadRecord {
@@ -71,6 +75,7 @@ impl WorkloadRecord {
             session,
             stdin,
             base,
+            nic: false,
         }
     }
 
@@ -535,6 +540,9 @@ impl Agent {
         entry
             .stdin_open
             .store(workload.stdin, std::sync::atomic::Ordering::Relaxed);
+        entry
+            .nic
+            .store(workload.nic, std::sync::atomic::Ordering::Relaxed);
         let (ctl_tx, ctl_rx) = mpsc::channel(4);
         *lock(&entry.control) = Some(ctl_tx);
         let agent = self.clone();

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use hearth_api::{CreateSandbox, StartPath};
-use hearth_proto::Restored;
+use hearth_proto::{GuestNet, Restored};
 use hearth_vmm::snapshot::file_sha256;
 use hearth_vmm::{
     Accel, HostIdentity, QemuVmm, SnapshotManifest, Verify, Vm, VmConfig, Vmm, VmmError,
@@ -165,6 +165,21 @@ impl WarmSource {
     }
 }
 
+/// MAC of a template's network device; a restored guest takes its sandbox's
+/// (or, without a network, keeps the link down).
+pub(crate) const TEMPLATE_MAC: &str = "02:68:00:00:00:00";
+
+/// What a restored guest is told about its network.
+pub(crate) fn guest_net(n: &hearth_net::SandboxNet) -> GuestNet {
+    GuestNet {
+        ip: n.ip.to_string(),
+        prefix: 32,
+        gateway: n.gateway.to_string(),
+        mac: n.mac_string(),
+        dns: n.dns.iter().map(|d| d.to_string()).collect(),
+    }
+}
+
 /// Where a new sandbox's VM comes from.
 pub(crate) enum Launch {
     /// Boot the kernel; `note` says why when a warm start was possible.
@@ -178,12 +193,37 @@ pub(crate) enum Launch {
         attach: Option<u32>,
         next_session: u32,
         note: Option<String>,
+        /// The snapshot's VM has a network device (so the restore needs one).
+        nic: bool,
     },
     /// A restored-and-paused VM from the template's pool (its reference is held).
     Pooled { template: String, vm: PooledVm },
 }
 
 impl Launch {
+    /// Whether the VM will have a network device on hub 0 (see `NetDevice`).
+    pub(crate) fn nic(&self) -> bool {
+        match self {
+            Launch::Cold { .. } => false,
+            Launch::Restore { nic, .. } => *nic,
+            Launch::Pooled { vm, .. } => vm.nic,
+        }
+    }
+
+    /// The template of a warm start whose VM has no network device.
+    pub(crate) fn nicless_template(&self) -> Option<&str> {
+        match self {
+            Launch::Restore {
+                path: StartPath::Template,
+                name,
+                nic: false,
+                ..
+            } => Some(name),
+            Launch::Pooled { template, vm } if !vm.nic => Some(template),
+            _ => None,
+        }
+    }
+
     /// The sandbox id a pooled VM was restored under.
     pub(crate) fn preset_id(&self) -> Option<String> {
         match self {
@@ -213,6 +253,9 @@ pub(crate) struct RestoredChannel {
     pub(crate) next_session: u32,
     pub(crate) hostname: String,
     pub(crate) sandbox_id: String,
+    /// The VM has a network device: the guest is told its network (or none).
+    pub(crate) nic: bool,
+    pub(crate) net: Option<GuestNet>,
 }
 
 /// How the host reaches a restored guest.
@@ -348,6 +391,7 @@ impl Agent {
             attach: None,
             next_session: crate::template::TEMPLATE_NEXT_SESSION,
             note,
+            nic: t.nic,
         };
         (launch, t.cpus, t.memory_mib)
     }
@@ -374,14 +418,18 @@ impl Agent {
         entry: &Entry,
         cfg: &VmConfig,
         launch: Launch,
+        net: Option<GuestNet>,
     ) -> Result<Launched, (String, Option<String>)> {
         let mut key = launch.ref_key();
+        let nic = launch.nic();
         let channel = |link, attach, next_session| RestoredChannel {
             link,
             attach,
             next_session,
             hostname: cfg.hostname.clone(),
             sandbox_id: cfg.id.clone(),
+            nic,
+            net: net.clone(),
         };
         let record = |path: StartPath, from: Option<&str>, note: Option<String>| {
             entry.update(|r| {
@@ -394,6 +442,17 @@ impl Agent {
             Launch::Cold { note } => note,
             Launch::Pooled { template, vm } => {
                 record(StartPath::Pool, Some(&template), None);
+                // why: pooled VMs wait with their device on hub 0 and no tap; the
+                // sandbox's own tap (lease and policy already set up) joins now.
+                if let Some(tap) = cfg.net.as_ref().and_then(|n| n.tap.as_deref()) {
+                    if let Err(e) = vm.vm.attach_tap(tap).await {
+                        vm.discard().await;
+                        return Err((
+                            format!("cannot attach tap {tap} to the warm pool VM: {e}"),
+                            key,
+                        ));
+                    }
+                }
                 let PooledVm { vm, conn, .. } = vm;
                 let next = conn.next_session_id();
                 return Ok((vm, Some(channel(GuestLink::Conn(conn), None, next)), key));
@@ -405,6 +464,7 @@ impl Agent {
                 attach,
                 next_session,
                 note,
+                ..
             } => match self.restore_from(&dir, cfg).await {
                 Ok(r) => {
                     record(path, Some(&name), note);
@@ -473,7 +533,8 @@ impl Agent {
         vm: &dyn Vm,
         ch: RestoredChannel,
     ) -> Result<(Arc<GuestConn>, Option<Session>, u64), String> {
-        let msg = restored_message(ch.hostname, ch.sandbox_id)?;
+        let want_net = ch.net.is_some();
+        let msg = restored_message(ch.hostname, ch.sandbox_id, ch.nic, ch.net)?;
         let (conn, ack) = match ch.link {
             GuestLink::Stream(stream) => GuestConn::after_restore(stream, &msg, ch.next_session)
                 .await
@@ -505,6 +566,17 @@ impl Agent {
                 "restored guest could not reseed its RNG ({w:?}); not handing it out"
             ));
         }
+        if want_net && !ack.net_applied {
+            let w: Vec<String> = ack
+                .warnings
+                .iter()
+                .take(4)
+                .map(|w| w.chars().take(200).collect())
+                .collect();
+            return Err(format!(
+                "restored guest did not take its network address and MAC ({w:?}; a guest built before network restores ignores them); recreate the template or snapshot with this hearthd"
+            ));
+        }
         // why: the continued session's new output log starts at this offset of
         // its stream (see `PendingAck`); a guest without offsets counts from 0.
         let base = ch
@@ -515,8 +587,14 @@ impl Agent {
     }
 }
 
-/// A [`Restored`] message with fresh entropy and the host's clock.
-pub(crate) fn restored_message(hostname: String, sandbox_id: String) -> Result<Restored, String> {
+/// A [`Restored`] message with fresh entropy and the host's clock; with `nic`,
+/// the guest's network (`None`: take eth0 down).
+pub(crate) fn restored_message(
+    hostname: String,
+    sandbox_id: String,
+    nic: bool,
+    net: Option<GuestNet>,
+) -> Result<Restored, String> {
     let mut seed = vec![0u8; 64];
     getrandom::fill(&mut seed).map_err(|e| format!("no host randomness for the guest: {e}"))?;
     Ok(Restored {
@@ -524,5 +602,7 @@ pub(crate) fn restored_message(hostname: String, sandbox_id: String) -> Result<R
         unix_ms: now_ms(),
         hostname,
         sandbox_id,
+        net: net.filter(|_| nic),
+        net_given: nic,
     })
 }

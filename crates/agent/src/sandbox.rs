@@ -8,8 +8,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use hearth_api::network::NetworkMode;
 use hearth_api::stream::Record;
 use hearth_api::{
-    CreateSandbox, ErrorCode, ExitInfo, Image, Info, Sandbox, SandboxStatus, DEFAULT_CPUS,
-    DEFAULT_MEMORY_MIB, MIN_MEMORY_MIB,
+    CreateSandbox, ErrorCode, ExitInfo, Image, Info, Sandbox, SandboxStatus, StartPath,
+    DEFAULT_CPUS, DEFAULT_MEMORY_MIB, MIN_MEMORY_MIB,
 };
 use hearth_image::{
     Credentials, ImageError, ImageRecord, ImageStore, Limits, Puller, RegistryOptions,
@@ -78,6 +78,15 @@ pub enum AgentError {
     /// A template or snapshot that does not exist.
     #[error("{0}")]
     NotFound(String),
+    /// A fork failed part-way; the forks it had made were removed.
+    #[error("fork {failed} of {count} failed: {source}; {undone}")]
+    ForkFailed {
+        failed: u32,
+        count: u32,
+        /// What happened to the forks made before (removed, or which remain).
+        undone: String,
+        source: Box<AgentError>,
+    },
 }
 
 impl AgentError {
@@ -106,6 +115,7 @@ impl AgentError {
             AgentError::Lease(crate::leases::LeaseError::Refused(_)) => ErrorCode::Conflict,
             AgentError::Lease(crate::leases::LeaseError::Unavailable(_))
             | AgentError::Lease(crate::leases::LeaseError::NotJoined(_)) => ErrorCode::Unavailable,
+            AgentError::ForkFailed { source, .. } => source.code(),
         }
     }
 }
@@ -182,6 +192,8 @@ pub(crate) struct Entry {
     pub(crate) saving: tokio::sync::Mutex<()>,
     /// True while a restarted hearthd takes this sandbox over (or settles it).
     pub(crate) recovering: watch::Sender<bool>,
+    /// The VM has a network device (so its snapshots need one on restore).
+    pub(crate) nic: std::sync::atomic::AtomicBool,
 }
 
 impl Entry {
@@ -204,6 +216,7 @@ impl Entry {
             main_session: Mutex::new(None),
             saving: tokio::sync::Mutex::new(()),
             recovering: watch::channel(false).0,
+            nic: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -255,6 +268,29 @@ pub(crate) fn persist(dir: &Path, rec: &Sandbox) -> std::io::Result<()> {
         f.sync_all()?;
     }
     std::fs::rename(&tmp, dir.join("sandbox.json"))
+}
+
+/// Writes `path` durably: a temporary file beside it, fsync, rename over
+/// `path`, fsync of the directory (so the rename survives a crash too).
+pub(crate) fn write_durable(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    sync_dir(path.parent().unwrap_or(Path::new(".")))
+}
+
+/// fsync of a directory: makes renames and new entries in it durable.
+pub(crate) fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
 }
 
 pub(crate) fn new_id() -> String {
@@ -783,22 +819,18 @@ impl Agent {
             NetworkMode::Default => Some(crate::network::spec_policy(&req.network)?),
         };
         let chosen = self.choose_launch(&req, &image.digest, cpus, memory_mib);
-        let (launch, cpus, memory_mib) = if policy.is_some()
-            && !matches!(chosen.0, Launch::Cold { .. })
-        {
-            // why: templates and pools are made without a network device (a
-            // restored VM keeps its saved device set), so a networked sandbox boots.
-            self.abandon(chosen.0).await;
-            let note = "booted cold: warm starts serve sandboxes with --network none (templates carry no network device yet)";
-            (
-                Launch::Cold {
-                    note: Some(note.into()),
-                },
-                cpus,
-                memory_mib,
-            )
-        } else {
-            chosen
+        let nicless = chosen.0.nicless_template().map(str::to_string);
+        let (launch, cpus, memory_mib) = match nicless {
+            // why: a restored VM keeps its saved device set: a template made
+            // without a network device cannot serve a networked sandbox.
+            Some(t) if policy.is_some() && self.inner.net.is_some() => {
+                self.abandon(chosen.0).await;
+                let note = format!(
+                    "template '{t}' has no network device (made by an older hearthd or on a node without networking); booted cold; recreate it (`hearth template rm {t}` and `hearth template create`) to start networked sandboxes from it"
+                );
+                (Launch::Cold { note: Some(note) }, cpus, memory_mib)
+            }
+            _ => chosen,
         };
         let entry = match self.register(
             &req,
@@ -813,6 +845,31 @@ impl Agent {
                 return Err(e);
             }
         };
+        let net = match self.setup_network(&entry, policy).await {
+            Ok(n) => n,
+            Err(e) => {
+                self.abandon(launch).await;
+                return Err(e);
+            }
+        };
+        Ok(self.spawn_lifecycle(
+            entry,
+            &req,
+            image.rootfs.clone(),
+            exec,
+            launch,
+            net.as_ref(),
+        ))
+    }
+
+    /// Leases an address and builds the tap, policy and NAT of a registered
+    /// sandbox (lease committed before the tap), and records it. On failure the
+    /// sandbox is unregistered and its directory removed (the caller undoes the launch).
+    pub(crate) async fn setup_network(
+        &self,
+        entry: &Arc<Entry>,
+        policy: Option<hearth_net::Policy>,
+    ) -> Result<Option<hearth_net::SandboxNet>, AgentError> {
         let id = entry.snapshot().id;
         let net = match (policy, &self.inner.net) {
             (Some(policy), Some(node)) => {
@@ -832,7 +889,6 @@ impl Agent {
                         self.release_address(&id).await;
                         lock(&self.inner.sandboxes).remove(&id);
                         let _ = std::fs::remove_dir_all(&entry.dir);
-                        self.abandon(launch).await;
                         return Err(e);
                     }
                 }
@@ -843,14 +899,7 @@ impl Agent {
             let token = new_id() + &new_id();
             entry.update(|r| r.network = Some(crate::network::network_to_api(n, token)));
         }
-        Ok(self.spawn_lifecycle(
-            entry,
-            &req,
-            image.rootfs.clone(),
-            exec,
-            launch,
-            net.as_ref(),
-        ))
+        Ok(net)
     }
 
     /// Records a new sandbox (status `creating`); `id` when the VM already has one (pool).
@@ -937,10 +986,25 @@ impl Agent {
         id: &str,
         name: Option<&str>,
         rootfs: PathBuf,
-        cpus: u32,
-        memory_mib: u32,
+        (cpus, memory_mib): (u32, u32),
         net: Option<&hearth_net::SandboxNet>,
+        hub_nic: bool,
     ) -> VmConfig {
+        // why: every network device sits on hub 0, cold boots included: a restore
+        // needs the device state its snapshot was saved with, and a tap as the
+        // device's direct backend negotiates virtio-net headers (vnet_hdr) that a
+        // restore without a tap (or with the tap behind the hub) cannot offer.
+        let device = if hub_nic || net.is_some() {
+            Some(NetDevice {
+                tap: net.map(|n| n.tap.clone()),
+                mac: net
+                    .map(|n| n.mac_string())
+                    .unwrap_or_else(|| crate::restore::TEMPLATE_MAC.to_string()),
+                hub: true,
+            })
+        } else {
+            None
+        };
         VmConfig {
             id: id.to_string(),
             dir: self.sandbox_dir(id).join("vm"),
@@ -952,10 +1016,7 @@ impl Agent {
             hostname: name.unwrap_or(id).replace('_', "-"),
             extra_cmdline: net.map(|n| n.kernel_params()).unwrap_or_default(),
             accel: self.inner.accel.accel,
-            net: net.map(|n| NetDevice {
-                tap: n.tap.clone(),
-                mac: n.mac_string(),
-            }),
+            net: device,
             memory: GuestMemory::SharedFile,
         }
     }
@@ -977,13 +1038,18 @@ impl Agent {
             &rec.id,
             req.name.as_deref(),
             rootfs,
-            rec.cpus,
-            rec.memory_mib,
+            (rec.cpus, rec.memory_mib),
             net,
+            launch.nic(),
         );
+        let guest_net = net.map(crate::restore::guest_net);
         let agent = self.clone();
         let e2 = entry.clone();
-        tokio::spawn(async move { agent.lifecycle(e2, vm_cfg, exec, ctl_rx, launch).await });
+        tokio::spawn(async move {
+            agent
+                .lifecycle(e2, vm_cfg, exec, ctl_rx, launch, guest_net)
+                .await
+        });
         entry.snapshot()
     }
 
@@ -994,9 +1060,14 @@ impl Agent {
         exec: GuestExec,
         mut ctl: mpsc::Receiver<Control>,
         launch: Launch,
+        guest_net: Option<hearth_proto::GuestNet>,
     ) {
         let started = Instant::now();
-        let (vm, channel, release) = match self.launch_vm(&entry, &vm_cfg, launch).await {
+        entry
+            .nic
+            .store(vm_cfg.net.is_some(), std::sync::atomic::Ordering::Relaxed);
+        let launched = self.launch_vm(&entry, &vm_cfg, launch, guest_net).await;
+        let (vm, channel, release) = match launched {
             Ok(l) => l,
             Err((message, release)) => {
                 self.release(release);
@@ -1209,7 +1280,12 @@ impl Agent {
         };
         // why: written before the status says running, so a hearthd that dies
         // at any point after that can take the sandbox over.
-        if let Err(e) = WorkloadRecord::new(session.id(), exec.stdin, base).store(&entry.dir) {
+        if let Err(e) = (WorkloadRecord {
+            nic: entry.nic.load(std::sync::atomic::Ordering::Relaxed),
+            ..WorkloadRecord::new(session.id(), exec.stdin, base)
+        })
+        .store(&entry.dir)
+        {
             return failed(format!(
                 "cannot save {}: {e}; without it a hearthd restart could not take the sandbox over",
                 entry.dir.join("workload.json").display()
@@ -1492,6 +1568,9 @@ impl Agent {
             })
             .map_err(io_err(format!("remove {}", e.dir.display())))?;
         lock(&self.inner.sandboxes).remove(&rec.id);
+        if let (Some(StartPath::Snapshot), Some(from)) = (rec.start_path, &rec.started_from) {
+            self.remove_fork_snapshot_if_unused(from).await;
+        }
         Ok(())
     }
 

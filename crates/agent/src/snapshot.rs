@@ -7,16 +7,21 @@
 
 use std::path::PathBuf;
 
+use hearth_api::network::NetworkMode;
 use hearth_api::{CreateSandbox, Sandbox, SandboxStatus, Snapshot, StartPath};
 use hearth_proto::ExecRequest as GuestExec;
 use hearth_vmm::{AfterSave, SaveOptions, SnapshotManifest};
 use serde::{Deserialize, Serialize};
 
 use crate::restore::{snapshot_key, Launch, WarmSource};
-use crate::sandbox::{io_err, lock, new_id, now_ms, plan_exec, valid_name, Agent, AgentError};
+use crate::sandbox::{
+    io_err, lock, new_id, now_ms, plan_exec, sync_dir, valid_name, write_durable, Agent, AgentError,
+};
 
 /// Format of `snapshot.json`.
 const SNAPSHOT_META_VERSION: u32 = 1;
+/// Bound on the guest confirming it stopped its processes before a save.
+const FREEZE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Most copies one fork makes.
 pub const MAX_FORK: u32 = 16;
 
@@ -35,6 +40,12 @@ pub(crate) struct SnapshotMeta {
     /// First session id not used by the snapshot's guest.
     pub next_session: u32,
     pub created_ms: u64,
+    /// The VM had a network device (restores get one, with their own tap).
+    #[serde(default)]
+    pub nic: bool,
+    /// Made by `hearth fork`: removed with the last sandbox restored from it.
+    #[serde(default)]
+    pub fork: bool,
 }
 
 impl Agent {
@@ -93,6 +104,15 @@ impl Agent {
         id_or_name: &str,
         name: &str,
     ) -> Result<Snapshot, AgentError> {
+        self.save_sandbox(id_or_name, name, false).await
+    }
+
+    async fn save_sandbox(
+        &self,
+        id_or_name: &str,
+        name: &str,
+        fork: bool,
+    ) -> Result<Snapshot, AgentError> {
         if !valid_name(name) {
             return Err(AgentError::InvalidArgument(format!(
                 "snapshot name '{name}' is invalid: use 1-63 letters, digits, '-', '_' or '.', starting with a letter or digit"
@@ -101,12 +121,6 @@ impl Agent {
         let e = self.settled_entry(id_or_name).await?;
         let _saving = e.saving.lock().await;
         let rec = e.snapshot();
-        if rec.network.is_some() {
-            return Err(AgentError::Conflict(format!(
-                "sandbox '{}' has a network device; snapshots and forks serve sandboxes started with --network none for now (a restore cannot move a sandbox's tap and address yet)",
-                rec.id
-            )));
-        }
         let vm = lock(&e.vm).clone();
         let conn = lock(&e.conn).clone();
         let (Some(vm), Some(conn)) = (vm.filter(|_| rec.status == SandboxStatus::Running), conn)
@@ -137,6 +151,8 @@ impl Agent {
             main_session: *lock(&e.main_session),
             next_session: conn.next_session_id(),
             created_ms: now_ms(),
+            nic: e.nic.load(std::sync::atomic::Ordering::Relaxed) || rec.network.is_some(),
+            fork,
         };
         let tmp = self
             .snapshots_root()
@@ -148,7 +164,18 @@ impl Agent {
             base_rootfs: image.rootfs.clone(),
             after: AfterSave::Resume,
         };
+        // why: the snapshot's processes must not run in a restored copy before it
+        // is reseeded; stopped now, they continue there only after `Restored`.
+        let froze = conn.freeze_processes(FREEZE_TIMEOUT).await;
+        if let Err(err) = &froze {
+            tracing::warn!(sandbox = %rec.id, "snapshot taken without stopping the guest's processes: {err}");
+        }
         let saved = vm.save_snapshot(&tmp, &opts).await;
+        if froze.is_ok() {
+            if let Err(err) = conn.thaw_processes().await {
+                tracing::warn!(sandbox = %rec.id, "cannot let the guest's processes continue after the snapshot: {err}");
+            }
+        }
         let manifest = match saved {
             Ok(m) => m,
             Err(err) => {
@@ -161,8 +188,9 @@ impl Agent {
         };
         let installed = serde_json::to_vec_pretty(&meta)
             .map_err(std::io::Error::other)
-            .and_then(|b| std::fs::write(tmp.join("snapshot.json"), b))
-            .and_then(|_| std::fs::rename(&tmp, &dir));
+            .and_then(|b| write_durable(&tmp.join("snapshot.json"), &b))
+            .and_then(|_| std::fs::rename(&tmp, &dir))
+            .and_then(|_| sync_dir(&self.snapshots_root()));
         if let Err(err) = installed {
             let _ = std::fs::remove_dir_all(&tmp);
             return Err(io_err(format!("install snapshot {}", dir.display()))(err));
@@ -204,6 +232,16 @@ impl Agent {
         &self,
         req: CreateSandbox,
     ) -> Result<Sandbox, AgentError> {
+        self.create_from_snapshot_with(req, None).await
+    }
+
+    /// [`Agent::create_from_snapshot`]; `inherit` is the policy of a fork's
+    /// source, used instead of the request's.
+    async fn create_from_snapshot_with(
+        &self,
+        req: CreateSandbox,
+        inherit: Option<hearth_net::Policy>,
+    ) -> Result<Sandbox, AgentError> {
         let name = req.from_snapshot.clone().unwrap_or_default();
         let meta = self.snapshot_meta(&name)?;
         let dir = self.snapshot_dir(&name);
@@ -224,13 +262,39 @@ impl Agent {
                 return Err(e);
             }
         };
+        // The network follows the request (a fork: its source's policy), when the
+        // snapshot's VM has a network device to carry it.
+        let wanted = match req.network.mode {
+            NetworkMode::None => None,
+            NetworkMode::Default if self.net().is_none() => None,
+            NetworkMode::Default => match inherit {
+                Some(p) => Some(p),
+                None => match crate::network::spec_policy(&req.network) {
+                    Ok(p) => Some(p),
+                    Err(e) => {
+                        self.release(Some(key));
+                        return Err(e);
+                    }
+                },
+            },
+        };
+        let (policy, note) = match wanted {
+            Some(_) if !meta.nic => (
+                None,
+                Some(format!(
+                    "snapshot '{name}' has no network device (its sandbox booted cold with --network none); started without a network"
+                )),
+            ),
+            p => (p, None),
+        };
         let launch = Launch::Restore {
             path: StartPath::Snapshot,
             name: name.clone(),
             dir,
             attach,
             next_session: meta.next_session,
-            note: None,
+            note,
+            nic: meta.nic,
         };
         let req = CreateSandbox {
             image: meta.image.clone(),
@@ -249,13 +313,20 @@ impl Agent {
                 return Err(e);
             }
         };
+        let net = match self.setup_network(&entry, policy).await {
+            Ok(n) => n,
+            Err(e) => {
+                self.abandon(launch).await;
+                return Err(e);
+            }
+        };
         Ok(self.spawn_lifecycle(
             entry,
             &req,
             manifest.base_rootfs.clone(),
             exec,
             launch,
-            None,
+            net.as_ref(),
         ))
     }
 
@@ -304,25 +375,83 @@ impl Agent {
     }
 
     /// Snapshots a running sandbox and starts `count` sandboxes from that instant,
-    /// each with its own id, hostname, RNG state and writable layer. The snapshot
-    /// (`<sandbox>-fork-<random>`) stays listed until removed.
+    /// each with its own id, hostname, RNG state, writable layer and (for a
+    /// networked source) its own address, MAC, lease and tap under the source's
+    /// policy. The snapshot (`<sandbox>-fork-<random>`) is removed with the last
+    /// fork. A fork that fails removes the forks made before it and the snapshot.
     pub async fn fork(&self, id_or_name: &str, count: u32) -> Result<Vec<Sandbox>, AgentError> {
         if count == 0 || count > MAX_FORK {
             return Err(AgentError::InvalidArgument(format!(
                 "fork count {count} is out of range: give 1..={MAX_FORK}"
             )));
         }
-        let id = self.entry(id_or_name)?.snapshot().id;
+        let src = self.entry(id_or_name)?.snapshot();
+        let id = src.id.clone();
+        let inherit = match (&src.network, self.net()) {
+            (Some(_), Some(net)) => Some(net.get(&id)?.policy),
+            _ => None,
+        };
         let name = format!("{id}-fork-{}", &new_id()[..6]);
-        self.snapshot_sandbox(&id, &name).await?;
-        let mut out = Vec::new();
-        for _ in 0..count {
+        self.save_sandbox(&id, &name, true).await?;
+        let mut out: Vec<Sandbox> = Vec::new();
+        for i in 0..count {
             let req = CreateSandbox {
                 from_snapshot: Some(name.clone()),
                 ..Default::default()
             };
-            out.push(self.create_from_snapshot(req).await?);
+            match self.create_from_snapshot_with(req, inherit.clone()).await {
+                Ok(s) => out.push(s),
+                Err(e) => {
+                    let undone = self.undo_forks(&name, &out).await;
+                    return Err(AgentError::ForkFailed {
+                        failed: i + 1,
+                        count,
+                        undone,
+                        source: Box::new(e),
+                    });
+                }
+            }
         }
         Ok(out)
+    }
+
+    /// Removes the forks `made` of a fork that failed, then its snapshot; says what it did.
+    async fn undo_forks(&self, snapshot: &str, made: &[Sandbox]) -> String {
+        let mut left = Vec::new();
+        for s in made {
+            if let Err(e) = self.remove(&s.id, true).await {
+                tracing::warn!(sandbox = %s.id, "removing a fork of a failed fork: {e}");
+                left.push(format!("{} ({e})", s.id));
+            }
+        }
+        // why: remove() of the last fork already removes the snapshot; this covers none made.
+        self.remove_fork_snapshot_if_unused(snapshot).await;
+        let ids: Vec<&str> = made.iter().map(|s| s.id.as_str()).collect();
+        match (made.is_empty(), left.is_empty()) {
+            (true, _) => "no fork was made; the fork snapshot was removed".to_string(),
+            (false, true) => format!(
+                "the {} fork(s) already made ({}) were removed, and the fork snapshot",
+                made.len(),
+                ids.join(", ")
+            ),
+            (false, false) => format!(
+                "forks made before it: {}; these could NOT be removed and still exist: {} (remove them with `hearth rm -f`)",
+                ids.join(", "),
+                left.join(", ")
+            ),
+        }
+    }
+
+    /// Removes snapshot `name` if `hearth fork` made it and no sandbox uses it any more.
+    pub(crate) async fn remove_fork_snapshot_if_unused(&self, name: &str) {
+        let Ok(meta) = self.snapshot_meta(name) else {
+            return;
+        };
+        if !meta.fork || self.in_use(WarmSource::Snapshot, name) > 0 {
+            return;
+        }
+        if let Err(e) = self.remove_snapshot(name).await {
+            tracing::warn!(snapshot = name, "removing the fork snapshot: {e}");
+        }
     }
 }

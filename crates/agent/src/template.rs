@@ -13,7 +13,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::guest_conn::GuestConn;
 use crate::restore::WarmSource;
-use crate::sandbox::{io_err, new_id, now_ms, valid_name, Agent, AgentError, HELLO_TIMEOUT};
+use crate::sandbox::{
+    io_err, new_id, now_ms, sync_dir, valid_name, write_durable, Agent, AgentError, HELLO_TIMEOUT,
+};
 use crate::warm_pool::run_warm_up;
 
 /// Format of `template.json`.
@@ -36,6 +38,10 @@ pub(crate) struct TemplateMeta {
     pub memory_mib: u32,
     pub pool_size: u32,
     pub created_ms: u64,
+    /// Saved with a network device (on hub 0), so it serves networked sandboxes
+    /// too; false for templates of older hearthd and of nodes without networking.
+    #[serde(default)]
+    pub nic: bool,
 }
 
 /// `docker.io/library/busybox:1.36` → `docker.io-library-busybox-1.36`.
@@ -164,8 +170,11 @@ impl Agent {
         // why: not named after the template: a long name would overflow the VM's socket paths.
         let build = self.templates_root().join(format!(".build-{}", new_id()));
         std::fs::create_dir_all(&build).map_err(io_err(format!("create {}", build.display())))?;
+        // why: on a node with networking the template carries a network device, so
+        // both networked and `--network none` sandboxes start from it.
+        let nic = self.net().is_some();
         let result = self
-            .build_template(&name, &build, image.rootfs.clone(), cpus, memory_mib)
+            .build_template(&name, &build, image.rootfs.clone(), cpus, memory_mib, nic)
             .await;
         if let Err(e) = result {
             let _ = std::fs::remove_dir_all(&build);
@@ -180,12 +189,16 @@ impl Agent {
             memory_mib,
             pool_size,
             created_ms: now_ms(),
+            nic,
         };
         let snap = build.join("snapshot");
         let write = serde_json::to_vec_pretty(&meta)
             .map_err(std::io::Error::other)
-            .and_then(|b| std::fs::write(snap.join("template.json"), b));
-        if let Err(e) = write.and_then(|_| std::fs::rename(&snap, &dir)) {
+            .and_then(|b| write_durable(&snap.join("template.json"), &b));
+        let installed = write
+            .and_then(|_| std::fs::rename(&snap, &dir))
+            .and_then(|_| sync_dir(&self.templates_root()));
+        if let Err(e) = installed {
             let _ = std::fs::remove_dir_all(&build);
             return Err(io_err(format!("install template {}", dir.display()))(e));
         }
@@ -205,9 +218,17 @@ impl Agent {
         rootfs: PathBuf,
         cpus: u32,
         memory_mib: u32,
+        nic: bool,
     ) -> Result<(), AgentError> {
         let id = format!("template-{}", new_id());
-        let mut cfg = self.vm_config(&id, Some(&id), rootfs.clone(), cpus, memory_mib, None);
+        let mut cfg = self.vm_config(
+            &id,
+            Some(&id),
+            rootfs.clone(),
+            (cpus, memory_mib),
+            None,
+            nic,
+        );
         cfg.dir = build.join("vm");
         let failed = |m: String| AgentError::VmFailed {
             id: format!("template {name}"),
@@ -280,11 +301,9 @@ impl Agent {
         })?;
         meta.pool_size = size;
         let path = self.template_dir(name).join("template.json");
-        let tmp = self.template_dir(name).join(".template.json.tmp");
         serde_json::to_vec_pretty(&meta)
             .map_err(std::io::Error::other)
-            .and_then(|b| std::fs::write(&tmp, b))
-            .and_then(|_| std::fs::rename(&tmp, &path))
+            .and_then(|b| write_durable(&path, &b))
             .map_err(io_err(format!("save {}", path.display())))?;
         self.ensure_pool(&meta);
         Ok(self.to_api_template(&meta))

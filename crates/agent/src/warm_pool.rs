@@ -37,6 +37,8 @@ pub(crate) struct PooledVm {
     pub(crate) id: String,
     pub(crate) vm: Box<dyn Vm>,
     pub(crate) conn: Arc<GuestConn>,
+    /// Restored with the template's network device (on hub 0, no tap yet).
+    pub(crate) nic: bool,
 }
 
 impl PooledVm {
@@ -168,16 +170,17 @@ impl Agent {
                 &id,
                 None,
                 Default::default(),
-                meta.cpus,
-                meta.memory_mib,
+                (meta.cpus, meta.memory_mib),
                 None,
+                meta.nic,
             );
             let made = match self.restore_from(&dir, &cfg).await {
-                Ok(r) => match warm_up(r.vm.as_ref(), r.agent, &id).await {
+                Ok(r) => match warm_up(r.vm.as_ref(), r.agent, &id, meta.nic).await {
                     Ok(conn) => Ok(PooledVm {
                         id: id.clone(),
                         vm: r.vm,
                         conn,
+                        nic: meta.nic,
                     }),
                     Err(e) => {
                         let _ = r.vm.kill().await;
@@ -273,8 +276,9 @@ async fn warm_up(
     vm: &dyn Vm,
     agent: tokio::net::UnixStream,
     id: &str,
+    nic: bool,
 ) -> Result<Arc<GuestConn>, String> {
-    let msg = restored_message(id.to_string(), id.to_string())?;
+    let msg = restored_message(id.to_string(), id.to_string(), nic, None)?;
     let (conn, ack) = GuestConn::after_restore(agent, &msg, TEMPLATE_NEXT_SESSION)
         .await
         .map_err(|e| e.to_string())?;

@@ -81,40 +81,64 @@ fn route(fd: &OwnedFd, dst: Ipv4Addr, mask: Ipv4Addr, gw: Option<Ipv4Addr>) -> i
     )
 }
 
-/// Configures eth0 and the routes, then writes resolv.conf under `sysroot`.
-pub fn configure(p: &NetParams, sysroot: &str) -> io::Result<()> {
+fn inet_socket() -> io::Result<OwnedFd> {
     // SAFETY: socket(2) takes no pointers; the result is checked.
     let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if raw < 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: raw is a fresh socket we exclusively own.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    let mut a = IfreqAddr {
-        name: name(),
-        addr: sockaddr(p.ip),
-        _pad: [0; 8],
-    };
-    ioctl(&fd, libc::SIOCSIFADDR as _, &mut a, "set eth0 address")?;
-    a.addr = sockaddr(Ipv4Addr::BROADCAST);
-    ioctl(&fd, libc::SIOCSIFNETMASK as _, &mut a, "set eth0 netmask")?;
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+fn set_flags(fd: &OwnedFd, up: bool) -> io::Result<()> {
     let mut f = IfreqFlags {
         name: name(),
         flags: 0,
         _pad: [0; 22],
     };
-    ioctl(&fd, libc::SIOCGIFFLAGS as _, &mut f, "get eth0 flags")?;
-    f.flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
-    ioctl(&fd, libc::SIOCSIFFLAGS as _, &mut f, "bring eth0 up")?;
-    route(&fd, p.gateway, Ipv4Addr::BROADCAST, None)?;
+    ioctl(fd, libc::SIOCGIFFLAGS as _, &mut f, "get eth0 flags")?;
+    let bits = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+    if up {
+        f.flags |= bits;
+    } else {
+        f.flags &= !bits;
+    }
+    let what = if up {
+        "bring eth0 up"
+    } else {
+        "take eth0 down"
+    };
+    ioctl(fd, libc::SIOCSIFFLAGS as _, &mut f, what)
+}
+
+/// Address, netmask, link up, routes, resolv.conf.
+fn bring_up(
+    fd: &OwnedFd,
+    ip: Ipv4Addr,
+    mask: Ipv4Addr,
+    gateway: Ipv4Addr,
+    dns: &[Ipv4Addr],
+    sysroot: &str,
+) -> io::Result<()> {
+    let mut a = IfreqAddr {
+        name: name(),
+        addr: sockaddr(ip),
+        _pad: [0; 8],
+    };
+    ioctl(fd, libc::SIOCSIFADDR as _, &mut a, "set eth0 address")?;
+    a.addr = sockaddr(mask);
+    ioctl(fd, libc::SIOCSIFNETMASK as _, &mut a, "set eth0 netmask")?;
+    set_flags(fd, true)?;
+    route(fd, gateway, Ipv4Addr::BROADCAST, None)?;
     route(
-        &fd,
+        fd,
         Ipv4Addr::UNSPECIFIED,
         Ipv4Addr::UNSPECIFIED,
-        Some(p.gateway),
+        Some(gateway),
     )?;
-    if !p.dns.is_empty() {
-        let body: String = p.dns.iter().map(|d| format!("nameserver {d}\n")).collect();
+    if !dns.is_empty() {
+        let body: String = dns.iter().map(|d| format!("nameserver {d}\n")).collect();
         let etc = format!("{sysroot}/etc");
         // why: a read-only or odd image must not stop the sandbox from booting.
         if std::fs::create_dir_all(&etc).is_ok() {
@@ -126,4 +150,190 @@ pub fn configure(p: &NetParams, sysroot: &str) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Configures eth0 and the routes, then writes resolv.conf under `sysroot`.
+pub fn configure(p: &NetParams, sysroot: &str) -> io::Result<()> {
+    let fd = inet_socket()?;
+    bring_up(&fd, p.ip, Ipv4Addr::BROADCAST, p.gateway, &p.dns, sysroot)
+}
+
+/// The network identity a restore hands this guest, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub ip: Ipv4Addr,
+    pub mask: Ipv4Addr,
+    pub gateway: Ipv4Addr,
+    pub mac: [u8; 6],
+    pub dns: Vec<Ipv4Addr>,
+}
+
+impl Identity {
+    pub fn parse(n: &hearth_proto::GuestNet) -> Result<Identity, String> {
+        let ip4 = |what: &str, s: &str| {
+            s.parse::<Ipv4Addr>()
+                .map_err(|_| format!("{what} {s:?} is not an IPv4 address"))
+        };
+        if n.prefix > 32 {
+            return Err(format!("prefix length {} is over 32", n.prefix));
+        }
+        let mask = u32::MAX.checked_shl(32 - u32::from(n.prefix)).unwrap_or(0);
+        let mut mac = [0u8; 6];
+        let parts: Vec<&str> = n.mac.split(':').collect();
+        if parts.len() != 6 {
+            return Err(format!("MAC {:?} is not six hex bytes", n.mac));
+        }
+        for (b, p) in mac.iter_mut().zip(&parts) {
+            *b = u8::from_str_radix(p, 16).map_err(|_| format!("MAC {:?} is not hex", n.mac))?;
+        }
+        if mac[0] & 1 == 1 {
+            return Err(format!("MAC {:?} is a multicast address", n.mac));
+        }
+        Ok(Identity {
+            ip: ip4("address", &n.ip)?,
+            mask: Ipv4Addr::from(mask),
+            gateway: ip4("gateway", &n.gateway)?,
+            mac,
+            dns: n
+                .dns
+                .iter()
+                .map(|d| ip4("nameserver", d))
+                .collect::<Result<_, _>>()?,
+        })
+    }
+}
+
+/// After a restore: eth0 drops the snapshot's identity (link down, which also
+/// flushes its routes and neighbours; address removed) and, with `id`, takes
+/// the sandbox's MAC, address and routes, rewrites resolv.conf and announces
+/// itself with a gratuitous ARP. Without `id` eth0 stays down (no network).
+/// A guest without eth0 and no `id` is fine.
+pub fn reconfigure(id: Option<&Identity>, sysroot: &str) -> io::Result<()> {
+    let fd = inet_socket()?;
+    if let Err(e) = set_flags(&fd, false) {
+        let no_device = e.raw_os_error() == Some(libc::ENODEV);
+        return match (id, no_device) {
+            (None, true) => Ok(()),
+            _ => Err(e),
+        };
+    }
+    // why: setting 0.0.0.0 deletes eth0's primary address and, with it, its secondaries.
+    let mut a = IfreqAddr {
+        name: name(),
+        addr: sockaddr(Ipv4Addr::UNSPECIFIED),
+        _pad: [0; 8],
+    };
+    ioctl(&fd, libc::SIOCSIFADDR as _, &mut a, "remove eth0 address")?;
+    let Some(id) = id else {
+        return Ok(());
+    };
+    set_mac(&fd, id.mac)?;
+    bring_up(&fd, id.ip, id.mask, id.gateway, &id.dns, sysroot)?;
+    if let Err(e) = gratuitous_arp(id) {
+        crate::log!("gratuitous ARP not sent: {e}");
+    }
+    Ok(())
+}
+
+fn set_mac(fd: &OwnedFd, mac: [u8; 6]) -> io::Result<()> {
+    // SAFETY: sockaddr is plain data; all-zero is valid.
+    let mut addr: libc::sockaddr = unsafe { std::mem::zeroed() };
+    addr.sa_family = libc::ARPHRD_ETHER;
+    for (d, s) in addr.sa_data.iter_mut().zip(mac) {
+        *d = s as libc::c_char;
+    }
+    let mut a = IfreqAddr {
+        name: name(),
+        addr,
+        _pad: [0; 8],
+    };
+    ioctl(fd, libc::SIOCSIFHWADDR as _, &mut a, "set eth0 MAC")
+}
+
+/// Broadcasts an ARP request for our own address (a gratuitous ARP), so
+/// neighbours that cached another MAC for it learn ours.
+fn gratuitous_arp(id: &Identity) -> io::Result<()> {
+    let ifindex = {
+        let n = c"eth0";
+        // SAFETY: n is a valid NUL-terminated string.
+        unsafe { libc::if_nametoindex(n.as_ptr()) }
+    };
+    if ifindex == 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let proto = (libc::ETH_P_ARP as u16).to_be();
+    // SAFETY: socket(2) takes no pointers; the result is checked.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            proto.into(),
+        )
+    };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: raw is a fresh socket we exclusively own.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let mut pkt = Vec::with_capacity(28);
+    pkt.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+    pkt.extend_from_slice(&id.mac);
+    pkt.extend_from_slice(&id.ip.octets());
+    pkt.extend_from_slice(&[0; 6]);
+    pkt.extend_from_slice(&id.ip.octets());
+    // SAFETY: sockaddr_ll is plain data; all-zero is valid.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = proto;
+    sll.sll_ifindex = ifindex as i32;
+    sll.sll_halen = 6;
+    sll.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+    // SAFETY: pkt and sll are valid for the lengths given and live across the call.
+    let rc = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            pkt.as_ptr().cast(),
+            pkt.len(),
+            0,
+            (&sll as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restore_identity_is_parsed_and_bad_input_named() {
+        let mut n = hearth_proto::GuestNet {
+            ip: "10.88.0.7".into(),
+            prefix: 32,
+            gateway: "169.254.1.1".into(),
+            mac: "02:68:0a:58:00:07".into(),
+            dns: vec!["10.0.0.53".into()],
+        };
+        let id = Identity::parse(&n).unwrap();
+        assert_eq!(id.mac, [2, 0x68, 10, 0x58, 0, 7]);
+        assert_eq!(id.mask, Ipv4Addr::BROADCAST);
+        n.prefix = 24;
+        assert_eq!(
+            Identity::parse(&n).unwrap().mask,
+            Ipv4Addr::new(255, 255, 255, 0)
+        );
+        n.prefix = 0;
+        assert_eq!(Identity::parse(&n).unwrap().mask, Ipv4Addr::UNSPECIFIED);
+        n.mac = "03:00:00:00:00:01".into();
+        assert!(Identity::parse(&n).unwrap_err().contains("multicast"));
+        n.mac = "02:68".into();
+        assert!(Identity::parse(&n).unwrap_err().contains("six"));
+        n.mac = "02:68:0a:58:00:07".into();
+        n.ip = "nope".into();
+        assert!(Identity::parse(&n).unwrap_err().contains("address"));
+    }
 }

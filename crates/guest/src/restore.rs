@@ -21,6 +21,34 @@ const MAX_SEED: usize = 512;
 /// The sandbox id this VM serves, once a restore told it.
 static SANDBOX_ID: Mutex<String> = Mutex::new(String::new());
 
+/// Process groups stopped by [`freeze`]; part of the snapshot's memory, so a
+/// restored guest knows what to continue after [`apply`].
+static FROZEN: Mutex<Vec<i32>> = Mutex::new(Vec::new());
+
+/// Stops the process group of every running session (before a snapshot is
+/// saved); returns how many.
+pub fn freeze(sessions: &crate::session::Sessions) -> u32 {
+    let pids = sessions.running_pids();
+    let mut frozen = FROZEN.lock().unwrap_or_else(|p| p.into_inner());
+    for pid in pids {
+        // SAFETY: kill(2) takes no pointers. Each session leads its own process
+        // group (setsid), so -pid stops its children too.
+        if unsafe { libc::kill(-(pid as i32), libc::SIGSTOP) } == 0 {
+            frozen.push(pid as i32);
+        }
+    }
+    frozen.len() as u32
+}
+
+/// Continues what [`freeze`] stopped.
+pub fn thaw() {
+    let pids = std::mem::take(&mut *FROZEN.lock().unwrap_or_else(|p| p.into_inner()));
+    for pid in pids {
+        // SAFETY: kill(2) takes no pointers.
+        unsafe { libc::kill(-pid, libc::SIGCONT) };
+    }
+}
+
 /// Applies `msg`; what fails is reported in the ack, never fatal.
 pub fn apply(msg: &Restored) -> RestoredAck {
     let mut warnings = Vec::new();
@@ -36,12 +64,31 @@ pub fn apply(msg: &Restored) -> RestoredAck {
         }
     }
     *SANDBOX_ID.lock().unwrap_or_else(|p| p.into_inner()) = msg.sandbox_id.clone();
+    let mut net_applied = false;
+    if msg.net_given {
+        let id = msg
+            .net
+            .as_ref()
+            .map(crate::net::Identity::parse)
+            .transpose();
+        match id {
+            Ok(id) => match crate::net::reconfigure(id.as_ref(), boot::SYSROOT) {
+                Ok(()) => net_applied = true,
+                Err(e) => warnings.push(format!("configuring the network: {e}")),
+            },
+            Err(e) => warnings.push(format!("configuring the network: {e}")),
+        }
+    }
     for w in &warnings {
         crate::log!("after restore: {w}");
     }
+    // why: last: the snapshot's own processes continue only with the new RNG
+    // state, clock, hostname and network in place.
+    thaw();
     RestoredAck {
         warnings,
         sessions: Vec::new(),
+        net_applied,
     }
 }
 

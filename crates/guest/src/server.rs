@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hearth_proto::{
-    read_frame, write_frame, Credit, Empty, ErrorMsg, ExecRequest, Frame, Hello, Kind, ProtoError,
-    Restored, Resume, Resumed, SessionSent, SignalRequest, PROTOCOL_VERSION,
+    read_frame, write_frame, Credit, Empty, ErrorMsg, ExecRequest, Frame, Frozen, Hello, Kind,
+    ProtoError, Restored, Resume, Resumed, SessionSent, SignalRequest, PROTOCOL_VERSION,
 };
 
 use crate::channel::Writer;
@@ -198,6 +198,11 @@ fn dispatch(frame: Frame, sessions: &Arc<Sessions>, writer: &Arc<Writer>, hello:
                 table.remove(id);
             }
         }
+        Kind::Freeze => {
+            let n = restore::freeze(sessions);
+            writer.send_or_log(&Frame::json(Kind::Frozen, id, &Frozen { sessions: n }));
+        }
+        Kind::Thaw => restore::thaw(),
         Kind::Shutdown => power::shutdown(),
         other => error(writer, id, format!("unexpected {other:?} frame from host")),
     }

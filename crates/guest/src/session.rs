@@ -340,6 +340,11 @@ impl Sessions {
         self.lock().by_id.get(&id).cloned()
     }
 
+    /// Pids of the sessions whose process has not been reaped.
+    pub fn running_pids(&self) -> Vec<u32> {
+        self.lock().by_pid.keys().copied().collect()
+    }
+
     /// Wakes the reaper after a process was spawned.
     pub fn notify_spawned(&self) {
         self.children.notify_all();

@@ -82,6 +82,15 @@ pub enum Kind {
     Resumed = 17,
     /// host → guest, [`Empty`]: the session's Exit is recorded; forget the session.
     ExitAck = 18,
+    /// host → guest, id 0, [`Empty`]: a snapshot is about to be saved; stop the
+    /// process group of every session (SIGSTOP) and answer [`Kind::Frozen`].
+    /// They continue on [`Kind::Thaw`] (the source) or once a [`Kind::Restored`]
+    /// was applied (every restore), so no snapshot process runs before the reseed.
+    Freeze = 19,
+    /// guest → host, id 0, [`Frozen`]: the sessions are stopped.
+    Frozen = 20,
+    /// host → guest, id 0, [`Empty`]: continue the sessions stopped by Freeze.
+    Thaw = 21,
 }
 
 impl Kind {
@@ -106,6 +115,9 @@ impl Kind {
             16 => Resume,
             17 => Resumed,
             18 => ExitAck,
+            19 => Freeze,
+            20 => Frozen,
+            21 => Thaw,
             _ => return None,
         })
     }
@@ -334,6 +346,30 @@ pub struct Restored {
     pub unix_ms: u64,
     pub hostname: String,
     pub sandbox_id: String,
+    /// The sandbox's network (added after protocol 1 shipped; absent from older
+    /// hosts). `Some`: eth0 takes this MAC, address and routes; `None` from a host
+    /// that sets [`Restored::net_given`]: the sandbox has no network, eth0 goes down.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<GuestNet>,
+    /// Whether this host speaks about the network at all (false from older hosts,
+    /// whose guests keep whatever eth0 had).
+    #[serde(default)]
+    pub net_given: bool,
+}
+
+/// The network identity a restored guest takes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GuestNet {
+    /// IPv4 address (dotted quad).
+    pub ip: String,
+    /// Prefix length of the address (32 for Hearth's routed /32s).
+    pub prefix: u8,
+    /// On-link gateway (dotted quad).
+    pub gateway: String,
+    /// `aa:bb:cc:dd:ee:ff`: the MAC the host's tap expects (anti-spoofing checks it).
+    pub mac: String,
+    /// Nameservers for /etc/resolv.conf (dotted quads); empty leaves it alone.
+    pub dns: Vec<String>,
 }
 
 /// guest → host: [`Restored`] was applied; `warnings` lists what could not be.
@@ -346,6 +382,10 @@ pub struct RestoredAck {
     /// offset its output log starts, for a later [`Resume`].
     #[serde(default)]
     pub sessions: Vec<SessionSent>,
+    /// The guest applied [`Restored::net`] (or took eth0 down for `None`). False
+    /// from a guest built before network restores: it kept the network it had.
+    #[serde(default)]
+    pub net_applied: bool,
 }
 
 /// A session's stream offset in a [`RestoredAck`].
@@ -410,6 +450,13 @@ pub fn find_nonce(buf: &[u8], nonce: &[u8]) -> Option<usize> {
         .map(|p| p + nonce.len())
 }
 
+/// guest → host: answer to [`Kind::Freeze`].
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct Frozen {
+    /// Process groups stopped.
+    pub sessions: u32,
+}
+
 /// An empty JSON object, for messages without fields.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 pub struct Empty {}
@@ -441,6 +488,14 @@ mod tests {
                     unix_ms: 1,
                     hostname: "h".into(),
                     sandbox_id: "s".into(),
+                    net: Some(GuestNet {
+                        ip: "10.88.0.2".into(),
+                        prefix: 32,
+                        gateway: "169.254.1.1".into(),
+                        mac: "02:68:0a:58:00:02".into(),
+                        dns: vec!["10.0.0.53".into()],
+                    }),
+                    net_given: true,
                 },
             ),
             Frame::json(Kind::RestoredAck, 0, &RestoredAck::default()),
@@ -466,6 +521,15 @@ mod tests {
             assert_eq!(read_frame(&mut r).unwrap().as_ref(), Some(f));
         }
         assert!(read_frame(&mut r).unwrap().is_none());
+    }
+
+    #[test]
+    fn restored_from_an_older_host_carries_no_network() {
+        let old = r#"{"seed":[1],"unix_ms":1,"hostname":"h","sandbox_id":"s"}"#;
+        let r: Restored = serde_json::from_str(old).unwrap();
+        assert!(r.net.is_none() && !r.net_given);
+        let ack: RestoredAck = serde_json::from_str(r#"{"warnings":[]}"#).unwrap();
+        assert!(!ack.net_applied);
     }
 
     #[test]

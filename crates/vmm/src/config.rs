@@ -52,12 +52,22 @@ pub enum GuestMemory {
 }
 
 /// The guest's network device: a tap the host prepared, and the guest's MAC.
+///
+/// `hub: false`: the virtio-net device's backend is the tap itself.
+/// `hub: true` (what the node agent uses for every VM): the device sits on QEMU's
+/// emulated hub 0 and the tap, if any, joins that hub. The device set a snapshot
+/// was saved with is then the same whether or not a tap is attached, and a tap
+/// can join a paused VM later ([`crate::Vm::attach_tap`]): backends are not
+/// part of the migration state, only the device is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetDevice {
-    /// Host tap interface name (created and owned by the caller).
-    pub tap: String,
-    /// `aa:bb:cc:dd:ee:ff`.
+    /// Host tap interface name (created and owned by the caller); `None` only
+    /// with `hub` (a device with nothing behind it yet).
+    pub tap: Option<String>,
+    /// `aa:bb:cc:dd:ee:ff`. After a restore the device has the snapshot's MAC
+    /// until the guest sets its own (see `hearth_proto::Restored::net`).
     pub mac: String,
+    pub hub: bool,
 }
 
 /// The accelerator a VM runs under.

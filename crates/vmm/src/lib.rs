@@ -169,6 +169,17 @@ pub trait Vm: Send + Sync {
             what: "incoming live migration",
         })
     }
+    /// Joins the existing tap `tap` to the hub its network device sits on (a
+    /// VM made with [`NetDevice::hub`]), e.g. a warm-pool VM taken by a networked
+    /// sandbox. Call while the VM is paused.
+    async fn attach_tap(&self, tap: &str) -> Result<(), VmmError> {
+        let _ = tap;
+        Err(VmmError::Unsupported {
+            id: self.id().to_string(),
+            what: "attaching a tap to a running VM",
+        })
+    }
+
     /// Pauses the VM and writes a snapshot (state, RAM, disk layer, manifest) into
     /// the new directory `dest`; then resumes or quits it as `opts.after` says.
     async fn save_snapshot(

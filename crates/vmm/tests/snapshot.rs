@@ -61,6 +61,8 @@ async fn wake(agent: &mut UnixStream, hostname: &str) {
         unix_ms: 1_700_000_000_000,
         hostname: hostname.into(),
         sandbox_id: hostname.into(),
+        net: None,
+        net_given: false,
     };
     write_frame_async(agent, &Frame::json(Kind::Restored, 0, &msg))
         .await

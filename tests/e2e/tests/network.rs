@@ -1316,3 +1316,216 @@ fn first_connection_loop() {
         failed.len()
     );
 }
+
+/// `hostname` and eth0's address and MAC as the guest sees them.
+fn guest_identity(d: &Daemon, id: &str) -> String {
+    exec(
+        d,
+        id,
+        "hostname; ip -o -4 addr show dev eth0; cat /sys/class/net/eth0/address",
+    )
+}
+
+/// A started networked sandbox: its guest shows its own hostname, address and
+/// MAC, and the policy on its tap holds (8080 allowed, 8081 denied).
+fn assert_own_identity_and_policy(d: &Daemon, id: &str, server_ip: &str) -> (String, String) {
+    let s = d.inspect(id);
+    let ip = s["network"]["ip"].as_str().expect("ip").to_string();
+    let mac = s["network"]["mac"].as_str().expect("mac").to_string();
+    let seen = guest_identity(d, id);
+    let mut lines = seen.lines();
+    assert_eq!(lines.next(), Some(id), "hostname of {id}: {seen}");
+    assert!(
+        lines
+            .next()
+            .unwrap_or("")
+            .contains(&format!("inet {ip}/32")),
+        "{id} should have {ip}/32 on eth0: {seen}"
+    );
+    assert_eq!(lines.next(), Some(mac.as_str()), "MAC of {id}: {seen}");
+    first_probe_ok(d, id, server_ip);
+    assert_eq!(
+        exec(d, id, &probe(server_ip, &[8080, 8081])),
+        "8080=ok\n8081=blocked\n",
+        "policy of {id}"
+    );
+    (ip, mac)
+}
+
+/// Sandbox entries left under the data dir's `snapshots/`.
+fn snapshot_dirs(d: &Daemon) -> Vec<String> {
+    std::fs::read_dir(d.data_dir().join("snapshots"))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn networked_sandboxes_start_from_a_template_and_its_pool_with_their_own_identity() {
+    let ns = ServerNs::start(subnet(6), &[8080, 8081]);
+    let d = Daemon::start();
+    let out = d.hearth(&[
+        "template", "create", "busybox", "--name", "bbn", "--memory", "128", "--pool", "1",
+    ]);
+    assert!(out.status.success(), "{}", show(&out));
+    wait_until("the warm pool to fill", Duration::from_secs(120), || {
+        let out = d.hearth(&["template", "ls", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap_or_default();
+        v[0]["pool_ready"] == 1
+    });
+    // Two concurrent networked starts: one takes the pool VM, one restores.
+    let deny = format!("{}/32:8081", ns.server_ip);
+    let starts: Vec<_> = (0..2)
+        .map(|_| {
+            let mut cmd = d.cmd(&[
+                "run",
+                "-d",
+                "--egress-deny",
+                &deny,
+                "busybox",
+                "--",
+                "sleep",
+                "600",
+            ]);
+            std::thread::spawn(move || cmd.output().expect("hearth run"))
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for h in starts {
+        let out = h.join().unwrap();
+        assert!(out.status.success(), "{}", show(&out));
+        ids.push(stdout(&out).trim().to_string());
+    }
+    let mut paths = Vec::new();
+    let mut seen = Vec::new();
+    for id in &ids {
+        wait_until("sandbox running", Duration::from_secs(120), || {
+            let s = d.inspect(id);
+            assert_ne!(s["status"], "failed", "{s}");
+            s["status"] == "running"
+        });
+        let s = d.inspect(id);
+        assert_eq!(s["started_from"], "bbn", "{s}");
+        eprintln!(
+            "networked warm start {id}: path {} boot_ms {}",
+            s["start_path"], s["boot_ms"]
+        );
+        paths.push(s["start_path"].as_str().unwrap_or("").to_string());
+        seen.push(assert_own_identity_and_policy(&d, id, &ns.server_ip));
+    }
+    paths.sort();
+    assert_eq!(paths, ["pool", "template"], "warm paths taken");
+    assert_ne!(seen[0].0, seen[1].0, "two sandboxes share an address");
+    assert_ne!(seen[0].1, seen[1].1, "two sandboxes share a MAC");
+
+    // --network none from the same (networked) template: the link is down.
+    let out = d.hearth(&[
+        "run",
+        "--network",
+        "none",
+        "--name",
+        "off",
+        "busybox",
+        "--",
+        "sh",
+        "-c",
+        "cat /sys/class/net/eth0/operstate; ip -o -4 addr show dev eth0 | wc -l",
+    ]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert_eq!(stdout(&out), "down\n0\n", "{}", show(&out));
+    let s = d.inspect("off");
+    assert!(s["network"].is_null(), "{s}");
+    assert_ne!(s["start_path"], "cold", "{s}");
+
+    // rm removes the taps and the leases.
+    for (id, (ip, _)) in ids.iter().zip(&seen) {
+        let tap = d.inspect(id)["network"]["tap"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let out = d.hearth(&["rm", "-f", id]);
+        assert!(out.status.success(), "{}", show(&out));
+        let state = host_state();
+        assert!(!state.contains(&tap), "tap or pins left: {state}");
+        let held = control_plane_leases(&d);
+        assert!(
+            !held.iter().any(|(a, s)| a == ip || s == id),
+            "lease left: {held:?}"
+        );
+    }
+    // Idle pool VMs hold no lease; removing the template ends them.
+    assert!(control_plane_leases(&d).is_empty());
+    let out = d.hearth(&["template", "rm", "bbn"]);
+    assert!(out.status.success(), "{}", show(&out));
+}
+
+#[test]
+fn forks_of_a_networked_sandbox_get_their_own_address_and_leave_nothing_behind() {
+    let ns = ServerNs::start(subnet(7), &[8080, 8081]);
+    let d = Daemon::start();
+    let deny = format!("{}/32:8081", ns.server_ip);
+    let (src, src_ip) = start_detached(&d, &["--name", "src", "--egress-deny", &deny]);
+    let out = d.hearth(&["fork", &src, "-n", "2"]);
+    assert!(out.status.success(), "{}", show(&out));
+    let forks: Vec<String> = stdout(&out).lines().map(str::to_string).collect();
+    assert_eq!(forks.len(), 2, "{}", show(&out));
+    let mut ips = vec![src_ip.clone()];
+    for id in &forks {
+        wait_until("fork running", Duration::from_secs(120), || {
+            let s = d.inspect(id);
+            assert_ne!(s["status"], "failed", "{s}");
+            s["status"] == "running"
+        });
+        assert_eq!(d.inspect(id)["start_path"], "snapshot");
+        // The fork inherits the source's policy on its own tap.
+        let (ip, _) = assert_own_identity_and_policy(&d, id, &ns.server_ip);
+        assert!(!ips.contains(&ip), "fork {id} reuses address {ip}: {ips:?}");
+        ips.push(ip);
+    }
+    // The source keeps working after the fork.
+    assert_eq!(exec(&d, &src, &probe(&ns.server_ip, &[8080])), "8080=ok\n");
+    for id in &forks {
+        let out = d.hearth(&["rm", "-f", id]);
+        assert!(out.status.success(), "{}", show(&out));
+    }
+    assert_eq!(
+        snapshot_dirs(&d),
+        Vec::<String>::new(),
+        "fork snapshot left"
+    );
+    let held = control_plane_leases(&d);
+    assert_eq!(held.len(), 1, "only the source's lease remains: {held:?}");
+}
+
+#[test]
+fn a_fork_that_fails_part_way_removes_the_forks_it_made() {
+    // A /30 holds two addresses: the source takes one, the first fork the other.
+    let d = Daemon::start_with_env(&[("HEARTH_NET_POOL", "10.253.9.0/30")]);
+    let (src, _) = start_detached(&d, &["--name", "src"]);
+    let out = d.hearth(&["fork", &src, "-n", "2"]);
+    assert_eq!(out.status.code(), Some(125), "{}", show(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("fork 2 of 2 failed") && err.contains("exhausted") && err.contains("removed"),
+        "{}",
+        show(&out)
+    );
+    let o = d.hearth(&["ps", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("ps json");
+    let ids: Vec<&str> = v
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|s| s["id"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(ids, [src.as_str()], "no fork may be left running");
+    assert_eq!(
+        snapshot_dirs(&d),
+        Vec::<String>::new(),
+        "fork snapshot left"
+    );
+    assert_eq!(control_plane_leases(&d).len(), 1);
+}

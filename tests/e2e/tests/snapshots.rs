@@ -28,7 +28,8 @@ fn counted(d: &Daemon, sandbox: &str) -> Vec<u64> {
 }
 
 fn run_detached(d: &Daemon, args: &[&str]) -> String {
-    // Warm starts and snapshots serve sandboxes without a network device.
+    // These tests are about memory, disk and identity; networked warm starts
+    // and forks are in network.rs.
     let mut a = vec!["run", "-d", "--network", "none", "--memory", "128"];
     a.extend_from_slice(args);
     let out = d.hearth(&a);
@@ -149,6 +150,26 @@ fn forks_have_their_own_hostname_and_randomness() {
         assert!(counted(&d, id)[0] > 0, "{id} restarted its counter");
         assert_eq!(d.inspect(id)["start_path"], "snapshot");
     }
+    // The fork's snapshot goes with the last fork: nothing is left on disk.
+    let out = d.hearth(&["rm", "-f", &forks[0]]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert_eq!(
+        json(&d.hearth(&["snapshot", "ls", "--json"]))
+            .as_array()
+            .map(Vec::len),
+        Some(1),
+        "the fork snapshot stays while a fork uses it"
+    );
+    let out = d.hearth(&["rm", "-f", &forks[1]]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert_eq!(
+        json(&d.hearth(&["snapshot", "ls", "--json"])),
+        serde_json::json!([])
+    );
+    let left: Vec<_> = std::fs::read_dir(d.data_dir().join("snapshots"))
+        .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left under snapshots/: {left:?}");
 }
 
 #[test]
@@ -312,34 +333,6 @@ fn twenty_concurrent_warm_starts_from_one_template_report_their_path() {
         s["start_note"].as_str().unwrap_or("").contains("failed"),
         "{s}"
     );
-}
-
-#[test]
-fn networked_sandboxes_boot_cold_and_cannot_be_snapshotted_yet() {
-    let d = Daemon::start();
-    let out = d.hearth(&[
-        "template", "create", "busybox", "--name", "bbn", "--memory", "128",
-    ]);
-    assert!(out.status.success(), "{}", show(&out));
-    let out = d.hearth(&[
-        "run", "-d", "--memory", "128", "--name", "net", "busybox", "--", "sleep", "100000",
-    ]);
-    assert!(out.status.success(), "{}", show(&out));
-    let s = d.inspect("net");
-    assert_eq!(s["start_path"], "cold", "{s}");
-    assert!(
-        s["start_note"]
-            .as_str()
-            .unwrap_or("")
-            .contains("--network none"),
-        "{s}"
-    );
-    wait_until("running", Duration::from_secs(120), || {
-        d.inspect("net")["status"] == "running"
-    });
-    let out = d.hearth(&["snapshot", "net", "--name", "sn"]);
-    assert_eq!(out.status.code(), Some(125), "{}", show(&out));
-    assert!(stderr(&out).contains("--network none"), "{}", show(&out));
 }
 
 /// `hearth snapshot rm` of a snapshot a running sandbox was restored from: the

@@ -169,13 +169,43 @@ pub fn qemu_args(cfg: &VmConfig, layout: &Layout) -> Result<Vec<String>, VmmErro
     Ok(args)
 }
 
-/// virtio-net on a tap the host created (no helper scripts, no vhost here).
-fn net_args(net: &NetDevice) -> [String; 4] {
+/// virtio-net on a tap the host created (no helper scripts, no vhost here),
+/// directly or through hub 0 (see [`NetDevice`]).
+fn net_args(net: &NetDevice) -> Vec<String> {
+    let device = format!("virtio-net-device,netdev=net0,mac={}", net.mac);
+    match (&net.tap, net.hub) {
+        (Some(tap), false) => vec![
+            "-netdev".into(),
+            format!("tap,id=net0,ifname={tap},script=no,downscript=no"),
+            "-device".into(),
+            device,
+        ],
+        (tap, _) => {
+            let mut v = vec![
+                "-netdev".into(),
+                "hubport,id=net0,hubid=0".into(),
+                "-device".into(),
+                device,
+            ];
+            if let Some(tap) = tap {
+                v.extend(hub_tap_args(tap));
+            }
+            v
+        }
+    }
+}
+
+/// Netdev ids of a tap joined to hub 0, as on the command line and in `netdev_add`.
+pub const HUB_TAP_ID: &str = "tap0";
+pub const HUB_TAP_PORT_ID: &str = "net1";
+
+/// A tap joined to hub 0, where a hub-attached virtio-net device sits.
+fn hub_tap_args(tap: &str) -> [String; 4] {
     [
         "-netdev".into(),
-        format!("tap,id=net0,ifname={},script=no,downscript=no", net.tap),
-        "-device".into(),
-        format!("virtio-net-device,netdev=net0,mac={}", net.mac),
+        format!("tap,id={HUB_TAP_ID},ifname={tap},script=no,downscript=no"),
+        "-netdev".into(),
+        format!("hubport,id={HUB_TAP_PORT_ID},hubid=0,netdev={HUB_TAP_ID}"),
     ]
 }
 
@@ -247,8 +277,9 @@ mod tests {
             extra_cmdline: vec![],
             accel: Accel::Tcg,
             net: Some(NetDevice {
-                tap: "hthabc".into(),
+                tap: Some("hthabc".into()),
                 mac: "02:68:0a:58:00:02".into(),
+                hub: false,
             }),
             memory: GuestMemory::Anonymous,
         };
@@ -258,6 +289,36 @@ mod tests {
         assert!(
             got.ends_with(
                 "-netdev tap,id=net0,ifname=hthabc,script=no,downscript=no \
+             -device virtio-net-device,netdev=net0,mac=02:68:0a:58:00:02"
+            ),
+            "{got}"
+        );
+        // Templates and restores: the device on hub 0, the tap (if any) joined to it.
+        let mut hub = cfg.clone();
+        hub.net = Some(NetDevice {
+            tap: Some("hthabc".into()),
+            mac: "02:68:0a:58:00:02".into(),
+            hub: true,
+        });
+        let got = qemu_args(&hub, &Layout::new(Path::new("/v/sb")))
+            .unwrap()
+            .join(" ");
+        assert!(
+            got.ends_with(
+                "-netdev hubport,id=net0,hubid=0 \
+             -device virtio-net-device,netdev=net0,mac=02:68:0a:58:00:02 \
+             -netdev tap,id=tap0,ifname=hthabc,script=no,downscript=no \
+             -netdev hubport,id=net1,hubid=0,netdev=tap0"
+            ),
+            "{got}"
+        );
+        hub.net.as_mut().unwrap().tap = None;
+        let got = qemu_args(&hub, &Layout::new(Path::new("/v/sb")))
+            .unwrap()
+            .join(" ");
+        assert!(
+            got.ends_with(
+                "-netdev hubport,id=net0,hubid=0 \
              -device virtio-net-device,netdev=net0,mac=02:68:0a:58:00:02"
             ),
             "{got}"

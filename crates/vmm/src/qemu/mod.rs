@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{json, Value};
 use tokio::net::UnixStream;
 use tokio::process::Command;
 
@@ -582,6 +582,24 @@ impl Vm for QemuVm {
     async fn wait(&self) -> Result<VmExit, VmmError> {
         // why: unbounded on purpose: a supervisor waits for as long as the VM runs.
         Ok(self.exit.wait().await)
+    }
+
+    async fn attach_tap(&self, tap: &str) -> Result<(), VmmError> {
+        self.qmp
+            .execute(
+                "netdev_add",
+                json!({"type": "tap", "id": argv::HUB_TAP_ID, "ifname": tap,
+                       "script": "no", "downscript": "no"}),
+            )
+            .await?;
+        self.qmp
+            .execute(
+                "netdev_add",
+                json!({"type": "hubport", "id": argv::HUB_TAP_PORT_ID, "hubid": 0,
+                       "netdev": argv::HUB_TAP_ID}),
+            )
+            .await?;
+        Ok(())
     }
 
     async fn migrate_out(
