@@ -927,17 +927,29 @@ impl Agent {
                 use std::os::fd::AsFd;
                 stream.as_fd().try_clone_to_owned().ok()
             };
-            vm.start().await.map_err(|e| e.to_string())?;
             let hello = Hello {
                 protocol_version: PROTOCOL_VERSION,
                 agent_version: c.guest_agent_version.clone(),
                 kernel_release: c.guest_kernel_release.clone(),
             };
             let conn = GuestConn::reattach(stream, hello, c.next_session);
-            conn.ping(TARGET_PING_TIMEOUT)
-                .await
-                .map_err(|e| format!("the guest agent did not answer a ping: {e}"))?;
-            let session = conn.adopt_session(c.main_session, c.unacked_bytes);
+            // why: adopted before `cont`: the guest's first frames after the
+            // resume (output it queued in the virtqueue before the pause, and
+            // what it prints before our ping's answer) are for this session; a
+            // frame for a session not yet registered is dropped (issue 7).
+            let mut session = conn.adopt_session(c.main_session, c.unacked_bytes);
+            let pinged = async {
+                vm.start().await.map_err(|e| e.to_string())?;
+                conn.ping(TARGET_PING_TIMEOUT)
+                    .await
+                    .map_err(|e| format!("the guest agent did not answer a ping: {e}"))
+            }
+            .await;
+            if let Err(why) = pinged {
+                // why: the VM is removed; nothing must be sent to it on drop.
+                session.hand_over();
+                return Err(why);
+            }
             for s in &c.orphan_sessions {
                 let _ = conn.kill_session(*s).await;
             }
