@@ -328,6 +328,11 @@ pub fn add_host_sandbox(ip: Ipv4Addr, pool_len: u8, owner: u32) -> Result<(), Bp
     const BPF_NOEXIST: u64 = 1;
     match m.insert(nbo(ip), v, BPF_NOEXIST) {
         Ok(()) => {}
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.kind() != std::io::ErrorKind::AlreadyExists =>
+        {
+            return Err(host_err(format!("{SANDBOXES_PIN}: add {ip}: {e}")))
+        }
         Err(_) => match m.get(&nbo(ip), 0) {
             Ok(old) if old.owner != owner => {
                 return Err(BpfError::SandboxOfAnotherAgent {
