@@ -33,9 +33,12 @@
 // update writes the inactive slot, then flips CONFIG.active (one byte), so a
 // packet sees either the whole old or the whole new policy.
 //
-// Sandboxes of this host (SANDBOXES, shared by every agent on the host) are
+// Sandboxes of this host (SANDBOXES_v1, shared by every agent on the host) are
 // denied as egress destinations unless a rule of their pool or a CIDR inside
 // it allows them, so sandboxes of agents with other pools stay apart too.
+// Agents bump SBGEN_v1 after every change of SANDBOXES_v1; a flow remembers
+// the generation it was judged under and is judged again when it changed, so
+// a flow opened before its remote became a sandbox does not outlive that.
 //
 // Host addresses (HOSTS, written by the agent from the node's live addresses
 // and their directed-broadcast addresses) are denied as egress destinations
@@ -162,8 +165,9 @@ struct flow_key {
 struct flow {
 	__u64 last_seen;  // bpf_ktime_get_ns
 	__u32 epoch;	  // policy epoch that allowed it
+	__u32 gen;	  // SBGEN_v1 when it was last judged
 	__u8 tcp;	  // T_* (IFLOWS only)
-	__u8 _pad[3];
+	__u8 _pad[7];
 };
 
 struct {
@@ -196,17 +200,33 @@ struct {
 } HOSTS SEC(".maps");
 
 // Every sandbox address on this host, of every agent, to the prefix length of
-// its pool: one map shared by all program instances (pinned by name under
-// /sys/fs/bpf/hearth-host/). Egress to one is decided only by rules of a CIDR
-// at least as specific as its pool, else denied.
+// its pool and the agent that added it: one map shared by all program
+// instances (pinned by name under /sys/fs/bpf/hearth-host/; the suffix is the
+// layout version, checked by the agent). Egress to one is decided only by
+// rules of a CIDR at least as specific as its pool, else denied.
+struct host_sandbox {
+	__u8 pool_len;
+	__u8 _pad[3];
+	__u32 owner;	  // hash of the agent instance that added it
+};
+
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, MAX_SANDBOXES);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 	__type(key, __u32);
-	__type(value, __u8);
-} SANDBOXES SEC(".maps");
+	__type(value, struct host_sandbox);
+} SANDBOXES_v1 SEC(".maps");
+
+// Generation of SANDBOXES_v1: bumped by an agent after each change.
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__type(key, __u32);
+	__type(value, __u32);
+} SBGEN_v1 SEC(".maps");
 
 // Flows the guest opened.
 struct {
@@ -466,9 +486,9 @@ static __always_inline int judge(struct sandbox_cfg *cfg, __u32 epoch, __u32 rem
 		return allow;
 	}
 	if (dir == DIR_EGRESS) {
-		__u8 *pool = bpf_map_lookup_elem(&SANDBOXES, &remote);
-		if (pool) {
-			__u32 min = *pool;
+		struct host_sandbox *sb = bpf_map_lookup_elem(&SANDBOXES_v1, &remote);
+		if (sb) {
+			__u32 min = sb->pool_len;
 			if (min > 31)
 				min = 31;
 			if (min == 0)
@@ -495,10 +515,10 @@ static __always_inline int judge(struct sandbox_cfg *cfg, __u32 epoch, __u32 rem
 }
 
 // Checks a flow found in `map` (opened by `origin`) before a packet may use
-// it: expired -> deleted; older epoch -> judged again (deleted if denied now).
-// Returns the flow, or NULL if it is gone.
+// it: expired -> deleted; older epoch or SANDBOXES generation -> judged again
+// (deleted if denied now). Returns the flow, or NULL if it is gone.
 static __always_inline struct flow *live_flow(struct sandbox_cfg *cfg, void *map, struct flow_key *key,
-					 __u32 origin, __u32 epoch, __u64 now, __u32 len)
+					 __u32 origin, __u32 epoch, __u32 gen, __u64 now, __u32 len)
 {
 	struct flow *f = bpf_map_lookup_elem(map, key);
 	if (!f)
@@ -509,7 +529,7 @@ static __always_inline struct flow *live_flow(struct sandbox_cfg *cfg, void *map
 		bpf_map_delete_elem(map, key);
 		return 0;
 	}
-	if (f->epoch != epoch) {
+	if (f->epoch != epoch || f->gen != gen) {
 		__u16 port = origin == DIR_EGRESS ? key->remote_port : key->guest_port;
 		if (key->proto == IPPROTO_ICMP)
 			port = 0;
@@ -520,6 +540,7 @@ static __always_inline struct flow *live_flow(struct sandbox_cfg *cfg, void *map
 			return 0;
 		}
 		f->epoch = epoch;
+		f->gen = gen;
 	}
 	// why: one write a second per flow, not one per packet.
 	if (now - f->last_seen > NS)
@@ -532,6 +553,11 @@ static __always_inline int decide(struct sandbox_cfg *cfg, struct pkt *p, __u32 
 {
 	// Read once, so the whole decision uses one policy.
 	__u32 epoch = *(volatile __u32 *)&cfg->epoch;
+	// why: read before any SANDBOXES lookup, so a flow judged while an agent
+	// changes the map carries the old generation and is judged again.
+	__u32 zero = 0;
+	__u32 *genp = bpf_map_lookup_elem(&SBGEN_v1, &zero);
+	__u32 gen = genp ? *(volatile __u32 *)genp : 0;
 	__u64 now = bpf_ktime_get_ns();
 	__u32 c_reply = dir == DIR_EGRESS ? C_OUT_REPLY : C_IN_REPLY;
 	void *own = dir == DIR_EGRESS ? (void *)&EFLOWS : (void *)&IFLOWS;
@@ -541,7 +567,7 @@ static __always_inline int decide(struct sandbox_cfg *cfg, struct pkt *p, __u32 
 
 	if (p->kind != K_NEW) {
 		// A flow the other side opened: this packet answers it.
-		struct flow *f = live_flow(cfg, other, &p->key, other_dir, epoch, now, len);
+		struct flow *f = live_flow(cfg, other, &p->key, other_dir, epoch, gen, now, len);
 		if (f) {
 			if (p->key.proto == IPPROTO_TCP && !p->icmp_err && dir == DIR_EGRESS) {
 				// Opened from outside: the guest answers the SYN, then
@@ -562,7 +588,7 @@ static __always_inline int decide(struct sandbox_cfg *cfg, struct pkt *p, __u32 
 		}
 		if (p->kind == K_REPLY) {
 			// A later packet of a flow this side opened.
-			f = live_flow(cfg, own, &p->key, dir, epoch, now, len);
+			f = live_flow(cfg, own, &p->key, dir, epoch, gen, now, len);
 			if (f) {
 				if (p->key.proto == IPPROTO_TCP && !p->icmp_err && dir == DIR_INGRESS &&
 				    f->tcp == T_SYNACK && (p->tcp_flags & TCP_ACK) &&
@@ -577,7 +603,7 @@ static __always_inline int decide(struct sandbox_cfg *cfg, struct pkt *p, __u32 
 			return TC_ACT_SHOT;
 		}
 		// A datagram no flow of the other side explains: a new one of this side.
-		f = live_flow(cfg, own, &p->key, dir, epoch, now, len);
+		f = live_flow(cfg, own, &p->key, dir, epoch, gen, now, len);
 		if (f) {
 			count(c_reply, len);
 			return TC_ACT_OK;
@@ -592,10 +618,11 @@ static __always_inline int decide(struct sandbox_cfg *cfg, struct pkt *p, __u32 
 	struct flow *old = bpf_map_lookup_elem(own, &p->key);
 	if (old) {
 		old->epoch = epoch;
+		old->gen = gen;
 		old->last_seen = now;
 		return TC_ACT_OK;
 	}
-	struct flow nf = { .last_seen = now, .epoch = epoch, .tcp = T_SYN };
+	struct flow nf = { .last_seen = now, .epoch = epoch, .gen = gen, .tcp = T_SYN };
 	bpf_map_update_elem(own, &p->key, &nf, BPF_ANY);
 	return TC_ACT_OK;
 }

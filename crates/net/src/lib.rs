@@ -14,6 +14,7 @@ pub mod cidr;
 pub mod ipam;
 mod nat;
 pub mod policy;
+pub mod registry;
 mod tap;
 
 use std::collections::{HashMap, HashSet};
@@ -53,6 +54,8 @@ pub enum NetError {
     Policy(#[from] PolicyError),
     #[error(transparent)]
     Bpf(#[from] BpfError),
+    #[error(transparent)]
+    Registry(#[from] registry::RegistryError),
     #[error("tap {tap}: {source}")]
     Tap {
         tap: String,
@@ -148,6 +151,10 @@ pub struct NodeNet {
     ipam: Ipam,
     /// Serializes setup/teardown/policy changes per sandbox.
     locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// This agent's tag in the host sandbox map.
+    owner: u32,
+    /// This agent's pool in the host's pool registry (released on drop).
+    _registration: registry::Registration,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -155,8 +162,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl NodeNet {
-    /// Opens the leases, enables forwarding and installs the NAT table.
+    /// Registers the pool (refused when it overlaps the pool of another live
+    /// agent on this host), opens the leases, enables forwarding and installs
+    /// the NAT table.
     pub fn open(cfg: NetConfig) -> Result<NodeNet, NetError> {
+        let registration = registry::register(cfg.pool, &cfg.state_dir)?;
         let store = FileLeaseStore::new(cfg.state_dir.join("leases.json"));
         let ipam = Ipam::open(cfg.pool, Box::new(store))?;
         tap::enable_forwarding().map_err(|source| NetError::Tap {
@@ -171,9 +181,11 @@ impl NodeNet {
             }
         })?;
         Ok(NodeNet {
+            owner: registry::owner_tag(&cfg.state_dir),
             cfg,
             ipam,
             locks: Mutex::new(HashMap::new()),
+            _registration: registration,
         })
     }
 
@@ -307,7 +319,7 @@ impl NodeNet {
                 source,
             })?;
             policy::maps::attach(&rec.tap, ip, rec.mac, &compiled, &tap::host_addresses())?;
-            policy::maps::add_host_sandbox(ip, self.cfg.pool.prefix_len())?;
+            policy::maps::add_host_sandbox(ip, self.cfg.pool.prefix_len(), self.owner)?;
             nat::add(ip)?;
             Ok(())
         })();
@@ -390,7 +402,7 @@ impl NodeNet {
             if let Err(e) = nat::remove(ip) {
                 errs.push(e.into());
             }
-            if let Err(e) = policy::maps::remove_host_sandbox(ip) {
+            if let Err(e) = policy::maps::remove_host_sandbox(ip, self.owner) {
                 errs.push(e.into());
             }
         }
@@ -457,16 +469,20 @@ impl NodeNet {
         }
     }
 
-    /// Makes the host's shared sandbox map hold exactly this node's sandbox
-    /// addresses within its pool: adds missing ones (sandboxes set up before
-    /// the map existed) and drops those no sandbox of this node holds (left by
-    /// a crash between teardown steps). Other pools belong to other agents
-    /// and are left alone.
+    /// Makes the entries of this agent (its owner tag) in the host's shared
+    /// sandbox map be exactly this node's sandbox addresses: adds missing
+    /// ones (sandboxes set up before the map existed) and drops those no
+    /// sandbox of this node holds (left by a crash between teardown steps).
+    /// Entries tagged by other agents are left alone.
     pub fn sync_host_sandboxes(&self) {
         // why: read the map before the leases; a sandbox set up in between is
         // then missing from `recorded` and never mistaken for a stale entry.
         let recorded: HashSet<Ipv4Addr> = match policy::maps::host_sandboxes() {
-            Ok(v) => v.into_iter().collect(),
+            Ok(v) => v
+                .into_iter()
+                .filter(|(_, e)| e.owner == self.owner)
+                .map(|(ip, _)| ip)
+                .collect(),
             Err(e) => {
                 tracing::warn!("host sandbox map: {e}");
                 return;
@@ -474,15 +490,17 @@ impl NodeNet {
         };
         let held: HashSet<Ipv4Addr> = self.ipam.all().into_values().collect();
         for ip in &recorded {
-            if self.cfg.pool.contains(*ip) && !held.contains(ip) {
+            if !held.contains(ip) {
                 tracing::info!(%ip, "removing a stale address from the host sandbox map");
-                if let Err(e) = policy::maps::remove_host_sandbox(*ip) {
+                if let Err(e) = policy::maps::remove_host_sandbox(*ip, self.owner) {
                     tracing::warn!("host sandbox map: {e}");
                 }
             }
         }
         for ip in held.difference(&recorded) {
-            if let Err(e) = policy::maps::add_host_sandbox(*ip, self.cfg.pool.prefix_len()) {
+            if let Err(e) =
+                policy::maps::add_host_sandbox(*ip, self.cfg.pool.prefix_len(), self.owner)
+            {
                 tracing::warn!("host sandbox map: {e}");
             }
         }

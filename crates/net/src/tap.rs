@@ -113,8 +113,26 @@ fn sockaddr(ip: Ipv4Addr) -> libc::sockaddr {
     unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
 }
 
-/// Adds the host route `ip/32 dev tap`.
+/// The device of another host route `ip/32` in the main table, if any.
+fn routed_elsewhere(routes: &str, tap: &str, ip: Ipv4Addr) -> Option<String> {
+    // /proc/net/route prints the address as the hex of its network-order u32.
+    let dst = format!("{:08X}", u32::from_ne_bytes(ip.octets()));
+    routes.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.len() > 7 && f[1] == dst && f[7] == "FFFFFFFF" && f[0] != tap).then(|| f[0].to_string())
+    })
+}
+
+/// Adds the host route `ip/32 dev tap`; refused when another device already
+/// has a host route to `ip` (SIOCADDRT would add a second one beside it).
 fn add_route(tap: &str, ip: Ipv4Addr) -> io::Result<()> {
+    let routes = std::fs::read_to_string("/proc/net/route")?;
+    if let Some(dev) = routed_elsewhere(&routes, tap, ip) {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{ip}/32 is already routed to {dev} on this host: another agent's address pool (or a manual route) overlaps this one; give this agent another --net-pool or remove that route"),
+        ));
+    }
     let sock = inet_socket()?;
     let dev = CString::new(tap).map_err(io::Error::other)?;
     // SAFETY: rtentry is a plain C struct; all-zero is a valid starting value.
@@ -297,5 +315,31 @@ impl AddrEvents {
             )
         } > 0
         {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_routes_on_other_devices_are_found() {
+        let routes =
+            "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+            hthb\t0100580A\t00000000\t0005\t0\t0\t0\tFFFFFFFF\t0\t0\t0\n\
+            eth0\t0000580A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n";
+        let ip = Ipv4Addr::new(10, 88, 0, 1);
+        if u32::from_ne_bytes(ip.octets()) == 0x0100_580a {
+            assert_eq!(
+                routed_elsewhere(routes, "htha", ip).as_deref(),
+                Some("hthb")
+            );
+            assert_eq!(routed_elsewhere(routes, "hthb", ip), None, "its own");
+        }
+        assert_eq!(
+            routed_elsewhere(routes, "htha", Ipv4Addr::new(10, 88, 0, 0)),
+            None,
+            "not a /32"
+        );
     }
 }

@@ -6,6 +6,24 @@ use std::process::Command;
 
 use hearth_net::{Action, NetConfig, NodeNet, Policy, Rule};
 
+/// The `n`th /29 of this test process (n < 32): derived from the pid, so
+/// concurrent runs on one host use different addresses.
+fn pool(n: u32) -> (String, [u8; 3]) {
+    let third = (20 + std::process::id() % 230) as u8;
+    let base = (n * 8) as u8;
+    (format!("10.251.{third}.{base}/29"), [251, third, base])
+}
+
+fn addr(p: [u8; 3], host: u8) -> String {
+    format!("10.{}.{}.{}", p[0], p[1], p[2] + host)
+}
+
+/// Whether `text` names address `a` (as a whole token).
+fn names(text: &str, a: &str) -> bool {
+    text.split(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .any(|t| t == a)
+}
+
 fn sh(cmd: &str) -> String {
     let o = Command::new("sh").args(["-c", cmd]).output().unwrap();
     String::from_utf8_lossy(&o.stdout).into_owned()
@@ -14,18 +32,19 @@ fn sh(cmd: &str) -> String {
 #[test]
 fn sandbox_network_is_built_updated_and_removed_without_leftovers() {
     let d = tempfile::tempdir().unwrap();
+    let (cidr, pp) = pool(0);
     let net = NodeNet::open(NetConfig {
-        pool: "10.251.7.0/29".parse().unwrap(),
+        pool: cidr.parse().unwrap(),
         state_dir: d.path().to_path_buf(),
         dns: vec![],
     })
     .unwrap();
     let id = "nettest00001";
     let rec = net.setup(id, Policy::default()).unwrap();
-    assert_eq!(rec.ip.to_string(), "10.251.7.1");
+    assert_eq!(rec.ip.to_string(), addr(pp, 1));
     assert!(sh("ip -o link show").contains(&rec.tap));
-    assert!(sh("ip route show").contains(&format!("10.251.7.1 dev {}", rec.tap)));
-    assert!(sh("nft list set ip hearth sandboxes").contains("10.251.7.1"));
+    assert!(sh("ip route show").contains(&format!("{} dev {}", addr(pp, 1), rec.tap)));
+    assert!(sh("nft list set ip hearth sandboxes").contains(&addr(pp, 1)));
     // The guest's gateway ARP is answered at once (a delayed proxy answer made
     // first connections miss busybox nc's 3 s; docs/networking.md).
     let delay = format!("/proc/sys/net/ipv4/neigh/{}/proxy_delay", rec.tap);
@@ -92,8 +111,11 @@ fn sandbox_network_is_built_updated_and_removed_without_leftovers() {
     assert!(uses_map(&sh("bpftool prog show")), "programs use the map");
     net.teardown(id).unwrap();
     assert!(!sh("ip -o link show").contains("hthnettest"));
-    assert!(!sh("ip route show").contains("10.251.7."));
-    assert!(!sh("nft list set ip hearth sandboxes").contains("10.251.7."));
+    let (routes, set) = (sh("ip route show"), sh("nft list set ip hearth sandboxes"));
+    for h in 1..=6 {
+        assert!(!names(&routes, &addr(pp, h)), "{routes}");
+        assert!(!names(&set, &addr(pp, h)), "{set}");
+    }
     // why: the kernel frees a program after an RCU grace period, not at once.
     let t = std::time::Instant::now();
     while uses_map(&sh("bpftool prog show")) {
@@ -111,7 +133,7 @@ fn policy_update_racing_with_teardown_either_applies_or_finds_no_network() {
     let d = tempfile::tempdir().unwrap();
     let net = std::sync::Arc::new(
         NodeNet::open(NetConfig {
-            pool: "10.251.8.0/29".parse().unwrap(),
+            pool: pool(1).0.parse().unwrap(),
             state_dir: d.path().to_path_buf(),
             dns: vec![],
         })
@@ -151,75 +173,131 @@ fn policy_update_racing_with_teardown_either_applies_or_finds_no_network() {
     assert!(net.get(id).is_err());
 }
 
-/// Elements left in the NAT set and the host's sandbox map for addresses no
-/// sandbox of this node holds (a crash between teardown steps) are removed at
-/// start (`remove_orphans`); those of other pools (other agents) stay, and a
-/// kept sandbox's missing ones come back.
+/// Elements left in the NAT set and this agent's entries in the host's
+/// sandbox map for addresses no sandbox of this node holds (a crash between
+/// teardown steps) are removed at start (`remove_orphans`); another agent's
+/// entries stay, even for an address inside this pool, and a kept sandbox's
+/// missing ones come back.
 #[test]
 fn stale_nat_and_host_map_entries_of_the_pool_are_reconciled_at_start() {
+    use hearth_net::policy::maps::{add_host_sandbox, host_sandboxes, remove_host_sandbox};
     let d = tempfile::tempdir().unwrap();
+    let (cidr, p) = pool(2);
+    let (_, q) = pool(3);
     let net = NodeNet::open(NetConfig {
-        pool: "10.251.9.0/29".parse().unwrap(),
+        pool: cidr.parse().unwrap(),
         state_dir: d.path().to_path_buf(),
         dns: vec![],
     })
     .unwrap();
+    let me = hearth_net::registry::owner_tag(d.path());
+    let other_agent = me ^ 0x5a5a_5a5a;
     let id = "netsync00001";
     let rec = net.setup(id, Policy::default()).unwrap();
-    let map = "/sys/fs/bpf/hearth-host/SANDBOXES";
-    // Stale: an address of this pool nobody holds; foreign: another pool's.
-    sh("nft add element ip hearth sandboxes '{ 10.251.9.5, 10.251.10.5 }'");
+    // Stale: an address of this pool nobody holds, tagged by this agent;
+    // foreign: entries another agent tagged (one inside this pool).
+    let stale: std::net::Ipv4Addr = addr(p, 5).parse().unwrap();
+    let foreign: std::net::Ipv4Addr = addr(p, 6).parse().unwrap();
+    let foreign_nat = addr(q, 5);
     sh(&format!(
-        "bpftool map update pinned {map} key 10 251 9 5 value 29; \
-         bpftool map update pinned {map} key 10 251 10 5 value 29"
+        "nft add element ip hearth sandboxes '{{ {stale}, {foreign_nat} }}'"
     ));
+    add_host_sandbox(stale, 29, me).unwrap();
+    add_host_sandbox(foreign, 29, other_agent).unwrap();
     // The kept sandbox lost its NAT element and host map entry.
     sh(&format!(
-        "nft delete element ip hearth sandboxes '{{ {} }}'; bpftool map delete pinned {map} key {}",
-        rec.ip,
-        rec.ip.to_string().replace('.', " ")
+        "nft delete element ip hearth sandboxes '{{ {} }}'",
+        rec.ip
     ));
+    remove_host_sandbox(rec.ip, me).unwrap();
 
     net.remove_orphans(&HashSet::from([id.to_string()]));
     let set = sh("nft list set ip hearth sandboxes");
-    let hosts = sh(&format!("bpftool map dump pinned {map} -j"));
-    let key = |o: [u8; 4]| {
-        o.iter()
-            .map(|b| format!("\"0x{b:02x}\""))
-            .collect::<Vec<_>>()
-            .join(",")
-    };
+    let hosts: Vec<_> = host_sandboxes().unwrap();
+    let has = |ip: std::net::Ipv4Addr| hosts.iter().find(|(a, _)| *a == ip).map(|(_, e)| e.owner);
     sh(&format!(
-        "nft delete element ip hearth sandboxes '{{ 10.251.10.5 }}'; bpftool map delete pinned {map} key 10 251 10 5"
+        "nft delete element ip hearth sandboxes '{{ {foreign_nat} }}'"
     ));
+    remove_host_sandbox(foreign, other_agent).unwrap();
     net.teardown(id).unwrap();
     assert!(
-        !set.contains("10.251.9.5"),
+        !names(&set, &stale.to_string()),
         "stale NAT element removed: {set}"
     );
     assert!(
-        set.contains("10.251.10.5"),
+        names(&set, &foreign_nat),
         "another pool's element kept: {set}"
     );
     assert!(
-        set.contains(&rec.ip.to_string()),
+        names(&set, &rec.ip.to_string()),
         "kept sandbox re-added: {set}"
     );
-    assert!(
-        !hosts.contains(&key([10, 251, 9, 5])),
-        "stale map entry removed: {hosts}"
+    assert_eq!(has(stale), None, "stale map entry removed: {hosts:?}");
+    assert_eq!(
+        has(foreign),
+        Some(other_agent),
+        "another agent's entry kept: {hosts:?}"
     );
+    assert_eq!(has(rec.ip), Some(me), "kept sandbox re-added: {hosts:?}");
+    let after = host_sandboxes().unwrap();
     assert!(
-        hosts.contains(&key([10, 251, 10, 5])),
-        "another pool's entry kept: {hosts}"
+        !after.iter().any(|(a, _)| *a == rec.ip),
+        "teardown removes it: {after:?}"
     );
+    assert!(!after.iter().any(|(a, _)| *a == foreign));
+}
+
+/// Two agents on one host with overlapping pools (e.g. two `hearthd dev`
+/// without --net-pool) would hand out the same addresses: the second is
+/// refused at start, naming the first and what to do; and an address that is
+/// already another agent's sandbox is refused at setup.
+#[test]
+fn an_agent_whose_pool_overlaps_another_agents_is_refused() {
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (cidr, p) = pool(4);
+    let first = NodeNet::open(NetConfig {
+        pool: cidr.parse().unwrap(),
+        state_dir: d1.path().to_path_buf(),
+        dns: vec![],
+    })
+    .unwrap();
+    let wider = format!("10.{}.{}.0/24", p[0], p[1]);
+    let e = NodeNet::open(NetConfig {
+        pool: wider.parse().unwrap(),
+        state_dir: d2.path().to_path_buf(),
+        dns: vec![],
+    })
+    .err()
+    .expect("an overlapping pool is refused");
+    let msg = e.to_string();
+    assert!(msg.contains(&format!("overlaps pool {cidr}")), "{msg}");
+    assert!(msg.contains("--net-pool"), "{msg}");
+
+    // A sandbox address another agent holds (e.g. an agent of a build
+    // without the registry) is refused, and its entry left alone.
+    let rec = first.setup("netovl00001", Policy::default()).unwrap();
+    let taken: std::net::Ipv4Addr = addr(p, 2).parse().unwrap();
+    let stranger = hearth_net::registry::owner_tag(d2.path());
+    hearth_net::policy::maps::add_host_sandbox(taken, 29, stranger).unwrap();
+    let e = first.setup("netovl00002", Policy::default()).unwrap_err();
+    let held = hearth_net::policy::maps::host_sandboxes().unwrap();
+    hearth_net::policy::maps::remove_host_sandbox(taken, stranger).unwrap();
+    // A host route to the address on another device (an agent of an older
+    // build, or a manual route): refused rather than routed twice.
+    sh(&format!("ip route add {taken}/32 dev lo"));
+    let routed = first.setup("netovl00003", Policy::default()).unwrap_err();
+    let routes = sh("ip route show");
+    sh(&format!("ip route del {taken}/32 dev lo"));
+    first.teardown(&rec.sandbox).unwrap();
     assert!(
-        hosts.contains(&key(rec.ip.octets())),
-        "kept sandbox re-added: {hosts}"
+        routed.to_string().contains("already routed to lo"),
+        "{routed}"
     );
-    let after = sh(&format!("bpftool map dump pinned {map} -j"));
+    assert!(!routes.contains("hthnetovl00003"), "{routes}");
     assert!(
-        !after.contains(&key(rec.ip.octets())),
-        "teardown removes it: {after}"
+        e.to_string().contains("already a sandbox of another agent"),
+        "{e}"
     );
+    assert!(held.iter().any(|(a, v)| *a == taken && v.owner == stranger));
+    assert!(!sh("ip -o link show").contains("hthnetovl00002"));
 }

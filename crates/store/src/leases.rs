@@ -42,12 +42,12 @@ pub fn check_want(node: &str, want: Cidr) -> Option<String> {
         || !WANT_RANGE.contains(Ipv4Addr::from(want.base))
     {
         return Some(format!(
-            "node {node}: --net-pool {want} is refused: a node's address slice must be a /{MIN_WANT_PREFIX} to a /{MAX_WANT_PREFIX} inside {WANT_RANGE} (e.g. 10.77.0.0/24); give another --net-pool"
+            "node {node}: the requested address slice {want} (--net-pool, or when it is not given the pool recorded in the node's <data>/net/leases.json) is refused: a node's address slice must be a /{MIN_WANT_PREFIX} to a /{MAX_WANT_PREFIX} inside {WANT_RANGE} (e.g. 10.77.0.0/24); give another --net-pool"
         ));
     }
     if want.overlaps(CLUSTER_CIDR) && want.prefix <= CLUSTER_CIDR.prefix {
         return Some(format!(
-            "node {node}: --net-pool {want} would take the whole cluster range {CLUSTER_CIDR} that other nodes get their slices from; give a smaller --net-pool (e.g. 10.88.200.0/24) or one outside it"
+            "node {node}: the requested address slice {want} (--net-pool, or when it is not given the pool recorded in the node's <data>/net/leases.json) would take the whole cluster range {CLUSTER_CIDR} that other nodes get their slices from; give a smaller --net-pool (e.g. 10.88.200.0/24) or one outside it"
         ));
     }
     None

@@ -1135,7 +1135,7 @@ fn sandboxes_of_two_daemons_on_one_host_are_isolated_unless_explicitly_allowed()
     // rm on daemon 2 takes its address out of the host's sandbox map.
     let out = d2.hearth(&["rm", "-f", &b]);
     assert!(out.status.success(), "{}", show(&out));
-    let map = sh("bpftool map dump pinned /sys/fs/bpf/hearth-host/SANDBOXES -j");
+    let map = sh("bpftool map dump pinned /sys/fs/bpf/hearth-host/SANDBOXES_v1 -j");
     let b_key = b_ip
         .split('.')
         .map(|o| format!("\"0x{:02x}\"", o.parse::<u8>().unwrap()))
@@ -1163,7 +1163,7 @@ fn an_oversized_net_pool_is_refused_naming_the_flag() {
         ("192.168.0.0/24", "inside 10.0.0.0/8"),
     ] {
         let data = tempfile::tempdir().expect("tempdir");
-        let out = Command::new(hearth_e2e::bin_dir().join("hearthd"))
+        let mut child = Command::new(hearth_e2e::bin_dir().join("hearthd"))
             .args(["dev", "--data-dir"])
             .arg(data.path())
             .args([
@@ -1176,10 +1176,29 @@ fn an_oversized_net_pool_is_refused_naming_the_flag() {
             ])
             .env_remove("HEARTH_NET_POOL")
             .stdin(Stdio::null())
-            .output()
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
             .expect("hearthd");
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{pool} accepted: {err}");
+        // why: a daemon that accepts the pool runs until killed; the check is
+        // done before anything is started, so 30 s is ample.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let mut exited = child.try_wait().expect("hearthd status");
+        while exited.is_none() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+            exited = child.try_wait().expect("hearthd status");
+        }
+        if exited.is_none() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut err);
+        }
+        let status = exited
+            .unwrap_or_else(|| panic!("{pool} accepted: hearthd still running after 30 s: {err}"));
+        assert!(!status.success(), "{pool} accepted: {err}");
         assert!(
             err.contains("--net-pool") && err.contains(pool) && err.contains(why),
             "{pool}: {err}"
@@ -1200,6 +1219,19 @@ fn an_oversized_net_pool_is_refused_naming_the_flag() {
     assert_eq!(code, 400, "{body}");
     assert!(
         body.contains("--net-pool") && body.contains("/16 to a /30"),
+        "{body}"
+    );
+    // An invalid node id is refused as such before any message repeats it.
+    let (code, body) = d
+        .http(
+            "POST",
+            "/v1/agents/Big%3Cb%3ENode/slice",
+            Some(r#"{"instance":"i-1","want":"10.0.0.0/8"}"#),
+        )
+        .expect("join");
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body.contains("node id") && !body.contains("--net-pool"),
         "{body}"
     );
     // 10.99.x is never an e2e daemon's own pool (net_pool: 10.100-249.x).

@@ -47,6 +47,10 @@ pub(super) async fn join(
     Path(node): Path<String>,
     Json(req): Json<JoinNetwork>,
 ) -> ApiResult<Json<NodeSlice>> {
+    // why: the node id is checked before any message repeats it.
+    if let Some(msg) = hearth_store::leases::check_join(&node, &req.instance, None) {
+        return Err(HttpError(ApiError::new(ErrorCode::InvalidArgument, msg)));
+    }
     let want = req
         .want
         .as_deref()

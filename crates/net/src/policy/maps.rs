@@ -58,6 +58,14 @@ pub enum BpfError {
         given: usize,
         max: usize,
     },
+    #[error("{path} is a shared map of another Hearth build ({got}; this build needs {want}); stop the agents of that build and remove the pin, or run one Hearth version per host")]
+    Incompatible {
+        path: String,
+        want: String,
+        got: String,
+    },
+    #[error("sandbox address {ip} is already a sandbox of another agent on this host (owner tag {owner:08x}): the two agents' address pools overlap; give one of them another --net-pool")]
+    SandboxOfAnotherAgent { ip: Ipv4Addr, owner: u32 },
     #[error("bpffs at {path}: {source}")]
     Fs {
         path: String,
@@ -158,79 +166,220 @@ fn ensure_bpffs() -> Result<(), BpfError> {
     Ok(())
 }
 
-/// A fresh instance of the program; its `SANDBOXES` map is the host's shared
-/// one (created and pinned under [`HOST_PINS`] by the first instance).
+/// Pin name of the host's sandbox map; the suffix is its layout version (a
+/// new layout gets a new name, so agents of two versions never share one).
+pub const SANDBOXES_PIN: &str = "SANDBOXES_v1";
+/// Pin name of the generation counter of [`SANDBOXES_PIN`]: bumped after every
+/// change, so flows judged before it are judged again.
+pub const SBGEN_PIN: &str = "SBGEN_v1";
+
+/// A value of the host's sandbox map (`struct host_sandbox` in bpf/policy.c).
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+pub struct HostSandbox {
+    pub pool_len: u8,
+    _pad: [u8; 3],
+    /// Tag of the agent that added it (see `NodeNet`): only that agent
+    /// removes or reconciles it.
+    pub owner: u32,
+}
+
+// SAFETY: #[repr(C)] integers with an explicit pad, as in bpf/policy.c.
+unsafe impl aya::Pod for HostSandbox {}
+
+/// (pin name, map type, key size, value size, max entries) of the shared maps,
+/// as bpf/policy.c declares them.
+const SHARED_MAPS: [(&str, aya::maps::MapType, u32, u32, u32); 2] = [
+    (
+        SANDBOXES_PIN,
+        aya::maps::MapType::Hash,
+        4,
+        std::mem::size_of::<HostSandbox>() as u32,
+        65536,
+    ),
+    (SBGEN_PIN, aya::maps::MapType::Array, 4, 4, 1),
+];
+
+fn host_err(reason: String) -> BpfError {
+    BpfError::Map {
+        tap: "(host)".into(),
+        reason,
+    }
+}
+
+/// The shared pins must be the maps this build declares: a map left by
+/// another build under the same name is refused rather than misread.
+fn check_shared_maps() -> Result<(), BpfError> {
+    for (name, ty, key, value, max) in SHARED_MAPS {
+        let p = Path::new(HOST_PINS).join(name);
+        let md = MapData::from_pin(&p).map_err(|e| host_err(format!("{}: {e}", p.display())))?;
+        let info = md
+            .info()
+            .map_err(|e| host_err(format!("{}: map info: {e}", p.display())))?;
+        let got_ty = info.map_type().ok();
+        let got = (info.key_size(), info.value_size(), info.max_entries());
+        if got_ty != Some(ty) || got != (key, value, max) {
+            return Err(BpfError::Incompatible {
+                path: p.display().to_string(),
+                want: format!("{ty:?}, key {key} B, value {value} B, {max} entries"),
+                got: format!(
+                    "{got_ty:?}, key {} B, value {} B, {} entries",
+                    got.0, got.1, got.2
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Whether a load failed because another agent pinned a shared map between
+/// this loader's look-up and its own pin (the loser of that race finds the
+/// map pinned on a second try).
+fn is_pin_race(e: &aya::EbpfError) -> bool {
+    matches!(
+        e,
+        aya::EbpfError::MapError(aya::maps::MapError::PinError {
+            error: aya::pin::PinError::SyscallError(s),
+            ..
+        }) if s.io_error.kind() == std::io::ErrorKind::AlreadyExists
+    )
+}
+
+/// A fresh instance of the program; its shared maps are the host's (created
+/// and pinned under [`HOST_PINS`] by the first instance, checked against this
+/// build's layout).
 fn load_object() -> Result<Ebpf, BpfError> {
     let load = || {
         aya::EbpfLoader::new()
             .default_map_pin_directory(HOST_PINS)
             .load(OBJECT)
     };
-    // why: two agents loading their first program at once may race to pin
-    // the shared map; the loser finds it pinned on a second try.
-    load()
-        .or_else(|_| load())
-        .map_err(|e| BpfError::Load(e.to_string()))
+    let bpf = match load() {
+        Ok(b) => Ok(b),
+        Err(e) if is_pin_race(&e) => load(),
+        Err(e) => Err(e),
+    }
+    .map_err(|e| BpfError::Load(e.to_string()))?;
+    check_shared_maps()?;
+    Ok(bpf)
 }
 
-fn sandboxes_map() -> Result<Option<BpfHashMap<MapData, u32, u8>>, BpfError> {
-    let p = Path::new(HOST_PINS).join("SANDBOXES");
+fn shared_map(name: &str) -> Result<Option<Map>, BpfError> {
+    let p = Path::new(HOST_PINS).join(name);
     if !p.exists() {
         return Ok(None);
     }
-    let err = |reason: String| BpfError::Map {
-        tap: "(host)".into(),
-        reason: format!("{}: {reason}", p.display()),
-    };
+    let err = |reason: String| host_err(format!("{}: {reason}", p.display()));
     let md = MapData::from_pin(&p).map_err(|e| err(e.to_string()))?;
-    let m = Map::from_map_data(md).map_err(|e| err(e.to_string()))?;
+    Map::from_map_data(md)
+        .map(Some)
+        .map_err(|e| err(e.to_string()))
+}
+
+fn sandboxes_map() -> Result<Option<BpfHashMap<MapData, u32, HostSandbox>>, BpfError> {
+    let Some(m) = shared_map(SANDBOXES_PIN)? else {
+        return Ok(None);
+    };
     m.try_into()
         .map(Some)
-        .map_err(|e: aya::maps::MapError| err(e.to_string()))
+        .map_err(|e: aya::maps::MapError| host_err(format!("{SANDBOXES_PIN}: {e}")))
 }
 
-/// Records `ip` (of a pool with prefix `pool_len`) as a sandbox of this host:
-/// every sandbox's program denies egress to it unless a rule of its pool (or
-/// a CIDR inside it) allows it. Needs a program loaded (see [`attach`]).
-pub fn add_host_sandbox(ip: Ipv4Addr, pool_len: u8) -> Result<(), BpfError> {
-    let mut m = sandboxes_map()?.ok_or_else(|| BpfError::Map {
-        tap: "(host)".into(),
-        reason: format!("{HOST_PINS}/SANDBOXES is not pinned"),
-    })?;
-    m.insert(nbo(ip), pool_len, 0).map_err(|e| BpfError::Map {
-        tap: "(host)".into(),
-        reason: format!("SANDBOXES: add {ip}: {e}"),
-    })
+/// Bumps the generation of the host's sandbox map, after a change of it:
+/// every flow is judged again on its next packet. Concurrent bumps may merge
+/// into one; each bump follows its agent's change, so a packet reading the
+/// merged value sees both changes.
+fn bump_generation() -> Result<(), BpfError> {
+    let m = shared_map(SBGEN_PIN)?
+        .ok_or_else(|| host_err(format!("{HOST_PINS}/{SBGEN_PIN} is not pinned")))?;
+    let mut a: Array<MapData, u32> = m
+        .try_into()
+        .map_err(|e: aya::maps::MapError| host_err(format!("{SBGEN_PIN}: {e}")))?;
+    let g = a.get(&0, 0).unwrap_or(0);
+    a.set(0, g.wrapping_add(1), 0)
+        .map_err(|e| host_err(format!("{SBGEN_PIN}: bump: {e}")))
 }
 
-/// Forgets a sandbox address of this host (missing is fine).
-pub fn remove_host_sandbox(ip: Ipv4Addr) -> Result<(), BpfError> {
+/// The host sandbox map's generation (0 while no program was loaded).
+pub fn host_generation() -> Result<u32, BpfError> {
+    let Some(m) = shared_map(SBGEN_PIN)? else {
+        return Ok(0);
+    };
+    let a: Array<MapData, u32> = m
+        .try_into()
+        .map_err(|e: aya::maps::MapError| host_err(format!("{SBGEN_PIN}: {e}")))?;
+    a.get(&0, 0)
+        .map_err(|e| host_err(format!("{SBGEN_PIN}: {e}")))
+}
+
+/// Records `ip` (of a pool with prefix `pool_len`) as a sandbox of this host,
+/// added by the agent tagged `owner`: every sandbox's program denies egress
+/// to it unless a rule of its pool (or a CIDR inside it) allows it. An entry
+/// of another agent for the same address is refused (overlapping pools).
+/// Needs a program loaded (see [`attach`]).
+pub fn add_host_sandbox(ip: Ipv4Addr, pool_len: u8, owner: u32) -> Result<(), BpfError> {
+    let mut m = sandboxes_map()?
+        .ok_or_else(|| host_err(format!("{HOST_PINS}/{SANDBOXES_PIN} is not pinned")))?;
+    let v = HostSandbox {
+        pool_len,
+        owner,
+        ..HostSandbox::default()
+    };
+    const BPF_NOEXIST: u64 = 1;
+    match m.insert(nbo(ip), v, BPF_NOEXIST) {
+        Ok(()) => {}
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.kind() != std::io::ErrorKind::AlreadyExists =>
+        {
+            return Err(host_err(format!("{SANDBOXES_PIN}: add {ip}: {e}")))
+        }
+        Err(_) => match m.get(&nbo(ip), 0) {
+            Ok(old) if old.owner != owner => {
+                return Err(BpfError::SandboxOfAnotherAgent {
+                    ip,
+                    owner: old.owner,
+                })
+            }
+            _ => m
+                .insert(nbo(ip), v, 0)
+                .map_err(|e| host_err(format!("{SANDBOXES_PIN}: add {ip}: {e}")))?,
+        },
+    }
+    bump_generation()
+}
+
+/// Forgets a sandbox address of this host if the agent tagged `owner` added it
+/// (missing, or another agent's, is left alone).
+pub fn remove_host_sandbox(ip: Ipv4Addr, owner: u32) -> Result<(), BpfError> {
     let Some(mut m) = sandboxes_map()? else {
         return Ok(());
     };
+    match m.get(&nbo(ip), 0) {
+        Ok(v) if v.owner == owner => {}
+        _ => return Ok(()),
+    }
     match m.remove(&nbo(ip)) {
-        Ok(()) => Ok(()),
-        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Ok(()) => {}
+        Err(aya::maps::MapError::KeyNotFound) => return Ok(()),
         Err(aya::maps::MapError::SyscallError(e))
             if e.io_error.kind() == std::io::ErrorKind::NotFound =>
         {
-            Ok(())
+            return Ok(())
         }
-        Err(e) => Err(BpfError::Map {
-            tap: "(host)".into(),
-            reason: format!("SANDBOXES: remove {ip}: {e}"),
-        }),
+        Err(e) => return Err(host_err(format!("{SANDBOXES_PIN}: remove {ip}: {e}"))),
     }
+    bump_generation()
 }
 
-/// The sandbox addresses of this host recorded in the shared map.
-pub fn host_sandboxes() -> Result<Vec<Ipv4Addr>, BpfError> {
+/// The sandbox addresses of this host recorded in the shared map, with their
+/// entries.
+pub fn host_sandboxes() -> Result<Vec<(Ipv4Addr, HostSandbox)>, BpfError> {
     let Some(m) = sandboxes_map()? else {
         return Ok(Vec::new());
     };
-    Ok(m.keys()
+    Ok(m.iter()
         .filter_map(Result::ok)
-        .map(|k| Ipv4Addr::from(k.to_ne_bytes()))
+        .map(|(k, v)| (Ipv4Addr::from(k.to_ne_bytes()), v))
         .collect())
 }
 
@@ -901,7 +1050,7 @@ mod tests {
         update(&p.tap, g, MAC, &c).unwrap();
         assert_eq!(p.out(&udp(G, a, 42000, 53)), OK);
         assert_eq!(p.inn(&udp(a, G, 53, 42000)), OK);
-        let mut flows: BpfHashMap<MapData, [u8; 12], [u8; 16]> =
+        let mut flows: BpfHashMap<MapData, [u8; 12], [u8; 24]> =
             open_map(&p.tap, "EFLOWS").unwrap().try_into().unwrap();
         let keys: Vec<[u8; 12]> = flows.keys().map(Result::unwrap).collect();
         for k in keys {
@@ -998,21 +1147,38 @@ mod tests {
         let _ = &p.bpf;
     }
 
+    /// A tag for entries this test process adds to the host map.
+    fn test_owner() -> u32 {
+        0x7e57_0000 | (std::process::id() & 0xffff)
+    }
+
+    /// An address in 10.250.`base`+0..63.1..250 derived from the pid, so
+    /// concurrent runs on one host do not share host-wide map entries.
+    fn pid_addr(base: u8) -> Ipv4Addr {
+        let n = std::process::id();
+        Ipv4Addr::new(10, 250, base + (n % 64) as u8, 1 + ((n / 64) % 250) as u8)
+    }
+
     #[test]
     fn sandboxes_of_another_pool_on_the_host_open_only_through_rules_of_their_pool() {
-        // A sandbox of another agent (pool 10.250.77.0/24) in the shared map.
-        let other = Ipv4Addr::new(10, 250, 77, 9);
+        // A sandbox of another agent (a /24 pool) in the shared map.
+        let other = pid_addr(64);
+        let o = other.octets();
         ensure_bpffs().unwrap();
         let open_all = policy(set(Action::Allow, &["0.0.0.0/0"], &[]), RuleSet::default());
         let p = Prog::load("sb", &open_all, &[]);
-        add_host_sandbox(other, 24).unwrap();
-        let o = other.octets();
+        add_host_sandbox(other, 24, test_owner()).unwrap();
+        // Another agent cannot claim it, nor remove it.
+        let claimed = add_host_sandbox(other, 24, test_owner() ^ 1);
+        remove_host_sandbox(other, test_owner() ^ 1).unwrap();
+        let kept = host_sandboxes().unwrap().iter().any(|(a, _)| *a == other);
         let before = p.counter(crate::policy::C_OUT_SANDBOX_DENY);
         let verdict = p.out(&tcp(G, o, 41000, 8080, SYN));
         let after = p.counter(crate::policy::C_OUT_SANDBOX_DENY);
         // An allow of the pool (or inside it) opens it, a wider one does not.
+        let pool_rule = format!("{}.{}.{}.0/24:8080", o[0], o[1], o[2]);
         let pool = policy(
-            set(Action::Deny, &["10.250.77.0/24:8080", "10.0.0.0/8"], &[]),
+            set(Action::Deny, &[pool_rule.as_str(), "10.0.0.0/8"], &[]),
             RuleSet::default(),
         );
         let q = Prog::load("sb2", &pool, &[]);
@@ -1020,9 +1186,12 @@ mod tests {
             q.out(&tcp(G, o, 41001, 8080, SYN)),
             q.out(&tcp(G, o, 41002, 22, SYN)),
         );
-        let not_a_sandbox = p.out(&tcp(G, [10, 250, 77, 10], 41003, 8080, SYN));
-        remove_host_sandbox(other).unwrap();
+        let not_a_sandbox = p.out(&tcp(G, [o[0], o[1], o[2], o[3] + 1], 41003, 8080, SYN));
+        remove_host_sandbox(other, test_owner()).unwrap();
         let gone = p.out(&tcp(G, o, 41004, 8080, SYN));
+        let e = claimed.expect_err("another agent's address is refused");
+        assert!(e.to_string().contains("pools overlap"), "{e}");
+        assert!(kept, "another agent's remove leaves the entry");
         assert_eq!(
             verdict, SHOT,
             "0.0.0.0/0 allow does not open another sandbox"
@@ -1035,7 +1204,46 @@ mod tests {
             "an address no sandbox holds is not affected"
         );
         assert_eq!(gone, OK, "removed from the map: ordinary rules again");
-        assert!(!host_sandboxes().unwrap().contains(&other));
-        remove_host_sandbox(other).unwrap();
+        assert!(!host_sandboxes().unwrap().iter().any(|(a, _)| *a == other));
+    }
+
+    /// A flow opened while its remote was no sandbox is judged again once the
+    /// remote becomes one (the map's generation changed): pre-opened UDP and
+    /// TCP flows to a guessable address of another pool die with the next
+    /// packet instead of carrying traffic between sandboxes.
+    #[test]
+    fn flows_opened_before_their_remote_became_a_sandbox_are_judged_again() {
+        let x = pid_addr(128);
+        let o = x.octets();
+        ensure_bpffs().unwrap();
+        let c = policy(
+            set(Action::Allow, &["0.0.0.0/0"], &[]),
+            set(Action::Deny, &[], &[]),
+        );
+        let p = Prog::load("gen", &c, &[]);
+        let opened = [
+            p.out(&udp(G, o, 40000, 53)),
+            p.inn(&udp(o, G, 53, 40000)),
+            p.out(&tcp(G, o, 41000, 80, SYN)),
+            p.inn(&tcp(o, G, 80, 41000, SYN | ACK)),
+            p.out(&tcp(G, o, 41000, 80, ACK)),
+        ];
+        let gen = host_generation().unwrap();
+        add_host_sandbox(x, 24, test_owner()).unwrap();
+        let bumped = host_generation().unwrap() != gen;
+        let before = p.counter(13);
+        let udp_out = p.out(&udp(G, o, 40000, 53));
+        let udp_in = p.inn(&udp(o, G, 53, 40000));
+        let tcp_out = p.out(&tcp(G, o, 41000, 80, PSH_ACK));
+        let tcp_in = p.inn(&tcp(o, G, 80, 41000, PSH_ACK));
+        let rejudged = p.counter(13) - before;
+        remove_host_sandbox(x, test_owner()).unwrap();
+        assert_eq!(opened, [OK; 5], "flows open while x is no sandbox");
+        assert!(bumped, "adding a sandbox bumps the generation");
+        assert_eq!(udp_out, SHOT, "UDP to the new sandbox on an old flow");
+        assert_eq!(udp_in, SHOT, "its flow is gone: no reply either");
+        assert_eq!(tcp_out, SHOT, "TCP PSH/ACK on a pre-opened flow");
+        assert_eq!(tcp_in, SHOT);
+        assert_eq!(rejudged, 2, "both flows judged again and denied");
     }
 }
