@@ -254,7 +254,11 @@ fn stale_nat_and_host_map_entries_of_the_pool_are_reconciled_at_start() {
 #[test]
 fn an_agent_whose_pool_overlaps_another_agents_is_refused() {
     let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (cidr, p) = pool(4);
+    // why: a /24 of its own (10.252.x), as the wider pool below must not overlap
+    // the /29s the other tests of this process hold at the same time.
+    let (_, q) = pool(0);
+    let p = [252, q[1], 0];
+    let cidr = format!("10.252.{}.0/29", q[1]);
     let first = NodeNet::open(NetConfig {
         pool: cidr.parse().unwrap(),
         state_dir: d1.path().to_path_buf(),
