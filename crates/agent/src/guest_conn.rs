@@ -72,6 +72,13 @@ pub enum GuestError {
 /// torn by the previous connection, and frames the guest had already queued.
 const MAX_RESUME_SKIP: usize = 16 << 20;
 
+/// Output credit is returned in batches of at least this many bytes (and at
+/// the Exit): a Credit frame per output chunk would flood the guest's receive
+/// ring with tiny frames, and a ring the guest cannot drain (its vCPU throttled
+/// or paused during a live migration) refuses the switch-over. A quarter of the
+/// window keeps the guest at least three quarters of a window ahead.
+const CREDIT_BATCH: u32 = INITIAL_WINDOW / 4;
+
 /// How long a frame to the guest may wait for room before the guest counts as stalled.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -702,7 +709,7 @@ impl Session {
     /// first, so the guest runs ahead of the consumer by at most one window.
     /// Cancel-safe: dropping the future loses neither events nor credit.
     pub async fn next(&mut self) -> Option<SessionEvent> {
-        if self.pending_credit > 0 && !self.ended {
+        if self.pending_credit >= CREDIT_BATCH && !self.ended {
             let bytes = self.pending_credit;
             self.in_flight.fetch_sub(u64::from(bytes), Ordering::AcqRel);
             if self
@@ -723,6 +730,15 @@ impl Session {
                 self.pending_credit = self.pending_credit.saturating_add(b.len() as u32);
             }
             SessionEvent::Exit(_) => {
+                // why: everything before the Exit is consumed once it is taken;
+                // the guest may then drop what it kept for a replay. Without
+                // waiting, so dropping this future never loses the Exit.
+                if self.pending_credit > 0 {
+                    let bytes = std::mem::take(&mut self.pending_credit);
+                    self.in_flight.fetch_sub(u64::from(bytes), Ordering::AcqRel);
+                    self.conn
+                        .try_send(Frame::json(Kind::Credit, self.id, &Credit { bytes }));
+                }
                 self.ended = true;
                 if self.ack_exit {
                     self.ack_exit();
@@ -968,20 +984,24 @@ mod tests {
         let (conn, mut guest) = connected().await;
         let mut s = conn.exec(&ExecRequest::default()).await.unwrap();
         let exec = next_frame(&mut guest).await;
-        for _ in 0..2 {
+        // Six chunks of 60,000 bytes: credit goes back once a batch of consumed
+        // output is reached (taking the sixth returns the first five), never
+        // per chunk, and never for a chunk not yet consumed.
+        for _ in 0..6 {
             write_frame_async(
                 &mut guest,
-                &Frame::data(Kind::Stdout, exec.id, vec![1; 1000]),
+                &Frame::data(Kind::Stdout, exec.id, vec![1; 60_000]),
             )
             .await
             .unwrap();
         }
-        assert!(matches!(s.next().await, Some(SessionEvent::Stdout(_))));
-        // Taking the second chunk returns credit for the first one only.
-        assert!(matches!(s.next().await, Some(SessionEvent::Stdout(_))));
+        for _ in 0..6 {
+            assert!(matches!(s.next().await, Some(SessionEvent::Stdout(_))));
+        }
+        assert!(5 * 60_000 >= CREDIT_BATCH && 4 * 60_000 < CREDIT_BATCH);
         let credit = next_frame(&mut guest).await;
         assert_eq!(credit.kind, Kind::Credit);
-        assert_eq!(credit.parse::<Credit>().unwrap().bytes, 1000);
+        assert_eq!(credit.parse::<Credit>().unwrap().bytes, 5 * 60_000);
     }
 
     #[tokio::test]
