@@ -998,7 +998,7 @@ mod tests {
         for _ in 0..6 {
             assert!(matches!(s.next().await, Some(SessionEvent::Stdout(_))));
         }
-        assert!(5 * 60_000 >= CREDIT_BATCH && 4 * 60_000 < CREDIT_BATCH);
+        const _: () = assert!(5 * 60_000 >= CREDIT_BATCH && 4 * 60_000 < CREDIT_BATCH);
         let credit = next_frame(&mut guest).await;
         assert_eq!(credit.kind, Kind::Credit);
         assert_eq!(credit.parse::<Credit>().unwrap().bytes, 5 * 60_000);
