@@ -58,6 +58,10 @@ pub struct SnapshotManifest {
     pub accel: Accel,
     pub cpus: u32,
     pub memory_mib: u32,
+    /// KiB of RAM the VM had beyond `memory_mib` (QEMU's TCG RAM pad, see
+    /// `qemu::argv::TCG_RAM_PAD_KIB`); 0 in snapshots made before the pad.
+    #[serde(default)]
+    pub ram_pad_kib: u64,
     pub ram: RamStorage,
     /// The read-only base the disk layer's backing chain ends in.
     pub base_rootfs: PathBuf,
@@ -321,6 +325,7 @@ mod tests {
             accel: Accel::Tcg,
             cpus: 1,
             memory_mib: 128,
+            ram_pad_kib: 8,
             ram: RamStorage::File,
             base_rootfs: "/base.ext4".into(),
             files: describe_files(dir, &[STATE_FILE, DISK_FILE, RAM_FILE]).unwrap(),
@@ -328,6 +333,17 @@ mod tests {
         };
         m.store(dir).unwrap();
         m
+    }
+
+    #[test]
+    fn manifest_from_before_the_ram_pad_reads_as_unpadded() {
+        let d = tempfile::tempdir().unwrap();
+        let m = snapshot(d.path());
+        let mut j = serde_json::to_value(&m).unwrap();
+        j.as_object_mut().unwrap().remove("ram_pad_kib");
+        let old: SnapshotManifest = serde_json::from_value(j).unwrap();
+        assert_eq!(old.ram_pad_kib, 0);
+        assert_eq!(serde_json::to_value(&m).unwrap()["ram_pad_kib"], 8);
     }
 
     #[test]

@@ -610,3 +610,123 @@ fn migration_crosses_a_veth_between_namespaces_and_survives_cutting_it() {
     );
     drop((a, b));
 }
+
+/// The counter, a loop that keeps rewriting 16 MiB of guest memory (tmpfs)
+/// with fresh random data, and a checker: it writes 1 MiB of random data,
+/// remembers its checksum, and re-reads it 20 times before rewriting it; a
+/// write the migration lost shows up as a changed checksum ("CORRUPT").
+const DIRTYING: &str = "echo before > /kept; sync; \
+    (while true; do dd if=/dev/urandom of=/dev/shm/d bs=64k count=256 2>/dev/null; done) & \
+    (while true; do dd if=/dev/urandom of=/dev/shm/v bs=64k count=16 2>/dev/null; \
+      s=$(md5sum < /dev/shm/v); for k in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do \
+        [ \"$(md5sum < /dev/shm/v)\" = \"$s\" ] || echo CORRUPT; sleep 0.05; done; done) & \
+    i=0; while true; do echo $i; i=$((i+1)); sleep 0.1; done";
+
+/// Lines of the sandbox's output log that report a checksum mismatch.
+fn corrupt(d: &Daemon, sandbox: &str) -> usize {
+    let out = d.hearth(&["logs", sandbox]);
+    stdout(&out)
+        .lines()
+        .filter(|l| l.contains("CORRUPT"))
+        .count()
+}
+
+/// Regression for the intermittent guest hang after a migration (issue 7): a
+/// guest that keeps writing memory is moved back and forth many times; after
+/// every move the target must run it (the commit pings the guest) and it must
+/// keep counting. Before the fix this failed about one move in N (see
+/// docs/migration.md); `HEARTH_MIGRATION_ROUNDS` sets the number of moves.
+#[test]
+fn repeated_migrations_under_memory_load_keep_the_guest_alive() {
+    let rounds: usize = std::env::var("HEARTH_MIGRATION_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(12);
+    let (a, b) = two_nodes();
+    let out = a.hearth(&[
+        "run",
+        "--detach",
+        "--network",
+        "none",
+        "--memory",
+        "128",
+        "--name",
+        "busy",
+        "busybox",
+        "--",
+        "sh",
+        "-c",
+        DIRTYING,
+    ]);
+    assert!(out.status.success(), "{}", show(&out));
+    wait_until(
+        "the counter to print 20 lines",
+        Duration::from_secs(120),
+        || counted(&a, "busy").len() >= 20,
+    );
+    let nodes = [&a, &b];
+    let mut here = 0;
+    let mut failures = Vec::new();
+    let t0 = Instant::now();
+    for round in 0..rounds {
+        let (from, to) = (nodes[here], nodes[1 - here]);
+        let out = from.hearth(&[
+            "migrate",
+            "busy",
+            "--to",
+            &to.api,
+            "--to-token-file",
+            &token_file(to),
+            "--json",
+        ]);
+        if !out.status.success() {
+            println!("round {round}: migration failed: {}", stderr(&out));
+            failures.push(format!("round {round}: {}", stderr(&out)));
+            // The source resumed it (the safety net); go on from there.
+            assert_eq!(from.inspect("busy")["status"], "running");
+            continue;
+        }
+        here = 1 - here;
+        let n = counted(to, "busy").len();
+        let alive = (0..300).any(|_| {
+            std::thread::sleep(Duration::from_millis(100));
+            counted(to, "busy").len() > n + 3
+        });
+        if !alive {
+            println!("round {round}: the guest stopped counting on the target");
+            failures.push(format!("round {round}: stopped counting after the move"));
+            break;
+        }
+        let bad = corrupt(to, "busy");
+        if bad > 0 {
+            println!(
+                "round {round}: the guest's memory changed under it ({bad} checksum mismatches)"
+            );
+            failures.push(format!(
+                "round {round}: {bad} checksum mismatches in guest memory"
+            ));
+            break;
+        }
+        println!("round {round}: ok ({:?} so far)", t0.elapsed());
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {rounds} migrations failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    // The counter never restarted: the same processes ran on through every move.
+    let all = counted(nodes[here], "busy");
+    assert!(all.len() > 20 && all[0] == 0, "{all:?}");
+    assert!(
+        all.windows(2).all(|w| w[1] > w[0]),
+        "counter reset: {all:?}"
+    );
+    let missing = (all[all.len() - 1] + 1) as usize - all.len();
+    // why: not asserted here: a line now and then is lost at the hand-over of
+    // the output channel (docs/migration.md, "Known gaps"); memory is what this checks.
+    println!(
+        "{rounds} moves in {:?}; {missing} counter lines missing from the log",
+        t0.elapsed()
+    );
+}

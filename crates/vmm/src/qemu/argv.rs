@@ -85,6 +85,29 @@ pub fn cpu_model(accel: Accel) -> &'static str {
     }
 }
 
+/// Guest RAM added on top of the requested size under TCG, in KiB.
+///
+/// why: QEMU 7.2's dirty-page sync for migration takes a fast path when a RAM
+/// block's length is a multiple of 64 pages (256 KiB), and that path clears the
+/// migration dirty bits without resetting the TCG TLB entries that write to those
+/// pages directly. A vCPU then keeps writing through a stale entry, the write is
+/// never marked dirty, and the target gets the page as it was (lost updates:
+/// a corrupted guest after `cont`, docs/migration.md "Lost guest writes"). Fixed
+/// upstream in QEMU 9.0 ("system/physmem: Fix migration dirty bitmap coherency
+/// with TCG memory access"). A length that is not such a multiple takes the
+/// per-page path, which resets the TLB for every page it cleans. 8 KiB: the
+/// smallest step QEMU accepts for `-m` (it rounds to 8 KiB).
+pub const TCG_RAM_PAD_KIB: u64 = 8;
+
+/// KiB of guest RAM a VM gets: the requested MiB, plus [`TCG_RAM_PAD_KIB`] under TCG.
+pub fn ram_kib(memory_mib: u32, accel: Accel) -> u64 {
+    let pad = match accel {
+        Accel::Tcg => TCG_RAM_PAD_KIB,
+        Accel::Kvm => 0,
+    };
+    u64::from(memory_mib) * 1024 + pad
+}
+
 /// Arguments after the binary name, exactly as in the contract.
 pub fn qemu_args(cfg: &VmConfig, layout: &Layout) -> Result<Vec<String>, VmmError> {
     let id = cfg.id.as_str();
@@ -100,7 +123,7 @@ pub fn qemu_args(cfg: &VmConfig, layout: &Layout) -> Result<Vec<String>, VmmErro
         "-cpu",
         cpu_model(cfg.accel),
         "-m",
-        &cfg.memory_mib.to_string(),
+        &format!("{}K", ram_kib(cfg.memory_mib, cfg.accel)),
         "-smp",
         &cfg.cpus.to_string(),
         "-nodefaults",
@@ -138,8 +161,8 @@ pub fn qemu_args(cfg: &VmConfig, layout: &Layout) -> Result<Vec<String>, VmmErro
     }
     if cfg.memory == GuestMemory::SharedFile {
         args.extend(memory_backend_args(&format!(
-            "memory-backend-file,id=ram,size={}M,mem-path={},share=on",
-            cfg.memory_mib,
+            "memory-backend-file,id=ram,size={}K,mem-path={},share=on",
+            ram_kib(cfg.memory_mib, cfg.accel),
             p(&layout.ram)?
         )));
     }
@@ -189,7 +212,7 @@ mod tests {
             .unwrap()
             .join(" ");
         let want = "-M microvm,x-option-roms=off,rtc=off,acpi=off -accel tcg -cpu max \
-            -m 256 -smp 2 -nodefaults -no-user-config -nographic -no-reboot -S \
+            -m 262152K -smp 2 -nodefaults -no-user-config -nographic -no-reboot -S \
             -kernel /c/vmlinux -initrd /c/initramfs.cpio.gz \
             -append console=ttyS0 quiet reboot=t panic=-1 hearth.hostname=web foo=bar \
             -serial file:/v/sb/console.log \
@@ -207,7 +230,7 @@ mod tests {
         let got = qemu_args(&kvm, &Layout::new(Path::new("/v/sb")))
             .unwrap()
             .join(" ");
-        assert!(got.contains("-accel kvm -cpu host"), "{got}");
+        assert!(got.contains("-accel kvm -cpu host -m 262144K"), "{got}");
     }
 
     #[test]
@@ -262,11 +285,24 @@ mod tests {
             .join(" ");
         assert!(
             got.ends_with(
-                "-object memory-backend-file,id=ram,size=128M,mem-path=/v/sb/ram,share=on \
+                "-object memory-backend-file,id=ram,size=131080K,mem-path=/v/sb/ram,share=on \
                  -machine memory-backend=ram"
             ),
             "{got}"
         );
+    }
+
+    #[test]
+    fn tcg_ram_is_padded_off_the_256_kib_grid_and_kvm_ram_is_not() {
+        for mib in [64, 128, 256, 1024, 4096] {
+            let tcg = ram_kib(mib, Accel::Tcg);
+            assert_eq!(tcg, u64::from(mib) * 1024 + 8);
+            // QEMU 7.2 takes its lossy dirty-sync fast path on multiples of 256 KiB.
+            assert_ne!(tcg % 256, 0, "{mib} MiB");
+            // ...and rounds `-m` to 8 KiB, so the size must be one of those.
+            assert_eq!(tcg % 8, 0);
+            assert_eq!(ram_kib(mib, Accel::Kvm), u64::from(mib) * 1024);
+        }
     }
 
     #[test]

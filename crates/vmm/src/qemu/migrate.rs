@@ -123,6 +123,10 @@ impl QemuVm {
                 ("block", true),
                 ("zero-blocks", true),
                 ("pause-before-switchover", gate.is_some()),
+                // why: capabilities live as long as the QEMU process; a snapshot
+                // saved (or restored) earlier left this on, which would keep the
+                // RAM out of the stream.
+                ("x-ignore-shared", false),
             ],
         )
         .await?;

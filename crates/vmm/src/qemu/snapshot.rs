@@ -48,9 +48,15 @@ impl QemuVm {
         self.qmp
             .execute(
                 "migrate-set-capabilities",
+                // why: capabilities live as long as the QEMU process; a live
+                // migration attempted earlier (and cancelled) left its own on,
+                // and `pause-before-switchover` would stall this save.
                 json!({"capabilities": [
                     {"capability": "x-ignore-shared", "state": true},
                     {"capability": "events", "state": true},
+                    {"capability": "block", "state": false},
+                    {"capability": "auto-converge", "state": false},
+                    {"capability": "pause-before-switchover", "state": false},
                 ]}),
             )
             .await?;
@@ -142,6 +148,8 @@ impl QemuVm {
             accel: self.accel,
             cpus: opts.cpus,
             memory_mib: opts.memory_mib,
+            ram_pad_kib: super::argv::ram_kib(opts.memory_mib, self.accel)
+                - u64::from(opts.memory_mib) * 1024,
             ram,
             base_rootfs: opts.base_rootfs.clone(),
             files,
@@ -202,17 +210,22 @@ impl QemuVmm {
         snapshot: &Path,
         manifest: &SnapshotManifest,
     ) -> Result<(QemuVm, UnixStream), VmmError> {
+        // why: the RAM block must be as long as the saved one: the snapshot's size,
+        // with or without the TCG pad it was made with (an older snapshot has none).
+        let kib = u64::from(manifest.memory_mib) * 1024 + manifest.ram_pad_kib;
         let object = match manifest.ram {
             RamStorage::File => format!(
-                "memory-backend-file,id=ram,size={}M,mem-path={},share=off",
-                manifest.memory_mib,
+                "memory-backend-file,id=ram,size={kib}K,mem-path={},share=off",
                 option_path(&cfg.id, &snapshot.join(RAM_FILE))?
             ),
             RamStorage::InState => {
-                format!("memory-backend-ram,id=ram,size={}M", manifest.memory_mib)
+                format!("memory-backend-ram,id=ram,size={kib}K")
             }
         };
         let mut extra = memory_backend_args(&object);
+        // why: QEMU merges repeated `-m` options (the last wins); this one
+        // overrides the contract's `-m`, which has this build's pad.
+        extra.extend(["-m".to_string(), format!("{kib}K")]);
         extra.extend(["-incoming".to_string(), "defer".to_string()]);
         let cfg = VmConfig {
             cpus: manifest.cpus,
