@@ -369,7 +369,9 @@ pub(super) async fn status(
 /// `aborted` records that the source kept it. In-progress and `unresolved`
 /// ones are left to the target's heartbeat. A record still `preparing` was
 /// possibly never sent to the source (whose status may be of an earlier
-/// attempt): it is ended only after [`ORPHAN_PREPARING`] and only as aborted.
+/// attempt): it is ended only after [`ORPHAN_PREPARING`] and only as aborted,
+/// and never on a source status of `completed`. Whatever this misses, the
+/// record's deadline ends on the nodes' evidence (`MIGRATION_STALL_MS`).
 pub(super) async fn resolve_orphans(cp: &ControlPlane) {
     let driving: std::collections::HashSet<String> =
         cp.migrating.lock().map(|s| s.clone()).unwrap_or_default();
@@ -400,7 +402,10 @@ pub(super) async fn resolve_orphans(cp: &ControlPlane) {
             "completed" if !preparing => {
                 write_phase(cp, &rec, &m, "completed", None, Some(&st)).await;
             }
-            "aborted" | "completed" if !preparing || stale => {
+            // why: a source that says `completed` handed the guest over (or
+            // speaks of an earlier attempt): never end the record as aborted on
+            // it; the target's heartbeat or the record's deadline decides.
+            "aborted" if !preparing || stale => {
                 let why = if preparing {
                     format!(
                         "the control-plane member driving the migration of sandbox {} went away before node {} started it; it keeps running on node {}",
