@@ -150,6 +150,18 @@ pub const MIGRATION_ENDED: [&str; 2] = ["completed", "aborted"];
 /// target took over, so a missing source copy is not evidence of a loss.
 pub const MIGRATION_SWITCHED: [&str; 3] = ["switchover", "committing", "unresolved"];
 
+/// Every phase a migration record can be in, in the order it moves through
+/// them (an end, `completed` or `aborted`, may follow any active phase).
+pub const MIGRATION_PHASES: [&str; 7] = [
+    "preparing",
+    "precopy",
+    "switchover",
+    "committing",
+    "unresolved",
+    "completed",
+    "aborted",
+];
+
 /// How long a migration may go without a phase or progress write before the
 /// leader resolves it on the evidence the nodes report (the deadline).
 pub const MIGRATION_STALL_MS: u64 = 120_000;
@@ -964,13 +976,24 @@ impl State {
                 what: format!("sandbox {id}"),
             };
         };
+        let Some(rank) = MIGRATION_PHASES.iter().position(|p| *p == phase) else {
+            return Reply::Invalid {
+                message: format!(
+                    "unknown migration phase {phase:?} for sandbox {id}; one of {}",
+                    MIGRATION_PHASES.join(", ")
+                ),
+            };
+        };
         let Some(m) = sb.migration.as_mut().filter(|m| m.id == migration) else {
             return Reply::Conflict {
                 message: format!("migration {migration} of sandbox {id} is not its current one"),
             };
         };
         // why: the end is decided once (by the driver or the target's heartbeat).
-        if !m.active() {
+        // why: a late write (a poll racing the next one) never moves a
+        // migration back to an earlier phase.
+        let current = MIGRATION_PHASES.iter().position(|p| *p == m.phase);
+        if !m.active() || current.is_some_and(|c| rank < c) {
             return Reply::Sandbox {
                 sandbox: sb.clone(),
             };

@@ -793,3 +793,26 @@ fn a_stalled_migration_is_resolved_on_the_sources_evidence() {
     assert_eq!(status(&s, "s1").0, "lost");
     assert!(!s.allocated().contains_key("n2"));
 }
+
+#[test]
+fn unknown_phases_are_refused_and_a_late_write_never_moves_a_migration_back() {
+    let mut s = migratable();
+    start_migration(&mut s, "s1", "m1", "n1", "n2");
+    assert!(matches!(
+        phase(&mut s, "s1", "m1", "copying"),
+        Reply::Invalid { message } if message.contains("unknown migration phase")
+    ));
+    phase(&mut s, "s1", "m1", "switchover");
+    phase(&mut s, "s1", "m1", "precopy");
+    assert_eq!(
+        s.sandboxes["s1"].migration.as_ref().unwrap().phase,
+        "switchover",
+        "a late precopy write moved the migration back"
+    );
+    // An end may follow any active phase.
+    phase(&mut s, "s1", "m1", "aborted");
+    assert_eq!(
+        s.sandboxes["s1"].migration.as_ref().unwrap().phase,
+        "aborted"
+    );
+}
