@@ -33,7 +33,7 @@ pub use crate::leases::{Cidr, NodeSlice};
 pub use crate::state::{
     owner_cluster, parse_owner, Command, CopyReport, Expect, Fence, ImageRecord, Migration,
     NodeRecord, Observed, Reply, RestartPolicy, SandboxRecord, State, Tombstone, MIGRATION_ENDED,
-    TOMBSTONES_MAX,
+    MIGRATION_STALL_MS, MIGRATION_SWITCHED, TOMBSTONES_MAX,
 };
 use crate::state_machine::SharedState;
 

@@ -104,14 +104,22 @@ impl State {
                         m.active() && r.status == "running" && rec.reschedules + 1 == generation
                     }) {
                         self.complete_migration(id, Some(&r.agent_id), at_ms);
-                    } else if mig.is_some_and(|m| m.phase == "aborted") && !terminal {
-                        stop.push(Fence {
-                            agent_id: r.agent_id.clone(),
-                            reason: format!(
-                                "the migration of sandbox {id} to node {node} was aborted; it runs on node {}",
-                                rec.node
-                            ),
-                        });
+                    } else if mig.is_some_and(|m| m.phase == "aborted")
+                        && (generation > rec.reschedules || rec.node != node)
+                    {
+                        // why: the target's copy of an aborted migration is
+                        // stopped, and once ended removed (nothing else will).
+                        if terminal {
+                            remove.push(r.agent_id.clone());
+                        } else {
+                            stop.push(Fence {
+                                agent_id: r.agent_id.clone(),
+                                reason: format!(
+                                    "the migration of sandbox {id} to node {node} was aborted; it runs on node {}",
+                                    rec.node
+                                ),
+                            });
+                        }
                         continue;
                     }
                     let Some(rec) = self.sandboxes.get(id) else {
@@ -191,6 +199,28 @@ impl State {
                 keep.push(r.agent_id.clone());
             }
         }
+        // why: a migration past its deadline (no write for MIGRATION_STALL_MS:
+        // its driver died or lost the source) is resolved on the source's
+        // evidence. A copy of the target's generation would have completed it
+        // in the target's heartbeat; the source still reporting its copy means
+        // the guest stayed here; neither means it is lost here (restart policy).
+        let stalled: Vec<String> = self
+            .sandboxes
+            .values()
+            .filter(|s| s.node == node && s.migrating().is_some_and(|m| m.stalled(at_ms)))
+            .map(|s| s.id.clone())
+            .collect();
+        for id in stalled {
+            let why = if claimed.contains(&id) {
+                format!("past its deadline with no progress; node {node} still runs sandbox {id}")
+            } else {
+                format!("past its deadline with no progress; no copy of sandbox {id} runs on node {node} or on the target")
+            };
+            if let Some(sb) = self.sandboxes.get_mut(&id) {
+                crate::state::end_migration(sb, &why, at_ms);
+            }
+            self.touch_sandbox(&id);
+        }
         let reported: BTreeSet<&str> = report.iter().map(|r| r.agent_id.as_str()).collect();
         let mut missing: Vec<(String, u32)> = Vec::new();
         for rec in self
@@ -206,9 +236,11 @@ impl State {
                 keep.push(a.clone());
             }
             // why: a migrating sandbox's source copy goes away once the
-            // target committed; the target's report completes the move.
+            // guest switched over; the target's report completes the move
+            // (or the deadline resolves it). Before the switch-over the
+            // source copy must stay, so its absence is a loss.
             if !rec.record_only
-                && rec.migrating().is_none()
+                && !rec.migrating().is_some_and(|m| m.switched())
                 && !claimed.contains(&rec.id)
                 && !reported.contains(a.as_str())
                 && at_ms.saturating_sub(o.updated_ms) > grace_ms

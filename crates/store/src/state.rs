@@ -146,10 +146,41 @@ pub struct Migration {
 /// Phases after which a migration holds nothing.
 pub const MIGRATION_ENDED: [&str; 2] = ["completed", "aborted"];
 
+/// Phases after the source paused the guest: its copy may vanish because the
+/// target took over, so a missing source copy is not evidence of a loss.
+pub const MIGRATION_SWITCHED: [&str; 3] = ["switchover", "committing", "unresolved"];
+
+/// Every phase a migration record can be in, in the order it moves through
+/// them (an end, `completed` or `aborted`, may follow any active phase).
+pub const MIGRATION_PHASES: [&str; 7] = [
+    "preparing",
+    "precopy",
+    "switchover",
+    "committing",
+    "unresolved",
+    "completed",
+    "aborted",
+];
+
+/// How long a migration may go without a phase or progress write before the
+/// leader resolves it on the evidence the nodes report (the deadline).
+pub const MIGRATION_STALL_MS: u64 = 120_000;
+
 impl Migration {
     /// Still in progress (holds a reservation on the target, blocks a second one).
     pub fn active(&self) -> bool {
         !MIGRATION_ENDED.contains(&self.phase.as_str())
+    }
+
+    /// The source paused the guest (the target may run it now).
+    pub fn switched(&self) -> bool {
+        MIGRATION_SWITCHED.contains(&self.phase.as_str())
+    }
+
+    /// Active with no write for [`MIGRATION_STALL_MS`] at `at_ms`: past its
+    /// deadline, resolved on the nodes' evidence.
+    pub fn stalled(&self, at_ms: u64) -> bool {
+        self.active() && at_ms.saturating_sub(self.updated_ms) > MIGRATION_STALL_MS
     }
 }
 
@@ -642,6 +673,12 @@ impl State {
                 }
                 n.ready = false;
                 self.touch_node(node);
+                self.end_migrations_to(
+                    node,
+                    *at_ms,
+                    "its target node stopped sending heartbeats",
+                    true,
+                );
                 self.evacuate(node, *at_ms, "its node stopped sending heartbeats")
             }
             Command::SetCordon { node, cordoned } => match self.nodes.get_mut(node) {
@@ -663,7 +700,7 @@ impl State {
                 };
                 n.cordoned = true;
                 self.touch_node(node);
-                self.move_always(node, *at_ms)
+                self.move_always(node, *at_ms, false)
             }
             Command::CreateSandbox { sandbox } => self.create(sandbox),
             Command::SetObserved {
@@ -701,7 +738,13 @@ impl State {
                         self.index.by_key.remove(k);
                     }
                     self.touch_sandbox(id);
-                    self.bury(id, sb.reschedules);
+                    // why: a migration's target copy is tagged one generation
+                    // up; the tombstone must cover it so it is stopped too.
+                    let generation = sb
+                        .migration
+                        .as_ref()
+                        .map_or(sb.reschedules, |m| m.generation.max(sb.reschedules));
+                    self.bury(id, generation);
                     Reply::Ok
                 }
                 None => Reply::NotFound {
@@ -795,6 +838,11 @@ impl State {
                 sandbox: sb.clone(),
             };
         }
+        end_migration(
+            sb,
+            &format!("sandbox {id} stopped running on node {node}: {why}"),
+            at_ms,
+        );
         sb.observed = Some(if sb.restart == RestartPolicy::Always {
             sb.reschedules += 1;
             Observed {
@@ -928,13 +976,24 @@ impl State {
                 what: format!("sandbox {id}"),
             };
         };
+        let Some(rank) = MIGRATION_PHASES.iter().position(|p| *p == phase) else {
+            return Reply::Invalid {
+                message: format!(
+                    "unknown migration phase {phase:?} for sandbox {id}; one of {}",
+                    MIGRATION_PHASES.join(", ")
+                ),
+            };
+        };
         let Some(m) = sb.migration.as_mut().filter(|m| m.id == migration) else {
             return Reply::Conflict {
                 message: format!("migration {migration} of sandbox {id} is not its current one"),
             };
         };
         // why: the end is decided once (by the driver or the target's heartbeat).
-        if !m.active() {
+        // why: a late write (a poll racing the next one) never moves a
+        // migration back to an earlier phase.
+        let current = MIGRATION_PHASES.iter().position(|p| *p == m.phase);
+        if !m.active() || current.is_some_and(|c| rank < c) {
             return Reply::Sandbox {
                 sandbox: sb.clone(),
             };
@@ -970,6 +1029,24 @@ impl State {
         let Some(m) = sb.migration.as_mut().filter(|m| m.active()) else {
             return;
         };
+        // why: the record moved on (rescheduled, started again) or the target
+        // is gone: moving it there would leave no copy the record names.
+        if sb.node != m.from
+            || sb.reschedules + 1 != m.generation
+            || !self.nodes.contains_key(&m.to)
+        {
+            let why = format!(
+                "superseded: sandbox {id} is now generation {} on node {} (the migration was from node {} at generation {}{})",
+                sb.reschedules,
+                sb.node,
+                m.from,
+                m.generation.saturating_sub(1),
+                if self.nodes.contains_key(&m.to) { "" } else { "; its target node was removed" }
+            );
+            end_migration(sb, &why, at_ms);
+            self.touch_sandbox(id);
+            return;
+        }
         m.phase = "completed".into();
         m.error = None;
         m.updated_ms = at_ms;
@@ -1029,6 +1106,7 @@ impl State {
                 lost: Vec::new(),
             },
             (true, _) => {
+                self.end_migrations_to(id, at_ms, "its target node was removed", false);
                 let moved = self.evacuate(id, at_ms, "its node was removed");
                 self.nodes.remove(id);
                 self.touch_node(id);
@@ -1313,9 +1391,34 @@ impl State {
         self.sandboxes.insert(rec.id.clone(), rec);
     }
 
+    /// Ends the active migrations whose target is `node` (with
+    /// `before_switchover`, only those whose source still runs the guest: a
+    /// target that merely missed heartbeats may have taken over).
+    fn end_migrations_to(&mut self, node: &str, at_ms: u64, why: &str, before_switchover: bool) {
+        let ids: Vec<String> = self
+            .sandboxes
+            .values()
+            .filter(|s| {
+                s.migrating()
+                    .is_some_and(|m| m.to == node && !(before_switchover && m.switched()))
+            })
+            .map(|s| s.id.clone())
+            .collect();
+        for id in ids {
+            if let Some(sb) = self.sandboxes.get_mut(&id) {
+                end_migration(
+                    sb,
+                    &format!("the migration of sandbox {id} ended: {why}"),
+                    at_ms,
+                );
+            }
+            self.touch_sandbox(&id);
+        }
+    }
+
     /// The node is gone: sandboxes with `restart: always` move, the rest are lost.
     fn evacuate(&mut self, node: &str, at_ms: u64, why: &str) -> Reply {
-        let Reply::Moved { moved, mut lost } = self.move_always(node, at_ms) else {
+        let Reply::Moved { moved, mut lost } = self.move_always(node, at_ms, true) else {
             return Reply::Ok;
         };
         let stay: Vec<String> = self
@@ -1326,6 +1429,7 @@ impl State {
             .collect();
         for id in stay {
             if let Some(sb) = self.sandboxes.get_mut(&id) {
+                end_migration(sb, &format!("sandbox {id} was lost: {why}"), at_ms);
                 sb.observed = Some(Observed {
                     status: "lost".into(),
                     agent_id: sb.observed.as_ref().and_then(|o| o.agent_id.clone()),
@@ -1344,12 +1448,20 @@ impl State {
     /// Places every live `restart: always` sandbox of `node` elsewhere
     /// (bin-pack, excluding `node`); those with nowhere to go stay and are
     /// listed as lost. The scheduler is pure, so this stays deterministic.
-    fn move_always(&mut self, node: &str, at_ms: u64) -> Reply {
+    /// Without `node_gone` (a drain) a sandbox whose migration is active stays
+    /// (its copy may already run on the target, so a fresh start elsewhere
+    /// could race the migration's completion); with it, the move ends the
+    /// migration.
+    fn move_always(&mut self, node: &str, at_ms: u64, node_gone: bool) -> Reply {
         let ids: Vec<String> = self
             .sandboxes
             .values()
             .filter(|s| {
-                s.node == node && s.reserves() && s.restart == RestartPolicy::Always && !s.pinned
+                s.node == node
+                    && s.reserves()
+                    && s.restart == RestartPolicy::Always
+                    && !s.pinned
+                    && (node_gone || s.migrating().is_none())
             })
             .map(|s| s.id.clone())
             .collect();
@@ -1365,6 +1477,11 @@ impl State {
                 Ok(target) => {
                     let target = target.id.clone();
                     if let Some(sb) = self.sandboxes.get_mut(&id) {
+                        end_migration(
+                            sb,
+                            &format!("sandbox {id} was started again on node {target}"),
+                            at_ms,
+                        );
                         sb.node = target;
                         sb.reschedules += 1;
                         sb.observed = Some(Observed {
@@ -1381,6 +1498,16 @@ impl State {
             }
         }
         Reply::Moved { moved, lost }
+    }
+}
+
+/// Ends `sb`'s active migration as aborted (superseded by `why`), if any.
+/// The target's copy of its generation is stopped when it reports.
+pub(crate) fn end_migration(sb: &mut SandboxRecord, why: &str, at_ms: u64) {
+    if let Some(m) = sb.migration.as_mut().filter(|m| m.active()) {
+        m.phase = "aborted".into();
+        m.error = Some(why.to_string());
+        m.updated_ms = at_ms;
     }
 }
 

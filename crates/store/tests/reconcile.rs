@@ -504,7 +504,7 @@ fn a_migration_reserves_the_target_until_it_ends() {
     assert_eq!(alloc["n1"].memory_mib, 64);
     assert_eq!(
         alloc["n2"].memory_mib, 64,
-        "the target holds no reservation"
+        "the target must hold a reservation while the migration is active"
     );
     phase(&mut s, "s1", "m1", "aborted");
     assert!(!s.allocated().contains_key("n2"));
@@ -515,8 +515,9 @@ fn a_migration_reserves_the_target_until_it_ends() {
 fn the_targets_running_copy_completes_the_move_and_the_source_copy_is_then_stale() {
     let mut s = migratable();
     start_migration(&mut s, "s1", "m1", "n1", "n2");
-    phase(&mut s, "s1", "m1", "precopy");
-    // The source released its copy: not lost while the migration is active.
+    phase(&mut s, "s1", "m1", "switchover");
+    // The source released its copy after the switch-over: not lost while the
+    // migration is active.
     let d = heartbeat(&mut s, "n1", 1000, vec![]);
     assert!(d.not_running.is_empty(), "{d:?}");
     assert_eq!(status(&s, "s1").0, "running");
@@ -574,4 +575,244 @@ fn the_driver_completes_the_move_and_an_aborted_migrations_target_copy_is_stoppe
     );
     assert_eq!(stopped(&d), vec!["a1"]);
     assert_eq!(s.sandboxes["s1"].node, "n1");
+}
+
+// ---- review findings (issue #7): each reproduced a lost or stuck sandbox ----
+fn migratable_always() -> State {
+    let mut s = State::default();
+    for n in ["n1", "n2", "n3"] {
+        s.apply(&node(n));
+    }
+    // make n3 fuller than n2 so bin-pack prefers it for the reschedule
+    s.apply(&create("big", "n3", RestartPolicy::Never));
+    s.apply(&set_observed("big", "n3", 0, "running", "z1"));
+    s.apply(&create("big2", "n3", RestartPolicy::Never));
+    s.apply(&set_observed("big2", "n3", 0, "running", "z2"));
+    s.apply(&create("s1", "n1", RestartPolicy::Always));
+    s.apply(&set_observed("s1", "n1", 0, "running", "a1"));
+    s
+}
+
+#[test]
+fn review_drain_reschedule_then_completed_leaves_zero_copies() {
+    let mut s = migratable_always();
+    start_migration(&mut s, "s1", "m1", "n1", "n2");
+    phase(&mut s, "s1", "m1", "precopy");
+    // the driver lost the source (timeout / unresolved) -> drain falls back to Command::Drain
+    s.apply(&Command::Drain {
+        node: "n1".into(),
+        at_ms: 30,
+    });
+    let r = s.sandboxes["s1"].clone();
+    eprintln!(
+        "after Drain: node={} gen={} mig={:?}",
+        r.node, r.reschedules, r.migration
+    );
+    let x = r.node.clone();
+    assert_ne!(x, "n2", "pick must differ from target for this repro");
+    // the leader starts a fresh copy b1 on x, generation 1
+    s.apply(&set_observed("s1", &x, 1, "running", "b1"));
+    let dx = heartbeat(&mut s, &x, 1000, vec![copy("b1", "running", Some("s1@1"))]);
+    eprintln!("x heartbeat: {dx:?}");
+    // the live migration commits on n2 meanwhile: its copy a1@1
+    let d2 = heartbeat(
+        &mut s,
+        "n2",
+        1001,
+        vec![copy("a1", "running", Some("s1@1"))],
+    );
+    eprintln!("n2 heartbeat: {d2:?}");
+    let n2_fenced = stopped(&d2) == vec!["a1"];
+    // source says completed -> driver/watchdog write MigrationPhase completed
+    phase(&mut s, "s1", "m1", "completed");
+    let r = s.sandboxes["s1"].clone();
+    eprintln!(
+        "after completed: node={} gen={} obs={:?}",
+        r.node, r.reschedules, r.observed
+    );
+    let dx = heartbeat(&mut s, &x, 1002, vec![copy("b1", "running", Some("s1@1"))]);
+    eprintln!("x heartbeat 2: {dx:?}");
+    let x_fenced = stopped(&dx) == vec!["b1"];
+    assert!(
+        !(n2_fenced && x_fenced),
+        "ZERO copies: n2's live copy and {x}'s fresh copy both fenced; record says {} running",
+        r.node
+    );
+}
+
+#[test]
+fn review_delete_during_migration_leaves_target_copy_unfenced() {
+    let mut s = migratable();
+    start_migration(&mut s, "s1", "m1", "n1", "n2");
+    phase(&mut s, "s1", "m1", "committing");
+    s.apply(&Command::DeleteSandbox { id: "s1".into() });
+    let d = heartbeat(
+        &mut s,
+        "n2",
+        1000,
+        vec![copy("a1", "running", Some("s1@1"))],
+    );
+    assert_eq!(
+        stopped(&d),
+        vec!["a1"],
+        "copy of a deleted record keeps running: {d:?}"
+    );
+}
+
+#[test]
+fn review_unresolved_migration_holds_reservation_and_disables_lost_forever() {
+    let mut s = migratable();
+    start_migration(&mut s, "s1", "m1", "n1", "n2");
+    phase(&mut s, "s1", "m1", "unresolved");
+    // target dies and is removed
+    s.apply(&Command::MarkNotReady {
+        node: "n2".into(),
+        at_ms: 100,
+    });
+    s.apply(&Command::RemoveNode {
+        id: "n2".into(),
+        at_ms: 101,
+    });
+    // source restarts and no longer has the copy, for a very long time
+    let d = heartbeat(&mut s, "n1", 10_000_000, vec![]);
+    eprintln!(
+        "{d:?} status={:?} alloc={:?}",
+        status(&s, "s1"),
+        s.allocated()
+    );
+    assert!(
+        !d.not_running.is_empty() || status(&s, "s1").0 != "running",
+        "record still says running on n1 with no copy anywhere; migration still active: {:?}",
+        s.sandboxes["s1"].migration
+    );
+}
+
+#[test]
+fn review_reschedule_during_migration_never_ends_it() {
+    let mut s = migratable_always();
+    start_migration(&mut s, "s1", "m1", "n1", "n2");
+    // source node stops heartbeating
+    s.apply(&Command::MarkNotReady {
+        node: "n1".into(),
+        at_ms: 100,
+    });
+    let r = &s.sandboxes["s1"];
+    eprintln!(
+        "node={} gen={} mig={:?} alloc={:?}",
+        r.node,
+        r.reschedules,
+        r.migration,
+        s.allocated()
+    );
+    assert!(
+        r.migrating().is_none(),
+        "migration still active after the record was rescheduled: {:?}",
+        r.migration
+    );
+}
+
+#[test]
+fn review_completion_onto_removed_node() {
+    let mut s = migratable();
+    start_migration(&mut s, "s1", "m1", "n1", "n2");
+    phase(&mut s, "s1", "m1", "committing");
+    s.apply(&Command::RemoveNode {
+        id: "n2".into(),
+        at_ms: 30,
+    });
+    phase(&mut s, "s1", "m1", "completed");
+    let r = &s.sandboxes["s1"];
+    assert!(
+        s.nodes.contains_key(&r.node),
+        "record placed on removed node {}",
+        r.node
+    );
+}
+
+#[test]
+fn review_exited_copy_of_aborted_migration_is_never_removed() {
+    let mut s = migratable();
+    start_migration(&mut s, "s1", "m1", "n1", "n2");
+    phase(&mut s, "s1", "m1", "aborted");
+    let d = heartbeat(
+        &mut s,
+        "n2",
+        1000,
+        vec![copy("a1", "stopped", Some("s1@1"))],
+    );
+    assert!(d.remove.contains(&"a1".to_string()), "{d:?}");
+}
+
+#[test]
+fn a_source_copy_missing_before_the_switch_over_is_lost_and_ends_the_migration() {
+    let mut s = migratable();
+    start_migration(&mut s, "s1", "m1", "n1", "n2");
+    phase(&mut s, "s1", "m1", "precopy");
+    let d = heartbeat(&mut s, "n1", 1000, vec![]);
+    assert_eq!(d.not_running, vec!["s1".to_string()], "{d:?}");
+    assert_eq!(status(&s, "s1").0, "lost");
+    let m = s.sandboxes["s1"].migration.clone().unwrap();
+    assert_eq!(m.phase, "aborted", "{m:?}");
+    assert!(!s.allocated().contains_key("n2"), "{:?}", s.allocated());
+}
+
+#[test]
+fn a_stalled_migration_is_resolved_on_the_sources_evidence() {
+    // The source still runs the guest: the migration ends as aborted.
+    let mut s = migratable();
+    start_migration(&mut s, "s1", "m1", "n1", "n2");
+    phase(&mut s, "s1", "m1", "switchover");
+    let before = hearth_store::MIGRATION_STALL_MS;
+    heartbeat(
+        &mut s,
+        "n1",
+        before,
+        vec![copy("a1", "running", Some("s1@0"))],
+    );
+    assert!(
+        s.sandboxes["s1"].migrating().is_some(),
+        "ended before its deadline"
+    );
+    let d = heartbeat(
+        &mut s,
+        "n1",
+        before + 1000,
+        vec![copy("a1", "running", Some("s1@0"))],
+    );
+    assert!(d.stop.is_empty() && d.not_running.is_empty(), "{d:?}");
+    let m = s.sandboxes["s1"].migration.clone().unwrap();
+    assert_eq!(m.phase, "aborted", "{m:?}");
+    assert!(m.error.unwrap().contains("still runs"));
+    assert_eq!(status(&s, "s1").0, "running");
+    // Neither copy: the record is lost on the source (restart policy never).
+    let mut s = migratable();
+    start_migration(&mut s, "s1", "m1", "n1", "n2");
+    phase(&mut s, "s1", "m1", "unresolved");
+    let d = heartbeat(&mut s, "n1", before + 1000, vec![]);
+    assert_eq!(d.not_running, vec!["s1".to_string()], "{d:?}");
+    assert_eq!(status(&s, "s1").0, "lost");
+    assert!(!s.allocated().contains_key("n2"));
+}
+
+#[test]
+fn unknown_phases_are_refused_and_a_late_write_never_moves_a_migration_back() {
+    let mut s = migratable();
+    start_migration(&mut s, "s1", "m1", "n1", "n2");
+    assert!(matches!(
+        phase(&mut s, "s1", "m1", "copying"),
+        Reply::Invalid { message } if message.contains("unknown migration phase")
+    ));
+    phase(&mut s, "s1", "m1", "switchover");
+    phase(&mut s, "s1", "m1", "precopy");
+    assert_eq!(
+        s.sandboxes["s1"].migration.as_ref().unwrap().phase,
+        "switchover",
+        "a late precopy write moved the migration back"
+    );
+    // An end may follow any active phase.
+    phase(&mut s, "s1", "m1", "aborted");
+    assert_eq!(
+        s.sandboxes["s1"].migration.as_ref().unwrap().phase,
+        "aborted"
+    );
 }

@@ -20,7 +20,7 @@ use axum::extract::{Path, State};
 use hearth_api::migration::{MigrateSandbox, MigrationStatus};
 use hearth_api::{ApiError, ErrorCode};
 use hearth_sched::Strategy;
-use hearth_store::{Command, Migration, Reply, SandboxRecord};
+use hearth_store::{Command, Migration, Reply, SandboxRecord, MIGRATION_ENDED};
 
 use super::sandboxes::lookup;
 use super::{now_ms, ControlPlane};
@@ -157,17 +157,31 @@ async fn write_phase(
         progress: progress.and_then(|p| serde_json::to_value(p).ok()),
         at_ms: now_ms(),
     };
-    match cp.store.write(cmd).await {
-        Ok(Reply::Sandbox { sandbox }) => Some(sandbox),
-        Ok(other) => {
-            tracing::warn!(sandbox = %rec.id, "recording migration phase {phase}: {other:?}");
-            None
-        }
-        Err(e) => {
-            tracing::warn!(sandbox = %rec.id, "recording migration phase {phase}: {e}");
-            None
+    // why: an end that is not written leaves the record active until its
+    // deadline; a write that failed (no leader during an election, a timeout)
+    // is tried again for a while instead of being dropped.
+    let tries = if MIGRATION_ENDED.contains(&phase) {
+        20
+    } else {
+        1
+    };
+    for attempt in 1..=tries {
+        match cp.store.write(cmd.clone()).await {
+            Ok(Reply::Sandbox { sandbox }) => return Some(sandbox),
+            Ok(other) => {
+                tracing::warn!(sandbox = %rec.id, "recording migration phase {phase}: {other:?}");
+                return None;
+            }
+            Err(e) if attempt < tries => {
+                tracing::warn!(sandbox = %rec.id, attempt, "recording migration phase {phase}: {e}; trying again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => {
+                tracing::warn!(sandbox = %rec.id, "recording migration phase {phase}: {e}");
+            }
         }
     }
+    None
 }
 
 /// The source agent's view of the sandbox's current or last migration.
@@ -256,7 +270,21 @@ async fn drive(
                 phase: "completed".into(),
                 ..st
             });
-            write_phase(cp, &rec, &m, "completed", None, Some(&st)).await;
+            let done = write_phase(cp, &rec, &m, "completed", None, Some(&st)).await;
+            // why: the record may have moved on meanwhile (rescheduled, its
+            // target removed): then the migration ended superseded, and the
+            // caller must hear what the record says, not the source.
+            if let Some(ended) = done
+                .and_then(|s| s.migration)
+                .filter(|x| x.id == m.id && x.phase != "completed")
+            {
+                let why = format!(
+                    "the source handed sandbox {id} to node {} but the control plane did not move it there: {}",
+                    m.to,
+                    ended.error.clone().unwrap_or_else(|| format!("the migration is {}", ended.phase))
+                );
+                return Err(err(ErrorCode::Conflict, why));
+            }
             tracing::info!(sandbox = %id, from = %m.from, to = %m.to, "migrated");
             Ok(st)
         }
@@ -369,7 +397,9 @@ pub(super) async fn status(
 /// `aborted` records that the source kept it. In-progress and `unresolved`
 /// ones are left to the target's heartbeat. A record still `preparing` was
 /// possibly never sent to the source (whose status may be of an earlier
-/// attempt): it is ended only after [`ORPHAN_PREPARING`] and only as aborted.
+/// attempt): it is ended only after [`ORPHAN_PREPARING`] and only as aborted,
+/// and never on a source status of `completed`. Whatever this misses, the
+/// record's deadline ends on the nodes' evidence (`MIGRATION_STALL_MS`).
 pub(super) async fn resolve_orphans(cp: &ControlPlane) {
     let driving: std::collections::HashSet<String> =
         cp.migrating.lock().map(|s| s.clone()).unwrap_or_default();
@@ -400,7 +430,10 @@ pub(super) async fn resolve_orphans(cp: &ControlPlane) {
             "completed" if !preparing => {
                 write_phase(cp, &rec, &m, "completed", None, Some(&st)).await;
             }
-            "aborted" | "completed" if !preparing || stale => {
+            // why: a source that says `completed` handed the guest over (or
+            // speaks of an earlier attempt): never end the record as aborted on
+            // it; the target's heartbeat or the record's deadline decides.
+            "aborted" if !preparing || stale => {
                 let why = if preparing {
                     format!(
                         "the control-plane member driving the migration of sandbox {} went away before node {} started it; it keeps running on node {}",
