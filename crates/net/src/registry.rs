@@ -10,8 +10,18 @@ use std::path::{Path, PathBuf};
 
 use crate::cidr::Cidr;
 
-/// Where agents register their pools (tmpfs: gone at reboot, like the taps).
+/// Where agents register their pools (tmpfs: gone at reboot, like the taps),
+/// one directory per network namespace (`netns-<inode>`).
 pub const REGISTRY_DIR: &str = "/run/hearth/pools";
+
+/// The inode of this process's network namespace (0 if unknown): pools and
+/// sandbox addresses only collide within one namespace.
+pub fn netns_id() -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self/ns/net")
+        .map(|m| m.ino())
+        .unwrap_or(0)
+}
 
 /// A pool registration failed.
 #[derive(Debug, thiserror::Error)]
@@ -121,7 +131,8 @@ pub fn register_in(
 
 /// [`register_in`] the host's registry.
 pub fn register(pool: Cidr, state_dir: &Path) -> Result<Registration, RegistryError> {
-    register_in(Path::new(REGISTRY_DIR), pool, state_dir)
+    let dir = Path::new(REGISTRY_DIR).join(format!("netns-{}", netns_id()));
+    register_in(&dir, pool, state_dir)
 }
 
 /// The tag of the agent with this state dir in the host sandbox map

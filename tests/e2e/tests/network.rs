@@ -1135,7 +1135,10 @@ fn sandboxes_of_two_daemons_on_one_host_are_isolated_unless_explicitly_allowed()
     // rm on daemon 2 takes its address out of the host's sandbox map.
     let out = d2.hearth(&["rm", "-f", &b]);
     assert!(out.status.success(), "{}", show(&out));
-    let map = sh("bpftool map dump pinned /sys/fs/bpf/hearth-host/SANDBOXES_v1 -j");
+    // (one map per network namespace: both daemons run in this test's)
+    let map = sh(
+        "for m in /sys/fs/bpf/hearth-host/netns-*/SANDBOXES_v1; do bpftool map dump pinned $m -j; done",
+    );
     let b_key = b_ip
         .split('.')
         .map(|o| format!("\"0x{:02x}\"", o.parse::<u8>().unwrap()))

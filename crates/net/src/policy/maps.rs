@@ -30,9 +30,19 @@ static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/policy.bpf.o"))
 
 /// Root of Hearth's pins on the BPF filesystem.
 pub const BPFFS_ROOT: &str = "/sys/fs/bpf/hearth";
-/// Pins shared by every agent on the host: the `SANDBOXES` map (every sandbox
-/// address of this host to its pool's prefix length), pinned by name.
-pub const HOST_PINS: &str = "/sys/fs/bpf/hearth-host";
+/// Root of the pins shared by every agent on the host; see [`host_pins`].
+pub const HOST_PINS_ROOT: &str = "/sys/fs/bpf/hearth-host";
+
+/// The pins shared by every agent in this process's network namespace: the
+/// `SANDBOXES` map (every sandbox address to its pool's prefix length) and its
+/// generation, pinned by name under `HOST_PINS_ROOT/netns-<inode>`.
+///
+/// why: sandbox addresses meet only within one network namespace; agents in
+/// different namespaces (the dev shard's) may use the same pools, and must
+/// neither refuse nor deny each other's addresses.
+pub fn host_pins() -> String {
+    format!("{HOST_PINS_ROOT}/netns-{}", crate::registry::netns_id())
+}
 /// Distinct host addresses the HOSTS map holds (bpf/policy.c).
 const MAX_HOSTS: usize = 256;
 /// Entries of each flow map (EFLOWS, IFLOWS in bpf/policy.c).
@@ -157,9 +167,9 @@ fn ensure_bpffs() -> Result<(), BpfError> {
             return Err(fs_err(std::io::Error::last_os_error()));
         }
     }
-    for dir in [BPFFS_ROOT, HOST_PINS] {
-        std::fs::create_dir_all(dir).map_err(|source| BpfError::Fs {
-            path: dir.into(),
+    for dir in [BPFFS_ROOT.to_string(), host_pins()] {
+        std::fs::create_dir_all(&dir).map_err(|source| BpfError::Fs {
+            path: dir.clone(),
             source,
         })?;
     }
@@ -211,7 +221,7 @@ fn host_err(reason: String) -> BpfError {
 /// another build under the same name is refused rather than misread.
 fn check_shared_maps() -> Result<(), BpfError> {
     for (name, ty, key, value, max) in SHARED_MAPS {
-        let p = Path::new(HOST_PINS).join(name);
+        let p = Path::new(&host_pins()).join(name);
         let md = MapData::from_pin(&p).map_err(|e| host_err(format!("{}: {e}", p.display())))?;
         let info = md
             .info()
@@ -246,12 +256,12 @@ fn is_pin_race(e: &aya::EbpfError) -> bool {
 }
 
 /// A fresh instance of the program; its shared maps are the host's (created
-/// and pinned under [`HOST_PINS`] by the first instance, checked against this
+/// and pinned under [`host_pins`] by the first instance, checked against this
 /// build's layout).
 fn load_object() -> Result<Ebpf, BpfError> {
     let load = || {
         aya::EbpfLoader::new()
-            .default_map_pin_directory(HOST_PINS)
+            .default_map_pin_directory(host_pins())
             .load(OBJECT)
     };
     let bpf = match load() {
@@ -265,7 +275,7 @@ fn load_object() -> Result<Ebpf, BpfError> {
 }
 
 fn shared_map(name: &str) -> Result<Option<Map>, BpfError> {
-    let p = Path::new(HOST_PINS).join(name);
+    let p = Path::new(&host_pins()).join(name);
     if !p.exists() {
         return Ok(None);
     }
@@ -291,7 +301,7 @@ fn sandboxes_map() -> Result<Option<BpfHashMap<MapData, u32, HostSandbox>>, BpfE
 /// merged value sees both changes.
 fn bump_generation() -> Result<(), BpfError> {
     let m = shared_map(SBGEN_PIN)?
-        .ok_or_else(|| host_err(format!("{HOST_PINS}/{SBGEN_PIN} is not pinned")))?;
+        .ok_or_else(|| host_err(format!("{}/{SBGEN_PIN} is not pinned", host_pins())))?;
     let mut a: Array<MapData, u32> = m
         .try_into()
         .map_err(|e: aya::maps::MapError| host_err(format!("{SBGEN_PIN}: {e}")))?;
@@ -319,7 +329,7 @@ pub fn host_generation() -> Result<u32, BpfError> {
 /// Needs a program loaded (see [`attach`]).
 pub fn add_host_sandbox(ip: Ipv4Addr, pool_len: u8, owner: u32) -> Result<(), BpfError> {
     let mut m = sandboxes_map()?
-        .ok_or_else(|| host_err(format!("{HOST_PINS}/{SANDBOXES_PIN} is not pinned")))?;
+        .ok_or_else(|| host_err(format!("{}/{SANDBOXES_PIN} is not pinned", host_pins())))?;
     let v = HostSandbox {
         pool_len,
         owner,
