@@ -422,24 +422,19 @@ impl Agent {
                 }
                 Action::ResumeSource => resume = true,
                 Action::ReleaseSource => return MigrationCheck::Moved(m.target.clone()),
-                Action::AskTarget => match peer.abort(&m.sandbox).await {
-                    Ok(()) => resume = true,
-                    Err(crate::migration::peer::PeerError::Refused { error, .. })
-                        if error.code == hearth_api::ErrorCode::Conflict =>
-                    {
-                        return MigrationCheck::Moved(m.target.clone())
+                Action::AskTarget => {
+                    use crate::migration::peer::{classify_abort, AbortVerdict};
+                    match classify_abort(&peer.abort(&m.sandbox).await) {
+                        AbortVerdict::RemovedUncommitted => resume = true,
+                        AbortVerdict::Committed => return MigrationCheck::Moved(m.target.clone()),
+                        AbortVerdict::Unknown(why) => {
+                            return MigrationCheck::Unresolved(format!(
+                                "hearthd stopped during the commit of a migration to {} and the target gave no clear answer whether it runs the sandbox ({why}); the sandbox may run there. Its VM here is kept paused: check the target, then remove this copy (`hearth rm -f {}`) or the target's",
+                                m.target, m.sandbox
+                            ))
+                        }
                     }
-                    Err(crate::migration::peer::PeerError::Refused { error, .. }) => {
-                        tracing::warn!(sandbox = %m.sandbox, "the migration target refused the abort ({}); it does not run the sandbox", error.message);
-                        resume = true;
-                    }
-                    Err(e) => {
-                        return MigrationCheck::Unresolved(format!(
-                            "hearthd stopped during the commit of a migration to {} and the target does not answer ({e}); the sandbox may run there. Its VM here is kept paused: check the target, then remove this copy (`hearth rm -f {}`)",
-                            m.target, m.sandbox
-                        ))
-                    }
-                },
+                }
             }
         }
         if resume {
