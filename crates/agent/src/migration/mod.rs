@@ -163,6 +163,14 @@ impl SourceJob {
     }
 
     fn set_phase(&self, entry: &Entry, phase: Phase) {
+        if let Err(e) = self.save_phase(entry, phase) {
+            tracing::error!(sandbox = %entry.snapshot().id, "{e}");
+        }
+    }
+
+    /// Records `phase` durably in `migration.json` and in the status; an
+    /// error says the record on disk does not have it.
+    fn save_phase(&self, entry: &Entry, phase: Phase) -> Result<(), String> {
         let rec = MigrationRecord {
             version: 1,
             sandbox: entry.snapshot().id,
@@ -170,9 +178,13 @@ impl SourceJob {
             phase,
             token: self.peer.token().to_string(),
         };
-        if let Err(e) = store_record(&entry.dir, &rec) {
-            tracing::error!(sandbox = %rec.sandbox, "cannot save the migration phase {phase:?}: {e}");
-        }
+        let saved = store_record(&entry.dir, &rec).map_err(|e| {
+            format!(
+                "cannot save the migration phase {phase:?} of sandbox {} in {}: {e}",
+                rec.sandbox,
+                entry.dir.join(RECORD_FILE).display()
+            )
+        });
         let name = serde_json::to_value(phase)
             .ok()
             .and_then(|v| v.as_str().map(str::to_string))
@@ -182,6 +194,7 @@ impl SourceJob {
             s.phase = name;
             s.elapsed_ms = elapsed;
         });
+        saved
     }
 
     fn progress(&self, p: &MigrationProgress, tunnel_bytes: u64) {
@@ -454,7 +467,17 @@ pub(crate) async fn run_source(
         started_ms: rec.started_ms,
         boot_ms: rec.boot_ms,
     };
-    job.set_phase(entry, Phase::Committing);
+    // why: a commit the record does not show could not be settled by a
+    // restarted hearthd (it would resume this VM while the target runs one).
+    if let Err(why) = job.save_phase(entry, Phase::Committing) {
+        let _ = job.peer.abort(&id).await;
+        let msg = resume_here(format!(
+            "{why}; the migration is aborted before the commit and sandbox {id} keeps running here (free space in the data directory, then migrate again)"
+        ))
+        .await;
+        job.end(entry, Phase::Aborted, Err(AgentError::Migration(msg)));
+        return SourceEnd::StayedHere(None);
+    }
     let commit_err = match job.peer.commit(&id, &commit).await {
         Ok(sb) => {
             session.hand_over();
