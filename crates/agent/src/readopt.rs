@@ -326,6 +326,8 @@ impl Agent {
         let tail = crate::sandbox::console_tail(&vm_dir.join("console.log"));
         let _ = hearth_vmm::destroy(&vm_dir);
         self.drop_network(&rec.id).await;
+        // why: the sandbox is settled; the record (and the target's token) is not needed.
+        crate::migration::forget_record(&entry.dir);
         tracing::warn!(sandbox = %rec.id, "lost: {reason}");
         entry.update(|r| {
             r.status = SandboxStatus::Lost;

@@ -176,7 +176,12 @@ impl SourceJob {
             sandbox: entry.snapshot().id,
             target: self.peer.base().to_string(),
             phase,
-            token: self.peer.token().to_string(),
+            // why: an ended migration needs no more calls to the target (its
+            // recovery is "resume" or "release"); its token is not kept on disk.
+            token: match phase {
+                Phase::Completed | Phase::Aborted => String::new(),
+                _ => self.peer.token().to_string(),
+            },
         };
         let saved = store_record(&entry.dir, &rec).map_err(|e| {
             format!(
