@@ -342,6 +342,12 @@ impl Agent {
     /// elsewhere, deleted): its VM is not resumed here but stopped, and its
     /// network removed; it ends `stopped` with the control plane's reason.
     pub(crate) async fn recover_fenced(&self, entry: &Arc<Entry>, reason: &str) {
+        // why: a copy whose workload had already ended keeps its exit code;
+        // recover_sandbox settles it from outcome.json without resuming anything.
+        if matches!(SavedOutcome::load(&entry.dir), Ok(Some(_))) {
+            self.recover_sandbox(entry).await;
+            return;
+        }
         let rec = entry.snapshot();
         let vm_dir = entry.dir.join("vm");
         tracing::warn!(sandbox = %rec.id, "not taking over a copy the control plane no longer assigns here: {reason}");
