@@ -326,6 +326,8 @@ impl Agent {
         let tail = crate::sandbox::console_tail(&vm_dir.join("console.log"));
         let _ = hearth_vmm::destroy(&vm_dir);
         self.drop_network(&rec.id).await;
+        // why: the sandbox is settled; the record (and the target's token) is not needed.
+        crate::migration::forget_record(&entry.dir);
         tracing::warn!(sandbox = %rec.id, "lost: {reason}");
         entry.update(|r| {
             r.status = SandboxStatus::Lost;
@@ -340,6 +342,12 @@ impl Agent {
     /// elsewhere, deleted): its VM is not resumed here but stopped, and its
     /// network removed; it ends `stopped` with the control plane's reason.
     pub(crate) async fn recover_fenced(&self, entry: &Arc<Entry>, reason: &str) {
+        // why: a copy whose workload had already ended keeps its exit code;
+        // recover_sandbox settles it from outcome.json without resuming anything.
+        if matches!(SavedOutcome::load(&entry.dir), Ok(Some(_))) {
+            self.recover_sandbox(entry).await;
+            return;
+        }
         let rec = entry.snapshot();
         let vm_dir = entry.dir.join("vm");
         tracing::warn!(sandbox = %rec.id, "not taking over a copy the control plane no longer assigns here: {reason}");
@@ -422,24 +430,19 @@ impl Agent {
                 }
                 Action::ResumeSource => resume = true,
                 Action::ReleaseSource => return MigrationCheck::Moved(m.target.clone()),
-                Action::AskTarget => match peer.abort(&m.sandbox).await {
-                    Ok(()) => resume = true,
-                    Err(crate::migration::peer::PeerError::Refused { error, .. })
-                        if error.code == hearth_api::ErrorCode::Conflict =>
-                    {
-                        return MigrationCheck::Moved(m.target.clone())
+                Action::AskTarget => {
+                    use crate::migration::peer::{classify_abort, AbortVerdict};
+                    match classify_abort(&peer.abort(&m.sandbox).await) {
+                        AbortVerdict::RemovedUncommitted => resume = true,
+                        AbortVerdict::Committed => return MigrationCheck::Moved(m.target.clone()),
+                        AbortVerdict::Unknown(why) => {
+                            return MigrationCheck::Unresolved(format!(
+                                "hearthd stopped during the commit of a migration to {} and the target gave no clear answer whether it runs the sandbox ({why}); the sandbox may run there. Its VM here is kept paused: check the target, then remove this copy (`hearth rm -f {}`) or the target's",
+                                m.target, m.sandbox
+                            ))
+                        }
                     }
-                    Err(crate::migration::peer::PeerError::Refused { error, .. }) => {
-                        tracing::warn!(sandbox = %m.sandbox, "the migration target refused the abort ({}); it does not run the sandbox", error.message);
-                        resume = true;
-                    }
-                    Err(e) => {
-                        return MigrationCheck::Unresolved(format!(
-                            "hearthd stopped during the commit of a migration to {} and the target does not answer ({e}); the sandbox may run there. Its VM here is kept paused: check the target, then remove this copy (`hearth rm -f {}`)",
-                            m.target, m.sandbox
-                        ))
-                    }
-                },
+                }
             }
         }
         if resume {

@@ -92,6 +92,23 @@ pub struct IncomingAccepted {
     pub node_id: String,
 }
 
+/// What the target removed on `DELETE /v1/migrations/incoming/{id}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum IncomingRemoved {
+    /// An incoming VM that was never committed (now or earlier): the
+    /// sandbox does not run on the target, the source may resume its VM.
+    Uncommitted,
+}
+
+/// The target's answer to an abort. Only this 2xx answer says the sandbox
+/// does not run there; 409 says it was committed (runs there); 404 says the
+/// target knows nothing of it (which does not rule out a commit).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct IncomingAborted {
+    pub removed: IncomingRemoved,
+}
+
 /// Target side, step 3 (after the stream and the output log):
 /// `POST /v1/migrations/incoming/{id}/commit`. Start the VM and take over.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

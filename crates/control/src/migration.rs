@@ -80,9 +80,11 @@ pub async fn commit(
 pub async fn abort(
     State(agent): State<Agent>,
     Path(id): Path<String>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<hearth_api::migration::IncomingAborted>> {
     agent.incoming_abort(&id).await?;
-    Ok(Json(serde_json::json!({ "removed": id })))
+    Ok(Json(hearth_api::migration::IncomingAborted {
+        removed: hearth_api::migration::IncomingRemoved::Uncommitted,
+    }))
 }
 
 #[cfg(test)]

@@ -34,7 +34,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::guest_conn::{GuestConn, Session, SessionEvent};
 use crate::sandbox::{lock, now_ms, persist, Control, Entry, OutputLog};
 use crate::{Agent, AgentError};
-use peer::{Peer, PeerError};
+use peer::{classify_abort, AbortVerdict, Peer, PeerError};
 use phase::{MigrationRecord, Phase};
 
 /// Bound on the target receiving the whole stream once the source completed.
@@ -115,6 +115,9 @@ pub(crate) struct Registry {
     status: Mutex<HashMap<String, watch::Receiver<MigrationStatus>>>,
     /// Incoming VMs waiting for their commit (target side).
     incoming: Mutex<HashMap<String, Arc<Incoming>>>,
+    /// Incoming VMs removed before any commit (target side), so a repeated
+    /// abort (its first answer lost) still hears "removed uncommitted".
+    removed_uncommitted: Mutex<HashSet<String>>,
 }
 
 struct ActiveGuard<'a>(&'a Registry, String);
@@ -160,16 +163,33 @@ impl SourceJob {
     }
 
     fn set_phase(&self, entry: &Entry, phase: Phase) {
+        if let Err(e) = self.save_phase(entry, phase) {
+            tracing::error!(sandbox = %entry.snapshot().id, "{e}");
+        }
+    }
+
+    /// Records `phase` durably in `migration.json` and in the status; an
+    /// error says the record on disk does not have it.
+    fn save_phase(&self, entry: &Entry, phase: Phase) -> Result<(), String> {
         let rec = MigrationRecord {
             version: 1,
             sandbox: entry.snapshot().id,
             target: self.peer.base().to_string(),
             phase,
-            token: self.peer.token().to_string(),
+            // why: an ended migration needs no more calls to the target (its
+            // recovery is "resume" or "release"); its token is not kept on disk.
+            token: match phase {
+                Phase::Completed | Phase::Aborted => String::new(),
+                _ => self.peer.token().to_string(),
+            },
         };
-        if let Err(e) = store_record(&entry.dir, &rec) {
-            tracing::error!(sandbox = %rec.sandbox, "cannot save the migration phase {phase:?}: {e}");
-        }
+        let saved = store_record(&entry.dir, &rec).map_err(|e| {
+            format!(
+                "cannot save the migration phase {phase:?} of sandbox {} in {}: {e}",
+                rec.sandbox,
+                entry.dir.join(RECORD_FILE).display()
+            )
+        });
         let name = serde_json::to_value(phase)
             .ok()
             .and_then(|v| v.as_str().map(str::to_string))
@@ -179,6 +199,7 @@ impl SourceJob {
             s.phase = name;
             s.elapsed_ms = elapsed;
         });
+        saved
     }
 
     fn progress(&self, p: &MigrationProgress, tunnel_bytes: u64) {
@@ -451,57 +472,58 @@ pub(crate) async fn run_source(
         started_ms: rec.started_ms,
         boot_ms: rec.boot_ms,
     };
-    job.set_phase(entry, Phase::Committing);
-    let mut outcome = job.peer.commit(&id, &commit).await.map(|sb| sb.node);
+    // why: a commit the record does not show could not be settled by a
+    // restarted hearthd (it would resume this VM while the target runs one).
+    if let Err(why) = job.save_phase(entry, Phase::Committing) {
+        let _ = job.peer.abort(&id).await;
+        let msg = resume_here(format!(
+            "{why}; the migration is aborted before the commit and sandbox {id} keeps running here (free space in the data directory, then migrate again)"
+        ))
+        .await;
+        job.end(entry, Phase::Aborted, Err(AgentError::Migration(msg)));
+        return SourceEnd::StayedHere(None);
+    }
+    let commit_err = match job.peer.commit(&id, &commit).await {
+        Ok(sb) => {
+            session.hand_over();
+            let handover = paused_at.elapsed().as_millis() as u64;
+            job.status.send_modify(|s| s.handover_ms = Some(handover));
+            job.end(entry, Phase::Completed, Ok(sb.node.clone()));
+            return SourceEnd::Moved(sb.node);
+        }
+        Err(e) => e,
+    };
+    // why: a failed commit answer (5xx, a proxy's page, a lost answer) does not
+    // prove the target did not commit; only its explicit "removed an
+    // uncommitted VM" lets the VM here run on (issue #4 review).
     let mut attempts = 0;
     loop {
-        match outcome {
-            Ok(node) => {
-                session.hand_over();
-                let handover = paused_at.elapsed().as_millis() as u64;
-                job.status.send_modify(|s| s.handover_ms = Some(handover));
-                job.end(entry, Phase::Completed, Ok(node.clone()));
-                return SourceEnd::Moved(node);
-            }
-            Err(PeerError::Refused { error, .. })
-                if attempts > 0 && error.code == ErrorCode::Conflict =>
-            {
-                // The abort found the sandbox committed: it runs there.
-                session.hand_over();
-                let there = job.peer.base().to_string();
-                job.end(entry, Phase::Completed, Ok(there.clone()));
-                return SourceEnd::Moved(there);
-            }
-            Err(PeerError::Refused { error, .. }) => {
+        match classify_abort(&job.peer.abort(&id).await) {
+            AbortVerdict::RemovedUncommitted => {
                 let msg = resume_here(format!(
-                    "the target refused to take over sandbox {id} ({}); its VM there is removed and the sandbox keeps running here",
-                    error.message
+                    "the target did not take over sandbox {id} ({commit_err}); its VM there is removed and the sandbox keeps running here"
                 ))
                 .await;
                 job.end(entry, Phase::Aborted, Err(AgentError::Migration(msg)));
                 return SourceEnd::StayedHere(None);
             }
-            Err(e @ PeerError::Unreachable { .. }) => {
+            AbortVerdict::Committed => {
+                session.hand_over();
+                let there = job.peer.base().to_string();
+                job.end(entry, Phase::Completed, Ok(there.clone()));
+                return SourceEnd::Moved(there);
+            }
+            AbortVerdict::Unknown(why) => {
                 job.set_phase(entry, Phase::Unresolved);
                 attempts += 1;
                 if attempts > ASK_TARGET_ATTEMPTS {
                     let msg = format!(
-                        "the target did not answer after the switch-over ({e}); sandbox {id} is paused here and may run there: resolve by retrying when the target is reachable"
+                        "the commit of sandbox {id} got no clear answer ({commit_err}) and neither did the abort ({why}); it is paused here and may run there: check the target, then resolve by retrying when it answers"
                     );
                     job.end(entry, Phase::Unresolved, Err(AgentError::Migration(msg)));
                     return SourceEnd::StayedHere(None);
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                outcome = match job.peer.abort(&id).await {
-                    Ok(()) => Err(PeerError::Refused {
-                        url: job.peer.base().to_string(),
-                        error: hearth_api::ApiError::new(
-                            ErrorCode::VmFailed,
-                            "the target removed its VM after an unanswered commit",
-                        ),
-                    }),
-                    Err(e) => Err(e),
-                };
             }
         }
     }
@@ -854,6 +876,7 @@ impl Agent {
             slot: tokio::sync::Mutex::new(Slot::Waiting(vm, agent_stream)),
             tunnel,
         });
+        lock(&i.migrations.removed_uncommitted).remove(&sb.id);
         lock(&i.migrations.incoming).insert(sb.id.clone(), inc);
         let agent = self.clone();
         let id = sb.id.clone();
@@ -967,6 +990,7 @@ impl Agent {
                 let _ = hearth_vmm::destroy(&inc.dir.join("vm"));
                 let _ = std::fs::remove_dir_all(&inc.dir);
                 lock(&self.inner.migrations.incoming).remove(id);
+                lock(&self.inner.migrations.removed_uncommitted).insert(id.to_string());
                 let msg = format!(
                     "node {} could not take over sandbox '{id}' ({:?} into the commit): {why}; its VM here is removed; guest console ends with: {console}",
                     self.inner.cfg.node,
@@ -1020,13 +1044,22 @@ impl Agent {
         Ok(rec)
     }
 
-    /// Target: removes an incoming VM that was not committed. Conflict if the
-    /// sandbox was committed (it runs here); Ok if there is nothing.
+    /// Target: removes an incoming VM that was not committed. Ok only if an
+    /// uncommitted VM was removed (now or earlier); Conflict if the sandbox
+    /// was committed (it runs here); NotFound if nothing is known of it (which
+    /// does not tell the source that no commit happened).
     pub async fn incoming_abort(&self, id: &str) -> Result<(), AgentError> {
-        self.remove_incoming(id, false).await
+        if self.remove_incoming(id, false).await? {
+            return Ok(());
+        }
+        Err(AgentError::NoMigration(format!(
+            "node {} knows no incoming migration of sandbox '{id}' (never offered, expired, or committed and since removed): check where the sandbox runs before resuming it elsewhere",
+            self.inner.cfg.node
+        )))
     }
 
-    async fn remove_incoming(&self, id: &str, only_if_waiting: bool) -> Result<(), AgentError> {
+    /// True if an uncommitted incoming VM of `id` was removed, now or earlier.
+    async fn remove_incoming(&self, id: &str, only_if_waiting: bool) -> Result<bool, AgentError> {
         let inc = lock(&self.inner.migrations.incoming).get(id).cloned();
         let Some(inc) = inc else {
             if !only_if_waiting && lock(&self.inner.sandboxes).contains_key(id) {
@@ -1035,7 +1068,7 @@ impl Agent {
                     self.inner.cfg.node
                 )));
             }
-            return Ok(());
+            return Ok(lock(&self.inner.migrations.removed_uncommitted).contains(id));
         };
         let mut slot = inc.slot.lock().await;
         match std::mem::replace(&mut *slot, Slot::Removed) {
@@ -1047,8 +1080,9 @@ impl Agent {
                 let _ = hearth_vmm::destroy(&inc.dir.join("vm"));
                 let _ = std::fs::remove_dir_all(&inc.dir);
                 lock(&self.inner.migrations.incoming).remove(id);
+                lock(&self.inner.migrations.removed_uncommitted).insert(id.to_string());
                 tracing::info!(sandbox = %id, "removed an incoming migration VM");
-                Ok(())
+                Ok(true)
             }
             Slot::Committed => {
                 *slot = Slot::Committed;
@@ -1057,7 +1091,9 @@ impl Agent {
                     self.inner.cfg.node
                 )))
             }
-            Slot::Removed => Ok(()),
+            // why: Removed is left only by a removal before any commit (a
+            // failed commit also ends here); a commit restores Committed.
+            Slot::Removed => Ok(true),
         }
     }
 }

@@ -5,7 +5,9 @@
 
 use std::time::Duration;
 
-use hearth_api::migration::{IncomingAccepted, IncomingCommit, IncomingOffer};
+use hearth_api::migration::{
+    IncomingAborted, IncomingAccepted, IncomingCommit, IncomingOffer, IncomingRemoved,
+};
 use hearth_api::{ApiError, ErrorCode, Info, Sandbox};
 use serde::de::DeserializeOwned;
 
@@ -127,15 +129,91 @@ impl Peer {
         .await
     }
 
-    /// Removes the target's incoming VM. `Refused` with `conflict` means the
-    /// target runs the sandbox (it was committed).
-    pub async fn abort(&self, id: &str) -> Result<(), PeerError> {
-        let _: serde_json::Value = self
-            .answer(
-                self.http
-                    .delete(format!("{}/v1/migrations/incoming/{id}", self.base)),
-            )
-            .await?;
-        Ok(())
+    /// Asks the target to remove its incoming VM; [`classify_abort`] says
+    /// what the answer means.
+    pub async fn abort(&self, id: &str) -> Result<IncomingAborted, PeerError> {
+        self.answer(
+            self.http
+                .delete(format!("{}/v1/migrations/incoming/{id}", self.base)),
+        )
+        .await
+    }
+}
+
+/// What an abort sent to the target after the commit was sent says.
+#[derive(Debug, PartialEq, Eq)]
+pub enum AbortVerdict {
+    /// The target said it removed an uncommitted incoming VM: the sandbox
+    /// does not run there, the source's VM may run on.
+    RemovedUncommitted,
+    /// The target said the sandbox was committed: it runs there.
+    Committed,
+    /// Anything else (no answer, 404 unknown, 401, 5xx, a proxy's page): the
+    /// target may have committed, so the source's VM must stay paused.
+    Unknown(String),
+}
+
+/// Only an explicit "removed an uncommitted VM" lets the source resume;
+/// every other answer, including an unknown sandbox, is [`AbortVerdict::Unknown`].
+pub fn classify_abort(r: &Result<IncomingAborted, PeerError>) -> AbortVerdict {
+    match r {
+        Ok(IncomingAborted {
+            removed: IncomingRemoved::Uncommitted,
+        }) => AbortVerdict::RemovedUncommitted,
+        Err(PeerError::Refused { error, .. }) if error.code == ErrorCode::Conflict => {
+            AbortVerdict::Committed
+        }
+        Err(e) => AbortVerdict::Unknown(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(code: ErrorCode) -> Result<IncomingAborted, PeerError> {
+        Err(PeerError::Refused {
+            url: "http://t".into(),
+            error: ApiError::new(code, "x"),
+        })
+    }
+
+    #[test]
+    fn only_an_explicit_uncommitted_removal_resumes_the_source() {
+        let ok: Result<IncomingAborted, PeerError> = Ok(IncomingAborted {
+            removed: IncomingRemoved::Uncommitted,
+        });
+        assert_eq!(classify_abort(&ok), AbortVerdict::RemovedUncommitted);
+        assert_eq!(
+            classify_abort(&refused(ErrorCode::Conflict)),
+            AbortVerdict::Committed
+        );
+        for code in [
+            ErrorCode::NotFound,
+            ErrorCode::Unauthorized,
+            ErrorCode::Internal,
+            ErrorCode::Unavailable,
+            ErrorCode::VmFailed,
+        ] {
+            assert!(
+                matches!(classify_abort(&refused(code)), AbortVerdict::Unknown(_)),
+                "{code:?} must not resume the source"
+            );
+        }
+        let none: Result<IncomingAborted, PeerError> = Err(PeerError::Unreachable {
+            url: "http://t".into(),
+            detail: "timeout".into(),
+        });
+        assert!(matches!(classify_abort(&none), AbortVerdict::Unknown(_)));
+    }
+
+    #[test]
+    fn an_old_style_or_foreign_2xx_body_is_not_an_answer() {
+        // The pre-fix answer {"removed": "<id>"} (or a proxy's 200 page) must not
+        // parse as an uncommitted removal.
+        assert!(serde_json::from_str::<IncomingAborted>(r#"{"removed":"sb-1"}"#).is_err());
+        assert!(serde_json::from_str::<IncomingAborted>("<html>").is_err());
+        let a: IncomingAborted = serde_json::from_str(r#"{"removed":"uncommitted"}"#).unwrap();
+        assert_eq!(a.removed, IncomingRemoved::Uncommitted);
     }
 }
