@@ -7,7 +7,7 @@
 
 use std::path::PathBuf;
 
-use hearth_api::network::NetworkMode;
+use hearth_api::network::{NetworkMode, NetworkSpec};
 use hearth_api::{CreateSandbox, Sandbox, SandboxStatus, Snapshot, StartPath};
 use hearth_proto::ExecRequest as GuestExec;
 use hearth_vmm::{AfterSave, SaveOptions, SnapshotManifest};
@@ -46,6 +46,11 @@ pub(crate) struct SnapshotMeta {
     /// Made by `hearth fork`: removed with the last sandbox restored from it.
     #[serde(default)]
     pub fork: bool,
+    /// The source sandbox had a network (not `--network none`); a start from
+    /// the snapshot without network flags gets one only then. Absent in
+    /// snapshots of older hearthd (which treated them as networked).
+    #[serde(default)]
+    pub networked: Option<bool>,
 }
 
 impl Agent {
@@ -153,6 +158,7 @@ impl Agent {
             created_ms: now_ms(),
             nic: e.nic.load(std::sync::atomic::Ordering::Relaxed) || rec.network.is_some(),
             fork,
+            networked: Some(rec.network.is_some()),
         };
         let tmp = self
             .snapshots_root()
@@ -263,8 +269,15 @@ impl Agent {
             }
         };
         // The network follows the request (a fork: its source's policy), when the
-        // snapshot's VM has a network device to carry it.
-        let wanted = match req.network.mode {
+        // snapshot's VM has a network device to carry it. A request without
+        // network flags starts as the snapshot's source did: a snapshot of a
+        // `--network none` sandbox gives no network unless rules ask for one.
+        let mode = if req.network == NetworkSpec::default() && meta.networked == Some(false) {
+            NetworkMode::None
+        } else {
+            req.network.mode
+        };
+        let wanted = match mode {
             NetworkMode::None => None,
             NetworkMode::Default if self.net().is_none() => None,
             NetworkMode::Default => match inherit {
@@ -391,12 +404,23 @@ impl Agent {
             (Some(_), Some(net)) => Some(net.get(&id)?.policy),
             _ => None,
         };
+        // why: a default request means a network; forks of a `--network none`
+        // sandbox must not get one (lease, tap, NAT) its source never had.
+        let mode = if src.network.is_some() {
+            NetworkMode::Default
+        } else {
+            NetworkMode::None
+        };
         let name = format!("{id}-fork-{}", &new_id()[..6]);
         self.save_sandbox(&id, &name, true).await?;
         let mut out: Vec<Sandbox> = Vec::new();
         for i in 0..count {
             let req = CreateSandbox {
                 from_snapshot: Some(name.clone()),
+                network: NetworkSpec {
+                    mode,
+                    ..Default::default()
+                },
                 ..Default::default()
             };
             match self.create_from_snapshot_with(req, inherit.clone()).await {
