@@ -109,7 +109,11 @@ impl Agent {
         id_or_name: &str,
         name: &str,
     ) -> Result<Snapshot, AgentError> {
-        self.save_sandbox(id_or_name, name, false).await
+        let (me, id, name) = (self.clone(), id_or_name.to_string(), name.to_string());
+        detached("snapshot", async move {
+            me.save_sandbox(&id, &name, false).await
+        })
+        .await
     }
 
     async fn save_sandbox(
@@ -177,10 +181,10 @@ impl Agent {
             tracing::warn!(sandbox = %rec.id, "snapshot taken without stopping the guest's processes: {err}");
         }
         let saved = vm.save_snapshot(&tmp, &opts).await;
-        if froze.is_ok() {
-            if let Err(err) = conn.thaw_processes().await {
-                tracing::warn!(sandbox = %rec.id, "cannot let the guest's processes continue after the snapshot: {err}");
-            }
+        // why: always, whatever the freeze answered: a Frozen arriving after the
+        // timeout stopped the processes all the same (a thaw of none is harmless).
+        if let Err(err) = conn.thaw_processes().await {
+            tracing::warn!(sandbox = %rec.id, "cannot let the guest's processes continue after the snapshot: {err}");
         }
         let manifest = match saved {
             Ok(m) => m,
@@ -393,6 +397,11 @@ impl Agent {
     /// policy. The snapshot (`<sandbox>-fork-<random>`) is removed with the last
     /// fork. A fork that fails removes the forks made before it and the snapshot.
     pub async fn fork(&self, id_or_name: &str, count: u32) -> Result<Vec<Sandbox>, AgentError> {
+        let (me, id) = (self.clone(), id_or_name.to_string());
+        detached("fork", async move { me.fork_inner(&id, count).await }).await
+    }
+
+    async fn fork_inner(&self, id_or_name: &str, count: u32) -> Result<Vec<Sandbox>, AgentError> {
         if count == 0 || count > MAX_FORK {
             return Err(AgentError::InvalidArgument(format!(
                 "fork count {count} is out of range: give 1..={MAX_FORK}"
@@ -478,4 +487,16 @@ impl Agent {
             tracing::warn!(snapshot = name, "removing the fork snapshot: {e}");
         }
     }
+}
+
+/// Runs `work` as its own task and waits for it: a caller that goes away (a
+/// client disconnecting drops the request's future) cannot stop it between
+/// freezing the guest's processes and thawing them, or leave a `.tmp-*` dir.
+async fn detached<T: Send + 'static>(
+    what: &str,
+    work: impl std::future::Future<Output = Result<T, AgentError>> + Send + 'static,
+) -> Result<T, AgentError> {
+    tokio::spawn(work)
+        .await
+        .map_err(|e| AgentError::Config(format!("{what} task failed: {e}")))?
 }
