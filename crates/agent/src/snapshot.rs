@@ -422,6 +422,14 @@ impl Agent {
         };
         let name = format!("{id}-fork-{}", &new_id()[..6]);
         self.save_sandbox(&id, &name, true).await?;
+        // why: held for the whole loop, so the snapshot cannot go away between
+        // forks (e.g. with the removal of a fork that already ended).
+        let key = snapshot_key(&name);
+        let dir = self.snapshot_dir(&name);
+        let held = self
+            .inner
+            .warm
+            .try_acquire(&key, || dir.join("snapshot.json").exists());
         let mut out: Vec<Sandbox> = Vec::new();
         for i in 0..count {
             let req = CreateSandbox {
@@ -432,9 +440,32 @@ impl Agent {
                 },
                 ..Default::default()
             };
-            match self.create_from_snapshot_with(req, inherit.clone()).await {
-                Ok(s) => out.push(s),
+            // A fork counts once it runs: one that fails while starting (after
+            // the request was accepted) is undone like one refused up front.
+            let made = match self.create_from_snapshot_with(req, inherit.clone()).await {
+                Ok(s) => {
+                    let started = self.wait_started(&s.id).await;
+                    out.push(s);
+                    match started {
+                        Ok(s) if s.status == SandboxStatus::Failed => Err(AgentError::VmFailed {
+                            message: format!(
+                                "fork did not start: {}",
+                                s.error.as_deref().unwrap_or("unknown error")
+                            ),
+                            id: s.id,
+                        }),
+                        Ok(_) => Ok(()),
+                        Err(e) => Err(e),
+                    }
+                }
+                Err(e) => Err(e),
+            };
+            match made {
+                Ok(()) => {}
                 Err(e) => {
+                    if held {
+                        self.release(Some(key.clone()));
+                    }
                     let undone = self.undo_forks(&name, &out).await;
                     return Err(AgentError::ForkFailed {
                         failed: i + 1,
@@ -445,6 +476,11 @@ impl Agent {
                 }
             }
         }
+        if held {
+            self.release(Some(key));
+        }
+        // why: covers forks that all ended and were removed while the reference was held.
+        self.remove_fork_snapshot_if_unused(&name).await;
         Ok(out)
     }
 
