@@ -1455,6 +1455,14 @@ impl Agent {
         Ok(e.snapshot())
     }
 
+    /// Waits until the sandbox has left `creating` (running, or ended) and returns it.
+    pub(crate) async fn wait_started(&self, id: &str) -> Result<Sandbox, AgentError> {
+        let e = self.entry(id)?;
+        let mut st = e.status.subscribe();
+        let _ = st.wait_for(|s| *s != SandboxStatus::Creating).await;
+        Ok(e.view())
+    }
+
     /// Waits until the sandbox is running (or ended), then returns its stdin.
     pub async fn main_stdin(&self, id_or_name: &str) -> Result<SessionInput, AgentError> {
         let e = self.settled_entry(id_or_name).await?;

@@ -7,7 +7,7 @@
 
 use std::path::PathBuf;
 
-use hearth_api::network::NetworkMode;
+use hearth_api::network::{NetworkMode, NetworkSpec};
 use hearth_api::{CreateSandbox, Sandbox, SandboxStatus, Snapshot, StartPath};
 use hearth_proto::ExecRequest as GuestExec;
 use hearth_vmm::{AfterSave, SaveOptions, SnapshotManifest};
@@ -46,6 +46,11 @@ pub(crate) struct SnapshotMeta {
     /// Made by `hearth fork`: removed with the last sandbox restored from it.
     #[serde(default)]
     pub fork: bool,
+    /// The source sandbox had a network (not `--network none`); a start from
+    /// the snapshot without network flags gets one only then. Absent in
+    /// snapshots of older hearthd (which treated them as networked).
+    #[serde(default)]
+    pub networked: Option<bool>,
 }
 
 impl Agent {
@@ -104,7 +109,11 @@ impl Agent {
         id_or_name: &str,
         name: &str,
     ) -> Result<Snapshot, AgentError> {
-        self.save_sandbox(id_or_name, name, false).await
+        let (me, id, name) = (self.clone(), id_or_name.to_string(), name.to_string());
+        detached("snapshot", async move {
+            me.save_sandbox(&id, &name, false).await
+        })
+        .await
     }
 
     async fn save_sandbox(
@@ -153,6 +162,7 @@ impl Agent {
             created_ms: now_ms(),
             nic: e.nic.load(std::sync::atomic::Ordering::Relaxed) || rec.network.is_some(),
             fork,
+            networked: Some(rec.network.is_some()),
         };
         let tmp = self
             .snapshots_root()
@@ -171,10 +181,10 @@ impl Agent {
             tracing::warn!(sandbox = %rec.id, "snapshot taken without stopping the guest's processes: {err}");
         }
         let saved = vm.save_snapshot(&tmp, &opts).await;
-        if froze.is_ok() {
-            if let Err(err) = conn.thaw_processes().await {
-                tracing::warn!(sandbox = %rec.id, "cannot let the guest's processes continue after the snapshot: {err}");
-            }
+        // why: always, whatever the freeze answered: a Frozen arriving after the
+        // timeout stopped the processes all the same (a thaw of none is harmless).
+        if let Err(err) = conn.thaw_processes().await {
+            tracing::warn!(sandbox = %rec.id, "cannot let the guest's processes continue after the snapshot: {err}");
         }
         let manifest = match saved {
             Ok(m) => m,
@@ -263,8 +273,15 @@ impl Agent {
             }
         };
         // The network follows the request (a fork: its source's policy), when the
-        // snapshot's VM has a network device to carry it.
-        let wanted = match req.network.mode {
+        // snapshot's VM has a network device to carry it. A request without
+        // network flags starts as the snapshot's source did: a snapshot of a
+        // `--network none` sandbox gives no network unless rules ask for one.
+        let mode = if req.network == NetworkSpec::default() && meta.networked == Some(false) {
+            NetworkMode::None
+        } else {
+            req.network.mode
+        };
+        let wanted = match mode {
             NetworkMode::None => None,
             NetworkMode::Default if self.net().is_none() => None,
             NetworkMode::Default => match inherit {
@@ -380,6 +397,11 @@ impl Agent {
     /// policy. The snapshot (`<sandbox>-fork-<random>`) is removed with the last
     /// fork. A fork that fails removes the forks made before it and the snapshot.
     pub async fn fork(&self, id_or_name: &str, count: u32) -> Result<Vec<Sandbox>, AgentError> {
+        let (me, id) = (self.clone(), id_or_name.to_string());
+        detached("fork", async move { me.fork_inner(&id, count).await }).await
+    }
+
+    async fn fork_inner(&self, id_or_name: &str, count: u32) -> Result<Vec<Sandbox>, AgentError> {
         if count == 0 || count > MAX_FORK {
             return Err(AgentError::InvalidArgument(format!(
                 "fork count {count} is out of range: give 1..={MAX_FORK}"
@@ -391,17 +413,59 @@ impl Agent {
             (Some(_), Some(net)) => Some(net.get(&id)?.policy),
             _ => None,
         };
+        // why: a default request means a network; forks of a `--network none`
+        // sandbox must not get one (lease, tap, NAT) its source never had.
+        let mode = if src.network.is_some() {
+            NetworkMode::Default
+        } else {
+            NetworkMode::None
+        };
         let name = format!("{id}-fork-{}", &new_id()[..6]);
         self.save_sandbox(&id, &name, true).await?;
+        // why: held for the whole loop, so the snapshot cannot go away between
+        // forks (e.g. with the removal of a fork that already ended).
+        let key = snapshot_key(&name);
+        let dir = self.snapshot_dir(&name);
+        let held = self
+            .inner
+            .warm
+            .try_acquire(&key, || dir.join("snapshot.json").exists());
         let mut out: Vec<Sandbox> = Vec::new();
         for i in 0..count {
             let req = CreateSandbox {
                 from_snapshot: Some(name.clone()),
+                network: NetworkSpec {
+                    mode,
+                    ..Default::default()
+                },
                 ..Default::default()
             };
-            match self.create_from_snapshot_with(req, inherit.clone()).await {
-                Ok(s) => out.push(s),
+            // A fork counts once it runs: one that fails while starting (after
+            // the request was accepted) is undone like one refused up front.
+            let made = match self.create_from_snapshot_with(req, inherit.clone()).await {
+                Ok(s) => {
+                    let started = self.wait_started(&s.id).await;
+                    out.push(s);
+                    match started {
+                        Ok(s) if s.status == SandboxStatus::Failed => Err(AgentError::VmFailed {
+                            message: format!(
+                                "fork did not start: {}",
+                                s.error.as_deref().unwrap_or("unknown error")
+                            ),
+                            id: s.id,
+                        }),
+                        Ok(_) => Ok(()),
+                        Err(e) => Err(e),
+                    }
+                }
+                Err(e) => Err(e),
+            };
+            match made {
+                Ok(()) => {}
                 Err(e) => {
+                    if held {
+                        self.release(Some(key.clone()));
+                    }
                     let undone = self.undo_forks(&name, &out).await;
                     return Err(AgentError::ForkFailed {
                         failed: i + 1,
@@ -412,6 +476,11 @@ impl Agent {
                 }
             }
         }
+        if held {
+            self.release(Some(key));
+        }
+        // why: covers forks that all ended and were removed while the reference was held.
+        self.remove_fork_snapshot_if_unused(&name).await;
         Ok(out)
     }
 
@@ -454,4 +523,16 @@ impl Agent {
             tracing::warn!(snapshot = name, "removing the fork snapshot: {e}");
         }
     }
+}
+
+/// Runs `work` as its own task and waits for it: a caller that goes away (a
+/// client disconnecting drops the request's future) cannot stop it between
+/// freezing the guest's processes and thawing them, or leave a `.tmp-*` dir.
+async fn detached<T: Send + 'static>(
+    what: &str,
+    work: impl std::future::Future<Output = Result<T, AgentError>> + Send + 'static,
+) -> Result<T, AgentError> {
+    tokio::spawn(work)
+        .await
+        .map_err(|e| AgentError::Config(format!("{what} task failed: {e}")))?
 }

@@ -1564,3 +1564,58 @@ fn a_fork_that_fails_part_way_removes_the_forks_it_made() {
     );
     assert_eq!(control_plane_leases(&d).len(), 1);
 }
+
+#[test]
+fn forks_of_a_warm_sandbox_without_network_get_no_network() {
+    let d = Daemon::start();
+    let out = d.hearth(&[
+        "template", "create", "busybox", "--name", "bbo", "--memory", "128",
+    ]);
+    assert!(out.status.success(), "{}", show(&out));
+    // Warm-started: its VM has a network device, but no network.
+    let out = d.hearth(&[
+        "run",
+        "-d",
+        "--network",
+        "none",
+        "--name",
+        "off",
+        "busybox",
+        "--",
+        "sleep",
+        "600",
+    ]);
+    assert!(out.status.success(), "{}", show(&out));
+    wait_until("sandbox running", Duration::from_secs(120), || {
+        let s = d.inspect("off");
+        assert_ne!(s["status"], "failed", "{s}");
+        s["status"] == "running"
+    });
+    let s = d.inspect("off");
+    assert_eq!(s["start_path"], "template", "{s}");
+    assert!(s["network"].is_null(), "{s}");
+    let out = d.hearth(&["fork", "off", "-n", "1"]);
+    assert!(out.status.success(), "{}", show(&out));
+    let fork = stdout(&out).trim().to_string();
+    wait_until("fork running", Duration::from_secs(120), || {
+        let s = d.inspect(&fork);
+        assert_ne!(s["status"], "failed", "{s}");
+        s["status"] == "running"
+    });
+    let s = d.inspect(&fork);
+    assert!(s["network"].is_null(), "the fork got a network: {s}");
+    assert_eq!(
+        exec(&d, &fork, "ip -o -4 addr show dev eth0 | wc -l"),
+        "0\n",
+        "the fork has an address on eth0"
+    );
+    assert!(
+        control_plane_leases(&d).is_empty(),
+        "a lease is held: {:?}",
+        control_plane_leases(&d)
+    );
+    for id in [fork.as_str(), "off"] {
+        let out = d.hearth(&["rm", "-f", id]);
+        assert!(out.status.success(), "{}", show(&out));
+    }
+}

@@ -652,3 +652,42 @@ fn restore_on_a_full_disk_fails_cleanly_and_works_once_space_is_freed() {
     drop(d);
     let _ = Command::new("umount").arg("-l").arg(&data).status();
 }
+
+#[test]
+fn the_source_keeps_running_after_a_snapshot_also_when_its_client_goes_away() {
+    let d = Daemon::start();
+    run_detached(&d, &["--name", "ctr", "busybox", "--", "sh", "-c", COUNTER]);
+    let advances = |what: &str| {
+        let last = counted(&d, "ctr").last().copied().unwrap_or(0);
+        wait_until(what, Duration::from_secs(20), || {
+            counted(&d, "ctr").last().copied().unwrap_or(0) > last + 1
+        });
+    };
+    wait_until("the counter to count", Duration::from_secs(120), || {
+        counted(&d, "ctr").len() >= 3
+    });
+    let out = d.hearth(&["snapshot", "ctr", "--name", "s1"]);
+    assert!(out.status.success(), "{}", show(&out));
+    // Its own workload, not a new exec, continues after the snapshot.
+    advances("the counter to continue after a snapshot");
+
+    // A client killed 50 ms into its request must not leave the workload stopped.
+    let mut child = d
+        .cmd(&["snapshot", "ctr", "--name", "s2"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("hearth snapshot");
+    std::thread::sleep(Duration::from_millis(50));
+    child.kill().expect("kill the client");
+    let _ = child.wait();
+    advances("the counter to continue after a cancelled snapshot");
+    // The save may still be finishing: it ends installed or removed, never left.
+    wait_until("no .tmp- dir", Duration::from_secs(60), || {
+        std::fs::read_dir(d.data_dir().join("snapshots"))
+            .map(|rd| {
+                !rd.flatten()
+                    .any(|e| e.file_name().to_string_lossy().starts_with(".tmp-"))
+            })
+            .unwrap_or(true)
+    });
+}
