@@ -477,7 +477,11 @@ fn exit_code_is_kept_when_hearthd_dies_while_shutting_the_vm_down() {
         "--",
         "sh",
         "-c",
-        "echo up; sleep 4; exit 7",
+        // why: a mount inside the root keeps the guest's power-off busy for its
+        // 2 s unmount retries, so the teardown (outcome saved, power-off not
+        // done) lasts long enough to be caught; a quick power-off would
+        // otherwise finish between two polls.
+        "mkdir -p /busy && mount -t tmpfs busy /busy && echo up; sleep 4; exit 7",
     ]);
     assert!(out.status.success(), "{}", show(&out));
     let id = stdout(&out).trim().to_string();
