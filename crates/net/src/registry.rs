@@ -56,6 +56,15 @@ impl Drop for Registration {
     }
 }
 
+/// True when `pid` runs in this process's network namespace. why: a registry
+/// file can outlive its agent (kill -9), its pid can be reused by an unrelated
+/// process (pid_max is often 32768), and a namespace's inode number is reused
+/// once it is gone: such an entry is stale, not a live agent's pool.
+fn in_this_netns(pid: u32) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(format!("/proc/{pid}/ns/net")).is_ok_and(|m| m.ino() == netns_id())
+}
+
 fn alive(pid: u32) -> bool {
     // SAFETY: signal 0 only checks that the process exists; no signal is sent.
     let rc = unsafe { libc::kill(pid as libc::pid_t, 0) };
@@ -111,7 +120,7 @@ pub fn register_in(
             .split_once(' ')
             .map(|(p, d)| (p.parse::<u32>().unwrap_or(0), d.to_string()))
             .unwrap_or((0, String::new()));
-        if owner_dir != me && pid != 0 && alive(pid) {
+        if owner_dir != me && pid != 0 && alive(pid) && in_this_netns(pid) {
             return Err(RegistryError::Overlap {
                 pool,
                 other,
