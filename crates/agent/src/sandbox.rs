@@ -194,6 +194,8 @@ pub(crate) struct Entry {
     pub(crate) recovering: watch::Sender<bool>,
     /// The VM has a network device (so its snapshots need one on restore).
     pub(crate) nic: std::sync::atomic::AtomicBool,
+    /// Held while the record is saved (saves never overtake each other).
+    persisting: Mutex<()>,
 }
 
 impl Entry {
@@ -217,6 +219,7 @@ impl Entry {
             saving: tokio::sync::Mutex::new(()),
             recovering: watch::channel(false).0,
             nic: std::sync::atomic::AtomicBool::new(false),
+            persisting: Mutex::new(()),
         }
     }
 
@@ -234,16 +237,21 @@ impl Entry {
         r
     }
 
+    /// Changes the record: saved first, then shown, so a status a client has
+    /// seen survives a crash of hearthd right after it (CI killed hearthd the
+    /// moment `inspect` said running, before the save, and the restart found a
+    /// sandbox still being created). Updates are serialized: an older copy is
+    /// never saved over a newer one.
     pub(crate) fn update(&self, f: impl FnOnce(&mut Sandbox)) {
-        let rec = {
-            let mut r = lock(&self.record);
-            f(&mut r);
-            r.clone()
-        };
+        let _saving = lock(&self.persisting);
+        let mut rec = self.snapshot();
+        f(&mut rec);
         if let Err(e) = persist(&self.dir, &rec) {
             tracing::error!(sandbox = %rec.id, "cannot save sandbox record: {e}");
         }
-        self.status.send_replace(rec.status);
+        let status = rec.status;
+        *lock(&self.record) = rec;
+        self.status.send_replace(status);
     }
 }
 
