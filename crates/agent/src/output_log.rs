@@ -20,6 +20,8 @@ use tokio::sync::watch;
 /// buffer, so a hearthd killed at any point finds it on restart.
 pub struct OutputLog {
     file: std::fs::File,
+    /// Created when the size limit is reached (see [`truncated_marker`]).
+    marker: PathBuf,
     written: u64,
     notify: watch::Sender<u64>,
     /// Output beyond this many bytes is discarded (after one notice).
@@ -39,8 +41,15 @@ impl OutputLog {
             .truncate(true)
             .write(true)
             .open(path)?;
+        let marker = truncated_marker(path);
+        if let Err(e) = std::fs::remove_file(&marker) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                return Err(e);
+            }
+        }
         Ok(OutputLog {
             file,
+            marker,
             written: 0,
             notify,
             limit,
@@ -61,12 +70,15 @@ impl OutputLog {
             .open(path)?;
         let written = file.metadata()?.len();
         notify.send_replace(written);
+        let marker = truncated_marker(path);
+        let truncated = written >= limit || marker.exists();
         Ok(OutputLog {
             file,
+            marker,
             written,
             notify,
             limit,
-            truncated: written >= limit,
+            truncated,
         })
     }
 
@@ -80,6 +92,9 @@ impl OutputLog {
         let mut bytes = rec.encode();
         if self.written + bytes.len() as u64 > self.limit {
             self.truncated = true;
+            // why: a restarted hearthd must know the log stopped on purpose; the
+            // notice text alone could be printed by the workload itself.
+            std::fs::File::create(&self.marker)?;
             bytes = Record::Stderr(
                 format!(
                     "\nhearth: output log limit of {} bytes reached; further output of this sandbox is discarded\n",
@@ -102,6 +117,12 @@ impl OutputLog {
             .await
             .map_err(std::io::Error::other)?
     }
+}
+
+/// The file whose existence says the log at `log` reached its size limit
+/// (`output.truncated` beside `output.log`).
+pub fn truncated_marker(log: &Path) -> PathBuf {
+    log.with_extension("truncated")
 }
 
 /// A reader that follows the log: yields chunks of raw record bytes.
@@ -176,5 +197,41 @@ impl LogFollower {
                 },
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn reaching_the_limit_leaves_a_marker_a_new_log_clears() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("output.log");
+        let (tx, _rx) = watch::channel(0);
+        let mut log = OutputLog::create(&p, tx.clone(), 64).await.unwrap();
+        log.append(&Record::Stdout(b"small".to_vec()))
+            .await
+            .unwrap();
+        assert!(!truncated_marker(&p).exists());
+        log.append(&Record::Stdout(vec![b'x'; 100])).await.unwrap();
+        assert!(truncated_marker(&p).exists(), "the limit was reached");
+        drop(log);
+        let mut again = OutputLog::open_append(&p, tx.clone(), 64).await.unwrap();
+        let len = std::fs::metadata(&p).unwrap().len();
+        again
+            .append(&Record::Stdout(b"more".to_vec()))
+            .await
+            .unwrap();
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().len(),
+            len,
+            "a reopened truncated log stays closed"
+        );
+        OutputLog::create(&p, tx, 64).await.unwrap();
+        assert!(
+            !truncated_marker(&p).exists(),
+            "a new log starts untruncated"
+        );
     }
 }

@@ -29,8 +29,6 @@ const WORKLOAD_VERSION: u32 = 1;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bound on a running guest answering a resume (TCG guests are slow).
 const RESUME_TIMEOUT: Duration = Duration::from_secs(30);
-/// What the output log's size-limit notice starts with (see `OutputLog::append`).
-const LIMIT_NOTICE: &[u8] = b"\nhearth: output log limit of ";
 
 /// `outcome.json` in a sandbox dir: how the workload ended, saved before its
 /// VM is shut down, so a hearthd that dies during the teardown loses nothing.
@@ -192,7 +190,7 @@ pub(crate) fn log_end(path: &Path) -> std::io::Result<LogEnd> {
     };
     let mut dec = Decoder::default();
     let mut buf = vec![0u8; 256 * 1024];
-    let (mut total, mut stream_bytes, mut truncated) = (0u64, 0u64, false);
+    let (mut total, mut stream_bytes) = (0u64, 0u64);
     loop {
         let n = f.read(&mut buf)?;
         if n == 0 {
@@ -202,14 +200,7 @@ pub(crate) fn log_end(path: &Path) -> std::io::Result<LogEnd> {
         dec.push(&buf[..n]);
         loop {
             match dec.next_record() {
-                Ok(Some(Record::Stdout(b))) => stream_bytes += b.len() as u64,
-                Ok(Some(Record::Stderr(b))) => {
-                    if b.starts_with(LIMIT_NOTICE) {
-                        truncated = true;
-                    } else {
-                        stream_bytes += b.len() as u64;
-                    }
-                }
+                Ok(Some(Record::Stdout(b) | Record::Stderr(b))) => stream_bytes += b.len() as u64,
                 Ok(Some(_)) => {}
                 Ok(None) => break,
                 Err(e) => {
@@ -221,6 +212,8 @@ pub(crate) fn log_end(path: &Path) -> std::io::Result<LogEnd> {
             }
         }
     }
+    // why: the marker, not the notice's text (a workload can print that).
+    let truncated = crate::output_log::truncated_marker(path).exists();
     let whole = total - dec.pending() as u64;
     if whole < total {
         tracing::warn!(log = %path.display(), torn = total - whole, "cutting a torn record off the output log");
@@ -584,14 +577,23 @@ mod tests {
     }
 
     #[test]
-    fn log_end_sees_the_size_limit_notice() {
+    fn log_end_trusts_the_marker_not_a_notice_the_workload_printed() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("output.log");
         let mut data = Record::Stdout(b"abc".to_vec()).encode();
-        let mut notice = LIMIT_NOTICE.to_vec();
-        notice.extend_from_slice(b"10 bytes reached");
-        data.extend(Record::Stderr(notice).encode());
+        let forged = b"\nhearth: output log limit of 10 bytes reached\n".to_vec();
+        let forged_len = forged.len() as u64;
+        data.extend(Record::Stderr(forged).encode());
         std::fs::write(&p, &data).unwrap();
+        assert_eq!(
+            log_end(&p).unwrap(),
+            LogEnd {
+                stream_bytes: 3 + forged_len,
+                truncated: false
+            },
+            "the workload's own stderr is output like any other"
+        );
+        std::fs::write(crate::output_log::truncated_marker(&p), b"").unwrap();
         assert!(log_end(&p).unwrap().truncated);
         assert_eq!(
             log_end(&d.path().join("none")).unwrap(),
