@@ -119,7 +119,7 @@ pub struct GuestConn {
     /// Set during a migration's switch-over: nothing more goes to the guest.
     frozen: std::sync::atomic::AtomicBool,
     /// Frames handed to the writer task, and frames it has written.
-    queued: AtomicU64,
+    queued: Arc<AtomicU64>,
     written: Arc<AtomicU64>,
 }
 
@@ -315,7 +315,7 @@ impl GuestConn {
             frozen_ack: Mutex::new(None),
             closed,
             frozen: std::sync::atomic::AtomicBool::new(false),
-            queued: AtomicU64::new(0),
+            queued: Arc::new(AtomicU64::new(0)),
             written,
         });
         let early = before(&conn);
@@ -583,13 +583,35 @@ impl GuestConn {
         r
     }
 
-    /// Queues a frame without waiting (best effort, for Drop).
+    /// Queues a frame without waiting (for Drop and the reader task). A full
+    /// queue does not lose it: a task sends it once there is room (an ExitAck
+    /// or credit dropped there left an ended session in the guest forever, or
+    /// its output stalled).
     fn try_send(&self, f: Frame) {
         if self.frozen.load(Ordering::SeqCst) {
             return;
         }
-        if self.tx.try_send(f).is_ok() {
-            self.queued.fetch_add(1, Ordering::AcqRel);
+        self.queued.fetch_add(1, Ordering::AcqRel);
+        match self.tx.try_send(f) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(f)) => {
+                let Ok(rt) = tokio::runtime::Handle::try_current() else {
+                    self.queued.fetch_sub(1, Ordering::AcqRel);
+                    return;
+                };
+                let (tx, queued) = (self.tx.clone(), self.queued.clone());
+                rt.spawn(async move {
+                    if tokio::time::timeout(SEND_TIMEOUT, tx.send(f))
+                        .await
+                        .map_or(true, |r| r.is_err())
+                    {
+                        queued.fetch_sub(1, Ordering::AcqRel);
+                    }
+                });
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.queued.fetch_sub(1, Ordering::AcqRel);
+            }
         }
     }
 
@@ -1066,5 +1088,47 @@ mod tests {
         let sig = next_frame(&mut guest).await;
         assert_eq!((sig.kind, sig.id), (Kind::Signal, exec.id));
         assert_eq!(sig.parse::<SignalRequest>().unwrap().signal, libc::SIGKILL);
+    }
+
+    #[tokio::test]
+    async fn acks_are_not_lost_when_the_send_queue_is_full() {
+        // A tiny pipe the "guest" does not read yet: the writer blocks and the
+        // 64-frame queue fills with acks for its Exit frames.
+        let (host, guest) = tokio::io::duplex(256);
+        let (mut rd, mut wr) = tokio::io::split(guest);
+        let hello = Hello {
+            protocol_version: PROTOCOL_VERSION,
+            agent_version: "test".into(),
+            kernel_release: "6.1".into(),
+        };
+        write_frame_async(&mut wr, &Frame::json(Kind::Hello, 0, &hello))
+            .await
+            .unwrap();
+        let conn = GuestConn::handshake(host, Duration::from_secs(5))
+            .await
+            .unwrap();
+        const N: u32 = 200;
+        let exit = ExitStatus {
+            code: Some(0),
+            signal: None,
+        };
+        for id in 1000..1000 + N {
+            // Exits of sessions the host does not know: each is acknowledged.
+            write_frame_async(&mut wr, &Frame::json(Kind::Exit, id, &exit))
+                .await
+                .unwrap();
+        }
+        let mut acked = std::collections::BTreeSet::new();
+        while acked.len() < N as usize {
+            let f = tokio::time::timeout(Duration::from_secs(5), read_frame_async(&mut rd))
+                .await
+                .expect("every ack arrives")
+                .unwrap()
+                .unwrap();
+            assert_eq!(f.kind, Kind::ExitAck);
+            acked.insert(f.id);
+        }
+        assert_eq!(acked, (1000..1000 + N).collect());
+        drop(conn);
     }
 }
