@@ -29,6 +29,10 @@ const WORKLOAD_VERSION: u32 = 1;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bound on a running guest answering a resume (TCG guests are slow).
 const RESUME_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connections tried before a running VM whose guest does not resume is killed.
+const RESUME_ATTEMPTS: u32 = 3;
+/// Pause between those attempts.
+const RESUME_RETRY: Duration = Duration::from_secs(1);
 
 /// `outcome.json` in a sandbox dir: how the workload ended, saved before its
 /// VM is shut down, so a hearthd that dies during the teardown loses nothing.
@@ -473,15 +477,6 @@ impl Agent {
         let log_path: PathBuf = entry.dir.join("output.log");
         let end = log_end(&log_path)
             .map_err(|e| broken(format!("cannot read {}: {e}", log_path.display())))?;
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, vm.connect_agent())
-            .await
-            .map_err(|_| {
-                broken(format!(
-                    "its agent socket did not accept within {CONNECT_TIMEOUT:?}"
-                ))
-            })?
-            .map_err(|e| broken(e.to_string()))?;
-        let chan_fd = crate::sandbox::stream_fd(&stream);
         // why: the log starts at the session's offset `base` (non-zero after a
         // snapshot restore), so the guest's offsets are base + log bytes.
         let held = workload.base + end.stream_bytes;
@@ -490,9 +485,33 @@ impl Agent {
             id: workload.session,
             persisted,
         }];
-        let (conn, resumed, mut sessions) = GuestConn::resume(stream, &want, RESUME_TIMEOUT)
-            .await
-            .map_err(|e| broken(format!("resuming the guest channel: {e}")))?;
+        // why: the guest answers a resume at guest speed; a slow or lost answer
+        // is retried on a new connection before the VM is given up (killed).
+        let mut attempt = 0;
+        let (chan_fd, conn, resumed, mut sessions) = loop {
+            attempt += 1;
+            let tried = async {
+                let stream = tokio::time::timeout(CONNECT_TIMEOUT, vm.connect_agent())
+                    .await
+                    .map_err(|_| {
+                        format!("its agent socket did not accept within {CONNECT_TIMEOUT:?}")
+                    })?
+                    .map_err(|e| e.to_string())?;
+                let chan_fd = crate::sandbox::stream_fd(&stream);
+                GuestConn::resume(stream, &want, RESUME_TIMEOUT)
+                    .await
+                    .map(|(c, r, s)| (chan_fd, c, r, s))
+                    .map_err(|e| format!("resuming the guest channel: {e}"))
+            };
+            match tried.await {
+                Ok(done) => break done,
+                Err(e) if attempt < RESUME_ATTEMPTS && hearth_vmm::is_alive(vm_dir) => {
+                    tracing::warn!(sandbox = %entry.snapshot().id, attempt, "{e}; reconnecting");
+                    tokio::time::sleep(RESUME_RETRY).await;
+                }
+                Err(e) => return Err(broken(format!("{e} (after {attempt} attempts)"))),
+            }
+        };
         let Some(info) = resumed.sessions.iter().find(|s| s.id == workload.session) else {
             return Err(broken(format!(
                 "the guest no longer knows the main workload (session {})",
@@ -516,9 +535,14 @@ impl Agent {
             exited = info.exited,
             "resuming the main workload's output"
         );
+        // why: the guest may list other sessions (execs); only the main one is
+        // taken over, the others are dropped (their processes are killed).
         let session = sessions
-            .pop()
+            .iter()
+            .position(|s| s.id() == workload.session)
+            .map(|i| sessions.swap_remove(i))
             .ok_or_else(|| broken("no session to resume".into()))?;
+        drop(sessions);
         // why: a re-adopted sandbox holds its template or snapshot as one started
         // by this daemon does, so neither can be removed under it; released at
         // its teardown.
