@@ -70,6 +70,13 @@ pub enum AgentError {
     /// No migration of that sandbox is known here.
     #[error("{0}")]
     NoMigration(String),
+    /// A migration target refusing an abort: the sandbox was committed here.
+    #[error("{0}")]
+    MigrationCommitted(String),
+    /// A migration whose outcome is unknown (the source's copy is paused and
+    /// the target may run the sandbox).
+    #[error("{0}")]
+    MigrationUnresolved(String),
     #[error(transparent)]
     Net(#[from] hearth_net::NetError),
     /// The control plane did not lease an address.
@@ -107,6 +114,8 @@ impl AgentError {
             AgentError::ImageMissing(_) => ErrorCode::ImageNotFound,
             AgentError::Migration(_) => ErrorCode::VmFailed,
             AgentError::NoMigration(_) => ErrorCode::NotFound,
+            AgentError::MigrationCommitted(_) => ErrorCode::MigrationCommitted,
+            AgentError::MigrationUnresolved(_) => ErrorCode::MigrationUnresolved,
             AgentError::Net(e) if e.is_bad_input() => ErrorCode::InvalidArgument,
             AgentError::Net(e) if e.is_exhausted() => ErrorCode::Exhausted,
             AgentError::Net(e) if e.is_not_found() => ErrorCode::NotFound,

@@ -440,6 +440,12 @@ pub enum ErrorCode {
     Unavailable,
     /// Another agent instance holds this node id.
     NodeIdentityConflict,
+    /// A migration target's answer to an abort: the sandbox was committed
+    /// there and runs there (the source must not resume it).
+    MigrationCommitted,
+    /// A migration's outcome is unknown: the source keeps its copy paused and
+    /// the target may run the sandbox; resolved when the target answers.
+    MigrationUnresolved,
 }
 
 impl ErrorCode {
@@ -449,8 +455,11 @@ impl ErrorCode {
             ErrorCode::BadRequest | ErrorCode::InvalidArgument | ErrorCode::NoCommand => 400,
             ErrorCode::Unauthorized => 401,
             ErrorCode::NotFound | ErrorCode::ImageNotFound => 404,
-            ErrorCode::Conflict | ErrorCode::Unschedulable | ErrorCode::NodeIdentityConflict => 409,
-            ErrorCode::Unavailable | ErrorCode::Exhausted => 503,
+            ErrorCode::Conflict
+            | ErrorCode::Unschedulable
+            | ErrorCode::NodeIdentityConflict
+            | ErrorCode::MigrationCommitted => 409,
+            ErrorCode::Unavailable | ErrorCode::Exhausted | ErrorCode::MigrationUnresolved => 503,
             ErrorCode::VmFailed | ErrorCode::Internal => 500,
         }
     }

@@ -520,7 +520,11 @@ pub(crate) async fn run_source(
                     let msg = format!(
                         "the commit of sandbox {id} got no clear answer ({commit_err}) and neither did the abort ({why}); it is paused here and may run there: check the target, then resolve by retrying when it answers"
                     );
-                    job.end(entry, Phase::Unresolved, Err(AgentError::Migration(msg)));
+                    job.end(
+                        entry,
+                        Phase::Unresolved,
+                        Err(AgentError::MigrationUnresolved(msg)),
+                    );
                     return SourceEnd::StayedHere(None);
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -1063,7 +1067,7 @@ impl Agent {
         let inc = lock(&self.inner.migrations.incoming).get(id).cloned();
         let Some(inc) = inc else {
             if !only_if_waiting && lock(&self.inner.sandboxes).contains_key(id) {
-                return Err(AgentError::Conflict(format!(
+                return Err(AgentError::MigrationCommitted(format!(
                     "sandbox '{id}' was committed and runs on node {}",
                     self.inner.cfg.node
                 )));
@@ -1086,7 +1090,7 @@ impl Agent {
             }
             Slot::Committed => {
                 *slot = Slot::Committed;
-                Err(AgentError::Conflict(format!(
+                Err(AgentError::MigrationCommitted(format!(
                     "sandbox '{id}' was committed and runs on node {}",
                     self.inner.cfg.node
                 )))

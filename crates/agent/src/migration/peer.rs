@@ -160,7 +160,7 @@ pub fn classify_abort(r: &Result<IncomingAborted, PeerError>) -> AbortVerdict {
         Ok(IncomingAborted {
             removed: IncomingRemoved::Uncommitted,
         }) => AbortVerdict::RemovedUncommitted,
-        Err(PeerError::Refused { error, .. }) if error.code == ErrorCode::Conflict => {
+        Err(PeerError::Refused { error, .. }) if error.code == ErrorCode::MigrationCommitted => {
             AbortVerdict::Committed
         }
         Err(e) => AbortVerdict::Unknown(e.to_string()),
@@ -185,10 +185,13 @@ mod tests {
         });
         assert_eq!(classify_abort(&ok), AbortVerdict::RemovedUncommitted);
         assert_eq!(
-            classify_abort(&refused(ErrorCode::Conflict)),
+            classify_abort(&refused(ErrorCode::MigrationCommitted)),
             AbortVerdict::Committed
         );
+        // why: a 409 of some other conflict (a proxy, another handler) is no
+        // statement about the commit.
         for code in [
+            ErrorCode::Conflict,
             ErrorCode::NotFound,
             ErrorCode::Unauthorized,
             ErrorCode::Internal,

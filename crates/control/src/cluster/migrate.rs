@@ -297,7 +297,7 @@ async fn drive(
             let last = source_status(cp, &src, &agent_id).await;
             let unresolved = last.as_ref().is_some_and(|s| s.phase == "unresolved")
                 && phase != "preparing"
-                || e.message.contains("may run there");
+                || e.code == ErrorCode::MigrationUnresolved;
             if unresolved {
                 let why = format!(
                     "the target node {} did not answer after the switch-over: sandbox {id} is paused on node {} and may run on node {}; the record completes when node {} reports it running ({})",
