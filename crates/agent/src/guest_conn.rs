@@ -438,31 +438,7 @@ impl GuestConn {
     /// Takes over session `id`, whose process already runs in a restored guest:
     /// its further output and exit come to the returned session.
     pub fn attach(self: &Arc<Self>, id: u32) -> Session {
-        let (events_tx, events) = mpsc::unbounded_channel();
-        let stdin_credit = Arc::new(Semaphore::new(INITIAL_WINDOW as usize));
-        let in_flight = Arc::new(AtomicU64::new(0));
-        self.sessions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(
-                id,
-                SessionSink {
-                    events: events_tx,
-                    stdin_credit: stdin_credit.clone(),
-                    in_flight: in_flight.clone(),
-                    routed: 0,
-                },
-            );
-        Session {
-            id,
-            conn: self.clone(),
-            events,
-            stdin_credit,
-            in_flight,
-            pending_credit: 0,
-            ended: false,
-            ack_exit: true,
-        }
+        self.adopt_session(id, 0)
     }
 
     /// Resolves when the channel is gone.

@@ -75,15 +75,28 @@ impl Client {
         }
     }
 
-    pub async fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, CliError> {
-        let resp = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .send()
-            .await
-            .map_err(|e| self.unreachable(e))?;
-        let resp = Self::check(resp, path).await?;
+    /// Sends a request to `path` (with a JSON body if given) and checks the answer.
+    async fn call<B: Serialize>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<reqwest::Response, CliError> {
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = req.send().await.map_err(|e| self.unreachable(e))?;
+        Self::check(resp, path).await
+    }
+
+    async fn json<T: DeserializeOwned>(&self, resp: reqwest::Response) -> Result<T, CliError> {
         resp.json().await.map_err(|e| self.unreachable(e))
+    }
+
+    pub async fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, CliError> {
+        let resp = self.call::<()>(reqwest::Method::GET, path, None).await?;
+        self.json(resp).await
     }
 
     pub async fn post_json<B: Serialize, T: DeserializeOwned>(
@@ -91,26 +104,13 @@ impl Client {
         path: &str,
         body: &B,
     ) -> Result<T, CliError> {
-        let resp = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .json(body)
-            .send()
-            .await
-            .map_err(|e| self.unreachable(e))?;
-        let resp = Self::check(resp, path).await?;
-        resp.json().await.map_err(|e| self.unreachable(e))
+        let resp = self.call(reqwest::Method::POST, path, Some(body)).await?;
+        self.json(resp).await
     }
 
     /// POST without a body, expecting no content back.
     pub async fn post_empty(&self, path: &str) -> Result<(), CliError> {
-        let resp = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .send()
-            .await
-            .map_err(|e| self.unreachable(e))?;
-        Self::check(resp, path).await?;
+        self.call::<()>(reqwest::Method::POST, path, None).await?;
         Ok(())
     }
 
@@ -120,14 +120,7 @@ impl Client {
         path: &str,
         body: &B,
     ) -> Result<(), CliError> {
-        let resp = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .json(body)
-            .send()
-            .await
-            .map_err(|e| self.unreachable(e))?;
-        Self::check(resp, path).await?;
+        self.call(reqwest::Method::POST, path, Some(body)).await?;
         Ok(())
     }
 
@@ -136,47 +129,22 @@ impl Client {
         path: &str,
         body: &B,
     ) -> Result<T, CliError> {
-        let resp = self
-            .http
-            .put(format!("{}{path}", self.base))
-            .json(body)
-            .send()
-            .await
-            .map_err(|e| self.unreachable(e))?;
-        let resp = Self::check(resp, path).await?;
-        resp.json().await.map_err(|e| self.unreachable(e))
+        let resp = self.call(reqwest::Method::PUT, path, Some(body)).await?;
+        self.json(resp).await
     }
 
     pub async fn delete(&self, path: &str) -> Result<(), CliError> {
-        let resp = self
-            .http
-            .delete(format!("{}{path}", self.base))
-            .send()
-            .await
-            .map_err(|e| self.unreachable(e))?;
-        Self::check(resp, path).await?;
+        self.call::<()>(reqwest::Method::DELETE, path, None).await?;
         Ok(())
     }
 
     pub async fn delete_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, CliError> {
-        let resp = self
-            .http
-            .delete(format!("{}{path}", self.base))
-            .send()
-            .await
-            .map_err(|e| self.unreachable(e))?;
-        let resp = Self::check(resp, path).await?;
-        resp.json().await.map_err(|e| self.unreachable(e))
+        let resp = self.call::<()>(reqwest::Method::DELETE, path, None).await?;
+        self.json(resp).await
     }
 
     pub async fn get_stream(&self, path: &str) -> Result<reqwest::Response, CliError> {
-        let resp = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .send()
-            .await
-            .map_err(|e| self.unreachable(e))?;
-        Self::check(resp, path).await
+        self.call::<()>(reqwest::Method::GET, path, None).await
     }
 
     pub async fn post_stream<B: Serialize>(
@@ -184,14 +152,7 @@ impl Client {
         path: &str,
         body: &B,
     ) -> Result<reqwest::Response, CliError> {
-        let resp = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .json(body)
-            .send()
-            .await
-            .map_err(|e| self.unreachable(e))?;
-        Self::check(resp, path).await
+        self.call(reqwest::Method::POST, path, Some(body)).await
     }
 
     /// Streams this process's stdin as the request body.
