@@ -163,6 +163,15 @@ impl Daemon {
         d
     }
 
+    /// Sets (`Some`) or removes (`None`) an environment variable for the
+    /// daemon's next start.
+    pub fn set_env(&mut self, key: &str, value: Option<&str>) {
+        self.opts.env.retain(|(k, _)| k != key);
+        if let Some(v) = value {
+            self.opts.env.push((key.to_string(), v.to_string()));
+        }
+    }
+
     /// Starts (or restarts) the daemon process on the same port and data dir.
     pub fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new()

@@ -16,11 +16,22 @@ const COUNTER: &str =
 
 /// Two daemons with the same busybox image (same digest: one import source).
 fn two_nodes() -> (Daemon, Daemon) {
+    two_nodes_with(&[])
+}
+
+/// [`two_nodes`], the first (the source) with extra environment.
+fn two_nodes_with(source_env: &[(&str, &str)]) -> (Daemon, Daemon) {
     let opts = DaemonOptions {
         busybox: false,
         ..Default::default()
     };
-    let a = Daemon::start_with(opts.clone());
+    let a = Daemon::start_with(DaemonOptions {
+        env: source_env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..opts.clone()
+    });
     let b = Daemon::start_with(opts);
     let rootfs = a.data.path().join("busybox-rootfs");
     images::busybox_rootfs(&rootfs);
@@ -841,4 +852,100 @@ fn fast_output_is_neither_lost_nor_repeated_across_moves() {
         refused * 2 <= rounds,
         "{refused} of {rounds} switch-overs refused"
     );
+}
+
+/// Waits until the source's migration status shows `phase`.
+fn wait_phase(d: &Daemon, sandbox: &str, phase: &str) {
+    wait_until(
+        &format!("migration phase {phase}"),
+        Duration::from_secs(180),
+        || {
+            let out = d.hearth(&["migrate", "--status", "--json", sandbox]);
+            out.status.success()
+                && serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                    .is_ok_and(|s| s["phase"] == phase)
+        },
+    );
+}
+
+#[test]
+fn a_source_killed_at_the_commit_or_after_it_leaves_one_running_copy() {
+    const HOLD: &str = "HEARTH_MIGRATION_HOLD";
+    let (mut a, b) = two_nodes_with(&[(HOLD, "commit:60000")]);
+    run_counter(&a, "c");
+    let (api, tf) = (b.api.clone(), token_file(&b));
+    let migrate = |a: &Daemon| {
+        a.cmd(&["migrate", "c", "--to", &api, "--to-token-file", &tf])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+
+    // 1. Killed with the record at `committing`, before the commit is sent:
+    // the target never runs it, the restarted source asks, the target removes
+    // its uncommitted VM, and the source's paused VM runs on.
+    let first = migrate(&a);
+    wait_phase(&a, "c", "committing");
+    a.kill9();
+    let out = first.wait_with_output().unwrap();
+    assert!(!out.status.success(), "{}", show(&out));
+    assert_eq!(
+        vmm_pids_under(a.data.path()).len(),
+        1,
+        "the paused VM outlives hearthd"
+    );
+    a.set_env(HOLD, Some("release:60000"));
+    a.spawn();
+    a.wait_recovered();
+    assert_eq!(a.inspect("c")["status"], "running", "{}", a.inspect("c"));
+    let before = counted(&a, "c").len();
+    wait_until(
+        "the counter to go on at the source",
+        Duration::from_secs(60),
+        || counted(&a, "c").len() > before + 10,
+    );
+    assert_contiguous_from_zero(&counted(&a, "c"));
+    wait_until(
+        "the target's incoming VM to be removed",
+        Duration::from_secs(60),
+        || vmm_pids_under(b.data.path()).is_empty(),
+    );
+    let ps = b.hearth(&["ps", "--json"]);
+    assert_eq!(
+        stdout(&ps).trim(),
+        "[]",
+        "the target runs nothing: {}",
+        show(&ps)
+    );
+
+    // 2. Killed after the target committed, before the paused VM here is
+    // released: the restarted source learns the sandbox moved and releases it.
+    let second = migrate(&a);
+    wait_phase(&a, "c", "completed");
+    a.kill9();
+    let _ = second.wait_with_output();
+    a.set_env(HOLD, None);
+    a.spawn();
+    a.wait_recovered();
+    let s = a.inspect("c");
+    assert_eq!(s["status"], "stopped", "{s}");
+    assert!(
+        s["error"].as_str().unwrap_or("").contains("migrated to"),
+        "{s}"
+    );
+    wait_until(
+        "the source's VM to be released",
+        Duration::from_secs(30),
+        || vmm_pids_under(a.data.path()).is_empty(),
+    );
+    assert_eq!(b.inspect("c")["status"], "running");
+    let before = counted(&b, "c").len();
+    wait_until(
+        "the counter to go on at the target",
+        Duration::from_secs(60),
+        || counted(&b, "c").len() > before + 10,
+    );
+    assert_contiguous_from_zero(&counted(&b, "c"));
 }

@@ -227,6 +227,30 @@ impl SourceJob {
     }
 }
 
+/// Fault injection for tests: with `HEARTH_MIGRATION_HOLD=<point>:<ms>` the
+/// source waits `ms` at `point`, so a test can kill hearthd exactly there:
+/// `commit` (the record says committing, the commit is not sent yet) or
+/// `release` (the target committed, the paused VM here is not released yet).
+/// Unset (always, outside tests) it costs one environment lookup.
+async fn fault_hold(point: &str) {
+    let Ok(v) = std::env::var("HEARTH_MIGRATION_HOLD") else {
+        return;
+    };
+    let Some(ms) = v
+        .split_once(':')
+        .filter(|(p, _)| *p == point)
+        .and_then(|(_, ms)| ms.parse::<u64>().ok())
+    else {
+        return;
+    };
+    tracing::warn!(
+        point,
+        ms,
+        "HEARTH_MIGRATION_HOLD: holding the migration here (fault injection for tests)"
+    );
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+}
+
 /// How [`run_source`] ended for the lifecycle task.
 pub(crate) enum SourceEnd {
     /// The sandbox runs here (again); an output event taken off the session
@@ -483,12 +507,14 @@ pub(crate) async fn run_source(
         job.end(entry, Phase::Aborted, Err(AgentError::Migration(msg)));
         return SourceEnd::StayedHere(None);
     }
+    fault_hold("commit").await;
     let commit_err = match job.peer.commit(&id, &commit).await {
         Ok(sb) => {
             session.hand_over();
             let handover = paused_at.elapsed().as_millis() as u64;
             job.status.send_modify(|s| s.handover_ms = Some(handover));
             job.end(entry, Phase::Completed, Ok(sb.node.clone()));
+            fault_hold("release").await;
             return SourceEnd::Moved(sb.node);
         }
         Err(e) => e,
