@@ -39,7 +39,8 @@ pub(crate) struct TemplateMeta {
     pub pool_size: u32,
     pub created_ms: u64,
     /// Saved with a network device (always on hub 0: its pool's VMs are restored
-    /// before their sandbox's tap exists), so it serves networked sandboxes too; false for templates of older hearthd and of nodes without networking.
+    /// before their sandbox's tap exists), so it serves networked sandboxes too;
+    /// false for templates of older hearthd and of nodes without networking.
     #[serde(default)]
     pub nic: bool,
 }
