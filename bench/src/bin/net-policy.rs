@@ -1,7 +1,10 @@
 //! Host↔guest TCP throughput and connection rate with and without the eBPF
 //! policy programs on the sandbox's tap, in the same run: two sandboxes boot
 //! alike; sandbox B's TC links are unpinned (programs detached) and the
-//! measurements alternate A, B, A, B... so drift hits both equally.
+//! measurements alternate A, B, A, B... so drift hits both equally. Both boot
+//! cold, so their virtio-net device is on its tap directly (offloads on). A
+//! third sandbox C, with its programs, comes from a template's warm pool: its
+//! device sits on QEMU's hub 0 (no offloads), the pool path's cost.
 //!
 //! Usage: net-policy [ROUNDS] [MIB] [CONNS]   (default 3, 16, 200; root, scripts/setup artifacts)
 
@@ -21,7 +24,7 @@ struct Sb {
     ip: String,
 }
 
-fn start(d: &Daemon, name: &'static str) -> Sb {
+fn start(d: &Daemon, name: &'static str, path: &str) -> Sb {
     let out = d.hearth(&[
         "run", "--detach", "--name", name, "busybox", "--", "sh", "-c", GUEST,
     ]);
@@ -30,10 +33,9 @@ fn start(d: &Daemon, name: &'static str) -> Sb {
     wait_until("sandbox running", Duration::from_secs(120), || {
         d.inspect(&id)["status"] == "running"
     });
-    let ip = d.inspect(&id)["network"]["ip"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let s = d.inspect(&id);
+    assert_eq!(s["start_path"], path, "{s}");
+    let ip = s["network"]["ip"].as_str().unwrap().to_string();
     let addr: SocketAddr = format!("{ip}:8080").parse().unwrap();
     wait_until("guest httpd", Duration::from_secs(60), || {
         TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok()
@@ -107,8 +109,19 @@ fn main() {
     let mib: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(16);
     let conns: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(200);
     let d = Daemon::start();
-    let a = start(&d, "with-policy");
-    let b = start(&d, "without-policy");
+    let a = start(&d, "with-policy", "cold");
+    let b = start(&d, "without-policy", "cold");
+    let out = d.hearth(&[
+        "template", "create", "busybox", "--name", "netbench", "--pool", "1",
+    ]);
+    assert!(out.status.success(), "{}", show(&out));
+    wait_until("the warm pool to fill", Duration::from_secs(300), || {
+        let v: serde_json::Value =
+            serde_json::from_str(&stdout(&d.hearth(&["template", "ls", "--json"])))
+                .unwrap_or_default();
+        v[0]["pool_ready"] == 1
+    });
+    let c = start(&d, "pool-hub", "pool");
     let tap_b = d.inspect(b.name)["network"]["tap"]
         .as_str()
         .unwrap()
@@ -126,9 +139,13 @@ fn main() {
     .into_owned();
     eprintln!("links after detaching B:\n{links}");
 
-    let mut res = [(a.name, Samples::default()), (b.name, Samples::default())];
+    let mut res = [
+        (a.name, Samples::default()),
+        (b.name, Samples::default()),
+        (c.name, Samples::default()),
+    ];
     for r in 0..rounds {
-        for (i, sb) in [&a, &b].iter().enumerate() {
+        for (i, sb) in [&a, &b, &c].iter().enumerate() {
             res[i].1.up.push(upload(&sb.ip, mib));
             res[i].1.down.push(download(&sb.ip, mib));
             res[i].1.conns.push(conn_rate(&sb.ip, conns));
@@ -152,7 +169,8 @@ fn main() {
     println!(
         "\n(median of {rounds} rounds; {mib} MiB per transfer; {conns} connections per round)"
     );
-    for n in [a.name, b.name] {
+    for n in [a.name, b.name, c.name] {
         let _ = d.hearth(&["rm", "-f", n]);
     }
+    let _ = d.hearth(&["template", "rm", "netbench"]);
 }

@@ -68,6 +68,9 @@ pub(crate) struct WorkloadRecord {
     /// its snapshots must be restored with one.
     #[serde(default)]
     pub nic: bool,
+    /// How that device is connected; absent in records of older hearthd (hub).
+    #[serde(default)]
+    pub nic_mode: crate::restore::NicMode,
 }
 
 impl WorkloadRecord {
@@ -78,6 +81,7 @@ impl WorkloadRecord {
             stdin,
             base,
             nic: false,
+            nic_mode: crate::restore::NicMode::Hub,
         }
     }
 
@@ -563,6 +567,10 @@ impl Agent {
         entry
             .nic
             .store(workload.nic, std::sync::atomic::Ordering::Relaxed);
+        entry.nic_tap.store(
+            workload.nic_mode == crate::restore::NicMode::Tap,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let (ctl_tx, ctl_rx) = mpsc::channel(4);
         *lock(&entry.control) = Some(ctl_tx);
         let agent = self.clone();
@@ -669,6 +677,29 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let w = WorkloadRecord::new(3, true, 0);
         w.store(d.path()).unwrap();
+        assert_eq!(WorkloadRecord::load(d.path()).unwrap(), w);
+    }
+
+    #[test]
+    fn nic_mode_of_an_older_record_is_hub_and_tap_round_trips() {
+        use crate::restore::NicMode;
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(
+            d.path().join(WORKLOAD_FILE),
+            br#"{"version":1,"session":2,"stdin":false,"nic":true}"#,
+        )
+        .unwrap();
+        let old = WorkloadRecord::load(d.path()).unwrap();
+        assert!(old.nic);
+        assert_eq!(old.nic_mode, NicMode::Hub);
+        let w = WorkloadRecord {
+            nic: true,
+            nic_mode: NicMode::Tap,
+            ..WorkloadRecord::new(3, false, 0)
+        };
+        w.store(d.path()).unwrap();
+        let raw = std::fs::read_to_string(d.path().join(WORKLOAD_FILE)).unwrap();
+        assert!(raw.contains(r#""nic_mode":"tap""#), "{raw}");
         assert_eq!(WorkloadRecord::load(d.path()).unwrap(), w);
     }
 }

@@ -17,6 +17,7 @@ use hearth_vmm::snapshot::file_sha256;
 use hearth_vmm::{
     Accel, HostIdentity, QemuVmm, SnapshotManifest, Verify, Vm, VmConfig, Vmm, VmmError,
 };
+use serde::{Deserialize, Serialize};
 use tokio::net::UnixStream;
 
 use crate::guest_conn::{GuestConn, Session};
@@ -180,6 +181,24 @@ pub(crate) fn guest_net(n: &hearth_net::SandboxNet) -> GuestNet {
     }
 }
 
+/// How a VM's network device is connected, as recorded with its snapshots: a
+/// restore must rebuild the same topology (see `hearth_vmm::NetDevice`).
+///
+/// `Tap`: the tap is the device's direct backend (`vnet_hdr=on`), so the guest
+/// negotiated checksum and segmentation offloads; a restore needs a tap again
+/// (a hub offers no offloads and QEMU refuses the saved feature set).
+/// `Hub`: the device sits on QEMU's hub 0 and works with or without a tap, at
+/// the cost of the offloads. Only VMs whose QEMU starts before their tap exists
+/// need it: templates (and so their warm pools). Records of older hearthd,
+/// which put every device on the hub, have no mode and mean `Hub`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum NicMode {
+    #[default]
+    Hub,
+    Tap,
+}
+
 /// Where a new sandbox's VM comes from.
 pub(crate) enum Launch {
     /// Boot the kernel; `note` says why when a warm start was possible.
@@ -195,18 +214,22 @@ pub(crate) enum Launch {
         note: Option<String>,
         /// The snapshot's VM has a network device (so the restore needs one).
         nic: bool,
+        /// How that device was connected (the restore connects it the same way).
+        nic_mode: NicMode,
     },
     /// A restored-and-paused VM from the template's pool (its reference is held).
     Pooled { template: String, vm: PooledVm },
 }
 
 impl Launch {
-    /// Whether the VM will have a network device on hub 0 (see `NetDevice`).
-    pub(crate) fn nic(&self) -> bool {
+    /// The network device the launch's saved state needs, and how it must be
+    /// connected; `None`: none is needed (a cold boot gets one, on its tap
+    /// directly, only with a network).
+    pub(crate) fn nic(&self) -> Option<NicMode> {
         match self {
-            Launch::Cold { .. } => false,
-            Launch::Restore { nic, .. } => *nic,
-            Launch::Pooled { vm, .. } => vm.nic,
+            Launch::Cold { .. } => None,
+            Launch::Restore { nic, nic_mode, .. } => nic.then_some(*nic_mode),
+            Launch::Pooled { vm, .. } => vm.nic.then_some(NicMode::Hub),
         }
     }
 
@@ -392,6 +415,7 @@ impl Agent {
             next_session: crate::template::TEMPLATE_NEXT_SESSION,
             note,
             nic: t.nic,
+            nic_mode: NicMode::Hub,
         };
         (launch, t.cpus, t.memory_mib)
     }
@@ -421,7 +445,7 @@ impl Agent {
         net: Option<GuestNet>,
     ) -> Result<Launched, (String, Option<String>)> {
         let mut key = launch.ref_key();
-        let nic = launch.nic();
+        let nic = launch.nic().is_some();
         let channel = |link, attach, next_session| RestoredChannel {
             link,
             attach,

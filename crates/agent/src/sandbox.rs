@@ -203,11 +203,22 @@ pub(crate) struct Entry {
     pub(crate) recovering: watch::Sender<bool>,
     /// The VM has a network device (so its snapshots need one on restore).
     pub(crate) nic: std::sync::atomic::AtomicBool,
+    /// That device is on its tap directly (`NicMode::Tap`), not on hub 0.
+    pub(crate) nic_tap: std::sync::atomic::AtomicBool,
     /// Held while the record is saved (saves never overtake each other).
     persisting: Mutex<()>,
 }
 
 impl Entry {
+    /// How the VM's network device is connected (meaningful when `nic`).
+    pub(crate) fn nic_mode(&self) -> crate::restore::NicMode {
+        if self.nic_tap.load(std::sync::atomic::Ordering::Relaxed) {
+            crate::restore::NicMode::Tap
+        } else {
+            crate::restore::NicMode::Hub
+        }
+    }
+
     pub(crate) fn new(dir: PathBuf, record: Sandbox) -> Entry {
         let terminal = record.status.is_terminal();
         Entry {
@@ -228,6 +239,7 @@ impl Entry {
             saving: tokio::sync::Mutex::new(()),
             recovering: watch::channel(false).0,
             nic: std::sync::atomic::AtomicBool::new(false),
+            nic_tap: std::sync::atomic::AtomicBool::new(false),
             persisting: Mutex::new(()),
         }
     }
@@ -1005,22 +1017,31 @@ impl Agent {
         rootfs: PathBuf,
         (cpus, memory_mib): (u32, u32),
         net: Option<&hearth_net::SandboxNet>,
-        hub_nic: bool,
+        nic: Option<crate::restore::NicMode>,
     ) -> VmConfig {
-        // why: every network device sits on hub 0, cold boots included: a restore
-        // needs the device state its snapshot was saved with, and a tap as the
-        // device's direct backend negotiates virtio-net headers (vnet_hdr) that a
-        // restore without a tap (or with the tap behind the hub) cannot offer.
-        let device = if hub_nic || net.is_some() {
-            Some(NetDevice {
+        use crate::restore::NicMode;
+        // why: a tap as the device's direct backend gives the guest virtio-net
+        // offloads (vnet_hdr; a hub turns them off, halving bulk throughput), but
+        // the guest then keeps them across snapshots, so a restore needs the mode
+        // its state was saved with (`nic`): cold boots with a network go direct,
+        // restores follow their snapshot, and templates (restored into pools
+        // before any tap exists) use hub 0.
+        let device = match (nic, net) {
+            (None, None) => None,
+            (None | Some(NicMode::Tap), Some(n)) => Some(NetDevice {
+                tap: Some(n.tap.clone()),
+                mac: n.mac_string(),
+                hub: false,
+            }),
+            // A tap-mode restore without a network is refused before this
+            // (`create_from_snapshot_with`); on the hub it fails its restore.
+            (Some(_), net) => Some(NetDevice {
                 tap: net.map(|n| n.tap.clone()),
                 mac: net
                     .map(|n| n.mac_string())
                     .unwrap_or_else(|| crate::restore::TEMPLATE_MAC.to_string()),
                 hub: true,
-            })
-        } else {
-            None
+            }),
         };
         VmConfig {
             id: id.to_string(),
@@ -1083,6 +1104,10 @@ impl Agent {
         entry
             .nic
             .store(vm_cfg.net.is_some(), std::sync::atomic::Ordering::Relaxed);
+        entry.nic_tap.store(
+            vm_cfg.net.as_ref().is_some_and(|n| !n.hub),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let launched = self.launch_vm(&entry, &vm_cfg, launch, guest_net).await;
         let (vm, channel, release) = match launched {
             Ok(l) => l,
@@ -1299,6 +1324,7 @@ impl Agent {
         // at any point after that can take the sandbox over.
         if let Err(e) = (WorkloadRecord {
             nic: entry.nic.load(std::sync::atomic::Ordering::Relaxed),
+            nic_mode: entry.nic_mode(),
             ..WorkloadRecord::new(session.id(), exec.stdin, base)
         })
         .store(&entry.dir)

@@ -43,6 +43,10 @@ pub(crate) struct SnapshotMeta {
     /// The VM had a network device (restores get one, with their own tap).
     #[serde(default)]
     pub nic: bool,
+    /// How that device was connected (`"tap"`: directly, with offloads, so a
+    /// restore needs a tap; `"hub"`: on hub 0). Absent in older snapshots: hub.
+    #[serde(default)]
+    pub nic_mode: crate::restore::NicMode,
     /// Made by `hearth fork`: removed with the last sandbox restored from it.
     #[serde(default)]
     pub fork: bool,
@@ -161,6 +165,7 @@ impl Agent {
             next_session: conn.next_session_id(),
             created_ms: now_ms(),
             nic: e.nic.load(std::sync::atomic::Ordering::Relaxed) || rec.network.is_some(),
+            nic_mode: e.nic_mode(),
             fork,
             networked: Some(rec.network.is_some()),
         };
@@ -302,6 +307,17 @@ impl Agent {
                     "snapshot '{name}' has no network device (its sandbox booted cold with --network none); started without a network"
                 )),
             ),
+            None if meta.nic && meta.nic_mode == crate::restore::NicMode::Tap => {
+                self.release(Some(key));
+                let why = if mode == NetworkMode::None {
+                    "drop --network none"
+                } else {
+                    "start it on a node with networking"
+                };
+                return Err(AgentError::InvalidArgument(format!(
+                    "snapshot '{name}' was saved with its network device directly on a tap (the guest uses its checksum and segmentation offloads), so it can only be restored with a network: {why}"
+                )));
+            }
             p => (p, None),
         };
         let launch = Launch::Restore {
@@ -312,6 +328,7 @@ impl Agent {
             next_session: meta.next_session,
             note,
             nic: meta.nic,
+            nic_mode: meta.nic_mode,
         };
         let req = CreateSandbox {
             image: meta.image.clone(),

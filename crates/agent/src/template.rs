@@ -38,8 +38,9 @@ pub(crate) struct TemplateMeta {
     pub memory_mib: u32,
     pub pool_size: u32,
     pub created_ms: u64,
-    /// Saved with a network device (on hub 0), so it serves networked sandboxes
-    /// too; false for templates of older hearthd and of nodes without networking.
+    /// Saved with a network device (always on hub 0: its pool's VMs are restored
+    /// before their sandbox's tap exists), so it serves networked sandboxes too;
+    /// false for templates of older hearthd and of nodes without networking.
     #[serde(default)]
     pub nic: bool,
 }
@@ -227,7 +228,7 @@ impl Agent {
             rootfs.clone(),
             (cpus, memory_mib),
             None,
-            nic,
+            nic.then_some(crate::restore::NicMode::Hub),
         );
         cfg.dir = build.join("vm");
         let failed = |m: String| AgentError::VmFailed {

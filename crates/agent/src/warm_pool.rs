@@ -172,7 +172,7 @@ impl Agent {
                 Default::default(),
                 (meta.cpus, meta.memory_mib),
                 None,
-                meta.nic,
+                meta.nic.then_some(crate::restore::NicMode::Hub),
             );
             let made = match self.restore_from(&dir, &cfg).await {
                 Ok(r) => match warm_up(r.vm.as_ref(), r.agent, &id, meta.nic).await {

@@ -53,12 +53,15 @@ pub enum GuestMemory {
 
 /// The guest's network device: a tap the host prepared, and the guest's MAC.
 ///
-/// `hub: false`: the virtio-net device's backend is the tap itself.
-/// `hub: true` (what the node agent uses for every VM): the device sits on QEMU's
+/// `hub: false`: the virtio-net device's backend is the tap itself, with
+/// virtio-net headers (`vnet_hdr=on`), so the guest negotiates checksum and
+/// segmentation offloads; a snapshot of it must be restored onto a tap again.
+/// `hub: true` (what the node agent uses when QEMU starts before the tap exists:
+/// templates and their warm pools): the device sits on QEMU's
 /// emulated hub 0 and the tap, if any, joins that hub. The device set a snapshot
 /// was saved with is then the same whether or not a tap is attached, and a tap
 /// can join a paused VM later ([`crate::Vm::attach_tap`]): backends are not
-/// part of the migration state, only the device is.
+/// part of the migration state, only the device is (a hub gives no offloads).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetDevice {
     /// Host tap interface name (created and owned by the caller); `None` only

@@ -1398,7 +1398,7 @@ fn forks_of_a_networked_sandbox_get_their_own_address_and_leave_nothing_behind()
     let ns = ServerNs::start(subnet(7), &[8080, 8081]);
     let d = Daemon::start();
     let deny = format!("{}/32:8081", ns.server_ip);
-    let (src, src_ip) = start_detached(&d, &["--name", "src", "--egress-deny", &deny]);
+    let (src, src_ip) = start_detached(&d, &["--egress-deny", &deny]);
     let out = d.hearth(&["fork", &src, "-n", "2"]);
     assert!(out.status.success(), "{}", show(&out));
     let forks: Vec<String> = stdout(&out).lines().map(str::to_string).collect();
@@ -1511,6 +1511,80 @@ fn forks_of_a_warm_sandbox_without_network_get_no_network() {
         control_plane_leases(&d)
     );
     for id in [fork.as_str(), "off"] {
+        let out = d.hearth(&["rm", "-f", id]);
+        assert!(out.status.success(), "{}", show(&out));
+    }
+}
+
+/// The virtio-net features the guest's driver negotiated, as the guest shows
+/// them: one '0'/'1' per feature bit, bit 0 first.
+fn virtio_net_features(d: &Daemon, id: &str) -> String {
+    let f = exec(
+        d,
+        id,
+        "cat /sys/bus/virtio/drivers/virtio_net/virtio*/features",
+    );
+    let f = f.trim().to_string();
+    assert!(
+        f.len() >= 12 && f.chars().all(|c| c == '0' || c == '1'),
+        "virtio-net features of {id}: {f:?}"
+    );
+    f
+}
+
+/// Whether the guest got the offloads a tap with virtio-net headers gives:
+/// VIRTIO_NET_F_CSUM (bit 0), VIRTIO_NET_F_GUEST_CSUM (1), VIRTIO_NET_F_HOST_TSO4 (11).
+fn has_offloads(features: &str) -> bool {
+    [0, 1, 11].iter().all(|&b| features.as_bytes()[b] == b'1')
+}
+
+#[test]
+fn cold_boots_and_their_snapshots_put_the_nic_on_its_tap_with_offloads_templates_on_the_hub() {
+    let ns = ServerNs::start(subnet(5), &[8080, 8081]);
+    let d = Daemon::start();
+    let deny = format!("{}/32:8081", ns.server_ip);
+
+    // A cold boot: the device's backend is the tap itself, offloads on.
+    let (src, _) = start_detached(&d, &["--egress-deny", &deny]);
+    assert_eq!(d.inspect(&src)["start_path"], "cold");
+    let f = virtio_net_features(&d, &src);
+    assert!(has_offloads(&f), "cold boot without offloads: {f}");
+    assert_own_identity_and_policy(&d, &src, &ns.server_ip);
+
+    // Its snapshot is restored onto a new tap the same way (the guest keeps the
+    // offloads it negotiated), with its own identity and policy.
+    let out = d.hearth(&["snapshot", &src, "--name", "s1"]);
+    assert!(out.status.success(), "{}", show(&out));
+    let (restored, _) = run_detached(&d, &["--from-snapshot", "s1", "--egress-deny", &deny]);
+    assert_eq!(d.inspect(&restored)["start_path"], "snapshot");
+    let f = virtio_net_features(&d, &restored);
+    assert!(has_offloads(&f), "snapshot restore without offloads: {f}");
+    assert_own_identity_and_policy(&d, &restored, &ns.server_ip);
+
+    // Without a network there is no tap to restore that device onto: refused, saying why.
+    let out = d.hearth(&["run", "--from-snapshot", "s1", "--network", "none"]);
+    assert!(!out.status.success(), "{}", show(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("snapshot 's1'")
+            && err.contains("directly on a tap")
+            && err.contains("--network none"),
+        "{err}"
+    );
+
+    // Templates keep their device on hub 0 (their pool's VMs are restored before
+    // any tap exists): a networked start from one works, without offloads.
+    let out = d.hearth(&[
+        "template", "create", "busybox", "--name", "bbh", "--memory", "128",
+    ]);
+    assert!(out.status.success(), "{}", show(&out));
+    let (warm, _) = start_detached(&d, &["--egress-deny", &deny]);
+    assert_eq!(d.inspect(&warm)["start_path"], "template");
+    let f = virtio_net_features(&d, &warm);
+    assert!(!has_offloads(&f), "a hub gives no offloads: {f}");
+    assert_own_identity_and_policy(&d, &warm, &ns.server_ip);
+
+    for id in [&src, &restored, &warm] {
         let out = d.hearth(&["rm", "-f", id]);
         assert!(out.status.success(), "{}", show(&out));
     }
