@@ -335,7 +335,7 @@ mod tests {
         };
         let state = std::env::var("HEARTH_TEST_STATE").unwrap();
         let _r = reg(Path::new(&dir), "10.77.0.0/24", Path::new(&state)).unwrap();
-        let vmm = std::process::Command::new("tail")
+        let mut vmm = std::process::Command::new("tail")
             .args(["-f", "/dev/null"])
             .stdout(std::process::Stdio::null())
             .spawn()
@@ -343,6 +343,9 @@ mod tests {
         println!("ready {}", vmm.id());
         let mut line = String::new();
         let _ = std::io::stdin().lock().read_line(&mut line);
+        // (reached only when the parent closes stdin instead of killing this)
+        let _ = vmm.kill();
+        let _ = vmm.wait();
     }
 
     /// Liveness is the registration's lock: held by a running agent, its pool
