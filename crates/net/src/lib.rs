@@ -163,10 +163,36 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl NodeNet {
     /// Registers the pool (refused when it overlaps the pool of another live
-    /// agent on this host), opens the leases, enables forwarding and installs
-    /// the NAT table.
+    /// agent on this host), purges the host sandbox map of entries of agents
+    /// that are gone, opens the leases, enables forwarding and installs the
+    /// NAT table.
     pub fn open(cfg: NetConfig) -> Result<NodeNet, NetError> {
-        let registration = registry::register(cfg.pool, &cfg.state_dir)?;
+        let mut purged = None;
+        let registration = registry::register(cfg.pool, &cfg.state_dir, |live| {
+            // why: entries of this agent are reconciled with its leases at
+            // start (`remove_orphans`); those of other live agents are theirs.
+            let mut keep = live.others.clone();
+            keep.insert(live.me);
+            purged = Some(policy::maps::purge_host_sandboxes(&keep));
+        })?;
+        for r in &registration.reclaimed {
+            tracing::info!(
+                pool = %r.pool,
+                pid = r.pid,
+                state_dir = %r.state_dir,
+                "reclaimed the pool registration of an agent that is gone"
+            );
+        }
+        match purged {
+            Some(Ok(n)) => tracing::info!(
+                purged = n,
+                "purged host sandbox map entries of agents that are gone"
+            ),
+            Some(Err(e)) => tracing::warn!(
+                "cannot purge the host sandbox map of agents that are gone: {e}; their addresses stay refused until they are removed"
+            ),
+            None => {}
+        }
         let store = FileLeaseStore::new(cfg.state_dir.join("leases.json"));
         let ipam = Ipam::open(cfg.pool, Box::new(store))?;
         tap::enable_forwarding().map_err(|source| NetError::Tap {
@@ -418,8 +444,9 @@ impl NodeNet {
 
     /// Removes the network of every sandbox this node's state knows (leases,
     /// records) that is not in `keep`: taps, pins, NAT entries, records and leases
-    /// left by a previous run. Taps of other agents on the same host (other
-    /// state dirs) are never touched.
+    /// left by a previous run; then the taps of agents that are gone (see
+    /// [`NodeNet::remove_taps_of_gone_agents`]). Taps of other live agents on
+    /// the same host (other state dirs) are never touched.
     pub fn remove_orphans(&self, keep: &HashSet<String>) {
         let mut ids: HashSet<String> = self.ipam.all().into_keys().collect();
         if let Ok(rd) = std::fs::read_dir(self.cfg.state_dir.join("sandboxes")) {
@@ -436,8 +463,51 @@ impl NodeNet {
             let _g = lock(&l);
             self.teardown_locked(id);
         }
+        self.remove_taps_of_gone_agents();
         self.sync_host_sandboxes();
         self.sync_nat();
+    }
+
+    /// Removes Hearth taps (and their pins) that route an address of this
+    /// node's pool this node does not hold. why: no live agent can hold an
+    /// address of this pool (the registry refused overlapping pools at start),
+    /// so such a tap is left by an agent that is gone (killed, its state dir
+    /// deleted): its route would refuse this node's sandbox that gets the
+    /// address. A tap still open by a QEMU that outlived its agent cannot be
+    /// removed (the address is really in use) and is left with a warning.
+    /// Returns the taps removed.
+    pub fn remove_taps_of_gone_agents(&self) -> Vec<String> {
+        // why: read the routes before the leases; a sandbox set up in between
+        // leased its address before its tap got a route, so it counts as held.
+        let routes = match tap::host_routes() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!("cannot read the host routes (/proc/net/route): {e}");
+                return Vec::new();
+            }
+        };
+        let held: HashSet<Ipv4Addr> = self.ipam.all().into_values().collect();
+        let mut removed = Vec::new();
+        for (dev, ip) in routes {
+            if !dev.starts_with(TAP_PREFIX) || !self.cfg.pool.contains(ip) || held.contains(&ip) {
+                continue;
+            }
+            match tap::delete(&dev) {
+                Ok(()) => {
+                    tracing::info!(tap = %dev, %ip, "removed the tap of an agent that is gone (its address is in this node's pool)");
+                    if let Err(e) = policy::maps::detach(&dev) {
+                        tracing::warn!(tap = %dev, "{e}");
+                    }
+                    removed.push(dev);
+                }
+                Err(e) => tracing::warn!(
+                    tap = %dev,
+                    %ip,
+                    "cannot remove the tap of an agent that is gone: {e}; a sandbox of this node that gets {ip} will be refused until it is removed"
+                ),
+            }
+        }
+        removed
     }
 
     /// Makes the NAT set hold exactly this node's sandbox addresses within its

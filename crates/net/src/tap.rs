@@ -99,62 +99,157 @@ fn link_up(name: &str) -> io::Result<()> {
     Ok(())
 }
 
-fn sockaddr(ip: Ipv4Addr) -> libc::sockaddr {
-    let sin = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: 0,
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes(ip.octets()),
-        },
-        sin_zero: [0; 8],
-    };
-    // SAFETY: sockaddr_in and sockaddr have the same size; this is how the
-    // routing ioctls take IPv4 addresses.
-    unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
-}
-
 /// The device of another host route `ip/32` in the main table, if any.
 fn routed_elsewhere(routes: &str, tap: &str, ip: Ipv4Addr) -> Option<String> {
+    parse_host_routes(routes)
+        .into_iter()
+        .find_map(|(dev, a)| (a == ip && dev != tap).then_some(dev))
+}
+
+/// The host routes (`/32`) of a `/proc/net/route` text, as (device, address).
+fn parse_host_routes(routes: &str) -> Vec<(String, Ipv4Addr)> {
     // /proc/net/route prints the address as the hex of its network-order u32.
-    let dst = format!("{:08X}", u32::from_ne_bytes(ip.octets()));
-    routes.lines().skip(1).find_map(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        (f.len() > 7 && f[1] == dst && f[7] == "FFFFFFFF" && f[0] != tap).then(|| f[0].to_string())
-    })
+    routes
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.len() <= 7 || f[7] != "FFFFFFFF" {
+                return None;
+            }
+            let dst = u32::from_str_radix(f[1], 16).ok()?;
+            Some((f[0].to_string(), Ipv4Addr::from(dst.to_ne_bytes())))
+        })
+        .collect()
+}
+
+/// The host routes (`/32`) of the main table, as (device, address).
+pub fn host_routes() -> io::Result<Vec<(String, Ipv4Addr)>> {
+    Ok(parse_host_routes(&std::fs::read_to_string(
+        "/proc/net/route",
+    )?))
+}
+
+fn already_routed(ip: Ipv4Addr, dev: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::AlreadyExists,
+        format!("{ip}/32 is already routed to {dev} on this host: another agent's address pool (or a manual route) overlaps this one; give this agent another --net-pool or remove that route"),
+    )
 }
 
 /// Adds the host route `ip/32 dev tap`; refused when another device already
-/// has a host route to `ip` (SIOCADDRT would add a second one beside it).
+/// has a host route to `ip`. The check reads the table first (a route with
+/// another metric would otherwise be added beside it) and the add itself is
+/// exclusive (`NLM_F_EXCL`), so of two agents racing for one address only one
+/// gets the route.
 fn add_route(tap: &str, ip: Ipv4Addr) -> io::Result<()> {
     let routes = std::fs::read_to_string("/proc/net/route")?;
     if let Some(dev) = routed_elsewhere(&routes, tap, ip) {
-        return Err(io::Error::new(
-            io::ErrorKind::AlreadyExists,
-            format!("{ip}/32 is already routed to {dev} on this host: another agent's address pool (or a manual route) overlaps this one; give this agent another --net-pool or remove that route"),
-        ));
+        return Err(already_routed(ip, &dev));
     }
-    let sock = inet_socket()?;
-    let dev = CString::new(tap).map_err(io::Error::other)?;
-    // SAFETY: rtentry is a plain C struct; all-zero is a valid starting value.
-    let mut rt: libc::rtentry = unsafe { std::mem::zeroed() };
-    rt.rt_dst = sockaddr(ip);
-    rt.rt_genmask = sockaddr(Ipv4Addr::BROADCAST);
-    rt.rt_flags = libc::RTF_UP | libc::RTF_HOST;
-    rt.rt_dev = dev.as_ptr() as *mut libc::c_char;
-    // SAFETY: rt and the device name it points to outlive the call.
-    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCADDRT as _, &rt) } < 0 {
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EEXIST) {
-            // why: our own tap was just (re)created, so an existing route belongs
-            // to someone else: another agent's pool overlaps ours.
-            return Err(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                format!("{ip}/32 is already routed on this host; another agent's address pool overlaps this one"),
-            ));
+    match add_route_exclusive(tap, ip) {
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+            // why: our own tap was just (re)created, so an existing route
+            // belongs to someone else: name its device if it is still there.
+            let routes = std::fs::read_to_string("/proc/net/route").unwrap_or_default();
+            let dev = routed_elsewhere(&routes, tap, ip).unwrap_or_else(|| "another device".into());
+            Err(already_routed(ip, &dev))
         }
-        return Err(e);
+        r => r,
     }
-    Ok(())
+}
+
+/// `ip route add ip/32 dev tap` over rtnetlink with `NLM_F_CREATE |
+/// NLM_F_EXCL`: fails with EEXIST when the main table has a route to
+/// `ip/32` already (whatever its device).
+fn add_route_exclusive(tap: &str, ip: Ipv4Addr) -> io::Result<()> {
+    let dev = CString::new(tap).map_err(io::Error::other)?;
+    // SAFETY: dev is a valid NUL-terminated string.
+    let ifindex = unsafe { libc::if_nametoindex(dev.as_ptr()) };
+    if ifindex == 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // nlmsghdr (16) + rtmsg (12) + RTA_DST (8) + RTA_OIF (8).
+    let mut msg = Vec::with_capacity(44);
+    let flags = libc::NLM_F_REQUEST | libc::NLM_F_ACK | libc::NLM_F_CREATE | libc::NLM_F_EXCL;
+    msg.extend_from_slice(&44u32.to_ne_bytes());
+    msg.extend_from_slice(&libc::RTM_NEWROUTE.to_ne_bytes());
+    msg.extend_from_slice(&(flags as u16).to_ne_bytes());
+    msg.extend_from_slice(&1u32.to_ne_bytes()); // seq
+    msg.extend_from_slice(&0u32.to_ne_bytes()); // pid: the kernel fills it
+    msg.extend_from_slice(&[
+        libc::AF_INET as u8,
+        32, // dst_len
+        0,  // src_len
+        0,  // tos
+        libc::RT_TABLE_MAIN,
+        libc::RTPROT_BOOT,
+        libc::RT_SCOPE_LINK,
+        libc::RTN_UNICAST,
+    ]);
+    msg.extend_from_slice(&0u32.to_ne_bytes()); // rtm_flags
+    msg.extend_from_slice(&8u16.to_ne_bytes());
+    msg.extend_from_slice(&libc::RTA_DST.to_ne_bytes());
+    msg.extend_from_slice(&ip.octets());
+    msg.extend_from_slice(&8u16.to_ne_bytes());
+    msg.extend_from_slice(&libc::RTA_OIF.to_ne_bytes());
+    msg.extend_from_slice(&ifindex.to_ne_bytes());
+    debug_assert_eq!(msg.len(), 44);
+
+    // SAFETY: socket(2) takes no pointers; the result is checked.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh socket we exclusively own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sockaddr_nl is a plain C struct; all-zero is valid.
+    let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    kernel.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+    // SAFETY: msg and kernel are valid for the lengths given.
+    let n = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            msg.as_ptr().cast(),
+            msg.len(),
+            0,
+            (&kernel as *const libc::sockaddr_nl).cast(),
+            std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut buf = [0u8; 4096];
+    loop {
+        // SAFETY: buf is writable for its length.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        let b = &buf[..n as usize];
+        // The answer is an NLMSG_ERROR carrying the request's errno (0: done).
+        if b.len() >= 20 && u16::from_ne_bytes([b[4], b[5]]) == libc::NLMSG_ERROR as u16 {
+            let errno = i32::from_ne_bytes([b[16], b[17], b[18], b[19]]);
+            return match errno {
+                0 => Ok(()),
+                e => Err(io::Error::from_raw_os_error(-e)),
+            };
+        }
+        if b.len() < 16 {
+            return Err(io::Error::other("short rtnetlink answer to RTM_NEWROUTE"));
+        }
+    }
 }
 
 fn sysctl(path: &str, value: &str) -> io::Result<()> {
@@ -340,6 +435,43 @@ mod tests {
             routed_elsewhere(routes, "htha", Ipv4Addr::new(10, 88, 0, 0)),
             None,
             "not a /32"
+        );
+    }
+
+    /// Two agents racing for one address both pass the table check; the add
+    /// itself must then refuse the second route (a plain add puts a route on
+    /// another device beside the first, and traffic goes to either).
+    #[test]
+    fn a_second_host_route_to_an_address_is_refused_by_the_add_itself() {
+        let n = std::process::id();
+        let ip = Ipv4Addr::new(10, 253, (n % 250) as u8, 1 + ((n / 250) % 250) as u8);
+        let (a, b) = (
+            format!("hthxa{}", n % 100_000),
+            format!("hthxb{}", n % 100_000),
+        );
+        create(&a, ip).unwrap();
+        set_persist(&b, true).unwrap();
+        link_up(&b).unwrap();
+        let raced = add_route_exclusive(&b, ip);
+        let checked = add_route(&b, ip);
+        let routes = std::fs::read_to_string("/proc/net/route").unwrap();
+        delete(&a).unwrap();
+        delete(&b).unwrap();
+        assert_eq!(
+            raced.map_err(|e| e.raw_os_error()),
+            Err(Some(libc::EEXIST)),
+            "the exclusive add refuses a route another device has"
+        );
+        let e = checked.unwrap_err().to_string();
+        assert!(e.contains(&format!("already routed to {a}")), "{e}");
+        assert!(e.contains("--net-pool"), "{e}");
+        assert_eq!(
+            parse_host_routes(&routes)
+                .iter()
+                .filter(|(_, r)| *r == ip)
+                .count(),
+            1,
+            "one route to {ip}: {routes}"
         );
     }
 }

@@ -1156,6 +1156,112 @@ fn sandboxes_of_two_daemons_on_one_host_are_isolated_unless_explicitly_allowed()
     );
 }
 
+/// Whether `ip` is in the host sandbox map of this network namespace.
+fn in_host_map(ip: &str) -> bool {
+    let map = sh(
+        "for m in /sys/fs/bpf/hearth-host/netns-$(stat -L -c %i /proc/self/ns/net)/SANDBOXES_v1; do bpftool map dump pinned $m -j; done",
+    );
+    let key = ip
+        .split('.')
+        .map(|o| format!("\"0x{:02x}\"", o.parse::<u8>().unwrap()))
+        .collect::<Vec<_>>()
+        .join(",");
+    map.contains(&key)
+}
+
+/// `text` without its terminal colour sequences (`ESC [ … m`).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A daemon killed with its VMs (`kill -9`) and never started again leaves
+/// its host-wide state behind: its pool registration, its entries in the
+/// host sandbox map, its taps and routes. Another daemon with an overlapping
+/// pool in the same namespace starts, takes that state over, and its sandbox
+/// that gets one of the dead daemon's addresses works.
+#[test]
+fn a_daemon_reuses_the_addresses_of_a_killed_daemon_with_an_overlapping_pool() {
+    let httpd = [
+        "busybox",
+        "--",
+        "sh",
+        "-c",
+        "mkdir -p /www && echo hello-from-netns > /www/index.html && exec httpd -f -p 8080 -h /www",
+    ];
+    let mut a = Daemon::start();
+    let pool = hearth_e2e::net_pool(a.port);
+    let (_, a_ip) = run_detached(&a, &httpd);
+    wait_until(
+        "httpd in the sandbox of daemon A answers the host",
+        Duration::from_secs(60),
+        || sh(&format!("curl -s -m 3 http://{a_ip}:8080/")).contains("hello-from-netns"),
+    );
+    a.kill9();
+    let vmms = hearth_e2e::vmm_pids_under(a.data.path());
+    assert!(!vmms.is_empty(), "daemon A's QEMU runs");
+    for pid in &vmms {
+        // SAFETY: kill(2) on the QEMU of daemon A, just read from /proc.
+        unsafe { libc::kill(*pid, libc::SIGKILL) };
+    }
+    wait_until("daemon A's QEMU is gone", Duration::from_secs(30), || {
+        hearth_e2e::vmm_pids_under(a.data.path()).is_empty()
+    });
+    std::fs::remove_dir_all(a.data_dir()).expect("remove daemon A's state dir");
+    // What is left: A's entry in the host map, its tap and its route.
+    assert!(in_host_map(&a_ip), "A's entry outlives it");
+    let route = sh(&format!("ip route show {a_ip}/32"));
+    assert!(route.contains("dev hth"), "A's route outlives it: {route}");
+
+    let b = Daemon::start_with(hearth_e2e::DaemonOptions {
+        env: vec![("HEARTH_NET_POOL".into(), pool.clone())],
+        ..Default::default()
+    });
+    let (b_id, b_ip) = run_detached(&b, &httpd);
+    assert_eq!(b_ip, a_ip, "B's first sandbox gets A's first address");
+    wait_until(
+        "httpd in the sandbox of daemon B answers the host at A's old address",
+        Duration::from_secs(60),
+        || sh(&format!("curl -s -m 3 http://{b_ip}:8080/")).contains("hello-from-netns"),
+    );
+    let route = sh(&format!("ip route show {b_ip}/32"));
+    let b_tap = b.inspect(&b_id)["network"]["tap"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        !b_tap.is_empty() && route.lines().count() == 1 && route.contains(&format!("dev {b_tap} ")),
+        "one route, to B's tap {b_tap}: {route}"
+    );
+    let log = strip_ansi(&b.log_text());
+    assert!(
+        log.contains("reclaimed the pool registration of an agent that is gone")
+            && log.contains(&format!("pool={pool}")),
+        "B says which registration it reclaimed: {log}"
+    );
+    assert!(
+        log.contains("purged host sandbox map entries of agents that are gone"),
+        "B says how many host map entries it purged: {log}"
+    );
+    assert!(
+        log.contains("removed the tap of an agent that is gone"),
+        "B says which tap it removed: {log}"
+    );
+    drop(a);
+}
+
 /// A node cannot take the whole cluster range or any oversized slice: the
 /// daemon does not start and says which flag to change.
 #[test]

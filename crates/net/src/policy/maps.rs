@@ -274,8 +274,8 @@ fn load_object() -> Result<Ebpf, BpfError> {
     Ok(bpf)
 }
 
-fn shared_map(name: &str) -> Result<Option<Map>, BpfError> {
-    let p = Path::new(&host_pins()).join(name);
+fn shared_map(pins: &Path, name: &str) -> Result<Option<Map>, BpfError> {
+    let p = pins.join(name);
     if !p.exists() {
         return Ok(None);
     }
@@ -286,8 +286,8 @@ fn shared_map(name: &str) -> Result<Option<Map>, BpfError> {
         .map_err(|e| err(e.to_string()))
 }
 
-fn sandboxes_map() -> Result<Option<BpfHashMap<MapData, u32, HostSandbox>>, BpfError> {
-    let Some(m) = shared_map(SANDBOXES_PIN)? else {
+fn sandboxes_map(pins: &Path) -> Result<Option<BpfHashMap<MapData, u32, HostSandbox>>, BpfError> {
+    let Some(m) = shared_map(pins, SANDBOXES_PIN)? else {
         return Ok(None);
     };
     m.try_into()
@@ -299,9 +299,9 @@ fn sandboxes_map() -> Result<Option<BpfHashMap<MapData, u32, HostSandbox>>, BpfE
 /// every flow is judged again on its next packet. Concurrent bumps may merge
 /// into one; each bump follows its agent's change, so a packet reading the
 /// merged value sees both changes.
-fn bump_generation() -> Result<(), BpfError> {
-    let m = shared_map(SBGEN_PIN)?
-        .ok_or_else(|| host_err(format!("{}/{SBGEN_PIN} is not pinned", host_pins())))?;
+fn bump_generation(pins: &Path) -> Result<(), BpfError> {
+    let m = shared_map(pins, SBGEN_PIN)?
+        .ok_or_else(|| host_err(format!("{}/{SBGEN_PIN} is not pinned", pins.display())))?;
     let mut a: Array<MapData, u32> = m
         .try_into()
         .map_err(|e: aya::maps::MapError| host_err(format!("{SBGEN_PIN}: {e}")))?;
@@ -312,7 +312,7 @@ fn bump_generation() -> Result<(), BpfError> {
 
 /// The host sandbox map's generation (0 while no program was loaded).
 pub fn host_generation() -> Result<u32, BpfError> {
-    let Some(m) = shared_map(SBGEN_PIN)? else {
+    let Some(m) = shared_map(Path::new(&host_pins()), SBGEN_PIN)? else {
         return Ok(0);
     };
     let a: Array<MapData, u32> = m
@@ -328,8 +328,18 @@ pub fn host_generation() -> Result<u32, BpfError> {
 /// of another agent for the same address is refused (overlapping pools).
 /// Needs a program loaded (see [`attach`]).
 pub fn add_host_sandbox(ip: Ipv4Addr, pool_len: u8, owner: u32) -> Result<(), BpfError> {
-    let mut m = sandboxes_map()?
-        .ok_or_else(|| host_err(format!("{}/{SANDBOXES_PIN} is not pinned", host_pins())))?;
+    add_host_sandbox_in(Path::new(&host_pins()), ip, pool_len, owner)
+}
+
+/// [`add_host_sandbox`] to the shared maps pinned in `pins`.
+pub fn add_host_sandbox_in(
+    pins: &Path,
+    ip: Ipv4Addr,
+    pool_len: u8,
+    owner: u32,
+) -> Result<(), BpfError> {
+    let mut m = sandboxes_map(pins)?
+        .ok_or_else(|| host_err(format!("{}/{SANDBOXES_PIN} is not pinned", pins.display())))?;
     let v = HostSandbox {
         pool_len,
         owner,
@@ -355,13 +365,15 @@ pub fn add_host_sandbox(ip: Ipv4Addr, pool_len: u8, owner: u32) -> Result<(), Bp
                 .map_err(|e| host_err(format!("{SANDBOXES_PIN}: add {ip}: {e}")))?,
         },
     }
-    bump_generation()
+    bump_generation(pins)
 }
 
 /// Forgets a sandbox address of this host if the agent tagged `owner` added it
 /// (missing, or another agent's, is left alone).
 pub fn remove_host_sandbox(ip: Ipv4Addr, owner: u32) -> Result<(), BpfError> {
-    let Some(mut m) = sandboxes_map()? else {
+    let pins = host_pins();
+    let pins = Path::new(&pins);
+    let Some(mut m) = sandboxes_map(pins)? else {
         return Ok(());
     };
     match m.get(&nbo(ip), 0) {
@@ -378,19 +390,68 @@ pub fn remove_host_sandbox(ip: Ipv4Addr, owner: u32) -> Result<(), BpfError> {
         }
         Err(e) => return Err(host_err(format!("{SANDBOXES_PIN}: remove {ip}: {e}"))),
     }
-    bump_generation()
+    bump_generation(pins)
 }
 
 /// The sandbox addresses of this host recorded in the shared map, with their
 /// entries.
 pub fn host_sandboxes() -> Result<Vec<(Ipv4Addr, HostSandbox)>, BpfError> {
-    let Some(m) = sandboxes_map()? else {
+    host_sandboxes_in(Path::new(&host_pins()))
+}
+
+/// [`host_sandboxes`] of the shared maps pinned in `pins`.
+pub fn host_sandboxes_in(pins: &Path) -> Result<Vec<(Ipv4Addr, HostSandbox)>, BpfError> {
+    let Some(m) = sandboxes_map(pins)? else {
         return Ok(Vec::new());
     };
     Ok(m.iter()
         .filter_map(Result::ok)
         .map(|(k, v)| (Ipv4Addr::from(k.to_ne_bytes()), v))
         .collect())
+}
+
+/// Removes every entry of the host's sandbox map whose owner is not in
+/// `keep` (agents that are gone: killed, or of a namespace that no longer
+/// exists and whose inode was reused); returns how many. Call it with the
+/// registry locked (see `registry::register`), so no agent outside `keep`
+/// can start adding entries meanwhile.
+pub fn purge_host_sandboxes(keep: &std::collections::HashSet<u32>) -> Result<usize, BpfError> {
+    purge_host_sandboxes_in(Path::new(&host_pins()), keep)
+}
+
+/// [`purge_host_sandboxes`] of the shared maps pinned in `pins`.
+pub fn purge_host_sandboxes_in(
+    pins: &Path,
+    keep: &std::collections::HashSet<u32>,
+) -> Result<usize, BpfError> {
+    let Some(mut m) = sandboxes_map(pins)? else {
+        return Ok(0);
+    };
+    // why: collect first; deleting while iterating a BPF hash map restarts
+    // the walk.
+    let stale: Vec<u32> = m
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(_, v)| !keep.contains(&v.owner))
+        .map(|(k, _)| k)
+        .collect();
+    let mut n = 0;
+    for k in &stale {
+        match m.remove(k) {
+            Ok(()) => n += 1,
+            Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                let ip = Ipv4Addr::from(k.to_ne_bytes());
+                return Err(host_err(format!("{SANDBOXES_PIN}: remove {ip}: {e}")));
+            }
+        }
+    }
+    if n > 0 {
+        bump_generation(pins)?;
+    }
+    Ok(n)
 }
 
 fn nbo(ip: Ipv4Addr) -> u32 {
@@ -1255,5 +1316,127 @@ mod tests {
         assert_eq!(tcp_out, SHOT, "TCP PSH/ACK on a pre-opened flow");
         assert_eq!(tcp_in, SHOT);
         assert_eq!(rejudged, 2, "both flows judged again and denied");
+    }
+
+    /// Shared maps pinned in a directory of this test's own (not the host's),
+    /// removed on drop.
+    struct PrivatePins(PathBuf);
+
+    impl PrivatePins {
+        fn new(name: &str) -> PrivatePins {
+            ensure_bpffs().unwrap();
+            let dir = PathBuf::from(format!(
+                "/sys/fs/bpf/hearth-test-{name}-{}",
+                std::process::id()
+            ));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            // Loading the object creates and pins its shared maps there.
+            aya::EbpfLoader::new()
+                .default_map_pin_directory(&dir)
+                .load(OBJECT)
+                .unwrap();
+            PrivatePins(dir)
+        }
+    }
+
+    impl Drop for PrivatePins {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// Host map entries of an agent that is gone (killed and never started
+    /// again with its state dir) are purged when another agent registers; a
+    /// live agent's and the registering agent's own are kept. With no other
+    /// agent live, everything but the registering agent's own goes.
+    #[test]
+    fn host_map_entries_of_agents_that_are_gone_are_purged_at_registration() {
+        use crate::registry::{owner_tag, register_in};
+        use std::collections::HashSet;
+        let pins = PrivatePins::new("purge");
+        let reg = tempfile::tempdir().unwrap();
+        let (live, gone, me) = (
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+        );
+        let ip = |last: u8| Ipv4Addr::new(10, 99, 0, last);
+        let (t_live, t_gone, t_me) = (
+            owner_tag(live.path()),
+            owner_tag(gone.path()),
+            owner_tag(me.path()),
+        );
+        let add = |a: Ipv4Addr, owner: u32| add_host_sandbox_in(&pins.0, a, 24, owner).unwrap();
+        add(ip(1), t_live);
+        add(ip(2), t_gone);
+        add(ip(3), t_gone);
+        add(ip(4), t_me);
+        // The gone agent's registration: a file nobody holds.
+        std::fs::write(
+            reg.path().join("10.99.0.0_24"),
+            format!("1 {}\n", gone.path().display()),
+        )
+        .unwrap();
+        let live_reg = register_in(
+            reg.path(),
+            "10.98.0.0/24".parse().unwrap(),
+            live.path(),
+            |_| {},
+        )
+        .unwrap();
+        let gen = |p: &Path| -> u32 {
+            let a: Array<MapData, u32> = shared_map(p, SBGEN_PIN)
+                .unwrap()
+                .unwrap()
+                .try_into()
+                .unwrap();
+            a.get(&0, 0).unwrap()
+        };
+        let before = gen(&pins.0);
+        let purge = |keep: &crate::registry::LiveAgents| {
+            let mut k = keep.others.clone();
+            k.insert(keep.me);
+            purge_host_sandboxes_in(&pins.0, &k).unwrap()
+        };
+        let mut purged = 0;
+        let mine = register_in(
+            reg.path(),
+            "10.99.0.0/24".parse().unwrap(),
+            me.path(),
+            |l| purged = purge(l),
+        )
+        .unwrap();
+        let owners = |p: &Path| -> HashSet<(Ipv4Addr, u32)> {
+            host_sandboxes_in(p)
+                .unwrap()
+                .into_iter()
+                .map(|(a, e)| (a, e.owner))
+                .collect()
+        };
+        let after_first = owners(&pins.0);
+        let bumped = gen(&pins.0) != before;
+        // The live agent stops: its entry is stale now, and the next
+        // registration (no other agent live) keeps only its own.
+        drop(live_reg);
+        drop(mine);
+        let mut purged_again = 0;
+        let _again = register_in(
+            reg.path(),
+            "10.99.0.0/24".parse().unwrap(),
+            me.path(),
+            |l| purged_again = purge(l),
+        )
+        .unwrap();
+        let after_second = owners(&pins.0);
+        assert_eq!(purged, 2, "the gone agent's two entries");
+        assert_eq!(
+            after_first,
+            HashSet::from([(ip(1), t_live), (ip(4), t_me)]),
+            "a live agent's and its own entries are kept"
+        );
+        assert!(bumped, "flows are judged again after a purge");
+        assert_eq!(purged_again, 1);
+        assert_eq!(after_second, HashSet::from([(ip(4), t_me)]));
     }
 }
