@@ -21,6 +21,19 @@ const MAX_SEED: usize = 512;
 /// The sandbox id this VM serves, once a restore told it.
 static SANDBOX_ID: Mutex<String> = Mutex::new(String::new());
 
+/// Why this guest must not start processes: set when applying the last
+/// [`Restored`] failed in a way that would leak the snapshot's state into them
+/// (the RNG not reseeded, or a given network not taken).
+static REFUSE_EXEC: Mutex<Option<String>> = Mutex::new(None);
+
+/// Why an exec must be refused now (see [`REFUSE_EXEC`]).
+pub fn exec_refusal() -> Option<String> {
+    REFUSE_EXEC
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+}
+
 /// Process groups stopped by [`freeze`]; part of the snapshot's memory, so a
 /// restored guest knows what to continue after [`apply`].
 static FROZEN: Mutex<Vec<i32>> = Mutex::new(Vec::new());
@@ -82,6 +95,16 @@ pub fn apply(msg: &Restored) -> RestoredAck {
     for w in &warnings {
         crate::log!("after restore: {w}");
     }
+    let refuse = if let Some(w) = warnings.iter().find(|w| w.starts_with("reseeding the RNG")) {
+        Some(format!(
+            "this restored guest could not reseed its RNG ({w})"
+        ))
+    } else if msg.net_given && !net_applied {
+        Some("this restored guest could not take its network address and MAC".to_string())
+    } else {
+        None
+    };
+    *REFUSE_EXEC.lock().unwrap_or_else(|p| p.into_inner()) = refuse;
     // why: last: the snapshot's own processes continue only with the new RNG
     // state, clock, hostname and network in place.
     thaw();
