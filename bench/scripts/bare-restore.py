@@ -78,21 +78,22 @@ def read_frame(sock):
     return body[0], body[5:]
 
 
-def restore_once(snap, manifest, kernel, initrd):
+def restore_once(snap, manifest, nic, kernel, initrd):
     work = tempfile.mkdtemp(prefix="bare-restore-")
     try:
         shutil.copy(os.path.join(snap, "disk.qcow2"), os.path.join(work, "root.qcow2"))
         qmp_path, agent_path = os.path.join(work, "qmp.sock"), os.path.join(work, "agent.sock")
-        mem = manifest["memory_mib"]
+        # The RAM block as long as the saved one (TCG snapshots carry a pad).
+        kib = manifest["memory_mib"] * 1024 + manifest.get("ram_pad_kib", 0)
         if manifest["ram"] == "file":
-            ram = f"memory-backend-file,id=ram,size={mem}M,mem-path={snap}/ram,share=off"
+            ram = f"memory-backend-file,id=ram,size={kib}K,mem-path={snap}/ram,share=off"
         else:
-            ram = f"memory-backend-ram,id=ram,size={mem}M"
+            ram = f"memory-backend-ram,id=ram,size={kib}K"
         accel = manifest["accel"]
         argv = [
             "qemu-system-x86_64", "-M", "microvm,x-option-roms=off,rtc=off,acpi=off",
             "-accel", accel, "-cpu", "host" if accel == "kvm" else "max",
-            "-m", str(mem), "-smp", str(manifest["cpus"]),
+            "-m", f"{kib}K", "-smp", str(manifest["cpus"]),
             "-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-S",
             "-kernel", kernel, "-initrd", initrd,
             "-append", "console=ttyS0 quiet reboot=t panic=-1 hearth.hostname=bare",
@@ -103,6 +104,12 @@ def restore_once(snap, manifest, kernel, initrd):
             "-chardev", f"socket,id=agent,path={agent_path},server=on,wait=off",
             "-device", "virtserialport,chardev=agent,name=hearth.agent",
             "-qmp", f"unix:{qmp_path},server=on,wait=off",
+        ]
+        if nic:
+            # A networked template's device, on hub 0 with no tap (as a warm-pool VM).
+            argv += ["-netdev", "hubport,id=net0,hubid=0",
+                     "-device", "virtio-net-device,netdev=net0,mac=02:68:00:00:00:00"]
+        argv += [
             "-object", ram, "-machine", "memory-backend=ram",
             "-incoming", "defer",
         ]
@@ -133,7 +140,12 @@ def main():
     snap, kernel, initrd, runs = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     with open(os.path.join(snap, "manifest.json")) as f:
         manifest = json.load(f)
-    print(json.dumps([restore_once(snap, manifest, kernel, initrd) for _ in range(runs)]))
+    nic = False
+    meta = os.path.join(snap, "template.json")
+    if os.path.exists(meta):
+        with open(meta) as f:
+            nic = json.load(f).get("nic", False)
+    print(json.dumps([restore_once(snap, manifest, nic, kernel, initrd) for _ in range(runs)]))
 
 
 if __name__ == "__main__":

@@ -660,6 +660,20 @@ impl GuestConn {
         Ok(ack.sessions)
     }
 
+    /// [`GuestConn::freeze_processes`] for a snapshot: when the guest does not
+    /// confirm in time, it is told to thaw (a late `Frozen` stopped them all the
+    /// same) and the error is returned, so no snapshot is saved from a guest
+    /// whose processes may be running.
+    pub async fn freeze_for_snapshot(&self, timeout: Duration) -> Result<u32, GuestError> {
+        match self.freeze_processes(timeout).await {
+            Ok(n) => Ok(n),
+            Err(e) => {
+                let _ = self.thaw_processes().await;
+                Err(e)
+            }
+        }
+    }
+
     /// Lets the processes stopped by [`GuestConn::freeze_processes`] continue.
     pub async fn thaw_processes(&self) -> Result<(), GuestError> {
         self.send(Frame::json(Kind::Thaw, CONTROL_ID, &Empty {}))
@@ -908,6 +922,19 @@ mod tests {
             .expect("a frame within 5s")
             .unwrap()
             .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_freeze_for_a_snapshot_that_times_out_fails_and_thaws_the_guest() {
+        let (conn, mut guest) = connected().await;
+        let err = conn
+            .freeze_for_snapshot(Duration::from_millis(100))
+            .await
+            .expect_err("a guest that never answers Freeze must fail the freeze");
+        assert!(matches!(err, GuestError::FreezeTimeout(_)), "{err}");
+        assert_eq!(next_frame(&mut guest).await.kind, Kind::Freeze);
+        // The guest may still stop its processes when the Freeze reaches it: it is told to thaw.
+        assert_eq!(next_frame(&mut guest).await.kind, Kind::Thaw);
     }
 
     #[tokio::test]

@@ -30,6 +30,7 @@ mod readopt;
 mod restore;
 mod sandbox;
 mod snapshot;
+mod start_trace;
 mod template;
 mod warm_pool;
 

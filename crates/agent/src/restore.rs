@@ -491,7 +491,9 @@ impl Agent {
                 ..
             } => match self.restore_from(&dir, cfg).await {
                 Ok(r) => {
+                    entry.trace.mark("restored");
                     record(path, Some(&name), note);
+                    entry.trace.mark("start-path-saved");
                     let link = GuestLink::Stream(r.agent);
                     return Ok((r.vm, Some(channel(link, attach, next_session)), key));
                 }
@@ -519,6 +521,7 @@ impl Agent {
         cfg: &VmConfig,
     ) -> Result<hearth_vmm::RestoredVm, VmmError> {
         let manifest = self.checked_manifest(dir).await?;
+        tracing::debug!(vm = %cfg.id, "snapshot {} checked", dir.display());
         let cfg = VmConfig {
             rootfs: manifest.base_rootfs.clone(),
             ..cfg.clone()
@@ -551,11 +554,16 @@ impl Agent {
 
     /// Tells a restored guest who it is now, resumes it and waits for its ack.
     /// The session to continue (`ch.attach`) is taken over before the guest runs,
-    /// so none of its output is dropped.
+    /// so none of its output is dropped. Otherwise `exec` (the new workload) is
+    /// queued right behind `Restored`, before the resume: the guest applies
+    /// `Restored` before it reads the exec, and refuses it when it could not
+    /// reseed or take its network; the host then fails the start on the ack.
     pub(crate) async fn wake_restored(
         &self,
         vm: &dyn Vm,
         ch: RestoredChannel,
+        exec: Option<&hearth_proto::ExecRequest>,
+        trace: &crate::start_trace::StartTrace,
     ) -> Result<(Arc<GuestConn>, Option<Session>, u64), String> {
         let want_net = ch.net.is_some();
         let msg = restored_message(ch.hostname, ch.sandbox_id, ch.nic, ch.net)?;
@@ -568,11 +576,20 @@ impl Agent {
                 (conn, ack)
             }
         };
-        let attached = ch.attach.map(|id| conn.attach(id));
+        let mut attached = ch.attach.map(|id| conn.attach(id));
+        if let (None, Some(req)) = (&attached, exec) {
+            attached = Some(
+                conn.exec(req)
+                    .await
+                    .map_err(|e| format!("cannot start the workload: {e}"))?,
+            );
+        }
         let t0 = std::time::Instant::now();
         vm.start().await.map_err(|e| e.to_string())?;
         let resumed = t0.elapsed();
+        trace.mark("resumed");
         let ack = ack.wait(HELLO_TIMEOUT).await.map_err(|e| e.to_string())?;
+        trace.mark("restored-ack");
         tracing::info!(vm = %vm.id(), ?resumed, acked = ?t0.elapsed(), "restored guest took its identity");
         // why: guest-supplied text; bounded and quoted so it cannot flood or forge logs.
         for w in ack.warnings.iter().take(8) {

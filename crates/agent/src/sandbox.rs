@@ -207,6 +207,8 @@ pub(crate) struct Entry {
     pub(crate) nic_tap: std::sync::atomic::AtomicBool,
     /// Held while the record is saved (saves never overtake each other).
     persisting: Mutex<()>,
+    /// Where the start of this sandbox spent its time.
+    pub(crate) trace: crate::start_trace::StartTrace,
 }
 
 impl Entry {
@@ -241,6 +243,7 @@ impl Entry {
             nic: std::sync::atomic::AtomicBool::new(false),
             nic_tap: std::sync::atomic::AtomicBool::new(false),
             persisting: Mutex::new(()),
+            trace: crate::start_trace::StartTrace::new(),
         }
     }
 
@@ -833,6 +836,7 @@ impl Agent {
     /// Creates a sandbox and starts booting it; returns at once (status `creating`).
     /// A template for the image (and no `cold`) makes it a warm start.
     pub async fn create(&self, req: CreateSandbox) -> Result<Sandbox, AgentError> {
+        let t0 = Instant::now();
         if req.from_snapshot.is_some() {
             return self.create_from_snapshot(req).await;
         }
@@ -874,6 +878,8 @@ impl Agent {
                 return Err(e);
             }
         };
+        entry.trace.began_at(t0);
+        entry.trace.mark("registered");
         let net = match self.setup_network(&entry, policy).await {
             Ok(n) => n,
             Err(e) => {
@@ -881,6 +887,7 @@ impl Agent {
                 return Err(e);
             }
         };
+        entry.trace.mark("network");
         Ok(self.spawn_lifecycle(
             entry,
             &req,
@@ -1108,7 +1115,9 @@ impl Agent {
             vm_cfg.net.as_ref().is_some_and(|n| !n.hub),
             std::sync::atomic::Ordering::Relaxed,
         );
+        entry.trace.mark("lifecycle");
         let launched = self.launch_vm(&entry, &vm_cfg, launch, guest_net).await;
+        entry.trace.mark("vm-launched");
         let (vm, channel, release) = match launched {
             Ok(l) => l,
             Err((message, release)) => {
@@ -1267,7 +1276,11 @@ impl Agent {
                 if let GuestLink::Stream(stream) = &ch.link {
                     *lock(&entry.chan_fd) = stream_fd(stream);
                 }
-                return self.wake_restored(vm, ch).await;
+                // why: a new workload is queued right behind `Restored`, before the
+                // resume: the guest applies `Restored` first (it reads nothing
+                // else before), so the exec needs no extra round trip.
+                let pipelined = ch.attach.is_none().then_some(&exec);
+                return self.wake_restored(vm, ch, pipelined, &entry.trace).await;
             }
             let stream = vm.connect_agent().await.map_err(|e| e.to_string())?;
             *lock(&entry.chan_fd) = stream_fd(&stream);
@@ -1296,6 +1309,7 @@ impl Agent {
             }
         };
         let boot_ms = started.elapsed().as_millis() as u64;
+        entry.trace.mark("guest-ready");
         let session = match attached {
             Some(s) => s,
             None => match conn.exec(&exec).await {
@@ -1303,6 +1317,7 @@ impl Agent {
                 Err(e) => return failed(format!("cannot start the workload: {e}")),
             },
         };
+        entry.trace.mark("exec-sent");
         *lock(&entry.main_session) = Some(session.id());
         *lock(&entry.conn) = Some(conn.clone());
         entry
@@ -1334,11 +1349,13 @@ impl Agent {
                 entry.dir.join("workload.json").display()
             ));
         }
+        entry.trace.mark("workload-saved");
         entry.update(|r| {
             r.status = SandboxStatus::Running;
             r.started_ms = Some(now_ms());
             r.boot_ms = Some(boot_ms);
         });
+        entry.trace.mark("running-saved");
         tracing::info!(sandbox = %entry.snapshot().id, boot_ms, "workload started");
         self.run_workload(entry, vm, conn, session, log, ctl, polite, Some(started))
             .await
@@ -1464,6 +1481,8 @@ impl Agent {
             };
             if std::mem::take(&mut first_output) {
                 if let Some(t0) = started {
+                    entry.trace.mark("first-output");
+                    entry.trace.log(&entry.snapshot().id);
                     tracing::info!(sandbox = %entry.snapshot().id, ms = t0.elapsed().as_millis() as u64, "first output");
                 }
             }
@@ -1664,6 +1683,10 @@ impl Agent {
                 .unwrap_or_else(|| image.config.user.clone()),
             stdin: req.stdin,
         };
+        // why: a snapshot freezes the guest's processes and pauses the VM while
+        // it saves (holding `saving`); an exec started in that window would run
+        // unfrozen inside the snapshot, so it waits for the thaw.
+        let saving = e.saving.lock().await;
         let session = conn
             .exec(&guest)
             .await
@@ -1671,6 +1694,7 @@ impl Agent {
                 id: rec.id.clone(),
                 message: format!("exec failed: {err}"),
             })?;
+        drop(saving);
         let exec_id = e
             .next_exec
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -181,13 +181,15 @@ impl Agent {
         };
         // why: the snapshot's processes must not run in a restored copy before it
         // is reseeded; stopped now, they continue there only after `Restored`.
-        let froze = conn.freeze_processes(FREEZE_TIMEOUT).await;
-        if let Err(err) = &froze {
-            tracing::warn!(sandbox = %rec.id, "snapshot taken without stopping the guest's processes: {err}");
+        if let Err(err) = conn.freeze_for_snapshot(FREEZE_TIMEOUT).await {
+            return Err(AgentError::VmFailed {
+                id: rec.id,
+                message: format!(
+                    "snapshot '{name}' not taken: the guest did not stop its processes for it ({err}); they keep running; retry, and if it persists the guest agent is busy or too old (a template or snapshot made before freezing existed: recreate it)"
+                ),
+            });
         }
         let saved = vm.save_snapshot(&tmp, &opts).await;
-        // why: always, whatever the freeze answered: a Frozen arriving after the
-        // timeout stopped the processes all the same (a thaw of none is harmless).
         if let Err(err) = conn.thaw_processes().await {
             tracing::warn!(sandbox = %rec.id, "cannot let the guest's processes continue after the snapshot: {err}");
         }

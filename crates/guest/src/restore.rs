@@ -21,6 +21,19 @@ const MAX_SEED: usize = 512;
 /// The sandbox id this VM serves, once a restore told it.
 static SANDBOX_ID: Mutex<String> = Mutex::new(String::new());
 
+/// Why this guest must not start processes: set when applying the last
+/// [`Restored`] failed in a way that would leak the snapshot's state into them
+/// (the RNG not reseeded, or a given network not taken).
+static REFUSE_EXEC: Mutex<Option<String>> = Mutex::new(None);
+
+/// Why an exec must be refused now (see [`REFUSE_EXEC`]).
+pub fn exec_refusal() -> Option<String> {
+    REFUSE_EXEC
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+}
+
 /// Process groups stopped by [`freeze`]; part of the snapshot's memory, so a
 /// restored guest knows what to continue after [`apply`].
 static FROZEN: Mutex<Vec<i32>> = Mutex::new(Vec::new());
@@ -82,6 +95,8 @@ pub fn apply(msg: &Restored) -> RestoredAck {
     for w in &warnings {
         crate::log!("after restore: {w}");
     }
+    *REFUSE_EXEC.lock().unwrap_or_else(|p| p.into_inner()) =
+        refusal(&warnings, msg.net_given, net_applied);
     // why: last: the snapshot's own processes continue only with the new RNG
     // state, clock, hostname and network in place.
     thaw();
@@ -89,6 +104,19 @@ pub fn apply(msg: &Restored) -> RestoredAck {
         warnings,
         sessions: Vec::new(),
         net_applied,
+    }
+}
+
+/// Why execs must be refused after applying a `Restored` with these outcomes.
+fn refusal(warnings: &[String], net_given: bool, net_applied: bool) -> Option<String> {
+    if let Some(w) = warnings.iter().find(|w| w.starts_with("reseeding the RNG")) {
+        Some(format!(
+            "this restored guest could not reseed its RNG ({w})"
+        ))
+    } else if net_given && !net_applied {
+        Some("this restored guest could not take its network address and MAC".to_string())
+    } else {
+        None
     }
 }
 
@@ -139,4 +167,24 @@ fn set_clock(unix_ms: u64) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::refusal;
+
+    #[test]
+    fn execs_are_refused_only_after_a_failed_reseed_or_a_network_not_taken() {
+        let none: Vec<String> = Vec::new();
+        assert_eq!(refusal(&none, true, true), None);
+        assert_eq!(refusal(&none, false, false), None);
+        assert_eq!(
+            refusal(&["setting the clock: EPERM".into()], false, false),
+            None
+        );
+        let rng = refusal(&["reseeding the RNG: EPERM".into()], false, false).unwrap();
+        assert!(rng.contains("could not reseed its RNG"), "{rng}");
+        let net = refusal(&none, true, false).unwrap();
+        assert!(net.contains("network"), "{net}");
+    }
 }

@@ -137,6 +137,12 @@ fn dispatch(frame: Frame, sessions: &Arc<Sessions>, writer: &Arc<Writer>, hello:
     let id = frame.id;
     match frame.kind {
         Kind::Exec => match frame.parse::<ExecRequest>() {
+            // why: the host may queue an exec right behind `Restored`; it must not
+            // run on the snapshot's RNG state or network when those were not renewed.
+            Ok(_) if restore::exec_refusal().is_some() => {
+                let why = restore::exec_refusal().unwrap_or_default();
+                error(writer, id, format!("{why}; not starting processes"))
+            }
             Ok(req) => exec::start(id, req, sessions, writer),
             Err(e) => error(writer, id, e.to_string()),
         },

@@ -221,6 +221,28 @@ impl SnapshotManifest {
 }
 
 /// Describes `names` in `dir` (size + SHA-256) for a manifest.
+/// Makes the files `names` of `dir` and their directory entries durable
+/// (fsync of each file, then of `dir`): done before the manifest that says
+/// the snapshot exists is written, so a crash cannot leave a manifest over
+/// data that never reached the disk.
+pub fn sync_files(dir: &Path, names: &[&str]) -> Result<(), VmmError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| VmmError::Io {
+            op: "flush snapshot file to disk",
+            path,
+            source,
+        }
+    };
+    for name in names {
+        let path = dir.join(name);
+        File::open(&path)
+            .and_then(|f| f.sync_all())
+            .map_err(io(&path))?;
+    }
+    File::open(dir).and_then(|f| f.sync_all()).map_err(io(dir))
+}
+
 pub fn describe_files(dir: &Path, names: &[&str]) -> Result<Vec<SnapshotFile>, VmmError> {
     names
         .iter()

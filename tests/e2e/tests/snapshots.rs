@@ -691,3 +691,48 @@ fn the_source_keeps_running_after_a_snapshot_also_when_its_client_goes_away() {
             .unwrap_or(true)
     });
 }
+
+#[test]
+fn an_exec_sent_while_a_snapshot_is_saved_waits_for_the_thaw() {
+    let d = Daemon::start();
+    // 48 MB of written file pages make the RAM copy and checksum of the save
+    // take a while: the window in which the guest is frozen.
+    let workload = format!("dd if=/dev/zero of=/fill bs=1M count=48 2>/dev/null; {COUNTER}");
+    run_detached(
+        &d,
+        &["--name", "busy", "busybox", "--", "sh", "-c", &workload],
+    );
+    wait_until("the counter to count", Duration::from_secs(120), || {
+        counted(&d, "busy").len() >= 2
+    });
+    let snaps = d.data_dir().join("snapshots");
+    std::thread::scope(|s| {
+        let saver = s.spawn(|| {
+            let out = d.hearth(&["snapshot", "busy", "--name", "s"]);
+            (out, std::time::Instant::now())
+        });
+        // The state file is created once the guest's processes are frozen and the VM paused.
+        wait_until("the save to start", Duration::from_secs(60), || {
+            assert!(!saver.is_finished(), "the save ended before it was seen");
+            std::fs::read_dir(&snaps)
+                .map(|rd| {
+                    rd.flatten().any(|e| {
+                        e.file_name().to_string_lossy().starts_with(".tmp-")
+                            && e.path().join("state").exists()
+                    })
+                })
+                .unwrap_or(false)
+        });
+        let exec = d.hearth(&["exec", "busy", "--", "echo", "after"]);
+        let exec_done = std::time::Instant::now();
+        let (snap, snap_done) = saver.join().expect("snapshot thread");
+        assert!(snap.status.success(), "{}", show(&snap));
+        assert!(exec.status.success(), "{}", show(&exec));
+        assert_eq!(stdout(&exec).trim(), "after");
+        assert!(
+            exec_done >= snap_done,
+            "the exec ended {:?} before the snapshot it was sent during: it ran inside the frozen window",
+            snap_done - exec_done
+        );
+    });
+}

@@ -22,7 +22,7 @@ use crate::config::{option_path, GuestMemory, VmConfig};
 use crate::error::VmmError;
 use crate::qmp::QmpEvent;
 use crate::snapshot::{
-    copy_sparse, describe_files, RamStorage, SnapshotManifest, DISK_FILE, RAM_FILE,
+    copy_sparse, describe_files, sync_files, RamStorage, SnapshotManifest, DISK_FILE, RAM_FILE,
     SNAPSHOT_FORMAT, STATE_FILE,
 };
 use crate::{log_tail, AfterSave, SaveOptions, Vm};
@@ -137,9 +137,13 @@ impl QemuVm {
             names.push(RAM_FILE);
         }
         let dir = dest.to_path_buf();
-        let files = tokio::task::spawn_blocking(move || describe_files(&dir, &names))
-            .await
-            .map_err(|e| io("checksum snapshot", dest)(std::io::Error::other(e)))??;
+        // why: the data is durable before the manifest (written last) says the snapshot exists.
+        let files = tokio::task::spawn_blocking(move || {
+            sync_files(&dir, &names)?;
+            describe_files(&dir, &names)
+        })
+        .await
+        .map_err(|e| io("checksum snapshot", dest)(std::io::Error::other(e)))??;
         let manifest = SnapshotManifest {
             format_version: SNAPSHOT_FORMAT,
             backend: super::BACKEND.to_string(),
@@ -262,7 +266,9 @@ impl QemuVmm {
 /// why: connecting first means the guest's port stays "host connected" across the
 /// restore, so its agent never sees the host vanish and never has to poll for it.
 async fn load_state(vm: &QemuVm, snapshot: &Path) -> Result<UnixStream, VmmError> {
+    let t0 = Instant::now();
     let agent = vm.connect_agent().await?;
+    let connected = t0.elapsed();
     vm.enable_migration_caps().await?;
     let uri = format!(
         "exec:cat {}",
@@ -272,7 +278,9 @@ async fn load_state(vm: &QemuVm, snapshot: &Path) -> Result<UnixStream, VmmError
     vm.qmp
         .execute("migrate-incoming", json!({ "uri": uri }))
         .await?;
+    let requested = t0.elapsed();
     vm.wait_migration(&mut events, "loading the snapshot state")
         .await?;
+    tracing::debug!(vm = %vm.id, ?connected, ?requested, loaded = ?t0.elapsed(), "snapshot state loaded");
     Ok(agent)
 }
