@@ -1242,9 +1242,11 @@ impl Agent {
                 if let GuestLink::Stream(stream) = &ch.link {
                     *lock(&entry.chan_fd) = stream_fd(stream);
                 }
-                // why: a new workload is queued right behind `Restored`, before the
-                // resume: the guest applies `Restored` first (it reads nothing
-                // else before), so the exec needs no extra round trip.
+                // why: for a guest that guards restores, a new workload is queued
+                // right behind `Restored`, before the resume: the guest applies
+                // `Restored` first (it reads nothing else before) and refuses the
+                // exec if that failed, so the exec needs no extra round trip.
+                // Other guests get it after the ack (`wake_restored` decides).
                 let pipelined = ch.attach.is_none().then_some(&exec);
                 return self.wake_restored(vm, ch, pipelined, &entry.trace).await;
             }

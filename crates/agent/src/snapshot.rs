@@ -51,6 +51,10 @@ pub(crate) struct SnapshotMeta {
     /// snapshots of older hearthd (which treated them as networked).
     #[serde(default)]
     pub networked: Option<bool>,
+    /// The snapshot's guest guards restores (see `hearth_proto::RESTORE_GUARD`);
+    /// false in snapshots of older hearthd or of older guests.
+    #[serde(default)]
+    pub restore_guard: bool,
 }
 
 impl Agent {
@@ -163,6 +167,7 @@ impl Agent {
             nic: e.nic.load(std::sync::atomic::Ordering::Relaxed) || rec.network.is_some(),
             fork,
             networked: Some(rec.network.is_some()),
+            restore_guard: conn.guards_restores(),
         };
         let tmp = self
             .snapshots_root()
@@ -186,7 +191,7 @@ impl Agent {
         }
         let saved = vm.save_snapshot(&tmp, &opts).await;
         if let Err(err) = conn.thaw_processes().await {
-            tracing::warn!(sandbox = %rec.id, "cannot let the guest's processes continue after the snapshot: {err}");
+            tracing::warn!(sandbox = %rec.id, "the Thaw after snapshot '{name}' could not be sent ({err}): the guest's processes stay stopped until a retry in the background gets it through or the guest's own bound (60 s) ends the stop");
         }
         let manifest = match saved {
             Ok(m) => m,
@@ -314,6 +319,7 @@ impl Agent {
             next_session: meta.next_session,
             note,
             nic: meta.nic,
+            guarded: meta.restore_guard,
         };
         let req = CreateSandbox {
             image: meta.image.clone(),
