@@ -14,7 +14,8 @@ use std::time::Duration;
 use hearth_proto::{
     read_frame_async, write_frame_async, Credit, Empty, ErrorMsg, ExecRequest, ExitStatus, Frame,
     Frozen, Hello, Kind, Restored, RestoredAck, Resume, ResumeSession, Resumed, SignalRequest,
-    Started, CONTROL_ID, FREEZE_ID_BASE, INITIAL_WINDOW, MAX_FRAME, PROTOCOL_VERSION, RESUME_NONCE_LEN,
+    Started, CONTROL_ID, FREEZE_ID_BASE, INITIAL_WINDOW, MAX_FRAME, PROTOCOL_VERSION,
+    RESUME_NONCE_LEN,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -1062,7 +1063,10 @@ mod tests {
         // The first freeze's answer arrives only now.
         let late = Frame::json(Kind::Frozen, first.id, &Frozen { sessions: 7 });
         write_frame_async(&mut guest, &late).await.unwrap();
-        let err = second.await.unwrap().expect_err("a late answer must not count");
+        let err = second
+            .await
+            .unwrap()
+            .expect_err("a late answer must not count");
         assert!(matches!(err, GuestError::FreezeTimeout(_)), "{err}");
 
         let third = {
@@ -1123,7 +1127,10 @@ mod tests {
             .expect("failed at once, not after the ack timeout")
             .expect_err("refused");
         assert!(err.to_string().contains("invalid type"), "{err}");
-        assert!(!conn.guards_restores(), "nothing said this guest guards restores");
+        assert!(
+            !conn.guards_restores(),
+            "nothing said this guest guards restores"
+        );
     }
 
     #[tokio::test]

@@ -259,6 +259,9 @@ impl Agent {
         req: CreateSandbox,
         inherit: Option<hearth_net::Policy>,
     ) -> Result<Sandbox, AgentError> {
+        // why: a start timeline counts from here (for a fork's copy: from its
+        // start, after the fork's snapshot was saved).
+        let t0 = std::time::Instant::now();
         let name = req.from_snapshot.clone().unwrap_or_default();
         let meta = self.snapshot_meta(&name)?;
         let dir = self.snapshot_dir(&name);
@@ -338,6 +341,8 @@ impl Agent {
                 return Err(e);
             }
         };
+        entry.trace.began_at(t0);
+        entry.trace.mark("registered");
         let net = match self.setup_network(&entry, policy).await {
             Ok(n) => n,
             Err(e) => {
@@ -345,6 +350,7 @@ impl Agent {
                 return Err(e);
             }
         };
+        entry.trace.mark("network");
         Ok(self.spawn_lifecycle(
             entry,
             &req,

@@ -117,7 +117,9 @@ fn settle(refusal: Option<String>) {
 /// it refuses execs (and keeps its processes stopped) as after a failed reseed,
 /// and says so at once instead of leaving the host waiting.
 pub fn unreadable(err: &str) -> RestoredAck {
-    let w = format!("reseeding the RNG: the Restored message is unreadable ({err}); nothing of it was applied");
+    let w = format!(
+        "reseeding the RNG: the Restored message is unreadable ({err}); nothing of it was applied"
+    );
     crate::log!("after restore: {w}");
     settle(refusal(std::slice::from_ref(&w), false, false));
     RestoredAck {
@@ -276,13 +278,20 @@ mod tests {
         assert!(ack.warnings[0].starts_with("reseeding the RNG"), "{ack:?}");
         assert!(ack.restore_guard && !ack.net_applied, "{ack:?}");
         assert!(exec_refusal().is_some());
-        assert!(!thaw_unless_refused(), "a Resume or the bound must not thaw now");
+        assert!(
+            !thaw_unless_refused(),
+            "a Resume or the bound must not thaw now"
+        );
         assert_eq!(wait_state(pid, 'T'), 'T', "stopped after a refused restore");
         assert_eq!(*FROZEN.lock().unwrap(), vec![pid as i32]);
 
         settle(refusal(&[], true, true));
         assert_eq!(exec_refusal(), None);
-        assert_ne!(wait_state(pid, 'S'), 'T', "continued after an applied restore");
+        assert_ne!(
+            wait_state(pid, 'S'),
+            'T',
+            "continued after an applied restore"
+        );
         assert!(FROZEN.lock().unwrap().is_empty());
         let _ = child.kill();
         let _ = child.wait();
