@@ -109,6 +109,9 @@ struct SessionSink {
 
 type Sessions = Arc<Mutex<HashMap<u32, SessionSink>>>;
 
+/// Where the answer to a freeze goes: the guest's `Frozen`, or its refusal.
+type FrozenWaiter = oneshot::Sender<Result<Frozen, String>>;
+
 /// A live connection to one guest agent.
 pub struct GuestConn {
     tx: mpsc::Sender<Frame>,
@@ -120,7 +123,7 @@ pub struct GuestConn {
     /// The pending `Restored`'s waiter; an `Error` on the control id fails it.
     restored_ack: Mutex<Option<oneshot::Sender<Result<RestoredAck, String>>>>,
     /// The pending freeze: its request id and waiter.
-    frozen_ack: Mutex<Option<(u32, oneshot::Sender<Result<Frozen, String>>)>>,
+    frozen_ack: Mutex<Option<(u32, FrozenWaiter)>>,
     /// Freeze requests sent (their ids count up from `FREEZE_ID_BASE`).
     freezes: AtomicU32,
     /// The guest guards restores (its Hello or a RestoredAck said so; see
