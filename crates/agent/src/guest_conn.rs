@@ -14,7 +14,8 @@ use std::time::Duration;
 use hearth_proto::{
     read_frame_async, write_frame_async, Credit, Empty, ErrorMsg, ExecRequest, ExitStatus, Frame,
     Frozen, Hello, Kind, Restored, RestoredAck, Resume, ResumeSession, Resumed, SignalRequest,
-    Started, CONTROL_ID, INITIAL_WINDOW, MAX_FRAME, PROTOCOL_VERSION, RESUME_NONCE_LEN,
+    Started, CONTROL_ID, FREEZE_ID_BASE, INITIAL_WINDOW, MAX_FRAME, PROTOCOL_VERSION,
+    RESUME_NONCE_LEN,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -79,6 +80,9 @@ const MAX_RESUME_SKIP: usize = 16 << 20;
 /// window keeps the guest at least three quarters of a window ahead.
 const CREDIT_BATCH: u32 = INITIAL_WINDOW / 4;
 
+/// How often a Thaw that could not be sent is tried again.
+const THAW_RETRY: Duration = Duration::from_secs(1);
+
 /// How long a frame to the guest may wait for room before the guest counts as stalled.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -105,6 +109,9 @@ struct SessionSink {
 
 type Sessions = Arc<Mutex<HashMap<u32, SessionSink>>>;
 
+/// Where the answer to a freeze goes: the guest's `Frozen`, or its refusal.
+type FrozenWaiter = oneshot::Sender<Result<Frozen, String>>;
+
 /// A live connection to one guest agent.
 pub struct GuestConn {
     tx: mpsc::Sender<Frame>,
@@ -113,8 +120,15 @@ pub struct GuestConn {
     /// None for a connection made after a restore (Hello is sent once per boot).
     hello: Option<Hello>,
     pong: Mutex<Option<oneshot::Sender<()>>>,
-    restored_ack: Mutex<Option<oneshot::Sender<RestoredAck>>>,
-    frozen_ack: Mutex<Option<oneshot::Sender<Frozen>>>,
+    /// The pending `Restored`'s waiter; an `Error` on the control id fails it.
+    restored_ack: Mutex<Option<oneshot::Sender<Result<RestoredAck, String>>>>,
+    /// The pending freeze: its request id and waiter.
+    frozen_ack: Mutex<Option<(u32, FrozenWaiter)>>,
+    /// Freeze requests sent (their ids count up from `FREEZE_ID_BASE`).
+    freezes: AtomicU32,
+    /// The guest guards restores (its Hello or a RestoredAck said so; see
+    /// [`hearth_proto::RESTORE_GUARD`]).
+    guards_restores: std::sync::atomic::AtomicBool,
     closed: tokio::sync::watch::Receiver<bool>,
     /// Set during a migration's switch-over: nothing more goes to the guest.
     frozen: std::sync::atomic::AtomicBool,
@@ -305,6 +319,9 @@ impl GuestConn {
             }
         });
         let (closed_tx, closed) = tokio::sync::watch::channel(false);
+        let guards = hello
+            .as_ref()
+            .is_some_and(|h| hearth_proto::guards_restores(&h.agent_version));
         let conn = Arc::new(GuestConn {
             tx,
             sessions: Arc::default(),
@@ -313,6 +330,8 @@ impl GuestConn {
             pong: Mutex::new(None),
             restored_ack: Mutex::new(None),
             frozen_ack: Mutex::new(None),
+            freezes: AtomicU32::new(0),
+            guards_restores: std::sync::atomic::AtomicBool::new(guards),
             closed,
             frozen: std::sync::atomic::AtomicBool::new(false),
             queued: Arc::new(AtomicU64::new(0)),
@@ -447,27 +466,61 @@ impl GuestConn {
         let _ = c.wait_for(|v| *v).await;
     }
 
+    /// Hands the answer to the freeze with request id `id` to its waiter; an
+    /// answer to an earlier (timed-out) freeze is dropped.
+    fn answer_freeze(&self, id: u32, answer: Result<Frozen, String>) {
+        let mut pending = self.frozen_ack.lock().unwrap_or_else(|e| e.into_inner());
+        if pending.as_ref().is_some_and(|(want, _)| *want == id) {
+            if let Some((_, tx)) = pending.take() {
+                let _ = tx.send(answer);
+            }
+        }
+    }
+
     fn route(&self, f: Frame) -> Result<(), GuestError> {
         let mut map = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        if f.id >= FREEZE_ID_BASE {
+            match f.kind {
+                Kind::Frozen => self.answer_freeze(f.id, Ok(f.parse()?)),
+                // why: a guest without freeze support answers "unexpected Freeze".
+                Kind::Error => self.answer_freeze(f.id, Err(f.parse::<ErrorMsg>()?.message)),
+                _ => {}
+            }
+            return Ok(());
+        }
         if f.id == CONTROL_ID {
             if f.kind == Kind::Pong {
                 if let Some(tx) = self.pong.lock().unwrap_or_else(|e| e.into_inner()).take() {
                     let _ = tx.send(());
                 }
             }
-            if f.kind == Kind::Frozen {
-                let ack: Frozen = f.parse()?;
-                let waiter = self
+            if f.kind == Kind::Error {
+                // why: an older guest answers a control request it cannot read
+                // (a `Restored` it cannot parse) with an Error on id 0; whatever
+                // waits for an answer fails now instead of at its timeout.
+                let m: ErrorMsg = f.parse()?;
+                let restored = self
+                    .restored_ack
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take();
+                if let Some(tx) = restored {
+                    let _ = tx.send(Err(m.message.clone()));
+                }
+                let frozen = self
                     .frozen_ack
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .take();
-                if let Some(tx) = waiter {
-                    let _ = tx.send(ack);
+                if let Some((_, tx)) = frozen {
+                    let _ = tx.send(Err(m.message));
                 }
             }
             if f.kind == Kind::RestoredAck {
                 let mut ack: RestoredAck = f.parse()?;
+                if ack.restore_guard {
+                    self.guards_restores.store(true, Ordering::Relaxed);
+                }
                 // why: frames are routed in order, so what a session got before
                 // the ack is exact; see `PendingAck`.
                 ack.sessions.retain_mut(|s| match map.get(&s.id) {
@@ -483,7 +536,7 @@ impl GuestConn {
                     .unwrap_or_else(|e| e.into_inner())
                     .take();
                 if let Some(tx) = waiter {
-                    let _ = tx.send(ack);
+                    let _ = tx.send(Ok(ack));
                 }
             }
             return Ok(());
@@ -648,23 +701,46 @@ impl GuestConn {
 
     /// Asks the guest to stop every session's processes (before a snapshot is
     /// saved) and waits for its answer: how many process groups it stopped.
+    /// Each request has its own frame id (the guest answers on it), so a late
+    /// answer to a freeze that timed out never counts for a later one.
     pub async fn freeze_processes(&self, timeout: Duration) -> Result<u32, GuestError> {
+        let n = self.freezes.fetch_add(1, Ordering::Relaxed);
+        let id = FREEZE_ID_BASE + n % FREEZE_ID_BASE;
         let (tx, rx) = oneshot::channel();
-        *self.frozen_ack.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
-        self.send(Frame::json(Kind::Freeze, CONTROL_ID, &Empty {}))
-            .await?;
-        let ack = tokio::time::timeout(timeout, rx)
-            .await
+        *self.frozen_ack.lock().unwrap_or_else(|e| e.into_inner()) = Some((id, tx));
+        let clear = || {
+            let mut pending = self.frozen_ack.lock().unwrap_or_else(|e| e.into_inner());
+            if pending.as_ref().is_some_and(|(want, _)| *want == id) {
+                *pending = None;
+            }
+        };
+        if let Err(e) = self.send(Frame::json(Kind::Freeze, id, &Empty {})).await {
+            clear();
+            return Err(e);
+        }
+        let answer = tokio::time::timeout(timeout, rx).await;
+        clear();
+        let ack = answer
             .map_err(|_| GuestError::FreezeTimeout(timeout))?
-            .map_err(|_| GuestError::Closed)?;
+            .map_err(|_| GuestError::Closed)?
+            .map_err(GuestError::Refused)?;
         Ok(ack.sessions)
+    }
+
+    /// The guest guards restores (see [`hearth_proto::RESTORE_GUARD`]): an exec
+    /// may be queued right behind a `Restored`.
+    pub fn guards_restores(&self) -> bool {
+        self.guards_restores.load(Ordering::Relaxed)
     }
 
     /// [`GuestConn::freeze_processes`] for a snapshot: when the guest does not
     /// confirm in time, it is told to thaw (a late `Frozen` stopped them all the
     /// same) and the error is returned, so no snapshot is saved from a guest
     /// whose processes may be running.
-    pub async fn freeze_for_snapshot(&self, timeout: Duration) -> Result<u32, GuestError> {
+    pub async fn freeze_for_snapshot(
+        self: &Arc<Self>,
+        timeout: Duration,
+    ) -> Result<u32, GuestError> {
         match self.freeze_processes(timeout).await {
             Ok(n) => Ok(n),
             Err(e) => {
@@ -675,9 +751,36 @@ impl GuestConn {
     }
 
     /// Lets the processes stopped by [`GuestConn::freeze_processes`] continue.
-    pub async fn thaw_processes(&self) -> Result<(), GuestError> {
-        self.send(Frame::json(Kind::Thaw, CONTROL_ID, &Empty {}))
-            .await
+    /// When the Thaw cannot be queued now (the channel is full, or paused for a
+    /// migration), it is retried every [`THAW_RETRY`] in the background until
+    /// it is, or the connection closes or is dropped; the error says why the
+    /// first try failed. (The guest also thaws on its own after a bound.)
+    pub async fn thaw_processes(self: &Arc<Self>) -> Result<(), GuestError> {
+        let thaw = || Frame::json(Kind::Thaw, CONTROL_ID, &Empty {});
+        let err = match self.send(thaw()).await {
+            Ok(()) => return Ok(()),
+            Err(GuestError::Closed) => return Err(GuestError::Closed),
+            Err(e) => e,
+        };
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(THAW_RETRY).await;
+                let Some(conn) = weak.upgrade() else { return };
+                if *conn.closed.borrow() {
+                    return;
+                }
+                match conn.send(thaw()).await {
+                    Ok(()) => {
+                        tracing::info!("the guest's Thaw was sent on a retry");
+                        return;
+                    }
+                    Err(GuestError::Closed) => return,
+                    Err(_) => {}
+                }
+            }
+        });
+        Err(err)
     }
 }
 
@@ -685,14 +788,17 @@ impl GuestConn {
 /// yields, each of `sessions` is a session attached on this connection and its
 /// `sent` is the stream offset of the first output byte this connection
 /// delivered to it (where a new output log of that session starts).
-pub struct PendingAck(oneshot::Receiver<RestoredAck>);
+pub struct PendingAck(oneshot::Receiver<Result<RestoredAck, String>>);
 
 impl PendingAck {
+    /// The ack; an `Error` the guest sent on the control id instead (an older
+    /// guest that could not read the `Restored`) fails it at once.
     pub async fn wait(self, timeout: Duration) -> Result<RestoredAck, GuestError> {
         tokio::time::timeout(timeout, self.0)
             .await
             .map_err(|_| GuestError::RestoreTimeout(timeout))?
-            .map_err(|_| GuestError::Closed)
+            .map_err(|_| GuestError::Closed)?
+            .map_err(GuestError::Refused)
     }
 }
 
@@ -938,6 +1044,149 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_late_frozen_from_a_timed_out_freeze_does_not_satisfy_the_next_one() {
+        let (conn, mut guest) = connected().await;
+        let err = conn
+            .freeze_processes(Duration::from_millis(50))
+            .await
+            .expect_err("unanswered");
+        assert!(matches!(err, GuestError::FreezeTimeout(_)), "{err}");
+        let first = next_frame(&mut guest).await;
+        assert_eq!(first.kind, Kind::Freeze);
+
+        let second = {
+            let conn = conn.clone();
+            tokio::spawn(async move { conn.freeze_processes(Duration::from_millis(300)).await })
+        };
+        let f2 = next_frame(&mut guest).await;
+        assert_eq!(f2.kind, Kind::Freeze);
+        assert_ne!(f2.id, first.id, "each freeze has its own request id");
+        // The first freeze's answer arrives only now.
+        let late = Frame::json(Kind::Frozen, first.id, &Frozen { sessions: 7 });
+        write_frame_async(&mut guest, &late).await.unwrap();
+        let err = second
+            .await
+            .unwrap()
+            .expect_err("a late answer must not count");
+        assert!(matches!(err, GuestError::FreezeTimeout(_)), "{err}");
+
+        let third = {
+            let conn = conn.clone();
+            tokio::spawn(async move { conn.freeze_processes(Duration::from_secs(5)).await })
+        };
+        let f3 = next_frame(&mut guest).await;
+        let answer = Frame::json(Kind::Frozen, f3.id, &Frozen { sessions: 2 });
+        write_frame_async(&mut guest, &answer).await.unwrap();
+        assert_eq!(third.await.unwrap().unwrap(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_guest_refusing_a_freeze_fails_it_at_once() {
+        let (conn, mut guest) = connected().await;
+        let freeze = {
+            let conn = conn.clone();
+            tokio::spawn(async move { conn.freeze_processes(Duration::from_secs(60)).await })
+        };
+        let f = next_frame(&mut guest).await;
+        // What a guest built before freeze support answers.
+        let refusal = ErrorMsg {
+            message: "unexpected Freeze frame from host".into(),
+        };
+        write_frame_async(&mut guest, &Frame::json(Kind::Error, f.id, &refusal))
+            .await
+            .unwrap();
+        let err = tokio::time::timeout(Duration::from_secs(5), freeze)
+            .await
+            .expect("failed at once, not after the timeout")
+            .unwrap()
+            .expect_err("refused");
+        assert!(err.to_string().contains("unexpected Freeze"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_error_on_the_control_id_fails_a_pending_restore_ack_at_once() {
+        let (host, mut guest) = tokio::io::duplex(1 << 20);
+        let msg = Restored {
+            seed: vec![1; 8],
+            unix_ms: 1,
+            hostname: "h".into(),
+            sandbox_id: "s".into(),
+            net: None,
+            net_given: false,
+        };
+        let (conn, ack) = GuestConn::after_restore(host, &msg, 2).await.unwrap();
+        assert_eq!(next_frame(&mut guest).await.kind, Kind::Restored);
+        // An older guest that cannot parse the Restored answers this way.
+        let err = ErrorMsg {
+            message: "invalid type: sequence".into(),
+        };
+        write_frame_async(&mut guest, &Frame::json(Kind::Error, CONTROL_ID, &err))
+            .await
+            .unwrap();
+        let err = tokio::time::timeout(Duration::from_secs(5), ack.wait(Duration::from_secs(120)))
+            .await
+            .expect("failed at once, not after the ack timeout")
+            .expect_err("refused");
+        assert!(err.to_string().contains("invalid type"), "{err}");
+        assert!(
+            !conn.guards_restores(),
+            "nothing said this guest guards restores"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_guest_guards_restores_when_its_hello_or_restored_ack_says_so() {
+        let (conn, _guest) = connected().await;
+        assert!(!conn.guards_restores(), "a plain agent version");
+
+        let (host, mut guest) = tokio::io::duplex(1 << 20);
+        let hello = Hello {
+            protocol_version: PROTOCOL_VERSION,
+            agent_version: format!("0.1.0{}", hearth_proto::RESTORE_GUARD),
+            kernel_release: "6.1".into(),
+        };
+        write_frame_async(&mut guest, &Frame::json(Kind::Hello, 0, &hello))
+            .await
+            .unwrap();
+        let conn = GuestConn::handshake(host, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert!(conn.guards_restores(), "from the Hello");
+
+        let (host, mut guest) = tokio::io::duplex(1 << 20);
+        let msg = Restored {
+            seed: vec![1; 8],
+            unix_ms: 1,
+            hostname: "h".into(),
+            sandbox_id: "s".into(),
+            net: None,
+            net_given: false,
+        };
+        let (conn, ack) = GuestConn::after_restore(host, &msg, 2).await.unwrap();
+        assert!(!conn.guards_restores(), "no Hello on a restored connection");
+        let answer = RestoredAck {
+            restore_guard: true,
+            ..Default::default()
+        };
+        write_frame_async(&mut guest, &Frame::json(Kind::RestoredAck, 0, &answer))
+            .await
+            .unwrap();
+        ack.wait(Duration::from_secs(5)).await.unwrap();
+        assert!(conn.guards_restores(), "from the RestoredAck");
+    }
+
+    #[tokio::test]
+    async fn a_thaw_that_cannot_be_sent_is_retried_until_it_is() {
+        let (conn, mut guest) = connected().await;
+        // Sends fail while the channel is paused (as for a migration's switch-over).
+        conn.freeze(Duration::from_secs(1)).await.unwrap();
+        let err = conn.thaw_processes().await.expect_err("paused");
+        assert!(matches!(err, GuestError::Frozen), "{err}");
+        conn.thaw();
+        assert_eq!(next_frame(&mut guest).await.kind, Kind::Thaw);
+    }
+
+    #[tokio::test]
     async fn restored_ack_offsets_are_rebased_to_where_this_connections_log_starts() {
         use hearth_proto::SessionSent;
         let (host, mut guest) = tokio::io::duplex(1 << 20);
@@ -963,7 +1212,7 @@ mod tests {
                 SessionSent { id: 2, sent: 100 },
                 SessionSent { id: 3, sent: 7 },
             ],
-            net_applied: false,
+            ..Default::default()
         };
         write_frame_async(&mut guest, &Frame::json(Kind::RestoredAck, 0, &restored))
             .await

@@ -216,6 +216,10 @@ pub(crate) enum Launch {
         nic: bool,
         /// How that device was connected (the restore connects it the same way).
         nic_mode: NicMode,
+        /// The snapshot's guest guards restores (recorded from its Hello or
+        /// RestoredAck when it was saved): the new workload's exec may be queued
+        /// right behind `Restored`.
+        guarded: bool,
     },
     /// A restored-and-paused VM from the template's pool (its reference is held).
     Pooled { template: String, vm: PooledVm },
@@ -279,6 +283,8 @@ pub(crate) struct RestoredChannel {
     /// The VM has a network device: the guest is told its network (or none).
     pub(crate) nic: bool,
     pub(crate) net: Option<GuestNet>,
+    /// The guest is known to guard restores (see [`Launch::Restore`]'s `guarded`).
+    pub(crate) guarded: bool,
 }
 
 /// How the host reaches a restored guest.
@@ -416,6 +422,7 @@ impl Agent {
             note,
             nic: t.nic,
             nic_mode: NicMode::Hub,
+            guarded: t.restore_guard,
         };
         (launch, t.cpus, t.memory_mib)
     }
@@ -446,7 +453,7 @@ impl Agent {
     ) -> Result<Launched, (String, Option<String>)> {
         let mut key = launch.ref_key();
         let nic = launch.nic().is_some();
-        let channel = |link, attach, next_session| RestoredChannel {
+        let channel = |link, attach, next_session, guarded| RestoredChannel {
             link,
             attach,
             next_session,
@@ -454,6 +461,7 @@ impl Agent {
             sandbox_id: cfg.id.clone(),
             nic,
             net: net.clone(),
+            guarded,
         };
         let record = |path: StartPath, from: Option<&str>, note: Option<String>| {
             entry.update(|r| {
@@ -479,7 +487,10 @@ impl Agent {
                 }
                 let PooledVm { vm, conn, .. } = vm;
                 let next = conn.next_session_id();
-                return Ok((vm, Some(channel(GuestLink::Conn(conn), None, next)), key));
+                // why: the warm-up's RestoredAck told this connection.
+                let guarded = conn.guards_restores();
+                let ch = channel(GuestLink::Conn(conn), None, next, guarded);
+                return Ok((vm, Some(ch), key));
             }
             Launch::Restore {
                 path,
@@ -488,6 +499,7 @@ impl Agent {
                 attach,
                 next_session,
                 note,
+                guarded,
                 ..
             } => match self.restore_from(&dir, cfg).await {
                 Ok(r) => {
@@ -495,7 +507,8 @@ impl Agent {
                     record(path, Some(&name), note);
                     entry.trace.mark("start-path-saved");
                     let link = GuestLink::Stream(r.agent);
-                    return Ok((r.vm, Some(channel(link, attach, next_session)), key));
+                    let ch = channel(link, attach, next_session, guarded);
+                    return Ok((r.vm, Some(ch), key));
                 }
                 Err(e) if path == StartPath::Template => {
                     self.release(key.take());
@@ -554,10 +567,14 @@ impl Agent {
 
     /// Tells a restored guest who it is now, resumes it and waits for its ack.
     /// The session to continue (`ch.attach`) is taken over before the guest runs,
-    /// so none of its output is dropped. Otherwise `exec` (the new workload) is
-    /// queued right behind `Restored`, before the resume: the guest applies
-    /// `Restored` before it reads the exec, and refuses it when it could not
-    /// reseed or take its network; the host then fails the start on the ack.
+    /// so none of its output is dropped. Otherwise, for a guest known to guard
+    /// restores (`ch.guarded`), `exec` (the new workload) is queued right behind
+    /// `Restored`, before the resume: the guest applies `Restored` before it
+    /// reads the exec, and refuses it when it could not reseed or take its
+    /// network; the host then fails the start on the ack. Any other guest (a
+    /// template or snapshot saved by an older build) would run it regardless,
+    /// so there the exec is left to the caller, after the ack (no session is
+    /// returned).
     pub(crate) async fn wake_restored(
         &self,
         vm: &dyn Vm,
@@ -565,8 +582,10 @@ impl Agent {
         exec: Option<&hearth_proto::ExecRequest>,
         trace: &crate::start_trace::StartTrace,
     ) -> Result<(Arc<GuestConn>, Option<Session>, u64), String> {
-        let want_net = ch.net.is_some();
         let msg = restored_message(ch.hostname, ch.sandbox_id, ch.nic, ch.net)?;
+        // why: the guest refuses execs on exactly this condition too (a network
+        // given and not taken); taking eth0 down for `None` is not checked.
+        let want_net = msg.net.is_some();
         let (conn, ack) = match ch.link {
             GuestLink::Stream(stream) => GuestConn::after_restore(stream, &msg, ch.next_session)
                 .await
@@ -577,7 +596,7 @@ impl Agent {
             }
         };
         let mut attached = ch.attach.map(|id| conn.attach(id));
-        if let (None, Some(req)) = (&attached, exec) {
+        if let (None, Some(req), true) = (&attached, exec, ch.guarded) {
             attached = Some(
                 conn.exec(req)
                     .await

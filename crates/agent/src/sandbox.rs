@@ -175,6 +175,9 @@ pub(crate) enum Control {
     Migrate(crate::migration::SourceJob),
 }
 
+/// Longest an exec waits for a snapshot of its sandbox to finish.
+const EXEC_SNAPSHOT_WAIT: Duration = Duration::from_secs(120);
+
 pub(crate) struct Entry {
     pub(crate) dir: PathBuf,
     pub(crate) record: Mutex<Sandbox>,
@@ -1276,9 +1279,11 @@ impl Agent {
                 if let GuestLink::Stream(stream) = &ch.link {
                     *lock(&entry.chan_fd) = stream_fd(stream);
                 }
-                // why: a new workload is queued right behind `Restored`, before the
-                // resume: the guest applies `Restored` first (it reads nothing
-                // else before), so the exec needs no extra round trip.
+                // why: for a guest that guards restores, a new workload is queued
+                // right behind `Restored`, before the resume: the guest applies
+                // `Restored` first (it reads nothing else before) and refuses the
+                // exec if that failed, so the exec needs no extra round trip.
+                // Other guests get it after the ack (`wake_restored` decides).
                 let pipelined = ch.attach.is_none().then_some(&exec);
                 return self.wake_restored(vm, ch, pipelined, &entry.trace).await;
             }
@@ -1653,13 +1658,12 @@ impl Agent {
     ) -> Result<(u32, Session), AgentError> {
         let e = self.settled_entry(id_or_name).await?;
         let rec = e.snapshot();
-        let conn = lock(&e.conn).clone();
-        let Some(conn) = conn.filter(|_| rec.status == SandboxStatus::Running) else {
+        if rec.status != SandboxStatus::Running || lock(&e.conn).is_none() {
             return Err(AgentError::Conflict(format!(
                 "sandbox '{}' is {:?}, not running; exec needs a running sandbox",
                 rec.id, rec.status
             )));
-        };
+        }
         if req.cmd.is_empty() {
             return Err(AgentError::InvalidArgument(
                 "exec needs a command: hearth exec SANDBOX -- CMD [ARGS...]".into(),
@@ -1685,8 +1689,23 @@ impl Agent {
         };
         // why: a snapshot freezes the guest's processes and pauses the VM while
         // it saves (holding `saving`); an exec started in that window would run
-        // unfrozen inside the snapshot, so it waits for the thaw.
-        let saving = e.saving.lock().await;
+        // unfrozen inside the snapshot, so it waits for the thaw (bounded), and
+        // then sees the sandbox as it is after the snapshot.
+        let Ok(saving) = tokio::time::timeout(EXEC_SNAPSHOT_WAIT, e.saving.lock()).await else {
+            return Err(AgentError::Conflict(format!(
+                "sandbox '{}' is being snapshotted (waited {}s); retry the exec when the snapshot is done",
+                rec.id,
+                EXEC_SNAPSHOT_WAIT.as_secs()
+            )));
+        };
+        let rec = e.snapshot();
+        let conn = lock(&e.conn).clone();
+        let Some(conn) = conn.filter(|_| rec.status == SandboxStatus::Running) else {
+            return Err(AgentError::Conflict(format!(
+                "sandbox '{}' is {:?} after the snapshot it waited for, not running; exec needs a running sandbox",
+                rec.id, rec.status
+            )));
+        };
         let session = conn
             .exec(&guest)
             .await

@@ -55,6 +55,10 @@ pub(crate) struct SnapshotMeta {
     /// snapshots of older hearthd (which treated them as networked).
     #[serde(default)]
     pub networked: Option<bool>,
+    /// The snapshot's guest guards restores (see `hearth_proto::RESTORE_GUARD`);
+    /// false in snapshots of older hearthd or of older guests.
+    #[serde(default)]
+    pub restore_guard: bool,
 }
 
 impl Agent {
@@ -168,6 +172,7 @@ impl Agent {
             nic_mode: e.nic_mode(),
             fork,
             networked: Some(rec.network.is_some()),
+            restore_guard: conn.guards_restores(),
         };
         let tmp = self
             .snapshots_root()
@@ -191,7 +196,7 @@ impl Agent {
         }
         let saved = vm.save_snapshot(&tmp, &opts).await;
         if let Err(err) = conn.thaw_processes().await {
-            tracing::warn!(sandbox = %rec.id, "cannot let the guest's processes continue after the snapshot: {err}");
+            tracing::warn!(sandbox = %rec.id, "the Thaw after snapshot '{name}' could not be sent ({err}): the guest's processes stay stopped until a retry in the background gets it through or the guest's own bound (60 s) ends the stop");
         }
         let manifest = match saved {
             Ok(m) => m,
@@ -259,6 +264,9 @@ impl Agent {
         req: CreateSandbox,
         inherit: Option<hearth_net::Policy>,
     ) -> Result<Sandbox, AgentError> {
+        // why: a start timeline counts from here (for a fork's copy: from its
+        // start, after the fork's snapshot was saved).
+        let t0 = std::time::Instant::now();
         let name = req.from_snapshot.clone().unwrap_or_default();
         let meta = self.snapshot_meta(&name)?;
         let dir = self.snapshot_dir(&name);
@@ -331,6 +339,7 @@ impl Agent {
             note,
             nic: meta.nic,
             nic_mode: meta.nic_mode,
+            guarded: meta.restore_guard,
         };
         let req = CreateSandbox {
             image: meta.image.clone(),
@@ -349,6 +358,8 @@ impl Agent {
                 return Err(e);
             }
         };
+        entry.trace.began_at(t0);
+        entry.trace.mark("registered");
         let net = match self.setup_network(&entry, policy).await {
             Ok(n) => n,
             Err(e) => {
@@ -356,6 +367,7 @@ impl Agent {
                 return Err(e);
             }
         };
+        entry.trace.mark("network");
         Ok(self.spawn_lifecycle(
             entry,
             &req,

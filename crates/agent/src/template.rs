@@ -43,6 +43,10 @@ pub(crate) struct TemplateMeta {
     /// false for templates of older hearthd and of nodes without networking.
     #[serde(default)]
     pub nic: bool,
+    /// The template's guest guards restores (its Hello said so; see
+    /// `hearth_proto::RESTORE_GUARD`); false for templates of older builds.
+    #[serde(default)]
+    pub restore_guard: bool,
 }
 
 /// `docker.io/library/busybox:1.36` → `docker.io-library-busybox-1.36`.
@@ -177,10 +181,13 @@ impl Agent {
         let result = self
             .build_template(&name, &build, image.rootfs.clone(), cpus, memory_mib, nic)
             .await;
-        if let Err(e) = result {
-            let _ = std::fs::remove_dir_all(&build);
-            return Err(e);
-        }
+        let restore_guard = match result {
+            Ok(g) => g,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&build);
+                return Err(e);
+            }
+        };
         let meta = TemplateMeta {
             version: TEMPLATE_META_VERSION,
             name: name.clone(),
@@ -191,6 +198,7 @@ impl Agent {
             pool_size,
             created_ms: now_ms(),
             nic,
+            restore_guard,
         };
         let snap = build.join("snapshot");
         let write = serde_json::to_vec_pretty(&meta)
@@ -211,7 +219,8 @@ impl Agent {
         Ok(self.to_api_template(&meta))
     }
 
-    /// Boots a VM in `build/vm` to the guest's Hello and saves it to `build/snapshot`.
+    /// Boots a VM in `build/vm` to the guest's Hello and saves it to `build/snapshot`;
+    /// returns whether its guest guards restores.
     async fn build_template(
         &self,
         name: &str,
@@ -220,7 +229,7 @@ impl Agent {
         cpus: u32,
         memory_mib: u32,
         nic: bool,
-    ) -> Result<(), AgentError> {
+    ) -> Result<bool, AgentError> {
         let id = format!("template-{}", new_id());
         let mut cfg = self.vm_config(
             &id,
@@ -263,8 +272,9 @@ impl Agent {
                 .save_snapshot(&build.join("snapshot"), &opts)
                 .await
                 .map_err(|e| e.to_string());
+            let guarded = conn.guards_restores();
             drop(conn);
-            m
+            m.map(|_| guarded)
         }
         .await;
         if saved.is_err() {
@@ -272,7 +282,7 @@ impl Agent {
         }
         let _ = vm.wait().await;
         let _ = hearth_vmm::destroy(&cfg.dir);
-        saved.map(|_| ()).map_err(failed)
+        saved.map_err(failed)
     }
 
     /// Removes a template and drains its pool; refused while sandboxes run from it.

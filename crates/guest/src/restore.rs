@@ -5,7 +5,9 @@
 use std::fs::OpenOptions;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::time::Duration;
 
 use hearth_proto::{Restored, RestoredAck};
 
@@ -38,8 +40,19 @@ pub fn exec_refusal() -> Option<String> {
 /// restored guest knows what to continue after [`apply`].
 static FROZEN: Mutex<Vec<i32>> = Mutex::new(Vec::new());
 
+/// Bumped by every [`freeze`] and [`thaw`]: a bound watching an older freeze ends.
+static FREEZE_GEN: AtomicU64 = AtomicU64::new(0);
+
+/// Seconds after a [`freeze`] that the guest thaws on its own when no Thaw,
+/// Resume or Restored came (the host's Thaw was lost, or the host died).
+/// Counted as separate one-second sleeps, not as a deadline: a snapshot saved
+/// meanwhile and restored much later shortens at most one of them, so a
+/// restored copy still applies its `Restored` (queued before it runs) first.
+const FREEZE_BOUND_SECS: u32 = 60;
+
 /// Stops the process group of every running session (before a snapshot is
-/// saved); returns how many.
+/// saved); returns how many. They continue after [`FREEZE_BOUND_SECS`] at the
+/// latest, unless a restore could not be applied (see [`exec_refusal`]).
 pub fn freeze(sessions: &crate::session::Sessions) -> u32 {
     let pids = sessions.running_pids();
     let mut frozen = FROZEN.lock().unwrap_or_else(|p| p.into_inner());
@@ -50,15 +63,70 @@ pub fn freeze(sessions: &crate::session::Sessions) -> u32 {
             frozen.push(pid as i32);
         }
     }
+    let generation = FREEZE_GEN.fetch_add(1, Ordering::SeqCst) + 1;
+    let bound = std::thread::Builder::new()
+        .name("freeze-bound".into())
+        .spawn(move || {
+            for _ in 0..FREEZE_BOUND_SECS {
+                std::thread::sleep(Duration::from_secs(1));
+                if FREEZE_GEN.load(Ordering::SeqCst) != generation {
+                    return;
+                }
+            }
+            if thaw_unless_refused() {
+                crate::log!(
+                    "no Thaw came within {FREEZE_BOUND_SECS} s of a Freeze; continued the stopped processes"
+                );
+            }
+        });
+    if let Err(e) = bound {
+        crate::log!("cannot start the freeze bound thread ({e}); the host's Thaw must come");
+    }
     frozen.len() as u32
 }
 
 /// Continues what [`freeze`] stopped.
 pub fn thaw() {
+    FREEZE_GEN.fetch_add(1, Ordering::SeqCst);
     let pids = std::mem::take(&mut *FROZEN.lock().unwrap_or_else(|p| p.into_inner()));
     for pid in pids {
         // SAFETY: kill(2) takes no pointers.
         unsafe { libc::kill(-pid, libc::SIGCONT) };
+    }
+}
+
+/// [`thaw`], unless the last restore could not be applied (its processes would
+/// run on the snapshot's RNG state or network); returns whether it thawed.
+pub fn thaw_unless_refused() -> bool {
+    if exec_refusal().is_some() {
+        return false;
+    }
+    thaw();
+    true
+}
+
+/// Records the refusal a restore left (`None`: it was applied) and continues
+/// the snapshot's stopped processes only when there is none; they stay stopped
+/// otherwise, until a later `Restored` is applied.
+fn settle(refusal: Option<String>) {
+    *REFUSE_EXEC.lock().unwrap_or_else(|p| p.into_inner()) = refusal;
+    thaw_unless_refused();
+}
+
+/// The ack to a `Restored` this guest could not read: nothing was applied, so
+/// it refuses execs (and keeps its processes stopped) as after a failed reseed,
+/// and says so at once instead of leaving the host waiting.
+pub fn unreadable(err: &str) -> RestoredAck {
+    let w = format!(
+        "reseeding the RNG: the Restored message is unreadable ({err}); nothing of it was applied"
+    );
+    crate::log!("after restore: {w}");
+    settle(refusal(std::slice::from_ref(&w), false, false));
+    RestoredAck {
+        warnings: vec![w],
+        sessions: Vec::new(),
+        net_applied: false,
+        restore_guard: true,
     }
 }
 
@@ -95,25 +163,26 @@ pub fn apply(msg: &Restored) -> RestoredAck {
     for w in &warnings {
         crate::log!("after restore: {w}");
     }
-    *REFUSE_EXEC.lock().unwrap_or_else(|p| p.into_inner()) =
-        refusal(&warnings, msg.net_given, net_applied);
     // why: last: the snapshot's own processes continue only with the new RNG
-    // state, clock, hostname and network in place.
-    thaw();
+    // state, clock, hostname and network in place, and never without them.
+    settle(refusal(&warnings, msg.net.is_some(), net_applied));
     RestoredAck {
         warnings,
         sessions: Vec::new(),
         net_applied,
+        restore_guard: true,
     }
 }
 
-/// Why execs must be refused after applying a `Restored` with these outcomes.
-fn refusal(warnings: &[String], net_given: bool, net_applied: bool) -> Option<String> {
+/// Why execs must be refused after applying a `Restored` with these outcomes
+/// (`net_wanted`: it gave a network to take; taking eth0 down for a sandbox
+/// without network is not checked, as the host does not check it either).
+fn refusal(warnings: &[String], net_wanted: bool, net_applied: bool) -> Option<String> {
     if let Some(w) = warnings.iter().find(|w| w.starts_with("reseeding the RNG")) {
         Some(format!(
             "this restored guest could not reseed its RNG ({w})"
         ))
-    } else if net_given && !net_applied {
+    } else if net_wanted && !net_applied {
         Some("this restored guest could not take its network address and MAC".to_string())
     } else {
         None
@@ -171,7 +240,62 @@ fn set_clock(unix_ms: u64) -> io::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::refusal;
+    use super::*;
+    use std::os::unix::process::CommandExt;
+
+    /// The state letter of `pid` in /proc (`T` = stopped).
+    fn state(pid: u32) -> char {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        after.chars().next().unwrap()
+    }
+
+    fn wait_state(pid: u32, want: char) -> char {
+        for _ in 0..200 {
+            if state(pid) == want {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        state(pid)
+    }
+
+    // why: one test, since the refusal and the frozen list are process-wide.
+    #[test]
+    fn a_refused_restore_keeps_the_snapshots_processes_stopped_until_one_is_applied() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        // SAFETY: kill(2) takes no pointers.
+        assert_eq!(unsafe { libc::kill(-(pid as i32), libc::SIGSTOP) }, 0);
+        assert_eq!(wait_state(pid, 'T'), 'T');
+        FROZEN.lock().unwrap().push(pid as i32);
+
+        let ack = unreadable("expected value at line 1 column 1");
+        assert!(ack.warnings[0].starts_with("reseeding the RNG"), "{ack:?}");
+        assert!(ack.restore_guard && !ack.net_applied, "{ack:?}");
+        assert!(exec_refusal().is_some());
+        assert!(
+            !thaw_unless_refused(),
+            "a Resume or the bound must not thaw now"
+        );
+        assert_eq!(wait_state(pid, 'T'), 'T', "stopped after a refused restore");
+        assert_eq!(*FROZEN.lock().unwrap(), vec![pid as i32]);
+
+        settle(refusal(&[], true, true));
+        assert_eq!(exec_refusal(), None);
+        assert_ne!(
+            wait_state(pid, 'S'),
+            'T',
+            "continued after an applied restore"
+        );
+        assert!(FROZEN.lock().unwrap().is_empty());
+        let _ = child.kill();
+        let _ = child.wait();
+    }
 
     #[test]
     fn execs_are_refused_only_after_a_failed_reseed_or_a_network_not_taken() {

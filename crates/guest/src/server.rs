@@ -10,6 +10,7 @@ use std::time::Duration;
 use hearth_proto::{
     read_frame, write_frame, Credit, Empty, ErrorMsg, ExecRequest, Frame, Frozen, Hello, Kind,
     ProtoError, Restored, Resume, Resumed, SessionSent, SignalRequest, PROTOCOL_VERSION,
+    RESTORE_GUARD,
 };
 
 use crate::channel::Writer;
@@ -67,7 +68,7 @@ pub fn serve(port: &str) -> Result<std::convert::Infallible, ServeError> {
 
     let hello = Hello {
         protocol_version: PROTOCOL_VERSION,
-        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        agent_version: format!("{}{RESTORE_GUARD}", env!("CARGO_PKG_VERSION")),
         kernel_release: kernel_release(),
     };
     writer
@@ -173,29 +174,36 @@ fn dispatch(frame: Frame, sessions: &Arc<Sessions>, writer: &Arc<Writer>, hello:
         Kind::Ping => writer.send_or_log(&Frame::json(Kind::Pong, id, &Empty {})),
         // why: applied on this (the only reading) thread, so nothing the host sends
         // after it can run with the snapshot's stale RNG, clock or hostname.
-        Kind::Restored => match frame.parse::<Restored>() {
-            Ok(msg) => {
-                let mut ack = restore::apply(&msg);
-                // why: the offsets are read and the ack written under the port
-                // lock, so no output frame falls between them (see SessionSent).
-                let mut port = writer.lock();
-                ack.sessions = sessions
-                    .lock()
-                    .all()
-                    .iter()
-                    .map(|s| SessionSent {
-                        id: s.id,
-                        sent: s.sent(),
-                    })
-                    .collect();
-                if let Err(e) = write_frame(&mut *port, &Frame::json(Kind::RestoredAck, id, &ack)) {
-                    log!("sending RestoredAck: {e}");
-                }
+        // An unreadable one is a refusal, acknowledged at once (the host may
+        // have queued an exec behind it and waits for this ack).
+        Kind::Restored => {
+            let mut ack = match frame.parse::<Restored>() {
+                Ok(msg) => restore::apply(&msg),
+                Err(e) => restore::unreadable(&e.to_string()),
+            };
+            // why: the offsets are read and the ack written under the port
+            // lock, so no output frame falls between them (see SessionSent).
+            let mut port = writer.lock();
+            ack.sessions = sessions
+                .lock()
+                .all()
+                .iter()
+                .map(|s| SessionSent {
+                    id: s.id,
+                    sent: s.sent(),
+                })
+                .collect();
+            if let Err(e) = write_frame(&mut *port, &Frame::json(Kind::RestoredAck, id, &ack)) {
+                log!("sending RestoredAck: {e}");
             }
-            Err(e) => error(writer, id, e.to_string()),
-        },
+        }
         Kind::Resume => match frame.parse::<Resume>() {
-            Ok(msg) => resume(&msg, sessions, writer, hello),
+            Ok(msg) => {
+                resume(&msg, sessions, writer, hello);
+                // why: a host that took over never sends the Thaw of a freeze
+                // its predecessor began.
+                restore::thaw_unless_refused();
+            }
             Err(e) => error(writer, id, e.to_string()),
         },
         Kind::ExitAck => {

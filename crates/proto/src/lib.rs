@@ -41,6 +41,26 @@ pub const CONTROL_ID: u32 = 0;
 
 const HEADER_LEN: usize = 5;
 
+/// Marker in [`Hello::agent_version`] of an agent that guards restores: after a
+/// [`Restored`] it could not apply (RNG not reseeded, a given network not taken,
+/// the message unreadable) it refuses every exec and keeps the snapshot's frozen
+/// processes stopped, and it acknowledges even an unreadable `Restored`. Only
+/// for such a guest may a host queue an exec right behind `Restored`. (In the
+/// version string, not a new field, so hosts and guests of any age still parse
+/// each other's `Hello`.)
+pub const RESTORE_GUARD: &str = "+restore-guard";
+
+/// Whether the agent that sent `agent_version` in its [`Hello`] guards restores
+/// (see [`RESTORE_GUARD`]).
+pub fn guards_restores(agent_version: &str) -> bool {
+    agent_version.contains(RESTORE_GUARD)
+}
+
+/// First frame id of [`Kind::Freeze`] requests: each gets its own id from here
+/// up (the guest answers [`Kind::Frozen`] on the request's id, guests of any
+/// age), far above session ids, so a late answer never satisfies a later freeze.
+pub const FREEZE_ID_BASE: u32 = 0x8000_0000;
+
 /// Frame kinds. Unknown kinds are a protocol error (the peer is newer or hostile).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -82,12 +102,14 @@ pub enum Kind {
     Resumed = 17,
     /// host → guest, [`Empty`]: the session's Exit is recorded; forget the session.
     ExitAck = 18,
-    /// host → guest, id 0, [`Empty`]: a snapshot is about to be saved; stop the
-    /// process group of every session (SIGSTOP) and answer [`Kind::Frozen`].
-    /// They continue on [`Kind::Thaw`] (the source) or once a [`Kind::Restored`]
-    /// was applied (every restore), so no snapshot process runs before the reseed.
+    /// host → guest, id 0 or a request id from [`FREEZE_ID_BASE`] up, [`Empty`]:
+    /// a snapshot is about to be saved; stop the process group of every session
+    /// (SIGSTOP) and answer [`Kind::Frozen`] on the same id. They continue on
+    /// [`Kind::Thaw`] (the source), on [`Kind::Resume`] (a new host took over),
+    /// after a guest-side bound, or once a [`Kind::Restored`] was applied
+    /// (every restore), so no snapshot process runs before the reseed.
     Freeze = 19,
-    /// guest → host, id 0, [`Frozen`]: the sessions are stopped.
+    /// guest → host, the Freeze's id, [`Frozen`]: the sessions are stopped.
     Frozen = 20,
     /// host → guest, id 0, [`Empty`]: continue the sessions stopped by Freeze.
     Thaw = 21,
@@ -386,6 +408,9 @@ pub struct RestoredAck {
     /// from a guest built before network restores: it kept the network it had.
     #[serde(default)]
     pub net_applied: bool,
+    /// The guest guards restores (see [`RESTORE_GUARD`]); false from older guests.
+    #[serde(default)]
+    pub restore_guard: bool,
 }
 
 /// A session's stream offset in a [`RestoredAck`].

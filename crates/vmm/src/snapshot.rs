@@ -220,7 +220,6 @@ impl SnapshotManifest {
     }
 }
 
-/// Describes `names` in `dir` (size + SHA-256) for a manifest.
 /// Makes the files `names` of `dir` and their directory entries durable
 /// (fsync of each file, then of `dir`): done before the manifest that says
 /// the snapshot exists is written, so a crash cannot leave a manifest over
@@ -243,6 +242,7 @@ pub fn sync_files(dir: &Path, names: &[&str]) -> Result<(), VmmError> {
     File::open(dir).and_then(|f| f.sync_all()).map_err(io(dir))
 }
 
+/// Describes `names` in `dir` (size + SHA-256) for a manifest.
 pub fn describe_files(dir: &Path, names: &[&str]) -> Result<Vec<SnapshotFile>, VmmError> {
     names
         .iter()
