@@ -332,7 +332,19 @@ impl NodeNet {
         let compiled = self.compile(&policy)?;
         let ip = match leased {
             Some(ip) => self.ipam.adopt(id, ip)?,
-            None => self.ipam.lease(id)?,
+            None => {
+                // why: an address routed to another device (a running VM of
+                // an agent that is not live, a manual route) would fail this
+                // setup; another free one does not.
+                let tap = tap_name(id);
+                let routed: HashSet<Ipv4Addr> = tap::host_routes()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|(dev, _)| *dev != tap)
+                    .map(|(_, ip)| ip)
+                    .collect();
+                self.ipam.lease_avoiding(id, &routed)?
+            }
         };
         let rec = SandboxNet {
             version: 1,

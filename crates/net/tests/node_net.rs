@@ -297,17 +297,24 @@ fn an_agent_whose_pool_overlaps_another_agents_is_refused() {
     let held = hearth_net::policy::maps::host_sandboxes().unwrap();
     hearth_net::policy::maps::remove_host_sandbox(taken, stranger).unwrap();
     // A host route to the address on another device (an agent of an older
-    // build, or a manual route): refused rather than routed twice.
+    // build, or a manual route): a picked address skips it, one leased by
+    // the control plane is refused rather than routed twice.
     sh(&format!("ip route add {taken}/32 dev lo"));
-    let routed = first.setup("netovl00003", Policy::default()).unwrap_err();
+    let skipped = first.setup("netovl00003", Policy::default());
+    let routed = first
+        .setup_with("netovl00004", Some(taken), Policy::default())
+        .unwrap_err();
     let routes = sh("ip route show");
     sh(&format!("ip route del {taken}/32 dev lo"));
+    first.teardown("netovl00003").unwrap();
     first.teardown(&rec.sandbox).unwrap();
+    let skipped = skipped.expect("another address is picked");
+    assert_ne!(skipped.ip, taken, "the routed address is skipped");
     assert!(
         routed.to_string().contains("already routed to lo"),
         "{routed}"
     );
-    assert!(!routes.contains("hthnetovl00003"), "{routes}");
+    assert!(!routes.contains("hthnetovl00004"), "{routes}");
     assert!(
         e.to_string().contains("already a sandbox of another agent"),
         "{e}"
