@@ -13,7 +13,7 @@
 //! namespace inode cannot make a dead registration look live, and an
 //! unreadable `/proc` cannot make a live one look dead.
 //!
-//! A file reads `v2 <pid> <tag> <state dir>`: the tag is the agent's owner id
+//! A file reads `<pid> v2 <tag> <state dir>`: the tag is the agent's owner id
 //! in the host sandbox map, persisted in its state dir ([`owner_id`]). Files
 //! without the `v2` marker were written by an older build, which holds no
 //! lock: such an agent is live while its pid runs in this namespace, and then
@@ -225,9 +225,12 @@ pub fn owner_id(state_dir: &Path) -> Result<u32, RegistryError> {
     Ok(id)
 }
 
-/// The marker of registration files this build writes (`v2 <pid> <tag>
+/// The marker of registration files this build writes (`<pid> v2 <tag>
 /// <state dir>`); files without it were written by an older build (`<pid>
-/// <state dir>`) that holds no lock.
+/// <state dir>`) that holds no lock. why the pid first: older builds read
+/// the first word as the pid and take a file whose pid is not a live process
+/// of theirs for a dead agent's (and delete it), so they see this build's
+/// agents as live.
 const FORMAT: &str = "v2";
 
 /// A registration file's content.
@@ -242,11 +245,16 @@ struct Entry {
 
 fn parse_entry(text: &str) -> Entry {
     let line = text.lines().next().unwrap_or_default();
-    if let Some(rest) = line.strip_prefix(FORMAT).and_then(|r| r.strip_prefix(' ')) {
-        let mut f = rest.splitn(3, ' ');
-        let pid = f.next().and_then(|p| p.parse().ok()).unwrap_or(0);
-        let tag = f.next().and_then(|t| t.parse().ok()).unwrap_or(0);
-        let state_dir = f.next().unwrap_or_default().to_string();
+    let (pid, rest) = line
+        .split_once(' ')
+        .map(|(p, r)| (p.parse::<u32>().unwrap_or(0), r))
+        .unwrap_or((0, ""));
+    // (a state dir is absolute: it never starts with the marker)
+    if let Some(rest) = rest.strip_prefix(FORMAT).and_then(|r| r.strip_prefix(' ')) {
+        let (tag, state_dir) = rest
+            .split_once(' ')
+            .map(|(t, d)| (t.parse().unwrap_or(0), d.to_string()))
+            .unwrap_or((0, String::new()));
         return Entry {
             pid,
             tag,
@@ -254,14 +262,10 @@ fn parse_entry(text: &str) -> Entry {
             legacy: false,
         };
     }
-    let (pid, state_dir) = line
-        .split_once(' ')
-        .map(|(p, d)| (p.parse::<u32>().unwrap_or(0), d.to_string()))
-        .unwrap_or((0, String::new()));
     Entry {
         pid,
-        tag: owner_tag(Path::new(&state_dir)),
-        state_dir,
+        tag: owner_tag(Path::new(rest)),
+        state_dir: rest.to_string(),
         legacy: true,
     }
 }
@@ -338,7 +342,7 @@ pub fn register_in(
         }
     }
     let path = dir.join(file_name(pool));
-    let content = format!("{FORMAT} {} {tag} {me}\n", std::process::id());
+    let content = format!("{} {FORMAT} {tag} {me}\n", std::process::id());
     // why: a fresh file (never one an earlier run may still hold); std opens
     // it close-on-exec, so a QEMU child does not keep the lock after its agent
     // died.
@@ -419,7 +423,7 @@ mod tests {
         // its pid is a live process of this namespace (a reused pid).
         std::fs::write(
             r.join("10.88.0.0_24"),
-            format!("v2 {} 5 /gone/agent\n", std::process::id()),
+            format!("{} v2 5 /gone/agent\n", std::process::id()),
         )
         .unwrap();
         let taken = reg(r, "10.88.0.0/16", b.path()).unwrap();
@@ -478,7 +482,7 @@ mod tests {
         let r = reg_dir.path();
         let b = tempfile::tempdir().unwrap();
         let file = r.join("10.77.0.0_24");
-        let (mut agent, vmm) = holder(&file, "v2 4242 17 /agent/a\n", true);
+        let (mut agent, vmm) = holder(&file, "4242 v2 17 /agent/a\n", true);
         let refused = reg(r, "10.77.0.0/16", b.path());
         agent.kill().unwrap();
         agent.wait().unwrap();
@@ -497,7 +501,7 @@ mod tests {
         drop(taken);
 
         // Negative control: a child that inherited the lock keeps it.
-        let (mut agent, vmm) = holder(&file, "v2 4243 18 /agent/c\n", false);
+        let (mut agent, vmm) = holder(&file, "4243 v2 18 /agent/c\n", false);
         agent.kill().unwrap();
         agent.wait().unwrap();
         let still = reg(r, "10.77.0.0/16", b.path());
@@ -596,7 +600,7 @@ mod tests {
         let again = reg(reg_dir.path(), "10.74.0.0/24", &dotted).unwrap();
         assert_eq!(id.trim(), tag.to_string());
         assert!(
-            text.starts_with(&format!("v2 {} {tag} ", std::process::id())),
+            text.starts_with(&format!("{} v2 {tag} ", std::process::id())),
             "{text}"
         );
         assert_eq!(again.tag(), tag, "the same id after a restart");
@@ -614,7 +618,7 @@ mod tests {
             tempfile::tempdir().unwrap(),
         );
         let _a = reg(r, "10.66.0.0/24", a.path()).unwrap();
-        std::fs::write(r.join("10.66.1.0_24"), "v2 1 9 /dead/agent\n").unwrap();
+        std::fs::write(r.join("10.66.1.0_24"), "1 v2 9 /dead/agent\n").unwrap();
         let mut seen = None;
         let _b = register_in(r, "10.66.2.0/24".parse().unwrap(), b.path(), |l| {
             seen = Some(l.clone())

@@ -1412,7 +1412,7 @@ mod tests {
         // The gone agent's registration: a file nobody holds.
         std::fs::write(
             reg.path().join("10.99.0.0_24"),
-            format!("v2 1 {t_gone} {}\n", gone.path().display()),
+            format!("1 v2 {t_gone} {}\n", gone.path().display()),
         )
         .unwrap();
         let live_reg = register_in(
