@@ -110,6 +110,23 @@ pub fn recorded_pool(state_dir: &std::path::Path) -> Option<(Cidr, usize)> {
     l.pool.map(|p| (p, l.leases.len()))
 }
 
+/// [`pick`], skipping the addresses in `avoid` (routed to a device of
+/// another agent, or a manual route) while another one is free; when only
+/// avoided ones are left, the lowest of them (its setup then fails naming the
+/// route). Pure.
+pub fn pick_avoiding(
+    pool: Cidr,
+    leases: &Leases,
+    avoid: &std::collections::HashSet<Ipv4Addr>,
+) -> Result<Ipv4Addr, IpamError> {
+    let lowest = pick(pool, leases)?;
+    let used: std::collections::HashSet<Ipv4Addr> = leases.leases.values().copied().collect();
+    Ok((1..pool.size() - 1)
+        .filter_map(|i| pool.nth(i))
+        .find(|ip| !used.contains(ip) && !avoid.contains(ip))
+        .unwrap_or(lowest))
+}
+
 /// Picks a free address: the lowest unleased host address of `pool`, skipping
 /// the network and broadcast addresses. Pure.
 pub fn pick(pool: Cidr, leases: &Leases) -> Result<Ipv4Addr, IpamError> {
@@ -167,11 +184,20 @@ impl Ipam {
 
     /// The sandbox's address: its existing lease, or a new one.
     pub fn lease(&self, sandbox: &str) -> Result<Ipv4Addr, IpamError> {
+        self.lease_avoiding(sandbox, &std::collections::HashSet::new())
+    }
+
+    /// [`Ipam::lease`] picking with [`pick_avoiding`].
+    pub fn lease_avoiding(
+        &self,
+        sandbox: &str,
+        avoid: &std::collections::HashSet<Ipv4Addr>,
+    ) -> Result<Ipv4Addr, IpamError> {
         let mut l = self.locked();
         if let Some(ip) = l.leases.get(sandbox) {
             return Ok(*ip);
         }
-        let ip = pick(self.pool, &l)?;
+        let ip = pick_avoiding(self.pool, &l, avoid)?;
         let mut next = l.clone();
         next.leases.insert(sandbox.to_string(), ip);
         self.store.save(&next)?;
@@ -232,6 +258,25 @@ impl Ipam {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Addresses routed elsewhere are skipped while another is free; when
+    /// only they are left, the lowest is picked (its setup names the route).
+    #[test]
+    fn addresses_routed_elsewhere_are_skipped_while_another_is_free() {
+        let pool: Cidr = "10.9.0.0/29".parse().unwrap();
+        let ip = |n: u8| Ipv4Addr::new(10, 9, 0, n);
+        let mut l = Leases::default();
+        l.leases.insert("a".into(), ip(1));
+        let avoid = std::collections::HashSet::from([ip(2), ip(3)]);
+        assert_eq!(pick_avoiding(pool, &l, &avoid).unwrap(), ip(4));
+        for n in 4..=6 {
+            l.leases.insert(format!("s{n}"), ip(n));
+        }
+        assert_eq!(pick_avoiding(pool, &l, &avoid).unwrap(), ip(2));
+        l.leases.insert("b".into(), ip(2));
+        l.leases.insert("c".into(), ip(3));
+        assert!(pick_avoiding(pool, &l, &avoid).is_err(), "exhausted");
+    }
 
     fn ipam(pool: &str, dir: &std::path::Path) -> Ipam {
         Ipam::open(

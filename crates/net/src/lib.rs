@@ -168,12 +168,10 @@ impl NodeNet {
     /// NAT table.
     pub fn open(cfg: NetConfig) -> Result<NodeNet, NetError> {
         let mut purged = None;
+        let mut taps_removed = Vec::new();
         let registration = registry::register(cfg.pool, &cfg.state_dir, |live| {
-            // why: entries of this agent are reconciled with its leases at
-            // start (`remove_orphans`); those of other live agents are theirs.
-            let mut keep = live.others.clone();
-            keep.insert(live.me);
-            purged = Some(policy::maps::purge_host_sandboxes(&keep));
+            let keep = policy::maps::keep_set(live);
+            purged = Some(purge_gone_agents(cfg.pool, &keep, &mut taps_removed));
         })?;
         for r in &registration.reclaimed {
             tracing::info!(
@@ -182,6 +180,9 @@ impl NodeNet {
                 state_dir = %r.state_dir,
                 "reclaimed the pool registration of an agent that is gone"
             );
+        }
+        for (tap, ip) in &taps_removed {
+            tracing::info!(%tap, %ip, "removed the tap of an agent that is gone (no VM uses it)");
         }
         match purged {
             Some(Ok(n)) => tracing::info!(
@@ -207,12 +208,17 @@ impl NodeNet {
             }
         })?;
         Ok(NodeNet {
-            owner: registry::owner_tag(&cfg.state_dir),
+            owner: registration.tag(),
             cfg,
             ipam,
             locks: Mutex::new(HashMap::new()),
             _registration: registration,
         })
+    }
+
+    /// This agent's tag in the host sandbox map (its persisted owner id).
+    pub fn owner(&self) -> u32 {
+        self.owner
     }
 
     pub fn pool(&self) -> Cidr {
@@ -326,7 +332,19 @@ impl NodeNet {
         let compiled = self.compile(&policy)?;
         let ip = match leased {
             Some(ip) => self.ipam.adopt(id, ip)?,
-            None => self.ipam.lease(id)?,
+            None => {
+                // why: an address routed to another device (a running VM of
+                // an agent that is not live, a manual route) would fail this
+                // setup; another free one does not.
+                let tap = tap_name(id);
+                let routed: HashSet<Ipv4Addr> = tap::host_routes()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|(dev, _)| *dev != tap)
+                    .map(|(_, ip)| ip)
+                    .collect();
+                self.ipam.lease_avoiding(id, &routed)?
+            }
         };
         let rec = SandboxNet {
             version: 1,
@@ -444,9 +462,8 @@ impl NodeNet {
 
     /// Removes the network of every sandbox this node's state knows (leases,
     /// records) that is not in `keep`: taps, pins, NAT entries, records and leases
-    /// left by a previous run; then the taps of agents that are gone (see
-    /// [`NodeNet::remove_taps_of_gone_agents`]). Taps of other live agents on
-    /// the same host (other state dirs) are never touched.
+    /// left by a previous run. Taps of other agents on the same host (other
+    /// state dirs) are never touched here (see [`purge_gone_agents`]).
     pub fn remove_orphans(&self, keep: &HashSet<String>) {
         let mut ids: HashSet<String> = self.ipam.all().into_keys().collect();
         if let Ok(rd) = std::fs::read_dir(self.cfg.state_dir.join("sandboxes")) {
@@ -463,51 +480,8 @@ impl NodeNet {
             let _g = lock(&l);
             self.teardown_locked(id);
         }
-        self.remove_taps_of_gone_agents();
         self.sync_host_sandboxes();
         self.sync_nat();
-    }
-
-    /// Removes Hearth taps (and their pins) that route an address of this
-    /// node's pool this node does not hold. why: no live agent can hold an
-    /// address of this pool (the registry refused overlapping pools at start),
-    /// so such a tap is left by an agent that is gone (killed, its state dir
-    /// deleted): its route would refuse this node's sandbox that gets the
-    /// address. A tap still open by a QEMU that outlived its agent cannot be
-    /// removed (the address is really in use) and is left with a warning.
-    /// Returns the taps removed.
-    pub fn remove_taps_of_gone_agents(&self) -> Vec<String> {
-        // why: read the routes before the leases; a sandbox set up in between
-        // leased its address before its tap got a route, so it counts as held.
-        let routes = match tap::host_routes() {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!("cannot read the host routes (/proc/net/route): {e}");
-                return Vec::new();
-            }
-        };
-        let held: HashSet<Ipv4Addr> = self.ipam.all().into_values().collect();
-        let mut removed = Vec::new();
-        for (dev, ip) in routes {
-            if !dev.starts_with(TAP_PREFIX) || !self.cfg.pool.contains(ip) || held.contains(&ip) {
-                continue;
-            }
-            match tap::delete(&dev) {
-                Ok(()) => {
-                    tracing::info!(tap = %dev, %ip, "removed the tap of an agent that is gone (its address is in this node's pool)");
-                    if let Err(e) = policy::maps::detach(&dev) {
-                        tracing::warn!(tap = %dev, "{e}");
-                    }
-                    removed.push(dev);
-                }
-                Err(e) => tracing::warn!(
-                    tap = %dev,
-                    %ip,
-                    "cannot remove the tap of an agent that is gone: {e}; a sandbox of this node that gets {ip} will be refused until it is removed"
-                ),
-            }
-        }
-        removed
     }
 
     /// Makes the NAT set hold exactly this node's sandbox addresses within its
@@ -575,6 +549,79 @@ impl NodeNet {
             }
         }
     }
+}
+
+/// Whether the address `ip` of an agent that is not live is free, freeing it
+/// if no VM uses it: free when no /32 route to it exists (the tap is gone:
+/// setup adds the route before the host map entry and teardown deletes the
+/// tap before the entry, so a routeless entry is stale or mid-teardown of a
+/// dead agent); freed when the route is a Hearth tap's and that tap can be
+/// deleted (tap, route and pins go together). A tap QEMU still holds refuses
+/// deletion (EBUSY): a VM that outlived its agent runs there, and keeps its
+/// address, entry and isolation until its agent re-adopts it. A route on any
+/// other device is kept. `removed` collects the taps deleted.
+pub(crate) fn release_if_unused(
+    ip: Ipv4Addr,
+    routes: &[(String, Ipv4Addr)],
+    removed: &mut Vec<(String, Ipv4Addr)>,
+) -> bool {
+    let Some((dev, _)) = routes.iter().find(|(_, a)| *a == ip) else {
+        return true;
+    };
+    if !dev.starts_with(TAP_PREFIX) {
+        return false;
+    }
+    match tap::delete(dev) {
+        Ok(()) => {
+            if let Err(e) = policy::maps::detach(dev) {
+                tracing::warn!(tap = %dev, "{e}");
+            }
+            removed.push((dev.clone(), ip));
+            true
+        }
+        Err(e) => {
+            tracing::info!(tap = %dev, %ip, "keeping the address of an agent that is not running: its tap is in use ({e}), a VM still runs there");
+            false
+        }
+    }
+}
+
+/// Run at registration, under the registry lock (all live agents known):
+/// removes the host map entries of agents that are not live whose address no
+/// VM uses (see [`release_if_unused`]), and then the Hearth taps that route
+/// an address of `pool` with no entry at all (left by an agent that
+/// died between creating the tap and adding its entry) and that no VM holds.
+/// No other live agent can hold an address of `pool` (the registry refused
+/// overlapping pools), and the registering agent has set up nothing yet.
+fn purge_gone_agents(
+    pool: Cidr,
+    keep: &HashSet<u32>,
+    removed: &mut Vec<(String, Ipv4Addr)>,
+) -> Result<usize, BpfError> {
+    let routes = match tap::host_routes() {
+        Ok(r) => r,
+        Err(e) => {
+            // why: unreadable routes must not make every entry look routeless.
+            tracing::warn!("cannot read the host routes (/proc/net/route): {e}; nothing purged");
+            return Ok(0);
+        }
+    };
+    let n = policy::maps::purge_host_sandboxes(keep, |ip| release_if_unused(ip, &routes, removed))?;
+    // (entries left of agents that are not live have a busy tap)
+    let owned: HashSet<Ipv4Addr> = policy::maps::host_sandboxes()?
+        .into_iter()
+        .map(|(ip, _)| ip)
+        .collect();
+    for (dev, ip) in &routes {
+        if dev.starts_with(TAP_PREFIX)
+            && pool.contains(*ip)
+            && !owned.contains(ip)
+            && !removed.iter().any(|(d, _)| d == dev)
+        {
+            let _ = release_if_unused(*ip, std::slice::from_ref(&(dev.clone(), *ip)), removed);
+        }
+    }
+    Ok(n)
 }
 
 /// Body of the host address watcher thread (see [`NodeNet::open_watched`]).

@@ -12,6 +12,12 @@
 //! the file only name the owner in error messages; a reused pid or a reused
 //! namespace inode cannot make a dead registration look live, and an
 //! unreadable `/proc` cannot make a live one look dead.
+//!
+//! A file reads `<pid> v2 <tag> <state dir>`: the tag is the agent's owner id
+//! in the host sandbox map, persisted in its state dir ([`owner_id`]). Files
+//! without the `v2` marker were written by an older build, which holds no
+//! lock: such an agent is live while its pid runs in this namespace, and then
+//! its pool and entries are respected like any live agent's.
 
 use std::collections::HashSet;
 use std::io::Write;
@@ -63,7 +69,7 @@ pub struct Reclaimed {
 /// The agents registered in this namespace while this one registered.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LiveAgents {
-    /// Owner tags (see [`owner_tag`]) of the other live agents.
+    /// Owner tags (see [`Registration::tag`]) of the other live agents.
     pub others: HashSet<u32>,
     /// This agent's own tag.
     pub me: u32,
@@ -77,6 +83,8 @@ pub struct Registration {
     path: PathBuf,
     /// Holds `LOCK_EX` on the file at `path` for the agent's lifetime.
     file: std::fs::File,
+    /// This agent's tag in the host sandbox map (its persisted owner id).
+    tag: u32,
     /// Registrations of dead agents this one removed.
     pub reclaimed: Vec<Reclaimed>,
 }
@@ -85,6 +93,12 @@ impl Registration {
     /// The registration file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// This agent's tag in the host sandbox map: the owner id persisted in
+    /// its state dir (see [`owner_id`]), the same across its restarts.
+    pub fn tag(&self) -> u32 {
+        self.tag
     }
 }
 
@@ -176,6 +190,99 @@ fn canonical(state_dir: &Path) -> String {
         .to_string()
 }
 
+/// The file in a state dir holding its agent's owner id.
+pub const OWNER_ID_FILE: &str = "owner-id";
+
+/// The owner id of the agent with this state dir: read from
+/// [`OWNER_ID_FILE`], or created there (random; or, for a state dir an older
+/// build used, the tag that build computed, so its host map entries stay
+/// this agent's). Nobody recomputes it from a path.
+pub fn owner_id(state_dir: &Path) -> Result<u32, RegistryError> {
+    std::fs::create_dir_all(state_dir).map_err(io_err(state_dir))?;
+    let path = state_dir.join(OWNER_ID_FILE);
+    let parse = |t: &str| t.trim().parse::<u32>().ok();
+    match std::fs::read_to_string(&path) {
+        Ok(t) => {
+            if let Some(id) = parse(&t) {
+                return Ok(id);
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(&path)(e)),
+    }
+    let id = if state_dir.join("leases.json").exists() {
+        owner_tag(state_dir)
+    } else {
+        let mut b = [0u8; 4];
+        let mut f =
+            std::fs::File::open("/dev/urandom").map_err(io_err(Path::new("/dev/urandom")))?;
+        std::io::Read::read_exact(&mut f, &mut b).map_err(io_err(Path::new("/dev/urandom")))?;
+        u32::from_ne_bytes(b)
+    };
+    let tmp = state_dir.join(format!(".{OWNER_ID_FILE}.{}", std::process::id()));
+    std::fs::write(&tmp, format!("{id}\n")).map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
+    Ok(id)
+}
+
+/// The marker of registration files this build writes (`<pid> v2 <tag>
+/// <state dir>`); files without it were written by an older build (`<pid>
+/// <state dir>`) that holds no lock. why the pid first: older builds read
+/// the first word as the pid and take a file whose pid is not a live process
+/// of theirs for a dead agent's (and delete it), so they see this build's
+/// agents as live.
+const FORMAT: &str = "v2";
+
+/// A registration file's content.
+#[derive(Debug, PartialEq, Eq)]
+struct Entry {
+    pid: u32,
+    tag: u32,
+    state_dir: String,
+    /// Written by an older build: liveness by pid and namespace, not a lock.
+    legacy: bool,
+}
+
+fn parse_entry(text: &str) -> Entry {
+    let line = text.lines().next().unwrap_or_default();
+    let (pid, rest) = line
+        .split_once(' ')
+        .map(|(p, r)| (p.parse::<u32>().unwrap_or(0), r))
+        .unwrap_or((0, ""));
+    // (a state dir is absolute: it never starts with the marker)
+    if let Some(rest) = rest.strip_prefix(FORMAT).and_then(|r| r.strip_prefix(' ')) {
+        let (tag, state_dir) = rest
+            .split_once(' ')
+            .map(|(t, d)| (t.parse().unwrap_or(0), d.to_string()))
+            .unwrap_or((0, String::new()));
+        return Entry {
+            pid,
+            tag,
+            state_dir,
+            legacy: false,
+        };
+    }
+    Entry {
+        pid,
+        tag: owner_tag(Path::new(rest)),
+        state_dir: rest.to_string(),
+        legacy: true,
+    }
+}
+
+/// Whether `pid` is a live process of this network namespace: the liveness
+/// test of registrations by older builds (they hold no lock).
+fn legacy_live(pid: u32) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    if pid == 0 {
+        return false;
+    }
+    // SAFETY: signal 0 only checks that the process exists; no signal is sent.
+    let rc = unsafe { libc::kill(pid as libc::pid_t, 0) };
+    let exists = rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+    exists && std::fs::metadata(format!("/proc/{pid}/ns/net")).is_ok_and(|m| m.ino() == netns_id())
+}
+
 /// Registers `pool` for the agent with state dir `state_dir` in `dir`, or
 /// refuses it when it overlaps the pool of another live agent. Registrations
 /// of dead agents are reclaimed. While the registry is still locked (no agent
@@ -187,12 +294,14 @@ pub fn register_in(
     state_dir: &Path,
     under_lock: impl FnOnce(&LiveAgents),
 ) -> Result<Registration, RegistryError> {
+    // why: before registering, so the file names the id for good.
+    let tag = owner_id(state_dir)?;
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     let _dir_lock = lock_dir(dir)?;
     let me = canonical(state_dir);
     let mut live = LiveAgents {
         others: HashSet::new(),
-        me: owner_tag(state_dir),
+        me: tag,
     };
     let mut reclaimed = Vec::new();
     for e in std::fs::read_dir(dir).map_err(io_err(dir))?.flatten() {
@@ -200,38 +309,40 @@ pub fn register_in(
             continue;
         };
         let text = std::fs::read_to_string(e.path()).unwrap_or_default();
-        let (pid, owner_dir) = text
-            .trim_end()
-            .split_once(' ')
-            .map(|(p, d)| (p.parse::<u32>().unwrap_or(0), d.to_string()))
-            .unwrap_or((0, String::new()));
-        let Some(is_live) = held(&e.path())? else {
+        let entry = parse_entry(&text);
+        let Some(held) = held(&e.path())? else {
             continue;
         };
-        if is_live && owner_dir != me {
+        let mine = if entry.legacy {
+            entry.state_dir == me
+        } else {
+            entry.tag == tag
+        };
+        let is_live = held || (entry.legacy && legacy_live(entry.pid));
+        if is_live && !mine {
             if other.covers(&pool) || pool.covers(&other) {
                 return Err(RegistryError::Overlap {
                     pool,
                     other,
-                    pid,
-                    state_dir: owner_dir,
+                    pid: entry.pid,
+                    state_dir: entry.state_dir,
                 });
             }
-            live.others.insert(owner_tag(Path::new(&owner_dir)));
+            live.others.insert(entry.tag);
             continue;
         }
         // A dead agent's, or an earlier run of this state dir: reclaimed.
         let _ = std::fs::remove_file(e.path());
-        if owner_dir != me {
+        if !mine {
             reclaimed.push(Reclaimed {
                 pool: other,
-                pid,
-                state_dir: owner_dir,
+                pid: entry.pid,
+                state_dir: entry.state_dir,
             });
         }
     }
     let path = dir.join(file_name(pool));
-    let content = format!("{} {me}\n", std::process::id());
+    let content = format!("{} {FORMAT} {tag} {me}\n", std::process::id());
     // why: a fresh file (never one an earlier run may still hold); std opens
     // it close-on-exec, so a QEMU child does not keep the lock after its agent
     // died.
@@ -247,6 +358,7 @@ pub fn register_in(
         dir: dir.to_path_buf(),
         path,
         file,
+        tag,
         reclaimed,
     })
 }
@@ -261,8 +373,9 @@ pub fn register(
     register_in(&dir, pool, state_dir, under_lock)
 }
 
-/// The tag of the agent with this state dir in the host sandbox map
-/// (FNV-1a of its canonical path): stable across restarts of that agent.
+/// The tag older builds computed for the agent with this state dir (FNV-1a
+/// of its canonical path): only to read their registrations and to seed the
+/// owner id of a state dir they used (see [`owner_id`]).
 pub fn owner_tag(state_dir: &Path) -> u32 {
     let p = std::fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.to_path_buf());
     let mut h: u32 = 0x811c_9dc5;
@@ -310,7 +423,7 @@ mod tests {
         // its pid is a live process of this namespace (a reused pid).
         std::fs::write(
             r.join("10.88.0.0_24"),
-            format!("{} /gone/agent\n", std::process::id()),
+            format!("{} v2 5 /gone/agent\n", std::process::id()),
         )
         .unwrap();
         let taken = reg(r, "10.88.0.0/16", b.path()).unwrap();
@@ -324,77 +437,173 @@ mod tests {
         );
     }
 
-    /// Not a test: the child process of the test below. It registers the
-    /// pool in `HEARTH_TEST_REGISTRY`, starts a `tail -f /dev/null` (standing for a
-    /// QEMU that outlives its agent), prints `ready <its pid>` and waits.
-    #[test]
-    #[ignore = "child process of registration_held_by_a_killed_process_is_reclaimed"]
-    fn registry_child_holding_a_registration() {
-        let Ok(dir) = std::env::var("HEARTH_TEST_REGISTRY") else {
-            return;
-        };
-        let state = std::env::var("HEARTH_TEST_STATE").unwrap();
-        let _r = reg(Path::new(&dir), "10.77.0.0/24", Path::new(&state)).unwrap();
-        let mut vmm = std::process::Command::new("tail")
-            .args(["-f", "/dev/null"])
-            .stdout(std::process::Stdio::null())
+    /// A registration file of this test's own, locked by `flock(1)` standing
+    /// for an agent: `-o` closes the lock before exec, so the `tail` (standing
+    /// for a QEMU the agent started) does not hold it. Returns the flock
+    /// process and the tail's pid, once the lock is taken.
+    fn holder(path: &Path, content: &str, close_before_exec: bool) -> (std::process::Child, i32) {
+        std::fs::write(path, content).unwrap();
+        let mut args = vec!["-x"];
+        if close_before_exec {
+            args.insert(0, "-o");
+        }
+        let mut child = std::process::Command::new("flock")
+            .args(&args)
+            .arg(path)
+            // (tail's output not the pipe: GNU tail -f exits once the
+            // reader of its output is gone)
+            .args([
+                "sh",
+                "-c",
+                "echo ready $$; exec tail -f /dev/null >/dev/null",
+            ])
+            .stdout(std::process::Stdio::piped())
             .spawn()
-            .unwrap();
-        println!("ready {}", vmm.id());
+            .expect("util-linux flock(1)");
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
-        let _ = std::io::stdin().lock().read_line(&mut line);
-        // (reached only when the parent closes stdin instead of killing this)
-        let _ = vmm.kill();
-        let _ = vmm.wait();
+        out.read_line(&mut line).unwrap();
+        let pid = line
+            .trim()
+            .strip_prefix("ready ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("flock printed {line:?}"));
+        (child, pid)
     }
 
     /// Liveness is the registration's lock: held by a running agent, its pool
     /// is refused; once that agent is SIGKILLed it is reclaimed at once, even
-    /// though a child it started (a QEMU) still runs, and whatever a pid says.
+    /// though a child it started (a QEMU) still runs, and whatever its pid
+    /// says. Without `-o` the child inherits the lock and keeps the pool
+    /// (why registrations are opened close-on-exec).
     #[test]
     fn registration_held_by_a_killed_process_is_reclaimed() {
         let reg_dir = tempfile::tempdir().unwrap();
-        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "registry::tests::registry_child_holding_a_registration",
-                "--ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env("HEARTH_TEST_REGISTRY", reg_dir.path())
-            .env("HEARTH_TEST_STATE", a.path())
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-        let vmm_pid = loop {
-            let mut line = String::new();
-            assert!(out.read_line(&mut line).unwrap() > 0, "child exited early");
-            // (libtest prints it after the test's name, on the same line)
-            if let Some((_, p)) = line.trim().split_once("ready ") {
-                break p.parse::<libc::pid_t>().unwrap();
-            }
-        };
-        let refused = reg(reg_dir.path(), "10.77.0.0/16", b.path());
-        child.kill().unwrap();
-        child.wait().unwrap();
+        let r = reg_dir.path();
+        let b = tempfile::tempdir().unwrap();
+        let file = r.join("10.77.0.0_24");
+        let (mut agent, vmm) = holder(&file, "4242 v2 17 /agent/a\n", true);
+        let refused = reg(r, "10.77.0.0/16", b.path());
+        agent.kill().unwrap();
+        agent.wait().unwrap();
         // SAFETY: signal 0 only checks that the process exists.
-        let vmm_runs = unsafe { libc::kill(vmm_pid, 0) } == 0;
-        let taken = reg(reg_dir.path(), "10.77.0.0/16", b.path());
-        // SAFETY: kill(2) on the process this test's child started.
-        unsafe { libc::kill(vmm_pid, libc::SIGKILL) };
+        let vmm_runs = unsafe { libc::kill(vmm, 0) } == 0;
+        let taken = reg(r, "10.77.0.0/16", b.path());
+        // SAFETY: kill(2) on the tail this test started.
+        unsafe { libc::kill(vmm, libc::SIGKILL) };
         let e = refused.expect_err("a live agent's overlapping pool is refused");
-        assert!(
-            e.to_string().contains(&format!("pid {}", child.id())),
-            "{e}"
-        );
-        assert!(vmm_runs, "the child's own child outlives it");
+        assert!(e.to_string().contains("pid 4242"), "{e}");
+        assert!(e.to_string().contains("/agent/a"), "{e}");
+        assert!(vmm_runs, "the agent's own child outlives it");
         let taken = taken.expect("a killed agent's registration is reclaimed");
         assert_eq!(taken.reclaimed.len(), 1, "{:?}", taken.reclaimed);
-        assert_eq!(taken.reclaimed[0].pid, child.id());
+        assert_eq!(taken.reclaimed[0].pid, 4242);
+        drop(taken);
+
+        // Negative control: a child that inherited the lock keeps it.
+        let (mut agent, vmm) = holder(&file, "4243 v2 18 /agent/c\n", false);
+        agent.kill().unwrap();
+        agent.wait().unwrap();
+        let still = reg(r, "10.77.0.0/16", b.path());
+        // SAFETY: as above.
+        unsafe { libc::kill(vmm, libc::SIGKILL) };
+        let e = still.expect_err("the inherited lock keeps the registration live");
+        assert!(e.to_string().contains("pid 4243"), "{e}");
+    }
+
+    /// A process spawned after registering the way QEMU is (its own session)
+    /// holds no descriptor of the registration file.
+    #[test]
+    fn a_vmm_spawned_after_registering_holds_no_descriptor_of_the_registration() {
+        use std::os::unix::process::CommandExt;
+        let reg_dir = tempfile::tempdir().unwrap();
+        let a = tempfile::tempdir().unwrap();
+        let r = reg(reg_dir.path(), "10.76.0.0/24", a.path()).unwrap();
+        let mut cmd = std::process::Command::new("tail");
+        cmd.args(["-f", "/dev/null"]);
+        // SAFETY: setsid is async-signal-safe; nothing else runs after fork.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            });
+        }
+        let mut vmm = cmd.spawn().unwrap();
+        let fds: Vec<PathBuf> = std::fs::read_dir(format!("/proc/{}/fd", vmm.id()))
+            .unwrap()
+            .flatten()
+            .filter_map(|e| std::fs::read_link(e.path()).ok())
+            .collect();
+        let own: Vec<PathBuf> = std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| std::fs::read_link(e.path()).ok())
+            .collect();
+        let _ = vmm.kill();
+        let _ = vmm.wait();
+        assert!(
+            own.iter().any(|p| p == r.path()),
+            "the agent holds it: {own:?}"
+        );
+        assert!(
+            !fds.iter().any(|p| p == r.path()),
+            "the VMM holds the registration: {fds:?}"
+        );
+    }
+
+    /// A registration of an older build (no `v2` marker, no lock) is live
+    /// while its pid runs in this namespace: its pool is refused and its
+    /// tag kept; once the pid is gone it is reclaimed.
+    #[test]
+    fn an_older_builds_registration_is_live_while_its_pid_runs_here() {
+        let reg_dir = tempfile::tempdir().unwrap();
+        let r = reg_dir.path();
+        let (b, c) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        std::fs::write(
+            r.join("10.75.0.0_24"),
+            format!("{} /old/agent\n", std::process::id()),
+        )
+        .unwrap();
+        let e = reg(r, "10.75.0.0/16", b.path()).unwrap_err();
+        assert!(e.to_string().contains("/old/agent"), "{e}");
+        let mut seen = None;
+        let _c = register_in(r, "10.75.1.0/24".parse().unwrap(), c.path(), |l| {
+            seen = Some(l.clone())
+        })
+        .unwrap();
+        assert!(
+            r.join("10.75.0.0_24").exists(),
+            "a live agent's file is kept"
+        );
+        assert_eq!(
+            seen.unwrap().others,
+            HashSet::from([owner_tag(Path::new("/old/agent"))])
+        );
+        drop(_c);
+        std::fs::write(r.join("10.75.0.0_24"), "999999999 /old/agent\n").unwrap();
+        let taken = reg(r, "10.75.0.0/16", b.path()).unwrap();
+        assert_eq!(taken.reclaimed.len(), 1);
+    }
+
+    /// The owner id is persisted in the state dir, the same however the dir
+    /// is named, written into the registration file, and is the tag.
+    #[test]
+    fn the_owner_id_is_persisted_and_registered() {
+        let reg_dir = tempfile::tempdir().unwrap();
+        let a = tempfile::tempdir().unwrap();
+        let first = reg(reg_dir.path(), "10.74.0.0/24", a.path()).unwrap();
+        let tag = first.tag();
+        let text = std::fs::read_to_string(first.path()).unwrap();
+        drop(first);
+        let id = std::fs::read_to_string(a.path().join(OWNER_ID_FILE)).unwrap();
+        let dotted = a.path().join(".");
+        let again = reg(reg_dir.path(), "10.74.0.0/24", &dotted).unwrap();
+        assert_eq!(id.trim(), tag.to_string());
+        assert!(
+            text.starts_with(&format!("{} v2 {tag} ", std::process::id())),
+            "{text}"
+        );
+        assert_eq!(again.tag(), tag, "the same id after a restart");
     }
 
     /// The live agents passed to `under_lock` are the other registrations
@@ -409,15 +618,15 @@ mod tests {
             tempfile::tempdir().unwrap(),
         );
         let _a = reg(r, "10.66.0.0/24", a.path()).unwrap();
-        std::fs::write(r.join("10.66.1.0_24"), "1 /dead/agent\n").unwrap();
+        std::fs::write(r.join("10.66.1.0_24"), "1 v2 9 /dead/agent\n").unwrap();
         let mut seen = None;
         let _b = register_in(r, "10.66.2.0/24".parse().unwrap(), b.path(), |l| {
             seen = Some(l.clone())
         })
         .unwrap();
         let seen = seen.expect("called");
-        assert_eq!(seen.me, owner_tag(b.path()));
-        assert_eq!(seen.others, HashSet::from([owner_tag(a.path())]));
+        assert_eq!(seen.me, _b.tag());
+        assert_eq!(seen.others, HashSet::from([_a.tag()]));
         let _ = c;
     }
 }

@@ -70,6 +70,19 @@ fn set_persist(name: &str, persist: bool) -> io::Result<()> {
     Ok(())
 }
 
+/// Opens the tap's queue the way QEMU's `ifname=` does (the tap is busy while
+/// the descriptor is open).
+#[cfg(test)]
+pub(crate) fn open_queue(name: &str) -> io::Result<OwnedFd> {
+    let tun = open_tun()?;
+    let mut req = ifreq(name, IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)?;
+    // SAFETY: req is a valid ifreq that outlives the call.
+    if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF as _, &mut req) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(tun)
+}
+
 pub fn exists(name: &str) -> bool {
     Path::new("/sys/class/net").join(name).exists()
 }

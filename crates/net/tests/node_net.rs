@@ -190,14 +190,14 @@ fn stale_nat_and_host_map_entries_of_the_pool_are_reconciled_at_start() {
         dns: vec![],
     })
     .unwrap();
-    let me = hearth_net::registry::owner_tag(d.path());
+    let me = net.owner();
     // why: a live agent (registered), or an agent registering meanwhile would
     // purge its entries as those of an agent that is gone.
     let other_dir = tempfile::tempdir().unwrap();
     let _other =
         hearth_net::registry::register(pool(4).0.parse().unwrap(), other_dir.path(), |_| {})
             .unwrap();
-    let other_agent = hearth_net::registry::owner_tag(other_dir.path());
+    let other_agent = _other.tag();
     let id = "netsync00001";
     let rec = net.setup(id, Policy::default()).unwrap();
     // Stale: an address of this pool nobody holds, tagged by this agent;
@@ -288,26 +288,33 @@ fn an_agent_whose_pool_overlaps_another_agents_is_refused() {
     // left alone.
     let rec = first.setup("netovl00001", Policy::default()).unwrap();
     let taken: std::net::Ipv4Addr = addr(p, 2).parse().unwrap();
-    let stranger = hearth_net::registry::owner_tag(d2.path());
     // (live, so an agent registering meanwhile does not purge its entry)
     let _stranger =
         hearth_net::registry::register(pool(5).0.parse().unwrap(), d2.path(), |_| {}).unwrap();
+    let stranger = _stranger.tag();
     hearth_net::policy::maps::add_host_sandbox(taken, 29, stranger).unwrap();
     let e = first.setup("netovl00002", Policy::default()).unwrap_err();
     let held = hearth_net::policy::maps::host_sandboxes().unwrap();
     hearth_net::policy::maps::remove_host_sandbox(taken, stranger).unwrap();
     // A host route to the address on another device (an agent of an older
-    // build, or a manual route): refused rather than routed twice.
+    // build, or a manual route): a picked address skips it, one leased by
+    // the control plane is refused rather than routed twice.
     sh(&format!("ip route add {taken}/32 dev lo"));
-    let routed = first.setup("netovl00003", Policy::default()).unwrap_err();
+    let skipped = first.setup("netovl00003", Policy::default());
+    let routed = first
+        .setup_with("netovl00004", Some(taken), Policy::default())
+        .unwrap_err();
     let routes = sh("ip route show");
     sh(&format!("ip route del {taken}/32 dev lo"));
+    first.teardown("netovl00003").unwrap();
     first.teardown(&rec.sandbox).unwrap();
+    let skipped = skipped.expect("another address is picked");
+    assert_ne!(skipped.ip, taken, "the routed address is skipped");
     assert!(
         routed.to_string().contains("already routed to lo"),
         "{routed}"
     );
-    assert!(!routes.contains("hthnetovl00003"), "{routes}");
+    assert!(!routes.contains("hthnetovl00004"), "{routes}");
     assert!(
         e.to_string().contains("already a sandbox of another agent"),
         "{e}"

@@ -410,48 +410,73 @@ pub fn host_sandboxes_in(pins: &Path) -> Result<Vec<(Ipv4Addr, HostSandbox)>, Bp
         .collect())
 }
 
-/// Removes every entry of the host's sandbox map whose owner is not in
-/// `keep` (agents that are gone: killed, or of a namespace that no longer
-/// exists and whose inode was reused); returns how many. Call it with the
-/// registry locked (see `registry::register`), so no agent outside `keep`
+/// The owners whose host map entries a registering agent must never purge:
+/// the other live agents and itself (its own are reconciled with its leases
+/// at start, see `NodeNet::remove_orphans`).
+pub fn keep_set(live: &crate::registry::LiveAgents) -> std::collections::HashSet<u32> {
+    let mut keep = live.others.clone();
+    keep.insert(live.me);
+    keep
+}
+
+/// Removes the entries of the host's sandbox map whose owner is not in `keep`
+/// (no live agent) and whose address `released` frees: an agent that is not
+/// live may still have running VMs (QEMU outlives its agent and is re-adopted
+/// when it starts again), so staleness is decided by the resource, not by the
+/// agent (see `NodeNet::open`). Returns how many were removed. Call it with
+/// the registry locked (see `registry::register`), so no agent outside `keep`
 /// can start adding entries meanwhile.
-pub fn purge_host_sandboxes(keep: &std::collections::HashSet<u32>) -> Result<usize, BpfError> {
-    purge_host_sandboxes_in(Path::new(&host_pins()), keep)
+pub fn purge_host_sandboxes(
+    keep: &std::collections::HashSet<u32>,
+    released: impl FnMut(Ipv4Addr) -> bool,
+) -> Result<usize, BpfError> {
+    purge_host_sandboxes_in(Path::new(&host_pins()), keep, released)
 }
 
 /// [`purge_host_sandboxes`] of the shared maps pinned in `pins`.
 pub fn purge_host_sandboxes_in(
     pins: &Path,
     keep: &std::collections::HashSet<u32>,
+    mut released: impl FnMut(Ipv4Addr) -> bool,
 ) -> Result<usize, BpfError> {
     let Some(mut m) = sandboxes_map(pins)? else {
         return Ok(0);
     };
     // why: collect first; deleting while iterating a BPF hash map restarts
     // the walk.
-    let stale: Vec<u32> = m
+    let candidates: Vec<u32> = m
         .iter()
         .filter_map(Result::ok)
         .filter(|(_, v)| !keep.contains(&v.owner))
         .map(|(k, _)| k)
         .collect();
     let mut n = 0;
-    for k in &stale {
+    let mut failed = None;
+    for k in &candidates {
+        let ip = Ipv4Addr::from(k.to_ne_bytes());
+        if !released(ip) {
+            continue;
+        }
         match m.remove(k) {
             Ok(()) => n += 1,
             Err(aya::maps::MapError::KeyNotFound) => {}
             Err(aya::maps::MapError::SyscallError(e))
                 if e.io_error.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => {
-                let ip = Ipv4Addr::from(k.to_ne_bytes());
-                return Err(host_err(format!("{SANDBOXES_PIN}: remove {ip}: {e}")));
+                failed
+                    .get_or_insert_with(|| host_err(format!("{SANDBOXES_PIN}: remove {ip}: {e}")));
             }
         }
     }
+    // why: whatever failed, the entries removed change verdicts; flows must
+    // be judged again.
     if n > 0 {
         bump_generation(pins)?;
     }
-    Ok(n)
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(n),
+    }
 }
 
 fn nbo(ip: Ipv4Addr) -> u32 {
@@ -1218,9 +1243,21 @@ mod tests {
         let _ = &p.bpf;
     }
 
-    /// A tag for entries this test process adds to the host map.
+    /// The tag of a live agent (registered for this test process's lifetime)
+    /// for entries this test process adds to the host map. why: entries of an
+    /// unregistered tag without a route are purged by any agent registering
+    /// meanwhile.
     fn test_owner() -> u32 {
-        0x7e57_0000 | (std::process::id() & 0xffff)
+        static OWNER: std::sync::OnceLock<(crate::registry::Registration, tempfile::TempDir)> =
+            std::sync::OnceLock::new();
+        let (r, _) = OWNER.get_or_init(|| {
+            let state = tempfile::tempdir().unwrap();
+            let n = std::process::id();
+            let pool = format!("10.249.{}.0/24", n % 250).parse().unwrap();
+            let r = crate::registry::register(pool, state.path(), |_| {}).unwrap();
+            (r, state)
+        });
+        r.tag()
     }
 
     /// An address in 10.250.`base`+0..63.1..250 derived from the pid, so
@@ -1352,7 +1389,7 @@ mod tests {
     /// agent live, everything but the registering agent's own goes.
     #[test]
     fn host_map_entries_of_agents_that_are_gone_are_purged_at_registration() {
-        use crate::registry::{owner_tag, register_in};
+        use crate::registry::{owner_id, register_in};
         use std::collections::HashSet;
         let pins = PrivatePins::new("purge");
         let reg = tempfile::tempdir().unwrap();
@@ -1363,9 +1400,9 @@ mod tests {
         );
         let ip = |last: u8| Ipv4Addr::new(10, 99, 0, last);
         let (t_live, t_gone, t_me) = (
-            owner_tag(live.path()),
-            owner_tag(gone.path()),
-            owner_tag(me.path()),
+            owner_id(live.path()).unwrap(),
+            0x6006_0001,
+            owner_id(me.path()).unwrap(),
         );
         let add = |a: Ipv4Addr, owner: u32| add_host_sandbox_in(&pins.0, a, 24, owner).unwrap();
         add(ip(1), t_live);
@@ -1375,7 +1412,7 @@ mod tests {
         // The gone agent's registration: a file nobody holds.
         std::fs::write(
             reg.path().join("10.99.0.0_24"),
-            format!("1 {}\n", gone.path().display()),
+            format!("1 v2 {t_gone} {}\n", gone.path().display()),
         )
         .unwrap();
         let live_reg = register_in(
@@ -1394,10 +1431,13 @@ mod tests {
             a.get(&0, 0).unwrap()
         };
         let before = gen(&pins.0);
+        // (none of these test addresses has a route: no VM uses them)
+        let routes = crate::tap::host_routes().unwrap();
         let purge = |keep: &crate::registry::LiveAgents| {
-            let mut k = keep.others.clone();
-            k.insert(keep.me);
-            purge_host_sandboxes_in(&pins.0, &k).unwrap()
+            purge_host_sandboxes_in(&pins.0, &keep_set(keep), |a| {
+                crate::release_if_unused(a, &routes, &mut Vec::new())
+            })
+            .unwrap()
         };
         let mut purged = 0;
         let mine = register_in(
@@ -1438,5 +1478,74 @@ mod tests {
         assert!(bumped, "flows are judged again after a purge");
         assert_eq!(purged_again, 1);
         assert_eq!(after_second, HashSet::from([(ip(4), t_me)]));
+    }
+
+    /// An entry of an agent that is not live is kept while a VM uses its
+    /// address (its tap is held open, as by a QEMU that outlived its agent):
+    /// the tap, its route and the entry stay. Once the tap is free, the next
+    /// purge removes tap, route and entry together. A routeless entry goes
+    /// at once.
+    #[test]
+    fn entries_of_agents_that_are_not_live_are_kept_while_their_vm_runs() {
+        use std::collections::HashSet;
+        let pins = PrivatePins::new("inuse");
+        let n = std::process::id();
+        let ip = |last: u8| Ipv4Addr::new(10, 252, (n % 250) as u8, last);
+        let (busy, free) = (
+            format!("hthpb{}", n % 100_000),
+            format!("hthpf{}", n % 100_000),
+        );
+        let gone = 0xdead_0001;
+        crate::tap::create(&busy, ip(1)).unwrap();
+        crate::tap::create(&free, ip(2)).unwrap();
+        let qemu = crate::tap::open_queue(&busy).unwrap();
+        for last in [1, 2, 3] {
+            add_host_sandbox_in(&pins.0, ip(last), 24, gone).unwrap();
+        }
+        let keep = HashSet::from([0xbeef_0002]);
+        let purge = || {
+            let routes = crate::tap::host_routes().unwrap();
+            let mut removed = Vec::new();
+            let n = purge_host_sandboxes_in(&pins.0, &keep, |a| {
+                crate::release_if_unused(a, &routes, &mut removed)
+            })
+            .unwrap();
+            (n, removed)
+        };
+        let entries = || -> HashSet<Ipv4Addr> {
+            host_sandboxes_in(&pins.0)
+                .unwrap()
+                .into_iter()
+                .map(|(a, _)| a)
+                .collect()
+        };
+        let (purged, removed) = purge();
+        let left = entries();
+        let busy_kept = crate::tap::exists(&busy);
+        drop(qemu);
+        let (purged_later, removed_later) = purge();
+        let left_later = entries();
+        let busy_gone = !crate::tap::exists(&busy);
+        let _ = crate::tap::delete(&busy);
+        let _ = crate::tap::delete(&free);
+        assert_eq!(purged, 2, "the free tap's entry and the routeless one");
+        assert_eq!(removed, vec![(free.clone(), ip(2))]);
+        assert_eq!(left, HashSet::from([ip(1)]), "the running VM's entry stays");
+        assert!(busy_kept, "the running VM's tap stays");
+        assert_eq!(purged_later, 1);
+        assert_eq!(removed_later, vec![(busy.clone(), ip(1))]);
+        assert!(left_later.is_empty(), "{left_later:?}");
+        assert!(busy_gone, "tap and route removed with the entry");
+    }
+
+    /// The production keep set: the other live agents and the registering
+    /// agent itself.
+    #[test]
+    fn the_keep_set_is_the_live_agents_and_the_registering_one() {
+        let live = crate::registry::LiveAgents {
+            others: std::collections::HashSet::from([1, 2]),
+            me: 3,
+        };
+        assert_eq!(keep_set(&live), std::collections::HashSet::from([1, 2, 3]));
     }
 }
