@@ -66,6 +66,14 @@ pub(crate) struct WorkloadRecord {
     /// its snapshots must be restored with one.
     #[serde(default)]
     pub nic: bool,
+    /// That device sits on QEMU's hub 0 (every VM before this field was
+    /// recorded did); false: the tap is its direct backend.
+    #[serde(default = "yes")]
+    pub nic_hub: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl WorkloadRecord {
@@ -76,6 +84,7 @@ impl WorkloadRecord {
             stdin,
             base,
             nic: false,
+            nic_hub: true,
         }
     }
 
@@ -297,7 +306,8 @@ impl Agent {
                 Err(NotAdopted::Moved(node)) => {
                     self.kill_leftover(&rec.id, &vm_dir);
                     let _ = hearth_vmm::destroy(&vm_dir);
-                    self.drop_network(&rec.id).await;
+                    // why: its address moved with it (the lease is kept).
+                    self.hand_off_net(entry).await;
                     self.settle_known(&rec, entry);
                     self.finish(
                         entry,
@@ -390,7 +400,7 @@ impl Agent {
             Ok(Err(e)) => tracing::warn!(sandbox = %id, "removing its network: {e}"),
             Err(e) => tracing::warn!(sandbox = %id, "removing its network panicked: {e}"),
         }
-        if leased {
+        if leased && !self.release_moved_address(&self.sandbox_dir(id), id).await {
             self.release_address(id).await;
         }
     }
@@ -546,6 +556,9 @@ impl Agent {
         entry
             .nic
             .store(workload.nic, std::sync::atomic::Ordering::Relaxed);
+        entry
+            .nic_hub
+            .store(workload.nic_hub, std::sync::atomic::Ordering::Relaxed);
         let (ctl_tx, ctl_rx) = mpsc::channel(4);
         *lock(&entry.control) = Some(ctl_tx);
         let agent = self.clone();

@@ -194,6 +194,9 @@ pub(crate) struct Entry {
     pub(crate) recovering: watch::Sender<bool>,
     /// The VM has a network device (so its snapshots need one on restore).
     pub(crate) nic: std::sync::atomic::AtomicBool,
+    /// That device sits on QEMU's hub 0 (false: the tap is its direct
+    /// backend); a migration's target builds the same layout.
+    pub(crate) nic_hub: std::sync::atomic::AtomicBool,
     /// Held while the record is saved (saves never overtake each other).
     persisting: Mutex<()>,
 }
@@ -219,6 +222,7 @@ impl Entry {
             saving: tokio::sync::Mutex::new(()),
             recovering: watch::channel(false).0,
             nic: std::sync::atomic::AtomicBool::new(false),
+            nic_hub: std::sync::atomic::AtomicBool::new(true),
             persisting: Mutex::new(()),
         }
     }
@@ -344,7 +348,7 @@ pub(crate) struct Inner {
 
 /// How long `rm` waits for the control plane to release an address before
 /// it queues the release for a retry.
-const RELEASE_WAIT: Duration = Duration::from_secs(3);
+pub(crate) const RELEASE_WAIT: Duration = Duration::from_secs(3);
 /// How often queued address releases are retried.
 const RELEASE_RETRY: Duration = Duration::from_secs(5);
 
@@ -650,7 +654,13 @@ impl Agent {
             return;
         };
         let local = net.leases();
-        match auth.retain(local.keys().cloned().collect()).await {
+        // why: addresses of sandboxes that migrated away stay leased in this
+        // node's slice until the node that runs them removes them.
+        let mut keep: Vec<String> = local.keys().cloned().collect();
+        keep.extend(crate::migration::net::moved_leases(
+            &self.inner.cfg.data_dir,
+        ));
+        match auth.retain(keep).await {
             Ok(freed) if !freed.is_empty() => {
                 tracing::info!(
                     ?freed,
@@ -661,6 +671,11 @@ impl Agent {
             Err(e) => tracing::warn!("syncing address leases with the control plane: {e}"),
         }
         for (id, ip) in local {
+            if !net.pool().contains(ip) {
+                // why: a sandbox that migrated here; its address is leased in
+                // the slice of the node it was started on (`lease-holder.json`).
+                continue;
+            }
             match auth.acquire(&id, Some(ip)).await {
                 Ok(got) if got == ip => {}
                 Ok(got) => tracing::error!(
@@ -1074,6 +1089,10 @@ impl Agent {
         entry
             .nic
             .store(vm_cfg.net.is_some(), std::sync::atomic::Ordering::Relaxed);
+        entry.nic_hub.store(
+            vm_cfg.net.as_ref().is_none_or(|n| n.hub),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let launched = self.launch_vm(&entry, &vm_cfg, launch, guest_net).await;
         let (vm, channel, release) = match launched {
             Ok(l) => l,
@@ -1290,6 +1309,7 @@ impl Agent {
         // at any point after that can take the sandbox over.
         if let Err(e) = (WorkloadRecord {
             nic: entry.nic.load(std::sync::atomic::Ordering::Relaxed),
+            nic_hub: entry.nic_hub.load(std::sync::atomic::Ordering::Relaxed),
             ..WorkloadRecord::new(session.id(), exec.stdin, base)
         })
         .store(&entry.dir)
@@ -1570,7 +1590,7 @@ impl Agent {
             tokio::task::spawn_blocking(move || net.teardown(&id))
                 .await
                 .map_err(|e| AgentError::Config(format!("network teardown panicked: {e}")))??;
-            if leased {
+            if leased && !self.release_moved_address(&e.dir, &rec.id).await {
                 self.release_address(&rec.id).await;
             }
         }

@@ -26,6 +26,8 @@ use utoipa::OpenApi;
         hearth_api::migration::MigrationStatus,
         hearth_api::migration::IncomingOffer,
         hearth_api::migration::IncomingAccepted,
+        hearth_api::migration::IncomingNet,
+        hearth_api::migration::LeaseHolder,
         hearth_api::migration::IncomingCommit,
         hearth_api::network::NetworkSpec,
         hearth_api::network::NetworkMode,

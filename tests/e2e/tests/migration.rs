@@ -275,8 +275,8 @@ fn bad_migrations_are_refused_and_the_sandbox_runs_on() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("not running"), "{}", show(&out));
 
-    // With a network device (refused up front, like snapshots: the target
-    // cannot take over the sandbox's tap and address yet).
+    // With a network device, between two nodes sharing one network namespace:
+    // the target would have to take the running source's tap over.
     let out = a.hearth(&[
         "run", "--detach", "--memory", "128", "--name", "netted", "busybox", "--", "sleep", "600",
     ]);
@@ -290,7 +290,16 @@ fn bad_migrations_are_refused_and_the_sandbox_runs_on() {
         &token_file(&b),
     ]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("network device"), "{}", show(&out));
+    assert!(
+        stderr(&out).contains("already exists on this host"),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(
+        a.inspect("netted")["status"],
+        "running",
+        "the refusal left the source running"
+    );
     let out = a.hearth(&["rm", "-f", "netted"]);
     assert!(out.status.success(), "{}", show(&out));
 
