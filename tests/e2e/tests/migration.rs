@@ -281,6 +281,9 @@ fn bad_migrations_are_refused_and_the_sandbox_runs_on() {
         "run", "--detach", "--memory", "128", "--name", "netted", "busybox", "--", "sleep", "600",
     ]);
     assert!(out.status.success(), "{}", show(&out));
+    hearth_e2e::wait_until("netted to run", Duration::from_secs(120), || {
+        a.inspect("netted")["status"] == "running"
+    });
     let out = a.hearth(&[
         "migrate",
         "netted",
@@ -295,10 +298,15 @@ fn bad_migrations_are_refused_and_the_sandbox_runs_on() {
         "{}",
         show(&out)
     );
+    let netted = a.inspect("netted");
     assert_eq!(
-        a.inspect("netted")["status"],
-        "running",
+        netted["status"], "running",
         "the refusal left the source running"
+    );
+    let tap = netted["network"]["tap"].as_str().expect("tap");
+    assert!(
+        std::path::Path::new("/sys/class/net").join(tap).exists(),
+        "the refused target took the source's tap {tap} away"
     );
     let out = a.hearth(&["rm", "-f", "netted"]);
     assert!(out.status.success(), "{}", show(&out));
