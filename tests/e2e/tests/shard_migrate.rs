@@ -775,8 +775,15 @@ fn a_networked_web_server_migrates_with_its_address_policy_and_ingress_and_a_fai
         let s = status_json("web");
         s["target"] == "agent1" && s["phase"] == "precopy" && s["bytes_sent"].as_u64() > Some(0)
     });
+    let pid = pid_of("agent1");
+    let argv: Vec<String> = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .expect("agent1 cmdline")
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
     // SAFETY: kill(2) of a shard agent's pid this test read from the shard's state file.
-    assert_eq!(unsafe { libc::kill(pid_of("agent1"), libc::SIGKILL) }, 0);
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
     let out = mig.wait_with_output().expect("hearth migrate");
     assert!(!out.status.success(), "{}", show(&out));
     let sb = sandbox(&id);
@@ -790,6 +797,28 @@ fn a_networked_web_server_migrates_with_its_address_policy_and_ingress_and_a_fai
     let out = egress_from("web", allowed.port);
     assert!(stdout(&out).contains("allowed-ok"), "{}", show(&out));
     counter_goes_on("web");
+
+    // agent1 starts again: it removes the tap of the aborted incoming VM but
+    // keeps the lease of the sandbox that moved away (moved-leases.json).
+    let log = std::fs::File::create(format!("/tmp/hearth-shard-{NAME}/agent1-restarted.log"))
+        .expect("log");
+    let _again = Command::new("ip")
+        .args(["netns", "exec", &format!("{NAME}-a1")])
+        .args(&argv)
+        .env("HEARTH_TOKEN", TOKEN)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("restart agent1");
+    wait_node("agent1", "ready");
+    wait_until(
+        "agent1 to remove the aborted incoming network",
+        Duration::from_secs(30),
+        || net_on(1, &tap, &ip) == (false, false),
+    );
+    assert_eq!(leases_of(&ip).len(), 1, "{:?}", leases_of(&ip));
+    assert_eq!(ingress_get(&id, &token), (200, "hello-web\n".into()));
 
     // Removed on agent2: no tap or route there, and the lease is released.
     let out = hearth(&["rm", "-f", "web"]);
