@@ -802,7 +802,7 @@ fn a_networked_web_server_migrates_with_its_address_policy_and_ingress_and_a_fai
     // keeps the lease of the sandbox that moved away (moved-leases.json).
     let log = std::fs::File::create(format!("/tmp/hearth-shard-{NAME}/agent1-restarted.log"))
         .expect("log");
-    let _again = Command::new("ip")
+    let mut again = Command::new("ip")
         .args(["netns", "exec", &format!("{NAME}-a1")])
         .args(&argv)
         .env("HEARTH_TOKEN", TOKEN)
@@ -831,4 +831,6 @@ fn a_networked_web_server_migrates_with_its_address_policy_and_ingress_and_a_fai
     wait_until("the lease to be released", Duration::from_secs(30), || {
         leases_of(&ip).is_empty()
     });
+    let _ = again.kill();
+    let _ = again.wait();
 }
