@@ -600,6 +600,101 @@ fn leases_of(ip: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The QEMU command line agent `i` recorded for its sandbox `aid` (vm.json).
+fn vm_argv(i: u32, aid: &str) -> String {
+    let path = format!("/tmp/hearth-shard-{NAME}/agent{i}/sandboxes/{aid}/vm/vm.json");
+    let rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}")))
+            .unwrap();
+    rec["argv"]
+        .as_array()
+        .expect("argv")
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Agent `i` runs sandbox `aid` with its network device directly on its tap
+/// (`vnet_hdr=on`, no hub) and recorded that for its snapshots and restarts.
+fn assert_direct_tap(i: u32, aid: &str) {
+    let argv = vm_argv(i, aid);
+    assert!(
+        argv.contains("-netdev tap,id=net0,")
+            && argv.contains("vnet_hdr=on")
+            && !argv.contains("hubport"),
+        "agent{i} {aid}: not directly on its tap: {argv}"
+    );
+    let path = format!("/tmp/hearth-shard-{NAME}/agent{i}/sandboxes/{aid}/workload.json");
+    let w: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}")))
+            .unwrap();
+    assert_eq!(
+        (w["nic"].as_bool(), w["nic_mode"].as_str()),
+        (Some(true), Some("tap")),
+        "agent{i} {aid}: {w}"
+    );
+}
+
+/// Snapshots agent `i`'s sandbox `aid` through that node's API as `name`:
+/// `snapshot.json` says tap (format 2). Then forks it once there: the fork's
+/// device is rebuilt on its own tap, it runs and answers on its own address;
+/// fork and snapshots are removed again.
+fn snapshot_and_fork_on(i: u32, aid: &str, name: &str) {
+    let base = format!("http://{NET}.{}:7070", 10 + i);
+    let body = serde_json::json!({ "name": name }).to_string();
+    let (code, v) = call(
+        &base,
+        &format!("/v1/sandboxes/{aid}/snapshot"),
+        "POST",
+        Some(&body),
+        120,
+    );
+    assert_eq!(code, 201, "snapshot on agent{i}: {v}");
+    let path = format!("/tmp/hearth-shard-{NAME}/agent{i}/snapshots/{name}/snapshot.json");
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}")))
+            .unwrap();
+    assert_eq!(
+        (
+            meta["nic"].as_bool(),
+            meta["nic_mode"].as_str(),
+            meta["version"].as_u64()
+        ),
+        (Some(true), Some("tap"), Some(2)),
+        "{meta}"
+    );
+    let (code, v) = call(
+        &base,
+        &format!("/v1/sandboxes/{aid}/fork"),
+        "POST",
+        Some(r#"{"count":1}"#),
+        180,
+    );
+    assert_eq!(code, 201, "fork on agent{i}: {v}");
+    let fork = v[0]["id"].as_str().expect("fork id").to_string();
+    wait_until("the fork to run", Duration::from_secs(180), || {
+        let (_, f) = call(&base, &format!("/v1/sandboxes/{fork}"), "GET", None, 10);
+        assert_ne!(f["status"], "failed", "{f}");
+        f["status"] == "running"
+    });
+    assert_direct_tap(i, &fork);
+    let (_, f) = call(&base, &format!("/v1/sandboxes/{fork}"), "GET", None, 10);
+    let fip = f["network"]["ip"].as_str().expect("fork ip").to_string();
+    let (_, src) = call(&base, &format!("/v1/sandboxes/{aid}"), "GET", None, 10);
+    assert_ne!(Some(fip.as_str()), src["network"]["ip"].as_str(), "{f}");
+    let (code, v) = call(
+        &base,
+        &format!("/v1/sandboxes/{fork}?force=true"),
+        "DELETE",
+        None,
+        60,
+    );
+    assert_eq!(code, 204, "{v}");
+    let (code, v) = call(&base, &format!("/v1/snapshots/{name}"), "DELETE", None, 60);
+    assert_eq!(code, 204, "{v}");
+}
+
 #[test]
 fn a_networked_web_server_migrates_with_its_address_policy_and_ingress_and_a_failed_move_leaves_it_working(
 ) {
@@ -664,6 +759,12 @@ fn a_networked_web_server_migrates_with_its_address_policy_and_ingress_and_a_fai
     assert!(!stdout(&out).contains("allowed-ok"), "{}", show(&out));
     assert!(denied.peers().is_empty(), "{:?}", denied.peers());
     assert_eq!(leases_of(&ip).len(), 1, "{:?}", leases_of(&ip));
+    // A cold boot: its device is directly on its tap (the layout that migrates).
+    let aid1 = agent_has(1, &id).expect("agent1 runs web")["id"]
+        .as_str()
+        .expect("agent id")
+        .to_string();
+    assert_direct_tap(1, &aid1);
 
     // Poll the ingress URL from the host namespace while it moves to agent2.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -756,6 +857,15 @@ fn a_networked_web_server_migrates_with_its_address_policy_and_ingress_and_a_fai
     let out = egress_from("web", denied.port);
     assert!(!stdout(&out).contains("allowed-ok"), "{}", show(&out));
     assert!(denied.peers().is_empty(), "{:?}", denied.peers());
+    // agent2 built the incoming VM's device as agent1's was (on the tap
+    // directly) and recorded it: a snapshot and a fork of it work there.
+    let aid2 = agent_has(2, &id).expect("agent2 runs web")["id"]
+        .as_str()
+        .expect("agent id")
+        .to_string();
+    assert_direct_tap(2, &aid2);
+    snapshot_and_fork_on(2, &aid2, "web-moved");
+    counter_goes_on("web");
 
     // A move back that fails (agent1 killed mid-transfer) leaves it working on agent2.
     let mig = hearth_cmd(&[
@@ -820,6 +930,50 @@ fn a_networked_web_server_migrates_with_its_address_policy_and_ingress_and_a_fai
     assert_eq!(leases_of(&ip).len(), 1, "{:?}", leases_of(&ip));
     assert_eq!(ingress_get(&id, &token), (200, "hello-web\n".into()));
 
+    // agent2 is killed and starts again with a workload.json as hearthd wrote
+    // it before the mode was recorded (no `nic`, no `nic_mode`): it re-adopts
+    // the migrated VM, reads its device off vm.json (direct tap), and records
+    // that, so a snapshot and a fork of it still work there.
+    let pid2 = pid_of("agent2");
+    let argv2: Vec<String> = std::fs::read(format!("/proc/{pid2}/cmdline"))
+        .expect("agent2 cmdline")
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    // SAFETY: kill(2) of a shard agent's pid this test read from the shard's state file.
+    assert_eq!(unsafe { libc::kill(pid2, libc::SIGKILL) }, 0);
+    wait_until("agent2 to exit", Duration::from_secs(30), || {
+        !std::path::Path::new(&format!("/proc/{pid2}/cmdline")).exists()
+            || std::fs::read(format!("/proc/{pid2}/cmdline")).is_ok_and(|c| c.is_empty())
+    });
+    let wpath = format!("/tmp/hearth-shard-{NAME}/agent2/sandboxes/{aid2}/workload.json");
+    let mut w: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&wpath).expect("workload.json")).unwrap();
+    let o = w.as_object_mut().expect("object");
+    o.remove("nic");
+    o.remove("nic_mode");
+    std::fs::write(&wpath, serde_json::to_vec(&w).unwrap()).unwrap();
+    let log = std::fs::File::create(format!("/tmp/hearth-shard-{NAME}/agent2-restarted.log"))
+        .expect("log");
+    let mut again2 = Command::new("ip")
+        .args(["netns", "exec", &format!("{NAME}-a2")])
+        .args(&argv2)
+        .env("HEARTH_TOKEN", TOKEN)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("restart agent2");
+    wait_node("agent2", "ready");
+    wait_until("agent2 to re-adopt web", Duration::from_secs(60), || {
+        agent_has(2, &id).is_some_and(|s| s["status"] == "running")
+    });
+    assert_eq!(ingress_get(&id, &token), (200, "hello-web\n".into()));
+    counter_goes_on("web");
+    assert_direct_tap(2, &aid2);
+    snapshot_and_fork_on(2, &aid2, "web-readopted");
+
     // Removed on agent2: no tap or route there, and the lease is released.
     let out = hearth(&["rm", "-f", "web"]);
     assert!(out.status.success(), "{}", show(&out));
@@ -833,4 +987,6 @@ fn a_networked_web_server_migrates_with_its_address_policy_and_ingress_and_a_fai
     });
     let _ = again.kill();
     let _ = again.wait();
+    let _ = again2.kill();
+    let _ = again2.wait();
 }
