@@ -498,7 +498,7 @@ mod tests {
             format!("hthxa{}", n % 100_000),
             format!("hthxb{}", n % 100_000),
         );
-        create(&a, ip).unwrap();
+        create(&a, ip, None).unwrap();
         set_persist(&b, true).unwrap();
         link_up(&b).unwrap();
         let raced = add_route_exclusive(&b, ip);
