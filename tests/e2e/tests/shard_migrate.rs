@@ -966,10 +966,31 @@ fn a_networked_web_server_migrates_with_its_address_policy_and_ingress_and_a_fai
         .spawn()
         .expect("restart agent2");
     wait_node("agent2", "ready");
-    wait_until("agent2 to re-adopt web", Duration::from_secs(60), || {
-        agent_has(2, &id).is_some_and(|s| s["status"] == "running")
+    // why: the node may still read ready from before the kill; the agent's
+    // own API answers once it has re-adopted what it runs.
+    let tag = format!("/{id}@");
+    wait_until("agent2 to re-adopt web", Duration::from_secs(120), || {
+        let (code, v) = call(
+            &format!("http://{NET}.12:7070"),
+            "/v1/sandboxes",
+            "GET",
+            None,
+            5,
+        );
+        code == 200
+            && v.as_array().is_some_and(|a| {
+                a.iter().any(|s| {
+                    s["owner"].as_str().is_some_and(|o| o.contains(&tag))
+                        && s["status"] == "running"
+                })
+            })
     });
-    assert_eq!(ingress_get(&id, &token), (200, "hello-web\n".into()));
+    // why: the control plane's record says recovering until agent2's next heartbeat.
+    wait_until(
+        "the page through the ingress after the restart",
+        Duration::from_secs(60),
+        || ingress_get(&id, &token) == (200, "hello-web\n".into()),
+    );
     counter_goes_on("web");
     assert_direct_tap(2, &aid2);
     snapshot_and_fork_on(2, &aid2, "web-readopted");
