@@ -1,10 +1,14 @@
 //! Host↔guest TCP throughput and connection rate with and without the eBPF
 //! policy programs on the sandbox's tap, in the same run: two sandboxes boot
-//! alike; sandbox B's TC links are unpinned (programs detached) and the
-//! measurements alternate A, B, A, B... so drift hits both equally. Both boot
+//! alike; sandbox B's TC links are unpinned (programs detached). Both boot
 //! cold, so their virtio-net device is on its tap directly (offloads on). A
 //! third sandbox C, with its programs, comes from a template's warm pool: its
-//! device sits on QEMU's hub 0 (no offloads), the pool path's cost.
+//! device sits on QEMU's hub 0 (no offloads), the pool path's cost. All three
+//! have 256 MiB and 1 vCPU (the template is made with `--memory 256`), so the
+//! NIC layout and the programs are the only differences. Each round measures
+//! the three in a rotated order (A B C, B C A, C A B, ...) so drift and
+//! position hit all alike, and the per-round ratios B/A (programs' cost) and
+//! C/A (hub vs direct tap) are printed besides the medians.
 //!
 //! Usage: net-policy [ROUNDS] [MIB] [CONNS]   (default 3, 16, 200; root, scripts/setup artifacts)
 
@@ -112,7 +116,7 @@ fn main() {
     let a = start(&d, "with-policy", "cold");
     let b = start(&d, "without-policy", "cold");
     let out = d.hearth(&[
-        "template", "create", "busybox", "--name", "netbench", "--pool", "1",
+        "template", "create", "busybox", "--name", "netbench", "--pool", "1", "--memory", "256",
     ]);
     assert!(out.status.success(), "{}", show(&out));
     wait_until("the warm pool to fill", Duration::from_secs(300), || {
@@ -122,6 +126,10 @@ fn main() {
         v[0]["pool_ready"] == 1
     });
     let c = start(&d, "pool-hub", "pool");
+    for sb in [&a, &b, &c] {
+        let s = d.inspect(sb.name);
+        assert_eq!(s["memory_mib"], 256, "{s}");
+    }
     let tap_b = d.inspect(b.name)["network"]["tap"]
         .as_str()
         .unwrap()
@@ -144,14 +152,28 @@ fn main() {
         (b.name, Samples::default()),
         (c.name, Samples::default()),
     ];
+    let sbs = [&a, &b, &c];
     for r in 0..rounds {
-        for (i, sb) in [&a, &b, &c].iter().enumerate() {
+        for k in 0..sbs.len() {
+            let i = (r + k) % sbs.len();
+            let sb = sbs[i];
             res[i].1.up.push(upload(&sb.ip, mib));
             res[i].1.down.push(download(&sb.ip, mib));
             res[i].1.conns.push(conn_rate(&sb.ip, conns));
         }
         eprintln!("round {} done", r + 1);
     }
+    let ratios = |i: usize| -> [Vec<f64>; 3] {
+        let per = |x: &Vec<f64>, y: &Vec<f64>| -> Vec<f64> {
+            x.iter().zip(y).map(|(x, y)| x / y).collect()
+        };
+        [
+            per(&res[i].1.up, &res[0].1.up),
+            per(&res[i].1.down, &res[0].1.down),
+            per(&res[i].1.conns, &res[0].1.conns),
+        ]
+    };
+    let (b_a, c_a) = (ratios(1), ratios(2));
     let st = d.hearth(&["policy", "stats", a.name]);
     eprintln!("{}", stdout(&st));
     println!(
@@ -169,6 +191,27 @@ fn main() {
     println!(
         "\n(median of {rounds} rounds; {mib} MiB per transfer; {conns} connections per round)"
     );
+    println!(
+        "\n| per-round ratio | host→guest | guest→host | connections/s | rounds (host→guest) |"
+    );
+    println!("|---|---|---|---|---|");
+    for (what, r) in [
+        ("without-policy / with-policy", b_a),
+        ("pool-hub / with-policy", c_a),
+    ] {
+        let list = r[0]
+            .iter()
+            .map(|x| format!("{x:.2}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let [up, down, conns] = r;
+        println!(
+            "| {what} | {:.2} | {:.2} | {:.2} | {list} |",
+            median(up),
+            median(down),
+            median(conns)
+        );
+    }
     for n in [a.name, b.name, c.name] {
         let _ = d.hearth(&["rm", "-f", n]);
     }

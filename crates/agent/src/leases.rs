@@ -49,6 +49,23 @@ pub trait LeaseAuthority: Send + Sync + std::fmt::Debug {
     fn release<'a>(&'a self, sandbox: &'a str) -> BoxFuture<'a, Result<(), LeaseError>>;
     /// Frees every address of this node except those of `keep`; the freed ids.
     fn retain(&self, keep: Vec<String>) -> BoxFuture<'_, Result<Vec<String>, LeaseError>>;
+    /// The slice this node leases from, as `(node, agent instance)`, for a
+    /// sandbox migrating away with its address (`None`: leases are not
+    /// tied to a node slice another node can name).
+    fn holder(&self) -> Option<(String, String)> {
+        None
+    }
+    /// Frees the address of a sandbox that migrated here: it is leased from
+    /// the slice of `node` (agent `instance`), the node it was started on.
+    fn release_held<'a>(
+        &'a self,
+        sandbox: &'a str,
+        node: &'a str,
+        instance: &'a str,
+    ) -> BoxFuture<'a, Result<(), LeaseError>> {
+        let _ = (node, instance);
+        self.release(sandbox)
+    }
 }
 
 fn base_url(base: &str) -> String {
@@ -190,12 +207,25 @@ impl LeaseAuthority for ControlLeases {
     }
 
     fn release<'a>(&'a self, sandbox: &'a str) -> BoxFuture<'a, Result<(), LeaseError>> {
+        self.release_held(sandbox, &self.node, &self.instance)
+    }
+
+    fn holder(&self) -> Option<(String, String)> {
+        Some((self.node.clone(), self.instance.clone()))
+    }
+
+    fn release_held<'a>(
+        &'a self,
+        sandbox: &'a str,
+        node: &'a str,
+        instance: &'a str,
+    ) -> BoxFuture<'a, Result<(), LeaseError>> {
         Box::pin(async move {
             let r: Result<Released, _> = self
                 .call(|b| {
                     self.http
-                        .delete(format!("{b}/v1/agents/{}/leases/{sandbox}", self.node))
-                        .query(&[("instance", &self.instance)])
+                        .delete(format!("{b}/v1/agents/{node}/leases/{sandbox}"))
+                        .query(&[("instance", instance)])
                 })
                 .await;
             match r {

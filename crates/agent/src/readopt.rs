@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::guest_conn::GuestConn;
+use crate::restore::NicMode;
 use crate::sandbox::{lock, now_ms, Agent, Entry};
 
 /// `workload.json` in a sandbox dir: how to find the main workload in the guest.
@@ -68,9 +69,11 @@ pub(crate) struct WorkloadRecord {
     /// its snapshots must be restored with one.
     #[serde(default)]
     pub nic: bool,
-    /// How that device is connected; absent in records of older hearthd (hub).
+    /// How that device is connected. Absent in records of older hearthd, whose
+    /// VMs may have had either layout: a re-adoption reads the mode off the
+    /// QEMU command line in vm.json (`hearth_vmm::recorded_net_hub`) instead.
     #[serde(default)]
-    pub nic_mode: crate::restore::NicMode,
+    pub nic_mode: NicMode,
 }
 
 impl WorkloadRecord {
@@ -81,7 +84,7 @@ impl WorkloadRecord {
             stdin,
             base,
             nic: false,
-            nic_mode: crate::restore::NicMode::Hub,
+            nic_mode: NicMode::Hub,
         }
     }
 
@@ -298,7 +301,8 @@ impl Agent {
                 Err(NotAdopted::Moved(node)) => {
                     self.kill_leftover(&rec.id, &vm_dir);
                     let _ = hearth_vmm::destroy(&vm_dir);
-                    self.drop_network(&rec.id).await;
+                    // why: its address moved with it (the lease is kept).
+                    self.hand_off_net(entry).await;
                     self.settle_known(&rec, entry);
                     self.finish(
                         entry,
@@ -391,7 +395,7 @@ impl Agent {
             Ok(Err(e)) => tracing::warn!(sandbox = %id, "removing its network: {e}"),
             Err(e) => tracing::warn!(sandbox = %id, "removing its network panicked: {e}"),
         }
-        if leased {
+        if leased && !self.release_moved_address(&self.sandbox_dir(id), id).await {
             self.release_address(id).await;
         }
     }
@@ -564,11 +568,31 @@ impl Agent {
         entry
             .stdin_open
             .store(workload.stdin, std::sync::atomic::Ordering::Relaxed);
-        entry
-            .nic
-            .store(workload.nic, std::sync::atomic::Ordering::Relaxed);
+        // why: the QEMU command line says what the VM really has; records of
+        // hearthd before the hub existed have neither `nic` nor `nic_mode` though
+        // their VMs ran a direct tap (and the record's default reads "hub").
+        let (nic, nic_mode) = match hearth_vmm::recorded_net_hub(vm_dir) {
+            Ok(Some(hub)) => (true, if hub { NicMode::Hub } else { NicMode::Tap }),
+            Ok(None) => (false, NicMode::Hub),
+            Err(e) => {
+                tracing::warn!(sandbox = %rec.id, "cannot read the network device off vm.json, using workload.json: {e}");
+                (workload.nic, workload.nic_mode)
+            }
+        };
+        if (nic, nic_mode) != (workload.nic, workload.nic_mode) {
+            // why: the record then says what the VM has (older records lack it).
+            let healed = WorkloadRecord {
+                nic,
+                nic_mode,
+                ..workload
+            };
+            if let Err(e) = healed.store(&entry.dir) {
+                tracing::warn!(sandbox = %rec.id, "cannot update workload.json with the VM's network device: {e}");
+            }
+        }
+        entry.nic.store(nic, std::sync::atomic::Ordering::Relaxed);
         entry.nic_tap.store(
-            workload.nic_mode == crate::restore::NicMode::Tap,
+            nic && nic_mode == NicMode::Tap,
             std::sync::atomic::Ordering::Relaxed,
         );
         let (ctl_tx, ctl_rx) = mpsc::channel(4);

@@ -17,7 +17,6 @@ use hearth_vmm::snapshot::file_sha256;
 use hearth_vmm::{
     Accel, HostIdentity, QemuVmm, SnapshotManifest, Verify, Vm, VmConfig, Vmm, VmmError,
 };
-use serde::{Deserialize, Serialize};
 use tokio::net::UnixStream;
 
 use crate::guest_conn::{GuestConn, Session};
@@ -181,23 +180,15 @@ pub(crate) fn guest_net(n: &hearth_net::SandboxNet) -> GuestNet {
     }
 }
 
-/// How a VM's network device is connected, as recorded with its snapshots: a
-/// restore must rebuild the same topology (see `hearth_vmm::NetDevice`).
-///
-/// `Tap`: the tap is the device's direct backend (`vnet_hdr=on`), so the guest
-/// negotiated checksum and segmentation offloads; a restore needs a tap again
-/// (a hub offers no offloads and QEMU refuses the saved feature set).
-/// `Hub`: the device sits on QEMU's hub 0 and works with or without a tap, at
-/// the cost of the offloads. Only VMs whose QEMU starts before their tap exists
-/// need it: templates (and so their warm pools). Records of older hearthd,
-/// which put every device on the hub, have no mode and mean `Hub`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub(crate) enum NicMode {
-    #[default]
-    Hub,
-    Tap,
-}
+/// How a VM's network device is connected (see `hearth_api::network::NicMode`
+/// and `hearth_vmm::NetDevice`): a restore must rebuild the same topology.
+/// Only VMs whose QEMU starts before their tap exists use the hub: templates
+/// (and so their warm pools), and restores of snapshots taken on the hub.
+/// Records of hearthd before the hub existed have no mode and their VMs ran a
+/// direct tap; records of hearthd that put every device on the hub have no
+/// mode either: a re-adoption reads the mode off the QEMU command line
+/// (`hearth_vmm::recorded_nic`), a snapshot without a mode was taken on the hub.
+pub(crate) use hearth_api::network::NicMode;
 
 /// Where a new sandbox's VM comes from.
 pub(crate) enum Launch {

@@ -371,7 +371,7 @@ pub(crate) struct Inner {
 
 /// How long `rm` waits for the control plane to release an address before
 /// it queues the release for a retry.
-const RELEASE_WAIT: Duration = Duration::from_secs(3);
+pub(crate) const RELEASE_WAIT: Duration = Duration::from_secs(3);
 /// How often queued address releases are retried.
 const RELEASE_RETRY: Duration = Duration::from_secs(5);
 
@@ -677,7 +677,13 @@ impl Agent {
             return;
         };
         let local = net.leases();
-        match auth.retain(local.keys().cloned().collect()).await {
+        // why: addresses of sandboxes that migrated away stay leased in this
+        // node's slice until the node that runs them removes them.
+        let mut keep: Vec<String> = local.keys().cloned().collect();
+        keep.extend(crate::migration::net::moved_leases(
+            &self.inner.cfg.data_dir,
+        ));
+        match auth.retain(keep).await {
             Ok(freed) if !freed.is_empty() => {
                 tracing::info!(
                     ?freed,
@@ -688,6 +694,11 @@ impl Agent {
             Err(e) => tracing::warn!("syncing address leases with the control plane: {e}"),
         }
         for (id, ip) in local {
+            if !net.pool().contains(ip) {
+                // why: a sandbox that migrated here; its address is leased in
+                // the slice of the node it was started on (`lease-holder.json`).
+                continue;
+            }
             match auth.acquire(&id, Some(ip)).await {
                 Ok(got) if got == ip => {}
                 Ok(got) => tracing::error!(
@@ -1028,32 +1039,15 @@ impl Agent {
         (cpus, memory_mib): (u32, u32),
         net: Option<&hearth_net::SandboxNet>,
         nic: Option<crate::restore::NicMode>,
-    ) -> VmConfig {
-        use crate::restore::NicMode;
+    ) -> Result<VmConfig, AgentError> {
         // why: a tap as the device's direct backend gives the guest virtio-net
         // offloads (vnet_hdr; a hub turns them off, halving bulk throughput), but
         // the guest then keeps them across snapshots, so a restore needs the mode
         // its state was saved with (`nic`): cold boots with a network go direct,
         // restores follow their snapshot, and templates (restored into pools
         // before any tap exists) use hub 0.
-        let device = match (nic, net) {
-            (None, None) => None,
-            (None | Some(NicMode::Tap), Some(n)) => Some(NetDevice {
-                tap: Some(n.tap.clone()),
-                mac: n.mac_string(),
-                hub: false,
-            }),
-            // A tap-mode restore without a network is refused before this
-            // (`create_from_snapshot_with`); on the hub it fails its restore.
-            (Some(_), net) => Some(NetDevice {
-                tap: net.map(|n| n.tap.clone()),
-                mac: net
-                    .map(|n| n.mac_string())
-                    .unwrap_or_else(|| crate::restore::TEMPLATE_MAC.to_string()),
-                hub: true,
-            }),
-        };
-        VmConfig {
+        let device = nic_device(id, nic, net)?;
+        Ok(VmConfig {
             id: id.to_string(),
             dir: self.sandbox_dir(id).join("vm"),
             kernel: self.inner.cfg.kernel.clone(),
@@ -1066,7 +1060,7 @@ impl Agent {
             accel: self.inner.accel.accel,
             net: device,
             memory: GuestMemory::SharedFile,
-        }
+        })
     }
 
     /// Starts the lifecycle task of a registered sandbox.
@@ -1104,13 +1098,21 @@ impl Agent {
     async fn lifecycle(
         &self,
         entry: Arc<Entry>,
-        vm_cfg: VmConfig,
+        vm_cfg: Result<VmConfig, AgentError>,
         exec: GuestExec,
         mut ctl: mpsc::Receiver<Control>,
         launch: Launch,
         guest_net: Option<hearth_proto::GuestNet>,
     ) {
         let started = Instant::now();
+        let vm_cfg = match vm_cfg {
+            Ok(c) => c,
+            Err(e) => {
+                self.abandon(launch).await;
+                self.finish(&entry, SandboxStatus::Failed, None, Some(e.to_string()));
+                return;
+            }
+        };
         entry
             .nic
             .store(vm_cfg.net.is_some(), std::sync::atomic::Ordering::Relaxed);
@@ -1629,7 +1631,7 @@ impl Agent {
             tokio::task::spawn_blocking(move || net.teardown(&id))
                 .await
                 .map_err(|e| AgentError::Config(format!("network teardown panicked: {e}")))??;
-            if leased {
+            if leased && !self.release_moved_address(&e.dir, &rec.id).await {
                 self.release_address(&rec.id).await;
             }
         }
@@ -1903,6 +1905,38 @@ pub(crate) fn console_tail(path: &Path) -> String {
     format!("; guest console ({}):\n{}", path.display(), tail.join("\n"))
 }
 
+/// The network device of a VM from the mode its saved state needs (`nic`;
+/// `None`: a cold boot) and the sandbox's network (see `Agent::vm_config`).
+fn nic_device(
+    id: &str,
+    nic: Option<crate::restore::NicMode>,
+    net: Option<&hearth_net::SandboxNet>,
+) -> Result<Option<NetDevice>, AgentError> {
+    use crate::restore::NicMode;
+    Ok(match (nic, net) {
+        (None, None) => None,
+        (None | Some(NicMode::Tap), Some(n)) => Some(NetDevice {
+            tap: Some(n.tap.clone()),
+            mac: n.mac_string(),
+            hub: false,
+        }),
+        // why: refused before this for snapshots (`create_from_snapshot_with`);
+        // a device on a tap that does not exist cannot be built.
+        (Some(NicMode::Tap), None) => {
+            return Err(AgentError::InvalidArgument(format!(
+                "sandbox '{id}': its saved state has its network device directly on a tap, but the sandbox has no network; start it with a network"
+            )))
+        }
+        (Some(NicMode::Hub), net) => Some(NetDevice {
+            tap: net.map(|n| n.tap.clone()),
+            mac: net
+                .map(|n| n.mac_string())
+                .unwrap_or_else(|| crate::restore::TEMPLATE_MAC.to_string()),
+            hub: true,
+        }),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1920,5 +1954,52 @@ mod tests {
         assert!(!valid_name("-web"));
         assert!(!valid_name("a/b"));
         assert!(!valid_name(""));
+    }
+
+    #[test]
+    fn nic_device_follows_the_mode_table() {
+        use crate::restore::NicMode;
+        let net = hearth_net::SandboxNet {
+            version: 1,
+            sandbox: "sb".into(),
+            tap: "htsb".into(),
+            ip: std::net::Ipv4Addr::new(10, 0, 0, 2),
+            mac: [2, 0, 0, 0, 0, 2],
+            gateway: std::net::Ipv4Addr::new(10, 0, 0, 1),
+            dns: vec![],
+            policy: Default::default(),
+        };
+        let direct = Some(NetDevice {
+            tap: Some("htsb".into()),
+            mac: "02:00:00:00:00:02".into(),
+            hub: false,
+        });
+        // Cold boots: a device only with a network, on its tap directly.
+        assert_eq!(nic_device("sb", None, None).unwrap(), None);
+        assert_eq!(nic_device("sb", None, Some(&net)).unwrap(), direct);
+        // Tap-mode restores: on the tap again; without a tap: refused.
+        assert_eq!(
+            nic_device("sb", Some(NicMode::Tap), Some(&net)).unwrap(),
+            direct
+        );
+        let err = nic_device("sb", Some(NicMode::Tap), None).unwrap_err();
+        assert!(err.to_string().contains("directly on a tap"), "{err}");
+        // Hub restores (templates, pools, hub snapshots): the tap joins hub 0,
+        // or the device waits on the hub with the template MAC and no tap.
+        assert_eq!(
+            nic_device("sb", Some(NicMode::Hub), Some(&net)).unwrap(),
+            Some(NetDevice {
+                hub: true,
+                ..direct.clone().unwrap()
+            })
+        );
+        assert_eq!(
+            nic_device("sb", Some(NicMode::Hub), None).unwrap(),
+            Some(NetDevice {
+                tap: None,
+                mac: crate::restore::TEMPLATE_MAC.into(),
+                hub: true,
+            })
+        );
     }
 }

@@ -18,8 +18,13 @@ use crate::sandbox::{
     io_err, lock, new_id, now_ms, plan_exec, sync_dir, valid_name, write_durable, Agent, AgentError,
 };
 
-/// Format of `snapshot.json`.
+/// Format of `snapshot.json` of a VM whose network device is on the hub (or
+/// that has none): what hearthd before direct taps wrote and reads.
 const SNAPSHOT_META_VERSION: u32 = 1;
+/// Format of `snapshot.json` with `nic_mode: tap`: a hearthd that knows only
+/// version 1 would restore it onto a hub, which QEMU refuses (the guest's
+/// offloads are in the saved state); the version makes it refuse it cleanly.
+const SNAPSHOT_META_VERSION_TAP: u32 = 2;
 /// Bound on the guest confirming it stopped its processes before a save.
 const FREEZE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Most copies one fork makes.
@@ -86,9 +91,9 @@ impl Agent {
                 "snapshot '{name}': snapshot.json is unreadable: {e}"
             ))
         })?;
-        if meta.version != SNAPSHOT_META_VERSION {
+        if ![SNAPSHOT_META_VERSION, SNAPSHOT_META_VERSION_TAP].contains(&meta.version) {
             return Err(AgentError::InvalidArgument(format!(
-                "snapshot '{name}' has metadata version {}, this hearthd reads {SNAPSHOT_META_VERSION}",
+                "snapshot '{name}' has metadata version {}, this hearthd reads {SNAPSHOT_META_VERSION} and {SNAPSHOT_META_VERSION_TAP}; use the hearthd that made it or remove it (`hearth snapshot rm {name}`)",
                 meta.version
             )));
         }
@@ -158,8 +163,12 @@ impl Agent {
         let image = tokio::task::spawn_blocking(move || images.resolve(&digest))
             .await
             .map_err(|e| AgentError::Config(format!("image lookup panicked: {e}")))??;
+        let nic_mode = e.nic_mode();
         let meta = SnapshotMeta {
-            version: SNAPSHOT_META_VERSION,
+            version: match nic_mode {
+                crate::restore::NicMode::Tap => SNAPSHOT_META_VERSION_TAP,
+                crate::restore::NicMode::Hub => SNAPSHOT_META_VERSION,
+            },
             name: name.to_string(),
             sandbox: rec.id.clone(),
             image: rec.image.clone(),
@@ -169,7 +178,7 @@ impl Agent {
             next_session: conn.next_session_id(),
             created_ms: now_ms(),
             nic: e.nic.load(std::sync::atomic::Ordering::Relaxed) || rec.network.is_some(),
-            nic_mode: e.nic_mode(),
+            nic_mode,
             fork,
             networked: Some(rec.network.is_some()),
             restore_guard: conn.guards_restores(),

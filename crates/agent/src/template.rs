@@ -238,7 +238,7 @@ impl Agent {
             (cpus, memory_mib),
             None,
             nic.then_some(crate::restore::NicMode::Hub),
-        );
+        )?;
         cfg.dir = build.join("vm");
         let failed = |m: String| AgentError::VmFailed {
             id: format!("template {name}"),

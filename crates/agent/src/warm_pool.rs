@@ -166,14 +166,20 @@ impl Agent {
             while self.sandbox_dir(&id).exists() {
                 id = new_id();
             }
-            let cfg = self.vm_config(
+            let cfg = match self.vm_config(
                 &id,
                 None,
                 Default::default(),
                 (meta.cpus, meta.memory_mib),
                 None,
                 meta.nic.then_some(crate::restore::NicMode::Hub),
-            );
+            ) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(template, "cannot configure a pool VM, its pool stops: {e}");
+                    return;
+                }
+            };
             let made = match self.restore_from(&dir, &cfg).await {
                 Ok(r) => match warm_up(r.vm.as_ref(), r.agent, &id, meta.nic).await {
                     Ok(conn) => Ok(PooledVm {

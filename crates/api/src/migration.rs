@@ -80,6 +80,40 @@ pub struct IncomingOffer {
     /// The owner tag the target's copy carries after the commit (none: untagged).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
+    /// The sandbox's network, when it has one (its address, MAC and ingress
+    /// token are in `sandbox.network`): the target builds the same link.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<IncomingNet>,
+}
+
+/// What the target needs to give a migrating sandbox the same network: the
+/// same address, guest MAC and policy, a tap whose MAC is the source tap's
+/// (the guest's neighbour entry for its gateway stays valid) and the same
+/// network device layout as the source's VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IncomingNet {
+    pub policy: crate::network::NetworkPolicy,
+    /// MAC of the source's tap (`aa:bb:cc:dd:ee:ff`), what the guest's
+    /// neighbour entry for its gateway points at.
+    pub tap_mac: String,
+    /// How the source VM's network device is connected (`tap`: the tap is
+    /// its direct backend; `hub`: it sits on QEMU's hub 0 with the tap joined
+    /// to it); the incoming VM's device is built the same way.
+    pub nic_mode: crate::network::NicMode,
+    /// The node slice that leases the address (its node and agent instance):
+    /// the address stays leased there, held by the sandbox id, and whichever
+    /// node finally removes the sandbox releases it there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_holder: Option<LeaseHolder>,
+}
+
+/// A node slice of the control plane, as the lease release names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseHolder {
+    pub node: String,
+    pub instance: String,
 }
 
 /// The target's answer: where to send the stream, and the one-time ticket

@@ -20,6 +20,24 @@ pub struct NetworkSpec {
     pub ingress: IngressPolicy,
 }
 
+/// How a VM's network device is connected to its tap. Recorded with a
+/// sandbox's snapshots and sent with a migration, because the guest's device
+/// state depends on it: a restore or an incoming VM must rebuild the same one.
+///
+/// `tap`: the tap is the device's direct backend (QEMU `vnet_hdr=on`), so the
+/// guest negotiated checksum and segmentation offloads; its state loads only
+/// onto a tap again (a hub offers no offloads and QEMU refuses the saved
+/// feature set). `hub`: the device sits on QEMU's hub 0 and works with or
+/// without a tap, at the cost of the offloads (templates and their warm pools,
+/// whose QEMU starts before their tap exists).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum NicMode {
+    #[default]
+    Hub,
+    Tap,
+}
+
 /// Whether a sandbox has a network.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]

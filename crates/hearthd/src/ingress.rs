@@ -100,4 +100,10 @@ impl Resolver for ClusterResolver {
             credential: self.credential.clone(),
         }))
     }
+
+    fn moving(&self, sandbox: &str) -> bool {
+        self.cp
+            .store()
+            .read_local(|st| st.sandbox(sandbox).is_some_and(|s| s.migrating().is_some()))
+    }
 }

@@ -107,6 +107,89 @@ pub enum Unavailable {
 /// Looks sandboxes up (the agent, or the control plane in a cluster).
 pub trait Resolver: Send + Sync + 'static {
     fn resolve(&self, sandbox: &str) -> Result<Target, Unavailable>;
+    /// True while the sandbox is being live-migrated between nodes: a relay
+    /// that failed (the old node stopped serving it) is retried once its
+    /// record names the new node.
+    fn moving(&self, sandbox: &str) -> bool {
+        let _ = sandbox;
+        false
+    }
+}
+
+/// How long a relayed request that failed during a live migration waits for
+/// the sandbox's record to name its new node.
+const MOVE_WAIT: Duration = Duration::from_secs(20);
+/// How often the record is looked at meanwhile.
+const MOVE_POLL: Duration = Duration::from_millis(50);
+
+/// What is needed to send a request without a body again.
+struct Replay {
+    method: axum::http::Method,
+    uri: axum::http::Uri,
+    version: axum::http::Version,
+    headers: axum::http::HeaderMap,
+}
+
+impl Replay {
+    /// A copy of `req` when it can be sent again: a GET, HEAD or OPTIONS
+    /// without a body or an upgrade.
+    fn of(req: &Request) -> Option<Replay> {
+        use axum::http::Method;
+        let h = req.headers();
+        let bodiless = !h.contains_key(header::TRANSFER_ENCODING)
+            && h.get(header::CONTENT_LENGTH)
+                .is_none_or(|v| v.as_bytes() == b"0");
+        let safe = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+        (safe && bodiless && !is_upgrade(req)).then(|| Replay {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            headers: req.headers().clone(),
+        })
+    }
+
+    fn request(&self) -> Request {
+        let mut req = Request::new(Body::empty());
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers.clone();
+        req
+    }
+}
+
+/// Relays to the node that runs the sandbox. When that fails (502, 404)
+/// while the sandbox is live-migrating, a GET, HEAD or OPTIONS without a body waits (at
+/// most [`MOVE_WAIT`]) for the record to name another node and is sent there:
+/// a client sees a stall, not an error.
+async fn relay_following(
+    ing: &Ingress,
+    req: Request,
+    r: &route::Route,
+    node: NodeRelay,
+) -> Response {
+    let replay = Replay::of(&req);
+    let resp = relay(req, r, node.clone()).await;
+    let Some(replay) = replay else { return resp };
+    if !matches!(
+        resp.status(),
+        StatusCode::BAD_GATEWAY | StatusCode::NOT_FOUND
+    ) {
+        return resp;
+    }
+    let deadline = tokio::time::Instant::now() + MOVE_WAIT;
+    loop {
+        if let Ok(Target::Node(now)) = ing.resolver.resolve(&r.sandbox) {
+            if now != node {
+                tracing::debug!(sandbox = %r.sandbox, "relaying again to the node it migrated to");
+                return relay(replay.request(), r, now).await;
+            }
+        }
+        if !ing.resolver.moving(&r.sandbox) || tokio::time::Instant::now() >= deadline {
+            return resp;
+        }
+        tokio::time::sleep(MOVE_POLL).await;
+    }
 }
 
 struct Ingress {
@@ -256,7 +339,7 @@ async fn proxy(State(ing): State<Arc<Ingress>>, mut req: Request) -> Response {
     };
     match ing.resolver.resolve(&r.sandbox) {
         Ok(Target::Sandbox(b)) => to_sandbox(req, &r, b).await,
-        Ok(Target::Node(n)) => relay(req, &r, n).await,
+        Ok(Target::Node(n)) => relay_following(&ing, req, &r, n).await,
         Err(e) => unavailable(e),
     }
 }
@@ -330,7 +413,16 @@ async fn node_proxy(State(node): State<Arc<NodeIngress>>, mut req: Request) -> R
         Err(e) => return reply(StatusCode::NOT_FOUND, e),
     };
     match node.resolver.resolve(&r.sandbox) {
-        Ok(Target::Sandbox(b)) => to_sandbox(req, &r, b).await,
+        Ok(Target::Sandbox(b)) => {
+            let here = Target::Sandbox(b.clone());
+            while_here(
+                node.resolver.as_ref(),
+                &r.sandbox,
+                &here,
+                to_sandbox(req, &r, b),
+            )
+            .await
+        }
         Ok(Target::Node(_)) => reply(
             StatusCode::BAD_GATEWAY,
             format!("sandbox '{}' does not run on this node", r.sandbox),
@@ -340,6 +432,34 @@ async fn node_proxy(State(node): State<Arc<NodeIngress>>, mut req: Request) -> R
 }
 
 /// Checks the sandbox's access token, then forwards to its address.
+/// Runs `fut` (a request to a sandbox on this node) until its answer starts,
+/// or until the sandbox no longer resolves to `here` (it stopped or migrated
+/// away: its VM, and any connection to it, are gone): then a 502, at once
+/// rather than after the connect timeout, so a cluster ingress can follow the
+/// sandbox to its new node.
+async fn while_here(
+    resolver: &dyn Resolver,
+    sandbox: &str,
+    here: &Target,
+    fut: impl std::future::Future<Output = Response>,
+) -> Response {
+    tokio::pin!(fut);
+    let mut tick = tokio::time::interval(MOVE_POLL);
+    loop {
+        tokio::select! {
+            r = &mut fut => return r,
+            _ = tick.tick() => {
+                if resolver.resolve(sandbox).as_ref() != Ok(here) {
+                    return reply(
+                        StatusCode::BAD_GATEWAY,
+                        format!("sandbox '{sandbox}' stopped running on this node (removed, stopped or migrated away) during the request"),
+                    );
+                }
+            }
+        }
+    }
+}
+
 async fn to_sandbox(mut req: Request, r: &route::Route, backend: Backend) -> Response {
     match presented_token(&req) {
         Some(t) if same(&t, &backend.token) => {}

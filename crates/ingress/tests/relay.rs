@@ -156,3 +156,81 @@ async fn the_sandbox_never_sees_cluster_credentials_and_keeps_the_clients_host_a
     assert!(with_cred.starts_with("HTTP/1.1 200"), "{with_cred}");
     assert_ne!(cred, CLUSTER_TOKEN);
 }
+
+/// A node that no longer runs the sandbox (it migrated away).
+struct Emptied;
+impl Resolver for Emptied {
+    fn resolve(&self, sandbox: &str) -> Result<Target, Unavailable> {
+        Err(Unavailable::NotFound(sandbox.into()))
+    }
+}
+
+/// The cluster's view during a live migration of `web`: on `from` while
+/// `moved` is false (and moving), then on `to`.
+struct Migrating {
+    from: SocketAddr,
+    to: SocketAddr,
+    moved: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+impl Resolver for Migrating {
+    fn resolve(&self, _sandbox: &str) -> Result<Target, Unavailable> {
+        let moved = self.moved.load(std::sync::atomic::Ordering::SeqCst);
+        Ok(Target::Node(NodeRelay {
+            addr: if moved { self.to } else { self.from },
+            sandbox: "sb".into(),
+            credential: hearth_ingress::relay_credential(CLUSTER_TOKEN),
+        }))
+    }
+    fn moving(&self, _sandbox: &str) -> bool {
+        !self.moved.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[tokio::test]
+async fn a_get_during_a_live_migration_waits_for_the_new_node_and_a_post_is_not_replayed() {
+    let port = echo_backend().await;
+    let old = serve(hearth_ingress::node_router(Emptied, CLUSTER_TOKEN)).await;
+    let new = serve(hearth_ingress::node_router(OnNode, CLUSTER_TOKEN)).await;
+    let moved = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let cluster = serve(hearth_ingress::router(
+        "hearth.test",
+        Migrating {
+            from: old,
+            to: new,
+            moved: moved.clone(),
+        },
+    ))
+    .await;
+    let get = format!(
+        "GET /page HTTP/1.1\r\nHost: {port}-web.hearth.test\r\nX-Hearth-Token: sbtok\r\nConnection: close\r\n\r\n"
+    );
+    let post = format!(
+        "POST /page HTTP/1.1\r\nHost: {port}-web.hearth.test\r\nX-Hearth-Token: sbtok\r\n\
+         Content-Length: 2\r\nConnection: close\r\n\r\nhi"
+    );
+    let got = raw(cluster, &post).await;
+    let m2 = moved.clone();
+    let flip = tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        m2.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    assert!(
+        got.starts_with("HTTP/1.1 404"),
+        "a POST is not replayed: {got}"
+    );
+    let t = std::time::Instant::now();
+    let got = raw(cluster, &get).await;
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    assert!(got.contains("get /page http/1.1"), "{got}");
+    assert!(
+        t.elapsed() >= std::time::Duration::from_millis(200),
+        "{:?}",
+        t.elapsed()
+    );
+    flip.await.unwrap();
+
+    // Not moving: the old node's answer is passed on at once.
+    let settled = serve(hearth_ingress::router("hearth.test", InCluster(old))).await;
+    let got = raw(settled, &get).await;
+    assert!(got.starts_with("HTTP/1.1 404"), "{got}");
+}

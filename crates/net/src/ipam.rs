@@ -209,15 +209,30 @@ impl Ipam {
     /// sandbox. Refused when it lies outside the pool or another sandbox of
     /// this node holds it: never a duplicate, even if the two disagree.
     pub fn adopt(&self, sandbox: &str, ip: Ipv4Addr) -> Result<Ipv4Addr, IpamError> {
+        if !self.pool.contains(ip) {
+            return Err(IpamError::Rejected {
+                sandbox: sandbox.to_string(),
+                ip,
+                why: format!("is outside this node's pool {}", self.pool),
+            });
+        }
+        self.adopt_any(sandbox, ip)
+    }
+
+    /// Records the address of a sandbox that migrated here: it stays leased
+    /// from the slice of the node it was started on, so it may lie outside
+    /// this node's pool. Refused when another sandbox of this node holds it.
+    pub fn adopt_moved(&self, sandbox: &str, ip: Ipv4Addr) -> Result<Ipv4Addr, IpamError> {
+        self.adopt_any(sandbox, ip)
+    }
+
+    fn adopt_any(&self, sandbox: &str, ip: Ipv4Addr) -> Result<Ipv4Addr, IpamError> {
         let mut l = self.locked();
         let reject = |why: String| IpamError::Rejected {
             sandbox: sandbox.to_string(),
             ip,
             why,
         };
-        if !self.pool.contains(ip) {
-            return Err(reject(format!("is outside this node's pool {}", self.pool)));
-        }
         match l.leases.get(sandbox) {
             Some(have) if *have == ip => return Ok(ip),
             Some(have) => return Err(reject(format!("but it holds {have} here"))),
@@ -354,6 +369,35 @@ mod tests {
             Err(IpamError::Rejected { .. })
         ));
         assert_eq!(a.get("s1"), Some(ip("10.77.0.3")));
+    }
+
+    #[test]
+    fn a_migrated_sandbox_keeps_an_address_outside_the_pool_but_never_a_taken_one() {
+        let d = tempfile::tempdir().unwrap();
+        let a = ipam("10.77.0.0/29", d.path());
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        assert_eq!(
+            a.adopt_moved("m", ip("10.78.0.5")).unwrap(),
+            ip("10.78.0.5")
+        );
+        assert_eq!(
+            a.adopt_moved("m", ip("10.78.0.5")).unwrap(),
+            ip("10.78.0.5")
+        );
+        assert!(matches!(
+            a.adopt_moved("n", ip("10.78.0.5")),
+            Err(IpamError::Rejected { .. })
+        ));
+        a.adopt("s1", ip("10.77.0.3")).unwrap();
+        assert!(matches!(
+            a.adopt_moved("n", ip("10.77.0.3")),
+            Err(IpamError::Rejected { .. })
+        ));
+        drop(a);
+        let b = ipam("10.77.0.0/29", d.path());
+        assert_eq!(b.get("m"), Some(ip("10.78.0.5")), "kept across a reopen");
+        b.release("m").unwrap();
+        assert_eq!(b.get("m"), None);
     }
 
     #[test]

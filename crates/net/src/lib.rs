@@ -125,6 +125,24 @@ impl SandboxNet {
     }
 }
 
+/// Where a sandbox's address comes from.
+enum Address {
+    /// Leased by the control plane (`Some`) or picked by this node (`None`).
+    Leased(Option<Ipv4Addr>),
+    /// Kept by a sandbox that migrated here, with its source tap's MAC.
+    Moved(Ipv4Addr, [u8; 6]),
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut mac {
+        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
 /// A MAC derived from the address: locally administered, unique per address.
 pub fn mac_for(ip: Ipv4Addr) -> [u8; 6] {
     let o = ip.octets();
@@ -327,12 +345,54 @@ impl NodeNet {
         leased: Option<Ipv4Addr>,
         policy: Policy,
     ) -> Result<SandboxNet, NetError> {
+        self.build(id, Address::Leased(leased), policy)
+    }
+
+    /// The network of a sandbox migrating here: the same address (leased from
+    /// the slice of the node it was started on, so possibly outside this
+    /// node's pool) and policy, and a tap whose MAC is `tap_mac`, the source
+    /// tap's, so the guest's neighbour entry for its gateway stays valid.
+    pub fn setup_moved(
+        &self,
+        id: &str,
+        ip: Ipv4Addr,
+        policy: Policy,
+        tap_mac: [u8; 6],
+    ) -> Result<SandboxNet, NetError> {
+        self.build(id, Address::Moved(ip, tap_mac), policy)
+    }
+
+    /// Removes the network of a sandbox that migrated away: like
+    /// [`NodeNet::teardown`] (the local record of its address goes too), but
+    /// the caller keeps the control plane's lease, which moved with it.
+    pub fn hand_off(&self, id: &str) -> Result<(), NetError> {
+        self.teardown(id)
+    }
+
+    /// MAC of the sandbox's tap (what the guest knows as its gateway's).
+    pub fn tap_mac(&self, id: &str) -> Result<[u8; 6], NetError> {
+        let name = tap_name(id);
+        tap::mac(&name).map_err(|source| NetError::Tap { tap: name, source })
+    }
+
+    fn build(&self, id: &str, addr: Address, policy: Policy) -> Result<SandboxNet, NetError> {
         let l = self.sandbox_lock(id);
         let _g = lock(&l);
         let compiled = self.compile(&policy)?;
-        let ip = match leased {
-            Some(ip) => self.ipam.adopt(id, ip)?,
-            None => {
+        if matches!(addr, Address::Moved(..)) && tap::exists(&tap_name(id)) {
+            // why: creating it would take over (delete) the tap of the running
+            // source when both agents share this network namespace.
+            return Err(NetError::Tap {
+                tap: tap_name(id),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "it already exists on this host: the source node shares this host's network namespace (a networked sandbox migrates only between nodes with their own network namespaces, i.e. other hosts)",
+                ),
+            });
+        }
+        let (ip, tap_mac) = match addr {
+            Address::Leased(Some(ip)) => (self.ipam.adopt(id, ip)?, None),
+            Address::Leased(None) => {
                 // why: an address routed to another device (a running VM of
                 // an agent that is not live, a manual route) would fail this
                 // setup; another free one does not.
@@ -343,8 +403,9 @@ impl NodeNet {
                     .filter(|(dev, _)| *dev != tap)
                     .map(|(_, ip)| ip)
                     .collect();
-                self.ipam.lease_avoiding(id, &routed)?
+                (self.ipam.lease_avoiding(id, &routed)?, None)
             }
+            Address::Moved(ip, mac) => (self.ipam.adopt_moved(id, ip)?, Some(mac)),
         };
         let rec = SandboxNet {
             version: 1,
@@ -358,7 +419,7 @@ impl NodeNet {
         };
         let built = (|| {
             self.save(&rec)?;
-            tap::create(&rec.tap, ip).map_err(|source| NetError::Tap {
+            tap::create(&rec.tap, ip, tap_mac).map_err(|source| NetError::Tap {
                 tap: rec.tap.clone(),
                 source,
             })?;
@@ -644,5 +705,22 @@ fn watch_host_addresses(net: Weak<NodeNet>) {
             Some(s) => s.wait(),
             None => std::thread::sleep(std::time::Duration::from_secs(30)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn macs_parse_only_in_their_colon_form() {
+        assert_eq!(
+            parse_mac("02:68:0a:58:00:05"),
+            Some([0x02, 0x68, 0x0a, 0x58, 0x00, 0x05])
+        );
+        assert_eq!(parse_mac("02:68:0a:58:00"), None);
+        assert_eq!(parse_mac("02:68:0a:58:00:05:01"), None);
+        assert_eq!(parse_mac("02:68:0a:58:00:zz"), None);
+        assert_eq!(parse_mac(""), None);
     }
 }

@@ -275,12 +275,61 @@ pub fn enable_forwarding() -> io::Result<()> {
     sysctl("/proc/sys/net/ipv4/ip_forward", "1")
 }
 
-/// Creates the tap (or takes over a leftover one), brings it up, answers ARP for
-/// the guest's gateway (proxy ARP) and routes `ip/32` to it.
-pub fn create(tap: &str, ip: Ipv4Addr) -> io::Result<()> {
+/// `struct ifreq` with the hardware address member of its union.
+#[repr(C)]
+struct IfreqHwaddr {
+    name: [u8; libc::IFNAMSIZ],
+    addr: libc::sockaddr,
+    _pad: [u8; 8],
+}
+
+fn ifreq_hw(name: &str) -> io::Result<IfreqHwaddr> {
+    let base = ifreq(name, 0)?;
+    Ok(IfreqHwaddr {
+        name: base.name,
+        addr: libc::sockaddr {
+            sa_family: 1, // ARPHRD_ETHER
+            sa_data: [0; 14],
+        },
+        _pad: [0; 8],
+    })
+}
+
+/// The interface's MAC address.
+pub fn mac(name: &str) -> io::Result<[u8; 6]> {
+    let text = std::fs::read_to_string(Path::new("/sys/class/net").join(name).join("address"))?;
+    crate::parse_mac(text.trim()).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{name} has no Ethernet address ({})", text.trim()),
+        )
+    })
+}
+
+/// Sets the interface's MAC address (while it is down).
+fn set_mac(name: &str, mac: [u8; 6]) -> io::Result<()> {
+    let sock = inet_socket()?;
+    let mut req = ifreq_hw(name)?;
+    for (d, b) in req.addr.sa_data.iter_mut().zip(mac) {
+        *d = b as libc::c_char;
+    }
+    // SAFETY: req is a valid ifreq (name + sockaddr) that outlives the call.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFHWADDR as _, &req) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Creates the tap (or takes over a leftover one), with the MAC `mac` when
+/// given (else the kernel's random one), brings it up, answers ARP for the
+/// guest's gateway (proxy ARP) and routes `ip/32` to it.
+pub fn create(tap: &str, ip: Ipv4Addr, mac: Option<[u8; 6]>) -> io::Result<()> {
     // why: a leftover tap of the same sandbox may still carry an old route.
     delete(tap)?;
     set_persist(tap, true)?;
+    if let Some(mac) = mac {
+        set_mac(tap, mac)?;
+    }
     let conf = format!("/proc/sys/net/ipv4/conf/{tap}");
     sysctl(&format!("{conf}/proxy_arp"), "1")?;
     // why: the guest's default gateway is a link-local address nobody owns; the
@@ -462,7 +511,7 @@ mod tests {
             format!("hthxa{}", n % 100_000),
             format!("hthxb{}", n % 100_000),
         );
-        create(&a, ip).unwrap();
+        create(&a, ip, None).unwrap();
         set_persist(&b, true).unwrap();
         link_up(&b).unwrap();
         let raced = add_route_exclusive(&b, ip);

@@ -57,7 +57,8 @@ pub enum GuestMemory {
 /// virtio-net headers (`vnet_hdr=on`), so the guest negotiates checksum and
 /// segmentation offloads; a snapshot of it must be restored onto a tap again.
 /// `hub: true` (what the node agent uses when QEMU starts before the tap exists:
-/// templates and their warm pools): the device sits on QEMU's
+/// templates, their warm pools and every restore of a template, and restores
+/// (and migrations) of VMs saved on the hub): the device sits on QEMU's
 /// emulated hub 0 and the tap, if any, joins that hub. The device set a snapshot
 /// was saved with is then the same whether or not a tap is attached, and a tap
 /// can join a paused VM later ([`crate::Vm::attach_tap`]): backends are not
@@ -65,7 +66,8 @@ pub enum GuestMemory {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetDevice {
     /// Host tap interface name (created and owned by the caller); `None` only
-    /// with `hub` (a device with nothing behind it yet).
+    /// with `hub` (a device with nothing behind it yet): a direct device
+    /// without a tap is refused (`VmmError::NetDeviceWithoutTap`).
     pub tap: Option<String>,
     /// `aa:bb:cc:dd:ee:ff`. After a restore the device has the snapshot's MAC
     /// until the guest sets its own (see `hearth_proto::Restored::net`).

@@ -44,6 +44,10 @@ pub enum VmmError {
     #[error("VM {id}: hostname `{hostname}` is invalid: use 1-253 characters of a-z, A-Z, 0-9, '-' and '.'")]
     InvalidHostname { id: String, hostname: String },
 
+    /// A network device directly on a tap (`hub: false`) without a tap.
+    #[error("VM {id}: a network device directly on a tap needs a tap; give `tap` or put the device on the hub (`hub: true`)")]
+    NetDeviceWithoutTap { id: String },
+
     /// The VM id is empty or would not be a safe file or log token.
     #[error("VM id `{id}` is invalid: use 1-64 characters of a-z, A-Z, 0-9, '-', '_' and '.'")]
     InvalidId { id: String },

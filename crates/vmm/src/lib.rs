@@ -37,7 +37,7 @@ pub use migration::{MigrationParams, MigrationProgress, MigrationState};
 pub use probe::{choose_accel, probe_accel, AccelReport, PROBE_TIMEOUT};
 pub use process::VmExit;
 pub use qemu::migrate::SwitchoverGate;
-pub use qemu::{QemuVm, QemuVmm};
+pub use qemu::{recorded_net_hub, QemuVm, QemuVmm};
 pub use record::{destroy, is_alive, kill_recorded, VmRecord};
 pub use snapshot::{HostIdentity, RamStorage, SnapshotManifest, Verify};
 

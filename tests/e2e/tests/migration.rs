@@ -286,12 +286,15 @@ fn bad_migrations_are_refused_and_the_sandbox_runs_on() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("not running"), "{}", show(&out));
 
-    // With a network device (refused up front, like snapshots: the target
-    // cannot take over the sandbox's tap and address yet).
+    // With a network device, between two nodes sharing one network namespace:
+    // the target would have to take the running source's tap over.
     let out = a.hearth(&[
         "run", "--detach", "--memory", "128", "--name", "netted", "busybox", "--", "sleep", "600",
     ]);
     assert!(out.status.success(), "{}", show(&out));
+    hearth_e2e::wait_until("netted to run", Duration::from_secs(120), || {
+        a.inspect("netted")["status"] == "running"
+    });
     let out = a.hearth(&[
         "migrate",
         "netted",
@@ -301,7 +304,21 @@ fn bad_migrations_are_refused_and_the_sandbox_runs_on() {
         &token_file(&b),
     ]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("network device"), "{}", show(&out));
+    assert!(
+        stderr(&out).contains("already exists on this host"),
+        "{}",
+        show(&out)
+    );
+    let netted = a.inspect("netted");
+    assert_eq!(
+        netted["status"], "running",
+        "the refusal left the source running"
+    );
+    let tap = netted["network"]["tap"].as_str().expect("tap");
+    assert!(
+        std::path::Path::new("/sys/class/net").join(tap).exists(),
+        "the refused target took the source's tap {tap} away"
+    );
     let out = a.hearth(&["rm", "-f", "netted"]);
     assert!(out.status.success(), "{}", show(&out));
 

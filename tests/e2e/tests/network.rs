@@ -1494,6 +1494,9 @@ fn networked_sandboxes_start_from_a_template_and_its_pool_with_their_own_identit
         );
         paths.push(s["start_path"].as_str().unwrap_or("").to_string());
         seen.push(assert_own_identity_and_policy(&d, id, &ns.server_ip));
+        // Template and pool VMs keep the template's device on hub 0 (the pool's
+        // tap joins it over QMP and is not on the command line).
+        assert_nic_on_tap(&d, id, false);
     }
     paths.sort();
     assert_eq!(paths, ["pool", "template"], "warm paths taken");
@@ -1546,7 +1549,7 @@ fn forks_of_a_networked_sandbox_get_their_own_address_and_leave_nothing_behind()
     let ns = ServerNs::start(subnet(7), &[8080, 8081]);
     let d = Daemon::start();
     let deny = format!("{}/32:8081", ns.server_ip);
-    let (src, src_ip) = start_detached(&d, &["--egress-deny", &deny]);
+    let (src, src_ip) = start_detached(&d, &["--name", "src", "--egress-deny", &deny]);
     let out = d.hearth(&["fork", &src, "-n", "2"]);
     assert!(out.status.success(), "{}", show(&out));
     let forks: Vec<String> = stdout(&out).lines().map(str::to_string).collect();
@@ -1686,6 +1689,46 @@ fn has_offloads(features: &str) -> bool {
     [0, 1, 11].iter().all(|&b| features.as_bytes()[b] == b'1')
 }
 
+/// The QEMU command line of sandbox `id` as hearthd recorded it (vm.json):
+/// what the host really gave the VM, independent of what the guest remembers.
+fn vm_argv(d: &Daemon, id: &str) -> String {
+    let path = d
+        .data_dir()
+        .join("sandboxes")
+        .join(id)
+        .join("vm")
+        .join("vm.json");
+    let rec: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+    )
+    .unwrap();
+    rec["argv"]
+        .as_array()
+        .expect("vm.json has an argv")
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The VM's network device is on its own tap directly (`tap: true`) or on hub 0.
+fn assert_nic_on_tap(d: &Daemon, id: &str, tap: bool) {
+    let argv = vm_argv(d, id);
+    let direct = argv.contains("-netdev tap,id=net0,") && argv.contains("vnet_hdr=on");
+    let hub = argv.contains("-netdev hubport,id=net0,");
+    if tap {
+        assert!(
+            direct && !hub,
+            "{id}: device not directly on its tap: {argv}"
+        );
+    } else {
+        assert!(
+            hub && !argv.contains("vnet_hdr=on"),
+            "{id}: device not on hub 0: {argv}"
+        );
+    }
+}
+
 #[test]
 fn cold_boots_and_their_snapshots_put_the_nic_on_its_tap_with_offloads_templates_on_the_hub() {
     let ns = ServerNs::start(subnet(5), &[8080, 8081]);
@@ -1697,6 +1740,7 @@ fn cold_boots_and_their_snapshots_put_the_nic_on_its_tap_with_offloads_templates
     assert_eq!(d.inspect(&src)["start_path"], "cold");
     let f = virtio_net_features(&d, &src);
     assert!(has_offloads(&f), "cold boot without offloads: {f}");
+    assert_nic_on_tap(&d, &src, true);
     assert_own_identity_and_policy(&d, &src, &ns.server_ip);
 
     // Its snapshot is restored onto a new tap the same way (the guest keeps the
@@ -1707,6 +1751,9 @@ fn cold_boots_and_their_snapshots_put_the_nic_on_its_tap_with_offloads_templates
     assert_eq!(d.inspect(&restored)["start_path"], "snapshot");
     let f = virtio_net_features(&d, &restored);
     assert!(has_offloads(&f), "snapshot restore without offloads: {f}");
+    // why: the guest would show the snapshot's features on a hub too (they are
+    // in its saved memory); the host's command line shows the rebuilt device.
+    assert_nic_on_tap(&d, &restored, true);
     assert_own_identity_and_policy(&d, &restored, &ns.server_ip);
 
     // Without a network there is no tap to restore that device onto: refused, saying why.
@@ -1730,6 +1777,7 @@ fn cold_boots_and_their_snapshots_put_the_nic_on_its_tap_with_offloads_templates
     assert_eq!(d.inspect(&warm)["start_path"], "template");
     let f = virtio_net_features(&d, &warm);
     assert!(!has_offloads(&f), "a hub gives no offloads: {f}");
+    assert_nic_on_tap(&d, &warm, false);
     assert_own_identity_and_policy(&d, &warm, &ns.server_ip);
 
     for id in [&src, &restored, &warm] {

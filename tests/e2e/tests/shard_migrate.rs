@@ -439,22 +439,12 @@ fn drain_migrates_what_it_can_and_a_target_killed_mid_transfer_leaves_the_source
         counted("counter").len() >= 5
     });
 
-    // Drain: the counter moves live; the networked sandbox cannot and stays.
+    // Drain: the counter and the networked sandbox move live.
     let out = hearth(&["node", "drain", "agent1"]);
     let text = stdout(&out);
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "one sandbox is not moved: {}",
-        show(&out)
-    );
+    assert!(out.status.success(), "{}", show(&out));
     assert!(
-        text.contains("counter: migrated to agent"),
-        "{}",
-        show(&out)
-    );
-    assert!(
-        text.contains("web: not moved, still running on agent1") && text.contains("network device"),
+        text.contains("counter: migrated to agent") && text.contains("web: migrated to agent"),
         "{}",
         show(&out)
     );
@@ -462,7 +452,7 @@ fn drain_migrates_what_it_can_and_a_target_killed_mid_transfer_leaves_the_source
     let to = sandbox(&id)["node"].as_str().expect("node").to_string();
     assert_ne!(to, "agent1");
     assert!(agent_has(1, &id).is_none(), "agent1 still has the counter");
-    assert_eq!(sandbox(&web)["node"], "agent1");
+    assert_ne!(sandbox(&web)["node"], "agent1");
     assert_eq!(sandbox(&web)["status"], "running");
     counter_goes_on("counter");
 
@@ -522,4 +512,502 @@ fn drain_migrates_what_it_can_and_a_target_killed_mid_transfer_leaves_the_source
         || qemus_of(&agent_id) == 1,
     );
     counter_goes_on("counter");
+}
+
+/// A TCP listener in the shard's host namespace (on the bridge address) that
+/// answers every connection with `allowed-ok` and records its peers.
+struct Listener {
+    port: u16,
+    peers: std::sync::Arc<std::sync::Mutex<Vec<std::net::SocketAddr>>>,
+}
+
+fn listen() -> Listener {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind(format!("{NET}.1:0")).expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    let peers = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let p2 = peers.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            if let Ok(a) = s.peer_addr() {
+                p2.lock().unwrap().push(a);
+            }
+            let mut s = s;
+            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+            let mut buf = [0u8; 256];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 10\r\n\r\nallowed-ok");
+        }
+    });
+    Listener { port, peers }
+}
+
+impl Listener {
+    fn peers(&self) -> Vec<std::net::SocketAddr> {
+        self.peers.lock().unwrap().clone()
+    }
+}
+
+/// Connects from inside sandbox `name` to `NET.1:port`; the answer, if any.
+fn egress_from(name: &str, port: u16) -> Output {
+    hearth(&[
+        "exec",
+        name,
+        "--",
+        "sh",
+        "-c",
+        &format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {NET}.1 {port}"),
+    ])
+}
+
+/// One ingress request to `web`'s port 8080 from the shard's host namespace.
+fn ingress_get(id: &str, token: &str) -> (u16, String) {
+    let o = Command::new("curl")
+        .args(["-s", "-m", "10", "-w", "\n%{http_code}", "-H"])
+        .arg(format!("X-Hearth-Token: {token}"))
+        .arg(format!("http://{NET}.1:7201/sandboxes/{id}/ports/8080/"))
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+/// Network state of agent `i`'s namespace for a sandbox: its tap exists, a
+/// route to `ip` exists.
+fn net_on(i: u32, tap: &str, ip: &str) -> (bool, bool) {
+    let ns = format!("{NAME}-a{i}");
+    let tap_there = Command::new("ip")
+        .args(["-n", &ns, "link", "show", tap])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let route = Command::new("ip")
+        .args(["-n", &ns, "route", "show", &format!("{ip}/32")])
+        .output()
+        .map(|o| !String::from_utf8_lossy(&o.stdout).trim().is_empty())
+        .unwrap_or(false);
+    (tap_there, route)
+}
+
+fn leases_of(ip: &str) -> Vec<serde_json::Value> {
+    let (code, v) = api("/v1/leases", "GET", None, 10);
+    assert_eq!(code, 200, "{v}");
+    v.as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|l| l["ip"] == ip)
+        .collect()
+}
+
+/// The QEMU command line agent `i` recorded for its sandbox `aid` (vm.json).
+fn vm_argv(i: u32, aid: &str) -> String {
+    let path = format!("/tmp/hearth-shard-{NAME}/agent{i}/sandboxes/{aid}/vm/vm.json");
+    let rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}")))
+            .unwrap();
+    rec["argv"]
+        .as_array()
+        .expect("argv")
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Agent `i` runs sandbox `aid` with its network device directly on its tap
+/// (`vnet_hdr=on`, no hub) and recorded that for its snapshots and restarts.
+fn assert_direct_tap(i: u32, aid: &str) {
+    let argv = vm_argv(i, aid);
+    assert!(
+        argv.contains("-netdev tap,id=net0,")
+            && argv.contains("vnet_hdr=on")
+            && !argv.contains("hubport"),
+        "agent{i} {aid}: not directly on its tap: {argv}"
+    );
+    let path = format!("/tmp/hearth-shard-{NAME}/agent{i}/sandboxes/{aid}/workload.json");
+    let w: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}")))
+            .unwrap();
+    assert_eq!(
+        (w["nic"].as_bool(), w["nic_mode"].as_str()),
+        (Some(true), Some("tap")),
+        "agent{i} {aid}: {w}"
+    );
+}
+
+/// Snapshots agent `i`'s sandbox `aid` through that node's API as `name`:
+/// `snapshot.json` says tap (format 2). Then forks it once there: the fork's
+/// device is rebuilt on its own tap, it runs and answers on its own address;
+/// fork and snapshots are removed again.
+fn snapshot_and_fork_on(i: u32, aid: &str, name: &str) {
+    let base = format!("http://{NET}.{}:7070", 10 + i);
+    let body = serde_json::json!({ "name": name }).to_string();
+    let (code, v) = call(
+        &base,
+        &format!("/v1/sandboxes/{aid}/snapshot"),
+        "POST",
+        Some(&body),
+        120,
+    );
+    assert_eq!(code, 201, "snapshot on agent{i}: {v}");
+    let path = format!("/tmp/hearth-shard-{NAME}/agent{i}/snapshots/{name}/snapshot.json");
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}")))
+            .unwrap();
+    assert_eq!(
+        (
+            meta["nic"].as_bool(),
+            meta["nic_mode"].as_str(),
+            meta["version"].as_u64()
+        ),
+        (Some(true), Some("tap"), Some(2)),
+        "{meta}"
+    );
+    let (code, v) = call(
+        &base,
+        &format!("/v1/sandboxes/{aid}/fork"),
+        "POST",
+        Some(r#"{"count":1}"#),
+        180,
+    );
+    assert_eq!(code, 201, "fork on agent{i}: {v}");
+    let fork = v[0]["id"].as_str().expect("fork id").to_string();
+    wait_until("the fork to run", Duration::from_secs(180), || {
+        let (_, f) = call(&base, &format!("/v1/sandboxes/{fork}"), "GET", None, 10);
+        assert_ne!(f["status"], "failed", "{f}");
+        f["status"] == "running"
+    });
+    assert_direct_tap(i, &fork);
+    let (_, f) = call(&base, &format!("/v1/sandboxes/{fork}"), "GET", None, 10);
+    let fip = f["network"]["ip"].as_str().expect("fork ip").to_string();
+    let (_, src) = call(&base, &format!("/v1/sandboxes/{aid}"), "GET", None, 10);
+    assert_ne!(Some(fip.as_str()), src["network"]["ip"].as_str(), "{f}");
+    let (code, v) = call(
+        &base,
+        &format!("/v1/sandboxes/{fork}?force=true"),
+        "DELETE",
+        None,
+        60,
+    );
+    assert_eq!(code, 204, "{v}");
+    let (code, v) = call(&base, &format!("/v1/snapshots/{name}"), "DELETE", None, 60);
+    assert_eq!(code, 204, "{v}");
+}
+
+#[test]
+fn a_networked_web_server_migrates_with_its_address_policy_and_ingress_and_a_failed_move_leaves_it_working(
+) {
+    let Some(_shard) = shard_with_busybox(2) else {
+        return;
+    };
+    let allowed = listen();
+    let denied = listen();
+    // A web server and a counter, egress to `denied` blocked by its policy.
+    let others = ["agent2"];
+    for n in others {
+        let (code, v) = api(&format!("/v1/nodes/{n}/cordon"), "POST", None, 10);
+        assert_eq!(code, 200, "{v}");
+    }
+    let body = serde_json::json!({
+        "image": "busybox",
+        "cmd": ["sh", "-c", format!(
+            "mkdir -p /www && echo hello-web > /www/index.html && httpd -p 8080 -h /www && {COUNTER}"
+        )],
+        "memory_mib": 128,
+        "name": "web",
+        "network": {"egress": {"default": "allow", "allow": [], "deny": [format!("{NET}.1/32:{}:tcp", denied.port)]}},
+    });
+    let (code, sb) = api("/v1/sandboxes", "POST", Some(&body.to_string()), 300);
+    for n in others {
+        let (code, v) = api(&format!("/v1/nodes/{n}/uncordon"), "POST", None, 10);
+        assert_eq!(code, 200, "{v}");
+    }
+    assert_eq!(code, 201, "{sb}");
+    assert_eq!(sb["node"], "agent1", "{sb}");
+    let id = sb["id"].as_str().expect("id").to_string();
+    wait_until("web to run", Duration::from_secs(180), || {
+        sandbox(&id)["status"] == "running"
+    });
+    let before = sandbox(&id);
+    let net = before["network"].clone();
+    let (ip, token) = (
+        net["ip"].as_str().expect("ip").to_string(),
+        net["ingress_token"].as_str().expect("token").to_string(),
+    );
+    let tap = net["tap"].as_str().expect("tap").to_string();
+    wait_until(
+        "the page through the ingress",
+        Duration::from_secs(60),
+        || ingress_get(&id, &token) == (200, "hello-web\n".into()),
+    );
+    wait_until("the counter to count", Duration::from_secs(60), || {
+        counted("web").len() >= 5
+    });
+    // The policy holds on agent1: the allowed listener answers, the denied one is never reached.
+    let out = egress_from("web", allowed.port);
+    assert!(stdout(&out).contains("allowed-ok"), "{}", show(&out));
+    assert!(
+        allowed
+            .peers()
+            .iter()
+            .all(|p| p.ip().to_string() == format!("{NET}.11")),
+        "{:?}",
+        allowed.peers()
+    );
+    let out = egress_from("web", denied.port);
+    assert!(!stdout(&out).contains("allowed-ok"), "{}", show(&out));
+    assert!(denied.peers().is_empty(), "{:?}", denied.peers());
+    assert_eq!(leases_of(&ip).len(), 1, "{:?}", leases_of(&ip));
+    // A cold boot: its device is directly on its tap (the layout that migrates).
+    let aid1 = agent_has(1, &id).expect("agent1 runs web")["id"]
+        .as_str()
+        .expect("agent id")
+        .to_string();
+    assert_direct_tap(1, &aid1);
+
+    // Poll the ingress URL from the host namespace while it moves to agent2.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (stop2, id2, token2) = (stop.clone(), id.clone(), token.clone());
+    let poller = std::thread::spawn(move || {
+        let mut results: Vec<(Instant, Duration, u16, String)> = Vec::new();
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+            let t = Instant::now();
+            let (code, body) = ingress_get(&id2, &token2);
+            results.push((t, t.elapsed(), code, body));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        results
+    });
+    let t = Instant::now();
+    let out = hearth(&["migrate", "web", "--to", "agent2", "--json"]);
+    let took = t.elapsed();
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let results = poller.join().expect("poller");
+    assert!(out.status.success(), "{}", show(&out));
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(st["phase"], "completed", "{st}");
+    let errors: Vec<_> = results
+        .iter()
+        .filter(|r| (r.2, r.3.as_str()) != (200, "hello-web\n"))
+        .map(|r| format!("{} {}", r.2, r.3))
+        .collect();
+    // The longest time between the start of one successful request and the end of the next.
+    let ok: Vec<_> = results.iter().filter(|r| r.2 == 200).collect();
+    let stall = ok
+        .windows(2)
+        .map(|w| (w[1].0 + w[1].1).duration_since(w[0].0))
+        .max()
+        .unwrap_or_default();
+    for r in results.iter().filter(|r| r.1 > Duration::from_millis(500)) {
+        eprintln!(
+            "slow ingress request at +{:?}: {:?} {} {}",
+            r.0.saturating_duration_since(t),
+            r.1,
+            r.2,
+            r.3.trim()
+        );
+    }
+    eprintln!(
+        "networked migration took {took:?} (downtime {} ms, handover {} ms); {} ingress requests during it, {} failed, longest stall {stall:?}",
+        st["downtime_ms"], st["handover_ms"], results.len(), errors.len()
+    );
+    assert!(
+        errors.is_empty(),
+        "ingress errors during the move: {errors:?}"
+    );
+    assert!(ok.len() > 5, "too few requests to tell: {}", ok.len());
+    assert!(stall < Duration::from_secs(3), "ingress stalled {stall:?}");
+
+    // Same id, address, MAC and token, on agent2; the page and the counter go on.
+    let after = sandbox(&id);
+    assert_eq!(after["node"], "agent2", "{after}");
+    assert_eq!(after["status"], "running", "{after}");
+    for k in ["ip", "mac", "ingress_token"] {
+        assert_eq!(after["network"][k], net[k], "{k}: {after}");
+    }
+    let out = hearth(&["inspect", "web"]);
+    assert!(
+        out.status.success() && stdout(&out).contains(&ip) && stdout(&out).contains("agent2"),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(ingress_get(&id, &token), (200, "hello-web\n".into()));
+    counter_goes_on("web");
+    // agent1 kept nothing but the lease; agent2 has the tap and route.
+    assert_eq!(
+        net_on(1, &tap, &ip),
+        (false, false),
+        "agent1 kept its tap or route"
+    );
+    assert_eq!(
+        net_on(2, &tap, &ip),
+        (true, true),
+        "agent2 has no tap or route"
+    );
+    assert_eq!(leases_of(&ip).len(), 1, "{:?}", leases_of(&ip));
+    // The policy still holds on agent2, and egress now leaves through agent2.
+    let out = egress_from("web", allowed.port);
+    assert!(stdout(&out).contains("allowed-ok"), "{}", show(&out));
+    assert_eq!(
+        allowed.peers().last().map(|p| p.ip().to_string()),
+        Some(format!("{NET}.12"))
+    );
+    let out = egress_from("web", denied.port);
+    assert!(!stdout(&out).contains("allowed-ok"), "{}", show(&out));
+    assert!(denied.peers().is_empty(), "{:?}", denied.peers());
+    // agent2 built the incoming VM's device as agent1's was (on the tap
+    // directly) and recorded it: a snapshot and a fork of it work there.
+    let aid2 = agent_has(2, &id).expect("agent2 runs web")["id"]
+        .as_str()
+        .expect("agent id")
+        .to_string();
+    assert_direct_tap(2, &aid2);
+    snapshot_and_fork_on(2, &aid2, "web-moved");
+    counter_goes_on("web");
+
+    // A move back that fails (agent1 killed mid-transfer) leaves it working on agent2.
+    let mig = hearth_cmd(&[
+        "migrate",
+        "web",
+        "--to",
+        "agent1",
+        "--bandwidth-mib",
+        "1",
+        "--json",
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("hearth migrate");
+    wait_until("the transfer to start", Duration::from_secs(60), || {
+        let s = status_json("web");
+        s["target"] == "agent1" && s["phase"] == "precopy" && s["bytes_sent"].as_u64() > Some(0)
+    });
+    let pid = pid_of("agent1");
+    let argv: Vec<String> = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .expect("agent1 cmdline")
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    // SAFETY: kill(2) of a shard agent's pid this test read from the shard's state file.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    let out = mig.wait_with_output().expect("hearth migrate");
+    assert!(!out.status.success(), "{}", show(&out));
+    let sb = sandbox(&id);
+    assert_eq!(
+        (sb["node"].as_str(), sb["status"].as_str()),
+        (Some("agent2"), Some("running")),
+        "{sb}"
+    );
+    assert_eq!(ingress_get(&id, &token), (200, "hello-web\n".into()));
+    assert_eq!(net_on(2, &tap, &ip), (true, true));
+    let out = egress_from("web", allowed.port);
+    assert!(stdout(&out).contains("allowed-ok"), "{}", show(&out));
+    counter_goes_on("web");
+
+    // agent1 starts again: it removes the tap of the aborted incoming VM but
+    // keeps the lease of the sandbox that moved away (moved-leases.json).
+    let log = std::fs::File::create(format!("/tmp/hearth-shard-{NAME}/agent1-restarted.log"))
+        .expect("log");
+    let mut again = Command::new("ip")
+        .args(["netns", "exec", &format!("{NAME}-a1")])
+        .args(&argv)
+        .env("HEARTH_TOKEN", TOKEN)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("restart agent1");
+    wait_node("agent1", "ready");
+    wait_until(
+        "agent1 to remove the aborted incoming network",
+        Duration::from_secs(30),
+        || net_on(1, &tap, &ip) == (false, false),
+    );
+    assert_eq!(leases_of(&ip).len(), 1, "{:?}", leases_of(&ip));
+    assert_eq!(ingress_get(&id, &token), (200, "hello-web\n".into()));
+
+    // agent2 is killed and starts again with a workload.json as hearthd wrote
+    // it before the mode was recorded (no `nic`, no `nic_mode`): it re-adopts
+    // the migrated VM, reads its device off vm.json (direct tap), and records
+    // that, so a snapshot and a fork of it still work there.
+    let pid2 = pid_of("agent2");
+    let argv2: Vec<String> = std::fs::read(format!("/proc/{pid2}/cmdline"))
+        .expect("agent2 cmdline")
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    // SAFETY: kill(2) of a shard agent's pid this test read from the shard's state file.
+    assert_eq!(unsafe { libc::kill(pid2, libc::SIGKILL) }, 0);
+    wait_until("agent2 to exit", Duration::from_secs(30), || {
+        !std::path::Path::new(&format!("/proc/{pid2}/cmdline")).exists()
+            || std::fs::read(format!("/proc/{pid2}/cmdline")).is_ok_and(|c| c.is_empty())
+    });
+    let wpath = format!("/tmp/hearth-shard-{NAME}/agent2/sandboxes/{aid2}/workload.json");
+    let mut w: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&wpath).expect("workload.json")).unwrap();
+    let o = w.as_object_mut().expect("object");
+    o.remove("nic");
+    o.remove("nic_mode");
+    std::fs::write(&wpath, serde_json::to_vec(&w).unwrap()).unwrap();
+    let log = std::fs::File::create(format!("/tmp/hearth-shard-{NAME}/agent2-restarted.log"))
+        .expect("log");
+    let mut again2 = Command::new("ip")
+        .args(["netns", "exec", &format!("{NAME}-a2")])
+        .args(&argv2)
+        .env("HEARTH_TOKEN", TOKEN)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("restart agent2");
+    wait_node("agent2", "ready");
+    // why: the node may still read ready from before the kill; the agent's
+    // own API answers once it has re-adopted what it runs.
+    let tag = format!("/{id}@");
+    wait_until("agent2 to re-adopt web", Duration::from_secs(120), || {
+        let (code, v) = call(
+            &format!("http://{NET}.12:7070"),
+            "/v1/sandboxes",
+            "GET",
+            None,
+            5,
+        );
+        code == 200
+            && v.as_array().is_some_and(|a| {
+                a.iter().any(|s| {
+                    s["owner"].as_str().is_some_and(|o| o.contains(&tag))
+                        && s["status"] == "running"
+                })
+            })
+    });
+    // why: the control plane's record says recovering until agent2's next heartbeat.
+    wait_until(
+        "the page through the ingress after the restart",
+        Duration::from_secs(60),
+        || ingress_get(&id, &token) == (200, "hello-web\n".into()),
+    );
+    counter_goes_on("web");
+    assert_direct_tap(2, &aid2);
+    snapshot_and_fork_on(2, &aid2, "web-readopted");
+
+    // Removed on agent2: no tap or route there, and the lease is released.
+    let out = hearth(&["rm", "-f", "web"]);
+    assert!(out.status.success(), "{}", show(&out));
+    wait_until(
+        "agent2 to remove the tap and route",
+        Duration::from_secs(30),
+        || net_on(2, &tap, &ip) == (false, false),
+    );
+    wait_until("the lease to be released", Duration::from_secs(30), || {
+        leases_of(&ip).is_empty()
+    });
+    let _ = again.kill();
+    let _ = again.wait();
+    let _ = again2.kill();
+    let _ = again2.wait();
 }

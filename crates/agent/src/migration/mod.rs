@@ -12,6 +12,7 @@
 //! the commit resumes the source and removes the target's VM. The phases are
 //! the pure machine in [`phase`], recorded in `DIR/migration.json`.
 
+pub(crate) mod net;
 pub(crate) mod peer;
 pub mod phase;
 pub mod tunnel;
@@ -617,12 +618,6 @@ impl Agent {
         let params = params_from(&req)?;
         let entry = self.settled_entry(id_or_name).await?;
         let rec = entry.snapshot();
-        if rec.network.is_some() {
-            return Err(AgentError::Conflict(format!(
-                "sandbox '{}' has a network device; live migration serves sandboxes started with --network none for now (the target cannot take over its tap and address yet)",
-                rec.id
-            )));
-        }
         if rec
             .start_path
             .is_some_and(|p| p != hearth_api::StartPath::Cold)
@@ -667,6 +662,7 @@ impl Agent {
             });
             e
         };
+        let net = self.outgoing_net(&entry).map_err(fail)?;
         let peer = Peer::new(&req.target, &req.target_token);
         let info = peer.info().await.map_err(|e| fail(peer_error(e)))?;
         if info.node_id == self.inner.node_id {
@@ -685,6 +681,7 @@ impl Agent {
                 .replace('_', "-"),
             stdin_open: entry.stdin_open.load(Ordering::Relaxed),
             owner: req.target_owner.clone(),
+            net,
         };
         let accepted = peer.offer(&offer).await.map_err(|e| fail(peer_error(e)))?;
         let host = peer.host().unwrap_or_else(|| "127.0.0.1".into());
@@ -737,6 +734,7 @@ impl Agent {
                 let mut fin = entry.finished.subscribe();
                 let _ = fin.wait_for(|f| *f).await;
                 let _ = hearth_vmm::destroy(&entry.dir.join("vm"));
+                self.hand_off_net(&entry).await;
                 let _ = std::fs::remove_dir_all(&entry.dir);
                 lock(&self.inner.sandboxes).remove(&rec.id);
                 let s = status_rx.borrow().clone();
@@ -830,6 +828,13 @@ impl Agent {
             what: format!("create {}", dir.display()),
             source,
         })?;
+        let sandbox_net = match self.build_incoming_net(&offer, &dir).await {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
         let vm_dir = dir.join("vm");
         let incoming_sock = dir.join("incoming.sock");
         let cfg = VmConfig {
@@ -841,16 +846,28 @@ impl Agent {
             cpus: sb.cpus,
             memory_mib: sb.memory_mib,
             hostname: offer.hostname.clone(),
-            extra_cmdline: Vec::new(),
+            extra_cmdline: sandbox_net
+                .as_ref()
+                .map(|n| n.kernel_params())
+                .unwrap_or_default(),
             accel: i.accel.accel,
             // why: the same device set and RAM backing as the source's VM (see
-            // `Agent::vm_config`); networked sandboxes are refused before this.
-            net: None,
+            // `Agent::vm_config`): its network device, on the tap directly
+            // (`vnet_hdr=on`) or on the hub as the source's is, with the same MAC.
+            net: match (&sandbox_net, &offer.net) {
+                (Some(n), Some(o)) => Some(hearth_vmm::NetDevice {
+                    tap: Some(n.tap.clone()),
+                    mac: n.mac_string(),
+                    hub: o.nic_mode == crate::restore::NicMode::Hub,
+                }),
+                _ => None,
+            },
             memory: hearth_vmm::GuestMemory::SharedFile,
         };
         let vm = match i.vmm.create_incoming(&cfg, &incoming_sock).await {
             Ok(vm) => vm,
             Err(e) => {
+                self.drop_incoming_net(&offer).await;
                 let _ = std::fs::remove_dir_all(&dir);
                 return Err(AgentError::VmFailed {
                     id: sb.id.clone(),
@@ -867,6 +884,7 @@ impl Agent {
                 let _ = vm.kill().await;
                 let _ = vm.wait().await;
                 let _ = hearth_vmm::destroy(&vm_dir);
+                self.drop_incoming_net(&offer).await;
                 let _ = std::fs::remove_dir_all(&dir);
                 return Err(AgentError::VmFailed {
                     id: sb.id.clone(),
@@ -881,6 +899,7 @@ impl Agent {
                 let _ = vm.kill().await;
                 let _ = vm.wait().await;
                 let _ = hearth_vmm::destroy(&vm_dir);
+                self.drop_incoming_net(&offer).await;
                 let _ = std::fs::remove_dir_all(&dir);
                 return Err(AgentError::Io {
                     what: format!("listen for the migration stream on {bind}"),
@@ -1018,6 +1037,7 @@ impl Agent {
                 inc.tunnel.abort();
                 let _ = std::fs::remove_file(inc.dir.join("incoming.sock"));
                 let _ = hearth_vmm::destroy(&inc.dir.join("vm"));
+                self.drop_incoming_net(&inc.offer).await;
                 let _ = std::fs::remove_dir_all(&inc.dir);
                 lock(&self.inner.migrations.incoming).remove(id);
                 lock(&self.inner.migrations.removed_uncommitted).insert(id.to_string());
@@ -1041,7 +1061,19 @@ impl Agent {
         rec.started_ms = c.started_ms.or(Some(now_ms()));
         rec.boot_ms = c.boot_ms;
         // why: before the record says running, so a restart can take it over.
-        let workload = crate::readopt::WorkloadRecord::new(session.id(), inc.offer.stdin_open, 0);
+        // why: with the device's mode, so the target's snapshots and forks of
+        // it, and a re-adoption after a restart here, rebuild the same device.
+        let nic_mode = inc
+            .offer
+            .net
+            .as_ref()
+            .map(|n| n.nic_mode)
+            .unwrap_or_default();
+        let workload = crate::readopt::WorkloadRecord {
+            nic: inc.offer.net.is_some(),
+            nic_mode,
+            ..crate::readopt::WorkloadRecord::new(session.id(), inc.offer.stdin_open, 0)
+        };
         if let Err(e) = workload.store(&inc.dir) {
             tracing::error!(sandbox = %id, "cannot save workload.json, a hearthd restart could not take this sandbox over: {e}");
         }
@@ -1052,6 +1084,11 @@ impl Agent {
         entry
             .stdin_open
             .store(inc.offer.stdin_open, Ordering::Relaxed);
+        entry.nic.store(inc.offer.net.is_some(), Ordering::Relaxed);
+        entry.nic_tap.store(
+            inc.offer.net.is_some() && nic_mode == crate::restore::NicMode::Tap,
+            Ordering::Relaxed,
+        );
         *lock(&entry.chan_fd) = fd;
         // why: what a running sandbox has before anyone sees it (snapshots, stdin).
         let vm: Arc<dyn Vm> = Arc::from(vm);
@@ -1108,6 +1145,7 @@ impl Agent {
                 inc.tunnel.abort();
                 let _ = std::fs::remove_file(inc.dir.join("incoming.sock"));
                 let _ = hearth_vmm::destroy(&inc.dir.join("vm"));
+                self.drop_incoming_net(&inc.offer).await;
                 let _ = std::fs::remove_dir_all(&inc.dir);
                 lock(&self.inner.migrations.incoming).remove(id);
                 lock(&self.inner.migrations.removed_uncommitted).insert(id.to_string());

@@ -1496,8 +1496,8 @@ mod tests {
             format!("hthpf{}", n % 100_000),
         );
         let gone = 0xdead_0001;
-        crate::tap::create(&busy, ip(1)).unwrap();
-        crate::tap::create(&free, ip(2)).unwrap();
+        crate::tap::create(&busy, ip(1), None).unwrap();
+        crate::tap::create(&free, ip(2), None).unwrap();
         let qemu = crate::tap::open_queue(&busy).unwrap();
         for last in [1, 2, 3] {
             add_host_sandbox_in(&pins.0, ip(last), 24, gone).unwrap();

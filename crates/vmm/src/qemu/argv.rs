@@ -157,7 +157,7 @@ pub fn qemu_args(cfg: &VmConfig, layout: &Layout) -> Result<Vec<String>, VmmErro
     ];
     let mut args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
     if let Some(net) = &cfg.net {
-        args.extend(net_args(net));
+        args.extend(net_args(&cfg.id, net)?);
     }
     if cfg.memory == GuestMemory::SharedFile {
         args.extend(memory_backend_args(&format!(
@@ -171,9 +171,10 @@ pub fn qemu_args(cfg: &VmConfig, layout: &Layout) -> Result<Vec<String>, VmmErro
 
 /// virtio-net on a tap the host created (no helper scripts, no vhost here),
 /// directly or through hub 0 (see [`NetDevice`]).
-fn net_args(net: &NetDevice) -> Vec<String> {
+fn net_args(id: &str, net: &NetDevice) -> Result<Vec<String>, VmmError> {
     let device = format!("virtio-net-device,netdev=net0,mac={}", net.mac);
-    match (&net.tap, net.hub) {
+    Ok(match (&net.tap, net.hub) {
+        (None, false) => return Err(VmmError::NetDeviceWithoutTap { id: id.to_string() }),
         (Some(tap), false) => vec![
             "-netdev".into(),
             // why: required, not just tried: without virtio-net headers the
@@ -194,7 +195,7 @@ fn net_args(net: &NetDevice) -> Vec<String> {
             }
             v
         }
-    }
+    })
 }
 
 /// Netdev ids of a tap joined to hub 0, as on the command line and in `netdev_add`.
@@ -325,6 +326,10 @@ mod tests {
             ),
             "{got}"
         );
+        // A device directly on a tap needs one: refused, not put on the hub.
+        hub.net.as_mut().unwrap().hub = false;
+        let err = qemu_args(&hub, &Layout::new(Path::new("/v/sb"))).unwrap_err();
+        assert!(matches!(err, VmmError::NetDeviceWithoutTap { .. }), "{err}");
     }
 
     #[test]

@@ -405,6 +405,30 @@ pub(crate) enum RamBacking {
     Private,
 }
 
+/// How the network device of the QEMU VM recorded in `dir/vm.json` is
+/// connected, read off its command line (what the running QEMU really has,
+/// whatever its caller recorded): `None`: no network device; `Some(true)`: on
+/// hub 0 (`-netdev hubport,id=net0`); `Some(false)`: directly on a tap
+/// (`-netdev tap,id=net0`).
+pub fn recorded_net_hub(dir: &Path) -> Result<Option<bool>, VmmError> {
+    Ok(net_hub_from_argv(&VmRecord::load(dir)?.argv))
+}
+
+fn net_hub_from_argv(argv: &[String]) -> Option<bool> {
+    argv.windows(2).filter(|w| w[0] == "-netdev").find_map(|w| {
+        let mut parts = w[1].split(',');
+        let kind = parts.next()?;
+        if !parts.any(|p| p == "id=net0") {
+            return None;
+        }
+        match kind {
+            "hubport" => Some(true),
+            "tap" => Some(false),
+            _ => None,
+        }
+    })
+}
+
 impl RamBacking {
     fn from_argv(argv: &[String], layout: &Layout) -> RamBacking {
         match argv.iter().find(|a| a.starts_with("memory-backend-")) {
@@ -682,6 +706,28 @@ impl Vmm for QemuVmm {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recorded_network_device_is_read_off_the_argv() {
+        let argv = |s: &str| -> Vec<String> { s.split(' ').map(String::from).collect() };
+        assert_eq!(
+            net_hub_from_argv(&argv(
+                "qemu -netdev tap,id=net0,ifname=ht1,script=no,downscript=no,vnet_hdr=on \
+                 -device virtio-net-device,netdev=net0,mac=02:00:00:00:00:01"
+            )),
+            Some(false)
+        );
+        // The hub layout: the tap joins hub 0 as net1, the device is on net0.
+        assert_eq!(
+            net_hub_from_argv(&argv(
+                "qemu -netdev hubport,id=net0,hubid=0 -device virtio-net-device,netdev=net0 \
+                 -netdev tap,id=tap0,ifname=ht1,script=no,downscript=no \
+                 -netdev hubport,id=net1,hubid=0,netdev=tap0"
+            )),
+            Some(true)
+        );
+        assert_eq!(net_hub_from_argv(&argv("qemu -m 128")), None);
+    }
 
     #[test]
     fn adopted_vm_knows_how_its_ram_is_backed_from_its_argv() {
