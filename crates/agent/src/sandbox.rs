@@ -1590,8 +1590,8 @@ impl Agent {
             tokio::task::spawn_blocking(move || net.teardown(&id))
                 .await
                 .map_err(|e| AgentError::Config(format!("network teardown panicked: {e}")))??;
-            if leased && !self.release_moved_address(&e.dir, &rec.id).await {
-                self.release_address(&rec.id).await;
+            if leased {
+                self.release_lease(&e.dir, &rec.id).await;
             }
         }
         std::fs::remove_dir_all(&e.dir)

@@ -34,7 +34,87 @@ pub(crate) const HOLDER_FILE: &str = "lease-holder.json";
 /// from this node's slice.
 const MOVED_FILE: &str = "moved-leases.json";
 
+/// In a sandbox's directory on the source: its address lease moved away
+/// with it (written before the commit is sent, removed only when the
+/// migration is aborted), so no path that settles this copy releases it.
+pub(crate) const MOVED_MARKER: &str = "lease-moved";
+
 static MOVED_LOCK: Mutex<()> = Mutex::new(());
+
+/// How the address of a sandbox that ends on this node is given back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum AddressRelease {
+    /// It migrated away (or may have): the node that runs it releases it;
+    /// only the local network is removed here.
+    Keep,
+    /// It migrated here: released in the slice that leases it.
+    Held(LeaseHolder),
+    /// Leased in this node's slice.
+    Own,
+}
+
+/// The release decision for the sandbox in `dir`: the moved marker wins
+/// over everything else.
+pub(crate) fn release_decision(dir: &Path) -> AddressRelease {
+    if dir.join(MOVED_MARKER).symlink_metadata().is_ok() {
+        AddressRelease::Keep
+    } else if let Some(h) = load_holder(dir) {
+        AddressRelease::Held(h)
+    } else {
+        AddressRelease::Own
+    }
+}
+
+/// Source, before the commit is sent: records durably that the address of
+/// the networked sandbox in `dir` moves away (the marker in `dir`, and on
+/// the node whose slice leases it, the id in `moved-leases.json` for the
+/// start-up sync once `dir` is gone).
+pub(crate) fn mark_lease_moved(
+    data_dir: &Path,
+    dir: &Path,
+    id: &str,
+    networked: bool,
+) -> Result<(), String> {
+    if !networked {
+        return Ok(());
+    }
+    if load_holder(dir).is_none() {
+        note_moved(data_dir, id).map_err(|e| {
+            format!(
+                "cannot note the lease of sandbox {id} in {}: {e}",
+                data_dir.join(MOVED_FILE).display()
+            )
+        })?;
+    }
+    write_durable(&dir.join(MOVED_MARKER), b"")
+        .map_err(|e| format!("cannot write {}: {e}", dir.join(MOVED_MARKER).display()))
+}
+
+/// Source, when the migration is aborted (the sandbox runs here): its
+/// address is released here again when it ends.
+pub(crate) fn clear_lease_moved(data_dir: &Path, dir: &Path, id: &str) {
+    let marker = dir.join(MOVED_MARKER);
+    if marker.symlink_metadata().is_err() {
+        return;
+    }
+    {
+        let _g = lock(&MOVED_LOCK);
+        let mut ids = moved_leases(data_dir);
+        let n = ids.len();
+        ids.retain(|i| i != id);
+        if ids.len() != n {
+            let r = serde_json::to_vec(&ids)
+                .map_err(std::io::Error::other)
+                .and_then(|b| write_durable(&data_dir.join(MOVED_FILE), &b));
+            if let Err(e) = r {
+                tracing::warn!(sandbox = id, "cannot update {MOVED_FILE}: {e}");
+            }
+        }
+    }
+    if let Err(e) = std::fs::remove_file(&marker) {
+        tracing::warn!(sandbox = id, "cannot remove {}: {e}", marker.display());
+    }
+}
 
 /// The slice a migrated sandbox's address is leased from, if it came here by
 /// a migration.
@@ -205,14 +285,19 @@ impl Agent {
         }
     }
 
-    /// Releases the address of a removed sandbox that migrated here, in the
-    /// slice that leases it; `false` when there is none (a local lease).
-    pub(crate) async fn release_moved_address(&self, dir: &Path, id: &str) -> bool {
-        let Some(h) = load_holder(dir) else {
-            return false;
+    /// Gives the address of a sandbox that ended here back, as
+    /// [`release_decision`] says (the local network is already removed).
+    pub(crate) async fn release_lease(&self, dir: &Path, id: &str) {
+        let h = match release_decision(dir) {
+            AddressRelease::Keep => {
+                tracing::info!(sandbox = id, "keeping the address lease: the sandbox migrated to another node, which releases it");
+                return;
+            }
+            AddressRelease::Own => return self.release_address(id).await,
+            AddressRelease::Held(h) => h,
         };
         let Some(auth) = &self.inner.cfg.leases else {
-            return true;
+            return;
         };
         let r = tokio::time::timeout(
             crate::sandbox::RELEASE_WAIT,
@@ -228,6 +313,62 @@ impl Agent {
                 tracing::warn!(sandbox = id, node = %h.node, "releasing the address lease of a migrated sandbox: no answer; it stays leased in that node's slice")
             }
         }
-        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn holder() -> LeaseHolder {
+        LeaseHolder {
+            node: "node-a".into(),
+            instance: "inst-a".into(),
+        }
+    }
+
+    #[test]
+    fn an_address_is_released_in_its_own_slice_unless_it_came_or_moved() {
+        let t = tempfile::tempdir().unwrap();
+        assert_eq!(release_decision(t.path()), AddressRelease::Own);
+        store_holder(t.path(), &holder()).unwrap();
+        assert_eq!(release_decision(t.path()), AddressRelease::Held(holder()));
+    }
+
+    #[test]
+    fn a_lease_marked_moved_is_kept_by_every_release_until_the_abort_clears_it() {
+        let data = tempfile::tempdir().unwrap();
+        let dir = data.path().join("sandboxes/sb1");
+        std::fs::create_dir_all(&dir).unwrap();
+        mark_lease_moved(data.path(), &dir, "sb1", true).unwrap();
+        assert_eq!(release_decision(&dir), AddressRelease::Keep);
+        // The start-up sync keeps it once the directory is gone.
+        assert_eq!(moved_leases(data.path()), vec!["sb1".to_string()]);
+        clear_lease_moved(data.path(), &dir, "sb1");
+        assert_eq!(release_decision(&dir), AddressRelease::Own);
+        assert!(moved_leases(data.path()).is_empty());
+    }
+
+    #[test]
+    fn a_middle_node_marks_the_directory_only_and_keeps_the_holders_lease() {
+        let data = tempfile::tempdir().unwrap();
+        let dir = data.path().join("sandboxes/sb2");
+        std::fs::create_dir_all(&dir).unwrap();
+        store_holder(&dir, &holder()).unwrap();
+        mark_lease_moved(data.path(), &dir, "sb2", true).unwrap();
+        assert_eq!(release_decision(&dir), AddressRelease::Keep);
+        assert!(moved_leases(data.path()).is_empty());
+        clear_lease_moved(data.path(), &dir, "sb2");
+        assert_eq!(release_decision(&dir), AddressRelease::Held(holder()));
+    }
+
+    #[test]
+    fn a_sandbox_without_a_network_marks_nothing() {
+        let data = tempfile::tempdir().unwrap();
+        let dir = data.path().join("sb3");
+        std::fs::create_dir_all(&dir).unwrap();
+        mark_lease_moved(data.path(), &dir, "sb3", false).unwrap();
+        assert_eq!(release_decision(&dir), AddressRelease::Own);
+        assert!(moved_leases(data.path()).is_empty());
     }
 }
