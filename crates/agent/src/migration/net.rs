@@ -147,6 +147,100 @@ fn note_moved(data_dir: &Path, id: &str) -> std::io::Result<()> {
     write_durable(&data_dir.join(MOVED_FILE), &bytes)
 }
 
+/// What the target knows of its own host, to check an offered address.
+#[derive(Debug, Clone)]
+pub(crate) struct HostFacts {
+    /// This node's name (`--node`).
+    pub node: String,
+    /// This node's address pool.
+    pub pool: hearth_net::Cidr,
+    /// The host's own IPv4 addresses (and broadcast addresses).
+    pub addrs: Vec<std::net::Ipv4Addr>,
+    /// The host's routes other than the default and sandbox taps' ones.
+    pub routes: Vec<hearth_net::Cidr>,
+}
+
+impl HostFacts {
+    fn read(node: &str, pool: hearth_net::Cidr) -> HostFacts {
+        HostFacts {
+            node: node.to_string(),
+            pool,
+            addrs: hearth_net::host_addresses(),
+            routes: std::fs::read_to_string("/proc/net/route")
+                .map(|t| parse_routes(&t))
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// The non-default routes of `/proc/net/route`, except those of sandbox
+/// taps (`hth*`: a /32 per sandbox, which the tap setup checks itself).
+fn parse_routes(text: &str) -> Vec<hearth_net::Cidr> {
+    let hex = |s: &str| {
+        u32::from_str_radix(s, 16)
+            .ok()
+            .map(|v| std::net::Ipv4Addr::from(v.to_ne_bytes()))
+    };
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.len() < 8 || f[0].starts_with("hth") {
+                return None;
+            }
+            let (dest, mask) = (hex(f[1])?, hex(f[7])?);
+            let len = u32::from(mask).count_ones() as u8;
+            (len > 0).then(|| hearth_net::Cidr::new(dest, len))
+        })
+        .collect()
+}
+
+/// Target: may an offer route `ip` into a tap here? Before any control-plane
+/// check: a private sandbox address, none of this host's, inside this
+/// node's pool only when its lease is this node's; without a lease holder
+/// (no control plane) only inside the source's pool and outside every
+/// route of this host. `Err`: why not.
+pub(crate) fn check_moved_address(
+    ip: std::net::Ipv4Addr,
+    holder: Option<&LeaseHolder>,
+    source_pool: Option<&str>,
+    host: &HostFacts,
+) -> Result<(), String> {
+    if !(hearth_net::CLUSTER_CIDR.contains(ip) || ip.is_private())
+        || ip.is_loopback()
+        || ip.is_link_local()
+        || ip.is_broadcast()
+        || ip.is_unspecified()
+    {
+        return Err(format!(
+            "{ip} is not a sandbox address (it must lie in the cluster range {} or a private range)",
+            hearth_net::CLUSTER_CIDR
+        ));
+    }
+    if host.addrs.contains(&ip) {
+        return Err(format!("{ip} is an address of this host"));
+    }
+    if host.pool.contains(ip) && holder.is_none_or(|h| h.node != host.node) {
+        return Err(format!(
+            "{ip} lies in this node's pool {} but is not leased from this node's slice",
+            host.pool
+        ));
+    }
+    if holder.is_none() {
+        let pool: Option<hearth_net::Cidr> = source_pool.and_then(|p| p.parse().ok());
+        if !pool.is_some_and(|p| p.contains(ip)) {
+            return Err(format!(
+                "without a control plane the address must lie in the source node's pool, and {ip} does not ({})",
+                source_pool.unwrap_or("none given")
+            ));
+        }
+        if let Some(r) = host.routes.iter().find(|r| r.contains(ip)) {
+            return Err(format!("{ip} lies in {r}, a network this host routes"));
+        }
+    }
+    Ok(())
+}
+
 fn mac_string(mac: [u8; 6]) -> String {
     mac.iter()
         .map(|b| format!("{b:02x}"))
@@ -183,6 +277,7 @@ impl Agent {
             tap_mac: mac_string(tap_mac),
             hub: entry.nic_hub.load(std::sync::atomic::Ordering::Relaxed),
             lease_holder,
+            source_pool: Some(node.pool().to_string()),
         }))
     }
 
@@ -228,6 +323,8 @@ impl Agent {
         if hearth_net::mac_for(ip) != hearth_net::parse_mac(&api.mac).ok_or_else(|| bad("MAC"))? {
             return Err(bad("guest MAC (not the one of its address)"));
         }
+        self.check_offered_lease(&sb.id, ip, net, node.pool())
+            .await?;
         if let Some(h) = &net.lease_holder {
             store_holder(dir, h).map_err(|source| AgentError::Io {
                 what: format!("write {}", dir.join(HOLDER_FILE).display()),
@@ -244,6 +341,55 @@ impl Agent {
             Err(e) => Err(AgentError::Conflict(format!(
                 "node {} cannot give sandbox '{}' its address {ip}: {e}",
                 self.inner.cfg.node, sb.id
+            ))),
+        }
+    }
+
+    /// Target: refuses an offered address this node must not route (see
+    /// [`check_moved_address`]) or, with a control plane, one the named slice
+    /// does not lease to exactly this sandbox.
+    async fn check_offered_lease(
+        &self,
+        id: &str,
+        ip: std::net::Ipv4Addr,
+        net: &IncomingNet,
+        pool: hearth_net::Cidr,
+    ) -> Result<(), AgentError> {
+        let me = &self.inner.cfg.node;
+        let refuse = |why: String| {
+            AgentError::InvalidArgument(format!(
+                "node {me} refuses the address {ip} of incoming sandbox '{id}': {why}"
+            ))
+        };
+        let host = HostFacts::read(me, pool);
+        check_moved_address(
+            ip,
+            net.lease_holder.as_ref(),
+            net.source_pool.as_deref(),
+            &host,
+        )
+        .map_err(&refuse)?;
+        let Some(h) = &net.lease_holder else {
+            return Ok(());
+        };
+        let Some(auth) = &self.inner.cfg.leases else {
+            return Err(refuse(format!(
+                "the offer says node {}'s slice leases it, and this node has no control plane to check that; start it with one",
+                h.node
+            )));
+        };
+        match auth.held_by(id, &h.node, &h.instance).await {
+            Ok(Some(got)) if got == ip => Ok(()),
+            Ok(Some(got)) => Err(refuse(format!(
+                "the control plane leases {got} to it in node {}'s slice, not {ip}",
+                h.node
+            ))),
+            Ok(None) => Err(refuse(format!(
+                "the control plane has no lease for it in node {}'s slice (agent instance {})",
+                h.node, h.instance
+            ))),
+            Err(e) => Err(AgentError::Conflict(format!(
+                "node {me} cannot check the address lease of incoming sandbox '{id}': {e}; retry the migration"
             ))),
         }
     }
@@ -324,6 +470,119 @@ mod tests {
         LeaseHolder {
             node: "node-a".into(),
             instance: "inst-a".into(),
+        }
+    }
+
+    fn host() -> HostFacts {
+        HostFacts {
+            node: "node-b".into(),
+            pool: "10.88.2.0/24".parse().unwrap(),
+            addrs: vec!["192.168.1.10".parse().unwrap()],
+            routes: vec!["192.168.1.0/24".parse().unwrap()],
+        }
+    }
+
+    fn ip(s: &str) -> std::net::Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn an_offered_address_of_another_slice_or_pool_is_accepted() {
+        let h = holder();
+        assert_eq!(
+            check_moved_address(ip("10.88.1.7"), Some(&h), None, &host()),
+            Ok(())
+        );
+        assert_eq!(
+            check_moved_address(ip("10.88.1.7"), None, Some("10.88.1.0/24"), &host()),
+            Ok(())
+        );
+        // Back home: inside this node's pool, leased from this node's slice.
+        let home = LeaseHolder {
+            node: "node-b".into(),
+            instance: "i".into(),
+        };
+        assert_eq!(
+            check_moved_address(ip("10.88.2.7"), Some(&home), None, &host()),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn an_offered_address_that_is_no_sandbox_address_is_refused() {
+        let h = holder();
+        for bad in [
+            "127.0.0.1",
+            "169.254.169.254",
+            "169.254.1.1",
+            "8.8.8.8",
+            "224.0.0.1",
+            "255.255.255.255",
+            "0.0.0.0",
+        ] {
+            let r = check_moved_address(ip(bad), Some(&h), None, &host());
+            assert!(
+                r.as_ref()
+                    .is_err_and(|e| e.contains("not a sandbox address")),
+                "{bad}: {r:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_offered_address_of_this_host_is_refused() {
+        let r = check_moved_address(ip("192.168.1.10"), Some(&holder()), None, &host());
+        assert!(
+            r.as_ref()
+                .is_err_and(|e| e.contains("address of this host")),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn an_offered_address_of_this_nodes_pool_needs_this_nodes_lease() {
+        let r = check_moved_address(ip("10.88.2.9"), Some(&holder()), None, &host());
+        assert!(
+            r.as_ref().is_err_and(|e| e.contains("this node's pool")),
+            "{r:?}"
+        );
+        let r = check_moved_address(ip("10.88.2.9"), None, Some("10.88.0.0/16"), &host());
+        assert!(
+            r.as_ref().is_err_and(|e| e.contains("this node's pool")),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn without_a_control_plane_the_address_must_be_in_the_source_pool_and_unrouted() {
+        let r = check_moved_address(ip("10.88.3.9"), None, None, &host());
+        assert!(
+            r.as_ref().is_err_and(|e| e.contains("source node's pool")),
+            "{r:?}"
+        );
+        let r = check_moved_address(ip("10.88.3.9"), None, Some("10.88.1.0/24"), &host());
+        assert!(
+            r.as_ref().is_err_and(|e| e.contains("source node's pool")),
+            "{r:?}"
+        );
+        let r = check_moved_address(ip("192.168.1.20"), None, Some("192.168.1.0/24"), &host());
+        assert!(
+            r.as_ref()
+                .is_err_and(|e| e.contains("network this host routes")),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn routes_are_read_without_the_default_and_sandbox_taps() {
+        let text =
+            "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\tMTU\tWindow\tIRTT\n\
+eth0\t00000000\t0101A8C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
+eth0\t0001A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
+hthabc\t0701580A\t00000000\t0005\t0\t0\t0\tFFFFFFFF\t0\t0\t0\n";
+        let routes = parse_routes(text);
+        if cfg!(target_endian = "little") {
+            assert_eq!(routes, vec!["192.168.1.0/24".parse().unwrap()]);
         }
     }
 
