@@ -802,17 +802,24 @@ impl Agent {
             }
         }
         let dir = i.cfg.data_dir.join("sandboxes").join(&sb.id);
-        if dir.exists() {
-            return Err(AgentError::Conflict(format!(
-                "{} already exists on node {}",
-                dir.display(),
-                i.cfg.node
-            )));
+        // why: creating the directory is the claim; two prepares of one id
+        // cannot both pass a check made before it.
+        match std::fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(AgentError::Conflict(format!(
+                    "{} already exists on node {}",
+                    dir.display(),
+                    i.cfg.node
+                )))
+            }
+            Err(source) => {
+                return Err(AgentError::Io {
+                    what: format!("create {}", dir.display()),
+                    source,
+                })
+            }
         }
-        std::fs::create_dir_all(&dir).map_err(|source| AgentError::Io {
-            what: format!("create {}", dir.display()),
-            source,
-        })?;
         let sandbox_net = match self.build_incoming_net(&offer, &dir).await {
             Ok(n) => n,
             Err(e) => {
