@@ -163,7 +163,7 @@ pub(crate) enum Control {
     /// Power off now.
     Kill,
     /// Live-migrate to another node (see `migration`).
-    Migrate(crate::migration::SourceJob),
+    Migrate(Box<crate::migration::SourceJob>),
 }
 
 pub(crate) struct Entry {
@@ -1430,7 +1430,7 @@ impl Agent {
                             None
                         }
                         Some(Control::Migrate(job)) => {
-                            match crate::migration::run_source(self, entry, vm, &conn, &mut session, &mut log, job).await {
+                            match crate::migration::run_source(self, entry, vm, &conn, &mut session, &mut log, *job).await {
                                 crate::migration::SourceEnd::StayedHere(ev) => {
                                     pending = ev;
                                     None

@@ -690,7 +690,7 @@ impl Agent {
         };
         let ctl = lock(&entry.control).clone();
         let sent = match ctl {
-            Some(ctl) => ctl.send(Control::Migrate(job)).await.is_ok(),
+            Some(ctl) => ctl.send(Control::Migrate(Box::new(job))).await.is_ok(),
             None => false,
         };
         let result = if sent {
