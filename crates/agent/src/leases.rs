@@ -66,6 +66,22 @@ pub trait LeaseAuthority: Send + Sync + std::fmt::Debug {
         let _ = (node, instance);
         self.release(sandbox)
     }
+    /// The address the slice of `node` (agent `instance`) leases to
+    /// `sandbox`; `None` when it leases it none. Authorities that cannot ask
+    /// about another node's slice refuse.
+    fn held_by<'a>(
+        &'a self,
+        sandbox: &'a str,
+        node: &'a str,
+        instance: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Ipv4Addr>, LeaseError>> {
+        let _ = (sandbox, node, instance);
+        Box::pin(async {
+            Err(LeaseError::Refused(
+                "this node's leases are not kept by a cluster control plane, so it cannot check a lease of another node".into(),
+            ))
+        })
+    }
 }
 
 fn base_url(base: &str) -> String {
@@ -232,6 +248,33 @@ impl LeaseAuthority for ControlLeases {
                 // why: no slice, no lease to free (a removed node's slice is
                 // dropped with its last lease).
                 Ok(_) | Err(LeaseError::NotJoined(_)) => Ok(()),
+                Err(e) => Err(e),
+            }
+        })
+    }
+
+    fn held_by<'a>(
+        &'a self,
+        sandbox: &'a str,
+        node: &'a str,
+        instance: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Ipv4Addr>, LeaseError>> {
+        Box::pin(async move {
+            let r: Result<Lease, _> = self
+                .call(|b| {
+                    self.http
+                        .get(format!("{b}/v1/agents/{node}/leases/{sandbox}"))
+                        .query(&[("instance", instance)])
+                })
+                .await;
+            match r {
+                Ok(l) => l.ip.parse().map(Some).map_err(|_| {
+                    LeaseError::Refused(format!(
+                        "the control plane named '{}' as the lease, not an IPv4 address",
+                        l.ip
+                    ))
+                }),
+                Err(LeaseError::NotJoined(_)) => Ok(None),
                 Err(e) => Err(e),
             }
         })

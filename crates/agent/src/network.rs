@@ -115,6 +115,13 @@ impl Agent {
         p: &NetworkPolicy,
     ) -> Result<NetworkPolicy, AgentError> {
         let id = self.get(id_or_name)?.id;
+        // why: the offer carried the policy when the migration started; a
+        // change here now would be lost when the target takes over.
+        if crate::sandbox::lock(&self.inner.migrations.active).contains(&id) {
+            return Err(AgentError::Conflict(format!(
+                "sandbox {id} is being migrated; set the policy after it finished (see `hearth migrate --status {id}`)"
+            )));
+        }
         let policy = parse_policy(p)?;
         let net = self.node_net(&id)?;
         let rec = tokio::task::spawn_blocking(move || net.set_policy(&id, policy))

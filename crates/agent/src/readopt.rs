@@ -395,8 +395,8 @@ impl Agent {
             Ok(Err(e)) => tracing::warn!(sandbox = %id, "removing its network: {e}"),
             Err(e) => tracing::warn!(sandbox = %id, "removing its network panicked: {e}"),
         }
-        if leased && !self.release_moved_address(&self.sandbox_dir(id), id).await {
-            self.release_address(id).await;
+        if leased {
+            self.release_lease(&self.sandbox_dir(id), id).await;
         }
     }
 
@@ -478,6 +478,11 @@ impl Agent {
                     ))
                 })?;
                 crate::migration::forget_record(&entry.dir);
+                crate::migration::net::clear_lease_moved(
+                    &self.inner.cfg.data_dir,
+                    &entry.dir,
+                    &entry.snapshot().id,
+                );
                 tracing::info!(sandbox = %entry.snapshot().id, "a migration had not committed: the VM runs on here");
             }
         }

@@ -172,7 +172,7 @@ pub(crate) enum Control {
     /// Power off now.
     Kill,
     /// Live-migrate to another node (see `migration`).
-    Migrate(crate::migration::SourceJob),
+    Migrate(Box<crate::migration::SourceJob>),
 }
 
 /// Longest an exec waits for a snapshot of its sandbox to finish.
@@ -424,6 +424,27 @@ fn host_memory_mib() -> u64 {
         .unwrap_or(0)
 }
 
+/// Removes a sandbox directory without a record: kills the VM recorded in
+/// it (pid and start time), then removes it.
+fn remove_uncommitted_dir(dir: &std::path::Path) {
+    let vm_dir = dir.join("vm");
+    if let Err(e) = hearth_vmm::kill_recorded(&vm_dir, Duration::from_secs(10)) {
+        tracing::error!(
+            "cannot stop the VM in {} (no sandbox.json: an uncommitted incoming migration); it is kept: {e}",
+            vm_dir.display()
+        );
+        return;
+    }
+    let _ = hearth_vmm::destroy(&vm_dir);
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => tracing::warn!(
+            "removed {} (no sandbox.json: an incoming migration that was never committed)",
+            dir.display()
+        ),
+        Err(e) => tracing::warn!("cannot remove {}: {e}", dir.display()),
+    }
+}
+
 impl Agent {
     /// Opens the data dir, probes the accelerator and recovers sandboxes left by
     /// a previous run: running ones whose VMs still run are re-adopted and keep
@@ -540,6 +561,14 @@ impl Agent {
                 .and_then(|b| serde_json::from_slice(&b).ok())
             {
                 Some(r) => r,
+                None if sdir.is_dir() && !sdir.join("sandbox.json").exists() => {
+                    // why: an incoming migration that was never committed (or a
+                    // create cut short) left it; it would block a later one.
+                    // Its network goes with the orphans below; its address
+                    // lease is not this copy's to release.
+                    remove_uncommitted_dir(&sdir);
+                    continue;
+                }
                 None => {
                     tracing::warn!("ignoring {}: no readable sandbox.json", sdir.display());
                     continue;
@@ -1440,7 +1469,7 @@ impl Agent {
                             None
                         }
                         Some(Control::Migrate(job)) => {
-                            match crate::migration::run_source(self, entry, vm, &conn, &mut session, &mut log, job).await {
+                            match crate::migration::run_source(self, entry, vm, &conn, &mut session, &mut log, *job).await {
                                 crate::migration::SourceEnd::StayedHere(ev) => {
                                     pending = ev;
                                     None
@@ -1631,8 +1660,8 @@ impl Agent {
             tokio::task::spawn_blocking(move || net.teardown(&id))
                 .await
                 .map_err(|e| AgentError::Config(format!("network teardown panicked: {e}")))??;
-            if leased && !self.release_moved_address(&e.dir, &rec.id).await {
-                self.release_address(&rec.id).await;
+            if leased {
+                self.release_lease(&e.dir, &rec.id).await;
             }
         }
         std::fs::remove_dir_all(&e.dir)

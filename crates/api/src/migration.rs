@@ -106,6 +106,10 @@ pub struct IncomingNet {
     /// node finally removes the sandbox releases it there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_holder: Option<LeaseHolder>,
+    /// The source node's address pool (CIDR). Without a lease holder (no
+    /// control plane) the target accepts only an address inside it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_pool: Option<String>,
 }
 
 /// A node slice of the control plane, as the lease release names it.

@@ -28,6 +28,7 @@ pub use cidr::{Cidr, CLUSTER_CIDR};
 pub use ipam::{FileLeaseStore, Ipam, IpamError, LeaseStore};
 pub use policy::maps::BpfError;
 pub use policy::{Action, Direction, Policy, PolicyError, Rule, RuleSet};
+pub use tap::host_addresses;
 
 /// Taps are named this plus the sandbox id.
 pub const TAP_PREFIX: &str = "hth";

@@ -320,11 +320,13 @@ fn a_counter_migrates_to_a_named_node_then_auto_and_bad_targets_are_refused() {
     );
     ip("up");
     wait_node("agent3", "ready");
-    let done = create_on("agent1", "done", "sleep 1; exit 0", false);
+    // why: it runs long enough for a heartbeat to show it running (create_on
+    // waits for that) on a loaded host; 1 s was missed under load.
+    let done = create_on("agent1", "done", "sleep 15; exit 0", false);
     // why: the record (what a migration is checked against) learns it from a heartbeat.
     wait_until(
         "the record of sandbox done to say exited",
-        Duration::from_secs(60),
+        Duration::from_secs(90),
         || {
             let (_, all) = api("/v1/sandboxes", "GET", None, 10);
             all.as_array()
@@ -995,13 +997,38 @@ fn a_networked_web_server_migrates_with_its_address_policy_and_ingress_and_a_fai
     assert_direct_tap(2, &aid2);
     snapshot_and_fork_on(2, &aid2, "web-readopted");
 
-    // Removed on agent2: no tap or route there, and the lease is released.
-    let out = hearth(&["rm", "-f", "web"]);
+    // Back home: agent1 takes an address of its own pool back (its own slice
+    // leases it, as the control plane confirms), and agent2 keeps the lease
+    // while it hands the sandbox over.
+    let out = hearth(&["migrate", "web", "--to", "agent1", "--json"]);
     assert!(out.status.success(), "{}", show(&out));
+    let sb = sandbox(&id);
+    assert_eq!(
+        (sb["node"].as_str(), sb["status"].as_str()),
+        (Some("agent1"), Some("running")),
+        "{sb}"
+    );
+    assert_eq!(ingress_get(&id, &token), (200, "hello-web\n".into()));
+    counter_goes_on("web");
+    assert_eq!(
+        net_on(1, &tap, &ip),
+        (true, true),
+        "agent1 has no tap or route"
+    );
     wait_until(
         "agent2 to remove the tap and route",
         Duration::from_secs(30),
         || net_on(2, &tap, &ip) == (false, false),
+    );
+    assert_eq!(leases_of(&ip).len(), 1, "{:?}", leases_of(&ip));
+
+    // Removed on agent1: no tap or route there, and the lease is released.
+    let out = hearth(&["rm", "-f", "web"]);
+    assert!(out.status.success(), "{}", show(&out));
+    wait_until(
+        "agent1 to remove the tap and route",
+        Duration::from_secs(30),
+        || net_on(1, &tap, &ip) == (false, false),
     );
     wait_until("the lease to be released", Duration::from_secs(30), || {
         leases_of(&ip).is_empty()

@@ -111,7 +111,7 @@ pub(crate) fn forget_record(dir: &std::path::Path) {
 #[derive(Default)]
 pub(crate) struct Registry {
     /// Sandboxes with a migration in progress (source side).
-    active: Mutex<HashSet<String>>,
+    pub(crate) active: Mutex<HashSet<String>>,
     /// Last status of each migration, by sandbox id and by name.
     status: Mutex<HashMap<String, watch::Receiver<MigrationStatus>>>,
     /// Incoming VMs waiting for their commit (target side).
@@ -153,6 +153,8 @@ pub(crate) struct SourceJob {
     status: watch::Sender<MigrationStatus>,
     started: Instant,
     reply: oneshot::Sender<Result<String, AgentError>>,
+    /// The agent's data dir (`moved-leases.json`).
+    data_dir: std::path::PathBuf,
 }
 
 impl SourceJob {
@@ -221,6 +223,10 @@ impl SourceJob {
 
     fn end(self, entry: &Entry, phase: Phase, result: Result<String, AgentError>) {
         self.set_phase(entry, phase);
+        if phase == Phase::Aborted {
+            // why: the sandbox runs here again; its address is this copy's to release.
+            net::clear_lease_moved(&self.data_dir, &entry.dir, &entry.snapshot().id);
+        }
         if let Err(e) = &result {
             self.status.send_modify(|s| s.error = Some(e.to_string()));
         }
@@ -498,8 +504,11 @@ pub(crate) async fn run_source(
         boot_ms: rec.boot_ms,
     };
     // why: a commit the record does not show could not be settled by a
-    // restarted hearthd (it would resume this VM while the target runs one).
-    if let Err(why) = job.save_phase(entry, Phase::Committing) {
+    // restarted hearthd (it would resume this VM while the target runs one);
+    // and from the commit on, no path that settles this copy (a restart, a
+    // fence, `rm -f`) may release the address the target may run with.
+    let marked = net::mark_lease_moved(&job.data_dir, &entry.dir, &id, rec.network.is_some());
+    if let Err(why) = marked.and_then(|()| job.save_phase(entry, Phase::Committing)) {
         let _ = job.peer.abort(&id).await;
         let msg = resume_here(format!(
             "{why}; the migration is aborted before the commit and sandbox {id} keeps running here (free space in the data directory, then migrate again)"
@@ -707,10 +716,11 @@ impl Agent {
             status,
             started,
             reply,
+            data_dir: self.inner.cfg.data_dir.clone(),
         };
         let ctl = lock(&entry.control).clone();
         let sent = match ctl {
-            Some(ctl) => ctl.send(Control::Migrate(job)).await.is_ok(),
+            Some(ctl) => ctl.send(Control::Migrate(Box::new(job))).await.is_ok(),
             None => false,
         };
         let result = if sent {
@@ -730,13 +740,18 @@ impl Agent {
         match result {
             Ok(_node) => {
                 // The target runs it: wait for the lifecycle task to kill the
-                // source VM, then forget the sandbox here.
-                let mut fin = entry.finished.subscribe();
-                let _ = fin.wait_for(|f| *f).await;
-                let _ = hearth_vmm::destroy(&entry.dir.join("vm"));
-                self.hand_off_net(&entry).await;
-                let _ = std::fs::remove_dir_all(&entry.dir);
-                lock(&self.inner.sandboxes).remove(&rec.id);
+                // source VM, then forget the sandbox here. why: in a task of its
+                // own, so a client that disconnects does not cut it short.
+                let (agent, id) = (self.clone(), rec.id.clone());
+                let cleanup = tokio::spawn(async move {
+                    let mut fin = entry.finished.subscribe();
+                    let _ = fin.wait_for(|f| *f).await;
+                    let _ = hearth_vmm::destroy(&entry.dir.join("vm"));
+                    agent.hand_off_net(&entry).await;
+                    let _ = std::fs::remove_dir_all(&entry.dir);
+                    lock(&agent.inner.sandboxes).remove(&id);
+                });
+                let _ = cleanup.await;
                 let s = status_rx.borrow().clone();
                 Ok(s)
             }
@@ -817,17 +832,24 @@ impl Agent {
             }
         }
         let dir = i.cfg.data_dir.join("sandboxes").join(&sb.id);
-        if dir.exists() {
-            return Err(AgentError::Conflict(format!(
-                "{} already exists on node {}",
-                dir.display(),
-                i.cfg.node
-            )));
+        // why: creating the directory is the claim; two prepares of one id
+        // cannot both pass a check made before it.
+        match std::fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(AgentError::Conflict(format!(
+                    "{} already exists on node {}",
+                    dir.display(),
+                    i.cfg.node
+                )))
+            }
+            Err(source) => {
+                return Err(AgentError::Io {
+                    what: format!("create {}", dir.display()),
+                    source,
+                })
+            }
         }
-        std::fs::create_dir_all(&dir).map_err(|source| AgentError::Io {
-            what: format!("create {}", dir.display()),
-            source,
-        })?;
         let sandbox_net = match self.build_incoming_net(&offer, &dir).await {
             Ok(n) => n,
             Err(e) => {

@@ -134,6 +134,38 @@ pub(super) async fn release(
     }
 }
 
+/// The lease `node`'s slice (held by agent `instance`) gives `sandbox`: a
+/// migration target checks the address an offer names before it routes it.
+pub(super) async fn held(
+    State(cp): State<ControlPlane>,
+    Path((node, sandbox)): Path<(String, String)>,
+    axum::extract::Query(req): axum::extract::Query<Holder>,
+) -> ApiResult<Json<Lease>> {
+    let (n, sb) = (node.clone(), sandbox.clone());
+    let found = cp
+        .store
+        .read(move |st| {
+            st.slices
+                .get(&n)
+                .filter(|s| s.instance == req.instance)
+                .and_then(|s| s.leases.get(&sb).map(|ip| (*ip, s.cidr)))
+        })
+        .await?;
+    match found {
+        Some((ip, cidr)) => Ok(Json(Lease {
+            ip: ip.to_string(),
+            node,
+            cidr: cidr.to_string(),
+            agent_sandbox: sandbox,
+            sandbox: None,
+        })),
+        None => Err(HttpError(ApiError::new(
+            ErrorCode::NotFound,
+            format!("node {node}'s address slice (agent instance given) leases nothing to sandbox {sandbox}"),
+        ))),
+    }
+}
+
 pub(super) async fn retain(
     State(cp): State<ControlPlane>,
     Path(node): Path<String>,

@@ -157,7 +157,7 @@ pub fn cluster_routes(cp: ControlPlane, token: ApiToken) -> Router {
         .route("/v1/agents/{node}/leases/retain", post(leases::retain))
         .route(
             "/v1/agents/{node}/leases/{sandbox}",
-            axum::routing::delete(leases::release),
+            axum::routing::delete(leases::release).get(leases::held),
         )
         .route("/v1/leases", get(leases::list))
         .route("/v1/slices", get(leases::slices))
