@@ -155,6 +155,49 @@ pub struct NodeNet {
     owner: u32,
     /// This agent's pool in the host's pool registry (released on drop).
     _registration: registry::Registration,
+    /// A policy program instance loaded and verified ahead of the next setup.
+    spare: Arc<SpareProgram>,
+}
+
+/// The next sandbox's policy program instance, loaded in the background
+/// ([`policy::maps::preload`]): a setup takes it and starts loading the next,
+/// so the ELF load and the verifier (most of a setup) are off the start's path.
+#[derive(Default)]
+struct SpareProgram {
+    ready: Mutex<Option<policy::maps::Preloaded>>,
+    loading: std::sync::atomic::AtomicBool,
+}
+
+impl SpareProgram {
+    /// The spare instance, if one is ready and still current; starts loading
+    /// the next either way.
+    fn take(self: &Arc<Self>) -> Option<policy::maps::Preloaded> {
+        let got = lock(&self.ready).take().filter(|p| p.is_current());
+        self.refill();
+        got
+    }
+
+    /// Starts loading an instance unless one is ready or loading.
+    fn refill(self: &Arc<Self>) {
+        use std::sync::atomic::Ordering;
+        if lock(&self.ready).is_some() || self.loading.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let me = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("hearth-bpf-preload".into())
+            .spawn(move || {
+                match policy::maps::preload() {
+                    Ok(p) => *lock(&me.ready) = Some(p),
+                    // why: setups then load their own instance, and say why if that fails.
+                    Err(e) => tracing::debug!("loading a policy program ahead of use: {e}"),
+                }
+                me.loading.store(false, Ordering::Release);
+            });
+        if spawned.is_err() {
+            self.loading.store(false, Ordering::Release);
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -206,12 +249,15 @@ impl NodeNet {
                 source,
             }
         })?;
+        let spare = Arc::new(SpareProgram::default());
+        spare.refill();
         Ok(NodeNet {
             owner: registry::owner_tag(&cfg.state_dir),
             cfg,
             ipam,
             locks: Mutex::new(HashMap::new()),
             _registration: registration,
+            spare,
         })
     }
 
@@ -323,6 +369,7 @@ impl NodeNet {
     ) -> Result<SandboxNet, NetError> {
         let l = self.sandbox_lock(id);
         let _g = lock(&l);
+        let t0 = std::time::Instant::now();
         let compiled = self.compile(&policy)?;
         let ip = match leased {
             Some(ip) => self.ipam.adopt(id, ip)?,
@@ -339,14 +386,33 @@ impl NodeNet {
             policy,
         };
         let built = (|| {
+            // why: each step's cost is logged (debug) so a slow start can be
+            // attributed: lease, record, tap + route, programs, host map, NAT.
+            let mut steps = StepTimer::new(t0);
+            steps.mark("lease");
             self.save(&rec)?;
+            steps.mark("record");
             tap::create(&rec.tap, ip).map_err(|source| NetError::Tap {
                 tap: rec.tap.clone(),
                 source,
             })?;
-            policy::maps::attach(&rec.tap, ip, rec.mac, &compiled, &tap::host_addresses())?;
+            steps.mark("tap");
+            let hosts = tap::host_addresses();
+            match self.spare.take() {
+                Some(pre) => {
+                    policy::maps::attach_preloaded(&rec.tap, ip, rec.mac, &compiled, &hosts, pre)?;
+                    steps.mark("bpf(preloaded)");
+                }
+                None => {
+                    policy::maps::attach(&rec.tap, ip, rec.mac, &compiled, &hosts)?;
+                    steps.mark("bpf");
+                }
+            }
             policy::maps::add_host_sandbox(ip, self.cfg.pool.prefix_len(), self.owner)?;
+            steps.mark("host-map");
             nat::add(ip)?;
+            steps.mark("nat");
+            tracing::debug!(sandbox = id, steps = %steps, "network set up");
             Ok(())
         })();
         if let Err(e) = built {
@@ -574,6 +640,39 @@ impl NodeNet {
                 tracing::warn!("host sandbox map: {e}");
             }
         }
+    }
+}
+
+/// Durations of consecutive steps, for a debug log line (`lease=1.2ms tap=…`).
+struct StepTimer {
+    last: std::time::Instant,
+    steps: Vec<(&'static str, std::time::Duration)>,
+}
+
+impl StepTimer {
+    fn new(start: std::time::Instant) -> StepTimer {
+        StepTimer {
+            last: start,
+            steps: Vec::new(),
+        }
+    }
+
+    fn mark(&mut self, step: &'static str) {
+        let now = std::time::Instant::now();
+        self.steps.push((step, now - self.last));
+        self.last = now;
+    }
+}
+
+impl std::fmt::Display for StepTimer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (name, d)) in self.steps.iter().enumerate() {
+            if i > 0 {
+                f.write_str(" ")?;
+            }
+            write!(f, "{name}={:.1}ms", d.as_secs_f64() * 1000.0)?;
+        }
+        Ok(())
     }
 }
 
