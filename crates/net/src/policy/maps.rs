@@ -951,6 +951,22 @@ mod tests {
             Prog { tap, bpf }
         }
 
+        /// [`Prog::load`] with an instance loaded and verified ahead ([`preload`]).
+        fn load_preloaded(name: &str, c: &Compiled, hosts: &[Ipv4Addr]) -> Prog {
+            let pre = preload().unwrap();
+            assert!(
+                pre.is_current(),
+                "a fresh instance uses the pinned host maps"
+            );
+            let tap = format!("hthup{name}{}", std::process::id() % 100000);
+            let dir = pin_dir(&tap);
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            let bpf =
+                load_and_fill(&tap, &dir, Ipv4Addr::from(G), MAC, c, hosts, Some(pre)).unwrap();
+            Prog { tap, bpf }
+        }
+
         fn run(&self, prog: &str, pkt: &[u8]) -> u32 {
             let p: &SchedClassifier = self.bpf.program(prog).unwrap().try_into().unwrap();
             let fd = p.fd().unwrap().as_fd().as_raw_fd();
@@ -1279,6 +1295,25 @@ mod tests {
             p.inn(&tcp(ip("198.51.100.1"), G, 5000, 8080, SYN)),
             SHOT,
             "default deny"
+        );
+    }
+
+    #[test]
+    fn an_instance_loaded_ahead_enforces_the_policy_written_later() {
+        let h1 = ip("192.0.2.2");
+        let c = policy(
+            set(Action::Allow, &[], &["203.0.113.0/24:80"]),
+            set(Action::Deny, &[], &[]),
+        );
+        let p = Prog::load_preloaded("pre", &c, &[Ipv4Addr::from(h1)]);
+        let dst = ip("203.0.113.9");
+        assert_eq!(p.out(&tcp(G, dst, 5000, 80, SYN)), SHOT, "denied port");
+        assert_eq!(p.out(&tcp(G, dst, 5000, 81, SYN)), OK, "default allow");
+        assert_eq!(p.out(&tcp(G, h1, 5000, 81, SYN)), SHOT, "host address");
+        assert_eq!(
+            p.inn(&tcp(ip("198.51.100.1"), G, 5000, 8080, SYN)),
+            SHOT,
+            "ingress default deny"
         );
     }
 
