@@ -553,6 +553,7 @@ impl Agent {
                             if let Err(e) = r.vm.attach_tap(tap).await {
                                 let _ = r.vm.kill().await;
                                 let _ = r.vm.wait().await;
+                                let _ = hearth_vmm::destroy(r.vm.dir());
                                 return Err((
                                     format!("cannot attach tap {tap} to the VM restored from template '{name}': {e}"),
                                     key,

@@ -855,6 +855,32 @@ impl Agent {
             NetworkMode::Default => Some(crate::network::spec_policy(&req.network)?),
         };
         let chosen = self.choose_launch(&req, &image.digest, cpus, memory_mib);
+        // why: from here a Launch holds resources (a pool VM with its network
+        // and lease, a template reference, later a restore under way): a
+        // client that drops its request drops this future, so the rest runs
+        // in its own task, which a cancelled caller cannot drop half-way.
+        let agent = self.clone();
+        tokio::spawn(async move {
+            agent
+                .create_launched(req, image, exec, policy, (chosen, cpus, memory_mib), t0)
+                .await
+        })
+        .await
+        .map_err(|e| AgentError::Config(format!("creating the sandbox panicked: {e}")))?
+    }
+
+    /// [`Agent::create`] once its launch is chosen: registers the sandbox,
+    /// sets up its network and starts its lifecycle, undoing the launch on failure.
+    async fn create_launched(
+        &self,
+        req: CreateSandbox,
+        image: ImageRecord,
+        exec: GuestExec,
+        policy: Option<hearth_net::Policy>,
+        // the chosen launch (with its cpus and memory), and the requested ones
+        (chosen, cpus, memory_mib): ((Launch, u32, u32), u32, u32),
+        t0: Instant,
+    ) -> Result<Sandbox, AgentError> {
         let nicless = chosen.0.nicless_template().map(str::to_string);
         let (mut launch, cpus, memory_mib) = match nicless {
             // why: a restored VM keeps its saved device set: a template made
@@ -898,9 +924,10 @@ impl Agent {
         let net = match (prepared, policy) {
             (Some(pre), Some(policy)) => self.adopt_pool_network(&entry, pre, policy).await,
             (Some(pre), None) => {
-                // why: off the start's path; the VM never had the tap attached.
-                let agent = self.clone();
-                tokio::spawn(async move { agent.release_pool_network(&pre.sandbox).await });
+                // why: before the sandbox runs, so nothing (`policy set`) finds
+                // a network a `--network none` sandbox does not have; the VM
+                // never had the tap attached.
+                self.release_pool_network(&pre.sandbox).await;
                 Ok(None)
             }
             (None, policy) => self.setup_network(&entry, policy).await,
@@ -909,6 +936,9 @@ impl Agent {
             Ok(n) => n,
             Err(e) => {
                 self.abandon(launch).await;
+                // why: an early restore (now ended by abandon) may have written
+                // into the directory after the failed setup removed it.
+                let _ = std::fs::remove_dir_all(&entry.dir);
                 return Err(e);
             }
         };
@@ -975,15 +1005,22 @@ impl Agent {
         policy: hearth_net::Policy,
     ) -> Result<Option<hearth_net::SandboxNet>, AgentError> {
         let id = entry.snapshot().id;
-        debug_assert_eq!(pre.sandbox, id);
-        let node = self.inner.net.clone().ok_or_else(|| {
-            AgentError::Config("pool VM has a network but the node has none".into())
-        })?;
-        let id2 = id.clone();
-        let set = tokio::task::spawn_blocking(move || node.set_policy(&id2, policy))
-            .await
-            .map_err(|e| AgentError::Config(format!("network policy setup panicked: {e}")))
-            .and_then(|r| r.map_err(AgentError::from));
+        let set = match self.inner.net.clone() {
+            _ if pre.sandbox != id => Err(AgentError::Config(format!(
+                "the network prepared for pool VM {} was given to sandbox {id}; it was removed, create the sandbox again",
+                pre.sandbox
+            ))),
+            None => Err(AgentError::Config(format!(
+                "pool VM {id} has a network but this node has no networking; create the sandbox again"
+            ))),
+            Some(node) => {
+                let id2 = id.clone();
+                tokio::task::spawn_blocking(move || node.set_policy(&id2, policy))
+                    .await
+                    .map_err(|e| AgentError::Config(format!("network policy setup panicked: {e}")))
+                    .and_then(|r| r.map_err(AgentError::from))
+            }
+        };
         match set {
             Ok(n) => {
                 let token = new_id() + &new_id();
@@ -991,7 +1028,7 @@ impl Agent {
                 Ok(Some(n))
             }
             Err(e) => {
-                self.release_pool_network(&id).await;
+                self.release_pool_network(&pre.sandbox).await;
                 lock(&self.inner.sandboxes).remove(&id);
                 let _ = std::fs::remove_dir_all(&entry.dir);
                 Err(e)

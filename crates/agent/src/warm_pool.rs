@@ -109,12 +109,29 @@ impl Agent {
     pub(crate) async fn release_pool_network(&self, id: &str) {
         let Some(node) = self.net() else { return };
         let id2 = id.to_string();
-        match tokio::task::spawn_blocking(move || node.teardown(&id2)).await {
-            Ok(Ok(())) => self.release_address(id).await,
-            // why: the tap is still there; its lease stays held (a daemon
-            // restart removes it as an orphan and releases it then).
+        let n2 = node.clone();
+        match tokio::task::spawn_blocking(move || n2.teardown(&id2)).await {
+            Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(vm = id, "removing the network of a pool VM: {e}"),
             Err(e) => tracing::warn!(vm = id, "removing the network of a pool VM panicked: {e}"),
+        }
+        // why: as [`Agent::drop_network`]: whenever the local lease is gone
+        // (even after a partial teardown) the upstream one is released; one
+        // still held locally is released with its orphan at the next start.
+        if !node.leases().contains_key(id) {
+            self.release_address(id).await;
+        }
+    }
+
+    /// Stops every pool and ends its VMs, giving back their prepared networks
+    /// and leases (graceful daemon shutdown: a stopped agent must not keep its
+    /// pool VMs' addresses taken). A VM still being restored when this runs is
+    /// ended by its fill task or, if the daemon exits first, reaped at the
+    /// next start ([`Agent::reap_unclaimed_pool_vms`]).
+    pub async fn close_pools(&self) {
+        let names: Vec<String> = lock(&self.inner.warm.pools.map).keys().cloned().collect();
+        for name in names {
+            self.close_pool(&name).await;
         }
     }
 
@@ -127,6 +144,9 @@ impl Agent {
             Ok(ip) => ip,
             Err(e) => {
                 tracing::warn!(vm = id, "no address for a pool VM ahead of a request: {e}");
+                // why: an acquire may commit upstream and then time out here;
+                // a pool VM whose preparation failed must hold no lease.
+                self.release_address(id).await;
                 return None;
             }
         };

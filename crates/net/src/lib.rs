@@ -166,7 +166,24 @@ pub struct NodeNet {
 struct SpareProgram {
     ready: Mutex<Option<policy::maps::Preloaded>>,
     loading: std::sync::atomic::AtomicBool,
+    /// The reason the last load failed (logged once per distinct reason).
+    last_error: Mutex<Option<String>>,
 }
+
+/// Clears [`SpareProgram::loading`] when the loading thread ends, also by a panic.
+struct LoadingGuard(Arc<SpareProgram>);
+
+impl Drop for LoadingGuard {
+    fn drop(&mut self) {
+        self.0
+            .loading
+            .store(false, std::sync::atomic::Ordering::Release);
+    }
+}
+
+/// The niceness of the loading thread: the refill follows the start that took
+/// the spare and must not compete with it for the CPU.
+const PRELOAD_NICE: libc::c_int = 10;
 
 impl SpareProgram {
     /// The spare instance, if one is ready and still current; starts loading
@@ -187,12 +204,28 @@ impl SpareProgram {
         let spawned = std::thread::Builder::new()
             .name("hearth-bpf-preload".into())
             .spawn(move || {
+                let me = LoadingGuard(me);
+                // SAFETY: setpriority with PRIO_PROCESS and who 0 changes only
+                // the calling thread's niceness on Linux; no memory is passed.
+                let _ = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, PRELOAD_NICE) };
                 match policy::maps::preload() {
-                    Ok(p) => *lock(&me.ready) = Some(p),
-                    // why: setups then load their own instance, and say why if that fails.
-                    Err(e) => tracing::debug!("loading a policy program ahead of use: {e}"),
+                    Ok(p) => {
+                        *lock(&me.0.ready) = Some(p);
+                        *lock(&me.0.last_error) = None;
+                    }
+                    Err(e) => {
+                        // why: setups then load their own instance (and fail
+                        // with the reason); said once per distinct reason.
+                        let reason = e.to_string();
+                        let mut last = lock(&me.0.last_error);
+                        if last.as_deref() != Some(reason.as_str()) {
+                            tracing::warn!(
+                                "loading a policy program ahead of use: {reason}; sandbox starts load their own"
+                            );
+                            *last = Some(reason);
+                        }
+                    }
                 }
-                me.loading.store(false, Ordering::Release);
             });
         if spawned.is_err() {
             self.loading.store(false, Ordering::Release);
@@ -387,9 +420,11 @@ impl NodeNet {
         };
         let built = (|| {
             // why: each step's cost is logged (debug) so a slow start can be
-            // attributed: lease, record, tap + route, programs, host map, NAT.
+            // attributed: policy compile + local lease file (the control-plane
+            // commit, if any, came before: the agent's `leased` mark), record,
+            // tap + route, programs, host map, NAT.
             let mut steps = StepTimer::new(t0);
-            steps.mark("lease");
+            steps.mark("compile+local-lease");
             self.save(&rec)?;
             steps.mark("record");
             tap::create(&rec.tap, ip).map_err(|source| NetError::Tap {

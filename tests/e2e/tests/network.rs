@@ -1541,6 +1541,30 @@ fn networked_sandboxes_start_from_a_template_and_its_pool_with_their_own_identit
         .map(|(_, s)| s)
         .collect();
     assert_eq!(held, idle, "only the idle pool VM holds a lease");
+    // A pool shrunk to 0 gives its VM's lease and tap back; grown again, the
+    // new pool VM prepares a network (and a lease) of its own.
+    let out = d.hearth(&["template", "pool", "bbn", "--size", "0"]);
+    assert!(out.status.success(), "{}", show(&out));
+    wait_until(
+        "the lease of the pool VM shrunk away to be released",
+        Duration::from_secs(30),
+        || control_plane_leases(&d).is_empty(),
+    );
+    assert!(
+        !host_state().contains(&format!("hth{}", &idle[0][..idle[0].len().min(12)])),
+        "tap of a pool VM shrunk away left: {}",
+        host_state()
+    );
+    let out = d.hearth(&["template", "pool", "bbn", "--size", "1"]);
+    assert!(out.status.success(), "{}", show(&out));
+    wait_until("the warm pool to refill", Duration::from_secs(120), || {
+        pool_ready(&d)
+    });
+    let idle: Vec<String> = control_plane_leases(&d)
+        .into_iter()
+        .map(|(_, s)| s)
+        .collect();
+    assert_eq!(idle.len(), 1, "one lease of the regrown pool VM: {idle:?}");
     let out = d.hearth(&["template", "rm", "bbn"]);
     assert!(out.status.success(), "{}", show(&out));
     let held = control_plane_leases(&d);
