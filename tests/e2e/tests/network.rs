@@ -1772,3 +1772,44 @@ fn cold_boots_and_their_snapshots_put_the_nic_on_its_tap_with_offloads_templates
         assert!(out.status.success(), "{}", show(&out));
     }
 }
+
+#[test]
+fn a_daemon_stopped_gracefully_ends_its_pool_vms_and_their_networks() {
+    let mut d = Daemon::start();
+    let out = d.hearth(&[
+        "template", "create", "busybox", "--name", "bbs", "--memory", "128", "--pool", "1",
+    ]);
+    assert!(out.status.success(), "{}", show(&out));
+    wait_until("the warm pool to fill", Duration::from_secs(120), || {
+        let out = d.hearth(&["template", "ls", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap_or_default();
+        v[0]["pool_ready"] == 1
+    });
+    let held: Vec<String> = control_plane_leases(&d)
+        .into_iter()
+        .map(|(_, s)| s)
+        .collect();
+    assert_eq!(held.len(), 1, "one lease of the idle pool VM: {held:?}");
+    let tap = format!("hth{}", &held[0][..held[0].len().min(12)]);
+    assert!(host_state().contains(&tap), "pool VM tap {tap} missing");
+    assert!(!hearth_e2e::vmm_pids_under(&d.data_dir()).is_empty());
+
+    let mut child = d.child.take().expect("daemon running");
+    // SAFETY: plain kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let st = child.wait().expect("wait for hearthd");
+    assert!(
+        st.success(),
+        "hearthd after SIGTERM: {st}\n{}",
+        d.log_text()
+    );
+    // why: VMs of sandboxes survive a daemon stop; pool VMs (no sandbox yet)
+    // must not, nor their tap and programs (their lease went with them).
+    let left = hearth_e2e::vmm_pids_under(&d.data_dir());
+    assert!(left.is_empty(), "pool VM processes left: {left:?}");
+    let state = host_state();
+    assert!(
+        !state.contains(&tap),
+        "tap of a pool VM left after SIGTERM: {state}"
+    );
+}
