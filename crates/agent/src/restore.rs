@@ -214,6 +214,13 @@ pub(crate) enum Launch {
     },
     /// A restored-and-paused VM from the template's pool (its reference is held).
     Pooled { template: String, vm: PooledVm },
+    /// A template restore already under way (started while the host network
+    /// was being set up, on hub 0 without a tap; the tap joins once restored).
+    /// `launch` is the [`Launch::Restore`] it was started from.
+    Restoring {
+        launch: Box<Launch>,
+        restore: tokio::task::JoinHandle<Result<hearth_vmm::RestoredVm, VmmError>>,
+    },
 }
 
 impl Launch {
@@ -225,6 +232,7 @@ impl Launch {
             Launch::Cold { .. } => None,
             Launch::Restore { nic, nic_mode, .. } => nic.then_some(*nic_mode),
             Launch::Pooled { vm, .. } => vm.nic.then_some(NicMode::Hub),
+            Launch::Restoring { launch, .. } => launch.nic(),
         }
     }
 
@@ -238,6 +246,15 @@ impl Launch {
                 ..
             } => Some(name),
             Launch::Pooled { template, vm } if !vm.nic => Some(template),
+            Launch::Restoring { launch, .. } => launch.nicless_template(),
+            _ => None,
+        }
+    }
+
+    /// Takes the network prepared for a pooled VM (the sandbox owns it from now on).
+    pub(crate) fn take_pool_network(&mut self) -> Option<hearth_net::SandboxNet> {
+        match self {
+            Launch::Pooled { vm, .. } => vm.net.take(),
             _ => None,
         }
     }
@@ -260,6 +277,7 @@ impl Launch {
             } => Some(snapshot_key(name)),
             Launch::Restore { name, .. } => Some(template_key(name)),
             Launch::Pooled { template, .. } => Some(template_key(template)),
+            Launch::Restoring { launch, .. } => launch.ref_key(),
         }
     }
 }
@@ -421,10 +439,59 @@ impl Agent {
     /// Undoes a launch that will not run (the sandbox could not be registered).
     pub(crate) async fn abandon(&self, launch: Launch) {
         let key = launch.ref_key();
-        if let Launch::Pooled { vm, .. } = launch {
-            vm.discard().await;
+        match launch {
+            Launch::Pooled { vm, .. } => self.discard_pooled(vm).await,
+            Launch::Restoring { restore, .. } => {
+                if let Ok(Ok(r)) = restore.await {
+                    let _ = r.vm.kill().await;
+                    let _ = r.vm.wait().await;
+                    let _ = hearth_vmm::destroy(r.vm.dir());
+                }
+            }
+            _ => {}
         }
         self.release(key);
+    }
+
+    /// Starts restoring the VM of sandbox `id` from its template now, on hub 0
+    /// without a tap, when the start is a networked template restore: the
+    /// restore then runs while the host network is set up, and the sandbox's
+    /// tap joins the restored (still paused) VM once its policy programs are
+    /// attached ([`Agent::launch_vm`]). Other launches are returned unchanged.
+    pub(crate) fn start_restore_early(
+        &self,
+        launch: Launch,
+        id: &str,
+        name: Option<&str>,
+        (cpus, memory_mib): (u32, u32),
+    ) -> Launch {
+        let dir = match &launch {
+            Launch::Restore {
+                path: StartPath::Template,
+                nic: true,
+                nic_mode: NicMode::Hub,
+                dir,
+                ..
+            } => dir.clone(),
+            _ => return launch,
+        };
+        // why: a config the normal path cannot build either fails there, with its error.
+        let Ok(cfg) = self.vm_config(
+            id,
+            name,
+            PathBuf::new(),
+            (cpus, memory_mib),
+            None,
+            Some(NicMode::Hub),
+        ) else {
+            return launch;
+        };
+        let agent = self.clone();
+        let restore = tokio::spawn(async move { agent.restore_from(&dir, &cfg).await });
+        Launch::Restoring {
+            launch: Box::new(launch),
+            restore,
+        }
     }
 
     pub(crate) fn release(&self, key: Option<String>) {
@@ -463,6 +530,58 @@ impl Agent {
         };
         let cold_note = match launch {
             Launch::Cold { note } => note,
+            Launch::Restoring { launch, restore } => {
+                let Launch::Restore {
+                    path,
+                    name,
+                    attach,
+                    next_session,
+                    note,
+                    guarded,
+                    ..
+                } = *launch
+                else {
+                    unreachable!("only template restores are started early");
+                };
+                let restored = match restore.await {
+                    Ok(r) => r.map_err(|e| e.to_string()),
+                    Err(e) => Err(format!("restore task panicked: {e}")),
+                };
+                match restored {
+                    Ok(r) => {
+                        entry.trace.mark("restored");
+                        // why: the tap joins only now, after its policy programs
+                        // were attached (setup_network ran before the lifecycle).
+                        if let Some(tap) = cfg.net.as_ref().and_then(|n| n.tap.as_deref()) {
+                            if let Err(e) = r.vm.attach_tap(tap).await {
+                                let _ = r.vm.kill().await;
+                                let _ = r.vm.wait().await;
+                                let _ = hearth_vmm::destroy(r.vm.dir());
+                                return Err((
+                                    format!("cannot attach tap {tap} to the VM restored from template '{name}': {e}"),
+                                    key,
+                                ));
+                            }
+                            entry.trace.mark("tap-attached");
+                        }
+                        record(path, Some(&name), note);
+                        entry.trace.mark("start-path-saved");
+                        let link = GuestLink::Stream(r.agent);
+                        return Ok((
+                            r.vm,
+                            Some(channel(link, attach, next_session, guarded)),
+                            key,
+                        ));
+                    }
+                    Err(e) => {
+                        self.release(key.take());
+                        tracing::warn!(sandbox = %cfg.id, "template restore failed, booting: {e}");
+                        Some(format!(
+                            "restore from template '{name}' failed ({e}); booted cold"
+                        ))
+                    }
+                }
+            }
             Launch::Pooled { template, vm } => {
                 record(StartPath::Pool, Some(&template), None);
                 // why: pooled VMs wait with their device on hub 0 and no tap; the

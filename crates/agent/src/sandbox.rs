@@ -740,7 +740,10 @@ impl Agent {
     }
 
     /// The sandbox's address from the control plane, when it hands them out.
-    async fn acquire_address(&self, id: &str) -> Result<Option<std::net::Ipv4Addr>, AgentError> {
+    pub(crate) async fn acquire_address(
+        &self,
+        id: &str,
+    ) -> Result<Option<std::net::Ipv4Addr>, AgentError> {
         match &self.inner.cfg.leases {
             Some(auth) => Ok(Some(auth.acquire(id, None).await?)),
             None => Ok(None),
@@ -895,8 +898,34 @@ impl Agent {
             NetworkMode::Default => Some(crate::network::spec_policy(&req.network)?),
         };
         let chosen = self.choose_launch(&req, &image.digest, cpus, memory_mib);
+        // why: from here a Launch holds resources (a pool VM with its network
+        // and lease, a template reference, later a restore under way): a
+        // client that drops its request drops this future, so the rest runs
+        // in its own task, which a cancelled caller cannot drop half-way.
+        let agent = self.clone();
+        tokio::spawn(async move {
+            agent
+                .create_launched(req, image, exec, policy, (chosen, cpus, memory_mib), t0)
+                .await
+        })
+        .await
+        .map_err(|e| AgentError::Config(format!("creating the sandbox panicked: {e}")))?
+    }
+
+    /// [`Agent::create`] once its launch is chosen: registers the sandbox,
+    /// sets up its network and starts its lifecycle, undoing the launch on failure.
+    async fn create_launched(
+        &self,
+        req: CreateSandbox,
+        image: ImageRecord,
+        exec: GuestExec,
+        policy: Option<hearth_net::Policy>,
+        // the chosen launch (with its cpus and memory), and the requested ones
+        (chosen, cpus, memory_mib): ((Launch, u32, u32), u32, u32),
+        t0: Instant,
+    ) -> Result<Sandbox, AgentError> {
         let nicless = chosen.0.nicless_template().map(str::to_string);
-        let (launch, cpus, memory_mib) = match nicless {
+        let (mut launch, cpus, memory_mib) = match nicless {
             // why: a restored VM keeps its saved device set: a template made
             // without a network device cannot serve a networked sandbox.
             Some(t) if policy.is_some() && self.inner.net.is_some() => {
@@ -923,10 +952,36 @@ impl Agent {
         };
         entry.trace.began_at(t0);
         entry.trace.mark("registered");
-        let net = match self.setup_network(&entry, policy).await {
+        if policy.is_some() && self.inner.net.is_some() {
+            // why: the restore (QEMU spawn, state load) overlaps the host
+            // network setup below instead of following it.
+            let rec = entry.snapshot();
+            launch = self.start_restore_early(
+                launch,
+                &rec.id,
+                req.name.as_deref(),
+                (rec.cpus, rec.memory_mib),
+            );
+        }
+        let prepared = launch.take_pool_network();
+        let net = match (prepared, policy) {
+            (Some(pre), Some(policy)) => self.adopt_pool_network(&entry, pre, policy).await,
+            (Some(pre), None) => {
+                // why: before the sandbox runs, so nothing (`policy set`) finds
+                // a network a `--network none` sandbox does not have; the VM
+                // never had the tap attached.
+                self.release_pool_network(&pre.sandbox).await;
+                Ok(None)
+            }
+            (None, policy) => self.setup_network(&entry, policy).await,
+        };
+        let net = match net {
             Ok(n) => n,
             Err(e) => {
                 self.abandon(launch).await;
+                // why: an early restore (now ended by abandon) may have written
+                // into the directory after the failed setup removed it.
+                let _ = std::fs::remove_dir_all(&entry.dir);
                 return Err(e);
             }
         };
@@ -955,6 +1010,7 @@ impl Agent {
                 let (node, id2) = (node.clone(), id.clone());
                 let built = match self.acquire_address(&id).await {
                     Ok(ip) => {
+                        entry.trace.mark("leased");
                         tokio::task::spawn_blocking(move || node.setup_with(&id2, ip, policy))
                             .await
                             .map_err(|e| AgentError::Config(format!("network setup panicked: {e}")))
@@ -979,6 +1035,48 @@ impl Agent {
             entry.update(|r| r.network = Some(crate::network::network_to_api(n, token)));
         }
         Ok(net)
+    }
+
+    /// Gives a sandbox started from a pool VM the network prepared for that VM
+    /// (same id): writes the request's policy into its maps (live, atomic) and
+    /// records it. On failure the network is removed, its lease released, and
+    /// the sandbox unregistered (the caller undoes the launch).
+    async fn adopt_pool_network(
+        &self,
+        entry: &Arc<Entry>,
+        pre: hearth_net::SandboxNet,
+        policy: hearth_net::Policy,
+    ) -> Result<Option<hearth_net::SandboxNet>, AgentError> {
+        let id = entry.snapshot().id;
+        let set = match self.inner.net.clone() {
+            _ if pre.sandbox != id => Err(AgentError::Config(format!(
+                "the network prepared for pool VM {} was given to sandbox {id}; it was removed, create the sandbox again",
+                pre.sandbox
+            ))),
+            None => Err(AgentError::Config(format!(
+                "pool VM {id} has a network but this node has no networking; create the sandbox again"
+            ))),
+            Some(node) => {
+                let id2 = id.clone();
+                tokio::task::spawn_blocking(move || node.set_policy(&id2, policy))
+                    .await
+                    .map_err(|e| AgentError::Config(format!("network policy setup panicked: {e}")))
+                    .and_then(|r| r.map_err(AgentError::from))
+            }
+        };
+        match set {
+            Ok(n) => {
+                let token = new_id() + &new_id();
+                entry.update(|r| r.network = Some(crate::network::network_to_api(&n, token)));
+                Ok(Some(n))
+            }
+            Err(e) => {
+                self.release_pool_network(&pre.sandbox).await;
+                lock(&self.inner.sandboxes).remove(&id);
+                let _ = std::fs::remove_dir_all(&entry.dir);
+                Err(e)
+            }
+        }
     }
 
     /// Records a new sandbox (status `creating`); `id` when the VM already has one (pool).

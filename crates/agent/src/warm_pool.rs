@@ -9,7 +9,14 @@
 //! a fresh `Restored` (new entropy, clock, hostname) before its workload. A
 //! pooled VM is restored under the sandbox id it will get when taken, in
 //! `sandboxes/<id>/vm`, with no `sandbox.json` until then; a daemon that
-//! restarts kills such unclaimed VMs ([`Agent::reap_unclaimed_pool_vms`]).
+//! restarts kills such unclaimed VMs ([`Agent::reap_unclaimed_pool_vms`]) and
+//! removes their networks as orphans.
+//!
+//! On a node with networking a pooled VM's network is prepared ahead of a
+//! request under that id (lease, tap, programs with a deny-everything policy,
+//! route, NAT; no tap attached to the VM): a networked request only writes its
+//! rules into the maps and joins the tap. A VM discarded unused gives it back
+//! ([`Agent::discard_pooled`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -39,10 +46,16 @@ pub(crate) struct PooledVm {
     pub(crate) conn: Arc<GuestConn>,
     /// Restored with the template's network device (on hub 0, no tap yet).
     pub(crate) nic: bool,
+    /// The network prepared for it ahead of a request (lease, tap, policy
+    /// programs with a deny-everything policy, route, NAT): a request only
+    /// writes its rules into the maps and joins the tap. `None` when the node
+    /// has no networking or the preparation failed (the request sets it up).
+    pub(crate) net: Option<hearth_net::SandboxNet>,
 }
 
 impl PooledVm {
-    /// Ends the VM and removes its directory.
+    /// Ends the VM and removes its directory; its prepared network, if any,
+    /// is left to the caller (see [`Agent::discard_pooled`]).
     pub(crate) async fn discard(self) {
         let _ = self.vm.kill().await;
         let _ = self.vm.wait().await;
@@ -68,7 +81,94 @@ pub(crate) struct Pools {
     map: Mutex<HashMap<String, Arc<Pool>>>,
 }
 
+/// The policy of a pool VM's prepared network until a request gives it its
+/// own: nothing in or out (its tap joins the VM only with the request's rules).
+fn idle_pool_policy() -> hearth_net::Policy {
+    let deny = hearth_net::RuleSet {
+        default: hearth_net::Action::Deny,
+        rules: Vec::new(),
+    };
+    hearth_net::Policy {
+        egress: deny.clone(),
+        ingress: deny,
+    }
+}
+
 impl Agent {
+    /// Ends a pool VM that no request took and gives its prepared network
+    /// back (tap, programs, route, NAT entry, lease).
+    pub(crate) async fn discard_pooled(&self, vm: PooledVm) {
+        let net = vm.net.as_ref().map(|n| n.sandbox.clone());
+        vm.discard().await;
+        if let Some(id) = net {
+            self.release_pool_network(&id).await;
+        }
+    }
+
+    /// Removes the prepared network of pool VM `id` and releases its lease.
+    pub(crate) async fn release_pool_network(&self, id: &str) {
+        let Some(node) = self.net() else { return };
+        let id2 = id.to_string();
+        let n2 = node.clone();
+        match tokio::task::spawn_blocking(move || n2.teardown(&id2)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(vm = id, "removing the network of a pool VM: {e}"),
+            Err(e) => tracing::warn!(vm = id, "removing the network of a pool VM panicked: {e}"),
+        }
+        // why: as [`Agent::drop_network`]: whenever the local lease is gone
+        // (even after a partial teardown) the upstream one is released; one
+        // still held locally is released with its orphan at the next start.
+        if !node.leases().contains_key(id) {
+            self.release_address(id).await;
+        }
+    }
+
+    /// Stops every pool and ends its VMs, giving back their prepared networks
+    /// and leases (graceful daemon shutdown: a stopped agent must not keep its
+    /// pool VMs' addresses taken). A VM still being restored when this runs is
+    /// ended by its fill task or, if the daemon exits first, reaped at the
+    /// next start ([`Agent::reap_unclaimed_pool_vms`]).
+    pub async fn close_pools(&self) {
+        let names: Vec<String> = lock(&self.inner.warm.pools.map).keys().cloned().collect();
+        for name in names {
+            self.close_pool(&name).await;
+        }
+    }
+
+    /// Leases an address for pool VM `id` and builds its network with
+    /// [`idle_pool_policy`], so a networked request taking the VM pays for
+    /// neither. `None` (logged) when that fails: the request sets it up.
+    async fn prepare_pool_network(&self, id: &str) -> Option<hearth_net::SandboxNet> {
+        let node = self.net()?;
+        let ip = match self.acquire_address(id).await {
+            Ok(ip) => ip,
+            Err(e) => {
+                tracing::warn!(vm = id, "no address for a pool VM ahead of a request: {e}");
+                // why: an acquire may commit upstream and then time out here;
+                // a pool VM whose preparation failed must hold no lease.
+                self.release_address(id).await;
+                return None;
+            }
+        };
+        let id2 = id.to_string();
+        let built =
+            tokio::task::spawn_blocking(move || node.setup_with(&id2, ip, idle_pool_policy()))
+                .await;
+        match built {
+            Ok(Ok(n)) => Some(n),
+            Ok(Err(e)) => {
+                tracing::warn!(vm = id, "preparing the network of a pool VM: {e}");
+                self.release_address(id).await;
+                None
+            }
+            Err(e) => {
+                tracing::warn!(vm = id, "preparing the network of a pool VM panicked: {e}");
+                self.release_address(id).await;
+                None
+            }
+        }
+    }
+
     /// Starts the pools of every template on disk (at daemon start).
     pub(crate) fn start_pools(&self) {
         for t in self.template_metas() {
@@ -131,7 +231,7 @@ impl Agent {
         pool.wake.notify_one();
         let vms: Vec<PooledVm> = lock(&pool.ready).drain(..).collect();
         for vm in vms {
-            vm.discard().await;
+            self.discard_pooled(vm).await;
         }
     }
 
@@ -141,7 +241,7 @@ impl Agent {
             if pool.closed.load(Ordering::Relaxed) {
                 let vms: Vec<PooledVm> = lock(&pool.ready).drain(..).collect();
                 for vm in vms {
-                    vm.discard().await;
+                    self.discard_pooled(vm).await;
                 }
                 return;
             }
@@ -150,7 +250,7 @@ impl Agent {
             if have > target {
                 let extra = lock(&pool.ready).pop_back();
                 if let Some(vm) = extra {
-                    vm.discard().await;
+                    self.discard_pooled(vm).await;
                 }
                 continue;
             }
@@ -187,6 +287,7 @@ impl Agent {
                         vm: r.vm,
                         conn,
                         nic: meta.nic,
+                        net: None,
                     }),
                     Err(e) => {
                         let _ = r.vm.kill().await;
@@ -198,9 +299,12 @@ impl Agent {
                 Err(e) => Err(e.to_string()),
             };
             match made {
-                Ok(vm) => {
+                Ok(mut vm) => {
+                    if vm.nic && !pool.closed.load(Ordering::Relaxed) {
+                        vm.net = self.prepare_pool_network(&vm.id).await;
+                    }
                     if pool.closed.load(Ordering::Relaxed) {
-                        vm.discard().await;
+                        self.discard_pooled(vm).await;
                     } else {
                         lock(&pool.ready).push_back(vm);
                     }

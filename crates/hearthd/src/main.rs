@@ -291,7 +291,27 @@ async fn dev(a: DevArgs) -> Result<()> {
             }
         });
     }
-    axum_serve(listener, app).await
+    let served = axum_serve(listener, app).await;
+    close_pools(&agent).await;
+    served
+}
+
+/// How long a shutdown waits for the warm pools to give back their VMs.
+const POOL_CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Ends the warm pools' VMs on shutdown so their networks and address leases
+/// are given back (a stopped agent must not keep its slice taken), bounded by
+/// [`POOL_CLOSE_WAIT`]; what is left then is reaped at the next start.
+pub(crate) async fn close_pools(agent: &Agent) {
+    if tokio::time::timeout(POOL_CLOSE_WAIT, agent.close_pools())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "the warm pools did not close within {POOL_CLOSE_WAIT:?}; \
+             their VMs are reaped at the next start"
+        );
+    }
 }
 
 /// Creates the data dir readable by this user only (the agent also enforces

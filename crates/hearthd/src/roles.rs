@@ -270,13 +270,16 @@ pub async fn agent(a: AgentArgs) -> Result<()> {
         listener,
         hearth_control::router(agent.clone(), token).merge(node_ingress),
     );
-    tokio::select! {
+    let closing = agent.clone();
+    let r = tokio::select! {
         r = serve => r,
         r = control_link::run(agent, link) => {
-            r.context("node agent left the cluster")?;
-            bail!("control link ended")
+            r.context("node agent left the cluster")
+                .and_then(|_| Err(anyhow::anyhow!("control link ended")))
         }
-    }
+    };
+    crate::close_pools(&closing).await;
+    r
 }
 
 /// The one-member control plane of `hearthd dev`, under `DATA/control`.

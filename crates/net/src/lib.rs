@@ -174,6 +174,82 @@ pub struct NodeNet {
     owner: u32,
     /// This agent's pool in the host's pool registry (released on drop).
     _registration: registry::Registration,
+    /// A policy program instance loaded and verified ahead of the next setup.
+    spare: Arc<SpareProgram>,
+}
+
+/// The next sandbox's policy program instance, loaded in the background
+/// ([`policy::maps::preload`]): a setup takes it and starts loading the next,
+/// so the ELF load and the verifier (most of a setup) are off the start's path.
+#[derive(Default)]
+struct SpareProgram {
+    ready: Mutex<Option<policy::maps::Preloaded>>,
+    loading: std::sync::atomic::AtomicBool,
+    /// The reason the last load failed (logged once per distinct reason).
+    last_error: Mutex<Option<String>>,
+}
+
+/// Clears [`SpareProgram::loading`] when the loading thread ends, also by a panic.
+struct LoadingGuard(Arc<SpareProgram>);
+
+impl Drop for LoadingGuard {
+    fn drop(&mut self) {
+        self.0
+            .loading
+            .store(false, std::sync::atomic::Ordering::Release);
+    }
+}
+
+/// The niceness of the loading thread: the refill follows the start that took
+/// the spare and must not compete with it for the CPU.
+const PRELOAD_NICE: libc::c_int = 10;
+
+impl SpareProgram {
+    /// The spare instance, if one is ready and still current; starts loading
+    /// the next either way.
+    fn take(self: &Arc<Self>) -> Option<policy::maps::Preloaded> {
+        let got = lock(&self.ready).take().filter(|p| p.is_current());
+        self.refill();
+        got
+    }
+
+    /// Starts loading an instance unless one is ready or loading.
+    fn refill(self: &Arc<Self>) {
+        use std::sync::atomic::Ordering;
+        if lock(&self.ready).is_some() || self.loading.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let me = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("hearth-bpf-preload".into())
+            .spawn(move || {
+                let me = LoadingGuard(me);
+                // SAFETY: setpriority with PRIO_PROCESS and who 0 changes only
+                // the calling thread's niceness on Linux; no memory is passed.
+                let _ = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, PRELOAD_NICE) };
+                match policy::maps::preload() {
+                    Ok(p) => {
+                        *lock(&me.0.ready) = Some(p);
+                        *lock(&me.0.last_error) = None;
+                    }
+                    Err(e) => {
+                        // why: setups then load their own instance (and fail
+                        // with the reason); said once per distinct reason.
+                        let reason = e.to_string();
+                        let mut last = lock(&me.0.last_error);
+                        if last.as_deref() != Some(reason.as_str()) {
+                            tracing::warn!(
+                                "loading a policy program ahead of use: {reason}; sandbox starts load their own"
+                            );
+                            *last = Some(reason);
+                        }
+                    }
+                }
+            });
+        if spawned.is_err() {
+            self.loading.store(false, Ordering::Release);
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -226,12 +302,15 @@ impl NodeNet {
                 source,
             }
         })?;
+        let spare = Arc::new(SpareProgram::default());
+        spare.refill();
         Ok(NodeNet {
             owner: registration.tag(),
             cfg,
             ipam,
             locks: Mutex::new(HashMap::new()),
             _registration: registration,
+            spare,
         })
     }
 
@@ -379,6 +458,7 @@ impl NodeNet {
     fn build(&self, id: &str, addr: Address, policy: Policy) -> Result<SandboxNet, NetError> {
         let l = self.sandbox_lock(id);
         let _g = lock(&l);
+        let t0 = std::time::Instant::now();
         let compiled = self.compile(&policy)?;
         if matches!(addr, Address::Moved(..)) && tap::exists(&tap_name(id)) {
             // why: creating it would take over (delete) the tap of the running
@@ -419,14 +499,35 @@ impl NodeNet {
             policy,
         };
         let built = (|| {
+            // why: each step's cost is logged (debug) so a slow start can be
+            // attributed: policy compile + local lease file (the control-plane
+            // commit, if any, came before: the agent's `leased` mark), record,
+            // tap + route, programs, host map, NAT.
+            let mut steps = StepTimer::new(t0);
+            steps.mark("compile+local-lease");
             self.save(&rec)?;
+            steps.mark("record");
             tap::create(&rec.tap, ip, tap_mac).map_err(|source| NetError::Tap {
                 tap: rec.tap.clone(),
                 source,
             })?;
-            policy::maps::attach(&rec.tap, ip, rec.mac, &compiled, &tap::host_addresses())?;
+            steps.mark("tap");
+            let hosts = tap::host_addresses();
+            match self.spare.take() {
+                Some(pre) => {
+                    policy::maps::attach_preloaded(&rec.tap, ip, rec.mac, &compiled, &hosts, pre)?;
+                    steps.mark("bpf(preloaded)");
+                }
+                None => {
+                    policy::maps::attach(&rec.tap, ip, rec.mac, &compiled, &hosts)?;
+                    steps.mark("bpf");
+                }
+            }
             policy::maps::add_host_sandbox(ip, self.cfg.pool.prefix_len(), self.owner)?;
+            steps.mark("host-map");
             nat::add(ip)?;
+            steps.mark("nat");
+            tracing::debug!(sandbox = id, steps = %steps, "network set up");
             Ok(())
         })();
         if let Err(e) = built {
@@ -684,6 +785,39 @@ fn purge_gone_agents(
         }
     }
     Ok(n)
+}
+
+/// Durations of consecutive steps, for a debug log line (`lease=1.2ms tap=…`).
+struct StepTimer {
+    last: std::time::Instant,
+    steps: Vec<(&'static str, std::time::Duration)>,
+}
+
+impl StepTimer {
+    fn new(start: std::time::Instant) -> StepTimer {
+        StepTimer {
+            last: start,
+            steps: Vec::new(),
+        }
+    }
+
+    fn mark(&mut self, step: &'static str) {
+        let now = std::time::Instant::now();
+        self.steps.push((step, now - self.last));
+        self.last = now;
+    }
+}
+
+impl std::fmt::Display for StepTimer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (name, d)) in self.steps.iter().enumerate() {
+            if i > 0 {
+                f.write_str(" ")?;
+            }
+            write!(f, "{name}={:.1}ms", d.as_secs_f64() * 1000.0)?;
+        }
+        Ok(())
+    }
 }
 
 /// Body of the host address watcher thread (see [`NodeNet::open_watched`]).

@@ -1503,7 +1503,25 @@ fn networked_sandboxes_start_from_a_template_and_its_pool_with_their_own_identit
     assert_ne!(seen[0].0, seen[1].0, "two sandboxes share an address");
     assert_ne!(seen[0].1, seen[1].1, "two sandboxes share a MAC");
 
-    // --network none from the same (networked) template: the link is down.
+    // The refilled pool VM holds a network prepared ahead of a request: a
+    // lease of its own (its id is no sandbox's yet).
+    let pool_ready = |d: &Daemon| {
+        let out = d.hearth(&["template", "ls", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap_or_default();
+        v[0]["pool_ready"] == 1
+    };
+    wait_until("the warm pool to refill", Duration::from_secs(120), || {
+        pool_ready(&d)
+    });
+    let idle: Vec<String> = control_plane_leases(&d)
+        .into_iter()
+        .filter(|(_, s)| !ids.contains(s))
+        .map(|(_, s)| s)
+        .collect();
+    assert_eq!(idle.len(), 1, "one lease of the idle pool VM: {idle:?}");
+
+    // --network none from the same (networked) template, taking the pool VM:
+    // the link is down and the pool VM's prepared lease is given back.
     let out = d.hearth(&[
         "run",
         "--network",
@@ -1520,7 +1538,30 @@ fn networked_sandboxes_start_from_a_template_and_its_pool_with_their_own_identit
     assert_eq!(stdout(&out), "down\n0\n", "{}", show(&out));
     let s = d.inspect("off");
     assert!(s["network"].is_null(), "{s}");
-    assert_ne!(s["start_path"], "cold", "{s}");
+    assert_eq!(s["start_path"], "pool", "{s}");
+    assert_eq!(s["id"], idle[0].as_str(), "{s}");
+    wait_until(
+        "the lease of the pool VM taken with --network none to be released",
+        Duration::from_secs(30),
+        || !control_plane_leases(&d).iter().any(|(_, s)| *s == idle[0]),
+    );
+    assert!(
+        !host_state().contains(&format!("hth{}", &idle[0][..idle[0].len().min(12)])),
+        "tap of the pool VM taken with --network none left: {}",
+        host_state()
+    );
+
+    // why: refilled before the removals, so its lease cannot take an address
+    // just released and confuse the checks below.
+    wait_until("the warm pool to refill", Duration::from_secs(120), || {
+        pool_ready(&d)
+    });
+    let idle: Vec<String> = control_plane_leases(&d)
+        .into_iter()
+        .filter(|(_, s)| !ids.contains(s))
+        .map(|(_, s)| s)
+        .collect();
+    assert_eq!(idle.len(), 1, "one lease of the refilled pool VM: {idle:?}");
 
     // rm removes the taps and the leases.
     for (id, (ip, _)) in ids.iter().zip(&seen) {
@@ -1538,10 +1579,46 @@ fn networked_sandboxes_start_from_a_template_and_its_pool_with_their_own_identit
             "lease left: {held:?}"
         );
     }
-    // Idle pool VMs hold no lease; removing the template ends them.
-    assert!(control_plane_leases(&d).is_empty());
+    // Idle pool VMs hold a lease each (prepared network); removing the
+    // template ends them and gives their addresses, taps and programs back.
+    let held: Vec<String> = control_plane_leases(&d)
+        .into_iter()
+        .map(|(_, s)| s)
+        .collect();
+    assert_eq!(held, idle, "only the idle pool VM holds a lease");
+    // A pool shrunk to 0 gives its VM's lease and tap back; grown again, the
+    // new pool VM prepares a network (and a lease) of its own.
+    let out = d.hearth(&["template", "pool", "bbn", "--size", "0"]);
+    assert!(out.status.success(), "{}", show(&out));
+    wait_until(
+        "the lease of the pool VM shrunk away to be released",
+        Duration::from_secs(30),
+        || control_plane_leases(&d).is_empty(),
+    );
+    assert!(
+        !host_state().contains(&format!("hth{}", &idle[0][..idle[0].len().min(12)])),
+        "tap of a pool VM shrunk away left: {}",
+        host_state()
+    );
+    let out = d.hearth(&["template", "pool", "bbn", "--size", "1"]);
+    assert!(out.status.success(), "{}", show(&out));
+    wait_until("the warm pool to refill", Duration::from_secs(120), || {
+        pool_ready(&d)
+    });
+    let idle: Vec<String> = control_plane_leases(&d)
+        .into_iter()
+        .map(|(_, s)| s)
+        .collect();
+    assert_eq!(idle.len(), 1, "one lease of the regrown pool VM: {idle:?}");
     let out = d.hearth(&["template", "rm", "bbn"]);
     assert!(out.status.success(), "{}", show(&out));
+    let held = control_plane_leases(&d);
+    assert!(held.is_empty(), "lease of a removed pool VM left: {held:?}");
+    let state = host_state();
+    assert!(
+        !state.contains(&format!("hth{}", &idle[0][..idle[0].len().min(12)])),
+        "tap or pins of a removed pool VM left: {state}"
+    );
 }
 
 #[test]
@@ -1784,4 +1861,45 @@ fn cold_boots_and_their_snapshots_put_the_nic_on_its_tap_with_offloads_templates
         let out = d.hearth(&["rm", "-f", id]);
         assert!(out.status.success(), "{}", show(&out));
     }
+}
+
+#[test]
+fn a_daemon_stopped_gracefully_ends_its_pool_vms_and_their_networks() {
+    let mut d = Daemon::start();
+    let out = d.hearth(&[
+        "template", "create", "busybox", "--name", "bbs", "--memory", "128", "--pool", "1",
+    ]);
+    assert!(out.status.success(), "{}", show(&out));
+    wait_until("the warm pool to fill", Duration::from_secs(120), || {
+        let out = d.hearth(&["template", "ls", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap_or_default();
+        v[0]["pool_ready"] == 1
+    });
+    let held: Vec<String> = control_plane_leases(&d)
+        .into_iter()
+        .map(|(_, s)| s)
+        .collect();
+    assert_eq!(held.len(), 1, "one lease of the idle pool VM: {held:?}");
+    let tap = format!("hth{}", &held[0][..held[0].len().min(12)]);
+    assert!(host_state().contains(&tap), "pool VM tap {tap} missing");
+    assert!(!hearth_e2e::vmm_pids_under(&d.data_dir()).is_empty());
+
+    let mut child = d.child.take().expect("daemon running");
+    // SAFETY: plain kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let st = child.wait().expect("wait for hearthd");
+    assert!(
+        st.success(),
+        "hearthd after SIGTERM: {st}\n{}",
+        d.log_text()
+    );
+    // why: VMs of sandboxes survive a daemon stop; pool VMs (no sandbox yet)
+    // must not, nor their tap and programs (their lease went with them).
+    let left = hearth_e2e::vmm_pids_under(&d.data_dir());
+    assert!(left.is_empty(), "pool VM processes left: {left:?}");
+    let state = host_state();
+    assert!(
+        !state.contains(&tap),
+        "tap of a pool VM left after SIGTERM: {state}"
+    );
 }

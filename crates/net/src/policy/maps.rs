@@ -483,6 +483,54 @@ fn nbo(ip: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(ip.octets())
 }
 
+/// The programs of a sandbox whose policy needs them.
+const PROGRAMS: [&str; 2] = ["guest_out", "guest_in"];
+
+/// A program instance loaded and verified ahead of use: its maps created, both
+/// programs through the verifier, nothing pinned, filled or attached (so it
+/// holds no sandbox's state; dropped, it is freed). [`attach_preloaded`] gives
+/// it to a tap, so a sandbox start does not wait for the ELF load and the
+/// verifier, which are most of its host network setup.
+pub struct Preloaded {
+    bpf: Ebpf,
+}
+
+/// Loads and verifies a program instance for a later [`attach_preloaded`].
+pub fn preload() -> Result<Preloaded, BpfError> {
+    ensure_bpffs()?;
+    let mut bpf = load_object()?;
+    for prog in PROGRAMS {
+        let p: &mut SchedClassifier = bpf
+            .program_mut(prog)
+            .ok_or_else(|| BpfError::Load(format!("program {prog} missing")))?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| BpfError::Load(e.to_string()))?;
+        p.load()
+            .map_err(|e| BpfError::Load(format!("verifier rejected {prog}: {e:?}")))?;
+    }
+    Ok(Preloaded { bpf })
+}
+
+impl Preloaded {
+    /// Whether its host-shared maps are still the ones pinned under
+    /// [`host_pins`]. why: a pin removed and created again (another build's
+    /// maps cleared by an operator) would leave this instance reading a map
+    /// no agent writes any more.
+    pub fn is_current(&self) -> bool {
+        let pins = host_pins();
+        [SANDBOXES_PIN, SBGEN_PIN].iter().all(|name| {
+            let mine = match self.bpf.map(name) {
+                Some(Map::HashMap(d)) | Some(Map::Array(d)) => d.info().ok().map(|i| i.id()),
+                _ => None,
+            };
+            let pinned = MapData::from_pin(Path::new(&pins).join(name))
+                .ok()
+                .and_then(|d| d.info().ok().map(|i| i.id()));
+            mine.is_some() && mine == pinned
+        })
+    }
+}
+
 /// Loads a fresh instance of the program, pins its maps, writes `policy` and the
 /// node's addresses `hosts`, and attaches `guest_out`/`guest_in` to the tap's
 /// ingress/egress (TCX links, pinned).
@@ -493,6 +541,29 @@ pub fn attach(
     policy: &Compiled,
     hosts: &[Ipv4Addr],
 ) -> Result<(), BpfError> {
+    attach_with(tap, ip, mac, policy, hosts, None)
+}
+
+/// [`attach`] with an instance loaded ahead ([`preload`]) instead of a fresh one.
+pub fn attach_preloaded(
+    tap: &str,
+    ip: Ipv4Addr,
+    mac: [u8; 6],
+    policy: &Compiled,
+    hosts: &[Ipv4Addr],
+    pre: Preloaded,
+) -> Result<(), BpfError> {
+    attach_with(tap, ip, mac, policy, hosts, Some(pre))
+}
+
+fn attach_with(
+    tap: &str,
+    ip: Ipv4Addr,
+    mac: [u8; 6],
+    policy: &Compiled,
+    hosts: &[Ipv4Addr],
+    pre: Option<Preloaded>,
+) -> Result<(), BpfError> {
     ensure_bpffs()?;
     let dir = pin_dir(tap);
     let _ = std::fs::remove_dir_all(&dir);
@@ -500,7 +571,7 @@ pub fn attach(
         path: dir.display().to_string(),
         source,
     })?;
-    let result = attach_inner(tap, &dir, ip, mac, policy, hosts);
+    let result = attach_inner(tap, &dir, ip, mac, policy, hosts, pre);
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -516,8 +587,12 @@ fn load_and_fill(
     mac: [u8; 6],
     policy: &Compiled,
     hosts: &[Ipv4Addr],
+    pre: Option<Preloaded>,
 ) -> Result<Ebpf, BpfError> {
-    let bpf = load_object()?;
+    let bpf = match pre {
+        Some(p) => p.bpf,
+        None => load_object()?,
+    };
     let map_err = |reason: String| BpfError::Map {
         tap: tap.into(),
         reason,
@@ -548,8 +623,9 @@ fn attach_inner(
     mac: [u8; 6],
     policy: &Compiled,
     hosts: &[Ipv4Addr],
+    pre: Option<Preloaded>,
 ) -> Result<(), BpfError> {
-    let mut bpf = load_and_fill(tap, dir, ip, mac, policy, hosts)?;
+    let mut bpf = load_and_fill(tap, dir, ip, mac, policy, hosts, pre)?;
     // why: TCX links (pinnable) need Linux 6.6; older kernels (Debian 12's 6.1)
     // get cls_bpf filters on a clsact qdisc, which live as long as the tap.
     // HEARTH_TC_ATTACH=netlink forces the old path (to test it on new kernels).
@@ -576,8 +652,10 @@ fn attach_inner(
             .ok_or_else(|| attach_err(format!("program {prog} missing")))?
             .try_into()
             .map_err(|e: aya::programs::ProgramError| attach_err(e.to_string()))?;
-        p.load()
-            .map_err(|e| attach_err(format!("verifier rejected {prog}: {e:?}")))?;
+        if p.fd().is_err() {
+            p.load()
+                .map_err(|e| attach_err(format!("verifier rejected {prog}: {e:?}")))?;
+        }
         if tcx {
             let id = p
                 .attach_with_options(tap, hook, TcAttachOptions::TcxOrder(LinkOrder::default()))
@@ -889,11 +967,28 @@ mod tests {
             let dir = pin_dir(&tap);
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir).unwrap();
-            let mut bpf = load_and_fill(&tap, &dir, Ipv4Addr::from(G), MAC, c, hosts).unwrap();
+            let mut bpf =
+                load_and_fill(&tap, &dir, Ipv4Addr::from(G), MAC, c, hosts, None).unwrap();
             for name in ["guest_out", "guest_in"] {
                 let p: &mut SchedClassifier = bpf.program_mut(name).unwrap().try_into().unwrap();
                 p.load().unwrap();
             }
+            Prog { tap, bpf }
+        }
+
+        /// [`Prog::load`] with an instance loaded and verified ahead ([`preload`]).
+        fn load_preloaded(name: &str, c: &Compiled, hosts: &[Ipv4Addr]) -> Prog {
+            let pre = preload().unwrap();
+            assert!(
+                pre.is_current(),
+                "a fresh instance uses the pinned host maps"
+            );
+            let tap = format!("hthup{name}{}", std::process::id() % 100000);
+            let dir = pin_dir(&tap);
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            let bpf =
+                load_and_fill(&tap, &dir, Ipv4Addr::from(G), MAC, c, hosts, Some(pre)).unwrap();
             Prog { tap, bpf }
         }
 
@@ -1225,6 +1320,25 @@ mod tests {
             p.inn(&tcp(ip("198.51.100.1"), G, 5000, 8080, SYN)),
             SHOT,
             "default deny"
+        );
+    }
+
+    #[test]
+    fn an_instance_loaded_ahead_enforces_the_policy_written_later() {
+        let h1 = ip("192.0.2.2");
+        let c = policy(
+            set(Action::Allow, &[], &["203.0.113.0/24:80"]),
+            set(Action::Deny, &[], &[]),
+        );
+        let p = Prog::load_preloaded("pre", &c, &[Ipv4Addr::from(h1)]);
+        let dst = ip("203.0.113.9");
+        assert_eq!(p.out(&tcp(G, dst, 5000, 80, SYN)), SHOT, "denied port");
+        assert_eq!(p.out(&tcp(G, dst, 5000, 81, SYN)), OK, "default allow");
+        assert_eq!(p.out(&tcp(G, h1, 5000, 81, SYN)), SHOT, "host address");
+        assert_eq!(
+            p.inn(&tcp(ip("198.51.100.1"), G, 5000, 8080, SYN)),
+            SHOT,
+            "ingress default deny"
         );
     }
 
