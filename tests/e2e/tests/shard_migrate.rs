@@ -458,6 +458,21 @@ fn drain_migrates_what_it_can_and_a_target_killed_mid_transfer_leaves_the_source
     assert_eq!(sandbox(&web)["status"], "running");
     counter_goes_on("counter");
 
+    // Removed where it was drained to: that node releases the lease in the
+    // slice of agent1, which still holds it (a release across nodes).
+    let web_ip = sandbox(&web)["network"]["ip"]
+        .as_str()
+        .expect("web's address")
+        .to_string();
+    assert_eq!(leases_of(&web_ip).len(), 1, "{:?}", leases_of(&web_ip));
+    let out = hearth(&["rm", "-f", "web"]);
+    assert!(out.status.success(), "{}", show(&out));
+    wait_until(
+        "web's lease to be released",
+        Duration::from_secs(30),
+        || leases_of(&web_ip).is_empty(),
+    );
+
     // Kill the target agent mid-transfer: the source keeps the one copy.
     let (src, dst) = if to == "agent2" {
         ("agent2", "agent3")

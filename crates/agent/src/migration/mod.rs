@@ -1050,27 +1050,30 @@ impl Agent {
             Ok::<_, String>((conn, session, fd))
         }
         .await;
-        let (conn, session, fd) = match started {
+        // why: one way out for every failure before the sandbox is ours: the VM
+        // here is removed and recorded as uncommitted, so the source resumes.
+        let remove_here = async |why: String| -> AgentError {
+            let console = hearth_vmm::log_tail(&vm.console_log(), 1500);
+            let _ = vm.kill().await;
+            let _ = vm.wait().await;
+            inc.tunnel.abort();
+            let _ = std::fs::remove_file(inc.dir.join("incoming.sock"));
+            let _ = hearth_vmm::destroy(&inc.dir.join("vm"));
+            self.drop_incoming_net(&inc.offer).await;
+            let _ = std::fs::remove_dir_all(&inc.dir);
+            lock(&self.inner.migrations.incoming).remove(id);
+            lock(&self.inner.migrations.removed_uncommitted).insert(id.to_string());
+            let msg = format!(
+                "node {} could not take over sandbox '{id}' ({:?} into the commit): {why}; its VM here is removed; guest console ends with: {console}",
+                self.inner.cfg.node,
+                t0.elapsed()
+            );
+            tracing::warn!("{msg}");
+            AgentError::Migration(msg)
+        };
+        let (conn, mut session, fd) = match started {
             Ok(x) => x,
-            Err(why) => {
-                let console = hearth_vmm::log_tail(&vm.console_log(), 1500);
-                let _ = vm.kill().await;
-                let _ = vm.wait().await;
-                inc.tunnel.abort();
-                let _ = std::fs::remove_file(inc.dir.join("incoming.sock"));
-                let _ = hearth_vmm::destroy(&inc.dir.join("vm"));
-                self.drop_incoming_net(&inc.offer).await;
-                let _ = std::fs::remove_dir_all(&inc.dir);
-                lock(&self.inner.migrations.incoming).remove(id);
-                lock(&self.inner.migrations.removed_uncommitted).insert(id.to_string());
-                let msg = format!(
-                    "node {} could not take over sandbox '{id}' ({:?} into the commit): {why}; its VM here is removed; guest console ends with: {console}",
-                    self.inner.cfg.node,
-                    t0.elapsed()
-                );
-                tracing::warn!("{msg}");
-                return Err(AgentError::Migration(msg));
-            }
+            Err(why) => return Err(remove_here(why).await),
         };
         let _ = std::fs::remove_file(inc.dir.join("incoming.sock"));
         let mut rec = inc.offer.sandbox.clone();
@@ -1096,11 +1099,33 @@ impl Agent {
             nic_mode,
             ..crate::readopt::WorkloadRecord::new(session.id(), inc.offer.stdin_open, 0)
         };
-        if let Err(e) = workload.store(&inc.dir) {
-            tracing::error!(sandbox = %id, "cannot save workload.json, a hearthd restart could not take this sandbox over: {e}");
-        }
-        if let Err(e) = persist(&inc.dir, &rec) {
-            tracing::error!(sandbox = %id, "cannot save sandbox record: {e}");
+        // why: a sandbox dir without its records is an uncommitted incoming one
+        // to a restarted hearthd (removed at start): answering "committed"
+        // without them could lose the only copy, so the commit fails instead.
+        let saved = workload
+            .store(&inc.dir)
+            .map_err(|e| {
+                format!(
+                    "cannot save {}: {e}",
+                    inc.dir.join("workload.json").display()
+                )
+            })
+            .and_then(|()| {
+                persist(&inc.dir, &rec).map_err(|e| {
+                    format!(
+                        "cannot save {}: {e}",
+                        inc.dir.join("sandbox.json").display()
+                    )
+                })
+            })
+            .and_then(|()| {
+                crate::sandbox::sync_dir(&inc.dir)
+                    .map_err(|e| format!("cannot sync {}: {e}", inc.dir.display()))
+            });
+        if let Err(why) = saved {
+            // why: the VM is removed; nothing must be sent to it on drop.
+            session.hand_over();
+            return Err(remove_here(why).await);
         }
         let entry = Arc::new(Entry::new(inc.dir.clone(), rec.clone()));
         entry
