@@ -1127,6 +1127,16 @@ impl Agent {
             session.hand_over();
             return Err(remove_here(why).await);
         }
+        if inc
+            .offer
+            .net
+            .as_ref()
+            .and_then(|n| n.lease_holder.as_ref())
+            .is_some_and(|h| h.node == self.inner.cfg.node)
+        {
+            // why: back home, its address is this node's own again.
+            net::forget_moved(&self.inner.cfg.data_dir, id);
+        }
         let entry = Arc::new(Entry::new(inc.dir.clone(), rec.clone()));
         entry
             .stdin_open

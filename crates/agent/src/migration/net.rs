@@ -97,22 +97,27 @@ pub(crate) fn clear_lease_moved(data_dir: &Path, dir: &Path, id: &str) {
     if marker.symlink_metadata().is_err() {
         return;
     }
-    {
-        let _g = lock(&MOVED_LOCK);
-        let mut ids = moved_leases(data_dir);
-        let n = ids.len();
-        ids.retain(|i| i != id);
-        if ids.len() != n {
-            let r = serde_json::to_vec(&ids)
-                .map_err(std::io::Error::other)
-                .and_then(|b| write_durable(&data_dir.join(MOVED_FILE), &b));
-            if let Err(e) = r {
-                tracing::warn!(sandbox = id, "cannot update {MOVED_FILE}: {e}");
-            }
-        }
-    }
+    forget_moved(data_dir, id);
     if let Err(e) = std::fs::remove_file(&marker) {
         tracing::warn!(sandbox = id, "cannot remove {}: {e}", marker.display());
+    }
+}
+
+/// Takes `id` off `moved-leases.json`: its address is this node's again (an
+/// aborted move, or the sandbox migrated back home), so the start-up sync no
+/// longer keeps its lease once the sandbox is gone.
+pub(crate) fn forget_moved(data_dir: &Path, id: &str) {
+    let _g = lock(&MOVED_LOCK);
+    let mut ids = moved_leases(data_dir);
+    let n = ids.len();
+    ids.retain(|i| i != id);
+    if ids.len() != n {
+        let r = serde_json::to_vec(&ids)
+            .map_err(std::io::Error::other)
+            .and_then(|b| write_durable(&data_dir.join(MOVED_FILE), &b));
+        if let Err(e) = r {
+            tracing::warn!(sandbox = id, "cannot update {MOVED_FILE}: {e}");
+        }
     }
 }
 
@@ -622,6 +627,18 @@ hthabc\t0701580A\t00000000\t0005\t0\t0\t0\tFFFFFFFF\t0\t0\t0\n";
         clear_lease_moved(data.path(), &dir, "sb1");
         assert_eq!(release_decision(&dir), AddressRelease::Own);
         assert!(moved_leases(data.path()).is_empty());
+    }
+
+    #[test]
+    fn a_sandbox_back_home_is_no_longer_kept_as_moved_away() {
+        let data = tempfile::tempdir().unwrap();
+        let dir = data.path().join("sandboxes/sb3");
+        std::fs::create_dir_all(&dir).unwrap();
+        mark_lease_moved(data.path(), &dir, "sb3", true).unwrap();
+        mark_lease_moved(data.path(), &dir, "other", true).unwrap();
+        // The commit of its move back here.
+        forget_moved(data.path(), "sb3");
+        assert_eq!(moved_leases(data.path()), vec!["other".to_string()]);
     }
 
     #[test]
