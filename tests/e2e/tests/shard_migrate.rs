@@ -24,7 +24,11 @@ fn shard(args: &[&str]) -> Output {
         .env("HEARTH_SHARD", NAME)
         .env("HEARTH_SHARD_NET", NET)
         .env("HEARTH_BIN_DIR", hearth_e2e::bin_dir())
-        .env("HEARTH_SHARD_NODE_TIMEOUT_MS", "2000")
+        // why: long enough that an agent the networked test kills and starts
+        // again heartbeats before its node is NotReady (its sandboxes would be
+        // marked lost and fenced: a CI run under load took longer than 2 s);
+        // the NotReady test waits for it (wait_node allows 30 s).
+        .env("HEARTH_SHARD_NODE_TIMEOUT_MS", "10000")
         .env("HEARTH_TOKEN", TOKEN)
         .output()
         .expect("run scripts/shard")
