@@ -887,7 +887,12 @@ mod tests {
     use tokio::io::DuplexStream;
 
     async fn connected() -> (Arc<GuestConn>, DuplexStream) {
-        let (host, mut guest) = tokio::io::duplex(8 << 20);
+        connected_with(8 << 20).await
+    }
+
+    /// A connection over a pipe of `buffer` bytes each way.
+    async fn connected_with(buffer: usize) -> (Arc<GuestConn>, DuplexStream) {
+        let (host, mut guest) = tokio::io::duplex(buffer);
         let hello = Hello {
             protocol_version: PROTOCOL_VERSION,
             agent_version: "test".into(),
@@ -1070,19 +1075,8 @@ mod tests {
     async fn acks_are_not_lost_when_the_send_queue_is_full() {
         // A tiny pipe the "guest" does not read yet: the writer blocks and the
         // 64-frame queue fills with acks for its Exit frames.
-        let (host, guest) = tokio::io::duplex(256);
+        let (conn, guest) = connected_with(256).await;
         let (mut rd, mut wr) = tokio::io::split(guest);
-        let hello = Hello {
-            protocol_version: PROTOCOL_VERSION,
-            agent_version: "test".into(),
-            kernel_release: "6.1".into(),
-        };
-        write_frame_async(&mut wr, &Frame::json(Kind::Hello, 0, &hello))
-            .await
-            .unwrap();
-        let conn = GuestConn::handshake(host, Duration::from_secs(5))
-            .await
-            .unwrap();
         const N: u32 = 200;
         let exit = ExitStatus {
             code: Some(0),
