@@ -80,6 +80,19 @@ const MAX_RESUME_SKIP: usize = 16 << 20;
 const CREDIT_BATCH: u32 = INITIAL_WINDOW / 4;
 
 /// How long a frame to the guest may wait for room before the guest counts as stalled.
+/// Frames [`GuestConn::try_send`] holds for a full queue at most; beyond
+/// that they are dropped (the guest is not reading its channel).
+const MAX_OVERFLOW: u64 = 256;
+
+/// Gives one overflow place back when a held frame is sent or given up.
+struct OverflowSlot(Arc<AtomicU64>);
+
+impl Drop for OverflowSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a session's consumer sees.
@@ -121,6 +134,8 @@ pub struct GuestConn {
     /// Frames handed to the writer task, and frames it has written.
     queued: Arc<AtomicU64>,
     written: Arc<AtomicU64>,
+    /// Frames waiting for room in a full queue (see [`GuestConn::try_send`]).
+    overflow: Arc<AtomicU64>,
 }
 
 impl GuestConn {
@@ -316,6 +331,7 @@ impl GuestConn {
             closed,
             frozen: std::sync::atomic::AtomicBool::new(false),
             queued: Arc::new(AtomicU64::new(0)),
+            overflow: Arc::new(AtomicU64::new(0)),
             written,
         });
         let early = before(&conn);
@@ -571,12 +587,24 @@ impl GuestConn {
         match self.tx.try_send(f) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(f)) => {
-                let Ok(rt) = tokio::runtime::Handle::try_current() else {
+                // why: bounded, so a guest that stops reading and floods frames
+                // that are answered this way cannot grow host memory.
+                let runtime = tokio::runtime::Handle::try_current().ok().filter(|_| {
+                    let room = self.overflow.fetch_add(1, Ordering::AcqRel) < MAX_OVERFLOW;
+                    if !room {
+                        self.overflow.fetch_sub(1, Ordering::AcqRel);
+                    }
+                    room
+                });
+                let Some(rt) = runtime else {
                     self.queued.fetch_sub(1, Ordering::AcqRel);
+                    tracing::warn!(kind = ?f.kind, "dropping a frame to a guest that does not read its channel");
                     return;
                 };
-                let (tx, queued) = (self.tx.clone(), self.queued.clone());
+                let (tx, queued, overflow) =
+                    (self.tx.clone(), self.queued.clone(), self.overflow.clone());
                 rt.spawn(async move {
+                    let _done = OverflowSlot(overflow);
                     if tokio::time::timeout(SEND_TIMEOUT, tx.send(f))
                         .await
                         .map_or(true, |r| r.is_err())
@@ -1100,5 +1128,23 @@ mod tests {
         }
         assert_eq!(acked, (1000..1000 + N).collect());
         drop(conn);
+    }
+
+    #[tokio::test]
+    async fn a_guest_that_does_not_read_cannot_make_the_host_hold_frames_without_bound() {
+        let (conn, guest) = connected_with(256).await;
+        let (_rd, mut wr) = tokio::io::split(guest);
+        let exit = ExitStatus {
+            code: Some(0),
+            signal: None,
+        };
+        for id in 1000..6000u32 {
+            write_frame_async(&mut wr, &Frame::json(Kind::Exit, id, &exit))
+                .await
+                .unwrap();
+        }
+        // The reader has handled every frame once the Exits' acks stop growing
+        // the overflow; it never holds more than the bound.
+        assert!(conn.overflow.load(Ordering::Acquire) <= MAX_OVERFLOW);
     }
 }
