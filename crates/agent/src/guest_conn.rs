@@ -84,6 +84,19 @@ const CREDIT_BATCH: u32 = INITIAL_WINDOW / 4;
 const THAW_RETRY: Duration = Duration::from_secs(1);
 
 /// How long a frame to the guest may wait for room before the guest counts as stalled.
+/// Frames [`GuestConn::try_send`] holds for a full queue at most; beyond
+/// that they are dropped (the guest is not reading its channel).
+const MAX_OVERFLOW: u64 = 256;
+
+/// Gives one overflow place back when a held frame is sent or given up.
+struct OverflowSlot(Arc<AtomicU64>);
+
+impl Drop for OverflowSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a session's consumer sees.
@@ -135,6 +148,8 @@ pub struct GuestConn {
     /// Frames handed to the writer task, and frames it has written.
     queued: Arc<AtomicU64>,
     written: Arc<AtomicU64>,
+    /// Frames waiting for room in a full queue (see [`GuestConn::try_send`]).
+    overflow: Arc<AtomicU64>,
 }
 
 impl GuestConn {
@@ -335,6 +350,7 @@ impl GuestConn {
             closed,
             frozen: std::sync::atomic::AtomicBool::new(false),
             queued: Arc::new(AtomicU64::new(0)),
+            overflow: Arc::new(AtomicU64::new(0)),
             written,
         });
         let early = before(&conn);
@@ -624,12 +640,24 @@ impl GuestConn {
         match self.tx.try_send(f) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(f)) => {
-                let Ok(rt) = tokio::runtime::Handle::try_current() else {
+                // why: bounded, so a guest that stops reading and floods frames
+                // that are answered this way cannot grow host memory.
+                let runtime = tokio::runtime::Handle::try_current().ok().filter(|_| {
+                    let room = self.overflow.fetch_add(1, Ordering::AcqRel) < MAX_OVERFLOW;
+                    if !room {
+                        self.overflow.fetch_sub(1, Ordering::AcqRel);
+                    }
+                    room
+                });
+                let Some(rt) = runtime else {
                     self.queued.fetch_sub(1, Ordering::AcqRel);
+                    tracing::warn!(kind = ?f.kind, "dropping a frame to a guest that does not read its channel");
                     return;
                 };
-                let (tx, queued) = (self.tx.clone(), self.queued.clone());
+                let (tx, queued, overflow) =
+                    (self.tx.clone(), self.queued.clone(), self.overflow.clone());
                 rt.spawn(async move {
+                    let _done = OverflowSlot(overflow);
                     if tokio::time::timeout(SEND_TIMEOUT, tx.send(f))
                         .await
                         .map_or(true, |r| r.is_err())
@@ -1007,7 +1035,12 @@ mod tests {
     use tokio::io::DuplexStream;
 
     async fn connected() -> (Arc<GuestConn>, DuplexStream) {
-        let (host, mut guest) = tokio::io::duplex(8 << 20);
+        connected_with(8 << 20).await
+    }
+
+    /// A connection over a pipe of `buffer` bytes each way.
+    async fn connected_with(buffer: usize) -> (Arc<GuestConn>, DuplexStream) {
+        let (host, mut guest) = tokio::io::duplex(buffer);
         let hello = Hello {
             protocol_version: PROTOCOL_VERSION,
             agent_version: "test".into(),
@@ -1346,19 +1379,8 @@ mod tests {
     async fn acks_are_not_lost_when_the_send_queue_is_full() {
         // A tiny pipe the "guest" does not read yet: the writer blocks and the
         // 64-frame queue fills with acks for its Exit frames.
-        let (host, guest) = tokio::io::duplex(256);
+        let (conn, guest) = connected_with(256).await;
         let (mut rd, mut wr) = tokio::io::split(guest);
-        let hello = Hello {
-            protocol_version: PROTOCOL_VERSION,
-            agent_version: "test".into(),
-            kernel_release: "6.1".into(),
-        };
-        write_frame_async(&mut wr, &Frame::json(Kind::Hello, 0, &hello))
-            .await
-            .unwrap();
-        let conn = GuestConn::handshake(host, Duration::from_secs(5))
-            .await
-            .unwrap();
         const N: u32 = 200;
         let exit = ExitStatus {
             code: Some(0),
@@ -1382,5 +1404,23 @@ mod tests {
         }
         assert_eq!(acked, (1000..1000 + N).collect());
         drop(conn);
+    }
+
+    #[tokio::test]
+    async fn a_guest_that_does_not_read_cannot_make_the_host_hold_frames_without_bound() {
+        let (conn, guest) = connected_with(256).await;
+        let (_rd, mut wr) = tokio::io::split(guest);
+        let exit = ExitStatus {
+            code: Some(0),
+            signal: None,
+        };
+        for id in 1000..6000u32 {
+            write_frame_async(&mut wr, &Frame::json(Kind::Exit, id, &exit))
+                .await
+                .unwrap();
+        }
+        // The reader has handled every frame once the Exits' acks stop growing
+        // the overflow; it never holds more than the bound.
+        assert!(conn.overflow.load(Ordering::Acquire) <= MAX_OVERFLOW);
     }
 }
