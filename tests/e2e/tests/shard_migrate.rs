@@ -126,6 +126,28 @@ fn agent_has(i: u32, id: &str) -> Option<serde_json::Value> {
         .find(|s| s["owner"].as_str().is_some_and(|o| o.contains(&tag)))
 }
 
+/// Agent `i`'s copy of record `id`, waited for (a loaded node answers its list
+/// late); on a timeout the message shows every agent's list and the record.
+fn agent_copy(i: u32, id: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(copy) = agent_has(i, id) {
+            return copy;
+        }
+        if Instant::now() > deadline {
+            let lists: Vec<_> = (1..=3)
+                .map(|a| format!("agent{a}: {:?}", on_agent(a)))
+                .collect();
+            panic!(
+                "agent{i} has no copy of {id} after 30 s; record {}\n{}",
+                sandbox(id),
+                lists.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 fn sandbox(id: &str) -> serde_json::Value {
     let (code, sb) = api(&format!("/v1/sandboxes/{id}"), "GET", None, 10);
     assert_eq!(code, 200, "{sb}");
@@ -781,7 +803,7 @@ fn a_networked_web_server_migrates_with_its_address_policy_and_ingress_and_a_fai
     assert!(denied.peers().is_empty(), "{:?}", denied.peers());
     assert_eq!(leases_of(&ip).len(), 1, "{:?}", leases_of(&ip));
     // A cold boot: its device is directly on its tap (the layout that migrates).
-    let aid1 = agent_has(1, &id).expect("agent1 runs web")["id"]
+    let aid1 = agent_copy(1, &id)["id"]
         .as_str()
         .expect("agent id")
         .to_string();
@@ -880,7 +902,7 @@ fn a_networked_web_server_migrates_with_its_address_policy_and_ingress_and_a_fai
     assert!(denied.peers().is_empty(), "{:?}", denied.peers());
     // agent2 built the incoming VM's device as agent1's was (on the tap
     // directly) and recorded it: a snapshot and a fork of it work there.
-    let aid2 = agent_has(2, &id).expect("agent2 runs web")["id"]
+    let aid2 = agent_copy(2, &id)["id"]
         .as_str()
         .expect("agent id")
         .to_string();
