@@ -94,7 +94,12 @@ impl OutputLog {
             self.truncated = true;
             // why: a restarted hearthd must know the log stopped on purpose; the
             // notice text alone could be printed by the workload itself.
-            std::fs::File::create(&self.marker)?;
+            // Once per sandbox: the marker and its name are made durable before
+            // the notice is written (a crash must not leave the notice without it).
+            std::fs::File::create(&self.marker)?.sync_all()?;
+            if let Some(dir) = self.marker.parent() {
+                std::fs::File::open(dir)?.sync_all()?;
+            }
             bytes = Record::Stderr(
                 format!(
                     "\nhearth: output log limit of {} bytes reached; further output of this sandbox is discarded\n",

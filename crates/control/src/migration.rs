@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use hearth_agent::Agent;
 use hearth_api::migration::{
@@ -60,12 +60,22 @@ pub async fn prepare(
     Ok((StatusCode::CREATED, Json(a)))
 }
 
+/// `PUT /v1/migrations/incoming/{id}/log?truncated=true`: the source's log
+/// reached its size limit.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogQuery {
+    #[serde(default)]
+    truncated: bool,
+}
+
 pub async fn log(
     State(agent): State<Agent>,
     Path(id): Path<String>,
+    Query(q): Query<LogQuery>,
     body: Bytes,
 ) -> ApiResult<Json<serde_json::Value>> {
-    agent.incoming_log(&id, &body).await?;
+    agent.incoming_log(&id, &body, q.truncated).await?;
     Ok(Json(serde_json::json!({ "bytes": body.len() })))
 }
 

@@ -966,3 +966,78 @@ fn a_source_killed_at_the_commit_or_after_it_leaves_one_running_copy() {
     );
     assert_contiguous_from_zero(&counted(&b, "c"));
 }
+
+/// A log that reached its size limit on the source stays closed on the
+/// target: the limit's notice is the last thing in it, however long the
+/// workload goes on printing (the target's own limit is far larger).
+#[test]
+fn a_log_that_reached_its_limit_stays_closed_after_a_migration() {
+    let (a, b) = two_nodes_with(&[("HEARTH_MAX_LOG_MIB", "1")]);
+    let out = a.hearth(&[
+        "run",
+        "--detach",
+        "--network",
+        "none",
+        "--memory",
+        "128",
+        "--name",
+        "chatty",
+        "busybox",
+        "--",
+        "sh",
+        "-c",
+        "head -c 1200000 /dev/zero | tr '\\0' x; echo; i=0; while true; do echo $i > /n; echo line-$i; i=$((i+1)); sleep 0.1; done",
+    ]);
+    assert!(out.status.success(), "{}", show(&out));
+    let notice = "output log limit of 1048576 bytes reached";
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let out = a.hearth(&["logs", "chatty"]);
+        if String::from_utf8_lossy(&out.stderr).contains(notice) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no limit notice after 120 s: {} bytes of stdout, stderr {:?}; {}",
+            out.stdout.len(),
+            String::from_utf8_lossy(&out.stderr),
+            show(&a.hearth(&["inspect", "chatty"]))
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let out = a.hearth(&[
+        "migrate",
+        "chatty",
+        "--to",
+        &b.api,
+        "--to-token-file",
+        &token_file(&b),
+    ]);
+    assert!(out.status.success(), "{}\n{}", show(&out), a.log_text());
+    // The workload goes on printing on the target (its counter file grows) …
+    let n = |d: &Daemon| -> u64 {
+        let out = d.hearth(&["exec", "chatty", "--", "cat", "/n"]);
+        stdout(&out).trim().parse().unwrap_or(0)
+    };
+    let at_move = n(&b);
+    wait_until("the workload to go on", Duration::from_secs(60), || {
+        n(&b) > at_move + 10
+    });
+    // … and none of it reaches the log: every `line-` comes after the 1.2 MB
+    // that reached the limit, so any of them in the log is output past it.
+    let out = b.hearth(&["logs", "chatty"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(notice),
+        "{}",
+        show(&out)
+    );
+    let logged = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !logged.contains("line-"),
+        "output after the limit reached the target's log: {:?}",
+        logged[logged.find("line-").unwrap_or(0)..]
+            .chars()
+            .take(60)
+            .collect::<String>()
+    );
+}

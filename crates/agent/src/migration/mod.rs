@@ -475,10 +475,12 @@ pub(crate) async fn run_source(
         job.end(entry, Phase::Aborted, Err(AgentError::Migration(msg)));
         return SourceEnd::StayedHere(stash.or(end.map(Some)));
     }
-    let log_bytes = tokio::fs::read(entry.dir.join("output.log"))
-        .await
-        .unwrap_or_default();
-    if let Err(e) = job.peer.put_log(&id, log_bytes).await {
+    let log_path = entry.dir.join("output.log");
+    let log_bytes = tokio::fs::read(&log_path).await.unwrap_or_default();
+    // why: the log's size limit was reached here; the target's log must stay
+    // closed too (its notice is already in the bytes).
+    let truncated = crate::output_log::truncated_marker(&log_path).exists();
+    if let Err(e) = job.peer.put_log(&id, log_bytes, truncated).await {
         let _ = job.peer.abort(&id).await;
         let msg = resume_here(format!(
             "sending the output log of sandbox {id} failed ({e}); it keeps running here"
@@ -972,8 +974,14 @@ impl Agent {
             })
     }
 
-    /// Target, step 2: the sandbox's output log so far.
-    pub async fn incoming_log(&self, id: &str, log: &[u8]) -> Result<(), AgentError> {
+    /// Target, step 2: the sandbox's output log so far; `truncated` when the
+    /// source's log reached its size limit (later output stays discarded).
+    pub async fn incoming_log(
+        &self,
+        id: &str,
+        log: &[u8],
+        truncated: bool,
+    ) -> Result<(), AgentError> {
         let inc = self.incoming(id)?;
         let max = self.inner.cfg.max_log_bytes.saturating_add(1 << 20);
         if log.len() as u64 > max {
@@ -988,7 +996,20 @@ impl Agent {
             .map_err(|source| AgentError::Io {
                 what: format!("write {}", path.display()),
                 source,
-            })
+            })?;
+        let marker = crate::output_log::truncated_marker(&path);
+        let marked = if truncated {
+            tokio::fs::write(&marker, b"").await
+        } else {
+            match tokio::fs::remove_file(&marker).await {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                r => r,
+            }
+        };
+        marked.map_err(|source| AgentError::Io {
+            what: format!("mark {} truncated", path.display()),
+            source,
+        })
     }
 
     /// Target, step 3: start the migrated VM, re-attach to its guest agent and

@@ -109,14 +109,12 @@ impl Peer {
         .await
     }
 
-    pub async fn put_log(&self, id: &str, log: Vec<u8>) -> Result<(), PeerError> {
-        let _: serde_json::Value = self
-            .answer(
-                self.http
-                    .put(format!("{}/v1/migrations/incoming/{id}/log", self.base))
-                    .body(log),
-            )
-            .await?;
+    pub async fn put_log(&self, id: &str, log: Vec<u8>, truncated: bool) -> Result<(), PeerError> {
+        let mut url = format!("{}/v1/migrations/incoming/{id}/log", self.base);
+        if truncated {
+            url.push_str("?truncated=true");
+        }
+        let _: serde_json::Value = self.answer(self.http.put(url).body(log)).await?;
         Ok(())
     }
 
