@@ -73,6 +73,9 @@ struct Pool {
     ready: Mutex<VecDeque<PooledVm>>,
     wake: Notify,
     closed: AtomicBool,
+    /// The pool's fill task: [`Agent::close_pool`] waits for it, so a VM it
+    /// took or was restoring is gone with its network when the close returns.
+    filler: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// The warm pools of this node.
@@ -203,7 +206,8 @@ impl Agent {
         map.insert(t.name.clone(), pool.clone());
         let agent = self.clone();
         let name = t.name.clone();
-        tokio::spawn(async move { agent.fill(name, pool).await });
+        let filling = pool.clone();
+        *lock(&pool.filler) = Some(tokio::spawn(async move { agent.fill(name, filling).await }));
     }
 
     /// VMs ready in the pool of `template`.
@@ -232,6 +236,13 @@ impl Agent {
         let vms: Vec<PooledVm> = lock(&pool.ready).drain(..).collect();
         for vm in vms {
             self.discard_pooled(vm).await;
+        }
+        // why: the fill task may have drained the ready VMs first (it also
+        // ends them when it sees the pool closed), or be restoring one; a
+        // daemon that exits before it is done leaves that VM's tap behind.
+        let filler = lock(&pool.filler).take();
+        if let Some(task) = filler {
+            let _ = task.await;
         }
     }
 

@@ -1900,6 +1900,7 @@ fn a_daemon_stopped_gracefully_ends_its_pool_vms_and_their_networks() {
     let state = host_state();
     assert!(
         !state.contains(&tap),
-        "tap of a pool VM left after SIGTERM: {state}"
+        "tap {tap} of a pool VM left after SIGTERM: {state}\n--- hearthd ---\n{}",
+        d.log_text()
     );
 }
