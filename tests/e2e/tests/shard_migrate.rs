@@ -135,12 +135,30 @@ fn agent_copy(i: u32, id: &str) -> serde_json::Value {
             return copy;
         }
         if Instant::now() > deadline {
+            // why: diagnostics only; an agent that does not answer is shown, not asserted.
             let lists: Vec<_> = (1..=3)
-                .map(|a| format!("agent{a}: {:?}", on_agent(a)))
+                .map(|a| {
+                    let (code, v) = call(
+                        &format!("http://{NET}.{}:7070", 10 + a),
+                        "/v1/sandboxes",
+                        "GET",
+                        None,
+                        5,
+                    );
+                    format!("agent{a}: {code} {v}")
+                })
                 .collect();
+            let ps = Command::new("sh")
+                .args([
+                    "-c",
+                    "ps -eo pid,etimes,args | grep '[h]earthd' | cut -c1-200; ip netns list",
+                ])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+                .unwrap_or_default();
             panic!(
-                "agent{i} has no copy of {id} after 30 s; record {}\n{}",
-                sandbox(id),
+                "agent{i} has no copy of {id} after 30 s; record {}\n{}\n{ps}",
+                api(&format!("/v1/sandboxes/{id}"), "GET", None, 10).1,
                 lists.join("\n")
             );
         }
