@@ -466,9 +466,9 @@ type MachineArgs = (u32, u64, Option<(String, bool)>);
 fn machine_from_argv(argv: &[String]) -> Result<MachineArgs, String> {
     let last = |flag: &str| {
         argv.windows(2)
-            .filter(|w| w[0] == flag)
+            .rev()
+            .find(|w| w[0] == flag)
             .map(|w| w[1].as_str())
-            .last()
     };
     let cpus = last("-smp")
         .and_then(|v| v.split(',').next()?.parse().ok())
