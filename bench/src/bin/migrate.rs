@@ -164,6 +164,7 @@ async fn bare_run(rootfs: &std::path::Path, mib: u32, dirty: bool) -> Sample {
         accel: Accel::Tcg,
         net: None,
         memory: hearth_vmm::GuestMemory::SharedFile,
+        ram_kib: None,
     };
     let vmm = QemuVmm::new().expect("qemu");
     let src = vmm.create_qemu(&cfg("src")).await.expect("source VM");

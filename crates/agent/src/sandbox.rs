@@ -1187,6 +1187,7 @@ impl Agent {
             accel: self.inner.accel.accel,
             net: device,
             memory: GuestMemory::SharedFile,
+            ram_kib: None,
         })
     }
 

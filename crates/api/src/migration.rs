@@ -84,6 +84,42 @@ pub struct IncomingOffer {
     /// token are in `sandbox.network`): the target builds the same link.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub net: Option<IncomingNet>,
+    /// The source VM's machine as it really runs, which the target's VM must
+    /// match for the state to load: a sandbox restored from a template,
+    /// snapshot or warm pool has its snapshot's RAM size and device set, not
+    /// what a cold boot of its record would get. Absent (an older source):
+    /// the target builds the VM a cold boot of the record gets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine: Option<MachineLayout>,
+}
+
+/// A VM's machine layout as a migration target rebuilds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MachineLayout {
+    pub cpus: u32,
+    /// Guest RAM in KiB: the sandbox's MiB plus the pad the VM was made (or its
+    /// snapshot saved) with (QEMU's TCG RAM pad, docs/migration.md).
+    pub ram_kib: u64,
+    /// The VM's network device, if it has one. A sandbox without a network
+    /// restored from a template made on a node with networking has one, on
+    /// QEMU's hub with nothing behind it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nic: Option<MachineNic>,
+    /// Virtual size of the disk in bytes: the target's disk is an empty
+    /// standalone one of this size that the whole-disk block migration fills
+    /// (it needs no template or snapshot files, only the image).
+    pub disk_bytes: u64,
+}
+
+/// A VM's network device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MachineNic {
+    /// The device's MAC as QEMU was given it (`aa:bb:cc:dd:ee:ff`).
+    pub mac: String,
+    /// `tap`: the tap is its direct backend; `hub`: it sits on QEMU's hub 0.
+    pub mode: crate::network::NicMode,
 }
 
 /// What the target needs to give a migrating sandbox the same network: the

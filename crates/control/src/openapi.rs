@@ -28,6 +28,8 @@ use utoipa::OpenApi;
         hearth_api::migration::IncomingAccepted,
         hearth_api::migration::IncomingNet,
         hearth_api::migration::LeaseHolder,
+        hearth_api::migration::MachineLayout,
+        hearth_api::migration::MachineNic,
         hearth_api::migration::IncomingCommit,
         hearth_api::network::NetworkSpec,
         hearth_api::network::NetworkMode,

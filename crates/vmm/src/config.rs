@@ -37,6 +37,10 @@ pub struct VmConfig {
     pub net: Option<NetDevice>,
     /// How guest RAM is backed; [`GuestMemory::SharedFile`] makes snapshots cheap.
     pub memory: GuestMemory,
+    /// Exact guest RAM in KiB, when it must match another VM's (a migration
+    /// target matching its source, whose RAM may carry another TCG pad);
+    /// `None`: `memory_mib` plus this build's pad (`qemu::argv::ram_kib`).
+    pub ram_kib: Option<u64>,
 }
 
 /// How a created VM's RAM is backed.
@@ -196,6 +200,18 @@ impl VmConfig {
                 hostname: self.hostname.clone(),
             });
         }
+        if let Some(kib) = self.ram_kib {
+            // why: the exact size is a pad on top of `memory_mib` (under one MiB,
+            // in QEMU's 8 KiB steps), never another amount of memory.
+            let base = u64::from(self.memory_mib) * 1024;
+            if kib < base || kib >= base + 1024 || kib % 8 != 0 {
+                return Err(VmmError::InvalidRamSize {
+                    id: self.id.clone(),
+                    kib,
+                    mib: self.memory_mib,
+                });
+            }
+        }
         Ok(())
     }
 
@@ -250,6 +266,7 @@ mod tests {
             accel: Accel::Tcg,
             net: None,
             memory: GuestMemory::Anonymous,
+            ram_kib: None,
         }
     }
 
@@ -299,6 +316,27 @@ mod tests {
                 c.validate(&HOST),
                 Err(VmmError::InvalidHostname { .. })
             ));
+        }
+    }
+
+    #[test]
+    fn exact_ram_size_must_be_a_pad_on_top_of_the_memory() {
+        for kib in [128 * 1024 - 8, 129 * 1024, 128 * 1024 + 4] {
+            let err = VmConfig {
+                ram_kib: Some(kib),
+                ..cfg()
+            }
+            .validate(&HOST)
+            .unwrap_err();
+            assert!(matches!(err, VmmError::InvalidRamSize { .. }), "{err}");
+        }
+        for kib in [128 * 1024, 128 * 1024 + 8] {
+            VmConfig {
+                ram_kib: Some(kib),
+                ..cfg()
+            }
+            .validate(&HOST)
+            .unwrap();
         }
     }
 

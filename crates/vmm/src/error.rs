@@ -40,6 +40,10 @@ pub enum VmmError {
         max: u64,
     },
 
+    /// An exact RAM size that is not the memory size plus a pad.
+    #[error("VM {id}: {kib} KiB of RAM does not fit {mib} MiB (it must be {mib} MiB plus under 1 MiB of pad, in 8 KiB steps)")]
+    InvalidRamSize { id: String, kib: u64, mib: u32 },
+
     /// The hostname cannot go on the kernel command line.
     #[error("VM {id}: hostname `{hostname}` is invalid: use 1-253 characters of a-z, A-Z, 0-9, '-' and '.'")]
     InvalidHostname { id: String, hostname: String },

@@ -37,7 +37,7 @@ pub use migration::{MigrationParams, MigrationProgress, MigrationState};
 pub use probe::{choose_accel, probe_accel, AccelReport, PROBE_TIMEOUT};
 pub use process::VmExit;
 pub use qemu::migrate::SwitchoverGate;
-pub use qemu::{recorded_net_hub, QemuVm, QemuVmm};
+pub use qemu::{recorded_machine, recorded_net_hub, MachineLayout, QemuVm, QemuVmm};
 pub use record::{destroy, is_alive, kill_recorded, VmRecord};
 pub use snapshot::{HostIdentity, RamStorage, SnapshotManifest, Verify};
 
@@ -83,12 +83,17 @@ pub trait Vmm: Send + Sync {
     /// Starts a VM of `cfg` that, instead of booting, waits for a migration
     /// stream on the unix socket `incoming` (see [`migration`]). It stays paused
     /// until [`Vm::start`]; [`Vm::wait_incoming`] says when the stream is complete.
+    ///
+    /// `disk_bytes`: the disk is a standalone empty one of that size, which the
+    /// stream fills (the source's whole disk moves); `None`: an overlay over
+    /// `cfg.rootfs` as [`Vmm::create`] makes.
     async fn create_incoming(
         &self,
         cfg: &VmConfig,
         incoming: &Path,
+        disk_bytes: Option<u64>,
     ) -> Result<Box<dyn Vm>, VmmError> {
-        let _ = incoming;
+        let _ = (incoming, disk_bytes);
         Err(VmmError::Unsupported {
             id: cfg.id.clone(),
             what: "incoming live migration",

@@ -33,6 +33,7 @@ fn config(tmp: &Path, id: &str, kernel: &Path, initrd: &Path, rootfs: &Path) -> 
         accel: Accel::Tcg,
         net: None,
         memory: hearth_vmm::GuestMemory::SharedFile,
+        ram_kib: None,
     }
 }
 

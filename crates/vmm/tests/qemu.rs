@@ -60,6 +60,7 @@ impl Fixture {
             accel: Accel::Tcg,
             net: None,
             memory: hearth_vmm::GuestMemory::Anonymous,
+            ram_kib: None,
         }
     }
 }

@@ -101,6 +101,7 @@ async fn one_snapshot_serves_many_restores_and_stays_pristine() {
         extra_cmdline: vec![],
         accel: hearth_vmm::Accel::Tcg,
         memory: GuestMemory::SharedFile,
+        ram_kib: None,
         net: None,
     };
     let kernel_sha256 = file_sha256(&kernel).unwrap();

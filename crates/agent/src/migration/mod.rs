@@ -24,7 +24,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hearth_api::migration::{
-    IncomingAccepted, IncomingCommit, IncomingOffer, MigrateSandbox, MigrationStatus,
+    IncomingAccepted, IncomingCommit, IncomingOffer, MachineLayout, MachineNic, MigrateSandbox,
+    MigrationStatus,
 };
 use hearth_api::stream::Record;
 use hearth_api::{ErrorCode, Sandbox, SandboxStatus};
@@ -571,6 +572,88 @@ pub(crate) async fn run_source(
     }
 }
 
+/// Source: the VM's machine as it runs (off its QEMU command line and disk).
+fn outgoing_machine(entry: &Entry) -> Result<MachineLayout, AgentError> {
+    let vm_dir = entry.dir.join("vm");
+    let m = hearth_vmm::recorded_machine(&vm_dir).map_err(|e| {
+        AgentError::Conflict(format!(
+            "cannot migrate sandbox '{}': its VM's layout is unreadable ({e})",
+            entry.snapshot().id
+        ))
+    })?;
+    Ok(MachineLayout {
+        cpus: m.cpus,
+        ram_kib: m.ram_kib,
+        nic: m.nic.map(|(mac, hub)| MachineNic {
+            mac,
+            mode: if hub {
+                crate::restore::NicMode::Hub
+            } else {
+                crate::restore::NicMode::Tap
+            },
+        }),
+        disk_bytes: m.disk_bytes,
+    })
+}
+
+/// Largest disk an offer may ask the target to create.
+const MAX_DISK_BYTES: u64 = 4 << 40;
+
+/// `aa:bb:cc:dd:ee:ff` in hex, nothing else (it goes into a QEMU option string).
+fn valid_mac(mac: &str) -> bool {
+    let parts: Vec<&str> = mac.split(':').collect();
+    parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// Target: the network device the incoming VM gets, as the offer describes
+/// the source's (its MAC when the offer names one, and how it is connected),
+/// or `None`; refuses an offer whose parts disagree or cannot be built.
+fn incoming_device(
+    offer: &IncomingOffer,
+) -> Result<Option<(Option<String>, crate::restore::NicMode)>, AgentError> {
+    use crate::restore::NicMode;
+    let id = &offer.sandbox.id;
+    let bad =
+        |what: String| AgentError::InvalidArgument(format!("the offer of sandbox '{id}' {what}"));
+    let Some(m) = &offer.machine else {
+        // An older source: the device a cold boot of the record gets.
+        return Ok(offer.net.as_ref().map(|n| (None, n.nic_mode)));
+    };
+    if m.disk_bytes == 0 || m.disk_bytes % 512 != 0 || m.disk_bytes > MAX_DISK_BYTES {
+        return Err(bad(format!(
+            "has an invalid disk size of {} bytes",
+            m.disk_bytes
+        )));
+    }
+    if let Some(n) = &m.nic {
+        if !valid_mac(&n.mac) {
+            return Err(bad(format!("has an invalid device MAC {:?}", n.mac)));
+        }
+    }
+    match (&offer.net, &m.nic) {
+        (None, None) => Ok(None),
+        (Some(net), Some(nic)) if net.nic_mode == nic.mode => {
+            Ok(Some((Some(nic.mac.clone()), nic.mode)))
+        }
+        (Some(net), Some(nic)) => Err(bad(format!(
+            "says its network device is connected as {:?} and its VM's as {:?}",
+            net.nic_mode, nic.mode
+        ))),
+        (Some(_), None) => Err(bad(
+            "describes a network but its VM has no network device".to_string()
+        )),
+        (None, Some(nic)) if nic.mode == NicMode::Hub => {
+            Ok(Some((Some(nic.mac.clone()), NicMode::Hub)))
+        }
+        (None, Some(_)) => Err(bad(
+            "has no network but its VM's network device is directly on a tap".to_string(),
+        )),
+    }
+}
+
 fn params_from(req: &MigrateSandbox) -> Result<MigrationParams, AgentError> {
     let d = MigrationParams::default();
     let p = MigrationParams {
@@ -629,15 +712,6 @@ impl Agent {
         let params = params_from(&req)?;
         let entry = self.settled_entry(id_or_name).await?;
         let rec = entry.snapshot();
-        if rec
-            .start_path
-            .is_some_and(|p| p != hearth_api::StartPath::Cold)
-        {
-            return Err(AgentError::Conflict(format!(
-                "sandbox '{}' was started from a template, snapshot or warm pool; live migration serves cold-booted sandboxes for now",
-                rec.id
-            )));
-        }
         if rec.status != SandboxStatus::Running {
             return Err(AgentError::Conflict(format!(
                 "sandbox '{}' is {:?}, not running; only a running sandbox can migrate",
@@ -674,6 +748,9 @@ impl Agent {
             e
         };
         let net = self.outgoing_net(&entry).map_err(fail)?;
+        // why: the target's VM must be the machine this one really is: a
+        // restored VM has its snapshot's RAM size and device set (issue 7 × 5).
+        let machine = outgoing_machine(&entry).map_err(fail)?;
         let peer = Peer::new(&req.target, &req.target_token);
         let info = peer.info().await.map_err(|e| fail(peer_error(e)))?;
         if info.node_id == self.inner.node_id {
@@ -693,6 +770,7 @@ impl Agent {
             stdin_open: entry.stdin_open.load(Ordering::Relaxed),
             owner: req.target_owner.clone(),
             net,
+            machine: Some(machine),
         };
         let accepted = peer.offer(&offer).await.map_err(|e| fail(peer_error(e)))?;
         let host = peer.host().unwrap_or_else(|| "127.0.0.1".into());
@@ -752,6 +830,15 @@ impl Agent {
                     agent.hand_off_net(&entry).await;
                     let _ = std::fs::remove_dir_all(&entry.dir);
                     lock(&agent.inner.sandboxes).remove(&id);
+                    // why: its template or snapshot reference was released at
+                    // the teardown; a fork's snapshot nothing here uses any more
+                    // goes as it would at `rm` (the target holds no reference).
+                    let rec = entry.snapshot();
+                    if let (Some(hearth_api::StartPath::Snapshot), Some(from)) =
+                        (rec.start_path, &rec.started_from)
+                    {
+                        agent.remove_fork_snapshot_if_unused(from).await;
+                    }
                 });
                 let _ = cleanup.await;
                 let s = status_rx.borrow().clone();
@@ -852,6 +939,13 @@ impl Agent {
                 })
             }
         }
+        let device = match incoming_device(&offer) {
+            Ok(d) => d,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
         let sandbox_net = match self.build_incoming_net(&offer, &dir).await {
             Ok(n) => n,
             Err(e) => {
@@ -867,7 +961,7 @@ impl Agent {
             kernel: i.cfg.kernel.clone(),
             initrd: i.cfg.initrd.clone(),
             rootfs: image.rootfs.clone(),
-            cpus: sb.cpus,
+            cpus: offer.machine.as_ref().map_or(sb.cpus, |m| m.cpus),
             memory_mib: sb.memory_mib,
             hostname: offer.hostname.clone(),
             extra_cmdline: sandbox_net
@@ -877,18 +971,29 @@ impl Agent {
             accel: i.accel.accel,
             // why: the same device set and RAM backing as the source's VM (see
             // `Agent::vm_config`): its network device, on the tap directly
-            // (`vnet_hdr=on`) or on the hub as the source's is, with the same MAC.
-            net: match (&sandbox_net, &offer.net) {
-                (Some(n), Some(o)) => Some(hearth_vmm::NetDevice {
-                    tap: Some(n.tap.clone()),
-                    mac: n.mac_string(),
-                    hub: o.nic_mode == crate::restore::NicMode::Hub,
+            // (`vnet_hdr=on`) or on the hub as the source's is, with the same
+            // MAC; a device on the hub without a network has no tap behind it.
+            net: device.map(|(mac, mode)| hearth_vmm::NetDevice {
+                tap: sandbox_net.as_ref().map(|n| n.tap.clone()),
+                mac: mac.unwrap_or_else(|| {
+                    sandbox_net
+                        .as_ref()
+                        .map(|n| n.mac_string())
+                        .unwrap_or_default()
                 }),
-                _ => None,
-            },
+                hub: mode == crate::restore::NicMode::Hub,
+            }),
             memory: hearth_vmm::GuestMemory::SharedFile,
+            // why: the source's exact RAM size (a restored VM has its
+            // snapshot's pad), else the state does not load.
+            ram_kib: offer.machine.as_ref().map(|m| m.ram_kib),
         };
-        let vm = match i.vmm.create_incoming(&cfg, &incoming_sock).await {
+        let disk_bytes = offer.machine.as_ref().map(|m| m.disk_bytes);
+        let vm = match i
+            .vmm
+            .create_incoming(&cfg, &incoming_sock, disk_bytes)
+            .await
+        {
             Ok(vm) => vm,
             Err(e) => {
                 self.drop_incoming_net(&offer).await;
@@ -1106,17 +1211,26 @@ impl Agent {
         rec.accel = self.inner.accel.accel.to_string();
         rec.started_ms = c.started_ms.or(Some(now_ms()));
         rec.boot_ms = c.boot_ms;
+        // why: the template or snapshot it started from is the source node's;
+        // this copy holds no reference to one here (a local one of the same
+        // name must stay removable, and `rm` must not remove a fork snapshot
+        // here); the start path stays as it was, the note says where.
+        if let Some(from) = rec.started_from.take() {
+            rec.start_note = Some(format!(
+                "started from '{from}' on node {}, then migrated",
+                inc.offer.sandbox.node
+            ));
+        }
         // why: before the record says running, so a restart can take it over.
         // why: with the device's mode, so the target's snapshots and forks of
         // it, and a re-adoption after a restart here, rebuild the same device.
-        let nic_mode = inc
-            .offer
-            .net
-            .as_ref()
-            .map(|n| n.nic_mode)
-            .unwrap_or_default();
+        // why: from the device as built at prepare (a sandbox without a
+        // network may have one on the hub), so snapshots here restore it.
+        let device = incoming_device(&inc.offer).ok().flatten();
+        let has_nic = device.is_some();
+        let nic_mode = device.map(|d| d.1).unwrap_or_default();
         let workload = crate::readopt::WorkloadRecord {
-            nic: inc.offer.net.is_some(),
+            nic: has_nic,
             nic_mode,
             ..crate::readopt::WorkloadRecord::new(session.id(), inc.offer.stdin_open, 0)
         };
@@ -1162,9 +1276,9 @@ impl Agent {
         entry
             .stdin_open
             .store(inc.offer.stdin_open, Ordering::Relaxed);
-        entry.nic.store(inc.offer.net.is_some(), Ordering::Relaxed);
+        entry.nic.store(has_nic, Ordering::Relaxed);
         entry.nic_tap.store(
-            inc.offer.net.is_some() && nic_mode == crate::restore::NicMode::Tap,
+            has_nic && nic_mode == crate::restore::NicMode::Tap,
             Ordering::Relaxed,
         );
         *lock(&entry.chan_fd) = fd;
@@ -1240,6 +1354,113 @@ impl Agent {
             // why: Removed is left only by a removal before any commit (a
             // failed commit also ends here); a commit restores Committed.
             Slot::Removed => Ok(true),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::restore::NicMode;
+
+    /// An offer of a sandbox without a network, with `machine` (JSON) as given.
+    fn offer(machine: serde_json::Value, net: Option<NicMode>) -> IncomingOffer {
+        let mut v = serde_json::json!({
+            "sandbox": {
+                "id": "sb1", "name": null, "image": "busybox", "image_digest": "sha256:x",
+                "status": "running", "exit": null, "error": null, "cpus": 1,
+                "memory_mib": 128, "argv": ["sh"], "node": "node-a", "accel": "tcg",
+                "created_ms": 1, "started_ms": 1, "finished_ms": null, "boot_ms": null,
+                "start_path": "template", "started_from": "bb"
+            },
+            "source_node_id": "a", "hostname": "sb1", "stdin_open": false,
+            "machine": machine,
+        });
+        if let Some(mode) = net {
+            v["net"] = serde_json::json!({
+                "policy": {}, "tap_mac": "02:00:00:00:00:09",
+                "nic_mode": serde_json::to_value(mode).unwrap(),
+            });
+        }
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn machine(nic: Option<(&str, &str)>) -> serde_json::Value {
+        let mut m = serde_json::json!({"cpus": 1, "ram_kib": 131080, "disk_bytes": 67108864});
+        if let Some((mac, mode)) = nic {
+            m["nic"] = serde_json::json!({"mac": mac, "mode": mode});
+        }
+        m
+    }
+
+    #[test]
+    fn a_template_device_without_a_network_is_rebuilt_on_the_hub() {
+        let o = offer(machine(Some(("02:68:00:00:00:00", "hub"))), None);
+        assert_eq!(
+            incoming_device(&o).unwrap(),
+            Some((Some("02:68:00:00:00:00".to_string()), NicMode::Hub))
+        );
+        // No device at all: none is built.
+        assert_eq!(incoming_device(&offer(machine(None), None)).unwrap(), None);
+        // A networked VM on the hub (a template restore or a pool VM) keeps it.
+        let o = offer(
+            machine(Some(("02:00:0a:58:00:02", "hub"))),
+            Some(NicMode::Hub),
+        );
+        assert_eq!(
+            incoming_device(&o).unwrap(),
+            Some((Some("02:00:0a:58:00:02".to_string()), NicMode::Hub))
+        );
+    }
+
+    #[test]
+    fn an_offer_whose_layout_cannot_be_built_or_disagrees_is_refused() {
+        let refused = |o: IncomingOffer, what: &str| {
+            let e = incoming_device(&o).unwrap_err().to_string();
+            assert!(e.contains(what) && e.contains("sb1"), "{e}");
+        };
+        refused(
+            offer(machine(Some(("02:00:00:00:00:01", "tap"))), None),
+            "directly on a tap",
+        );
+        refused(
+            offer(
+                machine(Some(("02:00:00:00:00:01", "tap"))),
+                Some(NicMode::Hub),
+            ),
+            "connected as",
+        );
+        refused(
+            offer(machine(None), Some(NicMode::Tap)),
+            "no network device",
+        );
+        // A MAC that would add QEMU options.
+        refused(
+            offer(machine(Some(("02:00:00:00:00:01,x=y", "hub"))), None),
+            "invalid device MAC",
+        );
+        let mut m = machine(None);
+        m["disk_bytes"] = 1000.into();
+        refused(offer(m, None), "invalid disk size");
+    }
+
+    #[test]
+    fn an_older_offer_without_a_layout_gets_the_cold_boot_device() {
+        let mut o = offer(machine(None), Some(NicMode::Tap));
+        o.machine = None;
+        assert_eq!(incoming_device(&o).unwrap(), Some((None, NicMode::Tap)));
+    }
+
+    #[test]
+    fn macs_are_six_hex_pairs() {
+        assert!(valid_mac("02:68:0a:58:00:0F"));
+        for bad in [
+            "",
+            "02:68:0a:58:00",
+            "02:68:0a:58:00:0g",
+            "02:68:0a:58:00:001",
+        ] {
+            assert!(!valid_mac(bad), "{bad}");
         }
     }
 }

@@ -260,12 +260,13 @@ impl Agent {
         let rec = entry.snapshot();
         let nic = entry.nic.load(std::sync::atomic::Ordering::Relaxed);
         if rec.network.is_none() {
-            if nic {
-                // why: the target builds a VM without a network device for a
-                // sandbox without a network, and the state of one with a device
-                // (a fallback cold boot of a restore on the hub) would not load.
+            // why: a device without a network sits on QEMU's hub with nothing
+            // behind it (a template's device set); the offer's machine layout
+            // carries it and the target builds the same. One directly on a
+            // tap cannot exist without a network, and could not be built there.
+            if nic && entry.nic_mode() == crate::restore::NicMode::Tap {
                 return Err(AgentError::Conflict(format!(
-                    "sandbox '{}' has no network but its VM has a network device (on QEMU's hub: its template restore failed and it booted cold with the template's device set); it cannot migrate; create it again to get a VM without one",
+                    "sandbox '{}' has no network but its VM's network device is directly on a tap; it cannot migrate",
                     rec.id
                 )));
             }

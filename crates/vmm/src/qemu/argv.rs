@@ -108,6 +108,12 @@ pub fn ram_kib(memory_mib: u32, accel: Accel) -> u64 {
     u64::from(memory_mib) * 1024 + pad
 }
 
+/// KiB of guest RAM `cfg` asks for: its exact size, else [`ram_kib`].
+pub fn config_ram_kib(cfg: &VmConfig) -> u64 {
+    cfg.ram_kib
+        .unwrap_or_else(|| ram_kib(cfg.memory_mib, cfg.accel))
+}
+
 /// Arguments after the binary name, exactly as in the contract.
 pub fn qemu_args(cfg: &VmConfig, layout: &Layout) -> Result<Vec<String>, VmmError> {
     let id = cfg.id.as_str();
@@ -123,7 +129,7 @@ pub fn qemu_args(cfg: &VmConfig, layout: &Layout) -> Result<Vec<String>, VmmErro
         "-cpu",
         cpu_model(cfg.accel),
         "-m",
-        &format!("{}K", ram_kib(cfg.memory_mib, cfg.accel)),
+        &format!("{}K", config_ram_kib(cfg)),
         "-smp",
         &cfg.cpus.to_string(),
         "-nodefaults",
@@ -162,7 +168,7 @@ pub fn qemu_args(cfg: &VmConfig, layout: &Layout) -> Result<Vec<String>, VmmErro
     if cfg.memory == GuestMemory::SharedFile {
         args.extend(memory_backend_args(&format!(
             "memory-backend-file,id=ram,size={}K,mem-path={},share=on",
-            ram_kib(cfg.memory_mib, cfg.accel),
+            config_ram_kib(cfg),
             p(&layout.ram)?
         )));
     }
@@ -240,6 +246,7 @@ mod tests {
             accel: Accel::Tcg,
             net: None,
             memory: GuestMemory::Anonymous,
+            ram_kib: None,
         };
         let got = qemu_args(&cfg, &Layout::new(Path::new("/v/sb")))
             .unwrap()
@@ -285,6 +292,7 @@ mod tests {
                 hub: false,
             }),
             memory: GuestMemory::Anonymous,
+            ram_kib: None,
         };
         let got = qemu_args(&cfg, &Layout::new(Path::new("/v/sb")))
             .unwrap()
@@ -346,6 +354,7 @@ mod tests {
             extra_cmdline: vec![],
             accel: Accel::Tcg,
             memory: GuestMemory::SharedFile,
+            ram_kib: None,
             net: None,
         };
         let got = qemu_args(&cfg, &Layout::new(Path::new("/v/sb")))
@@ -356,6 +365,19 @@ mod tests {
                 "-object memory-backend-file,id=ram,size=131080K,mem-path=/v/sb/ram,share=on \
                  -machine memory-backend=ram"
             ),
+            "{got}"
+        );
+        // A migration target matches its source's RAM exactly (here: no pad).
+        let exact = VmConfig {
+            ram_kib: Some(131072),
+            ..cfg
+        };
+        let got = qemu_args(&exact, &Layout::new(Path::new("/v/sb")))
+            .unwrap()
+            .join(" ");
+        assert!(got.contains("-m 131072K "), "{got}");
+        assert!(
+            got.contains("memory-backend-file,id=ram,size=131072K,"),
             "{got}"
         );
     }

@@ -45,10 +45,35 @@ impl QemuVmm {
         cfg: &VmConfig,
         incoming: &Path,
     ) -> Result<QemuVm, VmmError> {
+        self.create_incoming_sized(cfg, incoming, None).await
+    }
+
+    /// [`QemuVmm::create_incoming_qemu`]; with `disk_bytes`, the disk is a
+    /// standalone empty qcow2 of that size (no backing file) instead of an
+    /// overlay over `cfg.rootfs`: the whole-disk block migration fills it, so
+    /// the target needs neither the source's base nor a template's or
+    /// snapshot's layer, only a disk of the same size.
+    pub async fn create_incoming_sized(
+        &self,
+        cfg: &VmConfig,
+        incoming: &Path,
+        disk_bytes: Option<u64>,
+    ) -> Result<QemuVm, VmmError> {
         let uri = format!("unix:{}", option_path(&cfg.id, incoming)?);
-        let vm = self
-            .create_with_args(cfg, &["-incoming".into(), "defer".into()])
-            .await?;
+        let extra = vec!["-incoming".into(), "defer".into()];
+        let vm = match disk_bytes {
+            None => self.create_with_args(cfg, &extra).await?,
+            Some(bytes) => {
+                let ram = match cfg.memory {
+                    crate::config::GuestMemory::Anonymous => super::RamBacking::Anonymous,
+                    crate::config::GuestMemory::SharedFile => super::RamBacking::Shared(
+                        super::Layout::new(&super::absolute(&cfg.id, &cfg.dir)?).ram,
+                    ),
+                };
+                self.launch(cfg, super::Disk::Blank(bytes), ram, extra)
+                    .await?
+            }
+        };
         let setup = async {
             set_capabilities(&vm, &[("events", true)]).await?;
             vm.qmp()

@@ -182,6 +182,9 @@ impl QemuVmm {
                     source,
                 })?;
             }
+            Disk::Blank(bytes) => {
+                overlay::create_blank(&self.qemu_img, &cfg.id, bytes, &layout.overlay).await?
+            }
         }
         let overlay_time = t0.elapsed();
 
@@ -325,7 +328,7 @@ impl QemuVmm {
 }
 
 /// `dir` made absolute, so vm.json's paths do not depend on the daemon's cwd.
-fn absolute(id: &str, dir: &Path) -> Result<PathBuf, VmmError> {
+pub(crate) fn absolute(id: &str, dir: &Path) -> Result<PathBuf, VmmError> {
     std::path::absolute(dir).map_err(|_| VmmError::InvalidPath {
         id: id.to_string(),
         path: dir.to_path_buf(),
@@ -391,6 +394,9 @@ pub(crate) enum Disk {
     NewOverlay,
     /// A copy of a snapshot's layer (a small qcow2 over the same base).
     CopyOf(PathBuf),
+    /// A standalone empty qcow2 of this many bytes, no backing file (a
+    /// migration target's disk, which the whole-disk block migration fills).
+    Blank(u64),
 }
 
 /// How a running VM's RAM is backed, which decides how it is snapshotted.
@@ -412,6 +418,82 @@ pub(crate) enum RamBacking {
 /// (`-netdev tap,id=net0`).
 pub fn recorded_net_hub(dir: &Path) -> Result<Option<bool>, VmmError> {
     Ok(net_hub_from_argv(&VmRecord::load(dir)?.argv))
+}
+
+/// The machine a running VM really is, which a VM that loads its migration
+/// stream must match: however it started (a cold boot, a restore of a template
+/// or snapshot with its own RAM size and device set, a warm-pool VM).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MachineLayout {
+    pub cpus: u32,
+    /// Guest RAM in KiB, the TCG pad included (a restored VM has its snapshot's).
+    pub ram_kib: u64,
+    /// The network device: its MAC and whether it sits on hub 0 (else directly
+    /// on a tap); `None`: the VM has none.
+    pub nic: Option<(String, bool)>,
+    /// Virtual size of the disk in bytes.
+    pub disk_bytes: u64,
+}
+
+/// The [`MachineLayout`] of the QEMU VM recorded in `dir`: vCPUs, RAM and
+/// network device off its command line in vm.json (the last `-m` wins, as in
+/// QEMU: a restore overrides the contract's), the disk size off its qcow2 header.
+pub fn recorded_machine(dir: &Path) -> Result<MachineLayout, VmmError> {
+    let rec = VmRecord::load(dir)?;
+    let bad = |detail: String| VmmError::BadRecord {
+        path: VmRecord::path(dir),
+        detail,
+    };
+    let (cpus, ram_kib, nic) = machine_from_argv(&rec.argv).map_err(bad)?;
+    let overlay = Layout::new(dir).overlay;
+    let disk_bytes = overlay::virtual_size(&overlay)?;
+    Ok(MachineLayout {
+        cpus,
+        ram_kib,
+        nic,
+        disk_bytes,
+    })
+}
+
+/// Guest RAM in KiB of the VM recorded in `dir`, off its command line.
+pub(crate) fn recorded_ram_kib(dir: &Path) -> Option<u64> {
+    let rec = VmRecord::load(dir).ok()?;
+    machine_from_argv(&rec.argv).ok().map(|m| m.1)
+}
+
+type MachineArgs = (u32, u64, Option<(String, bool)>);
+
+fn machine_from_argv(argv: &[String]) -> Result<MachineArgs, String> {
+    let last = |flag: &str| {
+        argv.windows(2)
+            .rev()
+            .find(|w| w[0] == flag)
+            .map(|w| w[1].as_str())
+    };
+    let cpus = last("-smp")
+        .and_then(|v| v.split(',').next()?.parse().ok())
+        .ok_or("no `-smp N` on the QEMU command line")?;
+    let ram_kib = last("-m")
+        .and_then(|v| v.strip_suffix('K')?.parse().ok())
+        .ok_or("no `-m <KiB>K` on the QEMU command line")?;
+    let nic = match net_hub_from_argv(argv) {
+        None => None,
+        Some(hub) => {
+            let mac = argv
+                .windows(2)
+                .filter(|w| w[0] == "-device")
+                .find_map(|w| {
+                    let mut parts = w[1].split(',');
+                    if parts.next()? != "virtio-net-device" {
+                        return None;
+                    }
+                    parts.find_map(|p| p.strip_prefix("mac=").map(str::to_string))
+                })
+                .ok_or("a network device without `mac=` on the QEMU command line")?;
+            Some((mac, hub))
+        }
+    };
+    Ok((cpus, ram_kib, nic))
 }
 
 fn net_hub_from_argv(argv: &[String]) -> Option<bool> {
@@ -677,8 +759,12 @@ impl Vmm for QemuVmm {
         &self,
         cfg: &VmConfig,
         incoming: &Path,
+        disk_bytes: Option<u64>,
     ) -> Result<Box<dyn Vm>, VmmError> {
-        Ok(Box::new(self.create_incoming_qemu(cfg, incoming).await?))
+        Ok(Box::new(
+            self.create_incoming_sized(cfg, incoming, disk_bytes)
+                .await?,
+        ))
     }
 
     async fn restore(
@@ -727,6 +813,50 @@ mod tests {
             Some(true)
         );
         assert_eq!(net_hub_from_argv(&argv("qemu -m 128")), None);
+    }
+
+    #[test]
+    fn machine_layout_is_read_off_the_argv_with_the_last_ram_size() {
+        let argv = |s: &str| -> Vec<String> { s.split(' ').map(String::from).collect() };
+        // A restore of a template: the contract's `-m`, then the snapshot's size;
+        // its device on the hub with the template's MAC and no tap.
+        let restored = argv(
+            "qemu -m 131080K -smp 2 -netdev hubport,id=net0,hubid=0 \
+             -device virtio-net-device,netdev=net0,mac=02:68:00:00:00:00 \
+             -object memory-backend-file,id=ram,size=131072K,mem-path=/s/ram,share=off \
+             -machine memory-backend=ram -m 131072K -incoming defer",
+        );
+        assert_eq!(
+            machine_from_argv(&restored).unwrap(),
+            (2, 131072, Some(("02:68:00:00:00:00".to_string(), true)))
+        );
+        let cold = argv(
+            "qemu -m 131080K -smp 1 -netdev tap,id=net0,ifname=ht1,script=no,downscript=no,vnet_hdr=on \
+             -device virtio-net-device,netdev=net0,mac=02:00:0a:58:00:02",
+        );
+        assert_eq!(
+            machine_from_argv(&cold).unwrap(),
+            (1, 131080, Some(("02:00:0a:58:00:02".to_string(), false)))
+        );
+        assert_eq!(
+            machine_from_argv(&argv("qemu -m 131080K -smp 1")).unwrap(),
+            (1, 131080, None)
+        );
+        assert!(machine_from_argv(&argv("qemu -smp 1")).is_err());
+        assert!(machine_from_argv(&argv("qemu -m 128K")).is_err());
+    }
+
+    #[test]
+    fn qcow2_virtual_size_is_read_off_its_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.qcow2");
+        let mut h = vec![0u8; 64];
+        h[..4].copy_from_slice(b"QFI\xfb");
+        h[24..32].copy_from_slice(&(64u64 << 20).to_be_bytes());
+        std::fs::write(&p, &h).unwrap();
+        assert_eq!(overlay::virtual_size(&p).unwrap(), 64 << 20);
+        std::fs::write(&p, [0u8; 64]).unwrap();
+        assert!(overlay::virtual_size(&p).is_err());
     }
 
     #[test]

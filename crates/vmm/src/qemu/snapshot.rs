@@ -152,8 +152,11 @@ impl QemuVm {
             accel: self.accel,
             cpus: opts.cpus,
             memory_mib: opts.memory_mib,
-            ram_pad_kib: super::argv::ram_kib(opts.memory_mib, self.accel)
-                - u64::from(opts.memory_mib) * 1024,
+            // why: the RAM this VM really has (a migrated VM keeps its source's
+            // pad, which may not be this build's); restores rebuild that size.
+            ram_pad_kib: super::recorded_ram_kib(&self.layout.dir)
+                .unwrap_or_else(|| super::argv::ram_kib(opts.memory_mib, self.accel))
+                .saturating_sub(u64::from(opts.memory_mib) * 1024),
             ram,
             base_rootfs: opts.base_rootfs.clone(),
             files,
