@@ -75,6 +75,10 @@ pub struct IncomingOffer {
     pub sandbox: Sandbox,
     /// So a node can refuse a migration to itself.
     pub source_node_id: String,
+    /// The source's node name (its cluster node id); a target checks it
+    /// against a control plane's scoped migration credential.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_node: Option<String>,
     pub hostname: String,
     pub stdin_open: bool,
     /// The owner tag the target's copy carries after the commit (none: untagged).

@@ -683,6 +683,7 @@ impl Agent {
         let offer = IncomingOffer {
             sandbox: rec.clone(),
             source_node_id: self.inner.node_id.clone(),
+            source_node: Some(self.inner.cfg.node.clone()),
             hostname: rec
                 .name
                 .clone()

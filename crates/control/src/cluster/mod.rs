@@ -66,9 +66,9 @@ pub struct ControlPlane {
     starting: Arc<Mutex<HashSet<String>>>,
     /// Migrations (by migration id) this member drives right now.
     migrating: Arc<Mutex<HashSet<String>>>,
-    /// The credential a migration source presents to its target
-    /// ([`crate::migration_credential`] of the cluster token).
-    peer_credential: Arc<String>,
+    /// The cluster token, the key of the scoped migration credentials
+    /// ([`crate::credential`]) a migration source presents to its target.
+    credential_key: Arc<String>,
 }
 
 /// Default headers that carry the cluster token to agents.
@@ -99,7 +99,7 @@ impl ControlPlane {
                 .unwrap_or_default(),
             starting: Arc::new(Mutex::new(HashSet::new())),
             migrating: Arc::new(Mutex::new(HashSet::new())),
-            peer_credential: Arc::new(crate::migration_credential(token.secret())),
+            credential_key: Arc::new(token.secret().to_string()),
         }
     }
 
