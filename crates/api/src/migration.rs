@@ -149,6 +149,11 @@ pub enum IncomingRemoved {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct IncomingAborted {
     pub removed: IncomingRemoved,
+    /// Set when the incoming VM had ended by itself before the abort (its
+    /// QEMU ran out of memory or crashed): what happened, for the source's
+    /// error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_ended: Option<String>,
 }
 
 /// Target side, step 3 (after the stream and the output log):

@@ -97,9 +97,10 @@ pub async fn abort(
     State(agent): State<Agent>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<hearth_api::migration::IncomingAborted>> {
-    agent.incoming_abort(&id).await?;
+    let vm_ended = agent.incoming_abort(&id).await?;
     Ok(Json(hearth_api::migration::IncomingAborted {
         removed: hearth_api::migration::IncomingRemoved::Uncommitted,
+        vm_ended,
     }))
 }
 
