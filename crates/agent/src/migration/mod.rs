@@ -1229,7 +1229,14 @@ impl Agent {
                 let exit = vm.wait().await;
                 if ended {
                     let log = hearth_vmm::log_tail(&vm.dir().join("qemu.log"), 400);
-                    let log = log.trim();
+                    // why: the last line says why; QEMU's own error starts at its
+                    // name (progress text without a newline may precede it).
+                    let last = log
+                        .lines()
+                        .rev()
+                        .find(|l| !l.trim().is_empty())
+                        .unwrap_or("");
+                    let log = last.find("qemu-system").map_or(last, |i| &last[i..]).trim();
                     let why = format!(
                         "the incoming VM (QEMU) on node {} had ended by itself during the transfer ({}){}",
                         self.inner.cfg.node,
