@@ -362,8 +362,11 @@ const HERE_POLL: Duration = Duration::from_millis(100);
 struct Watch {
     sandbox: String,
     here: Target,
-    resolve: Arc<dyn Fn(&str) -> Result<Target, Unavailable> + Send + Sync>,
+    resolve: Arc<ResolveFn>,
 }
+
+/// A resolver's lookup, shareable with the tasks that outlive a request.
+type ResolveFn = dyn Fn(&str) -> Result<Target, Unavailable> + Send + Sync;
 
 impl Watch {
     fn new(
