@@ -491,11 +491,15 @@ fn drain_migrates_what_it_can_and_a_target_killed_mid_transfer_leaves_the_source
         assert!(out.status.success(), "{}", show(&out));
         serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("drain status json")
     };
+    // why: until the CLI's request arrived, the member knows no drain (404).
     wait_until("a sandbox to be migrating", Duration::from_secs(60), || {
-        let d = drain_status();
-        d["sandboxes"]
-            .as_array()
-            .is_some_and(|a| a.iter().any(|o| o["outcome"] == "migrating"))
+        let out = hearth(&["node", "drain", "agent1", "--status", "--json"]);
+        out.status.success()
+            && serde_json::from_slice::<serde_json::Value>(&out.stdout).is_ok_and(|d| {
+                d["sandboxes"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|o| o["outcome"] == "migrating"))
+            })
     });
     cli.kill().expect("kill the drain CLI");
     let _ = cli.wait();
