@@ -418,6 +418,9 @@ pub enum ErrorCode {
     BadRequest,
     /// The request carries no valid API token.
     Unauthorized,
+    /// The credential is valid but does not allow this request (a migration
+    /// credential for another sandbox or target node).
+    Forbidden,
     /// A field has a value outside what is allowed.
     InvalidArgument,
     /// The sandbox, exec session or image does not exist.
@@ -454,6 +457,7 @@ impl ErrorCode {
         match self {
             ErrorCode::BadRequest | ErrorCode::InvalidArgument | ErrorCode::NoCommand => 400,
             ErrorCode::Unauthorized => 401,
+            ErrorCode::Forbidden => 403,
             ErrorCode::NotFound | ErrorCode::ImageNotFound => 404,
             ErrorCode::Conflict
             | ErrorCode::Unschedulable

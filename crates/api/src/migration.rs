@@ -75,6 +75,10 @@ pub struct IncomingOffer {
     pub sandbox: Sandbox,
     /// So a node can refuse a migration to itself.
     pub source_node_id: String,
+    /// The source's node name (its cluster node id); a target checks it
+    /// against a control plane's scoped migration credential.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_node: Option<String>,
     pub hostname: String,
     pub stdin_open: bool,
     /// The owner tag the target's copy carries after the commit (none: untagged).
@@ -181,6 +185,11 @@ pub enum IncomingRemoved {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct IncomingAborted {
     pub removed: IncomingRemoved,
+    /// Set when the incoming VM had ended by itself before the abort (its
+    /// QEMU ran out of memory or crashed): what happened, for the source's
+    /// error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_ended: Option<String>,
 }
 
 /// Target side, step 3 (after the stream and the output log):

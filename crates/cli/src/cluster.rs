@@ -19,7 +19,30 @@ pub enum NodeCmd {
     Uncordon { node: String },
     /// Cordon a node and live-migrate its running sandboxes elsewhere
     /// (`restart: always` ones that cannot migrate are started again elsewhere).
-    Drain { node: String },
+    /// The drain runs in the control plane: it goes on if this command is
+    /// interrupted; `--status` shows its progress.
+    Drain {
+        node: String,
+        /// Show the progress of the node's current or last drain instead.
+        #[arg(long)]
+        status: bool,
+        /// Bandwidth cap of each migration stream in MiB/s.
+        #[arg(long, alias = "bandwidth", conflicts_with = "status")]
+        bandwidth_mib: Option<u64>,
+        /// Largest switch-over pause of each migration in milliseconds (default 100).
+        #[arg(long, conflicts_with = "status")]
+        downtime_ms: Option<u64>,
+        /// Sandboxes migrated at a time.
+        #[arg(long, default_value_t = 1, conflicts_with = "status")]
+        parallel: u32,
+        /// Give up a migration after this many seconds of pre-copy (the
+        /// sandbox keeps running on the node).
+        #[arg(long, conflicts_with = "status")]
+        give_up_secs: Option<u64>,
+        /// Print JSON (the drain's status).
+        #[arg(long)]
+        json: bool,
+    },
     /// Forget a node (its sandboxes are lost or moved).
     Rm { node: String },
     /// Sandbox addresses leased in the control-plane state, by node.
@@ -46,6 +69,98 @@ pub enum ClusterCmd {
 
 fn gib(mib: u64) -> String {
     format!("{:.1}G", mib as f64 / 1024.0)
+}
+
+/// One line for a sandbox of a drain.
+fn drain_line(node: &str, o: &serde_json::Value) -> String {
+    let sb = o["name"].as_str().or(o["sandbox"].as_str()).unwrap_or("?");
+    let to = o["node"].as_str().unwrap_or("?");
+    let mib = |b: &serde_json::Value| {
+        b.as_u64()
+            .map(|b| format!("{:.1} MiB sent", b as f64 / 1048576.0))
+            .unwrap_or_else(|| "0 MiB sent".into())
+    };
+    match o["outcome"].as_str().unwrap_or("") {
+        "failed" => format!(
+            "{sb}: not moved, still running on {node}: {}",
+            o["error"].as_str().unwrap_or("")
+        ),
+        "pending" => format!("{sb}: waiting"),
+        "migrating" => format!(
+            "{sb}: migrating to {to} ({}, {})",
+            o["phase"].as_str().unwrap_or("preparing"),
+            mib(&o["bytes_sent"])
+        ),
+        "migrated" => format!(
+            "{sb}: migrated to {to} ({}, downtime {} ms)",
+            mib(&o["bytes_sent"]),
+            o["downtime_ms"]
+                .as_u64()
+                .map(|v| v.to_string())
+                .unwrap_or_else(|| "-".into())
+        ),
+        how => format!("{sb}: {how} to {to}"),
+    }
+}
+
+/// Prints the lines of sandboxes whose outcome is new since the last call.
+fn print_drain_changes(
+    node: &str,
+    d: &serde_json::Value,
+    shown: &mut std::collections::HashSet<String>,
+) {
+    for o in d["sandboxes"].as_array().into_iter().flatten() {
+        let key = format!(
+            "{}:{}",
+            o["sandbox"].as_str().unwrap_or(""),
+            o["outcome"].as_str().unwrap_or("")
+        );
+        if o["outcome"] != "pending" && shown.insert(key) {
+            println!("{}", drain_line(node, o));
+        }
+    }
+}
+
+fn print_remaining(node: &str, d: &serde_json::Value) {
+    let remaining: Vec<&str> = d["remaining"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_str())
+        .collect();
+    println!("still on {node}: [{}]", remaining.join(" "));
+}
+
+/// `--status`: the whole drain.
+fn print_drain(node: &str, d: &serde_json::Value) {
+    let all = d["sandboxes"].as_array().map(Vec::len).unwrap_or(0);
+    let settled = d["sandboxes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|o| o["outcome"] != "pending" && o["outcome"] != "migrating")
+        .count();
+    println!(
+        "drain of {node}: {} ({settled} of {all} settled, {} at a time)",
+        d["state"].as_str().unwrap_or("?"),
+        d["params"]["parallel"].as_u64().unwrap_or(1)
+    );
+    for o in d["sandboxes"].as_array().into_iter().flatten() {
+        println!("{}", drain_line(node, o));
+    }
+    if d["state"] == "done" {
+        print_remaining(node, d);
+    }
+}
+
+/// 1 when a sandbox was not moved.
+fn drain_exit(d: &serde_json::Value) -> u8 {
+    let failed = d["sandboxes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|o| o["outcome"] == "failed");
+    u8::from(failed)
 }
 
 pub async fn node(c: &Client, cmd: NodeCmd) -> anyhow::Result<u8> {
@@ -96,31 +211,52 @@ pub async fn node(c: &Client, cmd: NodeCmd) -> anyhow::Result<u8> {
             println!("{} uncordoned", n.id);
             Ok(0)
         }
-        NodeCmd::Drain { node } => {
-            let d: serde_json::Value = c.post_json(&format!("/v1/nodes/{node}/drain"), &()).await?;
-            println!("{node} cordoned");
-            let mut failed = 0;
-            for o in d["sandboxes"].as_array().into_iter().flatten() {
-                let sb = o["name"].as_str().or(o["sandbox"].as_str()).unwrap_or("?");
-                match o["outcome"].as_str().unwrap_or("") {
-                    "failed" => {
-                        failed += 1;
-                        println!(
-                            "{sb}: not moved, still running on {node}: {}",
-                            o["error"].as_str().unwrap_or("")
-                        );
-                    }
-                    how => println!("{sb}: {how} to {}", o["node"].as_str().unwrap_or("?")),
+        NodeCmd::Drain {
+            node,
+            status,
+            bandwidth_mib,
+            downtime_ms,
+            parallel,
+            give_up_secs,
+            json,
+        } => {
+            let path = format!("/v1/nodes/{node}/drain");
+            if status {
+                let d: serde_json::Value = c.get_json(&path).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&d)?);
+                } else {
+                    print_drain(&node, &d);
                 }
+                return Ok(drain_exit(&d));
             }
-            let remaining: Vec<&str> = d["remaining"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|v| v.as_str())
-                .collect();
-            println!("still on {node}: [{}]", remaining.join(" "));
-            Ok(if failed > 0 { 1 } else { 0 })
+            let body = serde_json::json!({
+                "max_bandwidth_mib": bandwidth_mib,
+                "downtime_limit_ms": downtime_ms,
+                "parallel": parallel,
+                "give_up_after_secs": give_up_secs,
+            });
+            let mut d: serde_json::Value = c.post_json(&path, &body).await?;
+            if !json {
+                println!("{node} cordoned; draining {parallel} at a time");
+            }
+            let mut shown = std::collections::HashSet::new();
+            loop {
+                if !json {
+                    print_drain_changes(&node, &d, &mut shown);
+                }
+                if d["state"] == "done" {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                d = c.get_json(&path).await?;
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&d)?);
+            } else {
+                print_remaining(&node, &d);
+            }
+            Ok(drain_exit(&d))
         }
         NodeCmd::Rm { node } => {
             c.delete(&format!("/v1/nodes/{node}")).await?;

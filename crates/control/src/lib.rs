@@ -5,6 +5,7 @@
 //! server drives the agent in-process.
 
 pub mod cluster;
+pub mod credential;
 mod migration;
 mod openapi;
 mod policy;
@@ -147,7 +148,10 @@ fn build(agent: Agent, token: ApiToken, dev: Option<cluster::ControlPlane>) -> R
         .fallback(not_found)
         .layer(axum::Extension(DevStore(dev)))
         .layer(axum::middleware::from_fn_with_state(
-            token,
+            NodeAuth {
+                token,
+                node: agent.info().node,
+            },
             require_token_or_migration_peer,
         ))
         .with_state(agent)
@@ -159,24 +163,6 @@ fn build(agent: Agent, token: ApiToken, dev: Option<cluster::ControlPlane>) -> R
 /// The API's bearer token.
 #[derive(Clone)]
 pub struct ApiToken(std::sync::Arc<String>);
-
-/// The credential agents of one cluster present to each other for the
-/// target-side steps of a migration the control plane drives: HMAC-SHA256 of
-/// the label `agent-migration` keyed with the cluster token, hex. A node
-/// accepts it only on `/v1/info` and `/v1/migrations/incoming...`
-/// ([`require_token_or_migration_peer`]), so the cluster token itself never
-/// travels in a migrate request.
-pub fn migration_credential(cluster_token: &str) -> String {
-    use hmac::Mac;
-    let mut m = hmac::Hmac::<sha2::Sha256>::new_from_slice(cluster_token.as_bytes())
-        .expect("HMAC takes keys of any length");
-    m.update(b"agent-migration");
-    m.finalize()
-        .into_bytes()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
 
 /// Routes a migration source calls on its target.
 fn migration_peer_route(path: &str) -> bool {
@@ -212,25 +198,71 @@ impl ApiToken {
     }
 }
 
-/// A node's API: the token, or on the migration target routes the
-/// [`migration_credential`] derived from it.
+/// What a node's API checks a caller against: its token, and its node id
+/// (the target a scoped migration credential must name).
+#[derive(Clone)]
+struct NodeAuth {
+    token: ApiToken,
+    node: String,
+}
+
+/// The scope of the migration credential a request was let in with; the
+/// prepare route checks its offer against it.
+#[derive(Clone)]
+pub(crate) struct MigrationGrant(pub credential::MigrationScope);
+
+/// The sandbox id in `/v1/migrations/incoming/{id}[/...]`.
+fn incoming_path_id(path: &str) -> Option<&str> {
+    let rest = path.strip_prefix("/v1/migrations/incoming/")?;
+    rest.split('/').next().filter(|s| !s.is_empty())
+}
+
+fn credential_refused(node: &str, e: &credential::CredentialError) -> Response {
+    let code = if e.is_forbidden() {
+        ErrorCode::Forbidden
+    } else {
+        ErrorCode::Unauthorized
+    };
+    HttpError(ApiError::new(
+        code,
+        format!("node {node} refuses the migration credential: {e}"),
+    ))
+    .into_response()
+}
+
+/// A node's API: the token, or on the migration target routes a scoped
+/// migration credential ([`credential`]) issued for this node (and, on the
+/// routes that name one, for that sandbox).
 async fn require_token_or_migration_peer(
-    State(token): State<ApiToken>,
-    req: Request,
+    State(auth): State<NodeAuth>,
+    mut req: Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let peer = migration_peer_route(req.uri().path())
-        && req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
-            .is_some_and(|t| {
-                ApiToken(std::sync::Arc::new(migration_credential(token.secret()))).matches(t)
-            });
-    if peer {
-        return next.run(req).await;
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        .and_then(|t| std::str::from_utf8(t).ok())
+        .map(str::to_string);
+    let path = req.uri().path().to_string();
+    if let Some(t) = presented.filter(|_| migration_peer_route(&path)) {
+        if !auth.token.matches(t.as_bytes()) {
+            match credential::verify(auth.token.secret(), &t, &auth.node, credential::unix_now()) {
+                Err(credential::CredentialError::NotACredential) => {}
+                Err(e) => return credential_refused(&auth.node, &e),
+                Ok(scope) => {
+                    if let Some(id) = incoming_path_id(&path) {
+                        if let Err(e) = scope.check_sandbox(id) {
+                            return credential_refused(&auth.node, &e);
+                        }
+                    }
+                    req.extensions_mut().insert(MigrationGrant(scope));
+                    return next.run(req).await;
+                }
+            }
+        }
     }
-    require_token(State(token), req, next).await
+    require_token(State(auth.token), req, next).await
 }
 
 async fn require_token(
@@ -553,4 +585,115 @@ pub async fn json_errors(req: Request, next: axum::middleware::Next) -> Response
         return r;
     }
     resp
+}
+
+#[cfg(test)]
+mod auth_tests {
+    use super::*;
+    use credential::{issue, MigrationScope, PURPOSE};
+
+    const TOKEN: &str = "cluster-token-0123456789";
+
+    /// The node API's auth layer over stub routes, served on loopback.
+    async fn serve(node: &str) -> String {
+        let ok = || async { "ok" };
+        let app = Router::new()
+            .route("/v1/info", get(ok))
+            .route("/v1/sandboxes", get(ok))
+            .route("/v1/migrations/incoming/{id}/commit", post(ok))
+            .layer(axum::middleware::from_fn_with_state(
+                NodeAuth {
+                    token: ApiToken::new(TOKEN.into()).unwrap(),
+                    node: node.into(),
+                },
+                require_token_or_migration_peer,
+            ))
+            .layer(axum::middleware::from_fn(json_errors));
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(l, app).await });
+        format!("http://{addr}")
+    }
+
+    fn cred(sandbox: &str, to: &str, expires: u64) -> String {
+        issue(
+            TOKEN,
+            &MigrationScope {
+                sandbox: sandbox.into(),
+                owner: "c/sb1@2".into(),
+                from: "agent1".into(),
+                to: to.into(),
+                expires,
+                purpose: PURPOSE.into(),
+            },
+        )
+    }
+
+    async fn call(base: &str, method: &str, path: &str, bearer: &str) -> (u16, String) {
+        let c = reqwest::Client::new();
+        let r = match method {
+            "GET" => c.get(format!("{base}{path}")),
+            _ => c.post(format!("{base}{path}")),
+        }
+        .bearer_auth(bearer)
+        .send()
+        .await
+        .unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_target_accepts_only_a_migration_credential_for_itself_and_that_sandbox() {
+        let base = serve("agent2").await;
+        let later = credential::unix_now() + 600;
+        let good = cred("sb1", "agent2", later);
+        assert_eq!(call(&base, "GET", "/v1/info", &good).await.0, 200);
+        let commit = "/v1/migrations/incoming/sb1/commit";
+        assert_eq!(call(&base, "POST", commit, &good).await.0, 200);
+        // The cluster token itself still passes everywhere.
+        assert_eq!(call(&base, "GET", "/v1/sandboxes", TOKEN).await.0, 200);
+
+        // Never beyond the migration routes.
+        let (s, body) = call(&base, "GET", "/v1/sandboxes", &good).await;
+        assert_eq!(s, 401, "{body}");
+
+        // Another sandbox: 403 naming both.
+        let (s, body) = call(&base, "POST", "/v1/migrations/incoming/sb2/commit", &good).await;
+        assert_eq!(s, 403, "{body}");
+        assert!(
+            body.contains("for sandbox sb1, not for sandbox sb2"),
+            "{body}"
+        );
+
+        // Another target: 403 naming both nodes.
+        let other = cred("sb1", "agent3", later);
+        let (s, body) = call(&base, "POST", commit, &other).await;
+        assert_eq!(s, 403, "{body}");
+        assert!(
+            body.contains("target node agent3, this is node agent2"),
+            "{body}"
+        );
+
+        // Expired: 401 saying so.
+        let old = cred("sb1", "agent2", credential::unix_now() - 1);
+        let (s, body) = call(&base, "GET", "/v1/info", &old).await;
+        assert_eq!(s, 401, "{body}");
+        assert!(body.contains("expired"), "{body}");
+
+        // Tampered: the scope of another sandbox with this one's signature.
+        let sig = good.rsplit_once('.').unwrap().1;
+        let body_of_other = cred("sb2", "agent2", later);
+        let fields = body_of_other.split('.').nth(1).unwrap();
+        let forged = format!("hmig1.{fields}.{sig}");
+        let (s, body) = call(&base, "POST", "/v1/migrations/incoming/sb2/commit", &forged).await;
+        assert_eq!(s, 401, "{body}");
+        assert!(body.contains("does not verify"), "{body}");
+
+        // The old cluster-wide credential (HMAC of a fixed label) is refused.
+        use hmac::Mac;
+        let mut m = hmac::Hmac::<sha2::Sha256>::new_from_slice(TOKEN.as_bytes()).unwrap();
+        m.update(b"agent-migration");
+        let unscoped = hex::encode(m.finalize().into_bytes());
+        assert_eq!(call(&base, "POST", commit, &unscoped).await.0, 401);
+    }
 }

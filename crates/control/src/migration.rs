@@ -53,9 +53,25 @@ fn bind_ip(headers: &HeaderMap) -> Option<IpAddr> {
 
 pub async fn prepare(
     State(agent): State<Agent>,
+    grant: Option<axum::Extension<crate::MigrationGrant>>,
     headers: HeaderMap,
     Json(offer): Json<IncomingOffer>,
 ) -> ApiResult<(StatusCode, Json<IncomingAccepted>)> {
+    // why: a scoped credential lets in one sandbox, with one owner tag, from
+    // one source node; the offer is only known here, after the body.
+    if let Some(axum::Extension(crate::MigrationGrant(scope))) = grant {
+        if let Err(e) = scope.check_offer(
+            &offer.sandbox.id,
+            offer.owner.as_deref(),
+            offer.source_node.as_deref(),
+        ) {
+            let node = agent.info().node;
+            return Err(crate::HttpError(hearth_api::ApiError::new(
+                hearth_api::ErrorCode::Forbidden,
+                format!("node {node} refuses the migration credential: {e}"),
+            )));
+        }
+    }
     let a = agent.incoming_prepare(offer, bind_ip(&headers)).await?;
     Ok((StatusCode::CREATED, Json(a)))
 }
@@ -91,9 +107,10 @@ pub async fn abort(
     State(agent): State<Agent>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<hearth_api::migration::IncomingAborted>> {
-    agent.incoming_abort(&id).await?;
+    let vm_ended = agent.incoming_abort(&id).await?;
     Ok(Json(hearth_api::migration::IncomingAborted {
         removed: hearth_api::migration::IncomingRemoved::Uncommitted,
+        vm_ended,
     }))
 }
 

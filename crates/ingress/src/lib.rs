@@ -338,10 +338,93 @@ async fn proxy(State(ing): State<Arc<Ingress>>, mut req: Request) -> Response {
         Err(e) => return reply(StatusCode::NOT_FOUND, e),
     };
     match ing.resolver.resolve(&r.sandbox) {
-        Ok(Target::Sandbox(b)) => to_sandbox(req, &r, b).await,
+        Ok(Target::Sandbox(b)) => {
+            let here = Target::Sandbox(b.clone());
+            let ing2 = ing.clone();
+            let watch = Watch::new(&r.sandbox, here, move |sb| ing2.resolver.resolve(sb));
+            to_sandbox(req, &r, b, Some(watch)).await
+        }
         Ok(Target::Node(n)) => relay_following(&ing, req, &r, n).await,
         Err(e) => unavailable(e),
     }
+}
+
+/// How often a long-lived connection (a streaming answer, an upgraded
+/// connection) to a sandbox on this node checks that the sandbox still runs
+/// here.
+const HERE_POLL: Duration = Duration::from_millis(100);
+
+/// Whether a sandbox still resolves to the target a connection was made to.
+/// A connection to a sandbox that left (migrated away, removed, stopped)
+/// leads to a VM that is gone: it is cut, so the client sees a close and can
+/// reconnect (and reach the node it moved to) instead of hanging.
+#[derive(Clone)]
+struct Watch {
+    sandbox: String,
+    here: Target,
+    resolve: Arc<ResolveFn>,
+}
+
+/// A resolver's lookup, shareable with the tasks that outlive a request.
+type ResolveFn = dyn Fn(&str) -> Result<Target, Unavailable> + Send + Sync;
+
+impl Watch {
+    fn new(
+        sandbox: &str,
+        here: Target,
+        resolve: impl Fn(&str) -> Result<Target, Unavailable> + Send + Sync + 'static,
+    ) -> Watch {
+        Watch {
+            sandbox: sandbox.to_string(),
+            here,
+            resolve: Arc::new(resolve),
+        }
+    }
+
+    /// Resolves once the sandbox no longer runs here.
+    async fn gone(self) {
+        let mut tick = tokio::time::interval(HERE_POLL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if (self.resolve)(&self.sandbox).as_ref() != Ok(&self.here) {
+                tracing::debug!(sandbox = %self.sandbox, "cutting a connection to a sandbox that left this node");
+                return;
+            }
+        }
+    }
+}
+
+/// A response body that ends with an error (the client's connection is
+/// closed without a complete answer) once `watch` says the sandbox left.
+fn cut_when_gone(body: hyper::body::Incoming, watch: Watch) -> Body {
+    use http_body_util::BodyExt;
+    let gone: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
+        Box::pin(watch.clone().gone());
+    let sandbox = watch.sandbox;
+    let stream =
+        futures_util::stream::unfold((body, gone, false), move |(mut body, mut gone, done)| {
+            let sandbox = sandbox.clone();
+            async move {
+                if done {
+                    return None;
+                }
+                tokio::select! {
+                    f = body.frame() => match f {
+                        Some(Ok(f)) => Some((Ok(f), (body, gone, false))),
+                        Some(Err(e)) => Some((Err(axum::Error::new(e)), (body, gone, true))),
+                        None => None,
+                    },
+                    _ = &mut gone => Some((
+                        Err(axum::Error::new(std::io::Error::other(format!(
+                            "sandbox '{sandbox}' left this node (migrated away, removed or stopped)"
+                        )))),
+                        (body, gone, true),
+                    )),
+                }
+            }
+        });
+    Body::new(http_body_util::StreamBody::new(stream))
 }
 
 /// Drops the client's copies of the ingress-private headers and sets
@@ -415,11 +498,15 @@ async fn node_proxy(State(node): State<Arc<NodeIngress>>, mut req: Request) -> R
     match node.resolver.resolve(&r.sandbox) {
         Ok(Target::Sandbox(b)) => {
             let here = Target::Sandbox(b.clone());
+            let node2 = node.clone();
+            let watch = Watch::new(&r.sandbox, here.clone(), move |sb| {
+                node2.resolver.resolve(sb)
+            });
             while_here(
                 node.resolver.as_ref(),
                 &r.sandbox,
                 &here,
-                to_sandbox(req, &r, b),
+                to_sandbox(req, &r, b, Some(watch)),
             )
             .await
         }
@@ -460,7 +547,12 @@ async fn while_here(
     }
 }
 
-async fn to_sandbox(mut req: Request, r: &route::Route, backend: Backend) -> Response {
+async fn to_sandbox(
+    mut req: Request,
+    r: &route::Route,
+    backend: Backend,
+    watch: Option<Watch>,
+) -> Response {
     match presented_token(&req) {
         Some(t) if same(&t, &backend.token) => {}
         Some(_) => return reply(StatusCode::FORBIDDEN, "wrong access token"),
@@ -475,7 +567,14 @@ async fn to_sandbox(mut req: Request, r: &route::Route, backend: Backend) -> Res
     req.headers_mut().remove(TOKEN_HEADER);
     strip_token_cookie(req.headers_mut());
     let what = format!("sandbox '{}' port {}", r.sandbox, r.port);
-    forward(req, SocketAddr::from((backend.ip, r.port)), &path, &what).await
+    forward(
+        req,
+        SocketAddr::from((backend.ip, r.port)),
+        &path,
+        &what,
+        watch,
+    )
+    .await
 }
 
 /// Sends the request, the sandbox's token and the client's `Authorization`
@@ -502,11 +601,21 @@ async fn relay(mut req: Request, r: &route::Route, node: NodeRelay) -> Response 
         h.insert(header::HOST, v);
     }
     let what = format!("node {} running sandbox '{}'", node.addr, r.sandbox);
-    forward(req, node.addr, &path, &what).await
+    // why: no watch; the node ingress cuts what leads to a sandbox that left
+    // that node, and the close travels back through this hop.
+    forward(req, node.addr, &path, &what, None).await
 }
 
-/// Forwards `req` to `addr` with `path`: HTTP/1.1, bodies streamed, upgrades spliced.
-async fn forward(mut req: Request, addr: SocketAddr, path: &str, what: &str) -> Response {
+/// Forwards `req` to `addr` with `path`: HTTP/1.1, bodies streamed, upgrades
+/// spliced. With a `watch`, the answer's body and an upgraded connection are
+/// cut once the sandbox no longer runs here.
+async fn forward(
+    mut req: Request,
+    addr: SocketAddr,
+    path: &str,
+    what: &str,
+    watch: Option<Watch>,
+) -> Response {
     let stream =
         match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr)).await {
             Ok(Ok(s)) => s,
@@ -547,11 +656,24 @@ async fn forward(mut req: Request, addr: SocketAddr, path: &str, what: &str) -> 
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client_upgrade) = client_upgrade {
             let backend_upgrade = hyper::upgrade::on(&mut resp);
+            let watch = watch.clone();
             tokio::spawn(async move {
                 match tokio::try_join!(client_upgrade, backend_upgrade) {
                     Ok((c, b)) => {
                         let (mut c, mut b) = (TokioIo::new(c), TokioIo::new(b));
-                        let _ = tokio::io::copy_bidirectional(&mut c, &mut b).await;
+                        let splice = tokio::io::copy_bidirectional(&mut c, &mut b);
+                        match watch {
+                            // Dropping both ends closes the client's connection.
+                            Some(w) => {
+                                tokio::select! {
+                                    _ = splice => {}
+                                    _ = w.gone() => {}
+                                }
+                            }
+                            None => {
+                                let _ = splice.await;
+                            }
+                        }
                     }
                     Err(e) => tracing::debug!("ingress upgrade failed: {e}"),
                 }
@@ -561,7 +683,10 @@ async fn forward(mut req: Request, addr: SocketAddr, path: &str, what: &str) -> 
         return Response::from_parts(parts, Body::empty());
     }
     let (parts, body) = resp.into_parts();
-    Response::from_parts(parts, Body::new(body))
+    match watch {
+        Some(w) => Response::from_parts(parts, cut_when_gone(body, w)),
+        None => Response::from_parts(parts, Body::new(body)),
+    }
 }
 
 #[cfg(test)]

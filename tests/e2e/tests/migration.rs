@@ -463,6 +463,96 @@ fn killed_target_and_concurrent_migration_leave_one_running_copy() {
     let _ = Path::new("");
 }
 
+/// VmSize of a process in bytes (its address space now).
+fn vm_size(pid: i32) -> u64 {
+    let st = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    st.lines()
+        .find_map(|l| l.strip_prefix("VmSize:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmSize")
+        * 1024
+}
+
+#[test]
+fn a_target_out_of_memory_mid_transfer_leaves_the_source_running() {
+    let (a, b) = two_nodes();
+    run_counter(&a, "c");
+    // A slow migration (2 MiB/s) so the target runs out of memory mid-transfer.
+    let api = b.api.clone();
+    let tf = token_file(&b);
+    let mig = a
+        .cmd(&[
+            "migrate",
+            "c",
+            "--to",
+            &api,
+            "--to-token-file",
+            &tf,
+            "--bandwidth-mib",
+            "2",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("pre-copy to start", Duration::from_secs(60), || {
+        status_of(&a, "c")["phase"] == "precopy"
+            && status_of(&a, "c")["bytes_sent"].as_u64().unwrap_or(0) > 0
+    });
+    // The target's incoming QEMU may not grow any more: its address-space
+    // limit (RLIMIT_AS) becomes what it uses now, so its next allocation for
+    // the incoming stream fails (the agent puts QEMU in no cgroup of its own,
+    // so a cgroup memory.max is not available; this is the documented knob).
+    let pids = vmm_pids_under(b.data.path());
+    assert_eq!(pids.len(), 1, "the target's incoming QEMU: {pids:?}");
+    let pid = pids[0];
+    let cap = vm_size(pid);
+    let lim = libc::rlimit {
+        rlim_cur: cap,
+        rlim_max: cap,
+    };
+    // SAFETY: prlimit(2) on the pid of the target's QEMU, with a valid rlimit
+    // and no old-value pointer.
+    let r = unsafe { libc::prlimit(pid, libc::RLIMIT_AS, &lim, std::ptr::null_mut()) };
+    assert_eq!(r, 0, "prlimit: {}", std::io::Error::last_os_error());
+
+    let out = mig.wait_with_output().unwrap();
+    eprintln!("hearth migrate: {}", show(&out));
+    assert!(!out.status.success(), "{}", show(&out));
+    let err = stderr(&out);
+    assert!(err.contains("keeps running here"), "{}", show(&out));
+    assert!(
+        err.contains("incoming VM (QEMU) on node")
+            && err.contains("had ended by itself during the transfer")
+            && err.contains("failed to allocate"),
+        "the error does not say the target's VM ran out of memory: {}",
+        show(&out)
+    );
+    // The target's QEMU really died (its allocation failed), and nothing of
+    // the sandbox is left there.
+    wait_until(
+        "the target's QEMU to be gone",
+        Duration::from_secs(30),
+        || !Path::new(&format!("/proc/{pid}")).exists() && vmm_pids_under(b.data.path()).is_empty(),
+    );
+    let on_b = b.hearth(&["ps", "--json"]);
+    assert!(on_b.status.success(), "{}", show(&on_b));
+    let listed: serde_json::Value = serde_json::from_slice(&on_b.stdout).expect("ps json");
+    assert_eq!(listed.as_array().map(Vec::len), Some(0), "{listed}");
+    // Exactly one running copy: the source's, counting on without a gap.
+    assert_eq!(a.inspect("c")["status"], "running");
+    assert_eq!(vmm_pids_under(a.data.path()).len(), 1);
+    assert_eq!(status_of(&a, "c")["phase"], "aborted");
+    let n = counted(&a, "c").len();
+    wait_until(
+        "the counter to go on on the source",
+        Duration::from_secs(30),
+        || counted(&a, "c").len() > n + 3,
+    );
+    assert_contiguous_from_zero(&counted(&a, "c"));
+}
+
 /// Two network namespaces ("hosts"), each linked to the root namespace for the
 /// test's API calls, and linked to each other by a veth pair `x0` that carries
 /// the migration. Removed (with their links) on drop.

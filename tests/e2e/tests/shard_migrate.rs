@@ -485,12 +485,86 @@ fn drain_migrates_what_it_can_and_a_target_killed_mid_transfer_leaves_the_source
         counted("counter").len() >= 5
     });
 
-    // Drain: the counter and the networked sandbox move live.
-    let out = hearth(&["node", "drain", "agent1"]);
+    // Drain, two at a time with a bandwidth cap and a downtime budget: the
+    // counter and the networked sandbox move live. The drain runs in the
+    // control plane: the CLI that started it is killed while it runs, and
+    // `--status` follows it to the end.
+    let mut cli = hearth_cmd(&[
+        "node",
+        "drain",
+        "agent1",
+        "--parallel",
+        "2",
+        "--bandwidth-mib",
+        "8",
+        "--downtime-ms",
+        "300",
+    ])
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .expect("hearth node drain");
+    let drain_status = || {
+        let out = hearth(&["node", "drain", "agent1", "--status", "--json"]);
+        assert!(out.status.success(), "{}", show(&out));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("drain status json")
+    };
+    // why: until the CLI's request arrived, the member knows no drain (404).
+    wait_until("a sandbox to be migrating", Duration::from_secs(60), || {
+        let out = hearth(&["node", "drain", "agent1", "--status", "--json"]);
+        out.status.success()
+            && serde_json::from_slice::<serde_json::Value>(&out.stdout).is_ok_and(|d| {
+                d["sandboxes"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|o| o["outcome"] == "migrating"))
+            })
+    });
+    cli.kill().expect("kill the drain CLI");
+    let _ = cli.wait();
+    let d = drain_status();
+    assert_eq!(
+        d["state"], "running",
+        "the drain ended before the CLI was killed: {d}"
+    );
+    refused(&["node", "drain", "agent1"], "is being drained already");
+    wait_until("the drain to finish", Duration::from_secs(180), || {
+        drain_status()["state"] == "done"
+    });
+    let d = drain_status();
+    eprintln!("drain: {d}");
+    assert_eq!(d["params"]["parallel"], 2, "{d}");
+    assert_eq!(d["params"]["max_bandwidth_mib"], 8, "{d}");
+    assert_eq!(d["params"]["downtime_limit_ms"], 300, "{d}");
+    let outs = d["sandboxes"].as_array().expect("sandboxes").clone();
+    assert_eq!(outs.len(), 2, "{d}");
+    for o in &outs {
+        assert_eq!(o["outcome"], "migrated", "{d}");
+        assert!(o["bytes_sent"].as_u64() > Some(0), "{d}");
+        // The cap: no move sent faster than 8 MiB/s (with slack for rounding).
+        let took = o["finished_ms"].as_u64().unwrap() - o["started_ms"].as_u64().unwrap();
+        let floor_ms = o["bytes_sent"].as_u64().unwrap() * 1000 / (10 << 20);
+        assert!(took >= floor_ms, "{o} moved faster than the cap");
+    }
+    // Two at a time: the two migrations overlapped.
+    let span = |o: &serde_json::Value| {
+        (
+            o["started_ms"].as_u64().unwrap(),
+            o["finished_ms"].as_u64().unwrap(),
+        )
+    };
+    let ((a0, a1), (b0, b1)) = (span(&outs[0]), span(&outs[1]));
+    assert!(
+        a0 < b1 && b0 < a1,
+        "the migrations ran one after the other: {d}"
+    );
+    let out = hearth(&["node", "drain", "agent1", "--status"]);
     let text = stdout(&out);
     assert!(out.status.success(), "{}", show(&out));
     assert!(
-        text.contains("counter: migrated to agent") && text.contains("web: migrated to agent"),
+        text.contains("drain of agent1: done")
+            && text.contains("counter: migrated to agent")
+            && text.contains("web: migrated to agent")
+            && text.contains("still on agent1: []"),
         "{}",
         show(&out)
     );

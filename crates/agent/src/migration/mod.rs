@@ -120,6 +120,20 @@ pub(crate) struct Registry {
     /// Incoming VMs removed before any commit (target side), so a repeated
     /// abort (its first answer lost) still hears "removed uncommitted".
     removed_uncommitted: Mutex<HashSet<String>>,
+    /// Why an incoming VM removed uncommitted had already ended by itself
+    /// (its QEMU exited: out of memory, a crash), told to the source's abort.
+    vm_ended: Mutex<HashMap<String, String>>,
+}
+
+/// True when process `pid` has ended (gone, or a zombie not yet reaped).
+fn process_ended(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(st) => st
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.chars().next())
+            .is_none_or(|state| state == 'Z' || state == 'X'),
+        Err(_) => true,
+    }
 }
 
 struct ActiveGuard<'a>(&'a Registry, String);
@@ -234,6 +248,10 @@ impl SourceJob {
         let _ = self.reply.send(result);
     }
 }
+
+/// How long a source that failed before the switch-over waits for the
+/// target's answer to its abort (which may say why the target failed).
+const ABORT_ANSWER_WAIT: Duration = Duration::from_secs(3);
 
 /// Fault injection for tests: with `HEARTH_MIGRATION_HOLD=<point>:<ms>` the
 /// source waits `ms` at `point`, so a test can kill hearthd exactly there:
@@ -437,13 +455,20 @@ pub(crate) async fn run_source(
         Err(e) => {
             conn.thaw();
             // why: the target may be unreachable (a cut link); its VM is removed
-            // by this abort when it gets through, else by its incoming TTL.
+            // by this abort when it gets through, else by its incoming TTL. Its
+            // answer is awaited briefly: it says whether the target's VM had
+            // ended by itself (out of memory, a crash), the cause to report.
             let peer = job.peer.clone();
             let id2 = id.clone();
-            tokio::spawn(async move { peer.abort(&id2).await });
-            let why = match refused {
-                Some(r) => format!("switch-over refused: {r}"),
-                None => e.to_string(),
+            let abort = tokio::spawn(async move { peer.abort(&id2).await });
+            let target_vm = match tokio::time::timeout(ABORT_ANSWER_WAIT, abort).await {
+                Ok(Ok(Ok(a))) => a.vm_ended,
+                _ => None,
+            };
+            let why = match (refused, target_vm) {
+                (Some(r), _) => format!("switch-over refused: {r}"),
+                (None, Some(vm)) => format!("{vm} (the stream broke: {e})"),
+                (None, None) => e.to_string(),
             };
             let msg = format!(
                 "migration of sandbox {id} to {} failed before the switch-over; it keeps running here: {why}",
@@ -762,6 +787,7 @@ impl Agent {
         let offer = IncomingOffer {
             sandbox: rec.clone(),
             source_node_id: self.inner.node_id.clone(),
+            source_node: Some(self.inner.cfg.node.clone()),
             hostname: rec
                 .name
                 .clone()
@@ -1307,9 +1333,10 @@ impl Agent {
     /// uncommitted VM was removed (now or earlier); Conflict if the sandbox
     /// was committed (it runs here); NotFound if nothing is known of it (which
     /// does not tell the source that no commit happened).
-    pub async fn incoming_abort(&self, id: &str) -> Result<(), AgentError> {
+    /// The answer carries why the incoming VM had ended by itself, if it had.
+    pub async fn incoming_abort(&self, id: &str) -> Result<Option<String>, AgentError> {
         if self.remove_incoming(id, false).await? {
-            return Ok(());
+            return Ok(lock(&self.inner.migrations.vm_ended).get(id).cloned());
         }
         Err(AgentError::NoMigration(format!(
             "node {} knows no incoming migration of sandbox '{id}' (never offered, expired, or committed and since removed): check where the sandbox runs before resuming it elsewhere",
@@ -1332,8 +1359,32 @@ impl Agent {
         let mut slot = inc.slot.lock().await;
         match std::mem::replace(&mut *slot, Slot::Removed) {
             Slot::Waiting(vm, _stream) => {
+                let ended = process_ended(vm.pid());
                 let _ = vm.kill().await;
-                let _ = vm.wait().await;
+                let exit = vm.wait().await;
+                if ended {
+                    let log = hearth_vmm::log_tail(&vm.dir().join("qemu.log"), 400);
+                    // why: the last line says why; QEMU's own error starts at its
+                    // name (progress text without a newline may precede it).
+                    let last = log
+                        .lines()
+                        .rev()
+                        .find(|l| !l.trim().is_empty())
+                        .unwrap_or("");
+                    let log = last.find("qemu-system").map_or(last, |i| &last[i..]).trim();
+                    let why = format!(
+                        "the incoming VM (QEMU) on node {} had ended by itself during the transfer ({}){}",
+                        self.inner.cfg.node,
+                        match exit {
+                            Ok(hearth_vmm::VmExit::Exited(c)) => format!("exit status {c}"),
+                            Ok(hearth_vmm::VmExit::Signaled(s)) => format!("killed by signal {s}"),
+                            _ => "its exit status is unknown".to_string(),
+                        },
+                        if log.is_empty() { String::new() } else { format!(": {log}") }
+                    );
+                    tracing::warn!(sandbox = %id, "{why}");
+                    lock(&self.inner.migrations.vm_ended).insert(id.to_string(), why);
+                }
                 inc.tunnel.abort();
                 let _ = std::fs::remove_file(inc.dir.join("incoming.sock"));
                 let _ = hearth_vmm::destroy(&inc.dir.join("vm"));

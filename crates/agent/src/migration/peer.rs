@@ -157,6 +157,7 @@ pub fn classify_abort(r: &Result<IncomingAborted, PeerError>) -> AbortVerdict {
     match r {
         Ok(IncomingAborted {
             removed: IncomingRemoved::Uncommitted,
+            ..
         }) => AbortVerdict::RemovedUncommitted,
         Err(PeerError::Refused { error, .. }) if error.code == ErrorCode::MigrationCommitted => {
             AbortVerdict::Committed
@@ -180,6 +181,7 @@ mod tests {
     fn only_an_explicit_uncommitted_removal_resumes_the_source() {
         let ok: Result<IncomingAborted, PeerError> = Ok(IncomingAborted {
             removed: IncomingRemoved::Uncommitted,
+            vm_ended: None,
         });
         assert_eq!(classify_abort(&ok), AbortVerdict::RemovedUncommitted);
         assert_eq!(

@@ -5,7 +5,8 @@
 //! Raft (`StartMigration`: the state machine re-checks the sandbox runs, the
 //! target is ready, uncordoned and has room, and reserves that room), then
 //! drives the source agent's own migrate route with the target agent's
-//! address, the cluster's migration credential (not the cluster token) and
+//! address, a migration credential scoped to this one move (not the cluster
+//! token; see [`crate::credential`]) and
 //! the owner tag of the target's copy (the record's next generation). Every
 //! phase the source reports is written through Raft. The move completes in
 //! one write that also moves the placement (`MigrationPhase completed`, or the
@@ -230,9 +231,10 @@ async fn drive(
         write_phase(cp, &rec, &m, "aborted", Some(why.clone()), None).await;
         return Err(err(ErrorCode::Conflict, why));
     };
+    let credential = migration_credential(cp, &agent_id, &owner, &m, req);
     let body = MigrateSandbox {
         target: dst.clone(),
-        target_token: cp.peer_credential.to_string(),
+        target_token: credential,
         target_owner: Some(owner),
         ..req.clone()
     };
@@ -332,6 +334,34 @@ async fn drive(
             Err(err(ErrorCode::Unavailable, why))
         }
     }
+}
+
+/// How long a migration credential outlives the pre-copy bound: the
+/// switch-over, the log, the commit and an abort after it.
+const CREDENTIAL_SLACK_SECS: u64 = 600;
+
+/// The credential the source presents to the target for this migration only:
+/// this sandbox, the owner tag of its next generation, these two nodes, and
+/// an expiry after the pre-copy bound ([`crate::credential`]).
+fn migration_credential(
+    cp: &ControlPlane,
+    agent_id: &str,
+    owner: &str,
+    m: &Migration,
+    req: &MigrateSandbox,
+) -> String {
+    let precopy = req.give_up_after_secs.unwrap_or(120);
+    crate::credential::issue(
+        &cp.credential_key,
+        &crate::credential::MigrationScope {
+            sandbox: agent_id.to_string(),
+            owner: owner.to_string(),
+            from: m.from.clone(),
+            to: m.to.clone(),
+            expires: crate::credential::unix_now() + precopy + CREDENTIAL_SLACK_SECS,
+            purpose: crate::credential::PURPOSE.into(),
+        },
+    )
 }
 
 /// The API's status of a recorded migration.

@@ -64,11 +64,13 @@ pub struct ControlPlane {
     stream_http: reqwest::Client,
     /// Sandboxes this member is starting on an agent right now.
     starting: Arc<Mutex<HashSet<String>>>,
+    /// Drains this member runs or ran (by node id), with their progress.
+    drains: Arc<Mutex<std::collections::HashMap<String, nodes::Drained>>>,
     /// Migrations (by migration id) this member drives right now.
     migrating: Arc<Mutex<HashSet<String>>>,
-    /// The credential a migration source presents to its target
-    /// ([`crate::migration_credential`] of the cluster token).
-    peer_credential: Arc<String>,
+    /// The cluster token, the key of the scoped migration credentials
+    /// ([`crate::credential`]) a migration source presents to its target.
+    credential_key: Arc<String>,
 }
 
 /// Default headers that carry the cluster token to agents.
@@ -99,7 +101,8 @@ impl ControlPlane {
                 .unwrap_or_default(),
             starting: Arc::new(Mutex::new(HashSet::new())),
             migrating: Arc::new(Mutex::new(HashSet::new())),
-            peer_credential: Arc::new(crate::migration_credential(token.secret())),
+            drains: Arc::new(Mutex::new(std::collections::HashMap::new())),
+            credential_key: Arc::new(token.secret().to_string()),
         }
     }
 
@@ -143,7 +146,10 @@ pub fn cluster_routes(cp: ControlPlane, token: ApiToken) -> Router {
         .route("/v1/nodes/{id}", get(nodes::get).delete(nodes::remove))
         .route("/v1/nodes/{id}/cordon", post(nodes::cordon))
         .route("/v1/nodes/{id}/uncordon", post(nodes::uncordon))
-        .route("/v1/nodes/{id}/drain", post(nodes::drain))
+        .route(
+            "/v1/nodes/{id}/drain",
+            post(nodes::drain).get(nodes::drain_status),
+        )
         .route("/v1/cluster", get(nodes::cluster_status))
         .route("/v1/cluster/members", post(nodes::add_member))
         .route(

@@ -143,46 +143,128 @@ pub(super) async fn uncordon(
     node_reply(&cp, r)
 }
 
-/// What happened to one sandbox of a drained node.
-#[derive(serde::Serialize, serde::Deserialize)]
+/// What happened (or happens) to one sandbox of a drained node.
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
 pub struct DrainOutcome {
     pub sandbox: String,
     #[serde(default)]
     pub name: Option<String>,
-    /// `migrated` (live, to `node`), `restarted` (`restart: always`, started
-    /// again on `node` after its migration failed) or `failed` (left running
-    /// on the drained node; `error` says why).
+    /// `pending` (not started yet), `migrating` (its migration runs: `phase`
+    /// and `bytes_sent` say how far), `migrated` (live, to `node`),
+    /// `restarted` (`restart: always`, started again on `node` after its
+    /// migration failed) or `failed` (left running on the drained node;
+    /// `error` says why).
     pub outcome: String,
     #[serde(default)]
     pub node: Option<String>,
     #[serde(default)]
     pub error: Option<String>,
+    /// While `migrating`: the migration's recorded phase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    /// While `migrating` or once migrated: memory + disk bytes sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_sent: Option<u64>,
+    /// The VM's switch-over pause, once migrated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<u64>,
+    /// When its migration started and ended (unix ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_ms: Option<u64>,
 }
 
-/// Drain result: sandboxes moved elsewhere and those left on the node.
-#[derive(serde::Serialize, serde::Deserialize)]
+/// Drain status: sandboxes moved elsewhere and those left on the node.
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
 pub struct Drained {
     pub node: Node,
+    /// `running` (the control-plane member that took the request works
+    /// through the sandboxes) or `done`.
+    #[serde(default)]
+    pub state: String,
+    /// The parameters every migration of this drain uses.
+    #[serde(default)]
+    pub params: DrainRequest,
+    #[serde(default)]
+    pub started_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_ms: Option<u64>,
     /// Sandboxes that left the node (live-migrated or restarted elsewhere).
     pub moved: Vec<String>,
     /// Live sandboxes still on the node (their migration failed and they did
     /// not ask for `restart: always`, or had nowhere to go); stop them, or they
-    /// end with the node.
+    /// end with the node. Filled in when the drain is done.
     pub remaining: Vec<String>,
-    /// One entry per sandbox the drain tried to move.
+    /// One entry per sandbox the drain tries to move.
     #[serde(default)]
     pub sandboxes: Vec<DrainOutcome>,
 }
 
-/// Cordons the node, live-migrates each live sandbox off it (`auto`
-/// targets, one at a time), then moves the `restart: always` ones whose
-/// migration failed by starting them again elsewhere (the `Drain` command).
-/// Sandboxes that could not migrate otherwise stay running where they are.
+/// `POST /v1/nodes/{id}/drain` body (all optional).
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrainRequest {
+    /// Bandwidth cap of each migration stream in MiB/s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bandwidth_mib: Option<u64>,
+    /// Largest switch-over pause of each migration in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_limit_ms: Option<u64>,
+    /// Migrations at a time (default 1, at most [`MAX_DRAIN_PARALLEL`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parallel: Option<u32>,
+    /// Give up a migration after this many seconds of pre-copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub give_up_after_secs: Option<u64>,
+}
+
+/// Most migrations one drain runs at a time.
+pub const MAX_DRAIN_PARALLEL: u32 = 16;
+
+fn set_outcome(cp: &ControlPlane, node: &str, sb: &str, f: impl FnOnce(&mut DrainOutcome)) {
+    if let Ok(mut d) = cp.drains.lock() {
+        if let Some(o) = d
+            .get_mut(node)
+            .and_then(|d| d.sandboxes.iter_mut().find(|o| o.sandbox == sb))
+        {
+            f(o);
+        }
+    }
+}
+
+/// Cordons the node and starts draining it in the background on this
+/// member: each live sandbox is live-migrated off it (`auto` targets,
+/// `parallel` at a time, with the request's bandwidth and downtime), then the
+/// `restart: always` ones whose migration failed are started again elsewhere
+/// (the `Drain` command). Sandboxes that could not migrate otherwise stay
+/// running where they are. Answers 202 at once with the drain's status; the
+/// drain goes on whether or not the caller stays (`GET .../drain`).
 pub(super) async fn drain(
     State(cp): State<ControlPlane>,
     Path(id): Path<String>,
-) -> ApiResult<Json<Drained>> {
-    match cp
+    Json(req): Json<Option<DrainRequest>>,
+) -> ApiResult<(StatusCode, Json<Drained>)> {
+    let req = req.unwrap_or_default();
+    let parallel = req.parallel.unwrap_or(1);
+    if parallel == 0 || parallel > MAX_DRAIN_PARALLEL {
+        return Err(HttpError(ApiError::new(
+            ErrorCode::InvalidArgument,
+            format!("--parallel must be 1 to {MAX_DRAIN_PARALLEL}, not {parallel}"),
+        )));
+    }
+    let running = cp
+        .drains
+        .lock()
+        .map(|d| d.get(&id).is_some_and(|d| d.state == "running"))
+        .unwrap_or(false);
+    if running {
+        return Err(HttpError(ApiError::new(
+            ErrorCode::Conflict,
+            format!("node {id} is being drained already; follow it with `hearth node drain {id} --status`"),
+        )));
+    }
+    let node = match cp
         .store
         .write(Command::SetCordon {
             node: id.clone(),
@@ -190,7 +272,10 @@ pub(super) async fn drain(
         })
         .await?
     {
-        Reply::Node { .. } => {}
+        Reply::Node { .. } => cp
+            .store
+            .read_local(|st| st.nodes.get(&id).map(|n| node_view(st, n)))
+            .ok_or_else(|| not_found(&format!("node {id}")))?,
         Reply::NotFound { what } => return Err(not_found(&what)),
         other => {
             return Err(HttpError(ApiError::new(
@@ -198,7 +283,7 @@ pub(super) async fn drain(
                 format!("unexpected store reply {other:?}"),
             )))
         }
-    }
+    };
     let live: Vec<(String, Option<String>)> = cp
         .store
         .read(|st| {
@@ -213,45 +298,108 @@ pub(super) async fn drain(
                 .collect()
         })
         .await?;
-    let mut outcomes = Vec::new();
-    for (sb, name) in live {
-        let req = hearth_api::migration::MigrateSandbox {
-            target: "auto".into(),
-            ..Default::default()
-        };
-        let o = match super::migrate::run(&cp, &sb, &req).await {
-            Ok(st) => DrainOutcome {
-                sandbox: sb,
-                name,
-                outcome: "migrated".into(),
-                node: Some(st.target),
-                error: None,
-            },
-            Err(e) => DrainOutcome {
-                sandbox: sb,
-                name,
-                outcome: "failed".into(),
+    let status = Drained {
+        node,
+        state: "running".into(),
+        params: DrainRequest {
+            parallel: Some(parallel),
+            ..req.clone()
+        },
+        started_ms: now_ms(),
+        finished_ms: None,
+        moved: Vec::new(),
+        remaining: Vec::new(),
+        sandboxes: live
+            .iter()
+            .map(|(sb, name)| DrainOutcome {
+                sandbox: sb.clone(),
+                name: name.clone(),
+                outcome: "pending".into(),
                 node: None,
-                error: Some(e.0.message),
-            },
-        };
-        outcomes.push(o);
+                error: None,
+                phase: None,
+                bytes_sent: None,
+                downtime_ms: None,
+                started_ms: None,
+                finished_ms: None,
+            })
+            .collect(),
+    };
+    {
+        let mut d = cp
+            .drains
+            .lock()
+            .map_err(|_| HttpError(ApiError::new(ErrorCode::Internal, "drain table poisoned")))?;
+        if d.get(&id).is_some_and(|d| d.state == "running") {
+            return Err(HttpError(ApiError::new(
+                ErrorCode::Conflict,
+                format!("node {id} is being drained already; follow it with `hearth node drain {id} --status`"),
+            )));
+        }
+        d.insert(id.clone(), status.clone());
     }
-    let r = cp
+    // why: a task of its own, so the drain survives the caller going away.
+    tokio::spawn(run_drain(cp.clone(), id, req, parallel, live));
+    Ok((StatusCode::ACCEPTED, Json(status)))
+}
+
+async fn run_drain(
+    cp: ControlPlane,
+    id: String,
+    req: DrainRequest,
+    parallel: u32,
+    live: Vec<(String, Option<String>)>,
+) {
+    use futures::StreamExt;
+    let mreq = hearth_api::migration::MigrateSandbox {
+        target: "auto".into(),
+        downtime_limit_ms: req.downtime_limit_ms,
+        max_bandwidth_mib: req.max_bandwidth_mib,
+        give_up_after_secs: req.give_up_after_secs,
+        ..Default::default()
+    };
+    futures::stream::iter(live)
+        .map(|(sb, _)| {
+            let (cp, id, mreq) = (cp.clone(), id.clone(), mreq.clone());
+            async move {
+                set_outcome(&cp, &id, &sb, |o| {
+                    o.outcome = "migrating".into();
+                    o.started_ms = Some(now_ms());
+                });
+                let r = super::migrate::run(&cp, &sb, &mreq).await;
+                set_outcome(&cp, &id, &sb, |o| {
+                    o.finished_ms = Some(now_ms());
+                    o.phase = None;
+                    match r {
+                        Ok(st) => {
+                            o.outcome = "migrated".into();
+                            o.node = Some(st.target);
+                            o.bytes_sent = Some(st.bytes_sent);
+                            o.downtime_ms = st.downtime_ms;
+                        }
+                        Err(e) => {
+                            o.outcome = "failed".into();
+                            o.error = Some(e.0.message);
+                        }
+                    }
+                });
+            }
+        })
+        .buffer_unordered(parallel as usize)
+        .collect::<Vec<()>>()
+        .await;
+    let restarted = match cp
         .store
         .write(Command::Drain {
             node: id.clone(),
             at_ms: now_ms(),
         })
-        .await?;
-    let restarted = match r {
-        Reply::Moved { moved, .. } => moved,
-        Reply::NotFound { what } => return Err(not_found(&what)),
+        .await
+    {
+        Ok(Reply::Moved { moved, .. }) => moved,
         other => {
-            return Err(HttpError(ApiError::new(
-                ErrorCode::Internal,
-                format!("unexpected store reply {other:?}"),
-            )))
+            tracing::warn!(node = %id, "drain: restarting what did not migrate: {other:?}");
+            Vec::new()
         }
     };
     let (node, remaining, placed) = cp.store.read_local(|st| {
@@ -268,33 +416,74 @@ pub(super) async fn drain(
             .collect();
         (n, rem, placed)
     });
-    let node = node.ok_or_else(|| not_found(&format!("node {id}")))?;
+    let Ok(mut drains) = cp.drains.lock() else {
+        return;
+    };
+    let Some(d) = drains.get_mut(&id) else {
+        return;
+    };
+    if let Some(n) = node {
+        d.node = n;
+    }
     for r in &restarted {
-        match outcomes.iter_mut().find(|o| &o.sandbox == r) {
+        match d.sandboxes.iter_mut().find(|o| &o.sandbox == r) {
             Some(o) => {
                 o.outcome = "restarted".into();
                 o.node = placed.get(r).cloned();
             }
-            None => outcomes.push(DrainOutcome {
+            None => d.sandboxes.push(DrainOutcome {
                 sandbox: r.clone(),
                 name: None,
                 outcome: "restarted".into(),
                 node: placed.get(r).cloned(),
                 error: None,
+                phase: None,
+                bytes_sent: None,
+                downtime_ms: None,
+                started_ms: None,
+                finished_ms: None,
             }),
         }
     }
-    let moved = outcomes
+    d.moved = d
+        .sandboxes
         .iter()
-        .filter(|o| o.outcome != "failed")
+        .filter(|o| o.outcome == "migrated" || o.outcome == "restarted")
         .map(|o| o.sandbox.clone())
         .collect();
-    Ok(Json(Drained {
-        node,
-        moved,
-        remaining,
-        sandboxes: outcomes,
-    }))
+    d.remaining = remaining;
+    d.state = "done".into();
+    d.finished_ms = Some(now_ms());
+}
+
+/// `GET /v1/nodes/{id}/drain`: the node's current or last drain as the
+/// member that runs it knows it, with each migrating sandbox's recorded
+/// phase and bytes sent.
+pub(super) async fn drain_status(
+    State(cp): State<ControlPlane>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Drained>> {
+    let Some(mut d) = cp.drains.lock().ok().and_then(|d| d.get(&id).cloned()) else {
+        return Err(HttpError(ApiError::new(
+            ErrorCode::NotFound,
+            format!("this control-plane member has no drain of node {id}: a drain's progress is kept by the member that took `hearth node drain {id}` (ask that one), and is lost when it restarts; the sandboxes' own migrations are in `hearth migrate --status SANDBOX`"),
+        )));
+    };
+    cp.store.read_local(|st| {
+        for o in d.sandboxes.iter_mut().filter(|o| o.outcome == "migrating") {
+            let m = st.sandboxes.get(&o.sandbox).and_then(|s| s.migrating());
+            if let Some(m) = m {
+                o.phase = Some(m.phase.clone());
+                o.node = Some(m.to.clone());
+                o.bytes_sent = m
+                    .progress
+                    .as_ref()
+                    .and_then(|p| p.get("bytes_sent"))
+                    .and_then(|b| b.as_u64());
+            }
+        }
+    });
+    Ok(Json(d))
 }
 
 pub(super) async fn register(
