@@ -213,6 +213,7 @@ pub async fn run(agent: Agent, cfg: LinkConfig) -> Result<(), LinkError> {
                 .list()
                 .into_iter()
                 .map(|s| ObservedSandbox {
+                    paused: agent.migration_paused(&s.id),
                     agent_id: s.id,
                     status: s.status,
                     error: s.error,

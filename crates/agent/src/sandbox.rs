@@ -208,6 +208,10 @@ pub(crate) struct Entry {
     pub(crate) nic: std::sync::atomic::AtomicBool,
     /// That device is on its tap directly (`NicMode::Tap`), not on hub 0.
     pub(crate) nic_tap: std::sync::atomic::AtomicBool,
+    /// A live migration paused the VM (from the switch-over until it resumes
+    /// here or is released): heartbeats report the copy as paused, since the
+    /// guest may run on the target.
+    pub(crate) migration_paused: std::sync::atomic::AtomicBool,
     /// Held while the record is saved (saves never overtake each other).
     persisting: Mutex<()>,
     /// Where the start of this sandbox spent its time.
@@ -245,6 +249,7 @@ impl Entry {
             recovering: watch::channel(false).0,
             nic: std::sync::atomic::AtomicBool::new(false),
             nic_tap: std::sync::atomic::AtomicBool::new(false),
+            migration_paused: std::sync::atomic::AtomicBool::new(false),
             persisting: Mutex::new(()),
             trace: crate::start_trace::StartTrace::new(),
         }
@@ -425,15 +430,15 @@ fn host_memory_mib() -> u64 {
 }
 
 /// Removes a sandbox directory without a record: kills the VM recorded in
-/// it (pid and start time), then removes it.
-fn remove_uncommitted_dir(dir: &std::path::Path) {
+/// it (pid and start time), then removes it. True once its VM is gone.
+fn remove_uncommitted_dir(dir: &std::path::Path) -> bool {
     let vm_dir = dir.join("vm");
     if let Err(e) = hearth_vmm::kill_recorded(&vm_dir, Duration::from_secs(10)) {
         tracing::error!(
             "cannot stop the VM in {} (no sandbox.json: an uncommitted incoming migration); it is kept: {e}",
             vm_dir.display()
         );
-        return;
+        return false;
     }
     let _ = hearth_vmm::destroy(&vm_dir);
     match std::fs::remove_dir_all(dir) {
@@ -443,6 +448,7 @@ fn remove_uncommitted_dir(dir: &std::path::Path) {
         ),
         Err(e) => tracing::warn!("cannot remove {}: {e}", dir.display()),
     }
+    true
 }
 
 impl Agent {
@@ -525,7 +531,7 @@ impl Agent {
             accel,
             sandboxes: Mutex::new(HashMap::new()),
             node_id: crate::migration::node_id(&cfg_data_dir)?,
-            migrations: crate::migration::Registry::default(),
+            migrations: crate::migration::Registry::new(&cfg_data_dir),
             warm,
             pending_releases: Mutex::new(Default::default()),
             desired: watch::channel(None).0,
@@ -566,7 +572,14 @@ impl Agent {
                     // create cut short) left it; it would block a later one.
                     // Its network goes with the orphans below; its address
                     // lease is not this copy's to release.
-                    remove_uncommitted_dir(&sdir);
+                    // why: never committed (the commit saves sandbox.json
+                    // before it answers), so a source asking about it after
+                    // this restart must hear "removed uncommitted" and resume.
+                    if remove_uncommitted_dir(&sdir) {
+                        if let Some(id) = sdir.file_name().and_then(|n| n.to_str()) {
+                            self.inner.migrations.note_removed_uncommitted(id);
+                        }
+                    }
                     continue;
                 }
                 None => {

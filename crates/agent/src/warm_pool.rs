@@ -341,6 +341,15 @@ impl Agent {
             }
             self.reap_dir(&dir).await;
             tracing::info!("removed unclaimed pool VM {}", dir.display());
+            // why: it may as well be an incoming migration that was never
+            // committed (a commit saves sandbox.json before it answers); a
+            // source asking about it after this restart must hear "removed
+            // uncommitted" and resume its copy (issue 7).
+            if !dir.exists() {
+                if let Some(id) = dir.file_name().and_then(|n| n.to_str()) {
+                    self.inner.migrations.note_removed_uncommitted(id);
+                }
+            }
         }
         // Template builds, snapshot saves and removals a previous daemon did not finish.
         let (templates, snapshots) = (

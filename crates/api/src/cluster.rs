@@ -64,6 +64,11 @@ pub struct ObservedSandbox {
     /// control plane started it.
     #[serde(default)]
     pub owner: Option<String>,
+    /// Its VM is paused by a live migration (the source after the
+    /// switch-over, until it resumes or is released): the guest does not
+    /// run in it, and may run on the target.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused: bool,
 }
 
 /// `POST /v1/agents/{node}/heartbeat`.

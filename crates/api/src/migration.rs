@@ -33,6 +33,11 @@ pub struct MigrateSandbox {
     /// Give up after this many seconds of pre-copy (default 120).
     #[serde(default)]
     pub give_up_after_secs: Option<u64>,
+    /// The id of this migration attempt (set by a control plane that drives
+    /// it); the source echoes it in its status, so a status of an earlier
+    /// attempt is told apart from this one's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<String>,
 }
 
 /// Where a migration stands. Phases: `preparing`, `precopy`, `switchover`,
@@ -47,6 +52,10 @@ pub struct MigrationStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from: Option<String>,
     pub phase: String,
+    /// The attempt id the migrate request carried (control-plane driven
+    /// migrations), so a status of an earlier attempt is not taken for this one's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<String>,
     /// Milliseconds since the request.
     pub elapsed_ms: u64,
     /// Memory + disk bytes sent through the tunnel.

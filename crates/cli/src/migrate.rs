@@ -105,6 +105,7 @@ pub async fn run(c: &Client, a: MigrateArgs) -> Result<u8> {
         max_bandwidth_mib: a.bandwidth_mib,
         max_iterations: None,
         give_up_after_secs: a.give_up_secs,
+        attempt: None,
     };
     let s: MigrationStatus = c
         .post_json(&format!("/v1/sandboxes/{path}/migrate"), &req)

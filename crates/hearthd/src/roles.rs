@@ -44,6 +44,11 @@ pub struct ControlArgs {
     /// `restart=always`, started again).
     #[arg(long, default_value_t = 30_000)]
     start_timeout_ms: u64,
+    /// A live migration with neither a new phase nor advancing progress
+    /// (bytes sent, iterations) for this long is past its deadline and is
+    /// resolved on the nodes' evidence (see docs/migration.md).
+    #[arg(long, default_value_t = hearth_store::MIGRATION_STALL_MS)]
+    migration_stall_ms: u64,
     /// Serve the cluster ingress (`<port>-<sandbox>.<domain>` and
     /// `/sandboxes/<sandbox>/ports/<port>/...`) on this address: requests are
     /// relayed to the node agent that runs the sandbox.
@@ -166,6 +171,7 @@ pub async fn control(a: ControlArgs) -> Result<()> {
         ControlConfig {
             node_timeout: Duration::from_millis(a.node_timeout_ms),
             start_timeout: Duration::from_millis(a.start_timeout_ms.max(100)),
+            migration_stall: Duration::from_millis(a.migration_stall_ms.max(1000)),
             ..Default::default()
         },
         &token,

@@ -67,6 +67,10 @@ impl State {
         let mut remove: Vec<String> = Vec::new();
         let mut not_running: Vec<String> = Vec::new();
         let mut claimed: BTreeSet<String> = BTreeSet::new();
+        // why: a copy paused by a migration is claimed (kept) but is no
+        // evidence that the guest runs here.
+        let mut running: BTreeSet<String> = BTreeSet::new();
+        let mut paused: BTreeSet<String> = BTreeSet::new();
         for r in report {
             // why: a copy tagged by another cluster (or by this control plane
             // before it was rebuilt) is none of this state's business.
@@ -100,10 +104,21 @@ impl State {
                         .migration
                         .as_ref()
                         .filter(|m| m.to == node && m.generation == generation);
-                    if mig.is_some_and(|m| {
-                        m.active() && r.status == "running" && rec.reschedules + 1 == generation
-                    }) {
+                    let next = r.status == "running" && rec.reschedules + 1 == generation;
+                    if mig.is_some_and(|m| m.active() && next) {
                         self.complete_migration(id, Some(&r.agent_id), at_ms);
+                    } else if mig.is_some_and(|m| {
+                        m.phase == "aborted"
+                            && next
+                            && rec.node == m.from
+                            && rec.observed.as_ref().is_some_and(|o| o.status == "lost")
+                    }) {
+                        // why: the migration was ended with no copy left on
+                        // the source (its deadline, or the source's absence)
+                        // and the record is lost; the target committed after
+                        // all: its copy is the only one, so it takes the
+                        // record over instead of being fenced (never zero).
+                        self.complete_late_migration(id, &r.agent_id, at_ms);
                     } else if mig.is_some_and(|m| m.phase == "aborted")
                         && (generation > rec.reschedules || rec.node != node)
                     {
@@ -158,6 +173,13 @@ impl State {
                 },
             };
             claimed.insert(id.clone());
+            if !terminal {
+                if r.paused {
+                    paused.insert(id.clone());
+                } else {
+                    running.insert(id.clone());
+                }
+            }
             // why: restart=always means a copy that died (lost, failed) is
             // started again, not recorded as the end.
             let died = matches!(r.status.as_str(), "lost" | "failed");
@@ -199,19 +221,24 @@ impl State {
                 keep.push(r.agent_id.clone());
             }
         }
-        // why: a migration past its deadline (no write for MIGRATION_STALL_MS:
-        // its driver died or lost the source) is resolved on the source's
-        // evidence. A copy of the target's generation would have completed it
-        // in the target's heartbeat; the source still reporting its copy means
-        // the guest stayed here; neither means it is lost here (restart policy).
+        // why: a migration past its deadline (no news for its stall time:
+        // its driver died or lost the source, or the source stopped making
+        // progress) is resolved on the source's evidence. A copy of the
+        // target's generation would have completed it in the target's
+        // heartbeat; the source still running its copy (not paused) means the
+        // guest stayed here; a paused copy decides nothing (the target may
+        // have committed: the migration stays open until the target reports
+        // its copy or the source resumes); no copy means it is lost here
+        // (restart policy), and a target copy reported later takes it over.
         let stalled: Vec<String> = self
             .sandboxes
             .values()
             .filter(|s| s.node == node && s.migrating().is_some_and(|m| m.stalled(at_ms)))
+            .filter(|s| !paused.contains(&s.id))
             .map(|s| s.id.clone())
             .collect();
         for id in stalled {
-            let why = if claimed.contains(&id) {
+            let why = if running.contains(&id) {
                 format!("past its deadline with no progress; node {node} still runs sandbox {id}")
             } else {
                 format!("past its deadline with no progress; no copy of sandbox {id} runs on node {node} or on the target")
@@ -223,6 +250,8 @@ impl State {
         }
         let reported: BTreeSet<&str> = report.iter().map(|r| r.agent_id.as_str()).collect();
         let mut missing: Vec<(String, u32)> = Vec::new();
+        let mut gone_now: Vec<String> = Vec::new();
+        let mut back: Vec<String> = Vec::new();
         for rec in self
             .sandboxes
             .values()
@@ -235,18 +264,46 @@ impl State {
             if !keep.contains(a) {
                 keep.push(a.clone());
             }
+            let absent = !rec.record_only
+                && !claimed.contains(&rec.id)
+                && !reported.contains(a.as_str())
+                && at_ms.saturating_sub(o.updated_ms) > grace_ms;
             // why: a migrating sandbox's source copy goes away once the
             // guest switched over; the target's report completes the move
             // (or the deadline resolves it). Before the switch-over the
-            // source copy must stay, so its absence is a loss.
-            if !rec.record_only
-                && !rec.migrating().is_some_and(|m| m.switched())
-                && !claimed.contains(&rec.id)
-                && !reported.contains(a.as_str())
-                && at_ms.saturating_sub(o.updated_ms) > grace_ms
-            {
-                missing.push((rec.id.clone(), rec.reschedules));
+            // source copy must stay, but the record may not show a
+            // switch-over that happened (the control plane polls the
+            // phases): the absence is a loss only if the target has not
+            // reported the migrated copy within the grace after it.
+            match rec.migrating() {
+                Some(m) if m.switched() => {}
+                Some(m) if absent => match m.source_gone_ms {
+                    None => gone_now.push(rec.id.clone()),
+                    Some(t) if at_ms.saturating_sub(t) > grace_ms => {
+                        missing.push((rec.id.clone(), rec.reschedules));
+                    }
+                    Some(_) => {}
+                },
+                Some(m) if m.source_gone_ms.is_some() && claimed.contains(&rec.id) => {
+                    back.push(rec.id.clone());
+                }
+                _ if absent => missing.push((rec.id.clone(), rec.reschedules)),
+                _ => {}
             }
+        }
+        for (id, gone) in gone_now
+            .into_iter()
+            .map(|id| (id, Some(at_ms)))
+            .chain(back.into_iter().map(|id| (id, None)))
+        {
+            if let Some(m) = self
+                .sandboxes
+                .get_mut(&id)
+                .and_then(|s| s.migration.as_mut())
+            {
+                m.source_gone_ms = gone;
+            }
+            self.touch_sandbox(&id);
         }
         for (id, generation) in missing {
             let why = format!("node {node} no longer runs it (its agent lost or removed it)");

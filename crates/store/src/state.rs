@@ -138,9 +138,20 @@ pub struct Migration {
     #[serde(default)]
     pub error: Option<String>,
     /// The last progress the source reported (the API's migration status;
-    /// opaque to the store).
+    /// opaque to the store but for `bytes_sent` and `iterations`, whose
+    /// advance keeps the migration alive: see [`Migration::stalled`]).
     #[serde(default)]
     pub progress: Option<serde_json::Value>,
+    /// Its deadline: how long it may go without a new phase or advancing
+    /// progress (none: [`MIGRATION_STALL_MS`]). Set by the control plane.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stall_ms: Option<u64>,
+    /// When the source's heartbeat first lacked its copy while the record
+    /// had not seen the switch-over (the control plane may have missed it):
+    /// the copy counts as lost only if the target has not reported the
+    /// migrated copy within the heartbeat's grace after this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_gone_ms: Option<u64>,
 }
 
 /// Phases after which a migration holds nothing.
@@ -177,11 +188,24 @@ impl Migration {
         MIGRATION_SWITCHED.contains(&self.phase.as_str())
     }
 
-    /// Active with no write for [`MIGRATION_STALL_MS`] at `at_ms`: past its
-    /// deadline, resolved on the nodes' evidence.
+    /// Active with neither a new phase nor advancing progress (bytes sent,
+    /// iterations) for its deadline (`stall_ms`, else [`MIGRATION_STALL_MS`])
+    /// at `at_ms`: past its deadline, resolved on the nodes' evidence.
     pub fn stalled(&self, at_ms: u64) -> bool {
-        self.active() && at_ms.saturating_sub(self.updated_ms) > MIGRATION_STALL_MS
+        let limit = self.stall_ms.unwrap_or(MIGRATION_STALL_MS);
+        self.active() && at_ms.saturating_sub(self.updated_ms) > limit
     }
+}
+
+/// `bytes_sent` and `iterations` of a progress report (the API's migration
+/// status), zero when absent.
+fn progress_mark(p: Option<&serde_json::Value>) -> (u64, u64) {
+    let field = |k: &str| {
+        p.and_then(|p| p.get(k))
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0)
+    };
+    (field("bytes_sent"), field("iterations"))
 }
 
 impl SandboxRecord {
@@ -244,6 +268,11 @@ pub struct CopyReport {
     /// The owner tag the copy carries (`ID@GENERATION`), if any.
     #[serde(default)]
     pub owner: Option<String>,
+    /// Its VM is paused by a migration (the source after the switch-over,
+    /// before it resumes or is released): it does not run the guest, so it
+    /// is no evidence that the guest stayed on this node.
+    #[serde(default)]
+    pub paused: bool,
 }
 
 impl CopyReport {
@@ -951,6 +980,7 @@ impl State {
         mig.phase = "preparing".into();
         mig.error = None;
         mig.progress = None;
+        mig.source_gone_ms = None;
         let Some(sb) = self.sandboxes.get_mut(id) else {
             return Reply::NotFound {
                 what: format!("sandbox {id}"),
@@ -998,13 +1028,25 @@ impl State {
                 sandbox: sb.clone(),
             };
         }
+        // why: only news keeps a migration alive: a later phase, an end, or
+        // progress that advanced (a long healthy pre-copy writes the same
+        // phase with more bytes); a repeat of the same report does not, so
+        // a source that stopped making progress still meets its deadline.
+        let (bytes, iters) = progress_mark(m.progress.as_ref());
+        let (nbytes, niters) = progress_mark(progress.as_ref());
+        let news = current.is_none_or(|c| rank > c)
+            || MIGRATION_ENDED.contains(&phase)
+            || nbytes > bytes
+            || niters > iters;
         if progress.is_some() {
             m.progress = progress.clone();
         }
         if error.is_some() {
             m.error = error.clone();
         }
-        m.updated_ms = at_ms;
+        if news {
+            m.updated_ms = at_ms;
+        }
         if phase == "completed" {
             self.complete_migration(id, None, at_ms);
         } else {
@@ -1062,6 +1104,21 @@ impl State {
             updated_ms: at_ms,
         });
         self.touch_sandbox(id);
+    }
+
+    /// A migration ended (aborted) while the record became `lost` with no
+    /// copy left on the source, and the target reports it runs the copy of
+    /// the migration's generation: the move completes after all.
+    pub(crate) fn complete_late_migration(&mut self, id: &str, agent_id: &str, at_ms: u64) {
+        if let Some(m) = self
+            .sandboxes
+            .get_mut(id)
+            .and_then(|s| s.migration.as_mut())
+        {
+            // why: reopened for the one write that moves the placement.
+            m.phase = "committing".into();
+        }
+        self.complete_migration(id, Some(agent_id), at_ms);
     }
 
     /// The node's slice, when `instance` holds it.

@@ -59,6 +59,15 @@ fn copy(agent_id: &str, status: &str, owner: Option<&str>) -> CopyReport {
         status: status.into(),
         error: None,
         owner: owner.map(str::to_string),
+        paused: false,
+    }
+}
+
+/// A copy whose VM a migration paused (the source after the switch-over).
+fn paused_copy(agent_id: &str, owner: &str) -> CopyReport {
+    CopyReport {
+        paused: true,
+        ..copy(agent_id, "running", Some(owner))
     }
 }
 
@@ -419,6 +428,8 @@ fn start_migration(s: &mut State, id: &str, mig: &str, from: &str, to: &str) -> 
             updated_ms: 10,
             error: None,
             progress: None,
+            stall_ms: None,
+            source_gone_ms: None,
         },
     })
 }
@@ -748,7 +759,11 @@ fn a_source_copy_missing_before_the_switch_over_is_lost_and_ends_the_migration()
     let mut s = migratable();
     start_migration(&mut s, "s1", "m1", "n1", "n2");
     phase(&mut s, "s1", "m1", "precopy");
+    // The first heartbeat without it opens the window in which the target
+    // may report the copy (the record may have missed the switch-over).
     let d = heartbeat(&mut s, "n1", 1000, vec![]);
+    assert!(d.not_running.is_empty(), "{d:?}");
+    let d = heartbeat(&mut s, "n1", 1006, vec![]);
     assert_eq!(d.not_running, vec!["s1".to_string()], "{d:?}");
     assert_eq!(status(&s, "s1").0, "lost");
     let m = s.sandboxes["s1"].migration.clone().unwrap();
@@ -815,4 +830,206 @@ fn unknown_phases_are_refused_and_a_late_write_never_moves_a_migration_back() {
         s.sandboxes["s1"].migration.as_ref().unwrap().phase,
         "aborted"
     );
+}
+
+fn progress_phase(s: &mut State, mig: &str, phase: &str, bytes: u64, iters: u64, at_ms: u64) {
+    s.apply(&Command::MigrationPhase {
+        id: "s1".into(),
+        migration: mig.into(),
+        phase: phase.into(),
+        error: None,
+        progress: Some(serde_json::json!({"bytes_sent": bytes, "iterations": iters})),
+        at_ms,
+    });
+}
+
+/// Issue 7, finding 1: a healthy pre-copy longer than the deadline keeps its
+/// record alive by its advancing progress (the source goes on and commits),
+/// while a source whose progress stopped still meets the deadline.
+#[test]
+fn advancing_progress_keeps_a_long_pre_copy_alive_and_a_stuck_one_still_ends() {
+    let stall = hearth_store::MIGRATION_STALL_MS;
+    let mut s = migratable();
+    start_migration(&mut s, "s1", "m1", "n1", "n2");
+    progress_phase(&mut s, "m1", "precopy", 1 << 20, 1, 100);
+    // The same phase, every 30 s, with more bytes each time: 5 deadlines long.
+    let mut at = 100;
+    for i in 2..=20u64 {
+        at += 30_000;
+        progress_phase(&mut s, "m1", "precopy", i << 20, 1, at);
+        heartbeat(
+            &mut s,
+            "n1",
+            at + 1,
+            vec![copy("a1", "running", Some("s1@0"))],
+        );
+    }
+    assert!(at > 4 * stall);
+    let m = s.sandboxes["s1"].migration.clone().unwrap();
+    assert_eq!(
+        m.phase, "precopy",
+        "a progressing pre-copy was ended: {m:?}"
+    );
+    // It commits: the target's copy completes the move.
+    heartbeat(
+        &mut s,
+        "n2",
+        at + 2,
+        vec![copy("a1", "running", Some("s1@1"))],
+    );
+    let r = &s.sandboxes["s1"];
+    assert_eq!(r.node, "n2");
+    assert_eq!(r.migration.as_ref().unwrap().phase, "completed");
+
+    // A source that repeats the same progress is stuck: the deadline ends it.
+    let mut s = migratable();
+    start_migration(&mut s, "s1", "m1", "n1", "n2");
+    progress_phase(&mut s, "m1", "precopy", 5 << 20, 3, 100);
+    let mut at = 100;
+    for _ in 0..5 {
+        at += 30_000;
+        progress_phase(&mut s, "m1", "precopy", 5 << 20, 3, at);
+    }
+    heartbeat(
+        &mut s,
+        "n1",
+        at + 1,
+        vec![copy("a1", "running", Some("s1@0"))],
+    );
+    let m = s.sandboxes["s1"].migration.clone().unwrap();
+    assert_eq!(m.phase, "aborted", "a stuck migration never ended: {m:?}");
+    assert_eq!(status(&s, "s1").0, "running");
+}
+
+/// The deadline is the record's own (`hearthd control --migration-stall-ms`).
+#[test]
+fn a_migration_carries_its_own_deadline() {
+    let mut s = migratable();
+    s.apply(&Command::StartMigration {
+        id: "s1".into(),
+        migration: Migration {
+            id: "m1".into(),
+            from: "n1".into(),
+            to: "n2".into(),
+            phase: "preparing".into(),
+            generation: 0,
+            started_ms: 10,
+            updated_ms: 10,
+            error: None,
+            progress: None,
+            stall_ms: Some(1000),
+            source_gone_ms: None,
+        },
+    });
+    let running = || vec![copy("a1", "running", Some("s1@0"))];
+    heartbeat(&mut s, "n1", 1000, running());
+    assert!(s.sandboxes["s1"].migrating().is_some());
+    heartbeat(&mut s, "n1", 1011, running());
+    assert_eq!(
+        s.sandboxes["s1"].migration.as_ref().unwrap().phase,
+        "aborted"
+    );
+}
+
+/// Issue 7, finding 2: past the deadline, a source copy the migration paused
+/// is not "the source still runs it": the migration stays open and the
+/// target's committed copy completes it (before the fix it was ended as
+/// aborted and the target's copy fenced: the guest ran nowhere).
+#[test]
+fn a_paused_source_copy_past_the_deadline_never_fences_the_committed_target() {
+    let stall = hearth_store::MIGRATION_STALL_MS;
+    let mut s = migratable();
+    start_migration(&mut s, "s1", "m1", "n1", "n2");
+    phase(&mut s, "s1", "m1", "unresolved");
+    let d = heartbeat(&mut s, "n1", stall + 1000, vec![paused_copy("a1", "s1@0")]);
+    assert!(d.stop.is_empty() && d.not_running.is_empty(), "{d:?}");
+    let m = s.sandboxes["s1"].migration.clone().unwrap();
+    assert_eq!(m.phase, "unresolved", "{m:?}");
+    // The target reports its committed copy: the move completes, nothing of
+    // it is fenced, and the paused source copy is the stale one.
+    let d = heartbeat(
+        &mut s,
+        "n2",
+        stall + 2000,
+        vec![copy("a1", "running", Some("s1@1"))],
+    );
+    assert!(
+        d.stop.is_empty(),
+        "the committed target copy was fenced: {d:?}"
+    );
+    assert_eq!(s.sandboxes["s1"].node, "n2");
+    let d = heartbeat(&mut s, "n1", stall + 3000, vec![paused_copy("a1", "s1@0")]);
+    assert_eq!(stopped(&d), ["a1"], "{d:?}");
+    // A source that resumed (not paused) past the deadline: it runs there.
+    let mut s = migratable();
+    start_migration(&mut s, "s1", "m1", "n1", "n2");
+    phase(&mut s, "s1", "m1", "unresolved");
+    heartbeat(
+        &mut s,
+        "n1",
+        stall + 1000,
+        vec![copy("a1", "running", Some("s1@0"))],
+    );
+    assert_eq!(
+        s.sandboxes["s1"].migration.as_ref().unwrap().phase,
+        "aborted"
+    );
+}
+
+/// Issue 7, finding 3: the control plane missed the switch-over (the record
+/// still says precopy) and the source's heartbeat after the release lacks the
+/// copy; the target's report that follows completes the move instead of the
+/// record ending `lost` with the target's copy fenced.
+#[test]
+fn a_missed_switch_over_is_completed_by_the_target_not_lost_on_the_source() {
+    let mut s = migratable();
+    start_migration(&mut s, "s1", "m1", "n1", "n2");
+    phase(&mut s, "s1", "m1", "precopy");
+    let d = heartbeat(&mut s, "n1", 1000, vec![]);
+    assert!(d.not_running.is_empty(), "marked lost at once: {d:?}");
+    assert_eq!(status(&s, "s1").0, "running");
+    let d = heartbeat(
+        &mut s,
+        "n2",
+        1003,
+        vec![copy("a1", "running", Some("s1@1"))],
+    );
+    assert!(d.stop.is_empty(), "{d:?}");
+    let r = &s.sandboxes["s1"];
+    assert_eq!((r.node.as_str(), r.reschedules), ("n2", 1));
+    assert_eq!(r.migration.as_ref().unwrap().phase, "completed");
+    assert_eq!(status(&s, "s1").0, "running");
+    // A later source heartbeat changes nothing.
+    let d = heartbeat(&mut s, "n1", 2000, vec![]);
+    assert!(d.not_running.is_empty(), "{d:?}");
+    assert_eq!(s.sandboxes["s1"].node, "n2");
+}
+
+/// A migration that ended with no copy left on the source (the record lost)
+/// is completed when its target reports the committed copy late, instead of
+/// that copy, the only one, being fenced.
+#[test]
+fn a_target_copy_reported_after_the_record_was_lost_takes_it_over() {
+    let mut s = migratable();
+    start_migration(&mut s, "s1", "m1", "n1", "n2");
+    phase(&mut s, "s1", "m1", "committing");
+    let at = hearth_store::MIGRATION_STALL_MS + 1000;
+    heartbeat(&mut s, "n1", at, vec![]);
+    assert_eq!(status(&s, "s1").0, "lost");
+    let d = heartbeat(
+        &mut s,
+        "n2",
+        at + 1,
+        vec![copy("a1", "running", Some("s1@1"))],
+    );
+    assert!(d.stop.is_empty(), "the only copy was fenced: {d:?}");
+    let r = &s.sandboxes["s1"];
+    assert_eq!((r.node.as_str(), r.reschedules), ("n2", 1));
+    assert_eq!(status(&s, "s1").0, "running");
+    // An aborted migration whose source runs on still fences the target's copy.
+    let mut s = migratable();
+    start_migration(&mut s, "s1", "m1", "n1", "n2");
+    phase(&mut s, "s1", "m1", "aborted");
+    let d = heartbeat(&mut s, "n2", 100, vec![copy("a9", "running", Some("s1@1"))]);
+    assert_eq!(stopped(&d), ["a9"], "{d:?}");
 }

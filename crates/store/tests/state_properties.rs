@@ -138,6 +138,7 @@ fn command() -> impl Strategy<Value = Command> {
                         } else {
                             format!("sb{sb}@{generation}")
                         }),
+                        paused: false,
                     }]),
                     grace_ms: 100,
                 }

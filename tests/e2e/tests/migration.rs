@@ -1348,3 +1348,63 @@ fn warm_started_sandboxes_migrate_and_back_and_leave_their_template_and_snapshot
     keeps_counting(&a, "tpl", n, 3);
     assert_eq!(vmm_pids_under(a.data.path()).len(), 3, "one VM per sandbox");
 }
+
+/// Issue 7, finding 4: the target restarts while the source holds its commit
+/// (the record says committing, the commit is not sent). The restarted target
+/// removes the uncommitted incoming VM at start and keeps that on disk, so
+/// the source's commit fails and its abort hears "removed uncommitted": the
+/// paused VM runs on at the source. Before, the restarted target answered
+/// "knows no incoming migration" and the source stayed paused (unresolved).
+#[test]
+fn a_target_restarted_before_the_commit_still_answers_and_the_source_runs_on() {
+    const HOLD: &str = "HEARTH_MIGRATION_HOLD";
+    let (a, mut b) = two_nodes_with(&[(HOLD, "commit:30000")]);
+    run_counter(&a, "c");
+    let (api, tf) = (b.api.clone(), token_file(&b));
+    let child = a
+        .cmd(&["migrate", "c", "--to", &api, "--to-token-file", &tf])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_phase(&a, "c", "committing");
+    b.kill9();
+    b.spawn();
+    b.wait_recovered();
+    assert!(
+        vmm_pids_under(b.data.path()).is_empty(),
+        "the restarted target kept the uncommitted incoming VM"
+    );
+    let removed =
+        std::fs::read_to_string(b.data_dir().join("migrations-removed.json")).unwrap_or_default();
+    assert!(
+        removed.contains("\""),
+        "nothing recorded: {removed:?}; target log: {}",
+        b.log_text()
+    );
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success(), "{}", show(&out));
+    assert!(
+        !stderr(&out).contains("unresolved"),
+        "the source did not get a clear answer: {}",
+        show(&out)
+    );
+    let st = status_of(&a, "c");
+    assert_eq!(st["phase"], "aborted", "{st}");
+    assert_eq!(a.inspect("c")["status"], "running", "{}", a.inspect("c"));
+    let before = counted(&a, "c").len();
+    wait_until(
+        "the counter to go on at the source",
+        Duration::from_secs(60),
+        || counted(&a, "c").len() > before + 10,
+    );
+    assert_contiguous_from_zero(&counted(&a, "c"));
+    let ps = b.hearth(&["ps", "--json"]);
+    assert_eq!(
+        stdout(&ps).trim(),
+        "[]",
+        "the target runs nothing: {}",
+        show(&ps)
+    );
+}

@@ -15,6 +15,7 @@
 pub(crate) mod net;
 pub(crate) mod peer;
 pub mod phase;
+pub(crate) mod removed;
 pub mod tunnel;
 
 use std::collections::{HashMap, HashSet};
@@ -118,11 +119,35 @@ pub(crate) struct Registry {
     /// Incoming VMs waiting for their commit (target side).
     incoming: Mutex<HashMap<String, Arc<Incoming>>>,
     /// Incoming VMs removed before any commit (target side), so a repeated
-    /// abort (its first answer lost) still hears "removed uncommitted".
-    removed_uncommitted: Mutex<HashSet<String>>,
+    /// abort (its first answer lost, or asked after a restart of this agent)
+    /// still hears "removed uncommitted". Kept on disk.
+    removed_uncommitted: removed::RemovedUncommitted,
     /// Why an incoming VM removed uncommitted had already ended by itself
     /// (its QEMU exited: out of memory, a crash), told to the source's abort.
     vm_ended: Mutex<HashMap<String, String>>,
+}
+
+impl Registry {
+    /// The registry of an agent whose data dir is `data_dir`.
+    pub(crate) fn new(data_dir: &std::path::Path) -> Registry {
+        Registry {
+            removed_uncommitted: removed::RemovedUncommitted::load(data_dir),
+            ..Default::default()
+        }
+    }
+
+    /// Records, durably, that the incoming VM of `id` was removed before any
+    /// commit (a failure to save is logged: a later abort then reads as
+    /// unknown after a restart, which keeps the source paused, the safe side).
+    pub(crate) fn note_removed_uncommitted(&self, id: &str) {
+        if let Err(e) = self.removed_uncommitted.insert(id) {
+            tracing::error!(
+                sandbox = %id,
+                "cannot save that its incoming migration was removed uncommitted in {}: {e}; after a restart of this agent the source's abort will read as unknown and it stays paused",
+                removed::REMOVED_FILE
+            );
+        }
+    }
 }
 
 /// True when process `pid` has ended (gone, or a zombie not yet reaped).
@@ -189,6 +214,16 @@ impl SourceJob {
     /// Records `phase` durably in `migration.json` and in the status; an
     /// error says the record on disk does not have it.
     fn save_phase(&self, entry: &Entry, phase: Phase) -> Result<(), String> {
+        // why: from the switch-over the guest does not run here (it may run
+        // on the target): the control plane must not read this copy as the
+        // guest staying here (issue 7). Set before the phase is recorded.
+        entry.migration_paused.store(
+            matches!(
+                phase,
+                Phase::Switchover | Phase::Committing | Phase::Unresolved | Phase::Completed
+            ),
+            Ordering::Relaxed,
+        );
         let rec = MigrationRecord {
             version: 1,
             sandbox: entry.snapshot().id,
@@ -755,6 +790,7 @@ impl Agent {
         let (status, status_rx) = watch::channel(MigrationStatus {
             sandbox: rec.id.clone(),
             target: req.target.clone(),
+            attempt: req.attempt.clone(),
             phase: "preparing".into(),
             ..Default::default()
         });
@@ -872,6 +908,14 @@ impl Agent {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// A live migration paused this sandbox's VM here (switch-over, commit,
+    /// unresolved, or committed and not yet released).
+    pub(crate) fn migration_paused(&self, id: &str) -> bool {
+        lock(&self.inner.sandboxes)
+            .get(id)
+            .is_some_and(|e| e.migration_paused.load(Ordering::Relaxed))
     }
 
     /// The current or last migration of a sandbox (by id or name).
@@ -1080,7 +1124,9 @@ impl Agent {
             slot: tokio::sync::Mutex::new(Slot::Waiting(vm, agent_stream)),
             tunnel,
         });
-        lock(&i.migrations.removed_uncommitted).remove(&sb.id);
+        if let Err(e) = i.migrations.removed_uncommitted.remove(&sb.id) {
+            tracing::warn!(sandbox = %sb.id, "cannot update {}: {e}", removed::REMOVED_FILE);
+        }
         lock(&i.migrations.incoming).insert(sb.id.clone(), inc);
         let agent = self.clone();
         let id = sb.id.clone();
@@ -1214,7 +1260,7 @@ impl Agent {
             self.drop_incoming_net(&inc.offer).await;
             let _ = std::fs::remove_dir_all(&inc.dir);
             lock(&self.inner.migrations.incoming).remove(id);
-            lock(&self.inner.migrations.removed_uncommitted).insert(id.to_string());
+            self.inner.migrations.note_removed_uncommitted(id);
             let msg = format!(
                 "node {} could not take over sandbox '{id}' ({:?} into the commit): {why}; its VM here is removed; guest console ends with: {console}",
                 self.inner.cfg.node,
@@ -1354,7 +1400,7 @@ impl Agent {
                     self.inner.cfg.node
                 )));
             }
-            return Ok(lock(&self.inner.migrations.removed_uncommitted).contains(id));
+            return Ok(self.inner.migrations.removed_uncommitted.contains(id));
         };
         let mut slot = inc.slot.lock().await;
         match std::mem::replace(&mut *slot, Slot::Removed) {
@@ -1391,7 +1437,7 @@ impl Agent {
                 self.drop_incoming_net(&inc.offer).await;
                 let _ = std::fs::remove_dir_all(&inc.dir);
                 lock(&self.inner.migrations.incoming).remove(id);
-                lock(&self.inner.migrations.removed_uncommitted).insert(id.to_string());
+                self.inner.migrations.note_removed_uncommitted(id);
                 tracing::info!(sandbox = %id, "removed an incoming migration VM");
                 Ok(true)
             }

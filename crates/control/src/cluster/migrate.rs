@@ -102,6 +102,8 @@ pub(super) async fn run(
         updated_ms: now,
         error: None,
         progress: None,
+        stall_ms: Some(cp.cfg.migration_stall.as_millis() as u64),
+        source_gone_ms: None,
     };
     let rec = match cp
         .store
@@ -203,6 +205,67 @@ async fn source_status(cp: &ControlPlane, addr: &str, agent_id: &str) -> Option<
 /// Phases a source reports that the record takes over while it runs.
 const RUNNING_PHASES: [&str; 4] = ["precopy", "switchover", "committing", "unresolved"];
 
+/// The source's status is of migration attempt `m` (the id the migrate call
+/// carried); a status of an earlier attempt, or of a source that does not
+/// echo the id, says nothing about this one.
+fn of_attempt(st: &MigrationStatus, m: &Migration) -> bool {
+    st.attempt.as_deref() == Some(m.id.as_str())
+}
+
+/// How often, at most, unchanged-phase progress is written through Raft: a
+/// quarter of the migration's deadline, capped at 5 s.
+fn progress_every_ms(m: &Migration) -> u64 {
+    (m.stall_ms.unwrap_or(hearth_store::MIGRATION_STALL_MS) / 4).clamp(1, 5_000)
+}
+
+/// What the record last got from a polled source status.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Written {
+    phase: String,
+    bytes_sent: u64,
+    iterations: u64,
+    at_ms: u64,
+}
+
+impl Written {
+    /// The record's migration as written.
+    fn of(m: &Migration) -> Written {
+        let st: MigrationStatus = m
+            .progress
+            .clone()
+            .and_then(|p| serde_json::from_value(p).ok())
+            .unwrap_or_default();
+        Written {
+            phase: m.phase.clone(),
+            bytes_sent: st.bytes_sent,
+            iterations: st.iterations,
+            at_ms: m.updated_ms,
+        }
+    }
+
+    /// `st` (a polled status of attempt `m`) is news to write: a new running
+    /// phase, or the same phase with progress (bytes, iterations) that
+    /// advanced, at most every [`progress_every_ms`], so a long healthy
+    /// pre-copy keeps the record alive and a stuck one meets its deadline.
+    fn news(&self, m: &Migration, st: &MigrationStatus, now_ms: u64) -> bool {
+        if !of_attempt(st, m) || !RUNNING_PHASES.contains(&st.phase.as_str()) {
+            return false;
+        }
+        st.phase != self.phase
+            || ((st.bytes_sent > self.bytes_sent || st.iterations > self.iterations)
+                && now_ms.saturating_sub(self.at_ms) >= progress_every_ms(m))
+    }
+
+    fn wrote(st: &MigrationStatus, now_ms: u64) -> Written {
+        Written {
+            phase: st.phase.clone(),
+            bytes_sent: st.bytes_sent,
+            iterations: st.iterations,
+            at_ms: now_ms,
+        }
+    }
+}
+
 async fn drive(
     cp: &ControlPlane,
     rec: SandboxRecord,
@@ -236,6 +299,7 @@ async fn drive(
         target: dst.clone(),
         target_token: credential,
         target_owner: Some(owner),
+        attempt: Some(m.id.clone()),
         ..req.clone()
     };
     let call = cp
@@ -246,19 +310,21 @@ async fn drive(
     tokio::pin!(call);
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut phase = "preparing".to_string();
+    let mut written = Written::of(&m);
     let res = loop {
         tokio::select! {
             r = &mut call => break r,
             _ = tick.tick() => {
                 let Some(st) = source_status(cp, &src, &agent_id).await else { continue };
-                if st.phase != phase && RUNNING_PHASES.contains(&st.phase.as_str()) {
-                    phase = st.phase.clone();
-                    write_phase(cp, &rec, &m, &phase, None, Some(&st)).await;
+                let now = now_ms();
+                if written.news(&m, &st, now) {
+                    written = Written::wrote(&st, now);
+                    write_phase(cp, &rec, &m, &st.phase, None, Some(&st)).await;
                 }
             }
         }
     };
+    let phase = written.phase;
     let named = |mut st: MigrationStatus| {
         st.sandbox = id.clone();
         st.target = m.to.clone();
@@ -296,7 +362,9 @@ async fn drive(
             let e = serde_json::from_str::<ApiError>(&text).unwrap_or_else(|_| {
                 ApiError::new(ErrorCode::Internal, format!("{status}: {text}"))
             });
-            let last = source_status(cp, &src, &agent_id).await;
+            let last = source_status(cp, &src, &agent_id)
+                .await
+                .filter(|st| of_attempt(st, &m));
             let unresolved = last.as_ref().is_some_and(|s| s.phase == "unresolved")
                 && phase != "preparing"
                 || e.code == ErrorCode::MigrationUnresolved;
@@ -405,7 +473,10 @@ pub(super) async fn status(
             .read_local(|st| st.nodes.get(&m.from).map(|n| n.address.clone()));
         let agent_id = rec.observed.as_ref().and_then(|o| o.agent_id.clone());
         if let (Some(src), Some(agent_id)) = (src, agent_id) {
-            if let Some(live) = source_status(&cp, &src, &agent_id).await {
+            if let Some(live) = source_status(&cp, &src, &agent_id)
+                .await
+                .filter(|live| of_attempt(live, &m))
+            {
                 st = MigrationStatus {
                     sandbox: st.sandbox,
                     target: st.target,
@@ -423,13 +494,10 @@ pub(super) async fn status(
 
 /// Leader: a migration still active in the record that no driver of this
 /// member runs (the driving member died, or lost the source's answer) is
-/// finished from the source's own status: `completed` moves the placement,
-/// `aborted` records that the source kept it. In-progress and `unresolved`
-/// ones are left to the target's heartbeat. A record still `preparing` was
-/// possibly never sent to the source (whose status may be of an earlier
-/// attempt): it is ended only after [`ORPHAN_PREPARING`] and only as aborted,
-/// and never on a source status of `completed`. Whatever this misses, the
-/// record's deadline ends on the nodes' evidence (`MIGRATION_STALL_MS`).
+/// finished from the source's own status of this attempt ([`orphan_write`]);
+/// while it runs, its phases and advancing progress are recorded, so a long
+/// pre-copy meets no deadline. Whatever this misses, the record's deadline
+/// ends on the nodes' evidence (`Migration::stalled`).
 pub(super) async fn resolve_orphans(cp: &ControlPlane) {
     let driving: std::collections::HashSet<String> =
         cp.migrating.lock().map(|s| s.clone()).unwrap_or_default();
@@ -454,37 +522,127 @@ pub(super) async fn resolve_orphans(cp: &ControlPlane) {
         let Some(st) = source_status(cp, &src, &agent_id).await else {
             continue;
         };
-        let preparing = m.phase == "preparing";
-        let stale = now_ms().saturating_sub(m.updated_ms) > ORPHAN_PREPARING.as_millis() as u64;
-        match st.phase.as_str() {
-            "completed" if !preparing => {
-                write_phase(cp, &rec, &m, "completed", None, Some(&st)).await;
-            }
-            // why: a source that says `completed` handed the guest over (or
-            // speaks of an earlier attempt): never end the record as aborted on
-            // it; the target's heartbeat or the record's deadline decides.
-            "aborted" if !preparing || stale => {
-                let why = if preparing {
-                    format!(
-                        "the control-plane member driving the migration of sandbox {} went away before node {} started it; it keeps running on node {}",
-                        rec.id, m.from, m.from
-                    )
-                } else {
-                    format!(
-                        "migration of sandbox {} from node {} to node {} failed; it keeps running on node {}: {}",
-                        rec.id,
-                        m.from,
-                        m.to,
-                        m.from,
-                        st.error.clone().unwrap_or_default()
-                    )
-                };
-                write_phase(cp, &rec, &m, "aborted", Some(why), Some(&st)).await;
-            }
-            _ => {}
+        if let Some((phase, why)) = orphan_write(&rec.id, &m, &st, now_ms()) {
+            write_phase(cp, &rec, &m, phase, why, Some(&st)).await;
         }
     }
 }
 
-/// How long a `preparing` record may go without news before the leader ends it.
-const ORPHAN_PREPARING: Duration = Duration::from_secs(120);
+/// What the leader writes for an orphaned migration `m` of sandbox `id`
+/// given the source's status `st`: nothing for a status of another attempt
+/// (an earlier one's `completed` or `aborted` says nothing of this one);
+/// `completed` or `aborted` as the source ended this attempt; a running
+/// phase when it is news ([`Written::news`]).
+fn orphan_write(
+    id: &str,
+    m: &Migration,
+    st: &MigrationStatus,
+    now_ms: u64,
+) -> Option<(&'static str, Option<String>)> {
+    if !of_attempt(st, m) {
+        return None;
+    }
+    match st.phase.as_str() {
+        "completed" => Some(("completed", None)),
+        "aborted" => Some((
+            "aborted",
+            Some(format!(
+                "migration of sandbox {id} from node {} to node {} failed; it keeps running on node {}: {}",
+                m.from,
+                m.to,
+                m.from,
+                st.error.clone().unwrap_or_default()
+            )),
+        )),
+        p => {
+            let phase = RUNNING_PHASES.iter().find(|r| **r == p)?;
+            Written::of(m).news(m, st, now_ms).then_some((*phase, None))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn migration(phase: &str) -> Migration {
+        Migration {
+            id: "attempt2".into(),
+            from: "n1".into(),
+            to: "n2".into(),
+            phase: phase.into(),
+            generation: 1,
+            started_ms: 1000,
+            updated_ms: 1000,
+            error: None,
+            progress: None,
+            stall_ms: Some(60_000),
+            source_gone_ms: None,
+        }
+    }
+
+    fn status(attempt: Option<&str>, phase: &str, bytes: u64) -> MigrationStatus {
+        MigrationStatus {
+            attempt: attempt.map(str::to_string),
+            phase: phase.into(),
+            bytes_sent: bytes,
+            ..Default::default()
+        }
+    }
+
+    /// Issue 7, finding 5: the source's status of an earlier attempt (or of
+    /// a source that does not echo the attempt id) never ends or advances
+    /// this attempt's record; this attempt's own status does.
+    #[test]
+    fn a_status_of_another_attempt_is_ignored() {
+        let m = migration("precopy");
+        for other in [Some("attempt1"), None] {
+            for phase in ["completed", "aborted", "switchover", "unresolved"] {
+                let st = status(other, phase, 1 << 20);
+                assert_eq!(orphan_write("s1", &m, &st, 2000), None, "{other:?} {phase}");
+                assert!(!Written::of(&m).news(&m, &st, 2000), "{other:?} {phase}");
+            }
+        }
+        let ours = |phase| status(Some("attempt2"), phase, 1 << 20);
+        assert_eq!(
+            orphan_write("s1", &m, &ours("completed"), 2000),
+            Some(("completed", None))
+        );
+        let (phase, why) = orphan_write("s1", &m, &ours("aborted"), 2000).unwrap();
+        assert_eq!(phase, "aborted");
+        assert!(why.unwrap().contains("keeps running on node n1"));
+        assert_eq!(
+            orphan_write("s1", &m, &ours("switchover"), 2000),
+            Some(("switchover", None))
+        );
+        // A record still `preparing` ends on this attempt's own answer.
+        let p = migration("preparing");
+        assert_eq!(
+            orphan_write("s1", &p, &ours("aborted"), 2000).map(|w| w.0),
+            Some("aborted")
+        );
+    }
+
+    /// Issue 7, finding 1 (coordinator side): progress in the same phase is
+    /// written while it advances, at most every quarter of the deadline
+    /// (capped at 5 s); a repeat of the same progress is not.
+    #[test]
+    fn advancing_progress_is_written_rate_limited() {
+        let m = migration("precopy");
+        let w = Written::wrote(&status(Some("attempt2"), "precopy", 100), 10_000);
+        let st = |bytes| status(Some("attempt2"), "precopy", bytes);
+        assert!(!w.news(&m, &st(200), 12_000), "written again within 5 s");
+        assert!(
+            w.news(&m, &st(200), 15_000),
+            "advancing progress not written"
+        );
+        assert!(!w.news(&m, &st(100), 60_000), "unchanged progress written");
+        assert!(w.news(&m, &status(Some("attempt2"), "switchover", 100), 10_001));
+        let short = Migration {
+            stall_ms: Some(2_000),
+            ..m
+        };
+        assert_eq!(progress_every_ms(&short), 500);
+        assert!(w.news(&short, &st(200), 10_500));
+    }
+}

@@ -41,6 +41,9 @@ pub struct ControlConfig {
     /// `restart: always`, started again. Also the grace before a copy a
     /// node stops reporting counts as gone.
     pub start_timeout: Duration,
+    /// A live migration with neither a new phase nor advancing progress for
+    /// this long is past its deadline (recorded in each migration).
+    pub migration_stall: Duration,
 }
 
 impl Default for ControlConfig {
@@ -49,6 +52,7 @@ impl Default for ControlConfig {
             node_timeout: Duration::from_secs(5),
             default_disk_mib: 512,
             start_timeout: Duration::from_secs(30),
+            migration_stall: Duration::from_millis(hearth_store::MIGRATION_STALL_MS),
         }
     }
 }

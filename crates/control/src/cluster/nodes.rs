@@ -548,6 +548,7 @@ pub(super) async fn heartbeat(
             status: status_name(r.status),
             error: r.error.clone(),
             owner: r.owner.clone(),
+            paused: r.paused,
         })
         .collect();
     // why: the plan is computed by the state machine at the heartbeat's log

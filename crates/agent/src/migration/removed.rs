@@ -1,0 +1,136 @@
+//! Target side: the ids of incoming VMs removed before any commit, kept on
+//! disk (`DATA_DIR/migrations-removed.json`, written atomically and
+//! fsynced), so the answer to a source's abort ("removed uncommitted": resume
+//! your VM) survives a restart of this agent. Without it a target restarted
+//! between a failed commit and the source's abort answered "knows nothing",
+//! which leaves the source paused for good (issue 7). Bounded: the oldest
+//! ids go first beyond [`REMOVED_MAX`].
+
+use std::collections::VecDeque;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use crate::sandbox::lock;
+
+/// The file in the data dir.
+pub(crate) const REMOVED_FILE: &str = "migrations-removed.json";
+
+/// How many ids are kept (a source asks about its migration within minutes;
+/// an id past the bound reads as unknown, which keeps a source paused, the
+/// safe side).
+pub(crate) const REMOVED_MAX: usize = 1024;
+
+/// The set, in memory and (with a data dir) on disk.
+#[derive(Default)]
+pub(crate) struct RemovedUncommitted {
+    path: Option<PathBuf>,
+    ids: Mutex<VecDeque<String>>,
+}
+
+impl RemovedUncommitted {
+    /// The set kept in `data_dir` (empty if the file is missing; an
+    /// unreadable file is reported and starts empty).
+    pub(crate) fn load(data_dir: &Path) -> RemovedUncommitted {
+        let path = data_dir.join(REMOVED_FILE);
+        let ids = match std::fs::read(&path) {
+            Ok(b) => match serde_json::from_slice::<VecDeque<String>>(&b) {
+                Ok(ids) => ids,
+                Err(e) => {
+                    tracing::warn!(
+                        "ignoring {} ({e}): aborts of migrations removed before a restart will be answered as unknown",
+                        path.display()
+                    );
+                    VecDeque::new()
+                }
+            },
+            Err(_) => VecDeque::new(),
+        };
+        RemovedUncommitted {
+            path: Some(path),
+            ids: Mutex::new(ids),
+        }
+    }
+
+    pub(crate) fn contains(&self, id: &str) -> bool {
+        lock(&self.ids).iter().any(|x| x == id)
+    }
+
+    /// Records that the incoming VM of `id` was removed uncommitted; durable
+    /// when this returns Ok.
+    pub(crate) fn insert(&self, id: &str) -> std::io::Result<()> {
+        let mut ids = lock(&self.ids);
+        if !ids.iter().any(|x| x == id) {
+            ids.push_back(id.to_string());
+            while ids.len() > REMOVED_MAX {
+                ids.pop_front();
+            }
+        }
+        self.store(&ids)
+    }
+
+    /// Forgets `id` (a new incoming migration of it is prepared).
+    pub(crate) fn remove(&self, id: &str) -> std::io::Result<()> {
+        let mut ids = lock(&self.ids);
+        let before = ids.len();
+        ids.retain(|x| x != id);
+        if ids.len() == before {
+            return Ok(());
+        }
+        self.store(&ids)
+    }
+
+    /// Writes the set atomically (temp file, fsync, rename, fsync of the dir).
+    fn store(&self, ids: &VecDeque<String>) -> std::io::Result<()> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let tmp = dir.join(format!(".{REMOVED_FILE}.tmp"));
+        let bytes = serde_json::to_vec(ids).map_err(std::io::Error::other)?;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        crate::sandbox::sync_dir(dir)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 7, finding 4: what a target removed uncommitted is still known
+    /// after a restart (a fresh load of the data dir), forgotten when the id
+    /// is prepared again, and the set is bounded.
+    #[test]
+    fn removed_uncommitted_ids_survive_a_restart_and_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let set = RemovedUncommitted::load(dir.path());
+        assert!(!set.contains("sb1"));
+        set.insert("sb1").unwrap();
+        set.insert("sb2").unwrap();
+        set.insert("sb1").unwrap();
+        let after = RemovedUncommitted::load(dir.path());
+        assert!(after.contains("sb1") && after.contains("sb2"));
+        after.remove("sb1").unwrap();
+        let again = RemovedUncommitted::load(dir.path());
+        assert!(!again.contains("sb1") && again.contains("sb2"));
+
+        for i in 0..REMOVED_MAX + 10 {
+            again.insert(&format!("x{i}")).unwrap();
+        }
+        let bounded = RemovedUncommitted::load(dir.path());
+        assert_eq!(lock(&bounded.ids).len(), REMOVED_MAX);
+        assert!(!bounded.contains("sb2") && !bounded.contains("x0"));
+        assert!(bounded.contains(&format!("x{}", REMOVED_MAX + 9)));
+
+        // A damaged file starts empty (aborts then read as unknown: the
+        // source stays paused, the safe side) and is rewritten on the next insert.
+        std::fs::write(dir.path().join(REMOVED_FILE), b"{not json").unwrap();
+        let damaged = RemovedUncommitted::load(dir.path());
+        assert!(!damaged.contains("x1000"));
+        damaged.insert("y").unwrap();
+        assert!(RemovedUncommitted::load(dir.path()).contains("y"));
+    }
+}
