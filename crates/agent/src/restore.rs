@@ -633,7 +633,7 @@ impl Agent {
                 // why: the warm-up's RestoredAck told this connection.
                 let guarded = conn.guards_restores();
                 let mut ch = channel(GuestLink::Conn(conn), None, next, guarded);
-                ch.net_kept = guest_net.is_some() && guest_net == net;
+                ch.net_kept = guest_net.is_some() && guest_net.as_deref() == net.as_ref();
                 return Ok((vm, Some(ch), key));
             }
             Launch::Restore {

@@ -54,7 +54,7 @@ pub(crate) struct PooledVm {
     /// The network the guest took at fill time (the warm-up's `Restored`
     /// carried `net`'s address and MAC, and the guest acknowledged them): a
     /// request that gives it the same one tells it to keep eth0 as it is.
-    pub(crate) guest_net: Option<hearth_proto::GuestNet>,
+    pub(crate) guest_net: Option<Box<hearth_proto::GuestNet>>,
 }
 
 impl PooledVm {
@@ -304,7 +304,7 @@ impl Agent {
                         conn,
                         nic: meta.nic,
                         net,
-                        guest_net,
+                        guest_net: guest_net.map(Box::new),
                     }),
                     Err(e) => {
                         let _ = r.vm.kill().await;
