@@ -213,8 +213,8 @@ pub(crate) struct Entry {
     /// Where the start of this sandbox spent its time.
     pub(crate) trace: crate::start_trace::StartTrace,
     /// The network prepared for the pool VM this sandbox took with `--network
-    /// none`, being given back while the VM resumes; the sandbox is recorded
-    /// running only after it is gone.
+    /// none`, being given back in the background; the sandbox is recorded
+    /// finished only after it is gone.
     pub(crate) releasing: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -973,11 +973,11 @@ impl Agent {
         let net = match (prepared, policy) {
             (Some(pre), Some(policy)) => self.adopt_pool_network(&entry, pre, policy).await,
             (Some(pre), None) => {
-                // why: given back while the VM resumes instead of before (its
-                // teardown and lease release were most of such a start); the
+                // why: given back in the background instead of before (its
+                // teardown and lease release were most of such a start): the
                 // VM never had the tap attached, the record has no network (so
-                // `policy set` finds none), and the sandbox is recorded running
-                // only once it is gone (`drive_inner`).
+                // `policy set` finds none), and the sandbox is recorded finished
+                // only once it is gone (`Agent::finish_after_release`).
                 let agent = self.clone();
                 let release = tokio::spawn(async move {
                     agent.release_pool_network(&pre.sandbox).await;
@@ -1250,7 +1250,8 @@ impl Agent {
             Ok(c) => c,
             Err(e) => {
                 self.abandon(launch).await;
-                self.finish(&entry, SandboxStatus::Failed, None, Some(e.to_string()));
+                self.finish_after_release(&entry, SandboxStatus::Failed, None, Some(e.to_string()))
+                    .await;
                 return;
             }
         };
@@ -1268,7 +1269,8 @@ impl Agent {
             Ok(l) => l,
             Err((message, release)) => {
                 self.release(release);
-                self.finish(&entry, SandboxStatus::Failed, None, Some(message));
+                self.finish_after_release(&entry, SandboxStatus::Failed, None, Some(message))
+                    .await;
                 return;
             }
         };
@@ -1362,6 +1364,23 @@ impl Agent {
         let (status, exit, error) = outcome;
         if status == SandboxStatus::Failed {
             tracing::warn!(sandbox = %vm.id(), "failed: {}", error.as_deref().unwrap_or(""));
+        }
+        self.finish_after_release(entry, status, exit, error).await;
+    }
+
+    /// [`Agent::finish`], once the pool VM network a `--network none` start
+    /// gives back (`Entry::releasing`) is gone: a client that saw the sandbox
+    /// end finds nothing of it left.
+    pub(crate) async fn finish_after_release(
+        &self,
+        entry: &Entry,
+        status: SandboxStatus,
+        exit: Option<ExitInfo>,
+        error: Option<String>,
+    ) {
+        let releasing = lock(&entry.releasing).take();
+        if let Some(release) = releasing {
+            let _ = release.await;
         }
         self.finish(entry, status, exit, error);
     }
@@ -1516,11 +1535,6 @@ impl Agent {
             ));
         }
         entry.trace.mark("workload-saved");
-        let releasing = lock(&entry.releasing).take();
-        if let Some(release) = releasing {
-            let _ = release.await;
-            entry.trace.mark("pool-network-released");
-        }
         entry.update(|r| {
             r.status = SandboxStatus::Running;
             r.started_ms = Some(now_ms());
