@@ -1146,6 +1146,7 @@ mod tests {
             sandbox_id: "s".into(),
             net: None,
             net_given: false,
+            net_kept: false,
         };
         let (conn, ack) = GuestConn::after_restore(host, &msg, 2).await.unwrap();
         assert_eq!(next_frame(&mut guest).await.kind, Kind::Restored);
@@ -1194,6 +1195,7 @@ mod tests {
             sandbox_id: "s".into(),
             net: None,
             net_given: false,
+            net_kept: false,
         };
         let (conn, ack) = GuestConn::after_restore(host, &msg, 2).await.unwrap();
         assert!(!conn.guards_restores(), "no Hello on a restored connection");
@@ -1230,6 +1232,7 @@ mod tests {
             sandbox_id: "s".into(),
             net: None,
             net_given: false,
+            net_kept: false,
         };
         let (conn, ack) = GuestConn::after_restore(host, &msg, 5).await.unwrap();
         let mut session = conn.attach(2);

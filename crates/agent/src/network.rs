@@ -95,15 +95,27 @@ pub fn network_to_api(n: &SandboxNet, token: String) -> SandboxNetwork {
 }
 
 impl Agent {
-    fn node_net(&self, sandbox: &str) -> Result<std::sync::Arc<hearth_net::NodeNet>, AgentError> {
-        self.net()
-            .ok_or_else(|| AgentError::Net(hearth_net::NetError::NoNetwork(sandbox.into())))
+    /// The node's network, for sandbox `sb`, which must have one.
+    ///
+    /// why: by its record, not the node's state: a `--network none` sandbox
+    /// that took a pool VM gives that VM's prepared network back in the
+    /// background, under the same id.
+    fn node_net(
+        &self,
+        sb: &hearth_api::Sandbox,
+    ) -> Result<std::sync::Arc<hearth_net::NodeNet>, AgentError> {
+        let none = || AgentError::Net(hearth_net::NetError::NoNetwork(sb.id.clone()));
+        if sb.network.is_none() {
+            return Err(none());
+        }
+        self.net().ok_or_else(none)
     }
 
     /// The sandbox's current policy, both directions.
     pub fn policy(&self, id_or_name: &str) -> Result<NetworkPolicy, AgentError> {
-        let id = self.get(id_or_name)?.id;
-        let rec = self.node_net(&id)?.get(&id)?;
+        let sb = self.get(id_or_name)?;
+        let id = sb.id.clone();
+        let rec = self.node_net(&sb)?.get(&id)?;
         Ok(policy_to_api(&rec.policy))
     }
 
@@ -114,7 +126,8 @@ impl Agent {
         id_or_name: &str,
         p: &NetworkPolicy,
     ) -> Result<NetworkPolicy, AgentError> {
-        let id = self.get(id_or_name)?.id;
+        let sb = self.get(id_or_name)?;
+        let id = sb.id.clone();
         // why: the offer carried the policy when the migration started; a
         // change here now would be lost when the target takes over.
         if crate::sandbox::lock(&self.inner.migrations.active).contains(&id) {
@@ -123,7 +136,7 @@ impl Agent {
             )));
         }
         let policy = parse_policy(p)?;
-        let net = self.node_net(&id)?;
+        let net = self.node_net(&sb)?;
         let rec = tokio::task::spawn_blocking(move || net.set_policy(&id, policy))
             .await
             .map_err(|e| AgentError::Config(format!("policy update panicked: {e}")))??;
@@ -132,9 +145,10 @@ impl Agent {
 
     /// Per-rule counters from the BPF maps.
     pub fn policy_stats(&self, id_or_name: &str) -> Result<PolicyStats, AgentError> {
-        let id = self.get(id_or_name)?.id;
+        let sb = self.get(id_or_name)?;
+        let id = sb.id.clone();
         let counters = self
-            .node_net(&id)?
+            .node_net(&sb)?
             .stats(&id)?
             .into_iter()
             .map(|c| PolicyCounter {

@@ -267,6 +267,21 @@ impl Launch {
         }
     }
 
+    /// The start path a warm launch records when it succeeds (path, source,
+    /// note), known before the sandbox is registered: the registration saves
+    /// it, so no record save stands between the restore and the resume. A
+    /// template restore that falls back to a cold boot records that instead.
+    pub(crate) fn preset_path(&self) -> Option<(StartPath, String, Option<String>)> {
+        match self {
+            Launch::Cold { .. } => None,
+            Launch::Pooled { template, .. } => Some((StartPath::Pool, template.clone(), None)),
+            Launch::Restore {
+                path, name, note, ..
+            } => Some((*path, name.clone(), note.clone())),
+            Launch::Restoring { launch, .. } => launch.preset_path(),
+        }
+    }
+
     fn ref_key(&self) -> Option<String> {
         match self {
             Launch::Cold { .. } => None,
@@ -294,6 +309,9 @@ pub(crate) struct RestoredChannel {
     pub(crate) net: Option<GuestNet>,
     /// The guest is known to guard restores (see [`Launch::Restore`]'s `guarded`).
     pub(crate) guarded: bool,
+    /// The guest already holds `net` (a pool VM that took it at fill time):
+    /// `Restored` tells it to keep eth0 as it is.
+    pub(crate) net_kept: bool,
 }
 
 /// How the host reaches a restored guest.
@@ -520,8 +538,18 @@ impl Agent {
             nic,
             net: net.clone(),
             guarded,
+            net_kept: false,
         };
+        // why: a warm start's path is usually saved with its registration
+        // (`Launch::preset_path`); saved here only when it differs.
         let record = |path: StartPath, from: Option<&str>, note: Option<String>| {
+            let r = entry.snapshot();
+            if r.start_path == Some(path)
+                && r.started_from.as_deref() == from
+                && r.start_note == note
+            {
+                return;
+            }
             entry.update(|r| {
                 r.start_path = Some(path);
                 r.started_from = from.map(str::to_string);
@@ -595,11 +623,17 @@ impl Agent {
                         ));
                     }
                 }
-                let PooledVm { vm, conn, .. } = vm;
+                let PooledVm {
+                    vm,
+                    conn,
+                    guest_net,
+                    ..
+                } = vm;
                 let next = conn.next_session_id();
                 // why: the warm-up's RestoredAck told this connection.
                 let guarded = conn.guards_restores();
-                let ch = channel(GuestLink::Conn(conn), None, next, guarded);
+                let mut ch = channel(GuestLink::Conn(conn), None, next, guarded);
+                ch.net_kept = guest_net.is_some() && guest_net.as_deref() == net.as_ref();
                 return Ok((vm, Some(ch), key));
             }
             Launch::Restore {
@@ -684,15 +718,23 @@ impl Agent {
     /// network; the host then fails the start on the ack. Any other guest (a
     /// template or snapshot saved by an older build) would run it regardless,
     /// so there the exec is left to the caller, after the ack (no session is
-    /// returned).
-    pub(crate) async fn wake_restored(
+    /// returned). `while_acking` runs while the resumed guest applies
+    /// `Restored`, given the id of the workload's session when one was queued
+    /// (host work that needs it, e.g. saving the takeover record); its result
+    /// is returned after the ack's checks passed.
+    pub(crate) async fn wake_restored<T, F>(
         &self,
         vm: &dyn Vm,
         ch: RestoredChannel,
         exec: Option<&hearth_proto::ExecRequest>,
         trace: &crate::start_trace::StartTrace,
-    ) -> Result<(Arc<GuestConn>, Option<Session>, u64), String> {
-        let msg = restored_message(ch.hostname, ch.sandbox_id, ch.nic, ch.net)?;
+        while_acking: impl FnOnce(Option<u32>) -> F,
+    ) -> Result<(Arc<GuestConn>, Option<Session>, u64, T), String>
+    where
+        F: std::future::Future<Output = T>,
+    {
+        let mut msg = restored_message(ch.hostname, ch.sandbox_id, ch.nic, ch.net)?;
+        msg.net_kept = ch.net_kept && msg.net.is_some();
         // why: the guest refuses execs on exactly this condition too (a network
         // given and not taken); taking eth0 down for `None` is not checked.
         let want_net = msg.net.is_some();
@@ -706,18 +748,21 @@ impl Agent {
             }
         };
         let mut attached = ch.attach.map(|id| conn.attach(id));
+        let mut queued = None;
         if let (None, Some(req), true) = (&attached, exec, ch.guarded) {
-            attached = Some(
-                conn.exec(req)
-                    .await
-                    .map_err(|e| format!("cannot start the workload: {e}"))?,
-            );
+            let s = conn
+                .exec(req)
+                .await
+                .map_err(|e| format!("cannot start the workload: {e}"))?;
+            queued = Some(s.id());
+            attached = Some(s);
         }
         let t0 = std::time::Instant::now();
         vm.start().await.map_err(|e| e.to_string())?;
         let resumed = t0.elapsed();
         trace.mark("resumed");
-        let ack = ack.wait(HELLO_TIMEOUT).await.map_err(|e| e.to_string())?;
+        let (ack, extra) = tokio::join!(ack.wait(HELLO_TIMEOUT), while_acking(queued));
+        let ack = ack.map_err(|e| e.to_string())?;
         trace.mark("restored-ack");
         tracing::info!(vm = %vm.id(), ?resumed, acked = ?t0.elapsed(), "restored guest took its identity");
         // why: guest-supplied text; bounded and quoted so it cannot flood or forge logs.
@@ -753,7 +798,7 @@ impl Agent {
             .attach
             .and_then(|id| ack.sessions.iter().find(|s| s.id == id))
             .map_or(0, |s| s.sent);
-        Ok((conn, attached, base))
+        Ok((conn, attached, base, extra))
     }
 }
 
@@ -774,5 +819,6 @@ pub(crate) fn restored_message(
         sandbox_id,
         net: net.filter(|_| nic),
         net_given: nic,
+        net_kept: false,
     })
 }

@@ -216,6 +216,10 @@ pub(crate) struct Entry {
     persisting: Mutex<()>,
     /// Where the start of this sandbox spent its time.
     pub(crate) trace: crate::start_trace::StartTrace,
+    /// The network prepared for the pool VM this sandbox took with `--network
+    /// none`, being given back in the background; the sandbox is recorded
+    /// finished only after it is gone.
+    pub(crate) releasing: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Entry {
@@ -252,6 +256,7 @@ impl Entry {
             migration_paused: std::sync::atomic::AtomicBool::new(false),
             persisting: Mutex::new(()),
             trace: crate::start_trace::StartTrace::new(),
+            releasing: Mutex::new(None),
         }
     }
 
@@ -956,6 +961,7 @@ impl Agent {
             &exec.argv,
             (cpus, memory_mib),
             launch.preset_id(),
+            launch.preset_path(),
         ) {
             Ok(e) => e,
             Err(e) => {
@@ -980,10 +986,16 @@ impl Agent {
         let net = match (prepared, policy) {
             (Some(pre), Some(policy)) => self.adopt_pool_network(&entry, pre, policy).await,
             (Some(pre), None) => {
-                // why: before the sandbox runs, so nothing (`policy set`) finds
-                // a network a `--network none` sandbox does not have; the VM
-                // never had the tap attached.
-                self.release_pool_network(&pre.sandbox).await;
+                // why: given back in the background instead of before (its
+                // teardown and lease release were most of such a start): the
+                // VM never had the tap attached, the record has no network (so
+                // `policy set` finds none), and the sandbox is recorded finished
+                // only once it is gone (`Agent::finish_after_release`).
+                let agent = self.clone();
+                let release = tokio::spawn(async move {
+                    agent.release_pool_network(&pre.sandbox).await;
+                });
+                *lock(&entry.releasing) = Some(release);
                 Ok(None)
             }
             (None, policy) => self.setup_network(&entry, policy).await,
@@ -1092,7 +1104,8 @@ impl Agent {
         }
     }
 
-    /// Records a new sandbox (status `creating`); `id` when the VM already has one (pool).
+    /// Records a new sandbox (status `creating`); `id` when the VM already has
+    /// one (pool), `path` (start path, source, note) when it is already known.
     pub(crate) fn register(
         &self,
         req: &CreateSandbox,
@@ -1100,6 +1113,7 @@ impl Agent {
         argv: &[String],
         (cpus, memory_mib): (u32, u32),
         id: Option<String>,
+        path: Option<(StartPath, String, Option<String>)>,
     ) -> Result<Arc<Entry>, AgentError> {
         let mut map = lock(&self.inner.sandboxes);
         if let Some(n) = &req.name {
@@ -1148,9 +1162,9 @@ impl Agent {
             finished_ms: None,
             boot_ms: None,
             network: None,
-            start_path: None,
-            start_note: None,
-            started_from: None,
+            start_path: path.as_ref().map(|p| p.0),
+            start_note: path.as_ref().and_then(|p| p.2.clone()),
+            started_from: path.map(|p| p.1),
             owner: req.owner.clone(),
         };
         if let Err(e) = persist(&dir, &rec) {
@@ -1250,7 +1264,8 @@ impl Agent {
             Ok(c) => c,
             Err(e) => {
                 self.abandon(launch).await;
-                self.finish(&entry, SandboxStatus::Failed, None, Some(e.to_string()));
+                self.finish_after_release(&entry, SandboxStatus::Failed, None, Some(e.to_string()))
+                    .await;
                 return;
             }
         };
@@ -1268,7 +1283,8 @@ impl Agent {
             Ok(l) => l,
             Err((message, release)) => {
                 self.release(release);
-                self.finish(&entry, SandboxStatus::Failed, None, Some(message));
+                self.finish_after_release(&entry, SandboxStatus::Failed, None, Some(message))
+                    .await;
                 return;
             }
         };
@@ -1363,6 +1379,23 @@ impl Agent {
         if status == SandboxStatus::Failed {
             tracing::warn!(sandbox = %vm.id(), "failed: {}", error.as_deref().unwrap_or(""));
         }
+        self.finish_after_release(entry, status, exit, error).await;
+    }
+
+    /// [`Agent::finish`], once the pool VM network a `--network none` start
+    /// gives back (`Entry::releasing`) is gone: a client that saw the sandbox
+    /// end finds nothing of it left.
+    pub(crate) async fn finish_after_release(
+        &self,
+        entry: &Entry,
+        status: SandboxStatus,
+        exit: Option<ExitInfo>,
+        error: Option<String>,
+    ) {
+        let releasing = lock(&entry.releasing).take();
+        if let Some(release) = releasing {
+            let _ = release.await;
+        }
         self.finish(entry, status, exit, error);
     }
 
@@ -1428,17 +1461,34 @@ impl Agent {
                 // exec if that failed, so the exec needs no extra round trip.
                 // Other guests get it after the ack (`wake_restored` decides).
                 let pipelined = ch.attach.is_none().then_some(&exec);
-                return self.wake_restored(vm, ch, pipelined, &entry.trace).await;
+                // why: a workload queued behind `Restored` has its session id
+                // now, so its takeover record is saved (two fsyncs) while the
+                // guest applies `Restored`, not after; it only matters once the
+                // record says running, which is saved after the ack.
+                let save = |session: Option<u32>| async move {
+                    let session = session?;
+                    let rec = self.workload_record(entry, session, exec.stdin, 0);
+                    let dir = entry.dir.clone();
+                    Some(
+                        tokio::task::spawn_blocking(move || rec.store(&dir))
+                            .await
+                            .map_err(std::io::Error::other)
+                            .and_then(|r| r),
+                    )
+                };
+                return self
+                    .wake_restored(vm, ch, pipelined, &entry.trace, save)
+                    .await;
             }
             let stream = vm.connect_agent().await.map_err(|e| e.to_string())?;
             *lock(&entry.chan_fd) = stream_fd(&stream);
             vm.start().await.map_err(|e| e.to_string())?;
             GuestConn::handshake(stream, HELLO_TIMEOUT)
                 .await
-                .map(|c| (c, None, 0))
+                .map(|c| (c, None, 0, None))
                 .map_err(|e| e.to_string())
         };
-        let (conn, attached, base) = tokio::select! {
+        let (conn, attached, base, saved) = tokio::select! {
             r = boot => match r {
                 Ok(c) => c,
                 Err(e) => return failed(format!("guest did not start: {e}{}", console(vm))),
@@ -1484,14 +1534,15 @@ impl Agent {
             Err(e) => return failed(format!("cannot create {}: {e}", log_path.display())),
         };
         // why: written before the status says running, so a hearthd that dies
-        // at any point after that can take the sandbox over.
-        if let Err(e) = (WorkloadRecord {
-            nic: entry.nic.load(std::sync::atomic::Ordering::Relaxed),
-            nic_mode: entry.nic_mode(),
-            ..WorkloadRecord::new(session.id(), exec.stdin, base)
-        })
-        .store(&entry.dir)
-        {
+        // at any point after that can take the sandbox over (already saved
+        // during the ack when the exec was queued behind `Restored`).
+        let stored = match saved {
+            Some(r) => r,
+            None => self
+                .workload_record(entry, session.id(), exec.stdin, base)
+                .store(&entry.dir),
+        };
+        if let Err(e) = stored {
             return failed(format!(
                 "cannot save {}: {e}; without it a hearthd restart could not take the sandbox over",
                 entry.dir.join("workload.json").display()
@@ -1507,6 +1558,21 @@ impl Agent {
         tracing::info!(sandbox = %entry.snapshot().id, boot_ms, "workload started");
         self.run_workload(entry, vm, conn, session, log, ctl, polite, Some(started))
             .await
+    }
+
+    /// The takeover record of `entry`'s main workload, session `session`.
+    fn workload_record(
+        &self,
+        entry: &Entry,
+        session: u32,
+        stdin: bool,
+        base: u64,
+    ) -> WorkloadRecord {
+        WorkloadRecord {
+            nic: entry.nic.load(std::sync::atomic::Ordering::Relaxed),
+            nic_mode: entry.nic_mode(),
+            ..WorkloadRecord::new(session, stdin, base)
+        }
     }
 
     /// Relays the main workload's output to its log until it ends, serving

@@ -360,6 +360,7 @@ impl Agent {
             &exec.argv,
             (cpus, memory_mib),
             None,
+            None,
         ) {
             Ok(e) => e,
             Err(e) => {

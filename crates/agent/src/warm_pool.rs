@@ -51,6 +51,10 @@ pub(crate) struct PooledVm {
     /// writes its rules into the maps and joins the tap. `None` when the node
     /// has no networking or the preparation failed (the request sets it up).
     pub(crate) net: Option<hearth_net::SandboxNet>,
+    /// The network the guest took at fill time (the warm-up's `Restored`
+    /// carried `net`'s address and MAC, and the guest acknowledged them): a
+    /// request that gives it the same one tells it to keep eth0 as it is.
+    pub(crate) guest_net: Option<Box<hearth_proto::GuestNet>>,
 }
 
 impl PooledVm {
@@ -291,29 +295,47 @@ impl Agent {
                     return;
                 }
             };
-            let made = match self.restore_from(&dir, &cfg).await {
-                Ok(r) => match warm_up(r.vm.as_ref(), r.agent, &id, meta.nic).await {
-                    Ok(conn) => Ok(PooledVm {
+            // why: the network is prepared while the VM is restored, so the
+            // warm-up's `Restored` can give the guest its address and MAC: a
+            // request then finds eth0 configured (the slowest part of a pool
+            // start under TCG was the guest reconfiguring it).
+            let prepare = async {
+                match meta.nic {
+                    true => self.prepare_pool_network(&id).await,
+                    false => None,
+                }
+            };
+            let (restored, net) = tokio::join!(self.restore_from(&dir, &cfg), prepare);
+            let guest_net = net.as_ref().map(crate::restore::guest_net);
+            let made = match restored {
+                Ok(r) => match warm_up(r.vm.as_ref(), r.agent, &id, meta.nic, guest_net).await {
+                    Ok((conn, guest_net)) => Ok(PooledVm {
                         id: id.clone(),
                         vm: r.vm,
                         conn,
                         nic: meta.nic,
-                        net: None,
+                        net,
+                        guest_net: guest_net.map(Box::new),
                     }),
                     Err(e) => {
                         let _ = r.vm.kill().await;
                         let _ = r.vm.wait().await;
                         let _ = hearth_vmm::destroy(&cfg.dir);
+                        if let Some(n) = &net {
+                            self.release_pool_network(&n.sandbox).await;
+                        }
                         Err(e)
                     }
                 },
-                Err(e) => Err(e.to_string()),
+                Err(e) => {
+                    if let Some(n) = &net {
+                        self.release_pool_network(&n.sandbox).await;
+                    }
+                    Err(e.to_string())
+                }
             };
             match made {
-                Ok(mut vm) => {
-                    if vm.nic && !pool.closed.load(Ordering::Relaxed) {
-                        vm.net = self.prepare_pool_network(&vm.id).await;
-                    }
+                Ok(vm) => {
                     if pool.closed.load(Ordering::Relaxed) {
                         self.discard_pooled(vm).await;
                     } else {
@@ -401,22 +423,28 @@ impl Agent {
     }
 }
 
-/// Wakes a freshly restored VM, runs one short process in it, and pauses it again.
+/// Wakes a freshly restored VM, gives it `net` (its prepared network; `None`:
+/// eth0 down), runs one short process in it, and pauses it again. Returns the
+/// connection and the network the guest took (`None` when it did not).
 async fn warm_up(
     vm: &dyn Vm,
     agent: tokio::net::UnixStream,
     id: &str,
     nic: bool,
-) -> Result<Arc<GuestConn>, String> {
-    let msg = restored_message(id.to_string(), id.to_string(), nic, None)?;
+    net: Option<hearth_proto::GuestNet>,
+) -> Result<(Arc<GuestConn>, Option<hearth_proto::GuestNet>), String> {
+    let msg = restored_message(id.to_string(), id.to_string(), nic, net)?;
     let (conn, ack) = GuestConn::after_restore(agent, &msg, TEMPLATE_NEXT_SESSION)
         .await
         .map_err(|e| e.to_string())?;
     vm.start().await.map_err(|e| e.to_string())?;
-    ack.wait(HELLO_TIMEOUT).await.map_err(|e| e.to_string())?;
+    let ack = ack.wait(HELLO_TIMEOUT).await.map_err(|e| e.to_string())?;
+    // why: a guest that did not take it (an older guest, or a failure it
+    // reported) is reconfigured in full by the request's `Restored`.
+    let taken = msg.net.filter(|_| ack.net_applied);
     run_warm_up(&conn).await?;
     vm.pause().await.map_err(|e| e.to_string())?;
-    Ok(conn)
+    Ok((conn, taken))
 }
 
 /// Runs `true` in the guest and waits for it to end.

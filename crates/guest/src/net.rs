@@ -229,7 +229,7 @@ pub fn reconfigure(id: Option<&Identity>, sysroot: &str) -> io::Result<()> {
     };
     set_mac(&fd, id.mac)?;
     bring_up(&fd, id.ip, id.mask, id.gateway, &id.dns, sysroot)?;
-    if let Err(e) = gratuitous_arp(id) {
+    if let Err(e) = announce(id) {
         crate::log!("gratuitous ARP not sent: {e}");
     }
     Ok(())
@@ -252,7 +252,7 @@ fn set_mac(fd: &OwnedFd, mac: [u8; 6]) -> io::Result<()> {
 
 /// Broadcasts an ARP request for our own address (a gratuitous ARP), so
 /// neighbours that cached another MAC for it learn ours.
-fn gratuitous_arp(id: &Identity) -> io::Result<()> {
+pub fn announce(id: &Identity) -> io::Result<()> {
     let ifindex = {
         let n = c"eth0";
         // SAFETY: n is a valid NUL-terminated string.

@@ -23,6 +23,11 @@ const MAX_SEED: usize = 512;
 /// The sandbox id this VM serves, once a restore told it.
 static SANDBOX_ID: Mutex<String> = Mutex::new(String::new());
 
+/// The network identity eth0 holds from the last applied [`Restored`] (`None`:
+/// none, eth0 down, or the last reconfiguration failed). Lets a `Restored` that
+/// says `net_kept` skip reconfiguring an eth0 that already holds exactly it.
+static TAKEN_NET: Mutex<Option<crate::net::Identity>> = Mutex::new(None);
+
 /// Why this guest must not start processes: set when applying the last
 /// [`Restored`] failed in a way that would leak the snapshot's state into them
 /// (the RNG not reseeded, or a given network not taken).
@@ -152,12 +157,32 @@ pub fn apply(msg: &Restored) -> RestoredAck {
             .as_ref()
             .map(crate::net::Identity::parse)
             .transpose();
+        let mut taken = TAKEN_NET.lock().unwrap_or_else(|p| p.into_inner());
         match id {
-            Ok(id) => match crate::net::reconfigure(id.as_ref(), boot::SYSROOT) {
-                Ok(()) => net_applied = true,
-                Err(e) => warnings.push(format!("configuring the network: {e}")),
-            },
-            Err(e) => warnings.push(format!("configuring the network: {e}")),
+            Ok(Some(id)) if keeps_net(msg.net_kept, taken.as_ref(), &id) => {
+                // why: a warm-pool VM took this network at fill time and ran
+                // nothing of anyone's since; reconfiguring eth0 again is the
+                // slowest step of a pool start under TCG. Its tap is attached
+                // only now, so it announces itself again.
+                if let Err(e) = crate::net::announce(&id) {
+                    crate::log!("gratuitous ARP not sent: {e}");
+                }
+                net_applied = true;
+            }
+            Ok(id) => {
+                *taken = None;
+                match crate::net::reconfigure(id.as_ref(), boot::SYSROOT) {
+                    Ok(()) => {
+                        net_applied = true;
+                        *taken = id;
+                    }
+                    Err(e) => warnings.push(format!("configuring the network: {e}")),
+                }
+            }
+            Err(e) => {
+                *taken = None;
+                warnings.push(format!("configuring the network: {e}"));
+            }
         }
     }
     for w in &warnings {
@@ -172,6 +197,17 @@ pub fn apply(msg: &Restored) -> RestoredAck {
         net_applied,
         restore_guard: true,
     }
+}
+
+/// Whether eth0 may stay as it is for a `Restored` giving `id`: only when the
+/// host says it is the network of its previous `Restored` (`net_kept`) and eth0
+/// holds exactly that identity (`taken`) from it.
+fn keeps_net(
+    net_kept: bool,
+    taken: Option<&crate::net::Identity>,
+    id: &crate::net::Identity,
+) -> bool {
+    net_kept && taken == Some(id)
 }
 
 /// Why execs must be refused after applying a `Restored` with these outcomes
@@ -295,6 +331,32 @@ mod tests {
         assert!(FROZEN.lock().unwrap().is_empty());
         let _ = child.kill();
         let _ = child.wait();
+    }
+
+    #[test]
+    fn eth0_is_kept_only_when_the_host_says_so_and_it_holds_that_identity() {
+        let n = |ip: &str| hearth_proto::GuestNet {
+            ip: ip.into(),
+            prefix: 32,
+            gateway: "169.254.1.1".into(),
+            mac: "02:68:0a:58:00:07".into(),
+            dns: Vec::new(),
+        };
+        let a = crate::net::Identity::parse(&n("10.88.0.7")).unwrap();
+        let b = crate::net::Identity::parse(&n("10.88.0.8")).unwrap();
+        assert!(keeps_net(true, Some(&a), &a));
+        assert!(
+            !keeps_net(false, Some(&a), &a),
+            "a snapshot restore always reconfigures"
+        );
+        assert!(
+            !keeps_net(true, Some(&b), &a),
+            "another identity is taken, not kept"
+        );
+        assert!(
+            !keeps_net(true, None, &a),
+            "nothing taken (down, or a failed reconfigure)"
+        );
     }
 
     #[test]

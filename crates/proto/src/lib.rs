@@ -377,6 +377,13 @@ pub struct Restored {
     /// whose guests keep whatever eth0 had).
     #[serde(default)]
     pub net_given: bool,
+    /// `net` is the network this guest took from the previous `Restored` of the
+    /// same VM, with nothing but the host's own warm-up run since (a warm-pool
+    /// VM whose network was applied at fill time): a guest that still holds
+    /// exactly that identity leaves eth0 as it is instead of reconfiguring it.
+    /// Absent from older hosts; older guests ignore it and reconfigure.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub net_kept: bool,
 }
 
 /// The network identity a restored guest takes.
@@ -521,6 +528,7 @@ mod tests {
                         dns: vec!["10.0.0.53".into()],
                     }),
                     net_given: true,
+                    net_kept: true,
                 },
             ),
             Frame::json(Kind::RestoredAck, 0, &RestoredAck::default()),
@@ -552,7 +560,7 @@ mod tests {
     fn restored_from_an_older_host_carries_no_network() {
         let old = r#"{"seed":[1],"unix_ms":1,"hostname":"h","sandbox_id":"s"}"#;
         let r: Restored = serde_json::from_str(old).unwrap();
-        assert!(r.net.is_none() && !r.net_given);
+        assert!(r.net.is_none() && !r.net_given && !r.net_kept);
         let ack: RestoredAck = serde_json::from_str(r#"{"warnings":[]}"#).unwrap();
         assert!(!ack.net_applied);
     }

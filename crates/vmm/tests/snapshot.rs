@@ -63,6 +63,7 @@ async fn wake(agent: &mut UnixStream, hostname: &str) {
         sandbox_id: hostname.into(),
         net: None,
         net_given: false,
+        net_kept: false,
     };
     write_frame_async(agent, &Frame::json(Kind::Restored, 0, &msg))
         .await

@@ -1540,6 +1540,14 @@ fn networked_sandboxes_start_from_a_template_and_its_pool_with_their_own_identit
     assert!(s["network"].is_null(), "{s}");
     assert_eq!(s["start_path"], "pool", "{s}");
     assert_eq!(s["id"], idle[0].as_str(), "{s}");
+    // Its pool VM's prepared network is given back in the background: even
+    // while it may still exist, the sandbox has no policy to set.
+    let out = d.hearth(&["policy", "set", "off", "--egress-allow", "0.0.0.0/0"]);
+    assert!(
+        !out.status.success() && stderr(&out).contains("has no network"),
+        "policy set on a --network none pool start: {}",
+        show(&out)
+    );
     wait_until(
         "the lease of the pool VM taken with --network none to be released",
         Duration::from_secs(30),
