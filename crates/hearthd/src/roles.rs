@@ -46,7 +46,8 @@ pub struct ControlArgs {
     start_timeout_ms: u64,
     /// A live migration with neither a new phase nor advancing progress
     /// (bytes sent, iterations) for this long is past its deadline and is
-    /// resolved on the nodes' evidence (see docs/migration.md).
+    /// resolved on the nodes' evidence (see docs/migration.md). At least
+    /// 30 s, and never less than a migration's own pre-copy bound + 60 s.
     #[arg(long, default_value_t = hearth_store::MIGRATION_STALL_MS)]
     migration_stall_ms: u64,
     /// Serve the cluster ingress (`<port>-<sandbox>.<domain>` and
@@ -171,7 +172,7 @@ pub async fn control(a: ControlArgs) -> Result<()> {
         ControlConfig {
             node_timeout: Duration::from_millis(a.node_timeout_ms),
             start_timeout: Duration::from_millis(a.start_timeout_ms.max(100)),
-            migration_stall: Duration::from_millis(a.migration_stall_ms.max(1000)),
+            migration_stall: Duration::from_millis(a.migration_stall_ms.max(30_000)),
             ..Default::default()
         },
         &token,

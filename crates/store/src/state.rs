@@ -1038,7 +1038,12 @@ impl State {
             || MIGRATION_ENDED.contains(&phase)
             || nbytes > bytes
             || niters > iters;
-        if progress.is_some() {
+        // why: a late, lower report (a follower's driver and the leader's
+        // watchdog both write) must not lower the mark, or the next repeat
+        // of the higher one would count as news without any progress.
+        if progress.is_some()
+            && (nbytes >= bytes && niters >= iters || MIGRATION_ENDED.contains(&phase))
+        {
             m.progress = progress.clone();
         }
         if error.is_some() {

@@ -1359,7 +1359,7 @@ fn warm_started_sandboxes_migrate_and_back_and_leave_their_template_and_snapshot
 fn a_target_restarted_before_the_commit_still_answers_and_the_source_runs_on() {
     const HOLD: &str = "HEARTH_MIGRATION_HOLD";
     let (a, mut b) = two_nodes_with(&[(HOLD, "commit:30000")]);
-    run_counter(&a, "c");
+    let id = run_counter(&a, "c");
     let (api, tf) = (b.api.clone(), token_file(&b));
     let child = a
         .cmd(&["migrate", "c", "--to", &api, "--to-token-file", &tf])
@@ -1379,8 +1379,8 @@ fn a_target_restarted_before_the_commit_still_answers_and_the_source_runs_on() {
     let removed =
         std::fs::read_to_string(b.data_dir().join("migrations-removed.json")).unwrap_or_default();
     assert!(
-        removed.contains("\""),
-        "nothing recorded: {removed:?}; target log: {}",
+        removed.contains(&format!("\"{id}\"")),
+        "{id} not recorded: {removed:?}; target log: {}",
         b.log_text()
     );
     let out = child.wait_with_output().unwrap();

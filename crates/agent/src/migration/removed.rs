@@ -44,7 +44,19 @@ impl RemovedUncommitted {
                     VecDeque::new()
                 }
             },
-            Err(_) => VecDeque::new(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => VecDeque::new(),
+            Err(e) => {
+                // why: a file that exists but cannot be read is not an empty
+                // set; writing over it would lose its ids. Keep it aside.
+                let aside = path.with_extension("unreadable");
+                tracing::error!(
+                    "cannot read {} ({e}); moved aside to {}: aborts of migrations removed before a restart will be answered as unknown",
+                    path.display(),
+                    aside.display()
+                );
+                let _ = std::fs::rename(&path, &aside);
+                VecDeque::new()
+            }
         };
         RemovedUncommitted {
             path: Some(path),

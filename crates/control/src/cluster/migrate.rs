@@ -102,7 +102,7 @@ pub(super) async fn run(
         updated_ms: now,
         error: None,
         progress: None,
-        stall_ms: Some(cp.cfg.migration_stall.as_millis() as u64),
+        stall_ms: Some(stall_ms(cp.cfg.migration_stall, req.give_up_after_secs)),
         source_gone_ms: None,
     };
     let rec = match cp
@@ -200,6 +200,20 @@ async fn source_status(cp: &ControlPlane, addr: &str, agent_id: &str) -> Option<
         return None;
     }
     r.json().await.ok()
+}
+
+/// The record's deadline for a migration: the configured one, but never
+/// less than the source's own pre-copy bound plus a minute.
+///
+/// why: a pre-copy that stops advancing must be ended by the source (its
+/// give-up cancels QEMU's migration, so it can no longer commit) before the
+/// record's deadline aborts it: a deadline abort of a source that then
+/// commits after all could leave no running copy (docs/migration.md).
+fn stall_ms(configured: Duration, give_up_after_secs: Option<u64>) -> u64 {
+    // The agent's default pre-copy bound (hearth_vmm::DEFAULT_GIVE_UP_AFTER).
+    const DEFAULT_GIVE_UP_AFTER_SECS: u64 = 120;
+    let give_up = give_up_after_secs.unwrap_or(DEFAULT_GIVE_UP_AFTER_SECS);
+    (configured.as_millis() as u64).max(give_up.saturating_mul(1000).saturating_add(60_000))
 }
 
 /// Phases a source reports that the record takes over while it runs.
@@ -317,9 +331,12 @@ async fn drive(
             _ = tick.tick() => {
                 let Some(st) = source_status(cp, &src, &agent_id).await else { continue };
                 let now = now_ms();
-                if written.news(&m, &st, now) {
+                // why: a write lost (an election, a timeout) is tried again
+                // at the next tick, not a quarter of the deadline later.
+                if written.news(&m, &st, now)
+                    && write_phase(cp, &rec, &m, &st.phase, None, Some(&st)).await.is_some()
+                {
                     written = Written::wrote(&st, now);
-                    write_phase(cp, &rec, &m, &st.phase, None, Some(&st)).await;
                 }
             }
         }
@@ -564,6 +581,16 @@ fn orphan_write(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_deadline_outlasts_the_sources_own_pre_copy_bound() {
+        let two_min = Duration::from_secs(120);
+        assert_eq!(stall_ms(two_min, None), 180_000);
+        assert_eq!(stall_ms(two_min, Some(10)), 120_000);
+        assert_eq!(stall_ms(two_min, Some(600)), 660_000);
+        assert_eq!(stall_ms(Duration::from_secs(900), Some(600)), 900_000);
+        assert_eq!(stall_ms(two_min, Some(u64::MAX)), u64::MAX);
+    }
 
     fn migration(phase: &str) -> Migration {
         Migration {
