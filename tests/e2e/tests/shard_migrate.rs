@@ -120,10 +120,18 @@ fn on_agent(i: u32) -> Vec<serde_json::Value> {
 /// Agent `i`'s copy of record `id` (agents know it by their own id; the owner
 /// tag `CLUSTER/ID@GENERATION` names the record).
 fn agent_has(i: u32, id: &str) -> Option<serde_json::Value> {
-    let tag = format!("/{id}@");
-    on_agent(i)
-        .into_iter()
-        .find(|s| s["owner"].as_str().is_some_and(|o| o.contains(&tag)))
+    on_agent(i).into_iter().find(|s| owned_by(s, id))
+}
+
+/// `copy` (an agent's sandbox) runs for record `id`: its owner tag is
+/// `CLUSTER/ID@GENERATION`, or `ID@GENERATION` before the cluster has an id
+/// (a sandbox created right after the shard came up).
+fn owned_by(copy: &serde_json::Value, id: &str) -> bool {
+    let tag = format!("{id}@");
+    copy["owner"]
+        .as_str()
+        .and_then(|o| o.rsplit('/').next())
+        .is_some_and(|t| t.starts_with(&tag))
 }
 
 /// Agent `i`'s copy of record `id`, waited for (a loaded node answers its list
@@ -1103,7 +1111,6 @@ fn a_networked_web_server_migrates_with_its_address_policy_and_ingress_and_a_fai
     wait_node("agent2", "ready");
     // why: the node may still read ready from before the kill; the agent's
     // own API answers once it has re-adopted what it runs.
-    let tag = format!("/{id}@");
     wait_until("agent2 to re-adopt web", Duration::from_secs(120), || {
         let (code, v) = call(
             &format!("http://{NET}.12:7070"),
@@ -1114,10 +1121,8 @@ fn a_networked_web_server_migrates_with_its_address_policy_and_ingress_and_a_fai
         );
         code == 200
             && v.as_array().is_some_and(|a| {
-                a.iter().any(|s| {
-                    s["owner"].as_str().is_some_and(|o| o.contains(&tag))
-                        && s["status"] == "running"
-                })
+                a.iter()
+                    .any(|s| owned_by(s, &id) && s["status"] == "running")
             })
     });
     // why: the control plane's record says recovering until agent2's next heartbeat.
