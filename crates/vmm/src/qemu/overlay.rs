@@ -13,14 +13,41 @@ pub async fn create_blank(
     bytes: u64,
     disk: &Path,
 ) -> Result<(), VmmError> {
+    qcow2_create(
+        qemu_img,
+        id,
+        disk,
+        &[disk.as_os_str(), bytes.to_string().as_ref()],
+    )
+    .await
+}
+
+/// Runs `qemu-img create -f qcow2 <args>` for the disk `disk` of VM `id`.
+async fn qcow2_create(
+    qemu_img: &Path,
+    id: &str,
+    disk: &Path,
+    args: &[&std::ffi::OsStr],
+) -> Result<(), VmmError> {
     let out = Command::new(qemu_img)
         .args(["create", "-f", "qcow2"])
-        .arg(disk)
-        .arg(bytes.to_string())
+        .args(args)
         .stdin(std::process::Stdio::null())
         .output()
         .await
-        .map_err(|source| spawn_error(qemu_img, id, source))?;
+        .map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound {
+                VmmError::QemuImgNotFound {
+                    binary: qemu_img.to_path_buf(),
+                }
+            } else {
+                VmmError::Spawn {
+                    id: id.to_string(),
+                    binary: qemu_img.to_path_buf(),
+                    source,
+                }
+            }
+        })?;
     if !out.status.success() {
         return Err(VmmError::Overlay {
             id: id.to_string(),
@@ -30,20 +57,6 @@ pub async fn create_blank(
         });
     }
     Ok(())
-}
-
-fn spawn_error(qemu_img: &Path, id: &str, source: std::io::Error) -> VmmError {
-    if source.kind() == std::io::ErrorKind::NotFound {
-        VmmError::QemuImgNotFound {
-            binary: qemu_img.to_path_buf(),
-        }
-    } else {
-        VmmError::Spawn {
-            id: id.to_string(),
-            binary: qemu_img.to_path_buf(),
-            source,
-        }
-    }
 }
 
 /// Virtual size in bytes of the qcow2 image `path`, off its header (big-endian
@@ -80,33 +93,17 @@ pub async fn create_overlay(
         path: base.to_path_buf(),
         source,
     })?;
-    let out = Command::new(qemu_img)
-        .args(["create", "-f", "qcow2", "-F", "raw", "-b"])
-        .arg(&base)
-        .arg(overlay)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .await
-        .map_err(|source| {
-            if source.kind() == std::io::ErrorKind::NotFound {
-                VmmError::QemuImgNotFound {
-                    binary: qemu_img.to_path_buf(),
-                }
-            } else {
-                VmmError::Spawn {
-                    id: id.to_string(),
-                    binary: qemu_img.to_path_buf(),
-                    source,
-                }
-            }
-        })?;
-    if !out.status.success() {
-        return Err(VmmError::Overlay {
-            id: id.to_string(),
-            overlay: overlay.to_path_buf(),
-            status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(())
+    qcow2_create(
+        qemu_img,
+        id,
+        overlay,
+        &[
+            "-F".as_ref(),
+            "raw".as_ref(),
+            "-b".as_ref(),
+            base.as_os_str(),
+            overlay.as_os_str(),
+        ],
+    )
+    .await
 }
