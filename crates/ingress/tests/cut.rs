@@ -3,6 +3,8 @@
 //! client sees a close through the cluster ingress, and its reconnect reaches
 //! the node the sandbox moved to.
 
+mod common;
+
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -61,15 +63,10 @@ async fn long_lived_backend(name: &'static str) -> u16 {
         loop {
             let (mut s, _) = l.accept().await.unwrap();
             tokio::spawn(async move {
-                let mut buf = Vec::new();
+                let Some(head) = common::read_head(&mut s).await else {
+                    return;
+                };
                 let mut chunk = [0u8; 1024];
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
-                let head = String::from_utf8_lossy(&buf).to_string();
                 if head.contains("/ws") {
                     let _ = s
                         .write_all(b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n")

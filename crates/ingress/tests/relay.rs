@@ -1,5 +1,7 @@
 //! A cluster ingress relaying to a real node ingress: what the sandbox sees.
 
+mod common;
+
 use std::net::{Ipv4Addr, SocketAddr};
 
 use hearth_ingress::{Backend, NodeRelay, Resolver, Target, Unavailable};
@@ -45,15 +47,10 @@ async fn echo_backend() -> u16 {
         loop {
             let (mut s, _) = l.accept().await.unwrap();
             tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 1024];
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
-                let head = String::from_utf8_lossy(&buf).to_lowercase();
+                let Some(head) = common::read_head(&mut s).await else {
+                    return;
+                };
+                let head = head.to_lowercase();
                 let resp = format!(
                     "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{head}",
                     head.len()
