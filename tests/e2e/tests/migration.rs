@@ -48,6 +48,30 @@ fn two_nodes_with(source_env: &[(&str, &str)]) -> (Daemon, Daemon) {
     (a, b)
 }
 
+/// Starts `hearth migrate ARGS…` on `a` in the background, output piped.
+fn spawn_migrate(a: &Daemon, args: &[&str]) -> std::process::Child {
+    let mut argv = vec!["migrate"];
+    argv.extend_from_slice(args);
+    a.cmd(&argv)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits until `a`'s migration of `sandbox` is in pre-copy and has sent
+/// bytes (a spawned CLI's request may not have reached the source yet: no
+/// migration is recorded until it has).
+fn wait_precopy(a: &Daemon, sandbox: &str) {
+    wait_until("pre-copy to start", Duration::from_secs(60), || {
+        let out = a.hearth(&["migrate", "--status", "--json", sandbox]);
+        out.status.success()
+            && serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                .is_ok_and(|s| s["phase"] == "precopy" && s["bytes_sent"].as_u64().unwrap_or(0) > 0)
+    });
+}
+
 fn token_file(d: &Daemon) -> String {
     d.data_dir().join("api-token").display().to_string()
 }
@@ -411,9 +435,9 @@ fn killed_target_and_concurrent_migration_leave_one_running_copy() {
     // A slow migration (2 MiB/s for 128 MiB) to kill the target in the middle of.
     let api = b.api.clone();
     let tf = token_file(&b);
-    let first = a
-        .cmd(&[
-            "migrate",
+    let first = spawn_migrate(
+        &a,
+        &[
             "c",
             "--to",
             &api,
@@ -421,19 +445,9 @@ fn killed_target_and_concurrent_migration_leave_one_running_copy() {
             &tf,
             "--bandwidth-mib",
             "2",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_until("pre-copy to start", Duration::from_secs(60), || {
-        let out = a.hearth(&["migrate", "--status", "--json", "c"]);
-        out.status.success()
-            && serde_json::from_slice::<serde_json::Value>(&out.stdout)
-                .map(|s| s["phase"] == "precopy" && s["bytes_sent"].as_u64().unwrap_or(0) > 0)
-                .unwrap_or(false)
-    });
+        ],
+    );
+    wait_precopy(&a, "c");
     // A second migration of the same sandbox is refused while the first runs.
     let out = a.hearth(&["migrate", "c", "--to", &api, "--to-token-file", &tf]);
     assert!(!out.status.success());
@@ -480,9 +494,9 @@ fn a_target_out_of_memory_mid_transfer_leaves_the_source_running() {
     // A slow migration (2 MiB/s) so the target runs out of memory mid-transfer.
     let api = b.api.clone();
     let tf = token_file(&b);
-    let mig = a
-        .cmd(&[
-            "migrate",
+    let mig = spawn_migrate(
+        &a,
+        &[
             "c",
             "--to",
             &api,
@@ -490,23 +504,9 @@ fn a_target_out_of_memory_mid_transfer_leaves_the_source_running() {
             &tf,
             "--bandwidth-mib",
             "2",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // why: the spawned CLI's request may not have reached the source yet
-    // (no migration recorded): polled until it has.
-    wait_until("pre-copy to start", Duration::from_secs(60), || {
-        let out = a.hearth(&["migrate", "--status", "--json", "c"]);
-        let st: serde_json::Value = if out.status.success() {
-            serde_json::from_slice(&out.stdout).expect("status json")
-        } else {
-            return false;
-        };
-        st["phase"] == "precopy" && st["bytes_sent"].as_u64().unwrap_or(0) > 0
-    });
+        ],
+    );
+    wait_precopy(&a, "c");
     // The target's incoming QEMU may not grow any more: its address-space
     // limit (RLIMIT_AS) becomes what it uses now, so its next allocation for
     // the incoming stream fails (the agent puts QEMU in no cgroup of its own,
@@ -694,9 +694,9 @@ fn migration_crosses_a_veth_between_namespaces_and_survives_cutting_it() {
 
     // Cut the link during pre-copy: the source gives up and keeps running.
     run_counter(&a, "c2");
-    let mut child = a
-        .cmd(&[
-            "migrate",
+    let mut child = spawn_migrate(
+        &a,
+        &[
             "c2",
             "--to",
             &target,
@@ -706,19 +706,9 @@ fn migration_crosses_a_veth_between_namespaces_and_survives_cutting_it() {
             "4",
             "--give-up-secs",
             "8",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_until("pre-copy to start", Duration::from_secs(60), || {
-        let out = a.hearth(&["migrate", "--status", "--json", "c2"]);
-        out.status.success()
-            && serde_json::from_slice::<serde_json::Value>(&out.stdout)
-                .map(|s| s["phase"] == "precopy" && s["bytes_sent"].as_u64().unwrap_or(0) > 0)
-                .unwrap_or(false)
-    });
+        ],
+    );
+    wait_precopy(&a, "c2");
     hosts.set_link(false);
     let t0 = Instant::now();
     let deadline = Instant::now() + Duration::from_secs(90);
@@ -1316,9 +1306,9 @@ fn warm_started_sandboxes_migrate_and_back_and_leave_their_template_and_snapshot
     );
 
     // The target killed mid-transfer: the warm-started sandbox runs on here.
-    let mig = a
-        .cmd(&[
-            "migrate",
+    let mig = spawn_migrate(
+        &a,
+        &[
             "tpl",
             "--to",
             &b.api,
@@ -1326,18 +1316,9 @@ fn warm_started_sandboxes_migrate_and_back_and_leave_their_template_and_snapshot
             &token_file(&b),
             "--bandwidth-mib",
             "2",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_until("pre-copy to start", Duration::from_secs(60), || {
-        let out = a.hearth(&["migrate", "--status", "--json", "tpl"]);
-        out.status.success()
-            && serde_json::from_slice::<serde_json::Value>(&out.stdout)
-                .is_ok_and(|s| s["phase"] == "precopy" && s["bytes_sent"].as_u64().unwrap_or(0) > 0)
-    });
+        ],
+    );
+    wait_precopy(&a, "tpl");
     b.kill9();
     for pid in vmm_pids_under(b.data.path()) {
         // SAFETY: kill(2) on a QEMU pid of the target's data dir.
