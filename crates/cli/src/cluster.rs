@@ -27,17 +27,17 @@ pub enum NodeCmd {
         #[arg(long)]
         status: bool,
         /// Bandwidth cap of each migration stream in MiB/s.
-        #[arg(long, alias = "bandwidth", conflicts_with = "status")]
+        #[arg(long, alias = "bandwidth", conflicts_with = "status", value_parser = clap::value_parser!(u64).range(1..))]
         bandwidth_mib: Option<u64>,
         /// Largest switch-over pause of each migration in milliseconds (default 100).
-        #[arg(long, conflicts_with = "status")]
+        #[arg(long, conflicts_with = "status", value_parser = clap::value_parser!(u64).range(1..))]
         downtime_ms: Option<u64>,
         /// Sandboxes migrated at a time.
         #[arg(long, default_value_t = 1, conflicts_with = "status")]
         parallel: u32,
         /// Give up a migration after this many seconds of pre-copy (the
-        /// sandbox keeps running on the node).
-        #[arg(long, conflicts_with = "status")]
+        /// sandbox keeps running on the node); 1 to 3600.
+        #[arg(long, conflicts_with = "status", value_parser = clap::value_parser!(u64).range(1..=3600))]
         give_up_secs: Option<u64>,
         /// Print JSON (the drain's status).
         #[arg(long)]
