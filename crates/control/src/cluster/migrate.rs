@@ -737,7 +737,7 @@ fn orphan_write(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     fn migration(phase: &str) -> Migration {

@@ -795,3 +795,216 @@ pub(super) async fn remove_member(
     cp.store.remove_member(id).await?;
     Ok(cluster_status(State(cp)).await)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::migrate::tests::cluster;
+    use super::*;
+
+    async fn drain_of(
+        cp: &ControlPlane,
+        node: &str,
+        req: DrainRequest,
+    ) -> ApiResult<(StatusCode, Json<Drained>)> {
+        drain(State(cp.clone()), Path(node.to_string()), Json(Some(req))).await
+    }
+
+    fn cordoned(cp: &ControlPlane, node: &str) -> bool {
+        cp.store.read_local(|st| st.nodes[node].cordoned)
+    }
+
+    /// Issue 7 review M3: a drain with a parameter every migration would
+    /// refuse is refused before the node is cordoned.
+    #[tokio::test]
+    async fn bad_drain_parameters_are_refused_before_cordoning() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = cluster::plane(dir.path()).await;
+        cluster::node(&cp, "n1", 64, 65536).await;
+        for (req, what) in [
+            (
+                DrainRequest {
+                    max_bandwidth_mib: Some(0),
+                    ..Default::default()
+                },
+                "bandwidth",
+            ),
+            (
+                DrainRequest {
+                    downtime_limit_ms: Some(0),
+                    ..Default::default()
+                },
+                "downtime",
+            ),
+            (
+                DrainRequest {
+                    give_up_after_secs: Some(0),
+                    ..Default::default()
+                },
+                "pre-copy",
+            ),
+            (
+                DrainRequest {
+                    give_up_after_secs: Some(u64::MAX),
+                    ..Default::default()
+                },
+                "at most 3600",
+            ),
+        ] {
+            let e = drain_of(&cp, "n1", req).await.err().expect(what).0;
+            assert_eq!(e.code, ErrorCode::InvalidArgument, "{what}");
+            assert!(e.message.contains("drain of node n1"), "{}", e.message);
+            assert!(e.message.contains(what), "{what}: {}", e.message);
+            assert!(!cordoned(&cp, "n1"), "{what}: node cordoned");
+        }
+        let (code, _) = drain_of(&cp, "n1", DrainRequest::default())
+            .await
+            .ok()
+            .unwrap();
+        assert_eq!(code, StatusCode::ACCEPTED);
+        assert!(cordoned(&cp, "n1"));
+    }
+
+    /// Issue 7 review M4: a node with a migration off it recorded in Raft
+    /// (another member's drain, a user's migration) is not drained again.
+    #[tokio::test]
+    async fn a_node_with_open_migrations_in_raft_is_not_drained_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = cluster::plane(dir.path()).await;
+        cluster::node(&cp, "n1", 64, 65536).await;
+        cluster::node(&cp, "n2", 64, 65536).await;
+        cluster::sandbox(&cp, "s1", "n1").await;
+        let now = now_ms();
+        let r = cp
+            .store
+            .write(Command::StartMigration {
+                id: "s1".into(),
+                migration: hearth_store::Migration {
+                    id: "m1".into(),
+                    from: "n1".into(),
+                    to: "n2".into(),
+                    phase: "preparing".into(),
+                    generation: 0,
+                    started_ms: now,
+                    updated_ms: now,
+                    error: None,
+                    progress: None,
+                    stall_ms: Some(60_000),
+                    source_gone_ms: None,
+                },
+            })
+            .await
+            .unwrap();
+        assert!(matches!(r, Reply::Sandbox { .. }), "{r:?}");
+        let e = drain_of(&cp, "n1", DrainRequest::default())
+            .await
+            .err()
+            .expect("drained twice")
+            .0;
+        assert_eq!(e.code, ErrorCode::Conflict);
+        assert!(e.message.contains("s1"), "{}", e.message);
+        assert!(!cordoned(&cp, "n1"));
+    }
+
+    fn drained(node: &str, state: &str, started_ms: u64, finished_ms: Option<u64>) -> Drained {
+        Drained {
+            node: Node {
+                id: node.into(),
+                address: String::new(),
+                status: "ready".into(),
+                cordoned: true,
+                accel: "tcg".into(),
+                capacity: cap(Resources::default()),
+                allocated: cap(Resources::default()),
+                labels: Default::default(),
+                sandboxes: 0,
+                last_heartbeat_ms: 0,
+            },
+            state: state.into(),
+            params: DrainRequest::default(),
+            started_ms,
+            finished_ms,
+            moved: Vec::new(),
+            remaining: Vec::new(),
+            sandboxes: vec![DrainOutcome {
+                sandbox: "s1".into(),
+                name: None,
+                outcome: "migrating".into(),
+                node: None,
+                error: None,
+                phase: None,
+                bytes_sent: None,
+                downtime_ms: None,
+                started_ms: None,
+                finished_ms: None,
+            }],
+        }
+    }
+
+    /// Issue 7 review M4: a drain task that ends abnormally (here a panic)
+    /// leaves its drain `interrupted`, not `running` for ever; a later
+    /// drain's entry is not touched by an earlier drain's guard.
+    #[tokio::test]
+    async fn a_drain_whose_task_panics_is_marked_interrupted() {
+        let drains: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Drained>>> =
+            Default::default();
+        drains
+            .lock()
+            .unwrap()
+            .insert("n1".into(), drained("n1", "running", 5, None));
+        let guard = DrainGuard {
+            drains: drains.clone(),
+            node: "n1".into(),
+            started_ms: 5,
+        };
+        let task = tokio::spawn(async move {
+            let _guard = guard;
+            panic!("a bug in the drain");
+        });
+        assert!(task.await.unwrap_err().is_panic());
+        let d = drains.lock().unwrap()["n1"].clone();
+        assert_eq!(d.state, "interrupted");
+        assert!(d.finished_ms.is_some());
+        assert!(d.sandboxes[0].error.is_some());
+
+        drains
+            .lock()
+            .unwrap()
+            .insert("n1".into(), drained("n1", "running", 9, None));
+        drop(DrainGuard {
+            drains: drains.clone(),
+            node: "n1".into(),
+            started_ms: 5,
+        });
+        assert_eq!(drains.lock().unwrap()["n1"].state, "running");
+    }
+
+    /// Issue 7 review "Drain API": ended drains are pruned oldest first down
+    /// to the bound; running ones stay.
+    #[test]
+    fn ended_drains_are_pruned_oldest_first() {
+        let mut d = std::collections::HashMap::new();
+        d.insert("a".to_string(), drained("a", "done", 1, Some(10)));
+        d.insert("b".to_string(), drained("b", "running", 0, None));
+        d.insert("c".to_string(), drained("c", "interrupted", 2, Some(20)));
+        d.insert("e".to_string(), drained("e", "done", 3, Some(30)));
+        prune(&mut d, 2);
+        let mut keys: Vec<_> = d.keys().cloned().collect();
+        keys.sort();
+        assert_eq!(keys, ["b", "e"]);
+        prune(&mut d, 0);
+        assert_eq!(d.keys().collect::<Vec<_>>(), ["b"]);
+    }
+
+    /// Issue 7 review M3: only a migration that failed at run time leads to
+    /// the cold-restart fallback; a refused request or an unknown outcome
+    /// does not.
+    #[test]
+    fn only_runtime_failures_are_restarted() {
+        assert!(restart_worthy(ErrorCode::Internal, true));
+        assert!(restart_worthy(ErrorCode::Conflict, false));
+        assert!(restart_worthy(ErrorCode::Unschedulable, false));
+        assert!(!restart_worthy(ErrorCode::InvalidArgument, false));
+        assert!(!restart_worthy(ErrorCode::Unavailable, true));
+        assert!(!restart_worthy(ErrorCode::Internal, false));
+    }
+}
