@@ -85,6 +85,12 @@ fn drain_line(node: &str, o: &serde_json::Value) -> String {
             "{sb}: not moved, still running on {node}: {}",
             o["error"].as_str().unwrap_or("")
         ),
+        "left" => format!(
+            "{sb}: not moved by the drain: {}",
+            o["error"]
+                .as_str()
+                .unwrap_or("it left the node by other means")
+        ),
         "pending" => format!("{sb}: waiting"),
         "migrating" => format!(
             "{sb}: migrating to {to} ({}, {})",
@@ -148,19 +154,19 @@ fn print_drain(node: &str, d: &serde_json::Value) {
     for o in d["sandboxes"].as_array().into_iter().flatten() {
         println!("{}", drain_line(node, o));
     }
-    if d["state"] == "done" {
+    if d["state"] != "running" {
         print_remaining(node, d);
     }
 }
 
-/// 1 when a sandbox was not moved.
+/// 1 when a sandbox was not moved or the drain was interrupted.
 fn drain_exit(d: &serde_json::Value) -> u8 {
     let failed = d["sandboxes"]
         .as_array()
         .into_iter()
         .flatten()
         .any(|o| o["outcome"] == "failed");
-    u8::from(failed)
+    u8::from(failed || d["state"] == "interrupted")
 }
 
 pub async fn node(c: &Client, cmd: NodeCmd) -> anyhow::Result<u8> {
@@ -245,7 +251,7 @@ pub async fn node(c: &Client, cmd: NodeCmd) -> anyhow::Result<u8> {
                 if !json {
                     print_drain_changes(&node, &d, &mut shown);
                 }
-                if d["state"] == "done" {
+                if d["state"] != "running" {
                     break;
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(500)).await;

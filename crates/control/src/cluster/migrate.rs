@@ -154,6 +154,9 @@ pub(super) async fn run_from(
     if let Some(f) = from.filter(|f| *f != rec.node) {
         return Err(left(&rec, f));
     }
+    if from.is_some() && rec.migrating().is_some() {
+        return Err(moving(&rec));
+    }
     let views = cp
         .store
         .read(|st| st.node_views())
@@ -164,6 +167,17 @@ pub(super) async fn run_from(
         error,
         started: true,
     })
+}
+
+/// A sandbox another request (a user's `hearth migrate`) moves right now.
+fn moving(rec: &SandboxRecord) -> Ended {
+    let to = rec.migrating().map(|m| m.to.clone()).unwrap_or_default();
+    Ended::Left {
+        now_on: format!(
+            "is being migrated to node {to} by another request; see `hearth migrate --status {}`",
+            rec.id
+        ),
+    }
 }
 
 fn left(rec: &SandboxRecord, from: &str) -> Ended {
@@ -257,6 +271,7 @@ async fn start(
                 if let Some(f) = from {
                     match cp.store.read(|st| st.sandboxes.get(&rec.id).cloned()).await {
                         Ok(Some(now)) if now.node != f => return Err(left(&now, f)),
+                        Ok(Some(now)) if now.migrating().is_some() => return Err(moving(&now)),
                         Ok(None) => {
                             return Err(Ended::Left {
                                 now_on: "was removed".into(),
@@ -995,6 +1010,34 @@ pub(super) mod tests {
             Err(Ended::Left { now_on }) => assert_eq!(now_on, "was removed"),
             _ => panic!("a removed sandbox is not reported as left"),
         }
+
+        // A user's migration of it runs: the drain leaves it to that one.
+        let to_n2 = MigrateSandbox {
+            target: "n2".into(),
+            ..Default::default()
+        };
+        let views = cp.store.read_local(|st| st.node_views());
+        assert!(start(&cp, rec.clone(), &to_n2, None, views).await.is_ok());
+        match run_from(&cp, "s1", &auto(), Some("n1")).await {
+            Err(Ended::Left { now_on }) => {
+                assert!(now_on.contains("being migrated to node n2"), "{now_on}")
+            }
+            _ => panic!("a sandbox another migration moves is not reported as left"),
+        }
+        let m = cp
+            .store
+            .read_local(|st| st.sandboxes["s1"].migration.clone().unwrap());
+        cp.store
+            .write(Command::MigrationPhase {
+                id: "s1".into(),
+                migration: m.id,
+                phase: "aborted".into(),
+                error: Some("test".into()),
+                progress: None,
+                at_ms: now_ms(),
+            })
+            .await
+            .unwrap();
 
         // It moves after the drain looked it up: StartMigration refuses.
         let stale = rec.clone();
