@@ -892,7 +892,7 @@ pub(super) mod tests {
                 "at most 3600",
             ),
         ] {
-            let e = check_params(&bad).err().expect(what).0;
+            let e = check_params(&bad).expect_err(what).0;
             assert_eq!(e.code, ErrorCode::InvalidArgument, "{what}");
             assert!(e.message.contains(what), "{what}: {}", e.message);
         }
