@@ -310,6 +310,14 @@ impl Agent {
                         None,
                         Some(format!("migrated to {node}")),
                     );
+                    // why: as after a migration this hearthd finished: a fork's
+                    // snapshot nothing here uses any more goes (the target holds
+                    // no reference to it).
+                    if let (Some(hearth_api::StartPath::Snapshot), Some(from)) =
+                        (rec.start_path, &rec.started_from)
+                    {
+                        self.remove_fork_snapshot_if_unused(from).await;
+                    }
                     return false;
                 }
                 Err(NotAdopted::Unresolved(why)) => {
