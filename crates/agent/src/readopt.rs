@@ -94,7 +94,7 @@ impl WorkloadRecord {
         write_atomic(dir, WORKLOAD_FILE, &data)
     }
 
-    fn load(dir: &Path) -> Result<WorkloadRecord, String> {
+    pub(crate) fn load(dir: &Path) -> Result<WorkloadRecord, String> {
         let path = dir.join(WORKLOAD_FILE);
         let bytes =
             std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;

@@ -957,6 +957,17 @@ impl Agent {
         // why: a cold layout goes as none, so a target that does not know
         // `machine` yet (it refuses unknown fields) takes cold migrations.
         let machine = offered_machine(&rec, machine, accel, base_len);
+        // why: a sandbox started from a snapshot or forked has a log that
+        // starts at this offset of the guest's output count; the target must
+        // keep it, or a re-adoption there replays output (issue 7 review M4).
+        let output_base = crate::readopt::WorkloadRecord::load(&entry.dir)
+            .map(|w| w.base)
+            .map_err(|e| {
+                fail(AgentError::Conflict(format!(
+                    "cannot migrate sandbox '{}': its workload record is unreadable ({e})",
+                    rec.id
+                )))
+            })?;
         let peer = Peer::new(&req.target, &req.target_token);
         let info = peer.info().await.map_err(|e| fail(peer_error(e)))?;
         if info.node_id == self.inner.node_id {
@@ -978,6 +989,7 @@ impl Agent {
             owner: req.target_owner.clone(),
             net,
             machine,
+            output_base,
         };
         let accepted = peer.offer(&offer).await.map_err(|e| fail(peer_error(e)))?;
         let host = peer.host().unwrap_or_else(|| "127.0.0.1".into());
@@ -1470,7 +1482,11 @@ impl Agent {
         let workload = crate::readopt::WorkloadRecord {
             nic: has_nic,
             nic_mode,
-            ..crate::readopt::WorkloadRecord::new(session.id(), inc.offer.stdin_open, 0)
+            ..crate::readopt::WorkloadRecord::new(
+                session.id(),
+                inc.offer.stdin_open,
+                inc.offer.output_base,
+            )
         };
         // why: a sandbox dir without its records is an uncommitted incoming one
         // to a restarted hearthd (removed at start): answering "committed"
@@ -1892,6 +1908,21 @@ mod tests {
         let mut o = offer(machine(None), Some(NicMode::Tap));
         o.machine = None;
         assert_eq!(incoming_device(&o).unwrap(), Some((None, NicMode::Tap)));
+    }
+
+    #[test]
+    fn the_output_base_goes_with_the_offer_only_when_there_is_one() {
+        let mut o = offer(machine(None), None);
+        assert_eq!(o.output_base, 0);
+        assert!(serde_json::to_value(&o)
+            .unwrap()
+            .get("output_base")
+            .is_none());
+        o.output_base = 4096;
+        let v = serde_json::to_value(&o).unwrap();
+        assert_eq!(v["output_base"], 4096);
+        let back: IncomingOffer = serde_json::from_value(v).unwrap();
+        assert_eq!(back.output_base, 4096);
     }
 
     #[test]
