@@ -667,7 +667,7 @@ const MAX_DISK_BYTES: u64 = 4 << 40;
 /// loses guest writes while migrating such a block (docs/migration.md "Lost
 /// guest writes under TCG"), and the target must not get a corrupted guest.
 fn check_migratable_ram(id: &str, ram_kib: u64, accel: Accel) -> Result<(), AgentError> {
-    if accel == Accel::Tcg && ram_kib % 256 == 0 {
+    if accel == Accel::Tcg && ram_kib.is_multiple_of(256) {
         return Err(AgentError::Conflict(format!(
             "cannot migrate sandbox '{id}': it was restored from a template or snapshot made before the TCG RAM pad ({ram_kib} KiB of RAM, a multiple of 256 KiB, loses guest writes while migrating under TCG); recreate it (and its template or snapshot) to migrate"
         )));
