@@ -623,6 +623,10 @@ mod auth_tests {
                 owner: "c/sb1@2".into(),
                 from: "agent1".into(),
                 to: to.into(),
+                attempt: "m-1".into(),
+                cpus: 1,
+                memory_mib: 128,
+                ip: None,
                 expires,
                 purpose: PURPOSE.into(),
             },
@@ -684,7 +688,7 @@ mod auth_tests {
         let sig = good.rsplit_once('.').unwrap().1;
         let body_of_other = cred("sb2", "agent2", later);
         let fields = body_of_other.split('.').nth(1).unwrap();
-        let forged = format!("hmig1.{fields}.{sig}");
+        let forged = format!("hmig2.{fields}.{sig}");
         let (s, body) = call(&base, "POST", "/v1/migrations/incoming/sb2/commit", &forged).await;
         assert_eq!(s, 401, "{body}");
         assert!(body.contains("does not verify"), "{body}");

@@ -58,13 +58,10 @@ pub async fn prepare(
     Json(offer): Json<IncomingOffer>,
 ) -> ApiResult<(StatusCode, Json<IncomingAccepted>)> {
     // why: a scoped credential lets in one sandbox, with one owner tag, from
-    // one source node; the offer is only known here, after the body.
+    // one source node, with the recorded resources and address; the offer is
+    // only known here, after the body.
     if let Some(axum::Extension(crate::MigrationGrant(scope))) = grant {
-        if let Err(e) = scope.check_offer(
-            &offer.sandbox.id,
-            offer.owner.as_deref(),
-            offer.source_node.as_deref(),
-        ) {
+        if let Err(e) = scope.check_offer(&crate::credential::OfferFields::of(&offer)) {
             let node = agent.info().node;
             return Err(crate::HttpError(hearth_api::ApiError::new(
                 hearth_api::ErrorCode::Forbidden,

@@ -958,6 +958,21 @@ impl Agent {
                 sb.id, sb.name
             )));
         }
+        // why: the offer's resources get the bounds a create's get (review
+        // M5), before anything is built for them.
+        let refused = |e| match e {
+            AgentError::InvalidArgument(m) => AgentError::InvalidArgument(format!(
+                "migration offer of sandbox '{}' refused: {m}",
+                sb.id
+            )),
+            e => e,
+        };
+        self.validate_resources(sb.cpus, sb.memory_mib)
+            .map_err(refused)?;
+        if let Some(m) = &offer.machine {
+            let ram_mib = u32::try_from(m.ram_kib / 1024).unwrap_or(u32::MAX);
+            self.validate_resources(m.cpus, ram_mib).map_err(refused)?;
+        }
         let images = i.images.clone();
         let digest = sb.image_digest.clone();
         let image = tokio::task::spawn_blocking(move || images.resolve(&digest))
