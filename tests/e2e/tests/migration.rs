@@ -496,9 +496,16 @@ fn a_target_out_of_memory_mid_transfer_leaves_the_source_running() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // why: the spawned CLI's request may not have reached the source yet
+    // (no migration recorded): polled until it has.
     wait_until("pre-copy to start", Duration::from_secs(60), || {
-        status_of(&a, "c")["phase"] == "precopy"
-            && status_of(&a, "c")["bytes_sent"].as_u64().unwrap_or(0) > 0
+        let out = a.hearth(&["migrate", "--status", "--json", "c"]);
+        let st: serde_json::Value = if out.status.success() {
+            serde_json::from_slice(&out.stdout).expect("status json")
+        } else {
+            return false;
+        };
+        st["phase"] == "precopy" && st["bytes_sent"].as_u64().unwrap_or(0) > 0
     });
     // The target's incoming QEMU may not grow any more: its address-space
     // limit (RLIMIT_AS) becomes what it uses now, so its next allocation for

@@ -503,8 +503,13 @@ pub(crate) async fn run_source(
             };
             let why = match (refused, target_vm) {
                 (Some(r), _) => format!("switch-over refused: {r}"),
-                (None, Some(vm)) => format!("{vm} (the stream broke: {e})"),
-                (None, None) => e.to_string(),
+                // why: when its own workload ended, the source broke the
+                // stream itself; the target's end is not the cause (M6).
+                (None, Some(vm)) if stash.is_none() => format!("{vm} (the stream broke: {e})"),
+                (None, _) if stash.is_some() => {
+                    format!("the workload of sandbox {id} ended during the migration ({e})")
+                }
+                (None, _) => e.to_string(),
             };
             let msg = format!(
                 "migration of sandbox {id} to {} failed before the switch-over; it keeps running here: {why}",
@@ -631,6 +636,35 @@ pub(crate) async fn run_source(
             }
         }
     }
+}
+
+/// How many causes of ended incoming VMs a target keeps for the sources'
+/// aborts.
+const MAX_VM_ENDED: usize = 64;
+
+/// The incoming VM's QEMU was killed by a signal (not a clean exit).
+fn died_by_signal(exit: &Result<hearth_vmm::VmExit, hearth_vmm::VmmError>) -> bool {
+    matches!(exit, Ok(hearth_vmm::VmExit::Signaled(_)))
+}
+
+/// A QEMU log line without this host's paths: each path keeps only its file
+/// name (the text goes to another node and into the cluster's record).
+fn trim_paths(line: &str) -> String {
+    line.split(' ')
+        .map(|w| match w.find('/') {
+            // why: only an absolute path ("/x", "file=/x", "'/x"), not a
+            // word like "Input/output".
+            Some(i)
+                if w[i..].len() > 1 && (i == 0 || w[..i].ends_with(['=', ':', '\'', '"', '('])) =>
+            {
+                let (pre, path) = w.split_at(i);
+                let name = path.rsplit('/').find(|p| !p.is_empty()).unwrap_or("");
+                format!("{pre}…/{name}")
+            }
+            _ => w.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Source: the VM's machine as it runs (off its QEMU command line and disk);
@@ -1115,6 +1149,23 @@ impl Agent {
                 sb.id, sb.name
             )));
         }
+        // why: the offer's resources get the bounds a create's get (review
+        // M5), before anything is built for them.
+        let refused = |e| match e {
+            AgentError::InvalidArgument(m) => AgentError::InvalidArgument(format!(
+                "migration offer of sandbox '{}' refused: {m}",
+                sb.id
+            )),
+            e => e,
+        };
+        self.validate_resources(sb.cpus, sb.memory_mib)
+            .map_err(refused)?;
+        if let Some(m) = &offer.machine {
+            let ram_mib = u32::try_from(m.ram_kib / 1024).unwrap_or(u32::MAX);
+            self.validate_resources(m.cpus, ram_mib).map_err(refused)?;
+        }
+        // why: a cause from an earlier attempt is never told of this one.
+        lock(&i.migrations.vm_ended).remove(&sb.id);
         let images = i.images.clone();
         let digest = sb.image_digest.clone();
         let image = tokio::task::spawn_blocking(move || images.resolve(&digest))
@@ -1590,7 +1641,12 @@ impl Agent {
                 let ended = process_ended(vm.pid());
                 let _ = vm.kill().await;
                 let exit = vm.wait().await;
-                if ended {
+                // why: an incoming QEMU also exits by itself (status 1) when
+                // the stream ends early: the source gave up, cancelled, its
+                // workload ended, the link broke. Only a death by a signal
+                // (kernel OOM kill, abort on a failed allocation, a crash) is
+                // the target's own cause (review M6).
+                if ended && died_by_signal(&exit) {
                     let log = hearth_vmm::log_tail(&vm.dir().join("qemu.log"), 400);
                     // why: the last line says why; QEMU's own error starts at its
                     // name (progress text without a newline may precede it).
@@ -1599,7 +1655,8 @@ impl Agent {
                         .rev()
                         .find(|l| !l.trim().is_empty())
                         .unwrap_or("");
-                    let log = last.find("qemu-system").map_or(last, |i| &last[i..]).trim();
+                    let log =
+                        trim_paths(last.find("qemu-system").map_or(last, |i| &last[i..]).trim());
                     let why = format!(
                         "the incoming VM (QEMU) on node {} had ended by itself during the transfer ({}){}",
                         self.inner.cfg.node,
@@ -1611,7 +1668,15 @@ impl Agent {
                         if log.is_empty() { String::new() } else { format!(": {log}") }
                     );
                     tracing::warn!(sandbox = %id, "{why}");
-                    lock(&self.inner.migrations.vm_ended).insert(id.to_string(), why);
+                    let mut ended = lock(&self.inner.migrations.vm_ended);
+                    // why: bounded; a source asks right after its failure.
+                    if ended.len() >= MAX_VM_ENDED {
+                        let any = ended.keys().next().cloned();
+                        if let Some(k) = any {
+                            ended.remove(&k);
+                        }
+                    }
+                    ended.insert(id.to_string(), why);
                 }
                 inc.tunnel.abort();
                 let _ = std::fs::remove_file(inc.dir.join("incoming.sock"));
@@ -1641,6 +1706,22 @@ impl Agent {
 mod tests {
     use super::*;
     use crate::restore::NicMode;
+
+    /// Review M6, m6: a clean exit of the incoming QEMU (the stream ended
+    /// early) is not the target's cause; a signal is. Host paths are trimmed.
+    #[test]
+    fn only_a_signal_is_the_target_vms_own_end() {
+        assert!(died_by_signal(&Ok(hearth_vmm::VmExit::Signaled(9))));
+        assert!(!died_by_signal(&Ok(hearth_vmm::VmExit::Exited(1))));
+        assert!(!died_by_signal(&Ok(hearth_vmm::VmExit::Gone)));
+        assert_eq!(
+            trim_paths("qemu-system-x86_64: -drive file=/var/lib/hearth/sandboxes/x/vm/disk.qcow2: failed to allocate 4096 bytes"),
+            "qemu-system-x86_64: -drive file=…/disk.qcow2: failed to allocate 4096 bytes"
+        );
+        let plain = "load of migration failed: Input/output error";
+        assert_eq!(trim_paths(plain), plain);
+        assert_eq!(trim_paths("at /a/b/c.sock"), "at …/c.sock");
+    }
 
     /// An offer of a sandbox without a network, with `machine` (JSON) as given.
     fn offer(machine: serde_json::Value, net: Option<NicMode>) -> IncomingOffer {

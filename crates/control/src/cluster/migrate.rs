@@ -488,7 +488,13 @@ async fn drive(
         write_phase(cp, &rec, &m, "aborted", Some(why.clone()), None).await;
         return Err(err(ErrorCode::Conflict, why));
     };
-    let credential = migration_credential(cp, &agent_id, &owner, &m, req);
+    let ip = cp.store.read_local(|st| {
+        st.slices
+            .values()
+            .find_map(|s| s.leases.get(&agent_id))
+            .map(|ip| ip.to_string())
+    });
+    let credential = migration_credential(cp, &agent_id, &owner, &rec, ip, &m, req);
     let body = MigrateSandbox {
         target: dst.clone(),
         target_token: credential,
@@ -606,12 +612,15 @@ async fn drive(
 const CREDENTIAL_SLACK_SECS: u64 = 600;
 
 /// The credential the source presents to the target for this migration only:
-/// this sandbox, the owner tag of its next generation, these two nodes, and
-/// an expiry after the pre-copy bound ([`crate::credential`]).
+/// this sandbox, the owner tag of its next generation, these two nodes, this
+/// attempt, the recorded vCPUs, memory and leased address, and an expiry
+/// after the pre-copy bound ([`crate::credential`]).
 fn migration_credential(
     cp: &ControlPlane,
     agent_id: &str,
     owner: &str,
+    rec: &SandboxRecord,
+    ip: Option<String>,
     m: &Migration,
     req: &MigrateSandbox,
 ) -> String {
@@ -625,6 +634,10 @@ fn migration_credential(
             owner: owner.to_string(),
             from: m.from.clone(),
             to: m.to.clone(),
+            attempt: m.id.clone(),
+            cpus: rec.request.resources.cpus,
+            memory_mib: rec.request.resources.memory_mib,
+            ip,
             expires: credential_expiry(crate::credential::unix_now(), precopy),
             purpose: crate::credential::PURPOSE.into(),
         },
