@@ -19,7 +19,7 @@ mod tap;
 
 use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
 
 use serde::{Deserialize, Serialize};
@@ -278,16 +278,6 @@ impl NodeNet {
         }
         for (tap, ip) in &taps_removed {
             tracing::info!(%tap, %ip, "removed the tap of an agent that is gone (no VM uses it)");
-        }
-        let gone = registry::prune_gone_namespaces_in(
-            &[
-                Path::new(policy::maps::HOST_PINS_ROOT),
-                Path::new(registry::REGISTRY_DIR),
-            ],
-            &registry::live_netns(),
-        );
-        for p in &gone {
-            tracing::info!(path = %p.display(), "removed the pins of a network namespace that is gone");
         }
         match purged {
             Some(Ok(n)) => tracing::info!(

@@ -373,76 +373,6 @@ pub fn register(
     register_in(&dir, pool, state_dir, under_lock)
 }
 
-/// The inodes of the network namespaces that exist now: those of every
-/// process (`/proc/<pid>/ns/net`) and those bind-mounted by `ip netns add`
-/// (`/run/netns/*`), which may have no process yet.
-pub fn live_netns() -> HashSet<u64> {
-    use std::os::unix::fs::MetadataExt;
-    let mut live = HashSet::new();
-    if let Ok(procs) = std::fs::read_dir("/proc") {
-        for p in procs.flatten() {
-            if p.file_name()
-                .to_string_lossy()
-                .bytes()
-                .all(|b| b.is_ascii_digit())
-            {
-                // A process may exit between the listing and the stat.
-                if let Ok(m) = std::fs::metadata(p.path().join("ns/net")) {
-                    live.insert(m.ino());
-                }
-            }
-        }
-    }
-    if let Ok(named) = std::fs::read_dir("/run/netns") {
-        for n in named.flatten() {
-            if let Ok(m) = std::fs::metadata(n.path()) {
-                live.insert(m.ino());
-            }
-        }
-    }
-    live
-}
-
-/// Removes the `netns-<inode>` directories under each of `roots` whose
-/// namespace is not in `live` (pins and registrations of namespaces that are
-/// gone, e.g. a dev shard's); returns the removed paths.
-///
-/// why: nothing else removes them, and no agent or VM can use a namespace
-/// that no process is in and no name holds. Does nothing when `live` does not
-/// hold this process's own namespace (a `/proc` that hides other processes).
-pub fn prune_gone_namespaces_in(roots: &[&Path], live: &HashSet<u64>) -> Vec<PathBuf> {
-    let mut removed = Vec::new();
-    if !live.contains(&netns_id()) {
-        return removed;
-    }
-    for root in roots {
-        let Ok(entries) = std::fs::read_dir(root) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let name = e.file_name();
-            let Some(ino) = name
-                .to_str()
-                .and_then(|n| n.strip_prefix("netns-"))
-                .and_then(|n| n.parse::<u64>().ok())
-            else {
-                continue;
-            };
-            if live.contains(&ino) || !e.path().is_dir() {
-                continue;
-            }
-            match std::fs::remove_dir_all(e.path()) {
-                Ok(()) => removed.push(e.path()),
-                Err(err) => tracing::warn!(
-                    path = %e.path().display(),
-                    "cannot remove the pins of a network namespace that is gone: {err}"
-                ),
-            }
-        }
-    }
-    removed
-}
-
 /// The tag older builds computed for the agent with this state dir (FNV-1a
 /// of its canonical path): only to read their registrations and to seed the
 /// owner id of a state dir they used (see [`owner_id`]).
@@ -463,46 +393,6 @@ mod tests {
 
     fn reg(dir: &Path, pool: &str, state: &Path) -> Result<Registration, RegistryError> {
         register_in(dir, pool.parse().unwrap(), state, |_| {})
-    }
-
-    #[test]
-    fn only_the_directories_of_namespaces_that_are_gone_are_pruned() {
-        let root = tempfile::tempdir().unwrap();
-        let own = netns_id();
-        for d in [
-            format!("netns-{own}"),
-            "netns-1".into(),
-            "netns-x".into(),
-            "other".into(),
-        ] {
-            std::fs::create_dir(root.path().join(&d)).unwrap();
-            std::fs::write(root.path().join(&d).join("PIN"), b"").unwrap();
-        }
-        std::fs::write(root.path().join("netns-2"), b"a file, not ours").unwrap();
-        let live = live_netns();
-        assert!(live.contains(&own), "{live:?}");
-        assert!(!live.contains(&1));
-        let removed = prune_gone_namespaces_in(&[root.path()], &live);
-        assert_eq!(removed, vec![root.path().join("netns-1")]);
-        let mut left: Vec<_> = std::fs::read_dir(root.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        left.sort();
-        assert_eq!(left, {
-            let mut want = vec![
-                format!("netns-{own}"),
-                "netns-2".into(),
-                "netns-x".into(),
-                "other".into(),
-            ];
-            want.sort();
-            want
-        });
-        // A /proc that hides this process's own namespace prunes nothing.
-        std::fs::create_dir(root.path().join("netns-3")).unwrap();
-        assert!(prune_gone_namespaces_in(&[root.path()], &HashSet::from([7])).is_empty());
-        assert!(root.path().join("netns-3").exists());
     }
 
     #[test]
