@@ -361,16 +361,17 @@ impl Agent {
             if dir.join("sandbox.json").exists() || !dir.join("vm").exists() {
                 continue;
             }
-            // why: only an incoming migration's dir has its stream socket
-            // (removed at its commit or abort); pool VMs' dirs never do.
-            let incoming = dir.join("incoming.sock").exists();
             self.reap_dir(&dir).await;
             tracing::info!("removed unclaimed pool VM {}", dir.display());
             // why: it may as well be an incoming migration that was never
             // committed (a commit saves sandbox.json before it answers); a
             // source asking about it after this restart must hear "removed
             // uncommitted" and resume its copy (issue 7).
-            if incoming && !dir.exists() {
+            // why: pool VM dirs are recorded as well: nothing on disk tells
+            // them from an incoming migration's in every window (QEMU removes
+            // the stream socket once the stream is in), and a needless entry
+            // only takes one of the bounded slots.
+            if !dir.exists() {
                 if let Some(id) = dir.file_name().and_then(|n| n.to_str()) {
                     self.inner.migrations.note_removed_uncommitted(id);
                 }
