@@ -94,7 +94,7 @@ impl WorkloadRecord {
         write_atomic(dir, WORKLOAD_FILE, &data)
     }
 
-    fn load(dir: &Path) -> Result<WorkloadRecord, String> {
+    pub(crate) fn load(dir: &Path) -> Result<WorkloadRecord, String> {
         let path = dir.join(WORKLOAD_FILE);
         let bytes =
             std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
@@ -310,6 +310,14 @@ impl Agent {
                         None,
                         Some(format!("migrated to {node}")),
                     );
+                    // why: as after a migration this hearthd finished: a fork's
+                    // snapshot nothing here uses any more goes (the target holds
+                    // no reference to it).
+                    if let (Some(hearth_api::StartPath::Snapshot), Some(from)) =
+                        (rec.start_path, &rec.started_from)
+                    {
+                        self.remove_fork_snapshot_if_unused(from).await;
+                    }
                     return false;
                 }
                 Err(NotAdopted::Unresolved(why)) => {

@@ -866,20 +866,27 @@ impl Agent {
         v
     }
 
-    pub(crate) fn validate(&self, req: &CreateSandbox) -> Result<(u32, u32), AgentError> {
-        let cpus = req.cpus.unwrap_or(DEFAULT_CPUS);
+    /// The vCPU and memory bounds a create checks; a migration target checks
+    /// an offer's the same way.
+    pub(crate) fn validate_resources(&self, cpus: u32, mem: u32) -> Result<(), AgentError> {
         if cpus == 0 || cpus > MAX_CPUS {
             return Err(AgentError::InvalidArgument(format!(
                 "cpus {cpus} is out of range: give 1..={MAX_CPUS}"
             )));
         }
-        let mem = req.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB);
         let host = self.inner.host_memory_mib;
         if mem < MIN_MEMORY_MIB || (host > 0 && u64::from(mem) > host) {
             return Err(AgentError::InvalidArgument(format!(
                 "memory {mem} MiB is out of range: give {MIN_MEMORY_MIB}..={host} MiB (this host has {host} MiB)"
             )));
         }
+        Ok(())
+    }
+
+    pub(crate) fn validate(&self, req: &CreateSandbox) -> Result<(u32, u32), AgentError> {
+        let cpus = req.cpus.unwrap_or(DEFAULT_CPUS);
+        let mem = req.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB);
+        self.validate_resources(cpus, mem)?;
         if let Some(n) = &req.name {
             if !valid_name(n) {
                 return Err(AgentError::InvalidArgument(format!(

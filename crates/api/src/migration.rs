@@ -104,6 +104,17 @@ pub struct IncomingOffer {
     /// the target builds the VM a cold boot of the record gets.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub machine: Option<MachineLayout>,
+    /// Stream offset of the output log's first byte (the guest's count of the
+    /// main session's output): non-zero for a sandbox started from a snapshot
+    /// or forked, whose earlier output is not in its log. The target keeps it,
+    /// so a re-adoption there tells the guest the right offsets. Absent: 0 (a
+    /// target that does not know it refuses only such sandboxes).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub output_base: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A VM's machine layout as a migration target rebuilds it.

@@ -27,17 +27,17 @@ pub enum NodeCmd {
         #[arg(long)]
         status: bool,
         /// Bandwidth cap of each migration stream in MiB/s.
-        #[arg(long, alias = "bandwidth", conflicts_with = "status")]
+        #[arg(long, alias = "bandwidth", conflicts_with = "status", value_parser = clap::value_parser!(u64).range(1..))]
         bandwidth_mib: Option<u64>,
         /// Largest switch-over pause of each migration in milliseconds (default 100).
-        #[arg(long, conflicts_with = "status")]
+        #[arg(long, conflicts_with = "status", value_parser = clap::value_parser!(u64).range(1..))]
         downtime_ms: Option<u64>,
         /// Sandboxes migrated at a time.
         #[arg(long, default_value_t = 1, conflicts_with = "status")]
         parallel: u32,
         /// Give up a migration after this many seconds of pre-copy (the
-        /// sandbox keeps running on the node).
-        #[arg(long, conflicts_with = "status")]
+        /// sandbox keeps running on the node); 1 to 3600.
+        #[arg(long, conflicts_with = "status", value_parser = clap::value_parser!(u64).range(1..=3600))]
         give_up_secs: Option<u64>,
         /// Print JSON (the drain's status).
         #[arg(long)]
@@ -84,6 +84,12 @@ fn drain_line(node: &str, o: &serde_json::Value) -> String {
         "failed" => format!(
             "{sb}: not moved, still running on {node}: {}",
             o["error"].as_str().unwrap_or("")
+        ),
+        "left" => format!(
+            "{sb}: not moved by the drain: {}",
+            o["error"]
+                .as_str()
+                .unwrap_or("it left the node by other means")
         ),
         "pending" => format!("{sb}: waiting"),
         "migrating" => format!(
@@ -148,19 +154,19 @@ fn print_drain(node: &str, d: &serde_json::Value) {
     for o in d["sandboxes"].as_array().into_iter().flatten() {
         println!("{}", drain_line(node, o));
     }
-    if d["state"] == "done" {
+    if d["state"] != "running" {
         print_remaining(node, d);
     }
 }
 
-/// 1 when a sandbox was not moved.
+/// 1 when a sandbox was not moved or the drain was interrupted.
 fn drain_exit(d: &serde_json::Value) -> u8 {
     let failed = d["sandboxes"]
         .as_array()
         .into_iter()
         .flatten()
         .any(|o| o["outcome"] == "failed");
-    u8::from(failed)
+    u8::from(failed || d["state"] == "interrupted")
 }
 
 pub async fn node(c: &Client, cmd: NodeCmd) -> anyhow::Result<u8> {
@@ -245,7 +251,7 @@ pub async fn node(c: &Client, cmd: NodeCmd) -> anyhow::Result<u8> {
                 if !json {
                     print_drain_changes(&node, &d, &mut shown);
                 }
-                if d["state"] == "done" {
+                if d["state"] != "running" {
                     break;
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(500)).await;

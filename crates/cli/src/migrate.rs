@@ -24,13 +24,13 @@ pub struct MigrateArgs {
     #[arg(long, env = "HEARTH_TARGET_TOKEN_FILE")]
     to_token_file: Option<std::path::PathBuf>,
     /// Largest switch-over pause in milliseconds.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
     downtime_ms: u64,
     /// Bandwidth cap of the migration stream in MiB/s.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     bandwidth_mib: Option<u64>,
-    /// Give up after this many seconds of pre-copy (the sandbox keeps running here).
-    #[arg(long)]
+    /// Give up after this many seconds of pre-copy (the sandbox keeps running here); 1 to 3600.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=3600))]
     give_up_secs: Option<u64>,
     /// Print JSON.
     #[arg(long)]

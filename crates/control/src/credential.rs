@@ -5,12 +5,16 @@
 //! migration it issues a credential that names what it allows: one sandbox
 //! (the source agent's id of it), the owner tag the target's copy will carry,
 //! the source and target nodes, an expiry (unix seconds) and the purpose. The
-//! credential carries those fields in the clear plus an HMAC-SHA256 over them
-//! keyed with the cluster token; a target agent (which knows the cluster
-//! token) recomputes the HMAC, and refuses a credential that is expired
-//! (401), tampered with (401), or issued for another node or sandbox (403).
+//! scope also carries the security-relevant values of the control plane's
+//! record (the attempt id, vCPUs, memory and leased address), so a source
+//! cannot offer a bigger VM than the target reserved room for, or another
+//! sandbox's address. The credential carries the scope in the clear plus an
+//! HMAC-SHA256 over its exact bytes keyed with the cluster token; a target
+//! agent (which knows the cluster token) checks the HMAC before it parses
+//! anything, and refuses a credential that is expired (401), tampered with
+//! (401), or issued for another node, sandbox or offer (403).
 //!
-//! Format: `hmig1.<hex(JSON of the scope)>.<hex(HMAC)>`.
+//! Format: `hmig2.<hex(JSON of the scope)>.<hex(HMAC over those JSON bytes)>`.
 
 use hmac::Mac;
 use serde::{Deserialize, Serialize};
@@ -28,6 +32,17 @@ pub struct MigrationScope {
     pub from: String,
     /// Node id of the target: only that node accepts the credential.
     pub to: String,
+    /// The control plane's migration attempt id (its record's
+    /// `migration.id`): the credential is for this one attempt.
+    pub attempt: String,
+    /// The sandbox's vCPUs as the control plane recorded (and reserved) them.
+    pub cpus: u32,
+    /// The sandbox's memory as the control plane recorded (and reserved) it.
+    pub memory_mib: u64,
+    /// The address the control plane leases the sandbox (none: it leases it
+    /// none, and the offer must carry no network).
+    #[serde(default)]
+    pub ip: Option<String>,
     /// Unix time (seconds) after which the credential is refused.
     pub expires: u64,
     /// Always [`PURPOSE`]; covered by the HMAC so this credential is never
@@ -38,7 +53,7 @@ pub struct MigrationScope {
 /// The only purpose a migration credential has.
 pub const PURPOSE: &str = "migration-target";
 
-const PREFIX: &str = "hmig1.";
+const PREFIX: &str = "hmig2.";
 
 /// Why a presented migration credential is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -46,15 +61,17 @@ pub enum CredentialError {
     /// Not a migration credential at all (so it may be a plain API token).
     #[error("not a migration credential")]
     NotACredential,
-    /// Its fields do not parse.
-    #[error("malformed migration credential: {0}")]
-    Malformed(String),
-    /// The HMAC does not match its fields (tampered with, or issued by
-    /// another cluster).
-    #[error("migration credential for sandbox {sandbox} does not verify (tampered with, or issued with another cluster token)")]
-    BadSignature { sandbox: String },
+    /// Not made of a hex scope and a hex HMAC, or (after the HMAC verified)
+    /// its scope does not parse. Deliberately without detail: the caller is
+    /// not yet known to hold the cluster token.
+    #[error("malformed migration credential")]
+    Malformed,
+    /// The HMAC does not match its bytes (tampered with, or issued by
+    /// another cluster). Names nothing of the unverified scope.
+    #[error("migration credential does not verify (tampered with, or issued with another cluster token)")]
+    BadSignature,
     /// Past its expiry.
-    #[error("migration credential for sandbox {sandbox} expired at unix time {expires} (now {now}); start the migration again")]
+    #[error("migration credential for sandbox {sandbox} expired at unix time {expires} (now {now} on this node; check the nodes' clocks if they disagree); start the migration again")]
     Expired {
         sandbox: String,
         expires: u64,
@@ -93,22 +110,12 @@ impl CredentialError {
     }
 }
 
-fn mac(cluster_token: &str, s: &MigrationScope) -> hmac::Hmac<sha2::Sha256> {
+fn mac(cluster_token: &str, body: &[u8]) -> hmac::Hmac<sha2::Sha256> {
     let mut m = hmac::Hmac::<sha2::Sha256>::new_from_slice(cluster_token.as_bytes())
         .expect("HMAC takes keys of any length");
-    // why: length-prefixed fields, so no two scopes feed the same bytes.
-    m.update(b"hearth-migration-credential-v1");
-    for f in [
-        s.purpose.as_bytes(),
-        s.sandbox.as_bytes(),
-        s.owner.as_bytes(),
-        s.from.as_bytes(),
-        s.to.as_bytes(),
-        &s.expires.to_be_bytes(),
-    ] {
-        m.update(&(f.len() as u64).to_be_bytes());
-        m.update(f);
-    }
+    // why: a domain tag, so this HMAC is never taken for another derived one.
+    m.update(b"hearth-migration-credential-v2\0");
+    m.update(body);
     m
 }
 
@@ -119,7 +126,7 @@ pub fn issue(cluster_token: &str, scope: &MigrationScope) -> String {
         ..scope.clone()
     };
     let body = serde_json::to_vec(&scope).expect("a scope serialises");
-    let tag = mac(cluster_token, &scope).finalize().into_bytes();
+    let tag = mac(cluster_token, &body).finalize().into_bytes();
     format!("{PREFIX}{}.{}", hex::encode(body), hex::encode(tag))
 }
 
@@ -133,26 +140,44 @@ pub fn verify(
     here: &str,
     now: u64,
 ) -> Result<MigrationScope, CredentialError> {
+    verify_at(cluster_token, presented, here, Some(now))
+}
+
+/// [`verify`] without the expiry check: for the abort of an incoming
+/// migration, which only removes a VM that was never committed (or answers
+/// that it was), so the source can still recover after its credential
+/// expired (review m2). The HMAC, purpose and target are still checked.
+pub fn verify_ignoring_expiry(
+    cluster_token: &str,
+    presented: &str,
+    here: &str,
+) -> Result<MigrationScope, CredentialError> {
+    verify_at(cluster_token, presented, here, None)
+}
+
+fn verify_at(
+    cluster_token: &str,
+    presented: &str,
+    here: &str,
+    now: Option<u64>,
+) -> Result<MigrationScope, CredentialError> {
     let rest = presented
         .strip_prefix(PREFIX)
         .ok_or(CredentialError::NotACredential)?;
-    let (body, tag) = rest
-        .split_once('.')
-        .ok_or_else(|| CredentialError::Malformed("no signature".into()))?;
-    let body = hex::decode(body).map_err(|e| CredentialError::Malformed(e.to_string()))?;
-    let tag = hex::decode(tag).map_err(|e| CredentialError::Malformed(e.to_string()))?;
-    let scope: MigrationScope =
-        serde_json::from_slice(&body).map_err(|e| CredentialError::Malformed(e.to_string()))?;
+    let (body, tag) = rest.split_once('.').ok_or(CredentialError::Malformed)?;
+    let body = hex::decode(body).map_err(|_| CredentialError::Malformed)?;
+    let tag = hex::decode(tag).map_err(|_| CredentialError::Malformed)?;
+    // why: the HMAC over the raw bytes first; nothing unverified is parsed.
     // verify_slice compares in constant time.
-    mac(cluster_token, &scope)
+    mac(cluster_token, &body)
         .verify_slice(&tag)
-        .map_err(|_| CredentialError::BadSignature {
-            sandbox: scope.sandbox.clone(),
-        })?;
+        .map_err(|_| CredentialError::BadSignature)?;
+    let scope: MigrationScope =
+        serde_json::from_slice(&body).map_err(|_| CredentialError::Malformed)?;
     if scope.purpose != PURPOSE {
         return Err(CredentialError::WrongPurpose(scope.purpose));
     }
-    if now > scope.expires {
+    if let Some(now) = now.filter(|now| *now > scope.expires) {
         return Err(CredentialError::Expired {
             sandbox: scope.sandbox,
             expires: scope.expires,
@@ -181,27 +206,77 @@ impl MigrationScope {
     }
 
     /// An offer (`POST /v1/migrations/incoming`) must be for this sandbox,
-    /// this owner tag and from this source node.
-    pub fn check_offer(
-        &self,
-        sandbox: &str,
-        owner: Option<&str>,
-        source_node: Option<&str>,
-    ) -> Result<(), CredentialError> {
-        self.check_sandbox(sandbox)?;
-        let field = |field, offered: Option<&str>, allowed: &str| {
-            if offered != Some(allowed) {
+    /// this owner tag, from this source node, with the vCPUs, memory and
+    /// address the control plane recorded.
+    pub fn check_offer(&self, offer: &OfferFields<'_>) -> Result<(), CredentialError> {
+        self.check_sandbox(offer.sandbox)?;
+        let field = |field, offered: Option<String>, allowed: String| {
+            if offered.as_deref() != Some(allowed.as_str()) {
                 return Err(CredentialError::WrongField {
                     sandbox: self.sandbox.clone(),
                     field,
-                    allowed: allowed.to_string(),
-                    offered: offered.unwrap_or("(none)").to_string(),
+                    allowed,
+                    offered: offered.unwrap_or_else(|| "(none)".into()),
                 });
             }
             Ok(())
         };
-        field("owner tag", owner, &self.owner)?;
-        field("source node", source_node, &self.from)
+        let none = || "(none)".to_string();
+        field(
+            "owner tag",
+            offer.owner.map(str::to_string),
+            self.owner.clone(),
+        )?;
+        field(
+            "source node",
+            offer.source_node.map(str::to_string),
+            self.from.clone(),
+        )?;
+        field("vCPUs", Some(offer.cpus.to_string()), self.cpus.to_string())?;
+        // why: a restored sandbox's machine may differ from its record, but
+        // never beyond the vCPUs the target reserved.
+        if let Some(c) = offer.machine_cpus.filter(|c| *c > self.cpus) {
+            field("machine vCPUs", Some(c.to_string()), self.cpus.to_string())?;
+        }
+        field(
+            "memory MiB",
+            Some(offer.memory_mib.to_string()),
+            self.memory_mib.to_string(),
+        )?;
+        field(
+            "address",
+            Some(offer.ip.map(str::to_string).unwrap_or_else(none)),
+            self.ip.clone().unwrap_or_else(none),
+        )
+    }
+}
+
+/// The fields of an offer a credential's scope covers.
+#[derive(Debug, Clone, Copy)]
+pub struct OfferFields<'a> {
+    pub sandbox: &'a str,
+    pub owner: Option<&'a str>,
+    pub source_node: Option<&'a str>,
+    pub cpus: u32,
+    /// The cpus of the machine layout the target rebuilds, when given.
+    pub machine_cpus: Option<u32>,
+    pub memory_mib: u64,
+    /// The sandbox's address, when it has a network.
+    pub ip: Option<&'a str>,
+}
+
+impl<'a> OfferFields<'a> {
+    pub fn of(offer: &'a hearth_api::migration::IncomingOffer) -> OfferFields<'a> {
+        let sb = &offer.sandbox;
+        OfferFields {
+            sandbox: &sb.id,
+            owner: offer.owner.as_deref(),
+            source_node: offer.source_node.as_deref(),
+            cpus: sb.cpus,
+            machine_cpus: offer.machine.as_ref().map(|m| m.cpus),
+            memory_mib: u64::from(sb.memory_mib),
+            ip: sb.network.as_ref().map(|n| n.ip.as_str()),
+        }
     }
 }
 
@@ -225,8 +300,24 @@ mod tests {
             owner: "c1/sb1@2".into(),
             from: "agent1".into(),
             to: "agent2".into(),
+            attempt: "m-1".into(),
+            cpus: 2,
+            memory_mib: 256,
+            ip: Some("10.88.0.5".into()),
             expires: 1_000,
             purpose: PURPOSE.into(),
+        }
+    }
+
+    fn offer() -> OfferFields<'static> {
+        OfferFields {
+            sandbox: "sb1",
+            owner: Some("c1/sb1@2"),
+            source_node: Some("agent1"),
+            cpus: 2,
+            machine_cpus: Some(2),
+            memory_mib: 256,
+            ip: Some("10.88.0.5"),
         }
     }
 
@@ -236,8 +327,7 @@ mod tests {
         assert_eq!(verify(TOKEN, &c, "agent2", 999).unwrap(), scope());
         assert_eq!(verify(TOKEN, &c, "agent2", 1_000).unwrap(), scope());
         let s = verify(TOKEN, &c, "agent2", 5).unwrap();
-        s.check_offer("sb1", Some("c1/sb1@2"), Some("agent1"))
-            .unwrap();
+        s.check_offer(&offer()).unwrap();
         s.check_sandbox("sb1").unwrap();
     }
 
@@ -258,6 +348,20 @@ mod tests {
         );
         assert!(!e.is_forbidden());
         assert!(e.to_string().contains("expired"), "{e}");
+        assert!(e.to_string().contains("clocks"), "{e}");
+        // The abort still takes it; a tampered or misdirected one it does not.
+        assert_eq!(
+            verify_ignoring_expiry(TOKEN, &c, "agent2").unwrap(),
+            scope()
+        );
+        assert!(matches!(
+            verify_ignoring_expiry(TOKEN, &c, "agent3"),
+            Err(CredentialError::WrongTarget { .. })
+        ));
+        assert_eq!(
+            verify_ignoring_expiry("another-cluster-token-xyz", &c, "agent2"),
+            Err(CredentialError::BadSignature)
+        );
     }
 
     #[test]
@@ -286,20 +390,88 @@ mod tests {
             "{e}"
         );
         let e = s
-            .check_offer("sb2", Some("c1/sb1@2"), Some("agent1"))
+            .check_offer(&OfferFields {
+                sandbox: "sb2",
+                ..offer()
+            })
             .unwrap_err();
         assert!(matches!(e, CredentialError::WrongSandbox { .. }), "{e}");
         // Same sandbox, another owner tag (an older generation) or source.
         let e = s
-            .check_offer("sb1", Some("c1/sb1@1"), Some("agent1"))
+            .check_offer(&OfferFields {
+                owner: Some("c1/sb1@1"),
+                ..offer()
+            })
             .unwrap_err();
         assert!(e.to_string().contains("owner tag"), "{e}");
-        let e = s.check_offer("sb1", Some("c1/sb1@2"), None).unwrap_err();
+        let e = s
+            .check_offer(&OfferFields {
+                source_node: None,
+                ..offer()
+            })
+            .unwrap_err();
         assert!(e.to_string().contains("source node"), "{e}");
         let e = s
-            .check_offer("sb1", Some("c1/sb1@2"), Some("agent3"))
+            .check_offer(&OfferFields {
+                source_node: Some("agent3"),
+                ..offer()
+            })
             .unwrap_err();
         assert!(e.is_forbidden(), "{e}");
+    }
+
+    /// Review M5: the offer's resources and address are the record's, not
+    /// the source's word.
+    #[test]
+    fn an_offer_beyond_the_recorded_resources_or_address_is_forbidden() {
+        let s = verify(TOKEN, &issue(TOKEN, &scope()), "agent2", 5).unwrap();
+        for (bad, what) in [
+            (OfferFields { cpus: 8, ..offer() }, "vCPUs"),
+            (
+                OfferFields {
+                    machine_cpus: Some(8),
+                    ..offer()
+                },
+                "machine vCPUs",
+            ),
+            (
+                OfferFields {
+                    memory_mib: 65_536,
+                    ..offer()
+                },
+                "memory MiB",
+            ),
+            (
+                OfferFields {
+                    ip: Some("10.88.0.9"),
+                    ..offer()
+                },
+                "address",
+            ),
+            (
+                OfferFields {
+                    ip: None,
+                    ..offer()
+                },
+                "address",
+            ),
+        ] {
+            let e = s.check_offer(&bad).unwrap_err();
+            assert!(e.is_forbidden(), "{e}");
+            assert!(e.to_string().contains(&format!("allows {what} ")), "{e}");
+        }
+        // A scope without an address refuses an offer that brings one.
+        let s = MigrationScope {
+            ip: None,
+            ..scope()
+        };
+        let e = s.check_offer(&offer()).unwrap_err();
+        assert!(e.to_string().contains("allows address '(none)'"), "{e}");
+        s.check_offer(&OfferFields {
+            ip: None,
+            ..offer()
+        })
+        .unwrap();
     }
 
     #[test]
@@ -307,9 +479,10 @@ mod tests {
         let c = issue(TOKEN, &scope());
         // Another cluster's token.
         let e = verify("another-cluster-token-xyz", &c, "agent2", 5).unwrap_err();
-        assert!(matches!(e, CredentialError::BadSignature { .. }), "{e}");
+        assert_eq!(e, CredentialError::BadSignature);
         assert!(!e.is_forbidden());
-        // Fields changed (sandbox, expiry, target) with the old signature.
+        // Fields changed (sandbox, expiry, target, memory, attempt) with the
+        // old signature.
         let sig = c.rsplit_once('.').unwrap().1;
         for changed in [
             MigrationScope {
@@ -324,28 +497,52 @@ mod tests {
                 to: "agent3".into(),
                 ..scope()
             },
+            MigrationScope {
+                memory_mib: 1 << 20,
+                ..scope()
+            },
+            MigrationScope {
+                attempt: "m-2".into(),
+                ..scope()
+            },
         ] {
             let forged = format!(
                 "{PREFIX}{}.{sig}",
                 hex::encode(serde_json::to_vec(&changed).unwrap())
             );
             let e = verify(TOKEN, &forged, &changed.to, 5).unwrap_err();
-            assert!(matches!(e, CredentialError::BadSignature { .. }), "{e}");
+            assert_eq!(e, CredentialError::BadSignature);
         }
+        // Review m5: the same fields in other bytes (whitespace) do not
+        // verify either: the HMAC is over the bytes, checked before parsing,
+        // and the refusal names nothing of the unverified scope.
+        let body = hex::decode(c.strip_prefix(PREFIX).unwrap().split_once('.').unwrap().0).unwrap();
+        let spaced = format!(" {}", String::from_utf8(body).unwrap());
+        let forged = format!("{PREFIX}{}.{sig}", hex::encode(spaced));
+        let e = verify(TOKEN, &forged, "agent2", 5).unwrap_err();
+        assert_eq!(e, CredentialError::BadSignature);
+        assert!(!e.to_string().contains("sb1"), "{e}");
+        // Unparsable bytes behind a forged HMAC: refused as unverified, no
+        // parser text.
+        let junk = format!("{PREFIX}{}.{sig}", hex::encode("{not json"));
+        assert_eq!(
+            verify(TOKEN, &junk, "agent2", 5),
+            Err(CredentialError::BadSignature)
+        );
         // A flipped signature byte, a truncated one, garbage.
         let mut flipped = c.clone().into_bytes();
         let last = flipped.len() - 1;
         flipped[last] = if flipped[last] == b'0' { b'1' } else { b'0' };
         let flipped = String::from_utf8(flipped).unwrap();
-        assert!(matches!(
+        assert_eq!(
             verify(TOKEN, &flipped, "agent2", 5),
-            Err(CredentialError::BadSignature { .. })
-        ));
+            Err(CredentialError::BadSignature)
+        );
         assert!(verify(TOKEN, &c[..c.len() - 2], "agent2", 5).is_err());
-        assert!(matches!(
-            verify(TOKEN, "hmig1.zz.zz", "agent2", 5),
-            Err(CredentialError::Malformed(_))
-        ));
+        assert_eq!(
+            verify(TOKEN, "hmig2.zz.zz", "agent2", 5),
+            Err(CredentialError::Malformed)
+        );
         assert_eq!(
             verify(TOKEN, TOKEN, "agent2", 5),
             Err(CredentialError::NotACredential)

@@ -206,10 +206,14 @@ struct NodeAuth {
     node: String,
 }
 
-/// The scope of the migration credential a request was let in with; the
-/// prepare route checks its offer against it.
+/// How a request on a node's API was let in: with the node's token, or with
+/// a scoped migration credential (whose scope the prepare route checks its
+/// offer against). The auth layer inserts one into every request it passes.
 #[derive(Clone)]
-pub(crate) struct MigrationGrant(pub credential::MigrationScope);
+pub(crate) enum Auth {
+    Admin,
+    Migration(credential::MigrationScope),
+}
 
 /// The sandbox id in `/v1/migrations/incoming/{id}[/...]`.
 fn incoming_path_id(path: &str) -> Option<&str> {
@@ -223,11 +227,15 @@ fn credential_refused(node: &str, e: &credential::CredentialError) -> Response {
     } else {
         ErrorCode::Unauthorized
     };
-    HttpError(ApiError::new(
-        code,
-        format!("node {node} refuses the migration credential: {e}"),
-    ))
-    .into_response()
+    // why: a caller whose credential did not verify learns nothing of this
+    // node (review m5).
+    let msg = match e {
+        credential::CredentialError::BadSignature | credential::CredentialError::Malformed => {
+            format!("migration credential refused: {e}")
+        }
+        _ => format!("node {node} refuses the migration credential: {e}"),
+    };
+    HttpError(ApiError::new(code, msg)).into_response()
 }
 
 /// A node's API: the token, or on the migration target routes a scoped
@@ -247,16 +255,37 @@ async fn require_token_or_migration_peer(
     let path = req.uri().path().to_string();
     if let Some(t) = presented.filter(|_| migration_peer_route(&path)) {
         if !auth.token.matches(t.as_bytes()) {
-            match credential::verify(auth.token.secret(), &t, &auth.node, credential::unix_now()) {
+            // why: an abort only removes a VM that was never committed (or
+            // says it was), so the source can recover after expiry (m2).
+            let abort = req.method() == axum::http::Method::DELETE
+                && incoming_path_id(&path)
+                    .is_some_and(|id| path == format!("/v1/migrations/incoming/{id}"));
+            let verified = if abort {
+                credential::verify_ignoring_expiry(auth.token.secret(), &t, &auth.node)
+            } else {
+                credential::verify(auth.token.secret(), &t, &auth.node, credential::unix_now())
+            };
+            match verified {
                 Err(credential::CredentialError::NotACredential) => {}
                 Err(e) => return credential_refused(&auth.node, &e),
                 Ok(scope) => {
-                    if let Some(id) = incoming_path_id(&path) {
+                    // why: every peer route but the offer names a sandbox;
+                    // one whose id cannot be read is refused, not let in.
+                    if path != "/v1/migrations/incoming" && path != "/v1/info" {
+                        let Some(id) = incoming_path_id(&path) else {
+                            return credential_refused(
+                                &auth.node,
+                                &credential::CredentialError::WrongSandbox {
+                                    allowed: scope.sandbox,
+                                    asked: "(none)".into(),
+                                },
+                            );
+                        };
                         if let Err(e) = scope.check_sandbox(id) {
                             return credential_refused(&auth.node, &e);
                         }
                     }
-                    req.extensions_mut().insert(MigrationGrant(scope));
+                    req.extensions_mut().insert(Auth::Migration(scope));
                     return next.run(req).await;
                 }
             }
@@ -267,7 +296,7 @@ async fn require_token_or_migration_peer(
 
 async fn require_token(
     State(token): State<ApiToken>,
-    req: Request,
+    mut req: Request,
     next: axum::middleware::Next,
 ) -> Response {
     let ok = req
@@ -282,6 +311,7 @@ async fn require_token(
         ))
         .into_response();
     }
+    req.extensions_mut().insert(Auth::Admin);
     next.run(req).await
 }
 
@@ -597,9 +627,16 @@ mod auth_tests {
     /// The node API's auth layer over stub routes, served on loopback.
     async fn serve(node: &str) -> String {
         let ok = || async { "ok" };
+        // The prepare route's own check, behind the real auth layer.
+        let offer = |axum::Extension(auth): axum::Extension<Auth>,
+                     Json(o): Json<hearth_api::migration::IncomingOffer>| async move {
+            migration::authorize_offer(&auth, &o, "agent2").map(|()| "ok")
+        };
         let app = Router::new()
             .route("/v1/info", get(ok))
             .route("/v1/sandboxes", get(ok))
+            .route("/v1/migrations/incoming", post(offer))
+            .route("/v1/migrations/incoming/{id}", axum::routing::delete(ok))
             .route("/v1/migrations/incoming/{id}/commit", post(ok))
             .layer(axum::middleware::from_fn_with_state(
                 NodeAuth {
@@ -623,6 +660,10 @@ mod auth_tests {
                 owner: "c/sb1@2".into(),
                 from: "agent1".into(),
                 to: to.into(),
+                attempt: "m-1".into(),
+                cpus: 1,
+                memory_mib: 128,
+                ip: None,
                 expires,
                 purpose: PURPOSE.into(),
             },
@@ -633,6 +674,7 @@ mod auth_tests {
         let c = reqwest::Client::new();
         let r = match method {
             "GET" => c.get(format!("{base}{path}")),
+            "DELETE" => c.delete(format!("{base}{path}")),
             _ => c.post(format!("{base}{path}")),
         }
         .bearer_auth(bearer)
@@ -684,7 +726,7 @@ mod auth_tests {
         let sig = good.rsplit_once('.').unwrap().1;
         let body_of_other = cred("sb2", "agent2", later);
         let fields = body_of_other.split('.').nth(1).unwrap();
-        let forged = format!("hmig1.{fields}.{sig}");
+        let forged = format!("hmig2.{fields}.{sig}");
         let (s, body) = call(&base, "POST", "/v1/migrations/incoming/sb2/commit", &forged).await;
         assert_eq!(s, 401, "{body}");
         assert!(body.contains("does not verify"), "{body}");
@@ -695,5 +737,72 @@ mod auth_tests {
         m.update(b"agent-migration");
         let unscoped = hex::encode(m.finalize().into_bytes());
         assert_eq!(call(&base, "POST", commit, &unscoped).await.0, 401);
+    }
+
+    fn offer_json(id: &str, cpus: u32, memory_mib: u32) -> serde_json::Value {
+        serde_json::json!({
+            "sandbox": {
+                "id": id, "name": null, "image": "busybox", "image_digest": "sha256:x",
+                "status": "running", "exit": null, "error": null, "cpus": cpus,
+                "memory_mib": memory_mib, "argv": ["sh"], "node": "agent1", "accel": "tcg",
+                "created_ms": 1, "started_ms": 1, "finished_ms": null, "boot_ms": null
+            },
+            "source_node_id": "a", "source_node": "agent1", "hostname": id,
+            "stdin_open": false, "owner": "c/sb1@2"
+        })
+    }
+
+    async fn post_offer(base: &str, bearer: &str, offer: serde_json::Value) -> (u16, String) {
+        let r = reqwest::Client::new()
+            .post(format!("{base}/v1/migrations/incoming"))
+            .bearer_auth(bearer)
+            .json(&offer)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    }
+
+    /// Review m4, M5: the offer route takes only an offer its credential's
+    /// scope allows; the node's token any.
+    #[tokio::test]
+    async fn the_offer_route_refuses_an_offer_outside_the_credential() {
+        let base = serve("agent2").await;
+        let good = cred("sb1", "agent2", credential::unix_now() + 600);
+        let (s, body) = post_offer(&base, &good, offer_json("sb1", 1, 128)).await;
+        assert_eq!(s, 200, "{body}");
+        let (s, body) = post_offer(&base, &good, offer_json("sb2", 1, 128)).await;
+        assert_eq!(s, 403, "{body}");
+        assert!(
+            body.contains("for sandbox sb1, not for sandbox sb2"),
+            "{body}"
+        );
+        let (s, body) = post_offer(&base, &good, offer_json("sb1", 1, 4096)).await;
+        assert_eq!(s, 403, "{body}");
+        assert!(body.contains("memory MiB '128'"), "{body}");
+        let (s, body) = post_offer(&base, TOKEN, offer_json("sb2", 1, 4096)).await;
+        assert_eq!(s, 200, "{body}");
+    }
+
+    /// Review m2, m4: an expired credential still aborts (only), a peer
+    /// route without a sandbox id is refused, a forged one learns nothing.
+    #[tokio::test]
+    async fn an_expired_credential_still_aborts_and_nothing_unscoped_passes() {
+        let base = serve("agent2").await;
+        let old = cred("sb1", "agent2", credential::unix_now() - 1);
+        let (s, body) = call(&base, "DELETE", "/v1/migrations/incoming/sb1", &old).await;
+        assert_eq!(s, 200, "{body}");
+        let (s, body) = call(&base, "POST", "/v1/migrations/incoming/sb1/commit", &old).await;
+        assert_eq!(s, 401, "{body}");
+        assert!(body.contains("clocks"), "{body}");
+        let (s, _) = call(&base, "DELETE", "/v1/migrations/incoming/sb2", &old).await;
+        assert_eq!(s, 403);
+        let good = cred("sb1", "agent2", credential::unix_now() + 600);
+        let (s, body) = call(&base, "POST", "/v1/migrations/incoming//commit", &good).await;
+        assert_eq!(s, 403, "{body}");
+        let forged = format!("{}00", &good[..good.len() - 2]);
+        let (s, body) = call(&base, "GET", "/v1/info", &forged).await;
+        assert_eq!(s, 401, "{body}");
+        assert!(!body.contains("agent2") && !body.contains("sb1"), "{body}");
     }
 }

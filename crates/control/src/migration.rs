@@ -53,27 +53,34 @@ fn bind_ip(headers: &HeaderMap) -> Option<IpAddr> {
 
 pub async fn prepare(
     State(agent): State<Agent>,
-    grant: Option<axum::Extension<crate::MigrationGrant>>,
+    axum::Extension(auth): axum::Extension<crate::Auth>,
     headers: HeaderMap,
     Json(offer): Json<IncomingOffer>,
 ) -> ApiResult<(StatusCode, Json<IncomingAccepted>)> {
-    // why: a scoped credential lets in one sandbox, with one owner tag, from
-    // one source node; the offer is only known here, after the body.
-    if let Some(axum::Extension(crate::MigrationGrant(scope))) = grant {
-        if let Err(e) = scope.check_offer(
-            &offer.sandbox.id,
-            offer.owner.as_deref(),
-            offer.source_node.as_deref(),
-        ) {
-            let node = agent.info().node;
-            return Err(crate::HttpError(hearth_api::ApiError::new(
-                hearth_api::ErrorCode::Forbidden,
-                format!("node {node} refuses the migration credential: {e}"),
-            )));
-        }
-    }
+    authorize_offer(&auth, &offer, &agent.info().node)?;
     let a = agent.incoming_prepare(offer, bind_ip(&headers)).await?;
     Ok((StatusCode::CREATED, Json(a)))
+}
+
+/// An offer let in by a scoped credential must match its scope: one sandbox,
+/// one owner tag, one source node, the recorded resources and address (the
+/// offer is only known here, after the body). The node's token allows any.
+pub(crate) fn authorize_offer(
+    auth: &crate::Auth,
+    offer: &IncomingOffer,
+    node: &str,
+) -> Result<(), crate::HttpError> {
+    match auth {
+        crate::Auth::Admin => Ok(()),
+        crate::Auth::Migration(scope) => scope
+            .check_offer(&crate::credential::OfferFields::of(offer))
+            .map_err(|e| {
+                crate::HttpError(hearth_api::ApiError::new(
+                    hearth_api::ErrorCode::Forbidden,
+                    format!("node {node} refuses the migration credential: {e}"),
+                ))
+            }),
+    }
 }
 
 /// `PUT /v1/migrations/incoming/{id}/log?truncated=true`: the source's log

@@ -351,8 +351,8 @@ async fn proxy(State(ing): State<Arc<Ingress>>, mut req: Request) -> Response {
 
 /// How often a long-lived connection (a streaming answer, an upgraded
 /// connection) to a sandbox on this node checks that the sandbox still runs
-/// here.
-const HERE_POLL: Duration = Duration::from_millis(100);
+/// here (each check is a lookup in the agent's table: not every 100 ms).
+const HERE_POLL: Duration = Duration::from_millis(250);
 
 /// Whether a sandbox still resolves to the target a connection was made to.
 /// A connection to a sandbox that left (migrated away, removed, stopped)
@@ -385,11 +385,22 @@ impl Watch {
     async fn gone(self) {
         let mut tick = tokio::time::interval(HERE_POLL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // why: a resolver error may be passing (a lookup that failed once):
+        // it cuts only when the next check fails too; another target cuts at
+        // once (review m7).
+        let mut failed = false;
         loop {
             tick.tick().await;
-            if (self.resolve)(&self.sandbox).as_ref() != Ok(&self.here) {
-                tracing::debug!(sandbox = %self.sandbox, "cutting a connection to a sandbox that left this node");
-                return;
+            match (self.resolve)(&self.sandbox) {
+                Ok(t) if t == self.here => failed = false,
+                Err(e) if !failed => {
+                    tracing::debug!(sandbox = %self.sandbox, "resolving a watched sandbox failed ({e:?}); checking again");
+                    failed = true;
+                }
+                _ => {
+                    tracing::debug!(sandbox = %self.sandbox, "cutting a connection to a sandbox that left this node");
+                    return;
+                }
             }
         }
     }
@@ -692,6 +703,40 @@ async fn forward(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Review m7: one failed lookup does not cut a watched connection; two
+    /// in a row, or another target, do.
+    #[tokio::test]
+    async fn a_watch_cuts_on_a_second_failed_lookup_not_the_first() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let here = Target::Sandbox(Backend {
+            ip: Ipv4Addr::LOCALHOST,
+            token: "t".into(),
+        });
+        // Fails on the second check only, then resolves here again.
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (c, h) = (calls.clone(), here.clone());
+        let once = Watch::new("sb", here.clone(), move |sb| {
+            match c.fetch_add(1, Ordering::SeqCst) {
+                1 => Err(Unavailable::NotFound(sb.to_string())),
+                _ => Ok(h.clone()),
+            }
+        });
+        let r = tokio::time::timeout(HERE_POLL * 6, once.gone()).await;
+        assert!(r.is_err(), "cut on one failed lookup");
+        assert!(calls.load(Ordering::SeqCst) >= 4);
+        // Fails from the second check on: cut on the third.
+        let (c, h) = (Arc::new(AtomicUsize::new(0)), here.clone());
+        let twice = Watch::new("sb", here, move |sb| {
+            match c.fetch_add(1, Ordering::SeqCst) {
+                0 => Ok(h.clone()),
+                _ => Err(Unavailable::NotFound(sb.to_string())),
+            }
+        });
+        tokio::time::timeout(HERE_POLL * 6, twice.gone())
+            .await
+            .expect("cut after two failed lookups");
+    }
 
     #[test]
     fn tokens_are_found_in_header_query_or_cookie() {

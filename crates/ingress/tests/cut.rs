@@ -280,12 +280,17 @@ async fn a_stream_to_a_sandbox_that_stays_is_not_cut() {
         .await
         .unwrap();
     read_until(&mut stream, "A\n").await;
-    // Two seconds (20 checks) later it still streams.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Read on for two seconds (eight checks): it never ends, and the chunks
+    // (one per 50 ms) keep coming (review m8).
+    let until = tokio::time::Instant::now() + Duration::from_secs(2);
+    let mut chunks = 0;
     let mut chunk = [0u8; 4096];
-    let n = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut chunk))
-        .await
-        .expect("still streaming")
-        .unwrap();
-    assert!(n > 0);
+    loop {
+        let read = tokio::time::timeout_at(until, stream.read(&mut chunk)).await;
+        let Ok(n) = read else { break };
+        let n = n.expect("the stream reads");
+        assert!(n > 0, "the stream ended after {chunks} chunks");
+        chunks += chunk[..n].windows(2).filter(|w| w == b"A\n").count();
+    }
+    assert!(chunks >= 30, "only {chunks} chunks in 2 s");
 }

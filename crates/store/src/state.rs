@@ -353,10 +353,14 @@ pub enum Command {
         node: String,
         cordoned: bool,
     },
-    /// Cordon, and move every sandbox that asked for `restart: always`.
+    /// Cordon, and move every sandbox that asked for `restart: always`
+    /// (only those of `only` when given: the control plane's drain passes
+    /// the ones whose live migration failed for a runtime reason).
     Drain {
         node: String,
         at_ms: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        only: Option<Vec<String>>,
     },
     CreateSandbox {
         sandbox: SandboxRecord,
@@ -721,7 +725,7 @@ impl State {
                     what: format!("node {node}"),
                 },
             },
-            Command::Drain { node, at_ms } => {
+            Command::Drain { node, at_ms, only } => {
                 let Some(n) = self.nodes.get_mut(node) else {
                     return Reply::NotFound {
                         what: format!("node {node}"),
@@ -729,7 +733,7 @@ impl State {
                 };
                 n.cordoned = true;
                 self.touch_node(node);
-                self.move_always(node, *at_ms, false)
+                self.move_always(node, *at_ms, false, only.as_deref())
             }
             Command::CreateSandbox { sandbox } => self.create(sandbox),
             Command::SetObserved {
@@ -1480,7 +1484,7 @@ impl State {
 
     /// The node is gone: sandboxes with `restart: always` move, the rest are lost.
     fn evacuate(&mut self, node: &str, at_ms: u64, why: &str) -> Reply {
-        let Reply::Moved { moved, mut lost } = self.move_always(node, at_ms, true) else {
+        let Reply::Moved { moved, mut lost } = self.move_always(node, at_ms, true, None) else {
             return Reply::Ok;
         };
         let stay: Vec<String> = self
@@ -1514,7 +1518,13 @@ impl State {
     /// (its copy may already run on the target, so a fresh start elsewhere
     /// could race the migration's completion); with it, the move ends the
     /// migration.
-    fn move_always(&mut self, node: &str, at_ms: u64, node_gone: bool) -> Reply {
+    fn move_always(
+        &mut self,
+        node: &str,
+        at_ms: u64,
+        node_gone: bool,
+        only: Option<&[String]>,
+    ) -> Reply {
         let ids: Vec<String> = self
             .sandboxes
             .values()
@@ -1524,6 +1534,7 @@ impl State {
                     && s.restart == RestartPolicy::Always
                     && !s.pinned
                     && (node_gone || s.migrating().is_none())
+                    && only.is_none_or(|o| o.contains(&s.id))
             })
             .map(|s| s.id.clone())
             .collect();

@@ -222,6 +222,7 @@ fn a_copy_of_a_moved_record_is_stopped_then_removed() {
     s.apply(&Command::Drain {
         node: "n1".into(),
         at_ms: 4,
+        only: None,
     });
     assert_eq!(s.sandboxes["s1"].node, "n2");
     let d = heartbeat(&mut s, "n1", 5, vec![copy("a1", "running", Some("s1@0"))]);
@@ -288,6 +289,7 @@ fn a_late_start_result_of_an_old_generation_is_ignored() {
     s.apply(&Command::Drain {
         node: "n1".into(),
         at_ms: 2,
+        only: None,
     });
     assert_eq!(status(&s, "s1"), ("creating".into(), None, 1));
     s.apply(&set_observed("s1", "n1", 0, "running", "late"));
@@ -309,6 +311,7 @@ fn a_stale_heartbeat_does_not_write_into_a_moved_record() {
     s.apply(&Command::Drain {
         node: "n1".into(),
         at_ms: 2,
+        only: None,
     });
     heartbeat(&mut s, "n2", 3, vec![copy("b1", "running", Some("s1@1"))]);
     heartbeat(&mut s, "n1", 4, vec![copy("a1", "exited", Some("s1@0"))]);
@@ -613,6 +616,7 @@ fn review_drain_reschedule_then_completed_leaves_zero_copies() {
     s.apply(&Command::Drain {
         node: "n1".into(),
         at_ms: 30,
+        only: None,
     });
     let r = s.sandboxes["s1"].clone();
     eprintln!(
@@ -1032,4 +1036,30 @@ fn a_target_copy_reported_after_the_record_was_lost_takes_it_over() {
     phase(&mut s, "s1", "m1", "aborted");
     let d = heartbeat(&mut s, "n2", 100, vec![copy("a9", "running", Some("s1@1"))]);
     assert_eq!(stopped(&d), ["a9"], "{d:?}");
+}
+
+/// Issue 7 review M3: the drain's cold-restart fallback moves only the
+/// `restart: always` sandboxes it names (those whose live migration failed
+/// for a runtime reason), not every one still on the node.
+#[test]
+fn a_drain_restarts_only_the_sandboxes_it_names() {
+    let mut s = State::default();
+    s.apply(&node("n1"));
+    s.apply(&node("n2"));
+    s.apply(&create("s1", "n1", RestartPolicy::Always));
+    s.apply(&set_observed("s1", "n1", 0, "running", "a1"));
+    s.apply(&create("s2", "n1", RestartPolicy::Always));
+    s.apply(&set_observed("s2", "n1", 0, "running", "a2"));
+    let r = s.apply(&Command::Drain {
+        node: "n1".into(),
+        at_ms: 4,
+        only: Some(vec!["s2".into()]),
+    });
+    let Reply::Moved { moved, .. } = r else {
+        panic!("{r:?}")
+    };
+    assert_eq!(moved, ["s2"]);
+    assert_eq!(s.sandboxes["s1"].node, "n1");
+    assert_eq!(s.sandboxes["s2"].node, "n2");
+    assert!(s.nodes["n1"].cordoned);
 }

@@ -146,7 +146,11 @@ fn command() -> impl Strategy<Value = Command> {
         (node_id(), 0u64..10_000).prop_map(|(node, at_ms)| Command::MarkNotReady { node, at_ms }),
         (node_id(), any::<bool>())
             .prop_map(|(node, cordoned)| Command::SetCordon { node, cordoned }),
-        (node_id(), 0u64..10_000).prop_map(|(node, at_ms)| Command::Drain { node, at_ms }),
+        (node_id(), 0u64..10_000).prop_map(|(node, at_ms)| Command::Drain {
+            node,
+            at_ms,
+            only: None,
+        }),
         (node_id(), 0u64..10_000).prop_map(|(id, at_ms)| Command::RemoveNode { id, at_ms }),
         (
             0u8..20,

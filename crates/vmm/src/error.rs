@@ -40,8 +40,8 @@ pub enum VmmError {
         max: u64,
     },
 
-    /// An exact RAM size that is not the memory size plus a pad.
-    #[error("VM {id}: {kib} KiB of RAM does not fit {mib} MiB (it must be {mib} MiB plus under 1 MiB of pad, in 8 KiB steps)")]
+    /// An exact RAM size that is not the memory size plus the pad this accelerator allows.
+    #[error("VM {id}: {kib} KiB of RAM does not fit {mib} MiB (it must be {mib} MiB plus the TCG RAM pad of 8 KiB; under KVM also {mib} MiB flat): a VM restored from a template or snapshot made before the TCG RAM pad cannot migrate under TCG, recreate it")]
     InvalidRamSize { id: String, kib: u64, mib: u32 },
 
     /// The hostname cannot go on the kernel command line.

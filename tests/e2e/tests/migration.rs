@@ -1396,3 +1396,52 @@ fn a_target_restarted_before_the_commit_still_answers_and_the_source_runs_on() {
         show(&ps)
     );
 }
+
+/// Issue 7 review M4: a sandbox started from a snapshot has a log that starts
+/// at a non-zero offset of the guest's output count. The target keeps that
+/// offset, so after its hearthd restarts and takes the moved sandbox over the
+/// guest is told the right offsets: the counter goes on with no line logged
+/// twice (before, the target stored 0 and the output was replayed).
+#[test]
+fn a_snapshot_started_sandbox_moved_then_readopted_logs_no_line_twice() {
+    let (a, mut b) = two_nodes();
+    let counter = [
+        "--network",
+        "none",
+        "--memory",
+        "128",
+        "busybox",
+        "--",
+        "sh",
+        "-c",
+        COUNTER,
+    ];
+    let mut args = vec!["--cold", "--name", "orig"];
+    args.extend(counter);
+    counter_from(&a, &args);
+    wait_until("orig to count", Duration::from_secs(120), || {
+        counted(&a, "orig").len() >= 3
+    });
+    let out = a.hearth(&["snapshot", "orig", "--name", "s"]);
+    assert!(out.status.success(), "{}", show(&out));
+    let out = a.hearth(&["rm", "-f", "orig"]);
+    assert!(out.status.success(), "{}", show(&out));
+    counter_from(&a, &["--name", "snap", "--from-snapshot", "s"]);
+    wait_until("snap to count", Duration::from_secs(120), || {
+        counted(&a, "snap").len() >= 3
+    });
+    let before = counted(&a, "snap");
+    assert_ne!(
+        before[0], 0,
+        "its log starts after the snapshot: {before:?}"
+    );
+    migrate_to(&a, "snap", &b);
+    let n = keeps_counting(&b, "snap", before.len(), 3).len();
+
+    b.kill9();
+    b.spawn();
+    b.wait_recovered();
+    assert_eq!(b.inspect("snap")["status"], "running");
+    let v = keeps_counting(&b, "snap", n, 5);
+    assert_eq!(v[0], before[0], "the log still starts where it did: {v:?}");
+}

@@ -20,6 +20,7 @@ pub mod tunnel;
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -31,7 +32,7 @@ use hearth_api::migration::{
 use hearth_api::stream::Record;
 use hearth_api::{ErrorCode, Sandbox, SandboxStatus};
 use hearth_proto::{Hello, PROTOCOL_VERSION};
-use hearth_vmm::{MigrationParams, MigrationProgress, SwitchoverGate, Vm, VmConfig, Vmm};
+use hearth_vmm::{Accel, MigrationParams, MigrationProgress, SwitchoverGate, Vm, VmConfig, Vmm};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::guest_conn::{GuestConn, Session, SessionEvent};
@@ -502,8 +503,13 @@ pub(crate) async fn run_source(
             };
             let why = match (refused, target_vm) {
                 (Some(r), _) => format!("switch-over refused: {r}"),
-                (None, Some(vm)) => format!("{vm} (the stream broke: {e})"),
-                (None, None) => e.to_string(),
+                // why: when its own workload ended, the source broke the
+                // stream itself; the target's end is not the cause (M6).
+                (None, Some(vm)) if stash.is_none() => format!("{vm} (the stream broke: {e})"),
+                (None, _) if stash.is_some() => {
+                    format!("the workload of sandbox {id} ended during the migration ({e})")
+                }
+                (None, _) => e.to_string(),
             };
             let msg = format!(
                 "migration of sandbox {id} to {} failed before the switch-over; it keeps running here: {why}",
@@ -632,15 +638,46 @@ pub(crate) async fn run_source(
     }
 }
 
-/// Source: the VM's machine as it runs (off its QEMU command line and disk).
-fn outgoing_machine(entry: &Entry) -> Result<MachineLayout, AgentError> {
+/// How many causes of ended incoming VMs a target keeps for the sources'
+/// aborts.
+const MAX_VM_ENDED: usize = 64;
+
+/// The incoming VM's QEMU was killed by a signal (not a clean exit).
+fn died_by_signal(exit: &Result<hearth_vmm::VmExit, hearth_vmm::VmmError>) -> bool {
+    matches!(exit, Ok(hearth_vmm::VmExit::Signaled(_)))
+}
+
+/// A QEMU log line without this host's paths: each path keeps only its file
+/// name (the text goes to another node and into the cluster's record).
+fn trim_paths(line: &str) -> String {
+    line.split(' ')
+        .map(|w| match w.find('/') {
+            // why: only an absolute path ("/x", "file=/x", "'/x"), not a
+            // word like "Input/output".
+            Some(i)
+                if w[i..].len() > 1 && (i == 0 || w[..i].ends_with(['=', ':', '\'', '"', '('])) =>
+            {
+                let (pre, path) = w.split_at(i);
+                let name = path.rsplit('/').find(|p| !p.is_empty()).unwrap_or("");
+                format!("{pre}…/{name}")
+            }
+            _ => w.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Source: the VM's machine as it runs (off its QEMU command line and disk);
+/// refuses a VM that would lose guest writes while migrating.
+fn outgoing_machine(entry: &Entry, accel: Accel) -> Result<MachineLayout, AgentError> {
     let vm_dir = entry.dir.join("vm");
+    let id = entry.snapshot().id;
     let m = hearth_vmm::recorded_machine(&vm_dir).map_err(|e| {
         AgentError::Conflict(format!(
-            "cannot migrate sandbox '{}': its VM's layout is unreadable ({e})",
-            entry.snapshot().id
+            "cannot migrate sandbox '{id}': its VM's layout is unreadable ({e})"
         ))
     })?;
+    check_migratable_ram(&id, m.ram_kib, accel)?;
     Ok(MachineLayout {
         cpus: m.cpus,
         ram_kib: m.ram_kib,
@@ -658,6 +695,123 @@ fn outgoing_machine(entry: &Entry) -> Result<MachineLayout, AgentError> {
 
 /// Largest disk an offer may ask the target to create.
 const MAX_DISK_BYTES: u64 = 4 << 40;
+
+/// Source: refuses a VM under TCG whose RAM block is a multiple of 256 KiB: a
+/// restore of a template or snapshot made before the TCG RAM pad. QEMU 7.2
+/// loses guest writes while migrating such a block (docs/migration.md "Lost
+/// guest writes under TCG"), and the target must not get a corrupted guest.
+fn check_migratable_ram(id: &str, ram_kib: u64, accel: Accel) -> Result<(), AgentError> {
+    if accel == Accel::Tcg && ram_kib.is_multiple_of(256) {
+        return Err(AgentError::Conflict(format!(
+            "cannot migrate sandbox '{id}': it was restored from a template or snapshot made before the TCG RAM pad ({ram_kib} KiB of RAM, a multiple of 256 KiB, loses guest writes while migrating under TCG); recreate it (and its template or snapshot) to migrate"
+        )));
+    }
+    Ok(())
+}
+
+/// Virtual size of a disk over `base_len` bytes of raw image: `qemu-img`
+/// rounds it up to whole 512-byte sectors.
+fn disk_size_over(base_len: u64) -> u64 {
+    base_len.div_ceil(512) * 512
+}
+
+/// Source: the layout to put in the offer: `None` when it is what a cold boot
+/// of `rec` gets (its vCPUs, its MiB plus this accelerator's pad, its own MAC
+/// directly on its tap or no device, a disk the size of the image's), so a
+/// target that does not know `machine` yet still takes a cold migration and
+/// builds that very VM; else the layout.
+fn offered_machine(
+    rec: &Sandbox,
+    m: MachineLayout,
+    accel: Accel,
+    base_len: Option<u64>,
+) -> Option<MachineLayout> {
+    let cold_nic = rec
+        .network
+        .as_ref()
+        .map(|n| (n.mac.to_ascii_lowercase(), false));
+    let nic = m.nic.as_ref().map(|n| {
+        (
+            n.mac.to_ascii_lowercase(),
+            n.mode == crate::restore::NicMode::Hub,
+        )
+    });
+    let cold = m.cpus == rec.cpus
+        && m.ram_kib == hearth_vmm::qemu::argv::ram_kib(rec.memory_mib, accel)
+        && nic == cold_nic
+        && base_len.map(disk_size_over) == Some(m.disk_bytes);
+    (!cold).then_some(m)
+}
+
+/// Target: refuses a layout this node must not build for the offer's sandbox:
+/// other vCPUs than its record's (the scheduler and its snapshots go by the
+/// record), a disk larger than one over the image's root filesystem
+/// (`base_len` bytes) plus `slack`, or under TCG a RAM size without the pad
+/// (checked again by the VMM).
+fn check_machine(
+    offer: &IncomingOffer,
+    accel: Accel,
+    base_len: u64,
+    slack: u64,
+) -> Result<(), AgentError> {
+    let Some(m) = &offer.machine else {
+        return Ok(());
+    };
+    let sb = &offer.sandbox;
+    let bad = |what: String| {
+        AgentError::InvalidArgument(format!("the offer of sandbox '{}' {what}", sb.id))
+    };
+    if m.cpus != sb.cpus {
+        return Err(bad(format!(
+            "asks for {} vCPUs but the sandbox has {}",
+            m.cpus, sb.cpus
+        )));
+    }
+    let max_disk = disk_size_over(base_len).saturating_add(slack);
+    if m.disk_bytes > max_disk {
+        return Err(bad(format!(
+            "asks for a disk of {} bytes, more than the {max_disk} bytes of its image {} ({}) and its free space",
+            m.disk_bytes, sb.image, sb.image_digest
+        )));
+    }
+    let base = u64::from(sb.memory_mib) * 1024;
+    if accel == Accel::Tcg && m.ram_kib != base + hearth_vmm::qemu::argv::TCG_RAM_PAD_KIB {
+        return Err(bad(format!(
+            "asks for {} KiB of RAM for {} MiB; under TCG only {} KiB migrates without losing guest writes (a VM restored from a template or snapshot made before the TCG RAM pad: recreate it)",
+            m.ram_kib,
+            sb.memory_mib,
+            base + hearth_vmm::qemu::argv::TCG_RAM_PAD_KIB
+        )));
+    }
+    Ok(())
+}
+
+/// Target: refuses when the data directory has less than `need` bytes free
+/// (`free`): the migration fills the disk and the RAM file.
+fn check_space(id: &str, node: &str, dir: &Path, free: u64, need: u64) -> Result<(), AgentError> {
+    if free < need {
+        return Err(AgentError::Conflict(format!(
+            "node {node} has {free} bytes free in {} but sandbox '{id}' needs {need} (its disk and RAM): free space there or migrate it to another node",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Bytes available to us on the filesystem of `p`.
+fn free_bytes(p: &Path) -> Result<u64, std::io::Error> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a zeroed out-parameter.
+    unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(c.as_ptr(), &mut st) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+    }
+}
 
 /// `aa:bb:cc:dd:ee:ff` in hex, nothing else (it goes into a QEMU option string).
 fn valid_mac(mac: &str) -> bool {
@@ -695,9 +849,10 @@ fn incoming_device(
     }
     match (&offer.net, &m.nic) {
         (None, None) => Ok(None),
-        (Some(net), Some(nic)) if net.nic_mode == nic.mode => {
-            Ok(Some((Some(nic.mac.clone()), nic.mode)))
-        }
+        // why: with the sandbox's own MAC (the target's network), whatever the
+        // offer says: QEMU sets the property again at a device reset and
+        // announces it after the load, and the anti-spoofing drops any other.
+        (Some(net), Some(nic)) if net.nic_mode == nic.mode => Ok(Some((None, nic.mode))),
         (Some(net), Some(nic)) => Err(bad(format!(
             "says its network device is connected as {:?} and its VM's as {:?}",
             net.nic_mode, nic.mode
@@ -705,9 +860,20 @@ fn incoming_device(
         (Some(_), None) => Err(bad(
             "describes a network but its VM has no network device".to_string()
         )),
-        (None, Some(nic)) if nic.mode == NicMode::Hub => {
-            Ok(Some((Some(nic.mac.clone()), NicMode::Hub)))
+        (None, Some(nic))
+            if nic.mode == NicMode::Hub
+                && nic.mac.eq_ignore_ascii_case(crate::restore::TEMPLATE_MAC) =>
+        {
+            Ok(Some((
+                Some(crate::restore::TEMPLATE_MAC.to_string()),
+                NicMode::Hub,
+            )))
         }
+        (None, Some(nic)) if nic.mode == NicMode::Hub => Err(bad(format!(
+            "has no network but its VM's device has MAC {} (only a template's {} is possible)",
+            nic.mac,
+            crate::restore::TEMPLATE_MAC
+        ))),
         (None, Some(_)) => Err(bad(
             "has no network but its VM's network device is directly on a tap".to_string(),
         )),
@@ -811,7 +977,31 @@ impl Agent {
         let net = self.outgoing_net(&entry).map_err(fail)?;
         // why: the target's VM must be the machine this one really is: a
         // restored VM has its snapshot's RAM size and device set (issue 7 × 5).
-        let machine = outgoing_machine(&entry).map_err(fail)?;
+        let accel = self.inner.accel.accel;
+        let machine = outgoing_machine(&entry, accel).map_err(fail)?;
+        let images = self.inner.images.clone();
+        let digest = rec.image_digest.clone();
+        let base_len = tokio::task::spawn_blocking(move || {
+            let img = images.resolve(&digest).ok()?;
+            std::fs::metadata(img.rootfs).ok().map(|m| m.len())
+        })
+        .await
+        .ok()
+        .flatten();
+        // why: a cold layout goes as none, so a target that does not know
+        // `machine` yet (it refuses unknown fields) takes cold migrations.
+        let machine = offered_machine(&rec, machine, accel, base_len);
+        // why: a sandbox started from a snapshot or forked has a log that
+        // starts at this offset of the guest's output count; the target must
+        // keep it, or a re-adoption there replays output (issue 7 review M4).
+        let output_base = crate::readopt::WorkloadRecord::load(&entry.dir)
+            .map(|w| w.base)
+            .map_err(|e| {
+                fail(AgentError::Conflict(format!(
+                    "cannot migrate sandbox '{}': its workload record is unreadable ({e})",
+                    rec.id
+                )))
+            })?;
         let peer = Peer::new(&req.target, &req.target_token);
         let info = peer.info().await.map_err(|e| fail(peer_error(e)))?;
         if info.node_id == self.inner.node_id {
@@ -832,7 +1022,8 @@ impl Agent {
             stdin_open: entry.stdin_open.load(Ordering::Relaxed),
             owner: req.target_owner.clone(),
             net,
-            machine: Some(machine),
+            machine,
+            output_base,
         };
         let accepted = peer.offer(&offer).await.map_err(|e| fail(peer_error(e)))?;
         let host = peer.host().unwrap_or_else(|| "127.0.0.1".into());
@@ -958,6 +1149,23 @@ impl Agent {
                 sb.id, sb.name
             )));
         }
+        // why: the offer's resources get the bounds a create's get (review
+        // M5), before anything is built for them.
+        let refused = |e| match e {
+            AgentError::InvalidArgument(m) => AgentError::InvalidArgument(format!(
+                "migration offer of sandbox '{}' refused: {m}",
+                sb.id
+            )),
+            e => e,
+        };
+        self.validate_resources(sb.cpus, sb.memory_mib)
+            .map_err(refused)?;
+        if let Some(m) = &offer.machine {
+            let ram_mib = u32::try_from(m.ram_kib / 1024).unwrap_or(u32::MAX);
+            self.validate_resources(m.cpus, ram_mib).map_err(refused)?;
+        }
+        // why: a cause from an earlier attempt is never told of this one.
+        lock(&i.migrations.vm_ended).remove(&sb.id);
         let images = i.images.clone();
         let digest = sb.image_digest.clone();
         let image = tokio::task::spawn_blocking(move || images.resolve(&digest))
@@ -973,6 +1181,27 @@ impl Agent {
             }
             Err(e) => return Err(e.into()),
         };
+        let base_len = std::fs::metadata(&image.rootfs)
+            .map_err(|source| AgentError::Io {
+                what: format!("read the size of {}", image.rootfs.display()),
+                source,
+            })?
+            .len();
+        check_machine(
+            &offer,
+            i.accel.accel,
+            base_len,
+            i.cfg.image_limits.rootfs_free_bytes,
+        )?;
+        if let Some(m) = &offer.machine {
+            // why: the blank disk and the RAM file fill up as the stream arrives.
+            let free = free_bytes(&i.cfg.data_dir).map_err(|source| AgentError::Io {
+                what: format!("read the free space of {}", i.cfg.data_dir.display()),
+                source,
+            })?;
+            let need = m.disk_bytes.saturating_add(m.ram_kib.saturating_mul(1024));
+            check_space(&sb.id, &i.cfg.node, &i.cfg.data_dir, free, need)?;
+        }
         {
             let map = lock(&i.sandboxes);
             // why: names cannot shadow ids, either way round (as in `Agent::register`).
@@ -1304,7 +1533,11 @@ impl Agent {
         let workload = crate::readopt::WorkloadRecord {
             nic: has_nic,
             nic_mode,
-            ..crate::readopt::WorkloadRecord::new(session.id(), inc.offer.stdin_open, 0)
+            ..crate::readopt::WorkloadRecord::new(
+                session.id(),
+                inc.offer.stdin_open,
+                inc.offer.output_base,
+            )
         };
         // why: a sandbox dir without its records is an uncommitted incoming one
         // to a restarted hearthd (removed at start): answering "committed"
@@ -1408,7 +1641,12 @@ impl Agent {
                 let ended = process_ended(vm.pid());
                 let _ = vm.kill().await;
                 let exit = vm.wait().await;
-                if ended {
+                // why: an incoming QEMU also exits by itself (status 1) when
+                // the stream ends early: the source gave up, cancelled, its
+                // workload ended, the link broke. Only a death by a signal
+                // (kernel OOM kill, abort on a failed allocation, a crash) is
+                // the target's own cause (review M6).
+                if ended && died_by_signal(&exit) {
                     let log = hearth_vmm::log_tail(&vm.dir().join("qemu.log"), 400);
                     // why: the last line says why; QEMU's own error starts at its
                     // name (progress text without a newline may precede it).
@@ -1417,7 +1655,8 @@ impl Agent {
                         .rev()
                         .find(|l| !l.trim().is_empty())
                         .unwrap_or("");
-                    let log = last.find("qemu-system").map_or(last, |i| &last[i..]).trim();
+                    let log =
+                        trim_paths(last.find("qemu-system").map_or(last, |i| &last[i..]).trim());
                     let why = format!(
                         "the incoming VM (QEMU) on node {} had ended by itself during the transfer ({}){}",
                         self.inner.cfg.node,
@@ -1429,7 +1668,15 @@ impl Agent {
                         if log.is_empty() { String::new() } else { format!(": {log}") }
                     );
                     tracing::warn!(sandbox = %id, "{why}");
-                    lock(&self.inner.migrations.vm_ended).insert(id.to_string(), why);
+                    let mut ended = lock(&self.inner.migrations.vm_ended);
+                    // why: bounded; a source asks right after its failure.
+                    if ended.len() >= MAX_VM_ENDED {
+                        let any = ended.keys().next().cloned();
+                        if let Some(k) = any {
+                            ended.remove(&k);
+                        }
+                    }
+                    ended.insert(id.to_string(), why);
                 }
                 inc.tunnel.abort();
                 let _ = std::fs::remove_file(inc.dir.join("incoming.sock"));
@@ -1459,6 +1706,22 @@ impl Agent {
 mod tests {
     use super::*;
     use crate::restore::NicMode;
+
+    /// Review M6, m6: a clean exit of the incoming QEMU (the stream ended
+    /// early) is not the target's cause; a signal is. Host paths are trimmed.
+    #[test]
+    fn only_a_signal_is_the_target_vms_own_end() {
+        assert!(died_by_signal(&Ok(hearth_vmm::VmExit::Signaled(9))));
+        assert!(!died_by_signal(&Ok(hearth_vmm::VmExit::Exited(1))));
+        assert!(!died_by_signal(&Ok(hearth_vmm::VmExit::Gone)));
+        assert_eq!(
+            trim_paths("qemu-system-x86_64: -drive file=/var/lib/hearth/sandboxes/x/vm/disk.qcow2: failed to allocate 4096 bytes"),
+            "qemu-system-x86_64: -drive file=…/disk.qcow2: failed to allocate 4096 bytes"
+        );
+        let plain = "load of migration failed: Input/output error";
+        assert_eq!(trim_paths(plain), plain);
+        assert_eq!(trim_paths("at /a/b/c.sock"), "at …/c.sock");
+    }
 
     /// An offer of a sandbox without a network, with `machine` (JSON) as given.
     fn offer(machine: serde_json::Value, net: Option<NicMode>) -> IncomingOffer {
@@ -1504,9 +1767,189 @@ mod tests {
             machine(Some(("02:00:0a:58:00:02", "hub"))),
             Some(NicMode::Hub),
         );
+        assert_eq!(incoming_device(&o).unwrap(), Some((None, NicMode::Hub)));
+    }
+
+    #[test]
+    fn a_networked_device_gets_the_sandboxs_own_mac_not_the_offers() {
+        // `None`: the MAC of the target's network for the sandbox (its own).
+        for mac in [
+            "02:68:00:00:00:00",
+            "ff:ff:ff:ff:ff:ff",
+            "02:00:0a:58:00:02",
+        ] {
+            for mode in ["hub", "tap"] {
+                let nic_mode = serde_json::from_value(serde_json::json!(mode)).unwrap();
+                let o = offer(machine(Some((mac, mode))), Some(nic_mode));
+                assert_eq!(
+                    incoming_device(&o).unwrap(),
+                    Some((None, nic_mode)),
+                    "{mac} {mode}"
+                );
+            }
+        }
+        // Without a network only the template's MAC (any other, e.g. a
+        // multicast one, is refused).
+        let e = incoming_device(&offer(machine(Some(("ff:ff:ff:ff:ff:ff", "hub"))), None))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("only a template's") && e.contains("sb1"), "{e}");
         assert_eq!(
-            incoming_device(&o).unwrap(),
-            Some((Some("02:00:0a:58:00:02".to_string()), NicMode::Hub))
+            incoming_device(&offer(machine(Some(("02:68:00:00:00:00", "hub"))), None)).unwrap(),
+            Some((Some("02:68:00:00:00:00".to_string()), NicMode::Hub))
+        );
+    }
+
+    const BASE: u64 = 64 << 20;
+    const SLACK: u64 = 16 << 20;
+
+    #[test]
+    fn a_restore_from_before_the_tcg_pad_is_refused_at_the_source() {
+        let e = check_migratable_ram("sb1", 131072, Accel::Tcg)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("before the TCG RAM pad") && e.contains("sb1"),
+            "{e}"
+        );
+        assert!(check_migratable_ram("sb1", 131072 + 512, Accel::Tcg).is_err());
+        check_migratable_ram("sb1", 131080, Accel::Tcg).unwrap();
+        check_migratable_ram("sb1", 131072, Accel::Kvm).unwrap();
+    }
+
+    #[test]
+    fn a_ram_size_without_the_tcg_pad_is_refused_at_the_target() {
+        for kib in [131072, 131072 + 256, 131072 + 512, 131072 + 768] {
+            let mut m = machine(None);
+            m["ram_kib"] = kib.into();
+            let e = check_machine(&offer(m.clone(), None), Accel::Tcg, BASE, SLACK)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("under TCG only 131080 KiB"), "{kib}: {e}");
+            // KVM has no such bug (the VMM still checks the size is a pad).
+            check_machine(&offer(m, None), Accel::Kvm, BASE, SLACK).unwrap();
+        }
+        check_machine(&offer(machine(None), None), Accel::Tcg, BASE, SLACK).unwrap();
+    }
+
+    #[test]
+    fn an_offer_with_other_vcpus_than_the_record_is_refused() {
+        let mut m = machine(None);
+        m["cpus"] = 2.into();
+        let e = check_machine(&offer(m, None), Accel::Tcg, BASE, SLACK)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("asks for 2 vCPUs but the sandbox has 1"), "{e}");
+    }
+
+    #[test]
+    fn a_disk_larger_than_the_image_and_its_slack_is_refused() {
+        let disk = |bytes: u64| {
+            let mut m = machine(None);
+            m["disk_bytes"] = bytes.into();
+            offer(m, None)
+        };
+        // 4 TiB (the old cap), and one sector over the image plus its slack.
+        for bytes in [MAX_DISK_BYTES, BASE + SLACK + 512] {
+            let e = check_machine(&disk(bytes), Accel::Tcg, BASE, SLACK)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("more than the") && e.contains("busybox"), "{e}");
+        }
+        check_machine(&disk(BASE + SLACK), Accel::Tcg, BASE, SLACK).unwrap();
+        // An image size that is not whole sectors rounds up as qemu-img does.
+        check_machine(&disk(BASE + 512), Accel::Tcg, BASE + 1, 0).unwrap();
+    }
+
+    #[test]
+    fn a_target_without_room_for_disk_and_ram_refuses() {
+        let dir = Path::new("/data");
+        let e = check_space("sb1", "node-b", dir, 100, 101)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("node-b") && e.contains("101") && e.contains("/data"),
+            "{e}"
+        );
+        check_space("sb1", "node-b", dir, 101, 101).unwrap();
+        assert!(free_bytes(Path::new("/")).unwrap() > 0);
+    }
+
+    /// The sandbox of [`offer`], networked with MAC `02:00:0a:58:00:02` or not.
+    fn record(networked: bool) -> Sandbox {
+        let mut sb = offer(machine(None), None).sandbox;
+        if networked {
+            sb.network = Some(
+                serde_json::from_value(serde_json::json!({
+                    "ip": "10.88.0.2", "mac": "02:00:0a:58:00:02", "tap": "ht1",
+                    "ingress_token": "t"
+                }))
+                .unwrap(),
+            );
+        }
+        sb
+    }
+
+    fn layout(nic: Option<(&str, NicMode)>, ram_kib: u64, disk_bytes: u64) -> MachineLayout {
+        MachineLayout {
+            cpus: 1,
+            ram_kib,
+            nic: nic.map(|(mac, mode)| MachineNic {
+                mac: mac.into(),
+                mode,
+            }),
+            disk_bytes,
+        }
+    }
+
+    #[test]
+    fn a_cold_sandboxs_offer_goes_without_a_machine() {
+        // Cold boots: no device, or the sandbox's MAC directly on its tap.
+        let cold = layout(None, 131080, BASE);
+        assert_eq!(
+            offered_machine(&record(false), cold, Accel::Tcg, Some(BASE)),
+            None
+        );
+        let cold_net = layout(Some(("02:00:0A:58:00:02", NicMode::Tap)), 131080, BASE);
+        assert_eq!(
+            offered_machine(&record(true), cold_net, Accel::Tcg, Some(BASE)),
+            None
+        );
+        let mut o = offer(machine(None), None);
+        o.machine = None;
+        let v = serde_json::to_value(&o).unwrap();
+        assert!(v.get("machine").is_none(), "{v}");
+        // Anything else is a warm start's layout and goes along.
+        let warm = [
+            (
+                record(false),
+                layout(Some(("02:68:00:00:00:00", NicMode::Hub)), 131080, BASE),
+            ),
+            (
+                record(true),
+                layout(Some(("02:00:0a:58:00:02", NicMode::Hub)), 131080, BASE),
+            ),
+            (record(false), layout(None, 131072, BASE)),
+            (record(false), layout(None, 131080, BASE + 512)),
+            (
+                record(false),
+                MachineLayout {
+                    cpus: 2,
+                    ..layout(None, 131080, BASE)
+                },
+            ),
+        ];
+        for (rec, m) in warm {
+            assert_eq!(
+                offered_machine(&rec, m.clone(), Accel::Tcg, Some(BASE)),
+                Some(m)
+            );
+        }
+        // An image size it cannot read: the layout goes along.
+        let m = layout(None, 131080, BASE);
+        assert_eq!(
+            offered_machine(&record(false), m.clone(), Accel::Tcg, None),
+            Some(m)
         );
     }
 
@@ -1546,6 +1989,21 @@ mod tests {
         let mut o = offer(machine(None), Some(NicMode::Tap));
         o.machine = None;
         assert_eq!(incoming_device(&o).unwrap(), Some((None, NicMode::Tap)));
+    }
+
+    #[test]
+    fn the_output_base_goes_with_the_offer_only_when_there_is_one() {
+        let mut o = offer(machine(None), None);
+        assert_eq!(o.output_base, 0);
+        assert!(serde_json::to_value(&o)
+            .unwrap()
+            .get("output_base")
+            .is_none());
+        o.output_base = 4096;
+        let v = serde_json::to_value(&o).unwrap();
+        assert_eq!(v["output_base"], 4096);
+        let back: IncomingOffer = serde_json::from_value(v).unwrap();
+        assert_eq!(back.output_base, 4096);
     }
 
     #[test]

@@ -46,7 +46,44 @@ pub(super) async fn migrate(
     Path(id): Path<String>,
     Json(req): Json<MigrateSandbox>,
 ) -> ApiResult<Json<MigrationStatus>> {
+    check_params(&req)?;
     Ok(Json(run(&cp, &id, &req).await?))
+}
+
+/// Longest pre-copy a migration may be given (`give_up_after_secs`), in the
+/// API, the drain and the CLI: it also bounds the migration credential's
+/// lifetime.
+pub const MAX_GIVE_UP_AFTER_SECS: u64 = 3600;
+
+/// The migration parameters a request may carry, checked by the same rules
+/// as the source agent's (every one positive) plus the pre-copy cap, so a
+/// bad value is refused before anything is recorded (or a node cordoned).
+pub(super) fn check_params(req: &MigrateSandbox) -> ApiResult<()> {
+    let bad = |what: &str, v: u64| {
+        Err(err(
+            ErrorCode::InvalidArgument,
+            format!("{what} must be positive, not {v}"),
+        ))
+    };
+    if let Some(v @ 0) = req.max_bandwidth_mib {
+        return bad("the bandwidth cap (--bandwidth-mib, max_bandwidth_mib)", v);
+    }
+    if let Some(v @ 0) = req.downtime_limit_ms {
+        return bad("the downtime limit (--downtime-ms, downtime_limit_ms)", v);
+    }
+    if let Some(v @ 0) = req.max_iterations {
+        return bad("max_iterations", v);
+    }
+    match req.give_up_after_secs {
+        Some(v @ 0) => bad("the pre-copy bound (--give-up-secs, give_up_after_secs)", v),
+        Some(v) if v > MAX_GIVE_UP_AFTER_SECS => Err(err(
+            ErrorCode::InvalidArgument,
+            format!(
+                "the pre-copy bound (--give-up-secs, give_up_after_secs) is at most {MAX_GIVE_UP_AFTER_SECS} s, not {v}"
+            ),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// Records and drives one migration; returns when it ended.
@@ -55,82 +92,226 @@ pub(super) async fn run(
     id: &str,
     req: &MigrateSandbox,
 ) -> ApiResult<MigrationStatus> {
+    match run_from(cp, id, req, None).await {
+        Ok(st) => Ok(st),
+        Err(Ended::Failed { error, .. }) => Err(error),
+        Err(Ended::Left { now_on }) => Err(err(
+            ErrorCode::Conflict,
+            format!("sandbox {id} {now_on}; ask again"),
+        )),
+    }
+}
+
+/// How a migration of [`run_from`] ended without moving the sandbox.
+pub(super) enum Ended {
+    /// The sandbox is no longer on the expected source node (it moved or
+    /// was removed by other means): nothing was recorded. `now_on` says
+    /// where it is ("runs on node X" / "was removed").
+    Left { now_on: String },
+    /// Refused or failed. `started`: the migration was recorded (so it ran
+    /// and failed at run time, not on a parameter or a refusal).
+    Failed { error: HttpError, started: bool },
+}
+
+fn refused(error: HttpError) -> Ended {
+    Ended::Failed {
+        error,
+        started: false,
+    }
+}
+
+/// How many nodes an `auto` migration tries when the state machine refuses
+/// the chosen one (another migration took its room meanwhile).
+pub(super) const AUTO_PLACE_TRIES: usize = 4;
+
+/// [`run`] with an expected source: with `from`, only a sandbox that is
+/// still on node `from` moves (checked again by the state machine in
+/// `StartMigration`), so a drain never moves one that already left.
+pub(super) async fn run_from(
+    cp: &ControlPlane,
+    id: &str,
+    req: &MigrateSandbox,
+    from: Option<&str>,
+) -> Result<MigrationStatus, Ended> {
     if req.target.is_empty() || req.target.contains("://") {
-        return Err(err(
+        return Err(refused(err(
             ErrorCode::InvalidArgument,
             format!(
                 "migration target '{}' is not a node: give a node id (`hearth node ls`) or `auto`",
                 req.target
             ),
-        ));
+        )));
     }
-    let (rec, _) = lookup(cp, id).await?;
-    let to = if req.target == "auto" {
-        let views: Vec<_> = cp
+    let rec = match lookup(cp, id).await {
+        Ok((rec, _)) => rec,
+        Err(e) if from.is_some() && e.0.code == ErrorCode::NotFound => {
+            return Err(Ended::Left {
+                now_on: "was removed".into(),
+            })
+        }
+        Err(e) => return Err(refused(e)),
+    };
+    if let Some(f) = from.filter(|f| *f != rec.node) {
+        return Err(left(&rec, f));
+    }
+    if from.is_some() && rec.migrating().is_some() {
+        return Err(moving(&rec));
+    }
+    let views = cp
+        .store
+        .read(|st| st.node_views())
+        .await
+        .map_err(|e| refused(e.into()))?;
+    let rec = start(cp, rec, req, from, views).await?;
+    drive(cp, rec, req).await.map_err(|error| Ended::Failed {
+        error,
+        started: true,
+    })
+}
+
+/// A sandbox another request (a user's `hearth migrate`) moves right now.
+fn moving(rec: &SandboxRecord) -> Ended {
+    let to = rec.migrating().map(|m| m.to.clone()).unwrap_or_default();
+    Ended::Left {
+        now_on: format!(
+            "is being migrated to node {to} by another request; see `hearth migrate --status {}`",
+            rec.id
+        ),
+    }
+}
+
+fn left(rec: &SandboxRecord, from: &str) -> Ended {
+    Ended::Left {
+        now_on: format!("runs on node {}, not on node {from} any more", rec.node),
+    }
+}
+
+/// Chooses the target (`auto`: bin-packing over `views`, the other nodes)
+/// and records the migration (`StartMigration`, which checks the source and
+/// reserves the target's room). An `auto` target the state machine refuses
+/// (its room was taken since `views`) is left out and another one chosen
+/// from fresh views, at most [`AUTO_PLACE_TRIES`] nodes in all.
+async fn start(
+    cp: &ControlPlane,
+    rec: SandboxRecord,
+    req: &MigrateSandbox,
+    from: Option<&str>,
+    mut views: Vec<hearth_sched::NodeView>,
+) -> Result<SandboxRecord, Ended> {
+    let auto = req.target == "auto";
+    let source = from.unwrap_or(&rec.node).to_string();
+    let (mut refusals, mut refused_nodes) = (Vec::new(), Vec::new());
+    for _ in 0..AUTO_PLACE_TRIES {
+        let to = if auto {
+            views.retain(|v| v.id != source && !refused_nodes.contains(&v.id));
+            let mut request = rec.request.clone();
+            // why: a moving sandbox leaves its co-location group behind (as a reschedule does).
+            request.group = None;
+            match hearth_sched::place(&views, &request, Strategy::BinPack) {
+                Ok(n) => n.id.clone(),
+                Err(e) => {
+                    let also = if refusals.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", refusals.join("; "))
+                    };
+                    return Err(refused(err(
+                        ErrorCode::Unschedulable,
+                        format!(
+                            "no other node can take sandbox {} (it runs on node {source}): {e}{also}",
+                            rec.id
+                        ),
+                    )));
+                }
+            }
+        } else {
+            req.target.clone()
+        };
+        let now = now_ms();
+        let mig = Migration {
+            id: new_id(),
+            from: source.clone(),
+            to: to.clone(),
+            phase: "preparing".into(),
+            generation: 0,
+            started_ms: now,
+            updated_ms: now,
+            error: None,
+            progress: None,
+            stall_ms: Some(stall_ms(cp.cfg.migration_stall, req.give_up_after_secs)),
+            source_gone_ms: None,
+        };
+        let reply = cp
             .store
-            .read(|st| st.node_views())
-            .await?
-            .into_iter()
-            .filter(|v| v.id != rec.node)
-            .collect();
-        let mut request = rec.request.clone();
-        // why: a moving sandbox leaves its co-location group behind (as a reschedule does).
-        request.group = None;
-        match hearth_sched::place(&views, &request, Strategy::BinPack) {
-            Ok(n) => n.id.clone(),
-            Err(e) => {
-                return Err(err(
-                    ErrorCode::Unschedulable,
-                    format!(
-                        "no other node can take sandbox {} (it runs on node {}): {e}",
-                        rec.id, rec.node
-                    ),
-                ))
+            .write(Command::StartMigration {
+                id: rec.id.clone(),
+                migration: mig,
+            })
+            .await
+            .map_err(|e| refused(e.into()))?;
+        match reply {
+            Reply::Sandbox { sandbox } => return Ok(sandbox),
+            Reply::Rejected { node, reason } if auto && node == to => {
+                tracing::info!(sandbox = %rec.id, %node, "migration target refused, choosing another: {reason}");
+                refusals.push(reason);
+                refused_nodes.push(node);
+                views = cp
+                    .store
+                    .read(|st| st.node_views())
+                    .await
+                    .map_err(|e| refused(e.into()))?;
+                continue;
+            }
+            Reply::Rejected { reason, .. } => {
+                return Err(refused(err(ErrorCode::Conflict, reason)))
+            }
+            Reply::Conflict { message } => {
+                // why: the state machine refuses a source that is not the
+                // sandbox's node; the caller expecting `from` hears "left".
+                if let Some(f) = from {
+                    match cp.store.read(|st| st.sandboxes.get(&rec.id).cloned()).await {
+                        Ok(Some(now)) if now.node != f => return Err(left(&now, f)),
+                        Ok(Some(now)) if now.migrating().is_some() => return Err(moving(&now)),
+                        Ok(None) => {
+                            return Err(Ended::Left {
+                                now_on: "was removed".into(),
+                            })
+                        }
+                        _ => {}
+                    }
+                }
+                return Err(refused(err(ErrorCode::Conflict, message)));
+            }
+            Reply::Invalid { message } => {
+                return Err(refused(err(ErrorCode::InvalidArgument, message)))
+            }
+            Reply::NotFound { what } => {
+                if from.is_some() && what == format!("sandbox {}", rec.id) {
+                    return Err(Ended::Left {
+                        now_on: "was removed".into(),
+                    });
+                }
+                return Err(refused(err(
+                    ErrorCode::NotFound,
+                    format!("no {what}; see `hearth node ls`"),
+                )));
+            }
+            other => {
+                return Err(refused(err(
+                    ErrorCode::Internal,
+                    format!("unexpected store reply {other:?}"),
+                )))
             }
         }
-    } else {
-        req.target.clone()
-    };
-    let now = now_ms();
-    let mig = Migration {
-        id: new_id(),
-        from: rec.node.clone(),
-        to,
-        phase: "preparing".into(),
-        generation: 0,
-        started_ms: now,
-        updated_ms: now,
-        error: None,
-        progress: None,
-        stall_ms: Some(stall_ms(cp.cfg.migration_stall, req.give_up_after_secs)),
-        source_gone_ms: None,
-    };
-    let rec = match cp
-        .store
-        .write(Command::StartMigration {
-            id: rec.id.clone(),
-            migration: mig,
-        })
-        .await?
-    {
-        Reply::Sandbox { sandbox } => sandbox,
-        Reply::Conflict { message } => return Err(err(ErrorCode::Conflict, message)),
-        Reply::Invalid { message } => return Err(err(ErrorCode::InvalidArgument, message)),
-        Reply::NotFound { what } => {
-            return Err(err(
-                ErrorCode::NotFound,
-                format!("no {what}; see `hearth node ls`"),
-            ))
-        }
-        Reply::Rejected { reason, .. } => return Err(err(ErrorCode::Conflict, reason)),
-        other => {
-            return Err(err(
-                ErrorCode::Internal,
-                format!("unexpected store reply {other:?}"),
-            ))
-        }
-    };
-    drive(cp, rec, req).await
+    }
+    Err(refused(err(
+        ErrorCode::Unschedulable,
+        format!(
+            "no other node took sandbox {} (it runs on node {source}) after {AUTO_PLACE_TRIES} tries: {}",
+            rec.id,
+            refusals.join("; ")
+        ),
+    )))
 }
 
 /// Takes the migration id out of the set when the drive ends.
@@ -210,9 +391,8 @@ async fn source_status(cp: &ControlPlane, addr: &str, agent_id: &str) -> Option<
 /// record's deadline aborts it: a deadline abort of a source that then
 /// commits after all could leave no running copy (docs/migration.md).
 fn stall_ms(configured: Duration, give_up_after_secs: Option<u64>) -> u64 {
-    // The agent's default pre-copy bound (hearth_vmm::DEFAULT_GIVE_UP_AFTER).
-    const DEFAULT_GIVE_UP_AFTER_SECS: u64 = 120;
-    let give_up = give_up_after_secs.unwrap_or(DEFAULT_GIVE_UP_AFTER_SECS);
+    let give_up =
+        give_up_after_secs.unwrap_or(hearth_vmm::migration::DEFAULT_GIVE_UP_AFTER.as_secs());
     (configured.as_millis() as u64).max(give_up.saturating_mul(1000).saturating_add(60_000))
 }
 
@@ -308,7 +488,13 @@ async fn drive(
         write_phase(cp, &rec, &m, "aborted", Some(why.clone()), None).await;
         return Err(err(ErrorCode::Conflict, why));
     };
-    let credential = migration_credential(cp, &agent_id, &owner, &m, req);
+    let ip = cp.store.read_local(|st| {
+        st.slices
+            .values()
+            .find_map(|s| s.leases.get(&agent_id))
+            .map(|ip| ip.to_string())
+    });
+    let credential = migration_credential(cp, &agent_id, &owner, &rec, ip, &m, req);
     let body = MigrateSandbox {
         target: dst.clone(),
         target_token: credential,
@@ -426,16 +612,21 @@ async fn drive(
 const CREDENTIAL_SLACK_SECS: u64 = 600;
 
 /// The credential the source presents to the target for this migration only:
-/// this sandbox, the owner tag of its next generation, these two nodes, and
-/// an expiry after the pre-copy bound ([`crate::credential`]).
+/// this sandbox, the owner tag of its next generation, these two nodes, this
+/// attempt, the recorded vCPUs, memory and leased address, and an expiry
+/// after the pre-copy bound ([`crate::credential`]).
 fn migration_credential(
     cp: &ControlPlane,
     agent_id: &str,
     owner: &str,
+    rec: &SandboxRecord,
+    ip: Option<String>,
     m: &Migration,
     req: &MigrateSandbox,
 ) -> String {
-    let precopy = req.give_up_after_secs.unwrap_or(120);
+    let precopy = req
+        .give_up_after_secs
+        .unwrap_or(hearth_vmm::migration::DEFAULT_GIVE_UP_AFTER.as_secs());
     crate::credential::issue(
         &cp.credential_key,
         &crate::credential::MigrationScope {
@@ -443,10 +634,21 @@ fn migration_credential(
             owner: owner.to_string(),
             from: m.from.clone(),
             to: m.to.clone(),
-            expires: crate::credential::unix_now() + precopy + CREDENTIAL_SLACK_SECS,
+            attempt: m.id.clone(),
+            cpus: rec.request.resources.cpus,
+            memory_mib: rec.request.resources.memory_mib,
+            ip,
+            expires: credential_expiry(crate::credential::unix_now(), precopy),
             purpose: crate::credential::PURPOSE.into(),
         },
     )
+}
+
+/// When a credential issued at `now` for a pre-copy bound of `precopy`
+/// seconds expires; saturating, so no value is born expired or panics.
+fn credential_expiry(now: u64, precopy: u64) -> u64 {
+    now.saturating_add(precopy.min(MAX_GIVE_UP_AFTER_SECS))
+        .saturating_add(CREDENTIAL_SLACK_SECS)
 }
 
 /// The API's status of a recorded migration.
@@ -579,7 +781,7 @@ fn orphan_write(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     #[test]
@@ -671,5 +873,267 @@ mod tests {
         };
         assert_eq!(progress_every_ms(&short), 500);
         assert!(w.news(&short, &st(200), 10_500));
+    }
+
+    /// Issue 7 review m1: the credential's expiry saturates and the pre-copy
+    /// bound in it is capped, so no credential is born expired or panics.
+    #[test]
+    fn a_credential_expiry_saturates_and_caps_the_precopy() {
+        assert_eq!(credential_expiry(u64::MAX - 5, 10), u64::MAX);
+        assert_eq!(
+            credential_expiry(1_000, u64::MAX),
+            1_000 + MAX_GIVE_UP_AFTER_SECS + CREDENTIAL_SLACK_SECS
+        );
+        assert_eq!(
+            credential_expiry(1_000, 120),
+            1_000 + 120 + CREDENTIAL_SLACK_SECS
+        );
+    }
+
+    /// Issue 7 review M3/m1: zero parameters and a pre-copy bound above the
+    /// cap are refused, naming the parameter; the cap itself is accepted.
+    #[test]
+    fn migration_parameters_are_checked_up_front() {
+        let ok = MigrateSandbox {
+            target: "auto".into(),
+            give_up_after_secs: Some(MAX_GIVE_UP_AFTER_SECS),
+            ..Default::default()
+        };
+        assert!(check_params(&ok).is_ok());
+        assert!(check_params(&MigrateSandbox::default()).is_ok());
+        for (bad, what) in [
+            (
+                MigrateSandbox {
+                    max_bandwidth_mib: Some(0),
+                    ..Default::default()
+                },
+                "bandwidth",
+            ),
+            (
+                MigrateSandbox {
+                    downtime_limit_ms: Some(0),
+                    ..Default::default()
+                },
+                "downtime",
+            ),
+            (
+                MigrateSandbox {
+                    give_up_after_secs: Some(0),
+                    ..Default::default()
+                },
+                "pre-copy",
+            ),
+            (
+                MigrateSandbox {
+                    give_up_after_secs: Some(MAX_GIVE_UP_AFTER_SECS + 1),
+                    ..Default::default()
+                },
+                "at most 3600",
+            ),
+        ] {
+            let e = check_params(&bad).expect_err(what).0;
+            assert_eq!(e.code, ErrorCode::InvalidArgument, "{what}");
+            assert!(e.message.contains(what), "{what}: {}", e.message);
+        }
+    }
+
+    pub(crate) mod cluster {
+        //! A real single-member control plane (Raft store in a temp dir)
+        //! with registered nodes whose agents are unreachable.
+        use super::super::super::{ControlConfig, ControlPlane};
+        use hearth_sched::{Accel, Request, Resources};
+        use hearth_store::{
+            Command, NodeRecord, Observed, RestartPolicy, SandboxRecord, Store, StoreConfig,
+        };
+
+        pub async fn plane(dir: &std::path::Path) -> ControlPlane {
+            let peers = [(1, "127.0.0.1:1".to_string())].into_iter().collect();
+            let store = Store::open(StoreConfig::new(1, dir.join("m1"), peers))
+                .await
+                .expect("open store");
+            let token = crate::ApiToken::new("t".repeat(32)).expect("token");
+            ControlPlane::new(store, ControlConfig::default(), &token)
+        }
+
+        pub async fn node(cp: &ControlPlane, id: &str, cpus: u32, memory_mib: u64) {
+            cp.store
+                .write(Command::RegisterNode {
+                    node: NodeRecord {
+                        id: id.into(),
+                        instance: format!("inst-{id}"),
+                        address: "http://127.0.0.1:1".into(),
+                        capacity: Resources::new(cpus, memory_mib, 1_000_000),
+                        accel: Accel::Tcg,
+                        labels: Default::default(),
+                        cordoned: false,
+                        ready: true,
+                        registered_ms: 1,
+                        last_heartbeat_ms: super::super::now_ms(),
+                        warm_templates: Default::default(),
+                        volumes: Default::default(),
+                    },
+                })
+                .await
+                .expect("register node");
+        }
+
+        /// A running `restart: always` sandbox (1 cpu, 64 MiB) on `node`.
+        pub async fn sandbox(cp: &ControlPlane, id: &str, node: &str) {
+            cp.store
+                .write(Command::CreateSandbox {
+                    sandbox: SandboxRecord {
+                        id: id.into(),
+                        name: None,
+                        spec: serde_json::json!({"image": "busybox"}),
+                        request: Request {
+                            resources: Resources::new(1, 64, 10),
+                            ..Default::default()
+                        },
+                        node: node.into(),
+                        restart: RestartPolicy::Always,
+                        record_only: false,
+                        idempotency_key: None,
+                        ip: None,
+                        created_ms: 1,
+                        reschedules: 0,
+                        pinned: false,
+                        observed: None,
+                        migration: None,
+                    },
+                })
+                .await
+                .expect("create");
+            cp.store
+                .write(Command::SetObserved {
+                    id: id.into(),
+                    observed: Observed {
+                        status: "running".into(),
+                        agent_id: Some(format!("a-{id}")),
+                        error: None,
+                        updated_ms: 2,
+                    },
+                    node: Some(node.into()),
+                    generation: Some(0),
+                })
+                .await
+                .expect("observed");
+        }
+    }
+
+    fn auto() -> MigrateSandbox {
+        MigrateSandbox {
+            target: "auto".into(),
+            ..Default::default()
+        }
+    }
+
+    /// Issue 7 review M1: a migration that expects the sandbox on node `from`
+    /// does nothing and says "left" when it is elsewhere or removed, whether
+    /// it is found so before recording or by the state machine's check.
+    #[tokio::test]
+    async fn a_sandbox_that_left_the_expected_node_is_not_moved_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = cluster::plane(dir.path()).await;
+        for n in ["n1", "n2", "n3"] {
+            cluster::node(&cp, n, 64, 65536).await;
+        }
+        cluster::sandbox(&cp, "s1", "n1").await;
+        match run_from(&cp, "s1", &auto(), Some("n3")).await {
+            Err(Ended::Left { now_on }) => assert!(now_on.contains("runs on node n1"), "{now_on}"),
+            Err(Ended::Failed { error, .. }) => panic!("failed: {}", error.0.message),
+            Ok(_) => panic!("migrated"),
+        }
+        let rec = cp.store.read_local(|st| st.sandboxes["s1"].clone());
+        assert!(rec.migration.is_none(), "a migration was recorded");
+        match run_from(&cp, "nosuch", &auto(), Some("n1")).await {
+            Err(Ended::Left { now_on }) => assert_eq!(now_on, "was removed"),
+            _ => panic!("a removed sandbox is not reported as left"),
+        }
+
+        // A user's migration of it runs: the drain leaves it to that one.
+        let to_n2 = MigrateSandbox {
+            target: "n2".into(),
+            ..Default::default()
+        };
+        let views = cp.store.read_local(|st| st.node_views());
+        assert!(start(&cp, rec.clone(), &to_n2, None, views).await.is_ok());
+        match run_from(&cp, "s1", &auto(), Some("n1")).await {
+            Err(Ended::Left { now_on }) => {
+                assert!(now_on.contains("being migrated to node n2"), "{now_on}")
+            }
+            _ => panic!("a sandbox another migration moves is not reported as left"),
+        }
+        let m = cp
+            .store
+            .read_local(|st| st.sandboxes["s1"].migration.clone().unwrap());
+        cp.store
+            .write(Command::MigrationPhase {
+                id: "s1".into(),
+                migration: m.id,
+                phase: "aborted".into(),
+                error: Some("test".into()),
+                progress: None,
+                at_ms: now_ms(),
+            })
+            .await
+            .unwrap();
+
+        // It moves after the drain looked it up: StartMigration refuses.
+        let stale = rec.clone();
+        cp.store
+            .write(Command::Drain {
+                node: "n1".into(),
+                at_ms: now_ms(),
+                only: Some(vec!["s1".into()]),
+            })
+            .await
+            .unwrap();
+        let now = cp.store.read_local(|st| st.sandboxes["s1"].node.clone());
+        assert_ne!(now, "n1");
+        let views = cp.store.read_local(|st| st.node_views());
+        match start(&cp, stale, &auto(), Some("n1"), views).await {
+            Err(Ended::Left { now_on }) => {
+                assert!(now_on.contains(&format!("runs on node {now}")), "{now_on}")
+            }
+            Err(Ended::Failed { error, .. }) => panic!("failed: {}", error.0.message),
+            Ok(_) => panic!("recorded a migration of a sandbox that left"),
+        }
+    }
+
+    /// Issue 7 review M2: an `auto` target chosen on views taken before
+    /// another migration reserved its room is refused by the state machine;
+    /// the migration chooses again without that node instead of failing.
+    #[tokio::test]
+    async fn an_auto_target_whose_room_was_taken_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = cluster::plane(dir.path()).await;
+        cluster::node(&cp, "n1", 64, 65536).await;
+        // n2 has room for exactly one sandbox, so bin-packing prefers it.
+        cluster::node(&cp, "n2", 1, 64).await;
+        cluster::node(&cp, "n3", 64, 65536).await;
+        cluster::sandbox(&cp, "s1", "n1").await;
+        cluster::sandbox(&cp, "s2", "n1").await;
+        let views = cp.store.read_local(|st| st.node_views());
+        let rec2 = cp.store.read_local(|st| st.sandboxes["s2"].clone());
+        let others: Vec<_> = views.iter().filter(|v| v.id != "n1").cloned().collect();
+        assert_eq!(
+            hearth_sched::place(&others, &rec2.request, Strategy::BinPack)
+                .unwrap()
+                .id,
+            "n2"
+        );
+        // Another migration takes n2's room meanwhile.
+        let rec1 = cp.store.read_local(|st| st.sandboxes["s1"].clone());
+        let to_n2 = MigrateSandbox {
+            target: "n2".into(),
+            ..Default::default()
+        };
+        let r = start(&cp, rec1, &to_n2, Some("n1"), views.clone()).await;
+        assert!(r.is_ok(), "s1 to n2 not recorded");
+        match start(&cp, rec2, &auto(), Some("n1"), views).await {
+            Ok(rec) => assert_eq!(rec.migration.unwrap().to, "n3"),
+            Err(Ended::Failed { error, .. }) => panic!("failed: {}", error.0.message),
+            Err(Ended::Left { now_on }) => panic!("left: {now_on}"),
+        }
     }
 }

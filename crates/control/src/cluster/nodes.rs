@@ -152,8 +152,10 @@ pub struct DrainOutcome {
     /// `pending` (not started yet), `migrating` (its migration runs: `phase`
     /// and `bytes_sent` say how far), `migrated` (live, to `node`),
     /// `restarted` (`restart: always`, started again on `node` after its
-    /// migration failed) or `failed` (left running on the drained node;
-    /// `error` says why).
+    /// migration failed at run time), `left` (it left the node by other
+    /// means before its turn: a user's migration, a restart elsewhere, a
+    /// removal; `error` says where it is) or `failed` (left running on the
+    /// drained node; `error` says why).
     pub outcome: String,
     #[serde(default)]
     pub node: Option<String>,
@@ -180,7 +182,9 @@ pub struct DrainOutcome {
 pub struct Drained {
     pub node: Node,
     /// `running` (the control-plane member that took the request works
-    /// through the sandboxes) or `done`.
+    /// through the sandboxes), `done`, or `interrupted` (the drain's task
+    /// ended before it finished; the migrations it started end on their own
+    /// records, see `hearth migrate --status`).
     #[serde(default)]
     pub state: String,
     /// The parameters every migration of this drain uses.
@@ -253,15 +257,48 @@ pub(super) async fn drain(
             format!("--parallel must be 1 to {MAX_DRAIN_PARALLEL}, not {parallel}"),
         )));
     }
-    let running = cp
-        .drains
-        .lock()
-        .map(|d| d.get(&id).is_some_and(|d| d.state == "running"))
-        .unwrap_or(false);
-    if running {
-        return Err(HttpError(ApiError::new(
+    // why: a bad parameter would fail every migration after the node is
+    // cordoned; it is refused before anything changes.
+    super::migrate::check_params(&migrate_request(&req)).map_err(|e| {
+        HttpError(ApiError::new(
+            e.0.code,
+            format!("drain of node {id}: {}", e.0.message),
+        ))
+    })?;
+    let busy = |cp: &ControlPlane| {
+        cp.drains
+            .lock()
+            .map(|d| d.get(&id).is_some_and(|d| d.state == "running"))
+            .unwrap_or(false)
+    };
+    let conflict = || {
+        HttpError(ApiError::new(
             ErrorCode::Conflict,
             format!("node {id} is being drained already; follow it with `hearth node drain {id} --status`"),
+        ))
+    };
+    if busy(&cp) {
+        return Err(conflict());
+    }
+    // why: the drain table is this member's only; a drain another member
+    // runs (or a migration off the node) shows in the records in Raft.
+    let open: Vec<String> = cp
+        .store
+        .read(|st| {
+            st.sandboxes
+                .values()
+                .filter(|s| s.migrating().is_some_and(|m| m.from == id))
+                .map(|s| s.id.clone())
+                .collect()
+        })
+        .await?;
+    if !open.is_empty() {
+        return Err(HttpError(ApiError::new(
+            ErrorCode::Conflict,
+            format!(
+                "node {id} has migrations running off it (sandboxes {}): another drain or `hearth migrate` moves them; wait until they end (`hearth migrate --status SANDBOX`) and drain again",
+                open.join(", ")
+            ),
         )));
     }
     let node = match cp
@@ -331,16 +368,101 @@ pub(super) async fn drain(
             .lock()
             .map_err(|_| HttpError(ApiError::new(ErrorCode::Internal, "drain table poisoned")))?;
         if d.get(&id).is_some_and(|d| d.state == "running") {
-            return Err(HttpError(ApiError::new(
-                ErrorCode::Conflict,
-                format!("node {id} is being drained already; follow it with `hearth node drain {id} --status`"),
-            )));
+            return Err(conflict());
         }
         d.insert(id.clone(), status.clone());
+        prune(&mut d, MAX_DRAINS_KEPT);
     }
     // why: a task of its own, so the drain survives the caller going away.
-    tokio::spawn(run_drain(cp.clone(), id, req, parallel, live));
+    tokio::spawn(run_drain(
+        cp.clone(),
+        id,
+        req,
+        parallel,
+        live,
+        status.started_ms,
+    ));
     Ok((StatusCode::ACCEPTED, Json(status)))
+}
+
+/// The migration request every migration of a drain uses.
+fn migrate_request(req: &DrainRequest) -> hearth_api::migration::MigrateSandbox {
+    hearth_api::migration::MigrateSandbox {
+        target: "auto".into(),
+        downtime_limit_ms: req.downtime_limit_ms,
+        max_bandwidth_mib: req.max_bandwidth_mib,
+        give_up_after_secs: req.give_up_after_secs,
+        ..Default::default()
+    }
+}
+
+/// Most drains this member keeps in its table (one per node, the last);
+/// beyond it the ones that ended longest ago are forgotten.
+pub const MAX_DRAINS_KEPT: usize = 64;
+
+/// Forgets ended drains (the oldest first) until at most `keep` remain;
+/// running ones always stay.
+fn prune(d: &mut std::collections::HashMap<String, Drained>, keep: usize) {
+    while d.len() > keep {
+        let oldest = d
+            .iter()
+            .filter(|(_, v)| v.state != "running")
+            .min_by_key(|(_, v)| v.finished_ms.unwrap_or(v.started_ms))
+            .map(|(k, _)| k.clone());
+        match oldest {
+            Some(k) => {
+                d.remove(&k);
+            }
+            None => break,
+        }
+    }
+}
+
+/// Marks its drain `interrupted` if the drain's task ends (a panic, the
+/// runtime shutting down) before it marked it done.
+struct DrainGuard {
+    drains: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Drained>>>,
+    node: String,
+    started_ms: u64,
+}
+
+impl Drop for DrainGuard {
+    fn drop(&mut self) {
+        // why: a panic while the table was locked poisons it; the entry is
+        // still marked, so later drains are not refused for ever.
+        let mut d = match self.drains.lock() {
+            Ok(d) => d,
+            Err(p) => p.into_inner(),
+        };
+        if let Some(e) = d
+            .get_mut(&self.node)
+            .filter(|e| e.state == "running" && e.started_ms == self.started_ms)
+        {
+            e.state = "interrupted".into();
+            e.finished_ms = Some(now_ms());
+            for o in e
+                .sandboxes
+                .iter_mut()
+                .filter(|o| o.outcome == "pending" || o.outcome == "migrating")
+            {
+                o.error.get_or_insert_with(|| {
+                    "the drain ended before this sandbox's turn finished; see `hearth migrate --status`".into()
+                });
+            }
+        }
+    }
+}
+
+/// A migration that ended this way is worth a cold restart elsewhere for a
+/// `restart: always` sandbox: it failed at run time (it ran and aborted, the
+/// sandbox was not running, no node had room), not on a refused request or
+/// with its outcome unknown (`Unavailable`: it may run on the target).
+fn restart_worthy(code: ErrorCode, started: bool) -> bool {
+    match code {
+        ErrorCode::Unavailable => false,
+        ErrorCode::Conflict | ErrorCode::Unschedulable => true,
+        _ => started,
+    }
 }
 
 async fn run_drain(
@@ -349,24 +471,32 @@ async fn run_drain(
     req: DrainRequest,
     parallel: u32,
     live: Vec<(String, Option<String>)>,
+    started_ms: u64,
 ) {
     use futures::StreamExt;
-    let mreq = hearth_api::migration::MigrateSandbox {
-        target: "auto".into(),
-        downtime_limit_ms: req.downtime_limit_ms,
-        max_bandwidth_mib: req.max_bandwidth_mib,
-        give_up_after_secs: req.give_up_after_secs,
-        ..Default::default()
+    let _guard = DrainGuard {
+        drains: cp.drains.clone(),
+        node: id.clone(),
+        started_ms,
     };
+    let mreq = migrate_request(&req);
+    let restart: std::sync::Mutex<Vec<String>> = Default::default();
     futures::stream::iter(live)
         .map(|(sb, _)| {
-            let (cp, id, mreq) = (cp.clone(), id.clone(), mreq.clone());
+            let (cp, id, mreq, restart) = (cp.clone(), id.clone(), mreq.clone(), &restart);
             async move {
                 set_outcome(&cp, &id, &sb, |o| {
                     o.outcome = "migrating".into();
                     o.started_ms = Some(now_ms());
                 });
-                let r = super::migrate::run(&cp, &sb, &mreq).await;
+                let r = super::migrate::run_from(&cp, &sb, &mreq, Some(&id)).await;
+                if let Err(super::migrate::Ended::Failed { error, started }) = &r {
+                    if restart_worthy(error.0.code, *started) {
+                        if let Ok(mut r) = restart.lock() {
+                            r.push(sb.clone());
+                        }
+                    }
+                }
                 set_outcome(&cp, &id, &sb, |o| {
                     o.finished_ms = Some(now_ms());
                     o.phase = None;
@@ -377,9 +507,15 @@ async fn run_drain(
                             o.bytes_sent = Some(st.bytes_sent);
                             o.downtime_ms = st.downtime_ms;
                         }
-                        Err(e) => {
+                        Err(super::migrate::Ended::Left { now_on }) => {
+                            o.outcome = "left".into();
+                            o.error = Some(format!(
+                                "left node {id} by other means before its turn: it {now_on}"
+                            ));
+                        }
+                        Err(super::migrate::Ended::Failed { error, .. }) => {
                             o.outcome = "failed".into();
-                            o.error = Some(e.0.message);
+                            o.error = Some(error.0.message);
                         }
                     }
                 });
@@ -388,18 +524,24 @@ async fn run_drain(
         .buffer_unordered(parallel as usize)
         .collect::<Vec<()>>()
         .await;
-    let restarted = match cp
-        .store
-        .write(Command::Drain {
-            node: id.clone(),
-            at_ms: now_ms(),
-        })
-        .await
-    {
-        Ok(Reply::Moved { moved, .. }) => moved,
-        other => {
-            tracing::warn!(node = %id, "drain: restarting what did not migrate: {other:?}");
-            Vec::new()
+    let only = restart.into_inner().unwrap_or_default();
+    let restarted = if only.is_empty() {
+        Vec::new()
+    } else {
+        match cp
+            .store
+            .write(Command::Drain {
+                node: id.clone(),
+                at_ms: now_ms(),
+                only: Some(only),
+            })
+            .await
+        {
+            Ok(Reply::Moved { moved, .. }) => moved,
+            other => {
+                tracing::warn!(node = %id, "drain: restarting what did not migrate: {other:?}");
+                Vec::new()
+            }
         }
     };
     let (node, remaining, placed) = cp.store.read_local(|st| {
@@ -652,4 +794,217 @@ pub(super) async fn remove_member(
 ) -> ApiResult<Json<ClusterStatus>> {
     cp.store.remove_member(id).await?;
     Ok(cluster_status(State(cp)).await)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::migrate::tests::cluster;
+    use super::*;
+
+    async fn drain_of(
+        cp: &ControlPlane,
+        node: &str,
+        req: DrainRequest,
+    ) -> ApiResult<(StatusCode, Json<Drained>)> {
+        drain(State(cp.clone()), Path(node.to_string()), Json(Some(req))).await
+    }
+
+    fn cordoned(cp: &ControlPlane, node: &str) -> bool {
+        cp.store.read_local(|st| st.nodes[node].cordoned)
+    }
+
+    /// Issue 7 review M3: a drain with a parameter every migration would
+    /// refuse is refused before the node is cordoned.
+    #[tokio::test]
+    async fn bad_drain_parameters_are_refused_before_cordoning() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = cluster::plane(dir.path()).await;
+        cluster::node(&cp, "n1", 64, 65536).await;
+        for (req, what) in [
+            (
+                DrainRequest {
+                    max_bandwidth_mib: Some(0),
+                    ..Default::default()
+                },
+                "bandwidth",
+            ),
+            (
+                DrainRequest {
+                    downtime_limit_ms: Some(0),
+                    ..Default::default()
+                },
+                "downtime",
+            ),
+            (
+                DrainRequest {
+                    give_up_after_secs: Some(0),
+                    ..Default::default()
+                },
+                "pre-copy",
+            ),
+            (
+                DrainRequest {
+                    give_up_after_secs: Some(u64::MAX),
+                    ..Default::default()
+                },
+                "at most 3600",
+            ),
+        ] {
+            let e = drain_of(&cp, "n1", req).await.err().expect(what).0;
+            assert_eq!(e.code, ErrorCode::InvalidArgument, "{what}");
+            assert!(e.message.contains("drain of node n1"), "{}", e.message);
+            assert!(e.message.contains(what), "{what}: {}", e.message);
+            assert!(!cordoned(&cp, "n1"), "{what}: node cordoned");
+        }
+        let (code, _) = drain_of(&cp, "n1", DrainRequest::default())
+            .await
+            .ok()
+            .unwrap();
+        assert_eq!(code, StatusCode::ACCEPTED);
+        assert!(cordoned(&cp, "n1"));
+    }
+
+    /// Issue 7 review M4: a node with a migration off it recorded in Raft
+    /// (another member's drain, a user's migration) is not drained again.
+    #[tokio::test]
+    async fn a_node_with_open_migrations_in_raft_is_not_drained_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = cluster::plane(dir.path()).await;
+        cluster::node(&cp, "n1", 64, 65536).await;
+        cluster::node(&cp, "n2", 64, 65536).await;
+        cluster::sandbox(&cp, "s1", "n1").await;
+        let now = now_ms();
+        let r = cp
+            .store
+            .write(Command::StartMigration {
+                id: "s1".into(),
+                migration: hearth_store::Migration {
+                    id: "m1".into(),
+                    from: "n1".into(),
+                    to: "n2".into(),
+                    phase: "preparing".into(),
+                    generation: 0,
+                    started_ms: now,
+                    updated_ms: now,
+                    error: None,
+                    progress: None,
+                    stall_ms: Some(60_000),
+                    source_gone_ms: None,
+                },
+            })
+            .await
+            .unwrap();
+        assert!(matches!(r, Reply::Sandbox { .. }), "{r:?}");
+        let e = drain_of(&cp, "n1", DrainRequest::default())
+            .await
+            .err()
+            .expect("drained twice")
+            .0;
+        assert_eq!(e.code, ErrorCode::Conflict);
+        assert!(e.message.contains("s1"), "{}", e.message);
+        assert!(!cordoned(&cp, "n1"));
+    }
+
+    fn drained(node: &str, state: &str, started_ms: u64, finished_ms: Option<u64>) -> Drained {
+        Drained {
+            node: Node {
+                id: node.into(),
+                address: String::new(),
+                status: "ready".into(),
+                cordoned: true,
+                accel: "tcg".into(),
+                capacity: cap(Resources::default()),
+                allocated: cap(Resources::default()),
+                labels: Default::default(),
+                sandboxes: 0,
+                last_heartbeat_ms: 0,
+            },
+            state: state.into(),
+            params: DrainRequest::default(),
+            started_ms,
+            finished_ms,
+            moved: Vec::new(),
+            remaining: Vec::new(),
+            sandboxes: vec![DrainOutcome {
+                sandbox: "s1".into(),
+                name: None,
+                outcome: "migrating".into(),
+                node: None,
+                error: None,
+                phase: None,
+                bytes_sent: None,
+                downtime_ms: None,
+                started_ms: None,
+                finished_ms: None,
+            }],
+        }
+    }
+
+    /// Issue 7 review M4: a drain task that ends abnormally (here a panic)
+    /// leaves its drain `interrupted`, not `running` for ever; a later
+    /// drain's entry is not touched by an earlier drain's guard.
+    #[tokio::test]
+    async fn a_drain_whose_task_panics_is_marked_interrupted() {
+        let drains: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Drained>>> =
+            Default::default();
+        drains
+            .lock()
+            .unwrap()
+            .insert("n1".into(), drained("n1", "running", 5, None));
+        let guard = DrainGuard {
+            drains: drains.clone(),
+            node: "n1".into(),
+            started_ms: 5,
+        };
+        let task = tokio::spawn(async move {
+            let _guard = guard;
+            panic!("a bug in the drain");
+        });
+        assert!(task.await.unwrap_err().is_panic());
+        let d = drains.lock().unwrap()["n1"].clone();
+        assert_eq!(d.state, "interrupted");
+        assert!(d.finished_ms.is_some());
+        assert!(d.sandboxes[0].error.is_some());
+
+        drains
+            .lock()
+            .unwrap()
+            .insert("n1".into(), drained("n1", "running", 9, None));
+        drop(DrainGuard {
+            drains: drains.clone(),
+            node: "n1".into(),
+            started_ms: 5,
+        });
+        assert_eq!(drains.lock().unwrap()["n1"].state, "running");
+    }
+
+    /// Issue 7 review "Drain API": ended drains are pruned oldest first down
+    /// to the bound; running ones stay.
+    #[test]
+    fn ended_drains_are_pruned_oldest_first() {
+        let mut d = std::collections::HashMap::new();
+        d.insert("a".to_string(), drained("a", "done", 1, Some(10)));
+        d.insert("b".to_string(), drained("b", "running", 0, None));
+        d.insert("c".to_string(), drained("c", "interrupted", 2, Some(20)));
+        d.insert("e".to_string(), drained("e", "done", 3, Some(30)));
+        prune(&mut d, 2);
+        let mut keys: Vec<_> = d.keys().cloned().collect();
+        keys.sort();
+        assert_eq!(keys, ["b", "e"]);
+        prune(&mut d, 0);
+        assert_eq!(d.keys().collect::<Vec<_>>(), ["b"]);
+    }
+
+    /// Issue 7 review M3: only a migration that failed at run time leads to
+    /// the cold-restart fallback; a refused request or an unknown outcome
+    /// does not.
+    #[test]
+    fn only_runtime_failures_are_restarted() {
+        assert!(restart_worthy(ErrorCode::Internal, true));
+        assert!(restart_worthy(ErrorCode::Conflict, false));
+        assert!(restart_worthy(ErrorCode::Unschedulable, false));
+        assert!(!restart_worthy(ErrorCode::InvalidArgument, false));
+        assert!(!restart_worthy(ErrorCode::Unavailable, true));
+        assert!(!restart_worthy(ErrorCode::Internal, false));
+    }
 }

@@ -474,8 +474,8 @@ fn machine_from_argv(argv: &[String]) -> Result<MachineArgs, String> {
         .and_then(|v| v.split(',').next()?.parse().ok())
         .ok_or("no `-smp N` on the QEMU command line")?;
     let ram_kib = last("-m")
-        .and_then(|v| v.strip_suffix('K')?.parse().ok())
-        .ok_or("no `-m <KiB>K` on the QEMU command line")?;
+        .and_then(ram_size_kib)
+        .ok_or("no `-m <size>` (K, M or G, or a bare number of MiB) on the QEMU command line")?;
     let nic = match net_hub_from_argv(argv) {
         None => None,
         Some(hub) => {
@@ -494,6 +494,19 @@ fn machine_from_argv(argv: &[String]) -> Result<MachineArgs, String> {
         }
     };
     Ok((cpus, ram_kib, nic))
+}
+
+/// KiB of QEMU's `-m` value: a bare number is MiB (as in QEMU, and in the
+/// command lines of VMs started before the exact KiB size), or with a `K`, `M`
+/// or `G` suffix.
+fn ram_size_kib(v: &str) -> Option<u64> {
+    let (num, unit) = match v.char_indices().last()? {
+        (i, 'K' | 'k') => (&v[..i], 1),
+        (i, 'M' | 'm') => (&v[..i], 1024),
+        (i, 'G' | 'g') => (&v[..i], 1024 * 1024),
+        _ => (v, 1024),
+    };
+    num.parse::<u64>().ok()?.checked_mul(unit)
 }
 
 fn net_hub_from_argv(argv: &[String]) -> Option<bool> {
@@ -844,6 +857,22 @@ mod tests {
         );
         assert!(machine_from_argv(&argv("qemu -smp 1")).is_err());
         assert!(machine_from_argv(&argv("qemu -m 128K")).is_err());
+    }
+
+    #[test]
+    fn ram_size_without_a_suffix_is_mib_as_in_qemu() {
+        // why: VMs started before the exact KiB size have `-m 128` in vm.json.
+        let argv = |s: &str| -> Vec<String> { s.split(' ').map(String::from).collect() };
+        assert_eq!(
+            machine_from_argv(&argv("qemu -m 128 -smp 1")).unwrap(),
+            (1, 131072, None)
+        );
+        assert_eq!(ram_size_kib("128M"), Some(131072));
+        assert_eq!(ram_size_kib("1G"), Some(1048576));
+        assert_eq!(ram_size_kib("131080K"), Some(131080));
+        for bad in ["", "K", "12x", "-1M", "99999999999999999999G"] {
+            assert_eq!(ram_size_kib(bad), None, "{bad}");
+        }
     }
 
     #[test]
