@@ -361,6 +361,7 @@ impl Agent {
             if dir.join("sandbox.json").exists() || !dir.join("vm").exists() {
                 continue;
             }
+            let resumed = dir.join(crate::migration::RESUMED_MARKER).exists();
             self.reap_dir(&dir).await;
             tracing::info!("removed unclaimed pool VM {}", dir.display());
             // why: it may as well be an incoming migration that was never
@@ -371,7 +372,15 @@ impl Agent {
             // them from an incoming migration's in every window (QEMU removes
             // the stream socket once the stream is in), and a needless entry
             // only takes one of the bounded slots.
-            if !dir.exists() {
+            // An incoming VM that was already resumed is not: its guest ran
+            // here, so the source's question stays unanswered (it stays
+            // paused; an operator resolves it) rather than resuming it.
+            if resumed {
+                tracing::warn!(
+                    "{} was an incoming migration whose VM had resumed before this agent stopped; its source stays paused until resolved",
+                    dir.display()
+                );
+            } else if !dir.exists() {
                 if let Some(id) = dir.file_name().and_then(|n| n.to_str()) {
                     self.inner.migrations.note_removed_uncommitted(id);
                 }

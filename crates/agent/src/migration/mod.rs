@@ -46,6 +46,9 @@ const INCOMING_COMPLETE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Bound on the guest answering a Ping on the target.
 const TARGET_PING_TIMEOUT: Duration = Duration::from_secs(30);
 /// An incoming VM nobody commits is removed after this long.
+/// Created in an incoming migration's dir right before its VM is resumed
+/// (see `incoming_commit`).
+pub(crate) const RESUMED_MARKER: &str = "incoming-resumed";
 const INCOMING_TTL: Duration = Duration::from_secs(600);
 /// Bound on the switch-over quiesce (writer flush, socket drained).
 const QUIESCE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -1460,6 +1463,13 @@ impl Agent {
             // frame for a session not yet registered is dropped (issue 7).
             let mut session = conn.adopt_session(c.main_session, c.unacked_bytes);
             let pinged = async {
+                // why: once the guest has run here, a restart of this agent
+                // must not answer "removed uncommitted" (the source would
+                // resume a guest whose run here is lost); the marker keeps
+                // the answer unknown, so the source stays paused. A process
+                // crash keeps it in the page cache: no fsync on this path.
+                std::fs::File::create(inc.dir.join(RESUMED_MARKER))
+                    .map_err(|e| format!("cannot mark the incoming VM resumed: {e}"))?;
                 vm.start().await.map_err(|e| e.to_string())?;
                 conn.ping(TARGET_PING_TIMEOUT)
                     .await
