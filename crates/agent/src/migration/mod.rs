@@ -791,6 +791,21 @@ fn check_machine(
 
 /// Target: refuses when the data directory has less than `need` bytes free
 /// (`free`): the migration fills the disk and the RAM file.
+/// Why an incoming QEMU killed by signal `sig` died, in words.
+fn signal_cause(sig: i32) -> String {
+    match sig {
+        libc::SIGBUS => "killed by signal 7, SIGBUS: the host could not back its guest memory; \
+             is the node out of memory or the file system of its data dir full?"
+            .to_string(),
+        libc::SIGKILL => "killed by signal 9, SIGKILL: by the kernel's OOM killer or an operator"
+            .to_string(),
+        libc::SIGABRT => "killed by signal 6, SIGABRT: QEMU aborted, e.g. on a failed allocation"
+            .to_string(),
+        libc::SIGSEGV => "killed by signal 11, SIGSEGV: QEMU crashed".to_string(),
+        s => format!("killed by signal {s}"),
+    }
+}
+
 fn check_space(id: &str, node: &str, dir: &Path, free: u64, need: u64) -> Result<(), AgentError> {
     if free < need {
         return Err(AgentError::Conflict(format!(
@@ -1665,14 +1680,15 @@ impl Agent {
                         .rev()
                         .find(|l| !l.trim().is_empty())
                         .unwrap_or("");
-                    let log =
-                        trim_paths(last.find("qemu-system").map_or(last, |i| &last[i..]).trim());
+                    // why: without its own error line, the last line is
+                    // progress text (block migration's "Completed N %…").
+                    let log = trim_paths(last.find("qemu-system").map_or("", |i| &last[i..]).trim());
                     let why = format!(
                         "the incoming VM (QEMU) on node {} had ended by itself during the transfer ({}){}",
                         self.inner.cfg.node,
                         match exit {
                             Ok(hearth_vmm::VmExit::Exited(c)) => format!("exit status {c}"),
-                            Ok(hearth_vmm::VmExit::Signaled(s)) => format!("killed by signal {s}"),
+                            Ok(hearth_vmm::VmExit::Signaled(s)) => signal_cause(s),
                             _ => "its exit status is unknown".to_string(),
                         },
                         if log.is_empty() { String::new() } else { format!(": {log}") }
