@@ -83,7 +83,6 @@ const CREDIT_BATCH: u32 = INITIAL_WINDOW / 4;
 /// How often a Thaw that could not be sent is tried again.
 const THAW_RETRY: Duration = Duration::from_secs(1);
 
-/// How long a frame to the guest may wait for room before the guest counts as stalled.
 /// Frames [`GuestConn::try_send`] holds for a full queue at most; beyond
 /// that they are dropped (the guest is not reading its channel).
 const MAX_OVERFLOW: u64 = 256;
@@ -97,6 +96,7 @@ impl Drop for OverflowSlot {
     }
 }
 
+/// How long a frame to the guest may wait for room before the guest counts as stalled.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a session's consumer sees.
@@ -631,7 +631,9 @@ impl GuestConn {
     /// Queues a frame without waiting (for Drop and the reader task). A full
     /// queue does not lose it: a task sends it once there is room (an ExitAck
     /// or credit dropped there left an ended session in the guest forever, or
-    /// its output stalled).
+    /// its output stalled). At most [`MAX_OVERFLOW`] frames are held so; beyond
+    /// that the guest is not reading its channel and frames are dropped with a
+    /// warning (host memory stays bounded whatever the guest sends).
     fn try_send(&self, f: Frame) {
         if self.frozen.load(Ordering::SeqCst) {
             return;

@@ -60,6 +60,7 @@ impl Proc {
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             // why: a stopped process must be able to die.
+            // SAFETY: plain kill(2) on our own child.
             unsafe { libc::kill(c.id() as i32, libc::SIGCONT) };
             let _ = c.kill();
             let _ = c.wait();
@@ -106,6 +107,18 @@ pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub members: Vec<Proc>,
     pub agents: Vec<Proc>,
+}
+
+impl Drop for Cluster {
+    /// Kills the agents before their VMs, then every QEMU under the cluster's
+    /// dir: QEMU outlives a killed agent by design, and a failed test must not
+    /// leave VMs running on the machine.
+    fn drop(&mut self) {
+        for p in self.agents.iter_mut().chain(self.members.iter_mut()) {
+            p.kill9();
+        }
+        crate::kill_vmms_under(self.dir.path());
+    }
 }
 
 /// An HTTP response.

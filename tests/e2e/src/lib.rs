@@ -425,7 +425,8 @@ pub fn vmm_pids_under(dir: &Path) -> Vec<i32> {
     pids
 }
 
-fn kill_vmms_under(dir: &Path) {
+/// Kills (SIGKILL) every QEMU process whose command line mentions `dir`.
+pub fn kill_vmms_under(dir: &Path) {
     for pid in vmm_pids_under(dir) {
         // SAFETY: kill(2) on a pid we just read from /proc; at worst ESRCH.
         unsafe {
