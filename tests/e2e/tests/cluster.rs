@@ -523,7 +523,11 @@ fn a_start_the_node_never_answers_ends_failed_with_the_reason_and_its_late_copy_
 
 #[test]
 fn a_sandbox_its_node_no_longer_runs_is_lost_or_started_again_per_its_restart_policy() {
-    let mut c = Cluster::start(1, &["--start-timeout-ms", "2000"]);
+    // why: the agent answers a start once its VM booted; a CI run under load
+    // took longer than the 2 s this test had (the record ended `failed`). The
+    // timeout is also the heartbeat's grace for a copy not listed yet, so it
+    // stays well under `wait_json`'s 60 s.
+    let mut c = Cluster::start(1, &["--start-timeout-ms", "15000"]);
     let n1 = c.add_agent("n1", &["--cpus", "2", "--memory-mib", "2048"]);
     let port = c.any_port();
     let agent_port = c.agents[n1].port;

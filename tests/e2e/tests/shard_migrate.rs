@@ -51,10 +51,19 @@ fn can_run() -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-/// `hearth ARGS` against control member 1.
+/// The control member (its port) the tests' API and CLI calls go to: member
+/// 1 unless a test killed it.
+static MEMBER_PORT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(7101);
+
+fn member() -> String {
+    let port = MEMBER_PORT.load(std::sync::atomic::Ordering::SeqCst);
+    format!("http://{NET}.1:{port}")
+}
+
+/// `hearth ARGS` against the control member of [`member`].
 fn hearth_cmd(args: &[&str]) -> Command {
     let mut c = Command::new(hearth_e2e::bin_dir().join("hearth"));
-    c.env("HEARTH_API", format!("http://{NET}.1:7101"))
+    c.env("HEARTH_API", member())
         .env("HEARTH_TOKEN", TOKEN)
         .args(args)
         .stdin(Stdio::null());
@@ -101,7 +110,7 @@ fn call(
 }
 
 fn api(path: &str, method: &str, body: Option<&str>, secs: u32) -> (u16, serde_json::Value) {
-    call(&format!("http://{NET}.1:7101"), path, method, body, secs)
+    call(&member(), path, method, body, secs)
 }
 
 /// The sandboxes agent `i`'s own node API lists.
@@ -302,6 +311,7 @@ fn shard_with_busybox(agents: u32) -> Option<(Down, std::sync::MutexGuard<'stati
         return None;
     }
     let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    MEMBER_PORT.store(7101, std::sync::atomic::Ordering::SeqCst);
     shard(&["down"]);
     let down = Down;
     let out = shard(&["up", "--agents", &agents.to_string()]);
@@ -480,6 +490,95 @@ fn a_counter_migrates_to_a_named_node_then_auto_and_bad_targets_are_refused() {
     counter_goes_on("counter");
     let agent_id = there["id"].as_str().expect("agent id");
     assert_eq!(qemus_of(agent_id), 1, "copies of the counter");
+}
+
+/// The control plane's leader is killed (-9) while it records a live
+/// migration in mid pre-copy: a surviving member takes over, and the
+/// migration ends (completed or aborted, recorded through Raft) with the
+/// sandbox running on exactly one node, the one its record names, its counter
+/// going on without a reset or gap.
+#[test]
+fn a_migration_survives_the_control_plane_leader_being_killed_with_one_copy() {
+    let Some(_shard) = shard_with_busybox(3) else {
+        return;
+    };
+    let id = create_on("agent1", "fo", COUNTER, false);
+    wait_until("the counter to count", Duration::from_secs(60), || {
+        counted("fo").len() >= 5
+    });
+    let (code, cluster) = api("/v1/cluster", "GET", None, 10);
+    assert_eq!(code, 200, "{cluster}");
+    let leader = cluster["leader"].as_u64().expect("a leader");
+    // The CLI asks the leader itself, so the member recording the move is the
+    // one killed.
+    MEMBER_PORT.store(7100 + leader as u16, std::sync::atomic::Ordering::SeqCst);
+    let cli = hearth_cmd(&["migrate", "fo", "--to", "agent2", "--bandwidth-mib", "2"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("hearth migrate");
+    wait_until("pre-copy to start", Duration::from_secs(120), || {
+        let out = hearth(&["migrate", "--status", "--json", "fo"]);
+        out.status.success()
+            && serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                .is_ok_and(|s| s["phase"] == "precopy" && s["bytes_sent"].as_u64().unwrap_or(0) > 0)
+    });
+    let pid = pid_of(&format!("control{leader}"));
+    // SAFETY: kill(2) on the pid of a shard control member this test started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let survivor = if leader == 1 { 2 } else { 1 };
+    MEMBER_PORT.store(7100 + survivor, std::sync::atomic::Ordering::SeqCst);
+    let out = cli.wait_with_output().expect("hearth migrate");
+    eprintln!("hearth migrate (its member killed): {}", show(&out));
+
+    // A new leader among the two others.
+    wait_until("a new leader", Duration::from_secs(60), || {
+        let (code, c) = api("/v1/cluster", "GET", None, 5);
+        code == 200 && c["leader"].as_u64().is_some_and(|l| l != leader)
+    });
+    let ended = |s: &serde_json::Value| s["phase"] == "completed" || s["phase"] == "aborted";
+    let mut last = serde_json::Value::Null;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while Instant::now() < deadline {
+        let out = hearth(&["migrate", "--status", "--json", "fo"]);
+        if out.status.success() {
+            last = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+            if ended(&last) {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    eprintln!("migration after the leader's death: {last}");
+    assert!(ended(&last), "the migration never ended: {last}");
+    // Exactly one running copy, on the node the record names.
+    wait_until("the record to say running", Duration::from_secs(60), || {
+        sandbox(&id)["status"] == "running"
+    });
+    let rec = sandbox(&id);
+    let want = rec["node"].as_str().expect("node").to_string();
+    let expect_node = if last["phase"] == "completed" {
+        "agent2"
+    } else {
+        "agent1"
+    };
+    assert_eq!(want, expect_node, "record {rec} vs migration {last}");
+    wait_until(
+        "one copy, on the recorded node",
+        Duration::from_secs(60),
+        || {
+            let copies: Vec<u32> = (1..=3)
+                .filter(|i| {
+                    agent_has(*i, &id)
+                        .is_some_and(|c| c["status"] == "running" || c["status"] == "paused")
+                })
+                .collect();
+            copies == vec![want.trim_start_matches("agent").parse::<u32>().unwrap()]
+        },
+    );
+    let copy = agent_copy(want.trim_start_matches("agent").parse().unwrap(), &id);
+    assert_eq!(copy["status"], "running", "{copy}");
+    counter_goes_on("fo");
 }
 
 #[test]
