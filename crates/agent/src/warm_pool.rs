@@ -284,6 +284,20 @@ impl Agent {
                 tracing::warn!(template, "template gone; its pool stops");
                 return;
             };
+            // why: checked before a lease is taken: a template that cannot be
+            // restored (corrupted, truncated, from another kernel) must not
+            // take and give back an address and tap every few seconds.
+            let manifest = match self.checked_manifest(&dir).await {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(
+                        template,
+                        "warm pool restore failed: {e}; no VM is pooled until the template is fixed or recreated"
+                    );
+                    let _ = tokio::time::timeout(RETRY_AFTER_FAILURE, pool.wake.notified()).await;
+                    continue;
+                }
+            };
             let mut id = new_id();
             while self.sandbox_dir(&id).exists() {
                 id = new_id();
@@ -305,14 +319,15 @@ impl Agent {
             // why: the network is prepared while the VM is restored, so the
             // warm-up's `Restored` can give the guest its address and MAC: a
             // request then finds eth0 configured (the slowest part of a pool
-            // start under TCG was the guest reconfiguring it).
+            // start under TCG was the guest reconfiguring it). A restore that
+            // fails after the checks gives it back below.
             let prepare = async {
                 match meta.nic {
                     true => self.prepare_pool_network(&id).await,
                     false => None,
                 }
             };
-            let (restored, net) = tokio::join!(self.restore_from(&dir, &cfg), prepare);
+            let (restored, net) = tokio::join!(self.restore_checked(&dir, &cfg, manifest), prepare);
             let guest_net = net.as_ref().map(crate::restore::guest_net);
             let made = match restored {
                 Ok(r) => match warm_up(r.vm.as_ref(), r.agent, &id, meta.nic, guest_net).await {
