@@ -679,6 +679,17 @@ impl Agent {
     ) -> Result<hearth_vmm::RestoredVm, VmmError> {
         let manifest = self.checked_manifest(dir).await?;
         tracing::debug!(vm = %cfg.id, "snapshot {} checked", dir.display());
+        self.restore_checked(dir, cfg, manifest).await
+    }
+
+    /// Restores a paused VM from the snapshot in `dir` whose `manifest` was
+    /// just checked ([`Agent::checked_manifest`]).
+    pub(crate) async fn restore_checked(
+        &self,
+        dir: &Path,
+        cfg: &VmConfig,
+        manifest: SnapshotManifest,
+    ) -> Result<hearth_vmm::RestoredVm, VmmError> {
         let cfg = VmConfig {
             rootfs: manifest.base_rootfs.clone(),
             ..cfg.clone()
@@ -735,9 +746,6 @@ impl Agent {
     {
         let mut msg = restored_message(ch.hostname, ch.sandbox_id, ch.nic, ch.net)?;
         msg.net_kept = ch.net_kept && msg.net.is_some();
-        // why: the guest refuses execs on exactly this condition too (a network
-        // given and not taken); taking eth0 down for `None` is not checked.
-        let want_net = msg.net.is_some();
         let (conn, ack) = match ch.link {
             GuestLink::Stream(stream) => GuestConn::after_restore(stream, &msg, ch.next_session)
                 .await
@@ -770,27 +778,8 @@ impl Agent {
             let w: String = w.chars().take(200).collect();
             tracing::warn!(vm = %vm.id(), "restored guest: {w:?}");
         }
-        // Two restores of one snapshot must never share random state.
-        if let Some(w) = ack
-            .warnings
-            .iter()
-            .find(|w| w.starts_with("reseeding the RNG"))
-        {
-            let w: String = w.chars().take(200).collect();
-            return Err(format!(
-                "restored guest could not reseed its RNG ({w:?}); not handing it out"
-            ));
-        }
-        if want_net && !ack.net_applied {
-            let w: Vec<String> = ack
-                .warnings
-                .iter()
-                .take(4)
-                .map(|w| w.chars().take(200).collect())
-                .collect();
-            return Err(format!(
-                "restored guest did not take its network address and MAC ({w:?}; a guest built before network restores ignores them); recreate the template or snapshot with this hearthd"
-            ));
+        if let Some(why) = ack_refusal(&msg, &ack) {
+            return Err(why);
         }
         // why: the continued session's new output log starts at this offset of
         // its stream (see `PendingAck`); a guest without offsets counts from 0.
@@ -800,6 +789,45 @@ impl Agent {
             .map_or(0, |s| s.sent);
         Ok((conn, attached, base, extra))
     }
+}
+
+/// Why a restored guest that answered `ack` to `msg` must not be handed out
+/// (the guest refuses execs on the same conditions, see `hearth-guest`'s
+/// `restore::refusal`): two restores of one snapshot must never share random
+/// state, and a guest must have exactly the network it was given, or none
+/// when it was given none.
+fn ack_refusal(msg: &Restored, ack: &hearth_proto::RestoredAck) -> Option<String> {
+    // why: guest-supplied text; bounded and quoted so it cannot flood or forge logs.
+    let quoted = |w: &String| w.chars().take(200).collect::<String>();
+    if let Some(w) = ack
+        .warnings
+        .iter()
+        .find(|w| w.starts_with("reseeding the RNG"))
+    {
+        return Some(format!(
+            "restored guest could not reseed its RNG ({:?}); not handing it out",
+            quoted(w)
+        ));
+    }
+    if msg.net.is_some() && !ack.net_applied {
+        let w: Vec<String> = ack.warnings.iter().take(4).map(quoted).collect();
+        return Some(format!(
+            "restored guest did not take its network address and MAC ({w:?}; a guest built before network restores ignores them); recreate the template or snapshot with this hearthd"
+        ));
+    }
+    // why: by the warning, not by `net_applied`: a guest built before network
+    // restores says false and has eth0 down from its template all the same.
+    if let Some(w) = ack
+        .warnings
+        .iter()
+        .find(|w| msg.net_given && msg.net.is_none() && w.starts_with("configuring the network"))
+    {
+        return Some(format!(
+            "restored guest could not take eth0 down ({:?}), and the sandbox must have no network (--network none); not running the workload in it; retry, or start it without --network none",
+            quoted(w)
+        ));
+    }
+    None
 }
 
 /// A [`Restored`] message with fresh entropy and the host's clock; with `nic`,
@@ -821,4 +849,60 @@ pub(crate) fn restored_message(
         net_given: nic,
         net_kept: false,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hearth_proto::RestoredAck;
+
+    fn ack(net_applied: bool, warnings: &[&str]) -> RestoredAck {
+        RestoredAck {
+            warnings: warnings.iter().map(|w| w.to_string()).collect(),
+            sessions: Vec::new(),
+            net_applied,
+            restore_guard: true,
+        }
+    }
+
+    #[test]
+    fn a_guest_that_kept_a_network_it_must_not_have_is_not_handed_out() {
+        let none = restored_message("h".into(), "s".into(), true, None).unwrap();
+        assert_eq!(ack_refusal(&none, &ack(true, &[])), None);
+        let why = ack_refusal(
+            &none,
+            &ack(false, &["configuring the network: take eth0 down: EPERM"]),
+        )
+        .expect("refused");
+        assert!(
+            why.contains("could not take eth0 down") && why.contains("--network none"),
+            "{why}"
+        );
+        // A guest built before network restores says nothing and keeps eth0
+        // down as its template had it.
+        assert_eq!(ack_refusal(&none, &ack(false, &[])), None);
+        // Without a network device there is nothing to take down.
+        let nicless = restored_message("h".into(), "s".into(), false, None).unwrap();
+        assert_eq!(
+            ack_refusal(&nicless, &ack(false, &["configuring the network: x"])),
+            None
+        );
+    }
+
+    #[test]
+    fn a_guest_without_a_fresh_rng_or_its_given_network_is_not_handed_out() {
+        let net = GuestNet {
+            ip: "10.88.0.7".into(),
+            prefix: 32,
+            gateway: "169.254.1.1".into(),
+            mac: "02:68:0a:58:00:07".into(),
+            dns: Vec::new(),
+        };
+        let given = restored_message("h".into(), "s".into(), true, Some(net)).unwrap();
+        assert_eq!(ack_refusal(&given, &ack(true, &[])), None);
+        let why = ack_refusal(&given, &ack(false, &[])).expect("refused");
+        assert!(why.contains("network address and MAC"), "{why}");
+        let why = ack_refusal(&given, &ack(true, &["reseeding the RNG: EPERM"])).expect("refused");
+        assert!(why.contains("reseed its RNG"), "{why}");
+    }
 }

@@ -217,9 +217,10 @@ pub(crate) struct Entry {
     /// Where the start of this sandbox spent its time.
     pub(crate) trace: crate::start_trace::StartTrace,
     /// The network prepared for the pool VM this sandbox took with `--network
-    /// none`, being given back in the background; the sandbox is recorded
-    /// finished only after it is gone.
-    pub(crate) releasing: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// none`, being given back in the background (true once it is gone): the
+    /// sandbox is recorded finished, and a graceful daemon stop ends, only
+    /// after it is gone.
+    pub(crate) releasing: Mutex<Option<watch::Receiver<bool>>>,
 }
 
 impl Entry {
@@ -262,6 +263,17 @@ impl Entry {
 
     pub(crate) fn snapshot(&self) -> Sandbox {
         lock(&self.record).clone()
+    }
+
+    /// Waits until the pool VM network this sandbox gives back (see
+    /// `releasing`) is gone; at once when there is none.
+    pub(crate) async fn released(&self) {
+        let releasing = lock(&self.releasing).clone();
+        if let Some(mut rx) = releasing {
+            // why: an error means the task ended without saying so (the
+            // runtime is shutting down); there is nothing left to wait for.
+            let _ = rx.wait_for(|gone| *gone).await;
+        }
     }
 
     /// The record as clients see it: `recovering` while a restarted hearthd
@@ -556,9 +568,11 @@ impl Agent {
 
     /// Loads every sandbox record. Those a previous hearthd left non-terminal
     /// are marked recovering and returned. Networks of sandboxes that are not
-    /// among them are removed now (records that are gone, sandboxes that had
-    /// ended): tap, programs, route, NAT entry and lease (`sync_leases` then
-    /// frees the leases upstream).
+    /// among them, or whose record has no network, are removed now (records
+    /// that are gone, sandboxes that had ended, the pool VM network a
+    /// `--network none` start was giving back when hearthd stopped): tap,
+    /// programs, route, NAT entry and lease (`sync_leases` then frees the
+    /// leases upstream).
     fn load_records(&self) -> Vec<Arc<Entry>> {
         let dir = self.inner.cfg.data_dir.join("sandboxes");
         let Ok(rd) = std::fs::read_dir(&dir) else {
@@ -600,7 +614,15 @@ impl Agent {
             lock(&self.inner.sandboxes).insert(rec.id.clone(), entry);
         }
         if let Some(net) = &self.inner.net {
-            let keep = pending.iter().map(|e| e.snapshot().id).collect();
+            // why: a network is saved in the record before the VM can use it
+            // (`setup_network`, `adopt_pool_network`), so a network a record
+            // does not name is no running sandbox's.
+            let keep = pending
+                .iter()
+                .map(|e| e.snapshot())
+                .filter(|r| r.network.is_some())
+                .map(|r| r.id)
+                .collect();
             net.remove_orphans(&keep);
         }
         pending
@@ -998,11 +1020,16 @@ impl Agent {
                 // VM never had the tap attached, the record has no network (so
                 // `policy set` finds none), and the sandbox is recorded finished
                 // only once it is gone (`Agent::finish_after_release`).
+                // A crash before it ran loses nothing: a restarted daemon keeps
+                // only the networks of records that have one (`load_records`).
+                let (done, released) = watch::channel(false);
+                *lock(&entry.releasing) = Some(released);
                 let agent = self.clone();
-                let release = tokio::spawn(async move {
+                tokio::spawn(async move {
+                    crate::warm_pool::release_hold().await;
                     agent.release_pool_network(&pre.sandbox).await;
+                    let _ = done.send(true);
                 });
-                *lock(&entry.releasing) = Some(release);
                 Ok(None)
             }
             (None, policy) => self.setup_network(&entry, policy).await,
@@ -1399,10 +1426,7 @@ impl Agent {
         exit: Option<ExitInfo>,
         error: Option<String>,
     ) {
-        let releasing = lock(&entry.releasing).take();
-        if let Some(release) = releasing {
-            let _ = release.await;
-        }
+        entry.released().await;
         self.finish(entry, status, exit, error);
     }
 

@@ -131,14 +131,21 @@ impl Agent {
     }
 
     /// Stops every pool and ends its VMs, giving back their prepared networks
-    /// and leases (graceful daemon shutdown: a stopped agent must not keep its
-    /// pool VMs' addresses taken). A VM still being restored when this runs is
-    /// ended by its fill task or, if the daemon exits first, reaped at the
-    /// next start ([`Agent::reap_unclaimed_pool_vms`]).
+    /// and leases, and waits for the pool VM networks `--network none` starts
+    /// are giving back (graceful daemon shutdown: a stopped agent must not
+    /// keep its pool VMs' addresses taken). A VM still being restored when
+    /// this runs is ended by its fill task or, if the daemon exits first,
+    /// reaped at the next start ([`Agent::reap_unclaimed_pool_vms`]), as a
+    /// release cut short is finished there.
     pub async fn close_pools(&self) {
         let names: Vec<String> = lock(&self.inner.warm.pools.map).keys().cloned().collect();
         for name in names {
             self.close_pool(&name).await;
+        }
+        let entries: Vec<Arc<crate::sandbox::Entry>> =
+            lock(&self.inner.sandboxes).values().cloned().collect();
+        for e in entries {
+            e.released().await;
         }
     }
 
@@ -277,6 +284,20 @@ impl Agent {
                 tracing::warn!(template, "template gone; its pool stops");
                 return;
             };
+            // why: checked before a lease is taken: a template that cannot be
+            // restored (corrupted, truncated, from another kernel) must not
+            // take and give back an address and tap every few seconds.
+            let manifest = match self.checked_manifest(&dir).await {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(
+                        template,
+                        "warm pool restore failed: {e}; no VM is pooled until the template is fixed or recreated"
+                    );
+                    let _ = tokio::time::timeout(RETRY_AFTER_FAILURE, pool.wake.notified()).await;
+                    continue;
+                }
+            };
             let mut id = new_id();
             while self.sandbox_dir(&id).exists() {
                 id = new_id();
@@ -298,14 +319,15 @@ impl Agent {
             // why: the network is prepared while the VM is restored, so the
             // warm-up's `Restored` can give the guest its address and MAC: a
             // request then finds eth0 configured (the slowest part of a pool
-            // start under TCG was the guest reconfiguring it).
+            // start under TCG was the guest reconfiguring it). A restore that
+            // fails after the checks gives it back below.
             let prepare = async {
                 match meta.nic {
                     true => self.prepare_pool_network(&id).await,
                     false => None,
                 }
             };
-            let (restored, net) = tokio::join!(self.restore_from(&dir, &cfg), prepare);
+            let (restored, net) = tokio::join!(self.restore_checked(&dir, &cfg, manifest), prepare);
             let guest_net = net.as_ref().map(crate::restore::guest_net);
             let made = match restored {
                 Ok(r) => match warm_up(r.vm.as_ref(), r.agent, &id, meta.nic, guest_net).await {
@@ -434,6 +456,24 @@ impl Agent {
         let _ = hearth_vmm::destroy(&vm_dir);
         let _ = std::fs::remove_dir_all(dir);
     }
+}
+
+/// Fault injection for tests: with `HEARTH_POOL_RELEASE_HOLD=<ms>` the
+/// background release of the pool VM network a `--network none` start gives
+/// back waits `ms` first, so a test can stop hearthd before it ran. Unset
+/// (always, outside tests) it costs one environment lookup.
+pub(crate) async fn release_hold() {
+    let Some(ms) = std::env::var("HEARTH_POOL_RELEASE_HOLD")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    else {
+        return;
+    };
+    tracing::warn!(
+        ms,
+        "HEARTH_POOL_RELEASE_HOLD: holding a pool VM network release (fault injection for tests)"
+    );
+    tokio::time::sleep(Duration::from_millis(ms)).await;
 }
 
 /// Wakes a freshly restored VM, gives it `net` (its prepared network; `None`:

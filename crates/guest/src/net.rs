@@ -235,6 +235,82 @@ pub fn reconfigure(id: Option<&Identity>, sysroot: &str) -> io::Result<()> {
     Ok(())
 }
 
+/// Whether the kernel's eth0 holds exactly `id` now: up, with its MAC, its
+/// address and netmask (the primary one), a host route to its gateway and the
+/// default route via it. Read from the kernel, not from what this guest
+/// remembers setting, so a change behind its back (a workload with
+/// CAP_NET_ADMIN, a failed step) is seen.
+pub fn holds(id: &Identity) -> io::Result<bool> {
+    let fd = inet_socket()?;
+    let mut f = IfreqFlags {
+        name: name(),
+        flags: 0,
+        _pad: [0; 22],
+    };
+    ioctl(&fd, libc::SIOCGIFFLAGS as _, &mut f, "get eth0 flags")?;
+    if f.flags & libc::IFF_UP as libc::c_short == 0 {
+        return Ok(false);
+    }
+    // SAFETY: sockaddr is plain data; all-zero is valid.
+    let mut a = IfreqAddr {
+        name: name(),
+        addr: unsafe { std::mem::zeroed() },
+        _pad: [0; 8],
+    };
+    ioctl(&fd, libc::SIOCGIFHWADDR as _, &mut a, "get eth0 MAC")?;
+    let mac: Vec<u8> = a.addr.sa_data[..6].iter().map(|b| *b as u8).collect();
+    if mac != id.mac {
+        return Ok(false);
+    }
+    let addr = |req: libc::c_ulong, what: &str| -> io::Result<Option<Ipv4Addr>> {
+        // SAFETY: sockaddr is plain data; all-zero is valid.
+        let mut a = IfreqAddr {
+            name: name(),
+            addr: unsafe { std::mem::zeroed() },
+            _pad: [0; 8],
+        };
+        // SAFETY: a is a valid ifreq for these requests and lives across the call.
+        if unsafe { libc::ioctl(fd.as_raw_fd(), req as _, &mut a) } < 0 {
+            let e = io::Error::last_os_error();
+            // why: eth0 without an address answers EADDRNOTAVAIL.
+            if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) {
+                return Ok(None);
+            }
+            return Err(io::Error::new(e.kind(), format!("{what}: {e}")));
+        }
+        // SAFETY: the kernel filled in an AF_INET sockaddr, the size of sockaddr.
+        let sin: libc::sockaddr_in = unsafe { std::mem::transmute(a.addr) };
+        Ok(Some(Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes())))
+    };
+    if addr(libc::SIOCGIFADDR as _, "get eth0 address")? != Some(id.ip)
+        || addr(libc::SIOCGIFNETMASK as _, "get eth0 netmask")? != Some(id.mask)
+    {
+        return Ok(false);
+    }
+    // why: thread-self, not self: /proc/self/net is the main thread's namespace.
+    let routes = std::fs::read_to_string("/proc/thread-self/net/route")?;
+    Ok(has_routes(&routes, id.gateway))
+}
+
+/// Whether a `/proc/net/route` table holds eth0's host route to `gateway`
+/// and the default route via it.
+fn has_routes(table: &str, gateway: Ipv4Addr) -> bool {
+    let ip = |h: &str| u32::from_str_radix(h, 16).map(|v| Ipv4Addr::from(v.to_ne_bytes()));
+    let (mut host, mut default) = (false, false);
+    for line in table.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 8 || f[0] != IFACE {
+            continue;
+        }
+        let (Ok(dst), Ok(gw), Ok(mask)) = (ip(f[1]), ip(f[2]), ip(f[7])) else {
+            continue;
+        };
+        host |= dst == gateway && mask == Ipv4Addr::BROADCAST;
+        default |= dst == Ipv4Addr::UNSPECIFIED && mask == Ipv4Addr::UNSPECIFIED && gw == gateway;
+    }
+    host && default
+}
+
 fn set_mac(fd: &OwnedFd, mac: [u8; 6]) -> io::Result<()> {
     // SAFETY: sockaddr is plain data; all-zero is valid.
     let mut addr: libc::sockaddr = unsafe { std::mem::zeroed() };
@@ -308,6 +384,116 @@ pub fn announce(id: &Identity) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::process::Command;
+
+    fn ip(args: &str) {
+        let st = Command::new("sh")
+            .args(["-c", &format!("ip {args}")])
+            .status()
+            .expect("ip (iproute2)");
+        assert!(st.success(), "ip {args}");
+    }
+
+    /// Runs `f` on a thread inside a network namespace of its own that holds
+    /// a veth named eth0 (its peer up), as a restored guest's eth0; `f` gets
+    /// the namespace's name for `ip -n`. Needs root, as the e2e tests do.
+    fn in_netns_with_eth0<T: Send + 'static>(f: impl FnOnce(&str) -> T + Send + 'static) -> T {
+        let ns = format!("hgt{}", std::process::id());
+        ip(&format!("netns add {ns}"));
+        ip(&format!("-n {ns} link add eth0 type veth peer name p1"));
+        ip(&format!("-n {ns} link set p1 up"));
+        let file = std::fs::File::open(format!("/run/netns/{ns}")).expect("netns file");
+        let name = ns.clone();
+        let r = std::thread::spawn(move || {
+            // SAFETY: setns(2) on an open namespace fd; it moves this thread only.
+            assert_eq!(
+                unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
+                0,
+                "setns: {}",
+                io::Error::last_os_error()
+            );
+            f(&name)
+        })
+        .join();
+        ip(&format!("netns del {ns}"));
+        r.expect("the test thread panicked")
+    }
+
+    #[test]
+    fn eth0_is_held_only_while_the_kernel_shows_exactly_that_identity() {
+        in_netns_with_eth0(|ns| {
+            let net = |ip: &str| hearth_proto::GuestNet {
+                ip: ip.into(),
+                prefix: 32,
+                gateway: "169.254.1.1".into(),
+                mac: "02:68:0a:58:00:07".into(),
+                dns: Vec::new(),
+            };
+            let id = Identity::parse(&net("10.88.0.7")).unwrap();
+            let other = Identity::parse(&net("10.88.0.8")).unwrap();
+            // why: no nameservers, so nothing is written under it.
+            let sysroot = "/nonexistent";
+            assert!(
+                !holds(&id).unwrap(),
+                "a fresh eth0 is down, without address"
+            );
+            reconfigure(Some(&id), sysroot).unwrap();
+            assert!(holds(&id).unwrap(), "configured");
+            assert!(!holds(&other).unwrap(), "another address");
+            // Changed behind the guest's back: each is seen.
+            for change in [
+                "link set eth0 address 02:68:0a:58:00:09",
+                "route del default",
+                "addr flush dev eth0",
+                "link set eth0 down",
+            ] {
+                ip(&format!("-n {ns} {change}"));
+                assert!(!holds(&id).unwrap(), "after `ip {change}`");
+                reconfigure(Some(&id), sysroot).unwrap();
+                assert!(holds(&id).unwrap(), "reconfigured after `ip {change}`");
+            }
+            reconfigure(None, sysroot).unwrap();
+            assert!(!holds(&id).unwrap(), "taken down");
+
+            // A take-down that fails is reported, not ignored (the guest then
+            // refuses execs and the host fails the start).
+            reconfigure(Some(&id), sysroot).unwrap();
+            drop_net_admin();
+            let e = reconfigure(None, sysroot).unwrap_err();
+            assert!(e.to_string().contains("take eth0 down"), "{e}");
+            assert!(holds(&id).unwrap(), "eth0 still holds the network");
+        });
+    }
+
+    /// Drops CAP_NET_ADMIN from the calling thread (capabilities are per thread).
+    fn drop_net_admin() {
+        #[repr(C)]
+        struct Header {
+            version: u32,
+            pid: i32,
+        }
+        #[repr(C)]
+        #[derive(Clone, Copy, Default)]
+        struct Data {
+            effective: u32,
+            permitted: u32,
+            inheritable: u32,
+        }
+        const CAP_NET_ADMIN: u32 = 12;
+        let mut h = Header {
+            version: 0x2008_0522,
+            pid: 0,
+        };
+        let mut d = [Data::default(); 2];
+        // SAFETY: capget(2) with a v3 header and room for its two data structs.
+        let rc = unsafe { libc::syscall(libc::SYS_capget, &mut h, d.as_mut_ptr()) };
+        assert_eq!(rc, 0, "capget: {}", io::Error::last_os_error());
+        d[0].effective &= !(1 << CAP_NET_ADMIN);
+        d[0].permitted &= !(1 << CAP_NET_ADMIN);
+        // SAFETY: as above; pid 0 is the calling thread.
+        let rc = unsafe { libc::syscall(libc::SYS_capset, &mut h, d.as_ptr()) };
+        assert_eq!(rc, 0, "capset: {}", io::Error::last_os_error());
+    }
 
     #[test]
     fn restore_identity_is_parsed_and_bad_input_named() {

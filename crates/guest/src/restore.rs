@@ -126,7 +126,7 @@ pub fn unreadable(err: &str) -> RestoredAck {
         "reseeding the RNG: the Restored message is unreadable ({err}); nothing of it was applied"
     );
     crate::log!("after restore: {w}");
-    settle(refusal(std::slice::from_ref(&w), false, false));
+    settle(refusal(std::slice::from_ref(&w), None, false));
     RestoredAck {
         warnings: vec![w],
         sessions: Vec::new(),
@@ -159,7 +159,7 @@ pub fn apply(msg: &Restored) -> RestoredAck {
             .transpose();
         let mut taken = TAKEN_NET.lock().unwrap_or_else(|p| p.into_inner());
         match id {
-            Ok(Some(id)) if keeps_net(msg.net_kept, taken.as_ref(), &id) => {
+            Ok(Some(id)) if keeps_net(msg.net_kept, taken.as_ref(), &id) && kernel_holds(&id) => {
                 // why: a warm-pool VM took this network at fill time and ran
                 // nothing of anyone's since; reconfiguring eth0 again is the
                 // slowest step of a pool start under TCG. Its tap is attached
@@ -190,7 +190,11 @@ pub fn apply(msg: &Restored) -> RestoredAck {
     }
     // why: last: the snapshot's own processes continue only with the new RNG
     // state, clock, hostname and network in place, and never without them.
-    settle(refusal(&warnings, msg.net.is_some(), net_applied));
+    settle(refusal(
+        &warnings,
+        msg.net_given.then_some(msg.net.is_some()),
+        net_applied,
+    ));
     RestoredAck {
         warnings,
         sessions: Vec::new(),
@@ -210,16 +214,33 @@ fn keeps_net(
     net_kept && taken == Some(id)
 }
 
+/// Whether the kernel's eth0 holds `id` now (see [`crate::net::holds`]); a
+/// state that cannot be read counts as not held (eth0 is reconfigured).
+fn kernel_holds(id: &crate::net::Identity) -> bool {
+    match crate::net::holds(id) {
+        Ok(held) => held,
+        Err(e) => {
+            crate::log!("cannot read eth0's state ({e}); reconfiguring it");
+            false
+        }
+    }
+}
+
 /// Why execs must be refused after applying a `Restored` with these outcomes
-/// (`net_wanted`: it gave a network to take; taking eth0 down for a sandbox
-/// without network is not checked, as the host does not check it either).
-fn refusal(warnings: &[String], net_wanted: bool, net_applied: bool) -> Option<String> {
+/// (`net`: it was told about the network, `Some(true)`: given one to take,
+/// `Some(false)`: to have none, so eth0 must go down).
+fn refusal(warnings: &[String], net: Option<bool>, net_applied: bool) -> Option<String> {
     if let Some(w) = warnings.iter().find(|w| w.starts_with("reseeding the RNG")) {
         Some(format!(
             "this restored guest could not reseed its RNG ({w})"
         ))
-    } else if net_wanted && !net_applied {
+    } else if net == Some(true) && !net_applied {
         Some("this restored guest could not take its network address and MAC".to_string())
+    } else if net == Some(false) && !net_applied {
+        Some(
+            "this restored guest could not take eth0 down, and its sandbox must have no network"
+                .to_string(),
+        )
     } else {
         None
     }
@@ -321,7 +342,7 @@ mod tests {
         assert_eq!(wait_state(pid, 'T'), 'T', "stopped after a refused restore");
         assert_eq!(*FROZEN.lock().unwrap(), vec![pid as i32]);
 
-        settle(refusal(&[], true, true));
+        settle(refusal(&[], Some(true), true));
         assert_eq!(exec_refusal(), None);
         assert_ne!(
             wait_state(pid, 'S'),
@@ -360,17 +381,25 @@ mod tests {
     }
 
     #[test]
-    fn execs_are_refused_only_after_a_failed_reseed_or_a_network_not_taken() {
+    fn execs_are_refused_only_after_a_failed_reseed_or_a_network_not_taken_or_not_taken_down() {
         let none: Vec<String> = Vec::new();
-        assert_eq!(refusal(&none, true, true), None);
-        assert_eq!(refusal(&none, false, false), None);
+        assert_eq!(refusal(&none, Some(true), true), None);
+        assert_eq!(refusal(&none, Some(false), true), None);
+        assert_eq!(refusal(&none, None, false), None, "no network device");
         assert_eq!(
-            refusal(&["setting the clock: EPERM".into()], false, false),
+            refusal(&["setting the clock: EPERM".into()], None, false),
             None
         );
-        let rng = refusal(&["reseeding the RNG: EPERM".into()], false, false).unwrap();
+        let rng = refusal(&["reseeding the RNG: EPERM".into()], None, false).unwrap();
         assert!(rng.contains("could not reseed its RNG"), "{rng}");
-        let net = refusal(&none, true, false).unwrap();
-        assert!(net.contains("network"), "{net}");
+        let net = refusal(&none, Some(true), false).unwrap();
+        assert!(net.contains("network address"), "{net}");
+        let down = refusal(
+            &["configuring the network: take eth0 down: EPERM".into()],
+            Some(false),
+            false,
+        )
+        .unwrap();
+        assert!(down.contains("could not take eth0 down"), "{down}");
     }
 }

@@ -1396,12 +1396,13 @@ fn an_oversized_net_pool_is_refused_naming_the_flag() {
     assert_eq!(code, 200, "a sensible slice is granted: {body}");
 }
 
-/// `hostname` and eth0's address and MAC as the guest sees them.
+/// `hostname`, eth0's addresses and MAC, and the default route as the guest
+/// sees them.
 fn guest_identity(d: &Daemon, id: &str) -> String {
     exec(
         d,
         id,
-        "hostname; ip -o -4 addr show dev eth0; cat /sys/class/net/eth0/address",
+        "hostname; ip -o -4 addr show dev eth0; cat /sys/class/net/eth0/address; ip route | grep ^default; true",
     )
 }
 
@@ -1421,7 +1422,14 @@ fn assert_own_identity_and_policy(d: &Daemon, id: &str, server_ip: &str) -> (Str
             .contains(&format!("inet {ip}/32")),
         "{id} should have {ip}/32 on eth0: {seen}"
     );
+    // why: right after the one address line, so a second address fails here.
     assert_eq!(lines.next(), Some(mac.as_str()), "MAC of {id}: {seen}");
+    let default = lines.next().unwrap_or("");
+    assert!(
+        default.starts_with("default via ") && default.contains("dev eth0"),
+        "default route of {id}: {seen}"
+    );
+    assert_eq!(lines.next(), None, "one default route for {id}: {seen}");
     first_probe_ok(d, id, server_ip);
     assert_eq!(
         exec(d, id, &probe(server_ip, &[8080, 8081])),
@@ -1911,4 +1919,264 @@ fn a_daemon_stopped_gracefully_ends_its_pool_vms_and_their_networks() {
         "tap {tap} of a pool VM left after SIGTERM: {state}\n--- hearthd ---\n{}",
         d.log_text()
     );
+}
+
+/// Fills a pool of one for a new template `name` and returns the idle pool
+/// VM's id (the sandbox id it will get; its lease is listed under it).
+fn filled_pool_vm(d: &Daemon, name: &str) -> String {
+    let before: Vec<String> = control_plane_leases(d)
+        .into_iter()
+        .map(|(_, s)| s)
+        .collect();
+    let out = d.hearth(&[
+        "template", "create", "busybox", "--name", name, "--memory", "128", "--pool", "1",
+    ]);
+    assert!(out.status.success(), "{}", show(&out));
+    let mut idle = Vec::new();
+    wait_until("the warm pool to fill", Duration::from_secs(120), || {
+        idle = control_plane_leases(d)
+            .into_iter()
+            .map(|(_, s)| s)
+            .filter(|s| !before.contains(s))
+            .collect();
+        let out = d.hearth(&["template", "ls", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap_or_default();
+        let ready = v
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|t| t["name"] == name && t["pool_ready"] == 1);
+        ready && idle.len() == 1
+    });
+    idle.remove(0)
+}
+
+/// Starts `--network none` from the pool (it takes pool VM `vm`) and
+/// returns once it runs.
+fn start_from_pool_without_network(d: &Daemon, vm: &str) {
+    let out = d.hearth(&[
+        "run",
+        "-d",
+        "--network",
+        "none",
+        "busybox",
+        "--",
+        "sleep",
+        "600",
+    ]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert_eq!(stdout(&out).trim(), vm, "took the pool VM");
+    wait_until("sandbox running", Duration::from_secs(60), || {
+        let s = d.inspect(vm);
+        assert_ne!(s["status"], "failed", "{s}");
+        s["status"] == "running"
+    });
+    let s = d.inspect(vm);
+    assert_eq!(s["start_path"], "pool", "{s}");
+    assert!(s["network"].is_null(), "{s}");
+}
+
+/// The pool VM network a `--network none` start gives back in the background
+/// is not lost when hearthd stops before that ran: killed, the restarted
+/// daemon removes it (the record has no network); stopped gracefully, it
+/// waits for the release.
+#[test]
+fn a_network_none_pool_start_gives_its_pool_network_back_across_a_crash_and_a_stop() {
+    // why: the release waits 5 s, so hearthd certainly stops before it ran.
+    let mut d = Daemon::start_with_env(&[("HEARTH_POOL_RELEASE_HOLD", "5000")]);
+    let tap = |vm: &str| format!("hth{}", &vm[..vm.len().min(12)]);
+    let vm = filled_pool_vm(&d, "bbr");
+    assert!(host_state().contains(&tap(&vm)), "pool VM tap missing");
+    start_from_pool_without_network(&d, &vm);
+    d.kill9();
+    assert!(
+        host_state().contains(&tap(&vm)),
+        "the release ran before the kill; the test proves nothing"
+    );
+    d.spawn();
+    d.wait_recovered();
+    assert_eq!(d.inspect(&vm)["status"], "running", "re-adopted");
+    let state = host_state();
+    assert!(
+        !state.contains(&tap(&vm)),
+        "tap of the pool VM taken with --network none left after a crash: {state}"
+    );
+    let leases = std::fs::read_to_string(d.data_dir().join("net/leases.json")).unwrap();
+    assert!(!leases.contains(&vm), "local lease left: {leases}");
+    let held = control_plane_leases(&d);
+    assert!(
+        !held.iter().any(|(_, s)| *s == vm),
+        "control plane lease left after a crash: {held:?}"
+    );
+
+    // A graceful stop waits for the release (5 s, within its 15 s bound).
+    let out = d.hearth(&["rm", "-f", &vm]);
+    assert!(out.status.success(), "{}", show(&out));
+    let out = d.hearth(&["template", "rm", "bbr"]);
+    assert!(out.status.success(), "{}", show(&out));
+    let vm = filled_pool_vm(&d, "bbs");
+    start_from_pool_without_network(&d, &vm);
+    let mut child = d.child.take().expect("daemon running");
+    // SAFETY: plain kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let st = child.wait().expect("wait for hearthd");
+    assert!(
+        st.success(),
+        "hearthd after SIGTERM: {st}\n{}",
+        d.log_text()
+    );
+    let state = host_state();
+    assert!(
+        !state.contains(&tap(&vm)),
+        "tap of the pool VM taken with --network none left after SIGTERM: {state}"
+    );
+    let leases = std::fs::read_to_string(d.data_dir().join("net/leases.json")).unwrap();
+    assert!(
+        !leases.contains(&vm),
+        "local lease left after SIGTERM: {leases}"
+    );
+    // The sandbox's own VM survives the stop; end it, and the refilled pool.
+    d.spawn();
+    d.wait_recovered();
+    let out = d.hearth(&["rm", "-f", &vm]);
+    assert!(out.status.success(), "{}", show(&out));
+    let out = d.hearth(&["template", "rm", "bbs"]);
+    assert!(out.status.success(), "{}", show(&out));
+}
+
+/// Lines of the daemon's log after byte `from` that contain `what`.
+fn log_lines_since(d: &Daemon, from: usize, what: &str) -> usize {
+    d.log_text()
+        .get(from..)
+        .unwrap_or("")
+        .lines()
+        .filter(|l| l.contains(what))
+        .count()
+}
+
+/// A warm pool whose template cannot be restored holds no address or tap: a
+/// template the checks refuse (corrupted) makes its filler take no lease at
+/// all; one that passes them and that QEMU cannot load (its state cut short,
+/// the manifest made to match) gives the lease back with the failed VM.
+#[test]
+fn a_pool_of_a_template_that_fails_to_restore_holds_no_address_or_tap() {
+    use sha2::Digest;
+    let d = Daemon::start_with_env(&[("RUST_LOG", "info,openraft=warn,hearth_net=debug")]);
+    let out = d.hearth(&[
+        "template", "create", "busybox", "--name", "bad", "--memory", "128",
+    ]);
+    assert!(out.status.success(), "{}", show(&out));
+    let dir = d.data_dir().join("templates/bad");
+    let state = dir.join("state");
+    let good = std::fs::read(&state).unwrap();
+    let mut bad = good.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0x5a;
+    std::fs::write(&state, &bad).unwrap();
+
+    let from = d.log_text().len();
+    let out = d.hearth(&["template", "pool", "bad", "--size", "1"]);
+    assert!(out.status.success(), "{}", show(&out));
+    wait_until("two refused pool fills", Duration::from_secs(60), || {
+        log_lines_since(&d, from, "warm pool restore failed") >= 2
+    });
+    assert!(
+        d.log_text()[from..].contains("corrupted"),
+        "the refusal names the cause: {}",
+        &d.log_text()[from..]
+    );
+    assert_eq!(
+        log_lines_since(&d, from, "network set up"),
+        0,
+        "a pool fill of a corrupted template set a network up: {}",
+        &d.log_text()[from..]
+    );
+    let held = control_plane_leases(&d);
+    assert!(held.is_empty(), "leases of a failing pool: {held:?}");
+
+    // Past the checks: QEMU fails to load the state, the lease goes back.
+    let cut = &good[..good.len() / 2];
+    std::fs::write(&state, cut).unwrap();
+    let manifest = dir.join("manifest.json");
+    let mut m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+    for f in m["files"].as_array_mut().unwrap() {
+        if f["name"] == "state" {
+            f["size"] = cut.len().into();
+            f["sha256"] = format!("{:x}", sha2::Sha256::digest(cut)).into();
+        }
+    }
+    std::fs::write(&manifest, m.to_string()).unwrap();
+    let from = d.log_text().len();
+    wait_until(
+        "a pool fill failing in QEMU",
+        Duration::from_secs(120),
+        || log_lines_since(&d, from, "warm pool restore failed") >= 1,
+    );
+    assert!(
+        log_lines_since(&d, from, "network set up") >= 1,
+        "the fill got past the checks: {}",
+        &d.log_text()[from..]
+    );
+    // why: removing the template waits for its filler, so a fill under way
+    // has ended (and given its network back) when it returns.
+    let out = d.hearth(&["template", "rm", "bad"]);
+    assert!(out.status.success(), "{}", show(&out));
+    let held = control_plane_leases(&d);
+    assert!(
+        held.is_empty(),
+        "lease of a failed pool fill left: {held:?}"
+    );
+    let ids = log_sandboxes_since(&d, from, "network set up");
+    assert!(!ids.is_empty(), "no pool VM id in the log");
+    let state = host_state();
+    let leases = std::fs::read_to_string(d.data_dir().join("net/leases.json")).unwrap_or_default();
+    for id in &ids {
+        assert!(
+            !state.contains(&format!("hth{}", &id[..id.len().min(12)])),
+            "tap of failed pool VM {id} left: {state}"
+        );
+        assert!(
+            !leases.contains(id.as_str()),
+            "local lease of {id} left: {leases}"
+        );
+    }
+}
+
+/// The `sandbox` field of the daemon's log lines after byte `from` that
+/// contain `what` (ANSI colours stripped).
+fn log_sandboxes_since(d: &Daemon, from: usize, what: &str) -> Vec<String> {
+    let text = d.log_text();
+    let mut ids = Vec::new();
+    for line in text
+        .get(from..)
+        .unwrap_or("")
+        .lines()
+        .filter(|l| l.contains(what))
+    {
+        let mut plain = String::new();
+        let mut chars = line.chars();
+        while let Some(c) = chars.next() {
+            if c == '\x1b' {
+                for c in chars.by_ref() {
+                    if c == 'm' {
+                        break;
+                    }
+                }
+            } else {
+                plain.push(c);
+            }
+        }
+        if let Some((_, rest)) = plain.split_once("sandbox=") {
+            let id: String = rest
+                .trim_start_matches('"')
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric())
+                .collect();
+            if !id.is_empty() && !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+    }
+    ids
 }
