@@ -797,10 +797,12 @@ fn signal_cause(sig: i32) -> String {
         libc::SIGBUS => "killed by signal 7, SIGBUS: the host could not back its guest memory; \
              is the node out of memory or the file system of its data dir full?"
             .to_string(),
-        libc::SIGKILL => "killed by signal 9, SIGKILL: by the kernel's OOM killer or an operator"
-            .to_string(),
-        libc::SIGABRT => "killed by signal 6, SIGABRT: QEMU aborted, e.g. on a failed allocation"
-            .to_string(),
+        libc::SIGKILL => {
+            "killed by signal 9, SIGKILL: by the kernel's OOM killer or an operator".to_string()
+        }
+        libc::SIGABRT => {
+            "killed by signal 6, SIGABRT: QEMU aborted, e.g. on a failed allocation".to_string()
+        }
         libc::SIGSEGV => "killed by signal 11, SIGSEGV: QEMU crashed".to_string(),
         s => format!("killed by signal {s}"),
     }
@@ -1682,7 +1684,8 @@ impl Agent {
                         .unwrap_or("");
                     // why: without its own error line, the last line is
                     // progress text (block migration's "Completed N %…").
-                    let log = trim_paths(last.find("qemu-system").map_or("", |i| &last[i..]).trim());
+                    let log =
+                        trim_paths(last.find("qemu-system").map_or("", |i| &last[i..]).trim());
                     let why = format!(
                         "the incoming VM (QEMU) on node {} had ended by itself during the transfer ({}){}",
                         self.inner.cfg.node,
