@@ -980,13 +980,26 @@ impl Agent {
         // the record with its network, one record fsync on the start's path
         // instead of two. A crash in between leaves a pool VM without a
         // sandbox record, which a restarted daemon reaps with its network.
+        // The tap joins the paused VM's hub meanwhile: nothing leaves a
+        // paused guest, and until the rules are written its programs hold
+        // the deny-everything policy the VM was parked with.
         let mut adopted = None;
         if let Some(policy) = &policy {
             if let Some(pre) = launch.take_pool_network() {
                 let id = launch.preset_id().unwrap_or_default();
-                match self.adopt_pool_network(&id, pre, policy.clone()).await {
-                    Ok(n) => adopted = Some(n),
-                    Err(e) => {
+                let tap = pre.tap.clone();
+                let (set, attached) = tokio::join!(
+                    self.adopt_pool_network(&id, pre, policy.clone()),
+                    launch.attach_pool_tap(&tap)
+                );
+                match (set, attached) {
+                    (Ok(n), Ok(())) => adopted = Some(n),
+                    (Ok(n), Err(e)) => {
+                        self.release_pool_network(&n.sandbox).await;
+                        self.abandon(launch).await;
+                        return Err(e);
+                    }
+                    (Err(e), _) => {
                         self.abandon(launch).await;
                         return Err(e);
                     }

@@ -55,6 +55,8 @@ pub(crate) struct PooledVm {
     /// carried `net`'s address and MAC, and the guest acknowledged them): a
     /// request that gives it the same one tells it to keep eth0 as it is.
     pub(crate) guest_net: Option<Box<hearth_proto::GuestNet>>,
+    /// The taking sandbox's tap already joined its hub (set by the request).
+    pub(crate) tap_attached: bool,
 }
 
 impl PooledVm {
@@ -316,6 +318,7 @@ impl Agent {
                         nic: meta.nic,
                         net,
                         guest_net: guest_net.map(Box::new),
+                        tap_attached: false,
                     }),
                     Err(e) => {
                         let _ = r.vm.kill().await;
