@@ -3,7 +3,11 @@
 //! restore of the same template snapshot driven by `bench/scripts/bare-restore.py`
 //! (QEMU process start -> guest agent Pong): the floor on this stack.
 //!
-//! Usage: warm-start [RUNS]   (default 50; needs scripts/setup artifacts)
+//! Usage: warm-start [RUNS] [--pool-only]   (default 50; needs scripts/setup
+//! artifacts). `--pool-only` measures only the two warm-pool rows (to compare
+//! builds back to back). With `WARM_START_LOG=FILE` the daemon's log is copied
+//! there at the end (e.g. with `RUST_LOG=info,hearth_agent::start_trace=debug`
+//! for every start's timeline).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -108,6 +112,7 @@ fn main() {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(50);
+    let pool_only = std::env::args().any(|a| a == "--pool-only");
     let d = Daemon::start();
     let info = d.inspect_info();
     let accel = info["accel"].as_str().unwrap_or("tcg").to_string();
@@ -140,6 +145,26 @@ fn main() {
         eprintln!();
         v
     };
+    let keep_log = || {
+        if let Some(to) = std::env::var_os("WARM_START_LOG") {
+            std::fs::copy(&d.log, &to).expect("copy the daemon log");
+        }
+    };
+    if pool_only {
+        set_pool(&d, 2);
+        let pool = measure("pool", false, false, "pool", true);
+        let pool_nonet = measure("pool --network none", false, true, "pool", true);
+        set_pool(&d, 0);
+        keep_log();
+        println!("\nWarm pool, {runs} runs each, accelerator {accel}, 1 vCPU / {MEMORY_MIB} MiB, busybox `echo ready`\n");
+        header_p99();
+        row_p99("warm pool: API request -> first output byte", &pool);
+        row_p99(
+            "warm pool, --network none: API request -> first output byte",
+            &pool_nonet,
+        );
+        return;
+    }
     let cold = measure("cold", true, false, "cold", false);
     let restore = measure("template", false, false, "template", false);
     // why: the bare restore below has no network either; this row compares like with like.
@@ -150,6 +175,7 @@ fn main() {
     // warm starts, and to the target.
     let pool_nonet = measure("pool --network none", false, true, "pool", true);
     set_pool(&d, 0);
+    keep_log();
 
     let snap = d.data_dir().join("templates/bb");
     let cur = |f: &str| {

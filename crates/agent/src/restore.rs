@@ -259,6 +259,22 @@ impl Launch {
         }
     }
 
+    /// Joins `tap` to a pooled VM's hub (it stays paused); marks it done so
+    /// [`Agent::launch_vm`] does not attach it again.
+    pub(crate) async fn attach_pool_tap(&mut self, tap: &str) -> Result<(), AgentError> {
+        let Launch::Pooled { vm, .. } = self else {
+            return Ok(());
+        };
+        vm.vm.attach_tap(tap).await.map_err(|e| {
+            AgentError::Config(format!(
+                "cannot attach tap {tap} to warm pool VM {}: {e}; create the sandbox again",
+                vm.id
+            ))
+        })?;
+        vm.tap_attached = true;
+        Ok(())
+    }
+
     /// The sandbox id a pooled VM was restored under.
     pub(crate) fn preset_id(&self) -> Option<String> {
         match self {
@@ -613,8 +629,10 @@ impl Agent {
             Launch::Pooled { template, vm } => {
                 record(StartPath::Pool, Some(&template), None);
                 // why: pooled VMs wait with their device on hub 0 and no tap; the
-                // sandbox's own tap (lease and policy already set up) joins now.
-                if let Some(tap) = cfg.net.as_ref().and_then(|n| n.tap.as_deref()) {
+                // sandbox's own tap (lease and policy already set up) joins now,
+                // unless it joined while the request's rules were written.
+                let tap = cfg.net.as_ref().and_then(|n| n.tap.as_deref());
+                if let (Some(tap), false) = (tap, vm.tap_attached) {
                     if let Err(e) = vm.vm.attach_tap(tap).await {
                         vm.discard().await;
                         return Err((

@@ -304,6 +304,19 @@ impl Entry {
     }
 }
 
+/// What a new sandbox's record holds from its registration on, when known
+/// before it (one record save instead of several on a warm start's path).
+#[derive(Default)]
+pub(crate) struct Preset {
+    /// Its id, when its VM already has one (a pool VM was restored under it).
+    pub(crate) id: Option<String>,
+    /// Start path, source and note of a warm start.
+    pub(crate) path: Option<(StartPath, String, Option<String>)>,
+    /// Its network, when it already exists (a pool VM's, the request's
+    /// rules written).
+    pub(crate) network: Option<hearth_api::network::SandboxNetwork>,
+}
+
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -984,16 +997,51 @@ impl Agent {
             }
             _ => chosen,
         };
-        let entry = match self.register(
-            &req,
-            &image.digest,
-            &exec.argv,
-            (cpus, memory_mib),
-            launch.preset_id(),
-            launch.preset_path(),
-        ) {
+        // why: a pool VM's network exists before the sandbox (same id): the
+        // request's rules are written into it first, so the registration saves
+        // the record with its network, one record fsync on the start's path
+        // instead of two. A crash in between leaves a pool VM without a
+        // sandbox record, which a restarted daemon reaps with its network.
+        // The tap joins the paused VM's hub meanwhile: nothing leaves a
+        // paused guest, and until the rules are written its programs hold
+        // the deny-everything policy the VM was parked with.
+        let mut adopted = None;
+        if let Some(policy) = &policy {
+            if let Some(pre) = launch.take_pool_network() {
+                let id = launch.preset_id().unwrap_or_default();
+                let tap = pre.tap.clone();
+                let (set, attached) = tokio::join!(
+                    self.adopt_pool_network(&id, pre, policy.clone()),
+                    launch.attach_pool_tap(&tap)
+                );
+                match (set, attached) {
+                    (Ok(n), Ok(())) => adopted = Some(n),
+                    (Ok(n), Err(e)) => {
+                        self.release_pool_network(&n.sandbox).await;
+                        self.abandon(launch).await;
+                        return Err(e);
+                    }
+                    (Err(e), _) => {
+                        self.abandon(launch).await;
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        let preset = Preset {
+            id: launch.preset_id(),
+            path: launch.preset_path(),
+            network: adopted
+                .as_ref()
+                .map(|n| crate::network::network_to_api(n, new_id() + &new_id())),
+        };
+        let entry = match self.register(&req, &image.digest, &exec.argv, (cpus, memory_mib), preset)
+        {
             Ok(e) => e,
             Err(e) => {
+                if let Some(n) = &adopted {
+                    self.release_pool_network(&n.sandbox).await;
+                }
                 self.abandon(launch).await;
                 return Err(e);
             }
@@ -1012,9 +1060,9 @@ impl Agent {
             );
         }
         let prepared = launch.take_pool_network();
-        let net = match (prepared, policy) {
-            (Some(pre), Some(policy)) => self.adopt_pool_network(&entry, pre, policy).await,
-            (Some(pre), None) => {
+        let net = match (adopted, prepared, policy) {
+            (Some(n), _, _) => Ok(Some(n)),
+            (None, Some(pre), None) => {
                 // why: given back in the background instead of before (its
                 // teardown and lease release were most of such a start): the
                 // VM never had the tap attached, the record has no network (so
@@ -1032,7 +1080,7 @@ impl Agent {
                 });
                 Ok(None)
             }
-            (None, policy) => self.setup_network(&entry, policy).await,
+            (None, _, policy) => self.setup_network(&entry, policy).await,
         };
         let net = match net {
             Ok(n) => n,
@@ -1096,17 +1144,16 @@ impl Agent {
         Ok(net)
     }
 
-    /// Gives a sandbox started from a pool VM the network prepared for that VM
-    /// (same id): writes the request's policy into its maps (live, atomic) and
-    /// records it. On failure the network is removed, its lease released, and
-    /// the sandbox unregistered (the caller undoes the launch).
+    /// Gives the sandbox that takes pool VM `id` the network prepared for
+    /// that VM (same id): writes the request's policy into its maps (live,
+    /// atomic), before the sandbox is registered. On failure the network is
+    /// removed and its lease released (the caller undoes the launch).
     async fn adopt_pool_network(
         &self,
-        entry: &Arc<Entry>,
+        id: &str,
         pre: hearth_net::SandboxNet,
         policy: hearth_net::Policy,
-    ) -> Result<Option<hearth_net::SandboxNet>, AgentError> {
-        let id = entry.snapshot().id;
+    ) -> Result<hearth_net::SandboxNet, AgentError> {
         let set = match self.inner.net.clone() {
             _ if pre.sandbox != id => Err(AgentError::Config(format!(
                 "the network prepared for pool VM {} was given to sandbox {id}; it was removed, create the sandbox again",
@@ -1116,39 +1163,30 @@ impl Agent {
                 "pool VM {id} has a network but this node has no networking; create the sandbox again"
             ))),
             Some(node) => {
-                let id2 = id.clone();
+                let id2 = id.to_string();
                 tokio::task::spawn_blocking(move || node.set_policy(&id2, policy))
                     .await
                     .map_err(|e| AgentError::Config(format!("network policy setup panicked: {e}")))
                     .and_then(|r| r.map_err(AgentError::from))
             }
         };
-        match set {
-            Ok(n) => {
-                let token = new_id() + &new_id();
-                entry.update(|r| r.network = Some(crate::network::network_to_api(&n, token)));
-                Ok(Some(n))
-            }
-            Err(e) => {
-                self.release_pool_network(&pre.sandbox).await;
-                lock(&self.inner.sandboxes).remove(&id);
-                let _ = std::fs::remove_dir_all(&entry.dir);
-                Err(e)
-            }
+        if set.is_err() {
+            self.release_pool_network(&pre.sandbox).await;
         }
+        set
     }
 
-    /// Records a new sandbox (status `creating`); `id` when the VM already has
-    /// one (pool), `path` (start path, source, note) when it is already known.
+    /// Records a new sandbox (status `creating`) with what is known of it
+    /// already ([`Preset`]).
     pub(crate) fn register(
         &self,
         req: &CreateSandbox,
         image_digest: &str,
         argv: &[String],
         (cpus, memory_mib): (u32, u32),
-        id: Option<String>,
-        path: Option<(StartPath, String, Option<String>)>,
+        preset: Preset,
     ) -> Result<Arc<Entry>, AgentError> {
+        let Preset { id, path, network } = preset;
         let mut map = lock(&self.inner.sandboxes);
         if let Some(n) = &req.name {
             if map.contains_key(n)
@@ -1195,7 +1233,7 @@ impl Agent {
             started_ms: None,
             finished_ms: None,
             boot_ms: None,
-            network: None,
+            network,
             start_path: path.as_ref().map(|p| p.0),
             start_note: path.as_ref().and_then(|p| p.2.clone()),
             started_from: path.map(|p| p.1),
@@ -1580,15 +1618,34 @@ impl Agent {
             ));
         }
         entry.trace.mark("workload-saved");
-        entry.update(|r| {
-            r.status = SandboxStatus::Running;
-            r.started_ms = Some(now_ms());
-            r.boot_ms = Some(boot_ms);
+        // why: saved (one fsync) while the workload's first output is relayed,
+        // not before it. The status shows `running` only once saved, as every
+        // status; the workload already runs in the guest either way (its exec
+        // went with `Restored`), and a crash before the save finds the record
+        // `creating` and stops the VM (`lost`), as it did before, only that its
+        // first output may have been seen. `run_workload` waits for the save
+        // before any later change of the record (stop, migrate, the end).
+        let e2 = entry.clone();
+        let saving = tokio::task::spawn_blocking(move || {
+            e2.update(|r| {
+                r.status = SandboxStatus::Running;
+                r.started_ms = Some(now_ms());
+                r.boot_ms = Some(boot_ms);
+            });
+            e2.trace.mark("running-saved");
         });
-        entry.trace.mark("running-saved");
         tracing::info!(sandbox = %entry.snapshot().id, boot_ms, "workload started");
-        self.run_workload(entry, vm, conn, session, log, ctl, polite, Some(started))
-            .await
+        self.run_workload(
+            entry,
+            vm,
+            conn,
+            session,
+            log,
+            ctl,
+            polite,
+            Some((started, saving)),
+        )
+        .await
     }
 
     /// The takeover record of `entry`'s main workload, session `session`.
@@ -1607,8 +1664,10 @@ impl Agent {
     }
 
     /// Relays the main workload's output to its log until it ends, serving
-    /// stop/kill/migrate requests and the guest watchdog. With `started`, logs
-    /// the time to the first output.
+    /// stop/kill/migrate requests and the guest watchdog. With `started` (a
+    /// new start: when it began, and the save of its `running` record), logs
+    /// the time to the first output, and serves control requests only once
+    /// the record is saved.
     #[allow(clippy::too_many_arguments)]
     async fn run_workload(
         &self,
@@ -1619,8 +1678,12 @@ impl Agent {
         mut log: OutputLog,
         ctl: &mut mpsc::Receiver<Control>,
         polite: &mut bool,
-        started: Option<Instant>,
+        started: Option<(Instant, tokio::task::JoinHandle<()>)>,
     ) -> Outcome {
+        let (started, mut saving) = match started {
+            Some((t0, save)) => (Some(t0), Some(save)),
+            None => (None, None),
+        };
         let failed = |m: String| (SandboxStatus::Failed, None, Some(m));
         let console = |vm: &dyn Vm| console_tail(&vm.console_log());
         let log_path = entry.dir.join("output.log");
@@ -1665,13 +1728,26 @@ impl Agent {
                     None => std::future::pending().await,
                 }
             };
+            let save_pending = saving.is_some();
+            let saved = async {
+                match saving.as_mut() {
+                    Some(save) => {
+                        let _ = save.await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
             let ev = if let Some(ev) = pending.take() {
                 Some(ev)
             } else {
                 tokio::select! {
                     ev = session.next() => Some(ev),
+                    _ = saved => {
+                        saving = None;
+                        None
+                    }
                     x = &mut vm_exit => break failed(format!("VM exited unexpectedly ({}){}", describe_exit(x), console(vm))),
-                    c = ctl.recv() => match c {
+                    c = ctl.recv(), if !save_pending => match c {
                         Some(Control::Stop { grace }) => {
                             let _ = tokio::time::timeout(Duration::from_secs(1), input.signal(libc::SIGTERM)).await;
                             stop_deadline = Some(tokio::time::Instant::now() + grace);
@@ -1738,6 +1814,9 @@ impl Agent {
                 ));
             }
         };
+        if let Some(save) = saving.take() {
+            let _ = save.await;
+        }
         let _ = log.flush().await;
         outcome
     }

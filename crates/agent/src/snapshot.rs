@@ -359,8 +359,7 @@ impl Agent {
             &meta.image_digest,
             &exec.argv,
             (cpus, memory_mib),
-            None,
-            None,
+            crate::sandbox::Preset::default(),
         ) {
             Ok(e) => e,
             Err(e) => {

@@ -257,7 +257,7 @@ impl Agent {
                 .await
                 .map_err(|e| e.to_string())?;
             // why: one process before the save leaves the exec path (busybox or the
-            // image's `true`, libc, dentries) in the snapshot's page cache.
+            // image's `echo`, libc, dentries) in the snapshot's page cache.
             run_warm_up(&conn).await?;
             let opts = SaveOptions {
                 kernel_sha256: self.inner.warm.host.kernel_sha256.clone(),

@@ -4,7 +4,7 @@
 //! One filler task per template keeps `ready` at the target size, restoring one
 //! VM at a time (a restore storm would starve the VMs that serve requests). Each
 //! VM is warmed up before it is parked: resumed, told `Restored` once, made to
-//! run one process, paused again. So the guest's exec path is already faulted in
+//! run one process that prints, paused again. So the guest's exec path is already faulted in
 //! (and, under TCG, translated) when a request takes it; the request still sends
 //! a fresh `Restored` (new entropy, clock, hostname) before its workload. A
 //! pooled VM is restored under the sandbox id it will get when taken, in
@@ -55,6 +55,8 @@ pub(crate) struct PooledVm {
     /// carried `net`'s address and MAC, and the guest acknowledged them): a
     /// request that gives it the same one tells it to keep eth0 as it is.
     pub(crate) guest_net: Option<Box<hearth_proto::GuestNet>>,
+    /// The taking sandbox's tap already joined its hub (set by the request).
+    pub(crate) tap_attached: bool,
 }
 
 impl PooledVm {
@@ -338,6 +340,7 @@ impl Agent {
                         nic: meta.nic,
                         net,
                         guest_net: guest_net.map(Box::new),
+                        tap_attached: false,
                     }),
                     Err(e) => {
                         let _ = r.vm.kill().await;
@@ -500,11 +503,15 @@ async fn warm_up(
     Ok((conn, taken))
 }
 
-/// Runs `true` in the guest and waits for it to end.
+/// Runs `echo` in the guest and waits for it to end (its output is dropped).
 pub(crate) async fn run_warm_up(conn: &Arc<GuestConn>) -> Result<(), String> {
-    // why: any image will do: a missing `true` still exercises fork and exec (127).
+    // why: a process that prints, so the output path (pipe, the guest's pump,
+    // the channel) is faulted in and, under TCG, translated too, not only fork
+    // and exec; a pool VM is the same QEMU process at request time, so what
+    // ran here stays translated. Any image will do: a missing `echo` still
+    // exercises fork and exec (127) and prints the guest's error.
     let req = GuestExec {
-        argv: vec!["true".into()],
+        argv: vec!["echo".into(), "hearth warm-up".into()],
         ..Default::default()
     };
     let mut session = conn.exec(&req).await.map_err(|e| e.to_string())?;
