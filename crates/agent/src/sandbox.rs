@@ -178,6 +178,10 @@ pub(crate) enum Control {
 /// Longest an exec waits for a snapshot of its sandbox to finish.
 const EXEC_SNAPSHOT_WAIT: Duration = Duration::from_secs(120);
 
+/// Longest a request that needs a running sandbox (exec, signal, snapshot,
+/// migrate) waits for a started workload's `running` record to be saved.
+const RUNNING_SAVE_WAIT: Duration = Duration::from_secs(10);
+
 pub(crate) struct Entry {
     pub(crate) dir: PathBuf,
     pub(crate) record: Mutex<Sandbox>,
@@ -263,6 +267,24 @@ impl Entry {
 
     pub(crate) fn snapshot(&self) -> Sandbox {
         lock(&self.record).clone()
+    }
+
+    /// Waits until the status has left `creating` (running, or ended).
+    pub(crate) async fn left_creating(&self) {
+        let mut st = self.status.subscribe();
+        // why: an error means the entry is gone; there is nothing to wait for.
+        let _ = st.wait_for(|s| *s != SandboxStatus::Creating).await;
+    }
+
+    /// When its workload already runs (it has a main session) but the status
+    /// is still `creating`, waits (at most `bound`) for the `running` record's
+    /// save: a new start relays the first output while that save runs, so a
+    /// client reacting to the output must not be told the sandbox is still
+    /// being created. At once otherwise (e.g. while it still boots).
+    pub(crate) async fn running_saved(&self, bound: Duration) {
+        if lock(&self.main_session).is_some() {
+            let _ = tokio::time::timeout(bound, self.left_creating()).await;
+        }
     }
 
     /// Waits until the pool VM network this sandbox gives back (see
@@ -747,6 +769,15 @@ impl Agent {
                 RECOVERY_WAIT.as_secs()
             )));
         }
+        Ok(e)
+    }
+
+    /// [`Agent::settled_entry`] for a request that needs the sandbox running
+    /// (exec, signal, snapshot, migrate): also waits for a started
+    /// workload's `running` record ([`Entry::running_saved`]).
+    pub(crate) async fn running_entry(&self, id_or_name: &str) -> Result<Arc<Entry>, AgentError> {
+        let e = self.settled_entry(id_or_name).await?;
+        e.running_saved(RUNNING_SAVE_WAIT).await;
         Ok(e)
     }
 
@@ -1697,6 +1728,9 @@ impl Agent {
         // next one; it is acknowledged only by powering the guest off.
         session.defer_exit_ack();
         let mut first_output = started.is_some();
+        // The first output came before the `running` save ended: the start's
+        // timeline is logged when it ends.
+        let mut timeline_due = false;
         let mut stop_deadline: Option<tokio::time::Instant> = None;
         let wd = self.inner.cfg.guest_watchdog;
         let watchdog = async {
@@ -1744,6 +1778,9 @@ impl Agent {
                     ev = session.next() => Some(ev),
                     _ = saved => {
                         saving = None;
+                        if std::mem::take(&mut timeline_due) {
+                            entry.trace.log(&entry.snapshot().id);
+                        }
                         None
                     }
                     x = &mut vm_exit => break failed(format!("VM exited unexpectedly ({}){}", describe_exit(x), console(vm))),
@@ -1803,7 +1840,13 @@ impl Agent {
             if std::mem::take(&mut first_output) {
                 if let Some(t0) = started {
                     entry.trace.mark("first-output");
-                    entry.trace.log(&entry.snapshot().id);
+                    // why: logged once the `running` record is saved too, so
+                    // the timeline always has that step.
+                    if saving.is_some() {
+                        timeline_due = true;
+                    } else {
+                        entry.trace.log(&entry.snapshot().id);
+                    }
                     tracing::info!(sandbox = %entry.snapshot().id, ms = t0.elapsed().as_millis() as u64, "first output");
                 }
             }
@@ -1816,6 +1859,9 @@ impl Agent {
         };
         if let Some(save) = saving.take() {
             let _ = save.await;
+        }
+        if timeline_due {
+            entry.trace.log(&entry.snapshot().id);
         }
         let _ = log.flush().await;
         outcome
@@ -1844,16 +1890,14 @@ impl Agent {
     /// Waits until the sandbox has left `creating` (running, or ended) and returns it.
     pub(crate) async fn wait_started(&self, id: &str) -> Result<Sandbox, AgentError> {
         let e = self.entry(id)?;
-        let mut st = e.status.subscribe();
-        let _ = st.wait_for(|s| *s != SandboxStatus::Creating).await;
+        e.left_creating().await;
         Ok(e.view())
     }
 
     /// Waits until the sandbox is running (or ended), then returns its stdin.
     pub async fn main_stdin(&self, id_or_name: &str) -> Result<SessionInput, AgentError> {
         let e = self.settled_entry(id_or_name).await?;
-        let mut st = e.status.subscribe();
-        let _ = st.wait_for(|s| *s != SandboxStatus::Creating).await;
+        e.left_creating().await;
         let rec = e.snapshot();
         let input = lock(&e.main_input)
             .clone()
@@ -1880,7 +1924,7 @@ impl Agent {
                 "signal {signal} is out of range: give 1..=64"
             )));
         }
-        let e = self.settled_entry(id_or_name).await?;
+        let e = self.running_entry(id_or_name).await?;
         let input = lock(&e.main_input).clone();
         let rec = e.snapshot();
         match input {
@@ -1975,7 +2019,7 @@ impl Agent {
         id_or_name: &str,
         req: hearth_api::ExecRequest,
     ) -> Result<(u32, Session), AgentError> {
-        let e = self.settled_entry(id_or_name).await?;
+        let e = self.running_entry(id_or_name).await?;
         let rec = e.snapshot();
         if rec.status != SandboxStatus::Running || lock(&e.conn).is_none() {
             return Err(AgentError::Conflict(format!(
@@ -2257,6 +2301,72 @@ fn nic_device(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn creating_entry(dir: &Path) -> Entry {
+        Entry::new(
+            dir.to_path_buf(),
+            Sandbox {
+                id: "sb".into(),
+                name: None,
+                image: "busybox".into(),
+                image_digest: "sha256:0".into(),
+                status: SandboxStatus::Creating,
+                exit: None,
+                error: None,
+                cpus: 1,
+                memory_mib: 128,
+                argv: vec!["true".into()],
+                node: "n1".into(),
+                accel: "tcg".into(),
+                created_ms: 0,
+                started_ms: None,
+                finished_ms: None,
+                boot_ms: None,
+                network: None,
+                start_path: None,
+                start_note: None,
+                started_from: None,
+                owner: None,
+            },
+        )
+    }
+
+    #[tokio::test]
+    async fn running_requests_wait_for_a_started_workloads_running_save() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = creating_entry(dir.path());
+        // Still booting (no workload session): no wait, the caller answers 409.
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            e.running_saved(Duration::from_secs(60)),
+        )
+        .await
+        .expect("no wait while the workload has not started");
+        // Started, `running` not saved yet: waits, and ends with the save.
+        *lock(&e.main_session) = Some(1);
+        let wait = e.running_saved(Duration::from_secs(60));
+        tokio::pin!(wait);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), &mut wait)
+                .await
+                .is_err(),
+            "returned while the status was still creating"
+        );
+        e.update(|r| r.status = SandboxStatus::Running);
+        tokio::time::timeout(Duration::from_secs(5), wait)
+            .await
+            .expect("still waiting after the running record was saved");
+        assert_eq!(e.snapshot().status, SandboxStatus::Running);
+        // A save that never ends: the wait is bounded.
+        let stuck = creating_entry(dir.path());
+        *lock(&stuck.main_session) = Some(1);
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            stuck.running_saved(Duration::from_millis(50)),
+        )
+        .await
+        .expect("the wait is bounded");
+    }
 
     #[test]
     fn request_env_overrides_image_env_in_place() {

@@ -140,7 +140,7 @@ impl Agent {
                 "snapshot name '{name}' is invalid: use 1-63 letters, digits, '-', '_' or '.', starting with a letter or digit"
             )));
         }
-        let e = self.settled_entry(id_or_name).await?;
+        let e = self.running_entry(id_or_name).await?;
         let _saving = e.saving.lock().await;
         let rec = e.snapshot();
         let vm = lock(&e.vm).clone();

@@ -1,5 +1,6 @@
 //! Where a sandbox start spends its time: each step's offset from the API
-//! request, logged as one line at debug level when the first output arrives
+//! request, logged as one line at debug level once the first output arrived
+//! and the `running` record is saved
 //! (`RUST_LOG=info,hearth_agent::start_trace=debug`).
 
 use std::sync::Mutex;

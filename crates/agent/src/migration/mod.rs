@@ -956,7 +956,7 @@ impl Agent {
         req: MigrateSandbox,
     ) -> Result<MigrationStatus, AgentError> {
         let params = params_from(&req)?;
-        let entry = self.settled_entry(id_or_name).await?;
+        let entry = self.running_entry(id_or_name).await?;
         let rec = entry.snapshot();
         if rec.status != SandboxStatus::Running {
             return Err(AgentError::Conflict(format!(
