@@ -736,3 +736,83 @@ fn an_exec_sent_while_a_snapshot_is_saved_waits_for_the_thaw() {
         );
     });
 }
+
+/// A warm start relays its workload's first output while its `running` record
+/// is still being saved: a client that reacts to that output at once (here
+/// `hearth exec` the moment `ready` is printed) must find the sandbox running,
+/// not be told it is still being created (409).
+#[test]
+fn an_exec_sent_on_the_first_output_of_a_warm_start_runs() {
+    use std::io::BufRead;
+    use std::process::Stdio;
+    let d = Daemon::start();
+    let out = d.hearth(&[
+        "template", "create", "busybox", "--name", "bb", "--memory", "128", "--pool", "2",
+    ]);
+    assert!(out.status.success(), "{}", show(&out));
+    wait_until("the warm pool to fill", Duration::from_secs(120), || {
+        json(&d.hearth(&["template", "ls", "--json"]))[0]["pool_ready"] == 2
+    });
+    // why: several starts, so the window between the first output and the
+    // save is hit at least once (pool starts first, then template restores).
+    for i in 0..10 {
+        let name = format!("r{i}");
+        let mut run = d
+            .cmd(&[
+                "run",
+                "--network",
+                "none",
+                "--name",
+                &name,
+                "busybox",
+                "--",
+                "sh",
+                "-c",
+                "echo ready; sleep 60",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("hearth run");
+        let mut lines = std::io::BufReader::new(run.stdout.take().expect("stdout")).lines();
+        let first = lines.next().map(|l| l.expect("read the run's output"));
+        if first.as_deref() != Some("ready") {
+            let _ = run.kill();
+            let out = run.wait_with_output().expect("wait hearth run");
+            panic!("{name}: first output {first:?}, not ready: {}", show(&out));
+        }
+        // why: every other one through the API itself, the quickest reaction
+        // a client can have (no CLI process to start).
+        let exec = if i % 2 == 0 {
+            let out = d.hearth(&["exec", &name, "--", "echo", "hi"]);
+            (out.status.success(), show(&out))
+        } else {
+            let (code, body) = d
+                .http(
+                    "POST",
+                    &format!("/v1/sandboxes/{name}/exec"),
+                    Some(r#"{"cmd":["echo","hi"]}"#),
+                )
+                .expect("exec request");
+            (code == 200 && body.contains("hi"), format!("{code} {body}"))
+        };
+        let path = d.inspect(&name)["start_path"].clone();
+        let _ = run.kill();
+        let _ = run.wait();
+        assert!(
+            exec.0,
+            "exec into {name} ({path} start) right after its first output: {}",
+            exec.1
+        );
+        let out = d.hearth(&["rm", "-f", &name]);
+        assert!(out.status.success(), "{}", show(&out));
+    }
+    let out = d.hearth(&["template", "pool", "bb", "--size", "0"]);
+    assert!(out.status.success(), "{}", show(&out));
+    // why: a pool VM still being restored is not counted as ready yet.
+    wait_until("the pool's VMs to be gone", Duration::from_secs(60), || {
+        json(&d.hearth(&["template", "ls", "--json"]))[0]["pool_ready"] == 0
+            && vmm_pids_under(&d.data_dir()).is_empty()
+    });
+}
