@@ -745,7 +745,7 @@ fn an_exec_sent_while_a_snapshot_is_saved_waits_for_the_thaw() {
 fn an_exec_sent_on_the_first_output_of_a_warm_start_runs() {
     use std::io::BufRead;
     use std::process::Stdio;
-    let d = Daemon::start();
+    let d = Daemon::start_with_env(&[("RUST_LOG", "info,hearth_agent::start_trace=debug")]);
     let out = d.hearth(&[
         "template", "create", "busybox", "--name", "bb", "--memory", "128", "--pool", "2",
     ]);
@@ -815,4 +815,18 @@ fn an_exec_sent_on_the_first_output_of_a_warm_start_runs() {
         json(&d.hearth(&["template", "ls", "--json"]))[0]["pool_ready"] == 0
             && vmm_pids_under(&d.data_dir()).is_empty()
     });
+    // Each start's timeline is logged once its `running` record is saved, so
+    // it has that step even when the first output came before the save.
+    let log = d.log_text();
+    let timelines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("start timeline"))
+        .collect();
+    assert!(timelines.len() >= 10, "{timelines:#?}");
+    for t in &timelines {
+        assert!(
+            t.contains("running-saved") && t.contains("first-output"),
+            "{t}"
+        );
+    }
 }
