@@ -738,7 +738,7 @@ impl State {
                 };
                 n.cordoned = true;
                 self.touch_node(node);
-                self.move_always(node, *at_ms, only.as_deref())
+                self.move_always(node, *at_ms, true, only.as_deref())
             }
             Command::CreateSandbox { sandbox } => self.create(sandbox),
             Command::SetObserved {
@@ -1495,7 +1495,7 @@ impl State {
 
     /// The node is gone: sandboxes with `restart: always` move, the rest are lost.
     fn evacuate(&mut self, node: &str, at_ms: u64, why: &str) -> Reply {
-        let Reply::Moved { moved, mut lost } = self.move_always(node, at_ms, None) else {
+        let Reply::Moved { moved, mut lost } = self.move_always(node, at_ms, false, None) else {
             return Reply::Ok;
         };
         // why: a `restart: always` record with an open migration is neither
@@ -1529,10 +1529,19 @@ impl State {
     /// Places every live `restart: always` sandbox of `node` elsewhere
     /// (bin-pack, excluding `node`); those with nowhere to go stay and are
     /// listed as lost. The scheduler is pure, so this stays deterministic.
+    /// With `drain` (the node stays up) a sandbox still being created stays:
+    /// its first copy may still come up there, and a fresh start elsewhere
+    /// would be a second copy (migsafe 3); the drain reports it not moved.
     /// A sandbox whose migration is active stays, also when its node is gone
     /// (its copy may already run on the target, so a fresh start elsewhere
     /// could race the migration's completion and fence it: migsafe 2).
-    fn move_always(&mut self, node: &str, at_ms: u64, only: Option<&[String]>) -> Reply {
+    fn move_always(
+        &mut self,
+        node: &str,
+        at_ms: u64,
+        drain: bool,
+        only: Option<&[String]>,
+    ) -> Reply {
         let ids: Vec<String> = self
             .sandboxes
             .values()
@@ -1542,6 +1551,7 @@ impl State {
                     && s.restart == RestartPolicy::Always
                     && !s.pinned
                     && s.migrating().is_none()
+                    && !(drain && s.observed.as_ref().is_none_or(|o| o.status == "creating"))
                     && only.is_none_or(|o| o.contains(&s.id))
             })
             .map(|s| s.id.clone())

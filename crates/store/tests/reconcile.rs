@@ -287,10 +287,10 @@ fn a_late_start_result_of_an_old_generation_is_ignored() {
     s.apply(&node("n1"));
     s.apply(&node("n2"));
     s.apply(&create("s1", "n1", RestartPolicy::Always));
-    s.apply(&Command::Drain {
+    // why: its node lost (a drain leaves one still being created alone).
+    s.apply(&Command::MarkNotReady {
         node: "n1".into(),
         at_ms: 2,
-        only: None,
     });
     assert_eq!(status(&s, "s1"), ("creating".into(), None, 1));
     s.apply(&set_observed("s1", "n1", 0, "running", "late"));
@@ -309,6 +309,7 @@ fn a_stale_heartbeat_does_not_write_into_a_moved_record() {
     s.apply(&node("n1"));
     s.apply(&node("n2"));
     s.apply(&create("s1", "n1", RestartPolicy::Always));
+    s.apply(&set_observed("s1", "n1", 0, "running", "a1"));
     s.apply(&Command::Drain {
         node: "n1".into(),
         at_ms: 2,
@@ -1173,4 +1174,32 @@ fn an_open_migration_holds_off_the_restart_policy() {
     let d = heartbeat(&mut s, "n1", 1001, dead("failed"));
     assert_eq!(d.not_running, vec!["s1".to_string()], "{d:?}");
     assert_eq!(status(&s, "s1").2, 1);
+}
+
+/// migsafe 3: a drain's cold-restart fallback never moves a `restart:
+/// always` sandbox that is still being created (its first copy may still
+/// come up on the drained node: two copies); it stays and is reported.
+#[test]
+fn a_drain_never_restarts_a_sandbox_still_being_created() {
+    let mut s = State::default();
+    s.apply(&node("n1"));
+    s.apply(&node("n2"));
+    s.apply(&create("s1", "n1", RestartPolicy::Always));
+    s.apply(&create("s2", "n1", RestartPolicy::Always));
+    s.apply(&set_observed("s2", "n1", 0, "creating", "a2"));
+    s.apply(&create("s3", "n1", RestartPolicy::Always));
+    s.apply(&set_observed("s3", "n1", 0, "running", "a3"));
+    let r = s.apply(&Command::Drain {
+        node: "n1".into(),
+        at_ms: 4,
+        only: Some(vec!["s1".into(), "s2".into(), "s3".into()]),
+    });
+    let Reply::Moved { moved, .. } = r else {
+        panic!("{r:?}")
+    };
+    assert_eq!(moved, ["s3"], "a sandbox still being created was restarted");
+    for id in ["s1", "s2"] {
+        let r = &s.sandboxes[id];
+        assert_eq!((r.node.as_str(), r.reschedules), ("n1", 0), "{id}");
+    }
 }
