@@ -214,6 +214,7 @@ pub async fn run(agent: Agent, cfg: LinkConfig) -> Result<(), LinkError> {
                 .into_iter()
                 .map(|s| ObservedSandbox {
                     paused: agent.migration_paused(&s.id),
+                    migrating: agent.migrating_out(&s.id),
                     agent_id: s.id,
                     status: s.status,
                     error: s.error,

@@ -216,6 +216,10 @@ pub(crate) struct Entry {
     /// here or is released): heartbeats report the copy as paused, since the
     /// guest may run on the target.
     pub(crate) migration_paused: std::sync::atomic::AtomicBool,
+    /// An outgoing live migration of it runs (handed to its lifecycle task,
+    /// up to the end of the commit): heartbeats report it, since the guest
+    /// may still switch over to the target.
+    pub(crate) migrating_out: std::sync::atomic::AtomicBool,
     /// Held while the record is saved (saves never overtake each other).
     persisting: Mutex<()>,
     /// Where the start of this sandbox spent its time.
@@ -259,6 +263,7 @@ impl Entry {
             nic: std::sync::atomic::AtomicBool::new(false),
             nic_tap: std::sync::atomic::AtomicBool::new(false),
             migration_paused: std::sync::atomic::AtomicBool::new(false),
+            migrating_out: std::sync::atomic::AtomicBool::new(false),
             persisting: Mutex::new(()),
             trace: crate::start_trace::StartTrace::new(),
             releasing: Mutex::new(None),
@@ -1598,6 +1603,7 @@ impl Agent {
                 let _ = vm.kill().await;
                 return match c {
                     Some(Control::Migrate(job)) => {
+                        entry.migrating_out.store(false, std::sync::atomic::Ordering::Relaxed);
                         job.refuse("the sandbox was still booting");
                         (SandboxStatus::Stopped, None, None)
                     }

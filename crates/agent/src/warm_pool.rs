@@ -461,14 +461,18 @@ impl Agent {
     }
 }
 
+/// The longest hold [`release_hold`] makes, whatever the variable says.
+const MAX_RELEASE_HOLD_MS: u64 = 30_000;
+
 /// Fault injection for tests: with `HEARTH_POOL_RELEASE_HOLD=<ms>` the
 /// background release of the pool VM network a `--network none` start gives
-/// back waits `ms` first, so a test can stop hearthd before it ran. Unset
-/// (always, outside tests) it costs one environment lookup.
+/// back waits `ms` first (at most 30 s), so a test can stop hearthd before it
+/// ran. Unset (always, outside tests) it costs one environment lookup.
 pub(crate) async fn release_hold() {
     let Some(ms) = std::env::var("HEARTH_POOL_RELEASE_HOLD")
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
+        .map(|ms| ms.min(MAX_RELEASE_HOLD_MS))
     else {
         return;
     };

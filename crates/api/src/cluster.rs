@@ -69,6 +69,10 @@ pub struct ObservedSandbox {
     /// run in it, and may run on the target.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub paused: bool,
+    /// An outgoing live migration of it is in progress (pre-copy up to the
+    /// commit): it runs here but may still switch over to the target.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub migrating: bool,
 }
 
 /// `POST /v1/agents/{node}/heartbeat`.

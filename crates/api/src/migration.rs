@@ -7,6 +7,18 @@ use utoipa::ToSchema;
 
 use crate::Sandbox;
 
+/// `POST /v1/sandboxes/{id}/migration/cancel` (a node's API): cancel the
+/// sandbox's outgoing migration `attempt` if it has not committed. The answer
+/// is the migration's status once it ended: `aborted` (it did not commit and
+/// runs here; also for an attempt that never started here, which now never
+/// will), `completed` (the target runs it), anything else: not known yet.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CancelMigration {
+    /// The control plane's id of the migration attempt to cancel.
+    pub attempt: String,
+}
+
 /// `POST /v1/sandboxes/{id}/migrate`: move a running sandbox to another node.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

@@ -119,6 +119,10 @@ fn build(agent: Agent, token: ApiToken, dev: Option<cluster::ControlPlane>) -> R
         .route("/v1/sandboxes/{id}/execs/{exec_id}/stdin", post(exec_stdin))
         .route("/v1/sandboxes/{id}/migrate", post(migration::migrate))
         .route("/v1/sandboxes/{id}/migration", get(migration::status))
+        .route(
+            "/v1/sandboxes/{id}/migration/cancel",
+            post(migration::cancel),
+        )
         .route("/v1/migrations/incoming", post(migration::prepare))
         .route(
             "/v1/migrations/incoming/{id}",

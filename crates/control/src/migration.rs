@@ -40,6 +40,16 @@ pub async fn status(
     Ok(Json(agent.migration_status(&id)?))
 }
 
+/// `POST /v1/sandboxes/{id}/migration/cancel`: the control plane gives a
+/// migration attempt up (its deadline); see [`Agent::cancel_migration`].
+pub async fn cancel(
+    State(agent): State<Agent>,
+    Path(id): Path<String>,
+    Json(req): Json<hearth_api::migration::CancelMigration>,
+) -> ApiResult<Json<MigrationStatus>> {
+    Ok(Json(agent.cancel_migration(&id, &req.attempt).await?))
+}
+
 /// The address the caller reached us on (Host header), so the tunnel listens
 /// on the same interface; any interface when it is a name.
 fn bind_ip(headers: &HeaderMap) -> Option<IpAddr> {

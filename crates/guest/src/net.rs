@@ -419,8 +419,22 @@ mod tests {
         r.expect("the test thread panicked")
     }
 
+    /// Root and iproute2, for [`in_netns_with_eth0`].
+    fn can_run() -> bool {
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        root && Command::new("ip")
+            .arg("-V")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }
+
     #[test]
     fn eth0_is_held_only_while_the_kernel_shows_exactly_that_identity() {
+        if !can_run() {
+            eprintln!("skipped: needs root and iproute2 for a network namespace");
+            return;
+        }
         in_netns_with_eth0(|ns| {
             let net = |ip: &str| hearth_proto::GuestNet {
                 ip: ip.into(),

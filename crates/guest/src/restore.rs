@@ -161,7 +161,11 @@ pub fn apply(msg: &Restored) -> RestoredAck {
         match id {
             Ok(Some(id)) if keeps_net(msg.net_kept, taken.as_ref(), &id) && kernel_holds(&id) => {
                 // why: a warm-pool VM took this network at fill time and ran
-                // nothing of anyone's since; reconfiguring eth0 again is the
+                // only its warm-up since (one short process of the image
+                // itself, with no tap attached); the kernel still shows exactly
+                // that identity on eth0 (`kernel_holds`: up, MAC, address,
+                // netmask, its host and default routes — not the absence of
+                // extra addresses or rules). Reconfiguring eth0 again is the
                 // slowest step of a pool start under TCG. Its tap is attached
                 // only now, so it announces itself again.
                 if let Err(e) = crate::net::announce(&id) {

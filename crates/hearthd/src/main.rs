@@ -308,8 +308,9 @@ pub(crate) async fn close_pools(agent: &Agent) {
         .is_err()
     {
         tracing::warn!(
-            "the warm pools did not close within {POOL_CLOSE_WAIT:?}; \
-             their VMs are reaped at the next start"
+            "the warm pools did not close within {POOL_CLOSE_WAIT:?} (a pool fill \
+             or a pool network release still running); their VMs and networks are \
+             reaped at the next start"
         );
     }
 }

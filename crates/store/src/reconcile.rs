@@ -71,6 +71,7 @@ impl State {
         // evidence that the guest runs here.
         let mut running: BTreeSet<String> = BTreeSet::new();
         let mut paused: BTreeSet<String> = BTreeSet::new();
+        let mut migrating: BTreeSet<String> = BTreeSet::new();
         for r in report {
             // why: a copy tagged by another cluster (or by this control plane
             // before it was rebuilt) is none of this state's business.
@@ -179,12 +180,23 @@ impl State {
                 } else {
                     running.insert(id.clone());
                 }
+                if r.migrating {
+                    migrating.insert(id.clone());
+                }
             }
             // why: restart=always means a copy that died (lost, failed) is
             // started again, not recorded as the end.
+            // why: not while a migration of it is open: the target may have
+            // committed (a source restarted during an unclear commit), and a
+            // fresh copy of the next generation would fence the target's;
+            // the migration settles first (the target's report completes
+            // it, the leader's cancel or the deadline ends it).
             let died = matches!(r.status.as_str(), "lost" | "failed");
             if let Some(rec) = self.sandboxes.get(&id).filter(|s| {
-                died && s.restart == RestartPolicy::Always && s.node == node && !s.pinned
+                died && s.restart == RestartPolicy::Always
+                    && s.node == node
+                    && !s.pinned
+                    && s.migrating().is_none()
             }) {
                 let generation = rec.reschedules;
                 let why = format!(
@@ -230,11 +242,18 @@ impl State {
         // have committed: the migration stays open until the target reports
         // its copy or the source resumes); no copy means it is lost here
         // (restart policy), and a target copy reported later takes it over.
+        // why: a copy that runs while its outgoing migration is still in
+        // progress (pre-copy) decides nothing either: the source may still
+        // switch over and commit, so the deadline alone must not record it
+        // aborted (the target's copy would be fenced while the source
+        // releases its own: zero copies). The leader asks the source to
+        // cancel first (control plane, `cancel_stalled`) and records its
+        // answer; the source's next report, no longer migrating, ends it here.
         let stalled: Vec<String> = self
             .sandboxes
             .values()
             .filter(|s| s.node == node && s.migrating().is_some_and(|m| m.stalled(at_ms)))
-            .filter(|s| !paused.contains(&s.id))
+            .filter(|s| !paused.contains(&s.id) && !migrating.contains(&s.id))
             .map(|s| s.id.clone())
             .collect();
         for id in stalled {
@@ -279,6 +298,11 @@ impl State {
                 Some(m) if m.switched() => {}
                 Some(m) if absent => match m.source_gone_ms {
                     None => gone_now.push(rec.id.clone()),
+                    // why: a `restart: always` record would be started again
+                    // as the generation the target's copy has (fencing it if
+                    // the target committed): it waits for the migration to
+                    // settle (the target's report, the cancel or the deadline).
+                    Some(_) if rec.restart == RestartPolicy::Always => {}
                     Some(t) if at_ms.saturating_sub(t) > grace_ms => {
                         missing.push((rec.id.clone(), rec.reschedules));
                     }

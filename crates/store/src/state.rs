@@ -273,6 +273,11 @@ pub struct CopyReport {
     /// is no evidence that the guest stayed on this node.
     #[serde(default)]
     pub paused: bool,
+    /// An outgoing live migration of this copy is in progress (it runs, but
+    /// may still switch over and commit on the target): no evidence either
+    /// that the guest stays on this node.
+    #[serde(default)]
+    pub migrating: bool,
 }
 
 impl CopyReport {
@@ -733,7 +738,7 @@ impl State {
                 };
                 n.cordoned = true;
                 self.touch_node(node);
-                self.move_always(node, *at_ms, false, only.as_deref())
+                self.move_always(node, *at_ms, true, only.as_deref())
             }
             Command::CreateSandbox { sandbox } => self.create(sandbox),
             Command::SetObserved {
@@ -866,7 +871,13 @@ impl State {
                 what: format!("sandbox {id}"),
             };
         };
-        if sb.node != node || sb.reschedules != generation {
+        // why: a `restart: always` record with an open migration is not
+        // started again (as the generation the target's copy carries) before
+        // the migration settles: the target may have committed (migsafe 2).
+        if sb.node != node
+            || sb.reschedules != generation
+            || (sb.restart == RestartPolicy::Always && sb.migrating().is_some())
+        {
             return Reply::Sandbox {
                 sandbox: sb.clone(),
             };
@@ -1484,13 +1495,17 @@ impl State {
 
     /// The node is gone: sandboxes with `restart: always` move, the rest are lost.
     fn evacuate(&mut self, node: &str, at_ms: u64, why: &str) -> Reply {
-        let Reply::Moved { moved, mut lost } = self.move_always(node, at_ms, true, None) else {
+        let Reply::Moved { moved, mut lost } = self.move_always(node, at_ms, false, None) else {
             return Reply::Ok;
         };
+        // why: a `restart: always` record with an open migration is neither
+        // moved (above) nor given up: the target may have committed; the
+        // target's report completes it, the source's return settles it.
         let stay: Vec<String> = self
             .sandboxes
             .values()
             .filter(|s| s.node == node && s.reserves())
+            .filter(|s| !(s.restart == RestartPolicy::Always && s.migrating().is_some()))
             .map(|s| s.id.clone())
             .collect();
         for id in stay {
@@ -1514,15 +1529,17 @@ impl State {
     /// Places every live `restart: always` sandbox of `node` elsewhere
     /// (bin-pack, excluding `node`); those with nowhere to go stay and are
     /// listed as lost. The scheduler is pure, so this stays deterministic.
-    /// Without `node_gone` (a drain) a sandbox whose migration is active stays
+    /// With `drain` (the node stays up) a sandbox still being created stays:
+    /// its first copy may still come up there, and a fresh start elsewhere
+    /// would be a second copy (migsafe 3); the drain reports it not moved.
+    /// A sandbox whose migration is active stays, also when its node is gone
     /// (its copy may already run on the target, so a fresh start elsewhere
-    /// could race the migration's completion); with it, the move ends the
-    /// migration.
+    /// could race the migration's completion and fence it: migsafe 2).
     fn move_always(
         &mut self,
         node: &str,
         at_ms: u64,
-        node_gone: bool,
+        drain: bool,
         only: Option<&[String]>,
     ) -> Reply {
         let ids: Vec<String> = self
@@ -1533,7 +1550,8 @@ impl State {
                     && s.reserves()
                     && s.restart == RestartPolicy::Always
                     && !s.pinned
-                    && (node_gone || s.migrating().is_none())
+                    && s.migrating().is_none()
+                    && !(drain && s.observed.as_ref().is_none_or(|o| o.status == "creating"))
                     && only.is_none_or(|o| o.contains(&s.id))
             })
             .map(|s| s.id.clone())

@@ -60,6 +60,7 @@ fn copy(agent_id: &str, status: &str, owner: Option<&str>) -> CopyReport {
         error: None,
         owner: owner.map(str::to_string),
         paused: false,
+        migrating: false,
     }
 }
 
@@ -286,10 +287,10 @@ fn a_late_start_result_of_an_old_generation_is_ignored() {
     s.apply(&node("n1"));
     s.apply(&node("n2"));
     s.apply(&create("s1", "n1", RestartPolicy::Always));
-    s.apply(&Command::Drain {
+    // why: its node lost (a drain leaves one still being created alone).
+    s.apply(&Command::MarkNotReady {
         node: "n1".into(),
         at_ms: 2,
-        only: None,
     });
     assert_eq!(status(&s, "s1"), ("creating".into(), None, 1));
     s.apply(&set_observed("s1", "n1", 0, "running", "late"));
@@ -308,6 +309,7 @@ fn a_stale_heartbeat_does_not_write_into_a_moved_record() {
     s.apply(&node("n1"));
     s.apply(&node("n2"));
     s.apply(&create("s1", "n1", RestartPolicy::Always));
+    s.apply(&set_observed("s1", "n1", 0, "running", "a1"));
     s.apply(&Command::Drain {
         node: "n1".into(),
         at_ms: 2,
@@ -719,8 +721,10 @@ fn review_reschedule_during_migration_never_ends_it() {
         r.migration,
         s.allocated()
     );
+    // migsafe 2: the record is not rescheduled while its migration is open
+    // (the target may commit); either way the two never disagree.
     assert!(
-        r.migrating().is_none(),
+        r.migrating().is_none() || (r.node == "n1" && r.reschedules == 0),
         "migration still active after the record was rescheduled: {:?}",
         r.migration
     );
@@ -1062,4 +1066,140 @@ fn a_drain_restarts_only_the_sandboxes_it_names() {
     assert_eq!(s.sandboxes["s1"].node, "n1");
     assert_eq!(s.sandboxes["s2"].node, "n2");
     assert!(s.nodes["n1"].cordoned);
+}
+
+/// migsafe 1: past the deadline, a source copy that runs while its outgoing
+/// migration is still in progress (it may still switch over and commit)
+/// does not end the migration; the same copy reported with its migration
+/// over (cancelled, or given up: it cannot commit any more) does.
+#[test]
+fn a_source_still_migrating_past_the_deadline_is_not_recorded_aborted() {
+    let stall = hearth_store::MIGRATION_STALL_MS;
+    let mut s = migratable();
+    start_migration(&mut s, "s1", "m1", "n1", "n2");
+    phase(&mut s, "s1", "m1", "precopy");
+    let migrating = CopyReport {
+        migrating: true,
+        ..copy("a1", "running", Some("s1@0"))
+    };
+    let d = heartbeat(&mut s, "n1", stall + 1000, vec![migrating]);
+    assert!(d.stop.is_empty() && d.not_running.is_empty(), "{d:?}");
+    let m = s.sandboxes["s1"].migration.clone().unwrap();
+    assert_eq!(m.phase, "precopy", "ended on the deadline alone: {m:?}");
+    // It commits after all: the target's copy completes the move.
+    let d = heartbeat(
+        &mut s,
+        "n2",
+        stall + 2000,
+        vec![copy("a1", "running", Some("s1@1"))],
+    );
+    assert!(d.stop.is_empty(), "the committed copy was fenced: {d:?}");
+    assert_eq!(s.sandboxes["s1"].node, "n2");
+    // A source whose migration is over (not migrating) past the deadline:
+    // the guest stayed there.
+    let mut s = migratable();
+    start_migration(&mut s, "s1", "m1", "n1", "n2");
+    phase(&mut s, "s1", "m1", "precopy");
+    heartbeat(
+        &mut s,
+        "n1",
+        stall + 1000,
+        vec![copy("a1", "running", Some("s1@0"))],
+    );
+    let m = s.sandboxes["s1"].migration.clone().unwrap();
+    assert_eq!(m.phase, "aborted", "{m:?}");
+}
+
+/// migsafe 2: a `restart: always` sandbox whose migration is open (here the
+/// commit is unclear) is not started again when its source copy dies, goes
+/// missing or its source node stops heartbeating: the target's committed
+/// copy then completes the move instead of being fenced by a fresh copy of
+/// the same generation. Once the migration is settled (aborted) the restart
+/// policy applies again.
+#[test]
+fn an_open_migration_holds_off_the_restart_policy() {
+    let dead = |status: &str| vec![copy("a1", status, Some("s1@0"))];
+    for (how, at) in [
+        ("failed", 0u64),
+        ("lost", 0),
+        ("missing", 0),
+        ("node gone", 0),
+    ] {
+        let mut s = migratable_always();
+        start_migration(&mut s, "s1", "m1", "n1", "n2");
+        phase(&mut s, "s1", "m1", "committing");
+        match how {
+            "missing" => {
+                for t in [1000, 1010, 1020] {
+                    let d = heartbeat(&mut s, "n1", at + t, vec![]);
+                    assert!(d.not_running.is_empty(), "{how}: {d:?}");
+                }
+            }
+            "node gone" => {
+                s.apply(&Command::MarkNotReady {
+                    node: "n1".into(),
+                    at_ms: 1000,
+                });
+            }
+            status => {
+                let d = heartbeat(&mut s, "n1", 1000, dead(status));
+                assert!(d.not_running.is_empty(), "{how}: restarted: {d:?}");
+            }
+        }
+        let r = &s.sandboxes["s1"];
+        assert_eq!((r.node.as_str(), r.reschedules), ("n1", 0), "{how}: {r:?}");
+        assert!(r.migrating().is_some(), "{how}: migration ended: {r:?}");
+        // The target committed: its copy completes the move, nothing fenced.
+        let d = heartbeat(
+            &mut s,
+            "n2",
+            2000,
+            vec![copy("a1", "running", Some("s1@1"))],
+        );
+        assert!(
+            d.stop.is_empty(),
+            "{how}: the committed copy was fenced: {d:?}"
+        );
+        let r = &s.sandboxes["s1"];
+        assert_eq!((r.node.as_str(), r.reschedules), ("n2", 1), "{how}");
+        assert_eq!(status(&s, "s1").0, "running", "{how}");
+    }
+    // Settled as aborted (the source said it did not commit): the dead copy
+    // is started again as usual.
+    let mut s = migratable_always();
+    start_migration(&mut s, "s1", "m1", "n1", "n2");
+    phase(&mut s, "s1", "m1", "precopy");
+    heartbeat(&mut s, "n1", 1000, dead("failed"));
+    phase(&mut s, "s1", "m1", "aborted");
+    let d = heartbeat(&mut s, "n1", 1001, dead("failed"));
+    assert_eq!(d.not_running, vec!["s1".to_string()], "{d:?}");
+    assert_eq!(status(&s, "s1").2, 1);
+}
+
+/// migsafe 3: a drain's cold-restart fallback never moves a `restart:
+/// always` sandbox that is still being created (its first copy may still
+/// come up on the drained node: two copies); it stays and is reported.
+#[test]
+fn a_drain_never_restarts_a_sandbox_still_being_created() {
+    let mut s = State::default();
+    s.apply(&node("n1"));
+    s.apply(&node("n2"));
+    s.apply(&create("s1", "n1", RestartPolicy::Always));
+    s.apply(&create("s2", "n1", RestartPolicy::Always));
+    s.apply(&set_observed("s2", "n1", 0, "creating", "a2"));
+    s.apply(&create("s3", "n1", RestartPolicy::Always));
+    s.apply(&set_observed("s3", "n1", 0, "running", "a3"));
+    let r = s.apply(&Command::Drain {
+        node: "n1".into(),
+        at_ms: 4,
+        only: Some(vec!["s1".into(), "s2".into(), "s3".into()]),
+    });
+    let Reply::Moved { moved, .. } = r else {
+        panic!("{r:?}")
+    };
+    assert_eq!(moved, ["s3"], "a sandbox still being created was restarted");
+    for id in ["s1", "s2"] {
+        let r = &s.sandboxes[id];
+        assert_eq!((r.node.as_str(), r.reschedules), ("n1", 0), "{id}");
+    }
 }

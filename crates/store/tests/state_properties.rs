@@ -139,6 +139,7 @@ fn command() -> impl Strategy<Value = Command> {
                             format!("sb{sb}@{generation}")
                         }),
                         paused: false,
+                        migrating: false,
                     }]),
                     grace_ms: 100,
                 }

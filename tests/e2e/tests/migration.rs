@@ -1472,3 +1472,74 @@ fn a_snapshot_started_sandbox_moved_then_readopted_logs_no_line_twice() {
     let v = keeps_counting(&b, "snap", n, 5);
     assert_eq!(v[0], before[0], "the log still starts where it did: {v:?}");
 }
+
+/// migsafe 1: the control plane gives a migration attempt up at its deadline
+/// by cancelling it at the source (`POST /v1/sandboxes/{id}/migration/cancel`).
+/// A cancel in pre-copy ends the migration before any commit: the answer is
+/// `aborted`, the guest keeps counting on the source with no reset, gap or
+/// repeat, the target keeps nothing, and the attempt cannot start again. An
+/// attempt cancelled before it reached the source is answered `aborted` and
+/// refused when it arrives.
+#[test]
+fn a_cancelled_migration_attempt_ends_before_its_commit_and_the_source_runs_on() {
+    let (a, b) = two_nodes();
+    run_counter(&a, "c");
+    let migrate = |attempt: &str| {
+        serde_json::json!({
+            "target": b.api,
+            "target_token": b.token(),
+            "attempt": attempt,
+            "max_bandwidth_mib": 2,
+        })
+        .to_string()
+    };
+    let cancel = |attempt: &str| {
+        let body = serde_json::json!({ "attempt": attempt }).to_string();
+        let (code, body) = a
+            .http("POST", "/v1/sandboxes/c/migration/cancel", Some(&body))
+            .unwrap();
+        let st: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        (code, st, body)
+    };
+    std::thread::scope(|s| {
+        let first = s.spawn(|| {
+            a.http("POST", "/v1/sandboxes/c/migrate", Some(&migrate("att-1")))
+                .unwrap()
+        });
+        wait_precopy(&a, "c");
+        let (code, st, body) = cancel("att-1");
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(st["phase"], "aborted", "{body}");
+        assert_eq!(st["attempt"], "att-1", "{body}");
+        let (code, body) = first.join().unwrap();
+        assert!(code >= 400, "the cancelled migration succeeded: {body}");
+        assert!(body.contains("cancelled"), "{body}");
+    });
+    assert_eq!(a.inspect("c")["status"], "running");
+    let n = counted(&a, "c").len();
+    keeps_counting(&a, "c", n, 3);
+    assert_contiguous_from_zero(&counted(&a, "c"));
+    let (code, body) = b.http("GET", "/v1/sandboxes", None).unwrap();
+    assert_eq!(code, 200, "{body}");
+    let on_b: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        on_b.as_array().map(Vec::len),
+        Some(0),
+        "target kept: {on_b}"
+    );
+    // The cancelled attempt cannot start again.
+    let (code, body) = a
+        .http("POST", "/v1/sandboxes/c/migrate", Some(&migrate("att-1")))
+        .unwrap();
+    assert_eq!(code, 409, "{body}");
+    assert!(body.contains("cancelled"), "{body}");
+    // An attempt cancelled before it reached the source: aborted, and refused.
+    let (code, st, body) = cancel("att-2");
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(st["phase"], "aborted", "{body}");
+    let (code, body) = a
+        .http("POST", "/v1/sandboxes/c/migrate", Some(&migrate("att-2")))
+        .unwrap();
+    assert_eq!(code, 409, "{body}");
+    assert_eq!(a.inspect("c")["status"], "running");
+}

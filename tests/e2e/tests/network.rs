@@ -1982,8 +1982,9 @@ fn start_from_pool_without_network(d: &Daemon, vm: &str) {
 /// waits for the release.
 #[test]
 fn a_network_none_pool_start_gives_its_pool_network_back_across_a_crash_and_a_stop() {
-    // why: the release waits 5 s, so hearthd certainly stops before it ran.
-    let mut d = Daemon::start_with_env(&[("HEARTH_POOL_RELEASE_HOLD", "5000")]);
+    // why: the release waits 10 s (under the graceful stop's 15 s bound), so
+    // hearthd stops before it ran; each half checks that it did.
+    let mut d = Daemon::start_with_env(&[("HEARTH_POOL_RELEASE_HOLD", "10000")]);
     let tap = |vm: &str| format!("hth{}", &vm[..vm.len().min(12)]);
     let vm = filled_pool_vm(&d, "bbr");
     assert!(host_state().contains(&tap(&vm)), "pool VM tap missing");
@@ -2009,13 +2010,17 @@ fn a_network_none_pool_start_gives_its_pool_network_back_across_a_crash_and_a_st
         "control plane lease left after a crash: {held:?}"
     );
 
-    // A graceful stop waits for the release (5 s, within its 15 s bound).
+    // A graceful stop waits for the release (10 s, within its 15 s bound).
     let out = d.hearth(&["rm", "-f", &vm]);
     assert!(out.status.success(), "{}", show(&out));
     let out = d.hearth(&["template", "rm", "bbr"]);
     assert!(out.status.success(), "{}", show(&out));
     let vm = filled_pool_vm(&d, "bbs");
     start_from_pool_without_network(&d, &vm);
+    assert!(
+        host_state().contains(&tap(&vm)),
+        "the release ran before the stop; the test proves nothing"
+    );
     let mut child = d.child.take().expect("daemon running");
     // SAFETY: plain kill(2) on our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };

@@ -129,6 +129,25 @@ pub(crate) struct Registry {
     /// Why an incoming VM removed uncommitted had already ended by itself
     /// (its QEMU exited: out of memory, a crash), told to the source's abort.
     vm_ended: Mutex<HashMap<String, String>>,
+    /// Outgoing migration attempts (the control plane's ids) cancelled here,
+    /// newest last, at most [`MAX_CANCELLED`]: a migrate of one of them is
+    /// refused, one in progress is cancelled before its commit.
+    cancelled: Mutex<std::collections::VecDeque<String>>,
+    /// Rung on every cancel (wakes the running sources to check theirs).
+    cancel_bell: CancelBell,
+}
+
+/// How many cancelled attempt ids a source keeps.
+const MAX_CANCELLED: usize = 256;
+/// How long a cancel waits for the migration it cancels to end.
+const CANCEL_WAIT: Duration = Duration::from_secs(30);
+
+struct CancelBell(watch::Sender<u64>);
+
+impl Default for CancelBell {
+    fn default() -> Self {
+        CancelBell(watch::channel(0).0)
+    }
 }
 
 impl Registry {
@@ -143,6 +162,25 @@ impl Registry {
     /// Records, durably, that the incoming VM of `id` was removed before any
     /// commit (a failure to save is logged: a later abort then reads as
     /// unknown after a restart, which keeps the source paused, the safe side).
+    /// Attempt `attempt` was cancelled here.
+    fn is_cancelled(&self, attempt: Option<&str>) -> bool {
+        attempt.is_some_and(|a| lock(&self.cancelled).iter().any(|c| c == a))
+    }
+
+    /// Remembers `attempt` as cancelled and wakes the running sources.
+    fn cancel(&self, attempt: &str) {
+        {
+            let mut c = lock(&self.cancelled);
+            if !c.iter().any(|x| x == attempt) {
+                c.push_back(attempt.to_string());
+                while c.len() > MAX_CANCELLED {
+                    c.pop_front();
+                }
+            }
+        }
+        self.cancel_bell.0.send_modify(|n| *n += 1);
+    }
+
     pub(crate) fn note_removed_uncommitted(&self, id: &str) {
         if let Err(e) = self.removed_uncommitted.insert(id) {
             tracing::error!(
@@ -199,6 +237,8 @@ pub(crate) struct SourceJob {
     reply: oneshot::Sender<Result<String, AgentError>>,
     /// The agent's data dir (`moved-leases.json`).
     data_dir: std::path::PathBuf,
+    /// The control plane's id of this attempt (what a cancel names).
+    attempt: Option<String>,
 }
 
 impl SourceJob {
@@ -400,7 +440,7 @@ async fn drain(entry: &Entry, session: &mut Session, log: &mut OutputLog) -> Opt
 
 /// Runs a migration inside the sandbox's lifecycle task.
 pub(crate) async fn run_source(
-    _agent: &Agent,
+    agent: &Agent,
     entry: &Arc<Entry>,
     vm: &dyn Vm,
     conn: &Arc<GuestConn>,
@@ -409,6 +449,20 @@ pub(crate) async fn run_source(
     job: SourceJob,
 ) -> SourceEnd {
     let id = entry.snapshot().id;
+    entry.migrating_out.store(true, Ordering::Relaxed);
+    let _outgoing = OutgoingGuard(entry);
+    let reg = &agent.inner.migrations;
+    let mut bell = reg.cancel_bell.0.subscribe();
+    // why: a cancel that overtook the migrate request (the control plane
+    // gave the attempt up before it started here) keeps it from starting.
+    if reg.is_cancelled(job.attempt.as_deref()) {
+        let _ = job.peer.abort(&id).await;
+        let msg = format!(
+            "migration of sandbox {id} was cancelled before it started; it keeps running here"
+        );
+        job.end(entry, Phase::Aborted, Err(AgentError::Migration(msg)));
+        return SourceEnd::StayedHere(None);
+    }
     let sock = entry.dir.join("vm").join("migrate.sock");
     let _ = std::fs::remove_file(&sock);
     let listener = match tokio::net::UnixListener::bind(&sock) {
@@ -440,6 +494,7 @@ pub(crate) async fn run_source(
     let mut paused_at: Option<Instant> = None;
     let mut stash: Option<Option<SessionEvent>> = None;
     let mut refused: Option<String> = None;
+    let mut cancelled = false;
     let result = {
         let mig = vm.migrate_out(&sock, &job.params, &ptx, Some(gate));
         tokio::pin!(mig);
@@ -455,7 +510,9 @@ pub(crate) async fn run_source(
                             Ok(()) => outgoing_drained(entry).await,
                             Err(e) => Err(format!("the guest channel's writer did not flush: {e}")),
                         };
-                        if let Err(why) = &quiet {
+                        if cancelled {
+                            refused = Some("the migration was cancelled".into());
+                        } else if let Err(why) = &quiet {
                             tracing::warn!(sandbox = %id, "guest channel did not quiesce ({why}); cancelling the switch-over");
                             refused = Some(why.clone());
                         } else if stash.is_some() {
@@ -470,6 +527,21 @@ pub(crate) async fn run_source(
                     if r.is_ok() {
                         let p = prx.borrow_and_update().clone();
                         job.progress(&p, sent.load(Ordering::Relaxed));
+                    }
+                }
+                r = bell.changed(), if !cancelled => {
+                    // why: the control plane gave this attempt up (its
+                    // deadline): breaking the stream makes QEMU fail the
+                    // migration and run the VM here again; the commit is
+                    // never sent (checked again below), so the target
+                    // cannot take over and this copy stays the one.
+                    if r.is_ok() && reg.is_cancelled(job.attempt.as_deref()) {
+                        tracing::warn!(sandbox = %id, "migration cancelled by the control plane");
+                        cancelled = true;
+                        tunnel.abort();
+                        if let Some(tx) = proceed_tx.take() {
+                            let _ = tx.send(false);
+                        }
                     }
                 }
                 ev = session.next(), if stash.is_none() => match ev {
@@ -505,6 +577,7 @@ pub(crate) async fn run_source(
                 _ => None,
             };
             let why = match (refused, target_vm) {
+                _ if cancelled => format!("the migration was cancelled ({e})"),
                 (Some(r), _) => format!("switch-over refused: {r}"),
                 // why: when its own workload ended, the source broke the
                 // stream itself; the target's end is not the cause (M6).
@@ -536,6 +609,17 @@ pub(crate) async fn run_source(
             Err(e) => format!("{why}; resuming the source VM failed too: {e}"),
         }
     };
+    // why: a cancel that came after the last pass: the commit is not sent,
+    // so the target never resumes its copy and this one runs on.
+    if reg.is_cancelled(job.attempt.as_deref()) && stash.is_none() && end.is_none() {
+        let _ = job.peer.abort(&id).await;
+        let msg = resume_here(format!(
+            "the migration of sandbox {id} was cancelled before its commit; it keeps running here"
+        ))
+        .await;
+        job.end(entry, Phase::Aborted, Err(AgentError::Migration(msg)));
+        return SourceEnd::StayedHere(None);
+    }
     if stash.is_some() || end.is_some() {
         let _ = job.peer.abort(&id).await;
         let msg = resume_here(format!(
@@ -638,6 +722,15 @@ pub(crate) async fn run_source(
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
+    }
+}
+
+/// Clears [`Entry::migrating_out`] when the source side of a migration ends.
+struct OutgoingGuard<'a>(&'a Entry);
+
+impl Drop for OutgoingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.migrating_out.store(false, Ordering::Relaxed);
     }
 }
 
@@ -956,6 +1049,12 @@ impl Agent {
         req: MigrateSandbox,
     ) -> Result<MigrationStatus, AgentError> {
         let params = params_from(&req)?;
+        if self.inner.migrations.is_cancelled(req.attempt.as_deref()) {
+            return Err(AgentError::Conflict(format!(
+                "migration attempt {} of sandbox '{id_or_name}' was cancelled; start a new migration",
+                req.attempt.as_deref().unwrap_or_default()
+            )));
+        }
         let entry = self.running_entry(id_or_name).await?;
         let rec = entry.snapshot();
         if rec.status != SandboxStatus::Running {
@@ -1070,12 +1169,19 @@ impl Agent {
             started,
             reply,
             data_dir: self.inner.cfg.data_dir.clone(),
+            attempt: req.attempt.clone(),
         };
         let ctl = lock(&entry.control).clone();
+        // why: reported from the hand-over on (before the lifecycle task
+        // takes the job), so no heartbeat shows this copy idle meanwhile.
+        entry.migrating_out.store(true, Ordering::Relaxed);
         let sent = match ctl {
             Some(ctl) => ctl.send(Control::Migrate(Box::new(job))).await.is_ok(),
             None => false,
         };
+        if !sent {
+            entry.migrating_out.store(false, Ordering::Relaxed);
+        }
         let result = if sent {
             reply_rx.await.unwrap_or_else(|_| {
                 Err(AgentError::Migration(format!(
@@ -1127,6 +1233,64 @@ impl Agent {
         lock(&self.inner.sandboxes)
             .get(id)
             .is_some_and(|e| e.migration_paused.load(Ordering::Relaxed))
+    }
+
+    /// An outgoing migration of this sandbox runs here (it may still commit).
+    pub(crate) fn migrating_out(&self, id: &str) -> bool {
+        lock(&self.inner.sandboxes)
+            .get(id)
+            .is_some_and(|e| e.migrating_out.load(Ordering::Relaxed))
+    }
+
+    /// Cancels the outgoing migration `attempt` of a sandbox unless it
+    /// committed, and answers its status once it ended (at most
+    /// [`CANCEL_WAIT`]): `aborted` (it runs here), `completed` (the target
+    /// runs it) or, not ended yet / unresolved, the phase it is in. An
+    /// attempt that never started here is refused from now on and answered
+    /// `aborted` while the sandbox runs here with no migration going.
+    pub async fn cancel_migration(
+        &self,
+        id_or_name: &str,
+        attempt: &str,
+    ) -> Result<MigrationStatus, AgentError> {
+        let reg = &self.inner.migrations;
+        reg.cancel(attempt);
+        let rx = lock(&reg.status)
+            .get(id_or_name)
+            .filter(|rx| rx.borrow().attempt.as_deref() == Some(attempt))
+            .cloned();
+        if let Some(mut rx) = rx {
+            let ended = |s: &MigrationStatus| {
+                matches!(s.phase.as_str(), "aborted" | "completed" | "unresolved")
+            };
+            let _ = tokio::time::timeout(CANCEL_WAIT, rx.wait_for(ended)).await;
+            let st = rx.borrow().clone();
+            return Ok(st);
+        }
+        let entry = self.entry(id_or_name)?;
+        let rec = entry.snapshot();
+        let idle = rec.status == SandboxStatus::Running
+            && !*entry.recovering.borrow()
+            && !entry.migration_paused.load(Ordering::Relaxed)
+            && !entry.migrating_out.load(Ordering::Relaxed);
+        if !idle {
+            return Err(AgentError::Conflict(format!(
+                "sandbox '{}' has no record of migration attempt {attempt} here and is {:?}{}: whether that attempt committed is not known here",
+                rec.id,
+                rec.status,
+                if entry.migration_paused.load(Ordering::Relaxed) { ", paused by a migration" } else { "" }
+            )));
+        }
+        Ok(MigrationStatus {
+            sandbox: rec.id.clone(),
+            attempt: Some(attempt.to_string()),
+            phase: "aborted".into(),
+            error: Some(format!(
+                "migration attempt {attempt} never started on this node and is cancelled; sandbox {} runs here",
+                rec.id
+            )),
+            ..Default::default()
+        })
     }
 
     /// The current or last migration of a sandbox (by id or name).

@@ -718,6 +718,7 @@ pub(super) async fn status(
 /// pre-copy meets no deadline. Whatever this misses, the record's deadline
 /// ends on the nodes' evidence (`Migration::stalled`).
 pub(super) async fn resolve_orphans(cp: &ControlPlane) {
+    cancel_stalled(cp).await;
     let driving: std::collections::HashSet<String> =
         cp.migrating.lock().map(|s| s.clone()).unwrap_or_default();
     let orphans: Vec<(SandboxRecord, Option<String>)> = cp.store.read_local(|st| {
@@ -745,6 +746,119 @@ pub(super) async fn resolve_orphans(cp: &ControlPlane) {
             write_phase(cp, &rec, &m, phase, why, Some(&st)).await;
         }
     }
+}
+
+/// How long the leader waits for a source's answer to a cancel (the source
+/// itself waits up to 30 s for its migration to end).
+const CANCEL_ANSWER_WAIT: Duration = Duration::from_secs(40);
+
+/// Leader: a migration past its deadline (`Migration::stalled`) whose source
+/// has not ended it is given up by cancelling it **at the source**, and the
+/// record settles on the source's answer: `aborted` (it did not commit and
+/// runs there), `completed` (the target runs it), anything else or no answer
+/// `unresolved` (never a guess; asked again at the next tick).
+///
+/// why: the deadline alone cannot know that a source still in pre-copy will
+/// not switch over and commit later; recording it aborted then fenced the
+/// target's copy while the source released its own (issue 7, migsafe 1).
+pub(super) async fn cancel_stalled(cp: &ControlPlane) {
+    let now = now_ms();
+    let stalled: Vec<(SandboxRecord, Option<String>)> = cp.store.read_local(|st| {
+        st.sandboxes
+            .values()
+            .filter(|s| s.migrating().is_some_and(|m| m.stalled(now)))
+            .map(|s| {
+                let from = s.migrating().map(|m| m.from.clone()).unwrap_or_default();
+                (s.clone(), st.nodes.get(&from).map(|n| n.address.clone()))
+            })
+            .collect()
+    });
+    for (rec, src) in stalled {
+        let Some(m) = rec.migration.clone() else {
+            continue;
+        };
+        let id = rec.id.clone();
+        let agent_id = rec.observed.as_ref().and_then(|o| o.agent_id.clone());
+        let answer = match (src, agent_id) {
+            (Some(src), Some(agent_id)) => source_cancel(cp, &src, &agent_id, &m).await,
+            _ => Err(format!(
+                "node {} is not registered or sandbox {id} has no copy id",
+                m.from
+            )),
+        };
+        let (phase, why) = match answer {
+            Ok(st) if st.phase == "aborted" => (
+                "aborted",
+                Some(format!(
+                    "past its deadline with no progress: node {} cancelled its migration of sandbox {id} to node {} and keeps running it: {}",
+                    m.from,
+                    m.to,
+                    st.error.clone().unwrap_or_default()
+                )),
+            ),
+            Ok(st) if st.phase == "completed" => ("completed", None),
+            Ok(st) => (
+                "unresolved",
+                Some(format!(
+                    "past its deadline with no progress; node {} (the source) could not cancel its migration of sandbox {id} (it is {}): sandbox {id} may run on node {}; the record completes when node {} reports it, or is aborted once node {} confirms a cancel",
+                    m.from, st.phase, m.to, m.to, m.from
+                )),
+            ),
+            Err(e) => (
+                "unresolved",
+                Some(format!(
+                    "past its deadline with no progress; node {} (the source) did not answer the cancel of its migration of sandbox {id} ({e}): it may still switch over to node {}; the record completes when node {} reports it, or is aborted once node {} confirms a cancel",
+                    m.from, m.to, m.to, m.from
+                )),
+            ),
+        };
+        // why: an unresolved record asked again writes only a change.
+        if phase == "unresolved" && m.phase == "unresolved" {
+            continue;
+        }
+        tracing::warn!(sandbox = %id, from = %m.from, to = %m.to, "migration past its deadline: {phase}");
+        write_phase(cp, &rec, &m, phase, why, None).await;
+    }
+}
+
+/// Asks the source to cancel migration attempt `m` of copy `agent_id`; its
+/// answer is the attempt's status once ended (see the node API's
+/// `POST /v1/sandboxes/{id}/migration/cancel`).
+async fn source_cancel(
+    cp: &ControlPlane,
+    addr: &str,
+    agent_id: &str,
+    m: &Migration,
+) -> Result<MigrationStatus, String> {
+    let r = cp
+        .http
+        .post(format!("{addr}/v1/sandboxes/{agent_id}/migration/cancel"))
+        .json(&hearth_api::migration::CancelMigration {
+            attempt: m.id.clone(),
+        })
+        .timeout(CANCEL_ANSWER_WAIT)
+        .send()
+        .await
+        .map_err(|e| format!("no answer: {e}"))?;
+    let status = r.status();
+    if !status.is_success() {
+        let text = r.text().await.unwrap_or_default();
+        return Err(match serde_json::from_str::<ApiError>(&text) {
+            Ok(e) => e.message,
+            Err(_) => format!("{status}: {}", text.chars().take(200).collect::<String>()),
+        });
+    }
+    let st: MigrationStatus = r
+        .json()
+        .await
+        .map_err(|e| format!("an unreadable answer: {e}"))?;
+    if !of_attempt(&st, m) {
+        return Err(format!(
+            "the answer is about attempt {:?}, not {}",
+            st.attempt, m.id
+        ));
+    }
+    Ok(st)
 }
 
 /// What the leader writes for an orphaned migration `m` of sandbox `id`
@@ -1098,6 +1212,96 @@ pub(super) mod tests {
             Err(Ended::Failed { error, .. }) => panic!("failed: {}", error.0.message),
             Ok(_) => panic!("recorded a migration of a sandbox that left"),
         }
+    }
+
+    /// A source copy still running as (possibly) mid-pre-copy, the record's
+    /// migration past its deadline.
+    async fn stalled_migration(cp: &ControlPlane) -> Migration {
+        for n in ["n1", "n2"] {
+            cluster::node(cp, n, 64, 65536).await;
+        }
+        cluster::sandbox(cp, "s1", "n1").await;
+        let now = now_ms();
+        let r = cp
+            .store
+            .write(Command::StartMigration {
+                id: "s1".into(),
+                migration: Migration {
+                    id: "att1".into(),
+                    from: "n1".into(),
+                    to: "n2".into(),
+                    phase: "preparing".into(),
+                    generation: 0,
+                    started_ms: now - 10_000,
+                    updated_ms: now - 10_000,
+                    error: None,
+                    progress: None,
+                    stall_ms: Some(1_000),
+                    source_gone_ms: None,
+                },
+            })
+            .await
+            .unwrap();
+        assert!(matches!(r, Reply::Sandbox { .. }), "{r:?}");
+        cp.store
+            .write(Command::MigrationPhase {
+                id: "s1".into(),
+                migration: "att1".into(),
+                phase: "precopy".into(),
+                error: None,
+                progress: None,
+                at_ms: now - 5_000,
+            })
+            .await
+            .unwrap();
+        // The source's heartbeat: its copy runs and its outgoing migration
+        // is still in progress (it may still switch over and commit).
+        cp.store
+            .write(Command::Heartbeat {
+                node: "n1".into(),
+                instance: "inst-n1".into(),
+                at_ms: now,
+                observed: Default::default(),
+                report: Some(vec![hearth_store::CopyReport {
+                    agent_id: "a-s1".into(),
+                    status: "running".into(),
+                    error: None,
+                    owner: Some("s1@0".into()),
+                    paused: false,
+                    migrating: true,
+                }]),
+                grace_ms: 60_000,
+            })
+            .await
+            .unwrap();
+        cp.store
+            .read_local(|st| st.sandboxes["s1"].migration.clone().unwrap())
+            .as_ref()
+            .clone()
+    }
+
+    /// Hole 1 (migsafe): a migration past its deadline whose source still
+    /// migrates is not recorded aborted on the deadline alone; the leader
+    /// asks the source to cancel, and a source that does not answer leaves
+    /// the record `unresolved` (the source may still commit), never aborted.
+    #[tokio::test]
+    async fn a_deadline_with_an_unreachable_source_leaves_the_migration_unresolved() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = cluster::plane(dir.path()).await;
+        let m = stalled_migration(&cp).await;
+        assert_ne!(
+            m.phase, "aborted",
+            "the deadline aborted it without asking the source: {m:?}"
+        );
+        resolve_orphans(&cp).await;
+        let m = cp
+            .store
+            .read_local(|st| st.sandboxes["s1"].migration.clone().unwrap());
+        assert_eq!(m.phase, "unresolved", "{m:?}");
+        let why = m.error.clone().unwrap_or_default();
+        assert!(why.contains("node n1") && why.contains("cancel"), "{why}");
+        let rec = cp.store.read_local(|st| st.sandboxes["s1"].clone());
+        assert_eq!(rec.node, "n1");
     }
 
     /// Issue 7 review M2: an `auto` target chosen on views taken before

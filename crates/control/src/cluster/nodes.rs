@@ -691,6 +691,7 @@ pub(super) async fn heartbeat(
             error: r.error.clone(),
             owner: r.owner.clone(),
             paused: r.paused,
+            migrating: r.migrating,
         })
         .collect();
     // why: the plan is computed by the state machine at the heartbeat's log
