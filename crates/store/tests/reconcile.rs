@@ -1235,6 +1235,19 @@ fn a_source_node_lost_in_precopy_ends_the_migration_and_restarts_elsewhere() {
         Some("aborted")
     );
     assert_eq!(status(&s, "s1").0, "creating");
+    // The target's incoming copy of the aborted attempt is not the record's.
+    let d = heartbeat(
+        &mut s,
+        "n2",
+        2000,
+        vec![copy("t1", "running", Some("s1@1"))],
+    );
+    assert_eq!(
+        d.stop.len(),
+        1,
+        "the aborted attempt's copy was kept: {d:?}"
+    );
+    assert_eq!(s.sandboxes["s1"].node, "n3");
 
     let mut s = migratable_always();
     start_migration(&mut s, "s1", "m1", "n1", "n2");
