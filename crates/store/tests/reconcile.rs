@@ -1278,3 +1278,78 @@ fn a_source_node_lost_in_precopy_ends_the_migration_and_restarts_elsewhere() {
     assert_eq!((r.node.as_str(), r.reschedules), ("n1", 0), "{r:?}");
     assert!(r.migrating().is_some(), "{r:?}");
 }
+
+/// migsafe2 (review H1), the reviewer's scenario as written: the source node dies in
+/// pre-copy; neither the node loss nor a later abort leaves the sandbox on the
+/// dead node, and `hearth node rm` never leaves it on a removed node.
+#[test]
+fn review_source_node_dies_in_precopy_target_never_committed() {
+    let mut s = migratable_always();
+    start_migration(&mut s, "s1", "m1", "n1", "n2");
+    phase(&mut s, "s1", "m1", "precopy");
+    s.apply(&Command::MarkNotReady {
+        node: "n1".into(),
+        at_ms: 1000,
+    });
+    // target heartbeats: no copy of s1 (never committed)
+    heartbeat(&mut s, "n2", 500_000, vec![]);
+    heartbeat(
+        &mut s,
+        "n3",
+        500_000,
+        vec![
+            copy("z1", "running", Some("big@0")),
+            copy("z2", "running", Some("big2@0")),
+        ],
+    );
+    let r = &s.sandboxes["s1"];
+    eprintln!(
+        "after NotReady: node={} gen={} obs={:?} mig={:?}",
+        r.node,
+        r.reschedules,
+        r.observed,
+        r.migration.as_ref().map(|m| m.phase.clone())
+    );
+    // Suppose the migration gets settled 'aborted' somehow (operator / leader)
+    s.apply(&Command::MigrationPhase {
+        id: "s1".into(),
+        migration: "m1".into(),
+        phase: "aborted".into(),
+        error: None,
+        progress: None,
+        at_ms: 600_000,
+    });
+    heartbeat(&mut s, "n2", 700_000, vec![]);
+    let r = &s.sandboxes["s1"];
+    eprintln!(
+        "after aborted: node={} gen={} obs={:?} mig={:?}",
+        r.node,
+        r.reschedules,
+        r.observed.as_ref().map(|o| o.status.clone()),
+        r.migration.as_ref().map(|m| m.phase.clone())
+    );
+    let stuck_after_abort =
+        r.node == "n1" && r.observed.as_ref().is_some_and(|o| o.status == "running");
+    // node rm of n1 with an open migration
+    let mut s2 = migratable_always();
+    start_migration(&mut s2, "s1", "m1", "n1", "n2");
+    phase(&mut s2, "s1", "m1", "precopy");
+    let rep = s2.apply(&Command::RemoveNode {
+        id: "n1".into(),
+        at_ms: 1000,
+    });
+    let r2 = &s2.sandboxes["s1"];
+    eprintln!(
+        "after node rm: reply={rep:?} node={} exists={} obs={:?} mig={:?}",
+        r2.node,
+        s2.nodes.contains_key(&r2.node),
+        r2.observed.as_ref().map(|o| o.status.clone()),
+        r2.migration.as_ref().map(|m| m.phase.clone())
+    );
+    assert!(!stuck_after_abort, "restart: always sandbox stays on dead node n1 as 'running' even after its migration ended aborted");
+    assert!(
+        s2.nodes.contains_key(&r2.node),
+        "record left on removed node {}",
+        r2.node
+    );
+}
