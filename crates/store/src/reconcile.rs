@@ -186,17 +186,18 @@ impl State {
             }
             // why: restart=always means a copy that died (lost, failed) is
             // started again, not recorded as the end.
-            // why: not while a migration of it is open: the target may have
-            // committed (a source restarted during an unclear commit), and a
-            // fresh copy of the next generation would fence the target's;
-            // the migration settles first (the target's report completes
-            // it, the leader's cancel or the deadline ends it).
+            // why: not while a migration of it is open past the switch-over:
+            // the target may have committed (a source restarted during an
+            // unclear commit), and a fresh copy of the next generation would
+            // fence the target's; the migration settles first (the target's
+            // report completes it, the leader's cancel or the deadline ends
+            // it). Before the switch-over the target cannot have committed.
             let died = matches!(r.status.as_str(), "lost" | "failed");
             if let Some(rec) = self.sandboxes.get(&id).filter(|s| {
                 died && s.restart == RestartPolicy::Always
                     && s.node == node
                     && !s.pinned
-                    && s.migrating().is_none()
+                    && !s.may_have_switched()
             }) {
                 let generation = rec.reschedules;
                 let why = format!(

@@ -214,6 +214,14 @@ impl SandboxRecord {
         self.migration.as_deref().filter(|m| m.active())
     }
 
+    /// Its migration is open at or after the switch-over (the source paused
+    /// the guest): the target may have committed, so the restart policy
+    /// holds off until it settles. Before the switch-over (preparing,
+    /// pre-copy) the target cannot have committed.
+    pub fn may_have_switched(&self) -> bool {
+        self.migrating().is_some_and(Migration::switched)
+    }
+
     /// True while it holds resources on its node.
     pub fn reserves(&self) -> bool {
         !self.observed.as_ref().is_some_and(Observed::is_terminal)
@@ -871,12 +879,13 @@ impl State {
                 what: format!("sandbox {id}"),
             };
         };
-        // why: a `restart: always` record with an open migration is not
-        // started again (as the generation the target's copy carries) before
-        // the migration settles: the target may have committed (migsafe 2).
+        // why: a `restart: always` record whose migration is past the
+        // switch-over is not started again (as the generation the target's
+        // copy carries) before the migration settles: the target may have
+        // committed (migsafe 2). Before the switch-over it cannot have.
         if sb.node != node
             || sb.reschedules != generation
-            || (sb.restart == RestartPolicy::Always && sb.migrating().is_some())
+            || (sb.restart == RestartPolicy::Always && sb.may_have_switched())
         {
             return Reply::Sandbox {
                 sandbox: sb.clone(),
@@ -1498,14 +1507,16 @@ impl State {
         let Reply::Moved { moved, mut lost } = self.move_always(node, at_ms, false, None) else {
             return Reply::Ok;
         };
-        // why: a `restart: always` record with an open migration is neither
-        // moved (above) nor given up: the target may have committed; the
-        // target's report completes it, the source's return settles it.
+        // why: a `restart: always` record whose migration is past the
+        // switch-over is neither moved (above) nor given up: the target may
+        // have committed; the target's report completes it, the source's
+        // return settles it. Before the switch-over the node's loss ends the
+        // migration (aborted) and the record moves like any other.
         let stay: Vec<String> = self
             .sandboxes
             .values()
             .filter(|s| s.node == node && s.reserves())
-            .filter(|s| !(s.restart == RestartPolicy::Always && s.migrating().is_some()))
+            .filter(|s| !(s.restart == RestartPolicy::Always && s.may_have_switched()))
             .map(|s| s.id.clone())
             .collect();
         for id in stay {
@@ -1532,9 +1543,11 @@ impl State {
     /// With `drain` (the node stays up) a sandbox still being created stays:
     /// its first copy may still come up there, and a fresh start elsewhere
     /// would be a second copy (migsafe 3); the drain reports it not moved.
-    /// A sandbox whose migration is active stays, also when its node is gone
-    /// (its copy may already run on the target, so a fresh start elsewhere
-    /// could race the migration's completion and fence it: migsafe 2).
+    /// On a drain a sandbox whose migration is active stays (the migration
+    /// may still complete). When its node is gone one past the switch-over
+    /// stays (its copy may already run on the target, so a fresh start
+    /// elsewhere could fence it: migsafe 2); one before it moves and the move
+    /// ends the migration aborted (the target cannot have committed).
     fn move_always(
         &mut self,
         node: &str,
@@ -1550,7 +1563,11 @@ impl State {
                     && s.reserves()
                     && s.restart == RestartPolicy::Always
                     && !s.pinned
-                    && s.migrating().is_none()
+                    && if drain {
+                        s.migrating().is_none()
+                    } else {
+                        !s.may_have_switched()
+                    }
                     && !(drain && s.observed.as_ref().is_none_or(|o| o.status == "creating"))
                     && only.is_none_or(|o| o.contains(&s.id))
             })

@@ -721,12 +721,12 @@ fn review_reschedule_during_migration_never_ends_it() {
         r.migration,
         s.allocated()
     );
-    // migsafe 2: the record is not rescheduled while its migration is open
-    // (the target may commit); either way the two never disagree.
+    // Before the switch-over the target cannot have committed: the node's
+    // loss ends the migration and the record is rescheduled (migsafe2 H1).
     assert!(
-        r.migrating().is_none() || (r.node == "n1" && r.reschedules == 0),
-        "migration still active after the record was rescheduled: {:?}",
-        r.migration
+        r.migrating().is_none() && r.node != "n1" && r.reschedules == 1,
+        "not rescheduled, or the migration still active after it: {:?}",
+        r
     );
 }
 
@@ -1168,10 +1168,18 @@ fn an_open_migration_holds_off_the_restart_policy() {
     // is started again as usual.
     let mut s = migratable_always();
     start_migration(&mut s, "s1", "m1", "n1", "n2");
-    phase(&mut s, "s1", "m1", "precopy");
+    phase(&mut s, "s1", "m1", "committing");
     heartbeat(&mut s, "n1", 1000, dead("failed"));
     phase(&mut s, "s1", "m1", "aborted");
     let d = heartbeat(&mut s, "n1", 1001, dead("failed"));
+    assert_eq!(d.not_running, vec!["s1".to_string()], "{d:?}");
+    assert_eq!(status(&s, "s1").2, 1);
+    // Before the switch-over (pre-copy) the target cannot have committed:
+    // a dead source copy is started again at once (migsafe2 H1).
+    let mut s = migratable_always();
+    start_migration(&mut s, "s1", "m1", "n1", "n2");
+    phase(&mut s, "s1", "m1", "precopy");
+    let d = heartbeat(&mut s, "n1", 1000, dead("failed"));
     assert_eq!(d.not_running, vec!["s1".to_string()], "{d:?}");
     assert_eq!(status(&s, "s1").2, 1);
 }
@@ -1202,4 +1210,146 @@ fn a_drain_never_restarts_a_sandbox_still_being_created() {
         let r = &s.sandboxes[id];
         assert_eq!((r.node.as_str(), r.reschedules), ("n1", 0), "{id}");
     }
+}
+
+/// migsafe2 (review H1): the source node of a `restart: always` sandbox dies
+/// (NotReady, or `hearth node rm`) while its migration is in pre-copy: the
+/// target cannot have committed, so the node's loss ends the migration
+/// aborted and the restart policy starts the sandbox elsewhere (no zero
+/// copies forever); the record never stays on a removed node.
+#[test]
+fn a_source_node_lost_in_precopy_ends_the_migration_and_restarts_elsewhere() {
+    let mut s = migratable_always();
+    start_migration(&mut s, "s1", "m1", "n1", "n2");
+    phase(&mut s, "s1", "m1", "precopy");
+    s.apply(&Command::MarkNotReady {
+        node: "n1".into(),
+        at_ms: 1000,
+    });
+    let r = &s.sandboxes["s1"];
+    assert_ne!(r.node, "n1", "left on the lost node: {r:?}");
+    assert_eq!(r.reschedules, 1, "{r:?}");
+    assert!(r.migrating().is_none(), "migration still open: {r:?}");
+    assert_eq!(
+        r.migration.as_ref().map(|m| m.phase.as_str()),
+        Some("aborted")
+    );
+    assert_eq!(status(&s, "s1").0, "creating");
+    // The target's incoming copy of the aborted attempt is not the record's.
+    let d = heartbeat(
+        &mut s,
+        "n2",
+        2000,
+        vec![copy("t1", "running", Some("s1@1"))],
+    );
+    assert_eq!(
+        d.stop.len(),
+        1,
+        "the aborted attempt's copy was kept: {d:?}"
+    );
+    assert_eq!(s.sandboxes["s1"].node, "n3");
+
+    let mut s = migratable_always();
+    start_migration(&mut s, "s1", "m1", "n1", "n2");
+    phase(&mut s, "s1", "m1", "precopy");
+    s.apply(&Command::RemoveNode {
+        id: "n1".into(),
+        at_ms: 1000,
+    });
+    let r = &s.sandboxes["s1"];
+    assert!(
+        s.nodes.contains_key(&r.node),
+        "record left on removed node {}",
+        r.node
+    );
+    assert!(r.migrating().is_none(), "migration still open: {r:?}");
+    assert_eq!(status(&s, "s1").0, "creating");
+
+    // Past the switch-over the target may have committed: the record stays
+    // (its migration open) until the migration settles.
+    let mut s = migratable_always();
+    start_migration(&mut s, "s1", "m1", "n1", "n2");
+    phase(&mut s, "s1", "m1", "committing");
+    s.apply(&Command::MarkNotReady {
+        node: "n1".into(),
+        at_ms: 1000,
+    });
+    let r = &s.sandboxes["s1"];
+    assert_eq!((r.node.as_str(), r.reschedules), ("n1", 0), "{r:?}");
+    assert!(r.migrating().is_some(), "{r:?}");
+}
+
+/// migsafe2 (review H1), the reviewer's scenario as written: the source node dies in
+/// pre-copy; neither the node loss nor a later abort leaves the sandbox on the
+/// dead node, and `hearth node rm` never leaves it on a removed node.
+#[test]
+fn review_source_node_dies_in_precopy_target_never_committed() {
+    let mut s = migratable_always();
+    start_migration(&mut s, "s1", "m1", "n1", "n2");
+    phase(&mut s, "s1", "m1", "precopy");
+    s.apply(&Command::MarkNotReady {
+        node: "n1".into(),
+        at_ms: 1000,
+    });
+    // target heartbeats: no copy of s1 (never committed)
+    heartbeat(&mut s, "n2", 500_000, vec![]);
+    heartbeat(
+        &mut s,
+        "n3",
+        500_000,
+        vec![
+            copy("z1", "running", Some("big@0")),
+            copy("z2", "running", Some("big2@0")),
+        ],
+    );
+    let r = &s.sandboxes["s1"];
+    eprintln!(
+        "after NotReady: node={} gen={} obs={:?} mig={:?}",
+        r.node,
+        r.reschedules,
+        r.observed,
+        r.migration.as_ref().map(|m| m.phase.clone())
+    );
+    // Suppose the migration gets settled 'aborted' somehow (operator / leader)
+    s.apply(&Command::MigrationPhase {
+        id: "s1".into(),
+        migration: "m1".into(),
+        phase: "aborted".into(),
+        error: None,
+        progress: None,
+        at_ms: 600_000,
+    });
+    heartbeat(&mut s, "n2", 700_000, vec![]);
+    let r = &s.sandboxes["s1"];
+    eprintln!(
+        "after aborted: node={} gen={} obs={:?} mig={:?}",
+        r.node,
+        r.reschedules,
+        r.observed.as_ref().map(|o| o.status.clone()),
+        r.migration.as_ref().map(|m| m.phase.clone())
+    );
+    let stuck_after_abort =
+        r.node == "n1" && r.observed.as_ref().is_some_and(|o| o.status == "running");
+    // node rm of n1 with an open migration
+    let mut s2 = migratable_always();
+    start_migration(&mut s2, "s1", "m1", "n1", "n2");
+    phase(&mut s2, "s1", "m1", "precopy");
+    let rep = s2.apply(&Command::RemoveNode {
+        id: "n1".into(),
+        at_ms: 1000,
+    });
+    let r2 = &s2.sandboxes["s1"];
+    eprintln!(
+        "after node rm: reply={rep:?} node={} exists={} obs={:?} mig={:?}",
+        r2.node,
+        s2.nodes.contains_key(&r2.node),
+        r2.observed.as_ref().map(|o| o.status.clone()),
+        r2.migration.as_ref().map(|m| m.phase.clone())
+    );
+    assert!(!stuck_after_abort, "restart: always sandbox stays on dead node n1 as 'running' even after its migration ended aborted");
+    assert!(
+        s2.nodes.contains_key(&r2.node),
+        "record left on removed node {}",
+        r2.node
+    );
 }

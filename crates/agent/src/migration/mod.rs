@@ -643,6 +643,18 @@ pub(crate) async fn run_source(
         job.end(entry, Phase::Aborted, Err(AgentError::Migration(msg)));
         return SourceEnd::StayedHere(None);
     }
+    // why: a cancel that came while the log was sent (the check above is
+    // before that await): nothing between here and the commit phase's
+    // record awaits, so a cancel answered `aborted` never meets a commit.
+    if reg.is_cancelled(job.attempt.as_deref()) {
+        let _ = job.peer.abort(&id).await;
+        let msg = resume_here(format!(
+            "the migration of sandbox {id} was cancelled before its commit; it keeps running here"
+        ))
+        .await;
+        job.end(entry, Phase::Aborted, Err(AgentError::Migration(msg)));
+        return SourceEnd::StayedHere(None);
+    }
     let rec = entry.snapshot();
     let hello = conn.hello();
     let commit = IncomingCommit {
@@ -731,6 +743,36 @@ struct OutgoingGuard<'a>(&'a Entry);
 impl Drop for OutgoingGuard<'_> {
     fn drop(&mut self) {
         self.0.migrating_out.store(false, Ordering::Relaxed);
+    }
+}
+
+/// Sets [`Entry::migrating_out`] for the preparation and hand-over of an
+/// outgoing migration in [`Agent::migrate`], and clears it when dropped
+/// unless the job was handed over (`run_source` then owns the flag).
+struct PreparingGuard {
+    entry: Arc<Entry>,
+    handed_over: bool,
+}
+
+impl PreparingGuard {
+    fn arm(entry: &Arc<Entry>) -> Self {
+        entry.migrating_out.store(true, Ordering::Relaxed);
+        PreparingGuard {
+            entry: entry.clone(),
+            handed_over: false,
+        }
+    }
+
+    fn handed_over(&mut self) {
+        self.handed_over = true;
+    }
+}
+
+impl Drop for PreparingGuard {
+    fn drop(&mut self) {
+        if !self.handed_over {
+            self.entry.migrating_out.store(false, Ordering::Relaxed);
+        }
     }
 }
 
@@ -1071,6 +1113,12 @@ impl Agent {
             )));
         }
         let _guard = ActiveGuard(reg, rec.id.clone());
+        // why: reported from the start (before the lifecycle task takes the
+        // job), so no heartbeat shows this copy idle while the migration is
+        // prepared or handed over; cleared on every way out of here (an
+        // error, this future dropped while the hand-over waits) unless
+        // `run_source` took the job (it clears the flag when it ends).
+        let mut outgoing = PreparingGuard::arm(&entry);
         let started = Instant::now();
         let (status, status_rx) = watch::channel(MigrationStatus {
             sandbox: rec.id.clone(),
@@ -1172,16 +1220,14 @@ impl Agent {
             attempt: req.attempt.clone(),
         };
         let ctl = lock(&entry.control).clone();
-        // why: reported from the hand-over on (before the lifecycle task
-        // takes the job), so no heartbeat shows this copy idle meanwhile.
-        entry.migrating_out.store(true, Ordering::Relaxed);
         let sent = match ctl {
             Some(ctl) => ctl.send(Control::Migrate(Box::new(job))).await.is_ok(),
             None => false,
         };
-        if !sent {
-            entry.migrating_out.store(false, Ordering::Relaxed);
+        if sent {
+            outgoing.handed_over();
         }
+        drop(outgoing);
         let result = if sent {
             reply_rx.await.unwrap_or_else(|_| {
                 Err(AgentError::Migration(format!(
@@ -1914,6 +1960,44 @@ mod tests {
         let plain = "load of migration failed: Input/output error";
         assert_eq!(trim_paths(plain), plain);
         assert_eq!(trim_paths("at /a/b/c.sock"), "at …/c.sock");
+    }
+
+    /// migsafe2 (review M3): the outgoing flag is set from the start of a
+    /// migration and cleared on every exit, including a `migrate()` future
+    /// dropped while the hand-over to the lifecycle task waits; once handed
+    /// over it stays for `run_source` (which clears it itself).
+    #[tokio::test]
+    async fn the_outgoing_flag_never_outlives_a_migration_that_was_not_handed_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let rec = offer(serde_json::Value::Null, None).sandbox;
+        let entry = Arc::new(Entry::new(dir.path().to_path_buf(), rec));
+        let out = |e: &Entry| e.migrating_out.load(Ordering::Relaxed);
+        // An error path: set, then cleared.
+        let g = PreparingGuard::arm(&entry);
+        assert!(out(&entry));
+        drop(g);
+        assert!(!out(&entry));
+        // A future dropped while its hand-over waits (a full control channel).
+        let (tx, _rx) = tokio::sync::mpsc::channel::<u8>(1);
+        tx.send(0).await.unwrap();
+        let e2 = entry.clone();
+        let fut = async move {
+            let mut g = PreparingGuard::arm(&e2);
+            if tx.send(1).await.is_ok() {
+                g.handed_over();
+            }
+        };
+        let mut fut = Box::pin(fut);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(std::future::Future::poll(fut.as_mut(), &mut cx).is_pending());
+        assert!(out(&entry), "not reported while waiting for the hand-over");
+        drop(fut);
+        assert!(!out(&entry), "flag left set after the future was dropped");
+        // Handed over: the flag stays for `run_source`.
+        let mut g = PreparingGuard::arm(&entry);
+        g.handed_over();
+        drop(g);
+        assert!(out(&entry));
     }
 
     /// An offer of a sandbox without a network, with `machine` (JSON) as given.
