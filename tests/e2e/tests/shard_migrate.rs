@@ -1210,7 +1210,8 @@ fn a_networked_web_server_migrates_with_its_address_policy_and_ingress_and_a_fai
     wait_node("agent2", "ready");
     // why: the node may still read ready from before the kill; the agent's
     // own API answers once it has re-adopted what it runs.
-    wait_until("agent2 to re-adopt web", Duration::from_secs(120), || {
+    let readopt_deadline = Instant::now() + Duration::from_secs(120);
+    loop {
         let (code, v) = call(
             &format!("http://{NET}.12:7070"),
             "/v1/sandboxes",
@@ -1218,12 +1219,37 @@ fn a_networked_web_server_migrates_with_its_address_policy_and_ingress_and_a_fai
             None,
             5,
         );
-        code == 200
+        let adopted = code == 200
             && v.as_array().is_some_and(|a| {
                 a.iter()
                     .any(|s| owned_by(s, &id) && s["status"] == "running")
-            })
-    });
+            });
+        if adopted {
+            break;
+        }
+        if Instant::now() > readopt_deadline {
+            // why: diagnostics only (this wait failed twice in loaded CI runs
+            // with nothing to go on): the agent's list, the record, its log.
+            let log =
+                std::fs::read_to_string(format!("/tmp/hearth-shard-{NAME}/agent2-restarted.log"))
+                    .unwrap_or_default();
+            let tail: String = log
+                .lines()
+                .rev()
+                .take(60)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n");
+            panic!(
+                "agent2 did not re-adopt web ({id}, agent id {aid2}) within 120 s: \
+                 agent2 answers {code} {v}\nrecord {}\n--- agent2 log (tail) ---\n{tail}",
+                api(&format!("/v1/sandboxes/{id}"), "GET", None, 10).1
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
     // why: the control plane's record says recovering until agent2's next heartbeat.
     wait_until(
         "the page through the ingress after the restart",
