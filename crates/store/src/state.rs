@@ -310,6 +310,9 @@ pub enum Expect {
     Unstarted,
     /// The record still names this agent copy (a copy that vanished).
     Copy { agent_id: String },
+    /// The control plane still holds the record given up without an agent
+    /// copy (a `restart: always` start that failed, started again).
+    Abandoned,
 }
 
 /// The cluster an owner tag names (`CLUSTER/ID@GENERATION`), if it names one
@@ -811,6 +814,7 @@ impl State {
                     (Some(Expect::Copy { agent_id }), Some(sb)) => {
                         sb.observed.as_ref().and_then(|o| o.agent_id.as_ref()) == Some(agent_id)
                     }
+                    (Some(Expect::Abandoned), Some(sb)) => sb.abandoned(),
                     _ => true,
                 };
                 match self.sandboxes.get(id) {

@@ -1353,3 +1353,36 @@ fn review_source_node_dies_in_precopy_target_never_committed() {
         r2.node
     );
 }
+
+/// A `restart: always` record whose start failed (no agent copy) is started
+/// again as its next generation by a `NotRunning` expecting it given up; the
+/// same command proposed from a lagging view after a start result was
+/// recorded changes nothing, and a repeated one (same generation) starts
+/// nothing twice.
+#[test]
+fn a_failed_start_of_a_restart_always_record_is_started_again_once() {
+    let mut s = State::default();
+    s.apply(&node("n1"));
+    s.apply(&create("s1", "n1", RestartPolicy::Always));
+    // The start failed: no copy, given up.
+    s.apply(&Command::SetObserved {
+        id: "s1".into(),
+        observed: Observed {
+            status: "failed".into(),
+            agent_id: None,
+            error: Some("starting on node n1: did not answer".into()),
+            updated_ms: 2,
+        },
+        node: Some("n1".into()),
+        generation: Some(0),
+    });
+    assert!(s.sandboxes["s1"].abandoned());
+    s.apply(&not_running("s1", "n1", 0, Some(Expect::Abandoned)));
+    assert_eq!(status(&s, "s1"), ("creating".into(), None, 1));
+    s.apply(&not_running("s1", "n1", 0, Some(Expect::Abandoned)));
+    assert_eq!(status(&s, "s1"), ("creating".into(), None, 1));
+    // Its next start succeeded: a late retry proposal is a no-op.
+    s.apply(&set_observed("s1", "n1", 1, "running", "a1"));
+    s.apply(&not_running("s1", "n1", 1, Some(Expect::Abandoned)));
+    assert_eq!(status(&s, "s1"), ("running".into(), Some("a1".into()), 1));
+}

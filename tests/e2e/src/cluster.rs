@@ -31,7 +31,7 @@ pub struct Proc {
 }
 
 impl Proc {
-    fn spawn(&mut self) {
+    pub fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -217,6 +217,23 @@ impl Cluster {
         }
         c.wait_leader(Duration::from_secs(30));
         c
+    }
+
+    /// The last `lines` lines of every member's and agent's log, for a
+    /// failed assertion's message.
+    pub fn log_tails(&self, lines: usize) -> String {
+        let mut out = String::new();
+        for p in self.members.iter().chain(&self.agents) {
+            let text = p.log_text();
+            let all: Vec<&str> = text.lines().collect();
+            let from = all.len().saturating_sub(lines);
+            out.push_str(&format!("--- {} (last {lines} lines)\n", p.name));
+            for l in &all[from..] {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        out
     }
 
     pub fn control_addrs(&self) -> String {

@@ -2,13 +2,14 @@
 //! NotReady (their sandboxes are lost, or moved when they asked for
 //! `restart: always`), moved or restarted sandboxes are started on their
 //! node, and a record whose start never finished is given up (`failed`, with
-//! the reason) or, with `restart: always`, started again; a live migration
+//! the reason) or, with `restart: always`, started again (as is one whose
+//! start failed, after a backoff); a live migration
 //! whose driving member went away is finished from the source's answer.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use hearth_store::{Command, Expect};
+use hearth_store::{Command, Expect, RestartPolicy};
 
 use super::{migrate, now_ms, sandboxes, ControlPlane};
 
@@ -29,7 +30,10 @@ async fn migrations(cp: ControlPlane) {
 }
 
 async fn nodes(cp: ControlPlane) {
-    let period = (cp.cfg.node_timeout / 5).max(Duration::from_millis(100));
+    // why: the tick also starts moved and failed sandboxes again; a long
+    // node timeout must not make those wait for minutes.
+    let period =
+        (cp.cfg.node_timeout / 5).clamp(Duration::from_millis(100), Duration::from_secs(1));
     let mut tick = tokio::time::interval(period);
     // why: a new leader has not seen heartbeats sent to the old one's term yet;
     // give every node one full timeout from the moment this member leads.
@@ -37,12 +41,14 @@ async fn nodes(cp: ControlPlane) {
     // why: deadlines of unstarted records run on this leader's clock, from
     // when it first saw them unstarted (not the proposing member's clock).
     let mut unstarted: HashMap<(String, u32), u64> = HashMap::new();
+    let mut abandoned: HashMap<(String, u32), u64> = HashMap::new();
     loop {
         tick.tick().await;
         let me = cp.store.member_status();
         if me.leader != Some(me.id) {
             leading_since = None;
             unstarted.clear();
+            abandoned.clear();
             continue;
         }
         if cp.store.read_local(|st| st.cluster_id.is_none()) {
@@ -69,6 +75,7 @@ async fn nodes(cp: ControlPlane) {
             }
         }
         give_up_stuck(&cp, now, &mut unstarted).await;
+        retry_failed_starts(&cp, now, &mut abandoned).await;
         restart_moved(&cp);
     }
 }
@@ -131,6 +138,73 @@ async fn give_up_stuck(cp: &ControlPlane, now: u64, seen: &mut HashMap<(String, 
         };
         if let Err(e) = cp.store.write(cmd).await {
             tracing::warn!("giving up a stuck sandbox: {e}");
+        }
+    }
+}
+
+/// How long a `restart: always` record whose start failed waits before it
+/// is started again: doubling with its generation (each start is one),
+/// from 1 s to at most [`RETRY_MAX`].
+fn retry_delay(generation: u32) -> Duration {
+    Duration::from_secs(1u64 << generation.min(5)).min(RETRY_MAX)
+}
+
+/// The longest wait between starts of a `restart: always` record that keeps
+/// failing to start.
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// `restart: always` records the control plane gave up without a copy (the
+/// node did not answer the start in time, or refused it) are started again
+/// as their next generation after a backoff, on their node while it is
+/// Ready (a copy of the failed start turning up late is stale then, and
+/// fenced). The policy means the platform keeps trying; the record shows
+/// the failure meanwhile.
+async fn retry_failed_starts(cp: &ControlPlane, now: u64, seen: &mut HashMap<(String, u32), u64>) {
+    let failed: Vec<(String, String, u32, String)> = cp.store.read_local(|st| {
+        st.sandboxes
+            .values()
+            .filter(|s| {
+                s.restart == RestartPolicy::Always
+                    && !s.record_only
+                    && !s.pinned
+                    && s.abandoned()
+                    && s.migrating().is_none()
+                    && st.nodes.get(&s.node).is_some_and(|n| n.ready)
+            })
+            .map(|s| {
+                let why = s
+                    .observed
+                    .as_ref()
+                    .and_then(|o| o.error.clone())
+                    .unwrap_or_else(|| "its start failed".into());
+                (s.id.clone(), s.node.clone(), s.reschedules, why)
+            })
+            .collect()
+    });
+    let live: std::collections::HashSet<(String, u32)> = failed
+        .iter()
+        .map(|(id, _, g, _)| (id.clone(), *g))
+        .collect();
+    seen.retain(|k, _| live.contains(k));
+    for (id, node, generation, why) in failed {
+        let first = *seen.entry((id.clone(), generation)).or_insert(now);
+        if now.saturating_sub(first) < retry_delay(generation).as_millis() as u64 {
+            continue;
+        }
+        tracing::info!(sandbox = %id, %node, generation, "its start failed; starting it again (restart: always)");
+        let cmd = Command::NotRunning {
+            id,
+            node,
+            generation,
+            status: "failed".into(),
+            why,
+            at_ms: now,
+            // why: a start result recorded meanwhile (this member's view may
+            // lag the log) means it is no longer given up.
+            expect: Some(Expect::Abandoned),
+        };
+        if let Err(e) = cp.store.write(cmd).await {
+            tracing::warn!("starting a failed sandbox again: {e}");
         }
     }
 }
