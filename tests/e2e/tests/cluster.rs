@@ -691,6 +691,13 @@ fn a_restart_always_sandbox_whose_start_failed_is_started_again_until_it_runs() 
     )
     .unwrap();
     assert_eq!(r.status, 503, "{}", r.body);
+    assert!(
+        r.body.contains("did not answer within 4s")
+            && r.body
+                .contains("started again after a backoff (restart: always)"),
+        "{}",
+        r.body
+    );
     let s = c.get("/v1/sandboxes/stubborn").json();
     assert_eq!(s["status"], "failed", "{s}");
     let id = s["id"].as_str().unwrap().to_string();

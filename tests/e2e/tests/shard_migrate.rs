@@ -523,6 +523,15 @@ fn a_migration_survives_the_control_plane_leader_being_killed_with_one_copy() {
             && serde_json::from_slice::<serde_json::Value>(&out.stdout)
                 .is_ok_and(|s| s["phase"] == "precopy" && s["bytes_sent"].as_u64().unwrap_or(0) > 0)
     });
+    // why: the leader read before the CLI call may have changed under load;
+    // the test is about killing the member that records the migration.
+    let (code, cluster) = api("/v1/cluster", "GET", None, 10);
+    assert_eq!(code, 200, "{cluster}");
+    assert_eq!(
+        cluster["leader"].as_u64(),
+        Some(leader),
+        "the leader changed during the test's set-up; the member the CLI asked is no longer the one recording: {cluster}"
+    );
     let pid = pid_of(&format!("control{leader}"));
     // SAFETY: kill(2) on the pid of a shard control member this test started.
     unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -578,6 +587,14 @@ fn a_migration_survives_the_control_plane_leader_being_killed_with_one_copy() {
     );
     let copy = agent_copy(want.trim_start_matches("agent").parse().unwrap(), &id);
     assert_eq!(copy["status"], "running", "{copy}");
+    // why: an agent lists only the copies it has records of; an incoming
+    // QEMU orphaned by the leader's death would not be listed.
+    let agent_id = copy["id"].as_str().expect("agent id").to_string();
+    wait_until(
+        "exactly one QEMU of the sandbox on the shard",
+        Duration::from_secs(60),
+        || qemus_of(&agent_id) == 1,
+    );
     counter_goes_on("fo");
 }
 

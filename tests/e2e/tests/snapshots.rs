@@ -723,26 +723,44 @@ fn an_exec_sent_while_a_snapshot_is_saved_waits_for_the_thaw() {
                 })
                 .unwrap_or(false)
         });
-        let exec = d.hearth(&["exec", "busy", "--", "echo", "after"]);
-        let exec_done = std::time::SystemTime::now();
+        let exec = d.hearth(&[
+            "exec",
+            "busy",
+            "--",
+            "sh",
+            "-c",
+            "touch /after-exec; echo after",
+        ]);
         let (snap, _) = saver.join().expect("snapshot thread");
         assert!(snap.status.success(), "{}", show(&snap));
         assert!(exec.status.success(), "{}", show(&exec));
         assert_eq!(stdout(&exec).trim(), "after");
-        // why: the guest is thawed right after QEMU wrote the state file; the
-        // snapshot's answer comes later (its metadata is written and synced
-        // after the thaw), so an exec may well end before that answer. It
-        // must not end before the state file was complete: that is the
-        // frozen window.
-        let saved = std::fs::metadata(snaps.join("s").join("state"))
-            .and_then(|m| m.modified())
-            .expect("the snapshot's state file");
-        assert!(
-            exec_done >= saved,
-            "the exec ended {:?} before the snapshot's state was written: it ran inside the frozen window",
-            saved.duration_since(exec_done).unwrap_or_default()
-        );
     });
+    // why: the defining event, not a clock: an exec that ran inside the
+    // frozen window would have its file in the snapshot (its memory and its
+    // writable layer are saved after the state file). A sandbox restored from
+    // it must not have the file; the original has it.
+    let present = |sandbox: &str| {
+        let out = d.hearth(&[
+            "exec",
+            sandbox,
+            "--",
+            "sh",
+            "-c",
+            "test -e /after-exec && echo yes || echo no",
+        ]);
+        assert!(out.status.success(), "{}", show(&out));
+        stdout(&out).trim().to_string()
+    };
+    assert_eq!(present("busy"), "yes", "the exec ran in the original");
+    let out = d.hearth(&["run", "-d", "--name", "restored", "--from-snapshot", "s"]);
+    assert!(out.status.success(), "{}", show(&out));
+    wait_running(&d, "restored");
+    assert_eq!(
+        present("restored"),
+        "no",
+        "the exec ran inside the frozen window: its file is in the snapshot"
+    );
 }
 
 /// A warm start relays its workload's first output while its `running` record

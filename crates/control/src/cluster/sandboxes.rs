@@ -272,6 +272,15 @@ pub(super) async fn start_on_agent(
             format!("node {} at {addr} unreachable: {e}", rec.node),
         )),
     };
+    // why: the policy starts it again (the leader's watchdog, after a
+    // backoff); the caller and the record say so.
+    let outcome = outcome.map_err(|mut e| {
+        if rec.restart == RestartPolicy::Always && !rec.pinned {
+            e.message
+                .push_str("; it is started again after a backoff (restart: always)");
+        }
+        e
+    });
     let observed = match &outcome {
         Ok(sb) => Observed {
             status: super::nodes::status_name(sb.status),
