@@ -89,6 +89,10 @@ fn hearth_run(a: &Daemon, b: &Daemon, mib: u32, dirty: bool) -> Sample {
     let out = a.hearth(&[
         "run",
         "--detach",
+        // why: both nodes share this host's network namespace; a networked
+        // sandbox migrates only between hosts (bare QEMU has no NIC either).
+        "--network",
+        "none",
         "--memory",
         &mib.to_string(),
         "--name",
@@ -134,6 +138,9 @@ fn hearth_run(a: &Daemon, b: &Daemon, mib: u32, dirty: bool) -> Sample {
     let _ = src_f.wait();
     let _ = dst_f.wait();
     let out = b.hearth(&["rm", "-f", "bench"]);
+    assert!(out.status.success(), "{}", hearth_e2e::show(&out));
+    // why: the source keeps its ended record ("migrated to …") under the name.
+    let out = a.hearth(&["rm", "-f", "bench"]);
     assert!(out.status.success(), "{}", hearth_e2e::show(&out));
     Sample {
         total,

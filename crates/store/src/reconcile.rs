@@ -40,7 +40,11 @@ fn stale(rec: &SandboxRecord, generation: u32, node: &str, agent_id: &str) -> Op
         ));
     }
     let o = rec.observed.as_ref();
-    if rec.abandoned() {
+    // why: a `restart: always` record given up because its start failed
+    // (the node answered too late) takes a copy of that very start that
+    // turns up running: that is what the policy wants (a later retry then
+    // changes nothing); any other given-up record fences it.
+    if rec.abandoned() && (rec.restart != RestartPolicy::Always || rec.pinned) {
         let why = o.and_then(|o| o.error.clone()).unwrap_or_default();
         return Some(format!("the control plane gave sandbox {id} up ({why})"));
     }

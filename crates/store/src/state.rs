@@ -760,9 +760,14 @@ impl State {
             } => match self.sandboxes.get_mut(id) {
                 // why: a late result of a start for another node or an older
                 // generation must not overwrite the record's current copy.
+                // why: and a failed start (no copy) must not overwrite a copy
+                // of the same start a heartbeat reported meanwhile (the node
+                // answered too late for the caller, but the copy runs).
                 Some(sb)
                     if node.as_ref().is_some_and(|n| n != &sb.node)
-                        || generation.is_some_and(|g| g != sb.reschedules) =>
+                        || generation.is_some_and(|g| g != sb.reschedules)
+                        || (observed.agent_id.is_none()
+                            && sb.observed.as_ref().is_some_and(|o| o.agent_id.is_some())) =>
                 {
                     Reply::Sandbox {
                         sandbox: sb.clone(),
@@ -821,6 +826,9 @@ impl State {
                     Some(sb) if !holds => Reply::Sandbox {
                         sandbox: sb.clone(),
                     },
+                    Some(_) if matches!(expect, Some(Expect::Abandoned)) => {
+                        self.restart_abandoned(id, node, *generation, why, *at_ms)
+                    }
                     _ => self.not_running(id, node, *generation, status, why, *at_ms),
                 }
             }
@@ -915,6 +923,71 @@ impl State {
                 error: Some(format!("{status}: {why}")),
                 updated_ms: at_ms,
             }
+        });
+        let sb = sb.clone();
+        self.touch_sandbox(id);
+        Reply::Sandbox { sandbox: sb }
+    }
+
+    /// Starts a given-up `restart: always` record again as its next
+    /// generation (its start failed): on its node while that node is Ready,
+    /// not cordoned and has room for it (a given-up record holds none, so
+    /// the room may be gone), else wherever it fits, else not at all (it
+    /// stays `failed`; the leader tries again later).
+    fn restart_abandoned(
+        &mut self,
+        id: &str,
+        node: &str,
+        generation: u32,
+        why: &str,
+        at_ms: u64,
+    ) -> Reply {
+        let Some(sb) = self.sandboxes.get(id) else {
+            return Reply::NotFound {
+                what: format!("sandbox {id}"),
+            };
+        };
+        if sb.node != node
+            || sb.reschedules != generation
+            || sb.restart != RestartPolicy::Always
+            || sb.pinned
+            || sb.record_only
+            || sb.migrating().is_some()
+        {
+            return Reply::Sandbox {
+                sandbox: sb.clone(),
+            };
+        }
+        let req = sb.request.clone();
+        let views = self.node_views();
+        let own: Vec<NodeView> = views.iter().filter(|v| v.id == node).cloned().collect();
+        let target = match hearth_sched::place(&own, &req, Strategy::BinPack) {
+            Ok(v) => Some(v.id.clone()),
+            Err(_) => {
+                let others: Vec<NodeView> = views.into_iter().filter(|v| v.id != node).collect();
+                hearth_sched::place(&others, &req_without_group(&req), Strategy::BinPack)
+                    .ok()
+                    .map(|v| v.id.clone())
+            }
+        };
+        let Some(target) = target else {
+            return Reply::Rejected {
+                node: node.to_string(),
+                reason: format!(
+                    "no Ready node has room for sandbox {id}; it stays failed and is tried again"
+                ),
+            };
+        };
+        let Some(sb) = self.sandboxes.get_mut(id) else {
+            return Reply::Ok;
+        };
+        sb.node = target;
+        sb.reschedules += 1;
+        sb.observed = Some(Observed {
+            status: "creating".into(),
+            agent_id: None,
+            error: Some(format!("starting again: {why}")),
+            updated_ms: at_ms,
         });
         let sb = sb.clone();
         self.touch_sandbox(id);

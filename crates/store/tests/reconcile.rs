@@ -1386,3 +1386,84 @@ fn a_failed_start_of_a_restart_always_record_is_started_again_once() {
     s.apply(&not_running("s1", "n1", 1, Some(Expect::Abandoned)));
     assert_eq!(status(&s, "s1"), ("running".into(), Some("a1".into()), 1));
 }
+
+fn give_up_start(s: &mut State, id: &str, node: &str, generation: u32) {
+    s.apply(&Command::SetObserved {
+        id: id.into(),
+        observed: Observed {
+            status: "failed".into(),
+            agent_id: None,
+            error: Some(format!("starting on node {node}: did not answer")),
+            updated_ms: 2,
+        },
+        node: Some(node.into()),
+        generation: Some(generation),
+    });
+}
+
+/// Review (retry placement): a given-up record holds no room, so its node
+/// may be full or cordoned by the time it is started again: it goes where
+/// it fits, and nowhere when nothing fits (it stays failed).
+#[test]
+fn a_failed_start_is_started_again_where_it_fits_or_not_at_all() {
+    let mut s = State::default();
+    s.apply(&node("n1"));
+    s.apply(&node("n2"));
+    s.apply(&create("s1", "n1", RestartPolicy::Always));
+    give_up_start(&mut s, "s1", "n1", 0);
+    s.apply(&Command::SetCordon {
+        node: "n1".into(),
+        cordoned: true,
+    });
+    s.apply(&not_running("s1", "n1", 0, Some(Expect::Abandoned)));
+    assert_eq!(status(&s, "s1"), ("creating".into(), None, 1));
+    assert_eq!(s.sandboxes["s1"].node, "n2", "moved off the cordoned node");
+
+    give_up_start(&mut s, "s1", "n2", 1);
+    s.apply(&Command::SetCordon {
+        node: "n2".into(),
+        cordoned: true,
+    });
+    let r = s.apply(&not_running("s1", "n2", 1, Some(Expect::Abandoned)));
+    assert!(matches!(r, Reply::Rejected { .. }), "{r:?}");
+    assert_eq!(
+        status(&s, "s1"),
+        ("failed".into(), None, 1),
+        "fits nowhere: stays failed"
+    );
+    assert_eq!(s.sandboxes["s1"].node, "n2");
+}
+
+/// Review (slow start): the copy of a start the caller gave up on (the node
+/// answered too late) is adopted for a `restart: always` record, not
+/// fenced and booted again for ever; a failure written after a heartbeat
+/// reported the copy does not overwrite it. A `restart: never` record's late
+/// copy is still fenced.
+#[test]
+fn a_late_copy_of_a_failed_start_is_adopted_only_with_restart_always() {
+    let mut s = State::default();
+    s.apply(&node("n1"));
+    s.apply(&create("s1", "n1", RestartPolicy::Always));
+    s.apply(&create("s2", "n1", RestartPolicy::Never));
+    give_up_start(&mut s, "s1", "n1", 0);
+    give_up_start(&mut s, "s2", "n1", 0);
+    let d = heartbeat(
+        &mut s,
+        "n1",
+        10,
+        vec![
+            copy("a1", "running", Some("s1@0")),
+            copy("a2", "running", Some("s2@0")),
+        ],
+    );
+    assert_eq!(status(&s, "s1"), ("running".into(), Some("a1".into()), 0));
+    assert!(d.keep.contains(&"a1".to_string()), "{d:?}");
+    assert_eq!(d.stop.len(), 1, "{d:?}");
+    assert_eq!(d.stop[0].agent_id, "a2");
+    // The retry proposed from a view before the adoption changes nothing.
+    s.apply(&not_running("s1", "n1", 0, Some(Expect::Abandoned)));
+    assert_eq!(status(&s, "s1"), ("running".into(), Some("a1".into()), 0));
+    // A failed start result arriving after the heartbeat's adoption.
+    give_up_start(&mut s, "s1", "n1", 0);
+    assert_eq!(status(&s, "s1"), ("running".into(), Some("a1".into()), 0));
+}

@@ -584,6 +584,9 @@ fn a_sandbox_its_node_no_longer_runs_is_lost_or_started_again_per_its_restart_po
     c.agents[n1].kill9();
     let node_dir = c.dir.path().join("n1");
     hearth_e2e::kill_vmms_under(&node_dir);
+    hearth_e2e::wait_until("the node's VMs to die", Duration::from_secs(30), || {
+        hearth_e2e::vmm_pids_under(&node_dir).is_empty()
+    });
     std::fs::remove_dir_all(node_dir.join("sandboxes")).unwrap();
     c.agents[n1].spawn();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -632,11 +635,11 @@ fn a_sandbox_its_node_no_longer_runs_is_lost_or_started_again_per_its_restart_po
     wait_json(port, &format!("/v1/sandboxes/{always}"), |s| {
         s["status"] == "running"
     });
-    let copies = agent_copies();
-    assert_eq!(
-        copies.keys().cloned().collect::<Vec<_>>(),
-        vec![next.clone()],
-        "exactly the new generation runs: {copies:?}"
+    // why: a copy of a failed earlier start may still be being removed.
+    hearth_e2e::wait_until(
+        "exactly the new generation on the node",
+        Duration::from_secs(60),
+        || agent_copies().keys().cloned().collect::<Vec<_>>() == vec![next.clone()],
     );
     let r = http(
         port,
@@ -661,8 +664,9 @@ fn a_sandbox_its_node_no_longer_runs_is_lost_or_started_again_per_its_restart_po
 
 /// `restart: always` means the platform keeps trying: a start the node did
 /// not answer in time (the agent was stopped) ends the record `failed`, and
-/// it is started again as its next generation once the node answers; the
-/// failed start's copy, served late, is stopped and removed. One copy runs.
+/// once the node answers either the failed start's own copy (served late)
+/// is adopted or the sandbox is started again as its next generation (the
+/// late copy then fenced). Exactly one copy runs, and the record says so.
 #[test]
 fn a_restart_always_sandbox_whose_start_failed_is_started_again_until_it_runs() {
     // why: the start timeout must pass while the agent is stopped, and a
@@ -699,7 +703,8 @@ fn a_restart_always_sandbox_whose_start_failed_is_started_again_until_it_runs() 
         r.body
     );
     let s = c.get("/v1/sandboxes/stubborn").json();
-    assert_eq!(s["status"], "failed", "{s}");
+    // why: the retry may already have begun (1 s backoff).
+    assert!(s["status"] == "failed" || s["status"] == "creating", "{s}");
     let id = s["id"].as_str().unwrap().to_string();
     c.agents[n1].signal(libc::SIGCONT);
 
@@ -737,16 +742,17 @@ fn a_restart_always_sandbox_whose_start_failed_is_started_again_until_it_runs() 
         .strip_prefix(&format!("{id}@"))
         .and_then(|g| g.parse().ok())
         .unwrap_or_else(|| panic!("the running copy is not the record's: {owner}"));
-    assert!(
-        generation >= 1,
-        "started again as a next generation: {owner}"
-    );
-    assert!(
-        c.members[0]
-            .log_text()
-            .contains("its start failed; starting it again"),
-        "the leader says why it started it again"
-    );
+    // why: either the failed start's own copy, served once the agent went on,
+    // was adopted (generation 0), or the leader started it again (1, 2 ...).
+    if generation >= 1 {
+        assert!(
+            c.members[0]
+                .log_text()
+                .contains("its start failed; starting it again"),
+            "the leader says why it started it again"
+        );
+    }
+    eprintln!("stubborn runs as {owner}");
     assert_eq!(
         hearth_e2e::vmm_pids_under(&c.dir.path().join("n1")).len(),
         1,

@@ -524,14 +524,10 @@ fn a_migration_survives_the_control_plane_leader_being_killed_with_one_copy() {
                 .is_ok_and(|s| s["phase"] == "precopy" && s["bytes_sent"].as_u64().unwrap_or(0) > 0)
     });
     // why: the leader read before the CLI call may have changed under load;
-    // the test is about killing the member that records the migration.
+    // the member to kill is the one recording the migration now.
     let (code, cluster) = api("/v1/cluster", "GET", None, 10);
     assert_eq!(code, 200, "{cluster}");
-    assert_eq!(
-        cluster["leader"].as_u64(),
-        Some(leader),
-        "the leader changed during the test's set-up; the member the CLI asked is no longer the one recording: {cluster}"
-    );
+    let leader = cluster["leader"].as_u64().unwrap_or(leader);
     let pid = pid_of(&format!("control{leader}"));
     // SAFETY: kill(2) on the pid of a shard control member this test started.
     unsafe { libc::kill(pid, libc::SIGKILL) };

@@ -144,21 +144,33 @@ async fn give_up_stuck(cp: &ControlPlane, now: u64, seen: &mut HashMap<(String, 
 
 /// How long a `restart: always` record whose start failed waits before it
 /// is started again: doubling with its generation (each start is one),
-/// from 1 s to at most [`RETRY_MAX`].
-fn retry_delay(generation: u32) -> Duration {
-    Duration::from_secs(1u64 << generation.min(5)).min(RETRY_MAX)
+/// from 1 s to at most [`RETRY_MAX`], plus up to a fifth more by its id so
+/// records that failed together are not started again all at once.
+fn retry_delay(id: &str, generation: u32) -> Duration {
+    let base = Duration::from_secs(1u64 << generation.min(5)).min(RETRY_MAX);
+    let spread = id
+        .bytes()
+        .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(b.into()))
+        % 20;
+    base + base * spread as u32 / 100
 }
 
 /// The longest wait between starts of a `restart: always` record that keeps
 /// failing to start.
 const RETRY_MAX: Duration = Duration::from_secs(30);
 
+/// At most this many failed starts are started again per tick (each is two
+/// Raft writes and a start call; the rest wait for the next tick).
+const RETRIES_PER_TICK: usize = 32;
+
 /// `restart: always` records the control plane gave up without a copy (the
 /// node did not answer the start in time, or refused it) are started again
-/// as their next generation after a backoff, on their node while it is
-/// Ready (a copy of the failed start turning up late is stale then, and
-/// fenced). The policy means the platform keeps trying; the record shows
-/// the failure meanwhile.
+/// as their next generation after a backoff: on their node while it is
+/// Ready, not cordoned and has room, else wherever they fit (the state
+/// machine decides at apply time; a record that fits nowhere stays failed
+/// and is tried again). A copy of the failed start turning up late is
+/// adopted if it runs before that, else fenced. The policy means the
+/// platform keeps trying; the record shows the failure meanwhile.
 async fn retry_failed_starts(cp: &ControlPlane, now: u64, seen: &mut HashMap<(String, u32), u64>) {
     let failed: Vec<(String, String, u32, String)> = cp.store.read_local(|st| {
         st.sandboxes
@@ -169,7 +181,6 @@ async fn retry_failed_starts(cp: &ControlPlane, now: u64, seen: &mut HashMap<(St
                     && !s.pinned
                     && s.abandoned()
                     && s.migrating().is_none()
-                    && st.nodes.get(&s.node).is_some_and(|n| n.ready)
             })
             .map(|s| {
                 let why = s
@@ -186,14 +197,17 @@ async fn retry_failed_starts(cp: &ControlPlane, now: u64, seen: &mut HashMap<(St
         .map(|(id, _, g, _)| (id.clone(), *g))
         .collect();
     seen.retain(|k, _| live.contains(k));
-    for (id, node, generation, why) in failed {
-        let first = *seen.entry((id.clone(), generation)).or_insert(now);
-        if now.saturating_sub(first) < retry_delay(generation).as_millis() as u64 {
-            continue;
-        }
-        tracing::info!(sandbox = %id, %node, generation, "its start failed; starting it again (restart: always)");
+    let due: Vec<_> = failed
+        .into_iter()
+        .filter(|(id, _, generation, _)| {
+            let first = *seen.entry((id.clone(), *generation)).or_insert(now);
+            now.saturating_sub(first) >= retry_delay(id, *generation).as_millis() as u64
+        })
+        .take(RETRIES_PER_TICK)
+        .collect();
+    for (id, node, generation, why) in due {
         let cmd = Command::NotRunning {
-            id,
+            id: id.clone(),
             node,
             generation,
             status: "failed".into(),
@@ -203,8 +217,18 @@ async fn retry_failed_starts(cp: &ControlPlane, now: u64, seen: &mut HashMap<(St
             // lag the log) means it is no longer given up.
             expect: Some(Expect::Abandoned),
         };
-        if let Err(e) = cp.store.write(cmd).await {
-            tracing::warn!("starting a failed sandbox again: {e}");
+        match cp.store.write(cmd).await {
+            Ok(hearth_store::Reply::Sandbox { sandbox }) if sandbox.reschedules > generation => {
+                tracing::info!(sandbox = %id, node = %sandbox.node, generation = sandbox.reschedules,
+                    "its start failed; starting it again (restart: always)");
+            }
+            Ok(hearth_store::Reply::Rejected { reason, .. }) => {
+                // why: tried again after another full delay, not every tick.
+                seen.insert((id.clone(), generation), now);
+                tracing::warn!(sandbox = %id, "{reason}");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(sandbox = %id, "starting a failed sandbox again: {e}"),
         }
     }
 }
