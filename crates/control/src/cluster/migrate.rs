@@ -240,6 +240,7 @@ async fn start(
             progress: None,
             stall_ms: Some(stall_ms(cp.cfg.migration_stall, req.give_up_after_secs)),
             source_gone_ms: None,
+            unconfirmed: false,
         };
         let reply = cp
             .store
@@ -921,6 +922,7 @@ pub(super) mod tests {
             progress: None,
             stall_ms: Some(60_000),
             source_gone_ms: None,
+            unconfirmed: false,
         }
     }
 
@@ -1238,6 +1240,7 @@ pub(super) mod tests {
                     progress: None,
                     stall_ms: Some(1_000),
                     source_gone_ms: None,
+                    unconfirmed: false,
                 },
             })
             .await
