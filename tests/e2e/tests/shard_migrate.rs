@@ -453,12 +453,7 @@ fn a_counter_migrates_to_a_named_node_then_auto_and_bad_targets_are_refused() {
         Duration::from_secs(60),
         || {
             agent_has(2, &id).is_none()
-                && qemus_of(
-                    &agent_copy(1, &id)["id"]
-                        .as_str()
-                        .unwrap_or_default()
-                        .to_string(),
-                ) == 1
+                && qemus_of(agent_copy(1, &id)["id"].as_str().unwrap_or_default()) == 1
         },
     );
     counter_goes_on("counter");
