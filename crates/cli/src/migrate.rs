@@ -1,6 +1,6 @@
 //! `hearth migrate SANDBOX --to NODE|auto` (through the control plane),
-//! `hearth migrate SANDBOX --to URL` (agent to agent) and
-//! `hearth migrate --status SANDBOX`.
+//! `hearth migrate SANDBOX --to URL` (agent to agent),
+//! `hearth migrate --status SANDBOX` and `hearth migrate --abort SANDBOX`.
 
 use anyhow::{bail, Context, Result};
 use hearth_api::migration::{MigrateSandbox, MigrationStatus};
@@ -12,10 +12,14 @@ pub struct MigrateArgs {
     /// Show the progress of the sandbox's current or last migration instead.
     #[arg(long)]
     status: bool,
+    /// Abort the sandbox's migration in progress (through the control plane):
+    /// its source cancels it unless its commit was sent, and keeps running it.
+    #[arg(long, conflicts_with_all = ["status", "to"])]
+    abort: bool,
     /// Target: a node id or `auto` (the control plane picks and drives it), or
     /// the base URL of a node's API (e.g. http://10.88.0.2:7070) to migrate
     /// agent to agent with --to-token-file.
-    #[arg(long, required_unless_present = "status")]
+    #[arg(long, required_unless_present_any = ["status", "abort"])]
     to: Option<String>,
     /// The target's API token (only with a URL --to).
     #[arg(long, env = "HEARTH_TARGET_TOKEN", hide_env_values = true)]
@@ -80,6 +84,30 @@ pub async fn run(c: &Client, a: MigrateArgs) -> Result<u8> {
             .get_json(&format!("/v1/sandboxes/{path}/migration"))
             .await?;
         print(&s, a.json)?;
+        return Ok(0);
+    }
+    if a.abort {
+        let s: MigrationStatus = match c
+            .post_json(
+                &format!("/v1/sandboxes/{path}/migration/abort"),
+                &serde_json::json!({}),
+            )
+            .await
+        {
+            Err(crate::client::CliError::Api(e)) if e.message.starts_with("no API route") => bail!(
+                "--abort goes through the control plane (HEARTH_API must name a control-plane member); this API is a standalone node's, which has no aborting of an agent-to-agent migration: it ends on its own ({})",
+                e.message
+            ),
+            r => r?,
+        };
+        print(&s, a.json)?;
+        if s.phase != "aborted" {
+            eprintln!(
+                "the migration of sandbox {} was not aborted: it ended {} (it runs on {})",
+                s.sandbox, s.phase, s.target
+            );
+            return Ok(1);
+        }
         return Ok(0);
     }
     let Some(target) = a.to else {

@@ -124,6 +124,23 @@ impl State {
                         // all: its copy is the only one, so it takes the
                         // record over instead of being fenced (never zero).
                         self.complete_late_migration(id, &r.agent_id, at_ms);
+                    } else if mig.is_some_and(|m| {
+                        m.phase == "aborted"
+                            && m.unconfirmed
+                            && r.status == "running"
+                            && !r.paused
+                            && rec.reschedules <= m.generation
+                            && !(rec.node == node && rec.reschedules == m.generation)
+                    }) {
+                        // why: the state machine ended the migration without
+                        // the source's word (its copy died or its node was
+                        // lost while the record still showed pre-copy: the
+                        // record lags the source) and the target reports the
+                        // committed copy: it is the sandbox, with its live
+                        // state, and takes the record over; a copy started
+                        // again meanwhile (another node: `move_always` and
+                        // `not_running` avoid this one) is fenced as stale.
+                        self.take_over_unconfirmed(id, &r.agent_id, at_ms);
                     } else if mig.is_some_and(|m| m.phase == "aborted")
                         && (generation > rec.reschedules || rec.node != node)
                     {
@@ -269,6 +286,14 @@ impl State {
             };
             if let Some(sb) = self.sandboxes.get_mut(&id) {
                 crate::state::end_migration(sb, &why, at_ms);
+                // why: a source running its copy, no longer migrating, has
+                // resumed it: only an explicit "removed uncommitted" from
+                // the target lets it (the abort is confirmed).
+                if running.contains(&id) {
+                    if let Some(m) = sb.migration.as_mut() {
+                        m.unconfirmed = false;
+                    }
+                }
             }
             self.touch_sandbox(&id);
         }

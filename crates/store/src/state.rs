@@ -152,6 +152,15 @@ pub struct Migration {
     /// migrated copy within the heartbeat's grace after this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_gone_ms: Option<u64>,
+    /// Ended `aborted` by the state machine itself (the source's copy died,
+    /// went missing past the deadline, or its node was lost; or the target's
+    /// node was), not on the source's word that it did not commit. The record
+    /// lags the source (the control plane polls its phases), so the target
+    /// may hold a committed copy of `generation` all the same: if it reports
+    /// that copy running, it takes the record over (and a copy started again
+    /// meanwhile is fenced) instead of being fenced itself.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unconfirmed: bool,
 }
 
 /// Phases after which a migration holds nothing.
@@ -1082,6 +1091,7 @@ impl State {
         mig.error = None;
         mig.progress = None;
         mig.source_gone_ms = None;
+        mig.unconfirmed = false;
         let Some(sb) = self.sandboxes.get_mut(id) else {
             return Reply::NotFound {
                 what: format!("sandbox {id}"),
@@ -1225,6 +1235,34 @@ impl State {
             m.phase = "committing".into();
         }
         self.complete_migration(id, Some(agent_id), at_ms);
+    }
+
+    /// The target reports a running copy of the generation of a migration
+    /// that the state machine ended `aborted` without the source's word
+    /// ([`Migration::unconfirmed`]): the target committed after all (the
+    /// record lagged the source). Its copy is the sandbox, with its live
+    /// state: the record moves there, and a copy started again meanwhile (a
+    /// cold restart, on another node) is fenced as stale.
+    pub(crate) fn take_over_unconfirmed(&mut self, id: &str, agent_id: &str, at_ms: u64) {
+        let Some(sb) = self.sandboxes.get_mut(id) else {
+            return;
+        };
+        let Some(m) = sb.migration.as_mut() else {
+            return;
+        };
+        m.phase = "completed".into();
+        m.error = None;
+        m.unconfirmed = false;
+        m.updated_ms = at_ms;
+        sb.node = m.to.clone();
+        sb.reschedules = m.generation;
+        sb.observed = Some(Observed {
+            status: "running".into(),
+            agent_id: Some(agent_id.to_string()),
+            error: None,
+            updated_ms: at_ms,
+        });
+        self.touch_sandbox(id);
     }
 
     /// The node's slice, when `instance` holds it.
@@ -1623,8 +1661,13 @@ impl State {
     /// On a drain a sandbox whose migration is active stays (the migration
     /// may still complete). When its node is gone one past the switch-over
     /// stays (its copy may already run on the target, so a fresh start
-    /// elsewhere could fence it: migsafe 2); one before it moves and the move
-    /// ends the migration aborted (the target cannot have committed).
+    /// elsewhere could fence it: migsafe 2); one before it *as the record
+    /// shows it* moves and the move ends the migration aborted, unconfirmed:
+    /// the record lags the source, so the target may have committed after all
+    /// and its copy, if it reports it, takes the record over. So the fresh
+    /// start avoids the migration's target node, unless no other node fits
+    /// (then it starts there one generation above the target's copy, which
+    /// is then fenced: the live state is lost, one copy stays).
     fn move_always(
         &mut self,
         node: &str,
@@ -1652,23 +1695,37 @@ impl State {
             .collect();
         let (mut moved, mut lost) = (Vec::new(), Vec::new());
         for id in ids {
-            let req = self.sandboxes[&id].request.clone();
+            let req = req_without_group(&self.sandboxes[&id].request);
+            let avoid = open_target(&self.sandboxes[&id]).map(str::to_string);
             let views: Vec<NodeView> = self
                 .node_views()
                 .into_iter()
                 .filter(|v| v.id != node)
                 .collect();
-            match hearth_sched::place(&views, &req_without_group(&req), Strategy::BinPack) {
+            let preferred: Vec<NodeView> = views
+                .iter()
+                .filter(|v| avoid.as_deref() != Some(v.id.as_str()))
+                .cloned()
+                .collect();
+            let placed = hearth_sched::place(&preferred, &req, Strategy::BinPack)
+                .or_else(|_| hearth_sched::place(&views, &req, Strategy::BinPack))
+                .map(|t| t.id.clone());
+            match placed {
                 Ok(target) => {
-                    let target = target.id.clone();
                     if let Some(sb) = self.sandboxes.get_mut(&id) {
+                        // why: on the migration's own target the fresh copy
+                        // must not carry the generation its migrated copy has.
+                        let next = match sb.migrating() {
+                            Some(m) if m.to == target => m.generation + 1,
+                            _ => sb.reschedules + 1,
+                        };
                         end_migration(
                             sb,
                             &format!("sandbox {id} was started again on node {target}"),
                             at_ms,
                         );
                         sb.node = target;
-                        sb.reschedules += 1;
+                        sb.reschedules = next;
                         sb.observed = Some(Observed {
                             status: "creating".into(),
                             agent_id: None,
@@ -1686,14 +1743,24 @@ impl State {
     }
 }
 
-/// Ends `sb`'s active migration as aborted (superseded by `why`), if any.
-/// The target's copy of its generation is stopped when it reports.
+/// Ends `sb`'s active migration as aborted (superseded by `why`), if any,
+/// without the source's word that it did not commit (`unconfirmed`): a
+/// running copy of its generation that the target reports later takes the
+/// record over (see `reconcile`); any other copy of it is stopped.
 pub(crate) fn end_migration(sb: &mut SandboxRecord, why: &str, at_ms: u64) {
     if let Some(m) = sb.migration.as_mut().filter(|m| m.active()) {
         m.phase = "aborted".into();
         m.error = Some(why.to_string());
         m.updated_ms = at_ms;
+        m.unconfirmed = true;
     }
+}
+
+/// The node an unconfirmed abort's target copy may run on: a record whose
+/// open migration `end_migration` is about to end is not started again
+/// there (two copies of one generation on one node could not be told apart).
+fn open_target(sb: &SandboxRecord) -> Option<&str> {
+    sb.migrating().map(|m| m.to.as_str())
 }
 
 /// A moving sandbox leaves its group behind, so the group constraint (which

@@ -435,6 +435,7 @@ fn start_migration(s: &mut State, id: &str, mig: &str, from: &str, to: &str) -> 
             progress: None,
             stall_ms: None,
             source_gone_ms: None,
+            unconfirmed: false,
         },
     })
 }
@@ -927,6 +928,7 @@ fn a_migration_carries_its_own_deadline() {
             progress: None,
             stall_ms: Some(1000),
             source_gone_ms: None,
+            unconfirmed: false,
         },
     });
     let running = || vec![copy("a1", "running", Some("s1@0"))];
@@ -1235,16 +1237,17 @@ fn a_source_node_lost_in_precopy_ends_the_migration_and_restarts_elsewhere() {
         Some("aborted")
     );
     assert_eq!(status(&s, "s1").0, "creating");
-    // The target's incoming copy of the aborted attempt is not the record's.
-    let d = heartbeat(
-        &mut s,
-        "n2",
-        2000,
-        vec![copy("t1", "running", Some("s1@1"))],
-    );
+    // The target never committed: it reports no copy, the fresh start on n3
+    // is the record's. (A target that reports a running copy of the attempt
+    // did commit, the record lagging: that copy takes the record over, see
+    // `review_h1_source_node_lost_after_an_unrecorded_commit_keeps_the_targets_copy`;
+    // an ended one is removed.)
+    let d = heartbeat(&mut s, "n2", 2000, vec![]);
+    assert!(d.stop.is_empty() && d.keep.is_empty(), "{d:?}");
+    let d = heartbeat(&mut s, "n2", 2001, vec![copy("t1", "failed", Some("s1@1"))]);
     assert_eq!(
-        d.stop.len(),
-        1,
+        d.remove,
+        ["t1"],
         "the aborted attempt's copy was kept: {d:?}"
     );
     assert_eq!(s.sandboxes["s1"].node, "n3");
@@ -1466,4 +1469,207 @@ fn a_late_copy_of_a_failed_start_is_adopted_only_with_restart_always() {
     // A failed start result arriving after the heartbeat's adoption.
     give_up_start(&mut s, "s1", "n1", 0);
     assert_eq!(status(&s, "s1"), ("running".into(), Some("a1".into()), 0));
+}
+
+/// A two-node cluster (n1 source, n2 target) for the fall-back placement.
+fn migratable_always_two_nodes() -> State {
+    let mut s = State::default();
+    for n in ["n1", "n2"] {
+        s.apply(&node(n));
+    }
+    s.apply(&create("s1", "n1", RestartPolicy::Always));
+    s.apply(&set_observed("s1", "n1", 0, "running", "a1"));
+    s
+}
+
+/// mig3 H1, the reviewer's scenario (a): the record still says pre-copy (it
+/// lags the source by a poll) but the source switched over and the target
+/// committed; then the source node is lost. The state machine cold-restarts
+/// the sandbox elsewhere (never on the target), and when the target reports
+/// its committed copy of the migration's generation, that copy takes the
+/// record over (its live state is kept) and the cold copy is fenced: one copy.
+#[test]
+fn review_h1_source_node_lost_after_an_unrecorded_commit_keeps_the_targets_copy() {
+    for how in ["not ready", "node rm"] {
+        let mut s = migratable_always();
+        start_migration(&mut s, "s1", "m1", "n1", "n2");
+        phase(&mut s, "s1", "m1", "precopy");
+        // The target committed; the record has not seen it. The source is lost.
+        match how {
+            "not ready" => s.apply(&Command::MarkNotReady {
+                node: "n1".into(),
+                at_ms: 1000,
+            }),
+            _ => s.apply(&Command::RemoveNode {
+                id: "n1".into(),
+                at_ms: 1000,
+            }),
+        };
+        let r = &s.sandboxes["s1"];
+        assert_eq!((r.node.as_str(), r.reschedules), ("n3", 1), "{how}: {r:?}");
+        let m = r.migration.clone().unwrap();
+        assert_eq!(
+            (m.phase.as_str(), m.unconfirmed),
+            ("aborted", true),
+            "{how}"
+        );
+        // The target reports the committed copy (the source's agent id, tag
+        // s1@1): it is kept and takes the record over.
+        let d = heartbeat(
+            &mut s,
+            "n2",
+            2000,
+            vec![copy("a1", "running", Some("s1@1"))],
+        );
+        assert!(
+            d.stop.is_empty() && d.remove.is_empty(),
+            "{how}: the committed copy was fenced: {d:?}"
+        );
+        assert!(d.keep.contains(&"a1".to_string()), "{how}: {d:?}");
+        let r = &s.sandboxes["s1"];
+        assert_eq!((r.node.as_str(), r.reschedules), ("n2", 1), "{how}: {r:?}");
+        assert_eq!(
+            status(&s, "s1"),
+            ("running".into(), Some("a1".into()), 1),
+            "{how}"
+        );
+        let m = r.migration.clone().unwrap();
+        assert_eq!((m.phase.as_str(), m.unconfirmed), ("completed", false));
+        // The cold copy the restart started on n3 is stale now.
+        let d = heartbeat(
+            &mut s,
+            "n3",
+            2100,
+            vec![
+                copy("z1", "running", Some("big@0")),
+                copy("z2", "running", Some("big2@0")),
+                copy("c1", "running", Some("s1@1")),
+            ],
+        );
+        assert_eq!(stopped(&d), ["c1"], "{how}: {d:?}");
+        // And the target's copy stays the record's at its next heartbeat.
+        let d = heartbeat(
+            &mut s,
+            "n2",
+            3000,
+            vec![copy("a1", "running", Some("s1@1"))],
+        );
+        assert!(d.stop.is_empty(), "{how}: {d:?}");
+        assert_eq!(s.sandboxes["s1"].node, "n2");
+    }
+}
+
+/// mig3 H1, the reviewer's scenario (b): the source agent restarted during a
+/// commit the record never saw (it still says pre-copy) and reports its copy
+/// lost. The restart policy starts it again on the source node, and the
+/// target's committed copy, reported next, takes the record over; the cold
+/// copy on the source node is fenced.
+#[test]
+fn review_h1_a_source_restarted_during_an_unrecorded_commit_keeps_the_targets_copy() {
+    let mut s = migratable_always();
+    start_migration(&mut s, "s1", "m1", "n1", "n2");
+    phase(&mut s, "s1", "m1", "precopy");
+    let d = heartbeat(&mut s, "n1", 1000, vec![copy("a1", "lost", Some("s1@0"))]);
+    assert_eq!(d.not_running, vec!["s1".to_string()], "{d:?}");
+    let r = &s.sandboxes["s1"];
+    assert_eq!((r.node.as_str(), r.reschedules), ("n1", 1), "{r:?}");
+    let d = heartbeat(
+        &mut s,
+        "n2",
+        1500,
+        vec![copy("a1", "running", Some("s1@1"))],
+    );
+    assert!(d.stop.is_empty(), "the committed copy was fenced: {d:?}");
+    assert_eq!(status(&s, "s1"), ("running".into(), Some("a1".into()), 1));
+    assert_eq!(s.sandboxes["s1"].node, "n2");
+    // n1 started the cold copy meanwhile (c1, tag s1@1): it is stopped.
+    let d = heartbeat(
+        &mut s,
+        "n1",
+        2000,
+        vec![copy("c1", "running", Some("s1@1"))],
+    );
+    assert_eq!(stopped(&d), ["c1"], "{d:?}");
+}
+
+/// mig3 H1: only an abort the state machine decided on its own is reopened
+/// by the target's copy. An abort the source confirmed (it resumed after the
+/// target said "removed uncommitted", or the leader's cancel answered
+/// `aborted`) fences a target copy of that attempt as before; so does a copy
+/// that is not running, and one reported after the record was started again
+/// a second time.
+#[test]
+fn only_an_unconfirmed_abort_is_taken_over_by_the_targets_copy() {
+    // Confirmed by the source.
+    let mut s = migratable_always();
+    start_migration(&mut s, "s1", "m1", "n1", "n2");
+    phase(&mut s, "s1", "m1", "precopy");
+    phase(&mut s, "s1", "m1", "aborted");
+    assert!(!s.sandboxes["s1"].migration.as_ref().unwrap().unconfirmed);
+    let d = heartbeat(
+        &mut s,
+        "n2",
+        1000,
+        vec![copy("a1", "running", Some("s1@1"))],
+    );
+    assert_eq!(stopped(&d), ["a1"], "{d:?}");
+    assert_eq!(s.sandboxes["s1"].node, "n1");
+
+    // Unconfirmed, but the target's copy already ended: removed, no take-over.
+    let mut s = migratable_always();
+    start_migration(&mut s, "s1", "m1", "n1", "n2");
+    phase(&mut s, "s1", "m1", "precopy");
+    s.apply(&Command::MarkNotReady {
+        node: "n1".into(),
+        at_ms: 1000,
+    });
+    let d = heartbeat(&mut s, "n2", 2000, vec![copy("a1", "failed", Some("s1@1"))]);
+    assert_eq!(d.remove, ["a1"], "{d:?}");
+    assert_eq!(s.sandboxes["s1"].node, "n3");
+
+    // Unconfirmed, but the record was started again twice meanwhile: the
+    // newer copy is the record's.
+    let mut s = migratable_always();
+    start_migration(&mut s, "s1", "m1", "n1", "n2");
+    phase(&mut s, "s1", "m1", "precopy");
+    heartbeat(&mut s, "n1", 1000, vec![copy("a1", "lost", Some("s1@0"))]);
+    s.apply(&set_observed("s1", "n1", 1, "running", "c1"));
+    heartbeat(&mut s, "n1", 1100, vec![copy("c1", "failed", Some("s1@1"))]);
+    assert_eq!(s.sandboxes["s1"].reschedules, 2);
+    let d = heartbeat(
+        &mut s,
+        "n2",
+        1200,
+        vec![copy("a1", "running", Some("s1@1"))],
+    );
+    assert_eq!(stopped(&d), ["a1"], "{d:?}");
+    assert_eq!(s.sandboxes["s1"].node, "n1");
+}
+
+/// mig3 H1: the cold restart after an unconfirmed abort avoids the
+/// migration's target node; when no other node fits it starts there one
+/// generation above the migrated copy, so the two copies on that node are
+/// told apart (the migrated one is then fenced: one copy, live state lost).
+#[test]
+fn a_restart_after_an_unconfirmed_abort_avoids_the_target_or_outranks_its_copy() {
+    let mut s = migratable_always_two_nodes();
+    start_migration(&mut s, "s1", "m1", "n1", "n2");
+    phase(&mut s, "s1", "m1", "precopy");
+    s.apply(&Command::MarkNotReady {
+        node: "n1".into(),
+        at_ms: 1000,
+    });
+    let r = &s.sandboxes["s1"];
+    assert_eq!((r.node.as_str(), r.reschedules), ("n2", 2), "{r:?}");
+    let d = heartbeat(
+        &mut s,
+        "n2",
+        2000,
+        vec![
+            copy("a1", "running", Some("s1@1")),
+            copy("c1", "running", Some("s1@2")),
+        ],
+    );
+    assert_eq!(stopped(&d), ["a1"], "{d:?}");
+    assert!(d.keep.contains(&"c1".to_string()), "{d:?}");
 }

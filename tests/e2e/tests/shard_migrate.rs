@@ -398,6 +398,70 @@ fn a_counter_migrates_to_a_named_node_then_auto_and_bad_targets_are_refused() {
     refused(&["migrate", "done", "--to", "agent2"], "not running");
     assert_eq!(sandbox(&id)["node"], "agent1", "a refusal moved it");
 
+    // `hearth migrate --abort` (mig3): a slowed migration in pre-copy is
+    // cancelled at its source through the control plane; the record ends
+    // aborted, the sandbox runs on at agent1 with no gap, agent2 keeps
+    // nothing, and a second abort is refused (nothing in progress).
+    let slow = hearth_cmd(&[
+        "migrate",
+        "counter",
+        "--to",
+        "agent2",
+        "--bandwidth-mib",
+        "1",
+        "--json",
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("hearth migrate");
+    wait_until(
+        "the migration to agent2 to be in pre-copy",
+        Duration::from_secs(60),
+        || {
+            let out = hearth(&["migrate", "--status", "--json", "counter"]);
+            out.status.success()
+                && serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                    .is_ok_and(|s| s["target"] == "agent2" && s["phase"] == "precopy")
+        },
+    );
+    let out = hearth(&["migrate", "--abort", "--json", "counter"]);
+    assert!(out.status.success(), "{}", show(&out));
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(st["phase"], "aborted", "{st}");
+    assert!(
+        st["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("aborted on request") && e.contains("agent1")),
+        "{st}"
+    );
+    let out = slow.wait_with_output().expect("hearth migrate");
+    assert!(
+        !out.status.success(),
+        "the aborted migration succeeded: {}",
+        show(&out)
+    );
+    let sb = sandbox(&id);
+    assert_eq!(
+        (&sb["node"], &sb["status"]),
+        (&serde_json::json!("agent1"), &serde_json::json!("running")),
+        "{sb}"
+    );
+    assert_eq!(status_json("counter")["phase"], "aborted");
+    wait_until(
+        "agent2 to keep nothing of the aborted migration",
+        Duration::from_secs(60),
+        || {
+            agent_has(2, &id).is_none()
+                && qemus_of(agent_copy(1, &id)["id"].as_str().unwrap_or_default()) == 1
+        },
+    );
+    counter_goes_on("counter");
+    refused(
+        &["migrate", "--abort", "counter"],
+        "no migration in progress",
+    );
+
     // To a named node; a second migration meanwhile is refused. The first is
     // slowed (1 MiB/s) so the refusal is checked while it is still copying.
     let t = Instant::now();

@@ -116,8 +116,9 @@ pub(crate) fn forget_record(dir: &std::path::Path) {
 /// Migrations this agent takes part in.
 #[derive(Default)]
 pub(crate) struct Registry {
-    /// Sandboxes with a migration in progress (source side).
-    pub(crate) active: Mutex<HashSet<String>>,
+    /// Sandboxes with a migration in progress (source side): entered by
+    /// [`Registry::enter`], left when its last [`ActiveGuard`] drops.
+    pub(crate) active: Arc<Mutex<HashSet<String>>>,
     /// Last status of each migration, by sandbox id and by name.
     status: Mutex<HashMap<String, watch::Receiver<MigrationStatus>>>,
     /// Incoming VMs waiting for their commit (target side).
@@ -203,11 +204,32 @@ fn process_ended(pid: u32) -> bool {
     }
 }
 
-struct ActiveGuard<'a>(&'a Registry, String);
+/// One sandbox's membership in [`Registry::active`] (an outgoing migration
+/// of it runs here). Shared by [`Agent::migrate`] and the [`SourceJob`] it
+/// hands over, and held by [`run_source`] until it returns: it ends when
+/// the last of them is done, so a migrate request dropped (its client gone)
+/// while the lifecycle task still migrates cannot let a second migration
+/// in (which would clear the outgoing flag or overwrite the status).
+pub(crate) struct ActiveGuard {
+    set: Arc<Mutex<HashSet<String>>>,
+    id: String,
+}
 
-impl Drop for ActiveGuard<'_> {
+impl Drop for ActiveGuard {
     fn drop(&mut self) {
-        lock(&self.0.active).remove(&self.1);
+        lock(&self.set).remove(&self.id);
+    }
+}
+
+impl Registry {
+    /// Enters `id` into the outgoing migrations; None if one runs already.
+    fn enter(&self, id: &str) -> Option<Arc<ActiveGuard>> {
+        lock(&self.active).insert(id.to_string()).then(|| {
+            Arc::new(ActiveGuard {
+                set: self.active.clone(),
+                id: id.to_string(),
+            })
+        })
     }
 }
 
@@ -239,6 +261,9 @@ pub(crate) struct SourceJob {
     data_dir: std::path::PathBuf,
     /// The control plane's id of this attempt (what a cancel names).
     attempt: Option<String>,
+    /// The sandbox's membership in the outgoing migrations, kept until
+    /// [`run_source`] returns (or the job is refused or dropped).
+    active: Arc<ActiveGuard>,
 }
 
 impl SourceJob {
@@ -449,6 +474,9 @@ pub(crate) async fn run_source(
     job: SourceJob,
 ) -> SourceEnd {
     let id = entry.snapshot().id;
+    // why: `job` is consumed by its end (below) before this returns; the
+    // membership lasts until the lifecycle task is done with the migration.
+    let _member = job.active.clone();
     entry.migrating_out.store(true, Ordering::Relaxed);
     let _outgoing = OutgoingGuard(entry);
     let reg = &agent.inner.migrations;
@@ -601,33 +629,17 @@ pub(crate) async fn run_source(
     // The whole state is on the target; the source VM is paused for good unless we resume it.
     let end = drain(entry, session, log).await;
     let _ = log.flush().await;
-    let resume_here = |why: String| async move {
-        let resumed = vm.resume().await;
-        conn.thaw();
-        match resumed {
-            Ok(()) => why,
-            Err(e) => format!("{why}; resuming the source VM failed too: {e}"),
-        }
-    };
     // why: a cancel that came after the last pass: the commit is not sent,
     // so the target never resumes its copy and this one runs on.
     if reg.is_cancelled(job.attempt.as_deref()) && stash.is_none() && end.is_none() {
-        let _ = job.peer.abort(&id).await;
-        let msg = resume_here(format!(
+        let why = format!(
             "the migration of sandbox {id} was cancelled before its commit; it keeps running here"
-        ))
-        .await;
-        job.end(entry, Phase::Aborted, Err(AgentError::Migration(msg)));
-        return SourceEnd::StayedHere(None);
+        );
+        return stay_here(job, entry, vm, conn, why, None).await;
     }
     if stash.is_some() || end.is_some() {
-        let _ = job.peer.abort(&id).await;
-        let msg = resume_here(format!(
-            "the workload of sandbox {id} ended during the migration; it stays here"
-        ))
-        .await;
-        job.end(entry, Phase::Aborted, Err(AgentError::Migration(msg)));
-        return SourceEnd::StayedHere(stash.or(end.map(Some)));
+        let why = format!("the workload of sandbox {id} ended during the migration; it stays here");
+        return stay_here(job, entry, vm, conn, why, stash.or(end.map(Some))).await;
     }
     let log_path = entry.dir.join("output.log");
     let log_bytes = tokio::fs::read(&log_path).await.unwrap_or_default();
@@ -635,25 +647,18 @@ pub(crate) async fn run_source(
     // closed too (its notice is already in the bytes).
     let truncated = crate::output_log::truncated_marker(&log_path).exists();
     if let Err(e) = job.peer.put_log(&id, log_bytes, truncated).await {
-        let _ = job.peer.abort(&id).await;
-        let msg = resume_here(format!(
-            "sending the output log of sandbox {id} failed ({e}); it keeps running here"
-        ))
-        .await;
-        job.end(entry, Phase::Aborted, Err(AgentError::Migration(msg)));
-        return SourceEnd::StayedHere(None);
+        let why =
+            format!("sending the output log of sandbox {id} failed ({e}); it keeps running here");
+        return stay_here(job, entry, vm, conn, why, None).await;
     }
     // why: a cancel that came while the log was sent (the check above is
     // before that await): nothing between here and the commit phase's
     // record awaits, so a cancel answered `aborted` never meets a commit.
     if reg.is_cancelled(job.attempt.as_deref()) {
-        let _ = job.peer.abort(&id).await;
-        let msg = resume_here(format!(
+        let why = format!(
             "the migration of sandbox {id} was cancelled before its commit; it keeps running here"
-        ))
-        .await;
-        job.end(entry, Phase::Aborted, Err(AgentError::Migration(msg)));
-        return SourceEnd::StayedHere(None);
+        );
+        return stay_here(job, entry, vm, conn, why, None).await;
     }
     let rec = entry.snapshot();
     let hello = conn.hello();
@@ -677,13 +682,10 @@ pub(crate) async fn run_source(
     // fence, `rm -f`) may release the address the target may run with.
     let marked = net::mark_lease_moved(&job.data_dir, &entry.dir, &id, rec.network.is_some());
     if let Err(why) = marked.and_then(|()| job.save_phase(entry, Phase::Committing)) {
-        let _ = job.peer.abort(&id).await;
-        let msg = resume_here(format!(
+        let why = format!(
             "{why}; the migration is aborted before the commit and sandbox {id} keeps running here (free space in the data directory, then migrate again)"
-        ))
-        .await;
-        job.end(entry, Phase::Aborted, Err(AgentError::Migration(msg)));
-        return SourceEnd::StayedHere(None);
+        );
+        return stay_here(job, entry, vm, conn, why, None).await;
     }
     fault_hold("commit").await;
     let commit_err = match job.peer.commit(&id, &commit).await {
@@ -704,9 +706,13 @@ pub(crate) async fn run_source(
     loop {
         match classify_abort(&job.peer.abort(&id).await) {
             AbortVerdict::RemovedUncommitted => {
-                let msg = resume_here(format!(
-                    "the target did not take over sandbox {id} ({commit_err}); its VM there is removed and the sandbox keeps running here"
-                ))
+                let msg = resume_here(
+                    vm,
+                    conn,
+                    format!(
+                        "the target did not take over sandbox {id} ({commit_err}); its VM there is removed and the sandbox keeps running here"
+                    ),
+                )
                 .await;
                 job.end(entry, Phase::Aborted, Err(AgentError::Migration(msg)));
                 return SourceEnd::StayedHere(None);
@@ -735,6 +741,36 @@ pub(crate) async fn run_source(
             }
         }
     }
+}
+
+/// Resumes the paused VM here and thaws its guest channel; answers `why`,
+/// with the resume's failure if it failed.
+async fn resume_here(vm: &dyn Vm, conn: &GuestConn, why: String) -> String {
+    let resumed = vm.resume().await;
+    conn.thaw();
+    match resumed {
+        Ok(()) => why,
+        Err(e) => format!("{why}; resuming the source VM failed too: {e}"),
+    }
+}
+
+/// A migration given up after the last pass, before the commit was sent:
+/// the target's incoming VM is aborted (it never resumes the guest), the VM
+/// here is resumed, and the job ends aborted with `why`. The sandbox stays
+/// here (`kept`: an output event taken off the session, handed back).
+async fn stay_here(
+    job: SourceJob,
+    entry: &Entry,
+    vm: &dyn Vm,
+    conn: &GuestConn,
+    why: String,
+    kept: Option<Option<SessionEvent>>,
+) -> SourceEnd {
+    let id = entry.snapshot().id;
+    let _ = job.peer.abort(&id).await;
+    let msg = resume_here(vm, conn, why).await;
+    job.end(entry, Phase::Aborted, Err(AgentError::Migration(msg)));
+    SourceEnd::StayedHere(kept)
 }
 
 /// Clears [`Entry::migrating_out`] when the source side of a migration ends.
@@ -1106,13 +1142,12 @@ impl Agent {
             )));
         }
         let reg = &self.inner.migrations;
-        if !lock(&reg.active).insert(rec.id.clone()) {
+        let Some(member) = reg.enter(&rec.id) else {
             return Err(AgentError::Conflict(format!(
                 "sandbox '{}' is already migrating; see `hearth migrate --status {}`",
                 rec.id, rec.id
             )));
-        }
-        let _guard = ActiveGuard(reg, rec.id.clone());
+        };
         // why: reported from the start (before the lifecycle task takes the
         // job), so no heartbeat shows this copy idle while the migration is
         // prepared or handed over; cleared on every way out of here (an
@@ -1218,6 +1253,7 @@ impl Agent {
             reply,
             data_dir: self.inner.cfg.data_dir.clone(),
             attempt: req.attempt.clone(),
+            active: member.clone(),
         };
         let ctl = lock(&entry.control).clone();
         let sent = match ctl {
@@ -1998,6 +2034,64 @@ mod tests {
         g.handed_over();
         drop(g);
         assert!(out(&entry));
+    }
+
+    /// mig3 M1: the outgoing membership (one migration per sandbox) lasts
+    /// until the lifecycle task is done with the job, not until the migrate
+    /// request's future ends: a request dropped (its client gone) after the
+    /// hand-over must not let a second migration of the sandbox in while the
+    /// first still runs (it would clear the outgoing flag, overwrite the
+    /// status, race the first one's abort).
+    #[tokio::test]
+    async fn the_outgoing_membership_lasts_until_the_handed_over_job_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Arc::new(Registry::new(dir.path()));
+        let (ctl_tx, mut ctl_rx) = mpsc::channel::<SourceJob>(1);
+        // What `Agent::migrate` does: enter, hand the job over, await its answer.
+        let (r2, data_dir) = (reg.clone(), dir.path().to_path_buf());
+        let request = async move {
+            let member = r2.enter("sb1").expect("the first migration enters");
+            let (reply, reply_rx) = oneshot::channel();
+            let job = SourceJob {
+                peer: Peer::new("http://127.0.0.1:9", "t0123456789abcdef"),
+                ticket: "x".into(),
+                tunnel_addr: "127.0.0.1:9".parse().unwrap(),
+                params: MigrationParams::default(),
+                status: watch::channel(MigrationStatus::default()).0,
+                started: Instant::now(),
+                reply,
+                data_dir,
+                attempt: None,
+                active: member.clone(),
+            };
+            assert!(ctl_tx.send(job).await.is_ok());
+            let _ = reply_rx.await;
+            drop(member);
+        };
+        let mut request = Box::pin(request);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(std::future::Future::poll(request.as_mut(), &mut cx).is_pending());
+        assert!(reg.enter("sb1").is_none(), "a second migration entered");
+        // The client goes away: the request's future is dropped while the
+        // lifecycle task has the job.
+        drop(request);
+        let job = ctl_rx.recv().await.expect("the job was handed over");
+        assert!(
+            reg.enter("sb1").is_none(),
+            "the membership ended with the dropped request while its job runs"
+        );
+        // `run_source` keeps it past the job's end until it returns.
+        let member = job.active.clone();
+        job.refuse("test");
+        assert!(
+            reg.enter("sb1").is_none(),
+            "ended before run_source returned"
+        );
+        drop(member);
+        let again = reg.enter("sb1");
+        assert!(again.is_some(), "the membership outlived the migration");
+        // Another sandbox is never held up by it.
+        assert!(reg.enter("sb2").is_some());
     }
 
     /// An offer of a sandbox without a network, with `machine` (JSON) as given.

@@ -240,6 +240,7 @@ async fn start(
             progress: None,
             stall_ms: Some(stall_ms(cp.cfg.migration_stall, req.give_up_after_secs)),
             source_gone_ms: None,
+            unconfirmed: false,
         };
         let reply = cp
             .store
@@ -711,6 +712,87 @@ pub(super) async fn status(
     Ok(Json(st))
 }
 
+/// `POST /v1/sandboxes/{id}/migration/abort` (`hearth migrate --abort`):
+/// cancels the sandbox's migration in progress **at its source** (the node
+/// API's cancel of the recorded attempt, as the deadline's
+/// [`cancel_stalled`] does) and records the source's answer: `aborted` (it
+/// did not commit and runs on the source) or `completed` (it had committed:
+/// it runs on the target). Any other answer changes nothing in the record
+/// (the migration goes on and ends as it would have): 409 when the source
+/// is past the point a cancel can stop (its commit was sent), 503 when it
+/// did not answer. 409 when no migration is in progress.
+pub(super) async fn abort(
+    State(cp): State<ControlPlane>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<MigrationStatus>> {
+    let (rec, _) = lookup(&cp, &id).await?;
+    let Some(m) = rec.migrating().cloned() else {
+        let last = rec
+            .migration
+            .as_ref()
+            .map(|m| format!(" (its last one, to node {}, ended {})", m.to, m.phase))
+            .unwrap_or_default();
+        return Err(err(
+            ErrorCode::Conflict,
+            format!(
+                "sandbox {} has no migration in progress{last}; nothing to abort",
+                rec.id
+            ),
+        ));
+    };
+    let sid = rec.id.clone();
+    let src = cp
+        .store
+        .read_local(|st| st.nodes.get(&m.from).map(|n| n.address.clone()));
+    let agent_id = rec.observed.as_ref().and_then(|o| o.agent_id.clone());
+    let answer = match (src, agent_id) {
+        (Some(src), Some(agent_id)) => source_cancel(&cp, &src, &agent_id, &m).await,
+        _ => Err(format!(
+            "node {} is not registered or sandbox {sid} has no copy id",
+            m.from
+        )),
+    };
+    let st = match answer {
+        Ok(st) if st.phase == "aborted" => {
+            let why = format!(
+                "aborted on request: node {} cancelled its migration of sandbox {sid} to node {} and keeps running it{}",
+                m.from,
+                m.to,
+                st.error.as_deref().map(|e| format!(": {e}")).unwrap_or_default()
+            );
+            tracing::info!(sandbox = %sid, from = %m.from, to = %m.to, "migration aborted on request");
+            write_phase(&cp, &rec, &m, "aborted", Some(why), None).await
+        }
+        Ok(st) if st.phase == "completed" => {
+            write_phase(&cp, &rec, &m, "completed", None, None).await
+        }
+        Ok(st) => {
+            return Err(err(
+                ErrorCode::Conflict,
+                format!(
+                    "node {} could not cancel the migration of sandbox {sid} to node {}: it is {} (its commit was sent; the migration ends as the target answers); see `hearth migrate --status {sid}`",
+                    m.from, m.to, st.phase
+                ),
+            ))
+        }
+        Err(e) => {
+            return Err(err(
+                ErrorCode::Unavailable,
+                format!(
+                    "node {} (the source) did not confirm the cancel of its migration of sandbox {sid} to node {} ({e}); nothing was changed: try again, or see `hearth migrate --status {sid}`",
+                    m.from, m.to
+                ),
+            ))
+        }
+    };
+    let after = st
+        .as_ref()
+        .and_then(|r| r.migration.as_deref())
+        .filter(|a| a.id == m.id)
+        .map_or_else(|| status_of(&sid, &m), |a| status_of(&sid, a));
+    Ok(Json(after))
+}
+
 /// Leader: a migration still active in the record that no driver of this
 /// member runs (the driving member died, or lost the source's answer) is
 /// finished from the source's own status of this attempt ([`orphan_write`]);
@@ -921,6 +1003,7 @@ pub(super) mod tests {
             progress: None,
             stall_ms: Some(60_000),
             source_gone_ms: None,
+            unconfirmed: false,
         }
     }
 
@@ -1238,6 +1321,7 @@ pub(super) mod tests {
                     progress: None,
                     stall_ms: Some(1_000),
                     source_gone_ms: None,
+                    unconfirmed: false,
                 },
             })
             .await
@@ -1302,6 +1386,44 @@ pub(super) mod tests {
         assert!(why.contains("node n1") && why.contains("cancel"), "{why}");
         let rec = cp.store.read_local(|st| st.sandboxes["s1"].clone());
         assert_eq!(rec.node, "n1");
+    }
+
+    /// `hearth migrate --abort` (mig3): the record changes only on the
+    /// source's answer to the cancel. A source that does not answer leaves
+    /// the migration as it was (503, naming the source): it may still commit,
+    /// so it is never recorded aborted on the request alone. A sandbox with
+    /// no migration in progress is refused (409).
+    #[tokio::test]
+    async fn an_abort_is_recorded_only_on_the_sources_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = cluster::plane(dir.path()).await;
+        let before = stalled_migration(&cp).await;
+        let Err(HttpError(e)) = abort(State(cp.clone()), Path("s1".into())).await else {
+            panic!("an abort the source never confirmed succeeded");
+        };
+        assert_eq!(e.code, ErrorCode::Unavailable, "{e:?}");
+        assert!(
+            e.message.contains("node n1") && e.message.contains("nothing was changed"),
+            "{}",
+            e.message
+        );
+        let m = cp
+            .store
+            .read_local(|st| st.sandboxes["s1"].migration.clone().unwrap());
+        assert_eq!(
+            (m.phase.as_str(), m.id.as_str()),
+            (before.phase.as_str(), "att1")
+        );
+        cluster::sandbox(&cp, "s2", "n1").await;
+        let Err(HttpError(e)) = abort(State(cp.clone()), Path("s2".into())).await else {
+            panic!("an abort without a migration succeeded");
+        };
+        assert_eq!(e.code, ErrorCode::Conflict, "{e:?}");
+        assert!(
+            e.message.contains("no migration in progress"),
+            "{}",
+            e.message
+        );
     }
 
     /// Issue 7 review M2: an `auto` target chosen on views taken before

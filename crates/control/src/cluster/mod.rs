@@ -193,6 +193,7 @@ pub fn router(cp: ControlPlane, token: ApiToken) -> Router {
         )
         .route("/v1/sandboxes/{id}/migrate", post(migrate::migrate))
         .route("/v1/sandboxes/{id}/migration", get(migrate::status))
+        .route("/v1/sandboxes/{id}/migration/abort", post(migrate::abort))
         .route(
             "/v1/sandboxes/{id}/{*rest}",
             axum::routing::any(proxy::sandbox),

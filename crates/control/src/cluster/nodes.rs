@@ -891,6 +891,7 @@ mod tests {
                     progress: None,
                     stall_ms: Some(60_000),
                     source_gone_ms: None,
+                    unconfirmed: false,
                 },
             })
             .await

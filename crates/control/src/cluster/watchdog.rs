@@ -76,7 +76,7 @@ async fn nodes(cp: ControlPlane) {
         }
         give_up_stuck(&cp, now, &mut unstarted).await;
         retry_failed_starts(&cp, now, &mut abandoned).await;
-        restart_moved(&cp);
+        restart_moved(&cp, now);
     }
 }
 
@@ -234,7 +234,8 @@ async fn retry_failed_starts(cp: &ControlPlane, now: u64, seen: &mut HashMap<(St
 }
 
 /// Starts sandboxes that were moved to a new node and not started there yet.
-fn restart_moved(cp: &ControlPlane) {
+fn restart_moved(cp: &ControlPlane, now: u64) {
+    let timeout = cp.cfg.node_timeout.as_millis() as u64;
     let todo: Vec<hearth_store::SandboxRecord> = cp.store.read_local(|st| {
         st.sandboxes
             .values()
@@ -245,6 +246,7 @@ fn restart_moved(cp: &ControlPlane) {
                         .as_ref()
                         .is_some_and(|o| o.status == "creating" && o.agent_id.is_none())
                     && st.nodes.get(&s.node).is_some_and(|n| n.ready)
+                    && !awaits_target(st, s, now, timeout)
             })
             .cloned()
             .collect()
@@ -268,5 +270,156 @@ fn restart_moved(cp: &ControlPlane) {
                 s.remove(&rec.id);
             }
         });
+    }
+}
+
+/// A record started again after the state machine ended its migration
+/// without the source's word (`Migration::unconfirmed`) waits, before its
+/// fresh copy is started, for one heartbeat of the migration's target after
+/// that abort (at most `timeout`): a target that committed reports its copy
+/// in that heartbeat and takes the record over, so no cold copy boots beside
+/// it. A target that is NotReady, gone, or silent for `timeout` is not
+/// waited for.
+fn awaits_target(
+    st: &hearth_store::State,
+    rec: &hearth_store::SandboxRecord,
+    now: u64,
+    timeout: u64,
+) -> bool {
+    let Some(m) = rec
+        .migration
+        .as_deref()
+        .filter(|m| m.phase == "aborted" && m.unconfirmed)
+    else {
+        return false;
+    };
+    let Some(target) = st.nodes.get(&m.to).filter(|n| n.ready) else {
+        return false;
+    };
+    target.last_heartbeat_ms <= m.updated_ms && now.saturating_sub(m.updated_ms) <= timeout
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hearth_store::{Migration, NodeRecord, RestartPolicy, SandboxRecord, State};
+
+    fn node(id: &str, heartbeat: u64) -> Command {
+        Command::RegisterNode {
+            node: NodeRecord {
+                id: id.into(),
+                instance: format!("inst-{id}"),
+                address: "http://127.0.0.1:1".into(),
+                capacity: hearth_sched::Resources::new(64, 65536, 1_000_000),
+                accel: hearth_sched::Accel::Tcg,
+                labels: Default::default(),
+                cordoned: false,
+                ready: true,
+                registered_ms: 1,
+                last_heartbeat_ms: heartbeat,
+                warm_templates: Default::default(),
+                volumes: Default::default(),
+            },
+        }
+    }
+
+    /// mig3 H1: the fresh copy of a record whose migration was ended
+    /// unconfirmed (its source node lost while the record lagged) is not
+    /// started before the target's next heartbeat, which takes the record
+    /// over if the target committed; a confirmed abort, a NotReady target or
+    /// the timeout does not wait.
+    #[test]
+    fn a_restart_after_an_unconfirmed_abort_waits_for_one_target_heartbeat() {
+        let mut st = State::default();
+        for n in ["n1", "n2", "n3"] {
+            st.apply(&node(n, 1_000));
+        }
+        st.apply(&Command::CreateSandbox {
+            sandbox: SandboxRecord {
+                id: "s1".into(),
+                name: None,
+                spec: serde_json::json!({"image": "busybox"}),
+                request: hearth_sched::Request {
+                    resources: hearth_sched::Resources::new(1, 64, 10),
+                    ..Default::default()
+                },
+                node: "n1".into(),
+                restart: RestartPolicy::Always,
+                record_only: false,
+                idempotency_key: None,
+                ip: None,
+                created_ms: 1,
+                reschedules: 0,
+                pinned: false,
+                observed: Some(hearth_store::Observed {
+                    status: "running".into(),
+                    agent_id: Some("a1".into()),
+                    error: None,
+                    updated_ms: 1,
+                }),
+                migration: None,
+            },
+        });
+        st.apply(&Command::StartMigration {
+            id: "s1".into(),
+            migration: Migration {
+                id: "m1".into(),
+                from: "n1".into(),
+                to: "n2".into(),
+                phase: "preparing".into(),
+                generation: 0,
+                started_ms: 1_500,
+                updated_ms: 1_500,
+                error: None,
+                progress: None,
+                stall_ms: None,
+                source_gone_ms: None,
+                unconfirmed: false,
+            },
+        });
+        st.apply(&Command::MarkNotReady {
+            node: "n1".into(),
+            at_ms: 2_000,
+        });
+        let rec = st.sandboxes["s1"].clone();
+        assert_eq!((rec.node.as_str(), rec.reschedules), ("n3", 1), "{rec:?}");
+        assert!(awaits_target(&st, &rec, 2_100, 5_000), "not held");
+        assert!(
+            !awaits_target(&st, &rec, 7_001, 5_000),
+            "held past the timeout"
+        );
+        // The target heartbeats (without the copy: it never committed).
+        st.apply(&Command::Heartbeat {
+            node: "n2".into(),
+            instance: "inst-n2".into(),
+            at_ms: 2_300,
+            observed: Default::default(),
+            report: Some(vec![]),
+            grace_ms: 5_000,
+        });
+        let rec = st.sandboxes["s1"].clone();
+        assert_eq!(rec.node, "n3");
+        assert!(
+            !awaits_target(&st, &rec, 2_400, 5_000),
+            "held after the target's heartbeat"
+        );
+        // A target that is NotReady is not waited for.
+        let mut st2 = st.clone();
+        st2.apply(&Command::MarkNotReady {
+            node: "n2".into(),
+            at_ms: 2_350,
+        });
+        let mut rec2 = st2.sandboxes["s1"].clone();
+        if let Some(m) = rec2.migration.as_mut() {
+            m.updated_ms = 2_350;
+        }
+        assert!(!awaits_target(&st2, &rec2, 2_400, 5_000));
+        // A confirmed abort (the source's word) is not waited for.
+        let mut rec3 = rec.clone();
+        if let Some(m) = rec3.migration.as_mut() {
+            m.unconfirmed = false;
+            m.updated_ms = 2_350;
+        }
+        assert!(!awaits_target(&st, &rec3, 2_400, 5_000));
     }
 }
