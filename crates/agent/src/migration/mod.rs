@@ -1449,16 +1449,25 @@ impl Agent {
             base_len,
             i.cfg.image_limits.rootfs_free_bytes,
         )?;
-        if let Some(m) = &offer.machine {
+        {
             // why: the blank disk and the RAM file fill up as the stream
             // arrives; both go into the sandboxes dir, which can be a file
-            // system of its own (not the data dir's).
+            // system of its own (not the data dir's). An offer without
+            // `machine` has the layout a cold boot of its record gets (see
+            // `offered_machine`): it needs the room as well.
+            let (disk_bytes, ram_kib) = match &offer.machine {
+                Some(m) => (m.disk_bytes, m.ram_kib),
+                None => (
+                    disk_size_over(base_len),
+                    hearth_vmm::qemu::argv::ram_kib(sb.memory_mib, i.accel.accel),
+                ),
+            };
             let sandboxes = i.cfg.data_dir.join("sandboxes");
             let free = free_bytes(&sandboxes).map_err(|source| AgentError::Io {
                 what: format!("read the free space of {}", sandboxes.display()),
                 source,
             })?;
-            let need = m.disk_bytes.saturating_add(m.ram_kib.saturating_mul(1024));
+            let need = disk_bytes.saturating_add(ram_kib.saturating_mul(1024));
             check_space(&sb.id, &i.cfg.node, &sandboxes, free, need)?;
         }
         {
