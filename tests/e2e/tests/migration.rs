@@ -1239,6 +1239,48 @@ fn a_target_killed_right_after_resuming_the_guest_readopts_it_and_the_source_nev
     assert!(!removed.contains(&format!("\"{id}\"")), "{removed}");
 }
 
+/// The other side of the commit point: a save of the records that fails
+/// (here a directory where the commit's temporary `workload.json` goes, as
+/// ENOSPC or EIO would) is before the resume, so the target removes its VM
+/// uncommitted and the source, told so, runs on with no gap.
+#[test]
+fn a_commit_whose_records_cannot_be_saved_never_resumes_the_target_and_the_source_runs_on() {
+    let (a, b) = two_nodes();
+    let id = run_counter(&a, "c");
+    let (api, tf) = (b.api.clone(), token_file(&b));
+    let child = spawn_migrate(&a, &["c", "--to", &api, "--to-token-file", &tf]);
+    let incoming = b.data_dir().join("sandboxes").join(&id);
+    wait_until(
+        "the target to claim the incoming dir",
+        Duration::from_secs(60),
+        || incoming.exists(),
+    );
+    std::fs::create_dir(incoming.join(".workload.json.tmp")).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success(), "{}", show(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("keeps running here") && err.contains("before its VM here was resumed"),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(status_of(&a, "c")["phase"], "aborted");
+    assert_eq!(a.inspect("c")["status"], "running");
+    wait_until(
+        "the target's VM to be removed",
+        Duration::from_secs(30),
+        || vmm_pids_under(b.data.path()).is_empty(),
+    );
+    assert!(!incoming.exists(), "the incoming dir is left on the target");
+    let n = counted(&a, "c").len();
+    wait_until(
+        "the counter to go on at the source",
+        Duration::from_secs(60),
+        || counted(&a, "c").len() > n + 5,
+    );
+    assert_contiguous_from_zero(&counted(&a, "c"));
+}
+
 /// A log that reached its size limit on the source stays closed on the
 /// target: the limit's notice is the last thing in it, however long the
 /// workload goes on printing (the target's own limit is far larger).

@@ -1741,8 +1741,11 @@ impl Agent {
         let remove_here = async |why: String, saved: bool| -> AgentError {
             if saved {
                 for f in ["sandbox.json", crate::readopt::WORKLOAD_FILE] {
-                    if let Err(e) = std::fs::remove_file(inc.dir.join(f)) {
-                        tracing::error!(sandbox = %id, "cannot remove {}: {e}", inc.dir.join(f).display());
+                    match std::fs::remove_file(inc.dir.join(f)) {
+                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                            tracing::error!(sandbox = %id, "cannot remove {}: {e}", inc.dir.join(f).display());
+                        }
+                        _ => {}
                     }
                 }
                 if let Err(e) = crate::sandbox::sync_dir(&inc.dir) {
