@@ -24,7 +24,7 @@ use crate::restore::NicMode;
 use crate::sandbox::{lock, now_ms, Agent, Entry};
 
 /// `workload.json` in a sandbox dir: how to find the main workload in the guest.
-const WORKLOAD_FILE: &str = "workload.json";
+pub(crate) const WORKLOAD_FILE: &str = "workload.json";
 const WORKLOAD_VERSION: u32 = 1;
 /// Bound on connecting to a running VM's agent socket.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -74,6 +74,12 @@ pub(crate) struct WorkloadRecord {
     /// QEMU command line in vm.json (`hearth_vmm::recorded_net_hub`) instead.
     #[serde(default)]
     pub nic_mode: NicMode,
+    /// The VM came in by a live migration whose commit saved these records
+    /// (fsynced) before it resumed the VM (`Agent::incoming_commit`): a
+    /// hearthd that stopped between the two finds it still paused, so a
+    /// re-adoption resumes it (`cont`, a no-op on a running VM).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub migrated_in: bool,
 }
 
 impl WorkloadRecord {
@@ -85,6 +91,7 @@ impl WorkloadRecord {
             base,
             nic: false,
             nic_mode: NicMode::Hub,
+            migrated_in: false,
         }
     }
 
@@ -495,6 +502,16 @@ impl Agent {
             }
         }
         let workload = WorkloadRecord::load(&entry.dir).map_err(broken)?;
+        if workload.migrated_in {
+            // why: the commit of the migration that brought it here saved
+            // the records before `cont`; if hearthd stopped in between, the
+            // VM is still paused, and it is this node's sandbox now.
+            vm.resume().await.map_err(|e| {
+                broken(format!(
+                    "resuming the VM a migration here had committed failed: {e}"
+                ))
+            })?;
+        }
         let log_path: PathBuf = entry.dir.join("output.log");
         let end = log_end(&log_path)
             .map_err(|e| broken(format!("cannot read {}: {e}", log_path.display())))?;
@@ -738,5 +755,12 @@ mod tests {
         let raw = std::fs::read_to_string(d.path().join(WORKLOAD_FILE)).unwrap();
         assert!(raw.contains(r#""nic_mode":"tap""#), "{raw}");
         assert_eq!(WorkloadRecord::load(d.path()).unwrap(), w);
+        assert!(!raw.contains("migrated_in"), "{raw}");
+        let m = WorkloadRecord {
+            migrated_in: true,
+            ..w
+        };
+        m.store(d.path()).unwrap();
+        assert_eq!(WorkloadRecord::load(d.path()).unwrap(), m);
     }
 }

@@ -486,28 +486,6 @@ fn host_memory_mib() -> u64 {
         .unwrap_or(0)
 }
 
-/// Removes a sandbox directory without a record: kills the VM recorded in
-/// it (pid and start time), then removes it. True once its VM is gone.
-fn remove_uncommitted_dir(dir: &std::path::Path) -> bool {
-    let vm_dir = dir.join("vm");
-    if let Err(e) = hearth_vmm::kill_recorded(&vm_dir, Duration::from_secs(10)) {
-        tracing::error!(
-            "cannot stop the VM in {} (no sandbox.json: an uncommitted incoming migration); it is kept: {e}",
-            vm_dir.display()
-        );
-        return false;
-    }
-    let _ = hearth_vmm::destroy(&vm_dir);
-    match std::fs::remove_dir_all(dir) {
-        Ok(()) => tracing::warn!(
-            "removed {} (no sandbox.json: an incoming migration that was never committed)",
-            dir.display()
-        ),
-        Err(e) => tracing::warn!("cannot remove {}: {e}", dir.display()),
-    }
-    true
-}
-
 impl Agent {
     /// Opens the data dir, probes the accelerator and recovers sandboxes left by
     /// a previous run: running ones whose VMs still run are re-adopted and keep
@@ -595,7 +573,7 @@ impl Agent {
         });
         let agent = Agent { inner };
         agent.reap_unclaimed_pool_vms().await;
-        let pending = agent.load_records();
+        let pending = agent.load_records().await;
         agent.sync_leases().await;
         agent.start_release_retries();
         agent.start_pools();
@@ -613,7 +591,7 @@ impl Agent {
     /// `--network none` start was giving back when hearthd stopped): tap,
     /// programs, route, NAT entry and lease (`sync_leases` then frees the
     /// leases upstream).
-    fn load_records(&self) -> Vec<Arc<Entry>> {
+    async fn load_records(&self) -> Vec<Arc<Entry>> {
         let dir = self.inner.cfg.data_dir.join("sandboxes");
         let Ok(rd) = std::fs::read_dir(&dir) else {
             return Vec::new();
@@ -630,15 +608,9 @@ impl Agent {
                     // why: an incoming migration that was never committed (or a
                     // create cut short) left it; it would block a later one.
                     // Its network goes with the orphans below; its address
-                    // lease is not this copy's to release.
-                    // why: never committed (the commit saves sandbox.json
-                    // before it answers), so a source asking about it after
-                    // this restart must hear "removed uncommitted" and resume.
-                    if remove_uncommitted_dir(&sdir) {
-                        if let Some(id) = sdir.file_name().and_then(|n| n.to_str()) {
-                            self.inner.migrations.note_removed_uncommitted(id);
-                        }
-                    }
+                    // lease is not this copy's to release. The same clean-up
+                    // as the pool reaper's (it honours the resumed marker).
+                    self.remove_leftover_dir(&sdir).await;
                     continue;
                 }
                 None => {

@@ -386,30 +386,7 @@ impl Agent {
             if dir.join("sandbox.json").exists() || !dir.join("vm").exists() {
                 continue;
             }
-            let resumed = dir.join(crate::migration::RESUMED_MARKER).exists();
-            self.reap_dir(&dir).await;
-            tracing::info!("removed unclaimed pool VM {}", dir.display());
-            // why: it may as well be an incoming migration that was never
-            // committed (a commit saves sandbox.json before it answers); a
-            // source asking about it after this restart must hear "removed
-            // uncommitted" and resume its copy (issue 7).
-            // why: pool VM dirs are recorded as well: nothing on disk tells
-            // them from an incoming migration's in every window (QEMU removes
-            // the stream socket once the stream is in), and a needless entry
-            // only takes one of the bounded slots.
-            // An incoming VM that was already resumed is not: its guest ran
-            // here, so the source's question stays unanswered (it stays
-            // paused; an operator resolves it) rather than resuming it.
-            if resumed {
-                tracing::warn!(
-                    "{} was an incoming migration whose VM had resumed before this agent stopped; its source stays paused until resolved",
-                    dir.display()
-                );
-            } else if !dir.exists() {
-                if let Some(id) = dir.file_name().and_then(|n| n.to_str()) {
-                    self.inner.migrations.note_removed_uncommitted(id);
-                }
-            }
+            self.remove_leftover_dir(&dir).await;
         }
         // Template builds, snapshot saves and removals a previous daemon did not finish.
         let (templates, snapshots) = (
@@ -434,27 +411,79 @@ impl Agent {
         }
     }
 
-    /// Stops the VM recorded in `dir/vm` (adopting it, or by its recorded pid)
-    /// and removes `dir`.
-    async fn reap_dir(&self, dir: &std::path::Path) {
-        let vm_dir = dir.join("vm");
-        match hearth_vmm::Vmm::adopt(&self.inner.vmm, &vm_dir).await {
+    /// The start-up clean-up of a sandbox dir a previous hearthd left without
+    /// `sandbox.json` (both start-up paths use it: the pool reaper and
+    /// `load_records`). A dir with `sandbox.json` is a sandbox and is kept
+    /// (re-adopted; an incoming migration's commit saves it, fsynced, before
+    /// it resumes the VM). One without is a pool VM, a create cut short or an
+    /// incoming migration never committed: its VM is stopped, the dir removed
+    /// and the id recorded as removed uncommitted (issue 7), so a source
+    /// asking after this restart hears so and resumes its copy; pool VM dirs
+    /// are recorded as well (nothing on disk tells them from an incoming
+    /// migration's in every window; a needless entry only takes one of the
+    /// bounded slots). Except a dir with [`RESUMED_MARKER`]: a hearthd of
+    /// commit c7504fa resumed that incoming VM before saving its records, so
+    /// its guest ran here: the source must not resume, and its question stays
+    /// unanswered (paused, an operator resolves it).
+    ///
+    /// [`RESUMED_MARKER`]: crate::migration::RESUMED_MARKER
+    pub(crate) async fn remove_leftover_dir(&self, dir: &std::path::Path) {
+        if dir.join("sandbox.json").exists() {
+            return;
+        }
+        let resumed = dir.join(crate::migration::RESUMED_MARKER).exists();
+        if !self.stop_recorded_vm(&dir.join("vm")).await {
+            return;
+        }
+        let _ = hearth_vmm::destroy(&dir.join("vm"));
+        if let Err(e) = std::fs::remove_dir_all(dir) {
+            tracing::warn!("cannot remove {}: {e}", dir.display());
+        }
+        if resumed {
+            tracing::warn!(
+                "removed {}: an incoming migration whose VM an older hearthd had resumed before saving its records; its source stays paused until resolved",
+                dir.display()
+            );
+        } else if !dir.exists() {
+            tracing::warn!(
+                "removed {} (no sandbox.json: a pool VM or an incoming migration that was never committed)",
+                dir.display()
+            );
+            if let Some(id) = dir.file_name().and_then(|n| n.to_str()) {
+                self.inner.migrations.note_removed_uncommitted(id);
+            }
+        }
+    }
+
+    /// Stops the VM recorded in `vm_dir` (adopting it, or by its recorded
+    /// pid). False if it may still run (its record must then be kept).
+    async fn stop_recorded_vm(&self, vm_dir: &std::path::Path) -> bool {
+        match hearth_vmm::Vmm::adopt(&self.inner.vmm, vm_dir).await {
             Ok(vm) => {
                 let _ = vm.kill().await;
                 let _ = vm.wait().await;
+                true
             }
-            Err(_) => {
-                if let Err(e) =
-                    hearth_vmm::kill_recorded(&vm_dir, std::time::Duration::from_secs(10))
-                {
+            Err(_) => match hearth_vmm::kill_recorded(vm_dir, std::time::Duration::from_secs(10)) {
+                Ok(_) => true,
+                Err(e) => {
                     // why: never delete the record of a VM that may still run.
                     tracing::error!(
                         "cannot stop the VM in {}: {e}; left in place",
                         vm_dir.display()
                     );
-                    return;
+                    false
                 }
-            }
+            },
+        }
+    }
+
+    /// Stops the VM recorded in `dir/vm` (adopting it, or by its recorded pid)
+    /// and removes `dir`.
+    async fn reap_dir(&self, dir: &std::path::Path) {
+        let vm_dir = dir.join("vm");
+        if !self.stop_recorded_vm(&vm_dir).await {
+            return;
         }
         let _ = hearth_vmm::destroy(&vm_dir);
         let _ = std::fs::remove_dir_all(dir);

@@ -538,10 +538,14 @@ fn a_target_out_of_memory_mid_transfer_leaves_the_source_running() {
         }),
         ..Default::default()
     });
-    let _unmount = Unmount(b.data_dir().join("sandboxes"));
+    let vms = b.data_dir().join("sandboxes");
+    let _unmount = Unmount(vms.clone());
+    // why: declared after the guard, so the daemon (and its VMs) goes first
+    // when the test ends or fails, and the unmount finds nothing in use.
+    let b = b;
     // 48 MiB of random bytes in a tmpfs in the guest: more guest memory that
     // is not zero than the target can back, whatever QEMU does with zero pages.
-    run_counter_with(
+    let id = run_counter_with(
         &a,
         "c",
         &format!(
@@ -551,7 +555,66 @@ fn a_target_out_of_memory_mid_transfer_leaves_the_source_running() {
     );
     let api = b.api.clone();
     let tf = token_file(&b);
+    // Review 7: prepare checks the free space of the sandboxes dir's own file
+    // system (the 32 MiB tmpfs), not the data dir's, and refuses with the
+    // node, the file system and the bytes named; the source runs on.
     let out = a.hearth(&["migrate", "c", "--to", &api, "--to-token-file", &tf]);
+    assert!(!out.status.success(), "{}", show(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("node ")
+            && err.contains(&format!(
+                "bytes free on the file system of {}",
+                vms.display()
+            ))
+            && err.contains("needs"),
+        "prepare did not refuse for lack of room in the sandboxes fs: {}",
+        show(&out)
+    );
+    assert_eq!(a.inspect("c")["status"], "running");
+    let need: u64 = err
+        .split("needs ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no byte count in {err}"));
+    // Now room enough for prepare's check; once the target claimed the
+    // incoming dir (after the check), a filler takes all but 16 MiB, so the
+    // transfer runs out of pages midway as before.
+    let size = need + (64 << 20);
+    let st = std::process::Command::new("mount")
+        .args(["-o", &format!("remount,size={size}")])
+        .arg(&vms)
+        .status()
+        .unwrap();
+    assert!(st.success(), "remount the tmpfs");
+    let child = spawn_migrate(&a, &["c", "--to", &api, "--to-token-file", &tf]);
+    let incoming = vms.join(&id);
+    wait_until(
+        "the target to claim the incoming dir",
+        Duration::from_secs(60),
+        || incoming.exists(),
+    );
+    let free = {
+        let out = std::process::Command::new("df")
+            .args(["--output=avail", "-B1"])
+            .arg(&vms)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .nth(1)
+            .and_then(|l| l.trim().parse::<u64>().ok())
+            .expect("df avail")
+    };
+    let filler = free.saturating_sub(16 << 20);
+    let st = std::process::Command::new("fallocate")
+        .args(["-l", &filler.to_string()])
+        .arg(vms.join("filler"))
+        .status()
+        .unwrap();
+    assert!(st.success(), "fallocate the filler");
+    let out = child.wait_with_output().unwrap();
     eprintln!("hearth migrate: {}", show(&out));
     assert!(!out.status.success(), "{}", show(&out));
     let err = stderr(&out);
@@ -1079,6 +1142,143 @@ fn a_source_killed_at_the_commit_or_after_it_leaves_one_running_copy() {
         || counted(&b, "c").len() > before + 10,
     );
     assert_contiguous_from_zero(&counted(&b, "c"));
+}
+
+/// Issue 7, review of c7504fa: once the target resumed the guest, its copy
+/// is the sandbox. The target's hearthd is killed (-9, its QEMU outlives it)
+/// right after `cont`, before the guest was pinged and the commit answered.
+/// Restarted, it re-adopts the running VM from the records its commit saved
+/// (fsynced) before the resume, and answers the source's abort with 409
+/// `migration_committed`: the source never resumes its (older) copy and ends
+/// released; the counter goes on at the target with no gap; one copy runs.
+/// (Before, the restarted target reaped the resumed VM and its directory, and
+/// every later abort heard "knows no incoming migration".)
+#[test]
+fn a_target_killed_right_after_resuming_the_guest_readopts_it_and_the_source_never_resumes() {
+    const HOLD: &str = "HEARTH_MIGRATION_HOLD";
+    let a = Daemon::start_with(DaemonOptions {
+        busybox: false,
+        ..Default::default()
+    });
+    let b = Daemon::start_with(DaemonOptions {
+        busybox: false,
+        env: vec![(HOLD.into(), "target-resumed:120000".into())],
+        ..Default::default()
+    });
+    let (mut a, mut b) = import_busybox(a, b);
+    let id = run_counter(&a, "c");
+    let (api, tf) = (b.api.clone(), token_file(&b));
+    let child = spawn_migrate(&a, &["c", "--to", &api, "--to-token-file", &tf]);
+    wait_until(
+        "the target to hold right after resuming the guest",
+        Duration::from_secs(180),
+        || b.log_text().contains("HEARTH_MIGRATION_HOLD"),
+    );
+    // The source is paused since the switch-over: its log is complete.
+    let at_source = counted(&a, "c").len();
+    b.kill9();
+    assert_eq!(
+        vmm_pids_under(b.data.path()).len(),
+        1,
+        "the resumed QEMU outlives the target's hearthd"
+    );
+    b.set_env(HOLD, None);
+    b.spawn();
+    b.wait_recovered();
+    let s = b.inspect("c");
+    assert_eq!(
+        s["status"],
+        "running",
+        "the restarted target did not re-adopt the resumed VM: {s}; target log: {}",
+        b.log_text()
+    );
+    let out = child.wait_with_output().unwrap();
+    eprintln!("hearth migrate: {}", show(&out));
+    let st = status_of(&a, "c");
+    if st["phase"] == "completed" {
+        // Its abort heard 409 `migration_committed` from the restarted
+        // target: the sandbox is gone from the source.
+        assert!(out.status.success(), "{}", show(&out));
+        let gone = a.hearth(&["inspect", "c"]);
+        assert!(!gone.status.success(), "{}", show(&gone));
+    } else {
+        // It asked while the target was down: paused, unresolved (never
+        // resumed). A restart of the source asks again and hears committed.
+        assert_eq!(st["phase"], "unresolved", "{st}; {}", show(&out));
+        assert_eq!(
+            counted(&a, "c").len(),
+            at_source,
+            "the source's copy ran again"
+        );
+        a.kill9();
+        a.spawn();
+        a.wait_recovered();
+        let s = a.inspect("c");
+        assert_eq!(s["status"], "stopped", "{s}");
+        assert!(
+            s["error"].as_str().unwrap_or("").contains("migrated to"),
+            "{s}"
+        );
+    }
+    wait_until(
+        "the source's VM to be released",
+        Duration::from_secs(60),
+        || vmm_pids_under(a.data.path()).is_empty(),
+    );
+    let before = counted(&b, "c").len();
+    wait_until(
+        "the counter to go on at the target",
+        Duration::from_secs(60),
+        || counted(&b, "c").len() > before + 10,
+    );
+    assert_contiguous_from_zero(&counted(&b, "c"));
+    assert_eq!(vmm_pids_under(b.data.path()).len(), 1, "one running copy");
+    // The removed-uncommitted record does not name it.
+    let removed =
+        std::fs::read_to_string(b.data_dir().join("migrations-removed.json")).unwrap_or_default();
+    assert!(!removed.contains(&format!("\"{id}\"")), "{removed}");
+}
+
+/// The other side of the commit point: a save of the records that fails
+/// (here a directory where the commit's temporary `workload.json` goes, as
+/// ENOSPC or EIO would) is before the resume, so the target removes its VM
+/// uncommitted and the source, told so, runs on with no gap.
+#[test]
+fn a_commit_whose_records_cannot_be_saved_never_resumes_the_target_and_the_source_runs_on() {
+    let (a, b) = two_nodes();
+    let id = run_counter(&a, "c");
+    let (api, tf) = (b.api.clone(), token_file(&b));
+    let child = spawn_migrate(&a, &["c", "--to", &api, "--to-token-file", &tf]);
+    let incoming = b.data_dir().join("sandboxes").join(&id);
+    wait_until(
+        "the target to claim the incoming dir",
+        Duration::from_secs(60),
+        || incoming.exists(),
+    );
+    std::fs::create_dir(incoming.join(".workload.json.tmp")).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success(), "{}", show(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("keeps running here") && err.contains("before its VM here was resumed"),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(status_of(&a, "c")["phase"], "aborted");
+    assert_eq!(a.inspect("c")["status"], "running");
+    wait_until(
+        "the target's VM to be removed",
+        Duration::from_secs(30),
+        || vmm_pids_under(b.data.path()).is_empty(),
+    );
+    assert!(!incoming.exists(), "the incoming dir is left on the target");
+    let n = counted(&a, "c").len();
+    wait_until(
+        "the counter to go on at the source",
+        Duration::from_secs(60),
+        || counted(&a, "c").len() > n + 5,
+    );
+    assert_contiguous_from_zero(&counted(&a, "c"));
 }
 
 /// A log that reached its size limit on the source stays closed on the

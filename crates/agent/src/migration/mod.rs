@@ -46,10 +46,13 @@ const INCOMING_COMPLETE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Bound on the guest answering a Ping on the target.
 const TARGET_PING_TIMEOUT: Duration = Duration::from_secs(30);
 /// An incoming VM nobody commits is removed after this long.
-/// Created in an incoming migration's dir right before its VM is resumed
-/// (see `incoming_commit`).
-pub(crate) const RESUMED_MARKER: &str = "incoming-resumed";
 const INCOMING_TTL: Duration = Duration::from_secs(600);
+/// Created in an incoming migration's dir right before its VM was resumed by
+/// a hearthd of commit c7504fa, which saved the records only after the
+/// resume. This build saves them (fsynced) before the resume and writes no
+/// marker; a start-up clean-up still honours one such a hearthd left (see
+/// `Agent::remove_leftover_dir`).
+pub(crate) const RESUMED_MARKER: &str = "incoming-resumed";
 /// Bound on the switch-over quiesce (writer flush, socket drained).
 const QUIESCE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often the source asks an unreachable target after the commit.
@@ -357,10 +360,13 @@ impl SourceJob {
 /// target's answer to its abort (which may say why the target failed).
 const ABORT_ANSWER_WAIT: Duration = Duration::from_secs(3);
 
-/// Fault injection for tests: with `HEARTH_MIGRATION_HOLD=<point>:<ms>` the
-/// source waits `ms` at `point`, so a test can kill hearthd exactly there:
-/// `commit` (the record says committing, the commit is not sent yet) or
-/// `release` (the target committed, the paused VM here is not released yet).
+/// Fault injection for tests: with `HEARTH_MIGRATION_HOLD=<point>:<ms>` an
+/// agent waits `ms` at `point`, so a test can kill hearthd exactly there. On
+/// the source: `commit` (the record says committing, the commit is not sent
+/// yet) or `release` (the target committed, the paused VM here is not
+/// released yet). On the target: `target-saved` (the commit saved the
+/// records, the VM is not resumed yet) or `target-resumed` (the VM was
+/// resumed, the guest not pinged, the commit not answered).
 /// Unset (always, outside tests) it costs one environment lookup.
 async fn fault_hold(point: &str) {
     let Ok(v) = std::env::var("HEARTH_MIGRATION_HOLD") else {
@@ -816,6 +822,19 @@ impl Drop for PreparingGuard {
 /// aborts.
 const MAX_VM_ENDED: usize = 64;
 
+/// QEMU's own error in `line` (a log's last line): from the configured
+/// binary's name (QEMU prefixes its errors with it), else from
+/// "qemu-system"; empty without either.
+fn qemu_error<'a>(line: &'a str, binary: &Path) -> &'a str {
+    let name = binary
+        .file_name()
+        .and_then(|n| n.to_str())
+        .filter(|n| !n.is_empty());
+    name.and_then(|n| line.find(&format!("{n}:")))
+        .or_else(|| line.find("qemu-system"))
+        .map_or("", |i| &line[i..])
+}
+
 /// The incoming VM's QEMU was killed by a signal (not a clean exit).
 fn died_by_signal(exit: &Result<hearth_vmm::VmExit, hearth_vmm::VmmError>) -> bool {
     matches!(exit, Ok(hearth_vmm::VmExit::Signaled(_)))
@@ -960,29 +979,28 @@ fn check_machine(
     Ok(())
 }
 
-/// Target: refuses when the data directory has less than `need` bytes free
-/// (`free`): the migration fills the disk and the RAM file.
 /// Why an incoming QEMU killed by signal `sig` died, in words.
 fn signal_cause(sig: i32) -> String {
-    match sig {
-        libc::SIGBUS => "killed by signal 7, SIGBUS: the host could not back its guest memory; \
-             is the node out of memory or the file system of its data dir full?"
-            .to_string(),
-        libc::SIGKILL => {
-            "killed by signal 9, SIGKILL: by the kernel's OOM killer or an operator".to_string()
+    let why = match sig {
+        libc::SIGBUS => {
+            "SIGBUS: the host could not back its guest memory; \
+             is the node out of memory or the file system of its sandboxes dir full?"
         }
-        libc::SIGABRT => {
-            "killed by signal 6, SIGABRT: QEMU aborted, e.g. on a failed allocation".to_string()
-        }
-        libc::SIGSEGV => "killed by signal 11, SIGSEGV: QEMU crashed".to_string(),
-        s => format!("killed by signal {s}"),
-    }
+        libc::SIGKILL => "SIGKILL: by the kernel's OOM killer or an operator",
+        libc::SIGABRT => "SIGABRT: QEMU aborted, e.g. on a failed allocation",
+        libc::SIGSEGV => "SIGSEGV: QEMU crashed",
+        _ => return format!("killed by signal {sig}"),
+    };
+    format!("killed by signal {sig}, {why}")
 }
 
+/// Target: refuses when the file system of the sandboxes dir `dir` (where
+/// the blank disk and the RAM file go) has less than `need` bytes free
+/// (`free`): the migration fills them.
 fn check_space(id: &str, node: &str, dir: &Path, free: u64, need: u64) -> Result<(), AgentError> {
     if free < need {
         return Err(AgentError::Conflict(format!(
-            "node {node} has {free} bytes free in {} but sandbox '{id}' needs {need} (its disk and RAM): free space there or migrate it to another node",
+            "node {node} has {free} bytes free on the file system of {} but sandbox '{id}' needs {need} bytes there (its disk and RAM): free space there or migrate it to another node",
             dir.display()
         )));
     }
@@ -1134,6 +1152,14 @@ impl Agent {
             )));
         }
         let entry = self.running_entry(id_or_name).await?;
+        // why: `running_entry` can wait up to 10 s; a cancel sent meanwhile
+        // must still refuse this attempt.
+        if self.inner.migrations.is_cancelled(req.attempt.as_deref()) {
+            return Err(AgentError::Conflict(format!(
+                "migration attempt {} of sandbox '{id_or_name}' was cancelled; start a new migration",
+                req.attempt.as_deref().unwrap_or_default()
+            )));
+        }
         let rec = entry.snapshot();
         if rec.status != SandboxStatus::Running {
             return Err(AgentError::Conflict(format!(
@@ -1459,14 +1485,26 @@ impl Agent {
             base_len,
             i.cfg.image_limits.rootfs_free_bytes,
         )?;
-        if let Some(m) = &offer.machine {
-            // why: the blank disk and the RAM file fill up as the stream arrives.
-            let free = free_bytes(&i.cfg.data_dir).map_err(|source| AgentError::Io {
-                what: format!("read the free space of {}", i.cfg.data_dir.display()),
+        {
+            // why: the blank disk and the RAM file fill up as the stream
+            // arrives; both go into the sandboxes dir, which can be a file
+            // system of its own (not the data dir's). An offer without
+            // `machine` has the layout a cold boot of its record gets (see
+            // `offered_machine`): it needs the room as well.
+            let (disk_bytes, ram_kib) = match &offer.machine {
+                Some(m) => (m.disk_bytes, m.ram_kib),
+                None => (
+                    disk_size_over(base_len),
+                    hearth_vmm::qemu::argv::ram_kib(sb.memory_mib, i.accel.accel),
+                ),
+            };
+            let sandboxes = i.cfg.data_dir.join("sandboxes");
+            let free = free_bytes(&sandboxes).map_err(|source| AgentError::Io {
+                what: format!("read the free space of {}", sandboxes.display()),
                 source,
             })?;
-            let need = m.disk_bytes.saturating_add(m.ram_kib.saturating_mul(1024));
-            check_space(&sb.id, &i.cfg.node, &i.cfg.data_dir, free, need)?;
+            let need = disk_bytes.saturating_add(ram_kib.saturating_mul(1024));
+            check_space(&sb.id, &i.cfg.node, &sandboxes, free, need)?;
         }
         {
             let map = lock(&i.sandboxes);
@@ -1684,13 +1722,39 @@ impl Agent {
         })
     }
 
-    /// Target, step 3: start the migrated VM, re-attach to its guest agent and
-    /// take the sandbox over. An error means the VM here is removed.
+    /// Target, step 3: save the sandbox's records, start the migrated VM,
+    /// re-attach to its guest agent and take the sandbox over. An error means
+    /// the VM here was never resumed and is removed; once it is resumed the
+    /// sandbox is this node's for good (see [`Agent::commit_incoming`]).
     pub async fn incoming_commit(
         &self,
         id: &str,
         c: IncomingCommit,
     ) -> Result<Sandbox, AgentError> {
+        // why: a commit runs to its end even when its request goes away (the
+        // source's timeout, a cut link drop the HTTP future): cut off after
+        // the resume, it would leave the VM running here untracked while an
+        // abort heard "removed uncommitted" and resumed the source.
+        let agent = self.clone();
+        let id2 = id.to_string();
+        tokio::spawn(async move { agent.commit_incoming(&id2, c).await })
+            .await
+            .map_err(|e| {
+                AgentError::Migration(format!(
+                    "the commit of sandbox '{id}' on node {} did not finish ({e}): check `hearth ps` there before resuming it elsewhere",
+                    self.inner.cfg.node
+                ))
+            })?
+    }
+
+    /// The commit (see [`Agent::incoming_commit`]). Before the resume, the
+    /// records a restarted hearthd re-adopts (workload.json, sandbox.json) are
+    /// written and fsynced with the dir, so from the resume on this copy is
+    /// the sandbox even across a crash of this agent or the host: nothing
+    /// after it removes the VM as uncommitted (a guest that does not answer
+    /// the ping is the sandbox's problem here, not a reason to resume an older
+    /// state at the source).
+    async fn commit_incoming(&self, id: &str, c: IncomingCommit) -> Result<Sandbox, AgentError> {
         let inc = self.incoming(id)?;
         let mut slot = inc.slot.lock().await;
         let (vm, stream) = match std::mem::replace(&mut *slot, Slot::Removed) {
@@ -1706,7 +1770,43 @@ impl Agent {
             }
         };
         let t0 = Instant::now();
-        let started = async {
+        // why: one way out for every failure before the resume: the VM here
+        // is removed and recorded as uncommitted, so the source resumes. With
+        // `saved`, the records go first (fsynced), so a crash midway leaves a
+        // dir without sandbox.json: removed uncommitted at the next start.
+        let remove_here = async |why: String, saved: bool| -> AgentError {
+            if saved {
+                for f in ["sandbox.json", crate::readopt::WORKLOAD_FILE] {
+                    match std::fs::remove_file(inc.dir.join(f)) {
+                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                            tracing::error!(sandbox = %id, "cannot remove {}: {e}", inc.dir.join(f).display());
+                        }
+                        _ => {}
+                    }
+                }
+                if let Err(e) = crate::sandbox::sync_dir(&inc.dir) {
+                    tracing::error!(sandbox = %id, "cannot sync {}: {e}", inc.dir.display());
+                }
+            }
+            let console = hearth_vmm::log_tail(&vm.console_log(), 1500);
+            let _ = vm.kill().await;
+            let _ = vm.wait().await;
+            inc.tunnel.abort();
+            let _ = std::fs::remove_file(inc.dir.join("incoming.sock"));
+            let _ = hearth_vmm::destroy(&inc.dir.join("vm"));
+            self.drop_incoming_net(&inc.offer).await;
+            let _ = std::fs::remove_dir_all(&inc.dir);
+            lock(&self.inner.migrations.incoming).remove(id);
+            self.inner.migrations.note_removed_uncommitted(id);
+            let msg = format!(
+                "node {} could not take over sandbox '{id}' ({:?} into the commit, before its VM here was resumed): {why}; its VM here is removed; guest console ends with: {console}",
+                self.inner.cfg.node,
+                t0.elapsed()
+            );
+            tracing::warn!("{msg}");
+            AgentError::Migration(msg)
+        };
+        let attached = async {
             vm.wait_incoming(INCOMING_COMPLETE_TIMEOUT)
                 .await
                 .map_err(|e| e.to_string())?;
@@ -1724,58 +1824,14 @@ impl Agent {
             // resume (output it queued in the virtqueue before the pause, and
             // what it prints before our ping's answer) are for this session; a
             // frame for a session not yet registered is dropped (issue 7).
-            let mut session = conn.adopt_session(c.main_session, c.unacked_bytes);
-            let pinged = async {
-                // why: once the guest has run here, a restart of this agent
-                // must not answer "removed uncommitted" (the source would
-                // resume a guest whose run here is lost); the marker keeps
-                // the answer unknown, so the source stays paused. A process
-                // crash keeps it in the page cache: no fsync on this path.
-                std::fs::File::create(inc.dir.join(RESUMED_MARKER))
-                    .map_err(|e| format!("cannot mark the incoming VM resumed: {e}"))?;
-                vm.start().await.map_err(|e| e.to_string())?;
-                conn.ping(TARGET_PING_TIMEOUT)
-                    .await
-                    .map_err(|e| format!("the guest agent did not answer a ping: {e}"))
-            }
-            .await;
-            if let Err(why) = pinged {
-                // why: the VM is removed; nothing must be sent to it on drop.
-                session.hand_over();
-                return Err(why);
-            }
-            for s in &c.orphan_sessions {
-                let _ = conn.kill_session(*s).await;
-            }
+            let session = conn.adopt_session(c.main_session, c.unacked_bytes);
             Ok::<_, String>((conn, session, fd))
         }
         .await;
-        // why: one way out for every failure before the sandbox is ours: the VM
-        // here is removed and recorded as uncommitted, so the source resumes.
-        let remove_here = async |why: String| -> AgentError {
-            let console = hearth_vmm::log_tail(&vm.console_log(), 1500);
-            let _ = vm.kill().await;
-            let _ = vm.wait().await;
-            inc.tunnel.abort();
-            let _ = std::fs::remove_file(inc.dir.join("incoming.sock"));
-            let _ = hearth_vmm::destroy(&inc.dir.join("vm"));
-            self.drop_incoming_net(&inc.offer).await;
-            let _ = std::fs::remove_dir_all(&inc.dir);
-            lock(&self.inner.migrations.incoming).remove(id);
-            self.inner.migrations.note_removed_uncommitted(id);
-            let msg = format!(
-                "node {} could not take over sandbox '{id}' ({:?} into the commit): {why}; its VM here is removed; guest console ends with: {console}",
-                self.inner.cfg.node,
-                t0.elapsed()
-            );
-            tracing::warn!("{msg}");
-            AgentError::Migration(msg)
-        };
-        let (conn, mut session, fd) = match started {
+        let (conn, mut session, fd) = match attached {
             Ok(x) => x,
-            Err(why) => return Err(remove_here(why).await),
+            Err(why) => return Err(remove_here(why, false).await),
         };
-        let _ = std::fs::remove_file(inc.dir.join("incoming.sock"));
         let mut rec = inc.offer.sandbox.clone();
         rec.node = self.inner.cfg.node.clone();
         // why: the source's tag would read as a stale copy here and be fenced;
@@ -1795,7 +1851,6 @@ impl Agent {
                 inc.offer.sandbox.node
             ));
         }
-        // why: before the record says running, so a restart can take it over.
         // why: with the device's mode, so the target's snapshots and forks of
         // it, and a re-adoption after a restart here, rebuild the same device.
         // why: from the device as built at prepare (a sandbox without a
@@ -1806,15 +1861,21 @@ impl Agent {
         let workload = crate::readopt::WorkloadRecord {
             nic: has_nic,
             nic_mode,
+            migrated_in: true,
             ..crate::readopt::WorkloadRecord::new(
                 session.id(),
                 inc.offer.stdin_open,
                 inc.offer.output_base,
             )
         };
-        // why: a sandbox dir without its records is an uncommitted incoming one
-        // to a restarted hearthd (removed at start): answering "committed"
-        // without them could lose the only copy, so the commit fails instead.
+        // why: saved and fsynced (files and dir) BEFORE the resume: from the
+        // first instruction the guest runs here, this copy is the sandbox, and
+        // a restart of this agent (even of the host) must re-adopt it and
+        // answer the source's abort with `migration_committed`; a dir without
+        // these records is removed as uncommitted at start, which would let
+        // the source resume an older state of a guest that already ran here.
+        // A failure to save is still before the resume: the VM is removed.
+        let t_save = Instant::now();
         let saved = workload
             .store(&inc.dir)
             .map_err(|e| {
@@ -1835,11 +1896,38 @@ impl Agent {
                 crate::sandbox::sync_dir(&inc.dir)
                     .map_err(|e| format!("cannot sync {}: {e}", inc.dir.display()))
             });
+        let save_us = t_save.elapsed().as_micros();
         if let Err(why) = saved {
             // why: the VM is removed; nothing must be sent to it on drop.
             session.hand_over();
-            return Err(remove_here(why).await);
+            return Err(remove_here(why, true).await);
         }
+        fault_hold("target-saved").await;
+        // The point of no return: from here on the sandbox is this node's.
+        let resumed = vm.start().await;
+        fault_hold("target-resumed").await;
+        let answered = match resumed {
+            Ok(()) => conn
+                .ping(TARGET_PING_TIMEOUT)
+                .await
+                .map_err(|e| format!("the guest agent did not answer a ping: {e}")),
+            // why: `cont` may have reached QEMU before the error (a lost
+            // answer); the guest may have run, so the copy stays committed.
+            // A re-adoption resumes it (`migrated_in`) if it is still paused.
+            Err(e) => Err(format!("resuming its VM failed: {e}")),
+        };
+        match answered {
+            Ok(()) => {
+                for s in &c.orphan_sessions {
+                    let _ = conn.kill_session(*s).await;
+                }
+            }
+            Err(why) => tracing::error!(
+                sandbox = %id,
+                "the migrated sandbox is committed here (its VM was resumed) but {why}; it stays this node's sandbox (the source is not resumed): inspect it here (`hearth logs`, `hearth exec`) or remove it"
+            ),
+        }
+        let _ = std::fs::remove_file(inc.dir.join("incoming.sock"));
         if inc
             .offer
             .net
@@ -1877,7 +1965,7 @@ impl Agent {
                 .lifecycle_adopted(entry, vm, conn, session, ctl_rx, None)
                 .await
         });
-        tracing::info!(sandbox = %id, "took over a migrated sandbox");
+        tracing::info!(sandbox = %id, save_us, "took over a migrated sandbox");
         Ok(rec)
     }
 
@@ -1930,8 +2018,7 @@ impl Agent {
                         .unwrap_or("");
                     // why: without its own error line, the last line is
                     // progress text (block migration's "Completed N %…").
-                    let log =
-                        trim_paths(last.find("qemu-system").map_or("", |i| &last[i..]).trim());
+                    let log = trim_paths(qemu_error(last, self.inner.vmm.qemu_binary()).trim());
                     let why = format!(
                         "the incoming VM (QEMU) on node {} had ended by itself during the transfer ({}){}",
                         self.inner.cfg.node,
@@ -1996,6 +2083,33 @@ mod tests {
         let plain = "load of migration failed: Input/output error";
         assert_eq!(trim_paths(plain), plain);
         assert_eq!(trim_paths("at /a/b/c.sock"), "at …/c.sock");
+    }
+
+    /// Review 13: QEMU's error line is found by the configured binary's name
+    /// (not only "qemu-system"), and a signal's cause names its number.
+    #[test]
+    fn qemu_errors_are_found_by_the_binary_name_and_signals_by_number() {
+        let line = "Completed 40 %\rmy-qemu: cannot allocate memory";
+        assert_eq!(
+            qemu_error(line, Path::new("/opt/bin/my-qemu")),
+            "my-qemu: cannot allocate memory"
+        );
+        let std = "x qemu-system-x86_64: failed";
+        assert_eq!(
+            qemu_error(std, Path::new("/usr/bin/qemu-system-x86_64")),
+            "qemu-system-x86_64: failed"
+        );
+        assert_eq!(
+            qemu_error(std, Path::new("/opt/kvm")),
+            "qemu-system-x86_64: failed"
+        );
+        assert_eq!(qemu_error("Completed 99 %", Path::new("/opt/kvm")), "");
+        assert!(signal_cause(libc::SIGBUS)
+            .starts_with(&format!("killed by signal {}, SIGBUS", libc::SIGBUS)));
+        assert_eq!(
+            signal_cause(libc::SIGTERM),
+            format!("killed by signal {}", libc::SIGTERM)
+        );
     }
 
     /// migsafe2 (review M3): the outgoing flag is set from the start of a
