@@ -182,6 +182,10 @@ const EXEC_SNAPSHOT_WAIT: Duration = Duration::from_secs(120);
 /// migrate) waits for a started workload's `running` record to be saved.
 const RUNNING_SAVE_WAIT: Duration = Duration::from_secs(10);
 
+/// Longest the background release of the pool VM network a `--network none`
+/// start gives back waits for the workload's first output.
+const RELEASE_DEFER_MAX: Duration = Duration::from_secs(5);
+
 pub(crate) struct Entry {
     pub(crate) dir: PathBuf,
     pub(crate) record: Mutex<Sandbox>,
@@ -229,6 +233,10 @@ pub(crate) struct Entry {
     /// sandbox is recorded finished, and a graceful daemon stop ends, only
     /// after it is gone.
     pub(crate) releasing: Mutex<Option<watch::Receiver<bool>>>,
+    /// Set once something waits for that release (the sandbox ends, the
+    /// daemon stops): the release, deferred until the workload's first
+    /// output, must then run at once.
+    release_now: watch::Sender<bool>,
 }
 
 impl Entry {
@@ -267,6 +275,7 @@ impl Entry {
             persisting: Mutex::new(()),
             trace: crate::start_trace::StartTrace::new(),
             releasing: Mutex::new(None),
+            release_now: watch::channel(false).0,
         }
     }
 
@@ -297,6 +306,7 @@ impl Entry {
     pub(crate) async fn released(&self) {
         let releasing = lock(&self.releasing).clone();
         if let Some(mut rx) = releasing {
+            self.release_now.send_replace(true);
             // why: an error means the task ended without saying so (the
             // runtime is shutting down); there is nothing left to wait for.
             let _ = rx.wait_for(|gone| *gone).await;
@@ -1109,7 +1119,21 @@ impl Agent {
                 let (done, released) = watch::channel(false);
                 *lock(&entry.releasing) = Some(released);
                 let agent = self.clone();
+                // why: its `tc` and `nft` processes would compete for the CPU
+                // with the guest's `Restored` and first exec (TCG runs the
+                // vCPU on the host's cores); the start's latency is the
+                // workload's first output, so the release waits for it, or
+                // for the sandbox's end, or for anyone waiting on the release
+                // (`Entry::released`), at most `RELEASE_DEFER_MAX`.
+                let (mut out, mut now) = (entry.written.subscribe(), entry.release_now.subscribe());
                 tokio::spawn(async move {
+                    let started = async {
+                        tokio::select! {
+                            _ = out.wait_for(|n| *n > 0) => {},
+                            _ = now.wait_for(|now| *now) => {},
+                        }
+                    };
+                    let _ = tokio::time::timeout(RELEASE_DEFER_MAX, started).await;
                     crate::warm_pool::release_hold().await;
                     agent.release_pool_network(&pre.sandbox).await;
                     let _ = done.send(true);
