@@ -182,10 +182,6 @@ const EXEC_SNAPSHOT_WAIT: Duration = Duration::from_secs(120);
 /// migrate) waits for a started workload's `running` record to be saved.
 const RUNNING_SAVE_WAIT: Duration = Duration::from_secs(10);
 
-/// Longest the background release of the pool VM network a `--network none`
-/// start gives back waits for the workload's first output.
-const RELEASE_DEFER_MAX: Duration = Duration::from_secs(5);
-
 pub(crate) struct Entry {
     pub(crate) dir: PathBuf,
     pub(crate) record: Mutex<Sandbox>,
@@ -233,10 +229,6 @@ pub(crate) struct Entry {
     /// sandbox is recorded finished, and a graceful daemon stop ends, only
     /// after it is gone.
     pub(crate) releasing: Mutex<Option<watch::Receiver<bool>>>,
-    /// Set once something waits for that release (the sandbox ends, the
-    /// daemon stops): the release, deferred until the workload's first
-    /// output, must then run at once.
-    release_now: watch::Sender<bool>,
 }
 
 impl Entry {
@@ -275,7 +267,6 @@ impl Entry {
             persisting: Mutex::new(()),
             trace: crate::start_trace::StartTrace::new(),
             releasing: Mutex::new(None),
-            release_now: watch::channel(false).0,
         }
     }
 
@@ -306,7 +297,6 @@ impl Entry {
     pub(crate) async fn released(&self) {
         let releasing = lock(&self.releasing).clone();
         if let Some(mut rx) = releasing {
-            self.release_now.send_replace(true);
             // why: an error means the task ended without saying so (the
             // runtime is shutting down); there is nothing left to wait for.
             let _ = rx.wait_for(|gone| *gone).await;
@@ -1048,9 +1038,11 @@ impl Agent {
         // the record with its network, one record fsync on the start's path
         // instead of two. A crash in between leaves a pool VM without a
         // sandbox record, which a restarted daemon reaps with its network.
-        // The tap joins the paused VM's hub meanwhile: nothing leaves a
-        // paused guest, and until the rules are written its programs hold
-        // the deny-everything policy the VM was parked with.
+        // Meanwhile the tap joins the paused VM's hub and the VM is resumed
+        // (`Launch::wake_pool_vm`; the `cont` is off the start's path): the
+        // resumed guest runs nothing but waits for its `Restored`, and until
+        // the rules are written its programs hold the deny-everything policy
+        // the VM was parked with.
         let mut adopted = None;
         if let Some(policy) = &policy {
             if let Some(pre) = launch.take_pool_network() {
@@ -1058,7 +1050,7 @@ impl Agent {
                 let tap = pre.tap.clone();
                 let (set, attached) = tokio::join!(
                     self.adopt_pool_network(&id, pre, policy.clone()),
-                    launch.attach_pool_tap(&tap)
+                    launch.wake_pool_vm(&tap)
                 );
                 match (set, attached) {
                     (Ok(n), Ok(())) => adopted = Some(n),
@@ -1119,21 +1111,7 @@ impl Agent {
                 let (done, released) = watch::channel(false);
                 *lock(&entry.releasing) = Some(released);
                 let agent = self.clone();
-                // why: its `tc` and `nft` processes would compete for the CPU
-                // with the guest's `Restored` and first exec (TCG runs the
-                // vCPU on the host's cores); the start's latency is the
-                // workload's first output, so the release waits for it, or
-                // for the sandbox's end, or for anyone waiting on the release
-                // (`Entry::released`), at most `RELEASE_DEFER_MAX`.
-                let (mut out, mut now) = (entry.written.subscribe(), entry.release_now.subscribe());
                 tokio::spawn(async move {
-                    let started = async {
-                        tokio::select! {
-                            _ = out.wait_for(|n| *n > 0) => {},
-                            _ = now.wait_for(|now| *now) => {},
-                        }
-                    };
-                    let _ = tokio::time::timeout(RELEASE_DEFER_MAX, started).await;
                     crate::warm_pool::release_hold().await;
                     agent.release_pool_network(&pre.sandbox).await;
                     let _ = done.send(true);
@@ -1153,14 +1131,23 @@ impl Agent {
             }
         };
         entry.trace.mark("network");
-        Ok(self.spawn_lifecycle(
+        let sb = self.spawn_lifecycle(
             entry,
             &req,
             image.rootfs.clone(),
             exec,
             launch,
             net.as_ref(),
-        ))
+        );
+        // why: tokio runs a task spawned from a worker next on that worker
+        // (its LIFO slot, which other workers do not steal), but the waking of
+        // this request's caller takes that slot and pushes the lifecycle back
+        // behind the request's remaining work (3-5 ms here on a loaded host).
+        // Yielding once lets the lifecycle send `Restored` and the workload's
+        // exec (and resume the VM) first; the API answer, which the start's
+        // latency does not wait for, comes right after.
+        tokio::task::yield_now().await;
+        Ok(sb)
     }
 
     /// Leases an address and builds the tap, policy and NAT of a registered

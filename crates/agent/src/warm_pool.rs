@@ -57,6 +57,8 @@ pub(crate) struct PooledVm {
     pub(crate) guest_net: Option<Box<hearth_proto::GuestNet>>,
     /// The taking sandbox's tap already joined its hub (set by the request).
     pub(crate) tap_attached: bool,
+    /// The taking request resumed it already (after its tap joined).
+    pub(crate) resumed: bool,
 }
 
 impl PooledVm {
@@ -341,6 +343,7 @@ impl Agent {
                         net,
                         guest_net: guest_net.map(Box::new),
                         tap_attached: false,
+                        resumed: false,
                     }),
                     Err(e) => {
                         let _ = r.vm.kill().await;

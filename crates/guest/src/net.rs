@@ -525,7 +525,10 @@ mod tests {
             let n = unsafe { libc::recv(rx.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
             // An ARP request (opcode 1) whose sender and target IP are the same.
             if n >= 28 && buf[6..8] == [0, 1] && buf[14..18] == buf[24..28] {
-                got.push((buf[8..14].try_into().unwrap(), buf[14..18].try_into().unwrap()));
+                got.push((
+                    buf[8..14].try_into().unwrap(),
+                    buf[14..18].try_into().unwrap(),
+                ));
             }
         }
     }
