@@ -1936,6 +1936,11 @@ fn a_networked_pool_start_runs_its_workload_only_after_the_guest_took_its_identi
         "eth0 should hold {ip}/32: {}",
         show(&out)
     );
+    // The refilled pool ends with its template.
+    let out = d.hearth(&["rm", "-f", "pc"]);
+    assert!(out.status.success(), "{}", show(&out));
+    let out = d.hearth(&["template", "rm", "bbc"]);
+    assert!(out.status.success(), "{}", show(&out));
 }
 
 #[test]
