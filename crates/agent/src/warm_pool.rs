@@ -510,7 +510,7 @@ async fn warm_up(
         // guest then checks that eth0 still holds it and announces it, kernel
         // paths (interface ioctls, the route table in /proc, a packet socket)
         // its first `Restored` did not run. Under TCG their first run is
-        // translated, which made a networked pool start's ack ~14 ms slower
+        // translated, which made a networked pool start's ack ~16 ms slower
         // than a `--network none` one; run once here, the same QEMU process
         // keeps them translated for the request.
         let mut again = restored_message(id.to_string(), id.to_string(), nic, Some(net))?;
