@@ -259,9 +259,15 @@ impl Launch {
         }
     }
 
-    /// Joins `tap` to a pooled VM's hub (it stays paused); marks it done so
-    /// [`Agent::launch_vm`] does not attach it again.
-    pub(crate) async fn attach_pool_tap(&mut self, tap: &str) -> Result<(), AgentError> {
+    /// Joins `tap` to a pooled VM's hub, then resumes the VM (one QMP
+    /// exchange after the other, off the start's path: the caller runs this
+    /// while the request's rules are written); marks both done so
+    /// [`Agent::launch_vm`] does not attach it again and the `Restored` that
+    /// follows is not resumed again. A resumed pool guest only waits for that
+    /// `Restored`: it runs nothing else (its warm-up ended), and the frames it
+    /// reads are in order, so the workload still comes after its reseed,
+    /// clock, hostname and network.
+    pub(crate) async fn wake_pool_vm(&mut self, tap: &str) -> Result<(), AgentError> {
         let Launch::Pooled { vm, .. } = self else {
             return Ok(());
         };
@@ -272,6 +278,14 @@ impl Launch {
             ))
         })?;
         vm.tap_attached = true;
+        // why: parked by this daemon (its warm-up ended with a pause).
+        vm.vm.start_paused().await.map_err(|e| {
+            AgentError::Config(format!(
+                "cannot resume warm pool VM {}: {e}; create the sandbox again",
+                vm.id
+            ))
+        })?;
+        vm.resumed = true;
         Ok(())
     }
 
@@ -328,6 +342,20 @@ pub(crate) struct RestoredChannel {
     /// The guest already holds `net` (a pool VM that took it at fill time):
     /// `Restored` tells it to keep eth0 as it is.
     pub(crate) net_kept: bool,
+    /// Whether and how the VM still needs its resume after `Restored` is queued.
+    pub(crate) resume: Resume,
+}
+
+/// How [`Agent::wake_restored`] resumes a restored VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Resume {
+    /// Paused by its restore: `Vm::start`.
+    Restored,
+    /// A pool VM this daemon parked (known paused): `Vm::start_paused`.
+    Parked,
+    /// Already running (a pool VM resumed while the request's rules were
+    /// written, [`Launch::wake_pool_vm`]): `Restored` is sent without a resume.
+    Running,
 }
 
 /// How the host reaches a restored guest.
@@ -555,6 +583,7 @@ impl Agent {
             net: net.clone(),
             guarded,
             net_kept: false,
+            resume: Resume::Restored,
         };
         // why: a warm start's path is usually saved with its registration
         // (`Launch::preset_path`); saved here only when it differs.
@@ -645,6 +674,7 @@ impl Agent {
                     vm,
                     conn,
                     guest_net,
+                    resumed,
                     ..
                 } = vm;
                 let next = conn.next_session_id();
@@ -652,6 +682,10 @@ impl Agent {
                 let guarded = conn.guards_restores();
                 let mut ch = channel(GuestLink::Conn(conn), None, next, guarded);
                 ch.net_kept = guest_net.is_some() && guest_net.as_deref() == net.as_ref();
+                ch.resume = match resumed {
+                    true => Resume::Running,
+                    false => Resume::Parked,
+                };
                 return Ok((vm, Some(ch), key));
             }
             Launch::Restore {
@@ -784,7 +818,11 @@ impl Agent {
             attached = Some(s);
         }
         let t0 = std::time::Instant::now();
-        vm.start().await.map_err(|e| e.to_string())?;
+        match ch.resume {
+            Resume::Restored => vm.start().await.map_err(|e| e.to_string())?,
+            Resume::Parked => vm.start_paused().await.map_err(|e| e.to_string())?,
+            Resume::Running => {}
+        }
         let resumed = t0.elapsed();
         trace.mark("resumed");
         let (ack, extra) = tokio::join!(ack.wait(HELLO_TIMEOUT), while_acking(queued));

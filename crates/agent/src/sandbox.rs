@@ -1010,9 +1010,11 @@ impl Agent {
         // the record with its network, one record fsync on the start's path
         // instead of two. A crash in between leaves a pool VM without a
         // sandbox record, which a restarted daemon reaps with its network.
-        // The tap joins the paused VM's hub meanwhile: nothing leaves a
-        // paused guest, and until the rules are written its programs hold
-        // the deny-everything policy the VM was parked with.
+        // Meanwhile the tap joins the paused VM's hub and the VM is resumed
+        // (`Launch::wake_pool_vm`; the `cont` is off the start's path): the
+        // resumed guest runs nothing but waits for its `Restored`, and until
+        // the rules are written its programs hold the deny-everything policy
+        // the VM was parked with.
         let mut adopted = None;
         if let Some(policy) = &policy {
             if let Some(pre) = launch.take_pool_network() {
@@ -1020,7 +1022,7 @@ impl Agent {
                 let tap = pre.tap.clone();
                 let (set, attached) = tokio::join!(
                     self.adopt_pool_network(&id, pre, policy.clone()),
-                    launch.attach_pool_tap(&tap)
+                    launch.wake_pool_vm(&tap)
                 );
                 match (set, attached) {
                     (Ok(n), Ok(())) => adopted = Some(n),
@@ -1101,14 +1103,23 @@ impl Agent {
             }
         };
         entry.trace.mark("network");
-        Ok(self.spawn_lifecycle(
+        let sb = self.spawn_lifecycle(
             entry,
             &req,
             image.rootfs.clone(),
             exec,
             launch,
             net.as_ref(),
-        ))
+        );
+        // why: tokio runs a task spawned from a worker next on that worker
+        // (its LIFO slot, which other workers do not steal), but the waking of
+        // this request's caller takes that slot and pushes the lifecycle back
+        // behind the request's remaining work (3-5 ms here on a loaded host).
+        // Yielding once lets the lifecycle send `Restored` and the workload's
+        // exec (and resume the VM) first; the API answer, which the start's
+        // latency does not wait for, comes right after.
+        tokio::task::yield_now().await;
+        Ok(sb)
     }
 
     /// Leases an address and builds the tap, policy and NAT of a registered

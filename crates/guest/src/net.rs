@@ -337,20 +337,42 @@ pub fn announce(id: &Identity) -> io::Result<()> {
     if ifindex == 0 {
         return Err(io::Error::last_os_error());
     }
-    let proto = (libc::ETH_P_ARP as u16).to_be();
+    ARP_SOCKET.with(|cached| {
+        let mut cached = cached.borrow_mut();
+        let fd = match cached.as_ref() {
+            Some(fd) => fd,
+            None => &*cached.insert(arp_socket()?),
+        };
+        send_arp(fd, ifindex, id)
+    })
+}
+
+thread_local! {
+    /// The packet socket [`announce`] sends with, kept open for the guest's
+    /// life (per thread: a socket belongs to the network namespace it was
+    /// made in, and the guest applies every `Restored` on its one reading
+    /// thread).
+    ///
+    /// why: closing a packet socket waits for an RCU grace period
+    /// (`packet_release` calls `synchronize_net`), ~8 ms of a 1-vCPU guest
+    /// under TCG, and a warm-pool start's `Restored` announces once.
+    static ARP_SOCKET: std::cell::RefCell<Option<OwnedFd>> = const { std::cell::RefCell::new(None) };
+}
+
+/// A packet socket that sends link-layer datagrams and receives nothing
+/// (protocol 0: no packet handler is registered, so no ARP is queued to it).
+fn arp_socket() -> io::Result<OwnedFd> {
     // SAFETY: socket(2) takes no pointers; the result is checked.
-    let raw = unsafe {
-        libc::socket(
-            libc::AF_PACKET,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            proto.into(),
-        )
-    };
+    let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if raw < 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: raw is a fresh socket we exclusively own.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+fn send_arp(fd: &OwnedFd, ifindex: libc::c_uint, id: &Identity) -> io::Result<()> {
+    let proto = (libc::ETH_P_ARP as u16).to_be();
     let mut pkt = Vec::with_capacity(28);
     pkt.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
     pkt.extend_from_slice(&id.mac);
@@ -385,6 +407,7 @@ pub fn announce(id: &Identity) -> io::Result<()> {
 mod tests {
     use super::*;
     use std::process::Command;
+    use std::time::Duration;
 
     fn ip(args: &str) {
         let st = Command::new("sh")
@@ -398,7 +421,10 @@ mod tests {
     /// a veth named eth0 (its peer up), as a restored guest's eth0; `f` gets
     /// the namespace's name for `ip -n`. Needs root, as the e2e tests do.
     fn in_netns_with_eth0<T: Send + 'static>(f: impl FnOnce(&str) -> T + Send + 'static) -> T {
-        let ns = format!("hgt{}", std::process::id());
+        // why: one namespace per call, so tests using it may run in parallel.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let ns = format!("hgt{}-{n}", std::process::id());
         ip(&format!("netns add {ns}"));
         ip(&format!("-n {ns} link add eth0 type veth peer name p1"));
         ip(&format!("-n {ns} link set p1 up"));
@@ -476,6 +502,88 @@ mod tests {
             let e = reconfigure(None, sysroot).unwrap_err();
             assert!(e.to_string().contains("take eth0 down"), "{e}");
             assert!(holds(&id).unwrap(), "eth0 still holds the network");
+        });
+    }
+
+    /// The gratuitous ARPs `p1` (eth0's peer) receives within `wait`: (sender MAC, sender IP).
+    fn arps_on_p1(rx: &OwnedFd, wait: Duration) -> Vec<([u8; 6], [u8; 4])> {
+        let mut got = Vec::new();
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let mut pfd = libc::pollfd {
+                fd: rx.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd for the call.
+            if unsafe { libc::poll(&mut pfd, 1, left.as_millis() as i32) } <= 0 {
+                return got;
+            }
+            let mut buf = [0u8; 64];
+            // SAFETY: reads at most buf.len() bytes into buf, which we own.
+            let n = unsafe { libc::recv(rx.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            // An ARP request (opcode 1) whose sender and target IP are the same.
+            if n >= 28 && buf[6..8] == [0, 1] && buf[14..18] == buf[24..28] {
+                got.push((
+                    buf[8..14].try_into().unwrap(),
+                    buf[14..18].try_into().unwrap(),
+                ));
+            }
+        }
+    }
+
+    #[test]
+    fn announcing_keeps_one_packet_socket_and_each_arp_reaches_the_peer() {
+        if !can_run() {
+            eprintln!("skipped: needs root and iproute2 for a network namespace");
+            return;
+        }
+        in_netns_with_eth0(|_| {
+            let n = hearth_proto::GuestNet {
+                ip: "10.88.0.7".into(),
+                prefix: 32,
+                gateway: "169.254.1.1".into(),
+                mac: "02:68:0a:58:00:07".into(),
+                dns: Vec::new(),
+            };
+            let id = Identity::parse(&n).unwrap();
+            // SAFETY: socket(2) takes no pointers; the result is checked.
+            let raw = unsafe {
+                libc::socket(
+                    libc::AF_PACKET,
+                    libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+                    i32::from((libc::ETH_P_ARP as u16).to_be()),
+                )
+            };
+            assert!(raw >= 0, "packet socket: {}", io::Error::last_os_error());
+            // SAFETY: raw is a fresh socket we exclusively own.
+            let rx = unsafe { OwnedFd::from_raw_fd(raw) };
+            // SAFETY: sockaddr_ll is plain data; all-zero is valid.
+            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_protocol = (libc::ETH_P_ARP as u16).to_be();
+            // SAFETY: a valid NUL-terminated name.
+            sll.sll_ifindex = unsafe { libc::if_nametoindex(c"p1".as_ptr()) } as i32;
+            // SAFETY: sll is a valid sockaddr_ll for the call.
+            let rc = unsafe {
+                libc::bind(
+                    rx.as_raw_fd(),
+                    (&sll as *const libc::sockaddr_ll).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(rc, 0, "bind to p1: {}", io::Error::last_os_error());
+            let kept = || ARP_SOCKET.with(|c| c.borrow().as_ref().map(|f| f.as_raw_fd()));
+
+            reconfigure(Some(&id), "/nonexistent").unwrap();
+            let first = kept().expect("the socket is kept after the first announce");
+            announce(&id).unwrap();
+            announce(&id).unwrap();
+            assert_eq!(kept(), Some(first), "the same socket is used again");
+            let got = arps_on_p1(&rx, Duration::from_millis(500));
+            let want = (id.mac, id.ip.octets());
+            assert_eq!(got, vec![want; 3], "one gratuitous ARP per announce");
         });
     }
 

@@ -137,6 +137,12 @@ pub trait Vm: Send + Sync {
     async fn connect_agent(&self) -> Result<UnixStream, VmmError>;
     /// Starts the vCPUs of a VM created paused; waits for the RESUME event.
     async fn start(&self) -> Result<(), VmmError>;
+    /// Starts the vCPUs of a VM this process paused itself and knows to be
+    /// paused (a parked warm-pool VM): like [`Vm::start`] without asking
+    /// first whether it runs (one VMM round trip less on a warm start's path).
+    async fn start_paused(&self) -> Result<(), VmmError> {
+        self.start().await
+    }
     /// Pauses the vCPUs; waits for the STOP event. A VM that is not running is left as is.
     async fn pause(&self) -> Result<(), VmmError>;
     /// Resumes paused vCPUs; waits for the RESUME event. A running VM is left as is.

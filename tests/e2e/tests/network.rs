@@ -1879,6 +1879,70 @@ fn cold_boots_and_their_snapshots_put_the_nic_on_its_tap_with_offloads_templates
     }
 }
 
+/// A networked pool start resumes its VM while the request's rules are
+/// written, before the guest has read its `Restored`: the workload's very
+/// first command must still see the sandbox's hostname, address and the
+/// host's clock (a parked VM's guest clock stands still, so without the
+/// `Restored` applied first it would lag by the time the VM was parked).
+#[test]
+fn a_networked_pool_start_runs_its_workload_only_after_the_guest_took_its_identity_and_clock() {
+    let d = Daemon::start();
+    let vm = filled_pool_vm(&d, "bbc");
+    // why: the condition is time itself: the pool VM must stay parked long
+    // enough for a stale guest clock to be told from a corrected one.
+    std::thread::sleep(Duration::from_secs(8));
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
+    let before = now();
+    let out = d.hearth(&[
+        "run",
+        "--name",
+        "pc",
+        "busybox",
+        "--",
+        "sh",
+        "-c",
+        "hostname; date +%s; ip -o -4 addr show dev eth0",
+    ]);
+    let after = now();
+    assert!(out.status.success(), "{}", show(&out));
+    let s = d.inspect("pc");
+    assert_eq!(s["start_path"], "pool", "{s}");
+    assert_eq!(s["id"], vm.as_str(), "took the parked pool VM: {s}");
+    let ip = s["network"]["ip"]
+        .as_str()
+        .expect("a networked start has an ip");
+    let text = stdout(&out);
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("pc"), "hostname: {}", show(&out));
+    let guest: u64 = lines
+        .next()
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no date line: {}", show(&out)));
+    assert!(
+        guest + 2 >= before && guest <= after + 2,
+        "the workload's clock {guest} is not the host's ({before}..{after}): {}",
+        show(&out)
+    );
+    assert!(
+        lines
+            .next()
+            .unwrap_or("")
+            .contains(&format!("inet {ip}/32")),
+        "eth0 should hold {ip}/32: {}",
+        show(&out)
+    );
+    // The refilled pool ends with its template.
+    let out = d.hearth(&["rm", "-f", "pc"]);
+    assert!(out.status.success(), "{}", show(&out));
+    let out = d.hearth(&["template", "rm", "bbc"]);
+    assert!(out.status.success(), "{}", show(&out));
+}
+
 #[test]
 fn a_daemon_stopped_gracefully_ends_its_pool_vms_and_their_networks() {
     let mut d = Daemon::start();

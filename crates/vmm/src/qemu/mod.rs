@@ -667,6 +667,20 @@ impl Vm for QemuVm {
         self.set_running(true).await
     }
 
+    async fn start_paused(&self) -> Result<(), VmmError> {
+        let cont = async {
+            let mut events = self.qmp.subscribe();
+            self.qmp.execute("cont", Value::Null).await?;
+            self.qmp
+                .wait_event(&mut events, "RESUME", RUN_STATE_TIMEOUT)
+                .await
+        };
+        match cont.await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(self.explain(e).await),
+        }
+    }
+
     async fn pause(&self) -> Result<(), VmmError> {
         self.set_running(false).await
     }
