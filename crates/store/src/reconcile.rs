@@ -131,6 +131,13 @@ impl State {
                             && !r.paused
                             && rec.reschedules <= m.generation
                             && !(rec.node == node && rec.reschedules == m.generation)
+                            // why: bounded: a target cut off with the source
+                            // that reports hours later must not replace a
+                            // copy started again that has run meanwhile; only
+                            // within the grace after the abort, or while no
+                            // copy of the record has been reported yet.
+                            && (at_ms.saturating_sub(m.updated_ms) <= grace_ms
+                                || rec.observed.as_ref().is_none_or(|o| o.agent_id.is_none()))
                     }) {
                         // why: the state machine ended the migration without
                         // the source's word (its copy died or its node was

@@ -1673,3 +1673,37 @@ fn a_restart_after_an_unconfirmed_abort_avoids_the_target_or_outranks_its_copy()
     assert_eq!(stopped(&d), ["a1"], "{d:?}");
     assert!(d.keep.contains(&"c1".to_string()), "{d:?}");
 }
+
+/// Review of mig3 (finding 3): the takeover by the target's copy after an
+/// unconfirmed abort is bounded: a target that reports long after the abort
+/// (cut off with the source), while the copy started again has been
+/// reported running, is fenced; it does not replace the serving copy.
+#[test]
+fn a_target_reporting_long_after_an_unconfirmed_abort_does_not_take_over_a_serving_copy() {
+    let mut s = migratable_always();
+    start_migration(&mut s, "s1", "m1", "n1", "n2");
+    phase(&mut s, "s1", "m1", "precopy");
+    s.apply(&Command::MarkNotReady {
+        node: "n1".into(),
+        at_ms: 1000,
+    });
+    assert_eq!(s.sandboxes["s1"].node, "n3");
+    // The copy started again on n3 runs and is reported.
+    heartbeat(
+        &mut s,
+        "n3",
+        2000,
+        vec![copy("c1", "running", Some("s1@1"))],
+    );
+    assert_eq!(status(&s, "s1"), ("running".into(), Some("c1".into()), 1));
+    // An hour later the target reports its copy of the attempt.
+    let d = heartbeat(
+        &mut s,
+        "n2",
+        3_600_000,
+        vec![copy("a1", "running", Some("s1@1"))],
+    );
+    assert_eq!(stopped(&d), ["a1"], "{d:?}");
+    assert_eq!(s.sandboxes["s1"].node, "n3");
+    assert_eq!(status(&s, "s1"), ("running".into(), Some("c1".into()), 1));
+}

@@ -588,32 +588,53 @@ fn a_target_out_of_memory_mid_transfer_leaves_the_source_running() {
         .status()
         .unwrap();
     assert!(st.success(), "remount the tmpfs");
-    let child = spawn_migrate(&a, &["c", "--to", &api, "--to-token-file", &tf]);
+    // why: capped so the filler below is in place long before the stream
+    // could fill the room it leaves (48 MiB of random pages at 8 MiB/s).
+    let child = spawn_migrate(
+        &a,
+        &[
+            "c",
+            "--to",
+            &api,
+            "--to-token-file",
+            &tf,
+            "--bandwidth-mib",
+            "8",
+        ],
+    );
     let incoming = vms.join(&id);
     wait_until(
         "the target to claim the incoming dir",
         Duration::from_secs(60),
         || incoming.exists(),
     );
-    let free = {
+    // why: the stream may write between `df` and `fallocate`; a filler that
+    // no longer fits is tried again from a fresh `df`.
+    let mut filled = false;
+    for _ in 0..5 {
         let out = std::process::Command::new("df")
             .args(["--output=avail", "-B1"])
             .arg(&vms)
             .output()
             .unwrap();
-        String::from_utf8_lossy(&out.stdout)
+        let free = String::from_utf8_lossy(&out.stdout)
             .lines()
             .nth(1)
             .and_then(|l| l.trim().parse::<u64>().ok())
-            .expect("df avail")
-    };
-    let filler = free.saturating_sub(16 << 20);
-    let st = std::process::Command::new("fallocate")
-        .args(["-l", &filler.to_string()])
-        .arg(vms.join("filler"))
-        .status()
-        .unwrap();
-    assert!(st.success(), "fallocate the filler");
+            .expect("df avail");
+        let filler = free.saturating_sub(16 << 20);
+        let _ = std::fs::remove_file(vms.join("filler"));
+        let st = std::process::Command::new("fallocate")
+            .args(["-l", &filler.to_string()])
+            .arg(vms.join("filler"))
+            .status()
+            .unwrap();
+        if st.success() {
+            filled = true;
+            break;
+        }
+    }
+    assert!(filled, "fallocate the filler");
     let out = child.wait_with_output().unwrap();
     eprintln!("hearth migrate: {}", show(&out));
     assert!(!out.status.success(), "{}", show(&out));

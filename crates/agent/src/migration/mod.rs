@@ -1876,26 +1876,25 @@ impl Agent {
         // the source resume an older state of a guest that already ran here.
         // A failure to save is still before the resume: the VM is removed.
         let t_save = Instant::now();
-        let saved = workload
-            .store(&inc.dir)
-            .map_err(|e| {
-                format!(
-                    "cannot save {}: {e}",
-                    inc.dir.join("workload.json").display()
-                )
-            })
-            .and_then(|()| {
-                persist(&inc.dir, &rec).map_err(|e| {
-                    format!(
-                        "cannot save {}: {e}",
-                        inc.dir.join("sandbox.json").display()
-                    )
+        // why: three fsyncs; off the runtime's two worker threads (heartbeats
+        // and other requests go on meanwhile).
+        let (dir, rec2) = (inc.dir.clone(), rec.clone());
+        let saved = tokio::task::spawn_blocking(move || {
+            workload
+                .store(&dir)
+                .map_err(|e| format!("cannot save {}: {e}", dir.join("workload.json").display()))
+                .and_then(|()| {
+                    persist(&dir, &rec2).map_err(|e| {
+                        format!("cannot save {}: {e}", dir.join("sandbox.json").display())
+                    })
                 })
-            })
-            .and_then(|()| {
-                crate::sandbox::sync_dir(&inc.dir)
-                    .map_err(|e| format!("cannot sync {}: {e}", inc.dir.display()))
-            });
+                .and_then(|()| {
+                    crate::sandbox::sync_dir(&dir)
+                        .map_err(|e| format!("cannot sync {}: {e}", dir.display()))
+                })
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("saving the records failed: {e}")));
         let save_us = t_save.elapsed().as_micros();
         if let Err(why) = saved {
             // why: the VM is removed; nothing must be sent to it on drop.
@@ -1906,6 +1905,23 @@ impl Agent {
         // The point of no return: from here on the sandbox is this node's.
         let resumed = vm.start().await;
         fault_hold("target-resumed").await;
+        if resumed.is_ok() {
+            // why: the resume is done; a later re-adoption (e.g. after this
+            // node paused it as the source of another migration) must not
+            // resume it again on the strength of this flag.
+            let (dir, w) = (
+                inc.dir.clone(),
+                crate::readopt::WorkloadRecord {
+                    migrated_in: false,
+                    ..workload
+                },
+            );
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = w.store(&dir) {
+                    tracing::warn!(dir = %dir.display(), "cannot clear migrated_in in workload.json: {e}");
+                }
+            });
+        }
         let answered = match resumed {
             Ok(()) => conn
                 .ping(TARGET_PING_TIMEOUT)
