@@ -54,6 +54,11 @@ fn stale(rec: &SandboxRecord, generation: u32, node: &str, agent_id: &str) -> Op
     }
 }
 
+/// How long after an unconfirmed abort the target's committed copy still
+/// takes the record over from a copy started again (10 min: well beyond a
+/// target's commit path of up to ~90 s and a short partition).
+pub const TAKEOVER_WINDOW_MS: u64 = 600_000;
+
 impl State {
     /// Applies `node`'s report at `at_ms` and answers what the node must do.
     /// A record whose copy has been known for longer than `grace_ms` and is
@@ -132,11 +137,13 @@ impl State {
                             && rec.reschedules <= m.generation
                             && !(rec.node == node && rec.reschedules == m.generation)
                             // why: bounded: a target cut off with the source
-                            // that reports hours later must not replace a
-                            // copy started again that has run meanwhile; only
-                            // within the grace after the abort, or while no
-                            // copy of the record has been reported yet.
-                            && (at_ms.saturating_sub(m.updated_ms) <= grace_ms
+                            // that reports much later must not replace a copy
+                            // started again that has served meanwhile; only
+                            // within TAKEOVER_WINDOW_MS of the abort (longer
+                            // than a target's whole commit: stream, save,
+                            // `cont`, ping), or while no copy of the record
+                            // has been reported yet.
+                            && (at_ms.saturating_sub(m.updated_ms) <= TAKEOVER_WINDOW_MS.max(grace_ms)
                                 || rec.observed.as_ref().is_none_or(|o| o.agent_id.is_none()))
                     }) {
                         // why: the state machine ended the migration without

@@ -1696,6 +1696,20 @@ fn a_target_reporting_long_after_an_unconfirmed_abort_does_not_take_over_a_servi
         vec![copy("c1", "running", Some("s1@1"))],
     );
     assert_eq!(status(&s, "s1"), ("running".into(), Some("c1".into()), 1));
+    // A target whose commit took 45 s (stream, save, `cont`, ping) still
+    // takes over: tried on a copy of the state.
+    let mut early = s.clone();
+    let d = heartbeat(
+        &mut early,
+        "n2",
+        46_000,
+        vec![copy("a1", "running", Some("s1@1"))],
+    );
+    assert!(
+        d.stop.is_empty(),
+        "a target that committed 45 s after the abort was fenced: {d:?}"
+    );
+    assert_eq!(early.sandboxes["s1"].node, "n2");
     // An hour later the target reports its copy of the attempt.
     let d = heartbeat(
         &mut s,

@@ -622,7 +622,11 @@ fn a_target_out_of_memory_mid_transfer_leaves_the_source_running() {
             .nth(1)
             .and_then(|l| l.trim().parse::<u64>().ok())
             .expect("df avail");
-        let filler = free.saturating_sub(16 << 20);
+        assert!(
+            free > 16 << 20,
+            "the stream used the room before the filler was in place ({free} bytes free)"
+        );
+        let filler = free - (16 << 20);
         let _ = std::fs::remove_file(vms.join("filler"));
         let st = std::process::Command::new("fallocate")
             .args(["-l", &filler.to_string()])
@@ -633,6 +637,7 @@ fn a_target_out_of_memory_mid_transfer_leaves_the_source_running() {
             filled = true;
             break;
         }
+        std::thread::sleep(Duration::from_millis(100));
     }
     assert!(filled, "fallocate the filler");
     let out = child.wait_with_output().unwrap();

@@ -1916,11 +1916,12 @@ impl Agent {
                     ..workload
                 },
             );
-            tokio::task::spawn_blocking(move || {
-                if let Err(e) = w.store(&dir) {
-                    tracing::warn!(dir = %dir.display(), "cannot clear migrated_in in workload.json: {e}");
-                }
-            });
+            // why: awaited (after `cont`: no downtime) so the entry is not
+            // visible, pausable or migratable before the flag is gone.
+            let cleared = tokio::task::spawn_blocking(move || w.store(&dir)).await;
+            if !matches!(cleared, Ok(Ok(()))) {
+                tracing::error!(sandbox = %id, "cannot clear migrated_in in its workload.json ({cleared:?}); a re-adoption will resume its VM even if it was paused");
+            }
         }
         let answered = match resumed {
             Ok(()) => conn
