@@ -71,6 +71,11 @@ async fn status(vm: &QemuVm) -> String {
 #[tokio::test]
 async fn migrated_guest_answers_ping_on_the_target() {
     let Some((kernel, initrd)) = artifacts() else {
+        // why: CI (scripts/test) sets HEARTH_TEST_STRICT: a missing capability fails there.
+        assert!(
+            std::env::var_os("HEARTH_TEST_STRICT").is_none(),
+            "this test cannot run here and HEARTH_TEST_STRICT forbids skipping it"
+        );
         println!("SKIPPED: guest artifacts absent (run scripts/setup)");
         return;
     };
@@ -122,6 +127,11 @@ async fn migrated_guest_answers_ping_on_the_target() {
 #[tokio::test]
 async fn migration_that_cannot_converge_gives_up_and_the_source_runs_on() {
     let Some((kernel, initrd)) = artifacts() else {
+        // why: CI (scripts/test) sets HEARTH_TEST_STRICT: a missing capability fails there.
+        assert!(
+            std::env::var_os("HEARTH_TEST_STRICT").is_none(),
+            "this test cannot run here and HEARTH_TEST_STRICT forbids skipping it"
+        );
         println!("SKIPPED: guest artifacts absent (run scripts/setup)");
         return;
     };

@@ -443,6 +443,11 @@ fn real_artifacts() -> Option<(PathBuf, PathBuf)> {
 #[tokio::test]
 async fn real_guest_boots_to_hello() {
     let Some((kernel, initrd)) = real_artifacts() else {
+        // why: CI (scripts/test) sets HEARTH_TEST_STRICT: a missing capability fails there.
+        assert!(
+            std::env::var_os("HEARTH_TEST_STRICT").is_none(),
+            "this test cannot run here and HEARTH_TEST_STRICT forbids skipping it"
+        );
         println!("SKIPPED real_guest_boots_to_hello: ~/.cache/hearth/current/{{vmlinux,initramfs.cpio.gz}} absent (run scripts/setup)");
         return;
     };

@@ -80,6 +80,11 @@ async fn wake(agent: &mut UnixStream, hostname: &str) {
 #[tokio::test]
 async fn one_snapshot_serves_many_restores_and_stays_pristine() {
     let Some((kernel, initrd)) = real_artifacts() else {
+        // why: CI (scripts/test) sets HEARTH_TEST_STRICT: a missing capability fails there.
+        assert!(
+            std::env::var_os("HEARTH_TEST_STRICT").is_none(),
+            "this test cannot run here and HEARTH_TEST_STRICT forbids skipping it"
+        );
         println!("SKIPPED: guest artifacts absent (run scripts/setup)");
         return;
     };

@@ -435,6 +435,23 @@ pub fn kill_vmms_under(dir: &Path) {
     }
 }
 
+/// Skips the calling test (prints why) when `ok` is false — unless
+/// `HEARTH_TEST_STRICT` is set (scripts/test, i.e. CI, sets it), where a
+/// missing capability is a failure: a CI that lacked root would otherwise
+/// pass the tests that need it without running them.
+/// Returns whether the test may go on.
+pub fn require(ok: bool, what: &str) -> bool {
+    if ok {
+        return true;
+    }
+    assert!(
+        std::env::var_os("HEARTH_TEST_STRICT").is_none(),
+        "this test needs {what}, and HEARTH_TEST_STRICT forbids skipping it"
+    );
+    eprintln!("skipped: needs {what}");
+    false
+}
+
 /// Waits until `f` holds, or panics naming `what`.
 pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;

@@ -715,8 +715,10 @@ fn stalling_registry_times_out_naming_what_it_waited_for() {
 
 #[test]
 fn disk_full_while_unpacking_removes_the_partial_image() {
-    if !rustix_is_root() {
-        eprintln!("skipped: mounting a small tmpfs as the data dir needs root");
+    if !hearth_e2e::require(
+        rustix_is_root(),
+        "root (it mounts a small tmpfs as the data dir)",
+    ) {
         return;
     }
     let reg = Registry::start();

@@ -109,8 +109,7 @@ fn ip(args: &[&str]) {
 
 #[test]
 fn partitioned_agent_goes_not_ready_and_recovers_and_shard_down_leaves_no_trace() {
-    if !can_run() {
-        eprintln!("skipped: needs root and iproute2 for network namespaces");
+    if !hearth_e2e::require(can_run(), "root and iproute2 (network namespaces)") {
         return;
     }
     const NAME: &str = NOT_READY.name;
@@ -197,8 +196,7 @@ fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Durat
 
 #[test]
 fn a_partitioned_agents_stale_copies_are_stopped_when_its_link_returns() {
-    if !can_run() {
-        eprintln!("skipped: needs root and iproute2 for network namespaces");
+    if !hearth_e2e::require(can_run(), "root and iproute2 (network namespaces)") {
         return;
     }
     let sh = FENCE;

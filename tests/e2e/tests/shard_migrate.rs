@@ -306,8 +306,7 @@ fn qemus_of(id: &str) -> usize {
 /// Takes this file's turn, brings up a shard of `agents` agents and imports
 /// busybox everywhere. `None` (the test skips) without root.
 fn shard_with_busybox(agents: u32) -> Option<(Down, std::sync::MutexGuard<'static, ()>)> {
-    if !can_run() {
-        eprintln!("skipped: needs root and iproute2 for network namespaces");
+    if !hearth_e2e::require(can_run(), "root and iproute2 (network namespaces)") {
         return None;
     }
     let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());

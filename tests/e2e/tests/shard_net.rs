@@ -161,8 +161,7 @@ fn leases() -> Vec<serde_json::Value> {
 /// and imports busybox on every node. `None` (the test skips) without root.
 /// Dropping the result brings the shard down, then gives up the turn.
 fn shard_with_busybox(agents: u32) -> Option<(Down, std::sync::MutexGuard<'static, ()>)> {
-    if !can_run() {
-        eprintln!("skipped: needs root and iproute2 for network namespaces");
+    if !hearth_e2e::require(can_run(), "root and iproute2 (network namespaces)") {
         return None;
     }
     // why: a failed test poisons the lock; the next one still takes its turn.

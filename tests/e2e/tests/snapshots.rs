@@ -96,6 +96,17 @@ fn restored_counter_continues_and_files_follow_the_snapshot_instant() {
     let s = d.inspect(&r);
     assert_eq!(s["start_path"], "snapshot", "{s}");
     assert_eq!(s["started_from"], "s1", "{s}");
+    // The restored guest took the host's clock, not the snapshot instant's
+    // (the snapshot is several seconds old by now).
+    let host_before = unix_now();
+    let out = d.hearth(&["exec", &r, "--", "date", "+%s"]);
+    let host_after = unix_now();
+    assert!(out.status.success(), "{}", show(&out));
+    let guest: u64 = stdout(&out).trim().parse().expect("date +%s");
+    assert!(
+        guest + 2 >= host_before && guest <= host_after + 2,
+        "guest clock {guest} outside host {host_before}..={host_after} after a restore"
+    );
 
     // In use by a running sandbox: cannot be deleted; once it is gone, it can.
     let out = d.hearth(&["snapshot", "rm", "s1"]);
@@ -150,6 +161,21 @@ fn forks_have_their_own_hostname_and_randomness() {
         assert!(counted(&d, id)[0] > 0, "{id} restarted its counter");
         assert_eq!(d.inspect(id)["start_path"], "snapshot");
     }
+    // The forks' snapshot cannot be removed while they run, and the refusal
+    // names one of them.
+    let snaps = json(&d.hearth(&["snapshot", "ls", "--json"]));
+    let name = snaps[0]["name"]
+        .as_str()
+        .expect("the fork snapshot")
+        .to_string();
+    let out = d.hearth(&["snapshot", "rm", &name]);
+    assert_eq!(out.status.code(), Some(125), "{}", show(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("in use") && forks.iter().any(|f| err.contains(f.as_str())),
+        "{}",
+        show(&out)
+    );
     // The fork's snapshot goes with the last fork: nothing is left on disk.
     let out = d.hearth(&["rm", "-f", &forks[0]]);
     assert!(out.status.success(), "{}", show(&out));
@@ -259,7 +285,7 @@ fn twenty_concurrent_warm_starts_from_one_template_report_their_path() {
                 "--",
                 "sh",
                 "-c",
-                "echo ok-$(hostname)",
+                "echo ok-$(hostname) $(od -An -N16 -tx8 /dev/urandom | tr -d ' ')",
             ]);
             std::thread::spawn(move || {
                 let mut cmd = cmd;
@@ -267,10 +293,23 @@ fn twenty_concurrent_warm_starts_from_one_template_report_their_path() {
             })
         })
         .collect();
+    // Every start, from the pool or the template, has its own hostname and
+    // its own random state (the guest reseeds its RNG after a restore).
+    let mut randoms = HashSet::new();
     for (i, h) in runs.into_iter().enumerate() {
         let out = h.join().unwrap();
         assert!(out.status.success(), "run w{i}: {}", show(&out));
-        assert_eq!(stdout(&out), format!("ok-w{i}\n"));
+        let text = stdout(&out);
+        let (host, random) = text
+            .trim_end()
+            .split_once(' ')
+            .unwrap_or_else(|| panic!("run w{i}: {text:?}"));
+        assert_eq!(host, format!("ok-w{i}"), "{text:?}");
+        assert_eq!(random.len(), 32, "16 random bytes in hex: {text:?}");
+        assert!(
+            randoms.insert(random.to_string()),
+            "w{i} repeats random bytes {random}"
+        );
     }
     let list = json(&d.hearth(&["ps", "--json"]));
     let paths: Vec<&str> = list
@@ -515,6 +554,13 @@ fn snapshot_rm_racing_a_restore_never_deletes_files_the_restore_uses() {
     }
 }
 
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs()
+}
+
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
@@ -539,8 +585,7 @@ fn fill_disk(path: &Path) {
 /// the template and snapshot restore again once space is freed.
 #[test]
 fn restore_on_a_full_disk_fails_cleanly_and_works_once_space_is_freed() {
-    if !is_root() {
-        eprintln!("skipped: mounting a small tmpfs as the data dir needs root");
+    if !hearth_e2e::require(is_root(), "root (it mounts a small tmpfs as the data dir)") {
         return;
     }
     let mut d = Daemon::start_with(DaemonOptions {
