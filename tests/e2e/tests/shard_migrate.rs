@@ -8,7 +8,7 @@
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use hearth_e2e::{show, stdout, wait_until};
+use hearth_e2e::{show, stdout, vmm_pids_under, wait_until};
 
 const NAME: &str = "hsm";
 const NET: &str = "10.77.203";
@@ -1376,4 +1376,216 @@ fn a_networked_web_server_migrates_with_its_address_policy_and_ingress_and_a_fai
     let _ = again.wait();
     let _ = again2.kill();
     let _ = again2.wait();
+}
+
+/// The command line of a running shard process.
+fn argv_of(pid: i32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .expect("cmdline")
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect()
+}
+
+/// Starts shard agent `i` again from `argv` (its VMs, which outlive it, are
+/// re-adopted) with `env` added, and waits until its node is ready.
+fn spawn_agent(i: u32, argv: &[String], env: &[(&str, &str)]) -> std::process::Child {
+    let log = std::fs::File::create(format!(
+        "/tmp/hearth-shard-{NAME}/agent{i}-restarted-{}.log",
+        std::process::id()
+    ))
+    .expect("log");
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", &format!("{NAME}-a{i}")])
+        .args(argv)
+        .env("HEARTH_TOKEN", TOKEN)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let child = c.spawn().expect("start the agent again");
+    // why: the node may still read ready from before the kill; the agent's
+    // own API answers once it is up again.
+    wait_until(
+        &format!("agent{i}'s API to answer again"),
+        Duration::from_secs(120),
+        || {
+            call(
+                &format!("http://{NET}.{}:7070", 10 + i),
+                "/v1/sandboxes",
+                "GET",
+                None,
+                5,
+            )
+            .0 == 200
+        },
+    );
+    wait_node(&format!("agent{i}"), "ready");
+    child
+}
+
+/// kill -9 of a shard agent's pid, waiting until it is gone.
+fn kill_agent(pid: i32) {
+    // SAFETY: kill(2) of a shard agent's pid this test read from the shard's state file or spawned.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    wait_until("the agent to exit", Duration::from_secs(30), || {
+        std::fs::read(format!("/proc/{pid}/cmdline")).map_or(true, |c| c.is_empty())
+    });
+}
+
+/// kill -9 of the QEMU of agent sandbox `aid` on agent `i`, waiting until it is gone.
+fn kill_qemu_of(i: u32, aid: &str) {
+    let dir =
+        std::path::PathBuf::from(format!("/tmp/hearth-shard-{NAME}/agent{i}/sandboxes/{aid}"));
+    let pids = vmm_pids_under(&dir);
+    assert_eq!(pids.len(), 1, "QEMUs of {aid} on agent{i}: {pids:?}");
+    hearth_e2e::kill_vmms_under(&dir);
+    wait_until("the QEMU to exit", Duration::from_secs(30), || {
+        vmm_pids_under(&dir).is_empty()
+    });
+}
+
+/// Two failures of the list on the dev shard, each ending with exactly
+/// one running copy: the target's network cut during pre-copy (the source
+/// gives up and runs on), and the source node killed (agent and VM) right
+/// after the switch-over, before it released its paused VM (the target's
+/// copy is the sandbox).
+#[test]
+fn a_cut_during_precopy_and_a_source_killed_after_the_switchover_each_leave_one_copy() {
+    let Some(_shard) = shard_with_busybox(3) else {
+        return;
+    };
+    // 1. The target's link goes down in pre-copy.
+    let id = create_on("agent1", "cut", COUNTER, false);
+    let aid = agent_copy(1, &id)["id"]
+        .as_str()
+        .expect("agent id")
+        .to_string();
+    counter_goes_on("cut");
+    let mig = hearth_cmd(&[
+        "migrate",
+        "cut",
+        "--to",
+        "agent2",
+        "--bandwidth-mib",
+        "1",
+        "--give-up-secs",
+        "10",
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("hearth migrate");
+    // why: until the CLI's request arrived, no migration is recorded (404).
+    wait_until("the transfer to start", Duration::from_secs(60), || {
+        let out = hearth(&["migrate", "--status", "--json", "cut"]);
+        out.status.success()
+            && serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                .is_ok_and(|s| s["phase"] == "precopy" && s["bytes_sent"].as_u64() > Some(0))
+    });
+    let link = format!("{NAME}a2");
+    let set_link = |up: &str| {
+        let out = Command::new("ip")
+            .args(["link", "set", &link, up])
+            .output()
+            .expect("ip link");
+        assert!(out.status.success(), "{}", show(&out));
+    };
+    set_link("down");
+    let out = mig.wait_with_output().expect("hearth migrate");
+    set_link("up");
+    assert!(!out.status.success(), "{}", show(&out));
+    wait_until(
+        "the migration to be recorded aborted",
+        Duration::from_secs(60),
+        || status_json("cut")["phase"] == "aborted",
+    );
+    wait_node("agent2", "ready");
+    let sb = sandbox(&id);
+    assert_eq!(
+        (sb["node"].as_str(), sb["status"].as_str()),
+        (Some("agent1"), Some("running")),
+        "{sb}"
+    );
+    wait_until(
+        "agent2 to remove its half-received VM",
+        Duration::from_secs(60),
+        || agent_has(2, &id).is_none() && qemus_of(&aid) == 1,
+    );
+    counter_goes_on("cut");
+
+    // 2. The source node dies after the switch-over: agent1 holds after the
+    // commit (before it releases its paused VM); then it and that VM are
+    // killed -9.
+    let first = pid_of("agent1");
+    let argv = argv_of(first);
+    kill_agent(first);
+    let mut held = spawn_agent(1, &argv, &[("HEARTH_MIGRATION_HOLD", "release:120000")]);
+    let id2 = create_on("agent1", "late", COUNTER, false);
+    let aid2 = agent_copy(1, &id2)["id"]
+        .as_str()
+        .expect("agent id")
+        .to_string();
+    counter_goes_on("late");
+    let before = counted("late").len();
+    let mut mig = hearth_cmd(&["migrate", "late", "--to", "agent2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("hearth migrate");
+    // why: the source's own status says completed once the target committed;
+    // the hold keeps it from releasing its paused VM.
+    wait_until(
+        "the source to hold after the commit",
+        Duration::from_secs(120),
+        || {
+            let (code, s) = call(
+                &format!("http://{NET}.11:7070"),
+                &format!("/v1/sandboxes/{aid2}/migration"),
+                "GET",
+                None,
+                5,
+            );
+            code == 200 && s["phase"] == "completed"
+        },
+    );
+    assert_eq!(qemus_of(&aid2), 2, "the paused source VM and the target's");
+    kill_agent(held.id() as i32);
+    let _ = held.wait();
+    kill_qemu_of(1, &aid2);
+    wait_until(
+        "the record to name agent2's running copy",
+        Duration::from_secs(120),
+        || {
+            let sb = sandbox(&id2);
+            sb["node"] == "agent2" && sb["status"] == "running"
+        },
+    );
+    // why: the CLI follows the migration through the control plane; its
+    // answer is not what this test is about (the record is).
+    let _ = mig.kill();
+    let _ = mig.wait();
+    assert_eq!(qemus_of(&aid2), 1, "one copy of {id2}");
+    let n = counted("late").len();
+    assert!(n >= before, "the log went back: {n} < {before}");
+    counter_goes_on("late");
+    // agent1 starts again (no hold): it brings back nothing of "late", and
+    // re-adopts "cut", which it still runs.
+    let mut again = spawn_agent(1, &argv, &[]);
+    wait_until("agent1 to re-adopt cut", Duration::from_secs(120), || {
+        agent_has(1, &id).is_some_and(|c| c["status"] == "running")
+    });
+    assert!(
+        agent_has(1, &id2).is_none_or(|c| c["status"] != "running"),
+        "agent1 runs late again"
+    );
+    assert_eq!(qemus_of(&aid2), 1, "one copy of {id2}");
+    assert_eq!(sandbox(&id2)["node"], "agent2");
+    counter_goes_on("late");
+    counter_goes_on("cut");
+    let _ = again.kill();
+    let _ = again.wait();
 }
