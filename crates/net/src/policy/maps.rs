@@ -2,8 +2,9 @@
 //!
 //! Updates are atomic: RULES holds two slots of rules (the LPM key starts with a
 //! slot/direction tag) and CONFIG names the active one. An update writes the
-//! inactive slot (rules, defaults, zeroed counters) and then flips
-//! `CONFIG.active`, one byte, so a packet sees the old or the new policy whole.
+//! inactive slot (rules, defaults, zeroed counters) and then bumps
+//! `CONFIG.epoch`, one aligned 32-bit word whose low bit selects the slot, so a
+//! packet sees the old or the new policy whole.
 //!
 //! Each sandbox gets its own program instance and maps. Maps and the two TCX
 //! links are pinned under `/sys/fs/bpf/hearth/<tap>/`, so the programs stay
@@ -1321,6 +1322,144 @@ mod tests {
             SHOT,
             "default deny"
         );
+    }
+
+    /// TCP `src:sport -> dst:dport` with `flags`, the IP packet padded to `len`.
+    fn tcp_len(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, flags: u8, len: usize) -> Vec<u8> {
+        let mut t = vec![0u8; 20];
+        t[0..2].copy_from_slice(&sport.to_be_bytes());
+        t[2..4].copy_from_slice(&dport.to_be_bytes());
+        t[12] = 5 << 4;
+        t[13] = flags;
+        packet(src, dst, 6, &t, len)
+    }
+
+    /// The counter slot labelled exactly `label` in `c`.
+    fn slot_of(c: &Compiled, label: &str) -> u16 {
+        c.counters
+            .iter()
+            .find(|l| l.label == label)
+            .unwrap_or_else(|| panic!("no counter {label}: {:?}", c.counters))
+            .slot
+    }
+
+    fn counter_full(p: &Prog, slot: u16) -> Counter {
+        counters(&p.tap).unwrap()[usize::from(slot)]
+    }
+
+    #[test]
+    fn a_rules_counters_count_every_packet_and_byte_of_its_flows() {
+        let a = ip("203.0.113.1");
+        let d = ip("198.51.100.9");
+        let c = policy(
+            set(Action::Deny, &["203.0.113.1/32:443:tcp"], &["198.51.100.0/24:22"]),
+            set(Action::Deny, &[], &[]),
+        );
+        let allow = slot_of(&c, "egress allow 203.0.113.1/32:443:tcp");
+        let deny = slot_of(&c, "egress deny 198.51.100.0/24:22");
+        let p = Prog::load("rc", &c, &[]);
+        let mut want = Counter::default();
+        let sent = |pkt: Vec<u8>, out: bool, want: &mut Counter| {
+            let r = if out { p.out(&pkt) } else { p.inn(&pkt) };
+            assert_eq!(r, OK, "a packet of the allowed flow");
+            want.packets += 1;
+            want.bytes += pkt.len() as u64;
+        };
+        sent(tcp_len(G, a, 41000, 443, SYN, 60), true, &mut want);
+        sent(tcp_len(a, G, 443, 41000, SYN | ACK, 60), false, &mut want);
+        for i in 0..10 {
+            sent(tcp_len(G, a, 41000, 443, PSH_ACK, 1500), true, &mut want);
+            sent(tcp_len(a, G, 443, 41000, PSH_ACK, 100 + i * 10), false, &mut want);
+        }
+        let got = counter_full(&p, allow);
+        assert_eq!(
+            (got.packets, got.bytes),
+            (want.packets, want.bytes),
+            "every packet and byte of the flow, both ways, counts to its rule"
+        );
+        // A denied rule counts the dropped attempts.
+        for _ in 0..3 {
+            assert_eq!(p.out(&tcp_len(G, d, 41001, 22, SYN, 60)), SHOT);
+        }
+        let got = counter_full(&p, deny);
+        assert_eq!((got.packets, got.bytes), (3, 3 * 74), "3 SYNs of 74 bytes");
+
+        // After a change that still allows it, the flow is judged again once and
+        // its packets count to the new policy's rule (counters start at zero).
+        let g = Ipv4Addr::from(G);
+        let c2 = policy(
+            set(Action::Deny, &["203.0.113.0/24:443:tcp"], &[]),
+            set(Action::Deny, &[], &[]),
+        );
+        let allow2 = slot_of(&c2, "egress allow 203.0.113.0/24:443:tcp");
+        update(&p.tap, g, MAC, &c2).unwrap();
+        let mut want = Counter::default();
+        sent(tcp_len(a, G, 443, 41000, PSH_ACK, 400), false, &mut want);
+        sent(tcp_len(G, a, 41000, 443, PSH_ACK, 500), true, &mut want);
+        let got = counter_full(&p, allow2);
+        assert_eq!(
+            (got.packets, got.bytes),
+            (want.packets, want.bytes),
+            "the re-judged packet counted once, then the flow's"
+        );
+        // A flow allowed by the default counts to the default only on its
+        // opening packet; its later packets are replies.
+        let c3 = policy(set(Action::Allow, &[], &[]), set(Action::Deny, &[], &[]));
+        update(&p.tap, g, MAC, &c3).unwrap();
+        assert_eq!(p.out(&tcp_len(G, d, 41002, 80, SYN, 60)), OK);
+        assert_eq!(p.inn(&tcp_len(d, G, 80, 41002, SYN | ACK, 60)), OK);
+        let all = counters(&p.tap).unwrap();
+        assert_eq!(all[1].packets, 1, "egress default allow: the SYN");
+        assert_eq!(
+            all[usize::from(FIRST_RULE_COUNTER)..]
+                .iter()
+                .map(|c| c.packets)
+                .sum::<u64>(),
+            0,
+            "no rule counted a flow no rule allowed"
+        );
+    }
+
+    /// Frames from the guest with another source MAC, another IPv4 source, or
+    /// an ARP naming another sender are dropped and counted; its own pass.
+    #[test]
+    fn spoofed_frames_from_the_guest_are_dropped_and_its_own_pass() {
+        let d = ip("198.51.100.9");
+        let c = policy(set(Action::Allow, &[], &[]), set(Action::Allow, &[], &[]));
+        let p = Prog::load("sp", &c, &[]);
+        let own = udp(G, d, 40000, 53);
+        assert_eq!(p.out(&own), OK, "its own MAC and address");
+        let mut mac = own.clone();
+        mac[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x99]);
+        assert_eq!(p.out(&mac), SHOT, "another source MAC");
+        let other_ip = udp(ip("10.250.0.6"), d, 40000, 53);
+        assert_eq!(p.out(&other_ip), SHOT, "another source address");
+        let arp = |sha: [u8; 6], sip: [u8; 4]| {
+            let mut b = vec![0xff; 6];
+            b.extend_from_slice(&MAC);
+            b.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+            b.extend_from_slice(&sha);
+            b.extend_from_slice(&sip);
+            b.extend_from_slice(&[0; 6]);
+            b.extend_from_slice(&[169, 254, 1, 1]);
+            b
+        };
+        assert_eq!(p.out(&arp(MAC, G)), OK, "its own ARP");
+        assert_eq!(
+            p.out(&arp(MAC, ip("10.250.0.6"))),
+            SHOT,
+            "ARP with another sender address"
+        );
+        assert_eq!(
+            p.out(&arp([0x02, 0, 0, 0, 0, 0x99], G)),
+            SHOT,
+            "ARP with another sender MAC"
+        );
+        let mut truncated = arp(MAC, G);
+        truncated.truncate(30);
+        assert_eq!(p.out(&truncated), SHOT, "a truncated ARP");
+        assert_eq!(p.counter(0), 4, "the spoofed frames counted");
+        assert_eq!(p.out(&own), OK, "its own still pass");
     }
 
     #[test]
