@@ -71,6 +71,9 @@ pub struct Reclaimed {
 pub struct LiveAgents {
     /// Owner tags (see [`Registration::tag`]) of the other live agents.
     pub others: HashSet<u32>,
+    /// Pools of the other live agents: an address in one may be mid-setup
+    /// (a tap and route before its host map entry), so it is never purged.
+    pub pools: Vec<Cidr>,
     /// This agent's own tag.
     pub me: u32,
 }
@@ -301,6 +304,7 @@ pub fn register_in(
     let me = canonical(state_dir);
     let mut live = LiveAgents {
         others: HashSet::new(),
+        pools: Vec::new(),
         me: tag,
     };
     let mut reclaimed = Vec::new();
@@ -329,6 +333,7 @@ pub fn register_in(
                 });
             }
             live.others.insert(entry.tag);
+            live.pools.push(other);
             continue;
         }
         // A dead agent's, or an earlier run of this state dir: reclaimed.
@@ -371,6 +376,95 @@ pub fn register(
 ) -> Result<Registration, RegistryError> {
     let dir = Path::new(REGISTRY_DIR).join(format!("netns-{}", netns_id()));
     register_in(&dir, pool, state_dir, under_lock)
+}
+
+/// Inodes of the network namespaces that exist now, as far as this process
+/// can see: those of every process and thread, those held open by a
+/// descriptor, and those bind-mounted (`ip netns add`).
+pub fn live_namespaces() -> HashSet<u64> {
+    use std::os::unix::fs::MetadataExt;
+    fn net_inode(link: &str) -> Option<u64> {
+        link.strip_prefix("net:[")?.strip_suffix(']')?.parse().ok()
+    }
+    let mut live = HashSet::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return live;
+    };
+    for p in procs.flatten() {
+        let path = p.path();
+        if !p.file_name().to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())) {
+            continue;
+        }
+        if let Ok(tasks) = std::fs::read_dir(path.join("task")) {
+            for t in tasks.flatten() {
+                if let Ok(m) = std::fs::metadata(t.path().join("ns/net")) {
+                    live.insert(m.ino());
+                }
+            }
+        }
+        if let Ok(fds) = std::fs::read_dir(path.join("fd")) {
+            for fd in fds.flatten() {
+                if let Some(n) = std::fs::read_link(fd.path())
+                    .ok()
+                    .and_then(|l| l.to_str().and_then(net_inode))
+                {
+                    live.insert(n);
+                }
+            }
+        }
+    }
+    // mountinfo: `id parent major:minor root mountpoint ...`; an nsfs bind
+    // mount's root is `net:[N]`.
+    for line in std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+    {
+        if let Some(n) = line.split(' ').nth(3).and_then(net_inode) {
+            live.insert(n);
+        }
+    }
+    live
+}
+
+/// Removes the registry directories (`<root>/netns-<inode>`) of network
+/// namespaces that no longer exist (`live` holds those that do; see
+/// [`live_namespaces`]): no agent can run in a namespace that is gone, so
+/// its registrations are stale whatever they say. A directory whose lock is
+/// held (an agent in the middle of registering) is left. Returns the inodes
+/// whose directories were removed.
+pub fn purge_gone_namespaces(root: &Path, live: &HashSet<u64>) -> Vec<u64> {
+    let mut removed = Vec::new();
+    let Ok(rd) = std::fs::read_dir(root) else {
+        return removed;
+    };
+    for e in rd.flatten() {
+        let Some(ino) = e
+            .file_name()
+            .to_str()
+            .and_then(|n| n.strip_prefix("netns-"))
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        if ino == 0 || live.contains(&ino) || ino == netns_id() {
+            continue;
+        }
+        let dir = e.path();
+        let lock = match std::fs::File::open(dir.join(".lock")) {
+            Ok(f) => Some(f),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => None,
+            Err(_) => continue,
+        };
+        if let Some(l) = &lock {
+            if flock(l, libc::LOCK_EX | libc::LOCK_NB).is_err() {
+                continue;
+            }
+        }
+        if std::fs::remove_dir_all(&dir).is_ok() {
+            removed.push(ino);
+        }
+    }
+    removed
 }
 
 /// The tag older builds computed for the agent with this state dir (FNV-1a

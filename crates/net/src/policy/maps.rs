@@ -896,6 +896,134 @@ pub fn detach(tap: &str) -> Result<(), BpfError> {
     }
 }
 
+/// The ifindex a pinned TCX link is attached to; 0 once its device is gone
+/// (the kernel detaches a TCX link when its device is unregistered, in
+/// whatever network namespace that was).
+fn pinned_link_ifindex(path: &Path) -> std::io::Result<u32> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // union bpf_attr for BPF_OBJ_GET: pathname, bpf_fd, file_flags, path_fd.
+    let mut get = [0u64; 3];
+    get[0] = c.as_ptr() as u64;
+    // SAFETY: `get` is a valid BPF_OBJ_GET attribute whose pathname points to
+    // `c`, alive for the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            7, // BPF_OBJ_GET
+            get.as_mut_ptr(),
+            std::mem::size_of_val(&get),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this descriptor; nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // struct bpf_link_info: type, id, prog_id, then an 8-aligned union whose
+    // `tcx` member starts with the ifindex (offset 16).
+    let mut info = [0u8; 48];
+    // union bpf_attr for BPF_OBJ_GET_INFO_BY_FD: bpf_fd, info_len, info.
+    let mut attr = [0u64; 2];
+    attr[0] = u64::from(fd.as_raw_fd() as u32) | (u64::from(info.len() as u32) << 32);
+    attr[1] = info.as_mut_ptr() as u64;
+    // SAFETY: `attr` names `fd` (open) and `info`, a buffer of info_len bytes
+    // alive for the call; the kernel writes at most that many.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            15, // BPF_OBJ_GET_INFO_BY_FD
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    const BPF_LINK_TYPE_TCX: u32 = 11;
+    let typ = u32::from_ne_bytes(info[0..4].try_into().unwrap_or_default());
+    if typ != BPF_LINK_TYPE_TCX {
+        return Err(std::io::Error::other(format!(
+            "{} is a BPF link of type {typ}, not TCX",
+            path.display()
+        )));
+    }
+    Ok(u32::from_ne_bytes(
+        info[16..20].try_into().unwrap_or_default(),
+    ))
+}
+
+/// Whether the pins of `tap` are used by a program that runs somewhere:
+/// a pinned TCX link still attached to a device (of any namespace), or,
+/// without link pins (cls_bpf filters on kernels before 6.6, or an instance
+/// loaded but not attached yet), a loaded program that uses its `CONFIG`.
+/// Unknown (a pin that cannot be read) counts as in use.
+pub fn pins_in_use(tap: &str) -> bool {
+    let dir = pin_dir(tap);
+    let mut links = 0;
+    for link in ["link_guest_out", "link_guest_in"] {
+        let p = dir.join(link);
+        if !p.exists() {
+            continue;
+        }
+        links += 1;
+        match pinned_link_ifindex(&p) {
+            Ok(0) => {}
+            Ok(_) | Err(_) => return true,
+        }
+    }
+    if links > 0 {
+        return false;
+    }
+    let config = dir.join("CONFIG");
+    if !config.exists() {
+        return false;
+    }
+    let Some(id) = MapData::from_pin(&config)
+        .ok()
+        .and_then(|m| m.info().ok())
+        .map(|i| i.id())
+    else {
+        return true;
+    };
+    // why: a program freed while the list is walked is no user (Err); a
+    // kernel that does not report map ids (None) leaves the pins in place.
+    aya::programs::loaded_programs().any(|p| match p.map(|p| p.map_ids()) {
+        Ok(Ok(Some(ids))) => ids.contains(&id),
+        Ok(Ok(None)) => true,
+        Ok(Err(_)) | Err(_) => false,
+    })
+}
+
+/// Removes the host map pins (`HOST_PINS_ROOT/netns-<inode>`) of network
+/// namespaces not in `live` (see `registry::live_namespaces`): their taps
+/// went with them, so no program uses them. Returns the inodes removed.
+pub fn purge_gone_namespace_pins(live: &std::collections::HashSet<u64>) -> Vec<u64> {
+    let mut removed = Vec::new();
+    let Ok(rd) = std::fs::read_dir(HOST_PINS_ROOT) else {
+        return removed;
+    };
+    for e in rd.flatten() {
+        let Some(ino) = e
+            .file_name()
+            .to_str()
+            .and_then(|n| n.strip_prefix("netns-"))
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        if ino == 0 || live.contains(&ino) || ino == crate::registry::netns_id() {
+            continue;
+        }
+        if std::fs::remove_dir_all(e.path()).is_ok() {
+            removed.push(ino);
+        }
+    }
+    removed
+}
+
 /// Taps that have pins (for orphan cleanup).
 pub fn pinned_taps() -> Vec<String> {
     std::fs::read_dir(BPFFS_ROOT)
@@ -1797,6 +1925,7 @@ mod tests {
     fn the_keep_set_is_the_live_agents_and_the_registering_one() {
         let live = crate::registry::LiveAgents {
             others: std::collections::HashSet::from([1, 2]),
+            pools: Vec::new(),
             me: 3,
         };
         assert_eq!(keep_set(&live), std::collections::HashSet::from([1, 2, 3]));
