@@ -267,11 +267,7 @@ impl NodeNet {
         let mut leftovers = Leftovers::default();
         let registration = registry::register(cfg.pool, &cfg.state_dir, |live| {
             let keep = policy::maps::keep_set(live);
-            purged = Some(purge_gone_agents(
-                &live.pools,
-                &keep,
-                &mut taps_removed,
-            ));
+            purged = Some(purge_gone_agents(&live.pools, &keep, &mut taps_removed));
             leftovers = purge_leftovers();
         })?;
         for r in &registration.reclaimed {

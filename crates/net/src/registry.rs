@@ -392,7 +392,11 @@ pub fn live_namespaces() -> HashSet<u64> {
     };
     for p in procs.flatten() {
         let path = p.path();
-        if !p.file_name().to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())) {
+        if !p
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        {
             continue;
         }
         if let Ok(tasks) = std::fs::read_dir(path.join("task")) {
@@ -430,7 +434,8 @@ pub fn live_namespaces() -> HashSet<u64> {
 /// namespaces that no longer exist (`live` holds those that do; see
 /// [`live_namespaces`]): no agent can run in a namespace that is gone, so
 /// its registrations are stale whatever they say. A directory whose lock is
-/// held (an agent in the middle of registering) is left. Returns the inodes
+/// held (an agent in the middle of registering), or with a registration an
+/// agent holds (one this process cannot see), is left. Returns the inodes
 /// whose directories were removed.
 pub fn purge_gone_namespaces(root: &Path, live: &HashSet<u64>) -> Vec<u64> {
     let mut removed = Vec::new();
@@ -460,6 +465,16 @@ pub fn purge_gone_namespaces(root: &Path, live: &HashSet<u64>) -> Vec<u64> {
                 continue;
             }
         }
+        // why: an agent this process cannot see (another PID namespace) may
+        // still run there; it holds its registration's lock.
+        let held_by_someone = std::fs::read_dir(&dir).map_or(true, |rd| {
+            rd.flatten()
+                .filter(|f| f.file_name() != ".lock")
+                .any(|f| !matches!(held(&f.path()), Ok(None) | Ok(Some(false))))
+        });
+        if held_by_someone {
+            continue;
+        }
         if std::fs::remove_dir_all(&dir).is_ok() {
             removed.push(ino);
         }
@@ -487,6 +502,34 @@ mod tests {
 
     fn reg(dir: &Path, pool: &str, state: &Path) -> Result<Registration, RegistryError> {
         register_in(dir, pool.parse().unwrap(), state, |_| {})
+    }
+
+    /// Registry directories of namespaces that are gone are removed, unless
+    /// an agent (one this process might not see) holds a registration there.
+    #[test]
+    fn registries_of_gone_namespaces_are_removed_unless_a_registration_is_held() {
+        let root = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let (gone, held_ns, live_ns) = (
+            root.path().join("netns-11"),
+            root.path().join("netns-12"),
+            root.path().join("netns-13"),
+        );
+        // A dead agent's registration (never locked) and the directory lock.
+        std::fs::create_dir_all(&gone).unwrap();
+        std::fs::write(gone.join(".lock"), "").unwrap();
+        std::fs::write(gone.join("10.9.0.0_24"), "1 v2 7 /gone\n").unwrap();
+        let held = reg(&held_ns, "10.9.1.0/24", state.path()).unwrap();
+        std::fs::create_dir_all(&live_ns).unwrap();
+        let live = HashSet::from([13]);
+        let removed = purge_gone_namespaces(root.path(), &live);
+        assert_eq!(removed, vec![11]);
+        assert!(!gone.exists());
+        assert!(held_ns.exists(), "a held registration keeps its directory");
+        assert!(live_ns.exists(), "a live namespace keeps its directory");
+        drop(held);
+        assert_eq!(purge_gone_namespaces(root.path(), &live), vec![12]);
+        assert!(!held_ns.exists());
     }
 
     #[test]

@@ -388,7 +388,10 @@ fn leftovers_no_sandbox_uses_are_purged_when_an_agent_registers() {
     ));
     live.teardown(&rec.sandbox).unwrap();
     drop(second);
-    assert!(!names(&set, &unrouted), "unrouted NAT element purged: {set}");
+    assert!(
+        !names(&set, &unrouted),
+        "unrouted NAT element purged: {set}"
+    );
     assert!(names(&set, &routed), "routed NAT element kept: {set}");
     assert!(
         names(&set, &addr(p, 1)),

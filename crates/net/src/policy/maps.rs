@@ -999,7 +999,10 @@ pub fn pins_in_use(tap: &str) -> bool {
 
 /// Removes the host map pins (`HOST_PINS_ROOT/netns-<inode>`) of network
 /// namespaces not in `live` (see `registry::live_namespaces`): their taps
-/// went with them, so no program uses them. Returns the inodes removed.
+/// went with them, so no program uses them. Call it after
+/// `registry::purge_gone_namespaces`: a namespace whose registry directory
+/// is still there has an agent this process cannot see (another PID
+/// namespace), and keeps its pins. Returns the inodes removed.
 pub fn purge_gone_namespace_pins(live: &std::collections::HashSet<u64>) -> Vec<u64> {
     let mut removed = Vec::new();
     let Ok(rd) = std::fs::read_dir(HOST_PINS_ROOT) else {
@@ -1015,6 +1018,10 @@ pub fn purge_gone_namespace_pins(live: &std::collections::HashSet<u64>) -> Vec<u
             continue;
         };
         if ino == 0 || live.contains(&ino) || ino == crate::registry::netns_id() {
+            continue;
+        }
+        let registry = Path::new(crate::registry::REGISTRY_DIR).join(format!("netns-{ino}"));
+        if registry.exists() {
             continue;
         }
         if std::fs::remove_dir_all(e.path()).is_ok() {
@@ -1453,7 +1460,14 @@ mod tests {
     }
 
     /// TCP `src:sport -> dst:dport` with `flags`, the IP packet padded to `len`.
-    fn tcp_len(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, flags: u8, len: usize) -> Vec<u8> {
+    fn tcp_len(
+        src: [u8; 4],
+        dst: [u8; 4],
+        sport: u16,
+        dport: u16,
+        flags: u8,
+        len: usize,
+    ) -> Vec<u8> {
         let mut t = vec![0u8; 20];
         t[0..2].copy_from_slice(&sport.to_be_bytes());
         t[2..4].copy_from_slice(&dport.to_be_bytes());
@@ -1480,7 +1494,11 @@ mod tests {
         let a = ip("203.0.113.1");
         let d = ip("198.51.100.9");
         let c = policy(
-            set(Action::Deny, &["203.0.113.1/32:443:tcp"], &["198.51.100.0/24:22"]),
+            set(
+                Action::Deny,
+                &["203.0.113.1/32:443:tcp"],
+                &["198.51.100.0/24:22"],
+            ),
             set(Action::Deny, &[], &[]),
         );
         let allow = slot_of(&c, "egress allow 203.0.113.1/32:443:tcp");
@@ -1497,7 +1515,11 @@ mod tests {
         sent(tcp_len(a, G, 443, 41000, SYN | ACK, 60), false, &mut want);
         for i in 0..10 {
             sent(tcp_len(G, a, 41000, 443, PSH_ACK, 1500), true, &mut want);
-            sent(tcp_len(a, G, 443, 41000, PSH_ACK, 100 + i * 10), false, &mut want);
+            sent(
+                tcp_len(a, G, 443, 41000, PSH_ACK, 100 + i * 10),
+                false,
+                &mut want,
+            );
         }
         let got = counter_full(&p, allow);
         assert_eq!(
