@@ -67,8 +67,9 @@ pub struct EgressPolicy {
 
 /// An ingress policy (traffic to the sandbox): rules are `CIDR[:PORTS[:PROTO]]`
 /// matching the *source* address and the sandbox's destination port. Replies
-/// to the sandbox's own allowed connections always pass, and so does the node
-/// itself (the ingress proxy).
+/// to the sandbox's own allowed connections always pass. The node itself (the
+/// ingress proxy) passes whatever `default` says, unless an explicit deny rule
+/// of a CIDR containing its address matches it (then that deny wins).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct IngressPolicy {
@@ -143,9 +144,11 @@ pub struct PolicyCounter {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct PolicyStats {
     pub sandbox: String,
-    /// Counted by the eBPF program: new flows (TCP SYN, UDP datagrams, ICMP echo)
-    /// per rule of either direction (labels start with `egress`/`ingress`),
-    /// plus the fixed counters (spoofed, defaults, replies, packets dropped for
+    /// Counted by the eBPF program since the last policy change, per rule of
+    /// either direction (labels start with `egress`/`ingress`): an allow rule
+    /// counts every packet and byte of the flows it allowed, both directions
+    /// (opening packet, replies, data); a deny rule the packets it dropped.
+    /// Plus the fixed counters (spoofed, defaults, replies, packets dropped for
     /// having no flow, host addresses).
     pub counters: Vec<PolicyCounter>,
 }

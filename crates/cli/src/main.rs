@@ -106,7 +106,7 @@ enum Cmd {
     /// The control-plane group: status and membership.
     #[command(subcommand)]
     Cluster(cluster::ClusterCmd),
-    /// Show or change a sandbox's egress policy.
+    /// Show or change a sandbox's network policy (egress and ingress), or read its counters.
     #[command(subcommand)]
     Policy(policy::PolicyCmd),
     /// Store credentials for a registry on the daemon's host (used by later pulls).

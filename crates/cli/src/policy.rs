@@ -51,7 +51,8 @@ pub struct IngressArgs {
     )]
     pub deny: Vec<String>,
     /// What happens to new inbound flows no rule matches (replies to the
-    /// sandbox's own connections and the ingress proxy always pass).
+    /// sandbox's own connections pass; so does the node itself, the ingress
+    /// proxy, unless an explicit --ingress-deny of a CIDR containing it).
     #[arg(long = "ingress-default", id = "ingress_default", value_parser = ["allow", "deny"], default_value = "allow")]
     pub default: String,
 }
@@ -109,7 +110,9 @@ pub enum PolicyCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Per-rule packet and byte counters.
+    /// Per-rule packet and byte counters (an allow rule: every packet of the
+    /// flows it allowed, both directions; a deny rule: the packets it dropped;
+    /// since the last policy change), and the fixed counters.
     Stats {
         sandbox: String,
         #[arg(long)]

@@ -15,7 +15,9 @@
 // datagram passes as a reply when the other direction opened its exact flow.
 // A flow opened from outside lets the guest answer on that exact 5-tuple only:
 // for TCP its SYN-ACK, then data once the remote completed the handshake.
-// Each flow records the policy epoch that allowed it and when it was last
+// Each flow records the policy epoch that allowed it, the counter of the rule
+// that allowed it (every later packet of the flow, either way, is counted
+// there too, so a rule's bytes are its flows' bytes) and when it was last
 // seen: a flow of an older epoch is judged again by the current rules on its
 // next packet (and deleted if now denied), an idle one expires (UDP/ICMP after
 // 60 s, TCP after 2 h), and a TCP RST ends it.
@@ -30,8 +32,9 @@
 // Rules: an LPM trie keyed by (slot, direction, CIDR) to an ordered list of
 // (protocol, port range, action) entries, compiled on the host so the longest
 // prefix carries the rules of every enclosing prefix too. Two rule slots: an
-// update writes the inactive slot, then flips CONFIG.active (one byte), so a
-// packet sees either the whole old or the whole new policy.
+// update writes the inactive slot, then bumps CONFIG.epoch (one aligned 32-bit
+// word whose low bit selects the slot; `active` only mirrors it for readers),
+// so a packet sees either the whole old or the whole new policy.
 //
 // Sandboxes of this host (SANDBOXES_v1, shared by every agent on the host) are
 // denied as egress destinations unless a rule of their pool or a CIDR inside
@@ -167,7 +170,9 @@ struct flow {
 	__u32 epoch;	  // policy epoch that allowed it
 	__u32 gen;	  // SBGEN_v1 when it was last judged
 	__u8 tcp;	  // T_* (IFLOWS only)
-	__u8 _pad[7];
+	__u8 _pad;
+	__u16 rule;	  // counter slot of the rule that allowed it in `epoch`; 0: none
+	__u8 _pad2[4];
 };
 
 struct {
@@ -323,7 +328,8 @@ static __always_inline int first_fragment(struct iphdr *ip, __u32 dir, int verdi
 	return verdict;
 }
 
-// Rule lookup: 1 allow, 0 deny, -1 no entry matched. `mode` OWN_ONLY skips
+// Rule lookup: -1 no entry matched, else (counter slot << 1) | allow (the
+// matching rule's counter is counted here). `mode` OWN_ONLY skips
 // inherited entries and requires the list to be the address's own /32; else
 // it is the shortest CIDR whose rules count (0: all).
 static __noinline int match_rules(__u32 tag, __u32 addr, __u32 proto_port, __u32 mode,
@@ -353,7 +359,7 @@ static __noinline int match_rules(__u32 tag, __u32 addr, __u32 proto_port, __u32
 		if (port < r->port_lo || port > r->port_hi)
 			continue;
 		count(r->counter, len);
-		return (r->action & 3) == ACT_ALLOW;
+		return ((__u32)r->counter << 1) | ((r->action & 3) == ACT_ALLOW);
 	}
 	return -1;
 }
@@ -460,30 +466,39 @@ static __always_inline int parse_l4(struct pkt *p, struct iphdr *ip, void *l4, v
 	}
 }
 
+// The verdict of a match_rules result (>= 0); sets `rule` to its counter.
+static __always_inline int matched(int m, __u16 *rule)
+{
+	*rule = m >> 1;
+	return m & 1;
+}
+
 // Judges a flow by the rules of `dir` in policy `epoch`: 1 allow, 0 deny.
 // `port` is the rule port (the destination for egress, the guest's for ingress).
+// `rule`: the counter slot of the rule that decided, 0 when none did.
 static __always_inline int judge(struct sandbox_cfg *cfg, __u32 epoch, __u32 remote, __u32 proto_port,
-			    __u32 dir, __u32 len)
+			    __u32 dir, __u32 len, __u16 *rule)
 {
 	__u32 slot = epoch & 1;
 	__u32 tag = bpf_htonl(slot * 2 + dir);
 	int allow;
+	*rule = 0;
 	if (bpf_map_lookup_elem(&HOSTS, &remote)) {
 		if (dir == DIR_INGRESS) {
 			// The node (ingress proxy): any explicit rule decides, else allowed.
 			allow = match_rules(tag, remote, proto_port, 0, len);
 			if (allow < 0) {
 				count(C_IN_FROM_HOST, len);
-				allow = 1;
+				return 1;
 			}
 		} else {
 			allow = match_rules(tag, remote, proto_port, OWN_ONLY, len);
 			if (allow < 0) {
 				count(C_OUT_HOST_DENY, len);
-				allow = 0;
+				return 0;
 			}
 		}
-		return allow;
+		return matched(allow, rule);
 	}
 	if (dir == DIR_EGRESS) {
 		struct host_sandbox *sb = bpf_map_lookup_elem(&SANDBOXES_v1, &remote);
@@ -496,14 +511,14 @@ static __always_inline int judge(struct sandbox_cfg *cfg, __u32 epoch, __u32 rem
 			allow = match_rules(tag, remote, proto_port, min, len);
 			if (allow < 0) {
 				count(C_OUT_SANDBOX_DENY, len);
-				allow = 0;
+				return 0;
 			}
-			return allow;
+			return matched(allow, rule);
 		}
 	}
 	allow = match_rules(tag, remote, proto_port, 0, len);
 	if (allow >= 0)
-		return allow;
+		return matched(allow, rule);
 	if (dir == DIR_EGRESS) {
 		allow = slot ? cfg->egress_default_allow[1] : cfg->egress_default_allow[0];
 		count(allow ? C_OUT_DEFAULT_ALLOW : C_OUT_DEFAULT_DENY, len);
@@ -516,9 +531,11 @@ static __always_inline int judge(struct sandbox_cfg *cfg, __u32 epoch, __u32 rem
 
 // Checks a flow found in `map` (opened by `origin`) before a packet may use
 // it: expired -> deleted; older epoch or SANDBOXES generation -> judged again
-// (deleted if denied now). Returns the flow, or NULL if it is gone.
+// (deleted if denied now; the packet is then counted by the judging).
+// Returns the flow, or NULL if it is gone.
 static __always_inline struct flow *live_flow(struct sandbox_cfg *cfg, void *map, struct flow_key *key,
-					 __u32 origin, __u32 epoch, __u32 gen, __u64 now, __u32 len)
+					 __u32 origin, __u32 epoch, __u32 gen, __u64 now, __u32 len,
+					 __u8 *judged)
 {
 	struct flow *f = bpf_map_lookup_elem(map, key);
 	if (!f)
@@ -534,13 +551,16 @@ static __always_inline struct flow *live_flow(struct sandbox_cfg *cfg, void *map
 		if (key->proto == IPPROTO_ICMP)
 			port = 0;
 		__u32 pp = ((__u32)key->proto << 16) | bpf_ntohs(port);
-		if (!judge(cfg, epoch, key->remote, pp, origin, len)) {
+		__u16 rule;
+		if (!judge(cfg, epoch, key->remote, pp, origin, len, &rule)) {
 			count(C_REJUDGED_DENY, len);
 			bpf_map_delete_elem(map, key);
 			return 0;
 		}
 		f->epoch = epoch;
 		f->gen = gen;
+		f->rule = rule;
+		*judged = 1;
 	}
 	// why: one write a second per flow, not one per packet.
 	if (now - f->last_seen > NS)
@@ -564,10 +584,12 @@ static __always_inline int decide(struct sandbox_cfg *cfg, struct pkt *p, __u32 
 	void *other = dir == DIR_EGRESS ? (void *)&IFLOWS : (void *)&EFLOWS;
 	__u32 other_dir = dir ^ 1;
 	__u8 rst = p->key.proto == IPPROTO_TCP && (p->tcp_flags & TCP_RST);
+	// Set when live_flow judged the flow again (the rule counted the packet).
+	__u8 judged = 0;
 
 	if (p->kind != K_NEW) {
 		// A flow the other side opened: this packet answers it.
-		struct flow *f = live_flow(cfg, other, &p->key, other_dir, epoch, gen, now, len);
+		struct flow *f = live_flow(cfg, other, &p->key, other_dir, epoch, gen, now, len, &judged);
 		if (f) {
 			if (p->key.proto == IPPROTO_TCP && !p->icmp_err && dir == DIR_EGRESS) {
 				// Opened from outside: the guest answers the SYN, then
@@ -582,19 +604,23 @@ static __always_inline int decide(struct sandbox_cfg *cfg, struct pkt *p, __u32 
 				}
 			}
 			count(c_reply, len);
+			if (f->rule && !judged)
+				count(f->rule, len);
 			if (rst)
 				bpf_map_delete_elem(other, &p->key);
 			return TC_ACT_OK;
 		}
 		if (p->kind == K_REPLY) {
 			// A later packet of a flow this side opened.
-			f = live_flow(cfg, own, &p->key, dir, epoch, gen, now, len);
+			f = live_flow(cfg, own, &p->key, dir, epoch, gen, now, len, &judged);
 			if (f) {
 				if (p->key.proto == IPPROTO_TCP && !p->icmp_err && dir == DIR_INGRESS &&
 				    f->tcp == T_SYNACK && (p->tcp_flags & TCP_ACK) &&
 				    !(p->tcp_flags & (TCP_SYN | TCP_RST)))
 					f->tcp = T_EST;
 				count(c_reply, len);
+				if (f->rule && !judged)
+					count(f->rule, len);
 				if (rst)
 					bpf_map_delete_elem(own, &p->key);
 				return TC_ACT_OK;
@@ -603,15 +629,18 @@ static __always_inline int decide(struct sandbox_cfg *cfg, struct pkt *p, __u32 
 			return TC_ACT_SHOT;
 		}
 		// A datagram no flow of the other side explains: a new one of this side.
-		f = live_flow(cfg, own, &p->key, dir, epoch, gen, now, len);
+		f = live_flow(cfg, own, &p->key, dir, epoch, gen, now, len, &judged);
 		if (f) {
 			count(c_reply, len);
+			if (f->rule && !judged)
+				count(f->rule, len);
 			return TC_ACT_OK;
 		}
 	}
 
 	__u32 proto_port = ((__u32)p->key.proto << 16) | p->port;
-	if (!judge(cfg, epoch, p->key.remote, proto_port, dir, len))
+	__u16 rule;
+	if (!judge(cfg, epoch, p->key.remote, proto_port, dir, len, &rule))
 		return TC_ACT_SHOT;
 	// why: a repeated SYN (retransmitted, or spoofed by an allowed sender)
 	// must not reset the state of a flow opened from outside.
@@ -619,10 +648,11 @@ static __always_inline int decide(struct sandbox_cfg *cfg, struct pkt *p, __u32 
 	if (old) {
 		old->epoch = epoch;
 		old->gen = gen;
+		old->rule = rule;
 		old->last_seen = now;
 		return TC_ACT_OK;
 	}
-	struct flow nf = { .last_seen = now, .epoch = epoch, .gen = gen, .tcp = T_SYN };
+	struct flow nf = { .last_seen = now, .epoch = epoch, .gen = gen, .tcp = T_SYN, .rule = rule };
 	bpf_map_update_elem(own, &p->key, &nf, BPF_ANY);
 	return TC_ACT_OK;
 }

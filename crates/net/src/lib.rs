@@ -264,9 +264,11 @@ impl NodeNet {
     pub fn open(cfg: NetConfig) -> Result<NodeNet, NetError> {
         let mut purged = None;
         let mut taps_removed = Vec::new();
+        let mut leftovers = Leftovers::default();
         let registration = registry::register(cfg.pool, &cfg.state_dir, |live| {
             let keep = policy::maps::keep_set(live);
-            purged = Some(purge_gone_agents(cfg.pool, &keep, &mut taps_removed));
+            purged = Some(purge_gone_agents(&live.pools, &keep, &mut taps_removed));
+            leftovers = purge_leftovers();
         })?;
         for r in &registration.reclaimed {
             tracing::info!(
@@ -278,6 +280,18 @@ impl NodeNet {
         }
         for (tap, ip) in &taps_removed {
             tracing::info!(%tap, %ip, "removed the tap of an agent that is gone (no VM uses it)");
+        }
+        for ip in &leftovers.nat {
+            tracing::info!(%ip, "removed a NAT set element no sandbox uses (no route to it)");
+        }
+        for tap in &leftovers.pins {
+            tracing::info!(%tap, "removed the BPF pins of a tap that is gone");
+        }
+        for ns in &leftovers.namespaces {
+            tracing::info!(
+                netns = ns,
+                "removed the pool registry and host map pins of a network namespace that is gone"
+            );
         }
         match purged {
             Some(Ok(n)) => tracing::info!(
@@ -752,12 +766,14 @@ pub(crate) fn release_if_unused(
 /// Run at registration, under the registry lock (all live agents known):
 /// removes the host map entries of agents that are not live whose address no
 /// VM uses (see [`release_if_unused`]), and then the Hearth taps that route
-/// an address of `pool` with no entry at all (left by an agent that
-/// died between creating the tap and adding its entry) and that no VM holds.
-/// No other live agent can hold an address of `pool` (the registry refused
-/// overlapping pools), and the registering agent has set up nothing yet.
+/// an address with no entry at all outside the pools of the other live
+/// agents (`live_pools`; left by an agent that died between creating the tap
+/// and adding its entry, or by one whose entry was purged before) and that
+/// no VM holds. A live agent's sandbox has an entry of its tag, or is
+/// mid-setup in its pool (tap and route come before the entry); the
+/// registering agent has set up nothing yet.
 fn purge_gone_agents(
-    pool: Cidr,
+    live_pools: &[Cidr],
     keep: &HashSet<u32>,
     removed: &mut Vec<(String, Ipv4Addr)>,
 ) -> Result<usize, BpfError> {
@@ -777,7 +793,7 @@ fn purge_gone_agents(
         .collect();
     for (dev, ip) in &routes {
         if dev.starts_with(TAP_PREFIX)
-            && pool.contains(*ip)
+            && !live_pools.iter().any(|p| p.contains(*ip))
             && !owned.contains(ip)
             && !removed.iter().any(|(d, _)| d == dev)
         {
@@ -785,6 +801,64 @@ fn purge_gone_agents(
         }
     }
     Ok(n)
+}
+
+/// What [`purge_leftovers`] removed.
+#[derive(Debug, Default)]
+struct Leftovers {
+    nat: Vec<Ipv4Addr>,
+    pins: Vec<String>,
+    namespaces: Vec<u64>,
+}
+
+/// Run at registration after [`purge_gone_agents`], under the registry lock:
+/// removes host state no sandbox can be using, decided by the resource
+/// (never by which agent made it, since QEMU outlives its agent):
+/// - NAT set elements with no /32 route to their address (every setup adds
+///   the route before the element, every teardown deletes the tap first);
+/// - pin directories of taps that do not exist here whose programs run
+///   nowhere ([`policy::maps::pins_in_use`]: a TCX link still attached to a
+///   device of any namespace, or a loaded program using the maps, keeps them);
+/// - the pool registry directories and host map pins of network namespaces
+///   that no longer exist.
+fn purge_leftovers() -> Leftovers {
+    let mut out = Leftovers::default();
+    match (tap::host_routes(), nat::members()) {
+        (Ok(routes), Ok(members)) => {
+            let routed: HashSet<Ipv4Addr> = routes.into_iter().map(|(_, ip)| ip).collect();
+            for ip in members {
+                if !routed.contains(&ip) {
+                    match nat::remove(ip) {
+                        Ok(()) => out.nat.push(ip),
+                        Err(e) => tracing::warn!("NAT set: {e}"),
+                    }
+                }
+            }
+        }
+        (Err(e), _) => {
+            tracing::warn!("cannot read the host routes (/proc/net/route): {e}; NAT set not purged")
+        }
+        // (no table yet: nothing to purge)
+        (_, Err(_)) => {}
+    }
+    for tap in policy::maps::pinned_taps() {
+        if tap::exists(&tap) || policy::maps::pins_in_use(&tap) {
+            continue;
+        }
+        match policy::maps::detach(&tap) {
+            Ok(()) => out.pins.push(tap),
+            Err(e) => tracing::warn!(%tap, "{e}"),
+        }
+    }
+    let live = registry::live_namespaces();
+    out.namespaces =
+        registry::purge_gone_namespaces(std::path::Path::new(registry::REGISTRY_DIR), &live);
+    for ns in policy::maps::purge_gone_namespace_pins(&live) {
+        if !out.namespaces.contains(&ns) {
+            out.namespaces.push(ns);
+        }
+    }
+    out
 }
 
 /// Durations of consecutive steps, for a debug log line (`lease=1.2ms tap=…`).

@@ -71,6 +71,9 @@ pub struct Reclaimed {
 pub struct LiveAgents {
     /// Owner tags (see [`Registration::tag`]) of the other live agents.
     pub others: HashSet<u32>,
+    /// Pools of the other live agents: an address in one may be mid-setup
+    /// (a tap and route before its host map entry), so it is never purged.
+    pub pools: Vec<Cidr>,
     /// This agent's own tag.
     pub me: u32,
 }
@@ -301,6 +304,7 @@ pub fn register_in(
     let me = canonical(state_dir);
     let mut live = LiveAgents {
         others: HashSet::new(),
+        pools: Vec::new(),
         me: tag,
     };
     let mut reclaimed = Vec::new();
@@ -329,6 +333,7 @@ pub fn register_in(
                 });
             }
             live.others.insert(entry.tag);
+            live.pools.push(other);
             continue;
         }
         // A dead agent's, or an earlier run of this state dir: reclaimed.
@@ -373,6 +378,110 @@ pub fn register(
     register_in(&dir, pool, state_dir, under_lock)
 }
 
+/// Inodes of the network namespaces that exist now, as far as this process
+/// can see: those of every process and thread, those held open by a
+/// descriptor, and those bind-mounted (`ip netns add`).
+pub fn live_namespaces() -> HashSet<u64> {
+    use std::os::unix::fs::MetadataExt;
+    fn net_inode(link: &str) -> Option<u64> {
+        link.strip_prefix("net:[")?.strip_suffix(']')?.parse().ok()
+    }
+    let mut live = HashSet::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return live;
+    };
+    for p in procs.flatten() {
+        let path = p.path();
+        if !p
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        {
+            continue;
+        }
+        if let Ok(tasks) = std::fs::read_dir(path.join("task")) {
+            for t in tasks.flatten() {
+                if let Ok(m) = std::fs::metadata(t.path().join("ns/net")) {
+                    live.insert(m.ino());
+                }
+            }
+        }
+        if let Ok(fds) = std::fs::read_dir(path.join("fd")) {
+            for fd in fds.flatten() {
+                if let Some(n) = std::fs::read_link(fd.path())
+                    .ok()
+                    .and_then(|l| l.to_str().and_then(net_inode))
+                {
+                    live.insert(n);
+                }
+            }
+        }
+    }
+    // mountinfo: `id parent major:minor root mountpoint ...`; an nsfs bind
+    // mount's root is `net:[N]`.
+    for line in std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+    {
+        if let Some(n) = line.split(' ').nth(3).and_then(net_inode) {
+            live.insert(n);
+        }
+    }
+    live
+}
+
+/// Removes the registry directories (`<root>/netns-<inode>`) of network
+/// namespaces that no longer exist (`live` holds those that do; see
+/// [`live_namespaces`]): no agent can run in a namespace that is gone, so
+/// its registrations are stale whatever they say. A directory whose lock is
+/// held (an agent in the middle of registering), or with a registration an
+/// agent holds (one this process cannot see), is left. Returns the inodes
+/// whose directories were removed.
+pub fn purge_gone_namespaces(root: &Path, live: &HashSet<u64>) -> Vec<u64> {
+    let mut removed = Vec::new();
+    let Ok(rd) = std::fs::read_dir(root) else {
+        return removed;
+    };
+    for e in rd.flatten() {
+        let Some(ino) = e
+            .file_name()
+            .to_str()
+            .and_then(|n| n.strip_prefix("netns-"))
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        if ino == 0 || live.contains(&ino) || ino == netns_id() {
+            continue;
+        }
+        let dir = e.path();
+        let lock = match std::fs::File::open(dir.join(".lock")) {
+            Ok(f) => Some(f),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => None,
+            Err(_) => continue,
+        };
+        if let Some(l) = &lock {
+            if flock(l, libc::LOCK_EX | libc::LOCK_NB).is_err() {
+                continue;
+            }
+        }
+        // why: an agent this process cannot see (another PID namespace) may
+        // still run there; it holds its registration's lock.
+        let held_by_someone = std::fs::read_dir(&dir).map_or(true, |rd| {
+            rd.flatten()
+                .filter(|f| f.file_name() != ".lock")
+                .any(|f| !matches!(held(&f.path()), Ok(None) | Ok(Some(false))))
+        });
+        if held_by_someone {
+            continue;
+        }
+        if std::fs::remove_dir_all(&dir).is_ok() {
+            removed.push(ino);
+        }
+    }
+    removed
+}
+
 /// The tag older builds computed for the agent with this state dir (FNV-1a
 /// of its canonical path): only to read their registrations and to seed the
 /// owner id of a state dir they used (see [`owner_id`]).
@@ -393,6 +502,34 @@ mod tests {
 
     fn reg(dir: &Path, pool: &str, state: &Path) -> Result<Registration, RegistryError> {
         register_in(dir, pool.parse().unwrap(), state, |_| {})
+    }
+
+    /// Registry directories of namespaces that are gone are removed, unless
+    /// an agent (one this process might not see) holds a registration there.
+    #[test]
+    fn registries_of_gone_namespaces_are_removed_unless_a_registration_is_held() {
+        let root = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let (gone, held_ns, live_ns) = (
+            root.path().join("netns-11"),
+            root.path().join("netns-12"),
+            root.path().join("netns-13"),
+        );
+        // A dead agent's registration (never locked) and the directory lock.
+        std::fs::create_dir_all(&gone).unwrap();
+        std::fs::write(gone.join(".lock"), "").unwrap();
+        std::fs::write(gone.join("10.9.0.0_24"), "1 v2 7 /gone\n").unwrap();
+        let held = reg(&held_ns, "10.9.1.0/24", state.path()).unwrap();
+        std::fs::create_dir_all(&live_ns).unwrap();
+        let live = HashSet::from([13]);
+        let removed = purge_gone_namespaces(root.path(), &live);
+        assert_eq!(removed, vec![11]);
+        assert!(!gone.exists());
+        assert!(held_ns.exists(), "a held registration keeps its directory");
+        assert!(live_ns.exists(), "a live namespace keeps its directory");
+        drop(held);
+        assert_eq!(purge_gone_namespaces(root.path(), &live), vec![12]);
+        assert!(!held_ns.exists());
     }
 
     #[test]

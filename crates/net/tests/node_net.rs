@@ -205,6 +205,9 @@ fn stale_nat_and_host_map_entries_of_the_pool_are_reconciled_at_start() {
     let stale: std::net::Ipv4Addr = addr(p, 5).parse().unwrap();
     let foreign: std::net::Ipv4Addr = addr(p, 6).parse().unwrap();
     let foreign_nat = addr(q, 5);
+    // why: routed, as another agent's sandbox is (a routeless element is
+    // purged by any agent that registers meanwhile).
+    sh(&format!("ip route add {foreign_nat}/32 dev lo"));
     sh(&format!(
         "nft add element ip hearth sandboxes '{{ {stale}, {foreign_nat} }}'"
     ));
@@ -224,6 +227,7 @@ fn stale_nat_and_host_map_entries_of_the_pool_are_reconciled_at_start() {
     sh(&format!(
         "nft delete element ip hearth sandboxes '{{ {foreign_nat} }}'"
     ));
+    sh(&format!("ip route del {foreign_nat}/32 dev lo"));
     remove_host_sandbox(foreign, other_agent).unwrap();
     net.teardown(id).unwrap();
     assert!(
@@ -321,4 +325,96 @@ fn an_agent_whose_pool_overlaps_another_agents_is_refused() {
     );
     assert!(held.iter().any(|(a, v)| *a == taken && v.owner == stranger));
     assert!(!sh("ip -o link show").contains("hthnetovl00002"));
+}
+
+/// Host state no sandbox can be using is purged when an agent registers,
+/// decided by the resource: a NAT element without a route to its address,
+/// the pin directory of a tap that is gone whose maps no program uses, and
+/// the pool registry directory and host map pins of a network namespace
+/// that no longer exists. A routed NAT element, the pins of a live
+/// sandbox's tap and this namespace's registry stay.
+#[test]
+fn leftovers_no_sandbox_uses_are_purged_when_an_agent_registers() {
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (cidr, p) = pool(6);
+    let live = NodeNet::open(NetConfig {
+        pool: cidr.parse().unwrap(),
+        state_dir: d1.path().to_path_buf(),
+        dns: vec![],
+    })
+    .unwrap();
+    let rec = live.setup("netleft00001", Policy::default()).unwrap();
+    // A NAT element nobody routes, and one routed on a non-Hearth device.
+    let (_, q) = pool(7);
+    let (unrouted, routed) = (addr(q, 1), addr(q, 2));
+    sh(&format!("ip route add {routed}/32 dev lo"));
+    sh(&format!(
+        "nft add element ip hearth sandboxes '{{ {unrouted}, {routed} }}'"
+    ));
+    // Pins of a tap that is gone: a map nothing uses.
+    let gone_tap = format!("hthleft{}", std::process::id() % 100000);
+    let gone_pins = format!("/sys/fs/bpf/hearth/{gone_tap}");
+    sh(&format!(
+        "mkdir -p {gone_pins} && bpftool map create {gone_pins}/CONFIG type array key 4 value 24 entries 1 name CONFIG"
+    ));
+    assert!(
+        std::path::Path::new(&format!("{gone_pins}/CONFIG")).exists(),
+        "bpftool made the pin"
+    );
+    // A namespace that does not exist (nsfs inodes start at 0xf0000000).
+    let dead = 1_000_000 + u64::from(std::process::id());
+    let dead_reg = format!("/run/hearth/pools/netns-{dead}");
+    let dead_pins = format!("/sys/fs/bpf/hearth-host/netns-{dead}");
+    std::fs::create_dir_all(&dead_reg).unwrap();
+    std::fs::write(format!("{dead_reg}/.lock"), "").unwrap();
+    std::fs::write(format!("{dead_reg}/10.9.0.0_24"), "1 v2 7 /gone\n").unwrap();
+    std::fs::create_dir_all(&dead_pins).unwrap();
+
+    let (cidr2, _) = pool(8);
+    let second = NodeNet::open(NetConfig {
+        pool: cidr2.parse().unwrap(),
+        state_dir: d2.path().to_path_buf(),
+        dns: vec![],
+    })
+    .unwrap();
+    let set = sh("nft list set ip hearth sandboxes");
+    let pins = sh("ls /sys/fs/bpf/hearth");
+    let own_reg = format!(
+        "/run/hearth/pools/netns-{}",
+        hearth_net::registry::netns_id()
+    );
+    sh(&format!(
+        "nft delete element ip hearth sandboxes '{{ {routed} }}'; ip route del {routed}/32 dev lo; rm -rf {gone_pins} {dead_reg} {dead_pins}"
+    ));
+    live.teardown(&rec.sandbox).unwrap();
+    drop(second);
+    assert!(
+        !names(&set, &unrouted),
+        "unrouted NAT element purged: {set}"
+    );
+    assert!(names(&set, &routed), "routed NAT element kept: {set}");
+    assert!(
+        names(&set, &addr(p, 1)),
+        "the live sandbox's NAT element kept: {set}"
+    );
+    assert!(
+        !pins.split_whitespace().any(|t| t == gone_tap),
+        "pins of a tap that is gone purged: {pins}"
+    );
+    assert!(
+        pins.split_whitespace().any(|t| t == rec.tap),
+        "the live sandbox's pins kept: {pins}"
+    );
+    assert!(
+        !std::path::Path::new(&dead_reg).exists(),
+        "registry of a namespace that is gone purged"
+    );
+    assert!(
+        !std::path::Path::new(&dead_pins).exists(),
+        "host map pins of a namespace that is gone purged"
+    );
+    assert!(
+        std::path::Path::new(&own_reg).exists(),
+        "this namespace's registry kept"
+    );
 }

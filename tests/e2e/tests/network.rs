@@ -103,6 +103,80 @@ impl Drop for ServerNs {
     }
 }
 
+/// A test HTTP server on 169.254.169.254:80 inside a [`ServerNs`], reachable
+/// only from the sandbox behind one tap: a policy routing rule sends what
+/// arrives on that tap for the address to the namespace; the host's own
+/// routes (and any real metadata service) are untouched. Removed on drop.
+struct MetadataServer {
+    ns: String,
+    ns_if: String,
+    tap: String,
+    table: String,
+    server: Child,
+}
+
+impl MetadataServer {
+    const ADDR: &'static str = "169.254.169.254";
+
+    fn start(ns: &ServerNs, tap: &str) -> MetadataServer {
+        let table = (20000 + std::process::id() % 10000).to_string();
+        let script = format!(
+            "set -e; ip -n {n} addr add {a}/32 dev {nif}; \
+             echo 0 > /proc/sys/net/ipv4/conf/{hif}/rp_filter; \
+             ip route add {a}/32 via {srv} dev {hif} table {table}; \
+             ip rule add iif {tap} lookup {table}",
+            n = ns.name,
+            a = Self::ADDR,
+            nif = ns.ns_if(),
+            hif = ns.host_if,
+            srv = ns.server_ip,
+        );
+        let out = sh(&format!("{script} && echo set-up"));
+        let server = Command::new("ip")
+            .args(["netns", "exec", &ns.name, "busybox", "httpd", "-f", "-p"])
+            .arg(format!("{}:80", Self::ADDR))
+            .arg("-h")
+            .arg(ns._www.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("busybox httpd");
+        let m = MetadataServer {
+            ns: ns.name.clone(),
+            ns_if: ns.ns_if(),
+            tap: tap.to_string(),
+            table,
+            server,
+        };
+        assert!(out.contains("set-up"), "metadata server routing: {out}");
+        let name = m.ns.clone();
+        wait_until(
+            "metadata test server listening",
+            Duration::from_secs(10),
+            || {
+                sh(&format!("ip netns exec {name} ss -ltn"))
+                    .contains(&format!("{}:80 ", Self::ADDR))
+            },
+        );
+        m
+    }
+}
+
+impl Drop for MetadataServer {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+        sh(&format!(
+            "ip rule del iif {tap} lookup {t}; ip route flush table {t}; ip -n {n} addr del {a}/32 dev {nif}",
+            tap = self.tap,
+            t = self.table,
+            n = self.ns,
+            a = Self::ADDR,
+            nif = self.ns_if,
+        ));
+    }
+}
+
 /// Shell run inside the VM: prints `PORT=ok` or `PORT=blocked` per port
 /// (busybox nc; a dropped SYN times out).
 fn probe(ip: &str, ports: &[u16]) -> String {
@@ -149,6 +223,101 @@ fn counter(stats: &serde_json::Value, label_part: &str) -> u64 {
         .filter(|c| c["label"].as_str().unwrap_or("").contains(label_part))
         .map(|c| c["packets"].as_u64().unwrap_or(0))
         .sum()
+}
+
+/// Bytes of the counters whose label contains `label_part`.
+fn counter_bytes(stats: &serde_json::Value, label_part: &str) -> u64 {
+    stats["counters"]
+        .as_array()
+        .expect("counters")
+        .iter()
+        .filter(|c| c["label"].as_str().unwrap_or("").contains(label_part))
+        .map(|c| c["bytes"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+/// Whether `ip` is an element of the NAT set (`nft get element` succeeds
+/// only for a member; a listing's text would match prefixes and miss the
+/// `a, b,` separators).
+fn in_nat_set(ip: &str) -> bool {
+    Command::new("nft")
+        .args(["get", "element", "ip", "hearth", "sandboxes"])
+        .arg(format!("{{ {ip} }}"))
+        .output()
+        .expect("nft")
+        .status
+        .success()
+}
+
+/// Whether the host has a route to exactly `ip/32`.
+fn has_route(ip: &str) -> bool {
+    !sh(&format!("ip -o route show exact {ip}/32"))
+        .trim()
+        .is_empty()
+}
+
+/// Whether a link named exactly `name` exists.
+fn has_link(name: &str) -> bool {
+    Command::new("ip")
+        .args(["link", "show", "dev", name])
+        .output()
+        .expect("ip")
+        .status
+        .success()
+}
+
+/// Ids of the programs using the pinned maps of `tap` (guest_out, guest_in).
+fn sandbox_prog_ids(tap: &str) -> Vec<String> {
+    let map = sh(&format!(
+        "bpftool map show pinned /sys/fs/bpf/hearth/{tap}/COUNTERS"
+    ));
+    let map_id = map.split(':').next().unwrap_or("").trim().to_string();
+    assert!(
+        !map_id.is_empty() && map_id.bytes().all(|b| b.is_ascii_digit()),
+        "{map}"
+    );
+    let progs = sh("bpftool prog show");
+    let mut prog_ids = Vec::new();
+    let mut current = String::new();
+    for line in progs.lines() {
+        if let Some((id, rest)) = line.split_once(':') {
+            if rest.contains("sched_cls") {
+                current = id.trim().to_string();
+            }
+        }
+        if let Some(ids) = line.split("map_ids ").nth(1) {
+            if ids
+                .split_whitespace()
+                .next()
+                .unwrap_or("")
+                .split(',')
+                .any(|m| m == map_id)
+            {
+                prog_ids.push(current.clone());
+            }
+        }
+    }
+    assert_eq!(
+        prog_ids.len(),
+        2,
+        "guest_out and guest_in use the maps: {progs}"
+    );
+    prog_ids
+}
+
+/// Waits until the programs `ids` are freed.
+fn wait_progs_freed(ids: &[String]) {
+    for p in ids {
+        // why: the kernel frees a program after an RCU grace period, not at once.
+        wait_until("policy program freed", Duration::from_secs(10), || {
+            !Command::new("bpftool")
+                .args(["prog", "show", "id", p])
+                .output()
+                .expect("bpftool")
+                .status
+                .success()
+        });
+    }
 }
 
 /// A `busybox sleep 600` sandbox started with `args`: (id, address).
@@ -231,49 +400,44 @@ fn policy_blocks_denied_port_allows_others_and_changes_live() {
     assert_eq!(got, "8080=blocked\n8081=ok\n", "after the live change");
     assert_eq!(d.inspect(&id)["status"], "running");
 
-    // Metadata is denied even under an allow-all rule.
+    // Metadata is denied even under an allow-all rule, and reachable with an
+    // explicit allow: a test server answers on 169.254.169.254:80 in the
+    // test namespace, where only this sandbox's tap is routed (a policy
+    // routing rule for packets from the tap; the host's own route to the
+    // address is untouched).
+    let meta = MetadataServer::start(&ns, &tap);
     let out = d.hearth(&["policy", "set", &id, "--egress-allow", "0.0.0.0/0"]);
     assert!(out.status.success(), "{}", show(&out));
-    exec(&d, &id, "nc -w 2 169.254.169.254 80 </dev/null; true");
+    let probe_meta = "if printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 169.254.169.254 80 | grep -q hello-from-netns; \
+                      then echo meta=ok; else echo meta=blocked; fi";
+    assert_eq!(
+        exec(&d, &id, probe_meta),
+        "meta=blocked\n",
+        "metadata denied"
+    );
     let s = stats(&d, &id);
     assert!(counter(&s, "implicit deny 169.254.0.0/16") >= 1, "{s}");
+    let out = d.hearth(&[
+        "policy",
+        "set",
+        &id,
+        "--egress-allow",
+        "0.0.0.0/0",
+        "--egress-allow",
+        "169.254.169.254/32:80",
+    ]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert_eq!(
+        exec(&d, &id, probe_meta),
+        "meta=ok\n",
+        "metadata reachable with an explicit allow; counters: {}",
+        stats(&d, &id)
+    );
+    drop(meta);
 
     // rm leaves nothing behind.
     // The sandbox's programs: those using its pinned COUNTERS map.
-    let map = sh(&format!(
-        "bpftool map show pinned /sys/fs/bpf/hearth/{tap}/COUNTERS"
-    ));
-    let map_id = map.split(':').next().unwrap_or("").trim().to_string();
-    assert!(
-        !map_id.is_empty() && map_id.bytes().all(|b| b.is_ascii_digit()),
-        "{map}"
-    );
-    let progs = sh("bpftool prog show");
-    let mut prog_ids = Vec::new();
-    let mut current = String::new();
-    for line in progs.lines() {
-        if let Some((id, rest)) = line.split_once(':') {
-            if rest.contains("sched_cls") {
-                current = id.trim().to_string();
-            }
-        }
-        if let Some(ids) = line.split("map_ids ").nth(1) {
-            if ids
-                .split_whitespace()
-                .next()
-                .unwrap_or("")
-                .split(',')
-                .any(|m| m == map_id)
-            {
-                prog_ids.push(current.clone());
-            }
-        }
-    }
-    assert_eq!(
-        prog_ids.len(),
-        2,
-        "guest_out and guest_in use the maps: {progs}"
-    );
+    let prog_ids = sandbox_prog_ids(&tap);
     // The address is a lease in the control-plane state (the embedded Raft group).
     let held = control_plane_leases(&d);
     assert!(
@@ -289,25 +453,67 @@ fn policy_blocks_denied_port_allows_others_and_changes_live() {
     );
     let state = host_state();
     assert!(!state.contains(&tap), "tap or pins left: {state}");
-    assert!(
-        !state.contains(&format!("{ip} ")),
-        "route or NAT entry left: {state}"
-    );
+    assert!(!has_route(&ip), "route left: {state}");
+    assert!(!in_nat_set(&ip), "NAT element left: {state}");
     let leases = std::fs::read_to_string(d.data_dir().join("net/leases.json")).unwrap();
     assert!(
         !leases.contains(&format!("\"{ip}\"")),
         "lease left: {leases}"
     );
-    for p in prog_ids {
-        // why: the kernel frees a program after an RCU grace period, not at once.
-        wait_until("policy program freed", Duration::from_secs(10), || {
-            !Command::new("bpftool")
-                .args(["prog", "show", "id", &p])
-                .output()
-                .expect("bpftool")
-                .status
-                .success()
-        });
+    wait_progs_freed(&prog_ids);
+}
+
+/// An nftables table on the host side of a tap, hooked at its ingress
+/// (after the tap's TC programs: what they drop never reaches it), with
+/// named counters; removed on drop.
+struct TapCounters {
+    table: String,
+}
+
+impl TapCounters {
+    /// `rules`: (counter name, match expression).
+    fn start(tap: &str, rules: &[(&str, String)]) -> TapCounters {
+        let table = format!("hthtest{}", std::process::id());
+        let mut script = format!(
+            "add table netdev {table}\n\
+             add chain netdev {table} c {{ type filter hook ingress device \"{tap}\" priority 0; policy accept; }}\n"
+        );
+        for (name, expr) in rules {
+            script.push_str(&format!(
+                "add counter netdev {table} {name}\nadd rule netdev {table} c {expr} counter name {name}\n"
+            ));
+        }
+        let mut child = Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("nft");
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(script.as_bytes())
+            .expect("nft script");
+        assert!(child.wait().expect("nft").success(), "nft: {script}");
+        TapCounters { table }
+    }
+
+    fn packets(&self, name: &str) -> u64 {
+        let out = sh(&format!("nft list counter netdev {} {name}", self.table));
+        out.split("packets ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("counter {name}: {out}"))
+    }
+}
+
+impl Drop for TapCounters {
+    fn drop(&mut self) {
+        let _ = Command::new("nft")
+            .args(["delete", "table", "netdev", &self.table])
+            .status();
     }
 }
 
@@ -315,29 +521,75 @@ fn policy_blocks_denied_port_allows_others_and_changes_live() {
 fn spoofed_source_ip_and_mac_are_dropped_and_counted() {
     let ns = ServerNs::start(subnet(1), &[8080]);
     let d = Daemon::start();
-    let (id, _ip) = start_detached(&d, &[]);
+    let (id, ip) = start_detached(&d, &[]);
+    let net = &d.inspect(&id)["network"];
+    let tap = net["tap"].as_str().expect("tap").to_string();
+    let mac = net["mac"].as_str().expect("mac").to_string();
+    let (spoof_ip, spoof_mac) = ("10.254.254.254", "02:00:00:00:00:01");
+    // What passes the tap's programs, counted on the host side: the spoofed
+    // must stay 0, and the sandbox's own (the control) must be counted, so
+    // the counting itself is proven to work.
+    let seen = TapCounters::start(
+        &tap,
+        &[
+            ("own_mac", format!("ether saddr {mac}")),
+            ("own_ip", format!("ip saddr {ip}")),
+            ("own_arp", format!("arp saddr ip {ip}")),
+            ("spoof_mac", format!("ether saddr {spoof_mac}")),
+            ("spoof_ip", format!("ip saddr {spoof_ip}")),
+            ("spoof_arp", format!("arp saddr ip {spoof_ip}")),
+        ],
+    );
     first_probe_ok(&d, &id, &ns.server_ip);
+    assert_eq!(
+        exec(
+            &d,
+            &id,
+            "arping -c 1 -w 2 -I eth0 169.254.1.1 >/dev/null 2>&1; echo done"
+        ),
+        "done\n"
+    );
+    assert!(seen.packets("own_mac") > 0, "the control: own MAC counted");
+    assert!(
+        seen.packets("own_ip") > 0,
+        "the control: own address counted"
+    );
+    assert!(seen.packets("own_arp") > 0, "the control: own ARP counted");
     let before = counter(&stats(&d, &id), "spoofed");
 
-    // Another source address on eth0: its packets never leave the tap.
+    // Another source address on eth0: its packets and its ARP never leave the tap.
     let spoof = format!(
-        "ip addr add 10.254.254.254/32 dev eth0; ping -c 2 -W 1 -I 10.254.254.254 {} >/dev/null 2>&1 && echo reached || echo dropped",
+        "ip addr add {spoof_ip}/32 dev eth0; \
+         arping -c 2 -w 3 -s {spoof_ip} -I eth0 169.254.1.1 >/dev/null 2>&1; \
+         ping -c 2 -W 1 -I {spoof_ip} {} >/dev/null 2>&1 && echo reached || echo dropped",
         ns.server_ip
     );
     assert_eq!(exec(&d, &id, &spoof), "dropped\n");
     let mid = counter(&stats(&d, &id), "spoofed");
-    assert!(mid >= before + 2, "spoofed IP counted: {before} -> {mid}");
+    assert!(
+        mid >= before + 4,
+        "spoofed IP and ARP counted: {before} -> {mid}"
+    );
+    assert_eq!(
+        seen.packets("spoof_ip"),
+        0,
+        "a spoofed source passed the tap"
+    );
+    assert_eq!(seen.packets("spoof_arp"), 0, "a spoofed ARP passed the tap");
 
     // Another MAC: dropped too (the old one is restored after).
-    let mac = format!(
-        "ip addr del 10.254.254.254/32 dev eth0; old=$(cat /sys/class/net/eth0/address); \
-         ip link set eth0 address 02:00:00:00:00:01; {} ip link set eth0 address $old",
+    let script = format!(
+        "ip addr del {spoof_ip}/32 dev eth0; old=$(cat /sys/class/net/eth0/address); \
+         ip link set eth0 address {spoof_mac}; {} ip link set eth0 address $old",
         probe(&ns.server_ip, &[8080])
     );
-    assert_eq!(exec(&d, &id, &mac), "8080=blocked\n");
+    assert_eq!(exec(&d, &id, &script), "8080=blocked\n");
     let after = counter(&stats(&d, &id), "spoofed");
     assert!(after > mid, "spoofed MAC counted: {mid} -> {after}");
+    assert_eq!(seen.packets("spoof_mac"), 0, "a spoofed MAC passed the tap");
+    let own = seen.packets("own_ip");
     assert_eq!(exec(&d, &id, &probe(&ns.server_ip, &[8080])), "8080=ok\n");
+    assert!(seen.packets("own_ip") > own, "own traffic still counted");
 }
 
 #[test]
@@ -556,10 +808,8 @@ fn agent_restart_re_adopts_running_networks_and_removes_the_rest() {
             !state.contains(tap.as_str()),
             "tap or pins of {id} left: {state}"
         );
-        assert!(
-            !state.contains(&format!("{ip} ")),
-            "route or NAT entry of {id} left: {state}"
-        );
+        assert!(!has_route(ip), "route of {id} left: {state}");
+        assert!(!in_nat_set(ip), "NAT element of {id} left: {state}");
         assert!(
             !leases.contains(id.as_str()),
             "lease of {id} left: {leases}"
@@ -965,11 +1215,13 @@ fn a_host_address_added_later_is_blocked_unless_allowed() {
 fn policy_set_racing_rm_answers_cleanly_and_leaks_nothing() {
     let d = Daemon::start();
     for round in 0..2 {
-        let (id, _ip) = start_detached(&d, &[]);
+        let (id, ip) = start_detached(&d, &[]);
         let tap = d.inspect(&id)["network"]["tap"]
             .as_str()
             .unwrap()
             .to_string();
+        let prog_ids = sandbox_prog_ids(&tap);
+        assert!(in_nat_set(&ip), "round {round}: NAT element while it runs");
         let (tx, rx) = std::sync::mpsc::channel();
         let setter = {
             let mut cmd = |i: usize| {
@@ -1016,6 +1268,20 @@ fn policy_set_racing_rm_answers_cleanly_and_leaks_nothing() {
         assert!(d.hearth(&["ps"]).status.success(), "daemon alive");
         let state = host_state();
         assert!(!state.contains(&tap), "round {round}: leftovers: {state}");
+        assert!(!has_route(&ip), "round {round}: route left: {state}");
+        assert!(!in_nat_set(&ip), "round {round}: NAT element left: {state}");
+        assert!(!in_host_map(&ip), "round {round}: host map entry left");
+        let held = control_plane_leases(&d);
+        assert!(
+            !held.iter().any(|(a, s)| a == &ip || s == &id),
+            "round {round}: lease left in the control-plane state: {held:?}"
+        );
+        let leases = std::fs::read_to_string(d.data_dir().join("net/leases.json")).unwrap();
+        assert!(
+            !leases.contains(&format!("\"{ip}\"")),
+            "round {round}: local lease left: {leases}"
+        );
+        wait_progs_freed(&prog_ids);
     }
 }
 
@@ -1251,6 +1517,10 @@ fn a_killed_daemons_running_vm_stays_isolated_from_a_daemon_started_meanwhile() 
     ];
     let mut a = Daemon::start();
     let (a_id, a_ip) = run_detached(&a, &httpd);
+    let a_tap = a.inspect(&a_id)["network"]["tap"]
+        .as_str()
+        .expect("tap")
+        .to_string();
     wait_until(
         "httpd in the sandbox of daemon A answers the host",
         Duration::from_secs(60),
@@ -1261,10 +1531,12 @@ fn a_killed_daemons_running_vm_stays_isolated_from_a_daemon_started_meanwhile() 
         !hearth_e2e::vmm_pids_under(a.data.path()).is_empty(),
         "daemon A's QEMU runs"
     );
-    // B registers (and purges the host map of agents that are gone) at start.
+    // B registers (and purges the host state of agents that are gone) at start.
     let b = Daemon::start();
     let kept = in_host_map(&a_ip);
     let route = sh(&format!("ip route show {a_ip}/32"));
+    let nat_kept = in_nat_set(&a_ip);
+    let pins_kept = std::path::Path::new(&format!("/sys/fs/bpf/hearth/{a_tap}/CONFIG")).exists();
     let (b_id, b_ip) = start_detached(&b, &[]);
     assert_ne!(a_ip, b_ip);
     let probed = exec(&b, &b_id, &probe(&a_ip, &[8080]));
@@ -1274,6 +1546,8 @@ fn a_killed_daemons_running_vm_stays_isolated_from_a_daemon_started_meanwhile() 
         route.contains("dev hth"),
         "A's tap keeps its route: {route}"
     );
+    assert!(nat_kept, "A's NAT element of its running VM is kept");
+    assert!(pins_kept, "A's pins of its running VM are kept");
     assert_eq!(
         probed, "8080=blocked\n",
         "B's sandbox cannot reach the running VM of the killed daemon A"
@@ -2248,4 +2522,114 @@ fn log_sandboxes_since(d: &Daemon, from: usize, what: &str) -> Vec<String> {
         }
     }
     ids
+}
+
+/// An allow rule's counters count every packet and byte of the flows it
+/// allowed, both ways (not only their opening packets), and a deny rule's
+/// the attempts it dropped.
+#[test]
+fn a_rules_byte_counter_counts_a_whole_transfer() {
+    const SIZE: u64 = 1 << 20;
+    let ns = ServerNs::start(subnet(2), &[8080, 8081]);
+    std::fs::write(ns._www.path().join("big"), vec![b'x'; SIZE as usize]).expect("big file");
+    let d = Daemon::start();
+    let allow = format!("{}/32:8080", ns.server_ip);
+    let deny = format!("{}/32:8081", ns.server_ip);
+    let (id, _ip) = start_detached(&d, &["--egress-allow", &allow, "--egress-deny", &deny]);
+    first_probe_ok(&d, &id, &ns.server_ip);
+    let before = stats(&d, &id);
+    let (p0, b0) = (
+        counter(&before, &format!("allow {allow}")),
+        counter_bytes(&before, &format!("allow {allow}")),
+    );
+    let got = exec(
+        &d,
+        &id,
+        &format!("wget -q -O - http://{}:8080/big | wc -c", ns.server_ip),
+    );
+    assert_eq!(got.trim(), SIZE.to_string(), "the download");
+    let s = stats(&d, &id);
+    let (packets, bytes) = (
+        counter(&s, &format!("allow {allow}")) - p0,
+        counter_bytes(&s, &format!("allow {allow}")) - b0,
+    );
+    // why: with the tap's virtio-net offloads the programs see GSO packets
+    // of up to 64 KiB, so packets count what passed the tap, not wire segments.
+    assert!(
+        bytes >= SIZE,
+        "the rule counted {bytes} bytes of a 1 MiB download: {s}"
+    );
+    assert!(
+        packets >= SIZE / 65536 + 2,
+        "the rule counted {packets} packets of a 1 MiB download: {s}"
+    );
+    assert!(
+        bytes < 2 * SIZE,
+        "no packet counted twice: {bytes} bytes: {s}"
+    );
+    // A deny rule counts the dropped attempts (the SYN and its retransmits).
+    assert_eq!(
+        exec(&d, &id, &probe(&ns.server_ip, &[8081])),
+        "8081=blocked\n"
+    );
+    let s = stats(&d, &id);
+    let denied = counter(&s, &format!("deny {deny}"));
+    assert!(denied >= 2, "dropped SYNs counted: {s}");
+    assert!(
+        counter_bytes(&s, &format!("deny {deny}")) >= denied * 40,
+        "their bytes: {s}"
+    );
+}
+
+/// What a daemon killed with its VMs leaves on the host (taps, routes, NAT
+/// elements, pins, host map entries) is removed when another daemon (another
+/// state dir and pool, same namespace) starts, decided by the resource: one
+/// sandbox's tap has lost its host map entry (a daemon killed between its
+/// tap and its entry), another's tap is gone but its pins and NAT element are
+/// not (killed mid-teardown). A killed daemon whose VM still runs keeps them:
+/// `a_killed_daemons_running_vm_stays_isolated_from_a_daemon_started_meanwhile`.
+#[test]
+fn a_killed_daemons_leftovers_are_removed_when_another_daemon_starts() {
+    let mut a = Daemon::start();
+    let (s1, ip1) = start_detached(&a, &[]);
+    let (s2, ip2) = start_detached(&a, &[]);
+    let tap = |id: &str| {
+        a.inspect(id)["network"]["tap"]
+            .as_str()
+            .expect("tap")
+            .to_string()
+    };
+    let (tap1, tap2) = (tap(&s1), tap(&s2));
+    a.kill9();
+    let pins = |t: &str| std::path::Path::new(&format!("/sys/fs/bpf/hearth/{t}/CONFIG")).exists();
+    // why: checked while A's QEMUs run (their taps are busy), so no daemon of
+    // another test starting meanwhile can have removed them yet.
+    for (t, ip) in [(&tap1, &ip1), (&tap2, &ip2)] {
+        assert!(has_link(t), "{t} outlives A");
+        assert!(has_route(ip), "the route to {ip} outlives A");
+        assert!(in_nat_set(ip), "the NAT element {ip} outlives A");
+        assert!(pins(t), "the pins of {t} outlive A");
+        assert!(in_host_map(ip), "the host map entry {ip} outlives A");
+    }
+    hearth_e2e::kill_vmms_under(a.data.path());
+    wait_until("daemon A's QEMUs are gone", Duration::from_secs(30), || {
+        hearth_e2e::vmm_pids_under(a.data.path()).is_empty()
+    });
+    let key: Vec<String> = ip1.split('.').map(str::to_string).collect();
+    sh(&format!(
+        "bpftool map delete pinned /sys/fs/bpf/hearth-host/netns-$(stat -L -c %i /proc/self/ns/net)/SANDBOXES_v1 key {}",
+        key.join(" ")
+    ));
+    sh(&format!("ip link del {tap2}"));
+
+    let b = Daemon::start();
+    let state = host_state();
+    for (t, ip) in [(&tap1, &ip1), (&tap2, &ip2)] {
+        assert!(!has_link(t), "{t} removed: {state}");
+        assert!(!has_route(ip), "the route to {ip} removed: {state}");
+        assert!(!in_nat_set(ip), "the NAT element {ip} removed: {state}");
+        assert!(!pins(t), "the pins of {t} removed: {state}");
+        assert!(!in_host_map(ip), "the host map entry {ip} removed");
+    }
+    drop((a, b));
 }

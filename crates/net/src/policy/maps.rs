@@ -2,8 +2,9 @@
 //!
 //! Updates are atomic: RULES holds two slots of rules (the LPM key starts with a
 //! slot/direction tag) and CONFIG names the active one. An update writes the
-//! inactive slot (rules, defaults, zeroed counters) and then flips
-//! `CONFIG.active`, one byte, so a packet sees the old or the new policy whole.
+//! inactive slot (rules, defaults, zeroed counters) and then bumps
+//! `CONFIG.epoch`, one aligned 32-bit word whose low bit selects the slot, so a
+//! packet sees the old or the new policy whole.
 //!
 //! Each sandbox gets its own program instance and maps. Maps and the two TCX
 //! links are pinned under `/sys/fs/bpf/hearth/<tap>/`, so the programs stay
@@ -895,6 +896,141 @@ pub fn detach(tap: &str) -> Result<(), BpfError> {
     }
 }
 
+/// The ifindex a pinned TCX link is attached to; 0 once its device is gone
+/// (the kernel detaches a TCX link when its device is unregistered, in
+/// whatever network namespace that was).
+fn pinned_link_ifindex(path: &Path) -> std::io::Result<u32> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // union bpf_attr for BPF_OBJ_GET: pathname, bpf_fd, file_flags, path_fd.
+    let mut get = [0u64; 3];
+    get[0] = c.as_ptr() as u64;
+    // SAFETY: `get` is a valid BPF_OBJ_GET attribute whose pathname points to
+    // `c`, alive for the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            7, // BPF_OBJ_GET
+            get.as_mut_ptr(),
+            std::mem::size_of_val(&get),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this descriptor; nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // struct bpf_link_info: type, id, prog_id, then an 8-aligned union whose
+    // `tcx` member starts with the ifindex (offset 16).
+    let mut info = [0u8; 48];
+    // union bpf_attr for BPF_OBJ_GET_INFO_BY_FD: bpf_fd, info_len, info.
+    let mut attr = [0u64; 2];
+    attr[0] = u64::from(fd.as_raw_fd() as u32) | (u64::from(info.len() as u32) << 32);
+    attr[1] = info.as_mut_ptr() as u64;
+    // SAFETY: `attr` names `fd` (open) and `info`, a buffer of info_len bytes
+    // alive for the call; the kernel writes at most that many.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            15, // BPF_OBJ_GET_INFO_BY_FD
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    const BPF_LINK_TYPE_TCX: u32 = 11;
+    let typ = u32::from_ne_bytes(info[0..4].try_into().unwrap_or_default());
+    if typ != BPF_LINK_TYPE_TCX {
+        return Err(std::io::Error::other(format!(
+            "{} is a BPF link of type {typ}, not TCX",
+            path.display()
+        )));
+    }
+    Ok(u32::from_ne_bytes(
+        info[16..20].try_into().unwrap_or_default(),
+    ))
+}
+
+/// Whether the pins of `tap` are used by a program that runs somewhere:
+/// a pinned TCX link still attached to a device (of any namespace), or,
+/// without link pins (cls_bpf filters on kernels before 6.6, or an instance
+/// loaded but not attached yet), a loaded program that uses its `CONFIG`.
+/// Unknown (a pin that cannot be read) counts as in use.
+pub fn pins_in_use(tap: &str) -> bool {
+    let dir = pin_dir(tap);
+    let mut links = 0;
+    for link in ["link_guest_out", "link_guest_in"] {
+        let p = dir.join(link);
+        if !p.exists() {
+            continue;
+        }
+        links += 1;
+        match pinned_link_ifindex(&p) {
+            Ok(0) => {}
+            Ok(_) | Err(_) => return true,
+        }
+    }
+    if links > 0 {
+        return false;
+    }
+    let config = dir.join("CONFIG");
+    if !config.exists() {
+        return false;
+    }
+    let Some(id) = MapData::from_pin(&config)
+        .ok()
+        .and_then(|m| m.info().ok())
+        .map(|i| i.id())
+    else {
+        return true;
+    };
+    // why: a program freed while the list is walked is no user (Err); a
+    // kernel that does not report map ids (None) leaves the pins in place.
+    aya::programs::loaded_programs().any(|p| match p.map(|p| p.map_ids()) {
+        Ok(Ok(Some(ids))) => ids.contains(&id),
+        Ok(Ok(None)) => true,
+        Ok(Err(_)) | Err(_) => false,
+    })
+}
+
+/// Removes the host map pins (`HOST_PINS_ROOT/netns-<inode>`) of network
+/// namespaces not in `live` (see `registry::live_namespaces`): their taps
+/// went with them, so no program uses them. Call it after
+/// `registry::purge_gone_namespaces`: a namespace whose registry directory
+/// is still there has an agent this process cannot see (another PID
+/// namespace), and keeps its pins. Returns the inodes removed.
+pub fn purge_gone_namespace_pins(live: &std::collections::HashSet<u64>) -> Vec<u64> {
+    let mut removed = Vec::new();
+    let Ok(rd) = std::fs::read_dir(HOST_PINS_ROOT) else {
+        return removed;
+    };
+    for e in rd.flatten() {
+        let Some(ino) = e
+            .file_name()
+            .to_str()
+            .and_then(|n| n.strip_prefix("netns-"))
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        if ino == 0 || live.contains(&ino) || ino == crate::registry::netns_id() {
+            continue;
+        }
+        let registry = Path::new(crate::registry::REGISTRY_DIR).join(format!("netns-{ino}"));
+        if registry.exists() {
+            continue;
+        }
+        if std::fs::remove_dir_all(e.path()).is_ok() {
+            removed.push(ino);
+        }
+    }
+    removed
+}
+
 /// Taps that have pins (for orphan cleanup).
 pub fn pinned_taps() -> Vec<String> {
     std::fs::read_dir(BPFFS_ROOT)
@@ -1323,6 +1459,159 @@ mod tests {
         );
     }
 
+    /// TCP `src:sport -> dst:dport` with `flags`, the IP packet padded to `len`.
+    fn tcp_len(
+        src: [u8; 4],
+        dst: [u8; 4],
+        sport: u16,
+        dport: u16,
+        flags: u8,
+        len: usize,
+    ) -> Vec<u8> {
+        let mut t = vec![0u8; 20];
+        t[0..2].copy_from_slice(&sport.to_be_bytes());
+        t[2..4].copy_from_slice(&dport.to_be_bytes());
+        t[12] = 5 << 4;
+        t[13] = flags;
+        packet(src, dst, 6, &t, len)
+    }
+
+    /// The counter slot labelled exactly `label` in `c`.
+    fn slot_of(c: &Compiled, label: &str) -> u16 {
+        c.counters
+            .iter()
+            .find(|l| l.label == label)
+            .unwrap_or_else(|| panic!("no counter {label}: {:?}", c.counters))
+            .slot
+    }
+
+    fn counter_full(p: &Prog, slot: u16) -> Counter {
+        counters(&p.tap).unwrap()[usize::from(slot)]
+    }
+
+    #[test]
+    fn a_rules_counters_count_every_packet_and_byte_of_its_flows() {
+        let a = ip("203.0.113.1");
+        let d = ip("198.51.100.9");
+        let c = policy(
+            set(
+                Action::Deny,
+                &["203.0.113.1/32:443:tcp"],
+                &["198.51.100.0/24:22"],
+            ),
+            set(Action::Deny, &[], &[]),
+        );
+        let allow = slot_of(&c, "egress allow 203.0.113.1/32:443:tcp");
+        let deny = slot_of(&c, "egress deny 198.51.100.0/24:22");
+        let p = Prog::load("rc", &c, &[]);
+        let mut want = Counter::default();
+        let sent = |pkt: Vec<u8>, out: bool, want: &mut Counter| {
+            let r = if out { p.out(&pkt) } else { p.inn(&pkt) };
+            assert_eq!(r, OK, "a packet of the allowed flow");
+            want.packets += 1;
+            want.bytes += pkt.len() as u64;
+        };
+        sent(tcp_len(G, a, 41000, 443, SYN, 60), true, &mut want);
+        sent(tcp_len(a, G, 443, 41000, SYN | ACK, 60), false, &mut want);
+        for i in 0..10 {
+            sent(tcp_len(G, a, 41000, 443, PSH_ACK, 1500), true, &mut want);
+            sent(
+                tcp_len(a, G, 443, 41000, PSH_ACK, 100 + i * 10),
+                false,
+                &mut want,
+            );
+        }
+        let got = counter_full(&p, allow);
+        assert_eq!(
+            (got.packets, got.bytes),
+            (want.packets, want.bytes),
+            "every packet and byte of the flow, both ways, counts to its rule"
+        );
+        // A denied rule counts the dropped attempts.
+        for _ in 0..3 {
+            assert_eq!(p.out(&tcp_len(G, d, 41001, 22, SYN, 60)), SHOT);
+        }
+        let got = counter_full(&p, deny);
+        assert_eq!((got.packets, got.bytes), (3, 3 * 74), "3 SYNs of 74 bytes");
+
+        // After a change that still allows it, the flow is judged again once and
+        // its packets count to the new policy's rule (counters start at zero).
+        let g = Ipv4Addr::from(G);
+        let c2 = policy(
+            set(Action::Deny, &["203.0.113.0/24:443:tcp"], &[]),
+            set(Action::Deny, &[], &[]),
+        );
+        let allow2 = slot_of(&c2, "egress allow 203.0.113.0/24:443:tcp");
+        update(&p.tap, g, MAC, &c2).unwrap();
+        let mut want = Counter::default();
+        sent(tcp_len(a, G, 443, 41000, PSH_ACK, 400), false, &mut want);
+        sent(tcp_len(G, a, 41000, 443, PSH_ACK, 500), true, &mut want);
+        let got = counter_full(&p, allow2);
+        assert_eq!(
+            (got.packets, got.bytes),
+            (want.packets, want.bytes),
+            "the re-judged packet counted once, then the flow's"
+        );
+        // A flow allowed by the default counts to the default only on its
+        // opening packet; its later packets are replies.
+        let c3 = policy(set(Action::Allow, &[], &[]), set(Action::Deny, &[], &[]));
+        update(&p.tap, g, MAC, &c3).unwrap();
+        assert_eq!(p.out(&tcp_len(G, d, 41002, 80, SYN, 60)), OK);
+        assert_eq!(p.inn(&tcp_len(d, G, 80, 41002, SYN | ACK, 60)), OK);
+        let all = counters(&p.tap).unwrap();
+        assert_eq!(all[1].packets, 1, "egress default allow: the SYN");
+        assert_eq!(
+            all[usize::from(FIRST_RULE_COUNTER)..]
+                .iter()
+                .map(|c| c.packets)
+                .sum::<u64>(),
+            0,
+            "no rule counted a flow no rule allowed"
+        );
+    }
+
+    /// Frames from the guest with another source MAC, another IPv4 source, or
+    /// an ARP naming another sender are dropped and counted; its own pass.
+    #[test]
+    fn spoofed_frames_from_the_guest_are_dropped_and_its_own_pass() {
+        let d = ip("198.51.100.9");
+        let c = policy(set(Action::Allow, &[], &[]), set(Action::Allow, &[], &[]));
+        let p = Prog::load("sp", &c, &[]);
+        let own = udp(G, d, 40000, 53);
+        assert_eq!(p.out(&own), OK, "its own MAC and address");
+        let mut mac = own.clone();
+        mac[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x99]);
+        assert_eq!(p.out(&mac), SHOT, "another source MAC");
+        let other_ip = udp(ip("10.250.0.6"), d, 40000, 53);
+        assert_eq!(p.out(&other_ip), SHOT, "another source address");
+        let arp = |sha: [u8; 6], sip: [u8; 4]| {
+            let mut b = vec![0xff; 6];
+            b.extend_from_slice(&MAC);
+            b.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+            b.extend_from_slice(&sha);
+            b.extend_from_slice(&sip);
+            b.extend_from_slice(&[0; 6]);
+            b.extend_from_slice(&[169, 254, 1, 1]);
+            b
+        };
+        assert_eq!(p.out(&arp(MAC, G)), OK, "its own ARP");
+        assert_eq!(
+            p.out(&arp(MAC, ip("10.250.0.6"))),
+            SHOT,
+            "ARP with another sender address"
+        );
+        assert_eq!(
+            p.out(&arp([0x02, 0, 0, 0, 0, 0x99], G)),
+            SHOT,
+            "ARP with another sender MAC"
+        );
+        let mut truncated = arp(MAC, G);
+        truncated.truncate(30);
+        assert_eq!(p.out(&truncated), SHOT, "a truncated ARP");
+        assert_eq!(p.counter(0), 4, "the spoofed frames counted");
+        assert_eq!(p.out(&own), OK, "its own still pass");
+    }
+
     #[test]
     fn an_instance_loaded_ahead_enforces_the_policy_written_later() {
         let h1 = ip("192.0.2.2");
@@ -1658,6 +1947,7 @@ mod tests {
     fn the_keep_set_is_the_live_agents_and_the_registering_one() {
         let live = crate::registry::LiveAgents {
             others: std::collections::HashSet::from([1, 2]),
+            pools: Vec::new(),
             me: 3,
         };
         assert_eq!(keep_set(&live), std::collections::HashSet::from([1, 2, 3]));
