@@ -3,9 +3,10 @@
 //! restore of the same template snapshot driven by `bench/scripts/bare-restore.py`
 //! (QEMU process start -> guest agent Pong): the floor on this stack.
 //!
-//! Usage: warm-start [RUNS] [--pool-only]   (default 50; needs scripts/setup
-//! artifacts). `--pool-only` measures only the two warm-pool rows (to compare
-//! builds back to back). With `WARM_START_LOG=FILE` the daemon's log is copied
+//! Usage: warm-start [RUNS] [--pool-only | --template-only]   (default 50;
+//! needs scripts/setup artifacts). `--pool-only` measures only the two
+//! warm-pool rows, `--template-only` only the two template-restore rows and
+//! the bare restore floor (to compare builds back to back). With `WARM_START_LOG=FILE` the daemon's log is copied
 //! there at the end (e.g. with `RUST_LOG=info,hearth_agent::start_trace=debug`
 //! for every start's timeline).
 
@@ -113,6 +114,7 @@ fn main() {
         .and_then(|a| a.parse().ok())
         .unwrap_or(50);
     let pool_only = std::env::args().any(|a| a == "--pool-only");
+    let template_only = std::env::args().any(|a| a == "--template-only");
     let d = Daemon::start();
     let info = d.inspect_info();
     let accel = info["accel"].as_str().unwrap_or("tcg").to_string();
@@ -165,16 +167,22 @@ fn main() {
         );
         return;
     }
-    let cold = measure("cold", true, false, "cold", false);
+    let cold = match template_only {
+        true => Vec::new(),
+        false => measure("cold", true, false, "cold", false),
+    };
     let restore = measure("template", false, false, "template", false);
     // why: the bare restore below has no network either; this row compares like with like.
     let restore_nonet = measure("template --network none", false, true, "template", false);
-    set_pool(&d, 2);
-    let pool = measure("pool", false, false, "pool", true);
-    // why: the pool row comparable to runs before sandboxes had networking on
-    // warm starts, and to the target.
-    let pool_nonet = measure("pool --network none", false, true, "pool", true);
-    set_pool(&d, 0);
+    let (mut pool, mut pool_nonet) = (Vec::new(), Vec::new());
+    if !template_only {
+        set_pool(&d, 2);
+        pool = measure("pool", false, false, "pool", true);
+        // why: the pool row comparable to runs before sandboxes had networking on
+        // warm starts, and to the target.
+        pool_nonet = measure("pool --network none", false, true, "pool", true);
+        set_pool(&d, 0);
+    }
     keep_log();
 
     let snap = d.data_dir().join("templates/bb");
@@ -213,7 +221,9 @@ fn main() {
         "\nWarm starts, {runs} runs each, accelerator {accel}, 1 vCPU / {MEMORY_MIB} MiB, busybox `echo ready`\n"
     );
     header_p99();
-    row_p99("cold boot: API request -> first output byte", &cold);
+    if !template_only {
+        row_p99("cold boot: API request -> first output byte", &cold);
+    }
     row_p99(
         "template restore: API request -> first output byte",
         &restore,
@@ -222,13 +232,23 @@ fn main() {
         "template restore, --network none: API request -> first output byte",
         &restore_nonet,
     );
-    row_p99("warm pool: API request -> first output byte", &pool);
-    row_p99(
-        "warm pool, --network none: API request -> first output byte",
-        &pool_nonet,
-    );
+    if !template_only {
+        row_p99("warm pool: API request -> first output byte", &pool);
+        row_p99(
+            "warm pool, --network none: API request -> first output byte",
+            &pool_nonet,
+        );
+    }
     row_p99("bare QEMU restore: process start -> agent Pong", &bare);
     let p50 = |v: &[Duration]| percentile(v, 50.0).as_secs_f64();
+    if template_only {
+        println!(
+            "\nat p50: template restore {:.2}x the bare restore floor ({:.2}x with --network none)",
+            p50(&restore) / p50(&bare),
+            p50(&restore_nonet) / p50(&bare),
+        );
+        return;
+    }
     println!(
         "\nat p50: template restore {:.2}x the bare restore floor ({:.2}x with --network none), {:.1}x faster than cold; warm pool {} ms ({:.1}x faster than cold), {} ms with --network none",
         p50(&restore) / p50(&bare),

@@ -275,7 +275,8 @@ fn fence(agent: &Agent, desired: Desired, fencing: &Fencing) {
             match agent.stop(&f.agent_id, Duration::ZERO).await {
                 Ok(_) => {
                     if let Ok(e) = agent.entry(&f.agent_id) {
-                        e.update(|r| {
+                        // why: the sandbox ended; a note that cannot be saved is logged by `update`.
+                        let _ = e.update(|r| {
                             r.error = Some(format!("stopped by the control plane: {}", f.reason))
                         });
                     }

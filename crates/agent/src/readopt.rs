@@ -329,7 +329,8 @@ impl Agent {
                 }
                 Err(NotAdopted::Unresolved(why)) => {
                     tracing::error!(sandbox = %rec.id, "{why}");
-                    entry.update(|r| {
+                    // why: an end is shown even when it cannot be saved (see `Entry::update`, which logs it).
+                    let _ = entry.update(|r| {
                         r.status = SandboxStatus::Lost;
                         r.finished_ms = Some(now_ms());
                         r.error = Some(why);
@@ -349,7 +350,8 @@ impl Agent {
         // why: the sandbox is settled; the record (and the target's token) is not needed.
         crate::migration::forget_record(&entry.dir);
         tracing::warn!(sandbox = %rec.id, "lost: {reason}");
-        entry.update(|r| {
+        // why: an end is shown even when it cannot be saved (see `Entry::update`, which logs it).
+        let _ = entry.update(|r| {
             r.status = SandboxStatus::Lost;
             r.finished_ms = Some(now_ms());
             r.error = Some(format!("{reason}{tail}"));

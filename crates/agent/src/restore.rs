@@ -586,20 +586,35 @@ impl Agent {
             resume: Resume::Restored,
         };
         // why: a warm start's path is usually saved with its registration
-        // (`Launch::preset_path`); saved here only when it differs.
+        // (`Launch::preset_path`); saved here only when it differs. A path
+        // that cannot be saved fails the start: the record naming its
+        // template or snapshot is what keeps that in use after a restart.
         let record = |path: StartPath, from: Option<&str>, note: Option<String>| {
             let r = entry.snapshot();
             if r.start_path == Some(path)
                 && r.started_from.as_deref() == from
                 && r.start_note == note
             {
-                return;
+                return Ok(());
             }
-            entry.update(|r| {
-                r.start_path = Some(path);
-                r.started_from = from.map(str::to_string);
-                r.start_note = note;
-            })
+            entry
+                .update(|r| {
+                    r.start_path = Some(path);
+                    r.started_from = from.map(str::to_string);
+                    r.start_note = note;
+                })
+                .map_err(|e| {
+                    format!(
+                        "cannot save the start path of sandbox {} in {} ({e}); free space there and create it again",
+                        cfg.id,
+                        entry.dir.display()
+                    )
+                })
+        };
+        let drop_restored = |r: hearth_vmm::RestoredVm| async move {
+            let _ = r.vm.kill().await;
+            let _ = r.vm.wait().await;
+            let _ = hearth_vmm::destroy(r.vm.dir());
         };
         let cold_note = match launch {
             Launch::Cold { note } => note,
@@ -627,9 +642,7 @@ impl Agent {
                         // were attached (setup_network ran before the lifecycle).
                         if let Some(tap) = cfg.net.as_ref().and_then(|n| n.tap.as_deref()) {
                             if let Err(e) = r.vm.attach_tap(tap).await {
-                                let _ = r.vm.kill().await;
-                                let _ = r.vm.wait().await;
-                                let _ = hearth_vmm::destroy(r.vm.dir());
+                                drop_restored(r).await;
                                 return Err((
                                     format!("cannot attach tap {tap} to the VM restored from template '{name}': {e}"),
                                     key,
@@ -637,7 +650,10 @@ impl Agent {
                             }
                             entry.trace.mark("tap-attached");
                         }
-                        record(path, Some(&name), note);
+                        if let Err(m) = record(path, Some(&name), note) {
+                            drop_restored(r).await;
+                            return Err((m, key));
+                        }
                         entry.trace.mark("start-path-saved");
                         let link = GuestLink::Stream(r.agent);
                         return Ok((
@@ -656,7 +672,10 @@ impl Agent {
                 }
             }
             Launch::Pooled { template, vm } => {
-                record(StartPath::Pool, Some(&template), None);
+                if let Err(m) = record(StartPath::Pool, Some(&template), None) {
+                    vm.discard().await;
+                    return Err((m, key));
+                }
                 // why: pooled VMs wait with their device on hub 0 and no tap; the
                 // sandbox's own tap (lease and policy already set up) joins now,
                 // unless it joined while the request's rules were written.
@@ -700,7 +719,10 @@ impl Agent {
             } => match self.restore_from(&dir, cfg).await {
                 Ok(r) => {
                     entry.trace.mark("restored");
-                    record(path, Some(&name), note);
+                    if let Err(m) = record(path, Some(&name), note) {
+                        drop_restored(r).await;
+                        return Err((m, key));
+                    }
                     entry.trace.mark("start-path-saved");
                     let link = GuestLink::Stream(r.agent);
                     let ch = channel(link, attach, next_session, guarded);
@@ -716,7 +738,9 @@ impl Agent {
                 Err(e) => return Err((format!("cannot restore snapshot '{name}': {e}"), key)),
             },
         };
-        record(StartPath::Cold, None, cold_note);
+        if let Err(m) = record(StartPath::Cold, None, cold_note) {
+            return Err((m, key));
+        }
         match self.inner.vmm.create(cfg).await {
             Ok(vm) => Ok((vm, None, key)),
             Err(e) => Err((format!("cannot start VM: {e}"), key)),

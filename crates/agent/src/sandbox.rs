@@ -318,17 +318,61 @@ impl Entry {
     /// moment `inspect` said running, before the save, and the restart found a
     /// sandbox still being created). Updates are serialized: an older copy is
     /// never saved over a newer one.
-    pub(crate) fn update(&self, f: impl FnOnce(&mut Sandbox)) {
+    ///
+    /// A change that cannot be saved is not shown either: readers keep the
+    /// last saved record and the caller gets the error. Except the end of a
+    /// sandbox (a terminal status): it is shown all the same, its `error`
+    /// saying the record was not saved, since hiding it would leave clients
+    /// waiting for a workload that is gone; a restarted hearthd finds the
+    /// older record and reports the sandbox `lost`.
+    pub(crate) fn update(&self, f: impl FnOnce(&mut Sandbox)) -> std::io::Result<()> {
         let _saving = lock(&self.persisting);
         let mut rec = self.snapshot();
         f(&mut rec);
-        if let Err(e) = persist(&self.dir, &rec) {
-            tracing::error!(sandbox = %rec.id, "cannot save sandbox record: {e}");
+        let saved = persist(&self.dir, &rec);
+        if let Err(e) = &saved {
+            tracing::error!(sandbox = %rec.id, status = ?rec.status, "cannot save sandbox record in {}: {e}", self.dir.display());
+            if !rec.status.is_terminal() {
+                return saved;
+            }
+            let note = format!(
+                "its record could not be saved in {} ({e}); a restarted hearthd will report it lost",
+                self.dir.display()
+            );
+            rec.error = Some(match rec.error.take() {
+                Some(m) => format!("{m}; {note}"),
+                None => note,
+            });
         }
         let status = rec.status;
         *lock(&self.record) = rec;
         self.status.send_replace(status);
+        saved
     }
+}
+
+/// Longest hold [`running_save_hold`] takes.
+const MAX_RUNNING_SAVE_HOLD_MS: u64 = 30_000;
+
+/// Fault injection for tests: with `HEARTH_RUNNING_SAVE_HOLD=<ms>` the save
+/// of a new start's `running` record waits `ms` first (at most 30 s), so a
+/// test holds the window between the workload's first output and that save
+/// open (requests in it must wait for the save, see
+/// [`Entry::running_saved`]). Unset (always, outside tests) it costs one
+/// environment lookup. Blocks: called on the save's blocking thread.
+fn running_save_hold() {
+    let Some(ms) = std::env::var("HEARTH_RUNNING_SAVE_HOLD")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(|ms| ms.min(MAX_RUNNING_SAVE_HOLD_MS))
+    else {
+        return;
+    };
+    tracing::warn!(
+        ms,
+        "HEARTH_RUNNING_SAVE_HOLD: holding the save of a running record (fault injection for tests)"
+    );
+    std::thread::sleep(Duration::from_millis(ms));
 }
 
 /// What a new sandbox's record holds from its registration on, when known
@@ -1158,7 +1202,20 @@ impl Agent {
         };
         if let Some(n) = &net {
             let token = new_id() + &new_id();
-            entry.update(|r| r.network = Some(crate::network::network_to_api(n, token)));
+            // why: a restarted hearthd keeps only the networks its records
+            // name; one the record does not name would be removed under a
+            // running sandbox, so the start fails instead.
+            if let Err(e) =
+                entry.update(|r| r.network = Some(crate::network::network_to_api(n, token)))
+            {
+                self.drop_network(&id).await;
+                lock(&self.inner.sandboxes).remove(&id);
+                let _ = std::fs::remove_dir_all(&entry.dir);
+                return Err(io_err(format!(
+                    "save the network of sandbox {id} in its record {}",
+                    entry.dir.display()
+                ))(e));
+            }
         }
         Ok(net)
     }
@@ -1494,7 +1551,8 @@ impl Agent {
         exit: Option<ExitInfo>,
         error: Option<String>,
     ) {
-        entry.update(|r| {
+        // why: an end is shown even when it cannot be saved (see `Entry::update`, which logs it).
+        let _ = entry.update(|r| {
             r.status = status;
             r.exit = exit;
             r.error = error;
@@ -1647,12 +1705,14 @@ impl Agent {
         // before any later change of the record (stop, migrate, the end).
         let e2 = entry.clone();
         let saving = tokio::task::spawn_blocking(move || {
-            e2.update(|r| {
+            running_save_hold();
+            let saved = e2.update(|r| {
                 r.status = SandboxStatus::Running;
                 r.started_ms = Some(now_ms());
                 r.boot_ms = Some(boot_ms);
             });
             e2.trace.mark("running-saved");
+            saved
         });
         tracing::info!(sandbox = %entry.snapshot().id, boot_ms, "workload started");
         self.run_workload(
@@ -1698,7 +1758,7 @@ impl Agent {
         mut log: OutputLog,
         ctl: &mut mpsc::Receiver<Control>,
         polite: &mut bool,
-        started: Option<(Instant, tokio::task::JoinHandle<()>)>,
+        started: Option<(Instant, tokio::task::JoinHandle<std::io::Result<()>>)>,
     ) -> Outcome {
         let (started, mut saving) = match started {
             Some((t0, save)) => (Some(t0), Some(save)),
@@ -1754,9 +1814,10 @@ impl Agent {
             let save_pending = saving.is_some();
             let saved = async {
                 match saving.as_mut() {
-                    Some(save) => {
-                        let _ = save.await;
-                    }
+                    Some(save) => match save.await {
+                        Ok(r) => r,
+                        Err(e) => Err(std::io::Error::other(format!("the save panicked: {e}"))),
+                    },
                     None => std::future::pending().await,
                 }
             };
@@ -1765,10 +1826,21 @@ impl Agent {
             } else {
                 tokio::select! {
                     ev = session.next() => Some(ev),
-                    _ = saved => {
+                    r = saved => {
                         saving = None;
                         if std::mem::take(&mut timeline_due) {
                             entry.trace.log(&entry.snapshot().id);
+                        }
+                        // why: its status stays `creating` (`Entry::update` shows
+                        // no record it could not save), and a restart would stop
+                        // the VM as one still being created: the start fails now.
+                        if let Err(e) = r {
+                            *polite = false;
+                            break failed(format!(
+                                "cannot save the record of sandbox {} as running in {} ({e}); the workload was stopped; free space there and start it again",
+                                entry.snapshot().id,
+                                entry.dir.display()
+                            ));
                         }
                         None
                     }
@@ -1847,6 +1919,7 @@ impl Agent {
             }
         };
         if let Some(save) = saving.take() {
+            // why: the workload ended anyway; the end's own save follows.
             let _ = save.await;
         }
         if timeline_due {
@@ -2341,7 +2414,8 @@ mod tests {
                 .is_err(),
             "returned while the status was still creating"
         );
-        e.update(|r| r.status = SandboxStatus::Running);
+        e.update(|r| r.status = SandboxStatus::Running)
+            .expect("save the record");
         tokio::time::timeout(Duration::from_secs(5), wait)
             .await
             .expect("still waiting after the running record was saved");
@@ -2355,6 +2429,55 @@ mod tests {
         )
         .await
         .expect("the wait is bounded");
+    }
+
+    #[test]
+    fn a_record_change_that_cannot_be_saved_is_not_shown_unless_it_is_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let sb = dir.path().join("sb");
+        std::fs::create_dir(&sb).unwrap();
+        let e = creating_entry(&sb);
+        let status = e.status.subscribe();
+        // The save fails (its directory is gone, as on a full or broken disk).
+        std::fs::remove_dir(&sb).unwrap();
+        let err = e.update(|r| {
+            r.status = SandboxStatus::Running;
+            r.started_ms = Some(1);
+        });
+        assert!(err.is_err(), "a save into a missing directory succeeded");
+        let shown = e.snapshot();
+        assert_eq!(
+            shown.status,
+            SandboxStatus::Creating,
+            "shown unsaved: {shown:?}"
+        );
+        assert_eq!(shown.started_ms, None);
+        assert_eq!(*status.borrow(), SandboxStatus::Creating);
+        assert!(
+            !status.has_changed().unwrap(),
+            "status watchers were told an unsaved status"
+        );
+        // The end is shown all the same, saying that it was not saved.
+        let err = e.update(|r| {
+            r.status = SandboxStatus::Exited;
+            r.error = Some("boom".into());
+        });
+        assert!(err.is_err());
+        let shown = e.snapshot();
+        assert_eq!(shown.status, SandboxStatus::Exited);
+        let msg = shown.error.unwrap_or_default();
+        assert!(
+            msg.starts_with("boom; its record could not be saved in") && msg.contains("lost"),
+            "{msg}"
+        );
+        assert_eq!(*status.borrow(), SandboxStatus::Exited);
+        // Saved again once the directory is back; what is shown is what is on disk.
+        std::fs::create_dir(&sb).unwrap();
+        e.update(|r| r.error = None).expect("save the record");
+        let on_disk: Sandbox =
+            serde_json::from_slice(&std::fs::read(sb.join("sandbox.json")).unwrap()).unwrap();
+        assert_eq!(on_disk.status, e.snapshot().status);
+        assert_eq!(on_disk.error, None);
     }
 
     #[test]

@@ -795,12 +795,17 @@ fn an_exec_sent_while_a_snapshot_is_saved_waits_for_the_thaw() {
 /// A warm start relays its workload's first output while its `running` record
 /// is still being saved: a client that reacts to that output at once (here
 /// `hearth exec` the moment `ready` is printed) must find the sandbox running,
-/// not be told it is still being created (409).
+/// not be told it is still being created (409). The daemon holds every
+/// `running` save for a second (`HEARTH_RUNNING_SAVE_HOLD`), so each exec is
+/// sent inside that window (checked: the sandbox still says `creating`).
 #[test]
 fn an_exec_sent_on_the_first_output_of_a_warm_start_runs() {
     use std::io::BufRead;
     use std::process::Stdio;
-    let d = Daemon::start_with_env(&[("RUST_LOG", "info,hearth_agent::start_trace=debug")]);
+    let d = Daemon::start_with_env(&[
+        ("RUST_LOG", "info,hearth_agent::start_trace=debug"),
+        ("HEARTH_RUNNING_SAVE_HOLD", "1000"),
+    ]);
     let out = d.hearth(&[
         "template", "create", "busybox", "--name", "bb", "--memory", "128", "--pool", "2",
     ]);
@@ -837,6 +842,12 @@ fn an_exec_sent_on_the_first_output_of_a_warm_start_runs() {
             let out = run.wait_with_output().expect("wait hearth run");
             panic!("{name}: first output {first:?}, not ready: {}", show(&out));
         }
+        // why: the exec below must be sent while the `running` save is held.
+        let status = d.inspect(&name)["status"].clone();
+        assert_eq!(
+            status, "creating",
+            "{name}: the running save was not held (HEARTH_RUNNING_SAVE_HOLD)"
+        );
         // why: every other one through the API itself, the quickest reaction
         // a client can have (no CLI process to start).
         let exec = if i % 2 == 0 {
