@@ -51,6 +51,10 @@ pub enum AgentError {
     InvalidArgument(String),
     #[error("{0}")]
     Conflict(String),
+    /// A migration target's sandboxes file system cannot hold one more
+    /// incoming migration besides those in flight (409).
+    #[error(transparent)]
+    NoRoom(crate::migration::reserve::NoRoom),
     #[error("sandbox '{id}': {message}")]
     VmFailed { id: String, message: String },
     #[error("{what}: {source}")]
@@ -108,7 +112,7 @@ impl AgentError {
             AgentError::Image(_) => ErrorCode::Internal,
             AgentError::NoCommand(_) => ErrorCode::NoCommand,
             AgentError::InvalidArgument(_) => ErrorCode::InvalidArgument,
-            AgentError::Conflict(_) => ErrorCode::Conflict,
+            AgentError::Conflict(_) | AgentError::NoRoom(_) => ErrorCode::Conflict,
             AgentError::VmFailed { .. } => ErrorCode::VmFailed,
             AgentError::Io { .. } | AgentError::Config(_) => ErrorCode::Internal,
             AgentError::ImageMissing(_) => ErrorCode::ImageNotFound,
