@@ -1732,6 +1732,13 @@ impl Agent {
             }
             loop {
                 tokio::time::sleep(wd / 3).await;
+                // why: a VM a migration paused does not answer and is not
+                // hung: the source's after the switch-over, or a migrated-in
+                // copy whose resume failed after the commit (killing it
+                // would lose the only copy; a re-adoption resumes it).
+                if entry.migration_paused.load(std::sync::atomic::Ordering::Relaxed) {
+                    continue;
+                }
                 match tokio::time::timeout(wd, conn.ping(wd)).await {
                     Ok(Ok(())) => continue,
                     // why: pings fail while the channel is frozen for a migration's switch-over.

@@ -709,7 +709,7 @@ fn two_concurrent_incoming_migrations_to_room_for_one_refuse_the_second_at_prepa
             let vms = dir.join("sandboxes");
             std::fs::create_dir_all(&vms).unwrap();
             let st = std::process::Command::new("mount")
-                .args(["-t", "tmpfs", "-o", "size=1m", "hearth-e2e-room"])
+                .args(["-t", "tmpfs", "-o", "size=8m", "hearth-e2e-room"])
                 .arg(&vms)
                 .status()
                 .unwrap();
@@ -735,7 +735,7 @@ fn two_concurrent_incoming_migrations_to_room_for_one_refuse_the_second_at_prepa
     let api = b.api.clone();
     let tf = token_file(&b);
     // What one migration needs there (both are alike), off the refusal of
-    // the 1 MiB file system.
+    // the 8 MiB file system.
     let out = a.hearth(&["migrate", "c2", "--to", &api, "--to-token-file", &tf]);
     assert!(!out.status.success(), "{}", show(&out));
     let err = stderr(&out);
