@@ -1736,7 +1736,10 @@ impl Agent {
                 // hung: the source's after the switch-over, or a migrated-in
                 // copy whose resume failed after the commit (killing it
                 // would lose the only copy; a re-adoption resumes it).
-                if entry.migration_paused.load(std::sync::atomic::Ordering::Relaxed) {
+                if entry
+                    .migration_paused
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                {
                     continue;
                 }
                 match tokio::time::timeout(wd, conn.ping(wd)).await {

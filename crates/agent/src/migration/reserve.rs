@@ -278,7 +278,7 @@ mod tests {
         std::fs::write(dir.join("vm").join("ram"), vec![1u8; 1 << 20]).unwrap();
         let (held, _) = l.held();
         assert!(
-            (3 << 20) - (64 << 10) <= held && held <= 3 << 20,
+            ((3 << 20) - (64 << 10)..=3 << 20).contains(&held),
             "1 MiB written of 4 MiB: {held} bytes held"
         );
         // A failure to read the free space is said as such.
