@@ -503,7 +503,7 @@ impl Agent {
                 tracing::info!(sandbox = %entry.snapshot().id, "a migration had not committed: the VM runs on here");
             }
         }
-        let workload = WorkloadRecord::load(&entry.dir).map_err(broken)?;
+        let mut workload = WorkloadRecord::load(&entry.dir).map_err(broken)?;
         if workload.migrated_in {
             // why: the commit of the migration that brought it here saved
             // the records before `cont`; if hearthd stopped in between, the
@@ -513,6 +513,13 @@ impl Agent {
                     "resuming the VM a migration here had committed failed: {e}"
                 ))
             })?;
+            // why: it runs; left set, the flag would resume it again at a
+            // later re-adoption even if this node had paused it as the
+            // source of another migration (and it keeps migrations away).
+            // why: and the record healed below keeps what was stored.
+            workload.migrated_in =
+                !crate::migration::clear_migrated_in(&entry.snapshot().id, &entry.dir, workload)
+                    .await;
         }
         let log_path: PathBuf = entry.dir.join("output.log");
         let end = log_end(&log_path)

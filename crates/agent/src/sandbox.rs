@@ -51,6 +51,10 @@ pub enum AgentError {
     InvalidArgument(String),
     #[error("{0}")]
     Conflict(String),
+    /// A migration target's sandboxes file system cannot hold one more
+    /// incoming migration besides those in flight (409).
+    #[error(transparent)]
+    NoRoom(crate::migration::reserve::NoRoom),
     #[error("sandbox '{id}': {message}")]
     VmFailed { id: String, message: String },
     #[error("{what}: {source}")]
@@ -108,7 +112,7 @@ impl AgentError {
             AgentError::Image(_) => ErrorCode::Internal,
             AgentError::NoCommand(_) => ErrorCode::NoCommand,
             AgentError::InvalidArgument(_) => ErrorCode::InvalidArgument,
-            AgentError::Conflict(_) => ErrorCode::Conflict,
+            AgentError::Conflict(_) | AgentError::NoRoom(_) => ErrorCode::Conflict,
             AgentError::VmFailed { .. } => ErrorCode::VmFailed,
             AgentError::Io { .. } | AgentError::Config(_) => ErrorCode::Internal,
             AgentError::ImageMissing(_) => ErrorCode::ImageNotFound,
@@ -1788,6 +1792,16 @@ impl Agent {
             }
             loop {
                 tokio::time::sleep(wd / 3).await;
+                // why: a VM a migration paused does not answer and is not
+                // hung: the source's after the switch-over, or a migrated-in
+                // copy whose resume failed after the commit (killing it
+                // would lose the only copy; a re-adoption resumes it).
+                if entry
+                    .migration_paused
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                {
+                    continue;
+                }
                 match tokio::time::timeout(wd, conn.ping(wd)).await {
                     Ok(Ok(())) => continue,
                     // why: pings fail while the channel is frozen for a migration's switch-over.

@@ -147,6 +147,13 @@ pub trait Vm: Send + Sync {
     async fn pause(&self) -> Result<(), VmmError>;
     /// Resumes paused vCPUs; waits for the RESUME event. A running VM is left as is.
     async fn resume(&self) -> Result<(), VmmError>;
+    /// Whether the vCPUs run (not paused, not stopped for a migration).
+    async fn is_running(&self) -> Result<bool, VmmError> {
+        Err(VmmError::Unsupported {
+            id: self.id().to_string(),
+            what: "asking the run state",
+        })
+    }
     /// Asks the VMM to quit, SIGKILLs it after `grace`, and waits until it is gone.
     async fn shutdown(&self, grace: Duration) -> Result<VmExit, VmmError>;
     /// SIGKILLs the VMM process (does not wait; see [`Vm::wait`]).

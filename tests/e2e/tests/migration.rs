@@ -680,6 +680,167 @@ fn a_target_out_of_memory_mid_transfer_leaves_the_source_running() {
     assert_contiguous_from_zero(&counted(&a, "c"));
 }
 
+/// Ids of the sandboxes `d` lists.
+fn listed(d: &Daemon) -> Vec<String> {
+    let out = d.hearth(&["ps", "--json"]);
+    assert!(out.status.success(), "{}", show(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ps json");
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s["name"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Review R1: the target's prepare holds the room an incoming migration still
+/// needs until it ends. Two migrations to a target whose sandboxes dir (a
+/// tmpfs) has room for one: the second, prepared while the first is in
+/// flight, is refused with what is free, held and needed; the first
+/// completes; each sandbox runs exactly once. Once the first is committed its
+/// hold is gone: the second then fits (after the first is removed there).
+#[test]
+fn two_concurrent_incoming_migrations_to_room_for_one_refuse_the_second_at_prepare() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: mounting a small tmpfs for the target's VMs needs root");
+        return;
+    }
+    let (a, b) = two_nodes_with_target(DaemonOptions {
+        busybox: false,
+        before_start: Some(|dir: &Path| {
+            let vms = dir.join("sandboxes");
+            std::fs::create_dir_all(&vms).unwrap();
+            let st = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", "size=8m", "hearth-e2e-room"])
+                .arg(&vms)
+                .status()
+                .unwrap();
+            assert!(st.success(), "mount tmpfs");
+        }),
+        ..Default::default()
+    });
+    let vms = b.data_dir().join("sandboxes");
+    let _unmount = Unmount(vms.clone());
+    // why: after the guard, so the daemon and its VMs go first.
+    let b = b;
+    // c1 has 24 MiB of random bytes in guest memory: at 4 MiB/s its
+    // pre-copy lasts seconds, long enough for c2's prepare to meet it.
+    run_counter_with(
+        &a,
+        "c1",
+        &format!(
+            "mkdir -p /m && mount -t tmpfs -o size=32m t /m && \
+             dd if=/dev/urandom of=/m/x bs=1048576 count=24 2>/dev/null; {COUNTER}"
+        ),
+    );
+    run_counter(&a, "c2");
+    let api = b.api.clone();
+    let tf = token_file(&b);
+    // What one migration needs there (both are alike), off the refusal of
+    // the 8 MiB file system.
+    let out = a.hearth(&["migrate", "c2", "--to", &api, "--to-token-file", &tf]);
+    assert!(!out.status.success(), "{}", show(&out));
+    let err = stderr(&out);
+    let need: u64 = err
+        .split("needs ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no byte count in {err}"));
+    let size = need + need / 2;
+    let st = std::process::Command::new("mount")
+        .args(["-o", &format!("remount,size={size}")])
+        .arg(&vms)
+        .status()
+        .unwrap();
+    assert!(st.success(), "remount the tmpfs");
+
+    let first = spawn_migrate(
+        &a,
+        &[
+            "c1",
+            "--to",
+            &api,
+            "--to-token-file",
+            &tf,
+            "--bandwidth-mib",
+            "4",
+        ],
+    );
+    wait_precopy(&a, "c1");
+    let t0 = Instant::now();
+    let out = a.hearth(&["migrate", "c2", "--to", &api, "--to-token-file", &tf]);
+    let c1_phase = status_of(&a, "c1")["phase"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    eprintln!(
+        "second migrate refused in {:?}; the first was then in phase {c1_phase}",
+        t0.elapsed()
+    );
+    assert_eq!(
+        c1_phase, "precopy",
+        "the first migration was no longer in flight when the second was refused: the test proves nothing"
+    );
+    assert!(!out.status.success(), "{}", show(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!(
+            "bytes free on the file system of {}",
+            vms.display()
+        )) && err.contains("bytes of it held for 1 other incoming migration(s) still in flight")
+            && err.contains(&format!("needs {need} bytes"))
+            && err.contains("migrate it to another node"),
+        "the second prepare was not refused for the room the first holds: {}",
+        show(&out)
+    );
+    // What c1 still held: some of its need, not yet written there.
+    let held: u64 = err
+        .split(" bytes of it held for")
+        .next()
+        .and_then(|pre| pre.rsplit('(').next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no held byte count in {err}"));
+    assert!(held > 0 && held <= need, "held {held} of {need}");
+    assert_eq!(a.inspect("c2")["status"], "running");
+
+    let first_out = first.wait_with_output().unwrap();
+    assert!(first_out.status.success(), "{}", show(&first_out));
+    // Exactly one running copy of each: c1 on the target, c2 on the source.
+    assert_eq!(listed(&a), vec!["c2".to_string()]);
+    assert_eq!(listed(&b), vec!["c1".to_string()]);
+    assert_eq!(b.inspect("c1")["status"], "running");
+    assert_eq!(vmm_pids_under(a.data.path()).len(), 1);
+    assert_eq!(vmm_pids_under(b.data.path()).len(), 1);
+    let n = counted(&b, "c1").len();
+    wait_until(
+        "c1 to count on on the target",
+        Duration::from_secs(30),
+        || counted(&b, "c1").len() > n + 3,
+    );
+    let n = counted(&a, "c2").len();
+    wait_until(
+        "c2 to count on on the source",
+        Duration::from_secs(30),
+        || counted(&a, "c2").len() > n + 3,
+    );
+    assert_contiguous_from_zero(&counted(&a, "c2"));
+
+    // The commit released c1's hold: with c1 gone there, c2 fits.
+    let out = b.hearth(&["rm", "-f", "c1"]);
+    assert!(out.status.success(), "{}", show(&out));
+    wait_until("c1's VM to be gone", Duration::from_secs(30), || {
+        vmm_pids_under(b.data.path()).is_empty()
+    });
+    let out = a.hearth(&["migrate", "c2", "--to", &api, "--to-token-file", &tf]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert_eq!(listed(&a), Vec::<String>::new());
+    assert_eq!(listed(&b), vec!["c2".to_string()]);
+    assert_eq!(b.inspect("c2")["status"], "running");
+}
+
 /// Two network namespaces ("hosts"), each linked to the root namespace for the
 /// test's API calls, and linked to each other by a veth pair `x0` that carries
 /// the migration. Removed (with their links) on drop.

@@ -16,6 +16,7 @@ pub(crate) mod net;
 pub(crate) mod peer;
 pub mod phase;
 pub(crate) mod removed;
+pub mod reserve;
 pub mod tunnel;
 
 use std::collections::{HashMap, HashSet};
@@ -139,6 +140,9 @@ pub(crate) struct Registry {
     cancelled: Mutex<std::collections::VecDeque<String>>,
     /// Rung on every cancel (wakes the running sources to check theirs).
     cancel_bell: CancelBell,
+    /// Room on the sandboxes file system held for the incoming migrations
+    /// in flight (target side), from `prepare` to their end.
+    reserved: reserve::Ledger,
 }
 
 /// How many cancelled attempt ids a source keeps.
@@ -249,6 +253,9 @@ struct Incoming {
     dir: std::path::PathBuf,
     slot: tokio::sync::Mutex<Slot>,
     tunnel: tokio::task::AbortHandle,
+    /// The room it holds on the sandboxes file system, until it is
+    /// committed or removed (taken then; dropped with it at the latest).
+    reservation: Mutex<Option<reserve::Reservation>>,
 }
 
 /// The work the lifecycle task does for a migration (see [`run_source`]).
@@ -760,6 +767,100 @@ async fn resume_here(vm: &dyn Vm, conn: &GuestConn, why: String) -> String {
     }
 }
 
+/// Tries at resuming a committed incoming VM, and the pause between them.
+const RESUME_TRIES: u32 = 3;
+const RESUME_RETRY: Duration = Duration::from_millis(500);
+/// Tries at clearing `migrated_in` once the VM runs, and the pause between them.
+const CLEAR_TRIES: u32 = 3;
+const CLEAR_RETRY: Duration = Duration::from_millis(200);
+
+/// Target, past the commit point: resumes the incoming VM, trying again
+/// after a failure unless QEMU says it runs (`query-status`: the `cont` may
+/// have reached it and only its answer or RESUME event been lost; `start`
+/// itself asks first and sends no second `cont` to a running VM). Ok with
+/// the try that did it; Err when it does not run (or cannot be asked) after
+/// `tries`, with each failure.
+async fn resume_committed(vm: &dyn Vm, tries: u32, pause: Duration) -> Result<u32, String> {
+    let tries = tries.max(1);
+    let mut failed = Vec::new();
+    for attempt in 1..=tries {
+        match vm.start().await {
+            Ok(()) => return Ok(attempt),
+            Err(e) => failed.push(format!("try {attempt}: {e}")),
+        }
+        match vm.is_running().await {
+            Ok(true) => return Ok(attempt),
+            Ok(false) => {}
+            Err(e) => failed.push(format!("its run state is unknown: {e}")),
+        }
+        if attempt < tries {
+            tokio::time::sleep(pause).await;
+        }
+    }
+    Err(format!(
+        "{tries} tries to resume it failed: {}",
+        failed.join("; ")
+    ))
+}
+
+/// Clears `migrated_in` in the sandbox's `workload.json` (its VM runs), trying
+/// again after a failure: left set, a later re-adoption would resume the VM
+/// even if this node had paused it as the source of another migration. True
+/// once cleared; else logged, and [`Agent::migrate`] refuses to move the
+/// sandbox while the flag is set.
+pub(crate) async fn clear_migrated_in(
+    id: &str,
+    dir: &Path,
+    workload: crate::readopt::WorkloadRecord,
+) -> bool {
+    let w = crate::readopt::WorkloadRecord {
+        migrated_in: false,
+        ..workload
+    };
+    let mut last = String::new();
+    for attempt in 1..=CLEAR_TRIES {
+        let d = dir.to_path_buf();
+        match tokio::task::spawn_blocking(move || w.store(&d)).await {
+            Ok(Ok(())) => return true,
+            Ok(Err(e)) => last = e.to_string(),
+            Err(e) => last = e.to_string(),
+        }
+        if attempt < CLEAR_TRIES {
+            tokio::time::sleep(CLEAR_RETRY).await;
+        }
+    }
+    tracing::error!(
+        sandbox = %id,
+        "cannot clear migrated_in in {} after {CLEAR_TRIES} tries ({last}); until it is cleared a migration of this sandbox away is refused: free space in (or fix the permissions of) the data directory, then restart hearthd on this node (its re-adoption clears it)",
+        dir.join(crate::readopt::WORKLOAD_FILE).display()
+    );
+    false
+}
+
+/// Target, after the resume: pings the guest, and SIGKILLs the exec sessions
+/// it still runs for clients of the source (gone with it) whether the ping was
+/// answered in time or not: the kills are queued on the channel behind the
+/// ping, so a guest that answers late (slow under TCG, busy after the resume)
+/// gets them, in order, when it reads its channel again. Only a channel that
+/// closed loses them; then the re-adoption that reconnects names only the
+/// main session in its `Resume`, and the guest kills every other one.
+/// Answers the ping's outcome.
+async fn settle_orphans(conn: &GuestConn, orphans: &[u32], ping: Duration) -> Result<(), String> {
+    let answered = conn
+        .ping(ping)
+        .await
+        .map_err(|e| format!("the guest agent did not answer a ping: {e}"));
+    for s in orphans {
+        if let Err(e) = conn.kill_session(*s).await {
+            tracing::warn!(
+                session = s,
+                "cannot send the kill of an exec session whose client was on the source: {e}"
+            );
+        }
+    }
+    answered
+}
+
 /// A migration given up after the last pass, before the commit was sent:
 /// the target's incoming VM is aborted (it never resumes the guest), the VM
 /// here is resumed, and the job ends aborted with `why`. The sandbox stays
@@ -994,19 +1095,6 @@ fn signal_cause(sig: i32) -> String {
     format!("killed by signal {sig}, {why}")
 }
 
-/// Target: refuses when the file system of the sandboxes dir `dir` (where
-/// the blank disk and the RAM file go) has less than `need` bytes free
-/// (`free`): the migration fills them.
-fn check_space(id: &str, node: &str, dir: &Path, free: u64, need: u64) -> Result<(), AgentError> {
-    if free < need {
-        return Err(AgentError::Conflict(format!(
-            "node {node} has {free} bytes free on the file system of {} but sandbox '{id}' needs {need} bytes there (its disk and RAM): free space there or migrate it to another node",
-            dir.display()
-        )));
-    }
-    Ok(())
-}
-
 /// Bytes available to us on the filesystem of `p`.
 fn free_bytes(p: &Path) -> Result<u64, std::io::Error> {
     use std::os::unix::ffi::OsStrExt;
@@ -1222,14 +1310,24 @@ impl Agent {
         // why: a sandbox started from a snapshot or forked has a log that
         // starts at this offset of the guest's output count; the target must
         // keep it, or a re-adoption there replays output (issue 7 review M4).
-        let output_base = crate::readopt::WorkloadRecord::load(&entry.dir)
-            .map(|w| w.base)
-            .map_err(|e| {
-                fail(AgentError::Conflict(format!(
-                    "cannot migrate sandbox '{}': its workload record is unreadable ({e})",
-                    rec.id
-                )))
-            })?;
+        let workload = crate::readopt::WorkloadRecord::load(&entry.dir).map_err(|e| {
+            fail(AgentError::Conflict(format!(
+                "cannot migrate sandbox '{}': its workload record is unreadable ({e})",
+                rec.id
+            )))
+        })?;
+        // why: the flag makes a re-adoption resume the VM; set on a copy
+        // this node would pause as a source, a restart of hearthd here
+        // would run it beside the target's (review R2).
+        if workload.migrated_in {
+            return Err(fail(AgentError::Conflict(format!(
+                "cannot migrate sandbox '{}' yet: node {} has not recorded that the migration which brought it here resumed it (`migrated_in` in {}); free space in (or fix the permissions of) the data directory, restart hearthd on this node (its re-adoption resumes the VM and clears the flag), then migrate again",
+                rec.id,
+                self.inner.cfg.node,
+                entry.dir.join(crate::readopt::WORKLOAD_FILE).display()
+            ))));
+        }
+        let output_base = workload.base;
         let peer = Peer::new(&req.target, &req.target_token);
         let info = peer.info().await.map_err(|e| fail(peer_error(e)))?;
         if info.node_id == self.inner.node_id {
@@ -1485,7 +1583,7 @@ impl Agent {
             base_len,
             i.cfg.image_limits.rootfs_free_bytes,
         )?;
-        {
+        let reservation = {
             // why: the blank disk and the RAM file fill up as the stream
             // arrives; both go into the sandboxes dir, which can be a file
             // system of its own (not the data dir's). An offer without
@@ -1499,13 +1597,25 @@ impl Agent {
                 ),
             };
             let sandboxes = i.cfg.data_dir.join("sandboxes");
-            let free = free_bytes(&sandboxes).map_err(|source| AgentError::Io {
-                what: format!("read the free space of {}", sandboxes.display()),
-                source,
-            })?;
             let need = disk_bytes.saturating_add(ram_kib.saturating_mul(1024));
-            check_space(&sb.id, &i.cfg.node, &sandboxes, free, need)?;
-        }
+            // why: held until this migration ends (review R1): concurrent
+            // prepares must not all count the same free bytes; released on
+            // every way out of here by the guard's drop.
+            i.migrations
+                .reserved
+                .reserve(
+                    &i.cfg.node,
+                    &sb.id,
+                    &sandboxes,
+                    &sandboxes.join(&sb.id),
+                    need,
+                    || free_bytes(&sandboxes),
+                )
+                .map_err(|e| match e {
+                    reserve::ReserveError::NoRoom(r) => AgentError::NoRoom(r),
+                    e @ reserve::ReserveError::Free { .. } => AgentError::Migration(e.to_string()),
+                })?
+        };
         {
             let map = lock(&i.sandboxes);
             // why: names cannot shadow ids, either way round (as in `Agent::register`).
@@ -1656,6 +1766,7 @@ impl Agent {
             dir,
             slot: tokio::sync::Mutex::new(Slot::Waiting(vm, agent_stream)),
             tunnel,
+            reservation: Mutex::new(Some(reservation)),
         });
         if let Err(e) = i.migrations.removed_uncommitted.remove(&sb.id) {
             tracing::warn!(sandbox = %sb.id, "cannot update {}: {e}", removed::REMOVED_FILE);
@@ -1769,6 +1880,9 @@ impl Agent {
                 )))
             }
         };
+        // why: the room held since prepare is released when the commit ends,
+        // whichever way (also if it panics: the guard lives on this stack).
+        let _held = lock(&inc.reservation).take();
         let t0 = Instant::now();
         // why: one way out for every failure before the resume: the VM here
         // is removed and recorded as uncommitted, so the source resumes. With
@@ -1789,15 +1903,7 @@ impl Agent {
                 }
             }
             let console = hearth_vmm::log_tail(&vm.console_log(), 1500);
-            let _ = vm.kill().await;
-            let _ = vm.wait().await;
-            inc.tunnel.abort();
-            let _ = std::fs::remove_file(inc.dir.join("incoming.sock"));
-            let _ = hearth_vmm::destroy(&inc.dir.join("vm"));
-            self.drop_incoming_net(&inc.offer).await;
-            let _ = std::fs::remove_dir_all(&inc.dir);
-            lock(&self.inner.migrations.incoming).remove(id);
-            self.inner.migrations.note_removed_uncommitted(id);
+            let _ = self.discard_incoming(id, &inc, vm.as_ref()).await;
             let msg = format!(
                 "node {} could not take over sandbox '{id}' ({:?} into the commit, before its VM here was resumed): {why}; its VM here is removed; guest console ends with: {console}",
                 self.inner.cfg.node,
@@ -1903,46 +2009,40 @@ impl Agent {
         }
         fault_hold("target-saved").await;
         // The point of no return: from here on the sandbox is this node's.
-        let resumed = vm.start().await;
+        let resumed = resume_committed(vm.as_ref(), RESUME_TRIES, RESUME_RETRY).await;
         fault_hold("target-resumed").await;
         if resumed.is_ok() {
             // why: the resume is done; a later re-adoption (e.g. after this
             // node paused it as the source of another migration) must not
-            // resume it again on the strength of this flag.
-            let (dir, w) = (
-                inc.dir.clone(),
-                crate::readopt::WorkloadRecord {
-                    migrated_in: false,
-                    ..workload
-                },
-            );
-            // why: awaited (after `cont`: no downtime) so the entry is not
-            // visible, pausable or migratable before the flag is gone.
-            let cleared = tokio::task::spawn_blocking(move || w.store(&dir)).await;
-            if !matches!(cleared, Ok(Ok(()))) {
-                tracing::error!(sandbox = %id, "cannot clear migrated_in in its workload.json ({cleared:?}); a re-adoption will resume its VM even if it was paused");
-            }
+            // resume it again on the strength of this flag. Awaited (after
+            // `cont`: no downtime) so the entry is not visible, pausable or
+            // migratable before the flag is gone; while it stays set (every
+            // try failed) an outgoing migration of it is refused.
+            clear_migrated_in(id, &inc.dir, workload).await;
         }
-        let answered = match resumed {
-            Ok(()) => conn
-                .ping(TARGET_PING_TIMEOUT)
-                .await
-                .map_err(|e| format!("the guest agent did not answer a ping: {e}")),
-            // why: `cont` may have reached QEMU before the error (a lost
-            // answer); the guest may have run, so the copy stays committed.
-            // A re-adoption resumes it (`migrated_in`) if it is still paused.
-            Err(e) => Err(format!("resuming its VM failed: {e}")),
-        };
-        match answered {
-            Ok(()) => {
-                for s in &c.orphan_sessions {
-                    let _ = conn.kill_session(*s).await;
-                }
+        let paused_here = match &resumed {
+            Ok(_) => None,
+            Err(why) => {
+                // why: `cont` may have reached QEMU before the error (a lost
+                // answer); the guest may have run, so the copy stays
+                // committed (the source is not resumed). Reported paused, so
+                // the control plane does not take it for a serving copy; a
+                // re-adoption resumes it (`migrated_in` stays set).
+                let msg = format!(
+                    "the migrated sandbox '{id}' is committed on node {} but its VM could not be resumed ({why}): it is paused and does not run; restart hearthd on this node (its re-adoption resumes the VM) or remove the sandbox (`hearth rm -f {id}`)",
+                    self.inner.cfg.node
+                );
+                tracing::error!(sandbox = %id, "{msg}");
+                Some(msg)
             }
-            Err(why) => tracing::error!(
-                sandbox = %id,
-                "the migrated sandbox is committed here (its VM was resumed) but {why}; it stays this node's sandbox (the source is not resumed): inspect it here (`hearth logs`, `hearth exec`) or remove it"
-            ),
+        };
+        if resumed.is_ok() {
+            if let Err(why) = settle_orphans(&conn, &c.orphan_sessions, TARGET_PING_TIMEOUT).await {
+                tracing::error!(
+                    sandbox = %id,
+                    "the migrated sandbox is committed here (its VM was resumed) but {why}; it stays this node's sandbox (the source is not resumed): inspect it here (`hearth logs`, `hearth exec`) or remove it"
+                );
+            }
         }
         let _ = std::fs::remove_file(inc.dir.join("incoming.sock"));
         if inc
@@ -1955,7 +2055,14 @@ impl Agent {
             // why: back home, its address is this node's own again.
             net::forget_moved(&self.inner.cfg.data_dir, id);
         }
+        if let Some(msg) = &paused_here {
+            rec.error = Some(msg.clone());
+        }
         let entry = Arc::new(Entry::new(inc.dir.clone(), rec.clone()));
+        // why: a VM still paused after the commit is not a serving copy.
+        entry
+            .migration_paused
+            .store(paused_here.is_some(), Ordering::Relaxed);
         entry
             .stdin_open
             .store(inc.offer.stdin_open, Ordering::Relaxed);
@@ -2001,6 +2108,31 @@ impl Agent {
         )))
     }
 
+    /// Target: the one teardown of an incoming migration that was not
+    /// committed (its commit failed before the resume, or it was aborted or
+    /// expired): kills and reaps its VM, stops the stream, removes the VM, its
+    /// network and its dir, forgets it, releases the room it held and notes
+    /// it removed uncommitted (what a repeated abort is answered). Answers
+    /// how the VM ended.
+    async fn discard_incoming(
+        &self,
+        id: &str,
+        inc: &Incoming,
+        vm: &dyn Vm,
+    ) -> Result<hearth_vmm::VmExit, hearth_vmm::VmmError> {
+        let _ = vm.kill().await;
+        let exit = vm.wait().await;
+        inc.tunnel.abort();
+        let _ = std::fs::remove_file(inc.dir.join("incoming.sock"));
+        let _ = hearth_vmm::destroy(&inc.dir.join("vm"));
+        self.drop_incoming_net(&inc.offer).await;
+        let _ = std::fs::remove_dir_all(&inc.dir);
+        lock(&self.inner.migrations.incoming).remove(id);
+        drop(lock(&inc.reservation).take());
+        self.inner.migrations.note_removed_uncommitted(id);
+        exit
+    }
+
     /// True if an uncommitted incoming VM of `id` was removed, now or earlier.
     async fn remove_incoming(&self, id: &str, only_if_waiting: bool) -> Result<bool, AgentError> {
         let inc = lock(&self.inner.migrations.incoming).get(id).cloned();
@@ -2017,15 +2149,15 @@ impl Agent {
         match std::mem::replace(&mut *slot, Slot::Removed) {
             Slot::Waiting(vm, _stream) => {
                 let ended = process_ended(vm.pid());
-                let _ = vm.kill().await;
-                let exit = vm.wait().await;
+                // why: read before the teardown removes the VM's dir.
+                let log = ended.then(|| hearth_vmm::log_tail(&vm.dir().join("qemu.log"), 400));
+                let exit = self.discard_incoming(id, &inc, vm.as_ref()).await;
                 // why: an incoming QEMU also exits by itself (status 1) when
                 // the stream ends early: the source gave up, cancelled, its
                 // workload ended, the link broke. Only a death by a signal
                 // (kernel OOM kill, abort on a failed allocation, a crash) is
                 // the target's own cause (review M6).
-                if ended && died_by_signal(&exit) {
-                    let log = hearth_vmm::log_tail(&vm.dir().join("qemu.log"), 400);
+                if let Some(log) = log.filter(|_| died_by_signal(&exit)) {
                     // why: the last line says why; QEMU's own error starts at its
                     // name (progress text without a newline may precede it).
                     let last = log
@@ -2057,13 +2189,6 @@ impl Agent {
                     }
                     ended.insert(id.to_string(), why);
                 }
-                inc.tunnel.abort();
-                let _ = std::fs::remove_file(inc.dir.join("incoming.sock"));
-                let _ = hearth_vmm::destroy(&inc.dir.join("vm"));
-                self.drop_incoming_net(&inc.offer).await;
-                let _ = std::fs::remove_dir_all(&inc.dir);
-                lock(&self.inner.migrations.incoming).remove(id);
-                self.inner.migrations.note_removed_uncommitted(id);
                 tracing::info!(sandbox = %id, "removed an incoming migration VM");
                 Ok(true)
             }
@@ -2085,6 +2210,181 @@ impl Agent {
 mod tests {
     use super::*;
     use crate::restore::NicMode;
+
+    /// A VM whose `cont` fails `fail_starts` times; `cont_lands` says
+    /// whether a failed `cont` still started it (its answer lost).
+    struct FlakyVm {
+        fail_starts: std::sync::atomic::AtomicU32,
+        cont_lands: bool,
+        running: std::sync::atomic::AtomicBool,
+        starts: std::sync::atomic::AtomicU32,
+    }
+
+    impl FlakyVm {
+        fn new(fail_starts: u32, cont_lands: bool) -> FlakyVm {
+            FlakyVm {
+                fail_starts: fail_starts.into(),
+                cont_lands,
+                running: false.into(),
+                starts: 0.into(),
+            }
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl Vm for FlakyVm {
+        fn id(&self) -> &str {
+            "flaky"
+        }
+        fn pid(&self) -> u32 {
+            0
+        }
+        fn dir(&self) -> &Path {
+            Path::new("/nonexistent")
+        }
+        fn accel(&self) -> Accel {
+            Accel::Tcg
+        }
+        fn agent_socket(&self) -> &Path {
+            Path::new("/nonexistent")
+        }
+        fn console_log(&self) -> std::path::PathBuf {
+            "/nonexistent".into()
+        }
+        async fn connect_agent(&self) -> Result<tokio::net::UnixStream, hearth_vmm::VmmError> {
+            unreachable!()
+        }
+        async fn start(&self) -> Result<(), hearth_vmm::VmmError> {
+            self.starts.fetch_add(1, Ordering::SeqCst);
+            if self.running.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            let left = self.fail_starts.load(Ordering::SeqCst);
+            if left > 0 {
+                self.fail_starts.store(left - 1, Ordering::SeqCst);
+                self.running.store(self.cont_lands, Ordering::SeqCst);
+                return Err(hearth_vmm::VmmError::Unsupported {
+                    id: "flaky".into(),
+                    what: "cont (injected failure)",
+                });
+            }
+            self.running.store(true, Ordering::SeqCst);
+            Ok(())
+        }
+        async fn is_running(&self) -> Result<bool, hearth_vmm::VmmError> {
+            Ok(self.running.load(Ordering::SeqCst))
+        }
+        async fn pause(&self) -> Result<(), hearth_vmm::VmmError> {
+            unreachable!()
+        }
+        async fn resume(&self) -> Result<(), hearth_vmm::VmmError> {
+            unreachable!()
+        }
+        async fn shutdown(&self, _: Duration) -> Result<hearth_vmm::VmExit, hearth_vmm::VmmError> {
+            unreachable!()
+        }
+        async fn kill(&self) -> Result<(), hearth_vmm::VmmError> {
+            unreachable!()
+        }
+        async fn wait(&self) -> Result<hearth_vmm::VmExit, hearth_vmm::VmmError> {
+            unreachable!()
+        }
+        async fn save_snapshot(
+            &self,
+            _: &Path,
+            _: &hearth_vmm::SaveOptions,
+        ) -> Result<hearth_vmm::SnapshotManifest, hearth_vmm::VmmError> {
+            unreachable!()
+        }
+    }
+
+    /// Review R2: a failed `cont` after the commit point is tried again; one
+    /// whose answer was lost (the VM runs) counts as done without another
+    /// `cont`; a VM that never resumes is an error naming every failure.
+    #[tokio::test]
+    async fn a_failed_resume_after_the_commit_is_retried_and_a_vm_still_paused_is_an_error() {
+        let pause = Duration::from_millis(1);
+        let vm = FlakyVm::new(2, false);
+        assert_eq!(resume_committed(&vm, 3, pause).await, Ok(3));
+        assert_eq!(vm.starts.load(Ordering::SeqCst), 3);
+        let lost_answer = FlakyVm::new(1, true);
+        assert_eq!(resume_committed(&lost_answer, 3, pause).await, Ok(1));
+        assert_eq!(
+            lost_answer.starts.load(Ordering::SeqCst),
+            1,
+            "no second cont"
+        );
+        let stuck = FlakyVm::new(10, false);
+        let e = resume_committed(&stuck, 3, pause).await.unwrap_err();
+        assert!(!stuck.running.load(Ordering::SeqCst));
+        assert!(
+            e.starts_with("3 tries to resume it failed")
+                && e.contains("try 1: ")
+                && e.contains("try 3: ")
+                && e.contains("injected failure"),
+            "{e}"
+        );
+    }
+
+    /// Review R2: `migrated_in` is cleared (the VM runs); a failure to clear
+    /// it is tried again and, when it persists, the flag stays and an
+    /// outgoing migration is refused (see `Agent::migrate`).
+    #[tokio::test]
+    async fn migrated_in_is_cleared_and_a_failure_to_clear_it_is_reported() {
+        use crate::readopt::WorkloadRecord;
+        let d = tempfile::tempdir().unwrap();
+        let w = WorkloadRecord {
+            migrated_in: true,
+            ..WorkloadRecord::new(1, false, 0)
+        };
+        w.store(d.path()).unwrap();
+        assert!(clear_migrated_in("sb1", d.path(), w).await);
+        assert!(!WorkloadRecord::load(d.path()).unwrap().migrated_in);
+        let gone = d.path().join("gone");
+        assert!(!clear_migrated_in("sb1", &gone, w).await);
+    }
+
+    /// Review R3: the exec sessions the guest ran for the source's clients
+    /// are killed also when the guest does not answer the ping in time: the
+    /// kills follow the ping on the channel, so a guest that reads it late
+    /// still gets them. A guest played over a socket pair: the real
+    /// connection, the real frames.
+    #[tokio::test]
+    async fn orphan_sessions_are_killed_even_when_the_guest_answers_late() {
+        use hearth_proto::{read_frame_async, Kind};
+        let (host, mut guest) = tokio::net::UnixStream::pair().unwrap();
+        let hello = Hello {
+            protocol_version: PROTOCOL_VERSION,
+            agent_version: "test".into(),
+            kernel_release: "test".into(),
+        };
+        let conn = GuestConn::reattach(host, hello, 10);
+        let r = settle_orphans(&conn, &[7, 9], Duration::from_millis(50)).await;
+        assert!(
+            r.as_ref()
+                .is_err_and(|e| e.contains("did not answer a ping")),
+            "{r:?}"
+        );
+        // The guest reads its channel only now.
+        let mut killed = Vec::new();
+        let read = async {
+            loop {
+                let f = read_frame_async(&mut guest).await.unwrap().unwrap();
+                if f.kind == Kind::Signal {
+                    let sig: hearth_proto::SignalRequest = f.parse().unwrap();
+                    assert_eq!(sig.signal, libc::SIGKILL);
+                    killed.push(f.id);
+                    if killed.len() == 2 {
+                        break;
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), read)
+            .await
+            .expect("no kill of the orphaned sessions reached the guest");
+        assert_eq!(killed, vec![7, 9]);
+    }
 
     /// Review M6, m6: a clean exit of the incoming QEMU (the stream ended
     /// early) is not the target's cause; a signal is. Host paths are trimmed.
@@ -2366,14 +2666,17 @@ mod tests {
     #[test]
     fn a_target_without_room_for_disk_and_ram_refuses() {
         let dir = Path::new("/data");
-        let e = check_space("sb1", "node-b", dir, 100, 101)
+        let e = reserve::check_room("node-b", "sb1", dir, 100, 0, 0, 101)
             .unwrap_err()
             .to_string();
         assert!(
             e.contains("node-b") && e.contains("101") && e.contains("/data"),
             "{e}"
         );
-        check_space("sb1", "node-b", dir, 101, 101).unwrap();
+        reserve::check_room("node-b", "sb1", dir, 101, 0, 0, 101).unwrap();
+        // What other incoming migrations still hold is not free.
+        let e = reserve::check_room("node-b", "sb1", dir, 201, 101, 1, 101).unwrap_err();
+        assert_eq!((e.free, e.reserved, e.holders, e.need), (201, 101, 1, 101));
         assert!(free_bytes(Path::new("/")).unwrap() > 0);
     }
 

@@ -689,6 +689,13 @@ impl Vm for QemuVm {
         self.set_running(true).await
     }
 
+    async fn is_running(&self) -> Result<bool, VmmError> {
+        match self.qmp.execute("query-status", Value::Null).await {
+            Ok(status) => Ok(status["running"].as_bool() == Some(true)),
+            Err(e) => Err(self.explain(e).await),
+        }
+    }
+
     async fn shutdown(&self, grace: Duration) -> Result<VmExit, VmmError> {
         match self.qmp.execute("quit", Value::Null).await {
             // why: QEMU may close the socket before its reply to `quit` is read.
