@@ -375,6 +375,7 @@ mod tests {
                 stall_ms: None,
                 source_gone_ms: None,
                 unconfirmed: false,
+                agent_id: None,
             },
         });
         st.apply(&Command::MarkNotReady {
