@@ -33,8 +33,7 @@ pub use crate::leases::{Cidr, NodeSlice};
 pub use crate::state::{
     owner_cluster, parse_owner, Command, CopyReport, Expect, Fence, ImageRecord, Migration,
     NodeRecord, Observed, Reply, RestartPolicy, SandboxRecord, State, TargetAnswer, Tombstone,
-    MIGRATION_ENDED,
-    MIGRATION_STALL_MS, MIGRATION_SWITCHED, TOMBSTONES_MAX,
+    MIGRATION_ENDED, MIGRATION_STALL_MS, MIGRATION_SWITCHED, TOMBSTONES_MAX,
 };
 use crate::state_machine::SharedState;
 

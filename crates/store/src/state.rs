@@ -1335,7 +1335,13 @@ impl State {
     /// that stopped heartbeating would strand the record; the leader then
     /// settles it `TargetLost`); `TargetLost` holds only while the target is
     /// NotReady or removed; `Uncommitted` confirms the abort.
-    fn settle_abort(&mut self, id: &str, migration: &str, answer: TargetAnswer, at_ms: u64) -> Reply {
+    fn settle_abort(
+        &mut self,
+        id: &str,
+        migration: &str,
+        answer: TargetAnswer,
+        at_ms: u64,
+    ) -> Reply {
         let Some(sb) = self.sandboxes.get(id) else {
             return Reply::NotFound {
                 what: format!("sandbox {id}"),
@@ -1348,20 +1354,23 @@ impl State {
         };
         let to = m.to.clone();
         let target_ready = self.nodes.get(&to).map(|n| n.ready);
-        let note = match answer {
-            TargetAnswer::Committed if target_ready == Some(true) => {
-                self.take_over_unconfirmed(id, None, at_ms);
-                None
-            }
-            TargetAnswer::Uncommitted => Some(format!(
+        let note =
+            match answer {
+                TargetAnswer::Committed if target_ready == Some(true) => {
+                    self.take_over_unconfirmed(id, None, at_ms);
+                    None
+                }
+                TargetAnswer::Uncommitted => Some(format!(
                 "node {to} (the target) confirmed that attempt {migration} never committed there"
             )),
-            TargetAnswer::TargetLost if target_ready != Some(true) => Some(format!(
+                TargetAnswer::TargetLost if target_ready != Some(true) => {
+                    Some(format!(
                 "node {to} (the target) is {}: a copy it may have committed is lost with it",
                 if target_ready.is_none() { "removed" } else { "NotReady" }
-            )),
-            TargetAnswer::Committed | TargetAnswer::TargetLost => None,
-        };
+            ))
+                }
+                TargetAnswer::Committed | TargetAnswer::TargetLost => None,
+            };
         if let Some(note) = note {
             if let Some(m) = self
                 .sandboxes

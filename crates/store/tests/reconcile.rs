@@ -1764,7 +1764,11 @@ fn a_target_reporting_after_the_abort_was_confirmed_is_fenced() {
         }
         settle(&mut s, "m1", answer, 1600);
         let m = s.sandboxes["s1"].migration.clone().unwrap();
-        assert_eq!((m.phase.as_str(), m.unconfirmed), ("aborted", false), "{answer:?}");
+        assert_eq!(
+            (m.phase.as_str(), m.unconfirmed),
+            ("aborted", false),
+            "{answer:?}"
+        );
         // The copy started again on n3 runs and is reported.
         heartbeat(
             &mut s,
@@ -1802,7 +1806,11 @@ fn a_settle_applies_only_to_the_attempt_still_awaiting_its_target() {
     });
     let held = s.clone();
     let m = held.sandboxes["s1"].held_for_target().cloned().unwrap();
-    assert_eq!(m.agent_id.as_deref(), Some("a1"), "the copy id is kept: {m:?}");
+    assert_eq!(
+        m.agent_id.as_deref(),
+        Some("a1"),
+        "the copy id is kept: {m:?}"
+    );
     for (mig, answer) in [
         ("m0", TargetAnswer::Uncommitted),
         ("m0", TargetAnswer::Committed),
@@ -1871,7 +1879,10 @@ fn a_committed_answer_moves_the_record_to_the_target_at_once() {
         2000,
         vec![copy("a1", "running", Some("s1@1"))],
     );
-    assert!(d.stop.is_empty() && d.keep.contains(&"a1".to_string()), "{d:?}");
+    assert!(
+        d.stop.is_empty() && d.keep.contains(&"a1".to_string()),
+        "{d:?}"
+    );
     assert_eq!(status(&s, "s1"), ("running".into(), Some("a1".into()), 1));
 }
 
@@ -1902,8 +1913,15 @@ fn a_lost_target_confirms_the_abort() {
         let r = &s.sandboxes["s1"];
         assert!(r.held_for_target().is_none(), "{how}: {r:?}");
         let why = r.migration.as_ref().unwrap().error.clone().unwrap();
-        let word = if how == "node rm" { "removed" } else { "NotReady" };
-        assert!(why.contains(&format!("node n2 (the target) is {word}")), "{why}");
+        let word = if how == "node rm" {
+            "removed"
+        } else {
+            "NotReady"
+        };
+        assert!(
+            why.contains(&format!("node n2 (the target) is {word}")),
+            "{why}"
+        );
         assert_eq!((r.node.as_str(), r.reschedules), ("n3", 1), "{how}");
     }
 }

@@ -13,7 +13,7 @@
 //! the pure machine in [`phase`], recorded in `DIR/migration.json`.
 
 pub(crate) mod net;
-pub(crate) mod peer;
+pub mod peer;
 pub mod phase;
 pub(crate) mod removed;
 pub mod tunnel;
@@ -130,6 +130,10 @@ pub(crate) struct Registry {
     /// abort (its first answer lost, or asked after a restart of this agent)
     /// still hears "removed uncommitted". Kept on disk.
     removed_uncommitted: removed::RemovedUncommitted,
+    /// The control plane's attempts this target answered "never committed"
+    /// about ([`Agent::incoming_give_up`]): never prepared nor committed
+    /// here afterwards. Kept on disk.
+    given_up: removed::RemovedUncommitted,
     /// Why an incoming VM removed uncommitted had already ended by itself
     /// (its QEMU exited: out of memory, a crash), told to the source's abort.
     vm_ended: Mutex<HashMap<String, String>>,
@@ -159,6 +163,7 @@ impl Registry {
     pub(crate) fn new(data_dir: &std::path::Path) -> Registry {
         Registry {
             removed_uncommitted: removed::RemovedUncommitted::load(data_dir),
+            given_up: removed::RemovedUncommitted::load_file(data_dir, removed::GIVEN_UP_FILE),
             ..Default::default()
         }
     }
@@ -194,6 +199,14 @@ impl Registry {
             );
         }
     }
+}
+
+/// The refusal of a prepare or commit of an attempt the control plane gave
+/// up here ([`Agent::incoming_give_up`]).
+fn given_up(attempt: &str, id: &str, node: &str) -> AgentError {
+    AgentError::Conflict(format!(
+        "migration attempt {attempt} of sandbox '{id}' was given up on node {node} (the control plane asked and heard it never committed here); start a new migration"
+    ))
 }
 
 /// True when process `pid` has ended (gone, or a zombie not yet reaped).
@@ -246,6 +259,9 @@ enum Slot {
 
 struct Incoming {
     offer: IncomingOffer,
+    /// The control plane's attempt id (from the migration credential the
+    /// offer came with; none when the source used this node's token).
+    attempt: Option<String>,
     dir: std::path::PathBuf,
     slot: tokio::sync::Mutex<Slot>,
     tunnel: tokio::task::AbortHandle,
@@ -1418,9 +1434,16 @@ impl Agent {
         &self,
         offer: IncomingOffer,
         bind: Option<IpAddr>,
+        attempt: Option<String>,
     ) -> Result<IncomingAccepted, AgentError> {
         let sb = &offer.sandbox;
         let i = &self.inner;
+        if let Some(a) = attempt
+            .as_deref()
+            .filter(|a| i.migrations.given_up.contains(a))
+        {
+            return Err(given_up(a, &sb.id, &i.cfg.node));
+        }
         if offer.source_node_id == i.node_id {
             return Err(AgentError::Conflict(format!(
                 "sandbox '{}' already runs on this node ({}); migrate it to another node",
@@ -1653,6 +1676,7 @@ impl Agent {
         .abort_handle();
         let inc = Arc::new(Incoming {
             offer: offer.clone(),
+            attempt,
             dir,
             slot: tokio::sync::Mutex::new(Slot::Waiting(vm, agent_stream)),
             tunnel,
@@ -1806,6 +1830,18 @@ impl Agent {
             tracing::warn!("{msg}");
             AgentError::Migration(msg)
         };
+        // why: the control plane asked about this attempt and heard that it
+        // never committed here (it may have started a copy elsewhere since):
+        // it must never commit now. Checked under the slot lock, which that
+        // question takes too.
+        if let Some(a) = inc
+            .attempt
+            .as_deref()
+            .filter(|a| self.inner.migrations.given_up.contains(a))
+        {
+            let e = given_up(a, id, &self.inner.cfg.node);
+            return Err(remove_here(e.to_string(), false).await);
+        }
         let attached = async {
             vm.wait_incoming(INCOMING_COMPLETE_TIMEOUT)
                 .await
@@ -1999,6 +2035,70 @@ impl Agent {
             "node {} knows no incoming migration of sandbox '{id}' (never offered, expired, or committed and since removed): check where the sandbox runs before resuming it elsewhere",
             self.inner.cfg.node
         )))
+    }
+
+    /// Target: the control plane's question about its migration attempt
+    /// `attempt` of sandbox `id` (whose copy here would carry the tag
+    /// `owner`), asked after it ended that migration without the source's
+    /// word. Ok ("removed uncommitted") only when that attempt did not commit
+    /// here, and then it never will: the attempt is first remembered
+    /// (durably) as given up, so a prepare or commit of it is refused from
+    /// now on (also when it was not known here yet, e.g. after a restart),
+    /// and an incoming VM of the sandbox still waiting is removed.
+    /// `MigrationCommitted` when the copy tagged `owner` is this node's
+    /// (committed; after a restart of this agent too: its records were saved
+    /// before the resume and re-adopted), or its commit is under way (waited
+    /// for). The answer carries why the incoming VM had ended by itself, if
+    /// it had.
+    pub async fn incoming_give_up(
+        &self,
+        id: &str,
+        attempt: &str,
+        owner: &str,
+    ) -> Result<Option<String>, AgentError> {
+        let node = self.inner.cfg.node.clone();
+        let committed = || {
+            AgentError::MigrationCommitted(format!(
+                "sandbox '{id}' was committed (as {owner}) and runs on node {node}"
+            ))
+        };
+        // why: first, so a commit that has not taken its slot yet refuses
+        // (it checks this under the slot lock); one under way is waited for.
+        self.inner.migrations.given_up.add(attempt);
+        let agent = self.clone();
+        let saved = tokio::task::spawn_blocking(move || agent.inner.migrations.given_up.save())
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+        if let Err(source) = saved {
+            return Err(AgentError::Io {
+                what: format!(
+                    "save that migration attempt {attempt} of sandbox '{id}' is given up in {} on node {node} (asked again)",
+                    removed::GIVEN_UP_FILE
+                ),
+                source,
+            });
+        }
+        let inc = lock(&self.inner.migrations.incoming).get(id).cloned();
+        if let Some(inc) = inc {
+            let slot = inc.slot.lock().await;
+            let waiting = matches!(*slot, Slot::Waiting(..));
+            if matches!(*slot, Slot::Committed) && inc.offer.owner.as_deref() == Some(owner) {
+                return Err(committed());
+            }
+            drop(slot);
+            if waiting {
+                self.remove_incoming(id, true).await?;
+            }
+        }
+        // why: an entry gone means its commit ended; a commit adds the
+        // sandbox here before it drops the entry.
+        let here = lock(&self.inner.sandboxes)
+            .get(id)
+            .map(|e| lock(&e.record).owner.clone());
+        if here.is_some_and(|o| o.as_deref() == Some(owner)) {
+            return Err(committed());
+        }
+        Ok(lock(&self.inner.migrations.vm_ended).get(id).cloned())
     }
 
     /// True if an uncommitted incoming VM of `id` was removed, now or earlier.
