@@ -156,7 +156,20 @@ pub async fn abort(
                 ),
             )))
         }
-        (Some(attempt), Some(owner)) => agent.incoming_give_up(&id, &attempt, &owner).await?,
+        // why: run to its end even if the leader's request goes away (its
+        // timeout while a commit holds the slot): a removal cut midway
+        // would leave the incoming VM half removed.
+        (Some(attempt), Some(owner)) => {
+            let (agent, id2) = (agent.clone(), id.clone());
+            tokio::spawn(async move { agent.incoming_give_up(&id2, &attempt, &owner).await })
+                .await
+                .map_err(|e| {
+                    crate::HttpError(hearth_api::ApiError::new(
+                        hearth_api::ErrorCode::Internal,
+                        format!("the question about sandbox '{id}' did not finish ({e}); ask again"),
+                    ))
+                })??
+        }
         _ => {
             return Err(crate::HttpError(hearth_api::ApiError::new(
                 hearth_api::ErrorCode::InvalidArgument,

@@ -2229,6 +2229,80 @@ mod tests {
         );
     }
 
+    /// A real agent (no network, TCG forced, so nothing boots) on a temp
+    /// data dir; the guest files only have to exist.
+    async fn agent(dir: &Path) -> Agent {
+        let (kernel, initrd) = (dir.join("vmlinux"), dir.join("initrd"));
+        std::fs::write(&kernel, b"k").unwrap();
+        std::fs::write(&initrd, b"i").unwrap();
+        Agent::start(crate::AgentConfig {
+            data_dir: dir.join("data"),
+            kernel,
+            initrd,
+            qemu: "qemu-system-x86_64".into(),
+            qemu_img: "qemu-img".into(),
+            accel: hearth_vmm::AccelChoice::Tcg,
+            node: "n2".into(),
+            image_limits: Default::default(),
+            insecure_registries: Vec::new(),
+            registry_timeout: Duration::from_secs(5),
+            guest_watchdog: Duration::ZERO,
+            max_log_bytes: 1 << 20,
+            net: None,
+            leases: None,
+        })
+        .await
+        .expect("agent starts")
+    }
+
+    /// ask7: the control plane's question about an attempt this target does
+    /// not know (never offered, or forgotten by a restart) is answered
+    /// "removed uncommitted" and the attempt is given up for good: its
+    /// prepare is refused afterwards, also after a restart of the agent
+    /// (the set is on disk). A copy tagged with the attempt's owner tag
+    /// here (committed; a re-adopted one after a restart is in the same
+    /// table) is answered `migration_committed`; a copy of the sandbox with
+    /// another tag is not this attempt's.
+    #[tokio::test]
+    async fn the_control_planes_question_about_an_attempt_holds_for_good() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = agent(dir.path()).await;
+        assert_eq!(
+            a.incoming_give_up("sb1", "att1", "c1/sb1@1").await.unwrap(),
+            None
+        );
+        let e = a
+            .incoming_prepare(
+                offer(serde_json::Value::Null, None),
+                None,
+                Some("att1".into()),
+            )
+            .await
+            .expect_err("a prepare of a given-up attempt was let in");
+        assert!(
+            matches!(&e, AgentError::Conflict(m) if m.contains("attempt att1") && m.contains("given up")),
+            "{e}"
+        );
+        let reloaded = Registry::new(&dir.path().join("data"));
+        assert!(reloaded.given_up.contains("att1"), "not kept on disk");
+
+        let mut rec = offer(serde_json::Value::Null, None).sandbox;
+        rec.id = "sb2".into();
+        rec.owner = Some("c1/sb2@1".into());
+        let sdir = dir.path().join("data/sandboxes/sb2");
+        lock(&a.inner.sandboxes).insert("sb2".into(), Arc::new(Entry::new(sdir, rec)));
+        let e = a
+            .incoming_give_up("sb2", "att2", "c1/sb2@1")
+            .await
+            .expect_err("a committed copy was answered removed");
+        assert!(matches!(e, AgentError::MigrationCommitted(_)), "{e}");
+        assert_eq!(
+            a.incoming_give_up("sb2", "att3", "c1/sb2@3").await.unwrap(),
+            None,
+            "a copy of another generation is not this attempt's"
+        );
+    }
+
     /// migsafe2 (review M3): the outgoing flag is set from the start of a
     /// migration and cleared on every exit, including a `migrate()` future
     /// dropped while the hand-over to the lifecycle task waits; once handed
