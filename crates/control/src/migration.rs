@@ -68,7 +68,13 @@ pub async fn prepare(
     Json(offer): Json<IncomingOffer>,
 ) -> ApiResult<(StatusCode, Json<IncomingAccepted>)> {
     authorize_offer(&auth, &offer, &agent.info().node)?;
-    let a = agent.incoming_prepare(offer, bind_ip(&headers)).await?;
+    let attempt = match &auth {
+        crate::Auth::Migration(scope) => Some(scope.attempt.clone()),
+        crate::Auth::Admin => None,
+    };
+    let a = agent
+        .incoming_prepare(offer, bind_ip(&headers), attempt)
+        .await?;
     Ok((StatusCode::CREATED, Json(a)))
 }
 
@@ -120,11 +126,59 @@ pub async fn commit(
     Ok(Json(agent.incoming_commit(&id, c).await?))
 }
 
+/// `DELETE /v1/migrations/incoming/{id}?attempt=ID&owner=TAG`: the control
+/// plane's question about one attempt after it ended that migration without
+/// the source's word (both or neither).
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AbortQuery {
+    attempt: Option<String>,
+    owner: Option<String>,
+}
+
+/// The source's abort (no query), or the control plane's question about an
+/// attempt ([`Agent::incoming_give_up`]).
 pub async fn abort(
     State(agent): State<Agent>,
+    axum::Extension(auth): axum::Extension<crate::Auth>,
     Path(id): Path<String>,
+    Query(q): Query<AbortQuery>,
 ) -> ApiResult<Json<hearth_api::migration::IncomingAborted>> {
-    let vm_ended = agent.incoming_abort(&id).await?;
+    let vm_ended = match (q.attempt, q.owner) {
+        (None, None) => agent.incoming_abort(&id).await?,
+        // why: a source's migration credential may abort its incoming VM,
+        // but not give an attempt up for the control plane.
+        (Some(_), Some(_)) if !matches!(auth, crate::Auth::Admin) => {
+            return Err(crate::HttpError(hearth_api::ApiError::new(
+                hearth_api::ErrorCode::Forbidden,
+                format!(
+                    "giving up a migration attempt of sandbox '{id}' needs the cluster token, not a migration credential"
+                ),
+            )))
+        }
+        // why: run to its end even if the leader's request goes away (its
+        // timeout while a commit holds the slot): a removal cut midway
+        // would leave the incoming VM half removed.
+        (Some(attempt), Some(owner)) => {
+            let (agent, id2) = (agent.clone(), id.clone());
+            tokio::spawn(async move { agent.incoming_give_up(&id2, &attempt, &owner).await })
+                .await
+                .map_err(|e| {
+                    crate::HttpError(hearth_api::ApiError::new(
+                        hearth_api::ErrorCode::Internal,
+                        format!("the question about sandbox '{id}' did not finish ({e}); ask again"),
+                    ))
+                })??
+        }
+        _ => {
+            return Err(crate::HttpError(hearth_api::ApiError::new(
+                hearth_api::ErrorCode::InvalidArgument,
+                format!(
+                    "the question about a migration attempt of sandbox '{id}' needs both `attempt` and `owner`"
+                ),
+            )))
+        }
+    };
     Ok(Json(hearth_api::migration::IncomingAborted {
         removed: hearth_api::migration::IncomingRemoved::Uncommitted,
         vm_ended,

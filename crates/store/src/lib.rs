@@ -32,8 +32,8 @@ use serde::{Deserialize, Serialize};
 pub use crate::leases::{Cidr, NodeSlice};
 pub use crate::state::{
     owner_cluster, parse_owner, Command, CopyReport, Expect, Fence, ImageRecord, Migration,
-    NodeRecord, Observed, Reply, RestartPolicy, SandboxRecord, State, Tombstone, MIGRATION_ENDED,
-    MIGRATION_STALL_MS, MIGRATION_SWITCHED, TOMBSTONES_MAX,
+    NodeRecord, Observed, Reply, RestartPolicy, SandboxRecord, State, TargetAnswer, Tombstone,
+    MIGRATION_ENDED, MIGRATION_STALL_MS, MIGRATION_SWITCHED, TOMBSTONES_MAX,
 };
 use crate::state_machine::SharedState;
 

@@ -54,11 +54,6 @@ fn stale(rec: &SandboxRecord, generation: u32, node: &str, agent_id: &str) -> Op
     }
 }
 
-/// How long after an unconfirmed abort the target's committed copy still
-/// takes the record over from a copy started again (10 min: well beyond a
-/// target's commit path of up to ~90 s and a short partition).
-pub const TAKEOVER_WINDOW_MS: u64 = 600_000;
-
 impl State {
     /// Applies `node`'s report at `at_ms` and answers what the node must do.
     /// A record whose copy has been known for longer than `grace_ms` and is
@@ -130,31 +125,25 @@ impl State {
                         // record over instead of being fenced (never zero).
                         self.complete_late_migration(id, &r.agent_id, at_ms);
                     } else if mig.is_some_and(|m| {
-                        m.phase == "aborted"
-                            && m.unconfirmed
-                            && r.status == "running"
+                        r.status == "running"
                             && !r.paused
-                            && rec.reschedules <= m.generation
                             && !(rec.node == node && rec.reschedules == m.generation)
-                            // why: bounded: a target cut off with the source
-                            // that reports much later must not replace a copy
-                            // started again that has served meanwhile; only
-                            // within TAKEOVER_WINDOW_MS of the abort (longer
-                            // than a target's whole commit: stream, save,
-                            // `cont`, ping), or while no copy of the record
-                            // has been reported yet.
-                            && (at_ms.saturating_sub(m.updated_ms) <= TAKEOVER_WINDOW_MS.max(grace_ms)
-                                || rec.observed.as_ref().is_none_or(|o| o.agent_id.is_none()))
+                            // why: only while the abort waits for the
+                            // target's answer and no copy was started since
+                            // (the leader starts none before it asked the
+                            // target): once the abort is confirmed (the
+                            // target said it never committed this attempt,
+                            // or it was lost) a copy it reports is fenced.
+                            && rec.held_for_target().is_some_and(|h| h.id == m.id)
                     }) {
                         // why: the state machine ended the migration without
                         // the source's word (its copy died or its node was
                         // lost while the record still showed pre-copy: the
                         // record lags the source) and the target reports the
                         // committed copy: it is the sandbox, with its live
-                        // state, and takes the record over; a copy started
-                        // again meanwhile (another node: `move_always` and
-                        // `not_running` avoid this one) is fenced as stale.
-                        self.take_over_unconfirmed(id, &r.agent_id, at_ms);
+                        // state, and takes the record over; the placement a
+                        // restart had reserved (never started) is dropped.
+                        self.take_over_unconfirmed(id, Some(&r.agent_id), at_ms);
                     } else if mig.is_some_and(|m| m.phase == "aborted")
                         && (generation > rec.reschedules || rec.node != node)
                     {

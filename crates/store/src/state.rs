@@ -161,6 +161,11 @@ pub struct Migration {
     /// meanwhile is fenced) instead of being fenced itself.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub unconfirmed: bool,
+    /// The id the migrating copy has on its node (the source's agent id,
+    /// which the target's copy keeps): what the leader names when it asks
+    /// the target about an unconfirmed abort. Set by the state machine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_id: Option<String>,
 }
 
 /// Phases after which a migration holds nothing.
@@ -195,6 +200,15 @@ impl Migration {
     /// The source paused the guest (the target may run it now).
     pub fn switched(&self) -> bool {
         MIGRATION_SWITCHED.contains(&self.phase.as_str())
+    }
+
+    /// Ended `aborted` without the source's word and not settled yet by
+    /// the target's answer ([`Command::SettleAbort`]): the target may hold
+    /// a committed copy, so the leader starts no copy of the record before
+    /// it asked the target, and a running copy the target reports takes the
+    /// record over.
+    pub fn awaits_target(&self) -> bool {
+        self.phase == "aborted" && self.unconfirmed
     }
 
     /// Active with neither a new phase nor advancing progress (bytes sent,
@@ -240,6 +254,18 @@ impl SandboxRecord {
     /// (`ID@GENERATION`).
     pub fn owner(&self) -> String {
         format!("{}@{}", self.id, self.reschedules)
+    }
+
+    /// Its migration awaits the target's answer ([`Migration::awaits_target`])
+    /// and no copy of the record was started since the abort (it is still at
+    /// the source's generation, or its new placement has no copy yet): the
+    /// target's committed copy, if any, is the sandbox. The leader starts no
+    /// copy of such a record before it settled the abort.
+    pub fn held_for_target(&self) -> Option<&Migration> {
+        let m = self.migration.as_deref().filter(|m| m.awaits_target())?;
+        let unstarted = self.reschedules < m.generation
+            || self.observed.as_ref().is_none_or(|o| o.agent_id.is_none());
+        unstarted.then_some(m)
     }
 
     /// The control plane gave up on it without an agent copy (its start
@@ -479,6 +505,36 @@ pub enum Command {
         progress: Option<serde_json::Value>,
         at_ms: u64,
     },
+    /// The leader's answer to an abort of migration `migration` of sandbox
+    /// `id` that the state machine decided without the source's word
+    /// ([`Migration::awaits_target`]): what the target said, or that it is
+    /// lost. Applied only while the record still holds that attempt,
+    /// aborted and unconfirmed, with no copy started since
+    /// ([`SandboxRecord::held_for_target`]); otherwise a no-op.
+    SettleAbort {
+        id: String,
+        migration: String,
+        answer: TargetAnswer,
+        at_ms: u64,
+    },
+}
+
+/// What settles an unconfirmed abort ([`Command::SettleAbort`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TargetAnswer {
+    /// The target removed the attempt's incoming VM, or never had one, and
+    /// will never commit that attempt: the abort is confirmed and the
+    /// restart policy proceeds.
+    Uncommitted,
+    /// The target committed the attempt (its copy runs there): the
+    /// migration completes onto the target at its generation, and the
+    /// placement a restart had reserved is dropped.
+    Committed,
+    /// The target node is NotReady or removed (checked at apply): a copy it
+    /// committed is lost with it; the abort is confirmed and the restart
+    /// proceeds (a copy it reports later is fenced).
+    TargetLost,
 }
 
 /// The outcome of applying one command.
@@ -850,6 +906,12 @@ impl State {
                 progress,
                 at_ms,
             } => self.migration_phase(id, migration, phase, error, progress, *at_ms),
+            Command::SettleAbort {
+                id,
+                migration,
+                answer,
+                at_ms,
+            } => self.settle_abort(id, migration, *answer, *at_ms),
             Command::InitCluster { id } => {
                 if self.cluster_id.is_none() {
                     self.cluster_id = Some(id.clone());
@@ -1092,6 +1154,7 @@ impl State {
         mig.progress = None;
         mig.source_gone_ms = None;
         mig.unconfirmed = false;
+        mig.agent_id = sb.observed.as_ref().and_then(|o| o.agent_id.clone());
         let Some(sb) = self.sandboxes.get_mut(id) else {
             return Reply::NotFound {
                 what: format!("sandbox {id}"),
@@ -1243,7 +1306,7 @@ impl State {
     /// record lagged the source). Its copy is the sandbox, with its live
     /// state: the record moves there, and a copy started again meanwhile (a
     /// cold restart, on another node) is fenced as stale.
-    pub(crate) fn take_over_unconfirmed(&mut self, id: &str, agent_id: &str, at_ms: u64) {
+    pub(crate) fn take_over_unconfirmed(&mut self, id: &str, agent_id: Option<&str>, at_ms: u64) {
         let Some(sb) = self.sandboxes.get_mut(id) else {
             return;
         };
@@ -1258,11 +1321,77 @@ impl State {
         sb.reschedules = m.generation;
         sb.observed = Some(Observed {
             status: "running".into(),
-            agent_id: Some(agent_id.to_string()),
+            agent_id: agent_id.map(str::to_string).or_else(|| m.agent_id.clone()),
             error: None,
             updated_ms: at_ms,
         });
         self.touch_sandbox(id);
+    }
+
+    /// [`Command::SettleAbort`]: a no-op unless the record still waits for
+    /// the target's answer about attempt `migration`
+    /// ([`SandboxRecord::held_for_target`]). `Committed` moves the record
+    /// to the target (only while that node is Ready: a takeover onto a node
+    /// that stopped heartbeating would strand the record; the leader then
+    /// settles it `TargetLost`); `TargetLost` holds only while the target is
+    /// NotReady or removed; `Uncommitted` confirms the abort.
+    fn settle_abort(
+        &mut self,
+        id: &str,
+        migration: &str,
+        answer: TargetAnswer,
+        at_ms: u64,
+    ) -> Reply {
+        let Some(sb) = self.sandboxes.get(id) else {
+            return Reply::NotFound {
+                what: format!("sandbox {id}"),
+            };
+        };
+        let Some(m) = sb.held_for_target().filter(|m| m.id == migration) else {
+            return Reply::Sandbox {
+                sandbox: sb.clone(),
+            };
+        };
+        let to = m.to.clone();
+        let target_ready = self.nodes.get(&to).map(|n| n.ready);
+        let note =
+            match answer {
+                TargetAnswer::Committed if target_ready == Some(true) => {
+                    self.take_over_unconfirmed(id, None, at_ms);
+                    None
+                }
+                TargetAnswer::Uncommitted => Some(format!(
+                "node {to} (the target) confirmed that attempt {migration} never committed there"
+            )),
+                TargetAnswer::TargetLost if target_ready != Some(true) => {
+                    Some(format!(
+                "node {to} (the target) is {}: a copy it may have committed is lost with it",
+                if target_ready.is_none() { "removed" } else { "NotReady" }
+            ))
+                }
+                TargetAnswer::Committed | TargetAnswer::TargetLost => None,
+            };
+        if let Some(note) = note {
+            if let Some(m) = self
+                .sandboxes
+                .get_mut(id)
+                .and_then(|s| s.migration.as_mut())
+            {
+                m.unconfirmed = false;
+                m.updated_ms = at_ms;
+                m.error = Some(match m.error.take() {
+                    Some(e) => format!("{e}; {note}"),
+                    None => note,
+                });
+            }
+            self.touch_sandbox(id);
+        }
+        match self.sandboxes.get(id) {
+            Some(sb) => Reply::Sandbox {
+                sandbox: sb.clone(),
+            },
+            None => Reply::Ok,
+        }
     }
 
     /// The node's slice, when `instance` holds it.
@@ -1748,11 +1877,17 @@ impl State {
 /// running copy of its generation that the target reports later takes the
 /// record over (see `reconcile`); any other copy of it is stopped.
 pub(crate) fn end_migration(sb: &mut SandboxRecord, why: &str, at_ms: u64) {
+    let copy = sb.observed.as_ref().and_then(|o| o.agent_id.clone());
     if let Some(m) = sb.migration.as_mut().filter(|m| m.active()) {
         m.phase = "aborted".into();
         m.error = Some(why.to_string());
         m.updated_ms = at_ms;
         m.unconfirmed = true;
+        // why: the restart that follows clears the record's copy id; the
+        // leader names it when it asks the target (records of older logs).
+        if m.agent_id.is_none() {
+            m.agent_id = copy;
+        }
     }
 }
 

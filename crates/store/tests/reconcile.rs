@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use hearth_sched::{Accel, Request, Resources};
 use hearth_store::{
     Command, CopyReport, Expect, Fence, Migration, NodeRecord, Observed, Reply, RestartPolicy,
-    SandboxRecord, State, TOMBSTONES_MAX,
+    SandboxRecord, State, TargetAnswer, TOMBSTONES_MAX,
 };
 
 fn node(id: &str) -> Command {
@@ -436,6 +436,7 @@ fn start_migration(s: &mut State, id: &str, mig: &str, from: &str, to: &str) -> 
             stall_ms: None,
             source_gone_ms: None,
             unconfirmed: false,
+            agent_id: None,
         },
     })
 }
@@ -929,6 +930,7 @@ fn a_migration_carries_its_own_deadline() {
             stall_ms: Some(1000),
             source_gone_ms: None,
             unconfirmed: false,
+            agent_id: None,
         },
     });
     let running = || vec![copy("a1", "running", Some("s1@0"))];
@@ -1627,15 +1629,17 @@ fn only_an_unconfirmed_abort_is_taken_over_by_the_targets_copy() {
     assert_eq!(d.remove, ["a1"], "{d:?}");
     assert_eq!(s.sandboxes["s1"].node, "n3");
 
-    // Unconfirmed, but the record was started again twice meanwhile: the
-    // newer copy is the record's.
+    // Unconfirmed, but a copy started since the abort runs (reported): it is
+    // the record's. (ask7: the leader starts no copy before the target
+    // answered, so this arises only from a start of an older control plane;
+    // the test used to start a copy twice, which no longer keeps the target
+    // out: a record whose newest placement has no copy yet is still held.)
     let mut s = migratable_always();
     start_migration(&mut s, "s1", "m1", "n1", "n2");
     phase(&mut s, "s1", "m1", "precopy");
     heartbeat(&mut s, "n1", 1000, vec![copy("a1", "lost", Some("s1@0"))]);
     s.apply(&set_observed("s1", "n1", 1, "running", "c1"));
-    heartbeat(&mut s, "n1", 1100, vec![copy("c1", "failed", Some("s1@1"))]);
-    assert_eq!(s.sandboxes["s1"].reschedules, 2);
+    assert!(s.sandboxes["s1"].held_for_target().is_none());
     let d = heartbeat(
         &mut s,
         "n2",
@@ -1644,14 +1648,44 @@ fn only_an_unconfirmed_abort_is_taken_over_by_the_targets_copy() {
     );
     assert_eq!(stopped(&d), ["a1"], "{d:?}");
     assert_eq!(s.sandboxes["s1"].node, "n1");
+
+    // Unconfirmed, then confirmed by the target's answer (ask7): fenced.
+    let mut s = migratable_always();
+    start_migration(&mut s, "s1", "m1", "n1", "n2");
+    phase(&mut s, "s1", "m1", "precopy");
+    s.apply(&Command::MarkNotReady {
+        node: "n1".into(),
+        at_ms: 1000,
+    });
+    settle(&mut s, "m1", TargetAnswer::Uncommitted, 1100);
+    let d = heartbeat(
+        &mut s,
+        "n2",
+        1200,
+        vec![copy("a1", "running", Some("s1@1"))],
+    );
+    assert_eq!(stopped(&d), ["a1"], "{d:?}");
+    assert_eq!(s.sandboxes["s1"].node, "n3");
 }
 
-/// mig3 H1: the cold restart after an unconfirmed abort avoids the
-/// migration's target node; when no other node fits it starts there one
-/// generation above the migrated copy, so the two copies on that node are
-/// told apart (the migrated one is then fenced: one copy, live state lost).
+fn settle(s: &mut State, mig: &str, answer: TargetAnswer, at_ms: u64) -> Reply {
+    s.apply(&Command::SettleAbort {
+        id: "s1".into(),
+        migration: mig.into(),
+        answer,
+        at_ms,
+    })
+}
+
+/// mig3 H1 / ask7: when only the migration's target fits, the restart after
+/// an unconfirmed abort is placed there one generation above the migrated
+/// copy, and (the leader starting nothing before the target answered) a
+/// committed copy the target reports takes the record over: the placement is
+/// dropped, the live state kept. (Before ask7 the fresh copy started at once
+/// and the migrated copy was fenced.) Once the target confirmed it never
+/// committed, the fresh copy is the record's on that node.
 #[test]
-fn a_restart_after_an_unconfirmed_abort_avoids_the_target_or_outranks_its_copy() {
+fn when_only_the_target_fits_its_committed_copy_still_takes_the_record_over() {
     let mut s = migratable_always_two_nodes();
     start_migration(&mut s, "s1", "m1", "n1", "n2");
     phase(&mut s, "s1", "m1", "precopy");
@@ -1661,6 +1695,24 @@ fn a_restart_after_an_unconfirmed_abort_avoids_the_target_or_outranks_its_copy()
     });
     let r = &s.sandboxes["s1"];
     assert_eq!((r.node.as_str(), r.reschedules), ("n2", 2), "{r:?}");
+    assert!(r.held_for_target().is_some());
+    let mut committed = s.clone();
+    let d = heartbeat(
+        &mut committed,
+        "n2",
+        2000,
+        vec![copy("a1", "running", Some("s1@1"))],
+    );
+    assert!(d.stop.is_empty(), "{d:?}");
+    let r = &committed.sandboxes["s1"];
+    assert_eq!((r.node.as_str(), r.reschedules), ("n2", 1), "{r:?}");
+    assert_eq!(
+        status(&committed, "s1"),
+        ("running".into(), Some("a1".into()), 1)
+    );
+
+    settle(&mut s, "m1", TargetAnswer::Uncommitted, 1500);
+    assert!(s.sandboxes["s1"].held_for_target().is_none());
     let d = heartbeat(
         &mut s,
         "n2",
@@ -1674,12 +1726,15 @@ fn a_restart_after_an_unconfirmed_abort_avoids_the_target_or_outranks_its_copy()
     assert!(d.keep.contains(&"c1".to_string()), "{d:?}");
 }
 
-/// Review of mig3 (finding 3): the takeover by the target's copy after an
-/// unconfirmed abort is bounded: a target that reports long after the abort
-/// (cut off with the source), while the copy started again has been
-/// reported running, is fenced; it does not replace the serving copy.
+/// Review of mig3 (finding 3), ask7: the takeover by the target's copy is no
+/// longer bounded by a time window (`TAKEOVER_WINDOW_MS` is gone) but by the
+/// target's answer: while the abort is unconfirmed no copy was started, so a
+/// target reporting its committed copy an hour later still takes the record
+/// over; once the abort was confirmed (the target said it never committed,
+/// or it was lost) and the copy started again runs, a target copy is fenced.
+/// (Was `a_target_reporting_long_after_an_unconfirmed_abort_does_not_take_over_a_serving_copy`.)
 #[test]
-fn a_target_reporting_long_after_an_unconfirmed_abort_does_not_take_over_a_serving_copy() {
+fn a_target_reporting_after_the_abort_was_confirmed_is_fenced() {
     let mut s = migratable_always();
     start_migration(&mut s, "s1", "m1", "n1", "n2");
     phase(&mut s, "s1", "m1", "precopy");
@@ -1688,36 +1743,242 @@ fn a_target_reporting_long_after_an_unconfirmed_abort_does_not_take_over_a_servi
         at_ms: 1000,
     });
     assert_eq!(s.sandboxes["s1"].node, "n3");
-    // The copy started again on n3 runs and is reported.
-    heartbeat(
-        &mut s,
-        "n3",
-        2000,
-        vec![copy("c1", "running", Some("s1@1"))],
-    );
-    assert_eq!(status(&s, "s1"), ("running".into(), Some("c1".into()), 1));
-    // A target whose commit took 45 s (stream, save, `cont`, ping) still
-    // takes over: tried on a copy of the state.
-    let mut early = s.clone();
+    // Not confirmed yet (no copy started): an hour later it still takes over.
+    let mut late = s.clone();
     let d = heartbeat(
-        &mut early,
-        "n2",
-        46_000,
-        vec![copy("a1", "running", Some("s1@1"))],
-    );
-    assert!(
-        d.stop.is_empty(),
-        "a target that committed 45 s after the abort was fenced: {d:?}"
-    );
-    assert_eq!(early.sandboxes["s1"].node, "n2");
-    // An hour later the target reports its copy of the attempt.
-    let d = heartbeat(
-        &mut s,
+        &mut late,
         "n2",
         3_600_000,
         vec![copy("a1", "running", Some("s1@1"))],
     );
-    assert_eq!(stopped(&d), ["a1"], "{d:?}");
-    assert_eq!(s.sandboxes["s1"].node, "n3");
-    assert_eq!(status(&s, "s1"), ("running".into(), Some("c1".into()), 1));
+    assert!(d.stop.is_empty(), "{d:?}");
+    assert_eq!(late.sandboxes["s1"].node, "n2");
+
+    for answer in [TargetAnswer::Uncommitted, TargetAnswer::TargetLost] {
+        let mut s = s.clone();
+        if answer == TargetAnswer::TargetLost {
+            s.apply(&Command::MarkNotReady {
+                node: "n2".into(),
+                at_ms: 1500,
+            });
+        }
+        settle(&mut s, "m1", answer, 1600);
+        let m = s.sandboxes["s1"].migration.clone().unwrap();
+        assert_eq!(
+            (m.phase.as_str(), m.unconfirmed),
+            ("aborted", false),
+            "{answer:?}"
+        );
+        // The copy started again on n3 runs and is reported.
+        heartbeat(
+            &mut s,
+            "n3",
+            2000,
+            vec![copy("c1", "running", Some("s1@1"))],
+        );
+        assert_eq!(status(&s, "s1"), ("running".into(), Some("c1".into()), 1));
+        // The target reports its copy of the attempt (soon, or after a partition).
+        let d = heartbeat(
+            &mut s,
+            "n2",
+            46_000,
+            vec![copy("a1", "running", Some("s1@1"))],
+        );
+        assert_eq!(stopped(&d), ["a1"], "{answer:?}: {d:?}");
+        assert_eq!(s.sandboxes["s1"].node, "n3");
+        assert_eq!(status(&s, "s1"), ("running".into(), Some("c1".into()), 1));
+    }
+}
+
+/// ask7: `SettleAbort` applies only while the record still waits for the
+/// target's answer about that very attempt: another attempt's id, an abort
+/// the source confirmed, a record whose restarted copy was reported, a
+/// `Committed` while the target is NotReady and a `TargetLost` while it is
+/// Ready change nothing.
+#[test]
+fn a_settle_applies_only_to_the_attempt_still_awaiting_its_target() {
+    let mut s = migratable_always();
+    start_migration(&mut s, "s1", "m1", "n1", "n2");
+    phase(&mut s, "s1", "m1", "precopy");
+    s.apply(&Command::MarkNotReady {
+        node: "n1".into(),
+        at_ms: 1000,
+    });
+    let held = s.clone();
+    let m = held.sandboxes["s1"].held_for_target().cloned().unwrap();
+    assert_eq!(
+        m.agent_id.as_deref(),
+        Some("a1"),
+        "the copy id is kept: {m:?}"
+    );
+    for (mig, answer) in [
+        ("m0", TargetAnswer::Uncommitted),
+        ("m0", TargetAnswer::Committed),
+        ("m1", TargetAnswer::TargetLost),
+    ] {
+        let mut t = held.clone();
+        settle(&mut t, mig, answer, 1100);
+        assert_eq!(t, held, "{mig} {answer:?} changed the state");
+    }
+    // The target NotReady: a `Committed` (a late answer) changes nothing.
+    let mut t = held.clone();
+    t.apply(&Command::MarkNotReady {
+        node: "n2".into(),
+        at_ms: 1050,
+    });
+    let before = t.clone();
+    settle(&mut t, "m1", TargetAnswer::Committed, 1100);
+    assert_eq!(t, before);
+    // The restarted copy was reported: nothing to settle.
+    let mut t = held.clone();
+    t.apply(&set_observed("s1", "n3", 1, "running", "c1"));
+    let before = t.clone();
+    for answer in [TargetAnswer::Uncommitted, TargetAnswer::Committed] {
+        settle(&mut t, "m1", answer, 1100);
+        assert_eq!(t, before, "{answer:?}");
+    }
+    // An abort on the source's word is confirmed already.
+    let mut t = migratable_always();
+    start_migration(&mut t, "s1", "m1", "n1", "n2");
+    phase(&mut t, "s1", "m1", "aborted");
+    let before = t.clone();
+    settle(&mut t, "m1", TargetAnswer::Committed, 1100);
+    assert_eq!(t, before);
+    // Settled once, a second answer changes nothing.
+    let mut t = held.clone();
+    settle(&mut t, "m1", TargetAnswer::Uncommitted, 1100);
+    let once = t.clone();
+    settle(&mut t, "m1", TargetAnswer::Committed, 1200);
+    assert_eq!(t, once);
+}
+
+/// ask7: the target said it committed: the record moves there at once (the
+/// migration completes at its generation, the copy id is the source's, the
+/// cold placement on n3 and its reservation are dropped), without waiting
+/// for the target's heartbeat, which then keeps the copy.
+#[test]
+fn a_committed_answer_moves_the_record_to_the_target_at_once() {
+    let mut s = migratable_always();
+    start_migration(&mut s, "s1", "m1", "n1", "n2");
+    phase(&mut s, "s1", "m1", "precopy");
+    s.apply(&Command::MarkNotReady {
+        node: "n1".into(),
+        at_ms: 1000,
+    });
+    let n3_before = s.allocated()["n3"];
+    settle(&mut s, "m1", TargetAnswer::Committed, 1100);
+    let r = &s.sandboxes["s1"];
+    assert_eq!((r.node.as_str(), r.reschedules), ("n2", 1), "{r:?}");
+    let m = r.migration.clone().unwrap();
+    assert_eq!((m.phase.as_str(), m.unconfirmed), ("completed", false));
+    assert_eq!(status(&s, "s1"), ("running".into(), Some("a1".into()), 1));
+    assert!(s.allocated()["n3"].memory_mib < n3_before.memory_mib);
+    let d = heartbeat(
+        &mut s,
+        "n2",
+        2000,
+        vec![copy("a1", "running", Some("s1@1"))],
+    );
+    assert!(
+        d.stop.is_empty() && d.keep.contains(&"a1".to_string()),
+        "{d:?}"
+    );
+    assert_eq!(status(&s, "s1"), ("running".into(), Some("a1".into()), 1));
+}
+
+/// ask7: `TargetLost` confirms the abort only while the target is NotReady
+/// or removed; the restart then proceeds and the target's copy, if it comes
+/// back, is fenced.
+#[test]
+fn a_lost_target_confirms_the_abort() {
+    for how in ["not ready", "node rm"] {
+        let mut s = migratable_always();
+        start_migration(&mut s, "s1", "m1", "n1", "n2");
+        phase(&mut s, "s1", "m1", "precopy");
+        s.apply(&Command::MarkNotReady {
+            node: "n1".into(),
+            at_ms: 1000,
+        });
+        match how {
+            "not ready" => s.apply(&Command::MarkNotReady {
+                node: "n2".into(),
+                at_ms: 1500,
+            }),
+            _ => s.apply(&Command::RemoveNode {
+                id: "n2".into(),
+                at_ms: 1500,
+            }),
+        };
+        settle(&mut s, "m1", TargetAnswer::TargetLost, 1600);
+        let r = &s.sandboxes["s1"];
+        assert!(r.held_for_target().is_none(), "{how}: {r:?}");
+        let why = r.migration.as_ref().unwrap().error.clone().unwrap();
+        let word = if how == "node rm" {
+            "removed"
+        } else {
+            "NotReady"
+        };
+        assert!(
+            why.contains(&format!("node n2 (the target) is {word}")),
+            "{why}"
+        );
+        assert_eq!((r.node.as_str(), r.reschedules), ("n3", 1), "{how}");
+    }
+}
+
+/// ask7: the same log gives the same state on every member, also with the
+/// new command (and it survives its JSON form, as it travels in Raft).
+#[test]
+fn settling_an_abort_is_deterministic() {
+    let mut log = vec![
+        node("n1"),
+        node("n2"),
+        node("n3"),
+        create("s1", "n1", RestartPolicy::Always),
+        set_observed("s1", "n1", 0, "running", "a1"),
+        Command::StartMigration {
+            id: "s1".into(),
+            migration: Migration {
+                id: "m1".into(),
+                from: "n1".into(),
+                to: "n2".into(),
+                phase: "preparing".into(),
+                generation: 0,
+                started_ms: 10,
+                updated_ms: 10,
+                error: None,
+                progress: None,
+                stall_ms: None,
+                source_gone_ms: None,
+                unconfirmed: false,
+                agent_id: None,
+            },
+        },
+        Command::MarkNotReady {
+            node: "n1".into(),
+            at_ms: 1000,
+        },
+    ];
+    for answer in [
+        TargetAnswer::Committed,
+        TargetAnswer::Uncommitted,
+        TargetAnswer::TargetLost,
+    ] {
+        log.push(Command::SettleAbort {
+            id: "s1".into(),
+            migration: "m1".into(),
+            answer,
+            at_ms: 1100,
+        });
+        let (mut a, mut b) = (State::default(), State::default());
+        for c in &log {
+            a.apply(c);
+            let wire: Command = serde_json::from_str(&serde_json::to_string(c).unwrap()).unwrap();
+            b.apply(&wire);
+        }
+        a.take_dirty();
+        b.take_dirty();
+        assert_eq!(a, b, "{answer:?}");
+        log.pop();
+    }
 }

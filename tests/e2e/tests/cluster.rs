@@ -858,3 +858,153 @@ fn a_lagging_follower_never_fences_a_sandbox_it_has_not_applied_yet() {
     let r = http(lport, "DELETE", "/v1/sandboxes/fresh?force=true", None, &[]).unwrap();
     assert_eq!(r.status, 204, "{}", r.body);
 }
+
+/// ask7 (issue 7): a migration the state machine aborted without the
+/// source's word — the source node lost (agent and its QEMU killed -9) while
+/// the record shows pre-copy — is settled by asking the target before any
+/// cold restart. The target removes its waiting incoming VM, gives the
+/// attempt up for good and says it never committed; only then does the
+/// `restart: always` sandbox start again, once, on the only node that fits:
+/// the migration's target, one generation above the migrated copy. (The
+/// other answer, `migration_committed`, needs the record to miss a
+/// switch-over between two polls, which no test can order; unit tests of
+/// the store and `cluster::unconfirmed` cover it.)
+#[test]
+fn a_source_lost_in_precopy_is_restarted_only_after_the_target_said_it_never_committed() {
+    let mut c = Cluster::start(1, &["--start-timeout-ms", "15000"]);
+    let n1 = c.add_agent("n1", &["--cpus", "2", "--memory-mib", "2048"]);
+    c.add_agent("n2", &["--cpus", "2", "--memory-mib", "2048"]);
+    let port = c.any_port();
+    let rootfs = c.dir.path().join("busybox-rootfs");
+    hearth_e2e::images::busybox_rootfs(&rootfs);
+    let body = serde_json::json!({"name": "busybox", "path": rootfs}).to_string();
+    let r = http(port, "POST", "/v1/images/import", Some(&body), &[]).unwrap();
+    assert_eq!(r.status, 201, "{}", r.body);
+    // Placed on n1: n2 is cordoned while it is created.
+    let r = http(port, "POST", "/v1/nodes/n2/cordon", None, &[]).unwrap();
+    assert!(r.status < 300, "{}", r.body);
+    const SLEEPER: &str = r#"{"image":"busybox","memory_mib":128,"cmd":["sleep","100000"],"network":{"mode":"none"}}"#;
+    let r = http(
+        port,
+        "POST",
+        "/v1/sandboxes?restart=always",
+        Some(SLEEPER),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(r.status, 201, "{}", r.body);
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let s = wait_json(port, &format!("/v1/sandboxes/{id}"), |s| {
+        s["status"] == "running"
+    });
+    assert_eq!(s["node"], "n1", "{s}");
+    let r = http(port, "POST", "/v1/nodes/n2/uncordon", None, &[]).unwrap();
+    assert!(r.status < 300, "{}", r.body);
+
+    // A migration to n2 slow enough to stay in pre-copy (1 MiB/s, 128 MiB).
+    let mig = std::thread::spawn({
+        let id = id.clone();
+        move || loop {
+            let body = r#"{"target":"n2","max_bandwidth_mib":1}"#;
+            let r = http(
+                port,
+                "POST",
+                &format!("/v1/sandboxes/{id}/migrate"),
+                Some(body),
+                &[],
+            );
+            // why: the record says `running` once the node's start answer
+            // or heartbeat is applied, a moment after the agent does.
+            match r {
+                Ok(r) if r.status == 409 && r.body.contains("is creating") => {
+                    std::thread::sleep(Duration::from_millis(200))
+                }
+                r => return r,
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let m = c.get(&format!("/v1/sandboxes/{id}/migration"));
+        if m.json()["phase"] == "precopy" {
+            break;
+        }
+        if mig.is_finished() {
+            let r = mig.join().unwrap().unwrap();
+            panic!("the migration of {id} ended: {} {}", r.status, r.body);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the migration of {id} is not in pre-copy: {}\n{}",
+            m.body,
+            c.log_tails(30)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let n2_dir = c.dir.path().join("n2");
+    hearth_e2e::wait_until("the target's incoming VM", Duration::from_secs(30), || {
+        hearth_e2e::vmm_pids_under(&n2_dir).len() == 1
+    });
+
+    // The source node is lost: its agent and its VM die.
+    c.agents[n1].kill9();
+    let n1_dir = c.dir.path().join("n1");
+    hearth_e2e::kill_vmms_under(&n1_dir);
+    let _ = mig.join();
+
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let s = loop {
+        let s = c.get(&format!("/v1/sandboxes/{id}")).json();
+        if s["status"] == "running" && s["node"] == "n2" {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{id} never ran again on n2: {s}\n{}",
+            c.log_tails(40)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let m = c.get(&format!("/v1/sandboxes/{id}/migration")).json();
+    assert_eq!(m["phase"], "aborted", "{m}");
+    assert!(
+        m["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("node n2 (the target) confirmed that attempt"),
+        "the record does not say the target was asked: {m}\n{s}"
+    );
+    // Exactly one copy on n2, the restart's (generation 2, above the
+    // migrated copy's 1), and one QEMU: the incoming VM was removed.
+    let agent_port = c.agents[c.agents.len() - 1].port;
+    let copies: Vec<(String, String)> = http(agent_port, "GET", "/v1/sandboxes", None, &[])
+        .unwrap()
+        .json()
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| {
+            let tag = s["owner"].as_str().unwrap_or_default();
+            let owner = tag.rsplit_once('/').map_or(tag, |(_, t)| t).to_string();
+            (owner, s["status"].as_str().unwrap_or_default().to_string())
+        })
+        .collect();
+    assert_eq!(
+        copies,
+        [(format!("{id}@2"), "running".to_string())],
+        "{}",
+        c.log_tails(40)
+    );
+    assert_eq!(hearth_e2e::vmm_pids_under(&n2_dir).len(), 1);
+    let given_up = std::fs::read_to_string(n2_dir.join("migrations-given-up.json")).unwrap();
+    assert!(given_up.len() > 4, "no attempt given up on n2: {given_up}");
+    let r = http(
+        port,
+        "DELETE",
+        &format!("/v1/sandboxes/{id}?force=true"),
+        None,
+        &[],
+    )
+    .unwrap();
+    assert_eq!(r.status, 204, "{}", r.body);
+}

@@ -13,7 +13,7 @@
 //! the pure machine in [`phase`], recorded in `DIR/migration.json`.
 
 pub(crate) mod net;
-pub(crate) mod peer;
+pub mod peer;
 pub mod phase;
 pub(crate) mod removed;
 pub mod reserve;
@@ -131,6 +131,10 @@ pub(crate) struct Registry {
     /// abort (its first answer lost, or asked after a restart of this agent)
     /// still hears "removed uncommitted". Kept on disk.
     removed_uncommitted: removed::RemovedUncommitted,
+    /// The control plane's attempts this target answered "never committed"
+    /// about ([`Agent::incoming_give_up`]): never prepared nor committed
+    /// here afterwards. Kept on disk.
+    given_up: removed::RemovedUncommitted,
     /// Why an incoming VM removed uncommitted had already ended by itself
     /// (its QEMU exited: out of memory, a crash), told to the source's abort.
     vm_ended: Mutex<HashMap<String, String>>,
@@ -163,6 +167,7 @@ impl Registry {
     pub(crate) fn new(data_dir: &std::path::Path) -> Registry {
         Registry {
             removed_uncommitted: removed::RemovedUncommitted::load(data_dir),
+            given_up: removed::RemovedUncommitted::load_file(data_dir, removed::GIVEN_UP_FILE),
             ..Default::default()
         }
     }
@@ -198,6 +203,14 @@ impl Registry {
             );
         }
     }
+}
+
+/// The refusal of a prepare or commit of an attempt the control plane gave
+/// up here ([`Agent::incoming_give_up`]).
+fn given_up(attempt: &str, id: &str, node: &str) -> AgentError {
+    AgentError::Conflict(format!(
+        "migration attempt {attempt} of sandbox '{id}' was given up on node {node} (the control plane asked and heard it never committed here); start a new migration"
+    ))
 }
 
 /// True when process `pid` has ended (gone, or a zombie not yet reaped).
@@ -250,6 +263,9 @@ enum Slot {
 
 struct Incoming {
     offer: IncomingOffer,
+    /// The control plane's attempt id (from the migration credential the
+    /// offer came with; none when the source used this node's token).
+    attempt: Option<String>,
     dir: std::path::PathBuf,
     slot: tokio::sync::Mutex<Slot>,
     tunnel: tokio::task::AbortHandle,
@@ -1516,9 +1532,16 @@ impl Agent {
         &self,
         offer: IncomingOffer,
         bind: Option<IpAddr>,
+        attempt: Option<String>,
     ) -> Result<IncomingAccepted, AgentError> {
         let sb = &offer.sandbox;
         let i = &self.inner;
+        if let Some(a) = attempt
+            .as_deref()
+            .filter(|a| i.migrations.given_up.contains(a))
+        {
+            return Err(given_up(a, &sb.id, &i.cfg.node));
+        }
         if offer.source_node_id == i.node_id {
             return Err(AgentError::Conflict(format!(
                 "sandbox '{}' already runs on this node ({}); migrate it to another node",
@@ -1763,6 +1786,7 @@ impl Agent {
         .abort_handle();
         let inc = Arc::new(Incoming {
             offer: offer.clone(),
+            attempt,
             dir,
             slot: tokio::sync::Mutex::new(Slot::Waiting(vm, agent_stream)),
             tunnel,
@@ -1912,6 +1936,18 @@ impl Agent {
             tracing::warn!("{msg}");
             AgentError::Migration(msg)
         };
+        // why: the control plane asked about this attempt and heard that it
+        // never committed here (it may have started a copy elsewhere since):
+        // it must never commit now. Checked under the slot lock, which that
+        // question takes too.
+        if let Some(a) = inc
+            .attempt
+            .as_deref()
+            .filter(|a| self.inner.migrations.given_up.contains(a))
+        {
+            let e = given_up(a, id, &self.inner.cfg.node);
+            return Err(remove_here(e.to_string(), false).await);
+        }
         let attached = async {
             vm.wait_incoming(INCOMING_COMPLETE_TIMEOUT)
                 .await
@@ -2131,6 +2167,70 @@ impl Agent {
         drop(lock(&inc.reservation).take());
         self.inner.migrations.note_removed_uncommitted(id);
         exit
+    }
+
+    /// Target: the control plane's question about its migration attempt
+    /// `attempt` of sandbox `id` (whose copy here would carry the tag
+    /// `owner`), asked after it ended that migration without the source's
+    /// word. Ok ("removed uncommitted") only when that attempt did not commit
+    /// here, and then it never will: the attempt is first remembered
+    /// (durably) as given up, so a prepare or commit of it is refused from
+    /// now on (also when it was not known here yet, e.g. after a restart),
+    /// and an incoming VM of the sandbox still waiting is removed.
+    /// `MigrationCommitted` when the copy tagged `owner` is this node's
+    /// (committed; after a restart of this agent too: its records were saved
+    /// before the resume and re-adopted), or its commit is under way (waited
+    /// for). The answer carries why the incoming VM had ended by itself, if
+    /// it had.
+    pub async fn incoming_give_up(
+        &self,
+        id: &str,
+        attempt: &str,
+        owner: &str,
+    ) -> Result<Option<String>, AgentError> {
+        let node = self.inner.cfg.node.clone();
+        let committed = || {
+            AgentError::MigrationCommitted(format!(
+                "sandbox '{id}' was committed (as {owner}) and runs on node {node}"
+            ))
+        };
+        // why: first, so a commit that has not taken its slot yet refuses
+        // (it checks this under the slot lock); one under way is waited for.
+        self.inner.migrations.given_up.add(attempt);
+        let agent = self.clone();
+        let saved = tokio::task::spawn_blocking(move || agent.inner.migrations.given_up.save())
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+        if let Err(source) = saved {
+            return Err(AgentError::Io {
+                what: format!(
+                    "save that migration attempt {attempt} of sandbox '{id}' is given up in {} on node {node} (asked again)",
+                    removed::GIVEN_UP_FILE
+                ),
+                source,
+            });
+        }
+        let inc = lock(&self.inner.migrations.incoming).get(id).cloned();
+        if let Some(inc) = inc {
+            let slot = inc.slot.lock().await;
+            let waiting = matches!(*slot, Slot::Waiting(..));
+            if matches!(*slot, Slot::Committed) && inc.offer.owner.as_deref() == Some(owner) {
+                return Err(committed());
+            }
+            drop(slot);
+            if waiting {
+                self.remove_incoming(id, true).await?;
+            }
+        }
+        // why: an entry gone means its commit ended; a commit adds the
+        // sandbox here before it drops the entry.
+        let here = lock(&self.inner.sandboxes)
+            .get(id)
+            .map(|e| lock(&e.record).owner.clone());
+        if here.is_some_and(|o| o.as_deref() == Some(owner)) {
+            return Err(committed());
+        }
+        Ok(lock(&self.inner.migrations.vm_ended).get(id).cloned())
     }
 
     /// True if an uncommitted incoming VM of `id` was removed, now or earlier.
@@ -2426,6 +2526,80 @@ mod tests {
         assert_eq!(
             signal_cause(libc::SIGTERM),
             format!("killed by signal {}", libc::SIGTERM)
+        );
+    }
+
+    /// A real agent (no network, TCG forced, so nothing boots) on a temp
+    /// data dir; the guest files only have to exist.
+    async fn agent(dir: &Path) -> Agent {
+        let (kernel, initrd) = (dir.join("vmlinux"), dir.join("initrd"));
+        std::fs::write(&kernel, b"k").unwrap();
+        std::fs::write(&initrd, b"i").unwrap();
+        Agent::start(crate::AgentConfig {
+            data_dir: dir.join("data"),
+            kernel,
+            initrd,
+            qemu: "qemu-system-x86_64".into(),
+            qemu_img: "qemu-img".into(),
+            accel: hearth_vmm::AccelChoice::Tcg,
+            node: "n2".into(),
+            image_limits: Default::default(),
+            insecure_registries: Vec::new(),
+            registry_timeout: Duration::from_secs(5),
+            guest_watchdog: Duration::ZERO,
+            max_log_bytes: 1 << 20,
+            net: None,
+            leases: None,
+        })
+        .await
+        .expect("agent starts")
+    }
+
+    /// ask7: the control plane's question about an attempt this target does
+    /// not know (never offered, or forgotten by a restart) is answered
+    /// "removed uncommitted" and the attempt is given up for good: its
+    /// prepare is refused afterwards, also after a restart of the agent
+    /// (the set is on disk). A copy tagged with the attempt's owner tag
+    /// here (committed; a re-adopted one after a restart is in the same
+    /// table) is answered `migration_committed`; a copy of the sandbox with
+    /// another tag is not this attempt's.
+    #[tokio::test]
+    async fn the_control_planes_question_about_an_attempt_holds_for_good() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = agent(dir.path()).await;
+        assert_eq!(
+            a.incoming_give_up("sb1", "att1", "c1/sb1@1").await.unwrap(),
+            None
+        );
+        let e = a
+            .incoming_prepare(
+                offer(serde_json::Value::Null, None),
+                None,
+                Some("att1".into()),
+            )
+            .await
+            .expect_err("a prepare of a given-up attempt was let in");
+        assert!(
+            matches!(&e, AgentError::Conflict(m) if m.contains("attempt att1") && m.contains("given up")),
+            "{e}"
+        );
+        let reloaded = Registry::new(&dir.path().join("data"));
+        assert!(reloaded.given_up.contains("att1"), "not kept on disk");
+
+        let mut rec = offer(serde_json::Value::Null, None).sandbox;
+        rec.id = "sb2".into();
+        rec.owner = Some("c1/sb2@1".into());
+        let sdir = dir.path().join("data/sandboxes/sb2");
+        lock(&a.inner.sandboxes).insert("sb2".into(), Arc::new(Entry::new(sdir, rec)));
+        let e = a
+            .incoming_give_up("sb2", "att2", "c1/sb2@1")
+            .await
+            .expect_err("a committed copy was answered removed");
+        assert!(matches!(e, AgentError::MigrationCommitted(_)), "{e}");
+        assert_eq!(
+            a.incoming_give_up("sb2", "att3", "c1/sb2@3").await.unwrap(),
+            None,
+            "a copy of another generation is not this attempt's"
         );
     }
 

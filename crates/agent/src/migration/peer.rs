@@ -127,6 +127,26 @@ impl Peer {
         .await
     }
 
+    /// The control plane's question about its migration attempt `attempt`
+    /// of sandbox `id` (copy tag `owner`), after it ended that migration
+    /// without the source's word: the target removes the attempt's incoming
+    /// VM, or says it committed; [`classify_abort`] says what the answer
+    /// means (only a "removed uncommitted" is a promise that the attempt
+    /// never commits there).
+    pub async fn give_up(
+        &self,
+        id: &str,
+        attempt: &str,
+        owner: &str,
+    ) -> Result<IncomingAborted, PeerError> {
+        self.answer(
+            self.http
+                .delete(format!("{}/v1/migrations/incoming/{id}", self.base))
+                .query(&[("attempt", attempt), ("owner", owner)]),
+        )
+        .await
+    }
+
     /// Asks the target to remove its incoming VM; [`classify_abort`] says
     /// what the answer means.
     pub async fn abort(&self, id: &str) -> Result<IncomingAborted, PeerError> {

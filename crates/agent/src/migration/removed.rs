@@ -16,6 +16,12 @@ use crate::sandbox::lock;
 /// The file in the data dir.
 pub(crate) const REMOVED_FILE: &str = "migrations-removed.json";
 
+/// The file of the control plane's migration attempts this target gave up
+/// (answered "never committed" to the leader's question): a prepare or a
+/// commit of one of them is refused, so that answer stays true. The same
+/// bounded, durable set of ids, of attempts instead of sandboxes.
+pub(crate) const GIVEN_UP_FILE: &str = "migrations-given-up.json";
+
 /// How many ids are kept (a source asks about its migration within minutes;
 /// an id past the bound reads as unknown, which keeps a source paused, the
 /// safe side).
@@ -32,7 +38,12 @@ impl RemovedUncommitted {
     /// The set kept in `data_dir` (empty if the file is missing; an
     /// unreadable file is reported and starts empty).
     pub(crate) fn load(data_dir: &Path) -> RemovedUncommitted {
-        let path = data_dir.join(REMOVED_FILE);
+        Self::load_file(data_dir, REMOVED_FILE)
+    }
+
+    /// The set kept in `data_dir/file`.
+    pub(crate) fn load_file(data_dir: &Path, file: &str) -> RemovedUncommitted {
+        let path = data_dir.join(file);
         let ids = match std::fs::read(&path) {
             Ok(b) => match serde_json::from_slice::<VecDeque<String>>(&b) {
                 Ok(ids) => ids,
@@ -71,6 +82,13 @@ impl RemovedUncommitted {
     /// Records that the incoming VM of `id` was removed uncommitted; durable
     /// when this returns Ok.
     pub(crate) fn insert(&self, id: &str) -> std::io::Result<()> {
+        self.add(id);
+        self.save()
+    }
+
+    /// Adds `id` in memory only (visible to [`Self::contains`] at once);
+    /// [`Self::save`] makes it durable.
+    pub(crate) fn add(&self, id: &str) {
         let mut ids = lock(&self.ids);
         if !ids.iter().any(|x| x == id) {
             ids.push_back(id.to_string());
@@ -78,6 +96,11 @@ impl RemovedUncommitted {
                 ids.pop_front();
             }
         }
+    }
+
+    /// Writes the set as it is now; durable when this returns Ok.
+    pub(crate) fn save(&self) -> std::io::Result<()> {
+        let ids = lock(&self.ids);
         self.store(&ids)
     }
 
@@ -98,7 +121,11 @@ impl RemovedUncommitted {
             return Ok(());
         };
         let dir = path.parent().unwrap_or(Path::new("."));
-        let tmp = dir.join(format!(".{REMOVED_FILE}.tmp"));
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or(REMOVED_FILE);
+        let tmp = dir.join(format!(".{name}.tmp"));
         let bytes = serde_json::to_vec(ids).map_err(std::io::Error::other)?;
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(&bytes)?;

@@ -241,6 +241,7 @@ async fn start(
             stall_ms: Some(stall_ms(cp.cfg.migration_stall, req.give_up_after_secs)),
             source_gone_ms: None,
             unconfirmed: false,
+            agent_id: None,
         };
         let reply = cp
             .store
@@ -1004,6 +1005,7 @@ pub(super) mod tests {
             stall_ms: Some(60_000),
             source_gone_ms: None,
             unconfirmed: false,
+            agent_id: None,
         }
     }
 
@@ -1322,6 +1324,7 @@ pub(super) mod tests {
                     stall_ms: Some(1_000),
                     source_gone_ms: None,
                     unconfirmed: false,
+                    agent_id: None,
                 },
             })
             .await

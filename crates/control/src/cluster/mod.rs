@@ -16,6 +16,7 @@ mod migrate;
 mod nodes;
 mod proxy;
 mod sandboxes;
+mod unconfirmed;
 mod watchdog;
 
 use std::collections::HashSet;

@@ -4,14 +4,16 @@
 //! node, and a record whose start never finished is given up (`failed`, with
 //! the reason) or, with `restart: always`, started again (as is one whose
 //! start failed, after a backoff); a live migration
-//! whose driving member went away is finished from the source's answer.
+//! whose driving member went away is finished from the source's answer; a
+//! migration the state machine aborted without the source's word is settled
+//! by asking its target ([`unconfirmed`]) before any copy is started again.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use hearth_store::{Command, Expect, RestartPolicy};
 
-use super::{migrate, now_ms, sandboxes, ControlPlane};
+use super::{migrate, now_ms, sandboxes, unconfirmed, ControlPlane};
 
 pub(super) async fn run(cp: ControlPlane) {
     tokio::join!(nodes(cp.clone()), migrations(cp));
@@ -42,6 +44,7 @@ async fn nodes(cp: ControlPlane) {
     // when it first saw them unstarted (not the proposing member's clock).
     let mut unstarted: HashMap<(String, u32), u64> = HashMap::new();
     let mut abandoned: HashMap<(String, u32), u64> = HashMap::new();
+    let asks = unconfirmed::Asks::default();
     loop {
         tick.tick().await;
         let me = cp.store.member_status();
@@ -49,6 +52,7 @@ async fn nodes(cp: ControlPlane) {
             leading_since = None;
             unstarted.clear();
             abandoned.clear();
+            asks.clear();
             continue;
         }
         if cp.store.read_local(|st| st.cluster_id.is_none()) {
@@ -75,8 +79,9 @@ async fn nodes(cp: ControlPlane) {
             }
         }
         give_up_stuck(&cp, now, &mut unstarted).await;
+        unconfirmed::settle(&cp, now, &asks);
         retry_failed_starts(&cp, now, &mut abandoned).await;
-        restart_moved(&cp, now);
+        restart_moved(&cp);
     }
 }
 
@@ -181,6 +186,7 @@ async fn retry_failed_starts(cp: &ControlPlane, now: u64, seen: &mut HashMap<(St
                     && !s.pinned
                     && s.abandoned()
                     && s.migrating().is_none()
+                    && s.held_for_target().is_none()
             })
             .map(|s| {
                 let why = s
@@ -234,20 +240,11 @@ async fn retry_failed_starts(cp: &ControlPlane, now: u64, seen: &mut HashMap<(St
 }
 
 /// Starts sandboxes that were moved to a new node and not started there yet.
-fn restart_moved(cp: &ControlPlane, now: u64) {
-    let timeout = cp.cfg.node_timeout.as_millis() as u64;
+fn restart_moved(cp: &ControlPlane) {
     let todo: Vec<hearth_store::SandboxRecord> = cp.store.read_local(|st| {
         st.sandboxes
             .values()
-            .filter(|s| {
-                s.reschedules > 0
-                    && !s.record_only
-                    && s.observed
-                        .as_ref()
-                        .is_some_and(|o| o.status == "creating" && o.agent_id.is_none())
-                    && st.nodes.get(&s.node).is_some_and(|n| n.ready)
-                    && !awaits_target(st, s, now, timeout)
-            })
+            .filter(|s| to_start(st, s))
             .cloned()
             .collect()
     });
@@ -273,30 +270,19 @@ fn restart_moved(cp: &ControlPlane, now: u64) {
     }
 }
 
-/// A record started again after the state machine ended its migration
-/// without the source's word (`Migration::unconfirmed`) waits, before its
-/// fresh copy is started, for one heartbeat of the migration's target after
-/// that abort (at most `timeout`): a target that committed reports its copy
-/// in that heartbeat and takes the record over, so no cold copy boots beside
-/// it. A target that is NotReady, gone, or silent for `timeout` is not
-/// waited for.
-fn awaits_target(
-    st: &hearth_store::State,
-    rec: &hearth_store::SandboxRecord,
-    now: u64,
-    timeout: u64,
-) -> bool {
-    let Some(m) = rec
-        .migration
-        .as_deref()
-        .filter(|m| m.phase == "aborted" && m.unconfirmed)
-    else {
-        return false;
-    };
-    let Some(target) = st.nodes.get(&m.to).filter(|n| n.ready) else {
-        return false;
-    };
-    target.last_heartbeat_ms <= m.updated_ms && now.saturating_sub(m.updated_ms) <= timeout
+/// A record placed again (moved, or started again) whose copy the leader
+/// starts now: its node is Ready, and it is not held for the answer of a
+/// migration target (`SandboxRecord::held_for_target`: the state machine
+/// ended its migration without the source's word; the target may hold a
+/// committed copy, so nothing starts before [`unconfirmed::settle`] asked).
+pub(super) fn to_start(st: &hearth_store::State, s: &hearth_store::SandboxRecord) -> bool {
+    s.reschedules > 0
+        && !s.record_only
+        && s.observed
+            .as_ref()
+            .is_some_and(|o| o.status == "creating" && o.agent_id.is_none())
+        && st.nodes.get(&s.node).is_some_and(|n| n.ready)
+        && s.held_for_target().is_none()
 }
 
 #[cfg(test)]
@@ -323,13 +309,16 @@ mod tests {
         }
     }
 
-    /// mig3 H1: the fresh copy of a record whose migration was ended
+    /// mig3 H1, ask7: the fresh copy of a record whose migration was ended
     /// unconfirmed (its source node lost while the record lagged) is not
-    /// started before the target's next heartbeat, which takes the record
-    /// over if the target committed; a confirmed abort, a NotReady target or
-    /// the timeout does not wait.
+    /// started before the target answered (`SettleAbort`), however long
+    /// that takes, nor because the target heartbeated (it may still be
+    /// committing: before ask7 one heartbeat released it); the target's
+    /// "never committed" or its loss releases it; "committed" leaves
+    /// nothing to start. (Was
+    /// `a_restart_after_an_unconfirmed_abort_waits_for_one_target_heartbeat`.)
     #[test]
-    fn a_restart_after_an_unconfirmed_abort_waits_for_one_target_heartbeat() {
+    fn a_restart_after_an_unconfirmed_abort_waits_for_the_targets_answer() {
         let mut st = State::default();
         for n in ["n1", "n2", "n3"] {
             st.apply(&node(n, 1_000));
@@ -375,6 +364,7 @@ mod tests {
                 stall_ms: None,
                 source_gone_ms: None,
                 unconfirmed: false,
+                agent_id: None,
             },
         });
         st.apply(&Command::MarkNotReady {
@@ -383,12 +373,8 @@ mod tests {
         });
         let rec = st.sandboxes["s1"].clone();
         assert_eq!((rec.node.as_str(), rec.reschedules), ("n3", 1), "{rec:?}");
-        assert!(awaits_target(&st, &rec, 2_100, 5_000), "not held");
-        assert!(
-            !awaits_target(&st, &rec, 7_001, 5_000),
-            "held past the timeout"
-        );
-        // The target heartbeats (without the copy: it never committed).
+        assert!(!to_start(&st, &rec), "not held");
+        // The target heartbeats without the copy (its commit may still run).
         st.apply(&Command::Heartbeat {
             node: "n2".into(),
             instance: "inst-n2".into(),
@@ -399,27 +385,42 @@ mod tests {
         });
         let rec = st.sandboxes["s1"].clone();
         assert_eq!(rec.node, "n3");
-        assert!(
-            !awaits_target(&st, &rec, 2_400, 5_000),
-            "held after the target's heartbeat"
-        );
-        // A target that is NotReady is not waited for.
+        assert!(!to_start(&st, &rec), "released by the target's heartbeat");
+        let settle = |st: &mut State, answer| {
+            st.apply(&Command::SettleAbort {
+                id: "s1".into(),
+                migration: "m1".into(),
+                answer,
+                at_ms: 9_000_000,
+            })
+        };
+        // The target said it never committed.
+        let mut st1 = st.clone();
+        settle(&mut st1, hearth_store::TargetAnswer::Uncommitted);
+        assert!(to_start(&st1, &st1.sandboxes["s1"]));
+        // The target is NotReady: lost.
         let mut st2 = st.clone();
         st2.apply(&Command::MarkNotReady {
             node: "n2".into(),
             at_ms: 2_350,
         });
-        let mut rec2 = st2.sandboxes["s1"].clone();
-        if let Some(m) = rec2.migration.as_mut() {
-            m.updated_ms = 2_350;
-        }
-        assert!(!awaits_target(&st2, &rec2, 2_400, 5_000));
-        // A confirmed abort (the source's word) is not waited for.
-        let mut rec3 = rec.clone();
-        if let Some(m) = rec3.migration.as_mut() {
+        assert!(
+            !to_start(&st2, &st2.sandboxes["s1"]),
+            "released before the settle"
+        );
+        settle(&mut st2, hearth_store::TargetAnswer::TargetLost);
+        assert!(to_start(&st2, &st2.sandboxes["s1"]));
+        // The target committed: the record is its copy, nothing to start.
+        let mut st3 = st.clone();
+        settle(&mut st3, hearth_store::TargetAnswer::Committed);
+        let rec = &st3.sandboxes["s1"];
+        assert_eq!((rec.node.as_str(), rec.reschedules), ("n2", 1));
+        assert!(!to_start(&st3, rec));
+        // A confirmed abort (the source's word) is not held.
+        let mut rec4 = st.sandboxes["s1"].clone();
+        if let Some(m) = rec4.migration.as_mut() {
             m.unconfirmed = false;
-            m.updated_ms = 2_350;
         }
-        assert!(!awaits_target(&st, &rec3, 2_400, 5_000));
+        assert!(to_start(&st, &rec4));
     }
 }
