@@ -2328,7 +2328,8 @@ fn a_policy_set_through_the_control_plane_survives_the_sandbox_being_started_aga
     let id = r.json()["id"].as_str().unwrap().to_string();
     let running = |what: &str| {
         wait_until(what, Duration::from_secs(120), || {
-            c.get(&format!("/v1/sandboxes/{id}")).json()["status"] == "running"
+            http(port, "GET", &format!("/v1/sandboxes/{id}"), None, &[])
+                .is_ok_and(|r| r.json()["status"] == "running")
         })
     };
     running("the sandbox to run");
