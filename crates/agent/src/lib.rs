@@ -35,5 +35,6 @@ mod template;
 mod warm_pool;
 
 pub use guest_conn::{GuestError, Session, SessionEvent, SessionInput};
+pub use network::canonical_policy;
 pub use output_log::LogFollower;
 pub use sandbox::{ensure_data_dir_free, Agent, AgentConfig, AgentError};

@@ -37,6 +37,12 @@ pub fn parse_policy(p: &NetworkPolicy) -> Result<Policy, AgentError> {
     })
 }
 
+/// `p` validated (limits checked) in its canonical API form, the form the
+/// policy endpoints answer with.
+pub fn canonical_policy(p: &NetworkPolicy) -> Result<NetworkPolicy, AgentError> {
+    Ok(policy_to_api(&parse_policy(p)?))
+}
+
 /// The policy a create request asks for.
 pub fn spec_policy(n: &NetworkSpec) -> Result<Policy, AgentError> {
     parse_policy(&NetworkPolicy {
@@ -91,6 +97,7 @@ pub fn network_to_api(n: &SandboxNet, token: String) -> SandboxNetwork {
         mac: n.mac_string(),
         tap: n.tap.clone(),
         ingress_token: token,
+        ingress: None,
     }
 }
 

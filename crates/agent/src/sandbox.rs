@@ -468,6 +468,9 @@ pub(crate) struct Inner {
     pub(crate) sandboxes: Mutex<HashMap<String, Arc<Entry>>>,
     /// Random id of this data dir: a migration to the same node is refused.
     pub(crate) node_id: String,
+    /// The ingress this process serves for this node's sandboxes (`hearthd
+    /// dev --ingress-listen`), reported in [`Agent::info`].
+    pub(crate) ingress: std::sync::OnceLock<hearth_api::network::IngressInfo>,
     pub(crate) migrations: crate::migration::Registry,
     net: Option<Arc<hearth_net::NodeNet>>,
     /// Templates, warm pools, snapshot references.
@@ -602,6 +605,7 @@ impl Agent {
         let warm = WarmState::new(&cfg, &vmm, accel.accel).await?;
         let inner = Arc::new(Inner {
             net,
+            ingress: std::sync::OnceLock::new(),
             _lock: lock,
             host_cpus: std::thread::available_parallelism()
                 .map(|n| n.get() as u32)
@@ -930,7 +934,14 @@ impl Agent {
             host_cpus: i.host_cpus,
             host_memory_mib: i.host_memory_mib,
             node_id: i.node_id.clone(),
+            ingress: i.ingress.get().cloned(),
         }
+    }
+
+    /// Records the ingress this process serves for the node's sandboxes
+    /// (once; a second call changes nothing).
+    pub fn set_ingress(&self, info: hearth_api::network::IngressInfo) {
+        let _ = self.inner.ingress.set(info);
     }
 
     pub(crate) fn entry(&self, id_or_name: &str) -> Result<Arc<Entry>, AgentError> {

@@ -408,6 +408,11 @@ pub struct Info {
     /// Unique id of this node's data dir (a migration to the same node is refused).
     #[serde(default)]
     pub node_id: String,
+    /// The ingress this server runs (`--ingress-listen`), if any: a node
+    /// agent's for `hearthd dev`, the member's own cluster ingress for a
+    /// control-plane member.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress: Option<network::IngressInfo>,
 }
 
 /// Stable, machine-readable error codes.

@@ -50,6 +50,11 @@ pub struct MigrateSandbox {
     /// attempt is told apart from this one's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempt: Option<String>,
+    /// The policy the target enforces (set by a control plane: the policy in
+    /// the sandbox's record, which a `policy set` the source had not applied
+    /// yet may have changed). Absent: the source's current policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<crate::network::NetworkPolicy>,
 }
 
 /// Where a migration stands. Phases: `preparing`, `precopy`, `switchover`,

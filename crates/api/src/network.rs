@@ -129,6 +129,54 @@ pub struct SandboxNetwork {
     /// Token the ingress proxy requires (`X-Hearth-Token` header,
     /// `hearth_token` query parameter or cookie).
     pub ingress_token: String,
+    /// How to reach the sandbox's ports through the ingress that serves it
+    /// (absent when the server you asked runs none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress: Option<SandboxIngress>,
+}
+
+/// The ingress a server runs (`ingress` of `GET /v1/info`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct IngressInfo {
+    /// Domain of the host-name form: `<port>-<sandbox>.<domain>`.
+    pub domain: String,
+    /// Address the ingress listens on (`IP:PORT`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+}
+
+/// Where one sandbox's ports are reached through the ingress. `{port}`
+/// stands for the sandbox's TCP port in every template; send the sandbox's
+/// `ingress_token` with the request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SandboxIngress {
+    pub domain: String,
+    /// `Host` header of the host-name form: `{port}-<sandbox>.<domain>`.
+    pub host: String,
+    /// Path prefix of the path form: `/sandboxes/<sandbox>/ports/{port}/`.
+    pub path: String,
+    /// Address the ingress listens on (`IP:PORT`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+    /// `http://<listen>/sandboxes/<sandbox>/ports/{port}/`: the path form's
+    /// URL, when the listen address is known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+}
+
+impl SandboxIngress {
+    /// The templates for sandbox `id` (its id as the serving API knows it)
+    /// behind ingress `info`.
+    pub fn new(id: &str, info: &IngressInfo) -> SandboxIngress {
+        let path = format!("/sandboxes/{id}/ports/{{port}}/");
+        SandboxIngress {
+            domain: info.domain.clone(),
+            host: format!("{{port}}-{id}.{}", info.domain),
+            url: info.listen.as_ref().map(|l| format!("http://{l}{path}")),
+            path,
+            listen: info.listen.clone(),
+        }
+    }
 }
 
 /// One counter of `GET /v1/sandboxes/{id}/policy/stats`.

@@ -363,6 +363,14 @@ async fn run(cli: Cli) -> Result<u8> {
                     "host:         {} cpus, {} MiB",
                     i.host_cpus, i.host_memory_mib
                 );
+                match &i.ingress {
+                    Some(g) => println!(
+                        "ingress:      {} (<port>-<sandbox>.{}, /sandboxes/<sandbox>/ports/<port>/)",
+                        g.listen.as_deref().unwrap_or("?"),
+                        g.domain
+                    ),
+                    None => println!("ingress:      none"),
+                }
             }
             Ok(0)
         }

@@ -134,6 +134,7 @@ pub async fn run(c: &Client, a: MigrateArgs) -> Result<u8> {
         max_iterations: None,
         give_up_after_secs: a.give_up_secs,
         attempt: None,
+        policy: None,
     };
     let s: MigrationStatus = c
         .post_json(&format!("/v1/sandboxes/{path}/migrate"), &req)

@@ -345,7 +345,26 @@ async fn metrics(State(agent): State<Agent>) -> impl IntoResponse {
 }
 
 async fn list_sandboxes(State(agent): State<Agent>) -> Json<Vec<hearth_api::Sandbox>> {
-    Json(agent.list())
+    let ingress = agent.info().ingress;
+    Json(
+        agent
+            .list()
+            .into_iter()
+            .map(|sb| with_ingress(sb, ingress.as_ref()))
+            .collect(),
+    )
+}
+
+/// `sb` with `network.ingress` filled in: where its ports are reached through
+/// `ingress`, the ingress the answering server runs (none: left out).
+pub(crate) fn with_ingress(
+    mut sb: hearth_api::Sandbox,
+    ingress: Option<&hearth_api::network::IngressInfo>,
+) -> hearth_api::Sandbox {
+    if let (Some(net), Some(info)) = (sb.network.as_mut(), ingress) {
+        net.ingress = Some(hearth_api::network::SandboxIngress::new(&sb.id, info));
+    }
+    sb
 }
 
 async fn create_sandbox(
@@ -357,6 +376,7 @@ async fn create_sandbox(
         Some(cp) => cp.dev_create(&agent, req).await?,
         None => agent.create(req).await?,
     };
+    let sb = with_ingress(sb, agent.info().ingress.as_ref());
     Ok((StatusCode::CREATED, Json(sb)))
 }
 
@@ -364,7 +384,8 @@ async fn get_sandbox(
     State(agent): State<Agent>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<hearth_api::Sandbox>> {
-    Ok(Json(agent.get(&id)?))
+    let ingress = agent.info().ingress;
+    Ok(Json(with_ingress(agent.get(&id)?, ingress.as_ref())))
 }
 
 #[derive(Deserialize)]

@@ -41,6 +41,8 @@ use utoipa::OpenApi;
         hearth_api::network::IngressPolicy,
         hearth_api::network::NetworkPolicy,
         hearth_api::network::SandboxNetwork,
+        hearth_api::network::SandboxIngress,
+        hearth_api::network::IngressInfo,
         hearth_api::network::PolicyStats,
         hearth_api::network::PolicyCounter,
         hearth_api::StartPath,

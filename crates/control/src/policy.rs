@@ -22,11 +22,17 @@ async fn show(
     Ok(Json(agent.policy(&id)?))
 }
 
+/// `hearthd dev` records the policy in the sandbox's record of its embedded
+/// control plane first (as a cluster member does), then applies it.
 async fn set(
     State(agent): State<Agent>,
+    axum::Extension(crate::DevStore(dev)): axum::Extension<crate::DevStore>,
     Path(id): Path<String>,
     Json(p): Json<NetworkPolicy>,
 ) -> ApiResult<Json<NetworkPolicy>> {
+    if let Some(cp) = dev {
+        cp.dev_record_policy(&agent, &id, &p).await?;
+    }
     Ok(Json(agent.set_policy(&id, &p).await?))
 }
 

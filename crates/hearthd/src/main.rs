@@ -278,6 +278,10 @@ async fn dev(a: DevArgs) -> Result<()> {
         let l = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding the ingress proxy to {addr}"))?;
+        agent.set_ingress(hearth_api::network::IngressInfo {
+            domain: a.ingress_domain.clone(),
+            listen: Some(l.local_addr()?.to_string()),
+        });
         tracing::info!(
             "ingress on http://{} (<port>-<sandbox>.{})",
             l.local_addr()?,

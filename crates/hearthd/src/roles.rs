@@ -173,6 +173,12 @@ pub async fn control(a: ControlArgs) -> Result<()> {
             node_timeout: Duration::from_millis(a.node_timeout_ms),
             start_timeout: Duration::from_millis(a.start_timeout_ms.max(100)),
             migration_stall: Duration::from_millis(a.migration_stall_ms.max(30_000)),
+            ingress: a
+                .ingress_listen
+                .map(|addr| hearth_api::network::IngressInfo {
+                    domain: a.ingress_domain.clone(),
+                    listen: Some(addr.to_string()),
+                }),
             ..Default::default()
         },
         &token,

@@ -250,6 +250,18 @@ impl SandboxRecord {
         !self.observed.as_ref().is_some_and(Observed::is_terminal)
     }
 
+    /// The egress and ingress policy recorded in its spec (the API's
+    /// `NetworkPolicy` form; an absent direction is `{}`: the defaults).
+    pub fn policy(&self) -> serde_json::Value {
+        let net = self.spec.get("network");
+        let dir = |d: &str| {
+            net.and_then(|n| n.get(d))
+                .cloned()
+                .unwrap_or_else(|| serde_json::json!({}))
+        };
+        serde_json::json!({"egress": dir("egress"), "ingress": dir("ingress")})
+    }
+
     /// The tag of the copy an agent runs for this record and generation
     /// (`ID@GENERATION`).
     pub fn owner(&self) -> String {
@@ -428,6 +440,16 @@ pub enum Command {
     },
     DeleteSandbox {
         id: String,
+    },
+    /// `hearth policy set` through the control plane: replaces the egress
+    /// and ingress policy in the record's spec (`network.egress` /
+    /// `network.ingress`, the API's `NetworkPolicy` form), so every later
+    /// start, restart, reschedule and migration offer uses it. Refused for
+    /// an unknown sandbox, one without a network, and one being migrated
+    /// (the offer already carries its policy).
+    SetPolicy {
+        id: String,
+        policy: serde_json::Value,
     },
     /// The sandbox is not running where its record says (its node no longer
     /// has it, or its start never finished): `restart: always` starts it
@@ -870,6 +892,7 @@ impl State {
                     what: format!("sandbox {id}"),
                 },
             },
+            Command::SetPolicy { id, policy } => self.set_policy(id, policy),
             Command::NotRunning {
                 id,
                 node,
@@ -946,6 +969,55 @@ impl State {
                 keep,
             } => self.release(node, instance, |id| !keep.contains(id)),
         }
+    }
+
+    fn set_policy(&mut self, id: &str, policy: &serde_json::Value) -> Reply {
+        let Some(sb) = self.sandboxes.get_mut(id) else {
+            return Reply::NotFound {
+                what: format!("sandbox {id}"),
+            };
+        };
+        if let Some(m) = sb.migrating() {
+            return Reply::Conflict {
+                message: format!(
+                    "sandbox {id} is being migrated (node {} to node {}, phase {}); set the policy after it finished (see `hearth migrate --status {id}`)",
+                    m.from, m.to, m.phase
+                ),
+            };
+        }
+        let Some(spec) = sb.spec.as_object_mut() else {
+            return Reply::Invalid {
+                message: format!("sandbox {id}: its recorded spec is not an object"),
+            };
+        };
+        let network = spec
+            .entry("network")
+            .or_insert_with(|| serde_json::Value::Object(Default::default()));
+        if !network.is_object() {
+            *network = serde_json::Value::Object(Default::default());
+        }
+        let Some(network) = network.as_object_mut() else {
+            return Reply::Invalid {
+                message: format!("sandbox {id}: its recorded network is not an object"),
+            };
+        };
+        if network.get("mode").and_then(|m| m.as_str()) == Some("none") {
+            return Reply::Invalid {
+                message: format!(
+                    "sandbox {id} has no network (--network none): it has no policy to set"
+                ),
+            };
+        }
+        for dir in ["egress", "ingress"] {
+            let v = policy
+                .get(dir)
+                .cloned()
+                .unwrap_or_else(|| serde_json::json!({}));
+            network.insert(dir.to_string(), v);
+        }
+        let sb = sb.clone();
+        self.touch_sandbox(id);
+        Reply::Sandbox { sandbox: sb }
     }
 
     pub(crate) fn not_running(
@@ -1933,6 +2005,85 @@ mod tests {
             Reply::Lease { ip, .. } => ip.to_string(),
             other => panic!("no lease: {other:?}"),
         }
+    }
+
+    fn record(id: &str, network: serde_json::Value) -> SandboxRecord {
+        SandboxRecord {
+            id: id.into(),
+            name: None,
+            spec: serde_json::json!({"image": "busybox", "network": network}),
+            request: Request::default(),
+            node: "n1".into(),
+            restart: RestartPolicy::Always,
+            record_only: false,
+            idempotency_key: None,
+            ip: None,
+            created_ms: 1,
+            reschedules: 0,
+            pinned: true,
+            observed: None,
+            migration: None,
+        }
+    }
+
+    #[test]
+    fn a_policy_set_replaces_the_recorded_policy_and_is_refused_when_it_cannot_apply() {
+        let mut st = State::default();
+        st.insert_sandbox(record(
+            "a",
+            serde_json::json!({"egress": {"default": "allow", "deny": ["10.0.0.0/8"]}}),
+        ));
+        st.insert_sandbox(record("none", serde_json::json!({"mode": "none"})));
+        let new = serde_json::json!({
+            "egress": {"default": "deny", "allow": ["192.168.1.2/32:80"], "deny": []},
+            "ingress": {"default": "allow", "allow": [], "deny": []},
+        });
+        let set = |st: &mut State, id: &str| {
+            st.apply(&Command::SetPolicy {
+                id: id.into(),
+                policy: new.clone(),
+            })
+        };
+        let Reply::Sandbox { sandbox } = set(&mut st, "a") else {
+            panic!("not applied")
+        };
+        assert_eq!(sandbox.policy(), new);
+        assert_eq!(st.sandboxes["a"].policy(), new);
+        // The rest of the spec is kept.
+        assert_eq!(st.sandboxes["a"].spec["image"], "busybox");
+        assert!(st.dirty.contains(&Row::Sandbox("a".into())));
+
+        assert!(matches!(set(&mut st, "nope"), Reply::NotFound { .. }));
+        let Reply::Invalid { message } = set(&mut st, "none") else {
+            panic!("a sandbox without a network took a policy")
+        };
+        assert!(message.contains("no network"), "{message}");
+
+        // While a migration is active its offer carries the policy: refused.
+        let mut moving = record("m", serde_json::json!({}));
+        moving.migration = Some(Box::new(Migration {
+            id: "mig1".into(),
+            from: "n1".into(),
+            to: "n2".into(),
+            phase: "precopy".into(),
+            generation: 1,
+            started_ms: 1,
+            updated_ms: 1,
+            error: None,
+            progress: None,
+            stall_ms: None,
+            source_gone_ms: None,
+            unconfirmed: false,
+        }));
+        st.insert_sandbox(moving);
+        let before = st.sandboxes["m"].policy();
+        let Reply::Conflict { message } = set(&mut st, "m") else {
+            panic!("a migrating sandbox took a policy")
+        };
+        assert!(message.contains("being migrated"), "{message}");
+        assert_eq!(st.sandboxes["m"].policy(), before);
+        // A record without a policy reads as the defaults.
+        assert_eq!(before, serde_json::json!({"egress": {}, "ingress": {}}));
     }
 
     #[test]

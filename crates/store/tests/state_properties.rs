@@ -203,6 +203,13 @@ fn command() -> impl Strategy<Value = Command> {
         (0u8..20).prop_map(|i| Command::DeleteSandbox {
             id: format!("sb{i}")
         }),
+        (0u8..20, 0u8..3).prop_map(|(i, p)| Command::SetPolicy {
+            id: format!("sb{i}"),
+            policy: serde_json::json!({
+                "egress": {"default": if p == 0 { "deny" } else { "allow" }, "allow": [], "deny": [format!("10.{p}.0.0/16")]},
+                "ingress": {},
+            }),
+        }),
         (0u8..3).prop_map(|i| Command::InitCluster {
             id: format!("c{i}")
         }),

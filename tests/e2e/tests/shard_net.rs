@@ -94,7 +94,9 @@ fn wait_node(id: &str, status: &str) -> Duration {
     }
 }
 
-fn curl_in(ns: &str, host: &str, path: &str, token: Option<&str>) -> String {
+/// curl from namespace `ns` to `base` (`http://IP:PORT`) + `path`, with
+/// `Host: host`: the body, then the status on its own line.
+fn curl_in(ns: &str, base: &str, host: &str, path: &str, token: Option<&str>) -> String {
     let mut c = Command::new("ip");
     c.args([
         "netns",
@@ -112,10 +114,7 @@ fn curl_in(ns: &str, host: &str, path: &str, token: Option<&str>) -> String {
     if let Some(t) = token {
         c.args(["-H", &format!("X-Hearth-Token: {t}")]);
     }
-    let o = c
-        .arg(format!("http://{NET}.1:7201{path}"))
-        .output()
-        .expect("curl");
+    let o = c.arg(format!("{base}{path}")).output().expect("curl");
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
@@ -221,29 +220,48 @@ fn ingress_reaches_httpd_on_agent1_from_another_namespace_and_leases_follow_sand
         );
     }
 
+    // The mapping is in the API: the member's answer names its cluster
+    // ingress, and every URL below is built from it (`{port}`: the port).
+    let ingress = &sb["network"]["ingress"];
+    let (_, info) = api("/v1/info", "GET", None);
+    assert_eq!(info["ingress"]["listen"], format!("{NET}.1:7201"), "{info}");
+    let port_of = |template: &serde_json::Value| {
+        template
+            .as_str()
+            .unwrap_or_else(|| panic!("no template in {ingress}"))
+            .replace("{port}", "8080")
+    };
+    let (url, path, host) = (
+        port_of(&ingress["url"]),
+        port_of(&ingress["path"]),
+        port_of(&ingress["host"]),
+    );
+    assert_eq!(host, format!("8080-{web}.hearth.localhost"), "{ingress}");
+    let base = url.strip_suffix(&path).expect("url ends with path");
+    assert_eq!(base, format!("http://{NET}.1:7201"), "{ingress}");
+
     // From agent2's namespace, through the cluster ingress, to agent1's sandbox.
     let ns = format!("{NAME}-a2");
-    let host = format!("8080-{web}.hearth.localhost");
     let t = Instant::now();
-    while !curl_in(&ns, &host, "/", Some(&token)).ends_with("\n200") {
+    while !curl_in(&ns, base, &host, "/", Some(&token)).ends_with("\n200") {
         assert!(
             t.elapsed() < Duration::from_secs(60),
             "httpd never answered: {}",
-            curl_in(&ns, &host, "/", Some(&token))
+            curl_in(&ns, base, &host, "/", Some(&token))
         );
         std::thread::sleep(Duration::from_millis(250));
     }
     assert_eq!(
-        curl_in(&ns, &host, "/", Some(&token)),
+        curl_in(&ns, base, &host, "/", Some(&token)),
         "hello-from-agent1\n\n200"
     );
-    let path = format!("/sandboxes/{web}/ports/8080/index.html");
+    let path = format!("{path}index.html");
     assert_eq!(
-        curl_in(&format!("{NAME}-a3"), "x", &path, Some(&token)),
+        curl_in(&format!("{NAME}-a3"), base, "x", &path, Some(&token)),
         "hello-from-agent1\n\n200"
     );
-    assert!(curl_in(&ns, &host, "/", None).ends_with("\n401"));
-    assert!(curl_in(&ns, &host, "/", Some("wrong")).ends_with("\n403"));
+    assert!(curl_in(&ns, base, &host, "/", None).ends_with("\n401"));
+    assert!(curl_in(&ns, base, &host, "/", Some("wrong")).ends_with("\n403"));
 
     let (code, r) = api_within(
         &format!("/v1/sandboxes/{web}?force=true"),
@@ -252,7 +270,7 @@ fn ingress_reaches_httpd_on_agent1_from_another_namespace_and_leases_follow_sand
         120,
     );
     assert_eq!(code, 204, "{r}");
-    let r = curl_in(&ns, &host, "/", Some(&token));
+    let r = curl_in(&ns, base, &host, "/", Some(&token));
     assert!(r.ends_with("\n502") && r.contains("does not exist"), "{r}");
     let held = leases();
     assert!(

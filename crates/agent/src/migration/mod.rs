@@ -1306,7 +1306,12 @@ impl Agent {
             });
             e
         };
-        let net = self.outgoing_net(&entry).map_err(fail)?;
+        let mut net = self.outgoing_net(&entry).map_err(fail)?;
+        // why: a control plane sends the policy of the sandbox's record,
+        // which may be newer than what this copy enforces.
+        if let (Some(net), Some(p)) = (net.as_mut(), &req.policy) {
+            net.policy = crate::network::canonical_policy(p).map_err(fail)?;
+        }
         // why: the target's VM must be the machine this one really is: a
         // restored VM has its snapshot's RAM size and device set (issue 7 × 5).
         let accel = self.inner.accel.accel;

@@ -155,6 +155,40 @@ impl ControlPlane {
         Ok(sb)
     }
 
+    /// Records a `policy set` of the agent's sandbox `id_or_name` in its
+    /// record (before the agent applies it, so the record is never older
+    /// than what the copy enforces). A copy without a record (made on the
+    /// node-local API without a tag) has nothing to record; a record that
+    /// refuses the change (no network) leaves the answer to the agent, which
+    /// refuses it too.
+    pub(crate) async fn dev_record_policy(
+        &self,
+        agent: &Agent,
+        id_or_name: &str,
+        p: &hearth_api::network::NetworkPolicy,
+    ) -> Result<(), HttpError> {
+        let policy = hearth_agent::canonical_policy(p)?;
+        let Ok(sb) = agent.get(id_or_name) else {
+            return Ok(());
+        };
+        let Some((id, _)) = sb.owner.as_deref().and_then(parse_owner) else {
+            return Ok(());
+        };
+        let policy = serde_json::to_value(&policy)
+            .map_err(|e| HttpError(ApiError::new(ErrorCode::Internal, e.to_string())))?;
+        let reply = self
+            .store
+            .write(Command::SetPolicy {
+                id: id.to_string(),
+                policy,
+            })
+            .await?;
+        if !matches!(reply, Reply::Sandbox { .. }) {
+            tracing::debug!(sandbox = %id, "policy not recorded: {reply:?}");
+        }
+        Ok(())
+    }
+
     /// Removes the sandbox from `agent`, then its record. A record whose
     /// copy the agent does not have (its create was interrupted, the copy
     /// vanished) is removed by its record id or name.

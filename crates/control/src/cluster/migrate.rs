@@ -497,11 +497,23 @@ async fn drive(
             .map(|ip| ip.to_string())
     });
     let credential = migration_credential(cp, &agent_id, &owner, &rec, ip, &m, req);
+    // why: the record's policy, as of the migration's start (a `policy set`
+    // committed before it may not have reached the source's copy yet, and
+    // one after it is refused), is what the target enforces.
+    let policy = match serde_json::from_value(rec.policy()) {
+        Ok(p) => p,
+        Err(e) => {
+            let why = format!("sandbox {id}: its recorded network policy is unreadable: {e}");
+            write_phase(cp, &rec, &m, "aborted", Some(why.clone()), None).await;
+            return Err(err(ErrorCode::Internal, why));
+        }
+    };
     let body = MigrateSandbox {
         target: dst.clone(),
         target_token: credential,
         target_owner: Some(owner),
         attempt: Some(m.id.clone()),
+        policy: Some(policy),
         ..req.clone()
     };
     let call = cp

@@ -14,6 +14,7 @@ mod dev;
 mod leases;
 mod migrate;
 mod nodes;
+mod policy;
 mod proxy;
 mod sandboxes;
 mod unconfirmed;
@@ -45,6 +46,9 @@ pub struct ControlConfig {
     /// A live migration with neither a new phase nor advancing progress for
     /// this long is past its deadline (recorded in each migration).
     pub migration_stall: Duration,
+    /// The cluster ingress this member serves (`--ingress-listen`), reported
+    /// in `/v1/info` and in each sandbox's `network.ingress`.
+    pub ingress: Option<hearth_api::network::IngressInfo>,
 }
 
 impl Default for ControlConfig {
@@ -54,6 +58,7 @@ impl Default for ControlConfig {
             default_disk_mib: 512,
             start_timeout: Duration::from_secs(30),
             migration_stall: Duration::from_millis(hearth_store::MIGRATION_STALL_MS),
+            ingress: None,
         }
     }
 }
@@ -195,6 +200,10 @@ pub fn router(cp: ControlPlane, token: ApiToken) -> Router {
         .route("/v1/sandboxes/{id}/migrate", post(migrate::migrate))
         .route("/v1/sandboxes/{id}/migration", get(migrate::status))
         .route("/v1/sandboxes/{id}/migration/abort", post(migrate::abort))
+        .route(
+            "/v1/sandboxes/{id}/policy",
+            get(proxy::policy).put(policy::set),
+        )
         .route(
             "/v1/sandboxes/{id}/{*rest}",
             axum::routing::any(proxy::sandbox),

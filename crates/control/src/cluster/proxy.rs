@@ -48,6 +48,20 @@ pub(super) async fn sandbox(
     Path((id, _rest)): Path<(String, String)>,
     req: Request,
 ) -> ApiResult<Response> {
+    forward(&cp, &id, req).await
+}
+
+/// `GET /v1/sandboxes/{id}/policy`: what the running copy enforces, from its
+/// agent (a `PUT` goes through the record first: [`super::policy::set`]).
+pub(super) async fn policy(
+    State(cp): State<ControlPlane>,
+    Path(id): Path<String>,
+    req: Request,
+) -> ApiResult<Response> {
+    forward(&cp, &id, req).await
+}
+
+async fn forward(cp: &ControlPlane, id: &str, req: Request) -> ApiResult<Response> {
     // why: the decoded `{*rest}` would turn `..%2F..%2Fimages` into `../../images`,
     // which the outgoing URL then normalizes out of the sandbox's subtree.
     let rest = sandbox_subpath(req.uri().path()).ok_or_else(|| {
@@ -59,7 +73,7 @@ pub(super) async fn sandbox(
             ),
         ))
     })?;
-    let (rec, addr) = lookup(&cp, &id).await?;
+    let (rec, addr) = lookup(cp, id).await?;
     let agent_id = rec
         .observed
         .as_ref()
@@ -192,7 +206,17 @@ pub(super) async fn info(State(cp): State<ControlPlane>) -> ApiResult<Response> 
         .send()
         .await
         .map_err(|e| unavailable(format!("node {node} unreachable: {e}")))?;
-    Ok(relay(r))
+    if !r.status().is_success() {
+        return Ok(relay(r));
+    }
+    let mut info: hearth_api::Info = r
+        .json()
+        .await
+        .map_err(|e| unavailable(format!("node {node}'s info is unreadable: {e}")))?;
+    // why: clients reach sandboxes through this member's cluster ingress, not
+    // the node's.
+    info.ingress = cp.cfg.ingress.clone();
+    Ok(Json(info).into_response())
 }
 
 #[cfg(test)]

@@ -192,6 +192,7 @@ pub(super) async fn create(
                     return Ok((StatusCode::CREATED, Json(to_api(&sandbox, &accel))));
                 }
                 let started = start_on_agent(&cp, &sandbox).await?;
+                let started = crate::with_ingress(started, cp.cfg.ingress.as_ref());
                 return Ok((StatusCode::CREATED, Json(started)));
             }
             Reply::Rejected { node, reason } => {
@@ -305,6 +306,7 @@ pub(super) async fn start_on_agent(
         .await?;
     match outcome {
         Ok(mut sb) => {
+            super::policy::catch_up(cp, rec, &addr, &sb.id).await;
             sb.id = rec.id.clone();
             sb.name = rec.name.clone();
             sb.node = rec.node.clone();
@@ -370,7 +372,7 @@ pub(super) async fn get(
             }
         }
     }
-    Ok(Json(out))
+    Ok(Json(crate::with_ingress(out, cp.cfg.ingress.as_ref())))
 }
 
 /// Finds a sandbox by id or name; returns it and its ready node's address.
