@@ -689,6 +689,10 @@ impl Vm for QemuVm {
         self.set_running(true).await
     }
 
+    fn run_state_times(&self) -> crate::qmp::RunStateTimes {
+        self.qmp.run_state_times()
+    }
+
     async fn shutdown(&self, grace: Duration) -> Result<VmExit, VmmError> {
         match self.qmp.execute("quit", Value::Null).await {
             // why: QEMU may close the socket before its reply to `quit` is read.
