@@ -132,6 +132,21 @@ fn hearth_run(a: &Daemon, b: &Daemon, mib: u32, dirty: bool) -> Sample {
     let total = t0.elapsed();
     assert!(out.status.success(), "{}", hearth_e2e::show(&out));
     let st: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status");
+    // The target's record save (fsyncs) before its `cont`: `save_us` in its
+    // "took over a migrated sandbox" log line (the last one is this run's).
+    let save_us = b
+        .log_text()
+        .lines()
+        .rev()
+        .filter(|l| l.contains("took over a migrated sandbox"))
+        .find_map(|l| {
+            l.split("save_us=")
+                .nth(1)?
+                .split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse::<u64>()
+                .ok()
+        });
     let (mut dst_f, dst_lines) = follow(b, "bench");
     let last = *src_lines.lock().unwrap().last().expect("source lines");
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -160,6 +175,7 @@ fn hearth_run(a: &Daemon, b: &Daemon, mib: u32, dirty: bool) -> Sample {
         steps: STEPS
             .iter()
             .map(|k| st["pause_steps"][k].as_u64())
+            .chain([save_us.map(|us| us / 1000)])
             .collect(),
         handover_ms: st["handover_ms"].as_u64(),
         stall,
@@ -337,10 +353,12 @@ fn report(guest: u32, load: &str, path: &str, s: &[Sample]) {
     }
 }
 
-/// Hearth's pause by step: p50 over the runs of each step's end (ms after the stop).
+/// Hearth's pause by step: p50 over the runs of each step's end (ms after
+/// the stop), then the target's record save (a duration, inside the step to
+/// its resume).
 fn report_steps(guest: u32, load: &str, s: &[Sample]) {
     let f = |v: Option<u64>| v.map(|x| x.to_string()).unwrap_or_else(|| "-".into());
-    let cols: Vec<String> = (0..STEPS.len())
+    let cols: Vec<String> = (0..=STEPS.len())
         .map(|i| {
             f(p50(s
                 .iter()
@@ -410,8 +428,8 @@ fn main() {
         }
     }
     println!("\nHearth's pause by step (p50, ms after the source VM's stop; target_resumed by the target's RESUME):\n");
-    println!("| guest     | load  | n  | gate   | frozen | qemu done | drained | log sent | committing | target resumed | commit answered |");
-    println!("|-----------|-------|----|--------|--------|--------|--------|--------|--------|--------|--------|");
+    println!("| guest     | load  | n  | gate   | frozen | qemu done | drained | log sent | committing | target resumed | commit answered | target save (dur.) |");
+    println!("|-----------|-------|----|--------|--------|--------|--------|--------|--------|--------|--------|--------|");
     for (mib, load, s) in &steps {
         report_steps(*mib, load, s);
     }
