@@ -88,6 +88,24 @@ fn follow(d: &Daemon, sandbox: &str) -> (std::process::Child, Lines) {
     (child, lines)
 }
 
+/// `s` without ANSI colour sequences (`ESC [ ... m`, as hearthd logs to a file).
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut it = s.chars();
+    while let Some(c) = it.next() {
+        if c == '\u{1b}' {
+            for d in it.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn wait_lines(lines: &Lines, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(180);
     while lines.lock().unwrap().len() < n {
@@ -134,8 +152,7 @@ fn hearth_run(a: &Daemon, b: &Daemon, mib: u32, dirty: bool) -> Sample {
     let st: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status");
     // The target's record save (fsyncs) before its `cont`: `save_us` in its
     // "took over a migrated sandbox" log line (the last one is this run's).
-    let save_us = b
-        .log_text()
+    let save_us = strip_ansi(&b.log_text())
         .lines()
         .rev()
         .filter(|l| l.contains("took over a migrated sandbox"))
