@@ -6,10 +6,16 @@
 //! Loads: `idle` (a counter printing every 20 ms) and `dirty` (the counter
 //! plus a loop rewriting 16 MiB of guest memory continuously).
 //! Columns: total = request to target running (Hearth) / `migrate` to
-//! completed (bare); downtime = the VM pause QEMU measured; handover = source
-//! paused to target confirmed (guest channel re-attached); stall = gap in the
-//! guest's output as the host relays it (last line from the source, first new
-//! line from the target).
+//! completed (bare); paused = the guest's pause, measured the same way on
+//! both paths: the source QEMU's `STOP` event to the target QEMU's `RESUME`
+//! event (QMP timestamps, host clock, one host); qdown = the `downtime`
+//! the source QEMU reports (it ends when the source completes, before the
+//! target resumes); handover = source paused to target confirmed (guest
+//! channel re-attached, Hearth only); stall = gap in the guest's output as
+//! the host relays it (last line from the source, first new line from the
+//! target; Hearth only, not compared). A second table breaks Hearth's pause
+//! down by step (p50, ms after the stop). A value missing from a run is
+//! counted and reported, never read as 0.
 //!
 //! Usage: migrate [RUNS] [MEMORY_MIB,...]   (default 3 runs, 256 and 1024 MiB)
 
@@ -43,7 +49,12 @@ fn workload(dirty: bool) -> String {
 #[derive(Default, Clone)]
 struct Sample {
     total: Duration,
-    downtime_ms: u64,
+    /// Source `STOP` → target `RESUME`.
+    paused_ms: Option<u64>,
+    /// QEMU's own `downtime`.
+    downtime_ms: Option<u64>,
+    /// Hearth only: the pause's steps (ms after the stop), in [`STEPS`] order.
+    steps: Vec<Option<u64>>,
     handover_ms: Option<u64>,
     stall: Option<Duration>,
     iterations: u64,
@@ -75,6 +86,24 @@ fn follow(d: &Daemon, sandbox: &str) -> (std::process::Child, Lines) {
         }
     });
     (child, lines)
+}
+
+/// `s` without ANSI colour sequences (`ESC [ ... m`, as hearthd logs to a file).
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut it = s.chars();
+    while let Some(c) = it.next() {
+        if c == '\u{1b}' {
+            for d in it.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn wait_lines(lines: &Lines, n: usize) {
@@ -121,6 +150,20 @@ fn hearth_run(a: &Daemon, b: &Daemon, mib: u32, dirty: bool) -> Sample {
     let total = t0.elapsed();
     assert!(out.status.success(), "{}", hearth_e2e::show(&out));
     let st: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status");
+    // The target's record save (fsyncs) before its `cont`: `save_us` in its
+    // "took over a migrated sandbox" log line (the last one is this run's).
+    let save_us = strip_ansi(&b.log_text())
+        .lines()
+        .rev()
+        .filter(|l| l.contains("took over a migrated sandbox"))
+        .find_map(|l| {
+            l.split("save_us=")
+                .nth(1)?
+                .split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse::<u64>()
+                .ok()
+        });
     let (mut dst_f, dst_lines) = follow(b, "bench");
     let last = *src_lines.lock().unwrap().last().expect("source lines");
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -144,10 +187,16 @@ fn hearth_run(a: &Daemon, b: &Daemon, mib: u32, dirty: bool) -> Sample {
     assert!(out.status.success(), "{}", hearth_e2e::show(&out));
     Sample {
         total,
-        downtime_ms: st["downtime_ms"].as_u64().unwrap_or(0),
+        paused_ms: st["paused_ms"].as_u64(),
+        downtime_ms: st["downtime_ms"].as_u64(),
+        steps: STEPS
+            .iter()
+            .map(|k| st["pause_steps"][k].as_u64())
+            .chain([save_us.map(|us| us / 1000)])
+            .collect(),
         handover_ms: st["handover_ms"].as_u64(),
         stall,
-        iterations: st["iterations"].as_u64().unwrap_or(0),
+        iterations: st["iterations"].as_u64().expect("iterations in the status"),
         throttle: st["cpu_throttle_percent"].as_u64().unwrap_or(0),
         alive: None,
     }
@@ -235,6 +284,14 @@ async fn bare_run(rootfs: &std::path::Path, mib: u32, dirty: bool) -> Sample {
     // Is the guest alive on the target? (Hearth checks this with a Ping before it commits.)
     let stream = dst.connect_agent().await.expect("target agent socket");
     dst.start().await.expect("start target");
+    // The guest's pause: the source QEMU's STOP to the target QEMU's RESUME.
+    let paused_ms = match (
+        src.run_state_times().stopped_us,
+        dst.run_state_times().resumed_us,
+    ) {
+        (Some(stop), Some(resume)) => resume.checked_sub(stop).map(|d| d / 1000),
+        _ => None,
+    };
     let target = GuestConn::reattach(
         stream,
         conn.hello().cloned().expect("booted guest said hello"),
@@ -247,7 +304,8 @@ async fn bare_run(rootfs: &std::path::Path, mib: u32, dirty: bool) -> Sample {
     }
     Sample {
         total,
-        downtime_ms: p.downtime_ms.unwrap_or(0),
+        paused_ms,
+        downtime_ms: p.downtime_ms,
         iterations: p.iterations,
         throttle: p.cpu_throttle_percent,
         alive: Some(alive),
@@ -260,19 +318,34 @@ fn p50<T: Ord + Copy>(mut v: Vec<T>) -> Option<T> {
     v.get(v.len().saturating_sub(1) / 2).copied()
 }
 
+/// The steps of Hearth's pause, as `pause_steps` names them.
+const STEPS: [&str; 8] = [
+    "gate_ms",
+    "channel_frozen_ms",
+    "qemu_completed_ms",
+    "output_drained_ms",
+    "log_sent_ms",
+    "committing_saved_ms",
+    "target_resumed_ms",
+    "commit_answered_ms",
+];
+
 fn report(guest: u32, load: &str, path: &str, s: &[Sample]) {
     let ms = |d: Duration| d.as_millis() as u64;
     let total: Vec<u64> = s.iter().map(|x| ms(x.total)).collect();
-    let down: Vec<u64> = s.iter().map(|x| x.downtime_ms).collect();
+    let paused: Vec<u64> = s.iter().filter_map(|x| x.paused_ms).collect();
+    let down: Vec<u64> = s.iter().filter_map(|x| x.downtime_ms).collect();
     let hand: Vec<u64> = s.iter().filter_map(|x| x.handover_ms).collect();
     let stall: Vec<u64> = s.iter().filter_map(|x| x.stall.map(ms)).collect();
     let f = |v: Option<u64>| v.map(|x| x.to_string()).unwrap_or_else(|| "-".into());
     let max = |v: &[u64]| v.iter().max().copied();
     println!(
-        "| {guest:>5} MiB | {load:<5} | {path:<6} | {:>2} | {:>6} | {:>6} | {:>5} | {:>5} | {:>6} | {:>6} | {:>4} | {:>4} |",
+        "| {guest:>5} MiB | {load:<5} | {path:<6} | {:>2} | {:>6} | {:>6} | {:>6} | {:>6} | {:>5} | {:>5} | {:>6} | {:>6} | {:>4} | {:>4} |",
         s.len(),
         f(p50(total.clone())),
         f(max(&total)),
+        f(p50(paused.clone())),
+        f(max(&paused)),
         f(p50(down.clone())),
         f(max(&down)),
         f(p50(hand)),
@@ -280,10 +353,44 @@ fn report(guest: u32, load: &str, path: &str, s: &[Sample]) {
         f(p50(s.iter().map(|x| x.iterations).collect())),
         f(p50(s.iter().map(|x| x.throttle).collect())),
     );
+    for (what, missing) in [
+        (
+            "the guest's pause (STOP/RESUME times)",
+            s.len() - paused.len(),
+        ),
+        ("QEMU's downtime", s.len() - down.len()),
+    ] {
+        if missing > 0 {
+            println!("  ({path} {guest} MiB {load}: {what} MISSING in {missing} of {} runs; not counted as 0)", s.len());
+        }
+    }
     let dead = s.iter().filter(|x| x.alive == Some(false)).count();
     if dead > 0 {
         println!("  ({path} {guest} MiB {load}: the guest did not answer a Ping on the target in {dead} of {} runs)", s.len());
     }
+}
+
+/// Hearth's pause by step: p50 over the runs of each step's end (ms after
+/// the stop), then the target's record save (a duration, inside the step to
+/// its resume).
+fn report_steps(guest: u32, load: &str, s: &[Sample]) {
+    let f = |v: Option<u64>| v.map(|x| x.to_string()).unwrap_or_else(|| "-".into());
+    let cols: Vec<String> = (0..=STEPS.len())
+        .map(|i| {
+            f(p50(s
+                .iter()
+                .filter_map(|x| x.steps.get(i).copied().flatten())
+                .collect()))
+        })
+        .collect();
+    println!(
+        "| {guest:>5} MiB | {load:<5} | {:>2} | {} |",
+        s.len(),
+        cols.iter()
+            .map(|c| format!("{c:>6}"))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
 }
 
 fn main() {
@@ -319,8 +426,9 @@ fn main() {
         .expect("the busybox ext4");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     println!("live migration, {runs} runs each (TCG, 1 vCPU, loopback; times in ms)\n");
-    println!("| guest     | load  | path   | n  | total  | max    | down  | max   | handov | stall  | iter | thr% |");
-    println!("|-----------|-------|--------|----|--------|--------|-------|-------|--------|--------|------|------|");
+    println!("| guest     | load  | path   | n  | total  | max    | paused | max    | qdown | max   | handov | stall  | iter | thr% |");
+    println!("|-----------|-------|--------|----|--------|--------|--------|--------|-------|-------|--------|--------|------|------|");
+    let mut steps = Vec::new();
     for &mib in &sizes {
         for (load, dirty) in [("idle", false), ("dirty", true)] {
             let mut bare = Vec::new();
@@ -333,6 +441,13 @@ fn main() {
             }
             report(mib, load, "bare", &bare);
             report(mib, load, "hearth", &hearth);
+            steps.push((mib, load, hearth));
         }
+    }
+    println!("\nHearth's pause by step (p50, ms after the source VM's stop; target_resumed by the target's RESUME):\n");
+    println!("| guest     | load  | n  | gate   | frozen | qemu done | drained | log sent | committing | target resumed | commit answered | target save (dur.) |");
+    println!("|-----------|-------|----|--------|--------|--------|--------|--------|--------|--------|--------|--------|");
+    for (mib, load, s) in &steps {
+        report_steps(*mib, load, s);
     }
 }

@@ -89,8 +89,52 @@ pub struct MigrationStatus {
     pub downtime_ms: Option<u64>,
     /// From the source pausing to the target confirming it runs the guest.
     pub handover_ms: Option<u64>,
+    /// The guest's pause: the source VM stopped (QEMU's `STOP`) to the target
+    /// VM resumed (its `RESUME`), each by its host's clock. Exact on one host;
+    /// across hosts it includes their clock offset, and `pause_steps`'
+    /// `commit_answered_ms` (the source's own clock) bounds it from above.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused_ms: Option<u64>,
+    /// Where the pause went, step by step (source side, ms after the stop).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause_steps: Option<PauseSteps>,
     pub disk_transferred: u64,
     pub error: Option<String>,
+}
+
+/// Response header of the target's commit: when it resumed the VM (QEMU's
+/// `RESUME`), microseconds since the Unix epoch by the target's clock.
+pub const VM_RESUMED_HEADER: &str = "x-hearth-vm-resumed-us";
+
+/// A migration's pause, step by step: milliseconds from the source VM's stop
+/// (QEMU's `STOP` event) to the end of each step, by the source's clock
+/// (`target_resumed_ms` by the target's). A step not reached is absent.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PauseSteps {
+    /// The source saw the switch-over gate (VM paused, final pass pending).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate_ms: Option<u64>,
+    /// The guest channel frozen and everything for the guest taken by QEMU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel_frozen_ms: Option<u64>,
+    /// QEMU reported the migration completed (final pass on the target).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qemu_completed_ms: Option<u64>,
+    /// The guest's last output taken in and flushed to the log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_drained_ms: Option<u64>,
+    /// The output log (its tail after the pre-copy) on the target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_sent_ms: Option<u64>,
+    /// The `committing` record and the lease-moved marker saved (fsynced).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub committing_saved_ms: Option<u64>,
+    /// The target resumed the VM (its `RESUME`, the target's clock).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_resumed_ms: Option<u64>,
+    /// The target's answer to the commit arrived (after its ping of the guest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_answered_ms: Option<u64>,
 }
 
 /// Target side, step 1: `POST /v1/migrations/incoming`.

@@ -69,7 +69,11 @@ fn print(s: &MigrationStatus, json: bool) -> Result<()> {
         s.throughput_bps as f64 / 1048576.0
     );
     println!("cpu throttle: {}%", s.cpu_throttle_percent);
-    println!("downtime:     {}", ms(s.downtime_ms));
+    println!("downtime:     {} (as QEMU measured it)", ms(s.downtime_ms));
+    println!(
+        "guest paused: {} (source stopped to target resumed)",
+        ms(s.paused_ms)
+    );
     println!("handover:     {}", ms(s.handover_ms));
     if let Some(e) = &s.error {
         println!("error:        {e}");

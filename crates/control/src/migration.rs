@@ -101,11 +101,15 @@ pub(crate) fn authorize_offer(
 
 /// `PUT /v1/migrations/incoming/{id}/log?truncated=true`: the source's log
 /// reached its size limit.
+/// `?offset=N`: the body continues the N bytes sent before (during the
+/// pre-copy); without it the body is the whole log.
 #[derive(Debug, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogQuery {
     #[serde(default)]
     truncated: bool,
+    #[serde(default)]
+    offset: u64,
 }
 
 pub async fn log(
@@ -114,16 +118,26 @@ pub async fn log(
     Query(q): Query<LogQuery>,
     body: Bytes,
 ) -> ApiResult<Json<serde_json::Value>> {
-    agent.incoming_log(&id, &body, q.truncated).await?;
+    agent
+        .incoming_log(&id, &body, q.truncated, q.offset)
+        .await?;
     Ok(Json(serde_json::json!({ "bytes": body.len() })))
 }
 
+/// The answer carries when the VM here was resumed
+/// ([`hearth_api::migration::VM_RESUMED_HEADER`]), for the source's
+/// measure of the guest's pause.
 pub async fn commit(
     State(agent): State<Agent>,
     Path(id): Path<String>,
     Json(c): Json<IncomingCommit>,
-) -> ApiResult<Json<hearth_api::Sandbox>> {
-    Ok(Json(agent.incoming_commit(&id, c).await?))
+) -> ApiResult<(HeaderMap, Json<hearth_api::Sandbox>)> {
+    let sb = agent.incoming_commit(&id, c).await?;
+    let mut h = HeaderMap::new();
+    if let Some(t) = agent.vm_resumed_us(&id) {
+        h.insert(hearth_api::migration::VM_RESUMED_HEADER, t.into());
+    }
+    Ok((h, Json(sb)))
 }
 
 /// `DELETE /v1/migrations/incoming/{id}?attempt=ID&owner=TAG`: the control

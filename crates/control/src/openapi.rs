@@ -25,6 +25,7 @@ use utoipa::OpenApi;
         hearth_api::migration::MigrateSandbox,
         hearth_api::migration::CancelMigration,
         hearth_api::migration::MigrationStatus,
+        hearth_api::migration::PauseSteps,
         hearth_api::migration::IncomingOffer,
         hearth_api::migration::IncomingAccepted,
         hearth_api::migration::IncomingNet,

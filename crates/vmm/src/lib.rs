@@ -38,6 +38,7 @@ pub use probe::{choose_accel, probe_accel, AccelReport, PROBE_TIMEOUT};
 pub use process::VmExit;
 pub use qemu::migrate::SwitchoverGate;
 pub use qemu::{recorded_machine, recorded_net_hub, MachineLayout, QemuVm, QemuVmm};
+pub use qmp::RunStateTimes;
 pub use record::{destroy, is_alive, kill_recorded, VmRecord};
 pub use snapshot::{HostIdentity, RamStorage, SnapshotManifest, Verify};
 
@@ -153,6 +154,11 @@ pub trait Vm: Send + Sync {
             id: self.id().to_string(),
             what: "asking the run state",
         })
+    }
+    /// When the VMM last stopped and resumed the vCPUs, by its own clock
+    /// (QEMU's `STOP`/`RESUME` event timestamps); empty if it does not say.
+    fn run_state_times(&self) -> qmp::RunStateTimes {
+        qmp::RunStateTimes::default()
     }
     /// Asks the VMM to quit, SIGKILLs it after `grace`, and waits until it is gone.
     async fn shutdown(&self, grace: Duration) -> Result<VmExit, VmmError>;

@@ -30,6 +30,17 @@ pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct QmpEvent {
     pub name: String,
     pub data: Value,
+    /// When QEMU emitted it: microseconds since the Unix epoch on the host's
+    /// clock (QMP's `timestamp`), if the event carried one.
+    pub timestamp_us: Option<u64>,
+}
+
+/// When QEMU last stopped and last resumed the guest's vCPUs (its `STOP` and
+/// `RESUME` events), microseconds since the Unix epoch on the host's clock.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RunStateTimes {
+    pub stopped_us: Option<u64>,
+    pub resumed_us: Option<u64>,
 }
 
 type Reply = Result<Value, (String, String)>;
@@ -47,6 +58,7 @@ pub struct Qmp {
     writer: tokio::sync::Mutex<OwnedWriteHalf>,
     pending: Arc<Mutex<Pending>>,
     events: broadcast::Sender<QmpEvent>,
+    run_state: Arc<Mutex<RunStateTimes>>,
     next_id: AtomicU64,
     reader: AbortHandle,
     /// QEMU's version from the greeting, e.g. "7.2.22".
@@ -102,17 +114,30 @@ impl Qmp {
 
         let pending = Arc::new(Mutex::new(Pending::default()));
         let (events, _) = broadcast::channel(64);
-        let reader = tokio::spawn(read_loop(rd, pending.clone(), events.clone())).abort_handle();
+        let run_state = Arc::new(Mutex::new(RunStateTimes::default()));
+        let reader = tokio::spawn(read_loop(
+            rd,
+            pending.clone(),
+            events.clone(),
+            run_state.clone(),
+        ))
+        .abort_handle();
         Ok(Qmp {
             vm: vm.to_string(),
             socket: socket.to_path_buf(),
             writer: tokio::sync::Mutex::new(wr),
             pending,
             events,
+            run_state,
             next_id: AtomicU64::new(1),
             reader,
             qemu_version,
         })
+    }
+
+    /// When the guest last stopped and resumed, from QEMU's own events.
+    pub fn run_state_times(&self) -> RunStateTimes {
+        *self.run_state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Subscribes to events; subscribe before executing the command that causes them.
@@ -224,10 +249,20 @@ impl Drop for Qmp {
     }
 }
 
+/// An event's `timestamp: {seconds, microseconds}` (host clock) in µs since
+/// the epoch; QEMU sends `-1` for both when it could not read the clock.
+fn event_timestamp_us(msg: &Value) -> Option<u64> {
+    let t = msg.get("timestamp")?;
+    let s = u64::try_from(t.get("seconds")?.as_i64()?).ok()?;
+    let us = u64::try_from(t.get("microseconds")?.as_i64()?).ok()?;
+    s.checked_mul(1_000_000)?.checked_add(us)
+}
+
 async fn read_loop(
     mut rd: BufReader<OwnedReadHalf>,
     pending: Arc<Mutex<Pending>>,
     events: broadcast::Sender<QmpEvent>,
+    run_state: Arc<Mutex<RunStateTimes>>,
 ) {
     let mut line = String::new();
     loop {
@@ -242,10 +277,20 @@ async fn read_loop(
         };
         if let Some(name) = msg.get("event").and_then(Value::as_str) {
             let data = msg.get("data").cloned().unwrap_or(Value::Null);
-            tracing::debug!(event = name, %data, "QMP event");
+            let timestamp_us = event_timestamp_us(&msg);
+            tracing::debug!(event = name, %data, ?timestamp_us, "QMP event");
+            if let Some(t) = timestamp_us {
+                let mut rs = run_state.lock().unwrap_or_else(|p| p.into_inner());
+                match name {
+                    "STOP" => rs.stopped_us = Some(t),
+                    "RESUME" => rs.resumed_us = Some(t),
+                    _ => {}
+                }
+            }
             let _ = events.send(QmpEvent {
                 name: name.to_string(),
                 data,
+                timestamp_us,
             });
             continue;
         }
@@ -308,5 +353,19 @@ fn qmp_error(vm: &str, command: &str, err: &Value) -> VmmError {
         command: command.to_string(),
         class: str_field(err, "class"),
         desc: str_field(err, "desc"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_events_timestamp_is_read_in_microseconds_and_minus_one_is_none() {
+        let ev = json!({"event": "STOP", "timestamp": {"seconds": 1_700_000_000, "microseconds": 123_456}});
+        assert_eq!(event_timestamp_us(&ev), Some(1_700_000_000_123_456));
+        let unknown = json!({"event": "STOP", "timestamp": {"seconds": -1, "microseconds": -1}});
+        assert_eq!(event_timestamp_us(&unknown), None);
+        assert_eq!(event_timestamp_us(&json!({"event": "STOP"})), None);
     }
 }

@@ -277,7 +277,41 @@ fn migrated_sandbox_keeps_counting_and_keeps_its_files() {
     assert!(st["iterations"].as_u64().unwrap_or(0) >= 1, "{st}");
     assert!(st["downtime_ms"].is_u64(), "no downtime in {st}");
     assert!(st["dirty_pages_rate"].is_u64(), "no dirty rate in {st}");
-    let handover = Duration::from_millis(st["handover_ms"].as_u64().expect("handover_ms"));
+    // The guest's pause: source STOP to target RESUME (same host), reported
+    // with its steps, in order, and never after the commit's answer.
+    let paused = st["paused_ms"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no paused_ms: {st}"));
+    let steps = &st["pause_steps"];
+    let order = [
+        "gate_ms",
+        "channel_frozen_ms",
+        "qemu_completed_ms",
+        "output_drained_ms",
+        "log_sent_ms",
+        "committing_saved_ms",
+        "target_resumed_ms",
+        "commit_answered_ms",
+    ];
+    let at: Vec<u64> = order
+        .iter()
+        .map(|k| {
+            steps[k]
+                .as_u64()
+                .unwrap_or_else(|| panic!("no pause step {k}: {st}"))
+        })
+        .collect();
+    assert!(
+        at.windows(2).all(|w| w[0] <= w[1]),
+        "pause steps out of order: {steps}"
+    );
+    assert_eq!(steps["target_resumed_ms"].as_u64(), Some(paused), "{st}");
+    assert!(
+        paused <= st["handover_ms"].as_u64().unwrap_or(0) + at[0] + 1,
+        "the pause ({paused} ms) outlasts the commit's answer: {st}"
+    );
+    println!("migration: guest paused {paused} ms, steps {steps}");
+    let handover = Duration::from_millis(st["handover_ms"].as_u64().unwrap_or(0));
     // why: the counter prints every 100 ms, and TCG on a shared 2-core box adds jitter.
     assert!(
         stall < handover + Duration::from_millis(1500),

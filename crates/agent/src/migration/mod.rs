@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use hearth_api::migration::{
     IncomingAccepted, IncomingCommit, IncomingOffer, MachineLayout, MachineNic, MigrateSandbox,
-    MigrationStatus,
+    MigrationStatus, PauseSteps,
 };
 use hearth_api::stream::Record;
 use hearth_api::{ErrorCode, Sandbox, SandboxStatus};
@@ -366,6 +366,13 @@ impl SourceJob {
         });
     }
 
+    /// Records that the pause reached the step `at` picks, now.
+    fn step(&self, pause: &PauseClock, at: impl FnOnce(&mut PauseSteps) -> &mut Option<u64>) {
+        let ms = pause.elapsed_ms();
+        self.status
+            .send_modify(|s| *at(s.pause_steps.get_or_insert_with(Default::default)) = Some(ms));
+    }
+
     fn end(self, entry: &Entry, phase: Phase, result: Result<String, AgentError>) {
         self.set_phase(entry, phase);
         if phase == Phase::Aborted {
@@ -408,6 +415,47 @@ async fn fault_hold(point: &str) {
         "HEARTH_MIGRATION_HOLD: holding the migration here (fault injection for tests)"
     );
     tokio::time::sleep(Duration::from_millis(ms)).await;
+}
+
+/// Microseconds since the Unix epoch (the clock QEMU stamps its events with).
+fn wall_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// The guest's pause at the source: from the VM's stop (QEMU's `STOP` event
+/// time, host clock), what [`PauseSteps`] count from.
+struct PauseClock {
+    stopped_us: u64,
+}
+
+impl PauseClock {
+    /// At the switch-over gate: the stop of this migration (not one before
+    /// `begun_us`), else now (the gate is noticed a poll after the stop).
+    fn at_gate(vm: &dyn Vm, begun_us: u64, id: &str) -> PauseClock {
+        let now = wall_us();
+        let stopped = vm
+            .run_state_times()
+            .stopped_us
+            .filter(|t| (begun_us..=now).contains(t));
+        if stopped.is_none() {
+            tracing::warn!(sandbox = %id, "no STOP event time from the VMM; the pause is counted from the switch-over gate");
+        }
+        PauseClock {
+            stopped_us: stopped.unwrap_or(now),
+        }
+    }
+
+    fn elapsed_ms(&self) -> u64 {
+        wall_us().saturating_sub(self.stopped_us) / 1000
+    }
+
+    /// From the stop here to `resumed_us` (the target's `RESUME`, its clock);
+    /// None if that is before the stop (clocks apart across hosts).
+    fn until_ms(&self, resumed_us: u64) -> Option<u64> {
+        resumed_us.checked_sub(self.stopped_us).map(|d| d / 1000)
+    }
 }
 
 /// How [`run_source`] ended for the lifecycle task.
@@ -503,6 +551,7 @@ pub(crate) async fn run_source(
     job: SourceJob,
 ) -> SourceEnd {
     let id = entry.snapshot().id;
+    let begun_us = wall_us();
     // why: `job` is consumed by its end (below) before this returns; the
     // membership lasts until the lifecycle task is done with the migration.
     let _member = job.active.clone();
@@ -532,6 +581,23 @@ pub(crate) async fn run_source(
         }
     };
     job.set_phase(entry, Phase::Precopy);
+    // why: the log's bulk goes during the pre-copy, only its tail inside the
+    // pause (issue 7); read concurrently with appends, the bytes up to the
+    // length read are final (the log is append-only), the tail continues there.
+    let _ = log.flush().await;
+    let log_path = entry.dir.join("output.log");
+    let mut bulk = {
+        let (peer, id, path) = (job.peer.clone(), id.clone(), log_path.clone());
+        AbortOnDrop(tokio::spawn(async move {
+            let bytes = tokio::fs::read(&path).await.map_err(|e| e.to_string())?;
+            let n = bytes.len() as u64;
+            let truncated = crate::output_log::truncated_marker(&path).exists();
+            peer.put_log(&id, bytes, truncated, 0)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<u64, String>(n)
+        }))
+    };
     let sent = Arc::new(AtomicU64::new(0));
     let tunnel = tokio::spawn(tunnel::serve_source(
         listener,
@@ -549,6 +615,7 @@ pub(crate) async fn run_source(
     let mut reached_rx = Some(reached_rx);
     let mut proceed_tx = Some(proceed_tx);
     let mut paused_at: Option<Instant> = None;
+    let mut pause: Option<PauseClock> = None;
     let mut stash: Option<Option<SessionEvent>> = None;
     let mut refused: Option<String> = None;
     let mut cancelled = false;
@@ -562,11 +629,17 @@ pub(crate) async fn run_source(
                     reached_rx = None;
                     if r.is_ok() {
                         paused_at = Some(Instant::now());
+                        let clock = PauseClock::at_gate(vm, begun_us, &id);
+                        job.step(&clock, |p| &mut p.gate_ms);
                         job.set_phase(entry, Phase::Switchover);
                         let quiet = match conn.freeze(QUIESCE_TIMEOUT).await {
                             Ok(()) => outgoing_drained(entry).await,
                             Err(e) => Err(format!("the guest channel's writer did not flush: {e}")),
                         };
+                        if quiet.is_ok() {
+                            job.step(&clock, |p| &mut p.channel_frozen_ms);
+                        }
+                        pause = Some(clock);
                         if cancelled {
                             refused = Some("the migration was cancelled".into());
                         } else if let Err(why) = &quiet {
@@ -621,6 +694,7 @@ pub(crate) async fn run_source(
     let progress = match result {
         Ok(p) => p,
         Err(e) => {
+            drop(bulk);
             conn.thaw();
             // why: the target may be unreachable (a cut link); its VM is removed
             // by this abort when it gets through, else by its incoming TTL. Its
@@ -654,10 +728,13 @@ pub(crate) async fn run_source(
     };
     job.progress(&progress, sent.load(Ordering::Relaxed));
     let paused_at = paused_at.unwrap_or_else(Instant::now);
+    let pause = pause.unwrap_or_else(|| PauseClock::at_gate(vm, begun_us, &id));
+    job.step(&pause, |p| &mut p.qemu_completed_ms);
 
     // The whole state is on the target; the source VM is paused for good unless we resume it.
     let end = drain(entry, session, log).await;
     let _ = log.flush().await;
+    job.step(&pause, |p| &mut p.output_drained_ms);
     // why: a cancel that came after the last pass: the commit is not sent,
     // so the target never resumes its copy and this one runs on.
     if reg.is_cancelled(job.attempt.as_deref()) && stash.is_none() && end.is_none() {
@@ -670,16 +747,26 @@ pub(crate) async fn run_source(
         let why = format!("the workload of sandbox {id} ended during the migration; it stays here");
         return stay_here(job, entry, vm, conn, why, stash.or(end.map(Some))).await;
     }
-    let log_path = entry.dir.join("output.log");
-    let log_bytes = tokio::fs::read(&log_path).await.unwrap_or_default();
     // why: the log's size limit was reached here; the target's log must stay
     // closed too (its notice is already in the bytes).
     let truncated = crate::output_log::truncated_marker(&log_path).exists();
-    if let Err(e) = job.peer.put_log(&id, log_bytes, truncated).await {
+    let bulk_sent = match (&mut bulk.0).await {
+        Ok(Ok(n)) => n,
+        Ok(Err(e)) => {
+            tracing::warn!(sandbox = %id, "sending the output log during the pre-copy failed ({e}); sending it whole now");
+            0
+        }
+        Err(e) => {
+            tracing::warn!(sandbox = %id, "sending the output log during the pre-copy did not finish ({e}); sending it whole now");
+            0
+        }
+    };
+    if let Err(e) = send_log_tail(&job.peer, &id, &log_path, bulk_sent, truncated).await {
         let why =
             format!("sending the output log of sandbox {id} failed ({e}); it keeps running here");
         return stay_here(job, entry, vm, conn, why, None).await;
     }
+    job.step(&pause, |p| &mut p.log_sent_ms);
     // why: a cancel that came while the log was sent (the check above is
     // before that await): nothing between here and the commit phase's
     // record awaits, so a cancel answered `aborted` never meets a commit.
@@ -716,12 +803,21 @@ pub(crate) async fn run_source(
         );
         return stay_here(job, entry, vm, conn, why, None).await;
     }
+    job.step(&pause, |p| &mut p.committing_saved_ms);
     fault_hold("commit").await;
     let commit_err = match job.peer.commit(&id, &commit).await {
-        Ok(sb) => {
+        Ok((sb, resumed_us)) => {
             session.hand_over();
             let handover = paused_at.elapsed().as_millis() as u64;
-            job.status.send_modify(|s| s.handover_ms = Some(handover));
+            job.step(&pause, |p| &mut p.commit_answered_ms);
+            let paused = resumed_us.and_then(|t| pause.until_ms(t));
+            job.status.send_modify(|s| {
+                s.handover_ms = Some(handover);
+                s.paused_ms = paused;
+                s.pause_steps
+                    .get_or_insert_with(Default::default)
+                    .target_resumed_ms = paused;
+            });
             job.end(entry, Phase::Completed, Ok(sb.node.clone()));
             fault_hold("release").await;
             return SourceEnd::Moved(sb.node);
@@ -770,6 +866,42 @@ pub(crate) async fn run_source(
             }
         }
     }
+}
+
+/// A task that ends with its handle (the log's bulk: not sent on once the
+/// migration is given up).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Sends the output log's bytes from `from` on (what the pre-copy did not
+/// send); if the target does not continue there, the whole log.
+async fn send_log_tail(
+    peer: &Peer,
+    id: &str,
+    path: &Path,
+    from: u64,
+    truncated: bool,
+) -> Result<(), String> {
+    let bytes = tokio::fs::read(path)
+        .await
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if from > 0 && from <= bytes.len() as u64 {
+        let tail = bytes[from as usize..].to_vec();
+        match peer.put_log(id, tail, truncated, from).await {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                tracing::warn!(sandbox = %id, "the target did not take the output log's tail ({e}); sending it whole")
+            }
+        }
+    }
+    peer.put_log(id, bytes, truncated, 0)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// Resumes the paused VM here and thaws its guest channel; answers `why`,
@@ -1824,29 +1956,49 @@ impl Agent {
             })
     }
 
-    /// Target, step 2: the sandbox's output log so far; `truncated` when the
-    /// source's log reached its size limit (later output stays discarded).
+    /// Target, step 2: the sandbox's output log so far, from byte `offset` on
+    /// (0: the whole log; else it continues the bytes this node has, sent
+    /// during the pre-copy); `truncated` when the source's log reached its
+    /// size limit (later output stays discarded).
     pub async fn incoming_log(
         &self,
         id: &str,
         log: &[u8],
         truncated: bool,
+        offset: u64,
     ) -> Result<(), AgentError> {
         let inc = self.incoming(id)?;
         let max = self.inner.cfg.max_log_bytes.saturating_add(1 << 20);
-        if log.len() as u64 > max {
+        if offset.saturating_add(log.len() as u64) > max {
             return Err(AgentError::InvalidArgument(format!(
                 "output log of {} bytes exceeds this node's limit",
-                log.len()
+                offset.saturating_add(log.len() as u64)
             )));
         }
         let path = inc.dir.join("output.log");
-        tokio::fs::write(&path, log)
-            .await
-            .map_err(|source| AgentError::Io {
-                what: format!("write {}", path.display()),
-                source,
-            })?;
+        let io = |source| AgentError::Io {
+            what: format!("write {}", path.display()),
+            source,
+        };
+        if offset == 0 {
+            tokio::fs::write(&path, log).await.map_err(io)?;
+        } else {
+            use tokio::io::AsyncWriteExt;
+            let mut f = tokio::fs::OpenOptions::new()
+                .append(true)
+                .open(&path)
+                .await
+                .map_err(io)?;
+            let have = f.metadata().await.map_err(io)?.len();
+            if have != offset {
+                return Err(AgentError::Conflict(format!(
+                    "the output log of sandbox '{id}' on node {} has {have} bytes, not the {offset} the source continues from: send it whole (offset 0)",
+                    self.inner.cfg.node
+                )));
+            }
+            f.write_all(log).await.map_err(io)?;
+            f.flush().await.map_err(io)?;
+        }
         let marker = crate::output_log::truncated_marker(&path);
         let marked = if truncated {
             tokio::fs::write(&marker, b"").await
@@ -2132,6 +2284,15 @@ impl Agent {
         });
         tracing::info!(sandbox = %id, save_us, "took over a migrated sandbox");
         Ok(rec)
+    }
+
+    /// Target: when the VM of sandbox `id` here was last resumed (QEMU's
+    /// `RESUME`, µs since the epoch); the commit's answer carries it, so the
+    /// source can report the guest's pause.
+    pub fn vm_resumed_us(&self, id: &str) -> Option<u64> {
+        let entry = lock(&self.inner.sandboxes).get(id).cloned()?;
+        let vm = lock(&entry.vm).clone()?;
+        vm.run_state_times().resumed_us
     }
 
     /// Target: removes an incoming VM that was not committed. Ok only if an

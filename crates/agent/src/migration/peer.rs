@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use hearth_api::migration::{
     IncomingAborted, IncomingAccepted, IncomingCommit, IncomingOffer, IncomingRemoved,
+    VM_RESUMED_HEADER,
 };
 use hearth_api::{ApiError, ErrorCode, Info, Sandbox};
 use serde::de::DeserializeOwned;
@@ -73,15 +74,25 @@ impl Peer {
         &self,
         r: reqwest::RequestBuilder,
     ) -> Result<T, PeerError> {
+        Ok(self.answer_with_headers(r).await?.0)
+    }
+
+    async fn answer_with_headers<T: DeserializeOwned>(
+        &self,
+        r: reqwest::RequestBuilder,
+    ) -> Result<(T, reqwest::header::HeaderMap), PeerError> {
         let resp = r
             .bearer_auth(&self.token)
             .send()
             .await
             .map_err(|e| self.unreachable(e))?;
         let status = resp.status();
+        let headers = resp.headers().clone();
         let bytes = resp.bytes().await.map_err(|e| self.unreachable(e))?;
         if status.is_success() {
-            return serde_json::from_slice(&bytes).map_err(|e| self.unreachable(e));
+            return serde_json::from_slice(&bytes)
+                .map(|v| (v, headers))
+                .map_err(|e| self.unreachable(e));
         }
         let error = serde_json::from_slice::<ApiError>(&bytes).unwrap_or_else(|_| {
             ApiError::new(
@@ -109,22 +120,44 @@ impl Peer {
         .await
     }
 
-    pub async fn put_log(&self, id: &str, log: Vec<u8>, truncated: bool) -> Result<(), PeerError> {
-        let mut url = format!("{}/v1/migrations/incoming/{id}/log", self.base);
-        if truncated {
-            url.push_str("?truncated=true");
+    /// Sends the output log from byte `offset` on (0: the whole log).
+    pub async fn put_log(
+        &self,
+        id: &str,
+        log: Vec<u8>,
+        truncated: bool,
+        offset: u64,
+    ) -> Result<(), PeerError> {
+        let mut url = format!(
+            "{}/v1/migrations/incoming/{id}/log?truncated={truncated}",
+            self.base
+        );
+        if offset > 0 {
+            url.push_str(&format!("&offset={offset}"));
         }
         let _: serde_json::Value = self.answer(self.http.put(url).body(log)).await?;
         Ok(())
     }
 
-    pub async fn commit(&self, id: &str, c: &IncomingCommit) -> Result<Sandbox, PeerError> {
-        self.answer(
-            self.http
-                .post(format!("{}/v1/migrations/incoming/{id}/commit", self.base))
-                .json(c),
-        )
-        .await
+    /// The commit; with the sandbox as the target runs it, the time the
+    /// target resumed its VM (µs since the epoch, its clock) if it says.
+    pub async fn commit(
+        &self,
+        id: &str,
+        c: &IncomingCommit,
+    ) -> Result<(Sandbox, Option<u64>), PeerError> {
+        let (sb, headers) = self
+            .answer_with_headers(
+                self.http
+                    .post(format!("{}/v1/migrations/incoming/{id}/commit", self.base))
+                    .json(c),
+            )
+            .await?;
+        let resumed = headers
+            .get(VM_RESUMED_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        Ok((sb, resumed))
     }
 
     /// The control plane's question about its migration attempt `attempt`

@@ -696,6 +696,10 @@ impl Vm for QemuVm {
         }
     }
 
+    fn run_state_times(&self) -> crate::qmp::RunStateTimes {
+        self.qmp.run_state_times()
+    }
+
     async fn shutdown(&self, grace: Duration) -> Result<VmExit, VmmError> {
         match self.qmp.execute("quit", Value::Null).await {
             // why: QEMU may close the socket before its reply to `quit` is read.
