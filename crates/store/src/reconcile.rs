@@ -134,7 +134,7 @@ impl State {
                             // target): once the abort is confirmed (the
                             // target said it never committed this attempt,
                             // or it was lost) a copy it reports is fenced.
-                            && rec.held_for_target().is_some_and(|h| h.id == m.id)
+                            && rec.takeover_open().is_some_and(|h| h.id == m.id)
                     }) {
                         // why: the state machine ended the migration without
                         // the source's word (its copy died or its node was
@@ -144,6 +144,17 @@ impl State {
                         // state, and takes the record over; the placement a
                         // restart had reserved (never started) is dropped.
                         self.take_over_unconfirmed(id, Some(&r.agent_id), at_ms);
+                    } else if mig.is_some_and(|m| {
+                        r.status == "running"
+                            && r.paused
+                            && rec.takeover_open().is_some_and(|h| h.id == m.id)
+                    }) {
+                        // why: the target's committed copy whose resume
+                        // failed (reported paused) is the only copy that may
+                        // hold the live state: it is neither taken over (it
+                        // does not serve) nor fenced while the leader asks
+                        // the target (a committed answer takes it over).
+                        continue;
                     } else if mig.is_some_and(|m| m.phase == "aborted")
                         && (generation > rec.reschedules || rec.node != node)
                     {

@@ -161,6 +161,13 @@ pub struct Migration {
     /// meanwhile is fenced) instead of being fenced itself.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub unconfirmed: bool,
+    /// An unconfirmed abort whose target was NotReady or removed when the
+    /// leader would have asked it: a restart may start without its answer,
+    /// but the abort stays unconfirmed, so a copy the target committed and
+    /// reports before any other copy was reported still takes the record
+    /// over (never zero copies when the source released to it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub target_lost: bool,
     /// The id the migrating copy has on its node (the source's agent id,
     /// which the target's copy keeps): what the leader names when it asks
     /// the target about an unconfirmed abort. Set by the state machine.
@@ -208,7 +215,7 @@ impl Migration {
     /// it asked the target, and a running copy the target reports takes the
     /// record over.
     pub fn awaits_target(&self) -> bool {
-        self.phase == "aborted" && self.unconfirmed
+        self.phase == "aborted" && self.unconfirmed && !self.target_lost
     }
 
     /// Active with neither a new phase nor advancing progress (bytes sent,
@@ -274,7 +281,19 @@ impl SandboxRecord {
     /// target's committed copy, if any, is the sandbox. The leader starts no
     /// copy of such a record before it settled the abort.
     pub fn held_for_target(&self) -> Option<&Migration> {
-        let m = self.migration.as_deref().filter(|m| m.awaits_target())?;
+        self.takeover_open().filter(|m| m.awaits_target())
+    }
+
+    /// The migration whose target's running copy takes this record over if
+    /// it reports one: aborted without the source's word (unconfirmed, also
+    /// when its target was lost) and no copy was started since, i.e. none
+    /// was reported (the leader starts none before it asked the target, or
+    /// knew it lost).
+    pub fn takeover_open(&self) -> Option<&Migration> {
+        let m = self
+            .migration
+            .as_deref()
+            .filter(|m| m.phase == "aborted" && m.unconfirmed)?;
         let unstarted = self.reschedules < m.generation
             || self.observed.as_ref().is_none_or(|o| o.agent_id.is_none());
         unstarted.then_some(m)
@@ -1226,6 +1245,7 @@ impl State {
         mig.progress = None;
         mig.source_gone_ms = None;
         mig.unconfirmed = false;
+        mig.target_lost = false;
         mig.agent_id = sb.observed.as_ref().and_then(|o| o.agent_id.clone());
         let Some(sb) = self.sandboxes.get_mut(id) else {
             return Reply::NotFound {
@@ -1443,13 +1463,21 @@ impl State {
                 }
                 TargetAnswer::Committed | TargetAnswer::TargetLost => None,
             };
+        let lost = matches!(answer, TargetAnswer::TargetLost);
         if let Some(note) = note {
             if let Some(m) = self
                 .sandboxes
                 .get_mut(id)
                 .and_then(|s| s.migration.as_mut())
             {
-                m.unconfirmed = false;
+                // why: a lost target may still have committed (its source
+                // released to it): its copy may still take the record over
+                // until another copy is reported; only its answer closes that.
+                if lost {
+                    m.target_lost = true;
+                } else {
+                    m.unconfirmed = false;
+                }
                 m.updated_ms = at_ms;
                 m.error = Some(match m.error.take() {
                     Some(e) => format!("{e}; {note}"),
@@ -1955,6 +1983,7 @@ pub(crate) fn end_migration(sb: &mut SandboxRecord, why: &str, at_ms: u64) {
         m.error = Some(why.to_string());
         m.updated_ms = at_ms;
         m.unconfirmed = true;
+        m.target_lost = false;
         // why: the restart that follows clears the record's copy id; the
         // leader names it when it asks the target (records of older logs).
         if m.agent_id.is_none() {
@@ -2074,6 +2103,8 @@ mod tests {
             stall_ms: None,
             source_gone_ms: None,
             unconfirmed: false,
+            target_lost: false,
+            agent_id: None,
         }));
         st.insert_sandbox(moving);
         let before = st.sandboxes["m"].policy();

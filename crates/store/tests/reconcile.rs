@@ -436,6 +436,7 @@ fn start_migration(s: &mut State, id: &str, mig: &str, from: &str, to: &str) -> 
             stall_ms: None,
             source_gone_ms: None,
             unconfirmed: false,
+            target_lost: false,
             agent_id: None,
         },
     })
@@ -930,6 +931,7 @@ fn a_migration_carries_its_own_deadline() {
             stall_ms: Some(1000),
             source_gone_ms: None,
             unconfirmed: false,
+            target_lost: false,
             agent_id: None,
         },
     });
@@ -1764,9 +1766,11 @@ fn a_target_reporting_after_the_abort_was_confirmed_is_fenced() {
         }
         settle(&mut s, "m1", answer, 1600);
         let m = s.sandboxes["s1"].migration.clone().unwrap();
+        // why: a lost target's abort stays unconfirmed (its copy may still
+        // take over until another copy is reported), but gates no start.
         assert_eq!(
-            (m.phase.as_str(), m.unconfirmed),
-            ("aborted", false),
+            (m.phase.as_str(), m.unconfirmed, m.awaits_target()),
+            ("aborted", answer == TargetAnswer::TargetLost, false),
             "{answer:?}"
         );
         // The copy started again on n3 runs and is reported.
@@ -1951,6 +1955,7 @@ fn settling_an_abort_is_deterministic() {
                 stall_ms: None,
                 source_gone_ms: None,
                 unconfirmed: false,
+                target_lost: false,
                 agent_id: None,
             },
         },
@@ -1981,4 +1986,84 @@ fn settling_an_abort_is_deterministic() {
         assert_eq!(a, b, "{answer:?}");
         log.pop();
     }
+}
+
+/// review8a finding 1: the target was NotReady when the leader would have
+/// asked it (the abort is settled `target_lost`, a restart may start), but
+/// it had committed and the source released to it: when it reports its copy
+/// before any other copy was reported, that copy takes the record over
+/// (never zero copies); once the restarted copy was reported, a late target
+/// copy is fenced.
+#[test]
+fn a_lost_targets_committed_copy_takes_over_until_another_copy_was_reported() {
+    for other_first in [false, true] {
+        let mut s = migratable_always();
+        start_migration(&mut s, "s1", "m1", "n1", "n2");
+        phase(&mut s, "s1", "m1", "precopy");
+        s.apply(&Command::MarkNotReady {
+            node: "n1".into(),
+            at_ms: 1000,
+        });
+        s.apply(&Command::MarkNotReady {
+            node: "n2".into(),
+            at_ms: 1500,
+        });
+        settle(&mut s, "m1", TargetAnswer::TargetLost, 1600);
+        let r = &s.sandboxes["s1"];
+        assert!(r.held_for_target().is_none(), "a restart may start: {r:?}");
+        assert_eq!((r.node.as_str(), r.reschedules), ("n3", 1), "{r:?}");
+        if other_first {
+            let d = heartbeat(
+                &mut s,
+                "n3",
+                1700,
+                vec![copy("a3", "running", Some("s1@1"))],
+            );
+            assert!(d.stop.is_empty(), "{d:?}");
+        }
+        let d = heartbeat(
+            &mut s,
+            "n2",
+            2000,
+            vec![copy("a1", "running", Some("s1@1"))],
+        );
+        let r = &s.sandboxes["s1"];
+        if other_first {
+            assert!(
+                d.stop.iter().any(|f| f.agent_id == "a1"),
+                "the late target copy is fenced: {d:?}"
+            );
+            assert_eq!(r.node, "n3", "{r:?}");
+        } else {
+            assert!(
+                d.stop.is_empty() && d.keep.contains(&"a1".to_string()),
+                "the target's copy is kept: {d:?}"
+            );
+            assert_eq!(r.node, "n2", "{r:?}");
+            assert_eq!(r.migration.as_ref().unwrap().phase, "completed");
+        }
+    }
+}
+
+/// review8a finding 2: while the record waits for the target's answer, the
+/// target's committed copy whose resume failed (reported paused) is neither
+/// fenced nor taken over; the committed answer then takes it over.
+#[test]
+fn a_paused_target_copy_of_a_held_record_is_not_fenced() {
+    let mut s = migratable_always();
+    start_migration(&mut s, "s1", "m1", "n1", "n2");
+    phase(&mut s, "s1", "m1", "precopy");
+    s.apply(&Command::MarkNotReady {
+        node: "n1".into(),
+        at_ms: 1000,
+    });
+    assert!(s.sandboxes["s1"].held_for_target().is_some());
+    let d = heartbeat(&mut s, "n2", 1500, vec![paused_copy("a1", "s1@1")]);
+    assert!(
+        !d.stop.iter().any(|f| f.agent_id == "a1") && !d.remove.contains(&"a1".to_string()),
+        "{d:?}"
+    );
+    assert!(s.sandboxes["s1"].held_for_target().is_some());
+    settle(&mut s, "m1", TargetAnswer::Committed, 1600);
+    assert_eq!(s.sandboxes["s1"].node, "n2");
 }

@@ -241,6 +241,7 @@ async fn start(
             stall_ms: Some(stall_ms(cp.cfg.migration_stall, req.give_up_after_secs)),
             source_gone_ms: None,
             unconfirmed: false,
+            target_lost: false,
             agent_id: None,
         };
         let reply = cp
@@ -1017,6 +1018,7 @@ pub(super) mod tests {
             stall_ms: Some(60_000),
             source_gone_ms: None,
             unconfirmed: false,
+            target_lost: false,
             agent_id: None,
         }
     }
@@ -1336,6 +1338,7 @@ pub(super) mod tests {
                     stall_ms: Some(1_000),
                     source_gone_ms: None,
                     unconfirmed: false,
+                    target_lost: false,
                     agent_id: None,
                 },
             })

@@ -892,6 +892,7 @@ mod tests {
                     stall_ms: Some(60_000),
                     source_gone_ms: None,
                     unconfirmed: false,
+                    target_lost: false,
                     agent_id: None,
                 },
             })

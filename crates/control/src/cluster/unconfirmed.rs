@@ -268,6 +268,7 @@ mod tests {
                     stall_ms: None,
                     source_gone_ms: None,
                     unconfirmed: false,
+                    target_lost: false,
                     agent_id: None,
                 },
             })
