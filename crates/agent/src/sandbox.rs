@@ -1721,11 +1721,24 @@ impl Agent {
         let e2 = entry.clone();
         let saving = tokio::task::spawn_blocking(move || {
             running_save_hold();
-            let saved = e2.update(|r| {
-                r.status = SandboxStatus::Running;
-                r.started_ms = Some(now_ms());
-                r.boot_ms = Some(boot_ms);
-            });
+            let started = now_ms();
+            // why: a brief failure (a full disk being freed, an I/O hiccup)
+            // must not end a workload that already runs: three tries, 200 ms
+            // apart, before the start fails.
+            let mut saved = Ok(());
+            for attempt in 0..3 {
+                if attempt > 0 {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                saved = e2.update(|r| {
+                    r.status = SandboxStatus::Running;
+                    r.started_ms = Some(started);
+                    r.boot_ms = Some(boot_ms);
+                });
+                if saved.is_ok() {
+                    break;
+                }
+            }
             e2.trace.mark("running-saved");
             saved
         });

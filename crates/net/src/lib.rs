@@ -823,7 +823,12 @@ struct Leftovers {
 ///   that no longer exist.
 fn purge_leftovers() -> Leftovers {
     let mut out = Leftovers::default();
-    match (tap::host_routes(), nat::members()) {
+    // why: the elements first, then the routes: a setup adds the route
+    // before the element, so an element read here whose route is missing
+    // from the later read is not one being set up (the reverse order could
+    // read "no route" just before a setup added both).
+    let members = nat::members();
+    match (tap::host_routes(), members) {
         (Ok(routes), Ok(members)) => {
             let routed: HashSet<Ipv4Addr> = routes.into_iter().map(|(_, ip)| ip).collect();
             for ip in members {

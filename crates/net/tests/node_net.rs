@@ -383,6 +383,11 @@ fn leftovers_no_sandbox_uses_are_purged_when_an_agent_registers() {
         "/run/hearth/pools/netns-{}",
         hearth_net::registry::netns_id()
     );
+    // why: read before the clean-up below removes them anyway.
+    let (dead_reg_left, dead_pins_left) = (
+        std::path::Path::new(&dead_reg).exists(),
+        std::path::Path::new(&dead_pins).exists(),
+    );
     sh(&format!(
         "nft delete element ip hearth sandboxes '{{ {routed} }}'; ip route del {routed}/32 dev lo; rm -rf {gone_pins} {dead_reg} {dead_pins}"
     ));
@@ -406,11 +411,11 @@ fn leftovers_no_sandbox_uses_are_purged_when_an_agent_registers() {
         "the live sandbox's pins kept: {pins}"
     );
     assert!(
-        !std::path::Path::new(&dead_reg).exists(),
+        !dead_reg_left,
         "registry of a namespace that is gone purged"
     );
     assert!(
-        !std::path::Path::new(&dead_pins).exists(),
+        !dead_pins_left,
         "host map pins of a namespace that is gone purged"
     );
     assert!(

@@ -736,9 +736,11 @@ fn listed(d: &Daemon) -> Vec<String> {
 /// hold is gone: the second then fits (after the first is removed there).
 #[test]
 fn two_concurrent_incoming_migrations_to_room_for_one_refuse_the_second_at_prepare() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: mounting a small tmpfs for the target's VMs needs root");
+    if !hearth_e2e::require(
+        // SAFETY: geteuid has no preconditions.
+        unsafe { libc::geteuid() } == 0,
+        "root (it mounts a small tmpfs for the target's VMs)",
+    ) {
         return;
     }
     let (a, b) = two_nodes_with_target(DaemonOptions {

@@ -31,6 +31,7 @@ pub(super) async fn set(
     // next start would fail on it).
     let policy = hearth_agent::canonical_policy(&p)?;
     let (rec, _) = lookup(&cp, &id).await?;
+    let previous = rec.policy();
     let value = serde_json::to_value(&policy)
         .map_err(|e| error(ErrorCode::Internal, format!("encoding the policy: {e}")))?;
     let rec = match cp
@@ -54,7 +55,36 @@ pub(super) async fn set(
             ))
         }
     };
-    apply_on_agent(&cp, &rec, &policy).await
+    let applied = apply_on_agent(&cp, &rec, &policy).await;
+    if let Err(HttpError(e)) = &applied {
+        if e.code == ErrorCode::InvalidArgument {
+            // why: the node refused the policy itself (a limit only the
+            // compiled form shows, e.g. too many port ranges of one prefix):
+            // no start could use it either, so the record goes back to the
+            // previous policy.
+            let back = cp
+                .store
+                .write(Command::SetPolicy {
+                    id: rec.id.clone(),
+                    policy: previous,
+                })
+                .await;
+            return Err(error(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "node {} refused the policy of sandbox {id}: {}; the recorded policy {}",
+                    rec.node,
+                    e.message,
+                    if back.is_ok() {
+                        "is the previous one again"
+                    } else {
+                        "could not be set back: run `hearth policy set` with a valid policy"
+                    }
+                ),
+            ));
+        }
+    }
+    applied
 }
 
 /// Applies the just-recorded `policy` to the record's running copy.

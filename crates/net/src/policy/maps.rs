@@ -981,7 +981,13 @@ pub fn pins_in_use(tap: &str) -> bool {
     if !config.exists() {
         return false;
     }
-    let Some(id) = MapData::from_pin(&config)
+    pinned_map_used(&config)
+}
+
+/// Whether a loaded program uses the map pinned at `pin` (true when that
+/// cannot be told: the pins stay).
+fn pinned_map_used(pin: &Path) -> bool {
+    let Some(id) = MapData::from_pin(pin)
         .ok()
         .and_then(|m| m.info().ok())
         .map(|i| i.id())
@@ -1022,6 +1028,16 @@ pub fn purge_gone_namespace_pins(live: &std::collections::HashSet<u64>) -> Vec<u
         }
         let registry = Path::new(crate::registry::REGISTRY_DIR).join(format!("netns-{ino}"));
         if registry.exists() {
+            continue;
+        }
+        // why: a namespace that looks gone from here (another PID
+        // namespace's /proc, a restarting agent) may still have VMs whose
+        // programs use these maps: removing the pins would split the host
+        // map (new sandboxes missing from the old programs' copy).
+        let in_use = std::fs::read_dir(e.path())
+            .map(|rd| rd.flatten().any(|m| pinned_map_used(&m.path())))
+            .unwrap_or(true);
+        if in_use {
             continue;
         }
         if std::fs::remove_dir_all(e.path()).is_ok() {
