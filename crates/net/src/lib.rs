@@ -832,7 +832,14 @@ fn purge_leftovers() -> Leftovers {
         (Ok(routes), Ok(members)) => {
             let routed: HashSet<Ipv4Addr> = routes.into_iter().map(|(_, ip)| ip).collect();
             for ip in members {
-                if !routed.contains(&ip) {
+                // why: read again right before the removal: a teardown and a
+                // new setup of the same address may have run since.
+                let routed_now = || {
+                    tap::host_routes()
+                        .map(|r| r.into_iter().any(|(_, a)| a == ip))
+                        .unwrap_or(true)
+                };
+                if !routed.contains(&ip) && !routed_now() {
                     match nat::remove(ip) {
                         Ok(()) => out.nat.push(ip),
                         Err(e) => tracing::warn!("NAT set: {e}"),

@@ -129,11 +129,12 @@ impl State {
                             && !r.paused
                             && !(rec.node == node && rec.reschedules == m.generation)
                             // why: only while the abort waits for the
-                            // target's answer and no copy was started since
-                            // (the leader starts none before it asked the
-                            // target): once the abort is confirmed (the
-                            // target said it never committed this attempt,
-                            // or it was lost) a copy it reports is fenced.
+                            // target's answer, or its target was lost, and
+                            // no copy was reported since (the leader starts
+                            // none before it asked the target): once the
+                            // abort is confirmed (the target said it never
+                            // committed this attempt) or another copy was
+                            // reported, a copy it reports is fenced.
                             && rec.takeover_open().is_some_and(|h| h.id == m.id)
                     }) {
                         // why: the state machine ended the migration without
@@ -153,7 +154,18 @@ impl State {
                         // failed (reported paused) is the only copy that may
                         // hold the live state: it is neither taken over (it
                         // does not serve) nor fenced while the leader asks
-                        // the target (a committed answer takes it over).
+                        // the target (a committed answer takes it over). A
+                        // target settled as lost reports again: it is asked.
+                        if let Some(m) = self
+                            .sandboxes
+                            .get_mut(id)
+                            .and_then(|s| s.migration.as_mut())
+                            .filter(|m| m.target_lost)
+                        {
+                            m.target_lost = false;
+                            m.updated_ms = at_ms;
+                            self.touch_sandbox(id);
+                        }
                         continue;
                     } else if mig.is_some_and(|m| m.phase == "aborted")
                         && (generation > rec.reschedules || rec.node != node)
@@ -255,6 +267,8 @@ impl State {
                 updated_ms: at_ms,
             };
             if let Some(sb) = self.sandboxes.get_mut(&id) {
+                // why: a copy of the record is reported: see `close_takeover`.
+                sb.close_takeover();
                 let same = sb.observed.as_ref().is_some_and(|cur| {
                     cur.status == obs.status
                         && cur.agent_id == obs.agent_id

@@ -294,9 +294,28 @@ impl SandboxRecord {
             .migration
             .as_deref()
             .filter(|m| m.phase == "aborted" && m.unconfirmed)?;
+        // why: the restart after the abort takes the migration's generation;
+        // once its copy was reported, or the record was started again past
+        // it (a move, a retried start), the window is closed for good (a
+        // later generation's copy must never be outranked by the target's).
         let unstarted = self.reschedules < m.generation
             || self.observed.as_ref().is_none_or(|o| o.agent_id.is_none());
         unstarted.then_some(m)
+    }
+
+    /// A copy of the record was reported (its agent id recorded): an abort
+    /// still unconfirmed is closed for good, so no later generation (a move,
+    /// a retried start, whose id is not reported yet) reopens the window in
+    /// which the target's copy would take the record over.
+    pub(crate) fn close_takeover(&mut self) {
+        if let Some(m) = self
+            .migration
+            .as_mut()
+            .filter(|m| m.phase == "aborted" && m.unconfirmed)
+        {
+            m.unconfirmed = false;
+            m.target_lost = false;
+        }
     }
 
     /// The control plane gave up on it without an agent copy (its start
@@ -572,9 +591,11 @@ pub enum TargetAnswer {
     /// migration completes onto the target at its generation, and the
     /// placement a restart had reserved is dropped.
     Committed,
-    /// The target node is NotReady or removed (checked at apply): a copy it
-    /// committed is lost with it; the abort is confirmed and the restart
-    /// proceeds (a copy it reports later is fenced).
+    /// The target node is NotReady or removed (checked at apply): the restart
+    /// proceeds without its answer; the abort stays unconfirmed, so a copy
+    /// it committed still takes the record over if it reports before any
+    /// other copy of the record was reported (never zero copies when the
+    /// source had released to it), and is fenced after that.
     TargetLost,
 }
 
@@ -881,6 +902,9 @@ impl State {
                 }
                 Some(sb) => {
                     sb.observed = Some(observed.clone());
+                    if observed.agent_id.is_some() {
+                        sb.close_takeover();
+                    }
                     let sb = sb.clone();
                     self.touch_sandbox(id);
                     Reply::Sandbox { sandbox: sb }

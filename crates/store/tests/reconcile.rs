@@ -2067,3 +2067,76 @@ fn a_paused_target_copy_of_a_held_record_is_not_fenced() {
     settle(&mut s, "m1", TargetAnswer::Committed, 1600);
     assert_eq!(s.sandboxes["s1"].node, "n2");
 }
+
+/// review9 blocker: after a lost target's abort, the restarted copy was
+/// reported and then moved again (a later generation, not reported yet):
+/// the target's late copy must not take the record over (the window closed
+/// with the first reported copy) but be fenced.
+#[test]
+fn a_lost_targets_copy_never_outranks_a_later_generation() {
+    let mut s = migratable_always();
+    start_migration(&mut s, "s1", "m1", "n1", "n2");
+    phase(&mut s, "s1", "m1", "precopy");
+    s.apply(&Command::MarkNotReady {
+        node: "n1".into(),
+        at_ms: 1000,
+    });
+    s.apply(&Command::MarkNotReady {
+        node: "n2".into(),
+        at_ms: 1500,
+    });
+    settle(&mut s, "m1", TargetAnswer::TargetLost, 1600);
+    heartbeat(
+        &mut s,
+        "n3",
+        1700,
+        vec![copy("a3", "running", Some("s1@1"))],
+    );
+    s.apply(&node("n4"));
+    s.apply(&Command::MarkNotReady {
+        node: "n3".into(),
+        at_ms: 1800,
+    });
+    let r = &s.sandboxes["s1"];
+    assert!(r.reschedules >= 2, "moved again: {r:?}");
+    let (node_now, gen_now) = (r.node.clone(), r.reschedules);
+    let d = heartbeat(
+        &mut s,
+        "n2",
+        2000,
+        vec![copy("a1", "running", Some("s1@1"))],
+    );
+    assert!(d.stop.iter().any(|f| f.agent_id == "a1"), "{d:?}");
+    let r = &s.sandboxes["s1"];
+    assert_eq!(
+        (r.node.clone(), r.reschedules),
+        (node_now, gen_now),
+        "{r:?}"
+    );
+}
+
+/// review9: a target settled as lost that reports its paused committed copy
+/// is asked again (the record waits for its answer once more).
+#[test]
+fn a_lost_target_reporting_a_paused_copy_is_asked_again() {
+    let mut s = migratable_always();
+    start_migration(&mut s, "s1", "m1", "n1", "n2");
+    phase(&mut s, "s1", "m1", "precopy");
+    s.apply(&Command::MarkNotReady {
+        node: "n1".into(),
+        at_ms: 1000,
+    });
+    s.apply(&Command::MarkNotReady {
+        node: "n2".into(),
+        at_ms: 1500,
+    });
+    settle(&mut s, "m1", TargetAnswer::TargetLost, 1600);
+    assert!(s.sandboxes["s1"].held_for_target().is_none());
+    let d = heartbeat(&mut s, "n2", 2000, vec![paused_copy("a1", "s1@1")]);
+    assert!(!d.stop.iter().any(|f| f.agent_id == "a1"), "{d:?}");
+    assert!(
+        s.sandboxes["s1"].held_for_target().is_some(),
+        "{:?}",
+        s.sandboxes["s1"]
+    );
+}

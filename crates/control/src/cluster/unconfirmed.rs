@@ -13,7 +13,8 @@
 //! changes nothing and is asked again with a backoff; one question per
 //! attempt is in flight, off the watchdog's tick. A target NotReady or
 //! removed cannot answer: `SettleAbort target_lost` (the restart proceeds; a
-//! copy it committed is fenced if it comes back).
+//! copy it committed still takes the record over if it reports before any
+//! other copy was reported, and is fenced after that).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
