@@ -266,9 +266,15 @@ impl State {
                 error: r.error.clone(),
                 updated_ms: at_ms,
             };
+            let copy_generation = r.owner.as_deref().and_then(parse_owner).map(|(_, g)| g);
             if let Some(sb) = self.sandboxes.get_mut(&id) {
-                // why: a copy of the record is reported: see `close_takeover`.
-                sb.close_takeover();
+                // why: a running copy of the restart's generation is
+                // reported: see `close_takeover` (never the source's own
+                // copy: paused, migrating, or of an older generation).
+                let closed = !terminal
+                    && !r.paused
+                    && !r.migrating
+                    && copy_generation.is_some_and(|g| sb.close_takeover(g));
                 let same = sb.observed.as_ref().is_some_and(|cur| {
                     cur.status == obs.status
                         && cur.agent_id == obs.agent_id
@@ -276,6 +282,8 @@ impl State {
                 });
                 if !same {
                     sb.observed = Some(obs);
+                }
+                if !same || closed {
                     self.touch_sandbox(&id);
                 }
             }

@@ -303,18 +303,24 @@ impl SandboxRecord {
         unstarted.then_some(m)
     }
 
-    /// A copy of the record was reported (its agent id recorded): an abort
-    /// still unconfirmed is closed for good, so no later generation (a move,
+    /// A running copy of generation `generation` of the record was reported
+    /// (its agent id recorded): if that is the restart after an unconfirmed
+    /// abort (at least the migration's generation; the source's own copy is
+    /// older), the abort is closed for good, so no later generation (a move,
     /// a retried start, whose id is not reported yet) reopens the window in
-    /// which the target's copy would take the record over.
-    pub(crate) fn close_takeover(&mut self) {
-        if let Some(m) = self
+    /// which the target's copy would take the record over. True if it closed.
+    pub(crate) fn close_takeover(&mut self, generation: u32) -> bool {
+        match self
             .migration
             .as_mut()
-            .filter(|m| m.phase == "aborted" && m.unconfirmed)
+            .filter(|m| m.phase == "aborted" && m.unconfirmed && generation >= m.generation)
         {
-            m.unconfirmed = false;
-            m.target_lost = false;
+            Some(m) => {
+                m.unconfirmed = false;
+                m.target_lost = false;
+                true
+            }
+            None => false,
         }
     }
 
@@ -902,8 +908,9 @@ impl State {
                 }
                 Some(sb) => {
                     sb.observed = Some(observed.clone());
-                    if observed.agent_id.is_some() {
-                        sb.close_takeover();
+                    if observed.agent_id.is_some() && !observed.is_terminal() {
+                        let generation = sb.reschedules;
+                        sb.close_takeover(generation);
                     }
                     let sb = sb.clone();
                     self.touch_sandbox(id);

@@ -2140,3 +2140,34 @@ fn a_lost_target_reporting_a_paused_copy_is_asked_again() {
         s.sandboxes["s1"]
     );
 }
+
+/// review10 F1: the source's own copy (paused after the switch-over, of the
+/// source's generation) reported after an unconfirmed abort does not close
+/// the window: the target's committed copy still takes the record over.
+#[test]
+fn the_sources_paused_copy_does_not_close_the_takeover() {
+    let mut t = migratable_always();
+    start_migration(&mut t, "s1", "m1", "n1", "n2");
+    phase(&mut t, "s1", "m1", "precopy");
+    t.apply(&Command::MarkNotReady {
+        node: "n2".into(),
+        at_ms: 1000,
+    });
+    heartbeat(&mut t, "n1", 1100, vec![paused_copy("a1", "s1@0")]);
+    let m = t.sandboxes["s1"].migration.clone().unwrap();
+    assert!(
+        m.unconfirmed,
+        "the paused source copy closed the window: {m:?}"
+    );
+    let d = heartbeat(
+        &mut t,
+        "n2",
+        2000,
+        vec![copy("b1", "running", Some("s1@1"))],
+    );
+    assert!(
+        !d.stop.iter().any(|f| f.agent_id == "b1"),
+        "the target's committed copy was fenced: {d:?}"
+    );
+    assert_eq!(t.sandboxes["s1"].node, "n2");
+}
