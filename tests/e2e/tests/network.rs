@@ -22,6 +22,11 @@ fn subnet(k: u32) -> u8 {
     (100 + (std::process::id() % 18) * 8 + k) as u8
 }
 
+/// One lock per test subnet: tests run concurrently and several use the
+/// same subnet index; its namespace, veth names and addresses must not be
+/// in use twice at once (the second `ip netns add` fails).
+static SUBNET_SLOTS: [std::sync::Mutex<()>; 8] = [const { std::sync::Mutex::new(()) }; 8];
+
 /// A network namespace with a veth to the host and busybox httpd servers.
 struct ServerNs {
     name: String,
@@ -29,11 +34,16 @@ struct ServerNs {
     server_ip: String,
     servers: Vec<Child>,
     _www: tempfile::TempDir,
+    // why: dropped last (fields drop in order): the namespace is gone first.
+    _slot: std::sync::MutexGuard<'static, ()>,
 }
 
 impl ServerNs {
     /// `192.168.<subnet>.1` on the host, `.2` in the namespace, httpd on `ports`.
     fn start(subnet: u8, ports: &[u16]) -> ServerNs {
+        let slot = SUBNET_SLOTS[usize::from(subnet.wrapping_sub(100)) % 8]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let tag = format!("{}{subnet}", std::process::id() % 10000);
         let name = format!("hnet{tag}");
         let host_if = format!("hn{tag}h");
@@ -57,6 +67,7 @@ impl ServerNs {
             server_ip,
             servers: Vec::new(),
             _www: www,
+            _slot: slot,
         };
         assert!(st.success(), "creating the test namespace failed");
         for p in ports {
