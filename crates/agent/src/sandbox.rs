@@ -496,6 +496,9 @@ pub struct Agent {
 
 /// Takes the data dir's exclusive lock, so two daemons never manage the same
 /// sandboxes (the second would declare the first one's VMs lost).
+/// How long a start waits for the data dir's lock before it gives up.
+const LOCK_WAIT: Duration = Duration::from_secs(3);
+
 fn lock_data_dir(dir: &Path) -> Result<std::fs::File, AgentError> {
     use std::os::fd::AsRawFd;
     let path = dir.join("hearthd.lock");
@@ -505,8 +508,18 @@ fn lock_data_dir(dir: &Path) -> Result<std::fs::File, AgentError> {
         .write(true)
         .open(&path)
         .map_err(io_err(format!("open {}", path.display())))?;
-    // SAFETY: flock(2) on a file descriptor we own for the duration of the call.
-    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    // why: a hearthd killed just now (a supervisor restarting it at once)
+    // holds the lock until the kernel has closed its files; a few seconds
+    // tell that apart from another daemon running on this data dir.
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    let r = loop {
+        // SAFETY: flock(2) on a file descriptor we own for the duration of the call.
+        let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if r == 0 || std::time::Instant::now() >= deadline {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     if r != 0 {
         return Err(AgentError::Config(format!(
             "data dir {} is in use by another hearthd (lock {}); stop it, or give this one another --data-dir",

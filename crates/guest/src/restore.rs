@@ -289,7 +289,8 @@ fn reseed(seed: &[u8]) -> io::Result<()> {
 
 fn set_clock(unix_ms: u64) -> io::Result<()> {
     let ts = libc::timespec {
-        tv_sec: (unix_ms / 1000) as libc::time_t,
+        // why: `as _` takes the field's own type (`time_t`, deprecated as a name on musl).
+        tv_sec: (unix_ms / 1000) as _,
         tv_nsec: ((unix_ms % 1000) * 1_000_000) as libc::c_long,
     };
     // SAFETY: `ts` is a valid timespec that lives across the call.

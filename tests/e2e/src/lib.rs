@@ -435,6 +435,34 @@ pub fn kill_vmms_under(dir: &Path) {
     }
 }
 
+/// True once process `pid` has closed its files: it is gone, or a zombie
+/// (`Z`/`X` in `/proc/PID/stat`). An empty `/proc/PID/cmdline` is not enough:
+/// the kernel drops a dying process's memory (and so its command line) before
+/// it closes its files, so its locks and listening sockets may still be held.
+pub fn process_exited(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(st) => st
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.chars().next())
+            .is_none_or(|state| matches!(state, 'Z' | 'X')),
+        Err(_) => true,
+    }
+}
+
+/// SIGKILL of `pid`, then waits (up to 30 s) until it has closed its files
+/// ([`process_exited`]).
+pub fn kill9_and_wait(pid: i32) {
+    // SAFETY: kill(2) of a pid the caller started or read from a state file; at worst ESRCH.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    }
+    wait_until(
+        &format!("process {pid} to exit after SIGKILL"),
+        Duration::from_secs(30),
+        || process_exited(pid),
+    );
+}
+
 /// Skips the calling test (prints why) when `ok` is false — unless
 /// `HEARTH_TEST_STRICT` is set (scripts/test, i.e. CI, sets it), where a
 /// missing capability is a failure: a CI that lacked root would otherwise

@@ -1259,12 +1259,7 @@ fn a_networked_web_server_migrates_with_its_address_policy_and_ingress_and_a_fai
         .filter(|a| !a.is_empty())
         .map(|a| String::from_utf8_lossy(a).into_owned())
         .collect();
-    // SAFETY: kill(2) of a shard agent's pid this test read from the shard's state file.
-    assert_eq!(unsafe { libc::kill(pid2, libc::SIGKILL) }, 0);
-    wait_until("agent2 to exit", Duration::from_secs(30), || {
-        !std::path::Path::new(&format!("/proc/{pid2}/cmdline")).exists()
-            || std::fs::read(format!("/proc/{pid2}/cmdline")).is_ok_and(|c| c.is_empty())
-    });
+    kill_agent(pid2);
     let wpath = format!("/tmp/hearth-shard-{NAME}/agent2/sandboxes/{aid2}/workload.json");
     let mut w: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&wpath).expect("workload.json")).unwrap();
@@ -1391,11 +1386,11 @@ fn argv_of(pid: i32) -> Vec<String> {
 /// Starts shard agent `i` again from `argv` (its VMs, which outlive it, are
 /// re-adopted) with `env` added, and waits until its node is ready.
 fn spawn_agent(i: u32, argv: &[String], env: &[(&str, &str)]) -> std::process::Child {
-    let log = std::fs::File::create(format!(
+    let path = format!(
         "/tmp/hearth-shard-{NAME}/agent{i}-restarted-{}.log",
         std::process::id()
-    ))
-    .expect("log");
+    );
+    let log = std::fs::File::create(&path).expect("log");
     let mut c = Command::new("ip");
     c.args(["netns", "exec", &format!("{NAME}-a{i}")])
         .args(argv)
@@ -1406,34 +1401,47 @@ fn spawn_agent(i: u32, argv: &[String], env: &[(&str, &str)]) -> std::process::C
     for (k, v) in env {
         c.env(k, v);
     }
-    let child = c.spawn().expect("start the agent again");
+    let mut child = c.spawn().expect("start the agent again");
+    let tail = |path: &str| {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    };
     // why: the node may still read ready from before the kill; the agent's
-    // own API answers once it is up again.
-    wait_until(
-        &format!("agent{i}'s API to answer again"),
-        Duration::from_secs(120),
-        || {
-            call(
-                &format!("http://{NET}.{}:7070", 10 + i),
-                "/v1/sandboxes",
-                "GET",
-                None,
-                5,
-            )
-            .0 == 200
-        },
-    );
+    // own API answers once it is up again. An agent that exits or never
+    // answers is reported with its log.
+    let t0 = std::time::Instant::now();
+    loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!("agent{i} exited again ({st}); its log:\n{}", tail(&path));
+        }
+        let (code, _) = call(
+            &format!("http://{NET}.{}:7070", 10 + i),
+            "/v1/sandboxes",
+            "GET",
+            None,
+            5,
+        );
+        if code == 200 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "agent{i}'s API did not answer again in 120 s (last: {code}); its log:\n{}",
+            tail(&path)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     wait_node(&format!("agent{i}"), "ready");
     child
 }
 
 /// kill -9 of a shard agent's pid, waiting until it is gone.
 fn kill_agent(pid: i32) {
-    // SAFETY: kill(2) of a shard agent's pid this test read from the shard's state file or spawned.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
-    wait_until("the agent to exit", Duration::from_secs(30), || {
-        std::fs::read(format!("/proc/{pid}/cmdline")).map_or(true, |c| c.is_empty())
-    });
+    assert!(!hearth_e2e::process_exited(pid), "agent {pid} had already exited");
+    // why: the restarted agent needs the data dir's lock and the API's port,
+    // which the old one holds until it has closed its files.
+    hearth_e2e::kill9_and_wait(pid);
 }
 
 /// kill -9 of the QEMU of agent sandbox `aid` on agent `i`, waiting until it is gone.

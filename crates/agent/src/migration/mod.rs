@@ -205,6 +205,10 @@ impl Registry {
     }
 }
 
+/// The longest attempt id or owner tag a give-up question may carry (the
+/// control plane's are well under it).
+const MAX_ATTEMPT_LEN: usize = 256;
+
 /// The refusal of a prepare or commit of an attempt the control plane gave
 /// up here ([`Agent::incoming_give_up`]).
 fn given_up(attempt: &str, id: &str, node: &str) -> AgentError {
@@ -272,6 +276,10 @@ struct Incoming {
     /// The room it holds on the sandboxes file system, until it is
     /// committed or removed (taken then; dropped with it at the latest).
     reservation: Mutex<Option<reserve::Reservation>>,
+    /// Held by a write of the output log ([`Agent::incoming_log`]): its
+    /// offset check and its append are one step (two racing requests could
+    /// both pass the check and append twice).
+    log_write: tokio::sync::Mutex<()>,
 }
 
 /// The work the lifecycle task does for a migration (see [`run_source`]).
@@ -1928,6 +1936,7 @@ impl Agent {
             slot: tokio::sync::Mutex::new(Slot::Waiting(vm, agent_stream)),
             tunnel,
             reservation: Mutex::new(Some(reservation)),
+            log_write: tokio::sync::Mutex::new(()),
         });
         if let Err(e) = i.migrations.removed_uncommitted.remove(&sb.id) {
             tracing::warn!(sandbox = %sb.id, "cannot update {}: {e}", removed::REMOVED_FILE);
@@ -1980,10 +1989,13 @@ impl Agent {
             what: format!("write {}", path.display()),
             source,
         };
-        if offset == 0 {
-            tokio::fs::write(&path, log).await.map_err(io)?;
+        let _writing = inc.log_write.lock().await;
+        use tokio::io::AsyncWriteExt;
+        let mut f = if offset == 0 {
+            let mut f = tokio::fs::File::create(&path).await.map_err(io)?;
+            f.write_all(log).await.map_err(io)?;
+            f
         } else {
-            use tokio::io::AsyncWriteExt;
             let mut f = tokio::fs::OpenOptions::new()
                 .append(true)
                 .open(&path)
@@ -1997,8 +2009,13 @@ impl Agent {
                 )));
             }
             f.write_all(log).await.map_err(io)?;
-            f.flush().await.map_err(io)?;
-        }
+            f
+        };
+        f.flush().await.map_err(io)?;
+        // why: the commit saves the records for good before the guest runs
+        // on here; the output the source had relayed must be as durable (a
+        // crash after the commit must not lose the log's head).
+        f.sync_data().await.map_err(io)?;
         let marker = crate::output_log::truncated_marker(&path);
         let marked = if truncated {
             tokio::fs::write(&marker, b"").await
@@ -2355,6 +2372,13 @@ impl Agent {
         owner: &str,
     ) -> Result<Option<String>, AgentError> {
         let node = self.inner.cfg.node.clone();
+        // why: each is kept on disk for good (the given-up set); a caller
+        // must not make it grow by long strings.
+        if attempt.is_empty() || attempt.len() > MAX_ATTEMPT_LEN || owner.len() > MAX_ATTEMPT_LEN {
+            return Err(AgentError::InvalidArgument(format!(
+                "the attempt and owner of a question about sandbox '{id}' must be 1..={MAX_ATTEMPT_LEN} bytes"
+            )));
+        }
         let committed = || {
             AgentError::MigrationCommitted(format!(
                 "sandbox '{id}' was committed (as {owner}) and runs on node {node}"
@@ -2377,6 +2401,11 @@ impl Agent {
             });
         }
         let inc = lock(&self.inner.migrations.incoming).get(id).cloned();
+        // why: an incoming VM of another attempt (a later migration of the
+        // sandbox to this node, or one its source started with this node's
+        // token) is not the one given up: it stays (review: a give-up of an
+        // old attempt removed a new attempt's VM).
+        let inc = inc.filter(|inc| inc.attempt.as_deref() == Some(attempt));
         if let Some(inc) = inc {
             let slot = inc.slot.lock().await;
             let waiting = matches!(*slot, Slot::Waiting(..));
@@ -2767,6 +2796,15 @@ mod tests {
             None,
             "a copy of another generation is not this attempt's"
         );
+        // Strings kept on disk for good are bounded.
+        for (attempt, owner) in [("", "c1/sb3@1"), (&*"a".repeat(257), "c1/sb3@1")] {
+            let e = a
+                .incoming_give_up("sb3", attempt, owner)
+                .await
+                .expect_err("an attempt id out of bounds was kept");
+            assert!(matches!(e, AgentError::InvalidArgument(_)), "{e}");
+        }
+        assert!(!Registry::new(&dir.path().join("data")).given_up.contains(""));
     }
 
     /// migsafe2 (review M3): the outgoing flag is set from the start of a
