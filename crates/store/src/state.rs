@@ -494,6 +494,11 @@ pub enum Command {
     SetPolicy {
         id: String,
         policy: serde_json::Value,
+        /// Set only if the recorded policy is this one now (else `Conflict`):
+        /// a revert of a refused policy must not overwrite a newer one set
+        /// meanwhile. Absent: unconditional.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expect: Option<serde_json::Value>,
     },
     /// The sandbox is not running where its record says (its node no longer
     /// has it, or its start never finished): `restart: always` starts it
@@ -942,7 +947,9 @@ impl State {
                     what: format!("sandbox {id}"),
                 },
             },
-            Command::SetPolicy { id, policy } => self.set_policy(id, policy),
+            Command::SetPolicy { id, policy, expect } => {
+                self.set_policy(id, policy, expect.as_ref())
+            }
             Command::NotRunning {
                 id,
                 node,
@@ -1021,12 +1028,24 @@ impl State {
         }
     }
 
-    fn set_policy(&mut self, id: &str, policy: &serde_json::Value) -> Reply {
+    fn set_policy(
+        &mut self,
+        id: &str,
+        policy: &serde_json::Value,
+        expect: Option<&serde_json::Value>,
+    ) -> Reply {
         let Some(sb) = self.sandboxes.get_mut(id) else {
             return Reply::NotFound {
                 what: format!("sandbox {id}"),
             };
         };
+        if expect.is_some_and(|e| *e != sb.policy()) {
+            return Reply::Conflict {
+                message: format!(
+                    "the policy of sandbox {id} was changed meanwhile; it was left as it is"
+                ),
+            };
+        }
         if let Some(m) = sb.migrating() {
             return Reply::Conflict {
                 message: format!(
@@ -2102,6 +2121,7 @@ mod tests {
             st.apply(&Command::SetPolicy {
                 id: id.into(),
                 policy: new.clone(),
+                expect: None,
             })
         };
         let Reply::Sandbox { sandbox } = set(&mut st, "a") else {
@@ -2112,6 +2132,29 @@ mod tests {
         // The rest of the spec is kept.
         assert_eq!(st.sandboxes["a"].spec["image"], "busybox");
         assert!(st.dirty.contains(&Row::Sandbox("a".into())));
+        // A conditional set (a revert) applies only over the policy it expects.
+        let old = st.sandboxes["a"].policy();
+        let stale = serde_json::json!({"egress": {"default": "allow"}, "ingress": {}});
+        let r = st.apply(&Command::SetPolicy {
+            id: "a".into(),
+            policy: serde_json::json!({}),
+            expect: Some(stale),
+        });
+        assert!(matches!(r, Reply::Conflict { .. }), "{r:?}");
+        assert_eq!(st.sandboxes["a"].policy(), old, "a newer policy was overwritten");
+        let r = st.apply(&Command::SetPolicy {
+            id: "a".into(),
+            policy: serde_json::json!({}),
+            expect: Some(old),
+        });
+        assert!(matches!(r, Reply::Sandbox { .. }), "{r:?}");
+        assert_eq!(
+            st.sandboxes["a"].policy(),
+            serde_json::json!({"egress": {}, "ingress": {}})
+        );
+        let Reply::Sandbox { .. } = set(&mut st, "a") else {
+            panic!("not applied")
+        };
 
         assert!(matches!(set(&mut st, "nope"), Reply::NotFound { .. }));
         let Reply::Invalid { message } = set(&mut st, "none") else {

@@ -209,6 +209,7 @@ fn command() -> impl Strategy<Value = Command> {
                 "egress": {"default": if p == 0 { "deny" } else { "allow" }, "allow": [], "deny": [format!("10.{p}.0.0/16")]},
                 "ingress": {},
             }),
+            expect: None,
         }),
         (0u8..3).prop_map(|i| Command::InitCluster {
             id: format!("c{i}")

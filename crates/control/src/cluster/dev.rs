@@ -181,6 +181,7 @@ impl ControlPlane {
             .write(Command::SetPolicy {
                 id: id.to_string(),
                 policy,
+                expect: None,
             })
             .await?;
         if !matches!(reply, Reply::Sandbox { .. }) {

@@ -39,6 +39,7 @@ pub(super) async fn set(
         .write(Command::SetPolicy {
             id: rec.id.clone(),
             policy: value,
+            expect: None,
         })
         .await?
     {
@@ -62,11 +63,14 @@ pub(super) async fn set(
             // compiled form shows, e.g. too many port ranges of one prefix):
             // no start could use it either, so the record goes back to the
             // previous policy.
+            // why: only while the record still holds the refused policy; a
+            // newer one set meanwhile stays (and was applied by its own request).
             let back = cp
                 .store
                 .write(Command::SetPolicy {
                     id: rec.id.clone(),
                     policy: previous,
+                    expect: Some(rec.policy()),
                 })
                 .await;
             return Err(error(
@@ -75,10 +79,11 @@ pub(super) async fn set(
                     "node {} refused the policy of sandbox {id}: {}; the recorded policy {}",
                     rec.node,
                     e.message,
-                    if back.is_ok() {
-                        "is the previous one again"
-                    } else {
-                        "could not be set back: run `hearth policy set` with a valid policy"
+                    match back {
+                        Ok(Reply::Sandbox { .. }) => "is the previous one again",
+                        Ok(Reply::Conflict { .. }) =>
+                            "was changed by another request meanwhile and stays as that one set it",
+                        _ => "could not be set back: run `hearth policy set` with a valid policy",
                     }
                 ),
             ));
