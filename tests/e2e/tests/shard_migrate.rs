@@ -1204,14 +1204,8 @@ fn a_networked_web_server_migrates_with_its_address_policy_and_ingress_and_a_fai
         s["target"] == "agent1" && s["phase"] == "precopy" && s["bytes_sent"].as_u64() > Some(0)
     });
     let pid = pid_of("agent1");
-    let argv: Vec<String> = std::fs::read(format!("/proc/{pid}/cmdline"))
-        .expect("agent1 cmdline")
-        .split(|b| *b == 0)
-        .filter(|a| !a.is_empty())
-        .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect();
-    // SAFETY: kill(2) of a shard agent's pid this test read from the shard's state file.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    let argv = argv_of(pid);
+    kill_agent(pid);
     let out = mig.wait_with_output().expect("hearth migrate");
     assert!(!out.status.success(), "{}", show(&out));
     let sb = sandbox(&id);
@@ -1228,18 +1222,7 @@ fn a_networked_web_server_migrates_with_its_address_policy_and_ingress_and_a_fai
 
     // agent1 starts again: it removes the tap of the aborted incoming VM but
     // keeps the lease of the sandbox that moved away (moved-leases.json).
-    let log = std::fs::File::create(format!("/tmp/hearth-shard-{NAME}/agent1-restarted.log"))
-        .expect("log");
-    let mut again = Command::new("ip")
-        .args(["netns", "exec", &format!("{NAME}-a1")])
-        .args(&argv)
-        .env("HEARTH_TOKEN", TOKEN)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().expect("log"))
-        .stderr(log)
-        .spawn()
-        .expect("restart agent1");
-    wait_node("agent1", "ready");
+    let mut again = spawn_agent(1, &argv, &[]);
     wait_until(
         "agent1 to remove the aborted incoming network",
         Duration::from_secs(30),
@@ -1253,12 +1236,7 @@ fn a_networked_web_server_migrates_with_its_address_policy_and_ingress_and_a_fai
     // the migrated VM, reads its device off vm.json (direct tap), and records
     // that, so a snapshot and a fork of it still work there.
     let pid2 = pid_of("agent2");
-    let argv2: Vec<String> = std::fs::read(format!("/proc/{pid2}/cmdline"))
-        .expect("agent2 cmdline")
-        .split(|b| *b == 0)
-        .filter(|a| !a.is_empty())
-        .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect();
+    let argv2 = argv_of(pid2);
     kill_agent(pid2);
     let wpath = format!("/tmp/hearth-shard-{NAME}/agent2/sandboxes/{aid2}/workload.json");
     let mut w: serde_json::Value =
@@ -1267,18 +1245,7 @@ fn a_networked_web_server_migrates_with_its_address_policy_and_ingress_and_a_fai
     o.remove("nic");
     o.remove("nic_mode");
     std::fs::write(&wpath, serde_json::to_vec(&w).unwrap()).unwrap();
-    let log = std::fs::File::create(format!("/tmp/hearth-shard-{NAME}/agent2-restarted.log"))
-        .expect("log");
-    let mut again2 = Command::new("ip")
-        .args(["netns", "exec", &format!("{NAME}-a2")])
-        .args(&argv2)
-        .env("HEARTH_TOKEN", TOKEN)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().expect("log"))
-        .stderr(log)
-        .spawn()
-        .expect("restart agent2");
-    wait_node("agent2", "ready");
+    let mut again2 = spawn_agent(2, &argv2, &[]);
     // why: the node may still read ready from before the kill; the agent's
     // own API answers once it has re-adopted what it runs.
     let readopt_deadline = Instant::now() + Duration::from_secs(120);
@@ -1386,9 +1353,11 @@ fn argv_of(pid: i32) -> Vec<String> {
 /// Starts shard agent `i` again from `argv` (its VMs, which outlive it, are
 /// re-adopted) with `env` added, and waits until its node is ready.
 fn spawn_agent(i: u32, argv: &[String], env: &[(&str, &str)]) -> std::process::Child {
+    static RESTARTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let path = format!(
-        "/tmp/hearth-shard-{NAME}/agent{i}-restarted-{}.log",
-        std::process::id()
+        "/tmp/hearth-shard-{NAME}/agent{i}-restarted-{}-{}.log",
+        std::process::id(),
+        RESTARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     );
     let log = std::fs::File::create(&path).expect("log");
     let mut c = Command::new("ip");
