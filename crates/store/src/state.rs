@@ -2141,7 +2141,11 @@ mod tests {
             expect: Some(stale),
         });
         assert!(matches!(r, Reply::Conflict { .. }), "{r:?}");
-        assert_eq!(st.sandboxes["a"].policy(), old, "a newer policy was overwritten");
+        assert_eq!(
+            st.sandboxes["a"].policy(),
+            old,
+            "a newer policy was overwritten"
+        );
         let r = st.apply(&Command::SetPolicy {
             id: "a".into(),
             policy: serde_json::json!({}),

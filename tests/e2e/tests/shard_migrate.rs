@@ -1407,7 +1407,10 @@ fn spawn_agent(i: u32, argv: &[String], env: &[(&str, &str)]) -> std::process::C
 
 /// kill -9 of a shard agent's pid, waiting until it is gone.
 fn kill_agent(pid: i32) {
-    assert!(!hearth_e2e::process_exited(pid), "agent {pid} had already exited");
+    assert!(
+        !hearth_e2e::process_exited(pid),
+        "agent {pid} had already exited"
+    );
     // why: the restarted agent needs the data dir's lock and the API's port,
     // which the old one holds until it has closed its files.
     hearth_e2e::kill9_and_wait(pid);

@@ -2804,7 +2804,9 @@ mod tests {
                 .expect_err("an attempt id out of bounds was kept");
             assert!(matches!(e, AgentError::InvalidArgument(_)), "{e}");
         }
-        assert!(!Registry::new(&dir.path().join("data")).given_up.contains(""));
+        assert!(!Registry::new(&dir.path().join("data"))
+            .given_up
+            .contains(""));
     }
 
     /// migsafe2 (review M3): the outgoing flag is set from the start of a
