@@ -127,11 +127,15 @@ impl Agent {
     }
 
     /// Replaces the sandbox's policy (both directions, atomically); takes
-    /// effect at once, without a restart.
+    /// effect at once, without a restart. `version` is the control plane's
+    /// (its record's count of policy sets): an older one than the copy
+    /// enforces is refused (409), so two sets that reach the node in the
+    /// other order than recorded leave the newer one.
     pub async fn set_policy(
         &self,
         id_or_name: &str,
         p: &NetworkPolicy,
+        version: Option<u64>,
     ) -> Result<NetworkPolicy, AgentError> {
         let sb = self.get(id_or_name)?;
         let id = sb.id.clone();
@@ -144,7 +148,7 @@ impl Agent {
         }
         let policy = parse_policy(p)?;
         let net = self.node_net(&sb)?;
-        let rec = tokio::task::spawn_blocking(move || net.set_policy(&id, policy))
+        let rec = tokio::task::spawn_blocking(move || net.set_policy(&id, policy, version))
             .await
             .map_err(|e| AgentError::Config(format!("policy update panicked: {e}")))??;
         Ok(policy_to_api(&rec.policy))

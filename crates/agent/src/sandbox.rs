@@ -122,6 +122,7 @@ impl AgentError {
             AgentError::MigrationUnresolved(_) => ErrorCode::MigrationUnresolved,
             AgentError::Net(e) if e.is_bad_input() => ErrorCode::InvalidArgument,
             AgentError::Net(e) if e.is_exhausted() => ErrorCode::Exhausted,
+            AgentError::Net(e) if e.is_stale() => ErrorCode::Conflict,
             AgentError::Net(e) if e.is_not_found() => ErrorCode::NotFound,
             AgentError::Net(_) => ErrorCode::Internal,
             AgentError::Lease(crate::leases::LeaseError::Exhausted(_)) => ErrorCode::Exhausted,
@@ -1268,7 +1269,7 @@ impl Agent {
             ))),
             Some(node) => {
                 let id2 = id.to_string();
-                tokio::task::spawn_blocking(move || node.set_policy(&id2, policy))
+                tokio::task::spawn_blocking(move || node.set_policy(&id2, policy, None))
                     .await
                     .map_err(|e| AgentError::Config(format!("network policy setup panicked: {e}")))
                     .and_then(|r| r.map_err(AgentError::from))
@@ -2558,6 +2559,7 @@ mod tests {
             gateway: std::net::Ipv4Addr::new(10, 0, 0, 1),
             dns: vec![],
             policy: Default::default(),
+            policy_version: 0,
         };
         let direct = Some(NetDevice {
             tap: Some("htsb".into()),

@@ -1,7 +1,7 @@
 //! Policy endpoints: `GET|PUT /v1/sandboxes/{id}/policy` and
 //! `GET /v1/sandboxes/{id}/policy/stats`. A PUT takes effect at once.
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::routing::get;
 use axum::Router;
 use hearth_agent::Agent;
@@ -24,16 +24,25 @@ async fn show(
 
 /// `hearthd dev` records the policy in the sandbox's record of its embedded
 /// control plane first (as a cluster member does), then applies it.
+/// `?version=N`: the control plane's version of the policy (a cluster
+/// member sets it; see [`Agent::set_policy`]).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetQuery {
+    version: Option<u64>,
+}
+
 async fn set(
     State(agent): State<Agent>,
     axum::Extension(crate::DevStore(dev)): axum::Extension<crate::DevStore>,
     Path(id): Path<String>,
+    Query(q): Query<SetQuery>,
     Json(p): Json<NetworkPolicy>,
 ) -> ApiResult<Json<NetworkPolicy>> {
     if let Some(cp) = dev {
         cp.dev_record_policy(&agent, &id, &p).await?;
     }
-    Ok(Json(agent.set_policy(&id, &p).await?))
+    Ok(Json(agent.set_policy(&id, &p, q.version).await?))
 }
 
 async fn stats(State(agent): State<Agent>, Path(id): Path<String>) -> ApiResult<Json<PolicyStats>> {

@@ -69,6 +69,14 @@ pub enum NetError {
         "sandbox '{0}' has no network (it was started with --network none or has been removed)"
     )]
     NoNetwork(String),
+    #[error(
+        "sandbox '{sandbox}' already enforces a newer policy (version {have}) than this one (version {got}); it was left as it is"
+    )]
+    StalePolicy {
+        sandbox: String,
+        have: u64,
+        got: u64,
+    },
     #[error("network record {path}: {source}")]
     Record {
         path: String,
@@ -88,6 +96,10 @@ impl NetError {
     pub fn is_not_found(&self) -> bool {
         matches!(self, NetError::NoNetwork(_))
     }
+    /// A policy older than the one enforced ([`NodeNet::set_policy`]).
+    pub fn is_stale(&self) -> bool {
+        matches!(self, NetError::StalePolicy { .. })
+    }
 }
 
 /// A sandbox's network, as recorded on disk (`<state_dir>/sandboxes/<id>.json`).
@@ -101,6 +113,11 @@ pub struct SandboxNet {
     pub gateway: Ipv4Addr,
     pub dns: Vec<Ipv4Addr>,
     pub policy: Policy,
+    /// The control plane's version of `policy` (its record's count of policy
+    /// sets), when it set one; 0 for a policy given at the start or by a
+    /// node-local `policy set`.
+    #[serde(default)]
+    pub policy_version: u64,
 }
 
 impl SandboxNet {
@@ -511,6 +528,7 @@ impl NodeNet {
             gateway: GATEWAY,
             dns: self.cfg.dns.clone(),
             policy,
+            policy_version: 0,
         };
         let built = (|| {
             // why: each step's cost is logged (debug) so a slow start can be
@@ -551,14 +569,34 @@ impl NodeNet {
         Ok(rec)
     }
 
-    /// Replaces the sandbox's policy live.
-    pub fn set_policy(&self, id: &str, policy: Policy) -> Result<SandboxNet, NetError> {
+    /// Replaces the sandbox's policy live. With `version` (the control
+    /// plane's), a version older than the one enforced is refused
+    /// ([`NetError::StalePolicy`]) and the same or a newer one is applied and
+    /// kept; without, it is applied and the kept version stays.
+    pub fn set_policy(
+        &self,
+        id: &str,
+        policy: Policy,
+        version: Option<u64>,
+    ) -> Result<SandboxNet, NetError> {
         let l = self.sandbox_lock(id);
         let _g = lock(&l);
         let mut rec = self.get(id)?;
+        // why: two sets of the control plane can reach the node in the other
+        // order than it recorded them; the older one must not win.
+        if let Some(got) = version.filter(|v| *v < rec.policy_version) {
+            return Err(NetError::StalePolicy {
+                sandbox: id.to_string(),
+                have: rec.policy_version,
+                got,
+            });
+        }
         let compiled = self.compile(&policy)?;
         policy::maps::update(&rec.tap, rec.ip, rec.mac, &compiled)?;
         rec.policy = policy;
+        if let Some(v) = version {
+            rec.policy_version = v;
+        }
         self.save(&rec)?;
         Ok(rec)
     }

@@ -60,13 +60,31 @@ fn sandbox_network_is_built_updated_and_removed_without_leftovers() {
         vec![Rule::parse(Action::Allow, "192.168.0.0/16:80").unwrap()],
     );
     let slot = hearth_net::policy::maps::active_slot(&rec.tap).unwrap();
-    net.set_policy(id, p.clone()).unwrap();
+    net.set_policy(id, p.clone(), Some(2)).unwrap();
     assert_eq!(net.get(id).unwrap().policy, p);
     // The update went to the other slot and flipped to it.
     assert_eq!(
         hearth_net::policy::maps::active_slot(&rec.tap).unwrap(),
         slot ^ 1
     );
+    // An older version of the control plane's (a set that lost a race) is
+    // refused and changes nothing; the same version applies again; a set
+    // without a version (node-local) applies and keeps the version.
+    let older = Policy::egress(Action::Allow, vec![]);
+    let e = net
+        .set_policy(id, older.clone(), Some(1))
+        .expect_err("an older policy version replaced a newer one");
+    assert!(e.is_stale(), "{e}");
+    assert!(e.to_string().contains("version 2"), "{e}");
+    assert_eq!(net.get(id).unwrap().policy, p);
+    assert_eq!(
+        hearth_net::policy::maps::active_slot(&rec.tap).unwrap(),
+        slot ^ 1,
+        "a refused set flipped the maps"
+    );
+    net.set_policy(id, p.clone(), Some(2)).unwrap();
+    net.set_policy(id, p.clone(), None).unwrap();
+    assert_eq!(net.get(id).unwrap().policy_version, 2);
     // The node's addresses are in the HOSTS map (127.0.0.1 is always one; the
     // key is the address in network byte order, dumped as a host u32).
     assert!(net.refresh_host_addresses() >= 1);
@@ -151,7 +169,7 @@ fn policy_update_racing_with_teardown_either_applies_or_finds_no_network() {
         );
         let mut applied = 0;
         loop {
-            match n2.set_policy(id, p.clone()) {
+            match n2.set_policy(id, p.clone(), None) {
                 Ok(_) => {
                     applied += 1;
                     seen.store(applied, std::sync::atomic::Ordering::SeqCst);

@@ -102,6 +102,11 @@ pub struct SandboxRecord {
     /// it ([`SandboxRecord::owner`]), so a copy of an older generation is stale.
     #[serde(default)]
     pub reschedules: u32,
+    /// How many times its policy was set (`SetPolicy`): the version a node
+    /// is told with the policy, so a set that reaches it late (after a newer
+    /// one) is refused there.
+    #[serde(default)]
+    pub policy_version: u64,
     /// Placed by the node itself (`hearthd dev`, whose one node is the
     /// process): committed without the capacity check and never moved.
     #[serde(default)]
@@ -1084,6 +1089,7 @@ impl State {
                 .unwrap_or_else(|| serde_json::json!({}));
             network.insert(dir.to_string(), v);
         }
+        sb.policy_version += 1;
         let sb = sb.clone();
         self.touch_sandbox(id);
         Reply::Sandbox { sandbox: sb }
@@ -2099,6 +2105,7 @@ mod tests {
             ip: None,
             created_ms: 1,
             reschedules: 0,
+            policy_version: 0,
             pinned: true,
             observed: None,
             migration: None,
@@ -2129,6 +2136,7 @@ mod tests {
         };
         assert_eq!(sandbox.policy(), new);
         assert_eq!(st.sandboxes["a"].policy(), new);
+        assert_eq!(sandbox.policy_version, 1, "each set is a new version");
         // The rest of the spec is kept.
         assert_eq!(st.sandboxes["a"].spec["image"], "busybox");
         assert!(st.dirty.contains(&Row::Sandbox("a".into())));

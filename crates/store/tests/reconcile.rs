@@ -46,6 +46,7 @@ fn create(id: &str, node: &str, restart: RestartPolicy) -> Command {
             ip: None,
             created_ms: 1,
             reschedules: 0,
+            policy_version: 0,
             pinned: false,
             observed: None,
             migration: None,

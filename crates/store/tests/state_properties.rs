@@ -183,6 +183,7 @@ fn command() -> impl Strategy<Value = Command> {
                         ip: None,
                         created_ms: 1,
                         reschedules: 0,
+                        policy_version: 0,
                         pinned: false,
                         observed: None,
                         migration: None,
@@ -340,6 +341,7 @@ fn sandbox(id: &str, node: &str, restart: RestartPolicy, pinned: bool) -> Comman
             ip: None,
             created_ms: 1,
             reschedules: 0,
+            policy_version: 0,
             pinned,
             observed: Some(Observed {
                 status: "running".into(),

@@ -2761,6 +2761,42 @@ fn a_policy_set_through_the_control_plane_survives_the_sandbox_being_started_aga
         "8080=ok\n8081=blocked\n",
         "after the live change"
     );
+    // A set the control plane recorded before this one (version 0: the
+    // policy it was created with) that reaches the node only now is refused
+    // there and changes nothing: the newer policy stays enforced.
+    let copy = http(agent_port, "GET", "/v1/sandboxes", None, &[])
+        .unwrap()
+        .json()
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|s| {
+            s["owner"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(&format!("{id}@"))
+        })
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .expect("the agent's copy");
+    let late = http(
+        agent_port,
+        "PUT",
+        &format!("/v1/sandboxes/{copy}/policy?version=0"),
+        Some(r#"{"egress":{"default":"allow"}}"#),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(late.status, 409, "a late, older policy: {}", late.body);
+    assert!(
+        late.body.contains("newer policy (version 1)"),
+        "{}",
+        late.body
+    );
+    assert_eq!(
+        probe_it(),
+        "8080=ok\n8081=blocked\n",
+        "a late, older policy changed what is enforced"
+    );
 
     // The node is wiped behind the control plane's back (agent and VM
     // killed, its sandbox records gone); `restart: always` starts the

@@ -90,6 +90,7 @@ impl ControlPlane {
             ip: None,
             created_ms: now_ms(),
             reschedules: 0,
+            policy_version: 0,
             pinned: true,
             observed: None,
             migration: None,

@@ -1209,6 +1209,7 @@ pub(super) mod tests {
                         ip: None,
                         created_ms: 1,
                         reschedules: 0,
+                        policy_version: 0,
                         pinned: false,
                         observed: None,
                         migration: None,

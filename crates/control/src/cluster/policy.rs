@@ -128,9 +128,14 @@ async fn apply_on_agent(
             )),
         ));
     };
+    // why: the version orders this set against others on the node (a set
+    // recorded later but delivered earlier must stay).
     let r = cp
         .http
-        .put(format!("{addr}/v1/sandboxes/{agent_id}/policy"))
+        .put(format!(
+            "{addr}/v1/sandboxes/{agent_id}/policy?version={}",
+            rec.policy_version
+        ))
         .json(policy)
         .timeout(std::time::Duration::from_secs(30))
         .send()
@@ -174,10 +179,14 @@ pub(super) async fn catch_up(cp: &ControlPlane, rec: &SandboxRecord, addr: &str,
     let started = rec.policy();
     let now = cp
         .store
-        .read(|st| st.sandboxes.get(&rec.id).map(SandboxRecord::policy))
+        .read(|st| {
+            st.sandboxes
+                .get(&rec.id)
+                .map(|r| (r.policy(), r.policy_version))
+        })
         .await;
-    let now = match now {
-        Ok(Some(p)) if p != started => p,
+    let (now, version) = match now {
+        Ok(Some((p, v))) if p != started => (p, v),
         Ok(_) => return,
         Err(e) => {
             tracing::warn!(sandbox = %rec.id, "checking its recorded policy after a start: {e}");
@@ -186,7 +195,9 @@ pub(super) async fn catch_up(cp: &ControlPlane, rec: &SandboxRecord, addr: &str,
     };
     let res = cp
         .http
-        .put(format!("{addr}/v1/sandboxes/{agent_id}/policy"))
+        .put(format!(
+            "{addr}/v1/sandboxes/{agent_id}/policy?version={version}"
+        ))
         .json(&now)
         .timeout(std::time::Duration::from_secs(30))
         .send()

@@ -176,6 +176,7 @@ pub(super) async fn create(
             ip: None,
             created_ms: now_ms(),
             reschedules: 0,
+            policy_version: 0,
             pinned: false,
             observed: None,
             migration: None,

@@ -339,6 +339,7 @@ mod tests {
                 ip: None,
                 created_ms: 1,
                 reschedules: 0,
+                policy_version: 0,
                 pinned: false,
                 observed: Some(hearth_store::Observed {
                     status: "running".into(),
