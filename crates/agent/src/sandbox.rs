@@ -122,7 +122,7 @@ impl AgentError {
             AgentError::MigrationUnresolved(_) => ErrorCode::MigrationUnresolved,
             AgentError::Net(e) if e.is_bad_input() => ErrorCode::InvalidArgument,
             AgentError::Net(e) if e.is_exhausted() => ErrorCode::Exhausted,
-            AgentError::Net(e) if e.is_stale() => ErrorCode::Conflict,
+            AgentError::Net(e) if e.is_stale() => ErrorCode::PolicySuperseded,
             AgentError::Net(e) if e.is_not_found() => ErrorCode::NotFound,
             AgentError::Net(_) => ErrorCode::Internal,
             AgentError::Lease(crate::leases::LeaseError::Exhausted(_)) => ErrorCode::Exhausted,

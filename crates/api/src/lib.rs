@@ -454,6 +454,9 @@ pub enum ErrorCode {
     /// A migration's outcome is unknown: the source keeps its copy paused and
     /// the target may run the sandbox; resolved when the target answers.
     MigrationUnresolved,
+    /// The sandbox already enforces a newer policy than the one sent (a
+    /// later `policy set` got there first); nothing was changed.
+    PolicySuperseded,
 }
 
 impl ErrorCode {
@@ -467,7 +470,8 @@ impl ErrorCode {
             ErrorCode::Conflict
             | ErrorCode::Unschedulable
             | ErrorCode::NodeIdentityConflict
-            | ErrorCode::MigrationCommitted => 409,
+            | ErrorCode::MigrationCommitted
+            | ErrorCode::PolicySuperseded => 409,
             ErrorCode::Unavailable | ErrorCode::Exhausted | ErrorCode::MigrationUnresolved => 503,
             ErrorCode::VmFailed | ErrorCode::Internal => 500,
         }

@@ -55,6 +55,10 @@ pub struct MigrateSandbox {
     /// yet may have changed). Absent: the source's current policy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<crate::network::NetworkPolicy>,
+    /// The record's version of `policy` (its count of policy sets), kept by
+    /// the target's copy so a set that reaches it late is refused there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_version: Option<u64>,
 }
 
 /// Where a migration stands. Phases: `preparing`, `precopy`, `switchover`,
@@ -215,6 +219,10 @@ pub struct MachineNic {
 #[serde(deny_unknown_fields)]
 pub struct IncomingNet {
     pub policy: crate::network::NetworkPolicy,
+    /// The control plane's version of `policy` the copy enforces (0: none);
+    /// the target's copy keeps it (a late, older set is refused there).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub policy_version: u64,
     /// MAC of the source's tap (`aa:bb:cc:dd:ee:ff`), what the guest's
     /// neighbour entry for its gateway points at.
     pub tap_mac: String,

@@ -139,6 +139,7 @@ pub async fn run(c: &Client, a: MigrateArgs) -> Result<u8> {
         give_up_after_secs: a.give_up_secs,
         attempt: None,
         policy: None,
+        policy_version: None,
     };
     let s: MigrationStatus = c
         .post_json(&format!("/v1/sandboxes/{path}/migrate"), &req)

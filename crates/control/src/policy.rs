@@ -39,10 +39,30 @@ async fn set(
     Query(q): Query<SetQuery>,
     Json(p): Json<NetworkPolicy>,
 ) -> ApiResult<Json<NetworkPolicy>> {
-    if let Some(cp) = dev {
-        cp.dev_record_policy(&agent, &id, &p).await?;
+    let Some(cp) = dev else {
+        return Ok(Json(agent.set_policy(&id, &p, q.version).await?));
+    };
+    // why: in `hearthd dev` the embedded control plane's record orders the
+    // sets (its version goes to the node); a client's own version is not
+    // taken.
+    let recorded = cp.dev_record_policy(&agent, &id, &p).await?;
+    let version = recorded.as_ref().map(|(rec, _)| rec.policy_version);
+    match agent.set_policy(&id, &p, version).await {
+        Ok(applied) => Ok(Json(applied)),
+        Err(e) => {
+            let e = hearth_api::ApiError::new(e.code(), e.to_string());
+            match recorded {
+                Some((rec, previous)) if e.code == hearth_api::ErrorCode::InvalidArgument => {
+                    let back = cp.dev_revert_policy(&rec, previous).await;
+                    Err(crate::HttpError(hearth_api::ApiError::new(
+                        e.code,
+                        format!("{}; the recorded policy {back}", e.message),
+                    )))
+                }
+                _ => Err(crate::HttpError(e)),
+            }
+        }
     }
-    Ok(Json(agent.set_policy(&id, &p, q.version).await?))
 }
 
 async fn stats(State(agent): State<Agent>, Path(id): Path<String>) -> ApiResult<Json<PolicyStats>> {

@@ -456,7 +456,7 @@ impl NodeNet {
         leased: Option<Ipv4Addr>,
         policy: Policy,
     ) -> Result<SandboxNet, NetError> {
-        self.build(id, Address::Leased(leased), policy)
+        self.build(id, Address::Leased(leased), policy, 0)
     }
 
     /// The network of a sandbox migrating here: the same address (leased from
@@ -468,9 +468,10 @@ impl NodeNet {
         id: &str,
         ip: Ipv4Addr,
         policy: Policy,
+        policy_version: u64,
         tap_mac: [u8; 6],
     ) -> Result<SandboxNet, NetError> {
-        self.build(id, Address::Moved(ip, tap_mac), policy)
+        self.build(id, Address::Moved(ip, tap_mac), policy, policy_version)
     }
 
     /// Removes the network of a sandbox that migrated away: like
@@ -486,7 +487,13 @@ impl NodeNet {
         tap::mac(&name).map_err(|source| NetError::Tap { tap: name, source })
     }
 
-    fn build(&self, id: &str, addr: Address, policy: Policy) -> Result<SandboxNet, NetError> {
+    fn build(
+        &self,
+        id: &str,
+        addr: Address,
+        policy: Policy,
+        policy_version: u64,
+    ) -> Result<SandboxNet, NetError> {
         let l = self.sandbox_lock(id);
         let _g = lock(&l);
         let t0 = std::time::Instant::now();
@@ -528,7 +535,7 @@ impl NodeNet {
             gateway: GATEWAY,
             dns: self.cfg.dns.clone(),
             policy,
-            policy_version: 0,
+            policy_version,
         };
         let built = (|| {
             // why: each step's cost is logged (debug) so a slow start can be

@@ -499,11 +499,12 @@ pub enum Command {
     SetPolicy {
         id: String,
         policy: serde_json::Value,
-        /// Set only if the recorded policy is this one now (else `Conflict`):
-        /// a revert of a refused policy must not overwrite a newer one set
-        /// meanwhile. Absent: unconditional.
+        /// Set only if the record's `policy_version` is this one now (else
+        /// `Superseded`): a revert of a refused policy must not overwrite a
+        /// newer one set meanwhile (by version, not content: a later set of
+        /// the same policy is newer too). Absent: unconditional.
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        expect: Option<serde_json::Value>,
+        expect_version: Option<u64>,
     },
     /// The sandbox is not running where its record says (its node no longer
     /// has it, or its start never finished): `restart: always` starts it
@@ -678,6 +679,11 @@ pub enum Reply {
     Rejected {
         node: String,
         reason: String,
+    },
+    /// A conditional change found the object changed since (a newer
+    /// version); nothing was changed.
+    Superseded {
+        message: String,
     },
 }
 
@@ -952,9 +958,11 @@ impl State {
                     what: format!("sandbox {id}"),
                 },
             },
-            Command::SetPolicy { id, policy, expect } => {
-                self.set_policy(id, policy, expect.as_ref())
-            }
+            Command::SetPolicy {
+                id,
+                policy,
+                expect_version,
+            } => self.set_policy(id, policy, *expect_version),
             Command::NotRunning {
                 id,
                 node,
@@ -1037,17 +1045,18 @@ impl State {
         &mut self,
         id: &str,
         policy: &serde_json::Value,
-        expect: Option<&serde_json::Value>,
+        expect_version: Option<u64>,
     ) -> Reply {
         let Some(sb) = self.sandboxes.get_mut(id) else {
             return Reply::NotFound {
                 what: format!("sandbox {id}"),
             };
         };
-        if expect.is_some_and(|e| *e != sb.policy()) {
-            return Reply::Conflict {
+        if let Some(want) = expect_version.filter(|v| *v != sb.policy_version) {
+            return Reply::Superseded {
                 message: format!(
-                    "the policy of sandbox {id} was changed meanwhile; it was left as it is"
+                    "the policy of sandbox {id} was set again meanwhile (version {}, not {want}); it was left as that set made it",
+                    sb.policy_version
                 ),
             };
         }
@@ -2128,7 +2137,7 @@ mod tests {
             st.apply(&Command::SetPolicy {
                 id: id.into(),
                 policy: new.clone(),
-                expect: None,
+                expect_version: None,
             })
         };
         let Reply::Sandbox { sandbox } = set(&mut st, "a") else {
@@ -2140,30 +2149,35 @@ mod tests {
         // The rest of the spec is kept.
         assert_eq!(st.sandboxes["a"].spec["image"], "busybox");
         assert!(st.dirty.contains(&Row::Sandbox("a".into())));
-        // A conditional set (a revert) applies only over the policy it expects.
-        let old = st.sandboxes["a"].policy();
-        let stale = serde_json::json!({"egress": {"default": "allow"}, "ingress": {}});
+        // A conditional set (a revert) applies only over the version it
+        // expects: not over a newer set, even one of the same policy (ABA).
+        let Reply::Sandbox { .. } = set(&mut st, "a") else {
+            panic!("not applied")
+        };
+        assert_eq!(st.sandboxes["a"].policy_version, 2);
         let r = st.apply(&Command::SetPolicy {
             id: "a".into(),
             policy: serde_json::json!({}),
-            expect: Some(stale),
+            expect_version: Some(1),
         });
-        assert!(matches!(r, Reply::Conflict { .. }), "{r:?}");
+        assert!(matches!(r, Reply::Superseded { .. }), "{r:?}");
         assert_eq!(
             st.sandboxes["a"].policy(),
-            old,
-            "a newer policy was overwritten"
+            new,
+            "a newer set was overwritten"
         );
+        assert_eq!(st.sandboxes["a"].policy_version, 2);
         let r = st.apply(&Command::SetPolicy {
             id: "a".into(),
             policy: serde_json::json!({}),
-            expect: Some(old),
+            expect_version: Some(2),
         });
         assert!(matches!(r, Reply::Sandbox { .. }), "{r:?}");
         assert_eq!(
             st.sandboxes["a"].policy(),
             serde_json::json!({"egress": {}, "ingress": {}})
         );
+        assert_eq!(st.sandboxes["a"].policy_version, 3);
         let Reply::Sandbox { .. } = set(&mut st, "a") else {
             panic!("not applied")
         };

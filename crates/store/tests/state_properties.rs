@@ -204,13 +204,13 @@ fn command() -> impl Strategy<Value = Command> {
         (0u8..20).prop_map(|i| Command::DeleteSandbox {
             id: format!("sb{i}")
         }),
-        (0u8..20, 0u8..3).prop_map(|(i, p)| Command::SetPolicy {
+        (0u8..20, 0u8..3, proptest::option::of(0u64..4)).prop_map(|(i, p, v)| Command::SetPolicy {
             id: format!("sb{i}"),
             policy: serde_json::json!({
                 "egress": {"default": if p == 0 { "deny" } else { "allow" }, "allow": [], "deny": [format!("10.{p}.0.0/16")]},
                 "ingress": {},
             }),
-            expect: None,
+            expect_version: v,
         }),
         (0u8..3).prop_map(|i| Command::InitCluster {
             id: format!("c{i}")

@@ -1451,6 +1451,7 @@ impl Agent {
         // which may be newer than what this copy enforces.
         if let (Some(net), Some(p)) = (net.as_mut(), &req.policy) {
             net.policy = crate::network::canonical_policy(p).map_err(fail)?;
+            net.policy_version = req.policy_version.unwrap_or(net.policy_version);
         }
         // why: the target's VM must be the machine this one really is: a
         // restored VM has its snapshot's RAM size and device set (issue 7 × 5).

@@ -296,6 +296,7 @@ impl Agent {
         });
         Ok(Some(IncomingNet {
             policy: crate::network::policy_to_api(&sn.policy),
+            policy_version: sn.policy_version,
             tap_mac: mac_string(tap_mac),
             nic_mode: entry.nic_mode(),
             lease_holder,
@@ -355,9 +356,11 @@ impl Agent {
         }
         let id = sb.id.clone();
         let n2 = node.clone();
-        let built = tokio::task::spawn_blocking(move || n2.setup_moved(&id, ip, policy, tap_mac))
-            .await
-            .map_err(|e| AgentError::Config(format!("network setup panicked: {e}")))?;
+        let version = net.policy_version;
+        let built =
+            tokio::task::spawn_blocking(move || n2.setup_moved(&id, ip, policy, version, tap_mac))
+                .await
+                .map_err(|e| AgentError::Config(format!("network setup panicked: {e}")))?;
         match built {
             Ok(sn) => Ok(Some(sn)),
             Err(e) => Err(AgentError::Conflict(format!(

@@ -167,28 +167,39 @@ impl ControlPlane {
         agent: &Agent,
         id_or_name: &str,
         p: &hearth_api::network::NetworkPolicy,
-    ) -> Result<(), HttpError> {
+    ) -> Result<Option<(SandboxRecord, serde_json::Value)>, HttpError> {
         let policy = hearth_agent::canonical_policy(p)?;
         let Ok(sb) = agent.get(id_or_name) else {
-            return Ok(());
+            return Ok(None);
         };
         let Some((id, _)) = sb.owner.as_deref().and_then(parse_owner) else {
-            return Ok(());
+            return Ok(None);
         };
         let policy = serde_json::to_value(&policy)
             .map_err(|e| HttpError(ApiError::new(ErrorCode::Internal, e.to_string())))?;
-        let reply = self
-            .store
-            .write(Command::SetPolicy {
-                id: id.to_string(),
-                policy,
-                expect: None,
-            })
-            .await?;
-        if !matches!(reply, Reply::Sandbox { .. }) {
-            tracing::debug!(sandbox = %id, "policy not recorded: {reply:?}");
+        match super::policy::record_policy(self, id, policy).await {
+            Ok(r) => Ok(Some(r)),
+            // why: a record that refuses the change (no network) leaves the
+            // answer to the agent, which refuses it too.
+            Err(e) => {
+                tracing::debug!(sandbox = %id, "policy not recorded: {}", e.0.message);
+                if matches!(e.0.code, ErrorCode::InvalidArgument | ErrorCode::NotFound) {
+                    Ok(None)
+                } else {
+                    Err(e)
+                }
+            }
         }
-        Ok(())
+    }
+
+    /// After the agent refused the policy `rec` holds: the record goes back
+    /// to `previous` (see [`super::policy::revert_policy`]).
+    pub(crate) async fn dev_revert_policy(
+        &self,
+        rec: &SandboxRecord,
+        previous: serde_json::Value,
+    ) -> String {
+        super::policy::revert_policy(self, rec, previous).await
     }
 
     /// Removes the sandbox from `agent`, then its record. A record whose

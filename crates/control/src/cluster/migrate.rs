@@ -515,6 +515,7 @@ async fn drive(
         target_owner: Some(owner),
         attempt: Some(m.id.clone()),
         policy: Some(policy),
+        policy_version: Some(rec.policy_version),
         ..req.clone()
     };
     let call = cp

@@ -31,65 +31,105 @@ pub(super) async fn set(
     // next start would fail on it).
     let policy = hearth_agent::canonical_policy(&p)?;
     let (rec, _) = lookup(&cp, &id).await?;
-    let previous = rec.policy();
     let value = serde_json::to_value(&policy)
         .map_err(|e| error(ErrorCode::Internal, format!("encoding the policy: {e}")))?;
-    let rec = match cp
-        .store
-        .write(Command::SetPolicy {
-            id: rec.id.clone(),
-            policy: value,
-            expect: None,
-        })
-        .await?
-    {
-        Reply::Sandbox { sandbox } => sandbox,
-        Reply::NotFound { what } => {
-            return Err(error(ErrorCode::NotFound, format!("no {what}")));
-        }
-        Reply::Conflict { message } => return Err(error(ErrorCode::Conflict, message)),
-        Reply::Invalid { message } => return Err(error(ErrorCode::InvalidArgument, message)),
-        other => {
-            return Err(error(
-                ErrorCode::Internal,
-                format!("recording the policy of sandbox {id}: unexpected store reply {other:?}"),
-            ))
-        }
-    };
+    let (rec, previous) = record_policy(&cp, &rec.id, value).await?;
     let applied = apply_on_agent(&cp, &rec, &policy).await;
     if let Err(HttpError(e)) = &applied {
         if e.code == ErrorCode::InvalidArgument {
-            // why: the node refused the policy itself (a limit only the
-            // compiled form shows, e.g. too many port ranges of one prefix):
-            // no start could use it either, so the record goes back to the
-            // previous policy.
-            // why: only while the record still holds the refused policy; a
-            // newer one set meanwhile stays (and was applied by its own request).
-            let back = cp
-                .store
-                .write(Command::SetPolicy {
-                    id: rec.id.clone(),
-                    policy: previous,
-                    expect: Some(rec.policy()),
-                })
-                .await;
+            let back = revert_policy(&cp, &rec, previous).await;
             return Err(error(
                 ErrorCode::InvalidArgument,
                 format!(
-                    "node {} refused the policy of sandbox {id}: {}; the recorded policy {}",
-                    rec.node,
-                    e.message,
-                    match back {
-                        Ok(Reply::Sandbox { .. }) => "is the previous one again",
-                        Ok(Reply::Conflict { .. }) =>
-                            "was changed by another request meanwhile and stays as that one set it",
-                        _ => "could not be set back: run `hearth policy set` with a valid policy",
-                    }
+                    "node {} refused the policy of sandbox {id}: {}; the recorded policy {back}",
+                    rec.node, e.message,
                 ),
             ));
         }
     }
     applied
+}
+
+/// Records `policy` in sandbox `id`'s record over the version read just
+/// before (a set racing in between makes it read and try again), so the
+/// policy it replaced is known exactly. Returns the new record and that
+/// policy.
+pub(crate) async fn record_policy(
+    cp: &ControlPlane,
+    id: &str,
+    policy: serde_json::Value,
+) -> Result<(SandboxRecord, serde_json::Value), HttpError> {
+    let mut last = String::new();
+    for _ in 0..5 {
+        let Some((previous, version)) = cp
+            .store
+            .read(|st| st.sandboxes.get(id).map(|r| (r.policy(), r.policy_version)))
+            .await?
+        else {
+            return Err(error(ErrorCode::NotFound, format!("no sandbox {id}")));
+        };
+        match cp
+            .store
+            .write(Command::SetPolicy {
+                id: id.to_string(),
+                policy: policy.clone(),
+                expect_version: Some(version),
+            })
+            .await?
+        {
+            Reply::Sandbox { sandbox } => return Ok((sandbox, previous)),
+            Reply::Superseded { message } => last = message,
+            Reply::NotFound { what } => {
+                return Err(error(ErrorCode::NotFound, format!("no {what}")));
+            }
+            Reply::Conflict { message } => return Err(error(ErrorCode::Conflict, message)),
+            Reply::Invalid { message } => return Err(error(ErrorCode::InvalidArgument, message)),
+            other => {
+                return Err(error(
+                    ErrorCode::Internal,
+                    format!(
+                        "recording the policy of sandbox {id}: unexpected store reply {other:?}"
+                    ),
+                ))
+            }
+        }
+    }
+    Err(error(
+        ErrorCode::Conflict,
+        format!("the policy of sandbox {id} is being set by other requests at the same time ({last}); try again"),
+    ))
+}
+
+/// Sets the record back to `previous` after a node refused the policy `rec`
+/// holds (a limit only the compiled form shows, e.g. too many port ranges
+/// of one prefix: no start could use it either) — only while the record
+/// still holds that version: a newer set made meanwhile stays. Says how it
+/// ended, for the error message.
+pub(crate) async fn revert_policy(
+    cp: &ControlPlane,
+    rec: &SandboxRecord,
+    previous: serde_json::Value,
+) -> String {
+    let back = cp
+        .store
+        .write(Command::SetPolicy {
+            id: rec.id.clone(),
+            policy: previous,
+            expect_version: Some(rec.policy_version),
+        })
+        .await;
+    match back {
+        Ok(Reply::Sandbox { .. }) => "is the previous one again".into(),
+        Ok(Reply::Superseded { .. }) => {
+            "was set again by another request meanwhile and stays as that one set it".into()
+        }
+        Ok(other) => format!(
+            "could not be set back ({other:?}): run `hearth policy set` with a valid policy"
+        ),
+        Err(e) => {
+            format!("could not be set back ({e}): run `hearth policy set` with a valid policy")
+        }
+    }
 }
 
 /// Applies the just-recorded `policy` to the record's running copy.
@@ -162,6 +202,18 @@ async fn apply_on_agent(
     }
     let e = serde_json::from_str::<ApiError>(&body)
         .unwrap_or_else(|_| ApiError::new(ErrorCode::Internal, format!("{status}: {body}")));
+    if e.code == ErrorCode::PolicySuperseded {
+        // why: a newer set reached the copy first; it is recorded and
+        // enforced, so there is nothing to do (running this one again would
+        // undo it).
+        return Err(error(
+            ErrorCode::PolicySuperseded,
+            format!(
+                "the policy of sandbox {id} was set again by another request meanwhile; that newer policy is recorded and enforced, this one (version {}) is not: see `hearth policy show {id}` ({})",
+                rec.policy_version, e.message
+            ),
+        ));
+    }
     Err(error(
         e.code,
         recorded(format!(
@@ -209,7 +261,13 @@ pub(super) async fn catch_up(cp: &ControlPlane, rec: &SandboxRecord, addr: &str,
         Ok(r) => {
             let status = r.status();
             let body = r.text().await.unwrap_or_default();
-            tracing::warn!(sandbox = %rec.id, node = %rec.node, "applying the policy recorded while it was being started: {status}: {body}");
+            if serde_json::from_str::<ApiError>(&body)
+                .is_ok_and(|e| e.code == ErrorCode::PolicySuperseded)
+            {
+                tracing::info!(sandbox = %rec.id, node = %rec.node, "the policy recorded while it was being started was already superseded there: {body}");
+            } else {
+                tracing::warn!(sandbox = %rec.id, node = %rec.node, "applying the policy recorded while it was being started: {status}: {body}");
+            }
         }
         Err(e) => {
             tracing::warn!(sandbox = %rec.id, node = %rec.node, "applying the policy recorded while it was being started: {e}");
