@@ -150,20 +150,25 @@ fn hearth_run(a: &Daemon, b: &Daemon, mib: u32, dirty: bool) -> Sample {
     let total = t0.elapsed();
     assert!(out.status.success(), "{}", hearth_e2e::show(&out));
     let st: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status");
-    // The target's record save (fsyncs) before its `cont`: `save_us` in its
-    // "took over a migrated sandbox" log line (the last one is this run's).
-    let save_us = strip_ansi(&b.log_text())
+    // The target's commit, from its "took over a migrated sandbox" log line
+    // (the last one is this run's): the stream complete (`stream_in_us`) and
+    // the record save (fsyncs) before its `cont` (`save_us`), both durations,
+    // and the stream's bytes that arrived after the commit (`tail_bytes`).
+    let took_over = strip_ansi(&b.log_text())
         .lines()
         .rev()
-        .filter(|l| l.contains("took over a migrated sandbox"))
-        .find_map(|l| {
-            l.split("save_us=")
-                .nth(1)?
-                .split(|c: char| !c.is_ascii_digit())
-                .next()?
-                .parse::<u64>()
-                .ok()
-        });
+        .find(|l| l.contains("took over a migrated sandbox"))
+        .map(str::to_string)
+        .unwrap_or_default();
+    let field = |name: &str| {
+        took_over
+            .split(&format!("{name}="))
+            .nth(1)?
+            .split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse::<u64>()
+            .ok()
+    };
     let (mut dst_f, dst_lines) = follow(b, "bench");
     let last = *src_lines.lock().unwrap().last().expect("source lines");
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -192,7 +197,11 @@ fn hearth_run(a: &Daemon, b: &Daemon, mib: u32, dirty: bool) -> Sample {
         steps: STEPS
             .iter()
             .map(|k| st["pause_steps"][k].as_u64())
-            .chain([save_us.map(|us| us / 1000)])
+            .chain([
+                field("stream_in_us").map(|us| us / 1000),
+                field("save_us").map(|us| us / 1000),
+                field("tail_bytes").map(|b| b >> 10),
+            ])
             .collect(),
         handover_ms: st["handover_ms"].as_u64(),
         stall,
@@ -257,11 +266,12 @@ async fn bare_run(rootfs: &std::path::Path, mib: u32, dirty: bool) -> Sample {
     // With HEARTH_BENCH_TUNNEL, the stream goes through Hearth's TCP tunnel.
     let out_sock = if std::env::var_os("HEARTH_BENCH_TUNNEL").is_some() {
         use hearth_agent::migration::tunnel;
-        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tcp = tunnel::listen("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = tcp.local_addr().unwrap();
         let ticket = tunnel::new_ticket();
         let (t2, s2) = (ticket.clone(), sock.clone());
-        tokio::spawn(async move { tunnel::serve_target(tcp, t2, &s2).await });
+        let received = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        tokio::spawn(async move { tunnel::serve_target(tcp, t2, &s2, received).await });
         let src_sock = tmp.path().join("out.sock");
         let l = tokio::net::UnixListener::bind(&src_sock).unwrap();
         let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -371,11 +381,12 @@ fn report(guest: u32, load: &str, path: &str, s: &[Sample]) {
 }
 
 /// Hearth's pause by step: p50 over the runs of each step's end (ms after
-/// the stop), then the target's record save (a duration, inside the step to
-/// its resume).
+/// the stop), then, inside the step to the target's resume, the commit's wait
+/// for the stream's end and the target's record save (durations), and the
+/// stream's KiB that reached the target after the commit came.
 fn report_steps(guest: u32, load: &str, s: &[Sample]) {
     let f = |v: Option<u64>| v.map(|x| x.to_string()).unwrap_or_else(|| "-".into());
-    let cols: Vec<String> = (0..=STEPS.len())
+    let cols: Vec<String> = (0..STEPS.len() + 3)
         .map(|i| {
             f(p50(s
                 .iter()
@@ -445,8 +456,8 @@ fn main() {
         }
     }
     println!("\nHearth's pause by step (p50, ms after the source VM's stop; target_resumed by the target's RESUME):\n");
-    println!("| guest     | load  | n  | gate   | frozen | qemu done | drained | log sent | committing | target resumed | commit answered | target save (dur.) |");
-    println!("|-----------|-------|----|--------|--------|--------|--------|--------|--------|--------|--------|--------|");
+    println!("| guest     | load  | n  | gate   | frozen | qemu done | drained | log sent | committing | target resumed | commit answered | stream wait (dur.) | target save (dur.) | tail KiB |");
+    println!("|-----------|-------|----|--------|--------|--------|--------|--------|--------|--------|--------|--------|--------|--------|");
     for (mib, load, s) in &steps {
         report_steps(*mib, load, s);
     }

@@ -273,6 +273,8 @@ struct Incoming {
     dir: std::path::PathBuf,
     slot: tokio::sync::Mutex<Slot>,
     tunnel: tokio::task::AbortHandle,
+    /// Stream bytes the tunnel has handed to the incoming VMM so far.
+    received: Arc<AtomicU64>,
     /// The room it holds on the sandboxes file system, until it is
     /// committed or removed (taken then; dropped with it at the latest).
     reservation: Mutex<Option<reserve::Reservation>>,
@@ -738,6 +740,12 @@ pub(crate) async fn run_source(
     let paused_at = paused_at.unwrap_or_else(Instant::now);
     let pause = pause.unwrap_or_else(|| PauseClock::at_gate(vm, begun_us, &id));
     job.step(&pause, |p| &mut p.qemu_completed_ms);
+    tracing::info!(
+        sandbox = %id,
+        tunnel_bytes = sent.load(Ordering::Relaxed),
+        qemu_bytes = progress.bytes_sent,
+        "the source VMM completed the migration stream"
+    );
 
     // The whole state is on the target; the source VM is paused for good unless we resume it.
     let end = drain(entry, session, log).await;
@@ -1904,7 +1912,7 @@ impl Agent {
             }
         };
         let bind = bind.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-        let listener = match tokio::net::TcpListener::bind((bind, 0)).await {
+        let listener = match tunnel::listen(SocketAddr::new(bind, 0)) {
             Ok(l) => l,
             Err(e) => {
                 let _ = vm.kill().await;
@@ -1923,8 +1931,10 @@ impl Agent {
         let t2 = ticket.clone();
         let sock2 = incoming_sock.clone();
         let id2 = sb.id.clone();
+        let received = Arc::new(AtomicU64::new(0));
+        let r2 = received.clone();
         let tunnel = tokio::spawn(async move {
-            match tunnel::serve_target(listener, t2, &sock2).await {
+            match tunnel::serve_target(listener, t2, &sock2, r2).await {
                 Ok(n) => tracing::info!(sandbox = %id2, bytes = n, "migration stream received"),
                 Err(e) => tracing::warn!(sandbox = %id2, "migration stream failed: {e}"),
             }
@@ -1936,6 +1946,7 @@ impl Agent {
             dir,
             slot: tokio::sync::Mutex::new(Slot::Waiting(vm, agent_stream)),
             tunnel,
+            received,
             reservation: Mutex::new(Some(reservation)),
             log_write: tokio::sync::Mutex::new(()),
         });
@@ -2083,6 +2094,9 @@ impl Agent {
         // whichever way (also if it panics: the guard lives on this stack).
         let _held = lock(&inc.reservation).take();
         let t0 = Instant::now();
+        // why: how much of the stream was still on its way when the commit
+        // came (the source's QEMU had completed): the pause's tail (issue 7).
+        let received_at_commit = inc.received.load(Ordering::Relaxed);
         // why: one way out for every failure before the resume: the VM here
         // is removed and recorded as uncommitted, so the source resumes. With
         // `saved`, the records go first (fsynced), so a crash midway leaves a
@@ -2127,6 +2141,7 @@ impl Agent {
             vm.wait_incoming(INCOMING_COMPLETE_TIMEOUT)
                 .await
                 .map_err(|e| e.to_string())?;
+            let stream_in_us = t0.elapsed().as_micros();
             let fd = {
                 use std::os::fd::AsFd;
                 stream.as_fd().try_clone_to_owned().ok()
@@ -2142,10 +2157,10 @@ impl Agent {
             // what it prints before our ping's answer) are for this session; a
             // frame for a session not yet registered is dropped (issue 7).
             let session = conn.adopt_session(c.main_session, c.unacked_bytes);
-            Ok::<_, String>((conn, session, fd))
+            Ok::<_, String>((conn, session, fd, stream_in_us))
         }
         .await;
-        let (conn, mut session, fd) = match attached {
+        let (conn, mut session, fd, stream_in_us) = match attached {
             Ok(x) => x,
             Err(why) => return Err(remove_here(why, false).await),
         };
@@ -2221,6 +2236,7 @@ impl Agent {
         fault_hold("target-saved").await;
         // The point of no return: from here on the sandbox is this node's.
         let resumed = resume_committed(vm.as_ref(), RESUME_TRIES, RESUME_RETRY).await;
+        let resumed_in_us = t0.elapsed().as_micros();
         fault_hold("target-resumed").await;
         if resumed.is_ok() {
             // why: the resume is done; a later re-adoption (e.g. after this
@@ -2300,7 +2316,15 @@ impl Agent {
                 .lifecycle_adopted(entry, vm, conn, session, ctl_rx, None)
                 .await
         });
-        tracing::info!(sandbox = %id, save_us, "took over a migrated sandbox");
+        let received = inc.received.load(Ordering::Relaxed);
+        tracing::info!(
+            sandbox = %id,
+            stream_in_us,
+            save_us,
+            resumed_in_us,
+            tail_bytes = received.saturating_sub(received_at_commit),
+            "took over a migrated sandbox"
+        );
         Ok(rec)
     }
 
