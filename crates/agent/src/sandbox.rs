@@ -495,11 +495,12 @@ pub struct Agent {
     pub(crate) inner: Arc<Inner>,
 }
 
-/// Takes the data dir's exclusive lock, so two daemons never manage the same
-/// sandboxes (the second would declare the first one's VMs lost).
 /// How long a start waits for the data dir's lock before it gives up.
 const LOCK_WAIT: Duration = Duration::from_secs(3);
 
+/// Takes the data dir's exclusive lock, so two daemons never manage the same
+/// sandboxes (the second would declare the first one's VMs lost). Blocks up
+/// to [`LOCK_WAIT`]; called once at start, before anything is served.
 fn lock_data_dir(dir: &Path) -> Result<std::fs::File, AgentError> {
     use std::os::fd::AsRawFd;
     let path = dir.join("hearthd.lock");

@@ -436,15 +436,21 @@ pub fn kill_vmms_under(dir: &Path) {
 }
 
 /// True once process `pid` has closed its files: it is gone, or a zombie
-/// (`Z`/`X` in `/proc/PID/stat`). An empty `/proc/PID/cmdline` is not enough:
-/// the kernel drops a dying process's memory (and so its command line) before
-/// it closes its files, so its locks and listening sockets may still be held.
+/// (`Z`/`X` in `/proc/PID/stat`) with no other thread left. An empty
+/// `/proc/PID/cmdline` is not enough (the kernel drops a dying process's
+/// memory, and so its command line, before it closes its files), nor is a
+/// zombie main thread while other threads (sharing the file table) still
+/// exit: its locks and listening sockets may still be held.
 pub fn process_exited(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(st) => st
-            .rsplit_once(") ")
-            .and_then(|(_, rest)| rest.chars().next())
-            .is_none_or(|state| matches!(state, 'Z' | 'X')),
+        Ok(st) => {
+            let zombie = st
+                .rsplit_once(") ")
+                .and_then(|(_, rest)| rest.chars().next())
+                .is_none_or(|state| matches!(state, 'Z' | 'X'));
+            let threads = std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count());
+            zombie && threads <= 1
+        }
         Err(_) => true,
     }
 }
@@ -453,9 +459,12 @@ pub fn process_exited(pid: i32) -> bool {
 /// ([`process_exited`]).
 pub fn kill9_and_wait(pid: i32) {
     // SAFETY: kill(2) of a pid the caller started or read from a state file; at worst ESRCH.
-    unsafe {
-        libc::kill(pid, libc::SIGKILL);
-    }
+    let r = unsafe { libc::kill(pid, libc::SIGKILL) };
+    let e = std::io::Error::last_os_error();
+    assert!(
+        r == 0 || e.raw_os_error() == Some(libc::ESRCH),
+        "kill -9 {pid}: {e}"
+    );
     wait_until(
         &format!("process {pid} to exit after SIGKILL"),
         Duration::from_secs(30),

@@ -1268,9 +1268,7 @@ fn a_networked_web_server_migrates_with_its_address_policy_and_ingress_and_a_fai
         if Instant::now() > readopt_deadline {
             // why: diagnostics only (this wait failed twice in loaded CI runs
             // with nothing to go on): the agent's list, the record, its log.
-            let log =
-                std::fs::read_to_string(format!("/tmp/hearth-shard-{NAME}/agent2-restarted.log"))
-                    .unwrap_or_default();
+            let log = restart_log(2);
             let tail: String = log
                 .lines()
                 .rev()
@@ -1403,6 +1401,19 @@ fn spawn_agent(i: u32, argv: &[String], env: &[(&str, &str)]) -> std::process::C
     }
     wait_node(&format!("agent{i}"), "ready");
     child
+}
+
+/// The log of agent `i`'s latest restart by [`spawn_agent`].
+fn restart_log(i: u32) -> String {
+    let prefix = format!("agent{i}-restarted-");
+    std::fs::read_dir(format!("/tmp/hearth-shard-{NAME}"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok())
+        .and_then(|e| std::fs::read_to_string(e.path()).ok())
+        .unwrap_or_default()
 }
 
 /// kill -9 of a shard agent's pid, waiting until it is gone.

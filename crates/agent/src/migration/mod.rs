@@ -1953,12 +1953,18 @@ impl Agent {
         if let Err(e) = i.migrations.removed_uncommitted.remove(&sb.id) {
             tracing::warn!(sandbox = %sb.id, "cannot update {}: {e}", removed::REMOVED_FILE);
         }
-        lock(&i.migrations.incoming).insert(sb.id.clone(), inc);
+        lock(&i.migrations.incoming).insert(sb.id.clone(), inc.clone());
         let agent = self.clone();
         let id = sb.id.clone();
+        let mine = Arc::downgrade(&inc);
         tokio::spawn(async move {
             tokio::time::sleep(INCOMING_TTL).await;
-            let _ = agent.remove_incoming(&id, true).await;
+            // why: only this offer's VM; a later offer of the same sandbox
+            // (this one removed meanwhile) has its own time to live.
+            let current = lock(&agent.inner.migrations.incoming).get(&id).cloned();
+            if current.is_some_and(|c| std::ptr::eq(Arc::as_ptr(&c), mine.as_ptr())) {
+                let _ = agent.remove_incoming(&id, true).await;
+            }
         });
         Ok(IncomingAccepted {
             port,
@@ -2004,6 +2010,17 @@ impl Agent {
         let _writing = inc.log_write.lock().await;
         use tokio::io::AsyncWriteExt;
         let mut f = if offset == 0 {
+            // why: the source's log only grows, so a whole log shorter than
+            // the one here is a stale request (one its source gave up on and
+            // sent again); it must not cut the newer one short.
+            let have = tokio::fs::metadata(&path).await.map_or(0, |m| m.len());
+            if have > log.len() as u64 {
+                return Err(AgentError::Conflict(format!(
+                    "the output log of sandbox '{id}' on node {} already has {have} bytes, more than the {} sent whole: a stale upload, ignored",
+                    self.inner.cfg.node,
+                    log.len()
+                )));
+            }
             let mut f = tokio::fs::File::create(&path).await.map_err(io)?;
             f.write_all(log).await.map_err(io)?;
             f
@@ -2399,7 +2416,11 @@ impl Agent {
         let node = self.inner.cfg.node.clone();
         // why: each is kept on disk for good (the given-up set); a caller
         // must not make it grow by long strings.
-        if attempt.is_empty() || attempt.len() > MAX_ATTEMPT_LEN || owner.len() > MAX_ATTEMPT_LEN {
+        if attempt.is_empty()
+            || owner.is_empty()
+            || attempt.len() > MAX_ATTEMPT_LEN
+            || owner.len() > MAX_ATTEMPT_LEN
+        {
             return Err(AgentError::InvalidArgument(format!(
                 "the attempt and owner of a question about sandbox '{id}' must be 1..={MAX_ATTEMPT_LEN} bytes"
             )));
@@ -2430,7 +2451,13 @@ impl Agent {
         // sandbox to this node, or one its source started with this node's
         // token) is not the one given up: it stays (review: a give-up of an
         // old attempt removed a new attempt's VM).
-        let inc = inc.filter(|inc| inc.attempt.as_deref() == Some(attempt));
+        // An incoming VM without an attempt (its source used this node's
+        // token) is removed when it carries the tag asked about: it could
+        // commit as that copy after the answer "never committed".
+        let inc = inc.filter(|inc| match inc.attempt.as_deref() {
+            Some(a) => a == attempt,
+            None => inc.offer.owner.as_deref() == Some(owner),
+        });
         if let Some(inc) = inc {
             let slot = inc.slot.lock().await;
             let waiting = matches!(*slot, Slot::Waiting(..));
