@@ -46,14 +46,24 @@ async fn set(
     // sets (its version goes to the node); a client's own version is not
     // taken.
     let recorded = cp.dev_record_policy(&agent, &id, &p).await?;
-    let version = recorded.as_ref().map(|(rec, _)| rec.policy_version);
+    let version = recorded
+        .as_ref()
+        .map(|(rec, _)| rec.policy_version)
+        .or(q.version);
     match agent.set_policy(&id, &p, version).await {
         Ok(applied) => Ok(Json(applied)),
         Err(e) => {
             let e = hearth_api::ApiError::new(e.code(), e.to_string());
             match recorded {
                 Some((rec, previous)) if e.code == hearth_api::ErrorCode::InvalidArgument => {
-                    let back = cp.dev_revert_policy(&rec, previous).await;
+                    // why: back to what the copy enforces (the policy read
+                    // before this set may be one the node refuses too).
+                    let back_to = agent
+                        .policy(&id)
+                        .ok()
+                        .and_then(|p| serde_json::to_value(p).ok())
+                        .unwrap_or(previous);
+                    let back = cp.dev_revert_policy(&rec, back_to).await;
                     Err(crate::HttpError(hearth_api::ApiError::new(
                         e.code,
                         format!("{}; the recorded policy {back}", e.message),

@@ -59,7 +59,12 @@ pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
         TcpSocket::new_v6()?
     };
     // why: set before listen, so the window scale offered in the handshake fits it.
-    sock.set_recv_buffer_size(TCP_BUF)?;
+    if let Err(e) = sock.set_recv_buffer_size(TCP_BUF) {
+        // why: a slower stream beats no migration.
+        tracing::warn!(
+            "migration tunnel: cannot bound the receive buffer ({e}); the pause may be longer"
+        );
+    }
     sock.bind(addr)?;
     sock.listen(16)
 }
@@ -106,7 +111,11 @@ pub async fn serve_source(
     } else {
         TcpSocket::new_v6()?
     };
-    sock.set_send_buffer_size(TCP_BUF)?;
+    if let Err(e) = sock.set_send_buffer_size(TCP_BUF) {
+        tracing::warn!(
+            "migration tunnel: cannot bound the send buffer ({e}); the pause may be longer"
+        );
+    }
     let mut tcp = sock.connect(addr).await?;
     let _ = tcp.set_nodelay(true);
     tcp.write_all(ticket.as_bytes()).await?;

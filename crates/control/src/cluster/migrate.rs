@@ -515,7 +515,9 @@ async fn drive(
         target_owner: Some(owner),
         attempt: Some(m.id.clone()),
         policy: Some(policy),
-        policy_version: Some(rec.policy_version),
+        // why: absent while 0, so an agent that predates the field still
+        // takes the request of a sandbox whose policy was never set.
+        policy_version: Some(rec.policy_version).filter(|v| *v > 0),
         ..req.clone()
     };
     let call = cp

@@ -37,7 +37,11 @@ pub(super) async fn set(
     let applied = apply_on_agent(&cp, &rec, &policy).await;
     if let Err(HttpError(e)) = &applied {
         if e.code == ErrorCode::InvalidArgument {
-            let back = revert_policy(&cp, &rec, previous).await;
+            // why: back to what the copy enforces, when it says: the policy
+            // read before this set may itself be one the node refuses (a
+            // retried request recorded it too).
+            let back_to = enforced_policy(&cp, &rec).await.unwrap_or(previous);
+            let back = revert_policy(&cp, &rec, back_to).await;
             return Err(error(
                 ErrorCode::InvalidArgument,
                 format!(
@@ -98,6 +102,35 @@ pub(crate) async fn record_policy(
         ErrorCode::Conflict,
         format!("the policy of sandbox {id} is being set by other requests at the same time ({last}); try again"),
     ))
+}
+
+/// The policy the record's running copy enforces, as its node answers it
+/// (None: no running copy, node not ready or no answer).
+async fn enforced_policy(cp: &ControlPlane, rec: &SandboxRecord) -> Option<serde_json::Value> {
+    let agent_id = rec
+        .observed
+        .as_ref()
+        .filter(|o| !o.is_terminal())?
+        .agent_id
+        .clone()?;
+    let addr = cp.store.read_local(|st| {
+        st.nodes
+            .get(&rec.node)
+            .filter(|n| n.ready)
+            .map(|n| n.address.clone())
+    })?;
+    let r = cp
+        .http
+        .get(format!("{addr}/v1/sandboxes/{agent_id}/policy"))
+        .timeout(std::time::Duration::from_secs(10))
+        .send()
+        .await
+        .ok()?;
+    if !r.status().is_success() {
+        return None;
+    }
+    let p: NetworkPolicy = r.json().await.ok()?;
+    serde_json::to_value(&p).ok()
 }
 
 /// Sets the record back to `previous` after a node refused the policy `rec`
