@@ -1962,7 +1962,7 @@ impl Agent {
             // why: only this offer's VM; a later offer of the same sandbox
             // (this one removed meanwhile) has its own time to live.
             let current = lock(&agent.inner.migrations.incoming).get(&id).cloned();
-            if current.is_some_and(|c| std::ptr::eq(Arc::as_ptr(&c), mine.as_ptr())) {
+            if current.is_some_and(|c| std::sync::Weak::ptr_eq(&Arc::downgrade(&c), &mine)) {
                 let _ = agent.remove_incoming(&id, true).await;
             }
         });
@@ -2448,12 +2448,11 @@ impl Agent {
         }
         let inc = lock(&self.inner.migrations.incoming).get(id).cloned();
         // why: an incoming VM of another attempt (a later migration of the
-        // sandbox to this node, or one its source started with this node's
-        // token) is not the one given up: it stays (review: a give-up of an
-        // old attempt removed a new attempt's VM).
-        // An incoming VM without an attempt (its source used this node's
-        // token) is removed when it carries the tag asked about: it could
-        // commit as that copy after the answer "never committed".
+        // sandbox to this node) is not the one given up: it stays (a give-up
+        // of an old attempt removed a new attempt's VM). One without an
+        // attempt (its source used this node's token) goes when it carries
+        // the tag asked about: it could commit as that copy after the answer
+        // "never committed".
         let inc = inc.filter(|inc| match inc.attempt.as_deref() {
             Some(a) => a == attempt,
             None => inc.offer.owner.as_deref() == Some(owner),

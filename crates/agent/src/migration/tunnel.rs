@@ -53,20 +53,31 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 /// Target side: the tunnel's listening socket, with its receive buffer (which
 /// the connection inherits) bounded to [`TCP_BUF`].
 pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    // why: set before listen, so the window scale offered in the handshake fits it.
+    let sock = bounded_socket(addr, TcpSocket::set_recv_buffer_size, "receive")?;
+    sock.bind(addr)?;
+    sock.listen(16)
+}
+
+/// A TCP socket for `addr`'s family with one of its buffers (`set`) bounded
+/// to [`TCP_BUF`]; a refusal of the option is logged, not fatal (a slower
+/// stream beats no migration).
+fn bounded_socket(
+    addr: SocketAddr,
+    set: fn(&TcpSocket, u32) -> std::io::Result<()>,
+    which: &str,
+) -> std::io::Result<TcpSocket> {
     let sock = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
         TcpSocket::new_v6()?
     };
-    // why: set before listen, so the window scale offered in the handshake fits it.
-    if let Err(e) = sock.set_recv_buffer_size(TCP_BUF) {
-        // why: a slower stream beats no migration.
+    if let Err(e) = set(&sock, TCP_BUF) {
         tracing::warn!(
-            "migration tunnel: cannot bound the receive buffer ({e}); the pause may be longer"
+            "migration tunnel: cannot bound the {which} buffer ({e}); the pause may be longer"
         );
     }
-    sock.bind(addr)?;
-    sock.listen(16)
+    Ok(sock)
 }
 
 /// Target side: accepts connections on `listener` until one presents `ticket`,
@@ -106,16 +117,7 @@ pub async fn serve_source(
     sent: Arc<AtomicU64>,
 ) -> std::io::Result<()> {
     let (unix, _) = listener.accept().await?;
-    let sock = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    if let Err(e) = sock.set_send_buffer_size(TCP_BUF) {
-        tracing::warn!(
-            "migration tunnel: cannot bound the send buffer ({e}); the pause may be longer"
-        );
-    }
+    let sock = bounded_socket(addr, TcpSocket::set_send_buffer_size, "send")?;
     let mut tcp = sock.connect(addr).await?;
     let _ = tcp.set_nodelay(true);
     tcp.write_all(ticket.as_bytes()).await?;
