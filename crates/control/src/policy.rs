@@ -22,8 +22,6 @@ async fn show(
     Ok(Json(agent.policy(&id)?))
 }
 
-/// `hearthd dev` records the policy in the sandbox's record of its embedded
-/// control plane first (as a cluster member does), then applies it.
 /// `?version=N`: the control plane's version of the policy (a cluster
 /// member sets it; see [`Agent::set_policy`]).
 #[derive(serde::Deserialize)]
@@ -32,6 +30,9 @@ struct SetQuery {
     version: Option<u64>,
 }
 
+/// `hearthd dev` records the policy in the sandbox's record of its embedded
+/// control plane first (as a cluster member does), then applies it with the
+/// record's version; a policy the agent refuses is set back in the record.
 async fn set(
     State(agent): State<Agent>,
     axum::Extension(crate::DevStore(dev)): axum::Extension<crate::DevStore>,
@@ -43,8 +44,8 @@ async fn set(
         return Ok(Json(agent.set_policy(&id, &p, q.version).await?));
     };
     // why: in `hearthd dev` the embedded control plane's record orders the
-    // sets (its version goes to the node); a client's own version is not
-    // taken.
+    // sets (its version goes to the node); a client's own version counts
+    // only for a copy without a record.
     let recorded = cp.dev_record_policy(&agent, &id, &p).await?;
     let version = recorded
         .as_ref()

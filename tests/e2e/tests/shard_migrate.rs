@@ -1268,16 +1268,7 @@ fn a_networked_web_server_migrates_with_its_address_policy_and_ingress_and_a_fai
         if Instant::now() > readopt_deadline {
             // why: diagnostics only (this wait failed twice in loaded CI runs
             // with nothing to go on): the agent's list, the record, its log.
-            let log = restart_log(2);
-            let tail: String = log
-                .lines()
-                .rev()
-                .take(60)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect::<Vec<_>>()
-                .join("\n");
+            let tail = last_lines(&restart_log(2), 60);
             panic!(
                 "agent2 did not re-adopt web ({id}, agent id {aid2}) within 120 s: \
                  agent2 answers {code} {v}\nrecord {}\n--- agent2 log (tail) ---\n{tail}",
@@ -1369,11 +1360,7 @@ fn spawn_agent(i: u32, argv: &[String], env: &[(&str, &str)]) -> std::process::C
         c.env(k, v);
     }
     let mut child = c.spawn().expect("start the agent again");
-    let tail = |path: &str| {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
-    };
+    let tail = |path: &str| last_lines(&std::fs::read_to_string(path).unwrap_or_default(), 40);
     // why: the node may still read ready from before the kill; the agent's
     // own API answers once it is up again. An agent that exits or never
     // answers is reported with its log.
@@ -1401,6 +1388,12 @@ fn spawn_agent(i: u32, argv: &[String], env: &[(&str, &str)]) -> std::process::C
     }
     wait_node(&format!("agent{i}"), "ready");
     child
+}
+
+/// The last `n` lines of `text`.
+fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// The log of agent `i`'s latest restart by [`spawn_agent`].
