@@ -104,6 +104,16 @@ pub(crate) async fn record_policy(
     ))
 }
 
+/// The API address of `node` while it is Ready.
+fn ready_address(cp: &ControlPlane, node: &str) -> Option<String> {
+    cp.store.read_local(|st| {
+        st.nodes
+            .get(node)
+            .filter(|n| n.ready)
+            .map(|n| n.address.clone())
+    })
+}
+
 /// The policy the record's running copy enforces, as its node answers it
 /// (None: no running copy, node not ready or no answer).
 async fn enforced_policy(cp: &ControlPlane, rec: &SandboxRecord) -> Option<serde_json::Value> {
@@ -113,12 +123,7 @@ async fn enforced_policy(cp: &ControlPlane, rec: &SandboxRecord) -> Option<serde
         .filter(|o| !o.is_terminal())?
         .agent_id
         .clone()?;
-    let addr = cp.store.read_local(|st| {
-        st.nodes
-            .get(&rec.node)
-            .filter(|n| n.ready)
-            .map(|n| n.address.clone())
-    })?;
+    let addr = ready_address(cp, &rec.node)?;
     let r = cp
         .http
         .get(format!("{addr}/v1/sandboxes/{agent_id}/policy"))
@@ -186,12 +191,7 @@ async fn apply_on_agent(
             "the policy of sandbox {id} is recorded in the control plane (every later start and migration of it uses it), but {what}; run `hearth policy set {id} ...` again"
         )
     };
-    let addr = cp.store.read_local(|st| {
-        st.nodes
-            .get(&rec.node)
-            .filter(|n| n.ready)
-            .map(|n| n.address.clone())
-    });
+    let addr = ready_address(cp, &rec.node);
     let Some(addr) = addr else {
         return Err(error(
             ErrorCode::Unavailable,
