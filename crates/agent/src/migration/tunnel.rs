@@ -89,23 +89,39 @@ pub async fn serve_target(
     vmm: &Path,
     received: Arc<AtomicU64>,
 ) -> std::io::Result<u64> {
-    loop {
-        let (mut tcp, peer) = listener.accept().await?;
-        let mut got = [0u8; TICKET_LEN];
-        let ok = tokio::time::timeout(TICKET_TIMEOUT, tcp.read_exact(&mut got))
-            .await
-            .map(|r| r.is_ok())
-            .unwrap_or(false);
-        if !ok || !same(&got, ticket.as_bytes()) {
-            tracing::warn!(%peer, "migration tunnel: connection without the right ticket refused");
-            continue;
+    // why: tickets are read concurrently, so a connection that sends
+    // nothing (anyone who reaches the port) cannot hold the source back for
+    // the ticket timeout.
+    let ticket = Arc::new(ticket);
+    let mut checks = tokio::task::JoinSet::new();
+    let tcp = loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (mut tcp, peer) = accepted?;
+                let ticket = ticket.clone();
+                checks.spawn(async move {
+                    let mut got = [0u8; TICKET_LEN];
+                    let ok = tokio::time::timeout(TICKET_TIMEOUT, tcp.read_exact(&mut got))
+                        .await
+                        .is_ok_and(|r| r.is_ok());
+                    if ok && same(&got, ticket.as_bytes()) {
+                        Some(tcp)
+                    } else {
+                        tracing::warn!(%peer, "migration tunnel: connection without the right ticket refused");
+                        None
+                    }
+                });
+            }
+            Some(Ok(Some(tcp))) = checks.join_next(), if !checks.is_empty() => break tcp,
         }
-        drop(listener);
-        let _ = tcp.set_nodelay(true);
-        let unix = UnixStream::connect(vmm).await?;
-        splice(unix, tcp, received.clone()).await?;
-        return Ok(received.load(Ordering::Relaxed));
-    }
+    };
+    drop(listener);
+    // why: the other connections' checks end with it (dropped, aborted).
+    drop(checks);
+    let _ = tcp.set_nodelay(true);
+    let unix = UnixStream::connect(vmm).await?;
+    splice(unix, tcp, received.clone()).await?;
+    Ok(received.load(Ordering::Relaxed))
 }
 
 /// Source side: accepts the VMM's one connection on `listener`, connects to
@@ -170,6 +186,9 @@ mod tests {
         let r2 = received.clone();
         let target = tokio::spawn(async move { serve_target(tcp, t2, &vmm_sock, r2).await });
 
+        // A stranger that sends nothing does not hold the source back (its
+        // check waits beside the others'): kept open for the whole test.
+        let _silent = tokio::net::TcpStream::connect(addr).await.unwrap();
         // A stranger with a wrong ticket is dropped.
         let mut bad = tokio::net::TcpStream::connect(addr).await.unwrap();
         bad.write_all(&[b'0'; TICKET_LEN]).await.unwrap();
@@ -184,7 +203,12 @@ mod tests {
         let mut qemu = UnixStream::connect(&src_sock).await.unwrap();
         qemu.write_all(b"state").await.unwrap();
         qemu.shutdown().await.unwrap();
-        let (mut got, _) = vmm.accept().await.unwrap();
+        // why: well under the ticket timeout (10 s) the silent stranger
+        // would have cost, were tickets read one connection at a time.
+        let (mut got, _) = tokio::time::timeout(Duration::from_secs(5), vmm.accept())
+            .await
+            .expect("the source waited behind a silent connection")
+            .unwrap();
         let mut s = String::new();
         got.read_to_string(&mut s).await.unwrap();
         assert_eq!(s, "state");
