@@ -1,9 +1,17 @@
 #!/usr/bin/env python3
 """Bare QEMU restore of a Hearth snapshot directory, driven by nothing but QMP
-and the guest protocol: QEMU process start -> guest agent Pong. This is the
-floor under Hearth's warm start on this stack.
+and the guest protocol. This is the floor under Hearth's warm start on this stack.
 
-Usage: bare-restore.py SNAPSHOT_DIR KERNEL INITRD RUNS   (prints a JSON list of ms)
+Usage: bare-restore.py SNAPSHOT_DIR KERNEL INITRD RUNS [ping|workload|workload-net]
+  (prints a JSON list of ms)
+  ping (default): QEMU process start -> the guest agent's Pong.
+  workload: QEMU process start -> the first output byte of busybox `echo ready`,
+    after the same guest messages a Hearth restore sends, written together as
+    Hearth queues them: `Restored` (fresh seed, clock, hostname, sandbox id, no
+    network: eth0 down, as `--network none`) and the exec. The same guest work
+    as a Hearth start, none of Hearth's host side.
+  workload-net: as workload, but the `Restored` gives a network (address, MAC,
+    routes; no tap behind the NIC), as a networked start.
 """
 import json
 import os
@@ -60,8 +68,28 @@ class Qmp:
                     raise RuntimeError(f"migration {st}")
 
 
-def frame(kind, payload=b"{}"):
-    return struct.pack("<IBI", 5 + len(payload), kind, 0) + payload
+def frame(kind, payload=b"{}", fid=0):
+    return struct.pack("<IBI", 5 + len(payload), kind, fid) + payload
+
+
+# Frame kinds (crates/proto/src/lib.rs).
+EXEC, STDOUT, ERROR, PING, PONG, RESTORED = 2, 4, 10, 12, 13, 14
+
+# The network a `workload-net` restore is given (no tap behind it).
+NET = {"ip": "10.200.0.5", "prefix": 32, "gateway": "10.200.0.1",
+       "mac": "02:68:0a:c8:00:05", "dns": ["10.200.0.1"]}
+
+
+def workload_frames(net):
+    """`Restored` then the exec of `echo ready` (session 3), as one write."""
+    restored = {"seed": list(os.urandom(64)), "unix_ms": int(time.time() * 1000),
+                "hostname": "bare", "sandbox_id": "bare", "net_given": True}
+    if net:
+        restored["net"] = NET
+    req = {"argv": ["echo", "ready"], "env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"],
+           "workdir": "", "user": "", "stdin": False}
+    return (frame(RESTORED, json.dumps(restored).encode())
+            + frame(EXEC, json.dumps(req).encode(), 3))
 
 
 def read_frame(sock):
@@ -78,7 +106,7 @@ def read_frame(sock):
     return body[0], body[5:]
 
 
-def restore_once(snap, manifest, nic, kernel, initrd):
+def restore_once(snap, manifest, nic, kernel, initrd, mode):
     work = tempfile.mkdtemp(prefix="bare-restore-")
     try:
         shutil.copy(os.path.join(snap, "disk.qcow2"), os.path.join(work, "root.qcow2"))
@@ -125,9 +153,18 @@ def restore_once(snap, manifest, nic, kernel, initrd):
             qmp.cmd("migrate-incoming", {"uri": f"exec:cat '{snap}/state'"})
             qmp.wait_migration()
             qmp.cmd("cont")
-            agent.sendall(frame(12))  # Ping
-            while read_frame(agent)[0] != 13:  # Pong
-                pass
+            if mode == "ping":
+                agent.sendall(frame(PING))
+                while read_frame(agent)[0] != PONG:
+                    pass
+            else:
+                agent.sendall(workload_frames(mode == "workload-net"))
+                while True:
+                    kind, payload = read_frame(agent)
+                    if kind == STDOUT:
+                        break
+                    if kind == ERROR:
+                        raise RuntimeError(f"the guest refused the exec: {payload!r}")
             return (time.monotonic() - t0) * 1000.0
         finally:
             proc.kill()
@@ -138,6 +175,9 @@ def restore_once(snap, manifest, nic, kernel, initrd):
 
 def main():
     snap, kernel, initrd, runs = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    mode = sys.argv[5] if len(sys.argv) > 5 else "ping"
+    if mode not in ("ping", "workload", "workload-net"):
+        sys.exit(f"unknown mode {mode!r}: ping, workload or workload-net")
     with open(os.path.join(snap, "manifest.json")) as f:
         manifest = json.load(f)
     nic = False
@@ -145,7 +185,8 @@ def main():
     if os.path.exists(meta):
         with open(meta) as f:
             nic = json.load(f).get("nic", False)
-    print(json.dumps([restore_once(snap, manifest, nic, kernel, initrd) for _ in range(runs)]))
+    print(json.dumps([restore_once(snap, manifest, nic, kernel, initrd, mode)
+                      for _ in range(runs)]))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,11 @@
 //! Warm starts: API request to first byte of workload output for a cold boot,
 //! a template restore and a warm-pool start, all in one run, beside a bare QEMU
 //! restore of the same template snapshot driven by `bench/scripts/bare-restore.py`
-//! (QEMU process start -> guest agent Pong): the floor on this stack.
+//! (QEMU process start -> guest agent Pong): the floor on this stack; and beside
+//! it the same bare restore running the guest work of a start (`Restored`, then
+//! the exec of `echo ready` to its first output byte, with and without a
+//! network), which separates what Hearth's host side adds from what the guest
+//! itself costs (under TCG: translating its code for the first time).
 //!
 //! Usage: warm-start [RUNS] [--pool-only | --template-only]   (default 50;
 //! needs scripts/setup artifacts). `--pool-only` measures only the two
@@ -197,25 +201,34 @@ fn main() {
     let initrd = std::env::var("HEARTH_INITRD")
         .map(Into::into)
         .unwrap_or_else(|_| cur("initramfs.cpio.gz"));
-    eprintln!("bare restore x{} ...", runs + 1);
-    let out = Command::new(repo_root().join("bench/scripts/bare-restore.py"))
-        .arg(&snap)
-        .arg(&kernel)
-        .arg(&initrd)
-        .arg((runs + 1).to_string())
-        .output()
-        .expect("run bare-restore.py");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let bare: Vec<Duration> = serde_json::from_slice::<Vec<f64>>(&out.stdout)
-        .expect("bare-restore output")
-        .into_iter()
-        .skip(1)
-        .map(|m| Duration::from_secs_f64(m / 1000.0))
-        .collect();
+    let bare_run = |mode: &str| -> Vec<Duration> {
+        eprintln!("bare restore ({mode}) x{} ...", runs + 1);
+        let out = Command::new(repo_root().join("bench/scripts/bare-restore.py"))
+            .arg(&snap)
+            .arg(&kernel)
+            .arg(&initrd)
+            .arg((runs + 1).to_string())
+            .arg(mode)
+            .output()
+            .expect("run bare-restore.py");
+        assert!(
+            out.status.success(),
+            "bare-restore.py {mode}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<Vec<f64>>(&out.stdout)
+            .expect("bare-restore output")
+            .into_iter()
+            .skip(1) // run 0 warms caches, as for the Hearth rows
+            .map(|m| Duration::from_secs_f64(m / 1000.0))
+            .collect()
+    };
+    let bare = bare_run("ping");
+    // why: the Pong floor runs almost no guest code; these two run the guest
+    // work of a start (its `Restored`, the first fork/exec) with no Hearth
+    // code, so the ratio to them is what Hearth's host side adds.
+    let bare_work = bare_run("workload");
+    let bare_work_net = bare_run("workload-net");
 
     println!(
         "\nWarm starts, {runs} runs each, accelerator {accel}, 1 vCPU / {MEMORY_MIB} MiB, busybox `echo ready`\n"
@@ -240,17 +253,30 @@ fn main() {
         );
     }
     row_p99("bare QEMU restore: process start -> agent Pong", &bare);
+    row_p99(
+        "bare QEMU restore + Restored (network) + exec: process start -> first output byte",
+        &bare_work_net,
+    );
+    row_p99(
+        "bare QEMU restore + Restored (no network) + exec: process start -> first output byte",
+        &bare_work,
+    );
     let p50 = |v: &[Duration]| percentile(v, 50.0).as_secs_f64();
+    println!(
+        "\nat p50: template restore {:.2}x the bare restore + same guest work ({:.2}x with --network none against its no-network row)",
+        p50(&restore) / p50(&bare_work_net),
+        p50(&restore_nonet) / p50(&bare_work),
+    );
     if template_only {
         println!(
-            "\nat p50: template restore {:.2}x the bare restore floor ({:.2}x with --network none)",
+            "at p50: template restore {:.2}x the bare restore floor ({:.2}x with --network none)",
             p50(&restore) / p50(&bare),
             p50(&restore_nonet) / p50(&bare),
         );
         return;
     }
     println!(
-        "\nat p50: template restore {:.2}x the bare restore floor ({:.2}x with --network none), {:.1}x faster than cold; warm pool {} ms ({:.1}x faster than cold), {} ms with --network none",
+        "at p50: template restore {:.2}x the bare restore floor ({:.2}x with --network none), {:.1}x faster than cold; warm pool {} ms ({:.1}x faster than cold), {} ms with --network none",
         p50(&restore) / p50(&bare),
         p50(&restore_nonet) / p50(&bare),
         p50(&cold) / p50(&restore),
