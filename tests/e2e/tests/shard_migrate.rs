@@ -1329,6 +1329,120 @@ fn a_networked_web_server_migrates_with_its_address_policy_and_ingress_and_a_fai
     let _ = again2.wait();
 }
 
+/// A networked sandbox that agent1 started from a template (its NIC on hub 0,
+/// the tap joined to the hub) moves to agent2 with its address, MAC, policy
+/// and counter; agent2 builds the same device shape and leaves agent1 with
+/// no tap or route. The default `hearth run` path (a template exists) is a
+/// restore, so this is the move most sandboxes take.
+#[test]
+fn a_networked_sandbox_started_from_a_template_migrates_with_its_address_and_policy() {
+    let Some(_shard) = shard_with_busybox(2) else {
+        return;
+    };
+    let allowed = listen();
+    let denied = listen();
+    let a1 = format!("http://{NET}.11:7070");
+    let body = serde_json::json!({"image": "busybox", "name": "bbt", "memory_mib": 128});
+    let (code, v) = call(&a1, "/v1/templates", "POST", Some(&body.to_string()), 300);
+    assert_eq!(code, 201, "template on agent1: {v}");
+    let (code, v) = api("/v1/nodes/agent2/cordon", "POST", None, 10);
+    assert_eq!(code, 200, "{v}");
+    let body = serde_json::json!({
+        "image": "busybox",
+        "cmd": ["sh", "-c", COUNTER],
+        "memory_mib": 128,
+        "name": "tpl",
+        "network": {"egress": {"default": "allow", "allow": [], "deny": [format!("{NET}.1/32:{}:tcp", denied.port)]}},
+    });
+    let (code, sb) = api("/v1/sandboxes", "POST", Some(&body.to_string()), 300);
+    let (c2, v) = api("/v1/nodes/agent2/uncordon", "POST", None, 10);
+    assert_eq!(c2, 200, "{v}");
+    assert_eq!(code, 201, "{sb}");
+    assert_eq!(sb["node"], "agent1", "{sb}");
+    let id = sb["id"].as_str().expect("id").to_string();
+    wait_until("tpl to run", Duration::from_secs(180), || {
+        sandbox(&id)["status"] == "running"
+    });
+    let copy = agent_copy(1, &id);
+    assert_eq!(copy["start_path"], "template", "{copy}");
+    let aid1 = copy["id"].as_str().expect("agent id").to_string();
+    let argv = vm_argv(1, &aid1);
+    // why: a restore's tap is joined to hub 0 at run time (netdev_add), so
+    // the launch argv names only the hub.
+    assert!(
+        argv.contains("-netdev hubport,id=net0,hubid=0"),
+        "agent1's template restore is not on hub 0: {argv}"
+    );
+    let net = sandbox(&id)["network"].clone();
+    let (ip, tap) = (
+        net["ip"].as_str().expect("ip").to_string(),
+        net["tap"].as_str().expect("tap").to_string(),
+    );
+    wait_until("the counter to count", Duration::from_secs(60), || {
+        counted("tpl").len() >= 5
+    });
+    let out = egress_from("tpl", allowed.port);
+    assert!(stdout(&out).contains("allowed-ok"), "{}", show(&out));
+    let out = egress_from("tpl", denied.port);
+    assert!(!stdout(&out).contains("allowed-ok"), "{}", show(&out));
+
+    let out = hearth(&["migrate", "tpl", "--to", "agent2", "--json"]);
+    assert!(out.status.success(), "{}", show(&out));
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(st["phase"], "completed", "{st}");
+    eprintln!(
+        "template-started networked migration: downtime {} ms, paused {} ms, handover {} ms; {st}",
+        st["downtime_ms"], st["paused_ms"], st["handover_ms"]
+    );
+    let after = sandbox(&id);
+    assert_eq!(
+        (after["node"].as_str(), after["status"].as_str()),
+        (Some("agent2"), Some("running")),
+        "{after}"
+    );
+    for k in ["ip", "mac"] {
+        assert_eq!(after["network"][k], net[k], "{k}: {after}");
+    }
+    counter_goes_on("tpl");
+    let aid2 = agent_copy(2, &id)["id"]
+        .as_str()
+        .expect("agent id")
+        .to_string();
+    let argv = vm_argv(2, &aid2);
+    eprintln!("agent2's incoming VM: {argv}");
+    assert!(
+        argv.contains("-netdev hubport,id=net0,hubid=0"),
+        "agent2 did not build the source's device shape (hub 0): {argv}"
+    );
+    assert_eq!(
+        net_on(2, &tap, &ip),
+        (true, true),
+        "agent2 has no tap or route"
+    );
+    wait_until(
+        "agent1 to remove the tap and route",
+        Duration::from_secs(30),
+        || net_on(1, &tap, &ip) == (false, false),
+    );
+    // Its address and policy hold on agent2: egress leaves through agent2,
+    // the denied port is still never reached.
+    let out = egress_from("tpl", allowed.port);
+    assert!(stdout(&out).contains("allowed-ok"), "{}", show(&out));
+    assert_eq!(
+        allowed.peers().last().map(|p| p.ip().to_string()),
+        Some(format!("{NET}.12"))
+    );
+    let out = egress_from("tpl", denied.port);
+    assert!(!stdout(&out).contains("allowed-ok"), "{}", show(&out));
+    assert!(denied.peers().is_empty(), "{:?}", denied.peers());
+    assert_eq!(leases_of(&ip).len(), 1, "{:?}", leases_of(&ip));
+    // agent1 released its reference: the template can be removed there.
+    let out = hearth(&["rm", "-f", "tpl"]);
+    assert!(out.status.success(), "{}", show(&out));
+    let (code, v) = call(&a1, "/v1/templates/bbt", "DELETE", None, 60);
+    assert_eq!(code, 204, "the template on agent1 is still referenced: {v}");
+}
+
 /// The command line of a running shard process.
 fn argv_of(pid: i32) -> Vec<String> {
     std::fs::read(format!("/proc/{pid}/cmdline"))
