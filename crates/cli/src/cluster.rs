@@ -26,18 +26,23 @@ pub enum NodeCmd {
         /// Show the progress of the node's current or last drain instead.
         #[arg(long)]
         status: bool,
+        /// Stop the node's running drain: no further migration starts and the
+        /// running ones are aborted (one past its commit completes). The node
+        /// stays cordoned. Ask the control-plane member that runs the drain.
+        #[arg(long, conflicts_with = "status")]
+        stop: bool,
         /// Bandwidth cap of each migration stream in MiB/s.
-        #[arg(long, alias = "bandwidth", conflicts_with = "status", value_parser = clap::value_parser!(u64).range(1..))]
+        #[arg(long, alias = "bandwidth", conflicts_with_all = ["status", "stop"], value_parser = clap::value_parser!(u64).range(1..))]
         bandwidth_mib: Option<u64>,
         /// Largest switch-over pause of each migration in milliseconds (default 100).
-        #[arg(long, conflicts_with = "status", value_parser = clap::value_parser!(u64).range(1..))]
+        #[arg(long, conflicts_with_all = ["status", "stop"], value_parser = clap::value_parser!(u64).range(1..))]
         downtime_ms: Option<u64>,
         /// Sandboxes migrated at a time.
-        #[arg(long, default_value_t = 1, conflicts_with = "status")]
+        #[arg(long, default_value_t = 1, conflicts_with_all = ["status", "stop"])]
         parallel: u32,
         /// Give up a migration after this many seconds of pre-copy (the
         /// sandbox keeps running on the node); 1 to 3600.
-        #[arg(long, conflicts_with = "status", value_parser = clap::value_parser!(u64).range(1..=3600))]
+        #[arg(long, conflicts_with_all = ["status", "stop"], value_parser = clap::value_parser!(u64).range(1..=3600))]
         give_up_secs: Option<u64>,
         /// Print JSON (the drain's status).
         #[arg(long)]
@@ -92,6 +97,13 @@ fn drain_line(node: &str, o: &serde_json::Value) -> String {
                 .unwrap_or("it left the node by other means")
         ),
         "pending" => format!("{sb}: waiting"),
+        "skipped" | "stopped" => format!(
+            "{sb}: not moved (the drain was stopped), still running on {node}{}",
+            o["error"]
+                .as_str()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
+        ),
         "migrating" => format!(
             "{sb}: migrating to {to} ({}, {})",
             o["phase"].as_str().unwrap_or("preparing"),
@@ -154,7 +166,7 @@ fn print_drain(node: &str, d: &serde_json::Value) {
     for o in d["sandboxes"].as_array().into_iter().flatten() {
         println!("{}", drain_line(node, o));
     }
-    if d["state"] != "running" {
+    if d["state"] != "running" && d["state"] != "stopping" {
         print_remaining(node, d);
     }
 }
@@ -220,6 +232,7 @@ pub async fn node(c: &Client, cmd: NodeCmd) -> anyhow::Result<u8> {
         NodeCmd::Drain {
             node,
             status,
+            stop,
             bandwidth_mib,
             downtime_ms,
             parallel,
@@ -233,6 +246,27 @@ pub async fn node(c: &Client, cmd: NodeCmd) -> anyhow::Result<u8> {
                     println!("{}", serde_json::to_string_pretty(&d)?);
                 } else {
                     print_drain(&node, &d);
+                }
+                return Ok(drain_exit(&d));
+            }
+            if stop {
+                let mut d: serde_json::Value = c.delete_json(&path).await?;
+                if !json {
+                    println!("stopping the drain of {node}; it stays cordoned");
+                }
+                let mut shown = std::collections::HashSet::new();
+                while d["state"] == "running" || d["state"] == "stopping" {
+                    if !json {
+                        print_drain_changes(&node, &d, &mut shown);
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                    d = c.get_json(&path).await?;
+                }
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&d)?);
+                } else {
+                    print_drain_changes(&node, &d, &mut shown);
+                    print_remaining(&node, &d);
                 }
                 return Ok(drain_exit(&d));
             }
@@ -251,7 +285,7 @@ pub async fn node(c: &Client, cmd: NodeCmd) -> anyhow::Result<u8> {
                 if !json {
                     print_drain_changes(&node, &d, &mut shown);
                 }
-                if d["state"] != "running" {
+                if d["state"] != "running" && d["state"] != "stopping" {
                     break;
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(500)).await;

@@ -830,6 +830,80 @@ fn drain_migrates_what_it_can_and_a_target_killed_mid_transfer_leaves_the_source
         || qemus_of(&agent_id) == 1,
     );
     counter_goes_on("counter");
+
+    // A drain stopped while its first migration runs: that one is aborted,
+    // the second never starts, both run on where they were; the node stays
+    // cordoned and the drain ends `stopped`.
+    let idle = create_on(src, "idle", "exec sleep 600", false);
+    let (code, v) = api("/v1/nodes/agent1/uncordon", "POST", None, 10);
+    assert_eq!(code, 200, "{v}");
+    let cli = hearth_cmd(&[
+        "node",
+        "drain",
+        src,
+        "--parallel",
+        "1",
+        "--bandwidth-mib",
+        "1",
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("hearth node drain");
+    wait_until(
+        "the drain's migration to send",
+        Duration::from_secs(60),
+        || {
+            let out = hearth(&["node", "drain", src, "--status", "--json"]);
+            out.status.success()
+                && serde_json::from_slice::<serde_json::Value>(&out.stdout).is_ok_and(|d| {
+                    d["sandboxes"].as_array().is_some_and(|a| {
+                        a.iter().any(|o| {
+                            o["outcome"] == "migrating"
+                                && o["phase"] == "precopy"
+                                && o["bytes_sent"].as_u64() > Some(0)
+                        })
+                    })
+                })
+        },
+    );
+    let out = hearth(&["node", "drain", src, "--stop", "--json"]);
+    assert!(out.status.success(), "{}", show(&out));
+    let d: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(d["state"], "stopped", "{d}");
+    assert!(d["stop_requested_ms"].as_u64().is_some(), "{d}");
+    let mut outcomes: Vec<&str> = d["sandboxes"]
+        .as_array()
+        .expect("sandboxes")
+        .iter()
+        .map(|o| o["outcome"].as_str().unwrap_or("?"))
+        .collect();
+    outcomes.sort();
+    assert_eq!(outcomes, ["skipped", "stopped"], "{d}");
+    let drained = cli.wait_with_output().expect("hearth node drain");
+    assert!(drained.status.success(), "{}", show(&drained));
+    assert!(
+        stdout(&drained).contains("not moved (the drain was stopped)"),
+        "{}",
+        show(&drained)
+    );
+    for (sid, name) in [(&id, "counter"), (&idle, "idle")] {
+        let sb = sandbox(sid);
+        assert_eq!(
+            (sb["node"].as_str(), sb["status"].as_str()),
+            (Some(src), Some("running")),
+            "{name}: {sb}"
+        );
+    }
+    assert_eq!(node(src)["cordoned"], true);
+    wait_until(
+        "exactly one QEMU of the counter after the stop",
+        Duration::from_secs(30),
+        || qemus_of(&agent_id) == 1,
+    );
+    assert!(agent_has(1, &id).is_none(), "agent1 kept an incoming copy");
+    counter_goes_on("counter");
+    refused(&["node", "drain", src, "--stop"], "runs no drain of node");
 }
 
 /// A TCP listener in the shard's host namespace (on the bridge address) that

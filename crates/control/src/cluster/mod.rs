@@ -158,7 +158,9 @@ pub fn cluster_routes(cp: ControlPlane, token: ApiToken) -> Router {
         .route("/v1/nodes/{id}/uncordon", post(nodes::uncordon))
         .route(
             "/v1/nodes/{id}/drain",
-            post(nodes::drain).get(nodes::drain_status),
+            post(nodes::drain)
+                .get(nodes::drain_status)
+                .delete(nodes::stop_drain),
         )
         .route("/v1/cluster", get(nodes::cluster_status))
         .route("/v1/cluster/members", post(nodes::add_member))

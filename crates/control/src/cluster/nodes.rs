@@ -154,8 +154,10 @@ pub struct DrainOutcome {
     /// `restarted` (`restart: always`, started again on `node` after its
     /// migration failed at run time), `left` (it left the node by other
     /// means before its turn: a user's migration, a restart elsewhere, a
-    /// removal; `error` says where it is) or `failed` (left running on the
-    /// drained node; `error` says why).
+    /// removal; `error` says where it is), `failed` (left running on the
+    /// drained node; `error` says why), `skipped` (the drain was stopped
+    /// before its turn) or `stopped` (its migration was aborted by the
+    /// drain's stop; it runs on the drained node).
     pub outcome: String,
     #[serde(default)]
     pub node: Option<String>,
@@ -182,7 +184,8 @@ pub struct DrainOutcome {
 pub struct Drained {
     pub node: Node,
     /// `running` (the control-plane member that took the request works
-    /// through the sandboxes), `done`, or `interrupted` (the drain's task
+    /// through the sandboxes), `stopping` (asked to stop, its migrations
+    /// still ending), `done`, `stopped`, or `interrupted` (the drain's task
     /// ended before it finished; the migrations it started end on their own
     /// records, see `hearth migrate --status`).
     #[serde(default)]
@@ -203,6 +206,14 @@ pub struct Drained {
     /// One entry per sandbox the drain tries to move.
     #[serde(default)]
     pub sandboxes: Vec<DrainOutcome>,
+    /// When `hearth node drain NODE --stop` asked this drain to stop (unix
+    /// ms): it starts no more migrations, the running ones were asked to
+    /// abort, and it ends `stopped`. The node stays cordoned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_requested_ms: Option<u64>,
+    /// Set by a stop request; read by the drain's task before each turn.
+    #[serde(skip)]
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// `POST /v1/nodes/{id}/drain` body (all optional).
@@ -346,6 +357,8 @@ pub(super) async fn drain(
         finished_ms: None,
         moved: Vec::new(),
         remaining: Vec::new(),
+        stop_requested_ms: None,
+        stop: Default::default(),
         sandboxes: live
             .iter()
             .map(|(sb, name)| DrainOutcome {
@@ -381,6 +394,7 @@ pub(super) async fn drain(
         parallel,
         live,
         status.started_ms,
+        status.stop.clone(),
     ));
     Ok((StatusCode::ACCEPTED, Json(status)))
 }
@@ -472,8 +486,10 @@ async fn run_drain(
     parallel: u32,
     live: Vec<(String, Option<String>)>,
     started_ms: u64,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) {
     use futures::StreamExt;
+    use std::sync::atomic::Ordering;
     let _guard = DrainGuard {
         drains: cp.drains.clone(),
         node: id.clone(),
@@ -483,8 +499,16 @@ async fn run_drain(
     let restart: std::sync::Mutex<Vec<String>> = Default::default();
     futures::stream::iter(live)
         .map(|(sb, _)| {
-            let (cp, id, mreq, restart) = (cp.clone(), id.clone(), mreq.clone(), &restart);
+            let (cp, id, mreq, restart, stop) =
+                (cp.clone(), id.clone(), mreq.clone(), &restart, &stop);
             async move {
+                if stop.load(Ordering::SeqCst) {
+                    set_outcome(&cp, &id, &sb, |o| {
+                        o.outcome = "skipped".into();
+                        o.error = Some("the drain was stopped before its turn".into());
+                    });
+                    return;
+                }
                 set_outcome(&cp, &id, &sb, |o| {
                     o.outcome = "migrating".into();
                     o.started_ms = Some(now_ms());
@@ -513,6 +537,14 @@ async fn run_drain(
                                 "left node {id} by other means before its turn: it {now_on}"
                             ));
                         }
+                        // why: the stop asked its source to abort it; it
+                        // runs on the drained node as the stop intended.
+                        Err(super::migrate::Ended::Failed { error, .. })
+                            if stop.load(Ordering::SeqCst) =>
+                        {
+                            o.outcome = "stopped".into();
+                            o.error = Some(error.0.message);
+                        }
                         Err(super::migrate::Ended::Failed { error, .. }) => {
                             o.outcome = "failed".into();
                             o.error = Some(error.0.message);
@@ -524,8 +556,11 @@ async fn run_drain(
         .buffer_unordered(parallel as usize)
         .collect::<Vec<()>>()
         .await;
+    let stopped = stop.load(Ordering::SeqCst);
     let only = restart.into_inner().unwrap_or_default();
-    let restarted = if only.is_empty() {
+    // why: a stopped drain moves nothing more: a sandbox whose migration was
+    // aborted by the stop runs on where it was.
+    let restarted = if only.is_empty() || stopped {
         Vec::new()
     } else {
         match cp
@@ -594,8 +629,48 @@ async fn run_drain(
         .map(|o| o.sandbox.clone())
         .collect();
     d.remaining = remaining;
-    d.state = "done".into();
+    d.state = if stopped { "stopped" } else { "done" }.into();
     d.finished_ms = Some(now_ms());
+}
+
+/// `DELETE /v1/nodes/{id}/drain`: stops this member's running drain of the
+/// node. No further migration starts (those still waiting end `skipped`);
+/// each migration running asks its source to abort, as `hearth migrate
+/// --abort` does (one past its commit completes on the target). The node
+/// stays cordoned (`hearth node uncordon` places sandboxes there again).
+/// Answers with the drain's status, `stopping` until its migrations ended.
+pub(super) async fn stop_drain(
+    State(cp): State<ControlPlane>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Drained>> {
+    let migrating: Vec<String> = {
+        let mut drains = cp
+            .drains
+            .lock()
+            .map_err(|_| HttpError(ApiError::new(ErrorCode::Internal, "drain table poisoned")))?;
+        let Some(d) = drains.get_mut(&id).filter(|d| d.state == "running") else {
+            return Err(HttpError(ApiError::new(
+                ErrorCode::Conflict,
+                format!("this control-plane member runs no drain of node {id}: a drain is stopped on the member that took `hearth node drain {id}` (`hearth node drain {id} --status` there shows it); a sandbox's own migration is stopped with `hearth migrate --abort SANDBOX`"),
+            )));
+        };
+        d.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        d.stop_requested_ms.get_or_insert_with(now_ms);
+        d.sandboxes
+            .iter()
+            .filter(|o| o.outcome == "migrating")
+            .map(|o| o.sandbox.clone())
+            .collect()
+    };
+    tracing::info!(node = %id, migrating = ?migrating, "drain stop requested");
+    for sb in migrating {
+        // why: a migration that cannot be aborted (past its commit, or its
+        // source did not answer) ends as it would have; the drain reports it.
+        if let Err(e) = super::migrate::abort(State(cp.clone()), Path(sb.clone())).await {
+            tracing::info!(node = %id, sandbox = %sb, "drain stop: migration not aborted: {}", e.0.message);
+        }
+    }
+    drain_status(State(cp), Path(id)).await
 }
 
 /// `GET /v1/nodes/{id}/drain`: the node's current or last drain as the
@@ -625,6 +700,9 @@ pub(super) async fn drain_status(
             }
         }
     });
+    if d.state == "running" && d.stop_requested_ms.is_some() {
+        d.state = "stopping".into();
+    }
     Ok(Json(d))
 }
 
@@ -929,6 +1007,8 @@ mod tests {
             finished_ms,
             moved: Vec::new(),
             remaining: Vec::new(),
+            stop_requested_ms: None,
+            stop: Default::default(),
             sandboxes: vec![DrainOutcome {
                 sandbox: "s1".into(),
                 name: None,
