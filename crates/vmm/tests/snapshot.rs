@@ -77,6 +77,17 @@ async fn wake(agent: &mut UnixStream, hostname: &str) {
     expect(agent, Kind::Pong).await;
 }
 
+/// QEMU's resident memory (`VmRSS`, `RssAnon`, `RssFile` of /proc/PID/status).
+fn rss(pid: u32) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .filter(|l| l.starts_with("VmRSS") || l.starts_with("RssAnon") || l.starts_with("RssFile"))
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 #[tokio::test]
 async fn one_snapshot_serves_many_restores_and_stays_pristine() {
     let Some((kernel, initrd)) = real_artifacts() else {
@@ -146,22 +157,32 @@ async fn one_snapshot_serves_many_restores_and_stays_pristine() {
         r.vm.start().await.unwrap();
         wake(&mut r.agent, id).await;
         println!(
-            "restore {id}: process start -> RestoredAck+Pong {:?}",
-            t0.elapsed()
+            "restore {id}: process start -> RestoredAck+Pong {:?}; {}",
+            t0.elapsed(),
+            rss(r.vm.pid())
         );
         restored.push(r);
     }
     // The snapshot is still intact: its RAM was mapped privately.
     m.check(&snap, &host, Verify::Full).unwrap();
 
-    // A restored VM (private RAM) can be snapshotted again, RAM in the stream.
+    // A restored VM (private RAM) can be snapshotted again, and that snapshot
+    // too has its RAM as a file (converted by a helper QEMU), restored lazily.
     let snap2 = tmp.path().join("snap2");
+    let t0 = Instant::now();
     let m2 = restored[0]
         .vm
         .save_snapshot(&snap2, &opts(AfterSave::Resume))
         .await
         .unwrap();
-    assert_eq!(m2.ram, RamStorage::InState);
+    assert_eq!(m2.ram, RamStorage::File);
+    let mut left: Vec<String> = std::fs::read_dir(&snap2)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["disk.qcow2", "manifest.json", "ram", "state"]);
+    m2.check(&snap2, &host, Verify::Full).unwrap();
     hearth_proto::write_frame_async(
         &mut restored[0].agent,
         &Frame::json(Kind::Ping, 0, &Empty {}),
@@ -169,9 +190,16 @@ async fn one_snapshot_serves_many_restores_and_stays_pristine() {
     .await
     .unwrap();
     expect(&mut restored[0].agent, Kind::Pong).await;
+    println!("snapshot of a restored VM: {:?}", t0.elapsed());
+    let t0 = Instant::now();
     let mut r3 = vmm.restore(&cfg("r3"), &snap2, &m2).await.unwrap();
     r3.vm.start().await.unwrap();
     wake(&mut r3.agent, "r3").await;
+    println!(
+        "restore r3 (of the restored VM's snapshot): process start -> RestoredAck+Pong {:?}; {}",
+        t0.elapsed(),
+        rss(r3.vm.pid())
+    );
 
     // A corrupted state stream is refused by the check, before QEMU sees it.
     let state = snap2.join("state");

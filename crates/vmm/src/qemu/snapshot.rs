@@ -9,7 +9,7 @@
 //! snapshot serves any number of restores), the agent channel connected, then
 //! `migrate-incoming` from `exec:cat DIR/state`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
@@ -17,10 +17,11 @@ use tokio::net::UnixStream;
 use tokio::sync::broadcast;
 
 use super::argv::memory_backend_args;
-use super::{Disk, QemuVm, QemuVmm, RamBacking, LOG_TAIL_BYTES};
-use crate::config::{option_path, GuestMemory, VmConfig};
+use super::{Disk, Lifetime, QemuVm, QemuVmm, RamBacking, LOG_TAIL_BYTES};
+use crate::config::{option_path, GuestMemory, NetDevice, VmConfig};
 use crate::error::VmmError;
 use crate::qmp::QmpEvent;
+use crate::record::VmRecord;
 use crate::snapshot::{
     copy_sparse, describe_files, sync_files, RamStorage, SnapshotManifest, DISK_FILE, RAM_FILE,
     SNAPSHOT_FORMAT, STATE_FILE,
@@ -29,6 +30,14 @@ use crate::{log_tail, AfterSave, SaveOptions, Vm};
 
 /// Bound on writing or reading the state stream (TCG hosts are slow and busy).
 pub const STATE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Bound on converting a snapshot of a VM with private RAM (helper QEMU start,
+/// loading all its RAM, saving its device state, quitting).
+pub const CONVERT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// In a snapshot directory being saved: the state stream with all RAM that a
+/// VM with private RAM writes; removed once converted.
+const RAM_STREAM_FILE: &str = ".state-with-ram";
 
 /// `'path'` for QEMU's `exec:` migration URIs, which run through `sh -c`.
 fn shell_quoted(id: &str, path: &Path) -> Result<String, VmmError> {
@@ -44,7 +53,11 @@ fn shell_quoted(id: &str, path: &Path) -> Result<String, VmmError> {
 }
 
 impl QemuVm {
-    async fn enable_migration_caps(&self) -> Result<(), VmmError> {
+    /// The capabilities of a save or load. `ignore_shared`: RAM blocks mapped
+    /// shared stay out of the stream (every file-RAM snapshot's state, and
+    /// every load of one); off, every block's pages are in it (the stream a
+    /// VM with private RAM writes for its conversion, see [`QemuVm::convert_ram`]).
+    async fn enable_migration_caps(&self, ignore_shared: bool) -> Result<(), VmmError> {
         self.qmp
             .execute(
                 "migrate-set-capabilities",
@@ -52,7 +65,7 @@ impl QemuVm {
                 // migration attempted earlier (and cancelled) left its own on,
                 // and `pause-before-switchover` would stall this save.
                 json!({"capabilities": [
-                    {"capability": "x-ignore-shared", "state": true},
+                    {"capability": "x-ignore-shared", "state": ignore_shared},
                     {"capability": "events", "state": true},
                     {"capability": "block", "state": false},
                     {"capability": "auto-converge", "state": false},
@@ -123,7 +136,7 @@ impl QemuVm {
             AfterSave::Resume if was_running => self.set_running(true).await,
             _ => Ok(()),
         };
-        let ram = saved?;
+        let mut ram = saved?;
         resumed?;
         if opts.after == AfterSave::Quit {
             let _ = self.shutdown(Duration::from_secs(5)).await?;
@@ -131,6 +144,14 @@ impl QemuVm {
                 // why: the VM is gone, so its RAM file is final: take it instead of copying.
                 std::fs::rename(p, dest.join(RAM_FILE)).map_err(io("move RAM file", p))?;
             }
+        }
+        let paused_total = t0.elapsed();
+        if ram == RamStorage::InState {
+            // why: a restore of an `in_state` snapshot reads all RAM up front; a
+            // RAM file is mapped lazily. The stream is consistent with the disk
+            // copy already, so this runs after the VM was resumed.
+            self.convert_ram(dest, opts).await?;
+            ram = RamStorage::File;
         }
         let mut names = vec![STATE_FILE, DISK_FILE];
         if ram == RamStorage::File {
@@ -166,18 +187,19 @@ impl QemuVm {
                 .unwrap_or(0),
         };
         manifest.store(dest)?;
-        tracing::info!(vm = %self.id, ?paused_for, total = ?t0.elapsed(), ram = ?ram, "snapshot saved");
+        tracing::info!(vm = %self.id, ?paused_for, ?paused_total, total = ?t0.elapsed(), ram = ?ram, "snapshot saved");
         Ok(manifest)
     }
 
     /// Pauses and writes state, disk layer and (when resuming) the RAM copy.
+    /// [`RamStorage::InState`]: the VM's RAM is private, and the state with
+    /// all its RAM is in [`RAM_STREAM_FILE`] (for [`QemuVm::convert_ram`]).
     async fn write_state(&self, dest: &Path, opts: &SaveOptions) -> Result<RamStorage, VmmError> {
         self.set_running(false).await?;
-        self.enable_migration_caps().await?;
-        let uri = format!(
-            "exec:cat > {}",
-            shell_quoted(&self.id, &dest.join(STATE_FILE))?
-        );
+        let shared = matches!(self.ram, RamBacking::Shared(_));
+        self.enable_migration_caps(shared).await?;
+        let file = if shared { STATE_FILE } else { RAM_STREAM_FILE };
+        let uri = format!("exec:cat > {}", shell_quoted(&self.id, &dest.join(file))?);
         let mut events = self.qmp.subscribe();
         self.qmp.execute("migrate", json!({ "uri": uri })).await?;
         self.wait_migration(&mut events, "saving the VM state")
@@ -207,6 +229,212 @@ impl QemuVm {
             (RamBacking::Anonymous | RamBacking::Private, _) => Ok(RamStorage::InState),
         }
     }
+}
+
+impl QemuVm {
+    /// Turns the stream with all RAM that this VM (whose RAM is private) saved
+    /// in `dest` into a RAM file plus a device-state stream, so the snapshot
+    /// restores lazily (`ram: file`) like any other.
+    ///
+    /// A helper QEMU of this VM's machine (vCPUs, RAM size with its pad, device
+    /// set, a blank disk of the same size) whose RAM is `DEST/ram`, a fresh
+    /// sparse file mapped shared, loads the stream (pages land in the file;
+    /// zero pages are not written, so they stay holes), saves with
+    /// `x-ignore-shared` (device state only) to `DEST/state`, and quits. Bounded
+    /// by [`CONVERT_TIMEOUT`]; on failure the helper is killed and its directory,
+    /// the RAM file and the partial state removed. The helper dies with the
+    /// thread that started it ([`Lifetime::TiedToCaller`]), so a daemon that
+    /// dies mid-way leaves no QEMU behind.
+    async fn convert_ram(&self, dest: &Path, opts: &SaveOptions) -> Result<(), VmmError> {
+        let t0 = Instant::now();
+        let failed = |detail: String| VmmError::SnapshotFailed {
+            id: self.id.clone(),
+            op: "converting the snapshot's RAM to a file",
+            detail: format!("snapshot {}: {detail}", dest.display()),
+            log_tail: String::new(),
+        };
+        let machine = super::recorded_machine(&self.layout.dir)
+            .map_err(|e| failed(format!("reading the VM's machine: {e}")))?;
+        let argv = VmRecord::load(&self.layout.dir)
+            .map_err(|e| failed(format!("reading the VM's record: {e}")))?
+            .argv;
+        let arg = |flag: &str| {
+            argv.windows(2)
+                .find(|w| w[0] == flag)
+                .map(|w| PathBuf::from(&w[1]))
+        };
+        let (Some(kernel), Some(initrd)) = (arg("-kernel"), arg("-initrd")) else {
+            return Err(failed(
+                "no `-kernel` and `-initrd` on the VM's recorded command line".to_string(),
+            ));
+        };
+        let ram = super::absolute(&self.id, &dest.join(RAM_FILE))?;
+        let cfg = VmConfig {
+            id: helper_id(&self.id),
+            dir: helper_dir(&self.id, dest)?,
+            kernel,
+            initrd,
+            rootfs: opts.base_rootfs.clone(),
+            cpus: machine.cpus,
+            memory_mib: opts.memory_mib,
+            hostname: "ramconv".to_string(),
+            extra_cmdline: Vec::new(),
+            accel: self.accel,
+            // why: the device set must be the VM's; only the backend may differ.
+            // A device directly on a tap negotiated offloads only a tap gives, so
+            // its helper gets a tap of its own, created by QEMU and gone with it.
+            net: machine.nic.map(|(mac, hub)| NetDevice {
+                tap: (!hub).then(unique_tap_name),
+                mac,
+                hub,
+            }),
+            memory: GuestMemory::Anonymous,
+            ram_kib: Some(machine.ram_kib),
+        };
+        let mut extra = memory_backend_args(&format!(
+            "memory-backend-file,id=ram,size={}K,mem-path={},share=on",
+            machine.ram_kib,
+            option_path(&cfg.id, &ram)?
+        ));
+        extra.extend(["-incoming".to_string(), "defer".to_string()]);
+        let remove_outputs = || {
+            let _ = std::fs::remove_file(&ram);
+            let _ = std::fs::remove_file(dest.join(STATE_FILE));
+        };
+        let helper = match self
+            .backend
+            .launch_as(
+                &cfg,
+                Disk::Blank(machine.disk_bytes),
+                RamBacking::Shared(ram.clone()),
+                extra,
+                Lifetime::TiedToCaller,
+            )
+            .await
+        {
+            Ok(h) => h,
+            Err(e) => {
+                remove_outputs();
+                let _ = std::fs::remove_dir(&cfg.dir);
+                return Err(failed(format!("starting the helper QEMU: {e}")));
+            }
+        };
+        let result = match tokio::time::timeout(CONVERT_TIMEOUT, helper.convert_stream(dest)).await
+        {
+            Ok(r) => r.map_err(|e| failed(e.to_string())),
+            Err(_) => Err(VmmError::SnapshotFailed {
+                id: self.id.clone(),
+                op: "converting the snapshot's RAM to a file",
+                detail: format!(
+                    "snapshot {}: the helper QEMU did not finish within {CONVERT_TIMEOUT:?}",
+                    dest.display()
+                ),
+                log_tail: log_tail(&helper.layout.qemu_log, LOG_TAIL_BYTES),
+            }),
+        };
+        let ended = match &result {
+            Ok(()) => helper.shutdown(Duration::from_secs(5)).await.map(|_| ()),
+            Err(_) => match helper.kill().await {
+                Ok(()) => helper
+                    .wait_timeout(Duration::from_secs(10))
+                    .await
+                    .map(|_| ()),
+                Err(e) => Err(e),
+            },
+        };
+        let removed = crate::record::destroy(&cfg.dir);
+        let result = result
+            .and_then(|()| ended.map_err(|e| failed(format!("ending the helper QEMU: {e}"))))
+            .and_then(|()| {
+                removed.map_err(|e| failed(format!("removing the helper's directory: {e}")))
+            });
+        match result {
+            Ok(()) => {
+                let stream = dest.join(RAM_STREAM_FILE);
+                std::fs::remove_file(&stream).map_err(|source| VmmError::Io {
+                    op: "remove the converted state stream",
+                    path: stream,
+                    source,
+                })?;
+                tracing::info!(vm = %self.id, took = ?t0.elapsed(), "snapshot RAM converted to a file");
+                Ok(())
+            }
+            Err(e) => {
+                remove_outputs();
+                Err(e)
+            }
+        }
+    }
+
+    /// On a helper of [`QemuVm::convert_ram`]: loads the stream with all RAM
+    /// into its file RAM, then saves the device state.
+    async fn convert_stream(&self, dest: &Path) -> Result<(), VmmError> {
+        // why: connected before the load, as a restore does: a port whose host
+        // connection differs from the loaded state is told so by QEMU (a change
+        // the guest would see), and the state saved here must say "connected"
+        // for the restores of the snapshot, which connect before loading too.
+        let _agent = self.connect_agent().await?;
+        // why: the stream was written without `x-ignore-shared` (its RAM block
+        // was private); with it on, this shared block would be refused.
+        self.enable_migration_caps(false).await?;
+        let uri = format!(
+            "exec:cat {}",
+            shell_quoted(&self.id, &dest.join(RAM_STREAM_FILE))?
+        );
+        let mut events = self.qmp.subscribe();
+        self.qmp
+            .execute("migrate-incoming", json!({ "uri": uri }))
+            .await?;
+        self.wait_migration(&mut events, "loading the state with RAM")
+            .await?;
+        self.enable_migration_caps(true).await?;
+        let uri = format!(
+            "exec:cat > {}",
+            shell_quoted(&self.id, &dest.join(STATE_FILE))?
+        );
+        let mut events = self.qmp.subscribe();
+        self.qmp.execute("migrate", json!({ "uri": uri })).await?;
+        self.wait_migration(&mut events, "saving the device state")
+            .await
+    }
+}
+
+/// The id of the helper converting a snapshot of VM `id` (ids are at most 64 bytes).
+fn helper_id(id: &str) -> String {
+    let mut h = format!("{id}-ramconv");
+    if h.len() > 64 {
+        h = format!("ramconv-{}", &id[..id.len().min(56)]);
+    }
+    h
+}
+
+/// The helper's VM directory: `DEST/vm` (a restarted daemon stops the VM
+/// recorded there when it removes an unfinished snapshot), or, when its socket
+/// paths would be too long, a new directory in the temp dir.
+fn helper_dir(id: &str, dest: &Path) -> Result<PathBuf, VmmError> {
+    let dir = super::absolute(id, &dest.join("vm"))?;
+    if super::Layout::new(&dir).check_socket_paths(id).is_ok() {
+        return Ok(dir);
+    }
+    Ok(std::env::temp_dir().join(format!("hearth-ramconv-{}", unique_suffix())))
+}
+
+/// A host interface name no other process uses: `hrc` and 8 hex digits.
+fn unique_tap_name() -> String {
+    format!("hrc{}", &unique_suffix()[..8])
+}
+
+/// 16 hex digits from the clock, the pid and a counter.
+fn unique_suffix() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let mixed =
+        nanos ^ (u64::from(std::process::id()) << 40) ^ n.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    format!("{mixed:016x}")
 }
 
 impl QemuVmm {
@@ -272,7 +500,10 @@ async fn load_state(vm: &QemuVm, snapshot: &Path) -> Result<UnixStream, VmmError
     let t0 = Instant::now();
     let agent = vm.connect_agent().await?;
     let connected = t0.elapsed();
-    vm.enable_migration_caps().await?;
+    // why: file-RAM snapshots were saved with it (their shared RAM skipped), and
+    // so were the `in_state` ones of older builds (the flag changes the stream's
+    // RAM block list, which must match).
+    vm.enable_migration_caps(true).await?;
     let uri = format!(
         "exec:cat {}",
         shell_quoted(&vm.id, &snapshot.join(STATE_FILE))?
