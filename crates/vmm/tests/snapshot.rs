@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use hearth_proto::{read_frame_async, write_frame_async, Empty, Frame, Kind, Restored};
 use hearth_vmm::snapshot::file_sha256;
 use hearth_vmm::{
-    destroy, AfterSave, GuestMemory, HostIdentity, QemuVmm, RamStorage, SaveOptions, Verify,
+    destroy, AfterSave, GuestMemory, HostIdentity, QemuVmm, RamStorage, SaveOptions, Verify, Vm,
     VmConfig, Vmm,
 };
 use tokio::net::UnixStream;
@@ -200,6 +200,66 @@ async fn one_snapshot_serves_many_restores_and_stays_pristine() {
         t0.elapsed(),
         rss(r3.vm.pid())
     );
+
+    // Older builds saved a private-RAM VM's RAM inside the state stream
+    // (`ram: in_state`); such snapshots still restore. Made here as they did it.
+    let old = tmp.path().join("old");
+    std::fs::create_dir_all(&old).unwrap();
+    let (src, mut src_agent) = vmm.restore_qemu(&cfg("r5"), &snap, &m).await.unwrap();
+    src.start().await.unwrap();
+    wake(&mut src_agent, "r5").await;
+    src.pause().await.unwrap();
+    src.qmp()
+        .execute(
+            "migrate-set-capabilities",
+            serde_json::json!({"capabilities": [
+                {"capability": "x-ignore-shared", "state": true},
+                {"capability": "events", "state": true},
+            ]}),
+        )
+        .await
+        .unwrap();
+    let mut events = src.qmp().subscribe();
+    let uri = format!("exec:cat > '{}'", old.join("state").display());
+    src.qmp()
+        .execute("migrate", serde_json::json!({ "uri": uri }))
+        .await
+        .unwrap();
+    loop {
+        let ev = src
+            .qmp()
+            .wait_event(&mut events, "MIGRATION", Duration::from_secs(60))
+            .await
+            .unwrap();
+        match ev.data["status"].as_str() {
+            Some("completed") => break,
+            Some("failed" | "cancelled") => panic!("old-format save: {ev:?}"),
+            _ => {}
+        }
+    }
+    std::fs::copy(&src.layout().overlay, old.join("disk.qcow2")).unwrap();
+    let names = ["state", "disk.qcow2"];
+    let m_old = hearth_vmm::SnapshotManifest {
+        ram: RamStorage::InState,
+        files: hearth_vmm::snapshot::describe_files(&old, &names).unwrap(),
+        ..m.clone()
+    };
+    m_old.store(&old).unwrap();
+    src.kill().await.unwrap();
+    src.wait().await.unwrap();
+    let m_old = hearth_vmm::SnapshotManifest::load(&old).unwrap();
+    m_old.check(&old, &host, Verify::Full).unwrap();
+    let t0 = Instant::now();
+    let mut r6 = vmm.restore(&cfg("r6"), &old, &m_old).await.unwrap();
+    r6.vm.start().await.unwrap();
+    wake(&mut r6.agent, "r6").await;
+    println!(
+        "restore r6 (an `in_state` snapshot): process start -> RestoredAck+Pong {:?}; {}",
+        t0.elapsed(),
+        rss(r6.vm.pid())
+    );
+    r6.vm.kill().await.unwrap();
+    r6.vm.wait().await.unwrap();
 
     // A corrupted state stream is refused by the check, before QEMU sees it.
     let state = snap2.join("state");
