@@ -279,6 +279,43 @@ pub fn file_sha256(path: &Path) -> io::Result<String> {
     Ok(hex::encode(h.finalize()))
 }
 
+/// Copies the first `len` bytes of `src` into a new sparse file `dst`,
+/// writing only the 4 KiB pages that are not all zero (the others stay holes).
+/// Returns the bytes written.
+pub fn copy_nonzero_pages(src: &File, dst: &Path, len: u64) -> io::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    const PAGE: usize = 4096;
+    let to = File::create(dst)?;
+    to.set_len(len)?;
+    let mut buf = vec![0u8; 2 << 20];
+    let (mut pos, mut written) = (0u64, 0u64);
+    while pos < len {
+        let want = buf.len().min((len - pos) as usize);
+        let chunk = &mut buf[..want];
+        src.read_exact_at(chunk, pos)?;
+        // why: runs of non-zero pages go out in one write.
+        let mut run: Option<usize> = None;
+        for (i, page) in chunk.chunks(PAGE).enumerate() {
+            let zero = page.iter().all(|&b| b == 0);
+            match (zero, run) {
+                (false, None) => run = Some(i * PAGE),
+                (true, Some(start)) => {
+                    to.write_all_at(&chunk[start..i * PAGE], pos + start as u64)?;
+                    written += (i * PAGE - start) as u64;
+                    run = None;
+                }
+                _ => {}
+            }
+        }
+        if let Some(start) = run {
+            to.write_all_at(&chunk[start..], pos + start as u64)?;
+            written += (want - start) as u64;
+        }
+        pos += want as u64;
+    }
+    Ok(written)
+}
+
 /// Copies `src` to `dst`, keeping holes (guest RAM files are mostly holes).
 pub fn copy_sparse(src: &Path, dst: &Path) -> io::Result<()> {
     use std::os::fd::AsRawFd;
