@@ -8,6 +8,11 @@
 //! mapping: pages fault in lazily and the snapshot is never written, so one
 //! snapshot serves any number of restores), the agent channel connected, then
 //! `migrate-incoming` from `exec:cat DIR/state`.
+//!
+//! A VM whose RAM is private (restored from a snapshot or template) cannot
+//! have its RAM skipped: it saves the state with all RAM, and a helper QEMU
+//! turns that into `DIR/ram` + a device-only `DIR/state`
+//! ([`QemuVm::convert_ram`]), so every snapshot restores lazily.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -237,10 +242,10 @@ impl QemuVm {
     /// restores lazily (`ram: file`) like any other.
     ///
     /// A helper QEMU of this VM's machine (vCPUs, RAM size with its pad, device
-    /// set, a blank disk of the same size) whose RAM is `DEST/ram`, a fresh
-    /// sparse file mapped shared, loads the stream (pages land in the file;
-    /// zero pages are not written, so they stay holes), saves with
-    /// `x-ignore-shared` (device state only) to `DEST/state`, and quits. Bounded
+    /// set, a blank disk of the same size) whose RAM is a shared memfd loads
+    /// the stream, saves with `x-ignore-shared` (device state only) to
+    /// `DEST/state`; its RAM is then copied to `DEST/ram` (zero pages left as
+    /// holes) and it quits. Bounded
     /// by [`CONVERT_TIMEOUT`]; on failure the helper is killed and its directory,
     /// the RAM file and the partial state removed. The helper dies with the
     /// thread that started it ([`Lifetime::TiedToCaller`]), so a daemon that
