@@ -806,7 +806,16 @@ impl Vm for QemuVm {
         dest: &Path,
         opts: &crate::SaveOptions,
     ) -> Result<crate::SnapshotManifest, VmmError> {
-        self.save_qemu(dest, opts).await
+        self.save_qemu(dest, opts, None).await
+    }
+
+    async fn save_snapshot_notify(
+        &self,
+        dest: &Path,
+        opts: &crate::SaveOptions,
+        resumed: tokio::sync::oneshot::Sender<()>,
+    ) -> Result<crate::SnapshotManifest, VmmError> {
+        self.save_qemu(dest, opts, Some(resumed)).await
     }
 }
 

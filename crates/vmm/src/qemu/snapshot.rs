@@ -121,11 +121,12 @@ impl QemuVm {
         }
     }
 
-    /// See [`Vm::save_snapshot`].
+    /// See [`Vm::save_snapshot`] and [`Vm::save_snapshot_notify`] (`on_resumed`).
     pub async fn save_qemu(
         &self,
         dest: &Path,
         opts: &SaveOptions,
+        on_resumed: Option<tokio::sync::oneshot::Sender<()>>,
     ) -> Result<SnapshotManifest, VmmError> {
         let io = |op, p: &Path| {
             let path = p.to_path_buf();
@@ -150,7 +151,10 @@ impl QemuVm {
                 std::fs::rename(p, dest.join(RAM_FILE)).map_err(io("move RAM file", p))?;
             }
         }
-        let paused_total = t0.elapsed();
+        let vm_done = t0.elapsed();
+        if let Some(tx) = on_resumed {
+            let _ = tx.send(());
+        }
         if ram == RamStorage::InState {
             // why: a restore of an `in_state` snapshot reads all RAM up front; a
             // RAM file is mapped lazily. The stream is consistent with the disk
@@ -192,7 +196,7 @@ impl QemuVm {
                 .unwrap_or(0),
         };
         manifest.store(dest)?;
-        tracing::info!(vm = %self.id, ?paused_for, ?paused_total, total = ?t0.elapsed(), ram = ?ram, "snapshot saved");
+        tracing::info!(vm = %self.id, ?paused_for, ?vm_done, total = ?t0.elapsed(), ram = ?ram, "snapshot saved");
         Ok(manifest)
     }
 
