@@ -237,6 +237,9 @@ async fn one_snapshot_serves_many_restores_and_stays_pristine() {
             _ => {}
         }
     }
+    src.wait_exec_children(Duration::from_secs(60))
+        .await
+        .unwrap();
     std::fs::copy(&src.layout().overlay, old.join("disk.qcow2")).unwrap();
     let names = ["state", "disk.qcow2"];
     let m_old = hearth_vmm::SnapshotManifest {

@@ -213,6 +213,7 @@ impl QemuVm {
         self.qmp.execute("migrate", json!({ "uri": uri })).await?;
         self.wait_migration(&mut events, "saving the VM state")
             .await?;
+        self.wait_exec_children(STATE_TIMEOUT).await?;
         // why: a `cont` right after the `completed` event is refused ("Migration is
         // not finalized yet") while the run state is still `finish-migrate`.
         self.settle_after_completion().await;
@@ -241,6 +242,45 @@ impl QemuVm {
 }
 
 impl QemuVm {
+    /// Waits, at most `timeout`, until the processes QEMU started for `exec:`
+    /// migration URIs (`sh -c 'cat > FILE'`) have exited.
+    ///
+    /// why: QEMU reports a save `completed` once the stream is in the pipe; the
+    /// `cat` writing it to the file may still be draining the pipe then (seen:
+    /// a state file 125 KB longer moments after its checksum was taken), so the
+    /// file is whole only once that process is gone.
+    pub async fn wait_exec_children(&self, timeout: Duration) -> Result<(), VmmError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let pid = self.process.pid();
+        loop {
+            let kids = children_of(pid);
+            if kids.is_empty() {
+                return Ok(());
+            }
+            for kid in kids {
+                let watch = crate::process::start_time(kid)
+                    .and_then(|st| crate::process::ProcessHandle::open(kid, st))
+                    .and_then(|h| h.watch_adopted());
+                // why: a child that is gone already cannot be opened; the next
+                // round finds it no longer listed.
+                let Ok(watch) = watch else { continue };
+                if tokio::time::timeout_at(deadline, watch.wait())
+                    .await
+                    .is_err()
+                {
+                    return Err(VmmError::Timeout {
+                        id: self.id.clone(),
+                        awaited: format!(
+                            "the process writing the migration stream (pid {kid}) to exit"
+                        ),
+                        after: timeout,
+                        log_tail: log_tail(&self.layout.qemu_log, LOG_TAIL_BYTES),
+                    });
+                }
+            }
+        }
+    }
+
     /// Turns the stream with all RAM that this VM (whose RAM is private) saved
     /// in `dest` into a RAM file plus a device-state stream, so the snapshot
     /// restores lazily (`ram: file`) like any other.
@@ -410,7 +450,8 @@ impl QemuVm {
         let mut events = self.qmp.subscribe();
         self.qmp.execute("migrate", json!({ "uri": uri })).await?;
         self.wait_migration(&mut events, "saving the device state")
-            .await
+            .await?;
+        self.wait_exec_children(STATE_TIMEOUT).await
     }
 }
 
@@ -444,6 +485,33 @@ async fn copy_helper_ram(helper: &QemuVm, to: &Path, bytes: u64) -> Result<(), V
             source,
         }),
     }
+}
+
+/// The pids of `pid`'s live children (all its threads'; zombies, which have
+/// exited, left out), from /proc.
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let zombie = |kid: u32| {
+        std::fs::read_to_string(format!("/proc/{kid}/stat"))
+            .ok()
+            .and_then(|st| {
+                st.rsplit_once(')')
+                    .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+            })
+            .unwrap_or(true)
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|c| {
+            c.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .filter(|&kid| !zombie(kid))
+        .collect()
 }
 
 /// The id of the helper converting a snapshot of VM `id` (ids are at most 64 bytes).
