@@ -289,8 +289,7 @@ impl QemuVm {
     /// set, a blank disk of the same size) whose RAM is a shared memfd loads
     /// the stream, saves with `x-ignore-shared` (device state only) to
     /// `DEST/state`; its RAM is then copied to `DEST/ram` (zero pages left as
-    /// holes) and it quits. Bounded
-    /// by [`CONVERT_TIMEOUT`]; on failure the helper is killed and its directory,
+    /// holes) and it quits. Bounded by [`CONVERT_TIMEOUT`]; on failure the helper is killed and its directory,
     /// the RAM file and the partial state removed. The helper dies with the
     /// thread that started it ([`Lifetime::TiedToCaller`]), so a daemon that
     /// dies mid-way leaves no QEMU behind.
@@ -422,7 +421,7 @@ impl QemuVm {
     }
 
     /// On a helper of [`QemuVm::convert_ram`]: loads the stream with all RAM
-    /// into its file RAM, then saves the device state.
+    /// into its memfd RAM, then saves the device state.
     async fn convert_stream(&self, dest: &Path) -> Result<(), VmmError> {
         // why: connected before the load, as a restore does: a port whose host
         // connection differs from the loaded state is told so by QEMU (a change
@@ -465,7 +464,10 @@ async fn copy_helper_ram(helper: &QemuVm, to: &Path, bytes: u64) -> Result<(), V
             .flatten()
             .map(|e| e.path())
             .find(|p| {
-                std::fs::read_link(p).is_ok_and(|l| l.to_string_lossy().starts_with("/memfd:"))
+                std::fs::read_link(p).is_ok_and(|l| {
+                    l.to_string_lossy()
+                        .starts_with("/memfd:memory-backend-memfd")
+                })
             })
             .ok_or_else(|| std::io::Error::other("the helper QEMU has no memfd open"))?;
         let src = std::fs::File::open(memfd)?;
