@@ -363,6 +363,28 @@ pub fn copy_sparse(src: &Path, dst: &Path) -> io::Result<()> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn copy_of_ram_writes_only_its_non_zero_pages() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (src, dst) = (dir.path().join("src"), dir.path().join("dst"));
+        // 8 MiB, all zero but for a run of pages, a lone page, one byte in the
+        // last page and a page across the 2 MiB chunk boundary.
+        let len = 8u64 << 20;
+        let mut data = vec![0u8; len as usize];
+        data[4096..3 * 4096].fill(0xab);
+        data[(1 << 20) + 7] = 1;
+        data[(2 << 20) - 4096..(2 << 20) + 4096].fill(0x5a);
+        data[len as usize - 1] = 9;
+        std::fs::write(&src, &data).unwrap();
+        let written = copy_nonzero_pages(&File::open(&src).unwrap(), &dst, len).unwrap();
+        assert_eq!(written, 6 * 4096);
+        assert_eq!(std::fs::read(&dst).unwrap(), data);
+        // The zero pages are holes: far fewer blocks than the file's length.
+        let blocks = std::fs::metadata(&dst).unwrap().blocks() * 512;
+        assert!(blocks < 64 * 4096, "{blocks} bytes allocated");
+    }
+
     fn host() -> HostIdentity {
         HostIdentity {
             backend: "qemu".into(),
