@@ -203,10 +203,17 @@ impl Agent {
                 ),
             });
         }
-        let saved = vm.save_snapshot(&tmp, &opts).await;
-        if let Err(err) = conn.thaw_processes().await {
-            tracing::warn!(sandbox = %rec.id, "the Thaw after snapshot '{name}' could not be sent ({err}): the guest's processes stay stopped until a retry in the background gets it through or the guest's own bound (60 s) ends the stop");
-        }
+        // why: the guest's processes continue as soon as the VM's state is
+        // written and it runs again, not after the rest of the save (a restored
+        // VM's RAM conversion, the flush and checksums of the files).
+        let (resumed, resumed_rx) = tokio::sync::oneshot::channel();
+        let thaw = async {
+            let _ = resumed_rx.await;
+            if let Err(err) = conn.thaw_processes().await {
+                tracing::warn!(sandbox = %rec.id, "the Thaw after snapshot '{name}' could not be sent ({err}): the guest's processes stay stopped until a retry in the background gets it through or the guest's own bound (60 s) ends the stop");
+            }
+        };
+        let (saved, ()) = tokio::join!(vm.save_snapshot_notify(&tmp, &opts, resumed), thaw);
         let manifest = match saved {
             Ok(m) => m,
             Err(err) => {

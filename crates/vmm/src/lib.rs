@@ -211,6 +211,23 @@ pub trait Vm: Send + Sync {
         dest: &Path,
         opts: &SaveOptions,
     ) -> Result<SnapshotManifest, VmmError>;
+
+    /// [`Vm::save_snapshot`] that sends on `resumed` as soon as the VM's part is
+    /// done (the state is written and the VM runs again, or is quitting), while
+    /// the rest (converting private RAM to a file, flushing and checksumming)
+    /// goes on; dropped unsent when the save fails before that.
+    async fn save_snapshot_notify(
+        &self,
+        dest: &Path,
+        opts: &SaveOptions,
+        resumed: tokio::sync::oneshot::Sender<()>,
+    ) -> Result<SnapshotManifest, VmmError> {
+        let saved = self.save_snapshot(dest, opts).await;
+        if saved.is_ok() {
+            let _ = resumed.send(());
+        }
+        saved
+    }
 }
 
 /// The last `max_bytes` of a log file, lossily decoded; empty if unreadable.

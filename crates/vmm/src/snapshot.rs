@@ -279,6 +279,43 @@ pub fn file_sha256(path: &Path) -> io::Result<String> {
     Ok(hex::encode(h.finalize()))
 }
 
+/// Copies the first `len` bytes of `src` into a new sparse file `dst`,
+/// writing only the 4 KiB pages that are not all zero (the others stay holes).
+/// Returns the bytes written.
+pub fn copy_nonzero_pages(src: &File, dst: &Path, len: u64) -> io::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    const PAGE: usize = 4096;
+    let to = File::create(dst)?;
+    to.set_len(len)?;
+    let mut buf = vec![0u8; 2 << 20];
+    let (mut pos, mut written) = (0u64, 0u64);
+    while pos < len {
+        let want = buf.len().min((len - pos) as usize);
+        let chunk = &mut buf[..want];
+        src.read_exact_at(chunk, pos)?;
+        // why: runs of non-zero pages go out in one write.
+        let mut run: Option<usize> = None;
+        for (i, page) in chunk.chunks(PAGE).enumerate() {
+            let zero = page.iter().all(|&b| b == 0);
+            match (zero, run) {
+                (false, None) => run = Some(i * PAGE),
+                (true, Some(start)) => {
+                    to.write_all_at(&chunk[start..i * PAGE], pos + start as u64)?;
+                    written += (i * PAGE - start) as u64;
+                    run = None;
+                }
+                _ => {}
+            }
+        }
+        if let Some(start) = run {
+            to.write_all_at(&chunk[start..], pos + start as u64)?;
+            written += (want - start) as u64;
+        }
+        pos += want as u64;
+    }
+    Ok(written)
+}
+
 /// Copies `src` to `dst`, keeping holes (guest RAM files are mostly holes).
 pub fn copy_sparse(src: &Path, dst: &Path) -> io::Result<()> {
     use std::os::fd::AsRawFd;
@@ -325,6 +362,28 @@ pub fn copy_sparse(src: &Path, dst: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn copy_of_ram_writes_only_its_non_zero_pages() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (src, dst) = (dir.path().join("src"), dir.path().join("dst"));
+        // 8 MiB, all zero but for a run of pages, a lone page, one byte in the
+        // last page and a page across the 2 MiB chunk boundary.
+        let len = 8u64 << 20;
+        let mut data = vec![0u8; len as usize];
+        data[4096..3 * 4096].fill(0xab);
+        data[(1 << 20) + 7] = 1;
+        data[(2 << 20) - 4096..(2 << 20) + 4096].fill(0x5a);
+        data[len as usize - 1] = 9;
+        std::fs::write(&src, &data).unwrap();
+        let written = copy_nonzero_pages(&File::open(&src).unwrap(), &dst, len).unwrap();
+        assert_eq!(written, 6 * 4096);
+        assert_eq!(std::fs::read(&dst).unwrap(), data);
+        // The zero pages are holes: far fewer blocks than the file's length.
+        let blocks = std::fs::metadata(&dst).unwrap().blocks() * 512;
+        assert!(blocks < 64 * 4096, "{blocks} bytes allocated");
+    }
 
     fn host() -> HostIdentity {
         HostIdentity {

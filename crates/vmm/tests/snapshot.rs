@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use hearth_proto::{read_frame_async, write_frame_async, Empty, Frame, Kind, Restored};
 use hearth_vmm::snapshot::file_sha256;
 use hearth_vmm::{
-    destroy, AfterSave, GuestMemory, HostIdentity, QemuVmm, RamStorage, SaveOptions, Verify,
+    destroy, AfterSave, GuestMemory, HostIdentity, QemuVmm, RamStorage, SaveOptions, Verify, Vm,
     VmConfig, Vmm,
 };
 use tokio::net::UnixStream;
@@ -75,6 +75,17 @@ async fn wake(agent: &mut UnixStream, hostname: &str) {
         .await
         .unwrap();
     expect(agent, Kind::Pong).await;
+}
+
+/// QEMU's resident memory (`VmRSS`, `RssAnon`, `RssFile` of /proc/PID/status).
+fn rss(pid: u32) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .filter(|l| l.starts_with("VmRSS") || l.starts_with("RssAnon") || l.starts_with("RssFile"))
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[tokio::test]
@@ -146,22 +157,32 @@ async fn one_snapshot_serves_many_restores_and_stays_pristine() {
         r.vm.start().await.unwrap();
         wake(&mut r.agent, id).await;
         println!(
-            "restore {id}: process start -> RestoredAck+Pong {:?}",
-            t0.elapsed()
+            "restore {id}: process start -> RestoredAck+Pong {:?}; {}",
+            t0.elapsed(),
+            rss(r.vm.pid())
         );
         restored.push(r);
     }
     // The snapshot is still intact: its RAM was mapped privately.
     m.check(&snap, &host, Verify::Full).unwrap();
 
-    // A restored VM (private RAM) can be snapshotted again, RAM in the stream.
+    // A restored VM (private RAM) can be snapshotted again, and that snapshot
+    // too has its RAM as a file (converted by a helper QEMU), restored lazily.
     let snap2 = tmp.path().join("snap2");
+    let t0 = Instant::now();
     let m2 = restored[0]
         .vm
         .save_snapshot(&snap2, &opts(AfterSave::Resume))
         .await
         .unwrap();
-    assert_eq!(m2.ram, RamStorage::InState);
+    assert_eq!(m2.ram, RamStorage::File);
+    let mut left: Vec<String> = std::fs::read_dir(&snap2)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["disk.qcow2", "manifest.json", "ram", "state"]);
+    m2.check(&snap2, &host, Verify::Full).unwrap();
     hearth_proto::write_frame_async(
         &mut restored[0].agent,
         &Frame::json(Kind::Ping, 0, &Empty {}),
@@ -169,9 +190,79 @@ async fn one_snapshot_serves_many_restores_and_stays_pristine() {
     .await
     .unwrap();
     expect(&mut restored[0].agent, Kind::Pong).await;
+    println!("snapshot of a restored VM: {:?}", t0.elapsed());
+    let t0 = Instant::now();
     let mut r3 = vmm.restore(&cfg("r3"), &snap2, &m2).await.unwrap();
     r3.vm.start().await.unwrap();
     wake(&mut r3.agent, "r3").await;
+    println!(
+        "restore r3 (of the restored VM's snapshot): process start -> RestoredAck+Pong {:?}; {}",
+        t0.elapsed(),
+        rss(r3.vm.pid())
+    );
+
+    // Older builds saved a private-RAM VM's RAM inside the state stream
+    // (`ram: in_state`); such snapshots still restore. Made here as they did it.
+    let old = tmp.path().join("old");
+    std::fs::create_dir_all(&old).unwrap();
+    let (src, mut src_agent) = vmm.restore_qemu(&cfg("r5"), &snap, &m).await.unwrap();
+    src.start().await.unwrap();
+    wake(&mut src_agent, "r5").await;
+    src.pause().await.unwrap();
+    src.qmp()
+        .execute(
+            "migrate-set-capabilities",
+            serde_json::json!({"capabilities": [
+                {"capability": "x-ignore-shared", "state": true},
+                {"capability": "events", "state": true},
+            ]}),
+        )
+        .await
+        .unwrap();
+    let mut events = src.qmp().subscribe();
+    let uri = format!("exec:cat > '{}'", old.join("state").display());
+    src.qmp()
+        .execute("migrate", serde_json::json!({ "uri": uri }))
+        .await
+        .unwrap();
+    loop {
+        let ev = src
+            .qmp()
+            .wait_event(&mut events, "MIGRATION", Duration::from_secs(60))
+            .await
+            .unwrap();
+        match ev.data["status"].as_str() {
+            Some("completed") => break,
+            Some("failed" | "cancelled") => panic!("old-format save: {ev:?}"),
+            _ => {}
+        }
+    }
+    src.wait_exec_children(Duration::from_secs(60))
+        .await
+        .unwrap();
+    std::fs::copy(&src.layout().overlay, old.join("disk.qcow2")).unwrap();
+    let names = ["state", "disk.qcow2"];
+    let m_old = hearth_vmm::SnapshotManifest {
+        ram: RamStorage::InState,
+        files: hearth_vmm::snapshot::describe_files(&old, &names).unwrap(),
+        ..m.clone()
+    };
+    m_old.store(&old).unwrap();
+    src.kill().await.unwrap();
+    src.wait().await.unwrap();
+    let m_old = hearth_vmm::SnapshotManifest::load(&old).unwrap();
+    m_old.check(&old, &host, Verify::Full).unwrap();
+    let t0 = Instant::now();
+    let mut r6 = vmm.restore(&cfg("r6"), &old, &m_old).await.unwrap();
+    r6.vm.start().await.unwrap();
+    wake(&mut r6.agent, "r6").await;
+    println!(
+        "restore r6 (an `in_state` snapshot): process start -> RestoredAck+Pong {:?}; {}",
+        t0.elapsed(),
+        rss(r6.vm.pid())
+    );
+    r6.vm.kill().await.unwrap();
+    r6.vm.wait().await.unwrap();
 
     // A corrupted state stream is refused by the check, before QEMU sees it.
     let state = snap2.join("state");

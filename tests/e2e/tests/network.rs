@@ -2197,7 +2197,41 @@ fn cold_boots_and_their_snapshots_put_the_nic_on_its_tap_with_offloads_templates
     assert_nic_on_tap(&d, &warm, false);
     assert_own_identity_and_policy(&d, &warm, &ns.server_ip);
 
-    for id in [&src, &restored, &warm] {
+    // Snapshots of restored VMs (private RAM) get their RAM as a file too: a
+    // helper QEMU with the same device set converts them, on a tap of its own
+    // for a device directly on a tap (its offloads need one), on the hub else.
+    let mut again = Vec::new();
+    for (from, name, on_tap) in [(&restored, "s2", true), (&warm, "s3", false)] {
+        let out = d.hearth(&["snapshot", from, "--name", name]);
+        assert!(out.status.success(), "{}", show(&out));
+        let m: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(
+                d.data_dir()
+                    .join("snapshots")
+                    .join(name)
+                    .join("manifest.json"),
+            )
+            .expect("manifest"),
+        )
+        .expect("manifest json");
+        assert_eq!(m["ram"], "file", "{m}");
+        let (r, _) = run_detached(&d, &["--from-snapshot", name, "--egress-deny", &deny]);
+        assert_eq!(d.inspect(&r)["start_path"], "snapshot");
+        let f = virtio_net_features(&d, &r);
+        assert_eq!(has_offloads(&f), on_tap, "{name}: {f}");
+        assert_nic_on_tap(&d, &r, on_tap);
+        assert_own_identity_and_policy(&d, &r, &ns.server_ip);
+        again.push(r);
+    }
+    // The helpers' taps went with them.
+    let links = std::process::Command::new("ip")
+        .args(["-o", "link", "show"])
+        .output()
+        .expect("ip link");
+    let links = String::from_utf8_lossy(&links.stdout);
+    assert!(!links.contains(": hrc"), "a helper's tap is left: {links}");
+
+    for id in [&src, &restored, &warm, &again[0], &again[1]] {
         let out = d.hearth(&["rm", "-f", id]);
         assert!(out.status.success(), "{}", show(&out));
     }

@@ -201,6 +201,129 @@ fn forks_have_their_own_hostname_and_randomness() {
     assert!(left.is_empty(), "left under snapshots/: {left:?}");
 }
 
+/// The `ram` field of snapshot `name`'s manifest, and the files in its directory.
+fn snapshot_ram(d: &Daemon, name: &str) -> (String, Vec<String>) {
+    let dir = d.data_dir().join("snapshots").join(name);
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).expect("manifest"))
+            .expect("manifest json");
+    let mut files: Vec<String> = std::fs::read_dir(&dir)
+        .expect("snapshot dir")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    (m["ram"].as_str().unwrap_or_default().to_string(), files)
+}
+
+#[test]
+fn snapshots_and_forks_of_restored_sandboxes_keep_their_ram_in_a_file() {
+    let d = Daemon::start();
+    let out = d.hearth(&[
+        "template", "create", "busybox", "--name", "bb", "--memory", "128",
+    ]);
+    assert!(out.status.success(), "{}", show(&out));
+    // A warm start: its VM was restored from the template, so its RAM is private.
+    let src = run_detached(&d, &["busybox", "--", "sh", "-c", COUNTER]);
+    assert_eq!(
+        d.inspect(&src)["start_path"],
+        "template",
+        "{}",
+        d.inspect(&src)
+    );
+    wait_until("the counter to count", Duration::from_secs(120), || {
+        counted(&d, &src).len() >= 3
+    });
+    let before = *counted(&d, &src).last().unwrap();
+    let out = d.hearth(&["snapshot", &src, "--name", "s1"]);
+    assert!(out.status.success(), "{}", show(&out));
+    let after = *counted(&d, &src).last().unwrap();
+    let out = d.hearth(&["exec", &src, "--", "touch", "/after"]);
+    assert!(out.status.success(), "{}", show(&out));
+    // Its RAM is a file the restore maps lazily, not inside the state stream;
+    // nothing of the conversion is left beside it.
+    let (ram, files) = snapshot_ram(&d, "s1");
+    assert_eq!(ram, "file");
+    assert_eq!(
+        files,
+        [
+            "disk.qcow2",
+            "manifest.json",
+            "ram",
+            "snapshot.json",
+            "state"
+        ],
+    );
+
+    let r = run_from_snapshot(&d, "s1");
+    wait_until(
+        "the restored counter to count",
+        Duration::from_secs(120),
+        || counted(&d, &r).len() >= 3,
+    );
+    let restored = counted(&d, &r);
+    assert!(
+        restored[0] > before && restored[0] <= after + 2,
+        "restored counter starts at {}, the source was at {before}..={after} around the snapshot: {restored:?}",
+        restored[0]
+    );
+    for w in restored.windows(2) {
+        assert_eq!(
+            w[1],
+            w[0] + 1,
+            "the restored counter keeps counting: {restored:?}"
+        );
+    }
+    let out = d.hearth(&[
+        "exec",
+        &r,
+        "--",
+        "sh",
+        "-c",
+        "cat /before; test -e /after && echo after-exists || echo no-after",
+    ]);
+    assert_eq!(stdout(&out), "before\nno-after\n", "{}", show(&out));
+
+    // A fork of the restored sandbox (restored again: private RAM once more).
+    let out = d.hearth(&["exec", &r, "--", "touch", "/in-r"]);
+    assert!(out.status.success(), "{}", show(&out));
+    let out = d.hearth(&["fork", &r, "-n", "1"]);
+    assert!(out.status.success(), "{}", show(&out));
+    let forks: Vec<String> = stdout(&out).lines().map(str::to_string).collect();
+    assert_eq!(forks.len(), 1, "{}", show(&out));
+    let f = &forks[0];
+    wait_running(&d, f);
+    assert_eq!(d.inspect(f)["start_path"], "snapshot");
+    let fork_snap = d.inspect(f)["started_from"]
+        .as_str()
+        .expect("the fork's snapshot")
+        .to_string();
+    assert_eq!(snapshot_ram(&d, &fork_snap).0, "file");
+    let from = *counted(&d, &r).first().unwrap();
+    wait_until("the fork to count", Duration::from_secs(60), || {
+        counted(&d, f).len() >= 2
+    });
+    assert!(counted(&d, f)[0] > from, "the fork restarted the counter");
+    let out = d.hearth(&[
+        "exec",
+        f,
+        "--",
+        "sh",
+        "-c",
+        "cat /before; test -e /in-r && echo in-r; test -e /after || echo no-after; hostname",
+    ]);
+    assert_eq!(
+        stdout(&out),
+        format!("before\nin-r\nno-after\n{f}\n"),
+        "{}",
+        show(&out)
+    );
+    for id in [f.as_str(), r.as_str(), src.as_str()] {
+        let out = d.hearth(&["rm", "-f", id]);
+        assert!(out.status.success(), "{}", show(&out));
+    }
+}
+
 #[test]
 fn truncated_corrupted_or_foreign_snapshot_is_refused_with_a_clear_error() {
     let d = Daemon::start();

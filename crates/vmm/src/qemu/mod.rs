@@ -128,6 +128,19 @@ impl QemuVmm {
         ram: RamBacking,
         extra: Vec<String>,
     ) -> Result<QemuVm, VmmError> {
+        self.launch_as(cfg, disk, ram, extra, Lifetime::OwnSession)
+            .await
+    }
+
+    /// [`QemuVmm::launch`] with the process's [`Lifetime`].
+    pub(crate) async fn launch_as(
+        &self,
+        cfg: &VmConfig,
+        disk: Disk,
+        ram: RamBacking,
+        extra: Vec<String>,
+        lifetime: Lifetime,
+    ) -> Result<QemuVm, VmmError> {
         cfg.validate(&self.host)?;
         cfg.check_artifacts()?;
         let layout = Layout::new(&absolute(&cfg.id, &cfg.dir)?);
@@ -147,7 +160,7 @@ impl QemuVmm {
                 dir: layout.dir.clone(),
             });
         }
-        let result = self.spawn(cfg, &layout, args, disk, ram).await;
+        let result = self.spawn(cfg, &layout, args, disk, ram, lifetime).await;
         if result.is_err() {
             // why: a failed create leaves nothing behind; the error carries qemu.log's tail.
             for f in layout.files() {
@@ -168,6 +181,7 @@ impl QemuVmm {
         args: Vec<String>,
         disk: Disk,
         ram: RamBacking,
+        lifetime: Lifetime,
     ) -> Result<QemuVm, VmmError> {
         let t0 = Instant::now();
         match disk {
@@ -200,12 +214,25 @@ impl QemuVmm {
             .stdout(log)
             .stderr(log2)
             .kill_on_drop(false);
-        // SAFETY: setsid(2) is async-signal-safe and touches no memory of the parent;
-        // it puts QEMU in its own session so it outlives the daemon and its signals.
+        let parent = std::process::id();
+        let tied = lifetime == Lifetime::TiedToCaller;
+        // SAFETY: setsid(2), prctl(2) and getppid(2) are async-signal-safe and touch
+        // no memory of the parent; setsid puts QEMU in its own session so it
+        // outlives the daemon's signals, and a helper's PR_SET_PDEATHSIG ends it
+        // with the thread that spawned it (the check after it covers a parent
+        // that died before the prctl).
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 if libc::setsid() < 0 {
                     return Err(io::Error::last_os_error());
+                }
+                if tied {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    if libc::getppid() as u32 != parent {
+                        return Err(io::Error::other("the spawning process is gone"));
+                    }
                 }
                 Ok(())
             });
@@ -283,6 +310,7 @@ impl QemuVmm {
             }),
             ram,
             vmm_version: self.version.clone(),
+            backend: self.clone(),
         })
     }
 
@@ -323,6 +351,7 @@ impl QemuVmm {
             timings: None,
             ram,
             vmm_version: self.version.clone(),
+            backend: self.clone(),
         })
     }
 }
@@ -386,6 +415,16 @@ async fn exit_soon(exit: &ExitWatch) -> Option<VmExit> {
     tokio::time::timeout(EXIT_AFTER_CLOSE, exit.wait())
         .await
         .ok()
+}
+
+/// How long a spawned QEMU may live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Lifetime {
+    /// A VM: its own session, outliving the daemon (which re-adopts it).
+    OwnSession,
+    /// A short-lived helper (converting a snapshot): killed (SIGKILL) when the
+    /// thread that spawned it ends, so a daemon that dies mid-way leaves none.
+    TiedToCaller,
 }
 
 /// Where a VM's writable disk layer comes from.
@@ -555,6 +594,8 @@ pub struct QemuVm {
     ram: RamBacking,
     /// [`Vmm::version`] of the backend that started it, recorded in its snapshots.
     vmm_version: String,
+    /// The backend that started (or adopted) it, for helper QEMUs its snapshots need.
+    backend: QemuVmm,
 }
 
 impl QemuVm {
@@ -765,7 +806,16 @@ impl Vm for QemuVm {
         dest: &Path,
         opts: &crate::SaveOptions,
     ) -> Result<crate::SnapshotManifest, VmmError> {
-        self.save_qemu(dest, opts).await
+        self.save_qemu(dest, opts, None).await
+    }
+
+    async fn save_snapshot_notify(
+        &self,
+        dest: &Path,
+        opts: &crate::SaveOptions,
+        resumed: tokio::sync::oneshot::Sender<()>,
+    ) -> Result<crate::SnapshotManifest, VmmError> {
+        self.save_qemu(dest, opts, Some(resumed)).await
     }
 }
 

@@ -8,8 +8,13 @@
 //! mapping: pages fault in lazily and the snapshot is never written, so one
 //! snapshot serves any number of restores), the agent channel connected, then
 //! `migrate-incoming` from `exec:cat DIR/state`.
+//!
+//! A VM whose RAM is private (restored from a snapshot or template) cannot
+//! have its RAM skipped: it saves the state with all RAM, and a helper QEMU
+//! turns that into `DIR/ram` + a device-only `DIR/state`
+//! ([`QemuVm::convert_ram`]), so every snapshot restores lazily.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
@@ -17,10 +22,11 @@ use tokio::net::UnixStream;
 use tokio::sync::broadcast;
 
 use super::argv::memory_backend_args;
-use super::{Disk, QemuVm, QemuVmm, RamBacking, LOG_TAIL_BYTES};
-use crate::config::{option_path, GuestMemory, VmConfig};
+use super::{Disk, Lifetime, QemuVm, QemuVmm, RamBacking, LOG_TAIL_BYTES};
+use crate::config::{option_path, GuestMemory, NetDevice, VmConfig};
 use crate::error::VmmError;
 use crate::qmp::QmpEvent;
+use crate::record::VmRecord;
 use crate::snapshot::{
     copy_sparse, describe_files, sync_files, RamStorage, SnapshotManifest, DISK_FILE, RAM_FILE,
     SNAPSHOT_FORMAT, STATE_FILE,
@@ -29,6 +35,14 @@ use crate::{log_tail, AfterSave, SaveOptions, Vm};
 
 /// Bound on writing or reading the state stream (TCG hosts are slow and busy).
 pub const STATE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Bound on converting a snapshot of a VM with private RAM (helper QEMU start,
+/// loading all its RAM, saving its device state, quitting).
+pub const CONVERT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// In a snapshot directory being saved: the state stream with all RAM that a
+/// VM with private RAM writes; removed once converted.
+const RAM_STREAM_FILE: &str = ".state-with-ram";
 
 /// `'path'` for QEMU's `exec:` migration URIs, which run through `sh -c`.
 fn shell_quoted(id: &str, path: &Path) -> Result<String, VmmError> {
@@ -44,7 +58,11 @@ fn shell_quoted(id: &str, path: &Path) -> Result<String, VmmError> {
 }
 
 impl QemuVm {
-    async fn enable_migration_caps(&self) -> Result<(), VmmError> {
+    /// The capabilities of a save or load. `ignore_shared`: RAM blocks mapped
+    /// shared stay out of the stream (every file-RAM snapshot's state, and
+    /// every load of one); off, every block's pages are in it (the stream a
+    /// VM with private RAM writes for its conversion, see [`QemuVm::convert_ram`]).
+    async fn enable_migration_caps(&self, ignore_shared: bool) -> Result<(), VmmError> {
         self.qmp
             .execute(
                 "migrate-set-capabilities",
@@ -52,7 +70,7 @@ impl QemuVm {
                 // migration attempted earlier (and cancelled) left its own on,
                 // and `pause-before-switchover` would stall this save.
                 json!({"capabilities": [
-                    {"capability": "x-ignore-shared", "state": true},
+                    {"capability": "x-ignore-shared", "state": ignore_shared},
                     {"capability": "events", "state": true},
                     {"capability": "block", "state": false},
                     {"capability": "auto-converge", "state": false},
@@ -103,11 +121,12 @@ impl QemuVm {
         }
     }
 
-    /// See [`Vm::save_snapshot`].
+    /// See [`Vm::save_snapshot`] and [`Vm::save_snapshot_notify`] (`on_resumed`).
     pub async fn save_qemu(
         &self,
         dest: &Path,
         opts: &SaveOptions,
+        on_resumed: Option<tokio::sync::oneshot::Sender<()>>,
     ) -> Result<SnapshotManifest, VmmError> {
         let io = |op, p: &Path| {
             let path = p.to_path_buf();
@@ -123,7 +142,7 @@ impl QemuVm {
             AfterSave::Resume if was_running => self.set_running(true).await,
             _ => Ok(()),
         };
-        let ram = saved?;
+        let mut ram = saved?;
         resumed?;
         if opts.after == AfterSave::Quit {
             let _ = self.shutdown(Duration::from_secs(5)).await?;
@@ -131,6 +150,17 @@ impl QemuVm {
                 // why: the VM is gone, so its RAM file is final: take it instead of copying.
                 std::fs::rename(p, dest.join(RAM_FILE)).map_err(io("move RAM file", p))?;
             }
+        }
+        let vm_done = t0.elapsed();
+        if let Some(tx) = on_resumed {
+            let _ = tx.send(());
+        }
+        if ram == RamStorage::InState {
+            // why: a restore of an `in_state` snapshot reads all RAM up front; a
+            // RAM file is mapped lazily. The stream is consistent with the disk
+            // copy already, so this runs after the VM was resumed.
+            self.convert_ram(dest, opts).await?;
+            ram = RamStorage::File;
         }
         let mut names = vec![STATE_FILE, DISK_FILE];
         if ram == RamStorage::File {
@@ -166,22 +196,24 @@ impl QemuVm {
                 .unwrap_or(0),
         };
         manifest.store(dest)?;
-        tracing::info!(vm = %self.id, ?paused_for, total = ?t0.elapsed(), ram = ?ram, "snapshot saved");
+        tracing::info!(vm = %self.id, ?paused_for, ?vm_done, total = ?t0.elapsed(), ram = ?ram, "snapshot saved");
         Ok(manifest)
     }
 
     /// Pauses and writes state, disk layer and (when resuming) the RAM copy.
+    /// [`RamStorage::InState`]: the VM's RAM is private, and the state with
+    /// all its RAM is in [`RAM_STREAM_FILE`] (for [`QemuVm::convert_ram`]).
     async fn write_state(&self, dest: &Path, opts: &SaveOptions) -> Result<RamStorage, VmmError> {
         self.set_running(false).await?;
-        self.enable_migration_caps().await?;
-        let uri = format!(
-            "exec:cat > {}",
-            shell_quoted(&self.id, &dest.join(STATE_FILE))?
-        );
+        let shared = matches!(self.ram, RamBacking::Shared(_));
+        self.enable_migration_caps(shared).await?;
+        let file = if shared { STATE_FILE } else { RAM_STREAM_FILE };
+        let uri = format!("exec:cat > {}", shell_quoted(&self.id, &dest.join(file))?);
         let mut events = self.qmp.subscribe();
         self.qmp.execute("migrate", json!({ "uri": uri })).await?;
         self.wait_migration(&mut events, "saving the VM state")
             .await?;
+        self.wait_exec_children(STATE_TIMEOUT).await?;
         // why: a `cont` right after the `completed` event is refused ("Migration is
         // not finalized yet") while the run state is still `finish-migrate`.
         self.settle_after_completion().await;
@@ -207,6 +239,319 @@ impl QemuVm {
             (RamBacking::Anonymous | RamBacking::Private, _) => Ok(RamStorage::InState),
         }
     }
+}
+
+impl QemuVm {
+    /// Waits, at most `timeout`, until the processes QEMU started for `exec:`
+    /// migration URIs (`sh -c 'cat > FILE'`) have exited.
+    ///
+    /// why: QEMU reports a save `completed` once the stream is in the pipe; the
+    /// `cat` writing it to the file may still be draining the pipe then (seen:
+    /// a state file 125 KB longer moments after its checksum was taken), so the
+    /// file is whole only once that process is gone.
+    pub async fn wait_exec_children(&self, timeout: Duration) -> Result<(), VmmError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let pid = self.process.pid();
+        loop {
+            let kids = children_of(pid);
+            if kids.is_empty() {
+                return Ok(());
+            }
+            for kid in kids {
+                let watch = crate::process::start_time(kid)
+                    .and_then(|st| crate::process::ProcessHandle::open(kid, st))
+                    .and_then(|h| h.watch_adopted());
+                // why: a child that is gone already cannot be opened; the next
+                // round finds it no longer listed.
+                let Ok(watch) = watch else { continue };
+                if tokio::time::timeout_at(deadline, watch.wait())
+                    .await
+                    .is_err()
+                {
+                    return Err(VmmError::Timeout {
+                        id: self.id.clone(),
+                        awaited: format!(
+                            "the process writing the migration stream (pid {kid}) to exit"
+                        ),
+                        after: timeout,
+                        log_tail: log_tail(&self.layout.qemu_log, LOG_TAIL_BYTES),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Turns the stream with all RAM that this VM (whose RAM is private) saved
+    /// in `dest` into a RAM file plus a device-state stream, so the snapshot
+    /// restores lazily (`ram: file`) like any other.
+    ///
+    /// A helper QEMU of this VM's machine (vCPUs, RAM size with its pad, device
+    /// set, a blank disk of the same size) whose RAM is a shared memfd loads
+    /// the stream, saves with `x-ignore-shared` (device state only) to
+    /// `DEST/state`; its RAM is then copied to `DEST/ram` (zero pages left as
+    /// holes) and it quits. Bounded by [`CONVERT_TIMEOUT`]; on failure the helper is killed and its directory,
+    /// the RAM file and the partial state removed. The helper dies with the
+    /// thread that started it ([`Lifetime::TiedToCaller`]), so a daemon that
+    /// dies mid-way leaves no QEMU behind.
+    async fn convert_ram(&self, dest: &Path, opts: &SaveOptions) -> Result<(), VmmError> {
+        let t0 = Instant::now();
+        let failed = |detail: String| VmmError::SnapshotFailed {
+            id: self.id.clone(),
+            op: "converting the snapshot's RAM to a file",
+            detail: format!("snapshot {}: {detail}", dest.display()),
+            log_tail: String::new(),
+        };
+        let machine = super::recorded_machine(&self.layout.dir)
+            .map_err(|e| failed(format!("reading the VM's machine: {e}")))?;
+        let argv = VmRecord::load(&self.layout.dir)
+            .map_err(|e| failed(format!("reading the VM's record: {e}")))?
+            .argv;
+        let arg = |flag: &str| {
+            argv.windows(2)
+                .find(|w| w[0] == flag)
+                .map(|w| PathBuf::from(&w[1]))
+        };
+        let (Some(kernel), Some(initrd)) = (arg("-kernel"), arg("-initrd")) else {
+            return Err(failed(
+                "no `-kernel` and `-initrd` on the VM's recorded command line".to_string(),
+            ));
+        };
+        let ram = super::absolute(&self.id, &dest.join(RAM_FILE))?;
+        let cfg = VmConfig {
+            id: helper_id(&self.id),
+            dir: helper_dir(&self.id, dest)?,
+            kernel,
+            initrd,
+            rootfs: opts.base_rootfs.clone(),
+            cpus: machine.cpus,
+            memory_mib: opts.memory_mib,
+            hostname: "ramconv".to_string(),
+            extra_cmdline: Vec::new(),
+            accel: self.accel,
+            // why: the device set must be the VM's; only the backend may differ.
+            // A device directly on a tap negotiated offloads only a tap gives, so
+            // its helper gets a tap of its own, created by QEMU and gone with it.
+            net: machine.nic.map(|(mac, hub)| NetDevice {
+                tap: (!hub).then(unique_tap_name),
+                mac,
+                hub,
+            }),
+            memory: GuestMemory::Anonymous,
+            ram_kib: Some(machine.ram_kib),
+        };
+        // why: memfd, not a file in DEST: loading writes every non-zero page
+        // and reads every zero one through the mapping, and page faults on a
+        // shared ext4 mapping made that ~4x slower than on shmem followed by
+        // one pass of plain writes; a memfd also goes away with its process.
+        let mut extra = memory_backend_args(&format!(
+            "memory-backend-memfd,id=ram,size={}K,share=on",
+            machine.ram_kib,
+        ));
+        extra.extend(["-incoming".to_string(), "defer".to_string()]);
+        let remove_outputs = || {
+            let _ = std::fs::remove_file(&ram);
+            let _ = std::fs::remove_file(dest.join(STATE_FILE));
+        };
+        let helper = match self
+            .backend
+            .launch_as(
+                &cfg,
+                Disk::Blank(machine.disk_bytes),
+                RamBacking::Shared(ram.clone()),
+                extra,
+                Lifetime::TiedToCaller,
+            )
+            .await
+        {
+            Ok(h) => h,
+            Err(e) => {
+                remove_outputs();
+                let _ = std::fs::remove_dir(&cfg.dir);
+                return Err(failed(format!("starting the helper QEMU: {e}")));
+            }
+        };
+        let work = async {
+            helper.convert_stream(dest).await?;
+            copy_helper_ram(&helper, &ram, machine.ram_kib * 1024).await
+        };
+        let result = match tokio::time::timeout(CONVERT_TIMEOUT, work).await {
+            Ok(r) => r.map_err(|e| failed(e.to_string())),
+            Err(_) => Err(VmmError::SnapshotFailed {
+                id: self.id.clone(),
+                op: "converting the snapshot's RAM to a file",
+                detail: format!(
+                    "snapshot {}: the helper QEMU did not finish within {CONVERT_TIMEOUT:?}",
+                    dest.display()
+                ),
+                log_tail: log_tail(&helper.layout.qemu_log, LOG_TAIL_BYTES),
+            }),
+        };
+        let ended = match &result {
+            Ok(()) => helper.shutdown(Duration::from_secs(5)).await.map(|_| ()),
+            Err(_) => match helper.kill().await {
+                Ok(()) => helper
+                    .wait_timeout(Duration::from_secs(10))
+                    .await
+                    .map(|_| ()),
+                Err(e) => Err(e),
+            },
+        };
+        let removed = crate::record::destroy(&cfg.dir);
+        let result = result
+            .and_then(|()| ended.map_err(|e| failed(format!("ending the helper QEMU: {e}"))))
+            .and_then(|()| {
+                removed.map_err(|e| failed(format!("removing the helper's directory: {e}")))
+            });
+        match result {
+            Ok(()) => {
+                let stream = dest.join(RAM_STREAM_FILE);
+                std::fs::remove_file(&stream).map_err(|source| VmmError::Io {
+                    op: "remove the converted state stream",
+                    path: stream,
+                    source,
+                })?;
+                tracing::info!(vm = %self.id, took = ?t0.elapsed(), "snapshot RAM converted to a file");
+                Ok(())
+            }
+            Err(e) => {
+                remove_outputs();
+                Err(e)
+            }
+        }
+    }
+
+    /// On a helper of [`QemuVm::convert_ram`]: loads the stream with all RAM
+    /// into its memfd RAM, then saves the device state.
+    async fn convert_stream(&self, dest: &Path) -> Result<(), VmmError> {
+        // why: connected before the load, as a restore does: a port whose host
+        // connection differs from the loaded state is told so by QEMU (a change
+        // the guest would see), and the state saved here must say "connected"
+        // for the restores of the snapshot, which connect before loading too.
+        let _agent = self.connect_agent().await?;
+        // why: the stream was written without `x-ignore-shared` (its RAM block
+        // was private); with it on, this shared block would be refused.
+        self.enable_migration_caps(false).await?;
+        let uri = format!(
+            "exec:cat {}",
+            shell_quoted(&self.id, &dest.join(RAM_STREAM_FILE))?
+        );
+        let mut events = self.qmp.subscribe();
+        self.qmp
+            .execute("migrate-incoming", json!({ "uri": uri }))
+            .await?;
+        self.wait_migration(&mut events, "loading the state with RAM")
+            .await?;
+        self.enable_migration_caps(true).await?;
+        let uri = format!(
+            "exec:cat > {}",
+            shell_quoted(&self.id, &dest.join(STATE_FILE))?
+        );
+        let mut events = self.qmp.subscribe();
+        self.qmp.execute("migrate", json!({ "uri": uri })).await?;
+        self.wait_migration(&mut events, "saving the device state")
+            .await?;
+        self.wait_exec_children(STATE_TIMEOUT).await
+    }
+}
+
+/// Copies the RAM of a helper of [`QemuVm::convert_ram`] (its memfd, found
+/// among its open files) to `to`, leaving zero pages as holes.
+async fn copy_helper_ram(helper: &QemuVm, to: &Path, bytes: u64) -> Result<(), VmmError> {
+    let fds = PathBuf::from(format!("/proc/{}/fd", helper.process.pid()));
+    let to_path = to.to_path_buf();
+    let copied = tokio::task::spawn_blocking(move || -> std::io::Result<u64> {
+        let memfd = std::fs::read_dir(&fds)?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                std::fs::read_link(p).is_ok_and(|l| {
+                    l.to_string_lossy()
+                        .starts_with("/memfd:memory-backend-memfd")
+                })
+            })
+            .ok_or_else(|| std::io::Error::other("the helper QEMU has no memfd open"))?;
+        let src = std::fs::File::open(memfd)?;
+        crate::snapshot::copy_nonzero_pages(&src, &to_path, bytes)
+    })
+    .await
+    .map_err(std::io::Error::other)
+    .and_then(|r| r);
+    match copied {
+        Ok(n) => {
+            tracing::debug!(vm = %helper.id, bytes = n, "helper RAM copied");
+            Ok(())
+        }
+        Err(source) => Err(VmmError::Io {
+            op: "copy the helper QEMU's RAM to",
+            path: to.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// The pids of `pid`'s live children (all its threads'; zombies, which have
+/// exited, left out), from /proc.
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let zombie = |kid: u32| {
+        std::fs::read_to_string(format!("/proc/{kid}/stat"))
+            .ok()
+            .and_then(|st| {
+                st.rsplit_once(')')
+                    .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+            })
+            .unwrap_or(true)
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|c| {
+            c.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .filter(|&kid| !zombie(kid))
+        .collect()
+}
+
+/// The id of the helper converting a snapshot of VM `id` (ids are at most 64 bytes).
+fn helper_id(id: &str) -> String {
+    let mut h = format!("{id}-ramconv");
+    if h.len() > 64 {
+        h = format!("ramconv-{}", &id[..id.len().min(56)]);
+    }
+    h
+}
+
+/// The helper's VM directory: `DEST/vm` (a restarted daemon stops the VM
+/// recorded there when it removes an unfinished snapshot), or, when its socket
+/// paths would be too long, a new directory in the temp dir.
+fn helper_dir(id: &str, dest: &Path) -> Result<PathBuf, VmmError> {
+    let dir = super::absolute(id, &dest.join("vm"))?;
+    if super::Layout::new(&dir).check_socket_paths(id).is_ok() {
+        return Ok(dir);
+    }
+    Ok(std::env::temp_dir().join(format!("hearth-ramconv-{}", unique_suffix())))
+}
+
+/// A host interface name no other process uses: `hrc` and 8 hex digits.
+fn unique_tap_name() -> String {
+    format!("hrc{}", &unique_suffix()[..8])
+}
+
+/// 16 hex digits from the clock, the pid and a counter.
+fn unique_suffix() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let mixed =
+        nanos ^ (u64::from(std::process::id()) << 40) ^ n.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    format!("{mixed:016x}")
 }
 
 impl QemuVmm {
@@ -272,7 +617,10 @@ async fn load_state(vm: &QemuVm, snapshot: &Path) -> Result<UnixStream, VmmError
     let t0 = Instant::now();
     let agent = vm.connect_agent().await?;
     let connected = t0.elapsed();
-    vm.enable_migration_caps().await?;
+    // why: file-RAM snapshots were saved with it (their shared RAM skipped), and
+    // so were the `in_state` ones of older builds (the flag changes the stream's
+    // RAM block list, which must match).
+    vm.enable_migration_caps(true).await?;
     let uri = format!(
         "exec:cat {}",
         shell_quoted(&vm.id, &snapshot.join(STATE_FILE))?
