@@ -1079,6 +1079,115 @@ mod tests {
         assert_eq!(d.keys().collect::<Vec<_>>(), ["b"]);
     }
 
+    /// Review 4: a node whose agent accepts connections and answers none
+    /// (holds each for `hold`, then closes it).
+    fn silent_agent(hold: std::time::Duration) -> String {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for c in l.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let mut c = c;
+                    let mut buf = [0u8; 4096];
+                    let _ = std::io::Read::read(&mut c, &mut buf);
+                    std::thread::sleep(hold);
+                });
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    /// Review 4 (drain --stop): a migration whose abort was never confirmed
+    /// (the source did not answer the cancel) and which then ended with its
+    /// outcome unknown ("lost contact with node n1 ... see `hearth migrate
+    /// --status`") is reported `stopped`, which the API documents as "its
+    /// migration was aborted by the drain's stop; it runs on the drained
+    /// node" and the CLI prints as "not moved (the drain was stopped), still
+    /// running on n1". Nothing confirmed either.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn review4_an_unconfirmed_abort_is_not_reported_as_stopped_and_running() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = cluster::plane(dir.path()).await;
+        let src = silent_agent(std::time::Duration::from_secs(2));
+        cp.store
+            .write(Command::RegisterNode {
+                node: NodeRecord {
+                    id: "n1".into(),
+                    instance: "inst-n1".into(),
+                    address: src,
+                    capacity: Resources::new(64, 65536, 1_000_000),
+                    accel: Accel::Tcg,
+                    labels: Default::default(),
+                    cordoned: false,
+                    ready: true,
+                    registered_ms: 1,
+                    last_heartbeat_ms: now_ms(),
+                    warm_templates: Default::default(),
+                    volumes: Default::default(),
+                },
+            })
+            .await
+            .unwrap();
+        cluster::node(&cp, "n2", 64, 65536).await;
+        cluster::sandbox(&cp, "s1", "n1").await;
+        let (code, _) = drain_of(&cp, "n1", DrainRequest::default())
+            .await
+            .ok()
+            .unwrap();
+        assert_eq!(code, StatusCode::ACCEPTED);
+        // The migration is recorded (StartMigration committed) and its
+        // source call is outstanding.
+        for _ in 0..200 {
+            let recorded = cp.store.read_local(|st| {
+                st.sandboxes
+                    .get("s1")
+                    .is_some_and(|s| s.migrating().is_some())
+            });
+            if recorded {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let t0 = std::time::Instant::now();
+        let Json(d) = stop_drain(State(cp.clone()), Path("n1".to_string()))
+            .await
+            .ok()
+            .expect("stop");
+        println!(
+            "stop_drain answered after {:?}: state {}",
+            t0.elapsed(),
+            d.state
+        );
+        let mut d = d;
+        for _ in 0..600 {
+            if d.state != "stopping" && d.state != "running" {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            d = drain_status(State(cp.clone()), Path("n1".to_string()))
+                .await
+                .ok()
+                .unwrap()
+                .0;
+        }
+        let o = &d.sandboxes[0];
+        let phase = cp.store.read_local(|st| {
+            st.sandboxes["s1"]
+                .migration
+                .as_ref()
+                .map(|m| m.phase.clone())
+        });
+        println!(
+            "drain {}: s1 outcome {} ({:?}); the record's migration phase {:?}",
+            d.state, o.outcome, o.error, phase
+        );
+        assert!(
+            o.outcome != "stopped" || phase.as_deref() == Some("aborted"),
+            "s1 is reported `stopped` (aborted by the stop, running on n1) while its migration record is {phase:?}: {:?}",
+            o.error
+        );
+    }
+
     /// Issue 7 review M3: only a migration that failed at run time leads to
     /// the cold-restart fallback; a refused request or an unknown outcome
     /// does not.
