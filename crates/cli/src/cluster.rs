@@ -384,3 +384,28 @@ pub async fn cluster(c: &Client, cmd: ClusterCmd) -> anyhow::Result<u8> {
     print_status(&s);
     Ok(0)
 }
+
+#[cfg(test)]
+mod review4_tests {
+    use super::drain_exit;
+
+    /// Review 4: `hearth node drain NODE` whose drain another operator
+    /// stopped (`--stop`) exits 0 although sandboxes are still on the node,
+    /// so `hearth node drain n1 && decommission n1` goes ahead.
+    #[test]
+    fn a_stopped_drain_that_left_sandboxes_behind_does_not_exit_0() {
+        let d = serde_json::json!({
+            "state": "stopped",
+            "sandboxes": [
+                {"sandbox": "s1", "outcome": "stopped"},
+                {"sandbox": "s2", "outcome": "skipped"}
+            ],
+            "remaining": ["s1", "s2"]
+        });
+        assert_ne!(
+            drain_exit(&d),
+            0,
+            "a stopped drain with sandboxes left exits 0"
+        );
+    }
+}
