@@ -171,14 +171,18 @@ fn print_drain(node: &str, d: &serde_json::Value) {
     }
 }
 
-/// 1 when a sandbox was not moved or the drain was interrupted.
+/// 1 when a sandbox was not moved (also when a stop kept it there), some
+/// live sandbox is still on the node, or the drain was interrupted: 0 only
+/// when the node was emptied.
 fn drain_exit(d: &serde_json::Value) -> u8 {
-    let failed = d["sandboxes"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .any(|o| o["outcome"] == "failed");
-    u8::from(failed || d["state"] == "interrupted")
+    let not_moved = d["sandboxes"].as_array().into_iter().flatten().any(|o| {
+        matches!(
+            o["outcome"].as_str(),
+            Some("failed" | "stopped" | "skipped")
+        )
+    });
+    let left = d["remaining"].as_array().is_some_and(|r| !r.is_empty());
+    u8::from(not_moved || left || d["state"] == "interrupted")
 }
 
 pub async fn node(c: &Client, cmd: NodeCmd) -> anyhow::Result<u8> {

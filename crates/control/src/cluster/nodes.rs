@@ -537,10 +537,12 @@ async fn run_drain(
                                 "left node {id} by other means before its turn: it {now_on}"
                             ));
                         }
-                        // why: the stop asked its source to abort it; it
-                        // runs on the drained node as the stop intended.
+                        // why: the stop asked its source to abort it, and
+                        // the record says it did: it runs on the drained node
+                        // as the stop intended. An abort that was not
+                        // confirmed (the outcome unknown) stays `failed`.
                         Err(super::migrate::Ended::Failed { error, .. })
-                            if stop.load(Ordering::SeqCst) =>
+                            if stop.load(Ordering::SeqCst) && aborted_here(&cp, &sb, &id) =>
                         {
                             o.outcome = "stopped".into();
                             o.error = Some(error.0.message);
@@ -559,7 +561,8 @@ async fn run_drain(
     let stopped = stop.load(Ordering::SeqCst);
     let only = restart.into_inner().unwrap_or_default();
     // why: a stopped drain moves nothing more: a sandbox whose migration was
-    // aborted by the stop runs on where it was.
+    // aborted by the stop runs on where it was. (The leader's watchdog still
+    // starts a `restart: always` record again if its copy is gone.)
     let restarted = if only.is_empty() || stopped {
         Vec::new()
     } else {
@@ -633,6 +636,16 @@ async fn run_drain(
     d.finished_ms = Some(now_ms());
 }
 
+/// Whether sandbox `sb`'s last migration is recorded `aborted` and the
+/// record still places it on `node` (a drain's stop took effect on it).
+fn aborted_here(cp: &ControlPlane, sb: &str, node: &str) -> bool {
+    cp.store.read_local(|st| {
+        st.sandboxes.get(sb).is_some_and(|s| {
+            s.node == node && s.migration.as_ref().is_some_and(|m| m.phase == "aborted")
+        })
+    })
+}
+
 /// `DELETE /v1/nodes/{id}/drain`: stops this member's running drain of the
 /// node. No further migration starts (those still waiting end `skipped`);
 /// each migration running asks its source to abort, as `hearth migrate
@@ -663,13 +676,23 @@ pub(super) async fn stop_drain(
             .collect()
     };
     tracing::info!(node = %id, migrating = ?migrating, "drain stop requested");
-    for sb in migrating {
-        // why: a migration that cannot be aborted (past its commit, or its
-        // source did not answer) ends as it would have; the drain reports it.
-        if let Err(e) = super::migrate::abort(State(cp.clone()), Path(sb.clone())).await {
-            tracing::info!(node = %id, sandbox = %sb, "drain stop: migration not aborted: {}", e.0.message);
-        }
-    }
+    // why: in a task of its own, all at once: an abort waits for its source's
+    // answer (up to its cancel wait), and a caller that goes away must not
+    // leave the later ones unasked. A migration that cannot be aborted (past
+    // its commit, or its source did not answer) ends as it would have; the
+    // drain reports it as it ends.
+    let (cp2, node) = (cp.clone(), id.clone());
+    tokio::spawn(async move {
+        let aborts = migrating.into_iter().map(|sb| {
+            let (cp, node) = (cp2.clone(), node.clone());
+            async move {
+                if let Err(e) = super::migrate::abort(State(cp), Path(sb.clone())).await {
+                    tracing::info!(node = %node, sandbox = %sb, "drain stop: migration not aborted: {}", e.0.message);
+                }
+            }
+        });
+        futures::future::join_all(aborts).await;
+    });
     drain_status(State(cp), Path(id)).await
 }
 
