@@ -564,17 +564,18 @@ async fn append(log: &mut OutputLog, ev: SessionEvent) -> Option<SessionEvent> {
 }
 
 /// How often the source checks that the paused guest's output has all been
-/// taken in, and how many quiet checks in a row say so.
+/// taken in, and for how long the checks must find nothing new to say so.
 const DRAIN_POLL: Duration = Duration::from_millis(2);
-const DRAIN_QUIET_CHECKS: u32 = 3;
+const DRAIN_QUIET: Duration = Duration::from_millis(4);
 
 /// Quiet checks of the paused guest's output channel: no frame taken in
-/// since the last check and nothing unread on the socket. They begin at the
+/// since the last check and nothing unread on the socket, for
+/// [`DRAIN_QUIET`] from the first such check to the last. They begin at the
 /// switch-over gate (the guest is stopped: it sends nothing new), so they
 /// overlap QEMU's last pass; the drain after it only adds what is missing.
 #[derive(Default)]
 struct Quiet {
-    checks: u32,
+    since: Option<Instant>,
     got: bool,
 }
 
@@ -584,24 +585,30 @@ impl Quiet {
         self.got = true;
     }
 
-    /// One check; true once enough checks in a row were quiet.
+    /// One check; true once the checks found the channel quiet for
+    /// [`DRAIN_QUIET`].
     fn check(&mut self, entry: &Entry) -> bool {
         let unread = match lock(&entry.chan_fd).as_ref() {
             Some(fd) => queued(fd, libc::FIONREAD),
             None => 0,
         };
-        self.checks = if std::mem::take(&mut self.got) || unread > 0 {
-            0
-        } else {
-            self.checks + 1
-        };
-        self.checks >= DRAIN_QUIET_CHECKS
+        if std::mem::take(&mut self.got) || unread > 0 {
+            self.since = None;
+            return false;
+        }
+        self.since.get_or_insert_with(Instant::now).elapsed() >= DRAIN_QUIET
+    }
+
+    /// When the next check can end the wait.
+    fn next_check(&self) -> Instant {
+        self.since
+            .map_or_else(|| Instant::now() + DRAIN_POLL, |s| s + DRAIN_QUIET)
     }
 }
 
 /// After the final pass: take in every output frame the source VM sent,
-/// until `quiet` (begun at the gate) has seen enough quiet checks in a row,
-/// at least one of them now.
+/// until `quiet` (begun at the gate) has found the channel quiet long
+/// enough, checked at least once now.
 async fn drain(
     entry: &Entry,
     session: &mut Session,
@@ -621,7 +628,7 @@ async fn drain(
         if quiet.check(entry) || Instant::now() >= deadline {
             return end;
         }
-        tokio::time::sleep(DRAIN_POLL).await;
+        tokio::time::sleep_until(quiet.next_check().min(deadline).into()).await;
     }
 }
 
@@ -839,17 +846,18 @@ pub(crate) async fn run_source(
 
     // The whole state is on the target; the source VM is paused for good unless we resume it.
     let end = drain(entry, session, log, output_quiet).await;
-    let _ = log.flush().await;
     job.step(&pause, |p| &mut p.output_drained_ms);
     // why: a cancel that came after the last pass: the commit is not sent,
     // so the target never resumes its copy and this one runs on.
     if reg.is_cancelled(job.attempt.as_deref()) && stash.is_none() && end.is_none() {
+        let _ = log.flush().await;
         let why = format!(
             "the migration of sandbox {id} was cancelled before its commit; it keeps running here"
         );
         return stay_here(job, entry, vm, conn, why, None).await;
     }
     if stash.is_some() || end.is_some() {
+        let _ = log.flush().await;
         let why = format!("the workload of sandbox {id} ended during the migration; it stays here");
         return stay_here(job, entry, vm, conn, why, stash.or(end.map(Some))).await;
     }
@@ -862,8 +870,8 @@ pub(crate) async fn run_source(
     // and from the commit on, no path that settles this copy (a restart, a
     // fence, `rm -f`) may release the address the target may run with. Both
     // are written (fsynced) on a blocking thread while the log's tail goes
-    // to the target (issue 7: they were in sequence inside the pause); the
-    // commit waits for both. Written before a cancel or a failed tail turns
+    // to the target and the log is synced (issue 7: they were in sequence
+    // inside the pause); the commit waits for all of them. Written before a cancel or a failed tail turns
     // the migration back, the record reads `committing` until `stay_here`
     // records `aborted`: a source restarted in between asks the target,
     // which removes its uncommitted VM, and resumes (what `recover` does for
@@ -906,7 +914,9 @@ pub(crate) async fn run_source(
         }
         saved
     };
-    let (tail, saved) = tokio::join!(tail, saved);
+    // why: the log's sync (fdatasync) goes beside them too; the tail is read
+    // from the file, which has every appended byte before the sync.
+    let (tail, saved, _) = tokio::join!(tail, saved, log.flush());
     if let Err(e) = tail {
         let why =
             format!("sending the output log of sandbox {id} failed ({e}); it keeps running here");
