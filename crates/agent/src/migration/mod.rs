@@ -443,9 +443,10 @@ const ABORT_ANSWER_WAIT: Duration = Duration::from_secs(3);
 /// the source: `log-tail` (the log's tail is not sent yet, the record is
 /// being written as committing beside it), `commit` (the record says
 /// committing, the commit is not sent yet) or `release` (the target
-/// committed, the paused VM here is not released yet). On the target: `target-saved` (the commit saved the
-/// records, the VM is not resumed yet) or `target-resumed` (the VM was
-/// resumed, the guest not pinged, the commit not answered).
+/// committed, the paused VM here is not released yet). On the target:
+/// `target-saved` (the commit saved the records, the VM is not resumed yet)
+/// or `target-resumed` (the VM was resumed, the guest not pinged, the commit
+/// not answered).
 /// Unset (always, outside tests) it costs one environment lookup.
 async fn fault_hold(point: &str) {
     let Ok(v) = std::env::var("HEARTH_MIGRATION_HOLD") else {
@@ -871,11 +872,11 @@ pub(crate) async fn run_source(
     // fence, `rm -f`) may release the address the target may run with. Both
     // are written (fsynced) on a blocking thread while the log's tail goes
     // to the target and the log is synced (issue 7: they were in sequence
-    // inside the pause); the commit waits for all of them. Written before a cancel or a failed tail turns
-    // the migration back, the record reads `committing` until `stay_here`
-    // records `aborted`: a source restarted in between asks the target,
-    // which removes its uncommitted VM, and resumes (what `recover` does for
-    // any `committing`).
+    // inside the pause); the commit waits for all of them. When a cancel or
+    // a failed tail turns the migration back after that, the record reads
+    // `committing` until `stay_here` records `aborted`: no commit was sent,
+    // and a source restarted in between asks the target, which removes its
+    // uncommitted VM (what `recover` does for any `committing`).
     let committing = {
         let (data_dir, dir, id2) = (job.data_dir.clone(), entry.dir.clone(), id.clone());
         let networked = rec.network.is_some();
