@@ -751,6 +751,10 @@ pub(crate) async fn run_source(
                             let _ = tx.send(refused.is_none());
                         }
                         if refused.is_none() {
+                            // why: the window starts at the gate; frames taken
+                            // in before it (the pre-copy's output) do not
+                            // count, one taken in after it restarts it.
+                            output_quiet = Quiet::default();
                             draining = true;
                             drain_tick.reset();
                             output_quiet.check(entry);
