@@ -1975,6 +1975,67 @@ fn a_cancelled_migration_attempt_ends_before_its_commit_and_the_source_runs_on()
     assert_eq!(a.inspect("c")["status"], "running");
 }
 
+/// Issue 7 (pause): the source writes its `committing` record while it sends
+/// the log's tail, before its last check for a cancel. A cancel that comes
+/// then (the record on disk already says committing, the commit is not sent)
+/// still ends the migration before any commit: `aborted`, the guest counts on
+/// at the source with no gap or repeat, the target keeps nothing.
+#[test]
+fn a_cancel_while_the_record_already_says_committing_still_ends_before_the_commit() {
+    const HOLD: &str = "HEARTH_MIGRATION_HOLD";
+    let (a, b) = two_nodes_with(&[(HOLD, "log-tail:5000")]);
+    let id = run_counter(&a, "c");
+    let body = serde_json::json!({
+        "target": b.api,
+        "target_token": b.token(),
+        "attempt": "att-tail",
+    })
+    .to_string();
+    let record = a
+        .data_dir()
+        .join("sandboxes")
+        .join(&id)
+        .join("migration.json");
+    std::thread::scope(|s| {
+        let first = s.spawn(|| {
+            a.http("POST", "/v1/sandboxes/c/migrate", Some(&body))
+                .unwrap()
+        });
+        wait_until(
+            "the source's record to say committing",
+            Duration::from_secs(180),
+            || std::fs::read_to_string(&record).is_ok_and(|r| r.contains("\"committing\"")),
+        );
+        let cancel = serde_json::json!({ "attempt": "att-tail" }).to_string();
+        let (code, body) = a
+            .http("POST", "/v1/sandboxes/c/migration/cancel", Some(&cancel))
+            .unwrap();
+        assert_eq!(code, 200, "{body}");
+        let st: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        assert_eq!(st["phase"], "aborted", "{body}");
+        let (code, body) = first.join().unwrap();
+        assert!(code >= 400, "the cancelled migration succeeded: {body}");
+        assert!(body.contains("cancelled"), "{body}");
+    });
+    assert_eq!(a.inspect("c")["status"], "running");
+    let n = counted(&a, "c").len();
+    keeps_counting(&a, "c", n, 3);
+    assert_contiguous_from_zero(&counted(&a, "c"));
+    wait_until(
+        "the target's VM to be removed",
+        Duration::from_secs(30),
+        || vmm_pids_under(b.data.path()).is_empty(),
+    );
+    let (code, body) = b.http("GET", "/v1/sandboxes", None).unwrap();
+    assert_eq!(code, 200, "{body}");
+    let on_b: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        on_b.as_array().map(Vec::len),
+        Some(0),
+        "target kept: {on_b}"
+    );
+}
+
 /// A guest that dirties memory faster than the link carries it (16 MiB
 /// rewritten with fresh random data in a loop, a 4 MiB/s cap): QEMU's
 /// auto-converge throttles its vCPU (seen in `--status` while the migration

@@ -96,6 +96,32 @@ fn store_record(dir: &std::path::Path, rec: &MigrationRecord) -> std::io::Result
     std::fs::rename(&tmp, dir.join(RECORD_FILE))
 }
 
+/// Writes `rec` to `dir/migration.json` ([`store_record`]); an error names
+/// the phase and the file.
+fn store_phase(dir: &std::path::Path, rec: &MigrationRecord) -> Result<(), String> {
+    store_record(dir, rec).map_err(|e| {
+        format!(
+            "cannot save the migration phase {:?} of sandbox {} in {}: {e}",
+            rec.phase,
+            rec.sandbox,
+            dir.join(RECORD_FILE).display()
+        )
+    })
+}
+
+/// From the switch-over the guest does not run on the source (it may run on
+/// the target): the control plane must not read this copy as the guest
+/// staying here (issue 7). Set before the phase is recorded.
+fn set_migration_paused(entry: &Entry, phase: Phase) {
+    entry.migration_paused.store(
+        matches!(
+            phase,
+            Phase::Switchover | Phase::Committing | Phase::Unresolved | Phase::Completed
+        ),
+        Ordering::Relaxed,
+    );
+}
+
 /// The migration recorded in `dir`, if any, with the target's token.
 pub(crate) fn load_record(dir: &std::path::Path) -> Option<(MigrationRecord, String)> {
     let path = dir.join(RECORD_FILE);
@@ -282,6 +308,24 @@ struct Incoming {
     /// offset check and its append are one step (two racing requests could
     /// both pass the check and append twice).
     log_write: tokio::sync::Mutex<()>,
+    /// The bytes of `sandbox.json` written (fsynced) at prepare as
+    /// [`STAGED_RECORD`], if that worked: a commit whose record is the same
+    /// renames it instead of writing one inside the guest's pause.
+    staged: Option<Vec<u8>>,
+}
+
+/// `sandbox.json` of an incoming copy, written ahead at prepare under this
+/// name (a dir without `sandbox.json` is uncommitted: removed at start).
+const STAGED_RECORD: &str = "sandbox.json.staged";
+
+/// Writes `rec` to `dir/`[`STAGED_RECORD`] and fsyncs it; answers its bytes.
+fn stage_record(dir: &Path, rec: &Sandbox) -> std::io::Result<Vec<u8>> {
+    use std::io::Write;
+    let data = serde_json::to_vec_pretty(rec).map_err(std::io::Error::other)?;
+    let mut f = std::fs::File::create(dir.join(STAGED_RECORD))?;
+    f.write_all(&data)?;
+    f.sync_all()?;
+    Ok(data)
 }
 
 /// The work the lifecycle task does for a migration (see [`run_source`]).
@@ -319,19 +363,17 @@ impl SourceJob {
     /// Records `phase` durably in `migration.json` and in the status; an
     /// error says the record on disk does not have it.
     fn save_phase(&self, entry: &Entry, phase: Phase) -> Result<(), String> {
-        // why: from the switch-over the guest does not run here (it may run
-        // on the target): the control plane must not read this copy as the
-        // guest staying here (issue 7). Set before the phase is recorded.
-        entry.migration_paused.store(
-            matches!(
-                phase,
-                Phase::Switchover | Phase::Committing | Phase::Unresolved | Phase::Completed
-            ),
-            Ordering::Relaxed,
-        );
-        let rec = MigrationRecord {
+        set_migration_paused(entry, phase);
+        let saved = store_phase(&entry.dir, &self.record(&entry.snapshot().id, phase));
+        self.publish_phase(phase);
+        saved
+    }
+
+    /// The record of `phase` for `migration.json`.
+    fn record(&self, id: &str, phase: Phase) -> MigrationRecord {
+        MigrationRecord {
             version: 1,
-            sandbox: entry.snapshot().id,
+            sandbox: id.to_string(),
             target: self.peer.base().to_string(),
             phase,
             // why: an ended migration needs no more calls to the target (its
@@ -340,14 +382,11 @@ impl SourceJob {
                 Phase::Completed | Phase::Aborted => String::new(),
                 _ => self.peer.token().to_string(),
             },
-        };
-        let saved = store_record(&entry.dir, &rec).map_err(|e| {
-            format!(
-                "cannot save the migration phase {phase:?} of sandbox {} in {}: {e}",
-                rec.sandbox,
-                entry.dir.join(RECORD_FILE).display()
-            )
-        });
+        }
+    }
+
+    /// Shows `phase` in the status (already recorded on disk).
+    fn publish_phase(&self, phase: Phase) {
         let name = serde_json::to_value(phase)
             .ok()
             .and_then(|v| v.as_str().map(str::to_string))
@@ -357,7 +396,6 @@ impl SourceJob {
             s.phase = name;
             s.elapsed_ms = elapsed;
         });
-        saved
     }
 
     fn progress(&self, p: &MigrationProgress, tunnel_bytes: u64) {
@@ -402,11 +440,13 @@ const ABORT_ANSWER_WAIT: Duration = Duration::from_secs(3);
 
 /// Fault injection for tests: with `HEARTH_MIGRATION_HOLD=<point>:<ms>` an
 /// agent waits `ms` at `point`, so a test can kill hearthd exactly there. On
-/// the source: `commit` (the record says committing, the commit is not sent
-/// yet) or `release` (the target committed, the paused VM here is not
-/// released yet). On the target: `target-saved` (the commit saved the
-/// records, the VM is not resumed yet) or `target-resumed` (the VM was
-/// resumed, the guest not pinged, the commit not answered).
+/// the source: `log-tail` (the log's tail is not sent yet, the record is
+/// being written as committing beside it), `commit` (the record says
+/// committing, the commit is not sent yet) or `release` (the target
+/// committed, the paused VM here is not released yet). On the target:
+/// `target-saved` (the commit saved the records, the VM is not resumed yet)
+/// or `target-resumed` (the VM was resumed, the guest not pinged, the commit
+/// not answered).
 /// Unset (always, outside tests) it costs one environment lookup.
 async fn fault_hold(point: &str) {
     let Ok(v) = std::env::var("HEARTH_MIGRATION_HOLD") else {
@@ -524,29 +564,72 @@ async fn append(log: &mut OutputLog, ev: SessionEvent) -> Option<SessionEvent> {
     None
 }
 
-/// After the final pass: take in every output frame the source VM sent.
-async fn drain(entry: &Entry, session: &mut Session, log: &mut OutputLog) -> Option<SessionEvent> {
-    let deadline = Instant::now() + QUIESCE_TIMEOUT;
-    let mut end = None;
-    let mut quiet = 0;
-    loop {
-        let mut got = false;
-        while let Some(ev) = session.try_next() {
-            got = true;
-            if let Some(e) = append(log, ev).await {
-                end.get_or_insert(e);
-            }
-        }
+/// How often the source checks that the paused guest's output has all been
+/// taken in, and for how long the checks must find nothing new to say so.
+const DRAIN_POLL: Duration = Duration::from_millis(2);
+const DRAIN_QUIET: Duration = Duration::from_millis(4);
+
+/// Quiet checks of the paused guest's output channel: no frame taken in
+/// since the last check and nothing unread on the socket, for
+/// [`DRAIN_QUIET`] from the first such check to the last. They begin at the
+/// switch-over gate (the guest is stopped: it sends nothing new), so they
+/// overlap QEMU's last pass; the drain after it only adds what is missing.
+#[derive(Default)]
+struct Quiet {
+    since: Option<Instant>,
+    got: bool,
+}
+
+impl Quiet {
+    /// A frame was taken in: the channel was not quiet.
+    fn got(&mut self) {
+        self.got = true;
+    }
+
+    /// One check; true once the checks found the channel quiet for
+    /// [`DRAIN_QUIET`].
+    fn check(&mut self, entry: &Entry) -> bool {
         let unread = match lock(&entry.chan_fd).as_ref() {
             Some(fd) => queued(fd, libc::FIONREAD),
             None => 0,
         };
-        quiet = if got || unread > 0 { 0 } else { quiet + 1 };
+        if std::mem::take(&mut self.got) || unread > 0 {
+            self.since = None;
+            return false;
+        }
+        self.since.get_or_insert_with(Instant::now).elapsed() >= DRAIN_QUIET
+    }
+
+    /// When the next check can end the wait.
+    fn next_check(&self) -> Instant {
+        self.since
+            .map_or_else(|| Instant::now() + DRAIN_POLL, |s| s + DRAIN_QUIET)
+    }
+}
+
+/// After the final pass: take in every output frame the source VM sent,
+/// until `quiet` (begun at the gate) has found the channel quiet long
+/// enough, checked at least once now.
+async fn drain(
+    entry: &Entry,
+    session: &mut Session,
+    log: &mut OutputLog,
+    mut quiet: Quiet,
+) -> Option<SessionEvent> {
+    let deadline = Instant::now() + QUIESCE_TIMEOUT;
+    let mut end = None;
+    loop {
+        while let Some(ev) = session.try_next() {
+            quiet.got();
+            if let Some(e) = append(log, ev).await {
+                end.get_or_insert(e);
+            }
+        }
         // why: the reader task may hold a frame between the socket and the session.
-        if quiet >= 3 || Instant::now() >= deadline {
+        if quiet.check(entry) || Instant::now() >= deadline {
             return end;
         }
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        tokio::time::sleep_until(quiet.next_check().min(deadline).into()).await;
     }
 }
 
@@ -629,6 +712,12 @@ pub(crate) async fn run_source(
     let mut stash: Option<Option<SessionEvent>> = None;
     let mut refused: Option<String> = None;
     let mut cancelled = false;
+    // why: the output drain's quiet checks run from the gate on, beside
+    // QEMU's last pass (issue 7: the drain was ~6 ms of the guest's pause).
+    let mut output_quiet = Quiet::default();
+    let mut draining = false;
+    let mut drain_tick = tokio::time::interval(DRAIN_POLL);
+    drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let result = {
         let mig = vm.migrate_out(&sock, &job.params, &ptx, Some(gate));
         tokio::pin!(mig);
@@ -661,7 +750,19 @@ pub(crate) async fn run_source(
                         if let Some(tx) = proceed_tx.take() {
                             let _ = tx.send(refused.is_none());
                         }
+                        if refused.is_none() {
+                            // why: the window starts at the gate; frames taken
+                            // in before it (the pre-copy's output) do not
+                            // count, one taken in after it restarts it.
+                            output_quiet = Quiet::default();
+                            draining = true;
+                            drain_tick.reset();
+                            output_quiet.check(entry);
+                        }
                     }
+                }
+                _ = drain_tick.tick(), if draining => {
+                    output_quiet.check(entry);
                 }
                 r = prx.changed() => {
                     if r.is_ok() {
@@ -686,6 +787,7 @@ pub(crate) async fn run_source(
                 }
                 ev = session.next(), if stash.is_none() => match ev {
                     Some(ev) => {
+                        output_quiet.got();
                         if let Some(end) = append(log, ev).await {
                             // why: the workload ended; there is nothing left to move.
                             stash = Some(Some(end));
@@ -748,51 +850,99 @@ pub(crate) async fn run_source(
     );
 
     // The whole state is on the target; the source VM is paused for good unless we resume it.
-    let end = drain(entry, session, log).await;
-    let _ = log.flush().await;
+    let end = drain(entry, session, log, output_quiet).await;
     job.step(&pause, |p| &mut p.output_drained_ms);
     // why: a cancel that came after the last pass: the commit is not sent,
     // so the target never resumes its copy and this one runs on.
     if reg.is_cancelled(job.attempt.as_deref()) && stash.is_none() && end.is_none() {
+        let _ = log.flush().await;
         let why = format!(
             "the migration of sandbox {id} was cancelled before its commit; it keeps running here"
         );
         return stay_here(job, entry, vm, conn, why, None).await;
     }
     if stash.is_some() || end.is_some() {
+        let _ = log.flush().await;
         let why = format!("the workload of sandbox {id} ended during the migration; it stays here");
         return stay_here(job, entry, vm, conn, why, stash.or(end.map(Some))).await;
     }
     // why: the log's size limit was reached here; the target's log must stay
     // closed too (its notice is already in the bytes).
     let truncated = crate::output_log::truncated_marker(&log_path).exists();
-    let bulk_sent = match (&mut bulk.0).await {
-        Ok(Ok(n)) => n,
-        Ok(Err(e)) => {
-            tracing::warn!(sandbox = %id, "sending the output log during the pre-copy failed ({e}); sending it whole now");
-            0
-        }
-        Err(e) => {
-            tracing::warn!(sandbox = %id, "sending the output log during the pre-copy did not finish ({e}); sending it whole now");
-            0
-        }
+    let rec = entry.snapshot();
+    // why: a commit the record does not show could not be settled by a
+    // restarted hearthd (it would resume this VM while the target runs one);
+    // and from the commit on, no path that settles this copy (a restart, a
+    // fence, `rm -f`) may release the address the target may run with. Both
+    // are written (fsynced) on a blocking thread while the log's tail goes
+    // to the target and the log is synced (issue 7: they were in sequence
+    // inside the pause); the commit waits for all of them. When a cancel or
+    // a failed tail turns the migration back after that, the record reads
+    // `committing` until `stay_here` records `aborted`: no commit was sent,
+    // and a source restarted in between asks the target, which removes its
+    // uncommitted VM (what `recover` does for any `committing`).
+    let committing = {
+        let (data_dir, dir, id2) = (job.data_dir.clone(), entry.dir.clone(), id.clone());
+        let networked = rec.network.is_some();
+        let record = job.record(&id, Phase::Committing);
+        set_migration_paused(entry, Phase::Committing);
+        tokio::task::spawn_blocking(move || {
+            net::mark_lease_moved(&data_dir, &dir, &id2, networked)
+                .and_then(|()| store_phase(&dir, &record))
+        })
     };
-    if let Err(e) = send_log_tail(&job.peer, &id, &log_path, bulk_sent, truncated).await {
+    let tail = async {
+        let bulk_sent = match (&mut bulk.0).await {
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => {
+                tracing::warn!(sandbox = %id, "sending the output log during the pre-copy failed ({e}); sending it whole now");
+                0
+            }
+            Err(e) => {
+                tracing::warn!(sandbox = %id, "sending the output log during the pre-copy did not finish ({e}); sending it whole now");
+                0
+            }
+        };
+        fault_hold("log-tail").await;
+        let sent = send_log_tail(&job.peer, &id, &log_path, bulk_sent, truncated).await;
+        if sent.is_ok() {
+            job.step(&pause, |p| &mut p.log_sent_ms);
+        }
+        sent
+    };
+    let saved = async {
+        let saved = committing
+            .await
+            .unwrap_or_else(|e| Err(format!("saving the migration phase failed: {e}")));
+        if saved.is_ok() {
+            job.step(&pause, |p| &mut p.committing_saved_ms);
+        }
+        saved
+    };
+    // why: the log's sync (fdatasync) goes beside them too; the tail is read
+    // from the file, which has every appended byte before the sync.
+    let (tail, saved, _) = tokio::join!(tail, saved, log.flush());
+    if let Err(e) = tail {
         let why =
             format!("sending the output log of sandbox {id} failed ({e}); it keeps running here");
         return stay_here(job, entry, vm, conn, why, None).await;
     }
-    job.step(&pause, |p| &mut p.log_sent_ms);
+    if let Err(why) = saved {
+        let why = format!(
+            "{why}; the migration is aborted before the commit and sandbox {id} keeps running here (free space in the data directory, then migrate again)"
+        );
+        return stay_here(job, entry, vm, conn, why, None).await;
+    }
     // why: a cancel that came while the log was sent (the check above is
-    // before that await): nothing between here and the commit phase's
-    // record awaits, so a cancel answered `aborted` never meets a commit.
+    // before that await): nothing between here and the commit awaits, so a
+    // cancel answered `aborted` never meets a commit.
     if reg.is_cancelled(job.attempt.as_deref()) {
         let why = format!(
             "the migration of sandbox {id} was cancelled before its commit; it keeps running here"
         );
         return stay_here(job, entry, vm, conn, why, None).await;
     }
-    let rec = entry.snapshot();
+    job.publish_phase(Phase::Committing);
     let hello = conn.hello();
     let commit = IncomingCommit {
         main_session: session.id(),
@@ -808,18 +958,6 @@ pub(crate) async fn run_source(
         started_ms: rec.started_ms,
         boot_ms: rec.boot_ms,
     };
-    // why: a commit the record does not show could not be settled by a
-    // restarted hearthd (it would resume this VM while the target runs one);
-    // and from the commit on, no path that settles this copy (a restart, a
-    // fence, `rm -f`) may release the address the target may run with.
-    let marked = net::mark_lease_moved(&job.data_dir, &entry.dir, &id, rec.network.is_some());
-    if let Err(why) = marked.and_then(|()| job.save_phase(entry, Phase::Committing)) {
-        let why = format!(
-            "{why}; the migration is aborted before the commit and sandbox {id} keeps running here (free space in the data directory, then migrate again)"
-        );
-        return stay_here(job, entry, vm, conn, why, None).await;
-    }
-    job.step(&pause, |p| &mut p.committing_saved_ms);
     fault_hold("commit").await;
     let commit_err = match job.peer.commit(&id, &commit).await {
         Ok((sb, resumed_us)) => {
@@ -941,14 +1079,23 @@ const CLEAR_RETRY: Duration = Duration::from_millis(200);
 /// Target, past the commit point: resumes the incoming VM, trying again
 /// after a failure unless QEMU says it runs (`query-status`: the `cont` may
 /// have reached it and only its answer or RESUME event been lost; `start`
-/// itself asks first and sends no second `cont` to a running VM). Ok with
+/// itself asks first and sends no second `cont` to a running VM; the first
+/// try sends it without asking, the VM never ran here). Ok with
 /// the try that did it; Err when it does not run (or cannot be asked) after
 /// `tries`, with each failure.
 async fn resume_committed(vm: &dyn Vm, tries: u32, pause: Duration) -> Result<u32, String> {
     let tries = tries.max(1);
     let mut failed = Vec::new();
     for attempt in 1..=tries {
-        match vm.start().await {
+        // why: the first try knows the incoming VM paused (it never ran
+        // here): `cont` without asking first, one QMP round trip less inside
+        // the guest's pause; a later try asks (its `cont` may have run).
+        let started = if attempt == 1 {
+            vm.start_paused().await
+        } else {
+            vm.start().await
+        };
+        match started {
             Ok(()) => return Ok(attempt),
             Err(e) => failed.push(format!("try {attempt}: {e}")),
         }
@@ -1940,8 +2087,30 @@ impl Agent {
             }
         })
         .abort_handle();
+        // why: the commit saves sandbox.json inside the guest's pause (issue
+        // 7); the record a commit of this offer writes is known now but for
+        // the start time the commit carries (the same as the offer's, unless
+        // the source's record changed), so it is written ahead; the commit
+        // renames it when it is the same (one fsync fewer in the pause).
+        let staged = {
+            let rec = self.incoming_record(&offer, sb.started_ms, sb.boot_ms);
+            let d = dir.clone();
+            let staged = match sb.started_ms {
+                Some(_) => tokio::task::spawn_blocking(move || stage_record(&d, &rec))
+                    .await
+                    .map_err(std::io::Error::other)
+                    .and_then(|r| r),
+                None => Err(std::io::Error::other("the offer has no start time")),
+            };
+            staged
+                .inspect_err(|e| {
+                    tracing::warn!(sandbox = %sb.id, "cannot write {} ahead ({e}); the commit writes sandbox.json", dir.join(STAGED_RECORD).display())
+                })
+                .ok()
+        };
         let inc = Arc::new(Incoming {
             offer: offer.clone(),
+            staged,
             attempt,
             dir,
             slot: tokio::sync::Mutex::new(Slot::Waiting(vm, agent_stream)),
@@ -1972,6 +2141,36 @@ impl Agent {
             node: i.cfg.node.clone(),
             node_id: i.node_id.clone(),
         })
+    }
+
+    /// The record (`sandbox.json`) of the copy an incoming migration of
+    /// `offer` commits here, started at `started_ms` and booted in `boot_ms`.
+    fn incoming_record(
+        &self,
+        offer: &IncomingOffer,
+        started_ms: Option<u64>,
+        boot_ms: Option<u64>,
+    ) -> Sandbox {
+        let mut rec = offer.sandbox.clone();
+        rec.node = self.inner.cfg.node.clone();
+        // why: the source's tag would read as a stale copy here and be fenced;
+        // a control plane driving the move names the target's generation.
+        rec.owner = offer.owner.clone();
+        rec.status = SandboxStatus::Running;
+        rec.accel = self.inner.accel.accel.to_string();
+        rec.started_ms = started_ms;
+        rec.boot_ms = boot_ms;
+        // why: the template or snapshot it started from is the source node's;
+        // this copy holds no reference to one here (a local one of the same
+        // name must stay removable, and `rm` must not remove a fork snapshot
+        // here); the start path stays as it was, the note says where.
+        if let Some(from) = rec.started_from.take() {
+            rec.start_note = Some(format!(
+                "started from '{from}' on node {}, then migrated",
+                offer.sandbox.node
+            ));
+        }
+        rec
     }
 
     fn incoming(&self, id: &str) -> Result<Arc<Incoming>, AgentError> {
@@ -2181,25 +2380,7 @@ impl Agent {
             Ok(x) => x,
             Err(why) => return Err(remove_here(why, false).await),
         };
-        let mut rec = inc.offer.sandbox.clone();
-        rec.node = self.inner.cfg.node.clone();
-        // why: the source's tag would read as a stale copy here and be fenced;
-        // a control plane driving the move names the target's generation.
-        rec.owner = inc.offer.owner.clone();
-        rec.status = SandboxStatus::Running;
-        rec.accel = self.inner.accel.accel.to_string();
-        rec.started_ms = c.started_ms.or(Some(now_ms()));
-        rec.boot_ms = c.boot_ms;
-        // why: the template or snapshot it started from is the source node's;
-        // this copy holds no reference to one here (a local one of the same
-        // name must stay removable, and `rm` must not remove a fork snapshot
-        // here); the start path stays as it was, the note says where.
-        if let Some(from) = rec.started_from.take() {
-            rec.start_note = Some(format!(
-                "started from '{from}' on node {}, then migrated",
-                inc.offer.sandbox.node
-            ));
-        }
+        let mut rec = self.incoming_record(&inc.offer, c.started_ms.or(Some(now_ms())), c.boot_ms);
         // why: with the device's mode, so the target's snapshots and forks of
         // it, and a re-adoption after a restart here, rebuild the same device.
         // why: from the device as built at prepare (a sandbox without a
@@ -2225,17 +2406,26 @@ impl Agent {
         // the source resume an older state of a guest that already ran here.
         // A failure to save is still before the resume: the VM is removed.
         let t_save = Instant::now();
-        // why: three fsyncs; off the runtime's two worker threads (heartbeats
-        // and other requests go on meanwhile).
-        let (dir, rec2) = (inc.dir.clone(), rec.clone());
+        // why: two fsyncs (workload.json, the dir) when sandbox.json was
+        // written ahead at prepare with these bytes, else three; off the
+        // runtime's two worker threads (heartbeats and other requests go on
+        // meanwhile).
+        let (dir, rec2, staged) = (inc.dir.clone(), rec.clone(), inc.staged.clone());
         let saved = tokio::task::spawn_blocking(move || {
+            let sandbox_json = dir.join("sandbox.json");
+            let same =
+                staged.is_some_and(|b| serde_json::to_vec_pretty(&rec2).is_ok_and(|now| now == b));
             workload
                 .store(&dir)
                 .map_err(|e| format!("cannot save {}: {e}", dir.join("workload.json").display()))
                 .and_then(|()| {
-                    persist(&dir, &rec2).map_err(|e| {
-                        format!("cannot save {}: {e}", dir.join("sandbox.json").display())
-                    })
+                    let r = if same {
+                        std::fs::rename(dir.join(STAGED_RECORD), &sandbox_json)
+                    } else {
+                        let _ = std::fs::remove_file(dir.join(STAGED_RECORD));
+                        persist(&dir, &rec2)
+                    };
+                    r.map_err(|e| format!("cannot save {}: {e}", sandbox_json.display()))
                 })
                 .and_then(|()| {
                     crate::sandbox::sync_dir(&dir)
