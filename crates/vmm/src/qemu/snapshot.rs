@@ -752,6 +752,7 @@ fn stream_ignores_shared(path: &Path) -> std::io::Result<bool> {
 fn header_ignores_shared(head: &[u8]) -> bool {
     const MAGIC: &[u8] = b"QEVM";
     const QEMU_VM_CONFIGURATION: u8 = 0x07;
+    const QEMU_VM_SUBSECTION: u8 = 0x05;
     const SUBSECTION: &[u8] = b"configuration/capabilities";
     let be32 = |at: usize| {
         head.get(at..at + 4)
@@ -763,20 +764,17 @@ fn header_ignores_shared(head: &[u8]) -> bool {
     let Some(name_len) = be32(9) else {
         return false;
     };
-    // why: only the configuration section's own bytes (its subsections follow
-    // the machine name), never guest RAM further on.
-    let start = 13 + name_len;
-    let Some(config) = head.get(start..head.len().min(start + 256)) else {
+    // why: parsed strictly from where the machine name ends: the sections
+    // after it carry guest RAM, which a guest could fill with these bytes.
+    let mut off = 13 + name_len;
+    if head.get(off) != Some(&QEMU_VM_SUBSECTION)
+        || head.get(off + 1).map(|&l| usize::from(l)) != Some(SUBSECTION.len())
+        || head.get(off + 2..off + 2 + SUBSECTION.len()) != Some(SUBSECTION)
+    {
         return false;
-    };
-    let Some(at) = config
-        .windows(SUBSECTION.len())
-        .position(|w| w == SUBSECTION)
-    else {
-        return false;
-    };
-    // subsection name, then version (be32), count (be32), then each: len (u8), name.
-    let mut off = start + at + SUBSECTION.len() + 4;
+    }
+    // then version (be32), count (be32), and each name: len (u8), bytes.
+    off += 2 + SUBSECTION.len() + 4;
     let Some(count) = be32(off) else {
         return false;
     };
@@ -815,5 +813,21 @@ mod tests {
         assert_eq!(parse_mem_available(meminfo), Some(23_778_136 * 1024));
         assert_eq!(parse_mem_available("MemTotal: 1 kB\n"), None);
         assert!(mem_available().is_some());
+    }
+
+    #[test]
+    fn x_ignore_shared_is_read_from_the_streams_configuration_section() {
+        // The first bytes of QEMU 7.2 streams (microvm) saved with and without it.
+        let mut on =
+            b"QEVM\0\0\0\x03\x07\0\0\0\x07microvm\x05\x1aconfiguration/capabilities".to_vec();
+        on.extend(b"\0\0\0\x01\0\0\0\x01\x0fx-ignore-shared\x01\0\0\0\x02\x03ram\0");
+        assert!(header_ignores_shared(&on));
+        let mut off = b"QEVM\0\0\0\x03\x07\0\0\0\x07microvm\x01\0\0\0\x02\x03ram\0".to_vec();
+        assert!(!header_ignores_shared(&off));
+        // Guest RAM after the configuration section never counts.
+        off.extend(&on[20..]);
+        assert!(!header_ignores_shared(&off));
+        assert!(!header_ignores_shared(&on[..60]));
+        assert!(!header_ignores_shared(b""));
     }
 }
