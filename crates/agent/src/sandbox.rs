@@ -211,6 +211,9 @@ pub(crate) struct Entry {
     pub(crate) main_session: Mutex<Option<u32>>,
     /// Held while a snapshot of this sandbox is being saved (one at a time).
     pub(crate) saving: tokio::sync::Mutex<()>,
+    /// Held by a snapshot from before it freezes the guest's processes until
+    /// it thawed them (not through the rest of its save); execs wait for it.
+    pub(crate) exec_gate: tokio::sync::Mutex<()>,
     /// True while a restarted hearthd takes this sandbox over (or settles it).
     pub(crate) recovering: watch::Sender<bool>,
     /// The VM has a network device (so its snapshots need one on restore).
@@ -264,6 +267,7 @@ impl Entry {
             vm: Mutex::new(None),
             main_session: Mutex::new(None),
             saving: tokio::sync::Mutex::new(()),
+            exec_gate: tokio::sync::Mutex::new(()),
             recovering: watch::channel(false).0,
             nic: std::sync::atomic::AtomicBool::new(false),
             nic_tap: std::sync::atomic::AtomicBool::new(false),
@@ -2166,10 +2170,11 @@ impl Agent {
             stdin: req.stdin,
         };
         // why: a snapshot freezes the guest's processes and pauses the VM while
-        // it saves (holding `saving`); an exec started in that window would run
-        // unfrozen inside the snapshot, so it waits for the thaw (bounded), and
-        // then sees the sandbox as it is after the snapshot.
-        let Ok(saving) = tokio::time::timeout(EXEC_SNAPSHOT_WAIT, e.saving.lock()).await else {
+        // it saves (holding `exec_gate` until the thaw); an exec started in that
+        // window would run unfrozen inside the snapshot, so it waits for the
+        // thaw (bounded; not for the rest of the save, e.g. a RAM conversion),
+        // and then sees the sandbox as it is after the snapshot.
+        let Ok(saving) = tokio::time::timeout(EXEC_SNAPSHOT_WAIT, e.exec_gate.lock()).await else {
             return Err(AgentError::Conflict(format!(
                 "sandbox '{}' is being snapshotted (waited {}s); retry the exec when the snapshot is done",
                 rec.id,

@@ -142,6 +142,9 @@ impl Agent {
         }
         let e = self.running_entry(id_or_name).await?;
         let _saving = e.saving.lock().await;
+        // why: released once the guest is thawed (below), so execs do not wait
+        // for the rest of the save; `_saving` still keeps snapshots one at a time.
+        let exec_gate = e.exec_gate.lock().await;
         let rec = e.snapshot();
         let vm = lock(&e.vm).clone();
         let conn = lock(&e.conn).clone();
@@ -212,6 +215,7 @@ impl Agent {
             if let Err(err) = conn.thaw_processes().await {
                 tracing::warn!(sandbox = %rec.id, "the Thaw after snapshot '{name}' could not be sent ({err}): the guest's processes stay stopped until a retry in the background gets it through or the guest's own bound (60 s) ends the stop");
             }
+            drop(exec_gate);
         };
         let (saved, ()) = tokio::join!(vm.save_snapshot_notify(&tmp, &opts, resumed), thaw);
         let manifest = match saved {

@@ -291,3 +291,104 @@ async fn one_snapshot_serves_many_restores_and_stays_pristine() {
     r3.vm.kill().await.unwrap();
     r3.vm.wait().await.unwrap();
 }
+
+/// A snapshot of a restored VM (private RAM) whose RAM conversion fails (here:
+/// the helper QEMU cannot start, the VM's kernel file being gone) is still
+/// saved, with its RAM in the state stream (`ram: in_state`), and restores.
+#[tokio::test]
+async fn failed_ram_conversion_keeps_the_snapshot_in_state() {
+    let Some((kernel, initrd)) = real_artifacts() else {
+        assert!(
+            std::env::var_os("HEARTH_TEST_STRICT").is_none(),
+            "this test cannot run here and HEARTH_TEST_STRICT forbids skipping it"
+        );
+        println!("SKIPPED: guest artifacts absent (run scripts/setup)");
+        return;
+    };
+    let tmp = tempfile::Builder::new()
+        .prefix("vmmsnapfb")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let rootfs = tmp.path().join("base.ext4");
+    make_ext4(&rootfs);
+    let doomed_kernel = tmp.path().join("vmlinux-doomed");
+    std::fs::copy(&kernel, &doomed_kernel).unwrap();
+    let vmm = QemuVmm::new().unwrap();
+    let cfg = |id: &str, kernel: &Path| VmConfig {
+        id: id.into(),
+        dir: tmp.path().join(id),
+        kernel: kernel.to_path_buf(),
+        initrd: initrd.clone(),
+        rootfs: rootfs.clone(),
+        cpus: 1,
+        memory_mib: 128,
+        hostname: id.into(),
+        extra_cmdline: vec![],
+        accel: hearth_vmm::Accel::Tcg,
+        memory: GuestMemory::SharedFile,
+        ram_kib: None,
+        net: None,
+    };
+    let kernel_sha256 = file_sha256(&kernel).unwrap();
+    let opts = |after| SaveOptions {
+        kernel_sha256: kernel_sha256.clone(),
+        cpus: 1,
+        memory_mib: 128,
+        base_rootfs: rootfs.clone(),
+        after,
+    };
+    let host = HostIdentity {
+        backend: "qemu".into(),
+        vmm_version: vmm.version(),
+        kernel_sha256: kernel_sha256.clone(),
+        accel: hearth_vmm::Accel::Tcg,
+    };
+
+    let base = cfg("base", &kernel);
+    let vm = vmm.create(&base).await.unwrap();
+    let mut agent = vm.connect_agent().await.unwrap();
+    vm.start().await.unwrap();
+    expect(&mut agent, Kind::Hello).await;
+    let snap = tmp.path().join("snap");
+    let m = vm
+        .save_snapshot(&snap, &opts(AfterSave::Quit))
+        .await
+        .unwrap();
+    destroy(&base.dir).unwrap();
+
+    let mut r1 = vmm
+        .restore(&cfg("r1", &doomed_kernel), &snap, &m)
+        .await
+        .unwrap();
+    r1.vm.start().await.unwrap();
+    wake(&mut r1.agent, "r1").await;
+    std::fs::remove_file(&doomed_kernel).unwrap();
+    let snap2 = tmp.path().join("snap2");
+    let m2 = r1
+        .vm
+        .save_snapshot(&snap2, &opts(AfterSave::Resume))
+        .await
+        .unwrap();
+    assert_eq!(m2.ram, RamStorage::InState);
+    let mut left: Vec<String> = std::fs::read_dir(&snap2)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["disk.qcow2", "manifest.json", "state"]);
+    let m2 = hearth_vmm::SnapshotManifest::load(&snap2).unwrap();
+    m2.check(&snap2, &host, Verify::Full).unwrap();
+    // The source VM still runs.
+    write_frame_async(&mut r1.agent, &Frame::json(Kind::Ping, 0, &Empty {}))
+        .await
+        .unwrap();
+    expect(&mut r1.agent, Kind::Pong).await;
+
+    let mut r2 = vmm.restore(&cfg("r2", &kernel), &snap2, &m2).await.unwrap();
+    r2.vm.start().await.unwrap();
+    wake(&mut r2.agent, "r2").await;
+    for r in [r1, r2] {
+        r.vm.kill().await.unwrap();
+        r.vm.wait().await.unwrap();
+    }
+}

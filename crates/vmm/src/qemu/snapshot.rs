@@ -159,8 +159,21 @@ impl QemuVm {
             // why: a restore of an `in_state` snapshot reads all RAM up front; a
             // RAM file is mapped lazily. The stream is consistent with the disk
             // copy already, so this runs after the VM was resumed.
-            self.convert_ram(dest, opts).await?;
-            ram = RamStorage::File;
+            ram = match self.convert_ram(dest, opts).await {
+                Ok(r) => r,
+                Err(e) => {
+                    // why: the stream with all RAM is a complete snapshot in the
+                    // older `in_state` format; a failed optimisation must not fail it.
+                    tracing::warn!(vm = %self.id, error = %e, "snapshot RAM not converted; the snapshot keeps its RAM in the state");
+                    RamStorage::InState
+                }
+            };
+            if ram == RamStorage::InState {
+                let _ = std::fs::remove_file(dest.join(RAM_FILE));
+                let stream = dest.join(RAM_STREAM_FILE);
+                std::fs::rename(&stream, dest.join(STATE_FILE))
+                    .map_err(io("rename the state stream with RAM", &stream))?;
+            }
         }
         let mut names = vec![STATE_FILE, DISK_FILE];
         if ram == RamStorage::File {
@@ -263,7 +276,21 @@ impl QemuVm {
                     .and_then(|h| h.watch_adopted());
                 // why: a child that is gone already cannot be opened; the next
                 // round finds it no longer listed.
-                let Ok(watch) = watch else { continue };
+                let Ok(watch) = watch else {
+                    // why: bounded even if a child cannot be opened persistently.
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(VmmError::Timeout {
+                            id: self.id.clone(),
+                            awaited: format!(
+                                "the process writing the migration stream (pid {kid}) to exit"
+                            ),
+                            after: timeout,
+                            log_tail: log_tail(&self.layout.qemu_log, LOG_TAIL_BYTES),
+                        });
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    continue;
+                };
                 if tokio::time::timeout_at(deadline, watch.wait())
                     .await
                     .is_err()
@@ -292,8 +319,13 @@ impl QemuVm {
     /// holes) and it quits. Bounded by [`CONVERT_TIMEOUT`]; on failure the helper is killed and its directory,
     /// the RAM file and the partial state removed. The helper dies with the
     /// thread that started it ([`Lifetime::TiedToCaller`]), so a daemon that
-    /// dies mid-way leaves no QEMU behind.
-    async fn convert_ram(&self, dest: &Path, opts: &SaveOptions) -> Result<(), VmmError> {
+    /// dies mid-way leaves no QEMU behind, and when this future is dropped.
+    ///
+    /// Returns [`RamStorage::InState`] without converting when the host has
+    /// less memory available than the helper's RAM plus [`CONVERT_MARGIN_BYTES`]
+    /// (the helper's RAM all gets allocated while it loads); the caller then
+    /// keeps the stream with all RAM as the snapshot's state, as on an error.
+    async fn convert_ram(&self, dest: &Path, opts: &SaveOptions) -> Result<RamStorage, VmmError> {
         let t0 = Instant::now();
         let failed = |detail: String| VmmError::SnapshotFailed {
             id: self.id.clone(),
@@ -306,6 +338,20 @@ impl QemuVm {
         let argv = VmRecord::load(&self.layout.dir)
             .map_err(|e| failed(format!("reading the VM's record: {e}")))?
             .argv;
+        let helper_bytes = machine.ram_kib * 1024;
+        let available = mem_available();
+        if !conversion_fits(available, helper_bytes) {
+            // why: the helper's shmem RAM gets all allocated (QEMU reads every
+            // zero page of the stream too) and cannot be reclaimed while it runs.
+            tracing::info!(
+                vm = %self.id,
+                helper_bytes,
+                mem_available = ?available,
+                margin = CONVERT_MARGIN_BYTES,
+                "snapshot RAM not converted (too little host memory available); the snapshot keeps its RAM in the state"
+            );
+            return Ok(RamStorage::InState);
+        }
         let arg = |flag: &str| {
             argv.windows(2)
                 .find(|w| w[0] == flag)
@@ -366,13 +412,21 @@ impl QemuVm {
             Ok(h) => h,
             Err(e) => {
                 remove_outputs();
-                let _ = std::fs::remove_dir(&cfg.dir);
+                // why: a QEMU that exited at start left its log and record there.
+                let _ = std::fs::remove_dir_all(&cfg.dir);
                 return Err(failed(format!("starting the helper QEMU: {e}")));
             }
         };
+        // why: a caller that drops this future mid-way (a cancelled request)
+        // must not leave the helper running; PDEATHSIG only covers the thread.
+        let mut guard = KillOnDrop {
+            vm: &helper,
+            dir: &cfg.dir,
+            armed: true,
+        };
         let work = async {
             helper.convert_stream(dest).await?;
-            copy_helper_ram(&helper, &ram, machine.ram_kib * 1024).await
+            copy_helper_ram(&helper, &ram, helper_bytes).await
         };
         let result = match tokio::time::timeout(CONVERT_TIMEOUT, work).await {
             Ok(r) => r.map_err(|e| failed(e.to_string())),
@@ -396,6 +450,7 @@ impl QemuVm {
                 Err(e) => Err(e),
             },
         };
+        guard.armed = false;
         let removed = crate::record::destroy(&cfg.dir);
         let result = result
             .and_then(|()| ended.map_err(|e| failed(format!("ending the helper QEMU: {e}"))))
@@ -411,7 +466,7 @@ impl QemuVm {
                     source,
                 })?;
                 tracing::info!(vm = %self.id, took = ?t0.elapsed(), "snapshot RAM converted to a file");
-                Ok(())
+                Ok(RamStorage::File)
             }
             Err(e) => {
                 remove_outputs();
@@ -451,6 +506,44 @@ impl QemuVm {
         self.wait_migration(&mut events, "saving the device state")
             .await?;
         self.wait_exec_children(STATE_TIMEOUT).await
+    }
+}
+
+/// Host memory that must stay available beyond the helper's RAM for
+/// [`QemuVm::convert_ram`] to run.
+const CONVERT_MARGIN_BYTES: u64 = 256 << 20;
+
+/// Whether a conversion whose helper has `helper_bytes` of RAM may run with
+/// `mem_available` bytes available on the host (None: unknown, so no).
+fn conversion_fits(mem_available: Option<u64>, helper_bytes: u64) -> bool {
+    mem_available.is_some_and(|a| a >= helper_bytes.saturating_add(CONVERT_MARGIN_BYTES))
+}
+
+/// `MemAvailable` of /proc/meminfo, in bytes.
+fn mem_available() -> Option<u64> {
+    parse_mem_available(&std::fs::read_to_string("/proc/meminfo").ok()?)
+}
+
+fn parse_mem_available(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Kills a helper of [`QemuVm::convert_ram`] (and removes its directory)
+/// when the conversion is dropped before it ended the helper itself.
+struct KillOnDrop<'a> {
+    vm: &'a QemuVm,
+    dir: &'a Path,
+    armed: bool,
+}
+
+impl Drop for KillOnDrop<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = self.vm.process.signal(libc::SIGKILL);
+            let _ = std::fs::remove_dir_all(self.dir);
+        }
     }
 }
 
@@ -618,9 +711,16 @@ async fn load_state(vm: &QemuVm, snapshot: &Path) -> Result<UnixStream, VmmError
     let agent = vm.connect_agent().await?;
     let connected = t0.elapsed();
     // why: file-RAM snapshots were saved with it (their shared RAM skipped), and
-    // so were the `in_state` ones of older builds (the flag changes the stream's
-    // RAM block list, which must match).
-    vm.enable_migration_caps(true).await?;
+    // so were the `in_state` ones of older builds; an `in_state` one whose RAM
+    // conversion failed was saved without (see [`QemuVm::convert_ram`]). QEMU
+    // refuses a stream whose setting differs, so it is read from the stream.
+    let state = snapshot.join(STATE_FILE);
+    let ignore_shared = stream_ignores_shared(&state).map_err(|source| VmmError::Io {
+        op: "read the header of the state stream",
+        path: state.clone(),
+        source,
+    })?;
+    vm.enable_migration_caps(ignore_shared).await?;
     let uri = format!(
         "exec:cat {}",
         shell_quoted(&vm.id, &snapshot.join(STATE_FILE))?
@@ -634,4 +734,100 @@ async fn load_state(vm: &QemuVm, snapshot: &Path) -> Result<UnixStream, VmmError
         .await?;
     tracing::debug!(vm = %vm.id, ?connected, ?requested, loaded = ?t0.elapsed(), "snapshot state loaded");
     Ok(agent)
+}
+
+/// Whether the migration stream at `path` was saved with `x-ignore-shared`
+/// on: its configuration section (first in the stream, QEMU 7.2 format:
+/// magic, version, `QEMU_VM_CONFIGURATION`, machine name, subsections) lists
+/// the capability in its `configuration/capabilities` subsection.
+fn stream_ignores_shared(path: &Path) -> std::io::Result<bool> {
+    use std::io::Read;
+    let mut head = Vec::with_capacity(1024);
+    std::fs::File::open(path)?
+        .take(1024)
+        .read_to_end(&mut head)?;
+    Ok(header_ignores_shared(&head))
+}
+
+fn header_ignores_shared(head: &[u8]) -> bool {
+    const MAGIC: &[u8] = b"QEVM";
+    const QEMU_VM_CONFIGURATION: u8 = 0x07;
+    const QEMU_VM_SUBSECTION: u8 = 0x05;
+    const SUBSECTION: &[u8] = b"configuration/capabilities";
+    let be32 = |at: usize| {
+        head.get(at..at + 4)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+    };
+    if head.get(..4) != Some(MAGIC) || head.get(8) != Some(&QEMU_VM_CONFIGURATION) {
+        return false;
+    }
+    let Some(name_len) = be32(9) else {
+        return false;
+    };
+    // why: parsed strictly from where the machine name ends: the sections
+    // after it carry guest RAM, which a guest could fill with these bytes.
+    let mut off = 13 + name_len;
+    if head.get(off) != Some(&QEMU_VM_SUBSECTION)
+        || head.get(off + 1).map(|&l| usize::from(l)) != Some(SUBSECTION.len())
+        || head.get(off + 2..off + 2 + SUBSECTION.len()) != Some(SUBSECTION)
+    {
+        return false;
+    }
+    // then version (be32), count (be32), and each name: len (u8), bytes.
+    off += 2 + SUBSECTION.len() + 4;
+    let Some(count) = be32(off) else {
+        return false;
+    };
+    off += 4;
+    for _ in 0..count.min(64) {
+        let Some(&len) = head.get(off) else {
+            return false;
+        };
+        let name = head.get(off + 1..off + 1 + usize::from(len));
+        if name == Some(b"x-ignore-shared".as_slice()) {
+            return true;
+        }
+        off += 1 + usize::from(len);
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conversion_runs_only_with_the_helpers_ram_and_a_margin_available() {
+        let gib = 1u64 << 30;
+        assert!(conversion_fits(Some(gib + CONVERT_MARGIN_BYTES), gib));
+        assert!(conversion_fits(Some(8 * gib), gib));
+        assert!(!conversion_fits(Some(gib + CONVERT_MARGIN_BYTES - 1), gib));
+        assert!(!conversion_fits(Some(gib), gib));
+        assert!(!conversion_fits(None, gib));
+        assert!(!conversion_fits(Some(u64::MAX - 1), u64::MAX));
+    }
+
+    #[test]
+    fn mem_available_is_read_from_meminfo() {
+        let meminfo = "MemTotal:       24683812 kB\nMemFree:        18855352 kB\nMemAvailable:   23778136 kB\nBuffers:          123 kB\n";
+        assert_eq!(parse_mem_available(meminfo), Some(23_778_136 * 1024));
+        assert_eq!(parse_mem_available("MemTotal: 1 kB\n"), None);
+        assert!(mem_available().is_some());
+    }
+
+    #[test]
+    fn x_ignore_shared_is_read_from_the_streams_configuration_section() {
+        // The first bytes of QEMU 7.2 streams (microvm) saved with and without it.
+        let mut on =
+            b"QEVM\0\0\0\x03\x07\0\0\0\x07microvm\x05\x1aconfiguration/capabilities".to_vec();
+        on.extend(b"\0\0\0\x01\0\0\0\x01\x0fx-ignore-shared\x01\0\0\0\x02\x03ram\0");
+        assert!(header_ignores_shared(&on));
+        let mut off = b"QEVM\0\0\0\x03\x07\0\0\0\x07microvm\x01\0\0\0\x02\x03ram\0".to_vec();
+        assert!(!header_ignores_shared(&off));
+        // Guest RAM after the configuration section never counts.
+        off.extend(&on[20..]);
+        assert!(!header_ignores_shared(&off));
+        assert!(!header_ignores_shared(&on[..60]));
+        assert!(!header_ignores_shared(b""));
+    }
 }
