@@ -440,8 +440,8 @@ const ABORT_ANSWER_WAIT: Duration = Duration::from_secs(3);
 
 /// Fault injection for tests: with `HEARTH_MIGRATION_HOLD=<point>:<ms>` an
 /// agent waits `ms` at `point`, so a test can kill hearthd exactly there. On
-/// the source: `log-tail` (the log's tail is not sent yet, the record is
-/// being written as committing beside it), `commit` (the record says
+/// the source: `log-tail` (the log's tail is not sent yet, the record says
+/// switchover), `commit` (the record says
 /// committing, the commit is not sent yet) or `release` (the target
 /// committed, the paused VM here is not released yet). On the target:
 /// `target-saved` (the commit saved the records, the VM is not resumed yet)
@@ -631,6 +631,30 @@ async fn drain(
         }
         tokio::time::sleep_until(quiet.next_check().min(deadline).into()).await;
     }
+}
+
+/// Output the source VM's channel delivered after the drain: every frame
+/// waiting in the session is appended to the log here (none is lost: the
+/// sandbox stays). `Some` (with the workload's end, if it came) when there
+/// was any, or bytes are still unread on the channel; `None` when quiet.
+async fn late_output(
+    entry: &Entry,
+    session: &mut Session,
+    log: &mut OutputLog,
+) -> Option<Option<SessionEvent>> {
+    let mut late = false;
+    let mut end = None;
+    while let Some(ev) = session.try_next() {
+        late = true;
+        if let Some(e) = append(log, ev).await {
+            end.get_or_insert(e);
+        }
+    }
+    let unread = match lock(&entry.chan_fd).as_ref() {
+        Some(fd) => queued(fd, libc::FIONREAD),
+        None => 0,
+    };
+    (late || unread > 0).then_some(end)
 }
 
 /// Runs a migration inside the sandbox's lifecycle task.
@@ -870,27 +894,6 @@ pub(crate) async fn run_source(
     // closed too (its notice is already in the bytes).
     let truncated = crate::output_log::truncated_marker(&log_path).exists();
     let rec = entry.snapshot();
-    // why: a commit the record does not show could not be settled by a
-    // restarted hearthd (it would resume this VM while the target runs one);
-    // and from the commit on, no path that settles this copy (a restart, a
-    // fence, `rm -f`) may release the address the target may run with. Both
-    // are written (fsynced) on a blocking thread while the log's tail goes
-    // to the target and the log is synced (issue 7: they were in sequence
-    // inside the pause); the commit waits for all of them. When a cancel or
-    // a failed tail turns the migration back after that, the record reads
-    // `committing` until `stay_here` records `aborted`: no commit was sent,
-    // and a source restarted in between asks the target, which removes its
-    // uncommitted VM (what `recover` does for any `committing`).
-    let committing = {
-        let (data_dir, dir, id2) = (job.data_dir.clone(), entry.dir.clone(), id.clone());
-        let networked = rec.network.is_some();
-        let record = job.record(&id, Phase::Committing);
-        set_migration_paused(entry, Phase::Committing);
-        tokio::task::spawn_blocking(move || {
-            net::mark_lease_moved(&data_dir, &dir, &id2, networked)
-                .and_then(|()| store_phase(&dir, &record))
-        })
-    };
     let tail = async {
         let bulk_sent = match (&mut bulk.0).await {
             Ok(Ok(n)) => n,
@@ -910,38 +913,52 @@ pub(crate) async fn run_source(
         }
         sent
     };
-    let saved = async {
-        let saved = committing
-            .await
-            .unwrap_or_else(|e| Err(format!("saving the migration phase failed: {e}")));
-        if saved.is_ok() {
-            job.step(&pause, |p| &mut p.committing_saved_ms);
-        }
-        saved
-    };
-    // why: the log's sync (fdatasync) goes beside them too; the tail is read
+    // why: the log's sync (fdatasync) goes beside the tail; the tail is read
     // from the file, which has every appended byte before the sync.
-    let (tail, saved, _) = tokio::join!(tail, saved, log.flush());
+    let (tail, _) = tokio::join!(tail, log.flush());
     if let Err(e) = tail {
         let why =
             format!("sending the output log of sandbox {id} failed ({e}); it keeps running here");
         return stay_here(job, entry, vm, conn, why, None).await;
     }
+    // why: output that reached this host after the drain is not in the tail
+    // the target got; it is kept here and the switch-over refused (safe: no
+    // commit was sent).
+    if let Some(end) = late_output(entry, session, log).await {
+        let _ = log.flush().await;
+        let why = format!(
+            "the workload of sandbox {id} wrote output after its log was handed over; the switch-over is refused and it keeps running here (migrate again)"
+        );
+        return stay_here(job, entry, vm, conn, why, end.map(Some)).await;
+    }
+    // why: a commit the record does not show could not be settled by a
+    // restarted hearthd (it would resume this VM while the target runs one);
+    // and from the commit on, no path that settles this copy (a restart, a
+    // fence, `rm -f`) may release the address the target may run with. Both
+    // are written (fsynced) on a blocking thread, only once the tail reached
+    // the target: a `committing` record on disk while the tail could still
+    // fail for minutes (an unreachable target) would make a source restarted
+    // meanwhile ask a target that does not answer, and leave its copy lost
+    // and paused (review5 F1).
+    let saved = {
+        let (data_dir, dir, id2) = (job.data_dir.clone(), entry.dir.clone(), id.clone());
+        let networked = rec.network.is_some();
+        let record = job.record(&id, Phase::Committing);
+        set_migration_paused(entry, Phase::Committing);
+        tokio::task::spawn_blocking(move || {
+            net::mark_lease_moved(&data_dir, &dir, &id2, networked)
+                .and_then(|()| store_phase(&dir, &record))
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("saving the migration phase failed: {e}")))
+    };
     if let Err(why) = saved {
         let why = format!(
             "{why}; the migration is aborted before the commit and sandbox {id} keeps running here (free space in the data directory, then migrate again)"
         );
         return stay_here(job, entry, vm, conn, why, None).await;
     }
-    // why: a cancel that came while the log was sent (the check above is
-    // before that await): nothing between here and the commit awaits, so a
-    // cancel answered `aborted` never meets a commit.
-    if reg.is_cancelled(job.attempt.as_deref()) {
-        let why = format!(
-            "the migration of sandbox {id} was cancelled before its commit; it keeps running here"
-        );
-        return stay_here(job, entry, vm, conn, why, None).await;
-    }
+    job.step(&pause, |p| &mut p.committing_saved_ms);
     job.publish_phase(Phase::Committing);
     let hello = conn.hello();
     let commit = IncomingCommit {
@@ -958,6 +975,27 @@ pub(crate) async fn run_source(
         started_ms: rec.started_ms,
         boot_ms: rec.boot_ms,
     };
+    // why: checked after `unacked_bytes` was read: a frame the reader routed
+    // (and counted) since the check after the tail is in that count but not
+    // in the tail, and the target would hand its credit back to the guest,
+    // which then drops it from its replay buffer (review5 F3). Without late
+    // output this completes without suspending.
+    if let Some(end) = late_output(entry, session, log).await {
+        let _ = log.flush().await;
+        let why = format!(
+            "the workload of sandbox {id} wrote output after its log was handed over; the switch-over is refused and it keeps running here (migrate again)"
+        );
+        return stay_here(job, entry, vm, conn, why, end.map(Some)).await;
+    }
+    // why: a cancel that came while the log was sent or the record saved:
+    // nothing between here and the commit awaits, so a cancel answered
+    // `aborted` never meets a commit.
+    if reg.is_cancelled(job.attempt.as_deref()) {
+        let why = format!(
+            "the migration of sandbox {id} was cancelled before its commit; it keeps running here"
+        );
+        return stay_here(job, entry, vm, conn, why, None).await;
+    }
     fault_hold("commit").await;
     let commit_err = match job.peer.commit(&id, &commit).await {
         Ok((sb, resumed_us)) => {
@@ -1186,6 +1224,13 @@ async fn stay_here(
 ) -> SourceEnd {
     let id = entry.snapshot().id;
     let _ = job.peer.abort(&id).await;
+    // why: recorded before the resume (no commit was sent: the copy here is
+    // the sandbox whatever the target answered). A hearthd killed between
+    // the resume and a later record would find `committing`, ask the target
+    // and, without an answer, report a running VM lost and paused (review5
+    // F2); `aborted` makes a restart resume it (idempotent) instead.
+    job.set_phase(entry, Phase::Aborted);
+    net::clear_lease_moved(&job.data_dir, &entry.dir, &id);
     let msg = resume_here(vm, conn, why).await;
     job.end(entry, Phase::Aborted, Err(AgentError::Migration(msg)));
     SourceEnd::StayedHere(kept)
