@@ -221,12 +221,8 @@ impl QemuVm {
         let shared = matches!(self.ram, RamBacking::Shared(_));
         self.enable_migration_caps(shared).await?;
         let file = if shared { STATE_FILE } else { RAM_STREAM_FILE };
-        let uri = format!("exec:cat > {}", shell_quoted(&self.id, &dest.join(file))?);
-        let mut events = self.qmp.subscribe();
-        self.qmp.execute("migrate", json!({ "uri": uri })).await?;
-        self.wait_migration(&mut events, "saving the VM state")
+        self.save_stream_to(&dest.join(file), "saving the VM state")
             .await?;
-        self.wait_exec_children(STATE_TIMEOUT).await?;
         // why: a `cont` right after the `completed` event is refused ("Migration is
         // not finalized yet") while the run state is still `finish-migrate`.
         self.settle_after_completion().await;
@@ -486,26 +482,33 @@ impl QemuVm {
         // why: the stream was written without `x-ignore-shared` (its RAM block
         // was private); with it on, this shared block would be refused.
         self.enable_migration_caps(false).await?;
-        let uri = format!(
-            "exec:cat {}",
-            shell_quoted(&self.id, &dest.join(RAM_STREAM_FILE))?
-        );
+        self.load_stream_from(&dest.join(RAM_STREAM_FILE), "loading the state with RAM")
+            .await?;
+        self.enable_migration_caps(true).await?;
+        self.save_stream_to(&dest.join(STATE_FILE), "saving the device state")
+            .await
+    }
+
+    /// Saves the VM's migration stream to `file` (`exec:cat > FILE`) and
+    /// waits until it completed and the writer process exited (`what` names
+    /// the step in a timeout).
+    async fn save_stream_to(&self, file: &Path, what: &'static str) -> Result<(), VmmError> {
+        let uri = format!("exec:cat > {}", shell_quoted(&self.id, file)?);
+        let mut events = self.qmp.subscribe();
+        self.qmp.execute("migrate", json!({ "uri": uri })).await?;
+        self.wait_migration(&mut events, what).await?;
+        self.wait_exec_children(STATE_TIMEOUT).await
+    }
+
+    /// Loads the migration stream in `file` into this `-incoming defer` QEMU
+    /// and waits until it completed.
+    async fn load_stream_from(&self, file: &Path, what: &'static str) -> Result<(), VmmError> {
+        let uri = format!("exec:cat {}", shell_quoted(&self.id, file)?);
         let mut events = self.qmp.subscribe();
         self.qmp
             .execute("migrate-incoming", json!({ "uri": uri }))
             .await?;
-        self.wait_migration(&mut events, "loading the state with RAM")
-            .await?;
-        self.enable_migration_caps(true).await?;
-        let uri = format!(
-            "exec:cat > {}",
-            shell_quoted(&self.id, &dest.join(STATE_FILE))?
-        );
-        let mut events = self.qmp.subscribe();
-        self.qmp.execute("migrate", json!({ "uri": uri })).await?;
-        self.wait_migration(&mut events, "saving the device state")
-            .await?;
-        self.wait_exec_children(STATE_TIMEOUT).await
+        self.wait_migration(&mut events, what).await
     }
 }
 
@@ -721,18 +724,9 @@ async fn load_state(vm: &QemuVm, snapshot: &Path) -> Result<UnixStream, VmmError
         source,
     })?;
     vm.enable_migration_caps(ignore_shared).await?;
-    let uri = format!(
-        "exec:cat {}",
-        shell_quoted(&vm.id, &snapshot.join(STATE_FILE))?
-    );
-    let mut events = vm.qmp.subscribe();
-    vm.qmp
-        .execute("migrate-incoming", json!({ "uri": uri }))
+    vm.load_stream_from(&state, "loading the snapshot state")
         .await?;
-    let requested = t0.elapsed();
-    vm.wait_migration(&mut events, "loading the snapshot state")
-        .await?;
-    tracing::debug!(vm = %vm.id, ?connected, ?requested, loaded = ?t0.elapsed(), "snapshot state loaded");
+    tracing::debug!(vm = %vm.id, ?connected, loaded = ?t0.elapsed(), "snapshot state loaded");
     Ok(agent)
 }
 
