@@ -1223,14 +1223,16 @@ async fn stay_here(
     kept: Option<Option<SessionEvent>>,
 ) -> SourceEnd {
     let id = entry.snapshot().id;
-    let _ = job.peer.abort(&id).await;
-    // why: recorded before the resume (no commit was sent: the copy here is
-    // the sandbox whatever the target answered). A hearthd killed between
-    // the resume and a later record would find `committing`, ask the target
-    // and, without an answer, report a running VM lost and paused (review5
-    // F2); `aborted` makes a restart resume it (idempotent) instead.
+    // why: recorded first, before the target is asked and before the resume
+    // (no commit was sent: the copy here is the sandbox whatever the target
+    // answers). A hearthd killed while the abort waits for a hung target, or
+    // right after the resume, would otherwise find `committing`, ask the
+    // target and, without an answer, report a running VM lost and paused
+    // (review5 F2, review6 F2); `aborted` makes a restart resume it
+    // (idempotent) and the target's incoming VM expires on its own.
     job.set_phase(entry, Phase::Aborted);
     net::clear_lease_moved(&job.data_dir, &entry.dir, &id);
+    let _ = job.peer.abort(&id).await;
     let msg = resume_here(vm, conn, why).await;
     job.end(entry, Phase::Aborted, Err(AgentError::Migration(msg)));
     SourceEnd::StayedHere(kept)
