@@ -86,9 +86,12 @@ fn drain_line(node: &str, o: &serde_json::Value) -> String {
             .unwrap_or_else(|| "0 MiB sent".into())
     };
     match o["outcome"].as_str().unwrap_or("") {
+        // why: a failed migration's copy is where the error says (an abort
+        // that was not confirmed may still end on the target); only a
+        // `stopped` one is confirmed by the record to run on the node.
         "failed" => format!(
-            "{sb}: not moved, still running on {node}: {}",
-            o["error"].as_str().unwrap_or("")
+            "{sb}: not moved: {}",
+            o["error"].as_str().unwrap_or("the migration failed")
         ),
         "left" => format!(
             "{sb}: not moved by the drain: {}",
@@ -97,7 +100,8 @@ fn drain_line(node: &str, o: &serde_json::Value) -> String {
                 .unwrap_or("it left the node by other means")
         ),
         "pending" => format!("{sb}: waiting"),
-        "skipped" | "stopped" => format!(
+        "skipped" => format!("{sb}: not moved (the drain was stopped before its turn)"),
+        "stopped" => format!(
             "{sb}: not moved (the drain was stopped), still running on {node}{}",
             o["error"]
                 .as_str()
@@ -411,5 +415,28 @@ mod review4_tests {
             0,
             "a stopped drain with sandboxes left exits 0"
         );
+    }
+
+    /// Review 6 F5: only a `stopped` sandbox (its abort recorded) is said to
+    /// run on the node; a skipped one was never touched and a failed one is
+    /// where its error says.
+    #[test]
+    fn only_a_stopped_sandbox_is_said_to_still_run_on_the_node() {
+        let line = |outcome: &str| {
+            super::drain_line(
+                "n1",
+                &serde_json::json!({"sandbox": "s1", "outcome": outcome, "error": "E"}),
+            )
+        };
+        assert!(
+            line("stopped").contains("still running on n1"),
+            "{}",
+            line("stopped")
+        );
+        for o in ["skipped", "failed"] {
+            assert!(!line(o).contains("still running"), "{o}: {}", line(o));
+            assert!(line(o).starts_with("s1: not moved"), "{o}: {}", line(o));
+        }
+        assert_eq!(line("failed"), "s1: not moved: E");
     }
 }

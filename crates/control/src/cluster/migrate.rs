@@ -92,7 +92,7 @@ pub(super) async fn run(
     id: &str,
     req: &MigrateSandbox,
 ) -> ApiResult<MigrationStatus> {
-    match run_from(cp, id, req, None).await {
+    match run_from(cp, id, req, None, None).await {
         Ok(st) => Ok(st),
         Err(Ended::Failed { error, .. }) => Err(error),
         Err(Ended::Left { now_on }) => Err(err(
@@ -126,12 +126,15 @@ pub(super) const AUTO_PLACE_TRIES: usize = 4;
 
 /// [`run`] with an expected source: with `from`, only a sandbox that is
 /// still on node `from` moves (checked again by the state machine in
-/// `StartMigration`), so a drain never moves one that already left.
+/// `StartMigration`), so a drain never moves one that already left. With
+/// `stop` (a drain's stop flag), a stop that came while the migration was
+/// being recorded ends it `aborted` before anything is sent to a node.
 pub(super) async fn run_from(
     cp: &ControlPlane,
     id: &str,
     req: &MigrateSandbox,
     from: Option<&str>,
+    stop: Option<&std::sync::atomic::AtomicBool>,
 ) -> Result<MigrationStatus, Ended> {
     if req.target.is_empty() || req.target.contains("://") {
         return Err(refused(err(
@@ -163,6 +166,32 @@ pub(super) async fn run_from(
         .await
         .map_err(|e| refused(e.into()))?;
     let rec = start(cp, rec, req, from, views).await?;
+    // why: a drain's stop sets its flag, then aborts the migrations the
+    // drain shows running; one whose record was written after that abort
+    // looked (it found "no migration in progress") is caught here, since the
+    // flag was set before the abort looked (review6 F1).
+    if stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst)) {
+        if let Some(m) = rec.migration.clone() {
+            let why = format!(
+                "the drain of node {} was stopped as this migration was recorded; nothing was sent to node {} or node {}, and sandbox {} keeps running on node {}",
+                m.from, m.from, m.to, rec.id, m.from
+            );
+            tracing::info!(sandbox = %rec.id, from = %m.from, to = %m.to, "migration aborted before it began: the drain was stopped");
+            let ended = write_phase(cp, &rec, &m, "aborted", Some(why.clone()), None).await;
+            let error = if ended.is_some() {
+                err(ErrorCode::Conflict, why)
+            } else {
+                err(
+                    ErrorCode::Unavailable,
+                    format!("the drain of node {} was stopped as the migration of sandbox {} was recorded, but its end could not be recorded; see `hearth migrate --status {}`", m.from, rec.id, rec.id),
+                )
+            };
+            return Err(Ended::Failed {
+                error,
+                started: true,
+            });
+        }
+    }
     drive(cp, rec, req).await.map_err(|error| Ended::Failed {
         error,
         started: true,
@@ -1255,14 +1284,14 @@ pub(super) mod tests {
             cluster::node(&cp, n, 64, 65536).await;
         }
         cluster::sandbox(&cp, "s1", "n1").await;
-        match run_from(&cp, "s1", &auto(), Some("n3")).await {
+        match run_from(&cp, "s1", &auto(), Some("n3"), None).await {
             Err(Ended::Left { now_on }) => assert!(now_on.contains("runs on node n1"), "{now_on}"),
             Err(Ended::Failed { error, .. }) => panic!("failed: {}", error.0.message),
             Ok(_) => panic!("migrated"),
         }
         let rec = cp.store.read_local(|st| st.sandboxes["s1"].clone());
         assert!(rec.migration.is_none(), "a migration was recorded");
-        match run_from(&cp, "nosuch", &auto(), Some("n1")).await {
+        match run_from(&cp, "nosuch", &auto(), Some("n1"), None).await {
             Err(Ended::Left { now_on }) => assert_eq!(now_on, "was removed"),
             _ => panic!("a removed sandbox is not reported as left"),
         }
@@ -1274,7 +1303,7 @@ pub(super) mod tests {
         };
         let views = cp.store.read_local(|st| st.node_views());
         assert!(start(&cp, rec.clone(), &to_n2, None, views).await.is_ok());
-        match run_from(&cp, "s1", &auto(), Some("n1")).await {
+        match run_from(&cp, "s1", &auto(), Some("n1"), None).await {
             Err(Ended::Left { now_on }) => {
                 assert!(now_on.contains("being migrated to node n2"), "{now_on}")
             }

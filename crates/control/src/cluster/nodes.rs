@@ -513,7 +513,7 @@ async fn run_drain(
                     o.outcome = "migrating".into();
                     o.started_ms = Some(now_ms());
                 });
-                let r = super::migrate::run_from(&cp, &sb, &mreq, Some(&id)).await;
+                let r = super::migrate::run_from(&cp, &sb, &mreq, Some(&id), Some(stop)).await;
                 if let Err(super::migrate::Ended::Failed { error, started }) = &r {
                     if restart_worthy(error.0.code, *started) {
                         if let Ok(mut r) = restart.lock() {
@@ -913,6 +913,85 @@ mod tests {
 
     fn cordoned(cp: &ControlPlane, node: &str) -> bool {
         cp.store.read_local(|st| st.nodes[node].cordoned)
+    }
+
+    /// Review 6 F1: a stop that comes right after the drain started (the
+    /// sandbox's turn began, its migration not yet recorded) asked an abort
+    /// that found "no migration in progress" and was dropped; the migration
+    /// then started anyway, after the stop was answered. Now the migration is
+    /// ended `aborted` as soon as it is recorded, and the drain says `stopped`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn review6_a_stop_before_the_migration_is_recorded_aborts_it_as_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = cluster::plane(dir.path()).await;
+        let src = silent_agent(std::time::Duration::from_secs(1));
+        cp.store
+            .write(Command::RegisterNode {
+                node: NodeRecord {
+                    id: "n1".into(),
+                    instance: "inst-n1".into(),
+                    address: src,
+                    capacity: Resources::new(64, 65536, 1_000_000),
+                    accel: Accel::Tcg,
+                    labels: Default::default(),
+                    cordoned: false,
+                    ready: true,
+                    registered_ms: 1,
+                    last_heartbeat_ms: now_ms(),
+                    warm_templates: Default::default(),
+                    volumes: Default::default(),
+                },
+            })
+            .await
+            .unwrap();
+        cluster::node(&cp, "n2", 64, 65536).await;
+        cluster::sandbox(&cp, "s1", "n1").await;
+        let (code, _) = drain_of(&cp, "n1", DrainRequest::default())
+            .await
+            .ok()
+            .unwrap();
+        assert_eq!(code, StatusCode::ACCEPTED);
+        // The sandbox's turn began (outcome `migrating`): stop right then.
+        for _ in 0..100_000 {
+            let Json(d) = drain_status(State(cp.clone()), Path("n1".to_string()))
+                .await
+                .ok()
+                .unwrap();
+            if d.sandboxes[0].outcome == "migrating" {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        let Json(mut d) = stop_drain(State(cp.clone()), Path("n1".to_string()))
+            .await
+            .ok()
+            .expect("stop");
+        for _ in 0..600 {
+            if d.state != "stopping" && d.state != "running" {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            d = drain_status(State(cp.clone()), Path("n1".to_string()))
+                .await
+                .ok()
+                .unwrap()
+                .0;
+        }
+        let started = cp
+            .store
+            .read_local(|st| st.sandboxes["s1"].migration.clone());
+        let o = &d.sandboxes[0];
+        println!(
+            "drain {}: s1 outcome {} ({:?}); migration record {:?}",
+            d.state, o.outcome, o.error, started
+        );
+        let phase = started.as_ref().map(|m| m.phase.as_str());
+        assert!(
+            o.outcome == "stopped" && phase == Some("aborted"),
+            "the stop was answered, yet s1's migration ended {} ({:?}) with record {phase:?}",
+            o.outcome,
+            o.error
+        );
     }
 
     /// Issue 7 review M3: a drain with a parameter every migration would
