@@ -215,7 +215,10 @@ pub trait Vm: Send + Sync {
     /// [`Vm::save_snapshot`] that sends on `resumed` as soon as the VM's part is
     /// done (the state is written and the VM runs again, or is quitting), while
     /// the rest (converting private RAM to a file, flushing and checksumming)
-    /// goes on; dropped unsent when the save fails before that.
+    /// goes on; dropped unsent when the save fails before that. The default
+    /// (a backend whose save has no such point, e.g. Firecracker's
+    /// `PUT /snapshot/create` on a paused VM) sends when the whole save is
+    /// done: correct, only later; a backend with an earlier point overrides it.
     async fn save_snapshot_notify(
         &self,
         dest: &Path,

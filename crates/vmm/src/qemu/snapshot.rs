@@ -336,7 +336,10 @@ impl QemuVm {
             .argv;
         let helper_bytes = machine.ram_kib * 1024;
         let available = mem_available();
-        if !conversion_fits(available, helper_bytes) {
+        // why: held until the conversion ends: a second conversion (another
+        // VM's snapshot at the same time) counts this helper's RAM as taken
+        // even before the load allocated it (review6 F4).
+        let Some(_reserved) = CONVERSIONS.reserve(available, helper_bytes) else {
             // why: the helper's shmem RAM gets all allocated (QEMU reads every
             // zero page of the stream too) and cannot be reclaimed while it runs.
             tracing::info!(
@@ -344,10 +347,11 @@ impl QemuVm {
                 helper_bytes,
                 mem_available = ?available,
                 margin = CONVERT_MARGIN_BYTES,
-                "snapshot RAM not converted (too little host memory available); the snapshot keeps its RAM in the state"
+                reserved = CONVERSIONS.reserved(),
+                "snapshot RAM not converted (too little host memory available beside the conversions running); the snapshot keeps its RAM in the state"
             );
             return Ok(RamStorage::InState);
-        }
+        };
         let arg = |flag: &str| {
             argv.windows(2)
                 .find(|w| w[0] == flag)
@@ -520,6 +524,60 @@ const CONVERT_MARGIN_BYTES: u64 = 256 << 20;
 /// `mem_available` bytes available on the host (None: unknown, so no).
 fn conversion_fits(mem_available: Option<u64>, helper_bytes: u64) -> bool {
     mem_available.is_some_and(|a| a >= helper_bytes.saturating_add(CONVERT_MARGIN_BYTES))
+}
+
+/// The helpers' RAM of the conversions running in this process.
+static CONVERSIONS: ConversionBudget = ConversionBudget::new();
+
+/// Host memory the running conversions' helpers may still allocate: a
+/// conversion runs only when what is available, less every running helper's
+/// RAM, fits its own helper ([`conversion_fits`]). Conservative: a helper
+/// that already allocated its RAM is counted in `MemAvailable` and here.
+struct ConversionBudget {
+    reserved: std::sync::Mutex<u64>,
+}
+
+impl ConversionBudget {
+    const fn new() -> Self {
+        Self {
+            reserved: std::sync::Mutex::new(0),
+        }
+    }
+
+    fn reserved(&self) -> u64 {
+        *self.reserved.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reserves `helper_bytes` when they fit beside the reservations held;
+    /// released when the returned guard drops.
+    fn reserve(&self, mem_available: Option<u64>, helper_bytes: u64) -> Option<Reservation<'_>> {
+        let mut reserved = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
+        let left = mem_available.map(|a| a.saturating_sub(*reserved));
+        if !conversion_fits(left, helper_bytes) {
+            return None;
+        }
+        *reserved += helper_bytes;
+        Some(Reservation {
+            budget: self,
+            bytes: helper_bytes,
+        })
+    }
+}
+
+struct Reservation<'a> {
+    budget: &'a ConversionBudget,
+    bytes: u64,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        let mut reserved = self
+            .budget
+            .reserved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        *reserved = reserved.saturating_sub(self.bytes);
+    }
 }
 
 /// `MemAvailable` of /proc/meminfo, in bytes.
@@ -789,6 +847,31 @@ fn header_ignores_shared(head: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn concurrent_conversions_reserve_their_helpers_ram() {
+        let budget = ConversionBudget::new();
+        let gib = 1u64 << 30;
+        let avail = Some(2 * gib + CONVERT_MARGIN_BYTES);
+        let first = budget.reserve(avail, gib).expect("the first fits");
+        let second = budget
+            .reserve(avail, gib)
+            .expect("two fit beside each other");
+        assert!(
+            budget.reserve(avail, gib).is_none(),
+            "a third would need RAM the first two may still allocate"
+        );
+        drop(first);
+        let third = budget
+            .reserve(avail, gib)
+            .expect("the first one's RAM is free again");
+        drop((second, third));
+        assert_eq!(budget.reserved(), 0);
+        assert!(
+            budget.reserve(None, 1).is_none(),
+            "unknown memory: no conversion"
+        );
+    }
 
     #[test]
     fn conversion_runs_only_with_the_helpers_ram_and_a_margin_available() {
