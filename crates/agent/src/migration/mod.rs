@@ -3491,4 +3491,76 @@ mod tests {
             assert!(!valid_mac(bad), "{bad}");
         }
     }
+
+    /// Review 6 F3: output the source VM's channel delivers after the drain
+    /// (a frame routed to the session, or bytes still unread on the channel)
+    /// is reported late, so the switch-over is refused and the sandbox stays;
+    /// a frame is appended to the log, never dropped. A quiet channel is not.
+    #[tokio::test]
+    async fn output_after_the_drain_is_kept_and_reported_late() {
+        use hearth_proto::{write_frame_async, Frame, Hello, Kind, PROTOCOL_VERSION};
+        use std::os::fd::OwnedFd;
+        let dir = tempfile::tempdir().unwrap();
+        let rec = offer(serde_json::Value::Null, None).sandbox;
+        let entry = Entry::new(dir.path().to_path_buf(), rec);
+        let (host, mut guest) = tokio::io::duplex(1 << 20);
+        let hello = Hello {
+            protocol_version: PROTOCOL_VERSION,
+            agent_version: "test".into(),
+            kernel_release: "6.1".into(),
+        };
+        write_frame_async(&mut guest, &Frame::json(Kind::Hello, 0, &hello))
+            .await
+            .unwrap();
+        let conn = crate::guest_conn::GuestConn::handshake(host, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let mut session = conn.attach(7);
+        let path = dir.path().join("output.log");
+        let (tx, _rx) = tokio::sync::watch::channel(0);
+        let mut log = OutputLog::create(&path, tx, 1 << 20).await.unwrap();
+        // The channel socket the drain checks for unread bytes.
+        let (chan, mut peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        *lock(&entry.chan_fd) = Some(OwnedFd::from(chan));
+
+        assert!(
+            late_output(&entry, &mut session, &mut log).await.is_none(),
+            "a quiet channel is not late output"
+        );
+
+        write_frame_async(
+            &mut guest,
+            &Frame::data(Kind::Stdout, 7, b"late line\n".to_vec()),
+        )
+        .await
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let late = loop {
+            if let Some(late) = late_output(&entry, &mut session, &mut log).await {
+                break late;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the frame never reached the session"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        assert!(late.is_none(), "no end of the workload came");
+        drop(log);
+        assert!(
+            std::fs::read(&path)
+                .unwrap()
+                .windows(10)
+                .any(|w| w == b"late line\n"),
+            "the late frame is not in the log"
+        );
+
+        std::io::Write::write_all(&mut peer, b"\0\0").unwrap();
+        let (tx, _rx) = tokio::sync::watch::channel(0);
+        let mut log = OutputLog::open_append(&path, tx, 1 << 20).await.unwrap();
+        assert!(
+            late_output(&entry, &mut session, &mut log).await.is_some(),
+            "bytes unread on the channel are late output"
+        );
+    }
 }
