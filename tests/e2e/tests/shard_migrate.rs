@@ -74,6 +74,14 @@ fn hearth(args: &[&str]) -> Output {
     hearth_cmd(args).output().expect("run hearth")
 }
 
+/// `hearth ARGS` against control member `port` (not [`member`]'s).
+fn hearth_via(port: u16, args: &[&str]) -> Output {
+    hearth_cmd(args)
+        .env("HEARTH_API", format!("http://{NET}.1:{port}"))
+        .output()
+        .expect("run hearth")
+}
+
 /// A call to `base` (a control member or an agent) with the cluster token.
 fn call(
     base: &str,
@@ -878,7 +886,9 @@ fn drain_migrates_what_it_can_and_a_target_killed_mid_transfer_leaves_the_source
         "the drain's migration to send",
         Duration::from_secs(60),
         || {
-            let out = hearth(&["node", "drain", src, "--status", "--json"]);
+            // why: a member that does not run the drain asks the one that does
+            // (behind a load balancer any member may get the call).
+            let out = hearth_via(7102, &["node", "drain", src, "--status", "--json"]);
             out.status.success()
                 && serde_json::from_slice::<serde_json::Value>(&out.stdout).is_ok_and(|d| {
                     d["sandboxes"].as_array().is_some_and(|a| {
@@ -891,8 +901,9 @@ fn drain_migrates_what_it_can_and_a_target_killed_mid_transfer_leaves_the_source
                 })
         },
     );
-    // why: exit 1: the node was not emptied (both still run there).
-    let out = hearth(&["node", "drain", src, "--stop", "--json"]);
+    // why: exit 1: the node was not emptied (both still run there). Sent
+    // to a member that does not run the drain: it passes the stop on.
+    let out = hearth_via(7103, &["node", "drain", src, "--stop", "--json"]);
     assert_eq!(out.status.code(), Some(1), "{}", show(&out));
     let d: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(d["state"], "stopped", "{d}");
@@ -928,7 +939,10 @@ fn drain_migrates_what_it_can_and_a_target_killed_mid_transfer_leaves_the_source
     );
     assert!(agent_has(1, &id).is_none(), "agent1 kept an incoming copy");
     counter_goes_on("counter");
-    refused(&["node", "drain", src, "--stop"], "runs no drain of node");
+    refused(
+        &["node", "drain", src, "--stop"],
+        "no control-plane member runs a drain of node",
+    );
 }
 
 /// A TCP listener in the shard's host namespace (on the bridge address) that

@@ -1,7 +1,7 @@
 //! Node registry (agents register and heartbeat), node operations (cordon,
 //! drain) and the control-plane group's status and membership.
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use hearth_api::cluster::{
     AddMember, Capacity, ClusterStatus, Desired, Fenced, Heartbeat, Member, Node, RegisterNode,
@@ -646,6 +646,78 @@ fn aborted_here(cp: &ControlPlane, sb: &str, node: &str) -> bool {
     })
 }
 
+/// `?local=true`: answer from this member's own drains only (what a member
+/// asks the others, so no request is passed on twice).
+#[derive(Debug, Default, serde::Deserialize)]
+pub(super) struct DrainQuery {
+    #[serde(default)]
+    local: bool,
+}
+
+/// What the other members answered about a node's drain.
+#[derive(Default)]
+struct Asked {
+    /// The drains they run or ran (200 answers).
+    found: Vec<Drained>,
+    /// Members that did not answer (or not with a drain or a 404/409).
+    unreachable: Vec<String>,
+}
+
+impl Asked {
+    fn unreachable_note(&self) -> String {
+        if self.unreachable.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " that answers (not asked: {}; it may run one: try again)",
+                self.unreachable.join(", ")
+            )
+        }
+    }
+}
+
+/// Asks every other member (`?local=true`, at once, 3 s each) for its drain
+/// of `node`: `GET` for its status, `DELETE` to stop it.
+async fn ask_members(cp: &ControlPlane, node: &str, method: reqwest::Method) -> Asked {
+    let me = cp.store.member_status();
+    let calls = me
+        .members
+        .iter()
+        .filter(|(id, _)| **id != me.id)
+        .map(|(id, addr)| {
+            let url = format!("http://{addr}/v1/nodes/{node}/drain?local=true");
+            let req = cp
+                .http
+                .request(method.clone(), url)
+                .timeout(std::time::Duration::from_secs(3));
+            async move {
+                let answer = match req.send().await {
+                    Ok(r) if r.status().is_success() => r
+                        .json::<Drained>()
+                        .await
+                        .map(Some)
+                        .map_err(|e| e.to_string()),
+                    Ok(r) if matches!(r.status().as_u16(), 404 | 409) => Ok(None),
+                    Ok(r) => Err(format!("HTTP {}", r.status())),
+                    Err(e) => Err(e.to_string()),
+                };
+                (*id, addr.clone(), answer)
+            }
+        });
+    let mut asked = Asked::default();
+    for (id, addr, answer) in futures::future::join_all(calls).await {
+        match answer {
+            Ok(Some(d)) => asked.found.push(d),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::info!(member = id, %addr, node, "asking a member for its drain: {e}");
+                asked.unreachable.push(format!("member {id} at {addr}"));
+            }
+        }
+    }
+    asked
+}
+
 /// `DELETE /v1/nodes/{id}/drain`: stops this member's running drain of the
 /// node. No further migration starts (those still waiting end `skipped`);
 /// each migration running asks its source to abort, as `hearth migrate
@@ -655,7 +727,31 @@ fn aborted_here(cp: &ControlPlane, sb: &str, node: &str) -> bool {
 pub(super) async fn stop_drain(
     State(cp): State<ControlPlane>,
     Path(id): Path<String>,
+    Query(q): Query<DrainQuery>,
 ) -> ApiResult<Json<Drained>> {
+    let runs_here = cp
+        .drains
+        .lock()
+        .map_err(|_| HttpError(ApiError::new(ErrorCode::Internal, "drain table poisoned")))?
+        .get(&id)
+        .is_some_and(|d| d.state == "running");
+    if !runs_here {
+        // why: a drain runs in the member that took it; behind a load
+        // balancer the stop may reach another one, which asks the others.
+        let asked = if q.local {
+            Asked::default()
+        } else {
+            ask_members(&cp, &id, reqwest::Method::DELETE).await
+        };
+        let note = asked.unreachable_note();
+        if let Some(d) = asked.found.into_iter().next() {
+            return Ok(Json(d));
+        }
+        return Err(HttpError(ApiError::new(
+            ErrorCode::Conflict,
+            format!("no control-plane member runs a drain of node {id}{}; `hearth node drain {id} --status` shows the last one; a sandbox's own migration is stopped with `hearth migrate --abort SANDBOX`", note),
+        )));
+    }
     let migrating: Vec<String> = {
         let mut drains = cp
             .drains
@@ -664,7 +760,7 @@ pub(super) async fn stop_drain(
         let Some(d) = drains.get_mut(&id).filter(|d| d.state == "running") else {
             return Err(HttpError(ApiError::new(
                 ErrorCode::Conflict,
-                format!("this control-plane member runs no drain of node {id}: a drain is stopped on the member that took `hearth node drain {id}` (`hearth node drain {id} --status` there shows it); a sandbox's own migration is stopped with `hearth migrate --abort SANDBOX`"),
+                format!("the drain of node {id} on this member ended as the stop came; `hearth node drain {id} --status` shows how"),
             )));
         };
         d.stop.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -693,7 +789,7 @@ pub(super) async fn stop_drain(
         });
         futures::future::join_all(aborts).await;
     });
-    drain_status(State(cp), Path(id)).await
+    drain_status(State(cp), Path(id), Query(DrainQuery { local: true })).await
 }
 
 /// `GET /v1/nodes/{id}/drain`: the node's current or last drain as the
@@ -702,12 +798,39 @@ pub(super) async fn stop_drain(
 pub(super) async fn drain_status(
     State(cp): State<ControlPlane>,
     Path(id): Path<String>,
+    Query(q): Query<DrainQuery>,
 ) -> ApiResult<Json<Drained>> {
-    let Some(mut d) = cp.drains.lock().ok().and_then(|d| d.get(&id).cloned()) else {
-        return Err(HttpError(ApiError::new(
-            ErrorCode::NotFound,
-            format!("this control-plane member has no drain of node {id}: a drain's progress is kept by the member that took `hearth node drain {id}` (ask that one), and is lost when it restarts; the sandboxes' own migrations are in `hearth migrate --status SANDBOX`"),
-        )));
+    let local = cp.drains.lock().ok().and_then(|d| d.get(&id).cloned());
+    let mut d = match local {
+        // why: another member may run a newer drain of the node than the one
+        // this member ran; a running one here is the newest.
+        Some(d) if d.state == "running" || q.local => d,
+        local => {
+            let asked = if q.local {
+                Asked::default()
+            } else {
+                ask_members(&cp, &id, reqwest::Method::GET).await
+            };
+            let note = asked.unreachable_note();
+            let newest = asked
+                .found
+                .into_iter()
+                .map(|d| (false, d))
+                .chain(local.map(|d| (true, d)))
+                .max_by_key(|(_, d)| (d.state == "running", d.started_ms));
+            match newest {
+                // why: another member's answer is already complete (its
+                // phases filled in from the record there).
+                Some((false, d)) => return Ok(Json(d)),
+                Some((true, d)) => d,
+                None => {
+                    return Err(HttpError(ApiError::new(
+                        ErrorCode::NotFound,
+                        format!("no control-plane member has a drain of node {id}{}: a drain's progress is kept by the member that runs it and is lost when that member restarts; the sandboxes' own migrations are in `hearth migrate --status SANDBOX`", note),
+                    )))
+                }
+            }
+        }
     };
     cp.store.read_local(|st| {
         for o in d.sandboxes.iter_mut().filter(|o| o.outcome == "migrating") {
@@ -953,29 +1076,41 @@ mod tests {
         assert_eq!(code, StatusCode::ACCEPTED);
         // The sandbox's turn began (outcome `migrating`): stop right then.
         for _ in 0..100_000 {
-            let Json(d) = drain_status(State(cp.clone()), Path("n1".to_string()))
-                .await
-                .ok()
-                .unwrap();
+            let Json(d) = drain_status(
+                State(cp.clone()),
+                Path("n1".to_string()),
+                Query(Default::default()),
+            )
+            .await
+            .ok()
+            .unwrap();
             if d.sandboxes[0].outcome == "migrating" {
                 break;
             }
             tokio::task::yield_now().await;
         }
-        let Json(mut d) = stop_drain(State(cp.clone()), Path("n1".to_string()))
-            .await
-            .ok()
-            .expect("stop");
+        let Json(mut d) = stop_drain(
+            State(cp.clone()),
+            Path("n1".to_string()),
+            Query(Default::default()),
+        )
+        .await
+        .ok()
+        .expect("stop");
         for _ in 0..600 {
             if d.state != "stopping" && d.state != "running" {
                 break;
             }
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            d = drain_status(State(cp.clone()), Path("n1".to_string()))
-                .await
-                .ok()
-                .unwrap()
-                .0;
+            d = drain_status(
+                State(cp.clone()),
+                Path("n1".to_string()),
+                Query(Default::default()),
+            )
+            .await
+            .ok()
+            .unwrap()
+            .0;
         }
         let started = cp
             .store
@@ -1251,10 +1386,14 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         let t0 = std::time::Instant::now();
-        let Json(d) = stop_drain(State(cp.clone()), Path("n1".to_string()))
-            .await
-            .ok()
-            .expect("stop");
+        let Json(d) = stop_drain(
+            State(cp.clone()),
+            Path("n1".to_string()),
+            Query(Default::default()),
+        )
+        .await
+        .ok()
+        .expect("stop");
         println!(
             "stop_drain answered after {:?}: state {}",
             t0.elapsed(),
@@ -1266,11 +1405,15 @@ mod tests {
                 break;
             }
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            d = drain_status(State(cp.clone()), Path("n1".to_string()))
-                .await
-                .ok()
-                .unwrap()
-                .0;
+            d = drain_status(
+                State(cp.clone()),
+                Path("n1".to_string()),
+                Query(Default::default()),
+            )
+            .await
+            .ok()
+            .unwrap()
+            .0;
         }
         let o = &d.sandboxes[0];
         let phase = cp.store.read_local(|st| {
