@@ -1433,6 +1433,154 @@ mod tests {
         );
     }
 
+    /// Two real members (Raft over loopback HTTP, each serving the cluster
+    /// routes); returns their control planes and API addresses.
+    async fn two_members(dir: &std::path::Path) -> (Vec<ControlPlane>, Vec<String>) {
+        let token = crate::ApiToken::new("t".repeat(32)).expect("token");
+        let mut listeners = Vec::new();
+        let mut peers = std::collections::BTreeMap::new();
+        for id in 1..=2u64 {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            peers.insert(id, l.local_addr().unwrap().to_string());
+            listeners.push(l);
+        }
+        let mut cps = Vec::new();
+        for (i, l) in listeners.into_iter().enumerate() {
+            let id = i as u64 + 1;
+            let mut cfg =
+                hearth_store::StoreConfig::new(id, dir.join(format!("m{id}")), peers.clone());
+            cfg.token = Some("t".repeat(32));
+            let store = hearth_store::Store::open(cfg).await.expect("open store");
+            let cp = ControlPlane::new(store, super::super::ControlConfig::default(), &token);
+            let app = super::super::cluster_routes(cp.clone(), token.clone());
+            tokio::spawn(async move {
+                axum::serve(l, app).await.ok();
+            });
+            cps.push(cp);
+        }
+        (cps, peers.into_values().collect())
+    }
+
+    /// Review 7 F1: the node id of a drain stop is passed on to the other
+    /// members unescaped. `DELETE /v1/nodes/n1%3F/drain` (node `n1?`, which
+    /// no member drains) reaches member 2 as `DELETE
+    /// /v1/nodes/n1?/drain?local=true`: the node removal route, so node n1
+    /// is forgotten by a drain stop of another node. (`..%2F` segments reach
+    /// any DELETE route the same way, e.g. `/v1/cluster/members/{id}`.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn review7_a_passed_on_drain_stop_reaches_no_other_route() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cps, addrs) = two_members(dir.path()).await;
+        cluster::node(&cps[0], "n1", 64, 65536).await;
+        let stop = |path: &'static str| {
+            let url = format!("http://{}{path}", addrs[0]);
+            async move {
+                let r = reqwest::Client::new()
+                    .delete(url)
+                    .bearer_auth("t".repeat(32))
+                    .send()
+                    .await
+                    .expect("member 1 answers");
+                let status = r.status();
+                println!(
+                    "DELETE {path}: {status} {}",
+                    r.text().await.unwrap_or_default()
+                );
+                status
+            }
+        };
+        let status = stop("/v1/nodes/n1%3F/drain").await;
+        let kept = cps[0]
+            .store
+            .read(|st| st.nodes.contains_key("n1"))
+            .await
+            .unwrap();
+        // A node `../cluster/members/2?`: the members' route.
+        let status2 = stop("/v1/nodes/..%2Fcluster%2Fmembers%2F2%3F/drain").await;
+        cps[0].store.read(|_| ()).await.unwrap();
+        let voters = cps[0].store.member_status().voters;
+        assert!(
+            kept,
+            "a stop of the drain of node `n1?` removed node n1 (answered {status})"
+        );
+        assert_eq!(
+            voters,
+            [1, 2],
+            "a stop of the drain of node `../cluster/members/2?` removed member 2 from the control plane (answered {status2})"
+        );
+    }
+
+    /// Review 7 F2: a member whose own drain of the node ended answers its
+    /// status with that old drain, 200 and no word, when another member
+    /// (which may run a newer one) did not answer; `hearth node drain N`
+    /// following through it (a load balancer) prints the old outcomes and
+    /// exits with the old drain's code.
+    #[tokio::test]
+    async fn review7_an_old_drain_is_not_given_as_current_when_a_member_did_not_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        // Member 2 is down (nothing listens at its address).
+        let peers = [
+            (1, "127.0.0.1:1".to_string()),
+            (2, "127.0.0.1:2".to_string()),
+        ]
+        .into_iter()
+        .collect();
+        let store = hearth_store::Store::open(hearth_store::StoreConfig::new(
+            1,
+            dir.path().join("m1"),
+            peers,
+        ))
+        .await
+        .expect("open store");
+        let token = crate::ApiToken::new("t".repeat(32)).expect("token");
+        let cp = ControlPlane::new(store, super::super::ControlConfig::default(), &token);
+        let old = Drained {
+            node: Node {
+                id: "n1".into(),
+                address: String::new(),
+                status: "ready".into(),
+                cordoned: true,
+                accel: "tcg".into(),
+                capacity: Capacity {
+                    cpus: 1,
+                    memory_mib: 1,
+                    disk_mib: 1,
+                },
+                allocated: Capacity {
+                    cpus: 0,
+                    memory_mib: 0,
+                    disk_mib: 0,
+                },
+                labels: Default::default(),
+                sandboxes: 0,
+                last_heartbeat_ms: 1,
+            },
+            state: "done".into(),
+            params: DrainRequest::default(),
+            started_ms: 1,
+            finished_ms: Some(2),
+            moved: Vec::new(),
+            remaining: Vec::new(),
+            stop_requested_ms: None,
+            stop: Default::default(),
+            sandboxes: Vec::new(),
+        };
+        cp.drains.lock().unwrap().insert("n1".into(), old);
+        let r = drain_status(
+            State(cp.clone()),
+            Path("n1".into()),
+            Query(Default::default()),
+        )
+        .await;
+        match r {
+            Ok(Json(d)) => panic!(
+                "member 2 did not answer, yet the drain of yesterday is answered as node n1's drain: state {}, started {}",
+                d.state, d.started_ms
+            ),
+            Err(e) => println!("answered: {}", e.0.message),
+        }
+    }
+
     /// Issue 7 review M3: only a migration that failed at run time leads to
     /// the cold-restart fallback; a refused request or an unknown outcome
     /// does not.
