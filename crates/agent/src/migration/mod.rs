@@ -3493,9 +3493,12 @@ mod tests {
     }
 
     /// Review 6 F3: output the source VM's channel delivers after the drain
-    /// (a frame routed to the session, or bytes still unread on the channel)
-    /// is reported late, so the switch-over is refused and the sandbox stays;
-    /// a frame is appended to the log, never dropped. A quiet channel is not.
+    /// (a frame routed to the session, or bytes still unread on the channel
+    /// socket) is reported late by `late_output` (whose `Some` makes
+    /// `run_source` refuse the switch-over; that step is not driven here); a
+    /// frame is appended to the log, never dropped. A quiet channel is not.
+    /// Not covered: bytes a buffered reader took off the socket but has not
+    /// routed yet.
     #[tokio::test]
     async fn output_after_the_drain_is_kept_and_reported_late() {
         use hearth_proto::{write_frame_async, Frame, Hello, Kind, PROTOCOL_VERSION};

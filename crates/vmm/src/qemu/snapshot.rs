@@ -531,7 +531,7 @@ static CONVERSIONS: ConversionBudget = ConversionBudget::new();
 
 /// Host memory the running conversions' helpers may still allocate: a
 /// conversion runs only when what is available, less every running helper's
-/// RAM, fits its own helper ([`conversion_fits`]). Conservative: a helper
+/// RAM and margin, fits its own helper and margin ([`conversion_fits`]). Conservative: a helper
 /// that already allocated its RAM is counted in `MemAvailable` and here.
 struct ConversionBudget {
     reserved: std::sync::Mutex<u64>,
@@ -556,10 +556,13 @@ impl ConversionBudget {
         if !conversion_fits(left, helper_bytes) {
             return None;
         }
-        *reserved += helper_bytes;
+        // why: each helper is a QEMU process of its own, with its own
+        // overhead beyond its RAM: each reserves the margin too.
+        let bytes = helper_bytes.saturating_add(CONVERT_MARGIN_BYTES);
+        *reserved += bytes;
         Some(Reservation {
             budget: self,
-            bytes: helper_bytes,
+            bytes,
         })
     }
 }
@@ -852,7 +855,7 @@ mod tests {
     fn concurrent_conversions_reserve_their_helpers_ram() {
         let budget = ConversionBudget::new();
         let gib = 1u64 << 30;
-        let avail = Some(2 * gib + CONVERT_MARGIN_BYTES);
+        let avail = Some(2 * (gib + CONVERT_MARGIN_BYTES));
         let first = budget.reserve(avail, gib).expect("the first fits");
         let second = budget
             .reserve(avail, gib)
