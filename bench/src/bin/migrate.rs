@@ -106,6 +106,80 @@ fn strip_ansi(s: &str) -> String {
     out
 }
 
+/// Microseconds into the (UTC) day of a log line's RFC 3339 time, or of a
+/// QMP event's `timestamp_us=Some(..)` (epoch µs) when it has one.
+fn line_us(line: &str) -> Option<u64> {
+    if let Some(t) = line.split("timestamp_us=Some(").nth(1) {
+        let us: u64 = t.split(')').next()?.parse().ok()?;
+        return Some(us % 86_400_000_000);
+    }
+    let t = line.split('T').nth(1)?;
+    let (hms, frac) = t.split_once('.')?;
+    let mut it = hms.split(':').map(|x| x.parse::<u64>().ok());
+    let (h, m, sec) = (it.next()??, it.next()??, it.next()??);
+    let frac: String = frac.chars().take_while(char::is_ascii_digit).collect();
+    let us = format!("{frac:0<6}")[..6].parse::<u64>().ok()?;
+    Some(((h * 60 + m) * 60 + sec) * 1_000_000 + us)
+}
+
+/// With `HEARTH_BENCH_TIMELINE`: one pause's steps from both daemons' logs
+/// (run them with `RUST_LOG=info,hearth_vmm=debug,hearth_agent::migration=debug`),
+/// in ms after the source's last `STOP`.
+fn timeline(src: &str, dst: &str) {
+    let pick = |log: &str, side: &str| -> Vec<(u64, String)> {
+        strip_ansi(log)
+            .lines()
+            .filter(|l| {
+                l.contains("pause:")
+                    || (l.contains("QMP event")
+                        && ["STOP", "RESUME", "MIGRATION"].iter().any(|e| {
+                            l.contains(&format!("event={e} "))
+                                || l.contains(&format!("event=\"{e}\""))
+                        }))
+            })
+            .filter_map(|l| {
+                let what = l
+                    .split("pause: ")
+                    .nth(1)
+                    .map(|w| w.split_whitespace().take(4).collect::<Vec<_>>().join(" "))
+                    .or_else(|| {
+                        let ev = l
+                            .split("event=")
+                            .nth(1)?
+                            .split_whitespace()
+                            .next()?
+                            .trim_matches('"');
+                        let st = l
+                            .split("\"status\":\"")
+                            .nth(1)
+                            .and_then(|x| x.split('"').next())
+                            .unwrap_or("");
+                        Some(format!("QEMU {ev} {st}"))
+                    })?;
+                Some((line_us(l)?, format!("{side} {what}")))
+            })
+            .collect()
+    };
+    let mut all = pick(src, "src");
+    let Some(stop) = all
+        .iter()
+        .rev()
+        .find(|(_, w)| w == "src QEMU STOP ")
+        .map(|x| x.0)
+    else {
+        println!("  (timeline: no STOP in the source's log)");
+        return;
+    };
+    all.extend(pick(dst, "dst"));
+    all.sort();
+    let steps: Vec<String> = all
+        .iter()
+        .filter(|(t, _)| *t + 2_000 >= stop)
+        .map(|(t, w)| format!("{:.1} {w}", (*t as f64 - stop as f64) / 1000.0))
+        .collect();
+    println!("  timeline: {}", steps.join(" | "));
+}
+
 fn wait_lines(lines: &Lines, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(180);
     while lines.lock().unwrap().len() < n {
@@ -137,6 +211,7 @@ fn hearth_run(a: &Daemon, b: &Daemon, mib: u32, dirty: bool) -> Sample {
     // Let the load run for a while (2 s of output) before migrating.
     wait_lines(&src_lines, 100);
     let tf = b.data_dir().join("api-token");
+    let marks = (a.log_text().len(), b.log_text().len());
     let t0 = Instant::now();
     let out = a.hearth(&[
         "migrate",
@@ -169,6 +244,9 @@ fn hearth_run(a: &Daemon, b: &Daemon, mib: u32, dirty: bool) -> Sample {
             .parse::<u64>()
             .ok()
     };
+    if std::env::var_os("HEARTH_BENCH_TIMELINE").is_some() {
+        timeline(&a.log_text()[marks.0..], &b.log_text()[marks.1..]);
+    }
     let (mut dst_f, dst_lines) = follow(b, "bench");
     let last = *src_lines.lock().unwrap().last().expect("source lines");
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -41,6 +41,9 @@ pub struct QmpEvent {
 pub struct RunStateTimes {
     pub stopped_us: Option<u64>,
     pub resumed_us: Option<u64>,
+    /// When QEMU last said a migration (out or in) completed (its
+    /// `MIGRATION` event with status `completed`).
+    pub migration_completed_us: Option<u64>,
 }
 
 type Reply = Result<Value, (String, String)>;
@@ -284,6 +287,9 @@ async fn read_loop(
                 match name {
                     "STOP" => rs.stopped_us = Some(t),
                     "RESUME" => rs.resumed_us = Some(t),
+                    "MIGRATION" if data["status"].as_str() == Some("completed") => {
+                        rs.migration_completed_us = Some(t)
+                    }
                     _ => {}
                 }
             }

@@ -1471,8 +1471,9 @@ fn a_target_killed_right_after_resuming_the_guest_readopts_it_and_the_source_nev
 }
 
 /// The other side of the commit point: a save of the records that fails
-/// (here a directory where the commit's temporary `workload.json` goes, as
-/// ENOSPC or EIO would) is before the resume, so the target removes its VM
+/// (here a directory where the commit's `workload.json` goes, so neither the
+/// rename of the one staged at prepare nor the fallback's write can put it
+/// there, as ENOSPC or EIO would fail it) is before the resume, so the target removes its VM
 /// uncommitted and the source, told so, runs on with no gap.
 #[test]
 fn a_commit_whose_records_cannot_be_saved_never_resumes_the_target_and_the_source_runs_on() {
@@ -1486,7 +1487,7 @@ fn a_commit_whose_records_cannot_be_saved_never_resumes_the_target_and_the_sourc
         Duration::from_secs(60),
         || incoming.exists(),
     );
-    std::fs::create_dir(incoming.join(".workload.json.tmp")).unwrap();
+    std::fs::create_dir(incoming.join("workload.json")).unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(!out.status.success(), "{}", show(&out));
     let err = stderr(&out);

@@ -78,12 +78,27 @@ pub(crate) fn node_id(data_dir: &std::path::Path) -> Result<String, AgentError> 
 
 const RECORD_FILE: &str = "migration.json";
 
+/// `migration.json` is padded with spaces (JSON's trailing whitespace) to
+/// this size when it fits, so a later phase can overwrite it in place
+/// ([`store_record_in_place`]).
+const RECORD_SIZE: usize = 4096;
+
+/// A record's bytes, padded to [`RECORD_SIZE`] when they fit.
+fn record_bytes(rec: &MigrationRecord) -> std::io::Result<Vec<u8>> {
+    let mut bytes = serde_json::to_vec_pretty(rec).map_err(std::io::Error::other)?;
+    if bytes.len() < RECORD_SIZE {
+        bytes.resize(RECORD_SIZE, b' ');
+    }
+    Ok(bytes)
+}
+
 /// Writes `dir/migration.json` (mode 0600: it holds the target's token, to ask
-/// it after a restart) atomically.
+/// it after a restart) atomically and durably (the file, then its name: the
+/// dir is fsynced after the rename).
 fn store_record(dir: &std::path::Path, rec: &MigrationRecord) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let bytes = serde_json::to_vec_pretty(rec).map_err(std::io::Error::other)?;
+    let bytes = record_bytes(rec)?;
     let tmp = dir.join(format!(".{RECORD_FILE}.tmp"));
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -93,20 +108,57 @@ fn store_record(dir: &std::path::Path, rec: &MigrationRecord) -> std::io::Result
         .open(&tmp)?;
     f.write_all(&bytes)?;
     f.sync_all()?;
-    std::fs::rename(&tmp, dir.join(RECORD_FILE))
+    std::fs::rename(&tmp, dir.join(RECORD_FILE))?;
+    crate::sandbox::sync_dir(dir)
+}
+
+/// Overwrites `dir/migration.json` in place with `rec` (one `pwrite` of the
+/// whole padded record, then `fdatasync`: no new file, no rename, no
+/// journal commit for the file's size or name), when the file there is a
+/// padded record of [`RECORD_SIZE`] that [`store_record`] made durable with
+/// its name; else (`false`) nothing was written. Issue 7: the `committing`
+/// record is written inside the guest's pause.
+fn store_record_in_place(dir: &std::path::Path, rec: &MigrationRecord) -> std::io::Result<bool> {
+    use std::os::unix::fs::FileExt;
+    let bytes = record_bytes(rec)?;
+    let f = match std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join(RECORD_FILE))
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    if bytes.len() != RECORD_SIZE || f.metadata()?.len() != RECORD_SIZE as u64 {
+        return Ok(false);
+    }
+    f.write_all_at(&bytes, 0)?;
+    f.sync_data()?;
+    Ok(true)
 }
 
 /// Writes `rec` to `dir/migration.json` ([`store_record`]); an error names
 /// the phase and the file.
 fn store_phase(dir: &std::path::Path, rec: &MigrationRecord) -> Result<(), String> {
-    store_record(dir, rec).map_err(|e| {
-        format!(
-            "cannot save the migration phase {:?} of sandbox {} in {}: {e}",
-            rec.phase,
-            rec.sandbox,
-            dir.join(RECORD_FILE).display()
-        )
-    })
+    store_record(dir, rec).map_err(|e| phase_error(dir, rec, e))
+}
+
+/// [`store_phase`], in place when it can ([`store_record_in_place`]).
+fn store_phase_in_place(dir: &std::path::Path, rec: &MigrationRecord) -> Result<(), String> {
+    match store_record_in_place(dir, rec) {
+        Ok(true) => Ok(()),
+        Ok(false) => store_phase(dir, rec),
+        Err(e) => Err(phase_error(dir, rec, e)),
+    }
+}
+
+fn phase_error(dir: &std::path::Path, rec: &MigrationRecord, e: std::io::Error) -> String {
+    format!(
+        "cannot save the migration phase {:?} of sandbox {} in {}: {e}",
+        rec.phase,
+        rec.sandbox,
+        dir.join(RECORD_FILE).display()
+    )
 }
 
 /// From the switch-over the guest does not run on the source (it may run on
@@ -312,11 +364,74 @@ struct Incoming {
     /// [`STAGED_RECORD`], if that worked: a commit whose record is the same
     /// renames it instead of writing one inside the guest's pause.
     staged: Option<Vec<u8>>,
+    /// [`STAGED_WORKLOAD`] was written (fsynced) at prepare: the commit
+    /// overwrites it in place and renames it.
+    staged_workload: bool,
 }
 
 /// `sandbox.json` of an incoming copy, written ahead at prepare under this
 /// name (a dir without `sandbox.json` is uncommitted: removed at start).
 const STAGED_RECORD: &str = "sandbox.json.staged";
+
+/// `workload.json` of an incoming copy, written ahead at prepare under this
+/// name, padded to [`STAGED_WORKLOAD_SIZE`]: the commit, which alone knows
+/// the main session, overwrites it in place (`pwrite` + `fdatasync`, no new
+/// file: no journal commit of its own inside the guest's pause, issue 7) and
+/// renames it with [`STAGED_RECORD`], one dir fsync for both.
+const STAGED_WORKLOAD: &str = "workload.json.staged";
+const STAGED_WORKLOAD_SIZE: usize = 512;
+
+/// `w`'s bytes padded with spaces (JSON's trailing whitespace) to
+/// [`STAGED_WORKLOAD_SIZE`]; an error if they do not fit.
+fn staged_workload_bytes(w: &crate::readopt::WorkloadRecord) -> std::io::Result<Vec<u8>> {
+    let mut bytes = serde_json::to_vec(w).map_err(std::io::Error::other)?;
+    if bytes.len() > STAGED_WORKLOAD_SIZE {
+        return Err(std::io::Error::other(
+            "the workload record is too long to stage",
+        ));
+    }
+    bytes.resize(STAGED_WORKLOAD_SIZE, b' ');
+    Ok(bytes)
+}
+
+/// Writes `w` (a stand-in: the commit writes the real one over it) to
+/// `dir/`[`STAGED_WORKLOAD`] and fsyncs it.
+fn stage_workload(dir: &Path, w: &crate::readopt::WorkloadRecord) -> std::io::Result<()> {
+    use std::io::Write;
+    let bytes = staged_workload_bytes(w)?;
+    let mut f = std::fs::File::create(dir.join(STAGED_WORKLOAD))?;
+    f.write_all(&bytes)?;
+    f.sync_all()
+}
+
+/// The commit's `workload.json`: `w` over the staged file in place, made
+/// durable (`fdatasync`), then renamed; the caller fsyncs the dir.
+fn commit_staged_workload(dir: &Path, w: &crate::readopt::WorkloadRecord) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let bytes = staged_workload_bytes(w)?;
+    let staged = dir.join(STAGED_WORKLOAD);
+    let f = std::fs::OpenOptions::new().write(true).open(&staged)?;
+    if f.metadata()?.len() != STAGED_WORKLOAD_SIZE as u64 {
+        return Err(std::io::Error::other(format!(
+            "{} is not {STAGED_WORKLOAD_SIZE} bytes",
+            staged.display()
+        )));
+    }
+    f.write_all_at(&bytes, 0)?;
+    f.sync_data()?;
+    std::fs::rename(&staged, dir.join(crate::readopt::WORKLOAD_FILE))
+}
+
+/// The `workload.json` a commit of `offer` writes, with `session`.
+fn incoming_workload(offer: &IncomingOffer, session: u32) -> crate::readopt::WorkloadRecord {
+    let device = incoming_device(offer).ok().flatten();
+    crate::readopt::WorkloadRecord {
+        nic: device.is_some(),
+        nic_mode: device.map(|d| d.1).unwrap_or_default(),
+        migrated_in: true,
+        ..crate::readopt::WorkloadRecord::new(session, offer.stdin_open, offer.output_base)
+    }
+}
 
 /// Writes `rec` to `dir/`[`STAGED_RECORD`] and fsyncs it; answers its bytes.
 fn stage_record(dir: &Path, rec: &Sandbox) -> std::io::Result<Vec<u8>> {
@@ -742,6 +857,11 @@ pub(crate) async fn run_source(
     let mut draining = false;
     let mut drain_tick = tokio::time::interval(DRAIN_POLL);
     drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // why: the `switchover` record is written (fsynced) beside QEMU's last
+    // pass, not before `migrate-continue` (issue 7: it was inside the gate);
+    // it settles nothing a `precopy` record would not (both recover by
+    // resuming here), and it is joined before any later record is written.
+    let mut switchover_saved: Option<tokio::task::JoinHandle<Result<(), String>>> = None;
     let result = {
         let mig = vm.migrate_out(&sock, &job.params, &ptx, Some(gate));
         tokio::pin!(mig);
@@ -754,7 +874,9 @@ pub(crate) async fn run_source(
                         paused_at = Some(Instant::now());
                         let clock = PauseClock::at_gate(vm, begun_us, &id);
                         job.step(&clock, |p| &mut p.gate_ms);
-                        job.set_phase(entry, Phase::Switchover);
+                        tracing::debug!(sandbox = %id, "pause: gate seen");
+                        set_migration_paused(entry, Phase::Switchover);
+                        job.publish_phase(Phase::Switchover);
                         let quiet = match conn.freeze(QUIESCE_TIMEOUT).await {
                             Ok(()) => outgoing_drained(entry).await,
                             Err(e) => Err(format!("the guest channel's writer did not flush: {e}")),
@@ -771,9 +893,14 @@ pub(crate) async fn run_source(
                         } else if stash.is_some() {
                             refused = Some("the workload ended".into());
                         }
+                        tracing::debug!(sandbox = %id, "pause: channel frozen");
                         if let Some(tx) = proceed_tx.take() {
                             let _ = tx.send(refused.is_none());
                         }
+                        let (dir, record) = (entry.dir.clone(), job.record(&id, Phase::Switchover));
+                        switchover_saved = Some(tokio::task::spawn_blocking(move || {
+                            store_phase(&dir, &record)
+                        }));
                         if refused.is_none() {
                             // why: the window starts at the gate; frames taken
                             // in before it (the pre-copy's output) do not
@@ -827,6 +954,15 @@ pub(crate) async fn run_source(
         }
     };
     let _ = std::fs::remove_file(&sock);
+    if let Some(saved) = switchover_saved.take() {
+        let saved = saved
+            .await
+            .unwrap_or_else(|e| Err(format!("saving the migration phase failed: {e}")));
+        if let Err(e) = saved {
+            tracing::error!(sandbox = %id, "{e}");
+        }
+        tracing::debug!(sandbox = %id, "pause: switchover recorded");
+    }
     let progress = match result {
         Ok(p) => p,
         Err(e) => {
@@ -875,6 +1011,7 @@ pub(crate) async fn run_source(
 
     // The whole state is on the target; the source VM is paused for good unless we resume it.
     let end = drain(entry, session, log, output_quiet).await;
+    tracing::debug!(sandbox = %id, "pause: drained");
     job.step(&pause, |p| &mut p.output_drained_ms);
     // why: a cancel that came after the last pass: the commit is not sent,
     // so the target never resumes its copy and this one runs on.
@@ -913,9 +1050,11 @@ pub(crate) async fn run_source(
         }
         sent
     };
-    // why: the log's sync (fdatasync) goes beside the tail; the tail is read
-    // from the file, which has every appended byte before the sync.
-    let (tail, _) = tokio::join!(tail, log.flush());
+    // why: the log's sync (fdatasync) is not in the pause (issue 7): the
+    // tail is read from the file, which has every appended byte without it;
+    // the log here is synced when the lifecycle ends, as any sandbox's.
+    let tail = tail.await;
+    tracing::debug!(sandbox = %id, "pause: tail and log sync done");
     if let Err(e) = tail {
         let why =
             format!("sending the output log of sandbox {id} failed ({e}); it keeps running here");
@@ -947,7 +1086,7 @@ pub(crate) async fn run_source(
         set_migration_paused(entry, Phase::Committing);
         tokio::task::spawn_blocking(move || {
             net::mark_lease_moved(&data_dir, &dir, &id2, networked)
-                .and_then(|()| store_phase(&dir, &record))
+                .and_then(|()| store_phase_in_place(&dir, &record))
         })
         .await
         .unwrap_or_else(|e| Err(format!("saving the migration phase failed: {e}")))
@@ -959,6 +1098,7 @@ pub(crate) async fn run_source(
         return stay_here(job, entry, vm, conn, why, None).await;
     }
     job.step(&pause, |p| &mut p.committing_saved_ms);
+    tracing::debug!(sandbox = %id, "pause: committing saved");
     job.publish_phase(Phase::Committing);
     let hello = conn.hello();
     let commit = IncomingCommit {
@@ -997,6 +1137,7 @@ pub(crate) async fn run_source(
         return stay_here(job, entry, vm, conn, why, None).await;
     }
     fault_hold("commit").await;
+    tracing::debug!(sandbox = %id, "pause: commit sent");
     let commit_err = match job.peer.commit(&id, &commit).await {
         Ok((sb, resumed_us)) => {
             session.hand_over();
@@ -2155,9 +2296,22 @@ impl Agent {
                 })
                 .ok()
         };
+        let staged_workload = {
+            let w = incoming_workload(&offer, 0);
+            let d = dir.clone();
+            tokio::task::spawn_blocking(move || stage_workload(&d, &w))
+                .await
+                .map_err(std::io::Error::other)
+                .and_then(|r| r)
+                .inspect_err(|e| {
+                    tracing::warn!(sandbox = %sb.id, "cannot write {} ahead ({e}); the commit writes workload.json", dir.join(STAGED_WORKLOAD).display())
+                })
+                .is_ok()
+        };
         let inc = Arc::new(Incoming {
             offer: offer.clone(),
             staged,
+            staged_workload,
             attempt,
             dir,
             slot: tokio::sync::Mutex::new(Slot::Waiting(vm, agent_stream)),
@@ -2339,6 +2493,7 @@ impl Agent {
     /// the ping is the sandbox's problem here, not a reason to resume an older
     /// state at the source).
     async fn commit_incoming(&self, id: &str, c: IncomingCommit) -> Result<Sandbox, AgentError> {
+        tracing::debug!(sandbox = %id, "pause: commit received");
         let inc = self.incoming(id)?;
         let mut slot = inc.slot.lock().await;
         let (vm, stream) = match std::mem::replace(&mut *slot, Slot::Removed) {
@@ -2405,6 +2560,7 @@ impl Agent {
                 .await
                 .map_err(|e| e.to_string())?;
             let stream_in_us = t0.elapsed().as_micros();
+            tracing::debug!(sandbox = %id, "pause: stream complete");
             let fd = {
                 use std::os::fd::AsFd;
                 stream.as_fd().try_clone_to_owned().ok()
@@ -2432,19 +2588,8 @@ impl Agent {
         // it, and a re-adoption after a restart here, rebuild the same device.
         // why: from the device as built at prepare (a sandbox without a
         // network may have one on the hub), so snapshots here restore it.
-        let device = incoming_device(&inc.offer).ok().flatten();
-        let has_nic = device.is_some();
-        let nic_mode = device.map(|d| d.1).unwrap_or_default();
-        let workload = crate::readopt::WorkloadRecord {
-            nic: has_nic,
-            nic_mode,
-            migrated_in: true,
-            ..crate::readopt::WorkloadRecord::new(
-                session.id(),
-                inc.offer.stdin_open,
-                inc.offer.output_base,
-            )
-        };
+        let workload = incoming_workload(&inc.offer, session.id());
+        let (has_nic, nic_mode) = (workload.nic, workload.nic_mode);
         // why: saved and fsynced (files and dir) BEFORE the resume: from the
         // first instruction the guest runs here, this copy is the sandbox, and
         // a restart of this agent (even of the host) must re-adopt it and
@@ -2458,12 +2603,23 @@ impl Agent {
         // runtime's two worker threads (heartbeats and other requests go on
         // meanwhile).
         let (dir, rec2, staged) = (inc.dir.clone(), rec.clone(), inc.staged.clone());
+        let staged_workload = inc.staged_workload;
         let saved = tokio::task::spawn_blocking(move || {
             let sandbox_json = dir.join("sandbox.json");
             let same =
                 staged.is_some_and(|b| serde_json::to_vec_pretty(&rec2).is_ok_and(|now| now == b));
-            workload
-                .store(&dir)
+            let stored = if staged_workload {
+                commit_staged_workload(&dir, &workload).or_else(|e| {
+                    tracing::warn!(
+                        "cannot commit {} ({e}); writing workload.json",
+                        dir.join(STAGED_WORKLOAD).display()
+                    );
+                    workload.store(&dir)
+                })
+            } else {
+                workload.store(&dir)
+            };
+            stored
                 .map_err(|e| format!("cannot save {}: {e}", dir.join("workload.json").display()))
                 .and_then(|()| {
                     let r = if same {
@@ -2487,6 +2643,7 @@ impl Agent {
             session.hand_over();
             return Err(remove_here(why, true).await);
         }
+        tracing::debug!(sandbox = %id, "pause: target saved");
         fault_hold("target-saved").await;
         // The point of no return: from here on the sandbox is this node's.
         let resumed = resume_committed(vm.as_ref(), RESUME_TRIES, RESUME_RETRY).await;
@@ -3477,6 +3634,56 @@ mod tests {
         assert_eq!(v["output_base"], 4096);
         let back: IncomingOffer = serde_json::from_value(v).unwrap();
         assert_eq!(back.output_base, 4096);
+    }
+
+    #[test]
+    fn a_committing_record_overwrites_the_padded_one_in_place_and_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let rec = |phase| MigrationRecord {
+            version: 1,
+            sandbox: "sb1".into(),
+            target: "http://10.0.0.2:7070".into(),
+            phase,
+            token: "t".repeat(64),
+        };
+        // Nothing to overwrite yet: nothing is written in place.
+        assert!(!store_record_in_place(dir.path(), &rec(Phase::Committing)).unwrap());
+        store_record(dir.path(), &rec(Phase::Switchover)).unwrap();
+        let path = dir.path().join(RECORD_FILE);
+        let ino = |p: &Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
+        let before = ino(&path);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), RECORD_SIZE as u64);
+        store_phase_in_place(dir.path(), &rec(Phase::Committing)).unwrap();
+        // The same file, still one padded record: the committing one.
+        assert_eq!(ino(&path), before);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), RECORD_SIZE as u64);
+        let (got, token) = load_record(dir.path()).unwrap();
+        assert_eq!(got, rec(Phase::Committing));
+        assert_eq!(token, "t".repeat(64));
+        // A record that is not a padded one (an older hearthd's) is replaced
+        // the atomic way instead.
+        std::fs::write(&path, serde_json::to_vec(&rec(Phase::Precopy)).unwrap()).unwrap();
+        assert!(!store_record_in_place(dir.path(), &rec(Phase::Committing)).unwrap());
+        store_phase_in_place(dir.path(), &rec(Phase::Committing)).unwrap();
+        assert_eq!(load_record(dir.path()).unwrap().0, rec(Phase::Committing));
+    }
+
+    #[test]
+    fn the_staged_workload_record_becomes_the_commits_with_its_session() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = offer(machine(None), None);
+        stage_workload(dir.path(), &incoming_workload(&o, 0)).unwrap();
+        // Staged only: no workload.json yet (the dir is uncommitted).
+        assert!(!dir.path().join(crate::readopt::WORKLOAD_FILE).exists());
+        let w = incoming_workload(&o, 7);
+        commit_staged_workload(dir.path(), &w).unwrap();
+        assert!(!dir.path().join(STAGED_WORKLOAD).exists());
+        let got = crate::readopt::WorkloadRecord::load(dir.path()).unwrap();
+        assert_eq!(got, w);
+        assert_eq!(got.session, 7);
+        assert!(got.migrated_in);
+        // Nothing staged: the commit says so (and writes workload.json itself).
+        assert!(commit_staged_workload(dir.path(), &w).is_err());
     }
 
     #[test]

@@ -174,13 +174,25 @@ impl QemuVm {
         let mut continued = false;
         let mut tick = tokio::time::interval(POLL);
         loop {
+            let mut at_gate = false;
             tokio::select! {
-                ev = events.recv() => {
-                    if let Err(tokio::sync::broadcast::error::RecvError::Closed) = ev {
+                ev = events.recv() => match ev {
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
                         return Err(VmmError::QmpClosed { id: self.id.clone(), awaited: "migration to finish".into() });
                     }
-                }
+                    // why: the event says where it stands; at the gate the
+                    // guest is paused, so no `query-migrate` round trip
+                    // before the caller is told (issue 7).
+                    Ok(ev) => at_gate = ev.name == "MIGRATION"
+                        && ev.data["status"].as_str() == Some("pre-switchover"),
+                    Err(_) => {}
+                },
                 _ = tick.tick() => {}
+            }
+            if at_gate && !continued {
+                continued = true;
+                self.pass_gate(gate.take(), progress).await?;
+                continue;
             }
             let q = self.qmp().execute("query-migrate", Value::Null).await?;
             let mut p = progress_from_query(&q);
@@ -190,7 +202,10 @@ impl QemuVm {
             progress.send_replace(p.clone());
             match q["status"].as_str().unwrap_or("") {
                 "completed" => {
-                    self.settle_after_completion().await;
+                    // why: not settled out of `finish-migrate` here (2–13 ms
+                    // of the guest's pause, issue 7): only a resume of this
+                    // VM cares, and it waits for that itself.
+                    tracing::debug!(vm = %self.id, "pause: source completed seen");
                     return Ok(p);
                 }
                 "failed" | "cancelled" => {
@@ -200,25 +215,7 @@ impl QemuVm {
                 // why: query-migrate may still say pre-switchover just after migrate-continue.
                 "pre-switchover" if !continued => {
                     continued = true;
-                    let go = match gate.take() {
-                        Some(g) => {
-                            let _ = g.reached.send(());
-                            matches!(
-                                tokio::time::timeout(SWITCHOVER_GATE_TIMEOUT, g.proceed).await,
-                                Ok(Ok(true))
-                            )
-                        }
-                        None => true,
-                    };
-                    if go {
-                        self.qmp()
-                            .execute("migrate-continue", json!({ "state": "pre-switchover" }))
-                            .await?;
-                    } else {
-                        return Err(self
-                            .cancel("the switch-over was refused by the caller".into(), progress)
-                            .await);
-                    }
+                    self.pass_gate(gate.take(), progress).await?;
                 }
                 _ => {
                     if let Verdict::GiveUp(why) = judge(&p, params) {
@@ -229,8 +226,40 @@ impl QemuVm {
         }
     }
 
+    /// At `pre-switchover` (the VM paused before the final pass): tells the
+    /// caller's `gate`, if any, and continues when it says go; else cancels
+    /// (the VM runs again) and answers why.
+    async fn pass_gate(
+        &self,
+        gate: Option<SwitchoverGate>,
+        progress: &watch::Sender<MigrationProgress>,
+    ) -> Result<(), VmmError> {
+        tracing::debug!(vm = %self.id, "pause: pre-switchover seen");
+        let go = match gate {
+            Some(g) => {
+                let _ = g.reached.send(());
+                matches!(
+                    tokio::time::timeout(SWITCHOVER_GATE_TIMEOUT, g.proceed).await,
+                    Ok(Ok(true))
+                )
+            }
+            None => true,
+        };
+        if !go {
+            return Err(self
+                .cancel("the switch-over was refused by the caller".into(), progress)
+                .await);
+        }
+        tracing::debug!(vm = %self.id, "pause: continue sent");
+        self.qmp()
+            .execute("migrate-continue", json!({ "state": "pre-switchover" }))
+            .await?;
+        tracing::debug!(vm = %self.id, "pause: continue answered");
+        Ok(())
+    }
+
     /// why: QEMU reports `completed` a moment before the run state leaves
-    /// `finish-migrate`; callers (and `cont` on a refused hand-over) want it settled.
+    /// `finish-migrate`; a snapshot's callers want it settled.
     pub(crate) async fn settle_after_completion(&self) {
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
@@ -300,6 +329,16 @@ impl QemuVm {
     /// On a VM made by [`QemuVmm::create_incoming_qemu`]: waits until the whole
     /// stream has arrived (the VM is then paused, ready to start).
     pub async fn wait_incoming(&self, timeout: Duration) -> Result<(), VmmError> {
+        // why: its `completed` event came already (the usual case at the
+        // commit): no `query-migrate` round trip in the guest's pause (issue 7).
+        if self
+            .qmp()
+            .run_state_times()
+            .migration_completed_us
+            .is_some()
+        {
+            return Ok(());
+        }
         let mut events = self.qmp().subscribe();
         let deadline = Instant::now() + timeout;
         loop {

@@ -623,7 +623,19 @@ impl QemuVm {
     }
 
     async fn try_set_running(&self, running: bool) -> Result<(), VmmError> {
-        let status = self.qmp.execute("query-status", Value::Null).await?;
+        let mut status = self.qmp.execute("query-status", Value::Null).await?;
+        // why: an outgoing migration that just completed leaves the VM in
+        // `finish-migrate` a moment longer (QEMU says `completed` first, and
+        // `migrate_out` does not wait: issue 7); a `cont` then would be undone
+        // when QEMU moves it on to `postmigrate`.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while running
+            && status["status"].as_str() == Some("finish-migrate")
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            status = self.qmp.execute("query-status", Value::Null).await?;
+        }
         if status["running"].as_bool() == Some(running) {
             return Ok(());
         }
