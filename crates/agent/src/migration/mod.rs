@@ -3668,6 +3668,46 @@ mod tests {
         assert_eq!(load_record(dir.path()).unwrap().0, rec(Phase::Committing));
     }
 
+    /// review8 F2: the in-place `committing` write is crash-safe only while
+    /// the record's JSON lies in the file's first 512-byte sector
+    /// (docs/migration.md, "Exactly one running copy"); the target's token is
+    /// the operator's, of any length, and a record across sectors that a
+    /// crash tears mixes the old and the new one. Here `precopy` (the
+    /// `switchover` save failed, which is only logged) torn by a crash under
+    /// `committing`: it reads back as `committing` with a token that is
+    /// neither (three bytes short), so a restart asks the target with a
+    /// wrong token. Expected: a record longer than a sector is written the
+    /// atomic way (or the torn file reads as the old or the new record).
+    #[test]
+    fn a_record_across_sectors_torn_by_a_crash_reads_as_the_old_or_the_new_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let rec = |phase| MigrationRecord {
+            version: 1,
+            sandbox: "sb1".into(),
+            target: "http://10.0.0.2:7070".into(),
+            phase,
+            token: "t".repeat(600),
+        };
+        store_record(dir.path(), &rec(Phase::Precopy)).unwrap();
+        let path = dir.path().join(RECORD_FILE);
+        let old = std::fs::read(&path).unwrap();
+        if !store_record_in_place(dir.path(), &rec(Phase::Committing)).unwrap() {
+            return;
+        }
+        let new = std::fs::read(&path).unwrap();
+        // A crash mid-write: the first sector reached the disk, the rest did not.
+        let mut torn = new[..512].to_vec();
+        torn.extend_from_slice(&old[512..]);
+        std::fs::write(&path, &torn).unwrap();
+        let got = load_record(dir.path()).map(|(r, _)| r);
+        assert!(
+            got == Some(rec(Phase::Precopy)) || got == Some(rec(Phase::Committing)),
+            "a torn in-place write reads as {:?} with a token of {:?} bytes",
+            got.as_ref().map(|r| r.phase),
+            got.as_ref().map(|r| r.token.len())
+        );
+    }
+
     #[test]
     fn the_staged_workload_record_becomes_the_commits_with_its_session() {
         let dir = tempfile::tempdir().unwrap();
