@@ -83,33 +83,63 @@ const RECORD_FILE: &str = "migration.json";
 /// ([`store_record_in_place`]).
 const RECORD_SIZE: usize = 4096;
 
-/// A record's bytes, padded to [`RECORD_SIZE`] when they fit.
+/// The target's token of the recorded migration, beside the record (mode
+/// 0600), so the record itself stays short enough to be overwritten in one
+/// sector ([`store_record_in_place`]): a cluster's migration credential is
+/// ~600 bytes.
+const TOKEN_FILE: &str = "migration.token";
+
+/// A record's bytes (compact JSON, without its token: [`TOKEN_FILE`]),
+/// padded to [`RECORD_SIZE`] when they fit.
 fn record_bytes(rec: &MigrationRecord) -> std::io::Result<Vec<u8>> {
-    let mut bytes = serde_json::to_vec_pretty(rec).map_err(std::io::Error::other)?;
+    let rec = MigrationRecord {
+        token: String::new(),
+        ..rec.clone()
+    };
+    let mut bytes = serde_json::to_vec(&rec).map_err(std::io::Error::other)?;
     if bytes.len() < RECORD_SIZE {
         bytes.resize(RECORD_SIZE, b' ');
     }
     Ok(bytes)
 }
 
+/// The part of a record file that one write replaces whole even across a
+/// crash (a disk sector): [`store_record_in_place`] writes only it.
+const ATOMIC_WRITE: usize = 512;
+
 /// Writes `dir/migration.json` (mode 0600: it holds the target's token, to ask
 /// it after a restart) atomically and durably (the file, then its name: the
 /// dir is fsynced after the rename).
 fn store_record(dir: &std::path::Path, rec: &MigrationRecord) -> std::io::Result<()> {
+    // why: the token first (once per migration: later phases find it there),
+    // so a record durable with its name always has its token.
+    if !rec.token.is_empty() && !holds_token(dir, &rec.token) {
+        write_file_durably(dir, TOKEN_FILE, rec.token.as_bytes())?;
+    }
+    write_file_durably(dir, RECORD_FILE, &record_bytes(rec)?)?;
+    crate::sandbox::sync_dir(dir)
+}
+
+/// Whether [`TOKEN_FILE`] in `dir` holds `token`.
+fn holds_token(dir: &std::path::Path, token: &str) -> bool {
+    std::fs::read(dir.join(TOKEN_FILE)).is_ok_and(|t| t == token.as_bytes())
+}
+
+/// `dir/name` replaced by `bytes` (mode 0600) through a fsynced temporary
+/// file and a rename; the caller fsyncs `dir`.
+fn write_file_durably(dir: &std::path::Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let bytes = record_bytes(rec)?;
-    let tmp = dir.join(format!(".{RECORD_FILE}.tmp"));
+    let tmp = dir.join(format!(".{name}.tmp"));
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
         .open(&tmp)?;
-    f.write_all(&bytes)?;
+    f.write_all(bytes)?;
     f.sync_all()?;
-    std::fs::rename(&tmp, dir.join(RECORD_FILE))?;
-    crate::sandbox::sync_dir(dir)
+    std::fs::rename(&tmp, dir.join(name))
 }
 
 /// Overwrites `dir/migration.json` in place with `rec` (one `pwrite` of the
@@ -122,6 +152,7 @@ fn store_record_in_place(dir: &std::path::Path, rec: &MigrationRecord) -> std::i
     use std::os::unix::fs::FileExt;
     let bytes = record_bytes(rec)?;
     let f = match std::fs::OpenOptions::new()
+        .read(true)
         .write(true)
         .open(dir.join(RECORD_FILE))
     {
@@ -129,10 +160,23 @@ fn store_record_in_place(dir: &std::path::Path, rec: &MigrationRecord) -> std::i
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(e),
     };
-    if bytes.len() != RECORD_SIZE || f.metadata()?.len() != RECORD_SIZE as u64 {
+    if bytes.len() != RECORD_SIZE
+        || f.metadata()?.len() != RECORD_SIZE as u64
+        || (!rec.token.is_empty() && !holds_token(dir, &rec.token))
+    {
         return Ok(false);
     }
-    f.write_all_at(&bytes, 0)?;
+    // why: a crash may tear a write into its sectors; only a write of one
+    // sector leaves the old record or the new one, never a mix (review8 F2).
+    // So both must fit in the first sector: the rest of the file is padding,
+    // which stays as it is.
+    let mut old = vec![0u8; RECORD_SIZE];
+    f.read_exact_at(&mut old, 0)?;
+    let padding = |b: &[u8]| b[ATOMIC_WRITE..].iter().all(|c| *c == b' ');
+    if !padding(&bytes) || !padding(&old) {
+        return Ok(false);
+    }
+    f.write_all_at(&bytes[..ATOMIC_WRITE], 0)?;
     f.sync_data()?;
     Ok(true)
 }
@@ -179,7 +223,11 @@ pub(crate) fn load_record(dir: &std::path::Path) -> Option<(MigrationRecord, Str
     let path = dir.join(RECORD_FILE);
     let bytes = std::fs::read(&path).ok()?;
     match serde_json::from_slice::<MigrationRecord>(&bytes) {
-        Ok(r) => {
+        Ok(mut r) => {
+            // why: an older hearthd kept the token in the record itself.
+            if r.token.is_empty() {
+                r.token = std::fs::read_to_string(dir.join(TOKEN_FILE)).unwrap_or_default();
+            }
             let token = r.token.clone();
             Some((r, token))
         }
@@ -193,6 +241,7 @@ pub(crate) fn load_record(dir: &std::path::Path) -> Option<(MigrationRecord, Str
 /// Forgets the migration recorded in `dir` (it is settled).
 pub(crate) fn forget_record(dir: &std::path::Path) {
     let _ = std::fs::remove_file(dir.join(RECORD_FILE));
+    let _ = std::fs::remove_file(dir.join(TOKEN_FILE));
 }
 
 /// Migrations this agent takes part in.
@@ -954,12 +1003,17 @@ pub(crate) async fn run_source(
         }
     };
     let _ = std::fs::remove_file(&sock);
+    // why: `committing` overwrites the record in place only over one this
+    // migration saved whole (file and name durable); after a failed save
+    // (e.g. the dir fsync) it is written anew, file and name (review8 F1).
+    let mut switchover_durable = false;
     if let Some(saved) = switchover_saved.take() {
         let saved = saved
             .await
             .unwrap_or_else(|e| Err(format!("saving the migration phase failed: {e}")));
-        if let Err(e) = saved {
-            tracing::error!(sandbox = %id, "{e}");
+        match saved {
+            Ok(()) => switchover_durable = true,
+            Err(e) => tracing::error!(sandbox = %id, "{e}"),
         }
         tracing::debug!(sandbox = %id, "pause: switchover recorded");
     }
@@ -1085,8 +1139,13 @@ pub(crate) async fn run_source(
         let record = job.record(&id, Phase::Committing);
         set_migration_paused(entry, Phase::Committing);
         tokio::task::spawn_blocking(move || {
-            net::mark_lease_moved(&data_dir, &dir, &id2, networked)
-                .and_then(|()| store_phase_in_place(&dir, &record))
+            net::mark_lease_moved(&data_dir, &dir, &id2, networked).and_then(|()| {
+                if switchover_durable {
+                    store_phase_in_place(&dir, &record)
+                } else {
+                    store_phase(&dir, &record)
+                }
+            })
         })
         .await
         .unwrap_or_else(|e| Err(format!("saving the migration phase failed: {e}")))
@@ -3675,9 +3734,9 @@ mod tests {
     /// crash tears mixes the old and the new one. Here `precopy` (the
     /// `switchover` save failed, which is only logged) torn by a crash under
     /// `committing`: it reads back as `committing` with a token that is
-    /// neither (three bytes short), so a restart asks the target with a
-    /// wrong token. Expected: a record longer than a sector is written the
-    /// atomic way (or the torn file reads as the old or the new record).
+    /// neither (three bytes short), so a restart asked the target with a
+    /// wrong token. Now the token is kept in `migration.token` and only the
+    /// record's first sector is written in place, when old and new fit it.
     #[test]
     fn a_record_across_sectors_torn_by_a_crash_reads_as_the_old_or_the_new_one() {
         let dir = tempfile::tempdir().unwrap();
@@ -3691,15 +3750,16 @@ mod tests {
         store_record(dir.path(), &rec(Phase::Precopy)).unwrap();
         let path = dir.path().join(RECORD_FILE);
         let old = std::fs::read(&path).unwrap();
-        if !store_record_in_place(dir.path(), &rec(Phase::Committing)).unwrap() {
-            return;
-        }
+        assert!(store_record_in_place(dir.path(), &rec(Phase::Committing)).unwrap());
         let new = std::fs::read(&path).unwrap();
         // A crash mid-write: the first sector reached the disk, the rest did not.
         let mut torn = new[..512].to_vec();
         torn.extend_from_slice(&old[512..]);
         std::fs::write(&path, &torn).unwrap();
         let got = load_record(dir.path()).map(|(r, _)| r);
+        // The token lives beside the record (`migration.token`): the record
+        // fits one sector, so even a cluster's long credential goes in place.
+        assert_eq!(got, Some(rec(Phase::Committing)));
         assert!(
             got == Some(rec(Phase::Precopy)) || got == Some(rec(Phase::Committing)),
             "a torn in-place write reads as {:?} with a token of {:?} bytes",

@@ -628,10 +628,19 @@ impl QemuVm {
         // `finish-migrate` a moment longer (QEMU says `completed` first, and
         // `migrate_out` does not wait: issue 7); a `cont` then would be undone
         // when QEMU moves it on to `postmigrate`.
+        // Only then: a migration parked at its switch-over gate (a hearthd
+        // that died there) also shows `finish-migrate`, for good (review8 F3).
         let deadline = Instant::now() + Duration::from_secs(5);
+        let completed = || async {
+            self.qmp
+                .execute("query-migrate", Value::Null)
+                .await
+                .is_ok_and(|m| m["status"].as_str() == Some("completed"))
+        };
         while running
             && status["status"].as_str() == Some("finish-migrate")
             && Instant::now() < deadline
+            && completed().await
         {
             tokio::time::sleep(Duration::from_millis(1)).await;
             status = self.qmp.execute("query-status", Value::Null).await?;
