@@ -1096,25 +1096,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cp = cluster::plane(dir.path()).await;
         let src = silent_agent(std::time::Duration::from_secs(1));
-        cp.store
-            .write(Command::RegisterNode {
-                node: NodeRecord {
-                    id: "n1".into(),
-                    instance: "inst-n1".into(),
-                    address: src,
-                    capacity: Resources::new(64, 65536, 1_000_000),
-                    accel: Accel::Tcg,
-                    labels: Default::default(),
-                    cordoned: false,
-                    ready: true,
-                    registered_ms: 1,
-                    last_heartbeat_ms: now_ms(),
-                    warm_templates: Default::default(),
-                    volumes: Default::default(),
-                },
-            })
-            .await
-            .unwrap();
+        register_n1(&cp, src).await;
         cluster::node(&cp, "n2", 64, 65536).await;
         cluster::sandbox(&cp, "s1", "n1").await;
         let (code, _) = drain_of(&cp, "n1", DrainRequest::default())
@@ -1198,25 +1180,7 @@ mod tests {
                 r2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             }
         });
-        cp.store
-            .write(Command::RegisterNode {
-                node: NodeRecord {
-                    id: "n1".into(),
-                    instance: "inst-n1".into(),
-                    address: src,
-                    capacity: Resources::new(64, 65536, 1_000_000),
-                    accel: Accel::Tcg,
-                    labels: Default::default(),
-                    cordoned: false,
-                    ready: true,
-                    registered_ms: 1,
-                    last_heartbeat_ms: now_ms(),
-                    warm_templates: Default::default(),
-                    volumes: Default::default(),
-                },
-            })
-            .await
-            .unwrap();
+        register_n1(&cp, src).await;
         cluster::node(&cp, "n2", 64, 65536).await;
         cluster::sandbox(&cp, "s1", "n1").await;
         let stop = std::sync::atomic::AtomicBool::new(true);
@@ -1448,6 +1412,29 @@ mod tests {
 
     /// Review 4: a node whose agent accepts connections and answers none
     /// (holds each for `hold`, then closes it).
+    /// Registers node n1 (Ready, 64 CPUs) at agent address `address`.
+    async fn register_n1(cp: &ControlPlane, address: String) {
+        cp.store
+            .write(Command::RegisterNode {
+                node: NodeRecord {
+                    id: "n1".into(),
+                    instance: "inst-n1".into(),
+                    address,
+                    capacity: Resources::new(64, 65536, 1_000_000),
+                    accel: Accel::Tcg,
+                    labels: Default::default(),
+                    cordoned: false,
+                    ready: true,
+                    registered_ms: 1,
+                    last_heartbeat_ms: now_ms(),
+                    warm_templates: Default::default(),
+                    volumes: Default::default(),
+                },
+            })
+            .await
+            .unwrap();
+    }
+
     fn silent_agent(hold: std::time::Duration) -> String {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
@@ -1476,25 +1463,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cp = cluster::plane(dir.path()).await;
         let src = silent_agent(std::time::Duration::from_secs(2));
-        cp.store
-            .write(Command::RegisterNode {
-                node: NodeRecord {
-                    id: "n1".into(),
-                    instance: "inst-n1".into(),
-                    address: src,
-                    capacity: Resources::new(64, 65536, 1_000_000),
-                    accel: Accel::Tcg,
-                    labels: Default::default(),
-                    cordoned: false,
-                    ready: true,
-                    registered_ms: 1,
-                    last_heartbeat_ms: now_ms(),
-                    warm_templates: Default::default(),
-                    volumes: Default::default(),
-                },
-            })
-            .await
-            .unwrap();
+        register_n1(&cp, src).await;
         cluster::node(&cp, "n2", 64, 65536).await;
         cluster::sandbox(&cp, "s1", "n1").await;
         let (code, _) = drain_of(&cp, "n1", DrainRequest::default())
