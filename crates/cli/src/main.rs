@@ -605,28 +605,31 @@ fn forward_signals(c: Client, id: String) {
 async fn print_stream(resp: reqwest::Response, eof_ok: bool) -> Result<(u8, bool)> {
     let mut body = resp.bytes_stream();
     let mut dec = Decoder::default();
-    let mut out = std::io::stdout().lock();
-    let mut err = std::io::stderr().lock();
     use futures::StreamExt;
+    // why: stdout/stderr are locked only while written, never across an
+    // await: a lock held while this task waits for the next chunk blocked
+    // any other task's `eprintln!` (the stdin forwarder's, when a workload
+    // ended at once) on its worker thread, and with it the runtime's I/O
+    // driver: the CLI hung with the stream's end unread (seen in CI).
     while let Some(chunk) = body.next().await {
         let chunk = chunk.map_err(|e| anyhow::anyhow!("connection to hearthd lost: {e}"))?;
         dec.push(&chunk);
         while let Some(rec) = dec.next_record()? {
             match rec {
-                Record::Stdout(b) => write_or_quit(&mut out, &b),
-                Record::Stderr(b) => write_or_quit(&mut err, &b),
+                Record::Stdout(b) => write_or_quit(&mut std::io::stdout().lock(), &b),
+                Record::Stderr(b) => write_or_quit(&mut std::io::stderr().lock(), &b),
                 Record::Exit(e) => {
-                    let _ = out.flush();
+                    let _ = std::io::stdout().flush();
                     return Ok(((e.code & 0xff) as u8, false));
                 }
                 Record::Error(m) => {
-                    let _ = out.flush();
-                    let _ = writeln!(err, "hearth: {m}");
+                    let _ = std::io::stdout().flush();
+                    let _ = writeln!(std::io::stderr(), "hearth: {m}");
                     return Ok((EXIT_HEARTH_FAILED, true));
                 }
             }
         }
-        let _ = out.flush();
+        let _ = std::io::stdout().flush();
     }
     if eof_ok {
         return Ok((0, false));
