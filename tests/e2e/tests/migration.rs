@@ -501,7 +501,7 @@ fn killed_target_and_concurrent_migration_leave_one_running_copy() {
             "--to-token-file",
             &tf,
             "--bandwidth-mib",
-            "2",
+            "8",
         ],
     );
     wait_precopy(&a, "c");
@@ -802,7 +802,7 @@ fn two_concurrent_incoming_migrations_to_room_for_one_refuse_the_second_at_prepa
             "--to-token-file",
             &tf,
             "--bandwidth-mib",
-            "4",
+            "8",
         ],
     );
     wait_precopy(&a, "c1");
