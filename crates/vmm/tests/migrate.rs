@@ -13,6 +13,9 @@ use hearth_vmm::{
 };
 use serde_json::Value;
 
+mod common;
+use common::KillOnPanic;
+
 fn artifacts() -> Option<(PathBuf, PathBuf)> {
     let cur = Path::new(&std::env::var_os("HOME")?).join(".cache/hearth/current");
     let (k, i) = (cur.join("vmlinux"), cur.join("initramfs.cpio.gz"));
@@ -52,6 +55,7 @@ fn ext4(path: &Path) {
 
 async fn booted_source(cfg: &VmConfig) -> QemuVm {
     let vm = QemuVmm::new().unwrap().create_qemu(cfg).await.unwrap();
+    let _guard = KillOnPanic(vm.pid());
     let mut agent = vm.connect_agent().await.unwrap();
     vm.start().await.unwrap();
     let hello = tokio::time::timeout(Duration::from_secs(60), read_frame_async(&mut agent))
@@ -88,12 +92,14 @@ async fn migrated_guest_answers_ping_on_the_target() {
     let src_cfg = config(tmp.path(), "src", &kernel, &initrd, &rootfs);
     let dst_cfg = config(tmp.path(), "dst", &kernel, &initrd, &rootfs);
     let src = booted_source(&src_cfg).await;
+    let _src_guard = KillOnPanic(src.pid());
     let incoming = tmp.path().join("in.sock");
     let dst = QemuVmm::new()
         .unwrap()
         .create_incoming_qemu(&dst_cfg, &incoming)
         .await
         .unwrap();
+    let _dst_guard = KillOnPanic(dst.pid());
 
     let (tx, _rx) = tokio::sync::watch::channel(MigrationProgress::default());
     let done = src
@@ -147,12 +153,14 @@ async fn migration_that_cannot_converge_gives_up_and_the_source_runs_on() {
     let src_cfg = config(tmp.path(), "src", &kernel, &initrd, &rootfs);
     let dst_cfg = config(tmp.path(), "dst", &kernel, &initrd, &rootfs);
     let src = booted_source(&src_cfg).await;
+    let _src_guard = KillOnPanic(src.pid());
     let incoming = tmp.path().join("in.sock");
     let dst = QemuVmm::new()
         .unwrap()
         .create_incoming_qemu(&dst_cfg, &incoming)
         .await
         .unwrap();
+    let _dst_guard = KillOnPanic(dst.pid());
     // 1 MiB/s cannot move 128 MiB within the 2 s bound.
     let params = MigrationParams {
         max_bandwidth: 1 << 20,
@@ -202,12 +210,14 @@ async fn a_source_resumed_right_after_its_migration_completed_runs_again() {
     let src_cfg = config(tmp.path(), "src", &kernel, &initrd, &rootfs);
     let dst_cfg = config(tmp.path(), "dst", &kernel, &initrd, &rootfs);
     let src = booted_source(&src_cfg).await;
+    let _src_guard = KillOnPanic(src.pid());
     let incoming = tmp.path().join("in.sock");
     let dst = QemuVmm::new()
         .unwrap()
         .create_incoming_qemu(&dst_cfg, &incoming)
         .await
         .unwrap();
+    let _dst_guard = KillOnPanic(dst.pid());
     let (tx, _rx) = tokio::sync::watch::channel(MigrationProgress::default());
     let done = src
         .migrate_out(&incoming, &MigrationParams::default(), &tx, None)

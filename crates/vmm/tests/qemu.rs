@@ -15,6 +15,9 @@ use hearth_vmm::{
 };
 use serde_json::Value;
 
+mod common;
+use common::{pid_exists, KillOnPanic};
+
 struct Fixture {
     tmp: tempfile::TempDir,
     kernel: PathBuf,
@@ -95,35 +98,9 @@ fn vmm() -> QemuVmm {
     QemuVmm::new().expect("qemu-system-x86 and qemu-utils are installed (scripts/setup)")
 }
 
-/// Kills a test's VM if the test panics: VMs run in their own session and
-/// would otherwise outlive the test binary.
-struct KillOnPanic(u32);
-
-impl Drop for KillOnPanic {
-    fn drop(&mut self) {
-        if std::thread::panicking() && pid_exists(self.0) {
-            // SAFETY: kill(2) on the pid of a VM this test started and has not reaped.
-            unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
-        }
-    }
-}
-
 async fn status(vm: &QemuVm) -> String {
     let v = vm.qmp().execute("query-status", Value::Null).await.unwrap();
     v["status"].as_str().unwrap().to_string()
-}
-
-fn pid_exists(pid: u32) -> bool {
-    // why: a zombie awaiting reaping is gone for our purposes.
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            let state = s
-                .rsplit(')')
-                .next()
-                .and_then(|r| r.split_whitespace().next());
-            !matches!(state, Some("Z") | Some("X"))
-        })
-        .unwrap_or(false)
 }
 
 #[tokio::test]
