@@ -141,8 +141,12 @@ pub fn judge(p: &MigrationProgress, params: &MigrationParams) -> Verdict {
     }
     if p.iterations > params.max_iterations {
         return Verdict::GiveUp(format!(
-            "memory did not converge after {} passes (limit {}); dirty rate {} pages/s, throttle {}%",
-            p.iterations, params.max_iterations, p.dirty_pages_rate, p.cpu_throttle_percent
+            "memory did not converge after {} passes (limit {}); dirty rate {} pages/s, throttle {}%{}",
+            p.iterations,
+            params.max_iterations,
+            p.dirty_pages_rate,
+            p.cpu_throttle_percent,
+            remainder_hint(p, params)
         ));
     }
     if p.elapsed_ms > params.give_up_after.as_millis() as u64 {
@@ -155,6 +159,32 @@ pub fn judge(p: &MigrationProgress, params: &MigrationParams) -> Verdict {
         ));
     }
     Verdict::Continue
+}
+
+/// What was still to send when pre-copy gave up, and — when that alone
+/// cannot fit the downtime budget at the bandwidth cap — what to change.
+///
+/// why: QEMU tracks a written disk block in 1 MiB chunks, so one dirty chunk
+/// takes 1000/cap ms (500 ms at 2 MiB/s): a guest that writes its disk now
+/// and then never fits a 100 ms budget at a cap below 10 MiB/s, however idle
+/// its memory is.
+fn remainder_hint(p: &MigrationProgress, params: &MigrationParams) -> String {
+    let left = p.ram_remaining + p.disk_remaining;
+    let mut hint = format!(
+        "; {} bytes of memory and {} bytes of disk still to send",
+        p.ram_remaining, p.disk_remaining
+    );
+    if params.max_bandwidth > 0 && left > 0 {
+        let ms = left.saturating_mul(1000) / params.max_bandwidth;
+        if ms > params.downtime_limit.as_millis() as u64 {
+            hint.push_str(&format!(
+                ", {ms} ms at the {} MiB/s cap against a {} ms downtime budget: raise the downtime budget (--downtime-ms) or the bandwidth cap",
+                params.max_bandwidth >> 20,
+                params.downtime_limit.as_millis()
+            ));
+        }
+    }
+    hint
 }
 
 #[cfg(test)]
@@ -186,6 +216,29 @@ mod tests {
             panic!("expected give up");
         };
         assert!(why.contains("6 passes (limit 5)"), "{why}");
+        assert!(!why.contains("raise"), "{why}");
+    }
+
+    #[test]
+    fn a_dirty_disk_chunk_that_cannot_fit_the_budget_at_the_cap_says_what_to_change() {
+        let p = MigrationParams {
+            max_bandwidth: 2 << 20,
+            ..Default::default()
+        };
+        let stuck = MigrationProgress {
+            disk_remaining: 1 << 20,
+            ram_remaining: 4096,
+            ..active(61, 30_000)
+        };
+        let Verdict::GiveUp(why) = judge(&stuck, &p) else {
+            panic!("expected give up");
+        };
+        assert!(
+            why.contains("4096 bytes of memory and 1048576 bytes of disk still to send")
+                && why.contains("501 ms at the 2 MiB/s cap against a 100 ms downtime budget")
+                && why.contains("--downtime-ms"),
+            "{why}"
+        );
     }
 
     #[test]

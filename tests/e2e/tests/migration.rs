@@ -803,9 +803,10 @@ fn two_concurrent_incoming_migrations_to_room_for_one_refuse_the_second_at_prepa
             &tf,
             "--bandwidth-mib",
             "8",
-            // why: a slowed idle TCG guest may not fit the default 100 ms in
-            // 60 passes (QEMU 7.2 sizes the switch-over from the last 100 ms's
-            // bandwidth); this test is about the room, not the pause.
+            // why: at 8 MiB/s a 100 ms budget fits less than one dirty 1 MiB
+            // disk chunk (the counter writes its file), so the pre-copy may
+            // not converge in 60 passes; this test is about the room, not the
+            // pause.
             "--downtime-ms",
             "1000",
         ],
