@@ -563,19 +563,31 @@ impl SourceJob {
             .send(Err(AgentError::Conflict(format!("cannot migrate: {why}"))));
     }
 
-    fn set_phase(&self, entry: &Entry, phase: Phase) {
-        if let Err(e) = self.save_phase(entry, phase) {
+    /// Records `phase` durably in `migration.json` and in the status; a
+    /// failure to save is logged (the record on disk does not have it). The
+    /// fsyncs run on a blocking thread, not on a runtime worker that other
+    /// sandboxes' tasks share (review8 F4).
+    async fn set_phase(&self, entry: &Entry, phase: Phase) {
+        set_migration_paused(entry, phase);
+        let (dir, record) = (entry.dir.clone(), self.record(&entry.snapshot().id, phase));
+        let saved = tokio::task::spawn_blocking(move || store_phase(&dir, &record))
+            .await
+            .unwrap_or_else(|e| Err(format!("saving the migration phase failed: {e}")));
+        self.publish_phase(phase);
+        if let Err(e) = saved {
             tracing::error!(sandbox = %entry.snapshot().id, "{e}");
         }
     }
 
-    /// Records `phase` durably in `migration.json` and in the status; an
-    /// error says the record on disk does not have it.
-    fn save_phase(&self, entry: &Entry, phase: Phase) -> Result<(), String> {
-        set_migration_paused(entry, phase);
-        let saved = store_phase(&entry.dir, &self.record(&entry.snapshot().id, phase));
-        self.publish_phase(phase);
-        saved
+    /// [`net::clear_lease_moved`] on a blocking thread (it fsyncs).
+    async fn clear_lease_moved(&self, entry: &Entry) {
+        let (data_dir, dir, id) = (
+            self.data_dir.clone(),
+            entry.dir.clone(),
+            entry.snapshot().id,
+        );
+        let _ =
+            tokio::task::spawn_blocking(move || net::clear_lease_moved(&data_dir, &dir, &id)).await;
     }
 
     /// The record of `phase` for `migration.json`.
@@ -630,11 +642,11 @@ impl SourceJob {
             .send_modify(|s| *at(s.pause_steps.get_or_insert_with(Default::default)) = Some(ms));
     }
 
-    fn end(self, entry: &Entry, phase: Phase, result: Result<String, AgentError>) {
-        self.set_phase(entry, phase);
+    async fn end(self, entry: &Entry, phase: Phase, result: Result<String, AgentError>) {
+        self.set_phase(entry, phase).await;
         if phase == Phase::Aborted {
             // why: the sandbox runs here again; its address is this copy's to release.
-            net::clear_lease_moved(&self.data_dir, &entry.dir, &entry.snapshot().id);
+            self.clear_lease_moved(entry).await;
         }
         if let Err(e) = &result {
             self.status.send_modify(|s| s.error = Some(e.to_string()));
@@ -922,7 +934,8 @@ pub(crate) async fn run_source(
         let msg = format!(
             "migration of sandbox {id} was cancelled before it started; it keeps running here"
         );
-        job.end(entry, Phase::Aborted, Err(AgentError::Migration(msg)));
+        job.end(entry, Phase::Aborted, Err(AgentError::Migration(msg)))
+            .await;
         return SourceEnd::StayedHere(None);
     }
     let sock = entry.dir.join("vm").join("migrate.sock");
@@ -932,11 +945,12 @@ pub(crate) async fn run_source(
         Err(e) => {
             let _ = job.peer.abort(&id).await;
             let msg = format!("cannot listen on {}: {e}", sock.display());
-            job.end(entry, Phase::Aborted, Err(AgentError::Migration(msg)));
+            job.end(entry, Phase::Aborted, Err(AgentError::Migration(msg)))
+                .await;
             return SourceEnd::StayedHere(None);
         }
     };
-    job.set_phase(entry, Phase::Precopy);
+    job.set_phase(entry, Phase::Precopy).await;
     // why: the log's bulk goes during the pre-copy, only its tail inside the
     // pause (issue 7); read concurrently with appends, the bytes up to the
     // length read are final (the log is append-only), the tail continues there.
@@ -1124,7 +1138,8 @@ pub(crate) async fn run_source(
                 "migration of sandbox {id} to {} failed before the switch-over; it keeps running here: {why}",
                 job.peer.base()
             );
-            job.end(entry, Phase::Aborted, Err(AgentError::Migration(msg)));
+            job.end(entry, Phase::Aborted, Err(AgentError::Migration(msg)))
+                .await;
             return SourceEnd::StayedHere(stash);
         }
     };
@@ -1286,7 +1301,7 @@ pub(crate) async fn run_source(
                     .get_or_insert_with(Default::default)
                     .target_resumed_ms = paused;
             });
-            job.end(entry, Phase::Completed, Ok(sb.node.clone()));
+            job.end(entry, Phase::Completed, Ok(sb.node.clone())).await;
             fault_hold("release").await;
             return SourceEnd::Moved(sb.node);
         }
@@ -1307,17 +1322,18 @@ pub(crate) async fn run_source(
                     ),
                 )
                 .await;
-                job.end(entry, Phase::Aborted, Err(AgentError::Migration(msg)));
+                job.end(entry, Phase::Aborted, Err(AgentError::Migration(msg)))
+                    .await;
                 return SourceEnd::StayedHere(None);
             }
             AbortVerdict::Committed => {
                 session.hand_over();
                 let there = job.peer.base().to_string();
-                job.end(entry, Phase::Completed, Ok(there.clone()));
+                job.end(entry, Phase::Completed, Ok(there.clone())).await;
                 return SourceEnd::Moved(there);
             }
             AbortVerdict::Unknown(why) => {
-                job.set_phase(entry, Phase::Unresolved);
+                job.set_phase(entry, Phase::Unresolved).await;
                 attempts += 1;
                 if attempts > ASK_TARGET_ATTEMPTS {
                     let msg = format!(
@@ -1327,7 +1343,8 @@ pub(crate) async fn run_source(
                         entry,
                         Phase::Unresolved,
                         Err(AgentError::MigrationUnresolved(msg)),
-                    );
+                    )
+                    .await;
                     return SourceEnd::StayedHere(None);
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -1506,11 +1523,12 @@ async fn stay_here(
     // target and, without an answer, report a running VM lost and paused
     // (review5 F2, review6 F2); `aborted` makes a restart resume it
     // (idempotent) and the target's incoming VM expires on its own.
-    job.set_phase(entry, Phase::Aborted);
-    net::clear_lease_moved(&job.data_dir, &entry.dir, &id);
+    job.set_phase(entry, Phase::Aborted).await;
+    job.clear_lease_moved(entry).await;
     let _ = job.peer.abort(&id).await;
     let msg = resume_here(vm, conn, why).await;
-    job.end(entry, Phase::Aborted, Err(AgentError::Migration(msg)));
+    job.end(entry, Phase::Aborted, Err(AgentError::Migration(msg)))
+        .await;
     SourceEnd::StayedHere(kept)
 }
 
