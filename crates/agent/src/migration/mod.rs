@@ -248,14 +248,17 @@ pub(crate) fn load_record(
     }
 }
 
-/// Forgets the migration recorded in `dir` (it is settled): the token goes
-/// first and the record last, then the dir is fsynced, so a crash midway
-/// leaves a record (which start-up settles again) or nothing, and a removed
-/// record cannot reappear after a power loss (review9 F5). A token without
-/// a record is garbage ([`drop_lone_token`]).
+/// Forgets the migration recorded in `dir` (it is settled): the record goes
+/// first and the token last, then the dir is fsynced, so a crash midway
+/// leaves a lone token, which start-up removes as garbage
+/// ([`drop_lone_token`]), or nothing; and a removed record cannot reappear
+/// after a power loss (review9 F5). why not the token first: a crash between
+/// would leave a `committing`/`unresolved` record whose question to the
+/// target cannot be asked without its token, so a settled migration would
+/// come back `unresolved` and its VM be kept paused.
 pub(crate) fn forget_record(dir: &std::path::Path) {
     let mut removed = false;
-    for name in [TOKEN_FILE, RECORD_FILE] {
+    for name in [RECORD_FILE, TOKEN_FILE] {
         match std::fs::remove_file(dir.join(name)) {
             Ok(()) => removed = true,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
