@@ -20,6 +20,7 @@
 //! `registry-auth.json` (registry logins, 0600).
 
 pub mod control_link;
+mod durable;
 pub mod guest_conn;
 mod images;
 pub mod leases;

@@ -20,6 +20,7 @@ use hearth_vmm::{
 };
 use tokio::sync::{mpsc, watch};
 
+use crate::durable::{self, DirSync};
 use crate::guest_conn::{GuestConn, Session, SessionEvent, SessionInput};
 pub(crate) use crate::output_log::{LogFollower, OutputLog};
 use crate::readopt::{SavedOutcome, WorkloadRecord};
@@ -408,39 +409,15 @@ pub(crate) fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Writes `dir/sandbox.json` (file durable, its name once the caller fsyncs `dir`).
 pub(crate) fn persist(dir: &Path, rec: &Sandbox) -> std::io::Result<()> {
-    let tmp = dir.join("sandbox.json.tmp");
     let data = serde_json::to_vec_pretty(rec).map_err(std::io::Error::other)?;
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&data)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, dir.join("sandbox.json"))
-}
-
-/// Writes `path` durably: a temporary file beside it, fsync, rename over
-/// `path`, fsync of the directory (so the rename survives a crash too).
-pub(crate) fn write_durable(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp"));
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    sync_dir(path.parent().unwrap_or(Path::new(".")))
-}
-
-/// fsync of a directory: makes renames and new entries in it durable.
-pub(crate) fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
+    durable::write(
+        &dir.join("sandbox.json"),
+        &data,
+        durable::MODE_DEFAULT,
+        DirSync::ByCaller,
+    )
 }
 
 pub(crate) fn new_id() -> String {
@@ -689,6 +666,7 @@ impl Agent {
                     continue;
                 }
             };
+            crate::migration::drop_lone_token(&sdir);
             let entry = Arc::new(Entry::new(sdir.clone(), rec.clone()));
             if !rec.status.is_terminal() {
                 entry.recovering.send_replace(true);

@@ -13,10 +13,9 @@ use hearth_proto::ExecRequest as GuestExec;
 use hearth_vmm::{AfterSave, SaveOptions, SnapshotManifest};
 use serde::{Deserialize, Serialize};
 
+use crate::durable::{self, DirSync};
 use crate::restore::{snapshot_key, Launch, WarmSource};
-use crate::sandbox::{
-    io_err, lock, new_id, now_ms, plan_exec, sync_dir, valid_name, write_durable, Agent, AgentError,
-};
+use crate::sandbox::{io_err, lock, new_id, now_ms, plan_exec, valid_name, Agent, AgentError};
 
 /// Format of `snapshot.json` of a VM whose network device is on the hub (or
 /// that has none): what hearthd before direct taps wrote and reads.
@@ -230,9 +229,16 @@ impl Agent {
         };
         let installed = serde_json::to_vec_pretty(&meta)
             .map_err(std::io::Error::other)
-            .and_then(|b| write_durable(&tmp.join("snapshot.json"), &b))
+            .and_then(|b| {
+                durable::write(
+                    &tmp.join("snapshot.json"),
+                    &b,
+                    durable::MODE_DEFAULT,
+                    DirSync::Now,
+                )
+            })
             .and_then(|_| std::fs::rename(&tmp, &dir))
-            .and_then(|_| sync_dir(&self.snapshots_root()));
+            .and_then(|_| durable::sync_dir(&self.snapshots_root()));
         if let Err(err) = installed {
             let _ = std::fs::remove_dir_all(&tmp);
             return Err(io_err(format!("install snapshot {}", dir.display()))(err));

@@ -11,11 +11,10 @@ use hearth_api::{CreateTemplate, Template, DEFAULT_CPUS};
 use hearth_vmm::{AfterSave, SaveOptions, Vmm};
 use serde::{Deserialize, Serialize};
 
+use crate::durable::{self, DirSync};
 use crate::guest_conn::GuestConn;
 use crate::restore::WarmSource;
-use crate::sandbox::{
-    io_err, new_id, now_ms, sync_dir, valid_name, write_durable, Agent, AgentError, HELLO_TIMEOUT,
-};
+use crate::sandbox::{io_err, new_id, now_ms, valid_name, Agent, AgentError, HELLO_TIMEOUT};
 use crate::warm_pool::run_warm_up;
 
 /// Format of `template.json`.
@@ -203,10 +202,17 @@ impl Agent {
         let snap = build.join("snapshot");
         let write = serde_json::to_vec_pretty(&meta)
             .map_err(std::io::Error::other)
-            .and_then(|b| write_durable(&snap.join("template.json"), &b));
+            .and_then(|b| {
+                durable::write(
+                    &snap.join("template.json"),
+                    &b,
+                    durable::MODE_DEFAULT,
+                    DirSync::Now,
+                )
+            });
         let installed = write
             .and_then(|_| std::fs::rename(&snap, &dir))
-            .and_then(|_| sync_dir(&self.templates_root()));
+            .and_then(|_| durable::sync_dir(&self.templates_root()));
         if let Err(e) = installed {
             let _ = std::fs::remove_dir_all(&build);
             return Err(io_err(format!("install template {}", dir.display()))(e));
@@ -314,7 +320,7 @@ impl Agent {
         let path = self.template_dir(name).join("template.json");
         serde_json::to_vec_pretty(&meta)
             .map_err(std::io::Error::other)
-            .and_then(|b| write_durable(&path, &b))
+            .and_then(|b| durable::write(&path, &b, durable::MODE_DEFAULT, DirSync::Now))
             .map_err(io_err(format!("save {}", path.display())))?;
         self.ensure_pool(&meta);
         Ok(self.to_api_template(&meta))

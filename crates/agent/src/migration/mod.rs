@@ -36,6 +36,7 @@ use hearth_proto::{Hello, PROTOCOL_VERSION};
 use hearth_vmm::{Accel, MigrationParams, MigrationProgress, SwitchoverGate, Vm, VmConfig, Vmm};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::durable::{self, DirSync};
 use crate::guest_conn::{GuestConn, Session, SessionEvent};
 use crate::sandbox::{lock, now_ms, persist, Control, Entry, OutputLog};
 use crate::{Agent, AgentError};
@@ -105,6 +106,17 @@ fn record_bytes(rec: &MigrationRecord) -> std::io::Result<Vec<u8>> {
 
 /// The part of a record file that one write replaces whole even across a
 /// crash (a disk sector): [`store_record_in_place`] writes only it.
+///
+/// why: an assumption about the data dir's file system, not a promise of
+/// POSIX: a local block file system (ext4, xfs, btrfs on a disk) writes one
+/// aligned 512-byte sector all or nothing; NFS, FUSE and other network or
+/// user-space file systems do not promise it. Where it does not hold, a crash
+/// mid-write can leave bytes of both records in the sector. The two records
+/// differ only in their phase's name (`switchover` → `committing`, the same
+/// length; the token is in [`TOKEN_FILE`]), so a torn record reads as the old
+/// one, the new one, or a phase that is neither: a record that does not parse,
+/// which start-up counts as unresolved (kept paused, reported), never as "no
+/// migration" ([`load_record`]). docs/migration.md, "Exactly one running copy".
 const ATOMIC_WRITE: usize = 512;
 
 /// Writes `dir/migration.json` (mode 0600: it holds the target's token, to ask
@@ -114,32 +126,24 @@ fn store_record(dir: &std::path::Path, rec: &MigrationRecord) -> std::io::Result
     // why: the token first (once per migration: later phases find it there),
     // so a record durable with its name always has its token.
     if !rec.token.is_empty() && !holds_token(dir, &rec.token) {
-        write_file_durably(dir, TOKEN_FILE, rec.token.as_bytes())?;
+        durable::write(
+            &dir.join(TOKEN_FILE),
+            rec.token.as_bytes(),
+            durable::MODE_PRIVATE,
+            DirSync::ByCaller,
+        )?;
     }
-    write_file_durably(dir, RECORD_FILE, &record_bytes(rec)?)?;
-    crate::sandbox::sync_dir(dir)
+    durable::write(
+        &dir.join(RECORD_FILE),
+        &record_bytes(rec)?,
+        durable::MODE_PRIVATE,
+        DirSync::Now,
+    )
 }
 
 /// Whether [`TOKEN_FILE`] in `dir` holds `token`.
 fn holds_token(dir: &std::path::Path, token: &str) -> bool {
     std::fs::read(dir.join(TOKEN_FILE)).is_ok_and(|t| t == token.as_bytes())
-}
-
-/// `dir/name` replaced by `bytes` (mode 0600) through a fsynced temporary
-/// file and a rename; the caller fsyncs `dir`.
-fn write_file_durably(dir: &std::path::Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, dir.join(name))
 }
 
 /// Overwrites `dir/migration.json` in place with `rec` (one `pwrite` of the
@@ -218,10 +222,19 @@ fn set_migration_paused(entry: &Entry, phase: Phase) {
     );
 }
 
-/// The migration recorded in `dir`, if any, with the target's token.
-pub(crate) fn load_record(dir: &std::path::Path) -> Option<(MigrationRecord, String)> {
+/// The migration recorded in `dir`, if any, with the target's token; an
+/// error (naming the file) when `migration.json` is there but cannot be read
+/// or parsed: a migration may have been under way, and the caller must not
+/// read that as "none" (review8: it counts as unresolved).
+pub(crate) fn load_record(
+    dir: &std::path::Path,
+) -> Result<Option<(MigrationRecord, String)>, String> {
     let path = dir.join(RECORD_FILE);
-    let bytes = std::fs::read(&path).ok()?;
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
     match serde_json::from_slice::<MigrationRecord>(&bytes) {
         Ok(mut r) => {
             // why: an older hearthd kept the token in the record itself.
@@ -229,19 +242,50 @@ pub(crate) fn load_record(dir: &std::path::Path) -> Option<(MigrationRecord, Str
                 r.token = std::fs::read_to_string(dir.join(TOKEN_FILE)).unwrap_or_default();
             }
             let token = r.token.clone();
-            Some((r, token))
+            Ok(Some((r, token)))
         }
-        Err(e) => {
-            tracing::warn!("ignoring {}: {e}", path.display());
-            None
+        Err(e) => Err(format!("{} does not parse: {e}", path.display())),
+    }
+}
+
+/// Forgets the migration recorded in `dir` (it is settled): the record goes
+/// first and the token last, then the dir is fsynced, so a crash midway
+/// leaves a lone token, which start-up removes as garbage
+/// ([`drop_lone_token`]), or nothing; and a removed record cannot reappear
+/// after a power loss (review9 F5). why not the token first: a crash between
+/// would leave a `committing`/`unresolved` record whose question to the
+/// target cannot be asked without its token, so a settled migration would
+/// come back `unresolved` and its VM be kept paused.
+pub(crate) fn forget_record(dir: &std::path::Path) {
+    let mut removed = false;
+    for name in [RECORD_FILE, TOKEN_FILE] {
+        match std::fs::remove_file(dir.join(name)) {
+            Ok(()) => removed = true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!("cannot remove {}: {e}", dir.join(name).display()),
+        }
+    }
+    if removed {
+        if let Err(e) = durable::sync_dir(dir) {
+            tracing::warn!("cannot sync {}: {e}", dir.display());
         }
     }
 }
 
-/// Forgets the migration recorded in `dir` (it is settled).
-pub(crate) fn forget_record(dir: &std::path::Path) {
-    let _ = std::fs::remove_file(dir.join(RECORD_FILE));
-    let _ = std::fs::remove_file(dir.join(TOKEN_FILE));
+/// At start-up: removes `dir/migration.token` when no `migration.json` is
+/// beside it (a crash between the two writes of [`store_record`], or a
+/// [`forget_record`] of an older hearthd cut short). Answers whether it did.
+pub(crate) fn drop_lone_token(dir: &std::path::Path) -> bool {
+    let token = dir.join(TOKEN_FILE);
+    if !token.exists() || dir.join(RECORD_FILE).exists() {
+        return false;
+    }
+    tracing::info!(
+        "removing {}: no migration record beside it",
+        token.display()
+    );
+    forget_record(dir);
+    true
 }
 
 /// Migrations this agent takes part in.
@@ -446,11 +490,13 @@ fn staged_workload_bytes(w: &crate::readopt::WorkloadRecord) -> std::io::Result<
 /// Writes `w` (a stand-in: the commit writes the real one over it) to
 /// `dir/`[`STAGED_WORKLOAD`] and fsyncs it.
 fn stage_workload(dir: &Path, w: &crate::readopt::WorkloadRecord) -> std::io::Result<()> {
-    use std::io::Write;
     let bytes = staged_workload_bytes(w)?;
-    let mut f = std::fs::File::create(dir.join(STAGED_WORKLOAD))?;
-    f.write_all(&bytes)?;
-    f.sync_all()
+    durable::write(
+        &dir.join(STAGED_WORKLOAD),
+        &bytes,
+        durable::MODE_DEFAULT,
+        DirSync::ByCaller,
+    )
 }
 
 /// The commit's `workload.json`: `w` over the staged file in place, made
@@ -484,11 +530,13 @@ fn incoming_workload(offer: &IncomingOffer, session: u32) -> crate::readopt::Wor
 
 /// Writes `rec` to `dir/`[`STAGED_RECORD`] and fsyncs it; answers its bytes.
 fn stage_record(dir: &Path, rec: &Sandbox) -> std::io::Result<Vec<u8>> {
-    use std::io::Write;
     let data = serde_json::to_vec_pretty(rec).map_err(std::io::Error::other)?;
-    let mut f = std::fs::File::create(dir.join(STAGED_RECORD))?;
-    f.write_all(&data)?;
-    f.sync_all()?;
+    durable::write(
+        &dir.join(STAGED_RECORD),
+        &data,
+        durable::MODE_DEFAULT,
+        DirSync::ByCaller,
+    )?;
     Ok(data)
 }
 
@@ -518,19 +566,31 @@ impl SourceJob {
             .send(Err(AgentError::Conflict(format!("cannot migrate: {why}"))));
     }
 
-    fn set_phase(&self, entry: &Entry, phase: Phase) {
-        if let Err(e) = self.save_phase(entry, phase) {
+    /// Records `phase` durably in `migration.json` and in the status; a
+    /// failure to save is logged (the record on disk does not have it). The
+    /// fsyncs run on a blocking thread, not on a runtime worker that other
+    /// sandboxes' tasks share (review8 F4).
+    async fn set_phase(&self, entry: &Entry, phase: Phase) {
+        set_migration_paused(entry, phase);
+        let (dir, record) = (entry.dir.clone(), self.record(&entry.snapshot().id, phase));
+        let saved = tokio::task::spawn_blocking(move || store_phase(&dir, &record))
+            .await
+            .unwrap_or_else(|e| Err(format!("saving the migration phase failed: {e}")));
+        self.publish_phase(phase);
+        if let Err(e) = saved {
             tracing::error!(sandbox = %entry.snapshot().id, "{e}");
         }
     }
 
-    /// Records `phase` durably in `migration.json` and in the status; an
-    /// error says the record on disk does not have it.
-    fn save_phase(&self, entry: &Entry, phase: Phase) -> Result<(), String> {
-        set_migration_paused(entry, phase);
-        let saved = store_phase(&entry.dir, &self.record(&entry.snapshot().id, phase));
-        self.publish_phase(phase);
-        saved
+    /// [`net::clear_lease_moved`] on a blocking thread (it fsyncs).
+    async fn clear_lease_moved(&self, entry: &Entry) {
+        let (data_dir, dir, id) = (
+            self.data_dir.clone(),
+            entry.dir.clone(),
+            entry.snapshot().id,
+        );
+        let _ =
+            tokio::task::spawn_blocking(move || net::clear_lease_moved(&data_dir, &dir, &id)).await;
     }
 
     /// The record of `phase` for `migration.json`.
@@ -585,16 +645,46 @@ impl SourceJob {
             .send_modify(|s| *at(s.pause_steps.get_or_insert_with(Default::default)) = Some(ms));
     }
 
-    fn end(self, entry: &Entry, phase: Phase, result: Result<String, AgentError>) {
-        self.set_phase(entry, phase);
+    async fn end(self, entry: &Entry, phase: Phase, result: Result<String, AgentError>) {
+        self.set_phase(entry, phase).await;
         if phase == Phase::Aborted {
             // why: the sandbox runs here again; its address is this copy's to release.
-            net::clear_lease_moved(&self.data_dir, &entry.dir, &entry.snapshot().id);
+            self.clear_lease_moved(entry).await;
         }
         if let Err(e) = &result {
             self.status.send_modify(|s| s.error = Some(e.to_string()));
         }
         let _ = self.reply.send(result);
+    }
+}
+
+/// What the source answers at the switch-over gate (the VM paused before
+/// QEMU's last pass).
+#[derive(Debug, PartialEq, Eq)]
+struct GateAnswer {
+    /// Why the switch-over is refused (QEMU cancels it and the VM runs on
+    /// here); `None` to go on.
+    refused: Option<String>,
+    /// The phase to record beside the last pass: `switchover` when it goes
+    /// on; nothing when refused (the migration ends `aborted`).
+    record: Option<Phase>,
+}
+
+/// The gate's answer after a cancel (`cancelled`), the guest channel's
+/// quiesce (`quiet`) and whether the workload ended meanwhile.
+fn gate_answer(cancelled: bool, quiet: &Result<(), String>, workload_ended: bool) -> GateAnswer {
+    let refused = if cancelled {
+        Some("the migration was cancelled".to_string())
+    } else if let Err(why) = quiet {
+        Some(why.clone())
+    } else if workload_ended {
+        Some("the workload ended".to_string())
+    } else {
+        None
+    };
+    GateAnswer {
+        record: refused.is_none().then_some(Phase::Switchover),
+        refused,
     }
 }
 
@@ -847,7 +937,8 @@ pub(crate) async fn run_source(
         let msg = format!(
             "migration of sandbox {id} was cancelled before it started; it keeps running here"
         );
-        job.end(entry, Phase::Aborted, Err(AgentError::Migration(msg)));
+        job.end(entry, Phase::Aborted, Err(AgentError::Migration(msg)))
+            .await;
         return SourceEnd::StayedHere(None);
     }
     let sock = entry.dir.join("vm").join("migrate.sock");
@@ -857,11 +948,12 @@ pub(crate) async fn run_source(
         Err(e) => {
             let _ = job.peer.abort(&id).await;
             let msg = format!("cannot listen on {}: {e}", sock.display());
-            job.end(entry, Phase::Aborted, Err(AgentError::Migration(msg)));
+            job.end(entry, Phase::Aborted, Err(AgentError::Migration(msg)))
+                .await;
             return SourceEnd::StayedHere(None);
         }
     };
-    job.set_phase(entry, Phase::Precopy);
+    job.set_phase(entry, Phase::Precopy).await;
     // why: the log's bulk goes during the pre-copy, only its tail inside the
     // pause (issue 7); read concurrently with appends, the bytes up to the
     // length read are final (the log is append-only), the tail continues there.
@@ -934,22 +1026,23 @@ pub(crate) async fn run_source(
                             job.step(&clock, |p| &mut p.channel_frozen_ms);
                         }
                         pause = Some(clock);
-                        if cancelled {
-                            refused = Some("the migration was cancelled".into());
-                        } else if let Err(why) = &quiet {
+                        let answer = gate_answer(cancelled, &quiet, stash.is_some());
+                        if let (Err(why), Some(_)) = (&quiet, &answer.refused) {
                             tracing::warn!(sandbox = %id, "guest channel did not quiesce ({why}); cancelling the switch-over");
-                            refused = Some(why.clone());
-                        } else if stash.is_some() {
-                            refused = Some("the workload ended".into());
                         }
+                        refused = answer.refused;
                         tracing::debug!(sandbox = %id, "pause: channel frozen");
                         if let Some(tx) = proceed_tx.take() {
                             let _ = tx.send(refused.is_none());
                         }
-                        let (dir, record) = (entry.dir.clone(), job.record(&id, Phase::Switchover));
-                        switchover_saved = Some(tokio::task::spawn_blocking(move || {
-                            store_phase(&dir, &record)
-                        }));
+                        // why: only a switch-over that goes on is recorded; a
+                        // refused one is cancelled and ends `aborted` (review9 F7).
+                        if let Some(phase) = answer.record {
+                            let (dir, record) = (entry.dir.clone(), job.record(&id, phase));
+                            switchover_saved = Some(tokio::task::spawn_blocking(move || {
+                                store_phase(&dir, &record)
+                            }));
+                        }
                         if refused.is_none() {
                             // why: the window starts at the gate; frames taken
                             // in before it (the pre-copy's output) do not
@@ -1048,7 +1141,8 @@ pub(crate) async fn run_source(
                 "migration of sandbox {id} to {} failed before the switch-over; it keeps running here: {why}",
                 job.peer.base()
             );
-            job.end(entry, Phase::Aborted, Err(AgentError::Migration(msg)));
+            job.end(entry, Phase::Aborted, Err(AgentError::Migration(msg)))
+                .await;
             return SourceEnd::StayedHere(stash);
         }
     };
@@ -1210,7 +1304,7 @@ pub(crate) async fn run_source(
                     .get_or_insert_with(Default::default)
                     .target_resumed_ms = paused;
             });
-            job.end(entry, Phase::Completed, Ok(sb.node.clone()));
+            job.end(entry, Phase::Completed, Ok(sb.node.clone())).await;
             fault_hold("release").await;
             return SourceEnd::Moved(sb.node);
         }
@@ -1231,17 +1325,18 @@ pub(crate) async fn run_source(
                     ),
                 )
                 .await;
-                job.end(entry, Phase::Aborted, Err(AgentError::Migration(msg)));
+                job.end(entry, Phase::Aborted, Err(AgentError::Migration(msg)))
+                    .await;
                 return SourceEnd::StayedHere(None);
             }
             AbortVerdict::Committed => {
                 session.hand_over();
                 let there = job.peer.base().to_string();
-                job.end(entry, Phase::Completed, Ok(there.clone()));
+                job.end(entry, Phase::Completed, Ok(there.clone())).await;
                 return SourceEnd::Moved(there);
             }
             AbortVerdict::Unknown(why) => {
-                job.set_phase(entry, Phase::Unresolved);
+                job.set_phase(entry, Phase::Unresolved).await;
                 attempts += 1;
                 if attempts > ASK_TARGET_ATTEMPTS {
                     let msg = format!(
@@ -1251,7 +1346,8 @@ pub(crate) async fn run_source(
                         entry,
                         Phase::Unresolved,
                         Err(AgentError::MigrationUnresolved(msg)),
-                    );
+                    )
+                    .await;
                     return SourceEnd::StayedHere(None);
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -1430,11 +1526,12 @@ async fn stay_here(
     // target and, without an answer, report a running VM lost and paused
     // (review5 F2, review6 F2); `aborted` makes a restart resume it
     // (idempotent) and the target's incoming VM expires on its own.
-    job.set_phase(entry, Phase::Aborted);
-    net::clear_lease_moved(&job.data_dir, &entry.dir, &id);
+    job.set_phase(entry, Phase::Aborted).await;
+    job.clear_lease_moved(entry).await;
     let _ = job.peer.abort(&id).await;
     let msg = resume_here(vm, conn, why).await;
-    job.end(entry, Phase::Aborted, Err(AgentError::Migration(msg)));
+    job.end(entry, Phase::Aborted, Err(AgentError::Migration(msg)))
+        .await;
     SourceEnd::StayedHere(kept)
 }
 
@@ -2588,7 +2685,7 @@ impl Agent {
                         _ => {}
                     }
                 }
-                if let Err(e) = crate::sandbox::sync_dir(&inc.dir) {
+                if let Err(e) = durable::sync_dir(&inc.dir) {
                     tracing::error!(sandbox = %id, "cannot sync {}: {e}", inc.dir.display());
                 }
             }
@@ -2690,7 +2787,7 @@ impl Agent {
                     r.map_err(|e| format!("cannot save {}: {e}", sandbox_json.display()))
                 })
                 .and_then(|()| {
-                    crate::sandbox::sync_dir(&dir)
+                    durable::sync_dir(&dir)
                         .map_err(|e| format!("cannot sync {}: {e}", dir.display()))
                 })
         })
@@ -3716,7 +3813,7 @@ mod tests {
         // The same file, still one padded record: the committing one.
         assert_eq!(ino(&path), before);
         assert_eq!(std::fs::metadata(&path).unwrap().len(), RECORD_SIZE as u64);
-        let (got, token) = load_record(dir.path()).unwrap();
+        let (got, token) = load_record(dir.path()).unwrap().unwrap();
         assert_eq!(got, rec(Phase::Committing));
         assert_eq!(token, "t".repeat(64));
         // A record that is not a padded one (an older hearthd's) is replaced
@@ -3724,7 +3821,10 @@ mod tests {
         std::fs::write(&path, serde_json::to_vec(&rec(Phase::Precopy)).unwrap()).unwrap();
         assert!(!store_record_in_place(dir.path(), &rec(Phase::Committing)).unwrap());
         store_phase_in_place(dir.path(), &rec(Phase::Committing)).unwrap();
-        assert_eq!(load_record(dir.path()).unwrap().0, rec(Phase::Committing));
+        assert_eq!(
+            load_record(dir.path()).unwrap().unwrap().0,
+            rec(Phase::Committing)
+        );
     }
 
     /// review8 F2: the in-place `committing` write is crash-safe only while
@@ -3756,7 +3856,7 @@ mod tests {
         let mut torn = new[..512].to_vec();
         torn.extend_from_slice(&old[512..]);
         std::fs::write(&path, &torn).unwrap();
-        let got = load_record(dir.path()).map(|(r, _)| r);
+        let got = load_record(dir.path()).unwrap().map(|(r, _)| r);
         // The token lives beside the record (`migration.token`): the record
         // fits one sector, so even a cluster's long credential goes in place.
         assert_eq!(got, Some(rec(Phase::Committing)));
@@ -3766,6 +3866,107 @@ mod tests {
             got.as_ref().map(|r| r.phase),
             got.as_ref().map(|r| r.token.len())
         );
+    }
+
+    /// review9 F7: a refused switch-over (cancelled, a channel that did not
+    /// quiesce, an ended workload) wrote the `switchover` record all the
+    /// same; only one that goes on is recorded now.
+    #[test]
+    fn only_a_switchover_that_goes_on_is_recorded() {
+        let go = gate_answer(false, &Ok(()), false);
+        assert_eq!(
+            go,
+            GateAnswer {
+                refused: None,
+                record: Some(Phase::Switchover)
+            }
+        );
+        for (cancelled, quiet, ended, why) in [
+            (true, Ok(()), false, "cancelled"),
+            (false, Err("not drained".to_string()), false, "not drained"),
+            (false, Ok(()), true, "the workload ended"),
+        ] {
+            let a = gate_answer(cancelled, &quiet, ended);
+            assert_eq!(a.record, None, "{why}");
+            assert!(
+                a.refused.as_deref().is_some_and(|r| r.contains(why)),
+                "{a:?}"
+            );
+        }
+    }
+
+    /// review9 F5: the record is removed last, so a crash inside
+    /// `forget_record` never leaves the token alone beside a record of an
+    /// earlier attempt; a token alone (a crash between `store_record`'s two
+    /// writes, or an older hearthd's forget cut short) is removed at start-up.
+    #[test]
+    fn a_forgotten_record_leaves_nothing_and_a_lone_token_is_garbage() {
+        let dir = tempfile::tempdir().unwrap();
+        let rec = MigrationRecord {
+            version: 1,
+            sandbox: "sb1".into(),
+            target: "http://10.0.0.2:7070".into(),
+            phase: Phase::Committing,
+            token: "t".repeat(64),
+        };
+        store_record(dir.path(), &rec).unwrap();
+        // Kept: the token has its record.
+        assert!(!drop_lone_token(dir.path()));
+        assert!(dir.path().join(TOKEN_FILE).exists());
+        forget_record(dir.path());
+        assert!(!dir.path().join(RECORD_FILE).exists());
+        assert!(!dir.path().join(TOKEN_FILE).exists());
+        assert_eq!(load_record(dir.path()).unwrap(), None);
+        // A token without its record.
+        std::fs::write(dir.path().join(TOKEN_FILE), "t".repeat(64)).unwrap();
+        assert!(drop_lone_token(dir.path()));
+        assert!(!dir.path().join(TOKEN_FILE).exists());
+        assert!(!drop_lone_token(dir.path()));
+    }
+
+    #[test]
+    fn an_unreadable_record_is_an_error_naming_it_not_none() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(RECORD_FILE), b"\0\0garbage").unwrap();
+        let e = load_record(dir.path()).unwrap_err();
+        assert!(e.contains(RECORD_FILE), "{e}");
+    }
+
+    /// review9 F6: on a file system that does not write a sector atomically
+    /// (NFS, FUSE), a crash may leave any mix of the `switchover` record and
+    /// the `committing` one written over it in place. Every such mix (the new
+    /// bytes up to any offset, the old ones after) reads as one of the two or
+    /// fails to parse (start-up: unresolved), never as another phase or none.
+    #[test]
+    fn a_torn_sector_reads_as_the_old_record_the_new_one_or_unreadable() {
+        let dir = tempfile::tempdir().unwrap();
+        let rec = |phase| MigrationRecord {
+            version: 1,
+            sandbox: "sb1".into(),
+            target: "http://10.0.0.2:7070".into(),
+            phase,
+            token: "t".repeat(600),
+        };
+        store_record(dir.path(), &rec(Phase::Switchover)).unwrap();
+        let path = dir.path().join(RECORD_FILE);
+        let old = std::fs::read(&path).unwrap();
+        assert!(store_record_in_place(dir.path(), &rec(Phase::Committing)).unwrap());
+        let new = std::fs::read(&path).unwrap();
+        let (mut as_old, mut as_new, mut unreadable) = (0, 0, 0);
+        for split in 0..=ATOMIC_WRITE {
+            for (first, second) in [(&new, &old), (&old, &new)] {
+                let mut torn = first[..split].to_vec();
+                torn.extend_from_slice(&second[split..]);
+                std::fs::write(&path, &torn).unwrap();
+                match load_record(dir.path()) {
+                    Ok(Some((r, _))) if r == rec(Phase::Switchover) => as_old += 1,
+                    Ok(Some((r, _))) if r == rec(Phase::Committing) => as_new += 1,
+                    Err(_) => unreadable += 1,
+                    other => panic!("torn at {split}: {other:?}"),
+                }
+            }
+        }
+        assert!(as_old > 0 && as_new > 0 && unreadable > 0);
     }
 
     #[test]

@@ -25,7 +25,8 @@ use std::sync::Mutex;
 
 use hearth_api::migration::{IncomingNet, IncomingOffer, LeaseHolder};
 
-use crate::sandbox::{lock, write_durable, Entry};
+use crate::durable::{self, DirSync};
+use crate::sandbox::{lock, Entry};
 use crate::{Agent, AgentError};
 
 /// In a migrated sandbox's directory: the slice its address is leased from.
@@ -86,8 +87,13 @@ pub(crate) fn mark_lease_moved(
             )
         })?;
     }
-    write_durable(&dir.join(MOVED_MARKER), b"")
-        .map_err(|e| format!("cannot write {}: {e}", dir.join(MOVED_MARKER).display()))
+    durable::write(
+        &dir.join(MOVED_MARKER),
+        b"",
+        durable::MODE_DEFAULT,
+        DirSync::Now,
+    )
+    .map_err(|e| format!("cannot write {}: {e}", dir.join(MOVED_MARKER).display()))
 }
 
 /// Source, when the migration is aborted (the sandbox runs here): its
@@ -114,7 +120,14 @@ pub(crate) fn forget_moved(data_dir: &Path, id: &str) {
     if ids.len() != n {
         let r = serde_json::to_vec(&ids)
             .map_err(std::io::Error::other)
-            .and_then(|b| write_durable(&data_dir.join(MOVED_FILE), &b));
+            .and_then(|b| {
+                durable::write(
+                    &data_dir.join(MOVED_FILE),
+                    &b,
+                    durable::MODE_DEFAULT,
+                    DirSync::Now,
+                )
+            });
         if let Err(e) = r {
             tracing::warn!(sandbox = id, "cannot update {MOVED_FILE}: {e}");
         }
@@ -130,7 +143,12 @@ pub(crate) fn load_holder(dir: &Path) -> Option<LeaseHolder> {
 
 fn store_holder(dir: &Path, h: &LeaseHolder) -> std::io::Result<()> {
     let bytes = serde_json::to_vec(h).map_err(std::io::Error::other)?;
-    write_durable(&dir.join(HOLDER_FILE), &bytes)
+    durable::write(
+        &dir.join(HOLDER_FILE),
+        &bytes,
+        durable::MODE_DEFAULT,
+        DirSync::Now,
+    )
 }
 
 /// Sandboxes that migrated away with an address of this node's slice.
@@ -149,7 +167,12 @@ fn note_moved(data_dir: &Path, id: &str) -> std::io::Result<()> {
     }
     ids.push(id.to_string());
     let bytes = serde_json::to_vec(&ids).map_err(std::io::Error::other)?;
-    write_durable(&data_dir.join(MOVED_FILE), &bytes)
+    durable::write(
+        &data_dir.join(MOVED_FILE),
+        &bytes,
+        durable::MODE_DEFAULT,
+        DirSync::Now,
+    )
 }
 
 /// What the target knows of its own host, to check an offered address.

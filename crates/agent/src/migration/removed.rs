@@ -7,7 +7,6 @@
 //! ids go first beyond [`REMOVED_MAX`].
 
 use std::collections::VecDeque;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -120,18 +119,13 @@ impl RemovedUncommitted {
         let Some(path) = &self.path else {
             return Ok(());
         };
-        let dir = path.parent().unwrap_or(Path::new("."));
-        let name = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or(REMOVED_FILE);
-        let tmp = dir.join(format!(".{name}.tmp"));
         let bytes = serde_json::to_vec(ids).map_err(std::io::Error::other)?;
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        crate::sandbox::sync_dir(dir)
+        crate::durable::write(
+            path,
+            &bytes,
+            crate::durable::MODE_DEFAULT,
+            crate::durable::DirSync::Now,
+        )
     }
 }
 

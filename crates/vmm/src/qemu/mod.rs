@@ -630,20 +630,17 @@ impl QemuVm {
         // when QEMU moves it on to `postmigrate`.
         // Only then: a migration parked at its switch-over gate (a hearthd
         // that died there) also shows `finish-migrate`, for good (review8 F3).
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let completed = || async {
-            self.qmp
+        // One `query-migrate` decides; from then on only `query-status` is
+        // polled (a completed migration stays completed).
+        if running
+            && status["status"].as_str() == Some("finish-migrate")
+            && self
+                .qmp
                 .execute("query-migrate", Value::Null)
                 .await
                 .is_ok_and(|m| m["status"].as_str() == Some("completed"))
-        };
-        while running
-            && status["status"].as_str() == Some("finish-migrate")
-            && Instant::now() < deadline
-            && completed().await
         {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-            status = self.qmp.execute("query-status", Value::Null).await?;
+            status = self.wait_out_finish_migrate(status).await?;
         }
         if status["running"].as_bool() == Some(running) {
             return Ok(());

@@ -1,0 +1,89 @@
+//! Durable file writes: the one way the agent saves a record to disk.
+//!
+//! A file is written whole to a temporary name beside it, fsynced, and
+//! renamed over its name, so a crash leaves the old file or the new one. The
+//! rename itself is durable only once the directory is fsynced: [`DirSync`]
+//! says whether [`write`] does that or the caller does (once, after several
+//! files).
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+/// The mode of an ordinary record (`0666` less the umask, as `File::create`).
+pub(crate) const MODE_DEFAULT: u32 = 0o666;
+/// The mode of a file holding a secret (a token).
+pub(crate) const MODE_PRIVATE: u32 = 0o600;
+
+/// Who makes a [`write`]'s rename durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DirSync {
+    /// [`write`] fsyncs the directory after the rename.
+    Now,
+    /// The caller fsyncs the directory ([`sync_dir`]), e.g. once after
+    /// several files; until then a crash may lose the new name.
+    ByCaller,
+}
+
+/// Replaces `path` with `data` (created with `mode`, less the umask) through
+/// `.NAME.tmp` beside it: write, fsync, rename; then the directory's fsync
+/// when `dir` is [`DirSync::Now`].
+pub(crate) fn write(path: &Path, data: &[u8], mode: u32, dir: DirSync) -> std::io::Result<()> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    match dir {
+        DirSync::Now => sync_dir(parent(path)),
+        DirSync::ByCaller => Ok(()),
+    }
+}
+
+/// fsync of a directory: makes renames, new entries and removals in it durable.
+pub(crate) fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// The directory `path` is in.
+pub(crate) fn parent(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_write_replaces_the_file_whole_with_its_mode_and_leaves_no_temporary() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rec.json");
+        std::fs::write(&path, b"old and longer").unwrap();
+        write(&path, b"new", MODE_PRIVATE, DirSync::Now).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"new");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        write(&path, b"again", MODE_DEFAULT, DirSync::ByCaller).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"again");
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["rec.json"]);
+    }
+}
