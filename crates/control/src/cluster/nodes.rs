@@ -865,7 +865,9 @@ pub(super) async fn stop_drain(
 
 /// `GET /v1/nodes/{id}/drain`: the node's current or last drain as the
 /// member that runs it knows it, with each migrating sandbox's recorded
-/// phase and bytes sent.
+/// phase and bytes sent. An ended drain answered while some member did not
+/// answer carries a warning naming it; 503 when no member that answered
+/// holds a drain of the node and some member did not answer.
 pub(super) async fn drain_status(
     State(cp): State<ControlPlane>,
     Path(id): Path<String>,
