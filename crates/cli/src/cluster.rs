@@ -126,18 +126,62 @@ fn drain_line(node: &str, o: &serde_json::Value) -> String {
     }
 }
 
-/// The drain's status while following it: an answer "unavailable" (a
-/// member that did not answer the one asked, e.g. behind a load balancer)
-/// is asked again for up to 30 s before it ends the wait.
-async fn follow_drain(c: &Client, path: &str) -> Result<serde_json::Value, CliError> {
+/// The drain's status while following the drain `started` (the answer
+/// that started it): an answer "unavailable" (a member that did not answer
+/// the one asked, e.g. behind a load balancer), or another drain of the node
+/// answered with a warning (a member that may run ours did not answer), is
+/// asked again for up to 30 s before it ends the wait.
+async fn follow_drain(
+    c: &Client,
+    path: &str,
+    started: &serde_json::Value,
+) -> Result<serde_json::Value, CliError> {
     let mut tries = 0;
     loop {
-        match c.get_json(path).await {
-            Err(CliError::Api(e)) if e.code == hearth_api::ErrorCode::Unavailable && tries < 60 => {
-                tries += 1;
-                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let retry = match c.get_json::<serde_json::Value>(path).await {
+            Err(CliError::Api(e)) if e.code == hearth_api::ErrorCode::Unavailable => {
+                Err(CliError::Api(e))
+            }
+            Ok(d) if another_drain_with_warnings(started, &d) => {
+                Err(CliError::Api(hearth_api::ApiError::new(
+                    hearth_api::ErrorCode::Unavailable,
+                    format!(
+                        "the drain this command started was not answered; another drain of the node was, with: {}",
+                        warnings(&d).join("; ")
+                    ),
+                )))
             }
             other => return other,
+        };
+        if tries >= 60 {
+            return retry;
+        }
+        tries += 1;
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
+/// Whether `d` is not the drain `started` (another `raft_index` or start)
+/// and comes with warnings: the member that runs `started` did not answer.
+fn another_drain_with_warnings(started: &serde_json::Value, d: &serde_json::Value) -> bool {
+    let same = started["raft_index"] == d["raft_index"] && started["started_ms"] == d["started_ms"];
+    !same && !warnings(d).is_empty()
+}
+
+fn warnings(d: &serde_json::Value) -> Vec<&str> {
+    d["warnings"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|w| w.as_str())
+        .collect()
+}
+
+/// Prints the drain's warnings not printed yet, to stderr.
+fn print_warnings(d: &serde_json::Value, shown: &mut std::collections::HashSet<String>) {
+    for w in warnings(d) {
+        if shown.insert(w.to_string()) {
+            eprintln!("warning: {w}");
         }
     }
 }
@@ -267,6 +311,7 @@ pub async fn node(c: &Client, cmd: NodeCmd) -> anyhow::Result<u8> {
             let path = format!("/v1/nodes/{node}/drain");
             if status {
                 let d: serde_json::Value = c.get_json(&path).await?;
+                print_warnings(&d, &mut Default::default());
                 if json {
                     println!("{}", serde_json::to_string_pretty(&d)?);
                 } else {
@@ -279,13 +324,14 @@ pub async fn node(c: &Client, cmd: NodeCmd) -> anyhow::Result<u8> {
                 if !json {
                     println!("stopping the drain of {node}; it stays cordoned");
                 }
-                let mut shown = std::collections::HashSet::new();
+                let (mut shown, mut warned) = Default::default();
                 while d["state"] == "running" || d["state"] == "stopping" {
                     if !json {
                         print_drain_changes(&node, &d, &mut shown);
                     }
                     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
                     d = c.get_json(&path).await?;
+                    print_warnings(&d, &mut warned);
                 }
                 if json {
                     println!("{}", serde_json::to_string_pretty(&d)?);
@@ -305,8 +351,10 @@ pub async fn node(c: &Client, cmd: NodeCmd) -> anyhow::Result<u8> {
             if !json {
                 println!("{node} cordoned; draining {parallel} at a time");
             }
-            let mut shown = std::collections::HashSet::new();
+            let started = d.clone();
+            let (mut shown, mut warned) = Default::default();
             loop {
+                print_warnings(&d, &mut warned);
                 if !json {
                     print_drain_changes(&node, &d, &mut shown);
                 }
@@ -314,7 +362,7 @@ pub async fn node(c: &Client, cmd: NodeCmd) -> anyhow::Result<u8> {
                     break;
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-                d = follow_drain(c, &path).await?;
+                d = follow_drain(c, &path, &started).await?;
             }
             if json {
                 println!("{}", serde_json::to_string_pretty(&d)?);
@@ -458,5 +506,25 @@ mod review4_tests {
             "s1: not moved (the drain was stopped before its turn)"
         );
         assert_eq!(line("failed"), "s1: migration failed: E");
+    }
+
+    /// Review 9 F1: the follow of a drain takes its own drain with a warning
+    /// as its answer, and asks again when another drain of the node comes
+    /// with a warning (the member running this one did not answer).
+    #[test]
+    fn a_follow_asks_again_only_for_another_drain_answered_with_a_warning() {
+        let started = serde_json::json!({"state": "running", "started_ms": 7, "raft_index": 40});
+        let ours = serde_json::json!({"state": "done", "started_ms": 7, "raft_index": 40,
+            "warnings": ["member 2 at a:1 did not answer"]});
+        let older = serde_json::json!({"state": "done", "started_ms": 9, "raft_index": 12,
+            "warnings": ["member 2 at a:1 did not answer"]});
+        let older_all_answered =
+            serde_json::json!({"state": "done", "started_ms": 9, "raft_index": 12});
+        assert!(!super::another_drain_with_warnings(&started, &ours));
+        assert!(super::another_drain_with_warnings(&started, &older));
+        assert!(!super::another_drain_with_warnings(
+            &started,
+            &older_all_answered
+        ));
     }
 }

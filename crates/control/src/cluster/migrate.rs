@@ -192,10 +192,12 @@ pub(super) async fn run_from(
             });
         }
     }
-    drive(cp, rec, req).await.map_err(|error| Ended::Failed {
-        error,
-        started: true,
-    })
+    drive(cp, rec, req, stop)
+        .await
+        .map_err(|error| Ended::Failed {
+            error,
+            started: true,
+        })
 }
 
 /// A sandbox another request (a user's `hearth migrate`) moves right now.
@@ -492,10 +494,23 @@ impl Written {
     }
 }
 
+/// How long after it sees a drain's stop [`drive`] lets the stop's own
+/// abort of the migration answer before it asks the source to cancel again,
+/// and how long between two more asks while they fail on something
+/// transient.
+const STOP_CANCEL_AGAIN: Duration = Duration::from_secs(5);
+
+/// Runs a recorded migration: the source's migrate call, its progress
+/// written while it runs, and the record ended on its answer. With `stop` (a
+/// drain's stop flag): once it is set, a migration still running after
+/// [`STOP_CANCEL_AGAIN`] is aborted from here, again while the abort fails
+/// on something transient (review7 F4: the stop's one abort was only
+/// logged, and the migration then ran to its end).
 async fn drive(
     cp: &ControlPlane,
     rec: SandboxRecord,
     req: &MigrateSandbox,
+    stop: Option<&std::sync::atomic::AtomicBool>,
 ) -> ApiResult<MigrationStatus> {
     let Some(m) = rec.migration.clone() else {
         return Err(err(ErrorCode::Internal, "migration record vanished"));
@@ -558,10 +573,34 @@ async fn drive(
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut written = Written::of(&m);
+    // `None` until the stop is seen, then when to ask for the abort; `done`
+    // once an abort got an answer other than "unavailable".
+    let (mut cancel_at, mut cancel_done) = (None::<tokio::time::Instant>, false);
     let res = loop {
         tokio::select! {
             r = &mut call => break r,
             _ = tick.tick() => {
+                if !cancel_done && stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst)) {
+                    let now = tokio::time::Instant::now();
+                    match cancel_at {
+                        None => cancel_at = Some(now + STOP_CANCEL_AGAIN),
+                        Some(at) if now >= at => {
+                            match abort(State(cp.clone()), Path(id.clone())).await {
+                                Err(e) if e.0.code == ErrorCode::Unavailable => {
+                                    tracing::info!(sandbox = %id, "drain stop: migration not aborted yet, asking again: {}", e.0.message);
+                                    cancel_at = Some(tokio::time::Instant::now() + STOP_CANCEL_AGAIN);
+                                }
+                                Err(e) => {
+                                    tracing::info!(sandbox = %id, "drain stop: migration not aborted: {}", e.0.message);
+                                    cancel_done = true;
+                                }
+                                Ok(_) => cancel_done = true,
+                            }
+                            continue;
+                        }
+                        Some(_) => {}
+                    }
+                }
                 let Some(st) = source_status(cp, &src, &agent_id).await else { continue };
                 let now = now_ms();
                 // why: a write lost (an election, a timeout) is tried again
