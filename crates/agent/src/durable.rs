@@ -27,18 +27,24 @@ pub(crate) enum DirSync {
 
 /// Replaces `path` with `data` (created with `mode`, less the umask) through
 /// `.NAME.tmp` beside it: write, fsync, rename; then the directory's fsync
-/// when `dir` is [`DirSync::Now`].
+/// when `dir` is [`DirSync::Now`]. Writers of one path must be serialised
+/// (they share the temporary name).
 pub(crate) fn write(path: &Path, data: &[u8], mode: u32, dir: DirSync) -> std::io::Result<()> {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.tmp"));
+    // why: a mode applies only to a file being created; a temporary left by a
+    // crash (or put there) keeps its own, which the renamed file would get.
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
     {
         let mut f = std::fs::OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(mode)
             .open(&tmp)?;
         f.write_all(data)?;
@@ -85,5 +91,18 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, ["rec.json"]);
+    }
+
+    #[test]
+    fn a_left_over_temporary_does_not_lend_the_file_its_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("migration.token");
+        let tmp = dir.path().join(".migration.token.tmp");
+        std::fs::write(&tmp, b"stale").unwrap();
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644)).unwrap();
+        write(&path, b"secret", MODE_PRIVATE, DirSync::Now).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "the token took the left-over temporary's mode");
+        assert_eq!(std::fs::read(&path).unwrap(), b"secret");
     }
 }

@@ -129,6 +129,9 @@ pub async fn run(c: &Client, a: MigrateArgs) -> Result<u8> {
             "the target's API token is needed: --to-token-file PATH (its DATA_DIR/api-token) or HEARTH_TARGET_TOKEN"
         ),
     };
+    if let Some(w) = low_cap_warning(a.bandwidth_mib, a.downtime_ms) {
+        eprintln!("warning: {w}");
+    }
     let req = MigrateSandbox {
         target,
         target_token: token,
@@ -146,4 +149,36 @@ pub async fn run(c: &Client, a: MigrateArgs) -> Result<u8> {
         .await?;
     print(&s, a.json)?;
     Ok(0)
+}
+
+/// A warning when the bandwidth cap cannot send one dirty disk chunk (QEMU
+/// tracks written disk blocks in 1 MiB chunks) within the downtime budget: a
+/// guest that writes its disk then never fits the budget and the pre-copy
+/// gives up (docs/migration.md, "Bandwidth").
+pub(crate) fn low_cap_warning(bandwidth_mib: Option<u64>, downtime_ms: u64) -> Option<String> {
+    let mib = bandwidth_mib?;
+    let chunk_ms = 1000 / mib.max(1);
+    (chunk_ms > downtime_ms).then(|| {
+        format!(
+            "at {mib} MiB/s one written 1 MiB disk chunk takes {chunk_ms} ms to send, more than the {downtime_ms} ms downtime budget: if the sandbox writes its disk during the move, the pre-copy may not converge and gives up (it keeps running here); --downtime-ms {} or more avoids that",
+            chunk_ms * 2
+        )
+    })
+}
+
+#[cfg(test)]
+mod low_cap_tests {
+    use super::low_cap_warning;
+
+    #[test]
+    fn a_cap_too_low_for_one_disk_chunk_in_the_budget_is_warned_about() {
+        let w = low_cap_warning(Some(2), 100).expect("2 MiB/s cannot send 1 MiB in 100 ms");
+        assert!(
+            w.contains("500 ms") && w.contains("--downtime-ms 1000"),
+            "{w}"
+        );
+        assert!(low_cap_warning(Some(2), 3000).is_none());
+        assert!(low_cap_warning(Some(10), 100).is_none());
+        assert!(low_cap_warning(None, 100).is_none());
+    }
 }

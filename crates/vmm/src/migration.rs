@@ -151,11 +151,11 @@ pub fn judge(p: &MigrationProgress, params: &MigrationParams) -> Verdict {
     }
     if p.elapsed_ms > params.give_up_after.as_millis() as u64 {
         return Verdict::GiveUp(format!(
-            "pre-copy did not finish within {}s ({} passes, {} bytes sent, {} bytes of memory still dirty)",
+            "pre-copy did not finish within {}s ({} passes, {} bytes sent){}",
             params.give_up_after.as_secs(),
             p.iterations,
             p.bytes_sent,
-            p.ram_remaining
+            remainder_hint(p, params)
         ));
     }
     Verdict::Continue

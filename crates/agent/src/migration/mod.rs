@@ -277,7 +277,12 @@ pub(crate) fn forget_record(dir: &std::path::Path) {
 /// [`forget_record`] of an older hearthd cut short). Answers whether it did.
 pub(crate) fn drop_lone_token(dir: &std::path::Path) -> bool {
     let token = dir.join(TOKEN_FILE);
-    if !token.exists() || dir.join(RECORD_FILE).exists() {
+    // why: only a record known to be absent makes the token garbage; a stat
+    // that fails otherwise (EIO, EACCES) must not cost an unreadable record
+    // the token its question to the target needs.
+    if !matches!(token.try_exists(), Ok(true))
+        || !matches!(dir.join(RECORD_FILE).try_exists(), Ok(false))
+    {
         return false;
     }
     tracing::info!(
@@ -942,7 +947,35 @@ pub(crate) async fn run_source(
     }
     // why: the stream goes VMM to VMM over this connection (the ticket
     // presented first), with no relay in this process (issue 7).
-    let (for_vmm, stream) = match tunnel::connect_source(job.tunnel_addr, &job.ticket).await {
+    // why: a cancel is heard while connecting too (up to the connect's 10 s
+    // against a target that drops SYNs; review10 F8).
+    let connected = {
+        let connect = tunnel::connect_source(job.tunnel_addr, &job.ticket);
+        tokio::pin!(connect);
+        loop {
+            tokio::select! {
+                r = &mut connect => break Some(r),
+                r = bell.changed() => {
+                    if r.is_err() {
+                        break Some(connect.await);
+                    }
+                    if reg.is_cancelled(job.attempt.as_deref()) {
+                        break None;
+                    }
+                }
+            }
+        }
+    };
+    let Some(connected) = connected else {
+        let _ = job.peer.abort(&id).await;
+        let msg = format!(
+            "migration of sandbox {id} was cancelled before its stream connected; it keeps running here"
+        );
+        job.end(entry, Phase::Aborted, Err(AgentError::Migration(msg)))
+            .await;
+        return SourceEnd::StayedHere(None);
+    };
+    let (for_vmm, stream) = match connected {
         Ok(s) => s,
         Err(e) => {
             let _ = job.peer.abort(&id).await;
@@ -1092,7 +1125,12 @@ pub(crate) async fn run_source(
         }
     };
     // why: the VMM holds the stream's socket as long as it needs it; ours
-    // (and the breaker) close here.
+    // (the breaker) closes here. A failed migration breaks the stream first,
+    // so the target's incoming VMM sees its end at once (QEMU may still hold
+    // the socket).
+    if result.is_err() {
+        stream.break_stream();
+    }
     drop(stream);
     // why: `committing` overwrites the record in place only over one this
     // migration saved whole (file and name durable); after a failed save

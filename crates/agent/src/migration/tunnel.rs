@@ -25,6 +25,11 @@ use tokio::net::{TcpListener, TcpSocket};
 pub const TICKET_LEN: usize = 64;
 /// How long a peer has to present the ticket.
 const TICKET_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections presenting a ticket at once; more are closed at accept (a
+/// flood of silent connections must not take the agent's descriptors).
+const MAX_CHECKS: usize = 32;
+/// Pause after a failed `accept` (out of descriptors, buffers) before the next.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// How long the source waits for the target's tunnel to accept it.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// `SO_SNDBUF` of the source's and `SO_RCVBUF` of the target's TCP socket
@@ -89,10 +94,28 @@ pub async fn accept_target(
     // the ticket timeout.
     let ticket = Arc::new(ticket);
     let mut checks = tokio::task::JoinSet::new();
+    let mut failed_accepts = 0u64;
     let tcp = loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let (mut tcp, peer) = accepted?;
+                let (mut tcp, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // why: EMFILE, ENFILE, ENOBUFS, ECONNABORTED pass;
+                        // ending here would drop the listener and with it
+                        // the migration (review10 F3).
+                        failed_accepts += 1;
+                        if failed_accepts.is_power_of_two() {
+                            tracing::warn!("migration tunnel: accept failed {failed_accepts} time(s) ({e}); trying again");
+                        }
+                        tokio::time::sleep(ACCEPT_RETRY).await;
+                        continue;
+                    }
+                };
+                if checks.len() >= MAX_CHECKS {
+                    tracing::warn!(%peer, "migration tunnel: {MAX_CHECKS} connections are presenting tickets already; this one is closed");
+                    continue;
+                }
                 let ticket = ticket.clone();
                 checks.spawn(async move {
                     let mut got = [0u8; TICKET_LEN];
@@ -107,7 +130,14 @@ pub async fn accept_target(
                     }
                 });
             }
-            Some(Ok(Some(tcp))) = checks.join_next(), if !checks.is_empty() => break tcp,
+            // why: a pattern that does not match would switch this branch
+            // off for good: a stranger's failed check would leave the real
+            // source's, finishing later, unread (review10 F1).
+            Some(joined) = checks.join_next(), if !checks.is_empty() => {
+                if let Ok(Some(tcp)) = joined {
+                    break tcp;
+                }
+            }
         }
     };
     drop(listener);
@@ -123,8 +153,11 @@ pub struct Breaker(std::net::TcpStream);
 
 impl Breaker {
     /// Breaks the stream (both directions, for every holder of the socket):
-    /// the source VMM's migration fails and its VM runs again; the target's
-    /// never completes.
+    /// the source VMM's next write fails, so a migration still sending fails
+    /// and its VM runs again. Bytes already queued are still delivered (then
+    /// FIN): a stream whose last pass was queued may complete at the target,
+    /// which is why the commit, not the stream, decides (the source checks
+    /// for a cancel before it sends the commit).
     pub fn break_stream(&self) {
         let _ = self.0.shutdown(Shutdown::Both);
     }
@@ -199,6 +232,29 @@ mod tests {
         let mut s = String::new();
         std::io::Read::read_to_string(&mut got, &mut s).unwrap();
         assert_eq!(s, "state");
+    }
+
+    /// review10 F1: a stranger's check that fails while the real source's is
+    /// still pending must not leave the real one unread.
+    #[tokio::test]
+    async fn a_strangers_failed_check_does_not_hide_the_source_presenting_its_ticket_later() {
+        let tcp = listen("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let ticket = new_ticket();
+        let target = tokio::spawn(accept_target(tcp, ticket.clone()));
+        // The source connects first and is slow to present its ticket...
+        let mut source = tokio::net::TcpStream::connect(addr).await.unwrap();
+        // ...while a stranger's wrong ticket is checked and refused.
+        let mut bad = tokio::net::TcpStream::connect(addr).await.unwrap();
+        bad.write_all(&[b'0'; TICKET_LEN]).await.unwrap();
+        let mut b = [0u8; 1];
+        assert_eq!(bad.read(&mut b).await.unwrap_or(0), 0);
+        source.write_all(ticket.as_bytes()).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), target)
+            .await
+            .expect("the source's connection was never taken after a stranger's failed check")
+            .unwrap();
+        assert!(got.is_ok());
     }
 
     #[tokio::test]

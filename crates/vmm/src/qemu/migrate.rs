@@ -197,13 +197,31 @@ impl QemuVm {
             .await?;
         // why: QEMU holds its own duplicate now; ours closes here.
         drop(stream);
-        self.qmp()
+        let started = self
+            .qmp()
             .execute(
                 "migrate-incoming",
                 json!({ "uri": format!("fd:{IN_FD_NAME}") }),
             )
             .await
-            .map(|_| ())
+            .map(|_| ());
+        if started.is_err() {
+            self.close_named_fd(IN_FD_NAME).await;
+        }
+        started
+    }
+
+    /// Drops the descriptor QEMU holds as `name` (`getfd`) when the command
+    /// that was to take it failed: the connection must close (the peer sees
+    /// its end) rather than stay open inside QEMU.
+    async fn close_named_fd(&self, name: &str) {
+        if let Err(e) = self
+            .qmp()
+            .execute("closefd", json!({ "fdname": name }))
+            .await
+        {
+            tracing::debug!(vm = %self.id, "closefd {name}: {e}");
+        }
     }
 
     async fn migrate_out_to(
@@ -241,13 +259,19 @@ impl QemuVm {
                 }),
             )
             .await?;
+        let handed = stream.is_some();
         if let Some(stream) = stream {
             self.qmp()
                 .execute_with_fd("getfd", json!({ "fdname": OUT_FD_NAME }), stream.as_fd())
                 .await?;
         }
         let mut events = self.qmp().subscribe();
-        self.qmp().execute("migrate", json!({ "uri": uri })).await?;
+        if let Err(e) = self.qmp().execute("migrate", json!({ "uri": uri })).await {
+            if handed {
+                self.close_named_fd(OUT_FD_NAME).await;
+            }
+            return Err(e);
+        }
         let started = Instant::now();
         let mut gate = gate;
         let mut continued = false;
