@@ -337,36 +337,33 @@ async fn bare_run(rootfs: &std::path::Path, mib: u32, dirty: bool) -> Sample {
     }
     let drain = tokio::spawn(async move { while session.next().await.is_some() {} });
     let sock = tmp.path().join("in.sock");
-    // With HEARTH_BENCH_TUNNEL, the stream goes over Hearth's TCP tunnel: the
-    // ticketed connection handed to both QEMUs, as the agents do.
-    let tunnel = std::env::var_os("HEARTH_BENCH_TUNNEL").is_some();
     let dst = vmm
-        .create_incoming_sized(&cfg("dst"), (!tunnel).then_some(sock.as_path()), None)
+        .create_incoming_qemu(&cfg("dst"), &sock)
         .await
         .expect("target VM");
-    let (tx, _rx) = tokio::sync::watch::channel(MigrationProgress::default());
-    let t0 = Instant::now();
-    let p = if tunnel {
+    // With HEARTH_BENCH_TUNNEL, the stream goes through Hearth's TCP tunnel.
+    let out_sock = if std::env::var_os("HEARTH_BENCH_TUNNEL").is_some() {
         use hearth_agent::migration::tunnel;
         let tcp = tunnel::listen("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = tcp.local_addr().unwrap();
         let ticket = tunnel::new_ticket();
-        let accepted = tokio::spawn(tunnel::accept_target(tcp, ticket.clone()));
-        let (out, _breaker) = tunnel::connect_source(addr, &ticket)
-            .await
-            .expect("tunnel connect");
-        let inc = accepted.await.unwrap().expect("tunnel accept");
-        dst.accept_incoming_qemu(inc.into())
-            .await
-            .expect("hand the stream to the target");
-        src.migrate_out_socket_qemu(out, &MigrationParams::default(), &tx, None)
-            .await
-            .expect("bare migration")
+        let (t2, s2) = (ticket.clone(), sock.clone());
+        let received = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        tokio::spawn(async move { tunnel::serve_target(tcp, t2, &s2, received).await });
+        let src_sock = tmp.path().join("out.sock");
+        let l = tokio::net::UnixListener::bind(&src_sock).unwrap();
+        let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        tokio::spawn(tunnel::serve_source(l, addr, ticket, sent));
+        src_sock
     } else {
-        src.migrate_out(&sock, &MigrationParams::default(), &tx, None)
-            .await
-            .expect("bare migration")
+        sock.clone()
     };
+    let (tx, _rx) = tokio::sync::watch::channel(MigrationProgress::default());
+    let t0 = Instant::now();
+    let p = src
+        .migrate_out(&out_sock, &MigrationParams::default(), &tx, None)
+        .await
+        .expect("bare migration");
     let total = t0.elapsed();
     dst.wait_incoming(Duration::from_secs(60))
         .await

@@ -82,8 +82,7 @@ pub trait Vmm: Send + Sync {
     async fn adopt(&self, dir: &Path) -> Result<Box<dyn Vm>, VmmError>;
 
     /// Starts a VM of `cfg` that, instead of booting, waits for a migration
-    /// stream on the unix socket `incoming` (see [`migration`]), or with `None`
-    /// for the connection [`Vm::accept_incoming`] hands it. It stays paused
+    /// stream on the unix socket `incoming` (see [`migration`]). It stays paused
     /// until [`Vm::start`]; [`Vm::wait_incoming`] says when the stream is complete.
     ///
     /// `disk_bytes`: the disk is a standalone empty one of that size, which the
@@ -92,7 +91,7 @@ pub trait Vmm: Send + Sync {
     async fn create_incoming(
         &self,
         cfg: &VmConfig,
-        incoming: Option<&Path>,
+        incoming: &Path,
         disk_bytes: Option<u64>,
     ) -> Result<Box<dyn Vm>, VmmError> {
         let _ = (incoming, disk_bytes);
@@ -183,32 +182,6 @@ pub trait Vm: Send + Sync {
         Err(VmmError::Unsupported {
             id: self.id().to_string(),
             what: "live migration",
-        })
-    }
-
-    /// [`Vm::migrate_out`] into `stream`, a connected socket the VMM writes
-    /// the migration stream into itself (no relay in this process).
-    async fn migrate_out_socket(
-        &self,
-        stream: std::os::fd::OwnedFd,
-        params: &MigrationParams,
-        progress: &tokio::sync::watch::Sender<MigrationProgress>,
-        gate: Option<SwitchoverGate>,
-    ) -> Result<MigrationProgress, VmmError> {
-        let _ = (stream, params, progress, gate);
-        Err(VmmError::Unsupported {
-            id: self.id().to_string(),
-            what: "live migration into a socket",
-        })
-    }
-
-    /// On a VM from [`Vmm::create_incoming`] with no socket: hands it
-    /// `stream`, the connected socket its migration stream arrives on.
-    async fn accept_incoming(&self, stream: std::os::fd::OwnedFd) -> Result<(), VmmError> {
-        let _ = stream;
-        Err(VmmError::Unsupported {
-            id: self.id().to_string(),
-            what: "incoming live migration from a socket",
         })
     }
 

@@ -8,7 +8,6 @@
 //! timeout names what was awaited.
 
 use std::collections::HashMap;
-use std::os::fd::BorrowedFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -151,27 +150,6 @@ impl Qmp {
 
     /// Runs `command` with `arguments` (or none when `Value::Null`) and returns its `return`.
     pub async fn execute(&self, command: &str, arguments: Value) -> Result<Value, VmmError> {
-        self.execute_passing(command, arguments, None).await
-    }
-
-    /// Runs `command` with the descriptor `fd` passed beside it (`SCM_RIGHTS`
-    /// on the command's first byte), as `getfd` needs; QEMU keeps its own
-    /// duplicate, the caller's stays open.
-    pub async fn execute_with_fd(
-        &self,
-        command: &str,
-        arguments: Value,
-        fd: BorrowedFd<'_>,
-    ) -> Result<Value, VmmError> {
-        self.execute_passing(command, arguments, Some(fd)).await
-    }
-
-    async fn execute_passing(
-        &self,
-        command: &str,
-        arguments: Value,
-        fd: Option<BorrowedFd<'_>>,
-    ) -> Result<Value, VmmError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         {
@@ -187,19 +165,14 @@ impl Qmp {
         }
         let mut line = msg.to_string();
         line.push('\n');
-        let sent = {
-            let mut w = self.writer.lock().await;
-            match fd {
-                None => w.write_all(line.as_bytes()).await,
-                Some(fd) => match send_with_fd(&w, line.as_bytes(), fd).await {
-                    // why: the descriptor rides on the first byte sent; the rest
-                    // of a partly sent command is plain bytes.
-                    Ok(n) => w.write_all(&line.as_bytes()[n..]).await,
-                    Err(e) => Err(e),
-                },
-            }
-        };
-        if sent.is_err() {
+        if self
+            .writer
+            .lock()
+            .await
+            .write_all(line.as_bytes())
+            .await
+            .is_err()
+        {
             self.forget(id);
             return Err(self.closed(command));
         }
@@ -267,44 +240,6 @@ impl Qmp {
         VmmError::QmpClosed {
             id: self.vm.clone(),
             awaited: format!("the reply to QMP `{command}`"),
-        }
-    }
-}
-
-/// Sends a prefix of `bytes` (at least one byte) on `w`'s socket with `fd`
-/// attached; answers how many bytes went.
-async fn send_with_fd(
-    w: &OwnedWriteHalf,
-    bytes: &[u8],
-    fd: BorrowedFd<'_>,
-) -> std::io::Result<usize> {
-    use rustix::net::{sendmsg, SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
-    let sock: &UnixStream = w.as_ref();
-    loop {
-        sock.writable().await?;
-        let sent = sock.try_io(tokio::io::Interest::WRITABLE, || {
-            let mut space =
-                [std::mem::MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(1))];
-            let mut control = SendAncillaryBuffer::new(&mut space);
-            let fds = [fd];
-            if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
-                return Err(std::io::Error::other(
-                    "no room for the descriptor in the control message",
-                ));
-            }
-            sendmsg(
-                sock,
-                &[std::io::IoSlice::new(bytes)],
-                &mut control,
-                SendFlags::NOSIGNAL,
-            )
-            .map_err(std::io::Error::from)
-        });
-        match sent {
-            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(n) => return Ok(n),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
         }
     }
 }

@@ -74,17 +74,6 @@ async fn status(vm: &QemuVm) -> String {
 
 #[tokio::test]
 async fn migrated_guest_answers_ping_on_the_target() {
-    migrate_and_ping(false).await;
-}
-
-/// The agents' path: the stream is a TCP connection handed to both QEMUs as a
-/// descriptor (`getfd` + `fd:`), no relay between them.
-#[tokio::test]
-async fn migrated_over_a_handed_tcp_connection_the_guest_answers_ping_on_the_target() {
-    migrate_and_ping(true).await;
-}
-
-async fn migrate_and_ping(over_tcp: bool) {
     let Some((kernel, initrd)) = artifacts() else {
         // why: CI (scripts/test) sets HEARTH_TEST_STRICT: a missing capability fails there.
         assert!(
@@ -107,25 +96,16 @@ async fn migrate_and_ping(over_tcp: bool) {
     let incoming = tmp.path().join("in.sock");
     let dst = QemuVmm::new()
         .unwrap()
-        .create_incoming_sized(&dst_cfg, (!over_tcp).then_some(incoming.as_path()), None)
+        .create_incoming_qemu(&dst_cfg, &incoming)
         .await
         .unwrap();
     let _dst_guard = KillOnPanic(dst.pid());
 
     let (tx, _rx) = tokio::sync::watch::channel(MigrationProgress::default());
-    let done = if over_tcp {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let out = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (inc, _) = listener.accept().unwrap();
-        dst.accept_incoming_qemu(inc.into()).await.unwrap();
-        src.migrate_out_socket_qemu(out.into(), &MigrationParams::default(), &tx, None)
-            .await
-            .unwrap()
-    } else {
-        src.migrate_out(&incoming, &MigrationParams::default(), &tx, None)
-            .await
-            .unwrap()
-    };
+    let done = src
+        .migrate_out(&incoming, &MigrationParams::default(), &tx, None)
+        .await
+        .unwrap();
     println!("migration: {done:?}");
     assert_eq!(done.state, MigrationState::Completed);
     assert!(done.downtime_ms.is_some());

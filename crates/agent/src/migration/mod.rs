@@ -22,7 +22,7 @@ pub mod tunnel;
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -448,8 +448,9 @@ struct Incoming {
     attempt: Option<String>,
     dir: std::path::PathBuf,
     slot: tokio::sync::Mutex<Slot>,
-    /// Accepts the source's connection and hands it to the incoming VMM.
     tunnel: tokio::task::AbortHandle,
+    /// Stream bytes the tunnel has handed to the incoming VMM so far.
+    received: Arc<AtomicU64>,
     /// The room it holds on the sandboxes file system, until it is
     /// committed or removed (taken then; dropped with it at the latest).
     reservation: Mutex<Option<reserve::Reservation>>,
@@ -626,11 +627,11 @@ impl SourceJob {
         });
     }
 
-    fn progress(&self, p: &MigrationProgress) {
+    fn progress(&self, p: &MigrationProgress, tunnel_bytes: u64) {
         let elapsed = self.started.elapsed().as_millis() as u64;
         self.status.send_modify(|s| {
             s.elapsed_ms = elapsed;
-            s.bytes_sent = p.bytes_sent;
+            s.bytes_sent = p.bytes_sent.max(tunnel_bytes);
             s.ram_total = p.ram_total;
             s.ram_remaining = p.ram_remaining;
             s.dirty_pages_rate = p.dirty_pages_rate;
@@ -945,45 +946,13 @@ pub(crate) async fn run_source(
             .await;
         return SourceEnd::StayedHere(None);
     }
-    // why: the stream goes VMM to VMM over this connection (the ticket
-    // presented first), with no relay in this process (issue 7).
-    // why: a cancel is heard while connecting too (up to the connect's 10 s
-    // against a target that drops SYNs; review10 F8).
-    let connected = {
-        let connect = tunnel::connect_source(job.tunnel_addr, &job.ticket);
-        tokio::pin!(connect);
-        loop {
-            tokio::select! {
-                r = &mut connect => break Some(r),
-                r = bell.changed() => {
-                    if r.is_err() {
-                        break Some(connect.await);
-                    }
-                    if reg.is_cancelled(job.attempt.as_deref()) {
-                        break None;
-                    }
-                }
-            }
-        }
-    };
-    let Some(connected) = connected else {
-        let _ = job.peer.abort(&id).await;
-        let msg = format!(
-            "migration of sandbox {id} was cancelled before its stream connected; it keeps running here"
-        );
-        job.end(entry, Phase::Aborted, Err(AgentError::Migration(msg)))
-            .await;
-        return SourceEnd::StayedHere(None);
-    };
-    let (for_vmm, stream) = match connected {
-        Ok(s) => s,
+    let sock = entry.dir.join("vm").join("migrate.sock");
+    let _ = std::fs::remove_file(&sock);
+    let listener = match tokio::net::UnixListener::bind(&sock) {
+        Ok(l) => l,
         Err(e) => {
             let _ = job.peer.abort(&id).await;
-            let msg = format!(
-                "migration of sandbox {id} to {} failed before the switch-over; it keeps running here: cannot connect the migration stream to {}: {e}",
-                job.peer.base(),
-                job.tunnel_addr
-            );
+            let msg = format!("cannot listen on {}: {e}", sock.display());
             job.end(entry, Phase::Aborted, Err(AgentError::Migration(msg)))
                 .await;
             return SourceEnd::StayedHere(None);
@@ -1007,6 +976,13 @@ pub(crate) async fn run_source(
             Ok::<u64, String>(n)
         }))
     };
+    let sent = Arc::new(AtomicU64::new(0));
+    let tunnel = tokio::spawn(tunnel::serve_source(
+        listener,
+        job.tunnel_addr,
+        job.ticket.clone(),
+        sent.clone(),
+    ));
     let (ptx, mut prx) = watch::channel(MigrationProgress::default());
     let (reached_tx, reached_rx) = oneshot::channel();
     let (proceed_tx, proceed_rx) = oneshot::channel();
@@ -1033,7 +1009,7 @@ pub(crate) async fn run_source(
     // resuming here), and it is joined before any later record is written.
     let mut switchover_saved: Option<tokio::task::JoinHandle<Result<(), String>>> = None;
     let result = {
-        let mig = vm.migrate_out_socket(for_vmm, &job.params, &ptx, Some(gate));
+        let mig = vm.migrate_out(&sock, &job.params, &ptx, Some(gate));
         tokio::pin!(mig);
         loop {
             tokio::select! {
@@ -1089,7 +1065,7 @@ pub(crate) async fn run_source(
                 r = prx.changed() => {
                     if r.is_ok() {
                         let p = prx.borrow_and_update().clone();
-                        job.progress(&p);
+                        job.progress(&p, sent.load(Ordering::Relaxed));
                     }
                 }
                 r = bell.changed(), if !cancelled => {
@@ -1101,7 +1077,7 @@ pub(crate) async fn run_source(
                     if r.is_ok() && reg.is_cancelled(job.attempt.as_deref()) {
                         tracing::warn!(sandbox = %id, "migration cancelled by the control plane");
                         cancelled = true;
-                        stream.break_stream();
+                        tunnel.abort();
                         if let Some(tx) = proceed_tx.take() {
                             let _ = tx.send(false);
                         }
@@ -1113,25 +1089,18 @@ pub(crate) async fn run_source(
                         if let Some(end) = append(log, ev).await {
                             // why: the workload ended; there is nothing left to move.
                             stash = Some(Some(end));
-                            stream.break_stream();
+                            tunnel.abort();
                         }
                     }
                     None => {
                         stash = Some(None);
-                        stream.break_stream();
+                        tunnel.abort();
                     }
                 },
             }
         }
     };
-    // why: the VMM holds the stream's socket as long as it needs it; ours
-    // (the breaker) closes here. A failed migration breaks the stream first,
-    // so the target's incoming VMM sees its end at once (QEMU may still hold
-    // the socket).
-    if result.is_err() {
-        stream.break_stream();
-    }
-    drop(stream);
+    let _ = std::fs::remove_file(&sock);
     // why: `committing` overwrites the record in place only over one this
     // migration saved whole (file and name durable); after a failed save
     // (e.g. the dir fsync) it is written anew, file and name (review8 F1).
@@ -1182,13 +1151,14 @@ pub(crate) async fn run_source(
             return SourceEnd::StayedHere(stash);
         }
     };
-    job.progress(&progress);
+    job.progress(&progress, sent.load(Ordering::Relaxed));
     let paused_at = paused_at.unwrap_or_else(Instant::now);
     let pause = pause.unwrap_or_else(|| PauseClock::at_gate(vm, begun_us, &id));
     job.step(&pause, |p| &mut p.qemu_completed_ms);
     tracing::info!(
         sandbox = %id,
-        bytes = progress.bytes_sent,
+        tunnel_bytes = sent.load(Ordering::Relaxed),
+        qemu_bytes = progress.bytes_sent,
         "the source VMM completed the migration stream"
     );
 
@@ -2370,6 +2340,7 @@ impl Agent {
             }
         };
         let vm_dir = dir.join("vm");
+        let incoming_sock = dir.join("incoming.sock");
         let cfg = VmConfig {
             id: sb.id.clone(),
             dir: vm_dir.clone(),
@@ -2404,7 +2375,11 @@ impl Agent {
             ram_kib: offer.machine.as_ref().map(|m| m.ram_kib),
         };
         let disk_bytes = offer.machine.as_ref().map(|m| m.disk_bytes);
-        let vm = match i.vmm.create_incoming(&cfg, None, disk_bytes).await {
+        let vm = match i
+            .vmm
+            .create_incoming(&cfg, &incoming_sock, disk_bytes)
+            .await
+        {
             Ok(vm) => vm,
             Err(e) => {
                 self.drop_incoming_net(&offer).await;
@@ -2450,31 +2425,14 @@ impl Agent {
         let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
         let ticket = tunnel::new_ticket();
         let t2 = ticket.clone();
+        let sock2 = incoming_sock.clone();
         let id2 = sb.id.clone();
-        // why: the connection goes to the incoming VMM itself (issue 7: no
-        // relay); the offer's record exists by the time a source connects
-        // (prepare answers the ticket only after it is made).
-        let (inc_tx, inc_rx) = oneshot::channel::<std::sync::Weak<Incoming>>();
+        let received = Arc::new(AtomicU64::new(0));
+        let r2 = received.clone();
         let tunnel = tokio::spawn(async move {
-            let stream = match tunnel::accept_target(listener, t2).await {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(sandbox = %id2, "migration stream not accepted: {e}");
-                    return;
-                }
-            };
-            let Some(inc) = inc_rx.await.ok().and_then(|w| w.upgrade()) else {
-                return;
-            };
-            let slot = inc.slot.lock().await;
-            let handed = match &*slot {
-                Slot::Waiting(vm, _) => vm.accept_incoming(stream.into()).await,
-                // why: removed or committed meanwhile: the connection closes here.
-                _ => return,
-            };
-            match handed {
-                Ok(()) => tracing::info!(sandbox = %id2, "migration stream handed to the incoming VMM"),
-                Err(e) => tracing::warn!(sandbox = %id2, "cannot hand the migration stream to the incoming VMM: {e}"),
+            match tunnel::serve_target(listener, t2, &sock2, r2).await {
+                Ok(n) => tracing::info!(sandbox = %id2, bytes = n, "migration stream received"),
+                Err(e) => tracing::warn!(sandbox = %id2, "migration stream failed: {e}"),
             }
         })
         .abort_handle();
@@ -2519,6 +2477,7 @@ impl Agent {
             dir,
             slot: tokio::sync::Mutex::new(Slot::Waiting(vm, agent_stream)),
             tunnel,
+            received,
             reservation: Mutex::new(Some(reservation)),
             log_write: tokio::sync::Mutex::new(()),
         });
@@ -2526,7 +2485,6 @@ impl Agent {
             tracing::warn!(sandbox = %sb.id, "cannot update {}: {e}", removed::REMOVED_FILE);
         }
         lock(&i.migrations.incoming).insert(sb.id.clone(), inc.clone());
-        let _ = inc_tx.send(Arc::downgrade(&inc));
         let agent = self.clone();
         let id = sb.id.clone();
         let mine = Arc::downgrade(&inc);
@@ -2715,6 +2673,9 @@ impl Agent {
         // whichever way (also if it panics: the guard lives on this stack).
         let _held = lock(&inc.reservation).take();
         let t0 = Instant::now();
+        // why: how much of the stream was still on its way when the commit
+        // came (the source's QEMU had completed): the pause's tail (issue 7).
+        let received_at_commit = inc.received.load(Ordering::Relaxed);
         // why: one way out for every failure before the resume: the VM here
         // is removed and recorded as uncommitted, so the source resumes. With
         // `saved`, the records go first (fsynced), so a crash midway leaves a
@@ -2927,11 +2888,13 @@ impl Agent {
                 .lifecycle_adopted(entry, vm, conn, session, ctl_rx, None)
                 .await
         });
+        let received = inc.received.load(Ordering::Relaxed);
         tracing::info!(
             sandbox = %id,
             stream_in_us,
             save_us,
             resumed_in_us,
+            tail_bytes = received.saturating_sub(received_at_commit),
             "took over a migrated sandbox"
         );
         Ok(rec)

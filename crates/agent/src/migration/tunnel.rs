@@ -1,25 +1,27 @@
-//! The migration stream between two agents: the source agent connects to the
-//! target agent over TCP and presents a one-time ticket (issued by `prepare`,
-//! which needed the target's API token); the target agent checks it. Then each
-//! agent hands its end of that connection to its own VMM (QEMU `getfd` +
-//! `fd:`), and the stream goes VMM to VMM with no relay in between (issue 7:
-//! two user-space relays copied every byte twice more and woke two tasks per
-//! chunk, inside the guest's pause too). The VMMs never listen on the network,
-//! and a connection without the ticket reaches nothing. The bandwidth cap is
-//! the VMM's own (`max-bandwidth`); the VMM counts the bytes.
+//! The migration stream between two agents: the source VMM writes into a unix
+//! socket of the source agent, which connects to the target agent over TCP and
+//! presents a one-time ticket (issued by `prepare`, which needed the target's
+//! API token); the target agent then splices the connection into its incoming
+//! VMM's unix socket. The VMMs never listen on the network, and a connection
+//! without the ticket reaches nothing. The bandwidth cap is the VMM's own
+//! (`max-bandwidth`); the tunnel counts bytes.
 //!
 //! The bytes in flight are bounded (issue 7): the source VMM judges its
 //! bandwidth, and so when the rest fits the downtime budget, by how fast its
 //! socket drains, and every byte held between it and the target VMM when it
-//! completes is read by the target inside the guest's pause. So the TCP
+//! completes is read by the target inside the guest's pause. So the relays
+//! move big chunks (a target relay of 8 KiB chunks drained a few MiB of
+//! autotuned TCP buffers for ~300 ms after the source completed) and the TCP
 //! buffers are fixed and small (autotuning grows them to several MiB).
 
-use std::net::{Shutdown, SocketAddr};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::net::{TcpListener, TcpSocket, UnixListener, UnixStream};
 
 /// Ticket length in hex characters (32 random bytes).
 pub const TICKET_LEN: usize = 64;
@@ -30,14 +32,15 @@ const TICKET_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_CHECKS: usize = 32;
 /// Pause after a failed `accept` (out of descriptors, buffers) before the next.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
-/// How long the source waits for the target's tunnel to accept it.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The relay's user-space buffer (the stream's direction): each wakeup moves
+/// up to this much, so a busy host's scheduling delays cost little throughput.
+const RELAY_BUF: usize = 128 * 1024;
 /// `SO_SNDBUF` of the source's and `SO_RCVBUF` of the target's TCP socket
 /// (the kernel doubles it for its bookkeeping). Set, they stop autotuning:
-/// in flight between the VMMs stay under ~1 MiB (both TCP buffers), which a
-/// target taking in 100 MB/s reads in ~10 ms, while a 0.5 ms round trip still
-/// carries ~1 GB/s. (128 KiB paused the same and moved the bulk no faster;
-/// docs/migration.md.)
+/// in flight between the VMMs stay under 2 MiB (both relays, both TCP
+/// buffers, both unix sockets' ~200 KiB defaults), which a target taking in
+/// 100 MB/s reads in ~17 ms, while a 0.5 ms round trip still carries ~1 GB/s.
+/// (128 KiB paused the same and moved the bulk no faster; docs/migration.md.)
 pub const TCP_BUF: u32 = 256 * 1024;
 
 /// A fresh random ticket.
@@ -82,13 +85,15 @@ fn bounded_socket(
     Ok(sock)
 }
 
-/// Target side: accepts connections on `listener` until one presents
-/// `ticket`, and answers that connection (read exactly up to the end of the
-/// ticket: the next byte is the stream's first) for the incoming VMM.
-pub async fn accept_target(
+/// Target side: accepts connections on `listener` until one presents `ticket`,
+/// then splices it into the unix socket `vmm`. Returns the bytes received;
+/// `received` counts them as they reach the VMM's socket.
+pub async fn serve_target(
     listener: TcpListener,
     ticket: String,
-) -> std::io::Result<std::net::TcpStream> {
+    vmm: &Path,
+    received: Arc<AtomicU64>,
+) -> std::io::Result<u64> {
     // why: tickets are read concurrently, so a connection that sends
     // nothing (anyone who reaches the port) cannot hold the source back for
     // the ticket timeout.
@@ -144,64 +149,100 @@ pub async fn accept_target(
     // why: the other connections' checks end with it (dropped, aborted).
     drop(checks);
     let _ = tcp.set_nodelay(true);
-    tcp.into_std()
+    let unix = UnixStream::connect(vmm).await?;
+    splice(unix, tcp, received.clone()).await?;
+    Ok(received.load(Ordering::Relaxed))
 }
 
-/// A duplicate of the source's end of the stream, kept by the agent while its
-/// VMM writes into the other.
-pub struct Breaker(std::net::TcpStream);
-
-impl Breaker {
-    /// Breaks the stream (both directions, for every holder of the socket):
-    /// the source VMM's next write fails, so a migration still sending fails
-    /// and its VM runs again. Bytes already queued are still delivered (then
-    /// FIN): a stream whose last pass was queued may complete at the target,
-    /// which is why the commit, not the stream, decides (the source checks
-    /// for a cancel before it sends the commit).
-    pub fn break_stream(&self) {
-        let _ = self.0.shutdown(Shutdown::Both);
-    }
-}
-
-/// Source side: connects to the target's tunnel at `addr` (at most
-/// [`CONNECT_TIMEOUT`]) and presents `ticket`. Answers the connection for the
-/// VMM, which writes the stream into it itself, and a [`Breaker`] of it.
-pub async fn connect_source(
+/// Source side: accepts the VMM's one connection on `listener`, connects to
+/// the target at `addr` with `ticket`, and splices. `sent` counts bytes.
+pub async fn serve_source(
+    listener: UnixListener,
     addr: SocketAddr,
-    ticket: &str,
-) -> std::io::Result<(std::os::fd::OwnedFd, Breaker)> {
-    let connect = async {
-        let sock = bounded_socket(addr, TcpSocket::set_send_buffer_size, "send")?;
-        let mut tcp = sock.connect(addr).await?;
-        let _ = tcp.set_nodelay(true);
-        tcp.write_all(ticket.as_bytes()).await?;
-        Ok::<_, std::io::Error>(tcp)
+    ticket: String,
+    sent: Arc<AtomicU64>,
+) -> std::io::Result<()> {
+    let (unix, _) = listener.accept().await?;
+    let sock = bounded_socket(addr, TcpSocket::set_send_buffer_size, "send")?;
+    let mut tcp = sock.connect(addr).await?;
+    let _ = tcp.set_nodelay(true);
+    tcp.write_all(ticket.as_bytes()).await?;
+    splice(tcp, unix, sent).await
+}
+
+/// Relays `from` into `to` (the stream's direction, counted in `moved`) and
+/// `to` back into `from` (QEMU's return path) until both ends close.
+async fn splice<A, B>(to: A, from: B, moved: Arc<AtomicU64>) -> std::io::Result<()>
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; RELAY_BUF];
+    let (mut tr, mut tw) = tokio::io::split(to);
+    let (mut fr, mut fw) = tokio::io::split(from);
+    let up = async {
+        loop {
+            let n = fr.read(&mut buf).await?;
+            if n == 0 {
+                tw.shutdown().await?;
+                return Ok::<(), std::io::Error>(());
+            }
+            tw.write_all(&buf[..n]).await?;
+            moved.fetch_add(n as u64, Ordering::Relaxed);
+        }
     };
-    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, connect)
-        .await
-        .map_err(|_| {
-            std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("no connection within {}s", CONNECT_TIMEOUT.as_secs()),
-            )
-        })??;
-    let tcp = tcp.into_std()?;
-    // why: the VMM's migration thread writes with blocking calls.
-    tcp.set_nonblocking(false)?;
-    let breaker = Breaker(tcp.try_clone()?);
-    Ok((tcp.into(), breaker))
+    let down = async {
+        tokio::io::copy(&mut tr, &mut fw).await?;
+        Ok::<(), std::io::Error>(())
+    };
+    tokio::try_join!(up, down)?;
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// review10 F1: a stranger's check that fails while the real source's is
+    /// still pending must not leave the real one unread.
     #[tokio::test]
-    async fn only_the_ticket_holder_gets_the_stream_and_nothing_of_it_is_read() {
+    async fn a_strangers_failed_check_does_not_hide_the_source_presenting_its_ticket_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let vmm_sock = dir.path().join("vmm.sock");
+        let vmm = UnixListener::bind(&vmm_sock).unwrap();
         let tcp = listen("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = tcp.local_addr().unwrap();
         let ticket = new_ticket();
-        let target = tokio::spawn(accept_target(tcp, ticket.clone()));
+        let t2 = ticket.clone();
+        let received = Arc::new(AtomicU64::new(0));
+        tokio::spawn(async move { serve_target(tcp, t2, &vmm_sock, received).await });
+        // The source connects first and is slow to present its ticket...
+        let mut source = tokio::net::TcpStream::connect(addr).await.unwrap();
+        // ...while a stranger's wrong ticket is checked and refused.
+        let mut bad = tokio::net::TcpStream::connect(addr).await.unwrap();
+        bad.write_all(&[b'0'; TICKET_LEN]).await.unwrap();
+        let mut b = [0u8; 1];
+        assert_eq!(bad.read(&mut b).await.unwrap_or(0), 0);
+        source.write_all(ticket.as_bytes()).await.unwrap();
+        let accepted = tokio::time::timeout(Duration::from_secs(5), vmm.accept()).await;
+        assert!(
+            accepted.is_ok_and(|a| a.is_ok()),
+            "the source's connection was never taken after a stranger's failed check"
+        );
+    }
+
+    #[tokio::test]
+    async fn only_the_ticket_holder_reaches_the_vmm_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let vmm_sock = dir.path().join("vmm.sock");
+        let vmm = UnixListener::bind(&vmm_sock).unwrap();
+        let tcp = listen("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let ticket = new_ticket();
+        let t2 = ticket.clone();
+        let received = Arc::new(AtomicU64::new(0));
+        let r2 = received.clone();
+        let target = tokio::spawn(async move { serve_target(tcp, t2, &vmm_sock, r2).await });
 
         // A stranger that sends nothing does not hold the source back (its
         // check waits beside the others'): kept open for the whole test.
@@ -212,80 +253,27 @@ mod tests {
         let mut b = [0u8; 1];
         assert_eq!(bad.read(&mut b).await.unwrap_or(0), 0);
 
-        let (for_vmm, breaker) = connect_source(addr, &ticket).await.unwrap();
-        // why: what the VMM writes right behind the ticket (QEMU starts
-        // writing as soon as it has the socket) must reach the target's VMM
-        // whole: accepting reads the ticket and not one byte more.
-        let mut qemu = std::net::TcpStream::from(for_vmm);
-        std::io::Write::write_all(&mut qemu, b"state").unwrap();
-        drop(qemu);
+        let src_sock = dir.path().join("src.sock");
+        let src = UnixListener::bind(&src_sock).unwrap();
+        let sent = Arc::new(AtomicU64::new(0));
+        let s2 = sent.clone();
+        let source = tokio::spawn(serve_source(src, addr, ticket, s2));
+        let mut qemu = UnixStream::connect(&src_sock).await.unwrap();
+        qemu.write_all(b"state").await.unwrap();
+        qemu.shutdown().await.unwrap();
         // why: well under the ticket timeout (10 s) the silent stranger
         // would have cost, were tickets read one connection at a time.
-        let mut got = tokio::time::timeout(Duration::from_secs(5), target)
+        let (mut got, _) = tokio::time::timeout(Duration::from_secs(5), vmm.accept())
             .await
             .expect("the source waited behind a silent connection")
-            .unwrap()
             .unwrap();
-        // The breaker's duplicate still holds the connection open: break it.
-        breaker.0.shutdown(Shutdown::Write).unwrap();
-        got.set_nonblocking(false).unwrap();
         let mut s = String::new();
-        std::io::Read::read_to_string(&mut got, &mut s).unwrap();
+        got.read_to_string(&mut s).await.unwrap();
         assert_eq!(s, "state");
-    }
-
-    /// review10 F1: a stranger's check that fails while the real source's is
-    /// still pending must not leave the real one unread.
-    #[tokio::test]
-    async fn a_strangers_failed_check_does_not_hide_the_source_presenting_its_ticket_later() {
-        let tcp = listen("127.0.0.1:0".parse().unwrap()).unwrap();
-        let addr = tcp.local_addr().unwrap();
-        let ticket = new_ticket();
-        let target = tokio::spawn(accept_target(tcp, ticket.clone()));
-        // The source connects first and is slow to present its ticket...
-        let mut source = tokio::net::TcpStream::connect(addr).await.unwrap();
-        // ...while a stranger's wrong ticket is checked and refused.
-        let mut bad = tokio::net::TcpStream::connect(addr).await.unwrap();
-        bad.write_all(&[b'0'; TICKET_LEN]).await.unwrap();
-        let mut b = [0u8; 1];
-        assert_eq!(bad.read(&mut b).await.unwrap_or(0), 0);
-        source.write_all(ticket.as_bytes()).await.unwrap();
-        let got = tokio::time::timeout(Duration::from_secs(5), target)
-            .await
-            .expect("the source's connection was never taken after a stranger's failed check")
-            .unwrap();
-        assert!(got.is_ok());
-    }
-
-    #[tokio::test]
-    async fn breaking_the_source_stream_ends_it_for_the_vmm_holding_it() {
-        let tcp = listen("127.0.0.1:0".parse().unwrap()).unwrap();
-        let addr = tcp.local_addr().unwrap();
-        let ticket = new_ticket();
-        let target = tokio::spawn(accept_target(tcp, ticket.clone()));
-        let (for_vmm, breaker) = connect_source(addr, &ticket).await.unwrap();
-        let mut got = target.await.unwrap().unwrap();
-        // The VMM holds its end; the agent breaks the stream.
-        let qemu = std::net::TcpStream::from(for_vmm);
-        breaker.break_stream();
-        got.set_nonblocking(false).unwrap();
-        let mut b = [0u8; 1];
-        assert_eq!(
-            std::io::Read::read(&mut got, &mut b).unwrap(),
-            0,
-            "EOF at the target"
-        );
-        let wrote = std::io::Write::write_all(&mut &qemu, &[0u8; 4096]);
-        assert!(wrote.is_err(), "the VMM's writes fail once broken");
-    }
-
-    #[tokio::test]
-    async fn an_unreachable_target_is_an_error_not_a_hang() {
-        // why: a port nothing listens on (bound, then closed) refuses at once.
-        let addr = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap()
-        };
-        assert!(connect_source(addr, &new_ticket()).await.is_err());
+        drop(got);
+        source.await.unwrap().unwrap();
+        assert_eq!(target.await.unwrap().unwrap(), 5);
+        assert_eq!(sent.load(Ordering::Relaxed), 5);
+        assert_eq!(received.load(Ordering::Relaxed), 5);
     }
 }

@@ -1,21 +1,17 @@
-//! QEMU native live migration over a unix-socket stream or a socket handed
-//! to QEMU (`getfd` + `fd:NAME`: the agents' TCP connection, so the stream
-//! goes VMM to VMM with no relay).
+//! QEMU native live migration over a unix-socket stream.
 //!
 //! Source: capabilities `events`, `auto-converge`, `block` + `zero-blocks` (the
 //! disk moves in the same stream; with `overlay_only`, parameter
 //! `block-incremental` sends only the qcow2 overlay) and `pause-before-switchover` (the caller quiesces
 //! its guest channel while the VM is paused, before the final pass); then
-//! `migrate unix:PATH` (or `fd:NAME`), polling `query-migrate` for progress and judging
+//! `migrate unix:PATH`, polling `query-migrate` for progress and judging
 //! convergence with [`crate::migration::judge`]. Any failure before completion
 //! cancels, and the source VM runs again.
 //!
 //! Target: the same command line plus `-incoming defer`, then
-//! `migrate-incoming unix:PATH` (or, once the caller hands it the connection,
-//! `fd:NAME`); [`QemuVm::wait_incoming`] waits for the stream
+//! `migrate-incoming unix:PATH`; [`QemuVm::wait_incoming`] waits for the stream
 //! to complete. The VM stays paused (`-S`) until the caller starts it.
 
-use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -31,9 +27,6 @@ use crate::migration::{judge, MigrationParams, MigrationProgress, MigrationState
 const POLL: Duration = Duration::from_millis(100);
 /// Bound on the caller's work at the switch-over gate.
 const SWITCHOVER_GATE_TIMEOUT: Duration = Duration::from_secs(10);
-/// QEMU's names (`getfd`) for a stream handed to it as a descriptor.
-const OUT_FD_NAME: &str = "hearth-migrate-out";
-const IN_FD_NAME: &str = "hearth-migrate-in";
 /// Bound on QEMU finishing a cancel.
 const CANCEL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bound on a VM whose migration completed leaving `finish-migrate`.
@@ -63,24 +56,21 @@ impl QemuVmm {
         cfg: &VmConfig,
         incoming: &Path,
     ) -> Result<QemuVm, VmmError> {
-        self.create_incoming_sized(cfg, Some(incoming), None).await
+        self.create_incoming_sized(cfg, incoming, None).await
     }
 
     /// [`QemuVmm::create_incoming_qemu`]; with `disk_bytes`, the disk is a
     /// standalone empty qcow2 of that size (no backing file) instead of an
     /// overlay over `cfg.rootfs`: the whole-disk block migration fills it, so
     /// the target needs neither the source's base nor a template's or
-    /// snapshot's layer, only a disk of the same size. With `incoming` `None`
-    /// the VM waits for [`QemuVm::accept_incoming_qemu`] to hand it the stream.
+    /// snapshot's layer, only a disk of the same size.
     pub async fn create_incoming_sized(
         &self,
         cfg: &VmConfig,
-        incoming: Option<&Path>,
+        incoming: &Path,
         disk_bytes: Option<u64>,
     ) -> Result<QemuVm, VmmError> {
-        let uri = incoming
-            .map(|p| option_path(&cfg.id, p).map(|p| format!("unix:{p}")))
-            .transpose()?;
+        let uri = format!("unix:{}", option_path(&cfg.id, incoming)?);
         let extra = vec!["-incoming".into(), "defer".into()];
         let vm = match disk_bytes {
             None => self.create_with_args(cfg, &extra).await?,
@@ -97,14 +87,9 @@ impl QemuVmm {
         };
         let setup = async {
             set_capabilities(&vm, &[("events", true)]).await?;
-            match uri {
-                Some(uri) => vm
-                    .qmp()
-                    .execute("migrate-incoming", json!({ "uri": uri }))
-                    .await
-                    .map(|_| ()),
-                None => Ok(()),
-            }
+            vm.qmp()
+                .execute("migrate-incoming", json!({ "uri": uri }))
+                .await
         };
         if let Err(e) = setup.await {
             let _ = crate::Vm::kill(&vm).await;
@@ -166,72 +151,6 @@ impl QemuVm {
         gate: Option<SwitchoverGate>,
     ) -> Result<MigrationProgress, VmmError> {
         let uri = format!("unix:{}", option_path(&self.id, dest)?);
-        self.migrate_out_to(uri, None, params, progress, gate).await
-    }
-
-    /// [`QemuVm::migrate_out_qemu`] into `stream`, a connected socket (e.g. a
-    /// TCP connection to the target's agent past its ticket): QEMU writes
-    /// into it directly, with no relay between the two VMMs.
-    pub async fn migrate_out_socket_qemu(
-        &self,
-        stream: OwnedFd,
-        params: &MigrationParams,
-        progress: &watch::Sender<MigrationProgress>,
-        gate: Option<SwitchoverGate>,
-    ) -> Result<MigrationProgress, VmmError> {
-        self.migrate_out_to(
-            format!("fd:{OUT_FD_NAME}"),
-            Some(stream),
-            params,
-            progress,
-            gate,
-        )
-        .await
-    }
-
-    /// On a VM from [`QemuVmm::create_incoming_sized`] with no socket: hands
-    /// it `stream`, a connected socket the migration stream arrives on.
-    pub async fn accept_incoming_qemu(&self, stream: OwnedFd) -> Result<(), VmmError> {
-        self.qmp()
-            .execute_with_fd("getfd", json!({ "fdname": IN_FD_NAME }), stream.as_fd())
-            .await?;
-        // why: QEMU holds its own duplicate now; ours closes here.
-        drop(stream);
-        let started = self
-            .qmp()
-            .execute(
-                "migrate-incoming",
-                json!({ "uri": format!("fd:{IN_FD_NAME}") }),
-            )
-            .await
-            .map(|_| ());
-        if started.is_err() {
-            self.close_named_fd(IN_FD_NAME).await;
-        }
-        started
-    }
-
-    /// Drops the descriptor QEMU holds as `name` (`getfd`) when the command
-    /// that was to take it failed: the connection must close (the peer sees
-    /// its end) rather than stay open inside QEMU.
-    async fn close_named_fd(&self, name: &str) {
-        if let Err(e) = self
-            .qmp()
-            .execute("closefd", json!({ "fdname": name }))
-            .await
-        {
-            tracing::debug!(vm = %self.id, "closefd {name}: {e}");
-        }
-    }
-
-    async fn migrate_out_to(
-        &self,
-        uri: String,
-        stream: Option<OwnedFd>,
-        params: &MigrationParams,
-        progress: &watch::Sender<MigrationProgress>,
-        gate: Option<SwitchoverGate>,
-    ) -> Result<MigrationProgress, VmmError> {
         set_capabilities(
             self,
             &[
@@ -259,19 +178,8 @@ impl QemuVm {
                 }),
             )
             .await?;
-        let handed = stream.is_some();
-        if let Some(stream) = stream {
-            self.qmp()
-                .execute_with_fd("getfd", json!({ "fdname": OUT_FD_NAME }), stream.as_fd())
-                .await?;
-        }
         let mut events = self.qmp().subscribe();
-        if let Err(e) = self.qmp().execute("migrate", json!({ "uri": uri })).await {
-            if handed {
-                self.close_named_fd(OUT_FD_NAME).await;
-            }
-            return Err(e);
-        }
+        self.qmp().execute("migrate", json!({ "uri": uri })).await?;
         let started = Instant::now();
         let mut gate = gate;
         let mut continued = false;

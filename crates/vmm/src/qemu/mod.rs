@@ -815,21 +815,6 @@ impl Vm for QemuVm {
         self.migrate_out_qemu(dest, params, progress, gate).await
     }
 
-    async fn migrate_out_socket(
-        &self,
-        stream: std::os::fd::OwnedFd,
-        params: &crate::MigrationParams,
-        progress: &tokio::sync::watch::Sender<crate::MigrationProgress>,
-        gate: Option<migrate::SwitchoverGate>,
-    ) -> Result<crate::MigrationProgress, VmmError> {
-        self.migrate_out_socket_qemu(stream, params, progress, gate)
-            .await
-    }
-
-    async fn accept_incoming(&self, stream: std::os::fd::OwnedFd) -> Result<(), VmmError> {
-        self.accept_incoming_qemu(stream).await
-    }
-
     async fn wait_incoming(&self, timeout: Duration) -> Result<(), VmmError> {
         QemuVm::wait_incoming(self, timeout).await
     }
@@ -879,7 +864,7 @@ impl Vmm for QemuVmm {
     async fn create_incoming(
         &self,
         cfg: &VmConfig,
-        incoming: Option<&Path>,
+        incoming: &Path,
         disk_bytes: Option<u64>,
     ) -> Result<Box<dyn Vm>, VmmError> {
         Ok(Box::new(
