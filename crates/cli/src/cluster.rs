@@ -598,10 +598,10 @@ mod review4_tests {
         }
         // Ours (the same identity) is answered as it is.
         let ours = serde_json::json!({"state": "running", "started_ms": 9, "raft_index": 12});
-        let d = super::follow_drain(&c, "/v1/nodes/n1/drain", &ours)
-            .await
-            .ok()
-            .expect("our drain");
+        let d = match super::follow_drain(&c, "/v1/nodes/n1/drain", &ours).await {
+            Ok(d) => d,
+            Err(e) => panic!("our drain was not taken: {e}"),
+        };
         assert_eq!(d["state"], "done");
     }
 }

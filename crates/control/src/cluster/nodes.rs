@@ -2007,8 +2007,7 @@ mod tests {
         .expect("stop");
         let e = super::super::migrate::abort_attempt(&cp, "s1", Some("drains"))
             .await
-            .err()
-            .expect("not this attempt")
+            .expect_err("not this attempt")
             .0;
         assert_eq!(e.code, ErrorCode::Conflict, "{}", e.message);
         assert!(e.message.contains("not this attempt"), "{}", e.message);
