@@ -151,6 +151,10 @@ async fn follow_drain(
                     ),
                 )))
             }
+            // why: every member answered and none holds ours: the member
+            // that ran it lost it (restarted); the drain answered is another
+            // one, whose outcome is not ours to print (review10 F7).
+            Ok(d) if !same_drain(started, &d) => return Err(gone(path, &d)),
             other => return other,
         };
         if tries >= 60 {
@@ -161,11 +165,38 @@ async fn follow_drain(
     }
 }
 
+/// Whether `d` is the drain `started` (the same `raft_index` and start).
+fn same_drain(started: &serde_json::Value, d: &serde_json::Value) -> bool {
+    started["raft_index"] == d["raft_index"] && started["started_ms"] == d["started_ms"]
+}
+
 /// Whether `d` is not the drain `started` (another `raft_index` or start)
 /// and comes with warnings: the member that runs `started` did not answer.
 fn another_drain_with_warnings(started: &serde_json::Value, d: &serde_json::Value) -> bool {
-    let same = started["raft_index"] == d["raft_index"] && started["started_ms"] == d["started_ms"];
-    !same && !warnings(d).is_empty()
+    !same_drain(started, d) && !warnings(d).is_empty()
+}
+
+/// The follow's error when the drain answered (`d`, at `path`) is not the
+/// one this command started and every member answered.
+fn gone(path: &str, d: &serde_json::Value) -> CliError {
+    let node = d["node"]["id"]
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| {
+            path.trim_end_matches("/drain")
+                .rsplit('/')
+                .next()
+                .unwrap_or("?")
+                .to_string()
+        });
+    CliError::Api(hearth_api::ApiError::new(
+        hearth_api::ErrorCode::NotFound,
+        format!(
+            "the drain this command started is gone (the member running it restarted?); the drain of node {node} answered now is another one ({}, started at {} ms); its migrations end on their own records: see `hearth node drain {node} --status` and `hearth migrate --status SANDBOX`",
+            d["state"].as_str().unwrap_or("?"),
+            d["started_ms"]
+        ),
+    ))
 }
 
 fn warnings(d: &serde_json::Value) -> Vec<&str> {
@@ -526,5 +557,51 @@ mod review4_tests {
             &started,
             &older_all_answered
         ));
+    }
+
+    /// Review 10 F7: every member answered and the drain answered is not
+    /// the one this command started (the member running ours restarted and
+    /// lost it; an older ended drain came back): the follow fails saying
+    /// ours is gone, instead of printing the other drain's outcome as ours.
+    #[tokio::test]
+    async fn review10_a_follow_fails_when_its_drain_is_gone() {
+        let older = serde_json::json!({"node": {"id": "n1"}, "state": "done",
+            "started_ms": 9, "raft_index": 12, "sandboxes": [], "remaining": []})
+        .to_string();
+        // A member answering every request with that older drain.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = format!("http://{}", l.local_addr().unwrap());
+        std::thread::spawn(move || {
+            for c in l.incoming().flatten() {
+                let mut c = c;
+                let mut buf = [0u8; 4096];
+                let _ = std::io::Read::read(&mut c, &mut buf);
+                let _ = std::io::Write::write_all(
+                    &mut c,
+                    format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{older}",
+                        older.len()
+                    )
+                    .as_bytes(),
+                );
+            }
+        });
+        let c = crate::client::Client::new(&addr, None);
+        let started = serde_json::json!({"state": "running", "started_ms": 7, "raft_index": 40});
+        match super::follow_drain(&c, "/v1/nodes/n1/drain", &started).await {
+            Ok(d) => panic!("another drain was taken as this command's: {d}"),
+            Err(e) => {
+                let e = e.to_string();
+                assert!(e.contains("the drain this command started is gone"), "{e}");
+                assert!(e.contains("restarted"), "{e}");
+            }
+        }
+        // Ours (the same identity) is answered as it is.
+        let ours = serde_json::json!({"state": "running", "started_ms": 9, "raft_index": 12});
+        let d = match super::follow_drain(&c, "/v1/nodes/n1/drain", &ours).await {
+            Ok(d) => d,
+            Err(e) => panic!("our drain was not taken: {e}"),
+        };
+        assert_eq!(d["state"], "done");
     }
 }

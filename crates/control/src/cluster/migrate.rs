@@ -166,6 +166,13 @@ pub(super) async fn run_from(
         .await
         .map_err(|e| refused(e.into()))?;
     let rec = start(cp, rec, req, from, views).await?;
+    // why: the drain's stop aborts this attempt by its id, never whatever
+    // migration the sandbox has when the abort runs (review10 F2); recorded
+    // before the flag is read below, under the drain table's lock the stop
+    // sets the flag under, so the stop sees the attempt or this sees the flag.
+    if let (Some(node), Some(_), Some(m)) = (from, stop, rec.migration.as_ref()) {
+        super::nodes::set_outcome(cp, node, &rec.id, |o| o.attempt = Some(m.id.clone()));
+    }
     // why: a drain's stop sets its flag, then aborts the migrations the
     // drain shows running; one whose record was written after that abort
     // looked (it found "no migration in progress") is caught here, since the
@@ -498,7 +505,7 @@ impl Written {
 /// abort of the migration answer before it asks the source to cancel again,
 /// and how long between two more asks while they fail on something
 /// transient.
-const STOP_CANCEL_AGAIN: Duration = Duration::from_secs(5);
+pub(super) const STOP_CANCEL_AGAIN: Duration = Duration::from_secs(5);
 
 /// Runs a recorded migration: the source's migrate call, its progress
 /// written while it runs, and the record ended on its answer. With `stop` (a
@@ -584,8 +591,12 @@ async fn drive(
                     let now = tokio::time::Instant::now();
                     match cancel_at {
                         None => cancel_at = Some(now + STOP_CANCEL_AGAIN),
+                        // why: the stop's own abort (or anything else) ended
+                        // this attempt in the record: nothing to ask again
+                        // (review10 F2).
+                        Some(_) if !still_running(cp, &id, &m.id) => cancel_done = true,
                         Some(at) if now >= at => {
-                            match abort(State(cp.clone()), Path(id.clone())).await {
+                            match abort_attempt(cp, &id, Some(&m.id)).await {
                                 Err(e) if e.0.code == ErrorCode::Unavailable => {
                                     tracing::info!(sandbox = %id, "drain stop: migration not aborted yet, asking again: {}", e.0.message);
                                     cancel_at = Some(tokio::time::Instant::now() + STOP_CANCEL_AGAIN);
@@ -810,7 +821,46 @@ pub(super) async fn abort(
     State(cp): State<ControlPlane>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<MigrationStatus>> {
-    let (rec, _) = lookup(&cp, &id).await?;
+    abort_attempt(&cp, &id, None).await.map(Json)
+}
+
+/// Whether attempt `attempt` is sandbox `id`'s migration in progress (as
+/// this member's copy of the record says).
+fn still_running(cp: &ControlPlane, id: &str, attempt: &str) -> bool {
+    cp.store.read_local(|st| {
+        st.sandboxes
+            .get(id)
+            .and_then(|s| s.migrating())
+            .is_some_and(|m| m.id == attempt)
+    })
+}
+
+/// [`abort`] of the sandbox's migration in progress; with `attempt`, only
+/// if that migration is this attempt: 409 "not this attempt", changing
+/// nothing, when it ended or another one runs now. A drain's stop and its
+/// drivers name their attempt, so a repeated abort never cancels a later
+/// migration of the sandbox (review10 F2: a user's `hearth migrate` right
+/// after the stop was cancelled by the old driver's next ask).
+pub(super) async fn abort_attempt(
+    cp: &ControlPlane,
+    id: &str,
+    attempt: Option<&str>,
+) -> ApiResult<MigrationStatus> {
+    let (rec, _) = lookup(cp, id).await?;
+    if let Some(a) = attempt.filter(|a| rec.migrating().is_none_or(|m| m.id != *a)) {
+        let now = match (rec.migration.as_deref(), rec.migrating()) {
+            (_, Some(m)) => format!("another migration (to node {}) runs now", m.to),
+            (Some(m), None) if m.id == a => format!("it ended {}", m.phase),
+            _ => "it is no longer recorded".into(),
+        };
+        return Err(err(
+            ErrorCode::Conflict,
+            format!(
+                "sandbox {}: migration {a} is not in progress ({now}); not this attempt: nothing aborted",
+                rec.id
+            ),
+        ));
+    }
     let Some(m) = rec.migrating().cloned() else {
         let last = rec
             .migration
@@ -831,7 +881,7 @@ pub(super) async fn abort(
         .read_local(|st| st.nodes.get(&m.from).map(|n| n.address.clone()));
     let agent_id = rec.observed.as_ref().and_then(|o| o.agent_id.clone());
     let answer = match (src, agent_id) {
-        (Some(src), Some(agent_id)) => source_cancel(&cp, &src, &agent_id, &m).await,
+        (Some(src), Some(agent_id)) => source_cancel(cp, &src, &agent_id, &m).await,
         _ => Err(format!(
             "node {} is not registered or sandbox {sid} has no copy id",
             m.from
@@ -846,10 +896,10 @@ pub(super) async fn abort(
                 st.error.as_deref().map(|e| format!(": {e}")).unwrap_or_default()
             );
             tracing::info!(sandbox = %sid, from = %m.from, to = %m.to, "migration aborted on request");
-            write_phase(&cp, &rec, &m, "aborted", Some(why), None).await
+            write_phase(cp, &rec, &m, "aborted", Some(why), None).await
         }
         Ok(st) if st.phase == "completed" => {
-            write_phase(&cp, &rec, &m, "completed", None, None).await
+            write_phase(cp, &rec, &m, "completed", None, None).await
         }
         Ok(st) => {
             return Err(err(
@@ -875,7 +925,7 @@ pub(super) async fn abort(
         .and_then(|r| r.migration.as_deref())
         .filter(|a| a.id == m.id)
         .map_or_else(|| status_of(&sid, &m), |a| status_of(&sid, a));
-    Ok(Json(after))
+    Ok(after)
 }
 
 /// Leader: a migration still active in the record that no driver of this

@@ -177,6 +177,10 @@ pub struct DrainOutcome {
     pub started_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_ms: Option<u64>,
+    /// The id of the migration attempt this drain started for it, once
+    /// recorded: what the drain's stop aborts (never a later migration).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<String>,
 }
 
 /// Drain status: sandboxes moved elsewhere and those left on the node.
@@ -272,7 +276,12 @@ pub struct DrainRequest {
 /// Most migrations one drain runs at a time.
 pub const MAX_DRAIN_PARALLEL: u32 = 16;
 
-fn set_outcome(cp: &ControlPlane, node: &str, sb: &str, f: impl FnOnce(&mut DrainOutcome)) {
+pub(super) fn set_outcome(
+    cp: &ControlPlane,
+    node: &str,
+    sb: &str,
+    f: impl FnOnce(&mut DrainOutcome),
+) {
     if let Ok(mut d) = cp.drains.lock() {
         if let Some(o) = d
             .get_mut(node)
@@ -412,6 +421,7 @@ pub(super) async fn drain(
                 downtime_ms: None,
                 started_ms: None,
                 finished_ms: None,
+                attempt: None,
             })
             .collect(),
     };
@@ -662,6 +672,7 @@ async fn run_drain(
                 downtime_ms: None,
                 started_ms: None,
                 finished_ms: None,
+                attempt: None,
             }),
         }
     }
@@ -702,9 +713,22 @@ struct Asked {
     /// Members that did not answer, or not with a drain or a 404/405/409 (a
     /// timeout, a 5xx, another body).
     unreachable: Vec<String>,
+    /// Members that answered a stop (`DELETE`) with 405: of an older
+    /// version, which may run a drain of the node but cannot stop it.
+    older: Vec<String>,
 }
 
 impl Asked {
+    /// Says which members could not stop a drain they may run (none: "").
+    fn older_warning(&self, node: &str) -> Option<String> {
+        (!self.older.is_empty()).then(|| {
+            format!(
+                "{} (an older version) cannot stop a drain; it may run one of node {node}: stop it there, or upgrade it",
+                self.older.join(", ")
+            )
+        })
+    }
+
     fn unreachable_note(&self) -> String {
         if self.unreachable.is_empty() {
             String::new()
@@ -725,6 +749,9 @@ async fn ask_members(cp: &ControlPlane, node: &str, method: reqwest::Method) -> 
     if matches!(node, "" | "." | "..") {
         return Asked::default();
     }
+    /// Marks a member's 405 to DELETE.
+    const OLDER: &str = "405 to DELETE";
+    let is_delete = method == reqwest::Method::DELETE;
     let me = cp.store.member_status();
     let calls = me
         .members
@@ -758,9 +785,13 @@ async fn ask_members(cp: &ControlPlane, node: &str, method: reqwest::Method) -> 
                         .await
                         .map(Some)
                         .map_err(|e| e.to_string()),
-                    // why: 405 (and a bare 404) is a member of an older
-                    // version without this route or method: it holds no
-                    // drain that these members could reach (review9 F3).
+                    // why: GET and POST of the route came in together, so
+                    // a 405 to GET (or a bare 404) is a member of an older
+                    // version that holds no drain these members could reach
+                    // (review9 F3). DELETE came later: a 405 to it is a
+                    // member that may run a drain it cannot stop (review10
+                    // F4).
+                    Ok(r) if r.status().as_u16() == 405 && is_delete => Err(OLDER.to_string()),
                     Ok(r) if matches!(r.status().as_u16(), 404 | 405 | 409) => Ok(None),
                     Ok(r) => Err(format!("HTTP {}", r.status())),
                     Err(e) => Err(e),
@@ -773,6 +804,7 @@ async fn ask_members(cp: &ControlPlane, node: &str, method: reqwest::Method) -> 
         match answer {
             Ok(Some(d)) => asked.found.push(d),
             Ok(None) => {}
+            Err(e) if e == OLDER => asked.older.push(format!("member {id} at {addr}")),
             Err(e) => {
                 tracing::info!(member = id, %addr, node, "asking a member for its drain: {e}");
                 asked.unreachable.push(format!("member {id} at {addr}"));
@@ -808,15 +840,23 @@ pub(super) async fn stop_drain(
             ask_members(&cp, &id, reqwest::Method::DELETE).await
         };
         let note = asked.unreachable_note();
-        if let Some(d) = asked.found.into_iter().next() {
+        let older = asked.older_warning(&id);
+        if let Some(mut d) = asked.found.into_iter().next() {
+            d.warnings.extend(older);
             return Ok(Json(d));
+        }
+        if let Some(older) = older {
+            return Err(HttpError(ApiError::new(
+                ErrorCode::Conflict,
+                format!("no member of this version runs a drain of node {id}{note}; {older}"),
+            )));
         }
         return Err(HttpError(ApiError::new(
             ErrorCode::Conflict,
             format!("no control-plane member runs a drain of node {id}{}; `hearth node drain {id} --status` shows the last one; a sandbox's own migration is stopped with `hearth migrate --abort SANDBOX`", note),
         )));
     }
-    let migrating: Vec<String> = {
+    let migrating: Vec<(String, String)> = {
         let mut drains = cp
             .drains
             .lock()
@@ -829,10 +869,12 @@ pub(super) async fn stop_drain(
         };
         d.stop.store(true, std::sync::atomic::Ordering::SeqCst);
         d.stop_requested_ms.get_or_insert_with(now_ms);
+        // why: one whose attempt is not recorded yet sees the flag set
+        // above once it is (`migrate::run_from`), and aborts it there.
         d.sandboxes
             .iter()
             .filter(|o| o.outcome == "migrating")
-            .map(|o| o.sandbox.clone())
+            .filter_map(|o| Some((o.sandbox.clone(), o.attempt.clone()?)))
             .collect()
     };
     tracing::info!(node = %id, migrating = ?migrating, "drain stop requested");
@@ -844,10 +886,12 @@ pub(super) async fn stop_drain(
     // (review7 F4). The drain reports each as it ends.
     let (cp2, node) = (cp.clone(), id.clone());
     tokio::spawn(async move {
-        let aborts = migrating.into_iter().map(|sb| {
+        let aborts = migrating.into_iter().map(|(sb, attempt)| {
             let (cp, node) = (cp2.clone(), node.clone());
             async move {
-                if let Err(e) = super::migrate::abort(State(cp), Path(sb.clone())).await {
+                // why: this drain's attempt only: the sandbox may be in a
+                // later migration by the time this runs (review10 F2).
+                if let Err(e) = super::migrate::abort_attempt(&cp, &sb, Some(&attempt)).await {
                     tracing::info!(node = %node, sandbox = %sb, "drain stop: migration not aborted: {}", e.0.message);
                 }
             }
@@ -856,7 +900,10 @@ pub(super) async fn stop_drain(
         // through a load balancer); a stop stops them all.
         let others = async {
             if !q.local {
-                ask_members(&cp2, &node, reqwest::Method::DELETE).await;
+                let asked = ask_members(&cp2, &node, reqwest::Method::DELETE).await;
+                if let Some(w) = asked.older_warning(&node) {
+                    tracing::warn!(node = %node, "drain stop: {w}");
+                }
             }
         };
         futures::future::join(futures::future::join_all(aborts), others).await;
@@ -1407,6 +1454,7 @@ mod tests {
                 downtime_ms: None,
                 started_ms: None,
                 finished_ms: None,
+                attempt: None,
             }],
         }
     }
@@ -1793,6 +1841,189 @@ mod tests {
         assert_eq!(phase.as_deref(), Some("aborted"));
     }
 
+    /// A source agent whose migrate call answers only after 60 s (its
+    /// answer "delayed"), and whose cancel of any attempt answers `aborted`
+    /// at once; returns its address and the attempts it was asked to cancel.
+    async fn slow_answer_source() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+        let cancelled = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let c2 = cancelled.clone();
+        let app = axum::Router::new()
+            .route(
+                "/v1/sandboxes/{id}/migrate",
+                axum::routing::post(|| async {
+                    tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+                    StatusCode::INTERNAL_SERVER_ERROR
+                }),
+            )
+            .route(
+                "/v1/sandboxes/{id}/migration/cancel",
+                axum::routing::post(
+                    move |axum::Json(c): axum::Json<hearth_api::migration::CancelMigration>| {
+                        let cancelled = c2.clone();
+                        async move {
+                            cancelled.lock().unwrap().push(c.attempt.clone());
+                            axum::Json(hearth_api::migration::MigrationStatus {
+                                phase: "aborted".into(),
+                                attempt: Some(c.attempt),
+                                ..Default::default()
+                            })
+                        }
+                    },
+                ),
+            );
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = format!("http://{}", l.local_addr().unwrap());
+        tokio::spawn(async move {
+            axum::serve(l, app).await.ok();
+        });
+        (addr, cancelled)
+    }
+
+    /// Records a user's migration `attempt` of s1 from n1 to n3.
+    async fn user_migration(cp: &ControlPlane, attempt: &str) {
+        let now = now_ms();
+        let r = cp
+            .store
+            .write(Command::StartMigration {
+                id: "s1".into(),
+                migration: hearth_store::Migration {
+                    id: attempt.into(),
+                    from: "n1".into(),
+                    to: "n3".into(),
+                    phase: "preparing".into(),
+                    generation: 0,
+                    started_ms: now,
+                    updated_ms: now,
+                    error: None,
+                    progress: None,
+                    stall_ms: None,
+                    source_gone_ms: None,
+                    unconfirmed: false,
+                    target_lost: false,
+                    agent_id: None,
+                },
+            })
+            .await
+            .unwrap();
+        assert!(matches!(r, Reply::Sandbox { .. }), "{r:?}");
+    }
+
+    fn migration_of_s1(cp: &ControlPlane) -> Option<(String, String)> {
+        cp.store.read_local(|st| {
+            st.sandboxes["s1"]
+                .migration
+                .as_ref()
+                .map(|m| (m.id.clone(), m.phase.clone()))
+        })
+    }
+
+    /// Review 10 F2: the stop's abort ended the drain's migration
+    /// (`aborted`), but the source's answer to the drain's migrate call is
+    /// delayed, so its driver runs on; a user then migrates the sandbox
+    /// again (`hearth migrate s1 --to n3`). The driver's next ask (5 s after
+    /// the stop) aborted whatever migration the sandbox had: the user's.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn review10_a_drain_stop_never_aborts_a_later_migration_of_the_sandbox() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = cluster::plane(dir.path()).await;
+        let (src, cancelled) = slow_answer_source().await;
+        register_n1(&cp, src).await;
+        cluster::node(&cp, "n2", 64, 65536).await;
+        cluster::node(&cp, "n3", 64, 65536).await;
+        cluster::sandbox(&cp, "s1", "n1").await;
+        drain_of(&cp, "n1", DrainRequest::default())
+            .await
+            .ok()
+            .unwrap();
+        let mut drains = None;
+        for _ in 0..500 {
+            drains = cp
+                .drains
+                .lock()
+                .unwrap()
+                .get("n1")
+                .and_then(|d| d.sandboxes[0].attempt.clone());
+            if drains.is_some() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let drains = drains.expect("the drain's attempt is recorded in its outcome");
+        stop_drain(
+            State(cp.clone()),
+            Path("n1".to_string()),
+            Query(Default::default()),
+        )
+        .await
+        .ok()
+        .expect("stop");
+        for _ in 0..500 {
+            if migration_of_s1(&cp).is_some_and(|(_, p)| p == "aborted") {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            migration_of_s1(&cp),
+            Some((drains.clone(), "aborted".into()))
+        );
+        user_migration(&cp, "users").await;
+        // Past the driver's next ask (`STOP_CANCEL_AGAIN` after the stop).
+        tokio::time::sleep(
+            super::super::migrate::STOP_CANCEL_AGAIN + std::time::Duration::from_secs(2),
+        )
+        .await;
+        let asked = cancelled.lock().unwrap().clone();
+        assert_eq!(
+            migration_of_s1(&cp),
+            Some(("users".into(), "preparing".into())),
+            "the user's later migration was ended; cancels asked: {asked:?}"
+        );
+        assert_eq!(asked, [drains], "a cancel of another attempt was asked");
+    }
+
+    /// Review 10 F2, the stop's own aborts: a drain's entry whose sandbox's
+    /// attempt ended while a user's later migration of it runs; the stop
+    /// leaves the user's migration alone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn review10_a_drain_stop_aborts_only_its_own_attempt() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = cluster::plane(dir.path()).await;
+        let (src, cancelled) = slow_answer_source().await;
+        register_n1(&cp, src).await;
+        cluster::node(&cp, "n3", 64, 65536).await;
+        cluster::sandbox(&cp, "s1", "n1").await;
+        user_migration(&cp, "users").await;
+        let mut d = drained("n1", "running", 1, None);
+        d.sandboxes[0].attempt = Some("drains".into());
+        cp.drains.lock().unwrap().insert("n1".into(), d);
+        stop_drain(
+            State(cp.clone()),
+            Path("n1".to_string()),
+            Query(Default::default()),
+        )
+        .await
+        .ok()
+        .expect("stop");
+        let e = super::super::migrate::abort_attempt(&cp, "s1", Some("drains"))
+            .await
+            .expect_err("not this attempt")
+            .0;
+        assert_eq!(e.code, ErrorCode::Conflict, "{}", e.message);
+        assert!(e.message.contains("not this attempt"), "{}", e.message);
+        // The stop's task asks at once; give it the time a loopback cancel takes.
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        assert!(
+            cancelled.lock().unwrap().is_empty(),
+            "{:?}",
+            cancelled.lock().unwrap()
+        );
+        assert_eq!(
+            migration_of_s1(&cp),
+            Some(("users".into(), "preparing".into()))
+        );
+    }
+
     /// Two real members (Raft over loopback HTTP, each serving the cluster
     /// routes); returns their control planes and API addresses.
     async fn two_members(dir: &std::path::Path) -> (Vec<ControlPlane>, Vec<String>) {
@@ -1880,6 +2111,18 @@ mod tests {
             hearth_store::Store::open(hearth_store::StoreConfig::new(1, dir.join("m1"), peers))
                 .await
                 .expect("open store");
+        // why: the membership is known once the store's Raft reported it;
+        // asked before, no other member would be asked (a flaky pass).
+        for _ in 0..500 {
+            if store.member_status().members.contains_key(&2) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(
+            store.member_status().members.contains_key(&2),
+            "member 2 is not known"
+        );
         let token = crate::ApiToken::new("t".repeat(32)).expect("token");
         ControlPlane::new(store, super::super::ControlConfig::default(), &token)
     }
@@ -1962,7 +2205,9 @@ mod tests {
 
     /// Review 9 F3: a member of an older version answers 405 to a method of
     /// the drain route it does not know (or 404 to the route): it holds no
-    /// drain these members can reach, not "did not answer".
+    /// drain these members can reach, not "did not answer". Review 10 F4:
+    /// that holds for GET only; a 405 to a stop (DELETE, which came later)
+    /// is a member that may run a drain it cannot stop, and is said so.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn review9_a_member_that_does_not_know_the_route_holds_no_drain() {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1989,6 +2234,20 @@ mod tests {
         .0;
         assert_eq!(e.code, ErrorCode::Conflict, "{}", e.message);
         assert!(!e.message.contains("did not answer"), "{}", e.message);
+        // Review 10 F4: DELETE came after GET and POST: a 405 to it is a
+        // member that may run a drain it cannot stop, not "no drain".
+        assert!(
+            e.message.contains("member 2")
+                && e.message.contains("older version")
+                && e.message.contains("cannot stop a drain"),
+            "{}",
+            e.message
+        );
+        assert!(
+            !e.message.contains("no control-plane member runs a drain"),
+            "{}",
+            e.message
+        );
         cp.drains
             .lock()
             .unwrap()
