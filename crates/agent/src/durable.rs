@@ -7,7 +7,7 @@
 //! files).
 
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 /// The mode of an ordinary record (`0666` less the umask, as `File::create`).
@@ -35,18 +35,21 @@ pub(crate) fn write(path: &Path, data: &[u8], mode: u32, dir: DirSync) -> std::i
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.tmp"));
-    // why: a mode applies only to a file being created; a temporary left by a
-    // crash (or put there) keeps its own, which the renamed file would get.
-    match std::fs::remove_file(&tmp) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-        _ => {}
-    }
     {
         let mut f = std::fs::OpenOptions::new()
             .write(true)
-            .create_new(true)
+            .create(true)
+            .truncate(true)
             .mode(mode)
             .open(&tmp)?;
+        // why: a mode applies only to a file being created; a temporary left
+        // by a crash (or put there) keeps its own, which the renamed file
+        // would get: take away every bit `mode` does not grant (never adds
+        // one, so the umask a new file got still holds).
+        let had = f.metadata()?.permissions().mode() & 0o7777;
+        if had & !mode != 0 {
+            f.set_permissions(std::fs::Permissions::from_mode(had & mode))?;
+        }
         f.write_all(data)?;
         f.sync_all()?;
     }
@@ -73,7 +76,6 @@ pub(crate) fn parent(path: &Path) -> &Path {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn a_write_replaces_the_file_whole_with_its_mode_and_leaves_no_temporary() {

@@ -157,7 +157,8 @@ pub async fn run(c: &Client, a: MigrateArgs) -> Result<u8> {
 /// gives up (docs/migration.md, "Bandwidth").
 pub(crate) fn low_cap_warning(bandwidth_mib: Option<u64>, downtime_ms: u64) -> Option<String> {
     let mib = bandwidth_mib?;
-    let chunk_ms = 1000 / mib.max(1);
+    let mib = mib.max(1);
+    let chunk_ms = 1000_u64.div_ceil(mib);
     (chunk_ms > downtime_ms).then(|| {
         format!(
             "at {mib} MiB/s one written 1 MiB disk chunk takes {chunk_ms} ms to send, more than the {downtime_ms} ms downtime budget: if the sandbox writes its disk during the move, the pre-copy may not converge and gives up (it keeps running here); --downtime-ms {} or more avoids that",
@@ -180,5 +181,7 @@ mod low_cap_tests {
         assert!(low_cap_warning(Some(2), 3000).is_none());
         assert!(low_cap_warning(Some(10), 100).is_none());
         assert!(low_cap_warning(None, 100).is_none());
+        // why: rounded up: 1 MiB at 3 MiB/s is 333.3 ms, over a 333 ms budget.
+        assert!(low_cap_warning(Some(3), 333).is_some());
     }
 }

@@ -27,8 +27,10 @@ use tokio::net::{TcpListener, TcpSocket, UnixListener, UnixStream};
 pub const TICKET_LEN: usize = 64;
 /// How long a peer has to present the ticket.
 const TICKET_TIMEOUT: Duration = Duration::from_secs(10);
-/// Connections presenting a ticket at once; more are closed at accept (a
-/// flood of silent connections must not take the agent's descriptors).
+/// Connections presenting a ticket at once; a newer one evicts the oldest
+/// (a flood of silent connections must not take the agent's descriptors, nor
+/// lock the real source out: it sends its ticket right after connecting, so
+/// its check ends within a round trip of the accept).
 const MAX_CHECKS: usize = 32;
 /// Pause after a failed `accept` (out of descriptors, buffers) before the next.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
@@ -99,7 +101,8 @@ pub async fn serve_target(
     // the ticket timeout.
     let ticket = Arc::new(ticket);
     let mut checks = tokio::task::JoinSet::new();
-    let mut failed_accepts = 0u64;
+    let mut pending: std::collections::VecDeque<tokio::task::AbortHandle> = Default::default();
+    let (mut failed_accepts, mut evicted) = (0u64, 0u64);
     let tcp = loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -117,12 +120,18 @@ pub async fn serve_target(
                         continue;
                     }
                 };
-                if checks.len() >= MAX_CHECKS {
-                    tracing::warn!(%peer, "migration tunnel: {MAX_CHECKS} connections are presenting tickets already; this one is closed");
-                    continue;
+                pending.retain(|h| !h.is_finished());
+                if pending.len() >= MAX_CHECKS {
+                    if let Some(oldest) = pending.pop_front() {
+                        oldest.abort();
+                    }
+                    evicted += 1;
+                    if evicted.is_power_of_two() {
+                        tracing::warn!(%peer, "migration tunnel: {MAX_CHECKS} connections were presenting tickets; the oldest closed ({evicted} so far)");
+                    }
                 }
                 let ticket = ticket.clone();
-                checks.spawn(async move {
+                let check = checks.spawn(async move {
                     let mut got = [0u8; TICKET_LEN];
                     let ok = tokio::time::timeout(TICKET_TIMEOUT, tcp.read_exact(&mut got))
                         .await
@@ -134,6 +143,7 @@ pub async fn serve_target(
                         None
                     }
                 });
+                pending.push_back(check);
             }
             // why: a pattern that does not match would switch this branch
             // off for good: a stranger's failed check would leave the real
@@ -228,6 +238,33 @@ mod tests {
         assert!(
             accepted.is_ok_and(|a| a.is_ok()),
             "the source's connection was never taken after a stranger's failed check"
+        );
+    }
+
+    /// review11 F1: silent connections filling every check slot do not lock
+    /// the real source out (the oldest check is evicted, not the newest).
+    #[tokio::test]
+    async fn silent_connections_filling_every_slot_do_not_lock_the_source_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let vmm_sock = dir.path().join("vmm.sock");
+        let vmm = UnixListener::bind(&vmm_sock).unwrap();
+        let tcp = listen("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let ticket = new_ticket();
+        let t2 = ticket.clone();
+        let received = Arc::new(AtomicU64::new(0));
+        tokio::spawn(async move { serve_target(tcp, t2, &vmm_sock, received).await });
+        let mut silent = Vec::new();
+        for _ in 0..MAX_CHECKS + 4 {
+            silent.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        let mut source = tokio::net::TcpStream::connect(addr).await.unwrap();
+        source.write_all(ticket.as_bytes()).await.unwrap();
+        let accepted = tokio::time::timeout(Duration::from_secs(5), vmm.accept()).await;
+        assert!(
+            accepted.is_ok_and(|a| a.is_ok()),
+            "{} silent connections kept the source's ticket from being read",
+            MAX_CHECKS + 4
         );
     }
 

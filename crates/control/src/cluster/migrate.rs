@@ -594,7 +594,7 @@ async fn drive(
                         // why: the stop's own abort (or anything else) ended
                         // this attempt in the record: nothing to ask again
                         // (review10 F2).
-                        Some(_) if !still_running(cp, &id, &m.id) => cancel_done = true,
+                        Some(_) if attempt_ended(cp, &id, &m.id) => cancel_done = true,
                         Some(at) if now >= at => {
                             match abort_attempt(cp, &id, Some(&m.id)).await {
                                 Err(e) if e.0.code == ErrorCode::Unavailable => {
@@ -824,14 +824,17 @@ pub(super) async fn abort(
     abort_attempt(&cp, &id, None).await.map(Json)
 }
 
-/// Whether attempt `attempt` is sandbox `id`'s migration in progress (as
-/// this member's copy of the record says).
-fn still_running(cp: &ControlPlane, id: &str, attempt: &str) -> bool {
+/// Whether this member's copy of the record shows attempt `attempt` of
+/// sandbox `id` ended: the record's migration is that attempt, no longer in
+/// progress. Only that positive evidence counts (review11 F2): a copy that
+/// has not applied the attempt yet (a follower behind) shows no migration or
+/// an older one, which says nothing; the driver then asks `abort_attempt`,
+/// whose read is linearizable and answers "not this attempt" when it ended.
+fn attempt_ended(cp: &ControlPlane, id: &str, attempt: &str) -> bool {
     cp.store.read_local(|st| {
-        st.sandboxes
-            .get(id)
-            .and_then(|s| s.migrating())
-            .is_some_and(|m| m.id == attempt)
+        st.sandboxes.get(id).is_some_and(|s| {
+            s.migration.as_deref().is_some_and(|m| m.id == attempt) && s.migrating().is_none()
+        })
     })
 }
 
