@@ -213,10 +213,9 @@ where
 mod tests {
     use super::*;
 
-    /// review10 F1: a stranger's check that fails while the real source's is
-    /// still pending must not leave the real one unread.
-    #[tokio::test]
-    async fn a_strangers_failed_check_does_not_hide_the_source_presenting_its_ticket_later() {
+    /// A target's tunnel serving in the background: its VMM socket's
+    /// listener, the tunnel's address and its ticket (the dir holds the socket).
+    fn target_tunnel() -> (tempfile::TempDir, UnixListener, SocketAddr, String) {
         let dir = tempfile::tempdir().unwrap();
         let vmm_sock = dir.path().join("vmm.sock");
         let vmm = UnixListener::bind(&vmm_sock).unwrap();
@@ -226,6 +225,14 @@ mod tests {
         let t2 = ticket.clone();
         let received = Arc::new(AtomicU64::new(0));
         tokio::spawn(async move { serve_target(tcp, t2, &vmm_sock, received).await });
+        (dir, vmm, addr, ticket)
+    }
+
+    /// review10 F1: a stranger's check that fails while the real source's is
+    /// still pending must not leave the real one unread.
+    #[tokio::test]
+    async fn a_strangers_failed_check_does_not_hide_the_source_presenting_its_ticket_later() {
+        let (_dir, vmm, addr, ticket) = target_tunnel();
         // The source connects first and is slow to present its ticket...
         let mut source = tokio::net::TcpStream::connect(addr).await.unwrap();
         // ...while a stranger's wrong ticket is checked and refused.
@@ -245,15 +252,7 @@ mod tests {
     /// the real source out (the oldest check is evicted, not the newest).
     #[tokio::test]
     async fn silent_connections_filling_every_slot_do_not_lock_the_source_out() {
-        let dir = tempfile::tempdir().unwrap();
-        let vmm_sock = dir.path().join("vmm.sock");
-        let vmm = UnixListener::bind(&vmm_sock).unwrap();
-        let tcp = listen("127.0.0.1:0".parse().unwrap()).unwrap();
-        let addr = tcp.local_addr().unwrap();
-        let ticket = new_ticket();
-        let t2 = ticket.clone();
-        let received = Arc::new(AtomicU64::new(0));
-        tokio::spawn(async move { serve_target(tcp, t2, &vmm_sock, received).await });
+        let (_dir, vmm, addr, ticket) = target_tunnel();
         let mut silent = Vec::new();
         for _ in 0..MAX_CHECKS + 4 {
             silent.push(tokio::net::TcpStream::connect(addr).await.unwrap());
