@@ -7,7 +7,7 @@
 //! files).
 
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 /// The mode of an ordinary record (`0666` less the umask, as `File::create`).
@@ -35,21 +35,20 @@ pub(crate) fn write(path: &Path, data: &[u8], mode: u32, dir: DirSync) -> std::i
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.tmp"));
+    // why: always a file of our own, made now: a temporary left by a crash
+    // (or put there) would keep its mode and owner, and an open without
+    // O_EXCL would follow a symlink at that name (review12 F2). Writers of
+    // one path are serialised, so nobody else's temporary is removed.
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
     {
         let mut f = std::fs::OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(mode)
             .open(&tmp)?;
-        // why: a mode applies only to a file being created; a temporary left
-        // by a crash (or put there) keeps its own, which the renamed file
-        // would get: take away every bit `mode` does not grant (never adds
-        // one, so the umask a new file got still holds).
-        let had = f.metadata()?.permissions().mode() & 0o7777;
-        if had & !mode != 0 {
-            f.set_permissions(std::fs::Permissions::from_mode(had & mode))?;
-        }
         f.write_all(data)?;
         f.sync_all()?;
     }
@@ -76,6 +75,7 @@ pub(crate) fn parent(path: &Path) -> &Path {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn a_write_replaces_the_file_whole_with_its_mode_and_leaves_no_temporary() {
@@ -105,6 +105,22 @@ mod tests {
         write(&path, b"secret", MODE_PRIVATE, DirSync::Now).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "the token took the left-over temporary's mode");
+        assert_eq!(std::fs::read(&path).unwrap(), b"secret");
+    }
+
+    #[test]
+    fn a_symlink_at_the_temporary_name_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"untouched").unwrap();
+        std::os::unix::fs::symlink(&victim, dir.path().join(".migration.token.tmp")).unwrap();
+        let path = dir.path().join("migration.token");
+        write(&path, b"secret", MODE_PRIVATE, DirSync::Now).unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"untouched");
+        assert!(!std::fs::symlink_metadata(&path)
+            .unwrap()
+            .file_type()
+            .is_symlink());
         assert_eq!(std::fs::read(&path).unwrap(), b"secret");
     }
 }

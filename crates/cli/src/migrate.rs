@@ -156,8 +156,8 @@ pub async fn run(c: &Client, a: MigrateArgs) -> Result<u8> {
 /// guest that writes its disk then never fits the budget and the pre-copy
 /// gives up (docs/migration.md, "Bandwidth").
 pub(crate) fn low_cap_warning(bandwidth_mib: Option<u64>, downtime_ms: u64) -> Option<String> {
-    let mib = bandwidth_mib?;
-    let mib = mib.max(1);
+    // why: clap refuses a cap of 0 (`range(1..)`); filter it anyway rather than divide by it.
+    let mib = bandwidth_mib.filter(|&m| m > 0)?;
     let chunk_ms = 1000_u64.div_ceil(mib);
     (chunk_ms > downtime_ms).then(|| {
         format!(
