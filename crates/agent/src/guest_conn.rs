@@ -7,8 +7,10 @@
 //! credit the guest returned.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hearth_proto::{
@@ -17,7 +19,7 @@ use hearth_proto::{
     Started, CONTROL_ID, FREEZE_ID_BASE, INITIAL_WINDOW, MAX_FRAME, PROTOCOL_VERSION,
     RESUME_NONCE_LEN,
 };
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 /// Errors of the guest channel.
@@ -150,6 +152,51 @@ pub struct GuestConn {
     written: Arc<AtomicU64>,
     /// Frames waiting for room in a full queue (see [`GuestConn::try_send`]).
     overflow: Arc<AtomicU64>,
+    /// What the reader task has taken in (see [`GuestConn::input_settled`]).
+    input: Arc<InputMark>,
+}
+
+/// The reader task's progress through the guest's stream, for a barrier that
+/// needs no time window ([`GuestConn::input_settled`]).
+#[derive(Default)]
+struct InputMark {
+    /// Bytes the reader took from the stream.
+    read: AtomicU64,
+    /// `read` at the end of the last frame routed: all bytes up to here are
+    /// in their sessions' channels.
+    routed: AtomicU64,
+    /// The reader's last poll found the stream empty and no poll runs now.
+    parked: AtomicBool,
+}
+
+/// The reader's stream, counted into an [`InputMark`]. `parked` is cleared
+/// before every poll of the stream and set only when one found nothing, so a
+/// byte taken from the stream is never unaccounted for while `parked` reads true.
+struct Counted<R> {
+    inner: R,
+    mark: Arc<InputMark>,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Counted<R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        self.mark.parked.store(false, Ordering::SeqCst);
+        match Pin::new(&mut self.inner).poll_read(cx, buf) {
+            Poll::Pending => {
+                self.mark.parked.store(true, Ordering::SeqCst);
+                Poll::Pending
+            }
+            Poll::Ready(r) => {
+                let n = buf.filled().len().saturating_sub(before) as u64;
+                self.mark.read.fetch_add(n, Ordering::SeqCst);
+                Poll::Ready(r)
+            }
+        }
+    }
 }
 
 impl GuestConn {
@@ -311,7 +358,7 @@ impl GuestConn {
     /// Like `serve`; `before` runs before the first frame is routed (to attach
     /// sessions whose frames may already be waiting in the stream).
     fn serve_with<R, W, T>(
-        mut rd: R,
+        rd: R,
         mut wr: W,
         hello: Option<Hello>,
         first_id: u32,
@@ -322,6 +369,11 @@ impl GuestConn {
         W: AsyncWrite + Unpin + Send + 'static,
     {
         let (tx, mut rx) = mpsc::channel::<Frame>(64);
+        let input = Arc::new(InputMark::default());
+        let mut rd = Counted {
+            inner: rd,
+            mark: input.clone(),
+        };
         let written = Arc::new(AtomicU64::new(0));
         let w2 = written.clone();
         tokio::spawn(async move {
@@ -352,6 +404,7 @@ impl GuestConn {
             queued: Arc::new(AtomicU64::new(0)),
             overflow: Arc::new(AtomicU64::new(0)),
             written,
+            input: input.clone(),
         });
         let early = before(&conn);
         let weak = Arc::downgrade(&conn);
@@ -366,6 +419,11 @@ impl GuestConn {
                         if let Err(e) = conn.route(f) {
                             break format!("guest sent a bad frame: {e}");
                         }
+                        // why: the frame is in its session's channel; the
+                        // reader reads frame by frame, so `read` is at its end.
+                        input
+                            .routed
+                            .store(input.read.load(Ordering::SeqCst), Ordering::SeqCst);
                     }
                     Ok(None) => break "guest channel closed".to_string(),
                     Err(e) => break format!("guest channel failed: {e}"),
@@ -395,6 +453,25 @@ impl GuestConn {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         Ok(())
+    }
+
+    /// Whether every byte the guest's stream held has been taken in and routed
+    /// to its session: the reader waits on an empty stream at a frame boundary
+    /// and `unread()` (the socket's `FIONREAD`) is 0. A barrier for a stopped
+    /// VM's output (it sends nothing new), with no quiet window to wait out.
+    /// Bytes that arrive after it answers are not covered.
+    pub fn input_settled(&self, unread: impl Fn() -> usize) -> bool {
+        let m = &self.input;
+        // why: the order matters: a poll that took bytes before `unread()`
+        // ran either still had `parked` cleared at the second look, or had
+        // counted them in `read` before it could set `parked` again.
+        let read = m.read.load(Ordering::SeqCst);
+        let parked = m.parked.load(Ordering::SeqCst);
+        let empty = unread() == 0;
+        let still_parked = m.parked.load(Ordering::SeqCst);
+        let read_again = m.read.load(Ordering::SeqCst);
+        let routed = m.routed.load(Ordering::SeqCst);
+        parked && empty && still_parked && read == read_again && routed == read
     }
 
     /// Undoes [`GuestConn::freeze`] (the migration did not happen).
@@ -1063,6 +1140,76 @@ mod tests {
             .expect("a frame within 5s")
             .unwrap()
             .unwrap()
+    }
+
+    /// Bytes waiting unread on `fd` (a socket).
+    fn unread(fd: &std::os::fd::OwnedFd) -> usize {
+        use std::os::fd::AsRawFd;
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD on a socket fd we own writes one c_int to `n`.
+        let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) };
+        assert!(r >= 0, "FIONREAD: {}", std::io::Error::last_os_error());
+        n as usize
+    }
+
+    /// Waits (bounded) until the barrier passes.
+    async fn settles(conn: &GuestConn, fd: &std::os::fd::OwnedFd) -> bool {
+        for _ in 0..200 {
+            if conn.input_settled(|| unread(fd)) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        false
+    }
+
+    #[tokio::test]
+    async fn the_input_barrier_holds_until_every_byte_is_routed_at_a_frame_boundary() {
+        use std::os::fd::AsFd;
+        use tokio::io::AsyncWriteExt;
+        let (host, mut guest) = tokio::net::UnixStream::pair().unwrap();
+        let fd = host.as_fd().try_clone_to_owned().unwrap();
+        let hello = Hello {
+            protocol_version: PROTOCOL_VERSION,
+            agent_version: "test".into(),
+            kernel_release: "6.1".into(),
+        };
+        write_frame_async(&mut guest, &Frame::json(Kind::Hello, 0, &hello))
+            .await
+            .unwrap();
+        let conn = GuestConn::handshake(host, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert!(settles(&conn, &fd).await, "an idle channel settles");
+        assert!(
+            !conn.input_settled(|| 1),
+            "bytes still unread on the socket hold the barrier"
+        );
+        let pong = Frame::json(Kind::Pong, CONTROL_ID, &Empty {}).encode();
+        let (head, rest) = pong.split_at(pong.len() - 3);
+        guest.write_all(head).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(unread(&fd), 0, "the reader took the bytes");
+        assert!(
+            !conn.input_settled(|| unread(&fd)),
+            "a frame cut short holds the barrier (its bytes are read, not routed)"
+        );
+        guest.write_all(rest).await.unwrap();
+        assert!(settles(&conn, &fd).await, "the whole frame is routed");
+        // A frame the guest wrote is in its session's channel once the barrier
+        // passes, whenever the reader got to it.
+        let mut session = conn.adopt_session(7, 0);
+        for i in 0..50u8 {
+            let out = Frame::data(Kind::Stdout, 7, vec![i; 100]).encode();
+            guest.write_all(&out).await.unwrap();
+            while !conn.input_settled(|| unread(&fd)) {
+                tokio::task::yield_now().await;
+            }
+            match session.try_next() {
+                Some(SessionEvent::Stdout(b)) => assert_eq!(b, vec![i; 100]),
+                other => panic!("frame {i} is not in the session at the barrier: {other:?}"),
+            }
+        }
     }
 
     #[tokio::test]

@@ -121,16 +121,21 @@ pub struct PauseSteps {
     /// The guest channel frozen and everything for the guest taken by QEMU.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub channel_frozen_ms: Option<u64>,
-    /// QEMU reported the migration completed (final pass on the target).
+    /// QEMU reported the migration completed (final pass on the target). The
+    /// drain and the log's tail run beside QEMU's last pass: either may end
+    /// before or after this step.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qemu_completed_ms: Option<u64>,
-    /// The guest's last output taken in and flushed to the log.
+    /// The guest's last output taken in and appended to the log (its channel's
+    /// reader had routed every byte on the socket).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_drained_ms: Option<u64>,
     /// The output log (its tail after the pre-copy) on the target.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_sent_ms: Option<u64>,
-    /// The `committing` record and the lease-moved marker saved (fsynced).
+    /// The `committing` record saved (fsynced), after QEMU completed and the
+    /// tail reached the target (a networked sandbox's lease-moved marker is
+    /// written from the gate on, beside the last pass).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub committing_saved_ms: Option<u64>,
     /// The target resumed the VM (its `RESUME`, the target's clock).

@@ -185,6 +185,14 @@ pub trait Vm: Send + Sync {
         })
     }
 
+    /// The last outgoing migration's statistics as the VMM reports them now
+    /// (after [`Vm::migrate_out`] answered `Ok` from the VMM's completion event,
+    /// its progress may predate the last pass: bytes, downtime). `None`: the
+    /// backend keeps none.
+    async fn migration_stats(&self) -> Result<Option<MigrationProgress>, VmmError> {
+        Ok(None)
+    }
+
     /// On a VM from [`Vmm::create_incoming`]: waits until the migration stream is complete.
     async fn wait_incoming(&self, timeout: Duration) -> Result<(), VmmError> {
         let _ = timeout;

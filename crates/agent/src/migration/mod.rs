@@ -645,7 +645,16 @@ impl SourceJob {
 
     /// Records that the pause reached the step `at` picks, now.
     fn step(&self, pause: &PauseClock, at: impl FnOnce(&mut PauseSteps) -> &mut Option<u64>) {
-        let ms = pause.elapsed_ms();
+        self.step_ms(pause, pause.elapsed_ms(), at);
+    }
+
+    /// [`SourceJob::step`] for a step that ended `ms` after the stop.
+    fn step_ms(
+        &self,
+        _pause: &PauseClock,
+        ms: u64,
+        at: impl FnOnce(&mut PauseSteps) -> &mut Option<u64>,
+    ) {
         self.status
             .send_modify(|s| *at(s.pause_steps.get_or_insert_with(Default::default)) = Some(ms));
     }
@@ -757,7 +766,12 @@ impl PauseClock {
     }
 
     fn elapsed_ms(&self) -> u64 {
-        wall_us().saturating_sub(self.stopped_us) / 1000
+        self.ms_at(wall_us())
+    }
+
+    /// From the stop here to `us` (this host's wall clock).
+    fn ms_at(&self, us: u64) -> u64 {
+        us.saturating_sub(self.stopped_us) / 1000
     }
 
     /// From the stop here to `resumed_us` (the target's `RESUME`, its clock);
@@ -830,9 +844,8 @@ const DRAIN_QUIET: Duration = Duration::from_millis(4);
 
 /// Quiet checks of the paused guest's output channel: no frame taken in
 /// since the last check and nothing unread on the socket, for
-/// [`DRAIN_QUIET`] from the first such check to the last. They begin at the
-/// switch-over gate (the guest is stopped: it sends nothing new), so they
-/// overlap QEMU's last pass; the drain after it only adds what is missing.
+/// [`DRAIN_QUIET`] from the first such check to the last. The fallback of
+/// [`Drain`] when the reader's barrier cannot be reached (a frame cut short).
 #[derive(Default)]
 struct Quiet {
     since: Option<Instant>,
@@ -866,30 +879,104 @@ impl Quiet {
     }
 }
 
-/// After the final pass: take in every output frame the source VM sent,
-/// until `quiet` (begun at the gate) has found the channel quiet long
-/// enough, checked at least once now.
-async fn drain(
-    entry: &Entry,
-    session: &mut Session,
-    log: &mut OutputLog,
-    mut quiet: Quiet,
-) -> Option<SessionEvent> {
-    let deadline = Instant::now() + QUIESCE_TIMEOUT;
-    let mut end = None;
-    loop {
+/// Taking in the stopped source VM's last output. It begins at the switch-over
+/// gate (the guest is stopped: it sends nothing new) and ends once the guest
+/// channel's reader has taken in and routed every byte on the socket
+/// ([`GuestConn::input_settled`]) — or, when that cannot be seen, once
+/// [`Quiet`] found the channel quiet long enough.
+#[derive(Default)]
+struct Drain {
+    quiet: Quiet,
+    /// The workload's end, if it came in.
+    end: Option<SessionEvent>,
+}
+
+impl Drain {
+    /// Takes in what the session holds and answers whether the channel has
+    /// settled; when it has, the session's every frame is in the log.
+    async fn step(
+        &mut self,
+        entry: &Entry,
+        conn: &GuestConn,
+        session: &mut Session,
+        log: &mut OutputLog,
+    ) -> bool {
+        self.take_in(session, log).await;
+        let settled = match lock(&entry.chan_fd).as_ref() {
+            Some(fd) => conn.input_settled(|| queued(fd, libc::FIONREAD)),
+            None => false,
+        };
+        if !(settled || self.quiet.check(entry)) {
+            return false;
+        }
+        // why: what the reader routed before the barrier is in the session now.
+        self.take_in(session, log).await;
+        true
+    }
+
+    async fn take_in(&mut self, session: &mut Session, log: &mut OutputLog) {
         while let Some(ev) = session.try_next() {
-            quiet.got();
+            self.quiet.got();
             if let Some(e) = append(log, ev).await {
-                end.get_or_insert(e);
+                self.end.get_or_insert(e);
             }
         }
-        // why: the reader task may hold a frame between the socket and the session.
-        if quiet.check(entry) || Instant::now() >= deadline {
-            return end;
-        }
-        tokio::time::sleep_until(quiet.next_check().min(deadline).into()).await;
     }
+}
+
+/// After the final pass: the drain to its end (see [`Drain`]), bounded by
+/// [`QUIESCE_TIMEOUT`]; answers the workload's end, if it came.
+async fn drain(
+    entry: &Entry,
+    conn: &GuestConn,
+    session: &mut Session,
+    log: &mut OutputLog,
+    mut d: Drain,
+) -> Option<SessionEvent> {
+    let deadline = Instant::now() + QUIESCE_TIMEOUT;
+    loop {
+        if d.step(entry, conn, session, log).await || Instant::now() >= deadline {
+            return d.end;
+        }
+        let next = (Instant::now() + Duration::from_millis(1)).min(d.quiet.next_check());
+        tokio::time::sleep_until(next.min(deadline).into()).await;
+    }
+}
+
+/// Sends the output log's tail to the target in a task of its own (from the
+/// drain on, beside QEMU's last pass): the bytes past what the pre-copy's
+/// `bulk` sent (all of them if it failed). Answers when the tail reached the
+/// target (this host's wall clock, µs).
+fn start_tail(
+    peer: &Peer,
+    id: &str,
+    log_path: &Path,
+    bulk: Option<AbortOnDrop<Result<u64, String>>>,
+) -> AbortOnDrop<Result<u64, String>> {
+    // why: the log's size limit was reached here; the target's log must stay
+    // closed too (its notice is already in the bytes).
+    let truncated = crate::output_log::truncated_marker(log_path).exists();
+    let (peer, id, path) = (peer.clone(), id.to_string(), log_path.to_path_buf());
+    AbortOnDrop(tokio::spawn(async move {
+        let bulk_sent = match bulk {
+            Some(mut b) => match (&mut b.0).await {
+                Ok(Ok(n)) => n,
+                Ok(Err(e)) => {
+                    tracing::warn!(sandbox = %id, "sending the output log during the pre-copy failed ({e}); sending it whole now");
+                    0
+                }
+                Err(e) => {
+                    tracing::warn!(sandbox = %id, "sending the output log during the pre-copy did not finish ({e}); sending it whole now");
+                    0
+                }
+            },
+            None => 0,
+        };
+        fault_hold("log-tail").await;
+        send_log_tail(&peer, &id, &path, bulk_sent, truncated).await?;
+        tracing::debug!(sandbox = %id, "pause: tail sent");
+        Ok(wall_us())
+    }))
 }
 
 /// Output the source VM's channel delivered after the drain: every frame
@@ -966,7 +1053,7 @@ pub(crate) async fn run_source(
     let log_path = entry.dir.join("output.log");
     let mut bulk = {
         let (peer, id, path) = (job.peer.clone(), id.clone(), log_path.clone());
-        AbortOnDrop(tokio::spawn(async move {
+        Some(AbortOnDrop(tokio::spawn(async move {
             let bytes = tokio::fs::read(&path).await.map_err(|e| e.to_string())?;
             let n = bytes.len() as u64;
             let truncated = crate::output_log::truncated_marker(&path).exists();
@@ -974,7 +1061,7 @@ pub(crate) async fn run_source(
                 .await
                 .map_err(|e| e.to_string())?;
             Ok::<u64, String>(n)
-        }))
+        })))
     };
     let sent = Arc::new(AtomicU64::new(0));
     let tunnel = tokio::spawn(tunnel::serve_source(
@@ -997,10 +1084,13 @@ pub(crate) async fn run_source(
     let mut stash: Option<Option<SessionEvent>> = None;
     let mut refused: Option<String> = None;
     let mut cancelled = false;
-    // why: the output drain's quiet checks run from the gate on, beside
-    // QEMU's last pass (issue 7: the drain was ~6 ms of the guest's pause).
-    let mut output_quiet = Quiet::default();
+    // why: from the gate on, beside QEMU's last pass, the output is drained
+    // and the log's tail sent (issue 7: both were in the guest's pause after
+    // QEMU completed); the commit still waits for QEMU's `completed`.
+    let mut output_drain = Drain::default();
     let mut draining = false;
+    let mut drained = false;
+    let mut tail_task: Option<AbortOnDrop<Result<u64, String>>> = None;
     let mut drain_tick = tokio::time::interval(DRAIN_POLL);
     drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // why: the `switchover` record is written (fsynced) beside QEMU's last
@@ -1008,6 +1098,12 @@ pub(crate) async fn run_source(
     // it settles nothing a `precopy` record would not (both recover by
     // resuming here), and it is joined before any later record is written.
     let mut switchover_saved: Option<tokio::task::JoinHandle<Result<(), String>>> = None;
+    // why: the lease's moved marker (a networked sandbox: two durable
+    // writes) is written from the gate on too, not in the pause after QEMU
+    // completed; it only keeps the address from being released here, and
+    // every path that ends with the sandbox here clears it (an abort, a
+    // restart that resumes here). The commit is never sent without it.
+    let mut marker_saved: Option<tokio::task::JoinHandle<Result<(), String>>> = None;
     let result = {
         let mig = vm.migrate_out(&sock, &job.params, &ptx, Some(gate));
         tokio::pin!(mig);
@@ -1047,20 +1143,48 @@ pub(crate) async fn run_source(
                             switchover_saved = Some(tokio::task::spawn_blocking(move || {
                                 store_phase(&dir, &record)
                             }));
+                            let (data_dir, dir, id2) = (job.data_dir.clone(), entry.dir.clone(), id.clone());
+                            let networked = entry.snapshot().network.is_some();
+                            marker_saved = Some(tokio::task::spawn_blocking(move || {
+                                net::mark_lease_moved(&data_dir, &dir, &id2, networked)
+                            }));
                         }
                         if refused.is_none() {
-                            // why: the window starts at the gate; frames taken
-                            // in before it (the pre-copy's output) do not
-                            // count, one taken in after it restarts it.
-                            output_quiet = Quiet::default();
+                            // why: the quiet window starts at the gate; frames
+                            // taken in before it (the pre-copy's output) do
+                            // not count, one taken in after it restarts it.
+                            output_drain = Drain::default();
                             draining = true;
                             drain_tick.reset();
-                            output_quiet.check(entry);
+                        }
+                    }
+                    if draining && output_drain.step(entry, conn, session, log).await {
+                        draining = false;
+                        drained = true;
+                        if let Some(end) = output_drain.end.take() {
+                            // why: the workload ended: nothing is left to move.
+                            stash = Some(Some(end));
+                            tunnel.abort();
+                        } else if let Some(p) = &pause {
+                            job.step(p, |p| &mut p.output_drained_ms);
+                            tracing::debug!(sandbox = %id, "pause: drained");
+                            tail_task = Some(start_tail(&job.peer, &id, &log_path, bulk.take()));
                         }
                     }
                 }
                 _ = drain_tick.tick(), if draining => {
-                    output_quiet.check(entry);
+                    if output_drain.step(entry, conn, session, log).await {
+                        draining = false;
+                        drained = true;
+                        if let Some(end) = output_drain.end.take() {
+                            stash = Some(Some(end));
+                            tunnel.abort();
+                        } else if let Some(p) = &pause {
+                            job.step(p, |p| &mut p.output_drained_ms);
+                            tracing::debug!(sandbox = %id, "pause: drained");
+                            tail_task = Some(start_tail(&job.peer, &id, &log_path, bulk.take()));
+                        }
+                    }
                 }
                 r = prx.changed() => {
                     if r.is_ok() {
@@ -1083,9 +1207,11 @@ pub(crate) async fn run_source(
                         }
                     }
                 }
-                ev = session.next(), if stash.is_none() => match ev {
+                // why: after the drain, output is late: it stays in the
+                // session for `late_output`, which refuses the switch-over.
+                ev = session.next(), if stash.is_none() && !drained => match ev {
                     Some(ev) => {
-                        output_quiet.got();
+                        output_drain.quiet.got();
                         if let Some(end) = append(log, ev).await {
                             // why: the workload ended; there is nothing left to move.
                             stash = Some(Some(end));
@@ -1105,6 +1231,14 @@ pub(crate) async fn run_source(
     // migration saved whole (file and name durable); after a failed save
     // (e.g. the dir fsync) it is written anew, file and name (review8 F1).
     let mut switchover_durable = false;
+    // why: joined before any path that ends with the sandbox here, which
+    // clears the marker: a write still running would outlive the clear.
+    let marker = match marker_saved.take() {
+        Some(m) => m
+            .await
+            .unwrap_or_else(|e| Err(format!("saving the lease's marker failed: {e}"))),
+        None => Err("the lease's marker was not written at the switch-over".to_string()),
+    };
     if let Some(saved) = switchover_saved.take() {
         let saved = saved
             .await
@@ -1118,6 +1252,7 @@ pub(crate) async fn run_source(
     let progress = match result {
         Ok(p) => p,
         Err(e) => {
+            drop(tail_task);
             drop(bulk);
             conn.thaw();
             // why: the target may be unreachable (a cut link); its VM is removed
@@ -1163,9 +1298,14 @@ pub(crate) async fn run_source(
     );
 
     // The whole state is on the target; the source VM is paused for good unless we resume it.
-    let end = drain(entry, session, log, output_quiet).await;
-    tracing::debug!(sandbox = %id, "pause: drained");
-    job.step(&pause, |p| &mut p.output_drained_ms);
+    let end = if drained {
+        None
+    } else {
+        let end = drain(entry, conn, session, log, output_drain).await;
+        tracing::debug!(sandbox = %id, "pause: drained");
+        job.step(&pause, |p| &mut p.output_drained_ms);
+        end
+    };
     // why: a cancel that came after the last pass: the commit is not sent,
     // so the target never resumes its copy and this one runs on.
     if reg.is_cancelled(job.attempt.as_deref()) && stash.is_none() && end.is_none() {
@@ -1180,33 +1320,19 @@ pub(crate) async fn run_source(
         let why = format!("the workload of sandbox {id} ended during the migration; it stays here");
         return stay_here(job, entry, vm, conn, why, stash.or(end.map(Some))).await;
     }
-    // why: the log's size limit was reached here; the target's log must stay
-    // closed too (its notice is already in the bytes).
-    let truncated = crate::output_log::truncated_marker(&log_path).exists();
     let rec = entry.snapshot();
-    let tail = async {
-        let bulk_sent = match (&mut bulk.0).await {
-            Ok(Ok(n)) => n,
-            Ok(Err(e)) => {
-                tracing::warn!(sandbox = %id, "sending the output log during the pre-copy failed ({e}); sending it whole now");
-                0
-            }
-            Err(e) => {
-                tracing::warn!(sandbox = %id, "sending the output log during the pre-copy did not finish ({e}); sending it whole now");
-                0
-            }
-        };
-        fault_hold("log-tail").await;
-        let sent = send_log_tail(&job.peer, &id, &log_path, bulk_sent, truncated).await;
-        if sent.is_ok() {
-            job.step(&pause, |p| &mut p.log_sent_ms);
-        }
-        sent
+    let mut tail_task = match tail_task {
+        Some(t) => t,
+        None => start_tail(&job.peer, &id, &log_path, bulk.take()),
     };
-    // why: the log's sync (fdatasync) is not in the pause (issue 7): the
-    // tail is read from the file, which has every appended byte without it;
-    // the log here is synced when the lifecycle ends, as any sandbox's.
-    let tail = tail.await;
+    let tail = match (&mut tail_task.0).await {
+        Ok(Ok(done_us)) => {
+            job.step_ms(&pause, pause.ms_at(done_us), |p| &mut p.log_sent_ms);
+            Ok(())
+        }
+        Ok(Err(e)) => Err(e),
+        Err(e) => Err(format!("the task sending it did not finish: {e}")),
+    };
     tracing::debug!(sandbox = %id, "pause: tail and log sync done");
     if let Err(e) = tail {
         let why =
@@ -1232,22 +1358,22 @@ pub(crate) async fn run_source(
     // fail for minutes (an unreachable target) would make a source restarted
     // meanwhile ask a target that does not answer, and leave its copy lost
     // and paused (review5 F1).
-    let saved = {
-        let (data_dir, dir, id2) = (job.data_dir.clone(), entry.dir.clone(), id.clone());
-        let networked = rec.network.is_some();
-        let record = job.record(&id, Phase::Committing);
-        set_migration_paused(entry, Phase::Committing);
-        tokio::task::spawn_blocking(move || {
-            net::mark_lease_moved(&data_dir, &dir, &id2, networked).and_then(|()| {
+    let saved = match marker {
+        Err(e) => Err(e),
+        Ok(()) => {
+            let dir = entry.dir.clone();
+            let record = job.record(&id, Phase::Committing);
+            set_migration_paused(entry, Phase::Committing);
+            tokio::task::spawn_blocking(move || {
                 if switchover_durable {
                     store_phase_in_place(&dir, &record)
                 } else {
                     store_phase(&dir, &record)
                 }
             })
-        })
-        .await
-        .unwrap_or_else(|e| Err(format!("saving the migration phase failed: {e}")))
+            .await
+            .unwrap_or_else(|e| Err(format!("saving the migration phase failed: {e}")))
+        }
     };
     if let Err(why) = saved {
         let why = format!(
@@ -1299,6 +1425,15 @@ pub(crate) async fn run_source(
     let commit_err = match job.peer.commit(&id, &commit).await {
         Ok((sb, resumed_us)) => {
             session.hand_over();
+            // why: the VMM answered from its completion event, before its
+            // last pass was counted (bytes, downtime); read now, off the pause.
+            match vm.migration_stats().await {
+                Ok(Some(p)) => job.progress(&p, sent.load(Ordering::Relaxed)),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::debug!(sandbox = %id, "final migration statistics not read: {e}")
+                }
+            }
             let handover = paused_at.elapsed().as_millis() as u64;
             job.step(&pause, |p| &mut p.commit_answered_ms);
             let paused = resumed_us.and_then(|t| pause.until_ms(t));

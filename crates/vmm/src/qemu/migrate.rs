@@ -186,6 +186,7 @@ impl QemuVm {
         let mut tick = tokio::time::interval(POLL);
         loop {
             let mut at_gate = false;
+            let mut completed = false;
             tokio::select! {
                 ev = events.recv() => match ev {
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => {
@@ -194,9 +195,12 @@ impl QemuVm {
                     // why: the event says where it stands; at the gate the
                     // guest is paused, so no `query-migrate` round trip
                     // before the caller is told (issue 7).
-                    Ok(ev) => at_gate = ev.name == "MIGRATION"
-                        && ev.data["status"].as_str() == Some("pre-switchover"),
-                    Err(_) => {}
+                    Ok(ev) if ev.name == "MIGRATION" => {
+                        let status = ev.data["status"].as_str();
+                        at_gate = status == Some("pre-switchover");
+                        completed = status == Some("completed");
+                    }
+                    _ => {}
                 },
                 _ = tick.tick() => {}
             }
@@ -204,6 +208,18 @@ impl QemuVm {
                 continued = true;
                 self.pass_gate(gate.take(), progress).await?;
                 continue;
+            }
+            // why: past the gate the guest is paused until the caller's
+            // commit; its `query-migrate` round trip (0.3–5 ms here) is not
+            // spent in the pause: the caller reads the final statistics with
+            // `migration_stats` once the guest runs again (issue 7).
+            if completed && continued {
+                let mut p = progress.borrow().clone();
+                p.state = MigrationState::Completed;
+                p.elapsed_ms = started.elapsed().as_millis() as u64;
+                progress.send_replace(p.clone());
+                tracing::debug!(vm = %self.id, "pause: source completed seen");
+                return Ok(p);
             }
             let q = self.qmp().execute("query-migrate", Value::Null).await?;
             let mut p = progress_from_query(&q);

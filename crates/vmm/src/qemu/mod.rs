@@ -815,6 +815,11 @@ impl Vm for QemuVm {
         self.migrate_out_qemu(dest, params, progress, gate).await
     }
 
+    async fn migration_stats(&self) -> Result<Option<crate::MigrationProgress>, VmmError> {
+        let q = self.qmp().execute("query-migrate", Value::Null).await?;
+        Ok(Some(migrate::progress_from_query(&q)))
+    }
+
     async fn wait_incoming(&self, timeout: Duration) -> Result<(), VmmError> {
         QemuVm::wait_incoming(self, timeout).await
     }
