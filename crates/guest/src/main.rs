@@ -18,6 +18,7 @@ mod reaper;
 mod restore;
 mod server;
 mod session;
+mod spawn;
 mod stdin;
 mod user;
 
