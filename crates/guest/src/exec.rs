@@ -3,7 +3,11 @@
 //! and start its stream threads. Failures before the process exists are reported
 //! the way a shell would: a message on stderr and exit 126 or 127.
 
+use std::ffi::CString;
+use std::os::fd::OwnedFd;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use hearth_proto::{ErrorMsg, ExecRequest, ExitStatus, Frame, Kind, Started};
@@ -12,8 +16,7 @@ use crate::boot::SYSROOT;
 use crate::channel::Writer;
 use crate::lookup::{find_program, LookupError};
 use crate::session::{Session, Sessions};
-use crate::spawn::{self, Plan};
-use crate::user::{self, UserError};
+use crate::user::{self, Identity, UserError};
 use crate::{output, stdin};
 
 /// Why an exec request produced no process.
@@ -23,7 +26,7 @@ enum ExecError {
     Lookup(#[from] LookupError),
     #[error("{0}")]
     User(#[from] UserError),
-    /// clone/exec or the child's setup (chroot, chdir, credentials) failed.
+    /// fork/exec or the child's setup (chroot, chdir, credentials) failed.
     #[error("{program}: {source}")]
     Spawn {
         program: String,
@@ -74,6 +77,13 @@ fn read_etc(name: &str) -> String {
     std::fs::read_to_string(Path::new(SYSROOT).join("etc").join(name)).unwrap_or_default()
 }
 
+fn cstring(s: &str) -> Result<CString, ExecError> {
+    CString::new(s).map_err(|_| ExecError::Spawn {
+        program: s.to_string(),
+        source: std::io::Error::from_raw_os_error(libc::EINVAL),
+    })
+}
+
 fn spawn(
     id: u32,
     req: &ExecRequest,
@@ -90,20 +100,33 @@ fn spawn(
     let program = find_program(Path::new(SYSROOT), argv0, path_env, workdir)?;
     let ident = user::resolve(&req.user, &read_etc("passwd"), &read_etc("group"))?;
 
-    let plan = Plan {
-        program: &program,
-        argv: &req.argv,
-        env: &req.env,
-        root: SYSROOT,
-        workdir,
-        ident: &ident,
-        stdin: req.stdin,
+    let mut cmd = Command::new(&program);
+    cmd.arg0(argv0).args(&req.argv[1..]).env_clear();
+    for entry in &req.env {
+        if let Some((key, value)) = entry.split_once('=') {
+            cmd.env(key, value);
+        }
+    }
+    cmd.stdin(if req.stdin {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let setup = ChildSetup {
+        root: cstring(SYSROOT)?,
+        workdir: cstring(workdir)?,
+        ident,
     };
+    // SAFETY: the closure runs between fork and exec; it only makes async-signal-safe
+    // syscalls on data prepared before the fork, and allocates nothing.
+    unsafe { cmd.pre_exec(move || setup.apply()) };
 
     // why: holding the table across spawn keeps the reaper from reaping (and
     // missing) the pid before it is registered; see Sessions.
     let mut table = sessions.lock();
-    let mut child = spawn::spawn(&plan).map_err(|source| ExecError::Spawn {
+    let mut child = cmd.spawn().map_err(|source| ExecError::Spawn {
         program: argv0.clone(),
         source,
     })?;
@@ -117,11 +140,11 @@ fn spawn(
         },
         None => None,
     };
-    let session = match Session::new(id, child.pid, stdin_tx) {
+    let session = match Session::new(id, child.id(), stdin_tx) {
         Ok(s) => Arc::new(s),
         Err(source) => {
             // SAFETY: kill(2) takes no pointers; the child is ours and not yet reaped.
-            unsafe { libc::kill(child.pid as i32, libc::SIGKILL) };
+            unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
             return Err(ExecError::Spawn {
                 program: argv0.clone(),
                 source,
@@ -137,15 +160,22 @@ fn spawn(
         id,
         &Started { pid: session.pid },
     ));
-    // why: the child is never waited for here; the reaper owns reaping (PID 1).
-    for (kind, fd) in [(Kind::Stdout, child.stdout), (Kind::Stderr, child.stderr)] {
-        let started = output::spawn_pump(
-            kind,
-            fd,
-            Arc::clone(&session),
-            Arc::clone(sessions),
-            Arc::clone(writer),
-        );
+    // why: std's Child is dropped without wait(); the reaper owns reaping (PID 1).
+    let pipes = [
+        (Kind::Stdout, child.stdout.take().map(OwnedFd::from)),
+        (Kind::Stderr, child.stderr.take().map(OwnedFd::from)),
+    ];
+    for (kind, pipe) in pipes {
+        let started = match pipe {
+            Some(fd) => output::spawn_pump(
+                kind,
+                fd,
+                Arc::clone(&session),
+                Arc::clone(sessions),
+                Arc::clone(writer),
+            ),
+            None => Err(std::io::ErrorKind::NotFound.into()),
+        };
         if let Err(e) = started {
             crate::log!("session {id}: no {kind:?} pump: {e}");
             if session.pump_done() {
@@ -154,4 +184,37 @@ fn spawn(
         }
     }
     Ok(())
+}
+
+/// What the child does between fork and exec, prepared in the parent.
+struct ChildSetup {
+    root: CString,
+    workdir: CString,
+    ident: Identity,
+}
+
+fn check(rc: libc::c_int) -> std::io::Result<()> {
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+impl ChildSetup {
+    fn apply(&self) -> std::io::Result<()> {
+        // SAFETY: each call below is a plain syscall on pointers to data owned by
+        // `self` (valid NUL-terminated strings, a live gid slice) for the call's duration.
+        unsafe {
+            check(libc::setsid())?;
+            check(libc::chroot(self.root.as_ptr()))?;
+            check(libc::chdir(self.workdir.as_ptr()))?;
+            check(libc::setgroups(
+                self.ident.groups.len(),
+                self.ident.groups.as_ptr(),
+            ))?;
+            check(libc::setgid(self.ident.gid))?;
+            check(libc::setuid(self.ident.uid))?;
+        }
+        Ok(())
+    }
 }

@@ -18,7 +18,6 @@ mod reaper;
 mod restore;
 mod server;
 mod session;
-mod spawn;
 mod stdin;
 mod user;
 

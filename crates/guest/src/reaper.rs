@@ -36,7 +36,7 @@ fn exit_status(status: libc::c_int) -> ExitStatus {
 fn reap_once(sessions: &Sessions, writer: &Writer) {
     // why: wait *without reaping* first (WNOWAIT), then reap under the table lock,
     // so a process being spawned (table locked) is registered before it can be
-    // reaped, and spawn's own wait() after a failed exec still finds its child.
+    // reaped, and std's own wait() after a failed exec still finds its child.
     let seen = sessions.spawn_count();
     // SAFETY: siginfo_t is plain data; zeroed is a valid value for waitid to fill.
     let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };

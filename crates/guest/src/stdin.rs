@@ -2,8 +2,8 @@
 //! host's `Stdin` payloads in order and returns `Credit` as bytes are consumed.
 //! An empty payload (or the session ending) closes stdin.
 
-use std::fs::File;
 use std::io::Write;
+use std::process::ChildStdin;
 use std::sync::mpsc::{channel, Sender};
 use std::sync::Arc;
 
@@ -12,7 +12,11 @@ use hearth_proto::{Credit, Frame, Kind};
 use crate::channel::Writer;
 
 /// Starts the writer thread; send payloads into the returned queue.
-pub fn spawn_writer(id: u32, stdin: File, writer: Arc<Writer>) -> std::io::Result<Sender<Vec<u8>>> {
+pub fn spawn_writer(
+    id: u32,
+    stdin: ChildStdin,
+    writer: Arc<Writer>,
+) -> std::io::Result<Sender<Vec<u8>>> {
     let (tx, rx) = channel::<Vec<u8>>();
     std::thread::Builder::new()
         .name(format!("stdin-{id}"))
