@@ -4,15 +4,9 @@
 //! A pump ends at EOF. If the process has exited but a grandchild still holds the
 //! pipe open, the pump sends what was already in the pipe, keeps reading for a
 //! grace period, then gives up so `Exit` is not held back forever.
-//!
-//! Pump threads are kept: a finished pump waits for the next pipe, and two are
-//! started with the agent. why: in a VM restored from a template under TCG, creating
-//! a thread runs guest code for the first time (clone, stack mmap, the runtime's
-//! thread set-up) on the path to the first output byte; waking a waiting one does not.
 
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::mpsc::{channel, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use hearth_proto::{Frame, Kind};
@@ -24,72 +18,8 @@ use crate::session::{Session, Sessions};
 const CHUNK: usize = 64 * 1024;
 /// How long output is still collected after the process exits.
 const GRACE: Duration = Duration::from_secs(2);
-/// Pump threads started with the agent: one exec's stdout and stderr.
-const PRESTARTED: usize = 2;
-/// Most pump threads kept waiting; a pump finishing beyond that ends its thread.
-const MAX_IDLE: usize = 8;
 
-/// One pipe of one session, for a pump thread.
-struct Job {
-    kind: Kind,
-    pipe: OwnedFd,
-    session: Arc<Session>,
-    sessions: Arc<Sessions>,
-    writer: Arc<Writer>,
-}
-
-impl Job {
-    fn run(self) {
-        pump(self.kind, &self.pipe, &self.session, &self.writer);
-        drop(self.pipe);
-        if self.session.pump_done() {
-            self.sessions.complete(&self.session, &self.writer);
-        }
-    }
-}
-
-/// The queues of the pump threads waiting for a pipe.
-static IDLE: Mutex<Vec<Sender<Job>>> = Mutex::new(Vec::new());
-
-fn idle() -> std::sync::MutexGuard<'static, Vec<Sender<Job>>> {
-    IDLE.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// Starts a pump thread that runs `first` (if any), then waits for more pipes.
-fn start_thread(first: Option<Job>) -> std::io::Result<()> {
-    std::thread::Builder::new()
-        .name("pump".into())
-        .spawn(move || {
-            if let Some(job) = first {
-                job.run();
-            }
-            loop {
-                let (tx, rx) = channel();
-                {
-                    let mut idle = idle();
-                    if idle.len() >= MAX_IDLE {
-                        return;
-                    }
-                    idle.push(tx);
-                }
-                match rx.recv() {
-                    Ok(job) => job.run(),
-                    Err(_) => return,
-                }
-            }
-        })
-        .map(|_| ())
-}
-
-/// Starts the pump threads that wait for the first exec's pipes.
-pub fn prestart() -> std::io::Result<()> {
-    for _ in 0..PRESTARTED {
-        start_thread(None)?;
-    }
-    Ok(())
-}
-
-/// Hands one pipe to a waiting pump thread, or to a new one.
+/// Starts the pump thread for one pipe.
 pub fn spawn_pump(
     kind: Kind,
     pipe: OwnedFd,
@@ -97,22 +27,16 @@ pub fn spawn_pump(
     sessions: Arc<Sessions>,
     writer: Arc<Writer>,
 ) -> std::io::Result<()> {
-    let mut job = Job {
-        kind,
-        pipe,
-        session,
-        sessions,
-        writer,
-    };
-    loop {
-        let Some(tx) = idle().pop() else { break };
-        // why: each queue has one job at most; a send fails only if its thread is gone.
-        match tx.send(job) {
-            Ok(()) => return Ok(()),
-            Err(returned) => job = returned.0,
-        }
-    }
-    start_thread(Some(job))
+    std::thread::Builder::new()
+        .name(format!("pump-{}-{:?}", session.id, kind))
+        .spawn(move || {
+            pump(kind, &pipe, &session, &writer);
+            drop(pipe);
+            if session.pump_done() {
+                sessions.complete(&session, &writer);
+            }
+        })
+        .map(|_| ())
 }
 
 fn bytes_buffered(fd: i32) -> usize {

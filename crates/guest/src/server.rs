@@ -65,7 +65,6 @@ pub fn serve(port: &str) -> Result<std::convert::Infallible, ServeError> {
     let sessions = Arc::new(Sessions::new());
     reaper::spawn_reaper(Arc::clone(&sessions), Arc::clone(&writer))
         .map_err(|e| ServeError::Thread("reaper", e))?;
-    crate::output::prestart().map_err(|e| ServeError::Thread("pump", e))?;
 
     let hello = Hello {
         protocol_version: PROTOCOL_VERSION,
