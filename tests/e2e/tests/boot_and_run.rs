@@ -33,11 +33,30 @@ fn exit_codes_are_the_workloads_own() {
     assert_eq!(code("exit 3").0, Some(3));
     let (c, out) = code("kill -9 $$");
     assert_eq!(c, Some(137), "killed by SIGKILL is 128+9: {}", show(&out));
+    // The agent ignores SIGPIPE; its workloads start with the default action.
+    let (c, out) = code("kill -PIPE $$");
+    assert_eq!(c, Some(141), "killed by SIGPIPE is 128+13: {}", show(&out));
 
     let out = d.hearth(&["run", "--rm", "busybox", "--", "no-such-command", "x"]);
     assert_eq!(out.status.code(), Some(127), "{}", show(&out));
     assert!(
         stderr(&out).contains("no-such-command") && stderr(&out).contains("not found"),
+        "{}",
+        show(&out)
+    );
+    // A failure in the process's own set-up (here its chdir) is reported as exec's.
+    let out = d.hearth(&[
+        "run",
+        "--rm",
+        "--workdir",
+        "/no/such/dir",
+        "busybox",
+        "--",
+        "pwd",
+    ]);
+    assert_eq!(out.status.code(), Some(127), "{}", show(&out));
+    assert!(
+        stderr(&out).contains("pwd: No such file or directory"),
         "{}",
         show(&out)
     );
