@@ -2008,12 +2008,23 @@ fn a_cancel_while_the_log_tail_is_sent_still_ends_before_the_commit() {
             a.http("POST", "/v1/sandboxes/c/migrate", Some(&body))
                 .unwrap()
         });
-        // why: the record says `switchover` from the gate until the tail
-        // reached the target (held here 5 s); `committing` only after it.
+        // why: the status says `switchover` from the gate until the tail
+        // reached the target (held here 5 s; the record on disk stays
+        // `precopy`, which recovers the same way); `committing` only after it.
         wait_until(
-            "the source's record to say switchover",
+            "the source's status to say switchover",
             Duration::from_secs(180),
-            || std::fs::read_to_string(&record).is_ok_and(|r| r.contains("\"switchover\"")),
+            || {
+                let out = a.hearth(&["migrate", "--status", "--json", "c"]);
+                out.status.success()
+                    && serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                        .is_ok_and(|s| s["phase"] == "switchover")
+            },
+        );
+        let on_disk = std::fs::read_to_string(&record);
+        assert!(
+            on_disk.as_ref().is_ok_and(|r| r.contains("\"precopy\"")),
+            "the record on disk is not precopy before the commit: {on_disk:?}"
         );
         let cancel = serde_json::json!({ "attempt": "att-tail" }).to_string();
         let (code, body) = a

@@ -575,15 +575,21 @@ impl SourceJob {
     /// failure to save is logged (the record on disk does not have it). The
     /// fsyncs run on a blocking thread, not on a runtime worker that other
     /// sandboxes' tasks share (review8 F4).
-    async fn set_phase(&self, entry: &Entry, phase: Phase) {
+    /// Records `phase` (whole: file, rename, dir fsync) and publishes it;
+    /// true when it was saved.
+    async fn set_phase(&self, entry: &Entry, phase: Phase) -> bool {
         set_migration_paused(entry, phase);
         let (dir, record) = (entry.dir.clone(), self.record(&entry.snapshot().id, phase));
         let saved = tokio::task::spawn_blocking(move || store_phase(&dir, &record))
             .await
             .unwrap_or_else(|e| Err(format!("saving the migration phase failed: {e}")));
         self.publish_phase(phase);
-        if let Err(e) = saved {
-            tracing::error!(sandbox = %entry.snapshot().id, "{e}");
+        match saved {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(sandbox = %entry.snapshot().id, "{e}");
+                false
+            }
         }
     }
 
@@ -679,8 +685,10 @@ struct GateAnswer {
     /// Why the switch-over is refused (QEMU cancels it and the VM runs on
     /// here); `None` to go on.
     refused: Option<String>,
-    /// The phase to record beside the last pass: `switchover` when it goes
-    /// on; nothing when refused (the migration ends `aborted`).
+    /// The phase the switch-over is in when it goes on (`switchover`,
+    /// published in the status; not written to `migration.json`: a restart
+    /// recovers it as it recovers `precopy`); nothing when refused (the
+    /// migration ends `aborted`).
     record: Option<Phase>,
 }
 
@@ -708,8 +716,8 @@ const ABORT_ANSWER_WAIT: Duration = Duration::from_secs(3);
 
 /// Fault injection for tests: with `HEARTH_MIGRATION_HOLD=<point>:<ms>` an
 /// agent waits `ms` at `point`, so a test can kill hearthd exactly there. On
-/// the source: `log-tail` (the log's tail is not sent yet, the record says
-/// switchover), `commit` (the record says
+/// the source: `log-tail` (the log's tail is not sent yet, the status says
+/// switchover, the record precopy), `commit` (the record says
 /// committing, the commit is not sent yet) or `release` (the target
 /// committed, the paused VM here is not released yet). On the target:
 /// `target-saved` (the commit saved the records, the VM is not resumed yet)
@@ -1045,7 +1053,7 @@ pub(crate) async fn run_source(
             return SourceEnd::StayedHere(None);
         }
     };
-    job.set_phase(entry, Phase::Precopy).await;
+    let precopy_saved = job.set_phase(entry, Phase::Precopy).await;
     // why: the log's bulk goes during the pre-copy, only its tail inside the
     // pause (issue 7); read concurrently with appends, the bytes up to the
     // length read are final (the log is append-only), the tail continues there.
@@ -1093,11 +1101,10 @@ pub(crate) async fn run_source(
     let mut tail_task: Option<AbortOnDrop<Result<u64, String>>> = None;
     let mut drain_tick = tokio::time::interval(DRAIN_POLL);
     drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // why: the `switchover` record is written (fsynced) beside QEMU's last
-    // pass, not before `migrate-continue` (issue 7: it was inside the gate);
-    // it settles nothing a `precopy` record would not (both recover by
-    // resuming here), and it is joined before any later record is written.
-    let mut switchover_saved: Option<tokio::task::JoinHandle<Result<(), String>>> = None;
+    // why: no `switchover` record is written at the gate: it would settle
+    // nothing a `precopy` record does not (both recover by resuming here),
+    // and its fsync, beside QEMU's last pass, held the `committing` record
+    // (which must not race it) by up to 11 ms under load (issue 7).
     // why: the lease's moved marker (a networked sandbox: two durable
     // writes) is written from the gate on too, not in the pause after QEMU
     // completed; it only keeps the address from being released here, and
@@ -1138,11 +1145,7 @@ pub(crate) async fn run_source(
                         }
                         // why: only a switch-over that goes on is recorded; a
                         // refused one is cancelled and ends `aborted` (review9 F7).
-                        if let Some(phase) = answer.record {
-                            let (dir, record) = (entry.dir.clone(), job.record(&id, phase));
-                            switchover_saved = Some(tokio::task::spawn_blocking(move || {
-                                store_phase(&dir, &record)
-                            }));
+                        if answer.record.is_some() {
                             let (data_dir, dir, id2) = (job.data_dir.clone(), entry.dir.clone(), id.clone());
                             let networked = entry.snapshot().network.is_some();
                             marker_saved = Some(tokio::task::spawn_blocking(move || {
@@ -1230,7 +1233,7 @@ pub(crate) async fn run_source(
     // why: `committing` overwrites the record in place only over one this
     // migration saved whole (file and name durable); after a failed save
     // (e.g. the dir fsync) it is written anew, file and name (review8 F1).
-    let mut switchover_durable = false;
+    let precopy_durable = precopy_saved;
     // why: joined before any path that ends with the sandbox here, which
     // clears the marker: a write still running would outlive the clear.
     let marker = match marker_saved.take() {
@@ -1239,16 +1242,6 @@ pub(crate) async fn run_source(
             .unwrap_or_else(|e| Err(format!("saving the lease's marker failed: {e}"))),
         None => Err("the lease's marker was not written at the switch-over".to_string()),
     };
-    if let Some(saved) = switchover_saved.take() {
-        let saved = saved
-            .await
-            .unwrap_or_else(|e| Err(format!("saving the migration phase failed: {e}")));
-        match saved {
-            Ok(()) => switchover_durable = true,
-            Err(e) => tracing::error!(sandbox = %id, "{e}"),
-        }
-        tracing::debug!(sandbox = %id, "pause: switchover recorded");
-    }
     let progress = match result {
         Ok(p) => p,
         Err(e) => {
@@ -1365,7 +1358,7 @@ pub(crate) async fn run_source(
             let record = job.record(&id, Phase::Committing);
             set_migration_paused(entry, Phase::Committing);
             tokio::task::spawn_blocking(move || {
-                if switchover_durable {
+                if precopy_durable {
                     store_phase_in_place(&dir, &record)
                 } else {
                     store_phase(&dir, &record)
@@ -4079,34 +4072,42 @@ mod tests {
     /// fails to parse (start-up: unresolved), never as another phase or none.
     #[test]
     fn a_torn_sector_reads_as_the_old_record_the_new_one_or_unreadable() {
-        let dir = tempfile::tempdir().unwrap();
-        let rec = |phase| MigrationRecord {
-            version: 1,
-            sandbox: "sb1".into(),
-            target: "http://10.0.0.2:7070".into(),
-            phase,
-            token: "t".repeat(600),
-        };
-        store_record(dir.path(), &rec(Phase::Switchover)).unwrap();
-        let path = dir.path().join(RECORD_FILE);
-        let old = std::fs::read(&path).unwrap();
-        assert!(store_record_in_place(dir.path(), &rec(Phase::Committing)).unwrap());
-        let new = std::fs::read(&path).unwrap();
-        let (mut as_old, mut as_new, mut unreadable) = (0, 0, 0);
-        for split in 0..=ATOMIC_WRITE {
-            for (first, second) in [(&new, &old), (&old, &new)] {
-                let mut torn = first[..split].to_vec();
-                torn.extend_from_slice(&second[split..]);
-                std::fs::write(&path, &torn).unwrap();
-                match load_record(dir.path()) {
-                    Ok(Some((r, _))) if r == rec(Phase::Switchover) => as_old += 1,
-                    Ok(Some((r, _))) if r == rec(Phase::Committing) => as_new += 1,
-                    Err(_) => unreadable += 1,
-                    other => panic!("torn at {split}: {other:?}"),
+        // `committing` overwrites the `precopy` record in place (no
+        // `switchover` record is written at the gate any more); the two
+        // phases' names differ in length, so the rest of the JSON shifts.
+        for old_phase in [Phase::Precopy, Phase::Switchover] {
+            let dir = tempfile::tempdir().unwrap();
+            let rec = |phase| MigrationRecord {
+                version: 1,
+                sandbox: "sb1".into(),
+                target: "http://10.0.0.2:7070".into(),
+                phase,
+                token: "t".repeat(600),
+            };
+            store_record(dir.path(), &rec(old_phase)).unwrap();
+            let path = dir.path().join(RECORD_FILE);
+            let old = std::fs::read(&path).unwrap();
+            assert!(store_record_in_place(dir.path(), &rec(Phase::Committing)).unwrap());
+            let new = std::fs::read(&path).unwrap();
+            let (mut as_old, mut as_new, mut unreadable) = (0, 0, 0);
+            for split in 0..=ATOMIC_WRITE {
+                for (first, second) in [(&new, &old), (&old, &new)] {
+                    let mut torn = first[..split].to_vec();
+                    torn.extend_from_slice(&second[split..]);
+                    std::fs::write(&path, &torn).unwrap();
+                    match load_record(dir.path()) {
+                        Ok(Some((r, _))) if r == rec(old_phase) => as_old += 1,
+                        Ok(Some((r, _))) if r == rec(Phase::Committing) => as_new += 1,
+                        Err(_) => unreadable += 1,
+                        other => panic!("{old_phase:?} torn at {split}: {other:?}"),
+                    }
                 }
             }
+            assert!(
+                as_old > 0 && as_new > 0 && unreadable > 0,
+                "{old_phase:?}: {as_old} old, {as_new} new, {unreadable} unreadable"
+            );
         }
-        assert!(as_old > 0 && as_new > 0 && unreadable > 0);
     }
 
     #[test]
