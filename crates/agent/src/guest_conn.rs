@@ -474,6 +474,14 @@ impl GuestConn {
         parked && empty && still_parked && read == read_again && routed == read
     }
 
+    /// Whether the reader waits with part of a frame taken in (its rest not
+    /// on the socket): a frame the guest's side cut in two.
+    pub fn input_cut(&self) -> bool {
+        let m = &self.input;
+        m.parked.load(Ordering::SeqCst)
+            && m.read.load(Ordering::SeqCst) > m.routed.load(Ordering::SeqCst)
+    }
+
     /// Undoes [`GuestConn::freeze`] (the migration did not happen).
     pub fn thaw(&self) {
         self.frozen.store(false, Ordering::SeqCst);
@@ -1194,8 +1202,10 @@ mod tests {
             !conn.input_settled(|| unread(&fd)),
             "a frame cut short holds the barrier (its bytes are read, not routed)"
         );
+        assert!(conn.input_cut(), "the cut frame is reported");
         guest.write_all(rest).await.unwrap();
         assert!(settles(&conn, &fd).await, "the whole frame is routed");
+        assert!(!conn.input_cut());
         // A frame the guest wrote is in its session's channel once the barrier
         // passes, whenever the reader got to it.
         let mut session = conn.adopt_session(7, 0);

@@ -368,6 +368,22 @@ impl Agent {
         self.kill_leftover(&rec.id, &vm_dir);
         let tail = crate::sandbox::console_tail(&vm_dir.join("console.log"));
         let _ = hearth_vmm::destroy(&vm_dir);
+        // why: a migration that had not committed (its record says so) never
+        // moved the address; the lease marker, written from the switch-over
+        // gate on, must not keep it from being released (review13 F4).
+        if let Ok(Some((m, _))) = crate::migration::load_record(&entry.dir) {
+            use crate::migration::phase::Phase;
+            if !matches!(
+                m.phase,
+                Phase::Committing | Phase::Unresolved | Phase::Completed
+            ) {
+                crate::migration::net::clear_lease_moved(
+                    &self.inner.cfg.data_dir,
+                    &entry.dir,
+                    &rec.id,
+                );
+            }
+        }
         self.drop_network(&rec.id).await;
         // why: the sandbox is settled; the record (and the target's token) is not needed.
         crate::migration::forget_record(&entry.dir);

@@ -14,8 +14,9 @@ use hearth_proto::{Frame, Kind};
 use crate::channel::Writer;
 use crate::session::{Session, Sessions};
 
-/// Largest read (and so largest frame) a pump makes.
-const CHUNK: usize = 64 * 1024;
+/// Largest read a pump makes: its frame, encoded, is one `write()` the
+/// console driver takes whole ([`hearth_proto::MAX_GUEST_WRITE`]).
+const CHUNK: usize = hearth_proto::MAX_GUEST_WRITE - hearth_proto::FRAME_OVERHEAD;
 /// How long output is still collected after the process exits.
 const GRACE: Duration = Duration::from_secs(2);
 
@@ -112,5 +113,16 @@ fn pump(kind: Kind, pipe: &OwnedFd, session: &Session, writer: &Writer) {
             crate::log!("session {}: dropping {kind:?} output: {e}", session.id);
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_chunk_is_one_console_write() {
+        let frame = Frame::data(Kind::Stdout, u32::MAX, vec![0; CHUNK]).encode();
+        assert_eq!(frame.len(), hearth_proto::MAX_GUEST_WRITE);
     }
 }

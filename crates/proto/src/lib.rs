@@ -34,6 +34,15 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest payload in one frame.
 pub const MAX_FRAME: usize = 256 * 1024;
+/// Largest encoded frame (length prefix included) the guest writes: Linux's
+/// virtio_console takes at most 32 KiB per `write()` and puts it in one
+/// virtqueue element, so a frame no larger is one element, never cut in two
+/// by a VM stopped between writes (a migration's switch-over; review13 F1:
+/// a 64 KiB frame's head reached the source and its tail the target, whose
+/// reader then started mid-frame).
+pub const MAX_GUEST_WRITE: usize = 32 * 1024;
+/// What a frame adds to its payload on the wire (length, kind, id).
+pub const FRAME_OVERHEAD: usize = 4 + HEADER_LEN;
 /// Bytes of stream data a sender may have unacknowledged per session.
 pub const INITIAL_WINDOW: u32 = 1024 * 1024;
 /// Session id of connection-level messages.

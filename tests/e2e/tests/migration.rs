@@ -2175,3 +2175,96 @@ fn a_guest_dirtying_faster_than_the_link_is_throttled_and_ends_on_exactly_one_no
         "a second copy is listed"
     );
 }
+
+/// review13 F1: a guest whose output agent writes full frames (a pipe it
+/// cannot keep up with) while it is moved back and forth. A frame over
+/// 32 KiB was several write()s in the guest (virtio_console's cap); a vCPU
+/// stop between them left its head on the source and its tail for the
+/// target, whose reader (`reattach`) then started mid-frame ("frame of
+/// 808857866 bytes exceeds the limit"). Frames are now one write each
+/// (`hearth_proto::MAX_GUEST_WRITE`), and a frame the source's reader holds
+/// cut at the switch-over refuses it. After every move (or refused move) the
+/// sandbox must keep logging where it runs (`HEARTH_MIGRATION_ROUNDS`, 4).
+#[test]
+fn full_frames_keep_flowing_after_each_move() {
+    let rounds: usize = std::env::var("HEARTH_MIGRATION_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(4);
+    let opts = || DaemonOptions {
+        busybox: false,
+        env: vec![("HEARTH_MAX_LOG_MIB".into(), "8192".into())],
+        ..Default::default()
+    };
+    let (a, b) = import_busybox(Daemon::start_with(opts()), Daemon::start_with(opts()));
+    let out = a.hearth(&[
+        "run",
+        "--detach",
+        "--network",
+        "none",
+        "--memory",
+        "256",
+        "--name",
+        "frames",
+        "busybox",
+        "--",
+        "sh",
+        "-c",
+        "seq 0 400000 > /tmp/n; while true; do cat /tmp/n; done",
+    ]);
+    assert!(out.status.success(), "{}", show(&out));
+    let size = |d: &Daemon| {
+        let out = d.hearth(&["logs", "frames"]);
+        out.stdout.len()
+    };
+    wait_until("the stream to start", Duration::from_secs(120), || {
+        size(&a) > 4 << 20
+    });
+    let nodes = [&a, &b];
+    let mut here = 0;
+    for round in 0..rounds {
+        let (from, to) = (nodes[here], nodes[1 - here]);
+        let out = from.hearth(&[
+            "migrate",
+            "frames",
+            "--to",
+            &to.api,
+            "--to-token-file",
+            &token_file(to),
+            "--json",
+        ]);
+        if out.status.success() {
+            here = 1 - here;
+            println!("round {round}: moved");
+        } else {
+            println!("round {round}: not moved: {}", stderr(&out).trim());
+        }
+        let on = nodes[here];
+        let n = size(on);
+        let t = Instant::now();
+        while size(on) <= n + (1 << 20) && t.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        if size(on) <= n + (1 << 20) {
+            for (name, d) in [("source a", &a), ("target b", &b)] {
+                let log = d.log_text();
+                let lines: Vec<&str> = log
+                    .lines()
+                    .filter(|l| {
+                        l.contains("frame")
+                            || l.contains("guest channel")
+                            || l.contains("WARN")
+                            || l.contains("ERROR")
+                    })
+                    .collect();
+                println!("--- {name} ({} matching lines), last 15:", lines.len());
+                for l in lines.iter().rev().take(15).rev() {
+                    println!("{l}");
+                }
+            }
+            println!("inspect: {}", on.inspect("frames"));
+            panic!("round {round}: the log stopped growing on the node running the sandbox ({} -> {} bytes)", n, size(on));
+        }
+        assert_eq!(on.inspect("frames")["status"], "running", "round {round}");
+    }
+}

@@ -710,6 +710,9 @@ fn gate_answer(cancelled: bool, quiet: &Result<(), String>, workload_ended: bool
     }
 }
 
+/// How long the source waits for the VMM's final statistics after the commit.
+const STATS_WAIT: Duration = Duration::from_secs(2);
+
 /// How long a source that failed before the switch-over waits for the
 /// target's answer to its abort (which may say why the target failed).
 const ABORT_ANSWER_WAIT: Duration = Duration::from_secs(3);
@@ -717,7 +720,8 @@ const ABORT_ANSWER_WAIT: Duration = Duration::from_secs(3);
 /// Fault injection for tests: with `HEARTH_MIGRATION_HOLD=<point>:<ms>` an
 /// agent waits `ms` at `point`, so a test can kill hearthd exactly there. On
 /// the source: `log-tail` (the log's tail is not sent yet, the status says
-/// switchover, the record precopy), `commit` (the record says
+/// switchover, the record precopy; held in the tail's task, which starts at
+/// the drain, so QEMU's last pass may still be running), `commit` (the record says
 /// committing, the commit is not sent yet) or `release` (the target
 /// committed, the paused VM here is not released yet). On the target:
 /// `target-saved` (the commit saved the records, the VM is not resumed yet)
@@ -897,6 +901,10 @@ struct Drain {
     quiet: Quiet,
     /// The workload's end, if it came in.
     end: Option<SessionEvent>,
+    /// It ended (on the quiet window) with the reader holding part of a
+    /// frame: the rest is still in the VM's state and would reach the
+    /// target's reader mid-frame, so the switch-over must be refused.
+    cut: bool,
 }
 
 impl Drain {
@@ -917,6 +925,7 @@ impl Drain {
         if !(settled || self.quiet.check(entry)) {
             return false;
         }
+        self.cut = !settled && conn.input_cut();
         // why: what the reader routed before the barrier is in the session now.
         self.take_in(session, log).await;
         true
@@ -933,18 +942,23 @@ impl Drain {
 }
 
 /// After the final pass: the drain to its end (see [`Drain`]), bounded by
-/// [`QUIESCE_TIMEOUT`]; answers the workload's end, if it came.
+/// [`QUIESCE_TIMEOUT`]; answers it as it ended (the workload's end, if it
+/// came; whether a frame was left cut).
 async fn drain(
     entry: &Entry,
     conn: &GuestConn,
     session: &mut Session,
     log: &mut OutputLog,
     mut d: Drain,
-) -> Option<SessionEvent> {
+) -> Drain {
     let deadline = Instant::now() + QUIESCE_TIMEOUT;
     loop {
-        if d.step(entry, conn, session, log).await || Instant::now() >= deadline {
-            return d.end;
+        if d.step(entry, conn, session, log).await {
+            return d;
+        }
+        if Instant::now() >= deadline {
+            d.cut = conn.input_cut();
+            return d;
         }
         let next = (Instant::now() + Duration::from_millis(1)).min(d.quiet.next_check());
         tokio::time::sleep_until(next.min(deadline).into()).await;
@@ -990,9 +1004,11 @@ fn start_tail(
 /// Output the source VM's channel delivered after the drain: every frame
 /// waiting in the session is appended to the log here (none is lost: the
 /// sandbox stays). `Some` (with the workload's end, if it came) when there
-/// was any, or bytes are still unread on the channel; `None` when quiet.
+/// was any, or bytes are still unread on the channel or held by its reader
+/// unrouted (review13 F2: they are in neither place); `None` when quiet.
 async fn late_output(
     entry: &Entry,
+    conn: &GuestConn,
     session: &mut Session,
     log: &mut OutputLog,
 ) -> Option<Option<SessionEvent>> {
@@ -1004,11 +1020,22 @@ async fn late_output(
             end.get_or_insert(e);
         }
     }
-    let unread = match lock(&entry.chan_fd).as_ref() {
+    let unread = || match lock(&entry.chan_fd).as_ref() {
         Some(fd) => queued(fd, libc::FIONREAD),
         None => 0,
     };
-    (late || unread > 0).then_some(end)
+    if late || unread() > 0 || conn.input_cut() {
+        return Some(end);
+    }
+    // why: a reader that is not parked may be between the socket and a
+    // session; it gets a few turns to park before that counts as late.
+    for _ in 0..3 {
+        if conn.input_settled(unread) {
+            return None;
+        }
+        tokio::task::yield_now().await;
+    }
+    Some(end)
 }
 
 /// Runs a migration inside the sandbox's lifecycle task.
@@ -1111,12 +1138,12 @@ pub(crate) async fn run_source(
     // every path that ends with the sandbox here clears it (an abort, a
     // restart that resumes here). The commit is never sent without it.
     let mut marker_saved: Option<tokio::task::JoinHandle<Result<(), String>>> = None;
-    let result = {
+    let (result, mig_done_us) = {
         let mig = vm.migrate_out(&sock, &job.params, &ptx, Some(gate));
         tokio::pin!(mig);
         loop {
             tokio::select! {
-                r = &mut mig => break r,
+                r = &mut mig => break (r, wall_us()),
                 r = async { reached_rx.as_mut().expect("guarded").await }, if reached_rx.is_some() => {
                     reached_rx = None;
                     if r.is_ok() {
@@ -1168,6 +1195,8 @@ pub(crate) async fn run_source(
                             // why: the workload ended: nothing is left to move.
                             stash = Some(Some(end));
                             tunnel.abort();
+                        } else if output_drain.cut {
+                            // why: refused after QEMU's last pass (no tail).
                         } else if let Some(p) = &pause {
                             job.step(p, |p| &mut p.output_drained_ms);
                             tracing::debug!(sandbox = %id, "pause: drained");
@@ -1182,6 +1211,8 @@ pub(crate) async fn run_source(
                         if let Some(end) = output_drain.end.take() {
                             stash = Some(Some(end));
                             tunnel.abort();
+                        } else if output_drain.cut {
+                            // why: refused after QEMU's last pass (no tail).
                         } else if let Some(p) = &pause {
                             job.step(p, |p| &mut p.output_drained_ms);
                             tracing::debug!(sandbox = %id, "pause: drained");
@@ -1282,7 +1313,10 @@ pub(crate) async fn run_source(
     job.progress(&progress, sent.load(Ordering::Relaxed));
     let paused_at = paused_at.unwrap_or_else(Instant::now);
     let pause = pause.unwrap_or_else(|| PauseClock::at_gate(vm, begun_us, &id));
-    job.step(&pause, |p| &mut p.qemu_completed_ms);
+    // why: when QEMU's completion was seen, not after the joins above.
+    job.step_ms(&pause, pause.ms_at(mig_done_us), |p| {
+        &mut p.qemu_completed_ms
+    });
     tracing::info!(
         sandbox = %id,
         tunnel_bytes = sent.load(Ordering::Relaxed),
@@ -1291,17 +1325,18 @@ pub(crate) async fn run_source(
     );
 
     // The whole state is on the target; the source VM is paused for good unless we resume it.
-    let end = if drained {
-        None
+    let (end, cut) = if drained {
+        (None, output_drain.cut)
     } else {
-        let end = drain(entry, conn, session, log, output_drain).await;
+        let d = drain(entry, conn, session, log, output_drain).await;
         tracing::debug!(sandbox = %id, "pause: drained");
         job.step(&pause, |p| &mut p.output_drained_ms);
-        end
+        (d.end, d.cut)
     };
     // why: a cancel that came after the last pass: the commit is not sent,
     // so the target never resumes its copy and this one runs on.
     if reg.is_cancelled(job.attempt.as_deref()) && stash.is_none() && end.is_none() {
+        drop(tail_task);
         let _ = log.flush().await;
         let why = format!(
             "the migration of sandbox {id} was cancelled before its commit; it keeps running here"
@@ -1309,9 +1344,18 @@ pub(crate) async fn run_source(
         return stay_here(job, entry, vm, conn, why, None).await;
     }
     if stash.is_some() || end.is_some() {
+        drop(tail_task);
         let _ = log.flush().await;
         let why = format!("the workload of sandbox {id} ended during the migration; it stays here");
         return stay_here(job, entry, vm, conn, why, stash.or(end.map(Some))).await;
+    }
+    if cut {
+        drop(tail_task);
+        let _ = log.flush().await;
+        let why = format!(
+            "the guest's output channel of sandbox {id} held a frame cut in two when it paused (its rest would reach the target mid-frame); the switch-over is refused and it keeps running here (migrate again)"
+        );
+        return stay_here(job, entry, vm, conn, why, None).await;
     }
     let rec = entry.snapshot();
     let mut tail_task = match tail_task {
@@ -1335,7 +1379,7 @@ pub(crate) async fn run_source(
     // why: output that reached this host after the drain is not in the tail
     // the target got; it is kept here and the switch-over refused (safe: no
     // commit was sent).
-    if let Some(end) = late_output(entry, session, log).await {
+    if let Some(end) = late_output(entry, conn, session, log).await {
         let _ = log.flush().await;
         let why = format!(
             "the workload of sandbox {id} wrote output after its log was handed over; the switch-over is refused and it keeps running here (migrate again)"
@@ -1397,7 +1441,7 @@ pub(crate) async fn run_source(
     // in the tail, and the target would hand its credit back to the guest,
     // which then drops it from its replay buffer (review5 F3). Without late
     // output this completes without suspending.
-    if let Some(end) = late_output(entry, session, log).await {
+    if let Some(end) = late_output(entry, conn, session, log).await {
         let _ = log.flush().await;
         let why = format!(
             "the workload of sandbox {id} wrote output after its log was handed over; the switch-over is refused and it keeps running here (migrate again)"
@@ -1420,11 +1464,15 @@ pub(crate) async fn run_source(
             session.hand_over();
             // why: the VMM answered from its completion event, before its
             // last pass was counted (bytes, downtime); read now, off the pause.
-            match vm.migration_stats().await {
-                Ok(Some(p)) => job.progress(&p, sent.load(Ordering::Relaxed)),
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::debug!(sandbox = %id, "final migration statistics not read: {e}")
+            // Bounded: the client's answer and the release wait for it.
+            match tokio::time::timeout(STATS_WAIT, vm.migration_stats()).await {
+                Ok(Ok(Some(p))) => job.progress(&p, sent.load(Ordering::Relaxed)),
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(sandbox = %id, "the final migration statistics (bytes, downtime) were not read: {e}")
+                }
+                Err(_) => {
+                    tracing::warn!(sandbox = %id, "the final migration statistics (bytes, downtime) were not read within {STATS_WAIT:?}")
                 }
             }
             let handover = paused_at.elapsed().as_millis() as u64;
@@ -4176,7 +4224,9 @@ mod tests {
         *lock(&entry.chan_fd) = Some(OwnedFd::from(chan));
 
         assert!(
-            late_output(&entry, &mut session, &mut log).await.is_none(),
+            late_output(&entry, &conn, &mut session, &mut log)
+                .await
+                .is_none(),
             "a quiet channel is not late output"
         );
 
@@ -4188,7 +4238,7 @@ mod tests {
         .unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
         let late = loop {
-            if let Some(late) = late_output(&entry, &mut session, &mut log).await {
+            if let Some(late) = late_output(&entry, &conn, &mut session, &mut log).await {
                 break late;
             }
             assert!(
@@ -4211,8 +4261,70 @@ mod tests {
         let (tx, _rx) = tokio::sync::watch::channel(0);
         let mut log = OutputLog::open_append(&path, tx, 1 << 20).await.unwrap();
         assert!(
-            late_output(&entry, &mut session, &mut log).await.is_some(),
+            late_output(&entry, &conn, &mut session, &mut log)
+                .await
+                .is_some(),
             "bytes unread on the channel are late output"
+        );
+    }
+
+    /// review13: bytes the guest sent that the reader took off the socket but
+    /// has not routed (the head of a frame whose tail is not there) are
+    /// neither in the session nor unread on the socket, so `late_output`
+    /// calls the channel quiet and the commit goes out. Two ways to get
+    /// there: (1) a frame over 32 KiB (stdout frames go up to 64 KiB) is
+    /// several write()s in the guest (virtio_console caps one at 32 KiB) and
+    /// the vCPU stop can fall between them: the head is here, the tail is
+    /// written on the target after `cont`, whose reader (`reattach`, no
+    /// resync) then starts mid-frame; the drain's quiet fallback ends on such
+    /// a cut frame by design; (2) QEMU's main loop flushes a throttled port
+    /// (`chr_write_unblocked`, no run-state check) into the socket while the
+    /// VM is stopped, now after a drain that may end before the last pass.
+    /// `late_output` (and the drain's end) should ask
+    /// `GuestConn::input_settled` and refuse the switch-over on a cut frame.
+    #[tokio::test]
+    async fn bytes_the_reader_holds_unrouted_are_late_output() {
+        use hearth_proto::{write_frame_async, Frame, Hello, Kind, PROTOCOL_VERSION};
+        use std::os::fd::AsFd;
+        use tokio::io::AsyncWriteExt;
+        let dir = tempfile::tempdir().unwrap();
+        let rec = offer(serde_json::Value::Null, None).sandbox;
+        let entry = Entry::new(dir.path().to_path_buf(), rec);
+        let (host, mut guest) = tokio::net::UnixStream::pair().unwrap();
+        *lock(&entry.chan_fd) = Some(host.as_fd().try_clone_to_owned().unwrap());
+        let hello = Hello {
+            protocol_version: PROTOCOL_VERSION,
+            agent_version: "test".into(),
+            kernel_release: "6.1".into(),
+        };
+        write_frame_async(&mut guest, &Frame::json(Kind::Hello, 0, &hello))
+            .await
+            .unwrap();
+        let conn = crate::guest_conn::GuestConn::handshake(host, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let mut session = conn.attach(7);
+        let path = dir.path().join("output.log");
+        let (tx, _rx) = tokio::sync::watch::channel(0);
+        let mut log = OutputLog::create(&path, tx, 1 << 20).await.unwrap();
+        assert!(late_output(&entry, &conn, &mut session, &mut log)
+            .await
+            .is_none());
+
+        // The head of a frame arrives (its tail still queued in QEMU).
+        let frame = Frame::data(Kind::Stdout, 7, vec![b'x'; 4000]).encode();
+        guest.write_all(&frame[..2000]).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while queued(lock(&entry.chan_fd).as_ref().unwrap(), libc::FIONREAD) > 0 {
+            assert!(Instant::now() < deadline, "the reader never took the bytes");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(
+            late_output(&entry, &conn, &mut session, &mut log)
+                .await
+                .is_some(),
+            "2000 bytes of a frame the guest sent are in the reader, unrouted: not reported late"
         );
     }
 }
