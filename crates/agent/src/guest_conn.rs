@@ -1112,6 +1112,27 @@ impl SessionInput {
     }
 }
 
+/// Tests: the guest's Hello written on `guest`, then the host's handshake
+/// over `host` (the other end of the same pipe or socket pair).
+#[cfg(test)]
+pub(crate) async fn handshake_for_test<S, G>(host: S, guest: &mut G) -> Arc<GuestConn>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+    G: AsyncWrite + Unpin,
+{
+    let hello = Hello {
+        protocol_version: PROTOCOL_VERSION,
+        agent_version: "test".into(),
+        kernel_release: "6.1".into(),
+    };
+    write_frame_async(guest, &Frame::json(Kind::Hello, 0, &hello))
+        .await
+        .unwrap();
+    GuestConn::handshake(host, Duration::from_secs(5))
+        .await
+        .unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     //! The host's side of the protocol against a scripted guest: these cases
@@ -1128,17 +1149,7 @@ mod tests {
     /// A connection over a pipe of `buffer` bytes each way.
     async fn connected_with(buffer: usize) -> (Arc<GuestConn>, DuplexStream) {
         let (host, mut guest) = tokio::io::duplex(buffer);
-        let hello = Hello {
-            protocol_version: PROTOCOL_VERSION,
-            agent_version: "test".into(),
-            kernel_release: "6.1".into(),
-        };
-        write_frame_async(&mut guest, &Frame::json(Kind::Hello, 0, &hello))
-            .await
-            .unwrap();
-        let conn = GuestConn::handshake(host, Duration::from_secs(5))
-            .await
-            .unwrap();
+        let conn = handshake_for_test(host, &mut guest).await;
         (conn, guest)
     }
 
@@ -1177,17 +1188,7 @@ mod tests {
         use tokio::io::AsyncWriteExt;
         let (host, mut guest) = tokio::net::UnixStream::pair().unwrap();
         let fd = host.as_fd().try_clone_to_owned().unwrap();
-        let hello = Hello {
-            protocol_version: PROTOCOL_VERSION,
-            agent_version: "test".into(),
-            kernel_release: "6.1".into(),
-        };
-        write_frame_async(&mut guest, &Frame::json(Kind::Hello, 0, &hello))
-            .await
-            .unwrap();
-        let conn = GuestConn::handshake(host, Duration::from_secs(5))
-            .await
-            .unwrap();
+        let conn = handshake_for_test(host, &mut guest).await;
         assert!(settles(&conn, &fd).await, "an idle channel settles");
         assert!(
             !conn.input_settled(|| 1),

@@ -4198,23 +4198,13 @@ mod tests {
     /// routed yet.
     #[tokio::test]
     async fn output_after_the_drain_is_kept_and_reported_late() {
-        use hearth_proto::{write_frame_async, Frame, Hello, Kind, PROTOCOL_VERSION};
+        use hearth_proto::{write_frame_async, Frame, Kind};
         use std::os::fd::OwnedFd;
         let dir = tempfile::tempdir().unwrap();
         let rec = offer(serde_json::Value::Null, None).sandbox;
         let entry = Entry::new(dir.path().to_path_buf(), rec);
         let (host, mut guest) = tokio::io::duplex(1 << 20);
-        let hello = Hello {
-            protocol_version: PROTOCOL_VERSION,
-            agent_version: "test".into(),
-            kernel_release: "6.1".into(),
-        };
-        write_frame_async(&mut guest, &Frame::json(Kind::Hello, 0, &hello))
-            .await
-            .unwrap();
-        let conn = crate::guest_conn::GuestConn::handshake(host, Duration::from_secs(5))
-            .await
-            .unwrap();
+        let conn = crate::guest_conn::handshake_for_test(host, &mut guest).await;
         let mut session = conn.attach(7);
         let path = dir.path().join("output.log");
         let (tx, _rx) = tokio::sync::watch::channel(0);
@@ -4284,7 +4274,7 @@ mod tests {
     /// `GuestConn::input_settled` and refuse the switch-over on a cut frame.
     #[tokio::test]
     async fn bytes_the_reader_holds_unrouted_are_late_output() {
-        use hearth_proto::{write_frame_async, Frame, Hello, Kind, PROTOCOL_VERSION};
+        use hearth_proto::{Frame, Kind};
         use std::os::fd::AsFd;
         use tokio::io::AsyncWriteExt;
         let dir = tempfile::tempdir().unwrap();
@@ -4292,17 +4282,7 @@ mod tests {
         let entry = Entry::new(dir.path().to_path_buf(), rec);
         let (host, mut guest) = tokio::net::UnixStream::pair().unwrap();
         *lock(&entry.chan_fd) = Some(host.as_fd().try_clone_to_owned().unwrap());
-        let hello = Hello {
-            protocol_version: PROTOCOL_VERSION,
-            agent_version: "test".into(),
-            kernel_release: "6.1".into(),
-        };
-        write_frame_async(&mut guest, &Frame::json(Kind::Hello, 0, &hello))
-            .await
-            .unwrap();
-        let conn = crate::guest_conn::GuestConn::handshake(host, Duration::from_secs(5))
-            .await
-            .unwrap();
+        let conn = crate::guest_conn::handshake_for_test(host, &mut guest).await;
         let mut session = conn.attach(7);
         let path = dir.path().join("output.log");
         let (tx, _rx) = tokio::sync::watch::channel(0);
