@@ -2222,6 +2222,7 @@ fn full_frames_keep_flowing_after_each_move() {
     });
     let nodes = [&a, &b];
     let mut here = 0;
+    let mut moved = 0;
     for round in 0..rounds {
         let (from, to) = (nodes[here], nodes[1 - here]);
         let out = from.hearth(&[
@@ -2235,6 +2236,7 @@ fn full_frames_keep_flowing_after_each_move() {
         ]);
         if out.status.success() {
             here = 1 - here;
+            moved += 1;
             println!("round {round}: moved");
         } else {
             println!("round {round}: not moved: {}", stderr(&out).trim());
@@ -2267,4 +2269,7 @@ fn full_frames_keep_flowing_after_each_move() {
         }
         assert_eq!(on.inspect("frames")["status"], "running", "round {round}");
     }
+    // why: a refused move is allowed (a frame cut at the pause), but one that
+    // never moves would not test the target's reader at all (review14 F3).
+    assert!(moved > 0, "no round moved the sandbox");
 }

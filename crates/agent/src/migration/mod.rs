@@ -112,9 +112,10 @@ fn record_bytes(rec: &MigrationRecord) -> std::io::Result<Vec<u8>> {
 /// aligned 512-byte sector all or nothing; NFS, FUSE and other network or
 /// user-space file systems do not promise it. Where it does not hold, a crash
 /// mid-write can leave bytes of both records in the sector. The two records
-/// differ only in their phase's name (`switchover` → `committing`, the same
-/// length; the token is in [`TOKEN_FILE`]), so a torn record reads as the old
-/// one, the new one, or a phase that is neither: a record that does not parse,
+/// differ only in their phase's name (`precopy` → `committing`; the token is
+/// in [`TOKEN_FILE`]; the phase is the last field, so only the name's bytes
+/// and the closing `"}` differ), so a torn record reads as the old one, the
+/// new one, or something that does not parse: a record that does not parse,
 /// which start-up counts as unresolved (kept paused, reported), never as "no
 /// migration" ([`load_record`]). docs/migration.md, "Exactly one running copy".
 const ATOMIC_WRITE: usize = 512;
@@ -571,12 +572,10 @@ impl SourceJob {
             .send(Err(AgentError::Conflict(format!("cannot migrate: {why}"))));
     }
 
-    /// Records `phase` durably in `migration.json` and in the status; a
-    /// failure to save is logged (the record on disk does not have it). The
-    /// fsyncs run on a blocking thread, not on a runtime worker that other
-    /// sandboxes' tasks share (review8 F4).
-    /// Records `phase` (whole: file, rename, dir fsync) and publishes it;
-    /// true when it was saved.
+    /// Records `phase` durably in `migration.json` (whole: file, rename, dir
+    /// fsync) and in the status; answers whether it was saved (a failure is
+    /// also logged). The fsyncs run on a blocking thread, not on a runtime
+    /// worker that other sandboxes' tasks share (review8 F4).
     async fn set_phase(&self, entry: &Entry, phase: Phase) -> bool {
         set_migration_paused(entry, phase);
         let (dir, record) = (entry.dir.clone(), self.record(&entry.snapshot().id, phase));
@@ -1006,13 +1005,30 @@ fn start_tail(
 /// sandbox stays). `Some` (with the workload's end, if it came) when there
 /// was any, or bytes are still unread on the channel or held by its reader
 /// unrouted (review13 F2: they are in neither place); `None` when quiet.
+/// The reader's barrier is waited for first and the session drained after
+/// it (review14 F1: drained before, a frame routed while the barrier was
+/// awaited stayed in the session unreported).
 async fn late_output(
     entry: &Entry,
     conn: &GuestConn,
     session: &mut Session,
     log: &mut OutputLog,
 ) -> Option<Option<SessionEvent>> {
-    let mut late = false;
+    let unread = || match lock(&entry.chan_fd).as_ref() {
+        Some(fd) => queued(fd, libc::FIONREAD),
+        None => 0,
+    };
+    // why: a reader that is not parked may be between the socket and a
+    // session; it gets a few turns to park before that counts as late.
+    let mut settled = false;
+    for _ in 0..3 {
+        if conn.input_settled(unread) {
+            settled = true;
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    let mut late = !settled;
     let mut end = None;
     while let Some(ev) = session.try_next() {
         late = true;
@@ -1020,22 +1036,7 @@ async fn late_output(
             end.get_or_insert(e);
         }
     }
-    let unread = || match lock(&entry.chan_fd).as_ref() {
-        Some(fd) => queued(fd, libc::FIONREAD),
-        None => 0,
-    };
-    if late || unread() > 0 || conn.input_cut() {
-        return Some(end);
-    }
-    // why: a reader that is not parked may be between the socket and a
-    // session; it gets a few turns to park before that counts as late.
-    for _ in 0..3 {
-        if conn.input_settled(unread) {
-            return None;
-        }
-        tokio::task::yield_now().await;
-    }
-    Some(end)
+    late.then_some(end)
 }
 
 /// Runs a migration inside the sandbox's lifecycle task.
@@ -4258,20 +4259,10 @@ mod tests {
         );
     }
 
-    /// review13: bytes the guest sent that the reader took off the socket but
-    /// has not routed (the head of a frame whose tail is not there) are
-    /// neither in the session nor unread on the socket, so `late_output`
-    /// calls the channel quiet and the commit goes out. Two ways to get
-    /// there: (1) a frame over 32 KiB (stdout frames go up to 64 KiB) is
-    /// several write()s in the guest (virtio_console caps one at 32 KiB) and
-    /// the vCPU stop can fall between them: the head is here, the tail is
-    /// written on the target after `cont`, whose reader (`reattach`, no
-    /// resync) then starts mid-frame; the drain's quiet fallback ends on such
-    /// a cut frame by design; (2) QEMU's main loop flushes a throttled port
-    /// (`chr_write_unblocked`, no run-state check) into the socket while the
-    /// VM is stopped, now after a drain that may end before the last pass.
-    /// `late_output` (and the drain's end) should ask
-    /// `GuestConn::input_settled` and refuse the switch-over on a cut frame.
+    /// review13 F2: bytes the guest sent that the reader took off the socket
+    /// but has not routed (the head of a frame whose tail is not there) are
+    /// neither in the session nor unread on the socket; `late_output` asks the
+    /// reader's barrier and calls them late, so the commit is not sent.
     #[tokio::test]
     async fn bytes_the_reader_holds_unrouted_are_late_output() {
         use hearth_proto::{Frame, Kind};

@@ -99,11 +99,13 @@ pub(crate) fn mark_lease_moved(
 /// Source, when the migration is aborted (the sandbox runs here): its
 /// address is released here again when it ends.
 pub(crate) fn clear_lease_moved(data_dir: &Path, dir: &Path, id: &str) {
+    // why: `mark_lease_moved` notes the id before it writes the marker; a
+    // crash between the two leaves the id noted and no marker (review14 F5).
+    forget_moved(data_dir, id);
     let marker = dir.join(MOVED_MARKER);
     if marker.symlink_metadata().is_err() {
         return;
     }
-    forget_moved(data_dir, id);
     if let Err(e) = std::fs::remove_file(&marker) {
         tracing::warn!(sandbox = id, "cannot remove {}: {e}", marker.display());
     }
