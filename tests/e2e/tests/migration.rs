@@ -1230,15 +1230,7 @@ fn fast_output_is_neither_lost_nor_repeated_across_moves() {
     let mut refused = 0;
     for round in 0..rounds {
         let (from, to) = (nodes[here], nodes[1 - here]);
-        let out = from.hearth(&[
-            "migrate",
-            "fast",
-            "--to",
-            &to.api,
-            "--to-token-file",
-            &token_file(to),
-            "--json",
-        ]);
+        let out = migrate_cli(from, "fast", to);
         if !out.status.success() {
             // why: a refused switch-over (the paused guest could not take in the
             // credit already sent to it, docs/migration.md "Not done yet") is the
@@ -1611,8 +1603,9 @@ fn keeps_counting(d: &Daemon, sandbox: &str, after: usize, more: usize) -> Vec<u
     v
 }
 
-fn migrate_to(from: &Daemon, sandbox: &str, to: &Daemon) -> serde_json::Value {
-    let out = from.hearth(&[
+/// `hearth migrate SANDBOX --to TO --json` on `from`, as the CLI answers it.
+fn migrate_cli(from: &Daemon, sandbox: &str, to: &Daemon) -> std::process::Output {
+    from.hearth(&[
         "migrate",
         sandbox,
         "--to",
@@ -1620,7 +1613,11 @@ fn migrate_to(from: &Daemon, sandbox: &str, to: &Daemon) -> serde_json::Value {
         "--to-token-file",
         &token_file(to),
         "--json",
-    ]);
+    ])
+}
+
+fn migrate_to(from: &Daemon, sandbox: &str, to: &Daemon) -> serde_json::Value {
+    let out = migrate_cli(from, sandbox, to);
     assert!(
         out.status.success(),
         "migrate {sandbox}: {}\n{}",
@@ -2225,15 +2222,7 @@ fn full_frames_keep_flowing_after_each_move() {
     let mut moved = 0;
     for round in 0..rounds {
         let (from, to) = (nodes[here], nodes[1 - here]);
-        let out = from.hearth(&[
-            "migrate",
-            "frames",
-            "--to",
-            &to.api,
-            "--to-token-file",
-            &token_file(to),
-            "--json",
-        ]);
+        let out = migrate_cli(from, "frames", to);
         if out.status.success() {
             here = 1 - here;
             moved += 1;

@@ -650,16 +650,17 @@ impl SourceJob {
 
     /// Records that the pause reached the step `at` picks, now.
     fn step(&self, pause: &PauseClock, at: impl FnOnce(&mut PauseSteps) -> &mut Option<u64>) {
-        self.step_ms(pause, pause.elapsed_ms(), at);
+        self.step_at(pause, wall_us(), at);
     }
 
-    /// [`SourceJob::step`] for a step that ended `ms` after the stop.
-    fn step_ms(
+    /// [`SourceJob::step`] for a step that ended at `us` (this host's wall clock).
+    fn step_at(
         &self,
-        _pause: &PauseClock,
-        ms: u64,
+        pause: &PauseClock,
+        us: u64,
         at: impl FnOnce(&mut PauseSteps) -> &mut Option<u64>,
     ) {
+        let ms = pause.ms_at(us);
         self.status
             .send_modify(|s| *at(s.pause_steps.get_or_insert_with(Default::default)) = Some(ms));
     }
@@ -774,10 +775,6 @@ impl PauseClock {
         PauseClock {
             stopped_us: stopped.unwrap_or(now),
         }
-    }
-
-    fn elapsed_ms(&self) -> u64 {
-        self.ms_at(wall_us())
     }
 
     /// From the stop here to `us` (this host's wall clock).
@@ -1186,22 +1183,9 @@ pub(crate) async fn run_source(
                             // not count, one taken in after it restarts it.
                             output_drain = Drain::default();
                             draining = true;
-                            drain_tick.reset();
-                        }
-                    }
-                    if draining && output_drain.step(entry, conn, session, log).await {
-                        draining = false;
-                        drained = true;
-                        if let Some(end) = output_drain.end.take() {
-                            // why: the workload ended: nothing is left to move.
-                            stash = Some(Some(end));
-                            tunnel.abort();
-                        } else if output_drain.cut {
-                            // why: refused after QEMU's last pass (no tail).
-                        } else if let Some(p) = &pause {
-                            job.step(p, |p| &mut p.output_drained_ms);
-                            tracing::debug!(sandbox = %id, "pause: drained");
-                            tail_task = Some(start_tail(&job.peer, &id, &log_path, bulk.take()));
+                            // why: the first check right at the gate (the
+                            // next turn of this loop), then every DRAIN_POLL.
+                            drain_tick.reset_immediately();
                         }
                     }
                 }
@@ -1210,6 +1194,7 @@ pub(crate) async fn run_source(
                         draining = false;
                         drained = true;
                         if let Some(end) = output_drain.end.take() {
+                            // why: the workload ended: nothing is left to move.
                             stash = Some(Some(end));
                             tunnel.abort();
                         } else if output_drain.cut {
@@ -1315,9 +1300,7 @@ pub(crate) async fn run_source(
     let paused_at = paused_at.unwrap_or_else(Instant::now);
     let pause = pause.unwrap_or_else(|| PauseClock::at_gate(vm, begun_us, &id));
     // why: when QEMU's completion was seen, not after the joins above.
-    job.step_ms(&pause, pause.ms_at(mig_done_us), |p| {
-        &mut p.qemu_completed_ms
-    });
+    job.step_at(&pause, mig_done_us, |p| &mut p.qemu_completed_ms);
     tracing::info!(
         sandbox = %id,
         tunnel_bytes = sent.load(Ordering::Relaxed),
@@ -1365,7 +1348,7 @@ pub(crate) async fn run_source(
     };
     let tail = match (&mut tail_task.0).await {
         Ok(Ok(done_us)) => {
-            job.step_ms(&pause, pause.ms_at(done_us), |p| &mut p.log_sent_ms);
+            job.step_at(&pause, done_us, |p| &mut p.log_sent_ms);
             Ok(())
         }
         Ok(Err(e)) => Err(e),
