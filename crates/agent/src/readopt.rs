@@ -533,12 +533,15 @@ impl Agent {
                         "resuming the VM a migration had paused failed: {e}"
                     ))
                 })?;
-                crate::migration::forget_record(&entry.dir);
+                // why: the marker first, the record last: a crash in between
+                // leaves the record, and the next start clears it again
+                // (review15 F3: the other order left a marker with no record).
                 crate::migration::net::clear_lease_moved(
                     &self.inner.cfg.data_dir,
                     &entry.dir,
                     &entry.snapshot().id,
                 );
+                crate::migration::forget_record(&entry.dir);
                 tracing::info!(sandbox = %entry.snapshot().id, "a migration had not committed: the VM runs on here");
             }
         }

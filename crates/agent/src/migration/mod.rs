@@ -1078,7 +1078,21 @@ pub(crate) async fn run_source(
             return SourceEnd::StayedHere(None);
         }
     };
-    let precopy_saved = job.set_phase(entry, Phase::Precopy).await;
+    // why: no migration goes on without its record on disk: a restart would
+    // find none and take the VM paused at the gate for a running one, its
+    // lease marker kept (review15 F2; nothing after it is written whole
+    // before `committing`).
+    if !job.set_phase(entry, Phase::Precopy).await {
+        let _ = std::fs::remove_file(&sock);
+        let _ = job.peer.abort(&id).await;
+        let msg = format!(
+            "cannot save the migration record of sandbox {id} in {} (free space in the data directory, then migrate again); it keeps running here",
+            entry.dir.display()
+        );
+        job.end(entry, Phase::Aborted, Err(AgentError::Migration(msg)))
+            .await;
+        return SourceEnd::StayedHere(None);
+    }
     // why: the log's bulk goes during the pre-copy, only its tail inside the
     // pause (issue 7); read concurrently with appends, the bytes up to the
     // length read are final (the log is append-only), the tail continues there.
@@ -1247,10 +1261,6 @@ pub(crate) async fn run_source(
         }
     };
     let _ = std::fs::remove_file(&sock);
-    // why: `committing` overwrites the record in place only over one this
-    // migration saved whole (file and name durable); after a failed save
-    // (e.g. the dir fsync) it is written anew, file and name (review8 F1).
-    let precopy_durable = precopy_saved;
     // why: joined before any path that ends with the sandbox here, which
     // clears the marker: a write still running would outlive the clear.
     let marker = match marker_saved.take() {
@@ -1385,15 +1395,12 @@ pub(crate) async fn run_source(
             let dir = entry.dir.clone();
             let record = job.record(&id, Phase::Committing);
             set_migration_paused(entry, Phase::Committing);
-            tokio::task::spawn_blocking(move || {
-                if precopy_durable {
-                    store_phase_in_place(&dir, &record)
-                } else {
-                    store_phase(&dir, &record)
-                }
-            })
-            .await
-            .unwrap_or_else(|e| Err(format!("saving the migration phase failed: {e}")))
+            // why: in place only over a record this migration saved whole
+            // (file and name durable, review8 F1): the `precopy` one, which
+            // the migration does not go on without.
+            tokio::task::spawn_blocking(move || store_phase_in_place(&dir, &record))
+                .await
+                .unwrap_or_else(|e| Err(format!("saving the migration phase failed: {e}")))
         }
     };
     if let Err(why) = saved {
