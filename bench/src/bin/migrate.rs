@@ -349,7 +349,7 @@ async fn bare_run(rootfs: &std::path::Path, mib: u32, dirty: bool) -> Sample {
         let ticket = tunnel::new_ticket();
         let (t2, s2) = (ticket.clone(), sock.clone());
         let received = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        tokio::spawn(async move { tunnel::serve_target(tcp, t2, &s2, received).await });
+        tokio::spawn(async move { tunnel::serve_target(tcp, t2, None, &s2, received).await });
         let src_sock = tmp.path().join("out.sock");
         let l = tokio::net::UnixListener::bind(&src_sock).unwrap();
         let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));

@@ -65,15 +65,22 @@ pub async fn prepare(
     State(agent): State<Agent>,
     axum::Extension(auth): axum::Extension<crate::Auth>,
     headers: HeaderMap,
+    extensions: axum::http::Extensions,
     Json(offer): Json<IncomingOffer>,
 ) -> ApiResult<(StatusCode, Json<IncomingAccepted>)> {
     authorize_offer(&auth, &offer, &agent.info().node)?;
+    // why: the source's tunnel connection comes from the address its offer
+    // came from (unless a proxy stands between): that address's ticket
+    // checks are the last a flood of connections may evict.
+    let from = extensions
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip());
     let attempt = match &auth {
         crate::Auth::Migration(scope) => Some(scope.attempt.clone()),
         crate::Auth::Admin => None,
     };
     let a = agent
-        .incoming_prepare(offer, bind_ip(&headers), attempt)
+        .incoming_prepare(offer, bind_ip(&headers), from, attempt)
         .await?;
     Ok((StatusCode::CREATED, Json(a)))
 }

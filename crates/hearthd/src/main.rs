@@ -372,7 +372,12 @@ pub(crate) async fn axum_serve(listener: tokio::net::TcpListener, app: axum::Rou
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
     tokio::select! {
-        r = axum::serve(listener, app) => r.context("serving the API"),
+        // why: handlers see the peer's address (a migration offer's tunnel
+        // favours the connections from it).
+        r = axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        ) => r.context("serving the API"),
         _ = tokio::signal::ctrl_c() => {
             tracing::info!("SIGINT: shutting down");
             Ok(())

@@ -2344,11 +2344,14 @@ impl Agent {
             })
     }
 
-    /// Target, step 1: check the image, start an incoming VM, open the tunnel.
+    /// Target, step 1: check the image, start an incoming VM, open the tunnel
+    /// (on `bind`; `from` is the address the offer came from, whose
+    /// connections to the tunnel are evicted last: [`tunnel::serve_target`]).
     pub async fn incoming_prepare(
         &self,
         offer: IncomingOffer,
         bind: Option<IpAddr>,
+        from: Option<IpAddr>,
         attempt: Option<String>,
     ) -> Result<IncomingAccepted, AgentError> {
         let sb = &offer.sandbox;
@@ -2597,7 +2600,7 @@ impl Agent {
         let received = Arc::new(AtomicU64::new(0));
         let r2 = received.clone();
         let tunnel = tokio::spawn(async move {
-            match tunnel::serve_target(listener, t2, &sock2, r2).await {
+            match tunnel::serve_target(listener, t2, from, &sock2, r2).await {
                 Ok(n) => tracing::info!(sandbox = %id2, bytes = n, "migration stream received"),
                 Err(e) => tracing::warn!(sandbox = %id2, "migration stream failed: {e}"),
             }
@@ -3542,6 +3545,7 @@ mod tests {
         let e = a
             .incoming_prepare(
                 offer(serde_json::Value::Null, None),
+                None,
                 None,
                 Some("att1".into()),
             )

@@ -14,7 +14,7 @@
 //! autotuned TCP buffers for ~300 ms after the source completed) and the TCP
 //! buffers are fixed and small (autotuning grows them to several MiB).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -27,11 +27,15 @@ use tokio::net::{TcpListener, TcpSocket, UnixListener, UnixStream};
 pub const TICKET_LEN: usize = 64;
 /// How long a peer has to present the ticket.
 const TICKET_TIMEOUT: Duration = Duration::from_secs(10);
-/// Connections presenting a ticket at once; a newer one evicts the oldest
-/// (a flood of silent connections must not take the agent's descriptors, nor
-/// lock the real source out: it sends its ticket right after connecting, so
-/// its check ends within a round trip of the accept).
+/// Connections presenting a ticket at once. Past it one check is evicted:
+/// the oldest of the address holding the most, never the source node's
+/// while another address holds one (a flood of silent connections must not
+/// take the agent's descriptors, nor lock the real source out, review15 F1).
 const MAX_CHECKS: usize = 32;
+/// Connections one address may present tickets on at once; a newer one from
+/// it evicts its oldest (the source sends its ticket right after connecting,
+/// so its check ends within a round trip of the accept).
+const PER_PEER_CHECKS: usize = 4;
 /// Pause after a failed `accept` (out of descriptors, buffers) before the next.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// The relay's user-space buffer (the stream's direction): each wakeup moves
@@ -87,12 +91,60 @@ fn bounded_socket(
     Ok(sock)
 }
 
+/// The checks of tickets in progress, oldest first, with the address each
+/// came from.
+struct Checks {
+    pending: std::collections::VecDeque<(IpAddr, tokio::task::AbortHandle)>,
+    /// The source node's address as the offer came from it, if known.
+    source: Option<IpAddr>,
+}
+
+impl Checks {
+    /// Makes room for a check of a connection from `peer`: answers the
+    /// address whose check was evicted, if one was.
+    fn make_room(&mut self, peer: IpAddr) -> Option<IpAddr> {
+        self.pending.retain(|(_, h)| !h.is_finished());
+        let from = |ip: IpAddr| self.pending.iter().filter(|(p, _)| *p == ip).count();
+        let victim = if from(peer) >= PER_PEER_CHECKS {
+            Some(peer)
+        } else if self.pending.len() >= MAX_CHECKS {
+            // why: the address holding the most checks pays, and the source
+            // node's only when nobody else holds one: strangers, however
+            // many addresses they use, cannot evict the source's check.
+            let mut counts: Vec<(IpAddr, usize)> = Vec::new();
+            for (ip, _) in &self.pending {
+                match counts.iter_mut().find(|(p, _)| p == ip) {
+                    Some((_, n)) => *n += 1,
+                    None => counts.push((*ip, 1)),
+                }
+            }
+            counts
+                .iter()
+                .filter(|(ip, _)| Some(*ip) != self.source)
+                .max_by_key(|(_, n)| *n)
+                .or_else(|| counts.first())
+                .map(|(ip, _)| *ip)
+        } else {
+            None
+        };
+        let ip = victim?;
+        let at = self.pending.iter().position(|(p, _)| *p == ip)?;
+        if let Some((_, h)) = self.pending.remove(at) {
+            h.abort();
+        }
+        Some(ip)
+    }
+}
+
 /// Target side: accepts connections on `listener` until one presents `ticket`,
 /// then splices it into the unix socket `vmm`. Returns the bytes received;
-/// `received` counts them as they reach the VMM's socket.
+/// `received` counts them as they reach the VMM's socket. `source` is the
+/// address the offer came from (the source node's, unless a proxy stood
+/// between): its checks are never evicted for another address's.
 pub async fn serve_target(
     listener: TcpListener,
     ticket: String,
+    source: Option<IpAddr>,
     vmm: &Path,
     received: Arc<AtomicU64>,
 ) -> std::io::Result<u64> {
@@ -101,8 +153,12 @@ pub async fn serve_target(
     // the ticket timeout.
     let ticket = Arc::new(ticket);
     let mut checks = tokio::task::JoinSet::new();
-    let mut pending: std::collections::VecDeque<tokio::task::AbortHandle> = Default::default();
+    let mut pending = Checks {
+        pending: Default::default(),
+        source: source.map(|s| s.to_canonical()),
+    };
     let (mut failed_accepts, mut evicted) = (0u64, 0u64);
+    let refused = Arc::new(AtomicU64::new(0));
     let tcp = loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -120,17 +176,15 @@ pub async fn serve_target(
                         continue;
                     }
                 };
-                pending.retain(|h| !h.is_finished());
-                if pending.len() >= MAX_CHECKS {
-                    if let Some(oldest) = pending.pop_front() {
-                        oldest.abort();
-                    }
+                let ip = peer.ip().to_canonical();
+                if let Some(from) = pending.make_room(ip) {
                     evicted += 1;
                     if evicted.is_power_of_two() {
-                        tracing::warn!(%peer, "migration tunnel: {MAX_CHECKS} connections were presenting tickets; the oldest closed ({evicted} so far)");
+                        tracing::warn!(%peer, "migration tunnel: too many connections presenting tickets; the oldest from {from} closed ({evicted} so far)");
                     }
                 }
                 let ticket = ticket.clone();
+                let refused = refused.clone();
                 let check = checks.spawn(async move {
                     let mut got = [0u8; TICKET_LEN];
                     let ok = tokio::time::timeout(TICKET_TIMEOUT, tcp.read_exact(&mut got))
@@ -139,11 +193,15 @@ pub async fn serve_target(
                     if ok && same(&got, ticket.as_bytes()) {
                         Some(tcp)
                     } else {
-                        tracing::warn!(%peer, "migration tunnel: connection without the right ticket refused");
+                        // why: one line per stranger would let a flood fill the log.
+                        let n = refused.fetch_add(1, Ordering::Relaxed) + 1;
+                        if n.is_power_of_two() {
+                            tracing::warn!(%peer, "migration tunnel: connection without the right ticket refused ({n} so far)");
+                        }
                         None
                     }
                 });
-                pending.push_back(check);
+                pending.pending.push_back((ip, check));
             }
             // why: a pattern that does not match would switch this branch
             // off for good: a stranger's failed check would leave the real
@@ -158,6 +216,13 @@ pub async fn serve_target(
     drop(listener);
     // why: the other connections' checks end with it (dropped, aborted).
     drop(checks);
+    if let (Some(offer), Ok(peer)) = (pending.source, tcp.peer_addr()) {
+        if peer.ip().to_canonical() != offer {
+            // why: the favour for the offer's address protects nothing here
+            // (a proxy or NAT between the nodes); say so once per migration.
+            tracing::info!(%peer, "migration tunnel: the stream came from another address than the offer ({offer})");
+        }
+    }
     let _ = tcp.set_nodelay(true);
     let unix = UnixStream::connect(vmm).await?;
     splice(unix, tcp, received.clone()).await?;
@@ -215,7 +280,9 @@ mod tests {
 
     /// A target's tunnel serving in the background: its VMM socket's
     /// listener, the tunnel's address and its ticket (the dir holds the socket).
-    fn target_tunnel() -> (tempfile::TempDir, UnixListener, SocketAddr, String) {
+    fn target_tunnel(
+        source: Option<IpAddr>,
+    ) -> (tempfile::TempDir, UnixListener, SocketAddr, String) {
         let dir = tempfile::tempdir().unwrap();
         let vmm_sock = dir.path().join("vmm.sock");
         let vmm = UnixListener::bind(&vmm_sock).unwrap();
@@ -224,7 +291,7 @@ mod tests {
         let ticket = new_ticket();
         let t2 = ticket.clone();
         let received = Arc::new(AtomicU64::new(0));
-        tokio::spawn(async move { serve_target(tcp, t2, &vmm_sock, received).await });
+        tokio::spawn(async move { serve_target(tcp, t2, source, &vmm_sock, received).await });
         (dir, vmm, addr, ticket)
     }
 
@@ -232,7 +299,7 @@ mod tests {
     /// still pending must not leave the real one unread.
     #[tokio::test]
     async fn a_strangers_failed_check_does_not_hide_the_source_presenting_its_ticket_later() {
-        let (_dir, vmm, addr, ticket) = target_tunnel();
+        let (_dir, vmm, addr, ticket) = target_tunnel(None);
         // The source connects first and is slow to present its ticket...
         let mut source = tokio::net::TcpStream::connect(addr).await.unwrap();
         // ...while a stranger's wrong ticket is checked and refused.
@@ -252,7 +319,7 @@ mod tests {
     /// the real source out (the oldest check is evicted, not the newest).
     #[tokio::test]
     async fn silent_connections_filling_every_slot_do_not_lock_the_source_out() {
-        let (_dir, vmm, addr, ticket) = target_tunnel();
+        let (_dir, vmm, addr, ticket) = target_tunnel(None);
         let mut silent = Vec::new();
         for _ in 0..MAX_CHECKS + 4 {
             silent.push(tokio::net::TcpStream::connect(addr).await.unwrap());
@@ -267,6 +334,92 @@ mod tests {
         );
     }
 
+    /// Connects to `addr` from the loopback address `from`.
+    async fn connect_from(from: &str, addr: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+        let sock = TcpSocket::new_v4()?;
+        sock.bind(SocketAddr::new(from.parse().unwrap(), 0))?;
+        sock.connect(addr).await
+    }
+
+    /// review15 F1: a steady flood of connections from another address
+    /// (each evicting the oldest check once all slots were full) evicted the
+    /// source's check in the round trip between its connect and its ticket.
+    /// Now an address evicts only its own checks while under its share, and
+    /// the source node's checks go last: with the source's address known
+    /// (the offer's) and without it.
+    #[tokio::test]
+    async fn a_steady_flood_from_elsewhere_does_not_evict_the_sources_check() {
+        for source in [Some("127.0.0.1".parse().unwrap()), None] {
+            let (_dir, vmm, addr, ticket) = target_tunnel(source);
+            let flood = tokio::spawn(async move {
+                let mut v = Vec::new();
+                loop {
+                    if let Ok(s) = connect_from("127.0.0.2", addr).await {
+                        v.push(s);
+                    }
+                    if v.len() > 300 {
+                        v.drain(..200);
+                    }
+                }
+            });
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let mut source_conn = connect_from("127.0.0.1", addr).await.unwrap();
+            // a WAN-ish round trip between the connect and the ticket
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let _ = source_conn.write_all(ticket.as_bytes()).await;
+            let accepted = tokio::time::timeout(Duration::from_secs(5), vmm.accept()).await;
+            flood.abort();
+            assert!(
+                accepted.is_ok_and(|a| a.is_ok()),
+                "a steady connect flood from another address evicted the source's ticket check (source known: {})",
+                source.is_some()
+            );
+        }
+    }
+
+    /// Strangers on many addresses filling every slot: the check evicted is
+    /// one of the address holding the most, never the known source's.
+    #[tokio::test]
+    async fn the_source_nodes_check_is_evicted_last() {
+        let source: IpAddr = "10.0.0.1".parse().unwrap();
+        let mut checks = Checks {
+            pending: Default::default(),
+            source: Some(source),
+        };
+        let mut idle = tokio::task::JoinSet::new();
+        let hold = Arc::new(tokio::sync::Notify::new());
+        let mut add = |ip: IpAddr, checks: &mut Checks| {
+            let evicted = checks.make_room(ip);
+            let h = hold.clone();
+            let handle = idle.spawn(async move { h.notified().await });
+            checks.pending.push_back((ip, handle));
+            evicted
+        };
+        assert_eq!(add(source, &mut checks), None);
+        for i in 0..MAX_CHECKS - 1 {
+            let ip = IpAddr::from([10, 0, 1, (i % 8) as u8]);
+            assert_eq!(add(ip, &mut checks), None, "check {i}");
+        }
+        // full: 8 strangers with 3-4 each and the source with 1
+        for i in 0..100 {
+            let ip = IpAddr::from([10, 0, 2, i as u8]);
+            let evicted = add(ip, &mut checks).expect("a full table evicts a check");
+            assert_ne!(evicted, source, "the source's check was evicted for {ip}");
+            assert_eq!(checks.pending.len(), MAX_CHECKS);
+        }
+        assert!(checks.pending.iter().any(|(ip, _)| *ip == source));
+        // the source's own address is capped like any other
+        for _ in 0..PER_PEER_CHECKS + 2 {
+            add(source, &mut checks);
+        }
+        let mine = checks
+            .pending
+            .iter()
+            .filter(|(ip, _)| *ip == source)
+            .count();
+        assert_eq!(mine, PER_PEER_CHECKS);
+    }
+
     #[tokio::test]
     async fn only_the_ticket_holder_reaches_the_vmm_socket() {
         let dir = tempfile::tempdir().unwrap();
@@ -278,7 +431,7 @@ mod tests {
         let t2 = ticket.clone();
         let received = Arc::new(AtomicU64::new(0));
         let r2 = received.clone();
-        let target = tokio::spawn(async move { serve_target(tcp, t2, &vmm_sock, r2).await });
+        let target = tokio::spawn(async move { serve_target(tcp, t2, None, &vmm_sock, r2).await });
 
         // A stranger that sends nothing does not hold the source back (its
         // check waits beside the others'): kept open for the whole test.
