@@ -738,6 +738,12 @@ fn drain_migrates_what_it_can_and_a_target_killed_mid_transfer_leaves_the_source
         "the drain ended before the CLI was killed: {d}"
     );
     refused(&["node", "drain", "agent1"], "is being drained already");
+    // A cap that cannot send one written disk chunk within the default budget
+    // is warned about before the request, as `hearth migrate` does.
+    refused(
+        &["node", "drain", "agent1", "--bandwidth-mib", "2"],
+        "warning: at 2 MiB/s one written 1 MiB disk chunk takes 500 ms to send, more than the 100 ms downtime budget",
+    );
     wait_until("the drain to finish", Duration::from_secs(180), || {
         drain_status()["state"] == "done"
     });
