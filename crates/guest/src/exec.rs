@@ -63,14 +63,31 @@ pub fn start(id: u32, req: ExecRequest, sessions: &Arc<Sessions>, writer: &Arc<W
         return;
     }
     if let Err(e) = spawn(id, &req, sessions, writer) {
-        let msg = format!("hearth-guest: {e}\n");
-        writer.send_or_log(&Frame::data(Kind::Stderr, id, msg.into_bytes()));
+        let msg = failure_line(&e.to_string());
+        writer.send_or_log(&Frame::data(Kind::Stderr, id, msg));
         let status = ExitStatus {
             code: Some(e.exit_code()),
             signal: None,
         };
         writer.send_or_log(&Frame::json(Kind::Exit, id, &status));
     }
+}
+
+/// The stderr line reporting why nothing ran, bounded to one output frame
+/// that is one console write (a huge `argv[0]` is cut, with `...`): a frame
+/// split across two writes can be cut by a migration's switch-over between
+/// them (docs/migration.md, "Beside QEMU's last pass").
+fn failure_line(error: &str) -> Vec<u8> {
+    let mut msg = format!("hearth-guest: {error}\n");
+    if msg.len() > output::CHUNK {
+        let mut end = output::CHUNK - "...\n".len();
+        while !msg.is_char_boundary(end) {
+            end -= 1;
+        }
+        msg.truncate(end);
+        msg.push_str("...\n");
+    }
+    msg.into_bytes()
 }
 
 fn read_etc(name: &str) -> String {
@@ -216,5 +233,28 @@ impl ChildSetup {
             check(libc::setuid(self.ident.uid))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// review14 F4: the line for a command not found with a huge `argv[0]`
+    /// is one output frame of at most one console write.
+    #[test]
+    fn a_failure_line_is_at_most_one_console_write() {
+        let short = failure_line("nope: command not found");
+        assert_eq!(short, b"hearth-guest: nope: command not found\n");
+        let huge = format!("{}: command not found", "é".repeat(100_000));
+        let line = failure_line(&huge);
+        let frame = Frame::data(Kind::Stderr, 1, line.clone()).encode();
+        assert!(
+            frame.len() <= hearth_proto::MAX_GUEST_WRITE,
+            "{}",
+            frame.len()
+        );
+        let text = String::from_utf8(line).expect("cut at a character boundary");
+        assert!(text.starts_with("hearth-guest: éé") && text.ends_with("é...\n"));
     }
 }

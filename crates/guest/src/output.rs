@@ -16,7 +16,7 @@ use crate::session::{Session, Sessions};
 
 /// Largest read a pump makes: its frame, encoded, is one `write()` the
 /// console driver takes whole ([`hearth_proto::MAX_GUEST_WRITE`]).
-const CHUNK: usize = hearth_proto::MAX_GUEST_WRITE - hearth_proto::FRAME_OVERHEAD;
+pub(crate) const CHUNK: usize = hearth_proto::MAX_GUEST_WRITE - hearth_proto::FRAME_OVERHEAD;
 /// How long output is still collected after the process exits.
 const GRACE: Duration = Duration::from_secs(2);
 
