@@ -303,8 +303,8 @@ impl Agent {
             Ok(Some(o)) => {
                 self.kill_leftover(&rec.id, &vm_dir);
                 let _ = hearth_vmm::destroy(&vm_dir);
+                self.settle_migration(entry);
                 self.drop_network(&rec.id).await;
-                self.settle_known(&rec, entry);
                 tracing::info!(sandbox = %rec.id, status = ?o.status, "hearthd had stopped during the teardown; recorded the saved outcome");
                 self.finish(entry, o.status, o.exit, o.error);
                 return false;
@@ -332,7 +332,7 @@ impl Agent {
                     let _ = hearth_vmm::destroy(&vm_dir);
                     // why: its address moved with it (the lease is kept).
                     self.hand_off_net(entry).await;
-                    self.settle_known(&rec, entry);
+                    self.settle_migration(entry);
                     self.finish(
                         entry,
                         SandboxStatus::Stopped,
@@ -368,25 +368,8 @@ impl Agent {
         self.kill_leftover(&rec.id, &vm_dir);
         let tail = crate::sandbox::console_tail(&vm_dir.join("console.log"));
         let _ = hearth_vmm::destroy(&vm_dir);
-        // why: a migration that had not committed (its record says so) never
-        // moved the address; the lease marker, written from the switch-over
-        // gate on, must not keep it from being released (review13 F4).
-        if let Ok(Some((m, _))) = crate::migration::load_record(&entry.dir) {
-            use crate::migration::phase::Phase;
-            if !matches!(
-                m.phase,
-                Phase::Committing | Phase::Unresolved | Phase::Completed
-            ) {
-                crate::migration::net::clear_lease_moved(
-                    &self.inner.cfg.data_dir,
-                    &entry.dir,
-                    &rec.id,
-                );
-            }
-        }
+        self.settle_migration(entry);
         self.drop_network(&rec.id).await;
-        // why: the sandbox is settled; the record (and the target's token) is not needed.
-        crate::migration::forget_record(&entry.dir);
         tracing::warn!(sandbox = %rec.id, "lost: {reason}");
         // why: an end is shown even when it cannot be saved (see `Entry::update`, which logs it).
         let _ = entry.update(|r| {
@@ -401,6 +384,10 @@ impl Agent {
     /// A sandbox the control plane fenced while hearthd was down (moved
     /// elsewhere, deleted): its VM is not resumed here but stopped, and its
     /// network removed; it ends `stopped` with the control plane's reason.
+    /// Its address is released unless a migration may have moved it (see
+    /// [`Agent::settle_migration`]): whatever the control plane's reason, a
+    /// record before `committing` says the commit was never sent (it is sent
+    /// only once that record is on disk), so no target runs with it.
     pub(crate) async fn recover_fenced(&self, entry: &Arc<Entry>, reason: &str) {
         // why: a copy whose workload had already ended keeps its exit code;
         // recover_sandbox settles it from outcome.json without resuming anything.
@@ -413,8 +400,8 @@ impl Agent {
         tracing::warn!(sandbox = %rec.id, "not taking over a copy the control plane no longer assigns here: {reason}");
         self.kill_leftover(&rec.id, &vm_dir);
         let _ = hearth_vmm::destroy(&vm_dir);
+        self.settle_migration(entry);
         self.drop_network(&rec.id).await;
-        self.settle_known(&rec, entry);
         self.finish(
             entry,
             SandboxStatus::Stopped,
@@ -434,8 +421,28 @@ impl Agent {
         }
     }
 
-    /// A sandbox that ended during recovery: nothing of its migration is left to do.
-    fn settle_known(&self, _rec: &hearth_api::Sandbox, entry: &Entry) {
+    /// A copy settled during recovery (it ends here, or its VM is released
+    /// to the migration's target): nothing of its migration is left to do,
+    /// so its record (and the target's token) is forgotten. Called before
+    /// its network is dropped: a migration whose record says it had not
+    /// committed never moved the address, so the lease marker written from
+    /// the switch-over gate on is cleared and the release gives the address
+    /// back (review13 F4, review14 F6: else it stayed leased for good). One
+    /// that may have committed keeps it (the target may run with it), and so
+    /// does a marker without a record (a completed migration's, its record
+    /// forgotten) or beside an unreadable one. The marker goes first, the
+    /// record last (review15 F3): a crash between leaves the record, and the
+    /// next start settles it again.
+    fn settle_migration(&self, entry: &Entry) {
+        if let Ok(Some((m, _))) = crate::migration::load_record(&entry.dir) {
+            if !m.phase.may_have_committed() {
+                crate::migration::net::clear_lease_moved(
+                    &self.inner.cfg.data_dir,
+                    &entry.dir,
+                    &entry.snapshot().id,
+                );
+            }
+        }
         crate::migration::forget_record(&entry.dir);
     }
 
@@ -840,5 +847,97 @@ mod tests {
         };
         m.store(d.path()).unwrap();
         assert_eq!(WorkloadRecord::load(d.path()).unwrap(), m);
+    }
+
+    /// How a restart settles a copy: fenced by the control plane, ended
+    /// with its outcome saved, or lost (its VM gone).
+    #[derive(Debug, Clone, Copy)]
+    enum Settled {
+        Fenced,
+        Outcome,
+        Lost,
+    }
+
+    /// A networked copy `id` on `a` with the lease marker its migration wrote
+    /// at the switch-over gate and, if given, that migration's record in
+    /// `phase` (a name that is no phase: an unreadable record).
+    fn marked_copy(a: &Agent, id: &str, phase: Option<&str>) -> Arc<Entry> {
+        let data = a.inner.cfg.data_dir.clone();
+        let dir = data.join("sandboxes").join(id);
+        std::fs::create_dir_all(&dir).unwrap();
+        let rec: hearth_api::Sandbox = serde_json::from_value(serde_json::json!({
+            "id": id, "name": null, "image": "busybox", "image_digest": "sha256:x",
+            "status": "running", "exit": null, "error": null, "cpus": 1,
+            "memory_mib": 128, "argv": ["sh"], "node": "n2", "accel": "tcg",
+            "created_ms": 1, "started_ms": 1, "finished_ms": null, "boot_ms": null,
+            "start_path": "cold", "started_from": null
+        }))
+        .unwrap();
+        crate::sandbox::persist(&dir, &rec).unwrap();
+        crate::migration::net::mark_lease_moved(&data, &dir, id, true).unwrap();
+        if let Some(p) = phase {
+            let r = format!(
+                r#"{{"version":1,"sandbox":"{id}","target":"http://127.0.0.1:9","phase":"{p}","token":"t"}}"#
+            );
+            std::fs::write(dir.join("migration.json"), r).unwrap();
+        }
+        Arc::new(Entry::new(dir, rec))
+    }
+
+    /// review14 F6: every start-up path that settles a copy gives its
+    /// address back when its migration had not committed (the record is
+    /// before `committing`: the lease never moved, the marker written at
+    /// the gate is cleared before the network is dropped) and keeps it when
+    /// the target may run with it (`committing`, `unresolved`, `completed`;
+    /// a marker without a record, a completed migration's; an unreadable
+    /// record). Before, the fenced and the saved-outcome paths kept it in
+    /// every case: the address leaked.
+    #[tokio::test]
+    async fn a_settled_copy_gives_its_address_back_unless_its_migration_may_have_committed() {
+        use crate::migration::net::{moved_leases, release_decision, AddressRelease};
+        let d = tempfile::tempdir().unwrap();
+        let a = crate::sandbox::agent_for_test(d.path()).await;
+        let data = a.inner.cfg.data_dir.clone();
+        let cases = [
+            (Some("preparing"), AddressRelease::Own),
+            (Some("precopy"), AddressRelease::Own),
+            (Some("switchover"), AddressRelease::Own),
+            (Some("aborted"), AddressRelease::Own),
+            (Some("committing"), AddressRelease::Keep),
+            (Some("unresolved"), AddressRelease::Keep),
+            (Some("completed"), AddressRelease::Keep),
+            (Some("no-such-phase"), AddressRelease::Keep),
+            (None, AddressRelease::Keep),
+        ];
+        for how in [Settled::Fenced, Settled::Outcome, Settled::Lost] {
+            for (phase, want) in &cases {
+                let id = format!("{how:?}-{}", phase.unwrap_or("none")).to_lowercase();
+                let entry = marked_copy(&a, &id, *phase);
+                match how {
+                    Settled::Fenced => a.recover_fenced(&entry, "moved elsewhere").await,
+                    Settled::Outcome => {
+                        SavedOutcome::new(SandboxStatus::Exited, None, None)
+                            .store(&entry.dir)
+                            .unwrap();
+                        // why: the saved outcome wins over the fence too.
+                        a.recover_fenced(&entry, "deleted").await
+                    }
+                    Settled::Lost => assert!(!a.recover_sandbox(&entry).await),
+                }
+                let what = format!("{how:?} with a {phase:?} record");
+                let status = entry.snapshot().status;
+                assert!(status.is_terminal(), "{what}: {status:?}");
+                assert_eq!(&release_decision(&entry.dir), want, "{what}");
+                assert_eq!(
+                    moved_leases(&data).contains(&id),
+                    *want == AddressRelease::Keep,
+                    "{what}: moved-leases.json (the start-up lease sync keeps what it names)"
+                );
+                assert!(
+                    matches!(crate::migration::load_record(&entry.dir), Ok(None)),
+                    "{what}: the record is settled"
+                );
+            }
+        }
     }
 }

@@ -2396,6 +2396,33 @@ fn nic_device(
     })
 }
 
+/// A real agent for tests (no network, TCG forced, so nothing boots) on a
+/// temp data dir (`dir/data`); the guest files only have to exist.
+#[cfg(test)]
+pub(crate) async fn agent_for_test(dir: &Path) -> Agent {
+    let (kernel, initrd) = (dir.join("vmlinux"), dir.join("initrd"));
+    std::fs::write(&kernel, b"k").unwrap();
+    std::fs::write(&initrd, b"i").unwrap();
+    Agent::start(crate::AgentConfig {
+        data_dir: dir.join("data"),
+        kernel,
+        initrd,
+        qemu: "qemu-system-x86_64".into(),
+        qemu_img: "qemu-img".into(),
+        accel: hearth_vmm::AccelChoice::Tcg,
+        node: "n2".into(),
+        image_limits: Default::default(),
+        insecure_registries: Vec::new(),
+        registry_timeout: Duration::from_secs(5),
+        guest_watchdog: Duration::ZERO,
+        max_log_bytes: 1 << 20,
+        net: None,
+        leases: None,
+    })
+    .await
+    .expect("agent starts")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

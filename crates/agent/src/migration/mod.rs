@@ -1101,10 +1101,11 @@ pub(crate) async fn run_source(
     let mut bulk = {
         let (peer, id, path) = (job.peer.clone(), id.clone(), log_path.clone());
         Some(AbortOnDrop(tokio::spawn(async move {
-            let bytes = tokio::fs::read(&path).await.map_err(|e| e.to_string())?;
-            let n = bytes.len() as u64;
+            let (body, n) = log_body(&path, 0)
+                .await?
+                .ok_or_else(|| format!("{} has no byte 0", path.display()))?;
             let truncated = crate::output_log::truncated_marker(&path).exists();
-            peer.put_log(&id, bytes, truncated, 0)
+            peer.put_log(&id, body, truncated, 0)
                 .await
                 .map_err(|e| e.to_string())?;
             Ok::<u64, String>(n)
@@ -1539,7 +1540,8 @@ impl<T> Drop for AbortOnDrop<T> {
 }
 
 /// Sends the output log's bytes from `from` on (what the pre-copy did not
-/// send); if the target does not continue there, the whole log.
+/// send); if the target does not continue there, or the log is shorter
+/// than `from`, the whole log. Both are read from the file as they are sent.
 async fn send_log_tail(
     peer: &Peer,
     id: &str,
@@ -1547,21 +1549,57 @@ async fn send_log_tail(
     from: u64,
     truncated: bool,
 ) -> Result<(), String> {
-    let bytes = tokio::fs::read(path)
-        .await
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    if from > 0 && from <= bytes.len() as u64 {
-        let tail = bytes[from as usize..].to_vec();
-        match peer.put_log(id, tail, truncated, from).await {
-            Ok(()) => return Ok(()),
-            Err(e) => {
-                tracing::warn!(sandbox = %id, "the target did not take the output log's tail ({e}); sending it whole")
+    if from > 0 {
+        if let Some((tail, _)) = log_body(path, from).await? {
+            match peer.put_log(id, tail, truncated, from).await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::warn!(sandbox = %id, "the target did not take the output log's tail ({e}); sending it whole")
+                }
             }
         }
     }
-    peer.put_log(id, bytes, truncated, 0)
+    let (whole, _) = log_body(path, 0)
+        .await?
+        .ok_or_else(|| format!("{} has no byte 0", path.display()))?;
+    peer.put_log(id, whole, truncated, 0)
         .await
         .map_err(|e| e.to_string())
+}
+
+/// Bytes of the output log read per chunk of a streamed body.
+const LOG_CHUNK: usize = 256 * 1024;
+
+/// The output log at `path` from byte `from` to its length now, as a request
+/// body read from the file while it is sent, and that length; `None` when the
+/// log is shorter than `from`. why: the log may hold up to `max_log_bytes`
+/// (256 MiB by default); read whole it was one allocation of that size, the
+/// tail's inside the guest's pause (review15 F6). Only the bytes up to the
+/// length read here are sent: they are final (the log is append-only), and
+/// the next send continues there.
+async fn log_body(path: &Path, from: u64) -> Result<Option<(reqwest::Body, u64)>, String> {
+    use std::io::Seek;
+    use tokio::io::AsyncReadExt;
+    let p = path.to_path_buf();
+    // why: open, length and seek in one blocking call (tokio's file runs each
+    // on the blocking pool; the tail's is inside the pause).
+    let opened = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+        let mut f = std::fs::File::open(&p)?;
+        let len = f.metadata()?.len();
+        if from > len {
+            return Ok(None);
+        }
+        f.seek(std::io::SeekFrom::Start(from))?;
+        Ok(Some((f, len)))
+    })
+    .await
+    .map_err(|e| format!("reading {} did not finish: {e}", path.display()))?
+    .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    Ok(opened.map(|(f, len)| {
+        let part = tokio::fs::File::from_std(f).take(len - from);
+        let stream = tokio_util::io::ReaderStream::with_capacity(part, LOG_CHUNK);
+        (reqwest::Body::wrap_stream(stream), len)
+    }))
 }
 
 /// Resumes the paused VM here and thaws its guest channel; answers `why`,
@@ -3500,32 +3538,6 @@ mod tests {
         );
     }
 
-    /// A real agent (no network, TCG forced, so nothing boots) on a temp
-    /// data dir; the guest files only have to exist.
-    async fn agent(dir: &Path) -> Agent {
-        let (kernel, initrd) = (dir.join("vmlinux"), dir.join("initrd"));
-        std::fs::write(&kernel, b"k").unwrap();
-        std::fs::write(&initrd, b"i").unwrap();
-        Agent::start(crate::AgentConfig {
-            data_dir: dir.join("data"),
-            kernel,
-            initrd,
-            qemu: "qemu-system-x86_64".into(),
-            qemu_img: "qemu-img".into(),
-            accel: hearth_vmm::AccelChoice::Tcg,
-            node: "n2".into(),
-            image_limits: Default::default(),
-            insecure_registries: Vec::new(),
-            registry_timeout: Duration::from_secs(5),
-            guest_watchdog: Duration::ZERO,
-            max_log_bytes: 1 << 20,
-            net: None,
-            leases: None,
-        })
-        .await
-        .expect("agent starts")
-    }
-
     /// ask7: the control plane's question about an attempt this target does
     /// not know (never offered, or forgotten by a restart) is answered
     /// "removed uncommitted" and the attempt is given up for good: its
@@ -3537,7 +3549,7 @@ mod tests {
     #[tokio::test]
     async fn the_control_planes_question_about_an_attempt_holds_for_good() {
         let dir = tempfile::tempdir().unwrap();
-        let a = agent(dir.path()).await;
+        let a = crate::sandbox::agent_for_test(dir.path()).await;
         assert_eq!(
             a.incoming_give_up("sb1", "att1", "c1/sb1@1").await.unwrap(),
             None
@@ -4291,5 +4303,124 @@ mod tests {
                 .is_some(),
             "2000 bytes of a frame the guest sent are in the reader, unrouted: not reported late"
         );
+    }
+
+    /// A real target's `incoming_log` behind the route the control plane
+    /// serves it on (`PUT /v1/migrations/incoming/{id}/log`), for the sandbox
+    /// `id` as if its migration were offered: the peer to reach it.
+    async fn log_target(t: &Agent, id: &str) -> Peer {
+        use axum::extract::{Path as UrlPath, Query, State};
+        #[derive(serde::Deserialize)]
+        struct Q {
+            #[serde(default)]
+            truncated: bool,
+            #[serde(default)]
+            offset: u64,
+        }
+        async fn put(
+            State(t): State<Agent>,
+            UrlPath(id): UrlPath<String>,
+            Query(q): Query<Q>,
+            body: axum::body::Bytes,
+        ) -> Result<axum::Json<serde_json::Value>, (axum::http::StatusCode, String)> {
+            t.incoming_log(&id, &body, q.truncated, q.offset)
+                .await
+                .map_err(|e| (axum::http::StatusCode::CONFLICT, e.to_string()))?;
+            Ok(axum::Json(serde_json::json!({ "bytes": body.len() })))
+        }
+        let dir = t.inner.cfg.data_dir.join("sandboxes").join(id);
+        std::fs::create_dir_all(&dir).unwrap();
+        let inc = Arc::new(Incoming {
+            offer: offer(serde_json::Value::Null, None),
+            attempt: None,
+            dir,
+            slot: tokio::sync::Mutex::new(Slot::Removed),
+            tunnel: tokio::spawn(async {}).abort_handle(),
+            received: Arc::new(AtomicU64::new(0)),
+            reservation: Mutex::new(None),
+            log_write: tokio::sync::Mutex::new(()),
+            staged: None,
+            staged_workload: false,
+        });
+        lock(&t.inner.migrations.incoming).insert(id.to_string(), inc);
+        let app = axum::Router::new()
+            .route("/v1/migrations/incoming/{id}/log", axum::routing::put(put))
+            .layer(axum::extract::DefaultBodyLimit::max(8 << 20))
+            .with_state(t.clone());
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(l, app).await });
+        Peer::new(&format!("http://{addr}"), "token")
+    }
+
+    /// review15 F6: the log's tail is read from the file from where the bulk
+    /// ended (streamed, in chunks), not the whole log read into memory inside
+    /// the guest's pause. What reaches a real target continues its bulk byte
+    /// for byte; a target without the bulk, and a log shorter than the
+    /// offset, get the whole log.
+    #[tokio::test]
+    async fn the_log_tail_is_read_from_its_offset_and_the_target_ends_with_the_whole_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = crate::sandbox::agent_for_test(dir.path()).await;
+        let peer = log_target(&t, "sb1").await;
+        let theirs = t.inner.cfg.data_dir.join("sandboxes/sb1/output.log");
+        let ours = dir.path().join("output.log");
+        let bytes = |n: usize, seed: u8| -> Vec<u8> {
+            (0..n).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect()
+        };
+        let append = |b: &[u8]| {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&ours)
+                .unwrap();
+            f.write_all(b).unwrap();
+        };
+
+        // The bulk during the pre-copy, then a tail several chunks long.
+        append(&bytes(300_000, 1));
+        let (body, bulk) = log_body(&ours, 0).await.unwrap().unwrap();
+        assert_eq!(bulk, 300_000);
+        append(&bytes(1000, 2));
+        peer.put_log("sb1", body, false, 0).await.unwrap();
+        assert_eq!(
+            std::fs::metadata(&theirs).unwrap().len(),
+            bulk,
+            "the bulk is the log up to the length read, not what was appended since"
+        );
+        append(&bytes(3 * LOG_CHUNK + 17, 3));
+        send_log_tail(&peer, "sb1", &ours, bulk, false)
+            .await
+            .unwrap();
+        assert_eq!(
+            std::fs::read(&theirs).unwrap(),
+            std::fs::read(&ours).unwrap()
+        );
+
+        // The target lost the bulk: its log does not end where the tail
+        // starts, so the whole log goes.
+        std::fs::write(&theirs, b"").unwrap();
+        let from = std::fs::metadata(&ours).unwrap().len();
+        append(&bytes(5000, 4));
+        send_log_tail(&peer, "sb1", &ours, from, false)
+            .await
+            .unwrap();
+        assert_eq!(
+            std::fs::read(&theirs).unwrap(),
+            std::fs::read(&ours).unwrap()
+        );
+
+        // An offset past the log's end: the whole log, marked truncated.
+        let len = std::fs::metadata(&ours).unwrap().len();
+        assert!(log_body(&ours, len + 1).await.unwrap().is_none());
+        send_log_tail(&peer, "sb1", &ours, len + 1, true)
+            .await
+            .unwrap();
+        assert_eq!(
+            std::fs::read(&theirs).unwrap(),
+            std::fs::read(&ours).unwrap()
+        );
+        assert!(crate::output_log::truncated_marker(&theirs).exists());
     }
 }

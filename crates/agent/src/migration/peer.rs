@@ -120,11 +120,12 @@ impl Peer {
         .await
     }
 
-    /// Sends the output log from byte `offset` on (0: the whole log).
+    /// Sends the output log from byte `offset` on (0: the whole log); the
+    /// body may be streamed from the file ([`reqwest::Body::wrap_stream`]).
     pub async fn put_log(
         &self,
         id: &str,
-        log: Vec<u8>,
+        log: reqwest::Body,
         truncated: bool,
         offset: u64,
     ) -> Result<(), PeerError> {

@@ -86,6 +86,18 @@ pub fn step(phase: Phase, event: Event) -> Result<(Phase, Vec<Action>), InvalidT
     Ok(r)
 }
 
+impl Phase {
+    /// The commit may have been sent (or the target said it runs the
+    /// sandbox): the target may run it, with its address. Before it, the
+    /// address never moved.
+    pub fn may_have_committed(self) -> bool {
+        matches!(
+            self,
+            Phase::Committing | Phase::Unresolved | Phase::Completed
+        )
+    }
+}
+
 /// What a coordinator that crashed in `phase` does on restart.
 pub fn recover(phase: Phase) -> Vec<Action> {
     use Action::*;
@@ -222,6 +234,27 @@ mod tests {
         for ev in EVENTS {
             assert!(step(Phase::Completed, ev).is_err());
             assert!(step(Phase::Aborted, ev).is_err());
+        }
+    }
+
+    /// A settled copy keeps its address exactly when the restart of its
+    /// migration would not resume it here (review14 F6).
+    #[test]
+    fn a_phase_may_have_committed_exactly_when_its_recovery_does_not_resume_the_source() {
+        for p in [
+            Phase::Preparing,
+            Phase::Precopy,
+            Phase::Switchover,
+            Phase::Committing,
+            Phase::Completed,
+            Phase::Aborted,
+            Phase::Unresolved,
+        ] {
+            assert_eq!(
+                p.may_have_committed(),
+                !recover(p).contains(&Action::ResumeSource),
+                "{p:?}"
+            );
         }
     }
 }
