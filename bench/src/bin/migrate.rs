@@ -353,7 +353,8 @@ async fn bare_run(rootfs: &std::path::Path, mib: u32, dirty: bool) -> Sample {
         let src_sock = tmp.path().join("out.sock");
         let l = tokio::net::UnixListener::bind(&src_sock).unwrap();
         let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        tokio::spawn(tunnel::serve_source(l, addr, ticket, sent));
+        let out = tunnel::source_socket(addr).unwrap();
+        tokio::spawn(tunnel::serve_source(l, out, addr, ticket, sent));
         src_sock
     } else {
         sock.clone()

@@ -70,11 +70,16 @@ pub async fn prepare(
 ) -> ApiResult<(StatusCode, Json<IncomingAccepted>)> {
     authorize_offer(&auth, &offer, &agent.info().node)?;
     // why: the source's tunnel connection comes from the address its offer
-    // came from (unless a proxy stands between): that address's ticket
-    // checks are the last a flood of connections may evict.
+    // came from (unless a proxy stands between), from the port the offer
+    // names: that check is the last a flood of connections may evict.
     let from = extensions
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map(|c| c.0.ip());
+        .map(|c| hearth_agent::migration::tunnel::Source {
+            ip: c.0.ip(),
+            port: headers
+                .get(hearth_agent::migration::tunnel::TUNNEL_PORT_HEADER)
+                .and_then(|v| v.to_str().ok()?.parse().ok()),
+        });
     let attempt = match &auth {
         crate::Auth::Migration(scope) => Some(scope.attempt.clone()),
         crate::Auth::Admin => None,

@@ -227,6 +227,14 @@ fn migrated_sandbox_keeps_counting_and_keeps_its_files() {
     assert!(out.status.success(), "{}\n{}", show(&out), a.log_text());
     let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(st["phase"], "completed", "{st}");
+    // The target knew the source's stream by the address and port its offer
+    // named (its ticket check was the last a flood could evict).
+    assert!(
+        b.log_text()
+            .contains("the stream came from the source the offer named"),
+        "{}",
+        b.log_text()
+    );
     let after = Follower::start(&b, "counter");
 
     // The source forgot it and released its VM; the target runs it, same id and name.

@@ -551,6 +551,9 @@ pub(crate) struct SourceJob {
     peer: Peer,
     ticket: String,
     tunnel_addr: SocketAddr,
+    /// Bound to the port the offer named ([`tunnel::source_socket`]); taken
+    /// when the stream starts.
+    tunnel_sock: Option<tokio::net::TcpSocket>,
     params: MigrationParams,
     status: watch::Sender<MigrationStatus>,
     started: Instant,
@@ -1044,7 +1047,7 @@ pub(crate) async fn run_source(
     conn: &Arc<GuestConn>,
     session: &mut Session,
     log: &mut OutputLog,
-    job: SourceJob,
+    mut job: SourceJob,
 ) -> SourceEnd {
     let id = entry.snapshot().id;
     let begun_us = wall_us();
@@ -1066,6 +1069,20 @@ pub(crate) async fn run_source(
             .await;
         return SourceEnd::StayedHere(None);
     }
+    let tunnel_sock = match job.tunnel_sock.take() {
+        Some(s) => Ok(s),
+        None => tunnel::source_socket(job.tunnel_addr),
+    };
+    let tunnel_sock = match tunnel_sock {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = job.peer.abort(&id).await;
+            let msg = format!("cannot open a socket for the migration stream: {e}");
+            job.end(entry, Phase::Aborted, Err(AgentError::Migration(msg)))
+                .await;
+            return SourceEnd::StayedHere(None);
+        }
+    };
     let sock = entry.dir.join("vm").join("migrate.sock");
     let _ = std::fs::remove_file(&sock);
     let listener = match tokio::net::UnixListener::bind(&sock) {
@@ -1114,6 +1131,7 @@ pub(crate) async fn run_source(
     let sent = Arc::new(AtomicU64::new(0));
     let tunnel = tokio::spawn(tunnel::serve_source(
         listener,
+        tunnel_sock,
         job.tunnel_addr,
         job.ticket.clone(),
         sent.clone(),
@@ -2222,26 +2240,44 @@ impl Agent {
             machine,
             output_base,
         };
-        let accepted = peer.offer(&offer).await.map_err(|e| fail(peer_error(e)))?;
+        // why: the stream's socket is bound before the offer, which names its
+        // port: the target then tells the source's tunnel connection from any
+        // other, also from this node's address (tunnel::Source).
         let host = peer.host().unwrap_or_else(|| "127.0.0.1".into());
-        let tunnel_addr = match tokio::net::lookup_host((host.as_str(), accepted.port))
+        let target_ip = match tokio::net::lookup_host((host.as_str(), 0))
             .await
             .ok()
             .and_then(|mut a| a.next())
         {
-            Some(a) => a,
+            Some(a) => a.ip(),
             None => {
-                let _ = peer.abort(&rec.id).await;
                 return Err(fail(AgentError::Migration(format!(
-                    "cannot resolve the target host {host}"
-                ))));
+                    "cannot resolve the target host {host}; check the target's address"
+                ))))
             }
         };
+        let tunnel_sock = tunnel::source_socket(SocketAddr::new(target_ip, 0))
+            .and_then(|s| s.local_addr().map(|a| (s, a.port())));
+        let (tunnel_sock, tunnel_port) = match tunnel_sock {
+            Ok(s) => s,
+            Err(e) => {
+                return Err(fail(AgentError::Io {
+                    what: "open a socket for the migration stream".into(),
+                    source: e,
+                }))
+            }
+        };
+        let accepted = peer
+            .offer(&offer, tunnel_port)
+            .await
+            .map_err(|e| fail(peer_error(e)))?;
+        let tunnel_addr = SocketAddr::new(target_ip, accepted.port);
         let (reply, reply_rx) = oneshot::channel();
         let job = SourceJob {
             peer: peer.clone(),
             ticket: accepted.ticket.clone(),
             tunnel_addr,
+            tunnel_sock: Some(tunnel_sock),
             params,
             status,
             started,
@@ -2383,13 +2419,13 @@ impl Agent {
     }
 
     /// Target, step 1: check the image, start an incoming VM, open the tunnel
-    /// (on `bind`; `from` is the address the offer came from, whose
-    /// connections to the tunnel are evicted last: [`tunnel::serve_target`]).
+    /// (on `bind`; `from`: where the source's connection to it comes from,
+    /// whose ticket check is evicted last: [`tunnel::Source`]).
     pub async fn incoming_prepare(
         &self,
         offer: IncomingOffer,
         bind: Option<IpAddr>,
-        from: Option<IpAddr>,
+        from: Option<tunnel::Source>,
         attempt: Option<String>,
     ) -> Result<IncomingAccepted, AgentError> {
         let sb = &offer.sandbox;
@@ -3656,6 +3692,7 @@ mod tests {
                 peer: Peer::new("http://127.0.0.1:9", "t0123456789abcdef"),
                 ticket: "x".into(),
                 tunnel_addr: "127.0.0.1:9".parse().unwrap(),
+                tunnel_sock: None,
                 params: MigrationParams::default(),
                 status: watch::channel(MigrationStatus::default()).0,
                 started: Instant::now(),

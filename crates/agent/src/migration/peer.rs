@@ -111,10 +111,17 @@ impl Peer {
             .await
     }
 
-    pub async fn offer(&self, o: &IncomingOffer) -> Result<IncomingAccepted, PeerError> {
+    /// The offer; `tunnel_port` is the port the stream's socket is bound to
+    /// ([`super::tunnel::TUNNEL_PORT_HEADER`]).
+    pub async fn offer(
+        &self,
+        o: &IncomingOffer,
+        tunnel_port: u16,
+    ) -> Result<IncomingAccepted, PeerError> {
         self.answer(
             self.http
                 .post(format!("{}/v1/migrations/incoming", self.base))
+                .header(super::tunnel::TUNNEL_PORT_HEADER, tunnel_port.to_string())
                 .json(o),
         )
         .await

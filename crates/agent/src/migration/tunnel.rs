@@ -28,14 +28,16 @@ pub const TICKET_LEN: usize = 64;
 /// How long a peer has to present the ticket.
 const TICKET_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections presenting a ticket at once. Past it one check is evicted:
-/// the oldest of the address holding the most, never the source node's
-/// while another address holds one (a flood of silent connections must not
+/// the oldest of the address holding the most, never the source's (see
+/// [`Source`]) while another is held (a flood of silent connections must not
 /// take the agent's descriptors, nor lock the real source out, review15 F1).
 const MAX_CHECKS: usize = 32;
-/// Connections one address may present tickets on at once; a newer one from
-/// it evicts its oldest (the source sends its ticket right after connecting,
-/// so its check ends within a round trip of the accept).
+/// Connections one address (an IPv6 /64) may present tickets on at once; a
+/// newer one from it evicts its oldest that is not the source's (the source
+/// sends its ticket right after connecting, so its check ends within a round
+/// trip of the accept).
 const PER_PEER_CHECKS: usize = 4;
+const _: () = assert!(PER_PEER_CHECKS < MAX_CHECKS);
 /// Pause after a failed `accept` (out of descriptors, buffers) before the next.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// The relay's user-space buffer (the stream's direction): each wakeup moves
@@ -70,6 +72,55 @@ pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     sock.listen(16)
 }
 
+/// Source side: the socket the stream will leave from (towards `target`'s
+/// address family), its send buffer bounded to [`TCP_BUF`] and bound to an
+/// ephemeral port now, so the offer can name that port ([`TUNNEL_PORT_HEADER`])
+/// and the target tell the source's connection from any other.
+pub fn source_socket(target: SocketAddr) -> std::io::Result<TcpSocket> {
+    let sock = bounded_socket(target, TcpSocket::set_send_buffer_size, "send")?;
+    let any: IpAddr = match target {
+        SocketAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+        SocketAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+    };
+    sock.bind(SocketAddr::new(any, 0))?;
+    Ok(sock)
+}
+
+/// The offer's header naming the port the source's tunnel socket is bound to
+/// ([`source_socket`]); a header, not a field, so an older target ignores it.
+pub const TUNNEL_PORT_HEADER: &str = "x-hearth-tunnel-port";
+
+/// Where the target expects the source's tunnel connection from: the address
+/// the offer came from (the source node's, unless a proxy stood between)
+/// and, when the offer named it, the source socket's port. That connection's
+/// check is never evicted while another is held; with the port known, other
+/// connections from the source node's address (its sandboxes' egress is
+/// masqueraded through it) are strangers like any other (review16 F2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Source {
+    pub ip: IpAddr,
+    pub port: Option<u16>,
+}
+
+impl Source {
+    fn is(&self, peer: SocketAddr) -> bool {
+        peer.ip().to_canonical() == self.ip.to_canonical()
+            && self.port.is_none_or(|p| p == peer.port())
+    }
+}
+
+/// The share an address counts against: IPv4 addresses one by one, IPv6
+/// ones by /64 (a host gets a /64 for free; review16 F3).
+fn share(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
+        v4 => v4,
+    }
+}
+
 /// A TCP socket for `addr`'s family with one of its buffers (`set`) bounded
 /// to [`TCP_BUF`]; a refusal of the option is logged, not fatal (a slower
 /// stream beats no migration).
@@ -91,66 +142,75 @@ fn bounded_socket(
     Ok(sock)
 }
 
-/// The checks of tickets in progress, oldest first, with the address each
+/// The checks of tickets in progress, oldest first, with the peer each
 /// came from.
 struct Checks {
-    pending: std::collections::VecDeque<(IpAddr, tokio::task::AbortHandle)>,
-    /// The source node's address as the offer came from it, if known.
-    source: Option<IpAddr>,
+    pending: std::collections::VecDeque<(SocketAddr, tokio::task::AbortHandle)>,
+    source: Option<Source>,
 }
 
 impl Checks {
-    /// Makes room for a check of a connection from `peer`: answers the
-    /// address whose check was evicted, if one was.
-    fn make_room(&mut self, peer: IpAddr) -> Option<IpAddr> {
+    fn favoured(&self, peer: SocketAddr) -> bool {
+        self.source.is_some_and(|s| s.is(peer))
+    }
+
+    /// Makes room for a check of a connection from `peer`: answers the peer
+    /// whose check was evicted, if one was.
+    fn make_room(&mut self, peer: SocketAddr) -> Option<SocketAddr> {
         self.pending.retain(|(_, h)| !h.is_finished());
-        let from = |ip: IpAddr| self.pending.iter().filter(|(p, _)| *p == ip).count();
-        let victim = if from(peer) >= PER_PEER_CHECKS {
-            Some(peer)
+        let mine = share(peer.ip());
+        let of = |k: IpAddr| move |(p, _): &&(SocketAddr, _)| share(p.ip()) == k;
+        let victim = if self.pending.iter().filter(of(mine)).count() >= PER_PEER_CHECKS {
+            // why: the address's oldest that is not the source's; only when
+            // the whole address is favoured (no port known) its oldest.
+            self.pending
+                .iter()
+                .position(|(p, _)| share(p.ip()) == mine && !self.favoured(*p))
+                .or_else(|| self.pending.iter().position(|(p, _)| share(p.ip()) == mine))
         } else if self.pending.len() >= MAX_CHECKS {
-            // why: the address holding the most checks pays, and the source
-            // node's only when nobody else holds one: strangers, however
-            // many addresses they use, cannot evict the source's check.
+            // why: the address holding the most unfavoured checks pays, of
+            // equals the one holding the oldest (`max_by_key` would take the
+            // newest: an unfavoured source's, review16 F1); strangers,
+            // however many addresses they use, cannot evict the source's.
             let mut counts: Vec<(IpAddr, usize)> = Vec::new();
-            for (ip, _) in &self.pending {
-                match counts.iter_mut().find(|(p, _)| p == ip) {
+            for (p, _) in self.pending.iter().filter(|(p, _)| !self.favoured(*p)) {
+                let k = share(p.ip());
+                match counts.iter_mut().find(|(c, _)| *c == k) {
                     Some((_, n)) => *n += 1,
-                    None => counts.push((*ip, 1)),
+                    None => counts.push((k, 1)),
                 }
             }
-            counts
+            let worst = counts
                 .iter()
-                .filter(|(ip, _)| Some(*ip) != self.source)
-                // why: of equals, the first, whose check is the oldest
-                // (`max_by_key` takes the last: the newest check, which an
-                // unfavoured source's is; review16 F1).
                 .fold(None, |best: Option<&(IpAddr, usize)>, c| match best {
                     Some(b) if b.1 >= c.1 => Some(b),
                     _ => Some(c),
                 })
-                .or_else(|| counts.first())
-                .map(|(ip, _)| *ip)
+                .map(|(k, _)| *k);
+            match worst {
+                Some(k) => self
+                    .pending
+                    .iter()
+                    .position(|(p, _)| share(p.ip()) == k && !self.favoured(*p)),
+                None => Some(0),
+            }
         } else {
             None
         };
-        let ip = victim?;
-        let at = self.pending.iter().position(|(p, _)| *p == ip)?;
-        if let Some((_, h)) = self.pending.remove(at) {
-            h.abort();
-        }
-        Some(ip)
+        let (evicted, h) = self.pending.remove(victim?)?;
+        h.abort();
+        Some(evicted)
     }
 }
 
 /// Target side: accepts connections on `listener` until one presents `ticket`,
 /// then splices it into the unix socket `vmm`. Returns the bytes received;
-/// `received` counts them as they reach the VMM's socket. `source` is the
-/// address the offer came from (the source node's, unless a proxy stood
-/// between): its checks are never evicted for another address's.
+/// `received` counts them as they reach the VMM's socket. `source`: where the
+/// offer says the source's connection comes from ([`Source`]).
 pub async fn serve_target(
     listener: TcpListener,
     ticket: String,
-    source: Option<IpAddr>,
+    source: Option<Source>,
     vmm: &Path,
     received: Arc<AtomicU64>,
 ) -> std::io::Result<u64> {
@@ -161,7 +221,7 @@ pub async fn serve_target(
     let mut checks = tokio::task::JoinSet::new();
     let mut pending = Checks {
         pending: Default::default(),
-        source: source.map(|s| s.to_canonical()),
+        source,
     };
     let (mut failed_accepts, mut evicted) = (0u64, 0u64);
     let refused = Arc::new(AtomicU64::new(0));
@@ -182,8 +242,7 @@ pub async fn serve_target(
                         continue;
                     }
                 };
-                let ip = peer.ip().to_canonical();
-                if let Some(from) = pending.make_room(ip) {
+                if let Some(from) = pending.make_room(peer) {
                     evicted += 1;
                     if evicted.is_power_of_two() {
                         tracing::warn!(%peer, "migration tunnel: too many connections presenting tickets; the oldest from {from} closed ({evicted} so far)");
@@ -207,7 +266,7 @@ pub async fn serve_target(
                         None
                     }
                 });
-                pending.pending.push_back((ip, check));
+                pending.pending.push_back((peer, check));
             }
             // why: a pattern that does not match would switch this branch
             // off for good: a stranger's failed check would leave the real
@@ -222,12 +281,16 @@ pub async fn serve_target(
     drop(listener);
     // why: the other connections' checks end with it (dropped, aborted).
     drop(checks);
-    if let (Some(offer), Ok(peer)) = (pending.source, tcp.peer_addr()) {
-        if peer.ip().to_canonical() != offer {
-            // why: the favour for the offer's address protects nothing here
-            // (a proxy or NAT between the nodes); say so once per migration.
-            tracing::info!(%peer, "migration tunnel: the stream came from another address than the offer ({offer})");
+    // why: one line per migration says whether the favour protected the
+    // source's check (a proxy or NAT between the nodes defeats it).
+    match (pending.source, tcp.peer_addr()) {
+        (Some(offer), Ok(peer)) if offer.is(peer) => {
+            tracing::info!(%peer, "migration tunnel: the stream came from the source the offer named")
         }
+        (offer, peer) => tracing::info!(
+            ?peer,
+            "migration tunnel: the stream came from another address than the offer named ({offer:?}); its ticket check was not favoured"
+        ),
     }
     let _ = tcp.set_nodelay(true);
     let unix = UnixStream::connect(vmm).await?;
@@ -235,16 +298,17 @@ pub async fn serve_target(
     Ok(received.load(Ordering::Relaxed))
 }
 
-/// Source side: accepts the VMM's one connection on `listener`, connects to
-/// the target at `addr` with `ticket`, and splices. `sent` counts bytes.
+/// Source side: accepts the VMM's one connection on `listener`, connects
+/// `sock` ([`source_socket`]) to the target at `addr` with `ticket`, and
+/// splices. `sent` counts bytes.
 pub async fn serve_source(
     listener: UnixListener,
+    sock: TcpSocket,
     addr: SocketAddr,
     ticket: String,
     sent: Arc<AtomicU64>,
 ) -> std::io::Result<()> {
     let (unix, _) = listener.accept().await?;
-    let sock = bounded_socket(addr, TcpSocket::set_send_buffer_size, "send")?;
     let mut tcp = sock.connect(addr).await?;
     let _ = tcp.set_nodelay(true);
     tcp.write_all(ticket.as_bytes()).await?;
@@ -287,7 +351,7 @@ mod tests {
     /// A target's tunnel serving in the background: its VMM socket's
     /// listener, the tunnel's address and its ticket (the dir holds the socket).
     fn target_tunnel(
-        source: Option<IpAddr>,
+        source: Option<Source>,
     ) -> (tempfile::TempDir, UnixListener, SocketAddr, String) {
         let dir = tempfile::tempdir().unwrap();
         let vmm_sock = dir.path().join("vmm.sock");
@@ -355,7 +419,7 @@ mod tests {
     /// (the offer's) and without it.
     #[tokio::test]
     async fn a_steady_flood_from_elsewhere_does_not_evict_the_sources_check() {
-        for source in [Some("127.0.0.1".parse().unwrap()), None] {
+        for source in [Some(ip_only("127.0.0.1")), None] {
             let (_dir, vmm, addr, ticket) = target_tunnel(source);
             let flood = tokio::spawn(async move {
                 let mut v = Vec::new();
@@ -383,47 +447,100 @@ mod tests {
         }
     }
 
+    fn ip_only(ip: &str) -> Source {
+        Source {
+            ip: ip.parse().unwrap(),
+            port: None,
+        }
+    }
+
+    /// A table of checks that never end by themselves, and a way to add one
+    /// from a peer (answers what `make_room` evicted for it).
+    struct Table {
+        checks: Checks,
+        idle: tokio::task::JoinSet<()>,
+        hold: Arc<tokio::sync::Notify>,
+    }
+
+    impl Table {
+        fn new(source: Option<Source>) -> Table {
+            Table {
+                checks: Checks {
+                    pending: Default::default(),
+                    source,
+                },
+                idle: tokio::task::JoinSet::new(),
+                hold: Arc::new(tokio::sync::Notify::new()),
+            }
+        }
+
+        fn add(&mut self, peer: &str) -> Option<SocketAddr> {
+            let peer: SocketAddr = peer.parse().unwrap();
+            let evicted = self.checks.make_room(peer);
+            let h = self.hold.clone();
+            let handle = self.idle.spawn(async move { h.notified().await });
+            self.checks.pending.push_back((peer, handle));
+            evicted
+        }
+
+        fn holds(&self, peer: &str) -> bool {
+            let peer: SocketAddr = peer.parse().unwrap();
+            self.checks.pending.iter().any(|(p, _)| *p == peer)
+        }
+    }
+
     /// Strangers on many addresses filling every slot: the check evicted is
-    /// one of the address holding the most, never the known source's.
+    /// one of the address holding the most, never the known source's; a
+    /// source known by address and port is safe from its own address's other
+    /// connections too (review16 F2: a sandbox on the source node reaches the
+    /// tunnel from the node's address), and one known by address only is
+    /// capped like any other address. IPv6 peers share per /64 (F3).
     #[tokio::test]
     async fn the_source_nodes_check_is_evicted_last() {
-        let source: IpAddr = "10.0.0.1".parse().unwrap();
-        let mut checks = Checks {
-            pending: Default::default(),
-            source: Some(source),
-        };
-        let mut idle = tokio::task::JoinSet::new();
-        let hold = Arc::new(tokio::sync::Notify::new());
-        let mut add = |ip: IpAddr, checks: &mut Checks| {
-            let evicted = checks.make_room(ip);
-            let h = hold.clone();
-            let handle = idle.spawn(async move { h.notified().await });
-            checks.pending.push_back((ip, handle));
-            evicted
-        };
-        assert_eq!(add(source, &mut checks), None);
-        for i in 0..MAX_CHECKS - 1 {
-            let ip = IpAddr::from([10, 0, 1, (i % 8) as u8]);
-            assert_eq!(add(ip, &mut checks), None, "check {i}");
+        for port in [Some(5000), None] {
+            let mut t = Table::new(Some(Source {
+                ip: "10.0.0.1".parse().unwrap(),
+                port,
+            }));
+            assert_eq!(t.add("10.0.0.1:5000"), None);
+            for i in 0..MAX_CHECKS - 1 {
+                assert_eq!(t.add(&format!("10.0.1.{}:1", i % 8)), None, "check {i}");
+            }
+            for i in 0..100 {
+                let evicted = t
+                    .add(&format!("10.0.2.{i}:1"))
+                    .expect("a full table evicts");
+                assert_ne!(evicted, "10.0.0.1:5000".parse().unwrap(), "for 10.0.2.{i}");
+                assert_eq!(t.checks.pending.len(), MAX_CHECKS);
+            }
+            assert!(t.holds("10.0.0.1:5000"));
+            // more connections from the source node's address
+            for i in 0..PER_PEER_CHECKS + 2 {
+                t.add(&format!("10.0.0.1:{}", 6000 + i));
+            }
+            assert_eq!(
+                t.holds("10.0.0.1:5000"),
+                port.is_some(),
+                "the source's own address evicted its check (port known: {port:?})"
+            );
         }
-        // full: 8 strangers with 3-4 each and the source with 1
-        for i in 0..100 {
-            let ip = IpAddr::from([10, 0, 2, i as u8]);
-            let evicted = add(ip, &mut checks).expect("a full table evicts a check");
-            assert_ne!(evicted, source, "the source's check was evicted for {ip}");
-            assert_eq!(checks.pending.len(), MAX_CHECKS);
+        // Without a source, of addresses holding equally many the oldest
+        // check's pays (review16 F1/F4: the newest paid, an unfavoured source).
+        let mut t = Table::new(None);
+        for i in 0..MAX_CHECKS {
+            t.add(&format!("10.0.3.{i}:1"));
         }
-        assert!(checks.pending.iter().any(|(ip, _)| *ip == source));
-        // the source's own address is capped like any other
-        for _ in 0..PER_PEER_CHECKS + 2 {
-            add(source, &mut checks);
+        assert_eq!(t.add("10.0.4.1:1"), Some("10.0.3.0:1".parse().unwrap()));
+        // IPv6: one /64 is one share.
+        let mut t = Table::new(None);
+        for i in 0..PER_PEER_CHECKS {
+            assert_eq!(t.add(&format!("[2001:db8:0:1::{i}]:1")), None);
         }
-        let mine = checks
-            .pending
-            .iter()
-            .filter(|(ip, _)| *ip == source)
-            .count();
-        assert_eq!(mine, PER_PEER_CHECKS);
+        assert_eq!(
+            t.add("[2001:db8:0:1:ffff::9]:1"),
+            Some("[2001:db8:0:1::0]:1".parse().unwrap())
+        );
+        assert_eq!(t.add("[2001:db8:0:2::1]:1"), None);
     }
 
     /// review16 R1: with the source unknown (no ConnectInfo, or its tunnel
@@ -432,8 +549,8 @@ mod tests {
     /// newest, the one evicted by the very next connection (ties went to the
     /// last address in `counts`); the oldest of equals goes now.
     #[tokio::test]
-    async fn r16_ties_evict_the_newest_check_so_the_unknown_source_goes_first() {
-        for source in [Some("10.9.9.9".parse().unwrap()), None] {
+    async fn an_unfavoured_source_is_not_the_first_evicted_of_equals() {
+        for source in [Some(ip_only("10.9.9.9")), None] {
             let (_dir, vmm, addr, ticket) = target_tunnel(source);
             let mut silent = Vec::new();
             for i in 0..MAX_CHECKS - 1 {
@@ -458,18 +575,23 @@ mod tests {
         }
     }
 
-    /// review16 R2: a sandbox on the source node reaches the target's tunnel
-    /// from the source node's own address (egress masquerade): 4 connections
-    /// from it in the source's round trip evict the real source's check (the
-    /// per-address cap; before, it took 32).
+    /// review16 F2: a sandbox on the source node reaches the target's tunnel
+    /// from the source node's own address (egress masquerade); 4 connections
+    /// from it in the source's round trip evicted the real source's check
+    /// (the per-address cap). The offer names the source socket's port: only
+    /// that connection is favoured.
     #[tokio::test]
-    #[ignore = "review16 F2: open (fails: the per-address cap lets the source node's own address evict its check)"]
-    async fn r16_four_connections_from_the_source_nodes_address_evict_its_check() {
-        let (_dir, vmm, addr, ticket) = target_tunnel(Some("127.0.0.1".parse().unwrap()));
-        let mut source_conn = connect_from("127.0.0.1", addr).await.unwrap();
+    async fn connections_from_the_source_nodes_address_do_not_evict_its_check() {
+        let sock = source_socket("127.0.0.1:9".parse().unwrap()).unwrap();
+        let port = sock.local_addr().unwrap().port();
+        let (_dir, vmm, addr, ticket) = target_tunnel(Some(Source {
+            ip: "127.0.0.1".parse().unwrap(),
+            port: Some(port),
+        }));
+        let mut source_conn = sock.connect(addr).await.unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
         let mut guest = Vec::new();
-        for _ in 0..PER_PEER_CHECKS {
+        for _ in 0..3 * PER_PEER_CHECKS {
             guest.push(connect_from("127.0.0.1", addr).await.unwrap());
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -477,7 +599,8 @@ mod tests {
         let accepted = tokio::time::timeout(Duration::from_secs(3), vmm.accept()).await;
         assert!(
             accepted.is_ok_and(|a| a.is_ok()),
-            "{PER_PEER_CHECKS} connections from the source node's address evicted the source's check"
+            "{} connections from the source node's address evicted the source's check",
+            3 * PER_PEER_CHECKS
         );
     }
 
@@ -507,7 +630,8 @@ mod tests {
         let src = UnixListener::bind(&src_sock).unwrap();
         let sent = Arc::new(AtomicU64::new(0));
         let s2 = sent.clone();
-        let source = tokio::spawn(serve_source(src, addr, ticket, s2));
+        let sock = source_socket(addr).unwrap();
+        let source = tokio::spawn(serve_source(src, sock, addr, ticket, s2));
         let mut qemu = UnixStream::connect(&src_sock).await.unwrap();
         qemu.write_all(b"state").await.unwrap();
         qemu.shutdown().await.unwrap();
