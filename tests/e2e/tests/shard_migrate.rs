@@ -522,6 +522,14 @@ fn a_counter_migrates_to_a_named_node_then_auto_and_bad_targets_are_refused() {
     let st: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(st["phase"], "completed", "{st}");
     assert_eq!(st["from"], "agent1", "{st}");
+    // Across namespaces too, agent2 knew the stream by the address and port
+    // agent1's offer named (its ticket check was the last a flood could evict).
+    let log2 =
+        std::fs::read_to_string(format!("/tmp/hearth-shard-{NAME}/agent2.log")).unwrap_or_default();
+    assert!(
+        log2.contains("the stream came from the source the offer named"),
+        "agent2's log: {log2}"
+    );
 
     // The placement moved; agent1 no longer has it, agent2 runs it with the new tag.
     let sb = sandbox(&id);
