@@ -279,8 +279,9 @@ fn migrated_sandbox_keeps_counting_and_keeps_its_files() {
     assert!(st["dirty_pages_rate"].is_u64(), "no dirty rate in {st}");
     // The guest's pause: source STOP to target RESUME (same host), reported
     // with its steps, each after the steps it waits for, and never after the
-    // commit's answer. The drain and the log's tail run beside QEMU's last
-    // pass (either may end first); the `committing` record waits for both.
+    // commit's answer. The drain is done at the gate, before QEMU's last pass
+    // (issue 7); the log's tail runs beside it (either may end first); the
+    // `committing` record waits for both.
     let paused = st["paused_ms"]
         .as_u64()
         .unwrap_or_else(|| panic!("no paused_ms: {st}"));
@@ -294,6 +295,7 @@ fn migrated_sandbox_keeps_counting_and_keeps_its_files() {
         ("gate_ms", "channel_frozen_ms"),
         ("channel_frozen_ms", "qemu_completed_ms"),
         ("channel_frozen_ms", "output_drained_ms"),
+        ("output_drained_ms", "qemu_completed_ms"),
         ("output_drained_ms", "log_sent_ms"),
         ("qemu_completed_ms", "committing_saved_ms"),
         ("log_sent_ms", "committing_saved_ms"),
@@ -2269,9 +2271,16 @@ fn full_frames_keep_flowing_after_each_move() {
         println!("round {round}: {lines} lines, every one once and in order");
     }
     println!("moved {moved} of {rounds}");
-    // why: a refused move is allowed (a frame cut at the pause), but one that
-    // never moves would not test the target's reader at all (review14 F3).
-    assert!(moved > 0, "no round moved the sandbox");
+    // why: a move may still be refused (a Credit written between the VM's
+    // stop and the source seeing it; a frame QEMU cannot complete within the
+    // gate's bound), but only rarely: 39 of 40 moved in ten runs, where 10 of
+    // 12 did before the drain at the gate and the credit held at the stop
+    // (docs/migration.md "At the gate"). One that never moves would not test
+    // the target's reader at all (review14 F3).
+    assert!(
+        moved + 1 >= rounds && moved > 0,
+        "only {moved} of {rounds} rounds moved the sandbox"
+    );
 }
 
 /// The last line `full_frames_keep_flowing_after_each_move`'s guest counts to
@@ -2301,7 +2310,11 @@ fn assert_counts_on(log: &[u8]) -> usize {
                 String::from_utf8_lossy(around)
             );
         }
-        expected = if expected == FRAMES_WRAP { 0 } else { expected + 1 };
+        expected = if expected == FRAMES_WRAP {
+            0
+        } else {
+            expected + 1
+        };
         at += line.len() + 1;
     }
     log[..last_newline].split(|&b| b == b'\n').count()
