@@ -942,6 +942,12 @@ impl Session {
     /// first, so the guest runs ahead of the consumer by at most one window.
     /// Cancel-safe: dropping the future loses neither events nor credit.
     pub async fn next(&mut self) -> Option<SessionEvent> {
+        self.return_credit().await;
+        self.next_holding_credit().await
+    }
+
+    /// Sends the credit owed to the guest once it makes a batch.
+    async fn return_credit(&mut self) {
         if self.pending_credit >= CREDIT_BATCH && !self.ended {
             let bytes = self.pending_credit;
             self.in_flight.fetch_sub(u64::from(bytes), Ordering::AcqRel);
@@ -957,6 +963,14 @@ impl Session {
                 self.pending_credit = 0;
             }
         }
+    }
+
+    /// The next event, like [`Session::next`] but the credit owed stays owed
+    /// (in [`Session::unacked`]; an Exit still returns it): for a VM that is
+    /// stopped, which takes nothing from its channel until it runs again
+    /// (QEMU's virtio-serial port stops reading its chardev while the VM is
+    /// stopped), so a Credit written now would stay on the socket.
+    pub async fn next_holding_credit(&mut self) -> Option<SessionEvent> {
         let ev = self.events.recv().await?;
         match &ev {
             SessionEvent::Stdout(b) | SessionEvent::Stderr(b) => {
@@ -1472,6 +1486,35 @@ mod tests {
         let credit = next_frame(&mut guest).await;
         assert_eq!(credit.kind, Kind::Credit);
         assert_eq!(credit.parse::<Credit>().unwrap().bytes, 5 * 60_000);
+    }
+
+    /// A migration's source holds the credit once the VM stopped (QEMU does
+    /// not read the channel then): taken with `next_holding_credit`, output
+    /// stays owed in `unacked` and no Credit is written; the next `next`
+    /// returns all of it in one Credit.
+    #[tokio::test]
+    async fn credit_is_held_while_the_vm_is_stopped() {
+        let (conn, mut guest) = connected().await;
+        let mut s = conn.exec(&ExecRequest::default()).await.unwrap();
+        let exec = next_frame(&mut guest).await;
+        let chunk = Frame::data(Kind::Stdout, exec.id, vec![1; 60_000]);
+        for _ in 0..6 {
+            write_frame_async(&mut guest, &chunk).await.unwrap();
+        }
+        for _ in 0..6 {
+            let ev = s.next_holding_credit().await;
+            assert!(matches!(ev, Some(SessionEvent::Stdout(_))));
+        }
+        assert_eq!(s.unacked(), 6 * 60_000, "credit was returned while held");
+        write_frame_async(&mut guest, &chunk).await.unwrap();
+        assert!(matches!(s.next().await, Some(SessionEvent::Stdout(_))));
+        let credit = next_frame(&mut guest).await;
+        assert_eq!(credit.kind, Kind::Credit);
+        assert_eq!(
+            credit.parse::<Credit>().unwrap().bytes,
+            6 * 60_000,
+            "a Credit went out while the credit was held"
+        );
     }
 
     #[tokio::test]

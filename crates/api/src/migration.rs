@@ -122,12 +122,13 @@ pub struct PauseSteps {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub channel_frozen_ms: Option<u64>,
     /// QEMU reported the migration completed (final pass on the target). The
-    /// drain and the log's tail run beside QEMU's last pass: either may end
-    /// before or after this step.
+    /// log's tail runs beside QEMU's last pass: it may end before or after
+    /// this step.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qemu_completed_ms: Option<u64>,
     /// The guest's last output taken in and appended to the log (its channel's
-    /// reader had routed every byte on the socket).
+    /// reader had routed every byte on the socket), at the gate, before
+    /// QEMU's last pass.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_drained_ms: Option<u64>,
     /// The output log (its tail after the pre-copy) on the target.

@@ -287,8 +287,9 @@ fn migrated_sandbox_keeps_counting_and_keeps_its_files() {
     assert!(st["dirty_pages_rate"].is_u64(), "no dirty rate in {st}");
     // The guest's pause: source STOP to target RESUME (same host), reported
     // with its steps, each after the steps it waits for, and never after the
-    // commit's answer. The drain and the log's tail run beside QEMU's last
-    // pass (either may end first); the `committing` record waits for both.
+    // commit's answer. The drain is done at the gate, before QEMU's last pass
+    // (issue 7); the log's tail runs beside it (either may end first); the
+    // `committing` record waits for both.
     let paused = st["paused_ms"]
         .as_u64()
         .unwrap_or_else(|| panic!("no paused_ms: {st}"));
@@ -302,6 +303,7 @@ fn migrated_sandbox_keeps_counting_and_keeps_its_files() {
         ("gate_ms", "channel_frozen_ms"),
         ("channel_frozen_ms", "qemu_completed_ms"),
         ("channel_frozen_ms", "output_drained_ms"),
+        ("output_drained_ms", "qemu_completed_ms"),
         ("output_drained_ms", "log_sent_ms"),
         ("qemu_completed_ms", "committing_saved_ms"),
         ("log_sent_ms", "committing_saved_ms"),
@@ -2189,7 +2191,11 @@ fn a_guest_dirtying_faster_than_the_link_is_throttled_and_ends_on_exactly_one_no
 /// 808857866 bytes exceeds the limit"). Frames are now one write each
 /// (`hearth_proto::MAX_GUEST_WRITE`), and a frame the source's reader holds
 /// cut at the switch-over refuses it. After every move (or refused move) the
-/// sandbox must keep logging where it runs (`HEARTH_MIGRATION_ROUNDS`, 4).
+/// sandbox must keep logging where it runs (`HEARTH_MIGRATION_ROUNDS`, 4),
+/// its log must count on without a line lost, repeated or cut (review15 F4:
+/// the guest's lines are `seq 0 FRAMES_WRAP` over and over), and most moves
+/// must go through: a frame QEMU cut at the pause is waited for at the gate
+/// (issue 7).
 #[test]
 fn full_frames_keep_flowing_after_each_move() {
     let rounds: usize = std::env::var("HEARTH_MIGRATION_ROUNDS")
@@ -2215,7 +2221,7 @@ fn full_frames_keep_flowing_after_each_move() {
         "--",
         "sh",
         "-c",
-        "seq 0 400000 > /tmp/n; while true; do cat /tmp/n; done",
+        &format!("seq 0 {FRAMES_WRAP} > /tmp/n; while true; do cat /tmp/n; done"),
     ]);
     assert!(out.status.success(), "{}", show(&out));
     let size = |d: &Daemon| {
@@ -2234,7 +2240,11 @@ fn full_frames_keep_flowing_after_each_move() {
         if out.status.success() {
             here = 1 - here;
             moved += 1;
-            println!("round {round}: moved");
+            let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            println!(
+                "round {round}: moved, paused {} ms, steps {}",
+                st["paused_ms"], st["pause_steps"]
+            );
         } else {
             println!("round {round}: not moved: {}", stderr(&out).trim());
         }
@@ -2265,8 +2275,55 @@ fn full_frames_keep_flowing_after_each_move() {
             panic!("round {round}: the log stopped growing on the node running the sandbox ({} -> {} bytes)", n, size(on));
         }
         assert_eq!(on.inspect("frames")["status"], "running", "round {round}");
+        let lines = assert_counts_on(&on.hearth(&["logs", "frames"]).stdout);
+        println!("round {round}: {lines} lines, every one once and in order");
     }
-    // why: a refused move is allowed (a frame cut at the pause), but one that
-    // never moves would not test the target's reader at all (review14 F3).
-    assert!(moved > 0, "no round moved the sandbox");
+    println!("moved {moved} of {rounds}");
+    // why: a move may still be refused (a Credit written between the VM's
+    // stop and the source seeing it; a frame QEMU cannot complete within the
+    // gate's bound), but only rarely: 39 of 40 moved in ten runs, where 10 of
+    // 12 did before the drain at the gate and the credit held at the stop
+    // (docs/migration.md "At the gate"). One that never moves would not test
+    // the target's reader at all (review14 F3).
+    assert!(
+        moved + 1 >= rounds && moved > 0,
+        "only {moved} of {rounds} rounds moved the sandbox"
+    );
+}
+
+/// The last line `full_frames_keep_flowing_after_each_move`'s guest counts to
+/// before it starts again at 0.
+const FRAMES_WRAP: u64 = 400_000;
+
+/// Checks that `log` is `seq 0 FRAMES_WRAP` over and over from its start:
+/// every line is the one before plus one, 0 after `FRAMES_WRAP`, so a frame
+/// lost, written twice or cut (its bytes run into the next line) breaks the
+/// count. A last line without its newline is still being written and is
+/// skipped. Answers how many lines were checked.
+fn assert_counts_on(log: &[u8]) -> usize {
+    let Some(last_newline) = log.iter().rposition(|&b| b == b'\n') else {
+        return 0;
+    };
+    let mut expected = 0u64;
+    let mut at = 0usize;
+    for (i, line) in log[..last_newline].split(|&b| b == b'\n').enumerate() {
+        let got = std::str::from_utf8(line)
+            .ok()
+            .and_then(|l| l.parse::<u64>().ok());
+        if got != Some(expected) {
+            let around = &log[at.saturating_sub(40)..(at + line.len() + 40).min(log.len())];
+            panic!(
+                "line {i} of the log is {:?}, expected {expected} (a frame lost, repeated or cut); around it: {:?}",
+                String::from_utf8_lossy(line),
+                String::from_utf8_lossy(around)
+            );
+        }
+        expected = if expected == FRAMES_WRAP {
+            0
+        } else {
+            expected + 1
+        };
+        at += line.len() + 1;
+    }
+    log[..last_newline].split(|&b| b == b'\n').count()
 }

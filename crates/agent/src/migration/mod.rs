@@ -792,6 +792,14 @@ impl PauseClock {
     }
 }
 
+/// Whether the VM stopped (its `STOP` event) since `begun_us` and has not
+/// run again since.
+fn stopped_since(vm: &dyn Vm, begun_us: u64) -> bool {
+    let t = vm.run_state_times();
+    t.stopped_us
+        .is_some_and(|s| s >= begun_us && t.resumed_us.is_none_or(|r| r < s))
+}
+
 /// How [`run_source`] ended for the lifecycle task.
 pub(crate) enum SourceEnd {
     /// The sandbox runs here (again); an output event taken off the session
@@ -814,10 +822,19 @@ fn queued(fd: &std::os::fd::OwnedFd, request: libc::c_ulong) -> usize {
     }
 }
 
-/// Waits until the VMM has taken everything we wrote into the guest channel;
-/// else says how many bytes it left.
+/// How long the gate waits for the VMM to take what was written into the
+/// stopped guest's channel. Not longer: QEMU's virtio-serial port drops its
+/// chardev's read handlers when the VM stops (`virtio_vmstate_change` →
+/// `set_status` → `enable_backend(port, vm_running)`), so what is still there
+/// stays until the VM runs again; waiting `QUIESCE_TIMEOUT` (2 s) for it only
+/// lengthened the guest's pause before the refusal (issue 7).
+const OUTGOING_WAIT: Duration = Duration::from_millis(5);
+
+/// Waits (up to [`OUTGOING_WAIT`]) until the VMM has taken everything we
+/// wrote into the guest channel; else says how many bytes it left
+/// (`TIOCOUTQ`: on a unix socket, the buffers' sizes; one small frame is 768).
 async fn outgoing_drained(entry: &Entry) -> Result<(), String> {
-    let deadline = Instant::now() + QUIESCE_TIMEOUT;
+    let deadline = Instant::now() + OUTGOING_WAIT;
     loop {
         let n = match lock(&entry.chan_fd).as_ref() {
             Some(fd) => queued(fd, libc::TIOCOUTQ),
@@ -828,7 +845,7 @@ async fn outgoing_drained(entry: &Entry) -> Result<(), String> {
         }
         if Instant::now() >= deadline {
             return Err(format!(
-                "{n} bytes for the guest were still queued in its channel after {QUIESCE_TIMEOUT:?}"
+                "{n} bytes for the guest were still queued in its channel (the stopped VM takes nothing from it)"
             ));
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
@@ -852,6 +869,12 @@ async fn append(log: &mut OutputLog, ev: SessionEvent) -> Option<SessionEvent> {
 /// taken in, and for how long the checks must find nothing new to say so.
 const DRAIN_POLL: Duration = Duration::from_millis(2);
 const DRAIN_QUIET: Duration = Duration::from_millis(4);
+
+/// How long the drain at the switch-over gate may take: the bound on the
+/// extra pause when QEMU holds the rest of a frame it cut on a full socket,
+/// or more frames behind it (a chatty guest; issue 7). Past it the switch-over
+/// is refused at the gate, before QEMU's last pass.
+const GATE_DRAIN: Duration = Duration::from_millis(50);
 
 /// Quiet checks of the paused guest's output channel: no frame taken in
 /// since the last check and nothing unread on the socket, for
@@ -900,10 +923,12 @@ struct Drain {
     quiet: Quiet,
     /// The workload's end, if it came in.
     end: Option<SessionEvent>,
-    /// It ended (on the quiet window) with the reader holding part of a
-    /// frame: the rest is still in the VM's state and would reach the
-    /// target's reader mid-frame, so the switch-over must be refused.
+    /// It ended (on the quiet window or its bound) with the reader holding
+    /// part of a frame: the rest is still in the VM's state and would reach
+    /// the target's reader mid-frame, so the switch-over must be refused.
     cut: bool,
+    /// It ended settled or quiet, not on its bound.
+    done: bool,
 }
 
 impl Drain {
@@ -940,26 +965,38 @@ impl Drain {
     }
 }
 
-/// After the final pass: the drain to its end (see [`Drain`]), bounded by
-/// [`QUIESCE_TIMEOUT`]; answers it as it ended (the workload's end, if it
-/// came; whether a frame was left cut).
+/// The drain to its end (see [`Drain`]), bounded by `within`; answers it as
+/// it ended (the workload's end, if it came; whether a frame was left cut;
+/// whether it ended before its bound). With `cut_completes` (at the
+/// switch-over gate, where QEMU's main loop may still flush the rest of a
+/// frame it cut on a full socket) a quiet channel holding a cut frame does not
+/// end it: the rest is waited for until `within`. Without (after QEMU's last
+/// pass) it does: a rest written now is in the target's device state too.
 async fn drain(
     entry: &Entry,
     conn: &GuestConn,
     session: &mut Session,
     log: &mut OutputLog,
     mut d: Drain,
+    within: Duration,
+    cut_completes: bool,
 ) -> Drain {
-    let deadline = Instant::now() + QUIESCE_TIMEOUT;
+    let deadline = Instant::now() + within;
     loop {
-        if d.step(entry, conn, session, log).await {
+        if d.step(entry, conn, session, log).await && !(cut_completes && d.cut) {
+            d.done = true;
             return d;
         }
         if Instant::now() >= deadline {
             d.cut = conn.input_cut();
             return d;
         }
-        let next = (Instant::now() + Duration::from_millis(1)).min(d.quiet.next_check());
+        // why: a quiet window already over (a cut frame waited out) is
+        // checked again in 1 ms, not spun on.
+        let soon = Instant::now() + Duration::from_millis(1);
+        let next = Some(d.quiet.next_check())
+            .filter(|t| *t > Instant::now())
+            .map_or(soon, |t| t.min(soon));
         tokio::time::sleep_until(next.min(deadline).into()).await;
     }
 }
@@ -1150,15 +1187,12 @@ pub(crate) async fn run_source(
     let mut stash: Option<Option<SessionEvent>> = None;
     let mut refused: Option<String> = None;
     let mut cancelled = false;
-    // why: from the gate on, beside QEMU's last pass, the output is drained
-    // and the log's tail sent (issue 7: both were in the guest's pause after
-    // QEMU completed); the commit still waits for QEMU's `completed`.
-    let mut output_drain = Drain::default();
-    let mut draining = false;
+    // why: the output is drained at the gate, before QEMU's last pass, and
+    // the log's tail sent from there on, beside it (issue 7: both were in the
+    // guest's pause after QEMU completed); the commit still waits for QEMU's
+    // `completed`.
     let mut drained = false;
     let mut tail_task: Option<AbortOnDrop<Result<u64, String>>> = None;
-    let mut drain_tick = tokio::time::interval(DRAIN_POLL);
-    drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // why: no `switchover` record is written at the gate: it would settle
     // nothing a `precopy` record does not (both recover by resuming here),
     // and its fsync, beside QEMU's last pass, held the `committing` record
@@ -1173,6 +1207,14 @@ pub(crate) async fn run_source(
         let mig = vm.migrate_out(&sock, &job.params, &ptx, Some(gate));
         tokio::pin!(mig);
         loop {
+            // why: QEMU's port takes nothing from the guest channel while the
+            // VM is stopped (it drops its chardev's read handlers at the
+            // stop), so a Credit written from the stop on stayed on the
+            // socket and refused the switch-over at the gate ("bytes for the
+            // guest were still queued", 2 of 12 moves of a chatty guest). It
+            // is held instead: owed, in `unacked`, which the target returns
+            // (or this host, when the sandbox stays).
+            let hold_credit = stopped_since(vm, begun_us);
             tokio::select! {
                 r = &mut mig => break (r, wall_us()),
                 r = async { reached_rx.as_mut().expect("guarded").await }, if reached_rx.is_some() => {
@@ -1191,11 +1233,38 @@ pub(crate) async fn run_source(
                         if quiet.is_ok() {
                             job.step(&clock, |p| &mut p.channel_frozen_ms);
                         }
+                        // why: drained here, before `migrate-continue`: QEMU
+                        // releases its lock only while the gate is held
+                        // (`migration_maybe_pause`), so only now can its main
+                        // loop flush the rest of a frame it cut on a full
+                        // socket (a throttled port); from the continue until
+                        // the device state is saved it cannot, and what it
+                        // writes after that is in the target's state too
+                        // (taken in here, it would be in both logs, or a cut
+                        // frame's rest would reach the target mid-frame).
+                        // Anything the reader gets after this drain stays in
+                        // the session for `late_output`, which refuses.
+                        let quiet = match quiet {
+                            Ok(()) if !cancelled && stash.is_none() => {
+                                let d = drain(entry, conn, session, log, Drain::default(), GATE_DRAIN, true).await;
+                                if let Some(end) = d.end {
+                                    stash = Some(Some(end));
+                                }
+                                // why: an end that came is the reason given.
+                                match (d.done || stash.is_some(), d.cut) {
+                                    (true, _) => Ok(()),
+                                    (false, true) => Err(format!("the guest's output channel held a frame cut in two whose rest QEMU did not flush within {GATE_DRAIN:?} (it would reach the target mid-frame)")),
+                                    (false, false) => Err(format!("the guest's output kept coming for {GATE_DRAIN:?} after it paused")),
+                                }
+                            }
+                            other => other,
+                        };
                         pause = Some(clock);
                         let answer = gate_answer(cancelled, &quiet, stash.is_some());
                         if let (Err(why), Some(_)) = (&quiet, &answer.refused) {
                             tracing::warn!(sandbox = %id, "guest channel did not quiesce ({why}); cancelling the switch-over");
                         }
+                        let go = answer.refused.is_none();
                         refused = answer.refused;
                         tracing::debug!(sandbox = %id, "pause: channel frozen");
                         if let Some(tx) = proceed_tx.take() {
@@ -1210,30 +1279,11 @@ pub(crate) async fn run_source(
                                 net::mark_lease_moved(&data_dir, &dir, &id2, networked)
                             }));
                         }
-                        if refused.is_none() {
-                            // why: the quiet window starts at the gate; frames
-                            // taken in before it (the pre-copy's output) do
-                            // not count, one taken in after it restarts it.
-                            output_drain = Drain::default();
-                            draining = true;
-                            // why: the first check right at the gate (the
-                            // next turn of this loop), then every DRAIN_POLL.
-                            drain_tick.reset_immediately();
-                        }
-                    }
-                }
-                _ = drain_tick.tick(), if draining => {
-                    if output_drain.step(entry, conn, session, log).await {
-                        draining = false;
-                        drained = true;
-                        if let Some(end) = output_drain.end.take() {
-                            // why: the workload ended: nothing is left to move.
-                            stash = Some(Some(end));
-                            tunnel.abort();
-                        } else if output_drain.cut {
-                            // why: refused after QEMU's last pass (no tail).
-                        } else if let Some(p) = &pause {
-                            job.step(p, |p| &mut p.output_drained_ms);
+                        if go {
+                            drained = true;
+                            if let Some(p) = &pause {
+                                job.step(p, |p| &mut p.output_drained_ms);
+                            }
                             tracing::debug!(sandbox = %id, "pause: drained");
                             tail_task = Some(start_tail(&job.peer, &id, &log_path, bulk.take()));
                         }
@@ -1262,9 +1312,14 @@ pub(crate) async fn run_source(
                 }
                 // why: after the drain, output is late: it stays in the
                 // session for `late_output`, which refuses the switch-over.
-                ev = session.next(), if stash.is_none() && !drained => match ev {
+                ev = async {
+                    if hold_credit {
+                        session.next_holding_credit().await
+                    } else {
+                        session.next().await
+                    }
+                }, if stash.is_none() && !drained => match ev {
                     Some(ev) => {
-                        output_drain.quiet.got();
                         if let Some(end) = append(log, ev).await {
                             // why: the workload ended; there is nothing left to move.
                             stash = Some(Some(end));
@@ -1338,10 +1393,21 @@ pub(crate) async fn run_source(
     );
 
     // The whole state is on the target; the source VM is paused for good unless we resume it.
+    // why: drained at the gate when one was seen; else (no gate) here, where
+    // a frame left cut refuses.
     let (end, cut) = if drained {
-        (None, output_drain.cut)
+        (None, false)
     } else {
-        let d = drain(entry, conn, session, log, output_drain).await;
+        let d = drain(
+            entry,
+            conn,
+            session,
+            log,
+            Drain::default(),
+            QUIESCE_TIMEOUT,
+            false,
+        )
+        .await;
         tracing::debug!(sandbox = %id, "pause: drained");
         job.step(&pause, |p| &mut p.output_drained_ms);
         (d.end, d.cut)
@@ -4459,5 +4525,127 @@ mod tests {
             std::fs::read(&ours).unwrap()
         );
         assert!(crate::output_log::truncated_marker(&theirs).exists());
+    }
+
+    /// A conn over a unix socketpair whose host end is the drain's channel
+    /// socket, with session 7 attached and an empty log.
+    async fn drain_rig(
+        dir: &Path,
+    ) -> (
+        Entry,
+        Arc<GuestConn>,
+        tokio::net::UnixStream,
+        Session,
+        OutputLog,
+    ) {
+        use std::os::fd::AsFd;
+        let rec = offer(serde_json::Value::Null, None).sandbox;
+        let entry = Entry::new(dir.to_path_buf(), rec);
+        let (host, mut guest) = tokio::net::UnixStream::pair().unwrap();
+        *lock(&entry.chan_fd) = Some(host.as_fd().try_clone_to_owned().unwrap());
+        let conn = crate::guest_conn::handshake_for_test(host, &mut guest).await;
+        let session = conn.attach(7);
+        let (tx, _rx) = tokio::sync::watch::channel(0);
+        let log = OutputLog::create(&dir.join("output.log"), tx, 1 << 20)
+            .await
+            .unwrap();
+        (entry, conn, guest, session, log)
+    }
+
+    /// Waits until the reader holds part of a frame with nothing unread.
+    async fn until_cut(entry: &Entry, conn: &GuestConn) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !(conn.input_cut()
+            && queued(lock(&entry.chan_fd).as_ref().unwrap(), libc::FIONREAD) == 0)
+        {
+            assert!(Instant::now() < deadline, "the reader never took the head");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// issue 7: at the switch-over gate a frame QEMU cut on a full socket is
+    /// waited for: its rest (flushed by QEMU's main loop while the gate is
+    /// held) completes it, and the drain ends with the whole frame in the log,
+    /// not cut (the switch-over goes on).
+    #[tokio::test]
+    async fn a_frame_cut_at_the_gate_is_waited_for_and_logged_whole() {
+        use hearth_proto::{Frame, Kind};
+        use tokio::io::AsyncWriteExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (entry, conn, mut guest, mut session, mut log) = drain_rig(dir.path()).await;
+        let frame = Frame::data(Kind::Stdout, 7, vec![b'x'; 4000]).encode();
+        guest.write_all(&frame[..2000]).await.unwrap();
+        until_cut(&entry, &conn).await;
+        let rest = tokio::spawn({
+            let conn = conn.clone();
+            async move {
+                // why: usually after the drain found the channel quiet with
+                // the frame cut (its end, were the cut not waited out); the
+                // outcome does not depend on it.
+                tokio::time::sleep(DRAIN_QUIET * 3).await;
+                assert!(conn.input_cut());
+                guest.write_all(&frame[2000..]).await.unwrap();
+                guest
+            }
+        });
+        let d = drain(
+            &entry,
+            &conn,
+            &mut session,
+            &mut log,
+            Drain::default(),
+            Duration::from_secs(30),
+            true,
+        )
+        .await;
+        let _guest = rest.await.unwrap();
+        assert!(
+            d.done && !d.cut,
+            "the drain did not end with the frame whole"
+        );
+        drop(log);
+        let logged = std::fs::read(dir.path().join("output.log")).unwrap();
+        assert_eq!(
+            logged.iter().filter(|&&b| b == b'x').count(),
+            4000,
+            "the frame is not in the log once, whole"
+        );
+    }
+
+    /// issue 7: a frame left cut ends the gate's drain on its bound, not done
+    /// and cut (the switch-over is refused at the gate); after QEMU's last
+    /// pass the drain does not wait for its rest (it would be in the target's
+    /// state too) and ends on the quiet window, cut.
+    #[tokio::test]
+    async fn a_frame_left_cut_ends_the_drain_cut() {
+        use hearth_proto::{Frame, Kind};
+        use tokio::io::AsyncWriteExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (entry, conn, mut guest, mut session, mut log) = drain_rig(dir.path()).await;
+        let frame = Frame::data(Kind::Stdout, 7, vec![b'x'; 4000]).encode();
+        guest.write_all(&frame[..2000]).await.unwrap();
+        until_cut(&entry, &conn).await;
+        let at_gate = drain(
+            &entry,
+            &conn,
+            &mut session,
+            &mut log,
+            Drain::default(),
+            DRAIN_QUIET * 5,
+            true,
+        )
+        .await;
+        assert!(!at_gate.done && at_gate.cut, "at the gate");
+        let after_pass = drain(
+            &entry,
+            &conn,
+            &mut session,
+            &mut log,
+            Drain::default(),
+            Duration::from_secs(30),
+            false,
+        )
+        .await;
+        assert!(after_pass.done && after_pass.cut, "after the last pass");
     }
 }
