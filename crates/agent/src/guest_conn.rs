@@ -697,18 +697,27 @@ impl GuestConn {
         Ok(())
     }
 
+    /// Hands `f` to the writer task. Cancel-safe: dropped before the frame
+    /// was handed over (the writer's queue full; tokio's `send` may also
+    /// yield for its budget), the frame is not sent and not counted.
     async fn send(&self, f: Frame) -> Result<(), GuestError> {
         if self.frozen.load(Ordering::SeqCst) {
             return Err(GuestError::Frozen);
         }
         self.queued.fetch_add(1, Ordering::AcqRel);
+        // why: a frame that never reached the writer must not hold up
+        // `freeze` — also when this future is dropped mid-send (review17 F1:
+        // the count stayed one too high for good, and every later migration
+        // of the sandbox was refused, "the writer did not flush").
+        let uncount = OnDrop::new(|| {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+        });
         let r = match tokio::time::timeout(SEND_TIMEOUT, self.tx.send(f)).await {
             Ok(r) => r.map_err(|_| GuestError::Closed),
             Err(_) => Err(GuestError::Stalled(SEND_TIMEOUT)),
         };
-        if r.is_err() {
-            // why: a frame that never reached the writer must not hold up `freeze`.
-            self.queued.fetch_sub(1, Ordering::AcqRel);
+        if r.is_ok() {
+            uncount.disarm();
         }
         r
     }
@@ -719,13 +728,13 @@ impl GuestConn {
     /// its output stalled). At most [`MAX_OVERFLOW`] frames are held so; beyond
     /// that the guest is not reading its channel and frames are dropped with a
     /// warning (host memory stays bounded whatever the guest sends).
-    fn try_send(&self, f: Frame) {
+    fn try_send(&self, f: Frame) -> bool {
         if self.frozen.load(Ordering::SeqCst) {
-            return;
+            return false;
         }
         self.queued.fetch_add(1, Ordering::AcqRel);
         match self.tx.try_send(f) {
-            Ok(()) => {}
+            Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(f)) => {
                 // why: bounded, so a guest that stops reading and floods frames
                 // that are answered this way cannot grow host memory.
@@ -739,7 +748,7 @@ impl GuestConn {
                 let Some(rt) = runtime else {
                     self.queued.fetch_sub(1, Ordering::AcqRel);
                     tracing::warn!(kind = ?f.kind, "dropping a frame to a guest that does not read its channel");
-                    return;
+                    return false;
                 };
                 let (tx, queued, overflow) =
                     (self.tx.clone(), self.queued.clone(), self.overflow.clone());
@@ -752,9 +761,11 @@ impl GuestConn {
                         queued.fetch_sub(1, Ordering::AcqRel);
                     }
                 });
+                true
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
                 self.queued.fetch_sub(1, Ordering::AcqRel);
+                false
             }
         }
     }
@@ -932,6 +943,28 @@ pub struct Session {
     ack_exit: bool,
 }
 
+/// Runs `f` when dropped, unless disarmed: undoes a count when the future
+/// holding it is dropped before its step completed.
+struct OnDrop<F: FnOnce()>(Option<F>);
+
+impl<F: FnOnce()> OnDrop<F> {
+    fn new(f: F) -> Self {
+        OnDrop(Some(f))
+    }
+
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl<F: FnOnce()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f();
+        }
+    }
+}
+
 impl Session {
     /// The session id (the guest's name for this process).
     pub fn id(&self) -> u32 {
@@ -940,7 +973,8 @@ impl Session {
 
     /// The next event. Credit for the previous chunk goes back to the guest
     /// first, so the guest runs ahead of the consumer by at most one window.
-    /// Cancel-safe: dropping the future loses neither events nor credit.
+    /// Cancel-safe: dropping the future loses neither events nor credit, also
+    /// mid-send of the Credit (unit `a_next_dropped_mid_credit_loses_nothing`).
     pub async fn next(&mut self) -> Option<SessionEvent> {
         self.return_credit().await;
         self.next_holding_credit().await
@@ -950,16 +984,25 @@ impl Session {
     async fn return_credit(&mut self) {
         if self.pending_credit >= CREDIT_BATCH && !self.ended {
             let bytes = self.pending_credit;
+            // why: taken off before the send, so the guest's answer to the
+            // credit cannot find it still counted (a false WindowExceeded);
+            // put back unless the Credit was handed over: on an error (the
+            // channel is gone or stalled; the events say what happened) and
+            // when this future is dropped mid-send (review17 F1: the bytes
+            // were lost from `unacked` for good, and taken off again at the
+            // next send).
             self.in_flight.fetch_sub(u64::from(bytes), Ordering::AcqRel);
-            if self
+            let in_flight = &self.in_flight;
+            let restore = OnDrop::new(|| {
+                in_flight.fetch_add(u64::from(bytes), Ordering::AcqRel);
+            });
+            let sent = self
                 .conn
                 .send(Frame::json(Kind::Credit, self.id, &Credit { bytes }))
                 .await
-                .is_err()
-            {
-                // The channel is gone or stalled; the events say what happened.
-                self.in_flight.fetch_add(u64::from(bytes), Ordering::AcqRel);
-            } else {
+                .is_ok();
+            if sent {
+                restore.disarm();
                 self.pending_credit = 0;
             }
         }
@@ -981,10 +1024,16 @@ impl Session {
                 // the guest may then drop what it kept for a replay. Without
                 // waiting, so dropping this future never loses the Exit.
                 if self.pending_credit > 0 {
-                    let bytes = std::mem::take(&mut self.pending_credit);
-                    self.in_flight.fetch_sub(u64::from(bytes), Ordering::AcqRel);
-                    self.conn
-                        .try_send(Frame::json(Kind::Credit, self.id, &Credit { bytes }));
+                    let bytes = self.pending_credit;
+                    // why: a Credit the channel does not take (frozen, a
+                    // guest not reading) stays owed (review17 F5).
+                    if self
+                        .conn
+                        .try_send(Frame::json(Kind::Credit, self.id, &Credit { bytes }))
+                    {
+                        self.pending_credit = 0;
+                        self.in_flight.fetch_sub(u64::from(bytes), Ordering::AcqRel);
+                    }
                 }
                 self.ended = true;
                 if self.ack_exit {
@@ -1492,6 +1541,58 @@ mod tests {
     /// not read the channel then): taken with `next_holding_credit`, output
     /// stays owed in `unacked` and no Credit is written; the next `next`
     /// returns all of it in one Credit.
+    /// review17 F1: `next` dropped while its Credit waits for room in the
+    /// writer's queue (a guest not reading; tokio's `send` may also yield for
+    /// its budget, and `run_source`'s select drops the losing branch) lost
+    /// the credit from `unacked` and left the queued-frame count one too
+    /// high, so `freeze` (every later migration's switch-over) never passed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_next_dropped_mid_credit_loses_nothing() {
+        let (conn, mut guest) = connected_with(256).await;
+        let mut s = conn.exec(&ExecRequest::default()).await.unwrap();
+        let exec = next_frame(&mut guest).await;
+        let chunk = Frame::data(Kind::Stdout, exec.id, vec![1; 60_000]);
+        for _ in 0..5 {
+            write_frame_async(&mut guest, &chunk).await.unwrap();
+        }
+        for _ in 0..5 {
+            let ev = s.next_holding_credit().await;
+            assert!(matches!(ev, Some(SessionEvent::Stdout(_))));
+        }
+        let owed = s.unacked();
+        assert_eq!(owed, 300_000);
+        // The guest stops reading: pings fill its pipe and the writer's queue.
+        let mut pings = tokio::task::JoinSet::new();
+        for _ in 0..200 {
+            let c = conn.clone();
+            pings.spawn(async move {
+                let _ = c.ping(Duration::from_secs(60)).await;
+            });
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while conn.tx.capacity() > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the writer's queue never filled"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let stuck = tokio::time::timeout(Duration::from_millis(100), s.next()).await;
+        assert!(stuck.is_err(), "the Credit found room in a full queue");
+        assert_eq!(s.unacked(), owed, "credit lost with the dropped next()");
+        // The guest reads again: every frame handed over is written, and a
+        // freeze (a switch-over) passes.
+        let reader =
+            tokio::spawn(
+                async move { while let Ok(Some(_)) = read_frame_async(&mut guest).await {} },
+            );
+        conn.freeze(Duration::from_secs(10))
+            .await
+            .expect("a frame never handed over still counted as queued");
+        pings.abort_all();
+        reader.abort();
+    }
+
     #[tokio::test]
     async fn credit_is_held_while_the_vm_is_stopped() {
         let (conn, mut guest) = connected().await;

@@ -372,11 +372,10 @@ pub async fn node(c: &Client, cmd: NodeCmd) -> anyhow::Result<u8> {
                 }
                 return Ok(drain_exit(&d));
             }
-            // why: the control plane's default budget when none is given
-            // (hearth_vmm::migration::DEFAULT_DOWNTIME_LIMIT, as `hearth migrate`'s).
-            if let Some(w) =
-                crate::migrate::low_cap_warning(bandwidth_mib, downtime_ms.unwrap_or(100))
-            {
+            if let Some(w) = crate::migrate::low_cap_warning(
+                bandwidth_mib,
+                downtime_ms.unwrap_or(crate::migrate::DEFAULT_DOWNTIME_MS),
+            ) {
                 eprintln!("warning: {w}");
             }
             let body = serde_json::json!({

@@ -28,7 +28,7 @@ pub struct MigrateArgs {
     #[arg(long, env = "HEARTH_TARGET_TOKEN_FILE")]
     to_token_file: Option<std::path::PathBuf>,
     /// Largest switch-over pause in milliseconds.
-    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = DEFAULT_DOWNTIME_MS, value_parser = clap::value_parser!(u64).range(1..))]
     downtime_ms: u64,
     /// Bandwidth cap of the migration stream in MiB/s.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
@@ -150,6 +150,11 @@ pub async fn run(c: &Client, a: MigrateArgs) -> Result<u8> {
     print(&s, a.json)?;
     Ok(0)
 }
+
+/// The downtime budget a migration gets when none is given: the agents'
+/// default (`hearth_vmm::migration::DEFAULT_DOWNTIME_LIMIT`, which a drain
+/// without `--downtime-ms` gets).
+pub(crate) const DEFAULT_DOWNTIME_MS: u64 = 100;
 
 /// A warning when the bandwidth cap cannot send one dirty disk chunk (QEMU
 /// tracks written disk blocks in 1 MiB chunks) within the downtime budget: a

@@ -2284,9 +2284,10 @@ fn full_frames_keep_flowing_after_each_move() {
     // gate's bound), but only rarely: 39 of 40 moved in ten runs, where 10 of
     // 12 did before the drain at the gate and the credit held at the stop
     // (docs/migration.md "At the gate"). One that never moves would not test
-    // the target's reader at all (review14 F3).
+    // the target's reader at all (review14 F3). Half, not all but one: the
+    // refusal rate under a loaded CI host is not measured (review17 F6).
     assert!(
-        moved + 1 >= rounds && moved > 0,
+        moved * 2 >= rounds && moved > 0,
         "only {moved} of {rounds} rounds moved the sandbox"
     );
 }
