@@ -446,7 +446,8 @@ impl GuestConn {
     pub async fn freeze(&self, timeout: Duration) -> Result<(), GuestError> {
         self.frozen.store(true, Ordering::SeqCst);
         let deadline = tokio::time::Instant::now() + timeout;
-        while self.written.load(Ordering::Acquire) < self.queued.load(Ordering::Acquire) {
+        // why: `SeqCst` against `count_unless_frozen`'s count-then-check.
+        while self.written.load(Ordering::Acquire) < self.queued.load(Ordering::SeqCst) {
             if tokio::time::Instant::now() >= deadline {
                 return Err(GuestError::Stalled(timeout));
             }
@@ -697,14 +698,29 @@ impl GuestConn {
         Ok(())
     }
 
+    /// Counts a frame about to be handed to the writer, unless the channel
+    /// is frozen. Counted first, checked after (both `SeqCst`, as `freeze`
+    /// stores the flag first and reads the count after): either `freeze` sees
+    /// this frame counted and waits for it to be written, or this sees the
+    /// flag (review18 F1: checked first, a frame could pass the check, then
+    /// `freeze` find it uncounted and return, then the frame reach a stopped
+    /// VM's channel).
+    fn count_unless_frozen(&self) -> bool {
+        self.queued.fetch_add(1, Ordering::SeqCst);
+        if self.frozen.load(Ordering::SeqCst) {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+
     /// Hands `f` to the writer task. Cancel-safe: dropped before the frame
     /// was handed over (the writer's queue full; tokio's `send` may also
     /// yield for its budget), the frame is not sent and not counted.
     async fn send(&self, f: Frame) -> Result<(), GuestError> {
-        if self.frozen.load(Ordering::SeqCst) {
+        if !self.count_unless_frozen() {
             return Err(GuestError::Frozen);
         }
-        self.queued.fetch_add(1, Ordering::AcqRel);
         // why: a frame that never reached the writer must not hold up
         // `freeze` — also when this future is dropped mid-send (review17 F1:
         // the count stayed one too high for good, and every later migration
@@ -727,12 +743,14 @@ impl GuestConn {
     /// or credit dropped there left an ended session in the guest forever, or
     /// its output stalled). At most [`MAX_OVERFLOW`] frames are held so; beyond
     /// that the guest is not reading its channel and frames are dropped with a
-    /// warning (host memory stays bounded whatever the guest sends).
+    /// warning (host memory stays bounded whatever the guest sends). False
+    /// when the frame is dropped (frozen, closed, or that bound reached); true
+    /// when handed to the writer or held for it (a held one may still be
+    /// dropped after `SEND_TIMEOUT`).
     fn try_send(&self, f: Frame) -> bool {
-        if self.frozen.load(Ordering::SeqCst) {
+        if !self.count_unless_frozen() {
             return false;
         }
-        self.queued.fetch_add(1, Ordering::AcqRel);
         match self.tx.try_send(f) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(f)) => {
@@ -1009,10 +1027,11 @@ impl Session {
     }
 
     /// The next event, like [`Session::next`] but the credit owed stays owed
-    /// (in [`Session::unacked`]; an Exit still returns it): for a VM that is
-    /// stopped, which takes nothing from its channel until it runs again
-    /// (QEMU's virtio-serial port stops reading its chardev while the VM is
-    /// stopped), so a Credit written now would stay on the socket.
+    /// (in [`Session::unacked`]; an Exit returns it if the channel takes the
+    /// Credit): for a VM that is stopped, which takes nothing from its
+    /// channel until it runs again (QEMU's virtio-serial port stops reading
+    /// its chardev while the VM is stopped), so a Credit written now would
+    /// stay on the socket.
     pub async fn next_holding_credit(&mut self) -> Option<SessionEvent> {
         let ev = self.events.recv().await?;
         match &ev {
@@ -1537,10 +1556,6 @@ mod tests {
         assert_eq!(credit.parse::<Credit>().unwrap().bytes, 5 * 60_000);
     }
 
-    /// A migration's source holds the credit once the VM stopped (QEMU does
-    /// not read the channel then): taken with `next_holding_credit`, output
-    /// stays owed in `unacked` and no Credit is written; the next `next`
-    /// returns all of it in one Credit.
     /// review17 F1: `next` dropped while its Credit waits for room in the
     /// writer's queue (a guest not reading; tokio's `send` may also yield for
     /// its budget, and `run_source`'s select drops the losing branch) lost
@@ -1569,13 +1584,24 @@ mod tests {
                 let _ = c.ping(Duration::from_secs(60)).await;
             });
         }
+        // why: every ping counted and the writer stuck (nothing written for
+        // a while), not just a full queue seen for a moment (review18 F4).
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while conn.tx.capacity() > 0 {
+        let mut written = u64::MAX;
+        loop {
+            let now = conn.written.load(Ordering::Acquire);
+            if conn.tx.capacity() == 0
+                && conn.queued.load(Ordering::Acquire) >= 201
+                && now == written
+            {
+                break;
+            }
+            written = now;
             assert!(
                 std::time::Instant::now() < deadline,
                 "the writer's queue never filled"
             );
-            tokio::time::sleep(Duration::from_millis(1)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let stuck = tokio::time::timeout(Duration::from_millis(100), s.next()).await;
         assert!(stuck.is_err(), "the Credit found room in a full queue");
@@ -1593,6 +1619,10 @@ mod tests {
         reader.abort();
     }
 
+    /// A migration's source holds the credit once the VM stopped (QEMU does
+    /// not read the channel then): taken with `next_holding_credit`, output
+    /// stays owed in `unacked` and no Credit is written; the next `next`
+    /// returns all of it in one Credit.
     #[tokio::test]
     async fn credit_is_held_while_the_vm_is_stopped() {
         let (conn, mut guest) = connected().await;
