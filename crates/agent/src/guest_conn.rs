@@ -147,9 +147,6 @@ pub struct GuestConn {
     closed: tokio::sync::watch::Receiver<bool>,
     /// Set during a migration's switch-over: nothing more goes to the guest.
     frozen: std::sync::atomic::AtomicBool,
-    /// Set while a migration's source has seen its VM stopped: no session
-    /// returns credit (see [`GuestConn::hold_credit`]).
-    credit_held: std::sync::atomic::AtomicBool,
     /// Frames handed to the writer task, and frames it has written.
     queued: Arc<AtomicU64>,
     written: Arc<AtomicU64>,
@@ -404,7 +401,6 @@ impl GuestConn {
             guards_restores: std::sync::atomic::AtomicBool::new(guards),
             closed,
             frozen: std::sync::atomic::AtomicBool::new(false),
-            credit_held: std::sync::atomic::AtomicBool::new(false),
             queued: Arc::new(AtomicU64::new(0)),
             overflow: Arc::new(AtomicU64::new(0)),
             written,
@@ -490,17 +486,6 @@ impl GuestConn {
     /// Undoes [`GuestConn::freeze`] (the migration did not happen).
     pub fn thaw(&self) {
         self.frozen.store(false, Ordering::SeqCst);
-    }
-
-    /// Holds (or, `false`, releases) every session's credit: a stopped VM
-    /// takes nothing from its channel (QEMU's virtio-serial port stops
-    /// reading its chardev), so a Credit written then stays on the socket
-    /// and refuses a migration's switch-over; held, it stays owed in each
-    /// session's `unacked` and goes with the next `next` once released. For
-    /// all sessions, not only the one a migration drains: an exec's stream
-    /// returns credit from its own task (review17 F3).
-    pub fn hold_credit(&self, on: bool) {
-        self.credit_held.store(on, Ordering::SeqCst);
     }
 
     /// The id the next session will get (recorded in snapshots and migrations).
@@ -1015,10 +1000,7 @@ impl Session {
 
     /// Sends the credit owed to the guest once it makes a batch.
     async fn return_credit(&mut self) {
-        if self.pending_credit >= CREDIT_BATCH
-            && !self.ended
-            && !self.conn.credit_held.load(Ordering::SeqCst)
-        {
+        if self.pending_credit >= CREDIT_BATCH && !self.ended {
             let bytes = self.pending_credit;
             // why: taken off before the send, so the guest's answer to the
             // credit cannot find it still counted (a false WindowExceeded);
@@ -1635,31 +1617,6 @@ mod tests {
             .expect("a frame never handed over still counted as queued");
         pings.abort_all();
         reader.abort();
-    }
-
-    /// review17 F3: the hold is the connection's, so a session consumed
-    /// elsewhere (an exec's stream) returns no credit while it is held, and
-    /// all of it once released.
-    #[tokio::test]
-    async fn a_held_connection_holds_every_sessions_credit() {
-        let (conn, mut guest) = connected().await;
-        let mut s = conn.exec(&ExecRequest::default()).await.unwrap();
-        let exec = next_frame(&mut guest).await;
-        let chunk = Frame::data(Kind::Stdout, exec.id, vec![1; 60_000]);
-        conn.hold_credit(true);
-        for _ in 0..6 {
-            write_frame_async(&mut guest, &chunk).await.unwrap();
-        }
-        for _ in 0..6 {
-            assert!(matches!(s.next().await, Some(SessionEvent::Stdout(_))));
-        }
-        assert_eq!(s.unacked(), 6 * 60_000, "credit was returned while held");
-        conn.hold_credit(false);
-        write_frame_async(&mut guest, &chunk).await.unwrap();
-        assert!(matches!(s.next().await, Some(SessionEvent::Stdout(_))));
-        let credit = next_frame(&mut guest).await;
-        assert_eq!(credit.kind, Kind::Credit);
-        assert_eq!(credit.parse::<Credit>().unwrap().bytes, 6 * 60_000);
     }
 
     /// A migration's source holds the credit once the VM stopped (QEMU does

@@ -1093,8 +1093,6 @@ pub(crate) async fn run_source(
     let _member = job.active.clone();
     entry.migrating_out.store(true, Ordering::Relaxed);
     let _outgoing = OutgoingGuard(entry);
-    // why: the credit held once the VM stopped goes back however this ends.
-    let _credit = CreditHold(conn);
     let reg = &agent.inner.migrations;
     let mut bell = reg.cancel_bell.0.subscribe();
     // why: a cancel that overtook the migrate request (the control plane
@@ -1217,11 +1215,6 @@ pub(crate) async fn run_source(
             // is held instead: owed, in `unacked`, which the target returns
             // (or this host, when the sandbox stays).
             let hold_credit = stopped_since(vm, begun_us);
-            if hold_credit {
-                // why: every session's, not only this one's (review17 F3);
-                // released when this migration ends, however it ends.
-                conn.hold_credit(true);
-            }
             tokio::select! {
                 r = &mut mig => break (r, wall_us()),
                 r = async { reached_rx.as_mut().expect("guarded").await }, if reached_rx.is_some() => {
@@ -1838,16 +1831,6 @@ async fn stay_here(
 
 /// Clears [`Entry::migrating_out`] when the source side of a migration ends.
 struct OutgoingGuard<'a>(&'a Entry);
-
-/// Releases the guest channel's credit hold (set once the source saw its VM
-/// stop) when dropped.
-struct CreditHold<'a>(&'a GuestConn);
-
-impl Drop for CreditHold<'_> {
-    fn drop(&mut self) {
-        self.0.hold_credit(false);
-    }
-}
 
 impl Drop for OutgoingGuard<'_> {
     fn drop(&mut self) {
