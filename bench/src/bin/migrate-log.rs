@@ -30,6 +30,9 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let mib: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(64);
     let moves: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(6);
+    // why: one rootfs imported into both, so the image has one digest on both
+    // nodes (a migration needs the same image there; DaemonOptions' own import
+    // builds a rootfs per daemon, whose digests differ).
     let (a, b) = (node(), node());
     let rootfs = a.data.path().join("busybox-rootfs");
     images::busybox_rootfs(&rootfs);
