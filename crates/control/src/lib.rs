@@ -7,6 +7,7 @@
 pub mod cluster;
 pub mod credential;
 mod migration;
+pub use migration::MAX_LOG_BODY;
 mod openapi;
 mod policy;
 mod pull;

@@ -63,7 +63,11 @@ struct DevArgs {
     #[arg(long, env = "HEARTH_GUEST_WATCHDOG_SECS", default_value_t = 30)]
     guest_watchdog_secs: u64,
     /// Largest output log kept per sandbox, in MiB; later output is discarded.
-    #[arg(long, env = "HEARTH_MAX_LOG_MIB", default_value_t = 256)]
+    /// At most 512: a migration sends the log whole during the pre-copy, and
+    /// a target takes at most [`hearth_control::MAX_LOG_BODY`] (a
+    /// bigger log refused every move of its sandbox; review20 R20-1).
+    #[arg(long, env = "HEARTH_MAX_LOG_MIB", default_value_t = 256,
+          value_parser = clap::value_parser!(u64).range(1..=(hearth_control::MAX_LOG_BODY >> 20) as u64))]
     max_log_mib: u64,
     /// This node's name.
     #[arg(long, env = "HEARTH_NODE", default_value = "local")]
@@ -386,5 +390,21 @@ pub(crate) async fn axum_serve(listener: tokio::net::TcpListener, app: axum::Rou
             tracing::info!("SIGTERM: shutting down");
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    /// review20 R20-1: a log cap a migration's target would not take is
+    /// refused at start, naming the bound.
+    #[test]
+    fn a_log_cap_over_what_a_migration_takes_is_refused() {
+        let e = super::Cli::try_parse_from(["hearthd", "dev", "--max-log-mib", "513"])
+            .err()
+            .expect("513 MiB let in");
+        assert!(e.to_string().contains("1..=512"), "{e}");
+        assert!(super::Cli::try_parse_from(["hearthd", "dev", "--max-log-mib", "512"]).is_ok());
     }
 }

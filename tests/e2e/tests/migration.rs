@@ -2204,7 +2204,8 @@ fn full_frames_keep_flowing_after_each_move() {
         .unwrap_or(4);
     let opts = || DaemonOptions {
         busybox: false,
-        env: vec![("HEARTH_MAX_LOG_MIB".into(), "8192".into())],
+        // why: the largest log hearthd allows (what a target takes with a move).
+        env: vec![("HEARTH_MAX_LOG_MIB".into(), "512".into())],
         ..Default::default()
     };
     let (a, b) = import_busybox(Daemon::start_with(opts()), Daemon::start_with(opts()));

@@ -1516,7 +1516,7 @@ pub(crate) async fn run_source(
     // (and counted) since the check after the tail is in that count but not
     // in the tail, and the target would hand its credit back to the guest,
     // which then drops it from its replay buffer (review5 F3). Without late
-    // output this completes without suspending.
+    // output it waits at most a few yields for the reader's barrier.
     if let Some(end) = late_output(entry, conn, session, log).await {
         let _ = log.flush().await;
         let why = format!(
