@@ -18,6 +18,12 @@
 //! counted and reported, never read as 0.
 //!
 //! Usage: migrate [RUNS] [MEMORY_MIB,...]   (default 3 runs, 256 and 1024 MiB)
+//!
+//! Environment: `HEARTH_BIN_DIR` (the `hearthd`/`hearth` to measure),
+//! `HEARTH_BENCH_BARE_ONLY` (no Hearth rows), `HEARTH_BENCH_TUNNEL` (bare's
+//! stream through Hearth's TCP tunnel), `HEARTH_BENCH_BARE_GATE` (bare QEMU
+//! stops at the switch-over gate, `pause-before-switchover`, and is let
+//! through at once: the gate's own cost, without Hearth's work there).
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -360,9 +366,22 @@ async fn bare_run(rootfs: &std::path::Path, mib: u32, dirty: bool) -> Sample {
         sock.clone()
     };
     let (tx, _rx) = tokio::sync::watch::channel(MigrationProgress::default());
+    // With HEARTH_BENCH_BARE_GATE, bare QEMU stops at the switch-over gate
+    // (`pause-before-switchover`) and is let through at once: what the gate's
+    // mechanism costs the pause, without any of Hearth's work there.
+    let gate = std::env::var_os("HEARTH_BENCH_BARE_GATE").map(|_| {
+        let (reached, reached_rx) = tokio::sync::oneshot::channel();
+        let (proceed_tx, proceed) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            if reached_rx.await.is_ok() {
+                let _ = proceed_tx.send(true);
+            }
+        });
+        hearth_vmm::SwitchoverGate { reached, proceed }
+    });
     let t0 = Instant::now();
     let p = src
-        .migrate_out(&out_sock, &MigrationParams::default(), &tx, None)
+        .migrate_out(&out_sock, &MigrationParams::default(), &tx, gate)
         .await
         .expect("bare migration");
     let total = t0.elapsed();
@@ -387,6 +406,12 @@ async fn bare_run(rootfs: &std::path::Path, mib: u32, dirty: bool) -> Sample {
         1000,
     );
     let alive = target.ping(Duration::from_secs(20)).await.is_ok();
+    // why: with a gate `migrate_out` answers from QEMU's `completed` event,
+    // without the final statistics (Hearth reads them the same way).
+    let downtime_ms = match p.downtime_ms {
+        Some(d) => Some(d),
+        None => src.migration_stats().await.ok().flatten().and_then(|s| s.downtime_ms),
+    };
     for vm in [&src as &dyn Vm, &dst] {
         let _ = vm.kill().await;
         let _ = vm.wait().await;
@@ -394,7 +419,7 @@ async fn bare_run(rootfs: &std::path::Path, mib: u32, dirty: bool) -> Sample {
     Sample {
         total,
         paused_ms,
-        downtime_ms: p.downtime_ms,
+        downtime_ms,
         iterations: p.iterations,
         throttle: p.cpu_throttle_percent,
         alive: Some(alive),
