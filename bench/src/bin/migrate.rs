@@ -23,7 +23,8 @@
 //! `HEARTH_BENCH_BARE_ONLY` (no Hearth rows), `HEARTH_BENCH_TUNNEL` (bare's
 //! stream through Hearth's TCP tunnel), `HEARTH_BENCH_BARE_GATE` (bare QEMU
 //! stops at the switch-over gate, `pause-before-switchover`, and is let
-//! through at once: the gate's own cost, without Hearth's work there).
+//! through at once: the gate's own cost, without Hearth's work there),
+//! `HEARTH_BENCH_BARE_STEPS` (each bare run's QMP events, ms after its stop).
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -379,6 +380,10 @@ async fn bare_run(rootfs: &std::path::Path, mib: u32, dirty: bool) -> Sample {
         });
         hearth_vmm::SwitchoverGate { reached, proceed }
     });
+    // why: QEMU's own times of each step (QMP timestamps), to see where a
+    // gate's cost goes (HEARTH_BENCH_BARE_STEPS prints them per run).
+    let mut src_events = src.qmp().subscribe();
+    let mut dst_events = dst.qmp().subscribe();
     let t0 = Instant::now();
     let p = src
         .migrate_out(&out_sock, &MigrationParams::default(), &tx, gate)
@@ -400,6 +405,26 @@ async fn bare_run(rootfs: &std::path::Path, mib: u32, dirty: bool) -> Sample {
         (Some(stop), Some(resume)) => resume.checked_sub(stop).map(|d| d / 1000),
         _ => None,
     };
+    if std::env::var_os("HEARTH_BENCH_BARE_STEPS").is_some() {
+        let stop = src.run_state_times().stopped_us.unwrap_or(0);
+        let mut line = String::new();
+        let mut take = |rx: &mut tokio::sync::broadcast::Receiver<hearth_vmm::qmp::QmpEvent>, who: &str| {
+            while let Ok(ev) = rx.try_recv() {
+                let at = ev.timestamp_us.unwrap_or(0).saturating_sub(stop);
+                let what = match ev.data["status"].as_str() {
+                    Some(st) if ev.name == "MIGRATION" => st.to_string(),
+                    _ if ev.name == "MIGRATION" => continue,
+                    _ => ev.name.clone(),
+                };
+                if at < 10_000_000 && ev.timestamp_us.unwrap_or(0) >= stop {
+                    line.push_str(&format!(" {who}:{what}@{:.2}", at as f64 / 1000.0));
+                }
+            }
+        };
+        take(&mut src_events, "src");
+        take(&mut dst_events, "dst");
+        eprintln!("bare steps (ms after the source's STOP):{line}");
+    }
     let target = GuestConn::reattach(
         stream,
         conn.hello().cloned().expect("booted guest said hello"),
