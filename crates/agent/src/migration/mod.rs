@@ -4885,11 +4885,12 @@ mod tests {
         *lock(&armed) = Some(50_000);
         append_to(&ours, &log_bytes(400_000, 2));
         until_confirmed(&rounds, 500_000).await;
-        assert_eq!(cuts.load(Ordering::Relaxed), 1, "the round was cut");
         for seed in 3..6 {
             append_to(&ours, &log_bytes(30_000, seed));
             until_confirmed(&rounds, std::fs::metadata(&ours).unwrap().len()).await;
         }
+
+        assert_eq!(cuts.load(Ordering::Relaxed), 1, "a round was cut");
 
         // The gate: the rounds stop, the tail is what came since.
         append_to(&ours, &log_bytes(7, 9));
@@ -4954,6 +4955,17 @@ mod tests {
         assert!(matches!(e, AgentError::InvalidArgument(_)), "{e}");
         same_bytes(&theirs, &head);
         assert!(!crate::output_log::truncated_marker(&theirs).exists());
+
+        // A body from an offset the target's log does not end at is read
+        // to its end, so its 409 reaches the source (which sends it whole).
+        let (body, _) = log_body(&src, 1 << 20).await.unwrap().unwrap();
+        match peer.put_log("sb1", body, false, 20_000).await {
+            Err(PeerError::Refused { error, .. }) => {
+                assert_eq!(error.code, ErrorCode::Conflict, "{error}")
+            }
+            other => panic!("not a 409: {other:?}"),
+        }
+        same_bytes(&theirs, &head);
 
         // What fits is taken after all that.
         let more = log_bytes(5000, 4);
