@@ -131,9 +131,9 @@ fn build(agent: Agent, token: ApiToken, dev: Option<cluster::ControlPlane>) -> R
         )
         .route(
             "/v1/migrations/incoming/{id}/log",
-            axum::routing::put(migration::log).layer(axum::extract::DefaultBodyLimit::max(
-                migration::MAX_LOG_BODY,
-            )),
+            // why: streamed to the file (no body limit applies to it); the
+            // node's log cap bounds it, checked as the bytes arrive.
+            axum::routing::put(migration::log),
         )
         .route(
             "/v1/migrations/incoming/{id}/commit",

@@ -3,7 +3,6 @@
 
 use std::net::IpAddr;
 
-use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use hearth_agent::Agent;
@@ -13,7 +12,8 @@ use hearth_api::migration::{
 
 use crate::{ApiResult, Json};
 
-/// Largest output log accepted with a migration.
+/// Largest log cap a node may have (hearthd refuses more); a migration's
+/// target takes a log up to its own cap (plus its limit notice).
 pub const MAX_LOG_BODY: usize = 512 << 20;
 
 pub async fn migrate(
@@ -124,16 +124,19 @@ pub struct LogQuery {
     offset: u64,
 }
 
+/// The body is written to the log as it arrives (review17 F7: not buffered
+/// whole in memory); the node's log cap is checked as the bytes come.
 pub async fn log(
     State(agent): State<Agent>,
     Path(id): Path<String>,
     Query(q): Query<LogQuery>,
-    body: Bytes,
+    body: axum::body::Body,
 ) -> ApiResult<Json<serde_json::Value>> {
-    agent
-        .incoming_log(&id, &body, q.truncated, q.offset)
-        .await?;
-    Ok(Json(serde_json::json!({ "bytes": body.len() })))
+    use futures::TryStreamExt;
+    let body =
+        tokio_util::io::StreamReader::new(body.into_data_stream().map_err(std::io::Error::other));
+    let n = agent.incoming_log(&id, body, q.truncated, q.offset).await?;
+    Ok(Json(serde_json::json!({ "bytes": n })))
 }
 
 /// The answer carries when the VM here was resumed

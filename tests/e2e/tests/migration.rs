@@ -2242,9 +2242,16 @@ fn full_frames_keep_flowing_after_each_move() {
             here = 1 - here;
             moved += 1;
             let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            let steps = &st["pause_steps"];
+            // why: the log's tail (review20 R20-2): what the guest wrote
+            // since the last round of the pre-copy, sent from the drain on.
+            let tail = steps["log_sent_ms"]
+                .as_u64()
+                .zip(steps["output_drained_ms"].as_u64())
+                .map(|(sent, drained)| sent as i64 - drained as i64);
             println!(
-                "round {round}: moved, paused {} ms, steps {}",
-                st["paused_ms"], st["pause_steps"]
+                "round {round}: moved, paused {} ms, tail step {tail:?} ms, steps {steps}",
+                st["paused_ms"]
             );
         } else {
             println!("round {round}: not moved: {}", stderr(&out).trim());

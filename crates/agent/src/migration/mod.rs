@@ -1001,38 +1001,171 @@ async fn drain(
     }
 }
 
+/// The output log sent to the target in rounds during the pre-copy (issue 7,
+/// R20-2): the whole log first, then, while the guest writes on, what was
+/// appended since, so that the tail left for the pause is only what came
+/// after the last round. One upload at a time: the rounds run in one task,
+/// and the tail ([`start_tail`]) starts only once that task ended.
+struct LogRounds {
+    task: AbortOnDrop<()>,
+    stop: watch::Sender<bool>,
+    /// The log's bytes the target confirmed it holds (0: none, or it must be
+    /// sent whole).
+    confirmed: Arc<AtomicU64>,
+}
+
+/// A round of at least this many bytes pending is sent at once; a smaller
+/// one after [`ROUND_EVERY`] (a quiet guest costs no request).
+const ROUND_MIN: u64 = 64 * 1024;
+/// Pause between rounds once the target has (almost) all of the log.
+const ROUND_EVERY: Duration = Duration::from_millis(50);
+/// Failed rounds in a row retried (after 0.1, 0.2, 0.4, 0.8 s); then the
+/// rounds stop and the tail sends from the last confirmed offset.
+const ROUND_TRIES: u32 = 5;
+const ROUND_BACKOFF: Duration = Duration::from_millis(100);
+
+impl LogRounds {
+    fn start(peer: &Peer, id: &str, log_path: &Path) -> LogRounds {
+        let (stop, stopped) = watch::channel(false);
+        let confirmed = Arc::new(AtomicU64::new(0));
+        let (peer, id, path) = (peer.clone(), id.to_string(), log_path.to_path_buf());
+        let task = AbortOnDrop(tokio::spawn(send_log_rounds(
+            peer,
+            id,
+            path,
+            confirmed.clone(),
+            stopped,
+        )));
+        LogRounds {
+            task,
+            stop,
+            confirmed,
+        }
+    }
+
+    /// Stops the rounds (a round in flight is awaited: it must not race the
+    /// tail); answers the bytes the target confirmed.
+    async fn finish(mut self) -> u64 {
+        self.stop.send_replace(true);
+        if let Err(e) = (&mut self.task.0).await {
+            tracing::warn!("the task sending the output log in rounds did not finish: {e}");
+        }
+        self.confirmed.load(Ordering::Acquire)
+    }
+}
+
+/// Sends the log at `path` in rounds until `stop` (see [`LogRounds`]); each
+/// round continues from `confirmed` and sets it once the target took it. A
+/// failed round is retried from there (bounded, with backoff); one the
+/// target refuses as not continuing its log (409) is sent whole.
+async fn send_log_rounds(
+    peer: Peer,
+    id: String,
+    path: std::path::PathBuf,
+    confirmed: Arc<AtomicU64>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut failures = 0u32;
+    // why: the first round goes even with an empty log (the target then has
+    // one to continue), as does one sent whole again.
+    let mut whole = true;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let from = confirmed.load(Ordering::Acquire);
+        let wait = match round(&peer, &id, &path, from, whole).await {
+            Ok(Some(len)) => {
+                confirmed.store(len, Ordering::Release);
+                failures = 0;
+                whole = false;
+                let now = std::fs::metadata(&path).map_or(len, |m| m.len());
+                if now.saturating_sub(len) >= ROUND_MIN {
+                    continue;
+                }
+                ROUND_EVERY
+            }
+            Ok(None) => ROUND_EVERY,
+            Err(e) => {
+                failures += 1;
+                let refused = matches!(&e, RoundError::Peer(PeerError::Refused { error, .. }) if error.code == ErrorCode::Conflict)
+                    || matches!(e, RoundError::Shorter);
+                if refused {
+                    confirmed.store(0, Ordering::Release);
+                    whole = true;
+                }
+                if failures >= ROUND_TRIES {
+                    tracing::warn!(sandbox = %id, "sending the output log during the pre-copy failed {failures} times ({e}); the tail sends it from byte {}", confirmed.load(Ordering::Acquire));
+                    return;
+                }
+                tracing::debug!(sandbox = %id, "a round of the output log failed ({e}); retried");
+                ROUND_BACKOFF * 2u32.pow(failures - 1)
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Why a round failed.
+#[derive(Debug, thiserror::Error)]
+enum RoundError {
+    #[error(transparent)]
+    Peer(PeerError),
+    /// The log is shorter than what the target confirmed.
+    #[error("the log is shorter than the bytes sent before")]
+    Shorter,
+    #[error("{0}")]
+    Read(String),
+}
+
+/// One round: the log from `from` to its length now; answers that length, or
+/// `None` when there was nothing new (and `always` is not set).
+async fn round(
+    peer: &Peer,
+    id: &str,
+    path: &Path,
+    from: u64,
+    always: bool,
+) -> Result<Option<u64>, RoundError> {
+    let truncated = crate::output_log::truncated_marker(path).exists();
+    let (body, len) = log_body(path, from)
+        .await
+        .map_err(RoundError::Read)?
+        .ok_or(RoundError::Shorter)?;
+    if len == from && !always {
+        return Ok(None);
+    }
+    peer.put_log(id, body, truncated, from)
+        .await
+        .map_err(RoundError::Peer)?;
+    Ok(Some(len))
+}
+
 /// Sends the output log's tail to the target in a task of its own (from the
 /// drain on, beside QEMU's last pass): the bytes past what the pre-copy's
-/// `bulk` sent (all of them if it failed). Answers when the tail reached the
-/// target (this host's wall clock, µs).
+/// `rounds` sent, once they stopped (all of them if none was confirmed).
+/// Answers when the tail reached the target (this host's wall clock, µs).
 fn start_tail(
     peer: &Peer,
     id: &str,
     log_path: &Path,
-    bulk: Option<AbortOnDrop<Result<u64, String>>>,
+    rounds: Option<LogRounds>,
 ) -> AbortOnDrop<Result<u64, String>> {
     // why: the log's size limit was reached here; the target's log must stay
     // closed too (its notice is already in the bytes).
     let truncated = crate::output_log::truncated_marker(log_path).exists();
     let (peer, id, path) = (peer.clone(), id.to_string(), log_path.to_path_buf());
     AbortOnDrop(tokio::spawn(async move {
-        let bulk_sent = match bulk {
-            Some(mut b) => match (&mut b.0).await {
-                Ok(Ok(n)) => n,
-                Ok(Err(e)) => {
-                    tracing::warn!(sandbox = %id, "sending the output log during the pre-copy failed ({e}); sending it whole now");
-                    0
-                }
-                Err(e) => {
-                    tracing::warn!(sandbox = %id, "sending the output log during the pre-copy did not finish ({e}); sending it whole now");
-                    0
-                }
-            },
+        let sent = match rounds {
+            Some(r) => r.finish().await,
             None => 0,
         };
         fault_hold("log-tail").await;
-        send_log_tail(&peer, &id, &path, bulk_sent, truncated).await?;
-        tracing::debug!(sandbox = %id, "pause: tail sent");
+        send_log_tail(&peer, &id, &path, sent, truncated).await?;
+        tracing::debug!(sandbox = %id, "pause: tail sent from byte {sent}");
         Ok(wall_us())
     }))
 }
@@ -1147,24 +1280,13 @@ pub(crate) async fn run_source(
             .await;
         return SourceEnd::StayedHere(None);
     }
-    // why: the log's bulk goes during the pre-copy, only its tail inside the
-    // pause (issue 7); read concurrently with appends, the bytes up to the
-    // length read are final (the log is append-only), the tail continues there.
+    // why: the log goes in rounds during the pre-copy, only its tail inside
+    // the pause (issue 7, R20-2); read concurrently with appends, the bytes up
+    // to the length read are final (the log is append-only), the next round
+    // continues there.
     let _ = log.flush().await;
     let log_path = entry.dir.join("output.log");
-    let mut bulk = {
-        let (peer, id, path) = (job.peer.clone(), id.clone(), log_path.clone());
-        Some(AbortOnDrop(tokio::spawn(async move {
-            let (body, n) = log_body(&path, 0)
-                .await?
-                .ok_or_else(|| format!("{} has no byte 0", path.display()))?;
-            let truncated = crate::output_log::truncated_marker(&path).exists();
-            peer.put_log(&id, body, truncated, 0)
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok::<u64, String>(n)
-        })))
-    };
+    let mut rounds = Some(LogRounds::start(&job.peer, &id, &log_path));
     let sent = Arc::new(AtomicU64::new(0));
     let tunnel = tokio::spawn(tunnel::serve_source(
         listener,
@@ -1285,7 +1407,7 @@ pub(crate) async fn run_source(
                                 job.step(p, |p| &mut p.output_drained_ms);
                             }
                             tracing::debug!(sandbox = %id, "pause: drained");
-                            tail_task = Some(start_tail(&job.peer, &id, &log_path, bulk.take()));
+                            tail_task = Some(start_tail(&job.peer, &id, &log_path, rounds.take()));
                         }
                     }
                 }
@@ -1347,7 +1469,7 @@ pub(crate) async fn run_source(
         Ok(p) => p,
         Err(e) => {
             drop(tail_task);
-            drop(bulk);
+            drop(rounds);
             conn.thaw();
             // why: the target may be unreachable (a cut link); its VM is removed
             // by this abort when it gets through, else by its incoming TTL. Its
@@ -1439,7 +1561,7 @@ pub(crate) async fn run_source(
     let rec = entry.snapshot();
     let mut tail_task = match tail_task {
         Some(t) => t,
-        None => start_tail(&job.peer, &id, &log_path, bulk.take()),
+        None => start_tail(&job.peer, &id, &log_path, rounds.take()),
     };
     let tail = match (&mut tail_task.0).await {
         Ok(Ok(done_us)) => {
@@ -1613,7 +1735,7 @@ pub(crate) async fn run_source(
     }
 }
 
-/// A task that ends with its handle (the log's bulk: not sent on once the
+/// A task that ends with its handle (the log's rounds: not sent on once the
 /// migration is given up).
 struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
 
@@ -2856,66 +2978,162 @@ impl Agent {
 
     /// Target, step 2: the sandbox's output log so far, from byte `offset` on
     /// (0: the whole log; else it continues the bytes this node has, sent
-    /// during the pre-copy); `truncated` when the source's log reached its
-    /// size limit (later output stays discarded).
-    pub async fn incoming_log(
+    /// during the pre-copy), read from `body` as it arrives and written to
+    /// the file (review17 F7: not buffered whole in memory first);
+    /// `truncated` when the source's log reached its size limit (later
+    /// output stays discarded). Answers the bytes taken. An upload is all or
+    /// nothing: one that fails (too big, cut off, stale) leaves the log as it
+    /// was. why: a spawned task does the work, so a request dropped mid-way
+    /// (its client gone) still undoes what it wrote, in order, before the next
+    /// upload takes the lock.
+    pub async fn incoming_log<R>(
         &self,
         id: &str,
-        log: &[u8],
+        body: R,
         truncated: bool,
         offset: u64,
-    ) -> Result<(), AgentError> {
+    ) -> Result<u64, AgentError>
+    where
+        R: tokio::io::AsyncRead + Send + Unpin + 'static,
+    {
         let inc = self.incoming(id)?;
+        let (agent, id) = (self.clone(), id.to_string());
+        tokio::spawn(async move {
+            let _writing = inc.log_write.lock().await;
+            agent
+                .write_incoming_log(&inc, &id, body, truncated, offset)
+                .await
+        })
+        .await
+        .map_err(|e| AgentError::Migration(format!("writing the output log did not finish: {e}")))?
+    }
+
+    /// [`Agent::incoming_log`]'s write, under the incoming log's lock.
+    async fn write_incoming_log<R>(
+        &self,
+        inc: &Incoming,
+        id: &str,
+        mut body: R,
+        truncated: bool,
+        offset: u64,
+    ) -> Result<u64, AgentError>
+    where
+        R: tokio::io::AsyncRead + Unpin,
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let max = self.inner.cfg.max_log_bytes.saturating_add(1 << 20);
-        if offset.saturating_add(log.len() as u64) > max {
-            return Err(AgentError::InvalidArgument(format!(
-                "output log of {} bytes exceeds this node's limit",
-                offset.saturating_add(log.len() as u64)
-            )));
+        let over = |len: u64| {
+            AgentError::InvalidArgument(format!(
+                "output log of {len} bytes or more exceeds this node's limit of {max} bytes"
+            ))
+        };
+        if offset > max {
+            return Err(over(offset));
         }
         let path = inc.dir.join("output.log");
-        let io = |source| AgentError::Io {
-            what: format!("write {}", path.display()),
-            source,
+        // why: a whole log goes to a file beside it, renamed over the log once
+        // complete: a refused or cut-off upload leaves the log as it was.
+        let part = path.with_extension("log.part");
+        let io = |what: &Path| {
+            let what = format!("write {}", what.display());
+            move |source| AgentError::Io { what, source }
         };
-        let _writing = inc.log_write.lock().await;
-        use tokio::io::AsyncWriteExt;
         let mut f = if offset == 0 {
-            // why: the source's log only grows, so a whole log shorter than
-            // the one here is a stale request (one its source gave up on and
-            // sent again); it must not cut the newer one short.
-            let have = tokio::fs::metadata(&path).await.map_or(0, |m| m.len());
-            if have > log.len() as u64 {
-                return Err(AgentError::Conflict(format!(
-                    "the output log of sandbox '{id}' on node {} already has {have} bytes, more than the {} sent whole: a stale upload, ignored",
-                    self.inner.cfg.node,
-                    log.len()
-                )));
-            }
-            let mut f = tokio::fs::File::create(&path).await.map_err(io)?;
-            f.write_all(log).await.map_err(io)?;
-            f
+            tokio::fs::File::create(&part).await.map_err(io(&part))?
         } else {
-            let mut f = tokio::fs::OpenOptions::new()
+            let f = tokio::fs::OpenOptions::new()
                 .append(true)
                 .open(&path)
                 .await
-                .map_err(io)?;
-            let have = f.metadata().await.map_err(io)?.len();
+                .map_err(io(&path))?;
+            let have = f.metadata().await.map_err(io(&path))?.len();
             if have != offset {
+                // why: the answer must reach the source, which may still be
+                // sending: a body left unread can cut the connection instead,
+                // a failed round to it, not this 409 (send it whole).
+                let _ = tokio::io::copy(&mut (&mut body).take(max), &mut tokio::io::sink()).await;
                 return Err(AgentError::Conflict(format!(
                     "the output log of sandbox '{id}' on node {} has {have} bytes, not the {offset} the source continues from: send it whole (offset 0)",
                     self.inner.cfg.node
                 )));
             }
-            f.write_all(log).await.map_err(io)?;
             f
         };
-        f.flush().await.map_err(io)?;
+        let mut buf = vec![0u8; LOG_CHUNK];
+        let mut got = 0u64;
+        let copied = loop {
+            let n = match body.read(&mut buf).await {
+                Ok(0) => break Ok(()),
+                Ok(n) => n,
+                Err(source) => {
+                    break Err(AgentError::Io {
+                        what: format!("receive the output log of sandbox '{id}'"),
+                        source,
+                    })
+                }
+            };
+            got += n as u64;
+            if offset + got > max {
+                break Err(over(offset + got));
+            }
+            if let Err(e) = f.write_all(&buf[..n]).await {
+                break Err(io(&path)(e));
+            }
+        };
+        let copied = match copied {
+            Ok(()) if offset == 0 => {
+                // why: the source's log only grows, so a whole log shorter
+                // than the one here is a stale request (one its source gave
+                // up on and sent again); it must not cut the newer one short.
+                let have = tokio::fs::metadata(&path).await.map_or(0, |m| m.len());
+                if have > got {
+                    Err(AgentError::Conflict(format!(
+                        "the output log of sandbox '{id}' on node {} already has {have} bytes, more than the {got} sent whole: a stale upload, ignored",
+                        self.inner.cfg.node
+                    )))
+                } else {
+                    Ok(())
+                }
+            }
+            r => r,
+        };
         // why: the commit saves the records for good before the guest runs
         // on here; the output the source had relayed must be as durable (a
         // crash after the commit must not lose the log's head).
-        f.sync_data().await.map_err(io)?;
+        let synced = match copied {
+            Ok(()) => match f.flush().await {
+                Ok(()) => f.sync_data().await.map_err(io(&path)),
+                Err(e) => Err(io(&path)(e)),
+            },
+            Err(e) => Err(e),
+        };
+        if let Err(e) = synced {
+            if offset == 0 {
+                drop(f);
+                let _ = tokio::fs::remove_file(&part).await;
+            } else {
+                // why: flushed first (tokio's file writes in the background),
+                // so no write of this upload lands after the cut.
+                let _ = f.flush().await;
+                if let Err(cut) = f.set_len(offset).await {
+                    tracing::warn!(sandbox = %id, "cannot cut {} back to {offset} bytes after a failed upload: {cut}", path.display());
+                }
+            }
+            return Err(e);
+        }
+        drop(f);
+        if offset == 0 {
+            tokio::fs::rename(&part, &path).await.map_err(io(&path))?;
+            let dir = inc.dir.clone();
+            tokio::task::spawn_blocking(move || durable::sync_dir(&dir))
+                .await
+                .map_err(|e| {
+                    AgentError::Migration(format!(
+                        "syncing the log's directory did not finish: {e}"
+                    ))
+                })?
+                .map_err(io(&inc.dir))?;
+        }
         let marker = crate::output_log::truncated_marker(&path);
         let marked = if truncated {
             tokio::fs::write(&marker, b"").await
@@ -2928,7 +3146,8 @@ impl Agent {
         marked.map_err(|source| AgentError::Io {
             what: format!("mark {} truncated", path.display()),
             source,
-        })
+        })?;
+        Ok(got)
     }
 
     /// Target, step 3: save the sandbox's records, start the migrated VM,
@@ -4424,12 +4643,22 @@ mod tests {
             State(t): State<Agent>,
             UrlPath(id): UrlPath<String>,
             Query(q): Query<Q>,
-            body: axum::body::Bytes,
-        ) -> Result<axum::Json<serde_json::Value>, (axum::http::StatusCode, String)> {
-            t.incoming_log(&id, &body, q.truncated, q.offset)
-                .await
-                .map_err(|e| (axum::http::StatusCode::CONFLICT, e.to_string()))?;
-            Ok(axum::Json(serde_json::json!({ "bytes": body.len() })))
+            body: axum::body::Body,
+        ) -> Result<
+            axum::Json<serde_json::Value>,
+            (axum::http::StatusCode, axum::Json<hearth_api::ApiError>),
+        > {
+            use futures::TryStreamExt;
+            let body = tokio_util::io::StreamReader::new(
+                body.into_data_stream().map_err(std::io::Error::other),
+            );
+            match t.incoming_log(&id, body, q.truncated, q.offset).await {
+                Ok(n) => Ok(axum::Json(serde_json::json!({ "bytes": n }))),
+                Err(e) => Err((
+                    axum::http::StatusCode::from_u16(e.code().http_status()).unwrap(),
+                    axum::Json(hearth_api::ApiError::new(e.code(), e.to_string())),
+                )),
+            }
         }
         let dir = t.inner.cfg.data_dir.join("sandboxes").join(id);
         std::fs::create_dir_all(&dir).unwrap();
@@ -4448,7 +4677,6 @@ mod tests {
         lock(&t.inner.migrations.incoming).insert(id.to_string(), inc);
         let app = axum::Router::new()
             .route("/v1/migrations/incoming/{id}/log", axum::routing::put(put))
-            .layer(axum::extract::DefaultBodyLimit::max(8 << 20))
             .with_state(t.clone());
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
@@ -4525,6 +4753,226 @@ mod tests {
             std::fs::read(&ours).unwrap()
         );
         assert!(crate::output_log::truncated_marker(&theirs).exists());
+    }
+
+    /// A TCP relay to `to` for the peer to reach it through; once `armed`
+    /// with a byte count, the connection that forwards that many more bytes
+    /// towards `to` is cut there (a link that fails mid-upload), then it
+    /// disarms.
+    async fn cutting_relay(
+        to: SocketAddr,
+    ) -> (SocketAddr, Arc<Mutex<Option<usize>>>, Arc<AtomicU64>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let armed: Arc<Mutex<Option<usize>>> = Arc::default();
+        let cuts = Arc::new(AtomicU64::new(0));
+        let (armed2, cuts2) = (armed.clone(), cuts.clone());
+        tokio::spawn(async move {
+            loop {
+                let (client, _) = l.accept().await.unwrap();
+                let up = tokio::net::TcpStream::connect(to).await.unwrap();
+                let (armed, cuts) = (armed2.clone(), cuts2.clone());
+                tokio::spawn(async move {
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut ur, mut uw) = up.into_split();
+                    let back = tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut ur, &mut cw).await;
+                    });
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        let n = match cr.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        let cut = {
+                            let mut a = lock(&armed);
+                            match *a {
+                                Some(left) if n >= left => {
+                                    *a = None;
+                                    Some(left)
+                                }
+                                Some(left) => {
+                                    *a = Some(left - n);
+                                    None
+                                }
+                                None => None,
+                            }
+                        };
+                        if let Some(left) = cut {
+                            let _ = uw.write_all(&buf[..left]).await;
+                            cuts.fetch_add(1, Ordering::Relaxed);
+                            back.abort();
+                            return;
+                        }
+                        if uw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = back.await;
+                });
+            }
+        });
+        (addr, armed, cuts)
+    }
+
+    /// Test bytes: `n` of them, differing by `seed`.
+    fn log_bytes(n: usize, seed: u8) -> Vec<u8> {
+        (0..n).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect()
+    }
+
+    fn append_to(path: &Path, b: &[u8]) {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .unwrap();
+        f.write_all(b).unwrap();
+    }
+
+    /// The file at `path` holds exactly `want`.
+    #[track_caller]
+    fn same_bytes(path: &Path, want: &[u8]) {
+        let got = std::fs::read(path).unwrap();
+        let first = got.iter().zip(want).position(|(a, b)| a != b);
+        assert!(
+            got == want,
+            "{} has {} bytes, not the {} expected (first difference at {first:?})",
+            path.display(),
+            got.len(),
+            want.len()
+        );
+    }
+
+    /// Waits until the rounds confirmed `len` bytes.
+    async fn until_confirmed(r: &LogRounds, len: u64) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while r.confirmed.load(Ordering::Acquire) != len {
+            assert!(
+                Instant::now() < deadline,
+                "the rounds confirmed {} bytes, not {len}",
+                r.confirmed.load(Ordering::Acquire)
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// R20-2: during the pre-copy the log goes in rounds, each continuing
+    /// where the target's log ends, so the tail is only what came after the
+    /// last one. A round cut off mid-way leaves the target's log as it was
+    /// and is retried from there during the pre-copy (not sent whole: the
+    /// target's file is never replaced); the target ends with exactly the
+    /// source's bytes, in order, none twice.
+    #[tokio::test]
+    async fn a_log_sent_in_rounds_ends_whole_on_the_target_after_a_round_cut_mid_way() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let t = crate::sandbox::agent_for_test(dir.path()).await;
+        let direct = log_target(&t, "sb1").await;
+        let to: SocketAddr = direct.base().trim_start_matches("http://").parse().unwrap();
+        let (relay, armed, cuts) = cutting_relay(to).await;
+        let peer = Peer::new(&format!("http://{relay}"), "token");
+        let theirs = t.inner.cfg.data_dir.join("sandboxes/sb1/output.log");
+        let ours = dir.path().join("output.log");
+
+        append_to(&ours, &log_bytes(100_000, 1));
+        let rounds = LogRounds::start(&peer, "sb1", &ours);
+        until_confirmed(&rounds, 100_000).await;
+        let inode = std::fs::metadata(&theirs).unwrap().ino();
+
+        // The next round is cut after 50 000 of its 400 000 bytes.
+        *lock(&armed) = Some(50_000);
+        append_to(&ours, &log_bytes(400_000, 2));
+        until_confirmed(&rounds, 500_000).await;
+        for seed in 3..6 {
+            append_to(&ours, &log_bytes(30_000, seed));
+            until_confirmed(&rounds, std::fs::metadata(&ours).unwrap().len()).await;
+        }
+
+        assert_eq!(cuts.load(Ordering::Relaxed), 1, "a round was cut");
+
+        // The gate: the rounds stop, the tail is what came since.
+        append_to(&ours, &log_bytes(7, 9));
+        let sent = rounds.finish().await;
+        assert!(sent >= 590_000, "{sent}");
+        send_log_tail(&peer, "sb1", &ours, sent, false)
+            .await
+            .unwrap();
+        same_bytes(&theirs, &std::fs::read(&ours).unwrap());
+        assert_eq!(
+            std::fs::metadata(&theirs).unwrap().ino(),
+            inode,
+            "the log was sent whole again"
+        );
+    }
+
+    /// review17 F7: an upload is written as it arrives, all or nothing: one
+    /// that breaks off mid-way, or passes the node's log cap (counted as the
+    /// bytes come, over HTTP), is refused and leaves the target's log as it
+    /// was, whether it continued the log or replaced it whole.
+    #[tokio::test]
+    async fn an_upload_over_the_cap_or_cut_off_leaves_the_targets_log_intact() {
+        use futures::StreamExt;
+        let dir = tempfile::tempdir().unwrap();
+        let t = crate::sandbox::agent_for_test(dir.path()).await;
+        let peer = log_target(&t, "sb1").await;
+        let theirs = t.inner.cfg.data_dir.join("sandboxes/sb1/output.log");
+        let head = log_bytes(10_000, 1);
+        peer.put_log("sb1", head.clone().into(), false, 0)
+            .await
+            .unwrap();
+
+        // Cut off mid-way: some bytes, then the body fails.
+        for offset in [0, 10_000] {
+            let chunks: Vec<std::io::Result<std::io::Cursor<Vec<u8>>>> = vec![
+                Ok(std::io::Cursor::new(log_bytes(20_000, 2))),
+                Err(std::io::Error::other("the link broke")),
+            ];
+            let body = tokio_util::io::StreamReader::new(futures::stream::iter(chunks));
+            let e = t
+                .incoming_log("sb1", body, false, offset)
+                .await
+                .unwrap_err();
+            assert!(matches!(e, AgentError::Io { .. }), "{e}");
+            same_bytes(&theirs, &head);
+        }
+
+        // Over the cap (1 MiB + 1 MiB for the notice), streamed from a file.
+        let src = dir.path().join("big.log");
+        append_to(&src, &log_bytes(3 << 20, 3));
+        for offset in [0, 10_000] {
+            let (body, _) = log_body(&src, 0).await.unwrap().unwrap();
+            let r = peer.put_log("sb1", body, false, offset).await;
+            assert!(r.is_err(), "a log over the cap was taken");
+            same_bytes(&theirs, &head);
+        }
+        // The same through the agent directly, to see the refusal itself.
+        let chunks = futures::stream::iter(0..40)
+            .map(|i| Ok::<_, std::io::Error>(std::io::Cursor::new(log_bytes(64 * 1024, i))));
+        let body = tokio_util::io::StreamReader::new(chunks);
+        let e = t.incoming_log("sb1", body, true, 10_000).await.unwrap_err();
+        assert!(matches!(e, AgentError::InvalidArgument(_)), "{e}");
+        same_bytes(&theirs, &head);
+        assert!(!crate::output_log::truncated_marker(&theirs).exists());
+
+        // A body from an offset the target's log does not end at is read
+        // to its end, so its 409 reaches the source (which sends it whole).
+        let (body, _) = log_body(&src, 1 << 20).await.unwrap().unwrap();
+        match peer.put_log("sb1", body, false, 20_000).await {
+            Err(PeerError::Refused { error, .. }) => {
+                assert_eq!(error.code, ErrorCode::Conflict, "{error}")
+            }
+            other => panic!("not a 409: {other:?}"),
+        }
+        same_bytes(&theirs, &head);
+
+        // What fits is taken after all that.
+        let more = log_bytes(5000, 4);
+        peer.put_log("sb1", more.clone().into(), false, 10_000)
+            .await
+            .unwrap();
+        same_bytes(&theirs, &[head, more].concat());
     }
 
     /// A conn over a unix socketpair whose host end is the drain's channel
