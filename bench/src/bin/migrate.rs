@@ -408,7 +408,8 @@ async fn bare_run(rootfs: &std::path::Path, mib: u32, dirty: bool) -> Sample {
     if std::env::var_os("HEARTH_BENCH_BARE_STEPS").is_some() {
         let stop = src.run_state_times().stopped_us.unwrap_or(0);
         let mut line = String::new();
-        let mut take = |rx: &mut tokio::sync::broadcast::Receiver<hearth_vmm::qmp::QmpEvent>, who: &str| {
+        let mut take = |rx: &mut tokio::sync::broadcast::Receiver<hearth_vmm::qmp::QmpEvent>,
+                        who: &str| {
             while let Ok(ev) = rx.try_recv() {
                 let at = ev.timestamp_us.unwrap_or(0).saturating_sub(stop);
                 let what = match ev.data["status"].as_str() {
@@ -435,7 +436,12 @@ async fn bare_run(rootfs: &std::path::Path, mib: u32, dirty: bool) -> Sample {
     // without the final statistics (Hearth reads them the same way).
     let downtime_ms = match p.downtime_ms {
         Some(d) => Some(d),
-        None => src.migration_stats().await.ok().flatten().and_then(|s| s.downtime_ms),
+        None => src
+            .migration_stats()
+            .await
+            .ok()
+            .flatten()
+            .and_then(|s| s.downtime_ms),
     };
     for vm in [&src as &dyn Vm, &dst] {
         let _ = vm.kill().await;
