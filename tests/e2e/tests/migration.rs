@@ -2339,6 +2339,8 @@ struct ExecStream {
 }
 
 impl ExecStream {
+    /// Reads at most 16 KiB every 10 ms (1.6 MB/s): slower than `yes` in the
+    /// guest, which then sits at a full window.
     fn start(d: &Daemon, sandbox: &str, cmd: &[&str]) -> ExecStream {
         use std::io::Read;
         let mut argv = vec!["exec", sandbox, "--"];
@@ -2354,12 +2356,13 @@ impl ExecStream {
         let bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let b2 = bytes.clone();
         let reader = std::thread::spawn(move || {
-            let mut buf = vec![0u8; 64 << 10];
+            let mut buf = vec![0u8; 16 << 10];
             while let Ok(n) = out.read(&mut buf) {
                 if n == 0 {
                     break;
                 }
                 b2.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(10));
             }
         });
         ExecStream {
@@ -2395,16 +2398,19 @@ impl ExecStream {
     }
 }
 
-/// Review17 F3 / review19: a chatty `hearth exec` (`yes`, at a full window
-/// whenever its client is slower than the guest) running through moves no
+/// Review17 F3 / review19: a chatty `hearth exec` (`yes`, read slower than
+/// it writes, so the guest sits at a full window) running through moves no
 /// longer leaves Credits on the stopped VM's channel: the source holds every
-/// session's credit from the VM's stop. Most moves go through (each refused
-/// one lets the exec run on: its output must keep flowing), the main
-/// workload counts on without a gap, a new exec streams on the node that
-/// runs the sandbox after each move; and after a move aborted with the VM
-/// stopped (cancelled while the source sends the log's tail, held there
-/// 4 s), the exec that ran through it streams on: the hold's release
-/// returned the credit its consumer, waiting in `next`, owed.
+/// session's credit from the VM's stop. The source `a` holds each move 2 s
+/// at the gate, the VM stopped and the channel not frozen yet, while the
+/// exec's client takes its backlog (before, every Credit it returned then
+/// stayed on the socket and refused the move). Most moves go through (each
+/// refused one lets the exec run on: its output must keep flowing), the
+/// main workload counts on without a gap, a new exec streams on the node
+/// that runs the sandbox after each move; and after a move aborted with the
+/// VM stopped (cancelled during that hold), the exec that ran through it
+/// streams on: the hold's release returned the credit its consumer, waiting
+/// in `next` with the guest at a full window, owed.
 #[test]
 fn a_chatty_exec_neither_refuses_moves_nor_stalls_after_an_aborted_one() {
     const HOLD: &str = "HEARTH_MIGRATION_HOLD";
@@ -2412,7 +2418,7 @@ fn a_chatty_exec_neither_refuses_moves_nor_stalls_after_an_aborted_one() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(4);
-    let (a, b) = two_nodes_with(&[(HOLD, "log-tail:4000")]);
+    let (a, b) = two_nodes_with(&[(HOLD, "gate:2000")]);
     run_counter(&a, "c");
     let nodes = [&a, &b];
     let mut here = 0;
@@ -2452,7 +2458,7 @@ fn a_chatty_exec_neither_refuses_moves_nor_stalls_after_an_aborted_one() {
         moved * 2 >= rounds && moved > 0,
         "only {moved} of {rounds} rounds moved the sandbox"
     );
-    // A move from `a` aborted with the VM stopped: cancelled at the log's tail.
+    // A move from `a` aborted with the VM stopped: cancelled at the gate.
     if here == 1 {
         migrate_to(&b, "c", &a);
     }

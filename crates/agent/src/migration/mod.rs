@@ -722,7 +722,9 @@ const ABORT_ANSWER_WAIT: Duration = Duration::from_secs(3);
 
 /// Fault injection for tests: with `HEARTH_MIGRATION_HOLD=<point>:<ms>` an
 /// agent waits `ms` at `point`, so a test can kill hearthd exactly there. On
-/// the source: `log-tail` (the log's tail is not sent yet, the status says
+/// the source: `gate` (QEMU paused the VM at the switch-over gate, the status
+/// says switchover, the guest channel is not frozen yet: what the host sends
+/// the stopped guest then stays on its socket), `log-tail` (the log's tail is not sent yet, the status says
 /// switchover, the record precopy; held in the tail's task, which starts at
 /// the drain, so QEMU's last pass may still be running), `commit` (the record says
 /// committing, the commit is not sent yet) or `release` (the target
@@ -1238,6 +1240,7 @@ pub(crate) async fn run_source(
                         tracing::debug!(sandbox = %id, "pause: gate seen");
                         set_migration_paused(entry, Phase::Switchover);
                         job.publish_phase(Phase::Switchover);
+                        fault_hold("gate").await;
                         let quiet = match conn.freeze(QUIESCE_TIMEOUT).await {
                             Ok(()) => outgoing_drained(entry).await,
                             Err(e) => Err(format!("the guest channel's writer did not flush: {e}")),
