@@ -2335,12 +2335,14 @@ fn assert_counts_on(log: &[u8]) -> usize {
 struct ExecStream {
     child: Child,
     bytes: Arc<std::sync::atomic::AtomicU64>,
+    /// Milliseconds slept after each read.
+    pace: Arc<std::sync::atomic::AtomicU64>,
     reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl ExecStream {
-    /// Reads at most 16 KiB every 10 ms (1.6 MB/s): slower than `yes` in the
-    /// guest, which then sits at a full window.
+    /// Reads at most 8 KiB every 10 ms (0.8 MB/s) until [`ExecStream::fast`]:
+    /// slower than `yes` in the guest, which then sits at a full window.
     fn start(d: &Daemon, sandbox: &str, cmd: &[&str]) -> ExecStream {
         use std::io::Read;
         let mut argv = vec!["exec", sandbox, "--"];
@@ -2355,21 +2357,32 @@ impl ExecStream {
         let mut out = child.stdout.take().expect("stdout");
         let bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let b2 = bytes.clone();
+        let pace = Arc::new(std::sync::atomic::AtomicU64::new(10));
+        let p2 = pace.clone();
         let reader = std::thread::spawn(move || {
-            let mut buf = vec![0u8; 16 << 10];
+            let mut buf = vec![0u8; 8 << 10];
             while let Ok(n) = out.read(&mut buf) {
                 if n == 0 {
                     break;
                 }
                 b2.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(10));
+                let ms = p2.load(std::sync::atomic::Ordering::Relaxed);
+                if ms > 0 {
+                    std::thread::sleep(Duration::from_millis(ms));
+                }
             }
         });
         ExecStream {
             child,
             bytes,
+            pace,
             reader: Some(reader),
         }
+    }
+
+    /// Reads as fast as the output comes from now on.
+    fn fast(&self) {
+        self.pace.store(0, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn bytes(&self) -> u64 {
@@ -2418,7 +2431,7 @@ fn a_chatty_exec_neither_refuses_moves_nor_stalls_after_an_aborted_one() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(4);
-    let (a, b) = two_nodes_with(&[(HOLD, "gate:2000")]);
+    let (a, b) = two_nodes_with(&[(HOLD, "gate:5000")]);
     run_counter(&a, "c");
     let nodes = [&a, &b];
     let mut here = 0;
@@ -2430,6 +2443,12 @@ fn a_chatty_exec_neither_refuses_moves_nor_stalls_after_an_aborted_one() {
             exec.grows(1 << 20, Duration::from_secs(60)),
             "round {round}: a new exec's output does not flow ({} bytes)",
             exec.bytes()
+        );
+        let (n, t) = (exec.bytes(), Instant::now());
+        std::thread::sleep(Duration::from_secs(1));
+        println!(
+            "round {round}: the exec streams {} KiB/s",
+            (exec.bytes() - n) * 1000 / (t.elapsed().as_millis() as u64).max(1) / 1024
         );
         let out = migrate_cli(from, "c", to);
         if out.status.success() {
@@ -2489,6 +2508,10 @@ fn a_chatty_exec_neither_refuses_moves_nor_stalls_after_an_aborted_one() {
                         .is_ok_and(|s| s["phase"] == "switchover")
             },
         );
+        // why: the client takes everything the host holds while the VM is
+        // stopped, so the exec's consumer waits in `next` when the hold ends,
+        // its guest at a full window.
+        exec.fast();
         let cancel = serde_json::json!({ "attempt": "att-exec" }).to_string();
         let (code, body) = a
             .http("POST", "/v1/sandboxes/c/migration/cancel", Some(&cancel))
