@@ -124,6 +124,51 @@ struct SessionSink {
 
 type Sessions = Arc<Mutex<HashMap<u32, SessionSink>>>;
 
+/// Credit a session owes the guest: output its consumer took that the guest
+/// has not been credited for yet. Shared by the session and its connection,
+/// so a released [`GuestConn::hold_credit`] returns it without waiting for
+/// the session's consumer (who may wait in `next` for output that a guest at
+/// a full window will not send before it gets credit).
+struct OwedCredit {
+    /// Consumed and not yet credited. Taken whole (`swap`) by whoever sends
+    /// the Credit, and added back if it is not sent.
+    pending: AtomicU32,
+    /// The session's output bytes the guest counts against its window.
+    in_flight: Arc<AtomicU64>,
+}
+
+impl OwedCredit {
+    /// Takes what is owed off both counts, for a Credit about to be sent
+    /// (taken first, so the guest's answer to it cannot find it still
+    /// counted: a false WindowExceeded); 0 when nothing is owed.
+    fn take(&self) -> u32 {
+        let bytes = self.pending.swap(0, Ordering::SeqCst);
+        if bytes > 0 {
+            self.in_flight.fetch_sub(u64::from(bytes), Ordering::AcqRel);
+        }
+        bytes
+    }
+
+    /// Puts back what [`OwedCredit::take`] took, the Credit not sent.
+    fn put_back(&self, bytes: u32) {
+        if bytes > 0 {
+            self.in_flight.fetch_add(u64::from(bytes), Ordering::AcqRel);
+            self.pending.fetch_add(bytes, Ordering::SeqCst);
+        }
+    }
+
+    /// Counts `n` output bytes handed to the consumer.
+    fn consumed(&self, n: usize) {
+        let n = u32::try_from(n).unwrap_or(u32::MAX);
+        // why: `fetch_update` saturates as the field did before it was shared.
+        let _ = self
+            .pending
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |p| {
+                Some(p.saturating_add(n))
+            });
+    }
+}
+
 /// Where the answer to a freeze goes: the guest's `Frozen`, or its refusal.
 type FrozenWaiter = oneshot::Sender<Result<Frozen, String>>;
 
@@ -147,6 +192,11 @@ pub struct GuestConn {
     closed: tokio::sync::watch::Receiver<bool>,
     /// Set during a migration's switch-over: nothing more goes to the guest.
     frozen: std::sync::atomic::AtomicBool,
+    /// Set while the VM is stopped for a migration: no session returns
+    /// credit (see [`GuestConn::hold_credit`]).
+    credit_held: AtomicBool,
+    /// What each live session owes the guest, by session id (see [`OwedCredit`]).
+    owed: Mutex<HashMap<u32, Arc<OwedCredit>>>,
     /// Frames handed to the writer task, and frames it has written.
     queued: Arc<AtomicU64>,
     written: Arc<AtomicU64>,
@@ -401,6 +451,8 @@ impl GuestConn {
             guards_restores: std::sync::atomic::AtomicBool::new(guards),
             closed,
             frozen: std::sync::atomic::AtomicBool::new(false),
+            credit_held: AtomicBool::new(false),
+            owed: Mutex::default(),
             queued: Arc::new(AtomicU64::new(0)),
             overflow: Arc::new(AtomicU64::new(0)),
             written,
@@ -488,6 +540,71 @@ impl GuestConn {
         self.frozen.store(false, Ordering::SeqCst);
     }
 
+    /// Holds (`true`) or releases (`false`) every session's credit. A VM
+    /// stopped for a migration takes nothing from its channel (QEMU's
+    /// virtio-serial port stops reading its chardev), so a Credit written
+    /// then stays on the socket and refuses the switch-over at the gate.
+    /// Held, consumed output stays owed (in each session's `unacked`),
+    /// whichever task consumes it: the main session's lifecycle task or an
+    /// exec's stream (review17 F3). Released, the connection returns what
+    /// every session owes at once, not at each consumer's next `next`: a
+    /// consumer may already wait there for output a guest at a full window
+    /// sends only once it has credit (review19). Credit that cannot be
+    /// queued now (the channel frozen or full) stays owed and goes with the
+    /// session's next `next`. Releasing a connection that is not held does
+    /// nothing.
+    pub fn hold_credit(&self, on: bool) {
+        if on {
+            self.credit_held.store(true, Ordering::SeqCst);
+            return;
+        }
+        // why: `SeqCst` against `return_credit`'s check of the flag: a
+        // consumer that saw it set had counted its bytes before, so the
+        // sweep below finds them; one that sees it clear sends its own.
+        if !self.credit_held.swap(false, Ordering::SeqCst) {
+            return;
+        }
+        let owed: Vec<(u32, Arc<OwedCredit>)> = self
+            .owed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(id, o)| (*id, o.clone()))
+            .collect();
+        for (id, o) in owed {
+            let bytes = o.take();
+            if bytes > 0 && !self.try_send(Frame::json(Kind::Credit, id, &Credit { bytes })) {
+                o.put_back(bytes);
+            }
+        }
+    }
+
+    /// Whether [`GuestConn::hold_credit`] holds the credit now.
+    pub fn credit_held(&self) -> bool {
+        self.credit_held.load(Ordering::SeqCst)
+    }
+
+    /// Registers what a new session owes (nothing yet but `pending`).
+    fn owe(&self, id: u32, pending: u32, in_flight: &Arc<AtomicU64>) -> Arc<OwedCredit> {
+        let o = Arc::new(OwedCredit {
+            pending: AtomicU32::new(pending),
+            in_flight: in_flight.clone(),
+        });
+        self.owed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, o.clone());
+        o
+    }
+
+    /// Forgets what session `id` owes (the session is dropped or handed over).
+    fn forget_owed(&self, id: u32, which: &Arc<OwedCredit>) {
+        let mut map = self.owed.lock().unwrap_or_else(|e| e.into_inner());
+        if map.get(&id).is_some_and(|o| Arc::ptr_eq(o, which)) {
+            map.remove(&id);
+        }
+    }
+
     /// The id the next session will get (recorded in snapshots and migrations).
     pub fn next_session_id(&self) -> u32 {
         self.next_id.load(Ordering::Relaxed)
@@ -524,8 +641,8 @@ impl GuestConn {
             conn: self.clone(),
             events,
             stdin_credit,
+            owed: self.owe(id, unacked as u32, &in_flight),
             in_flight,
-            pending_credit: unacked as u32,
             ended: false,
             ack_exit: true,
         }
@@ -818,8 +935,8 @@ impl GuestConn {
             conn: self.clone(),
             events,
             stdin_credit,
+            owed: self.owe(id, 0, &in_flight),
             in_flight,
-            pending_credit: 0,
             ended: false,
             ack_exit: true,
         })
@@ -954,8 +1071,9 @@ pub struct Session {
     events: mpsc::UnboundedReceiver<SessionEvent>,
     stdin_credit: Arc<Semaphore>,
     in_flight: Arc<AtomicU64>,
-    /// Output bytes handed to the consumer and not yet credited to the guest.
-    pending_credit: u32,
+    /// Output bytes handed to the consumer and not yet credited to the guest
+    /// (shared with the connection, which returns them when a hold ends).
+    owed: Arc<OwedCredit>,
     ended: bool,
     /// Acknowledge the Exit as soon as it is taken (the guest then forgets the session).
     ack_exit: bool,
@@ -998,31 +1116,34 @@ impl Session {
         self.next_holding_credit().await
     }
 
-    /// Sends the credit owed to the guest once it makes a batch.
+    /// Sends the credit owed to the guest once it makes a batch, unless the
+    /// connection holds it ([`GuestConn::hold_credit`]).
     async fn return_credit(&mut self) {
-        if self.pending_credit >= CREDIT_BATCH && !self.ended {
-            let bytes = self.pending_credit;
-            // why: taken off before the send, so the guest's answer to the
-            // credit cannot find it still counted (a false WindowExceeded);
-            // put back unless the Credit was handed over: on an error (the
-            // channel is gone or stalled; the events say what happened) and
-            // when this future is dropped mid-send (review17 F1: the bytes
-            // were lost from `unacked` for good, and taken off again at the
-            // next send).
-            self.in_flight.fetch_sub(u64::from(bytes), Ordering::AcqRel);
-            let in_flight = &self.in_flight;
-            let restore = OnDrop::new(|| {
-                in_flight.fetch_add(u64::from(bytes), Ordering::AcqRel);
-            });
-            let sent = self
-                .conn
-                .send(Frame::json(Kind::Credit, self.id, &Credit { bytes }))
-                .await
-                .is_ok();
-            if sent {
-                restore.disarm();
-                self.pending_credit = 0;
-            }
+        if self.ended
+            || self.conn.credit_held()
+            || self.owed.pending.load(Ordering::SeqCst) < CREDIT_BATCH
+        {
+            return;
+        }
+        // why: taken off before the send (see `OwedCredit::take`); put back
+        // unless the Credit was handed over: on an error (the channel is
+        // gone or stalled; the events say what happened) and when this
+        // future is dropped mid-send (review17 F1: the bytes were lost from
+        // `unacked` for good, and taken off again at the next send). Taken
+        // whole, so a release's sweep running beside it takes none of it.
+        let bytes = self.owed.take();
+        if bytes == 0 {
+            return;
+        }
+        let owed = &self.owed;
+        let restore = OnDrop::new(|| owed.put_back(bytes));
+        let sent = self
+            .conn
+            .send(Frame::json(Kind::Credit, self.id, &Credit { bytes }))
+            .await
+            .is_ok();
+        if sent {
+            restore.disarm();
         }
     }
 
@@ -1035,23 +1156,24 @@ impl Session {
     pub async fn next_holding_credit(&mut self) -> Option<SessionEvent> {
         let ev = self.events.recv().await?;
         match &ev {
-            SessionEvent::Stdout(b) | SessionEvent::Stderr(b) => {
-                self.pending_credit = self.pending_credit.saturating_add(b.len() as u32);
-            }
+            SessionEvent::Stdout(b) | SessionEvent::Stderr(b) => self.owed.consumed(b.len()),
             SessionEvent::Exit(_) => {
                 // why: everything before the Exit is consumed once it is taken;
                 // the guest may then drop what it kept for a replay. Without
-                // waiting, so dropping this future never loses the Exit.
-                if self.pending_credit > 0 {
-                    let bytes = self.pending_credit;
+                // waiting, so dropping this future never loses the Exit. Held
+                // (the VM stopped), it stays owed and the release returns it.
+                if !self.conn.credit_held() {
+                    let bytes = self.owed.take();
                     // why: a Credit the channel does not take (frozen, a
                     // guest not reading) stays owed (review17 F5).
-                    if self
-                        .conn
-                        .try_send(Frame::json(Kind::Credit, self.id, &Credit { bytes }))
+                    if bytes > 0
+                        && !self.conn.try_send(Frame::json(
+                            Kind::Credit,
+                            self.id,
+                            &Credit { bytes },
+                        ))
                     {
-                        self.pending_credit = 0;
-                        self.in_flight.fetch_sub(u64::from(bytes), Ordering::AcqRel);
+                        self.owed.put_back(bytes);
                     }
                 }
                 self.ended = true;
@@ -1082,9 +1204,7 @@ impl Session {
     pub fn try_next(&mut self) -> Option<SessionEvent> {
         let ev = self.events.try_recv().ok()?;
         match &ev {
-            SessionEvent::Stdout(b) | SessionEvent::Stderr(b) => {
-                self.pending_credit = self.pending_credit.saturating_add(b.len() as u32);
-            }
+            SessionEvent::Stdout(b) | SessionEvent::Stderr(b) => self.owed.consumed(b.len()),
             SessionEvent::Exit(_) | SessionEvent::Failed(_) => self.ended = true,
             SessionEvent::Started(_) => {}
         }
@@ -1100,6 +1220,8 @@ impl Session {
     /// the guest process nor touches the channel.
     pub fn hand_over(&mut self) {
         self.ended = true;
+        // why: the other host returns what it owes (the commit carries it).
+        self.conn.forget_owed(self.id, &self.owed);
     }
 
     /// A handle for writing stdin and sending signals from another task.
@@ -1114,6 +1236,7 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
+        self.conn.forget_owed(self.id, &self.owed);
         if self.ended {
             return;
         }
@@ -1646,6 +1769,94 @@ mod tests {
             6 * 60_000,
             "a Credit went out while the credit was held"
         );
+    }
+
+    /// review17 F3: the hold is the connection's, so every session's
+    /// consumer (an exec's stream as well as the main session's) takes its
+    /// output with plain `next` and returns no credit while it is held; the
+    /// release returns what each owes, at once, without any `next`.
+    #[tokio::test]
+    async fn a_held_connection_holds_every_sessions_credit_and_its_release_returns_it() {
+        let (conn, mut guest) = connected().await;
+        let mut sessions = Vec::new();
+        for _ in 0..2 {
+            let s = conn.exec(&ExecRequest::default()).await.unwrap();
+            let exec = next_frame(&mut guest).await;
+            assert_eq!(exec.id, s.id());
+            sessions.push(s);
+        }
+        conn.hold_credit(true);
+        for s in &sessions {
+            let chunk = Frame::data(Kind::Stdout, s.id(), vec![1; 60_000]);
+            for _ in 0..6 {
+                write_frame_async(&mut guest, &chunk).await.unwrap();
+            }
+        }
+        for s in &mut sessions {
+            for _ in 0..6 {
+                assert!(matches!(s.next().await, Some(SessionEvent::Stdout(_))));
+            }
+            assert_eq!(s.unacked(), 6 * 60_000, "credit was returned while held");
+        }
+        // why: a marker frame; a Credit sent while held would come before it.
+        conn.shutdown().await.unwrap();
+        assert_eq!(next_frame(&mut guest).await.kind, Kind::Shutdown);
+        conn.hold_credit(false);
+        let mut credited = Vec::new();
+        for _ in 0..2 {
+            let f = next_frame(&mut guest).await;
+            assert_eq!(f.kind, Kind::Credit);
+            credited.push((f.id, f.parse::<Credit>().unwrap().bytes));
+        }
+        credited.sort();
+        let want: Vec<(u32, u32)> = sessions.iter().map(|s| (s.id(), 6 * 60_000)).collect();
+        assert_eq!(
+            credited, want,
+            "the release did not return every session's credit"
+        );
+        for s in &sessions {
+            assert_eq!(s.unacked(), 0);
+        }
+    }
+
+    /// review19: a consumer that already waits in `next` when the hold ends,
+    /// its guest at a full window (it sends nothing more before it gets
+    /// credit), gets its stream going again: the release returns the credit
+    /// itself. (Released by a flag only, nothing was sent and both sides
+    /// waited for each other for good, an exec after an aborted move.)
+    #[tokio::test]
+    async fn a_consumer_waiting_at_a_full_window_gets_going_when_the_hold_ends() {
+        let (conn, mut guest) = connected().await;
+        let mut s = conn.exec(&ExecRequest::default()).await.unwrap();
+        let exec = next_frame(&mut guest).await;
+        let part = INITIAL_WINDOW as usize / 16;
+        let chunk = Frame::data(Kind::Stdout, exec.id, vec![1; part]);
+        conn.hold_credit(true);
+        for _ in 0..16 {
+            write_frame_async(&mut guest, &chunk).await.unwrap();
+        }
+        for _ in 0..16 {
+            assert!(matches!(s.next().await, Some(SessionEvent::Stdout(_))));
+        }
+        assert_eq!(
+            s.unacked(),
+            u64::from(INITIAL_WINDOW),
+            "the guest's window is full"
+        );
+        let mut waiting = Box::pin(s.next());
+        // why: polled once, so it waits for output before the release.
+        tokio::select! {
+            biased;
+            _ = &mut waiting => panic!("an event came with no output sent"),
+            _ = std::future::ready(()) => {}
+        }
+        conn.hold_credit(false);
+        let credit = next_frame(&mut guest).await;
+        assert_eq!(credit.kind, Kind::Credit);
+        assert_eq!(credit.parse::<Credit>().unwrap().bytes, INITIAL_WINDOW);
+        write_frame_async(&mut guest, &chunk).await.unwrap();
+        assert!(matches!(waiting.await, Some(SessionEvent::Stdout(b)) if b.len() == part));
+        assert_eq!(s.unacked(), part as u64);
     }
 
     #[tokio::test]

@@ -160,6 +160,11 @@ pub trait Vm: Send + Sync {
     fn run_state_times(&self) -> qmp::RunStateTimes {
         qmp::RunStateTimes::default()
     }
+    /// Changes whenever [`Vm::run_state_times`] does, so a waiter learns
+    /// of a stop as the VMM reports it; None if the VMM does not say.
+    fn run_state_changes(&self) -> Option<tokio::sync::watch::Receiver<qmp::RunStateTimes>> {
+        None
+    }
     /// Asks the VMM to quit, SIGKILLs it after `grace`, and waits until it is gone.
     async fn shutdown(&self, grace: Duration) -> Result<VmExit, VmmError>;
     /// SIGKILLs the VMM process (does not wait; see [`Vm::wait`]).

@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
-use tokio::sync::{broadcast, oneshot};
+use tokio::sync::{broadcast, oneshot, watch};
 use tokio::task::AbortHandle;
 
 use crate::error::VmmError;
@@ -61,7 +61,7 @@ pub struct Qmp {
     writer: tokio::sync::Mutex<OwnedWriteHalf>,
     pending: Arc<Mutex<Pending>>,
     events: broadcast::Sender<QmpEvent>,
-    run_state: Arc<Mutex<RunStateTimes>>,
+    run_state: watch::Sender<RunStateTimes>,
     next_id: AtomicU64,
     reader: AbortHandle,
     /// QEMU's version from the greeting, e.g. "7.2.22".
@@ -117,7 +117,7 @@ impl Qmp {
 
         let pending = Arc::new(Mutex::new(Pending::default()));
         let (events, _) = broadcast::channel(64);
-        let run_state = Arc::new(Mutex::new(RunStateTimes::default()));
+        let run_state = watch::Sender::new(RunStateTimes::default());
         let reader = tokio::spawn(read_loop(
             rd,
             pending.clone(),
@@ -140,7 +140,13 @@ impl Qmp {
 
     /// When the guest last stopped and resumed, from QEMU's own events.
     pub fn run_state_times(&self) -> RunStateTimes {
-        *self.run_state.lock().unwrap_or_else(|p| p.into_inner())
+        *self.run_state.borrow()
+    }
+
+    /// Changes whenever [`Qmp::run_state_times`] does (a `STOP`, `RESUME`
+    /// or completed `MIGRATION` event), so a waiter learns of a stop at once.
+    pub fn run_state_changes(&self) -> watch::Receiver<RunStateTimes> {
+        self.run_state.subscribe()
     }
 
     /// Subscribes to events; subscribe before executing the command that causes them.
@@ -265,7 +271,7 @@ async fn read_loop(
     mut rd: BufReader<OwnedReadHalf>,
     pending: Arc<Mutex<Pending>>,
     events: broadcast::Sender<QmpEvent>,
-    run_state: Arc<Mutex<RunStateTimes>>,
+    run_state: watch::Sender<RunStateTimes>,
 ) {
     let mut line = String::new();
     loop {
@@ -283,15 +289,17 @@ async fn read_loop(
             let timestamp_us = event_timestamp_us(&msg);
             tracing::debug!(event = name, %data, ?timestamp_us, "QMP event");
             if let Some(t) = timestamp_us {
-                let mut rs = run_state.lock().unwrap_or_else(|p| p.into_inner());
-                match name {
-                    "STOP" => rs.stopped_us = Some(t),
-                    "RESUME" => rs.resumed_us = Some(t),
-                    "MIGRATION" if data["status"].as_str() == Some("completed") => {
-                        rs.migration_completed_us = Some(t)
+                run_state.send_if_modified(|rs| {
+                    match name {
+                        "STOP" => rs.stopped_us = Some(t),
+                        "RESUME" => rs.resumed_us = Some(t),
+                        "MIGRATION" if data["status"].as_str() == Some("completed") => {
+                            rs.migration_completed_us = Some(t)
+                        }
+                        _ => return false,
                     }
-                    _ => {}
-                }
+                    true
+                });
             }
             let _ = events.send(QmpEvent {
                 name: name.to_string(),

@@ -2336,3 +2336,204 @@ fn assert_counts_on(log: &[u8]) -> usize {
     }
     log[..last_newline].split(|&b| b == b'\n').count()
 }
+
+/// `hearth exec SANDBOX -- CMD…` in the background, counting the bytes of
+/// its output as they arrive.
+struct ExecStream {
+    child: Child,
+    bytes: Arc<std::sync::atomic::AtomicU64>,
+    /// Milliseconds slept after each read.
+    pace: Arc<std::sync::atomic::AtomicU64>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ExecStream {
+    /// Reads at most 8 KiB every 10 ms (0.8 MB/s) until [`ExecStream::fast`]:
+    /// slower than `yes` in the guest, which then sits at a full window.
+    fn start(d: &Daemon, sandbox: &str, cmd: &[&str]) -> ExecStream {
+        use std::io::Read;
+        let mut argv = vec!["exec", sandbox, "--"];
+        argv.extend_from_slice(cmd);
+        let mut child = d
+            .cmd(&argv)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("hearth exec");
+        let mut out = child.stdout.take().expect("stdout");
+        let bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let b2 = bytes.clone();
+        let pace = Arc::new(std::sync::atomic::AtomicU64::new(10));
+        let p2 = pace.clone();
+        let reader = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 8 << 10];
+            while let Ok(n) = out.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                b2.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                let ms = p2.load(std::sync::atomic::Ordering::Relaxed);
+                if ms > 0 {
+                    std::thread::sleep(Duration::from_millis(ms));
+                }
+            }
+        });
+        ExecStream {
+            child,
+            bytes,
+            pace,
+            reader: Some(reader),
+        }
+    }
+
+    /// Reads as fast as the output comes from now on.
+    fn fast(&self) {
+        self.pace.store(0, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn bytes(&self) -> u64 {
+        self.bytes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether `more` bytes arrive within `within`.
+    fn grows(&self, more: u64, within: Duration) -> bool {
+        let from = self.bytes();
+        let t = Instant::now();
+        while t.elapsed() < within {
+            if self.bytes() >= from + more {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
+    fn finish(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+    }
+}
+
+/// Review17 F3 / review19: a chatty `hearth exec` (`yes`, read slower than
+/// it writes, so the guest sits at a full window) running through moves no
+/// longer leaves Credits on the stopped VM's channel: the source holds every
+/// session's credit from the VM's stop. The source `a` holds each move 2 s
+/// at the gate, the VM stopped and the channel not frozen yet, while the
+/// exec's client takes its backlog (before, every Credit it returned then
+/// stayed on the socket and refused the move). Most moves go through (each
+/// refused one lets the exec run on: its output must keep flowing), the
+/// main workload counts on without a gap, a new exec streams on the node
+/// that runs the sandbox after each move; and after a move aborted with the
+/// VM stopped (cancelled during that hold), the exec that ran through it
+/// streams on: the hold's release returned the credit its consumer, waiting
+/// in `next` with the guest at a full window, owed.
+#[test]
+fn a_chatty_exec_neither_refuses_moves_nor_stalls_after_an_aborted_one() {
+    const HOLD: &str = "HEARTH_MIGRATION_HOLD";
+    let rounds: usize = std::env::var("HEARTH_MIGRATION_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(4);
+    let (a, b) = two_nodes_with(&[(HOLD, "gate:5000")]);
+    run_counter(&a, "c");
+    let nodes = [&a, &b];
+    let mut here = 0;
+    let mut moved = 0;
+    for round in 0..rounds {
+        let (from, to) = (nodes[here], nodes[1 - here]);
+        let exec = ExecStream::start(from, "c", &["yes"]);
+        assert!(
+            exec.grows(1 << 20, Duration::from_secs(60)),
+            "round {round}: a new exec's output does not flow ({} bytes)",
+            exec.bytes()
+        );
+        let (n, t) = (exec.bytes(), Instant::now());
+        std::thread::sleep(Duration::from_secs(1));
+        println!(
+            "round {round}: the exec streams {} KiB/s",
+            (exec.bytes() - n) * 1000 / (t.elapsed().as_millis() as u64).max(1) / 1024
+        );
+        let out = migrate_cli(from, "c", to);
+        if out.status.success() {
+            here = 1 - here;
+            moved += 1;
+            println!("round {round}: moved");
+        } else {
+            println!("round {round}: not moved: {}", stderr(&out).trim());
+            assert!(
+                exec.grows(1 << 20, Duration::from_secs(30)),
+                "round {round}: the exec's output stopped after a refused move ({} bytes)",
+                exec.bytes()
+            );
+        }
+        exec.finish();
+        let on = nodes[here];
+        assert_eq!(on.inspect("c")["status"], "running", "round {round}");
+        let n = counted(on, "c").len();
+        keeps_counting(on, "c", n, 3);
+    }
+    println!("moved {moved} of {rounds}");
+    // why: a Credit written between the VM's stop and the source seeing its
+    // STOP event still refuses a move; half, as in
+    // `full_frames_keep_flowing_after_each_move` (review17 F6).
+    assert!(
+        moved * 2 >= rounds && moved > 0,
+        "only {moved} of {rounds} rounds moved the sandbox"
+    );
+    // A move from `a` aborted with the VM stopped: cancelled at the gate.
+    if here == 1 {
+        migrate_to(&b, "c", &a);
+    }
+    let exec = ExecStream::start(&a, "c", &["yes"]);
+    assert!(
+        exec.grows(1 << 20, Duration::from_secs(60)),
+        "the exec's output does not flow ({} bytes)",
+        exec.bytes()
+    );
+    let body = serde_json::json!({
+        "target": b.api,
+        "target_token": b.token(),
+        "attempt": "att-exec",
+    })
+    .to_string();
+    std::thread::scope(|s| {
+        let first = s.spawn(|| {
+            a.http("POST", "/v1/sandboxes/c/migrate", Some(&body))
+                .unwrap()
+        });
+        wait_until(
+            "the source's status to say switchover",
+            Duration::from_secs(180),
+            || {
+                let out = a.hearth(&["migrate", "--status", "--json", "c"]);
+                out.status.success()
+                    && serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                        .is_ok_and(|s| s["phase"] == "switchover")
+            },
+        );
+        // why: the client takes everything the host holds while the VM is
+        // stopped, so the exec's consumer waits in `next` when the hold ends,
+        // its guest at a full window.
+        exec.fast();
+        let cancel = serde_json::json!({ "attempt": "att-exec" }).to_string();
+        let (code, body) = a
+            .http("POST", "/v1/sandboxes/c/migration/cancel", Some(&cancel))
+            .unwrap();
+        assert_eq!(code, 200, "{body}");
+        let (code, body) = first.join().unwrap();
+        assert!(code >= 400, "the cancelled migration succeeded: {body}");
+    });
+    assert_eq!(a.inspect("c")["status"], "running");
+    assert!(
+        exec.grows(1 << 20, Duration::from_secs(30)),
+        "the exec's output stopped after the aborted move ({} bytes)",
+        exec.bytes()
+    );
+    exec.finish();
+    let n = counted(&a, "c").len();
+    keeps_counting(&a, "c", n, 3);
+}

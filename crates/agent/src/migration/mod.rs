@@ -722,7 +722,9 @@ const ABORT_ANSWER_WAIT: Duration = Duration::from_secs(3);
 
 /// Fault injection for tests: with `HEARTH_MIGRATION_HOLD=<point>:<ms>` an
 /// agent waits `ms` at `point`, so a test can kill hearthd exactly there. On
-/// the source: `log-tail` (the log's tail is not sent yet, the status says
+/// the source: `gate` (QEMU paused the VM at the switch-over gate, the status
+/// says switchover, the guest channel is not frozen yet: what the host sends
+/// the stopped guest then stays on its socket), `log-tail` (the log's tail is not sent yet, the status says
 /// switchover, the record precopy; held in the tail's task, which starts at
 /// the drain, so QEMU's last pass may still be running), `commit` (the record says
 /// committing, the commit is not sent yet) or `release` (the target
@@ -1226,6 +1228,9 @@ pub(crate) async fn run_source(
     let _member = job.active.clone();
     entry.migrating_out.store(true, Ordering::Relaxed);
     let _outgoing = OutgoingGuard(entry);
+    // why: a backstop; every path that runs the VM here again releases the
+    // hold itself, next to its `thaw` (review19).
+    let _credit = CreditHold(conn);
     let reg = &agent.inner.migrations;
     let mut bell = reg.cancel_bell.0.subscribe();
     // why: a cancel that overtook the migrate request (the control plane
@@ -1328,26 +1333,36 @@ pub(crate) async fn run_source(
     let (result, mig_done_us) = {
         let mig = vm.migrate_out(&sock, &job.params, &ptx, Some(gate));
         tokio::pin!(mig);
+        // why: the VMM's STOP wakes the loop, so the hold below is set from
+        // the stop itself, not at the loop's next turn (review19).
+        let mut run_state = vm.run_state_changes();
         loop {
             // why: QEMU's port takes nothing from the guest channel while the
             // VM is stopped (it drops its chardev's read handlers at the
             // stop), so a Credit written from the stop on stayed on the
             // socket and refused the switch-over at the gate ("bytes for the
             // guest were still queued", 2 of 12 moves of a chatty guest). It
-            // is held instead: owed, in `unacked`, which the target returns
-            // (or this host, when the sandbox stays).
-            let hold_credit = stopped_since(vm, begun_us);
+            // is held instead, by every session on the connection (an exec's
+            // stream too, review17 F3): owed, in `unacked`, which the target
+            // returns for the main session (exec sessions end with the move:
+            // the target kills them with a whole window's credit), or this
+            // host when the sandbox stays. Released as soon as the VM runs
+            // again (QEMU's RESUME after a failed migration).
+            conn.hold_credit(paused_at.is_some() || stopped_since(vm, begun_us));
             tokio::select! {
                 r = &mut mig => break (r, wall_us()),
                 r = async { reached_rx.as_mut().expect("guarded").await }, if reached_rx.is_some() => {
                     reached_rx = None;
                     if r.is_ok() {
+                        // why: stopped at the gate whatever the VMM's events said.
+                        conn.hold_credit(true);
                         paused_at = Some(Instant::now());
                         let clock = PauseClock::at_gate(vm, begun_us, &id);
                         job.step(&clock, |p| &mut p.gate_ms);
                         tracing::debug!(sandbox = %id, "pause: gate seen");
                         set_migration_paused(entry, Phase::Switchover);
                         job.publish_phase(Phase::Switchover);
+                        fault_hold("gate").await;
                         let quiet = match conn.freeze(QUIESCE_TIMEOUT).await {
                             Ok(()) => outgoing_drained(entry).await,
                             Err(e) => Err(format!("the guest channel's writer did not flush: {e}")),
@@ -1411,6 +1426,11 @@ pub(crate) async fn run_source(
                         }
                     }
                 }
+                r = async { run_state.as_mut().expect("guarded").changed().await }, if run_state.is_some() => {
+                    if r.is_err() {
+                        run_state = None;
+                    }
+                }
                 r = prx.changed() => {
                     if r.is_ok() {
                         let p = prx.borrow_and_update().clone();
@@ -1434,13 +1454,7 @@ pub(crate) async fn run_source(
                 }
                 // why: after the drain, output is late: it stays in the
                 // session for `late_output`, which refuses the switch-over.
-                ev = async {
-                    if hold_credit {
-                        session.next_holding_credit().await
-                    } else {
-                        session.next().await
-                    }
-                }, if stash.is_none() && !drained => match ev {
+                ev = session.next(), if stash.is_none() && !drained => match ev {
                     Some(ev) => {
                         if let Some(end) = append(log, ev).await {
                             // why: the workload ended; there is nothing left to move.
@@ -1471,6 +1485,8 @@ pub(crate) async fn run_source(
             drop(tail_task);
             drop(rounds);
             conn.thaw();
+            // why: QEMU runs the VM again after a failed migration.
+            conn.hold_credit(false);
             // why: the target may be unreachable (a cut link); its VM is removed
             // by this abort when it gets through, else by its incoming TTL. Its
             // answer is awaited briefly: it says whether the target's VM had
@@ -1813,6 +1829,8 @@ async fn log_body(path: &Path, from: u64) -> Result<Option<(reqwest::Body, u64)>
 async fn resume_here(vm: &dyn Vm, conn: &GuestConn, why: String) -> String {
     let resumed = vm.resume().await;
     conn.thaw();
+    // why: after the thaw, so the owed credit can be queued (review19).
+    conn.hold_credit(false);
     match resumed {
         Ok(()) => why,
         Err(e) => format!("{why}; resuming the source VM failed too: {e}"),
@@ -1953,6 +1971,17 @@ async fn stay_here(
 
 /// Clears [`Entry::migrating_out`] when the source side of a migration ends.
 struct OutgoingGuard<'a>(&'a Entry);
+
+/// Releases the guest channel's credit hold when the source side of a
+/// migration ends (a backstop: the paths that resume the VM release it
+/// first; on a move the channel stays frozen and nothing is sent).
+struct CreditHold<'a>(&'a GuestConn);
+
+impl Drop for CreditHold<'_> {
+    fn drop(&mut self) {
+        self.0.hold_credit(false);
+    }
+}
 
 impl Drop for OutgoingGuard<'_> {
     fn drop(&mut self) {

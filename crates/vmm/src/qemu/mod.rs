@@ -758,6 +758,9 @@ impl Vm for QemuVm {
     fn run_state_times(&self) -> crate::qmp::RunStateTimes {
         self.qmp.run_state_times()
     }
+    fn run_state_changes(&self) -> Option<tokio::sync::watch::Receiver<crate::qmp::RunStateTimes>> {
+        Some(self.qmp.run_state_changes())
+    }
 
     async fn shutdown(&self, grace: Duration) -> Result<VmExit, VmmError> {
         match self.qmp.execute("quit", Value::Null).await {
