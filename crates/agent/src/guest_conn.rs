@@ -195,6 +195,9 @@ pub struct GuestConn {
     /// Set while the VM is stopped for a migration: no session returns
     /// credit (see [`GuestConn::hold_credit`]).
     credit_held: AtomicBool,
+    /// A release could not queue every session's credit: the next release or
+    /// thaw sweeps again (review22 F1).
+    sweep_due: AtomicBool,
     /// What each live session owes the guest, by session id (see [`OwedCredit`]).
     owed: Mutex<HashMap<u32, Arc<OwedCredit>>>,
     /// Frames handed to the writer task, and frames it has written.
@@ -452,6 +455,7 @@ impl GuestConn {
             closed,
             frozen: std::sync::atomic::AtomicBool::new(false),
             credit_held: AtomicBool::new(false),
+            sweep_due: AtomicBool::new(false),
             owed: Mutex::default(),
             queued: Arc::new(AtomicU64::new(0)),
             overflow: Arc::new(AtomicU64::new(0)),
@@ -538,6 +542,11 @@ impl GuestConn {
     /// Undoes [`GuestConn::freeze`] (the migration did not happen).
     pub fn thaw(&self) {
         self.frozen.store(false, Ordering::SeqCst);
+        // why: credit a release could not queue while the channel was frozen
+        // goes now, unless the connection is held again (review22 F1).
+        if !self.credit_held.load(Ordering::SeqCst) && self.sweep_due.load(Ordering::SeqCst) {
+            self.sweep_owed();
+        }
     }
 
     /// Holds (`true`) or releases (`false`) every session's credit. A VM
@@ -550,9 +559,10 @@ impl GuestConn {
     /// every session owes at once, not at each consumer's next `next`: a
     /// consumer may already wait there for output a guest at a full window
     /// sends only once it has credit (review19). Credit that cannot be
-    /// queued now (the channel frozen or full) stays owed and goes with the
-    /// session's next `next`. Releasing a connection that is not held does
-    /// nothing.
+    /// queued now (the channel frozen, or its queue and overflow full) stays
+    /// owed and goes with the session's next `next`, or the next release or
+    /// [`GuestConn::thaw`], whichever comes first (review22 F1). Releasing a
+    /// connection that is neither held nor owing such a sweep does nothing.
     pub fn hold_credit(&self, on: bool) {
         if on {
             self.credit_held.store(true, Ordering::SeqCst);
@@ -561,9 +571,21 @@ impl GuestConn {
         // why: `SeqCst` against `return_credit`'s check of the flag: a
         // consumer that saw it set had counted its bytes before, so the
         // sweep below finds them; one that sees it clear sends its own.
-        if !self.credit_held.swap(false, Ordering::SeqCst) {
+        // why: a release whose credit could not all be queued (the channel
+        // frozen or its queue full) sweeps again at the next release or thaw
+        // (review22 F1: a consumer already waiting in `next` never gets to
+        // send it itself).
+        let was_held = self.credit_held.swap(false, Ordering::SeqCst);
+        if !was_held && !self.sweep_due.load(Ordering::SeqCst) {
             return;
         }
+        self.sweep_owed();
+    }
+
+    /// Queues a Credit for what every session owes; marks a sweep due again
+    /// when some could not be queued.
+    fn sweep_owed(&self) {
+        self.sweep_due.store(false, Ordering::SeqCst);
         let owed: Vec<(u32, Arc<OwedCredit>)> = self
             .owed
             .lock()
@@ -575,6 +597,7 @@ impl GuestConn {
             let bytes = o.take();
             if bytes > 0 && !self.try_send(Frame::json(Kind::Credit, id, &Credit { bytes })) {
                 o.put_back(bytes);
+                self.sweep_due.store(true, Ordering::SeqCst);
             }
         }
     }
@@ -1857,6 +1880,46 @@ mod tests {
         write_frame_async(&mut guest, &chunk).await.unwrap();
         assert!(matches!(waiting.await, Some(SessionEvent::Stdout(b)) if b.len() == part));
         assert_eq!(s.unacked(), part as u64);
+    }
+
+    /// review22 F1: a release that cannot queue a session's credit (the
+    /// channel frozen: `run_source`'s backstop on a move or an unresolved
+    /// commit; or the writer's queue and its overflow full) leaves it for the
+    /// session's next `next` — which a consumer already waiting there, its
+    /// guest at a full window, never reaches. A later thaw and release (what
+    /// `resume_here` does) find the connection not held and sweep nothing:
+    /// the review19 hang by another path.
+    #[tokio::test]
+    async fn a_credit_the_release_could_not_queue_still_reaches_a_waiting_consumers_guest() {
+        let (conn, mut guest) = connected().await;
+        let mut s = conn.exec(&ExecRequest::default()).await.unwrap();
+        let exec = next_frame(&mut guest).await;
+        let part = INITIAL_WINDOW as usize / 16;
+        let chunk = Frame::data(Kind::Stdout, exec.id, vec![1; part]);
+        conn.hold_credit(true);
+        for _ in 0..16 {
+            write_frame_async(&mut guest, &chunk).await.unwrap();
+        }
+        for _ in 0..16 {
+            assert!(matches!(s.next().await, Some(SessionEvent::Stdout(_))));
+        }
+        let mut waiting = Box::pin(s.next());
+        tokio::select! {
+            biased;
+            _ = &mut waiting => panic!("an event came with no output sent"),
+            _ = std::future::ready(()) => {}
+        }
+        conn.freeze(Duration::from_secs(1)).await.unwrap();
+        // why: `CreditHold`'s drop while the channel is still frozen.
+        conn.hold_credit(false);
+        // why: what `resume_here` does when the VM runs here again.
+        conn.thaw();
+        conn.hold_credit(false);
+        let got = tokio::time::timeout(Duration::from_secs(5), read_frame_async(&mut guest)).await;
+        assert!(
+            matches!(&got, Ok(Ok(Some(f))) if f.kind == Kind::Credit),
+            "no Credit reached the guest after the thaw ({got:?}): it stays at a full window and the consumer waiting in next waits for good"
+        );
     }
 
     #[tokio::test]

@@ -1397,6 +1397,14 @@ pub(crate) async fn run_source(
                             other => other,
                         };
                         pause = Some(clock);
+                        // why: the bell is not polled while the gate's work
+                        // runs (the freeze, the drain, a test's hold): a
+                        // cancel that came meanwhile refuses here, before the
+                        // last pass (review22 F5).
+                        if !cancelled && reg.is_cancelled(job.attempt.as_deref()) {
+                            tracing::warn!(sandbox = %id, "migration cancelled by the control plane at the switch-over gate");
+                            cancelled = true;
+                        }
                         let answer = gate_answer(cancelled, &quiet, stash.is_some());
                         if let (Err(why), Some(_)) = (&quiet, &answer.refused) {
                             tracing::warn!(sandbox = %id, "guest channel did not quiesce ({why}); cancelling the switch-over");
