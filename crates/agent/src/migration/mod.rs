@@ -5067,6 +5067,90 @@ mod tests {
         }
     }
 
+    /// A TCP relay to `to`; once `armed`, the next answer coming back from
+    /// `to` is dropped and that connection closed (the target took the
+    /// request, its answer was lost on the way), then it disarms.
+    async fn answer_dropping_relay(
+        to: SocketAddr,
+    ) -> (SocketAddr, Arc<std::sync::atomic::AtomicBool>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let armed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let armed2 = armed.clone();
+        tokio::spawn(async move {
+            loop {
+                let (client, _) = l.accept().await.unwrap();
+                let up = tokio::net::TcpStream::connect(to).await.unwrap();
+                let armed = armed2.clone();
+                tokio::spawn(async move {
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut ur, mut uw) = up.into_split();
+                    let fwd = tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut cr, &mut uw).await;
+                    });
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        let n = match ur.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if armed.swap(false, Ordering::SeqCst) {
+                            break;
+                        }
+                        if cw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    fwd.abort();
+                });
+            }
+        });
+        (addr, armed)
+    }
+
+    /// review21: a round the target took whose answer was lost (a link
+    /// blip after the body arrived) leaves the source at its last confirmed
+    /// offset; the next round from there is refused (409: the target's log
+    /// is longer) and the whole log is sent again: up to the log cap (256 MiB
+    /// by default), during the pre-copy, or inside the guest's pause if the
+    /// gate comes before the retry (the tail continues from the stale
+    /// offset, 409, whole). The target's log is always a prefix of the
+    /// source's (append-only, each upload continues it exactly), so a 409
+    /// that said the target's length would let the source continue there.
+    #[tokio::test]
+    async fn a_round_whose_answer_was_lost_is_not_sent_whole_again() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let t = crate::sandbox::agent_for_test(dir.path()).await;
+        let direct = log_target(&t, "sb1").await;
+        let to: SocketAddr = direct.base().trim_start_matches("http://").parse().unwrap();
+        let (relay, armed) = answer_dropping_relay(to).await;
+        let peer = Peer::new(&format!("http://{relay}"), "token");
+        let theirs = t.inner.cfg.data_dir.join("sandboxes/sb1/output.log");
+        let ours = dir.path().join("output.log");
+
+        append_to(&ours, &log_bytes(100_000, 1));
+        let rounds = LogRounds::start(&peer, "sb1", &ours);
+        until_confirmed(&rounds, 100_000).await;
+        let inode = std::fs::metadata(&theirs).unwrap().ino();
+
+        armed.store(true, Ordering::SeqCst);
+        append_to(&ours, &log_bytes(400_000, 2));
+        until_confirmed(&rounds, 500_000).await;
+        assert!(!armed.load(Ordering::SeqCst), "no answer was dropped");
+        let sent = rounds.finish().await;
+        send_log_tail(&peer, "sb1", &ours, sent, false)
+            .await
+            .unwrap();
+        same_bytes(&theirs, &std::fs::read(&ours).unwrap());
+        assert_eq!(
+            std::fs::metadata(&theirs).unwrap().ino(),
+            inode,
+            "the log was sent whole again after one lost answer"
+        );
+    }
+
     /// A conn over a unix socketpair whose host end is the drain's channel
     /// socket, with session 7 attached and an empty log.
     async fn drain_rig(
