@@ -110,6 +110,12 @@ pub struct MigrationStatus {
 /// `RESUME`), microseconds since the Unix epoch by the target's clock.
 pub const VM_RESUMED_HEADER: &str = "x-hearth-vm-resumed-us";
 
+/// Response header of the target's 409 to an output log upload that does not
+/// continue its log where it ends: the length of the log it has (always a
+/// prefix of the source's), so the source continues from there instead of
+/// sending the whole log again.
+pub const LOG_LEN_HEADER: &str = "x-hearth-log-len";
+
 /// A migration's pause, step by step: milliseconds from the source VM's stop
 /// (QEMU's `STOP` event) to the end of each step, by the source's clock
 /// (`target_resumed_ms` by the target's). A step not reached is absent.

@@ -125,18 +125,32 @@ pub struct LogQuery {
 }
 
 /// The body is written to the log as it arrives (review17 F7: not buffered
-/// whole in memory); the node's log cap is checked as the bytes come.
+/// whole in memory); the node's log cap is checked as the bytes come. A 409
+/// carries the length of the log here
+/// ([`hearth_api::migration::LOG_LEN_HEADER`], review21 F3): the source
+/// continues from it rather than sending the whole log again.
 pub async fn log(
     State(agent): State<Agent>,
     Path(id): Path<String>,
     Query(q): Query<LogQuery>,
     body: axum::body::Body,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> Result<Json<serde_json::Value>, axum::response::Response> {
+    use axum::response::IntoResponse;
     use futures::TryStreamExt;
     let body =
         tokio_util::io::StreamReader::new(body.into_data_stream().map_err(std::io::Error::other));
-    let n = agent.incoming_log(&id, body, q.truncated, q.offset).await?;
-    Ok(Json(serde_json::json!({ "bytes": n })))
+    match agent.incoming_log(&id, body, q.truncated, q.offset).await {
+        Ok(n) => Ok(Json(serde_json::json!({ "bytes": n }))),
+        Err(e) => {
+            let conflict = matches!(e, hearth_agent::AgentError::Conflict(_));
+            let mut r = crate::HttpError::from(e).into_response();
+            if let Some(len) = agent.incoming_log_len(&id).filter(|_| conflict) {
+                r.headers_mut()
+                    .insert(hearth_api::migration::LOG_LEN_HEADER, len.into());
+            }
+            Err(r)
+        }
+    }
 }
 
 /// The answer carries when the VM here was resumed

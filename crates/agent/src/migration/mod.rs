@@ -457,8 +457,16 @@ struct Incoming {
     reservation: Mutex<Option<reserve::Reservation>>,
     /// Held by a write of the output log ([`Agent::incoming_log`]): its
     /// offset check and its append are one step (two racing requests could
-    /// both pass the check and append twice).
-    log_write: tokio::sync::Mutex<()>,
+    /// both pass the check and append twice). Set (under it) once the
+    /// migration is committed or discarded: a late upload is refused then
+    /// (review21 F4: it must not write or rename over the log after the
+    /// commit, or recreate files during the teardown).
+    log_write: tokio::sync::Mutex<bool>,
+    /// Bumped by each upload of the log as it arrives (and by the commit and
+    /// the teardown): an upload holding `log_write` whose number is no longer
+    /// the latest stops reading its body, cuts back and releases it
+    /// (review21 F1: a stalled one must not hold up the next round).
+    log_gen: watch::Sender<u64>,
     /// The bytes of `sandbox.json` written (fsynced) at prepare as
     /// [`STAGED_RECORD`], if that worked: a commit whose record is the same
     /// renames it instead of writing one inside the guest's pause.
@@ -1003,6 +1011,15 @@ async fn drain(
     }
 }
 
+impl Incoming {
+    /// Ends the uploads of the output log: one in flight is superseded (it
+    /// cuts back and releases the lock), later ones are refused (F4).
+    async fn close_log(&self) {
+        self.log_gen.send_modify(|g| *g += 1);
+        *self.log_write.lock().await = true;
+    }
+}
+
 /// The output log sent to the target in rounds during the pre-copy (issue 7,
 /// R20-2): the whole log first, then, while the guest writes on, what was
 /// appended since, so that the tail left for the pause is only what came
@@ -1092,7 +1109,16 @@ async fn send_log_rounds(
                 failures += 1;
                 let refused = matches!(&e, RoundError::Peer(PeerError::Refused { error, .. }) if error.code == ErrorCode::Conflict)
                     || matches!(e, RoundError::Shorter);
-                if refused {
+                if let Some(have) = log_len_to_continue(&e, &path) {
+                    // why: a round the target took whose answer was lost
+                    // (review21 F3): continue where its log ends.
+                    tracing::debug!(sandbox = %id, "the target has {have} bytes of the output log; the rounds continue there");
+                    confirmed.store(have, Ordering::Release);
+                    whole = have == 0;
+                    if failures < ROUND_TRIES {
+                        continue;
+                    }
+                } else if refused {
                     confirmed.store(0, Ordering::Release);
                     whole = true;
                 }
@@ -1108,6 +1134,31 @@ async fn send_log_rounds(
             _ = tokio::time::sleep(wait) => {}
             _ = stop.changed() => return,
         }
+    }
+}
+
+/// The target's log length a round's 409 answered, when the source can
+/// continue from it: its log is a prefix of this one (appended only where it
+/// ends, whole uploads all or nothing), so any length up to this log's is.
+fn log_len_to_continue(e: &RoundError, path: &Path) -> Option<u64> {
+    match e {
+        RoundError::Peer(e) => continue_at(e, path),
+        _ => None,
+    }
+}
+
+/// See [`log_len_to_continue`].
+fn continue_at(e: &PeerError, path: &Path) -> Option<u64> {
+    match e {
+        PeerError::Refused {
+            error,
+            log_len: Some(have),
+            ..
+        } if error.code == ErrorCode::Conflict => {
+            let ours = std::fs::metadata(path).ok()?.len();
+            (*have <= ours).then_some(*have)
+        }
+        _ => None,
     }
 }
 
@@ -1779,14 +1830,28 @@ async fn send_log_tail(
     from: u64,
     truncated: bool,
 ) -> Result<(), String> {
-    if from > 0 {
-        if let Some((tail, _)) = log_body(path, from).await? {
-            match peer.put_log(id, tail, truncated, from).await {
-                Ok(()) => return Ok(()),
-                Err(e) => {
-                    tracing::warn!(sandbox = %id, "the target did not take the output log's tail ({e}); sending it whole")
+    let mut from = from;
+    // why: a 409 that says where the target's log ends is followed once
+    // (review21 F3: the last round's answer was lost), then it is sent whole.
+    for _ in 0..2 {
+        if from == 0 {
+            break;
+        }
+        let Some((tail, _)) = log_body(path, from).await? else {
+            break;
+        };
+        match peer.put_log(id, tail, truncated, from).await {
+            Ok(()) => return Ok(()),
+            Err(e) => match continue_at(&e, path) {
+                Some(have) if have != from => {
+                    tracing::debug!(sandbox = %id, "the target has {have} bytes of the output log, not {from}; the tail continues there");
+                    from = have;
                 }
-            }
+                _ => {
+                    tracing::warn!(sandbox = %id, "the target did not take the output log's tail ({e}); sending it whole");
+                    break;
+                }
+            },
         }
     }
     let (whole, _) = log_body(path, 0)
@@ -1799,6 +1864,40 @@ async fn send_log_tail(
 
 /// Bytes of the output log read per chunk of a streamed body.
 const LOG_CHUNK: usize = 256 * 1024;
+/// An upload of the output log that sends nothing for this long is given up
+/// (cut back, its lock released; review21 F1): well under the source's
+/// request timeout (60 s).
+const LOG_IDLE: Duration = Duration::from_secs(10);
+/// Bounds on draining a refused upload's body: its time, and its bytes (a
+/// source's log is at most the largest cap a node may have, 512 MiB, and its
+/// limit notice).
+const LOG_DRAIN: Duration = Duration::from_secs(60);
+const LOG_DRAIN_BYTES: u64 = 513 << 20;
+
+/// Why an upload of the output log stopped: a newer one (or the commit, or
+/// the teardown) came.
+fn superseded(id: &str) -> AgentError {
+    AgentError::Migration(format!(
+        "the upload of the output log of sandbox '{id}' was superseded by a newer one: given up"
+    ))
+}
+
+/// Reads a refused upload's body to its end, so the refusal reaches a
+/// source still sending (not a cut connection): up to [`LOG_DRAIN_BYTES`],
+/// until none came for [`LOG_IDLE`], [`LOG_DRAIN`] in all.
+async fn drain_refused<R: tokio::io::AsyncRead + Unpin>(body: &mut R) {
+    use tokio::io::AsyncReadExt;
+    let end = tokio::time::Instant::now() + LOG_DRAIN;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut left = LOG_DRAIN_BYTES;
+    while left > 0 {
+        let until = end.min(tokio::time::Instant::now() + LOG_IDLE);
+        match tokio::time::timeout_at(until, body.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => left = left.saturating_sub(n as u64),
+            _ => return,
+        }
+    }
+}
 
 /// The output log at `path` from byte `from` to its length now, as a request
 /// body read from the file while it is sent, and that length; `None` when the
@@ -2316,7 +2415,7 @@ fn params_from(req: &MigrateSandbox) -> Result<MigrationParams, AgentError> {
 
 fn peer_error(e: PeerError) -> AgentError {
     match e {
-        PeerError::Refused { url, error } => {
+        PeerError::Refused { url, error, .. } => {
             let msg = format!("target {url}: {}", error.message);
             match error.code {
                 ErrorCode::ImageNotFound => AgentError::ImageMissing(msg),
@@ -2948,7 +3047,8 @@ impl Agent {
             tunnel,
             received,
             reservation: Mutex::new(Some(reservation)),
-            log_write: tokio::sync::Mutex::new(()),
+            log_write: tokio::sync::Mutex::new(false),
+            log_gen: watch::channel(0).0,
         });
         if let Err(e) = i.migrations.removed_uncommitted.remove(&sb.id) {
             tracing::warn!(sandbox = %sb.id, "cannot update {}: {e}", removed::REMOVED_FILE);
@@ -3033,32 +3133,82 @@ impl Agent {
     where
         R: tokio::io::AsyncRead + Send + Unpin + 'static,
     {
-        let inc = self.incoming(id)?;
+        let mut body = body;
+        let inc = match self.incoming(id) {
+            Ok(inc) => inc,
+            Err(e) => {
+                // why: the refusal must reach a source still sending (F2).
+                drain_refused(&mut body).await;
+                return Err(e);
+            }
+        };
         let (agent, id) = (self.clone(), id.to_string());
         tokio::spawn(async move {
-            let _writing = inc.log_write.lock().await;
-            agent
-                .write_incoming_log(&inc, &id, body, truncated, offset)
-                .await
+            // why: subscribed before the bump, so `wait_for` sees every later one.
+            let mut newer = inc.log_gen.subscribe();
+            let mut mine = 0;
+            inc.log_gen.send_modify(|g| {
+                *g += 1;
+                mine = *g;
+            });
+            let r = {
+                let closed = inc.log_write.lock().await;
+                if *closed {
+                    Err(AgentError::Conflict(format!(
+                        "the incoming migration of sandbox '{id}' was committed or removed: its output log takes no more uploads"
+                    )))
+                } else if *inc.log_gen.borrow() != mine {
+                    Err(superseded(&id))
+                } else {
+                    agent
+                        .write_incoming_log(&inc, &id, &mut body, truncated, offset, &mut newer, mine)
+                        .await
+                }
+            };
+            // why: a refused body is read to its end (bounded), the lock
+            // released first, so the refusal reaches the source and not a
+            // cut connection (F2); one cut short or superseded is not.
+            if matches!(r, Err(AgentError::Conflict(_) | AgentError::InvalidArgument(_))) {
+                drain_refused(&mut body).await;
+            }
+            r
         })
         .await
         .map_err(|e| AgentError::Migration(format!("writing the output log did not finish: {e}")))?
     }
 
+    /// The most bytes of an incoming output log taken (the node's cap plus
+    /// its limit notice).
+    fn log_upload_max(&self) -> u64 {
+        self.inner.cfg.max_log_bytes.saturating_add(1 << 20)
+    }
+
+    /// The length of the output log of the incoming migration of `id`, if
+    /// there is one (what a 409 to an upload answers, F3).
+    pub fn incoming_log_len(&self, id: &str) -> Option<u64> {
+        let inc = self.incoming(id).ok()?;
+        std::fs::metadata(inc.dir.join("output.log"))
+            .ok()
+            .map(|m| m.len())
+    }
+
     /// [`Agent::incoming_log`]'s write, under the incoming log's lock.
+    #[allow(clippy::too_many_arguments)]
     async fn write_incoming_log<R>(
         &self,
         inc: &Incoming,
         id: &str,
-        mut body: R,
+        body: &mut R,
         truncated: bool,
         offset: u64,
+        newer: &mut watch::Receiver<u64>,
+        mine: u64,
     ) -> Result<u64, AgentError>
     where
         R: tokio::io::AsyncRead + Unpin,
     {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let max = self.inner.cfg.max_log_bytes.saturating_add(1 << 20);
+        let max = self.log_upload_max();
         let over = |len: u64| {
             AgentError::InvalidArgument(format!(
                 "output log of {len} bytes or more exceeds this node's limit of {max} bytes"
@@ -3085,10 +3235,9 @@ impl Agent {
                 .map_err(io(&path))?;
             let have = f.metadata().await.map_err(io(&path))?.len();
             if have != offset {
-                // why: the answer must reach the source, which may still be
-                // sending: a body left unread can cut the connection instead,
-                // a failed round to it, not this 409 (send it whole).
-                let _ = tokio::io::copy(&mut (&mut body).take(max), &mut tokio::io::sink()).await;
+                // why: the caller drains the body (the answer must reach the
+                // source, which may still be sending), with the length here
+                // in it: the source continues from there (F3).
                 return Err(AgentError::Conflict(format!(
                     "the output log of sandbox '{id}' on node {} has {have} bytes, not the {offset} the source continues from: send it whole (offset 0)",
                     self.inner.cfg.node
@@ -3099,14 +3248,23 @@ impl Agent {
         let mut buf = vec![0u8; LOG_CHUNK];
         let mut got = 0u64;
         let copied = loop {
-            let n = match body.read(&mut buf).await {
-                Ok(0) => break Ok(()),
-                Ok(n) => n,
-                Err(source) => {
+            let read = tokio::select! {
+                r = tokio::time::timeout(LOG_IDLE, body.read(&mut buf)) => r,
+                _ = newer.wait_for(|g| *g != mine) => break Err(superseded(id)),
+            };
+            let n = match read {
+                Ok(Ok(0)) => break Ok(()),
+                Ok(Ok(n)) => n,
+                Ok(Err(source)) => {
                     break Err(AgentError::Io {
                         what: format!("receive the output log of sandbox '{id}'"),
                         source,
                     })
+                }
+                Err(_) => {
+                    break Err(AgentError::Migration(format!(
+                        "the upload of the output log of sandbox '{id}' sent nothing for {LOG_IDLE:?}: given up"
+                    )))
                 }
             };
             got += n as u64;
@@ -3235,6 +3393,8 @@ impl Agent {
                 )))
             }
         };
+        // why: no upload of the log writes past this point (F4).
+        inc.close_log().await;
         // why: the room held since prepare is released when the commit ends,
         // whichever way (also if it panics: the guard lives on this stack).
         let _held = lock(&inc.reservation).take();
@@ -3502,6 +3662,7 @@ impl Agent {
         inc: &Incoming,
         vm: &dyn Vm,
     ) -> Result<hearth_vmm::VmExit, hearth_vmm::VmmError> {
+        inc.close_log().await;
         let _ = vm.kill().await;
         let exit = vm.wait().await;
         inc.tunnel.abort();
@@ -4683,7 +4844,11 @@ mod tests {
             body: axum::body::Body,
         ) -> Result<
             axum::Json<serde_json::Value>,
-            (axum::http::StatusCode, axum::Json<hearth_api::ApiError>),
+            (
+                axum::http::StatusCode,
+                axum::http::HeaderMap,
+                axum::Json<hearth_api::ApiError>,
+            ),
         > {
             use futures::TryStreamExt;
             let body = tokio_util::io::StreamReader::new(
@@ -4691,10 +4856,22 @@ mod tests {
             );
             match t.incoming_log(&id, body, q.truncated, q.offset).await {
                 Ok(n) => Ok(axum::Json(serde_json::json!({ "bytes": n }))),
-                Err(e) => Err((
-                    axum::http::StatusCode::from_u16(e.code().http_status()).unwrap(),
-                    axum::Json(hearth_api::ApiError::new(e.code(), e.to_string())),
-                )),
+                Err(e) => {
+                    // why: as the control route answers (its 409 says the
+                    // length of the log here).
+                    let mut h = axum::http::HeaderMap::new();
+                    if let Some(len) = t
+                        .incoming_log_len(&id)
+                        .filter(|_| matches!(e, AgentError::Conflict(_)))
+                    {
+                        h.insert(hearth_api::migration::LOG_LEN_HEADER, len.into());
+                    }
+                    Err((
+                        axum::http::StatusCode::from_u16(e.code().http_status()).unwrap(),
+                        h,
+                        axum::Json(hearth_api::ApiError::new(e.code(), e.to_string())),
+                    ))
+                }
             }
         }
         let dir = t.inner.cfg.data_dir.join("sandboxes").join(id);
@@ -4707,7 +4884,8 @@ mod tests {
             tunnel: tokio::spawn(async {}).abort_handle(),
             received: Arc::new(AtomicU64::new(0)),
             reservation: Mutex::new(None),
-            log_write: tokio::sync::Mutex::new(()),
+            log_write: tokio::sync::Mutex::new(false),
+            log_gen: watch::channel(0).0,
             staged: None,
             staged_workload: false,
         });
@@ -5010,6 +5188,212 @@ mod tests {
             .await
             .unwrap();
         same_bytes(&theirs, &[head, more].concat());
+    }
+
+    /// review21 F4: once the migration is committed or torn down
+    /// ([`Incoming::close_log`]), a late upload (a whole one too, which
+    /// would rename its `.part` over the log) is refused and leaves the log
+    /// as it was.
+    #[tokio::test]
+    async fn an_upload_after_the_commit_is_refused_and_leaves_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = crate::sandbox::agent_for_test(dir.path()).await;
+        let peer = log_target(&t, "sb1").await;
+        let theirs = t.inner.cfg.data_dir.join("sandboxes/sb1/output.log");
+        let head = log_bytes(10_000, 1);
+        peer.put_log("sb1", head.clone().into(), false, 0)
+            .await
+            .unwrap();
+        t.incoming("sb1").unwrap().close_log().await;
+        for offset in [0, 10_000] {
+            match peer
+                .put_log("sb1", log_bytes(5000, 2).into(), false, offset)
+                .await
+            {
+                Err(PeerError::Refused { error, .. }) => {
+                    assert_eq!(error.code, ErrorCode::Conflict, "{error}")
+                }
+                other => panic!("an upload after the commit was not refused: {other:?}"),
+            }
+        }
+        same_bytes(&theirs, &head);
+        assert!(!theirs.with_extension("log.part").exists());
+    }
+
+    /// review21: an upload holds the incoming log's lock while its body
+    /// arrives, with no bound on how long that takes. A round whose
+    /// connection went half-open (the source timed it out and moved on; its
+    /// FIN lost, a partition, a middlebox) stalls there forever, and every
+    /// later upload of the migration, the tail inside the guest's pause
+    /// included, waits behind it until the source's own request timeout (60 s)
+    /// fails it. The source never has two uploads outstanding on purpose: a
+    /// newer one must not wait for a stalled older one (preempt it, cut back,
+    /// or bound the body's idle time well under the source's timeout).
+    #[tokio::test]
+    async fn a_stalled_upload_does_not_hold_up_the_next_round() {
+        use tokio::io::AsyncWriteExt;
+        let dir = tempfile::tempdir().unwrap();
+        let t = crate::sandbox::agent_for_test(dir.path()).await;
+        let peer = log_target(&t, "sb1").await;
+        let theirs = t.inner.cfg.data_dir.join("sandboxes/sb1/output.log");
+        let head = log_bytes(10_000, 1);
+        peer.put_log("sb1", head.clone().into(), false, 0)
+            .await
+            .unwrap();
+
+        // A round from byte 10 000 that sends 4 KiB of its body, then nothing
+        // more on a connection that stays open.
+        let addr = peer.base().trim_start_matches("http://").to_string();
+        let mut stalled = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let mut req = format!(
+            "PUT /v1/migrations/incoming/sb1/log?truncated=false&offset=10000 HTTP/1.1\r\nhost: {addr}\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n",
+            4096
+        )
+        .into_bytes();
+        req.extend_from_slice(&log_bytes(4096, 2));
+        req.extend_from_slice(b"\r\n");
+        stalled.write_all(&req).await.unwrap();
+        stalled.flush().await.unwrap();
+        // why: the stalled request's task has taken the lock (its bytes are
+        // in the target's log); no clock, just its effect.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::fs::metadata(&theirs).unwrap().len() < 14_096 {
+            assert!(Instant::now() < deadline, "the stalled round never started");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+
+        // The source's next round (its retry from the last confirmed byte)
+        // is bounded only by the source's own request timeout.
+        let more = log_bytes(5000, 3);
+        let r = peer
+            .put_log("sb1", more.clone().into(), false, 10_000)
+            .await;
+        assert!(
+            r.is_ok(),
+            "the round after a stalled one was not taken: {:?}",
+            r.err()
+        );
+        same_bytes(&theirs, &[head, more].concat());
+        drop(stalled);
+    }
+
+    /// review21: a body the target refuses part-way (past its log cap) or
+    /// before reading it (no such incoming migration) is not read to its
+    /// end, so the refusal often never reaches a source still sending: it
+    /// sees a cut connection ("did not answer": error sending request), the
+    /// rounds retry it like a network fault, and the migration's error names
+    /// no cause. Only the 409 was fixed (b9ec15a). Racy by nature (the
+    /// target's close against the client reading the answer; about half of
+    /// the tries on a 2-core host), hence ten tries of each.
+    #[tokio::test]
+    async fn a_refused_upload_reaches_the_source_as_a_refusal() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = crate::sandbox::agent_for_test(dir.path()).await;
+        let peer = log_target(&t, "sb1").await;
+        let src = dir.path().join("big.log");
+        append_to(&src, &log_bytes(8 << 20, 3));
+        for i in 0..10 {
+            // Past the cap (1 MiB + 1 MiB for the notice).
+            let (body, _) = log_body(&src, 0).await.unwrap().unwrap();
+            match peer.put_log("sb1", body, false, 0).await {
+                Err(PeerError::Refused { error, .. }) => {
+                    assert_eq!(error.code, ErrorCode::InvalidArgument, "{error}")
+                }
+                other => panic!("try {i}: the cap's refusal did not reach the source: {other:?}"),
+            }
+            // No incoming migration of that sandbox (the target restarted).
+            let (body, _) = log_body(&src, 0).await.unwrap().unwrap();
+            match peer.put_log("sb2", body, false, 0).await {
+                Err(PeerError::Refused { error, .. }) => {
+                    assert_eq!(error.code, ErrorCode::NotFound, "{error}")
+                }
+                other => panic!("try {i}: the 404 did not reach the source: {other:?}"),
+            }
+        }
+    }
+
+    /// A TCP relay to `to`; once `armed`, the next answer coming back from
+    /// `to` is dropped and that connection closed (the target took the
+    /// request, its answer was lost on the way), then it disarms.
+    async fn answer_dropping_relay(
+        to: SocketAddr,
+    ) -> (SocketAddr, Arc<std::sync::atomic::AtomicBool>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let armed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let armed2 = armed.clone();
+        tokio::spawn(async move {
+            loop {
+                let (client, _) = l.accept().await.unwrap();
+                let up = tokio::net::TcpStream::connect(to).await.unwrap();
+                let armed = armed2.clone();
+                tokio::spawn(async move {
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut ur, mut uw) = up.into_split();
+                    let fwd = tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut cr, &mut uw).await;
+                    });
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        let n = match ur.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if armed.swap(false, Ordering::SeqCst) {
+                            break;
+                        }
+                        if cw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    fwd.abort();
+                });
+            }
+        });
+        (addr, armed)
+    }
+
+    /// review21: a round the target took whose answer was lost (a link
+    /// blip after the body arrived) leaves the source at its last confirmed
+    /// offset; the next round from there is refused (409: the target's log
+    /// is longer) and the whole log is sent again: up to the log cap (256 MiB
+    /// by default), during the pre-copy, or inside the guest's pause if the
+    /// gate comes before the retry (the tail continues from the stale
+    /// offset, 409, whole). The target's log is always a prefix of the
+    /// source's (append-only, each upload continues it exactly), so a 409
+    /// that said the target's length would let the source continue there.
+    #[tokio::test]
+    async fn a_round_whose_answer_was_lost_is_not_sent_whole_again() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let t = crate::sandbox::agent_for_test(dir.path()).await;
+        let direct = log_target(&t, "sb1").await;
+        let to: SocketAddr = direct.base().trim_start_matches("http://").parse().unwrap();
+        let (relay, armed) = answer_dropping_relay(to).await;
+        let peer = Peer::new(&format!("http://{relay}"), "token");
+        let theirs = t.inner.cfg.data_dir.join("sandboxes/sb1/output.log");
+        let ours = dir.path().join("output.log");
+
+        append_to(&ours, &log_bytes(100_000, 1));
+        let rounds = LogRounds::start(&peer, "sb1", &ours);
+        until_confirmed(&rounds, 100_000).await;
+        let inode = std::fs::metadata(&theirs).unwrap().ino();
+
+        armed.store(true, Ordering::SeqCst);
+        append_to(&ours, &log_bytes(400_000, 2));
+        until_confirmed(&rounds, 500_000).await;
+        assert!(!armed.load(Ordering::SeqCst), "no answer was dropped");
+        let sent = rounds.finish().await;
+        send_log_tail(&peer, "sb1", &ours, sent, false)
+            .await
+            .unwrap();
+        same_bytes(&theirs, &std::fs::read(&ours).unwrap());
+        assert_eq!(
+            std::fs::metadata(&theirs).unwrap().ino(),
+            inode,
+            "the log was sent whole again after one lost answer"
+        );
     }
 
     /// A conn over a unix socketpair whose host end is the drain's channel

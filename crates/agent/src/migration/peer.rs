@@ -21,8 +21,14 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug, thiserror::Error)]
 pub enum PeerError {
     /// The target answered with an error.
+    /// `log_len`: on a 409 to an output log upload, the length of the log
+    /// the target has ([`hearth_api::migration::LOG_LEN_HEADER`]).
     #[error("target {url} refused: {error}")]
-    Refused { url: String, error: ApiError },
+    Refused {
+        url: String,
+        error: ApiError,
+        log_len: Option<u64>,
+    },
     /// No (complete) answer: the request may or may not have taken effect.
     #[error("target {url} did not answer: {detail}")]
     Unreachable { url: String, detail: String },
@@ -100,9 +106,14 @@ impl Peer {
                 format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes)),
             )
         });
+        let log_len = headers
+            .get(hearth_api::migration::LOG_LEN_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
         Err(PeerError::Refused {
             url: self.base.clone(),
             error,
+            log_len,
         })
     }
 
@@ -235,6 +246,7 @@ mod tests {
         Err(PeerError::Refused {
             url: "http://t".into(),
             error: ApiError::new(code, "x"),
+            log_len: None,
         })
     }
 
