@@ -597,7 +597,11 @@ impl GuestConn {
             let bytes = o.take();
             if bytes > 0 && !self.try_send(Frame::json(Kind::Credit, id, &Credit { bytes })) {
                 o.put_back(bytes);
-                self.sweep_due.store(true, Ordering::SeqCst);
+                // why: a closed channel takes nothing ever again; a sweep due
+                // for it would walk the map at every release (review23 F4).
+                if !*self.closed.borrow() {
+                    self.sweep_due.store(true, Ordering::SeqCst);
+                }
             }
         }
     }

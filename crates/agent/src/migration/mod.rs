@@ -1031,6 +1031,9 @@ struct LogRounds {
     /// The log's bytes the target confirmed it holds (0: none, or it must be
     /// sent whole).
     confirmed: Arc<AtomicU64>,
+    /// Why the target refused the log for good (over its cap, no such
+    /// migration): the tail is not sent then (review23 F1).
+    refused: Arc<Mutex<Option<String>>>,
 }
 
 /// A round of at least this many bytes pending is sent at once; a smaller
@@ -1047,29 +1050,35 @@ impl LogRounds {
     fn start(peer: &Peer, id: &str, log_path: &Path) -> LogRounds {
         let (stop, stopped) = watch::channel(false);
         let confirmed = Arc::new(AtomicU64::new(0));
+        let refused = Arc::new(Mutex::new(None));
         let (peer, id, path) = (peer.clone(), id.to_string(), log_path.to_path_buf());
         let task = AbortOnDrop(tokio::spawn(send_log_rounds(
             peer,
             id,
             path,
             confirmed.clone(),
+            refused.clone(),
             stopped,
         )));
         LogRounds {
             task,
             stop,
             confirmed,
+            refused,
         }
     }
 
     /// Stops the rounds (a round in flight is awaited: it must not race the
     /// tail); answers the bytes the target confirmed.
-    async fn finish(mut self) -> u64 {
+    async fn finish(mut self) -> Result<u64, String> {
         self.stop.send_replace(true);
         if let Err(e) = (&mut self.task.0).await {
             tracing::warn!("the task sending the output log in rounds did not finish: {e}");
         }
-        self.confirmed.load(Ordering::Acquire)
+        match lock(&self.refused).take() {
+            Some(why) => Err(why),
+            None => Ok(self.confirmed.load(Ordering::Acquire)),
+        }
     }
 }
 
@@ -1082,6 +1091,7 @@ async fn send_log_rounds(
     id: String,
     path: std::path::PathBuf,
     confirmed: Arc<AtomicU64>,
+    refused_for_good: Arc<Mutex<Option<String>>>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut failures = 0u32;
@@ -1106,6 +1116,17 @@ async fn send_log_rounds(
             }
             Ok(None) => ROUND_EVERY,
             Err(e) => {
+                // why: a log over the target's cap, or a target with no such
+                // migration, is refused whatever is sent: retried, each try
+                // moved the whole log (the target reads a refused body to its
+                // end), and the tail again inside the pause (review23 F1).
+                if matches!(&e, RoundError::Peer(PeerError::Refused { error, .. }) if matches!(error.code, ErrorCode::InvalidArgument | ErrorCode::NotFound))
+                {
+                    tracing::warn!(sandbox = %id, "the target refused the output log ({e}); the switch-over will be refused");
+                    *lock(&refused_for_good) =
+                        Some(format!("the target refused the sandbox's output log: {e}"));
+                    return;
+                }
                 failures += 1;
                 let refused = matches!(&e, RoundError::Peer(PeerError::Refused { error, .. }) if error.code == ErrorCode::Conflict)
                     || matches!(e, RoundError::Shorter);
@@ -1213,7 +1234,7 @@ fn start_tail(
     let (peer, id, path) = (peer.clone(), id.to_string(), log_path.to_path_buf());
     AbortOnDrop(tokio::spawn(async move {
         let sent = match rounds {
-            Some(r) => r.finish().await,
+            Some(r) => r.finish().await?,
             None => 0,
         };
         fault_hold("log-tail").await;
@@ -5109,7 +5130,7 @@ mod tests {
 
         // The gate: the rounds stop, the tail is what came since.
         append_to(&ours, &log_bytes(7, 9));
-        let sent = rounds.finish().await;
+        let sent = rounds.finish().await.unwrap();
         assert!(sent >= 590_000, "{sent}");
         send_log_tail(&peer, "sb1", &ours, sent, false)
             .await
@@ -5384,7 +5405,7 @@ mod tests {
         append_to(&ours, &log_bytes(400_000, 2));
         until_confirmed(&rounds, 500_000).await;
         assert!(!armed.load(Ordering::SeqCst), "no answer was dropped");
-        let sent = rounds.finish().await;
+        let sent = rounds.finish().await.unwrap();
         send_log_tail(&peer, "sb1", &ours, sent, false)
             .await
             .unwrap();
@@ -5393,6 +5414,82 @@ mod tests {
             std::fs::metadata(&theirs).unwrap().ino(),
             inode,
             "the log was sent whole again after one lost answer"
+        );
+    }
+
+    /// A TCP relay to `to` that counts the bytes going to it.
+    async fn counting_relay(to: SocketAddr) -> (SocketAddr, Arc<AtomicU64>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let count = Arc::new(AtomicU64::new(0));
+        let count2 = count.clone();
+        tokio::spawn(async move {
+            loop {
+                let (client, _) = l.accept().await.unwrap();
+                let up = tokio::net::TcpStream::connect(to).await.unwrap();
+                let count = count2.clone();
+                tokio::spawn(async move {
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut ur, mut uw) = up.into_split();
+                    let back = tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut ur, &mut cw).await;
+                    });
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match cr.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        count.fetch_add(n as u64, Ordering::SeqCst);
+                        if uw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = uw.shutdown().await;
+                    let _ = back.await;
+                });
+            }
+        });
+        (addr, count)
+    }
+
+    /// review23: a round the target refuses for good (its log cap is smaller
+    /// than the source's log: 400; or no such incoming migration: 404) is
+    /// retried like a network fault, [`ROUND_TRIES`] times, and since the
+    /// target now reads a refused body to its end (F2, up to 513 MiB), each
+    /// try moves the whole log over the link again during the pre-copy; the
+    /// tail then sends it once more and whole inside the guest's pause,
+    /// to be refused the same way. A refusal that names its cause
+    /// (InvalidArgument, NotFound) should end the rounds at once.
+    #[tokio::test]
+    async fn a_round_refused_for_good_is_not_sent_again_and_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = crate::sandbox::agent_for_test(dir.path()).await;
+        let direct = log_target(&t, "sb1").await;
+        let to: SocketAddr = direct.base().trim_start_matches("http://").parse().unwrap();
+        let (relay, relayed) = counting_relay(to).await;
+        let peer = Peer::new(&format!("http://{relay}"), "token");
+        let ours = dir.path().join("output.log");
+        // Past the target's cap (1 MiB + 1 MiB for the notice).
+        let len = 8u64 << 20;
+        append_to(&ours, &log_bytes(len as usize, 4));
+        let mut rounds = LogRounds::start(&peer, "sb1", &ours);
+        // why: the rounds end by themselves once they gave up.
+        (&mut rounds.task.0).await.unwrap();
+        let moved = relayed.load(Ordering::SeqCst);
+        assert!(
+            moved < 2 * len,
+            "the rounds moved {moved} bytes to the target for a log of {len} it refuses as over its cap ({} times the log)",
+            moved / len
+        );
+        // why: the tail is not sent either (`finish` answers this, and
+        // `start_tail` fails with it): the switch-over is refused.
+        let why = lock(&rounds.refused).clone();
+        assert!(
+            why.as_deref()
+                .is_some_and(|w| w.contains("refused the sandbox's output log")),
+            "{why:?}"
         );
     }
 
