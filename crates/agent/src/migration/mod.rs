@@ -1068,12 +1068,20 @@ impl LogRounds {
         }
     }
 
-    /// Stops the rounds (a round in flight is awaited: it must not race the
-    /// tail); answers the bytes the target confirmed.
+    /// Stops the rounds and answers the bytes the target confirmed. A round
+    /// in flight is dropped, not awaited: it runs inside the guest's pause
+    /// (review25 R25-1: a big first round went on there whole). The target
+    /// supersedes or cuts back what it got of it when the tail comes, and a
+    /// round it took whole whose answer was dropped here is answered by the
+    /// tail's 409 with the target's length (review21 F1, F3).
     async fn finish(mut self) -> Result<u64, String> {
         self.stop.send_replace(true);
-        if let Err(e) = (&mut self.task.0).await {
-            tracing::warn!("the task sending the output log in rounds did not finish: {e}");
+        self.task.0.abort();
+        match (&mut self.task.0).await {
+            Err(e) if !e.is_cancelled() => {
+                tracing::warn!("the task sending the output log in rounds did not finish: {e}")
+            }
+            _ => {}
         }
         match lock(&self.refused).take() {
             Some(why) => Err(why),
@@ -5491,6 +5499,86 @@ mod tests {
                 .is_some_and(|w| w.contains("refused the sandbox's output log")),
             "{why:?}"
         );
+    }
+
+    /// A TCP relay to `to` that forwards at most 16 KiB every 20 ms towards
+    /// it (a link the pre-copy's RAM stream shares) and counts those bytes.
+    async fn slow_relay(to: SocketAddr) -> (SocketAddr, Arc<AtomicU64>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let count = Arc::new(AtomicU64::new(0));
+        let count2 = count.clone();
+        tokio::spawn(async move {
+            loop {
+                let (client, _) = l.accept().await.unwrap();
+                let up = tokio::net::TcpStream::connect(to).await.unwrap();
+                let count = count2.clone();
+                tokio::spawn(async move {
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut ur, mut uw) = up.into_split();
+                    let back = tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut ur, &mut cw).await;
+                    });
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        let n = match cr.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if uw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                        count.fetch_add(n as u64, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    let _ = uw.shutdown().await;
+                    let _ = back.await;
+                });
+            }
+        });
+        (addr, count)
+    }
+
+    /// review25: the gate's `finish` awaits the round in flight, and the tail
+    /// (inside the guest's pause) waits for it: a round that is still moving
+    /// a large part of the log (the first, whole one, or one after a 409)
+    /// when the pre-copy converges puts all of its bytes into the pause,
+    /// which is what the rounds were for (R20-2). The target now supersedes
+    /// an upload in flight with a newer one and cuts it back to its offset
+    /// (review21 F1), and a 409 says where its log ends (F3), so the gate
+    /// can drop the round in flight and send the tail from `confirmed`.
+    #[tokio::test]
+    async fn the_gate_does_not_wait_for_a_round_in_flight() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = crate::sandbox::agent_for_test(dir.path()).await;
+        let direct = log_target(&t, "sb1").await;
+        let to: SocketAddr = direct.base().trim_start_matches("http://").parse().unwrap();
+        let (relay, relayed) = slow_relay(to).await;
+        let peer = Peer::new(&format!("http://{relay}"), "token");
+        let theirs = t.inner.cfg.data_dir.join("sandboxes/sb1/output.log");
+        let ours = dir.path().join("output.log");
+        // Under the target's cap (1 MiB + 1 MiB for the notice).
+        let len = 1_500_000u64;
+        append_to(&ours, &log_bytes(len as usize, 5));
+        let rounds = LogRounds::start(&peer, "sb1", &ours);
+        // The first round is under way when the pre-copy converges.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while relayed.load(Ordering::SeqCst) == 0 {
+            assert!(Instant::now() < deadline, "the first round never started");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let sent = rounds.finish().await.unwrap();
+        let waited = relayed.load(Ordering::SeqCst);
+        assert!(
+            waited < len / 2,
+            "the gate waited for the round in flight: {waited} of the log's {len} bytes went through the link before the tail could start (from byte {sent})"
+        );
+        // Whatever the gate does, the target ends with the whole log.
+        send_log_tail(&peer, "sb1", &ours, sent, false)
+            .await
+            .unwrap();
+        same_bytes(&theirs, &std::fs::read(&ours).unwrap());
     }
 
     /// A conn over a unix socketpair whose host end is the drain's channel
