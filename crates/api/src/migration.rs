@@ -121,20 +121,24 @@ pub const LOG_LEN_HEADER: &str = "x-hearth-log-len";
 /// (`target_resumed_ms` by the target's). A step not reached is absent.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct PauseSteps {
-    /// The source saw the switch-over gate (VM paused, final pass pending).
+    /// The source saw its VM's stop for the switch-over (QEMU's `STOP`; its
+    /// last pass runs from there, there is no gate to wait at). The name is
+    /// kept from when the source waited at QEMU's switch-over gate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gate_ms: Option<u64>,
-    /// The guest channel frozen and everything for the guest taken by QEMU.
+    /// The guest channel's writer frozen (nothing more is written to the
+    /// stopped guest); whether QEMU took everything is checked once it
+    /// completed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub channel_frozen_ms: Option<u64>,
     /// QEMU reported the migration completed (final pass on the target). The
-    /// log's tail runs beside QEMU's last pass: it may end before or after
-    /// this step.
+    /// source's steps at the stop and the log's tail run beside QEMU's last
+    /// pass: each may end before or after this step.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qemu_completed_ms: Option<u64>,
-    /// The guest's last output taken in and appended to the log (its channel's
-    /// reader had routed every byte on the socket), at the gate, before
-    /// QEMU's last pass.
+    /// The output taken in before the stop flushed to the log; the source
+    /// takes no more (the target resumes the guest's output where that log
+    /// ends).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_drained_ms: Option<u64>,
     /// The output log (its tail after the pre-copy) on the target.
@@ -310,4 +314,14 @@ pub struct IncomingCommit {
     pub guest_kernel_release: String,
     pub started_ms: Option<u64>,
     pub boot_ms: Option<u64>,
+    /// The source switched over without QEMU's gate and logged the guest's
+    /// output only up to its VM's stop: the target takes the guest channel
+    /// over with `Resume` from where the log it got ends (the guest replays
+    /// the rest). Always true from sources that send it; a target that does
+    /// not know the field refuses the commit (unknown fields are refused), so
+    /// such a source never hands over to a target that would drop output.
+    /// `unacked_bytes` and `orphan_sessions` are then not read: the guest
+    /// settles credit at the `Resume` and kills the sessions it does not name.
+    #[serde(default)]
+    pub output_resumed: bool,
 }

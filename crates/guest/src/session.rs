@@ -135,16 +135,27 @@ impl Session {
     /// port lock so a resume replays it exactly once. Dropped once forgotten.
     pub fn send_output(&self, writer: &Writer, frame: Frame) -> Result<(), ProtoError> {
         let mut port = writer.lock();
-        if lock(&self.state).forgotten {
-            return Ok(());
-        }
-        // why: written first, kept after, both under the port lock: a resume (which
-        // takes the port lock) sees the frame kept exactly when it was written.
-        let sent = write_frame(&mut *port, &frame);
-        let mut st = lock(&self.state);
-        st.sent += frame.payload.len() as u64;
-        st.outbox.push_back(frame);
-        sent
+        // why: counted and kept before it is written, both under the port
+        // lock: a resume (which takes the port lock) sees the frame kept
+        // exactly when it was written; and the host's credit for it, which
+        // the reader thread applies without the port lock, can come back
+        // before this thread would get the state again: counted after the
+        // write, that credit was cut at `sent` (so `acked` fell behind for
+        // good) while the window took all of it, and the next resume gave
+        // the difference again (a window one frame too large per such race;
+        // the host then refused the guest's output for breaking flow control).
+        let bytes = {
+            let mut st = lock(&self.state);
+            if st.forgotten {
+                return Ok(());
+            }
+            let bytes = frame.encode();
+            st.sent += frame.payload.len() as u64;
+            st.outbox.push_back(frame);
+            bytes
+        };
+        std::io::Write::write_all(&mut *port, &bytes)?;
+        Ok(())
     }
 
     /// A host resumes this session holding `persisted` bytes: what it already
@@ -385,6 +396,46 @@ mod tests {
 
     fn payloads(frames: &[Frame]) -> Vec<(Kind, Vec<u8>)> {
         frames.iter().map(|f| (f.kind, f.payload.clone())).collect()
+    }
+
+    /// The host's credit for a frame can come back (on the reader thread)
+    /// before the sending thread is done with it: the frame must be counted
+    /// as sent by then, else the credit is cut at `sent`, `acked` falls
+    /// behind for good and the next resume hands the difference out again
+    /// as window (a guest one frame over its window per such race, refused
+    /// by the host after a migration's takeover).
+    #[test]
+    fn a_credit_that_overtakes_its_frame_is_counted_whole() {
+        use std::io::Read;
+        let (mut host, guest) = std::os::unix::net::UnixStream::pair().unwrap();
+        let writer = Writer::new(std::fs::File::from(std::os::fd::OwnedFd::from(guest)));
+        let s = std::sync::Arc::new(Session::new(1, u32::MAX, None).unwrap());
+        // why: frames larger than the socket's buffer, so the host reads the
+        // last bytes while the sender is still in its write: its credit then
+        // races the sender's return.
+        const FRAMES: usize = 300;
+        const LEN: usize = 256 * 1024;
+        let credit = {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                // The host credits every frame the moment it has read it.
+                for _ in 0..FRAMES {
+                    let mut head = [0u8; 4];
+                    host.read_exact(&mut head).unwrap();
+                    let mut body = vec![0u8; u32::from_le_bytes(head) as usize];
+                    host.read_exact(&mut body).unwrap();
+                    s.add_credit(body.len() as u64 - 5);
+                }
+            })
+        };
+        for _ in 0..FRAMES {
+            s.send_output(&writer, Frame::data(Kind::Stdout, 1, vec![b'x'; LEN]))
+                .unwrap();
+        }
+        credit.join().unwrap();
+        let st = lock(&s.state);
+        assert_eq!(st.acked, st.sent, "credit for frames sent was cut");
+        assert_eq!(st.window, u64::from(INITIAL_WINDOW) + st.sent);
     }
 
     #[test]

@@ -209,11 +209,12 @@ impl QemuVm {
                 self.pass_gate(gate.take(), progress).await?;
                 continue;
             }
-            // why: past the gate the guest is paused until the caller's
+            // why: from the stop on the guest is paused until the caller's
             // commit; its `query-migrate` round trip (0.3–5 ms here) is not
             // spent in the pause: the caller reads the final statistics with
-            // `migration_stats` once the guest runs again (issue 7).
-            if completed && continued {
+            // `migration_stats` once the guest runs again (issue 7). With a
+            // gate or without one: `completed` is final either way.
+            if completed {
                 let mut p = progress.borrow().clone();
                 p.state = MigrationState::Completed;
                 p.elapsed_ms = started.elapsed().as_millis() as u64;
