@@ -189,6 +189,9 @@ pub struct GuestConn {
     /// The guest guards restores (its Hello or a RestoredAck said so; see
     /// [`hearth_proto::RESTORE_GUARD`]).
     guards_restores: std::sync::atomic::AtomicBool,
+    /// The guest counts output before it writes it (its Hello, a Resumed's
+    /// Hello or a RestoredAck said so; see [`hearth_proto::SENT_FIRST`]).
+    sent_first: AtomicBool,
     closed: tokio::sync::watch::Receiver<bool>,
     /// Set during a migration's switch-over: nothing more goes to the guest.
     frozen: std::sync::atomic::AtomicBool,
@@ -442,6 +445,9 @@ impl GuestConn {
         let guards = hello
             .as_ref()
             .is_some_and(|h| hearth_proto::guards_restores(&h.agent_version));
+        let sent_first = hello
+            .as_ref()
+            .is_some_and(|h| hearth_proto::counts_sent_first(&h.agent_version));
         let conn = Arc::new(GuestConn {
             tx,
             sessions: Arc::default(),
@@ -452,6 +458,7 @@ impl GuestConn {
             frozen_ack: Mutex::new(None),
             freezes: AtomicU32::new(0),
             guards_restores: std::sync::atomic::AtomicBool::new(guards),
+            sent_first: AtomicBool::new(sent_first),
             closed,
             frozen: std::sync::atomic::AtomicBool::new(false),
             credit_held: AtomicBool::new(false),
@@ -767,6 +774,9 @@ impl GuestConn {
                 if ack.restore_guard {
                     self.guards_restores.store(true, Ordering::Relaxed);
                 }
+                if ack.sent_first {
+                    self.sent_first.store(true, Ordering::Relaxed);
+                }
                 // why: frames are routed in order, so what a session got before
                 // the ack is exact; see `PendingAck`.
                 ack.sessions.retain_mut(|s| match map.get(&s.id) {
@@ -1019,6 +1029,13 @@ impl GuestConn {
     /// may be queued right behind a `Restored`.
     pub fn guards_restores(&self) -> bool {
         self.guards_restores.load(Ordering::Relaxed)
+    }
+
+    /// The guest counts output before it writes it (see
+    /// [`hearth_proto::SENT_FIRST`]): its channel can be taken over with a
+    /// `Resume` (a live migration) without its window coming out too large.
+    pub fn counts_sent_first(&self) -> bool {
+        self.sent_first.load(Ordering::Relaxed)
     }
 
     /// [`GuestConn::freeze_processes`] for a snapshot: when the guest does not

@@ -132,6 +132,7 @@ pub fn unreadable(err: &str) -> RestoredAck {
         sessions: Vec::new(),
         net_applied: false,
         restore_guard: true,
+        sent_first: true,
     }
 }
 
@@ -204,6 +205,7 @@ pub fn apply(msg: &Restored) -> RestoredAck {
         sessions: Vec::new(),
         net_applied,
         restore_guard: true,
+        sent_first: true,
     }
 }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 use hearth_proto::{
     read_frame, write_frame, Credit, Empty, ErrorMsg, ExecRequest, Frame, Frozen, Hello, Kind,
     ProtoError, Restored, Resume, Resumed, SessionSent, SignalRequest, PROTOCOL_VERSION,
-    RESTORE_GUARD,
+    RESTORE_GUARD, SENT_FIRST,
 };
 
 use crate::channel::Writer;
@@ -68,7 +68,7 @@ pub fn serve(port: &str) -> Result<std::convert::Infallible, ServeError> {
 
     let hello = Hello {
         protocol_version: PROTOCOL_VERSION,
-        agent_version: format!("{}{RESTORE_GUARD}", env!("CARGO_PKG_VERSION")),
+        agent_version: format!("{}{RESTORE_GUARD}{SENT_FIRST}", env!("CARGO_PKG_VERSION")),
         kernel_release: kernel_release(),
     };
     writer

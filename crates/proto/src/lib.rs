@@ -65,6 +65,22 @@ pub fn guards_restores(agent_version: &str) -> bool {
     agent_version.contains(RESTORE_GUARD)
 }
 
+/// Marker in [`Hello::agent_version`] of an agent that counts an output frame
+/// as sent before it writes it (so a host's credit can never overtake the
+/// count and leave its acknowledged offset behind; a [`Resume`] recomputes
+/// the window from that offset). A live migration takes the guest channel
+/// over with a [`Resume`], so only such a guest is moved: an older one could
+/// come out of it with a window too large by the frames its count missed,
+/// and the host would refuse its output. [`RestoredAck::sent_first`] says the
+/// same for a guest restored from a snapshot.
+pub const SENT_FIRST: &str = "+sent-first";
+
+/// Whether the agent that sent `agent_version` counts output before it
+/// writes it (see [`SENT_FIRST`]).
+pub fn counts_sent_first(agent_version: &str) -> bool {
+    agent_version.contains(SENT_FIRST)
+}
+
 /// First frame id of [`Kind::Freeze`] requests: each gets its own id from here
 /// up (the guest answers [`Kind::Frozen`] on the request's id, guests of any
 /// age), far above session ids, so a late answer never satisfies a later freeze.
@@ -427,6 +443,10 @@ pub struct RestoredAck {
     /// The guest guards restores (see [`RESTORE_GUARD`]); false from older guests.
     #[serde(default)]
     pub restore_guard: bool,
+    /// The guest counts output before it writes it (see [`SENT_FIRST`]);
+    /// false from older guests.
+    #[serde(default)]
+    pub sent_first: bool,
 }
 
 /// A session's stream offset in a [`RestoredAck`].

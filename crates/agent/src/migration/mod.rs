@@ -789,19 +789,6 @@ pub(crate) enum SourceEnd {
     Moved(String),
 }
 
-/// Bytes queued in a socket: unread (`FIONREAD`) or unsent to the peer (`TIOCOUTQ`).
-fn queued(fd: &std::os::fd::OwnedFd, request: libc::c_ulong) -> usize {
-    use std::os::fd::AsRawFd;
-    let mut n: libc::c_int = 0;
-    // SAFETY: ioctl FIONREAD/TIOCOUTQ on a socket fd we own writes one c_int to `n`.
-    let r = unsafe { libc::ioctl(fd.as_raw_fd(), request, &mut n) };
-    if r < 0 {
-        0
-    } else {
-        n.max(0) as usize
-    }
-}
-
 /// Whether everything written into the guest channel was taken by the VMM
 /// before the VM stopped; else how many bytes are left (`TIOCOUTQ`: on a
 /// unix socket, the buffers' sizes; one small frame is 768). Nothing more is
@@ -809,11 +796,23 @@ fn queued(fd: &std::os::fd::OwnedFd, request: libc::c_ulong) -> usize {
 /// handlers at the stop (`virtio_vmstate_change` → `set_status` →
 /// `enable_backend(port, vm_running)`) and adds them back only when the VM
 /// runs again, so one look after the writer was frozen is final.
+/// One that cannot look (no socket, the ioctl failed) says so: what it
+/// could not see could be lost (review26 F5).
 fn outgoing_left(entry: &Entry) -> Result<(), String> {
-    let n = match lock(&entry.chan_fd).as_ref() {
-        Some(fd) => queued(fd, libc::TIOCOUTQ),
-        None => 0,
+    use std::os::fd::AsRawFd;
+    let guard = lock(&entry.chan_fd);
+    let Some(fd) = guard.as_ref() else {
+        return Err("its guest channel's socket is not known here, so what is still queued for the guest cannot be checked".to_string());
     };
+    let mut n: libc::c_int = 0;
+    // SAFETY: ioctl TIOCOUTQ on a socket fd we own writes one c_int to `n`.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+    if r < 0 {
+        return Err(format!(
+            "checking what is still queued for the guest failed: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
     if n == 0 {
         Ok(())
     } else {
@@ -862,17 +861,22 @@ async fn at_stop(
     set_migration_paused(entry, Phase::Switchover);
     job.publish_phase(Phase::Switchover);
     fault_hold("gate").await;
-    let refused = match conn.freeze(QUIESCE_TIMEOUT).await {
+    let mut refused = match conn.freeze(QUIESCE_TIMEOUT).await {
         Ok(()) => {
             job.step(&clock, |p| &mut p.channel_frozen_ms);
             None
         }
         Err(e) => Some(format!("the guest channel's writer did not flush: {e}")),
     };
-    if let Err(e) = log.flush().await {
-        tracing::warn!(sandbox = %id, "flushing the output log at the switch-over failed: {e}");
+    // why: the target resumes the guest's output where the log it gets
+    // ends; output this host took in (and may have credited) that did not
+    // reach the file would be missing there.
+    match log.flush().await {
+        Ok(()) => job.step(&clock, |p| &mut p.output_drained_ms),
+        Err(e) => {
+            refused.get_or_insert(format!("flushing its output log failed: {e}"));
+        }
     }
-    job.step(&clock, |p| &mut p.output_drained_ms);
     let (data_dir, dir, id2) = (job.data_dir.clone(), entry.dir.clone(), id.clone());
     let networked = entry.snapshot().network.is_some();
     let marker = tokio::task::spawn_blocking(move || {
@@ -1811,7 +1815,7 @@ pub(crate) async fn clear_migrated_in(
 
 /// Tries at taking the migrated guest's channel over with `Resume` (the first
 /// on the channel connected at prepare, the others on new connections).
-const TAKEOVER_TRIES: u32 = 3;
+const TAKEOVER_TRIES: u32 = 2;
 /// Bound on connecting to the guest channel again for another try.
 const TAKEOVER_CONNECT: Duration = Duration::from_secs(10);
 
@@ -2368,6 +2372,17 @@ impl Agent {
             return Err(AgentError::Conflict(format!(
                 "sandbox '{}' is {:?}, not running; only a running sandbox can migrate",
                 rec.id, rec.status
+            )));
+        }
+        // why: the target takes the guest channel over with `Resume`; a guest
+        // agent from before it counted output before writing it may come out
+        // of that with a window too large, and the target would then fail
+        // the sandbox for breaking flow control (review26 F1).
+        let conn = lock(&entry.conn).clone();
+        if conn.as_ref().is_some_and(|c| !c.counts_sent_first()) {
+            return Err(AgentError::Conflict(format!(
+                "sandbox '{}' runs a guest agent older than this node's migration needs (it does not count its output before writing it, see docs/migration.md \"The switch-over without a gate\"): it keeps running here; restart it from its image (or rebuild its template) with the current initramfs to migrate it",
+                rec.id
             )));
         }
         let reg = &self.inner.migrations;
