@@ -3900,6 +3900,83 @@ mod tests {
         assert!(!clear_migrated_in("sb1", &gone, w).await);
     }
 
+    /// review26: the target's takeover of a migrated guest's channel: what
+    /// reaches its socket before the guest's answer (the rest of a frame whose
+    /// head reached the source, a frame the guest wrote after `cont`) is
+    /// skipped, the `Resume` names the main session with the log's stream end
+    /// (its `base` plus the logged output), and the replay is routed once.
+    /// A guest played over a socket pair: the real connection, the real frames.
+    #[tokio::test]
+    async fn the_takeover_skips_what_came_before_the_answer_and_routes_the_replay_once() {
+        use hearth_proto::{read_frame_async, write_frame_async, Frame, Kind};
+        use hearth_proto::{Resume, ResumeSession, Resumed, ResumedSession, CONTROL_ID};
+        use tokio::io::AsyncWriteExt;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("output.log"),
+            Record::Stdout(b"0123456789".to_vec()).encode(),
+        )
+        .unwrap();
+        let (host, mut guest) = tokio::net::UnixStream::pair().unwrap();
+        let hello = Hello {
+            protocol_version: PROTOCOL_VERSION,
+            agent_version: "test".into(),
+            kernel_release: "test".into(),
+        };
+        let cut = Frame::data(Kind::Stdout, 1, vec![b'x'; 4000]).encode();
+        let guest_hello = hello.clone();
+        let guest_side = tokio::spawn(async move {
+            guest.write_all(&cut[2000..]).await.unwrap();
+            write_frame_async(&mut guest, &Frame::data(Kind::Stdout, 1, b"late".to_vec()))
+                .await
+                .unwrap();
+            let f = read_frame_async(&mut guest).await.unwrap().unwrap();
+            assert_eq!(f.kind, Kind::Resume);
+            let r: Resume = f.parse().unwrap();
+            assert_eq!(
+                r.sessions,
+                vec![ResumeSession {
+                    id: 1,
+                    persisted: 110
+                }]
+            );
+            let answer = Resumed {
+                hello: guest_hello,
+                next_session: 9,
+                sessions: vec![ResumedSession {
+                    id: 1,
+                    replay_from: 110,
+                    sent: 110 + 4000 + 4,
+                    exited: false,
+                }],
+            };
+            guest.write_all(&r.nonce).await.unwrap();
+            for f in [
+                Frame::json(Kind::Resumed, CONTROL_ID, &answer),
+                Frame::data(Kind::Stdout, 1, vec![b'x'; 4000]),
+                Frame::data(Kind::Stdout, 1, b"late".to_vec()),
+            ] {
+                write_frame_async(&mut guest, &f).await.unwrap();
+            }
+            guest
+        });
+        let vm = FlakyVm::new(0, true);
+        let (_conn, mut session, _fd, why) =
+            take_over_channel(&vm, host, dir.path(), 1, 100, true, hello, 9).await;
+        assert!(why.is_none(), "{why:?}");
+        let _guest = guest_side.await.unwrap();
+        let mut got = Vec::new();
+        while got.len() < 4004 {
+            match tokio::time::timeout(Duration::from_secs(5), session.next()).await {
+                Ok(Some(SessionEvent::Stdout(b))) => got.extend(b),
+                other => panic!("after {} bytes: {other:?}", got.len()),
+            }
+        }
+        let mut want = vec![b'x'; 4000];
+        want.extend(b"late");
+        assert_eq!(got, want, "not the replay, once");
+    }
+
     /// Review M6, m6: a clean exit of the incoming QEMU (the stream ended
     /// early) is not the target's cause; a signal is. Host paths are trimmed.
     #[test]
