@@ -3977,6 +3977,68 @@ mod tests {
         assert_eq!(got, want, "not the replay, once");
     }
 
+    /// review26 F2: a `cont` whose answer was lost may still have started the
+    /// VM (`resume_committed`'s "a failed `cont` still started it", FlakyVm's
+    /// `cont_lands`). The takeover then skips the `Resume` (`running` false)
+    /// and re-attaches without one: the rest of a frame whose head reached
+    /// the source is read as a frame head (the channel breaks: "guest sent a
+    /// bad frame"), and the guest's output past the source's log is never
+    /// replayed (its window stays short by it). Fails today.
+    #[tokio::test]
+    async fn a_takeover_after_a_cont_whose_answer_was_lost_still_resumes_the_output() {
+        use hearth_proto::{read_frame_async, write_frame_async, Frame, Kind};
+        use hearth_proto::{Resume, Resumed, ResumedSession, CONTROL_ID};
+        use tokio::io::AsyncWriteExt;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("output.log"),
+            Record::Stdout(b"0123456789".to_vec()).encode(),
+        )
+        .unwrap();
+        let (host, mut guest) = tokio::net::UnixStream::pair().unwrap();
+        let hello = Hello {
+            protocol_version: PROTOCOL_VERSION,
+            agent_version: "test".into(),
+            kernel_release: "test".into(),
+        };
+        let cut = Frame::data(Kind::Stdout, 1, vec![b'x'; 4000]).encode();
+        let guest_hello = hello.clone();
+        // The guest runs (the `cont` landed): QEMU flushes the rest of the
+        // cut frame, then the guest serves its channel as usual.
+        let _guest_side = tokio::spawn(async move {
+            guest.write_all(&cut[2000..]).await.unwrap();
+            let f = read_frame_async(&mut guest).await.unwrap().unwrap();
+            assert_eq!(f.kind, Kind::Resume);
+            let r: Resume = f.parse().unwrap();
+            let answer = Resumed {
+                hello: guest_hello,
+                next_session: 9,
+                sessions: vec![ResumedSession {
+                    id: 1,
+                    replay_from: 10,
+                    sent: 10 + 4000,
+                    exited: false,
+                }],
+            };
+            guest.write_all(&r.nonce).await.unwrap();
+            for f in [
+                Frame::json(Kind::Resumed, CONTROL_ID, &answer),
+                Frame::data(Kind::Stdout, 1, vec![b'x'; 4000]),
+            ] {
+                write_frame_async(&mut guest, &f).await.unwrap();
+            }
+            // why: the connection stays open, as a running guest's does.
+            std::future::pending::<()>().await;
+        });
+        let vm = FlakyVm::new(0, true);
+        let (_conn, mut session, _fd, _why) =
+            take_over_channel(&vm, host, dir.path(), 1, 0, false, hello, 9).await;
+        match tokio::time::timeout(Duration::from_secs(10), session.next()).await {
+            Ok(Some(SessionEvent::Stdout(b))) => assert_eq!(b, vec![b'x'; 4000]),
+            other => panic!("the guest's output past the log was not resumed: {other:?}"),
+        }
+    }
+
     /// Review M6, m6: a clean exit of the incoming QEMU (the stream ended
     /// early) is not the target's cause; a signal is. Host paths are trimmed.
     #[test]
