@@ -1610,6 +1610,7 @@ mod tests {
         assert!(!conn.guards_restores(), "no Hello on a restored connection");
         let answer = RestoredAck {
             restore_guard: true,
+            sent_first: true,
             ..Default::default()
         };
         write_frame_async(&mut guest, &Frame::json(Kind::RestoredAck, 0, &answer))

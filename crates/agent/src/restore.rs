@@ -362,8 +362,9 @@ pub(crate) enum Resume {
 pub(crate) enum GuestLink {
     /// The raw channel; the guest has not heard from this host yet.
     Stream(UnixStream),
-    /// A connection already serving (a pooled VM that was warmed up).
-    Conn(Arc<GuestConn>),
+    /// A connection already serving (a pooled VM that was warmed up), and
+    /// its socket.
+    Conn(Arc<GuestConn>, Option<std::os::fd::OwnedFd>),
 }
 
 /// A launched VM, its restored channel (None after a cold boot) and the reference to release.
@@ -692,6 +693,7 @@ impl Agent {
                 let PooledVm {
                     vm,
                     conn,
+                    chan_fd,
                     guest_net,
                     resumed,
                     ..
@@ -699,7 +701,7 @@ impl Agent {
                 let next = conn.next_session_id();
                 // why: the warm-up's RestoredAck told this connection.
                 let guarded = conn.guards_restores();
-                let mut ch = channel(GuestLink::Conn(conn), None, next, guarded);
+                let mut ch = channel(GuestLink::Conn(conn, chan_fd), None, next, guarded);
                 ch.net_kept = guest_net.is_some() && guest_net.as_deref() == net.as_ref();
                 ch.resume = match resumed {
                     true => Resume::Running,
@@ -826,7 +828,7 @@ impl Agent {
             GuestLink::Stream(stream) => GuestConn::after_restore(stream, &msg, ch.next_session)
                 .await
                 .map_err(|e| e.to_string())?,
-            GuestLink::Conn(conn) => {
+            GuestLink::Conn(conn, _) => {
                 let ack = conn.restored_again(&msg).await.map_err(|e| e.to_string())?;
                 (conn, ack)
             }
@@ -942,6 +944,7 @@ mod tests {
             sessions: Vec::new(),
             net_applied,
             restore_guard: true,
+            sent_first: true,
         }
     }
 

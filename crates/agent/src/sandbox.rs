@@ -932,6 +932,7 @@ impl Agent {
             host_memory_mib: i.host_memory_mib,
             node_id: i.node_id.clone(),
             ingress: i.ingress.get().cloned(),
+            migration_output_resumed: true,
         }
     }
 
@@ -1610,9 +1611,11 @@ impl Agent {
 
         let boot = async {
             if let Some(ch) = channel {
-                if let GuestLink::Stream(stream) = &ch.link {
-                    *lock(&entry.chan_fd) = stream_fd(stream);
-                }
+                // why: a migration's switch-over reads the socket's queue.
+                *lock(&entry.chan_fd) = match &ch.link {
+                    GuestLink::Stream(stream) => stream_fd(stream),
+                    GuestLink::Conn(_, fd) => fd.as_ref().and_then(|f| f.try_clone().ok()),
+                };
                 // why: for a guest that guards restores, a new workload is queued
                 // right behind `Restored`, before the resume: the guest applies
                 // `Restored` first (it reads nothing else before) and refuses the

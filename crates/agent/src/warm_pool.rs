@@ -44,6 +44,9 @@ pub(crate) struct PooledVm {
     pub(crate) id: String,
     pub(crate) vm: Box<dyn Vm>,
     pub(crate) conn: Arc<GuestConn>,
+    /// The guest channel's socket (its `TIOCOUTQ` is read at a migration's
+    /// switch-over).
+    pub(crate) chan_fd: Option<std::os::fd::OwnedFd>,
     /// Restored with the template's network device (on hub 0, no tap yet).
     pub(crate) nic: bool,
     /// The network prepared for it ahead of a request (lease, tap, policy
@@ -335,10 +338,11 @@ impl Agent {
             let guest_net = net.as_ref().map(crate::restore::guest_net);
             let made = match restored {
                 Ok(r) => match warm_up(r.vm.as_ref(), r.agent, &id, meta.nic, guest_net).await {
-                    Ok((conn, guest_net)) => Ok(PooledVm {
+                    Ok((conn, chan_fd, guest_net)) => Ok(PooledVm {
                         id: id.clone(),
                         vm: r.vm,
                         conn,
+                        chan_fd,
                         nic: meta.nic,
                         net,
                         guest_net: guest_net.map(Box::new),
@@ -517,15 +521,23 @@ pub(crate) async fn release_hold() {
 
 /// Wakes a freshly restored VM, gives it `net` (its prepared network; `None`:
 /// eth0 down), runs one short process in it, and pauses it again. Returns the
-/// connection and the network the guest took (`None` when it did not).
+/// connection, its socket and the network the guest took (`None` when it did
+/// not).
+type WarmedUp = (
+    Arc<GuestConn>,
+    Option<std::os::fd::OwnedFd>,
+    Option<hearth_proto::GuestNet>,
+);
+
 async fn warm_up(
     vm: &dyn Vm,
     agent: tokio::net::UnixStream,
     id: &str,
     nic: bool,
     net: Option<hearth_proto::GuestNet>,
-) -> Result<(Arc<GuestConn>, Option<hearth_proto::GuestNet>), String> {
+) -> Result<WarmedUp, String> {
     let msg = restored_message(id.to_string(), id.to_string(), nic, net)?;
+    let chan_fd = crate::sandbox::stream_fd(&agent);
     let (conn, ack) = GuestConn::after_restore(agent, &msg, TEMPLATE_NEXT_SESSION)
         .await
         .map_err(|e| e.to_string())?;
@@ -557,7 +569,7 @@ async fn warm_up(
     }
     run_warm_up(&conn).await?;
     vm.pause().await.map_err(|e| e.to_string())?;
-    Ok((conn, taken))
+    Ok((conn, chan_fd, taken))
 }
 
 /// Runs `echo` in the guest and waits for it to end (its output is dropped).

@@ -413,6 +413,12 @@ pub struct Info {
     /// control-plane member.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ingress: Option<network::IngressInfo>,
+    /// This node takes a migrated guest's channel over with `Resume` (the
+    /// switch-over without QEMU's gate; see docs/migration.md): a source
+    /// that switches over so migrates only to a node that says so. False
+    /// (absent) from nodes built before it.
+    #[serde(default)]
+    pub migration_output_resumed: bool,
 }
 
 /// Stable, machine-readable error codes.

@@ -287,9 +287,10 @@ fn migrated_sandbox_keeps_counting_and_keeps_its_files() {
     assert!(st["dirty_pages_rate"].is_u64(), "no dirty rate in {st}");
     // The guest's pause: source STOP to target RESUME (same host), reported
     // with its steps, each after the steps it waits for, and never after the
-    // commit's answer. The drain is done at the gate, before QEMU's last pass
-    // (issue 7); the log's tail runs beside it (either may end first); the
-    // `committing` record waits for both.
+    // commit's answer. The source's work at the stop (`gate_ms`: it saw the
+    // STOP; the writer frozen; the log flushed) and the log's tail run beside
+    // QEMU's last pass (either may end first; issue 7); the `committing`
+    // record waits for both.
     let paused = st["paused_ms"]
         .as_u64()
         .unwrap_or_else(|| panic!("no paused_ms: {st}"));
@@ -2013,7 +2014,7 @@ fn a_cancel_while_the_log_tail_is_sent_still_ends_before_the_commit() {
             a.http("POST", "/v1/sandboxes/c/migrate", Some(&body))
                 .unwrap()
         });
-        // why: the status says `switchover` from the gate until the tail
+        // why: the status says `switchover` from the stop until the tail
         // reached the target (held here 5 s; the record on disk stays
         // `precopy`, which recovers the same way); `committing` only after it.
         wait_until(
@@ -2187,13 +2188,13 @@ fn a_guest_dirtying_faster_than_the_link_is_throttled_and_ends_on_exactly_one_no
 /// stop between them left its head on the source and its tail for the
 /// target, whose reader (`reattach`) then started mid-frame ("frame of
 /// 808857866 bytes exceeds the limit"). Frames are now one write each
-/// (`hearth_proto::MAX_GUEST_WRITE`), and a frame the source's reader holds
-/// cut at the switch-over refuses it. After every move (or refused move) the
+/// (`hearth_proto::MAX_GUEST_WRITE`), and a frame whose head reached the
+/// source at the stop is skipped on the target (before the guest's answer to
+/// its `Resume`) and replayed whole. After every move (or refused move) the
 /// sandbox must keep logging where it runs (`HEARTH_MIGRATION_ROUNDS`, 4),
 /// its log must count on without a line lost, repeated or cut (review15 F4:
 /// the guest's lines are `seq 0 FRAMES_WRAP` over and over), and most moves
-/// must go through: a frame QEMU cut at the pause is waited for at the gate
-/// (issue 7).
+/// must go through (issue 7: no drain, no wait for a cut frame).
 #[test]
 fn full_frames_keep_flowing_after_each_move() {
     let rounds: usize = std::env::var("HEARTH_MIGRATION_ROUNDS")
@@ -2286,10 +2287,9 @@ fn full_frames_keep_flowing_after_each_move() {
     }
     println!("moved {moved} of {rounds}");
     // why: a move may still be refused (a Credit written between the VM's
-    // stop and the source seeing it; a frame QEMU cannot complete within the
-    // gate's bound), but only rarely: 39 of 40 moved in ten runs, where 10 of
-    // 12 did before the drain at the gate and the credit held at the stop
-    // (docs/migration.md "At the gate"). One that never moves would not test
+    // stop and the source seeing it), but only rarely: 39 of 40 moved in ten
+    // runs with the gate, 16 of 16 since (docs/migration.md "The switch-over
+    // without a gate"). One that never moves would not test
     // the target's reader at all (review14 F3). Half, not all but one: the
     // refusal rate under a loaded CI host is not measured (review17 F6).
     assert!(
@@ -2419,10 +2419,12 @@ impl ExecStream {
 /// Review17 F3 / review19: a chatty `hearth exec` (`yes`, read slower than
 /// it writes, so the guest sits at a full window) running through moves no
 /// longer leaves Credits on the stopped VM's channel: the source holds every
-/// session's credit from the VM's stop. The source `a` holds each move 2 s
-/// at the gate, the VM stopped and the channel not frozen yet, while the
-/// exec's client takes its backlog (before, every Credit it returned then
-/// stayed on the socket and refused the move). Most moves go through (each
+/// session's credit from the VM's stop. The source `a` holds each move 5 s
+/// right after it saw its VM stop (`HEARTH_MIGRATION_HOLD=gate:…`; there is
+/// no QEMU gate any more, so QEMU's last pass ends meanwhile), the channel
+/// not frozen yet, while the exec's client takes its backlog (before, every
+/// Credit it returned then stayed on the socket and refused the move). Most
+/// moves go through (each
 /// refused one lets the exec run on: its output must keep flowing), the
 /// main workload counts on without a gap, a new exec streams on the node
 /// that runs the sandbox after each move; and after a move aborted with the
@@ -2493,7 +2495,8 @@ fn a_chatty_exec_neither_refuses_moves_nor_stalls_after_an_aborted_one() {
         queued_refusals <= 1,
         "{queued_refusals} moves were refused for bytes still queued for the stopped guest"
     );
-    // A move from `a` aborted with the VM stopped: cancelled at the gate.
+    // A move from `a` aborted with the VM stopped: cancelled during the hold
+    // after the stop (the source then refuses before its commit).
     if here == 1 {
         migrate_to(&b, "c", &a);
     }

@@ -1855,7 +1855,11 @@ async fn take_over_channel(
         let session = conn.adopt_session(main, 0);
         (conn, session, fd, why)
     };
-    if !running {
+    // why: a `cont` whose answer was lost may still have started the VM
+    // (see `resume_committed`): a guest that runs is resumed like any other
+    // (review26 F2: re-attached without a `Resume`, a cut frame's rest broke
+    // the channel and the output past the log was never replayed).
+    if !running && !matches!(vm.is_running().await, Ok(true)) {
         return reattached(stream, None);
     }
     let path = dir.join("output.log");
@@ -1913,18 +1917,20 @@ async fn take_over_channel(
                     return (conn, session, fd, Some(why));
                 };
                 let session = sessions.swap_remove(i);
+                let mut why = None;
                 if let Some(info) = resumed.sessions.iter().find(|s| s.id == main) {
                     if !end.truncated && info.replay_from != persisted {
                         // why: cannot happen with a guest that keeps the
                         // protocol (credit only for output in the source's
-                        // log, none from the stop on).
-                        tracing::error!(
-                            session = main,
-                            log = persisted,
-                            guest = info.replay_from,
-                            sent = info.sent,
-                            "the guest resumed the migrated output at another offset than the log ends"
+                        // log, none from the stop on); if it does, output
+                        // between the two offsets is missing here, which the
+                        // sandbox's error says (review26 F4).
+                        let w = format!(
+                            "the guest resumed its output at byte {} of the stream but the migrated log ends at byte {persisted}: output between them may be missing from the log",
+                            info.replay_from
                         );
+                        tracing::error!(session = main, "{w}");
+                        why = Some(w);
                     }
                     tracing::info!(
                         session = main,
@@ -1934,7 +1940,7 @@ async fn take_over_channel(
                         "the migrated guest's output resumed"
                     );
                 }
-                return (conn, session, fd, None);
+                return (conn, session, fd, why);
             }
             Err(e) => {
                 last = format!("resuming the guest channel: {e}");
@@ -2470,6 +2476,15 @@ impl Agent {
             return Err(fail(AgentError::Conflict(format!(
                 "sandbox '{}' already runs on {} (node {}); migrate it to another node",
                 rec.id, req.target, info.node
+            ))));
+        }
+        // why: found before the pre-copy, not at the commit (an older target
+        // refuses the commit's unknown field only after the whole pre-copy
+        // and the guest's pause; review26 F3).
+        if !info.migration_output_resumed {
+            return Err(fail(AgentError::Conflict(format!(
+                "node {} ({}) runs a hearthd older than this one's migration needs (it cannot take a migrated guest's output over with a resume): upgrade it, then migrate sandbox '{}' again; it keeps running here",
+                info.node, req.target, rec.id
             ))));
         }
         let offer = IncomingOffer {
@@ -4030,7 +4045,9 @@ mod tests {
             // why: the connection stays open, as a running guest's does.
             std::future::pending::<()>().await;
         });
-        let vm = FlakyVm::new(0, true);
+        // The `cont` fails as far as the commit can tell, but it landed.
+        let vm = FlakyVm::new(1, true);
+        assert!(vm.start().await.is_err());
         let (_conn, mut session, _fd, _why) =
             take_over_channel(&vm, host, dir.path(), 1, 0, false, hello, 9).await;
         match tokio::time::timeout(Duration::from_secs(10), session.next()).await {
