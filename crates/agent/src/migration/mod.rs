@@ -3998,7 +3998,8 @@ mod tests {
     /// and re-attaches without one: the rest of a frame whose head reached
     /// the source is read as a frame head (the channel breaks: "guest sent a
     /// bad frame"), and the guest's output past the source's log is never
-    /// replayed (its window stays short by it). Fails today.
+    /// replayed (its window stays short by it). Failed before the takeover
+    /// asked the VM whether it runs.
     #[tokio::test]
     async fn a_takeover_after_a_cont_whose_answer_was_lost_still_resumes_the_output() {
         use hearth_proto::{read_frame_async, write_frame_async, Frame, Kind};
